@@ -1,0 +1,44 @@
+# The two commands: `make demo` (set up, then run the whole pipeline) and `make test`.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export MLFLOW_ENABLE_TELEMETRY := false
+export DO_NOT_TRACK := 1
+
+.PHONY: demo test install fonts repro lint clean
+
+demo: install fonts repro
+
+install: $(VENV)/.installed
+
+# CPU torch first (a bare `torch` requirement would pull CUDA wheels), then the pinned lock.
+$(VENV)/.installed: requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+fonts:
+	scripts/install_fonts.sh
+
+repro:
+	dvc repro
+	@echo
+	@echo "== metrics (dvc metrics show) =="
+	@dvc metrics show
+	@echo
+	@echo "Evaluation table:   cat metrics/evaluate.json   (base vs candidate, same pages)"
+	@echo "MLflow UI:          $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --port 5000"
+	@echo "EasyOCR bundle:     models/easyocr/ (see models/easyocr/README.md)"
+
+test: install fonts
+	$(BIN)/python -m pytest -q
+
+lint:
+	$(BIN)/ruff check --select F,E9 .
+
+clean:
+	rm -rf mlruns.db mlartifacts outputs

@@ -1,0 +1,1 @@
+"""End-to-end evaluation, metrics and registry promotion."""

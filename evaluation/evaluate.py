@@ -1,0 +1,104 @@
+"""The ``evaluate`` stage: end-to-end scores of several recognisers on the same held-out pages.
+
+Each page is detected once (CRAFT); every model then reads the same boxes, so differences come from
+recognition alone. Recognition-only scores use the ground-truth boxes, cropped the way EasyOCR crops.
+
+Outputs: ``<pred_dir>/<model>/<page>.json`` (predictions as page JSON), ``metrics/evaluate.json``
+(``{"<model>": {"e2e_f1": …, "cer": …}, "eval_data_hash": …}``).
+
+Example:
+    >>> results = evaluate_models({"base": "english_g2"}, pages, "outputs/predictions")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from evaluation.metrics import e2e_scores, recognition_scores, score_page
+from evaluation.reader import Detector, DetectorSettings, Recognition, load_image, results_to_page
+from training.checkpoint import LoadedRecognizer, load_recognizer
+from training.data.pages import Page, crop_box, nfc, read_page, write_page
+from training.data.prepare import find_image
+
+
+@dataclass
+class EvalPage:
+    """A ground-truth page with its image path and a name for its prediction file."""
+
+    name: str
+    page: Page
+    image: Path
+
+
+def test_pages(source: str | os.PathLike, splits_file: str | os.PathLike, split: str = "test") -> list[EvalPage]:
+    """The pages ``prepare`` put in ``split`` (relative paths in splits.json resolved under ``source``)."""
+    source = Path(source)
+    names = json.loads(Path(splits_file).read_text(encoding="utf-8"))[split]
+    pages = []
+    for rel in names:
+        json_path = source / rel
+        page = read_page(json_path)
+        image = find_image(json_path, page, source)
+        if image is None:
+            raise FileNotFoundError(f"{json_path}: image {page.image_name} missing since prepare ran")
+        pages.append(EvalPage(rel, page, image))
+    return pages
+
+
+def eval_set_hash(pages: list[EvalPage]) -> str:
+    """MD5 over the evaluated pages' labels and image bytes: the identity of the evaluation set."""
+    digest = hashlib.md5()
+    for item in sorted(pages, key=lambda p: p.name):
+        digest.update(item.name.encode())
+        digest.update(json.dumps(item.page.to_dict(), sort_keys=True, ensure_ascii=False).encode())
+        digest.update(item.image.read_bytes())
+    return digest.hexdigest()
+
+
+def _gt_boxes(page: Page, grey_shape: tuple[int, int], margin: float) -> tuple[list[list[int]], list[str]]:
+    """Ground-truth boxes with EasyOCR's margin, in its horizontal_list form, and their texts."""
+    height, width = grey_shape
+    boxes, texts = [], []
+    for word in page.words:
+        text = nfc(word.text)
+        box = crop_box(word.bbox, margin, width, height)
+        if text and box is not None:
+            boxes.append([box[0], box[2], box[1], box[3]])
+            texts.append(text)
+    return boxes, texts
+
+
+def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalPage],
+                    pred_dir: str | os.PathLike, settings: DetectorSettings = DetectorSettings(),
+                    device: str = "cpu", iou_threshold: float = 0.5, progress: bool = True,
+                    detector: Detector | None = None) -> dict[str, dict[str, float]]:
+    """Score every model on ``pages``; writes predictions under ``pred_dir/<model>/``."""
+    detector = detector or Detector(settings, device)
+    readers = {label: Recognition(m if isinstance(m, LoadedRecognizer) else load_recognizer(m, device),
+                                  settings, device) for label, m in models.items()}
+    page_scores: dict[str, list] = {label: [] for label in readers}
+    crop_texts: dict[str, tuple[list[str], list[str]]] = {label: ([], []) for label in readers}
+    for item in tqdm(pages, desc="evaluate", unit="page", disable=not progress):
+        rgb, grey = load_image(item.image)
+        horizontal, free = detector.detect(rgb)
+        gt_boxes, gt_texts = _gt_boxes(item.page, grey.shape, settings.add_margin)
+        for label, reader in readers.items():
+            pred = results_to_page(item.page.image_name, grey, reader.read_boxes(grey, horizontal, free))
+            write_page(pred, Path(pred_dir) / label / item.name)
+            page_scores[label].append(score_page(item.page, pred, iou_threshold))
+            crop_preds = [text for _, text, _ in reader.read_boxes(grey, gt_boxes, [])]
+            crop_texts[label][0].extend(gt_texts)
+            crop_texts[label][1].extend(crop_preds)
+    results = {}
+    for label in readers:
+        crops = recognition_scores(*crop_texts[label])
+        results[label] = {**e2e_scores(page_scores[label]),
+                          "cer": crops["cer"], "word_accuracy": crops["word_accuracy"],
+                          "norm_ed": crops["norm_ed"], "crops": crops["n"]}
+    return results

@@ -1,0 +1,193 @@
+"""OCR metrics: CER, end-to-end (detection + recognition) F1 and crop-level recognition scores.
+
+End-to-end matching, per page: every (gt, pred) box pair with IoU >= ``iou_threshold`` is a
+candidate; pairs are taken greedily by decreasing IoU (ties by gt index, then pred index), each
+box used once. A matched pair scores ``max(0, 1 - CER)``. Ground-truth words whose NFC text is
+empty are ignored: they take part in matching, but neither they nor the predictions matched to
+them are counted. precision = score / |P|, recall = score / |G|.
+
+Example:
+    >>> gt = [Word((0, 0, 10, 10), "서울"), Word((20, 0, 10, 10), "시청")]
+    >>> pred = [Word((0, 0, 10, 10), "서울"), Word((20, 0, 10, 10), "시장")]
+    >>> s = score_page(gt, pred)
+    >>> s.score_sum, s.precision, s.recall, s.f1
+    (1.5, 0.75, 0.75, 0.75)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rapidfuzz.distance import Levenshtein
+
+from training.data.pages import Page, Word, iter_page_files, nfc, read_page
+
+Corners = tuple[float, float, float, float]
+_EPS = 1e-9  # IoU exactly at the threshold must match despite float rounding
+
+
+def cer(gt: str, pred: str) -> float:
+    """Levenshtein distance over the NFC ground-truth length; can exceed 1.
+
+    An empty ground truth divides by 1, so ``cer("", "ab") == 2.0`` and ``cer("", "") == 0.0``.
+
+    >>> cer("서울시", "서울"), cer("가", "나다라")
+    (0.3333333333333333, 3.0)
+    """
+    gt, pred = nfc(gt), nfc(pred)
+    return Levenshtein.distance(gt, pred) / max(1, len(gt))
+
+
+def iou(a: Corners, b: Corners) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes; 0 when the union has no area.
+
+    >>> iou((0, 0, 10, 10), (0, 0, 10, 5))
+    0.5
+    """
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = iw * ih if iw > 0 and ih > 0 else 0.0
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def _f1(p: float, r: float) -> float:
+    return 2 * p * r / (p + r) if p + r > 0 else 0.0
+
+
+@dataclass
+class PageScore:
+    """One page's end-to-end tally; ``pairs`` holds the counted (gt index, pred index, score)."""
+
+    score_sum: float
+    n_gt: int
+    n_pred: int
+    matched: int
+    pairs: list[tuple[int, int, float]] = field(default_factory=list)
+
+    @property
+    def precision(self) -> float:
+        return self.score_sum / self.n_pred if self.n_pred else 0.0
+
+    @property
+    def recall(self) -> float:
+        return self.score_sum / self.n_gt if self.n_gt else 0.0
+
+    @property
+    def f1(self) -> float:
+        return _f1(self.precision, self.recall)
+
+
+def score_page(gt: Page | list[Word], pred: Page | list[Word],
+               iou_threshold: float = 0.5) -> PageScore:
+    """Match ``pred`` words to ``gt`` words greedily by IoU and score the matches (see module doc)."""
+    gw = gt.words if isinstance(gt, Page) else list(gt)
+    pw = pred.words if isinstance(pred, Page) else list(pred)
+    ignored = {i for i, w in enumerate(gw) if not nfc(w.text)}
+    candidates = []
+    for i, g in enumerate(gw):
+        for j, p in enumerate(pw):
+            v = iou(g.corners, p.corners)
+            if v >= iou_threshold - _EPS:
+                candidates.append((-v, i, j))
+    candidates.sort()
+    used_g: set[int] = set()
+    used_p: set[int] = set()
+    pairs: list[tuple[int, int, float]] = []
+    ignored_preds = 0
+    for _, i, j in candidates:
+        if i in used_g or j in used_p:
+            continue
+        used_g.add(i)
+        used_p.add(j)
+        if i in ignored:
+            ignored_preds += 1
+        else:
+            pairs.append((i, j, max(0.0, 1.0 - cer(gw[i].text, pw[j].text))))
+    pairs.sort()
+    return PageScore(score_sum=sum(s for _, _, s in pairs), n_gt=len(gw) - len(ignored),
+                     n_pred=len(pw) - ignored_preds, matched=len(pairs), pairs=pairs)
+
+
+def e2e_scores(page_scores: list[PageScore]) -> dict[str, float]:
+    """Macro means over pages with ground truth, and micro scores over all pages' sums."""
+    with_gt = [s for s in page_scores if s.n_gt > 0]
+    n = len(with_gt)
+    score = sum(s.score_sum for s in page_scores)
+    n_gt = sum(s.n_gt for s in page_scores)
+    n_pred = sum(s.n_pred for s in page_scores)
+    p_micro = score / n_pred if n_pred else 0.0
+    r_micro = score / n_gt if n_gt else 0.0
+    return {
+        "e2e_f1": sum(s.f1 for s in with_gt) / n if n else 0.0,
+        "e2e_precision": sum(s.precision for s in with_gt) / n if n else 0.0,
+        "e2e_recall": sum(s.recall for s in with_gt) / n if n else 0.0,
+        "e2e_f1_micro": _f1(p_micro, r_micro),
+        "e2e_precision_micro": p_micro,
+        "e2e_recall_micro": r_micro,
+        "pages": n,
+        "gt_words": n_gt,
+        "pred_words": n_pred,
+        "matched": sum(s.matched for s in page_scores),
+    }
+
+
+def recognition_scores(gts: list[str], preds: list[str]) -> dict[str, float]:
+    """Crop-level scores: micro CER, exact-match word accuracy and ICDAR 2019 normalised ED.
+
+    >>> recognition_scores(["서울", "시청"], ["서울", "시장"])
+    {'n': 2, 'cer': 0.25, 'word_accuracy': 0.5, 'norm_ed': 0.75}
+    """
+    if len(gts) != len(preds):
+        raise ValueError(f"{len(gts)} ground truths but {len(preds)} predictions")
+    edits = chars = exact = 0
+    norm = 0.0
+    for g, p in zip(gts, preds):
+        g, p = nfc(g), nfc(p)
+        d = Levenshtein.distance(g, p)
+        edits += d
+        chars += len(g)
+        exact += g == p
+        norm += 1.0 - d / max(len(g), len(p)) if g or p else 1.0
+    n = len(gts)
+    return {"n": n, "cer": edits / chars if chars else 0.0,
+            "word_accuracy": exact / n if n else 0.0, "norm_ed": norm / n if n else 0.0}
+
+
+def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
+                  iou_threshold: float = 0.5) -> dict:
+    """Score every page JSON under ``gt_dir`` against its prediction under ``pred_dir``.
+
+    Predictions are found by the same relative path, else by a unique file stem; a page with no
+    prediction counts as predicting nothing. Returns :func:`e2e_scores` merged with
+    :func:`recognition_scores` over the counted matched pairs (``cer``, ``word_accuracy``,
+    ``norm_ed``) and ``missing_predictions`` (gt pages with no prediction file).
+    """
+    gt_root, pred_root = Path(gt_dir), Path(pred_dir)
+    by_stem: dict[str, list[Path]] = {}
+    for path in iter_page_files(pred_root):
+        by_stem.setdefault(path.stem, []).append(path)
+    scores: list[PageScore] = []
+    gts: list[str] = []
+    preds: list[str] = []
+    missing = 0
+    for gt_path in iter_page_files(gt_root):
+        pred_path: Path | None = pred_root / gt_path.relative_to(gt_root)
+        if not pred_path.is_file():
+            same_stem = by_stem.get(gt_path.stem, [])
+            if len(same_stem) > 1:
+                raise ValueError(f"{gt_path}: several predictions share its stem: {same_stem}")
+            pred_path = same_stem[0] if same_stem else None
+        gt_page = read_page(gt_path)
+        pred_words = read_page(pred_path).words if pred_path is not None else []
+        missing += pred_path is None
+        page_score = score_page(gt_page, pred_words, iou_threshold)
+        scores.append(page_score)
+        for i, j, _ in page_score.pairs:
+            gts.append(gt_page.words[i].text)
+            preds.append(pred_words[j].text)
+    rec = recognition_scores(gts, preds)
+    return {**e2e_scores(scores), "cer": rec["cer"], "word_accuracy": rec["word_accuracy"],
+            "norm_ed": rec["norm_ed"], "missing_predictions": missing}

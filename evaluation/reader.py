@@ -1,0 +1,145 @@
+"""End-to-end page reading: CRAFT detection + the platform's recogniser, the way EasyOCR reads.
+
+Detection, box grouping, cropping, contrast retry and decoding are EasyOCR's own functions, called
+with the platform's model, so what is evaluated here is what ``easyocr.Reader`` will read with the
+exported bundle (``tests/test_export_easyocr.py`` holds the two to the same text).
+
+Example:
+    >>> reader = PageReader(load_recognizer("english_g2"))        # doctest: +SKIP
+    >>> page = reader.read("scan.jpg")                             # doctest: +SKIP
+    >>> [w.text for w in page.words]                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kocr.easyocr_compat import import_easyocr, offline_model_dir
+from training.checkpoint import LoadedRecognizer
+from training.data.pages import Page, Word
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    """CRAFT and box-grouping thresholds (``detector:`` in params.yaml); defaults are easyocr.Reader's."""
+
+    text_threshold: float = 0.7
+    low_text: float = 0.4
+    link_threshold: float = 0.4
+    canvas_size: int = 2560
+    mag_ratio: float = 1.0
+    slope_ths: float = 0.1
+    ycenter_ths: float = 0.5
+    height_ths: float = 0.5
+    width_ths: float = 0.5
+    add_margin: float = 0.1
+    min_size: int = 20
+    contrast_ths: float = 0.1
+    adjust_contrast: float = 0.5
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any] | None) -> "DetectorSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (params or {}).items() if k in names})
+
+    def readtext_kwargs(self) -> dict[str, Any]:
+        """The same settings as keyword arguments of ``easyocr.Reader.readtext``."""
+        return asdict(self)
+
+
+Boxes = tuple[list[list[int]], list[list[list[float]]]]  # EasyOCR horizontal_list, free_list
+
+
+class Detector:
+    """EasyOCR's CRAFT detector (``craft_mlt_25k.pth``, shipped offline), unquantized."""
+
+    def __init__(self, settings: DetectorSettings = DetectorSettings(), device: str = "cpu",
+                 weights: str | os.PathLike | None = None) -> None:
+        import_easyocr()
+        from easyocr.detection import get_detector
+
+        self.settings, self.device = settings, device
+        path = Path(weights or Path(offline_model_dir()) / "craft_mlt_25k.pth")
+        self.net = get_detector(str(path), device=device, quantize=False)
+
+    def detect(self, image: np.ndarray) -> Boxes:
+        """Word boxes of an RGB image, grouped as ``easyocr.Reader.detect`` groups them."""
+        from easyocr.detection import get_textbox
+        from easyocr.utils import diff, group_text_box
+
+        s = self.settings
+        polys = get_textbox(self.net, image, canvas_size=s.canvas_size, mag_ratio=s.mag_ratio,
+                            text_threshold=s.text_threshold, link_threshold=s.link_threshold,
+                            low_text=s.low_text, poly=False, device=self.device, optimal_num_chars=None)
+        horizontal, free = group_text_box(polys[0], s.slope_ths, s.ycenter_ths, s.height_ths,
+                                          s.width_ths, s.add_margin, True)
+        if s.min_size:
+            horizontal = [b for b in horizontal if max(b[1] - b[0], b[3] - b[2]) > s.min_size]
+            free = [b for b in free if max(diff([c[0] for c in b]), diff([c[1] for c in b])) > s.min_size]
+        return horizontal, free
+
+
+class Recognition:
+    """The platform's recogniser driven through EasyOCR's cropping, batching and decoding."""
+
+    def __init__(self, loaded: LoadedRecognizer, settings: DetectorSettings = DetectorSettings(),
+                 device: str = "cpu") -> None:
+        easyocr = import_easyocr()
+        self.loaded, self.settings, self.device = loaded, settings, device
+        self.converter = easyocr.utils.CTCLabelConverter(loaded.charset.chars, {}, {})
+        loaded.model.to(device).eval()
+
+    def read_boxes(self, grey: np.ndarray, horizontal: list, free: list) -> list[tuple[Any, str, float]]:
+        """(box, text, confidence) per box, one box at a time as EasyOCR does on CPU."""
+        from easyocr.recognition import get_text
+        from easyocr.utils import get_image_list
+
+        imgH, s = self.loaded.config.imgH, self.settings
+        results = []
+        for h_list, f_list in [([b], []) for b in horizontal] + [([], [b]) for b in free]:
+            image_list, max_width = get_image_list(h_list, f_list, grey, model_height=imgH)
+            results += get_text(self.loaded.charset.chars, imgH, int(max_width), self.loaded.model,
+                                self.converter, image_list, "", "greedy", 5, 1, s.contrast_ths,
+                                s.adjust_contrast, 0.003, 0, self.device)
+        return results
+
+
+def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB image, greyscale image) exactly as easyocr.Reader loads a file path."""
+    import_easyocr()
+    from easyocr.utils import reformat_input
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: image not found")
+    rgb, grey = reformat_input(str(path))
+    if grey is None:
+        raise ValueError(f"{path}: not a readable image")
+    return rgb, grey
+
+
+def results_to_page(image_name: str, grey: np.ndarray, results: list[tuple[Any, str, float]]) -> Page:
+    """EasyOCR results (quad, text, confidence) as a prediction page with axis-aligned boxes."""
+    words = []
+    for quad, text, conf in results:
+        xs, ys = [float(p[0]) for p in quad], [float(p[1]) for p in quad]
+        words.append(Word((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)), text, float(conf)))
+    return Page(image_name, grey.shape[1], grey.shape[0], words)
+
+
+class PageReader:
+    """Detect and recognise whole pages: ``read(path) -> Page`` in the page-JSON schema."""
+
+    def __init__(self, loaded: LoadedRecognizer, settings: DetectorSettings = DetectorSettings(),
+                 device: str = "cpu", detector: Detector | None = None) -> None:
+        self.detector = detector or Detector(settings, device)
+        self.recognition = Recognition(loaded, settings, device)
+
+    def read(self, path: str | os.PathLike) -> Page:
+        rgb, grey = load_image(path)
+        horizontal, free = self.detector.detect(rgb)
+        return results_to_page(Path(path).name, grey, self.recognition.read_boxes(grey, horizontal, free))

@@ -1,0 +1,41 @@
+"""params.yaml: the one source of truth for every knob of every stage.
+
+Example:
+    >>> p = load_params()            # doctest: +SKIP
+    >>> p["train"]["steps"]          # doctest: +SKIP
+    300
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PARAMS_FILE = "params.yaml"
+
+
+def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
+    """Read params.yaml (``KOCR_PARAMS`` overrides the path); raises FileNotFoundError naming it."""
+    path = Path(os.environ.get("KOCR_PARAMS", path))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: params file not found (run from the project root)")
+    with path.open(encoding="utf-8") as fh:
+        params = yaml.safe_load(fh) or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{path}: top level must be a mapping")
+    return params
+
+
+def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as strings), for MLflow params."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value if not isinstance(value, (list, tuple)) else ",".join(map(str, value))
+    return flat

@@ -1,0 +1,140 @@
+"""MLflow conventions: one parent run per ``dvc repro``, one child run per stage.
+
+Embedded default: ``sqlite:///mlruns.db`` in the project root with artifacts in ``mlartifacts/``;
+``MLFLOW_TRACKING_URI`` points everything at a server instead.
+
+DVC runs each stage as its own process, so the stages of one ``dvc repro`` find their common
+parent run by a pipeline key: ``KOCR_PIPELINE_ID`` when set (CI sets it), else the PID and start
+time of the ``dvc`` process that launched the stage. A stage run by hand gets a parent of its own.
+
+Example:
+    >>> with stage_run("train", params) as run:     # doctest: +SKIP
+    ...     mlflow.log_metric("loss", 0.3, step=1)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+import psutil
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import Run
+
+from kocr.dvc_hashes import dataset_hash
+from kocr.params import flatten
+
+DEFAULT_EXPERIMENT = "ko-ocr/finetune"
+PIPELINE_KEY_TAG = "kocr.pipeline_key"
+
+
+def configure_tracking() -> str:
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded SQLite store; returns the URI."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:"):
+        mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str) -> str:
+    """The id of experiment ``name``, created (artifacts under ``mlartifacts/`` when local) if new."""
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        location = (Path("mlartifacts") / name.replace("/", "_")).resolve().as_uri()
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except mlflow.exceptions.MlflowException:  # created by a concurrent process meanwhile
+        return mlflow.get_experiment_by_name(name).experiment_id  # type: ignore[union-attr]
+
+
+def pipeline_key() -> str | None:
+    """Key shared by the stages of one pipeline run, or None outside DVC."""
+    if os.environ.get("KOCR_PIPELINE_ID"):
+        return os.environ["KOCR_PIPELINE_ID"]
+    try:
+        for proc in psutil.Process().parents():
+            cmdline = proc.cmdline()
+            if any(os.path.basename(part) == "dvc" or part.endswith("/dvc") for part in cmdline[:2]) \
+                    or cmdline[1:3] == ["-m", "dvc"]:
+                return f"dvc-{proc.pid}-{int(proc.create_time())}"
+    except (psutil.Error, IndexError):
+        return None
+    return None
+
+
+def git_commit() -> str | None:
+    """HEAD of the project's git repository, or None outside one."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _parent_run(experiment_id: str, key: str | None) -> str:
+    if key is not None:
+        found = mlflow.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
+                                   output_format="list", max_results=1)
+        if found:
+            return found[0].info.run_id
+    client = mlflow.MlflowClient()
+    tags = {PIPELINE_KEY_TAG: key or "manual", "kocr.kind": "pipeline"}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run = client.create_run(experiment_id, run_name="dvc-repro" if key else "manual", tags=tags)
+    return run.info.run_id
+
+
+def _finish_parent(parent_id: str, status: str) -> None:
+    client = mlflow.MlflowClient()
+    client.set_terminated(parent_id, status=status)
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str | None = None,
+              system_metrics: bool = False) -> Iterator[Run]:
+    """A child run for ``stage`` under the pipeline's parent run, with params and the git commit."""
+    configure_tracking()
+    experiment_id = ensure_experiment(experiment or DEFAULT_EXPERIMENT)
+    key = pipeline_key()
+    parent_id = _parent_run(experiment_id, key)
+    tags = {"kocr.stage": stage}
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    status = "FINISHED"
+    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
+                          tags=tags, log_system_metrics=system_metrics) as run:
+        if params:
+            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+        try:
+            yield run
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            # The parent stays open while a DVC pipeline runs; its status follows the last stage.
+            _finish_parent(parent_id, status)
+
+
+def log_dataset(path: str | os.PathLike, context: str, name: str | None = None) -> str:
+    """Record the data version read by the active run (``mlflow.log_input``); returns the hash."""
+    digest, origin = dataset_hash(path)
+    with warnings.catch_warnings():  # MLflow registers two equivalent local-file source types
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(Path(path).resolve().as_uri())
+    dataset = MetaDataset(source=source, name=name or str(path), digest=digest[:36])
+    mlflow.log_input(dataset, context=context, tags={"kocr.hash_origin": origin, "kocr.hash": digest})
+    mlflow.set_tag(f"kocr.data.{context}", digest)
+    return digest

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Debian Korean fonts for the synthetic data (print and handwriting faces), pinned.
+# Skips apt entirely when every package is already at its pinned version.
+set -euo pipefail
+PKGS=(
+  "fonts-nanum=20200506-1"
+  "fonts-nanum-extra=20200506-1"
+  "fonts-unfonts-core=1:1.0.2-080608-18"
+  "fonts-baekmuk=2.2-13"
+  "fonts-noto-cjk=1:20220127+repack1-1"
+  "fontconfig=2.14.1-4"
+)
+missing=()
+for spec in "${PKGS[@]}"; do
+  name=${spec%%=*}; want=${spec#*=}
+  have=$(dpkg-query -W -f='${Version}' "$name" 2>/dev/null || true)
+  [ "$have" = "$want" ] || missing+=("$spec")
+done
+[ ${#missing[@]} -eq 0 ] && { echo "fonts: Korean fonts present"; exit 0; }
+SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+echo "fonts: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fc-cache -f >/dev/null 2>&1 || true

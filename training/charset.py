@@ -1,0 +1,90 @@
+"""The recogniser's character set: CTC encode/decode with blank at index 0 (EasyOCR's layout).
+
+Example:
+    >>> cs = Charset.named("korean_g2")
+    >>> cs.num_class
+    1009
+    >>> cs.decode_greedy([0, cs.index["서"], cs.index["서"], 0, cs.index["울"]])
+    '서울'
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Sequence
+
+CHARSET_DIR = Path(__file__).with_name("charsets")
+BUILTIN_CHARSETS = ("korean_g2", "english_g2")
+
+
+class Charset:
+    """An ordered list of characters; class ``i + 1`` is ``chars[i]`` and class 0 is the CTC blank."""
+
+    def __init__(self, chars: str, name: str = "custom") -> None:
+        if len(set(chars)) != len(chars):
+            dup = sorted({c for c in chars if chars.count(c) > 1})
+            raise ValueError(f"charset {name!r} repeats characters: {''.join(dup)!r}")
+        if not chars:
+            raise ValueError(f"charset {name!r} is empty")
+        self.chars = chars
+        self.name = name
+        self.index = {c: i + 1 for i, c in enumerate(chars)}
+
+    @classmethod
+    def named(cls, name: str) -> "Charset":
+        """A built-in charset (``korean_g2``: 1,008 characters; ``english_g2``: 96)."""
+        if name not in BUILTIN_CHARSETS:
+            raise ValueError(f"unknown charset {name!r}; built-in: {', '.join(BUILTIN_CHARSETS)}")
+        return cls((CHARSET_DIR / f"{name}.txt").read_text(encoding="utf-8"), name)
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "Charset":
+        """A built-in name, or a path to a UTF-8 file holding the characters on one line."""
+        if spec in BUILTIN_CHARSETS:
+            return cls.named(spec)
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"charset {spec!r} is neither built-in ({', '.join(BUILTIN_CHARSETS)}) nor a file")
+        return cls(path.read_text(encoding="utf-8").rstrip("\n"), path.stem)
+
+    @property
+    def num_class(self) -> int:
+        """Number of output classes including the blank."""
+        return len(self.chars) + 1
+
+    def __len__(self) -> int:
+        return len(self.chars)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Charset) and other.chars == self.chars
+
+    def missing(self, text: str) -> set[str]:
+        """Characters of ``text`` the charset cannot express."""
+        return {c for c in text if c not in self.index}
+
+    def encode(self, text: str) -> list[int]:
+        """Class indices of ``text``; raises KeyError naming the first unknown character."""
+        try:
+            return [self.index[c] for c in text]
+        except KeyError as exc:
+            raise KeyError(f"character {exc.args[0]!r} of {text!r} is not in charset {self.name}") from None
+
+    def decode_greedy(self, indices: Iterable[int]) -> str:
+        """Collapse repeats, then drop blanks (CTC best path)."""
+        out, prev = [], 0
+        for i in indices:
+            i = int(i)
+            if i != prev and i != 0:
+                out.append(self.chars[i - 1])
+            prev = i
+        return "".join(out)
+
+    def shared_rows(self, other: "Charset") -> list[tuple[int, int]]:
+        """(row in ``other``, row in ``self``) for the blank and every character both hold."""
+        pairs = [(0, 0)]
+        pairs += [(other.index[c], i) for c, i in self.index.items() if c in other.index]
+        return pairs
+
+    def decode_batch(self, index_rows: Sequence[Iterable[int]]) -> list[str]:
+        """Greedy-decode each row of a (batch, time) index array."""
+        return [self.decode_greedy(row) for row in index_rows]

@@ -1,0 +1,204 @@
+"""Recogniser checkpoints: save, load from any starting point, and move a head to a new charset.
+
+A model spec names where a recogniser comes from:
+- a path to a platform checkpoint (``*.pt``, holds config + charset + weights),
+- a path to an EasyOCR ``.pth`` state_dict named after its charset (``english_g2.pth``, ``korean_g2.pth``),
+- a pretrained name: ``english_g2`` (shipped offline) or ``korean_g2`` (when the user has the file),
+- an MLflow URI: ``models:/ko-ocr-recognizer@champion``, ``models:/m-…``, ``runs:/<id>/recognizer``.
+
+Example:
+    >>> loaded = load_recognizer("english_g2")
+    >>> loaded.charset.name, loaded.config.num_class
+    ('english_g2', 97)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training.charset import BUILTIN_CHARSETS, Charset
+from training.model import Recognizer, RecognizerConfig
+
+FORMAT = "kocr-recognizer/1"
+CHECKPOINT_NAME = "model.pt"
+
+
+class ModelSpecError(ValueError):
+    """A model spec that names nothing loadable."""
+
+
+class ArchitectureMismatch(ValueError):
+    """A checkpoint whose architecture differs from the configured one."""
+
+
+@dataclass
+class LoadedRecognizer:
+    """A recogniser in eval mode with the charset and config it was trained with."""
+
+    model: Recognizer
+    charset: Charset
+    config: RecognizerConfig
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadTransfer:
+    """What happened to the prediction head when the charset changed."""
+
+    old_classes: int
+    new_classes: int
+    rows_copied: int  # blank included
+
+    def as_dict(self) -> dict[str, int]:
+        return {"head_old_classes": self.old_classes, "head_new_classes": self.new_classes,
+                "head_rows_copied": self.rows_copied}
+
+
+def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop DataParallel's ``module.`` prefix (EasyOCR's .pth files carry it)."""
+    return {k[7:] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def config_from_state_dict(state_dict: dict[str, torch.Tensor], imgH: int = 64) -> RecognizerConfig:
+    """Read the architecture off the tensor shapes of an EasyOCR gen-2 state_dict."""
+    sd = strip_module_prefix(state_dict)
+    try:
+        first = sd["FeatureExtraction.ConvNet.0.weight"]
+        head = sd["Prediction.weight"]
+        last_conv = sd["FeatureExtraction.ConvNet.18.weight"]
+    except KeyError as exc:
+        raise ModelSpecError(f"not an EasyOCR gen-2 (VGG-BiLSTM-CTC) state_dict: no key {exc}") from None
+    return RecognizerConfig(num_class=head.shape[0], input_channel=first.shape[1],
+                            output_channel=last_conv.shape[0], hidden_size=head.shape[1], imgH=imgH)
+
+
+def save_checkpoint(path: str | os.PathLike, model: Recognizer, charset: Charset,
+                    meta: dict[str, Any] | None = None) -> Path:
+    """Write a platform checkpoint atomically (temp file + rename), so a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, "config": model.config.as_dict(), "charset": charset.chars,
+               "charset_name": charset.name, "state_dict": model.state_dict(), "meta": meta or {}}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _pretrained_path(name: str) -> Path | None:
+    """Where a pretrained EasyOCR file can be found on this machine, if anywhere."""
+    from kocr.easyocr_compat import offline_model_dir
+
+    candidates = [Path(offline_model_dir()) / f"{name}.pth"]
+    module_path = os.environ.get("EASYOCR_MODULE_PATH") or os.environ.get("MODULE_PATH")
+    if module_path:
+        candidates.append(Path(module_path) / "model" / f"{name}.pth")
+    candidates += [Path("models/pretrained") / f"{name}.pth", Path.home() / ".EasyOCR/model" / f"{name}.pth"]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def _download_mlflow_model(uri: str) -> Path:
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from kocr.tracking import configure_tracking
+
+    configure_tracking()
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    except MlflowException as exc:
+        raise ModelSpecError(f"cannot load {uri!r} from MLflow: {exc.message.splitlines()[0]}") from None
+    found = sorted(local.rglob(CHECKPOINT_NAME)) if local.is_dir() else [local]
+    if not found:
+        raise ModelSpecError(f"{uri!r} holds no {CHECKPOINT_NAME}; was it logged by kocr train?")
+    return found[0]
+
+
+def _resolve_file(spec: str) -> Path:
+    if spec.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
+        return _download_mlflow_model(spec)
+    path = Path(spec)
+    if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
+        return path / CHECKPOINT_NAME
+    if path.is_file():
+        return path
+    if spec in BUILTIN_CHARSETS:
+        found = _pretrained_path(spec)
+        if found is None:
+            raise ModelSpecError(f"pretrained {spec}.pth not found (put it in ~/.EasyOCR/model or models/pretrained)")
+        return found
+    raise ModelSpecError(f"unknown model {spec!r}: not a file, not a models:/ or runs:/ URI, "
+                         f"not a pretrained name ({', '.join(BUILTIN_CHARSETS)})")
+
+
+def load_recognizer(spec: str, device: str = "cpu") -> LoadedRecognizer:
+    """Load a recogniser from any supported spec, in eval mode on ``device``."""
+    path = _resolve_file(spec)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a bad file
+        raise ModelSpecError(f"{path}: not a loadable PyTorch checkpoint ({type(exc).__name__})") from None
+    if isinstance(payload, dict) and payload.get("format") == FORMAT:
+        config = RecognizerConfig(**payload["config"])
+        charset = Charset(payload["charset"], payload.get("charset_name", "custom"))
+        state_dict, meta = payload["state_dict"], payload.get("meta", {})
+    elif isinstance(payload, dict) and path.stem in BUILTIN_CHARSETS:
+        charset = Charset.named(path.stem)
+        config = config_from_state_dict(payload)
+        state_dict, meta = strip_module_prefix(payload), {"easyocr_file": str(path)}
+    else:
+        raise ModelSpecError(f"{path}: neither a kocr checkpoint nor an EasyOCR .pth named after "
+                             f"its charset ({', '.join(BUILTIN_CHARSETS)})")
+    if config.num_class != charset.num_class:
+        raise ArchitectureMismatch(f"{path}: head has {config.num_class} classes but charset "
+                                   f"{charset.name} needs {charset.num_class}")
+    model = Recognizer(config)
+    model.load_state_dict(state_dict)
+    model.to(device).eval()
+    return LoadedRecognizer(model, charset, config, spec, meta)
+
+
+def check_architecture(base: RecognizerConfig, wanted: RecognizerConfig, source: str) -> None:
+    """Raise ArchitectureMismatch naming every knob where ``base`` and ``wanted`` differ (head aside)."""
+    diffs = [f"{k}: checkpoint {getattr(base, k)} vs config {getattr(wanted, k)}"
+             for k in ("input_channel", "output_channel", "hidden_size")
+             if getattr(base, k) != getattr(wanted, k)]
+    if diffs:
+        raise ArchitectureMismatch(f"{source} does not fit the configured model: " + "; ".join(diffs))
+
+
+def transfer_head(base: LoadedRecognizer, charset: Charset, seed: int = 0) -> tuple[Recognizer, HeadTransfer]:
+    """A model for ``charset`` initialised from ``base``; head rows of shared characters are copied.
+
+    Rows of characters new to the head start small (std of the old rows) with the lowest old bias,
+    so at step 0 the model still reads what it read before.
+    """
+    config = RecognizerConfig(**{**base.config.as_dict(), "num_class": charset.num_class})
+    model = Recognizer(config)
+    body = {k: v for k, v in base.model.state_dict().items() if not k.startswith("Prediction.")}
+    model.load_state_dict(body, strict=False)
+    old_w, old_b = base.model.Prediction.weight.detach(), base.model.Prediction.bias.detach()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        new_w = torch.randn(config.num_class, config.hidden_size, generator=generator) * old_w.std()
+        new_b = torch.full((config.num_class,), float(old_b.min()))
+        pairs = charset.shared_rows(base.charset)
+        old_rows = torch.tensor([o for o, _ in pairs])
+        new_rows = torch.tensor([n for _, n in pairs])
+        new_w[new_rows] = old_w[old_rows]
+        new_b[new_rows] = old_b[old_rows]
+        model.Prediction.weight.copy_(new_w)
+        model.Prediction.bias.copy_(new_b)
+    return model, HeadTransfer(base.config.num_class, config.num_class, len(pairs))

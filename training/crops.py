@@ -1,0 +1,122 @@
+"""Word-crop datasets for CTC training: label checks up front, EasyOCR preprocessing per sample.
+
+Example:
+    >>> ds = CropDataset(LmdbDataset("data/prepared/train"), Charset.named("korean_g2"))  # doctest: +SKIP
+    >>> ds.dropped                                                                         # doctest: +SKIP
+    {'too_long': 3}
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from training.charset import Charset
+from training.data.lmdb_store import LmdbDataset
+from training.data.transforms import collate_crops, pad_width, prepare_crop
+from training.model import output_length
+
+
+@dataclass
+class CropBatch:
+    """A padded batch: images (B, 1, H, W), concatenated targets and their lengths, raw labels."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    target_lengths: torch.Tensor
+    labels: list[str]
+
+
+class CropDataset(Dataset):
+    """Samples of an LMDB set the model can learn; the rest are dropped and counted by reason.
+
+    A label is dropped when a character is outside the charset, or when CTC cannot align it: it
+    needs at least one time step per character plus one between repeated characters, and the model
+    emits ``width / 4 - 1`` steps for a crop padded to ``width`` (EasyOCR's padding). Crops wider than
+    ``max_width`` after resizing are dropped to bound memory.
+    """
+
+    def __init__(self, source: LmdbDataset, charset: Charset, imgH: int = 64, max_width: int = 1024) -> None:
+        self.source, self.charset, self.imgH = source, charset, imgH
+        self.dropped: Counter[str] = Counter()
+        self.indices: list[int] = []
+        self.widths: list[int] = []  # EasyOCR pad width of each kept sample, for bucketing
+        for i in range(len(source)):
+            label = source.label(i)
+            if not label or charset.missing(label):
+                self.dropped["out_of_charset" if label else "empty_label"] += 1
+                continue
+            h, w = source[i][0].shape
+            width = pad_width(w, h, imgH)
+            if width > max_width:
+                self.dropped["too_wide"] += 1
+                continue
+            repeats = sum(1 for a, b in zip(label, label[1:]) if a == b)
+            if len(label) + repeats > output_length(width):
+                self.dropped["too_long"] += 1
+                continue
+            self.indices.append(i)
+            self.widths.append(width)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int):
+        image, label = self.source[self.indices[index]]
+        return prepare_crop(image, self.imgH), label
+
+    def collate(self, items) -> CropBatch:
+        """DataLoader ``collate_fn``: pad to the batch's EasyOCR width and encode labels."""
+        crops, labels = zip(*items)
+        encoded = [self.charset.encode(label) for label in labels]
+        return CropBatch(
+            images=collate_crops(list(crops), self.imgH),
+            targets=torch.tensor([c for seq in encoded for c in seq], dtype=torch.long),
+            target_lengths=torch.tensor([len(seq) for seq in encoded], dtype=torch.long),
+            labels=list(labels),
+        )
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar width, so little compute goes into padding; deterministic by seed.
+
+    Indices are shuffled, taken ``pool`` batches at a time, sorted by width inside the pool, cut
+    into batches, and the batches shuffled again. Yields ``num_batches`` batches in all, starting a
+    new epoch as needed.
+    """
+
+    def __init__(self, widths: list[int], batch_size: int, num_batches: int, seed: int = 0, pool: int = 50) -> None:
+        if len(widths) < batch_size:
+            raise ValueError(f"{len(widths)} samples cannot fill one batch of {batch_size}")
+        self.widths, self.batch_size, self.num_batches = widths, batch_size, num_batches
+        self.seed, self.pool = seed, pool
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _epoch(self, rng: random.Random) -> list[list[int]]:
+        order = list(range(len(self.widths)))
+        rng.shuffle(order)
+        batches = []
+        span = self.batch_size * self.pool
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=self.widths.__getitem__)
+            batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
+                        if len(chunk[i:i + self.batch_size]) == self.batch_size]
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        rng = random.Random(self.seed)
+        emitted = 0
+        while emitted < self.num_batches:
+            for batch in self._epoch(rng):
+                if emitted == self.num_batches:
+                    return
+                emitted += 1
+                yield batch

@@ -1,0 +1,138 @@
+"""Font discovery and glyph coverage for the synthetic page generator.
+
+Example:
+    >>> faces = find_fonts(["NanumGothic.ttf"])
+    >>> covers(faces[0], "서울 1,250"), covers(faces[0], "\\U0001F600")
+    (True, False)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from PIL import ImageFont
+
+FONT_EXTENSIONS = (".ttf", ".otf", ".ttc", ".otc")
+DEFAULT_FONT_DIRS = ("/usr/share/fonts",)
+
+
+@dataclass(frozen=True)
+class FontFace:
+    """One face of a font file; ``index`` selects the face inside a .ttc collection."""
+
+    path: str
+    index: int = 0
+    name: str = ""
+
+    def __str__(self) -> str:
+        suffix = f"#{self.index}" if self.index else ""
+        return f"{self.name or Path(self.path).stem} ({Path(self.path).name}{suffix})"
+
+
+def korean_face_index(path: str | os.PathLike) -> int:
+    """Face index to use for ``path``: the Korean face (1) of Noto Sans/Serif CJK collections."""
+    name = Path(path).name.lower()
+    if name.endswith((".ttc", ".otc")) and name.startswith(("notosanscjk", "notoserifcjk")):
+        return 1
+    return 0
+
+
+def _font_files(font_dirs: Iterable[str | os.PathLike]) -> list[str]:
+    """Every font file under ``font_dirs`` (recursive), sorted, each real file once."""
+    found: list[str] = []
+    seen: set[str] = set()
+    for folder in font_dirs:
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            dirs.sort()
+            for fname in sorted(files):
+                if not fname.lower().endswith(FONT_EXTENSIONS):
+                    continue
+                path = os.path.join(root, fname)
+                real = os.path.realpath(path)
+                if real in seen or not os.path.isfile(real):
+                    continue
+                seen.add(real)
+                found.append(path)
+    return found
+
+
+def _face_name(path: str, index: int) -> str:
+    try:
+        from fontTools.ttLib import TTFont
+
+        with TTFont(path, fontNumber=index, lazy=True) as font:
+            name = font["name"].getDebugName(4) or font["name"].getDebugName(1)
+        if name:
+            return str(name)
+    except Exception:  # a name table we cannot read still leaves a usable font
+        pass
+    return Path(path).stem
+
+
+def find_fonts(patterns: Sequence[str] | str,
+               font_dirs: Sequence[str | os.PathLike] = DEFAULT_FONT_DIRS) -> list[FontFace]:
+    """Font faces whose file name matches any of ``patterns`` (fnmatch, case-insensitive).
+
+    A pattern holding ``/`` is matched against the whole path instead. Faces come in pattern
+    order, files sorted within a pattern, each file once. For Noto Sans/Serif CJK collections
+    the Korean face (index 1) is used. A pattern matching nothing only warns; raises
+    ValueError naming the patterns and the folders searched when nothing matches at all.
+    """
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    dirs = [str(d) for d in font_dirs]
+    files = _font_files(dirs)
+    faces: list[FontFace] = []
+    taken: set[str] = set()
+    unmatched: list[str] = []
+    for pattern in patterns:
+        pat = str(pattern).lower()
+        hits = [f for f in files
+                if fnmatch.fnmatchcase((f if "/" in pat else os.path.basename(f)).lower(), pat)]
+        if not hits:
+            unmatched.append(str(pattern))
+        for path in hits:
+            if path in taken:
+                continue
+            taken.add(path)
+            index = korean_face_index(path)
+            faces.append(FontFace(path, index, _face_name(path, index)))
+    if not faces:
+        raise ValueError(f"no font file matches {list(map(str, patterns))} in {dirs} "
+                         f"(searched {len(files)} font files)")
+    if unmatched:
+        warnings.warn(f"font patterns {unmatched} match no file in {dirs}", stacklevel=2)
+    return faces
+
+
+@functools.lru_cache(maxsize=None)
+def _codepoints(path: str, index: int) -> frozenset[int]:
+    from fontTools.ttLib import TTFont
+
+    with TTFont(path, fontNumber=index, lazy=True) as font:
+        cmap = font.getBestCmap() or {}
+    return frozenset(cmap)
+
+
+def codepoints(face: FontFace) -> frozenset[int]:
+    """Code points the face's cmap maps to a glyph (cached per face)."""
+    return _codepoints(face.path, face.index)
+
+
+def covers(face: FontFace, text: str) -> bool:
+    """True when every non-space character of ``text`` has a glyph in ``face`` (no tofu)."""
+    cps = codepoints(face)
+    return all(ch.isspace() or ord(ch) in cps for ch in text)
+
+
+@functools.lru_cache(maxsize=512)
+def load_font(face: FontFace, size: int) -> ImageFont.FreeTypeFont:
+    """The face at ``size`` pixels (cached), with Pillow's basic layout for portable output."""
+    return ImageFont.truetype(face.path, int(size), index=face.index,
+                              layout_engine=ImageFont.Layout.BASIC)

@@ -1,0 +1,171 @@
+"""AI-Hub 공공행정문서 OCR page JSON: one reader and writer for labels and predictions.
+
+The schema (PLATFORM.md) is one JSON per page image::
+
+    {"images": [{"image.file.name": "p.jpg", "image.width": W, "image.height": H,
+                 "image.category": "인.허가", ...}],
+     "annotations": [{"id": 1, "annotation.type": "rectangle", "annotation.text": "김해시",
+                      "annotation.ttype": "textType1", "annotation.bbox": [x, y, w, h]}]}
+
+Predictions use the same schema plus an optional ``annotation.score``.
+
+Example:
+    >>> page = Page("p.jpg", 100, 50, words=[Word((10, 5, 30, 20), "서울")])
+    >>> Page.from_dict(page.to_dict()).words[0].text
+    '서울'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import unicodedata
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+BBox = tuple[float, float, float, float]  # x, y, w, h in pixels, top-left origin
+
+
+class PageError(ValueError):
+    """A page JSON that cannot be used; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, path: str | os.PathLike, reason: str, detail: str) -> None:
+        super().__init__(f"{path}: {reason}: {detail}")
+        self.path = str(path)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Word:
+    """One annotated (or predicted) word: an axis-aligned box and its text."""
+
+    bbox: BBox
+    text: str
+    score: float | None = None
+
+    @property
+    def corners(self) -> tuple[float, float, float, float]:
+        """The box as (x0, y0, x1, y1)."""
+        x, y, w, h = self.bbox
+        return x, y, x + w, y + h
+
+
+@dataclass
+class Page:
+    """One page image and its words."""
+
+    image_name: str
+    width: int
+    height: int
+    words: list[Word] = field(default_factory=list)
+    category: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # other image.* keys, kept verbatim
+
+    def to_dict(self) -> dict[str, Any]:
+        """The page as AI-Hub page JSON."""
+        image = {"image.file.name": self.image_name, "image.width": self.width,
+                 "image.height": self.height, "image.category": self.category, **self.extra}
+        annotations = []
+        for i, word in enumerate(self.words, start=1):
+            ann: dict[str, Any] = {"id": i, "annotation.type": "rectangle",
+                                   "annotation.text": word.text, "annotation.ttype": "textType1",
+                                   "annotation.bbox": [_num(v) for v in word.bbox]}
+            if word.score is not None:
+                ann["annotation.score"] = round(float(word.score), 6)
+            annotations.append(ann)
+        return {"images": [image], "annotations": annotations}
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str | os.PathLike = "<page>") -> "Page":
+        """Parse page JSON already loaded; raises PageError naming ``path`` and the problem."""
+        if not isinstance(data, dict):
+            raise PageError(path, "bad_schema", "top level is not an object")
+        images = data.get("images")
+        if not isinstance(images, list) or not images or not isinstance(images[0], dict):
+            raise PageError(path, "bad_schema", "missing 'images' list")
+        image = images[0]
+        try:
+            name = str(image["image.file.name"])
+            width, height = int(image["image.width"]), int(image["image.height"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PageError(path, "bad_schema", f"image entry lacks a valid {exc}") from exc
+        extra = {k: v for k, v in image.items()
+                 if k not in ("image.file.name", "image.width", "image.height", "image.category")}
+        annotations = data.get("annotations", [])
+        if not isinstance(annotations, list):
+            raise PageError(path, "bad_schema", "'annotations' is not a list")
+        words = []
+        for ann in annotations:
+            try:
+                bbox = tuple(float(v) for v in ann["annotation.bbox"])
+                text = ann.get("annotation.text", "")
+            except (KeyError, TypeError, ValueError) as exc:
+                raise PageError(path, "bad_schema", f"annotation {ann!r:.80} lacks a valid bbox") from exc
+            if len(bbox) != 4:
+                raise PageError(path, "bad_schema", f"annotation bbox {bbox} has not 4 values")
+            score = ann.get("annotation.score")
+            words.append(Word(bbox, "" if text is None else str(text),  # type: ignore[arg-type]
+                              None if score is None else float(score)))
+        return cls(name, width, height, words, str(image.get("image.category", "")), extra)
+
+
+def _num(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else round(float(value), 2)
+
+
+def read_page(path: str | os.PathLike) -> Page:
+    """Read one page JSON file; raises PageError for unreadable or malformed files."""
+    raw = Path(path).read_bytes()
+    for encoding in ("utf-8-sig", "cp949"):
+        try:
+            text = raw.decode(encoding)
+            break
+        except UnicodeDecodeError:
+            continue
+    else:
+        raise PageError(path, "bad_encoding", "neither UTF-8 nor CP949")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PageError(path, "malformed_json", str(exc)) from exc
+    return Page.from_dict(data, path)
+
+
+def write_page(page: Page, path: str | os.PathLike) -> None:
+    """Write ``page`` as UTF-8 page JSON (Hangul kept readable), atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(page.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def iter_page_files(root: str | os.PathLike) -> Iterator[Path]:
+    """Every ``*.json`` under ``root`` in a stable order (stray files are the caller's concern)."""
+    yield from sorted(p for p in Path(root).rglob("*.json") if p.is_file())
+
+
+def nfc(text: str) -> str:
+    """NFC-normalise and strip outer whitespace, as every label and metric does."""
+    return unicodedata.normalize("NFC", text).strip()
+
+
+def clip_box(bbox: BBox, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """Clamp an (x, y, w, h) box to the image; returns integer (x0, y0, x1, y1) or None if empty."""
+    x, y, w, h = bbox
+    x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
+    x1, y1 = min(width, int(round(x + w))), min(height, int(round(y + h)))
+    if x1 - x0 < 1 or y1 - y0 < 1:
+        return None
+    return x0, y0, x1, y1
+
+
+def crop_box(bbox: BBox, margin: float, width: int, height: int) -> tuple[int, int, int, int] | None:
+    """The crop EasyOCR would take for a word box: ``margin`` x box height added on each side, clipped."""
+    x, y, w, h = bbox
+    if w <= 0 or h <= 0:
+        return None
+    m = margin * h
+    return clip_box((x - m, y - m, w + 2 * m, h + 2 * m), width, height)

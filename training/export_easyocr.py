@@ -1,0 +1,110 @@
+"""The ``export`` stage: write a recogniser as an EasyOCR custom-model bundle.
+
+Layout (what ``easyocr.Reader(..., model_storage_directory=DIR/model,
+user_network_directory=DIR/user_network, recog_network=NAME)`` reads)::
+
+    DIR/model/NAME.pth              state_dict, keys prefixed ``module.``
+    DIR/user_network/NAME.py        ``Model(input_channel, output_channel, hidden_size, num_class)``
+    DIR/user_network/NAME.yaml      network_params, imgH, lang_list, character_list
+    DIR/README.md                   where to copy the files
+
+Example:
+    >>> export_easyocr("models:/ko-ocr-recognizer@champion", "models/easyocr", "ko_ocr")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from kocr.easyocr_compat import offline_model_dir
+from training import model as model_module
+from training.checkpoint import LoadedRecognizer, load_recognizer
+from training.model import Recognizer
+
+_ADAPTER = '''
+
+class Model(Recognizer):
+    """EasyOCR's constructor signature over the platform's recogniser."""
+
+    def __init__(self, input_channel, output_channel, hidden_size, num_class):
+        super().__init__(RecognizerConfig(num_class=num_class, input_channel=input_channel,
+                                          output_channel=output_channel, hidden_size=hidden_size))
+'''
+
+
+class ExportError(ValueError):
+    """A model EasyOCR cannot run."""
+
+
+def check_exportable(loaded: LoadedRecognizer) -> None:
+    """Refuse what EasyOCR cannot read: anything but a greyscale CTC recogniser."""
+    if not isinstance(loaded.model, Recognizer):
+        raise ExportError(f"{loaded.source}: EasyOCR reads CTC recognisers only, not {type(loaded.model).__name__}")
+    if loaded.config.input_channel != 1:
+        raise ExportError(f"{loaded.source}: EasyOCR feeds greyscale crops; this model takes "
+                          f"{loaded.config.input_channel} input channels")
+
+
+def network_source() -> str:
+    """Source of ``NAME.py``: the platform's model module plus EasyOCR's constructor signature."""
+    return inspect.getsource(model_module) + _ADAPTER
+
+
+def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: str,
+                   lang_list: tuple[str, ...] = ("ko", "en"), with_detector: bool = False) -> dict[str, str]:
+    """Write the bundle for ``model`` (a spec or a loaded recogniser); returns the written paths."""
+    if not name.isidentifier():
+        raise ExportError(f"bundle name {name!r} must be a Python identifier (EasyOCR imports NAME.py)")
+    loaded = load_recognizer(model) if isinstance(model, str) else model
+    check_exportable(loaded)
+    out = Path(out)
+    model_dir, network_dir = out / "model", out / "user_network"
+    for folder in (model_dir, network_dir):
+        folder.mkdir(parents=True, exist_ok=True)
+    state = {f"module.{k}": v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+    paths = {"pth": model_dir / f"{name}.pth", "py": network_dir / f"{name}.py",
+             "yaml": network_dir / f"{name}.yaml", "readme": out / "README.md"}
+    torch.save(state, paths["pth"])
+    paths["py"].write_text(network_source(), encoding="utf-8")
+    config = {"network_params": loaded.config.network_params(), "imgH": loaded.config.imgH,
+              "lang_list": list(lang_list), "character_list": loaded.charset.chars}
+    paths["yaml"].write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    if with_detector:
+        shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth", model_dir / "craft_mlt_25k.pth")
+    paths["readme"].write_text(_readme(name, lang_list, loaded), encoding="utf-8")
+    return {k: str(v) for k, v in paths.items()}
+
+
+def _readme(name: str, lang_list: tuple[str, ...], loaded: LoadedRecognizer) -> str:
+    langs = ", ".join(repr(x) for x in lang_list)
+    return f"""# EasyOCR bundle `{name}`
+
+Exported by `kocr export-easyocr` from `{loaded.source}` ({len(loaded.charset)} characters, imgH {loaded.config.imgH}).
+
+Copy into EasyOCR's folders and load it by name:
+
+```
+cp model/{name}.pth ~/.EasyOCR/model/
+cp user_network/{name}.py user_network/{name}.yaml ~/.EasyOCR/user_network/
+```
+
+```python
+import easyocr
+reader = easyocr.Reader([{langs}], recog_network="{name}")
+print(reader.readtext("page.jpg"))
+```
+
+Or point EasyOCR at this folder without copying:
+`easyocr.Reader([{langs}], recog_network="{name}", model_storage_directory="model",
+user_network_directory="user_network")` (the CRAFT detector `craft_mlt_25k.pth` must be in
+`model/` too, or pass `detector=False`).
+
+On CPU EasyOCR quantizes the recogniser to int8 by default; pass `quantize=False` to read exactly
+as the platform evaluated it.
+"""

@@ -1,0 +1,224 @@
+"""The ``train`` stage: fine-tune the EasyOCR gen-2 recogniser on LMDB word crops, tracked in MLflow.
+
+Starts from ``train.base`` (english_g2 by default), moves the head to ``train.charset`` keeping the
+rows of shared characters, trains with CTC, validates every ``val_every`` steps and keeps the
+checkpoint with the lowest validation CER.
+
+Outputs: ``<out>/model.pt`` (best checkpoint), ``<out>/mlflow.json`` (run id and model URI),
+``metrics/train.json``, ``plots/train/{loss,val}.tsv``.
+
+Example:
+    >>> summary = train(TrainConfig(steps=10), "data/prepared", "models/candidate")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from evaluation.metrics import recognition_scores
+from training.charset import Charset
+from training.checkpoint import check_architecture, load_recognizer, save_checkpoint, transfer_head
+from training.crops import BucketBatchSampler, CropBatch, CropDataset
+from training.data.lmdb_store import LmdbDataset
+from training.model import Recognizer, RecognizerConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Knobs of the train stage (``train:`` and ``model:`` in params.yaml)."""
+
+    base: str = "english_g2"
+    charset: str = "korean_g2"
+    steps: int = 300
+    batch_size: int = 16
+    optimizer: str = "adam"          # adadelta | adam | adamw
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    val_every: int = 100
+    seed: int = 0
+    num_workers: int = 0
+    max_width: int = 1024
+    device: str = "auto"
+    output_channel: int = 256
+    hidden_size: int = 256
+    input_channel: int = 1
+    imgH: int = 64
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
+        merged = {**params.get("model", {}), **params.get("train", {})}
+        return cls(**{k: v for k, v in merged.items() if k in cls.__dataclass_fields__})
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adadelta (as users run EasyOCR's trainer, lr 1.0), Adam or AdamW."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adadelta":
+        return torch.optim.Adadelta(params, lr=config.lr, rho=0.95, eps=1e-8, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"train.optimizer {config.optimizer!r}: expected adadelta, adam or adamw")
+
+
+def build_model(config: TrainConfig, seed: int) -> tuple[Recognizer, Charset, dict[str, Any]]:
+    """The model to train: ``base`` with its head moved to ``charset``; raises on an architecture mismatch."""
+    charset = Charset.from_spec(config.charset)
+    wanted = RecognizerConfig(num_class=charset.num_class, input_channel=config.input_channel,
+                              output_channel=config.output_channel, hidden_size=config.hidden_size,
+                              imgH=config.imgH)
+    if config.base == "scratch":
+        return Recognizer(wanted), charset, {"base": "scratch"}
+    base = load_recognizer(config.base)
+    check_architecture(base.config, wanted, config.base)
+    if base.charset == charset:
+        return base.model, charset, {"base": config.base, "head_rows_copied": charset.num_class}
+    model, transfer = transfer_head(base, charset, seed=seed)
+    return model, charset, {"base": config.base, **transfer.as_dict()}
+
+
+def ctc_loss(logits: torch.Tensor, batch: CropBatch, device: torch.device) -> torch.Tensor:
+    """Mean CTC loss of a batch's logits (blank 0; impossible alignments give 0 instead of inf)."""
+    log_probs = F.log_softmax(logits, dim=2).permute(1, 0, 2)  # T, B, C
+    input_lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
+    return F.ctc_loss(log_probs, batch.targets.to(device), input_lengths, batch.target_lengths,
+                      blank=0, reduction="mean", zero_infinity=True)
+
+
+@torch.no_grad()
+def validate(model: Recognizer, loader: DataLoader, charset: Charset, device: torch.device) -> dict[str, float]:
+    """Greedy-decode the validation set; returns cer, word_accuracy, norm_ed, loss and n."""
+    model.eval()
+    gts, preds, losses = [], [], []
+    for batch in loader:
+        logits = model(batch.images.to(device))
+        preds += charset.decode_batch(logits.argmax(2).cpu().tolist())
+        gts += batch.labels
+        losses.append(float(ctc_loss(logits, batch, device)))
+    model.train()
+    scores = recognition_scores(gts, preds)
+    scores["loss"] = float(np.mean(losses)) if losses else float("nan")
+    return scores
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _loader(dataset: CropDataset, config: TrainConfig, device: torch.device,
+            num_batches: int | None = None) -> DataLoader:
+    """Training batches bucketed by width when ``num_batches`` is given, else the set in order."""
+    common = {"num_workers": config.num_workers, "collate_fn": dataset.collate,
+              "pin_memory": device.type == "cuda", "persistent_workers": config.num_workers > 0}
+    if num_batches is None:
+        return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, **common)
+    sampler = BucketBatchSampler(dataset.widths, config.batch_size, num_batches, seed=config.seed)
+    return DataLoader(dataset, batch_sampler=sampler, **common)
+
+
+def _write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        if rows:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          metrics_file: str | os.PathLike = "metrics/train.json", plots_dir: str | os.PathLike = "plots/train",
+          progress: bool = True, log: bool = True) -> dict[str, Any]:
+    """Run the stage; with ``log`` every number also goes to the active MLflow run."""
+    import mlflow
+
+    _seed_everything(config.seed)
+    device = pick_device(config.device)
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    model, charset, transfer = build_model(config, config.seed)
+    model.to(device).train()
+    train_set = CropDataset(LmdbDataset(data_dir / "train"), charset, config.imgH, config.max_width)
+    val_set = CropDataset(LmdbDataset(data_dir / "val"), charset, config.imgH, config.max_width)
+    if len(train_set) == 0:
+        raise ValueError(f"{data_dir / 'train'}: no usable training samples (dropped: {dict(train_set.dropped)})")
+    info = {**transfer, "device": str(device), "train_samples": len(train_set), "val_samples": len(val_set),
+            **{f"train_dropped_{k}": v for k, v in train_set.dropped.items()}}
+    if log:
+        mlflow.log_params({k: v for k, v in info.items() if k != "device"})
+        mlflow.set_tag("device", str(device))
+
+    optimizer = make_optimizer(model, config)
+    batches = _loader(train_set, config, device, num_batches=config.steps)
+    val_loader = _loader(val_set, config, device)
+    loss_rows, val_rows = [], []
+    best = {"cer": math.inf, "step": 0}
+    skipped_nonfinite = 0
+    started, seen = time.perf_counter(), 0
+    bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress)
+    step = 0
+    for batch in batches:
+        step += 1
+        loss = ctc_loss(model(batch.images.to(device, non_blocking=True)), batch, device)
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            skipped_nonfinite += 1
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+        seen += len(batch.labels)
+        loss_value = float(loss)
+        loss_rows.append({"step": step, "loss": round(loss_value, 5)})
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.3f}")
+        if log:
+            mlflow.log_metrics({"loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}, step=step)
+        if step % config.val_every == 0 or step == config.steps:
+            scores = validate(model, val_loader, charset, device) if len(val_set) else {}
+            rate = seen / (time.perf_counter() - started)
+            val_rows.append({"step": step, **{k: round(v, 5) for k, v in scores.items() if k != "n"}})
+            if log:
+                mlflow.log_metrics({f"val_{k}": v for k, v in scores.items() if k != "n"} |
+                                   {"images_per_second": rate}, step=step)
+            cer = scores.get("cer", loss_value)
+            if cer < best["cer"] or best["step"] == 0:
+                best = {"cer": cer, "step": step, **{f"val_{k}": v for k, v in scores.items()}}
+                save_checkpoint(out_dir / "model.pt", model, charset,
+                                meta={"step": step, "train_config": asdict(config), **transfer})
+    bar.close()
+    elapsed = time.perf_counter() - started
+    summary = {"steps": step, "best_step": best["step"], "best_val_cer": best["cer"],
+               **{k: v for k, v in best.items() if k.startswith("val_")},
+               "final_loss": loss_rows[-1]["loss"], "skipped_nonfinite_steps": skipped_nonfinite,
+               "images_per_second": round(seen / elapsed, 2), "train_seconds": round(elapsed, 1),
+               "train_samples": len(train_set), **{f"dropped_{k}": v for k, v in train_set.dropped.items()},
+               "head_rows_copied": transfer.get("head_rows_copied", 0)}
+    Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics_file).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    _write_tsv(Path(plots_dir) / "loss.tsv", loss_rows)
+    _write_tsv(Path(plots_dir) / "val.tsv", val_rows)
+    return summary
