@@ -27,10 +27,11 @@ fonts:
 repro:
 	dvc repro
 	@echo
-	@echo "== metrics (dvc metrics show) =="
-	@dvc metrics show
+	@cat metrics/evaluate.md
 	@echo
-	@echo "Evaluation table:   cat metrics/evaluate.json   (base vs candidate, same pages)"
+	@$(BIN)/python -c 'import json; d = json.load(open("metrics/promote.json")); print("Promotion:", d["model_name"], "v%s" % d["candidate_version"], "-", d["reason"])'
+	@echo "All metrics:        dvc metrics show   (dvc metrics diff main: against the last commit)"
+	@echo "Plots:              dvc plots show     (training loss and validation CER)"
 	@echo "MLflow UI:          $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --port 5000"
 	@echo "EasyOCR bundle:     models/easyocr/ (see models/easyocr/README.md)"
 

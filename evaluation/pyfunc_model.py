@@ -33,9 +33,9 @@ class PageReaderModel(mlflow.pyfunc.PythonModel):
         settings = DetectorSettings.from_params(context.model_config)
         self.reader = PageReader(load_recognizer(context.artifacts["checkpoint"]), settings)
 
-    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[dict]:
-        paths = model_input["image"].tolist() if hasattr(model_input, "columns") else list(model_input)
-        return [self.reader.read(path).to_dict() for path in paths]
+    def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[dict]:
+        """Image paths -> one page-JSON dict per image (MLflow validates the input from the type hint)."""
+        return [self.reader.read(path).to_dict() for path in model_input]
 
 
 def log_recognizer(checkpoint: str | os.PathLike, settings: DetectorSettings) -> ModelInfo:

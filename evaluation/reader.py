@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -101,11 +102,13 @@ class Recognition:
 
         imgH, s = self.loaded.config.imgH, self.settings
         results = []
-        for h_list, f_list in [([b], []) for b in horizontal] + [([], [b]) for b in free]:
-            image_list, max_width = get_image_list(h_list, f_list, grey, model_height=imgH)
-            results += get_text(self.loaded.charset.chars, imgH, int(max_width), self.loaded.model,
-                                self.converter, image_list, "", "greedy", 5, 1, s.contrast_ths,
-                                s.adjust_contrast, 0.003, 0, self.device)
+        with warnings.catch_warnings():  # easyocr asks for pinned memory even on CPU
+            warnings.filterwarnings("ignore", message=".*pin_memory.*")
+            for h_list, f_list in [([b], []) for b in horizontal] + [([], [b]) for b in free]:
+                image_list, max_width = get_image_list(h_list, f_list, grey, model_height=imgH)
+                results += get_text(self.loaded.charset.chars, imgH, int(max_width), self.loaded.model,
+                                    self.converter, image_list, "", "greedy", 5, 1, s.contrast_ths,
+                                    s.adjust_contrast, 0.003, 0, self.device)
         return results
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -131,7 +132,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in scores.items()})
         mlflow.set_tag("eval_data_hash", data_hash)
     _dump({**results, "eval_data_hash": data_hash, "pages": len(pages)}, args.metrics)
-    print(markdown_table(results))
+    table = markdown_table(results)
+    Path(args.metrics).with_suffix(".md").write_text(
+        f"Evaluation on {len(pages)} held-out pages (set {data_hash[:12]}):\n\n{table}\n", encoding="utf-8")
+    print(table)
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
@@ -173,7 +177,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from training.export_easyocr import export_easyocr
 
-    params = load_params().get("export", {})
+    params = load_params(required=False).get("export", {})
     name = args.name or params.get("name", "ko_ocr")
     langs = tuple(params.get("lang_list", ["ko", "en"]))
     paths = export_easyocr(args.model, args.out, name, langs, with_detector=args.with_detector)
@@ -191,7 +195,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     from training.checkpoint import load_recognizer
     from training.data.pages import write_page
 
-    reader = PageReader(load_recognizer(args.model), _settings(load_params()))
+    reader = PageReader(load_recognizer(args.model), _settings(load_params(required=False)))
     for image in args.images:
         page = reader.read(image)
         if args.out:
@@ -264,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.export_easyocr import ExportError
 
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep stage output to progress and results
     try:
         args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, FileNotFoundError) as exc:

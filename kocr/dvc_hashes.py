@@ -54,6 +54,9 @@ def dataset_hash(path: str | os.PathLike, root: str | os.PathLike = ".") -> tupl
     outs = _lock_outs(root / "dvc.lock")
     if rel in outs:
         return outs[rel], "dvc.lock"
+    for out, md5 in outs.items():  # a folder inside a tracked output: the output's hash + the subpath
+        if rel.startswith(out + os.sep):
+            return f"{md5}/{rel[len(out) + 1:]}", "dvc.lock"
     dvc_file = root / f"{rel}.dvc"
     if dvc_file.is_file():
         data = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}

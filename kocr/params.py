@@ -17,10 +17,16 @@ import yaml
 PARAMS_FILE = "params.yaml"
 
 
-def load_params(path: str | os.PathLike = PARAMS_FILE) -> dict[str, Any]:
-    """Read params.yaml (``KOCR_PARAMS`` overrides the path); raises FileNotFoundError naming it."""
+def load_params(path: str | os.PathLike = PARAMS_FILE, required: bool = True) -> dict[str, Any]:
+    """Read params.yaml (``KOCR_PARAMS`` overrides the path).
+
+    A missing file raises FileNotFoundError naming it, or gives ``{}`` (every default) when not
+    ``required``, so ``kocr predict`` and ``kocr score`` work outside the project too.
+    """
     path = Path(os.environ.get("KOCR_PARAMS", path))
     if not path.is_file():
+        if not required:
+            return {}
         raise FileNotFoundError(f"{path}: params file not found (run from the project root)")
     with path.open(encoding="utf-8") as fh:
         params = yaml.safe_load(fh) or {}

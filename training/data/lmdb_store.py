@@ -92,6 +92,11 @@ class LmdbDataset:
 
     def _open(self) -> lmdb.Environment:
         if self._env is None or self._pid != os.getpid():
+            if self._env is not None:
+                # A handle inherited through fork (DataLoader workers): py-lmdb refuses a second
+                # open of the same files in one process until it is closed. Closing the child's
+                # copy of a read-only, lock-free environment leaves the parent's untouched.
+                self._env.close()
             self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
                                   meminit=False, max_readers=64)
             self._pid = os.getpid()

@@ -1,0 +1,61 @@
+"""Shared fixtures: small generated pages and a recogniser that reads Hangul, built without training."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.charset import Charset
+from training.checkpoint import load_recognizer, save_checkpoint, transfer_head
+
+REPO = Path(__file__).resolve().parents[1]
+REALDATA = REPO.parent / "shared" / "realdata"
+FONTS = ["NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumPen.ttf"]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_mlflow(tmp_path_factory, monkeypatch):
+    """Every test gets its own MLflow store unless it sets one; nothing touches the project's mlruns.db."""
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        db = tmp_path_factory.mktemp("mlflow") / "mlruns.db"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    monkeypatch.setenv("MLFLOW_ENABLE_TELEMETRY", "false")
+    monkeypatch.delenv("KOCR_PIPELINE_ID", raising=False)
+
+
+@pytest.fixture(scope="session")
+def sample_pages(tmp_path_factory) -> Path:
+    """Six small generated pages in AI-Hub page-JSON format."""
+    from training.data.synth_pages import generate_pages
+
+    out = tmp_path_factory.mktemp("pages")
+    generate_pages(out, count=6, seed=7, fonts=FONTS, width=640, height=420, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hangul_checkpoint(tmp_path_factory) -> Path:
+    """english_g2 moved to the korean_g2 head, with the new rows perturbed so it emits Hangul.
+
+    Untrained, so it reads nonsense, but every class of the 1,009 can win the argmax: exactly what
+    checks that an export keeps the charset order and the weights intact.
+    """
+    base = load_recognizer("english_g2")
+    model, _ = transfer_head(base, Charset.named("korean_g2"), seed=3)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(5)
+        model.Prediction.bias.add_(torch.rand(model.Prediction.bias.shape, generator=generator) * 6.0)
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    save_checkpoint(path, model, Charset.named("korean_g2"))
+    return path
+
+
+def realdata(*parts: str) -> Path:
+    """A file of ../shared/realdata, or skip the test with a clear message when it is absent."""
+    path = REALDATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not present (shared/realdata is read-only input beside the repository)")
+    return path

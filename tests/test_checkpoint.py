@@ -1,0 +1,232 @@
+"""Checkpoints: head transfer between charsets, save/load round trip, spec and architecture errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from training import checkpoint as ckpt
+from training.charset import Charset
+from training.checkpoint import (ArchitectureMismatch, ModelSpecError, check_architecture,
+                                 config_from_state_dict, load_recognizer, save_checkpoint,
+                                 strip_module_prefix, transfer_head)
+from training.model import Recognizer, RecognizerConfig
+
+KOREAN = Charset.named("korean_g2")
+ENGLISH = Charset.named("english_g2")
+TINY = dict(output_channel=16, hidden_size=8)
+
+
+@pytest.fixture(scope="module")
+def english():
+    return load_recognizer("english_g2")
+
+
+@pytest.fixture(scope="module")
+def transferred(english):
+    model, info = transfer_head(english, KOREAN, seed=0)
+    return model, info
+
+
+def _tiny_model(charset: Charset, seed: int = 0) -> Recognizer:
+    torch.manual_seed(seed)
+    return Recognizer(RecognizerConfig(num_class=charset.num_class, **TINY))
+
+
+# -- the base model --------------------------------------------------------------------------------
+
+def test_english_g2_loads_offline_in_eval_mode(english):
+    assert english.charset == ENGLISH and english.charset.name == "english_g2"
+    assert english.config == RecognizerConfig(num_class=97)
+    assert not english.model.training
+    assert Path(english.meta["easyocr_file"]).name == "english_g2.pth"
+
+
+def test_config_from_state_dict_reads_english_g2(english):
+    raw = torch.load(english.meta["easyocr_file"], map_location="cpu", weights_only=True)
+    assert any(k.startswith("module.") for k in raw)  # EasyOCR files carry DataParallel's prefix
+    config = config_from_state_dict(raw)
+    assert (config.num_class, config.input_channel, config.output_channel, config.hidden_size) == (97, 1, 256, 256)
+    assert config.imgH == 64
+    stripped = strip_module_prefix(raw)
+    assert not any(k.startswith("module.") for k in stripped) and len(stripped) == len(raw)
+    assert config_from_state_dict(stripped) == config
+    # the loaded model holds exactly the file's weights
+    for key, value in english.model.state_dict().items():
+        assert torch.equal(value, stripped[key]), key
+
+
+def test_config_from_state_dict_rejects_other_layouts():
+    with pytest.raises(ModelSpecError, match="Prediction.weight"):
+        config_from_state_dict({"FeatureExtraction.ConvNet.0.weight": torch.zeros(32, 1, 3, 3)})
+
+
+def test_config_from_tiny_state_dict_round_trips():
+    config = RecognizerConfig(num_class=12, output_channel=32, hidden_size=24)
+    assert config_from_state_dict(Recognizer(config).state_dict()) == config
+
+
+# -- head transfer ---------------------------------------------------------------------------------
+
+def test_transfer_head_copies_shared_rows_bit_for_bit(english, transferred):
+    model, info = transferred
+    assert (info.old_classes, info.new_classes) == (97, 1009)
+    assert info.rows_copied == 96  # blank + the 95 printable ASCII characters both charsets hold
+    assert info.as_dict() == {"head_old_classes": 97, "head_new_classes": 1009, "head_rows_copied": 96}
+    old_w, old_b = english.model.Prediction.weight, english.model.Prediction.bias
+    new_w, new_b = model.Prediction.weight, model.Prediction.bias
+    assert new_w.shape == (1009, 256) and new_b.shape == (1009,)
+    assert torch.equal(new_w[0], old_w[0]) and torch.equal(new_b[0], old_b[0])  # blank to blank
+    copied = 0
+    for c in ENGLISH.chars:
+        if c not in KOREAN.index:
+            continue
+        o, n = ENGLISH.index[c], KOREAN.index[c]
+        assert torch.equal(new_w[n], old_w[o]), c
+        assert torch.equal(new_b[n], old_b[o]), c
+        copied += 1
+    assert copied + 1 == info.rows_copied
+
+
+def test_transfer_head_new_rows_start_below_every_old_row(english, transferred):
+    model, _ = transferred
+    old_b = english.model.Prediction.bias.detach()
+    new_rows = [KOREAN.index[c] for c in KOREAN.chars if c not in ENGLISH.index]
+    assert len(new_rows) == 1009 - 96
+    new_b = model.Prediction.bias.detach()[new_rows]
+    assert torch.all(new_b == old_b.min())
+    new_w = model.Prediction.weight.detach()[new_rows]
+    assert new_w.std() == pytest.approx(float(english.model.Prediction.weight.detach().std()), rel=0.1)
+
+
+def test_transfer_head_keeps_body_bit_identical(english, transferred):
+    model, _ = transferred
+    base = english.model.state_dict()
+    new = model.state_dict()
+    body = [k for k in base if not k.startswith("Prediction.")]
+    assert set(body) == {k for k in new if not k.startswith("Prediction.")}
+    assert any("running_mean" in k for k in body)  # BatchNorm buffers are part of the body
+    for key in body:
+        assert torch.equal(new[key], base[key]), key
+
+
+def test_transferred_model_reads_shared_classes_like_the_base(english, transferred):
+    model, _ = transferred
+    model.eval()
+    torch.manual_seed(1)
+    x = torch.rand(2, 1, 64, 128) * 2 - 1
+    with torch.no_grad():
+        base_logits = english.model(x)
+        new_logits = model(x)
+    pairs = KOREAN.shared_rows(ENGLISH)
+    old_cols = torch.tensor([o for o, _ in pairs])
+    new_cols = torch.tensor([n for _, n in pairs])
+    torch.testing.assert_close(new_logits[..., new_cols], base_logits[..., old_cols], rtol=1e-4, atol=1e-4)
+
+
+def test_transfer_head_is_deterministic_by_seed(english):
+    a, _ = transfer_head(english, KOREAN, seed=3)
+    b, _ = transfer_head(english, KOREAN, seed=3)
+    c, _ = transfer_head(english, KOREAN, seed=4)
+    assert torch.equal(a.Prediction.weight, b.Prediction.weight)
+    assert not torch.equal(a.Prediction.weight, c.Prediction.weight)
+
+
+# -- save / load -----------------------------------------------------------------------------------
+
+def test_save_then_load_round_trips_exactly(tmp_path, transferred):
+    model, info = transferred
+    path = save_checkpoint(tmp_path / "run" / "model.pt", model, KOREAN, meta={"step": 7, **info.as_dict()})
+    assert path == tmp_path / "run" / "model.pt" and path.is_file()
+    assert not list(path.parent.glob("*.tmp"))  # the temp file was renamed, none left behind
+    for spec in (str(path), str(path.parent)):  # the file, or a folder holding model.pt
+        loaded = load_recognizer(spec)
+        assert loaded.charset == KOREAN and loaded.charset.name == "korean_g2"
+        assert loaded.config == model.config == RecognizerConfig(num_class=1009)
+        assert loaded.meta == {"step": 7, **info.as_dict()}
+        assert loaded.source == spec and not loaded.model.training
+        saved = model.state_dict()
+        restored = loaded.model.state_dict()
+        assert saved.keys() == restored.keys()
+        for key in saved:
+            assert torch.equal(saved[key], restored[key]), key
+
+
+def test_save_restores_custom_charset_and_tiny_config(tmp_path):
+    cs = Charset("가나다ab", "mine")
+    model = _tiny_model(cs)
+    save_checkpoint(tmp_path / "m.pt", model, cs)
+    loaded = load_recognizer(str(tmp_path / "m.pt"))
+    assert loaded.charset.chars == "가나다ab" and loaded.charset.name == "mine"
+    assert loaded.config == RecognizerConfig(num_class=6, **TINY)
+    assert loaded.meta == {}
+
+
+def test_save_overwrites_and_a_failed_save_keeps_the_old_file(tmp_path, monkeypatch):
+    cs = Charset("abc", "abc")
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, _tiny_model(cs, seed=0), cs)
+    second = _tiny_model(cs, seed=1)
+    save_checkpoint(path, second, cs)
+    assert torch.equal(load_recognizer(str(path)).model.Prediction.weight, second.Prediction.weight)
+    before = path.read_bytes()
+
+    def killed_save(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(ckpt.torch, "save", killed_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, _tiny_model(cs, seed=2), cs)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+def test_check_architecture_names_both_values():
+    base = RecognizerConfig(num_class=97)
+    check_architecture(base, RecognizerConfig(num_class=1009), "english_g2")  # head size may differ
+    with pytest.raises(ArchitectureMismatch) as info:
+        check_architecture(base, RecognizerConfig(num_class=1009, hidden_size=128), "english_g2")
+    message = str(info.value)
+    assert "english_g2" in message and "hidden_size" in message
+    assert "256" in message and "128" in message
+    assert "output_channel" not in message
+    with pytest.raises(ArchitectureMismatch) as info:
+        check_architecture(base, RecognizerConfig(num_class=97, output_channel=512, input_channel=3), "x")
+    assert "output_channel: checkpoint 256 vs config 512" in str(info.value)
+    assert "input_channel: checkpoint 1 vs config 3" in str(info.value)
+
+
+def test_unknown_spec_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelSpecError) as info:
+        load_recognizer("no_such_model_xyz")
+    assert "'no_such_model_xyz'" in str(info.value)
+
+
+def test_garbage_file_names_its_path(tmp_path):
+    path = tmp_path / "garbage.pt"
+    path.write_bytes(b"\x00\x01not a torch file at all" * 10)
+    with pytest.raises(ModelSpecError) as info:
+        load_recognizer(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_state_dict_not_named_after_a_charset_is_rejected(tmp_path):
+    path = tmp_path / "my_model.pth"
+    torch.save(_tiny_model(ENGLISH).state_dict(), path)
+    with pytest.raises(ModelSpecError) as info:
+        load_recognizer(str(path))
+    assert str(path) in str(info.value) and "named after" in str(info.value)
+
+
+def test_checkpoint_whose_head_misfits_its_charset_is_rejected(tmp_path):
+    path = tmp_path / "model.pt"
+    save_checkpoint(path, _tiny_model(Charset("abcd")), Charset("abc", "abc"))
+    with pytest.raises(ArchitectureMismatch) as info:
+        load_recognizer(str(path))
+    assert "5 classes" in str(info.value) and "needs 4" in str(info.value)

@@ -1,0 +1,44 @@
+"""The kocr command line: one-line errors a user can act on, and `kocr score` on page folders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from training.data.pages import Page, Word, write_page
+
+
+def _kocr(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kocr.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_unknown_model_is_a_one_line_error(sample_pages, tmp_path):
+    image = next(sample_pages.glob("*.jpg"))
+    done = _kocr("predict", str(image), "--model", "no_such_model", cwd=tmp_path)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no_such_model" in lines[0] and "Traceback" not in done.stderr
+
+
+def test_export_of_unknown_model_is_a_one_line_error(tmp_path):
+    done = _kocr("export-easyocr", "--model", "models:/nope@champion", "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "models:/nope@champion" in done.stderr
+
+
+def test_score_prints_the_metrics_of_two_folders(tmp_path):
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    write_page(Page("a.jpg", 100, 100, [Word((0, 0, 40, 20), "서울"), Word((50, 0, 40, 20), "평양")]), gt / "a.json")
+    # one exact match, one box elsewhere: precision 1/2, recall 1/2
+    write_page(Page("a.jpg", 100, 100, [Word((0, 0, 40, 20), "서울"), Word((0, 60, 40, 20), "평양")]), pred / "a.json")
+    done = _kocr("score", "--gt", str(gt), "--pred", str(pred))
+    assert done.returncode == 0, done.stderr
+    scores = json.loads(done.stdout)
+    assert scores["e2e_precision"] == 0.5 and scores["e2e_recall"] == 0.5 and scores["e2e_f1"] == 0.5
+
+
+def test_prepare_of_missing_folder_names_it(tmp_path):
+    (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
+    done = _kocr("prepare-aihub", "--src", str(tmp_path / "absent"), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert done.returncode == 2 and "absent" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,174 @@
+"""Word-crop datasets: CTC-feasibility filtering, collation, width-bucketed batch sampling."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from training.charset import Charset
+from training.crops import BucketBatchSampler, CropDataset
+from training.data.lmdb_store import LmdbDataset, LmdbWriter
+from training.model import Recognizer, RecognizerConfig, output_length
+
+KOREAN = Charset.named("korean_g2")
+HANGUL = [c for c in KOREAN.chars if "가" <= c <= "힣"]
+
+
+def _png(h: int, w: int, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    ok, buf = cv2.imencode(".png", rng.integers(0, 256, size=(h, w), dtype=np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def _lmdb(path: Path, samples: list[tuple[tuple[int, int], str]]) -> LmdbDataset:
+    with LmdbWriter(path) as writer:
+        for i, ((h, w), label) in enumerate(samples):
+            writer.add(_png(h, w, i), label)
+    return LmdbDataset(path)
+
+
+def _distinct(n: int) -> str:
+    return "".join(HANGUL[:n])
+
+
+def test_output_length_matches_the_model():
+    model = Recognizer(RecognizerConfig(num_class=5, output_channel=16, hidden_size=8)).eval()
+    with torch.no_grad():
+        for width in (64, 128, 320):
+            assert model(torch.zeros(1, 1, 64, width)).shape[1] == output_length(width)
+
+
+def test_dataset_keeps_feasible_labels_and_counts_the_rest(tmp_path):
+    # a 32x64 crop is padded to width 128, where the model emits 31 steps
+    steps = output_length(128)
+    assert steps == 31
+    samples = [
+        ((32, 64), _distinct(steps)),                          # 0 keep: exactly fits
+        ((32, 64), _distinct(steps + 1)),                      # 1 too long
+        ((32, 64), _distinct(steps - 2) + "호호"),              # 2 too long: 31 chars + 1 repeat = 32
+        ((32, 64), _distinct(steps - 3) + "호호"),              # 3 keep: 30 chars + 1 repeat = 31
+        ((32, 64), "서울漢"),                                   # 4 out of charset
+        ((32, 64), ""),                                        # 5 empty
+        ((10, 2000), "가"),                                    # 6 too wide: padded to 12,800
+        ((64, 16), "가나"),                                     # 7 keep: a vertical crop pads to 256
+        ((20, 70), "제2023-15호"),                              # 8 keep
+    ]
+    ds = CropDataset(_lmdb(tmp_path / "set", samples), KOREAN)
+    assert ds.indices == [0, 3, 7, 8]
+    assert dict(ds.dropped) == {"too_long": 2, "out_of_charset": 1, "empty_label": 1, "too_wide": 1}
+    assert ds.widths == [128, 128, 256, 256]
+    assert len(ds) == 4
+    image, label = ds[3]
+    assert label == "제2023-15호"
+    crop, pad = image
+    assert crop.shape[0] == 64 and pad == 256 and crop.dtype == np.float32
+    assert -1.0 <= crop.min() and crop.max() <= 1.0
+
+
+def test_max_width_is_configurable(tmp_path):
+    source = _lmdb(tmp_path / "set", [((20, 70), "가나"), ((20, 300), "가나다")])
+    assert CropDataset(source, KOREAN).widths == [256, 960]
+    narrow = CropDataset(source, KOREAN, max_width=512)
+    assert narrow.indices == [0] and narrow.dropped == {"too_wide": 1}
+
+
+def test_collate_pads_and_encodes(tmp_path):
+    samples = [((20, 70), "서울"), ((30, 200), "특별시청"), ((16, 16), "가")]
+    ds = CropDataset(_lmdb(tmp_path / "set", samples), KOREAN)
+    assert len(ds) == 3
+    batch = ds.collate([ds[i] for i in range(3)])
+    assert batch.images.dtype == torch.float32
+    assert tuple(batch.images.shape) == (3, 1, 64, 448)  # ceil(200 / 30) * 64
+    assert batch.images.shape[3] % 64 == 0
+    assert batch.labels == ["서울", "특별시청", "가"]
+    assert batch.targets.tolist() == KOREAN.encode("서울") + KOREAN.encode("특별시청") + KOREAN.encode("가")
+    assert batch.target_lengths.tolist() == [2, 4, 1]
+    assert int(batch.target_lengths.sum()) == batch.targets.numel()
+    # narrower crops are padded on the right by repeating their last column
+    first, _ = ds[0]
+    w = first[0].shape[1]
+    assert torch.equal(batch.images[0, 0, :, :w], torch.from_numpy(first[0]))
+    assert torch.equal(batch.images[0, 0, :, w:], batch.images[0, 0, :, w - 1:w].expand(-1, 448 - w))
+
+
+def test_collated_batch_trains_with_ctc(tmp_path):
+    samples = [((20, 70), "서울"), ((30, 200), "특별시청"), ((24, 24), "가가")]
+    ds = CropDataset(_lmdb(tmp_path / "set", samples), KOREAN)
+    batch = ds.collate([ds[i] for i in range(len(ds))])
+    model = Recognizer(RecognizerConfig(num_class=KOREAN.num_class, output_channel=16, hidden_size=8))
+    logits = model(batch.images)
+    steps = logits.shape[1]
+    assert steps == output_length(batch.images.shape[3])
+    loss = torch.nn.functional.ctc_loss(
+        logits.log_softmax(2).permute(1, 0, 2), batch.targets,
+        torch.full((len(ds),), steps, dtype=torch.long), batch.target_lengths, blank=0, zero_infinity=False)
+    assert torch.isfinite(loss)
+
+
+# -- bucketing --------------------------------------------------------------------------------------
+
+def _widths(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [64 * rng.randint(1, 16) for _ in range(n)]
+
+
+def test_bucket_sampler_yields_num_batches_of_batch_size():
+    widths = _widths(500)
+    sampler = BucketBatchSampler(widths, batch_size=8, num_batches=100, seed=3)
+    batches = list(sampler)
+    assert len(sampler) == 100 and len(batches) == 100  # more than one epoch (62 full batches)
+    assert all(len(b) == 8 for b in batches)
+    assert all(0 <= i < 500 for b in batches for i in b)
+    first_epoch = [i for b in batches[:62] for i in b]
+    assert len(set(first_epoch)) == len(first_epoch)  # no sample twice within an epoch
+    assert list(sampler) == batches  # iterating again gives the same order
+
+
+def test_bucket_sampler_is_deterministic_by_seed():
+    widths = _widths(300)
+    a = list(BucketBatchSampler(widths, 4, 30, seed=1))
+    assert a == list(BucketBatchSampler(widths, 4, 30, seed=1))
+    assert a != list(BucketBatchSampler(widths, 4, 30, seed=2))
+
+
+def test_bucket_sampler_groups_similar_widths():
+    widths = _widths(800, seed=5)
+    batches = list(BucketBatchSampler(widths, batch_size=16, num_batches=50, seed=0))
+    rng = random.Random(0)
+    order = list(range(len(widths)))
+    rng.shuffle(order)
+    baseline = [order[i:i + 16] for i in range(0, 800, 16)][:50]
+
+    def mean_range(bs):
+        return sum(max(widths[i] for i in b) - min(widths[i] for i in b) for b in bs) / len(bs)
+
+    assert mean_range(batches) < 0.25 * mean_range(baseline)
+    # batch order is shuffled too, not narrow-to-wide
+    firsts = [widths[b[0]] for b in batches]
+    assert firsts != sorted(firsts)
+
+
+def test_bucket_sampler_rejects_too_few_samples():
+    with pytest.raises(ValueError, match="3 samples"):
+        BucketBatchSampler([64, 128, 64], batch_size=4, num_batches=1)
+    assert len(list(BucketBatchSampler([64, 128, 64, 64], batch_size=4, num_batches=3))) == 3
+
+
+def test_sampler_drives_a_dataloader(tmp_path):
+    samples = [((20, 20 * k), HANGUL[k] * 1) for k in range(1, 9)] * 2
+    ds = CropDataset(_lmdb(tmp_path / "set", samples), KOREAN)
+    sampler = BucketBatchSampler(ds.widths, batch_size=4, num_batches=5, seed=0, pool=4)
+    loader = DataLoader(ds, batch_sampler=sampler, collate_fn=ds.collate)
+    batches = list(loader)
+    assert len(batches) == 5
+    for batch, indices in zip(batches, sampler):
+        assert batch.images.shape[0] == 4
+        assert batch.images.shape[3] == max(ds.widths[i] for i in indices)
+        assert batch.labels == [ds[i][1] for i in indices]

@@ -1,0 +1,99 @@
+"""The exported bundle loads in the real easyocr.Reader and reads what `kocr predict` reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from kocr.easyocr_compat import import_easyocr, offline_model_dir
+from tests.conftest import realdata
+from training.checkpoint import load_recognizer
+from training.export_easyocr import ExportError, export_easyocr
+
+HANGUL = range(0xAC00, 0xD7A4)
+
+
+@pytest.fixture(scope="module")
+def bundle(hangul_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle")
+    export_easyocr(str(hangul_checkpoint), out, "ko_test", with_detector=True)
+    return out
+
+
+def _reader(bundle, quantize: bool):
+    easyocr = import_easyocr()
+    return easyocr.Reader(["ko", "en"], gpu=False, model_storage_directory=str(bundle / "model"),
+                          user_network_directory=str(bundle / "user_network"), recog_network="ko_test",
+                          download_enabled=False, quantize=quantize, verbose=False)
+
+
+def test_bundle_files_follow_easyocr_contract(bundle, hangul_checkpoint):
+    state = torch.load(bundle / "model" / "ko_test.pth", map_location="cpu", weights_only=True)
+    assert all(k.startswith("module.") for k in state)
+    original = load_recognizer(str(hangul_checkpoint))
+    for key, value in original.model.state_dict().items():
+        assert torch.equal(state[f"module.{key}"], value), key
+    config = yaml.safe_load((bundle / "user_network" / "ko_test.yaml").read_text(encoding="utf-8"))
+    assert config["imgH"] == 64
+    assert config["network_params"] == {"input_channel": 1, "output_channel": 256, "hidden_size": 256}
+    assert config["character_list"] == original.charset.chars
+    assert set(config["lang_list"]) >= {"ko"}
+
+
+def _kocr_predict(image, checkpoint, tmp_path) -> list[dict]:
+    out = tmp_path / "pred"
+    subprocess.run([sys.executable, "-m", "kocr.cli", "predict", str(image), "--model", str(checkpoint),
+                    "--out", str(out)], check=True, capture_output=True, text=True)
+    page = json.loads(next(out.glob("*.json")).read_text(encoding="utf-8"))
+    return page["annotations"]
+
+
+def _assert_same_reading(easyocr_result, annotations):
+    assert len(easyocr_result) == len(annotations) > 0
+    for (quad, text, _), ann in zip(easyocr_result, annotations):
+        xs, ys = [p[0] for p in quad], [p[1] for p in quad]
+        assert ann["annotation.bbox"] == pytest.approx([min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)])
+        assert ann["annotation.text"] == text
+
+
+def test_reader_reads_like_kocr_predict_on_generated_page(bundle, hangul_checkpoint, sample_pages, tmp_path):
+    image = sorted(sample_pages.glob("*.jpg"))[0]
+    result = _reader(bundle, quantize=False).readtext(str(image))
+    annotations = _kocr_predict(image, hangul_checkpoint, tmp_path)
+    _assert_same_reading(result, annotations)
+    # the comparison means something only if Hangul classes were read, i.e. the charset order was exercised
+    assert any(ord(c) in HANGUL for _, text, _ in result for c in text)
+
+
+def test_reader_reads_like_kocr_predict_on_real_photo(bundle, hangul_checkpoint, tmp_path):
+    image = realdata("easyocr", "korean.png")
+    result = _reader(bundle, quantize=False).readtext(str(image))
+    _assert_same_reading(result, _kocr_predict(image, hangul_checkpoint, tmp_path))
+
+
+def test_quantized_reader_still_loads_the_bundle(bundle, sample_pages):
+    image = sorted(sample_pages.glob("*.jpg"))[1]
+    texts = [t for _, t, _ in _reader(bundle, quantize=True).readtext(str(image))]
+    assert texts  # EasyOCR's default CPU int8 path runs on the bundle; parity is checked unquantized
+
+
+def test_export_refuses_rgb_models(tmp_path):
+    from training.charset import Charset
+    from training.checkpoint import save_checkpoint
+    from training.model import Recognizer, RecognizerConfig
+
+    path = tmp_path / "rgb.pt"
+    save_checkpoint(path, Recognizer(RecognizerConfig(num_class=97, input_channel=3)), Charset.named("english_g2"))
+    with pytest.raises(ExportError, match="greyscale"):
+        export_easyocr(str(path), tmp_path / "out", "rgb")
+
+
+def test_export_with_detector_copies_craft(bundle):
+    assert (bundle / "model" / "craft_mlt_25k.pth").stat().st_size == \
+        (shutil.os.path.getsize(f"{offline_model_dir()}/craft_mlt_25k.pth"))

@@ -1,0 +1,188 @@
+"""LMDB recognition sets: the shared key layout, round trip, atomic publish, replace, errors."""
+
+from __future__ import annotations
+
+import pickle
+
+import cv2
+import lmdb
+import numpy as np
+import pytest
+from torch.utils.data import DataLoader
+
+from training.data.lmdb_store import LmdbDataset, LmdbWriter
+
+LABELS = ["서울특별시", "제2023-15호", "Kim"]
+
+
+def _images() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, size=(h, w), dtype=np.uint8) for h, w in ((20, 70), (31, 45), (16, 16))]
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", image)
+    assert ok
+    return buf.tobytes()
+
+
+def _write(path, images, labels) -> None:
+    with LmdbWriter(path) as writer:
+        for image, label in zip(images, labels):
+            writer.add(_png(image), label)
+
+
+def test_round_trip_labels_and_pixels(tmp_path):
+    images = _images()
+    _write(tmp_path / "set", images, LABELS)
+    ds = LmdbDataset(tmp_path / "set")
+    assert len(ds) == 3
+    for i, (image, label) in enumerate(zip(images, LABELS)):
+        got, got_label = ds[i]
+        assert got_label == label and ds.label(i) == label
+        assert got.dtype == np.uint8 and got.shape == image.shape
+        assert np.array_equal(got, image)  # PNG is lossless
+    with pytest.raises(IndexError):
+        ds[3]
+    with pytest.raises(IndexError):
+        ds[-1]
+
+
+def test_layout_is_one_based_and_counted(tmp_path):
+    images = _images()
+    _write(tmp_path / "set", images, LABELS)
+    env = lmdb.open(str(tmp_path / "set"), readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            keys = sorted(bytes(k) for k, _ in txn.cursor())
+            assert txn.get(b"num-samples") == b"3"
+            assert txn.get(b"image-000000000") is None and txn.get(b"label-000000000") is None
+            for n, (image, label) in enumerate(zip(images, LABELS), start=1):
+                assert txn.get(b"label-%09d" % n).decode("utf-8") == label
+                assert txn.get(b"image-%09d" % n) == _png(image)
+    finally:
+        env.close()
+    expected = [b"num-samples"] + [b"%s-%09d" % (kind, n) for kind in (b"image", b"label") for n in (1, 2, 3)]
+    assert keys == sorted(expected)
+    assert keys[0] == b"image-000000001"
+
+
+def test_commits_in_chunks_keep_every_sample(tmp_path):
+    image = _png(np.zeros((8, 8), np.uint8))
+    with LmdbWriter(tmp_path / "set", commit_every=2) as writer:
+        for i in range(5):
+            writer.add(image, f"가{i}")
+    ds = LmdbDataset(tmp_path / "set")
+    assert [ds.label(i) for i in range(len(ds))] == [f"가{i}" for i in range(5)]
+
+
+def test_empty_set_is_valid(tmp_path):
+    with LmdbWriter(tmp_path / "empty"):
+        pass
+    assert len(LmdbDataset(tmp_path / "empty")) == 0
+
+
+def test_failed_writer_leaves_nothing(tmp_path):
+    path = tmp_path / "set"
+    with pytest.raises(RuntimeError, match="boom"):
+        with LmdbWriter(path) as writer:
+            writer.add(_png(_images()[0]), "서울")
+            assert (tmp_path / "set.partial").is_dir()  # work happens aside
+            assert not path.exists()
+            raise RuntimeError("boom")
+    assert not path.exists()
+    assert not (tmp_path / "set.partial").exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_rewrite_keeps_the_previous_set(tmp_path):
+    path = tmp_path / "set"
+    _write(path, _images(), LABELS)
+    with pytest.raises(KeyboardInterrupt):
+        with LmdbWriter(path) as writer:
+            writer.add(_png(_images()[0]), "새것")
+            raise KeyboardInterrupt
+    ds = LmdbDataset(path)
+    assert [ds.label(i) for i in range(len(ds))] == LABELS
+    assert not (tmp_path / "set.partial").exists()
+
+
+def test_second_write_replaces_the_first(tmp_path):
+    path = tmp_path / "set"
+    _write(path, _images(), LABELS)
+    new = [np.full((10, 30), 200, np.uint8)]
+    _write(path, new, ["부산"])
+    env = lmdb.open(str(path), readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            assert txn.get(b"num-samples") == b"1"
+            assert txn.get(b"label-000000002") is None  # nothing of the old set survives
+    finally:
+        env.close()
+    ds = LmdbDataset(path)
+    assert len(ds) == 1
+    image, label = ds[0]
+    assert label == "부산" and np.array_equal(image, new[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
+def test_stale_partial_folder_is_cleared(tmp_path):
+    stale = tmp_path / "set.partial"
+    stale.mkdir()
+    (stale / "junk.bin").write_bytes(b"left by a killed run")
+    _write(tmp_path / "set", _images()[:1], LABELS[:1])
+    assert not stale.exists()
+    assert len(LmdbDataset(tmp_path / "set")) == 1
+
+
+def test_missing_set_names_the_path(tmp_path):
+    folder = tmp_path / "not_a_set"
+    folder.mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        LmdbDataset(folder)
+    assert str(folder) in str(info.value)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        LmdbDataset(tmp_path / "nowhere")
+
+
+def test_set_without_num_samples_is_rejected(tmp_path):
+    env = lmdb.open(str(tmp_path / "raw"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"image-000000001", _png(_images()[0]))
+        txn.put(b"label-000000001", "서울".encode())
+    env.close()
+    with pytest.raises(ValueError, match="num-samples"):
+        LmdbDataset(tmp_path / "raw")
+
+
+def test_undecodable_image_is_reported(tmp_path):
+    with LmdbWriter(tmp_path / "set") as writer:
+        writer.add(b"not an image", "서울")
+    ds = LmdbDataset(tmp_path / "set")
+    assert ds.label(0) == "서울"
+    with pytest.raises(ValueError, match="sample 1"):
+        ds[0]
+
+
+def test_dataset_pickles_without_its_environment(tmp_path):
+    _write(tmp_path / "set", _images(), LABELS)
+    ds = LmdbDataset(tmp_path / "set")
+    ds[0]
+    state = pickle.loads(pickle.dumps(ds)).__dict__
+    assert state["_env"] is None  # an open environment is never shipped to a spawned worker
+    assert state["num_samples"] == 3 and state["path"] == tmp_path / "set"
+
+
+def test_forked_dataloader_workers_read_the_set(tmp_path):
+    # The parent has the environment open (CropDataset scans every sample before training);
+    # forked workers inherit that handle and must still be able to read.
+    images = _images() * 2
+    labels = [f"{label}{i}" for i, label in enumerate(LABELS * 2)]
+    _write(tmp_path / "set", images, labels)
+    ds = LmdbDataset(tmp_path / "set")
+    assert ds[0][1] == labels[0]
+    loader = DataLoader(ds, batch_size=2, num_workers=2, multiprocessing_context="fork",
+                        collate_fn=lambda items: [(image.shape, label) for image, label in items])
+    got = [item for batch in loader for item in batch]
+    assert got == [(image.shape, label) for image, label in zip(images, labels)]
+    assert ds[5][1] == labels[5]  # the parent's handle still works after the workers ran

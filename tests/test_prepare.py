@@ -1,0 +1,332 @@
+"""The prepare stage on generated pages with planted defects: report, splits, LMDB contents, images."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.charset import Charset
+from training.data.lmdb_store import LmdbDataset
+from training.data.pages import Word, read_page, write_page
+from training.data.prepare import PrepareConfig, load_grey, prepare_pages, split_documents
+from training.data.synth_pages import generate_pages
+
+FONTS = ["NanumGothic.ttf", "NanumPen.ttf"]
+W, H = 480, 360
+KOREAN = Charset.named("korean_g2")
+
+NFC_WORD = "갈대밭길"                 # planted in NFD form
+PROBE = ("검사용단어", (100.0, 200.0, 80.0, 30.0))   # a normal box whose crop we measure
+NEGATIVE = ("음수좌표", (-5.0, -3.0, 60.0, 20.0))
+OUTSIDE = ("바깥상자", (600.0, 400.0, 20.0, 10.0))     # wholly past the 480x360 image
+HANJA = ("漢", (200.0, 100.0, 30.0, 30.0))
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _crop_rect(bbox, margin, width, height):
+    """Expected crop: the box grown by margin x height on every side, clamped to the image."""
+    x, y, w, h = bbox
+    m = margin * h
+    x0, y0 = max(0, round(x - m)), max(0, round(y - m))
+    x1, y1 = min(width, round(x + w + m)), min(height, round(y + h + m))
+    return x0, y0, x1, y1
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("raw")
+    generate_pages(root, count=6, seed=21, fonts=FONTS, width=W, height=H, font_size=(14, 22), progress=False)
+    texts = {w.text for p in root.glob("page_*.json") for w in read_page(p).words}
+    assert not texts & {NFC_WORD, PROBE[0], NEGATIVE[0], OUTSIDE[0], HANJA[0]}
+
+    # a page carrying every word-level defect, drawn on a copy of a generated image
+    page = read_page(root / "page_00000.json")
+    shutil.copy(root / "page_00000.jpg", root / "defects.jpg")
+    page.image_name = "defects.jpg"
+    page.words = [
+        Word(PROBE[1], PROBE[0]),
+        Word((300.0, 40.0, 90.0, 25.0), unicodedata.normalize("NFD", NFC_WORD)),
+        Word((20.0, 300.0, 40.0, 20.0), "   "),
+        Word(NEGATIVE[1], NEGATIVE[0]),
+        Word(OUTSIDE[1], OUTSIDE[0]),
+        Word(HANJA[1], HANJA[0]),
+    ]
+    write_page(page, root / "defects.json")
+
+    # page-level defects
+    text = (root / "page_00001.json").read_text(encoding="utf-8")
+    (root / "broken.json").write_text(text[: len(text) // 2], encoding="utf-8")
+    corrupt = read_page(root / "page_00002.json")
+    corrupt.image_name = "corrupt.jpg"
+    write_page(corrupt, root / "corrupt.json")
+    (root / "corrupt.jpg").write_bytes((root / "page_00002.jpg").read_bytes()[:40])
+    orphan = read_page(root / "page_00003.json")
+    orphan.image_name = "orphan.jpg"
+    write_page(orphan, root / "orphan.json")
+    (root / "notes.txt").write_text("scanned on the 3rd floor", encoding="utf-8")
+    (root / "empty_folder").mkdir()
+    return root
+
+
+def _run(src: Path, out: Path, **overrides):
+    return prepare_pages(src, out, PrepareConfig(**overrides), progress=False)
+
+
+@pytest.fixture(scope="module")
+def dropped(src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared_drop")
+    return out, _run(src, out)
+
+
+def _lmdb_items(out: Path) -> list[tuple[str, str, np.ndarray]]:
+    items = []
+    for split in SPLIT_NAMES:
+        ds = LmdbDataset(out / split)
+        items += [(split, *ds[i][::-1]) for i in range(len(ds))]
+    return items  # (split, label, image)
+
+
+def _generated_words(src: Path) -> int:
+    return sum(len(read_page(p).words) for p in src.glob("page_*.json"))
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+def test_report_names_every_defect(dropped):
+    out, report = dropped
+    on_disk = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert on_disk == report
+    skipped = report["skipped"]
+
+    def examples(reason):
+        assert reason in skipped, (reason, sorted(skipped))
+        assert skipped[reason]["count"] == len(skipped[reason]["examples"])
+        return skipped[reason]["examples"]
+
+    assert examples("stray_file") == ["notes.txt"]
+    [malformed] = examples("malformed_json")
+    assert malformed.startswith("broken.json: ")
+    [corrupt] = examples("image_corrupt")
+    assert corrupt.startswith("corrupt.jpg")
+    assert examples("image_missing") == ["orphan.json"]
+    assert examples("empty_text") == ["defects.json#3"]
+    assert examples("nfd_normalised") == ["defects.json#2"]
+    assert examples("zero_area_box") == ["defects.json#5"]
+    assert examples("box_clipped") == ["defects.json#4", "defects.json#5"]
+    [oov] = examples("out_of_charset")
+    assert oov.startswith("defects.json#6") and "漢" in oov
+    assert "image_size_differs_from_json" not in skipped
+    assert not any("empty_folder" in e for v in skipped.values() for e in v["examples"])
+
+
+def test_page_counts(dropped):
+    _, report = dropped
+    # 6 generated + defects + corrupt + orphan + broken; corrupt, orphan and broken are not used
+    assert report["pages_found"] == 10
+    assert report["pages_used"] == 7 == sum(report["pages"].values())
+
+
+# -- splits ------------------------------------------------------------------------------------------
+
+def test_splits_hold_each_usable_page_once(src, dropped):
+    out, report = dropped
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
+    assert sorted(splits) == sorted(SPLIT_NAMES)
+    used = [name for split in SPLIT_NAMES for name in splits[split]]
+    assert len(used) == len(set(used))  # no page in two splits
+    expected = {p.name for p in src.glob("page_*.json")} | {"defects.json"}
+    assert set(used) == expected
+    assert {"corrupt.json", "broken.json", "orphan.json"}.isdisjoint(used)
+    assert {split: len(splits[split]) for split in SPLIT_NAMES} == report["pages"]
+    assert all(splits[split] for split in ("val", "test")) or report["pages_used"] < 3
+
+
+def test_crops_follow_their_page_split(src, dropped):
+    out, _ = dropped
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
+    defect_labels = [PROBE[0], NFC_WORD, NEGATIVE[0]]
+    for split in SPLIT_NAMES:
+        expected = Counter()
+        for name in splits[split]:
+            if name == "defects.json":
+                expected.update(defect_labels)
+            else:
+                expected.update(w.text for w in read_page(src / name).words)
+        got = Counter(label for s, label, _ in _lmdb_items(out) if s == split)
+        assert got == expected, split
+
+
+def test_same_seed_same_splits_and_sets(src, dropped, tmp_path):
+    out, _ = dropped
+    _run(src, tmp_path / "again")
+    assert (tmp_path / "again" / "splits.json").read_bytes() == (out / "splits.json").read_bytes()
+    first = [(s, label, image.tobytes()) for s, label, image in _lmdb_items(out)]
+    second = [(s, label, image.tobytes()) for s, label, image in _lmdb_items(tmp_path / "again")]
+    assert first == second
+    assert not list((tmp_path / "again").glob("*.partial")) and not list(out.glob("*.partial"))
+
+
+def test_split_documents_by_seed():
+    names = [f"doc_{i:03d}.json" for i in range(60)]
+    a = split_documents(names, PrepareConfig(seed=0))
+    assert a == split_documents(list(reversed(names)), PrepareConfig(seed=0))  # input order is irrelevant
+    b = split_documents(names, PrepareConfig(seed=1))
+    assert a != b
+    for assignment in (a, b):
+        assert set(assignment) == set(names)
+        counts = {s: sum(v == s for v in assignment.values()) for s in SPLIT_NAMES}
+        assert counts == {"train": 48, "val": 6, "test": 6}
+    few = split_documents(["a", "b", "c"], PrepareConfig(val_fraction=0.05, test_fraction=0.05))
+    assert sorted(few.values()) == ["test", "train", "val"]  # small sets still get a val and a test page
+    assert set(split_documents(["a", "b"], PrepareConfig()).values()) == {"train"}
+
+
+# -- LMDB contents -----------------------------------------------------------------------------------
+
+def test_crop_count_equals_usable_words(src, dropped):
+    out, report = dropped
+    items = _lmdb_items(out)
+    # every generated word is usable; the defect page adds the probe, the NFD word and the
+    # negative-coordinate box (empty, wholly outside and out-of-charset are dropped)
+    expected = _generated_words(src) + 3
+    assert len(items) == expected == sum(report["crops"].values())
+    assert {s: sum(i[0] == s for i in items) for s in SPLIT_NAMES} == report["crops"]
+
+
+def test_labels_are_nfc_and_out_of_charset_dropped(dropped):
+    out, _ = dropped
+    labels = [label for _, label, _ in _lmdb_items(out)]
+    assert NFC_WORD in labels
+    assert unicodedata.normalize("NFD", NFC_WORD) not in labels
+    assert all(label == unicodedata.normalize("NFC", label) for label in labels)
+    assert HANJA[0] not in labels and not any(KOREAN.missing(label) for label in labels)
+    assert OUTSIDE[0] not in labels
+    assert all(label.strip() == label and label for label in labels)
+
+
+def test_out_of_charset_kept_on_request(src, dropped, tmp_path):
+    out_drop, _ = dropped
+    report = _run(src, tmp_path / "keep", out_of_charset="keep")
+    labels = [label for _, label, _ in _lmdb_items(tmp_path / "keep")]
+    assert labels.count(HANJA[0]) == 1
+    assert len(labels) == len(_lmdb_items(out_drop)) + 1 == sum(report["crops"].values())
+    assert report["skipped"]["out_of_charset"]["count"] == 1  # still reported
+
+
+def test_crop_is_the_box_plus_margin(src, dropped):
+    out, _ = dropped
+    page_grey = np.asarray(Image.open(src / "defects.jpg").convert("L"))
+    crops = {label: image for _, label, image in _lmdb_items(out)}
+    for label, bbox in (PROBE, NEGATIVE):
+        x0, y0, x1, y1 = _crop_rect(bbox, 0.1, W, H)
+        assert crops[label].shape == (y1 - y0, x1 - x0), label
+        assert np.array_equal(crops[label], page_grey[y0:y1, x0:x1]), label  # PNG crops are lossless
+    assert crops[PROBE[0]].shape == (36, 86)  # 30 + 2*3 high, 80 + 2*3 wide
+    assert crops[NEGATIVE[0]].shape == (19, 57)  # clamped at the top-left corner
+
+
+def test_margin_is_configurable(src, tmp_path):
+    _run(src, tmp_path / "m0", crop_margin=0.0)
+    crops = {label: image for _, label, image in _lmdb_items(tmp_path / "m0")}
+    assert crops[PROBE[0]].shape == (30, 80)
+
+
+def test_missing_source_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no_such_dir"):
+        prepare_pages(tmp_path / "no_such_dir", tmp_path / "out", PrepareConfig(), progress=False)
+
+
+def test_aihub_tree_finds_images_in_the_mirrored_folder(src, tmp_path):
+    root = tmp_path / "aihub"
+    labels = root / "01.라벨링데이터(Json)" / "인.허가" / "5350109" / "1994"
+    images = root / "02.원천데이터(Jpg)" / "인.허가" / "5350109" / "1994"
+    labels.mkdir(parents=True)
+    images.mkdir(parents=True)
+    page = read_page(src / "page_00004.json")
+    page.image_name = "5350109-1994-0001-0001.jpg"
+    write_page(page, labels / "5350109-1994-0001-0001.json")
+    shutil.copy(src / "page_00004.jpg", images / page.image_name)
+    report = _run(root, tmp_path / "out")
+    assert report["pages_used"] == 1 and "image_missing" not in report["skipped"]
+    assert sum(report["crops"].values()) == len(page.words)
+
+
+# -- image loading -----------------------------------------------------------------------------------
+
+def test_load_grey_cmyk_jpeg(tmp_path):
+    rgb = np.zeros((30, 40, 3), np.uint8)
+    rgb[:, 20:] = 255
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(rgb, "RGB").convert("CMYK").save(path, format="JPEG", quality=95)
+    with Image.open(path) as im:
+        assert im.mode == "CMYK"
+    grey = load_grey(path)
+    assert grey.dtype == np.uint8 and grey.shape == (30, 40)
+    assert grey[:, :15].mean() < 40 and grey[:, 25:].mean() > 215
+
+
+def test_load_grey_16bit_png_uses_the_full_range(tmp_path):
+    ramp = np.tile(np.linspace(1000, 60000, 50).astype(np.uint16), (10, 1))
+    path = tmp_path / "deep.png"
+    Image.fromarray(ramp).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+    grey = load_grey(path)
+    assert grey.dtype == np.uint8 and grey.shape == (10, 50)
+    assert grey.min() == 0 and grey.max() == 255  # not clipped to white
+    assert np.all(np.diff(grey[0].astype(int)) >= 0) and len(np.unique(grey[0])) > 40
+
+
+def test_load_grey_palette_and_rgba(tmp_path):
+    rgb = np.zeros((8, 12, 3), np.uint8)
+    rgb[:, 6:] = (255, 255, 255)
+    Image.fromarray(rgb).convert("P").save(tmp_path / "p.png")
+    Image.fromarray(rgb).convert("RGBA").save(tmp_path / "a.png")
+    for name in ("p.png", "a.png"):
+        grey = load_grey(tmp_path / name)
+        assert grey.shape == (8, 12) and grey[:, :6].max() == 0 and grey[:, 6:].min() == 255
+
+
+def test_load_grey_applies_exif_rotation(tmp_path):
+    stored = np.full((20, 40), 255, np.uint8)  # 40 wide, 20 high as stored
+    stored[:5, :5] = 0  # mark the stored top-left corner
+    img = Image.fromarray(stored, "L")
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    path = tmp_path / "rotated.jpg"
+    img.save(path, format="JPEG", quality=100, exif=exif)
+    grey = load_grey(path)
+    assert grey.shape == (40, 20)  # transposed: now 20 wide, 40 high
+    assert grey[:5, -5:].mean() < 60  # the stored top-left is now top-right
+    assert grey[:5, :5].mean() > 200
+
+
+def test_corrupt_image_raises_for_the_stage_to_report(tmp_path):
+    path = tmp_path / "bad.jpg"
+    path.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF")
+    with pytest.raises((OSError, ValueError, SyntaxError)):
+        load_grey(path)
+
+
+@pytest.mark.xfail(strict=True, reason="known issue: pages are split before their images are decoded, so a "
+                   "corrupt page can take the only val/test slot of a small set and leave that split empty")
+def test_corrupt_page_does_not_empty_a_split(src, tmp_path):
+    root = tmp_path / "small"
+    root.mkdir()
+    for name in ("page_00000", "page_00001", "page_00002", "corrupt"):
+        for suffix in (".json", ".jpg"):
+            shutil.copy(src / (name + suffix), root / (name + suffix))
+    names = sorted(p.name for p in root.glob("*.json"))
+    # the first seed whose assignment sends the corrupt page to val or test
+    seed = next(s for s in range(100)
+                if split_documents(names, PrepareConfig(seed=s))["corrupt.json"] != "train")
+    report = _run(root, tmp_path / "out", seed=seed)
+    assert report["pages_used"] == 3 and "image_corrupt" in report["skipped"]
+    assert report["pages"]["val"] >= 1 and report["pages"]["test"] >= 1, report["pages"]
