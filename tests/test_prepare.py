@@ -315,8 +315,6 @@ def test_corrupt_image_raises_for_the_stage_to_report(tmp_path):
         load_grey(path)
 
 
-@pytest.mark.xfail(strict=True, reason="known issue: pages are split before their images are decoded, so a "
-                   "corrupt page can take the only val/test slot of a small set and leave that split empty")
 def test_corrupt_page_does_not_empty_a_split(src, tmp_path):
     root = tmp_path / "small"
     root.mkdir()

@@ -162,7 +162,9 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         report.add("stray_file", str(stray.relative_to(src)))
 
     pages: dict[str, tuple[Page, Path]] = {}
+    json_files = 0
     for json_path in iter_page_files(src):
+        json_files += 1
         rel = str(json_path.relative_to(src))
         try:
             page = read_page(json_path)
@@ -175,6 +177,12 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         image_path = find_image(json_path, page, src)
         if image_path is None:
             report.add("image_missing", rel)
+            continue
+        try:  # a cheap integrity check, so a broken image never takes a page's place in a split
+            with Image.open(image_path) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            report.add("image_corrupt", f"{image_path.relative_to(src)}: {type(exc).__name__}")
             continue
         pages[rel] = (page, image_path)
 
@@ -204,8 +212,7 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
 
     summary = {
         "source": str(src),
-        "pages_found": len(pages) + sum(report.counts.get(r, 0) for r in ("malformed_json", "bad_schema", "bad_encoding",
-                                                                  "unreadable_file", "image_missing")),
+        "pages_found": json_files,
         "pages_used": sum(len(v) for v in split_pages.values()),
         "pages": {split: len(split_pages[split]) for split in SPLITS},
         "crops": {split: writers[split].count for split in SPLITS},
