@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -152,9 +152,15 @@ def _write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
           metrics_file: str | os.PathLike = "metrics/train.json", plots_dir: str | os.PathLike = "plots/train",
-          progress: bool = True, log: bool = True) -> dict[str, Any]:
-    """Run the stage; with ``log`` every number also goes to the active MLflow run."""
-    import mlflow
+          progress: bool = True, log: bool = True,
+          on_validation: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Run the stage; with ``log`` every number also goes to the active MLflow run.
+
+    ``on_validation(step, scores)`` is called after each validation (scores: cer, word_accuracy,
+    norm_ed, loss); an exception it raises (e.g. ``optuna.TrialPruned``) stops training and propagates.
+    """
+    if log:
+        import mlflow
 
     _seed_everything(config.seed)
     device = pick_device(config.device)
@@ -209,6 +215,8 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
                 best = {"cer": cer, "step": step, **{f"val_{k}": v for k, v in scores.items()}}
                 save_checkpoint(out_dir / "model.pt", model, charset,
                                 meta={"step": step, "train_config": asdict(config), **transfer})
+            if on_validation is not None:
+                on_validation(step, scores)
     bar.close()
     elapsed = time.perf_counter() - started
     summary = {"steps": step, "best_step": best["step"], "best_val_cer": best["cer"],
