@@ -13,8 +13,13 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import warnings
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -27,6 +32,7 @@ class PromoteConfig:
     model_name: str = "ko-ocr-recognizer"
     metric: str = "e2e_f1"
     min_delta: float = 0.0
+    lock_url: str = ""                # PostgreSQL URL for the lock when tracking goes to a server
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "PromoteConfig":
@@ -41,6 +47,45 @@ class Candidate:
     run_id: str
     score: float
     eval_data_hash: str
+
+
+@contextlib.contextmanager
+def promotion_lock(model_name: str, lock_url: str = "") -> Iterator[None]:
+    """Serialise champion decisions for ``model_name`` across processes and machines.
+
+    MLflow has no compare-and-set on aliases, so two promotions that both read the old champion
+    would both win. The lock is a PostgreSQL advisory lock when ``lock_url`` (or the tracking URI)
+    is a PostgreSQL database, and an exclusive file lock beside the store for SQLite and file stores.
+    A tracking server without ``lock_url`` falls back to no lock, with a warning: run promotions
+    from one place (the retrain workflow's concurrency group does) or set ``promote.lock_url``.
+    """
+    uri = lock_url or mlflow.get_tracking_uri()
+    if uri.startswith("postgresql"):
+        import sqlalchemy
+
+        key = int.from_bytes(hashlib.sha1(model_name.encode()).digest()[:8], "big", signed=True)
+        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        engine.dispose()
+        return
+    if uri.startswith("sqlite:///") or uri.startswith("file:") or "://" not in uri:
+        store = uri.removeprefix("sqlite:///").removeprefix("file://")
+        lock_path = Path(store).with_name(Path(store).name + f".{model_name}.promote.lock")
+        with lock_path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    warnings.warn(f"promotion of {model_name} is not locked: set promote.lock_url to a PostgreSQL URL "
+                  "when several pipelines may promote at once", stacklevel=3)
+    yield
 
 
 def _champion(client: mlflow.MlflowClient, name: str):
@@ -62,6 +107,14 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
                                     tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
                                           "eval_data_hash": candidate.eval_data_hash}).version
     client.set_registered_model_alias(config.model_name, "challenger", version)
+    with promotion_lock(config.model_name, config.lock_url):
+        return _decide(client, config, candidate, version, rescore)
+
+
+def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candidate, version: str,
+            rescore: Callable[[str], float]) -> dict[str, Any]:
+    """Compare with the champion and move the alias; runs under the promotion lock."""
+    metric = config.metric
     champion = _champion(client, config.model_name)
     decision: dict[str, Any] = {"model_name": config.model_name, "candidate_version": int(version),
                                 f"candidate_{metric}": candidate.score, "eval_data_hash": candidate.eval_data_hash,

@@ -76,3 +76,80 @@ def test_logged_model_reads_pages_from_its_uri(logged_uris, sample_pages, monkey
     page = pages[0]
     assert page["images"][0]["image.file.name"] == image.name
     assert page["annotations"] and all(len(a["annotation.bbox"]) == 4 for a in page["annotations"])
+
+
+RACER = """
+import json, sys, time
+from evaluation.promote import Candidate, PromoteConfig, promote
+from kocr.tracking import configure_tracking
+
+configure_tracking()
+uri, run_id = sys.argv[1], sys.argv[2]
+
+def slow_rescore(champion_uri):  # re-scoring a champion takes a while: the window two racers share
+    time.sleep(3)
+    return 0.40
+
+decision = promote(Candidate(uri, run_id, 0.60, "set-new"), PromoteConfig(model_name="race"), slow_rescore)
+print(json.dumps(decision))
+"""
+
+
+def test_two_racing_promotions_cannot_both_win(logged_uris, monkeypatch, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    first = promote(_candidate(uris[0], 0.40, data_hash="set-old"), PromoteConfig(model_name="race"), _no_rescore)
+    assert first["promoted"]
+    script = tmp_path / "racer.py"
+    script.write_text(RACER, encoding="utf-8")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    racers = [subprocess.Popen([sys.executable, str(script), *uris[i]], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+    decisions = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=120)
+        assert racer.returncode == 0, err[-2000:]
+        decisions.append(json.loads(out.strip().splitlines()[-1]))
+    # both beat the old champion (0.60 vs 0.40 re-scored), but only the first to decide may win;
+    # the second then finds a champion scored 0.60 on the same set and does not beat it
+    assert sorted(d["promoted"] for d in decisions) == [False, True]
+    winner = next(d for d in decisions if d["promoted"])
+    client = mlflow.MlflowClient()
+    assert int(client.get_model_version_by_alias("race", "champion").version) == winner["candidate_version"]
+
+
+def test_postgres_advisory_lock_excludes_a_second_holder():
+    import threading
+    import time
+
+    from evaluation.promote import promotion_lock
+
+    psycopg2 = pytest.importorskip("psycopg2")
+    url = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
+    try:
+        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres").close()
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unreachable: {exc}")
+    events = []
+
+    def holder(name: str, hold: float) -> None:
+        with promotion_lock("pg-lock-test", url):
+            events.append((name, "in", time.monotonic()))
+            time.sleep(hold)
+            events.append((name, "out", time.monotonic()))
+
+    first = threading.Thread(target=holder, args=("a", 1.5))
+    first.start()
+    time.sleep(0.5)
+    second = threading.Thread(target=holder, args=("b", 0.0))
+    second.start()
+    first.join()
+    second.join()
+    order = [(n, e) for n, e, _ in events]
+    assert order == [("a", "in"), ("a", "out"), ("b", "in"), ("b", "out")]
