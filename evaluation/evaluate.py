@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from evaluation.metrics import e2e_scores, recognition_scores, score_page
+from evaluation.analysis import breakdown
+from evaluation.drawing import draw_comparison
+from evaluation.metrics import PageScore, e2e_scores, recognition_scores, score_page
 from evaluation.reader import Detector, DetectorSettings, Recognition, load_image, results_to_page
 from training.checkpoint import LoadedRecognizer, load_recognizer
 from training.data.pages import Page, crop_box, nfc, read_page, write_page
@@ -74,15 +77,30 @@ def _gt_boxes(page: Page, grey_shape: tuple[int, int], margin: float) -> tuple[l
     return boxes, texts
 
 
+@dataclass
+class ModelEvaluation:
+    """One model's scores on the evaluation set, its error analysis and its worst pages."""
+
+    metrics: dict[str, float]
+    analysis: dict[str, Any]
+    worst: list[tuple[str, float]] = field(default_factory=list)  # (page name, page F1), worst first
+    pictures: list[Path] = field(default_factory=list)
+
+
 def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalPage],
                     pred_dir: str | os.PathLike, settings: DetectorSettings = DetectorSettings(),
                     device: str = "cpu", iou_threshold: float = 0.5, progress: bool = True,
-                    detector: Detector | None = None) -> dict[str, dict[str, float]]:
-    """Score every model on ``pages``; writes predictions under ``pred_dir/<model>/``."""
+                    detector: Detector | None = None, pictures_dir: str | os.PathLike | None = None,
+                    worst_pages: int = 3) -> dict[str, ModelEvaluation]:
+    """Score every model on ``pages``; writes predictions under ``pred_dir/<model>/``.
+
+    With ``pictures_dir``, the ``worst_pages`` lowest-F1 pages of each model are drawn there.
+    """
     detector = detector or Detector(settings, device)
     readers = {label: Recognition(m if isinstance(m, LoadedRecognizer) else load_recognizer(m, device),
                                   settings, device) for label, m in models.items()}
-    page_scores: dict[str, list] = {label: [] for label in readers}
+    page_scores: dict[str, list[PageScore]] = {label: [] for label in readers}
+    predictions: dict[str, list[Page]] = {label: [] for label in readers}
     crop_texts: dict[str, tuple[list[str], list[str]]] = {label: ([], []) for label in readers}
     for item in tqdm(pages, desc="evaluate", unit="page", disable=not progress):
         rgb, grey = load_image(item.image)
@@ -91,14 +109,25 @@ def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalP
         for label, reader in readers.items():
             pred = results_to_page(item.page.image_name, grey, reader.read_boxes(grey, horizontal, free))
             write_page(pred, Path(pred_dir) / label / item.name)
+            predictions[label].append(pred)
             page_scores[label].append(score_page(item.page, pred, iou_threshold))
             crop_preds = [text for _, text, _ in reader.read_boxes(grey, gt_boxes, [])]
             crop_texts[label][0].extend(gt_texts)
             crop_texts[label][1].extend(crop_preds)
     results = {}
+    gt_pages = [item.page for item in pages]
     for label in readers:
         crops = recognition_scores(*crop_texts[label])
-        results[label] = {**e2e_scores(page_scores[label]),
-                          "cer": crops["cer"], "word_accuracy": crops["word_accuracy"],
-                          "norm_ed": crops["norm_ed"], "crops": crops["n"]}
+        metrics = {**e2e_scores(page_scores[label]), "cer": crops["cer"],
+                   "word_accuracy": crops["word_accuracy"], "norm_ed": crops["norm_ed"], "crops": crops["n"]}
+        ranked = sorted(((item.name, score.f1, i) for i, (item, score) in enumerate(zip(pages, page_scores[label]))
+                         if score.n_gt), key=lambda x: (x[1], x[0]))[:worst_pages]
+        evaluation = ModelEvaluation(metrics, breakdown(gt_pages, predictions[label], page_scores[label]),
+                                     [(name, f1) for name, f1, _ in ranked])
+        if pictures_dir is not None:
+            for rank, (name, f1, i) in enumerate(ranked, start=1):
+                out = Path(pictures_dir) / label / f"{rank:02d}_{Path(name).stem}.png"
+                evaluation.pictures.append(draw_comparison(pages[i].image, pages[i].page, predictions[label][i],
+                                                           f"{label}: page F1 {f1:.3f}", out))
+        results[label] = evaluation
     return results

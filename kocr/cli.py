@@ -126,16 +126,38 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     with stage_run("evaluate", {"evaluate": cfg, "detector": params.get("detector", {})}):
         log_dataset(args.source, context="evaluation")
         data_hash = eval_set_hash(pages)
-        results = evaluate_models(models, pages, args.predictions, _settings(params),
-                                  iou_threshold=cfg.get("iou_threshold", 0.5))
-        for label, scores in results.items():
-            mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in scores.items()})
+        evaluated = evaluate_models(models, pages, args.predictions, _settings(params),
+                                    iou_threshold=cfg.get("iou_threshold", 0.5), pictures_dir=args.pictures,
+                                    worst_pages=cfg.get("worst_pages", 3))
+        results = {label: e.metrics for label, e in evaluated.items()}
+        for label, evaluation in evaluated.items():
+            mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in evaluation.metrics.items()})
+            mlflow.log_dict(evaluation.analysis, f"analysis/{label}.json")
+            for picture in evaluation.pictures:
+                mlflow.log_artifact(str(picture), f"worst_pages/{label}")
         mlflow.set_tag("eval_data_hash", data_hash)
+        report = evaluation_report(evaluated, len(pages), data_hash)
+        mlflow.log_text(report, "evaluate.md")
     _dump({**results, "eval_data_hash": data_hash, "pages": len(pages)}, args.metrics)
-    table = markdown_table(results)
-    Path(args.metrics).with_suffix(".md").write_text(
-        f"Evaluation on {len(pages)} held-out pages (set {data_hash[:12]}):\n\n{table}\n", encoding="utf-8")
-    print(table)
+    _dump({label: e.analysis for label, e in evaluated.items()}, Path(args.metrics).with_name("evaluate_analysis.json"))
+    Path(args.metrics).with_suffix(".md").write_text(report, encoding="utf-8")
+    print(report)
+
+
+def evaluation_report(evaluated: dict, pages: int, data_hash: str) -> str:
+    """The Markdown report: metrics side by side, then each model's breakdown and confusions."""
+    lines = [f"Evaluation on {pages} held-out pages (set {data_hash[:12]}):", "",
+             markdown_table({label: e.metrics for label, e in evaluated.items()}), ""]
+    for label, evaluation in evaluated.items():
+        a = evaluation.analysis
+        kinds = ", ".join(f"{k} {v:.3f} ({a['kind_words'][k]})" for k, v in a["kind_score"].items())
+        cats = ", ".join(f"{c} {v:.3f}" for c, v in a["category_f1"].items())
+        det = a["detection"]
+        top = ", ".join(f"{c['gt']}→{c['pred']} ×{c['count']}" for c in a["confusions"][:8]) or "none"
+        lines += [f"**{label}**: word score by kind: {kinds}; page F1 by category: {cats}; "
+                  f"detection: {det['split']} split, {det['merged']} merged, {det['missed']} missed; "
+                  f"top confusions: {top}", ""]
+    return "\n".join(lines)
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
@@ -164,7 +186,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
     def rescore(uri: str) -> float:
         pages = test_pages(args.source, args.splits, params.get("evaluate", {}).get("split", "test"))
         scores = evaluate_models({"champion": uri}, pages, Path(args.work) / "champion", _settings(params))
-        return scores["champion"][config.metric]
+        return scores["champion"].metrics[config.metric]
 
     with stage_run("promote", {"promote": params.get("promote", {})}):
         decision = promote(candidate, config, rescore)
@@ -235,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidate", required=True)
     p.add_argument("--predictions", required=True)
     p.add_argument("--metrics", default="metrics/evaluate.json")
+    p.add_argument("--pictures", default="outputs/worst_pages", help="where the worst pages are drawn")
 
     p = add("promote", cmd_promote, "register the candidate and move the champion alias on merit")
     p.add_argument("--candidate", required=True, help="train's output folder (holds mlflow.json)")

@@ -1,0 +1,108 @@
+"""Where a model goes wrong: breakdowns by category and text kind, detection failures, confusions.
+
+Example:
+    >>> text_kind("서울"), text_kind("2024.03.15"), text_kind("No.12"), text_kind("제2호")
+    ('hangul', 'digits', 'latin', 'mixed')
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections import Counter, defaultdict
+from typing import Any
+
+from rapidfuzz.distance import Levenshtein
+
+from evaluation.metrics import PageScore
+from training.data.pages import Page, Word, nfc
+
+TEXT_KINDS = ("hangul", "digits", "latin", "mixed", "other")
+
+
+def text_kind(text: str) -> str:
+    """``hangul``, ``digits`` or ``latin`` when one script carries the word (punctuation aside), else ``mixed``."""
+    scripts = set()
+    for char in nfc(text):
+        if "\uac00" <= char <= "\ud7a3" or "\u1100" <= char <= "\u11ff" or "\u3130" <= char <= "\u318f":
+            scripts.add("hangul")
+        elif char.isdigit():
+            scripts.add("digits")
+        elif char.isascii() and char.isalpha():
+            scripts.add("latin")
+        elif unicodedata.category(char)[0] == "L":
+            scripts.add("other")
+    if not scripts:
+        return "other"
+    return scripts.pop() if len(scripts) == 1 else "mixed"
+
+
+def _area(box: tuple[float, float, float, float]) -> float:
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def _intersection(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    return _area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+
+
+def detection_failures(gt: list[Word], pred: list[Word], inside: float = 0.5) -> dict[str, int]:
+    """Counts of ground-truth words that were ``split``, ``merged`` or ``missed`` by the detector.
+
+    - split: two or more predictions each lie at least ``inside`` within the word;
+    - merged: one prediction holds at least ``inside`` of this word and of another word too;
+    - missed: no prediction overlaps the word at all.
+    """
+    words = [w for w in gt if nfc(w.text)]
+    counts = Counter(split=0, merged=0, missed=0)
+    merged: set[int] = set()
+    for p in pred:
+        held = [i for i, w in enumerate(words)
+                if _intersection(w.corners, p.corners) >= inside * max(_area(w.corners), 1e-9)]
+        if len(held) >= 2:
+            merged.update(held)
+    for i, word in enumerate(words):
+        overlaps = [p for p in pred if _intersection(word.corners, p.corners) > 0]
+        if not overlaps:
+            counts["missed"] += 1
+        elif sum(_intersection(word.corners, p.corners) >= inside * max(_area(p.corners), 1e-9)
+                 for p in overlaps) >= 2:
+            counts["split"] += 1
+    counts["merged"] = len(merged)
+    return dict(counts)
+
+
+def confusions(pairs: list[tuple[str, str]], top: int = 15) -> list[tuple[str, str, int]]:
+    """Most frequent (ground truth, predicted) character substitutions over matched word pairs."""
+    counter: Counter[tuple[str, str]] = Counter()
+    for gt, pred in pairs:
+        gt, pred = nfc(gt), nfc(pred)
+        for op in Levenshtein.editops(gt, pred):
+            if op.tag == "replace":
+                counter[(gt[op.src_pos], pred[op.dest_pos])] += 1
+    return [(a, b, n) for (a, b), n in counter.most_common(top)]
+
+
+def breakdown(gt_pages: list[Page], pred_pages: list[Page], scores: list[PageScore]) -> dict[str, Any]:
+    """Per-category page F1, per-text-kind word score, detection failures and top confusions."""
+    by_category: dict[str, list[float]] = defaultdict(list)
+    kind_total: Counter[str] = Counter()
+    kind_score: defaultdict[str, float] = defaultdict(float)
+    failures: Counter[str] = Counter()
+    matched_text: list[tuple[str, str]] = []
+    for gt, pred, score in zip(gt_pages, pred_pages, scores):
+        if score.n_gt:
+            by_category[gt.category or "(none)"].append(score.f1)
+        failures.update(detection_failures(gt.words, pred.words))
+        for word in gt.words:
+            if nfc(word.text):
+                kind_total[text_kind(word.text)] += 1
+        for gi, pi, value in score.pairs:
+            kind_score[text_kind(gt.words[gi].text)] += value
+            matched_text.append((gt.words[gi].text, pred.words[pi].text))
+    return {
+        "category_f1": {c: sum(v) / len(v) for c, v in sorted(by_category.items())},
+        "category_pages": {c: len(v) for c, v in sorted(by_category.items())},
+        "kind_score": {k: kind_score[k] / kind_total[k] for k in TEXT_KINDS if kind_total[k]},
+        "kind_words": {k: kind_total[k] for k in TEXT_KINDS if kind_total[k]},
+        "detection": {k: failures.get(k, 0) for k in ("split", "merged", "missed")},
+        "confusions": [{"gt": a, "pred": b, "count": n} for a, b, n in confusions(matched_text)],
+    }

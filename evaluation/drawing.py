@@ -1,0 +1,63 @@
+"""Pictures people look at: a page with ground truth (left) and a model's reading (right).
+
+Example:
+    >>> draw_comparison("p.jpg", gt_page, pred_page, "candidate F1 0.31", "worst.png")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+from training.data.pages import Page
+
+GT_COLOUR, PRED_COLOUR = (0, 150, 60), (210, 30, 30)
+
+
+@functools.lru_cache(maxsize=4)
+def _font(size: int) -> ImageFont.ImageFont:
+    try:
+        from training.data.fonts import find_fonts, load_font
+
+        return load_font(find_fonts(["NanumGothic.ttf", "NotoSansCJK-Regular.ttc"])[0], size)
+    except (ValueError, OSError):  # no Korean font installed: labels still drawn, Hangul as boxes
+        return ImageFont.load_default(size)
+
+
+def _panel(image: Image.Image, page: Page, colour: tuple[int, int, int], heading: str) -> Image.Image:
+    panel = image.convert("RGB").copy()
+    draw = ImageDraw.Draw(panel)
+    size = max(12, panel.height // 45)
+    font = _font(size)
+    for word in page.words:
+        x0, y0, x1, y1 = word.corners
+        draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
+        label = word.text if word.score is None else f"{word.text} ({word.score:.2f})"
+        ty = y0 - size - 2 if y0 - size - 2 >= 0 else y1 + 2
+        box = draw.textbbox((x0, ty), label, font=font)
+        draw.rectangle(box, fill=(255, 255, 255))
+        draw.text((x0, ty), label, fill=colour, font=font)
+    header = Image.new("RGB", (panel.width, size * 2), (245, 245, 245))
+    ImageDraw.Draw(header).text((8, size // 2), heading, fill=colour, font=font)
+    out = Image.new("RGB", (panel.width, panel.height + header.height), (255, 255, 255))
+    out.paste(header, (0, 0))
+    out.paste(panel, (0, header.height))
+    return out
+
+
+def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: str,
+                    out: str | os.PathLike) -> Path:
+    """Write a PNG with the ground truth and the prediction side by side; returns its path."""
+    with Image.open(image_path) as image:
+        left = _panel(image, gt, GT_COLOUR, f"ground truth ({len(gt.words)} words)")
+        right = _panel(image, pred, PRED_COLOUR, title)
+    canvas = Image.new("RGB", (left.width + right.width + 10, max(left.height, right.height)), (255, 255, 255))
+    canvas.paste(left, (0, 0))
+    canvas.paste(right, (left.width + 10, 0))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out

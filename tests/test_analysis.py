@@ -1,0 +1,66 @@
+"""Error analysis: text kinds, detection failures, confusions, breakdowns, and the worst-page picture."""
+
+from __future__ import annotations
+
+import unicodedata
+
+from PIL import Image
+
+from evaluation.analysis import breakdown, confusions, detection_failures, text_kind
+from evaluation.drawing import draw_comparison
+from evaluation.metrics import score_page
+from training.data.pages import Page, Word
+
+
+def test_text_kind_by_script():
+    assert text_kind("서울") == "hangul"
+    assert text_kind(unicodedata.normalize("NFD", "서울")) == "hangul"
+    assert text_kind("1,250") == "digits"
+    assert text_kind("OCR") == "latin"
+    assert text_kind("제2024-153호") == "mixed"
+    assert text_kind("(주)") == "hangul"  # punctuation does not make a word mixed
+    assert text_kind("---") == "other"
+
+
+def test_detection_failures_split_merged_missed():
+    gt = [Word((0, 0, 100, 20), "서울특별시"), Word((110, 0, 40, 20), "평양"), Word((160, 0, 40, 20), "부산"),
+          Word((0, 50, 60, 20), "대구"), Word((300, 300, 10, 10), "")]
+    pred = [Word((0, 0, 45, 20), "서울"), Word((55, 0, 45, 20), "특별시"),   # the first word in two pieces
+            Word((108, 0, 94, 20), "평양 부산")]                              # two words in one box
+    # 대구 has no overlapping prediction; the empty-text box is ignored
+    assert detection_failures(gt, pred) == {"split": 1, "merged": 2, "missed": 1}
+
+
+def test_confusions_count_substitutions_only():
+    pairs = [("서울", "서을"), ("서울시", "서을시"), ("평양", "평양역")]
+    assert confusions(pairs) == [("울", "을", 2)]
+
+
+def test_breakdown_by_category_and_kind():
+    gt_a = Page("a.jpg", 300, 100, [Word((0, 0, 50, 20), "서울"), Word((60, 0, 50, 20), "2024")], "민원")
+    gt_b = Page("b.jpg", 300, 100, [Word((0, 0, 50, 20), "평양")], "행정")
+    pred_a = Page("a.jpg", 300, 100, [Word((0, 0, 50, 20), "서울"), Word((60, 0, 50, 20), "2025")])
+    pred_b = Page("b.jpg", 300, 100, [])
+    scores = [score_page(gt_a, pred_a), score_page(gt_b, pred_b)]
+    result = breakdown([gt_a, gt_b], [pred_a, pred_b], scores)
+    # page a: scores 1 + (1 - 1/4) = 1.75 over 2 gt and 2 pred -> F1 0.875; page b: nothing predicted -> 0
+    assert result["category_f1"] == {"민원": 0.875, "행정": 0.0}
+    # hangul: 서울 scored 1, 평양 0, over 2 words; digits: 0.75 over 1
+    assert result["kind_score"] == {"hangul": 0.5, "digits": 0.75}
+    assert result["detection"]["missed"] == 1
+    assert result["confusions"] == [{"gt": "4", "pred": "5", "count": 1}]
+
+
+def test_worst_page_picture_shows_both_sides(tmp_path):
+    image = tmp_path / "p.png"
+    Image.new("RGB", (200, 100), (250, 250, 250)).save(image)
+    gt = Page("p.png", 200, 100, [Word((10, 40, 60, 20), "서울")])
+    pred = Page("p.png", 200, 100, [Word((12, 40, 60, 20), "서을", 0.4)])
+    out = draw_comparison(image, gt, pred, "candidate: page F1 0.500", tmp_path / "out" / "w.png")
+    with Image.open(out) as picture:
+        assert picture.width == 2 * 200 + 10 and picture.height > 100
+        pixels = picture.convert("RGB").load()
+        # a green ground-truth edge on the left panel, a red prediction edge on the right panel
+        header = picture.height - 100
+        assert pixels[10, header + 50][1] > 100 and pixels[10, header + 50][0] < 100
+        assert pixels[210 + 12, header + 50][0] > 150 and pixels[210 + 12, header + 50][1] < 100

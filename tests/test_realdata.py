@@ -1,0 +1,51 @@
+"""The evaluation path on real photos and scans from ../shared/realdata (smoke: any score, real images)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from evaluation.evaluate import EvalPage, evaluate_models
+from evaluation.reader import Recognition, load_image
+from tests.conftest import realdata
+from training.checkpoint import load_recognizer
+from training.data.pages import Page, Word
+
+
+def _easyocr_gt_page() -> EvalPage:
+    gt_file = realdata("easyocr", "gt.json")
+    entry = json.loads(gt_file.read_text(encoding="utf-8"))["korean.png"]
+    words = []
+    for word in entry["words"]:
+        xs, ys = [p[0] for p in word["points"]], [p[1] for p in word["points"]]
+        words.append(Word((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)), word["transcription"]))
+    page = Page("korean.png", entry["img_w"], entry["img_h"], words)
+    return EvalPage("korean.json", page, gt_file.with_name("korean.png"))
+
+
+def test_end_to_end_on_a_real_road_sign(hangul_checkpoint, tmp_path):
+    item = _easyocr_gt_page()
+    evaluated = evaluate_models({"base": "english_g2", "candidate": str(hangul_checkpoint)}, [item],
+                                tmp_path / "pred", progress=False, pictures_dir=tmp_path / "worst")
+    base = evaluated["base"]
+    assert base.metrics["pages"] == 1 and base.metrics["gt_words"] == 6
+    # english_g2 reads the Latin words of the sign: it must score on some of them
+    assert base.metrics["e2e_recall"] > 0 and base.analysis["kind_score"]["latin"] > 0
+    assert (tmp_path / "pred" / "candidate" / "korean.json").is_file()
+    assert len(base.pictures) == 1 and base.pictures[0].stat().st_size > 0
+
+
+@pytest.mark.parametrize("folder,labels", [("greengarnets_crops", "labels.tsv"), ("paddleocr", "words.tsv")])
+def test_recognition_on_real_word_crops(folder, labels):
+    table = realdata(folder, labels)
+    reader = Recognition(load_recognizer("english_g2"))
+    with table.open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert rows
+    for row in rows:
+        _, grey = load_image(table.with_name(row["image"]))
+        height, width = grey.shape
+        (box, text, confidence), = reader.read_boxes(grey, [[0, width, 0, height]], [])
+        assert isinstance(text, str) and 0.0 <= confidence <= 1.0
