@@ -7,9 +7,9 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test install fonts repro lint clean
+.PHONY: demo test install system-deps repro lint clean
 
-demo: install fonts repro
+demo: install system-deps repro
 
 install: $(VENV)/.installed
 
@@ -21,8 +21,8 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
 	touch $@
 
-fonts:
-	scripts/install_fonts.sh
+system-deps:
+	scripts/install_system_deps.sh
 
 repro:
 	dvc repro
@@ -35,7 +35,7 @@ repro:
 	@echo "MLflow UI:          $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --port 5000"
 	@echo "EasyOCR bundle:     models/easyocr/ (see models/easyocr/README.md)"
 
-test: install fonts
+test: install system-deps
 	$(BIN)/python -m pytest -q
 
 lint:

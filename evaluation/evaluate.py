@@ -19,12 +19,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from evaluation.analysis import breakdown
+from evaluation.cleval_metric import CLEvalAccumulator
 from evaluation.drawing import draw_comparison
 from evaluation.metrics import PageScore, e2e_scores, recognition_scores, score_page
-from evaluation.reader import Detector, DetectorSettings, Recognition, load_image, results_to_page
+from evaluation.reader import (
+    Boxes,
+    Detector,
+    DetectorSettings,
+    Recognition,
+    load_image,
+    results_to_page,
+)
+from evaluation.tesseract import (
+    read_crop_tesseract,
+    read_page_tesseract,
+    tesseract_available,
+)
 from training.checkpoint import LoadedRecognizer, load_recognizer
 from training.data.pages import Page, crop_box, nfc, read_page, write_page
 from training.data.prepare import find_image
@@ -87,39 +101,81 @@ class ModelEvaluation:
     pictures: list[Path] = field(default_factory=list)
 
 
+class RecognizerEngine:
+    """A platform recogniser reading the shared CRAFT boxes, the EasyOCR way."""
+
+    needs_detection = True
+
+    def __init__(self, recognition: Recognition) -> None:
+        self.recognition = recognition
+
+    def read_page(self, item: EvalPage, grey: np.ndarray, detections: Boxes) -> Page:
+        return results_to_page(item.page.image_name, grey, self.recognition.read_boxes(grey, *detections))
+
+    def read_crops(self, grey: np.ndarray, boxes: list[list[int]]) -> list[str]:
+        return [text for _, text, _ in self.recognition.read_boxes(grey, boxes, [])]
+
+
+class TesseractEngine:
+    """Tesseract 5 with its own layout analysis, on the same pages and crops."""
+
+    needs_detection = False
+
+    def read_page(self, item: EvalPage, grey: np.ndarray, detections: Boxes) -> Page:
+        page = read_page_tesseract(item.image)
+        page.image_name = item.page.image_name
+        return page
+
+    def read_crops(self, grey: np.ndarray, boxes: list[list[int]]) -> list[str]:
+        return [read_crop_tesseract(grey[y0:y1, x0:x1]) for x0, x1, y0, y1 in boxes]
+
+
+def make_engine(model: str | LoadedRecognizer, settings: DetectorSettings, device: str):
+    """``tesseract`` -> TesseractEngine; any recogniser spec or loaded model -> RecognizerEngine."""
+    if isinstance(model, str) and model == "tesseract":
+        if not tesseract_available():
+            raise RuntimeError("tesseract with kor+eng is not installed (apt-get install tesseract-ocr tesseract-ocr-kor)")
+        return TesseractEngine()
+    loaded = model if isinstance(model, LoadedRecognizer) else load_recognizer(model, device)
+    return RecognizerEngine(Recognition(loaded, settings, device))
+
+
 def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalPage],
                     pred_dir: str | os.PathLike, settings: DetectorSettings = DetectorSettings(),
                     device: str = "cpu", iou_threshold: float = 0.5, progress: bool = True,
                     detector: Detector | None = None, pictures_dir: str | os.PathLike | None = None,
                     worst_pages: int = 3) -> dict[str, ModelEvaluation]:
-    """Score every model on ``pages``; writes predictions under ``pred_dir/<model>/``.
+    """Score every model (a recogniser spec, a loaded recogniser or ``tesseract``) on ``pages``.
 
-    With ``pictures_dir``, the ``worst_pages`` lowest-F1 pages of each model are drawn there.
+    Predictions go to ``pred_dir/<model>/``. CRAFT runs once per page and every recogniser reads the
+    same boxes. With ``pictures_dir``, each model's ``worst_pages`` lowest-F1 pages are drawn there.
     """
-    detector = detector or Detector(settings, device)
-    readers = {label: Recognition(m if isinstance(m, LoadedRecognizer) else load_recognizer(m, device),
-                                  settings, device) for label, m in models.items()}
-    page_scores: dict[str, list[PageScore]] = {label: [] for label in readers}
-    predictions: dict[str, list[Page]] = {label: [] for label in readers}
-    crop_texts: dict[str, tuple[list[str], list[str]]] = {label: ([], []) for label in readers}
+    engines = {label: make_engine(m, settings, device) for label, m in models.items()}
+    if detector is None and any(e.needs_detection for e in engines.values()):
+        detector = Detector(settings, device)
+    page_scores: dict[str, list[PageScore]] = {label: [] for label in engines}
+    clevals = {label: CLEvalAccumulator() for label in engines}
+    predictions: dict[str, list[Page]] = {label: [] for label in engines}
+    crop_texts: dict[str, tuple[list[str], list[str]]] = {label: ([], []) for label in engines}
     for item in tqdm(pages, desc="evaluate", unit="page", disable=not progress):
         rgb, grey = load_image(item.image)
-        horizontal, free = detector.detect(rgb)
+        detections = detector.detect(rgb) if detector is not None else ([], [])
         gt_boxes, gt_texts = _gt_boxes(item.page, grey.shape, settings.add_margin)
-        for label, reader in readers.items():
-            pred = results_to_page(item.page.image_name, grey, reader.read_boxes(grey, horizontal, free))
+        for label, engine in engines.items():
+            pred = engine.read_page(item, grey, detections)
             write_page(pred, Path(pred_dir) / label / item.name)
             predictions[label].append(pred)
             page_scores[label].append(score_page(item.page, pred, iou_threshold))
-            crop_preds = [text for _, text, _ in reader.read_boxes(grey, gt_boxes, [])]
+            clevals[label].update(item.page, pred)
             crop_texts[label][0].extend(gt_texts)
-            crop_texts[label][1].extend(crop_preds)
+            crop_texts[label][1].extend(engine.read_crops(grey, gt_boxes))
     results = {}
     gt_pages = [item.page for item in pages]
-    for label in readers:
+    for label in engines:
         crops = recognition_scores(*crop_texts[label])
         metrics = {**e2e_scores(page_scores[label]), "cer": crops["cer"],
-                   "word_accuracy": crops["word_accuracy"], "norm_ed": crops["norm_ed"], "crops": crops["n"]}
+                   "word_accuracy": crops["word_accuracy"], "norm_ed": crops["norm_ed"], "crops": crops["n"],
+                   **clevals[label].compute()}
         ranked = sorted(((item.name, score.f1, i) for i, (item, score) in enumerate(zip(pages, page_scores[label]))
                          if score.n_gt), key=lambda x: (x[1], x[0]))[:worst_pages]
         evaluation = ModelEvaluation(metrics, breakdown(gt_pages, predictions[label], page_scores[label]),

@@ -86,6 +86,24 @@ def cmd_train(args: argparse.Namespace) -> None:
           f"{summary['images_per_second']} images/s; model {args.out}/model.pt")
 
 
+def cmd_tune(args: argparse.Namespace) -> None:
+    from kocr.tracking import log_dataset, stage_run
+    from training.tune import TuneConfig, TuneError, run_tune
+
+    params = load_params()
+    try:
+        config = TuneConfig.from_params(params.get("tune", {})).with_overrides(
+            storage=args.storage, study_name=args.study, n_trials=args.n_trials, timeout_s=args.timeout)
+        with stage_run("tune", {k: params.get(k, {}) for k in ("tune", "train", "model")}, experiment="ko-ocr/tune"):
+            for split in ("train", "val"):
+                log_dataset(Path(args.data) / split, context=split)
+            best = run_tune(config, params, args.data, args.out)
+    except TuneError as exc:
+        raise SystemExit(f"kocr tune: error: {exc}") from None
+    print(f"tune: study {best['study']}: best {best['metric']} {best['value']:.4f} (trial {best['trial']}); "
+          f"trials {best['trials']}; this worker ran {best['ran']}; {args.out}/best_params.yaml: {best['train']}")
+
+
 def _log_loss_plot(plots_dir: Path) -> None:
     import csv
 
@@ -115,6 +133,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     import mlflow
 
     from evaluation.evaluate import eval_set_hash, evaluate_models, test_pages
+    from evaluation.tesseract import tesseract_available
     from kocr.tracking import log_dataset, stage_run
 
     params = load_params()
@@ -124,6 +143,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise SystemExit(f"kocr evaluate: no pages in split {cfg.get('split', 'test')!r} of {args.splits}")
     models = {"base": params.get("train", {}).get("base", "english_g2"), "candidate": args.candidate}
     with stage_run("evaluate", {"evaluate": cfg, "detector": params.get("detector", {})}):
+        champion = _champion_uri(params.get("promote", {}).get("model_name", "ko-ocr-recognizer"))
+        if champion:
+            models["champion"] = champion
+        for baseline in cfg.get("baselines", []):
+            if baseline == "tesseract" and not tesseract_available():
+                print("kocr evaluate: tesseract (kor+eng) not installed; its baseline row is left out", file=sys.stderr)
+                continue
+            models[baseline] = baseline
         log_dataset(args.source, context="evaluation")
         data_hash = eval_set_hash(pages)
         evaluated = evaluate_models(models, pages, args.predictions, _settings(params),
@@ -144,6 +171,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(report)
 
 
+def _champion_uri(model_name: str) -> str | None:
+    """``models:/NAME@champion`` when the registry has a champion, else None."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None
+    return f"models:/{model_name}@champion"
+
+
 def evaluation_report(evaluated: dict, pages: int, data_hash: str) -> str:
     """The Markdown report: metrics side by side, then each model's breakdown and confusions."""
     lines = [f"Evaluation on {pages} held-out pages (set {data_hash[:12]}):", "",
@@ -162,7 +201,8 @@ def evaluation_report(evaluated: dict, pages: int, data_hash: str) -> str:
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
     """Models side by side as a Markdown table of the headline metrics."""
-    keys = ["e2e_f1", "e2e_precision", "e2e_recall", "e2e_f1_micro", "cer", "word_accuracy", "norm_ed"]
+    keys = ["e2e_f1", "e2e_precision", "e2e_recall", "e2e_f1_micro", "cleval_e2e_f1", "cleval_det_f1",
+            "cer", "word_accuracy", "norm_ed"]
     lines = ["| model | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for label, scores in results.items():
         lines.append(f"| {label} | " + " | ".join(f"{scores[k]:.4f}" for k in keys) + " |")
@@ -250,6 +290,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", default="metrics/train.json")
     p.add_argument("--plots", default="plots/train")
+
+    p = add("tune", cmd_tune, "search train: knobs with Optuna (tune: in params.yaml); one worker of a study")
+    p.add_argument("--data", required=True, help="folder with train/ and val/ LMDB sets")
+    p.add_argument("--out", default="tuning", help="best_params.yaml (and the embedded optuna.db) go here")
+    p.add_argument("--storage", help="postgresql+psycopg2://… to join workers on other machines (tune.storage)")
+    p.add_argument("--study", help="study name; workers with the same storage and name share it (tune.study_name)")
+    p.add_argument("--n-trials", type=int, help="study-wide budget of finished trials (tune.n_trials)")
+    p.add_argument("--timeout", type=float, help="this worker's wall time in seconds (tune.timeout_s)")
 
     p = add("evaluate", cmd_evaluate, "end-to-end scores of the base model and the candidate")
     p.add_argument("--source", required=True, help="the page folder prepare read")

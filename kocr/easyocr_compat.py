@@ -17,7 +17,8 @@ from types import ModuleType
 _PATCHED = False
 
 
-def _register_torchvision_ops() -> None:
+def register_torchvision_ops() -> None:
+    """Make torchvision importable next to CPU torch (see the module docstring); idempotent."""
     global _PATCHED
     if _PATCHED:
         return
@@ -34,7 +35,7 @@ def _register_torchvision_ops() -> None:
             lib = torch.library.Library("torchvision", "DEF")
             lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
             lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-            _register_torchvision_ops.lib = lib  # type: ignore[attr-defined]  # keep it alive
+            register_torchvision_ops.lib = lib  # type: ignore[attr-defined]  # keep it alive
         except RuntimeError:
             pass  # already defined (by a real _C.so or an earlier call)
     _PATCHED = True
@@ -42,7 +43,7 @@ def _register_torchvision_ops() -> None:
 
 def import_easyocr() -> ModuleType:
     """Return the ``easyocr`` module, importable on CPU-only torch."""
-    _register_torchvision_ops()
+    register_torchvision_ops()
     import easyocr
 
     return easyocr

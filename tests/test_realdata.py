@@ -49,3 +49,18 @@ def test_recognition_on_real_word_crops(folder, labels):
         height, width = grey.shape
         (box, text, confidence), = reader.read_boxes(grey, [[0, width, 0, height]], [])
         assert isinstance(text, str) and 0.0 <= confidence <= 1.0
+
+
+def test_tesseract_baseline_on_the_real_road_sign(tmp_path):
+    from evaluation.tesseract import tesseract_available
+
+    if not tesseract_available():
+        pytest.skip("tesseract-ocr with kor+eng not installed (make system-deps installs it)")
+    item = _easyocr_gt_page()
+    evaluated = evaluate_models({"tesseract": "tesseract"}, [item], tmp_path / "pred", progress=False)
+    result = evaluated["tesseract"]
+    assert result.metrics["gt_words"] == 6 and result.metrics["crops"] == 6
+    page = json.loads((tmp_path / "pred" / "tesseract" / "korean.json").read_text(encoding="utf-8"))
+    assert page["images"][0]["image.file.name"] == "korean.png"
+    # single-line mode on the ground-truth crops reads at least one of the six words exactly
+    assert result.metrics["word_accuracy"] > 0

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Debian Korean fonts for the synthetic data (print and handwriting faces), pinned.
+# Debian packages the platform needs, pinned: Korean fonts for the synthetic data (print and
+# handwriting faces) and Tesseract 5 with Korean data (the evaluation baseline).
 # Skips apt entirely when every package is already at its pinned version.
 set -euo pipefail
 PKGS=(
@@ -9,6 +10,9 @@ PKGS=(
   "fonts-baekmuk=2.2-13"
   "fonts-noto-cjk=1:20220127+repack1-1"
   "fontconfig=2.14.1-4"
+  "tesseract-ocr=5.3.0-2"
+  "tesseract-ocr-kor=1:4.1.0-2"
+  "tesseract-ocr-eng=1:4.1.0-2"
 )
 missing=()
 for spec in "${PKGS[@]}"; do
@@ -16,9 +20,9 @@ for spec in "${PKGS[@]}"; do
   have=$(dpkg-query -W -f='${Version}' "$name" 2>/dev/null || true)
   [ "$have" = "$want" ] || missing+=("$spec")
 done
-[ ${#missing[@]} -eq 0 ] && { echo "fonts: Korean fonts present"; exit 0; }
+[ ${#missing[@]} -eq 0 ] && { echo "system packages: present"; exit 0; }
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "fonts: installing ${missing[*]}"
+echo "system packages: installing ${missing[*]}"
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fc-cache -f >/dev/null 2>&1 || true
