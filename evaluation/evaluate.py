@@ -78,7 +78,7 @@ def eval_set_hash(pages: list[EvalPage]) -> str:
     return digest.hexdigest()
 
 
-def _gt_boxes(page: Page, grey_shape: tuple[int, int], margin: float) -> tuple[list[list[int]], list[str]]:
+def gt_boxes(page: Page, grey_shape: tuple[int, int], margin: float) -> tuple[list[list[int]], list[str]]:
     """Ground-truth boxes with EasyOCR's margin, in its horizontal_list form, and their texts."""
     height, width = grey_shape
     boxes, texts = [], []
@@ -160,7 +160,7 @@ def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalP
     for item in tqdm(pages, desc="evaluate", unit="page", disable=not progress):
         rgb, grey = load_image(item.image)
         detections = detector.detect(rgb) if detector is not None else ([], [])
-        gt_boxes, gt_texts = _gt_boxes(item.page, grey.shape, settings.add_margin)
+        crop_boxes, gt_texts = gt_boxes(item.page, grey.shape, settings.add_margin)
         for label, engine in engines.items():
             pred = engine.read_page(item, grey, detections)
             write_page(pred, Path(pred_dir) / label / item.name)
@@ -168,7 +168,7 @@ def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalP
             page_scores[label].append(score_page(item.page, pred, iou_threshold))
             clevals[label].update(item.page, pred)
             crop_texts[label][0].extend(gt_texts)
-            crop_texts[label][1].extend(engine.read_crops(grey, gt_boxes))
+            crop_texts[label][1].extend(engine.read_crops(grey, crop_boxes))
     results = {}
     gt_pages = [item.page for item in pages]
     for label in engines:

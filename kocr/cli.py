@@ -237,13 +237,25 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    from training.checkpoint import load_recognizer
     from training.export_easyocr import export_easyocr
 
-    params = load_params(required=False).get("export", {})
-    name = args.name or params.get("name", "ko_ocr")
-    langs = tuple(params.get("lang_list", ["ko", "en"]))
-    paths = export_easyocr(args.model, args.out, name, langs, with_detector=args.with_detector)
+    params = load_params(required=False)
+    name = args.name or params.get("export", {}).get("name", "ko_ocr")
+    langs = tuple(params.get("export", {}).get("lang_list", ["ko", "en"]))
+    loaded = load_recognizer(args.model)
+    paths = export_easyocr(loaded, args.out, name, langs, with_detector=args.with_detector)
     print(f"export-easyocr: {args.model} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")
+    if args.parity_source:
+        from evaluation.evaluate import test_pages
+        from evaluation.parity import easyocr_parity
+
+        pages = test_pages(args.parity_source, args.splits, params.get("evaluate", {}).get("split", "test")) \
+            if args.splits else []
+        report = easyocr_parity(args.out, name, loaded, pages, _settings(params).add_margin)
+        _dump(report, args.metrics)
+        print(f"export-easyocr: easyocr.Reader agrees with the platform on {report['float_agreement']:.1%} of "
+              f"{report['crops']} crops unquantized, {report['int8_agreement']:.1%} with int8 quantization")
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -253,13 +265,29 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from evaluation.reader import PageReader
-    from training.checkpoint import load_recognizer
-    from training.data.pages import write_page
+    from training.data.pages import Page, write_page
 
-    reader = PageReader(load_recognizer(args.model), _settings(load_params(required=False)))
-    for image in args.images:
-        page = reader.read(image)
+    if args.model.startswith(("models:/", "runs:/")):
+        # a registered or logged model is read through its MLflow pyfunc, with its own detector settings
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        from kocr.tracking import configure_tracking
+        from training.checkpoint import ModelSpecError
+
+        configure_tracking()
+        try:
+            model = mlflow.pyfunc.load_model(args.model)
+        except (MlflowException, OSError) as exc:
+            raise ModelSpecError(f"cannot load {args.model!r} from MLflow: {str(exc).splitlines()[0]}") from None
+        pages = [Page.from_dict(d) for d in model.predict([str(p) for p in args.images])]
+    else:
+        from evaluation.reader import PageReader
+        from training.checkpoint import load_recognizer
+
+        reader = PageReader(load_recognizer(args.model), _settings(load_params(required=False)))
+        pages = [reader.read(image) for image in args.images]
+    for image, page in zip(args.images, pages):
         if args.out:
             write_page(page, Path(args.out) / (Path(image).stem + ".json"))
         else:
@@ -320,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--name")
     p.add_argument("--with-detector", action="store_true", help="copy craft_mlt_25k.pth into the bundle")
+    p.add_argument("--parity-source", help="page folder: check easyocr.Reader reads the bundle as the platform does")
+    p.add_argument("--splits", help="splits.json naming the pages of --parity-source to check")
+    p.add_argument("--metrics", default="metrics/export.json", help="where the parity report goes")
 
     p = add("score", cmd_score, "metrics of two folders of page JSON (ground truth, predictions)")
     p.add_argument("--gt", required=True)

@@ -97,3 +97,18 @@ def test_export_refuses_rgb_models(tmp_path):
 def test_export_with_detector_copies_craft(bundle):
     assert (bundle / "model" / "craft_mlt_25k.pth").stat().st_size == \
         (shutil.os.path.getsize(f"{offline_model_dir()}/craft_mlt_25k.pth"))
+
+
+def test_parity_report_on_every_ground_truth_crop(bundle, hangul_checkpoint, sample_pages):
+    from evaluation.evaluate import EvalPage
+    from evaluation.parity import easyocr_parity
+    from training.data.pages import read_page
+
+    pages = [EvalPage(p.name, read_page(p), p.with_suffix(".jpg")) for p in sorted(sample_pages.glob("*.json"))[:2]]
+    report = easyocr_parity(bundle, "ko_test", load_recognizer(str(hangul_checkpoint)), pages)
+    expected = sum(1 for item in pages for w in item.page.words if w.text.strip())
+    assert report["crops"] == expected > 0
+    assert report["float_agreement"] == 1.0 and report["float_differences"] == 0
+    # int8 changes some readings of an untrained head; the report counts and lists each one
+    assert report["int8_differences"] == round((1 - report["int8_agreement"]) * expected)
+    assert len([d for d in report["differences"] if d["quantized"] == "True"]) == min(report["int8_differences"], 50)

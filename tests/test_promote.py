@@ -153,3 +153,21 @@ def test_postgres_advisory_lock_excludes_a_second_holder():
     second.join()
     order = [(n, e) for n, e, _ in events]
     assert order == [("a", "in"), ("a", "out"), ("b", "in"), ("b", "out")]
+
+
+def test_kocr_predict_reads_a_logged_model_through_its_pyfunc(logged_uris, sample_pages, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    store, uris = logged_uris
+    image = sorted(sample_pages.glob("*.jpg"))[0]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store}
+    done = subprocess.run([sys.executable, "-m", "kocr.cli", "predict", str(image), "--model", uris[0][0]],
+                          capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    via_cli = json.loads(done.stdout.strip().splitlines()[-1])
+    assert via_cli["annotations"]
+    mlflow.set_tracking_uri(store)
+    assert mlflow.pyfunc.load_model(uris[0][0]).predict([str(image)])[0] == via_cli
