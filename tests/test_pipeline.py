@@ -19,6 +19,7 @@ TINY = {
     "sample": {"count": 10, "width": 560, "height": 400},
     "train": {"steps": 6, "batch_size": 4, "val_every": 3},
     "prepare": {"val_fraction": 0.2, "test_fraction": 0.2},
+    "tune": {"n_trials": 2, "steps_per_trial": 2, "report_every": 2},
 }
 
 

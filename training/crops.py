@@ -38,10 +38,13 @@ class CropDataset(Dataset):
     A label is dropped when a character is outside the charset, or when CTC cannot align it: it
     needs at least one time step per character plus one between repeated characters, and the model
     emits ``width / 4 - 1`` steps for a crop padded to ``width`` (EasyOCR's padding). Crops wider than
-    ``max_width`` after resizing are dropped to bound memory.
+    ``max_width`` after resizing are dropped to bound memory. With ``batch_max_length`` > 0, labels
+    longer than that many characters are dropped too (``over_batch_max_length``, EasyOCR's
+    ``batch_max_length``); 0 keeps every length the model can align.
     """
 
-    def __init__(self, source: LmdbDataset, charset: Charset, imgH: int = 64, max_width: int = 1024) -> None:
+    def __init__(self, source: LmdbDataset, charset: Charset, imgH: int = 64, max_width: int = 1024,
+                 batch_max_length: int = 0) -> None:
         self.source, self.charset, self.imgH = source, charset, imgH
         self.dropped: Counter[str] = Counter()
         self.indices: list[int] = []
@@ -50,6 +53,9 @@ class CropDataset(Dataset):
             label = source.label(i)
             if not label or charset.missing(label):
                 self.dropped["out_of_charset" if label else "empty_label"] += 1
+                continue
+            if batch_max_length > 0 and len(label) > batch_max_length:
+                self.dropped["over_batch_max_length"] += 1
                 continue
             h, w = source[i][0].shape
             width = pad_width(w, h, imgH)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -54,15 +55,58 @@ class TrainConfig:
     num_workers: int = 0
     max_width: int = 1024
     device: str = "auto"
+    warmup_steps: int = 0            # linear lr warm-up over this many optimizer steps; 0 = none
+    freeze: str = "none"             # none | feature_extraction | sequence_modeling | both
+    batch_max_length: int = 0        # drop training labels longer than this; 0 = what the model can align
+    focal_gamma: float = 0.0         # 0 = plain CTC; > 0 = focal CTC, (1 - p)^gamma weighting
     output_channel: int = 256
     hidden_size: int = 256
     input_channel: int = 1
     imgH: int = 64
+    tuned_from: str = ""             # set by ``train.use_tuned``: the file the tuned values came from
+    tuned_keys: tuple[str, ...] = ()
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "TrainConfig":
-        merged = {**params.get("model", {}), **params.get("train", {})}
-        return cls(**{k: v for k, v in merged.items() if k in cls.__dataclass_fields__})
+        """``model:`` and ``train:`` merged; with ``train.use_tuned`` the tuned values override ``train:``.
+
+        The tuned values are the ``train:`` mapping of ``train.tuned_params`` (default
+        ``tuning/best_params.yaml``, written by ``kocr tune``).
+        """
+        section = dict(params.get("train", {}))
+        tuned_from, tuned_keys = "", ()
+        if section.get("use_tuned"):
+            path = Path(section.get("tuned_params") or TUNED_PARAMS)
+            tuned = read_tuned(path)
+            section.update(tuned["values"])
+            tuned_from, tuned_keys = tuned["source"], tuple(sorted(tuned["values"]))
+        merged = {**params.get("model", {}), **section}
+        knobs = {k: v for k, v in merged.items() if k in cls.__dataclass_fields__ and not k.startswith("tuned_")}
+        return cls(**knobs, tuned_from=tuned_from, tuned_keys=tuned_keys)
+
+
+TUNED_PARAMS = "tuning/best_params.yaml"
+FREEZE_CHOICES = {"none": (), "feature_extraction": ("FeatureExtraction",),
+                  "sequence_modeling": ("SequenceModeling",), "both": ("FeatureExtraction", "SequenceModeling")}
+
+
+def read_tuned(path: str | os.PathLike) -> dict[str, Any]:
+    """The tuned ``train:`` values of a ``best_params.yaml``: ``{"values": {...}, "source": "<path> (study, trial)"}``.
+
+    Raises FileNotFoundError naming the file (run ``kocr tune`` first) and ValueError when a key is
+    not a train knob.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: tuned params not found (train.use_tuned is true: run `kocr tune` first)")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    values = dict(data.get("train") or {})
+    unknown = sorted(set(values) - set(TrainConfig.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{path}: not train knobs: {', '.join(unknown)}")
+    return {"values": values, "source": f"{path} (study {data.get('study')}, trial {data.get('trial')})"}
 
 
 def pick_device(name: str) -> torch.device:
@@ -70,6 +114,33 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def freeze_modules(model: Recognizer, freeze: str) -> list[torch.nn.Module]:
+    """Stop gradients into the parts named by ``train.freeze``; returns the frozen modules.
+
+    Call before the optimizer is built (it only takes parameters that require gradients). The
+    frozen modules should stay in eval mode while the rest trains (see ``_train_mode``), so their
+    BatchNorm statistics do not drift either.
+    """
+    if freeze not in FREEZE_CHOICES:
+        raise ValueError(f"train.freeze {freeze!r}: expected one of {', '.join(FREEZE_CHOICES)}")
+    frozen = [getattr(model, name) for name in FREEZE_CHOICES[freeze]]
+    for module in frozen:
+        module.requires_grad_(False)
+    return frozen
+
+
+def _train_mode(model: torch.nn.Module, frozen: list[torch.nn.Module]) -> None:
+    model.train()
+    for module in frozen:
+        module.eval()
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up: the lr grows from lr/warmup_steps to lr over ``warmup_steps`` optimizer steps, then stays."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -100,12 +171,23 @@ def build_model(config: TrainConfig, seed: int) -> tuple[Recognizer, Charset, di
     return model, charset, {"base": config.base, **transfer.as_dict()}
 
 
-def ctc_loss(logits: torch.Tensor, batch: CropBatch, device: torch.device) -> torch.Tensor:
-    """Mean CTC loss of a batch's logits (blank 0; impossible alignments give 0 instead of inf)."""
+def ctc_loss(logits: torch.Tensor, batch: CropBatch, device: torch.device, focal_gamma: float = 0.0) -> torch.Tensor:
+    """Mean CTC loss of a batch's logits (blank 0; impossible alignments give 0 instead of inf).
+
+    With ``focal_gamma`` > 0, focal CTC: each sample's loss ``l`` (divided by its target length, as
+    ``reduction="mean"`` does) is weighted by ``(1 - exp(-l)) ** focal_gamma``, so samples the model
+    already reads well count less.
+    """
     log_probs = F.log_softmax(logits, dim=2).permute(1, 0, 2)  # T, B, C
     input_lengths = torch.full((logits.shape[0],), logits.shape[1], dtype=torch.long)
-    return F.ctc_loss(log_probs, batch.targets.to(device), input_lengths, batch.target_lengths,
-                      blank=0, reduction="mean", zero_infinity=True)
+    if focal_gamma <= 0:
+        return F.ctc_loss(log_probs, batch.targets.to(device), input_lengths, batch.target_lengths,
+                          blank=0, reduction="mean", zero_infinity=True)
+    per_sample = F.ctc_loss(log_probs, batch.targets.to(device), input_lengths, batch.target_lengths,
+                            blank=0, reduction="none", zero_infinity=True)
+    per_sample = per_sample / batch.target_lengths.to(per_sample.device).clamp(min=1)
+    weight = (1.0 - torch.exp(-per_sample)) ** focal_gamma
+    return (weight * per_sample).mean()
 
 
 @torch.no_grad()
@@ -166,8 +248,13 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     device = pick_device(config.device)
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     model, charset, transfer = build_model(config, config.seed)
-    model.to(device).train()
-    train_set = CropDataset(LmdbDataset(data_dir / "train"), charset, config.imgH, config.max_width)
+    model.to(device)
+    frozen = freeze_modules(model, config.freeze)
+    _train_mode(model, frozen)
+    train_set = CropDataset(LmdbDataset(data_dir / "train"), charset, config.imgH, config.max_width,
+                            batch_max_length=config.batch_max_length)
+    # batch_max_length filters training only: validation stays the whole set, so runs (and tuning
+    # trials) with different limits are scored on the same samples.
     val_set = CropDataset(LmdbDataset(data_dir / "val"), charset, config.imgH, config.max_width)
     if len(train_set) == 0:
         raise ValueError(f"{data_dir / 'train'}: no usable training samples (dropped: {dict(train_set.dropped)})")
@@ -176,8 +263,16 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     if log:
         mlflow.log_params({k: v for k, v in info.items() if k != "device"})
         mlflow.set_tag("device", str(device))
+    if config.tuned_keys:
+        used = {k: getattr(config, k) for k in config.tuned_keys}
+        print(f"train: tuned values from {config.tuned_from}: "
+              + ", ".join(f"{k}={v}" for k, v in used.items()), file=sys.stderr)
+        if log:
+            mlflow.log_params({f"tuned.{k}": v for k, v in used.items()})
+            mlflow.set_tag("kocr.tuned_from", config.tuned_from)
 
     optimizer = make_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config.warmup_steps)
     batches = _loader(train_set, config, device, num_batches=config.steps)
     val_loader = _loader(val_set, config, device)
     loss_rows, val_rows = [], []
@@ -188,7 +283,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     step = 0
     for batch in batches:
         step += 1
-        loss = ctc_loss(model(batch.images.to(device, non_blocking=True)), batch, device)
+        loss = ctc_loss(model(batch.images.to(device, non_blocking=True)), batch, device, config.focal_gamma)
         optimizer.zero_grad(set_to_none=True)
         if not torch.isfinite(loss):
             skipped_nonfinite += 1
@@ -196,6 +291,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            scheduler.step()
         seen += len(batch.labels)
         loss_value = float(loss)
         loss_rows.append({"step": step, "loss": round(loss_value, 5)})
@@ -205,6 +301,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             mlflow.log_metrics({"loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}, step=step)
         if step % config.val_every == 0 or step == config.steps:
             scores = validate(model, val_loader, charset, device) if len(val_set) else {}
+            _train_mode(model, frozen)
             rate = seen / (time.perf_counter() - started)
             val_rows.append({"step": step, **{k: round(v, 5) for k, v in scores.items() if k != "n"}})
             if log:

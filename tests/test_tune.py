@@ -1,0 +1,267 @@
+"""`kocr tune`: a fleet of workers on one PostgreSQL study, a killed worker's trial retried, pruning,
+best_params.yaml read back by train, trial runs nested in MLflow. Tiny model and data: ~1 s a trial."""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+
+from tests.conftest import REPO
+from training.train import TrainConfig
+from training.tune import TuneConfig, TuneError, make_storage, run_trial, run_tune, suggest
+
+PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+PARAMS = {
+    "model": {"output_channel": 32, "hidden_size": 32},
+    "train": {"base": "scratch", "steps": 6, "batch_size": 4, "val_every": 3, "optimizer": "adam", "lr": 0.001},
+    "tune": {
+        "metric": "val_cer", "direction": "minimize", "n_trials": 4, "steps_per_trial": 6, "report_every": 3,
+        "pruner": "median", "median": {"n_startup_trials": 2, "n_warmup_steps": 0},
+        "sampler": {"type": "tpe", "seed": 0}, "heartbeat_interval_s": 1, "grace_period_s": 3, "max_retry": 2,
+        "space": {"optimizer": {"type": "categorical", "choices": ["adam", "adamw"]},
+                  "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                  "warmup_steps": {"type": "int", "low": 0, "high": 2}},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(sample_pages, tmp_path_factory) -> Path:
+    from training.data.prepare import PrepareConfig, prepare_pages
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_pages(sample_pages, out, PrepareConfig.from_params({"val_fraction": 0.2, "test_fraction": 0.0}),
+                  progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    """A fresh PostgreSQL database for this module, dropped afterwards; skips when the server is down."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"PostgreSQL on {PG['host']}:{PG['port']} unreachable ({str(exc).strip()}); "
+                    "start it with `pg_ctlcluster --skip-systemctl-redirect 15 main start`")
+    admin.autocommit = True
+    name = f"kocr_tune_{uuid.uuid4().hex[:10]}"
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def _project(path: Path, **tune) -> Path:
+    """A folder with a params.yaml for `kocr tune` run as a subprocess there."""
+    path.mkdir(parents=True, exist_ok=True)
+    params = {**PARAMS, "tune": {**PARAMS["tune"], **tune}}
+    (path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return path
+
+
+def _worker(project: Path, data: Path, env: dict, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kocr.cli", "tune", "--data", str(data), "--out", "tuning", *args],
+                            cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _env(mlflow_uri: str) -> dict:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "MLFLOW_ENABLE_TELEMETRY": "false",
+           "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"}
+    env.pop("KOCR_PIPELINE_ID", None)
+    env.pop("KOCR_PARAMS", None)
+    # the MLflow store exists before workers start, so they never race to create its tables
+    mlflow.MlflowClient(mlflow_uri).search_experiments()
+    return env
+
+
+@pytest.fixture(scope="module")
+def two_workers(pg_url, prepared, tmp_path_factory):
+    """Two worker processes started together on one study of 4 trials."""
+    root = tmp_path_factory.mktemp("fleet")
+    env = _env(f"sqlite:///{root / 'mlruns.db'}")
+    # a generous grace period: on a loaded 2-core machine a 3 s one can fail a live trial as stale
+    workers = [_worker(_project(root / f"machine{i}", heartbeat_interval_s=2, grace_period_s=30), prepared, env,
+                       "--storage", pg_url, "--study", "fleet") for i in (1, 2)]
+    outputs = [w.communicate(timeout=240)[0] for w in workers]
+    for worker, output in zip(workers, outputs):
+        assert worker.returncode == 0, output[-3000:]
+    return optuna.load_study(study_name="fleet", storage=pg_url), outputs, env["MLFLOW_TRACKING_URI"], root
+
+
+def test_two_workers_finish_the_study_with_no_trial_lost_or_duplicated(two_workers):
+    study, outputs, _, root = two_workers
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 4
+    assert len(trials) == 4  # nothing failed, running, waiting, or run beyond the budget
+    assert sorted(t.number for t in trials) == list(range(4))
+    for t in trials:
+        assert t.value is not None or t.state == optuna.trial.TrialState.PRUNED, t
+    ran = [ast.literal_eval(re.search(r"this worker ran (\{.*?\})", out).group(1)) for out in outputs]
+    assert sum(n for r in ran for n in r.values()) == 4, outputs  # each trial was run by exactly one worker
+    for machine in ("machine1", "machine2"):
+        best = yaml.safe_load((root / machine / "tuning" / "best_params.yaml").read_text(encoding="utf-8"))
+        assert best["study"] == "fleet" and set(best["train"]) == {"optimizer", "lr", "warmup_steps"}
+        assert "@" in best["storage"]
+
+
+def test_trial_runs_are_nested_under_their_workers_tune_run(two_workers):
+    study, _, mlflow_uri, _ = two_workers
+    client = mlflow.MlflowClient(mlflow_uri)
+    runs = {r.info.run_id: r for r in client.search_runs(
+        [client.get_experiment_by_name("ko-ocr/tune").experiment_id], max_results=100)}
+    tune_runs = {i for i, r in runs.items() if r.info.run_name == "tune"}
+    assert len(tune_runs) == 2 and all(runs[i].data.tags["kocr.study"] == "fleet" for i in tune_runs)
+    for trial in study.get_trials(deepcopy=False):
+        run = runs[trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["mlflow.parentRunId"] in tune_runs
+        assert run.info.run_name == f"trial-{trial.number}"
+        assert run.data.params["train.optimizer"] == trial.params["optimizer"]
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert run.data.metrics["value"] == pytest.approx(trial.value) and run.info.status == "FINISHED"
+    pictures = {a.path for i in tune_runs for a in client.list_artifacts(i, "tuning")}
+    assert {"tuning/optimization_history.png", "tuning/param_importances.png", "tuning/best_params.yaml"} <= pictures
+
+
+def test_a_killed_worker_leaves_the_study_consistent_and_its_trial_is_retried(pg_url, prepared, tmp_path, capsys):
+    env = _env(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    storage = optuna.storages.RDBStorage(pg_url)
+    # a worker process on a trial far too long to finish before the kill
+    doomed = _worker(_project(tmp_path / "a", steps_per_trial=100000, report_every=50000), prepared, env,
+                     "--storage", pg_url, "--study", "killed", "--n-trials", "1")
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline and doomed.poll() is None, doomed.communicate()[0] if doomed.poll() else ""
+        try:
+            running = optuna.load_study(study_name="killed", storage=storage).get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        except KeyError:  # the study is not created yet
+            running = []
+        if running and running[0].params:
+            break
+        time.sleep(0.2)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    # the next worker (here in-process) waits out the grace period, fails the silent trial, runs its retry
+    config = TuneConfig.from_params(PARAMS["tune"]).with_overrides(storage=pg_url, study_name="killed", n_trials=1)
+    capsys.readouterr()
+    run_tune(config, PARAMS, prepared, tmp_path / "b", log=False)
+    assert "trial 1 (retry of 0) complete" in capsys.readouterr().err
+    first, retry = optuna.load_study(study_name="killed", storage=storage).get_trials(deepcopy=False)
+    assert first.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
+    assert retry.params == first.params and retry.system_attrs["failed_trial"] == 0
+    assert retry.value is not None
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask() by hand here
+def test_a_trial_failed_as_stale_elsewhere_stops_without_crashing_its_worker(prepared, tmp_path):
+    # a worker whose heartbeat came too late (a stalled machine) finds its trial failed by another
+    config = TuneConfig.from_params(PARAMS["tune"])
+    storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}", config)
+    study = optuna.create_study(storage=storage, study_name="stale")
+    trial = study.ask()
+    suggest(trial, config.space)  # it had started: knobs drawn, training under way
+    storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+    state, value, note = run_trial(trial, config, PARAMS, prepared, log=False)
+    assert state == optuna.trial.TrialState.FAIL and value is None and note.startswith("lost: ")
+
+
+@pytest.fixture(scope="module")
+def pruned_study(prepared, tmp_path_factory):
+    """Two sensible trials, then an absurd lr, on the embedded storage with the median pruner.
+
+    The objective here is the validation loss: after 6 steps every tiny model still reads nothing
+    (CER 1.0 for all), while the loss separates a diverged model by orders of magnitude.
+    """
+    out = tmp_path_factory.mktemp("tuning")
+    params = {**PARAMS, "tune": {**PARAMS["tune"], "metric": "val_loss", "study_name": "prune", "n_trials": 3,
+                                 "space": {"optimizer": {"type": "categorical", "choices": ["adam"]},
+                                           "lr": {"type": "float", "low": 1e-4, "high": 20.0, "log": True}}}}
+    config = TuneConfig.from_params(params["tune"])
+    study = optuna.create_study(storage=f"sqlite:///{out / 'optuna.db'}", study_name="prune", direction="minimize")
+    for lr in (1e-3, 3e-3, 10.0):
+        study.enqueue_trial({"optimizer": "adam", "lr": lr})
+    run_tune(config, params, prepared, out, log=False)
+    return optuna.load_study(study_name="prune", storage=f"sqlite:///{out / 'optuna.db'}"), out
+
+
+def test_pruning_stops_a_clearly_worse_trial_early(pruned_study):
+    study, _ = pruned_study
+    good1, good2, absurd = study.get_trials(deepcopy=False)
+    assert good1.state == good2.state == optuna.trial.TrialState.COMPLETE
+    assert absurd.params["lr"] == 10.0 and absurd.state == optuna.trial.TrialState.PRUNED
+    assert max(absurd.intermediate_values) < 6  # stopped before its last step
+    assert min(absurd.intermediate_values.values()) > 10 * max(good1.value, good2.value)
+
+
+def test_best_params_are_written_and_train_uses_them(pruned_study, tmp_path):
+    study, out = pruned_study
+    best = yaml.safe_load((out / "best_params.yaml").read_text(encoding="utf-8"))
+    assert set(best) >= {"study", "storage", "metric", "direction", "value", "trial", "trials", "train"}
+    assert best["study"] == "prune" and best["metric"] == "val_loss" and best["direction"] == "minimize"
+    assert best["trial"] == study.best_trial.number and best["value"] == pytest.approx(study.best_value)
+    assert best["train"] == {"optimizer": "adam", "lr": study.best_trial.params["lr"]}
+    assert best["trials"] == {"complete": 2, "pruned": 1, "fail": 0, "running": 0, "waiting": 0}
+
+    params = {"model": PARAMS["model"], "train": {**PARAMS["train"], "lr": 0.5, "optimizer": "adadelta",
+                                                    "use_tuned": True, "tuned_params": str(out / "best_params.yaml")}}
+    config = TrainConfig.from_params(params)
+    assert config.lr == best["train"]["lr"] and config.optimizer == "adam"
+    assert config.steps == 6 and config.output_channel == 32  # the rest still comes from params.yaml
+    assert config.tuned_keys == ("lr", "optimizer") and "study prune" in config.tuned_from
+    assert TrainConfig.from_params({**params, "train": {**params["train"], "use_tuned": False}}).lr == 0.5
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        TrainConfig.from_params({"train": {"use_tuned": True, "tuned_params": str(tmp_path / "nowhere.yaml")}})
+
+
+def test_conditional_entries_give_one_knob_a_range_per_optimizer():
+    config = TuneConfig.from_params({**PARAMS["tune"], "space": {
+        "lr": {"type": "float", "low": "1e-4", "high": "1e-2", "log": True, "when": {"optimizer": ["adam"]}},
+        "lr_adadelta": {"type": "float", "low": 0.1, "high": 1.0, "key": "lr", "when": {"optimizer": "adadelta"}},
+        "optimizer": {"type": "categorical", "choices": ["adadelta", "adam"]}}})
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    seen = set()
+    for _ in range(20):
+        knobs = suggest(study.ask(), config.space)
+        assert set(knobs) == {"optimizer", "lr"}
+        assert (0.1 <= knobs["lr"] <= 1.0) if knobs["optimizer"] == "adadelta" else (1e-4 <= knobs["lr"] <= 1e-2)
+        seen.add(knobs["optimizer"])
+    assert seen == {"adadelta", "adam"}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"metric": "e2e_f1"}, "not available yet"),
+    ({"direction": "maximize"}, "val_cer is improved by minimize"),
+    ({"space": {"augment": {"type": "float", "low": 0, "high": 1}}}, "'augment' is not a searchable train knob"),
+    ({"space": {"lr": {"type": "float", "low": 1e-4}}}, "needs low and high"),
+    ({"pruner": "asha"}, "expected median, hyperband or none"),
+])
+def test_settings_errors_name_what_to_fix(change, message):
+    with pytest.raises(TuneError, match=re.escape(message)):
+        TuneConfig.from_params({**PARAMS["tune"], **change})
+
+
+def test_cli_reports_a_settings_error_in_one_line(prepared, tmp_path, monkeypatch):
+    from kocr.cli import main
+
+    monkeypatch.chdir(_project(tmp_path / "p", metric="e2e_f1"))
+    with pytest.raises(SystemExit) as exited:
+        main(["tune", "--data", str(prepared)])
+    assert str(exited.value).startswith("kocr tune: error: tune.metric e2e_f1: ") and "\n" not in str(exited.value)

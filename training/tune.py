@@ -1,0 +1,603 @@
+"""The ``tune`` stage: an Optuna search over ``train:`` knobs, one worker or a fleet on one study.
+
+Each trial trains ``tune.steps_per_trial`` steps into a temporary folder with the knobs the sampler
+chose (the search space is ``tune.space`` in params.yaml), reports the validation metric every
+``tune.report_every`` steps so the pruner can stop a hopeless trial, and is scored by the best
+validation value it reached. Every trial is an MLflow run nested under the worker's ``tune`` run.
+
+Storage: empty ``tune.storage`` is an embedded SQLite file ``<out>/optuna.db`` (one worker on one
+machine, a new study per run unless one is named); a ``postgresql+psycopg2://`` URL lets workers
+on many machines join the same named study. Trials keep a heartbeat; a trial whose worker died is
+marked FAIL by the next worker that looks, and queued again with the same knobs.
+
+The budget ``tune.n_trials`` counts the whole study's finished (complete or pruned) trials, not
+one worker's: workers claim trials under a lock (a PostgreSQL advisory lock, or a file lock beside
+the SQLite file), so a fleet finishes exactly that many.
+
+Outputs: ``<out>/best_params.yaml`` (the best trial's knobs as a ``train:`` mapping, its value,
+trial number and study), which ``train`` reads when ``train.use_tuned`` is true; in MLflow the
+optimisation history, intermediate values and parameter importances as pictures.
+
+Example:
+    >>> config = TuneConfig.from_params(load_params()["tune"])           # doctest: +SKIP
+    >>> run_tune(config, load_params(), "data/prepared", "tuning")       # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import optuna
+from optuna.trial import TrialState
+
+from training.train import TrainConfig, train
+
+# tune.metric -> (key of train()'s validation scores, the direction that improves it)
+METRICS = {"val_cer": ("cer", "minimize"), "val_loss": ("loss", "minimize"),
+           "val_word_accuracy": ("word_accuracy", "maximize"), "val_norm_ed": ("norm_ed", "maximize")}
+LATER_METRICS = {"e2e_f1": "end-to-end F1 as an objective needs the end-to-end evaluation set in training; "
+                           "it is not available yet: use val_cer"}
+PARAM_TYPES = ("float", "int", "categorical")
+# Knobs a trial must not choose: the trial budget, where and how it runs, and the tuned-file switch.
+NOT_SEARCHABLE = {"steps", "val_every", "device", "num_workers", "base", "charset", "tuned_from", "tuned_keys"}
+WAIT = "wait"
+
+
+class TuneError(ValueError):
+    """A ``tune:`` setting or study state the user has to fix; the message names it."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One searched knob: ``type`` float | int | categorical, with its range or choices.
+
+    ``key`` is the ``train:`` knob it sets (default: its own name), so two entries can give one knob
+    different ranges; ``when`` limits it to trials where other (unconditional) entries took one of
+    the listed values, e.g. ``when: {optimizer: [adadelta]}``.
+    """
+
+    name: str
+    type: str
+    key: str
+    low: float | int | None = None
+    high: float | int | None = None
+    log: bool = False
+    step: float | int | None = None
+    choices: tuple[Any, ...] = ()
+    when: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+
+    @classmethod
+    def from_mapping(cls, name: str, spec: dict[str, Any]) -> "ParamSpec":
+        """Parse one ``tune.space`` entry; raises TuneError naming the entry and what is wrong."""
+        if not isinstance(spec, dict):
+            raise TuneError(f"tune.space.{name}: expected a mapping with type and range, got {spec!r}")
+        unknown = set(spec) - {"type", "key", "low", "high", "log", "step", "choices", "when"}
+        if unknown:
+            raise TuneError(f"tune.space.{name}: unknown fields {', '.join(sorted(unknown))}")
+        kind = spec.get("type")
+        if kind not in PARAM_TYPES:
+            raise TuneError(f"tune.space.{name}.type {kind!r}: expected one of {', '.join(PARAM_TYPES)}")
+        key = spec.get("key", name)
+        if key not in TrainConfig.__dataclass_fields__ or key in NOT_SEARCHABLE:
+            searchable = sorted(set(TrainConfig.__dataclass_fields__) - NOT_SEARCHABLE)
+            raise TuneError(f"tune.space.{name}: {key!r} is not a searchable train knob "
+                            f"(one of {', '.join(searchable)})")
+        when = tuple((other, tuple(values if isinstance(values, list) else [values]))
+                     for other, values in (spec.get("when") or {}).items())
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise TuneError(f"tune.space.{name}: a categorical entry needs a non-empty choices list")
+            return cls(name, kind, key, choices=tuple(choices), when=when)
+        cast = float if kind == "float" else int
+        try:
+            low, high = cast(spec["low"]), cast(spec["high"])  # float(): YAML 1.1 reads 1e-5 as a string
+            step = cast(spec["step"]) if spec.get("step") is not None else None
+        except KeyError as exc:
+            raise TuneError(f"tune.space.{name}: a {kind} entry needs low and high") from exc
+        except (TypeError, ValueError) as exc:
+            raise TuneError(f"tune.space.{name}: low/high/step must be numbers ({exc})") from exc
+        if low > high or (spec.get("log") and low <= 0):
+            raise TuneError(f"tune.space.{name}: need low <= high (and low > 0 with log: true), got {low}, {high}")
+        return cls(name, kind, key, low=low, high=high, log=bool(spec.get("log", False)), step=step, when=when)
+
+    def applies(self, chosen: dict[str, Any]) -> bool:
+        """Whether this entry is searched in a trial that chose ``chosen`` (by entry name) so far."""
+        return all(chosen.get(other) in values for other, values in self.when)
+
+    def suggest(self, trial: optuna.trial.Trial) -> Any:
+        """Ask the trial for a value (a retried or enqueued trial gets its fixed value back)."""
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log)
+        return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step, log=self.log)
+
+
+def parse_space(space: dict[str, Any]) -> tuple[ParamSpec, ...]:
+    """``tune.space`` -> specs, unconditional entries first; checks that conditions name unconditional entries."""
+    if not isinstance(space, dict) or not space:
+        raise TuneError("tune.space: declare at least one knob, e.g. lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}")
+    specs = [ParamSpec.from_mapping(name, spec) for name, spec in space.items()]
+    plain = {s.name for s in specs if not s.when}
+    for spec in specs:
+        for other, _ in spec.when:
+            if other not in plain:
+                raise TuneError(f"tune.space.{spec.name}.when: {other!r} is not an unconditional entry of tune.space")
+    keys = Counter(s.key for s in specs if not s.when)
+    if any(n > 1 for n in keys.values()):
+        raise TuneError(f"tune.space: several unconditional entries set the same knob: {dict(keys)}")
+    return tuple(sorted(specs, key=lambda s: bool(s.when)))
+
+
+def suggest(trial: optuna.trial.Trial, space: tuple[ParamSpec, ...]) -> dict[str, Any]:
+    """The ``train:`` overrides of one trial (knob -> value), sampling the entries that apply."""
+    chosen: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    for spec in space:
+        if spec.applies(chosen):
+            chosen[spec.name] = spec.suggest(trial)
+            overrides[spec.key] = chosen[spec.name]
+    return overrides
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Knobs of the tune stage (``tune:`` in params.yaml)."""
+
+    space: tuple[ParamSpec, ...]
+    metric: str = "val_cer"
+    direction: str = "minimize"
+    n_trials: int = 4
+    timeout_s: float = 0.0                   # per worker; 0 = no limit
+    steps_per_trial: int = 30
+    report_every: int = 10
+    pruner: str = "median"                   # median | hyperband | none
+    median: dict[str, Any] = field(default_factory=dict)
+    hyperband: dict[str, Any] = field(default_factory=dict)
+    sampler: dict[str, Any] = field(default_factory=dict)
+    study_name: str = ""
+    storage: str = ""
+    heartbeat_interval_s: int = 10
+    grace_period_s: int = 60
+    max_retry: int = 2
+
+    @classmethod
+    def from_params(cls, section: dict[str, Any]) -> "TuneConfig":
+        """Parse and check ``tune:``; raises TuneError naming the setting to fix."""
+        section = dict(section or {})
+        space = parse_space(section.pop("space", None))
+        unknown = set(section) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TuneError(f"tune: unknown settings {', '.join(sorted(unknown))}")
+        config = cls(space=space, **{k: v for k, v in section.items() if v is not None})
+        return config.checked()
+
+    def with_overrides(self, **values: Any) -> "TuneConfig":
+        """A copy with the command-line values that were given (None = keep params.yaml's)."""
+        return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None}).checked()
+
+    def checked(self) -> "TuneConfig":
+        if self.metric in LATER_METRICS:
+            raise TuneError(f"tune.metric {self.metric}: {LATER_METRICS[self.metric]}")
+        if self.metric not in METRICS:
+            raise TuneError(f"tune.metric {self.metric!r}: expected one of {', '.join(METRICS)}")
+        if self.direction != METRICS[self.metric][1]:
+            raise TuneError(f"tune.direction {self.direction!r}: {self.metric} is improved by "
+                            f"{METRICS[self.metric][1]}; say so explicitly")
+        if self.pruner not in ("median", "hyperband", "none"):
+            raise TuneError(f"tune.pruner {self.pruner!r}: expected median, hyperband or none")
+        if self.sampler.get("type", "tpe") not in ("tpe", "random"):
+            raise TuneError(f"tune.sampler.type {self.sampler.get('type')!r}: expected tpe or random")
+        if self.steps_per_trial < 1 or self.report_every < 1 or self.n_trials < 0:
+            raise TuneError("tune: steps_per_trial and report_every must be >= 1, n_trials >= 0")
+        if self.heartbeat_interval_s < 1 or self.grace_period_s <= self.heartbeat_interval_s:
+            raise TuneError("tune: need heartbeat_interval_s >= 1 and grace_period_s > heartbeat_interval_s")
+        return self
+
+
+# --- storage, study, sampler, pruner ---------------------------------------------------------
+
+
+def storage_url(config: TuneConfig, out_dir: str | os.PathLike) -> str:
+    """``tune.storage``, or the embedded SQLite file ``<out>/optuna.db``."""
+    if config.storage:
+        if config.storage.startswith("postgresql://"):
+            raise TuneError("tune.storage: write postgresql+psycopg2://… (plain postgresql:// means psycopg 3, "
+                            "which is not installed)")
+        return config.storage
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(Path(out_dir) / 'optuna.db').resolve()}"
+
+
+def redact(url: str) -> str:
+    """The storage URL without its password, for logs and MLflow tags."""
+    import sqlalchemy
+
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def make_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
+    """RDB storage with heartbeats; a trial silent for ``grace_period_s`` is failed and queued again."""
+    import sqlalchemy
+
+    engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry)
+        for attempt in range(3):
+            try:
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
+                                                  heartbeat_interval=config.heartbeat_interval_s,
+                                                  grace_period=config.grace_period_s,
+                                                  heartbeat_stale_trial_callback=retry)
+            except sqlalchemy.exc.SQLAlchemyError:
+                # workers starting together on an empty database race to create the tables
+                if attempt == 2:
+                    raise
+                time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def make_sampler(config: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """TPE (``constant_liar`` so parallel workers spread out) or random, seeded per worker."""
+    if config.sampler.get("type", "tpe") == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=int(config.sampler.get("n_startup_trials", 10)),
+                                      constant_liar=True)
+
+
+def make_pruner(config: TuneConfig) -> optuna.pruners.BasePruner:
+    """Median or Hyperband (resources in training steps, up to ``steps_per_trial``), or none."""
+    try:
+        if config.pruner == "median":
+            return optuna.pruners.MedianPruner(**config.median)
+        if config.pruner == "hyperband":
+            return optuna.pruners.HyperbandPruner(max_resource=config.steps_per_trial, **config.hyperband)
+    except TypeError as exc:
+        raise TuneError(f"tune.{config.pruner}: {exc}") from exc
+    return optuna.pruners.NopPruner()
+
+
+def worker_seed(base: int, existing_trials: int, shared: bool) -> int:
+    """The sampler seed of this worker: ``base`` for a fresh embedded study (reproducible), moved on
+    by the trials already there (a resumed study does not repeat its first draws) and, on a shared
+    storage, by host and process (parallel workers do not draw the same startup trials)."""
+    seed = base + existing_trials
+    if shared:
+        digest = hashlib.sha256(f"{socket.gethostname()}:{os.getpid()}:{time.time_ns()}".encode()).digest()
+        seed += int.from_bytes(digest[:4], "big")
+    return seed % (2**32)
+
+
+def open_study(config: TuneConfig, storage: optuna.storages.RDBStorage, shared: bool) -> optuna.Study:
+    """Create the study or join it; checks that a joined study optimises the same metric the same way."""
+    name = config.study_name
+    if not name:
+        if shared:
+            raise TuneError("name the study (--study NAME or tune.study_name) so workers on a shared storage join it")
+        name = time.strftime("tune-%Y%m%d-%H%M%S")
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if name in existing and existing[name].direction.name.lower() != config.direction:
+        raise TuneError(f"study {name} is {existing[name].direction.name.lower()}d; tune.direction is {config.direction}")
+    study = optuna.create_study(storage=storage, study_name=name, direction=config.direction, load_if_exists=True,
+                                sampler=make_sampler(config, worker_seed(int(config.sampler.get("seed", 0)),
+                                                                         existing[name].n_trials if name in existing
+                                                                         else 0, shared)),
+                                pruner=make_pruner(config))
+    metric = study.user_attrs.get("kocr.metric")
+    if metric is None:
+        study.set_user_attr("kocr.metric", config.metric)
+        study.set_user_attr("kocr.space", space_fingerprint(config.space))
+    elif metric != config.metric:
+        raise TuneError(f"study {name} optimises {metric}; tune.metric is {config.metric}")
+    elif study.user_attrs.get("kocr.space") != space_fingerprint(config.space):
+        print(f"tune: warning: tune.space differs from the one study {name} started with", file=sys.stderr)
+    return study
+
+
+def space_fingerprint(space: tuple[ParamSpec, ...]) -> str:
+    return hashlib.sha256(json.dumps([dataclasses.asdict(s) for s in space], sort_keys=True,
+                                     default=str).encode()).hexdigest()[:16]
+
+
+# --- claiming trials: the study-wide budget, heartbeats ---------------------------------------
+
+
+@contextlib.contextmanager
+def budget_lock(url: str, study_name: str) -> Iterator[None]:
+    """Serialise counting and creating trials across workers of one study.
+
+    PostgreSQL: a session advisory lock (released by the server if the worker dies); SQLite: an
+    exclusive file lock beside the database; other databases: no lock (the budget may then be
+    overshot by up to one trial per extra worker).
+    """
+    import sqlalchemy
+
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() == "postgresql":
+        key = int.from_bytes(hashlib.sha256(f"kocr-tune:{study_name}".encode()).digest()[:8], "big", signed=True)
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        try:
+            with engine.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                try:
+                    yield
+                finally:
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        finally:
+            engine.dispose()
+        return
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        import fcntl
+
+        with open(f"{parsed.database}.{hashlib.sha256(study_name.encode()).hexdigest()[:8]}.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        return
+    yield
+
+
+def trial_counts(study: optuna.Study) -> Counter[str]:
+    """Trials of the study by state name (COMPLETE, PRUNED, FAIL, RUNNING, WAITING)."""
+    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
+
+
+def claim_trial(study: optuna.Study, config: TuneConfig, url: str,
+                storage: optuna.storages.RDBStorage) -> optuna.trial.Trial | str | None:
+    """The next trial for this worker, ``WAIT`` when the budget is claimed but trials still run
+    elsewhere (one of them may die and come back for retry), or None when the study is done.
+
+    Under the budget lock: stale trials are failed first (their retries are queued as WAITING),
+    then a queued trial is taken if there is one, else a new one while complete + pruned + running
+    + waiting trials are fewer than ``n_trials``. The claimed trial's first heartbeat is recorded
+    before the lock is released (a trial without one is never found stale).
+    """
+    with budget_lock(url, study.study_name):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            # ask() outside Study.optimize warns about heartbeats: this worker beats itself (heartbeat())
+            warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            optuna.storages.fail_stale_trials(study)
+            counts = trial_counts(study)
+            claimed = counts["COMPLETE"] + counts["PRUNED"] + counts["RUNNING"] + counts["WAITING"]
+            if counts["WAITING"] == 0 and claimed >= config.n_trials:
+                return WAIT if counts["RUNNING"] else None
+            trial = study.ask()
+        storage.record_heartbeat(trial._trial_id)
+        return trial
+
+
+@contextlib.contextmanager
+def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval_s: float) -> Iterator[None]:
+    """Record the trial's heartbeat every ``interval_s`` while the block runs."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as exc:  # a lost connection must not kill training; the next beat retries
+                print(f"tune: heartbeat of trial id {trial_id} failed: {exc}", file=sys.stderr)
+            if stop.wait(interval_s):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+# --- one trial ---------------------------------------------------------------------------------
+
+
+def trial_config(params: dict[str, Any], overrides: dict[str, Any], config: TuneConfig) -> TrainConfig:
+    """params.yaml's ``train:`` (never the tuned file) with the trial's knobs and the trial budget."""
+    section = {**params.get("train", {}), **overrides, "use_tuned": False,
+               "steps": config.steps_per_trial, "val_every": config.report_every}
+    return TrainConfig.from_params({**params, "train": section})
+
+
+def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, Any],
+              data_dir: str | os.PathLike, log: bool = True) -> tuple[TrialState, float | None, str]:
+    """Train one trial in a temporary folder; returns (state, value, note) for ``study.tell``.
+
+    Each validation score is reported at its step; when the pruner says so the trial stops there
+    (PRUNED). The value is the best validation score reached. A trial another worker has meanwhile
+    failed as stale stops at its next report ("lost"; its retry is already queued). With ``log``, a
+    nested MLflow run under the active one holds the trial's knobs, its curves and its value.
+    """
+    import mlflow
+
+    key, direction = METRICS[config.metric]
+    better = min if direction == "minimize" else max
+    reported: list[float] = []
+
+    def on_validation(step: int, scores: dict[str, float]) -> None:
+        if key not in scores:
+            raise TuneError(f"{data_dir}: the validation set is empty; tuning needs validation scores")
+        value = float(scores[key])
+        reported.append(value)
+        trial.report(value, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"at step {step}: {config.metric} {value:.4f}")
+
+    run = None
+    state, value, note = TrialState.FAIL, None, ""
+    try:
+        overrides = suggest(trial, config.space)
+        if log:
+            parent = mlflow.active_run()
+            run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
+                                   experiment_id=parent.info.experiment_id if parent else None,
+                                   tags={"kocr.study": trial.study.study_name, "kocr.trial": str(trial.number)})
+            trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            mlflow.log_params({f"train.{k}": v for k, v in overrides.items()})
+        train_config = trial_config(params, overrides, config)
+        with tempfile.TemporaryDirectory(prefix=f"kocr-trial-{trial.number}-") as tmp:
+            train(train_config, data_dir, tmp, metrics_file=Path(tmp) / "metrics.json",
+                  plots_dir=Path(tmp) / "plots", progress=False, log=log, on_validation=on_validation)
+        value = better(reported)
+        state = TrialState.COMPLETE if math.isfinite(value) else TrialState.FAIL
+        note = f"{config.metric} {value:.4f}"
+    except optuna.TrialPruned as exc:
+        state, note = TrialState.PRUNED, f"pruned {exc}"
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # another worker failed it as stale (this worker's heartbeat came too late) and queued a retry
+        state, note = TrialState.FAIL, "lost: already failed as stale by another worker; its retry is queued"
+    except Exception as exc:
+        state, note = TrialState.FAIL, f"failed: {type(exc).__name__}: {exc}"
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            trial.set_user_attr("error", note[:1000])
+    finally:
+        if run is not None:
+            if value is not None and math.isfinite(value):
+                mlflow.log_metric("value", value)
+            mlflow.set_tag("optuna.state", state.name)
+            mlflow.end_run({TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
+    return state, value, note
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+
+def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.PathLike,
+             out_dir: str | os.PathLike, log: bool = True) -> dict[str, Any]:
+    """Run one worker on the study until the study-wide budget or this worker's time is spent.
+
+    Then writes ``<out>/best_params.yaml`` from the whole study (raises TuneError when no trial has
+    completed) and, with ``log``, logs the study's pictures and best value to the active MLflow run
+    (the worker's ``tune`` run; trials nest under it). Returns a summary.
+    """
+    url = storage_url(config, out_dir)
+    shared = not url.startswith("sqlite")
+    storage = make_storage(url, config)
+    study = open_study(config, storage, shared)
+    if log:
+        import mlflow
+
+        mlflow.set_tags({"kocr.study": study.study_name, "kocr.storage": redact(url),
+                         "kocr.worker": f"{socket.gethostname()}:{os.getpid()}"})
+    print(f"tune: study {study.study_name} in {redact(url)}: {config.n_trials} trials of "
+          f"{config.steps_per_trial} steps, {config.metric} ({config.direction}), pruner {config.pruner}",
+          file=sys.stderr)
+    started = time.monotonic()
+    ran: Counter[str] = Counter()
+    failed_in_row, waiting_said = 0, False
+    while not config.timeout_s or time.monotonic() - started < config.timeout_s:
+        trial = claim_trial(study, config, url, storage)
+        if trial is None:
+            break
+        if trial == WAIT:
+            if not waiting_said:
+                print(f"tune: budget claimed; waiting for {trial_counts(study)['RUNNING']} running trial(s) "
+                      f"(a dead worker's trial is retried after {config.grace_period_s} s)", file=sys.stderr)
+                waiting_said = True
+            time.sleep(config.heartbeat_interval_s)
+            continue
+        waiting_said = False
+        with heartbeat(storage, trial._trial_id, config.heartbeat_interval_s):
+            state, value, note = run_trial(trial, config, params, data_dir, log=log)
+        try:
+            study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
+        except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale meanwhile; its retry is queued
+            note += " (but it was already failed as stale)"
+        ran[state.name] += 1
+        retried = storage.get_trial(trial._trial_id).system_attrs.get("failed_trial")
+        print(f"tune: trial {trial.number}{f' (retry of {retried})' if retried is not None else ''} "
+              f"{state.name.lower()}: {note}; {trial.params}", file=sys.stderr)
+        failed_in_row = failed_in_row + 1 if state == TrialState.FAIL and not note.startswith("lost") else 0
+        if failed_in_row >= 3:
+            raise TuneError(f"three trials in a row failed; last: {note}")
+    summary = finish_study(study, config, url, Path(out_dir), log=log)
+    return {**summary, "ran": dict(ran)}
+
+
+def best_params_document(study: optuna.Study, config: TuneConfig, url: str) -> dict[str, Any]:
+    """What ``best_params.yaml`` holds: the best trial's knobs as ``train:``, its value and where it came from."""
+    counts = trial_counts(study)
+    if not counts["COMPLETE"]:
+        raise TuneError(f"study {study.study_name}: no trial completed ({dict(counts)}); nothing to write")
+    best = study.best_trial
+    tuned = {spec.key: best.params[spec.name] for spec in config.space if spec.name in best.params}
+    return {"study": study.study_name, "storage": redact(url), "metric": config.metric,
+            "direction": config.direction, "value": float(best.value), "trial": best.number,
+            "trials": {k.lower(): counts[k] for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
+            "steps_per_trial": config.steps_per_trial, "train": tuned}
+
+
+def finish_study(study: optuna.Study, config: TuneConfig, url: str, out_dir: Path, log: bool = True) -> dict[str, Any]:
+    """Write ``best_params.yaml``; with ``log`` also the pictures, best value and document to MLflow."""
+    import yaml
+
+    doc = best_params_document(study, config, url)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    header = ("# Written by `kocr tune`: the best trial's train: knobs. `train` uses them when\n"
+              "# params.yaml has train.use_tuned: true (see docs/tuning.md).\n")
+    (out_dir / "best_params.yaml").write_text(header + yaml.safe_dump(doc, allow_unicode=True, sort_keys=False),
+                                              encoding="utf-8")
+    if log:
+        import mlflow
+
+        mlflow.log_metrics({f"best_{config.metric}": doc["value"], "best_trial": doc["trial"],
+                            **{f"trials_{k}": v for k, v in doc["trials"].items()}})
+        mlflow.log_params({f"best.{k}": v for k, v in doc["train"].items()})
+        mlflow.log_dict(doc, "tuning/best_params.yaml")
+        log_study_figures(study)
+    return doc
+
+
+def log_study_figures(study: optuna.Study) -> list[str]:
+    """Optimisation history, intermediate values and (from two completed trials) parameter
+    importances as PNGs in the active MLflow run; returns the artifact paths logged."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+    from optuna.visualization import matplotlib as vis
+
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    plots = {"optimization_history": vis.plot_optimization_history,
+             "intermediate_values": vis.plot_intermediate_values}
+    if len(complete) >= 2:
+        plots["param_importances"] = vis.plot_param_importances
+    else:
+        print("tune: parameter importances need two completed trials; not drawn", file=sys.stderr)
+    logged = []
+    for name, plot in plots.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # optuna's matplotlib backend is marked experimental
+                ax = plot(study)
+        except Exception as exc:  # e.g. importances when every trial scored the same
+            print(f"tune: {name} not drawn: {exc}", file=sys.stderr)
+            continue
+        figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        figure.set_size_inches(8, 5)
+        figure.tight_layout()
+        mlflow.log_figure(figure, f"tuning/{name}.png")
+        plt.close(figure)
+        logged.append(f"tuning/{name}.png")
+    return logged
