@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test install system-deps repro lint clean
+.PHONY: demo test install system-deps repro lint clean mlflow-server
 
 demo: install system-deps repro
 
@@ -37,6 +37,12 @@ repro:
 
 test: install system-deps
 	$(BIN)/python -m pytest -q
+
+# The tracking server without Docker (docs/gpu-server.md): needs MLFLOW_BACKEND_STORE_URI,
+# MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID/SECRET_ACCESS_KEY,
+# MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY in the environment.
+mlflow-server: install
+	mlflow/serve.sh
 
 lint:
 	$(BIN)/ruff check --select F,E9 .

