@@ -14,15 +14,15 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import fcntl
-import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import mlflow
 from mlflow.exceptions import MlflowException
+
+import mlflow
+from kocr.locks import database_lock, file_lock
 
 
 @dataclass(frozen=True)
@@ -60,28 +60,15 @@ def promotion_lock(model_name: str, lock_url: str = "") -> Iterator[None]:
     from one place (the retrain workflow's concurrency group does) or set ``promote.lock_url``.
     """
     uri = lock_url or mlflow.get_tracking_uri()
-    if uri.startswith("postgresql"):
-        import sqlalchemy
-
-        key = int.from_bytes(hashlib.sha1(model_name.encode()).digest()[:8], "big", signed=True)
-        engine = sqlalchemy.create_engine(uri, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        engine.dispose()
-        return
-    if uri.startswith("sqlite:///") or uri.startswith("file:") or "://" not in uri:
-        store = uri.removeprefix("sqlite:///").removeprefix("file://")
-        lock_path = Path(store).with_name(Path(store).name + f".{model_name}.promote.lock")
-        with lock_path.open("a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = None
+    if uri.startswith(("postgresql", "sqlite:")):
+        lock = database_lock(uri, f"kocr-promote:{model_name}")
+    elif uri.startswith("file:") or "://" not in uri:  # a file store: a lock file beside its folder
+        folder = Path(uri.removeprefix("file://"))
+        lock = file_lock(folder.with_name(f"{folder.name}.{model_name}.promote.lock"))
+    if lock is not None:
+        with lock:
+            yield
         return
     warnings.warn(f"promotion of {model_name} is not locked: set promote.lock_url to a PostgreSQL URL "
                   "when several pipelines may promote at once", stacklevel=3)

@@ -45,6 +45,7 @@ from typing import Any, Iterator
 import optuna
 from optuna.trial import TrialState
 
+from kocr.locks import database_lock
 from training.train import TrainConfig, train
 
 # tune.metric -> (key of train()'s validation scores, the direction that improves it)
@@ -327,33 +328,12 @@ def budget_lock(url: str, study_name: str) -> Iterator[None]:
     exclusive file lock beside the database; other databases: no lock (the budget may then be
     overshot by up to one trial per extra worker).
     """
-    import sqlalchemy
-
-    parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() == "postgresql":
-        key = int.from_bytes(hashlib.sha256(f"kocr-tune:{study_name}".encode()).digest()[:8], "big", signed=True)
-        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
-        try:
-            with engine.connect() as conn:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                try:
-                    yield
-                finally:
-                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-        finally:
-            engine.dispose()
+    lock = database_lock(url, f"kocr-tune:{study_name}")
+    if lock is None:
+        yield
         return
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        import fcntl
-
-        with open(f"{parsed.database}.{hashlib.sha256(study_name.encode()).hexdigest()[:8]}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
-        return
-    yield
+    with lock:
+        yield
 
 
 def trial_counts(study: optuna.Study) -> Counter[str]:
@@ -575,8 +555,9 @@ def log_study_figures(study: optuna.Study) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import mlflow
     from optuna.visualization import matplotlib as vis
+
+    import mlflow
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
     plots = {"optimization_history": vis.plot_optimization_history,
