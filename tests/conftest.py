@@ -37,6 +37,17 @@ def sample_pages(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prepared(sample_pages, tmp_path_factory) -> Path:
+    """The sample pages as LMDB crop sets (train and val only), for tests that train tiny models."""
+    from training.data.prepare import PrepareConfig, prepare_pages
+
+    out = tmp_path_factory.mktemp("prepared")
+    prepare_pages(sample_pages, out, PrepareConfig.from_params({"val_fraction": 0.2, "test_fraction": 0.0}),
+                  progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
 def hangul_checkpoint(tmp_path_factory) -> Path:
     """english_g2 moved to the korean_g2 head, with the new rows perturbed so it emits Hangul.
 

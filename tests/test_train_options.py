@@ -22,16 +22,6 @@ KOREAN = Charset.named("korean_g2")
 TINY = {"base": "scratch", "output_channel": 32, "hidden_size": 32, "batch_size": 4, "steps": 3, "val_every": 3}
 
 
-@pytest.fixture(scope="module")
-def prepared(sample_pages, tmp_path_factory) -> Path:
-    from training.data.prepare import PrepareConfig, prepare_pages
-
-    out = tmp_path_factory.mktemp("prepared")
-    prepare_pages(sample_pages, out, PrepareConfig.from_params({"val_fraction": 0.2, "test_fraction": 0.0}),
-                  progress=False)
-    return out
-
-
 def _train(prepared: Path, tmp: Path, **knobs) -> tuple[dict, Path]:
     config = TrainConfig(**{**TINY, **knobs})
     summary = train(config, prepared, tmp / "out", metrics_file=tmp / "m.json", plots_dir=tmp / "plots",

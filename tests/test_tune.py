@@ -38,16 +38,6 @@ PARAMS = {
 
 
 @pytest.fixture(scope="module")
-def prepared(sample_pages, tmp_path_factory) -> Path:
-    from training.data.prepare import PrepareConfig, prepare_pages
-
-    out = tmp_path_factory.mktemp("prepared")
-    prepare_pages(sample_pages, out, PrepareConfig.from_params({"val_fraction": 0.2, "test_fraction": 0.0}),
-                  progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def pg_url():
     """A fresh PostgreSQL database for this module, dropped afterwards; skips when the server is down."""
     psycopg2 = pytest.importorskip("psycopg2")
