@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import cv2
@@ -186,3 +187,64 @@ def test_forked_dataloader_workers_read_the_set(tmp_path):
     got = [item for batch in loader for item in batch]
     assert got == [(image.shape, label) for image, label in zip(images, labels)]
     assert ds[5][1] == labels[5]  # the parent's handle still works after the workers ran
+
+
+# -- folders of shards -------------------------------------------------------------------------------
+
+def _shards(folder, sizes) -> list[str]:
+    labels = []
+    for n, size in enumerate(sizes):
+        chunk = [f"{n}-{i}" for i in range(size)]
+        _write(folder / f"shard-{n:05d}", [np.full((4, 4 + i), n, np.uint8) for i in range(size)], chunk)
+        labels += chunk
+    return labels
+
+
+def test_folder_of_shards_reads_as_one_set(tmp_path):
+    labels = _shards(tmp_path / "train", [3, 1, 2])
+    ds = LmdbDataset(tmp_path / "train")
+    assert len(ds) == 6 and [ds.label(i) for i in range(6)] == labels
+    image, label = ds[3]  # the first sample of the second shard
+    assert label == "1-0" and image.shape == (4, 4) and image.max() == 1
+    assert ds[5][1] == "2-1" and ds[0][1] == "0-0"
+    with pytest.raises(IndexError):
+        ds[6]
+    state = pickle.loads(pickle.dumps(ds)).__dict__
+    assert state["_env"] is None and state["num_samples"] == 6
+
+
+def test_interrupted_shard_folder_is_refused(tmp_path):
+    _shards(tmp_path / "train", [2])
+    (tmp_path / "train" / "shard-00001.partial").mkdir()
+    with pytest.raises(ValueError, match="shard-00001.partial"):
+        LmdbDataset(tmp_path / "train")
+
+
+def test_shard_index_is_authoritative(tmp_path):
+    _shards(tmp_path / "train", [2, 2])
+    (tmp_path / "train" / "index.json").write_text(json.dumps({"shards": [{"name": "shard-00001"}]}))
+    ds = LmdbDataset(tmp_path / "train")
+    assert [ds.label(i) for i in range(len(ds))] == ["1-0", "1-1"]
+    (tmp_path / "train" / "index.json").write_text(json.dumps({"shards": [{"name": "shard-00002"}]}))
+    with pytest.raises(FileNotFoundError, match="shard-00002"):
+        LmdbDataset(tmp_path / "train")
+
+
+def test_several_datasets_over_one_set_in_one_process(tmp_path):
+    images = _images()
+    _write(tmp_path / "set", images, LABELS)
+    first, second = LmdbDataset(tmp_path / "set"), LmdbDataset(tmp_path / "set")
+    assert first[1][1] == second[1][1] == LABELS[1]
+    _write(tmp_path / "set", images[:2], ["다시", "쓰기"])  # rewritten while the others are open
+    assert LmdbDataset(tmp_path / "set")[0][1] == "다시"
+
+
+def test_sizes_come_from_headers_and_match_the_pixels(tmp_path):
+    images = _images()
+    with LmdbWriter(tmp_path / "set") as writer:
+        for image, label in zip(images, LABELS):
+            writer.add(_png(image), label)
+        ok, jpg = cv2.imencode(".jpg", images[0])
+        writer.add(jpg.tobytes(), "jpeg")
+    ds = LmdbDataset(tmp_path / "set")
+    assert [ds.size(i) for i in range(len(ds))] == [ds[i][0].shape for i in range(len(ds))]

@@ -4,6 +4,10 @@ Keys: ``image-%09d`` (encoded image bytes), ``label-%09d`` (UTF-8), ``num-sample
 1-based and contiguous. A set is written into ``<path>.partial`` and renamed when complete, so a
 killed writer never leaves something that looks like a finished set.
 
+Large sets are sharded: ``<split>/shard-00000/``, ``shard-00001/``… each a standard set, with
+``<split>/index.json`` naming the shards once the writer finished. ``LmdbDataset`` reads either a
+single set or such a folder of shards as one dataset.
+
 Example:
     >>> with LmdbWriter("/tmp/demo_lmdb") as w:         # doctest: +SKIP
     ...     w.add(png_bytes, "서울")
@@ -13,6 +17,11 @@ Example:
 
 from __future__ import annotations
 
+import bisect
+import hashlib
+import io
+import itertools
+import json
 import os
 import shutil
 from pathlib import Path
@@ -20,8 +29,16 @@ from pathlib import Path
 import cv2
 import lmdb
 import numpy as np
+from PIL import Image
 
 _MAP_SIZE = 1 << 36  # 64 GiB of address space; LMDB files grow only as data is written
+SHARD_INDEX = "index.json"
+
+
+def sample_digest(digest: "hashlib._Hash", image: bytes, label: bytes) -> None:
+    """Feed one sample to a running content hash (length-prefixed, so boundaries cannot shift)."""
+    digest.update(len(label).to_bytes(4, "little") + label + len(image).to_bytes(8, "little"))
+    digest.update(image)
 
 
 class LmdbWriter:
@@ -35,26 +52,38 @@ class LmdbWriter:
         self.env = lmdb.open(str(self.partial), map_size=_MAP_SIZE, subdir=True, lock=True)
         self.count = 0
         self.commit_every = commit_every
+        self.digest = hashlib.sha256()  # content hash of the samples, in order
         self._txn = self.env.begin(write=True)
 
     def add(self, image: bytes, label: str) -> None:
         """Append one sample."""
         self.count += 1
+        encoded = label.encode("utf-8")
         self._txn.put(b"image-%09d" % self.count, image)
-        self._txn.put(b"label-%09d" % self.count, label.encode("utf-8"))
+        self._txn.put(b"label-%09d" % self.count, encoded)
+        sample_digest(self.digest, image, encoded)
         if self.count % self.commit_every == 0:
             self._txn.commit()
             self._txn = self.env.begin(write=True)
 
-    def close(self) -> None:
-        """Finish the set and move it to its final path."""
+    def close(self, extra: dict[str, bytes] | None = None) -> None:
+        """Finish the set and move it to its final path, with ``extra`` files written inside it."""
         self._txn.put(b"num-samples", str(self.count).encode())
         self._txn.commit()
         self.env.sync()
         self.env.close()
+        (self.partial / "lock.mdb").unlink(missing_ok=True)  # readers need none; its bytes vary per run
+        for name, data in (extra or {}).items():
+            (self.partial / name).write_bytes(data)
+        _fsync_dir(self.partial)
         if self.path.exists():
             shutil.rmtree(self.path)
         os.replace(self.partial, self.path)
+
+    @property
+    def sha256(self) -> str:
+        """Hex content hash of the samples added so far (``lmdb_digest`` recomputes it from disk)."""
+        return self.digest.hexdigest()
 
     def abort(self) -> None:
         """Drop everything written so far."""
@@ -72,54 +101,153 @@ class LmdbWriter:
             self.abort()
 
 
-class LmdbDataset:
-    """Read-only random access to one LMDB set: ``ds[i] -> (grey uint8 HxW array, label)``.
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    The environment opens lazily in each process, so the object can be handed to DataLoader workers.
+
+def lmdb_parts(path: str | os.PathLike) -> list[Path]:
+    """The LMDB sets behind ``path``: itself, or the shards of a shard folder in order."""
+    path = Path(path)
+    if (path / "data.mdb").is_file():
+        return [path]
+    index = path / SHARD_INDEX
+    if index.is_file():
+        try:
+            names = [entry["name"] for entry in json.loads(index.read_text(encoding="utf-8"))["shards"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index}: unreadable shard index ({exc})") from exc
+        parts = [path / name for name in names]
+        missing = [p.name for p in parts if not (p / "data.mdb").is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index}: shards {', '.join(missing)} are missing")
+        return parts
+    if path.is_dir():
+        partial = sorted(p.name for p in path.glob("shard-*.partial"))
+        if partial:
+            raise ValueError(f"{path}: unfinished shard {partial[0]} (an interrupted prepare run; run it "
+                             "again to finish)")
+        parts = sorted(p for p in path.glob("shard-*") if (p / "data.mdb").is_file())
+        if parts:
+            return parts
+    raise FileNotFoundError(f"{path}: not an LMDB set (no data.mdb) nor a folder of shard-* sets")
+
+
+def lmdb_digest(path: str | os.PathLike) -> tuple[int, str]:
+    """(samples, sha256) of one set's content read back from disk, as ``LmdbWriter.sha256`` hashes it."""
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False)
+    try:
+        digest = hashlib.sha256()
+        with env.begin() as txn:
+            count = int(txn.get(b"num-samples"))
+            for n in range(1, count + 1):
+                image, label = txn.get(b"image-%09d" % n), txn.get(b"label-%09d" % n)
+                if image is None or label is None:
+                    raise ValueError(f"{path}: sample {n} of {count} is missing")
+                sample_digest(digest, image, label)
+        return count, digest.hexdigest()
+    finally:
+        env.close()
+
+
+_SHARED: dict[str, tuple[tuple[int, int], lmdb.Environment]] = {}
+_SHARED_PID = os.getpid()
+
+
+def _shared_env(path: Path) -> lmdb.Environment:
+    """One read-only environment per LMDB set and process, however many datasets read it.
+
+    py-lmdb refuses to open the same set twice in one process, so datasets share handles. A set
+    rewritten since it was opened (new data.mdb) gets a new handle. After a fork (DataLoader
+    workers) the inherited handles are closed and reopened in the child; closing the child's copy
+    of a read-only, lock-free environment leaves the parent's untouched.
+    """
+    global _SHARED_PID
+    if _SHARED_PID != os.getpid():
+        for _, env in _SHARED.values():
+            env.close()
+        _SHARED.clear()
+        _SHARED_PID = os.getpid()
+    key = str(path.resolve())
+    stat = (path / "data.mdb").stat()
+    version = (stat.st_ino, stat.st_mtime_ns)
+    cached = _SHARED.get(key)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    if cached is not None:
+        cached[1].close()
+    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
+    _SHARED[key] = (version, env)
+    return env
+
+
+class LmdbDataset:
+    """Read-only random access to one LMDB set or a folder of shards: ``ds[i] -> (grey HxW uint8, label)``.
+
+    The environments open lazily in each process, so the object can be handed to DataLoader workers;
+    any number of datasets over the same set can be open at once.
     """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        if not (self.path / "data.mdb").is_file():
-            raise FileNotFoundError(f"{self.path}: not an LMDB set (no data.mdb)")
-        self._env: lmdb.Environment | None = None
+        self.parts = lmdb_parts(self.path)
+        self._env: list[lmdb.Environment] | None = None
         self._pid = -1
-        with self._open().begin() as txn:
-            raw = txn.get(b"num-samples")
-        if raw is None:
-            raise ValueError(f"{self.path}: LMDB set has no num-samples key")
-        self.num_samples = int(raw)
+        counts = []
+        for part, env in zip(self.parts, self._open()):
+            with env.begin() as txn:
+                raw = txn.get(b"num-samples")
+            if raw is None:
+                raise ValueError(f"{part}: LMDB set has no num-samples key")
+            counts.append(int(raw))
+        self._starts = [0, *itertools.accumulate(counts)][:-1]  # first global index of each part
+        self.num_samples = sum(counts)
 
-    def _open(self) -> lmdb.Environment:
+    def _open(self) -> list[lmdb.Environment]:
         if self._env is None or self._pid != os.getpid():
-            if self._env is not None:
-                # A handle inherited through fork (DataLoader workers): py-lmdb refuses a second
-                # open of the same files in one process until it is closed. Closing the child's
-                # copy of a read-only, lock-free environment leaves the parent's untouched.
-                self._env.close()
-            self._env = lmdb.open(str(self.path), readonly=True, lock=False, readahead=False,
-                                  meminit=False, max_readers=64)
+            self._env = [_shared_env(part) for part in self.parts]
             self._pid = os.getpid()
         return self._env
+
+    def _locate(self, index: int) -> tuple[lmdb.Environment, int, Path]:
+        shard = bisect.bisect_right(self._starts, index) - 1
+        return self._open()[shard], index - self._starts[shard] + 1, self.parts[shard]
 
     def __len__(self) -> int:
         return self.num_samples
 
     def label(self, index: int) -> str:
         """Label of sample ``index`` (0-based) without decoding the image."""
-        with self._open().begin() as txn:
-            return txn.get(b"label-%09d" % (index + 1)).decode("utf-8")
+        env, key, _ = self._locate(index)
+        with env.begin() as txn:
+            return txn.get(b"label-%09d" % key).decode("utf-8")
+
+    def size(self, index: int) -> tuple[int, int]:
+        """(height, width) of sample ``index`` from the image header, without decoding the pixels."""
+        env, key, part = self._locate(index)
+        with env.begin(buffers=True) as txn:
+            raw = txn.get(b"image-%09d" % key)
+            try:
+                width, height = Image.open(io.BytesIO(bytes(raw[:65536]))).size
+            except (OSError, SyntaxError):
+                width = height = 0
+        if not (width and height):  # a header PIL cannot parse: decode the whole image
+            height, width = self[index][0].shape[:2]
+        return height, width
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
-        key = index + 1
-        with self._open().begin() as txn:
+        env, key, part = self._locate(index)
+        with env.begin() as txn:
             raw = txn.get(b"image-%09d" % key)
             label = txn.get(b"label-%09d" % key).decode("utf-8")
         image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
         if image is None:
-            raise ValueError(f"{self.path}: sample {key} holds an undecodable image")
+            raise ValueError(f"{part}: sample {key} holds an undecodable image")
         return image, label
 
     def __getstate__(self) -> dict:

@@ -78,10 +78,19 @@ class Page:
         return {"images": [image], "annotations": annotations}
 
     @classmethod
-    def from_dict(cls, data: Any, path: str | os.PathLike = "<page>") -> "Page":
-        """Parse page JSON already loaded; raises PageError naming ``path`` and the problem."""
+    def from_dict(cls, data: Any, path: str | os.PathLike = "<page>",
+                  bad: list[tuple[int, str]] | None = None) -> "Page":
+        """Parse page JSON already loaded; raises PageError naming ``path`` and the problem.
+
+        Reads the 공공행정문서 schema (``images``/``annotations``) and the newer AI-Hub OCR schema
+        (``Images``/``bbox`` or ``Bbox`` with four x and four y values, made axis-aligned). With
+        ``bad`` given, an unusable annotation is skipped and recorded there as (1-based index, detail)
+        instead of rejecting the whole page.
+        """
         if not isinstance(data, dict):
             raise PageError(path, "bad_schema", "top level is not an object")
+        if "images" not in data and isinstance(data.get("Images"), dict):
+            return cls._from_ocr_schema(data, path, bad)
         images = data.get("images")
         if not isinstance(images, list) or not images or not isinstance(images[0], dict):
             raise PageError(path, "bad_schema", "missing 'images' list")
@@ -97,18 +106,52 @@ class Page:
         if not isinstance(annotations, list):
             raise PageError(path, "bad_schema", "'annotations' is not a list")
         words = []
-        for ann in annotations:
+        for index, ann in enumerate(annotations, start=1):
             try:
                 bbox = tuple(float(v) for v in ann["annotation.bbox"])
                 text = ann.get("annotation.text", "")
-            except (KeyError, TypeError, ValueError) as exc:
-                raise PageError(path, "bad_schema", f"annotation {ann!r:.80} lacks a valid bbox") from exc
-            if len(bbox) != 4:
-                raise PageError(path, "bad_schema", f"annotation bbox {bbox} has not 4 values")
-            score = ann.get("annotation.score")
-            words.append(Word(bbox, "" if text is None else str(text),  # type: ignore[arg-type]
-                              None if score is None else float(score)))
+                if len(bbox) != 4:
+                    raise ValueError(f"annotation bbox {bbox} has not 4 values")
+                score = ann.get("annotation.score")
+                score = None if score is None else float(score)
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                detail = str(exc) if isinstance(exc, ValueError) else f"annotation {ann!r:.80} lacks a valid bbox"
+                if bad is None:
+                    raise PageError(path, "bad_schema", detail) from exc
+                bad.append((index, detail))
+                continue
+            words.append(Word(bbox, "" if text is None else str(text), score))  # type: ignore[arg-type]
         return cls(name, width, height, words, str(image.get("image.category", "")), extra)
+
+    @classmethod
+    def _from_ocr_schema(cls, data: dict, path: str | os.PathLike,
+                         bad: list[tuple[int, str]] | None) -> "Page":
+        image = data["Images"]
+        try:
+            ident, kind = str(image["identifier"]), str(image.get("type", "jpg")).lstrip(".")
+            width, height = int(image["width"]), int(image["height"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PageError(path, "bad_schema", f"'Images' lacks a valid {exc}") from exc
+        boxes = data.get("bbox", data.get("Bbox", []))
+        if not isinstance(boxes, list):
+            raise PageError(path, "bad_schema", "'bbox' is not a list")
+        words = []
+        for index, box in enumerate(boxes, start=1):
+            try:
+                xs, ys = [float(v) for v in box["x"]], [float(v) for v in box["y"]]
+                if not xs or len(xs) != len(ys):
+                    raise ValueError(f"bbox x {xs} and y {ys} do not pair up")
+                text = box.get("data", "")
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                detail = str(exc) if isinstance(exc, ValueError) else f"bbox {box!r:.80} lacks x or y"
+                if bad is None:
+                    raise PageError(path, "bad_schema", detail) from exc
+                bad.append((index, detail))
+                continue
+            x0, y0 = min(xs), min(ys)
+            words.append(Word((x0, y0, max(xs) - x0, max(ys) - y0), "" if text is None else str(text)))
+        extra = {k: v for k, v in image.items() if k not in ("identifier", "type", "width", "height")}
+        return cls(f"{ident}.{kind}", width, height, words, "", extra)
 
 
 def _num(value: float) -> float | int:
@@ -117,7 +160,12 @@ def _num(value: float) -> float | int:
 
 def read_page(path: str | os.PathLike) -> Page:
     """Read one page JSON file; raises PageError for unreadable or malformed files."""
-    raw = Path(path).read_bytes()
+    return parse_page(Path(path).read_bytes(), path)
+
+
+def parse_page(raw: bytes, path: str | os.PathLike = "<page>",
+               bad: list[tuple[int, str]] | None = None) -> Page:
+    """Parse page JSON bytes (UTF-8, UTF-8 with BOM or CP949); ``bad`` as in ``Page.from_dict``."""
     for encoding in ("utf-8-sig", "cp949"):
         try:
             text = raw.decode(encoding)
@@ -130,7 +178,7 @@ def read_page(path: str | os.PathLike) -> Page:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PageError(path, "malformed_json", str(exc)) from exc
-    return Page.from_dict(data, path)
+    return Page.from_dict(data, path, bad)
 
 
 def write_page(page: Page, path: str | os.PathLike) -> None:

@@ -1,10 +1,20 @@
-"""The ``prepare`` stage: page JSON + images -> word-crop LMDB sets split by document.
+"""The ``prepare`` stage: page JSON + images -> word-crop LMDB shards split by document.
 
-Every page or word left out is counted under a named reason in ``report.json`` with the first
-paths where it happened; bad input never stops the stage.
+The source is a folder of pages (flat, or AI-Hub's ``Training``/``Validation`` tree with
+``01.라벨링데이터`` / ``02.원천데이터`` folders) and/or AI-Hub's ``[라벨]*.zip`` / ``[원천]*.zip``
+archives, read in place (``training.data.sources``). Every page or word left out is counted under
+a named reason in ``report.json`` with the first places where it happened; bad input never stops
+the stage.
 
-Outputs under ``out``: ``train/``, ``val/``, ``test/`` (LMDB sets), ``splits.json`` (which page
-went where, relative to ``src``), ``report.json``.
+Outputs under ``out``: ``train/``, ``val/``, ``test/``, each a folder of LMDB shards
+(``shard-00000/``…, ``shard_size`` samples each, read as one set by ``LmdbDataset``) with its
+``index.json``; ``splits.json`` (which page went where, by its name under ``src``);
+``report.json``; ``manifest.json`` (counts per split and shard, label lengths, charset coverage,
+content hash).
+
+Pages are cropped by ``workers`` processes; the output is the same whatever their number. Each
+shard is written aside and renamed when full, carrying the state needed to go on from it, so a run
+killed at any point and started again keeps the finished shards and ends with the same result.
 
 Example:
     >>> report = prepare_pages("data/sample", "data/prepared", PrepareConfig())   # doctest: +SKIP
@@ -14,14 +24,24 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import math
+import multiprocessing
 import os
 import random
+import shutil
+import threading
+import time
 import unicodedata
-from collections import defaultdict
-from dataclasses import dataclass
+import zipfile
+import zlib
+from collections import Counter, defaultdict, deque
+from concurrent.futures import Executor, ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
@@ -29,12 +49,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from training.charset import Charset
-from training.data.lmdb_store import LmdbWriter
-from training.data.pages import Page, PageError, crop_box, iter_page_files, read_page
+from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
+from training.data.pages import Page, PageError, crop_box, parse_page
+from training.data.sources import IMAGE_SUFFIXES, Member, SourceIndex, read_member, scan_source
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 EXAMPLES_KEPT = 10
+SIDECAR = "kocr-shard.json"
+MANIFEST_FORMAT = "kocr-lmdb-shards/1"
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile,
+                zlib.error, Image.DecompressionBombError)
+
+
+class PrepareConfigError(ValueError):
+    """A ``prepare:`` knob in params.yaml with a value the stage cannot use."""
 
 
 @dataclass(frozen=True)
@@ -48,6 +76,18 @@ class PrepareConfig:
     crop_margin: float = 0.1          # fraction of box height added on each side, like EasyOCR's add_margin
     out_of_charset: str = "drop"      # drop | keep
     image_format: str = ".png"
+    stratify: str = "none"            # none | category: split each image.category separately
+    shard_size: int = 50000           # samples per LMDB shard
+    workers: int = 1                  # cropping processes (1: in the calling process)
+
+    def __post_init__(self) -> None:
+        checks = {"out_of_charset": self.out_of_charset in ("drop", "keep"),
+                  "stratify": self.stratify in ("none", "category"),
+                  "shard_size": int(self.shard_size) >= 1, "workers": int(self.workers) >= 1,
+                  "val_fraction": 0 <= self.val_fraction < 1, "test_fraction": 0 <= self.test_fraction < 1}
+        for key, ok in checks.items():
+            if not ok:
+                raise PrepareConfigError(f"params.yaml prepare.{key}: {getattr(self, key)!r} is not allowed")
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "PrepareConfig":
@@ -67,9 +107,30 @@ class Report:
         if len(self.examples[reason]) < EXAMPLES_KEPT:
             self.examples[reason].append(where)
 
+    def extend(self, entries: Iterable[tuple[str, str]]) -> None:
+        for reason, where in entries:
+            self.add(reason, where)
+
+    def merged(self, other: "Report") -> "Report":
+        """A new report: this one's entries, then ``other``'s."""
+        out = Report()
+        for report in (self, other):
+            for reason, count in report.counts.items():
+                out.counts[reason] += count
+                out.examples[reason] = (out.examples[reason] + report.examples[reason])[:EXAMPLES_KEPT]
+        return out
+
     def as_dict(self) -> dict[str, Any]:
         return {reason: {"count": self.counts[reason], "examples": self.examples[reason]}
                 for reason in sorted(self.counts)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Report":
+        out = cls()
+        for reason, entry in data.items():
+            out.counts[reason] = entry["count"]
+            out.examples[reason] = list(entry["examples"])
+        return out
 
 
 def find_image(json_path: Path, page: Page, src: Path) -> Path | None:
@@ -85,22 +146,44 @@ def find_image(json_path: Path, page: Page, src: Path) -> Path | None:
     return next((c for c in candidates if c.is_file()), None)
 
 
-def load_grey(path: Path) -> np.ndarray:
-    """Open an image whatever its mode (CMYK, 16-bit, palette), apply EXIF rotation, return uint8 grey."""
-    with Image.open(path) as img:
+def load_grey(source: str | os.PathLike | bytes) -> np.ndarray:
+    """Open an image (a path or its bytes) whatever its mode (CMYK, 16-bit, palette), apply EXIF
+    rotation, return uint8 grey. Colour JPEGs are decoded straight to grey (libjpeg's luma, what
+    ``cv2.imread(path, cv2.IMREAD_GRAYSCALE)`` gives), twice as fast as decoding RGB and converting."""
+    with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+            img.draft("L", img.size)
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(0x0112, 1) != 1:
+            img = ImageOps.exif_transpose(img)
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             arr = np.asarray(img, dtype=np.float64)
             span = max(arr.max() - arr.min(), 1.0)
             return ((arr - arr.min()) / span * 255).astype(np.uint8)
-        return np.asarray(img.convert("L"))
+        return np.asarray(img if img.mode == "L" else img.convert("L"))
 
 
-def split_documents(names: list[str], config: PrepareConfig) -> dict[str, str]:
-    """Assign each page to a split by a seeded shuffle (never by crop, so no page feeds two splits)."""
+def split_documents(names: list[str], config: PrepareConfig,
+                    categories: dict[str, str] | None = None) -> dict[str, str]:
+    """Assign each page to a split by a seeded shuffle (never by crop, so no page feeds two splits).
+
+    With ``config.stratify == "category"`` and ``categories`` (page -> ``image.category``), each
+    category is shuffled and split on its own, so every split holds each category in proportion.
+    """
+    if config.stratify == "category" and categories is not None:
+        groups: dict[str, list[str]] = defaultdict(list)
+        for name in names:
+            groups[categories.get(name, "")].append(name)
+        assignment: dict[str, str] = {}
+        for category in sorted(groups):
+            assignment.update(_split_group(groups[category], config, random.Random(f"{config.seed}/{category}")))
+        return assignment
+    return _split_group(names, config, random.Random(config.seed))
+
+
+def _split_group(names: list[str], config: PrepareConfig, rng: random.Random) -> dict[str, str]:
     order = sorted(names)
-    random.Random(config.seed).shuffle(order)
+    rng.shuffle(order)
     n = len(order)
     n_test = round(n * config.test_fraction) if n >= 3 else 0
     n_val = round(n * config.val_fraction) if n >= 3 else 0
@@ -110,6 +193,79 @@ def split_documents(names: list[str], config: PrepareConfig) -> dict[str, str]:
     for i, name in enumerate(order):
         assignment[name] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return assignment
+
+
+# -- work done in the cropping processes ------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PageMeta:
+    """A usable page found by the scan: its label and image, and its category for stratification."""
+
+    name: str
+    label: Member
+    image: Member
+    category: str
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(root: Path, index: SourceIndex | None, config: PrepareConfig, main_pid: int = 0) -> None:
+    cv2.setNumThreads(1)
+    _WORKER.update(root=root, index=index, config=config, charset=Charset.from_spec(config.charset))
+    if main_pid:
+        threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: fall back to a signal probe
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+
+def _exit_with(pid: int) -> None:
+    """A worker's watchdog: a killed ``prepare`` (SIGKILL, OOM) takes its workers with it."""
+    while _alive(pid):
+        time.sleep(0.5)
+    os._exit(1)
+
+
+def _check_page(label: Member) -> tuple[PageMeta | None, int | None, list[tuple[str, str]]]:
+    """Scan one label: (page if usable, index of the image it claims, report entries)."""
+    try:
+        return _check_page_or_raise(label)
+    except Exception as exc:  # noqa: BLE001 - reported as page_failed, like _crop_page
+        return None, None, [("page_failed", f"{label.name}: {type(exc).__name__}: {exc}"[:300])]
+
+
+def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, list[tuple[str, str]]]:
+    root, index = _WORKER["root"], _WORKER["index"]
+    try:
+        page = parse_page(read_member(root, label), label.name, bad=[])
+    except PageError as exc:
+        claimed, _ = index.find_image(label, "")
+        return None, claimed, [(exc.reason, f"{label.name}: {exc.detail}"[:300])]
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, ValueError) as exc:
+        return None, None, [("unreadable_file", f"{label.name}: {exc}"[:300])]
+    found, ambiguous = index.find_image(label, page.image_name)
+    if found is None:
+        return None, None, [("image_missing", label.name)]
+    image = index.images[found]
+    entries = [("image_ambiguous", f"{label.name} -> {image.name}")] if ambiguous else []
+    try:  # a cheap integrity check, so a broken image never takes a page's place in a split
+        with Image.open(io.BytesIO(read_member(root, image))) as img:
+            img.verify()
+    except IMAGE_ERRORS as exc:
+        return None, found, entries + [("image_corrupt", f"{image.name}: {type(exc).__name__}")]
+    return PageMeta(label.name, label, image, page.category), found, entries
 
 
 def _encode(crop: np.ndarray, suffix: str) -> bytes:
@@ -138,8 +294,13 @@ def _page_crops(page: Page, grey: np.ndarray, where: str, charset: Charset, conf
             report.add("out_of_charset", f"{at} {''.join(sorted(charset.missing(text)))!r}")
             if config.out_of_charset == "drop":
                 continue
+        if not all(math.isfinite(v) for v in word.bbox):
+            report.add("bad_annotation", f"{at}: bbox {word.bbox}")
+            continue
         x, y, w, h = word.bbox
-        if x < 0 or y < 0 or x + w > width or y + h > height:
+        if x < 0 or y < 0:
+            report.add("negative_coordinates", at)
+        if x + w > width or y + h > height:
             report.add("box_clipped", at)
         box = crop_box(word.bbox, config.crop_margin, width, height)
         if box is None:
@@ -150,77 +311,289 @@ def _page_crops(page: Page, grey: np.ndarray, where: str, charset: Charset, conf
     return crops
 
 
+class _Entries(list):
+    """Report entries of one page, in order (the worker's side of ``Report.add``)."""
+
+    def add(self, reason: str, where: str) -> None:
+        self.append((reason, where))
+
+
+def _crop_page(meta: PageMeta) -> tuple[list[tuple[bytes, str]], list[tuple[str, str]], bool]:
+    """One page's crops in word order, its report entries, and whether its image could be read.
+
+    Anything unforeseen on one page is reported as ``page_failed`` (with the error) instead of
+    stopping a run over thousands of pages."""
+    try:
+        return _crop_page_or_raise(meta)
+    except Exception as exc:  # noqa: BLE001 - reported, never silent
+        return [], [("page_failed", f"{meta.name}: {type(exc).__name__}: {exc}"[:300])], False
+
+
+def _crop_page_or_raise(meta: PageMeta) -> tuple[list[tuple[bytes, str]], list[tuple[str, str]], bool]:
+    root, config = _WORKER["root"], _WORKER["config"]
+    entries = _Entries()
+    bad: list[tuple[int, str]] = []
+    try:
+        page = parse_page(read_member(root, meta.label), meta.name, bad=bad)
+        grey = load_grey(read_member(root, meta.image))
+    except PageError as exc:  # changed since the scan
+        return [], [(exc.reason, f"{meta.name}: {exc.detail}"[:300])], False
+    except IMAGE_ERRORS as exc:
+        return [], [("image_corrupt", f"{meta.image.name}: {type(exc).__name__}")], False
+    for i, detail in bad:
+        entries.add("bad_annotation", f"{meta.name}#{i}: {detail}"[:300])
+    crops = _page_crops(page, grey, meta.name, _WORKER["charset"], config, entries)  # type: ignore[arg-type]
+    return crops, entries, True
+
+
+def _run_batch(func: Callable, batch: list) -> list:
+    return [func(item) for item in batch]
+
+
+def ordered_map(func: Callable, items: Iterable, pool: Executor | None, chunk: int = 4,
+                window: int = 8) -> Iterator:
+    """``map(func, items)`` in order, on ``pool`` with at most ``window`` chunks in flight (bounded memory)."""
+    if pool is None:
+        yield from map(func, items)
+        return
+    pending: deque = deque()
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == chunk:
+            pending.append(pool.submit(_run_batch, func, batch))
+            batch = []
+            if len(pending) >= window:
+                yield from pending.popleft().result()
+    if batch:
+        pending.append(pool.submit(_run_batch, func, batch))
+    while pending:
+        yield from pending.popleft().result()
+
+
+# -- the stage ---------------------------------------------------------------------------------------
+
+@dataclass
+class _State:
+    """Where writing stands; saved inside every finished shard, so a new run can go on from it."""
+
+    split: int = 0                   # index into SPLITS
+    page: int = 0                    # next page of that split
+    skip: int = 0                    # crops of that page already in finished shards
+    shards: dict[str, list[dict]] = field(default_factory=lambda: {s: [] for s in SPLITS})
+    report: dict[str, Any] = field(default_factory=dict)
+    failed: list[str] = field(default_factory=list)    # pages whose image could not be decoded
+    lengths: dict[str, dict[str, int]] = field(default_factory=lambda: {s: {} for s in SPLITS})
+    chars: dict[str, dict[str, int]] = field(default_factory=lambda: {s: {} for s in SPLITS})
+
+
+def _shard_name(n: int) -> str:
+    return f"shard-{n:05d}"
+
+
+def _run_key(config: PrepareConfig, charset: Charset, plan: dict[str, list[PageMeta]]) -> str:
+    """What the output depends on: the knobs (not ``workers``), the charset, the pages with their sizes
+    and the code that reads and crops them (shards of an older version are never reused)."""
+    knobs = {k: v for k, v in asdict(config).items() if k != "workers"}
+    digest = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode())
+    digest.update(charset.chars.encode())
+    here = Path(__file__).parent
+    for module in ("prepare.py", "sources.py", "pages.py", "lmdb_store.py"):
+        digest.update((here / module).read_bytes())
+    for split in SPLITS:
+        for meta in plan[split]:
+            digest.update(json.dumps([split, meta.name, meta.label.size, meta.image.name, meta.image.size],
+                                     ensure_ascii=False).encode())
+    return digest.hexdigest()
+
+
+def _resume(out: Path, run_key: str) -> _State:
+    """The state saved in the last shard of an earlier run of the same key; clears everything else."""
+    state, seq = _State(), 0
+    keep: set[Path] = set()
+    for split in SPLITS:  # shards carry a run-wide sequence number: accept them while it runs on
+        n = 0
+        while True:
+            sidecar = out / split / _shard_name(n) / SIDECAR
+            try:
+                saved = json.loads(sidecar.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                break
+            if saved.get("run_key") != run_key or saved.get("seq") != seq:
+                break
+            state = _State(**saved["state"])
+            keep.add(sidecar.parent)
+            n, seq = n + 1, seq + 1
+    for split in SPLITS:
+        folder = out / split
+        if folder.is_file():
+            folder.unlink()
+        folder.mkdir(parents=True, exist_ok=True)
+        for entry in folder.iterdir():
+            if entry not in keep:
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    for name in ("manifest.json", "report.json", "splits.json"):
+        (out / name).unlink(missing_ok=True)
+        (out / f"{name}.tmp").unlink(missing_ok=True)
+    return state
+
+
+def _write_shards(out: Path, plan: dict[str, list[PageMeta]], config: PrepareConfig, run_key: str,
+                  pool: Executor | None, progress: bool) -> _State:
+    state = _resume(out, run_key)
+    done = sum(len(plan[s]) for s in SPLITS[: state.split]) + state.page
+    bar = tqdm(total=sum(len(v) for v in plan.values()), initial=done, desc="prepare", unit="page",
+               disable=not progress)
+    report = Report.from_dict(state.report)
+    seq = sum(len(v) for v in state.shards.values())
+    writer: LmdbWriter | None = None
+
+    def close(writer: LmdbWriter, split: str) -> None:
+        nonlocal seq
+        state.shards[split].append({"name": writer.path.name, "samples": writer.count, "sha256": writer.sha256})
+        state.report = report.as_dict()
+        sidecar = {"run_key": run_key, "seq": seq, "state": asdict(state)}
+        writer.close({SIDECAR: json.dumps(sidecar, ensure_ascii=False).encode()})
+        seq += 1
+
+    try:
+        for split_index in range(state.split, len(SPLITS)):
+            split = SPLITS[split_index]
+            pages = plan[split]
+            lengths = Counter({int(k): v for k, v in state.lengths[split].items()})
+            chars = Counter(state.chars[split])
+            start, skip = state.page, state.skip
+            results = ordered_map(_crop_page, pages[start:], pool)
+            for pos, (crops, entries, ok) in enumerate(results, start=start):
+                if pos != start or skip == 0:  # a page whose crops began in a finished shard was counted then
+                    report.extend(entries)
+                    if not ok:
+                        state.failed.append(pages[pos].name)
+                for j in range(skip if pos == start else 0, len(crops)):
+                    image, label = crops[j]
+                    if writer is None:
+                        writer = LmdbWriter(out / split / _shard_name(len(state.shards[split])))
+                    writer.add(image, label)
+                    lengths[len(label)] += 1
+                    chars.update(label)
+                    if writer.count == config.shard_size:
+                        state.page, state.skip = (pos, j + 1) if j + 1 < len(crops) else (pos + 1, 0)
+                        state.lengths[split] = {str(k): v for k, v in sorted(lengths.items())}
+                        state.chars[split] = dict(sorted(chars.items()))
+                        close(writer, split)
+                        writer = None
+                bar.update(1)
+            state.page, state.skip = len(pages), 0
+            state.lengths[split] = {str(k): v for k, v in sorted(lengths.items())}
+            state.chars[split] = dict(sorted(chars.items()))
+            if writer is not None or not state.shards[split]:
+                close(writer or LmdbWriter(out / split / _shard_name(0)), split)
+                writer = None
+            _write_json(out / split / SHARD_INDEX, {"samples": sum(s["samples"] for s in state.shards[split]),
+                                                   "shards": state.shards[split]})
+            state.split, state.page, state.skip = split_index + 1, 0, 0
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        bar.close()
+    state.report = report.as_dict()
+    return state
+
+
+def _scan(src: Path, pool: Executor | None, progress: bool, index: SourceIndex) -> tuple[list[PageMeta], Report]:
+    report = Report()
+    report.extend(index.stray)
+    pages: list[PageMeta] = []
+    claimed: dict[int, str] = {}
+    results = ordered_map(_check_page, index.labels, pool, chunk=16)
+    for label, (meta, image, entries) in tqdm(zip(index.labels, results), total=len(index.labels),
+                                              desc="scan", unit="page", disable=not progress):
+        report.extend(entries)
+        if image is not None and image in claimed:
+            if meta is not None:
+                report.add("image_used_twice", f"{label.name} (already {claimed[image]})")
+            continue
+        if image is not None:
+            claimed[image] = label.name
+        if meta is not None:
+            pages.append(meta)
+    for i, image in enumerate(index.images):
+        if i not in claimed:
+            report.add("image_without_label", image.name)
+    return pages, report
+
+
 def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: PrepareConfig,
                   progress: bool = True) -> dict[str, Any]:
     """Run the stage; returns the report (also written to ``out/report.json``)."""
     src, out = Path(src), Path(out)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: source folder does not exist")
+    index = scan_source(src, exclude=out)
     charset = Charset.from_spec(config.charset)
-    report = Report()
-    for stray in sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() not in (".json", *IMAGE_SUFFIXES)):
-        report.add("stray_file", str(stray.relative_to(src)))
-
-    pages: dict[str, tuple[Page, Path]] = {}
-    json_files = 0
-    for json_path in iter_page_files(src):
-        json_files += 1
-        rel = str(json_path.relative_to(src))
-        try:
-            page = read_page(json_path)
-        except PageError as exc:
-            report.add(exc.reason, f"{rel}: {exc.detail}"[:300])
-            continue
-        except OSError as exc:
-            report.add("unreadable_file", f"{rel}: {exc}")
-            continue
-        image_path = find_image(json_path, page, src)
-        if image_path is None:
-            report.add("image_missing", rel)
-            continue
-        try:  # a cheap integrity check, so a broken image never takes a page's place in a split
-            with Image.open(image_path) as img:
-                img.verify()
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            report.add("image_corrupt", f"{image_path.relative_to(src)}: {type(exc).__name__}")
-            continue
-        pages[rel] = (page, image_path)
-
-    assignment = split_documents(list(pages), config)
-    out.mkdir(parents=True, exist_ok=True)
-    writers = {split: LmdbWriter(out / split) for split in SPLITS}
-    split_pages: dict[str, list[str]] = {split: [] for split in SPLITS}
+    pool = None
+    if config.workers > 1:
+        context = multiprocessing.get_context("forkserver")  # clean single-threaded parents, fast starts
+        context.set_forkserver_preload([__name__])
+        pool = ProcessPoolExecutor(config.workers, mp_context=context,
+                                   initializer=_init_worker, initargs=(src, index, config, os.getpid()))
+    saved = dict(_WORKER)
+    _init_worker(src, index, config)
     try:
-        for rel in tqdm(sorted(pages), desc="prepare", unit="page", disable=not progress):
-            page, image_path = pages[rel]
-            try:
-                grey = load_grey(image_path)
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-                report.add("image_corrupt", f"{image_path.relative_to(src)}: {type(exc).__name__}")
-                continue
-            crops = _page_crops(page, grey, rel, charset, config, report)
-            split = assignment[rel]
-            split_pages[split].append(rel)
-            for image_bytes, text in crops:
-                writers[split].add(image_bytes, text)
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    for writer in writers.values():
-        writer.close()
+        pages, scan_report = _scan(src, pool, progress, index)
+        assignment = split_documents([p.name for p in pages], config, {p.name: p.category for p in pages})
+        plan = {split: [p for p in pages if assignment[p.name] == split] for split in SPLITS}
+        run_key = _run_key(config, charset, plan)
+        out.mkdir(parents=True, exist_ok=True)
+        state = _write_shards(out, plan, config, run_key, pool, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        _WORKER.clear()
+        _WORKER.update(saved)
 
+    failed = set(state.failed)
+    split_pages = {split: [p.name for p in plan[split] if p.name not in failed] for split in SPLITS}
     summary = {
         "source": str(src),
-        "pages_found": json_files,
+        "pages_found": len(index.labels),
+        "images_found": len(index.images),
         "pages_used": sum(len(v) for v in split_pages.values()),
         "pages": {split: len(split_pages[split]) for split in SPLITS},
-        "crops": {split: writers[split].count for split in SPLITS},
-        "skipped": report.as_dict(),
+        "crops": {split: sum(s["samples"] for s in state.shards[split]) for split in SPLITS},
+        "skipped": scan_report.merged(Report.from_dict(state.report)).as_dict(),
     }
     _write_json(out / "splits.json", split_pages)
     _write_json(out / "report.json", summary)
+    _write_json(out / "manifest.json", build_manifest(state, summary, config, charset))
     return summary
+
+
+def build_manifest(state: _State, summary: dict[str, Any], config: PrepareConfig,
+                   charset: Charset) -> dict[str, Any]:
+    """Counts per split and shard, label-length histogram, charset coverage and the content hash."""
+    content = hashlib.sha256()
+    splits, coverage = {}, {}
+    for split in SPLITS:
+        shards = state.shards[split]
+        for shard in shards:
+            content.update(f"{split}/{shard['name']}:{shard['samples']}:{shard['sha256']}\n".encode())
+        splits[split] = {"pages": summary["pages"][split], "samples": sum(s["samples"] for s in shards),
+                         "shards": shards}
+        seen = state.chars[split]
+        inside = [c for c in charset.chars if c in seen]
+        coverage[split] = {"characters_seen": len(inside), "fraction": round(len(inside) / len(charset.chars), 4),
+                           "outside_charset": {c: n for c, n in seen.items() if c not in charset.index}}
+    never = [c for c in charset.chars if c not in state.chars["train"]]
+    return {
+        "format": MANIFEST_FORMAT,
+        "shard_size": config.shard_size,
+        "splits": splits,
+        "label_length_histogram": {split: state.lengths[split] for split in SPLITS},
+        "charset": {"name": config.charset, "size": len(charset.chars), "coverage": coverage,
+                    "missing_from_train": "".join(never)},
+        "content_sha256": content.hexdigest(),
+    }
 
 
 def _write_json(path: Path, data: Any) -> None:

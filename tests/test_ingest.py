@@ -1,0 +1,425 @@
+"""AI-Hub ingestion at scale: zip archives, the Training/Validation tree, shards, manifest, workers, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import unicodedata
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from training.data.lmdb_store import LmdbDataset, lmdb_digest
+from training.data.pages import Page, Word, parse_page, read_page, write_page
+from training.data.prepare import PrepareConfig, prepare_pages, split_documents
+from training.data.sources import member_name, scan_source
+from training.data.synth_pages import generate_pages
+
+REPO = Path(__file__).resolve().parents[1]
+SPLITS = ("train", "val", "test")
+SHARD = 10  # samples per shard in these tests: several shards per split
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("flat")
+    generate_pages(root, count=8, seed=5, fonts=["NanumGothic.ttf"], width=480, height=360,
+                   font_size=(14, 22), progress=False)
+    for path in root.glob("*.json"):  # a reported defect on every page: reports must survive a resume
+        page = read_page(path)
+        page.words[0].text = unicodedata.normalize("NFD", page.words[0].text)
+        write_page(page, path)
+    return root
+
+
+def _run(src: Path, out: Path, **knobs) -> dict:
+    return prepare_pages(src, out, PrepareConfig(**{"shard_size": SHARD, **knobs}), progress=False)
+
+
+def _samples(out: Path, split: str) -> list[tuple[str, bytes]]:
+    ds = LmdbDataset(out / split)
+    return [(ds.label(i), ds[i][0].tobytes()) for i in range(len(ds))]
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def reference(pages, tmp_path_factory) -> Path:
+    """An uninterrupted single-process run: what every other way of running must reproduce."""
+    out = tmp_path_factory.mktemp("reference")
+    _run(pages, out)
+    return out
+
+
+# -- shards and manifest -----------------------------------------------------------------------------
+
+def test_splits_are_folders_of_standard_lmdb_shards(reference):
+    manifest = _manifest(reference)
+    total = 0
+    for split in SPLITS:
+        entry = manifest["splits"][split]
+        names = [s["name"] for s in entry["shards"]]
+        assert names == [f"shard-{i:05d}" for i in range(len(names))]
+        assert sorted(p.name for p in (reference / split).iterdir()) == ["index.json", *names]
+        assert all(s["samples"] == SHARD for s in entry["shards"][:-1]) and 0 < entry["shards"][-1]["samples"] <= SHARD
+        joined = []
+        for shard in entry["shards"]:  # each shard is a plain DTRB-layout LMDB any reader can open
+            env = lmdb.open(str(reference / split / shard["name"]), readonly=True, lock=False)
+            with env.begin() as txn:
+                n = int(txn.get(b"num-samples"))
+                keys = sorted(bytes(k) for k, _ in txn.cursor())
+                joined += [txn.get(b"label-%09d" % i).decode() for i in range(1, n + 1)]
+            env.close()
+            assert n == shard["samples"]
+            assert keys == sorted([b"num-samples"] + [b"%s-%09d" % (k, i) for k in (b"image", b"label")
+                                                      for i in range(1, n + 1)])
+            assert lmdb_digest(reference / split / shard["name"]) == (n, shard["sha256"])
+        ds = LmdbDataset(reference / split)  # the split folder reads as one concatenated set
+        assert len(ds) == entry["samples"] == sum(s["samples"] for s in entry["shards"])
+        assert [ds.label(i) for i in range(len(ds))] == joined
+        total += len(ds)
+    assert manifest["splits"]["train"]["shards"].__len__() >= 3
+    hist = manifest["label_length_histogram"]
+    assert sum(sum(h.values()) for h in hist.values()) == total
+    train_labels = [label for label, _ in _samples(reference, "train")]
+    assert hist["train"] == {str(k): v for k, v in sorted(Counter(len(lb) for lb in train_labels).items())}
+    coverage = manifest["charset"]["coverage"]["train"]
+    train_chars = set("".join(train_labels))
+    assert coverage["characters_seen"] == len(train_chars) > 0
+    assert not set(manifest["charset"]["missing_from_train"]) & train_chars
+
+
+def test_shard_boundaries_split_pages_exactly(pages, reference, tmp_path):
+    """A bigger shard size changes the shards, not the samples or their order."""
+    _run(pages, tmp_path / "big", shard_size=10_000)
+    for split in SPLITS:
+        assert _samples(tmp_path / "big", split) == _samples(reference, split)
+        assert len(_manifest(tmp_path / "big")["splits"][split]["shards"]) == 1
+    assert _manifest(tmp_path / "big")["content_sha256"] != _manifest(reference)["content_sha256"]
+
+
+def test_two_workers_give_the_same_bytes(pages, reference, tmp_path):
+    report = _run(pages, tmp_path / "w2", workers=2)
+    assert _manifest(tmp_path / "w2") == _manifest(reference)
+    assert report == json.loads((reference / "report.json").read_text(encoding="utf-8"))
+    assert (tmp_path / "w2" / "splits.json").read_bytes() == (reference / "splits.json").read_bytes()
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "w2") for p in (tmp_path / "w2").rglob("*") if p.is_file())
+    for rel in files:  # every byte, LMDB files included: DVC sees one data version whatever the workers
+        assert (tmp_path / "w2" / rel).read_bytes() == (reference / rel).read_bytes(), rel
+
+
+def test_rerun_over_a_finished_output_changes_nothing(pages, reference, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(reference, out)
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("data.mdb")}
+    _run(pages, out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("data.mdb")} == before  # shards kept, not rewritten
+    assert _manifest(out) == _manifest(reference)
+    _run(pages, out, crop_margin=0.0)  # other knobs: the old shards are not reused
+    assert _manifest(out)["content_sha256"] != _manifest(reference)["content_sha256"]
+    assert all(p.stat().st_mtime_ns != before.get(p) for p in out.rglob("data.mdb"))
+
+
+def test_output_inside_the_source_is_not_read_as_input(pages, reference, tmp_path):
+    src = tmp_path / "data"
+    shutil.copytree(pages, src)
+    _run(src, src / "prepared")
+    report = _run(src, src / "prepared")  # the second run sees the first one's JSON and LMDB files
+    assert report["pages_found"] == 8 and report["skipped"] == json.loads(
+        (reference / "report.json").read_text(encoding="utf-8"))["skipped"]
+    assert _manifest(src / "prepared") == _manifest(reference)
+
+
+def test_older_single_lmdb_output_is_replaced(pages, reference, tmp_path):
+    out = tmp_path / "old"
+    (out / "train").mkdir(parents=True)
+    env = lmdb.open(str(out / "train"), map_size=1 << 20)
+    with env.begin(write=True) as txn:
+        txn.put(b"num-samples", b"0")
+    env.close()
+    _run(pages, out)
+    assert not (out / "train" / "data.mdb").exists()
+    assert _manifest(out) == _manifest(reference)
+
+
+# -- killed runs resume ------------------------------------------------------------------------------
+
+KILLER = """
+import os, signal, sys
+from training.data import lmdb_store
+from training.data.prepare import PrepareConfig, prepare_pages
+src, out, kill_at, workers = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+add, calls = lmdb_store.LmdbWriter.add, [0]
+def killing_add(self, image, label):
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    add(self, image, label)
+lmdb_store.LmdbWriter.add = killing_add
+prepare_pages(src, out, PrepareConfig(shard_size=int(sys.argv[5]), workers=workers), progress=False)
+"""
+
+
+def _mid_page_boundary(reference: Path) -> int:
+    """The number of the first train shard that ends inside a page (its last page goes on in the next)."""
+    for n in range(len(_manifest(reference)["splits"]["train"]["shards"])):
+        saved = json.loads((reference / "train" / f"shard-{n:05d}" / "kocr-shard.json").read_text(encoding="utf-8"))
+        if saved["state"]["skip"] > 0:
+            return n
+    raise AssertionError("no shard boundary inside a page: change SHARD")
+
+
+@pytest.mark.parametrize("where,workers", [("inside the first shard", 2), ("after a shard that ends mid-page", 1)])
+def test_killed_run_resumes_to_the_same_result(pages, reference, tmp_path, where, workers):
+    kill_at = SHARD // 2 if where == "inside the first shard" else (_mid_page_boundary(reference) + 1) * SHARD + 3
+    out = tmp_path / "out"
+    log = tmp_path / "stderr.txt"
+    with log.open("wb") as err:  # a file, not a pipe: orphaned workers must not hold the test up
+        proc = subprocess.run([sys.executable, "-c", KILLER, str(pages), str(out), str(kill_at), str(workers),
+                               str(SHARD)], cwd=REPO, stderr=err, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, log.read_text()
+    finished = sorted((out / "train").glob("shard-?????"))
+    assert len(finished) == (kill_at - 1) // SHARD  # shards completed before the kill, none after
+    assert (out / "train" / f"shard-{len(finished):05d}.partial").is_dir()
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(ValueError, match="interrupted"):  # a half-written split is never read as complete
+        LmdbDataset(out / "train")
+    kept = {p: p.stat().st_mtime_ns for p in finished}
+    report = _run(pages, out)
+    assert {p: p.stat().st_mtime_ns for p in finished} == kept  # finished shards were skipped, not redone
+    assert _manifest(out) == _manifest(reference)
+    assert report == json.loads((reference / "report.json").read_text(encoding="utf-8"))
+    assert not list(out.rglob("*.partial"))
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert all((out / rel).read_bytes() == (reference / rel).read_bytes() for rel in files)
+    for split in SPLITS:
+        for shard in _manifest(out)["splits"][split]["shards"]:
+            assert lmdb_digest(out / split / shard["name"]) == (shard["samples"], shard["sha256"])
+
+
+def test_failure_inside_a_worker_run_leaves_no_partial_shard(pages, reference, tmp_path, monkeypatch):
+    from training.data import lmdb_store
+
+    add, calls = lmdb_store.LmdbWriter.add, [0]
+
+    def failing_add(self, image, label):
+        calls[0] += 1
+        if calls[0] == SHARD + 3:
+            raise OSError("disk full")
+        add(self, image, label)
+
+    monkeypatch.setattr(lmdb_store.LmdbWriter, "add", failing_add)
+    with pytest.raises(OSError, match="disk full"):
+        _run(pages, tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out" / "train").iterdir()] == ["shard-00000"]
+    monkeypatch.setattr(lmdb_store.LmdbWriter, "add", add)
+    _run(pages, tmp_path / "out")
+    assert _manifest(tmp_path / "out") == _manifest(reference)
+
+
+# -- AI-Hub downloads: the tree and the zip archives ---------------------------------------------------
+
+CATEGORY, CODE, YEAR = "인.허가", "5350109", "1994"
+
+
+def _aihub_pages(pages: Path) -> list[tuple[str, Page, bytes]]:
+    """The generated pages renamed the AI-Hub way (document id file names)."""
+    out = []
+    for i, path in enumerate(sorted(pages.glob("page_*.json"))):
+        page = read_page(path)
+        stem = f"{CODE}-{YEAR}-{i + 1:04d}-0001"
+        page.image_name = f"{stem}.jpg"
+        out.append((stem, page, path.with_suffix(".jpg").read_bytes()))
+    return out
+
+
+def _cp949_zip(path: Path, files: dict[str, bytes]) -> None:
+    """A zip whose member names are CP949 bytes without the UTF-8 flag, as Korean Windows tools write them."""
+    placeholders = {}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, (name, data) in enumerate(files.items()):
+            raw = name.encode("cp949")
+            stand_in = f"Q{i:0{len(raw) - 1}d}"
+            placeholders[stand_in.encode()] = raw
+            zf.writestr(stand_in, data)
+    blob = path.read_bytes()
+    for stand_in, raw in placeholders.items():
+        assert blob.count(stand_in) == 2  # local header and central directory
+        blob = blob.replace(stand_in, raw)
+    path.write_bytes(blob)
+
+
+def _page_json(page: Page, encoding: str = "utf-8") -> bytes:
+    text = json.dumps(page.to_dict(), ensure_ascii=False)
+    if encoding == "cp949":  # CP949 has no decomposed jamo
+        text = unicodedata.normalize("NFC", text)
+    return text.encode(encoding)
+
+
+@pytest.fixture(scope="module")
+def zipped(pages, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("zips")
+    (root / "Training").mkdir()
+    labels, images = {}, {}
+    for n, (stem, page, jpg) in enumerate(_aihub_pages(pages)):
+        folder = f"{CATEGORY}/{CODE}/{YEAR}"
+        labels[f"{folder}/{stem}.json"] = _page_json(page, "cp949" if n == 0 else "utf-8")  # one CP949 JSON
+        images[f"{folder}/{stem}.jpg"] = jpg
+    labels["__MACOSX/인.허가/._x.json"] = b"\x00\x05\x16\x07"
+    labels["읽어보세요.txt"] = "라벨 설명".encode("cp949")
+    _cp949_zip(root / "Training" / f"[라벨]Training_{CATEGORY}.zip", labels)
+    names = sorted(images)  # images spread over two archives, as AI-Hub splits big downloads
+    _cp949_zip(root / "Training" / f"[원천]Training_{CATEGORY}1.zip", {k: images[k] for k in names[:5]})
+    _cp949_zip(root / "Training" / f"[원천]Training_{CATEGORY}2.zip", {k: images[k] for k in names[5:]})
+    return root
+
+
+def test_cp949_member_names_are_decoded(zipped):
+    with zipfile.ZipFile(zipped / "Training" / f"[라벨]Training_{CATEGORY}.zip") as zf:
+        infos = zf.infolist()
+    assert not any(info.flag_bits & 0x800 for info in infos)
+    assert not any(CATEGORY in info.filename for info in infos)  # zipfile alone garbles them (CP437)
+    assert {member_name(info) for info in infos} >= {f"{CATEGORY}/{CODE}/{YEAR}/{CODE}-{YEAR}-0001-0001.json",
+                                                     "읽어보세요.txt"}
+
+
+def test_zip_archives_give_the_same_crops_as_the_unpacked_tree(pages, zipped, tmp_path):
+    tree = tmp_path / "tree"
+    for stem, page, jpg in _aihub_pages(pages):
+        for top, name, data in (("01.라벨링데이터(Json)", f"{stem}.json", _page_json(page)),
+                                ("02.원천데이터(Jpg)", f"{stem}.jpg", jpg)):
+            folder = tree / "Training" / top / CATEGORY / CODE / YEAR
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+    from_tree = _run(tree, tmp_path / "out_tree")
+    from_zip = _run(zipped, tmp_path / "out_zip", workers=2)
+    assert from_zip["pages_used"] == from_tree["pages_used"] == 8
+    assert from_zip["crops"] == from_tree["crops"] and sum(from_zip["crops"].values()) > 0
+    for split in SPLITS:
+        assert _samples(tmp_path / "out_zip", split) == _samples(tmp_path / "out_tree", split)
+    skipped = from_zip["skipped"]
+    assert skipped["stray_file"]["examples"] == [f"Training/[라벨]Training_{CATEGORY}.zip/읽어보세요.txt"]
+    assert skipped["stray_folder"]["examples"] == [f"Training/[라벨]Training_{CATEGORY}.zip/__MACOSX"]
+    assert {"image_missing", "image_without_label", "malformed_json", "bad_encoding"}.isdisjoint(skipped)
+    splits = json.loads((tmp_path / "out_zip" / "splits.json").read_text(encoding="utf-8"))
+    first = f"Training/[라벨]Training_{CATEGORY}.zip/{CATEGORY}/{CODE}/{YEAR}/{CODE}-{YEAR}-0001-0001.json"
+    assert first in [name for split in SPLITS for name in splits[split]]  # the CP949 JSON was read
+
+
+def test_tree_pairs_by_mirrored_path_and_reports_orphans(pages, tmp_path):
+    """Training and Validation hold the same folder names; a page's image is the one in its own tree."""
+    src = tmp_path / "aihub"
+    items = _aihub_pages(pages)
+    for part, chunk in (("Training", items[:4]), ("Validation", items[4:])):
+        for stem, page, jpg in chunk:
+            labels = src / part / "01.라벨링데이터(Json)" / CATEGORY / CODE / YEAR
+            images = src / part / "02.원천데이터(Jpg)" / CATEGORY / CODE / YEAR
+            labels.mkdir(parents=True, exist_ok=True)
+            images.mkdir(parents=True, exist_ok=True)
+            write_page(page, labels / f"{stem}.json")
+            (images / f"{stem}.jpg").write_bytes(jpg)
+    # the same document id in both trees: each label must take its own tree's image
+    stem, page, jpg = items[0]
+    twin = src / "Validation" / "02.원천데이터(Jpg)" / CATEGORY / CODE / YEAR / f"{stem}.jpg"
+    twin.write_bytes(items[5][2])
+    (src / "Validation" / "02.원천데이터(Jpg)" / CATEGORY / CODE / YEAR / "9999-unlabelled.jpg").write_bytes(jpg)
+    (src / "Training" / ".ipynb_checkpoints").mkdir()
+    (src / "Training" / "Thumbs.db").write_bytes(b"\0")
+    index = scan_source(src)
+    label = next(m for m in index.labels if m.name.startswith("Training/") and stem in m.name)
+    found, ambiguous = index.find_image(label, page.image_name)
+    assert index.images[found].name.startswith("Training/02.원천데이터(Jpg)/") and not ambiguous
+    report = _run(src, tmp_path / "out")
+    skipped = report["skipped"]
+    assert report["pages_used"] == 8
+    assert skipped["image_without_label"]["examples"] == [
+        f"Validation/02.원천데이터(Jpg)/{CATEGORY}/{CODE}/{YEAR}/{stem}.jpg",
+        f"Validation/02.원천데이터(Jpg)/{CATEGORY}/{CODE}/{YEAR}/9999-unlabelled.jpg"]
+    assert skipped["stray_folder"]["examples"] == ["Training/.ipynb_checkpoints"]
+    assert skipped["stray_file"]["examples"] == ["Training/Thumbs.db"]
+
+
+def test_unreadable_archive_and_twice_claimed_image_are_reported(pages, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("page_00000", "page_00001"):
+        for suffix in (".json", ".jpg"):
+            shutil.copy(pages / (name + suffix), src / (name + suffix))
+    shutil.copy(pages / "page_00000.json", src / "copy_of_0.json")  # names page_00000.jpg too
+    (src / "[원천]broken.zip").write_bytes(b"PK\x03\x04 not really a zip")
+    report = _run(src, tmp_path / "out")
+    skipped = report["skipped"]
+    assert report["pages_used"] == 2
+    assert skipped["image_used_twice"]["examples"] == ["page_00000.json (already copy_of_0.json)"]
+    [broken] = skipped["archive_unreadable"]["examples"]
+    assert broken.startswith("[원천]broken.zip: ")
+
+
+# -- word-level defects that are new -------------------------------------------------------------------
+
+def test_bad_annotations_are_skipped_not_the_page(pages, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(pages / "page_00000.jpg", src / "p.jpg")
+    data = read_page(pages / "page_00000.json").to_dict()
+    data["images"][0]["image.file.name"] = "p.jpg"
+    good = len(data["annotations"])
+    data["annotations"].append({"id": 99, "annotation.text": "상자없음"})                  # no bbox key
+    data["annotations"].append({"id": 100, "annotation.text": "세개", "annotation.bbox": [1, 2, 3]})
+    (src / "p.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    nan = read_page(pages / "page_00001.json")
+    nan.image_name = "q.jpg"
+    nan.words = [Word((float("nan"), 5.0, 10.0, 10.0), "서울"), Word((10.0, 10.0, 40.0, 20.0), "부산")]
+    write_page(nan, src / "q.json")
+    shutil.copy(pages / "page_00001.jpg", src / "q.jpg")
+    report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    assert report["crops"]["train"] == good + 1
+    examples = report["skipped"]["bad_annotation"]["examples"]
+    assert [e.split(":")[0] for e in examples] == [f"p.json#{good + 1}", f"p.json#{good + 2}", "q.json#1"]
+
+
+def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):
+    page = Page("a.jpg", 100, 50, [Word((1.0, 2.0, 30.0, 10.0), "김해시")], category="인.허가")
+    assert parse_page(_page_json(page, "cp949")).words[0].text == "김해시"
+    newer = {"Images": {"identifier": "IMG_OCR_53_4PR_09180", "type": "png", "width": 640, "height": 480},
+             "bbox": [{"data": "서울", "id": 1, "x": [10, 50, 50, 10], "y": [20, 20, 44, 44]},
+                      {"data": "부산", "x": [1, 2], "y": [3]}]}
+    bad: list = []
+    parsed = parse_page(json.dumps(newer, ensure_ascii=False).encode(), "n.json", bad=bad)
+    assert parsed.image_name == "IMG_OCR_53_4PR_09180.png" and (parsed.width, parsed.height) == (640, 480)
+    assert [(w.bbox, w.text) for w in parsed.words] == [((10.0, 20.0, 40.0, 24.0), "서울")]
+    assert [i for i, _ in bad] == [2]
+
+
+# -- stratified split ----------------------------------------------------------------------------------
+
+def test_stratified_split_keeps_category_proportions():
+    names = [f"doc_{i:03d}.json" for i in range(100)]
+    categories = {name: ("인.허가" if i < 80 else "회계.예산") for i, name in enumerate(names)}
+    config = PrepareConfig(stratify="category", seed=3)
+    a = split_documents(names, config, categories)
+    assert a == split_documents(list(reversed(names)), config, categories)
+    for category, size in (("인.허가", 80), ("회계.예산", 20)):
+        mine = [a[n] for n in names if categories[n] == category]
+        assert (mine.count("val"), mine.count("test")) == (round(size * 0.1), round(size * 0.1)), category
+    assert a != split_documents(names, PrepareConfig(stratify="category", seed=4), categories)
+    # without stratification a category can end up with no validation page at all
+    plain = [split_documents(names, PrepareConfig(seed=s), categories) for s in range(30)]
+    assert any(sum(p[n] == "val" for n in names[80:]) != 2 for p in plain)
+
+
+def test_bad_knobs_name_the_params_key():
+    with pytest.raises(ValueError, match="prepare.stratify"):
+        PrepareConfig(stratify="folder")
+    with pytest.raises(ValueError, match="prepare.shard_size"):
+        PrepareConfig(shard_size=0)

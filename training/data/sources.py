@@ -1,0 +1,226 @@
+"""Where the pages of ``prepare`` come from: a folder (flat, or the AI-Hub tree) and AI-Hub's zip archives.
+
+``scan_source`` walks the source once. Every ``*.json`` is a label, every image an image; every
+``*.zip`` (``[라벨]Training_인.허가.zip``, ``[원천]Training_인.허가1.zip``, ``TL_*.zip``…) is opened
+in place and its members classified the same way, never unzipped. Member names an archive stores
+without the UTF-8 flag are decoded as UTF-8 when they are valid UTF-8, else as CP949 (Korean Windows
+zip tools). Everything else is stray and reported.
+
+A label is paired with an image by the JSON's ``image.file.name``, else by the label's stem; among
+several candidates the one whose folder path shares the longest tail with the label's wins, which
+is the mirrored ``01.라벨링데이터`` / ``02.원천데이터`` (or ``[라벨]`` / ``[원천]`` archive) tree.
+
+Example:
+    >>> index = scan_source("data/aihub")                      # doctest: +SKIP
+    >>> index.labels[0].name                                   # doctest: +SKIP
+    'Training/[라벨]Training_인.허가.zip/인.허가/5350109/1994/5350109-1994-0001-0001.json'
+    >>> read_member(index.root, index.labels[0])[:12]          # doctest: +SKIP
+    b'{"images": ['
+"""
+
+from __future__ import annotations
+
+import os
+import unicodedata
+import zipfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+_UTF8_FLAG = 0x800
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One file of the source: a plain file (``archive`` empty) or a member of a zip archive.
+
+    ``path`` is what reading needs (relative to the source, or the member name as the archive
+    keys it); ``name`` is the readable relative name used in reports and splits.json.
+    """
+
+    name: str
+    path: str
+    archive: str = ""
+    size: int = 0
+
+
+@dataclass
+class SourceIndex:
+    """Labels, images and stray entries of one source, with the image lookup tables."""
+
+    root: Path
+    labels: list[Member] = field(default_factory=list)
+    images: list[Member] = field(default_factory=list)
+    stray: list[tuple[str, str]] = field(default_factory=list)  # (reason, where)
+    _by_name: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _by_stem: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    def finish(self) -> "SourceIndex":
+        """Sort the entries and build the lookup tables (called by ``scan_source``)."""
+        self.labels.sort(key=lambda m: m.name)
+        self.images.sort(key=lambda m: m.name)
+        self.stray.sort()
+        by_name: dict[str, list[int]] = defaultdict(list)
+        by_stem: dict[str, list[int]] = defaultdict(list)
+        for i, image in enumerate(self.images):
+            base = _key(PurePosixPath(image.name).name)
+            by_name[base].append(i)
+            by_stem[base.rsplit(".", 1)[0]].append(i)
+        self._by_name, self._by_stem = dict(by_name), dict(by_stem)
+        return self
+
+    def find_image(self, label: Member, image_name: str) -> tuple[int | None, bool]:
+        """(index into ``images`` of the label's image or None, whether several fitted equally)."""
+        base = _key(image_name.replace("\\", "/").rsplit("/", 1)[-1]) if image_name else ""
+        stem = _key(PurePosixPath(label.name).stem)
+        for candidates in (self._by_name.get(base, []), self._by_stem.get(stem, [])):
+            if candidates:
+                return _closest(label, candidates, self.images)
+        return None, False
+
+
+def _key(name: str) -> str:
+    return unicodedata.normalize("NFC", name).lower()
+
+
+def _folders(member: Member) -> list[str]:
+    return [_key(p) for p in PurePosixPath(member.name).parts[:-1]]
+
+
+def _closest(label: Member, candidates: list[int], images: list[Member]) -> tuple[int, bool]:
+    """The candidate whose folders share the longest tail (then most folders) with the label's."""
+    if len(candidates) == 1:
+        return candidates[0], False
+    mine = _folders(label)
+
+    def score(i: int) -> tuple[int, int]:
+        theirs = _folders(images[i])
+        tail = 0
+        while tail < min(len(mine), len(theirs)) and mine[-1 - tail] == theirs[-1 - tail]:
+            tail += 1
+        return tail, len(set(mine) & set(theirs))
+
+    scored = sorted(((score(i), i) for i in candidates), key=lambda s: (-s[0][0], -s[0][1], s[1]))
+    return scored[0][1], len(scored) > 1 and scored[0][0] == scored[1][0]
+
+
+def member_name(info: zipfile.ZipInfo) -> str:
+    """A member's real name: zipfile decodes names stored without the UTF-8 flag as CP437."""
+    if info.flag_bits & _UTF8_FLAG:
+        return info.filename
+    try:
+        raw = info.filename.encode("cp437")
+    except UnicodeEncodeError:  # already decoded some other way (metadata_encoding)
+        return info.filename
+    for encoding in ("utf-8", "cp949"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return info.filename
+
+
+def _hidden(part: str) -> bool:
+    return part.startswith(".") or part == "__MACOSX"
+
+
+def _classify(index: SourceIndex, member: Member) -> None:
+    base = PurePosixPath(member.name).name
+    suffix = PurePosixPath(base).suffix.lower()
+    if base.startswith(".") or base.lower() in SYSTEM_FILES:
+        index.stray.append(("stray_file", member.name))
+    elif suffix == ".json":
+        index.labels.append(member)
+    elif suffix in IMAGE_SUFFIXES:
+        index.images.append(member)
+    else:
+        index.stray.append(("stray_file", member.name))
+
+
+def _scan_archive(index: SourceIndex, rel: str, path: Path) -> bool:
+    """Add the members of one zip; returns False (and reports it) when it cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        index.stray.append(("archive_unreadable", f"{rel}: {exc}"))
+        return False
+    hidden_dirs: set[str] = set()
+    for info in infos:
+        if info.is_dir():
+            continue
+        name = member_name(info)
+        parts = PurePosixPath(name).parts
+        hidden = next((i for i, part in enumerate(parts[:-1]) if _hidden(part)), None)
+        if hidden is not None:
+            hidden_dirs.add("/".join(parts[: hidden + 1]))
+            continue
+        _classify(index, Member(f"{rel}/{name}", info.filename, rel, info.file_size))
+    index.stray += [("stray_folder", f"{rel}/{d}") for d in sorted(hidden_dirs)]
+    return True
+
+
+def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> SourceIndex:
+    """Every label, image and stray entry under ``src`` (folders and zip archives), in a stable order.
+
+    ``exclude``: a folder inside ``src`` to leave out (the stage's own output, when it lies there)."""
+    root = Path(src)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: source folder does not exist")
+    skip = Path(exclude).resolve() if exclude is not None else None
+    index = SourceIndex(root)
+    useful: set[str] = {""}
+    folders: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        rel_dir = "" if rel_dir == "." else rel_dir
+        for d in sorted(dirnames):
+            if _hidden(d):
+                index.stray.append(("stray_folder", f"{rel_dir}/{d}".lstrip("/")))
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d)
+                             and (skip is None or (Path(dirpath) / d).resolve() != skip))
+        folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
+        found = False
+        for name in sorted(filenames):
+            rel = f"{rel_dir}/{name}".lstrip("/")
+            path = Path(dirpath) / name
+            if name.lower().endswith(".zip"):
+                found = _scan_archive(index, rel, path) or found
+                continue
+            before = len(index.labels) + len(index.images)
+            try:
+                size = path.stat().st_size
+            except OSError:  # a dangling link
+                index.stray.append(("stray_file", rel))
+                continue
+            _classify(index, Member(rel, rel, "", size))
+            found = found or len(index.labels) + len(index.images) > before
+        if found:
+            parts = rel_dir.split("/") if rel_dir else []
+            useful.update("/".join(parts[:i]) for i in range(len(parts) + 1))
+    for folder in folders:  # folders holding no page, image or archive anywhere below: report the top one
+        parent = folder.rsplit("/", 1)[0] if "/" in folder else ""
+        if folder not in useful and parent in useful:
+            index.stray.append(("stray_folder", folder))
+    return index.finish()
+
+
+_ARCHIVES: dict[str, zipfile.ZipFile] = {}
+_ARCHIVES_PID = -1
+
+
+def read_member(root: str | os.PathLike, member: Member) -> bytes:
+    """The bytes of one file or archive member (archives stay open per process for the next read)."""
+    global _ARCHIVES_PID
+    if not member.archive:
+        return (Path(root) / member.path).read_bytes()
+    if _ARCHIVES_PID != os.getpid():
+        _ARCHIVES.clear()
+        _ARCHIVES_PID = os.getpid()
+    key = str(Path(root) / member.archive)
+    archive = _ARCHIVES.get(key)
+    if archive is None:
+        archive = _ARCHIVES[key] = zipfile.ZipFile(key)
+    return archive.read(member.path)
