@@ -253,3 +253,36 @@ def test_tokens_uncovered_by_a_font_are_redrawn(tmp_path, monkeypatch):
     paths = generate_pages(tmp_path, count=2, seed=9, fonts=["NanumGothic.ttf"], **SMALL)
     texts = [w.text for p in paths for w in read_page(p).words]
     assert texts and not any("이" in t for t in texts)
+
+
+# -- scan wear and contact sheet -----------------------------------------------------------------
+
+def test_degrade_changes_images_but_never_the_labels(tmp_path):
+    generate_pages(tmp_path / "clean", count=2, seed=4, fonts=FONTS, **SMALL)
+    generate_pages(tmp_path / "off", count=2, seed=4, fonts=FONTS, degrade="off", **SMALL)
+    generate_pages(tmp_path / "worn", count=2, seed=4, fonts=FONTS,
+                   degrade={"preset": "strong", "noise": {"p": 1, "sigma": [6, 6]}}, **SMALL)
+    for name in ("page_00000", "page_00001"):
+        clean = (tmp_path / "clean" / f"{name}.jpg").read_bytes()
+        assert (tmp_path / "off" / f"{name}.jpg").read_bytes() == clean
+        assert (tmp_path / "worn" / f"{name}.json").read_bytes() == (tmp_path / "clean" / f"{name}.json").read_bytes()
+        a = np.asarray(Image.open(tmp_path / "clean" / f"{name}.jpg").convert("L"), np.float32)
+        b = np.asarray(Image.open(tmp_path / "worn" / f"{name}.jpg").convert("L"), np.float32)
+        assert (b - a).std() > 4  # the forced sensor noise at least
+        assert abs(b.mean() - a.mean()) < 15  # still the same page
+
+
+def test_bad_degrade_setting_names_the_key(tmp_path):
+    with pytest.raises(ValueError, match="sample.degrade: unknown effect 'smear'"):
+        generate_pages(tmp_path, 1, 0, FONTS, degrade={"smear": 0.5}, progress=False)
+
+
+def test_contact_sheet_of_pages(tmp_path):
+    generate_pages(tmp_path, count=3, seed=2, fonts=FONTS, contact_sheet=2, **SMALL)
+    with Image.open(tmp_path / "contact_sheet.png") as sheet:
+        rgb = np.asarray(sheet.convert("RGB")).astype(int)
+        assert sheet.width == 2 * (360 + 12)  # two thumbnails side by side
+    red = (rgb[..., 0] > 180) & (rgb[..., 1] < 90) & (rgb[..., 2] < 90)
+    assert red.sum() > 200  # word boxes outlined
+    generate_pages(tmp_path, count=3, seed=2, fonts=FONTS, **SMALL)
+    assert not (tmp_path / "contact_sheet.png").exists()  # a run without a sheet drops the stale one

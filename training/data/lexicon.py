@@ -20,8 +20,6 @@ import unicodedata
 from itertools import accumulate
 from typing import Sequence
 
-import wordfreq
-
 from training.charset import Charset
 
 HANGUL_FIRST, HANGUL_LAST = 0xAC00, 0xD7A3
@@ -65,6 +63,8 @@ def load_lexicon(charset: Charset, top_n: int = 30000, min_len: int = 2,
     head so function words do not dominate), normalised to sum to 1.
     Raises ValueError when no word survives the filter.
     """
+    import wordfreq  # imported here: it takes 0.2 s, and every kocr command imports this module
+
     # wordfreq.word_frequency() tokenises Korean with MeCab (an optional dependency we do not
     # have); the frequency dict holds the same stored values without tokenising.
     freq = wordfreq.get_frequency_dict("ko")

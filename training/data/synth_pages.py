@@ -33,10 +33,12 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from training.charset import Charset
+from training.data import degrade as degrade_mod
+from training.data.contact_sheet import write_sheet
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
 from training.data.lexicon import (ADMIN_LABELS, TITLE_TERMS, is_hangul, load_lexicon,
                                    make_token, random_name, random_phone, sample_word)
-from training.data.pages import Page, Word, write_page
+from training.data.pages import Page, Word, read_page, write_page
 
 CATEGORIES = ("인.허가", "민원", "행정", "회계.예산", "보건.복지", "산업.경제", "교육", "환경")
 REFERENCE_AREA = 1000 * 700  # the page area the 20-40 words per page are meant for
@@ -400,7 +402,9 @@ def _remove_stale(out_dir: Path, count: int) -> None:
 def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: list[str],
                    width: int = 1000, height: int = 700, charset_name: str = "korean_g2",
                    font_size: tuple[int, int] = (22, 40), progress: bool = True,
-                   font_dirs: Sequence[str | os.PathLike] = DEFAULT_FONT_DIRS) -> list[Path]:
+                   font_dirs: Sequence[str | os.PathLike] = DEFAULT_FONT_DIRS,
+                   degrade: degrade_mod.DegradeConfig | str | dict | None = None,
+                   contact_sheet: int = 0) -> list[Path]:
     """Write ``count`` synthetic pages ``page_{i:05d}.jpg/.json`` into ``out_dir``.
 
     ``fonts`` are file-name patterns for ``find_fonts``. Page ``i`` depends only on
@@ -408,6 +412,11 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
     written before its JSON, both through temp files and ``os.replace``, and an old JSON is
     removed before its image is replaced: a killed run never leaves a JSON without its image.
     Pages numbered ``count`` or above from earlier runs are removed. Returns the JSON paths.
+
+    ``degrade`` (a ``DegradeConfig``, a preset name or a params mapping; None: off) adds scan
+    wear from ``training.data.degrade`` with its own generator, so pages without it stay
+    byte-identical to earlier runs. ``contact_sheet`` > 0 writes ``contact_sheet.png`` with that
+    many page thumbnails, word boxes outlined, into ``out_dir``.
     """
     if count < 0:
         raise ValueError(f"count must be >= 0, got {count}")
@@ -416,6 +425,8 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
         raise ValueError(f"font_size must be (lo, hi) with 6 <= lo <= hi, got {font_size}")
     if width < 8 * hi or height < 4 * hi:
         raise ValueError(f"page {width}x{height} is too small for font size {hi}")
+    wear = (degrade if isinstance(degrade, degrade_mod.DegradeConfig)
+            else degrade_mod.DegradeConfig.from_params(degrade, "sample.degrade"))
     charset = Charset.from_spec(charset_name)
     faces = _usable_faces(find_fonts(fonts, font_dirs), charset)
     words, weights = load_lexicon(charset)
@@ -430,6 +441,8 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
         nrng = np.random.default_rng(page_seed)
         image, page_words = render_page(rng, nrng, faces, words, weights, charset, width,
                                         height, (lo, hi))
+        if wear.enabled:
+            image = degrade_page(image, page_words, wear, page_seed)
         name = f"page_{i:05d}"
         image_path, json_path = out / f"{name}.jpg", out / f"{name}.json"
         page = Page(image_path.name, width, height, page_words, category=rng.choice(CATEGORIES),
@@ -441,5 +454,37 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
         os.replace(tmp, image_path)
         write_page(page, json_path)
         paths.append(json_path)
+    sheet = out / "contact_sheet.png"
+    if contact_sheet > 0 and paths:
+        write_page_sheet(paths[:contact_sheet], sheet, faces)
+    else:
+        sheet.unlink(missing_ok=True)
     return paths
+
+
+def degrade_page(image: Image.Image, words: Sequence[Word], config: degrade_mod.DegradeConfig,
+                 page_seed: int) -> Image.Image:
+    """``image`` with scan wear; highlighter, scribbles and underlines land on the words' boxes."""
+    rng = np.random.default_rng(np.random.SeedSequence([page_seed, 0xDE9]))
+    boxes = [(int(x), int(y), int(x + w), int(y + h)) for (x, y, w, h) in (wd.bbox for wd in words)]
+    pixels = degrade_mod.apply(np.asarray(image, dtype=np.float32), rng, config, boxes or None)
+    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+def write_page_sheet(json_paths: Sequence[Path], path: Path, faces: Sequence[FontFace],
+                     thumb_width: int = 360) -> Path:
+    """Thumbnails of the pages with their word boxes outlined, captioned with name and word count."""
+    tiles = []
+    for json_path in json_paths:
+        page = read_page(json_path)
+        with Image.open(json_path.parent / page.image_name) as img:
+            thumb = img.convert("RGB")
+        draw = ImageDraw.Draw(thumb)
+        for word in page.words:
+            x, y, w, h = word.bbox
+            draw.rectangle([x, y, x + w - 1, y + h - 1], outline=(220, 30, 30), width=2)
+        tiles.append((thumb, f"{page.image_name}: {len(page.words)} words"))
+    ratio = max(t.height / t.width for t, _ in tiles)
+    return write_sheet(tiles, path, faces, columns=3,
+                       tile_size=(thumb_width, round(thumb_width * ratio)), caption_size=14)
 

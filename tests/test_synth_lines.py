@@ -1,0 +1,283 @@
+"""kocr synth-lines: LMDB output, determinism across seeds and worker counts, glyph coverage, knobs."""
+
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path
+
+import cv2
+import lmdb
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.charset import Charset
+from training.data.fonts import covers, find_fonts
+from training.data.lexicon import has_hangul
+from training.data.lmdb_store import LmdbDataset
+from training.data.synth_lines import (LinesConfig, SynthConfigError, generate_lines, rotate,
+                                       warp)
+
+try:
+    find_fonts(["NanumGothic.ttf", "UnBatang.ttf"])
+except ValueError:  # pragma: no cover - only on machines without the Korean font packages
+    pytest.skip("Korean fonts (fonts-nanum, fonts-unfonts-core) are not installed", allow_module_level=True)
+
+FONTS = ["NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumPen.ttf", "UnPilgi.ttf"]
+CHARSET = Charset.named("korean_g2")
+PLAIN = dict(degrade="off", distortion={"none": 1}, skew=0, margins=0, backgrounds={"white": 1})
+
+
+def _config(**kw) -> LinesConfig:
+    base = dict(count=24, seed=3, fonts=FONTS, workers=1, contact_sheet=8)
+    base.update(kw)
+    return LinesConfig.from_params(base)
+
+
+def _manifest(out: Path) -> list[dict[str, str]]:
+    lines = (out / "manifest.tsv").read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    assert header == ["index", "font", "background", "label"]
+    return [dict(zip(header, line.split("\t", 3))) for line in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def lines_set(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lines") / "set"
+    generate_lines(out, _config(count=60, words_per_line=[1, 3], max_chars=20), progress=False)
+    return out
+
+
+# -- output layout -----------------------------------------------------------------------------
+
+def test_standard_lmdb_layout_with_nfc_labels(lines_set):
+    env = lmdb.open(str(lines_set), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert txn.get(b"num-samples") == b"60"
+        keys = [k for k, _ in txn.cursor()]
+    env.close()
+    expected = {b"num-samples"} | {b"%s-%09d" % (kind, i) for kind in (b"image", b"label") for i in range(1, 61)}
+    assert set(keys) == expected  # 1-based, contiguous, nothing else
+    ds = LmdbDataset(lines_set)
+    rows = _manifest(lines_set)
+    assert [r["index"] for r in rows] == [str(i) for i in range(1, 61)]
+    for i in range(len(ds)):
+        image, label = ds[i]
+        assert image.dtype == np.uint8 and image.shape[0] == 64 and image.shape[1] >= 8
+        assert label == unicodedata.normalize("NFC", label) == label.strip() and "  " not in label
+        assert not CHARSET.missing(label), label
+        assert 1 <= len(label.split(" ")) <= 3 and len(label) <= 20
+        assert rows[i]["label"] == label
+        assert covers(find_fonts([rows[i]["font"]])[0], label)
+    labels = [ds.label(i) for i in range(len(ds))]
+    assert sum(map(has_hangul, labels)) > 0.6 * len(labels)
+    assert any(any(c.isdigit() for c in t) for t in labels)  # numbers and dates in the mix
+    assert any(" " in t for t in labels) and any(" " not in t for t in labels)
+    assert len({r["font"] for r in rows}) >= 3  # print and handwriting faces both used
+
+
+def test_image_shows_dark_text_on_light_paper(lines_set):
+    ds = LmdbDataset(lines_set)
+    for i in range(10):
+        image, label = ds[i]
+        paper = np.percentile(image, 90)
+        assert paper > 150, (label, paper)
+        assert image.min() < paper - 60, label  # ink present
+        assert (image < paper - 40).mean() < 0.6, label  # mostly paper
+
+
+def test_contact_sheet_grid(lines_set):
+    with Image.open(lines_set / "contact_sheet.png") as sheet:
+        assert sheet.format == "PNG"
+        width, height = sheet.size
+        grey = np.asarray(sheet.convert("L"))
+    assert width == 4 * (256 + 12)
+    assert height == 2 * (64 + 16 + 18)  # 8 samples in two rows of four, each with a caption line
+    caption_band = grey[6 + 64 + 6:6 + 64 + 6 + 16, 6:6 + 256]
+    assert (caption_band < 100).any()  # the label is printed under the first sample
+
+
+# -- determinism -------------------------------------------------------------------------------
+
+def test_same_seed_identical_bytes_other_seed_differs(tmp_path):
+    config = _config()
+    generate_lines(tmp_path / "a", config, progress=False)
+    generate_lines(tmp_path / "b", config, progress=False)
+    generate_lines(tmp_path / "c", _config(seed=4), progress=False)
+    for name in ("data.mdb", "manifest.tsv", "contact_sheet.png"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert (tmp_path / "a" / "data.mdb").read_bytes() != (tmp_path / "c" / "data.mdb").read_bytes()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_worker_count_does_not_change_the_set(tmp_path):
+    generate_lines(tmp_path / "one", _config(count=40, workers=1, degrade="strong"), progress=False)
+    generate_lines(tmp_path / "two", _config(count=40, workers=2, degrade="strong"), progress=False)
+    for name in ("data.mdb", "manifest.tsv"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+# -- glyph coverage ----------------------------------------------------------------------------
+
+def test_string_is_never_drawn_in_a_font_missing_a_glyph(tmp_path):
+    # NanumMyeongjo has no Hanja, UnBatang has them: "漢字" may only ever come out of UnBatang
+    myeongjo, batang = find_fonts(["NanumMyeongjo.ttf"])[0], find_fonts(["UnBatang.ttf"])[0]
+    assert not covers(myeongjo, "漢") and covers(batang, "漢")
+    charset = tmp_path / "ko_hanja.txt"
+    charset.write_text(CHARSET.chars + "漢字", encoding="utf-8")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("漢字\n서울 漢字\n서울\n", encoding="utf-8")
+    generate_lines(tmp_path / "set", _config(count=40, fonts=["NanumMyeongjo.ttf", "UnBatang.ttf"],
+                                             text_file=str(texts), charset_name=str(charset),
+                                             words_per_line=[1, 1]), progress=False)
+    rows = _manifest(tmp_path / "set")
+    hanja = [r for r in rows if "漢" in r["label"]]
+    assert hanja and all(r["font"] == "UnBatang.ttf" for r in hanja)
+    assert any(r["font"] == "NanumMyeongjo.ttf" for r in rows)  # it still draws what it covers
+    assert {r["label"] for r in rows} == {"漢字", "서울 漢字", "서울"}
+
+
+def test_text_no_font_can_draw_is_an_error(tmp_path):
+    charset = tmp_path / "ko_hanja.txt"
+    charset.write_text(CHARSET.chars + "漢字", encoding="utf-8")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("漢字\n", encoding="utf-8")
+    with pytest.raises(SynthConfigError, match="NanumMyeongjo"):
+        generate_lines(tmp_path / "set", _config(count=2, fonts=["NanumMyeongjo.ttf"], text_file=str(texts),
+                                                 charset_name=str(charset)), progress=False)
+    assert not (tmp_path / "set").exists() and not (tmp_path / "set.partial").exists()
+
+
+def test_text_file_lines_outside_the_charset_are_dropped(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("서울\n漢字\n  부산   광역시 \n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="1 lines hold characters outside"):
+        generate_lines(tmp_path / "set", _config(count=12, text_file=str(texts), words_per_line=[1, 1]),
+                       progress=False)
+    assert {r["label"] for r in _manifest(tmp_path / "set")} == {"서울", "부산 광역시"}
+
+
+# -- knobs ---------------------------------------------------------------------------------------
+
+def test_height_zero_keeps_the_rendered_size_and_height_scales(tmp_path):
+    generate_lines(tmp_path / "h0", _config(count=8, height=0, font_size=[40, 40], **PLAIN), progress=False)
+    generate_lines(tmp_path / "h32", _config(count=8, height=32, **PLAIN), progress=False)
+    natural = [LmdbDataset(tmp_path / "h0")[i][0].shape[0] for i in range(8)]
+    assert all(20 <= h <= 60 for h in natural) and len(set(natural)) > 1  # ink height of 40-px type
+    assert {LmdbDataset(tmp_path / "h32")[i][0].shape[0] for i in range(8)} == {32}
+
+
+def test_skew_turns_the_text(tmp_path):
+    straight = _config(count=6, height=0, words_per_line=[3, 3], **PLAIN)
+    turned = _config(count=6, height=0, words_per_line=[3, 3], **{**PLAIN, "skew": 12},
+                     random_skew=False)
+    generate_lines(tmp_path / "s", straight, progress=False)
+    generate_lines(tmp_path / "t", turned, progress=False)
+    a, b = LmdbDataset(tmp_path / "s"), LmdbDataset(tmp_path / "t")
+    for i in range(6):
+        (img_a, label_a), (img_b, label_b) = a[i], b[i]
+        assert label_a == label_b  # same text, only the angle differs
+        # a 12-degree turn of a wide line adds about 0.2 x its width to its height
+        assert img_b.shape[0] > img_a.shape[0] + 0.12 * img_a.shape[1], label_a
+
+
+def test_margins_leave_paper_around_the_ink(tmp_path):
+    tight = _config(count=12, height=0, **{**PLAIN, "margins": [0, 0, 0, 0]})
+    roomy = _config(count=12, height=0, **{**PLAIN, "margins": [12, 12, 12, 12]})
+    generate_lines(tmp_path / "tight", tight, progress=False)
+    generate_lines(tmp_path / "roomy", roomy, progress=False)
+    grown = []
+    for (a, label_a), (b, label_b) in zip(LmdbDataset(tmp_path / "tight"), LmdbDataset(tmp_path / "roomy")):
+        assert label_a == label_b
+        for edge in (a[0], a[-1], a[:, 0], a[:, -1]):  # no margin: the ink box touches every edge
+            assert edge.min() < a.max(), label_a  # plain white paper is one flat value
+        dh, dw = b.shape[0] - a.shape[0], b.shape[1] - a.shape[1]
+        assert 0 <= dh <= 24 and 0 <= dw <= 24, (label_a, dh, dw)
+        grown.append(dh + dw)
+    assert np.mean(grown) > 12  # each side drawn from 0..12: about 24 in all on average
+
+
+def test_background_kinds(tmp_path):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    cv2.imwrite(str(pictures / "black.png"), np.zeros((40, 60), np.uint8))
+    kinds = {"white": lambda e: e.std() < 0.6 and e.mean() >= 237,
+             "noise": lambda e: e.std() > 2.5,
+             "image": lambda e: abs(e.mean() - 150) < 1.5}  # black picture mapped to 150
+    for kind, check in kinds.items():
+        out = tmp_path / kind
+        generate_lines(out, _config(count=6, **{**PLAIN, "margins": [10, 10, 10, 10], "backgrounds": {kind: 1}},
+                                    background_images=str(pictures), font_size=[30, 30], height=0),
+                       progress=False)
+        assert {r["background"] for r in _manifest(out)} == {kind}
+        for image, _ in LmdbDataset(out):
+            top = image[:2].astype(np.float32)  # paper above the ink
+            assert check(top), (kind, top.mean(), top.std())
+
+
+def test_sine_warp_bends_a_straight_stroke():
+    mask = np.zeros((10, 120), np.float32)
+    mask[4:6] = 255
+    bent = warp(mask, "sine", 3.0, 60.0, np.random.default_rng(0))
+    rows = np.arange(bent.shape[0])[:, None]
+    centre = (bent * rows).sum(0) / bent.sum(0)
+    offset = centre - centre[0]
+    assert abs(offset[15] - -3) < 0.3 and abs(offset[45] - 3) < 0.3 and abs(offset[30]) < 0.3
+    assert warp(mask, "none", 3.0, 60.0, np.random.default_rng(0)) is mask
+
+
+def test_rotate_keeps_all_the_ink():
+    mask = np.zeros((20, 100), np.float32)
+    mask[8:12, 5:95] = 255
+    turned = rotate(mask, 15)
+    assert turned.shape[0] > 20 + 0.2 * 90
+    assert abs(turned.sum() - mask.sum()) < 0.02 * mask.sum()
+
+
+@pytest.mark.parametrize("params, words", [
+    ({"colour": 1}, "unknown keys ['colour']"),
+    ({"words_per_line": [3, 1]}, "synth_lines.words_per_line: lo 3 is above hi 1"),
+    ({"backgrounds": {"image": 1}}, "background_images names no folder"),
+    ({"backgrounds": {"marble": 1}}, "unknown kinds ['marble']"),
+    ({"distortion": {"sine": 0, "none": 0}}, "not all 0"),
+    ({"degrade": {"jpeg": 2}}, "synth_lines.degrade.jpeg"),
+    ({"margins": [1, 2]}, "synth_lines.margins"),
+    ({"image_format": "gif"}, "synth_lines.image_format"),
+])
+def test_bad_settings_name_the_key(params, words):
+    with pytest.raises(SynthConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        LinesConfig.from_params(params)
+
+
+def test_missing_fonts_and_charset_are_config_errors(tmp_path):
+    with pytest.raises(SynthConfigError, match="NoSuchFace"):
+        generate_lines(tmp_path / "x", _config(fonts=["NoSuchFace*.ttf"]), progress=False)
+    with pytest.raises(SynthConfigError, match="no_such_charset"):
+        generate_lines(tmp_path / "x", _config(charset_name="no_such_charset"), progress=False)
+
+
+def test_jpg_format(tmp_path):
+    generate_lines(tmp_path / "j", _config(count=3, image_format="jpg", contact_sheet=0), progress=False)
+    env = lmdb.open(str(tmp_path / "j"), readonly=True, lock=False)
+    with env.begin() as txn:
+        assert txn.get(b"image-000000001")[:3] == b"\xff\xd8\xff"
+    env.close()
+    assert not (tmp_path / "j" / "contact_sheet.png").exists()
+
+
+# -- command line --------------------------------------------------------------------------------
+
+def test_cli_writes_the_set_and_reports_bad_params_in_one_line(tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "synth_lines:\n  count: 50\n  seed: 2\n  fonts: [NanumGothic.ttf]\n  contact_sheet: 4\n", encoding="utf-8")
+    assert main(["synth-lines", "--out", "lines", "--count", "5", "--workers", "1"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("synth-lines: wrote 5 images to lines in ")
+    assert len(LmdbDataset(tmp_path / "lines")) == 5 and (tmp_path / "lines" / "contact_sheet.png").is_file()
+    (tmp_path / "params.yaml").write_text("synth_lines:\n  skew: 50\n", encoding="utf-8")
+    assert main(["synth-lines", "--out", "bad"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "kocr synth-lines: error: synth_lines.skew must be below 45 degrees, got 50.0"]

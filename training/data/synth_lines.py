@@ -1,0 +1,492 @@
+"""Synthetic Korean word and short-line images written straight into an LMDB recognition set.
+
+The trdg-style generator of ``kocr synth-lines``: text from the administrative-document token mix
+of ``training.data.lexicon`` (or a user's text file), one to a few words per image, rendered in
+print and handwriting faces chosen by file-name pattern. A string is only ever drawn in a face
+that has a glyph for each of its characters (no tofu boxes). Then trdg's knobs: skew, sine /
+cosine / random warp, margins, background (white, Gaussian noise, quasicrystal, pictures),
+output height; and the scan degradations of ``training.data.degrade``.
+
+Sample ``i`` depends only on (``seed``, ``i``) and the config, so the set is byte-identical
+whatever the number of worker processes. Beside the LMDB (standard layout, NFC labels) the output
+folder holds ``manifest.tsv`` (index, font, background, label) and ``contact_sheet.png``.
+
+Example:
+    >>> config = LinesConfig.from_params({"count": 100, "seed": 1, "fonts": ["NanumGothic.ttf"]})
+    >>> summary = generate_lines("data/synth_lines", config, progress=False)  # doctest: +SKIP
+    >>> summary["count"]  # doctest: +SKIP
+    100
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import random
+import unicodedata
+import warnings
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import cv2
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from training.charset import Charset
+from training.data import degrade
+from training.data.backgrounds import KINDS, image_files, make_background
+from training.data.contact_sheet import write_sheet
+from training.data.degrade import SynthConfigError
+from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
+from training.data.lexicon import is_hangul, load_lexicon, make_token
+from training.data.lmdb_store import LmdbWriter
+
+DISTORTIONS = ("none", "sine", "cosine", "random")
+FORMATS = ("png", "jpg")
+DEFAULT_FONTS = ("NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumBarunGothic.ttf", "UnDotum.ttf",
+                 "UnBatang.ttf", "NanumPen.ttf", "NanumBrush.ttf", "UnPilgi.ttf")
+TOKEN_TRIES = 12  # draws per word before giving up on that word in the chosen face
+
+
+def _pair(value: Any, name: str, kind: type = float) -> tuple:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        lo, hi = (kind(v) for v in value)
+    except (TypeError, ValueError):
+        raise SynthConfigError(f"synth_lines.{name}: expected [lo, hi], got {value!r}") from None
+    if lo > hi:
+        raise SynthConfigError(f"synth_lines.{name}: lo {lo} is above hi {hi}")
+    return lo, hi
+
+
+def _weights(value: Any, name: str, known: Sequence[str]) -> dict[str, float]:
+    if isinstance(value, str):
+        value = {value: 1.0}
+    if not isinstance(value, Mapping):
+        raise SynthConfigError(f"synth_lines.{name}: expected a mapping kind -> weight, got {value!r}")
+    unknown = set(value) - set(known)
+    if unknown:
+        raise SynthConfigError(f"synth_lines.{name}: unknown kinds {sorted(unknown)}; known: {', '.join(known)}")
+    weights = {k: float(v) for k, v in value.items()}
+    if any(v < 0 for v in weights.values()) or sum(weights.values()) <= 0:
+        raise SynthConfigError(f"synth_lines.{name}: weights must be >= 0 and not all 0, got {weights}")
+    return weights
+
+
+@dataclass(frozen=True)
+class LinesConfig:
+    """Every knob of ``kocr synth-lines`` (the ``synth_lines:`` section of params.yaml).
+
+    Sizes in pixels are at the rendering size (``font_size``) unless said otherwise; the image
+    is scaled to ``height`` at the end. ``margins`` are maxima (top, left, bottom, right), each
+    drawn from 0 to the value. ``skew`` is in degrees: uniform in [-skew, skew] when
+    ``random_skew``, else always ``skew``. ``backgrounds`` and ``distortion`` map a kind to its
+    weight. ``text_file`` (one string per line) replaces the lexicon mix.
+    """
+
+    count: int = 1000
+    seed: int = 0
+    fonts: tuple[str, ...] = DEFAULT_FONTS
+    font_dirs: tuple[str, ...] = DEFAULT_FONT_DIRS
+    charset_name: str = "korean_g2"
+    text_file: str | None = None
+    lexicon_top_n: int = 30000
+    words_per_line: tuple[int, int] = (1, 3)
+    max_chars: int = 25
+    font_size: tuple[int, int] = (36, 56)
+    height: int = 64
+    skew: float = 2.0
+    random_skew: bool = True
+    margins: tuple[int, int, int, int] = (6, 8, 6, 8)
+    backgrounds: Mapping[str, float] = field(default_factory=lambda: {
+        "white": 0.35, "noise": 0.45, "quasicrystal": 0.2})
+    background_images: str | None = None
+    distortion: Mapping[str, float] = field(default_factory=lambda: {
+        "none": 0.8, "sine": 0.08, "cosine": 0.07, "random": 0.05})
+    distortion_amplitude: tuple[float, float] = (1.0, 4.0)
+    distortion_period: tuple[float, float] = (2.0, 6.0)  # multiples of the font size
+    ink: tuple[float, float] = (0.0, 80.0)  # grey level of the text
+    degrade: degrade.DegradeConfig = field(default_factory=lambda: degrade.DegradeConfig.preset("mild"))
+    image_format: str = "png"
+    workers: int = 2
+    contact_sheet: int = 48  # samples shown in contact_sheet.png (0: none)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None, **overrides: Any) -> "LinesConfig":
+        """Build from the ``synth_lines:`` mapping; ``overrides`` (not None) win. Checks every value."""
+        raw = dict(params or {})
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise SynthConfigError(f"synth_lines: unknown keys {unknown}; known: {', '.join(sorted(names))}")
+        kw: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key in ("fonts", "font_dirs"):
+                value = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+            elif key in ("words_per_line", "font_size"):
+                value = _pair(value, key, int)
+            elif key in ("distortion_amplitude", "distortion_period", "ink"):
+                value = _pair(value, key)
+            elif key == "margins":
+                value = (value,) * 4 if isinstance(value, (int, float)) else tuple(value)
+                if len(value) != 4 or any(int(v) < 0 for v in value):
+                    raise SynthConfigError(f"synth_lines.margins: expected 4 values >= 0 "
+                                           f"(top, left, bottom, right), got {raw[key]!r}")
+                value = tuple(int(v) for v in value)
+            elif key == "backgrounds":
+                value = _weights(value, key, KINDS)
+            elif key == "distortion":
+                value = _weights(value, key, DISTORTIONS)
+            elif key == "degrade":
+                value = degrade.DegradeConfig.from_params(value, "synth_lines.degrade")
+            elif key in ("count", "seed", "lexicon_top_n", "max_chars", "height", "workers",
+                         "contact_sheet"):
+                value = int(value)
+            elif key == "skew":
+                value = float(value)
+            elif key == "random_skew":
+                value = bool(value)
+            kw[key] = value
+        config = cls(**kw)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Raise SynthConfigError naming the first setting that cannot work."""
+        if self.count < 0:
+            raise SynthConfigError(f"synth_lines.count must be >= 0, got {self.count}")
+        if self.words_per_line[0] < 1:
+            raise SynthConfigError(f"synth_lines.words_per_line must start at 1 or more, got {self.words_per_line}")
+        if self.font_size[0] < 8:
+            raise SynthConfigError(f"synth_lines.font_size must be 8 or more, got {self.font_size}")
+        if self.height < 0 or 0 < self.height < 8:
+            raise SynthConfigError(f"synth_lines.height must be 0 (keep) or >= 8, got {self.height}")
+        if self.max_chars < 1:
+            raise SynthConfigError(f"synth_lines.max_chars must be >= 1, got {self.max_chars}")
+        if not 0 <= abs(self.skew) < 45:
+            raise SynthConfigError(f"synth_lines.skew must be below 45 degrees, got {self.skew}")
+        if self.image_format not in FORMATS:
+            raise SynthConfigError(f"synth_lines.image_format must be one of {FORMATS}, got {self.image_format!r}")
+        if not 0 <= self.ink[0] <= self.ink[1] <= 255:
+            raise SynthConfigError(f"synth_lines.ink must be grey levels in [0, 255], got {self.ink}")
+        if self.distortion_period[0] <= 0:
+            raise SynthConfigError(f"synth_lines.distortion_period must be > 0, got {self.distortion_period}")
+        if self.backgrounds.get("image", 0) > 0 and not self.background_images:
+            raise SynthConfigError("synth_lines.backgrounds gives 'image' a weight but "
+                                   "synth_lines.background_images names no folder")
+
+    def as_params(self) -> dict[str, Any]:
+        """Flat, loggable view (MLflow params)."""
+        out = asdict(self)
+        out["degrade"] = {k: {"p": e.p, "span": list(e.span)} for k, e in self.degrade.effects.items()}
+        return out
+
+
+@dataclass
+class Sample:
+    """One generated image: encoded bytes, NFC label, and how it was made."""
+
+    image: bytes
+    label: str
+    font: str
+    background: str
+
+
+# -- the per-process context -----------------------------------------------------------------
+
+@dataclass
+class _Context:
+    config: LinesConfig
+    charset: Charset
+    faces: list[FontFace]
+    words: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    bg_files: tuple[str, ...] = ()
+
+    @classmethod
+    def build(cls, config: LinesConfig) -> "_Context":
+        charset = Charset.from_spec(config.charset_name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # warned once in the parent already
+            faces = find_fonts(list(config.fonts), config.font_dirs)
+        ctx = cls(config, charset, faces)
+        if config.text_file:
+            ctx.texts = load_texts(config.text_file, charset)
+        else:
+            ctx.words, ctx.weights = load_lexicon(charset, top_n=config.lexicon_top_n)
+        if config.background_images and config.backgrounds.get("image", 0) > 0:
+            ctx.bg_files = image_files(config.background_images)
+        return ctx
+
+
+def load_texts(path: str | os.PathLike, charset: Charset) -> list[str]:
+    """Strings of a UTF-8 text file, one per line, NFC, outer spaces stripped, inner runs of space
+    collapsed; lines holding a character outside ``charset`` are dropped (with a warning)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SynthConfigError(f"{path}: synth_lines.text_file does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise SynthConfigError(f"{path}: synth_lines.text_file is not UTF-8 "
+                               f"({exc.reason} at byte {exc.start})") from None
+    texts, dropped = [], 0
+    for line in lines:
+        text = " ".join(unicodedata.normalize("NFC", line).split())
+        if not text:
+            continue
+        if charset.missing(text):
+            dropped += 1
+            continue
+        texts.append(text)
+    if not texts:
+        raise SynthConfigError(f"{path}: no line of synth_lines.text_file fits charset {charset.name!r}")
+    if dropped:
+        warnings.warn(f"{path}: {dropped} lines hold characters outside charset {charset.name!r}; skipped",
+                      stacklevel=2)
+    return texts
+
+
+_CTX: _Context | None = None
+
+
+def _context(config: LinesConfig) -> _Context:
+    global _CTX
+    if _CTX is None or _CTX.config != config:
+        _CTX = _Context.build(config)
+    return _CTX
+
+
+# -- rendering -------------------------------------------------------------------------------
+
+def sample_rngs(seed: int, index: int) -> tuple[random.Random, np.random.Generator]:
+    """Independent generators for sample ``index`` of a set made with ``seed``."""
+    seq = np.random.SeedSequence([seed % 2**64, index])
+    state = seq.generate_state(2, np.uint64)
+    return random.Random(int(state[0]) << 64 | int(state[1])), np.random.default_rng(seq)
+
+
+def _token(rng: random.Random, ctx: _Context) -> str:
+    if ctx.texts:
+        return ctx.texts[rng.randrange(len(ctx.texts))]
+    return make_token(rng, ctx.words, ctx.weights, ctx.charset)
+
+
+def line_text(rng: random.Random, ctx: _Context, face: FontFace) -> str:
+    """Words joined by single spaces, each drawable in ``face`` and in the charset; '' if none."""
+    config = ctx.config
+    tokens: list[str] = []
+    for _ in range(rng.randint(*config.words_per_line)):
+        for _attempt in range(TOKEN_TRIES):
+            token = _token(rng, ctx)
+            if token and covers(face, token) and not ctx.charset.missing(token):
+                break
+        else:
+            continue
+        if len(" ".join(tokens + [token])) > config.max_chars:
+            if tokens:
+                break
+            continue
+        tokens.append(token)
+    return " ".join(tokens)
+
+
+def _ink_mask(text: str, face: FontFace, size: int) -> np.ndarray | None:
+    """White-on-black float32 coverage of ``text``, cropped to its ink; None when nothing is drawn."""
+    font = load_font(face, size)
+    left, top, right, bottom = font.getbbox(text, anchor="ls")
+    canvas = Image.new("L", (right - left + 4, bottom - top + 4), 0)
+    ImageDraw.Draw(canvas).text((2 - left, 2 - top), text, font=font, fill=255, anchor="ls")
+    box = canvas.getbbox()
+    if box is None:
+        return None
+    return np.asarray(canvas.crop(box), dtype=np.float32)
+
+
+def _crop_ink(mask: np.ndarray) -> np.ndarray:
+    x, y, w, h = cv2.boundingRect((mask > 4).astype(np.uint8))
+    return mask[y:y + h, x:x + w] if w and h else mask
+
+
+def warp(mask: np.ndarray, kind: str, amplitude: float, period: float,
+         rng: np.random.Generator) -> np.ndarray:
+    """trdg's distortion: columns shifted up/down by a sine, a cosine or a smooth random curve."""
+    if kind == "none" or amplitude <= 0:
+        return mask
+    pad = int(math.ceil(amplitude)) + 1
+    mask = np.pad(mask, ((pad, pad), (0, 0)))
+    h, w = mask.shape
+    x = np.arange(w, dtype=np.float32)
+    if kind == "sine":
+        offset = amplitude * np.sin(2 * np.pi * x / period)
+    elif kind == "cosine":
+        offset = amplitude * np.cos(2 * np.pi * x / period)
+    else:
+        knots = max(2, int(w / (period / 2)) + 2)
+        values = rng.uniform(-amplitude, amplitude, knots)
+        offset = np.interp(x, np.linspace(0, w - 1, knots), values)
+    map_x = np.broadcast_to(x, (h, w)).astype(np.float32)
+    map_y = (np.arange(h, dtype=np.float32)[:, None] + offset[None, :].astype(np.float32))
+    return cv2.remap(mask, map_x, map_y.astype(np.float32), cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def rotate(mask: np.ndarray, degrees: float) -> np.ndarray:
+    """``mask`` turned by ``degrees`` (counter-clockwise), the canvas grown to keep every pixel."""
+    if abs(degrees) < 0.05:
+        return mask
+    h, w = mask.shape
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), degrees, 1.0)
+    cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
+    nw, nh = int(math.ceil(w * cos + h * sin)), int(math.ceil(w * sin + h * cos))
+    matrix[0, 2] += nw / 2 - w / 2
+    matrix[1, 2] += nh / 2 - h / 2
+    return cv2.warpAffine(mask, matrix, (nw, nh), flags=cv2.INTER_LINEAR,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
+def _encode(image: np.ndarray, fmt: str) -> bytes:
+    pixels = np.clip(image + 0.5, 0, 255).astype(np.uint8)
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1] if fmt == "png" else [cv2.IMWRITE_JPEG_QUALITY, 95]
+    ok, buf = cv2.imencode("." + fmt, pixels, params)
+    if not ok:
+        raise ValueError(f"cannot encode a {pixels.shape} image as {fmt}")
+    return buf.tobytes()
+
+
+def render_sample(index: int, ctx: _Context) -> Sample:
+    """Sample ``index`` of the set: text, font, geometry, background and degradations."""
+    config = ctx.config
+    rng, nrng = sample_rngs(config.seed, index)
+    faces = ctx.faces
+    for _attempt in range(4 * len(faces) + 8):
+        face = faces[rng.randrange(len(faces))]
+        text = line_text(rng, ctx, face)
+        if not text:
+            continue
+        size = rng.randint(*config.font_size)
+        mask = _ink_mask(text, face, size)
+        if mask is not None:
+            break
+    else:
+        source = config.text_file or "the lexicon"
+        raise SynthConfigError(f"no string from {source} can be drawn in fonts "
+                               f"{[str(f) for f in faces]} (glyph coverage or charset {ctx.charset.name})")
+
+    under = config.degrade.effect("underline")
+    if rng.random() < under.p:  # drawn with the text so skew and warp bend it too
+        h, w = mask.shape
+        mask = np.pad(mask, ((0, max(3, round(h * 0.35))), (0, 0)))
+        mask = degrade.underline(mask, nrng, rng.uniform(*under.span), (0, 0, w, h), ink=255.0)
+
+    kind = rng.choices(list(config.distortion), weights=list(config.distortion.values()))[0]
+    amplitude = rng.uniform(*config.distortion_amplitude)
+    period = size * rng.uniform(*config.distortion_period)
+    mask = warp(mask, kind, amplitude, period, nrng)
+    angle = rng.uniform(-config.skew, config.skew) if config.random_skew else config.skew
+    mask = _crop_ink(rotate(mask, angle))
+
+    top, left, bottom, right = (rng.randint(0, m) for m in config.margins)
+    mask = np.pad(mask, ((top, bottom), (left, right)))
+    h, w = mask.shape
+    background = rng.choices(list(config.backgrounds), weights=list(config.backgrounds.values()))[0]
+    paper = make_background(background, h, w, nrng, ctx.bg_files)
+    alpha = mask * np.float32(rng.uniform(0.85, 1.0) / 255.0)
+    image = paper * (1.0 - alpha) + np.float32(rng.uniform(*config.ink)) * alpha
+
+    if config.height and h != config.height:
+        nw = max(1, round(w * config.height / h))
+        interp = cv2.INTER_AREA if h > config.height else cv2.INTER_CUBIC
+        image = cv2.resize(image, (nw, config.height), interpolation=interp)
+    image = degrade.apply(image, nrng, config.degrade)  # underline there is skipped: no boxes
+    label = unicodedata.normalize("NFC", text)
+    return Sample(_encode(image, config.image_format), label, Path(face.path).name, background)
+
+
+def _render_in_worker(index: int) -> Sample:
+    assert _CTX is not None, "worker started without _init_worker"
+    return render_sample(index, _CTX)
+
+
+def _init_worker(config: LinesConfig) -> None:
+    _context(config)
+
+
+def iter_samples(config: LinesConfig, start: int = 0, stop: int | None = None,
+                 workers: int | None = None) -> Iterator[Sample]:
+    """Samples ``start``..``stop - 1`` in order, rendered by ``workers`` processes (<= 1: here)."""
+    stop = config.count if stop is None else stop
+    workers = config.workers if workers is None else workers
+    indices = range(start, stop)
+    if workers <= 1 or len(indices) < 2:
+        ctx = _context(config)
+        for i in indices:
+            yield render_sample(i, ctx)
+        return
+    _context(config)  # fork start: workers inherit the loaded fonts and lexicon
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    chunk = max(1, min(64, len(indices) // (workers * 4)))
+    with multiprocessing.get_context(method).Pool(workers, _init_worker, (config,)) as pool:
+        yield from pool.imap(_render_in_worker, indices, chunksize=chunk)
+
+
+def _usable(config: LinesConfig) -> list[FontFace]:
+    """Faces of the patterns, warning about those with little Hangul (used only where they cover)."""
+    try:
+        charset = Charset.from_spec(config.charset_name)
+        faces = find_fonts(list(config.fonts), config.font_dirs)
+    except ValueError as exc:  # unknown charset, no font file matching the patterns
+        raise SynthConfigError(f"synth_lines: {exc}") from None
+    hangul = [c for c in charset.chars if is_hangul(c)]
+    weak = [str(f) for f in faces if hangul and sum(covers(f, c) for c in hangul) < 0.9 * len(hangul)]
+    if weak:
+        warnings.warn(f"fonts with little Hangul for {charset.name} draw only the strings they cover: "
+                      f"{weak}", stacklevel=3)
+    return faces
+
+
+def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
+                   progress: bool = True) -> dict[str, Any]:
+    """Write ``config.count`` images into the LMDB set ``out_dir`` (replaced when it exists).
+
+    Also writes ``manifest.tsv`` (LMDB index, font file, background kind, label) and, unless
+    ``config.contact_sheet`` is 0, ``contact_sheet.png`` into the set's folder. Returns a summary:
+    count, fonts and backgrounds used (counts), the contact sheet path.
+    """
+    config.check()
+    faces = _usable(config)
+    out = Path(out_dir)
+    fonts_used: Counter[str] = Counter()
+    backgrounds_used: Counter[str] = Counter()
+    tiles: list[tuple[Image.Image, str]] = []
+    with LmdbWriter(out) as writer:
+        manifest = (writer.partial / "manifest.tsv").open("w", encoding="utf-8", newline="\n")
+        with manifest:
+            manifest.write("index\tfont\tbackground\tlabel\n")
+            samples = iter_samples(config)
+            for sample in tqdm(samples, total=config.count, desc="synthetic lines", unit="img",
+                               disable=not progress, smoothing=0.05):
+                writer.add(sample.image, sample.label)
+                manifest.write(f"{writer.count}\t{sample.font}\t{sample.background}\t{sample.label}\n")
+                fonts_used[sample.font] += 1
+                backgrounds_used[sample.background] += 1
+                if len(tiles) < config.contact_sheet:
+                    grey = cv2.imdecode(np.frombuffer(sample.image, np.uint8), cv2.IMREAD_GRAYSCALE)
+                    tiles.append((Image.fromarray(grey, "L"), sample.label))
+        sheet = None
+        if tiles:
+            print_faces = [f for f in faces if not any(k in Path(f.path).name.lower()
+                                                       for k in ("pen", "brush", "pilgi", "gungseo"))]
+            sheet = write_sheet(tiles, writer.partial / "contact_sheet.png", print_faces or faces,
+                                columns=4, tile_size=(256, 64))
+    return {"count": config.count, "out": str(out),
+            "contact_sheet": str(out / sheet.name) if sheet else None,
+            "fonts": dict(sorted(fonts_used.items())),
+            "backgrounds": dict(sorted(backgrounds_used.items()))}
