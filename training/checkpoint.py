@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from training.attention import EOS_INDEX, GO_INDEX, num_class_for
 from training.charset import BUILTIN_CHARSETS, Charset
 from training.model import Recognizer, RecognizerConfig
 
@@ -67,16 +68,19 @@ def strip_module_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
 
 
 def config_from_state_dict(state_dict: dict[str, torch.Tensor], imgH: int = 64) -> RecognizerConfig:
-    """Read the architecture off the tensor shapes of an EasyOCR gen-2 state_dict."""
+    """Read the architecture off the tensor shapes of an EasyOCR gen-2 state_dict (CTC or attention head)."""
     sd = strip_module_prefix(state_dict)
+    prediction, head_key = ("attn", "Prediction.generator.weight") if "Prediction.generator.weight" in sd \
+        else ("ctc", "Prediction.weight")
     try:
         first = sd["FeatureExtraction.ConvNet.0.weight"]
-        head = sd["Prediction.weight"]
+        head = sd[head_key]
         last_conv = sd["FeatureExtraction.ConvNet.18.weight"]
     except KeyError as exc:
         raise ModelSpecError(f"not an EasyOCR gen-2 (VGG-BiLSTM-CTC) state_dict: no key {exc}") from None
     return RecognizerConfig(num_class=head.shape[0], input_channel=first.shape[1],
-                            output_channel=last_conv.shape[0], hidden_size=head.shape[1], imgH=imgH)
+                            output_channel=last_conv.shape[0], hidden_size=head.shape[1], imgH=imgH,
+                            prediction=prediction)
 
 
 def save_checkpoint(path: str | os.PathLike, model: Recognizer, charset: Charset,
@@ -151,9 +155,14 @@ def load_recognizer(spec: str, device: str = "cpu") -> LoadedRecognizer:
     except Exception as exc:  # torch raises many types for a bad file
         raise ModelSpecError(f"{path}: not a loadable PyTorch checkpoint ({type(exc).__name__})") from None
     if isinstance(payload, dict) and payload.get("format") == FORMAT:
-        config = RecognizerConfig(**payload["config"])
-        charset = Charset(payload["charset"], payload.get("charset_name", "custom"))
         state_dict, meta = payload["state_dict"], payload.get("meta", {})
+        stored = dict(payload["config"])
+        inferred = config_from_state_dict(state_dict).prediction  # checkpoints older than the attn head omit it
+        if stored.setdefault("prediction", inferred) != inferred:
+            raise ArchitectureMismatch(f"{path}: config says prediction {stored['prediction']} but the "
+                                       f"weights hold a {inferred} head")
+        config = RecognizerConfig(**stored)
+        charset = Charset(payload["charset"], payload.get("charset_name", "custom"))
     elif isinstance(payload, dict) and path.stem in BUILTIN_CHARSETS:
         charset = Charset.named(path.stem)
         config = config_from_state_dict(payload)
@@ -161,20 +170,26 @@ def load_recognizer(spec: str, device: str = "cpu") -> LoadedRecognizer:
     else:
         raise ModelSpecError(f"{path}: neither a kocr checkpoint nor an EasyOCR .pth named after "
                              f"its charset ({', '.join(BUILTIN_CHARSETS)})")
-    if config.num_class != charset.num_class:
+    needed = num_class_for(charset, config.prediction)
+    if config.num_class != needed:
         raise ArchitectureMismatch(f"{path}: head has {config.num_class} classes but charset "
-                                   f"{charset.name} needs {charset.num_class}")
+                                   f"{charset.name} needs {needed}")
     model = Recognizer(config)
     model.load_state_dict(state_dict)
     model.to(device).eval()
     return LoadedRecognizer(model, charset, config, spec, meta)
 
 
-def check_architecture(base: RecognizerConfig, wanted: RecognizerConfig, source: str) -> None:
-    """Raise ArchitectureMismatch naming every knob where ``base`` and ``wanted`` differ (head aside)."""
+def check_architecture(base: RecognizerConfig, wanted: RecognizerConfig, source: str,
+                       compare_prediction: bool = True) -> None:
+    """Raise ArchitectureMismatch naming every knob where ``base`` and ``wanted`` differ (head size aside).
+
+    The prediction type (ctc / attn) is compared too unless ``compare_prediction`` is false, as when
+    ``start_attention_from`` builds a fresh attention head on a CTC checkpoint's trunk.
+    """
+    knobs = ("input_channel", "output_channel", "hidden_size") + (("prediction",) if compare_prediction else ())
     diffs = [f"{k}: checkpoint {getattr(base, k)} vs config {getattr(wanted, k)}"
-             for k in ("input_channel", "output_channel", "hidden_size")
-             if getattr(base, k) != getattr(wanted, k)]
+             for k in knobs if getattr(base, k) != getattr(wanted, k)]
     if diffs:
         raise ArchitectureMismatch(f"{source} does not fit the configured model: " + "; ".join(diffs))
 
@@ -183,8 +198,11 @@ def transfer_head(base: LoadedRecognizer, charset: Charset, seed: int = 0) -> tu
     """A model for ``charset`` initialised from ``base``; head rows of shared characters are copied.
 
     Rows of characters new to the head start small (std of the old rows) with the lowest old bias,
-    so at step 0 the model still reads what it read before.
+    so at step 0 the model still reads what it read before. An attention head keeps its whole
+    attention cell; its generator rows and its one-hot input columns move the same way.
     """
+    if base.config.prediction == "attn":
+        return _transfer_attention_head(base, charset, seed)
     config = RecognizerConfig(**{**base.config.as_dict(), "num_class": charset.num_class})
     model = Recognizer(config)
     body = {k: v for k, v in base.model.state_dict().items() if not k.startswith("Prediction.")}
@@ -202,3 +220,74 @@ def transfer_head(base: LoadedRecognizer, charset: Charset, seed: int = 0) -> tu
         model.Prediction.weight.copy_(new_w)
         model.Prediction.bias.copy_(new_b)
     return model, HeadTransfer(base.config.num_class, config.num_class, len(pairs))
+
+
+def _attention_pairs(charset: Charset, old: Charset) -> list[tuple[int, int]]:
+    """(old token, new token) for [GO], [s] and every shared character (charset class i is token i + 1)."""
+    return [(GO_INDEX, GO_INDEX), (EOS_INDEX, EOS_INDEX)] + [(o + 1, n + 1) for o, n in charset.shared_rows(old)[1:]]
+
+
+def _transfer_attention_head(base: LoadedRecognizer, charset: Charset, seed: int) -> tuple[Recognizer, HeadTransfer]:
+    config = RecognizerConfig(**{**base.config.as_dict(), "num_class": num_class_for(charset, "attn")})
+    model = Recognizer(config)
+    old_sd = base.model.state_dict()
+    moved = ("Prediction.generator.weight", "Prediction.generator.bias", "Prediction.attention_cell.rnn.weight_ih")
+    model.load_state_dict({k: v for k, v in old_sd.items() if k not in moved}, strict=False)
+    pairs = _attention_pairs(charset, base.charset)
+    old_rows, new_rows = torch.tensor([o for o, _ in pairs]), torch.tensor([n for _, n in pairs])
+    generator = torch.Generator().manual_seed(seed)
+    old_w, old_b = old_sd["Prediction.generator.weight"], old_sd["Prediction.generator.bias"]
+    old_ih = old_sd["Prediction.attention_cell.rnn.weight_ih"]  # (4 hidden, context + old tokens)
+    width = old_ih.shape[1] - base.config.num_class            # context columns come first
+    with torch.no_grad():
+        new_w = torch.randn(config.num_class, config.hidden_size, generator=generator) * old_w.std()
+        new_b = torch.full((config.num_class,), float(old_b.min()))
+        new_w[new_rows], new_b[new_rows] = old_w[old_rows], old_b[old_rows]
+        old_onehot = old_ih[:, width:]
+        new_onehot = torch.randn(old_ih.shape[0], config.num_class, generator=generator) * old_onehot.std()
+        new_onehot[:, new_rows] = old_onehot[:, old_rows]
+        model.Prediction.generator.weight.copy_(new_w)
+        model.Prediction.generator.bias.copy_(new_b)
+        model.Prediction.attention_cell.rnn.weight_ih.copy_(torch.cat([old_ih[:, :width], new_onehot], dim=1))
+    return model, HeadTransfer(base.config.num_class, config.num_class, len(pairs))
+
+
+TRUNK = ("FeatureExtraction", "SequenceModeling")
+
+
+def start_attention_from(base: LoadedRecognizer, charset: Charset, seed: int = 0) -> tuple[Recognizer, dict[str, Any]]:
+    """An attention model for ``charset`` on ``base``'s trunk (FeatureExtraction + SequenceModeling).
+
+    The trunk's weights and BatchNorm statistics are copied bit for bit; the attention head is
+    fresh, initialised from ``seed`` without touching the global RNG. ``base`` may hold any head
+    (e.g. english_g2's CTC head, which is dropped). The info dict says what was kept, for logging.
+    """
+    config = RecognizerConfig(**{**base.config.as_dict(), "num_class": num_class_for(charset, "attn"),
+                                 "prediction": "attn"})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Recognizer(config)
+    trunk = {k: v for k, v in base.model.state_dict().items() if k.split(".", 1)[0] in TRUNK}
+    model.load_state_dict(trunk, strict=False)  # the head's keys are the only ones missing
+    info = {"prediction": "attn", "head_init": "fresh", "kept_modules": ",".join(TRUNK),
+            "kept_tensors": len(trunk), "head_old_prediction": base.config.prediction,
+            "head_old_classes": base.config.num_class, "head_new_classes": config.num_class}
+    return model.to(next(base.model.parameters()).device), info
+
+
+def start_from(base: LoadedRecognizer, wanted: RecognizerConfig, charset: Charset,
+               seed: int = 0) -> tuple[Recognizer, dict[str, Any]]:
+    """The model a run starting at ``base`` trains, for the ``wanted`` architecture and ``charset``.
+
+    Same prediction type: ``base`` itself when the charset matches, else ``transfer_head``. An
+    attention run on a CTC checkpoint: ``start_attention_from``. Anything else that does not fit
+    ``wanted`` (including a CTC run on an attention checkpoint) raises ArchitectureMismatch.
+    """
+    if wanted.prediction == "attn" and base.config.prediction == "ctc":
+        check_architecture(base.config, wanted, base.source, compare_prediction=False)
+        return start_attention_from(base, charset, seed)
+    check_architecture(base.config, wanted, base.source)
+    if base.charset == charset:
+        return base.model, {"head_rows_copied": base.config.num_class}
+    model, transfer = transfer_head(base, charset, seed=seed)
+    return model, transfer.as_dict()

@@ -46,6 +46,10 @@ def check_exportable(loaded: LoadedRecognizer) -> None:
     """Refuse what EasyOCR cannot read: anything but a greyscale CTC recogniser."""
     if not isinstance(loaded.model, Recognizer):
         raise ExportError(f"{loaded.source}: EasyOCR reads CTC recognisers only, not {type(loaded.model).__name__}")
+    if loaded.config.prediction != "ctc":
+        raise ExportError(f"{loaded.source}: EasyOCR reads CTC models only, and this model has an attention "
+                          f"({loaded.config.prediction}) prediction head; train with `model.prediction: ctc` "
+                          f"to export it")
     if loaded.config.input_channel != 1:
         raise ExportError(f"{loaded.source}: EasyOCR feeds greyscale crops; this model takes "
                           f"{loaded.config.input_channel} input channels")

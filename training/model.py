@@ -1,7 +1,8 @@
 """EasyOCR generation-2 recogniser (None-VGG-BiLSTM-CTC) with EasyOCR's state_dict key layout.
 
 Keys: ``FeatureExtraction.ConvNet.*``, ``SequenceModeling.{0,1}.{rnn,linear}.*``, ``Prediction.*``,
-so a state_dict loads into ``easyocr.model.vgg_model.Model`` and back.
+so a state_dict loads into ``easyocr.model.vgg_model.Model`` and back. ``prediction="attn"`` swaps
+the CTC Linear for an attention decoder (``training/attention.py``, an experiment EasyOCR cannot read).
 
 Example:
     >>> import torch
@@ -27,8 +28,13 @@ class RecognizerConfig:
     output_channel: int = 256
     hidden_size: int = 256
     imgH: int = 64
+    prediction: str = "ctc"  # ctc | attn
 
-    def as_dict(self) -> dict[str, int]:
+    def __post_init__(self) -> None:
+        if self.prediction not in ("ctc", "attn"):
+            raise ValueError(f"model.prediction {self.prediction!r}: expected ctc or attn")
+
+    def as_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
     def network_params(self) -> dict[str, int]:
@@ -71,7 +77,11 @@ class VGGFeatureExtractor(nn.Module):
 
 
 class Recognizer(nn.Module):
-    """None-VGG-BiLSTM-CTC. ``forward(images, text=None)`` returns logits (batch, time, num_class)."""
+    """None-VGG-BiLSTM-CTC (or -Attn). ``forward(images, text=None)`` returns logits (batch, time, num_class).
+
+    With ``prediction="attn"`` the time axis is the decoder's ``batch_max_length + 1`` steps and
+    ``text``/``is_train`` drive teacher forcing (see ``training.attention``); CTC ignores both.
+    """
 
     def __init__(self, config: RecognizerConfig) -> None:
         super().__init__()
@@ -81,13 +91,21 @@ class Recognizer(nn.Module):
         self.SequenceModeling = nn.Sequential(
             BidirectionalLSTM(config.output_channel, config.hidden_size, config.hidden_size),
             BidirectionalLSTM(config.hidden_size, config.hidden_size, config.hidden_size))
-        self.Prediction = nn.Linear(config.hidden_size, config.num_class)
+        if config.prediction == "attn":
+            from training.attention import AttentionHead  # imported here: EasyOCR bundles are CTC-only
 
-    def forward(self, images: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        # ``text`` is accepted (and ignored) because EasyOCR calls model(image, text_for_pred).
+            self.Prediction = AttentionHead(config.hidden_size, config.hidden_size, config.num_class)
+        else:
+            self.Prediction = nn.Linear(config.hidden_size, config.num_class)
+
+    def forward(self, images: torch.Tensor, text: torch.Tensor | None = None, is_train: bool = False,
+                batch_max_length: int = 25) -> torch.Tensor:
+        # ``text`` is accepted (and ignored by CTC) because EasyOCR calls model(image, text_for_pred).
         feature = self.FeatureExtraction(images)                      # B, C, H', W'
         feature = self.AdaptiveAvgPool(feature.permute(0, 3, 1, 2))   # B, W', C, 1
         context = self.SequenceModeling(feature.squeeze(3))           # B, W', hidden
+        if self.config.prediction == "attn":
+            return self.Prediction(context.contiguous(), text, is_train, batch_max_length)
         return self.Prediction(context.contiguous())
 
 
