@@ -1,7 +1,8 @@
-"""Pictures people look at: a page with ground truth (left) and a model's reading (right).
+"""Pictures people look at: a page with ground truth (left) and a model's reading (right); a crop and its readings.
 
 Example:
     >>> draw_comparison("p.jpg", gt_page, pred_page, "candidate F1 0.31", "worst.png")  # doctest: +SKIP
+    >>> draw_crop_readings("c.jpg", "서울", {"english_g2": ("Seoul", 1.0)}, "crop.png")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -57,6 +58,33 @@ def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: 
     canvas = Image.new("RGB", (left.width + right.width + 10, max(left.height, right.height)), (255, 255, 255))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width + 10, 0))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out)
+    return out
+
+
+def draw_crop_readings(image_path: str | os.PathLike, gt: str, readings: dict[str, tuple[str, float]],
+                       out: str | os.PathLike, height: int = 96) -> Path:
+    """Write a PNG of one crop (scaled to ``height``) above its ground truth and each model's reading.
+
+    ``readings`` maps a model label to (text, CER); exact readings are drawn green, others red.
+    """
+    size = 22
+    font = _font(size)
+    with Image.open(image_path) as image:
+        crop = image.convert("RGB")
+        crop = crop.resize((max(1, min(1200, round(crop.width * height / crop.height))), height))
+    lines = [(f"ground truth: {gt}", GT_COLOUR)]
+    lines += [(f"{label}: {text}  (CER {value:.2f})", GT_COLOUR if value == 0 else PRED_COLOUR)
+              for label, (text, value) in readings.items()]
+    probe = ImageDraw.Draw(crop)
+    width = max([crop.width] + [probe.textbbox((0, 0), text, font=font)[2] for text, _ in lines]) + 20
+    canvas = Image.new("RGB", (width, crop.height + 20 + len(lines) * (size + 8)), (255, 255, 255))
+    canvas.paste(crop, (10, 10))
+    draw = ImageDraw.Draw(canvas)
+    for row, (text, colour) in enumerate(lines):
+        draw.text((10, crop.height + 16 + row * (size + 8)), text, fill=colour, font=font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out)

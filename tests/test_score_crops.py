@@ -1,0 +1,96 @@
+"""`kocr evaluate-crops`: labels TSV checks, EasyOCR-identical reading of real crops, the CLI."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from evaluation.metrics import recognition_scores
+from evaluation.score_crops import (
+    Crop,
+    CropReport,
+    ScoreInputError,
+    read_labels,
+    score_crops,
+)
+from kocr.cli import main
+from tests.conftest import realdata
+
+
+def _png(path, size=(60, 20)):
+    Image.new("L", size, 255).save(path)
+    return path
+
+
+def test_labels_resolve_images_next_to_the_file_and_ignore_extra_columns(tmp_path):
+    (tmp_path / "img").mkdir()
+    _png(tmp_path / "img" / "a.png")
+    nfd = unicodedata.normalize("NFD", "서울")
+    (tmp_path / "labels.tsv").write_text(f"note\timage\ttext\nx\timg/a.png\t {nfd} \n\n", encoding="utf-8")
+    crops = read_labels(tmp_path / "labels.tsv")
+    assert [(c.image, c.text, c.line) for c in crops] == [(tmp_path / "img" / "a.png", "서울", 2)]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("file\tlabel\na.png\t서울\n", "labels.tsv:1: header"),
+    ("image\ttext\na.png\t서울\na.png\n", "labels.tsv:3: 1 tab-separated field(s)"),
+    ("image\ttext\na.png\t서울\nmissing.png\t부산\n", "labels.tsv:3: image"),
+    ("image\ttext\na.png\t\n", "labels.tsv:2: empty text"),
+    ("image\ttext\n", "no rows after the header"),
+])
+def test_malformed_labels_name_the_file_and_line(tmp_path, content, message):
+    _png(tmp_path / "a.png")
+    (tmp_path / "labels.tsv").write_text(content, encoding="utf-8")
+    with pytest.raises(ScoreInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_labels(tmp_path / "labels.tsv")
+
+
+def test_worst_ranks_by_the_first_model_then_the_others():
+    crops = [Crop(Path(f"{i}.png"), t, i) for i, t in enumerate(["가나", "다라", "마바"])]
+    report = CropReport(crops, {}, {"m": ["가나", "다X", "마X"], "b": ["가나", "다라", "XX"]})
+    assert report.worst(2) == [2, 1]  # 1 and 2 tie on m (CER 0.5); b breaks the tie
+
+
+def test_crops_read_exactly_as_easyocr_reader_recognize_reads_them():
+    from kocr.easyocr_compat import import_easyocr, offline_model_dir
+
+    labels = realdata("greengarnets_crops", "labels.tsv")
+    crops = read_labels(labels)
+    report = score_crops(crops, {"english_g2": "english_g2"}, progress=False)
+    easyocr = import_easyocr()
+    reader = easyocr.Reader(["en"], gpu=False, model_storage_directory=offline_model_dir(), recog_network="english_g2",
+                            detector=False, download_enabled=False, quantize=False, verbose=False)
+    theirs = [reader.recognize(str(c.image), detail=0)[0] for c in crops]
+    assert report.readings["english_g2"] == theirs
+    assert report.metrics["english_g2"] == recognition_scores([c.text for c in crops], theirs)
+    # english_g2 has no Hangul in its charset: it cannot read one of these Korean signs right
+    assert report.metrics["english_g2"]["word_accuracy"] == 0.0 and report.metrics["english_g2"]["n"] == 5
+
+
+def test_cli_scores_models_and_tesseract_and_draws_the_worst(tmp_path, capsys):
+    from evaluation.tesseract import tesseract_available
+
+    labels = realdata("paddleocr", "words.tsv")
+    baseline = ["--baseline", "tesseract"] if tesseract_available() else []
+    assert main(["evaluate-crops", "--labels", str(labels), "--model", "english_g2", *baseline,
+                 "--worst", "1", "--out", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "out" / "scores.json").read_text(encoding="utf-8"))
+    rows = (tmp_path / "out" / "readings.tsv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].split("\t") == ["image", "text", "english_g2", *baseline[1:]] and len(rows) == 3
+    assert printed["english_g2"]["n"] == 2 and printed["english_g2"]["word_accuracy"] == 0.0
+    pictures = list((tmp_path / "out").glob("worst_*.png"))
+    assert len(pictures) == 1 and Image.open(pictures[0]).height > 96
+    if baseline:  # Tesseract's Korean model reads printed Hangul; english_g2 cannot emit it at all
+        assert printed["tesseract"]["word_accuracy"] > printed["english_g2"]["word_accuracy"]
+
+
+def test_cli_error_is_one_line_naming_file_and_line(tmp_path, capsys):
+    (tmp_path / "labels.tsv").write_text("image\ttext\nnope.png\t서울\n", encoding="utf-8")
+    assert main(["evaluate-crops", "--labels", str(tmp_path / "labels.tsv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{tmp_path / 'labels.tsv'}:2: image" in err and "nope.png" in err

@@ -1,0 +1,102 @@
+"""`kocr evaluate-pages`: order-free character F1 and line-matched CER by hand, then a real page."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import unicodedata
+
+import pytest
+
+from evaluation.score_crops import ScoreInputError
+from evaluation.score_pages import (
+    CharCounts,
+    char_counts,
+    find_pages,
+    group_lines,
+    line_cer_counts,
+)
+from kocr.cli import main
+from tests.conftest import realdata
+from training.data.pages import Word
+
+
+def test_char_counts_are_a_multiset_overlap_ignoring_order_and_spaces():
+    # gt {가, 나, 다}; pred {가 ×2, 다, 라}: the second 가 and 라 are extra, 나 is missed
+    c = char_counts("가나 다", "가가다라")
+    assert c == CharCounts(tp=2, gt=3, pred=4)
+    assert (c.precision, c.recall) == (0.5, 2 / 3) and c.f1 == pytest.approx(4 / 7)
+    assert char_counts("서울 시청", "청시\n울서") == CharCounts(4, 4, 4)  # any order, any spacing
+    assert char_counts(unicodedata.normalize("NFD", "한글"), "한글") == CharCounts(2, 2, 2)
+    assert char_counts("가", "").f1 == 0.0 and char_counts("", "").precision == 0.0
+    assert char_counts("ab", "ab") + char_counts("cd", "cx") == CharCounts(3, 4, 4)  # pages sum (micro)
+
+
+def test_line_cer_matches_lines_optimally_not_greedily():
+    # distances: abcd-abce 1, abcd-abcdzz 2, abxy-abce 2, abxy-abcdzz 4 (= unmatched).
+    # Greedy (cheapest pair first) takes abcd-abce, then abxy pays 4: 5 edits. Optimal: 2 + 2.
+    assert line_cer_counts(["abcd", "abxy"], ["abce", "abcdzz"]) == (4, 8)
+
+
+def test_line_cer_ignores_order_and_spacing_and_charges_missing_lines_in_full():
+    assert line_cer_counts(["서울 시청", "부산역"], ["부산억", "서울시청", "잡음"]) == (1, 7)  # extra line free
+    assert line_cer_counts(["서울 시청", "부산역", ""], ["서울 시청"]) == (3, 7)  # 부산역 missed: 3
+    assert line_cer_counts(["가나다"], ["xyz"]) == (3, 3)  # a match worse than none counts as none
+    assert line_cer_counts([], ["잡음"]) == (0, 0)
+
+
+def test_group_lines_orders_words_into_lines_by_vertical_overlap():
+    words = [Word((120, 14, 40, 20), "시청"), Word((10, 60, 60, 22), "부산역"), Word((10, 10, 50, 20), "서울"),
+             Word((80, 66, 30, 20), "앞"), Word((10, 34, 40, 8), " "), Word((200, 25, 30, 20), "x")]
+    # "x" overlaps the first line by 9 px, less than half its 20 px: its own line, placed by its top
+    assert group_lines(words) == ["서울 시청", "x", "부산역 앞"]
+
+
+def test_find_pages_needs_a_text_per_image(tmp_path):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "img" / "p1.png").write_bytes(b"")
+    (tmp_path / "img" / "notes.md").write_text("not an image")
+    with pytest.raises(ScoreInputError, match="p1.png: no ground truth .*p1.txt"):
+        find_pages(tmp_path / "img", tmp_path / "txt")
+    (tmp_path / "txt" / "p1.txt").write_bytes("서울\n".encode("cp949"))
+    with pytest.raises(ScoreInputError, match="p1.txt: not UTF-8"):
+        find_pages(tmp_path / "img", tmp_path / "txt")
+    (tmp_path / "txt" / "p1.txt").write_text(" 서울 \n\n시청\n", encoding="utf-8")
+    (item,) = find_pages(tmp_path / "img", tmp_path / "txt")
+    assert item.lines == ["서울", "시청"]
+    with pytest.raises(ScoreInputError, match="missing: image folder not found"):
+        find_pages(tmp_path / "missing", tmp_path / "txt")
+
+
+def test_cli_reads_a_real_page_end_to_end(tmp_path, capsys):
+    from evaluation.tesseract import tesseract_available
+
+    image, text = realdata("paddleocr", "korean_1.jpg"), realdata("paddleocr", "korean_1.txt")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "text").mkdir()
+    shutil.copy(image, tmp_path / "images")
+    shutil.copy(text, tmp_path / "text")
+    baseline = ["--baseline", "tesseract"] if tesseract_available() else []
+    assert main(["evaluate-pages", "--images", str(tmp_path / "images"), "--text", str(tmp_path / "text"),
+                 "--model", "english_g2", *baseline, "--out", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    lines = [ln for ln in text.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    base = printed["english_g2"]
+    assert base["pages"] == 1 and base["gt_lines"] == len(lines)
+    assert base["gt_chars"] == sum(len("".join(ln.split())) for ln in lines)
+    assert base["pred_lines"] > 0 and base["pred_chars"] > 0  # CRAFT found the handwriting
+    # english_g2 cannot emit Hangul and the page is all Hangul: nothing it reads can count
+    assert base["char_recall"] == 0.0 and base["line_cer"] == 1.0
+    per_page = json.loads((tmp_path / "out" / "scores.json").read_text(encoding="utf-8"))["english_g2"]["per_page"]
+    assert len(per_page) == 1 and len(per_page[0]["lines"]) == base["pred_lines"]
+    if baseline:
+        tess = printed["tesseract"]
+        assert tess["char_f1"] > 0.5 and tess["line_cer"] < 0.5  # printed-like handwriting: Tesseract reads most
+
+
+def test_cli_error_names_the_missing_text(tmp_path, capsys):
+    (tmp_path / "p.jpg").write_bytes(b"")
+    assert main(["evaluate-pages", "--images", str(tmp_path), "--text", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "p.jpg: no ground truth" in err and "p.txt" in err
