@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from kocr.easyocr_compat import import_easyocr, offline_model_dir
-from training.checkpoint import LoadedRecognizer
+from training.checkpoint import LoadedRecognizer, ModelSpecError
 from training.data.pages import Page, Word
 
 
@@ -90,6 +90,10 @@ class Recognition:
 
     def __init__(self, loaded: LoadedRecognizer, settings: DetectorSettings = DetectorSettings(),
                  device: str = "cpu") -> None:
+        if loaded.config.prediction != "ctc":
+            raise ModelSpecError(f"{loaded.source}: has an attention (attn) head; pages are read through EasyOCR's "
+                                 "CTC decoding, so only CTC models (model.prediction: ctc) can be evaluated end to "
+                                 "end or used by kocr predict; the train stage scores attention models on crops")
         easyocr = import_easyocr()
         self.loaded, self.settings, self.device = loaded, settings, device
         self.converter = easyocr.utils.CTCLabelConverter(loaded.charset.chars, {}, {})

@@ -217,7 +217,7 @@ def logged(server, sample_pages, tmp_path_factory):
         client = mlflow.MlflowClient(server.url, registry_uri=server.url)
         experiment_id = client.create_experiment("ko-ocr/server-test")  # not set_experiment: no global state
         config = TrainConfig(base="scratch", output_channel=32, hidden_size=32, steps=4, batch_size=4,
-                             val_every=2, max_width=256)
+                             val_every=2, max_width=256, log_every=1)
         with mlflow.start_run(experiment_id=experiment_id, run_name="train") as run:
             summary = train(config, work / "prepared", work / "candidate", metrics_file=work / "train.json",
                             plots_dir=work / "plots", progress=False, log=True)

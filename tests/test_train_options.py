@@ -15,8 +15,8 @@ from tests.conftest import REPO
 from training.charset import Charset
 from training.crops import CropBatch, CropDataset
 from training.data.lmdb_store import LmdbDataset, LmdbWriter
-from training.train import (TrainConfig, _seed_everything, build_model, ctc_loss, freeze_modules, make_optimizer,
-                            make_scheduler, train)
+from training.optim import make_optimizer, make_scheduler
+from training.train import TrainConfig, _seed_everything, build_model, ctc_loss, freeze_modules, train
 
 KOREAN = Charset.named("korean_g2")
 TINY = {"base": "scratch", "output_channel": 32, "hidden_size": 32, "batch_size": 4, "steps": 3, "val_every": 3}
@@ -39,7 +39,7 @@ def test_params_yaml_defaults_change_nothing():
 def test_warmup_grows_the_lr_linearly_then_holds():
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=1.0)
-    scheduler = make_scheduler(optimizer, warmup_steps=4)
+    scheduler = make_scheduler(optimizer, "constant", warmup_steps=4)
     seen = []
     for _ in range(6):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -47,7 +47,7 @@ def test_warmup_grows_the_lr_linearly_then_holds():
         scheduler.step()
     assert seen == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
     optimizer = torch.optim.SGD([weight], lr=0.3)
-    make_scheduler(optimizer, warmup_steps=0)
+    make_scheduler(optimizer, "constant", warmup_steps=0)
     assert optimizer.param_groups[0]["lr"] == 0.3
 
 
@@ -69,7 +69,7 @@ def test_frozen_parameters_are_not_given_to_the_optimizer():
     config = TrainConfig(**{**TINY, "freeze": "both"})
     model = build_model(config, 0)[0]
     freeze_modules(model, "both")
-    optimised = {id(p) for group in make_optimizer(model, config).param_groups for p in group["params"]}
+    optimised = {id(p) for group in make_optimizer(model, config.optimizer, config.lr).param_groups for p in group["params"]}
     assert optimised == {id(p) for p in model.Prediction.parameters()}
     with pytest.raises(ValueError, match="train.freeze 'head'"):
         freeze_modules(model, "head")

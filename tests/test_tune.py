@@ -237,9 +237,9 @@ def test_conditional_entries_give_one_knob_a_range_per_optimizer():
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"metric": "e2e_f1"}, "not available yet"),
+    ({"metric": "e2e_f1", "direction": "maximize", "e2e_split": "test"}, "would leak them into model choice"),
     ({"direction": "maximize"}, "val_cer is improved by minimize"),
-    ({"space": {"augment": {"type": "float", "low": 0, "high": 1}}}, "'augment' is not a searchable train knob"),
+    ({"space": {"patience": {"type": "int", "low": 0, "high": 3}}}, "'patience' is not a searchable train knob"),
     ({"space": {"lr": {"type": "float", "low": 1e-4}}}, "needs low and high"),
     ({"pruner": "asha"}, "expected median, hyperband or none"),
 ])
@@ -251,7 +251,23 @@ def test_settings_errors_name_what_to_fix(change, message):
 def test_cli_reports_a_settings_error_in_one_line(prepared, tmp_path, monkeypatch):
     from kocr.cli import main
 
-    monkeypatch.chdir(_project(tmp_path / "p", metric="e2e_f1"))
+    monkeypatch.chdir(_project(tmp_path / "p", metric="e2e_f1", e2e_split="test", direction="maximize"))
     with pytest.raises(SystemExit) as exited:
         main(["tune", "--data", str(prepared)])
-    assert str(exited.value).startswith("kocr tune: error: tune.metric e2e_f1: ") and "\n" not in str(exited.value)
+    assert str(exited.value).startswith("kocr tune: error: tune.e2e_split test: ") and "\n" not in str(exited.value)
+
+
+def test_end_to_end_f1_objective_scores_trials_on_the_validation_pages(sample_pages, prepared, tmp_path):
+    import json
+
+    params = {**PARAMS, "data": {"source": str(sample_pages)},
+              "tune": {**PARAMS["tune"], "metric": "e2e_f1", "direction": "maximize", "n_trials": 1,
+                       "steps_per_trial": 2, "report_every": 2, "study_name": "e2e",
+                       "space": {"lr": {"type": "float", "low": 1e-3, "high": 2e-3}}}}
+    best = run_tune(TuneConfig.from_params(params["tune"]), params, prepared, tmp_path, log=False)
+    study = optuna.load_study(study_name="e2e", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    (trial,) = study.get_trials(deepcopy=False)
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert trial.intermediate_values == {2: best["value"]} and 0.0 <= best["value"] <= 1.0
+    val_pages = json.loads((prepared / "splits.json").read_text())["val"]
+    assert val_pages and best["metric"] == "e2e_f1"

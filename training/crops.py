@@ -16,6 +16,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from training.augment import augment_crop, sample_rng
 from training.charset import Charset
 from training.data.lmdb_store import LmdbDataset
 from training.data.transforms import collate_crops, pad_width, prepare_crop
@@ -41,11 +42,16 @@ class CropDataset(Dataset):
     ``max_width`` after resizing are dropped to bound memory. With ``batch_max_length`` > 0, labels
     longer than that many characters are dropped too (``over_batch_max_length``, EasyOCR's
     ``batch_max_length``); 0 keeps every length the model can align.
+
+    Items are fetched by index, or by ``(index, step, slot)`` keys from a tagged
+    :class:`BucketBatchSampler`: then the crop is augmented with strength ``augment`` by a generator
+    seeded from (seed, step, slot), the same in any worker and after a resume.
     """
 
     def __init__(self, source: LmdbDataset, charset: Charset, imgH: int = 64, max_width: int = 1024,
-                 batch_max_length: int = 0) -> None:
+                 batch_max_length: int = 0, augment: float = 0.0, seed: int = 0) -> None:
         self.source, self.charset, self.imgH = source, charset, imgH
+        self.augment, self.seed = augment, seed
         self.dropped: Counter[str] = Counter()
         self.indices: list[int] = []
         self.widths: list[int] = []  # EasyOCR pad width of each kept sample, for bucketing
@@ -57,7 +63,7 @@ class CropDataset(Dataset):
             if batch_max_length > 0 and len(label) > batch_max_length:
                 self.dropped["over_batch_max_length"] += 1
                 continue
-            h, w = source[i][0].shape
+            h, w = source.size(i)
             width = pad_width(w, h, imgH)
             if width > max_width:
                 self.dropped["too_wide"] += 1
@@ -72,8 +78,16 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, index: int):
+    @property
+    def longest_label(self) -> int:
+        """Characters in the longest kept label: the batch_max_length this set needs."""
+        return max((len(self.source.label(i)) for i in self.indices), default=0)
+
+    def __getitem__(self, key: int | tuple[int, int, int]):
+        index, step, slot = key if isinstance(key, tuple) else (key, 0, 0)
         image, label = self.source[self.indices[index]]
+        if self.augment > 0 and isinstance(key, tuple):
+            image = augment_crop(image, self.augment, sample_rng(self.seed, step, slot))
         return prepare_crop(image, self.imgH), label
 
     def collate(self, items) -> CropBatch:
@@ -94,16 +108,25 @@ class BucketBatchSampler(Sampler[list[int]]):
     Indices are shuffled, taken ``pool`` batches at a time, sorted by width inside the pool, cut
     into batches, and the batches shuffled again. Yields ``num_batches`` batches in all, starting a
     new epoch as needed.
+
+    Under data parallelism the global sequence holds ``num_batches x world_size`` batches and rank
+    ``r`` takes every ``world_size``-th from ``r``, so ranks never share a sample within a step.
+    ``start`` skips the first steps (a resumed run continues the exact sequence). With ``tagged``
+    each index comes as ``(index, step, slot)`` (step counted from 1, slot unique over ranks) for
+    :class:`CropDataset`'s seeded augmentation.
     """
 
-    def __init__(self, widths: list[int], batch_size: int, num_batches: int, seed: int = 0, pool: int = 50) -> None:
-        if len(widths) < batch_size:
-            raise ValueError(f"{len(widths)} samples cannot fill one batch of {batch_size}")
+    def __init__(self, widths: list[int], batch_size: int, num_batches: int, seed: int = 0, pool: int = 50,
+                 start: int = 0, rank: int = 0, world_size: int = 1, tagged: bool = False) -> None:
+        if len(widths) < batch_size * world_size:
+            raise ValueError(f"{len(widths)} samples cannot fill one batch of {batch_size} on each of "
+                             f"{world_size} process(es)")
         self.widths, self.batch_size, self.num_batches = widths, batch_size, num_batches
         self.seed, self.pool = seed, pool
+        self.start, self.rank, self.world_size, self.tagged = start, rank, world_size, tagged
 
     def __len__(self) -> int:
-        return self.num_batches
+        return max(self.num_batches - self.start, 0)
 
     def _epoch(self, rng: random.Random) -> list[list[int]]:
         order = list(range(len(self.widths)))
@@ -117,12 +140,19 @@ class BucketBatchSampler(Sampler[list[int]]):
         rng.shuffle(batches)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list]:
         rng = random.Random(self.seed)
-        emitted = 0
-        while emitted < self.num_batches:
+        position, total = 0, self.num_batches * self.world_size
+        while position < total:
             for batch in self._epoch(rng):
-                if emitted == self.num_batches:
+                if position == total:
                     return
-                emitted += 1
-                yield batch
+                step, rank = divmod(position, self.world_size)
+                position += 1
+                if rank != self.rank or step < self.start:
+                    continue
+                if self.tagged:
+                    base = rank * self.batch_size
+                    yield [(index, step + 1, base + slot) for slot, index in enumerate(batch)]
+                else:
+                    yield batch

@@ -20,7 +20,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,10 +32,14 @@ from tqdm import tqdm
 
 from evaluation.metrics import recognition_scores
 from training.charset import Charset
-from training.checkpoint import check_architecture, load_recognizer, save_checkpoint, transfer_head
+from training.attention import AttnCodec, attention_loss, num_class_for
+from training.checkpoint import load_recognizer, save_checkpoint, start_from
 from training.crops import BucketBatchSampler, CropBatch, CropDataset
 from training.data.lmdb_store import LmdbDataset
+from training.distributed import DistContext, all_agree, broadcast_flag, init_distributed, shutdown, sum_over_ranks
 from training.model import Recognizer, RecognizerConfig
+from training.optim import make_optimizer, make_scheduler
+from training.resume import config_differences, load_state, restore_rng, rng_state, save_state
 
 
 @dataclass(frozen=True)
@@ -49,20 +53,30 @@ class TrainConfig:
     optimizer: str = "adam"          # adadelta | adam | adamw
     lr: float = 1e-3
     weight_decay: float = 0.0
+    schedule: str = "constant"       # constant | cosine | onecycle (each after warmup_steps)
+    warmup_steps: int = 0            # linear lr warm-up over this many optimizer steps; 0 = none
     grad_clip: float = 5.0
     val_every: int = 100
+    patience: int = 0                # stop after this many validations without a better CER; 0 = never
     seed: int = 0
     num_workers: int = 0
     max_width: int = 1024
     device: str = "auto"
-    warmup_steps: int = 0            # linear lr warm-up over this many optimizer steps; 0 = none
+    precision: str = "auto"          # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True       # CUDA only: NHWC convolutions
+    compile: bool = False            # torch.compile the model
+    augment: float = 0.0             # on-the-fly augmentation strength in [0, 1]; 0 = none
     freeze: str = "none"             # none | feature_extraction | sequence_modeling | both
     batch_max_length: int = 0        # drop training labels longer than this; 0 = what the model can align
     focal_gamma: float = 0.0         # 0 = plain CTC; > 0 = focal CTC, (1 - p)^gamma weighting
+    checkpoint_every: int = 50       # write the resumable state every N steps (and at each validation)
+    log_every: int = 10              # loss and lr to MLflow every N steps (every step goes to plots/)
+    log_samples: int = 8             # validation crops shown with their reading at each validation
     output_channel: int = 256
     hidden_size: int = 256
     input_channel: int = 1
     imgH: int = 64
+    prediction: str = "ctc"          # model.prediction: ctc | attn (attention: experiments only, not exportable)
     tuned_from: str = ""             # set by ``train.use_tuned``: the file the tuned values came from
     tuned_keys: tuple[str, ...] = ()
 
@@ -137,38 +151,48 @@ def _train_mode(model: torch.nn.Module, frozen: list[torch.nn.Module]) -> None:
         module.eval()
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up: the lr grows from lr/warmup_steps to lr over ``warmup_steps`` optimizer steps, then stays."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda done: min(1.0, (done + 1) / warmup_steps) if warmup_steps > 0 else 1.0)
-
-
-def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Adadelta (as users run EasyOCR's trainer, lr 1.0), Adam or AdamW."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if config.optimizer == "adadelta":
-        return torch.optim.Adadelta(params, lr=config.lr, rho=0.95, eps=1e-8, weight_decay=config.weight_decay)
-    if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    raise ValueError(f"train.optimizer {config.optimizer!r}: expected adadelta, adam or adamw")
-
-
 def build_model(config: TrainConfig, seed: int) -> tuple[Recognizer, Charset, dict[str, Any]]:
-    """The model to train: ``base`` with its head moved to ``charset``; raises on an architecture mismatch."""
+    """The model to train: ``base`` with its head moved to ``charset``; raises on an architecture mismatch.
+
+    A CTC checkpoint started as an attention model keeps its trunk and gets a fresh attention head.
+    """
     charset = Charset.from_spec(config.charset)
-    wanted = RecognizerConfig(num_class=charset.num_class, input_channel=config.input_channel,
+    wanted = RecognizerConfig(num_class=num_class_for(charset, config.prediction), input_channel=config.input_channel,
                               output_channel=config.output_channel, hidden_size=config.hidden_size,
-                              imgH=config.imgH)
+                              imgH=config.imgH, prediction=config.prediction)
     if config.base == "scratch":
         return Recognizer(wanted), charset, {"base": "scratch"}
-    base = load_recognizer(config.base)
-    check_architecture(base.config, wanted, config.base)
-    if base.charset == charset:
-        return base.model, charset, {"base": config.base, "head_rows_copied": charset.num_class}
-    model, transfer = transfer_head(base, charset, seed=seed)
-    return model, charset, {"base": config.base, **transfer.as_dict()}
+    model, transfer = start_from(load_recognizer(config.base), wanted, charset, seed=seed)
+    return model, charset, {"base": config.base, **transfer}
+
+
+class Objective:
+    """What the head trains on: CTC over the whole width, or attention decoding up to ``max_length`` characters."""
+
+    def __init__(self, prediction: str, charset: Charset, max_length: int, focal_gamma: float = 0.0) -> None:
+        self.attention = prediction == "attn"
+        self.codec = AttnCodec(charset) if self.attention else None
+        self.charset, self.max_length, self.focal_gamma = charset, max_length, focal_gamma
+
+    def logits(self, model: torch.nn.Module, images: torch.Tensor, labels: list[str] | None = None) -> torch.Tensor:
+        """Class scores: teacher-forced with ``labels`` (attention training), else the model's own reading."""
+        if not self.attention:
+            return model(images)
+        if labels is None:
+            return model(images, is_train=False, batch_max_length=self.max_length)
+        decoder_input, _ = self.codec.encode(labels, self.max_length)
+        return model(images, decoder_input.to(images.device), is_train=True, batch_max_length=self.max_length)
+
+    def loss(self, logits: torch.Tensor, batch: CropBatch, device: torch.device, focal: bool = True) -> torch.Tensor:
+        if not self.attention:
+            return ctc_loss(logits, batch, device, self.focal_gamma if focal else 0.0)
+        _, target = self.codec.encode(batch.labels, self.max_length)
+        return attention_loss(logits, target.to(device))
+
+    def decode(self, logits: torch.Tensor) -> list[str]:
+        if self.attention:
+            return self.codec.decode(logits)
+        return self.charset.decode_batch(logits.argmax(2).cpu().tolist())
 
 
 def ctc_loss(logits: torch.Tensor, batch: CropBatch, device: torch.device, focal_gamma: float = 0.0) -> torch.Tensor:
@@ -190,20 +214,35 @@ def ctc_loss(logits: torch.Tensor, batch: CropBatch, device: torch.device, focal
     return (weight * per_sample).mean()
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` on ``device`` (None: plain fp32)."""
+    choices = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+    if precision not in choices:
+        raise ValueError(f"train.precision {precision!r}: expected auto, fp32, bf16 or fp16")
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("train.precision fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    return choices[precision]
+
+
 @torch.no_grad()
-def validate(model: Recognizer, loader: DataLoader, charset: Charset, device: torch.device) -> dict[str, float]:
-    """Greedy-decode the validation set; returns cer, word_accuracy, norm_ed, loss and n."""
+def validate(model: Recognizer, loader: DataLoader, objective: Objective, device: torch.device,
+             samples: int = 0) -> tuple[dict[str, float], list[tuple[str, str]]]:
+    """Greedy-decode the validation set: (cer, word_accuracy, norm_ed, loss, n; the first ``samples`` (label, reading))."""
     model.eval()
     gts, preds, losses = [], [], []
     for batch in loader:
-        logits = model(batch.images.to(device))
-        preds += charset.decode_batch(logits.argmax(2).cpu().tolist())
+        images = batch.images.to(device)
+        logits = objective.logits(model, images).float()
+        preds += objective.decode(logits)
         gts += batch.labels
-        losses.append(float(ctc_loss(logits, batch, device)))
-    model.train()
+        if objective.attention:  # the loss of attention is taken teacher-forced, as in training
+            logits = objective.logits(model, images, batch.labels).float()
+        losses.append(float(objective.loss(logits, batch, device, focal=False)))
     scores = recognition_scores(gts, preds)
     scores["loss"] = float(np.mean(losses)) if losses else float("nan")
-    return scores
+    return scores, list(zip(gts, preds))[:samples]
 
 
 def _seed_everything(seed: int) -> None:
@@ -213,13 +252,14 @@ def _seed_everything(seed: int) -> None:
 
 
 def _loader(dataset: CropDataset, config: TrainConfig, device: torch.device,
-            num_batches: int | None = None) -> DataLoader:
-    """Training batches bucketed by width when ``num_batches`` is given, else the set in order."""
+            sampler: BucketBatchSampler | None = None) -> DataLoader:
+    """Training batches from ``sampler`` (bucketed by width), else the whole set in order (validation)."""
     common = {"num_workers": config.num_workers, "collate_fn": dataset.collate,
               "pin_memory": device.type == "cuda", "persistent_workers": config.num_workers > 0}
-    if num_batches is None:
+    if config.num_workers > 0:
+        common["prefetch_factor"] = 4
+    if sampler is None:
         return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, **common)
-    sampler = BucketBatchSampler(dataset.widths, config.batch_size, num_batches, seed=config.seed)
     return DataLoader(dataset, batch_sampler=sampler, **common)
 
 
@@ -232,38 +272,77 @@ def _write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
             writer.writerows(rows)
 
 
-def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
-          metrics_file: str | os.PathLike = "metrics/train.json", plots_dir: str | os.PathLike = "plots/train",
-          progress: bool = True, log: bool = True,
-          on_validation: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """Run the stage; with ``log`` every number also goes to the active MLflow run.
+@dataclass
+class Progress:
+    """Counters a resumed run continues from (saved in the training state)."""
 
-    ``on_validation(step, scores)`` is called after each validation (scores: cer, word_accuracy,
-    norm_ed, loss); an exception it raises (e.g. ``optuna.TrialPruned``) stops training and propagates.
-    """
-    if log:
-        import mlflow
+    step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"cer": math.inf, "step": 0})
+    stale: int = 0                   # validations since the last improvement
+    skipped_nonfinite: int = 0
+    seen: float = 0.0                # images over all ranks
+    seconds: float = 0.0             # training wall time before this process
+    loss_rows: list[dict[str, Any]] = field(default_factory=list)
+    val_rows: list[dict[str, Any]] = field(default_factory=list)
+    sample_rows: list[dict[str, Any]] = field(default_factory=list)
 
-    _seed_everything(config.seed)
-    device = pick_device(config.device)
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    model, charset, transfer = build_model(config, config.seed)
-    model.to(device)
-    frozen = freeze_modules(model, config.freeze)
-    _train_mode(model, frozen)
+
+def _datasets(config: TrainConfig, data_dir: Path, charset: Charset) -> tuple[CropDataset, CropDataset]:
     train_set = CropDataset(LmdbDataset(data_dir / "train"), charset, config.imgH, config.max_width,
-                            batch_max_length=config.batch_max_length)
+                            batch_max_length=config.batch_max_length, augment=config.augment, seed=config.seed)
     # batch_max_length filters training only: validation stays the whole set, so runs (and tuning
     # trials) with different limits are scored on the same samples.
     val_set = CropDataset(LmdbDataset(data_dir / "val"), charset, config.imgH, config.max_width)
     if len(train_set) == 0:
         raise ValueError(f"{data_dir / 'train'}: no usable training samples (dropped: {dict(train_set.dropped)})")
-    info = {**transfer, "device": str(device), "train_samples": len(train_set), "val_samples": len(val_set),
+    return train_set, val_set
+
+
+def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+          metrics_file: str | os.PathLike = "metrics/train.json", plots_dir: str | os.PathLike = "plots/train",
+          progress: bool = True, log: bool = True,
+          on_validation: Callable[[int, dict[str, float]], None] | None = None,
+          state_file: str | os.PathLike | None = None, resume: bool = False,
+          scorer: Callable[[Recognizer, Charset], dict[str, float]] | None = None) -> dict[str, Any]:
+    """Run the stage; with ``log`` every number also goes to the active MLflow run (rank 0 only under torchrun).
+
+    ``on_validation(step, scores)`` is called after each validation (scores: cer, word_accuracy,
+    norm_ed, loss); an exception it raises (e.g. ``optuna.TrialPruned``) stops training and propagates.
+    With ``state_file`` the resumable state is written there every ``checkpoint_every`` steps and at
+    each validation, and removed when the run completes; with ``resume`` a state found there (from
+    the same config and data) is continued, else the run starts fresh and says why. ``scorer(model,
+    charset)`` adds scores to each validation (e.g. end-to-end F1, :mod:`evaluation.page_scorer`).
+    """
+    _seed_everything(config.seed)
+    ctx = init_distributed(pick_device(config.device))
+    device, main = ctx.device, ctx.is_main
+    log = log and main
+    if log:
+        import mlflow
+    data_dir, out_dir = Path(data_dir), Path(out_dir)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    core, charset, transfer = build_model(config, config.seed)
+    core.to(device)
+    if config.channels_last and device.type == "cuda":
+        core.to(memory_format=torch.channels_last)
+    frozen = freeze_modules(core, config.freeze)
+    _train_mode(core, frozen)
+    train_set, val_set = _datasets(config, data_dir, charset)
+    amp_dtype = resolve_precision(config.precision, device)
+    max_length = config.batch_max_length or train_set.longest_label
+    val_length = max(max_length, val_set.longest_label)  # attention reads validation up to its longest label
+    objective = Objective(config.prediction, charset, max_length, config.focal_gamma)
+    val_objective = Objective(config.prediction, charset, val_length)
+    info = {**transfer, "train_samples": len(train_set), "val_samples": len(val_set),
+            "batch_max_length_used": max_length,
+            "world_size": ctx.world_size, "global_batch_size": config.batch_size * ctx.world_size,
+            "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             **{f"train_dropped_{k}": v for k, v in train_set.dropped.items()}}
     if log:
-        mlflow.log_params({k: v for k, v in info.items() if k != "device"})
+        mlflow.log_params(info)
         mlflow.set_tag("device", str(device))
-    if config.tuned_keys:
+    if config.tuned_keys and main:
         used = {k: getattr(config, k) for k in config.tuned_keys}
         print(f"train: tuned values from {config.tuned_from}: "
               + ", ".join(f"{k}={v}" for k, v in used.items()), file=sys.stderr)
@@ -271,59 +350,176 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             mlflow.log_params({f"tuned.{k}": v for k, v in used.items()})
             mlflow.set_tag("kocr.tuned_from", config.tuned_from)
 
-    optimizer = make_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config.warmup_steps)
-    batches = _loader(train_set, config, device, num_batches=config.steps)
+    optimizer = make_optimizer(core, config.optimizer, config.lr, config.weight_decay)
+    scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, config.steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    signature = {"config": _resumable(config), "train_samples": len(train_set), "val_samples": len(val_set),
+                 "world_size": ctx.world_size}
+    state = Progress()
+    if resume and state_file is not None:
+        state = _resume(Path(state_file), signature, core, optimizer, scheduler, scaler) or state
+    runner: torch.nn.Module = core
+    if ctx.enabled:
+        runner = torch.nn.parallel.DistributedDataParallel(
+            core, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        runner = torch.compile(runner)
+
+    sampler = BucketBatchSampler(train_set.widths, config.batch_size, config.steps, seed=config.seed,
+                                 start=state.step, rank=ctx.rank, world_size=ctx.world_size, tagged=True)
+    batches = _loader(train_set, config, device, sampler)
     val_loader = _loader(val_set, config, device)
-    loss_rows, val_rows = [], []
-    best = {"cer": math.inf, "step": 0}
-    skipped_nonfinite = 0
-    started, seen = time.perf_counter(), 0
-    bar = tqdm(total=config.steps, desc="train", unit="step", disable=not progress)
-    step = 0
+    started, seen_here, validating_seconds = time.perf_counter(), 0, 0.0
+    bar = tqdm(total=config.steps, initial=state.step, desc="train", unit="step", disable=not (progress and main))
+    stop = False
     for batch in batches:
-        step += 1
-        loss = ctc_loss(model(batch.images.to(device, non_blocking=True)), batch, device, config.focal_gamma)
+        state.step += 1
+        step = state.step
+        images = batch.images.to(device, non_blocking=True)
+        if config.channels_last and device.type == "cuda":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = objective.logits(runner, images, batch.labels)
+        loss = objective.loss(logits.float(), batch, device)
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            skipped_nonfinite += 1
+        # every rank takes the same branch, or DDP's gradient all-reduce would wait forever
+        if not all_agree(bool(torch.isfinite(loss)), ctx):
+            state.skipped_nonfinite += 1
         else:
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-        seen += len(batch.labels)
-        loss_value = float(loss)
-        loss_rows.append({"step": step, "loss": round(loss_value, 5)})
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(core.parameters(), config.grad_clip)
+            if all_agree(bool(torch.isfinite(norm)), ctx) or scaler.is_enabled():
+                scaler.step(optimizer)  # with fp16 the scaler itself skips inf gradients and lowers the scale
+                scaler.update()
+                scheduler.step()
+            else:
+                state.skipped_nonfinite += 1
+        seen_here += len(batch.labels)
+        loss_value = float(loss.detach())
+        state.loss_rows.append({"step": step, "loss": round(loss_value, 5)})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}")
-        if log:
+        if log and (step % config.log_every == 0 or step == 1):
             mlflow.log_metrics({"loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}, step=step)
-        if step % config.val_every == 0 or step == config.steps:
-            scores = validate(model, val_loader, charset, device) if len(val_set) else {}
-            _train_mode(model, frozen)
-            rate = seen / (time.perf_counter() - started)
-            val_rows.append({"step": step, **{k: round(v, 5) for k, v in scores.items() if k != "n"}})
-            if log:
-                mlflow.log_metrics({f"val_{k}": v for k, v in scores.items() if k != "n"} |
-                                   {"images_per_second": rate}, step=step)
-            cer = scores.get("cer", loss_value)
-            if cer < best["cer"] or best["step"] == 0:
-                best = {"cer": cer, "step": step, **{f"val_{k}": v for k, v in scores.items()}}
-                save_checkpoint(out_dir / "model.pt", model, charset,
-                                meta={"step": step, "train_config": asdict(config), **transfer})
-            if on_validation is not None:
-                on_validation(step, scores)
+        validating = step % config.val_every == 0 or step == config.steps
+        if validating:
+            before = time.perf_counter()
+            stop = _validation(config, state, core, frozen, val_loader, val_set, val_objective, device, ctx, out_dir,
+                               transfer, log, on_validation, seen_here, scorer,
+                               before - started - validating_seconds)
+            validating_seconds += time.perf_counter() - before
+        if state_file is not None and main and (validating or step % config.checkpoint_every == 0):
+            _save(Path(state_file), signature, state, core, optimizer, scheduler, scaler,
+                  seen_here, time.perf_counter() - started - validating_seconds, ctx)
+        if validating and broadcast_flag(stop, ctx):
+            break
     bar.close()
-    elapsed = time.perf_counter() - started
-    summary = {"steps": step, "best_step": best["step"], "best_val_cer": best["cer"],
+    seen = state.seen + sum_over_ranks(seen_here, ctx)
+    elapsed = state.seconds + time.perf_counter() - started - validating_seconds  # training time only
+    shutdown(ctx)
+    best = state.best
+    summary = {"steps": state.step, "best_step": best["step"], "best_val_cer": best["cer"],
                **{k: v for k, v in best.items() if k.startswith("val_")},
-               "final_loss": loss_rows[-1]["loss"], "skipped_nonfinite_steps": skipped_nonfinite,
+               "final_loss": state.loss_rows[-1]["loss"], "skipped_nonfinite_steps": state.skipped_nonfinite,
+               "stopped_early": state.step < config.steps,
                "images_per_second": round(seen / elapsed, 2), "train_seconds": round(elapsed, 1),
+               "validation_seconds": round(validating_seconds, 1),
                "train_samples": len(train_set), **{f"dropped_{k}": v for k, v in train_set.dropped.items()},
-               "head_rows_copied": transfer.get("head_rows_copied", 0)}
+               "head_rows_copied": transfer.get("head_rows_copied", 0), "world_size": ctx.world_size,
+               "batch_max_length_used": info["batch_max_length_used"]}
+    if device.type == "cuda":
+        summary["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    if not main:
+        return summary
     Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_file).write_text(json.dumps(summary, indent=1), encoding="utf-8")
-    _write_tsv(Path(plots_dir) / "loss.tsv", loss_rows)
-    _write_tsv(Path(plots_dir) / "val.tsv", val_rows)
+    _write_tsv(Path(plots_dir) / "loss.tsv", state.loss_rows)
+    _write_tsv(Path(plots_dir) / "val.tsv", state.val_rows)
+    if state_file is not None and Path(state_file).exists():
+        Path(state_file).unlink()  # the run is complete: nothing left to resume
     return summary
+
+
+def _validation(config: TrainConfig, state: Progress, core: Recognizer, frozen: list[torch.nn.Module],
+                val_loader: DataLoader, val_set: CropDataset, objective: Objective, device: torch.device,
+                ctx: DistContext, out_dir: Path, transfer: dict[str, Any], log: bool,
+                on_validation: Callable[[int, dict[str, float]], None] | None,
+                seen_here: int, scorer: Callable[[Recognizer, Charset], dict[str, float]] | None,
+                seconds: float) -> bool:
+    """Validate on rank 0, keep the best checkpoint, track; True when early stopping says stop."""
+    rate = (state.seen + sum_over_ranks(seen_here, ctx)) / max(state.seconds + seconds, 1e-9)
+    if not ctx.is_main:
+        return False
+    step = state.step
+    scores, samples = validate(core, val_loader, objective, device, config.log_samples) if len(val_set) else ({}, [])
+    if scorer is not None:
+        scores.update(scorer(core, objective.charset))
+    _train_mode(core, frozen)
+    state.val_rows.append({"step": step, **{k: round(v, 5) for k, v in scores.items() if k != "n"}})
+    state.sample_rows += [{"step": step, "label": gt, "reading": pred, "correct": gt == pred} for gt, pred in samples]
+    cer = scores.get("cer", state.loss_rows[-1]["loss"])
+    if cer < state.best["cer"] or state.best["step"] == 0:
+        state.best = {"cer": cer, "step": step, **{f"val_{k}": v for k, v in scores.items()}}
+        state.stale = 0
+        save_checkpoint(out_dir / "model.pt", core, objective.charset,
+                        meta={"step": step, "train_config": asdict(config), **transfer})
+    else:
+        state.stale += 1
+    if log:
+        import mlflow
+
+        extra = {"images_per_second": rate}
+        if device.type == "cuda":
+            extra["gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        mlflow.log_metrics({f"val_{k}": v for k, v in scores.items() if k != "n"} | extra, step=step)
+        if state.sample_rows:
+            mlflow.log_table(_columns(state.sample_rows), artifact_file="val_samples.json")
+    if on_validation is not None:
+        on_validation(step, scores)
+    return config.patience > 0 and state.stale >= config.patience
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+def _resumable(config: TrainConfig) -> dict[str, Any]:
+    values = asdict(config)
+    if config.schedule == "constant":
+        values.pop("steps")  # a constant-lr run may be resumed with more (or fewer) steps
+    return values
+
+
+def _save(path: Path, signature: dict[str, Any], state: Progress, core: Recognizer,
+          optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
+          seen_here: int, seconds: float, ctx: DistContext) -> None:
+    counters = Progress(**{**vars(state), "seen": state.seen + seen_here * ctx.world_size,
+                           "seconds": state.seconds + seconds})
+    save_state(path, {"signature": signature, "progress": vars(counters), "model": core.state_dict(),
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "scaler": scaler.state_dict(), "rng": rng_state()})
+
+
+def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: torch.optim.Optimizer,
+            scheduler: Any, scaler: torch.amp.GradScaler) -> Progress | None:
+    """Load a saved state into the objects; None (and a message) when there is none or it is another run's."""
+    if not path.is_file():
+        print(f"train: no saved state at {path}; starting from step 0", file=sys.stderr)
+        return None
+    saved = load_state(path)
+    old = saved["signature"]
+    changed = config_differences(old["config"], signature["config"])
+    changed += [f"{k}: {old.get(k)} -> {signature[k]}" for k in ("train_samples", "val_samples", "world_size")
+                if old.get(k) != signature[k]]
+    if changed:
+        print(f"train: {path} belongs to another run ({'; '.join(changed)}); starting from step 0", file=sys.stderr)
+        return None
+    core.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    scaler.load_state_dict(saved["scaler"])
+    restore_rng(saved["rng"])
+    progress = Progress(**saved["progress"])
+    print(f"train: resuming {path} at step {progress.step}", file=sys.stderr)
+    return progress

@@ -40,7 +40,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -50,12 +50,12 @@ from training.train import TrainConfig, train
 
 # tune.metric -> (key of train()'s validation scores, the direction that improves it)
 METRICS = {"val_cer": ("cer", "minimize"), "val_loss": ("loss", "minimize"),
-           "val_word_accuracy": ("word_accuracy", "maximize"), "val_norm_ed": ("norm_ed", "maximize")}
-LATER_METRICS = {"e2e_f1": "end-to-end F1 as an objective needs the end-to-end evaluation set in training; "
-                           "it is not available yet: use val_cer"}
+           "val_word_accuracy": ("word_accuracy", "maximize"), "val_norm_ed": ("norm_ed", "maximize"),
+           "e2e_f1": ("e2e_f1", "maximize")}  # e2e_f1: CRAFT + recognition on the e2e_split pages
 PARAM_TYPES = ("float", "int", "categorical")
 # Knobs a trial must not choose: the trial budget, where and how it runs, and the tuned-file switch.
-NOT_SEARCHABLE = {"steps", "val_every", "device", "num_workers", "base", "charset", "tuned_from", "tuned_keys"}
+NOT_SEARCHABLE = {"steps", "val_every", "device", "num_workers", "base", "charset", "tuned_from", "tuned_keys",
+                  "checkpoint_every", "log_every", "log_samples", "patience", "compile"}
 WAIT = "wait"
 
 
@@ -177,6 +177,8 @@ class TuneConfig:
     heartbeat_interval_s: int = 10
     grace_period_s: int = 60
     max_retry: int = 2
+    e2e_split: str = "val"                   # metric e2e_f1: pages of this split of splits.json (never test)
+    e2e_pages: int = 20                      # at most this many of them (CRAFT runs once per page per worker)
 
     @classmethod
     def from_params(cls, section: dict[str, Any]) -> "TuneConfig":
@@ -194,8 +196,9 @@ class TuneConfig:
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None}).checked()
 
     def checked(self) -> "TuneConfig":
-        if self.metric in LATER_METRICS:
-            raise TuneError(f"tune.metric {self.metric}: {LATER_METRICS[self.metric]}")
+        if self.metric == "e2e_f1" and self.e2e_split == "test":
+            raise TuneError("tune.e2e_split test: tuning on the test pages would leak them into model choice; "
+                            "use val")
         if self.metric not in METRICS:
             raise TuneError(f"tune.metric {self.metric!r}: expected one of {', '.join(METRICS)}")
         if self.direction != METRICS[self.metric][1]:
@@ -400,7 +403,8 @@ def trial_config(params: dict[str, Any], overrides: dict[str, Any], config: Tune
 
 
 def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, Any],
-              data_dir: str | os.PathLike, log: bool = True) -> tuple[TrialState, float | None, str]:
+              data_dir: str | os.PathLike, log: bool = True,
+              scorer: Callable[..., dict[str, float]] | None = None) -> tuple[TrialState, float | None, str]:
     """Train one trial in a temporary folder; returns (state, value, note) for ``study.tell``.
 
     Each validation score is reported at its step; when the pruner says so the trial stops there
@@ -437,7 +441,8 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
         train_config = trial_config(params, overrides, config)
         with tempfile.TemporaryDirectory(prefix=f"kocr-trial-{trial.number}-") as tmp:
             train(train_config, data_dir, tmp, metrics_file=Path(tmp) / "metrics.json",
-                  plots_dir=Path(tmp) / "plots", progress=False, log=log, on_validation=on_validation)
+                  plots_dir=Path(tmp) / "plots", progress=False, log=log, on_validation=on_validation,
+                  scorer=scorer)
         value = better(reported)
         state = TrialState.COMPLETE if math.isfinite(value) else TrialState.FAIL
         note = f"{config.metric} {value:.4f}"
@@ -462,6 +467,21 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
 # --- the worker ----------------------------------------------------------------------------------
 
 
+def e2e_scorer(config: TuneConfig, params: dict[str, Any], data_dir: str | os.PathLike):
+    """The end-to-end scorer on the ``e2e_split`` pages of ``<data_dir>/splits.json`` (page folder: data.source)."""
+    from evaluation.evaluate import test_pages
+    from evaluation.page_scorer import PageSetScorer
+    from evaluation.reader import DetectorSettings
+
+    source = params.get("data", {}).get("source", "data/sample")
+    pages = test_pages(source, Path(data_dir) / "splits.json", config.e2e_split)[: config.e2e_pages]
+    if not pages:
+        raise TuneError(f"{Path(data_dir) / 'splits.json'}: no {config.e2e_split!r} pages for tune.metric e2e_f1")
+    print(f"tune: e2e_f1 on {len(pages)} {config.e2e_split} pages of {source} (detected once)", file=sys.stderr)
+    return PageSetScorer(pages, DetectorSettings.from_params(params.get("detector")),
+                         params.get("evaluate", {}).get("iou_threshold", 0.5))
+
+
 def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.PathLike,
              out_dir: str | os.PathLike, log: bool = True) -> dict[str, Any]:
     """Run one worker on the study until the study-wide budget or this worker's time is spent.
@@ -482,6 +502,7 @@ def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Path
     print(f"tune: study {study.study_name} in {redact(url)}: {config.n_trials} trials of "
           f"{config.steps_per_trial} steps, {config.metric} ({config.direction}), pruner {config.pruner}",
           file=sys.stderr)
+    scorer = e2e_scorer(config, params, data_dir) if config.metric == "e2e_f1" else None
     started = time.monotonic()
     ran: Counter[str] = Counter()
     failed_in_row, waiting_said = 0, False
@@ -498,7 +519,7 @@ def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Path
             continue
         waiting_said = False
         with heartbeat(storage, trial._trial_id, config.heartbeat_interval_s):
-            state, value, note = run_trial(trial, config, params, data_dir, log=log)
+            state, value, note = run_trial(trial, config, params, data_dir, log=log, scorer=scorer)
         try:
             study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale meanwhile; its retry is queued

@@ -1,0 +1,228 @@
+"""The training engine: schedules, augmentation, rank sharding, resume after a kill, early stopping,
+non-finite steps, precision, and data parallelism through torchrun (gloo, 2 CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import training.train as train_module
+from tests.conftest import REPO
+from training.augment import augment_crop, sample_rng
+from training.charset import Charset
+from training.crops import BucketBatchSampler, CropDataset
+from training.data.lmdb_store import LmdbDataset
+from training.optim import MIN_LR_RATIO, make_scheduler
+from training.resume import load_state
+from training.train import TrainConfig, train
+
+TINY = {"base": "scratch", "output_channel": 32, "hidden_size": 32, "batch_size": 4, "lr": 0.01}
+
+
+def _lrs(kind: str, steps: int, warmup: int, lr: float = 1.0) -> list[float]:
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([weight], lr=lr)
+    scheduler = make_scheduler(optimizer, kind, warmup, steps)
+    seen = []
+    for _ in range(steps):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def test_cosine_warms_up_then_decays_to_the_floor():
+    lrs = _lrs("cosine", steps=20, warmup=4)
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))  # never rises after the warm-up
+    assert lrs[-1] == pytest.approx(MIN_LR_RATIO)
+
+
+def test_onecycle_peaks_at_the_set_lr_where_the_warmup_ends():
+    lrs = _lrs("onecycle", steps=20, warmup=5, lr=0.5)
+    assert max(lrs) == pytest.approx(0.5) and int(np.argmax(lrs)) == 4  # the 5th step, as constant warm-up
+    assert lrs[0] < 0.05 and lrs[-1] < 0.01
+    with pytest.raises(ValueError, match="train.schedule 'linear'"):
+        _lrs("linear", 5, 0)
+
+
+def test_augmentation_is_seeded_bounded_and_off_at_zero():
+    rng = np.random.default_rng(1)
+    crop = np.full((32, 120), 235, np.uint8)
+    crop[8:24, 10:110] = 20  # a dark "word"
+    assert augment_crop(crop, 0.0, sample_rng(0, 1, 0)) is crop
+    first = augment_crop(crop, 0.8, sample_rng(0, 7, 3))
+    assert np.array_equal(first, augment_crop(crop, 0.8, sample_rng(0, 7, 3)))
+    outputs = [augment_crop(crop, 0.8, sample_rng(0, step, 0)) for step in range(30)]
+    assert sum(not np.array_equal(o, crop) for o in outputs) > 20  # most draws change something
+    warped = [o for o in outputs if o.shape != crop.shape]
+    assert warped and all(o.shape[0] >= crop.shape[0] for o in warped)  # rotation/shear never crops the word
+    assert all(o.dtype == np.uint8 for o in outputs)
+    # the word stays much darker than the paper whatever the draw
+    assert all(o[o.shape[0] // 2, o.shape[1] // 2] < 128 for o in outputs)
+    with pytest.raises(ValueError, match="train.augment 1.5"):
+        augment_crop(crop, 1.5, rng)
+
+
+def test_augmented_items_depend_on_step_and_slot_only(prepared):
+    ds = CropDataset(LmdbDataset(prepared / "train"), Charset.named("korean_g2"), augment=1.0, seed=4)
+    a, b = ds[(0, 5, 1)][0][0], ds[(0, 5, 1)][0][0]
+    assert np.array_equal(a, b)
+    assert not all(np.array_equal(a, ds[(0, step, 1)][0][0]) for step in range(6, 12))
+    assert np.array_equal(ds[0][0][0], CropDataset(ds.source, ds.charset)[0][0][0])  # plain index: no augmentation
+
+
+def test_ranks_split_each_step_and_resume_skips_exactly():
+    widths = [64 * (1 + i % 5) for i in range(200)]
+    single = list(BucketBatchSampler(widths, 4, 30, seed=2, world_size=2))  # rank 0's view
+    other = list(BucketBatchSampler(widths, 4, 30, seed=2, rank=1, world_size=2))
+    assert len(single) == len(other) == 30
+    for mine, theirs in zip(single, other):
+        assert not set(mine) & set(theirs)
+    tagged = list(BucketBatchSampler(widths, 4, 30, seed=2, start=12, rank=1, world_size=2, tagged=True))
+    assert [[i for i, _, _ in batch] for batch in tagged] == other[12:]
+    assert [batch[0][1] for batch in tagged] == list(range(13, 31))  # steps counted from 1
+    assert {slot for _, _, slot in tagged[0]} == {4, 5, 6, 7}      # slots unique over ranks
+
+
+def _run(prepared: Path, out: Path, state: Path | None = None, resume: bool = False, **knobs) -> dict:
+    config = TrainConfig(**{**TINY, **knobs})
+    return train(config, prepared, out, metrics_file=out / "m.json", plots_dir=out / "plots",
+                 progress=False, log=False, state_file=state, resume=resume)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu")["state_dict"]
+
+
+def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(prepared, tmp_path):
+    knobs = {"steps": 160, "val_every": 40, "checkpoint_every": 5, "augment": 0.5, "schedule": "cosine",
+             "warmup_steps": 10, "optimizer": "adamw"}
+    state = tmp_path / "state" / "run.pt"
+    script = (f"import json, sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "from pathlib import Path\nfrom training.train import TrainConfig, train\n"
+              f"c = TrainConfig(**json.loads({json.dumps({**TINY, **knobs})!r}))\n"
+              f"out = Path({str(tmp_path / 'resumed')!r})\n"
+              f"train(c, {str(prepared)!r}, out, metrics_file=out / 'm.json', plots_dir=out / 'plots', "
+              f"progress=False, log=False, state_file={str(state)!r})\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO)
+    killed_at = None
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if state.is_file():
+            step = load_state(state)["progress"]["step"]
+            if step >= 60:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = step
+                break
+        time.sleep(0.02)
+    proc.wait()
+    assert killed_at is not None and proc.returncode == -signal.SIGKILL, "the run finished before it was killed"
+    assert load_state(state)["progress"]["step"] < 160
+
+    resumed = _run(prepared, tmp_path / "resumed", state, resume=True, **knobs)
+    straight = _run(prepared, tmp_path / "straight", **knobs)
+    assert not state.exists()  # a completed run leaves nothing to resume
+    assert resumed["best_val_cer"] == straight["best_val_cer"] and resumed["steps"] == straight["steps"] == 160
+    for name in ("loss.tsv", "val.tsv"):
+        assert (tmp_path / "resumed" / "plots" / name).read_text() == (tmp_path / "straight" / "plots" / name).read_text()
+    a, b = _weights(tmp_path / "resumed" / "model.pt"), _weights(tmp_path / "straight" / "model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_another_runs_state_and_starts_fresh(prepared, tmp_path, capsys):
+    state = tmp_path / "run.pt"
+    _run(prepared, tmp_path / "a", state, steps=4, val_every=2, checkpoint_every=2, patience=0)
+    assert not state.exists()
+    with pytest.raises(KeyboardInterrupt):  # leave a state behind: stop the run from its validation hook
+        train(TrainConfig(**{**TINY, "steps": 8, "val_every": 2}), prepared, tmp_path / "b", progress=False,
+              log=False, state_file=state, metrics_file=tmp_path / "b.json", plots_dir=tmp_path / "bp",
+              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    assert load_state(state)["progress"]["step"] == 2  # saved at step 2; step 4 stopped before its save
+    summary = _run(prepared, tmp_path / "c", state, resume=True, steps=8, val_every=2, lr=0.02)
+    assert "belongs to another run (lr: 0.01 -> 0.02)" in capsys.readouterr().err
+    assert summary["steps"] == 8
+
+
+def test_early_stopping_after_patience_validations_without_gain(prepared, tmp_path):
+    summary = _run(prepared, tmp_path, steps=20, val_every=1, lr=0.0, patience=2)
+    assert summary["stopped_early"] and summary["steps"] == 3 and summary["best_step"] == 1
+
+
+def test_a_non_finite_loss_skips_its_step_and_is_counted(prepared, tmp_path, monkeypatch):
+    real = train_module.ctc_loss
+    calls = {"n": 0}
+
+    def poisoned(logits, batch, device, focal_gamma=0.0):
+        loss = real(logits, batch, device, focal_gamma)
+        if logits.requires_grad:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(train_module, "ctc_loss", poisoned)
+    summary = _run(prepared, tmp_path, steps=4, val_every=4)
+    assert summary["skipped_nonfinite_steps"] == 1 and np.isfinite(summary["best_val_cer"])
+
+
+def test_bf16_autocast_trains_on_cpu_and_fp16_is_refused_there(prepared, tmp_path):
+    summary = _run(prepared, tmp_path, steps=2, val_every=2, precision="bf16")
+    assert np.isfinite(summary["final_loss"])
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        _run(prepared, tmp_path / "b", steps=2, precision="fp16", device="cpu")
+
+
+def test_batch_max_length_is_derived_from_the_data(prepared, tmp_path):
+    source = LmdbDataset(prepared / "train")
+    summary = _run(prepared, tmp_path, steps=1, val_every=1)
+    assert summary["batch_max_length_used"] == max(len(source.label(i)) for i in range(len(source)))
+    assert _run(prepared, tmp_path / "b", steps=1, val_every=1, batch_max_length=6)["batch_max_length_used"] == 6
+
+
+def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["train"].update({**TINY, "steps": 6, "val_every": 3, "checkpoint_every": 3})
+    params["model"].update({"output_channel": 32, "hidden_size": 32})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-test"}
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out", "--metrics", "m.json",
+         "--plots", "plots", "--resume"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "m.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 6
+    assert "over 2 processes" in done.stdout
+    assert (tmp_path / "out" / "model.pt").is_file() and not list((tmp_path / ".kocr" / "train-state").glob("*.pt"))
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kocr.stage` = 'train'")
+    assert len(runs) == 1  # rank 1 trained silently: one run, one model
+    run_id = runs.iloc[0]["run_id"]
+    assert mlflow.get_run(run_id).data.params["global_batch_size"] == "8"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
+    assert "val_samples.json" in artifacts
+
+
+def test_an_attention_head_trains_validates_and_is_refused_by_the_page_reader(prepared, tmp_path):
+    from evaluation.reader import Recognition
+    from training.checkpoint import ModelSpecError, load_recognizer
+
+    summary = _run(prepared, tmp_path, steps=4, val_every=2, prediction="attn", batch_max_length=12)
+    assert np.isfinite(summary["final_loss"]) and 0 <= summary["best_val_cer"] and summary["val_n"] > 0
+    assert summary["batch_max_length_used"] == 12
+    loaded = load_recognizer(str(tmp_path / "model.pt"))
+    assert loaded.config.prediction == "attn"
+    with pytest.raises(ModelSpecError, match="attention"):
+        Recognition(loaded)

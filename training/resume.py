@@ -1,0 +1,74 @@
+"""The resumable training state: model, optimizer, scheduler, grad scaler, RNG state, counters.
+
+``kocr train --resume`` continues a killed run from its last state file, so that it ends exactly
+where an uninterrupted run ends (same batches, same augmentations, same weights). The file is
+written atomically (temporary file, fsync, rename): a kill while writing leaves the previous state.
+
+Example:
+    >>> save_state("/tmp/state.pt", {"step": 3})          # doctest: +SKIP
+    >>> load_state("/tmp/state.pt")["step"]                # doctest: +SKIP
+    3
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# train: knobs a resumed run may change; any other difference means the saved state belongs to another run
+RESUMABLE_CHANGES = frozenset({"val_every", "patience", "checkpoint_every", "num_workers", "log_every",
+                               "log_samples", "device", "compile", "tuned_from", "tuned_keys"})
+
+
+def save_state(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """A state written by :func:`save_state` (weights_only is off: it holds RNG states and counters)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: say which and why
+        raise ValueError(f"{path}: not a readable training state ({type(exc).__name__}: {exc})") from None
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Knobs whose values differ between a saved run and this one, other than those a resume may change."""
+    keys = (set(saved) | set(current)) - RESUMABLE_CHANGES
+    return sorted(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k))
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (CPU and CUDA) generator states."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    """Put back what :func:`rng_state` saved."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
