@@ -32,13 +32,35 @@ def cmd_synth_pages(args: argparse.Namespace) -> None:
     cfg = load_params().get("sample", {})
     count = args.count if args.count is not None else cfg.get("count", 20)
     seed = args.seed if args.seed is not None else cfg.get("seed", 0)
-    kwargs = {k: cfg[k] for k in ("fonts", "width", "height", "charset_name") if k in cfg}
+    kwargs = {k: cfg[k] for k in ("fonts", "width", "height", "charset_name", "degrade", "contact_sheet")
+              if k in cfg}
     if "font_size" in cfg:
         kwargs["font_size"] = tuple(cfg["font_size"])
     with stage_run("sample", {"sample": {**cfg, "count": count, "seed": seed}}):
         written = generate_pages(args.out, count=count, seed=seed, **kwargs)
         mlflow.log_metric("pages", len(written))
     print(f"synth-pages: wrote {len(written)} pages to {args.out}")
+
+
+def cmd_synth_lines(args: argparse.Namespace) -> None:
+    import time
+
+    import mlflow
+
+    from kocr.tracking import stage_run
+    from training.data.synth_lines import LinesConfig, generate_lines
+
+    cfg = load_params().get("synth_lines", {})
+    config = LinesConfig.from_params(cfg, count=args.count, seed=args.seed, workers=args.workers)
+    with stage_run("synth_lines", {"synth_lines": config.as_params()}):
+        start = time.perf_counter()
+        summary = generate_lines(args.out, config)
+        seconds = time.perf_counter() - start
+        mlflow.log_metrics({"samples": summary["count"], "images_per_s": summary["count"] / max(seconds, 1e-9)})
+        if summary["contact_sheet"]:
+            mlflow.log_artifact(summary["contact_sheet"])
+    print(f"synth-lines: wrote {summary['count']} images to {args.out} in {seconds:.1f} s"
+          + (f" (contact sheet {summary['contact_sheet']})" if summary["contact_sheet"] else ""))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -48,8 +70,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from training.data.prepare import PrepareConfig, prepare_pages
 
     params = load_params()
-    config = PrepareConfig.from_params(params.get("prepare", {}))
-    with stage_run("prepare", {"prepare": params.get("prepare", {}), "data": params.get("data", {})}):
+    knobs = {**params.get("prepare", {}), **({"workers": args.workers} if args.workers else {})}
+    config = PrepareConfig.from_params(knobs)
+    with stage_run("prepare", {"prepare": knobs, "data": params.get("data", {})}):
         log_dataset(args.src, context="source")
         report = prepare_pages(args.src, args.out, config)
         flat = {"pages_used": report["pages_used"],
@@ -57,6 +80,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                 **{f"skipped_{k}": v["count"] for k, v in report["skipped"].items()}}
         mlflow.log_metrics(flat)
         mlflow.log_artifact(str(Path(args.out) / "report.json"))
+        mlflow.log_artifact(str(Path(args.out) / "manifest.json"))
+        manifest = json.loads((Path(args.out) / "manifest.json").read_text(encoding="utf-8"))
+        mlflow.set_tag("kocr.prepared.content_sha256", manifest["content_sha256"])
     if args.metrics:
         _dump(flat, args.metrics)
     skipped = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items()) or "nothing"
@@ -64,26 +90,37 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from training.distributed import launched_by_torchrun, process_rank
+    from training.train import TrainConfig, train
+
+    params = load_params()
+    config = TrainConfig.from_params(params)
+    state_file = Path(params.get("train", {}).get("state_dir", ".kocr/train-state")) / (
+        str(Path(args.out)).strip("/").replace("/", "_") + ".pt")
+    if launched_by_torchrun() and process_rank() != 0:
+        # the other ranks of a torchrun job train and stay silent: rank 0 tracks, logs and writes
+        train(config, args.data, args.out, progress=False, log=False, state_file=state_file, resume=args.resume)
+        return
     import mlflow
 
     from evaluation.pyfunc_model import log_recognizer
     from evaluation.reader import DetectorSettings
     from kocr.tracking import log_dataset, stage_run
-    from training.train import TrainConfig, train
 
-    params = load_params()
-    config = TrainConfig.from_params(params)
     with stage_run("train", {"train": params.get("train", {}), "model": params.get("model", {})},
                    system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)
-        summary = train(config, args.data, args.out, metrics_file=args.metrics, plots_dir=args.plots)
+        summary = train(config, args.data, args.out, metrics_file=args.metrics, plots_dir=args.plots,
+                        state_file=state_file, resume=args.resume)
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-        _log_loss_plot(Path(args.plots))
+        _log_curves(Path(args.plots))
         info = log_recognizer(Path(args.out) / "model.pt", DetectorSettings.from_params(params.get("detector")))
         _dump({"run_id": run.info.run_id, "model_uri": info.model_uri}, Path(args.out) / "mlflow.json")
-    print(f"train: best val CER {summary['best_val_cer']:.4f} at step {summary['best_step']}; "
-          f"{summary['images_per_second']} images/s; model {args.out}/model.pt")
+    print(f"train: best val CER {summary['best_val_cer']:.4f} at step {summary['best_step']}"
+          f"{' (stopped early)' if summary['stopped_early'] else ''}; {summary['images_per_second']} images/s"
+          f"{' over ' + str(summary['world_size']) + ' processes' if summary['world_size'] > 1 else ''}; "
+          f"model {args.out}/model.pt")
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
@@ -104,7 +141,8 @@ def cmd_tune(args: argparse.Namespace) -> None:
           f"trials {best['trials']}; this worker ran {best['ran']}; {args.out}/best_params.yaml: {best['train']}")
 
 
-def _log_loss_plot(plots_dir: Path) -> None:
+def _log_curves(plots_dir: Path) -> None:
+    """The training loss and the validation CER as one picture in the active MLflow run."""
     import csv
 
     import matplotlib
@@ -113,13 +151,19 @@ def _log_loss_plot(plots_dir: Path) -> None:
     import matplotlib.pyplot as plt
     import mlflow
 
-    with (plots_dir / "loss.tsv").open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([int(r["step"]) for r in rows], [float(r["loss"]) for r in rows], lw=1)
-    ax.set(xlabel="step", ylabel="CTC loss", title="training loss")
+    def rows(name: str) -> list[dict[str, str]]:
+        with (plots_dir / name).open(encoding="utf-8") as fh:
+            return list(csv.DictReader(fh, delimiter="\t"))
+
+    loss, val = rows("loss.tsv"), rows("val.tsv")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot([int(r["step"]) for r in loss], [float(r["loss"]) for r in loss], lw=1)
+    left.set(xlabel="step", ylabel="CTC loss", title="training loss")
+    if val and "cer" in val[0]:
+        right.plot([int(r["step"]) for r in val], [float(r["cer"]) for r in val], marker="o")
+    right.set(xlabel="step", ylabel="CER", title="validation CER")
     fig.tight_layout()
-    mlflow.log_figure(fig, "plots/train_loss.png")
+    mlflow.log_figure(fig, "plots/train_curves.png")
     plt.close(fig)
 
 
@@ -264,6 +308,32 @@ def cmd_score(args: argparse.Namespace) -> None:
     print(json.dumps(score_folders(args.gt, args.pred, args.iou), indent=1))
 
 
+def _scored_models(args: argparse.Namespace) -> dict[str, str]:
+    """--model specs and --baseline engines, each labelled by what the user typed."""
+    return {spec: spec for spec in [*args.model, *(args.baseline or [])]}
+
+
+def cmd_evaluate_crops(args: argparse.Namespace) -> None:
+    from evaluation.score_crops import read_labels, score_crops, write_outputs
+
+    report = score_crops(read_labels(args.labels), _scored_models(args), labels=args.labels)
+    if args.out:
+        write_outputs(report, args.out, args.worst)
+        _dump(report.metrics, Path(args.out) / "scores.json")
+    print(json.dumps(report.metrics, ensure_ascii=False, indent=1))
+
+
+def cmd_evaluate_pages(args: argparse.Namespace) -> None:
+    from evaluation.score_pages import find_pages, score_pages
+
+    scores = score_pages(find_pages(args.images, args.text), _scored_models(args),
+                         _settings(load_params(required=False)))
+    if args.out:
+        _dump(scores, Path(args.out) / "scores.json")
+    print(json.dumps({label: {k: v for k, v in s.items() if k != "per_page"} for label, s in scores.items()},
+                     ensure_ascii=False, indent=1))
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from training.data.pages import Page, write_page
 
@@ -308,16 +378,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int)
     p.add_argument("--seed", type=int)
 
+    p = add("synth-lines", cmd_synth_lines, "generate Korean word/line images into an LMDB set (synth_lines:)")
+    p.add_argument("--out", required=True, help="the LMDB set folder (replaced when it exists)")
+    p.add_argument("--count", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="render processes (synth_lines.workers); output is the same")
+
     p = add("prepare-aihub", cmd_prepare, "page JSON + images -> word-crop LMDB split by document")
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", help="write flat counts here (a DVC metrics file)")
+    p.add_argument("--workers", type=int, help="cropping processes (default: prepare.workers; same output)")
 
     p = add("train", cmd_train, "fine-tune the recogniser (train: and model: in params.yaml)")
     p.add_argument("--data", required=True, help="folder with train/ and val/ LMDB sets")
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", default="metrics/train.json")
     p.add_argument("--plots", default="plots/train")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the state a killed run left in train.state_dir (same config and data), else start fresh")
 
     p = add("tune", cmd_tune, "search train: knobs with Optuna (tune: in params.yaml); one worker of a study")
     p.add_argument("--data", required=True, help="folder with train/ and val/ LMDB sets")
@@ -357,6 +436,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True)
     p.add_argument("--iou", type=float, default=0.5)
 
+    models_help = "recognisers to score: checkpoint path, english_g2, korean_g2, models:/… or runs:/… (several allowed)"
+    p = add("evaluate-crops", cmd_evaluate_crops, "score recognisers on labelled word crops (a TSV: image, text)")
+    p.add_argument("--labels", required=True, help="TSV with a header; image paths relative to the file")
+    p.add_argument("--model", nargs="+", default=["english_g2"], help=models_help)
+    p.add_argument("--baseline", action="append", choices=["tesseract"], help="also score Tesseract 5 (psm 7)")
+    p.add_argument("--worst", type=int, default=10, help="how many of the worst crops to draw into --out")
+    p.add_argument("--out", help="folder for scores.json, readings.tsv and the worst crops drawn")
+
+    p = add("evaluate-pages", cmd_evaluate_pages, "score page reading against plain-text ground truth (no boxes)")
+    p.add_argument("--images", required=True, help="folder of page images")
+    p.add_argument("--text", required=True, help="folder of <image stem>.txt ground truth, one line per text line")
+    p.add_argument("--model", nargs="+", default=["english_g2"], help=models_help)
+    p.add_argument("--baseline", action="append", choices=["tesseract"], help="also score Tesseract 5 (psm 3)")
+    p.add_argument("--out", help="folder for scores.json with per-page scores and predicted lines")
+
     p = add("predict", cmd_predict, "read page images; page JSON per image")
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default="models/candidate/model.pt")
@@ -367,13 +461,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from training.checkpoint import ArchitectureMismatch, ModelSpecError
     from training.data.pages import PageError
+    from training.data.prepare import PrepareConfigError
+    from training.data.degrade import SynthConfigError
+    from evaluation.score_crops import ScoreInputError
     from training.export_easyocr import ExportError
 
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep stage output to progress and results
     try:
         args.func(args)
-    except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, FileNotFoundError) as exc:
+    except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
+            ScoreInputError, PrepareConfigError, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0
