@@ -34,14 +34,14 @@ from evaluation.reader import (
     load_image,
     results_to_page,
 )
+from evaluation.source_pages import split_pages
 from evaluation.tesseract import (
     read_crop_tesseract,
     read_page_tesseract,
     tesseract_available,
 )
 from training.checkpoint import LoadedRecognizer, load_recognizer
-from training.data.pages import Page, crop_box, nfc, read_page, write_page
-from training.data.prepare import find_image
+from training.data.pages import Page, crop_box, nfc, write_page
 
 
 @dataclass
@@ -53,28 +53,30 @@ class EvalPage:
     image: Path
 
 
-def test_pages(source: str | os.PathLike, splits_file: str | os.PathLike, split: str = "test") -> list[EvalPage]:
-    """The pages ``prepare`` put in ``split`` (relative paths in splits.json resolved under ``source``)."""
-    source = Path(source)
-    names = json.loads(Path(splits_file).read_text(encoding="utf-8"))[split]
-    pages = []
-    for rel in names:
-        json_path = source / rel
-        page = read_page(json_path)
-        image = find_image(json_path, page, source)
-        if image is None:
-            raise FileNotFoundError(f"{json_path}: image {page.image_name} missing since prepare ran")
-        pages.append(EvalPage(rel, page, image))
-    return pages
+def test_pages(source: str | os.PathLike, splits_file: str | os.PathLike, split: str = "test",
+               cache: str | os.PathLike | None = None, limit: int | None = None) -> list[EvalPage]:
+    """The pages ``prepare`` put in ``split`` (names in splits.json are relative to ``source``).
+
+    ``source`` is a folder of pages, an unpacked AI-Hub tree or a folder of AI-Hub zips; images inside
+    zips are extracted to ``cache`` (default ``.kocr/eval-images``, see ``evaluation.source_pages``).
+    ``limit``: only the first so many pages of the split.
+    """
+    return [EvalPage(name, page, image)
+            for name, page, image in split_pages(source, splits_file, split, cache, limit)]
 
 
 def eval_set_hash(pages: list[EvalPage]) -> str:
-    """MD5 over the evaluated pages' labels and image bytes: the identity of the evaluation set."""
-    digest = hashlib.md5()
-    for item in sorted(pages, key=lambda p: p.name):
-        digest.update(item.name.encode())
-        digest.update(json.dumps(item.page.to_dict(), sort_keys=True, ensure_ascii=False).encode())
-        digest.update(item.image.read_bytes())
+    """MD5 over the evaluated pages' labels and image bytes: the identity of the evaluation set.
+
+    Content only, in no particular order: the same pages hash the same whether they were read from
+    AI-Hub's zips or from the unpacked tree (their names differ), and whatever their order."""
+    per_page = sorted(_page_digest(item) for item in pages)
+    return hashlib.md5("".join(per_page).encode()).hexdigest()
+
+
+def _page_digest(item: EvalPage) -> str:
+    digest = hashlib.md5(json.dumps(item.page.to_dict(), sort_keys=True, ensure_ascii=False).encode())
+    digest.update(item.image.read_bytes())
     return digest.hexdigest()
 
 

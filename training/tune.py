@@ -474,7 +474,7 @@ def e2e_scorer(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Pa
     from evaluation.reader import DetectorSettings
 
     source = params.get("data", {}).get("source", "data/sample")
-    pages = test_pages(source, Path(data_dir) / "splits.json", config.e2e_split)[: config.e2e_pages]
+    pages = test_pages(source, Path(data_dir) / "splits.json", config.e2e_split, limit=config.e2e_pages)
     if not pages:
         raise TuneError(f"{Path(data_dir) / 'splits.json'}: no {config.e2e_split!r} pages for tune.metric e2e_f1")
     print(f"tune: e2e_f1 on {len(pages)} {config.e2e_split} pages of {source} (detected once)", file=sys.stderr)

@@ -51,7 +51,7 @@ from tqdm import tqdm
 from training.charset import Charset
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page
-from training.data.sources import IMAGE_SUFFIXES, Member, SourceIndex, read_member, scan_source
+from training.data.sources import Member, SourceIndex, read_member, scan_source
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_KEPT = 10
@@ -131,19 +131,6 @@ class Report:
             out.counts[reason] = entry["count"]
             out.examples[reason] = list(entry["examples"])
         return out
-
-
-def find_image(json_path: Path, page: Page, src: Path) -> Path | None:
-    """The image of a page: beside its JSON, or in the mirrored 원천데이터 tree of an AI-Hub download."""
-    candidates = [json_path.parent / page.image_name]
-    candidates += [json_path.with_suffix(s) for s in IMAGE_SUFFIXES]
-    rel = json_path.relative_to(src)
-    if len(rel.parts) > 1 and "라벨링데이터" in rel.parts[0]:
-        for top in src.iterdir():
-            if top.is_dir() and "원천데이터" in top.name:
-                mirrored = top.joinpath(*rel.parts[1:-1])
-                candidates += [mirrored / page.image_name]
-    return next((c for c in candidates if c.is_file()), None)
 
 
 def load_grey(source: str | os.PathLike | bytes) -> np.ndarray:

@@ -1,0 +1,150 @@
+"""The pages of one split of ``splits.json``, read back from the source ``prepare`` read them from.
+
+Page names in splits.json are relative to ``data.source``: a file (``<page>.json``,
+``Training/01.라벨링데이터(Json)/…/<page>.json``) or a member of an AI-Hub archive
+(``Training/[라벨]Training_인.허가.zip/인.허가/…/<page>.json``). Labels are parsed with prepare's
+parser and paired with their image by prepare's rule (``SourceIndex.find_image``), so evaluation
+sees exactly the pages and images the split was made of.
+
+An image stored in a zip is extracted, alone, to ``<cache>/<16 hex digits>/<file name>`` (the digits
+name the archive and member), written aside and renamed, and reused on later runs while its size
+and CRC-32 still match the archive's. The source is scanned (zip directories only, no member is
+read) only when some page is not a plain file with its image beside it.
+
+Example:
+    >>> found = split_pages("data/aihub", "data/prepared/splits.json", "test")   # doctest: +SKIP
+    >>> found[0][2]                                                              # doctest: +SKIP
+    PosixPath('.kocr/eval-images/3f2a9c0d1e4b5a67/5350109-1994-0001-0001.jpg')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+
+from tqdm import tqdm
+
+from training.data.pages import Page, parse_page
+from training.data.sources import Member, SourceIndex, read_member, scan_source
+
+DEFAULT_CACHE = Path(".kocr") / "eval-images"
+CHUNK = 1 << 20
+
+
+def split_names(splits_file: str | os.PathLike, split: str) -> list[str]:
+    """The page names ``prepare`` put in ``split``; errors name the file and the split."""
+    path = Path(splits_file)
+    try:
+        splits = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: splits file not found (run prepare first)") from None
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a splits file: {exc}") from exc
+    if not isinstance(splits, dict) or not isinstance(splits.get(split), list):
+        raise ValueError(f"{path}: no {split!r} split (has {sorted(splits) if isinstance(splits, dict) else 'none'})")
+    return splits[split]
+
+
+def split_pages(source: str | os.PathLike, splits_file: str | os.PathLike, split: str = "test",
+                cache: str | os.PathLike | None = None, limit: int | None = None,
+                progress: bool = True) -> list[tuple[str, Page, Path]]:
+    """(name, page, image file) for the first ``limit`` (default: all) pages of ``split``, in order.
+
+    Images inside zip archives are extracted to ``cache`` (default ``.kocr/eval-images``).
+    Raises FileNotFoundError naming the page or image that is gone since prepare ran.
+    """
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: source folder does not exist")
+    cache = Path(cache) if cache is not None else DEFAULT_CACHE
+    names = split_names(splits_file, split)[:limit]
+    found: dict[str, tuple[Page, Path]] = {}
+    for name in names:  # plain files with their image beside them: no scan needed
+        path = source / name
+        if path.is_file():
+            page = _parse(path.read_bytes(), path)
+            beside = path.parent / page.image_name
+            if page.image_name and beside.is_file():
+                found[name] = page, beside
+    rest = [name for name in names if name not in found]
+    if rest:
+        index = scan_source(source, exclude=cache)  # a cache inside the source is no input
+        labels = {label.name: label for label in index.labels}
+        with _Extractor(source, cache) as extractor:
+            for name in tqdm(rest, desc=f"{split} pages", unit="page", disable=not progress or len(rest) < 50):
+                found[name] = _resolve(source, index, labels, name, splits_file, extractor)
+    return [(name, *found[name]) for name in names]
+
+
+def _parse(raw: bytes, where: str | os.PathLike) -> Page:
+    return parse_page(raw, where, bad=[])  # like prepare: an unusable annotation drops the word, not the page
+
+
+def _resolve(source: Path, index: SourceIndex, labels: dict[str, Member], name: str,
+             splits_file: str | os.PathLike, extractor: "_Extractor") -> tuple[Page, Path]:
+    label = labels.get(name)
+    if label is None:
+        raise FileNotFoundError(f"{source / name}: page listed in {splits_file} is missing from the source "
+                                "since prepare ran")
+    page = _parse(read_member(source, label), source / name)
+    found, _ = index.find_image(label, page.image_name)
+    if found is None:
+        raise FileNotFoundError(f"{source / name}: image {page.image_name} missing from the source since prepare ran")
+    image = index.images[found]
+    return page, extractor.path(image) if image.archive else source / image.path
+
+
+class _Extractor:
+    """Single images out of zip archives into the cache (archives opened once each)."""
+
+    def __init__(self, source: Path, cache: Path) -> None:
+        self.source, self.cache = source, cache
+        self.archives: dict[str, zipfile.ZipFile] = {}
+
+    def __enter__(self) -> "_Extractor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for archive in self.archives.values():
+            archive.close()
+
+    def path(self, member: Member) -> Path:
+        """The cached copy of ``member``, extracted now unless an intact copy is already there."""
+        where = self.source / member.archive
+        archive = self.archives.get(member.archive)
+        if archive is None:
+            archive = self.archives[member.archive] = zipfile.ZipFile(where)
+        info = archive.getinfo(member.path)
+        key = hashlib.sha256(f"{member.archive}\0{member.path}".encode()).hexdigest()[:16]
+        out = self.cache / key / PurePosixPath(member.name).name
+        if _intact(out, info):
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+        try:
+            with archive.open(info) as src, open(tmp, "wb") as dst:  # zipfile checks the CRC at the end
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
+            os.replace(tmp, out)
+        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
+            raise OSError(f"{where}: cannot extract {member.name}: {exc}") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out
+
+
+def _intact(path: Path, info: zipfile.ZipInfo) -> bool:
+    try:
+        if path.stat().st_size != info.file_size:
+            return False
+        crc = 0
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                crc = zlib.crc32(chunk, crc)
+    except OSError:
+        return False
+    return crc == info.CRC

@@ -1,0 +1,137 @@
+"""Evaluation reads the held-out pages from AI-Hub's zip archives as it does from the unpacked tree."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from evaluation import evaluate
+from evaluation.evaluate import EvalPage, eval_set_hash, evaluate_models
+from tests.test_ingest import CATEGORY, CODE, YEAR, _aihub_pages, _cp949_zip, _page_json
+from training.data.pages import read_page
+from training.data.prepare import PrepareConfig, prepare_pages
+from training.data.synth_pages import generate_pages
+
+FOLDER = f"{CATEGORY}/{CODE}/{YEAR}"
+CONFIG = PrepareConfig(val_fraction=0.2, test_fraction=0.34, shard_size=1000)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """Six generated pages as an AI-Hub download twice, zipped (CP949 names) and unpacked, each prepared."""
+    flat = tmp_path_factory.mktemp("flat")
+    generate_pages(flat, count=6, seed=11, fonts=["NanumGothic.ttf"], width=480, height=360,
+                   font_size=(16, 24), progress=False)
+    root = tmp_path_factory.mktemp("aihub")
+    tree, zipped = root / "tree", root / "zips"
+    labels, images = {}, {}
+    for stem, page, jpg in _aihub_pages(flat):
+        labels[f"{FOLDER}/{stem}.json"] = _page_json(page)
+        images[f"{FOLDER}/{stem}.jpg"] = jpg
+        for top, name, data in (("01.라벨링데이터(Json)", f"{stem}.json", labels[f"{FOLDER}/{stem}.json"]),
+                                ("02.원천데이터(Jpg)", f"{stem}.jpg", jpg)):
+            folder = tree / "Training" / top / FOLDER
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_bytes(data)
+    (zipped / "Training").mkdir(parents=True)
+    _cp949_zip(zipped / "Training" / f"[라벨]Training_{CATEGORY}.zip", labels)
+    names = sorted(images)  # the images over two archives, as AI-Hub splits big downloads
+    _cp949_zip(zipped / "Training" / f"[원천]Training_{CATEGORY}1.zip", {k: images[k] for k in names[:3]})
+    _cp949_zip(zipped / "Training" / f"[원천]Training_{CATEGORY}2.zip", {k: images[k] for k in names[3:]})
+    for src in (tree, zipped):
+        prepare_pages(src, root / f"prepared_{src.name}", CONFIG, progress=False)
+    return {"tree": tree, "zips": zipped, "tree_splits": root / "prepared_tree" / "splits.json",
+            "zips_splits": root / "prepared_zips" / "splits.json", "jpgs": images}
+
+
+def _by_image(pages: list[EvalPage]) -> dict[str, EvalPage]:
+    return {item.page.image_name: item for item in pages}
+
+
+def test_zip_pages_equal_the_unpacked_tree_pages(sources, tmp_path):
+    cache = tmp_path / "cache"
+    from_zip = evaluate.test_pages(sources["zips"], sources["zips_splits"], "test", cache=cache)
+    from_tree = evaluate.test_pages(sources["tree"], sources["tree_splits"], "test")
+    assert len(from_zip) == len(from_tree) == 2
+    names = json.loads(sources["zips_splits"].read_text(encoding="utf-8"))["test"]
+    assert [item.name for item in from_zip] == names  # the split's order, named as in splits.json
+    assert all(name.startswith(f"Training/[라벨]Training_{CATEGORY}.zip/{FOLDER}/") for name in names)
+    zips, tree = _by_image(from_zip), _by_image(from_tree)
+    assert set(zips) == set(tree)
+    for image_name, item in zips.items():
+        assert item.page.to_dict() == tree[image_name].page.to_dict() and item.page.words
+        assert item.image.is_file() and item.image.is_relative_to(cache) and item.image.name == image_name
+        assert item.image.read_bytes() == tree[image_name].image.read_bytes() == sources["jpgs"][f"{FOLDER}/{image_name}"]
+        assert tree[image_name].image.is_relative_to(sources["tree"] / "Training" / "02.원천데이터(Jpg)")
+    assert eval_set_hash(from_zip) == eval_set_hash(from_tree)  # content, not names
+    assert eval_set_hash(from_zip[:1]) != eval_set_hash(from_zip)
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == sorted(zips)  # only the test images
+    assert evaluate.test_pages(sources["zips"], sources["zips_splits"], "test", cache=cache, limit=1) == from_zip[:1]
+
+
+def test_only_the_needed_members_are_read_and_extracted_files_are_reused(sources, tmp_path, monkeypatch):
+    opened: list[str] = []
+    real_open = zipfile.ZipFile.open
+
+    def counting_open(self, name, *args, **kwargs):
+        opened.append(name if isinstance(name, str) else name.filename)
+        return real_open(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "open", counting_open)
+    cache = tmp_path / "cache"
+    first = evaluate.test_pages(sources["zips"], sources["zips_splits"], "test", cache=cache)
+    assert len(opened) == 4  # two labels read, two images extracted: the scan read zip directories only
+    stamps = {item.image: (item.image.stat().st_ino, item.image.stat().st_mtime_ns) for item in first}
+    opened.clear()
+    again = evaluate.test_pages(sources["zips"], sources["zips_splits"], "test", cache=cache)
+    assert len(opened) == 2 and [item.image for item in again] == [item.image for item in first]
+    assert {item.image: (item.image.stat().st_ino, item.image.stat().st_mtime_ns) for item in again} == stamps
+    damaged = first[0].image  # same size, other bytes: caught by the CRC and extracted again
+    original = damaged.read_bytes()
+    damaged.write_bytes(bytes(len(original)))
+    evaluate.test_pages(sources["zips"], sources["zips_splits"], "test", cache=cache)
+    assert damaged.read_bytes() == original
+    assert not [p for p in cache.rglob("*.tmp")]
+
+
+def test_missing_page_or_image_names_the_file(sources, tmp_path):
+    source = tmp_path / "zips"
+    shutil.copytree(sources["zips"], source)
+    splits = json.loads(sources["zips_splits"].read_text(encoding="utf-8"))
+    gone = splits["test"][0]
+    image = f"{Path(gone).stem}.jpg"
+    for archive in (source / "Training").glob("[[]원천]*.zip"):
+        with zipfile.ZipFile(archive) as zf:
+            kept = {info.filename: zf.read(info) for info in zf.infolist()}
+        os.remove(archive)
+        with zipfile.ZipFile(archive, "w") as zf:  # rewritten with UTF-8 names, minus the test image
+            for raw_name, data in kept.items():
+                name = raw_name.encode("cp437").decode("cp949")
+                if not name.endswith(image):
+                    zf.writestr(name, data)
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{gone}: image {image} missing")):
+        evaluate.test_pages(source, sources["zips_splits"], "test", cache=tmp_path / "cache")
+    listed = tmp_path / "splits.json"
+    listed.write_text(json.dumps({"test": [gone.replace("0001.json", "9999.json")]}), encoding="utf-8")
+    with pytest.raises(FileNotFoundError, match=r"9999\.json: page listed in .*splits\.json is missing"):
+        evaluate.test_pages(source, listed, "test", cache=tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"splits\.json: no 'val' split"):
+        evaluate.test_pages(source, listed, "val")
+
+
+def test_evaluate_models_reads_the_extracted_images(sources, tmp_path):
+    """The evaluate stage's scoring (CRAFT, then english_g2) on a page read from the zips.
+
+    (``kocr evaluate`` itself, base and candidate, took over 40 s on the 2-core sandbox; this covers
+    the part that differs for zip sources: the image path handed to the loader, the page name.)"""
+    from_zip = evaluate.test_pages(sources["zips"], sources["zips_splits"], "test", cache=tmp_path / "cache", limit=1)
+    scored = evaluate_models({"base": "english_g2"}, from_zip, tmp_path / "pred", progress=False)["base"]
+    prediction = read_page(tmp_path / "pred" / "base" / from_zip[0].name)  # under its splits.json name
+    assert prediction.image_name == from_zip[0].page.image_name and prediction.words  # CRAFT found text
+    assert scored.metrics["crops"] == len(from_zip[0].page.words) > 0
