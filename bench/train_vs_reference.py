@@ -25,13 +25,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import lmdb
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from training.data.lmdb_store import shared_env
 from training.train import TrainConfig, build_model, pick_device, train
 
 REFERENCE_IMG_W = 600
@@ -45,27 +45,17 @@ class ReferenceLmdb(Dataset):
         self.index: list[tuple[int, int]] = []
         self.labels: list[str] = []
         for r, path in enumerate(self.roots):
-            env = lmdb.open(str(path), readonly=True, lock=False)
-            with env.begin() as txn:
+            with shared_env(path).begin() as txn:  # py-lmdb allows one handle per set and process
                 n = int(txn.get(b"num-samples"))
                 self.labels += [txn.get(b"label-%09d" % k).decode("utf-8") for k in range(1, n + 1)]
-            env.close()
             self.index += [(r, k) for k in range(1, n + 1)]
-        self.envs: list | None = None
-
-    def close(self) -> None:
-        for env in self.envs or []:
-            env.close()
-        self.envs = None
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> tuple[Image.Image, str]:
-        if self.envs is None:
-            self.envs = [lmdb.open(str(p), readonly=True, lock=False) for p in self.roots]
         r, key = self.index[i]
-        with self.envs[r].begin() as txn:
+        with shared_env(self.roots[r]).begin() as txn:
             raw = txn.get(b"image-%09d" % key)
             label = txn.get(b"label-%09d" % key).decode("utf-8")
         return Image.open(io.BytesIO(raw)).convert("L"), label
@@ -114,9 +104,7 @@ def reference_loop(config: TrainConfig, data: Path, steps: int, device: torch.de
                 break
     if device.type == "cuda":
         torch.cuda.synchronize()
-    rate = seen / (time.perf_counter() - started)
-    dataset.close()
-    return rate
+    return seen / (time.perf_counter() - started)
 
 
 def engine_run(config: TrainConfig, data: Path, work: Path) -> dict:

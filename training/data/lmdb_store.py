@@ -157,7 +157,7 @@ _SHARED: dict[str, tuple[tuple[int, int], lmdb.Environment]] = {}
 _SHARED_PID = os.getpid()
 
 
-def _shared_env(path: Path) -> lmdb.Environment:
+def shared_env(path: Path) -> lmdb.Environment:
     """One read-only environment per LMDB set and process, however many datasets read it.
 
     py-lmdb refuses to open the same set twice in one process, so datasets share handles. A set
@@ -208,7 +208,7 @@ class LmdbDataset:
 
     def _open(self) -> list[lmdb.Environment]:
         if self._env is None or self._pid != os.getpid():
-            self._env = [_shared_env(part) for part in self.parts]
+            self._env = [shared_env(part) for part in self.parts]
             self._pid = os.getpid()
         return self._env
 
