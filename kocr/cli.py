@@ -50,7 +50,14 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
     from kocr.tracking import stage_run
     from training.data.synth_lines import LinesConfig, generate_lines
 
-    cfg = load_params().get("synth_lines", {})
+    params = load_params()
+    cfg = dict(params.get("synth_lines", {}))
+    if args.section:  # e.g. a val or held-out set: its keys replace those of synth_lines:
+        if not isinstance(params.get(args.section), dict):
+            from training.data.degrade import SynthConfigError
+
+            raise SynthConfigError(f"params has no section {args.section!r} (--section)")
+        cfg.update(params[args.section])
     config = LinesConfig.from_params(cfg, count=args.count, seed=args.seed, workers=args.workers)
     with stage_run("synth_lines", {"synth_lines": config.as_params()}):
         start = time.perf_counter()
@@ -383,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="render processes (synth_lines.workers); output is the same")
+    p.add_argument("--section", help="params section whose keys override synth_lines: (e.g. a held-out-font set)")
 
     p = add("prepare-aihub", cmd_prepare, "page JSON + images -> word-crop LMDB split by document")
     p.add_argument("--src", required=True)

@@ -101,6 +101,20 @@ def save_checkpoint(path: str | os.PathLike, model: Recognizer, charset: Charset
     return path
 
 
+# checkpoints shipped in the repository (made by recipes/ko-base): name -> file under the project root
+SHIPPED_MODELS = {"ko_base": Path("models") / "base" / "ko_base.pt"}
+
+
+def _shipped_path(name: str) -> Path:
+    """A shipped checkpoint under the working directory (the project root) or beside this package."""
+    relative = SHIPPED_MODELS[name]
+    found = [root / relative for root in (Path.cwd(), Path(__file__).resolve().parents[1])
+             if (root / relative).is_file()]
+    if not found:
+        raise ModelSpecError(f"{name}: {relative} not found (make it: dvc repro recipes/ko-base/dvc.yaml)")
+    return found[0]
+
+
 def _pretrained_path(name: str) -> Path | None:
     """Where a pretrained EasyOCR file can be found on this machine, if anywhere."""
     from kocr.easyocr_compat import offline_model_dir
@@ -138,13 +152,15 @@ def _resolve_file(spec: str) -> Path:
         return path / CHECKPOINT_NAME
     if path.is_file():
         return path
+    if spec in SHIPPED_MODELS:
+        return _shipped_path(spec)
     if spec in BUILTIN_CHARSETS:
         found = _pretrained_path(spec)
         if found is None:
             raise ModelSpecError(f"pretrained {spec}.pth not found (put it in ~/.EasyOCR/model or models/pretrained)")
         return found
     raise ModelSpecError(f"unknown model {spec!r}: not a file, not a models:/ or runs:/ URI, "
-                         f"not a pretrained name ({', '.join(BUILTIN_CHARSETS)})")
+                         f"not a pretrained name ({', '.join([*BUILTIN_CHARSETS, *SHIPPED_MODELS])})")
 
 
 def load_recognizer(spec: str, device: str = "cpu") -> LoadedRecognizer:

@@ -1,0 +1,251 @@
+"""The helpers of the ko-base recipe (recipes/ko-base/dvc.yaml, docs/recipe.md): ``python -m kocr.recipe``.
+
+- ``export-crops LMDB --out DIR``: an LMDB set as PNG crops plus ``labels.tsv`` (image, text, font),
+  the input of ``kocr evaluate-crops``;
+- ``evaluate``: ``evaluate-crops`` scoring of the recipe model, its starting point and the baselines
+  on the held-out-font set (overall and per face) and on every real set of ``recipe.real_sets``
+  that exists (a missing one is skipped with a message), into one metrics JSON;
+- ``card``: the shipped checkpoint (``<out>/<name>.pt``), its ``metrics.json`` and ``MODEL_CARD.md``.
+
+Example:
+    >>> export_crops("recipes/ko-base/data/heldout", "recipes/ko-base/data/heldout_crops")  # doctest: +SKIP
+    200
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from kocr.params import load_params
+
+HELDOUT = "heldout"
+SCORED_KEYS = ("n", "cer", "word_accuracy", "norm_ed")
+
+
+def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Write every sample of an LMDB set as ``<out>/NNNNNN.png`` and ``<out>/labels.tsv``; returns the count.
+
+    The ``font`` column comes from the set's ``manifest.tsv`` (written by ``kocr synth-lines``) when present.
+    """
+    import cv2
+
+    from training.data.lmdb_store import LmdbDataset
+
+    lmdb_dir, out = Path(lmdb_dir), Path(out)
+    if not lmdb_dir.is_dir():
+        raise FileNotFoundError(f"{lmdb_dir}: LMDB set folder not found")
+    dataset = LmdbDataset(lmdb_dir)
+    fonts: dict[int, str] = {}
+    manifest = lmdb_dir / "manifest.tsv"
+    if manifest.is_file():
+        with manifest.open(encoding="utf-8") as fh:
+            fonts = {int(row["index"]): row["font"] for row in csv.DictReader(fh, delimiter="\t")}
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    with (out / "labels.tsv").open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
+        writer.writerow(["image", "text", "font"])
+        for i in tqdm(range(len(dataset)), desc="export-crops", unit="crop"):
+            image, label = dataset[i]
+            name = f"{i + 1:06d}.png"
+            if not cv2.imwrite(str(out / name), image):
+                raise OSError(f"{out / name}: could not write the image")
+            writer.writerow([name, label, fonts.get(i + 1, "")])
+    return len(dataset)
+
+
+def _fonts_of(labels: Path) -> list[str]:
+    with labels.open(encoding="utf-8") as fh:
+        return [row.get("font", "") for row in csv.DictReader(fh, delimiter="\t")]
+
+
+def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None,
+                  baselines: tuple[str, ...] = ("tesseract",), out: str | os.PathLike | None = None,
+                  worst: int = 10) -> dict[str, Any]:
+    """Score ``model`` (as ``recipe``), ``reference`` and the baselines on each labels TSV of ``sets``.
+
+    A set whose labels file does not exist is listed under ``skipped`` with the reason; a baseline
+    that is not installed is left out with a message. The held-out set (name ``heldout``) is also
+    scored per font (``by_font``) when its TSV has a ``font`` column.
+    """
+    from evaluation.metrics import recognition_scores
+    from evaluation.score_crops import read_labels, score_crops, write_outputs
+    from evaluation.tesseract import tesseract_available
+
+    models = {"recipe": model, **({"reference": reference} if reference else {})}
+    for baseline in baselines:
+        if baseline == "tesseract" and not tesseract_available():
+            print("recipe evaluate: tesseract (kor+eng) not installed; its rows are left out", file=sys.stderr)
+            continue
+        models[baseline] = baseline
+    result: dict[str, Any] = {"models": models, "sets": {}, "skipped": {}}
+    for name, labels in sets.items():
+        path = Path(labels)
+        if not path.is_file():
+            print(f"recipe evaluate: {path} not found; set {name!r} skipped", file=sys.stderr)
+            result["skipped"][name] = f"{path} not found"
+            continue
+        crops = read_labels(path)
+        report = score_crops(crops, models, labels=path)
+        entry: dict[str, Any] = {"labels": str(path), **report.metrics}
+        fonts = _fonts_of(path)
+        if any(fonts):
+            entry["by_font"] = {}
+            for font in sorted(set(fonts)):
+                idx = [i for i, f in enumerate(fonts) if f == font]
+                entry["by_font"][font] = {label: recognition_scores([crops[i].text for i in idx],
+                                                                   [texts[i] for i in idx])
+                                          for label, texts in report.readings.items()}
+        if out:
+            write_outputs(report, Path(out) / name, worst if name == HELDOUT else len(crops))
+        result["sets"][name] = entry
+    return result
+
+
+def _section_text(params: dict[str, Any], keys: tuple[str, ...]) -> str:
+    import yaml
+
+    return yaml.safe_dump({k: params[k] for k in keys if k in params}, allow_unicode=True, sort_keys=False)
+
+
+def _accelerator() -> str:
+    import torch
+
+    return f"GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+
+
+def _score_row(label: str, scores: dict[str, float]) -> str:
+    return (f"| {label} | {int(scores['n'])} | {scores['cer']:.4f} | {scores['word_accuracy']:.4f} | "
+            f"{scores['norm_ed']:.4f} |")
+
+
+def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metrics: dict[str, Any],
+               data_counts: dict[str, int], command: str, wall_seconds: dict[str, float], size_mb: float,
+               name: str) -> str:
+    """MODEL_CARD.md text: what the model is, the data, the params, the metrics, how to reproduce it."""
+    size = params.get("size", "?")
+    lines = [f"# {name}: Korean base recogniser (kocr ko-base recipe, size `{size}`)", ""]
+    if size == "cpu":
+        lines += ["> **Reduced CPU size.** This checkpoint was trained by the `cpu` preset of the recipe "
+                  f"({data_counts.get('train', 0):,} synthetic training images, {train_metrics.get('steps')} steps "
+                  "on a 2-core CPU), a smoke-sized run of the pipeline, not the GPU recipe "
+                  "(`recipes/ko-base/params.yaml`, ~1M images). Expect low accuracy; use it to check the "
+                  "plumbing, and train the GPU size for a real starting point.", ""]
+    train = params.get("train", {})
+    lines += [
+        "EasyOCR gen-2 None-VGG-BiLSTM-CTC recogniser (`model:` below), charset "
+        f"`{train.get('charset')}`, started from `{train.get('base')}` and trained by `kocr train` on "
+        "synthetic word/line images from `kocr synth-lines`. Loads with "
+        f"`training.checkpoint.load_recognizer(\"models/base/{name}.pt\")` and exports with `kocr export-easyocr`.",
+        "", "## Reproduce", "", "```", command, "```", "",
+        f"Machine: {platform.node() or '?'} ({platform.machine()}, {os.cpu_count()} CPU cores, {_accelerator()}), "
+        f"Python {platform.python_version()}; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        "Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall_seconds.items())
+        + " (synthesis and the card take seconds to minutes more).", "",
+        "## Data", "",
+        f"- train: {data_counts.get('train', 0):,} images, faces {', '.join(params['synth_lines'].get('fonts', []))}",
+        f"- val: {data_counts.get('val', 0):,} images, same faces, seed {params.get('synth_lines_val', {}).get('seed')}",
+        f"- held-out: {data_counts.get('heldout', 0):,} images in faces never trained on: "
+        f"{', '.join(params.get('synth_lines_heldout', {}).get('fonts', []))}", "",
+        "## Training", "",
+        f"{train_metrics.get('steps')} steps, best val CER {train_metrics.get('best_val_cer', float('nan')):.4f} "
+        f"at step {train_metrics.get('best_step')}, val word accuracy {train_metrics.get('val_word_accuracy', float('nan')):.4f}, "
+        f"{train_metrics.get('images_per_second')} images/s, checkpoint {size_mb:.1f} MB.", "",
+        "## Metrics (kocr evaluate-crops: whole crop read as easyocr.Reader.recognize does)", ""]
+    for set_name, entry in eval_metrics.get("sets", {}).items():
+        lines += [f"**{set_name}** (`{entry['labels']}`):", "", "| model | n | cer | word_accuracy | norm_ed |",
+                  "|---|---|---|---|---|"]
+        lines += [_score_row(f"{label} ({eval_metrics['models'][label]})" if label != "recipe" else f"{name} (this)",
+                             entry[label]) for label in eval_metrics["models"] if label in entry]
+        for font, scores in entry.get("by_font", {}).items():
+            lines.append(f"| {name} on {font} only | " + " | ".join(
+                [str(int(scores['recipe']['n'])), *(f"{scores['recipe'][k]:.4f}" for k in SCORED_KEYS[1:])]) + " |")
+        lines.append("")
+    for set_name, reason in eval_metrics.get("skipped", {}).items():
+        lines += [f"**{set_name}**: skipped ({reason}).", ""]
+    lines += ["## Params", "", "```yaml",
+              _section_text(params, ("size", "synth_lines", "synth_lines_val", "synth_lines_heldout", "model", "train")).rstrip(),
+              "```", ""]
+    return "\n".join(lines)
+
+
+def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_metrics: str | os.PathLike,
+               data: str | os.PathLike, out: str | os.PathLike, name: str, command: str) -> Path:
+    """Copy the checkpoint to ``<out>/<name>.pt``, the evaluation to ``<out>/metrics.json`` and write
+    ``<out>/MODEL_CARD.md``; returns the card path."""
+    from training.data.lmdb_store import LmdbDataset
+
+    model, out = Path(model), Path(out)
+    for path in (model, Path(train_metrics), Path(eval_metrics)):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not found (run the recipe's train and evaluate stages first)")
+    params = load_params()
+    trained = json.loads(Path(train_metrics).read_text(encoding="utf-8"))
+    evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
+    counts = {split: len(LmdbDataset(Path(data) / split)) for split in ("train", "val", HELDOUT)
+              if (Path(data) / split).is_dir()}
+    wall = {"train": trained.get("train_seconds", 0.0) + trained.get("validation_seconds", 0.0),
+            "evaluate": evaluated.get("seconds", 0.0)}
+    out.mkdir(parents=True, exist_ok=True)
+    shipped = out / f"{name}.pt"
+    shutil.copyfile(model, shipped)
+    (out / "metrics.json").write_text(json.dumps(evaluated, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    card = out / "MODEL_CARD.md"
+    card.write_text(model_card(params, trained, evaluated, counts, command, wall,
+                               shipped.stat().st_size / 1e6, name), encoding="utf-8")
+    return card
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m kocr.recipe", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("export-crops", help="an LMDB set as PNG crops + labels.tsv")
+    p.add_argument("lmdb")
+    p.add_argument("--out", required=True)
+    p = sub.add_parser("evaluate", help="evaluate-crops on the held-out set and the real sets (recipe:)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--heldout", required=True, help="labels.tsv of the held-out-font crops")
+    p.add_argument("--out", required=True, help="readings and worst crops per set")
+    p.add_argument("--metrics", required=True, help="metrics JSON (a DVC metrics file)")
+    p = sub.add_parser("card", help="ship the checkpoint with MODEL_CARD.md")
+    for flag in ("--model", "--train-metrics", "--eval-metrics", "--data", "--out", "--command"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--name", default="ko_base")
+    args = parser.parse_args(argv)
+    if args.command == "export-crops":
+        print(f"export-crops: {export_crops(args.lmdb, args.out)} crops -> {args.out}/labels.tsv")
+    elif args.command == "evaluate":
+        import time
+
+        cfg = load_params().get("recipe", {})
+        start = time.perf_counter()
+        result = evaluate_sets(args.model, {HELDOUT: args.heldout, **cfg.get("real_sets", {})},
+                               reference=cfg.get("reference"), baselines=tuple(cfg.get("baselines", [])),
+                               out=args.out)
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        path = Path(args.metrics)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        for name, entry in result["sets"].items():
+            print(f"{name}: " + "; ".join(f"{m} cer {entry[m]['cer']:.4f} word_acc {entry[m]['word_accuracy']:.4f}"
+                                          for m in result["models"]))
+    else:
+        card = write_card(args.model, args.train_metrics, args.eval_metrics, args.data, args.out, args.name,
+                          args.command)
+        print(f"card: {card} and {Path(args.out) / (args.name + '.pt')}")
+
+
+if __name__ == "__main__":
+    main()

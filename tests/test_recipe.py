@@ -1,0 +1,175 @@
+"""The ko-base recipe (recipes/ko-base, kocr/recipe.py) and the checkpoint it ships (models/base)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evaluation.metrics import recognition_scores
+from kocr.recipe import evaluate_sets, export_crops, write_card
+from tests.conftest import REPO, realdata
+from training.charset import Charset
+from training.checkpoint import SHIPPED_MODELS, load_recognizer
+from training.data.lmdb_store import LmdbDataset
+from training.data.synth_lines import LinesConfig, generate_lines
+from training.train import TrainConfig
+
+RECIPE = REPO / "recipes" / "ko-base"
+SHIPPED = REPO / "models" / "base"
+SIZES = {"params.yaml": "gpu", "params-cpu.yaml": "cpu"}
+
+
+def _keys(tree: object, prefix: str = "") -> set[str]:
+    if not isinstance(tree, dict):
+        return {prefix}
+    return set().union(*(_keys(v, f"{prefix}{k}.") for k, v in tree.items()))
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_each_size_is_a_complete_valid_params_file_with_unseen_heldout_faces(name):
+    params = yaml.safe_load((RECIPE / name).read_text(encoding="utf-8"))
+    other = yaml.safe_load((RECIPE / "params.yaml").read_text(encoding="utf-8"))
+    assert params["size"] == SIZES[name]
+    assert _keys(params) == _keys(other)  # the two sizes differ in values only
+    train_fonts = set(params["synth_lines"]["fonts"])
+    sets = {s: LinesConfig.from_params({**params["synth_lines"], **params[s]})
+            for s in ("synth_lines", "synth_lines_val", "synth_lines_heldout")}
+    heldout = set(sets["synth_lines_heldout"].fonts)
+    assert heldout and not heldout & train_fonts
+    assert {"UnPilgi.ttf"} <= heldout and {"NanumPen.ttf", "NanumBrush.ttf"} <= train_fonts  # handwriting both sides
+    assert len({c.seed for c in sets.values()}) == 3  # three different sets
+    config = TrainConfig.from_params(params)
+    assert config.charset == "korean_g2" and config.base in ("english_g2", "korean_g2")
+    assert config.steps > 0 and params["synth_lines"]["max_chars"] <= 25
+
+
+def test_recipe_pipeline_dry_run_lists_every_stage_with_the_recipe_params(tmp_path):
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split("\0")
+    for rel in filter(None, listed):
+        if (REPO / rel).is_file() and not rel.startswith("models/"):
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tmp_path / rel)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    bin_dir = Path(sys.executable).parent
+    done = subprocess.run([str(bin_dir / "dvc"), "repro", "--dry", "--force", "recipes/ko-base/dvc.yaml"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    stages = yaml.safe_load((RECIPE / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+    assert set(stages) == {"synth_train", "synth_val", "synth_heldout", "train", "evaluate", "card"}
+    commands = [ln[2:] for ln in done.stdout.splitlines() if ln.startswith("> ")]
+    assert len(commands) == len(stages)
+    assert all(c.startswith("KOCR_PARAMS=recipes/ko-base/params.yaml ") for c in commands), commands
+    assert "${" not in done.stdout
+    assert not (tmp_path / "recipes/ko-base/data").exists() and not (tmp_path / "recipes/ko-base/dvc.lock").exists()
+
+
+@pytest.fixture(scope="module")
+def heldout_crops(tmp_path_factory) -> Path:
+    """Eight held-out-face words written as an LMDB set by synth-lines, then exported as crops."""
+    root = tmp_path_factory.mktemp("heldout")
+    config = LinesConfig.from_params({"count": 8, "seed": 2, "fonts": ["UnBatang.ttf", "UnPilgi.ttf"],
+                                      "words_per_line": [1, 1], "workers": 1, "contact_sheet": 0})
+    generate_lines(root / "lmdb", config, progress=False)
+    assert export_crops(root / "lmdb", root / "crops") == 8
+    return root
+
+
+def test_export_crops_writes_every_sample_with_its_label_and_font(heldout_crops):
+    import cv2
+
+    dataset = LmdbDataset(heldout_crops / "lmdb")
+    rows = (heldout_crops / "crops/labels.tsv").read_text(encoding="utf-8").splitlines()
+    assert rows[0] == "image\ttext\tfont" and len(rows) == 9
+    for i, row in enumerate(rows[1:]):
+        image, text, font = row.split("\t")
+        assert text == dataset[i][1] and font in ("UnBatang.ttf", "UnPilgi.ttf")
+        assert (cv2.imread(str(heldout_crops / "crops" / image), cv2.IMREAD_GRAYSCALE) == dataset[i][0]).all()
+
+
+def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
+        heldout_crops, hangul_checkpoint, tmp_path, monkeypatch, capsys):
+    labels = heldout_crops / "crops/labels.tsv"
+    result = evaluate_sets(str(hangul_checkpoint), {"heldout": str(labels), "gone": str(tmp_path / "no.tsv")},
+                           reference="english_g2", baselines=(), out=tmp_path / "eval")
+    assert result["skipped"] == {"gone": f"{tmp_path / 'no.tsv'} not found"}
+    assert "set 'gone' skipped" in capsys.readouterr().err
+    entry = result["sets"]["heldout"]
+    readings = (tmp_path / "eval/heldout/readings.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    gts, recipe, reference = zip(*(r.split("\t")[1:4] for r in readings))
+    assert entry["recipe"] == recognition_scores(list(gts), list(recipe))
+    assert entry["reference"] == recognition_scores(list(gts), list(reference))
+    assert sum(f["recipe"]["n"] for f in entry["by_font"].values()) == 8
+
+    params = yaml.safe_load((RECIPE / "params-cpu.yaml").read_text(encoding="utf-8"))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    monkeypatch.setenv("KOCR_PARAMS", str(tmp_path / "p.yaml"))
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 4, "best_val_cer": 0.5, "best_step": 4,
+                                                      "train_seconds": 60.0, "validation_seconds": 6.0}))
+    (tmp_path / "eval.json").write_text(json.dumps(result))
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copytree(heldout_crops / "lmdb", data / "heldout")
+    card = write_card(hangul_checkpoint, tmp_path / "train.json", tmp_path / "eval.json", data,
+                      tmp_path / "ship", "ko_base", "dvc repro recipes/ko-base/dvc.yaml")
+    text = card.read_text(encoding="utf-8")
+    assert (tmp_path / "ship/ko_base.pt").read_bytes() == hangul_checkpoint.read_bytes()
+    assert json.loads((tmp_path / "ship/metrics.json").read_text()) == result
+    assert "Reduced CPU size" in text and "dvc repro recipes/ko-base/dvc.yaml" in text
+    assert f"| ko_base (this) | 8 | {entry['recipe']['cer']:.4f} | {entry['recipe']['word_accuracy']:.4f}" in text
+    assert "**gone**: skipped" in text and "held-out: 8 images" in text and "train 1.1 min" in text
+
+
+@pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
+def test_shipped_ko_base_loads_by_name_with_the_korean_charset_and_its_card():
+    assert REPO / SHIPPED_MODELS["ko_base"] == SHIPPED / "ko_base.pt"
+    assert (SHIPPED / "ko_base.pt").stat().st_size < 20 * 1024 * 1024
+    loaded = load_recognizer("ko_base")
+    assert loaded.charset.chars == Charset.named("korean_g2").chars and loaded.charset.name == "korean_g2"
+    card = (SHIPPED / "MODEL_CARD.md").read_text(encoding="utf-8")
+    metrics = json.loads((SHIPPED / "metrics.json").read_text(encoding="utf-8"))
+    heldout = metrics["sets"]["heldout"]["recipe"]
+    assert f"| ko_base (this) | {heldout['n']} | {heldout['cer']:.4f} |" in card
+    assert "## Reproduce" in card and "dvc repro recipes/ko-base/dvc.yaml" in card
+
+
+def test_shipped_ko_base_scores_on_real_crops_what_its_card_says():
+    """The real crops are read now exactly as the recipe's evaluate stage read them."""
+    if not (SHIPPED / "ko_base.pt").is_file():
+        pytest.skip("models/base/ko_base.pt not built here")
+    labels = realdata("paddleocr", "words.tsv")
+    metrics = json.loads((SHIPPED / "metrics.json").read_text(encoding="utf-8"))
+    now = evaluate_sets("ko_base", {"paddleocr": str(labels)}, baselines=())
+    assert now["sets"]["paddleocr"]["recipe"] == metrics["sets"]["paddleocr"]["recipe"]
+
+
+def test_synth_lines_section_overrides_the_synth_lines_keys(tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "synth_lines:\n  count: 50\n  seed: 0\n  fonts: [NanumGothic.ttf]\n  contact_sheet: 0\n  workers: 1\n"
+        "held:\n  count: 4\n  fonts: [UnPilgi.ttf]\n", encoding="utf-8")
+    assert main(["synth-lines", "--section", "held", "--out", "held"]) == 0
+    manifest = (tmp_path / "held/manifest.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    assert len(LmdbDataset(tmp_path / "held")) == 4 and {r.split("\t")[1] for r in manifest} == {"UnPilgi.ttf"}
+    capsys.readouterr()
+    assert main(["synth-lines", "--section", "nope", "--out", "x"]) == 2
+    assert capsys.readouterr().err.strip() == "kocr synth-lines: error: params has no section 'nope' (--section)"
+
+
+def test_ko_base_name_without_the_file_says_how_to_make_it(tmp_path, monkeypatch):
+    from training import checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(checkpoint.SHIPPED_MODELS, "ko_base", Path("models/base/absent.pt"))
+    with pytest.raises(checkpoint.ModelSpecError, match=r"ko_base: models/base/absent.pt not found .*recipes/ko-base"):
+        load_recognizer("ko_base")
