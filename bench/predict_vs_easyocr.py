@@ -7,6 +7,8 @@ both alike; the result is a ratio, with the outputs compared box by box and text
 
 Prints JSON: pages, seconds of each side, the speed ratio, and how many pages read identically
 (against EasyOCR unquantized, and against its default int8 quantization).
+Pages: the .jpg/.png files of --pages. On a machine shared with other jobs, use --threads 1 or start
+with OMP_WAIT_POLICY=PASSIVE: spinning OpenMP barriers on busy cores swamp both sides.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    images = sorted(Path(args.pages).glob("*.jpg"))[: args.limit]
+    images = sorted(p for p in Path(args.pages).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[: args.limit]
     loaded = load_recognizer(args.model)
     easyocr = import_easyocr()
     with tempfile.TemporaryDirectory() as tmp:

@@ -4,6 +4,10 @@ Detection, box grouping, cropping, contrast retry and decoding are EasyOCR's own
 with the platform's model, so what is evaluated here is what ``easyocr.Reader`` will read with the
 exported bundle (``tests/test_export_easyocr.py`` holds the two to the same text).
 
+On CPU both networks run through ``evaluation.fast_cpu`` (NNPACK Winograd CRAFT, exact fast pools),
+and boxes with the same padded width share one recogniser pass; the readings stay EasyOCR's
+(``tests/test_fast_cpu.py``). ``fast=False`` runs easyocr's own code path, one box at a time.
+
 Example:
     >>> reader = PageReader(load_recognizer("english_g2"))        # doctest: +SKIP
     >>> page = reader.read("scan.jpg")                             # doctest: +SKIP
@@ -12,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -20,9 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from evaluation.fast_cpu import accelerate
 from kocr.easyocr_compat import import_easyocr, offline_model_dir
 from training.checkpoint import LoadedRecognizer, ModelSpecError
 from training.data.pages import Page, Word
+from training.data.transforms import collate_crops
 
 
 @dataclass(frozen=True)
@@ -57,16 +64,21 @@ Boxes = tuple[list[list[int]], list[list[list[float]]]]  # EasyOCR horizontal_li
 
 
 class Detector:
-    """EasyOCR's CRAFT detector (``craft_mlt_25k.pth``, shipped offline), unquantized."""
+    """EasyOCR's CRAFT detector (``craft_mlt_25k.pth``, shipped offline), unquantized.
+
+    ``fast`` (CPU only): the Winograd/folded copy of ``evaluation.fast_cpu``; heatmaps within ~1e-5.
+    """
 
     def __init__(self, settings: DetectorSettings = DetectorSettings(), device: str = "cpu",
-                 weights: str | os.PathLike | None = None) -> None:
+                 weights: str | os.PathLike | None = None, fast: bool = True) -> None:
         import_easyocr()
         from easyocr.detection import get_detector
 
         self.settings, self.device = settings, device
         path = Path(weights or Path(offline_model_dir()) / "craft_mlt_25k.pth")
         self.net = get_detector(str(path), device=device, quantize=False)
+        if fast and device == "cpu":
+            self.net = accelerate(self.net, winograd=True)
 
     def detect(self, image: np.ndarray) -> Boxes:
         """Word boxes of an RGB image, grouped as ``easyocr.Reader.detect`` groups them."""
@@ -86,10 +98,14 @@ class Detector:
 
 
 class Recognition:
-    """The platform's recogniser driven through EasyOCR's cropping, batching and decoding."""
+    """The platform's recogniser driven through EasyOCR's cropping, batching and decoding.
+
+    ``fast`` (CPU only): exact fast pools (weights shared with ``loaded.model``) and one forward pass
+    per group of at most ``batch_size`` boxes of equal padded width; ``fast=False``: easyocr's get_text.
+    """
 
     def __init__(self, loaded: LoadedRecognizer, settings: DetectorSettings = DetectorSettings(),
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", fast: bool = True, batch_size: int = 32) -> None:
         if loaded.config.prediction != "ctc":
             raise ModelSpecError(f"{loaded.source}: has an attention (attn) head; pages are read through EasyOCR's "
                                  "CTC decoding, so only CTC models (model.prediction: ctc) can be evaluated end to "
@@ -98,9 +114,54 @@ class Recognition:
         self.loaded, self.settings, self.device = loaded, settings, device
         self.converter = easyocr.utils.CTCLabelConverter(loaded.charset.chars, {}, {})
         loaded.model.to(device).eval()
+        self.fast, self.batch_size = fast and device == "cpu", max(1, int(batch_size))
+        self.model = accelerate(loaded.model) if self.fast else loaded.model
 
     def read_boxes(self, grey: np.ndarray, horizontal: list, free: list) -> list[tuple[Any, str, float]]:
-        """(box, text, confidence) per box, one box at a time as EasyOCR does on CPU."""
+        """(box, text, confidence) per box, in the order and with the readings of ``easyocr.Reader``.
+
+        Each box is cropped on its own by EasyOCR's ``get_image_list`` and keeps its own padded width,
+        as on EasyOCR's CPU path; only boxes of equal width share a batch, and the low-contrast retry
+        (``contrast_ths``/``adjust_contrast``) and the choice between the two readings are easyocr's.
+        """
+        if not self.fast:
+            return self.read_boxes_easyocr(grey, horizontal, free)
+        from easyocr.utils import get_image_list
+
+        imgH, s = self.loaded.config.imgH, self.settings
+        crops = []  # (box, crop resized to the model height, padded width)
+        for h_list, f_list in [([b], []) for b in horizontal] + [([], [b]) for b in free]:
+            image_list, max_width = get_image_list(h_list, f_list, grey, model_height=imgH)
+            crops += [(box, crop, int(max_width)) for box, crop in image_list]
+        first = self._predict(crops, range(len(crops)), 0.0)
+        low = [i for i in range(len(crops)) if first[i][1] < s.contrast_ths]
+        retry = self._predict(crops, low, s.adjust_contrast) if low else {}
+        results = []
+        for i, (box, _, _) in enumerate(crops):
+            text, conf = first[i]
+            if i in retry and not conf > retry[i][1]:  # easyocr keeps the first reading only if strictly better
+                text, conf = retry[i]
+            results.append((box, text, conf))
+        return results
+
+    def _predict(self, crops: list, indices: Any, contrast: float) -> dict[int, tuple[str, float]]:
+        """(text, confidence) of ``crops[i]`` for each index, batched by padded width."""
+        from easyocr.recognition import recognizer_predict
+
+        imgH, groups, out = self.loaded.config.imgH, {}, {}
+        for i in indices:
+            groups.setdefault(crops[i][2], []).append(i)
+        for width, members in groups.items():
+            for start in range(0, len(members), self.batch_size):
+                chunk = members[start:start + self.batch_size]
+                batch = collate_crops([(easyocr_input(crops[i][1], imgH, width, contrast), width) for i in chunk], imgH)
+                preds = recognizer_predict(self.model, self.converter, [batch.to(self.device)], int(width / 10),
+                                           [], {}, "greedy", 5, self.device)
+                out.update((i, (text, conf)) for i, (text, conf) in zip(chunk, preds))
+        return out
+
+    def read_boxes_easyocr(self, grey: np.ndarray, horizontal: list, free: list) -> list[tuple[Any, str, float]]:
+        """(box, text, confidence) per box through easyocr's own get_text, one box at a time (the reference)."""
         from easyocr.recognition import get_text
         from easyocr.utils import get_image_list
 
@@ -114,6 +175,23 @@ class Recognition:
                                     self.converter, image_list, "", "greedy", 5, 1, s.contrast_ths,
                                     s.adjust_contrast, 0.003, 0, self.device)
         return results
+
+
+def easyocr_input(crop: np.ndarray, height: int, width: int, contrast: float = 0.0) -> np.ndarray:
+    """A crop already resized to ``height`` (by ``get_image_list``) as easyocr's AlignCollate prepares it.
+
+    Optional contrast stretch (``adjust_contrast_grey``), PIL bicubic resize capped at ``width``,
+    scaling to [-1, 1]; ``collate_crops`` then pads on the right with the last column.
+    """
+    from easyocr.recognition import adjust_contrast_grey
+    from PIL import Image
+
+    if contrast > 0:
+        crop = adjust_contrast_grey(crop, target=contrast)
+    image = Image.fromarray(crop, "L")
+    w, h = image.size
+    resized = image.resize((min(math.ceil(height * (w / float(h))), width), height), Image.BICUBIC)
+    return (np.asarray(resized, dtype=np.float32) / 255.0 - 0.5) / 0.5
 
 
 def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
