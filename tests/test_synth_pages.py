@@ -286,3 +286,14 @@ def test_contact_sheet_of_pages(tmp_path):
     assert red.sum() > 200  # word boxes outlined
     generate_pages(tmp_path, count=3, seed=2, fonts=FONTS, **SMALL)
     assert not (tmp_path / "contact_sheet.png").exists()  # a run without a sheet drops the stale one
+
+
+def test_prepare_takes_the_contact_sheet_for_what_it_is(tmp_path):
+    import json
+
+    from training.data.prepare import PrepareConfig, prepare_pages
+
+    generate_pages(tmp_path / "pages", count=3, seed=2, fonts=FONTS, contact_sheet=2, **SMALL)
+    prepare_pages(tmp_path / "pages", tmp_path / "prepared", PrepareConfig(), progress=False)
+    report = json.loads((tmp_path / "prepared" / "report.json").read_text(encoding="utf-8"))
+    assert "contact_sheet.png" not in json.dumps(report)  # not a page image without a label

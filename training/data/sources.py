@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
+PLATFORM_FILES = {"contact_sheet.png"}  # written by kocr synth-pages beside the pages: not page data
 _UTF8_FLAG = 0x800
 
 
@@ -131,6 +132,8 @@ def _classify(index: SourceIndex, member: Member) -> None:
     suffix = PurePosixPath(base).suffix.lower()
     if base.startswith(".") or base.lower() in SYSTEM_FILES:
         index.stray.append(("stray_file", member.name))
+    elif base in PLATFORM_FILES:
+        return
     elif suffix == ".json":
         index.labels.append(member)
     elif suffix in IMAGE_SUFFIXES:
