@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,6 +27,7 @@ import psutil
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 
 from kocr.dvc_hashes import dataset_hash
 from kocr.params import flatten
@@ -135,6 +137,15 @@ def log_dataset(path: str | os.PathLike, context: str, name: str | None = None) 
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(path).resolve().as_uri())
     dataset = MetaDataset(source=source, name=name or str(path), digest=digest[:36])
-    mlflow.log_input(dataset, context=context, tags={"kocr.hash_origin": origin, "kocr.hash": digest})
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context=context, tags={"kocr.hash_origin": origin, "kocr.hash": digest})
+            break
+        except MlflowException as exc:
+            # Two processes (tuning workers on one store) inserting the same new dataset row at the
+            # same moment: one wins, the other's insert breaks the unique key; a retry finds the row.
+            if attempt == 2 or ("UNIQUE" not in str(exc).upper() and "duplicate key" not in str(exc)):
+                raise
+            time.sleep(0.2 * (attempt + 1))
     mlflow.set_tag(f"kocr.data.{context}", digest)
     return digest
