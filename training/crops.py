@@ -55,6 +55,7 @@ class CropDataset(Dataset):
         self.dropped: Counter[str] = Counter()
         self.indices: list[int] = []
         self.widths: list[int] = []  # EasyOCR pad width of each kept sample, for bucketing
+        self.longest_label = 0       # characters in the longest kept label: the batch_max_length this set needs
         for i in range(len(source)):
             label = source.label(i)
             if not label or charset.missing(label):
@@ -74,14 +75,10 @@ class CropDataset(Dataset):
                 continue
             self.indices.append(i)
             self.widths.append(width)
+            self.longest_label = max(self.longest_label, len(label))
 
     def __len__(self) -> int:
         return len(self.indices)
-
-    @property
-    def longest_label(self) -> int:
-        """Characters in the longest kept label: the batch_max_length this set needs."""
-        return max((len(self.source.label(i)) for i in self.indices), default=0)
 
     def __getitem__(self, key: int | tuple[int, int, int]):
         index, step, slot = key if isinstance(key, tuple) else (key, 0, 0)
