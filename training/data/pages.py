@@ -22,7 +22,7 @@ import os
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 BBox = tuple[float, float, float, float]  # x, y, w, h in pixels, top-left origin
 
@@ -105,22 +105,16 @@ class Page:
         annotations = data.get("annotations", [])
         if not isinstance(annotations, list):
             raise PageError(path, "bad_schema", "'annotations' is not a list")
-        words = []
-        for index, ann in enumerate(annotations, start=1):
-            try:
-                bbox = tuple(float(v) for v in ann["annotation.bbox"])
-                text = ann.get("annotation.text", "")
-                if len(bbox) != 4:
-                    raise ValueError(f"annotation bbox {bbox} has not 4 values")
-                score = ann.get("annotation.score")
-                score = None if score is None else float(score)
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                detail = str(exc) if isinstance(exc, ValueError) else f"annotation {ann!r:.80} lacks a valid bbox"
-                if bad is None:
-                    raise PageError(path, "bad_schema", detail) from exc
-                bad.append((index, detail))
-                continue
-            words.append(Word(bbox, "" if text is None else str(text), score))  # type: ignore[arg-type]
+        def word(ann: Any) -> Word:
+            bbox = tuple(float(v) for v in ann["annotation.bbox"])
+            text = ann.get("annotation.text", "")
+            if len(bbox) != 4:
+                raise ValueError(f"annotation bbox {bbox} has not 4 values")
+            score = ann.get("annotation.score")
+            score = None if score is None else float(score)
+            return Word(bbox, "" if text is None else str(text), score)  # type: ignore[arg-type]
+
+        words = _parse_words(annotations, word, lambda ann: f"annotation {ann!r:.80} lacks a valid bbox", path, bad)
         return cls(name, width, height, words, str(image.get("image.category", "")), extra)
 
     @classmethod
@@ -135,23 +129,36 @@ class Page:
         boxes = data.get("bbox", data.get("Bbox", []))
         if not isinstance(boxes, list):
             raise PageError(path, "bad_schema", "'bbox' is not a list")
-        words = []
-        for index, box in enumerate(boxes, start=1):
-            try:
-                xs, ys = [float(v) for v in box["x"]], [float(v) for v in box["y"]]
-                if not xs or len(xs) != len(ys):
-                    raise ValueError(f"bbox x {xs} and y {ys} do not pair up")
-                text = box.get("data", "")
-            except (KeyError, TypeError, ValueError, AttributeError) as exc:
-                detail = str(exc) if isinstance(exc, ValueError) else f"bbox {box!r:.80} lacks x or y"
-                if bad is None:
-                    raise PageError(path, "bad_schema", detail) from exc
-                bad.append((index, detail))
-                continue
+        def word(box: Any) -> Word:
+            xs, ys = [float(v) for v in box["x"]], [float(v) for v in box["y"]]
+            if not xs or len(xs) != len(ys):
+                raise ValueError(f"bbox x {xs} and y {ys} do not pair up")
+            text = box.get("data", "")
             x0, y0 = min(xs), min(ys)
-            words.append(Word((x0, y0, max(xs) - x0, max(ys) - y0), "" if text is None else str(text)))
+            return Word((x0, y0, max(xs) - x0, max(ys) - y0), "" if text is None else str(text))
+
+        words = _parse_words(boxes, word, lambda box: f"bbox {box!r:.80} lacks x or y", path, bad)
         extra = {k: v for k, v in image.items() if k not in ("identifier", "type", "width", "height")}
         return cls(f"{ident}.{kind}", width, height, words, "", extra)
+
+
+def _parse_words(items: list, parse: Callable[[Any], Word], describe: Callable[[Any], str],
+                 path: str | os.PathLike, bad: list[tuple[int, str]] | None) -> list[Word]:
+    """``parse`` each annotation; a broken one raises PageError, or with ``bad`` is listed (1-based) and skipped.
+
+    A ValueError's own message is the detail; other errors (a missing key, a wrong type) are
+    described by ``describe(item)``.
+    """
+    words = []
+    for index, item in enumerate(items, start=1):
+        try:
+            words.append(parse(item))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            detail = str(exc) if isinstance(exc, ValueError) else describe(item)
+            if bad is None:
+                raise PageError(path, "bad_schema", detail) from exc
+            bad.append((index, detail))
+    return words
 
 
 def _num(value: float) -> float | int:
