@@ -86,6 +86,25 @@ def test_image_shows_dark_text_on_light_paper(lines_set):
         assert (image < paper - 40).mean() < 0.6, label  # mostly paper
 
 
+def test_invert_draws_light_text_on_a_dark_ground_for_its_share_only(tmp_path):
+    plain = tmp_path / "plain"
+    generate_lines(plain, _config(count=12, **PLAIN), progress=False)
+    inverted = tmp_path / "inverted"
+    generate_lines(inverted, _config(count=12, invert=1.0, **PLAIN), progress=False)
+    a, b = LmdbDataset(plain), LmdbDataset(inverted)
+    for i in range(len(a)):
+        (pa, la), (pb, lb) = a[i], b[i]
+        assert la == lb and pa.shape == pb.shape  # same text and geometry, only the tone flips
+        assert np.median(pa) > 200 and np.median(pb) < 55, la
+        assert np.abs(pb.astype(int) - (255 - pa.astype(int))).max() <= 1
+    mixed = tmp_path / "mixed"
+    generate_lines(mixed, _config(count=40, invert=0.5, **PLAIN), progress=False)
+    dark = sum(np.median(LmdbDataset(mixed)[i][0]) < 128 for i in range(40))
+    assert 8 <= dark <= 32
+    with pytest.raises(SynthConfigError, match="synth_lines.invert"):
+        _config(invert=1.5)
+
+
 def test_contact_sheet_grid(lines_set):
     with Image.open(lines_set / "contact_sheet.png") as sheet:
         assert sheet.format == "PNG"

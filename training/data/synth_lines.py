@@ -111,6 +111,7 @@ class LinesConfig:
     distortion_amplitude: tuple[float, float] = (1.0, 4.0)
     distortion_period: tuple[float, float] = (2.0, 6.0)  # multiples of the font size
     ink: tuple[float, float] = (0.0, 80.0)  # grey level of the text
+    invert: float = 0.0  # share of images negated at the end: light text on a dark ground (signs)
     degrade: degrade.DegradeConfig = field(default_factory=lambda: degrade.DegradeConfig.preset("mild"))
     image_format: str = "png"
     workers: int = 2
@@ -148,7 +149,7 @@ class LinesConfig:
             elif key in ("count", "seed", "lexicon_top_n", "max_chars", "height", "workers",
                          "contact_sheet"):
                 value = int(value)
-            elif key == "skew":
+            elif key in ("skew", "invert"):
                 value = float(value)
             elif key == "random_skew":
                 value = bool(value)
@@ -175,6 +176,8 @@ class LinesConfig:
             raise SynthConfigError(f"synth_lines.image_format must be one of {FORMATS}, got {self.image_format!r}")
         if not 0 <= self.ink[0] <= self.ink[1] <= 255:
             raise SynthConfigError(f"synth_lines.ink must be grey levels in [0, 255], got {self.ink}")
+        if not 0 <= self.invert <= 1:
+            raise SynthConfigError(f"synth_lines.invert is a share of images in [0, 1], got {self.invert}")
         if self.distortion_period[0] <= 0:
             raise SynthConfigError(f"synth_lines.distortion_period must be > 0, got {self.distortion_period}")
         if self.backgrounds.get("image", 0) > 0 and not self.background_images:
@@ -406,6 +409,8 @@ def render_sample(index: int, ctx: _Context) -> Sample:
         interp = cv2.INTER_AREA if h > config.height else cv2.INTER_CUBIC
         image = cv2.resize(image, (nw, config.height), interpolation=interp)
     image = degrade.apply(image, nrng, config.degrade)  # underline there is skipped: no boxes
+    if config.invert and rng.random() < config.invert:  # drawn only when asked: other sets stay as they were
+        image = 255.0 - image
     label = unicodedata.normalize("NFC", text)
     return Sample(_encode(image, config.image_format), label, Path(face.path).name, background)
 
