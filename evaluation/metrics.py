@@ -53,7 +53,8 @@ def iou(a: Corners, b: Corners) -> float:
     return inter / union if union > 0 else 0.0
 
 
-def _f1(p: float, r: float) -> float:
+def f1_score(p: float, r: float) -> float:
+    """Harmonic mean of precision and recall; 0 when both are 0."""
     return 2 * p * r / (p + r) if p + r > 0 else 0.0
 
 
@@ -77,7 +78,7 @@ class PageScore:
 
     @property
     def f1(self) -> float:
-        return _f1(self.precision, self.recall)
+        return f1_score(self.precision, self.recall)
 
 
 def score_page(gt: Page | list[Word], pred: Page | list[Word],
@@ -124,7 +125,7 @@ def e2e_scores(page_scores: list[PageScore]) -> dict[str, float]:
         "e2e_f1": sum(s.f1 for s in with_gt) / n if n else 0.0,
         "e2e_precision": sum(s.precision for s in with_gt) / n if n else 0.0,
         "e2e_recall": sum(s.recall for s in with_gt) / n if n else 0.0,
-        "e2e_f1_micro": _f1(p_micro, r_micro),
+        "e2e_f1_micro": f1_score(p_micro, r_micro),
         "e2e_precision_micro": p_micro,
         "e2e_recall_micro": r_micro,
         "pages": n,

@@ -37,6 +37,7 @@ from rapidfuzz.distance import Levenshtein
 from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
+from evaluation.metrics import f1_score
 from evaluation.reader import (
     Detector,
     DetectorSettings,
@@ -76,8 +77,7 @@ class CharCounts:
 
     @property
     def f1(self) -> float:
-        p, r = self.precision, self.recall
-        return 2 * p * r / (p + r) if p + r > 0 else 0.0
+        return f1_score(self.precision, self.recall)
 
 
 def char_counts(gt: str, pred: str) -> CharCounts:
