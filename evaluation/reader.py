@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
@@ -29,7 +28,7 @@ from evaluation.fast_cpu import accelerate
 from kocr.easyocr_compat import import_easyocr, offline_model_dir
 from training.checkpoint import LoadedRecognizer, ModelSpecError
 from training.data.pages import Page, Word
-from training.data.transforms import collate_crops
+from training.data.transforms import align_collate, collate_crops
 
 
 @dataclass(frozen=True)
@@ -184,14 +183,10 @@ def easyocr_input(crop: np.ndarray, height: int, width: int, contrast: float = 0
     scaling to [-1, 1]; ``collate_crops`` then pads on the right with the last column.
     """
     from easyocr.recognition import adjust_contrast_grey
-    from PIL import Image
 
     if contrast > 0:
         crop = adjust_contrast_grey(crop, target=contrast)
-    image = Image.fromarray(crop, "L")
-    w, h = image.size
-    resized = image.resize((min(math.ceil(height * (w / float(h))), width), height), Image.BICUBIC)
-    return (np.asarray(resized, dtype=np.float32) / 255.0 - 0.5) / 0.5
+    return align_collate(crop, height, max_width=width)
 
 
 def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:

@@ -40,11 +40,19 @@ def prepare_crop(grey: np.ndarray, height: int = 64) -> tuple[np.ndarray, int]:
         grey = cv2.resize(grey, (height, int(height * (1.0 / ratio))), interpolation=cv2.INTER_LINEAR)
     else:
         grey = cv2.resize(grey, (int(height * ratio), height), interpolation=cv2.INTER_LINEAR)
+    return align_collate(grey, height), pad_width(w, h, height)
+
+
+def align_collate(grey: np.ndarray, height: int = 64, max_width: int | None = None) -> np.ndarray:
+    """EasyOCR's AlignCollate step on a uint8 crop: PIL bicubic resize to ``height`` keeping the aspect
+    ratio (width capped at ``max_width``), scaled to float32 in [-1, 1]."""
     pil = Image.fromarray(grey, "L")
-    w2, h2 = pil.size
-    resized_w = max(1, math.ceil(height * w2 / h2))
-    pil = pil.resize((resized_w, height), Image.BICUBIC)
-    return (np.asarray(pil, dtype=np.float32) / 255.0 - 0.5) / 0.5, pad_width(w, h, height)
+    w, h = pil.size
+    width = max(1, math.ceil(height * (w / float(h))))  # AlignCollate's own arithmetic
+    if max_width is not None:
+        width = min(width, max_width)
+    pil = pil.resize((width, height), Image.BICUBIC)
+    return (np.asarray(pil, dtype=np.float32) / 255.0 - 0.5) / 0.5
 
 
 def collate_crops(crops: list[tuple[np.ndarray, int]], height: int = 64) -> torch.Tensor:
