@@ -7,6 +7,7 @@ PKGS=(
   "fonts-nanum=20200506-1"
   "fonts-nanum-extra=20200506-1"
   "fonts-unfonts-core=1:1.0.2-080608-18"
+  "fonts-unfonts-extra=1:1.0.2-080608+dfsg-11"
   "fonts-baekmuk=2.2-13"
   "fonts-noto-cjk=1:20220127+repack1-1"
   "fontconfig=2.14.1-4"

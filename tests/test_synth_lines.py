@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import unicodedata
 from pathlib import Path
 
@@ -15,8 +16,8 @@ from training.charset import Charset
 from training.data.fonts import covers, find_fonts
 from training.data.lexicon import has_hangul
 from training.data.lmdb_store import LmdbDataset
-from training.data.synth_lines import (LinesConfig, SynthConfigError, generate_lines, rotate,
-                                       warp)
+from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_rules,
+                                       colour_levels, generate_lines, rotate, warp)
 
 try:
     find_fonts(["NanumGothic.ttf", "UnBatang.ttf"])
@@ -253,8 +254,83 @@ def test_rotate_keeps_all_the_ink():
     assert abs(turned.sum() - mask.sum()) < 0.02 * mask.sum()
 
 
+def _gaps(mask: np.ndarray) -> list[int]:
+    """Widths of the runs of empty columns between inked ones."""
+    inked = (mask > 64).any(axis=0).astype(int)
+    edges = np.flatnonzero(np.diff(np.r_[0, inked, 0]))
+    return [int(b - a) for a, b in zip(edges[1:-1:2], edges[2::2])]
+
+
+def test_letter_spacing_opens_gaps_between_letters_wider_between_words():
+    face = find_fonts(["NanumGothic.ttf"])[0]
+    size, tracking = 40, 20.0
+    tight = _ink_mask("가나다", face, size)
+    spaced = _ink_mask("가나다", face, size, tracking)
+    assert abs(spaced.shape[1] - tight.shape[1] - 2 * tracking) <= 3  # two gaps, each wider by the tracking
+    assert spaced.shape[0] == tight.shape[0]
+    wide = [g for g in _gaps(spaced) if g >= tracking - 3]
+    assert len(wide) == 2 and not [g for g in _gaps(tight) if g >= tracking - 3]  # one per pair of letters
+    word = [g for g in _gaps(_ink_mask("가 나", face, size, tracking)) if g >= tracking - 3]
+    assert len(word) == 1 and word[0] >= 3 * tracking - 3  # a word space is wider than letter spacing
+
+
+def test_letter_spaced_set_keeps_labels_without_the_spaces(tmp_path):
+    out = tmp_path / "spaced"
+    config = _config(count=10, letter_spacing=1.0, letter_spacing_em=[0.6, 0.6], words_per_line=[1, 1], **PLAIN)
+    generate_lines(out, config, progress=False)
+    plain = tmp_path / "plain"
+    generate_lines(plain, _config(count=10, words_per_line=[1, 1], **PLAIN), progress=False)
+    a, b = LmdbDataset(plain), LmdbDataset(out)
+    for i in range(10):
+        (pa, la), (pb, lb) = a[i], b[i]
+        assert la == lb and " " not in lb  # same one-word text; the drawn gaps are not in the label
+        if len(la) > 1:
+            assert pb.shape[1] > pa.shape[1] + 0.3 * pa.shape[0] * (len(la) - 1), la
+
+
+def test_colour_levels_keep_the_gap_inside_the_grey_range():
+    rng = random.Random(0)
+    pairs = [colour_levels(rng, (60.0, 200.0)) for _ in range(500)]
+    for ground, text in pairs:
+        assert 0 <= ground <= 255 and 0 <= text <= 255
+        assert abs(ground - text) >= 60 - 1e-9
+    assert sum(text > ground for ground, text in pairs) > 100  # light on dark and dark on light
+    assert sum(text < ground for ground, text in pairs) > 100
+
+
+def test_colour_moves_ground_and_text_levels_for_its_share(tmp_path):
+    out = tmp_path / "colour"
+    generate_lines(out, _config(count=30, colour=1.0, colour_contrast=[80, 120], **PLAIN), progress=False)
+    grounds = [float(np.median(LmdbDataset(out)[i][0])) for i in range(30)]
+    assert min(grounds) < 100 and max(grounds) > 150 and np.std(grounds) > 30  # plain white is all ~255
+    for i in range(30):
+        image = LmdbDataset(out)[i][0].astype(float)
+        ground = np.median(image)
+        assert np.abs(image - ground).max() >= 70, i  # the text stands off the ground by the contrast
+
+
+def test_rules_draw_lines_beside_the_text_leaving_it_intact():
+    text = np.zeros((40, 100), np.float32)
+    text[10:30, 20:80] = 255
+    for seed in range(30):
+        ruled = add_rules(text.copy(), random.Random(seed), size=40)
+        assert ruled.shape[0] > 40 or ruled.shape[1] > 100  # grown by gap + thickness on some side
+        assert (ruled > 0).sum() > (text > 0).sum()
+        # the text block is still there, intact, somewhere in the grown mask
+        found = any((ruled[r:r + 20, c:c + 60] == 255).all()
+                    for r in range(ruled.shape[0] - 19) for c in range(ruled.shape[1] - 59)
+                    if ruled[r, c] == 255)
+        assert found, seed
+        edge = np.concatenate([ruled[0], ruled[-1], ruled[:, 0], ruled[:, -1]])
+        assert (edge > 0).any(), seed  # a rule sits on the outer edge
+
+
 @pytest.mark.parametrize("params, words", [
-    ({"colour": 1}, "unknown keys ['colour']"),
+    ({"color": 1}, "unknown keys ['color']"),
+    ({"letter_spacing": -0.1}, "synth_lines.letter_spacing is a share"),
+    ({"letter_spacing_em": [-1, 0.5]}, "synth_lines.letter_spacing_em must be >= 0"),
+    ({"colour_contrast": [0, 300]}, "synth_lines.colour_contrast"),
+    ({"rules": 2}, "synth_lines.rules is a share"),
     ({"words_per_line": [3, 1]}, "synth_lines.words_per_line: lo 3 is above hi 1"),
     ({"backgrounds": {"image": 1}}, "background_images names no folder"),
     ({"backgrounds": {"marble": 1}}, "unknown kinds ['marble']"),

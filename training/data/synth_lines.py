@@ -5,7 +5,9 @@ of ``training.data.lexicon`` (or a user's text file), one to a few words per ima
 print and handwriting faces chosen by file-name pattern. A string is only ever drawn in a face
 that has a glyph for each of its characters (no tofu boxes). Then trdg's knobs: skew, sine /
 cosine / random warp, margins, background (white, Gaussian noise, quasicrystal, pictures),
-output height; and the scan degradations of ``training.data.degrade``.
+output height; and the scan degradations of ``training.data.degrade``. For signs and form
+crops, off unless asked: letter spacing, coloured grounds as seen in grey, light-on-dark
+(``invert``), and table rules beside the text.
 
 Sample ``i`` depends only on (``seed``, ``i``) and the config, so the set is byte-identical
 whatever the number of worker processes. Beside the LMDB (standard layout, NFC labels) the output
@@ -112,6 +114,11 @@ class LinesConfig:
     distortion_period: tuple[float, float] = (2.0, 6.0)  # multiples of the font size
     ink: tuple[float, float] = (0.0, 80.0)  # grey level of the text
     invert: float = 0.0  # share of images negated at the end: light text on a dark ground (signs)
+    letter_spacing: float = 0.0  # share of images drawn letter-spaced (signs, headings); labels keep no spaces
+    letter_spacing_em: tuple[float, float] = (0.15, 0.7)  # extra space after each character, in font sizes
+    colour: float = 0.0  # share of images drawn as a coloured sign looks in grey: ground and text at random levels
+    colour_contrast: tuple[float, float] = (60.0, 200.0)  # grey-level gap between ground and text there
+    rules: float = 0.0  # share of images with table rules / box edges beside the text (crops of form cells)
     degrade: degrade.DegradeConfig = field(default_factory=lambda: degrade.DegradeConfig.preset("mild"))
     image_format: str = "png"
     workers: int = 2
@@ -132,7 +139,8 @@ class LinesConfig:
                 value = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
             elif key in ("words_per_line", "font_size"):
                 value = _pair(value, key, int)
-            elif key in ("distortion_amplitude", "distortion_period", "ink"):
+            elif key in ("distortion_amplitude", "distortion_period", "ink", "letter_spacing_em",
+                         "colour_contrast"):
                 value = _pair(value, key)
             elif key == "margins":
                 value = (value,) * 4 if isinstance(value, (int, float)) else tuple(value)
@@ -149,7 +157,7 @@ class LinesConfig:
             elif key in ("count", "seed", "lexicon_top_n", "max_chars", "height", "workers",
                          "contact_sheet"):
                 value = int(value)
-            elif key in ("skew", "invert"):
+            elif key in ("skew", "invert", "letter_spacing", "colour", "rules"):
                 value = float(value)
             elif key == "random_skew":
                 value = bool(value)
@@ -176,8 +184,15 @@ class LinesConfig:
             raise SynthConfigError(f"synth_lines.image_format must be one of {FORMATS}, got {self.image_format!r}")
         if not 0 <= self.ink[0] <= self.ink[1] <= 255:
             raise SynthConfigError(f"synth_lines.ink must be grey levels in [0, 255], got {self.ink}")
-        if not 0 <= self.invert <= 1:
-            raise SynthConfigError(f"synth_lines.invert is a share of images in [0, 1], got {self.invert}")
+        for name in ("invert", "letter_spacing", "colour", "rules"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise SynthConfigError(f"synth_lines.{name} is a share of images in [0, 1], "
+                                       f"got {getattr(self, name)}")
+        if self.letter_spacing_em[0] < 0:
+            raise SynthConfigError(f"synth_lines.letter_spacing_em must be >= 0, got {self.letter_spacing_em}")
+        if not 0 < self.colour_contrast[0] <= self.colour_contrast[1] <= 255:
+            raise SynthConfigError(f"synth_lines.colour_contrast must be grey-level gaps in (0, 255], "
+                                   f"got {self.colour_contrast}")
         if self.distortion_period[0] <= 0:
             raise SynthConfigError(f"synth_lines.distortion_period must be > 0, got {self.distortion_period}")
         if self.backgrounds.get("image", 0) > 0 and not self.background_images:
@@ -301,16 +316,63 @@ def line_text(rng: random.Random, ctx: _Context, face: FontFace) -> str:
     return " ".join(tokens)
 
 
-def _ink_mask(text: str, face: FontFace, size: int) -> np.ndarray | None:
-    """White-on-black float32 coverage of ``text``, cropped to its ink; None when nothing is drawn."""
+def _ink_mask(text: str, face: FontFace, size: int, tracking: float = 0.0) -> np.ndarray | None:
+    """White-on-black float32 coverage of ``text``, cropped to its ink; None when nothing is drawn.
+
+    ``tracking`` (pixels) is extra space after every character, twice that after a space so words
+    stay further apart than letters.
+    """
     font = load_font(face, size)
     left, top, right, bottom = font.getbbox(text, anchor="ls")
-    canvas = Image.new("L", (right - left + 4, bottom - top + 4), 0)
-    ImageDraw.Draw(canvas).text((2 - left, 2 - top), text, font=font, fill=255, anchor="ls")
+    if tracking <= 0:
+        canvas = Image.new("L", (right - left + 4, bottom - top + 4), 0)
+        ImageDraw.Draw(canvas).text((2 - left, 2 - top), text, font=font, fill=255, anchor="ls")
+    else:
+        advances = [font.getlength(ch) + tracking * (3 if ch == " " else 1) for ch in text]
+        width = int(math.ceil(sum(advances) + right - font.getlength(text))) + size + 4
+        canvas = Image.new("L", (width, bottom - top + 4), 0)
+        draw, x = ImageDraw.Draw(canvas), 2.0 - min(left, 0)
+        for ch, advance in zip(text, advances):
+            draw.text((x, 2 - top), ch, font=font, fill=255, anchor="ls")
+            x += advance
     box = canvas.getbbox()
     if box is None:
         return None
     return np.asarray(canvas.crop(box), dtype=np.float32)
+
+
+def add_rules(mask: np.ndarray, rng: random.Random, size: int) -> np.ndarray:
+    """``mask`` with one or two straight rules drawn beside the text, as the cell borders and box
+    edges a detector's crop of a form keeps: each on a random side, a gap away, full or partial."""
+    thick = max(1, round(size * rng.uniform(0.03, 0.09)))
+    for side in rng.sample(("top", "bottom", "left", "right"), rng.choice((1, 1, 2))):
+        gap = rng.randint(0, max(1, size // 4))
+        horizontal = side in ("top", "bottom")
+        pad = [(0, 0), (0, 0)]
+        pad[0 if horizontal else 1] = (gap + thick, 0) if side in ("top", "left") else (0, gap + thick)
+        mask = np.pad(mask, pad)
+        length = mask.shape[1 if horizontal else 0]
+        start = 0 if rng.random() < 0.5 else rng.randint(0, length // 2)
+        stop = length if rng.random() < 0.5 else rng.randint(start + max(1, length // 3), length)
+        level = np.float32(rng.uniform(150, 255))
+        rows = slice(0, thick) if side in ("top", "left") else slice(-thick, None)
+        if horizontal:
+            mask[rows, start:stop] = np.maximum(mask[rows, start:stop], level)
+        else:
+            mask[start:stop, rows] = np.maximum(mask[start:stop, rows], level)
+    return mask
+
+
+def colour_levels(rng: random.Random, contrast: tuple[float, float]) -> tuple[float, float]:
+    """(ground, text) grey levels of a coloured sign as the grey reader sees it: the ground
+    anywhere in [0, 255], the text ``contrast`` levels lighter or darker, whichever fits (both
+    when both do)."""
+    gap = rng.uniform(*contrast)
+    ground = rng.uniform(0.0, 255.0)
+    options = [t for t in (ground - gap, ground + gap) if 0 <= t <= 255]
+    if not options:  # the gap is wider than the ground allows on either side: use the wider side
+        return ground, (0.0 if ground >= 127.5 else 255.0)
+    return ground, rng.choice(options)
 
 
 def _crop_ink(mask: np.ndarray) -> np.ndarray:
@@ -375,7 +437,10 @@ def render_sample(index: int, ctx: _Context) -> Sample:
         if not text:
             continue
         size = rng.randint(*config.font_size)
-        mask = _ink_mask(text, face, size)
+        tracking = 0.0
+        if config.letter_spacing and rng.random() < config.letter_spacing:  # drawn only when asked
+            tracking = size * rng.uniform(*config.letter_spacing_em)
+        mask = _ink_mask(text, face, size, tracking)
         if mask is not None:
             break
     else:
@@ -398,11 +463,17 @@ def render_sample(index: int, ctx: _Context) -> Sample:
 
     top, left, bottom, right = (rng.randint(0, m) for m in config.margins)
     mask = np.pad(mask, ((top, bottom), (left, right)))
+    if config.rules and rng.random() < config.rules:
+        mask = add_rules(mask, rng, size)
     h, w = mask.shape
     background = rng.choices(list(config.backgrounds), weights=list(config.backgrounds.values()))[0]
     paper = make_background(background, h, w, nrng, ctx.bg_files)
     alpha = mask * np.float32(rng.uniform(0.85, 1.0) / 255.0)
-    image = paper * (1.0 - alpha) + np.float32(rng.uniform(*config.ink)) * alpha
+    ink = rng.uniform(*config.ink)
+    if config.colour and rng.random() < config.colour:
+        ground, ink = colour_levels(rng, config.colour_contrast)
+        paper = np.minimum(paper * np.float32(ground / max(float(paper.mean()), 1.0)), 255.0)  # texture kept, level moved
+    image = paper * (1.0 - alpha) + np.float32(ink) * alpha
 
     if config.height and h != config.height:
         nw = max(1, round(w * config.height / h))
