@@ -142,11 +142,18 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
                   "on CPU), not the GPU recipe (`recipes/ko-base/params.yaml`, ~1M images, many times more "
                   "images seen). Read the metrics below before relying on it; the GPU size is the one meant "
                   "to reach the recipe's targets.", ""]
+    from training.checkpoint import SHIPPED_MODELS
+
     train = params.get("train", {})
+    base = str(train.get("base"))
+    digest = f" (sha256 {train_metrics['base_sha256']}…)" if train_metrics.get("base_sha256") else ""
+    lineage = (f" This is a continuation: `{base}` was the shipped `{SHIPPED_MODELS[base].as_posix()}` of the "
+               "time, and its own card (data, params, scores) is in the git history of that folder."
+               if base in SHIPPED_MODELS else "")
     lines += [
         "EasyOCR gen-2 None-VGG-BiLSTM-CTC recogniser (`model:` below), charset "
-        f"`{train.get('charset')}`, started from `{train.get('base')}` and trained by `kocr train` on "
-        "synthetic word/line images from `kocr synth-lines`. Loads with "
+        f"`{train.get('charset')}`, started from `{base}`{digest} and trained by `kocr train` on "
+        f"synthetic word/line images from `kocr synth-lines`.{lineage} Loads with "
         f"`training.checkpoint.load_recognizer(\"models/base/{name}.pt\")` and exports with `kocr export-easyocr`.",
         "", "## Reproduce", "", "```", command, "```", "",
         f"Machine: {platform.node() or '?'} ({platform.machine()}, {os.cpu_count()} CPU cores, {_accelerator()}), "

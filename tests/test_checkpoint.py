@@ -230,3 +230,19 @@ def test_checkpoint_whose_head_misfits_its_charset_is_rejected(tmp_path):
     with pytest.raises(ArchitectureMismatch) as info:
         load_recognizer(str(path))
     assert "5 classes" in str(info.value) and "needs 4" in str(info.value)
+
+
+def test_training_records_which_file_it_started_from(tmp_path):
+    """build_model names the base and hashes the file it read, so a continued base keeps its lineage."""
+    import hashlib
+
+    from training.train import TrainConfig, build_model
+
+    first = _tiny_model(KOREAN, seed=1)
+    save_checkpoint(tmp_path / "a.pt", first, KOREAN)
+    config = TrainConfig(base=str(tmp_path / "a.pt"), charset="korean_g2", output_channel=16, hidden_size=8)
+    _, _, info = build_model(config, seed=0)
+    assert info["base"] == str(tmp_path / "a.pt")
+    assert info["base_sha256"] == hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest()[:16]
+    save_checkpoint(tmp_path / "a.pt", _tiny_model(KOREAN, seed=2), KOREAN)  # same name, other weights
+    assert build_model(config, seed=0)[2]["base_sha256"] != info["base_sha256"]

@@ -47,6 +47,7 @@ class LoadedRecognizer:
     config: RecognizerConfig
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    path: str = ""  # the file it was read from (for MLflow URIs, the downloaded copy)
 
 
 @dataclass
@@ -193,7 +194,7 @@ def load_recognizer(spec: str, device: str = "cpu") -> LoadedRecognizer:
     model = Recognizer(config)
     model.load_state_dict(state_dict)
     model.to(device).eval()
-    return LoadedRecognizer(model, charset, config, spec, meta)
+    return LoadedRecognizer(model, charset, config, spec, meta, str(path))
 
 
 def check_architecture(base: RecognizerConfig, wanted: RecognizerConfig, source: str,

@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -162,8 +163,10 @@ def build_model(config: TrainConfig, seed: int) -> tuple[Recognizer, Charset, di
                               imgH=config.imgH, prediction=config.prediction)
     if config.base == "scratch":
         return Recognizer(wanted), charset, {"base": "scratch"}
-    model, transfer = start_from(load_recognizer(config.base), wanted, charset, seed=seed)
-    return model, charset, {"base": config.base, **transfer}
+    base = load_recognizer(config.base)
+    model, transfer = start_from(base, wanted, charset, seed=seed)
+    digest = hashlib.sha256(Path(base.path).read_bytes()).hexdigest()[:16]
+    return model, charset, {"base": config.base, "base_sha256": digest, **transfer}
 
 
 class Objective:
@@ -426,6 +429,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
                "images_per_second": round(seen / elapsed, 2), "train_seconds": round(elapsed, 1),
                "validation_seconds": round(validating_seconds, 1),
                "train_samples": len(train_set), **{f"dropped_{k}": v for k, v in train_set.dropped.items()},
+               "base": transfer["base"], "base_sha256": transfer.get("base_sha256", ""),
                "head_rows_copied": transfer.get("head_rows_copied", 0), "world_size": ctx.world_size,
                "batch_max_length_used": info["batch_max_length_used"]}
     if device.type == "cuda":
