@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from kocr.recipe import evaluate_sets, export_crops, write_card
 from tests.conftest import REPO, realdata
 from training.charset import Charset
 from training.checkpoint import SHIPPED_MODELS, load_recognizer
+from training.data.fonts import find_fonts
 from training.data.lmdb_store import LmdbDataset
 from training.data.synth_lines import LinesConfig, generate_lines
 from training.train import TrainConfig
@@ -42,12 +44,19 @@ def test_each_size_is_a_complete_valid_params_file_with_unseen_heldout_faces(nam
     sets = {s: LinesConfig.from_params({**params["synth_lines"], **params[s]})
             for s in ("synth_lines", "synth_lines_val", "synth_lines_heldout")}
     heldout = set(sets["synth_lines_heldout"].fonts)
-    assert heldout and not heldout & train_fonts
     assert {"UnPilgi.ttf"} <= heldout and {"NanumPen.ttf", "NanumBrush.ttf"} <= train_fonts  # handwriting both sides
+    families = {Path(f).stem.lower() for f in heldout}  # UnPilgi also rules out UnPilgiBold and UnPilgia
+    assert not [f for f in train_fonts if any(f.lower().startswith(family) for family in families)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pattern matching no installed file warns: fail on it
+        assert len(find_fonts(sorted(train_fonts))) == len(train_fonts)
     assert len({c.seed for c in sets.values()}) == 3  # three different sets
     config = TrainConfig.from_params(params)
-    assert config.charset == "korean_g2" and config.base in ("english_g2", "korean_g2")
-    assert config.steps > 0 and params["synth_lines"]["max_chars"] <= 25
+    assert config.charset == "korean_g2" and config.steps > 0 and params["synth_lines"]["max_chars"] <= 25
+    if SIZES[name] == "gpu":  # the full recipe starts over from EasyOCR's weights
+        assert config.base in ("english_g2", "korean_g2")
+    else:  # a CPU instalment continues the shipped base and is scored against it
+        assert config.base == "ko_base" == params["recipe"]["reference"]
 
 
 def test_recipe_pipeline_dry_run_lists_every_stage_with_the_recipe_params(tmp_path):
@@ -113,7 +122,8 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     monkeypatch.setenv("KOCR_PARAMS", str(tmp_path / "p.yaml"))
     (tmp_path / "train.json").write_text(json.dumps({"steps": 4, "best_val_cer": 0.5, "best_step": 4,
-                                                      "train_seconds": 60.0, "validation_seconds": 6.0}))
+                                                      "train_seconds": 60.0, "validation_seconds": 6.0,
+                                                      "base": "ko_base", "base_sha256": "0123456789abcdef"}))
     (tmp_path / "eval.json").write_text(json.dumps(result))
     data = tmp_path / "data"
     data.mkdir()
@@ -126,6 +136,9 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     assert "Reduced CPU size" in text and "dvc repro recipes/ko-base/dvc.yaml" in text
     assert f"| ko_base (this) | 8 | {entry['recipe']['cer']:.4f} | {entry['recipe']['word_accuracy']:.4f}" in text
     assert "**gone**: skipped" in text and "held-out: 8 images" in text and "train 1.1 min" in text
+    # the CPU size continues the shipped base: the card names that start by its hash and says where its card is
+    assert "started from `ko_base` (sha256 0123456789abcdef…)" in text
+    assert "This is a continuation" in text and "git history" in text
 
 
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
