@@ -25,7 +25,7 @@ from training.crops import BucketBatchSampler, CropDataset
 from training.data.lmdb_store import LmdbDataset
 from training.optim import MIN_LR_RATIO, make_scheduler
 from training.resume import load_state
-from training.train import TrainConfig, train
+from training.train import TrainConfig, improves, train
 
 TINY = {"base": "scratch", "output_channel": 32, "hidden_size": 32, "batch_size": 4, "lr": 0.01}
 
@@ -226,3 +226,13 @@ def test_an_attention_head_trains_validates_and_is_refused_by_the_page_reader(pr
     assert loaded.config.prediction == "attn"
     with pytest.raises(ModelSpecError, match="attention"):
         Recognition(loaded)
+
+
+def test_best_checkpoint_is_lower_cer_or_equal_cer_at_lower_loss():
+    best = {"step": 100, "cer": 0.0085, "val_loss": 0.026}
+    assert improves({"step": 0, "cer": float("inf")}, 0.5, 1.0)  # the first validation always counts
+    assert improves(best, 0.0080, 0.9)  # lower CER wins whatever the loss
+    assert improves(best, 0.0085, 0.024)  # a tie goes to the surer model
+    assert not improves(best, 0.0085, 0.026) and not improves(best, 0.0085, 0.030)
+    assert not improves(best, 0.0090, 0.001)  # a lower loss never beats a lower CER
+    assert not improves(best, 0.0085, float("nan"))
