@@ -319,8 +319,8 @@ def line_text(rng: random.Random, ctx: _Context, face: FontFace) -> str:
 def _ink_mask(text: str, face: FontFace, size: int, tracking: float = 0.0) -> np.ndarray | None:
     """White-on-black float32 coverage of ``text``, cropped to its ink; None when nothing is drawn.
 
-    ``tracking`` (pixels) is extra space after every character, twice that after a space so words
-    stay further apart than letters.
+    ``tracking`` (pixels) is extra space after every character, three times that after a space so
+    words stay further apart than letters.
     """
     font = load_font(face, size)
     left, top, right, bottom = font.getbbox(text, anchor="ls")
