@@ -471,7 +471,7 @@ def _validation(config: TrainConfig, state: Progress, core: Recognizer, frozen: 
     state.val_rows.append({"step": step, **{k: round(v, 5) for k, v in scores.items() if k != "n"}})
     state.sample_rows += [{"step": step, "label": gt, "reading": pred, "correct": gt == pred} for gt, pred in samples]
     cer = scores.get("cer", state.loss_rows[-1]["loss"])
-    gained = state.best["step"] == 0 or cer < state.best["cer"]  # early stopping counts CER gains only
+    gained = improves(state.best, cer, math.inf)  # early stopping counts CER gains only: no loss wins a tie
     state.stale = 0 if gained else state.stale + 1
     if improves(state.best, cer, scores.get("loss", math.inf)):
         state.best = {"cer": cer, "step": step, **{f"val_{k}": v for k, v in scores.items()}}
