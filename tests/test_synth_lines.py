@@ -17,7 +17,7 @@ from training.data.fonts import covers, find_fonts
 from training.data.lexicon import has_hangul
 from training.data.lmdb_store import LmdbDataset
 from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_rules,
-                                       colour_levels, generate_lines, rotate, warp)
+                                       colour_levels, generate_lines, glyph_jitter, rotate, warp)
 
 try:
     find_fonts(["NanumGothic.ttf", "UnBatang.ttf"])
@@ -325,12 +325,79 @@ def test_rules_draw_lines_beside_the_text_leaving_it_intact():
         assert (edge > 0).any(), seed  # a rule sits on the outer edge
 
 
+
+def _columns(mask: np.ndarray, min_gap: int = 14) -> list[tuple[int, int]]:
+    """(start, stop) of the inked column runs split by gaps of ``min_gap`` or more: one per letter
+    of a loosely set word (a syllable's own parts, as ㄱ and ㅏ in 가, sit closer)."""
+    inked = (mask > 64).any(axis=0).astype(int)
+    edges = np.flatnonzero(np.diff(np.r_[0, inked, 0]))
+    runs = [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
+    merged = [runs[0]]
+    for a, b in runs[1:]:
+        if a - merged[-1][1] < min_gap:
+            merged[-1][1] = b
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def test_char_jitter_moves_each_letter_on_its_own_and_none_draws_the_plain_word():
+    face = find_fonts(["NanumGothic.ttf"])[0]
+    size, tracking, text = 40, 16.0, "가나다"
+    plain = _ink_mask(text, face, size, tracking)
+    still = _ink_mask(text, face, size, tracking, [(0.0, 1.0, 0.0)] * 3)
+    assert abs(still.shape[1] - plain.shape[1]) <= 2 and abs(still.shape[0] - plain.shape[0]) <= 2
+    assert abs(still.sum() - plain.sum()) < 0.03 * plain.sum()  # zero jitter is the plain drawing
+    # the middle letter dropped by a quarter of the size: the word grows that much taller, and
+    # that letter's ink starts lower than its neighbours'
+    dropped = _ink_mask(text, face, size, tracking, [(0.0, 1.0, 0.0), (0.25, 1.0, 0.0), (0.0, 1.0, 0.0)])
+    assert abs(dropped.shape[0] - plain.shape[0] - 0.25 * size) <= 2
+    tops = [int(np.flatnonzero((dropped[:, a:b] > 64).any(axis=1))[0]) for a, b in _columns(dropped)]
+    assert len(tops) == 3 and tops[1] - min(tops[0], tops[2]) >= 0.25 * size - 2
+    # a bigger middle letter is wider, and a turned one covers other pixels than the upright one
+    grown = _ink_mask(text, face, size, tracking, [(0.0, 1.0, 0.0), (0.0, 1.3, 0.0), (0.0, 1.0, 0.0)])
+    widths = [b - a for a, b in _columns(grown)]
+    plain_widths = [b - a for a, b in _columns(plain)]
+    assert widths[1] >= 1.2 * plain_widths[1] and abs(widths[0] - plain_widths[0]) <= 1
+    turned = _ink_mask("가", face, size, 0.0, [(0.0, 1.0, 10.0)])
+    upright = _ink_mask("가", face, size, 0.0, [(0.0, 1.0, 0.0)])
+    assert turned.shape != upright.shape and abs(turned.sum() - upright.sum()) < 0.05 * upright.sum()
+
+
+def test_glyph_jitter_draws_within_its_amount():
+    rng = random.Random(0)
+    draws = [j for _ in range(200) for j in glyph_jitter(rng, 5, (0.05, 0.05))]
+    shifts, scales, degrees = (np.array(v) for v in zip(*draws))
+    assert 0.035 < shifts.std() < 0.065 and abs(shifts.mean()) < 0.01
+    assert scales.min() >= 1 - 0.075 - 1e-9 and scales.max() <= 1 + 0.075 + 1e-9 and scales.std() > 0.03
+    assert 1.5 < degrees.std() < 2.5
+    assert glyph_jitter(random.Random(0), 3, (0.0, 0.0)) == [(0.0, 1.0, 0.0)] * 3
+
+
+def test_char_jitter_share_changes_only_its_images_and_keeps_the_labels(tmp_path):
+    generate_lines(tmp_path / "plain", _config(count=12, **PLAIN), progress=False)
+    generate_lines(tmp_path / "none", _config(count=12, char_jitter=0.0, char_jitter_amount=[0.1, 0.1], **PLAIN),
+                   progress=False)
+    assert (tmp_path / "plain" / "data.mdb").read_bytes() == (tmp_path / "none" / "data.mdb").read_bytes()
+    generate_lines(tmp_path / "all", _config(count=12, char_jitter=1.0, char_jitter_amount=[0.1, 0.1], **PLAIN),
+                   progress=False)
+    plain, jittered = LmdbDataset(tmp_path / "plain"), LmdbDataset(tmp_path / "all")
+    changed = 0
+    for i in range(12):
+        (pa, la), (pb, lb) = plain[i], jittered[i]
+        assert la == lb  # the text drawn is the same; only where its letters sit changes
+        changed += pa.shape != pb.shape or not np.array_equal(pa, pb)
+    assert changed >= 10
+
+
 @pytest.mark.parametrize("params, words", [
     ({"color": 1}, "unknown keys ['color']"),
     ({"letter_spacing": -0.1}, "synth_lines.letter_spacing is a share"),
     ({"letter_spacing_em": [-1, 0.5]}, "synth_lines.letter_spacing_em must be >= 0"),
     ({"colour_contrast": [0, 300]}, "synth_lines.colour_contrast"),
     ({"rules": 2}, "synth_lines.rules is a share"),
+    ({"char_jitter": 1.5}, "synth_lines.char_jitter is a share"),
+    ({"char_jitter_amount": [0.1, 0.5]}, "synth_lines.char_jitter_amount must be"),
     ({"words_per_line": [3, 1]}, "synth_lines.words_per_line: lo 3 is above hi 1"),
     ({"backgrounds": {"image": 1}}, "background_images names no folder"),
     ({"backgrounds": {"marble": 1}}, "unknown kinds ['marble']"),

@@ -119,6 +119,8 @@ class LinesConfig:
     colour: float = 0.0  # share of images drawn as a coloured sign looks in grey: ground and text at random levels
     colour_contrast: tuple[float, float] = (60.0, 200.0)  # grey-level gap between ground and text there
     rules: float = 0.0  # share of images with table rules / box edges beside the text (crops of form cells)
+    char_jitter: float = 0.0  # share of images whose characters each sit, size and lean a little differently (a hand's unevenness)
+    char_jitter_amount: tuple[float, float] = (0.03, 0.1)  # its strength: baseline shift s.d. in font sizes (see glyph_jitter)
     degrade: degrade.DegradeConfig = field(default_factory=lambda: degrade.DegradeConfig.preset("mild"))
     image_format: str = "png"
     workers: int = 2
@@ -140,7 +142,7 @@ class LinesConfig:
             elif key in ("words_per_line", "font_size"):
                 value = _pair(value, key, int)
             elif key in ("distortion_amplitude", "distortion_period", "ink", "letter_spacing_em",
-                         "colour_contrast"):
+                         "colour_contrast", "char_jitter_amount"):
                 value = _pair(value, key)
             elif key == "margins":
                 value = (value,) * 4 if isinstance(value, (int, float)) else tuple(value)
@@ -157,7 +159,7 @@ class LinesConfig:
             elif key in ("count", "seed", "lexicon_top_n", "max_chars", "height", "workers",
                          "contact_sheet"):
                 value = int(value)
-            elif key in ("skew", "invert", "letter_spacing", "colour", "rules"):
+            elif key in ("skew", "invert", "letter_spacing", "colour", "rules", "char_jitter"):
                 value = float(value)
             elif key == "random_skew":
                 value = bool(value)
@@ -184,12 +186,15 @@ class LinesConfig:
             raise SynthConfigError(f"synth_lines.image_format must be one of {FORMATS}, got {self.image_format!r}")
         if not 0 <= self.ink[0] <= self.ink[1] <= 255:
             raise SynthConfigError(f"synth_lines.ink must be grey levels in [0, 255], got {self.ink}")
-        for name in ("invert", "letter_spacing", "colour", "rules"):
+        for name in ("invert", "letter_spacing", "colour", "rules", "char_jitter"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SynthConfigError(f"synth_lines.{name} is a share of images in [0, 1], "
                                        f"got {getattr(self, name)}")
         if self.letter_spacing_em[0] < 0:
             raise SynthConfigError(f"synth_lines.letter_spacing_em must be >= 0, got {self.letter_spacing_em}")
+        if not 0 <= self.char_jitter_amount[0] <= self.char_jitter_amount[1] <= 0.3:
+            raise SynthConfigError(f"synth_lines.char_jitter_amount must be font-size fractions in [0, 0.3], "
+                                   f"got {self.char_jitter_amount}")
         if not 0 < self.colour_contrast[0] <= self.colour_contrast[1] <= 255:
             raise SynthConfigError(f"synth_lines.colour_contrast must be grey-level gaps in (0, 255], "
                                    f"got {self.colour_contrast}")
@@ -316,15 +321,55 @@ def line_text(rng: random.Random, ctx: _Context, face: FontFace) -> str:
     return " ".join(tokens)
 
 
-def _ink_mask(text: str, face: FontFace, size: int, tracking: float = 0.0) -> np.ndarray | None:
+Jitter = tuple[float, float, float]  # one character's (baseline shift in font sizes, scale, degrees)
+
+
+def glyph_jitter(rng: random.Random, n: int, amount: tuple[float, float]) -> list[Jitter]:
+    """Per-character unevenness of a hand for ``n`` characters: at strength ``a`` drawn from
+    ``amount``, each character's baseline moves by N(0, a) font sizes, its size by a factor
+    in 1 ± 1.5a and its lean by N(0, 40a) degrees."""
+    a = rng.uniform(*amount)
+    return [(rng.gauss(0.0, a), 1.0 + rng.uniform(-1.5 * a, 1.5 * a), rng.gauss(0.0, 40.0 * a))
+            for _ in range(n)]
+
+
+def _jittered_mask(text: str, face: FontFace, size: int, tracking: float,
+                   jitter: Sequence[Jitter]) -> Image.Image:
+    """``text`` drawn one character at a time, each moved, scaled and turned about its centre."""
+    canvas = np.zeros((3 * size, int(sum(load_font(face, size).getlength(ch) for ch in text) * 1.5
+                                      + len(text) * tracking * 3 + 3 * size)), np.uint8)
+    x, baseline = float(size), 2.0 * size
+    for ch, (shift, scale, degrees) in zip(text, jitter):
+        font = load_font(face, max(8, round(size * scale)))
+        left, top, right, bottom = font.getbbox(ch, anchor="ls")
+        if ch != " " and right > left and bottom > top:
+            glyph = Image.new("L", (right - left + 2, bottom - top + 2), 0)
+            ImageDraw.Draw(glyph).text((1 - left, 1 - top), ch, font=font, fill=255, anchor="ls")
+            turned = np.asarray(glyph.rotate(degrees, resample=Image.Resampling.BILINEAR, expand=True))
+            cx = x + (left + right) / 2  # the glyph's centre where it would sit unmoved
+            cy = baseline + shift * size + (top + bottom) / 2
+            y0, x0 = round(cy - turned.shape[0] / 2), round(cx - turned.shape[1] / 2)
+            ys = slice(max(y0, 0), min(y0 + turned.shape[0], canvas.shape[0]))
+            xs = slice(max(x0, 0), min(x0 + turned.shape[1], canvas.shape[1]))
+            piece = turned[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
+            canvas[ys, xs] = np.maximum(canvas[ys, xs], piece)
+        x += font.getlength(ch) + tracking * (3 if ch == " " else 1)
+    return Image.fromarray(canvas, "L")
+
+
+def _ink_mask(text: str, face: FontFace, size: int, tracking: float = 0.0,
+              jitter: Sequence[Jitter] | None = None) -> np.ndarray | None:
     """White-on-black float32 coverage of ``text``, cropped to its ink; None when nothing is drawn.
 
     ``tracking`` (pixels) is extra space after every character, three times that after a space so
-    words stay further apart than letters.
+    words stay further apart than letters. ``jitter`` (one entry per character, glyph_jitter)
+    draws each character on its own, moved, scaled and turned.
     """
     font = load_font(face, size)
     left, top, right, bottom = font.getbbox(text, anchor="ls")
-    if tracking <= 0:
+    if jitter:
+        canvas = _jittered_mask(text, face, size, tracking, jitter)
+    elif tracking <= 0:
         canvas = Image.new("L", (right - left + 4, bottom - top + 4), 0)
         ImageDraw.Draw(canvas).text((2 - left, 2 - top), text, font=font, fill=255, anchor="ls")
     else:
@@ -440,7 +485,10 @@ def render_sample(index: int, ctx: _Context) -> Sample:
         tracking = 0.0
         if config.letter_spacing and rng.random() < config.letter_spacing:  # drawn only when asked
             tracking = size * rng.uniform(*config.letter_spacing_em)
-        mask = _ink_mask(text, face, size, tracking)
+        jitter = None
+        if config.char_jitter and rng.random() < config.char_jitter:  # drawn only when asked
+            jitter = glyph_jitter(rng, len(text), config.char_jitter_amount)
+        mask = _ink_mask(text, face, size, tracking, jitter)
         if mask is not None:
             break
     else:
