@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from training.charset import Charset
@@ -321,6 +321,12 @@ def line_text(rng: random.Random, ctx: _Context, face: FontFace) -> str:
     return " ".join(tokens)
 
 
+def _advance(font: ImageFont.FreeTypeFont, ch: str, tracking: float) -> float:
+    """Pen advance after ``ch`` with ``tracking`` px of letter spacing: three times that after a
+    space, so letter-spaced words stay further apart than their letters."""
+    return font.getlength(ch) + tracking * (3 if ch == " " else 1)
+
+
 Jitter = tuple[float, float, float]  # one character's (baseline shift in font sizes, scale, degrees)
 
 
@@ -353,7 +359,7 @@ def _jittered_mask(text: str, face: FontFace, size: int, tracking: float,
             xs = slice(max(x0, 0), min(x0 + turned.shape[1], canvas.shape[1]))
             piece = turned[ys.start - y0:ys.stop - y0, xs.start - x0:xs.stop - x0]
             canvas[ys, xs] = np.maximum(canvas[ys, xs], piece)
-        x += font.getlength(ch) + tracking * (3 if ch == " " else 1)
+        x += _advance(font, ch, tracking)
     return Image.fromarray(canvas, "L")
 
 
@@ -373,7 +379,7 @@ def _ink_mask(text: str, face: FontFace, size: int, tracking: float = 0.0,
         canvas = Image.new("L", (right - left + 4, bottom - top + 4), 0)
         ImageDraw.Draw(canvas).text((2 - left, 2 - top), text, font=font, fill=255, anchor="ls")
     else:
-        advances = [font.getlength(ch) + tracking * (3 if ch == " " else 1) for ch in text]
+        advances = [_advance(font, ch, tracking) for ch in text]
         width = int(math.ceil(sum(advances) + right - font.getlength(text))) + size + 4
         canvas = Image.new("L", (width, bottom - top + 4), 0)
         draw, x = ImageDraw.Draw(canvas), 2.0 - min(left, 0)
