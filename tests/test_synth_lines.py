@@ -254,11 +254,17 @@ def test_rotate_keeps_all_the_ink():
     assert abs(turned.sum() - mask.sum()) < 0.02 * mask.sum()
 
 
-def _gaps(mask: np.ndarray) -> list[int]:
-    """Widths of the runs of empty columns between inked ones."""
+def _runs(mask: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) of the runs of inked columns, left to right."""
     inked = (mask > 64).any(axis=0).astype(int)
     edges = np.flatnonzero(np.diff(np.r_[0, inked, 0]))
-    return [int(b - a) for a, b in zip(edges[1:-1:2], edges[2::2])]
+    return [(int(a), int(b)) for a, b in zip(edges[::2], edges[1::2])]
+
+
+def _gaps(mask: np.ndarray) -> list[int]:
+    """Widths of the runs of empty columns between inked ones."""
+    runs = _runs(mask)
+    return [start - stop for (_, stop), (start, _) in zip(runs, runs[1:])]
 
 
 def test_letter_spacing_opens_gaps_between_letters_wider_between_words():
@@ -325,20 +331,16 @@ def test_rules_draw_lines_beside_the_text_leaving_it_intact():
         assert (edge > 0).any(), seed  # a rule sits on the outer edge
 
 
-
 def _columns(mask: np.ndarray, min_gap: int = 14) -> list[tuple[int, int]]:
     """(start, stop) of the inked column runs split by gaps of ``min_gap`` or more: one per letter
     of a loosely set word (a syllable's own parts, as ㄱ and ㅏ in 가, sit closer)."""
-    inked = (mask > 64).any(axis=0).astype(int)
-    edges = np.flatnonzero(np.diff(np.r_[0, inked, 0]))
-    runs = [[int(a), int(b)] for a, b in zip(edges[::2], edges[1::2])]
-    merged = [runs[0]]
-    for a, b in runs[1:]:
-        if a - merged[-1][1] < min_gap:
-            merged[-1][1] = b
+    merged: list[tuple[int, int]] = []
+    for a, b in _runs(mask):
+        if merged and a - merged[-1][1] < min_gap:
+            merged[-1] = (merged[-1][0], b)
         else:
-            merged.append([a, b])
-    return [(a, b) for a, b in merged]
+            merged.append((a, b))
+    return merged
 
 
 def test_char_jitter_moves_each_letter_on_its_own_and_none_draws_the_plain_word():
