@@ -9,6 +9,7 @@ PKGS=(
   "fonts-unfonts-core=1:1.0.2-080608-18"
   "fonts-unfonts-extra=1:1.0.2-080608+dfsg-11"
   "fonts-baekmuk=2.2-13"
+  "fonts-alee=13.3"
   "fonts-noto-cjk=1:20220127+repack1-1"
   "fontconfig=2.14.1-4"
   "tesseract-ocr=5.3.0-2"

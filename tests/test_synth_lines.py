@@ -16,7 +16,7 @@ from training.charset import Charset
 from training.data.fonts import covers, find_fonts
 from training.data.lexicon import has_hangul
 from training.data.lmdb_store import LmdbDataset
-from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_rules,
+from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_rules, add_streak,
                                        colour_levels, generate_lines, glyph_jitter, rotate, warp)
 
 try:
@@ -376,18 +376,35 @@ def test_glyph_jitter_draws_within_its_amount():
     assert glyph_jitter(random.Random(0), 3, (0.0, 0.0)) == [(0.0, 1.0, 0.0)] * 3
 
 
-def test_char_jitter_share_changes_only_its_images_and_keeps_the_labels(tmp_path):
+def test_streak_wipes_a_band_of_strokes_across_the_middle_and_nothing_else():
+    ink = np.zeros((64, 200), np.float32)  # solid ink everywhere: the band shows where it wiped
+    paper = np.full_like(ink, 200.0)
+    for seed in range(40):
+        out = add_streak(ink, paper, random.Random(seed), (0.04, 0.12))
+        wiped = np.flatnonzero(out.min(axis=1) > 0)
+        assert wiped.size and (np.diff(wiped) == 1).all(), seed  # one unbroken band ...
+        assert (out[wiped] == out[wiped][:, :1]).all()  # ... crossing the image end to end
+        assert 16 - 4 <= wiped.mean() <= 48 + 4, seed  # centred in the middle half
+        assert 2 <= wiped.size <= 0.12 * 64 + 4, seed
+        core = out[wiped].max()
+        assert 0.7 * 200 - 1 <= core <= 230 + 1e-3, seed  # the strokes there fade to the lifted paper
+        assert (out[np.setdiff1d(np.arange(64), wiped)] == 0).all()  # ink elsewhere untouched
+
+
+@pytest.mark.parametrize("knob, on", [
+    ("char_jitter", {"char_jitter": 1.0, "char_jitter_amount": [0.1, 0.1]}),
+    ("streak", {"streak": 1.0, "streak_width": [0.1, 0.1]}),
+])
+def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, knob, on):
     generate_lines(tmp_path / "plain", _config(count=12, **PLAIN), progress=False)
-    generate_lines(tmp_path / "none", _config(count=12, char_jitter=0.0, char_jitter_amount=[0.1, 0.1], **PLAIN),
-                   progress=False)
+    generate_lines(tmp_path / "none", _config(count=12, **{**on, knob: 0.0}, **PLAIN), progress=False)
     assert (tmp_path / "plain" / "data.mdb").read_bytes() == (tmp_path / "none" / "data.mdb").read_bytes()
-    generate_lines(tmp_path / "all", _config(count=12, char_jitter=1.0, char_jitter_amount=[0.1, 0.1], **PLAIN),
-                   progress=False)
-    plain, jittered = LmdbDataset(tmp_path / "plain"), LmdbDataset(tmp_path / "all")
+    generate_lines(tmp_path / "all", _config(count=12, **on, **PLAIN), progress=False)
+    plain, changed_set = LmdbDataset(tmp_path / "plain"), LmdbDataset(tmp_path / "all")
     changed = 0
     for i in range(12):
-        (pa, la), (pb, lb) = plain[i], jittered[i]
-        assert la == lb  # the text drawn is the same; only where its letters sit changes
+        (pa, la), (pb, lb) = plain[i], changed_set[i]
+        assert la == lb  # the text drawn is the same; only how it looks changes
         changed += pa.shape != pb.shape or not np.array_equal(pa, pb)
     assert changed >= 10
 
@@ -400,6 +417,8 @@ def test_char_jitter_share_changes_only_its_images_and_keeps_the_labels(tmp_path
     ({"rules": 2}, "synth_lines.rules is a share"),
     ({"char_jitter": 1.5}, "synth_lines.char_jitter is a share"),
     ({"char_jitter_amount": [0.1, 0.5]}, "synth_lines.char_jitter_amount must be"),
+    ({"streak": -0.2}, "synth_lines.streak is a share"),
+    ({"streak_width": [0, 0.1]}, "synth_lines.streak_width must be"),
     ({"words_per_line": [3, 1]}, "synth_lines.words_per_line: lo 3 is above hi 1"),
     ({"backgrounds": {"image": 1}}, "background_images names no folder"),
     ({"backgrounds": {"marble": 1}}, "unknown kinds ['marble']"),

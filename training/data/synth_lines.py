@@ -7,7 +7,7 @@ that has a glyph for each of its characters (no tofu boxes). Then trdg's knobs: 
 cosine / random warp, margins, background (white, Gaussian noise, quasicrystal, pictures),
 output height; and the scan degradations of ``training.data.degrade``. For signs and form
 crops, off unless asked: letter spacing, coloured grounds as seen in grey, light-on-dark
-(``invert``), and table rules beside the text.
+(``invert``), table rules beside the text, a hand's unevenness and scanner streaks.
 
 Sample ``i`` depends only on (``seed``, ``i``) and the config, so the set is byte-identical
 whatever the number of worker processes. Beside the LMDB (standard layout, NFC labels) the output
@@ -121,6 +121,8 @@ class LinesConfig:
     rules: float = 0.0  # share of images with table rules / box edges beside the text (crops of form cells)
     char_jitter: float = 0.0  # share of images whose characters each sit, size and lean a little differently (a hand's unevenness)
     char_jitter_amount: tuple[float, float] = (0.03, 0.1)  # its strength: baseline shift s.d. in font sizes (see glyph_jitter)
+    streak: float = 0.0  # share of images crossed by a light band that wipes the strokes under it (scanner streak, fold)
+    streak_width: tuple[float, float] = (0.04, 0.12)  # the band's width as a share of the image height
     degrade: degrade.DegradeConfig = field(default_factory=lambda: degrade.DegradeConfig.preset("mild"))
     image_format: str = "png"
     workers: int = 2
@@ -142,7 +144,7 @@ class LinesConfig:
             elif key in ("words_per_line", "font_size"):
                 value = _pair(value, key, int)
             elif key in ("distortion_amplitude", "distortion_period", "ink", "letter_spacing_em",
-                         "colour_contrast", "char_jitter_amount"):
+                         "colour_contrast", "char_jitter_amount", "streak_width"):
                 value = _pair(value, key)
             elif key == "margins":
                 value = (value,) * 4 if isinstance(value, (int, float)) else tuple(value)
@@ -159,7 +161,7 @@ class LinesConfig:
             elif key in ("count", "seed", "lexicon_top_n", "max_chars", "height", "workers",
                          "contact_sheet"):
                 value = int(value)
-            elif key in ("skew", "invert", "letter_spacing", "colour", "rules", "char_jitter"):
+            elif key in ("skew", "invert", "letter_spacing", "colour", "rules", "char_jitter", "streak"):
                 value = float(value)
             elif key == "random_skew":
                 value = bool(value)
@@ -186,7 +188,7 @@ class LinesConfig:
             raise SynthConfigError(f"synth_lines.image_format must be one of {FORMATS}, got {self.image_format!r}")
         if not 0 <= self.ink[0] <= self.ink[1] <= 255:
             raise SynthConfigError(f"synth_lines.ink must be grey levels in [0, 255], got {self.ink}")
-        for name in ("invert", "letter_spacing", "colour", "rules", "char_jitter"):
+        for name in ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak"):
             if not 0 <= getattr(self, name) <= 1:
                 raise SynthConfigError(f"synth_lines.{name} is a share of images in [0, 1], "
                                        f"got {getattr(self, name)}")
@@ -195,6 +197,9 @@ class LinesConfig:
         if not 0 <= self.char_jitter_amount[0] <= self.char_jitter_amount[1] <= 0.3:
             raise SynthConfigError(f"synth_lines.char_jitter_amount must be font-size fractions in [0, 0.3], "
                                    f"got {self.char_jitter_amount}")
+        if not 0 < self.streak_width[0] <= self.streak_width[1] <= 0.5:
+            raise SynthConfigError(f"synth_lines.streak_width must be shares of the height in (0, 0.5], "
+                                   f"got {self.streak_width}")
         if not 0 < self.colour_contrast[0] <= self.colour_contrast[1] <= 255:
             raise SynthConfigError(f"synth_lines.colour_contrast must be grey-level gaps in (0, 255], "
                                    f"got {self.colour_contrast}")
@@ -414,6 +419,23 @@ def add_rules(mask: np.ndarray, rng: random.Random, size: int) -> np.ndarray:
     return mask
 
 
+def add_streak(image: np.ndarray, paper: np.ndarray, rng: random.Random,
+               width: tuple[float, float]) -> np.ndarray:
+    """``image`` crossed end to end by a light band, as a dirty scanner glass or a fold leaves: the
+    strokes under it fade to the ``paper`` behind them (lifted a little), wholly at the band's core
+    and partly at its soft edges. The band is ``width`` (a share of the height) wide, its centre in
+    the middle half of the height, where it cuts the strokes a reader needs."""
+    h = image.shape[0]
+    half = max(0.5, h * rng.uniform(*width) / 2)
+    centre = h * rng.uniform(0.25, 0.75)
+    rows = np.arange(h, dtype=np.float32)[:, None] + 0.5
+    edge = max(0.5, half * 0.3)
+    weight = np.clip((half - np.abs(rows - centre)) / edge + 0.5, 0.0, 1.0)
+    weight *= np.float32(rng.uniform(0.7, 1.0))
+    light = np.minimum(paper + np.float32(rng.uniform(0.0, 30.0)), 255.0)
+    return image * (1.0 - weight) + light * weight
+
+
 def colour_levels(rng: random.Random, contrast: tuple[float, float]) -> tuple[float, float]:
     """(ground, text) grey levels of a coloured sign as the grey reader sees it: the ground
     anywhere in [0, 255], the text ``contrast`` levels lighter or darker, whichever fits (both
@@ -528,6 +550,8 @@ def render_sample(index: int, ctx: _Context) -> Sample:
         ground, ink = colour_levels(rng, config.colour_contrast)
         paper = np.minimum(paper * np.float32(ground / max(float(paper.mean()), 1.0)), 255.0)  # texture kept, level moved
     image = paper * (1.0 - alpha) + np.float32(ink) * alpha
+    if config.streak and rng.random() < config.streak:  # drawn only when asked
+        image = add_streak(image, paper, rng, config.streak_width)
 
     if config.height and h != config.height:
         nw = max(1, round(w * config.height / h))
