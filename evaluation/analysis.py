@@ -1,8 +1,10 @@
 """Where a model goes wrong: breakdowns by category and text kind, detection failures, confusions.
 
 Example:
-    >>> text_kind("서울"), text_kind("2024.03.15"), text_kind("No.12"), text_kind("제2호")
+    >>> text_kind("서울"), text_kind("2024.03.15"), text_kind("CCTV"), text_kind("제2호")
     ('hangul', 'digits', 'latin', 'mixed')
+    >>> jamo_confusions([("일을", "익은")])["top"]
+    [('final', 'ㄹ', 'ㄱ', 1), ('final', 'ㄹ', 'ㄴ', 1)]
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from evaluation.metrics import PageScore
 from training.data.pages import Page, Word, nfc
 
 TEXT_KINDS = ("hangul", "digits", "latin", "mixed", "other")
+JAMO_POSITIONS = ("initial", "medial", "final")
+_INITIALS = "ㄱㄲㄴㄷㄸㄹㅁㅂㅃㅅㅆㅇㅈㅉㅊㅋㅌㅍㅎ"
+_MEDIALS = "ㅏㅐㅑㅒㅓㅔㅕㅖㅗㅘㅙㅚㅛㅜㅝㅞㅟㅠㅡㅢㅣ"
+_FINALS = ("-", *"ㄱㄲㄳㄴㄵㄶㄷㄹㄺㄻㄼㄽㄾㄿㅀㅁㅂㅄㅅㅆㅇㅈㅊㅋㅌㅍㅎ")  # "-": no final consonant
 
 
 def text_kind(text: str) -> str:
@@ -79,6 +85,41 @@ def confusions(pairs: list[tuple[str, str]], top: int = 15) -> list[tuple[str, s
             if op.tag == "replace":
                 counter[(gt[op.src_pos], pred[op.dest_pos])] += 1
     return [(a, b, n) for (a, b), n in counter.most_common(top)]
+
+
+def _jamo(syllable: str) -> tuple[str, str, str] | None:
+    """(initial, medial, final) of a precomposed Hangul syllable (final "-" when it has none)."""
+    index = ord(syllable) - 0xAC00
+    if not 0 <= index < 11172:
+        return None
+    return _INITIALS[index // 588], _MEDIALS[index % 588 // 28], _FINALS[index % 28]
+
+
+def jamo_confusions(pairs: list[tuple[str, str]], top: int = 15) -> dict[str, Any]:
+    """Which part of a Hangul syllable a model misreads, over (ground truth, reading) pairs.
+
+    Every substitution of one syllable by another (Levenshtein edit ops after NFC) is split into
+    its initial, medial and final jamo: ``positions`` counts the substitutions that differ in each
+    part (one substitution can count in several), ``top`` lists the most frequent
+    (position, ground-truth jamo, read jamo, count). A face that draws a final ㄹ as a cursive
+    stroke shows up as ("final", "ㄹ", "ㄱ", n) however many syllables carry it.
+    """
+    positions: Counter[str] = Counter({name: 0 for name in JAMO_POSITIONS})
+    counter: Counter[tuple[str, str, str]] = Counter()
+    for gt, pred in pairs:
+        gt, pred = nfc(gt), nfc(pred)
+        for op in Levenshtein.editops(gt, pred):
+            if op.tag != "replace":
+                continue
+            a, b = _jamo(gt[op.src_pos]), _jamo(pred[op.dest_pos])
+            if a is None or b is None:
+                continue
+            for name, x, y in zip(JAMO_POSITIONS, a, b):
+                if x != y:
+                    positions[name] += 1
+                    counter[(name, x, y)] += 1
+    return {"positions": dict(positions),
+            "top": [(name, x, y, n) for (name, x, y), n in counter.most_common(top)]}
 
 
 def breakdown(gt_pages: list[Page], pred_pages: list[Page], scores: list[PageScore]) -> dict[str, Any]:

@@ -19,10 +19,11 @@ Example:
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -168,8 +169,22 @@ def score_crops(crops: list[Crop], models: dict[str, str], device: str = "cpu", 
     return CropReport(crops, metrics, readings)
 
 
+def error_analysis(report: CropReport, top: int = 15) -> dict[str, dict[str, Any]]:
+    """Per model: the most frequent character substitutions and where in the Hangul syllable
+    they fall (``evaluation.analysis.confusions`` and ``jamo_confusions``)."""
+    from evaluation.analysis import confusions, jamo_confusions
+
+    out: dict[str, dict[str, Any]] = {}
+    for label, texts in report.readings.items():
+        pairs = [(crop.text, text) for crop, text in zip(report.crops, texts)]
+        out[label] = {"characters": [{"gt": a, "pred": b, "count": n} for a, b, n in confusions(pairs, top)],
+                      "jamo": jamo_confusions(pairs, top)}
+    return out
+
+
 def write_outputs(report: CropReport, out: str | os.PathLike, worst: int) -> list[Path]:
-    """``readings.tsv`` (every crop, ground truth and each model's reading) and the worst crops drawn."""
+    """``readings.tsv`` (every crop, ground truth and each model's reading), ``confusions.json``
+    (``error_analysis``) and the worst crops drawn."""
     from evaluation.drawing import draw_crop_readings
 
     out = Path(out)
@@ -179,6 +194,8 @@ def write_outputs(report: CropReport, out: str | os.PathLike, worst: int) -> lis
         writer.writerow(["image", "text", *report.readings])
         for i, crop in enumerate(report.crops):
             writer.writerow([str(crop.image), crop.text, *(texts[i] for texts in report.readings.values())])
+    (out / "confusions.json").write_text(json.dumps(error_analysis(report), ensure_ascii=False, indent=1) + "\n",
+                                         encoding="utf-8")
     for rank, i in enumerate(report.worst(worst), start=1):
         crop = report.crops[i]
         readings = {label: (texts[i], cer(crop.text, texts[i])) for label, texts in report.readings.items()}

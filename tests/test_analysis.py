@@ -6,7 +6,7 @@ import unicodedata
 
 from PIL import Image
 
-from evaluation.analysis import breakdown, confusions, detection_failures, text_kind
+from evaluation.analysis import breakdown, confusions, detection_failures, jamo_confusions, text_kind
 from evaluation.drawing import draw_comparison
 from evaluation.metrics import score_page
 from training.data.pages import Page, Word
@@ -34,6 +34,25 @@ def test_detection_failures_split_merged_missed():
 def test_confusions_count_substitutions_only():
     pairs = [("서울", "서을"), ("서울시", "서을시"), ("평양", "평양역")]
     assert confusions(pairs) == [("울", "을", 2)]
+
+
+def test_jamo_confusions_split_each_syllable_substitution_into_its_parts():
+    pairs = [("생년월일", "생년원익"),  # final ㄹ read as ㄴ, then as ㄱ
+             ("남성", "난성"),          # final ㅁ read as ㄴ
+             ("가게", "거게"),          # medial ㅏ read as ㅓ
+             ("일", "익"), ("사과", "시과"), ("No.2", "No.9"),  # a digit swap is no jamo confusion
+             ("하", "호"), ("서울", "서울역")]  # ㅏ→ㅗ; an insertion is no substitution
+    result = jamo_confusions(pairs)
+    assert result["positions"] == {"initial": 0, "medial": 3, "final": 4}
+    assert result["top"][0] == ("final", "ㄹ", "ㄱ", 2)
+    assert set(result["top"][1:]) == {("final", "ㄹ", "ㄴ", 1), ("final", "ㅁ", "ㄴ", 1),
+                                      ("medial", "ㅏ", "ㅓ", 1), ("medial", "ㅏ", "ㅣ", 1),
+                                      ("medial", "ㅏ", "ㅗ", 1)}
+    # a syllable wrong in two parts counts in both; a lost final consonant reads as "-"
+    assert jamo_confusions([("갈", "걱"), ("강", "가")])["top"] == [
+        ("medial", "ㅏ", "ㅓ", 1), ("final", "ㄹ", "ㄱ", 1), ("final", "ㅇ", "-", 1)]
+    assert jamo_confusions([("가", "가"), ("가", "")]) == {
+        "positions": {"initial": 0, "medial": 0, "final": 0}, "top": []}
 
 
 def test_breakdown_by_category_and_kind():

@@ -85,6 +85,10 @@ def test_cli_scores_models_and_tesseract_and_draws_the_worst(tmp_path, capsys):
     assert printed["english_g2"]["n"] == 2 and printed["english_g2"]["word_accuracy"] == 0.0
     pictures = list((tmp_path / "out").glob("worst_*.png"))
     assert len(pictures) == 1 and Image.open(pictures[0]).height > 96
+    analysis = json.loads((tmp_path / "out" / "confusions.json").read_text(encoding="utf-8"))
+    assert set(analysis) == set(printed)  # one error analysis per scored model
+    # english_g2 emits no Hangul, so it makes no syllable-for-syllable substitution to split
+    assert analysis["english_g2"]["jamo"]["top"] == [] and analysis["english_g2"]["characters"]
     if baseline:  # Tesseract's Korean model reads printed Hangul; english_g2 cannot emit it at all
         assert printed["tesseract"]["word_accuracy"] > printed["english_g2"]["word_accuracy"]
 
