@@ -422,9 +422,9 @@ def add_rules(mask: np.ndarray, rng: random.Random, size: int) -> np.ndarray:
 def add_streak(image: np.ndarray, paper: np.ndarray, rng: random.Random,
                width: tuple[float, float]) -> np.ndarray:
     """``image`` crossed end to end by a light band, as a dirty scanner glass or a fold leaves: the
-    strokes under it fade to the ``paper`` behind them (lifted a little), wholly at the band's core
-    and partly at its soft edges. The band is ``width`` (a share of the height) wide, its centre in
-    the middle half of the height, where it cuts the strokes a reader needs."""
+    strokes under it fade 70-100% of the way to the ``paper`` behind them (lifted a little), less
+    at the band's soft edges. The band is ``width`` (a share of the height) wide, its centre in the
+    middle half of the height, where it cuts the strokes a reader needs."""
     h = image.shape[0]
     half = max(0.5, h * rng.uniform(*width) / 2)
     centre = h * rng.uniform(0.25, 0.75)
