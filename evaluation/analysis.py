@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import unicodedata
 from collections import Counter, defaultdict
-from typing import Any
+from typing import Any, Iterator
 
 from rapidfuzz.distance import Levenshtein
 
@@ -76,14 +76,19 @@ def detection_failures(gt: list[Word], pred: list[Word], inside: float = 0.5) ->
     return dict(counts)
 
 
-def confusions(pairs: list[tuple[str, str]], top: int = 15) -> list[tuple[str, str, int]]:
-    """Most frequent (ground truth, predicted) character substitutions over matched word pairs."""
-    counter: Counter[tuple[str, str]] = Counter()
+def _substitutions(pairs: list[tuple[str, str]]) -> Iterator[tuple[str, str]]:
+    """(ground-truth character, read character) of every substitution in the Levenshtein edit
+    ops of each (ground truth, reading) pair, after NFC; insertions and deletions are skipped."""
     for gt, pred in pairs:
         gt, pred = nfc(gt), nfc(pred)
         for op in Levenshtein.editops(gt, pred):
             if op.tag == "replace":
-                counter[(gt[op.src_pos], pred[op.dest_pos])] += 1
+                yield gt[op.src_pos], pred[op.dest_pos]
+
+
+def confusions(pairs: list[tuple[str, str]], top: int = 15) -> list[tuple[str, str, int]]:
+    """Most frequent (ground truth, predicted) character substitutions over matched word pairs."""
+    counter = Counter(_substitutions(pairs))
     return [(a, b, n) for (a, b), n in counter.most_common(top)]
 
 
@@ -106,18 +111,14 @@ def jamo_confusions(pairs: list[tuple[str, str]], top: int = 15) -> dict[str, An
     """
     positions: Counter[str] = Counter({name: 0 for name in JAMO_POSITIONS})
     counter: Counter[tuple[str, str, str]] = Counter()
-    for gt, pred in pairs:
-        gt, pred = nfc(gt), nfc(pred)
-        for op in Levenshtein.editops(gt, pred):
-            if op.tag != "replace":
-                continue
-            a, b = _jamo(gt[op.src_pos]), _jamo(pred[op.dest_pos])
-            if a is None or b is None:
-                continue
-            for name, x, y in zip(JAMO_POSITIONS, a, b):
-                if x != y:
-                    positions[name] += 1
-                    counter[(name, x, y)] += 1
+    for gt_char, pred_char in _substitutions(pairs):
+        a, b = _jamo(gt_char), _jamo(pred_char)
+        if a is None or b is None:
+            continue
+        for name, x, y in zip(JAMO_POSITIONS, a, b):
+            if x != y:
+                positions[name] += 1
+                counter[(name, x, y)] += 1
     return {"positions": dict(positions),
             "top": [(name, x, y, n) for (name, x, y), n in counter.most_common(top)]}
 
