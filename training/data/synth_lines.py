@@ -51,6 +51,7 @@ DISTORTIONS = ("none", "sine", "cosine", "random")
 FORMATS = ("png", "jpg")
 DEFAULT_FONTS = ("NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumBarunGothic.ttf", "UnDotum.ttf",
                  "UnBatang.ttf", "NanumPen.ttf", "NanumBrush.ttf", "UnPilgi.ttf")
+SHARES = ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak")  # knobs that are a share of images
 TOKEN_TRIES = 12  # draws per word before giving up on that word in the chosen face
 
 
@@ -161,7 +162,7 @@ class LinesConfig:
             elif key in ("count", "seed", "lexicon_top_n", "max_chars", "height", "workers",
                          "contact_sheet"):
                 value = int(value)
-            elif key in ("skew", "invert", "letter_spacing", "colour", "rules", "char_jitter", "streak"):
+            elif key == "skew" or key in SHARES:
                 value = float(value)
             elif key == "random_skew":
                 value = bool(value)
@@ -188,7 +189,7 @@ class LinesConfig:
             raise SynthConfigError(f"synth_lines.image_format must be one of {FORMATS}, got {self.image_format!r}")
         if not 0 <= self.ink[0] <= self.ink[1] <= 255:
             raise SynthConfigError(f"synth_lines.ink must be grey levels in [0, 255], got {self.ink}")
-        for name in ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak"):
+        for name in SHARES:
             if not 0 <= getattr(self, name) <= 1:
                 raise SynthConfigError(f"synth_lines.{name} is a share of images in [0, 1], "
                                        f"got {getattr(self, name)}")
