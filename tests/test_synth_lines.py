@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import unicodedata
 from pathlib import Path
@@ -16,8 +17,8 @@ from training.charset import Charset
 from training.data.fonts import covers, find_fonts
 from training.data.lexicon import has_hangul
 from training.data.lmdb_store import LmdbDataset
-from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_rules, add_streak,
-                                       colour_levels, generate_lines, glyph_jitter, rotate, warp)
+from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_edge_piece, add_rules,
+                                       add_streak, bend, colour_levels, generate_lines, glyph_jitter, rotate, warp)
 
 try:
     find_fonts(["NanumGothic.ttf", "UnBatang.ttf"])
@@ -391,9 +392,68 @@ def test_streak_wipes_a_band_of_strokes_across_the_middle_and_nothing_else():
         assert (out[np.setdiff1d(np.arange(64), wiped)] == 0).all()  # ink elsewhere untouched
 
 
+def _ink_rows(mask: np.ndarray) -> np.ndarray:
+    """Per column, the mean row of the ink (NaN where a column has none)."""
+    rows = np.arange(mask.shape[0], dtype=np.float64)[:, None]
+    weight = mask.sum(axis=0)
+    return np.where(weight > 0, (mask * rows).sum(axis=0) / np.maximum(weight, 1e-9), np.nan)
+
+
+@pytest.mark.parametrize("degrees", [30.0, 60.0])
+def test_bend_arches_a_line_up_or_sags_it_and_keeps_its_ink(degrees):
+    bar = np.zeros((12, 240), np.float32)
+    bar[2:10] = 255.0  # a straight stroke along the whole line
+    for sign in (1, -1):
+        out = bend(bar, sign * degrees)
+        centre = _ink_rows(out)
+        cols = np.flatnonzero(~np.isnan(centre))
+        ends = np.nanmean(np.r_[centre[cols[:20]], centre[cols[-20:]]])
+        middle = np.nanmean(centre[cols[len(cols) // 2 - 10:len(cols) // 2 + 10]])
+        # on a circle the ends drop below (arch) or rise above (sag) the middle by r(1 - cos(half angle))
+        drop = 240 / math.radians(degrees) * (1 - math.cos(math.radians(degrees) / 2))
+        assert sign * (ends - middle) == pytest.approx(drop, rel=0.25), (sign, ends, middle)
+        assert out.sum() == pytest.approx(bar.sum(), rel=0.08)  # the middle row keeps its length
+        assert out.shape[1] < bar.shape[1] + 8  # a chord is shorter than its arc
+    assert bend(bar, 0.2) is bar  # too small to draw: the mask as it was
+
+
+def test_bend_turns_short_words_less_than_asked():
+    word = np.zeros((40, 60), np.float32)
+    word[5:35, 5:55] = 255.0
+    out = bend(word, 170.0)  # capped at width / height radians, so the inner edge keeps a radius
+    assert out.max() > 0 and out.shape[0] < 3 * word.shape[0]
+    assert out.sum() == pytest.approx(word.sum(), rel=0.1)
+
+
+def test_edge_piece_shows_the_glyph_side_facing_the_text_flush_with_one_edge():
+    text = np.zeros((40, 100), np.float32)
+    text[10:30, 10:90] = 50.0
+    glyph = np.tile(100.0 + np.arange(50, dtype=np.float32), (30, 1))  # each column says where it was
+    sides = set()
+    for seed in range(30):
+        out = add_edge_piece(text, glyph, random.Random(seed), (0.2, 0.4), 40)
+        grown = out.shape[1] - text.shape[1]
+        left = out[:, 0].max() > 0
+        sides.add(left)
+        shown = np.flatnonzero((out >= 100).any(axis=0))
+        k = shown.size
+        assert 0.2 * 50 - 1 <= k <= 0.4 * 50 + 1, seed  # that share of the glyph's width
+        edge = np.arange(k) if left else np.arange(out.shape[1] - k, out.shape[1])
+        assert (shown == edge).all(), seed  # flush with the image's edge
+        facing = np.arange(50 - k, 50) if left else np.arange(k)  # a neighbour on the left shows its right side
+        assert (out[:, shown].max(axis=0) == 100 + facing).all(), seed
+        assert 1 + k <= grown <= 10 + k, seed  # a gap of 1 to size/4 between
+        x = grown if left else 0
+        found = any(np.array_equal(out[r:r + 40, x:x + 100], text) for r in range(out.shape[0] - 39))
+        assert found, seed  # the text is all there, unchanged
+    assert sides == {True, False}
+
+
 @pytest.mark.parametrize("knob, on", [
     ("char_jitter", {"char_jitter": 1.0, "char_jitter_amount": [0.1, 0.1]}),
     ("streak", {"streak": 1.0, "streak_width": [0.1, 0.1]}),
+    ("arc", {"arc": 1.0, "arc_degrees": [40, 40]}),
+    ("edge_clutter", {"edge_clutter": 1.0, "edge_clutter_share": [0.3, 0.3]}),
 ])
 def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, knob, on):
     generate_lines(tmp_path / "plain", _config(count=12, **PLAIN), progress=False)
@@ -419,6 +479,9 @@ def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, kno
     ({"char_jitter_amount": [0.1, 0.5]}, "synth_lines.char_jitter_amount must be"),
     ({"streak": -0.2}, "synth_lines.streak is a share"),
     ({"streak_width": [0, 0.1]}, "synth_lines.streak_width must be"),
+    ({"arc": 1.2}, "synth_lines.arc is a share"),
+    ({"arc_degrees": [0, 30]}, "synth_lines.arc_degrees must be"),
+    ({"edge_clutter_share": [0.5, 1.0]}, "synth_lines.edge_clutter_share must be"),
     ({"words_per_line": [3, 1]}, "synth_lines.words_per_line: lo 3 is above hi 1"),
     ({"backgrounds": {"image": 1}}, "background_images names no folder"),
     ({"backgrounds": {"marble": 1}}, "unknown kinds ['marble']"),

@@ -51,7 +51,7 @@ DISTORTIONS = ("none", "sine", "cosine", "random")
 FORMATS = ("png", "jpg")
 DEFAULT_FONTS = ("NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumBarunGothic.ttf", "UnDotum.ttf",
                  "UnBatang.ttf", "NanumPen.ttf", "NanumBrush.ttf", "UnPilgi.ttf")
-SHARES = ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak")  # knobs that are a share of images
+SHARES = ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak", "arc", "edge_clutter")  # knobs that are a share of images
 TOKEN_TRIES = 12  # draws per word before giving up on that word in the chosen face
 
 
@@ -124,6 +124,10 @@ class LinesConfig:
     char_jitter_amount: tuple[float, float] = (0.03, 0.1)  # its strength: baseline shift s.d. in font sizes (see glyph_jitter)
     streak: float = 0.0  # share of images crossed by a light band that wipes the strokes under it (scanner streak, fold)
     streak_width: tuple[float, float] = (0.04, 0.12)  # the band's width as a share of the image height
+    arc: float = 0.0  # share of images whose line is bent along a circular arc, each glyph turned with it (round signs)
+    arc_degrees: tuple[float, float] = (15.0, 60.0)  # the angle the whole line spans on its circle
+    edge_clutter: float = 0.0  # share of images with a cut-off piece of a neighbouring glyph at the left or right edge
+    edge_clutter_share: tuple[float, float] = (0.15, 0.45)  # how much of that glyph's width shows
     degrade: degrade.DegradeConfig = field(default_factory=lambda: degrade.DegradeConfig.preset("mild"))
     image_format: str = "png"
     workers: int = 2
@@ -145,7 +149,8 @@ class LinesConfig:
             elif key in ("words_per_line", "font_size"):
                 value = _pair(value, key, int)
             elif key in ("distortion_amplitude", "distortion_period", "ink", "letter_spacing_em",
-                         "colour_contrast", "char_jitter_amount", "streak_width"):
+                         "colour_contrast", "char_jitter_amount", "streak_width", "arc_degrees",
+                         "edge_clutter_share"):
                 value = _pair(value, key)
             elif key == "margins":
                 value = (value,) * 4 if isinstance(value, (int, float)) else tuple(value)
@@ -201,6 +206,11 @@ class LinesConfig:
         if not 0 < self.streak_width[0] <= self.streak_width[1] <= 0.5:
             raise SynthConfigError(f"synth_lines.streak_width must be shares of the height in (0, 0.5], "
                                    f"got {self.streak_width}")
+        if not 0 < self.arc_degrees[0] <= self.arc_degrees[1] <= 180:
+            raise SynthConfigError(f"synth_lines.arc_degrees must be angles in (0, 180], got {self.arc_degrees}")
+        if not 0 < self.edge_clutter_share[0] <= self.edge_clutter_share[1] < 1:
+            raise SynthConfigError(f"synth_lines.edge_clutter_share must be shares of a glyph's width in (0, 1), "
+                                   f"got {self.edge_clutter_share}")
         if not 0 < self.colour_contrast[0] <= self.colour_contrast[1] <= 255:
             raise SynthConfigError(f"synth_lines.colour_contrast must be grey-level gaps in (0, 255], "
                                    f"got {self.colour_contrast}")
@@ -477,6 +487,54 @@ def warp(mask: np.ndarray, kind: str, amplitude: float, period: float,
                      borderMode=cv2.BORDER_CONSTANT, borderValue=0)
 
 
+def bend(mask: np.ndarray, degrees: float) -> np.ndarray:
+    """``mask`` bent along a circular arc that spans ``degrees``, as text set round a seal or a
+    round sign: positive arches up (the circle's centre below the text), negative sags. Each
+    glyph turns with the arc's tangent; the middle row keeps its length. The angle is capped so
+    the inner edge's radius stays at least half the text's height (short words bend less)."""
+    if abs(degrees) < 0.5:
+        return mask
+    sag = degrees < 0
+    if sag:
+        mask = mask[::-1]
+    h, w = mask.shape
+    theta = min(math.radians(abs(degrees)), w / h)
+    r_mid = w / theta
+    r_out, r_in = r_mid + h / 2, r_mid - h / 2
+    half = theta / 2
+    width = int(math.ceil(2 * r_out * math.sin(min(half, math.pi / 2)))) + 4
+    height = int(math.ceil(r_out - r_in * math.cos(half))) + 4
+    cx, cy = width / 2, r_out + 2
+    xs, ys = np.meshgrid(np.arange(width, dtype=np.float32) + 0.5 - cx,
+                         cy - np.arange(height, dtype=np.float32) - 0.5)
+    map_x = (np.arctan2(xs, ys) * r_mid + w / 2 - 0.5).astype(np.float32)
+    map_y = (r_out - np.hypot(xs, ys) - 0.5).astype(np.float32)
+    out = cv2.remap(np.ascontiguousarray(mask), map_x, map_y, cv2.INTER_LINEAR,
+                    borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return np.ascontiguousarray(out[::-1]) if sag else out
+
+
+def add_edge_piece(mask: np.ndarray, glyph: np.ndarray, rng: random.Random,
+                   share: tuple[float, float], size: int) -> np.ndarray:
+    """``mask`` with a cut-off piece of another glyph flush against its left or right edge, as a
+    detector's loose crop keeps of the neighbouring word or sign: ``share`` of ``glyph``'s width
+    shows (the side facing the text), a small gap from ``mask``'s edge, at about the text's
+    height. The canvas grows to hold it; the text is not touched."""
+    left = rng.random() < 0.5
+    keep = max(1, round(glyph.shape[1] * rng.uniform(*share)))
+    piece = glyph[:, -keep:] if left else glyph[:, :keep]
+    gap = rng.randint(1, max(2, size // 4))
+    h, ph = mask.shape[0], piece.shape[0]
+    top = round((h - ph) / 2 + rng.uniform(-0.2, 0.2) * h)
+    grow_top, grow_bottom = max(0, -top), max(0, top + ph - h)
+    side = (gap + keep, 0) if left else (0, gap + keep)
+    out = np.pad(mask, ((grow_top, grow_bottom), side))
+    rows = slice(top + grow_top, top + grow_top + ph)
+    cols = slice(0, keep) if left else slice(out.shape[1] - keep, None)
+    out[rows, cols] = np.maximum(out[rows, cols], piece)
+    return out
+
+
 def rotate(mask: np.ndarray, degrees: float) -> np.ndarray:
     """``mask`` turned by ``degrees`` (counter-clockwise), the canvas grown to keep every pixel."""
     if abs(degrees) < 0.05:
@@ -535,11 +593,18 @@ def render_sample(index: int, ctx: _Context) -> Sample:
     amplitude = rng.uniform(*config.distortion_amplitude)
     period = size * rng.uniform(*config.distortion_period)
     mask = warp(mask, kind, amplitude, period, nrng)
+    if config.arc and rng.random() < config.arc:  # drawn only when asked
+        mask = bend(mask, rng.choice((-1.0, 1.0)) * rng.uniform(*config.arc_degrees))
     angle = rng.uniform(-config.skew, config.skew) if config.random_skew else config.skew
     mask = _crop_ink(rotate(mask, angle))
 
     top, left, bottom, right = (rng.randint(0, m) for m in config.margins)
     mask = np.pad(mask, ((top, bottom), (left, right)))
+    if config.edge_clutter and rng.random() < config.edge_clutter:  # drawn only when asked
+        neighbour = [ch for ch in _token(rng, ctx) if not ch.isspace() and covers(face, ch)]
+        glyph = _ink_mask(rng.choice(neighbour), face, size) if neighbour else None
+        if glyph is not None:
+            mask = add_edge_piece(mask, glyph, rng, config.edge_clutter_share, size)
     if config.rules and rng.random() < config.rules:
         mask = add_rules(mask, rng, size)
     h, w = mask.shape
