@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Debian packages the platform needs, pinned: Korean fonts for the synthetic data (print and
-# handwriting faces) and Tesseract 5 with Korean data (the evaluation baseline).
-# Skips apt entirely when every package is already at its pinned version.
+# handwriting faces) and Tesseract 5 with Korean data (the evaluation baseline); then the handwriting
+# faces Debian does not package, from pinned npm tarballs (scripts/install_web_fonts.py, run with
+# Debian's python3 and python3-fonttools). Each step does nothing when already done.
 set -euo pipefail
 PKGS=(
   "fonts-nanum=20200506-1"
@@ -15,6 +16,7 @@ PKGS=(
   "tesseract-ocr=5.3.0-2"
   "tesseract-ocr-kor=1:4.1.0-2"
   "tesseract-ocr-eng=1:4.1.0-2"
+  "python3-fonttools=4.38.0-1+deb12u1"
 )
 missing=()
 for spec in "${PKGS[@]}"; do
@@ -22,9 +24,13 @@ for spec in "${PKGS[@]}"; do
   have=$(dpkg-query -W -f='${Version}' "$name" 2>/dev/null || true)
   [ "$have" = "$want" ] || missing+=("$spec")
 done
-[ ${#missing[@]} -eq 0 ] && { echo "system packages: present"; exit 0; }
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-echo "system packages: installing ${missing[*]}"
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "system packages: present"
+else
+  echo "system packages: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+$SUDO /usr/bin/python3 "$(dirname "$0")/install_web_fonts.py"
 fc-cache -f >/dev/null 2>&1 || true
