@@ -31,6 +31,6 @@ else
   echo "system packages: installing ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fc-cache -f >/dev/null 2>&1 || true
 fi
-$SUDO /usr/bin/python3 "$(dirname "$0")/install_web_fonts.py"
-fc-cache -f >/dev/null 2>&1 || true
+$SUDO /usr/bin/python3 "$(dirname "$0")/install_web_fonts.py"   # refreshes fontconfig's cache when it writes

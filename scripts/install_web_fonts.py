@@ -18,6 +18,8 @@ import argparse
 import hashlib
 import io
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
 import tempfile
@@ -159,7 +161,8 @@ def install(dest: str | os.PathLike = DEFAULT_DEST, registry: str = DEFAULT_REGI
     """Install ``families`` into ``dest``; returns the files written (none when already installed).
 
     Every tarball is downloaded and checked before anything is written, so a failed download or
-    checksum leaves ``dest`` as it was. Files are replaced atomically; SOURCES.tsv is written last.
+    checksum leaves ``dest`` as it was. Files are replaced atomically; SOURCES.tsv is written last,
+    then fontconfig's cache of ``dest`` is refreshed when ``fc-cache`` is installed.
     """
     dest = Path(dest)
     if is_installed(dest, families):
@@ -175,6 +178,8 @@ def install(dest: str | os.PathLike = DEFAULT_DEST, registry: str = DEFAULT_REGI
         _write_atomic(dest / name, data)
         written.append(dest / name)
     _write_atomic(dest / "SOURCES.tsv", sources_record(families).encode("utf-8"))
+    if shutil.which("fc-cache"):  # tools that list fonts through fontconfig (fc-list) see the new faces
+        subprocess.run(["fc-cache", str(dest)], check=False, capture_output=True)
     log(f"web fonts: {len(written)} files in {dest}")
     return written
 

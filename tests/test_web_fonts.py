@@ -16,7 +16,7 @@ from fontTools.ttLib import TTFont
 from PIL import Image, ImageDraw
 
 from tests.conftest import REPO
-from training.data.fonts import covers, find_fonts, load_font
+from training.data.fonts import codepoints, covers, find_fonts, load_font
 
 _spec = importlib.util.spec_from_file_location("install_web_fonts", REPO / "scripts" / "install_web_fonts.py")
 web_fonts = importlib.util.module_from_spec(_spec)
@@ -43,7 +43,7 @@ def test_make_installs_every_pinned_face_and_each_draws_its_own_hangul():
     drawings = []
     for face in faces:
         assert covers(face, HANGUL_SAMPLE + " 0123456789 ABCxyz"), face
-        hangul = [cp for cp in web_fonts_codepoints(face) if 0xAC00 <= cp <= 0xD7A3]
+        hangul = [cp for cp in codepoints(face) if 0xAC00 <= cp <= 0xD7A3]
         assert len(hangul) >= 2350, (face, len(hangul))  # at least all of KS X 1001
         ink = _ink(face, "서울특별시")
         assert ink.sum() > 200, face
@@ -52,11 +52,6 @@ def test_make_installs_every_pinned_face_and_each_draws_its_own_hangul():
     for a in range(len(drawings)):  # each file is its own design, not one face copied under many names
         for b in range(a + 1, len(drawings)):
             assert (drawings[a] != drawings[b]).mean() > 0.01, (names[a], names[b])
-
-
-def web_fonts_codepoints(face) -> set[int]:
-    with TTFont(face.path, lazy=True) as font:
-        return set(font.getBestCmap())
 
 
 @pytest.fixture()
@@ -94,7 +89,7 @@ def registry(tmp_path):
     family = web_fonts.Family("demo-hand", "1.0.0", hashlib.sha256(tarball).hexdigest(),
                               (web_fonts._korean("demo-hand", 400, "DemoHand-Regular.ttf"),))
     return {"url": root.as_uri(), "family": family, "folder": folder, "pack": pack,
-            "woff": woff.getvalue(), "plain": TTFont(io.BytesIO(plain.getvalue()))}
+            "plain": TTFont(io.BytesIO(plain.getvalue()))}
 
 
 def test_install_unwraps_the_woff_to_the_same_truetype_font_and_records_its_source(registry, tmp_path):
