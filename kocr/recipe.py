@@ -77,7 +77,8 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
 
     A set whose labels file does not exist is listed under ``skipped`` with the reason; a baseline
     that is not installed is left out with a message. The held-out set (name ``heldout``) is also
-    scored per font (``by_font``) when its TSV has a ``font`` column.
+    scored per font (``by_font``) when its TSV has a ``font`` column. ``jamo`` says which part of the
+    Hangul syllable the recipe model misreads in each set (``_jamo_summary``).
     """
     from evaluation.metrics import recognition_scores
     from evaluation.score_crops import read_labels, score_crops, write_outputs
@@ -107,10 +108,30 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
                 entry["by_font"][font] = {label: recognition_scores([crops[i].text for i in idx],
                                                                    [texts[i] for i in idx])
                                           for label, texts in report.readings.items()}
+        entry["jamo"] = _jamo_summary([(crop.text, text) for crop, text in zip(crops, report.readings["recipe"])])
         if out:
             write_outputs(report, Path(out) / name, worst if name == HELDOUT else len(crops))
         result["sets"][name] = entry
     return result
+
+
+def _jamo_summary(pairs: list[tuple[str, str]], top: int = 5) -> dict[str, Any]:
+    """Misread syllables by the jamo that differs (``positions``) and the ``top`` most frequent
+    (position, ground truth, reading) as records, the form a JSON metrics file and the card take."""
+    from evaluation.analysis import jamo_confusions
+
+    found = jamo_confusions(pairs, top)
+    return {"positions": found["positions"],
+            "top": [{"position": p, "gt": a, "read": b, "count": n} for p, a, b, n in found["top"]]}
+
+
+def _jamo_line(jamo: dict[str, Any]) -> str:
+    """The card's sentence on where in the syllable the model goes wrong."""
+    counts = ", ".join(f"{name} {n}" for name, n in jamo["positions"].items())
+    common = ", ".join(f"{t['position']} {t['gt']}→{'(none)' if t['read'] == '-' else t['read']} ({t['count']})"
+                       for t in jamo["top"])
+    return (f"Syllables read as another syllable, by the jamo that differs: {counts}"
+            + (f"; most frequent: {common}." if common else "."))
 
 
 def _section_text(params: dict[str, Any], keys: tuple[str, ...]) -> str:
@@ -178,6 +199,8 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         lines += [_score_row(f"{name} on {font} only", scores["recipe"])
                   for font, scores in entry.get("by_font", {}).items()]
         lines.append("")
+        if entry.get("jamo"):
+            lines += [_jamo_line(entry["jamo"]), ""]
     for set_name, reason in eval_metrics.get("skipped", {}).items():
         lines += [f"**{set_name}**: skipped ({reason}).", ""]
     lines += ["## Params", "", "```yaml",

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from evaluation.analysis import jamo_confusions
 from evaluation.metrics import recognition_scores
 from kocr.recipe import evaluate_sets, export_crops, write_card
 from tests.conftest import REPO, realdata
@@ -117,6 +118,13 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     assert entry["recipe"] == recognition_scores(list(gts), list(recipe))
     assert entry["reference"] == recognition_scores(list(gts), list(reference))
     assert sum(f["recipe"]["n"] for f in entry["by_font"].values()) == 8
+    found = jamo_confusions(list(zip(gts, recipe)), 5)   # the recipe model's readings, not the reference's
+    assert entry["jamo"]["positions"] == found["positions"]
+    assert [tuple(t.values()) for t in entry["jamo"]["top"]] == found["top"]
+    # the card spells out where in the syllable the model goes wrong (a lost final as "(none)")
+    entry["jamo"] = {"positions": {"initial": 1, "medial": 0, "final": 3},
+                     "top": [{"position": "final", "gt": "ㄹ", "read": "ㄱ", "count": 2},
+                             {"position": "final", "gt": "ㅁ", "read": "-", "count": 1}]}
 
     params = yaml.safe_load((RECIPE / "params-cpu.yaml").read_text(encoding="utf-8"))
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
@@ -139,6 +147,8 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     # the CPU size continues the shipped base: the card names that start by its hash and says where its card is
     assert "started from `ko_base` (sha256 0123456789abcdef…)" in text
     assert "This is a continuation" in text and "git history" in text
+    assert ("by the jamo that differs: initial 1, medial 0, final 3; most frequent: final ㄹ→ㄱ (2), "
+            "final ㅁ→(none) (1).") in text
 
 
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
