@@ -18,7 +18,7 @@ from training.data.fonts import covers, find_fonts
 from training.data.lexicon import has_hangul
 from training.data.lmdb_store import LmdbDataset
 from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_edge_piece, add_rules,
-                                       add_streak, bend, colour_levels, generate_lines, glyph_jitter, rotate, warp)
+                                       add_streak, bend, clip_edge, colour_levels, generate_lines, glyph_jitter, rotate, warp)
 
 try:
     find_fonts(["NanumGothic.ttf", "UnBatang.ttf"])
@@ -449,11 +449,38 @@ def test_edge_piece_shows_the_glyph_side_facing_the_text_flush_with_one_edge():
     assert sides == {True, False}
 
 
+def test_clip_edge_cuts_its_share_of_the_height_off_the_top_or_the_bottom():
+    mask = np.tile(np.arange(50, dtype=np.float32)[:, None], (1, 30))  # each row says where it was
+    sides = set()
+    for seed in range(40):
+        out, side = clip_edge(mask, random.Random(seed), (0.1, 0.2))
+        cut = 50 - out.shape[0]
+        assert 5 <= cut <= 10 and out.shape[1] == 30, seed
+        kept = np.arange(cut, 50) if side == "top" else np.arange(0, 50 - cut)
+        assert (out[:, 0] == kept).all(), seed  # the rest of the text is untouched
+        sides.add(side)
+    assert sides == {"top", "bottom"}
+
+
+def test_edge_clip_leaves_the_cut_flush_with_the_image_edge(tmp_path):
+    roomy = {**PLAIN, "margins": [10, 4, 10, 4]}
+    for name, share in (("plain", 0.0), ("clip", 1.0)):
+        generate_lines(tmp_path / name, _config(count=12, height=0, edge_clip=share, edge_clip_share=[0.1, 0.1],
+                                                **roomy), progress=False)
+    on_edge = {}
+    for name in ("plain", "clip"):
+        on_edge[name] = [image[0].min() < image.max() or image[-1].min() < image.max()  # ink on an edge row
+                         for image, _label in LmdbDataset(tmp_path / name)]
+    assert all(on_edge["clip"])  # no paper margin on the cut side
+    assert sum(on_edge["plain"]) <= 4  # without it, margins of 0-10 rows mostly keep paper at both edges
+
+
 @pytest.mark.parametrize("knob, on", [
     ("char_jitter", {"char_jitter": 1.0, "char_jitter_amount": [0.1, 0.1]}),
     ("streak", {"streak": 1.0, "streak_width": [0.1, 0.1]}),
     ("arc", {"arc": 1.0, "arc_degrees": [40, 40]}),
     ("edge_clutter", {"edge_clutter": 1.0, "edge_clutter_share": [0.3, 0.3]}),
+    ("edge_clip", {"edge_clip": 1.0, "edge_clip_share": [0.1, 0.1]}),
 ])
 def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, knob, on):
     generate_lines(tmp_path / "plain", _config(count=12, **PLAIN), progress=False)
@@ -482,6 +509,8 @@ def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, kno
     ({"arc": 1.2}, "synth_lines.arc is a share"),
     ({"arc_degrees": [0, 30]}, "synth_lines.arc_degrees must be"),
     ({"edge_clutter_share": [0.5, 1.0]}, "synth_lines.edge_clutter_share must be"),
+    ({"edge_clip": 1.5}, "synth_lines.edge_clip is a share"),
+    ({"edge_clip_share": [0.1, 0.5]}, "synth_lines.edge_clip_share must be"),
     ({"words_per_line": [3, 1]}, "synth_lines.words_per_line: lo 3 is above hi 1"),
     ({"backgrounds": {"image": 1}}, "background_images names no folder"),
     ({"backgrounds": {"marble": 1}}, "unknown kinds ['marble']"),

@@ -51,7 +51,8 @@ DISTORTIONS = ("none", "sine", "cosine", "random")
 FORMATS = ("png", "jpg")
 DEFAULT_FONTS = ("NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumBarunGothic.ttf", "UnDotum.ttf",
                  "UnBatang.ttf", "NanumPen.ttf", "NanumBrush.ttf", "UnPilgi.ttf")
-SHARES = ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak", "arc", "edge_clutter")  # knobs that are a share of images
+SHARES = ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak", "arc", "edge_clutter",
+          "edge_clip")  # knobs that are a share of images
 TOKEN_TRIES = 12  # draws per word before giving up on that word in the chosen face
 
 
@@ -128,6 +129,8 @@ class LinesConfig:
     arc_degrees: tuple[float, float] = (15.0, 60.0)  # the angle the whole line spans on its circle
     edge_clutter: float = 0.0  # share of images with a cut-off piece of a neighbouring glyph at the left or right edge
     edge_clutter_share: tuple[float, float] = (0.15, 0.45)  # how much of that glyph's width shows
+    edge_clip: float = 0.0  # share of images whose text is cut at the top or bottom edge, as a tight detector box cuts it
+    edge_clip_share: tuple[float, float] = (0.03, 0.12)  # how much of the text's height is cut off there
     degrade: degrade.DegradeConfig = field(default_factory=lambda: degrade.DegradeConfig.preset("mild"))
     image_format: str = "png"
     workers: int = 2
@@ -150,7 +153,7 @@ class LinesConfig:
                 value = _pair(value, key, int)
             elif key in ("distortion_amplitude", "distortion_period", "ink", "letter_spacing_em",
                          "colour_contrast", "char_jitter_amount", "streak_width", "arc_degrees",
-                         "edge_clutter_share"):
+                         "edge_clutter_share", "edge_clip_share"):
                 value = _pair(value, key)
             elif key == "margins":
                 value = (value,) * 4 if isinstance(value, (int, float)) else tuple(value)
@@ -211,6 +214,9 @@ class LinesConfig:
         if not 0 < self.edge_clutter_share[0] <= self.edge_clutter_share[1] < 1:
             raise SynthConfigError(f"synth_lines.edge_clutter_share must be shares of a glyph's width in (0, 1), "
                                    f"got {self.edge_clutter_share}")
+        if not 0 < self.edge_clip_share[0] <= self.edge_clip_share[1] <= 0.3:
+            raise SynthConfigError(f"synth_lines.edge_clip_share must be shares of the text's height in (0, 0.3], "
+                                   f"got {self.edge_clip_share}")
         if not 0 < self.colour_contrast[0] <= self.colour_contrast[1] <= 255:
             raise SynthConfigError(f"synth_lines.colour_contrast must be grey-level gaps in (0, 255], "
                                    f"got {self.colour_contrast}")
@@ -535,6 +541,15 @@ def add_edge_piece(mask: np.ndarray, glyph: np.ndarray, rng: random.Random,
     return out
 
 
+def clip_edge(mask: np.ndarray, rng: random.Random, share: tuple[float, float]) -> tuple[np.ndarray, str]:
+    """``mask`` (cropped to its ink) with ``share`` of its height cut off at the top or the bottom,
+    as a tight detector box cuts the strokes that reach furthest (a final consonant's foot, an
+    ascender); returns the cut mask and the side cut, ``"top"`` or ``"bottom"``."""
+    side = "top" if rng.random() < 0.5 else "bottom"
+    cut = min(mask.shape[0] - 1, max(1, round(mask.shape[0] * rng.uniform(*share))))
+    return (mask[cut:], side) if side == "top" else (mask[:-cut], side)
+
+
 def rotate(mask: np.ndarray, degrees: float) -> np.ndarray:
     """``mask`` turned by ``degrees`` (counter-clockwise), the canvas grown to keep every pixel."""
     if abs(degrees) < 0.05:
@@ -597,8 +612,12 @@ def render_sample(index: int, ctx: _Context) -> Sample:
         mask = bend(mask, rng.choice((-1.0, 1.0)) * rng.uniform(*config.arc_degrees))
     angle = rng.uniform(-config.skew, config.skew) if config.random_skew else config.skew
     mask = _crop_ink(rotate(mask, angle))
+    clipped = None
+    if config.edge_clip and rng.random() < config.edge_clip:  # drawn only when asked
+        mask, clipped = clip_edge(mask, rng, config.edge_clip_share)
 
     top, left, bottom, right = (rng.randint(0, m) for m in config.margins)
+    top, bottom = (0 if clipped == "top" else top), (0 if clipped == "bottom" else bottom)  # the cut is the edge
     mask = np.pad(mask, ((top, bottom), (left, right)))
     if config.edge_clutter and rng.random() < config.edge_clutter:  # drawn only when asked
         neighbour = [ch for ch in _token(rng, ctx) if not ch.isspace() and covers(face, ch)]
