@@ -460,6 +460,8 @@ def test_clip_edge_cuts_its_share_of_the_height_off_the_top_or_the_bottom():
         assert (out[:, 0] == kept).all(), seed  # the rest of the text is untouched
         sides.add(side)
     assert sides == {"top", "bottom"}
+    line = np.ones((1, 30), np.float32)
+    assert all(clip_edge(line, random.Random(seed), (0.3, 0.3))[0].shape == (1, 30) for seed in range(4))
 
 
 def test_edge_clip_leaves_the_cut_flush_with_the_image_edge(tmp_path):

@@ -546,7 +546,9 @@ def clip_edge(mask: np.ndarray, rng: random.Random, share: tuple[float, float]) 
     as a tight detector box cuts the strokes that reach furthest (a final consonant's foot, an
     ascender); returns the cut mask and the side cut, ``"top"`` or ``"bottom"``."""
     side = "top" if rng.random() < 0.5 else "bottom"
-    cut = min(mask.shape[0] - 1, max(1, round(mask.shape[0] * rng.uniform(*share))))
+    cut = min(mask.shape[0] - 1, max(1, round(mask.shape[0] * rng.uniform(*share))))  # keep a row at least
+    if cut < 1:
+        return mask, side
     return (mask[cut:], side) if side == "top" else (mask[:-cut], side)
 
 
