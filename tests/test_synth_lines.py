@@ -466,11 +466,10 @@ def test_clip_edge_cuts_its_share_of_the_height_off_the_top_or_the_bottom():
 
 def test_edge_clip_leaves_the_cut_flush_with_the_image_edge(tmp_path):
     roomy = {**PLAIN, "margins": [10, 4, 10, 4]}
+    on_edge = {}
     for name, share in (("plain", 0.0), ("clip", 1.0)):
         generate_lines(tmp_path / name, _config(count=12, height=0, edge_clip=share, edge_clip_share=[0.1, 0.1],
                                                 **roomy), progress=False)
-    on_edge = {}
-    for name in ("plain", "clip"):
         on_edge[name] = [image[0].min() < image.max() or image[-1].min() < image.max()  # ink on an edge row
                          for image, _label in LmdbDataset(tmp_path / name)]
     assert all(on_edge["clip"])  # no paper margin on the cut side
