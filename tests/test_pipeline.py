@@ -117,3 +117,48 @@ def test_registry_moves_champion_only_on_merit(project):
     assert int(client.get_model_version_by_alias("ko-ocr-recognizer", "champion").version) == 1
     challenger = client.get_model_version_by_alias("ko-ocr-recognizer", "challenger")
     assert int(challenger.version) == 2 and challenger.tags["decision"] == "not promoted"
+
+
+KILL_HOOK = """
+import os, signal
+if os.environ.get("KILL_AT_SAMPLE"):  # SIGKILL the process that writes its KILL_AT_SAMPLE-th crop
+    from training.data import lmdb_store
+    add, calls = lmdb_store.LmdbWriter.add, [0]
+    def killing_add(self, image, label):
+        calls[0] += 1
+        if calls[0] == int(os.environ["KILL_AT_SAMPLE"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        add(self, image, label)
+    lmdb_store.LmdbWriter.add = killing_add
+"""
+
+
+def test_killed_repro_resumes_prepare_from_its_finished_shards(tmp_path):
+    project, shard = tmp_path / "project", 20
+    _copy_project(project)
+    _set_params(project, {**TINY, "prepare": {**TINY["prepare"], "shard_size": shard}})
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_HOOK, encoding="utf-8")  # imported by every Python it starts
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    dvc = [str(Path(sys.executable).with_name("dvc")), "repro", "prepare"]
+    killed = subprocess.run(dvc, cwd=project, capture_output=True, text=True, timeout=600,
+                            env={**env, "PYTHONPATH": str(hook), "KILL_AT_SAMPLE": str(2 * shard + 5)})
+    assert killed.returncode != 0 and "exited with -9" in killed.stderr, killed.stdout + killed.stderr
+    train = project / "data/prepared/train"
+    finished = sorted(train.glob("shard-?????"))
+    assert [p.name for p in finished] == ["shard-00000", "shard-00001"]
+    kept = {p: (p / "data.mdb").stat().st_ino for p in finished}
+
+    done = subprocess.run(dvc, cwd=project, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert {p: (p / "data.mdb").stat().st_ino for p in finished} == kept  # kept by DVC and by prepare
+    reference = tmp_path / "reference"  # the same stage uninterrupted
+    subprocess.run(["kocr", "prepare-aihub", "--src", "data/sample", "--out", str(reference)], cwd=project,
+                   env=env, check=True, capture_output=True, timeout=600)
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    out = project / "data/prepared"
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert all((out / rel).read_bytes() == (reference / rel).read_bytes() for rel in files)
