@@ -71,12 +71,6 @@ FAMILIES: tuple[Family, ...] = (
            (_korean("east-sea-dokdo", 400, "EastSeaDokdo-Regular.ttf"),)),
     Family("cute-font", "5.2.8", "03af324a7d4f72f642bc890549061a28d731cc293ccf0d22395440669ecbf14d",
            (_korean("cute-font", 400, "CuteFont-Regular.ttf"),)),
-    Family("single-day", "5.3.1", "133ad639f50a5f2803d5783fce68c5eabcfd79a2b183a4f2474ecf72785d8f7d",
-           (_korean("single-day", 400, "SingleDay-Regular.ttf"),)),
-    Family("stylish", "5.3.1", "fd9fc29ef82a80cef43217700f7255eff5acb0de09b6e1d2e620e2d608a4df6e",
-           (_korean("stylish", 400, "Stylish-Regular.ttf"),)),
-    Family("dongle", "5.2.7", "3158f0abe7649d65280b2f987fac48755acd6602d7e07be75e4eb9c74845076a",
-           (_korean("dongle", 400, "Dongle-Regular.ttf"),)),
 )
 
 
