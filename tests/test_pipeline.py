@@ -42,6 +42,17 @@ def _set_params(project: Path, changes: dict) -> None:
     path.write_text(yaml.safe_dump(params, allow_unicode=True, sort_keys=False), encoding="utf-8")
 
 
+def _commit_all(project: Path) -> None:
+    """Make ``project`` a git repository with everything committed, as a clone is."""
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)
+
+
+def _tool_env() -> dict:
+    """The environment with this virtualenv's tools (``kocr``, ``dvc``) first on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
 def _repro(project: Path, env: dict) -> str:
     done = subprocess.run([str(Path(sys.executable).with_name("dvc")), "repro"], cwd=project, env=env,
                           capture_output=True, text=True, timeout=900)
@@ -54,11 +65,9 @@ def project(tmp_path_factory):
     project = tmp_path_factory.mktemp("project")
     _copy_project(project)
     _set_params(project, TINY)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}"}
+    env = {**_tool_env(), "MLFLOW_TRACKING_URI": f"sqlite:///{project / 'mlruns.db'}"}
     env.pop("KOCR_PIPELINE_ID", None)
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
-        subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)
+    _commit_all(project)
     first = _repro(project, env)
     return project, env, first
 
@@ -137,12 +146,11 @@ def test_killed_repro_resumes_prepare_from_its_finished_shards(tmp_path):
     project, shard = tmp_path / "project", 20
     _copy_project(project)
     _set_params(project, {**TINY, "prepare": {**TINY["prepare"], "shard_size": shard}})
-    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
-        subprocess.run(["git", *args], cwd=project, check=True, capture_output=True)
+    _commit_all(project)
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(KILL_HOOK, encoding="utf-8")  # imported by every Python it starts
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = _tool_env()
     dvc = [str(Path(sys.executable).with_name("dvc")), "repro", "prepare"]
     killed = subprocess.run(dvc, cwd=project, capture_output=True, text=True, timeout=600,
                             env={**env, "PYTHONPATH": str(hook), "KILL_AT_SAMPLE": str(2 * shard + 5)})
