@@ -1,0 +1,81 @@
+"""bench/recipe_gpu_time.py: the GPU-size timing probe runs where the recipe's tools are missing, and projects right."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import REPO
+
+spec = importlib.util.spec_from_file_location("recipe_gpu_time", REPO / "bench/recipe_gpu_time.py")
+probe = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(probe)
+
+# Direct dependencies of the project that the GPU machine's image lacks and the probe must not need
+# there (lmdb and RapidFuzz travel as wheels in the kit; torch, OpenCV, Pillow, PyYAML, tqdm are there).
+ABSENT_THERE = ("wordfreq", "mlflow", "dvc", "easyocr", "easyocr_en_models", "optuna", "psycopg2")
+BLOCK_HOOK = f"""
+import sys
+from importlib.abc import MetaPathFinder
+class Absent(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT_THERE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
+sys.meta_path.insert(0, Absent())
+"""
+
+
+def _recipe() -> dict:
+    return yaml.safe_load((REPO / "recipes/ko-base/params.yaml").read_text(encoding="utf-8"))
+
+
+def test_projection_scales_each_measured_rate_to_the_recipes_full_size():
+    params = _recipe()
+    counts = sum(params[s]["count"] for s in ("synth_lines", "synth_lines_val", "synth_lines_heldout"))
+    cfg = params["train"]
+    got = probe.project(params, render_ips=1000.0, train_ips=2000.0, val_seconds=3.0, val_measured=500)
+    assert got["render_minutes"] == round(counts / 1000 / 60, 1)
+    assert got["train_minutes"] == round(cfg["steps"] * cfg["batch_size"] / 2000 / 60, 1)
+    n_val = probe.validations(cfg["steps"], cfg["val_every"])
+    assert n_val == cfg["steps"] // cfg["val_every"] + (cfg["steps"] % cfg["val_every"] > 0)
+    # each validation reads the recipe's whole val set: 3 s for 500 images measured
+    assert got["validation_minutes"] == round(n_val * 3.0 * params["synth_lines_val"]["count"] / 500 / 60, 1)
+    parts = got["render_minutes"] + got["train_minutes"] + got["validation_minutes"]
+    assert abs(got["total_minutes"] - parts) <= 0.15  # each rounded on its own
+    assert probe.validations(10, 4) == 3 and probe.validations(8, 4) == 2  # after step 4, 8 and the last
+
+
+def test_probe_runs_from_a_kit_without_the_lexicon_or_the_tracking_stack(tmp_path):
+    params = _recipe()
+    kit = tmp_path / "kit"
+    packed = probe.pack_kit(params, kit, font_mb=2.5, token_count=300, wheels=False)
+    assert packed["fonts"] and sum((kit / "fonts" / f).stat().st_size for f in packed["fonts"]) <= 2.5e6
+    assert len((kit / "tokens.txt").read_text(encoding="utf-8").splitlines()) == 300
+    small = dict(params)  # the recipe at a size that runs in seconds on the CPU
+    small["synth_lines"] = {**params["synth_lines"], "workers": 2}
+    small["train"] = {**params["train"], "batch_size": 4, "num_workers": 0, "augment": 0.0}
+    tiny = tmp_path / "params.yaml"
+    tiny.write_text(yaml.safe_dump(small, allow_unicode=True), encoding="utf-8")
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook/sitecustomize.py").write_text(BLOCK_HOOK, encoding="utf-8")
+    out = tmp_path / "result.json"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "bench/recipe_gpu_time.py"), "--params", str(tiny), "--render", "40",
+         "--steps", "3", "--warmup", "1", "--base", "ko_base", "--device", "cpu", "--tokens", str(kit / "tokens.txt"),
+         "--font-dir", str(kit / "fonts"), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin",
+                                                                     "PYTHONPATH": str(tmp_path / "hook")})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads(out.read_text(encoding="utf-8"))
+    assert result["faces"] == len(packed["fonts"])
+    assert sorted(result["faces_missing"]) == sorted(set(params["synth_lines"]["fonts"]) - set(packed["fonts"]))
+    assert result["render_workers"] == 2 and result["batch_size"] == 4 and result["steps"] == 3
+    assert result["validation_images"] == 4  # --render // 10
+    assert result["train_images_per_second"] > 0 and result["render_images_per_second"] > 0
+    assert result["projected"] == probe.project(small, result["render_images_per_second"],
+                                                result["train_images_per_second"], result["validation_seconds"],
+                                                result["validation_images"])
