@@ -58,6 +58,15 @@ class DetectorSettings:
         """The same settings as keyword arguments of ``easyocr.Reader.readtext``."""
         return asdict(self)
 
+    def changed(self) -> dict[str, Any]:
+        """The settings that differ from ``easyocr.Reader.readtext``'s defaults, as its keyword arguments.
+
+        >>> DetectorSettings(width_ths=0.0).changed()
+        {'width_ths': 0.0}
+        """
+        default = asdict(DetectorSettings())
+        return {k: v for k, v in asdict(self).items() if v != default[k]}
+
 
 Boxes = tuple[list[list[int]], list[list[list[float]]]]  # EasyOCR horizontal_list, free_list
 

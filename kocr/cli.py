@@ -295,7 +295,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     name = args.name or params.get("export", {}).get("name", "ko_ocr")
     langs = tuple(params.get("export", {}).get("lang_list", ["ko", "en"]))
     loaded = load_recognizer(args.model)
-    paths = export_easyocr(loaded, args.out, name, langs, with_detector=args.with_detector)
+    paths = export_easyocr(loaded, args.out, name, langs, with_detector=args.with_detector,
+                           readtext_kwargs=_settings(params).changed())
     print(f"export-easyocr: {args.model} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")
     if args.parity_source:
         from evaluation.evaluate import test_pages

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import unicodedata
+from collections import Counter
 
 from PIL import Image
 
@@ -83,3 +84,32 @@ def test_worst_page_picture_shows_both_sides(tmp_path):
         header = picture.height - 100
         assert pixels[10, header + 50][1] > 100 and pixels[10, header + 50][0] < 100
         assert pixels[210 + 12, header + 50][0] > 150 and pixels[210 + 12, header + 50][1] < 100
+
+
+def _detected_words(detector, image) -> list[Word]:
+    from evaluation.reader import load_image
+
+    horizontal, free = detector.detect(load_image(image)[0])
+    boxes = [(x0, y0, x1, y1) for x0, x1, y0, y1 in horizontal]
+    boxes += [(min(p[0] for p in q), min(p[1] for p in q), max(p[0] for p in q), max(p[1] for p in q)) for q in free]
+    return [Word((x0, y0, x1 - x0, y1 - y0), "") for x0, y0, x1, y1 in boxes]
+
+
+def test_the_params_detector_boxes_words_where_easyocrs_default_boxes_lines(sample_pages):
+    """params.yaml's grouping (width_ths) gives one box per labelled word, as the IoU gate needs."""
+    from evaluation.reader import Detector, DetectorSettings
+    from kocr.params import load_params
+    from training.data.pages import read_page
+
+    ours = Detector(DetectorSettings.from_params(load_params()["detector"]))
+    easyocr_default = Detector(DetectorSettings())
+    totals = {"ours": Counter(), "default": Counter()}
+    for path in sorted(sample_pages.glob("*.json"))[:3]:
+        gt = read_page(path)
+        image = path.with_name(gt.image_name)
+        totals["ours"].update(detection_failures(gt.words, _detected_words(ours, image)))
+        totals["default"].update(detection_failures(gt.words, _detected_words(easyocr_default, image)))
+        totals["ours"]["words"] += len(gt.words)
+    words = totals["ours"]["words"]
+    assert totals["ours"]["merged"] + totals["ours"]["split"] <= 0.1 * words, totals
+    assert totals["default"]["merged"] >= 3 * max(1, totals["ours"]["merged"]), totals  # the knob is what matters

@@ -11,7 +11,9 @@ import pytest
 import torch
 import yaml
 
+from evaluation.reader import DetectorSettings
 from kocr.easyocr_compat import import_easyocr, offline_model_dir
+from kocr.params import load_params
 from tests.conftest import realdata
 from training.checkpoint import load_recognizer
 from training.export_easyocr import ExportError, export_easyocr
@@ -19,10 +21,14 @@ from training.export_easyocr import ExportError, export_easyocr
 HANGUL = range(0xAC00, 0xD7A4)
 
 
+# the detector settings `kocr predict` reads here (params.yaml), as `kocr export-easyocr` passes them
+SETTINGS = DetectorSettings.from_params(load_params()["detector"]).changed()
+
+
 @pytest.fixture(scope="module")
 def bundle(hangul_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundle")
-    export_easyocr(str(hangul_checkpoint), out, "ko_test", with_detector=True)
+    export_easyocr(str(hangul_checkpoint), out, "ko_test", with_detector=True, readtext_kwargs=SETTINGS)
     return out
 
 
@@ -46,6 +52,15 @@ def test_bundle_files_follow_easyocr_contract(bundle, hangul_checkpoint):
     assert set(config["lang_list"]) >= {"ko"}
 
 
+def test_readme_passes_the_detector_settings_the_platform_evaluated_with(bundle, hangul_checkpoint, tmp_path):
+    assert SETTINGS, "params.yaml's detector: keeps EasyOCR's defaults; this test then checks nothing"
+    call = "".join(f", {k}={v!r}" for k, v in SETTINGS.items())
+    assert f'reader.readtext("page.jpg"{call})' in (bundle / "README.md").read_text(encoding="utf-8")
+    plain = tmp_path / "plain"
+    export_easyocr(str(hangul_checkpoint), plain, "ko_test")
+    assert 'reader.readtext("page.jpg")' in (plain / "README.md").read_text(encoding="utf-8")
+
+
 def _kocr_predict(image, checkpoint, tmp_path) -> list[dict]:
     out = tmp_path / "pred"
     subprocess.run([sys.executable, "-m", "kocr.cli", "predict", str(image), "--model", str(checkpoint),
@@ -64,7 +79,7 @@ def _assert_same_reading(easyocr_result, annotations):
 
 def test_reader_reads_like_kocr_predict_on_generated_page(bundle, hangul_checkpoint, sample_pages, tmp_path):
     image = sorted(sample_pages.glob("*.jpg"))[0]
-    result = _reader(bundle, quantize=False).readtext(str(image))
+    result = _reader(bundle, quantize=False).readtext(str(image), **SETTINGS)  # as the bundle's README says
     annotations = _kocr_predict(image, hangul_checkpoint, tmp_path)
     _assert_same_reading(result, annotations)
     # the comparison means something only if Hangul classes were read, i.e. the charset order was exercised
@@ -73,7 +88,7 @@ def test_reader_reads_like_kocr_predict_on_generated_page(bundle, hangul_checkpo
 
 def test_reader_reads_like_kocr_predict_on_real_photo(bundle, hangul_checkpoint, tmp_path):
     image = realdata("easyocr", "korean.png")
-    result = _reader(bundle, quantize=False).readtext(str(image))
+    result = _reader(bundle, quantize=False).readtext(str(image), **SETTINGS)
     _assert_same_reading(result, _kocr_predict(image, hangul_checkpoint, tmp_path))
 
 

@@ -18,6 +18,7 @@ import inspect
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -61,8 +62,13 @@ def network_source() -> str:
 
 
 def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: str,
-                   lang_list: tuple[str, ...] = ("ko", "en"), with_detector: bool = False) -> dict[str, str]:
-    """Write the bundle for ``model`` (a spec or a loaded recogniser); returns the written paths."""
+                   lang_list: tuple[str, ...] = ("ko", "en"), with_detector: bool = False,
+                   readtext_kwargs: dict[str, Any] | None = None) -> dict[str, str]:
+    """Write the bundle for ``model`` (a spec or a loaded recogniser); returns the written paths.
+
+    ``readtext_kwargs``: the detector settings the platform evaluated with, where they differ from
+    EasyOCR's defaults; the README's ``readtext`` call passes them.
+    """
     if not name.isidentifier():
         raise ExportError(f"bundle name {name!r} must be a Python identifier (EasyOCR imports NAME.py)")
     loaded = load_recognizer(model) if isinstance(model, str) else model
@@ -81,12 +87,15 @@ def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: 
     paths["yaml"].write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
     if with_detector:
         shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth", model_dir / "craft_mlt_25k.pth")
-    paths["readme"].write_text(_readme(name, lang_list, loaded), encoding="utf-8")
+    paths["readme"].write_text(_readme(name, lang_list, loaded, readtext_kwargs or {}), encoding="utf-8")
     return {k: str(v) for k, v in paths.items()}
 
 
-def _readme(name: str, lang_list: tuple[str, ...], loaded: LoadedRecognizer) -> str:
+def _readme(name: str, lang_list: tuple[str, ...], loaded: LoadedRecognizer, readtext_kwargs: dict[str, Any]) -> str:
     langs = ", ".join(repr(x) for x in lang_list)
+    call = "".join(f", {k}={v!r}" for k, v in readtext_kwargs.items())
+    settings = (f"\n`{call[2:]}`: the detector settings the platform evaluated this model with "
+                "(`detector:` in params.yaml), where they differ from EasyOCR's defaults.\n") if call else ""
     return f"""# EasyOCR bundle `{name}`
 
 Exported by `kocr export-easyocr` from `{loaded.source}` ({len(loaded.charset)} characters, imgH {loaded.config.imgH}).
@@ -101,9 +110,9 @@ cp user_network/{name}.py user_network/{name}.yaml ~/.EasyOCR/user_network/
 ```python
 import easyocr
 reader = easyocr.Reader([{langs}], recog_network="{name}")
-print(reader.readtext("page.jpg"))
+print(reader.readtext("page.jpg"{call}))
 ```
-
+{settings}
 Or point EasyOCR at this folder without copying:
 `easyocr.Reader([{langs}], recog_network="{name}", model_storage_directory="model",
 user_network_directory="user_network")` (the CRAFT detector `craft_mlt_25k.pth` must be in
