@@ -108,7 +108,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(prepared, tmp_path):
     knobs = {"steps": 160, "val_every": 40, "checkpoint_every": 5, "augment": 0.5, "schedule": "cosine",
-             "warmup_steps": 10, "optimizer": "adamw"}
+             "warmup_steps": 10, "optimizer": "adamw", "ema_decay": 0.95}  # the average is resumed too
     state = tmp_path / "state" / "run.pt"
     script = (f"import json, sys; sys.path.insert(0, {str(REPO)!r})\n"
               "from pathlib import Path\nfrom training.train import TrainConfig, train\n"

@@ -41,6 +41,7 @@ from training.distributed import DistContext, all_agree, broadcast_flag, init_di
 from training.model import Recognizer, RecognizerConfig
 from training.optim import make_optimizer, make_scheduler
 from training.resume import config_differences, load_state, restore_rng, rng_state, save_state
+from training.weight_average import make_ema
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class TrainConfig:
     freeze: str = "none"             # none | feature_extraction | sequence_modeling | both
     batch_max_length: int = 0        # drop training labels longer than this; 0 = what the model can align
     focal_gamma: float = 0.0         # 0 = plain CTC; > 0 = focal CTC, (1 - p)^gamma weighting
+    ema_decay: float = 0.0           # > 0: validate and keep an exponential moving average of the weights
     checkpoint_every: int = 50       # write the resumable state every N steps (and at each validation)
     log_every: int = 10              # loss and lr to MLflow every N steps (every step goes to plots/)
     log_samples: int = 8             # validation crops shown with their reading at each validation
@@ -358,9 +360,10 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     signature = {"config": _resumable(config), "train_samples": len(train_set), "val_samples": len(val_set),
                  "world_size": ctx.world_size}
+    ema = make_ema(core, config.ema_decay) if main else None
     state = Progress()
     if resume and state_file is not None:
-        state = _resume(Path(state_file), signature, core, optimizer, scheduler, scaler) or state
+        state = _resume(Path(state_file), signature, core, optimizer, scheduler, scaler, ema) or state
     runner: torch.nn.Module = core
     if ctx.enabled:
         runner = torch.nn.parallel.DistributedDataParallel(
@@ -396,6 +399,8 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
                 scaler.step(optimizer)  # with fp16 the scaler itself skips inf gradients and lowers the scale
                 scaler.update()
                 scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(core)
             else:
                 state.skipped_nonfinite += 1
         seen_here += len(batch.labels)
@@ -410,11 +415,11 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             before = time.perf_counter()
             stop = _validation(config, state, core, frozen, val_loader, val_set, val_objective, device, ctx, out_dir,
                                transfer, log, on_validation, seen_here, scorer,
-                               before - started - validating_seconds)
+                               before - started - validating_seconds, ema)
             validating_seconds += time.perf_counter() - before
         if state_file is not None and main and (validating or step % config.checkpoint_every == 0):
             _save(Path(state_file), signature, state, core, optimizer, scheduler, scaler,
-                  seen_here, time.perf_counter() - started - validating_seconds, ctx)
+                  seen_here, time.perf_counter() - started - validating_seconds, ctx, ema)
         if validating and broadcast_flag(stop, ctx):
             break
     bar.close()
@@ -458,15 +463,23 @@ def _validation(config: TrainConfig, state: Progress, core: Recognizer, frozen: 
                 ctx: DistContext, out_dir: Path, transfer: dict[str, Any], log: bool,
                 on_validation: Callable[[int, dict[str, float]], None] | None,
                 seen_here: int, scorer: Callable[[Recognizer, Charset], dict[str, float]] | None,
-                seconds: float) -> bool:
-    """Validate on rank 0, keep the best checkpoint, track; True when early stopping says stop."""
+                seconds: float, ema: torch.nn.Module | None = None) -> bool:
+    """Validate on rank 0, keep the best checkpoint, track; True when early stopping says stop.
+
+    With an EMA the averaged weights are the ones scored and kept; the raw weights' CER and word
+    accuracy are logged beside them as ``raw_cer`` and ``raw_word_accuracy``.
+    """
     rate = (state.seen + sum_over_ranks(seen_here, ctx)) / max(state.seconds + seconds, 1e-9)
     if not ctx.is_main:
         return False
     step = state.step
-    scores, samples = validate(core, val_loader, objective, device, config.log_samples) if len(val_set) else ({}, [])
+    kept = ema.module if ema is not None else core
+    scores, samples = validate(kept, val_loader, objective, device, config.log_samples) if len(val_set) else ({}, [])
+    if ema is not None and len(val_set):
+        raw = validate(core, val_loader, objective, device)[0]
+        scores.update({"raw_cer": raw["cer"], "raw_word_accuracy": raw["word_accuracy"]})
     if scorer is not None:
-        scores.update(scorer(core, objective.charset))
+        scores.update(scorer(kept, objective.charset))
     _train_mode(core, frozen)
     state.val_rows.append({"step": step, **{k: round(v, 5) for k, v in scores.items() if k != "n"}})
     state.sample_rows += [{"step": step, "label": gt, "reading": pred, "correct": gt == pred} for gt, pred in samples]
@@ -475,7 +488,7 @@ def _validation(config: TrainConfig, state: Progress, core: Recognizer, frozen: 
     state.stale = 0 if gained else state.stale + 1
     if improves(state.best, cer, scores.get("loss", math.inf)):
         state.best = {"cer": cer, "step": step, **{f"val_{k}": v for k, v in scores.items()}}
-        save_checkpoint(out_dir / "model.pt", core, objective.charset,
+        save_checkpoint(out_dir / "model.pt", kept, objective.charset,
                         meta={"step": step, "train_config": asdict(config), **transfer})
     if log:
         import mlflow
@@ -504,16 +517,17 @@ def _resumable(config: TrainConfig) -> dict[str, Any]:
 
 def _save(path: Path, signature: dict[str, Any], state: Progress, core: Recognizer,
           optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-          seen_here: int, seconds: float, ctx: DistContext) -> None:
+          seen_here: int, seconds: float, ctx: DistContext, ema: torch.nn.Module | None = None) -> None:
     counters = Progress(**{**vars(state), "seen": state.seen + seen_here * ctx.world_size,
                            "seconds": state.seconds + seconds})
     save_state(path, {"signature": signature, "progress": vars(counters), "model": core.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                      "scaler": scaler.state_dict(), "rng": rng_state()})
+                      "scaler": scaler.state_dict(), "rng": rng_state(),
+                      "ema": ema.state_dict() if ema is not None else None})
 
 
 def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: torch.optim.Optimizer,
-            scheduler: Any, scaler: torch.amp.GradScaler) -> Progress | None:
+            scheduler: Any, scaler: torch.amp.GradScaler, ema: torch.nn.Module | None = None) -> Progress | None:
     """Load a saved state into the objects; None (and a message) when there is none or it is another run's."""
     if not path.is_file():
         print(f"train: no saved state at {path}; starting from step 0", file=sys.stderr)
@@ -530,6 +544,8 @@ def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: 
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
+    if ema is not None:
+        ema.load_state_dict(saved["ema"])
     restore_rng(saved["rng"])
     progress = Progress(**saved["progress"])
     print(f"train: resuming {path} at step {progress.step}", file=sys.stderr)

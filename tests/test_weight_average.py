@@ -1,0 +1,68 @@
+"""train.ema_decay: the moving average of the weights, what training validates and keeps with it, and its resume."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.train import TrainConfig, train
+from training.weight_average import make_ema, warmed_decay
+
+TINY = {"base": "scratch", "output_channel": 32, "hidden_size": 32, "batch_size": 4, "lr": 0.01,
+        "steps": 6, "val_every": 6}
+
+
+def test_the_average_follows_the_warmed_decay_and_copies_integer_buffers():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    ema = make_ema(model, 0.5)
+    history, expected = [], None
+    for step in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(float(step + 1))
+        model.train()(torch.randn(4, 3))  # moves BatchNorm's running stats and num_batches_tracked
+        ema.update_parameters(model)
+        current = model[0].weight.detach().clone()
+        # the first update copies; update n (n >= 1) keeps warmed_decay(0.5, n) of the average
+        expected = current if expected is None else torch.lerp(expected, current, 1 - warmed_decay(0.5, step))
+        history.append(expected)
+    assert torch.allclose(ema.module[0].weight, history[-1])
+    assert not torch.allclose(ema.module[0].weight, model[0].weight)
+    assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked == 5
+    assert not torch.equal(ema.module[1].running_mean, model[1].running_mean)  # statistics are averaged too
+    assert [warmed_decay(0.999, n) for n in (0, 1, 8990, 10**6)] == pytest.approx([0.1, 2 / 11, 0.999, 0.999])
+
+
+def test_decay_zero_is_off_and_out_of_range_is_refused():
+    assert make_ema(torch.nn.Linear(1, 1), 0.0) is None
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match=f"train.ema_decay {bad}"):
+            make_ema(torch.nn.Linear(1, 1), bad)
+
+
+def _run(prepared: Path, out: Path, **knobs) -> dict:
+    return train(TrainConfig(**{**TINY, **knobs}), prepared, out, metrics_file=out / "m.json",
+                 plots_dir=out / "plots", progress=False, log=False)
+
+
+def _val_rows(out: Path) -> list[dict[str, str]]:
+    with (out / "plots" / "val.tsv").open(encoding="utf-8") as fh:
+        return list(csv.DictReader(fh, delimiter="\t"))
+
+
+def test_training_keeps_the_average_and_reports_the_raw_weights_beside_it(prepared, tmp_path):
+    plain = _run(prepared, tmp_path / "plain")
+    averaged = _run(prepared, tmp_path / "ema", ema_decay=0.9)
+    # the raw weights follow the same trajectory (the average draws no randomness): same raw score
+    assert float(_val_rows(tmp_path / "ema")[-1]["raw_cer"]) == pytest.approx(plain["best_val_cer"], abs=1e-5)
+    assert "raw_cer" not in _val_rows(tmp_path / "plain")[-1]
+    raw = torch.load(tmp_path / "plain" / "model.pt", map_location="cpu")
+    kept = torch.load(tmp_path / "ema" / "model.pt", map_location="cpu")
+    assert kept["meta"]["train_config"]["ema_decay"] == 0.9
+    assert set(kept["state_dict"]) == set(raw["state_dict"])  # a plain Recognizer checkpoint, loadable as any
+    differs = [k for k in raw["state_dict"] if not torch.equal(raw["state_dict"][k], kept["state_dict"][k])]
+    assert "Prediction.weight" in differs and averaged["best_val_cer"] == pytest.approx(
+        float(_val_rows(tmp_path / "ema")[-1]["cer"]), abs=1e-5)
