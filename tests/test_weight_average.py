@@ -8,17 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.train import TrainConfig, train
+from tests.test_train_engine import _run
 from training.weight_average import make_ema, warmed_decay
 
-TINY = {"base": "scratch", "output_channel": 32, "hidden_size": 32, "batch_size": 4, "lr": 0.01,
-        "steps": 6, "val_every": 6}
+SHORT = {"steps": 6, "val_every": 6}
 
 
 def test_the_average_follows_the_warmed_decay_and_copies_integer_buffers():
     model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
     ema = make_ema(model, 0.5)
-    history, expected = [], None
+    expected = None
     for step in range(5):
         with torch.no_grad():
             for p in model.parameters():
@@ -28,8 +27,7 @@ def test_the_average_follows_the_warmed_decay_and_copies_integer_buffers():
         current = model[0].weight.detach().clone()
         # the first update copies; update n (n >= 1) keeps warmed_decay(0.5, n) of the average
         expected = current if expected is None else torch.lerp(expected, current, 1 - warmed_decay(0.5, step))
-        history.append(expected)
-    assert torch.allclose(ema.module[0].weight, history[-1])
+    assert torch.allclose(ema.module[0].weight, expected)
     assert not torch.allclose(ema.module[0].weight, model[0].weight)
     assert ema.module[1].num_batches_tracked == model[1].num_batches_tracked == 5
     assert not torch.equal(ema.module[1].running_mean, model[1].running_mean)  # statistics are averaged too
@@ -43,19 +41,14 @@ def test_decay_zero_is_off_and_out_of_range_is_refused():
             make_ema(torch.nn.Linear(1, 1), bad)
 
 
-def _run(prepared: Path, out: Path, **knobs) -> dict:
-    return train(TrainConfig(**{**TINY, **knobs}), prepared, out, metrics_file=out / "m.json",
-                 plots_dir=out / "plots", progress=False, log=False)
-
-
 def _val_rows(out: Path) -> list[dict[str, str]]:
     with (out / "plots" / "val.tsv").open(encoding="utf-8") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
 
 
 def test_training_keeps_the_average_and_reports_the_raw_weights_beside_it(prepared, tmp_path):
-    plain = _run(prepared, tmp_path / "plain")
-    averaged = _run(prepared, tmp_path / "ema", ema_decay=0.9)
+    plain = _run(prepared, tmp_path / "plain", **SHORT)
+    averaged = _run(prepared, tmp_path / "ema", ema_decay=0.9, **SHORT)
     # the raw weights follow the same trajectory (the average draws no randomness): same raw score
     assert float(_val_rows(tmp_path / "ema")[-1]["raw_cer"]) == pytest.approx(plain["best_val_cer"], abs=1e-5)
     assert "raw_cer" not in _val_rows(tmp_path / "plain")[-1]
