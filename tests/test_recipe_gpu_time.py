@@ -10,6 +10,8 @@ import sys
 import yaml
 
 from tests.conftest import REPO
+from training.charset import Charset
+from training.checkpoint import load_recognizer
 
 spec = importlib.util.spec_from_file_location("recipe_gpu_time", REPO / "bench/recipe_gpu_time.py")
 probe = importlib.util.module_from_spec(spec)
@@ -49,11 +51,12 @@ def test_projection_scales_each_measured_rate_to_the_recipes_full_size():
     assert probe.validations(10, 4) == 3 and probe.validations(8, 4) == 2  # after step 4, 8 and the last
 
 
-def test_probe_runs_from_a_kit_without_the_lexicon_or_the_tracking_stack(tmp_path):
+def test_probe_and_instalment_run_from_a_kit_without_the_lexicon_or_the_tracking_stack(tmp_path):
     params = _recipe()
     kit = tmp_path / "kit"
-    packed = probe.pack_kit(params, kit, font_mb=2.5, token_count=300, wheels=False)
-    assert packed["fonts"] and sum((kit / "fonts" / f).stat().st_size for f in packed["fonts"]) <= 2.5e6
+    packed = probe.pack_kit(params, kit, token_count=300, wheels=False)
+    # every training face, cut to the charset: a fraction of the ~140 MB of the whole files
+    assert sorted(packed["fonts"]) == sorted(params["synth_lines"]["fonts"]) and packed["font_mb"] < 30
     assert len((kit / "tokens.txt").read_text(encoding="utf-8").splitlines()) == 300
     small = dict(params)  # the recipe at a size that runs in seconds on the CPU
     small["synth_lines"] = {**params["synth_lines"], "workers": 2}
@@ -66,16 +69,38 @@ def test_probe_runs_from_a_kit_without_the_lexicon_or_the_tracking_stack(tmp_pat
     done = subprocess.run(
         [sys.executable, str(REPO / "bench/recipe_gpu_time.py"), "--params", str(tiny), "--render", "40",
          "--steps", "3", "--warmup", "1", "--base", "ko_base", "--device", "cpu", "--tokens", str(kit / "tokens.txt"),
-         "--font-dir", str(kit / "fonts"), "--json", str(out)],
+         "--font-dir", str(kit / "fonts"), "--json", str(out), "--keep", str(tmp_path / "keep"),
+         "--deadline-minutes", "9", "--max-steps", "4", "--validations", "2", "--set", "lr=0.0002",
+         "--set", "ema_decay=0.9"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin",
                                                                      "PYTHONPATH": str(tmp_path / "hook")})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     result = json.loads(out.read_text(encoding="utf-8"))
-    assert result["faces"] == len(packed["fonts"])
-    assert sorted(result["faces_missing"]) == sorted(set(params["synth_lines"]["fonts"]) - set(packed["fonts"]))
+    assert result["faces"] == len(packed["fonts"]) and result["faces_missing"] == []
     assert result["render_workers"] == 2 and result["batch_size"] == 4 and result["steps"] == 3
     assert result["validation_images"] == 4  # --render // 10
     assert result["train_images_per_second"] > 0 and result["render_images_per_second"] > 0
     assert result["projected"] == probe.project(small, result["render_images_per_second"],
                                                 result["train_images_per_second"], result["validation_seconds"],
                                                 result["validation_images"])
+    # the instalment: the steps that fit (capped here), the overrides, a checkpoint evaluate-crops reads
+    inst = result["instalment"]
+    assert inst["steps"] == 4 and inst["lr"] == 0.0002 and inst["ema_decay"] == 0.9
+    val_rows = (tmp_path / "keep/val.tsv").read_text(encoding="utf-8").splitlines()
+    assert [row.split("\t")[0] for row in val_rows[1:]] == ["2", "4"]  # validations=2 over 4 steps
+    assert "raw_cer" in val_rows[0]  # the average is scored, the raw weights beside it
+    loaded = load_recognizer(str(tmp_path / "keep/model.pt"))
+    assert loaded.charset == Charset.named("korean_g2") and loaded.config.hidden_size == 256
+    assert "instalment step 4/4: " in done.stdout and "raw_cer" in done.stdout  # progress in the output_tail
+
+
+def test_instalment_knobs_are_checked_before_any_rendering():
+    assert probe.train_overrides(["lr=5e-4", "ema_decay=0.999", "schedule=cosine"]) == {
+        "lr": 5e-4, "ema_decay": 0.999, "schedule": "cosine"}
+    for bad in (["learning_rate=0.1"], ["lr"]):
+        try:
+            probe.train_overrides(bad)
+        except SystemExit as exc:
+            assert bad[0] in str(exc) and "train: knob" in str(exc)
+        else:
+            raise AssertionError(f"{bad} accepted")

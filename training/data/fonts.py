@@ -136,3 +136,36 @@ def load_font(face: FontFace, size: int) -> ImageFont.FreeTypeFont:
     """The face at ``size`` pixels (cached), with Pillow's basic layout for portable output."""
     return ImageFont.truetype(face.path, int(size), index=face.index,
                               layout_engine=ImageFont.Layout.BASIC)
+
+
+def subset_font(src: str | os.PathLike, dst: str | os.PathLike, text: str) -> None:
+    """Write to ``dst`` a copy of the font file ``src`` that holds only the glyphs ``text`` needs.
+
+    Every face of a .ttc/.otc collection is kept, in its place, so face indexes still hold.
+    Layout tables, hinting and names are kept, and bounding boxes and side bearings are not
+    recomputed, so FreeType draws each of those glyphs pixel for pixel as from ``src``
+    (recomputed bounds move a glyph whose stored side bearing differs from its outline's).
+    Hangul faces shrink ~10x for the 1,008 characters of korean_g2.
+    """
+    import logging
+
+    from fontTools import subset
+    from fontTools.ttLib import TTCollection, TTFont
+
+    options = subset.Options(layout_features=["*"], name_IDs=["*"], name_languages=["*"],
+                             notdef_outline=True, glyph_names=True, recalc_bounds=False,
+                             hinting_tables=["*"], drop_tables=[], passthrough_tables=True)
+    logging.getLogger("fontTools").setLevel(logging.ERROR)  # "FFTM NOT subset" etc.: tables it passes through
+
+    def cut(font: TTFont) -> TTFont:
+        subsetter = subset.Subsetter(options)
+        subsetter.populate(text=text)
+        subsetter.subset(font)
+        return font
+
+    if Path(src).suffix.lower() in (".ttc", ".otc"):
+        collection = TTCollection(str(src), recalcBBoxes=False)
+        collection.fonts = [cut(font) for font in collection.fonts]
+        collection.save(str(dst))
+    else:
+        cut(TTFont(str(src), recalcBBoxes=False)).save(str(dst))
