@@ -156,6 +156,16 @@ def project(params: dict[str, Any], render_ips: float, train_ips: float, val_sec
     return {k: round(v, 1) for k, v in minutes.items()}
 
 
+def cap_gpu_memory(gib: float, device: torch.device) -> None:
+    """Let this process allocate at most ``gib`` GiB of ``device``'s memory, as a smaller card would."""
+    if device.type != "cuda":
+        raise SystemExit(f"--gpu-memory-gib: {device} is not a CUDA GPU")
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise SystemExit(f"--gpu-memory-gib {gib}: the card has only {total / 2**30:.0f} GiB")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+
+
 def measure(params: dict[str, Any], args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Render, train, time; the figures and the projection.
 
@@ -190,7 +200,7 @@ def measure(params: dict[str, Any], args: argparse.Namespace, work: Path) -> dic
         "render_images_per_second": rate, "warmup_steps": args.warmup, "steps": args.steps,
         "train_images_per_second": summary["images_per_second"],
         "validation_seconds": summary["validation_seconds"], "validation_images": val_measured,
-        "peak_gpu_memory_mib": summary.get("peak_gpu_memory_mib"),
+        "peak_gpu_memory_mib": summary.get("peak_gpu_memory_mib"), "gpu_memory_cap_gib": args.gpu_memory_gib,
         "projected": project(params, rate, summary["images_per_second"], summary["validation_seconds"],
                              val_measured),
         "not_projected": "synth_heldout's crop export, evaluate (held-out and real crops, Tesseract), card",
@@ -265,6 +275,8 @@ def main() -> None:
                         help="pack wheels, words and fonts for a machine without them, and stop")
     parser.add_argument("--token-count", type=int, default=50000, help="--kit: words to draw")
     parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--gpu-memory-gib", type=float,
+                        help="allocate at most this many GiB of the GPU, as a smaller card would (e.g. 24)")
     parser.add_argument("--keep", metavar="DIR",
                         help="then train an instalment on the rendered set until --deadline-minutes; keep it here")
     parser.add_argument("--deadline-minutes", type=float, default=8.0,
@@ -279,6 +291,8 @@ def main() -> None:
         print(json.dumps(pack_kit(params, Path(args.kit), args.token_count), indent=1))
         return
     train_overrides(args.set)  # a misspelt knob fails before minutes of rendering
+    if args.gpu_memory_gib:
+        cap_gpu_memory(args.gpu_memory_gib, pick_device(args.device))
     with tempfile.TemporaryDirectory(prefix="kocr-recipe-gpu-time-") as tmp:
         result = measure(params, args, Path(tmp))
         write_result(result, args.json)

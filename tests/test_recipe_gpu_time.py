@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO
@@ -97,10 +99,13 @@ def test_probe_and_instalment_run_from_a_kit_without_the_lexicon_or_the_tracking
 def test_instalment_knobs_are_checked_before_any_rendering():
     assert probe.train_overrides(["lr=5e-4", "ema_decay=0.999", "schedule=cosine"]) == {
         "lr": 5e-4, "ema_decay": 0.999, "schedule": "cosine"}
-    for bad in (["learning_rate=0.1"], ["lr"]):
-        try:
-            probe.train_overrides(bad)
-        except SystemExit as exc:
-            assert bad[0] in str(exc) and "train: knob" in str(exc)
-        else:
-            raise AssertionError(f"{bad} accepted")
+    for bad in ("learning_rate=0.1", "lr"):
+        with pytest.raises(SystemExit, match=f"--set '{bad}'.*train: knob"):
+            probe.train_overrides([bad])
+    with pytest.raises(SystemExit, match="lr takes a number"):
+        probe.train_overrides(["lr=fast"])
+
+
+def test_memory_cap_is_refused_without_a_cuda_device():
+    with pytest.raises(SystemExit, match="not a CUDA GPU"):
+        probe.cap_gpu_memory(24, torch.device("cpu"))
