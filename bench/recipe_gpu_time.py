@@ -98,7 +98,7 @@ def pack_kit(params: dict[str, Any], kit: Path, token_count: int, wheels: bool =
     ``whl/``: Python 3.12 x86-64 wheels of lmdb and RapidFuzz at the versions of requirements.lock;
     ``tokens.txt``: words drawn by the recipe's lexicon; ``fonts/``: every training face of the
     recipe cut to the glyphs of its charset (:func:`subset_font`: drawn pixel for pixel as the
-    whole face draws them, ~15 MB for the 30 faces instead of ~140).
+    whole face draws them, ~16 MB for the 30 faces instead of ~140).
     """
     from training.charset import Charset
     from training.data.fonts import find_fonts, subset_font
