@@ -136,12 +136,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="engine DataLoader workers")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--base", default="english_g2",
+                        help="starting weights of both sides (ko_base: same shapes, for machines without english_g2)")
     args = parser.parse_args()
     device = pick_device(args.device)
     with tempfile.TemporaryDirectory(prefix="kocr-bench-train-") as tmp:
         work = Path(tmp)
         data = Path(args.data) if args.data else _sample_data(work, args.pages)
-        common = {"base": "english_g2", "charset": "korean_g2", "batch_size": args.batch, "steps": args.steps,
+        common = {"base": args.base, "charset": "korean_g2", "batch_size": args.batch, "steps": args.steps,
                   "device": args.device, "seed": 0}
         engine_config = TrainConfig(**common, optimizer="adadelta", lr=1.0, val_every=args.steps,
                                     num_workers=args.workers)
@@ -150,7 +152,7 @@ def main() -> None:
             reference.append(round(reference_loop(TrainConfig(**common), data, args.steps, device), 2))
             summary = engine_run(engine_config, data, work)
             engine.append(summary["images_per_second"])
-        result = {"device": str(device), "torch_threads": torch.get_num_threads(), "steps": args.steps,
+        result = {"device": str(device), "base": args.base, "torch_threads": torch.get_num_threads(), "steps": args.steps,
                   "batch": args.batch, "engine_workers": args.workers, "train_samples": summary["train_samples"],
                   "reference_images_per_second": reference, "engine_images_per_second": engine,
                   "ratio": round(sum(engine) / sum(reference), 2)}
