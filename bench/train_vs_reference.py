@@ -21,6 +21,7 @@ import argparse
 import io
 import json
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +32,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from training.data.lmdb_store import shared_env
-from training.train import TrainConfig, build_model, pick_device, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout without the install
+
+from training.data.lmdb_store import shared_env  # noqa: E402
+from training.train import TrainConfig, build_model, pick_device, train  # noqa: E402
 
 REFERENCE_IMG_W = 600
 
