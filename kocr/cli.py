@@ -342,6 +342,26 @@ def cmd_evaluate_pages(args: argparse.Namespace) -> None:
                      ensure_ascii=False, indent=1))
 
 
+def cmd_average(args: argparse.Namespace) -> None:
+    import hashlib
+
+    from training.checkpoint import load_recognizer, save_checkpoint
+    from training.weight_average import average_recognizers
+
+    loaded = [load_recognizer(spec) for spec in args.models]
+    weights = args.weights or [1.0] * len(loaded)
+    try:
+        model = average_recognizers(loaded, weights)
+    except ValueError as exc:
+        print(f"kocr average-checkpoints: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    sources = [{"model": item.source, "file": item.path, "weight": w / sum(weights),
+                "sha256": hashlib.sha256(Path(item.path).read_bytes()).hexdigest()[:16]}
+               for item, w in zip(loaded, weights)]
+    out = save_checkpoint(args.out, model, loaded[0].charset, {"averaged_from": sources})
+    print(json.dumps({"out": str(out), "averaged_from": sources}, ensure_ascii=False, indent=1))
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
     from training.data.pages import Page, write_page
 
@@ -459,6 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="+", default=["english_g2"], help=models_help)
     p.add_argument("--baseline", action="append", choices=["tesseract"], help="also score Tesseract 5 (psm 3)")
     p.add_argument("--out", help="folder for scores.json with per-page scores and predicted lines")
+
+    p = add("average-checkpoints", cmd_average,
+            "the weighted mean of recognisers trained from a common start (one checkpoint, same format)")
+    p.add_argument("models", nargs="+", help="two or more: checkpoint paths, ko_base, models:/… or runs:/…")
+    p.add_argument("--out", required=True, help="the averaged checkpoint (written atomically)")
+    p.add_argument("--weights", type=float, nargs="+", help="one per model (default: equal); normalised to sum 1")
 
     p = add("predict", cmd_predict, "read page images; page JSON per image")
     p.add_argument("images", nargs="+")

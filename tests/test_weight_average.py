@@ -1,14 +1,21 @@
-"""train.ema_decay: the moving average of the weights, what training validates and keeps with it, and its resume."""
+"""train.ema_decay (the moving average of the weights, what training validates and keeps, its resume) and
+`kocr average-checkpoints` (the weighted mean of finished checkpoints)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from kocr import cli
 from tests.test_train_engine import _run
+from training.charset import Charset
+from training.checkpoint import load_recognizer, save_checkpoint
+from training.model import Recognizer, RecognizerConfig
 from training.weight_average import make_ema, warmed_decay
 
 SHORT = {"steps": 6, "val_every": 6}
@@ -59,3 +66,54 @@ def test_training_keeps_the_average_and_reports_the_raw_weights_beside_it(prepar
     differs = [k for k in raw["state_dict"] if not torch.equal(raw["state_dict"][k], kept["state_dict"][k])]
     assert "Prediction.weight" in differs and averaged["best_val_cer"] == pytest.approx(
         float(_val_rows(tmp_path / "ema")[-1]["cer"]), abs=1e-5)
+
+
+# -- kocr average-checkpoints: the weighted mean of finished checkpoints ---------------------------
+
+TINY = dict(output_channel=16, hidden_size=16)
+
+
+def _checkpoint(path: Path, seed: int, charset: Charset | None = None, **config) -> Path:
+    charset = charset or Charset.named("english_g2")
+    torch.manual_seed(seed)
+    model = Recognizer(RecognizerConfig(num_class=len(charset.chars) + 1, **{**TINY, **config}))
+    model.train()(torch.rand(2, 1, 64, 96))  # moves BatchNorm's running statistics away from 0 / 1
+    return save_checkpoint(path, model, charset)
+
+
+def test_average_checkpoints_writes_the_weighted_mean_of_every_float_tensor(tmp_path, capsys):
+    a, b = _checkpoint(tmp_path / "a.pt", 1), _checkpoint(tmp_path / "b.pt", 2)
+    out = tmp_path / "soup" / "mean.pt"
+    assert cli.main(["average-checkpoints", str(a), str(b), "--out", str(out), "--weights", "1", "3"]) == 0
+    reported = json.loads(capsys.readouterr().out)
+    sa, sb = (load_recognizer(str(p)).model.state_dict() for p in (a, b))
+    mean = load_recognizer(str(out))  # a plain checkpoint: loads, exports and scores as any
+    averaged = 0
+    for key, tensor in mean.model.state_dict().items():
+        if tensor.is_floating_point():  # weights and BatchNorm statistics alike
+            assert torch.allclose(tensor, 0.25 * sa[key] + 0.75 * sb[key], atol=1e-6), key
+            averaged += not torch.equal(sa[key], sb[key])
+        else:
+            assert torch.equal(tensor, sa[key]), key  # num_batches_tracked: the first's
+    assert averaged > 10 and mean.charset == Charset.named("english_g2")
+    sources = torch.load(out, map_location="cpu")["meta"]["averaged_from"]
+    assert sources == reported["averaged_from"] and [s["weight"] for s in sources] == [0.25, 0.75]
+    assert sources[0]["sha256"] == hashlib.sha256(a.read_bytes()).hexdigest()[:16]
+
+
+def test_average_checkpoints_refuses_what_cannot_be_averaged(tmp_path, capsys):
+    a = _checkpoint(tmp_path / "a.pt", 1)
+    wider = _checkpoint(tmp_path / "wider.pt", 2, hidden_size=32)
+    reordered = Charset(Charset.named("english_g2").chars[::-1], "reordered")  # same size, other classes
+    other = _checkpoint(tmp_path / "other.pt", 3, reordered)
+    out = tmp_path / "mean.pt"
+    cases = [([str(a), str(wider)], "wider.pt: architecture"), ([str(a), str(other)], "other.pt: charset reordered"),
+             ([str(a)], "at least two"), ([str(a), str(a), "--weights", "1"], "expected 2 non-negative"),
+             ([str(a), str(a), "--weights", "1", "-1"], "expected 2 non-negative")]
+    for argv, message in cases:
+        try:
+            code = cli.main(["average-checkpoints", *argv, "--out", str(out)])
+        except SystemExit as exc:
+            code = exc.code
+        assert code == 2 and message in capsys.readouterr().err, argv
+    assert not out.exists()  # nothing written for a refused average

@@ -1,4 +1,5 @@
-"""An exponential moving average (EMA) of a model's weights, kept beside training (``train.ema_decay``).
+"""Averages of a model's weights: an exponential moving average kept beside training (``train.ema_decay``),
+and the plain weighted mean of finished checkpoints (``kocr average-checkpoints``).
 
 The averaged copy is :class:`torch.optim.swa_utils.AveragedModel` with BatchNorm statistics averaged
 too (``use_buffers``). Its decay warms up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates,
@@ -15,10 +16,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch.optim.swa_utils import AveragedModel
+
+from training.model import Recognizer
+
+if TYPE_CHECKING:
+    from training.checkpoint import LoadedRecognizer
 
 
 def warmed_decay(decay: float, updates: int) -> float:
@@ -51,3 +57,44 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel | None:
     if decay == 0.0:
         return None
     return AveragedModel(model, multi_avg_fn=ema_update(decay), use_buffers=True)
+
+
+def average_recognizers(loaded: Sequence["LoadedRecognizer"],
+                        weights: Sequence[float] | None = None) -> Recognizer:
+    """One recogniser whose every floating-point tensor is the weighted mean of ``loaded``'s.
+
+    Weights, biases and BatchNorm running statistics are averaged; integer buffers
+    (``num_batches_tracked``) come from the first. ``weights`` (default: equal) are normalised to
+    sum to 1. Meant for checkpoints trained from a common start (a "soup"); all must have the same
+    architecture and charset, else :class:`~training.checkpoint.ArchitectureMismatch` names the
+    one that differs.
+    """
+    from training.checkpoint import ArchitectureMismatch
+
+    if len(loaded) < 2:
+        raise ValueError(f"averaging needs at least two checkpoints, got {len(loaded)}")
+    weights = [1.0] * len(loaded) if weights is None else list(weights)
+    if len(weights) != len(loaded) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights {weights}: expected {len(loaded)} non-negative numbers, not all 0")
+    first = loaded[0]
+    for other in loaded[1:]:
+        if other.config != first.config:
+            raise ArchitectureMismatch(f"{other.source}: architecture {other.config} differs from "
+                                       f"{first.source}'s {first.config}")
+        if other.charset.chars != first.charset.chars:
+            raise ArchitectureMismatch(f"{other.source}: charset {other.charset.name} "
+                                       f"({len(other.charset.chars)} characters) differs from {first.source}'s "
+                                       f"{first.charset.name} ({len(first.charset.chars)})")
+    total = float(sum(weights))
+    states = [item.model.state_dict() for item in loaded]
+    mean = {}
+    with torch.no_grad():
+        for key, tensor in states[0].items():
+            if tensor.is_floating_point():
+                parts = [(w / total) * state[key].float() for w, state in zip(weights, states)]
+                mean[key] = torch.stack(parts).sum(0).to(tensor.dtype)
+            else:
+                mean[key] = tensor.clone()
+    model = Recognizer(first.config)
+    model.load_state_dict(mean)
+    return model.eval()
