@@ -127,7 +127,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"train: best val CER {summary['best_val_cer']:.4f} at step {summary['best_step']}"
           f"{' (stopped early)' if summary['stopped_early'] else ''}; {summary['images_per_second']} images/s"
           f"{' over ' + str(summary['world_size']) + ' processes' if summary['world_size'] > 1 else ''}; "
-          f"model {args.out}/model.pt")
+          f"model {args.out}/model.pt"
+          + (f" ({1 - summary['averaged_with_base']:g} x that step + {summary['averaged_with_base']:g} x the base: "
+             f"val CER {summary.get('averaged_val_cer', float('nan')):.4f})" if summary.get("averaged_with_base") else ""))
 
 
 def cmd_tune(args: argparse.Namespace) -> None:

@@ -151,6 +151,17 @@ def _score_row(label: str, scores: dict[str, float]) -> str:
             f"{scores['norm_ed']:.4f} |")
 
 
+def _averaged_line(train_metrics: dict[str, Any], base: str) -> str:
+    """The card's sentence on ``train.average_with_base``: what was mixed and how the mean reads the val set."""
+    share = train_metrics.get("averaged_with_base")
+    if not share:
+        return ""
+    return (f" The shipped checkpoint is not that best step alone but {1 - share:g} x it + {share:g} x its start "
+            f"`{base}` (`train.average_with_base`), which reads the val set at CER "
+            f"{train_metrics.get('averaged_val_cer', float('nan')):.4f}, word accuracy "
+            f"{train_metrics.get('averaged_val_word_accuracy', float('nan')):.4f}; the metrics below are this mean's.")
+
+
 def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metrics: dict[str, Any],
                data_counts: dict[str, int], command: str, wall_seconds: dict[str, float], size_mb: float,
                name: str) -> str:
@@ -189,7 +200,8 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         "## Training", "",
         f"{train_metrics.get('steps')} steps, best val CER {train_metrics.get('best_val_cer', float('nan')):.4f} "
         f"at step {train_metrics.get('best_step')}, val word accuracy {train_metrics.get('val_word_accuracy', float('nan')):.4f}, "
-        f"{train_metrics.get('images_per_second')} images/s, checkpoint {size_mb:.1f} MB.", "",
+        f"{train_metrics.get('images_per_second')} images/s, checkpoint {size_mb:.1f} MB."
+        + _averaged_line(train_metrics, base), "",
         "## Metrics (kocr evaluate-crops: whole crop read as easyocr.Reader.recognize does)", ""]
     for set_name, entry in eval_metrics.get("sets", {}).items():
         lines += [f"**{set_name}** (`{entry['labels']}`):", "", "| model | n | cer | word_accuracy | norm_ed |",

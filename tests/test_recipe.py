@@ -131,7 +131,9 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     monkeypatch.setenv("KOCR_PARAMS", str(tmp_path / "p.yaml"))
     (tmp_path / "train.json").write_text(json.dumps({"steps": 4, "best_val_cer": 0.5, "best_step": 4,
                                                       "train_seconds": 60.0, "validation_seconds": 6.0,
-                                                      "base": "ko_base", "base_sha256": "0123456789abcdef"}))
+                                                      "base": "ko_base", "base_sha256": "0123456789abcdef",
+                                                      "averaged_with_base": 0.5, "averaged_val_cer": 0.25,
+                                                      "averaged_val_word_accuracy": 0.75}))
     (tmp_path / "eval.json").write_text(json.dumps(result))
     data = tmp_path / "data"
     data.mkdir()
@@ -147,6 +149,9 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     # the CPU size continues the shipped base: the card names that start by its hash and says where its card is
     assert "started from `ko_base` (sha256 0123456789abcdef…)" in text
     assert "This is a continuation" in text and "git history" in text
+    # params-cpu.yaml ships the mean of the result and its start: the card says so, with the mean's val score
+    assert ("0.5 x it + 0.5 x its start `ko_base` (`train.average_with_base`), which reads the val set at "
+            "CER 0.2500, word accuracy 0.7500") in text
     assert ("by the jamo that differs: initial 1, medial 0, final 3; most frequent: final ㄹ→ㄱ (2), "
             "final ㅁ→(none) (1).") in text
 

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from kocr import cli
+from tests.test_train_engine import TINY as ENGINE_TINY
 from tests.test_train_engine import _run
 from training.charset import Charset
 from training.checkpoint import load_recognizer, save_checkpoint
 from training.model import Recognizer, RecognizerConfig
+from training.train import TrainConfig, build_model
 from training.weight_average import make_ema, warmed_decay
 
 SHORT = {"steps": 6, "val_every": 6}
@@ -117,3 +119,30 @@ def test_average_checkpoints_refuses_what_cannot_be_averaged(tmp_path, capsys):
             code = exc.code
         assert code == 2 and message in capsys.readouterr().err, argv
     assert not out.exists()  # nothing written for a refused average
+
+
+# -- train.average_with_base: the kept checkpoint averaged with the start (WiSE-FT) -----------------
+
+def test_training_can_keep_the_mean_of_its_best_checkpoint_and_its_start(prepared, tmp_path):
+    scratch, charset, _ = build_model(TrainConfig(**ENGINE_TINY), 7)
+    base = str(save_checkpoint(tmp_path / "base.pt", scratch, charset))  # a start with the same charset
+    plain = _run(prepared, tmp_path / "plain", base=base, **SHORT)
+    mixed = _run(prepared, tmp_path / "mixed", base=base, average_with_base=0.25, **SHORT)
+    # the same run until the end (averaging draws nothing), then a quarter of the start mixed in
+    assert mixed["best_val_cer"] == plain["best_val_cer"] and mixed["averaged_with_base"] == 0.25
+    assert 0.0 <= mixed["averaged_val_cer"] <= 1.0 and "averaged_val_word_accuracy" in mixed
+    start = load_recognizer(base).model  # the same charset: training started from exactly these weights
+    best = torch.load(tmp_path / "plain" / "model.pt", map_location="cpu")["state_dict"]
+    kept = torch.load(tmp_path / "mixed" / "model.pt", map_location="cpu")
+    assert kept["meta"]["averaged_with_base"] == 0.25
+    for key, tensor in kept["state_dict"].items():
+        if tensor.is_floating_point():
+            assert torch.allclose(tensor, 0.75 * best[key] + 0.25 * start.state_dict()[key], atol=1e-6), key
+    assert json.loads((tmp_path / "mixed" / "m.json").read_text())["averaged_val_cer"] == mixed["averaged_val_cer"]
+
+
+def test_average_with_base_out_of_range_or_without_a_base_is_refused(prepared, tmp_path):
+    for knobs in ({"average_with_base": 1.0}, {"average_with_base": -0.5},
+                  {"average_with_base": 0.5, "base": "scratch"}):
+        with pytest.raises(ValueError, match="train.average_with_base"):
+            _run(prepared, tmp_path / "bad", **SHORT, **knobs)

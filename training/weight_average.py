@@ -85,16 +85,21 @@ def average_recognizers(loaded: Sequence["LoadedRecognizer"],
             raise ArchitectureMismatch(f"{other.source}: charset {other.charset.name} "
                                        f"({len(other.charset.chars)} characters) differs from {first.source}'s "
                                        f"{first.charset.name} ({len(first.charset.chars)})")
+    model = Recognizer(first.config)
+    model.load_state_dict(mean_state_dict([item.model.state_dict() for item in loaded], weights))
+    return model.eval()
+
+
+def mean_state_dict(states: Sequence[dict[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """The weighted mean (``weights`` normalised to sum 1) of same-shaped state dicts' floating-point
+    tensors, on the first's device and dtype; other tensors (integer buffers) are the first's."""
     total = float(sum(weights))
-    states = [item.model.state_dict() for item in loaded]
     mean = {}
     with torch.no_grad():
         for key, tensor in states[0].items():
             if tensor.is_floating_point():
-                parts = [(w / total) * state[key].float() for w, state in zip(weights, states)]
+                parts = [(w / total) * state[key].to(tensor.device, torch.float32) for w, state in zip(weights, states)]
                 mean[key] = torch.stack(parts).sum(0).to(tensor.dtype)
             else:
                 mean[key] = tensor.clone()
-    model = Recognizer(first.config)
-    model.load_state_dict(mean)
-    return model.eval()
+    return mean
