@@ -238,8 +238,8 @@ def instalment(params: dict[str, Any], args: argparse.Namespace, work: Path, dea
     config = TrainConfig.from_params(params)
     config = replace(config, base=args.base or config.base, device=args.device, **train_overrides(args.set))
     passes = 2 if config.ema_decay > 0 else 1
-    validations = args.validations * passes + (1 if config.average_with_base else 0)  # the mean is scored too
-    reserve = 30.0 + validations * measured["validation_seconds"]
+    passes_over_val = args.validations * passes + (1 if config.average_with_base else 0)  # the mean is scored too
+    reserve = 30.0 + passes_over_val * measured["validation_seconds"]
     seconds = deadline - time.perf_counter() - reserve
     steps = int(seconds * measured["train_images_per_second"] / config.batch_size)
     steps = min(steps, args.max_steps) if args.max_steps else steps

@@ -345,9 +345,7 @@ def cmd_evaluate_pages(args: argparse.Namespace) -> None:
 
 
 def cmd_average(args: argparse.Namespace) -> None:
-    import hashlib
-
-    from training.checkpoint import load_recognizer, save_checkpoint
+    from training.checkpoint import file_digest, load_recognizer, save_checkpoint
     from training.weight_average import average_recognizers
 
     loaded = [load_recognizer(spec) for spec in args.models]
@@ -358,7 +356,7 @@ def cmd_average(args: argparse.Namespace) -> None:
         print(f"kocr average-checkpoints: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     sources = [{"model": item.source, "file": item.path, "weight": w / sum(weights),
-                "sha256": hashlib.sha256(Path(item.path).read_bytes()).hexdigest()[:16]}
+                "sha256": file_digest(item.path)}
                for item, w in zip(loaded, weights)]
     out = save_checkpoint(args.out, model, loaded[0].charset, {"averaged_from": sources})
     print(json.dumps({"out": str(out), "averaged_from": sources}, ensure_ascii=False, indent=1))

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -100,6 +101,11 @@ def save_checkpoint(path: str | os.PathLike, model: Recognizer, charset: Charset
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of a file's sha256: how cards, metrics and meta name a checkpoint."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 # checkpoints shipped in the repository (made by recipes/ko-base): name -> file under the project root

@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from tqdm import tqdm
 from evaluation.metrics import recognition_scores
 from training.charset import Charset
 from training.attention import AttnCodec, attention_loss, num_class_for
-from training.checkpoint import load_recognizer, save_checkpoint, start_from
+from training.checkpoint import file_digest, load_recognizer, save_checkpoint, start_from
 from training.crops import BucketBatchSampler, CropBatch, CropDataset
 from training.data.lmdb_store import LmdbDataset
 from training.distributed import DistContext, all_agree, broadcast_flag, init_distributed, shutdown, sum_over_ranks
@@ -168,8 +167,7 @@ def build_model(config: TrainConfig, seed: int) -> tuple[Recognizer, Charset, di
         return Recognizer(wanted), charset, {"base": "scratch"}
     base = load_recognizer(config.base)
     model, transfer = start_from(base, wanted, charset, seed=seed)
-    digest = hashlib.sha256(Path(base.path).read_bytes()).hexdigest()[:16]
-    return model, charset, {"base": config.base, "base_sha256": digest, **transfer}
+    return model, charset, {"base": config.base, "base_sha256": file_digest(base.path), **transfer}
 
 
 class Objective:
@@ -447,8 +445,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     if not main:
         return summary
     if start is not None:
-        summary.update(_average_with_start(config, start, out_dir, charset, val_loader, val_objective, device,
-                                           transfer, log))
+        summary.update(_average_with_start(config, start, out_dir, charset, val_loader, val_objective, device, log))
     Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_file).write_text(json.dumps(summary, indent=1), encoding="utf-8")
     _write_tsv(Path(plots_dir) / "loss.tsv", state.loss_rows)
@@ -460,7 +457,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
 
 def _average_with_start(config: TrainConfig, start: dict[str, torch.Tensor], out_dir: Path, charset: Charset,
                         val_loader: DataLoader, objective: Objective, device: torch.device,
-                        transfer: dict[str, Any], log: bool) -> dict[str, Any]:
+                        log: bool) -> dict[str, Any]:
     """Replace the kept checkpoint by ``average_with_base`` x the start + the rest x the best, and score it.
 
     Averaging a fine-tuned model with the weights it started from (WiSE-FT, Wortsman et al. 2022)
