@@ -14,11 +14,22 @@ from training.checkpoint import load_recognizer, save_checkpoint, transfer_head
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
 FONTS = ["NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumPen.ttf"]
+_CALLER_MLFLOW = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path_factory, monkeypatch):
-    """Every test gets its own MLflow store unless it sets one; nothing touches the project's mlruns.db."""
+    """Every test gets its own MLflow store unless it sets one; nothing touches the project's mlruns.db.
+
+    A command run in-process (``kocr.cli.main``) points MLflow at its store with ``set_tracking_uri``,
+    a process-wide setting that outlives the test: forget it first, or a later test would read the
+    earlier test's store while its subprocesses write to its own.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(None)  # also unsets the variables: put back what the caller of pytest set
+    mlflow.set_registry_uri(None)
+    os.environ.update({k: v for k, v in _CALLER_MLFLOW.items() if v})
     if "MLFLOW_TRACKING_URI" not in os.environ:
         db = tmp_path_factory.mktemp("mlflow") / "mlruns.db"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
