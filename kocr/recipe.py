@@ -174,6 +174,12 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
                   "on CPU), not the GPU recipe (`recipes/ko-base/params.yaml`, ~1M images, many times more "
                   "images seen). Read the metrics below before relying on it; the GPU size is the one meant "
                   "to reach the recipe's targets.", ""]
+    elif size == "gpu-instalment":
+        lines += ["> **GPU instalment.** This checkpoint continues the shipped base for "
+                  f"{train_metrics.get('steps')} steps x {params.get('train', {}).get('batch_size')} on "
+                  f"{data_counts.get('train', 0):,} synthetic training images "
+                  f"(`recipes/ko-base/params-gpu-instalment.yaml`, trained on {train_metrics.get('device', '?')}); "
+                  "it is not the full GPU recipe from EasyOCR's weights (`recipes/ko-base/params.yaml`).", ""]
     from training.checkpoint import SHIPPED_MODELS
 
     train = params.get("train", {})
@@ -189,7 +195,8 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         f"`training.checkpoint.load_recognizer(\"models/base/{name}.pt\")` and exports with `kocr export-easyocr`.",
         "", "## Reproduce", "", "```", command, "```", "",
         f"Machine: {platform.node() or '?'} ({platform.machine()}, {os.cpu_count()} CPU cores, {_accelerator()}), "
-        f"Python {platform.python_version()}; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}.",
+        f"Python {platform.python_version()}; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}."
+        + (f" Trained on {train_metrics['device']}." if train_metrics.get("device") else ""),
         "Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall_seconds.items())
         + " (synthesis and the card take seconds to minutes more).", "",
         "## Data", "",
@@ -234,8 +241,10 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     params = load_params()
     trained = json.loads(Path(train_metrics).read_text(encoding="utf-8"))
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
-    counts = {split: len(LmdbDataset(Path(data) / split)) for split in ("train", "val", HELDOUT)
-              if (Path(data) / split).is_dir()}
+    # a set rendered on another machine (the GPU kit) is counted by training's own record of it
+    counts = {"train": trained.get("train_samples", 0), "val": trained.get("val_n", 0)}
+    counts |= {split: len(LmdbDataset(Path(data) / split)) for split in ("train", "val", HELDOUT)
+               if (Path(data) / split).is_dir()}
     wall = {"train": trained.get("train_seconds", 0.0) + trained.get("validation_seconds", 0.0),
             "evaluate": evaluated.get("seconds", 0.0)}
     out.mkdir(parents=True, exist_ok=True)

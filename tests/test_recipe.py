@@ -26,7 +26,7 @@ from training.train import TrainConfig
 
 RECIPE = REPO / "recipes" / "ko-base"
 SHIPPED = REPO / "models" / "base"
-SIZES = {"params.yaml": "gpu", "params-cpu.yaml": "cpu"}
+SIZES = {"params.yaml": "gpu", "params-cpu.yaml": "cpu", "params-gpu-instalment.yaml": "gpu-instalment"}
 
 
 def _keys(tree: object, prefix: str = "") -> set[str]:
@@ -56,8 +56,13 @@ def test_each_size_is_a_complete_valid_params_file_with_unseen_heldout_faces(nam
     assert config.charset == "korean_g2" and config.steps > 0 and params["synth_lines"]["max_chars"] <= 25
     if SIZES[name] == "gpu":  # the full recipe starts over from EasyOCR's weights
         assert config.base in ("english_g2", "korean_g2")
-    else:  # a CPU instalment continues the shipped base and is scored against it
-        assert config.base == "ko_base" == params["recipe"]["reference"]
+    else:  # an instalment (CPU or GPU) continues the shipped base, ships its mean with it, is scored against it
+        assert config.base == "ko_base" == params["recipe"]["reference"] and config.average_with_base == 0.5
+    # both instalment sizes score the same held-out set (held-out v2); the GPU size has its own, longer lines
+    cpu = yaml.safe_load((RECIPE / "params-cpu.yaml").read_text(encoding="utf-8"))
+    ours, theirs = ({**p["synth_lines"], **p["synth_lines_heldout"]} for p in (params, cpu))
+    differs = {k for k in theirs if ours[k] != theirs[k]} - {"workers", "contact_sheet"}
+    assert differs == ({"count", "words_per_line", "max_chars"} if SIZES[name] == "gpu" else set())
 
 
 def test_recipe_pipeline_dry_run_lists_every_stage_with_the_recipe_params(tmp_path):
@@ -154,6 +159,26 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
             "CER 0.2500, word accuracy 0.7500") in text
     assert ("by the jamo that differs: initial 1, medial 0, final 3; most frequent: final ㄹ→ㄱ (2), "
             "final ㅁ→(none) (1).") in text
+
+
+def test_card_of_a_gpu_instalment_counts_the_sets_it_did_not_see_and_names_the_gpu(
+        heldout_crops, hangul_checkpoint, tmp_path, monkeypatch):
+    """The kit trains on a GPU machine whose rendered sets stay there: training's record counts them."""
+    params = yaml.safe_load((RECIPE / "params-gpu-instalment.yaml").read_text(encoding="utf-8"))
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    monkeypatch.setenv("KOCR_PARAMS", str(tmp_path / "p.yaml"))
+    (tmp_path / "train.json").write_text(json.dumps({
+        "steps": 5100, "best_val_cer": 0.01, "best_step": 5100, "train_seconds": 330.0, "validation_seconds": 9.0,
+        "train_samples": 312345, "val_n": 5000, "base": "ko_base", "device": "cuda: NVIDIA H200"}))
+    (tmp_path / "eval.json").write_text(json.dumps({"models": {"recipe": "model.pt"}, "sets": {}}))
+    data = tmp_path / "data"
+    shutil.copytree(heldout_crops / "lmdb", data / "heldout")
+    text = write_card(hangul_checkpoint, tmp_path / "train.json", tmp_path / "eval.json", data, tmp_path / "ship",
+                      "ko_base", "bench/recipe_gpu_time.py --keep …").read_text(encoding="utf-8")
+    assert "Reduced CPU size" not in text and "**GPU instalment.**" in text
+    assert "continues the shipped base for 5100 steps x 256 on 312,345 synthetic training images" in text
+    assert "- train: 312,345 images" in text and "- val: 5,000 images" in text and "- held-out: 8 images" in text
+    assert "Trained on cuda: NVIDIA H200." in text and "size: gpu-instalment" in text
 
 
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")

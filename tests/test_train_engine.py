@@ -153,6 +153,7 @@ def test_resume_refuses_another_runs_state_and_starts_fresh(prepared, tmp_path, 
     summary = _run(prepared, tmp_path / "c", state, resume=True, steps=8, val_every=2, lr=0.02)
     assert "belongs to another run (lr: 0.01 -> 0.02)" in capsys.readouterr().err
     assert summary["steps"] == 8
+    assert summary["device"] == f"cpu: {os.cpu_count()} cores"  # what trained, for the model card
 
 
 def test_early_stopping_after_patience_validations_without_gain(prepared, tmp_path):

@@ -133,6 +133,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """What trained: the GPU's name (``cuda: NVIDIA H200``) or ``cpu: N cores``, for metrics and model cards."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"{device.type}: {os.cpu_count()} cores"
+
+
 def freeze_modules(model: Recognizer, freeze: str) -> list[torch.nn.Module]:
     """Stop gradients into the parts named by ``train.freeze``; returns the frozen modules.
 
@@ -440,6 +447,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
                "base": transfer["base"], "base_sha256": transfer.get("base_sha256", ""),
                "head_rows_copied": transfer.get("head_rows_copied", 0), "world_size": ctx.world_size,
                "batch_max_length_used": info["batch_max_length_used"]}
+    summary["device"] = device_name(device)
     if device.type == "cuda":
         summary["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if not main:
