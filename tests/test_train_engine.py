@@ -156,6 +156,29 @@ def test_resume_refuses_another_runs_state_and_starts_fresh(prepared, tmp_path, 
     assert summary["device"] == f"cpu: {os.cpu_count()} cores"  # what trained, for the model card
 
 
+def test_the_steady_rate_leaves_out_the_loaders_start_up(prepared, tmp_path, monkeypatch):
+    """A short timed window's rate from the start carries the workers' start-up; the steady rate must not."""
+    real = train_module._loader
+
+    def slow_start(dataset, config, device, sampler=None):
+        loader = real(dataset, config, device, sampler)
+        if sampler is None:  # validation
+            return loader
+
+        def batches():
+            time.sleep(1.5)  # as loader workers starting up before the first batch
+            yield from loader
+        return batches()
+
+    monkeypatch.setattr(train_module, "_loader", slow_start)
+    summary = _run(prepared, tmp_path / "run", steps=12, val_every=6)
+    whole, seen = summary["train_seconds"], summary["images_per_second"] * summary["train_seconds"]
+    assert whole > 1.5 and seen == pytest.approx(12 * TINY["batch_size"], rel=0.02)
+    # the 11 steps after the first, timed without the pause (and without the two validations)
+    assert summary["steady_images_per_second"] >= 0.97 * (seen * 11 / 12) / (whole - 1.5)
+    assert summary["steady_images_per_second"] > 1.5 * summary["images_per_second"]
+
+
 def test_early_stopping_after_patience_validations_without_gain(prepared, tmp_path):
     summary = _run(prepared, tmp_path, steps=20, val_every=1, lr=0.0, patience=2)
     assert summary["stopped_early"] and summary["steps"] == 3  # CER never fell after step 1

@@ -140,6 +140,18 @@ def device_name(device: torch.device) -> str:
     return f"{device.type}: {os.cpu_count()} cores"
 
 
+def _steady_rate(first: tuple[float, int, float] | None, ended: float, seen_here: int, validating: float,
+                 world_size: int) -> float | None:
+    """Images/s after the first step, which carries the loader's start-up: the rate a longer run keeps.
+
+    None when no step followed the first (nothing to measure).
+    """
+    if first is None or seen_here <= first[1]:
+        return None
+    seconds = ended - first[0] - (validating - first[2])
+    return round((seen_here - first[1]) * world_size / max(seconds, 1e-9), 2)
+
+
 def freeze_modules(model: Recognizer, freeze: str) -> list[torch.nn.Module]:
     """Stop gradients into the parts named by ``train.freeze``; returns the frozen modules.
 
@@ -386,6 +398,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     batches = _loader(train_set, config, device, sampler)
     val_loader = _loader(val_set, config, device)
     started, seen_here, validating_seconds = time.perf_counter(), 0, 0.0
+    first: tuple[float, int, float] | None = None  # (time, images, validating) once step one is done
     bar = tqdm(total=config.steps, initial=state.step, desc="train", unit="step", disable=not (progress and main))
     stop = False
     for batch in batches:
@@ -414,6 +427,8 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             else:
                 state.skipped_nonfinite += 1
         seen_here += len(batch.labels)
+        if first is None:  # the loader's start-up and the first step's set-up lie before this
+            first = (time.perf_counter(), seen_here, validating_seconds)
         loss_value = float(loss.detach())
         state.loss_rows.append({"step": step, "loss": round(loss_value, 5)})
         bar.update(1)
@@ -434,14 +449,17 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             break
     bar.close()
     seen = state.seen + sum_over_ranks(seen_here, ctx)
-    elapsed = state.seconds + time.perf_counter() - started - validating_seconds  # training time only
+    ended = time.perf_counter()
+    elapsed = state.seconds + ended - started - validating_seconds  # training time only
     shutdown(ctx)
     best = state.best
     summary = {"steps": state.step, "best_step": best["step"], "best_val_cer": best["cer"],
                **{k: v for k, v in best.items() if k.startswith("val_")},
                "final_loss": state.loss_rows[-1]["loss"], "skipped_nonfinite_steps": state.skipped_nonfinite,
                "stopped_early": state.step < config.steps,
-               "images_per_second": round(seen / elapsed, 2), "train_seconds": round(elapsed, 1),
+               "images_per_second": round(seen / elapsed, 2),
+               "steady_images_per_second": _steady_rate(first, ended, seen_here, validating_seconds, ctx.world_size)
+               or round(seen / elapsed, 2), "train_seconds": round(elapsed, 1),
                "validation_seconds": round(validating_seconds, 1),
                "train_samples": len(train_set), **{f"dropped_{k}": v for k, v in train_set.dropped.items()},
                "base": transfer["base"], "base_sha256": transfer.get("base_sha256", ""),
