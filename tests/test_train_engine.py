@@ -172,11 +172,12 @@ def test_the_steady_rate_leaves_out_the_loaders_start_up(prepared, tmp_path, mon
 
     monkeypatch.setattr(train_module, "_loader", slow_start)
     summary = _run(prepared, tmp_path / "run", steps=12, val_every=6)
-    whole, seen = summary["train_seconds"], summary["images_per_second"] * summary["train_seconds"]
-    assert whole > 1.5 and seen == pytest.approx(12 * TINY["batch_size"], rel=0.02)
-    # the 11 steps after the first, timed without the pause (and without the two validations)
-    assert summary["steady_images_per_second"] >= 0.97 * (seen * 11 / 12) / (whole - 1.5)
-    assert summary["steady_images_per_second"] > 1.5 * summary["images_per_second"]
+    whole = summary["train_seconds"]  # validations left out, rounded to 0.1 s
+    assert whole >= 1.5
+    # the 11 steps after the first, timed without the pause: their time fits in what the pause left
+    after_first = 11 * TINY["batch_size"] / summary["steady_images_per_second"]
+    assert after_first <= whole - 1.5 + 0.06
+    assert summary["steady_images_per_second"] > summary["images_per_second"]
 
 
 def test_early_stopping_after_patience_validations_without_gain(prepared, tmp_path):
