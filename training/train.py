@@ -451,15 +451,16 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     seen = state.seen + sum_over_ranks(seen_here, ctx)
     ended = time.perf_counter()
     elapsed = state.seconds + ended - started - validating_seconds  # training time only
+    rate = round(seen / elapsed, 2)
     shutdown(ctx)
     best = state.best
     summary = {"steps": state.step, "best_step": best["step"], "best_val_cer": best["cer"],
                **{k: v for k, v in best.items() if k.startswith("val_")},
                "final_loss": state.loss_rows[-1]["loss"], "skipped_nonfinite_steps": state.skipped_nonfinite,
                "stopped_early": state.step < config.steps,
-               "images_per_second": round(seen / elapsed, 2),
+               "images_per_second": rate,
                "steady_images_per_second": _steady_rate(first, ended, seen_here, validating_seconds, ctx.world_size)
-               or round(seen / elapsed, 2), "train_seconds": round(elapsed, 1),
+               or rate, "train_seconds": round(elapsed, 1),
                "validation_seconds": round(validating_seconds, 1),
                "train_samples": len(train_set), **{f"dropped_{k}": v for k, v in train_set.dropped.items()},
                "base": transfer["base"], "base_sha256": transfer.get("base_sha256", ""),
