@@ -18,7 +18,7 @@ from training.data.fonts import covers, find_fonts, subset_font
 from training.data.lexicon import has_hangul
 from training.data.lmdb_store import LmdbDataset
 from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_edge_piece, add_rules,
-                                       add_streak, bend, clip_edge, colour_levels, generate_lines, glyph_jitter, rotate, warp)
+                                       add_streak, bend, bend_strokes, clip_edge, colour_levels, generate_lines, glyph_jitter, rotate, warp)
 
 try:
     find_fonts(["NanumGothic.ttf", "UnBatang.ttf"])
@@ -469,6 +469,27 @@ def test_edge_piece_shows_the_glyph_side_facing_the_text_flush_with_one_edge():
     assert sides == {True, False}
 
 
+def test_bend_strokes_moves_strokes_within_the_shift_and_keeps_every_letter_in_place():
+    face = find_fonts(["NanumGothic.ttf"])[0]
+    size = 48
+    word = _ink_mask("가나다", face, size, 16.0)  # letter-spaced: each letter its own column run
+    shift = 0.08 * size
+    bent = bend_strokes(word, np.random.default_rng(0), shift, size / 3)
+    pad = int(math.ceil(shift)) + 1
+    assert bent.shape == (word.shape[0] + 2 * pad, word.shape[1] + 2 * pad)
+    placed = np.pad(word, pad)
+    assert not np.array_equal(bent > 128, placed > 128)  # the strokes moved ...
+    assert bent.sum() == pytest.approx(word.sum(), rel=0.15)  # ... and kept about their ink
+    near = cv2.dilate((placed > 64).astype(np.uint8), np.ones((2 * pad + 1, 2 * pad + 1), np.uint8))
+    assert (bent[near == 0] <= 4).all()  # no ink further from the letter than the shift
+    letters, bent_letters = _columns(placed), _columns(bent)
+    assert len(bent_letters) == len(letters) == 3  # the three letters stay three, in their places
+    assert all(abs((a + b) / 2 - (c + d) / 2) <= shift for (a, b), (c, d) in zip(letters, bent_letters))
+    again = bend_strokes(word, np.random.default_rng(0), shift, size / 3)
+    assert np.array_equal(bent, again)  # the field comes from the generator it is given
+    assert bend_strokes(word, np.random.default_rng(0), 0.0, size / 3) is word
+
+
 def test_clip_edge_cuts_its_share_of_the_height_off_the_top_or_the_bottom():
     mask = np.tile(np.arange(50, dtype=np.float32)[:, None], (1, 30))  # each row says where it was
     sides = set()
@@ -502,6 +523,7 @@ def test_edge_clip_leaves_the_cut_flush_with_the_image_edge(tmp_path):
     ("arc", {"arc": 1.0, "arc_degrees": [40, 40]}),
     ("edge_clutter", {"edge_clutter": 1.0, "edge_clutter_share": [0.3, 0.3]}),
     ("edge_clip", {"edge_clip": 1.0, "edge_clip_share": [0.1, 0.1]}),
+    ("stroke_warp", {"stroke_warp": 1.0, "stroke_warp_amount": [0.06, 0.06]}),
 ])
 def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, knob, on):
     generate_lines(tmp_path / "plain", _config(count=12, **PLAIN), progress=False)
@@ -532,6 +554,8 @@ def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, kno
     ({"edge_clutter_share": [0.5, 1.0]}, "synth_lines.edge_clutter_share must be"),
     ({"edge_clip": 1.5}, "synth_lines.edge_clip is a share"),
     ({"edge_clip_share": [0.1, 0.5]}, "synth_lines.edge_clip_share must be"),
+    ({"stroke_warp": -0.5}, "synth_lines.stroke_warp is a share"),
+    ({"stroke_warp_amount": [0.0, 0.1]}, "synth_lines.stroke_warp_amount must be"),
     ({"words_per_line": [3, 1]}, "synth_lines.words_per_line: lo 3 is above hi 1"),
     ({"backgrounds": {"image": 1}}, "background_images names no folder"),
     ({"backgrounds": {"marble": 1}}, "unknown kinds ['marble']"),

@@ -7,7 +7,8 @@ that has a glyph for each of its characters (no tofu boxes). Then trdg's knobs: 
 cosine / random warp, margins, background (white, Gaussian noise, quasicrystal, pictures),
 output height; and the scan degradations of ``training.data.degrade``. For signs and form
 crops, off unless asked: letter spacing, coloured grounds as seen in grey, light-on-dark
-(``invert``), table rules beside the text, a hand's unevenness and scanner streaks.
+(``invert``), table rules beside the text, a hand's unevenness, strokes bent as another hand
+draws them (``stroke_warp``) and scanner streaks.
 
 Sample ``i`` depends only on (``seed``, ``i``) and the config, so the set is byte-identical
 whatever the number of worker processes. Beside the LMDB (standard layout, NFC labels) the output
@@ -52,7 +53,7 @@ FORMATS = ("png", "jpg")
 DEFAULT_FONTS = ("NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumBarunGothic.ttf", "UnDotum.ttf",
                  "UnBatang.ttf", "NanumPen.ttf", "NanumBrush.ttf", "UnPilgi.ttf")
 SHARES = ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak", "arc", "edge_clutter",
-          "edge_clip")  # knobs that are a share of images
+          "edge_clip", "stroke_warp")  # knobs that are a share of images
 TOKEN_TRIES = 12  # draws per word before giving up on that word in the chosen face
 
 
@@ -123,6 +124,8 @@ class LinesConfig:
     rules: float = 0.0  # share of images with table rules / box edges beside the text (crops of form cells)
     char_jitter: float = 0.0  # share of images whose characters each sit, size and lean a little differently (a hand's unevenness)
     char_jitter_amount: tuple[float, float] = (0.03, 0.1)  # its strength: baseline shift s.d. in font sizes (see glyph_jitter)
+    stroke_warp: float = 0.0  # share of images whose strokes are bent by a smooth random field (another hand's shapes)
+    stroke_warp_amount: tuple[float, float] = (0.03, 0.08)  # the field's largest shift, in font sizes (see bend_strokes)
     streak: float = 0.0  # share of images crossed by a light band that wipes the strokes under it (scanner streak, fold)
     streak_width: tuple[float, float] = (0.04, 0.12)  # the band's width as a share of the image height
     arc: float = 0.0  # share of images whose line is bent along a circular arc, each glyph turned with it (round signs)
@@ -152,7 +155,7 @@ class LinesConfig:
             elif key in ("words_per_line", "font_size"):
                 value = _pair(value, key, int)
             elif key in ("distortion_amplitude", "distortion_period", "ink", "letter_spacing_em",
-                         "colour_contrast", "char_jitter_amount", "streak_width", "arc_degrees",
+                         "colour_contrast", "char_jitter_amount", "stroke_warp_amount", "streak_width", "arc_degrees",
                          "edge_clutter_share", "edge_clip_share"):
                 value = _pair(value, key)
             elif key == "margins":
@@ -206,6 +209,9 @@ class LinesConfig:
         if not 0 <= self.char_jitter_amount[0] <= self.char_jitter_amount[1] <= 0.3:
             raise SynthConfigError(f"synth_lines.char_jitter_amount must be font-size fractions in [0, 0.3], "
                                    f"got {self.char_jitter_amount}")
+        if not 0 < self.stroke_warp_amount[0] <= self.stroke_warp_amount[1] <= 0.25:
+            raise SynthConfigError(f"synth_lines.stroke_warp_amount must be font-size fractions in (0, 0.25], "
+                                   f"got {self.stroke_warp_amount}")
         if not 0 < self.streak_width[0] <= self.streak_width[1] <= 0.5:
             raise SynthConfigError(f"synth_lines.streak_width must be shares of the height in (0, 0.5], "
                                    f"got {self.streak_width}")
@@ -414,6 +420,25 @@ def _ink_mask(text: str, face: FontFace, size: int, tracking: float = 0.0,
     return np.asarray(canvas.crop(box), dtype=np.float32)
 
 
+def bend_strokes(mask: np.ndarray, rng: np.random.Generator, shift: float, cell: float) -> np.ndarray:
+    """``mask`` with its strokes bent by a smooth random displacement field, as another hand draws
+    the same letters: each pixel is moved by up to ``shift`` px, the field varying over about
+    ``cell`` px (a jamo's size), so strokes curve, lengthen or shorten and their joins move while
+    the letters stay where they were. The canvas grows by ``shift`` on every side (no ink lost)."""
+    if shift <= 0:
+        return mask
+    pad = int(math.ceil(shift)) + 1
+    mask = np.pad(mask, pad)
+    h, w = mask.shape
+    grid = (max(2, int(math.ceil(h / cell)) + 1), max(2, int(math.ceil(w / cell)) + 1))
+    field = [cv2.resize(rng.uniform(-shift, shift, grid).astype(np.float32), (w, h),
+                        interpolation=cv2.INTER_CUBIC) for _ in range(2)]
+    field = [np.clip(f, -shift, shift) for f in field]  # cubic overshoot stays inside the padding
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    return cv2.remap(mask, xs + field[0], ys + field[1], cv2.INTER_LINEAR,
+                     borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+
+
 def add_rules(mask: np.ndarray, rng: random.Random, size: int) -> np.ndarray:
     """``mask`` with one or two straight rules drawn beside the text, as the cell borders and box
     edges a detector's crop of a form keeps: each on a random side, a gap away, full or partial."""
@@ -599,6 +624,8 @@ def render_sample(index: int, ctx: _Context) -> Sample:
         source = config.text_file or "the lexicon"
         raise SynthConfigError(f"no string from {source} can be drawn in fonts "
                                f"{[str(f) for f in faces]} (glyph coverage or charset {ctx.charset.name})")
+    if config.stroke_warp and rng.random() < config.stroke_warp:  # drawn only when asked
+        mask = bend_strokes(mask, nrng, size * rng.uniform(*config.stroke_warp_amount), size / 3)
 
     under = config.degrade.effect("underline")
     if rng.random() < under.p:  # drawn with the text so skew and warp bend it too
