@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,38 @@ def recognition_scores(gts: list[str], preds: list[str]) -> dict[str, float]:
     n = len(gts)
     return {"n": n, "cer": edits / chars if chars else 0.0,
             "word_accuracy": exact / n if n else 0.0, "norm_ed": norm / n if n else 0.0}
+
+
+def sign_test_p(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven if each changed word
+    were equally likely to go either way (ties, words both read alike, are left out).
+
+    >>> round(sign_test_p(9, 1), 4), sign_test_p(3, 3), sign_test_p(0, 0)
+    (0.0215, 1.0, 1.0)
+    """
+    n, k = wins + losses, min(wins, losses)
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_words(gts: list[str], reference: list[str], candidate: list[str]) -> dict[str, float]:
+    """Which words ``candidate`` reads exactly where ``reference`` does not (``fixed``) and the
+    reverse (``broken``), with the two-sided sign test's ``p`` on that split: whether two models
+    differ on the same crops by more than the draw of which words changed.
+
+    >>> paired_words(["서울", "시청", "구청"], ["서울", "시장", "구청"], ["서울", "시청", "구정"])
+    {'fixed': 1, 'broken': 1, 'p': 1.0}
+    """
+    if not len(gts) == len(reference) == len(candidate):
+        raise ValueError(f"{len(gts)} ground truths, {len(reference)} and {len(candidate)} readings")
+    fixed = broken = 0
+    for g, a, b in zip(gts, reference, candidate):
+        right_a, right_b = nfc(a) == nfc(g), nfc(b) == nfc(g)
+        fixed += right_b and not right_a
+        broken += right_a and not right_b
+    return {"fixed": fixed, "broken": broken, "p": sign_test_p(fixed, broken)}
 
 
 def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,

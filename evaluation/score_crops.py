@@ -8,7 +8,9 @@ so a model's score here is the score it gets inside EasyOCR (``quantize=False``)
 the same crops in single-line mode (``--psm 7``).
 
 Scores per model (``evaluation.metrics.recognition_scores``): ``n``, ``cer`` (micro: Σ edit
-distance / Σ ground-truth length), ``word_accuracy`` (exact match after NFC), ``norm_ed``.
+distance / Σ ground-truth length), ``word_accuracy`` (exact match after NFC), ``norm_ed``. With
+several models, ``CropReport.paired`` compares each with the first crop by crop: words fixed,
+words broken and a two-sided sign test (``evaluation.metrics.paired_words``).
 
 Example:
     >>> crops = read_labels("crops/labels.tsv")                                  # doctest: +SKIP
@@ -28,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from evaluation.metrics import cer, recognition_scores
+from evaluation.metrics import cer, paired_words, recognition_scores
 from training.data.pages import nfc
 
 TESSERACT = "tesseract"
@@ -153,6 +155,15 @@ class CropReport:
             return -cers[0], -rest, i
 
         return sorted(range(len(self.crops)), key=key)[:count]
+
+    def paired(self) -> dict[str, dict[str, Any]]:
+        """Each model after the first against the first on the same crops (``paired_words``):
+        words it reads exactly that the first misreads (``fixed``), the reverse (``broken``) and
+        the two-sided sign test's ``p``; empty with one model."""
+        models = list(self.readings)
+        gts = [c.text for c in self.crops]
+        return {label: {"against": models[0], **paired_words(gts, self.readings[models[0]], self.readings[label])}
+                for label in models[1:]}
 
 
 def score_crops(crops: list[Crop], models: dict[str, str], device: str = "cpu", progress: bool = True,

@@ -327,10 +327,11 @@ def cmd_evaluate_crops(args: argparse.Namespace) -> None:
     from evaluation.score_crops import read_labels, score_crops, write_outputs
 
     report = score_crops(read_labels(args.labels), _scored_models(args), labels=args.labels)
+    scores: dict[str, Any] = {**report.metrics, **({"paired": report.paired()} if len(report.readings) > 1 else {})}
     if args.out:
         write_outputs(report, args.out, args.worst)
-        _dump(report.metrics, Path(args.out) / "scores.json")
-    print(json.dumps(report.metrics, ensure_ascii=False, indent=1))
+        _dump(scores, Path(args.out) / "scores.json")
+    print(json.dumps(scores, ensure_ascii=False, indent=1))
 
 
 def cmd_evaluate_pages(args: argparse.Namespace) -> None:

@@ -108,11 +108,28 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
                 entry["by_font"][font] = {label: recognition_scores([crops[i].text for i in idx],
                                                                    [texts[i] for i in idx])
                                           for label, texts in report.readings.items()}
+        if "reference" in report.readings:
+            entry["vs_reference"] = _vs_reference(report, fonts)
         entry["jamo"] = _jamo_summary([(crop.text, text) for crop, text in zip(crops, report.readings["recipe"])])
         if out:
             write_outputs(report, Path(out) / name, worst if name == HELDOUT else len(crops))
         result["sets"][name] = entry
     return result
+
+
+def _vs_reference(report: Any, fonts: list[str]) -> dict[str, Any]:
+    """The recipe model against its starting point, crop by crop (``paired_words``): words fixed,
+    words broken and the sign test's ``p``, overall and per font when the set names fonts."""
+    from evaluation.metrics import paired_words
+
+    gts = [c.text for c in report.crops]
+    ref, new = report.readings["reference"], report.readings["recipe"]
+    out: dict[str, Any] = paired_words(gts, ref, new)
+    if any(fonts):
+        out["by_font"] = {font: paired_words(*([seq[i] for i, f in enumerate(fonts) if f == font]
+                                               for seq in (gts, ref, new)))
+                          for font in sorted(set(fonts))}
+    return out
 
 
 def _jamo_summary(pairs: list[tuple[str, str]], top: int = 5) -> dict[str, Any]:
@@ -123,6 +140,16 @@ def _jamo_summary(pairs: list[tuple[str, str]], top: int = 5) -> dict[str, Any]:
     found = jamo_confusions(pairs, top)
     return {"positions": found["positions"],
             "top": [{"position": p, "gt": a, "read": b, "count": n} for p, a, b, n in found["top"]]}
+
+
+def _vs_reference_line(paired: dict[str, Any], reference: str) -> str:
+    """The card's sentence on which words this model reads differently from its starting point."""
+    def split(p: dict[str, Any]) -> str:
+        return f"{p['fixed']} fixed, {p['broken']} broken (sign test p = {p['p']:.2g})"
+
+    fonts = "; ".join(f"{font}: {split(p)}" for font, p in paired.get("by_font", {}).items())
+    return (f"Against the reference ({reference}), words read right only by this model / only by the reference: "
+            f"{split(paired)}" + (f"; {fonts}." if fonts else "."))
 
 
 def _jamo_line(jamo: dict[str, Any]) -> str:
@@ -218,6 +245,8 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         lines += [_score_row(f"{name} on {font} only", scores["recipe"])
                   for font, scores in entry.get("by_font", {}).items()]
         lines.append("")
+        if entry.get("vs_reference"):
+            lines += [_vs_reference_line(entry["vs_reference"], eval_metrics["models"].get("reference", "")), ""]
         if entry.get("jamo"):
             lines += [_jamo_line(entry["jamo"]), ""]
     for set_name, reason in eval_metrics.get("skipped", {}).items():

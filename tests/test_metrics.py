@@ -6,8 +6,8 @@ import unicodedata
 
 import pytest
 
-from evaluation.metrics import (PageScore, cer, e2e_scores, iou, recognition_scores,
-                                score_folders, score_page)
+from evaluation.metrics import (PageScore, cer, e2e_scores, iou, paired_words, recognition_scores,
+                                score_folders, score_page, sign_test_p)
 from training.data.pages import Page, Word, write_page
 
 A = (0, 0, 10, 10)   # x, y, w, h
@@ -235,3 +235,23 @@ def test_score_folders_prefers_relative_path_and_rejects_ambiguous_stem(tmp_path
     write_page(_page("x.jpg", [Word(A, "가")]), gt_dir / "s3" / "x.json")  # stem x twice in pred
     with pytest.raises(ValueError, match="stem"):
         score_folders(gt_dir, pred_dir)
+
+
+def test_sign_test_matches_the_exact_binomial_test():
+    from scipy.stats import binomtest
+
+    for wins, losses in [(9, 1), (1, 9), (23, 20), (16, 37), (0, 5), (12, 12), (42, 25), (0, 1)]:
+        assert sign_test_p(wins, losses) == pytest.approx(binomtest(wins, wins + losses).pvalue, rel=1e-9)
+    assert sign_test_p(0, 0) == 1.0
+
+
+def test_paired_words_counts_only_words_that_change_and_compares_in_nfc():
+    import unicodedata
+
+    gts = ["서울", "시청", "구청", "역사", unicodedata.normalize("NFD", "만행은")]
+    reference = ["서울", "시장", "구청", "역서", "마행은"]
+    candidate = ["서을", "시청", "구청", "역시", "만행은"]  # fixes 시청 and 만행은 (NFD truth), breaks 서울
+    assert paired_words(gts, reference, candidate) == {"fixed": 2, "broken": 1, "p": 1.0}
+    assert paired_words(gts, candidate, reference) == {"fixed": 1, "broken": 2, "p": 1.0}
+    with pytest.raises(ValueError, match="5 ground truths, 5 and 4 readings"):
+        paired_words(gts, reference, candidate[:4])

@@ -114,7 +114,7 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
         heldout_crops, hangul_checkpoint, tmp_path, monkeypatch, capsys):
     labels = heldout_crops / "crops/labels.tsv"
     result = evaluate_sets(str(hangul_checkpoint), {"heldout": str(labels), "gone": str(tmp_path / "no.tsv")},
-                           reference="english_g2", baselines=(), out=tmp_path / "eval")
+                           reference="ko_base", baselines=(), out=tmp_path / "eval")
     assert result["skipped"] == {"gone": f"{tmp_path / 'no.tsv'} not found"}
     assert "set 'gone' skipped" in capsys.readouterr().err
     entry = result["sets"]["heldout"]
@@ -123,6 +123,14 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     assert entry["recipe"] == recognition_scores(list(gts), list(recipe))
     assert entry["reference"] == recognition_scores(list(gts), list(reference))
     assert sum(f["recipe"]["n"] for f in entry["by_font"].values()) == 8
+    # crop by crop against the start: words only the recipe model reads right, and the reverse
+    fixed = sum(r == g != f for g, r, f in zip(gts, recipe, reference))
+    broken = sum(f == g != r for g, r, f in zip(gts, recipe, reference))
+    assert (entry["vs_reference"]["fixed"], entry["vs_reference"]["broken"]) == (fixed, broken)
+    assert broken > 0  # the tiny test model misreads words the shipped base reads
+    by_font = entry["vs_reference"]["by_font"]
+    assert set(by_font) == set(entry["by_font"]) and sum(p["fixed"] for p in by_font.values()) == fixed
+    assert sum(p["broken"] for p in by_font.values()) == broken
     found = jamo_confusions(list(zip(gts, recipe)), 5)   # the recipe model's readings, not the reference's
     assert entry["jamo"]["positions"] == found["positions"]
     assert [tuple(t.values()) for t in entry["jamo"]["top"]] == found["top"]
@@ -159,6 +167,9 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
             "CER 0.2500, word accuracy 0.7500") in text
     assert ("by the jamo that differs: initial 1, medial 0, final 3; most frequent: final ㄹ→ㄱ (2), "
             "final ㅁ→(none) (1).") in text
+    vs = entry["vs_reference"]
+    assert (f"Against the reference (ko_base), words read right only by this model / only by the reference: "
+            f"{vs['fixed']} fixed, {vs['broken']} broken (sign test p = {vs['p']:.2g}); UnBatang.ttf:") in text
 
 
 def test_card_of_a_gpu_instalment_counts_the_sets_it_did_not_see_and_names_the_gpu(

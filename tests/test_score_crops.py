@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from evaluation.metrics import recognition_scores
+from evaluation.metrics import recognition_scores, sign_test_p
 from evaluation.score_crops import (
     Crop,
     CropReport,
@@ -86,11 +86,27 @@ def test_cli_scores_models_and_tesseract_and_draws_the_worst(tmp_path, capsys):
     pictures = list((tmp_path / "out").glob("worst_*.png"))
     assert len(pictures) == 1 and Image.open(pictures[0]).height > 96
     analysis = json.loads((tmp_path / "out" / "confusions.json").read_text(encoding="utf-8"))
-    assert set(analysis) == set(printed)  # one error analysis per scored model
+    assert set(analysis) == set(printed) - {"paired"}  # one error analysis per scored model
+    assert ("paired" in printed) == bool(baseline)  # a second model is compared with the first
     # english_g2 emits no Hangul, so it makes no syllable-for-syllable substitution to split
     assert analysis["english_g2"]["jamo"]["top"] == [] and analysis["english_g2"]["characters"]
     if baseline:  # Tesseract's Korean model reads printed Hangul; english_g2 cannot emit it at all
         assert printed["tesseract"]["word_accuracy"] > printed["english_g2"]["word_accuracy"]
+
+
+def test_cli_compares_each_model_with_the_first_crop_by_crop(tmp_path, capsys):
+    labels = realdata("greengarnets_crops", "labels.tsv")
+    assert main(["evaluate-crops", "--labels", str(labels), "--model", "english_g2", "ko_base",
+                 "--out", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads((tmp_path / "out" / "scores.json").read_text(encoding="utf-8"))
+    rows = [r.split("\t") for r in (tmp_path / "out" / "readings.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    fixed = sum(k == g != e for _, g, e, k in rows)
+    broken = sum(e == g != k for _, g, e, k in rows)
+    assert fixed >= 1  # ko_base reads Hangul signs english_g2 cannot spell
+    assert printed["paired"] == {"ko_base": {"against": "english_g2", "fixed": fixed, "broken": broken,
+                                             "p": sign_test_p(fixed, broken)}}
+    assert set(printed) == {"english_g2", "ko_base", "paired"}
 
 
 def test_cli_error_is_one_line_naming_file_and_line(tmp_path, capsys):
