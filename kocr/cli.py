@@ -327,7 +327,8 @@ def cmd_evaluate_crops(args: argparse.Namespace) -> None:
     from evaluation.score_crops import read_labels, score_crops, write_outputs
 
     report = score_crops(read_labels(args.labels), _scored_models(args), labels=args.labels)
-    scores: dict[str, Any] = {**report.metrics, **({"paired": report.paired()} if len(report.readings) > 1 else {})}
+    paired = report.paired()  # empty with one model
+    scores: dict[str, Any] = {**report.metrics, **({"paired": paired} if paired else {})}
     if args.out:
         write_outputs(report, args.out, args.worst)
         _dump(scores, Path(args.out) / "scores.json")

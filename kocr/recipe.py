@@ -101,15 +101,14 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
         report = score_crops(crops, models, labels=path)
         entry: dict[str, Any] = {"labels": str(path), **report.metrics}
         fonts = _fonts_of(path)
-        if any(fonts):
-            entry["by_font"] = {}
-            for font in sorted(set(fonts)):
-                idx = [i for i, f in enumerate(fonts) if f == font]
-                entry["by_font"][font] = {label: recognition_scores([crops[i].text for i in idx],
-                                                                   [texts[i] for i in idx])
-                                          for label, texts in report.readings.items()}
+        groups = {font: [i for i, f in enumerate(fonts) if f == font]  # font -> crop indices; none unnamed
+                  for font in sorted(set(fonts))} if any(fonts) else {}
+        if groups:
+            entry["by_font"] = {font: {label: recognition_scores([crops[i].text for i in idx], [texts[i] for i in idx])
+                                       for label, texts in report.readings.items()}
+                                for font, idx in groups.items()}
         if "reference" in report.readings:
-            entry["vs_reference"] = _vs_reference(report, fonts)
+            entry["vs_reference"] = _vs_reference(report, groups)
         entry["jamo"] = _jamo_summary([(crop.text, text) for crop, text in zip(crops, report.readings["recipe"])])
         if out:
             write_outputs(report, Path(out) / name, worst if name == HELDOUT else len(crops))
@@ -117,18 +116,17 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
     return result
 
 
-def _vs_reference(report: Any, fonts: list[str]) -> dict[str, Any]:
+def _vs_reference(report: Any, groups: dict[str, list[int]]) -> dict[str, Any]:
     """The recipe model against its starting point, crop by crop (``paired_words``): words fixed,
-    words broken and the sign test's ``p``, overall and per font when the set names fonts."""
+    words broken and the sign test's ``p``, overall and per font (``groups``: font -> crop indices)."""
     from evaluation.metrics import paired_words
 
     gts = [c.text for c in report.crops]
     ref, new = report.readings["reference"], report.readings["recipe"]
     out: dict[str, Any] = paired_words(gts, ref, new)
-    if any(fonts):
-        out["by_font"] = {font: paired_words(*([seq[i] for i, f in enumerate(fonts) if f == font]
-                                               for seq in (gts, ref, new)))
-                          for font in sorted(set(fonts))}
+    if groups:
+        out["by_font"] = {font: paired_words(*([seq[i] for i in idx] for seq in (gts, ref, new)))
+                          for font, idx in groups.items()}
     return out
 
 
