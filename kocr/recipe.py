@@ -5,7 +5,9 @@
 - ``evaluate``: ``evaluate-crops`` scoring of the recipe model, its starting point and the baselines
   on the held-out-font set (overall and per face) and on every real set of ``recipe.real_sets``
   that exists (a missing one is skipped with a message), into one metrics JSON;
-- ``card``: the shipped checkpoint (``<out>/<name>.pt``), its ``metrics.json`` and ``MODEL_CARD.md``.
+- ``card``: the shipped checkpoint (``<out>/<name>.pt``), its ``metrics.json`` and ``MODEL_CARD.md``;
+- ``ship``: the gate that copies a release over ``models/base/`` only when it reads the release's own
+  sets better than the checkpoint it replaces (``kocr.recipe_ship``).
 
 Example:
     >>> export_crops("recipes/ko-base/data/heldout", "recipes/ko-base/data/heldout_crops")  # doctest: +SKIP
@@ -299,6 +301,13 @@ def main(argv: list[str] | None = None) -> None:
     for flag in ("--model", "--train-metrics", "--eval-metrics", "--data", "--out", "--command"):
         p.add_argument(flag, required=True)
     p.add_argument("--name", default="ko_base")
+    p = sub.add_parser("ship", help="replace models/base/<name>.pt by the release if it reads its sets better")
+    p.add_argument("--release", default="recipes/ko-base/release", help="folder the card stage wrote")
+    p.add_argument("--to", default="models/base", help="folder of the shipped base")
+    p.add_argument("--name", default="ko_base")
+    p.add_argument("--alpha", type=float, default=0.05,
+                   help="a set or face with more words broken than fixed at sign-test p below this refuses")
+    p.add_argument("--force", action="store_true", help="ship even when the gate refuses (the card says so)")
     args = parser.parse_args(argv)
     if args.command == "export-crops":
         print(f"export-crops: {export_crops(args.lmdb, args.out)} crops -> {args.out}/labels.tsv")
@@ -317,10 +326,31 @@ def main(argv: list[str] | None = None) -> None:
         for name, entry in result["sets"].items():
             print(f"{name}: " + "; ".join(f"{m} cer {entry[m]['cer']:.4f} word_acc {entry[m]['word_accuracy']:.4f}"
                                           for m in result["models"]))
+    elif args.command == "ship":
+        _ship(args)
     else:
         card = write_card(args.model, args.train_metrics, args.eval_metrics, args.data, args.out, args.name,
                           args.command)
         print(f"card: {card} and {Path(args.out) / (args.name + '.pt')}")
+
+
+def _ship(args: argparse.Namespace) -> None:
+    """``ship``: print the verdict as JSON; exit 1 when the gate refuses, 2 when the release is incomplete."""
+    from kocr.recipe_ship import ShipError, ship_release
+
+    try:
+        result = ship_release(args.release, args.to, args.name, args.alpha, args.force)
+    except ShipError as exc:
+        print(f"ship: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(result, ensure_ascii=False, indent=1))
+    target = Path(args.to) / f"{args.name}.pt"
+    if result["shipped"]:
+        print(f"ship: {target} replaced; commit it: git add {args.to} && git commit", file=sys.stderr)
+    elif not result["ship"]:
+        print(f"ship: refused, {target} unchanged: " + "; ".join(result["reasons"])
+              + " (--force ships it anyway)", file=sys.stderr)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

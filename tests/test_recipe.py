@@ -14,11 +14,12 @@ import pytest
 import yaml
 
 from evaluation.analysis import jamo_confusions
-from evaluation.metrics import recognition_scores
+from evaluation.metrics import recognition_scores, sign_test_p
 from kocr.recipe import evaluate_sets, export_crops, write_card
+from kocr.recipe_ship import ShipError, judge, ship_release
 from tests.conftest import REPO, realdata
 from training.charset import Charset
-from training.checkpoint import SHIPPED_MODELS, load_recognizer
+from training.checkpoint import SHIPPED_MODELS, file_digest, load_recognizer
 from training.data.fonts import find_fonts
 from training.data.lmdb_store import LmdbDataset
 from training.data.synth_lines import LinesConfig, generate_lines
@@ -237,3 +238,97 @@ def test_ko_base_name_without_the_file_says_how_to_make_it(tmp_path, monkeypatch
     monkeypatch.setitem(checkpoint.SHIPPED_MODELS, "ko_base", Path("models/base/absent.pt"))
     with pytest.raises(checkpoint.ModelSpecError, match=r"ko_base: models/base/absent.pt not found .*recipes/ko-base"):
         load_recognizer("ko_base")
+
+
+def _paired(fixed: int, broken: int, **by_font: tuple[int, int]) -> dict:
+    """A ``vs_reference`` entry with the real sign test's p, as evaluate_sets writes it."""
+    entry = {"fixed": fixed, "broken": broken, "p": sign_test_p(fixed, broken)}
+    if by_font:
+        entry["by_font"] = {font: _paired(*split) for font, split in by_font.items()}
+    return entry
+
+
+@pytest.mark.parametrize("sets, ship, reason", [
+    ({"heldout": _paired(30, 12)}, True, None),
+    ({"heldout": _paired(12, 12)}, False, "all sets together: 12 fixed, 12 broken"),
+    # more fixed overall, but one face of the held-out set is significantly worse
+    ({"heldout": _paired(30, 20, UnBatang=(28, 4), UnPilgi=(2, 16))}, False, "heldout/UnPilgi: significantly worse"),
+    # a small real set slightly worse is not significant: the pooled count decides
+    ({"heldout": _paired(20, 10), "paddleocr": _paired(0, 3)}, True, None),
+    ({"heldout": _paired(9, 10), "paddleocr": _paired(3, 0)}, True, None),
+    ({"heldout": _paired(30, 12), "greengarnets": None}, False, "greengarnets: not compared"),
+    ({}, False, "no set was compared"),
+])
+def test_the_ship_gate_wants_more_words_fixed_and_no_set_or_face_significantly_worse(sets, ship, reason):
+    verdict = judge({"sets": {name: ({"vs_reference": p} if p else {}) for name, p in sets.items()}})
+    assert verdict.ship is ship
+    assert (reason is None and verdict.reasons == []) or any(reason in r for r in verdict.reasons), verdict.reasons
+    compared = [p for p in sets.values() if p]
+    assert verdict.fixed == sum(p["fixed"] for p in compared) and verdict.broken == sum(p["broken"] for p in compared)
+
+
+def _release(folder: Path, checkpoint: Path, labels: Path, card: str) -> Path:
+    folder.mkdir(parents=True)
+    shutil.copyfile(checkpoint, folder / "ko_base.pt")
+    (folder / "MODEL_CARD.md").write_text(card, encoding="utf-8")
+    (folder / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels)}}}), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
+def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
+        heldout_crops, hangul_checkpoint, tmp_path, monkeypatch, capsys):
+    from kocr.recipe import main
+
+    labels = heldout_crops / "crops/labels.tsv"
+    good = _release(tmp_path / "good", SHIPPED / "ko_base.pt", labels, "# good card\n")
+    bad = _release(tmp_path / "bad", hangul_checkpoint, labels, "# bad card\n")
+    base = tmp_path / "base"
+    # no base yet: the first release is shipped as it is
+    assert ship_release(bad, base)["shipped"] and (base / "ko_base.pt").read_bytes() == hangul_checkpoint.read_bytes()
+    # the shipped base reads the held-out words the untrained one misreads: it replaces it
+    result = ship_release(good, base)
+    assert result["shipped"] and result["fixed"] > result["broken"] == 0
+    assert result["replaced"] == file_digest(hangul_checkpoint)
+    assert (base / "ko_base.pt").read_bytes() == (SHIPPED / "ko_base.pt").read_bytes()
+    card = (base / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert card.startswith("# good card\n") and f"replacing the base with sha256 {file_digest(hangul_checkpoint)}" in card
+    assert f"all sets together {result['fixed']} fixed, 0 broken" in card and "- heldout/UnPilgi.ttf:" in card
+    assert json.loads((base / "metrics.json").read_text()) == json.loads((good / "metrics.json").read_text())
+    assert not list(base.glob(".*shipping"))
+    # the untrained release is refused by the CLI, and the base is left as it was
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    with pytest.raises(SystemExit) as exit_:
+        main(["ship", "--release", str(bad), "--to", str(base)])
+    assert exit_.value.code == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["shipped"] is False and "ship: refused" in err and "heldout: significantly worse" in err
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    # a release that is already the base changes nothing
+    assert ship_release(good, base) == {"ship": True, "shipped": False, "reasons": [],
+                                        "note": f"{base / 'ko_base.pt'} is already this release"}
+    # a disk that fills while copying: nothing shipped, nothing half-written
+    real_copy = shutil.copyfile
+
+    def copy_then_fill(src, dst):
+        if str(dst).endswith("MODEL_CARD.md.shipping"):
+            raise OSError(28, "No space left on device")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_fill)
+    with pytest.raises(ShipError, match="MODEL_CARD.md: could not write .No space left on device.; the shipped base"):
+        ship_release(bad, base, force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    # --force ships a refused release and its card says the gate refused it
+    forced = ship_release(bad, base, force=True)
+    assert forced["shipped"] and not forced["ship"]
+    assert "Shipped with --force although the gate refused it:** heldout: significantly worse" in (
+        base / "MODEL_CARD.md").read_text(encoding="utf-8")
+    # a release whose sets are not here cannot be compared, and the CLI says which
+    (bad / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(tmp_path / "gone.tsv")}}}))
+    shutil.copyfile(SHIPPED / "ko_base.pt", bad / "ko_base.pt")
+    with pytest.raises(SystemExit) as exit_:
+        main(["ship", "--release", str(bad), "--to", str(base)])
+    assert exit_.value.code == 2
+    assert f"labels not found: heldout ({tmp_path / 'gone.tsv'})" in capsys.readouterr().err
