@@ -308,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha", type=float, default=0.05,
                    help="a set or face with more words broken than fixed at sign-test p below this refuses")
     p.add_argument("--force", action="store_true", help="ship even when the gate refuses (the card says so)")
+    p.add_argument("--check", action="store_true", help="compare and report only; copy nothing, exit 0 either way")
+    p.add_argument("--json", help="also write the verdict to this file (the recipe's ship_check metrics)")
     args = parser.parse_args(argv)
     if args.command == "export-crops":
         print(f"export-crops: {export_crops(args.lmdb, args.out)} crops -> {args.out}/labels.tsv")
@@ -335,17 +337,25 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _ship(args: argparse.Namespace) -> None:
-    """``ship``: print the verdict as JSON; exit 1 when the gate refuses, 2 when the release is incomplete."""
+    """``ship``: print the verdict as JSON; exit 1 when the gate refuses (not with ``--check``), 2 when the
+    release cannot be compared."""
     from kocr.recipe_ship import ShipError, ship_release
 
     try:
-        result = ship_release(args.release, args.to, args.name, args.alpha, args.force)
+        result = ship_release(args.release, args.to, args.name, args.alpha, args.force, args.check)
     except ShipError as exc:
         print(f"ship: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    print(json.dumps(result, ensure_ascii=False, indent=1))
+    text = json.dumps(result, ensure_ascii=False, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(text + "\n", encoding="utf-8")
     target = Path(args.to) / f"{args.name}.pt"
-    if result["shipped"]:
+    if args.check:
+        print(f"ship --check: the gate would {'ship' if result['ship'] else 'refuse'} {args.release} over {target}; "
+              "nothing copied", file=sys.stderr)
+    elif result["shipped"]:
         print(f"ship: {target} replaced; commit it: git add {args.to} && git commit", file=sys.stderr)
     elif not result["ship"]:
         print(f"ship: refused, {target} unchanged: " + "; ".join(result["reasons"])

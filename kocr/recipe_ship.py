@@ -131,9 +131,10 @@ def _copy_all(pairs: list[tuple[Path, Path]], card_extra: str) -> None:
 
 
 def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = "ko_base",
-                 alpha: float = 0.05, force: bool = False) -> dict[str, Any]:
+                 alpha: float = 0.05, force: bool = False, check: bool = False) -> dict[str, Any]:
     """Compare the release in ``release`` with ``<to>/<name>.pt`` and copy it over when the gate passes
-    (or ``force``). Returns the verdict as a dict with ``shipped``; raises ``ShipError`` on missing input."""
+    (or ``force``); ``check`` compares and copies nothing. Returns the verdict as a dict (``ship``: the
+    gate's answer, ``shipped``: whether files were copied); raises ``ShipError`` on missing input."""
     from training.checkpoint import file_digest
 
     release, to = Path(release), Path(to)
@@ -148,13 +149,15 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
     target = to / f"{name}.pt"
     pairs = [(src, to / src.name) for src in sources]
     if not target.is_file():
-        to.mkdir(parents=True, exist_ok=True)
-        _copy_all(pairs, "")
-        return {"ship": True, "shipped": True, "reasons": [], "note": f"{target} did not exist: nothing to replace"}
+        if not check:
+            to.mkdir(parents=True, exist_ok=True)
+            _copy_all(pairs, "")
+        return {"ship": True, "shipped": not check, "reasons": [],
+                "note": f"{target} does not exist: nothing to replace"}
     if file_digest(target) == file_digest(sources[0]):
         return {"ship": True, "shipped": False, "reasons": [], "note": f"{target} is already this release"}
     verdict = judge(compare_with_shipped(sources[0], target, metrics), alpha)
-    result = verdict.as_dict() | {"replaced": file_digest(target), "shipped": verdict.ship or force}
+    result = verdict.as_dict() | {"base_sha256": file_digest(target), "shipped": (verdict.ship or force) and not check}
     if result["shipped"]:
-        _copy_all(pairs, _shipped_section(verdict, result["replaced"], force))
+        _copy_all(pairs, _shipped_section(verdict, result["base_sha256"], force))
     return result

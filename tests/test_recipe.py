@@ -80,7 +80,7 @@ def test_recipe_pipeline_dry_run_lists_every_stage_with_the_recipe_params(tmp_pa
                           env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
     assert done.returncode == 0, done.stdout + done.stderr
     stages = yaml.safe_load((RECIPE / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    assert set(stages) == {"synth_train", "synth_val", "synth_heldout", "train", "evaluate", "card"}
+    assert set(stages) == {"synth_train", "synth_val", "synth_heldout", "train", "evaluate", "card", "ship_check"}
     commands = [ln[2:] for ln in done.stdout.splitlines() if ln.startswith("> ")]
     assert len(commands) == len(stages)
     assert all(c.startswith("KOCR_PARAMS=recipes/ko-base/params.yaml ") for c in commands), commands
@@ -289,7 +289,7 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
     # the shipped base reads the held-out words the untrained one misreads: it replaces it
     result = ship_release(good, base)
     assert result["shipped"] and result["fixed"] > result["broken"] == 0
-    assert result["replaced"] == file_digest(hangul_checkpoint)
+    assert result["base_sha256"] == file_digest(hangul_checkpoint)
     assert (base / "ko_base.pt").read_bytes() == (SHIPPED / "ko_base.pt").read_bytes()
     card = (base / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert card.startswith("# good card\n") and f"replacing the base with sha256 {file_digest(hangul_checkpoint)}" in card
@@ -298,6 +298,11 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
     assert not list(base.glob(".*shipping"))
     # the untrained release is refused by the CLI, and the base is left as it was
     before = {p.name: p.read_bytes() for p in base.iterdir()}
+    main(["ship", "--check", "--release", str(bad), "--to", str(base), "--json", str(tmp_path / "m/ship.json")])
+    out, err = capsys.readouterr()
+    assert json.loads(out) == json.loads((tmp_path / "m/ship.json").read_text()) and "the gate would refuse" in err
+    assert json.loads(out)["ship"] is False and json.loads(out)["broken"] == result["fixed"]
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
     with pytest.raises(SystemExit) as exit_:
         main(["ship", "--release", str(bad), "--to", str(base)])
     assert exit_.value.code == 1
