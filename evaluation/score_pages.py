@@ -133,6 +133,17 @@ class PageItem:
     lines: list[str]
 
 
+def read_page_item(image: Path, text_file: Path) -> PageItem:
+    """A page image with its ground-truth lines from ``text_file`` (NFC, blank lines dropped)."""
+    if not text_file.is_file():
+        raise ScoreInputError(f"{image}: no ground truth {text_file}")
+    try:
+        lines = text_file.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ScoreInputError(f"{text_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    return PageItem(image, text_file, [nfc(line.strip()) for line in lines if line.strip()])
+
+
 def find_pages(images: str | os.PathLike, texts: str | os.PathLike) -> list[PageItem]:
     """Every image in ``images`` with its ``<stem>.txt`` in ``texts`` (both required)."""
     images, texts = Path(images), Path(texts)
@@ -141,14 +152,7 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike) -> list[Page
             raise ScoreInputError(f"{folder}: {what} folder not found")
     items = []
     for image in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        text_file = texts / f"{image.stem}.txt"
-        if not text_file.is_file():
-            raise ScoreInputError(f"{image}: no ground truth {text_file}")
-        try:
-            lines = text_file.read_text(encoding="utf-8-sig").splitlines()
-        except UnicodeDecodeError as exc:
-            raise ScoreInputError(f"{text_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        items.append(PageItem(image, text_file, [nfc(line.strip()) for line in lines if line.strip()]))
+        items.append(read_page_item(image, texts / f"{image.stem}.txt"))
     if not items:
         raise ScoreInputError(f"{images}: no page images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return items

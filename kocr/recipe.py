@@ -74,13 +74,16 @@ def _fonts_of(labels: Path) -> list[str]:
 
 def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None,
                   baselines: tuple[str, ...] = ("tesseract",), out: str | os.PathLike | None = None,
-                  worst: int = 10) -> dict[str, Any]:
-    """Score ``model`` (as ``recipe``), ``reference`` and the baselines on each labels TSV of ``sets``.
+                  worst: int = 10, pages: dict[str, str] | None = None,
+                  detector: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score ``model`` (as ``recipe``), ``reference`` and the baselines on each labels TSV of ``sets``
+    and on each whole page of ``pages`` (name -> image, its ground truth ``<stem>.txt`` beside it).
 
-    A set whose labels file does not exist is listed under ``skipped`` with the reason; a baseline
+    A set or page whose file does not exist is listed under ``skipped`` with the reason; a baseline
     that is not installed is left out with a message. The held-out set (name ``heldout``) is also
     scored per font (``by_font``) when its TSV has a ``font`` column. ``jamo`` says which part of the
-    Hangul syllable the recipe model misreads in each set (``_jamo_summary``).
+    Hangul syllable the recipe model misreads in each set (``_jamo_summary``). Pages are read end to
+    end (CRAFT + recognition with ``detector``'s settings, ``kocr evaluate-pages``) into ``pages``.
     """
     from evaluation.metrics import recognition_scores
     from evaluation.score_crops import read_labels, score_crops, write_outputs
@@ -115,7 +118,36 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
         if out:
             write_outputs(report, Path(out) / name, worst if name == HELDOUT else len(crops))
         result["sets"][name] = entry
+    if pages:
+        result["pages"] = _evaluate_pages(models, pages, detector, out, result["skipped"])
     return result
+
+
+def _evaluate_pages(models: dict[str, str], pages: dict[str, str], detector: dict[str, Any] | None,
+                    out: str | os.PathLike | None, skipped: dict[str, str]) -> dict[str, Any]:
+    """Each page read by every model: its scores per model and every model's text lines (``lines``)."""
+    from evaluation.reader import DetectorSettings
+    from evaluation.score_pages import read_page_item, score_pages
+
+    scored: dict[str, Any] = {}
+    for name, image in pages.items():
+        path = Path(image)
+        text = path.with_suffix(".txt")
+        missing = next((p for p in (path, text) if not p.is_file()), None)
+        if missing is not None:
+            print(f"recipe evaluate: {missing} not found; page {name!r} skipped", file=sys.stderr)
+            skipped[name] = f"{missing} not found"
+            continue
+        found = score_pages([read_page_item(path, text)], models, DetectorSettings.from_params(detector),
+                            progress=False)
+        scored[name] = {"image": str(path), "gt_lines": read_page_item(path, text).lines,
+                        **{label: {k: v for k, v in s.items() if k != "per_page"} for label, s in found.items()},
+                        "lines": {label: s["per_page"][0]["lines"] for label, s in found.items()}}
+        if out:
+            (Path(out) / name).mkdir(parents=True, exist_ok=True)
+            (Path(out) / name / "scores.json").write_text(json.dumps(found, ensure_ascii=False, indent=1) + "\n",
+                                                          encoding="utf-8")
+    return scored
 
 
 def _vs_reference(report: Any, groups: dict[str, list[int]]) -> dict[str, Any]:
@@ -159,6 +191,22 @@ def _jamo_line(jamo: dict[str, Any]) -> str:
                        for t in jamo["top"])
     return (f"Syllables read as another syllable, by the jamo that differs: {counts}"
             + (f"; most frequent: {common}." if common else "."))
+
+
+def _page_lines(page_name: str, entry: dict[str, Any], models: dict[str, str], name: str) -> list[str]:
+    """The card's table for one whole page, then the page as this model read it beside the ground truth."""
+    out = [f"**{page_name}** (`{entry['image']}`, the whole page read end to end: CRAFT + recognition, "
+           "`kocr evaluate-pages`; order-free character F1 and line-matched CER):", "",
+           "| model | gt chars | char_precision | char_recall | char_f1 | line_cer |", "|---|---|---|---|---|---|"]
+    for label in models:
+        if label in entry:
+            s = entry[label]
+            shown = f"{name} (this)" if label == "recipe" else f"{label} ({models[label]})"
+            out.append(f"| {shown} | {s['gt_chars']} | {s['char_precision']:.4f} | {s['char_recall']:.4f} | "
+                       f"{s['char_f1']:.4f} | {s['line_cer']:.4f} |")
+    read = entry.get("lines", {}).get("recipe", [])
+    out += ["", "Ground truth, then this model's lines:", "", "```", *entry.get("gt_lines", []), "---", *read, "```", ""]
+    return out
 
 
 def _section_text(params: dict[str, Any], keys: tuple[str, ...]) -> str:
@@ -249,6 +297,8 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
             lines += [_vs_reference_line(entry["vs_reference"], eval_metrics["models"].get("reference", "")), ""]
         if entry.get("jamo"):
             lines += [_jamo_line(entry["jamo"]), ""]
+    for page_name, entry in eval_metrics.get("pages", {}).items():
+        lines += _page_lines(page_name, entry, eval_metrics["models"], name)
     for set_name, reason in eval_metrics.get("skipped", {}).items():
         lines += [f"**{set_name}**: skipped ({reason}).", ""]
     lines += ["## Params", "", "```yaml",
@@ -320,13 +370,16 @@ def main(argv: list[str] | None = None) -> None:
         start = time.perf_counter()
         result = evaluate_sets(args.model, {HELDOUT: args.heldout, **cfg.get("real_sets", {})},
                                reference=cfg.get("reference"), baselines=tuple(cfg.get("baselines", [])),
-                               out=args.out)
+                               out=args.out, pages=cfg.get("real_pages", {}), detector=cfg.get("detector"))
         result["seconds"] = round(time.perf_counter() - start, 1)
         path = Path(args.metrics)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
         for name, entry in result["sets"].items():
             print(f"{name}: " + "; ".join(f"{m} cer {entry[m]['cer']:.4f} word_acc {entry[m]['word_accuracy']:.4f}"
+                                          for m in result["models"]))
+        for name, entry in result.get("pages", {}).items():
+            print(f"{name}: " + "; ".join(f"{m} char_f1 {entry[m]['char_f1']:.4f} line_cer {entry[m]['line_cer']:.4f}"
                                           for m in result["models"]))
     elif args.command == "ship":
         _ship(args)

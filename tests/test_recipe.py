@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 
 from evaluation.analysis import jamo_confusions
 from evaluation.metrics import recognition_scores, sign_test_p
-from kocr.recipe import evaluate_sets, export_crops, write_card
+from kocr.recipe import evaluate_sets, export_crops, model_card, write_card
 from kocr.recipe_ship import ShipError, judge, ship_release
 from tests.conftest import REPO, realdata
 from training.charset import Charset
@@ -337,3 +338,34 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
         main(["ship", "--release", str(bad), "--to", str(base)])
     assert exit_.value.code == 2
     assert f"labels not found: heldout ({tmp_path / 'gone.tsv'})" in capsys.readouterr().err
+
+
+def test_evaluate_reads_each_real_page_end_to_end_and_the_card_shows_it_beside_the_ground_truth(
+        hangul_checkpoint, tmp_path):
+    page = realdata("paddleocr", "korean_1.jpg")
+    gt = [line.strip() for line in page.with_suffix(".txt").read_text(encoding="utf-8").splitlines() if line.strip()]
+    result = evaluate_sets("ko_base", {}, reference=str(hangul_checkpoint), baselines=(), out=tmp_path / "eval",
+                           pages={"handwritten_page": str(page), "gone": str(tmp_path / "gone.jpg")},
+                           detector={"width_ths": 0.0})
+    assert result["skipped"] == {"gone": f"{tmp_path / 'gone.jpg'} not found"}
+    entry = result["pages"]["handwritten_page"]
+    assert entry["gt_lines"] == gt and entry["recipe"]["gt_chars"] == sum(len(g.replace(" ", "")) for g in gt)
+    # the shipped base reads the handwriting; the untrained reference does not: the labels are not swapped
+    assert entry["recipe"]["char_f1"] > 0.6 > entry["reference"]["char_f1"]
+    # the scores are those of the lines it read (order-free characters, nothing else)
+    read = Counter("".join(entry["lines"]["recipe"]).replace(" ", ""))
+    tp = sum((read & Counter("".join(gt).replace(" ", ""))).values())
+    assert entry["recipe"]["char_precision"] == tp / sum(read.values())
+    saved = json.loads((tmp_path / "eval/handwritten_page/scores.json").read_text(encoding="utf-8"))
+    assert saved["recipe"]["per_page"][0]["lines"] == entry["lines"]["recipe"]
+    # the detector settings reach CRAFT's box grouping: EasyOCR's default joins the words of a line into
+    # one box, which the recogniser reads otherwise
+    joined = evaluate_sets("ko_base", {}, baselines=(), pages={"p": str(page)}, detector={"width_ths": 0.5})
+    assert joined["pages"]["p"]["lines"]["recipe"] != entry["lines"]["recipe"]
+    params = yaml.safe_load((RECIPE / "params-cpu.yaml").read_text(encoding="utf-8"))
+    text = model_card(params, {"steps": 4}, result, {}, "…", {}, 1.0, "ko_base")
+    s = entry["recipe"]
+    assert (f"| ko_base (this) | {s['gt_chars']} | {s['char_precision']:.4f} | {s['char_recall']:.4f} | "
+            f"{s['char_f1']:.4f} | {s['line_cer']:.4f} |") in text
+    assert "**handwritten_page** (`" in text and "**gone**: skipped" in text
+    assert "```\n" + "\n".join(gt) + "\n---\n" + "\n".join(entry["lines"]["recipe"]) + "\n```" in text
