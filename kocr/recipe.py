@@ -4,7 +4,8 @@
   the input of ``kocr evaluate-crops``;
 - ``evaluate``: ``evaluate-crops`` scoring of the recipe model, its starting point and the baselines
   on the held-out-font set (overall and per face) and on every real set of ``recipe.real_sets``
-  that exists (a missing one is skipped with a message), into one metrics JSON;
+  that exists (a missing one is skipped with a message), and ``evaluate-pages`` scoring of each
+  ``recipe.real_pages`` page, into one metrics JSON and an MLflow run (``recipe_evaluate``);
 - ``card``: the shipped checkpoint (``<out>/<name>.pt``), its ``metrics.json`` and ``MODEL_CARD.md``;
 - ``ship``: the gate that copies a release over ``models/base/`` only when it reads the release's own
   sets better than the checkpoint it replaces (``kocr.recipe_ship``).
@@ -148,6 +149,21 @@ def _evaluate_pages(models: dict[str, str], pages: dict[str, str], detector: dic
             (Path(out) / name / "scores.json").write_text(json.dumps(found, ensure_ascii=False, indent=1) + "\n",
                                                           encoding="utf-8")
     return scored
+
+
+def mlflow_metrics(result: dict[str, Any]) -> dict[str, float]:
+    """Every number of an ``evaluate_sets`` result under a dotted name, as MLflow metrics take them:
+    ``sets.heldout.recipe.word_accuracy``, ``sets.heldout.vs_reference.fixed``,
+    ``pages.handwritten_page.tesseract.char_f1``, …; texts and lists are left out.
+
+    >>> mlflow_metrics({"sets": {"a": {"recipe": {"cer": 0.1, "n": 3}, "labels": "a.tsv"}}, "seconds": 2.5})
+    {'sets.a.recipe.cer': 0.1, 'sets.a.recipe.n': 3.0, 'seconds': 2.5}
+    """
+    from kocr.params import flatten
+
+    flat = flatten({k: v for k, v in result.items() if k in ("sets", "pages", "seconds")})
+    return {name: float(value) for name, value in flat.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 def _vs_reference(report: Any, groups: dict[str, list[int]]) -> dict[str, Any]:
@@ -366,12 +382,21 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "evaluate":
         import time
 
+        import mlflow
+
+        from kocr.tracking import stage_run
+
         cfg = load_params().get("recipe", {})
         start = time.perf_counter()
-        result = evaluate_sets(args.model, {HELDOUT: args.heldout, **cfg.get("real_sets", {})},
-                               reference=cfg.get("reference"), baselines=tuple(cfg.get("baselines", [])),
-                               out=args.out, pages=cfg.get("real_pages", {}), detector=cfg.get("detector"))
-        result["seconds"] = round(time.perf_counter() - start, 1)
+        with stage_run("recipe_evaluate", {"recipe": cfg}):
+            result = evaluate_sets(args.model, {HELDOUT: args.heldout, **cfg.get("real_sets", {})},
+                                   reference=cfg.get("reference"), baselines=tuple(cfg.get("baselines", [])),
+                                   out=args.out, pages=cfg.get("real_pages", {}), detector=cfg.get("detector"))
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            mlflow.log_metrics(mlflow_metrics(result))
+            mlflow.log_dict(result, "evaluate.json")
+            if Path(args.out).is_dir():
+                mlflow.log_artifacts(args.out, "evaluate")
         path = Path(args.metrics)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")

@@ -369,3 +369,32 @@ def test_evaluate_reads_each_real_page_end_to_end_and_the_card_shows_it_beside_t
             f"{s['char_f1']:.4f} | {s['line_cer']:.4f} |") in text
     assert "**handwritten_page** (`" in text and "**gone**: skipped" in text
     assert "```\n" + "\n".join(gt) + "\n---\n" + "\n".join(entry["lines"]["recipe"]) + "\n```" in text
+
+
+def test_evaluate_stage_writes_its_metrics_and_logs_the_same_numbers_and_readings_to_mlflow(
+        heldout_crops, hangul_checkpoint, tmp_path, monkeypatch, capsys):
+    import mlflow
+
+    from kocr.recipe import main
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"recipe": {"baselines": [], "reference": "ko_base"}}),
+                                     encoding="utf-8")
+    monkeypatch.setenv("KOCR_PARAMS", str(tmp_path / "p.yaml"))
+    main(["evaluate", "--model", str(hangul_checkpoint), "--heldout", str(heldout_crops / "crops/labels.tsv"),
+          "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "metrics/evaluate.json")])
+    written = json.loads((tmp_path / "metrics/evaluate.json").read_text(encoding="utf-8"))
+    heldout = written["sets"]["heldout"]
+    assert f"heldout: recipe cer {heldout['recipe']['cer']:.4f}" in capsys.readouterr().out
+    run, = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`kocr.stage` = 'recipe_evaluate'")
+    logged = run.data.metrics
+    assert logged["sets.heldout.recipe.word_accuracy"] == heldout["recipe"]["word_accuracy"]
+    assert logged["sets.heldout.reference.cer"] == heldout["reference"]["cer"]
+    assert logged["sets.heldout.vs_reference.broken"] == heldout["vs_reference"]["broken"] > 0
+    font = next(iter(heldout["by_font"]))
+    assert logged[f"sets.heldout.by_font.{font}.recipe.n"] == heldout["by_font"][font]["recipe"]["n"]
+    assert run.data.params["recipe.reference"] == "ko_base"
+    artifacts = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(tmp_path / "got"))
+    assert (Path(artifacts) / "evaluate/heldout/readings.tsv").read_bytes() == \
+        (tmp_path / "eval/heldout/readings.tsv").read_bytes()
+    assert json.loads((Path(artifacts) / "evaluate.json").read_text(encoding="utf-8")) == written
