@@ -146,6 +146,10 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
         metrics = json.loads(sources[2].read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ShipError(f"{sources[2]}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    sets = metrics.get("sets") if isinstance(metrics, dict) else None
+    if not isinstance(sets, dict) or not all(isinstance(e, dict) and "labels" in e for e in sets.values()):
+        raise ShipError(f"{sources[2]}: not the recipe's evaluation (a \"sets\" object whose every set names "
+                        "its \"labels\" file)")
     target = to / f"{name}.pt"
     pairs = [(src, to / src.name) for src in sources]
     if not target.is_file():

@@ -331,6 +331,12 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
     assert forced["shipped"] and not forced["ship"]
     assert "Shipped with --force although the gate refused it:** heldout: significantly worse" in (
         base / "MODEL_CARD.md").read_text(encoding="utf-8")
+    # a metrics file that is not the recipe's evaluation is named, not a traceback
+    for broken_metrics, problem in (("{\"sets\": ", "not valid JSON"), ("[1, 2]", "not the recipe's evaluation"),
+                                    ('{"sets": {"heldout": {"cer": 0.1}}}', "not the recipe's evaluation")):
+        (bad / "metrics.json").write_text(broken_metrics, encoding="utf-8")
+        with pytest.raises(ShipError, match=f"{bad / 'metrics.json'}: {problem}"):
+            ship_release(bad, base)
     # a release whose sets are not here cannot be compared, and the CLI says which
     (bad / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(tmp_path / "gone.tsv")}}}))
     shutil.copyfile(SHIPPED / "ko_base.pt", bad / "ko_base.pt")
