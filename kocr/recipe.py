@@ -139,9 +139,9 @@ def _evaluate_pages(models: dict[str, str], pages: dict[str, str], detector: dic
             print(f"recipe evaluate: {missing} not found; page {name!r} skipped", file=sys.stderr)
             skipped[name] = f"{missing} not found"
             continue
-        found = score_pages([read_page_item(path, text)], models, DetectorSettings.from_params(detector),
-                            progress=False)
-        scored[name] = {"image": str(path), "gt_lines": read_page_item(path, text).lines,
+        item = read_page_item(path, text)
+        found = score_pages([item], models, DetectorSettings.from_params(detector), progress=False)
+        scored[name] = {"image": str(path), "gt_lines": item.lines,
                         **{label: {k: v for k, v in s.items() if k != "per_page"} for label, s in found.items()},
                         "lines": {label: s["per_page"][0]["lines"] for label, s in found.items()}}
         if out:

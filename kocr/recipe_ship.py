@@ -158,10 +158,11 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
             _copy_all(pairs, "")
         return {"ship": True, "shipped": not check, "reasons": [],
                 "note": f"{target} does not exist: nothing to replace"}
-    if file_digest(target) == file_digest(sources[0]):
+    base_sha256 = file_digest(target)
+    if base_sha256 == file_digest(sources[0]):
         return {"ship": True, "shipped": False, "reasons": [], "note": f"{target} is already this release"}
     verdict = judge(compare_with_shipped(sources[0], target, metrics), alpha)
-    result = verdict.as_dict() | {"base_sha256": file_digest(target), "shipped": (verdict.ship or force) and not check}
+    result = verdict.as_dict() | {"base_sha256": base_sha256, "shipped": (verdict.ship or force) and not check}
     if result["shipped"]:
         _copy_all(pairs, _shipped_section(verdict, result["base_sha256"], force))
     return result
