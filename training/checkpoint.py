@@ -151,9 +151,7 @@ def _download_mlflow_model(uri: str) -> Path:
     return found[0]
 
 
-def resolve_model_file(spec: str) -> Path:
-    """The checkpoint file a model spec names (a path, a run folder, a ``models:/`` or ``runs:/`` URI,
-    a shipped name such as ``ko_base`` or a pretrained EasyOCR name), downloading from MLflow if needed."""
+def _resolve_file(spec: str) -> Path:
     if spec.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         return _download_mlflow_model(spec)
     path = Path(spec)
@@ -174,7 +172,7 @@ def resolve_model_file(spec: str) -> Path:
 
 def load_recognizer(spec: str, device: str = "cpu") -> LoadedRecognizer:
     """Load a recogniser from any supported spec, in eval mode on ``device``."""
-    path = resolve_model_file(spec)
+    path = _resolve_file(spec)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad file
