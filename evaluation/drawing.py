@@ -65,15 +65,17 @@ def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: 
 
 
 def draw_crop_readings(image_path: str | os.PathLike, gt: str, readings: dict[str, tuple[str, float]],
-                       out: str | os.PathLike, height: int = 96) -> Path:
+                       out: str | os.PathLike, height: int = 96,
+                       box: tuple[int, int, int, int] | None = None) -> Path:
     """Write a PNG of one crop (scaled to ``height``) above its ground truth and each model's reading.
 
     ``readings`` maps a model label to (text, CER); exact readings are drawn green, others red.
+    ``box`` (x0, y0, x1, y1) draws that region of the image instead of the whole image.
     """
     size = 22
     font = _font(size)
     with Image.open(image_path) as image:
-        crop = image.convert("RGB")
+        crop = (image.crop(box) if box is not None else image).convert("RGB")
         crop = crop.resize((max(1, min(1200, round(crop.width * height / crop.height))), height))
     lines = [(f"ground truth: {gt}", GT_COLOUR)]
     lines += [(f"{label}: {text}  (CER {value:.2f})", GT_COLOUR if value == 0 else PRED_COLOUR)

@@ -205,10 +205,29 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: image not found")
-    rgb, grey = reformat_input(str(path))
+    try:
+        rgb, grey = reformat_input(str(path))
+    except (OSError, ValueError, SyntaxError) as exc:  # imageio: a backend install hint; PIL: SyntaxError
+        raise ValueError(f"{path}: not a readable image ({_unreadable_why(Path(path), exc)})") from None
     if grey is None:
         raise ValueError(f"{path}: not a readable image")
     return rgb, grey
+
+
+def _unreadable_why(path: Path, exc: Exception) -> str:
+    """Why ``path`` does not decode, in words: empty, not an image format, or truncated."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return "corrupt, or not an image"
+    except (OSError, SyntaxError, ValueError) as pil_exc:  # PIL's decoders raise all three on a damaged file
+        return f"corrupt: {pil_exc}"
+    return str(exc)
 
 
 def results_to_page(image_name: str, grey: np.ndarray, results: list[tuple[Any, str, float]]) -> Page:

@@ -2,7 +2,9 @@
 
 The labels file is a TSV with a header line naming at least the columns ``image`` and ``text``
 (further columns, e.g. ``note``, are ignored); each row is one crop, its image path relative to
-the labels file. Every crop is read whole, exactly as ``easyocr.Reader.recognize(crop)`` reads an
+the labels file. A ``.json`` labels file holds word boxes on whole images instead
+(``read_box_labels``): each box is cut out, widened as EasyOCR widens the boxes its detector finds,
+and scored as a crop, so labelled photos and scans are scored without a detector. Every crop is read whole, exactly as ``easyocr.Reader.recognize(crop)`` reads an
 image without boxes (the image as one box, EasyOCR's resizing, contrast retry and greedy decoding),
 so a model's score here is the score it gets inside EasyOCR (``quantize=False``). Tesseract reads
 the same crops in single-line mode (``--psm 7``).
@@ -21,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import os
 from dataclasses import dataclass, field
@@ -31,9 +34,10 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluation.metrics import cer, paired_words, recognition_scores
-from training.data.pages import nfc
+from training.data.pages import PageError, crop_box, nfc, parse_page
 
 TESSERACT = "tesseract"
+DONT_CARE = "###"  # ICDAR's mark for an illegible word: such boxes are not scored
 
 
 class ScoreInputError(ValueError):
@@ -42,20 +46,39 @@ class ScoreInputError(ValueError):
 
 @dataclass
 class Crop:
-    """One labelled crop: its image, its NFC ground truth and where it was listed."""
+    """One labelled crop: its image, its NFC ground truth and where it was listed (a TSV's line
+    number, or for a box the word's 1-based index on its image); ``box`` (x0, y0, x1, y1) when the
+    crop is a region of ``image``."""
 
     image: Path
     text: str
     line: int
+    box: tuple[int, int, int, int] | None = None
+
+    @property
+    def source(self) -> str:
+        """The image path, with ``#x0,y0,x1,y1`` when the crop is a box on it."""
+        return str(self.image) if self.box is None else f"{self.image}#{','.join(map(str, self.box))}"
+
+    def where(self, labels: str | os.PathLike = "") -> str:
+        """Where the crop was listed, for messages: ``labels:line`` or ``labels: image word k``."""
+        if self.box is None:
+            return f"{labels}:{self.line}" if labels else str(self.image)
+        return f"{labels + ': ' if labels else ''}{self.image.name} word {self.line}"
 
 
-def read_labels(path: str | os.PathLike) -> list[Crop]:
-    """Rows of a labels TSV (header with ``image`` and ``text``), image paths resolved and checked."""
+def read_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
+    """Rows of a labels TSV (header with ``image`` and ``text``), image paths resolved and checked;
+    a ``.json`` file is read as word boxes on whole images (``read_box_labels`` with ``margin``)."""
     path = Path(path)
+    if path.suffix.lower() == ".json":
+        return read_box_labels(path, margin)
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except FileNotFoundError:
         raise ScoreInputError(f"{path}: labels file not found") from None
+    except IsADirectoryError:
+        raise ScoreInputError(f"{path}: a folder, expected a labels file (.tsv or .json)") from None
     except UnicodeDecodeError as exc:
         raise ScoreInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not lines:
@@ -70,30 +93,130 @@ def read_labels(path: str | os.PathLike) -> list[Crop]:
         if not line.strip():
             continue
         fields = line.split("\t")
-        if len(fields) <= max(col_image, col_text):
+        if len(fields) <= max(col_image, col_text) or any(f.strip() for f in fields[len(header):]):
             raise ScoreInputError(f"{path}:{number}: {len(fields)} tab-separated field(s), expected "
-                                  f"{len(header)} as in the header: {line!r:.80}")
+                                  f"{len(header)} as in the header (a tab inside the text?): {line!r:.80}")
         image, text = fields[col_image].strip(), nfc(fields[col_text].strip())
         if not image or not text:
             raise ScoreInputError(f"{path}:{number}: empty {'image path' if not image else 'text'}")
         image_path = path.parent / image
         if not image_path.is_file():
-            raise ScoreInputError(f"{path}:{number}: image {image_path} not found")
+            raise ScoreInputError(f"{path}:{number}: image {image_path} "
+                                  f"{'is a folder' if image_path.is_dir() else 'not found'}")
         crops.append(Crop(image_path, text, number))
     if not crops:
         raise ScoreInputError(f"{path}: no rows after the header")
     return crops
 
 
+def read_box_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
+    """Word boxes on whole images, each a crop, in file order.
+
+    ``path`` is one page JSON in the platform's AI-Hub schemas (``training.data.pages``; the image
+    named by it lies beside the file) or an image-keyed file as ICDAR-style tools write it::
+
+        {"sign.png": {"words": [{"points": [[x, y], [x, y], [x, y], [x, y]], "transcription": "서울"}]}}
+
+    with image names relative to the file (``../shared/realdata/easyocr/gt.json``). Each box is made
+    axis-aligned, widened by ``margin`` x its height on every side (EasyOCR's ``add_margin`` on the
+    boxes its detector finds) and clipped to the image. Words with empty text or ``###`` are skipped.
+    A missing or unreadable image, a box wholly outside its image or a malformed entry raises
+    ``ScoreInputError`` naming the file, the image and the word.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ScoreInputError(f"{path}: labels file not found") from None
+    except IsADirectoryError:
+        raise ScoreInputError(f"{path}: a folder, expected a labels file (.tsv or .json)") from None
+    try:
+        data = json.loads(raw.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ScoreInputError(f"{path}: not JSON ({exc})") from None
+    if isinstance(data, dict) and ("images" in data or "Images" in data):
+        try:
+            page = parse_page(raw, path)
+        except PageError as exc:
+            raise ScoreInputError(str(exc)) from None
+        images = {page.image_name: [(word.bbox, word.text) for word in page.words]}
+    else:
+        images = _image_keyed_boxes(data, path)
+    crops = []
+    for name, words in images.items():
+        image = path.parent / name
+        size = _image_size(image, path)
+        for index, (bbox, text) in enumerate(words, start=1):
+            text = nfc(text)
+            if not text or text == DONT_CARE:
+                continue
+            box = crop_box(bbox, margin, *size)
+            if box is None:
+                raise ScoreInputError(f"{path}: {name} word {index} ({text!r}): box {[round(v, 1) for v in bbox]} "
+                                      f"lies outside the {size[0]}x{size[1]} image")
+            crops.append(Crop(image, text, index, box))
+    if not crops:
+        raise ScoreInputError(f"{path}: no labelled word boxes")
+    return crops
+
+
+def _image_keyed_boxes(data: Any, path: Path) -> dict[str, list[tuple[tuple[float, float, float, float], str]]]:
+    """``{image: {"words": [{"points", "transcription"}]}}`` as image -> [((x, y, w, h), text)]."""
+    if not isinstance(data, dict) or not data:
+        raise ScoreInputError(f"{path}: expected page JSON (\"images\"/\"annotations\") or an object mapping "
+                              "image names to {\"words\": [{\"points\", \"transcription\"}]}")
+    images = {}
+    for name, entry in data.items():
+        words = entry.get("words") if isinstance(entry, dict) else None
+        if not isinstance(words, list):
+            raise ScoreInputError(f"{path}: {name}: no \"words\" list")
+        boxes = []
+        for index, word in enumerate(words, start=1):
+            try:
+                xs, ys = zip(*((float(x), float(y)) for x, y in word["points"]))
+                text = word["transcription"]
+                if not isinstance(text, str):
+                    raise TypeError(text)
+            except (KeyError, TypeError, ValueError):
+                raise ScoreInputError(f"{path}: {name} word {index}: expected \"points\" [[x, y], ...] and a "
+                                      f"\"transcription\" string, got {json.dumps(word, ensure_ascii=False):.80}") from None
+            boxes.append(((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)), text))
+        images[str(name)] = boxes
+    return images
+
+
+def _image_size(image: Path, labels: Path) -> tuple[int, int]:
+    """(width, height) of ``image`` from its header; ScoreInputError naming both files otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(image) as opened:
+            return opened.size
+    except FileNotFoundError:
+        raise ScoreInputError(f"{labels}: image {image} not found") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ScoreInputError(f"{labels}: {image}: not a readable image ({exc})") from None
+
+
+@functools.lru_cache(maxsize=2)
+def _page_grey(image: Path, mtime_ns: int) -> np.ndarray:
+    """A whole image, grey, kept while its boxes are cut in turn (``mtime_ns`` keys out a rewritten file)."""
+    from evaluation.reader import load_image
+
+    return load_image(image)[1]
+
+
 def load_crop(crop: Crop, labels: str | os.PathLike = "") -> np.ndarray:
-    """The crop as the greyscale array ``easyocr.Reader`` makes of an image file."""
+    """The crop as the greyscale array ``easyocr.Reader`` makes of an image file (its box's region)."""
     from evaluation.reader import load_image
 
     try:
-        return load_image(crop.image)[1]
+        if crop.box is None:
+            return load_image(crop.image)[1]
+        x0, y0, x1, y1 = crop.box
+        return _page_grey(crop.image, crop.image.stat().st_mtime_ns)[y0:y1, x0:x1].copy()
     except (ValueError, OSError) as exc:
-        where = f"{labels}:{crop.line}: " if labels else ""
-        raise ScoreInputError(f"{where}{crop.image}: not a readable image ({exc})") from None
+        raise ScoreInputError(f"{crop.where(labels)}: {crop.image}: not a readable image ({exc})") from None
 
 
 class CropEngine(Protocol):
@@ -204,12 +327,13 @@ def write_outputs(report: CropReport, out: str | os.PathLike, worst: int) -> lis
         writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
         writer.writerow(["image", "text", *report.readings])
         for i, crop in enumerate(report.crops):
-            writer.writerow([str(crop.image), crop.text, *(texts[i] for texts in report.readings.values())])
+            writer.writerow([crop.source, crop.text, *(texts[i] for texts in report.readings.values())])
     (out / "confusions.json").write_text(json.dumps(error_analysis(report), ensure_ascii=False, indent=1) + "\n",
                                          encoding="utf-8")
     for rank, i in enumerate(report.worst(worst), start=1):
         crop = report.crops[i]
         readings = {label: (texts[i], cer(crop.text, texts[i])) for label, texts in report.readings.items()}
+        name = crop.image.stem if crop.box is None else f"{crop.image.stem}_word{crop.line}"
         report.pictures.append(draw_crop_readings(crop.image, crop.text, readings,
-                                                  out / f"worst_{rank:02d}_{crop.image.stem}.png"))
+                                                  out / f"worst_{rank:02d}_{name}.png", box=crop.box))
     return report.pictures

@@ -141,7 +141,10 @@ def read_page_item(image: Path, text_file: Path) -> PageItem:
         lines = text_file.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise ScoreInputError(f"{text_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    return PageItem(image, text_file, [nfc(line.strip()) for line in lines if line.strip()])
+    lines = [nfc(line.strip()) for line in lines if line.strip()]
+    if not lines:  # nothing to recall: the page would score 0 and pull the set down unseen
+        raise ScoreInputError(f"{text_file}: no ground-truth text for {image.name} (empty or blank lines only)")
+    return PageItem(image, text_file, lines)
 
 
 def find_pages(images: str | os.PathLike, texts: str | os.PathLike) -> list[PageItem]:
@@ -212,7 +215,7 @@ def score_pages(items: list[PageItem], models: dict[str, str], settings: Detecto
     for item in tqdm(items, desc="evaluate-pages", unit="page", disable=not progress):
         try:
             rgb, grey = load_image(item.image)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:
             raise ScoreInputError(str(exc)) from None
         boxes = detector.detect(rgb) if detector is not None else ([], [])
         for label in models:

@@ -323,10 +323,31 @@ def _scored_models(args: argparse.Namespace) -> dict[str, str]:
     return {spec: spec for spec in [*args.model, *(args.baseline or [])]}
 
 
+def _count(text: str) -> int:
+    """argparse type: a whole number >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {value}")
+    return value
+
+
+def _out_folder(out: str | None) -> None:
+    """Make ``--out`` before the models run, so a path that cannot be a folder fails first, not last."""
+    from evaluation.score_crops import ScoreInputError
+
+    if out:
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ScoreInputError(f"--out {out}: cannot be made a folder ({exc.strerror or exc})") from None
+
+
 def cmd_evaluate_crops(args: argparse.Namespace) -> None:
     from evaluation.score_crops import read_labels, score_crops, write_outputs
 
-    report = score_crops(read_labels(args.labels), _scored_models(args), labels=args.labels)
+    _out_folder(args.out)
+    margin = _settings(load_params(required=False)).add_margin  # box labels are widened as detected boxes are
+    report = score_crops(read_labels(args.labels, margin), _scored_models(args), labels=args.labels)
     paired = report.paired()  # empty with one model
     scores: dict[str, Any] = {**report.metrics, **({"paired": paired} if paired else {})}
     if args.out:
@@ -338,6 +359,7 @@ def cmd_evaluate_crops(args: argparse.Namespace) -> None:
 def cmd_evaluate_pages(args: argparse.Namespace) -> None:
     from evaluation.score_pages import find_pages, score_pages
 
+    _out_folder(args.out)
     scores = score_pages(find_pages(args.images, args.text), _scored_models(args),
                          _settings(load_params(required=False)))
     if args.out:
@@ -468,11 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iou", type=float, default=0.5)
 
     models_help = "recognisers to score: checkpoint path, english_g2, korean_g2, models:/… or runs:/… (several allowed)"
-    p = add("evaluate-crops", cmd_evaluate_crops, "score recognisers on labelled word crops (a TSV: image, text)")
-    p.add_argument("--labels", required=True, help="TSV with a header; image paths relative to the file")
+    p = add("evaluate-crops", cmd_evaluate_crops, "score recognisers on labelled word crops (a TSV: image, text) "
+            "or on the word boxes of labelled images (a .json)")
+    p.add_argument("--labels", required=True,
+                   help="TSV with a header (image, text), or a .json of word boxes: one AI-Hub page JSON or "
+                        "{image: {words: [{points, transcription}]}}; image paths relative to the file")
     p.add_argument("--model", nargs="+", default=["english_g2"], help=models_help)
     p.add_argument("--baseline", action="append", choices=["tesseract"], help="also score Tesseract 5 (psm 7)")
-    p.add_argument("--worst", type=int, default=10, help="how many of the worst crops to draw into --out")
+    p.add_argument("--worst", type=_count, default=10, help="how many of the worst crops to draw into --out")
     p.add_argument("--out", help="folder for scores.json, readings.tsv and the worst crops drawn")
 
     p = add("evaluate-pages", cmd_evaluate_pages, "score page reading against plain-text ground truth (no boxes)")

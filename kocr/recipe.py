@@ -69,6 +69,8 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
 
 
 def _fonts_of(labels: Path) -> list[str]:
+    if labels.suffix.lower() == ".json":  # word boxes on whole images: no font column
+        return []
     with labels.open(encoding="utf-8") as fh:
         return [row.get("font", "") for row in csv.DictReader(fh, delimiter="\t")]
 
@@ -77,8 +79,9 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
                   baselines: tuple[str, ...] = ("tesseract",), out: str | os.PathLike | None = None,
                   worst: int = 10, pages: dict[str, str] | None = None,
                   detector: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Score ``model`` (as ``recipe``), ``reference`` and the baselines on each labels TSV of ``sets``
-    and on each whole page of ``pages`` (name -> image, its ground truth ``<stem>.txt`` beside it).
+    """Score ``model`` (as ``recipe``), ``reference`` and the baselines on each labels file of ``sets``
+    (a TSV of crops, or a JSON of word boxes widened by ``detector``'s ``add_margin``) and on each
+    whole page of ``pages`` (name -> image, its ground truth ``<stem>.txt`` beside it).
 
     A set or page whose file does not exist is listed under ``skipped`` with the reason; a baseline
     that is not installed is left out with a message. The held-out set (name ``heldout``) is also
@@ -87,8 +90,11 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
     end (CRAFT + recognition with ``detector``'s settings, ``kocr evaluate-pages``) into ``pages``.
     """
     from evaluation.metrics import recognition_scores
+    from evaluation.reader import DetectorSettings
     from evaluation.score_crops import read_labels, score_crops, write_outputs
     from evaluation.tesseract import tesseract_available
+
+    margin = DetectorSettings.from_params(detector).add_margin  # for sets of word boxes on whole images
 
     models = {"recipe": model, **({"reference": reference} if reference else {})}
     for baseline in baselines:
@@ -103,7 +109,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
             print(f"recipe evaluate: {path} not found; set {name!r} skipped", file=sys.stderr)
             result["skipped"][name] = f"{path} not found"
             continue
-        crops = read_labels(path)
+        crops = read_labels(path, margin)
         report = score_crops(crops, models, labels=path)
         entry: dict[str, Any] = {"labels": str(path), **report.metrics}
         fonts = _fonts_of(path)
@@ -419,7 +425,10 @@ def _ship(args: argparse.Namespace) -> None:
     release cannot be compared."""
     from kocr.recipe_ship import ShipError, ship_release
 
+    target = Path(args.to) / f"{args.name}.pt"
     try:
+        if args.json and Path(args.json).is_dir():  # found before anything is copied
+            raise ShipError(f"--json {args.json}: a folder, expected a file name")
         result = ship_release(args.release, args.to, args.name, args.alpha, args.force, args.check)
     except ShipError as exc:
         print(f"ship: {exc}", file=sys.stderr)
@@ -427,9 +436,13 @@ def _ship(args: argparse.Namespace) -> None:
     text = json.dumps(result, ensure_ascii=False, indent=1)
     print(text)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n", encoding="utf-8")
-    target = Path(args.to) / f"{args.name}.pt"
+        try:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text + "\n", encoding="utf-8")
+        except OSError as exc:
+            print(f"ship: {args.json}: could not write the verdict ({exc.strerror or exc}); "
+                  f"{target} {'was replaced' if result['shipped'] else 'is unchanged'}", file=sys.stderr)
+            raise SystemExit(2) from None
     if args.check:
         print(f"ship --check: the gate would {'ship' if result['ship'] else 'refuse'} {args.release} over {target}; "
               "nothing copied", file=sys.stderr)

@@ -95,7 +95,13 @@ def compare_with_shipped(release_model: Path, shipped_model: Path, metrics: dict
     if missing:
         raise ShipError("cannot compare on the release's own sets, labels not found: " + ", ".join(missing)
                         + " (run the recipe's synth_heldout stage, or mount ../shared/realdata)")
-    return evaluate_sets(str(release_model), sets, reference=str(shipped_model), baselines=())
+    from evaluation.score_crops import ScoreInputError
+    from training.checkpoint import ModelSpecError
+
+    try:
+        return evaluate_sets(str(release_model), sets, reference=str(shipped_model), baselines=())
+    except (ScoreInputError, ModelSpecError) as exc:  # a set or checkpoint that cannot be read, named
+        raise ShipError(f"cannot compare the release with the shipped base: {exc}") from None
 
 
 def _shipped_section(verdict: Verdict, replaced: str, forced: bool) -> str:
@@ -138,6 +144,8 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
     from training.checkpoint import file_digest
 
     release, to = Path(release), Path(to)
+    if to.exists() and not to.is_dir():
+        raise ShipError(f"{to}: not a folder (--to names the folder that holds {name}.pt)")
     sources = [release / pattern.format(name=name) for pattern in RELEASE_FILES]
     missing = [str(p) for p in sources if not p.is_file()]
     if missing:
@@ -146,6 +154,8 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
         metrics = json.loads(sources[2].read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ShipError(f"{sources[2]}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except UnicodeDecodeError as exc:
+        raise ShipError(f"{sources[2]}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     sets = metrics.get("sets") if isinstance(metrics, dict) else None
     if not isinstance(sets, dict) or not all(isinstance(e, dict) and "labels" in e for e in sets.values()):
         raise ShipError(f"{sources[2]}: not the recipe's evaluation (a \"sets\" object whose every set names "

@@ -344,6 +344,32 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
         main(["ship", "--release", str(bad), "--to", str(base)])
     assert exit_.value.code == 2
     assert f"labels not found: heldout ({tmp_path / 'gone.tsv'})" in capsys.readouterr().err
+    # a set or a checkpoint that cannot be read is named with exit 2 (--check too), not a traceback
+    (tmp_path / "bad.tsv").write_text("file\tlabel\n", encoding="utf-8")
+    (bad / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(tmp_path / "bad.tsv")}}}))
+    for args, problem in ((["--check"], "bad.tsv:1: header"), ([], "bad.tsv:1: header")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["ship", *args, "--release", str(bad), "--to", str(base)])
+        assert exit_.value.code == 2 and "cannot compare the release with the shipped base" in capsys.readouterr().err
+    (bad / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels)}}}))
+    (bad / "ko_base.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ShipError, match=f"{bad / 'ko_base.pt'}: not a loadable"):
+        ship_release(bad, base, check=True)
+    (bad / "metrics.json").write_bytes('{"sets": {"서울": {}}}'.encode("cp949"))
+    with pytest.raises(ShipError, match=f"{bad / 'metrics.json'}: not UTF-8"):
+        ship_release(bad, base)
+    # a --json that is a folder or a --to that is a file: refused before anything is copied
+    shutil.copyfile(hangul_checkpoint, bad / "ko_base.pt")
+    (bad / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels)}}}))
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    (tmp_path / "jsondir").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        main(["ship", "--force", "--release", str(bad), "--to", str(base), "--json", str(tmp_path / "jsondir")])
+    assert exit_.value.code == 2 and "a folder, expected a file name" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ShipError, match="taken: not a folder"):
+        ship_release(bad, tmp_path / "taken")
 
 
 def test_evaluate_reads_each_real_page_end_to_end_and_the_card_shows_it_beside_the_ground_truth(

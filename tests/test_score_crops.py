@@ -40,13 +40,30 @@ def test_labels_resolve_images_next_to_the_file_and_ignore_extra_columns(tmp_pat
     ("image\ttext\na.png\t서울\na.png\n", "labels.tsv:3: 1 tab-separated field(s)"),
     ("image\ttext\na.png\t서울\nmissing.png\t부산\n", "labels.tsv:3: image"),
     ("image\ttext\na.png\t\n", "labels.tsv:2: empty text"),
+    ("image\ttext\na.png\t서울\t역\n", "labels.tsv:2: 3 tab-separated field(s), expected 2 as in the header (a tab"),
+    ("image\ttext\nsub\t서울\n", "labels.tsv:2: image .*sub is a folder"),
     ("image\ttext\n", "no rows after the header"),
 ])
 def test_malformed_labels_name_the_file_and_line(tmp_path, content, message):
     _png(tmp_path / "a.png")
+    (tmp_path / "sub").mkdir()
     (tmp_path / "labels.tsv").write_text(content, encoding="utf-8")
     with pytest.raises(ScoreInputError, match=message.replace("(", r"\(").replace(")", r"\)")):
         read_labels(tmp_path / "labels.tsv")
+
+
+def test_a_folder_as_labels_and_an_out_that_is_a_file_fail_before_any_crop_is_read(tmp_path, capsys):
+    with pytest.raises(ScoreInputError, match="a folder, expected a labels file"):
+        read_labels(tmp_path)
+    _png(tmp_path / "a.png")
+    (tmp_path / "labels.tsv").write_text("image\ttext\na.png\t서울\n", encoding="utf-8")
+    (tmp_path / "taken").write_text("a file")
+    assert main(["evaluate-crops", "--labels", str(tmp_path / "labels.tsv"), "--model", "no/such/model.pt",
+                 "--out", str(tmp_path / "taken")]) == 2  # the bad --out is named, not the model after a long read
+    assert f"--out {tmp_path / 'taken'}: cannot be made a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["evaluate-crops", "--labels", str(tmp_path / "labels.tsv"), "--worst", "-1"])
+    assert "expected a count >= 0, got -1" in capsys.readouterr().err
 
 
 def test_worst_ranks_by_the_first_model_then_the_others():
@@ -114,3 +131,72 @@ def test_cli_error_is_one_line_naming_file_and_line(tmp_path, capsys):
     assert main(["evaluate-crops", "--labels", str(tmp_path / "labels.tsv")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{tmp_path / 'labels.tsv'}:2: image" in err and "nope.png" in err
+
+
+def _page_json(path, image_name, size, boxes):
+    """An AI-Hub page JSON listing ``boxes`` as (x, y, w, h, text)."""
+    page = {"images": [{"image.file.name": image_name, "image.width": size[0], "image.height": size[1]}],
+            "annotations": [{"id": i, "annotation.type": "rectangle", "annotation.text": text,
+                             "annotation.bbox": [x, y, w, h]} for i, (x, y, w, h, text) in enumerate(boxes, start=1)]}
+    path.write_text(json.dumps(page, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def test_box_labels_cut_each_word_widened_as_easyocr_widens_detected_boxes(tmp_path):
+    from evaluation.score_crops import load_crop
+
+    image = Image.new("L", (200, 100), 255)
+    image.paste(0, (20, 30, 80, 50))  # a black block where the first word lies
+    image.save(tmp_path / "page.png")
+    nfd = unicodedata.normalize("NFD", "서울")
+    labels = _page_json(tmp_path / "page.json", "page.png", (200, 100), [
+        (20, 30, 60, 20, nfd), (150, 80, 40, 20, "###"), (100, 10, 10, 10, ""), (-10, 70, 40, 40, "A-3")])
+    crops = read_labels(labels)  # EasyOCR's add_margin: 0.1 x box height on every side
+    assert [(c.text, c.line, c.box) for c in crops] == [("서울", 1, (18, 28, 82, 52)), ("A-3", 4, (0, 66, 34, 100))]
+    assert crops[0].source == f"{tmp_path / 'page.png'}#18,28,82,52"
+    grey = load_crop(crops[0])
+    assert grey.shape == (24, 64) and (grey[2:22, 2:62] == 0).all() and (grey[0] == 255).all()
+    assert [c.box for c in read_labels(labels, margin=0.0)][0] == (20, 30, 80, 50)
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "page.json: not JSON"),
+    ('{"page.png": {"words": [{"points": [[1, 2]], "text": "서울"}]}}', "page.json: page.png word 1: expected"),
+    ('{"page.png": {"boxes": []}}', 'page.json: page.png: no "words" list'),
+    ('{"gone.png": {"words": [{"points": [[1, 2], [9, 9]], "transcription": "서울"}]}}', "image .*gone.png not found"),
+    ('{"page.png": {"words": [{"points": [[300, 2], [390, 20]], "transcription": "서울"}]}}',
+     r"page.png word 1 \('서울'\): box .* lies outside the 200x100 image"),
+    ('{"page.png": {"words": [{"points": [[1, 2], [9, 9]], "transcription": "###"}]}}', "no labelled word boxes"),
+    ('{"images": [{"image.file.name": "page.png"}], "annotations": []}', "page.json.*image entry lacks"),
+])
+def test_malformed_box_labels_name_the_file_image_and_word(tmp_path, content, message):
+    _png(tmp_path / "page.png", (200, 100))
+    (tmp_path / "page.json").write_text(content, encoding="utf-8")
+    with pytest.raises(ScoreInputError, match=message):
+        read_labels(tmp_path / "page.json")
+
+
+def test_a_corrupt_page_image_is_named_before_any_model_runs(tmp_path):
+    (tmp_path / "page.png").write_bytes(b"\x89PNG not really")
+    labels = tmp_path / "page.json"
+    labels.write_text('{"page.png": {"words": [{"points": [[1, 2], [9, 9]], "transcription": "서울"}]}}')
+    with pytest.raises(ScoreInputError, match=r"page.json: .*page.png: not a readable image"):
+        read_labels(labels)
+
+
+def test_cli_reads_the_words_of_a_real_road_sign_from_its_boxes(tmp_path, capsys):
+    labels = realdata("easyocr", "gt.json")
+    assert main(["evaluate-crops", "--labels", str(labels), "--model", "english_g2", "--worst", "2",
+                 "--out", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    rows = [r.split("\t") for r in (tmp_path / "out" / "readings.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert [r[1] for r in rows] == ["서울", "평양", "Seoul", "Pyeongyang", "56Km", "205Km"]
+    assert all(r[0].startswith(f"{labels.with_name('korean.png')}#") for r in rows)
+    # english_g2 spells the Latin names only when each box holds its own word: a shifted or
+    # unwidened box cuts letters, and a wrong image or order pairs them with other words
+    readings = {gt: text for _, gt, text in rows}
+    assert readings["Seoul"] == "Seoul" and readings["Pyeongyang"] == "Pyeongyang"
+    assert printed["english_g2"]["n"] == 6
+    pictures = sorted((tmp_path / "out").glob("worst_*.png"))
+    assert [p.name for p in pictures][0].startswith("worst_01_korean_word") and len(pictures) == 2
+    assert Image.open(pictures[0]).width < 629  # the word's region is drawn, not the whole photo

@@ -65,6 +65,9 @@ def test_find_pages_needs_a_text_per_image(tmp_path):
     (tmp_path / "txt" / "p1.txt").write_text(" 서울 \n\n시청\n", encoding="utf-8")
     (item,) = find_pages(tmp_path / "img", tmp_path / "txt")
     assert item.lines == ["서울", "시청"]
+    (tmp_path / "txt" / "p1.txt").write_text(" \n\n", encoding="utf-8")  # would score 0 and drag the set down
+    with pytest.raises(ScoreInputError, match="p1.txt: no ground-truth text for p1.png"):
+        find_pages(tmp_path / "img", tmp_path / "txt")
     with pytest.raises(ScoreInputError, match="missing: image folder not found"):
         find_pages(tmp_path / "missing", tmp_path / "txt")
 
@@ -100,3 +103,26 @@ def test_cli_error_names_the_missing_text(tmp_path, capsys):
     assert main(["evaluate-pages", "--images", str(tmp_path), "--text", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "p.jpg: no ground truth" in err and "p.txt" in err
+
+
+@pytest.mark.parametrize("content, why", [(b"", "the file is empty"), (b"\xff\xd8\xff" + bytes(range(256)) * 4, "corrupt, or not an image")])
+def test_cli_names_an_unreadable_page_image_and_why(tmp_path, capsys, content, why):
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "p.jpg").write_bytes(content)
+    (tmp_path / "p.txt").write_text("서울\n", encoding="utf-8")
+    assert main(["evaluate-pages", "--images", str(tmp_path / "img"), "--text", str(tmp_path), "--model", "english_g2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'img' / 'p.jpg'}: not a readable image ({why}" in err.splitlines()[-1]  # after the progress bar
+    assert "Traceback" not in err and "pip install" not in err
+
+
+def test_cli_refuses_an_out_that_cannot_be_a_folder_before_reading(tmp_path, capsys, monkeypatch):
+    from evaluation import score_pages
+
+    (tmp_path / "p.jpg").write_bytes(b"")
+    (tmp_path / "p.txt").write_text("서울\n", encoding="utf-8")
+    (tmp_path / "taken").write_text("a file")
+    monkeypatch.setattr(score_pages, "score_pages", lambda *a, **k: pytest.fail("read before --out was checked"))
+    assert main(["evaluate-pages", "--images", str(tmp_path), "--text", str(tmp_path),
+                 "--out", str(tmp_path / "taken")]) == 2
+    assert f"--out {tmp_path / 'taken'}: cannot be made a folder" in capsys.readouterr().err
