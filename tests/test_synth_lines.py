@@ -539,6 +539,22 @@ def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, kno
     assert changed >= 10
 
 
+def test_latin_words_replace_that_share_of_words_with_latin_script_and_leave_the_rest(tmp_path):
+    generate_lines(tmp_path / "plain", _config(count=12, **PLAIN), progress=False)
+    generate_lines(tmp_path / "none", _config(count=12, latin_words=0.0, **PLAIN), progress=False)
+    assert (tmp_path / "plain" / "data.mdb").read_bytes() == (tmp_path / "none" / "data.mdb").read_bytes()
+    generate_lines(tmp_path / "latin", _config(count=40, latin_words=1.0, **PLAIN), progress=False)
+    labels = [label for _image, label in LmdbDataset(tmp_path / "latin")]
+    assert len(labels) == 40 and not any(has_hangul(label) for label in labels)
+    assert not any(CHARSET.missing(label) for label in labels)
+    words = [w for label in labels for w in label.split(" ")]
+    assert sum(w.isalpha() and w[0].isupper() and w[1:].islower() for w in words) >= 5  # Seoul-like title case
+    assert sum(any(c.isdigit() for c in w) for w in words) >= 3  # measures such as 56Km
+    generate_lines(tmp_path / "half", _config(count=40, latin_words=0.5, **PLAIN), progress=False)
+    half = [label for _image, label in LmdbDataset(tmp_path / "half")]
+    assert 0 < sum(has_hangul(label) for label in half) < 40  # the rest of the lines keep their Hangul
+
+
 @pytest.mark.parametrize("params, words", [
     ({"color": 1}, "unknown keys ['color']"),
     ({"letter_spacing": -0.1}, "synth_lines.letter_spacing is a share"),
@@ -555,6 +571,7 @@ def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, kno
     ({"edge_clip": 1.5}, "synth_lines.edge_clip is a share"),
     ({"edge_clip_share": [0.1, 0.5]}, "synth_lines.edge_clip_share must be"),
     ({"stroke_warp": -0.5}, "synth_lines.stroke_warp is a share"),
+    ({"latin_words": 1.5}, "synth_lines.latin_words is a share"),
     ({"stroke_warp_amount": [0.0, 0.1]}, "synth_lines.stroke_warp_amount must be"),
     ({"words_per_line": [3, 1]}, "synth_lines.words_per_line: lo 3 is above hi 1"),
     ({"backgrounds": {"image": 1}}, "background_images names no folder"),

@@ -42,6 +42,26 @@ PARTICLES_OPEN = ("는", "가", "를", "와", "로", "에", "의", "에서", "�
 UNITS = ("원", "개", "명", "층", "호", "건", "회", "번", "부", "매", "개월", "세")
 LATIN_CODES = ("OCR", "TEL", "FAX", "KS", "ISO", "PDF", "ID", "A4", "IT", "CCTV", "LED", "Tel.",
                "Fax.", "e-mail", "www", "No.", "KOR", "PC", "GPS", "QR")
+# English words of Korean signs, maps and document headers (the romanised place names come from the lexicon)
+SIGN_WORDS = ("Station", "Exit", "Gate", "Line", "Bus", "Stop", "Center", "Centre", "City", "Hall", "Office",
+              "Street", "Road", "Bridge", "Park", "Market", "Hospital", "Police", "Library", "Museum", "Airport",
+              "Terminal", "Parking", "Entrance", "Information", "Toilet", "University", "School", "Church",
+              "Temple", "Palace", "Tower", "Hotel", "Bank", "Post", "Korea", "Republic", "Ministry", "Service",
+              "Welcome", "Open", "Closed", "Sale", "Free", "Coffee", "Cafe", "Restaurant", "Mart", "Shop",
+              "Building", "Floor", "Room", "North", "South", "East", "West", "Tel", "Fax", "Email", "Date", "Name",
+              "Address", "Page", "Total", "Form", "Report")
+LATIN_UNITS = ("km", "Km", "KM", "m", "cm", "mm", "kg", "g", "t", "L", "l", "ml", "mL", "kW", "kWh", "MB", "GB",
+               "ha", "m2", "cc", "h", "min")
+ROAD_SUFFIXES = ("-gu", "-si", "-do", "-ro", "-gil", "-dong", "-eup", "-myeon", "-daero")
+# Revised Romanization of Korean, letter by letter: initials, medials, finals (the final's plain
+# form, then the form it takes before a vowel, where it carries over to the next syllable)
+_RR_INITIALS = ("g", "kk", "n", "d", "tt", "r", "m", "b", "pp", "s", "ss", "", "j", "jj", "ch", "k", "t", "p", "h")
+_RR_MEDIALS = ("a", "ae", "ya", "yae", "eo", "e", "yeo", "ye", "o", "wa", "wae", "oe", "yo", "u", "wo", "we",
+               "wi", "yu", "eu", "ui", "i")
+_RR_FINALS = (("", ""), ("k", "g"), ("k", "kk"), ("k", "ks"), ("n", "n"), ("n", "nj"), ("n", "nh"), ("t", "d"),
+              ("l", "r"), ("k", "lg"), ("m", "lm"), ("l", "lb"), ("l", "ls"), ("l", "lt"), ("p", "lp"), ("l", "lh"),
+              ("m", "m"), ("p", "b"), ("p", "ps"), ("t", "s"), ("t", "ss"), ("ng", "ng"), ("t", "j"), ("t", "ch"),
+              ("k", "k"), ("t", "t"), ("p", "p"), ("t", "h"))
 
 
 def is_hangul(ch: str) -> bool:
@@ -170,6 +190,50 @@ def random_number(rng: random.Random) -> str:
     if form < 0.92:
         return f"{rng.randint(1, 99)}{rng.choice(UNITS)}"
     return random_phone(rng)
+
+
+def romanize(word: str) -> str:
+    """``word``'s Hangul in lower-case Revised Romanization, other characters kept.
+
+    A final consonant before a vowel-initial syllable is carried over (서울 -> seoul), and ㄹ
+    before ㄹ is ``ll``; the other sound changes of the official rules are left out, which keeps
+    the spelling a plausible sign's (it is training text, not a transliteration service).
+
+    >>> [romanize(w) for w in ("서울", "평양", "부산", "광주", "별로", "읽어", "종로2가")]
+    ['seoul', 'pyeongyang', 'busan', 'gwangju', 'byeollo', 'ilgeo', 'jongro2ga']
+    """
+    out: list[str] = []
+    for i, ch in enumerate(word):
+        if not is_hangul(ch):
+            out.append(ch)
+            continue
+        code = ord(ch) - HANGUL_FIRST
+        initial, medial, final = code // 588, code % 588 // 28, code % 28
+        after = word[i + 1] if i + 1 < len(word) else ""
+        next_initial = (ord(after) - HANGUL_FIRST) // 588 if after and is_hangul(after) else -1
+        head = _RR_INITIALS[initial]
+        if initial == 5 and out and out[-1].endswith("l") and i > 0 and is_hangul(word[i - 1]):
+            head = "l"  # ㄹ after a final ㄹ
+        plain, carried = _RR_FINALS[final]
+        out.append(head + _RR_MEDIALS[medial] + (carried if next_initial == 11 else plain))
+    return "".join(out)
+
+
+def random_latin(rng: random.Random, words: Sequence[str], weights: Sequence[float]) -> str:
+    """A Latin-script word of Korean signs and documents: a romanised lexicon word (Seoul, JONGNO-GU),
+    a measure with a Latin unit (56Km, 2.5kg) or an English sign word (Station, EXIT)."""
+    form = rng.random()
+    if form < 0.55:
+        word = romanize(sample_word(rng, words, weights))
+        if rng.random() < 0.15:
+            word += rng.choice(ROAD_SUFFIXES)
+    elif form < 0.80:
+        number = rng.randint(1, 999) if rng.random() < 0.7 else round(rng.uniform(0.1, 99.9), 1)
+        return f"{number}{rng.choice(LATIN_UNITS)}"
+    else:
+        word = rng.choice(SIGN_WORDS).lower()
+    case = rng.random()
+    return word.capitalize() if case < 0.6 else word.upper() if case < 0.85 else word
 
 
 def random_code(rng: random.Random) -> str:

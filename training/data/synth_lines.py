@@ -45,7 +45,7 @@ from training.data.backgrounds import KINDS, image_files, make_background
 from training.data.contact_sheet import write_sheet
 from training.data.degrade import SynthConfigError
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
-from training.data.lexicon import is_hangul, load_lexicon, make_token
+from training.data.lexicon import is_hangul, load_lexicon, make_token, random_latin
 from training.data.lmdb_store import LmdbWriter
 
 DISTORTIONS = ("none", "sine", "cosine", "random")
@@ -53,7 +53,7 @@ FORMATS = ("png", "jpg")
 DEFAULT_FONTS = ("NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumBarunGothic.ttf", "UnDotum.ttf",
                  "UnBatang.ttf", "NanumPen.ttf", "NanumBrush.ttf", "UnPilgi.ttf")
 SHARES = ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak", "arc", "edge_clutter",
-          "edge_clip", "stroke_warp")  # knobs that are a share of images
+          "edge_clip", "stroke_warp", "latin_words")  # knobs that are a share of images (latin_words: of words)
 TOKEN_TRIES = 12  # draws per word before giving up on that word in the chosen face
 
 
@@ -101,6 +101,7 @@ class LinesConfig:
     charset_name: str = "korean_g2"
     text_file: str | None = None
     lexicon_top_n: int = 30000
+    latin_words: float = 0.0  # share of lexicon words drawn in Latin script: romanised words, measures, sign words
     words_per_line: tuple[int, int] = (1, 3)
     max_chars: int = 25
     font_size: tuple[int, int] = (36, 56)
@@ -327,6 +328,8 @@ def sample_rngs(seed: int, index: int) -> tuple[random.Random, np.random.Generat
 def _token(rng: random.Random, ctx: _Context) -> str:
     if ctx.texts:
         return ctx.texts[rng.randrange(len(ctx.texts))]
+    if ctx.config.latin_words and rng.random() < ctx.config.latin_words:  # drawn only when asked
+        return random_latin(rng, ctx.words, ctx.weights)
     return make_token(rng, ctx.words, ctx.weights, ctx.charset)
 
 
