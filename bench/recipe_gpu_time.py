@@ -79,17 +79,18 @@ def lines_config(params: dict[str, Any], section: str | None, count: int, tokens
 
 
 def write_tokens(params: dict[str, Any], path: Path, count: int) -> None:
-    """``count`` tokens drawn as the recipe's renderer draws them (lexicon, numbers, dates, codes), one a line."""
+    """``count`` tokens drawn as the recipe's renderer draws them (lexicon, numbers, dates, codes and
+    the ``latin_words`` share), one a line."""
     from training.charset import Charset
-    from training.data.lexicon import load_lexicon, make_token
+    from training.data.lexicon import draw_token, load_lexicon
 
     config = LinesConfig.from_params(params["synth_lines"])
     charset = Charset.from_spec(config.charset_name)
     words, weights = load_lexicon(charset, top_n=config.lexicon_top_n)
     rng = random.Random(config.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(make_token(rng, words, weights, charset) + "\n" for _ in range(count)),
-                    encoding="utf-8")
+    path.write_text("".join(draw_token(rng, words, weights, charset, config.latin_words) + "\n"
+                            for _ in range(count)), encoding="utf-8")
 
 
 def pack_kit(params: dict[str, Any], kit: Path, token_count: int, wheels: bool = True) -> dict[str, Any]:

@@ -109,3 +109,18 @@ def test_instalment_knobs_are_checked_before_any_rendering():
 def test_memory_cap_is_refused_without_a_cuda_device():
     with pytest.raises(SystemExit, match="not a CUDA GPU"):
         probe.cap_gpu_memory(24, torch.device("cpu"))
+
+
+def test_kit_words_carry_the_params_latin_share(tmp_path):
+    from training.data.lexicon import has_hangul
+
+    params = _recipe()
+    params["synth_lines"] = {**params["synth_lines"], "latin_words": 0.0}
+    probe.write_tokens(params, tmp_path / "plain.txt", 400)
+    params["synth_lines"]["latin_words"] = 0.5
+    probe.write_tokens(params, tmp_path / "latin.txt", 400)
+    plain = (tmp_path / "plain.txt").read_text(encoding="utf-8").splitlines()
+    latin = (tmp_path / "latin.txt").read_text(encoding="utf-8").splitlines()
+    latin_only = [t for t in latin if not has_hangul(t) and any(c.isalpha() and c.islower() for c in t)]
+    assert 120 <= len(latin_only) <= 280  # about half, as the GPU machine's renderer should draw them
+    assert sum(not has_hangul(t) and any(c.isalpha() and c.islower() for c in t) for t in plain) < 40

@@ -303,3 +303,13 @@ def make_token(rng: random.Random, words: Sequence[str], weights: Sequence[float
     if not token or (charset is not None and charset.missing(token)):
         return sample_word(rng, words, weights)
     return token
+
+
+def draw_token(rng: random.Random, words: Sequence[str], weights: Sequence[float], charset: Charset | None = None,
+               latin_words: float = 0.0) -> str:
+    """One token of the synthetic-line mix: ``make_token``'s, with a ``latin_words`` share drawn by
+    ``random_latin`` instead (the extra draw is made only when the share is above 0, so a mix without
+    it stays draw for draw the same)."""
+    if latin_words and rng.random() < latin_words:
+        return random_latin(rng, words, weights)
+    return make_token(rng, words, weights, charset)

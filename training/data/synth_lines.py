@@ -45,7 +45,7 @@ from training.data.backgrounds import KINDS, image_files, make_background
 from training.data.contact_sheet import write_sheet
 from training.data.degrade import SynthConfigError
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
-from training.data.lexicon import is_hangul, load_lexicon, make_token, random_latin
+from training.data.lexicon import draw_token, is_hangul, load_lexicon
 from training.data.lmdb_store import LmdbWriter
 
 DISTORTIONS = ("none", "sine", "cosine", "random")
@@ -328,9 +328,7 @@ def sample_rngs(seed: int, index: int) -> tuple[random.Random, np.random.Generat
 def _token(rng: random.Random, ctx: _Context) -> str:
     if ctx.texts:
         return ctx.texts[rng.randrange(len(ctx.texts))]
-    if ctx.config.latin_words and rng.random() < ctx.config.latin_words:  # drawn only when asked
-        return random_latin(rng, ctx.words, ctx.weights)
-    return make_token(rng, ctx.words, ctx.weights, ctx.charset)
+    return draw_token(rng, ctx.words, ctx.weights, ctx.charset, ctx.config.latin_words)
 
 
 def line_text(rng: random.Random, ctx: _Context, face: FontFace) -> str:
