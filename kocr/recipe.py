@@ -33,6 +33,7 @@ from tqdm import tqdm
 from kocr.params import load_params
 
 HELDOUT = "heldout"
+HELDOUT_LATIN = "heldout_latin"  # the held-out faces, every word in Latin script (synth_lines_heldout_latin)
 
 
 def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
@@ -300,7 +301,9 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         f"- train: {data_counts.get('train', 0):,} images, faces {', '.join(params['synth_lines'].get('fonts', []))}",
         f"- val: {data_counts.get('val', 0):,} images, same faces, seed {params.get('synth_lines_val', {}).get('seed')}",
         f"- held-out: {data_counts.get('heldout', 0):,} images in faces never trained on: "
-        f"{', '.join(params.get('synth_lines_heldout', {}).get('fonts', []))}", "",
+        f"{', '.join(params.get('synth_lines_heldout', {}).get('fonts', []))}",
+        *([f"- held-out Latin: {data_counts[HELDOUT_LATIN]:,} images in the same unseen faces, every word in "
+           "Latin script (romanised words, measures, sign words)"] if data_counts.get(HELDOUT_LATIN) else []), "",
         "## Training", "",
         f"{train_metrics.get('steps')} steps, best val CER {train_metrics.get('best_val_cer', float('nan')):.4f} "
         f"at step {train_metrics.get('best_step')}, val word accuracy {train_metrics.get('val_word_accuracy', float('nan')):.4f}, "
@@ -324,7 +327,8 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
     for set_name, reason in eval_metrics.get("skipped", {}).items():
         lines += [f"**{set_name}**: skipped ({reason}).", ""]
     lines += ["## Params", "", "```yaml",
-              _section_text(params, ("size", "synth_lines", "synth_lines_val", "synth_lines_heldout", "model", "train")).rstrip(),
+              _section_text(params, ("size", "synth_lines", "synth_lines_val", "synth_lines_heldout",
+                                     "synth_lines_heldout_latin", "model", "train")).rstrip(),
               "```", ""]
     return "\n".join(lines)
 
@@ -344,7 +348,7 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
     # a set rendered on another machine (the GPU kit) is counted by training's own record of it
     counts = {"train": trained.get("train_samples", 0), "val": trained.get("val_n", 0)}
-    counts |= {split: len(LmdbDataset(Path(data) / split)) for split in ("train", "val", HELDOUT)
+    counts |= {split: len(LmdbDataset(Path(data) / split)) for split in ("train", "val", HELDOUT, HELDOUT_LATIN)
                if (Path(data) / split).is_dir()}
     wall = {"train": trained.get("train_seconds", 0.0) + trained.get("validation_seconds", 0.0),
             "evaluate": evaluated.get("seconds", 0.0)}
@@ -358,6 +362,17 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     return card
 
 
+def _named_sets(items: list[str]) -> dict[str, str]:
+    """``NAME=LABELS`` strings (``evaluate --set``) as a dict; SystemExit naming a malformed one."""
+    sets = {}
+    for item in items:
+        name, sep, labels = item.partition("=")
+        if not sep or not name or not labels:
+            raise SystemExit(f"python -m kocr.recipe evaluate: --set {item!r}: expected NAME=LABELS")
+        sets[name] = labels
+    return sets
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kocr.recipe", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -367,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("evaluate", help="evaluate-crops on the held-out set and the real sets (recipe:)")
     p.add_argument("--model", required=True)
     p.add_argument("--heldout", required=True, help="labels.tsv of the held-out-font crops")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=LABELS",
+                   help="another generated set to score beside the held-out one (e.g. heldout_latin=…/labels.tsv)")
     p.add_argument("--out", required=True, help="readings and worst crops per set")
     p.add_argument("--metrics", required=True, help="metrics JSON (a DVC metrics file)")
     p = sub.add_parser("card", help="ship the checkpoint with MODEL_CARD.md")
@@ -393,9 +410,10 @@ def main(argv: list[str] | None = None) -> None:
         from kocr.tracking import stage_run
 
         cfg = load_params().get("recipe", {})
+        sets = {HELDOUT: args.heldout, **_named_sets(args.set), **cfg.get("real_sets", {})}
         start = time.perf_counter()
         with stage_run("recipe_evaluate", {"recipe": cfg}):
-            result = evaluate_sets(args.model, {HELDOUT: args.heldout, **cfg.get("real_sets", {})},
+            result = evaluate_sets(args.model, sets,
                                    reference=cfg.get("reference"), baselines=tuple(cfg.get("baselines", [])),
                                    out=args.out, pages=cfg.get("real_pages", {}), detector=cfg.get("detector"))
             result["seconds"] = round(time.perf_counter() - start, 1)
