@@ -48,12 +48,13 @@ class ScoreInputError(ValueError):
 class Crop:
     """One labelled crop: its image, its NFC ground truth and where it was listed (a TSV's line
     number, or for a box the word's 1-based index on its image); ``box`` (x0, y0, x1, y1) when the
-    crop is a region of ``image``."""
+    crop is a region of ``image``; ``font`` from a TSV's ``font`` column (generated sets name it)."""
 
     image: Path
     text: str
     line: int
     box: tuple[int, int, int, int] | None = None
+    font: str = ""
 
     @property
     def source(self) -> str:
@@ -74,11 +75,7 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
     if path.suffix.lower() == ".json":
         return read_box_labels(path, margin)
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except FileNotFoundError:
-        raise ScoreInputError(f"{path}: labels file not found") from None
-    except IsADirectoryError:
-        raise ScoreInputError(f"{path}: a folder, expected a labels file (.tsv or .json)") from None
+        lines = _labels_bytes(path).decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise ScoreInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not lines:
@@ -88,6 +85,7 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
         raise ScoreInputError(f"{path}:1: header {lines[0]!r:.80} lacks the columns 'image' and 'text' "
                               "(tab-separated)")
     col_image, col_text = header.index("image"), header.index("text")
+    col_font = header.index("font") if "font" in header else None
     crops = []
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
@@ -103,10 +101,20 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
         if not image_path.is_file():
             raise ScoreInputError(f"{path}:{number}: image {image_path} "
                                   f"{'is a folder' if image_path.is_dir() else 'not found'}")
-        crops.append(Crop(image_path, text, number))
+        crops.append(Crop(image_path, text, number, font=fields[col_font].strip() if col_font is not None else ""))
     if not crops:
         raise ScoreInputError(f"{path}: no rows after the header")
     return crops
+
+
+def _labels_bytes(path: Path) -> bytes:
+    """The labels file's bytes; ScoreInputError when it is missing or a folder."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ScoreInputError(f"{path}: labels file not found") from None
+    except IsADirectoryError:
+        raise ScoreInputError(f"{path}: a folder, expected a labels file (.tsv or .json)") from None
 
 
 def read_box_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
@@ -124,12 +132,7 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
     ``ScoreInputError`` naming the file, the image and the word.
     """
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise ScoreInputError(f"{path}: labels file not found") from None
-    except IsADirectoryError:
-        raise ScoreInputError(f"{path}: a folder, expected a labels file (.tsv or .json)") from None
+    raw = _labels_bytes(path)
     try:
         data = json.loads(raw.decode("utf-8-sig"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -69,13 +69,6 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
     return len(dataset)
 
 
-def _fonts_of(labels: Path) -> list[str]:
-    if labels.suffix.lower() == ".json":  # word boxes on whole images: no font column
-        return []
-    with labels.open(encoding="utf-8") as fh:
-        return [row.get("font", "") for row in csv.DictReader(fh, delimiter="\t")]
-
-
 def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None,
                   baselines: tuple[str, ...] = ("tesseract",), out: str | os.PathLike | None = None,
                   worst: int = 10, pages: dict[str, str] | None = None,
@@ -113,7 +106,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
         crops = read_labels(path, margin)
         report = score_crops(crops, models, labels=path)
         entry: dict[str, Any] = {"labels": str(path), **report.metrics}
-        fonts = _fonts_of(path)
+        fonts = [crop.font for crop in crops]
         groups = {font: [i for i, f in enumerate(fonts) if f == font]  # font -> crop indices; none unnamed
                   for font in sorted(set(fonts))} if any(fonts) else {}
         if groups:

@@ -32,7 +32,9 @@ def test_labels_resolve_images_next_to_the_file_and_ignore_extra_columns(tmp_pat
     nfd = unicodedata.normalize("NFD", "서울")
     (tmp_path / "labels.tsv").write_text(f"note\timage\ttext\nx\timg/a.png\t {nfd} \n\n", encoding="utf-8")
     crops = read_labels(tmp_path / "labels.tsv")
-    assert [(c.image, c.text, c.line) for c in crops] == [(tmp_path / "img" / "a.png", "서울", 2)]
+    assert [(c.image, c.text, c.line, c.font) for c in crops] == [(tmp_path / "img" / "a.png", "서울", 2, "")]
+    (tmp_path / "fonts.tsv").write_text("image\tfont\ttext\nimg/a.png\tUnPilgi.ttf\t서울\n", encoding="utf-8")
+    assert [c.font for c in read_labels(tmp_path / "fonts.tsv")] == ["UnPilgi.ttf"]  # generated sets name the face
 
 
 @pytest.mark.parametrize("content,message", [
