@@ -8,7 +8,9 @@
   ``recipe.real_pages`` page, into one metrics JSON and an MLflow run (``recipe_evaluate``);
 - ``card``: the shipped checkpoint (``<out>/<name>.pt``), its ``metrics.json`` and ``MODEL_CARD.md``;
 - ``ship``: the gate that copies a release over ``models/base/`` only when it reads the release's own
-  sets better than the checkpoint it replaces (``kocr.recipe_ship``).
+  sets better than the checkpoint it replaces (``kocr.recipe_ship``);
+- ``check-size``: exit 2 before any work when the params file's size needs a GPU this machine lacks
+  (``kocr.recipe_size``).
 
 Example:
     >>> export_crops("recipes/ko-base/data/heldout", "recipes/ko-base/data/heldout_crops")  # doctest: +SKIP
@@ -392,8 +394,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force", action="store_true", help="ship even when the gate refuses (the card says so)")
     p.add_argument("--check", action="store_true", help="compare and report only; copy nothing, exit 0 either way")
     p.add_argument("--json", help="also write the verdict to this file (the recipe's ship_check metrics)")
+    sub.add_parser("check-size", help="exit 2 when the params file's size needs a GPU this machine lacks")
     args = parser.parse_args(argv)
-    if args.command == "export-crops":
+    if args.command == "check-size":
+        _check_size()
+    elif args.command == "export-crops":
         print(f"export-crops: {export_crops(args.lmdb, args.out)} crops -> {args.out}/labels.tsv")
     elif args.command == "evaluate":
         import time
@@ -429,6 +434,20 @@ def main(argv: list[str] | None = None) -> None:
         card = write_card(args.model, args.train_metrics, args.eval_metrics, args.data, args.out, args.name,
                           args.command)
         print(f"card: {card} and {Path(args.out) / (args.name + '.pt')}")
+
+
+def _check_size() -> None:
+    """``check-size``: the note (if any) on stderr; exit 2 with the reason when the size does not fit."""
+    from kocr.params import PARAMS_FILE
+    from kocr.recipe_size import check_size
+
+    path, params = os.environ.get("KOCR_PARAMS", PARAMS_FILE), load_params()
+    problem, note = check_size(path, params)
+    if problem:
+        print(f"check-size: {problem}", file=sys.stderr)
+        raise SystemExit(2)
+    fits = f"{path}: size `{params.get('size', '?')}` fits this machine"
+    print(f"check-size: {note or fits}", file=sys.stderr)
 
 
 def _ship(args: argparse.Namespace) -> None:

@@ -18,6 +18,7 @@ from evaluation.analysis import jamo_confusions
 from evaluation.metrics import recognition_scores, sign_test_p
 from kocr.recipe import evaluate_sets, export_crops, model_card, write_card
 from kocr.recipe_ship import ShipError, judge, ship_release
+from kocr.recipe_size import size_note, size_problem
 from tests.conftest import REPO, realdata
 from training.charset import Charset
 from training.checkpoint import SHIPPED_MODELS, file_digest, load_recognizer
@@ -76,26 +77,72 @@ def test_each_size_is_a_complete_valid_params_file_with_unseen_heldout_faces(nam
     assert {k for k in theirs if ours[k] != theirs[k]} - {"workers", "contact_sheet"} == set()
 
 
-def test_recipe_pipeline_dry_run_lists_every_stage_with_the_recipe_params(tmp_path):
+@pytest.fixture(scope="module")
+def recipe_copy(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """The working tree without models/ in a fresh git repository, and an environment with the venv's dvc."""
+    root = tmp_path_factory.mktemp("recipe-copy")
     listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.split("\0")
     for rel in filter(None, listed):
         if (REPO / rel).is_file() and not rel.startswith("models/"):
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, tmp_path / rel)
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, root / rel)
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     bin_dir = Path(sys.executable).parent
-    done = subprocess.run([str(bin_dir / "dvc"), "repro", "--dry", "--force", "recipes/ko-base/dvc.yaml"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    return root, {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_recipe_pipeline_dry_run_lists_every_stage_with_the_recipe_params(recipe_copy):
+    root, env = recipe_copy
+    done = subprocess.run(["dvc", "repro", "--dry", "--force", "recipes/ko-base/dvc.yaml"],
+                          cwd=root, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stdout + done.stderr
     stages = yaml.safe_load((RECIPE / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
     assert set(stages) == {"synth_train", "synth_val", "synth_heldout", "train", "evaluate", "card", "ship_check"}
     commands = [ln[2:] for ln in done.stdout.splitlines() if ln.startswith("> ")]
     assert len(commands) == len(stages)
     assert all(c.startswith("KOCR_PARAMS=recipes/ko-base/params.yaml ") for c in commands), commands
+    # the two stages that cost hours at the GPU size check the machine before any work
+    checked = [c for c in commands if c.startswith("KOCR_PARAMS=recipes/ko-base/params.yaml python -m kocr.recipe "
+                                                   "check-size && ")]
+    assert [c.split("&& ", 1)[1].split()[1:3] for c in checked] == [["kocr", "synth-lines"], ["kocr", "train"]]
     assert "${" not in done.stdout
-    assert not (tmp_path / "recipes/ko-base/data").exists() and not (tmp_path / "recipes/ko-base/dvc.lock").exists()
+    assert not (root / "recipes/ko-base/data").exists() and not (root / "recipes/ko-base/dvc.lock").exists()
+
+
+def test_gpu_size_on_a_machine_without_cuda_stops_before_rendering_and_names_the_cpu_size(recipe_copy):
+    root, env = recipe_copy
+    env = {**env, "CUDA_VISIBLE_DEVICES": ""}  # no GPU for torch, whatever runs the tests
+    done = subprocess.run(["dvc", "repro", "recipes/ko-base/dvc.yaml:synth_train"], cwd=root, capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert done.returncode != 0
+    out = done.stdout + done.stderr
+    assert "recipes/ko-base/params.yaml: the `gpu` size (30000 steps x 256 = 7,680,000 images to train) needs a CUDA GPU" in out
+    assert "params_file: params-cpu.yaml/' recipes/ko-base/dvc.yaml" in out and "~71 h" in out
+    assert not (root / "recipes/ko-base/data/train").exists()
+    # the CPU size fits; the override lets a GPU size render here anyway, and says so
+    for params, extra, says in (("params-cpu.yaml", {}, "size `cpu` fits this machine"),
+                                ("params.yaml", {"KOCR_RECIPE_ANY_MACHINE": "1"}, "run here anyway")):
+        done = subprocess.run([sys.executable, "-m", "kocr.recipe", "check-size"], cwd=root, capture_output=True,
+                              text=True, timeout=120, env={**env, **extra, "KOCR_PARAMS": f"recipes/ko-base/{params}"})
+        assert done.returncode == 0 and says in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("name", sorted(SIZES))
+def test_size_check_wants_cuda_for_every_size_but_cpu_unless_training_is_pinned_to_the_cpu(name):
+    params = yaml.safe_load((RECIPE / name).read_text(encoding="utf-8"))
+    gpu = SIZES[name] != "cpu"
+    problem = size_problem(params, name, cuda=False)
+    assert (problem is not None) == gpu
+    if gpu:
+        images = params["train"]["steps"] * params["train"]["batch_size"]
+        assert f"= {images:,} images to train" in problem and problem.startswith(f"{name}: the `{SIZES[name]}` size")
+    assert size_problem(params, name, cuda=True) is None
+    pinned = {**params, "train": {**params["train"], "device": "cpu"}}  # asked for on purpose: runs
+    assert size_problem(pinned, name, cuda=False) is None
+    # the CPU size where a GPU is: it runs, with a note pointing at the GPU size
+    assert (size_note(params, name, cuda=True) is not None) == (not gpu)
+    assert size_note(params, name, cuda=False) is None
 
 
 @pytest.fixture(scope="module")
