@@ -79,6 +79,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
     (a TSV of crops, or a JSON of word boxes widened by ``detector``'s ``add_margin``) and on each
     whole page of ``pages`` (name -> image, its ground truth ``<stem>.txt`` beside it).
 
+    The margin is recorded (``add_margin``) so that the ship gate reads the word boxes the same way.
     A set or page whose file does not exist is listed under ``skipped`` with the reason; a baseline
     that is not installed is left out with a message. The held-out set (name ``heldout``) is also
     scored per font (``by_font``) when its TSV has a ``font`` column. ``jamo`` says which part of the
@@ -98,7 +99,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
             print("recipe evaluate: tesseract (kor+eng) not installed; its rows are left out", file=sys.stderr)
             continue
         models[baseline] = baseline
-    result: dict[str, Any] = {"models": models, "sets": {}, "skipped": {}}
+    result: dict[str, Any] = {"models": models, "sets": {}, "skipped": {}, "add_margin": margin}
     for name, labels in sets.items():
         path = Path(labels)
         if not path.is_file():

@@ -87,7 +87,8 @@ def judge(compared: dict[str, Any], alpha: float = 0.05) -> Verdict:
 
 def compare_with_shipped(release_model: Path, shipped_model: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """Read every set named in a release's ``metrics.json`` with both checkpoints (``evaluate_sets``,
-    no baselines): the release as ``recipe``, the shipped one as ``reference``."""
+    no baselines): the release as ``recipe``, the shipped one as ``reference``. Word boxes are widened
+    by the ``add_margin`` the release was scored with (EasyOCR's 0.1 where an older release lacks it)."""
     from kocr.recipe import evaluate_sets
 
     sets = {name: entry["labels"] for name, entry in metrics.get("sets", {}).items()}
@@ -99,7 +100,8 @@ def compare_with_shipped(release_model: Path, shipped_model: Path, metrics: dict
     from training.checkpoint import ModelSpecError
 
     try:
-        return evaluate_sets(str(release_model), sets, reference=str(shipped_model), baselines=())
+        detector = {"add_margin": metrics["add_margin"]} if "add_margin" in metrics else None
+        return evaluate_sets(str(release_model), sets, reference=str(shipped_model), baselines=(), detector=detector)
     except (ScoreInputError, ModelSpecError) as exc:  # a set or checkpoint that cannot be read, named
         raise ShipError(f"cannot compare the release with the shipped base: {exc}") from None
 

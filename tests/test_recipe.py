@@ -434,6 +434,32 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
         ship_release(bad, tmp_path / "taken")
 
 
+@pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
+def test_ship_gate_widens_word_boxes_by_the_margin_the_release_was_scored_with(hangul_checkpoint, tmp_path):
+    from PIL import Image, ImageDraw, ImageFont
+
+    from kocr.recipe_ship import compare_with_shipped
+
+    face = find_fonts(["UnBatang.ttf"])[0]
+    page = Image.new("L", (400, 120), 255)
+    draw = ImageDraw.Draw(page)
+    font = ImageFont.truetype(face.path, 48, index=face.index)
+    draw.text((60, 30), "대한민국", font=font, fill=0)
+    x0, y0, x1, y1 = draw.textbbox((60, 30), "대한민국", font=font)
+    page.save(tmp_path / "page.png")
+    cut = 0.4 * (y1 - y0)  # the box leaves out 40% of the first and last syllables' width
+    word = {"points": [[x0 + cut, y0], [x1 - cut, y0], [x1 - cut, y1], [x0 + cut, y1]], "transcription": "대한민국"}
+    (tmp_path / "boxes.json").write_text(json.dumps({"page.png": {"words": [word]}}, ensure_ascii=False), encoding="utf-8")
+    metrics = {"sets": {"boxes": {"labels": str(tmp_path / "boxes.json")}}}
+    read = {}
+    for margin in (None, 0.5):  # an older release without the record: EasyOCR's 0.1, too little to take the cut back
+        recorded = metrics if margin is None else {**metrics, "add_margin": margin}
+        compared = compare_with_shipped(SHIPPED / "ko_base.pt", hangul_checkpoint, recorded)
+        assert compared["add_margin"] == (margin or 0.1)
+        read[margin] = compared["sets"]["boxes"]["recipe"]["word_accuracy"]
+    assert read == {None: 0.0, 0.5: 1.0}
+
+
 def test_evaluate_reads_each_real_page_end_to_end_and_the_card_shows_it_beside_the_ground_truth(
         hangul_checkpoint, tmp_path):
     page = realdata("paddleocr", "korean_1.jpg")
