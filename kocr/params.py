@@ -17,13 +17,18 @@ import yaml
 PARAMS_FILE = "params.yaml"
 
 
+def params_path(path: str | os.PathLike = PARAMS_FILE) -> Path:
+    """The params file the stages read: ``KOCR_PARAMS`` when set, else ``path``."""
+    return Path(os.environ.get("KOCR_PARAMS", path))
+
+
 def load_params(path: str | os.PathLike = PARAMS_FILE, required: bool = True) -> dict[str, Any]:
     """Read params.yaml (``KOCR_PARAMS`` overrides the path).
 
     A missing file raises FileNotFoundError naming it, or gives ``{}`` (every default) when not
     ``required``, so ``kocr predict`` and ``kocr score`` work outside the project too.
     """
-    path = Path(os.environ.get("KOCR_PARAMS", path))
+    path = params_path(path)
     if not path.is_file():
         if not required:
             return {}

@@ -439,10 +439,10 @@ def main(argv: list[str] | None = None) -> None:
 
 def _check_size() -> None:
     """``check-size``: the note (if any) on stderr; exit 2 with the reason when the size does not fit."""
-    from kocr.params import PARAMS_FILE
+    from kocr.params import params_path
     from kocr.recipe_size import check_size
 
-    path, params = os.environ.get("KOCR_PARAMS", PARAMS_FILE), load_params()
+    path, params = str(params_path()), load_params()
     problem, note = check_size(path, params)
     if problem:
         print(f"check-size: {problem}", file=sys.stderr)
