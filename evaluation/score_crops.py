@@ -2,7 +2,9 @@
 
 The labels file is a TSV with a header line naming at least the columns ``image`` and ``text``
 (further columns, e.g. ``note``, are ignored); each row is one crop, its image path relative to
-the labels file. A ``.json`` labels file holds word boxes on whole images instead
+the labels file. Fields are plain text split at tabs: a ``"`` is part of the text, never CSV
+quoting, so the labels files this module and ``kocr.recipe export-crops`` write (``tsv_row``) read
+back exactly. A ``.json`` labels file holds word boxes on whole images instead
 (``read_box_labels``): each box is cut out, widened as EasyOCR widens the boxes its detector finds,
 and scored as a crop, so labelled photos and scans are scored without a detector. Every crop is read whole, exactly as ``easyocr.Reader.recognize(crop)`` reads an
 image without boxes (the image as one box, EasyOCR's resizing, contrast retry and greedy decoding),
@@ -22,7 +24,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import os
@@ -66,6 +67,18 @@ class Crop:
         if self.box is None:
             return f"{labels}:{self.line}" if labels else str(self.image)
         return f"{labels + ': ' if labels else ''}{self.image.name} word {self.line}"
+
+
+def tsv_row(fields: list[str], where: str) -> str:
+    """``fields`` as one line of the platform's plain TSV (tab-joined, newline-ended, no quoting).
+
+    Raises ValueError naming ``where`` when a field holds a tab or a line break, which no plain TSV
+    row can carry.
+    """
+    for value in fields:
+        if any(c in value for c in "\t\n\r"):
+            raise ValueError(f"{where}: field {value!r:.60} holds a tab or line break; a TSV row cannot carry it")
+    return "\t".join(fields) + "\n"
 
 
 def read_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
@@ -327,10 +340,10 @@ def write_outputs(report: CropReport, out: str | os.PathLike, worst: int) -> lis
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "readings.tsv").open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        writer.writerow(["image", "text", *report.readings])
+        fh.write(tsv_row(["image", "text", *report.readings], str(out / "readings.tsv")))
         for i, crop in enumerate(report.crops):
-            writer.writerow([crop.source, crop.text, *(texts[i] for texts in report.readings.values())])
+            fh.write(tsv_row([crop.source, crop.text, *(texts[i] for texts in report.readings.values())],
+                             f"{out / 'readings.tsv'}: {crop.where()}"))
     (out / "confusions.json").write_text(json.dumps(error_analysis(report), ensure_ascii=False, indent=1) + "\n",
                                          encoding="utf-8")
     for rank, i in enumerate(report.worst(worst), start=1):

@@ -42,8 +42,11 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
     """Write every sample of an LMDB set as ``<out>/NNNNNN.png`` and ``<out>/labels.tsv``; returns the count.
 
     The ``font`` column comes from the set's ``manifest.tsv`` (written by ``kocr synth-lines``) when present.
+    Both files are plain TSV: a label's ``"`` is text, not CSV quoting (``evaluation.score_crops.read_labels``).
     """
     import cv2
+
+    from evaluation.score_crops import tsv_row
 
     from training.data.lmdb_store import LmdbDataset
 
@@ -55,19 +58,19 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
     manifest = lmdb_dir / "manifest.tsv"
     if manifest.is_file():
         with manifest.open(encoding="utf-8") as fh:
-            fonts = {int(row["index"]): row["font"] for row in csv.DictReader(fh, delimiter="\t")}
+            fonts = {int(row["index"]): row["font"]
+                     for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)}
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with (out / "labels.tsv").open("w", encoding="utf-8", newline="") as fh:
-        writer = csv.writer(fh, delimiter="\t", lineterminator="\n")
-        writer.writerow(["image", "text", "font"])
+        fh.write(tsv_row(["image", "text", "font"], str(out / "labels.tsv")))
         for i in tqdm(range(len(dataset)), desc="export-crops", unit="crop"):
             image, label = dataset[i]
             name = f"{i + 1:06d}.png"
             if not cv2.imwrite(str(out / name), image):
                 raise OSError(f"{out / name}: could not write the image")
-            writer.writerow([name, label, fonts.get(i + 1, "")])
+            fh.write(tsv_row([name, label, fonts.get(i + 1, "")], f"{lmdb_dir} sample {i + 1}"))
     return len(dataset)
 
 

@@ -145,6 +145,41 @@ def test_size_check_wants_cuda_for_every_size_but_cpu_unless_training_is_pinned_
     assert size_note(params, name, cuda=False) is None
 
 
+def test_labels_with_quotes_survive_export_scoring_and_readings_exactly(tmp_path, capsys):
+    """A label's ``"`` is text: export-crops and readings.tsv used to CSV-quote it, so 5 crops of held-out v2
+    (a label "이낙연" in quotes) were scored against the quoted form and counted wrong for every reader."""
+    import cv2
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    from evaluation.score_crops import read_labels, tsv_row
+    from kocr.cli import main
+    from training.data.lmdb_store import LmdbWriter
+
+    labels = ['"이낙연"', '주목 "마라톤"', '"흘러" 28', '5"', "서울"]
+    font = ImageFont.truetype(str(find_fonts(["UnBatang.ttf"])[0].path), 40)
+    with LmdbWriter(tmp_path / "lmdb") as writer:
+        with (writer.partial / "manifest.tsv").open("w", encoding="utf-8") as manifest:
+            manifest.write("index\tfont\tbackground\tlabel\n")
+            for i, text in enumerate(labels, start=1):
+                page = Image.new("L", (48 * len(text) + 16, 64), 255)
+                ImageDraw.Draw(page).text((8, 8), text, fill=0, font=font)
+                writer.add(cv2.imencode(".png", np.asarray(page))[1].tobytes(), text)
+                manifest.write(f"{i}\t{'UnBatang.ttf' if i % 2 else 'UnPilgi.ttf'}\twhite\t{text}\n")
+    assert export_crops(tmp_path / "lmdb", tmp_path / "crops") == len(labels)
+    crops = read_labels(tmp_path / "crops/labels.tsv")
+    assert [c.text for c in crops] == labels
+    assert [c.font for c in crops] == ["UnBatang.ttf", "UnPilgi.ttf"] * 2 + ["UnBatang.ttf"]
+    assert main(["evaluate-crops", "--labels", str(tmp_path / "crops/labels.tsv"), "--model", "ko_base",
+                 "--out", str(tmp_path / "out")]) == 0
+    scores = json.loads(capsys.readouterr().out)["ko_base"]
+    rows = [r.split("\t") for r in (tmp_path / "out/readings.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    assert [text for _, text, _ in rows] == labels
+    assert scores["word_accuracy"] == sum(text == read for _, text, read in rows) / len(rows)
+    with pytest.raises(ValueError, match="labels.tsv: field .* tab or line break"):
+        tsv_row(["a.png", "two\tfields"], "labels.tsv")
+
+
 @pytest.fixture(scope="module")
 def heldout_crops(tmp_path_factory) -> Path:
     """Eight held-out-face words written as an LMDB set by synth-lines, then exported as crops."""
