@@ -36,6 +36,7 @@ from kocr.params import load_params
 
 HELDOUT = "heldout"
 HELDOUT_LATIN = "heldout_latin"  # the held-out faces, every word in Latin script (synth_lines_heldout_latin)
+HELDOUT_SIGNS = "heldout_signs"  # sign and menu display faces never trained on (synth_lines_heldout_signs)
 
 
 def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
@@ -302,7 +303,10 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         f"- held-out: {data_counts.get('heldout', 0):,} images in faces never trained on: "
         f"{', '.join(params.get('synth_lines_heldout', {}).get('fonts', []))}",
         *([f"- held-out Latin: {data_counts[HELDOUT_LATIN]:,} images in the same unseen faces, every word in "
-           "Latin script (romanised words, measures, sign words)"] if data_counts.get(HELDOUT_LATIN) else []), "",
+           "Latin script (romanised words, measures, sign words)"] if data_counts.get(HELDOUT_LATIN) else []),
+        *([f"- held-out signs: {data_counts[HELDOUT_SIGNS]:,} images in sign and menu display faces never trained "
+           f"on: {', '.join(params.get('synth_lines_heldout_signs', {}).get('fonts', []))}"]
+          if data_counts.get(HELDOUT_SIGNS) else []), "",
         "## Training", "",
         f"{train_metrics.get('steps')} steps, best val CER {train_metrics.get('best_val_cer', float('nan')):.4f} "
         f"at step {train_metrics.get('best_step')}, val word accuracy {train_metrics.get('val_word_accuracy', float('nan')):.4f}, "
@@ -327,7 +331,8 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         lines += [f"**{set_name}**: skipped ({reason}).", ""]
     lines += ["## Params", "", "```yaml",
               _section_text(params, ("size", "synth_lines", "synth_lines_val", "synth_lines_heldout",
-                                     "synth_lines_heldout_latin", "model", "train")).rstrip(),
+                                     "synth_lines_heldout_latin", "synth_lines_heldout_signs", "model",
+                                     "train")).rstrip(),
               "```", ""]
     return "\n".join(lines)
 
@@ -347,7 +352,7 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
     # a set rendered on another machine (the GPU kit) is counted by training's own record of it
     counts = {"train": trained.get("train_samples", 0), "val": trained.get("val_n", 0)}
-    counts |= {split: len(LmdbDataset(Path(data) / split)) for split in ("train", "val", HELDOUT, HELDOUT_LATIN)
+    counts |= {split: len(LmdbDataset(Path(data) / split)) for split in ("train", "val", HELDOUT, HELDOUT_LATIN, HELDOUT_SIGNS)
                if (Path(data) / split).is_dir()}
     wall = {"train": trained.get("train_seconds", 0.0) + trained.get("validation_seconds", 0.0),
             "evaluate": evaluated.get("seconds", 0.0)}

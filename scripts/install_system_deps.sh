@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages the platform needs, pinned: Korean fonts for the synthetic data (print and
-# handwriting faces) and Tesseract 5 with Korean data (the evaluation baseline); then the handwriting
+# handwriting faces, and the sign faces of fonts-woowa-bm that the ko-base recipe holds out) and Tesseract 5 with Korean data (the evaluation baseline); then the handwriting
 # faces Debian does not package, from pinned npm tarballs (scripts/install_web_fonts.py, run with
 # Debian's python3 and python3-fonttools). Each step does nothing when already done.
 set -euo pipefail
@@ -11,6 +11,7 @@ PKGS=(
   "fonts-unfonts-extra=1:1.0.2-080608+dfsg-11"
   "fonts-baekmuk=2.2-13"
   "fonts-alee=13.3"
+  "fonts-woowa-bm=20211009-2"
   "fonts-noto-cjk=1:20220127+repack1-1"
   "fontconfig=2.14.1-4"
   "tesseract-ocr=5.3.0-2"

@@ -46,7 +46,8 @@ def test_each_size_is_a_complete_valid_params_file_with_unseen_heldout_faces(nam
     assert _keys(params) == _keys(other)  # the two sizes differ in values only
     train_fonts = set(params["synth_lines"]["fonts"])
     sets = {s: LinesConfig.from_params({**params["synth_lines"], **params[s]})
-            for s in ("synth_lines", "synth_lines_val", "synth_lines_heldout", "synth_lines_heldout_latin")}
+            for s in ("synth_lines", "synth_lines_val", "synth_lines_heldout", "synth_lines_heldout_latin",
+                      "synth_lines_heldout_signs")}
     heldout = set(sets["synth_lines_heldout"].fonts)
     assert {"UnPilgi.ttf"} <= heldout and {"NanumPen.ttf", "NanumBrush.ttf"} <= train_fonts  # handwriting both sides
     families = {Path(f).stem.lower() for f in heldout}  # UnPilgi also rules out UnPilgiBold and UnPilgia
@@ -54,7 +55,14 @@ def test_each_size_is_a_complete_valid_params_file_with_unseen_heldout_faces(nam
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a pattern matching no installed file warns: fail on it
         assert len(find_fonts(sorted(train_fonts))) == len(train_fonts)
-    assert len({c.seed for c in sets.values()}) == 4  # four different sets
+    assert len({c.seed for c in sets.values()}) == 5  # five different sets
+    # the sign faces are held out whole (no Baedal-Minjok face trains) and installed by make system-deps
+    signs = sets["synth_lines_heldout_signs"]
+    assert len(signs.fonts) == 8 and not [f for f in train_fonts if f.upper().startswith("BM")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(find_fonts(list(signs.fonts))) == len(signs.fonts)
+    assert signs.latin_words == 0 and signs.char_jitter == 0 and signs.arc == 0
     # training draws some Latin words; the held-out set none; its Latin twin only Latin, in the same faces
     assert sets["synth_lines"].latin_words > 0 == sets["synth_lines_heldout"].latin_words
     latin = sets["synth_lines_heldout_latin"]
@@ -72,9 +80,10 @@ def test_each_size_is_a_complete_valid_params_file_with_unseen_heldout_faces(nam
     ours, theirs = ({**p["synth_lines"], **p["synth_lines_heldout"]} for p in (params, cpu))
     differs = {k for k in theirs if ours[k] != theirs[k]} - {"workers", "contact_sheet"}
     assert differs == ({"count", "words_per_line", "max_chars"} if SIZES[name] == "gpu" else set())
-    # every size draws the same Latin held-out set
-    ours, theirs = ({**p["synth_lines"], **p["synth_lines_heldout_latin"]} for p in (params, cpu))
-    assert {k for k in theirs if ours[k] != theirs[k]} - {"workers", "contact_sheet"} == set()
+    # every size draws the same Latin and sign-face held-out sets
+    for section in ("synth_lines_heldout_latin", "synth_lines_heldout_signs"):
+        ours, theirs = ({**p["synth_lines"], **p[section]} for p in (params, cpu))
+        assert {k for k in theirs if ours[k] != theirs[k]} - {"workers", "contact_sheet"} == set(), section
 
 
 @pytest.fixture(scope="module")
@@ -278,10 +287,12 @@ def test_card_of_a_gpu_instalment_counts_the_sets_it_did_not_see_and_names_the_g
     data = tmp_path / "data"
     shutil.copytree(heldout_crops / "lmdb", data / "heldout")
     shutil.copytree(heldout_crops / "lmdb", data / "heldout_latin")
+    shutil.copytree(heldout_crops / "lmdb", data / "heldout_signs")
     text = write_card(hangul_checkpoint, tmp_path / "train.json", tmp_path / "eval.json", data, tmp_path / "ship",
                       "ko_base", "bench/recipe_gpu_time.py --keep …").read_text(encoding="utf-8")
     assert "- held-out Latin: 8 images in the same unseen faces, every word in Latin script" in text
-    assert "synth_lines_heldout_latin:" in text  # its params are on the card with the others
+    assert "- held-out signs: 8 images in sign and menu display faces never trained on: BMDOHYEON_ttf.ttf" in text
+    assert "synth_lines_heldout_latin:" in text and "synth_lines_heldout_signs:" in text  # their params too
     assert "Reduced CPU size" not in text and "**GPU instalment.**" in text
     assert "continues the shipped base for 5100 steps x 256 on 312,345 synthetic training images" in text
     assert "- train: 312,345 images" in text and "- val: 5,000 images" in text and "- held-out: 8 images" in text
