@@ -18,7 +18,8 @@ from training.data.fonts import covers, find_fonts, subset_font
 from training.data.lexicon import has_hangul
 from training.data.lmdb_store import LmdbDataset
 from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_edge_piece, add_rules,
-                                       add_streak, bend, bend_strokes, clip_edge, colour_levels, generate_lines, glyph_jitter, rotate, warp)
+                                       add_streak, bend, bend_strokes, clip_edge, colour_levels, embolden, generate_lines,
+                                       glyph_jitter, rotate, warp)
 
 try:
     find_fonts(["NanumGothic.ttf", "UnBatang.ttf"])
@@ -490,6 +491,22 @@ def test_bend_strokes_moves_strokes_within_the_shift_and_keeps_every_letter_in_p
     assert bend_strokes(word, np.random.default_rng(0), 0.0, size / 3) is word
 
 
+def test_embolden_thickens_every_stroke_by_the_radius_and_keeps_the_letters_apart():
+    face = find_fonts(["NanumGothic.ttf"])[0]
+    size = 48
+    word = _ink_mask("기발 ILsan", face, size, 16.0)  # letter-spaced: each letter its own column run
+    heavy = embolden(word, 0.045 * size)  # radius 2 px
+    assert heavy.shape == (word.shape[0] + 4, word.shape[1] + 4)  # grown so no ink is cut
+    placed = np.pad(word, 2)
+    inked, heavier = placed > 128, heavy > 128
+    assert (heavier | ~inked).all()  # every stroke pixel stays ink ...
+    assert heavier.sum() > 1.6 * inked.sum()  # ... and the strokes are much thicker (a regular face made heavy)
+    near = cv2.dilate((placed > 0).astype(np.uint8), np.ones((5, 5), np.uint8))  # antialiased edges included
+    assert (heavy[near == 0] == 0).all()  # no ink further out than the radius
+    assert len(_columns(heavy)) == len(_columns(placed)) == 7  # 기 발 I L s a n stay apart, in place
+    assert embolden(word, 0.4) is word  # under half a pixel: the face as it is
+
+
 def test_clip_edge_cuts_its_share_of_the_height_off_the_top_or_the_bottom():
     mask = np.tile(np.arange(50, dtype=np.float32)[:, None], (1, 30))  # each row says where it was
     sides = set()
@@ -524,6 +541,7 @@ def test_edge_clip_leaves_the_cut_flush_with_the_image_edge(tmp_path):
     ("edge_clutter", {"edge_clutter": 1.0, "edge_clutter_share": [0.3, 0.3]}),
     ("edge_clip", {"edge_clip": 1.0, "edge_clip_share": [0.1, 0.1]}),
     ("stroke_warp", {"stroke_warp": 1.0, "stroke_warp_amount": [0.06, 0.06]}),
+    ("embolden", {"embolden": 1.0, "embolden_amount": [0.03, 0.03]}),
 ])
 def test_a_share_knob_changes_only_its_images_and_keeps_the_labels(tmp_path, knob, on):
     generate_lines(tmp_path / "plain", _config(count=12, **PLAIN), progress=False)
@@ -572,6 +590,8 @@ def test_latin_words_replace_that_share_of_words_with_latin_script_and_leave_the
     ({"edge_clip_share": [0.1, 0.5]}, "synth_lines.edge_clip_share must be"),
     ({"stroke_warp": -0.5}, "synth_lines.stroke_warp is a share"),
     ({"latin_words": 1.5}, "synth_lines.latin_words is a share"),
+    ({"embolden": 2}, "synth_lines.embolden is a share"),
+    ({"embolden_amount": [0.02, 0.2]}, "synth_lines.embolden_amount must be"),
     ({"stroke_warp_amount": [0.0, 0.1]}, "synth_lines.stroke_warp_amount must be"),
     ({"words_per_line": [3, 1]}, "synth_lines.words_per_line: lo 3 is above hi 1"),
     ({"backgrounds": {"image": 1}}, "background_images names no folder"),

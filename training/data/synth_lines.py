@@ -8,7 +8,7 @@ cosine / random warp, margins, background (white, Gaussian noise, quasicrystal, 
 output height; and the scan degradations of ``training.data.degrade``. For signs and form
 crops, off unless asked: letter spacing, coloured grounds as seen in grey, light-on-dark
 (``invert``), table rules beside the text, a hand's unevenness, strokes bent as another hand
-draws them (``stroke_warp``) and scanner streaks.
+draws them (``stroke_warp``), heavier strokes (``embolden``) and scanner streaks.
 
 Sample ``i`` depends only on (``seed``, ``i``) and the config, so the set is byte-identical
 whatever the number of worker processes. Beside the LMDB (standard layout, NFC labels) the output
@@ -53,7 +53,7 @@ FORMATS = ("png", "jpg")
 DEFAULT_FONTS = ("NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumBarunGothic.ttf", "UnDotum.ttf",
                  "UnBatang.ttf", "NanumPen.ttf", "NanumBrush.ttf", "UnPilgi.ttf")
 SHARES = ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak", "arc", "edge_clutter",
-          "edge_clip", "stroke_warp", "latin_words")  # knobs that are a share of images (latin_words: of words)
+          "edge_clip", "stroke_warp", "embolden", "latin_words")  # knobs that are a share of images (latin_words: of words)
 TOKEN_TRIES = 12  # draws per word before giving up on that word in the chosen face
 
 
@@ -127,6 +127,8 @@ class LinesConfig:
     char_jitter_amount: tuple[float, float] = (0.03, 0.1)  # its strength: baseline shift s.d. in font sizes (see glyph_jitter)
     stroke_warp: float = 0.0  # share of images whose strokes are bent by a smooth random field (another hand's shapes)
     stroke_warp_amount: tuple[float, float] = (0.03, 0.08)  # the field's largest shift, in font sizes (see bend_strokes)
+    embolden: float = 0.0  # share of images whose strokes are thickened: a heavier weight of the same face (signs, bold print)
+    embolden_amount: tuple[float, float] = (0.015, 0.045)  # how far each stroke's edge moves out, in font sizes
     streak: float = 0.0  # share of images crossed by a light band that wipes the strokes under it (scanner streak, fold)
     streak_width: tuple[float, float] = (0.04, 0.12)  # the band's width as a share of the image height
     arc: float = 0.0  # share of images whose line is bent along a circular arc, each glyph turned with it (round signs)
@@ -156,7 +158,8 @@ class LinesConfig:
             elif key in ("words_per_line", "font_size"):
                 value = _pair(value, key, int)
             elif key in ("distortion_amplitude", "distortion_period", "ink", "letter_spacing_em",
-                         "colour_contrast", "char_jitter_amount", "stroke_warp_amount", "streak_width", "arc_degrees",
+                         "colour_contrast", "char_jitter_amount", "stroke_warp_amount", "embolden_amount", "streak_width",
+                         "arc_degrees",
                          "edge_clutter_share", "edge_clip_share"):
                 value = _pair(value, key)
             elif key == "margins":
@@ -213,6 +216,9 @@ class LinesConfig:
         if not 0 < self.stroke_warp_amount[0] <= self.stroke_warp_amount[1] <= 0.25:
             raise SynthConfigError(f"synth_lines.stroke_warp_amount must be font-size fractions in (0, 0.25], "
                                    f"got {self.stroke_warp_amount}")
+        if not 0 < self.embolden_amount[0] <= self.embolden_amount[1] <= 0.1:
+            raise SynthConfigError(f"synth_lines.embolden_amount must be font-size fractions in (0, 0.1], "
+                                   f"got {self.embolden_amount}")
         if not 0 < self.streak_width[0] <= self.streak_width[1] <= 0.5:
             raise SynthConfigError(f"synth_lines.streak_width must be shares of the height in (0, 0.5], "
                                    f"got {self.streak_width}")
@@ -421,6 +427,18 @@ def _ink_mask(text: str, face: FontFace, size: int, tracking: float = 0.0,
     return np.asarray(canvas.crop(box), dtype=np.float32)
 
 
+def embolden(mask: np.ndarray, radius: float) -> np.ndarray:
+    """``mask`` (white-on-black coverage) with every stroke's edge moved out by ``radius`` px: the
+    same letters in a heavier weight, as sign faces and bold print draw them. The canvas grows by
+    the radius on every side so no ink is cut; counters narrow and may close, as in a heavy face.
+    A radius below half a pixel returns ``mask`` itself."""
+    r = int(round(radius))
+    if r < 1:
+        return mask
+    disc = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1))
+    return cv2.dilate(np.pad(mask, r), disc)
+
+
 def bend_strokes(mask: np.ndarray, rng: np.random.Generator, shift: float, cell: float) -> np.ndarray:
     """``mask`` with its strokes bent by a smooth random displacement field, as another hand draws
     the same letters: each pixel is moved by up to ``shift`` px, the field varying over about
@@ -625,6 +643,8 @@ def render_sample(index: int, ctx: _Context) -> Sample:
         source = config.text_file or "the lexicon"
         raise SynthConfigError(f"no string from {source} can be drawn in fonts "
                                f"{[str(f) for f in faces]} (glyph coverage or charset {ctx.charset.name})")
+    if config.embolden and rng.random() < config.embolden:  # drawn only when asked
+        mask = embolden(mask, size * rng.uniform(*config.embolden_amount))
     if config.stroke_warp and rng.random() < config.stroke_warp:  # drawn only when asked
         mask = bend_strokes(mask, nrng, size * rng.uniform(*config.stroke_warp_amount), size / 3)
 
