@@ -48,7 +48,6 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
     import cv2
 
     from evaluation.score_crops import tsv_row
-
     from training.data.lmdb_store import LmdbDataset
 
     lmdb_dir, out = Path(lmdb_dir), Path(out)
@@ -352,8 +351,8 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
     # a set rendered on another machine (the GPU kit) is counted by training's own record of it
     counts = {"train": trained.get("train_samples", 0), "val": trained.get("val_n", 0)}
-    counts |= {split: len(LmdbDataset(Path(data) / split)) for split in ("train", "val", HELDOUT, HELDOUT_LATIN, HELDOUT_SIGNS)
-               if (Path(data) / split).is_dir()}
+    counts |= {split: len(LmdbDataset(Path(data) / split))
+               for split in ("train", "val", HELDOUT, HELDOUT_LATIN, HELDOUT_SIGNS) if (Path(data) / split).is_dir()}
     wall = {"train": trained.get("train_seconds", 0.0) + trained.get("validation_seconds", 0.0),
             "evaluate": evaluated.get("seconds", 0.0)}
     out.mkdir(parents=True, exist_ok=True)
