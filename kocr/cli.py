@@ -118,6 +118,8 @@ def cmd_train(args: argparse.Namespace) -> None:
                    system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)
+        for i, path in enumerate(config.mix):  # train.mix: the other training sets' versions too
+            log_dataset(path, context=f"mix.{i}")
         summary = train(config, args.data, args.out, metrics_file=args.metrics, plots_dir=args.plots,
                         state_file=state_file, resume=args.resume)
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})

@@ -288,7 +288,9 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
     lines += [
         "EasyOCR gen-2 None-VGG-BiLSTM-CTC recogniser (`model:` below), charset "
         f"`{train.get('charset')}`, started from `{base}`{digest} and trained by `kocr train` on "
-        f"synthetic word/line images from `kocr synth-lines`.{lineage} Loads with "
+        "synthetic word/line images from `kocr synth-lines`"
+        + (", with the other sets listed under Data mixed in (`train.mix`)" if train_metrics.get("train_mix") else "")
+        + f".{lineage} Loads with "
         f"`training.checkpoint.load_recognizer(\"models/base/{name}.pt\")` and exports with `kocr export-easyocr`.",
         "", "## Reproduce", "", "```", command, "```", "",
         f"Machine: {platform.node() or '?'} ({platform.machine()}, {os.cpu_count()} CPU cores, {_accelerator()}), "
@@ -298,6 +300,8 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         + " (synthesis and the card take seconds to minutes more).", "",
         "## Data", "",
         f"- train: {data_counts.get('train', 0):,} images, faces {', '.join(params['synth_lines'].get('fonts', []))}",
+        *[f"- mixed into training (`train.mix`): `{m['path']}`, {m['samples']:,} samples, {m['share']:.0%} of each "
+          "epoch" + (" (the synthetic set above)" if i == 0 else "") for i, m in enumerate(train_metrics.get("train_mix", []))],
         f"- val: {data_counts.get('val', 0):,} images, same faces, seed {params.get('synth_lines_val', {}).get('seed')}",
         f"- held-out: {data_counts.get('heldout', 0):,} images in faces never trained on: "
         f"{', '.join(params.get('synth_lines_heldout', {}).get('fonts', []))}",
@@ -350,7 +354,8 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     trained = json.loads(Path(train_metrics).read_text(encoding="utf-8"))
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
     # a set rendered on another machine (the GPU kit) is counted by training's own record of it
-    counts = {"train": trained.get("train_samples", 0), "val": trained.get("val_n", 0)}
+    mixed = trained.get("train_mix") or [{"samples": trained.get("train_samples", 0)}]  # the synthetic set first
+    counts = {"train": mixed[0]["samples"], "val": trained.get("val_n", 0)}
     counts |= {split: len(LmdbDataset(Path(data) / split))
                for split in ("train", "val", HELDOUT, HELDOUT_LATIN, HELDOUT_SIGNS) if (Path(data) / split).is_dir()}
     wall = {"train": trained.get("train_seconds", 0.0) + trained.get("validation_seconds", 0.0),

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from training.charset import Charset
-from training.crops import BucketBatchSampler, CropDataset
+from training.crops import BucketBatchSampler, CropDataset, MixedCrops, mixed_epoch
 from training.data.lmdb_store import LmdbDataset, LmdbWriter
 from training.model import Recognizer, RecognizerConfig, output_length
 
@@ -172,3 +172,43 @@ def test_sampler_drives_a_dataloader(tmp_path):
         assert batch.images.shape[0] == 4
         assert batch.images.shape[3] == max(ds.widths[i] for i in indices)
         assert batch.labels == [ds[i][1] for i in indices]
+
+
+def test_a_mixed_epoch_takes_the_main_set_once_and_fills_each_share():
+    rng = random.Random(0)
+    order = mixed_epoch(rng, [(90, 0.75), (7, 0.2), (1000, 0.05)])  # 120 in all: 90 + 24 + 6
+    assert len(order) == 120
+    assert sorted(i for i in order if i < 90) == list(range(90))         # every main sample exactly once
+    small = [i for i in order if 90 <= i < 97]
+    assert len(small) == 24 and set(small) == set(range(90, 97))       # a small set repeats, every sample
+    assert max(small.count(i) for i in set(small)) - min(small.count(i) for i in set(small)) <= 1  # in whole passes
+    large = [i for i in order if i >= 97]
+    assert len(large) == 6 and len(set(large)) == 6 and all(i < 1097 for i in large)
+    assert order != sorted(order)                                      # shuffled, not block after block
+
+
+def test_a_mixed_sampler_keeps_the_shares_over_a_run_and_draws_new_extras_each_epoch():
+    widths = _widths(200) + _widths(2000, seed=1)
+    sampler = BucketBatchSampler(widths, batch_size=8, num_batches=300, seed=4, mix=[(200, 0.8), (2000, 0.2)])
+    indices = [i for batch in sampler for i in batch]
+    extra = [i for i in indices if i >= 200]
+    assert abs(len(extra) / len(indices) - 0.2) < 0.02
+    assert len(set(extra)) > 300  # ~50 extras an epoch, drawn afresh from the 2,000 (the same 50 again: 50)
+    assert list(sampler) == list(BucketBatchSampler(widths, 8, 300, seed=4, mix=[(200, 0.8), (2000, 0.2)]))
+    # without a mix the order is the one the sampler always gave (runs before train.mix are reproduced)
+    assert list(BucketBatchSampler(widths[:200], 8, 30, seed=4, mix=[(200, 1.0)])) == \
+        list(BucketBatchSampler(widths[:200], 8, 30, seed=4))
+
+
+def test_mixed_crops_read_each_part_by_global_index(tmp_path):
+    main = CropDataset(_lmdb(tmp_path / "main", [((20, 40), "가"), ((20, 60), "나다"), ((20, 40), "라")]), KOREAN)
+    extra = CropDataset(_lmdb(tmp_path / "extra", [((20, 40), "서울"), ((20, 4000), "너무넓다")]), KOREAN,
+                        max_width=512)
+    mixed = MixedCrops([main, extra], [0.7, 0.3])
+    assert len(mixed) == 4 and mixed.blocks == [(3, 0.7), (1, 0.3)]
+    assert [mixed[i][1] for i in range(4)] == ["가", "나다", "라", "서울"]
+    assert mixed.widths == main.widths + extra.widths
+    assert mixed.longest_label == 2 and mixed.dropped["too_wide"] == 1
+    assert mixed[(3, 5, 0)][1] == "서울"  # tagged keys (augmentation) reach the part too
+    batch = mixed.collate([mixed[0], mixed[3]])
+    assert batch.labels == ["가", "서울"] and batch.target_lengths.tolist() == [1, 2]

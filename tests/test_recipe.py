@@ -282,7 +282,9 @@ def test_card_of_a_gpu_instalment_counts_the_sets_it_did_not_see_and_names_the_g
     monkeypatch.setenv("KOCR_PARAMS", str(tmp_path / "p.yaml"))
     (tmp_path / "train.json").write_text(json.dumps({
         "steps": 5100, "best_val_cer": 0.01, "best_step": 5100, "train_seconds": 330.0, "validation_seconds": 9.0,
-        "train_samples": 312345, "val_n": 5000, "base": "ko_base", "device": "cuda: NVIDIA H200"}))
+        "train_samples": 332345, "val_n": 5000, "base": "ko_base", "device": "cuda: NVIDIA H200",
+        "train_mix": [{"path": "recipes/ko-base/data/train", "samples": 312345, "share": 0.7},
+                      {"path": "data/hand/train", "samples": 20000, "share": 0.3}]}))  # real crops mixed in
     (tmp_path / "eval.json").write_text(json.dumps({"models": {"recipe": "model.pt"}, "sets": {}}))
     data = tmp_path / "data"
     shutil.copytree(heldout_crops / "lmdb", data / "heldout")
@@ -297,6 +299,8 @@ def test_card_of_a_gpu_instalment_counts_the_sets_it_did_not_see_and_names_the_g
     assert "continues the shipped base for 5100 steps x 256 on 312,345 synthetic training images" in text
     assert "- train: 312,345 images" in text and "- val: 5,000 images" in text and "- held-out: 8 images" in text
     assert "Trained on cuda: NVIDIA H200." in text and "size: gpu-instalment" in text
+    assert "- mixed into training (`train.mix`): `data/hand/train`, 20,000 samples, 30% of each epoch" in text
+    assert "with the other sets listed under Data mixed in (`train.mix`)" in text
 
 
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,7 +225,9 @@ def test_batch_max_length_is_derived_from_the_data(prepared, tmp_path):
 
 def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["train"].update({**TINY, "steps": 6, "val_every": 3, "checkpoint_every": 3})
+    replay = tmp_path / "replay"  # a second training set (a copy of val), its version tracked
+    shutil.copytree(prepared / "val", replay)
+    params["train"].update({**TINY, "steps": 6, "val_every": 3, "checkpoint_every": 3, "mix": {str(replay): 0.25}})
     params["model"].update({"output_channel": 32, "hidden_size": 32})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-test"}
@@ -241,7 +244,12 @@ def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path)
     runs = mlflow.search_runs(search_all_experiments=True, filter_string="tags.`kocr.stage` = 'train'")
     assert len(runs) == 1  # rank 1 trained silently: one run, one model
     run_id = runs.iloc[0]["run_id"]
-    assert mlflow.get_run(run_id).data.params["global_batch_size"] == "8"
+    run = mlflow.get_run(run_id)
+    assert run.data.params["global_batch_size"] == "8"
+    assert run.data.params["train_mix"].endswith(f"{replay}: {summary['val_n']} samples, share 0.25")
+    inputs = {i.dataset.name: {t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs}
+    assert inputs[str(replay)]["mlflow.data.context"] == "mix.0"
+    assert run.data.tags["kocr.data.mix.0"] == run.data.tags["kocr.data.val"]  # the same content, the same hash
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id)}
     assert "val_samples.json" in artifacts
 
@@ -267,3 +275,18 @@ def test_best_checkpoint_is_lower_cer_or_equal_cer_at_lower_loss():
     assert not improves(best, 0.0085, 0.026) and not improves(best, 0.0085, 0.030)
     assert not improves(best, 0.0090, 0.001)  # a lower loss never beats a lower CER
     assert not improves(best, 0.0085, float("nan"))
+
+
+def test_mix_adds_training_sets_in_their_share_and_refuses_bad_shares(prepared, tmp_path):
+    main = len(CropDataset(LmdbDataset(prepared / "train"), Charset.named("korean_g2")))
+    extra = len(CropDataset(LmdbDataset(prepared / "val"), Charset.named("korean_g2")))
+    summary = _run(prepared, tmp_path / "a", steps=2, val_every=2, mix={str(prepared / "val"): 0.3})
+    assert summary["train_samples"] == main + extra
+    assert summary["train_mix"] == [{"path": str(prepared / "train"), "samples": main, "share": 0.7},
+                                    {"path": str(prepared / "val"), "samples": extra, "share": 0.3}]
+    assert "train_mix" not in _run(prepared, tmp_path / "c", steps=1, val_every=1)  # no mix, no entry
+    for mix, message in (({str(prepared / "val"): 1.5}, "between 0 and 1"),
+                         ({str(prepared / "val"): 0.6, str(prepared / "train"): 0.5}, "add up to 1.1"),
+                         ({str(tmp_path / "nowhere"): 0.2}, "nowhere: not an LMDB set")):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            _run(prepared, tmp_path / "b", steps=1, mix=mix)

@@ -8,10 +8,11 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -99,6 +100,62 @@ class CropDataset(Dataset):
         )
 
 
+class MixedCrops(Dataset):
+    """Several :class:`CropDataset` end to end: the main set first, then the sets ``train.mix`` adds.
+
+    ``blocks`` pairs each part's size with its share of the training samples; hand it to
+    :class:`BucketBatchSampler` as ``mix`` so each epoch draws the parts in those shares.
+    """
+
+    def __init__(self, parts: Sequence[CropDataset], shares: Sequence[float]) -> None:
+        if len(parts) != len(shares) or not parts:
+            raise ValueError("MixedCrops needs one share per part")
+        self.parts = list(parts)
+        self.blocks = [(len(part), share) for part, share in zip(parts, shares)]
+        self._starts = [0]
+        for part in self.parts:
+            self._starts.append(self._starts[-1] + len(part))
+        self.widths = [w for part in self.parts for w in part.widths]
+        self.longest_label = max(part.longest_label for part in self.parts)
+        self.dropped: Counter[str] = sum((part.dropped for part in self.parts), Counter())
+
+    def __len__(self) -> int:
+        return self._starts[-1]
+
+    def __getitem__(self, key: int | tuple[int, int, int]):
+        index = key[0] if isinstance(key, tuple) else key
+        part = bisect.bisect_right(self._starts, index) - 1
+        local = index - self._starts[part]
+        return self.parts[part][(local, *key[1:]) if isinstance(key, tuple) else local]
+
+    def collate(self, items) -> CropBatch:
+        """DataLoader ``collate_fn`` (the parts share charset and height)."""
+        return self.parts[0].collate(items)
+
+
+def mixed_epoch(rng: random.Random, blocks: Sequence[tuple[int, float]]) -> list[int]:
+    """One epoch's indices over consecutive blocks of ``(size, share)``, shuffled.
+
+    The first block is taken whole, once; the epoch's length is its size over its share, and every
+    other block fills its share of that length with shuffled passes over its indices (a small set
+    repeats, a large one is sampled afresh each epoch).
+    """
+    first_size, first_share = blocks[0]
+    length = first_size / first_share
+    order, offset = list(range(first_size)), first_size
+    for size, share in blocks[1:]:
+        want = max(1, round(length * share))
+        drawn: list[int] = []
+        while len(drawn) < want:
+            lap = list(range(offset, offset + size))
+            rng.shuffle(lap)
+            drawn += lap[:want - len(drawn)]
+        order += drawn
+        offset += size
+    rng.shuffle(order)
+    return order
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of similar width, so little compute goes into padding; deterministic by seed.
 
@@ -108,26 +165,32 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     Under data parallelism the global sequence holds ``num_batches x world_size`` batches and rank
     ``r`` takes every ``world_size``-th from ``r``, so ranks never share a sample within a step.
-    ``start`` skips the first steps (a resumed run continues the exact sequence). With ``tagged``
+    With ``mix`` (:attr:`MixedCrops.blocks`) each epoch draws the blocks in their shares
+    (:func:`mixed_epoch`) instead of every index once. ``start`` skips the first steps (a resumed run continues the exact sequence). With ``tagged``
     each index comes as ``(index, step, slot)`` (step counted from 1, slot unique over ranks) for
     :class:`CropDataset`'s seeded augmentation.
     """
 
     def __init__(self, widths: list[int], batch_size: int, num_batches: int, seed: int = 0, pool: int = 50,
-                 start: int = 0, rank: int = 0, world_size: int = 1, tagged: bool = False) -> None:
+                 start: int = 0, rank: int = 0, world_size: int = 1, tagged: bool = False,
+                 mix: Sequence[tuple[int, float]] | None = None) -> None:
         if len(widths) < batch_size * world_size:
             raise ValueError(f"{len(widths)} samples cannot fill one batch of {batch_size} on each of "
                              f"{world_size} process(es)")
         self.widths, self.batch_size, self.num_batches = widths, batch_size, num_batches
         self.seed, self.pool = seed, pool
         self.start, self.rank, self.world_size, self.tagged = start, rank, world_size, tagged
+        self.mix = list(mix) if mix and len(mix) > 1 else None
 
     def __len__(self) -> int:
         return max(self.num_batches - self.start, 0)
 
     def _epoch(self, rng: random.Random) -> list[list[int]]:
-        order = list(range(len(self.widths)))
-        rng.shuffle(order)
+        if self.mix:
+            order = mixed_epoch(rng, self.mix)
+        else:
+            order = list(range(len(self.widths)))
+            rng.shuffle(order)
         batches = []
         span = self.batch_size * self.pool
         for start in range(0, len(order), span):

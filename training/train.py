@@ -34,7 +34,7 @@ from evaluation.metrics import recognition_scores
 from training.charset import Charset
 from training.attention import AttnCodec, attention_loss, num_class_for
 from training.checkpoint import file_digest, load_recognizer, save_checkpoint, start_from
-from training.crops import BucketBatchSampler, CropBatch, CropDataset
+from training.crops import BucketBatchSampler, CropBatch, CropDataset, MixedCrops
 from training.data.lmdb_store import LmdbDataset
 from training.distributed import DistContext, all_agree, broadcast_flag, init_distributed, shutdown, sum_over_ranks
 from training.model import Recognizer, RecognizerConfig
@@ -72,6 +72,7 @@ class TrainConfig:
     focal_gamma: float = 0.0         # 0 = plain CTC; > 0 = focal CTC, (1 - p)^gamma weighting
     ema_decay: float = 0.0           # > 0: validate and keep an exponential moving average of the weights
     average_with_base: float = 0.0   # > 0: the kept checkpoint is this share of the start plus the rest of the best
+    mix: dict[str, float] = field(default_factory=dict)  # more LMDB training sets: {path: share of the samples}
     checkpoint_every: int = 50       # write the resumable state every N steps (and at each validation)
     log_every: int = 10              # loss and lr to MLflow every N steps (every step goes to plots/)
     log_samples: int = 8             # validation crops shown with their reading at each validation
@@ -310,15 +311,51 @@ class Progress:
     sample_rows: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _datasets(config: TrainConfig, data_dir: Path, charset: Charset) -> tuple[CropDataset, CropDataset]:
-    train_set = CropDataset(LmdbDataset(data_dir / "train"), charset, config.imgH, config.max_width,
-                            batch_max_length=config.batch_max_length, augment=config.augment, seed=config.seed)
+def _training_crops(path: Path, config: TrainConfig, charset: Charset) -> CropDataset:
+    crops = CropDataset(LmdbDataset(path), charset, config.imgH, config.max_width,
+                        batch_max_length=config.batch_max_length, augment=config.augment, seed=config.seed)
+    if len(crops) == 0:
+        raise ValueError(f"{path}: no usable training samples (dropped: {dict(crops.dropped)})")
+    return crops
+
+
+def mix_shares(mix: dict[str, float]) -> list[tuple[Path, float]]:
+    """``train.mix`` checked: each set's path and share, in order; the main set keeps the rest (> 0).
+
+    >>> mix_shares({"data/replay": 0.25})
+    [(PosixPath('data/replay'), 0.25)]
+    """
+    if not isinstance(mix, dict):
+        raise ValueError(f"train.mix: expected a mapping {{path: share}}, got {mix!r}")
+    shares = []
+    for path, share in mix.items():
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+            raise ValueError(f"train.mix: {path}: share {share!r} must be a number between 0 and 1")
+        shares.append((Path(path), float(share)))
+    if sum(share for _, share in shares) >= 1:
+        raise ValueError(f"train.mix: shares add up to {sum(s for _, s in shares):g}; the main training set "
+                         "needs the rest, so keep the sum below 1")
+    return shares
+
+
+def _datasets(config: TrainConfig, data_dir: Path, charset: Charset) -> tuple[CropDataset | MixedCrops, CropDataset]:
+    train_set: CropDataset | MixedCrops = _training_crops(data_dir / "train", config, charset)
+    extra = mix_shares(config.mix)
+    if extra:
+        parts = [train_set, *(_training_crops(path, config, charset) for path, _ in extra)]
+        train_set = MixedCrops(parts, [1 - sum(share for _, share in extra), *(share for _, share in extra)])
     # batch_max_length filters training only: validation stays the whole set, so runs (and tuning
     # trials) with different limits are scored on the same samples.
     val_set = CropDataset(LmdbDataset(data_dir / "val"), charset, config.imgH, config.max_width)
-    if len(train_set) == 0:
-        raise ValueError(f"{data_dir / 'train'}: no usable training samples (dropped: {dict(train_set.dropped)})")
     return train_set, val_set
+
+
+def _mix_report(train_set: CropDataset | MixedCrops, data_dir: Path, config: TrainConfig) -> list[dict[str, Any]]:
+    """What each training set brings under ``train.mix``: path, samples kept, share of each epoch."""
+    if not isinstance(train_set, MixedCrops):
+        return []
+    names = [str(data_dir / "train"), *(str(path) for path, _ in mix_shares(config.mix))]
+    return [{"path": name, "samples": n, "share": share} for name, (n, share) in zip(names, train_set.blocks)]
 
 
 def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -366,6 +403,9 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             "world_size": ctx.world_size, "global_batch_size": config.batch_size * ctx.world_size,
             "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             **{f"train_dropped_{k}": v for k, v in train_set.dropped.items()}}
+    mixed = _mix_report(train_set, data_dir, config)
+    if mixed:
+        info["train_mix"] = ", ".join(f"{m['path']}: {m['samples']} samples, share {m['share']:g}" for m in mixed)
     if log:
         mlflow.log_params(info)
         mlflow.set_tag("device", str(device))
@@ -394,7 +434,8 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
         runner = torch.compile(runner)
 
     sampler = BucketBatchSampler(train_set.widths, config.batch_size, config.steps, seed=config.seed,
-                                 start=state.step, rank=ctx.rank, world_size=ctx.world_size, tagged=True)
+                                 start=state.step, rank=ctx.rank, world_size=ctx.world_size, tagged=True,
+                                 mix=getattr(train_set, "blocks", None))
     batches = _loader(train_set, config, device, sampler)
     val_loader = _loader(val_set, config, device)
     started, seen_here, validating_seconds = time.perf_counter(), 0, 0.0
@@ -467,6 +508,8 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
                "head_rows_copied": transfer.get("head_rows_copied", 0), "world_size": ctx.world_size,
                "batch_max_length_used": info["batch_max_length_used"]}
     summary["device"] = device_name(device)
+    if mixed:
+        summary["train_mix"] = mixed
     if device.type == "cuda":
         summary["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     if not main:
