@@ -98,7 +98,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.distributed import launched_by_torchrun, process_rank
-    from training.train import TrainConfig, train
+    from training.train import TrainConfig, mix_shares, train
 
     params = load_params()
     config = TrainConfig.from_params(params)
@@ -118,7 +118,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                    system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)
-        for i, path in enumerate(config.mix):  # train.mix: the other training sets' versions too
+        for i, (path, _) in enumerate(mix_shares(config.mix)):  # train.mix (checked): the other sets' versions too
             log_dataset(path, context=f"mix.{i}")
         summary = train(config, args.data, args.out, metrics_file=args.metrics, plots_dir=args.plots,
                         state_file=state_file, resume=args.resume)
