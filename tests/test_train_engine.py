@@ -23,7 +23,7 @@ from tests.conftest import REPO
 from training.augment import augment_crop, sample_rng
 from training.charset import Charset
 from training.crops import BucketBatchSampler, CropDataset
-from training.data.lmdb_store import LmdbDataset
+from training.data.lmdb_store import LmdbDataset, lmdb_parts
 from training.optim import MIN_LR_RATIO, make_scheduler
 from training.resume import load_state
 from training.train import TrainConfig, improves, train
@@ -157,6 +157,51 @@ def test_resume_refuses_another_runs_state_and_starts_fresh(prepared, tmp_path, 
     assert summary["device"] == f"cpu: {os.cpu_count()} cores"  # what trained, for the model card
 
 
+def test_a_resumed_run_gets_back_its_best_checkpoint_when_the_output_folder_was_deleted(prepared, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """``dvc repro`` deletes a stage's outputs before it runs it again: the state must carry the best so far."""
+    monkeypatch.setattr(train_module, "improves", lambda best, cer, loss: best["step"] == 0)  # step 2 stays best
+    state, out = tmp_path / "run.pt", tmp_path / "out"
+    knobs = {"steps": 8, "val_every": 2, "checkpoint_every": 100}
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**TINY, **knobs}), prepared, out, progress=False, log=False, state_file=state,
+              metrics_file=tmp_path / "m.json", plots_dir=tmp_path / "p",
+              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    saved = (out / "model.pt").read_bytes()
+    shutil.rmtree(out)
+    summary = _run(prepared, out, state, resume=True, **knobs)
+    assert "resuming" in capsys.readouterr().err
+    assert summary["best_step"] == 2 and (out / "model.pt").read_bytes() == saved
+    assert torch.load(out / "model.pt", map_location="cpu")["meta"]["step"] == 2
+
+
+def test_resume_refuses_a_state_whose_data_changed_with_the_same_count(prepared, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    _relabel_first_sample(data / "train")  # the same crops and count, two labels swapped
+    state = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**TINY, "steps": 8, "val_every": 2}), prepared, tmp_path / "a", progress=False,
+              log=False, state_file=state, metrics_file=tmp_path / "m.json", plots_dir=tmp_path / "p",
+              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    summary = _run(data, tmp_path / "b", state, resume=True, steps=8, val_every=2)
+    assert "belongs to another run (train_data changed)" in capsys.readouterr().err
+    assert summary["steps"] == 8
+
+
+def _relabel_first_sample(split: Path) -> None:
+    """Swap the labels of the first two samples that differ: same count, same labels, other pairs."""
+    import lmdb
+
+    env = lmdb.open(str(lmdb_parts(split)[0]))
+    with env.begin(write=True) as txn:
+        first = txn.get(b"label-%09d" % 1)
+        n = next(n for n in range(2, 1000) if txn.get(b"label-%09d" % n) != first)
+        txn.put(b"label-%09d" % 1, txn.get(b"label-%09d" % n))
+        txn.put(b"label-%09d" % n, first)
+    env.close()
+
+
 def test_the_steady_rate_leaves_out_the_loaders_start_up(prepared, tmp_path, monkeypatch):
     """A short timed window's rate from the start carries the workers' start-up; the steady rate must not."""
     real = train_module._loader
@@ -227,7 +272,9 @@ def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path)
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     replay = tmp_path / "replay"  # a second training set (a copy of val), its version tracked
     shutil.copytree(prepared / "val", replay)
-    params["train"].update({**TINY, "steps": 6, "val_every": 3, "checkpoint_every": 3, "mix": {str(replay): 0.25}})
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump({"study": "s", "trial": 0, "train": {"lr": 0.02}}))
+    params["train"].update({**TINY, "steps": 6, "val_every": 3, "checkpoint_every": 3, "mix": {str(replay): 0.25},
+                            "use_tuned": True, "tuned_params": str(tmp_path / "best.yaml")})
     params["model"].update({"output_channel": 32, "hidden_size": 32})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-test"}
@@ -246,6 +293,7 @@ def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path)
     run_id = runs.iloc[0]["run_id"]
     run = mlflow.get_run(run_id)
     assert run.data.params["global_batch_size"] == "8"
+    assert run.data.params["train.lr"] == run.data.params["tuned.lr"] == "0.02"  # the value that trained
     assert run.data.params["train_mix"].endswith(f"{replay}: {summary['val_n']} samples, share 0.25")
     inputs = {i.dataset.name: {t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs}
     assert inputs[str(replay)]["mlflow.data.context"] == "mix.0"

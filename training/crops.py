@@ -9,6 +9,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import hashlib
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class CropDataset(Dataset):
     Items are fetched by index, or by ``(index, step, slot)`` keys from a tagged
     :class:`BucketBatchSampler`: then the crop is augmented with strength ``augment`` by a generator
     seeded from (seed, step, slot), the same in any worker and after a resume.
+
+    ``fingerprint`` digests every sample's label and image size in order: a resumed run checks it,
+    so a set relabelled or rebuilt with the same count is not mistaken for the one a state trained on.
     """
 
     def __init__(self, source: LmdbDataset, charset: Charset, imgH: int = 64, max_width: int = 1024,
@@ -57,15 +61,17 @@ class CropDataset(Dataset):
         self.indices: list[int] = []
         self.widths: list[int] = []  # EasyOCR pad width of each kept sample, for bucketing
         self.longest_label = 0       # characters in the longest kept label: the batch_max_length this set needs
+        digest = hashlib.sha256()
         for i in range(len(source)):
             label = source.label(i)
+            h, w = source.size(i)
+            digest.update(f"{label}\t{h}\t{w}\n".encode("utf-8", "surrogatepass"))
             if not label or charset.missing(label):
                 self.dropped["out_of_charset" if label else "empty_label"] += 1
                 continue
             if batch_max_length > 0 and len(label) > batch_max_length:
                 self.dropped["over_batch_max_length"] += 1
                 continue
-            h, w = source.size(i)
             width = pad_width(w, h, imgH)
             if width > max_width:
                 self.dropped["too_wide"] += 1
@@ -77,6 +83,7 @@ class CropDataset(Dataset):
             self.indices.append(i)
             self.widths.append(width)
             self.longest_label = max(self.longest_label, len(label))
+        self.fingerprint = digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -118,6 +125,8 @@ class MixedCrops(Dataset):
         self.widths = [w for part in self.parts for w in part.widths]
         self.longest_label = max(part.longest_label for part in self.parts)
         self.dropped: Counter[str] = sum((part.dropped for part in self.parts), Counter())
+        pairs = [(part.fingerprint, share) for part, share in zip(parts, shares)]
+        self.fingerprint = hashlib.sha256(repr(pairs).encode()).hexdigest()
 
     def __len__(self) -> int:
         return self._starts[-1]

@@ -1,4 +1,4 @@
-"""The resumable training state: model, optimizer, scheduler, grad scaler, RNG state, counters.
+"""The resumable training state: model, optimizer, scheduler, grad scaler, RNG state, counters, best checkpoint.
 
 ``kocr train --resume`` continues a killed run from its last state file, so that it ends exactly
 where an uninterrupted run ends (same batches, same augmentations, same weights). The file is
@@ -28,12 +28,20 @@ RESUMABLE_CHANGES = frozenset({"val_every", "patience", "checkpoint_every", "num
 
 def save_state(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    path = Path(path)
+    return _write_atomically(Path(path), lambda fh: torch.save(payload, fh))
+
+
+def save_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` the same way: a kill leaves the old file or the new one, never half."""
+    return _write_atomically(Path(path), lambda fh: fh.write(data))
+
+
+def _write_atomically(path: Path, write: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -39,7 +39,7 @@ from training.data.lmdb_store import LmdbDataset
 from training.distributed import DistContext, all_agree, broadcast_flag, init_distributed, shutdown, sum_over_ranks
 from training.model import Recognizer, RecognizerConfig
 from training.optim import make_optimizer, make_scheduler
-from training.resume import config_differences, load_state, restore_rng, rng_state, save_state
+from training.resume import config_differences, load_state, restore_rng, rng_state, save_bytes, save_state
 from training.weight_average import make_ema, mean_state_dict
 
 
@@ -421,11 +421,13 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, config.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     signature = {"config": _resumable(config), "train_samples": len(train_set), "val_samples": len(val_set),
-                 "world_size": ctx.world_size}
+                 "world_size": ctx.world_size, "train_data": train_set.fingerprint, "val_data": val_set.fingerprint,
+                 "base_sha256": transfer.get("base_sha256", "")}
     ema = make_ema(core, config.ema_decay) if main else None
     state = Progress()
     if resume and state_file is not None:
-        state = _resume(Path(state_file), signature, core, optimizer, scheduler, scaler, ema) or state
+        state = _resume(Path(state_file), signature, core, optimizer, scheduler, scaler, ema,
+                        out_dir if main else None) or state
     runner: torch.nn.Module = core
     if ctx.enabled:
         runner = torch.nn.parallel.DistributedDataParallel(
@@ -485,7 +487,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             validating_seconds += time.perf_counter() - before
         if state_file is not None and main and (validating or step % config.checkpoint_every == 0):
             _save(Path(state_file), signature, state, core, optimizer, scheduler, scaler,
-                  seen_here, time.perf_counter() - started - validating_seconds, ctx, ema)
+                  seen_here, time.perf_counter() - started - validating_seconds, ctx, ema, out_dir)
         if validating and broadcast_flag(stop, ctx):
             break
     bar.close()
@@ -616,18 +618,27 @@ def _resumable(config: TrainConfig) -> dict[str, Any]:
 
 def _save(path: Path, signature: dict[str, Any], state: Progress, core: Recognizer,
           optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
-          seen_here: int, seconds: float, ctx: DistContext, ema: torch.nn.Module | None = None) -> None:
+          seen_here: int, seconds: float, ctx: DistContext, ema: torch.nn.Module | None = None,
+          out_dir: Path | None = None) -> None:
+    """Write the resumable state, with the best checkpoint so far: ``dvc repro`` deletes the stage's
+    outputs before it runs the stage again, so the state must not rely on ``out_dir/model.pt`` surviving."""
     counters = Progress(**{**vars(state), "seen": state.seen + seen_here * ctx.world_size,
                            "seconds": state.seconds + seconds})
+    kept = out_dir / "model.pt" if out_dir is not None and state.best["step"] else None
     save_state(path, {"signature": signature, "progress": vars(counters), "model": core.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                       "scaler": scaler.state_dict(), "rng": rng_state(),
-                      "ema": ema.state_dict() if ema is not None else None})
+                      "ema": ema.state_dict() if ema is not None else None,
+                      "best_checkpoint": kept.read_bytes() if kept is not None and kept.is_file() else None})
 
 
 def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: torch.optim.Optimizer,
-            scheduler: Any, scaler: torch.amp.GradScaler, ema: torch.nn.Module | None = None) -> Progress | None:
-    """Load a saved state into the objects; None (and a message) when there is none or it is another run's."""
+            scheduler: Any, scaler: torch.amp.GradScaler, ema: torch.nn.Module | None = None,
+            out_dir: Path | None = None) -> Progress | None:
+    """Load a saved state into the objects; None (and a message) when there is none or it is another run's.
+
+    With ``out_dir`` (rank 0) the best checkpoint saved with the state is written back as ``model.pt``.
+    """
     if not path.is_file():
         print(f"train: no saved state at {path}; starting from step 0", file=sys.stderr)
         return None
@@ -636,6 +647,7 @@ def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: 
     changed = config_differences(old["config"], signature["config"])
     changed += [f"{k}: {old.get(k)} -> {signature[k]}" for k in ("train_samples", "val_samples", "world_size")
                 if old.get(k) != signature[k]]
+    changed += [f"{k} changed" for k in ("train_data", "val_data", "base_sha256") if old.get(k) != signature[k]]
     if changed:
         print(f"train: {path} belongs to another run ({'; '.join(changed)}); starting from step 0", file=sys.stderr)
         return None
@@ -647,5 +659,7 @@ def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: 
         ema.load_state_dict(saved["ema"])
     restore_rng(saved["rng"])
     progress = Progress(**saved["progress"])
+    if out_dir is not None and saved.get("best_checkpoint"):
+        save_bytes(out_dir / "model.pt", saved["best_checkpoint"])
     print(f"train: resuming {path} at step {progress.step}", file=sys.stderr)
     return progress
