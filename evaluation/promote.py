@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,17 +50,21 @@ class Candidate:
     eval_data_hash: str
 
 
+LOCK_URL_ENV = "KOCR_PROMOTE_LOCK_URL"
+
+
 @contextlib.contextmanager
 def promotion_lock(model_name: str, lock_url: str = "") -> Iterator[None]:
     """Serialise champion decisions for ``model_name`` across processes and machines.
 
     MLflow has no compare-and-set on aliases, so two promotions that both read the old champion
-    would both win. The lock is a PostgreSQL advisory lock when ``lock_url`` (or the tracking URI)
-    is a PostgreSQL database, and an exclusive file lock beside the store for SQLite and file stores.
-    A tracking server without ``lock_url`` falls back to no lock, with a warning: run promotions
-    from one place (the retrain workflow's concurrency group does) or set ``promote.lock_url``.
+    would both win. The lock is a PostgreSQL advisory lock when ``lock_url`` (else the environment's
+    ``KOCR_PROMOTE_LOCK_URL``, which keeps a password out of git, else the tracking URI) is a PostgreSQL
+    database, and an exclusive file lock beside the store for SQLite and file stores.
+    A tracking server without either falls back to no lock, with a warning: run promotions from one
+    place (the retrain workflow's concurrency group does) or set one of them.
     """
-    uri = lock_url or mlflow.get_tracking_uri()
+    uri = lock_url or os.environ.get(LOCK_URL_ENV) or mlflow.get_tracking_uri()
     lock = None
     if uri.startswith(("postgresql", "sqlite:")):
         lock = database_lock(uri, f"kocr-promote:{model_name}")
@@ -70,8 +75,8 @@ def promotion_lock(model_name: str, lock_url: str = "") -> Iterator[None]:
         with lock:
             yield
         return
-    warnings.warn(f"promotion of {model_name} is not locked: set promote.lock_url to a PostgreSQL URL "
-                  "when several pipelines may promote at once", stacklevel=3)
+    warnings.warn(f"promotion of {model_name} is not locked: set {LOCK_URL_ENV} (or promote.lock_url) to a "
+                  "PostgreSQL URL when several pipelines may promote at once", stacklevel=3)
     yield
 
 

@@ -14,13 +14,16 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from kocr.params import load_params
+from kocr.params import load_params, params_path
 
 
 def _dump(data: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+SAMPLE_KEYS = ("fonts", "width", "height", "charset_name", "degrade", "contact_sheet")  # sample: -> generate_pages
 
 
 def cmd_synth_pages(args: argparse.Namespace) -> None:
@@ -30,10 +33,13 @@ def cmd_synth_pages(args: argparse.Namespace) -> None:
     from training.data.synth_pages import generate_pages
 
     cfg = load_params().get("sample", {})
+    unknown = sorted(set(cfg) - {"count", "seed", *SAMPLE_KEYS, "font_size"})
+    if unknown:
+        raise SystemExit(f"kocr synth-pages: error: sample: unknown keys {unknown} (known: count, seed, "
+                         f"{', '.join(SAMPLE_KEYS)}, font_size)")
     count = args.count if args.count is not None else cfg.get("count", 20)
     seed = args.seed if args.seed is not None else cfg.get("seed", 0)
-    kwargs = {k: cfg[k] for k in ("fonts", "width", "height", "charset_name", "degrade", "contact_sheet")
-              if k in cfg}
+    kwargs = {k: cfg[k] for k in SAMPLE_KEYS if k in cfg}
     if "font_size" in cfg:
         kwargs["font_size"] = tuple(cfg["font_size"])
     with stage_run("sample", {"sample": {**cfg, "count": count, "seed": seed}}):
@@ -114,8 +120,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from evaluation.reader import DetectorSettings
     from kocr.tracking import log_dataset, stage_run
 
-    with stage_run("train", {"train": params.get("train", {}), "model": params.get("model", {})},
-                   system_metrics=True) as run:
+    used = {**params.get("train", {}), **{k: getattr(config, k) for k in config.tuned_keys}}  # the values that train
+    with stage_run("train", {"train": used, "model": params.get("model", {})}, system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)
         for i, (path, _) in enumerate(mix_shares(config.mix)):  # train.mix (checked): the other sets' versions too
@@ -136,13 +142,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from kocr.tracking import log_dataset, stage_run
-    from training.tune import TuneConfig, TuneError, run_tune
+    from training.tune import TuneConfig, TuneError, redact, run_tune
 
     params = load_params()
     try:
         config = TuneConfig.from_params(params.get("tune", {})).with_overrides(
             storage=args.storage, study_name=args.study, n_trials=args.n_trials, timeout_s=args.timeout)
-        with stage_run("tune", {k: params.get(k, {}) for k in ("tune", "train", "model")}, experiment="ko-ocr/tune"):
+        used = {**params.get("tune", {}), "n_trials": config.n_trials, "timeout_s": config.timeout_s,
+                "study_name": config.study_name, "storage": redact(config.storage) if config.storage else ""}
+        with stage_run("tune", {"tune": used, "train": params.get("train", {}), "model": params.get("model", {})},
+                       experiment="ko-ocr/tune"):
             for split in ("train", "val"):
                 log_dataset(Path(args.data) / split, context=split)
             best = run_tune(config, params, args.data, args.out)
@@ -176,6 +185,16 @@ def _log_curves(plots_dir: Path) -> None:
     fig.tight_layout()
     mlflow.log_figure(fig, "plots/train_curves.png")
     plt.close(fig)
+
+
+def _outside_note(command: str) -> None:
+    """Say so when a command that also works outside the project ran without params.yaml: every setting
+    was then the default, and EasyOCR's default ``width_ths`` boxes whole lines, not words."""
+    path = params_path()
+    if not path.is_file():
+        print(f"kocr {command}: no {path} in {Path.cwd()}: EasyOCR's default detector settings were used "
+              "(width_ths 0.5 boxes whole lines); run from the project root or set KOCR_PARAMS for the "
+              "project's", file=sys.stderr)
 
 
 def _settings(params: dict[str, Any]):
@@ -295,20 +314,28 @@ def cmd_export(args: argparse.Namespace) -> None:
     from training.checkpoint import load_recognizer
     from training.export_easyocr import export_easyocr
 
+    loaded = load_recognizer(args.model)
     params = load_params(required=False)
     name = args.name or params.get("export", {}).get("name", "ko_ocr")
     langs = tuple(params.get("export", {}).get("lang_list", ["ko", "en"]))
-    loaded = load_recognizer(args.model)
     paths = export_easyocr(loaded, args.out, name, langs, with_detector=args.with_detector,
                            readtext_kwargs=_settings(params).changed())
     print(f"export-easyocr: {args.model} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")
-    if args.parity_source:
+    _outside_note("export-easyocr")
+    if args.parity_source:  # the pipeline's export stage: the check is tracked as its child run
+        import mlflow
+
         from evaluation.evaluate import test_pages
         from evaluation.parity import easyocr_parity
+        from kocr.tracking import stage_run
 
-        pages = test_pages(args.parity_source, args.splits, params.get("evaluate", {}).get("split", "test")) \
-            if args.splits else []
-        report = easyocr_parity(args.out, name, loaded, pages, _settings(params).add_margin)
+        with stage_run("export", {k: params.get(k, {}) for k in ("export", "detector")}):
+            mlflow.set_tag("kocr.exported_model", args.model)
+            pages = test_pages(args.parity_source, args.splits, params.get("evaluate", {}).get("split", "test")) \
+                if args.splits else []
+            report = easyocr_parity(args.out, name, loaded, pages, _settings(params).add_margin)
+            mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float))})
+            mlflow.log_artifact(str(paths["readme"]), "easyocr_bundle")
         _dump(report, args.metrics)
         print(f"export-easyocr: easyocr.Reader agrees with the platform on {report['float_agreement']:.1%} of "
               f"{report['crops']} crops unquantized, {report['int8_agreement']:.1%} with int8 quantization")
@@ -356,6 +383,7 @@ def cmd_evaluate_crops(args: argparse.Namespace) -> None:
         write_outputs(report, args.out, args.worst)
         _dump(scores, Path(args.out) / "scores.json")
     print(json.dumps(scores, ensure_ascii=False, indent=1))
+    _outside_note("evaluate-crops")
 
 
 def cmd_evaluate_pages(args: argparse.Namespace) -> None:
@@ -368,6 +396,7 @@ def cmd_evaluate_pages(args: argparse.Namespace) -> None:
         _dump(scores, Path(args.out) / "scores.json")
     print(json.dumps({label: {k: v for k, v in s.items() if k != "per_page"} for label, s in scores.items()},
                      ensure_ascii=False, indent=1))
+    _outside_note("evaluate-pages")
 
 
 def cmd_average(args: argparse.Namespace) -> None:
@@ -411,6 +440,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
         reader = PageReader(load_recognizer(args.model), _settings(load_params(required=False)))
         pages = [reader.read(image) for image in args.images]
+        _outside_note("predict")  # a models:/ URI reads with the settings logged beside the model instead
     for image, page in zip(args.images, pages):
         if args.out:
             write_page(page, Path(args.out) / (Path(image).stem + ".json"))

@@ -199,6 +199,8 @@ def test_check_architecture_names_both_values():
         check_architecture(base, RecognizerConfig(num_class=97, output_channel=512, input_channel=3), "x")
     assert "output_channel: checkpoint 256 vs config 512" in str(info.value)
     assert "input_channel: checkpoint 1 vs config 3" in str(info.value)
+    with pytest.raises(ArchitectureMismatch, match="imgH: checkpoint 64 vs config 32"):  # trained at one height,
+        check_architecture(base, RecognizerConfig(num_class=97, imgH=32), "x")          # read at the other
 
 
 def test_unknown_spec_is_named(tmp_path, monkeypatch):

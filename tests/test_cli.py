@@ -42,3 +42,25 @@ def test_prepare_of_missing_folder_names_it(tmp_path):
     (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
     done = _kocr("prepare-aihub", "--src", str(tmp_path / "absent"), "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 2 and "absent" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_commands_run_outside_the_project_say_they_use_easyocrs_detector_defaults(tmp_path, monkeypatch):
+    """Without params.yaml the detector settings are EasyOCR's (width_ths 0.5 boxes lines): said, not silent."""
+    from tests.conftest import REPO
+
+    monkeypatch.delenv("KOCR_PARAMS", raising=False)
+    outside = _kocr("export-easyocr", "--model", "english_g2", "--out", str(tmp_path / "a"), cwd=tmp_path)
+    inside = _kocr("export-easyocr", "--model", "english_g2", "--out", str(tmp_path / "b"), cwd=REPO)
+    assert outside.returncode == inside.returncode == 0, outside.stderr + inside.stderr
+    assert "no params.yaml" in outside.stderr and "width_ths 0.5 boxes whole lines" in outside.stderr
+    assert "no params.yaml" not in inside.stderr
+    # the bundle's README passes the settings the platform evaluated with: the project's word boxes, or none
+    assert "width_ths=0.0" in (tmp_path / "b" / "README.md").read_text(encoding="utf-8")
+    assert "width_ths" not in (tmp_path / "a" / "README.md").read_text(encoding="utf-8")
+
+
+def test_synth_pages_refuses_a_misspelt_sample_key(tmp_path):
+    (tmp_path / "params.yaml").write_text("sample: {count: 1, font_sizes: [20, 30]}\n", encoding="utf-8")
+    done = _kocr("synth-pages", "--out", str(tmp_path / "pages"), cwd=tmp_path)
+    assert done.returncode != 0 and "unknown keys ['font_sizes']" in done.stderr
+    assert not (tmp_path / "pages").exists()  # refused before anything was written

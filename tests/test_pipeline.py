@@ -97,7 +97,10 @@ def test_one_parent_run_with_a_child_per_stage(project):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1
     children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id}
-    assert set(children) == {"sample", "prepare", "train", "evaluate", "promote"}
+    assert set(children) == {"sample", "prepare", "train", "evaluate", "promote", "export"}
+    export = json.loads((project / "metrics" / "export.json").read_text())
+    assert children["export"].data.metrics["int8_agreement"] == export["int8_agreement"]  # the parity check, tracked
+    assert children["export"].data.tags["kocr.exported_model"].endswith("@champion")
     train = children["train"]
     assert train.data.params["train.steps"] == "6"
     assert "mlflow.source.git.commit" in train.data.tags

@@ -124,11 +124,13 @@ def test_two_racing_promotions_cannot_both_win(logged_uris, monkeypatch, tmp_pat
     assert int(client.get_model_version_by_alias("race", "champion").version) == winner["candidate_version"]
 
 
-def test_postgres_advisory_lock_excludes_a_second_holder():
+@pytest.mark.parametrize("given", ["argument", "environment"])
+def test_postgres_advisory_lock_excludes_a_second_holder(given, monkeypatch):
+    """The lock URL as promote.lock_url, or from KOCR_PROMOTE_LOCK_URL while tracking goes to an HTTP server."""
     import threading
     import time
 
-    from evaluation.promote import promotion_lock
+    from evaluation.promote import LOCK_URL_ENV, promotion_lock
 
     psycopg2 = pytest.importorskip("psycopg2")
     url = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
@@ -137,9 +139,13 @@ def test_postgres_advisory_lock_excludes_a_second_holder():
     except psycopg2.OperationalError as exc:
         pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unreachable: {exc}")
     events = []
+    if given == "environment":
+        monkeypatch.setenv(LOCK_URL_ENV, url)
+        monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:5000")
+    argument = url if given == "argument" else ""
 
     def holder(name: str, hold: float) -> None:
-        with promotion_lock("pg-lock-test", url):
+        with promotion_lock("pg-lock-test", argument):
             events.append((name, "in", time.monotonic()))
             time.sleep(hold)
             events.append((name, "out", time.monotonic()))

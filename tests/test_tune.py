@@ -23,6 +23,7 @@ from training.train import TrainConfig
 from training.tune import TuneConfig, TuneError, make_storage, run_trial, run_tune, suggest
 
 PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
+SECRET = "not-for-logs"
 PARAMS = {
     "model": {"output_channel": 32, "hidden_size": 32},
     "train": {"base": "scratch", "steps": 6, "batch_size": 4, "val_every": 3, "optimizer": "adam", "lr": 0.001},
@@ -87,8 +88,10 @@ def two_workers(pg_url, prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
     env = _env(f"sqlite:///{root / 'mlruns.db'}")
     # a generous grace period: on a loaded 2-core machine a 3 s one can fail a live trial as stale
+    # machine 2 gives the URL with a password (the local server trusts 127.0.0.1): it must not be logged
+    urls = {1: pg_url, 2: pg_url.replace("postgres@", f"postgres:{SECRET}@")}
     workers = [_worker(_project(root / f"machine{i}", heartbeat_interval_s=2, grace_period_s=30), prepared, env,
-                       "--storage", pg_url, "--study", "fleet") for i in (1, 2)]
+                       "--storage", urls[i], "--study", "fleet") for i in (1, 2)]
     outputs = [w.communicate(timeout=240)[0] for w in workers]
     for worker, output in zip(workers, outputs):
         assert worker.returncode == 0, output[-3000:]
@@ -112,13 +115,17 @@ def test_two_workers_finish_the_study_with_no_trial_lost_or_duplicated(two_worke
         assert "@" in best["storage"]
 
 
-def test_trial_runs_are_nested_under_their_workers_tune_run(two_workers):
+def test_trial_runs_are_nested_under_their_workers_tune_run(two_workers, pg_url):
     study, _, mlflow_uri, _ = two_workers
     client = mlflow.MlflowClient(mlflow_uri)
     runs = {r.info.run_id: r for r in client.search_runs(
         [client.get_experiment_by_name("ko-ocr/tune").experiment_id], max_results=100)}
     tune_runs = {i for i, r in runs.items() if r.info.run_name == "tune"}
     assert len(tune_runs) == 2 and all(runs[i].data.tags["kocr.study"] == "fleet" for i in tune_runs)
+    for i in tune_runs:  # the values the worker used (command-line overrides), the password left out
+        assert runs[i].data.params["tune.study_name"] == "fleet"
+        assert runs[i].data.params["tune.storage"].endswith(pg_url.rpartition("@")[2])
+        assert not any(SECRET in value for value in {**runs[i].data.params, **runs[i].data.tags}.values())
     for trial in study.get_trials(deepcopy=False):
         run = runs[trial.user_attrs["mlflow_run_id"]]
         assert run.data.tags["mlflow.parentRunId"] in tune_runs

@@ -210,7 +210,7 @@ def check_architecture(base: RecognizerConfig, wanted: RecognizerConfig, source:
     The prediction type (ctc / attn) is compared too unless ``compare_prediction`` is false, as when
     ``start_attention_from`` builds a fresh attention head on a CTC checkpoint's trunk.
     """
-    knobs = ("input_channel", "output_channel", "hidden_size") + (("prediction",) if compare_prediction else ())
+    knobs = ("input_channel", "output_channel", "hidden_size", "imgH") + (("prediction",) if compare_prediction else ())
     diffs = [f"{k}: checkpoint {getattr(base, k)} vs config {getattr(wanted, k)}"
              for k in knobs if getattr(base, k) != getattr(wanted, k)]
     if diffs:
