@@ -34,4 +34,8 @@ else
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   fc-cache -f >/dev/null 2>&1 || true
 fi
-$SUDO /usr/bin/python3 "$(dirname "$0")/install_web_fonts.py"   # refreshes fontconfig's cache when it writes
+# sudo drops the caller's environment: KOCR_NPM_REGISTRY (an npm mirror) goes as --registry, and
+# only when set, since the script takes an empty value as the registry's address.
+web_fonts=("$(dirname "$0")/install_web_fonts.py")
+[ -z "${KOCR_NPM_REGISTRY:-}" ] || web_fonts+=(--registry "$KOCR_NPM_REGISTRY")
+$SUDO env -u KOCR_NPM_REGISTRY /usr/bin/python3 "${web_fonts[@]}"   # refreshes fontconfig's cache when it writes
