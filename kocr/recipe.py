@@ -409,47 +409,54 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="also write the verdict to this file (the recipe's ship_check metrics)")
     sub.add_parser("check-size", help="exit 2 when the params file's size needs a GPU this machine lacks")
     args = parser.parse_args(argv)
-    if args.command == "check-size":
-        _check_size()
-    elif args.command == "export-crops":
-        print(f"export-crops: {export_crops(args.lmdb, args.out)} crops -> {args.out}/labels.tsv")
-    elif args.command == "evaluate":
-        import time
-
-        import mlflow
-
-        from kocr.tracking import stage_run
-
-        cfg = load_params().get("recipe", {})
-        sets = {HELDOUT: args.heldout, **_named_sets(args.set), **cfg.get("real_sets", {})}
-        start = time.perf_counter()
-        with stage_run("recipe_evaluate", {"recipe": cfg}):
-            result = evaluate_sets(args.model, sets,
-                                   reference=cfg.get("reference"), baselines=tuple(cfg.get("baselines", [])),
-                                   out=args.out, pages=cfg.get("real_pages", {}), detector=cfg.get("detector"))
-            result["seconds"] = round(time.perf_counter() - start, 1)
-            mlflow.log_metrics(mlflow_metrics(result))
-            mlflow.log_dict(result, "evaluate.json")
-            if Path(args.out).is_dir():
-                mlflow.log_artifacts(args.out, "evaluate")
-        path = Path(args.metrics)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        for name, entry in result["sets"].items():
-            print(f"{name}: " + "; ".join(f"{m} cer {entry[m]['cer']:.4f} word_acc {entry[m]['word_accuracy']:.4f}"
-                                          for m in result["models"]))
-        for name, entry in result.get("pages", {}).items():
-            print(f"{name}: " + "; ".join(f"{m} char_f1 {entry[m]['char_f1']:.4f} line_cer {entry[m]['line_cer']:.4f}"
-                                          for m in result["models"]))
-    elif args.command == "ship":
-        _ship(args)
-    else:
-        card = write_card(args.model, args.train_metrics, args.eval_metrics, args.data, args.out, args.name,
-                          args.command)
-        print(f"card: {card} and {Path(args.out) / (args.name + '.pt')}")
+    {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
+     "card": cmd_card, "ship": cmd_ship}[args.command](args)
 
 
-def _check_size() -> None:
+def cmd_export_crops(args: argparse.Namespace) -> None:
+    """``export-crops``: an LMDB set as PNG crops and ``labels.tsv``."""
+    print(f"export-crops: {export_crops(args.lmdb, args.out)} crops -> {args.out}/labels.tsv")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """``evaluate``: the recipe's sets (held-out and real) read by the model, its reference and baselines."""
+    import time
+
+    import mlflow
+
+    from kocr.tracking import stage_run
+
+    cfg = load_params().get("recipe", {})
+    sets = {HELDOUT: args.heldout, **_named_sets(args.set), **cfg.get("real_sets", {})}
+    start = time.perf_counter()
+    with stage_run("recipe_evaluate", {"recipe": cfg}):
+        result = evaluate_sets(args.model, sets,
+                               reference=cfg.get("reference"), baselines=tuple(cfg.get("baselines", [])),
+                               out=args.out, pages=cfg.get("real_pages", {}), detector=cfg.get("detector"))
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        mlflow.log_metrics(mlflow_metrics(result))
+        mlflow.log_dict(result, "evaluate.json")
+        if Path(args.out).is_dir():
+            mlflow.log_artifacts(args.out, "evaluate")
+    path = Path(args.metrics)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    for name, entry in result["sets"].items():
+        print(f"{name}: " + "; ".join(f"{m} cer {entry[m]['cer']:.4f} word_acc {entry[m]['word_accuracy']:.4f}"
+                                      for m in result["models"]))
+    for name, entry in result.get("pages", {}).items():
+        print(f"{name}: " + "; ".join(f"{m} char_f1 {entry[m]['char_f1']:.4f} line_cer {entry[m]['line_cer']:.4f}"
+                                      for m in result["models"]))
+
+
+def cmd_card(args: argparse.Namespace) -> None:
+    """``card``: the release folder, the checkpoint with its model card and metrics."""
+    card = write_card(args.model, args.train_metrics, args.eval_metrics, args.data, args.out, args.name,
+                      args.command)
+    print(f"card: {card} and {Path(args.out) / (args.name + '.pt')}")
+
+
+def cmd_check_size(args: argparse.Namespace | None = None) -> None:
     """``check-size``: the note (if any) on stderr; exit 2 with the reason when the size does not fit."""
     from kocr.params import params_path
     from kocr.recipe_size import check_size
@@ -463,7 +470,7 @@ def _check_size() -> None:
     print(f"check-size: {note or fits}", file=sys.stderr)
 
 
-def _ship(args: argparse.Namespace) -> None:
+def cmd_ship(args: argparse.Namespace) -> None:
     """``ship``: print the verdict as JSON; exit 1 when the gate refuses (not with ``--check``), 2 when the
     release cannot be compared."""
     from kocr.recipe_ship import ShipError, ship_release

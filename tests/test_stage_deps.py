@@ -9,9 +9,22 @@ import yaml
 
 from tests.conftest import REPO
 
-# the command of each stage in dvc.yaml (kocr/cli.py)
-STAGE_COMMANDS = {"sample": "cmd_synth_pages", "prepare": "cmd_prepare", "train": "cmd_train", "tune": "cmd_tune",
-                  "evaluate": "cmd_evaluate", "promote": "cmd_promote", "export": "cmd_export"}
+RECIPE_DVC = "recipes/ko-base/dvc.yaml"
+
+CLI, RECIPE = "kocr/cli.py:", "kocr/recipe.py:"
+# the commands each stage runs: dvc.yaml, then the ko-base recipe's dvc.yaml
+STAGE_COMMANDS = {
+    ("dvc.yaml", "sample"): [CLI + "cmd_synth_pages"], ("dvc.yaml", "prepare"): [CLI + "cmd_prepare"],
+    ("dvc.yaml", "train"): [CLI + "cmd_train"], ("dvc.yaml", "tune"): [CLI + "cmd_tune"],
+    ("dvc.yaml", "evaluate"): [CLI + "cmd_evaluate"], ("dvc.yaml", "promote"): [CLI + "cmd_promote"],
+    ("dvc.yaml", "export"): [CLI + "cmd_export"],
+    (RECIPE_DVC, "synth_train"): [CLI + "cmd_synth_lines"],  # check-size, run first, is a guard
+    (RECIPE_DVC, "synth_val"): [CLI + "cmd_synth_lines"],
+    (RECIPE_DVC, "synth_heldout"): [CLI + "cmd_synth_lines", RECIPE + "cmd_export_crops"],
+    (RECIPE_DVC, "train"): [CLI + "cmd_train"],
+    (RECIPE_DVC, "evaluate"): [RECIPE + "cmd_evaluate"], (RECIPE_DVC, "card"): [RECIPE + "cmd_card"],
+    (RECIPE_DVC, "ship_check"): [RECIPE + "cmd_ship"],
+}
 # plumbing that reads params, tracks, locks or dispatches, and computes no output
 PLUMBING = {"kocr/cli.py", "kocr/params.py", "kocr/tracking.py", "kocr/dvc_hashes.py", "kocr/locks.py"}
 # train logs an MLflow model whose reading code (pages, detection) changes what it reads, not the weights
@@ -37,30 +50,50 @@ def _project_imports(tree: ast.AST) -> set[str]:
     return {f for f in map(_module_file, names) if f}
 
 
-def imported_files(function: str) -> set[str]:
-    """Every project file the CLI function ``function`` imports, transitively."""
-    cli = ast.parse((REPO / "kocr/cli.py").read_text(encoding="utf-8"))
-    node = next(n for n in cli.body if isinstance(n, ast.FunctionDef) and n.name == function)
+def _functions(module: str) -> tuple[ast.Module, dict[str, ast.FunctionDef]]:
+    tree = ast.parse((REPO / module).read_text(encoding="utf-8"))
+    return tree, {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+
+
+def imported_files(entry: str) -> set[str]:
+    """Every project file ``module.py:function`` imports, transitively: the imports of the function and
+    of the module's functions it calls, the module's own top-level imports, then whole modules."""
+    module, _, function = entry.partition(":")
+    tree, functions = _functions(module)
+    seen_functions, todo_functions, found = set(), [function], set()
+    found |= _project_imports(ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))],
+                                         type_ignores=[]))
+    while todo_functions:
+        name = todo_functions.pop()
+        if name in seen_functions:
+            continue
+        seen_functions.add(name)
+        found |= _project_imports(functions[name])
+        todo_functions += [n.func.id for n in ast.walk(functions[name])
+                           if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id in functions]
     seen: set[str] = set()
-    todo = list(_project_imports(node))
+    todo = list(found)
     while todo:
         path = todo.pop()
         if path not in seen:
             seen.add(path)
             todo += _project_imports(ast.parse((REPO / path).read_text(encoding="utf-8")))
-    return {p for p in seen if not p.endswith("__init__.py")}
+    return {module} | {p for p in seen if not p.endswith("__init__.py")}  # the module itself, not all of it
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_COMMANDS))
-def test_every_module_a_stage_runs_is_one_of_its_deps(stage):
-    deps = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage].get("deps", [])
+@pytest.mark.parametrize("pipeline, stage", sorted(STAGE_COMMANDS))
+def test_every_module_a_stage_runs_is_one_of_its_deps(pipeline, stage):
+    text = (REPO / pipeline).read_text(encoding="utf-8").replace("${recipe_dir}", "recipes/ko-base")
+    deps = yaml.safe_load(text)["stages"][stage].get("deps", [])
     covered = [d.rstrip("/") for d in deps]
-    wanted = imported_files(STAGE_COMMANDS[stage]) - PLUMBING - NOT_RETRAINED_FOR.get(stage, set())
+    wanted = set().union(*map(imported_files, STAGE_COMMANDS[pipeline, stage]))
+    wanted -= PLUMBING | NOT_RETRAINED_FOR.get(stage, set())
     missing = sorted(p for p in wanted if not any(p == d or p.startswith(d + "/") for d in covered))
-    assert not missing, f"dvc.yaml stage {stage}: add these deps (its command imports them): {missing}"
+    assert not missing, f"{pipeline} stage {stage}: add these deps (its commands import them): {missing}"
 
 
 def test_the_import_walk_sees_lazy_imports():
     """The CLI imports inside functions; a walk of module-level imports only would find nothing."""
-    assert {"training/train.py", "training/crops.py", "training/data/lmdb_store.py"} <= imported_files("cmd_train")
-    assert "evaluation/parity.py" in imported_files("cmd_export")
+    assert {"training/train.py", "training/crops.py", "training/data/lmdb_store.py"} <= imported_files(CLI + "cmd_train")
+    assert "evaluation/parity.py" in imported_files(CLI + "cmd_export")
+    assert "kocr/recipe_ship.py" in imported_files(RECIPE + "cmd_ship")  # through a function the command calls
