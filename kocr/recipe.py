@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
 import platform
@@ -261,7 +262,7 @@ def _averaged_line(train_metrics: dict[str, Any], base: str) -> str:
 
 def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metrics: dict[str, Any],
                data_counts: dict[str, int], command: str, wall_seconds: dict[str, float], size_mb: float,
-               name: str) -> str:
+               name: str, sha256: str = "") -> str:
     """MODEL_CARD.md text: what the model is, the data, the params, the metrics, how to reproduce it."""
     size = params.get("size", "?")
     lines = [f"# {name}: Korean base recogniser (kocr ko-base recipe, size `{size}`)", ""]
@@ -313,7 +314,8 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         "## Training", "",
         f"{train_metrics.get('steps')} steps, best val CER {train_metrics.get('best_val_cer', float('nan')):.4f} "
         f"at step {train_metrics.get('best_step')}, val word accuracy {train_metrics.get('val_word_accuracy', float('nan')):.4f}, "
-        f"{train_metrics.get('images_per_second')} images/s, checkpoint {size_mb:.1f} MB."
+        f"{train_metrics.get('images_per_second')} images/s, checkpoint {size_mb:.1f} MB"
+        + (f" (sha256 `{sha256}`)" if sha256 else "") + "."
         + _averaged_line(train_metrics, base), "",
         "## Metrics (kocr evaluate-crops: whole crop read as easyocr.Reader.recognize does)", ""]
     for set_name, entry in eval_metrics.get("sets", {}).items():
@@ -353,11 +355,12 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     params = load_params()
     trained = json.loads(Path(train_metrics).read_text(encoding="utf-8"))
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
-    # a set rendered on another machine (the GPU kit) is counted by training's own record of it
+    # training's own record counts what trained, also for a set rendered on another machine (the GPU
+    # kit), where a local data/train may be another run's; the held-out sets are counted here
     mixed = trained.get("train_mix") or [{"samples": trained.get("train_samples", 0)}]  # the synthetic set first
-    counts = {"train": mixed[0]["samples"], "val": trained.get("val_n", 0)}
-    counts |= {split: len(LmdbDataset(Path(data) / split))
-               for split in ("train", "val", HELDOUT, HELDOUT_LATIN, HELDOUT_SIGNS) if (Path(data) / split).is_dir()}
+    counts = {split: len(LmdbDataset(Path(data) / split))
+              for split in ("train", "val", HELDOUT, HELDOUT_LATIN, HELDOUT_SIGNS) if (Path(data) / split).is_dir()}
+    counts |= {k: v for k, v in (("train", mixed[0]["samples"]), ("val", trained.get("val_n", 0))) if v}
     wall = {"train": trained.get("train_seconds", 0.0) + trained.get("validation_seconds", 0.0),
             "evaluate": evaluated.get("seconds", 0.0)}
     out.mkdir(parents=True, exist_ok=True)
@@ -365,8 +368,8 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     shutil.copyfile(model, shipped)
     (out / "metrics.json").write_text(json.dumps(evaluated, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
     card = out / "MODEL_CARD.md"
-    card.write_text(model_card(params, trained, evaluated, counts, command, wall,
-                               shipped.stat().st_size / 1e6, name), encoding="utf-8")
+    card.write_text(model_card(params, trained, evaluated, counts, command, wall, shipped.stat().st_size / 1e6,
+                               name, hashlib.sha256(shipped.read_bytes()).hexdigest()), encoding="utf-8")
     return card
 
 

@@ -1,13 +1,13 @@
 """The gate that ships a recipe release as the project's Korean base: ``python -m kocr.recipe ship``.
 
 ``models/base/ko_base.pt`` is replaced only by a checkpoint that reads the same sets better than it.
-The gate reads each set of the release's ``metrics.json`` (the held-out-font crops and the real sets)
+The gate reads each set of the release's ``metrics.json`` (the held-out sets and the real sets)
 with both checkpoints, crop by crop, and ships when
 
 - the release reads more words right that the shipped base misreads than the reverse, counted over
   all the sets together (``fixed > broken``), and
-- no set, nor any face of the held-out set, has significantly more words broken than fixed
-  (two-sided sign test ``p < alpha``).
+- no set, nor any face of a set that records its faces (the held-out ones), has significantly more
+  words broken than fixed (two-sided sign test ``p < alpha``).
 
 A release that passes is copied with its card and metrics over the shipped files (each written to a
 temporary name first, so a failed copy leaves the old base whole), and the copied card gains a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -259,6 +260,7 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     assert (tmp_path / "ship/ko_base.pt").read_bytes() == hangul_checkpoint.read_bytes()
     assert json.loads((tmp_path / "ship/metrics.json").read_text()) == result
     assert "Reduced CPU size" in text and "dvc repro recipes/ko-base/dvc.yaml" in text
+    assert f"(sha256 `{hashlib.sha256(hangul_checkpoint.read_bytes()).hexdigest()}`)" in text  # of the file shipped
     assert f"| ko_base (this) | 8 | {entry['recipe']['cer']:.4f} | {entry['recipe']['word_accuracy']:.4f}" in text
     assert "**gone**: skipped" in text and "held-out: 8 images" in text and "train 1.1 min" in text
     # the CPU size continues the shipped base: the card names that start by its hash and says where its card is
@@ -290,6 +292,7 @@ def test_card_of_a_gpu_instalment_counts_the_sets_it_did_not_see_and_names_the_g
     shutil.copytree(heldout_crops / "lmdb", data / "heldout")
     shutil.copytree(heldout_crops / "lmdb", data / "heldout_latin")
     shutil.copytree(heldout_crops / "lmdb", data / "heldout_signs")
+    shutil.copytree(heldout_crops / "lmdb", data / "train")  # an earlier CPU run's set, left in this checkout
     text = write_card(hangul_checkpoint, tmp_path / "train.json", tmp_path / "eval.json", data, tmp_path / "ship",
                       "ko_base", "bench/recipe_gpu_time.py --keep …").read_text(encoding="utf-8")
     assert "- held-out Latin: 8 images in the same unseen faces, every word in Latin script" in text

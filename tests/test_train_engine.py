@@ -189,6 +189,13 @@ def test_resume_refuses_a_state_whose_data_changed_with_the_same_count(prepared,
     assert summary["steps"] == 8
 
 
+def test_a_mean_with_a_start_whose_head_was_rebuilt_is_refused(prepared, tmp_path):
+    """english_g2 moved to the Korean charset has untrained rows: averaging with it would halve the Korean ones."""
+    config = TrainConfig(base="english_g2", charset="korean_g2", average_with_base=0.5, steps=1)
+    with pytest.raises(ValueError, match=r"head was rebuilt for korean_g2 \(\d+ of 1009 rows copied\)"):
+        train(config, prepared, tmp_path, progress=False, log=False)
+
+
 def _relabel_first_sample(split: Path) -> None:
     """Swap the labels of the first two samples that differ: same count, same labels, other pairs."""
     import lmdb

@@ -386,6 +386,11 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
         raise ValueError(f"train.average_with_base {config.average_with_base}: expected 0 (off) or a value in "
                          "(0, 1), e.g. 0.5, with a base checkpoint to average with")
     core, charset, transfer = build_model(config, config.seed)
+    if config.average_with_base and transfer.get("head_new_classes"):
+        raise ValueError(f"train.average_with_base {config.average_with_base}: {config.base}'s head was rebuilt for "
+                         f"{config.charset} ({transfer['head_rows_copied']} of {transfer['head_new_classes']} rows "
+                         "copied), so a mean with it would weaken every character it never read; use 0 when the "
+                         "charset changes")
     start = {k: v.detach().clone() for k, v in core.state_dict().items()} if config.average_with_base else None
     core.to(device)
     if config.channels_last and device.type == "cuda":
