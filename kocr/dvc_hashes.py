@@ -40,7 +40,7 @@ def content_hash(path: str | os.PathLike) -> str:
     digest = hashlib.md5()
     files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
     for file in files:
-        digest.update(str(file.relative_to(root) if file != root else file.name).encode())
+        digest.update(os.fsencode(file.relative_to(root) if file != root else file.name))  # any bytes a name has
         with file.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)

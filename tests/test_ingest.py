@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -199,12 +200,35 @@ def test_killed_run_resumes_to_the_same_result(pages, reference, tmp_path, where
     assert _manifest(out) == _manifest(reference)
     assert report == json.loads((reference / "report.json").read_text(encoding="utf-8"))
     assert not list(out.rglob("*.partial"))
-    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
-    assert all((out / rel).read_bytes() == (reference / rel).read_bytes() for rel in files)
+    _same_files(out, reference)
     for split in SPLITS:
         for shard in _manifest(out)["splits"][split]["shards"]:
             assert lmdb_digest(out / split / shard["name"]) == (shard["samples"], shard["sha256"])
+
+
+def _same_files(out: Path, reference: Path) -> None:
+    files = sorted(p.relative_to(reference) for p in reference.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert all((out / rel).read_bytes() == (reference / rel).read_bytes() for rel in files)
+
+
+@pytest.mark.parametrize("how", ["killed in the test split", "run again when finished"])
+def test_a_run_over_finished_splits_leaves_them_as_they_were(pages, reference, tmp_path, how):
+    """Each finished split keeps its shard index, whichever split a resume starts in."""
+    out = tmp_path / "out"
+    if how == "killed in the test split":  # after its first shard: train and val are finished
+        splits = _manifest(reference)["splits"]
+        assert len(splits["test"]["shards"]) > 1
+        kill_at = splits["train"]["samples"] + splits["val"]["samples"] + SHARD + 2
+        with (tmp_path / "stderr.txt").open("wb") as err:
+            proc = subprocess.run([sys.executable, "-c", KILLER, str(pages), str(out), str(kill_at), "1", str(SHARD)],
+                                  cwd=REPO, stderr=err, timeout=120)
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        _run(pages, out)
+    _run(pages, out)
+    _same_files(out, reference)
+    assert len(LmdbDataset(out / "train")) == _manifest(reference)["splits"]["train"]["samples"]
 
 
 def test_failure_inside_a_worker_run_leaves_no_partial_shard(pages, reference, tmp_path, monkeypatch):
@@ -386,6 +410,43 @@ def test_bad_annotations_are_skipped_not_the_page(pages, tmp_path):
     assert report["crops"]["train"] == good + 1
     examples = report["skipped"]["bad_annotation"]["examples"]
     assert [e.split(":")[0] for e in examples] == [f"p.json#{good + 1}", f"p.json#{good + 2}", "q.json#1"]
+
+
+def test_defects_are_reported_at_each_annotations_place_in_the_file(pages, tmp_path):
+    """A skipped annotation keeps the numbers of the ones after it; a label that is not text is skipped."""
+    src = tmp_path / "src"
+    src.mkdir()
+    shutil.copy(pages / "page_00000.jpg", src / "p.jpg")
+    data = read_page(pages / "page_00000.json").to_dict()
+    data["images"][0]["image.file.name"] = "p.jpg"
+    anns = data["annotations"]
+    anns.insert(0, {"id": 0, "annotation.text": ["서울"], "annotation.bbox": [1, 2, 30, 10]})  # a list, not text
+    anns.insert(1, {"id": 1, "annotation.text": True, "annotation.bbox": [1, 2, 30, 10]})
+    anns.insert(2, {"id": 2, "annotation.text": "", "annotation.bbox": [1, 2, 30, 10]})        # third in the file
+    (src / "p.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    bad = report["skipped"]["bad_annotation"]["examples"]
+    assert bad == ['p.json#1: annotation.text ["서울"] is not a string', "p.json#2: annotation.text true is not a string"]
+    assert report["skipped"]["empty_text"]["examples"] == ["p.json#3"]
+    labels = {LmdbDataset(tmp_path / "out" / "train").label(i) for i in range(report["crops"]["train"])}
+    assert "['서울']" not in labels and "True" not in labels
+
+
+def test_names_that_are_not_utf8_are_reported_and_the_rest_is_read(pages, reference, tmp_path):
+    """A name in CP949 bytes (unzipped on a Korean Windows machine) must not stop the run."""
+    from kocr.dvc_hashes import content_hash
+
+    src = tmp_path / "src"
+    shutil.copytree(pages, src)
+    raw = os.fsencode(src) + b"/" + "읽어보세요".encode("cp949")
+    with open(raw + b".txt", "wb") as fh:
+        fh.write(b"x")
+    os.mkdir(raw)
+    report = _run(src, tmp_path / "out")
+    assert sorted(report["skipped"]["undecodable_name"]["examples"]) == [r"\xc0\xd0\xbe\xee\xba\xb8\xbc\xbc\xbf\xe4",
+                                                                        r"\xc0\xd0\xbe\xee\xba\xb8\xbc\xbc\xbf\xe4.txt"]
+    assert _manifest(tmp_path / "out")["splits"] == _manifest(reference)["splits"]
+    assert content_hash(src) != content_hash(pages)  # the MLflow input hash reads such names too
 
 
 def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):

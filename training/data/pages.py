@@ -44,6 +44,7 @@ class Word:
     bbox: BBox
     text: str
     score: float | None = None
+    number: int = field(default=0, compare=False, repr=False)  # 1-based place among the file's annotations
 
     @property
     def corners(self) -> tuple[float, float, float, float]:
@@ -107,12 +108,12 @@ class Page:
             raise PageError(path, "bad_schema", "'annotations' is not a list")
         def word(ann: Any) -> Word:
             bbox = tuple(float(v) for v in ann["annotation.bbox"])
-            text = ann.get("annotation.text", "")
+            text = _text(ann.get("annotation.text", ""), "annotation.text")
             if len(bbox) != 4:
                 raise ValueError(f"annotation bbox {bbox} has not 4 values")
             score = ann.get("annotation.score")
             score = None if score is None else float(score)
-            return Word(bbox, "" if text is None else str(text), score)  # type: ignore[arg-type]
+            return Word(bbox, text, score)  # type: ignore[arg-type]
 
         words = _parse_words(annotations, word, lambda ann: f"annotation {ann!r:.80} lacks a valid bbox", path, bad)
         return cls(name, width, height, words, str(image.get("image.category", "")), extra)
@@ -133,9 +134,9 @@ class Page:
             xs, ys = [float(v) for v in box["x"]], [float(v) for v in box["y"]]
             if not xs or len(xs) != len(ys):
                 raise ValueError(f"bbox x {xs} and y {ys} do not pair up")
-            text = box.get("data", "")
+            text = _text(box.get("data", ""), "data")
             x0, y0 = min(xs), min(ys)
-            return Word((x0, y0, max(xs) - x0, max(ys) - y0), "" if text is None else str(text))
+            return Word((x0, y0, max(xs) - x0, max(ys) - y0), text)
 
         words = _parse_words(boxes, word, lambda box: f"bbox {box!r:.80} lacks x or y", path, bad)
         extra = {k: v for k, v in image.items() if k not in ("identifier", "type", "width", "height")}
@@ -153,12 +154,22 @@ def _parse_words(items: list, parse: Callable[[Any], Word], describe: Callable[[
     for index, item in enumerate(items, start=1):
         try:
             words.append(parse(item))
+            words[-1].number = index
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             detail = str(exc) if isinstance(exc, ValueError) else describe(item)
             if bad is None:
                 raise PageError(path, "bad_schema", detail) from exc
             bad.append((index, detail))
     return words
+
+
+def _text(value: Any, key: str) -> str:
+    """A label as the file gives it: a string, a number written as one (a page number), or none."""
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{key} {json.dumps(value, ensure_ascii=False)[:40]} is not a string")
+    return str(value)
 
 
 def _num(value: float) -> float | int:

@@ -269,7 +269,7 @@ def _page_crops(page: Page, grey: np.ndarray, where: str, charset: Charset, conf
         report.add("image_size_differs_from_json", f"{where} ({page.width}x{page.height} vs {width}x{height})")
     crops = []
     for index, word in enumerate(page.words, start=1):
-        at = f"{where}#{index}"
+        at = f"{where}#{word.number or index}"  # the annotation's place in the file, skipped ones counted
         raw = word.text.strip()
         text = unicodedata.normalize("NFC", raw)
         if not text:
@@ -443,6 +443,12 @@ def _write_shards(out: Path, plan: dict[str, list[PageMeta]], config: PrepareCon
         writer.close({SIDECAR: json.dumps(sidecar, ensure_ascii=False).encode()})
         seq += 1
 
+    def write_index(split: str) -> None:
+        _write_json(out / split / SHARD_INDEX, {"samples": sum(s["samples"] for s in state.shards[split]),
+                                               "shards": state.shards[split]})
+
+    for split in SPLITS[: state.split]:  # finished in an earlier run: _resume cleared their index too
+        write_index(split)
     try:
         for split_index in range(state.split, len(SPLITS)):
             split = SPLITS[split_index]
@@ -476,8 +482,7 @@ def _write_shards(out: Path, plan: dict[str, list[PageMeta]], config: PrepareCon
             if writer is not None or not state.shards[split]:
                 close(writer or LmdbWriter(out / split / _shard_name(0)), split)
                 writer = None
-            _write_json(out / split / SHARD_INDEX, {"samples": sum(s["samples"] for s in state.shards[split]),
-                                                   "shards": state.shards[split]})
+            write_index(split)
             state.split, state.page, state.skip = split_index + 1, 0, 0
     except BaseException:
         if writer is not None:
@@ -584,6 +589,10 @@ def build_manifest(state: _State, summary: dict[str, Any], config: PrepareConfig
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Write ``path`` whole or not at all (a full disk leaves the old file, and no temporary one)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -165,6 +165,20 @@ def _scan_archive(index: SourceIndex, rel: str, path: Path) -> bool:
     return True
 
 
+def _decodable(name: str) -> bool:
+    """Whether a file name read from the disk was UTF-8 (Python keeps other bytes as lone surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _shown(name: str) -> str:
+    """A name that is not UTF-8 as ASCII text: every byte outside ASCII as a \\xNN escape."""
+    return name.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
+
+
 def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> SourceIndex:
     """Every label, image and stray entry under ``src`` (folders and zip archives), in a stable order.
 
@@ -182,12 +196,17 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
         for d in sorted(dirnames):
             if _hidden(d):
                 index.stray.append(("stray_folder", f"{rel_dir}/{d}".lstrip("/")))
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d)
+            elif not _decodable(d):
+                index.stray.append(("undecodable_name", _shown(f"{rel_dir}/{d}".lstrip("/"))))
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _decodable(d)
                              and (skip is None or (Path(dirpath) / d).resolve() != skip))
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
         found = False
         for name in sorted(filenames):
             rel = f"{rel_dir}/{name}".lstrip("/")
+            if not _decodable(name):  # bytes that are not UTF-8 (a name from a Windows zip tool, say)
+                index.stray.append(("undecodable_name", _shown(rel)))
+                continue
             path = Path(dirpath) / name
             if name.lower().endswith(".zip"):
                 found = _scan_archive(index, rel, path) or found
