@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,17 +156,19 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
             page = parse_page(raw, path)
         except PageError as exc:
             raise ScoreInputError(str(exc)) from None
-        images = {page.image_name: [(word.bbox, word.text) for word in page.words]}
+        images = {page.image_name: [(word.bbox, word.text, word.number) for word in page.words]}
     else:
         images = _image_keyed_boxes(data, path)
     crops = []
     for name, words in images.items():
         image = path.parent / name
         size = _image_size(image, path)
-        for index, (bbox, text) in enumerate(words, start=1):
+        for bbox, text, index in words:
             text = nfc(text)
             if not text or text == DONT_CARE:
                 continue
+            if not all(math.isfinite(v) for v in bbox):
+                raise ScoreInputError(f"{path}: {name} word {index} ({text!r}): box {list(bbox)} is not finite")
             box = crop_box(bbox, margin, *size)
             if box is None:
                 raise ScoreInputError(f"{path}: {name} word {index} ({text!r}): box {[round(v, 1) for v in bbox]} "
@@ -176,8 +179,8 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
     return crops
 
 
-def _image_keyed_boxes(data: Any, path: Path) -> dict[str, list[tuple[tuple[float, float, float, float], str]]]:
-    """``{image: {"words": [{"points", "transcription"}]}}`` as image -> [((x, y, w, h), text)]."""
+def _image_keyed_boxes(data: Any, path: Path) -> dict[str, list[tuple[tuple[float, float, float, float], str, int]]]:
+    """``{image: {"words": [{"points", "transcription"}]}}`` as image -> [((x, y, w, h), text, word number)]."""
     if not isinstance(data, dict) or not data:
         raise ScoreInputError(f"{path}: expected page JSON (\"images\"/\"annotations\") or an object mapping "
                               "image names to {\"words\": [{\"points\", \"transcription\"}]}")
@@ -196,7 +199,7 @@ def _image_keyed_boxes(data: Any, path: Path) -> dict[str, list[tuple[tuple[floa
             except (KeyError, TypeError, ValueError):
                 raise ScoreInputError(f"{path}: {name} word {index}: expected \"points\" [[x, y], ...] and a "
                                       f"\"transcription\" string, got {json.dumps(word, ensure_ascii=False):.80}") from None
-            boxes.append(((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)), text))
+            boxes.append(((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)), text, index))
         images[str(name)] = boxes
     return images
 

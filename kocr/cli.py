@@ -8,6 +8,7 @@ line naming the problem and exit 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -132,7 +133,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         _log_curves(Path(args.plots))
         info = log_recognizer(Path(args.out) / "model.pt", DetectorSettings.from_params(params.get("detector")))
         _dump({"run_id": run.info.run_id, "model_uri": info.model_uri}, Path(args.out) / "mlflow.json")
-    print(f"train: best val CER {summary['best_val_cer']:.4f} at step {summary['best_step']}"
+    best = "val CER" if "val_n" in summary else "training loss (no validation samples)"
+    print(f"train: best {best} {summary['best_val_cer']:.4f} at step {summary['best_step']}"
           f"{' (stopped early)' if summary['stopped_early'] else ''}; {summary['images_per_second']} images/s"
           f"{' over ' + str(summary['world_size']) + ' processes' if summary['world_size'] > 1 else ''}; "
           f"model {args.out}/model.pt"
@@ -567,6 +569,19 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, PrepareConfigError, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        where = exc.filename or getattr(args, "out", None) or "its output"
+        print(f"kocr {args.command}: error: no space left on the device writing {where}; free some and run the "
+              "same command again", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        # train's and tune's checks of their data and knobs name the set, sample or knob: one line
+        if args.command not in ("train", "tune") or os.environ.get("KOCR_TRACEBACK"):
+            raise
+        print(f"kocr {args.command}: error: {exc} (KOCR_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
     return 0
 

@@ -64,3 +64,32 @@ def test_synth_pages_refuses_a_misspelt_sample_key(tmp_path):
     done = _kocr("synth-pages", "--out", str(tmp_path / "pages"), cwd=tmp_path)
     assert done.returncode != 0 and "unknown keys ['font_sizes']" in done.stderr
     assert not (tmp_path / "pages").exists()  # refused before anything was written
+
+
+def test_a_full_disk_is_one_line_and_the_run_goes_on_when_there_is_room(sample_pages, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from kocr.cli import main
+    from training.data import lmdb_store
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("prepare: {shard_size: 10}\n", encoding="utf-8")
+    add, calls = lmdb_store.LmdbWriter.add, [0]
+
+    def filling_add(self, image, label):
+        calls[0] += 1
+        if calls[0] == 25:  # past two finished shards
+            raise OSError(errno.ENOSPC, "No space left on device")
+        add(self, image, label)
+
+    monkeypatch.setattr(lmdb_store.LmdbWriter, "add", filling_add)
+    args = ["prepare-aihub", "--src", str(sample_pages), "--out", "out", "--metrics", "m.json"]
+    assert main(args) == 2
+    [line] = [x for x in capsys.readouterr().err.splitlines() if "error" in x]
+    assert line == ("kocr prepare-aihub: error: no space left on the device writing out; free some and run the "
+                    "same command again")
+    kept = sorted((tmp_path / "out" / "train").glob("shard-?????"))
+    assert len(kept) == 2 and not list((tmp_path / "out").rglob("*.tmp"))
+    monkeypatch.setattr(lmdb_store.LmdbWriter, "add", add)
+    assert main(args) == 0
+    assert sorted((tmp_path / "out" / "train").glob("shard-?????"))[:2] == kept  # resumed, not redone

@@ -170,6 +170,11 @@ def test_box_labels_cut_each_word_widened_as_easyocr_widens_detected_boxes(tmp_p
      r"page.png word 1 \('서울'\): box .* lies outside the 200x100 image"),
     ('{"page.png": {"words": [{"points": [[1, 2], [9, 9]], "transcription": "###"}]}}', "no labelled word boxes"),
     ('{"images": [{"image.file.name": "page.png"}], "annotations": []}', "page.json.*image entry lacks"),
+    ('{"page.png": {"words": [{"points": [[NaN, 2], [9, 9]], "transcription": "서울"}]}}',  # Python's json reads it
+     r"page.png word 1 \('서울'\): box \[nan, .*\] is not finite"),
+    ('{"images": [{"image.file.name": "page.png", "image.width": 200, "image.height": 100}], "annotations": '
+     '[{"annotation.text": "서울", "annotation.bbox": [1, 2, 3, 4]}, {"annotation.text": "부산", '
+     '"annotation.bbox": [Infinity, 2, 3, 4]}]}', r"page.png word 2 \('부산'\): box \[inf, .*\] is not finite"),
 ])
 def test_malformed_box_labels_name_the_file_image_and_word(tmp_path, content, message):
     _png(tmp_path / "page.png", (200, 100))

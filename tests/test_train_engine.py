@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -207,6 +208,45 @@ def _relabel_first_sample(split: Path) -> None:
         txn.put(b"label-%09d" % 1, txn.get(b"label-%09d" % n))
         txn.put(b"label-%09d" % n, first)
     env.close()
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda txn: txn.put(b"label-%09d" % 2, b"\xff\xfe"), r"sample 2: label b'\\xff\\xfe' is not UTF-8"),
+    (lambda txn: txn.delete(b"image-%09d" % 3), "sample 3 has no image"),
+    (lambda txn: txn.put(b"num-samples", b"abc"), "num-samples b'abc' is not a number"),
+])
+def test_kocr_train_names_the_damaged_set_and_sample_in_one_line(prepared, tmp_path, damage, message):
+    import lmdb
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    shard = lmdb_parts(data / "train")[0]
+    env = lmdb.open(str(shard))
+    with env.begin(write=True) as txn:
+        damage(txn)
+    env.close()
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["train"].update({**TINY, "steps": 2, "val_every": 2})
+    params["model"].update({"output_channel": 32, "hidden_size": 32})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    env_vars = {**os.environ, "PYTHONPATH": str(REPO)}
+    env_vars.pop("KOCR_TRACEBACK", None)
+    done = subprocess.run([sys.executable, "-m", "kocr.cli", "train", "--data", str(data), "--out", "out"],
+                          cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("kocr train: error:")]
+    assert str(shard) in line and re.search(message, line), line
+
+
+def test_an_empty_validation_set_is_said_not_passed_off_as_a_cer(prepared, tmp_path, capsys):
+    from training.data.lmdb_store import LmdbWriter
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared / "train", data / "train")
+    LmdbWriter(data / "val").close()  # a val split prepare left empty (few pages)
+    summary = _run(data, tmp_path / "out", steps=2, val_every=2)
+    assert "holds no usable samples: the checkpoint kept is the one at the lowest training loss" in capsys.readouterr().err
+    assert "val_n" not in summary and summary["best_val_cer"] == summary["final_loss"]
 
 
 def test_the_steady_rate_leaves_out_the_loaders_start_up(prepared, tmp_path, monkeypatch):

@@ -398,6 +398,9 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     frozen = freeze_modules(core, config.freeze)
     _train_mode(core, frozen)
     train_set, val_set = _datasets(config, data_dir, charset)
+    if not len(val_set) and main:
+        print(f"train: {data_dir / 'val'} holds no usable samples: the checkpoint kept is the one at the lowest "
+              "training loss, which best_val_cer then holds", file=sys.stderr)
     amp_dtype = resolve_precision(config.precision, device)
     max_length = config.batch_max_length or train_set.longest_label
     val_length = max(max_length, val_set.longest_label)  # attention reads validation up to its longest label

@@ -179,9 +179,21 @@ def shared_env(path: Path) -> lmdb.Environment:
         return cached[1]
     if cached is not None:
         cached[1].close()
-    env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
+    try:
+        env = lmdb.open(str(path), readonly=True, lock=False, readahead=False, meminit=False, max_readers=64)
+    except lmdb.Error as exc:
+        raise ValueError(f"{path}: not a readable LMDB set ({exc})") from None
     _SHARED[key] = (version, env)
     return env
+
+
+def _label(raw: bytes | None, part: Path, key: int) -> str:
+    if raw is None:
+        raise ValueError(f"{part}: sample {key} has no label")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{part}: sample {key}: label {raw[:20]!r} is not UTF-8") from None
 
 
 class LmdbDataset:
@@ -202,7 +214,10 @@ class LmdbDataset:
                 raw = txn.get(b"num-samples")
             if raw is None:
                 raise ValueError(f"{part}: LMDB set has no num-samples key")
-            counts.append(int(raw))
+            try:
+                counts.append(int(raw))
+            except ValueError:
+                raise ValueError(f"{part}: num-samples {bytes(raw)[:20]!r} is not a number") from None
         self._starts = [0, *itertools.accumulate(counts)][:-1]  # first global index of each part
         self.num_samples = sum(counts)
 
@@ -221,15 +236,17 @@ class LmdbDataset:
 
     def label(self, index: int) -> str:
         """Label of sample ``index`` (0-based) without decoding the image."""
-        env, key, _ = self._locate(index)
+        env, key, part = self._locate(index)
         with env.begin() as txn:
-            return txn.get(b"label-%09d" % key).decode("utf-8")
+            return _label(txn.get(b"label-%09d" % key), part, key)
 
     def size(self, index: int) -> tuple[int, int]:
         """(height, width) of sample ``index`` from the image header, without decoding the pixels."""
         env, key, part = self._locate(index)
         with env.begin(buffers=True) as txn:
             raw = txn.get(b"image-%09d" % key)
+            if raw is None:
+                raise ValueError(f"{part}: sample {key} has no image")
             try:
                 width, height = Image.open(io.BytesIO(bytes(raw[:65536]))).size
             except (OSError, SyntaxError):
@@ -244,7 +261,9 @@ class LmdbDataset:
         env, key, part = self._locate(index)
         with env.begin() as txn:
             raw = txn.get(b"image-%09d" % key)
-            label = txn.get(b"label-%09d" % key).decode("utf-8")
+            label = _label(txn.get(b"label-%09d" % key), part, key)
+        if raw is None:
+            raise ValueError(f"{part}: sample {key} has no image")
         image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
         if image is None:
             raise ValueError(f"{part}: sample {key} holds an undecodable image")
