@@ -171,8 +171,9 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
                 raise ScoreInputError(f"{path}: {name} word {index} ({text!r}): box {list(bbox)} is not finite")
             box = crop_box(bbox, margin, *size)
             if box is None:
+                where = "has no area" if bbox[2] <= 0 or bbox[3] <= 0 else f"lies outside the {size[0]}x{size[1]} image"
                 raise ScoreInputError(f"{path}: {name} word {index} ({text!r}): box {[round(v, 1) for v in bbox]} "
-                                      f"lies outside the {size[0]}x{size[1]} image")
+                                      + where)
             crops.append(Crop(image, text, index, box))
     if not crops:
         raise ScoreInputError(f"{path}: no labelled word boxes")
@@ -235,7 +236,10 @@ def load_crop(crop: Crop, labels: str | os.PathLike = "") -> np.ndarray:
         x0, y0, x1, y1 = crop.box
         return _page_grey(crop.image, crop.image.stat().st_mtime_ns)[y0:y1, x0:x1].copy()
     except (ValueError, OSError) as exc:
-        raise ScoreInputError(f"{crop.where(labels)}: {crop.image}: not a readable image ({exc})") from None
+        why = str(exc).removeprefix(f"{crop.image}: ")  # load_image names the file already
+        raise ScoreInputError(f"{crop.where(labels)}: {crop.image}: "
+                              + (why if why.startswith("not a readable image") else f"not a readable image ({why})")) \
+            from None
 
 
 class CropEngine(Protocol):

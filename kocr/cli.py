@@ -101,6 +101,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         _dump(flat, args.metrics)
     skipped = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items()) or "nothing"
     print(f"prepare: {report['pages_used']} pages -> crops {report['crops']}; skipped: {skipped}")
+    if not report["pages_used"]:
+        print(f"prepare: warning: no usable page under {args.src} (see {args.out}/report.json); the splits are "
+              "empty, and train will refuse them", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

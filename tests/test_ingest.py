@@ -454,12 +454,18 @@ def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):
     assert parse_page(_page_json(page, "cp949")).words[0].text == "김해시"
     newer = {"Images": {"identifier": "IMG_OCR_53_4PR_09180", "type": "png", "width": 640, "height": 480},
              "bbox": [{"data": "서울", "id": 1, "x": [10, 50, 50, 10], "y": [20, 20, 44, 44]},
-                      {"data": "부산", "x": [1, 2], "y": [3]}]}
+                      {"data": "부산", "x": [1, 2], "y": [3]},
+                      {"data": "대구", "x": "1234", "y": "5678"}]}  # strings, not lists: not read digit by digit
     bad: list = []
     parsed = parse_page(json.dumps(newer, ensure_ascii=False).encode(), "n.json", bad=bad)
     assert parsed.image_name == "IMG_OCR_53_4PR_09180.png" and (parsed.width, parsed.height) == (640, 480)
     assert [(w.bbox, w.text) for w in parsed.words] == [((10.0, 20.0, 40.0, 24.0), "서울")]
-    assert [i for i, _ in bad] == [2]
+    assert [i for i, _ in bad] == [2, 3] and "are not lists of numbers" in bad[1][1]
+    old = {"images": [{"image.file.name": "a.jpg", "image.width": 100, "image.height": 50}],
+           "annotations": [{"annotation.text": "서울", "annotation.bbox": "oops"}]}
+    bad = []
+    assert parse_page(json.dumps(old, ensure_ascii=False).encode(), "o.json", bad=bad).words == []
+    assert bad == [(1, 'annotation bbox "oops" is not a list of 4 numbers')]
 
 
 # -- stratified split ----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ PROBE = ("검사용단어", (100.0, 200.0, 80.0, 30.0))   # a normal box whose c
 NEGATIVE = ("음수좌표", (-5.0, -3.0, 60.0, 20.0))
 OUTSIDE = ("바깥상자", (600.0, 400.0, 20.0, 10.0))     # wholly past the 480x360 image
 HANJA = ("漢", (200.0, 100.0, 30.0, 30.0))
+CLIPPED = ("오른쪽끝", (440.0, 200.0, 80.0, 25.0))     # runs past the right edge: clipped and kept
 SPLIT_NAMES = ("train", "val", "test")
 
 
@@ -45,7 +46,7 @@ def src(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("raw")
     generate_pages(root, count=6, seed=21, fonts=FONTS, width=W, height=H, font_size=(14, 22), progress=False)
     texts = {w.text for p in root.glob("page_*.json") for w in read_page(p).words}
-    assert not texts & {NFC_WORD, PROBE[0], NEGATIVE[0], OUTSIDE[0], HANJA[0]}
+    assert not texts & {NFC_WORD, PROBE[0], NEGATIVE[0], OUTSIDE[0], HANJA[0], CLIPPED[0]}
 
     # a page carrying every word-level defect, drawn on a copy of a generated image
     page = read_page(root / "page_00000.json")
@@ -58,6 +59,7 @@ def src(tmp_path_factory) -> Path:
         Word(NEGATIVE[1], NEGATIVE[0]),
         Word(OUTSIDE[1], OUTSIDE[0]),
         Word(HANJA[1], HANJA[0]),
+        Word(CLIPPED[1], CLIPPED[0]),
     ]
     write_page(page, root / "defects.json")
 
@@ -119,9 +121,9 @@ def test_report_names_every_defect(dropped):
     assert examples("image_missing") == ["orphan.json"]
     assert examples("empty_text") == ["defects.json#3"]
     assert examples("nfd_normalised") == ["defects.json#2"]
-    assert examples("zero_area_box") == ["defects.json#5"]
+    assert examples("zero_area_box") == ["defects.json#5"]  # wholly outside: skipped, so not "clipped, kept"
     assert examples("negative_coordinates") == ["defects.json#4"]
-    assert examples("box_clipped") == ["defects.json#5"]
+    assert examples("box_clipped") == ["defects.json#7"]
     [oov] = examples("out_of_charset")
     assert oov.startswith("defects.json#6") and "漢" in oov
     assert "image_size_differs_from_json" not in skipped
@@ -153,7 +155,7 @@ def test_splits_hold_each_usable_page_once(src, dropped):
 def test_crops_follow_their_page_split(src, dropped):
     out, _ = dropped
     splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
-    defect_labels = [PROBE[0], NFC_WORD, NEGATIVE[0]]
+    defect_labels = [PROBE[0], NFC_WORD, NEGATIVE[0], CLIPPED[0]]
     for split in SPLIT_NAMES:
         expected = Counter()
         for name in splits[split]:
@@ -195,9 +197,9 @@ def test_split_documents_by_seed():
 def test_crop_count_equals_usable_words(src, dropped):
     out, report = dropped
     items = _lmdb_items(out)
-    # every generated word is usable; the defect page adds the probe, the NFD word and the
-    # negative-coordinate box (empty, wholly outside and out-of-charset are dropped)
-    expected = _generated_words(src) + 3
+    # every generated word is usable; the defect page adds the probe, the NFD word, the
+    # negative-coordinate box and the clipped one (empty, wholly outside and out-of-charset are dropped)
+    expected = _generated_words(src) + 4
     assert len(items) == expected == sum(report["crops"].values())
     assert {s: sum(i[0] == s for i in items) for s in SPLIT_NAMES} == report["crops"]
 

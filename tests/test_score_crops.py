@@ -169,6 +169,8 @@ def test_box_labels_cut_each_word_widened_as_easyocr_widens_detected_boxes(tmp_p
     ('{"page.png": {"words": [{"points": [[300, 2], [390, 20]], "transcription": "서울"}]}}',
      r"page.png word 1 \('서울'\): box .* lies outside the 200x100 image"),
     ('{"page.png": {"words": [{"points": [[1, 2], [9, 9]], "transcription": "###"}]}}', "no labelled word boxes"),
+    ('{"page.png": {"words": [{"points": [[5, 5], [5, 9]], "transcription": "서울"}]}}',
+     r"page.png word 1 \('서울'\): box \[5.0, 5.0, 0.0, 4.0\] has no area"),
     ('{"images": [{"image.file.name": "page.png"}], "annotations": []}', "page.json.*image entry lacks"),
     ('{"page.png": {"words": [{"points": [[NaN, 2], [9, 9]], "transcription": "서울"}]}}',  # Python's json reads it
      r"page.png word 1 \('서울'\): box \[nan, .*\] is not finite"),

@@ -107,6 +107,9 @@ class Page:
         if not isinstance(annotations, list):
             raise PageError(path, "bad_schema", "'annotations' is not a list")
         def word(ann: Any) -> Word:
+            if not isinstance(ann["annotation.bbox"], list):
+                raise ValueError(f"annotation bbox {json.dumps(ann['annotation.bbox'], ensure_ascii=False)[:40]} "
+                                 "is not a list of 4 numbers")
             bbox = tuple(float(v) for v in ann["annotation.bbox"])
             text = _text(ann.get("annotation.text", ""), "annotation.text")
             if len(bbox) != 4:
@@ -131,6 +134,8 @@ class Page:
         if not isinstance(boxes, list):
             raise PageError(path, "bad_schema", "'bbox' is not a list")
         def word(box: Any) -> Word:
+            if not (isinstance(box["x"], list) and isinstance(box["y"], list)):
+                raise ValueError(f"bbox x {box['x']!r:.30} and y {box['y']!r:.30} are not lists of numbers")
             xs, ys = [float(v) for v in box["x"]], [float(v) for v in box["y"]]
             if not xs or len(xs) != len(ys):
                 raise ValueError(f"bbox x {xs} and y {ys} do not pair up")

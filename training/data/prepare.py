@@ -251,7 +251,7 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
         with Image.open(io.BytesIO(read_member(root, image))) as img:
             img.verify()
     except IMAGE_ERRORS as exc:
-        return None, found, entries + [("image_corrupt", f"{image.name}: {type(exc).__name__}")]
+        return None, found, entries + [("image_corrupt", f"{image.name}: {type(exc).__name__}: {exc}"[:300])]
     return PageMeta(label.name, label, image, page.category), found, entries
 
 
@@ -285,14 +285,14 @@ def _page_crops(page: Page, grey: np.ndarray, where: str, charset: Charset, conf
             report.add("bad_annotation", f"{at}: bbox {word.bbox}")
             continue
         x, y, w, h = word.bbox
+        box = crop_box(word.bbox, config.crop_margin, width, height)
+        if box is None:  # skipped: not also counted as clamped or clipped, which say "kept"
+            report.add("zero_area_box", at)
+            continue
         if x < 0 or y < 0:
             report.add("negative_coordinates", at)
         if x + w > width or y + h > height:
             report.add("box_clipped", at)
-        box = crop_box(word.bbox, config.crop_margin, width, height)
-        if box is None:
-            report.add("zero_area_box", at)
-            continue
         x0, y0, x1, y1 = box
         crops.append((_encode(grey[y0:y1, x0:x1], config.image_format), text))
     return crops
@@ -326,7 +326,7 @@ def _crop_page_or_raise(meta: PageMeta) -> tuple[list[tuple[bytes, str]], list[t
     except PageError as exc:  # changed since the scan
         return [], [(exc.reason, f"{meta.name}: {exc.detail}"[:300])], False
     except IMAGE_ERRORS as exc:
-        return [], [("image_corrupt", f"{meta.image.name}: {type(exc).__name__}")], False
+        return [], [("image_corrupt", f"{meta.image.name}: {type(exc).__name__}: {exc}"[:300])], False
     for i, detail in bad:
         entries.add("bad_annotation", f"{meta.name}#{i}: {detail}"[:300])
     crops = _page_crops(page, grey, meta.name, _WORKER["charset"], config, entries)  # type: ignore[arg-type]
