@@ -27,9 +27,11 @@ def _isolated_mlflow(tmp_path_factory, monkeypatch):
     """
     import mlflow
 
-    mlflow.set_tracking_uri(None)  # also unsets the variables: put back what the caller of pytest set
+    mlflow.set_tracking_uri(None)  # also unsets its variable; set_registry_uri(None) leaves MLFLOW_REGISTRY_URI
     mlflow.set_registry_uri(None)
-    os.environ.update({k: v for k, v in _CALLER_MLFLOW.items() if v})
+    for key in _CALLER_MLFLOW:
+        os.environ.pop(key, None)
+    os.environ.update({k: v for k, v in _CALLER_MLFLOW.items() if v})  # put back what the caller of pytest set
     if "MLFLOW_TRACKING_URI" not in os.environ:
         db = tmp_path_factory.mktemp("mlflow") / "mlruns.db"
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")

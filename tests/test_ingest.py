@@ -391,12 +391,18 @@ def test_unreadable_archive_and_twice_claimed_image_are_reported(pages, tmp_path
 
 # -- word-level defects that are new -------------------------------------------------------------------
 
-def test_bad_annotations_are_skipped_not_the_page(pages, tmp_path):
-    src = tmp_path / "src"
+def _one_page(pages: Path, src: Path) -> dict:
+    """``src/p.jpg`` (a generated page) and its page JSON as a dict, to be spoiled and written as p.json."""
     src.mkdir()
     shutil.copy(pages / "page_00000.jpg", src / "p.jpg")
     data = read_page(pages / "page_00000.json").to_dict()
     data["images"][0]["image.file.name"] = "p.jpg"
+    return data
+
+
+def test_bad_annotations_are_skipped_not_the_page(pages, tmp_path):
+    src = tmp_path / "src"
+    data = _one_page(pages, src)
     good = len(data["annotations"])
     data["annotations"].append({"id": 99, "annotation.text": "상자없음"})                  # no bbox key
     data["annotations"].append({"id": 100, "annotation.text": "세개", "annotation.bbox": [1, 2, 3]})
@@ -415,10 +421,7 @@ def test_bad_annotations_are_skipped_not_the_page(pages, tmp_path):
 def test_defects_are_reported_at_each_annotations_place_in_the_file(pages, tmp_path):
     """A skipped annotation keeps the numbers of the ones after it; a label that is not text is skipped."""
     src = tmp_path / "src"
-    src.mkdir()
-    shutil.copy(pages / "page_00000.jpg", src / "p.jpg")
-    data = read_page(pages / "page_00000.json").to_dict()
-    data["images"][0]["image.file.name"] = "p.jpg"
+    data = _one_page(pages, src)
     anns = data["annotations"]
     anns.insert(0, {"id": 0, "annotation.text": ["서울"], "annotation.bbox": [1, 2, 30, 10]})  # a list, not text
     anns.insert(1, {"id": 1, "annotation.text": True, "annotation.bbox": [1, 2, 30, 10]})
