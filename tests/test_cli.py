@@ -42,6 +42,10 @@ def test_prepare_of_missing_folder_names_it(tmp_path):
     (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
     done = _kocr("prepare-aihub", "--src", str(tmp_path / "absent"), "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 2 and "absent" in done.stderr and "Traceback" not in done.stderr
+    for out, message in ((tmp_path / "params.yaml", "--out exists and is not a folder"),
+                         (tmp_path, "--out is the source folder")):
+        done = _kocr("prepare-aihub", "--src", str(tmp_path), "--out", str(out), cwd=tmp_path)
+        assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     (tmp_path / "empty").mkdir()  # a folder with no page: done, with a warning
     done = _kocr("prepare-aihub", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 0 and "warning: no usable page under" in done.stderr

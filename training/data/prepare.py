@@ -521,6 +521,10 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
                   progress: bool = True) -> dict[str, Any]:
     """Run the stage; returns the report (also written to ``out/report.json``)."""
     src, out = Path(src), Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrepareConfigError(f"{out}: --out exists and is not a folder")
+    if src.is_dir() and out.resolve() == src.resolve():
+        raise PrepareConfigError(f"{out}: --out is the source folder; write the crops beside it (e.g. data/prepared)")
     index = scan_source(src, exclude=out)
     charset = Charset.from_spec(config.charset)
     pool = None
