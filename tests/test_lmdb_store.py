@@ -108,6 +108,26 @@ def test_failed_rewrite_keeps_the_previous_set(tmp_path):
     assert not (tmp_path / "set.partial").exists()
 
 
+def test_a_disk_that_fills_while_finishing_keeps_the_previous_set_and_nothing_beside_it(tmp_path, monkeypatch):
+    import errno
+
+    from training.data import lmdb_store
+
+    path = tmp_path / "set"
+    _write(path, _images(), LABELS)
+
+    def full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(lmdb_store, "_fsync_dir", full)  # close() fails after its commit
+    with pytest.raises(OSError, match="No space left"):
+        with LmdbWriter(path) as writer:
+            writer.add(_png(_images()[0]), "새것")
+    ds = LmdbDataset(path)
+    assert [ds.label(i) for i in range(len(ds))] == LABELS
+    assert not (tmp_path / "set.partial").exists()
+
+
 def test_second_write_replaces_the_first(tmp_path):
     path = tmp_path / "set"
     _write(path, _images(), LABELS)

@@ -86,19 +86,26 @@ class LmdbWriter:
         return self.digest.hexdigest()
 
     def abort(self) -> None:
-        """Drop everything written so far."""
-        self._txn.abort()
-        self.env.close()
+        """Drop everything written so far (also after a failed ``close``); a set already at ``path`` stays."""
+        try:
+            self._txn.abort()
+            self.env.close()
+        except lmdb.Error:  # already committed or closed by the close that failed
+            pass
         shutil.rmtree(self.partial, ignore_errors=True)
 
     def __enter__(self) -> "LmdbWriter":
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
+        if exc_type is not None:
             self.abort()
+            return
+        try:
+            self.close()
+        except BaseException:  # a full disk while finishing: no half-written set left beside the old one
+            self.abort()
+            raise
 
 
 def _fsync_dir(path: Path) -> None:
