@@ -128,6 +128,39 @@ def test_a_disk_that_fills_while_finishing_keeps_the_previous_set_and_nothing_be
     assert not (tmp_path / "set.partial").exists()
 
 
+@pytest.mark.parametrize("free,raised", [(1 << 20, OSError), (1 << 40, lmdb.Error)])
+def test_an_lmdb_io_error_on_a_nearly_full_disk_is_reported_as_a_full_disk(tmp_path, monkeypatch, free, raised):
+    """LMDB reports ENOSPC on commit as "Input/output error"; with little room left it is a full disk."""
+    import collections
+    import errno
+
+    from training.data import lmdb_store
+
+    writer = LmdbWriter(tmp_path / "set")
+    writer.add(_png(_images()[0]), "서울")
+    real_txn = writer._txn
+
+    class FailingTxn:
+        def put(self, *args):
+            return real_txn.put(*args)
+
+        def commit(self):
+            raise lmdb.Error("mdb_txn_commit: Input/output error")
+
+        def abort(self):
+            real_txn.abort()
+
+    writer._txn = FailingTxn()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(lmdb_store.shutil, "disk_usage", lambda path: usage(1 << 41, 0, free))
+    with pytest.raises(raised) as info:
+        writer.close()
+    if raised is OSError:
+        assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "set.partial")
+    writer.abort()
+    assert not (tmp_path / "set.partial").exists()
+
+
 def test_second_write_replaces_the_first(tmp_path):
     path = tmp_path / "set"
     _write(path, _images(), LABELS)

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import bisect
+import errno
 import hashlib
 import io
 import itertools
@@ -39,6 +40,9 @@ def sample_digest(digest: "hashlib._Hash", image: bytes, label: bytes) -> None:
     """Feed one sample to a running content hash (length-prefixed, so boundaries cannot shift)."""
     digest.update(len(label).to_bytes(4, "little") + label + len(image).to_bytes(8, "little"))
     digest.update(image)
+
+
+_NEARLY_FULL = 16 * 2**20  # bytes free under which a failed LMDB commit is taken for a full disk
 
 
 class LmdbWriter:
@@ -63,13 +67,13 @@ class LmdbWriter:
         self._txn.put(b"label-%09d" % self.count, encoded)
         sample_digest(self.digest, image, encoded)
         if self.count % self.commit_every == 0:
-            self._txn.commit()
+            self._commit()
             self._txn = self.env.begin(write=True)
 
     def close(self, extra: dict[str, bytes] | None = None) -> None:
         """Finish the set and move it to its final path, with ``extra`` files written inside it."""
         self._txn.put(b"num-samples", str(self.count).encode())
-        self._txn.commit()
+        self._commit()
         self.env.sync()
         self.env.close()
         (self.partial / "lock.mdb").unlink(missing_ok=True)  # readers need none; its bytes vary per run
@@ -79,6 +83,16 @@ class LmdbWriter:
         if self.path.exists():
             shutil.rmtree(self.path)
         os.replace(self.partial, self.path)
+
+    def _commit(self) -> None:
+        """Commit the write transaction. LMDB reports a full disk as an I/O error (``mdb_txn_commit:
+        Input/output error``); with the disk nearly full it is raised as the OSError it is (ENOSPC)."""
+        try:
+            self._txn.commit()
+        except lmdb.Error as exc:
+            if shutil.disk_usage(self.partial).free < _NEARLY_FULL:
+                raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(self.partial)) from exc
+            raise
 
     @property
     def sha256(self) -> str:
