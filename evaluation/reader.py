@@ -110,7 +110,12 @@ class Recognition:
 
     ``fast`` (CPU only): exact fast pools (weights shared with ``loaded.model``) and one forward pass
     per group of at most ``batch_size`` boxes of equal padded width; ``fast=False``: easyocr's get_text.
+    ``decoder`` and ``beam_width`` are ``readtext``'s (``greedy``, what the platform scores, or
+    ``beamsearch``; ``bench/decoders.py`` compares them).
     """
+
+    decoder: str = "greedy"
+    beam_width: int = 5
 
     def __init__(self, loaded: LoadedRecognizer, settings: DetectorSettings = DetectorSettings(),
                  device: str = "cpu", fast: bool = True, batch_size: int = 32) -> None:
@@ -164,7 +169,7 @@ class Recognition:
                 chunk = members[start:start + self.batch_size]
                 batch = collate_crops([(easyocr_input(crops[i][1], imgH, width, contrast), width) for i in chunk], imgH)
                 preds = recognizer_predict(self.model, self.converter, [batch.to(self.device)], int(width / 10),
-                                           [], {}, "greedy", 5, self.device)
+                                           [], {}, self.decoder, self.beam_width, self.device)
                 out.update((i, (text, conf)) for i, (text, conf) in zip(chunk, preds))
         return out
 
@@ -180,7 +185,7 @@ class Recognition:
             for h_list, f_list in [([b], []) for b in horizontal] + [([], [b]) for b in free]:
                 image_list, max_width = get_image_list(h_list, f_list, grey, model_height=imgH)
                 results += get_text(self.loaded.charset.chars, imgH, int(max_width), self.loaded.model,
-                                    self.converter, image_list, "", "greedy", 5, 1, s.contrast_ths,
+                                    self.converter, image_list, "", self.decoder, self.beam_width, 1, s.contrast_ths,
                                     s.adjust_contrast, 0.003, 0, self.device)
         return results
 

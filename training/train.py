@@ -350,12 +350,12 @@ def _datasets(config: TrainConfig, data_dir: Path, charset: Charset) -> tuple[Cr
     return train_set, val_set
 
 
-def _mix_report(train_set: CropDataset | MixedCrops, data_dir: Path, config: TrainConfig) -> list[dict[str, Any]]:
+def _mix_report(train_set: CropDataset | MixedCrops) -> list[dict[str, Any]]:
     """What each training set brings under ``train.mix``: path, samples kept, share of each epoch."""
     if not isinstance(train_set, MixedCrops):
         return []
-    names = [str(data_dir / "train"), *(str(path) for path, _ in mix_shares(config.mix))]
-    return [{"path": name, "samples": n, "share": share} for name, (n, share) in zip(names, train_set.blocks)]
+    return [{"path": str(part.source.path), "samples": n, "share": share}
+            for part, (n, share) in zip(train_set.parts, train_set.blocks)]
 
 
 def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
@@ -411,7 +411,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             "world_size": ctx.world_size, "global_batch_size": config.batch_size * ctx.world_size,
             "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
             **{f"train_dropped_{k}": v for k, v in train_set.dropped.items()}}
-    mixed = _mix_report(train_set, data_dir, config)
+    mixed = _mix_report(train_set)
     if mixed:
         info["train_mix"] = ", ".join(f"{m['path']}: {m['samples']} samples, share {m['share']:g}" for m in mixed)
     if log:
