@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from evaluation.metrics import cer, paired_words, recognition_scores
+from kocr.atomic import staged_files
 from training.data.pages import PageError, crop_box, nfc, parse_page
 
 TESSERACT = "tesseract"
@@ -339,24 +340,43 @@ def error_analysis(report: CropReport, top: int = 15) -> dict[str, dict[str, Any
     return out
 
 
-def write_outputs(report: CropReport, out: str | os.PathLike, worst: int) -> list[Path]:
+def write_outputs(report: CropReport, out: str | os.PathLike, worst: int,
+                  scores: dict[str, Any] | None = None) -> list[Path]:
     """``readings.tsv`` (every crop, ground truth and each model's reading), ``confusions.json``
-    (``error_analysis``) and the worst crops drawn."""
+    (``error_analysis``), the worst crops drawn and, given ``scores``, ``scores.json``.
+
+    The files replace an earlier run's in ``out`` only once all are written (``staged_files``):
+    a full disk or a kill leaves the earlier run's files whole, and a new run never keeps an
+    earlier run's ``worst_*.png``. Returns the pictures' final paths.
+    """
     from evaluation.drawing import draw_crop_readings
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "readings.tsv").open("w", encoding="utf-8", newline="") as fh:
-        fh.write(tsv_row(["image", "text", *report.readings], str(out / "readings.tsv")))
-        for i, crop in enumerate(report.crops):
-            fh.write(tsv_row([crop.source, crop.text, *(texts[i] for texts in report.readings.values())],
-                             f"{out / 'readings.tsv'}: {crop.where()}"))
-    (out / "confusions.json").write_text(json.dumps(error_analysis(report), ensure_ascii=False, indent=1) + "\n",
-                                         encoding="utf-8")
-    for rank, i in enumerate(report.worst(worst), start=1):
-        crop = report.crops[i]
-        readings = {label: (texts[i], cer(crop.text, texts[i])) for label, texts in report.readings.items()}
-        name = crop.image.stem if crop.box is None else f"{crop.image.stem}_word{crop.line}"
-        report.pictures.append(draw_crop_readings(crop.image, crop.text, readings,
-                                                  out / f"worst_{rank:02d}_{name}.png", box=crop.box))
+    with staged_files(out, _written_by_a_run) as stage:
+        tsv = stage / "readings.tsv"
+        where = out / "readings.tsv"
+        with tsv.open("w", encoding="utf-8", newline="") as fh:
+            fh.write(tsv_row(["image", "text", *report.readings], str(where)))
+            for i, crop in enumerate(report.crops):
+                fh.write(tsv_row([crop.source, crop.text, *(texts[i] for texts in report.readings.values())],
+                                 f"{where}: {crop.where()}"))
+        (stage / "confusions.json").write_text(json.dumps(error_analysis(report), ensure_ascii=False, indent=1)
+                                               + "\n", encoding="utf-8")
+        drawn = []
+        for rank, i in enumerate(report.worst(worst), start=1):
+            crop = report.crops[i]
+            readings = {label: (texts[i], cer(crop.text, texts[i])) for label, texts in report.readings.items()}
+            name = crop.image.stem if crop.box is None else f"{crop.image.stem}_word{crop.line}"
+            drawn.append(draw_crop_readings(crop.image, crop.text, readings,
+                                            stage / f"worst_{rank:02d}_{name}.png", box=crop.box).name)
+        if scores is not None:
+            (stage / "scores.json").write_text(json.dumps(scores, ensure_ascii=False, indent=1) + "\n",
+                                               encoding="utf-8")
+    report.pictures.extend(out / name for name in drawn)
     return report.pictures
+
+
+def _written_by_a_run(name: str) -> bool:
+    """The names ``write_outputs`` writes: an earlier run's copy is replaced or removed."""
+    return (name in {"readings.tsv", "confusions.json", "scores.json"}
+            or (name.startswith("worst_") and name.endswith(".png")))

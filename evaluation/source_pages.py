@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
+from kocr.atomic import atomic_path
 from training.data.pages import Page, parse_page
 from training.data.sources import Member, SourceIndex, read_member, scan_source
 
@@ -123,17 +124,12 @@ class _Extractor:
         out = self.cache / key / PurePosixPath(member.name).name
         if _intact(out, info):
             return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
         try:
-            with archive.open(info) as src, open(tmp, "wb") as dst:  # zipfile checks the CRC at the end
-                while chunk := src.read(CHUNK):
+            with atomic_path(out) as tmp, archive.open(info) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK):  # zipfile checks the CRC at the end
                     dst.write(chunk)
-            os.replace(tmp, out)
         except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
             raise OSError(f"{where}: cannot extract {member.name}: {exc}") from exc
-        finally:
-            tmp.unlink(missing_ok=True)
         return out
 
 

@@ -15,13 +15,12 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from kocr.atomic import write_text
 from kocr.params import load_params, params_path
 
 
 def _dump(data: Any, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")  # whole or not at all
 
 
 SAMPLE_KEYS = ("fonts", "width", "height", "charset_name", "degrade", "contact_sheet")  # sample: -> generate_pages
@@ -246,7 +245,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         mlflow.log_text(report, "evaluate.md")
     _dump({**results, "eval_data_hash": data_hash, "pages": len(pages)}, args.metrics)
     _dump({label: e.analysis for label, e in evaluated.items()}, Path(args.metrics).with_name("evaluate_analysis.json"))
-    Path(args.metrics).with_suffix(".md").write_text(report, encoding="utf-8")
+    write_text(Path(args.metrics).with_suffix(".md"), report)
     print(report)
 
 
@@ -385,8 +384,7 @@ def cmd_evaluate_crops(args: argparse.Namespace) -> None:
     paired = report.paired()  # empty with one model
     scores: dict[str, Any] = {**report.metrics, **({"paired": paired} if paired else {})}
     if args.out:
-        write_outputs(report, args.out, args.worst)
-        _dump(scores, Path(args.out) / "scores.json")
+        write_outputs(report, args.out, args.worst, scores)
     print(json.dumps(scores, ensure_ascii=False, indent=1))
     _outside_note("evaluate-crops")
 

@@ -209,3 +209,45 @@ def test_cli_reads_the_words_of_a_real_road_sign_from_its_boxes(tmp_path, capsys
     pictures = sorted((tmp_path / "out").glob("worst_*.png"))
     assert [p.name for p in pictures][0].startswith("worst_01_korean_word") and len(pictures) == 2
     assert Image.open(pictures[0]).width < 629  # the word's region is drawn, not the whole photo
+
+
+def test_outputs_replace_an_earlier_run_whole_or_not_at_all(tmp_path, monkeypatch):
+    import errno
+
+    import evaluation.drawing
+    from evaluation.score_crops import write_outputs
+
+    crops = [Crop(_png(tmp_path / f"{i}.png"), t, i + 2) for i, t in enumerate(["가나", "다라", "마바"])]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+
+    def run(reading: str, worst: int):
+        report = CropReport(crops, {}, {"m": ["가X", "다X", reading]})
+        return write_outputs(report, out, worst, {"run": reading})
+
+    first = run("마X", 3)
+    assert sorted(p.name for p in out.glob("worst_*.png")) == sorted(p.name for p in first) and len(first) == 3
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    real_draw, calls = evaluation.drawing.draw_crop_readings, []
+
+    def disk_fills(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_draw(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation.drawing, "draw_crop_readings", disk_fills)
+    with pytest.raises(OSError):
+        run("마바", 2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the first run, whole; no staging left
+
+    monkeypatch.setattr(evaluation.drawing, "draw_crop_readings", real_draw)
+    second = run("마바", 1)
+    assert [p.name for p in out.glob("worst_*.png")] == [p.name for p in second]  # none of the first run's
+    assert json.loads((out / "scores.json").read_text(encoding="utf-8")) == {"run": "마바"}
+    assert (out / "readings.tsv").read_text(encoding="utf-8").splitlines()[-1].endswith("마바\t마바")
+    assert (out / "notes.txt").read_text() == "the user's own file"
+    assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", "readings.tsv", "confusions.json",
+                                                           "scores.json", second[0].name])

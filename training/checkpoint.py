@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kocr.atomic import atomic_path
 from training.attention import EOS_INDEX, GO_INDEX, num_class_for
 from training.charset import BUILTIN_CHARSETS, Charset
 from training.model import Recognizer, RecognizerConfig
@@ -87,19 +87,13 @@ def config_from_state_dict(state_dict: dict[str, torch.Tensor], imgH: int = 64) 
 
 def save_checkpoint(path: str | os.PathLike, model: Recognizer, charset: Charset,
                     meta: dict[str, Any] | None = None) -> Path:
-    """Write a platform checkpoint atomically (temp file + rename), so a kill never leaves half a file."""
+    """Write a platform checkpoint atomically (fsynced temp file + rename): a kill never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "config": model.config.as_dict(), "charset": charset.chars,
                "charset_name": charset.name, "state_dict": model.state_dict(), "meta": meta or {}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path, durable=True) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import yaml
 
+from kocr.atomic import atomic_path, write_text
 from kocr.easyocr_compat import offline_model_dir
 from training import model as model_module
 from training.checkpoint import LoadedRecognizer, load_recognizer
@@ -80,14 +81,16 @@ def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: 
     state = {f"module.{k}": v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     paths = {"pth": model_dir / f"{name}.pth", "py": network_dir / f"{name}.py",
              "yaml": network_dir / f"{name}.yaml", "readme": out / "README.md"}
-    torch.save(state, paths["pth"])
-    paths["py"].write_text(network_source(), encoding="utf-8")
+    with atomic_path(paths["pth"]) as tmp:  # each file whole: a kill never leaves half a .pth EasyOCR would load
+        torch.save(state, tmp)
+    write_text(paths["py"], network_source())
     config = {"network_params": loaded.config.network_params(), "imgH": loaded.config.imgH,
               "lang_list": list(lang_list), "character_list": loaded.charset.chars}
-    paths["yaml"].write_text(yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    write_text(paths["yaml"], yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     if with_detector:
-        shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth", model_dir / "craft_mlt_25k.pth")
-    paths["readme"].write_text(_readme(name, lang_list, loaded, readtext_kwargs or {}), encoding="utf-8")
+        with atomic_path(model_dir / "craft_mlt_25k.pth") as tmp:
+            shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth", tmp)
+    write_text(paths["readme"], _readme(name, lang_list, loaded, readtext_kwargs or {}))
     return {k: str(v) for k, v in paths.items()}
 
 

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from kocr.atomic import atomic_path, write_bytes
 
 # train: knobs a resumed run may change; any other difference means the saved state belongs to another run
 RESUMABLE_CHANGES = frozenset({"val_every", "patience", "checkpoint_every", "num_workers", "log_every",
@@ -27,28 +28,15 @@ RESUMABLE_CHANGES = frozenset({"val_every", "patience", "checkpoint_every", "num
 
 
 def save_state(path: str | os.PathLike, payload: dict[str, Any]) -> Path:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    return _write_atomically(Path(path), lambda fh: torch.save(payload, fh))
+    """``torch.save`` whole or not at all: a fsynced temporary file beside ``path``, renamed over it."""
+    with atomic_path(path, durable=True) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
 
 
 def save_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` the same way: a kill leaves the old file or the new one, never half."""
-    return _write_atomically(Path(path), lambda fh: fh.write(data))
-
-
-def _write_atomically(path: Path, write: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return write_bytes(path, data, durable=True)
 
 
 def load_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from evaluation.metrics import recognition_scores
+from kocr.atomic import atomic_path, write_text
 from training.charset import Charset
 from training.attention import AttnCodec, attention_loss, num_class_for
 from training.checkpoint import file_digest, load_recognizer, save_checkpoint, start_from
@@ -288,8 +289,7 @@ def _loader(dataset: CropDataset, config: TrainConfig, device: torch.device,
 
 
 def _write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as fh:
         if rows:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter="\t")
             writer.writeheader()
@@ -526,8 +526,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
         return summary
     if start is not None:
         summary.update(_average_with_start(config, start, out_dir, charset, val_loader, val_objective, device, log))
-    Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_file).write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_text(metrics_file, json.dumps(summary, indent=1))
     _write_tsv(Path(plots_dir) / "loss.tsv", state.loss_rows)
     _write_tsv(Path(plots_dir) / "val.tsv", state.val_rows)
     if state_file is not None and Path(state_file).exists():

@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterator
 import optuna
 from optuna.trial import TrialState
 
+from kocr.atomic import write_text
 from kocr.locks import database_lock
 from training.train import TrainConfig, train
 
@@ -556,8 +557,7 @@ def finish_study(study: optuna.Study, config: TuneConfig, url: str, out_dir: Pat
     out_dir.mkdir(parents=True, exist_ok=True)
     header = ("# Written by `kocr tune`: the best trial's train: knobs. `train` uses them when\n"
               "# params.yaml has train.use_tuned: true (see docs/tuning.md).\n")
-    (out_dir / "best_params.yaml").write_text(header + yaml.safe_dump(doc, allow_unicode=True, sort_keys=False),
-                                              encoding="utf-8")
+    write_text(out_dir / "best_params.yaml", header + yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
     if log:
         import mlflow
 

@@ -19,6 +19,7 @@ from typing import Sequence
 
 from PIL import Image, ImageDraw
 
+from kocr.atomic import atomic_path
 from training.data.fonts import FontFace, covers, load_font
 
 BORDER = (200, 200, 200)
@@ -72,8 +73,6 @@ def write_sheet(tiles: Sequence[tuple[Image.Image, str]], path: str | os.PathLik
                 caption_faces: Sequence[FontFace], **kwargs) -> Path:
     """``make_sheet`` saved as PNG at ``path`` (through a temp file); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    make_sheet(tiles, caption_faces, **kwargs).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        make_sheet(tiles, caption_faces, **kwargs).save(tmp, format="PNG")
     return path

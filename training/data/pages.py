@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from kocr.atomic import write_json
+
 BBox = tuple[float, float, float, float]  # x, y, w, h in pixels, top-left origin
 
 
@@ -206,11 +208,7 @@ def parse_page(raw: bytes, path: str | os.PathLike = "<page>",
 
 def write_page(page: Page, path: str | os.PathLike) -> None:
     """Write ``page`` as UTF-8 page JSON (Hangul kept readable), atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(page.to_dict(), ensure_ascii=False, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, page.to_dict())
 
 
 def iter_page_files(root: str | os.PathLike) -> Iterator[Path]:

@@ -48,6 +48,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from kocr.atomic import write_json
 from training.charset import Charset
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page
@@ -444,7 +445,7 @@ def _write_shards(out: Path, plan: dict[str, list[PageMeta]], config: PrepareCon
         seq += 1
 
     def write_index(split: str) -> None:
-        _write_json(out / split / SHARD_INDEX, {"samples": sum(s["samples"] for s in state.shards[split]),
+        write_json(out / split / SHARD_INDEX, {"samples": sum(s["samples"] for s in state.shards[split]),
                                                "shards": state.shards[split]})
 
     for split in SPLITS[: state.split]:  # finished in an earlier run: _resume cleared their index too
@@ -559,9 +560,9 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         "crops": {split: sum(s["samples"] for s in state.shards[split]) for split in SPLITS},
         "skipped": scan_report.merged(Report.from_dict(state.report)).as_dict(),
     }
-    _write_json(out / "splits.json", split_pages)
-    _write_json(out / "report.json", summary)
-    _write_json(out / "manifest.json", build_manifest(state, summary, config, charset))
+    write_json(out / "splits.json", split_pages)
+    write_json(out / "report.json", summary)
+    write_json(out / "manifest.json", build_manifest(state, summary, config, charset))
     return summary
 
 
@@ -592,11 +593,3 @@ def build_manifest(state: _State, summary: dict[str, Any], config: PrepareConfig
     }
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Write ``path`` whole or not at all (a full disk leaves the old file, and no temporary one)."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from kocr.atomic import atomic_path
 from training.charset import Charset
 from training.data import degrade as degrade_mod
 from training.data.contact_sheet import write_sheet
@@ -409,7 +410,7 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
 
     ``fonts`` are file-name patterns for ``find_fonts``. Page ``i`` depends only on
     (``seed``, ``i``) and the other arguments, so reruns are byte-identical. Each image is
-    written before its JSON, both through temp files and ``os.replace``, and an old JSON is
+    written before its JSON, both whole or not at all (``kocr.atomic``), and an old JSON is
     removed before its image is replaced: a killed run never leaves a JSON without its image.
     Pages numbered ``count`` or above from earlier runs are removed. Returns the JSON paths.
 
@@ -449,9 +450,8 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
                     extra={"image.make.code": f"{rng.randint(1000, 6999)}000",
                            "image.make.year": str(rng.randint(1995, 2023))})
         json_path.unlink(missing_ok=True)
-        tmp = image_path.with_name(image_path.name + ".tmp")
-        image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-        os.replace(tmp, image_path)
+        with atomic_path(image_path) as tmp:
+            image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
         write_page(page, json_path)
         paths.append(json_path)
     sheet = out / "contact_sheet.png"

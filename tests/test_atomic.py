@@ -1,0 +1,103 @@
+"""Whole-or-nothing writes: the helper itself, and the writers that go through it."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kocr.atomic import atomic_path, write_bytes, write_json
+from training.data import synth_pages
+from training.data.contact_sheet import write_sheet
+from training.data.fonts import find_fonts
+from training.data.pages import Page, Word, write_page
+
+
+def _leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def _full_disk(self: Path, text: str, *_args, **_kwargs):
+    """``Path.write_text`` on a disk that fills half way through: half a file, then ENOSPC."""
+    with open(self, "w", encoding="utf-8") as fh:
+        fh.write(text[: len(text) // 2])
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Path) -> None:
+    target = tmp_path / "report.json"
+    write_json(target, {"pages": 3, "name": "서울"})
+    assert json.loads(target.read_text(encoding="utf-8")) == {"pages": 3, "name": "서울"}
+    assert "서울" in target.read_text(encoding="utf-8")  # Hangul kept readable, not \\u escapes
+
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text('{"pages": ', encoding="utf-8")  # half written, then the writer dies
+        raise RuntimeError("killed")
+    assert json.loads(target.read_text(encoding="utf-8"))["pages"] == 3
+    assert _leftovers(tmp_path) == []
+
+    with pytest.raises(KeyboardInterrupt), atomic_path(target, durable=True) as tmp:
+        tmp.write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert json.loads(target.read_text(encoding="utf-8"))["pages"] == 3
+    assert _leftovers(tmp_path) == []
+
+
+def test_files_get_the_umask_permissions_like_a_plain_open(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        written = write_bytes(tmp_path / "sub" / "a.bin", b"abc", durable=True)
+    finally:
+        os.umask(old)
+    assert written.read_bytes() == b"abc"  # the parent folder is created
+    assert stat.S_IMODE(written.stat().st_mode) == 0o644  # not mkstemp's 0600
+
+
+def test_two_writers_of_one_path_use_different_temporary_files(tmp_path: Path) -> None:
+    target = tmp_path / "page.json"
+    with atomic_path(target) as first, atomic_path(target) as second:
+        assert first != second
+        first.write_text("1")
+        second.write_text("2")
+    assert target.read_text() == "1"  # the outer block finishes last and wins whole
+    assert _leftovers(tmp_path) == []
+
+
+def _page() -> Page:
+    return Page("p.jpg", 100, 50, [Word((1.0, 1.0, 20.0, 10.0), "서울")])
+
+
+def test_write_page_on_a_full_disk_keeps_the_old_page(tmp_path: Path, monkeypatch) -> None:
+    target = tmp_path / "p.json"
+    write_page(_page(), target)
+    before = target.read_bytes()
+    monkeypatch.setattr(Path, "write_text", _full_disk)
+    with pytest.raises(OSError):
+        write_page(Page("p.jpg", 100, 50, []), target)
+    assert target.read_bytes() == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_an_image_save_that_fails_leaves_no_temporary(tmp_path: Path, monkeypatch) -> None:
+    faces = find_fonts(["NanumGothic.ttf"])
+    sheet = tmp_path / "sheet.png"
+    write_sheet([(Image.new("L", (40, 20), 255), "가")], sheet, faces)
+    before = sheet.read_bytes()
+
+    def broken_save(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", broken_save)
+    with pytest.raises(OSError):
+        write_sheet([(Image.new("L", (40, 20), 0), "나")], sheet, faces)
+    assert sheet.read_bytes() == before
+    with pytest.raises(OSError):
+        synth_pages.generate_pages(tmp_path / "pages", count=1, seed=0, fonts=["NanumGothic.ttf"],
+                                   width=480, height=360, progress=False)
+    assert _leftovers(tmp_path) == [] and _leftovers(tmp_path / "pages") == []
+    assert not list((tmp_path / "pages").glob("*.json"))  # no JSON without its image
