@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import lmdb
 import pytest
 
 from training.data.lmdb_store import LmdbDataset, lmdb_digest
-from training.data.pages import Page, Word, parse_page, read_page, write_page
+from training.data.pages import Page, PageError, Word, parse_page, read_page, write_page
 from training.data.prepare import PrepareConfig, prepare_pages, split_documents
 from training.data.sources import member_name, scan_source
 from training.data.synth_pages import generate_pages
@@ -469,6 +470,29 @@ def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):
     bad = []
     assert parse_page(json.dumps(old, ensure_ascii=False).encode(), "o.json", bad=bad).words == []
     assert bad == [(1, 'annotation bbox "oops" is not a list of 4 numbers')]
+
+
+@pytest.mark.parametrize("width,message", [
+    ("1000.0", None), (1000.0, None), ("1000", None),
+    ("1000.5", 'image entry image.width "1000.5" is not a positive whole number of pixels'),
+    (0, "image entry image.width 0 is not a positive whole number of pixels"),
+    (True, "image entry image.width true is not"), ("wide", 'image.width "wide" is not'), (None, "null is not"),
+])
+def test_page_sizes_written_as_text_or_floats_are_read_and_others_are_named(width, message):
+    raw = json.dumps({"images": [{"image.file.name": "a.jpg", "image.width": width, "image.height": 50}],
+                      "annotations": []}).encode()
+    if message is None:
+        assert (parse_page(raw, "p.json").width, parse_page(raw, "p.json").height) == (1000, 50)
+    else:  # before: "lacks a valid invalid literal for int() with base 10", or 1000.5 silently cut to 1000
+        with pytest.raises(PageError, match=re.escape(message)) as caught:
+            parse_page(raw, "p.json")
+        assert caught.value.reason == "bad_schema" and "p.json" in str(caught.value)
+    newer = json.dumps({"Images": {"identifier": "x", "width": width, "height": 480}, "bbox": []}).encode()
+    if message is None:
+        assert parse_page(newer, "n.json").width == 1000
+    else:
+        with pytest.raises(PageError, match="'Images' width"):
+            parse_page(newer, "n.json")
 
 
 # -- stratified split ----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import unicodedata
 from dataclasses import dataclass, field
@@ -98,11 +99,10 @@ class Page:
         if not isinstance(images, list) or not images or not isinstance(images[0], dict):
             raise PageError(path, "bad_schema", "missing 'images' list")
         image = images[0]
-        try:
-            name = str(image["image.file.name"])
-            width, height = int(image["image.width"]), int(image["image.height"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PageError(path, "bad_schema", f"image entry lacks a valid {exc}") from exc
+        if "image.file.name" not in image:
+            raise PageError(path, "bad_schema", "image entry lacks 'image.file.name'")
+        name = str(image["image.file.name"])
+        width, height = _pixels(image, "image.width", path), _pixels(image, "image.height", path)
         extra = {k: v for k, v in image.items()
                  if k not in ("image.file.name", "image.width", "image.height", "image.category")}
         annotations = data.get("annotations", [])
@@ -127,11 +127,10 @@ class Page:
     def _from_ocr_schema(cls, data: dict, path: str | os.PathLike,
                          bad: list[tuple[int, str]] | None) -> "Page":
         image = data["Images"]
-        try:
-            ident, kind = str(image["identifier"]), str(image.get("type", "jpg")).lstrip(".")
-            width, height = int(image["width"]), int(image["height"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise PageError(path, "bad_schema", f"'Images' lacks a valid {exc}") from exc
+        if "identifier" not in image:
+            raise PageError(path, "bad_schema", "'Images' lacks 'identifier'")
+        ident, kind = str(image["identifier"]), str(image.get("type", "jpg")).lstrip(".")
+        width, height = _pixels(image, "width", path, "'Images'"), _pixels(image, "height", path, "'Images'")
         boxes = data.get("bbox", data.get("Bbox", []))
         if not isinstance(boxes, list):
             raise PageError(path, "bad_schema", "'bbox' is not a list")
@@ -177,6 +176,21 @@ def _text(value: Any, key: str) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{key} {json.dumps(value, ensure_ascii=False)[:40]} is not a string")
     return str(value)
+
+
+def _pixels(entry: dict, key: str, path: str | os.PathLike, where: str = "image entry") -> int:
+    """A page side in pixels as files write it (``1000``, ``1000.0`` or ``"1000"``); anything else is named."""
+    if key not in entry:
+        raise PageError(path, "bad_schema", f"{where} lacks {key!r}")
+    value = entry[key]
+    try:
+        number = math.nan if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not (number.is_integer() and number > 0):
+        raise PageError(path, "bad_schema", f"{where} {key} {json.dumps(value, ensure_ascii=False)[:40]} "
+                                            "is not a positive whole number of pixels")
+    return int(number)
 
 
 def _num(value: float) -> float | int:
