@@ -176,10 +176,14 @@ def test_a_resumed_run_gets_back_its_best_checkpoint_when_the_output_folder_was_
     assert torch.load(out / "model.pt", map_location="cpu")["meta"]["step"] == 2
 
 
-def test_resume_refuses_a_state_whose_data_changed_with_the_same_count(prepared, tmp_path, capsys):
+@pytest.mark.parametrize("change", ["relabel", "repaint"])
+def test_resume_refuses_a_state_whose_data_changed_with_the_same_count(prepared, tmp_path, capsys, change):
     data = tmp_path / "data"
     shutil.copytree(prepared, data)
-    _relabel_first_sample(data / "train")  # the same crops and count, two labels swapped
+    if change == "relabel":
+        _relabel_first_sample(data / "train")  # the same crops and count, two labels swapped
+    else:
+        _repaint_first_image(data / "train")  # the same labels and sizes, other pixels (a re-rendered set)
     state = tmp_path / "run.pt"
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(**{**TINY, "steps": 8, "val_every": 2}), prepared, tmp_path / "a", progress=False,
@@ -207,6 +211,18 @@ def _relabel_first_sample(split: Path) -> None:
         n = next(n for n in range(2, 1000) if txn.get(b"label-%09d" % n) != first)
         txn.put(b"label-%09d" % 1, txn.get(b"label-%09d" % n))
         txn.put(b"label-%09d" % n, first)
+    env.close()
+
+
+def _repaint_first_image(split: Path) -> None:
+    """Darken the first image a little and store it again: same label, same size, other bytes."""
+    import cv2
+    import lmdb
+
+    env = lmdb.open(str(lmdb_parts(split)[0]))
+    with env.begin(write=True) as txn:
+        image = cv2.imdecode(np.frombuffer(txn.get(b"image-%09d" % 1), np.uint8), cv2.IMREAD_GRAYSCALE)
+        txn.put(b"image-%09d" % 1, cv2.imencode(".png", (image // 2).astype(np.uint8))[1].tobytes())
     env.close()
 
 

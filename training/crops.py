@@ -49,8 +49,9 @@ class CropDataset(Dataset):
     :class:`BucketBatchSampler`: then the crop is augmented with strength ``augment`` by a generator
     seeded from (seed, step, slot), the same in any worker and after a resume.
 
-    ``fingerprint`` digests every sample's label and image size in order: a resumed run checks it,
-    so a set relabelled or rebuilt with the same count is not mistaken for the one a state trained on.
+    ``fingerprint`` digests every sample's label, image size and image bytes in order: a resumed run
+    checks it, so a set relabelled or re-rendered with the same count is not mistaken for the one a
+    state trained on.
     """
 
     def __init__(self, source: LmdbDataset, charset: Charset, imgH: int = 64, max_width: int = 1024,
@@ -63,9 +64,8 @@ class CropDataset(Dataset):
         self.longest_label = 0       # characters in the longest kept label: the batch_max_length this set needs
         digest = hashlib.sha256()
         for i in range(len(source)):
-            label = source.label(i)
-            h, w = source.size(i)
-            digest.update(f"{label}\t{h}\t{w}\n".encode("utf-8", "surrogatepass"))
+            label, h, w, image_digest = source.summary(i)
+            digest.update(f"{label}\t{h}\t{w}\t{image_digest.hex()}\n".encode("utf-8", "surrogatepass"))
             if not label or charset.missing(label):
                 self.dropped["out_of_charset" if label else "empty_label"] += 1
                 continue

@@ -276,6 +276,22 @@ class LmdbDataset:
             height, width = self[index][0].shape[:2]
         return height, width
 
+    def summary(self, index: int) -> tuple[str, int, int, bytes]:
+        """(label, height, width, 16-byte BLAKE2b of the encoded image) of sample ``index``, in one read.
+
+        What a training state is checked against on resume: a set re-rendered with the same labels and
+        sizes (another degradation, another font) has other image bytes.
+        """
+        env, key, part = self._locate(index)
+        with env.begin(buffers=True) as txn:
+            raw, encoded = txn.get(b"image-%09d" % key), txn.get(b"label-%09d" % key)
+            if raw is None:
+                raise ValueError(f"{part}: sample {key} has no image")
+            label = _label(None if encoded is None else bytes(encoded), part, key)
+            digest = hashlib.blake2b(raw, digest_size=16).digest()
+        height, width = self.size(index)
+        return label, height, width, digest
+
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:
         if not 0 <= index < self.num_samples:
             raise IndexError(index)
