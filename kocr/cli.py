@@ -69,10 +69,13 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         summary = generate_lines(args.out, config)
         seconds = time.perf_counter() - start
-        mlflow.log_metrics({"samples": summary["count"], "images_per_s": summary["count"] / max(seconds, 1e-9)})
+        drawn = summary["count"] - summary["resumed"]  # a killed run's samples were kept, not drawn again
+        mlflow.log_metrics({"samples": summary["count"], "resumed_samples": summary["resumed"],
+                            "images_per_s": drawn / max(seconds, 1e-9)})
         if summary["contact_sheet"]:
             mlflow.log_artifact(summary["contact_sheet"])
     print(f"synth-lines: wrote {summary['count']} images to {args.out} in {seconds:.1f} s"
+          + (f", {summary['resumed']} of them kept from a killed run" if summary["resumed"] else "")
           + (f" (contact sheet {summary['contact_sheet']})" if summary["contact_sheet"] else ""))
 
 

@@ -139,6 +139,71 @@ def test_worker_count_does_not_change_the_set(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
+def _killed_after(monkeypatch, samples: int, commit_every: int = 8) -> None:
+    """Commit every ``commit_every`` samples and stop the run (Ctrl-C) when sample ``samples`` is drawn."""
+    import functools
+
+    import training.data.synth_lines as synth
+
+    real = synth.iter_samples
+
+    def interrupted(config, start=0, stop=None, workers=None):
+        for i, sample in enumerate(real(config, start, stop, workers), start=start):
+            if i == samples:
+                raise KeyboardInterrupt
+            yield sample
+
+    monkeypatch.setattr(synth, "iter_samples", interrupted)
+    monkeypatch.setattr(synth, "LmdbWriter", functools.partial(synth.LmdbWriter, commit_every=commit_every))
+
+
+def test_a_killed_run_resumes_with_the_same_samples(tmp_path, monkeypatch):
+    from training.data.lmdb_store import lmdb_digest
+
+    config = _config(count=40, degrade="strong")
+    reference = generate_lines(tmp_path / "ref", config, progress=False)
+    with monkeypatch.context() as patch:
+        _killed_after(patch, 21)  # 16 samples committed, 21 manifest rows in the buffer or on disk
+        with pytest.raises(KeyboardInterrupt):
+            generate_lines(tmp_path / "set", config, progress=False)
+    assert (tmp_path / "set.partial" / "data.mdb").is_file() and not (tmp_path / "set").exists()
+    with monkeypatch.context() as patch:  # a second kill, after the manifest lost rows the LMDB kept
+        _killed_after(patch, 30)
+        manifest = tmp_path / "set.partial" / "manifest.tsv"
+        manifest.write_text("".join(manifest.read_text(encoding="utf-8").splitlines(True)[:11]), encoding="utf-8")
+        with pytest.raises(KeyboardInterrupt):
+            generate_lines(tmp_path / "set", config, progress=False)
+    resumed = generate_lines(tmp_path / "set", config, progress=False)
+    assert resumed["resumed"] == 24  # 10 kept from the first kill, 24 committed by the second
+    assert lmdb_digest(tmp_path / "set") == lmdb_digest(tmp_path / "ref")
+    for name in ("manifest.tsv", "contact_sheet.png"):
+        assert (tmp_path / "set" / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+    assert {k: resumed[k] for k in ("fonts", "backgrounds")} == {k: reference[k] for k in ("fonts", "backgrounds")}
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == sorted(p.name for p in (tmp_path / "ref").iterdir())
+    assert not (tmp_path / "set.partial").exists()
+
+
+def test_a_killed_run_of_other_knobs_or_a_smaller_count_is_not_mixed_in(tmp_path, monkeypatch):
+    from training.data.lmdb_store import lmdb_digest
+
+    with monkeypatch.context() as patch:
+        _killed_after(patch, 20)
+        with pytest.raises(KeyboardInterrupt):
+            generate_lines(tmp_path / "set", _config(count=40), progress=False)
+    other = generate_lines(tmp_path / "set", _config(count=40, skew=0), progress=False)
+    assert other["resumed"] == 0  # another skew draws other images: started over
+    assert lmdb_digest(tmp_path / "set") == lmdb_digest(generate_lines(tmp_path / "o", _config(count=40, skew=0),
+                                                                        progress=False)["out"])
+    with monkeypatch.context() as patch:
+        _killed_after(patch, 20)
+        with pytest.raises(KeyboardInterrupt):
+            generate_lines(tmp_path / "small", _config(count=40), progress=False)
+    smaller = generate_lines(tmp_path / "small", _config(count=12), progress=False)
+    assert smaller["resumed"] == 12 and lmdb_digest(tmp_path / "small")[0] == 12
+    assert lmdb_digest(tmp_path / "small") == lmdb_digest(generate_lines(tmp_path / "s12", _config(count=12),
+                                                                          progress=False)["out"])
+
+
 def test_faces_cut_to_the_charset_draw_the_same_set_byte_for_byte(tmp_path):
     # EunjinNakseo and NanumMyeongjo store side bearings that differ from their outlines' bounds, so
     # a cut that recomputes bounds moves glyphs; the Noto collection's Korean face is its second
@@ -638,3 +703,40 @@ def test_cli_writes_the_set_and_reports_bad_params_in_one_line(tmp_path, monkeyp
     assert main(["synth-lines", "--out", "bad"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         "kocr synth-lines: error: synth_lines.skew must be below 45 degrees, got 50.0"]
+
+
+KILLER = """
+import functools, os, signal, sys
+import training.data.synth_lines as synth
+from training.data.synth_lines import LinesConfig, generate_lines
+add, calls = synth.LmdbWriter.add, [0]
+def killing_add(self, image, label):
+    calls[0] += 1
+    if calls[0] == int(sys.argv[2]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    add(self, image, label)
+synth.LmdbWriter.add = killing_add
+synth.LmdbWriter = functools.partial(synth.LmdbWriter, commit_every=8)
+generate_lines(sys.argv[1], LinesConfig.from_params(dict(count=40, seed=3, fonts=%r, workers=2, contact_sheet=8)),
+               progress=False)
+""" % FONTS
+
+
+def test_a_run_killed_by_sigkill_resumes_after_its_last_commit(tmp_path, capsys):
+    import signal
+    import subprocess
+    import sys
+
+    from training.data.lmdb_store import lmdb_digest
+
+    repo = Path(__file__).resolve().parents[1]
+    with (tmp_path / "stderr.txt").open("wb") as err:  # a file, not a pipe: orphaned workers must not hold it up
+        proc = subprocess.run([sys.executable, "-c", KILLER, str(tmp_path / "set"), "27"], cwd=repo, stderr=err,
+                              timeout=120)
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "stderr.txt").read_text()
+    summary = generate_lines(tmp_path / "set", _config(count=40, workers=2), progress=False)
+    assert summary["resumed"] == 24  # three commits of 8 before the kill; the manifest had flushed their rows
+    assert "resuming" in capsys.readouterr().err
+    generate_lines(tmp_path / "ref", _config(count=40), progress=False)
+    assert lmdb_digest(tmp_path / "set") == lmdb_digest(tmp_path / "ref")
+    assert (tmp_path / "set" / "manifest.tsv").read_bytes() == (tmp_path / "ref" / "manifest.tsv").read_bytes()

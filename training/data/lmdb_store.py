@@ -45,19 +45,80 @@ def sample_digest(digest: "hashlib._Hash", image: bytes, label: bytes) -> None:
 _NEARLY_FULL = 16 * 2**20  # bytes free under which a failed LMDB commit is taken for a full disk
 
 
-class LmdbWriter:
-    """Append (image bytes, label) pairs; ``close()`` writes ``num-samples`` and publishes the set."""
+RESUME_KEY = "resume.key"  # inside DIR.partial: what the samples there were made from
 
-    def __init__(self, path: str | os.PathLike, commit_every: int = 1000) -> None:
+
+class LmdbWriter:
+    """Append (image bytes, label) pairs; ``close()`` writes ``num-samples`` and publishes the set.
+
+    With ``resume_key`` (a digest of everything the samples depend on), a ``DIR.partial`` left by a
+    killed writer with the same key is continued: the samples it committed are kept and ``count``
+    starts after them (``resumed`` says how many). Any other ``DIR.partial`` is discarded. Such a
+    writer also keeps the samples it committed when the block it serves fails (Ctrl-C, a full disk).
+    """
+
+    def __init__(self, path: str | os.PathLike, commit_every: int = 1000, resume_key: str | None = None) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        shutil.rmtree(self.partial, ignore_errors=True)
-        self.partial.mkdir(parents=True)
-        self.env = lmdb.open(str(self.partial), map_size=_MAP_SIZE, subdir=True, lock=True)
         self.count = 0
         self.commit_every = commit_every
         self.digest = hashlib.sha256()  # content hash of the samples, in order
+        self.resumable = resume_key is not None
+        self.resumed = self._resumable_samples(resume_key) if resume_key else 0
+        if not self.resumed:
+            shutil.rmtree(self.partial, ignore_errors=True)
+            self.partial.mkdir(parents=True)
+            if resume_key:
+                (self.partial / RESUME_KEY).write_text(resume_key, encoding="utf-8")
+        self.env = lmdb.open(str(self.partial), map_size=_MAP_SIZE, subdir=True, lock=True)
+        self.count = self.committed = self.resumed
+        self._rehash()
         self._txn = self.env.begin(write=True)
+
+    def _rehash(self) -> None:
+        """The content hash of the committed samples 1..count, read back (after a resume or truncate)."""
+        self.digest = hashlib.sha256()
+        with self.env.begin(buffers=True) as txn:
+            for n in range(1, self.count + 1):
+                sample_digest(self.digest, bytes(txn.get(b"image-%09d" % n)), bytes(txn.get(b"label-%09d" % n)))
+
+    def _resumable_samples(self, resume_key: str) -> int:
+        """Samples 1..n a killed writer of the same key committed to ``DIR.partial`` (0: none usable)."""
+        try:
+            if (self.partial / RESUME_KEY).read_text(encoding="utf-8") != resume_key:
+                return 0
+            env = lmdb.open(str(self.partial), readonly=True, lock=False, subdir=True)
+        except (OSError, lmdb.Error):
+            return 0
+        try:
+            with env.begin() as txn:
+                if txn.get(b"num-samples") is not None:
+                    return 0  # a finished set that was not published: rewrite it rather than guess
+                n = env.stat()["entries"] // 2
+                whole = all(txn.get(b"%s-%09d" % (kind, i)) is not None for kind in (b"image", b"label")
+                            for i in (1, n)) and txn.get(b"image-%09d" % (n + 1)) is None
+                return n if whole else 0
+        finally:
+            env.close()
+
+    def truncate(self, count: int) -> None:
+        """Drop the samples after the first ``count`` (a resume that keeps fewer than were committed)."""
+        if count >= self.count:
+            return
+        for n in range(count + 1, self.count + 1):
+            self._txn.delete(b"image-%09d" % n)
+            self._txn.delete(b"label-%09d" % n)
+        self._commit()
+        self.count = count
+        self._rehash()
+        self._txn = self.env.begin(write=True)
+
+    def sample(self, index: int) -> tuple[bytes, str]:
+        """(image bytes, label) of committed or added sample ``index`` (1-based)."""
+        image, label = self._txn.get(b"image-%09d" % index), self._txn.get(b"label-%09d" % index)
+        if image is None or label is None:
+            raise IndexError(index)
+        return bytes(image), bytes(label).decode("utf-8")
 
     def add(self, image: bytes, label: str) -> None:
         """Append one sample."""
@@ -77,6 +138,7 @@ class LmdbWriter:
         self.env.sync()
         self.env.close()
         (self.partial / "lock.mdb").unlink(missing_ok=True)  # readers need none; its bytes vary per run
+        (self.partial / RESUME_KEY).unlink(missing_ok=True)  # a finished set is a plain LMDB set
         for name, data in (extra or {}).items():
             (self.partial / name).write_bytes(data)
         _fsync_dir(self.partial)
@@ -89,6 +151,7 @@ class LmdbWriter:
         Input/output error``); with the disk nearly full it is raised as the OSError it is (ENOSPC)."""
         try:
             self._txn.commit()
+            self.committed = self.count
         except lmdb.Error as exc:
             if shutil.disk_usage(self.partial).free < _NEARLY_FULL:
                 raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(self.partial)) from exc
@@ -113,13 +176,24 @@ class LmdbWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            self.abort()
+            self._give_up()
             return
         try:
             self.close()
         except BaseException:  # a full disk while finishing: no half-written set left beside the old one
-            self.abort()
+            self._give_up()
             raise
+
+    def _give_up(self) -> None:
+        """After an error or Ctrl-C: a resumable writer keeps what it committed for the next run."""
+        if self.resumable and self.committed:
+            try:
+                self._txn.abort()
+                self.env.close()
+            except lmdb.Error:
+                pass
+        else:
+            self.abort()
 
 
 def _fsync_dir(path: Path) -> None:

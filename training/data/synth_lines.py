@@ -23,10 +23,14 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
+import json
 import math
 import multiprocessing
 import os
 import random
+import sys
 import unicodedata
 import warnings
 from collections import Counter
@@ -741,13 +745,56 @@ def _usable(config: LinesConfig) -> list[FontFace]:
     return faces
 
 
+def resume_key(config: LinesConfig, faces: Sequence[FontFace]) -> str:
+    """What sample ``i`` depends on besides ``i``: the knobs (not ``count``, ``workers`` or
+    ``contact_sheet``), the code that draws it, the charset, the font files, the text file, the
+    background images and wordfreq's version. A killed run resumes only under the same key."""
+    knobs = {k: v for k, v in config.as_params().items() if k not in ("count", "workers", "contact_sheet")}
+    digest = hashlib.sha256(json.dumps(knobs, sort_keys=True, default=str).encode())
+    here = Path(__file__).parent
+    for module in [*sorted(here.glob("*.py")), here.parent / "charset.py"]:
+        digest.update(module.read_bytes())
+    digest.update(Charset.from_spec(config.charset_name).chars.encode())
+    files = [Path(face.path) for face in faces] + ([Path(config.text_file)] if config.text_file else [])
+    if config.background_images and config.backgrounds.get("image", 0) > 0:
+        files += [Path(f) for f in image_files(config.background_images)]
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
+    if not config.text_file:
+        digest.update(importlib.metadata.version("wordfreq").encode())
+    return digest.hexdigest()
+
+
+MANIFEST_HEADER = "index\tfont\tbackground\tlabel\n"
+
+
+def _kept_manifest(path: Path, committed: int) -> list[str]:
+    """The whole rows of a killed run's ``manifest.tsv`` for samples 1..n in order (n <= ``committed``)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    if not text.startswith(MANIFEST_HEADER):
+        return []
+    rows = []
+    for line in text[len(MANIFEST_HEADER):].split("\n")[:-1][:committed]:  # the last piece is unfinished
+        if line.split("\t", 1)[0] != str(len(rows) + 1) or line.count("\t") != 3:
+            break
+        rows.append(line + "\n")
+    return rows
+
+
 def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
                    progress: bool = True) -> dict[str, Any]:
     """Write ``config.count`` images into the LMDB set ``out_dir`` (replaced when it exists).
 
     Also writes ``manifest.tsv`` (LMDB index, font file, background kind, label) and, unless
     ``config.contact_sheet`` is 0, ``contact_sheet.png`` into the set's folder. Returns a summary:
-    count, fonts and backgrounds used (counts), the contact sheet path.
+    count, fonts and backgrounds used (counts), the contact sheet path, and ``resumed``: how many
+    samples a killed run of the same ``resume_key`` had written to ``DIR.partial`` and were kept
+    (sample ``i`` depends only on the key and ``i``, so the set is byte-identical to one written
+    without the kill).
     """
     config.check()
     faces = _usable(config)
@@ -755,27 +802,42 @@ def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
     fonts_used: Counter[str] = Counter()
     backgrounds_used: Counter[str] = Counter()
     tiles: list[tuple[Image.Image, str]] = []
-    with LmdbWriter(out) as writer:
+
+    def tally(image: bytes, label: str, font: str, background: str) -> None:
+        fonts_used[font] += 1
+        backgrounds_used[background] += 1
+        if len(tiles) < config.contact_sheet:
+            grey = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_GRAYSCALE)
+            tiles.append((Image.fromarray(grey, "L"), label))
+
+    with LmdbWriter(out, resume_key=resume_key(config, faces)) as writer:
+        kept = _kept_manifest(writer.partial / "manifest.tsv", min(writer.count, config.count))
+        writer.truncate(len(kept))  # rows the kill lost from the manifest's buffer are drawn again
+        if writer.count:
+            print(f"synth-lines: resuming {writer.partial} after sample {writer.count} of {config.count}",
+                  file=sys.stderr)
+        for row in kept:
+            index, font, background, _ = row.rstrip("\n").split("\t")
+            tally(*writer.sample(int(index)), font, background)
         manifest = (writer.partial / "manifest.tsv").open("w", encoding="utf-8", newline="\n")
         with manifest:
-            manifest.write("index\tfont\tbackground\tlabel\n")
-            samples = iter_samples(config)
-            for sample in tqdm(samples, total=config.count, desc="synthetic lines", unit="img",
-                               disable=not progress, smoothing=0.05):
+            manifest.write(MANIFEST_HEADER + "".join(kept))
+            samples = iter_samples(config, start=writer.count)
+            for sample in tqdm(samples, total=config.count, initial=writer.count, desc="synthetic lines",
+                               unit="img", disable=not progress, smoothing=0.05):
+                index = writer.count + 1
+                manifest.write(f"{index}\t{sample.font}\t{sample.background}\t{sample.label}\n")
+                if index % writer.commit_every == 0:
+                    manifest.flush()  # before the LMDB commits it: a kill leaves rows for every committed sample
                 writer.add(sample.image, sample.label)
-                manifest.write(f"{writer.count}\t{sample.font}\t{sample.background}\t{sample.label}\n")
-                fonts_used[sample.font] += 1
-                backgrounds_used[sample.background] += 1
-                if len(tiles) < config.contact_sheet:
-                    grey = cv2.imdecode(np.frombuffer(sample.image, np.uint8), cv2.IMREAD_GRAYSCALE)
-                    tiles.append((Image.fromarray(grey, "L"), sample.label))
+                tally(sample.image, sample.label, sample.font, sample.background)
         sheet = None
         if tiles:
             print_faces = [f for f in faces if not any(k in Path(f.path).name.lower()
                                                        for k in ("pen", "brush", "pilgi", "gungseo"))]
             sheet = write_sheet(tiles, writer.partial / "contact_sheet.png", print_faces or faces,
                                 columns=4, tile_size=(256, 64))
-    return {"count": config.count, "out": str(out),
+    return {"count": config.count, "out": str(out), "resumed": len(kept),
             "contact_sheet": str(out / sheet.name) if sheet else None,
             "fonts": dict(sorted(fonts_used.items())),
             "backgrounds": dict(sorted(backgrounds_used.items()))}
