@@ -1,14 +1,20 @@
-"""Whole-or-nothing file writes: a temporary file beside the target, renamed over it when complete.
+"""Whole-or-nothing file writes: a file written in a hidden folder beside the target, renamed over it.
 
-A kill, a full disk or an exception in the writer leaves the old file (or none) and no temporary
-file; readers never see half a file. The temporary name is unique per writer (process id and a
-random suffix), so two processes writing the same path do not write into each other's file, and
-it is created with the usual permissions (the umask's), as a plain ``open`` would.
+A full disk, an exception, Ctrl-C or SIGTERM (``kocr`` turns it into an exit) leaves the old file
+(or none) and nothing else; readers never see half a file. The hidden folder's name is unique per
+writer (``.NAME.PID.HEX.tmp``), so two processes writing the same path never write into each
+other's file, and the file inside it has the target's own name: ``torch.save``, which names its
+archive after the file, writes the same bytes as a plain save to the target. Files get the usual
+permissions (the umask's), as a plain ``open`` gives.
+
+A SIGKILL cannot be cleaned up after, so what a killed writer left is removed by the next write
+to the same folder (``sweep_stale``; writers of many files in one folder sweep it once instead).
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Callable, Iterator
@@ -16,20 +22,63 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-TMP_SUFFIX = ".tmp"
+_TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # .NAME.PID.HEX.tmp
+
+
+def _temp_name(name: str) -> str:
+    return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale(folder: str | os.PathLike) -> int:
+    """Remove the temporary folders of writers in ``folder`` whose process has ended; returns how many.
+
+    Only names of the form ``.NAME.PID.HEX.tmp`` are touched, and only when no process of that id
+    runs on this machine (on a folder shared by several machines, a live writer elsewhere may lose
+    its temporary file: write each output from one machine).
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        match = _TEMP.match(entry.name)
+        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = False, sweep: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write; on leaving the block without error it replaces ``path``.
 
     ``durable`` fsyncs the file before the rename (checkpoints and resumable state, where a power
-    cut must not leave an empty file under the final name). The temporary file is removed on any
-    exit, including KeyboardInterrupt.
+    cut must not leave an empty file under the final name). The temporary folder is removed on any
+    exit that runs Python's cleanup. ``sweep`` first removes what killed writers left beside
+    ``path`` (``sweep_stale``); a writer of thousands of files in one folder sweeps it once and
+    passes False.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
+    if sweep:
+        sweep_stale(path.parent)
+    folder = path.parent / _temp_name(path.name)
+    folder.mkdir()
+    tmp = folder / path.name
     try:
         yield tmp
         if durable:
@@ -40,26 +89,26 @@ def atomic_path(path: str | os.PathLike, durable: bool = False) -> Iterator[Path
                 os.close(fd)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
-def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False) -> Path:
+def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False, sweep: bool = True) -> Path:
     """Write ``data`` to ``path`` whole or not at all; returns the path."""
-    with atomic_path(path, durable) as tmp:
+    with atomic_path(path, durable, sweep) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 
 
-def write_text(path: str | os.PathLike, text: str, durable: bool = False) -> Path:
+def write_text(path: str | os.PathLike, text: str, durable: bool = False, sweep: bool = True) -> Path:
     """Write ``text`` as UTF-8 to ``path`` whole or not at all; returns the path."""
-    with atomic_path(path, durable) as tmp:
+    with atomic_path(path, durable, sweep) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
-def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1) -> Path:
+def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1, sweep: bool = True) -> Path:
     """Write ``data`` as UTF-8 JSON (Hangul kept readable) whole or not at all; returns the path."""
-    return write_text(path, json.dumps(data, ensure_ascii=False, indent=indent))
+    return write_text(path, json.dumps(data, ensure_ascii=False, indent=indent), sweep=sweep)
 
 
 @contextmanager
@@ -70,19 +119,25 @@ def staged_files(out: str | os.PathLike, earlier: Callable[[str], bool]) -> Iter
     want of space). When the block ends without error, each staged file is renamed into ``out`` and
     files of an earlier run that this one did not write (names ``earlier`` accepts) are removed, so
     ``out`` never mixes two runs. When it fails, ``out`` keeps the earlier run whole and the staging
-    folder is removed. Other files in ``out`` are left alone.
+    folder is removed. A name the run writes that is a folder in ``out`` is refused before anything
+    in ``out`` changes. Other files in ``out`` are left alone.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = out / f".staging.{os.getpid()}.{secrets.token_hex(4)}"
+    sweep_stale(out)
+    stage = out / _temp_name("staging")
     stage.mkdir()
     try:
         yield stage
-        written = {p.name for p in stage.iterdir()}
+        written = sorted(p.name for p in stage.iterdir())
+        blocked = [name for name in written if (out / name).is_dir()]
+        if blocked:
+            raise IsADirectoryError(f"{out / blocked[0]}: a folder where this run writes a file; the earlier "
+                                    "run's files are unchanged")
         for old in out.iterdir():
-            if old.is_file() and old.name not in written and earlier(old.name):
+            if old.name not in written and old.is_file() and earlier(old.name):
                 old.unlink()
-        for name in sorted(written):
+        for name in written:
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -8,12 +8,15 @@ line naming the problem and exit 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kocr.atomic import write_text
 from kocr.params import load_params, params_path
@@ -558,8 +561,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, ``docker stop``) ends the command as an exit (status 143), so its
+    ``finally`` blocks run: temporary files are removed and a resumable writer keeps what it committed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    here = os.getpid()
+
+    def terminate(signum: int, frame: Any) -> None:
+        if os.getpid() != here:  # a forked worker (DataLoader, render pool) dies as it always did
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     from training.checkpoint import ArchitectureMismatch, ModelSpecError
+    from training.data.lmdb_store import SetBusyError
     from training.data.pages import PageError
     from training.data.prepare import PrepareConfigError
     from training.data.degrade import SynthConfigError
@@ -569,9 +597,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep stage output to progress and results
     try:
-        args.func(args)
+        with _terminate_as_exit():
+            args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
-            ScoreInputError, PrepareConfigError, FileNotFoundError) as exc:
+            ScoreInputError, PrepareConfigError, SetBusyError, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -101,3 +101,68 @@ def test_an_image_save_that_fails_leaves_no_temporary(tmp_path: Path, monkeypatc
                                    width=480, height=360, progress=False)
     assert _leftovers(tmp_path) == [] and _leftovers(tmp_path / "pages") == []
     assert not list((tmp_path / "pages").glob("*.json"))  # no JSON without its image
+
+
+def test_torch_save_through_atomic_path_writes_the_bytes_of_a_plain_save(tmp_path: Path) -> None:
+    import torch
+
+    state = {"w": torch.arange(6.0)}
+    (tmp_path / "plain").mkdir()
+    torch.save(state, tmp_path / "plain" / "ko_test.pth")
+    with atomic_path(tmp_path / "ko_test.pth") as tmp:  # torch names its archive after the file it writes
+        torch.save(state, tmp)
+    assert (tmp_path / "ko_test.pth").read_bytes() == (tmp_path / "plain" / "ko_test.pth").read_bytes()
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from kocr.atomic import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("half")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+TERMINATED_WRITER = """
+import os, signal, sys
+from kocr.cli import _terminate_as_exit
+from kocr.atomic import atomic_path
+with _terminate_as_exit(), atomic_path(sys.argv[1]) as tmp:
+    tmp.write_text("half")
+    os.kill(os.getpid(), signal.SIGTERM)
+    signal.pause()
+"""
+
+
+def test_what_a_killed_writer_left_is_swept_by_the_next_write_and_sigterm_leaves_nothing(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from kocr.atomic import sweep_stale
+
+    repo = Path(__file__).resolve().parents[1]
+    target = tmp_path / "metrics.json"
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], cwd=repo, timeout=60)
+    assert killed.returncode == -9 and len(_leftovers(tmp_path)) == 1 and not target.exists()
+    live = tmp_path / f".other.json.{os.getppid()}.0123abcd.tmp"  # a live process's write in progress
+    live.mkdir()
+    write_json(target, {"ok": True})
+    assert _leftovers(tmp_path) == [live] and json.loads(target.read_text()) == {"ok": True}
+    assert sweep_stale(tmp_path) == 0 and live.is_dir()
+
+    terminated = subprocess.run([sys.executable, "-c", TERMINATED_WRITER, str(target)], cwd=repo, timeout=60)
+    assert terminated.returncode == 143  # SIGTERM became an exit, so the temporary folder was removed
+    assert _leftovers(tmp_path) == [live] and json.loads(target.read_text()) == {"ok": True}
+
+
+def test_staged_files_refuse_a_folder_in_the_way_before_touching_the_earlier_run(tmp_path: Path) -> None:
+    from kocr.atomic import staged_files
+
+    out = tmp_path / "out"
+    with staged_files(out, lambda name: name.endswith(".txt")) as stage:
+        (stage / "a.txt").write_text("first")
+    (out / "b.txt").mkdir()  # a folder named like a file the next run writes
+    with pytest.raises(IsADirectoryError, match="b.txt: a folder"), staged_files(out, lambda n: True) as stage:
+        (stage / "a.txt").write_text("second")
+        (stage / "b.txt").write_text("second")
+    assert (out / "a.txt").read_text() == "first" and (out / "b.txt").is_dir()
+    assert _leftovers(out) == []

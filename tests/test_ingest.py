@@ -477,6 +477,7 @@ def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):
     ("1000.5", 'image entry image.width "1000.5" is not a positive whole number of pixels'),
     (0, "image entry image.width 0 is not a positive whole number of pixels"),
     (True, "image entry image.width true is not"), ("wide", 'image.width "wide" is not'), (None, "null is not"),
+    (10**400, "is not a positive whole number"), ("9" * 400, "is not a positive"),  # before: OverflowError
 ])
 def test_page_sizes_written_as_text_or_floats_are_read_and_others_are_named(width, message):
     raw = json.dumps({"images": [{"image.file.name": "a.jpg", "image.width": width, "image.height": 50}],

@@ -301,3 +301,82 @@ def test_sizes_come_from_headers_and_match_the_pixels(tmp_path):
         writer.add(jpg.tobytes(), "jpeg")
     ds = LmdbDataset(tmp_path / "set")
     assert [ds.size(i) for i in range(len(ds))] == [ds[i][0].shape for i in range(len(ds))]
+
+
+def _killed_resumable(path, samples: int, key: str = "k") -> None:
+    """A resumable writer stopped (Ctrl-C) after ``samples`` samples, committing every 4."""
+    with pytest.raises(KeyboardInterrupt), LmdbWriter(path, commit_every=4, resume_key=key) as writer:
+        for n in range(samples):
+            writer.add(_png(np.full((8, 8), n % 256, np.uint8)), f"s{n}")
+        raise KeyboardInterrupt
+
+
+def test_a_resumable_writer_keeps_its_commits_and_takes_them_back_under_the_same_key(tmp_path):
+    _killed_resumable(tmp_path / "set", 10)
+    again = LmdbWriter(tmp_path / "set", commit_every=4, resume_key="k")
+    assert again.resumed == again.count == 8  # two commits of 4; the last two samples were never committed
+    assert again.sample(8) == (_png(np.full((8, 8), 7, np.uint8)), "s7")
+    with LmdbWriter(tmp_path / "other", resume_key="k") as fresh:
+        for n in range(8):
+            fresh.add(_png(np.full((8, 8), n, np.uint8)), f"s{n}")
+    assert again.sha256 == fresh.sha256  # the content hash is read back for the kept samples
+    again.abort()
+    _killed_resumable(tmp_path / "set", 10)
+    assert LmdbWriter(tmp_path / "set", resume_key="another").resumed == 0  # other settings: start over
+
+
+@pytest.mark.parametrize("damage", ["truncated", "scribbled", "finished but not published"])
+def test_a_damaged_partial_set_is_started_over_not_crashed_on(tmp_path, damage):
+    _killed_resumable(tmp_path / "set", 400)
+    data = tmp_path / "set.partial" / "data.mdb"
+    if damage == "truncated":  # reading pages past the end would be a bus error, not an exception
+        with data.open("r+b") as fh:
+            fh.truncate(data.stat().st_size // 2)
+    elif damage == "scribbled":
+        with data.open("r+b") as fh:
+            fh.seek(3 * 4096)
+            fh.write(b"\xff" * 8192)
+    else:  # a kill inside close(): num-samples was committed, the rename never came
+        env = lmdb.open(str(tmp_path / "set.partial"))
+        with env.begin(write=True) as txn:
+            txn.put(b"num-samples", b"400")
+        env.close()
+    writer = LmdbWriter(tmp_path / "set", commit_every=4, resume_key="k")
+    assert writer.resumed == (400 if damage == "finished but not published" else 0)
+    writer.add(_png(np.zeros((8, 8), np.uint8)), "next")
+    writer.close()
+    assert len(LmdbDataset(tmp_path / "set")) == writer.count
+
+
+def test_a_second_writer_of_a_live_resumable_set_is_refused(tmp_path):
+    from training.data.lmdb_store import SetBusyError
+
+    first = LmdbWriter(tmp_path / "set", resume_key="k")
+    with pytest.raises(SetBusyError, match="another process is writing this set"):
+        LmdbWriter(tmp_path / "set", resume_key="k")
+    first.add(_png(np.zeros((8, 8), np.uint8)), "a")
+    first.close()
+    with LmdbWriter(tmp_path / "set", resume_key="k") as second:  # the lock went with the first writer
+        second.add(_png(np.zeros((8, 8), np.uint8)), "b")
+    assert LmdbDataset(tmp_path / "set").label(0) == "b"
+
+
+def test_a_writer_in_another_process_holds_the_set_until_it_dies(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from training.data.lmdb_store import SetBusyError
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom training.data.lmdb_store import LmdbWriter\n"
+                               f"w = LmdbWriter({str(tmp_path / 'set')!r}, resume_key='k')\nprint('ready', flush=True)\n"
+                               "time.sleep(60)"], cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == b"ready"
+        with pytest.raises(SetBusyError, match="another process is writing this set"):
+            LmdbWriter(tmp_path / "set", resume_key="k")
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    LmdbWriter(tmp_path / "set", resume_key="k").abort()  # its lock died with it

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import hashlib
 import io
 import itertools
@@ -48,39 +49,86 @@ _NEARLY_FULL = 16 * 2**20  # bytes free under which a failed LMDB commit is take
 RESUME_KEY = "resume.key"  # inside DIR.partial: what the samples there were made from
 
 
+class SetBusyError(RuntimeError):
+    """Another live process is writing the same resumable set."""
+
+
+_WRITING: set[Path] = set()  # lock files of the resumable sets this process is writing
+
+
 class LmdbWriter:
     """Append (image bytes, label) pairs; ``close()`` writes ``num-samples`` and publishes the set.
 
     With ``resume_key`` (a digest of everything the samples depend on), a ``DIR.partial`` left by a
     killed writer with the same key is continued: the samples it committed are kept and ``count``
-    starts after them (``resumed`` says how many). Any other ``DIR.partial`` is discarded. Such a
-    writer also keeps the samples it committed when the block it serves fails (Ctrl-C, a full disk).
+    starts after them (``resumed`` says how many). Any other ``DIR.partial``, or one whose LMDB is
+    truncated or damaged, is discarded. Such a writer also keeps the samples it committed when the
+    block it serves fails (Ctrl-C, a full disk), and holds an exclusive lock (``.DIR.lock`` beside
+    the set) so that a second writer of the same set stops with ``SetBusyError`` instead of taking
+    the live ``DIR.partial`` for a killed one.
     """
 
     def __init__(self, path: str | os.PathLike, commit_every: int = 1000, resume_key: str | None = None) -> None:
         self.path = Path(path)
         self.partial = self.path.with_name(self.path.name + ".partial")
-        self.count = 0
         self.commit_every = commit_every
-        self.digest = hashlib.sha256()  # content hash of the samples, in order
         self.resumable = resume_key is not None
+        self._lock = self._take_lock() if resume_key else None
         self.resumed = self._resumable_samples(resume_key) if resume_key else 0
+        self.env: lmdb.Environment | None = None
+        if self.resumed:
+            try:
+                self._open(self.resumed)  # reads every kept sample back: a damaged page shows here
+            except lmdb.Error:
+                if self.env is not None:
+                    self.env.close()
+                self.resumed = 0
         if not self.resumed:
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir(parents=True)
             if resume_key:
                 (self.partial / RESUME_KEY).write_text(resume_key, encoding="utf-8")
-        self.env = lmdb.open(str(self.partial), map_size=_MAP_SIZE, subdir=True, lock=True)
-        self.count = self.committed = self.resumed
-        self._rehash()
+            self._open(0)
         self._txn = self.env.begin(write=True)
+
+    def _open(self, count: int) -> None:
+        self.env = lmdb.open(str(self.partial), map_size=_MAP_SIZE, subdir=True, lock=True)
+        self.count = self.committed = count
+        self._rehash()
+
+    def _take_lock(self):
+        """A POSIX record lock on ``.DIR.lock``: held by this process only (forked render workers, which
+        may outlive a SIGKILLed parent for a moment, do not hold it) and released when it dies."""
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        busy = SetBusyError(f"{self.path}: another process is writing this set (it holds {lock_path}); "
+                            "wait for it to finish or stop it")
+        if lock_path.resolve() in _WRITING:  # POSIX locks do not exclude the process that holds them
+            raise busy
+        handle = open(lock_path, "a")
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise busy from None
+        _WRITING.add(lock_path.resolve())
+        return handle
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            _WRITING.discard(Path(self._lock.name).resolve())
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None
 
     def _rehash(self) -> None:
         """The content hash of the committed samples 1..count, read back (after a resume or truncate)."""
         self.digest = hashlib.sha256()
         with self.env.begin(buffers=True) as txn:
             for n in range(1, self.count + 1):
-                sample_digest(self.digest, bytes(txn.get(b"image-%09d" % n)), bytes(txn.get(b"label-%09d" % n)))
+                image, label = txn.get(b"image-%09d" % n), txn.get(b"label-%09d" % n)
+                if image is None or label is None:
+                    raise lmdb.CorruptedError(f"sample {n} is missing")
+                sample_digest(self.digest, bytes(image), bytes(label))
 
     def _resumable_samples(self, resume_key: str) -> int:
         """Samples 1..n a killed writer of the same key committed to ``DIR.partial`` (0: none usable)."""
@@ -88,16 +136,19 @@ class LmdbWriter:
             if (self.partial / RESUME_KEY).read_text(encoding="utf-8") != resume_key:
                 return 0
             env = lmdb.open(str(self.partial), readonly=True, lock=False, subdir=True)
-        except (OSError, lmdb.Error):
+        except (OSError, UnicodeDecodeError, lmdb.Error):
             return 0
         try:
+            # pages past the file's end (a truncated copy) would be a bus error when read, not an exception
+            if (env.info()["last_pgno"] + 1) * env.stat()["psize"] > (self.partial / "data.mdb").stat().st_size:
+                return 0
             with env.begin() as txn:
-                if txn.get(b"num-samples") is not None:
-                    return 0  # a finished set that was not published: rewrite it rather than guess
-                n = env.stat()["entries"] // 2
+                n = env.stat()["entries"] // 2  # image and label per sample (and num-samples if close was cut short)
                 whole = all(txn.get(b"%s-%09d" % (kind, i)) is not None for kind in (b"image", b"label")
                             for i in (1, n)) and txn.get(b"image-%09d" % (n + 1)) is None
                 return n if whole else 0
+        except (OSError, lmdb.Error):
+            return 0
         finally:
             env.close()
 
@@ -145,6 +196,7 @@ class LmdbWriter:
         if self.path.exists():
             shutil.rmtree(self.path)
         os.replace(self.partial, self.path)
+        self._unlock()
 
     def _commit(self) -> None:
         """Commit the write transaction. LMDB reports a full disk as an I/O error (``mdb_txn_commit:
@@ -170,6 +222,7 @@ class LmdbWriter:
         except lmdb.Error:  # already committed or closed by the close that failed
             pass
         shutil.rmtree(self.partial, ignore_errors=True)
+        self._unlock()
 
     def __enter__(self) -> "LmdbWriter":
         return self
@@ -192,6 +245,7 @@ class LmdbWriter:
                 self.env.close()
             except lmdb.Error:
                 pass
+            self._unlock()
         else:
             self.abort()
 

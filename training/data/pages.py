@@ -183,11 +183,16 @@ def _pixels(entry: dict, key: str, path: str | os.PathLike, where: str = "image 
     if key not in entry:
         raise PageError(path, "bad_schema", f"{where} lacks {key!r}")
     value = entry[key]
-    try:
-        number = math.nan if isinstance(value, bool) else float(value)
-    except (TypeError, ValueError):
-        number = math.nan
-    if not (number.is_integer() and number > 0):
+    number: float | int = math.nan
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, (float, str)):
+        try:
+            number = int(value) if isinstance(value, str) and value.strip().isdigit() else float(value)
+        except (ValueError, OverflowError):
+            pass
+    whole = isinstance(number, int) or number.is_integer()  # NaN and infinity are not
+    if not (whole and 0 < number < 2**31):
         raise PageError(path, "bad_schema", f"{where} {key} {json.dumps(value, ensure_ascii=False)[:40]} "
                                             "is not a positive whole number of pixels")
     return int(number)
@@ -220,9 +225,9 @@ def parse_page(raw: bytes, path: str | os.PathLike = "<page>",
     return Page.from_dict(data, path, bad)
 
 
-def write_page(page: Page, path: str | os.PathLike) -> None:
-    """Write ``page`` as UTF-8 page JSON (Hangul kept readable), atomically."""
-    write_json(path, page.to_dict())
+def write_page(page: Page, path: str | os.PathLike, sweep: bool = True) -> None:
+    """Write ``page`` as UTF-8 page JSON (Hangul kept readable), atomically (``kocr.atomic``)."""
+    write_json(path, page.to_dict(), sweep=sweep)
 
 
 def iter_page_files(root: str | os.PathLike) -> Iterator[Path]:

@@ -48,7 +48,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from kocr.atomic import write_json
+from kocr.atomic import sweep_stale, write_json
 from training.charset import Charset
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page
@@ -422,7 +422,7 @@ def _resume(out: Path, run_key: str) -> _State:
                 shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     for name in ("manifest.json", "report.json", "splits.json"):
         (out / name).unlink(missing_ok=True)
-        (out / f"{name}.tmp").unlink(missing_ok=True)
+    sweep_stale(out)  # a killed run's half-written JSON
     return state
 
 

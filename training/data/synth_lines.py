@@ -748,7 +748,8 @@ def _usable(config: LinesConfig) -> list[FontFace]:
 def resume_key(config: LinesConfig, faces: Sequence[FontFace]) -> str:
     """What sample ``i`` depends on besides ``i``: the knobs (not ``count``, ``workers`` or
     ``contact_sheet``), the code that draws it, the charset, the font files, the text file, the
-    background images and wordfreq's version. A killed run resumes only under the same key."""
+    background images, and the versions of the libraries that draw and encode it (wordfreq, Pillow
+    and its FreeType, OpenCV, NumPy). A killed run resumes only under the same key."""
     knobs = {k: v for k, v in config.as_params().items() if k not in ("count", "workers", "contact_sheet")}
     digest = hashlib.sha256(json.dumps(knobs, sort_keys=True, default=str).encode())
     here = Path(__file__).parent
@@ -761,8 +762,10 @@ def resume_key(config: LinesConfig, faces: Sequence[FontFace]) -> str:
     for path in files:
         stat = path.stat()
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    if not config.text_file:
-        digest.update(importlib.metadata.version("wordfreq").encode())
+    from PIL import features
+
+    versions = [importlib.metadata.version(d) for d in ("wordfreq", "pillow", "numpy")]
+    digest.update(repr([*versions, features.version("freetype2"), cv2.__version__]).encode())
     return digest.hexdigest()
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from kocr.atomic import atomic_path
+from kocr.atomic import atomic_path, sweep_stale
 from training.charset import Charset
 from training.data import degrade as degrade_mod
 from training.data.contact_sheet import write_sheet
@@ -390,9 +390,10 @@ def _page_seed(seed: int, i: int) -> int:
 
 
 def _remove_stale(out_dir: Path, count: int) -> None:
-    """Drop numbered pages at index >= count and temp files a killed run left behind."""
+    """Drop numbered pages at index >= count and what a killed run's writes left behind."""
+    sweep_stale(out_dir)  # once here: the page writes below do not sweep the folder each time
     for path in out_dir.iterdir():
-        if path.name.startswith("page_") and path.name.endswith(".tmp"):
+        if path.name.startswith("page_") and path.name.endswith(".tmp"):  # older versions' temp names
             path.unlink(missing_ok=True)
             continue
         match = PAGE_NAME.match(path.name)
@@ -450,9 +451,9 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
                     extra={"image.make.code": f"{rng.randint(1000, 6999)}000",
                            "image.make.year": str(rng.randint(1995, 2023))})
         json_path.unlink(missing_ok=True)
-        with atomic_path(image_path) as tmp:
+        with atomic_path(image_path, sweep=False) as tmp:
             image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-        write_page(page, json_path)
+        write_page(page, json_path, sweep=False)
         paths.append(json_path)
     sheet = out / "contact_sheet.png"
     if contact_sheet > 0 and paths:
