@@ -2,8 +2,8 @@
 
 A full disk, an exception, Ctrl-C or SIGTERM (``kocr`` turns it into an exit) leaves the old file
 (or none) and nothing else; readers never see half a file. The hidden folder's name is unique per
-writer (``.NAME.PID.HEX.tmp``), so two processes writing the same path never write into each
-other's file, and the file inside it has the target's own name: ``torch.save``, which names its
+writer (``.NAME.TAG-PID.HEX.tmp``, TAG naming the machine and PID namespace), so two processes
+writing the same path never write into each other's file, and the file inside it has the target's own name: ``torch.save``, which names its
 archive after the file, writes the same bytes as a plain save to the target. Files get the usual
 permissions (the umask's), as a plain ``open`` gives.
 
@@ -12,21 +12,37 @@ to the same folder (``sweep_stale``; writers of many files in one folder sweep i
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-_TEMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # .NAME.PID.HEX.tmp
+_TEMP = re.compile(r"^\..+\.([0-9a-f]{6})-(\d+)\.[0-9a-f]{8}\.tmp$")  # .NAME.TAG-PID.HEX.tmp
+FOREIGN_AGE_S = 7 * 24 * 3600  # another machine's or container's leftovers go after a week untouched
+
+
+@functools.lru_cache(maxsize=1)
+def _namespace_tag() -> str:
+    """Six hex digits naming this machine and PID namespace: a PID means something only there
+    (containers sharing a bind-mounted checkout each count from 1)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    return hashlib.sha256(f"{socket.gethostname()}\0{namespace}".encode()).hexdigest()[:6]
 
 
 def _temp_name(name: str) -> str:
-    return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    return f".{name}.{_namespace_tag()}-{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
 def _alive(pid: int) -> bool:
@@ -34,17 +50,27 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
+    except (PermissionError, OverflowError, ValueError):  # another user's process, or no real PID: keep it
         return True
     return True
 
 
-def sweep_stale(folder: str | os.PathLike) -> int:
-    """Remove the temporary folders of writers in ``folder`` whose process has ended; returns how many.
+def _abandoned(entry: os.DirEntry, tag: str, pid: int) -> bool:
+    """Left by a writer that has ended: here, its PID is gone; elsewhere, it is untouched for a week."""
+    if tag == _namespace_tag():
+        return pid != os.getpid() and not _alive(pid)
+    try:
+        return time.time() - entry.stat(follow_symlinks=False).st_mtime > FOREIGN_AGE_S
+    except OSError:
+        return False
 
-    Only names of the form ``.NAME.PID.HEX.tmp`` are touched, and only when no process of that id
-    runs on this machine (on a folder shared by several machines, a live writer elsewhere may lose
-    its temporary file: write each output from one machine).
+
+def sweep_stale(folder: str | os.PathLike) -> int:
+    """Remove the temporary folders of writers in ``folder`` that have ended; returns how many.
+
+    Only names of the form ``.NAME.TAG-PID.HEX.tmp`` are touched: those made in this machine and PID
+    namespace when no process of that PID runs, those made elsewhere (another container on a shared
+    checkout, another machine on a shared disk) only after a week untouched.
     """
     removed = 0
     try:
@@ -53,7 +79,7 @@ def sweep_stale(folder: str | os.PathLike) -> int:
         return 0
     for entry in entries:
         match = _TEMP.match(entry.name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+        if match and _abandoned(entry, match.group(1), int(match.group(2))):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:

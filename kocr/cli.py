@@ -564,8 +564,12 @@ def build_parser() -> argparse.ArgumentParser:
 @contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
     """SIGTERM (``kill``, ``timeout``, ``docker stop``) ends the command as an exit (status 143), so its
-    ``finally`` blocks run: temporary files are removed and a resumable writer keeps what it committed."""
-    if threading.current_thread() is not threading.main_thread():
+    ``finally`` blocks run: temporary files are removed and a resumable writer keeps what it committed.
+
+    Not under torchrun: a rank blocked in a collective (NCCL) would run no handler until the call
+    returns, and torchrun SIGTERMs its ranks when one fails, so they keep dying at once.
+    """
+    if threading.current_thread() is not threading.main_thread() or "TORCHELASTIC_RUN_ID" in os.environ:
         yield
         return
 

@@ -5,12 +5,13 @@ import errno
 import json
 import os
 import stat
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from kocr.atomic import atomic_path, write_bytes, write_json
+from kocr.atomic import FOREIGN_AGE_S, _namespace_tag, atomic_path, write_bytes, write_json
 from training.data import synth_pages
 from training.data.contact_sheet import write_sheet
 from training.data.fonts import find_fonts
@@ -143,11 +144,15 @@ def test_what_a_killed_writer_left_is_swept_by_the_next_write_and_sigterm_leaves
     target = tmp_path / "metrics.json"
     killed = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(target)], cwd=repo, timeout=60)
     assert killed.returncode == -9 and len(_leftovers(tmp_path)) == 1 and not target.exists()
-    live = tmp_path / f".other.json.{os.getppid()}.0123abcd.tmp"  # a live process's write in progress
-    live.mkdir()
+    tag = _namespace_tag()
+    live = tmp_path / f".other.json.{tag}-{os.getppid()}.0123abcd.tmp"  # a live process's write in progress
+    bogus = tmp_path / f".odd.json.{tag}-{10**12}.0123abcd.tmp"  # no real PID: left alone, and no crash
+    for folder in (live, bogus):
+        folder.mkdir()
     write_json(target, {"ok": True})
-    assert _leftovers(tmp_path) == [live] and json.loads(target.read_text()) == {"ok": True}
+    assert sorted(_leftovers(tmp_path)) == sorted([live, bogus]) and json.loads(target.read_text()) == {"ok": True}
     assert sweep_stale(tmp_path) == 0 and live.is_dir()
+    bogus.rmdir()
 
     terminated = subprocess.run([sys.executable, "-c", TERMINATED_WRITER, str(target)], cwd=repo, timeout=60)
     assert terminated.returncode == 143  # SIGTERM became an exit, so the temporary folder was removed
@@ -166,3 +171,17 @@ def test_staged_files_refuse_a_folder_in_the_way_before_touching_the_earlier_run
         (stage / "b.txt").write_text("second")
     assert (out / "a.txt").read_text() == "first" and (out / "b.txt").is_dir()
     assert _leftovers(out) == []
+
+
+def test_another_containers_leftovers_wait_a_week_since_its_pids_mean_nothing_here(tmp_path: Path) -> None:
+    from kocr.atomic import sweep_stale
+
+    other = "f" * 6 if _namespace_tag() != "f" * 6 else "e" * 6
+    fresh = tmp_path / f".state.pt.{other}-12345678.0123abcd.tmp"  # maybe a live writer in another container
+    old = tmp_path / f".model.pt.{other}-1.0123abcd.tmp"
+    for folder in (fresh, old):
+        folder.mkdir()
+    week_ago = time.time() - FOREIGN_AGE_S - 60
+    os.utime(old, (week_ago, week_ago))
+    assert sweep_stale(tmp_path) == 1
+    assert fresh.is_dir() and not old.exists()

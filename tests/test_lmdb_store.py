@@ -351,6 +351,10 @@ def test_a_damaged_partial_set_is_started_over_not_crashed_on(tmp_path, damage):
 def test_a_second_writer_of_a_live_resumable_set_is_refused(tmp_path):
     from training.data.lmdb_store import SetBusyError
 
+    (tmp_path / "set.partial").write_text("a file in the way")
+    with pytest.raises(OSError):  # DIR.partial cannot be made: the writer never runs, and keeps no lock
+        LmdbWriter(tmp_path / "set", resume_key="k")
+    (tmp_path / "set.partial").unlink()
     first = LmdbWriter(tmp_path / "set", resume_key="k")
     with pytest.raises(SetBusyError, match="another process is writing this set"):
         LmdbWriter(tmp_path / "set", resume_key="k")
@@ -380,3 +384,20 @@ def test_a_writer_in_another_process_holds_the_set_until_it_dies(tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     LmdbWriter(tmp_path / "set", resume_key="k").abort()  # its lock died with it
+
+
+def test_a_kill_while_the_set_is_being_published_keeps_its_samples(tmp_path, monkeypatch):
+    import training.data.lmdb_store as store
+
+    def killed(path):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_fsync_dir", killed)  # num-samples committed, the rename never done
+        with pytest.raises(KeyboardInterrupt), LmdbWriter(tmp_path / "set", commit_every=10, resume_key="k") as w:
+            for n in range(25):
+                w.add(_png(np.full((8, 8), n, np.uint8)), f"s{n}")
+    again = LmdbWriter(tmp_path / "set", commit_every=10, resume_key="k")
+    assert again.resumed == 25
+    again.close()
+    assert sorted(p.name for p in (tmp_path / "set").iterdir()) == ["data.mdb"]  # no file of the writer's

@@ -46,7 +46,6 @@ def sample_digest(digest: "hashlib._Hash", image: bytes, label: bytes) -> None:
 _NEARLY_FULL = 16 * 2**20  # bytes free under which a failed LMDB commit is taken for a full disk
 
 
-RESUME_KEY = "resume.key"  # inside DIR.partial: what the samples there were made from
 
 
 class SetBusyError(RuntimeError):
@@ -63,9 +62,10 @@ class LmdbWriter:
     killed writer with the same key is continued: the samples it committed are kept and ``count``
     starts after them (``resumed`` says how many). Any other ``DIR.partial``, or one whose LMDB is
     truncated or damaged, is discarded. Such a writer also keeps the samples it committed when the
-    block it serves fails (Ctrl-C, a full disk), and holds an exclusive lock (``.DIR.lock`` beside
-    the set) so that a second writer of the same set stops with ``SetBusyError`` instead of taking
-    the live ``DIR.partial`` for a killed one.
+    block it serves fails (Ctrl-C, a full disk), and holds an exclusive lock on ``.DIR.lock`` beside
+    the set, so that a second writer of the same set stops with ``SetBusyError`` instead of taking
+    the live ``DIR.partial`` for a killed one. The lock file also holds the key the partial set was
+    started with, so the published set carries no file of the writer's.
     """
 
     def __init__(self, path: str | os.PathLike, commit_every: int = 1000, resume_key: str | None = None) -> None:
@@ -74,6 +74,13 @@ class LmdbWriter:
         self.commit_every = commit_every
         self.resumable = resume_key is not None
         self._lock = self._take_lock() if resume_key else None
+        try:
+            self._start(resume_key)
+        except BaseException:  # a full disk, a bad path: no lock kept for a writer that never ran
+            self._unlock()
+            raise
+
+    def _start(self, resume_key: str | None) -> None:
         self.resumed = self._resumable_samples(resume_key) if resume_key else 0
         self.env: lmdb.Environment | None = None
         if self.resumed:
@@ -84,10 +91,14 @@ class LmdbWriter:
                     self.env.close()
                 self.resumed = 0
         if not self.resumed:
+            if resume_key:  # the old key goes before the old samples: a kill between never pairs them wrongly
+                self._lock.truncate(0)
+                self._lock.flush()
             shutil.rmtree(self.partial, ignore_errors=True)
             self.partial.mkdir(parents=True)
             if resume_key:
-                (self.partial / RESUME_KEY).write_text(resume_key, encoding="utf-8")
+                self._lock.write(resume_key)
+                self._lock.flush()
             self._open(0)
         self._txn = self.env.begin(write=True)
 
@@ -105,7 +116,7 @@ class LmdbWriter:
                             "wait for it to finish or stop it")
         if lock_path.resolve() in _WRITING:  # POSIX locks do not exclude the process that holds them
             raise busy
-        handle = open(lock_path, "a")
+        handle = open(lock_path, "a+", encoding="utf-8")
         try:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -133,7 +144,8 @@ class LmdbWriter:
     def _resumable_samples(self, resume_key: str) -> int:
         """Samples 1..n a killed writer of the same key committed to ``DIR.partial`` (0: none usable)."""
         try:
-            if (self.partial / RESUME_KEY).read_text(encoding="utf-8") != resume_key:
+            self._lock.seek(0)
+            if self._lock.read() != resume_key:
                 return 0
             env = lmdb.open(str(self.partial), readonly=True, lock=False, subdir=True)
         except (OSError, UnicodeDecodeError, lmdb.Error):
@@ -189,7 +201,6 @@ class LmdbWriter:
         self.env.sync()
         self.env.close()
         (self.partial / "lock.mdb").unlink(missing_ok=True)  # readers need none; its bytes vary per run
-        (self.partial / RESUME_KEY).unlink(missing_ok=True)  # a finished set is a plain LMDB set
         for name, data in (extra or {}).items():
             (self.partial / name).write_bytes(data)
         _fsync_dir(self.partial)
