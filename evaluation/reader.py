@@ -203,6 +203,10 @@ def easyocr_input(crop: np.ndarray, height: int, width: int, contrast: float = 0
     return align_collate(crop, height, max_width=width)
 
 
+class UnreadableImage(ValueError):
+    """An image file that does not decode; the message names the file and why."""
+
+
 def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(RGB image, greyscale image) exactly as easyocr.Reader loads a file path."""
     import_easyocr()
@@ -212,10 +216,10 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise FileNotFoundError(f"{path}: image not found")
     try:
         rgb, grey = reformat_input(str(path))
-    except (OSError, ValueError, SyntaxError) as exc:  # imageio: a backend install hint; PIL: SyntaxError
-        raise ValueError(f"{path}: not a readable image ({_unreadable_why(Path(path), exc)})") from None
+    except Exception as exc:  # decoders raise anything on damaged input: OSError, SyntaxError, struct.error…
+        raise UnreadableImage(f"{path}: not a readable image ({_unreadable_why(Path(path), exc)})") from None
     if grey is None:
-        raise ValueError(f"{path}: not a readable image")
+        raise UnreadableImage(f"{path}: not a readable image")
     return rgb, grey
 
 

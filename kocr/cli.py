@@ -595,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.pages import PageError
     from training.data.prepare import PrepareConfigError
     from training.data.degrade import SynthConfigError
+    from evaluation.reader import UnreadableImage
     from evaluation.score_crops import ScoreInputError
     from training.export_easyocr import ExportError
 
@@ -604,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         with _terminate_as_exit():
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
-            ScoreInputError, PrepareConfigError, SetBusyError, FileNotFoundError) as exc:
+            ScoreInputError, PrepareConfigError, SetBusyError, UnreadableImage, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

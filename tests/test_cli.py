@@ -21,6 +21,15 @@ def test_unknown_model_is_a_one_line_error(sample_pages, tmp_path):
     assert len(lines) == 1 and "no_such_model" in lines[0] and "Traceback" not in done.stderr
 
 
+def test_predict_names_an_unreadable_image_in_one_line(tmp_path, capsys):
+    from kocr.cli import main
+
+    (tmp_path / "one_byte.jpg").write_bytes(b"x")  # the decoder raised struct.error: a traceback before
+    assert main(["predict", str(tmp_path / "one_byte.jpg"), "--model", "english_g2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"kocr predict: error: {tmp_path / 'one_byte.jpg'}: not a readable image (corrupt, or not an image)"
+
+
 def test_export_of_unknown_model_is_a_one_line_error(tmp_path):
     done = _kocr("export-easyocr", "--model", "models:/nope@champion", "--out", str(tmp_path / "b"), cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1

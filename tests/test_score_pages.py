@@ -105,7 +105,8 @@ def test_cli_error_names_the_missing_text(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "p.jpg: no ground truth" in err and "p.txt" in err
 
 
-@pytest.mark.parametrize("content, why", [(b"", "the file is empty"), (b"\xff\xd8\xff" + bytes(range(256)) * 4, "corrupt, or not an image")])
+@pytest.mark.parametrize("content, why", [(b"", "the file is empty"), (b"\xff\xd8\xff" + bytes(range(256)) * 4, "corrupt, or not an image"),
+                                          (b"x", "corrupt, or not an image")])  # one byte: a struct.error inside
 def test_cli_names_an_unreadable_page_image_and_why(tmp_path, capsys, content, why):
     (tmp_path / "img").mkdir()
     (tmp_path / "img" / "p.jpg").write_bytes(content)
