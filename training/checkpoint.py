@@ -89,7 +89,6 @@ def save_checkpoint(path: str | os.PathLike, model: Recognizer, charset: Charset
                     meta: dict[str, Any] | None = None) -> Path:
     """Write a platform checkpoint atomically (fsynced temp file + rename): a kill never leaves half a file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "config": model.config.as_dict(), "charset": charset.chars,
                "charset_name": charset.name, "state_dict": model.state_dict(), "meta": meta or {}}
     with atomic_path(path, durable=True) as tmp:

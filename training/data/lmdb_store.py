@@ -37,6 +37,17 @@ _MAP_SIZE = 1 << 36  # 64 GiB of address space; LMDB files grow only as data is 
 SHARD_INDEX = "index.json"
 
 
+def _content_digest(txn: lmdb.Transaction, count: int, where: str | os.PathLike) -> "hashlib._Hash":
+    """The content hash of samples 1..``count`` read through ``txn`` (ValueError naming a missing one)."""
+    digest = hashlib.sha256()
+    for n in range(1, count + 1):
+        image, label = txn.get(b"image-%09d" % n), txn.get(b"label-%09d" % n)
+        if image is None or label is None:
+            raise ValueError(f"{where}: sample {n} of {count} is missing")
+        sample_digest(digest, image, label)
+    return digest
+
+
 def sample_digest(digest: "hashlib._Hash", image: bytes, label: bytes) -> None:
     """Feed one sample to a running content hash (length-prefixed, so boundaries cannot shift)."""
     digest.update(len(label).to_bytes(4, "little") + label + len(image).to_bytes(8, "little"))
@@ -44,8 +55,6 @@ def sample_digest(digest: "hashlib._Hash", image: bytes, label: bytes) -> None:
 
 
 _NEARLY_FULL = 16 * 2**20  # bytes free under which a failed LMDB commit is taken for a full disk
-
-
 
 
 class SetBusyError(RuntimeError):
@@ -86,7 +95,7 @@ class LmdbWriter:
         if self.resumed:
             try:
                 self._open(self.resumed)  # reads every kept sample back: a damaged page shows here
-            except lmdb.Error:
+            except (lmdb.Error, ValueError):
                 if self.env is not None:
                     self.env.close()
                 self.resumed = 0
@@ -133,13 +142,8 @@ class LmdbWriter:
 
     def _rehash(self) -> None:
         """The content hash of the committed samples 1..count, read back (after a resume or truncate)."""
-        self.digest = hashlib.sha256()
-        with self.env.begin(buffers=True) as txn:
-            for n in range(1, self.count + 1):
-                image, label = txn.get(b"image-%09d" % n), txn.get(b"label-%09d" % n)
-                if image is None or label is None:
-                    raise lmdb.CorruptedError(f"sample {n} is missing")
-                sample_digest(self.digest, bytes(image), bytes(label))
+        with self.env.begin() as txn:
+            self.digest = _content_digest(txn, self.count, self.partial)
 
     def _resumable_samples(self, resume_key: str) -> int:
         """Samples 1..n a killed writer of the same key committed to ``DIR.partial`` (0: none usable)."""
@@ -227,12 +231,16 @@ class LmdbWriter:
 
     def abort(self) -> None:
         """Drop everything written so far (also after a failed ``close``); a set already at ``path`` stays."""
+        self._release()
+        shutil.rmtree(self.partial, ignore_errors=True)
+
+    def _release(self) -> None:
+        """Drop the open transaction, close the set and let go of the lock; files stay as they are."""
         try:
             self._txn.abort()
             self.env.close()
         except lmdb.Error:  # already committed or closed by the close that failed
             pass
-        shutil.rmtree(self.partial, ignore_errors=True)
         self._unlock()
 
     def __enter__(self) -> "LmdbWriter":
@@ -251,12 +259,7 @@ class LmdbWriter:
     def _give_up(self) -> None:
         """After an error or Ctrl-C: a resumable writer keeps what it committed for the next run."""
         if self.resumable and self.committed:
-            try:
-                self._txn.abort()
-                self.env.close()
-            except lmdb.Error:
-                pass
-            self._unlock()
+            self._release()
         else:
             self.abort()
 
@@ -300,15 +303,9 @@ def lmdb_digest(path: str | os.PathLike) -> tuple[int, str]:
     """(samples, sha256) of one set's content read back from disk, as ``LmdbWriter.sha256`` hashes it."""
     env = lmdb.open(str(path), readonly=True, lock=False, readahead=False)
     try:
-        digest = hashlib.sha256()
         with env.begin() as txn:
             count = int(txn.get(b"num-samples"))
-            for n in range(1, count + 1):
-                image, label = txn.get(b"image-%09d" % n), txn.get(b"label-%09d" % n)
-                if image is None or label is None:
-                    raise ValueError(f"{path}: sample {n} of {count} is missing")
-                sample_digest(digest, image, label)
-        return count, digest.hexdigest()
+            return count, _content_digest(txn, count, path).hexdigest()
     finally:
         env.close()
 
@@ -407,10 +404,13 @@ class LmdbDataset:
             raw = txn.get(b"image-%09d" % key)
             if raw is None:
                 raise ValueError(f"{part}: sample {key} has no image")
-            try:
-                width, height = Image.open(io.BytesIO(bytes(raw[:65536]))).size
-            except (OSError, SyntaxError):
-                width = height = 0
+            return self._header_size(raw, index)
+
+    def _header_size(self, raw: memoryview, index: int) -> tuple[int, int]:
+        try:
+            width, height = Image.open(io.BytesIO(bytes(raw[:65536]))).size
+        except (OSError, SyntaxError):
+            width = height = 0
         if not (width and height):  # a header PIL cannot parse: decode the whole image
             height, width = self[index][0].shape[:2]
         return height, width
@@ -428,7 +428,7 @@ class LmdbDataset:
                 raise ValueError(f"{part}: sample {key} has no image")
             label = _label(None if encoded is None else bytes(encoded), part, key)
             digest = hashlib.blake2b(raw, digest_size=16).digest()
-        height, width = self.size(index)
+            height, width = self._header_size(raw, index)
         return label, height, width, digest
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, str]:

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -36,7 +37,7 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -806,10 +807,12 @@ def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
     backgrounds_used: Counter[str] = Counter()
     tiles: list[tuple[Image.Image, str]] = []
 
-    def tally(image: bytes, label: str, font: str, background: str) -> None:
+    def tally(font: str, background: str, sample: Callable[[], tuple[bytes, str]]) -> None:
+        """Count the sample's font and background; read its image only while the contact sheet wants one."""
         fonts_used[font] += 1
         backgrounds_used[background] += 1
         if len(tiles) < config.contact_sheet:
+            image, label = sample()
             grey = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_GRAYSCALE)
             tiles.append((Image.fromarray(grey, "L"), label))
 
@@ -821,7 +824,7 @@ def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
                   file=sys.stderr)
         for row in kept:
             index, font, background, _ = row.rstrip("\n").split("\t")
-            tally(*writer.sample(int(index)), font, background)
+            tally(font, background, functools.partial(writer.sample, int(index)))
         manifest = (writer.partial / "manifest.tsv").open("w", encoding="utf-8", newline="\n")
         with manifest:
             manifest.write(MANIFEST_HEADER + "".join(kept))
@@ -833,7 +836,7 @@ def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
                 if index % writer.commit_every == 0:
                     manifest.flush()  # before the LMDB commits it: a kill leaves rows for every committed sample
                 writer.add(sample.image, sample.label)
-                tally(sample.image, sample.label, sample.font, sample.background)
+                tally(sample.font, sample.background, lambda drawn=sample: (drawn.image, drawn.label))
         sheet = None
         if tiles:
             print_faces = [f for f in faces if not any(k in Path(f.path).name.lower()
