@@ -33,6 +33,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kocr.atomic import atomic_path, write_text
 from kocr.params import load_params
 
 HELDOUT = "heldout"
@@ -61,17 +62,19 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
         with manifest.open(encoding="utf-8") as fh:
             fonts = {int(row["index"]): row["font"]
                      for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)}
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    with (out / "labels.tsv").open("w", encoding="utf-8", newline="") as fh:
-        fh.write(tsv_row(["image", "text", "font"], str(out / "labels.tsv")))
-        for i in tqdm(range(len(dataset)), desc="export-crops", unit="crop"):
-            image, label = dataset[i]
-            name = f"{i + 1:06d}.png"
-            if not cv2.imwrite(str(out / name), image):
-                raise OSError(f"{out / name}: could not write the image")
-            fh.write(tsv_row([name, label, fonts.get(i + 1, "")], f"{lmdb_dir} sample {i + 1}"))
+    # written beside ``out`` and moved in whole: a kill or a full disk leaves no half set under its name
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        with (tmp / "labels.tsv").open("w", encoding="utf-8", newline="") as fh:
+            fh.write(tsv_row(["image", "text", "font"], str(out / "labels.tsv")))
+            for i in tqdm(range(len(dataset)), desc="export-crops", unit="crop"):
+                image, label = dataset[i]
+                name = f"{i + 1:06d}.png"
+                if not cv2.imwrite(str(tmp / name), image):
+                    raise OSError(f"{out / name}: could not write the image")
+                fh.write(tsv_row([name, label, fonts.get(i + 1, "")], f"{lmdb_dir} sample {i + 1}"))
+        if out.exists():
+            shutil.rmtree(out)
     return len(dataset)
 
 
@@ -152,9 +155,7 @@ def _evaluate_pages(models: dict[str, str], pages: dict[str, str], detector: dic
                         **{label: {k: v for k, v in s.items() if k != "per_page"} for label, s in found.items()},
                         "lines": {label: s["per_page"][0]["lines"] for label, s in found.items()}}
         if out:
-            (Path(out) / name).mkdir(parents=True, exist_ok=True)
-            (Path(out) / name / "scores.json").write_text(json.dumps(found, ensure_ascii=False, indent=1) + "\n",
-                                                          encoding="utf-8")
+            write_text(Path(out) / name / "scores.json", json.dumps(found, ensure_ascii=False, indent=1) + "\n")
     return scored
 
 
@@ -365,11 +366,12 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
             "evaluate": evaluated.get("seconds", 0.0)}
     out.mkdir(parents=True, exist_ok=True)
     shipped = out / f"{name}.pt"
-    shutil.copyfile(model, shipped)
-    (out / "metrics.json").write_text(json.dumps(evaluated, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-    card = out / "MODEL_CARD.md"
-    card.write_text(model_card(params, trained, evaluated, counts, command, wall, shipped.stat().st_size / 1e6,
-                               name, hashlib.sha256(shipped.read_bytes()).hexdigest()), encoding="utf-8")
+    with atomic_path(shipped, durable=True) as tmp:
+        shutil.copyfile(model, tmp)
+    write_text(out / "metrics.json", json.dumps(evaluated, ensure_ascii=False, indent=1) + "\n")
+    card = write_text(out / "MODEL_CARD.md", model_card(params, trained, evaluated, counts, command, wall,
+                                                        shipped.stat().st_size / 1e6, name,
+                                                        hashlib.sha256(shipped.read_bytes()).hexdigest()))
     return card
 
 
@@ -441,9 +443,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         mlflow.log_dict(result, "evaluate.json")
         if Path(args.out).is_dir():
             mlflow.log_artifacts(args.out, "evaluate")
-    path = Path(args.metrics)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    write_text(args.metrics, json.dumps(result, ensure_ascii=False, indent=1) + "\n")
     for name, entry in result["sets"].items():
         print(f"{name}: " + "; ".join(f"{m} cer {entry[m]['cer']:.4f} word_acc {entry[m]['word_accuracy']:.4f}"
                                       for m in result["models"]))
@@ -490,8 +490,7 @@ def cmd_ship(args: argparse.Namespace) -> None:
     print(text)
     if args.json:
         try:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(text + "\n", encoding="utf-8")
+            write_text(args.json, text + "\n")
         except OSError as exc:
             print(f"ship: {args.json}: could not write the verdict ({exc.strerror or exc}); "
                   f"{target} {'was replaced' if result['shipped'] else 'is unchanged'}", file=sys.stderr)

@@ -213,6 +213,25 @@ def test_export_crops_writes_every_sample_with_its_label_and_font(heldout_crops)
         assert (cv2.imread(str(heldout_crops / "crops" / image), cv2.IMREAD_GRAYSCALE) == dataset[i][0]).all()
 
 
+def test_export_crops_that_fail_midway_keep_the_earlier_crops_whole(heldout_crops, tmp_path, monkeypatch):
+    import cv2
+
+    out = tmp_path / "crops"
+    shutil.copytree(heldout_crops / "crops", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    written = []
+
+    def imwrite_until_full(path, image):  # the fourth crop meets a full disk
+        written.append(path)
+        return len(written) < 4 and cv2.imencode(".png", image)[0] and Path(path).write_bytes(b"png") > 0
+
+    monkeypatch.setattr(cv2, "imwrite", imwrite_until_full)
+    with pytest.raises(OSError, match="000004.png: could not write"):
+        export_crops(heldout_crops / "lmdb", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]  # nothing half-written left beside it
+
+
 def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
         heldout_crops, hangul_checkpoint, tmp_path, monkeypatch, capsys):
     labels = heldout_crops / "crops/labels.tsv"
