@@ -596,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.prepare import PrepareConfigError
     from training.data.degrade import SynthConfigError
     from evaluation.reader import UnreadableImage
+    from kocr.params import ParamsError
     from evaluation.score_crops import ScoreInputError
     from training.export_easyocr import ExportError
 
@@ -605,7 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         with _terminate_as_exit():
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
-            ScoreInputError, PrepareConfigError, SetBusyError, UnreadableImage, FileNotFoundError) as exc:
+            ScoreInputError, PrepareConfigError, SetBusyError, UnreadableImage, ParamsError,
+            FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

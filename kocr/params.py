@@ -17,6 +17,10 @@ import yaml
 PARAMS_FILE = "params.yaml"
 
 
+class ParamsError(ValueError):
+    """A params file that does not parse, or whose top level is not a mapping."""
+
+
 def params_path(path: str | os.PathLike = PARAMS_FILE) -> Path:
     """The params file the stages read: ``KOCR_PARAMS`` when set, else ``path``."""
     return Path(os.environ.get("KOCR_PARAMS", path))
@@ -34,9 +38,14 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, required: bool = True) ->
             return {}
         raise FileNotFoundError(f"{path}: params file not found (run from the project root)")
     with path.open(encoding="utf-8") as fh:
-        params = yaml.safe_load(fh) or {}
+        try:
+            params = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ParamsError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(params, dict):
-        raise ValueError(f"{path}: top level must be a mapping")
+        raise ParamsError(f"{path}: top level must be a mapping")
     return params
 
 

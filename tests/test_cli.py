@@ -82,6 +82,19 @@ def test_synth_pages_refuses_a_misspelt_sample_key(tmp_path):
     assert not (tmp_path / "pages").exists()  # refused before anything was written
 
 
+
+def test_a_params_file_that_does_not_parse_is_one_line_naming_where(tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train:\n  steps: 10\n  lr: [0.1\n", encoding="utf-8")  # an edit left half done
+    assert main(["train", "--data", "d", "--out", "m"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kocr train: error: params.yaml: not valid YAML at line 4, column 1: ")
+    (tmp_path / "params.yaml").write_text("- train\n", encoding="utf-8")
+    assert main(["synth-pages", "--out", str(tmp_path / "pages")]) == 2
+    assert capsys.readouterr().err.strip() == "kocr synth-pages: error: params.yaml: top level must be a mapping"
+
 def test_a_full_disk_is_one_line_and_the_run_goes_on_when_there_is_room(sample_pages, tmp_path, monkeypatch, capsys):
     import errno
 
