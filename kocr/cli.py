@@ -591,7 +591,7 @@ def _terminate_as_exit() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     from training.checkpoint import ArchitectureMismatch, ModelSpecError
-    from training.data.lmdb_store import SetBusyError
+    from training.data.lmdb_store import LmdbWriteError, SetBusyError
     from training.data.pages import PageError
     from training.data.prepare import PrepareConfigError
     from training.data.degrade import SynthConfigError
@@ -606,7 +606,7 @@ def main(argv: list[str] | None = None) -> int:
         with _terminate_as_exit():
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
-            ScoreInputError, PrepareConfigError, SetBusyError, UnreadableImage, ParamsError,
+            ScoreInputError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
             FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -61,6 +61,10 @@ class SetBusyError(RuntimeError):
     """Another live process is writing the same resumable set."""
 
 
+class LmdbWriteError(RuntimeError):
+    """LMDB refused a commit with room left on the disk (an I/O error, a full map); names the set."""
+
+
 _WRITING: set[Path] = set()  # lock files of the resumable sets this process is writing
 
 
@@ -215,14 +219,16 @@ class LmdbWriter:
 
     def _commit(self) -> None:
         """Commit the write transaction. LMDB reports a full disk as an I/O error (``mdb_txn_commit:
-        Input/output error``); with the disk nearly full it is raised as the OSError it is (ENOSPC)."""
+        Input/output error``); with the disk nearly full it is raised as the OSError it is (ENOSPC),
+        otherwise as ``LmdbWriteError`` naming the set and what its earlier commits keep."""
         try:
             self._txn.commit()
             self.committed = self.count
         except lmdb.Error as exc:
             if shutil.disk_usage(self.partial).free < _NEARLY_FULL:
                 raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(self.partial)) from exc
-            raise
+            raise LmdbWriteError(f"{self.partial}: LMDB could not commit samples {self.committed + 1}-{self.count} "
+                                 f"({type(exc).__name__}: {exc})") from exc
 
     @property
     def sha256(self) -> str:
