@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 from rapidfuzz.distance import Levenshtein
 
-from evaluation.metrics import PageScore
+from evaluation.metrics import PageScore, in_image
 from training.data.pages import Page, Word, nfc
 
 TEXT_KINDS = ("hangul", "digits", "latin", "mixed", "other")
@@ -26,7 +26,12 @@ _FINALS = ("-", *"ㄱㄲㄳㄴㄵㄶㄷㄹㄺㄻㄼㄽㄾㄿㅀㅁㅂㅄㅅㅆ�
 
 
 def text_kind(text: str) -> str:
-    """``hangul``, ``digits`` or ``latin`` when one script carries the word (punctuation aside), else ``mixed``."""
+    """``hangul``, ``digits`` or ``latin`` when one script carries the word (punctuation aside),
+    ``other`` for another script alone (Hanja, Roman numerals) or punctuation only, else ``mixed``.
+
+    >>> [text_kind(t) for t in ("김해시", "1994", "KTX", "漢字", "-", "3층")]
+    ['hangul', 'digits', 'latin', 'other', 'other', 'mixed']
+    """
     scripts = set()
     for char in nfc(text):
         if "\uac00" <= char <= "\ud7a3" or "\u1100" <= char <= "\u11ff" or "\u3130" <= char <= "\u318f":
@@ -133,9 +138,11 @@ def breakdown(gt_pages: list[Page], pred_pages: list[Page], scores: list[PageSco
     for gt, pred, score in zip(gt_pages, pred_pages, scores):
         if score.n_gt:
             by_category[gt.category or "(none)"].append(score.f1)
-        failures.update(detection_failures(gt.words, pred.words))
-        for word in gt.words:
-            if nfc(word.text):
+        gt_in = in_image(gt.words, gt.width, gt.height)  # the boxes score_page scored
+        failures.update(detection_failures([w for w in gt_in if w is not None],
+                                           [w for w in in_image(pred.words, gt.width, gt.height) if w is not None]))
+        for word in gt_in:
+            if word is not None and nfc(word.text):
                 kind_total[text_kind(word.text)] += 1
         for gi, pi, value in score.pairs:
             kind_score[text_kind(gt.words[gi].text)] += value

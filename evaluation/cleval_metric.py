@@ -2,7 +2,10 @@
 
 CLEval scores characters rather than whole boxes, so a phrase box that merges three words still
 earns credit for the characters it read: it does not punish split and merged boxes the way an IoU
-gate does. Ground-truth boxes with empty text are don't-care regions.
+gate does. Ground-truth boxes with empty text are don't-care regions. Boxes are clamped to the
+image as for the IoU-gated metric (``evaluation.metrics.in_image``), and ground-truth boxes with
+nothing inside it are left out. Whitespace inside a text is left out on both sides: a box that
+merges 서울 and 시청 reads "서울 시청", and AI-Hub's one-어절 labels hold no space to match it.
 
 Example:
     >>> acc = CLEvalAccumulator()                    # doctest: +SKIP
@@ -15,7 +18,13 @@ from __future__ import annotations
 import numpy as np
 
 from kocr.easyocr_compat import register_torchvision_ops
+from evaluation.metrics import in_image
 from training.data.pages import Page, Word, nfc
+
+
+def _letters(text: str) -> str:
+    """The NFC text without whitespace: what CLEval matches character by character."""
+    return "".join(nfc(text).split())
 
 
 def _quads(words: list[Word]) -> np.ndarray:
@@ -34,8 +43,10 @@ class CLEvalAccumulator:
 
     def update(self, gt: Page, pred: Page) -> None:
         """Add one page (ground truth and prediction)."""
-        self.metric.update(_quads(pred.words), _quads(gt.words), [nfc(w.text) for w in pred.words],
-                           [nfc(w.text) for w in gt.words], [not nfc(w.text) for w in gt.words])
+        gt_words = [w for w in in_image(gt.words, gt.width, gt.height) if w is not None]
+        pred_words = [c or w for w, c in zip(pred.words, in_image(pred.words, gt.width, gt.height))]
+        self.metric.update(_quads(pred_words), _quads(gt_words), [_letters(w.text) for w in pred_words],
+                           [_letters(w.text) for w in gt_words], [not _letters(w.text) for w in gt_words])
 
     def compute(self) -> dict[str, float]:
         """``cleval_{det,e2e}_{precision,recall,f1}`` plus split/merged box counts."""

@@ -1,10 +1,13 @@
 """OCR metrics: CER, end-to-end (detection + recognition) F1 and crop-level recognition scores.
 
-End-to-end matching, per page: every (gt, pred) box pair with IoU >= ``iou_threshold`` is a
-candidate; pairs are taken greedily by decreasing IoU (ties by gt index, then pred index), each
-box used once. A matched pair scores ``max(0, 1 - CER)``. Ground-truth words whose NFC text is
-empty are ignored: they take part in matching, but neither they nor the predictions matched to
-them are counted. precision = score / |P|, recall = score / |G|.
+End-to-end matching, per page: boxes are first clamped to the image when the ground-truth page's
+size is known (AI-Hub labels run past the edges and below zero; ``prepare`` clamps them the same
+way), then every (gt, pred) box pair that overlaps with IoU >= ``iou_threshold`` is a candidate;
+pairs are taken greedily by decreasing IoU (ties by gt index, then pred index), each box used once.
+A matched pair scores ``max(0, 1 - CER)``. Ground-truth words whose NFC text is empty are ignored:
+they take part in matching, but neither they nor the predictions matched to them are counted.
+Ground-truth words with no area inside the image are ignored too. precision = score / |P|,
+recall = score / |G|.
 
 Example:
     >>> gt = [Word((0, 0, 10, 10), "서울"), Word((20, 0, 10, 10), "시청")]
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
@@ -54,6 +57,23 @@ def iou(a: Corners, b: Corners) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def in_image(words: list[Word], width: int, height: int) -> list[Word | None]:
+    """Each word with its box clamped to a ``width`` x ``height`` image, or None where nothing of it
+    lies inside; the words as they are when the size is unknown (0).
+
+    >>> in_image([Word((-5, 2, 20, 10), "김해시"), Word((120, 0, 9, 9), "밖")], 100, 50)
+    [Word(bbox=(0, 2, 15, 10), text='김해시', score=None), None]
+    """
+    if width <= 0 or height <= 0:
+        return list(words)
+    kept: list[Word | None] = []
+    for word in words:
+        x0, y0, x1, y1 = word.corners
+        x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
+        kept.append(replace(word, bbox=(x0, y0, x1 - x0, y1 - y0)) if x1 > x0 and y1 > y0 else None)
+    return kept
+
+
 def f1_score(p: float, r: float) -> float:
     """Harmonic mean of precision and recall; 0 when both are 0."""
     return 2 * p * r / (p + r) if p + r > 0 else 0.0
@@ -87,12 +107,14 @@ def score_page(gt: Page | list[Word], pred: Page | list[Word],
     """Match ``pred`` words to ``gt`` words greedily by IoU and score the matches (see module doc)."""
     gw = gt.words if isinstance(gt, Page) else list(gt)
     pw = pred.words if isinstance(pred, Page) else list(pred)
-    ignored = {i for i, w in enumerate(gw) if not nfc(w.text)}
+    width, height = (gt.width, gt.height) if isinstance(gt, Page) else (0, 0)
+    g_in, p_in = in_image(gw, width, height), in_image(pw, width, height)
+    ignored = {i for i, (w, g) in enumerate(zip(gw, g_in)) if not nfc(w.text) or g is None}
     candidates = []
-    for i, g in enumerate(gw):
-        for j, p in enumerate(pw):
-            v = iou(g.corners, p.corners)
-            if v >= iou_threshold - _EPS:
+    for i, g in enumerate(g_in):
+        for j, p in enumerate(p_in):
+            v = iou(g.corners, p.corners) if g is not None and p is not None else 0.0
+            if v > 0 and v >= iou_threshold - _EPS:  # boxes that do not touch never match, even at 0
                 candidates.append((-v, i, j))
     candidates.sort()
     used_g: set[int] = set()
@@ -197,7 +219,8 @@ def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     Predictions are found by the same relative path, else by a unique file stem; a page with no
     prediction counts as predicting nothing. Returns :func:`e2e_scores` merged with
     :func:`recognition_scores` over the counted matched pairs (``cer``, ``word_accuracy``,
-    ``norm_ed``) and ``missing_predictions`` (gt pages with no prediction file).
+    ``norm_ed``: None when no pair matched, as with line boxes against word labels) and
+    ``missing_predictions`` (gt pages with no prediction file).
     """
     gt_root, pred_root = Path(gt_dir), Path(pred_dir)
     by_stem: dict[str, list[Path]] = {}
@@ -222,6 +245,6 @@ def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         for i, j, _ in page_score.pairs:
             gts.append(gt_page.words[i].text)
             preds.append(pred_words[j].text)
-    rec = recognition_scores(gts, preds)
+    rec = recognition_scores(gts, preds) if gts else dict.fromkeys(("cer", "word_accuracy", "norm_ed"))
     return {**e2e_scores(scores), "cer": rec["cer"], "word_accuracy": rec["word_accuracy"],
             "norm_ed": rec["norm_ed"], "missing_predictions": missing}

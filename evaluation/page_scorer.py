@@ -22,7 +22,8 @@ from training.model import Recognizer
 
 
 class PageSetScorer:
-    """Callable ``(model, charset) -> {"e2e_f1", "e2e_f1_micro", "e2e_precision", "e2e_recall"}`` on fixed pages."""
+    """Callable ``(model, charset) -> {"e2e_f1", "e2e_precision", "e2e_recall"}`` and their ``_micro``
+    twins (:func:`evaluation.metrics.e2e_scores`) on fixed pages."""
 
     def __init__(self, pages: list[EvalPage], settings: DetectorSettings = DetectorSettings(),
                  iou_threshold: float = 0.5, device: str = "cpu") -> None:

@@ -113,3 +113,12 @@ def test_the_params_detector_boxes_words_where_easyocrs_default_boxes_lines(samp
     words = totals["ours"]["words"]
     assert totals["ours"]["merged"] + totals["ours"]["split"] <= 0.1 * words, totals
     assert totals["default"]["merged"] >= 3 * max(1, totals["ours"]["merged"]), totals  # the knob is what matters
+
+
+def test_breakdown_counts_the_words_score_page_scored():
+    # a label past the page edge is clamped as score_page clamps it; one wholly outside is not a word
+    gt = Page("a.jpg", 100, 50, [Word((-40, 0, 80, 20), "서울"), Word((200, 0, 40, 20), "평양")], "민원")
+    pred = Page("a.jpg", 100, 50, [Word((0, 0, 40, 20), "서울")])
+    result = breakdown([gt], [pred], [score_page(gt, pred)])
+    assert result["kind_score"] == {"hangul": 1.0} and result["kind_words"] == {"hangul": 1}
+    assert result["detection"] == {"split": 0, "merged": 0, "missed": 0}

@@ -39,3 +39,19 @@ def test_wrong_text_lowers_e2e_but_not_detection():
 def test_empty_prediction_scores_zero():
     scores = _scores([])
     assert scores["cleval_e2e_recall"] == 0.0 and scores["cleval_det_recall"] == 0.0
+
+
+def test_spaces_inside_a_merged_box_are_not_wrong_characters():
+    # AI-Hub labels hold one 어절 each, so the space a merged box reads has nothing to match
+    spaced = _scores([Word((0, 0, 90, 20), "서울 평양")])
+    assert spaced == _scores([Word((0, 0, 90, 20), "서울평양")])
+    assert spaced["cleval_e2e_precision"] == pytest.approx((4 - 1) / 4)  # four letters read, one merge penalty
+
+
+def test_gt_boxes_past_the_image_edge_are_clamped_like_the_iou_gate_clamps_them():
+    gt = Page("p.jpg", 100, 50, [Word((-30, 0, 70, 20), "서울"), Word((50, 0, 80, 20), "평양"),
+                                 Word((120, 0, 20, 20), "밖")])  # the last lies wholly outside the image
+    acc = CLEvalAccumulator()
+    acc.update(gt, Page("p.jpg", 100, 50, [Word((0, 0, 40, 20), "서울"), Word((50, 0, 50, 20), "평양")]))
+    scores = acc.compute()
+    assert scores["cleval_det_f1"] == pytest.approx(1.0) and scores["cleval_e2e_f1"] == pytest.approx(1.0)

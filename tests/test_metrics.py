@@ -255,3 +255,30 @@ def test_paired_words_counts_only_words_that_change_and_compares_in_nfc():
     assert paired_words(gts, candidate, reference) == {"fixed": 1, "broken": 2, "p": 1.0}
     with pytest.raises(ValueError, match="5 ground truths, 5 and 4 readings"):
         paired_words(gts, reference, candidate[:4])
+
+
+def test_gt_boxes_past_the_image_edge_are_clamped_before_the_iou_gate():
+    # AI-Hub labels start below zero and run past the edge; EasyOCR's boxes never leave the image
+    gt = Page("p.jpg", 100, 100, [Word((-60, 0, 100, 20), "김해시"), Word((60, 40, 100, 20), "시청"),
+                                  Word((10, 70, 0, 20), "폭없음"), Word((150, 0, 30, 20), "밖")])
+    pred = [Word((0, 0, 40, 20), "김해시"), Word((60, 40, 40, 20), "시청")]
+    s = score_page(gt, pred)
+    # raw IoU 800/2000 = .4 and 800/2000 = .4 fail the gate; clamped, both boxes are the predicted ones;
+    # the zero-width word and the one wholly outside have nothing to match: ignored, like empty text
+    assert (s.matched, s.n_gt, s.n_pred, s.f1) == (2, 2, 2, 1.0)
+    assert score_page(list(gt.words), pred).matched == 0  # bare word lists: no page size, no clamping
+
+
+def test_boxes_that_do_not_touch_never_match_even_at_iou_zero():
+    s = score_page([Word(A, "가")], [Word((500, 500, 10, 10), "가")], iou_threshold=0)
+    assert (s.matched, s.f1) == (0, 0.0)
+    assert score_page([Word(A, "가")], [Word((5, 5, 10, 10), "가")], iou_threshold=0).matched == 1
+
+
+def test_score_folders_gives_no_recognition_scores_when_no_pair_matched(tmp_path):
+    # one line box over two word labels (EasyOCR's default grouping): IoU 200/440 < .5 for each word
+    write_page(_page("a.jpg", [Word((0, 0, 20, 10), "서울"), Word((24, 0, 20, 10), "시청")]), tmp_path / "gt/a.json")
+    write_page(_page("a.jpg", [Word((0, 0, 44, 10), "서울 시청")]), tmp_path / "pred/a.json")
+    r = score_folders(tmp_path / "gt", tmp_path / "pred")
+    assert (r["matched"], r["e2e_f1"]) == (0, 0.0)
+    assert (r["cer"], r["word_accuracy"], r["norm_ed"]) == (None, None, None)  # was cer 0.0: "perfect"
