@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from tqdm import tqdm
 from evaluation.analysis import breakdown
 from evaluation.cleval_metric import CLEvalAccumulator
 from evaluation.drawing import draw_comparison
-from evaluation.metrics import PageScore, e2e_scores, recognition_scores, score_page
+from evaluation.metrics import SCORING_VERSION, PageScore, e2e_scores, recognition_scores, score_page
 from evaluation.reader import (
     Boxes,
     Detector,
@@ -72,6 +72,15 @@ def eval_set_hash(pages: list[EvalPage]) -> str:
     AI-Hub's zips or from the unpacked tree (their names differ), and whatever their order."""
     per_page = sorted(_page_digest(item) for item in pages)
     return hashlib.md5("".join(per_page).encode()).hexdigest()
+
+
+def scoring_hash(settings: DetectorSettings, iou_threshold: float) -> str:
+    """MD5 of how the set is scored: detector settings, IoU threshold and ``SCORING_VERSION``.
+
+    Scores of one set are comparable only when this matches too: a champion scored with other box
+    grouping, another threshold or an older scorer is re-scored before ``promote`` compares."""
+    how = {"detector": asdict(settings), "iou_threshold": float(iou_threshold), "scoring_version": SCORING_VERSION}
+    return hashlib.md5(json.dumps(how, sort_keys=True).encode()).hexdigest()
 
 
 def _page_digest(item: EvalPage) -> str:

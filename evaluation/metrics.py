@@ -29,6 +29,10 @@ from rapidfuzz.distance import Levenshtein
 from training.data.pages import Page, Word, iter_page_files, nfc, read_page
 
 Corners = tuple[float, float, float, float]
+# Raised whenever a change to the scorer changes the scores of the same readings, so that promote
+# re-scores a champion scored the old way (evaluation.evaluate.scoring_hash). 2: boxes clamped to
+# the image, CLEval without inner whitespace.
+SCORING_VERSION = 2
 _EPS = 1e-9  # IoU exactly at the threshold must match despite float rounding
 
 

@@ -1,9 +1,10 @@
 """The ``promote`` stage: register the candidate, alias it ``challenger``, move ``champion`` on merit.
 
 ``champion`` moves only when the candidate's ``e2e_f1`` beats the champion's on the same evaluation
-set (same content hash) by at least ``min_delta``. When the champion was scored on another set, it
-is scored again on this one first (``rescore``). Decision, both scores and the set hash become tags
-on the candidate's version.
+set (same content hash), scored the same way (same detector settings, IoU threshold and scorer
+version: ``eval_scoring_hash``), by at least ``min_delta``. When the champion was scored on another
+set or another way, it is scored again on this one first (``rescore``). Decision, both scores and
+the hashes become tags on the candidate's version.
 
 Example:
     >>> decision = promote(candidate, PromoteConfig(), rescore=lambda uri: 0.4)   # doctest: +SKIP
@@ -48,6 +49,7 @@ class Candidate:
     run_id: str
     score: float
     eval_data_hash: str
+    eval_scoring_hash: str = ""  # evaluation.evaluate.scoring_hash: how the set was scored
 
 
 LOCK_URL_ENV = "KOCR_PROMOTE_LOCK_URL"
@@ -97,7 +99,8 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
         pass  # exists already
     version = mlflow.register_model(candidate.model_uri, config.model_name,
                                     tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
-                                          "eval_data_hash": candidate.eval_data_hash}).version
+                                          "eval_data_hash": candidate.eval_data_hash,
+                                          "eval_scoring_hash": candidate.eval_scoring_hash}).version
     client.set_registered_model_alias(config.model_name, "challenger", version)
     with promotion_lock(config.model_name, config.lock_url):
         return _decide(client, config, candidate, version, rescore)
@@ -115,12 +118,15 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
         promoted, reason, champion_score = True, "no champion yet", None
     else:
         decision["champion_version"] = int(champion.version)
-        if champion.tags.get("eval_data_hash") == candidate.eval_data_hash and metric in champion.tags:
+        same_set = champion.tags.get("eval_data_hash") == candidate.eval_data_hash
+        if same_set and champion.tags.get("eval_scoring_hash", "") == candidate.eval_scoring_hash \
+                and metric in champion.tags:
             champion_score = float(champion.tags[metric])
             how = "its recorded score on the same set"
         else:
             champion_score = rescore(f"models:/{config.model_name}/{champion.version}")
-            how = "re-scored on this set (it was scored on another)"
+            how = ("re-scored on this set (it was scored another way: detector settings, IoU threshold or "
+                   "scorer version)" if same_set else "re-scored on this set (it was scored on another)")
         margin = candidate.score - champion_score
         promoted = margin > 0 and margin >= config.min_delta
         verb = "beats" if promoted else "does not beat"

@@ -216,7 +216,7 @@ def _settings(params: dict[str, Any]):
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import mlflow
 
-    from evaluation.evaluate import eval_set_hash, evaluate_models, test_pages
+    from evaluation.evaluate import eval_set_hash, evaluate_models, scoring_hash, test_pages
     from evaluation.tesseract import tesseract_available
     from kocr.tracking import log_dataset, stage_run
 
@@ -237,6 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             models[baseline] = baseline
         log_dataset(args.source, context="evaluation")
         data_hash = eval_set_hash(pages)
+        scoring = scoring_hash(_settings(params), cfg.get("iou_threshold", 0.5))
         evaluated = evaluate_models(models, pages, args.predictions, _settings(params),
                                     iou_threshold=cfg.get("iou_threshold", 0.5), pictures_dir=args.pictures,
                                     worst_pages=cfg.get("worst_pages", 3))
@@ -246,10 +247,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             mlflow.log_dict(evaluation.analysis, f"analysis/{label}.json")
             for picture in evaluation.pictures:
                 mlflow.log_artifact(str(picture), f"worst_pages/{label}")
-        mlflow.set_tag("eval_data_hash", data_hash)
+        mlflow.set_tags({"eval_data_hash": data_hash, "eval_scoring_hash": scoring})
         report = evaluation_report(evaluated, len(pages), data_hash)
         mlflow.log_text(report, "evaluate.md")
-    _dump({**results, "eval_data_hash": data_hash, "pages": len(pages)}, args.metrics)
+    _dump({**results, "eval_data_hash": data_hash, "eval_scoring_hash": scoring, "pages": len(pages)}, args.metrics)
     _dump({label: e.analysis for label, e in evaluated.items()}, Path(args.metrics).with_name("evaluate_analysis.json"))
     write_text(Path(args.metrics).with_suffix(".md"), report)
     print(report)
@@ -305,11 +306,13 @@ def cmd_promote(args: argparse.Namespace) -> None:
     logged = json.loads((Path(args.candidate) / "mlflow.json").read_text(encoding="utf-8"))
     evaluated = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
     candidate = Candidate(logged["model_uri"], logged["run_id"], float(evaluated["candidate"][config.metric]),
-                          evaluated["eval_data_hash"])
+                          evaluated["eval_data_hash"], evaluated.get("eval_scoring_hash", ""))
+    cfg = params.get("evaluate", {})
 
-    def rescore(uri: str) -> float:
-        pages = test_pages(args.source, args.splits, params.get("evaluate", {}).get("split", "test"))
-        scores = evaluate_models({"champion": uri}, pages, Path(args.work) / "champion", _settings(params))
+    def rescore(uri: str) -> float:  # scored exactly as the evaluate stage scored the candidate
+        pages = test_pages(args.source, args.splits, cfg.get("split", "test"))
+        scores = evaluate_models({"champion": uri}, pages, Path(args.work) / "champion", _settings(params),
+                                 iou_threshold=cfg.get("iou_threshold", 0.5))
         return scores["champion"].metrics[config.metric]
 
     with stage_run("promote", {"promote": params.get("promote", {})}):

@@ -66,6 +66,36 @@ def test_champion_moves_only_when_beaten_and_rescored_on_a_new_set(logged_uris, 
     assert int(client.get_model_version_by_alias(name, "champion").version) == third["candidate_version"]
 
 
+def test_a_champion_scored_another_way_is_rescored_on_the_same_set(logged_uris, monkeypatch):
+    from evaluation.evaluate import scoring_hash
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    config = PromoteConfig(model_name="reg-scoring")
+    word_boxes = scoring_hash(DetectorSettings(width_ths=0.0), 0.5)
+    assert word_boxes == scoring_hash(DetectorSettings(width_ths=0.0), 0.5)
+    assert len({word_boxes, scoring_hash(DetectorSettings(), 0.5), scoring_hash(DetectorSettings(width_ths=0.0), 0.7)}) == 3
+    # the champion came from before scorings were recorded (no tag): its 0.90 was another scorer's
+    first = promote(_candidate(uris[0], 0.90), config, _no_rescore)
+    asked = []
+
+    def rescore(uri):
+        asked.append(uri)
+        return 0.50
+
+    second = promote(Candidate(uris[1][0], uris[1][1], 0.60, "set-a", word_boxes), config, rescore)
+    assert asked == [f"models:/reg-scoring/{first['candidate_version']}"] and second["promoted"]
+    assert "scored another way" in second["reason"]
+    # the same set scored the same way: the recorded score stands, no re-scoring
+    third = promote(Candidate(uris[2][0], uris[2][1], 0.55, "set-a", word_boxes), config, _no_rescore)
+    assert not third["promoted"] and third["champion_e2e_f1"] == pytest.approx(0.60)
+    # other box grouping (EasyOCR's default width_ths) on the same set: re-scored again
+    fourth = promote(Candidate(uris[0][0], uris[0][1], 0.65, "set-a", scoring_hash(DetectorSettings(), 0.5)),
+                     config, rescore)
+    assert len(asked) == 2 and fourth["promoted"]
+
+
 def test_logged_model_reads_pages_from_its_uri(logged_uris, sample_pages, monkeypatch):
     store, uris = logged_uris
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
