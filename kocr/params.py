@@ -8,7 +8,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,20 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, required: bool = True) ->
 
 
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as strings), for MLflow params."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as strings), for MLflow params.
+
+    A mapping keyed by anything but plain names (``train.mix``, keyed by paths) stays one value, as
+    JSON: MLflow refuses a param name that holds ``//`` or ends in ``/``.
+
+    >>> flatten({"train": {"lr": 0.1, "mix": {"data/real/": 0.2}}})
+    {'train.lr': 0.1, 'train.mix': '{"data/real/": 0.2}'}
+    """
     flat: dict[str, Any] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not all(re.fullmatch(r"[A-Za-z0-9_-]+", str(k)) for k in value):
+            flat[name] = json.dumps(value, ensure_ascii=False, sort_keys=True)
+        elif isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value if not isinstance(value, (list, tuple)) else ",".join(map(str, value))

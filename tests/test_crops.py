@@ -200,6 +200,16 @@ def test_a_mixed_sampler_keeps_the_shares_over_a_run_and_draws_new_extras_each_e
         list(BucketBatchSampler(widths[:200], 8, 30, seed=4))
 
 
+def test_a_main_set_smaller_than_a_batch_still_fills_batches_in_its_share():
+    # 2 real crops at share .7 and 59 generated at .3: an epoch of 2 + 1 samples cannot fill a batch
+    # of 4; the sampler used to spin on empty epochs forever (a 100-crop set, batch 192, hung alike)
+    widths = _widths(2) + _widths(59, seed=1)
+    batches = list(BucketBatchSampler(widths, batch_size=4, num_batches=50, seed=0, mix=[(2, 0.7), (59, 0.3)]))
+    assert len(batches) == 50 and all(len(b) == 4 for b in batches)
+    indices = [i for batch in batches for i in batch]
+    assert abs(sum(i < 2 for i in indices) / len(indices) - 2 / 3) < 0.05  # 2 main in every 3 drawn
+
+
 def test_mixed_crops_read_each_part_by_global_index(tmp_path):
     main = CropDataset(_lmdb(tmp_path / "main", [((20, 40), "가"), ((20, 60), "나다"), ((20, 40), "라")]), KOREAN)
     extra = CropDataset(_lmdb(tmp_path / "extra", [((20, 40), "서울"), ((20, 4000), "너무넓다")]), KOREAN,

@@ -30,3 +30,14 @@ def test_a_lost_insert_race_is_retried_and_other_errors_are_not(tmp_path, monkey
     monkeypatch.setattr(mlflow, "log_input", lambda *a, **k: (_ for _ in ()).throw(MlflowException("denied")))
     with mlflow.start_run(), pytest.raises(MlflowException, match="denied"):
         tracking.log_dataset(tmp_path / "set", context="train")
+
+
+def test_a_mix_keyed_by_paths_is_one_param_whatever_its_slashes():
+    import json
+
+    mix = {"/data/real/": 0.2, "data//synth": 0.1}  # a tab-completed folder; MLflow refused these as names
+    with tracking.stage_run("train", {"train": {"lr": 0.1, "mix": mix}, "model": {"imgH": 64}}) as run:
+        pass
+    params = mlflow.get_run(run.info.run_id).data.params
+    assert json.loads(params["train.mix"]) == mix
+    assert (params["train.lr"], params["model.imgH"]) == ("0.1", "64")

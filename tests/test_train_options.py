@@ -37,6 +37,37 @@ def test_params_yaml_defaults_change_nothing():
     assert params["train"]["use_tuned"] is False and config.tuned_keys == ()
 
 
+def test_knobs_are_read_as_their_types_and_misspelt_or_impossible_ones_are_refused_by_name(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from kocr.cli import main
+
+    # YAML reads 1e-3 (no dot) as a string: it is the learning rate people write, so it is taken as one
+    config = TrainConfig.from_params(yaml.safe_load("train: {lr: 1e-3, steps: '6', weight_decay: 0}"))
+    assert (config.lr, config.steps, config.weight_decay) == (0.001, 6, 0.0)
+    assert isinstance(config.lr, float) and isinstance(config.weight_decay, float)
+    refused = {
+        "train: {lerning_rate: 0.5}": "train: unknown keys ['lerning_rate']",  # was trained with the default lr
+        "model: {hiden_size: 64}": "model: unknown keys ['hiden_size']",
+        "train: {lr: fast}": "train.lr 'fast': expected a number",
+        "train: {steps: 6.5}": "train.steps 6.5: expected a whole number",
+        "train: {compile: maybe}": "train.compile 'maybe': expected true or false",
+        "train: {val_every: 0}": "train.val_every 0: expected a whole number >= 1",  # was a ZeroDivisionError
+        "train: {checkpoint_every: 0}": "train.checkpoint_every 0: expected a whole number >= 1",
+        "train: {log_every: 0}": "train.log_every 0: expected a whole number >= 1",
+    }
+    for text, message in refused.items():
+        with pytest.raises(ValueError) as info:
+            TrainConfig.from_params(yaml.safe_load(text))
+        assert str(info.value).startswith(message), (text, str(info.value))
+    # and kocr train says it in one line before anything runs
+    (tmp_path / "params.yaml").write_text("train: {base: scratch, lerning_rate: 0.5}\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kocr train: error: train: unknown keys ['lerning_rate']")
+    assert not (tmp_path / "m").exists()
+
+
 def test_warmup_grows_the_lr_linearly_then_holds():
     weight = torch.nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([weight], lr=1.0)

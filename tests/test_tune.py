@@ -182,6 +182,30 @@ def test_a_trial_failed_as_stale_elsewhere_stops_without_crashing_its_worker(pre
     assert state == optuna.trial.TrialState.FAIL and value is None and note.startswith("lost: ")
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask() by hand here
+def test_a_running_trial_that_never_beat_is_retried_not_waited_on_forever(prepared, tmp_path, capsys):
+    # a claimer killed between ask() and its first heartbeat, or a trial asked for by another tool:
+    # no heartbeat, so Optuna never finds it stale, and every worker used to wait on it forever
+    config = TuneConfig.from_params(PARAMS["tune"]).with_overrides(storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                                                                   study_name="orphan", n_trials=1)
+    study = optuna.create_study(storage=make_storage(config.storage, config), study_name="orphan")
+    study.ask()
+
+    def hung(signum, frame):
+        raise TimeoutError("run_tune still waits on the trial that never beat")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        run_tune(config, PARAMS, prepared, tmp_path / "out", log=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert "trial 1 (retry of 0) complete" in capsys.readouterr().err
+    orphan, retry = optuna.load_study(study_name="orphan", storage=config.storage).get_trials(deepcopy=False)
+    assert orphan.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
+
+
 @pytest.fixture(scope="module")
 def pruned_study(prepared, tmp_path_factory):
     """Two sensible trials, then an absurd lr, on the embedded storage with the median pruner.

@@ -197,6 +197,9 @@ class BucketBatchSampler(Sampler[list[int]]):
     def _epoch(self, rng: random.Random) -> list[list[int]]:
         if self.mix:
             order = mixed_epoch(rng, self.mix)
+            if len(order) < self.batch_size * self.world_size:  # a main set smaller than a batch: a pool's
+                while len(order) < self.batch_size * self.pool * self.world_size:  # worth of epochs in one,
+                    order += mixed_epoch(rng, self.mix)  # so few samples fall off the last batch of the pool
         else:
             order = list(range(len(self.widths)))
             rng.shuffle(order)

@@ -99,9 +99,47 @@ class TrainConfig:
             tuned = read_tuned(path)
             section.update(tuned["values"])
             tuned_from, tuned_keys = tuned["source"], tuple(sorted(tuned["values"]))
-        merged = {**params.get("model", {}), **section}
-        knobs = {k: v for k, v in merged.items() if k in cls.__dataclass_fields__ and not k.startswith("tuned_")}
+        model = dict(params.get("model") or {})
+        # train: may also set model: knobs (it overrides them); model: holds only its own
+        for name, keys, allowed in (("model", model, MODEL_KNOBS),
+                                    ("train", section, TRAIN_KNOBS | MODEL_KNOBS | TRAIN_EXTRAS)):
+            unknown = sorted(set(keys) - allowed)
+            if unknown:
+                raise ValueError(f"{name}: unknown keys {unknown} (misspelt? docs/training.md lists the knobs)")
+        knobs = {k: _knob(k, v) for k, v in {**model, **section}.items() if k in MODEL_KNOBS | TRAIN_KNOBS}
         return cls(**knobs, tuned_from=tuned_from, tuned_keys=tuned_keys)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} {getattr(self, name)}: expected a whole number >= 1")
+
+
+MODEL_KNOBS = frozenset({"output_channel", "hidden_size", "input_channel", "imgH", "prediction"})
+TRAIN_KNOBS = frozenset(TrainConfig.__dataclass_fields__) - MODEL_KNOBS - {"tuned_from", "tuned_keys"}
+TRAIN_EXTRAS = frozenset({"state_dir", "use_tuned", "tuned_params"})  # read by kocr train, not by the loop
+_KNOB_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def _knob(name: str, value: Any) -> Any:
+    """``value`` as the type of ``TrainConfig.<name>``; ValueError naming the knob when it is not one.
+
+    YAML reads ``1e-3`` (no dot) as a string, so numbers written as text are taken as numbers."""
+    kind = _KNOB_TYPES.get(TrainConfig.__dataclass_fields__[name].type)
+    section = "model" if name in MODEL_KNOBS else "train"
+    if kind is None or isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if kind is float and math.isfinite(number):
+            return number
+        if kind is int and math.isfinite(number) and number.is_integer():
+            return int(number)
+    expected = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}[kind]
+    raise ValueError(f"{section}.{name} {value!r}: expected {expected}")
 
 
 TUNED_PARAMS = "tuning/best_params.yaml"

@@ -353,13 +353,17 @@ def claim_trial(study: optuna.Study, config: TuneConfig, url: str,
     Under the budget lock: stale trials are failed first (their retries are queued as WAITING),
     then a queued trial is taken if there is one, else a new one while complete + pruned + running
     + waiting trials are fewer than ``n_trials``. The claimed trial's first heartbeat is recorded
-    before the lock is released (a trial without one is never found stale).
+    before the lock is released (a trial without one is never found stale), so a running trial
+    seen here without one belongs to no worker: its claimer died before beating, or another tool
+    asked for it. It is given a heartbeat, and goes stale (then is retried) like a dead worker's.
     """
     with budget_lock(url, study.study_name):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # ask() outside Study.optimize warns about heartbeats: this worker beats itself (heartbeat())
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+            for orphan in unbeaten_trials(study, storage):
+                storage.record_heartbeat(orphan)
             optuna.storages.fail_stale_trials(study)
             counts = trial_counts(study)
             claimed = counts["COMPLETE"] + counts["PRUNED"] + counts["RUNNING"] + counts["WAITING"]
@@ -368,6 +372,20 @@ def claim_trial(study: optuna.Study, config: TuneConfig, url: str,
             trial = study.ask()
         storage.record_heartbeat(trial._trial_id)
         return trial
+
+
+def unbeaten_trials(study: optuna.Study, storage: optuna.storages.RDBStorage) -> list[int]:
+    """Ids of the study's running trials that have never recorded a heartbeat."""
+    import sqlalchemy
+
+    running = [t._trial_id for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+    if not running:
+        return []
+    query = sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id IN :ids").bindparams(
+        sqlalchemy.bindparam("ids", expanding=True))
+    with storage.engine.connect() as connection:
+        beaten = {row[0] for row in connection.execute(query, {"ids": running})}
+    return [trial_id for trial_id in running if trial_id not in beaten]
 
 
 @contextlib.contextmanager
