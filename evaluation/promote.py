@@ -82,27 +82,37 @@ def promotion_lock(model_name: str, lock_url: str = "") -> Iterator[None]:
     yield
 
 
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # no such model / no such alias
+
+
 def _champion(client: mlflow.MlflowClient, name: str):
+    """The champion's version, or None when there is none; any other registry error is raised
+    (a server answering 5xx or 403 must not look like "no champion yet" and promote anything)."""
     try:
         return client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in NOT_FOUND:
+            return None
+        raise
 
 
 def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str], float]) -> dict[str, Any]:
-    """Register ``candidate`` and decide on ``champion``; returns the decision as a flat dict."""
+    """Register ``candidate`` and decide on ``champion``; returns the decision as a flat dict.
+
+    The lock is taken first: a lock that cannot be had leaves the registry as it was (no version
+    without a decision, ``challenger`` unmoved), and ``challenger`` moves in the order decisions do."""
     client = mlflow.MlflowClient()
     metric = config.metric
-    try:
-        client.create_registered_model(config.model_name)
-    except MlflowException:
-        pass  # exists already
-    version = mlflow.register_model(candidate.model_uri, config.model_name,
-                                    tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
-                                          "eval_data_hash": candidate.eval_data_hash,
-                                          "eval_scoring_hash": candidate.eval_scoring_hash}).version
-    client.set_registered_model_alias(config.model_name, "challenger", version)
     with promotion_lock(config.model_name, config.lock_url):
+        try:
+            client.create_registered_model(config.model_name)
+        except MlflowException:
+            pass  # exists already
+        version = mlflow.register_model(candidate.model_uri, config.model_name,
+                                        tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
+                                              "eval_data_hash": candidate.eval_data_hash,
+                                              "eval_scoring_hash": candidate.eval_scoring_hash}).version
+        client.set_registered_model_alias(config.model_name, "challenger", version)
         return _decide(client, config, candidate, version, rescore)
 
 
@@ -128,7 +138,7 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
             how = ("re-scored on this set (it was scored another way: detector settings, IoU threshold or "
                    "scorer version)" if same_set else "re-scored on this set (it was scored on another)")
         margin = candidate.score - champion_score
-        promoted = margin > 0 and margin >= config.min_delta
+        promoted = margin > 0 and margin >= config.min_delta - 1e-9  # 0.57 - 0.56 is 0.00999…: still 0.01
         verb = "beats" if promoted else "does not beat"
         reason = (f"candidate {metric} {candidate.score:.4f} {verb} champion v{champion.version} "
                   f"{champion_score:.4f} ({how}) by min_delta {config.min_delta}")

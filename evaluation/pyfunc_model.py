@@ -13,6 +13,9 @@ Example:
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -39,10 +42,20 @@ class PageReaderModel(mlflow.pyfunc.PythonModel):
 
 
 def log_recognizer(checkpoint: str | os.PathLike, settings: DetectorSettings) -> ModelInfo:
-    """Log ``checkpoint`` as a pyfunc model in the active run (name ``recognizer``)."""
-    return mlflow.pyfunc.log_model(
-        name=ARTIFACT_NAME, python_model=PageReaderModel(), artifacts={"checkpoint": str(checkpoint)},
-        model_config=settings.readtext_kwargs(), pip_requirements=_requirements())
+    """Log ``checkpoint`` as a pyfunc model in the active run (name ``recognizer``).
+
+    The checkpoint is logged as ``model.pt`` whatever its file's name (``ko_base.pt``), the name
+    ``load_recognizer`` looks for in a ``models:/`` or ``runs:/`` model."""
+    from training.checkpoint import CHECKPOINT_NAME
+
+    with tempfile.TemporaryDirectory(prefix="kocr-log-") as staging:
+        source = Path(checkpoint)
+        if source.name != CHECKPOINT_NAME:
+            shutil.copyfile(source, Path(staging) / CHECKPOINT_NAME)
+            source = Path(staging) / CHECKPOINT_NAME
+        return mlflow.pyfunc.log_model(
+            name=ARTIFACT_NAME, python_model=PageReaderModel(), artifacts={"checkpoint": str(source)},
+            model_config=settings.readtext_kwargs(), pip_requirements=_requirements())
 
 
 def _requirements() -> list[str]:

@@ -261,10 +261,14 @@ def _champion_uri(model_name: str) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from evaluation.promote import NOT_FOUND
+
     try:
         mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return None
+    except MlflowException as exc:
+        if exc.error_code in NOT_FOUND:
+            return None
+        raise  # a registry that fails must not drop the champion's row from the report in silence
     return f"models:/{model_name}@champion"
 
 
@@ -437,14 +441,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        from kocr.tracking import configure_tracking
-        from training.checkpoint import ModelSpecError
+        from training.checkpoint import ModelSpecError, reading_store
 
-        configure_tracking()
+        store = reading_store(args.model)
         try:
             model = mlflow.pyfunc.load_model(args.model)
         except (MlflowException, OSError) as exc:
-            raise ModelSpecError(f"cannot load {args.model!r} from MLflow: {str(exc).splitlines()[0]}") from None
+            raise ModelSpecError(f"cannot load {args.model!r} from MLflow at {store}: "
+                                 f"{str(exc).splitlines()[0]}") from None
         pages = [Page.from_dict(d) for d in model.predict([str(p) for p in args.images])]
     else:
         from evaluation.reader import PageReader
@@ -599,6 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.prepare import PrepareConfigError
     from training.data.degrade import SynthConfigError
     from evaluation.reader import UnreadableImage
+    from kocr.locks import LockError
     from kocr.params import ParamsError
     from evaluation.score_crops import ScoreInputError
     from training.export_easyocr import ExportError
@@ -610,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
-            FileNotFoundError) as exc:
+            LockError, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
@@ -625,6 +630,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command not in ("train", "tune") or os.environ.get("KOCR_TRACEBACK"):
             raise
         print(f"kocr {args.command}: error: {exc} (KOCR_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        # the tracking server down, refusing the credentials, or answering an error: one line naming it
+        errors = sys.modules.get("mlflow.exceptions")
+        if errors is None or not isinstance(exc, errors.MlflowException) or os.environ.get("KOCR_TRACEBACK"):
+            raise
+        import mlflow
+
+        from kocr.tracking import shown_uri
+
+        message = shown_uri((getattr(exc, "message", None) or str(exc)).strip().splitlines()[0])
+        print(f"kocr {args.command}: error: MLflow at {shown_uri(mlflow.get_tracking_uri())}: {message} "
+              "(KOCR_TRACEBACK=1 for the traceback)", file=sys.stderr)
         return 2
     return 0
 

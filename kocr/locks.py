@@ -27,14 +27,31 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+class LockError(RuntimeError):
+    """A lock database that cannot be reached or used; names the URL without its password."""
+
+
+def _psycopg2(url: sqlalchemy.engine.URL) -> sqlalchemy.engine.URL:
+    """``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; the project installs psycopg2."""
+    return url.set(drivername="postgresql+psycopg2") if url.drivername in ("postgresql", "postgres") else url
+
+
 @contextlib.contextmanager
 def advisory_lock(url: str, name: str) -> Iterator[None]:
-    """A PostgreSQL session advisory lock keyed by ``name``; the server releases it if the holder dies."""
+    """A PostgreSQL session advisory lock keyed by ``name``; the server releases it if the holder dies.
+
+    Raises LockError (one line, password hidden) when the database cannot be reached or refuses."""
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
-    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    parsed = _psycopg2(sqlalchemy.engine.make_url(url))
+    engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.pool.NullPool)
     try:
-        with engine.connect() as conn:
+        try:
+            conn = engine.connect()
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            raise LockError(f"lock database {parsed.render_as_string(hide_password=True)}: {detail}") from None
+        with conn:
             try:
                 yield
             finally:

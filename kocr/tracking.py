@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -43,6 +44,15 @@ def configure_tracking() -> str:
     if uri.startswith("sqlite:"):
         mlflow.set_registry_uri(uri)
     return uri
+
+
+def shown_uri(uri: str) -> str:
+    """A tracking or database URI fit for a message: any password in it hidden.
+
+    >>> shown_uri("postgresql+psycopg2://mlflow:secret@db:5432/mlflow")
+    'postgresql+psycopg2://mlflow:***@db:5432/mlflow'
+    """
+    return re.sub(r"(//[^/:@]+:)[^/@]+@", r"\1***@", uri)
 
 
 def ensure_experiment(name: str) -> str:

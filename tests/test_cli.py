@@ -122,3 +122,23 @@ def test_a_full_disk_is_one_line_and_the_run_goes_on_when_there_is_room(sample_p
     monkeypatch.setattr(lmdb_store.LmdbWriter, "add", add)
     assert main(args) == 0
     assert sorted((tmp_path / "out" / "train").glob("shard-?????"))[:2] == kept  # resumed, not redone
+
+
+def test_a_tracking_server_that_cannot_be_reached_is_one_line_naming_it(tmp_path):
+    import os
+
+    from tests.conftest import REPO
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c/mlflow.json").write_text('{"model_uri": "models:/m-1", "run_id": "r"}', encoding="utf-8")
+    (tmp_path / "ev.json").write_text('{"candidate": {"e2e_f1": 0.5}, "eval_data_hash": "h"}', encoding="utf-8")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text(encoding="utf-8"), encoding="utf-8")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://kocr:s3cret@127.0.0.1:1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+           "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+    done = subprocess.run([sys.executable, "-m", "kocr.cli", "promote", "--candidate", "c", "--metrics", "ev.json",
+                           "--source", "s", "--splits", "x.json", "--out", "o.json"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]  # was a 40-line traceback, exit 1
+    assert lines[0].startswith("kocr promote: error: MLflow at http://kocr:***@127.0.0.1:1: ")
+    assert "s3cret" not in done.stderr

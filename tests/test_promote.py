@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import mlflow
 import pytest
 
@@ -169,8 +171,8 @@ def test_postgres_advisory_lock_excludes_a_second_holder(given, monkeypatch):
     except psycopg2.OperationalError as exc:
         pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unreachable: {exc}")
     events = []
-    if given == "environment":
-        monkeypatch.setenv(LOCK_URL_ENV, url)
+    if given == "environment":  # written the natural way: SQLAlchemy 2.1 maps postgresql:// to psycopg 3
+        monkeypatch.setenv(LOCK_URL_ENV, url.replace("postgresql+psycopg2://", "postgresql://"))
         monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:5000")
     argument = url if given == "argument" else ""
 
@@ -189,6 +191,84 @@ def test_postgres_advisory_lock_excludes_a_second_holder(given, monkeypatch):
     second.join()
     order = [(n, e) for n, e, _ in events]
     assert order == [("a", "in"), ("a", "out"), ("b", "in"), ("b", "out")]
+
+
+def test_a_lock_that_cannot_be_had_changes_nothing_in_the_registry(logged_uris, monkeypatch):
+    from kocr.locks import LockError
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    client = mlflow.MlflowClient()
+    promote(_candidate(uris[0], 0.40), PromoteConfig(model_name="reg-locked"), _no_rescore)
+    config = PromoteConfig(model_name="reg-locked", lock_url="postgresql://kocr_lock:s3cret@127.0.0.1:1/none")
+    with pytest.raises(LockError) as info:
+        promote(_candidate(uris[1], 0.90), config, _no_rescore)
+    message = str(info.value)
+    assert message.startswith("lock database postgresql+psycopg2://kocr_lock:***@127.0.0.1:1/none: ")
+    assert "s3cret" not in message and len(message.splitlines()) == 1
+    # before, the candidate was registered and made challenger before the lock failed: an orphan version
+    assert [str(v.version) for v in client.search_model_versions("name='reg-locked'")] == ["1"]
+    assert str(client.get_model_version_by_alias("reg-locked", "challenger").version) == "1"
+
+
+def test_a_margin_of_exactly_min_delta_promotes_and_a_registry_error_is_not_no_champion(logged_uris, monkeypatch):
+    from mlflow.exceptions import MlflowException
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    config = PromoteConfig(model_name="reg-delta", min_delta=0.01)
+    promote(_candidate(uris[0], 0.56), config, _no_rescore)
+    decision = promote(_candidate(uris[1], 0.57), config, _no_rescore)  # 0.57 - 0.56 == 0.009999999999999898
+    assert decision["promoted"], decision["reason"]
+
+    def server_error(self, name, alias):
+        raise MlflowException("internal error", error_code="INTERNAL_ERROR")
+
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", server_error)
+    with pytest.raises(MlflowException, match="internal error"):  # was taken as "no champion yet": promoted
+        promote(_candidate(uris[2], 0.10), config, _no_rescore)
+
+
+def test_a_checkpoint_logged_under_another_name_loads_back_and_leaves_no_download_behind(
+        hangul_checkpoint, tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    renamed = tmp_path / "ko_base.pt"
+    shutil.copyfile(hangul_checkpoint, renamed)
+    script = (
+        "import mlflow, sys\n"
+        "from evaluation.pyfunc_model import log_recognizer\n"
+        "from evaluation.reader import DetectorSettings\n"
+        "from kocr.tracking import configure_tracking\n"
+        "from training.checkpoint import load_recognizer\n"
+        "configure_tracking()\n"
+        "with mlflow.start_run() as run:\n"
+        "    log_recognizer(sys.argv[1], DetectorSettings())\n"
+        "loaded = load_recognizer(f'runs:/{run.info.run_id}/recognizer')\n"
+        "print(loaded.path)\n")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script, str(renamed)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    downloaded = Path(done.stdout.strip().splitlines()[-1])
+    assert downloaded.name == "model.pt"  # was "holds no model.pt": only kocr train named it so
+    assert not downloaded.exists()  # the 16 MB copy went with the process (it used to stay in /tmp)
+    # run outside a project, a models:/ spec names what is missing and creates no empty store
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    env.pop("MLFLOW_TRACKING_URI")
+    done = subprocess.run([sys.executable, "-m", "kocr.cli", "predict", str(tmp_path / "p.jpg"), "--model",
+                           "models:/ko-ocr-recognizer@champion"], capture_output=True, text=True, env=env,
+                          cwd=outside, timeout=300)
+    assert done.returncode == 2 and "no MLflow store here" in done.stderr and "Traceback" not in done.stderr
+    assert not (outside / "mlruns.db").exists()
 
 
 def test_kocr_predict_reads_a_logged_model_through_its_pyfunc(logged_uris, sample_pages, tmp_path):

@@ -14,8 +14,11 @@ Example:
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,17 +130,31 @@ def _pretrained_path(name: str) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def reading_store(uri: str) -> str:
+    """Point MLflow at the store to read ``uri`` from; returns it as shown in messages.
+
+    Reads only: with no ``MLFLOW_TRACKING_URI`` and no ``mlruns.db`` here (a command run outside the
+    project), ModelSpecError says so instead of an empty store being created and searched."""
+    from kocr.tracking import configure_tracking, shown_uri
+
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not Path("mlruns.db").is_file():
+        raise ModelSpecError(f"cannot load {uri!r}: no MLflow store here (MLFLOW_TRACKING_URI is unset and there "
+                             f"is no mlruns.db in {Path.cwd()}; run from the project root or set it)")
+    return shown_uri(configure_tracking())
+
+
 def _download_mlflow_model(uri: str) -> Path:
+    """The checkpoint of a logged model, downloaded into a temporary folder removed at exit."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from kocr.tracking import configure_tracking
-
-    configure_tracking()
+    store = reading_store(uri)
+    folder = tempfile.mkdtemp(prefix="kocr-mlflow-")
+    atexit.register(shutil.rmtree, folder, True)  # 16 MB a load: evaluate, promote and export each load one
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
     except MlflowException as exc:
-        raise ModelSpecError(f"cannot load {uri!r} from MLflow: {exc.message.splitlines()[0]}") from None
+        raise ModelSpecError(f"cannot load {uri!r} from MLflow at {store}: {exc.message.splitlines()[0]}") from None
     found = sorted(local.rglob(CHECKPOINT_NAME)) if local.is_dir() else [local]
     if not found:
         raise ModelSpecError(f"{uri!r} holds no {CHECKPOINT_NAME}; was it logged by kocr train?")
