@@ -390,6 +390,98 @@ def test_unreadable_archive_and_twice_claimed_image_are_reported(pages, tmp_path
     assert broken.startswith("[원천]broken.zip: ")
 
 
+def _mirrored(src: Path, part: str, stem: str, page: Page, image: bytes, suffix: str = ".jpg") -> None:
+    """One page in AI-Hub's tree: its label under 01.라벨링데이터, its image under 02.원천데이터."""
+    for top, name, data in (("01.라벨링데이터(Json)", f"{stem}.json", _page_json(page)),
+                            ("02.원천데이터(Jpg)", f"{stem}{suffix}", image)):
+        folder = src / part / top / CATEGORY / CODE / YEAR
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+
+def _png(jpg: bytes) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(jpg)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_label_takes_its_own_folders_image_over_one_elsewhere_with_the_name_it_gives(pages, tmp_path):
+    (stem, page, jpg), (_, other, other_jpg) = _aihub_pages(pages)[:2]
+    src = tmp_path / "aihub"
+    _mirrored(src, "Training", stem, page, _png(jpg), ".png")  # the label says .jpg; its image is a PNG
+    other.image_name = page.image_name
+    _mirrored(src, "Validation", stem, other, other_jpg)  # the same document id in Validation, as a .jpg
+    index = scan_source(src)
+    label = next(m for m in index.labels if m.name.startswith("Training/"))
+    found, ambiguous = index.find_image(label, page.image_name)
+    assert index.images[found].name.endswith(f"Training/02.원천데이터(Jpg)/{CATEGORY}/{CODE}/{YEAR}/{stem}.png")
+    report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    # was: the Training label cropped from Validation's .jpg, Validation's page dropped as image_used_twice
+    assert report["pages_used"] == 2
+    assert {"image_used_twice", "image_without_label"}.isdisjoint(report["skipped"])
+
+
+def test_a_label_that_does_not_parse_never_takes_a_usable_pages_image(pages, tmp_path):
+    stem, page, jpg = _aihub_pages(pages)[0]
+    src = tmp_path / "aihub"
+    _mirrored(src, "Validation", stem, page, jpg)
+    broken = src / "Training" / "01.라벨링데이터(Json)" / CATEGORY / CODE / YEAR / f"{stem}.json"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(_page_json(page)[:50])  # a truncated download, and no Training image
+    report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    assert report["pages_used"] == 1  # was 0: the broken label claimed Validation's image first
+    assert "malformed_json" in report["skipped"] and "image_used_twice" not in report["skipped"]
+
+
+def test_zip_members_named_with_backslashes_pair(pages, tmp_path):
+    (stem, page, jpg), = _aihub_pages(pages)[:1]
+    src = tmp_path / "aihub"
+    src.mkdir()
+    with zipfile.ZipFile(src / f"[라벨]Training_{CATEGORY}.zip", "w") as zf:  # as PowerShell 5 writes them
+        zf.writestr(f"{CATEGORY}\\{CODE}\\{YEAR}\\{stem}.json", _page_json(page))
+    with zipfile.ZipFile(src / f"[원천]Training_{CATEGORY}.zip", "w") as zf:
+        zf.writestr(f"원천\\{CATEGORY}\\{CODE}\\{YEAR}\\{stem}.jpg", jpg)
+    report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    assert report["pages_used"] == 1 and {"image_missing", "image_without_label"}.isdisjoint(report["skipped"])
+
+
+def test_a_label_corrected_in_place_is_read_again(pages, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(pages, src)
+    _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    label = src / "page_00003.json"
+    data = json.loads(label.read_text(encoding="utf-8"))
+    word = next(a for a in data["annotations"] if re.fullmatch(r"[가-힣]{2,}", a["annotation.text"]))
+    fixed = ("대" if word["annotation.text"][0] != "대" else "부") + word["annotation.text"][1:]
+    before = label.stat().st_size
+    label.write_text(label.read_text(encoding="utf-8").replace(word["annotation.text"], fixed, 1), encoding="utf-8")
+    assert label.stat().st_size == before  # a typo fixed: the same size, names unchanged
+    _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    labels = [text for text, _ in _samples(tmp_path / "out", "train")]
+    assert fixed in labels  # was: the shards of the first run kept, with the old text
+    assert _samples(tmp_path / "out", "train") == _samples(_fresh(src, tmp_path / "fresh"), "train")
+
+
+def _fresh(src: Path, out: Path) -> Path:
+    _run(src, out, val_fraction=0.0, test_fraction=0.0)
+    return out
+
+
+def test_a_linked_folder_is_read_and_a_link_loop_ends(pages, tmp_path):
+    elsewhere = tmp_path / "big_disk"
+    shutil.copytree(pages, elsewhere)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "Training").symlink_to(elsewhere)  # the data on another mount
+    (elsewhere / "loop").symlink_to(src)
+    report = _run(src, tmp_path / "out")
+    assert report["pages_used"] == 8 and "stray_folder" not in report["skipped"]
+
+
 # -- word-level defects that are new -------------------------------------------------------------------
 
 def _one_page(pages: Path, src: Path) -> dict:
@@ -511,6 +603,20 @@ def test_stratified_split_keeps_category_proportions():
     # without stratification a category can end up with no validation page at all
     plain = [split_documents(names, PrepareConfig(seed=s), categories) for s in range(30)]
     assert any(sum(p[n] == "val" for n in names[80:]) != 2 for p in plain)
+
+
+def test_every_page_of_a_document_goes_to_one_split():
+    # AI-Hub names pages <institution>-<year>-<document>-<page>: pages of one form must not straddle
+    # train and test (the split used to be by page)
+    names = [f"Training/{CODE}-{YEAR}-{d:04d}-{p:04d}.json" for d in range(1, 21) for p in range(1, 1 + d % 4 + 1)]
+    names += [f"other/scan_{i}.json" for i in range(5)]  # names of no document pattern: each its own
+    assignment = split_documents(names, PrepareConfig(val_fraction=0.2, test_fraction=0.2, seed=1))
+    by_document = {}
+    for name, split in assignment.items():
+        by_document.setdefault(re.sub(r"-\d{4}\.json$", "", name), set()).add(split)
+    assert all(len(splits) == 1 for splits in by_document.values())
+    documents = Counter(next(iter(s)) for s in by_document.values())
+    assert (documents["val"], documents["test"]) == (5, 5)  # the fractions count the 25 documents
 
 
 def test_bad_knobs_name_the_params_key():

@@ -31,6 +31,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import threading
 import time
@@ -40,7 +41,7 @@ import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator
 
 import cv2
@@ -151,26 +152,49 @@ def load_grey(source: str | os.PathLike | bytes) -> np.ndarray:
         return np.asarray(img if img.mode == "L" else img.convert("L"))
 
 
+_AIHUB_PAGE = re.compile(r"^(\d+-\d{4}-\d+)-\d+$")  # <institution>-<year>-<document>-<page>
+
+
+def document_of(name: str) -> str:
+    """The document a page belongs to: AI-Hub names pages ``<institution>-<year>-<document>-<page>``
+    (``5350109-1994-0001-0002``), so its first three parts; any other name is a document of its own.
+
+    >>> document_of("Training/인.허가/5350109-1994-0001-0002.json"), document_of("data/page_00007.json")
+    ('5350109-1994-0001', 'data/page_00007.json')
+    """
+    found = _AIHUB_PAGE.match(PurePosixPath(name).stem)
+    return found.group(1) if found else name
+
+
 def split_documents(names: list[str], config: PrepareConfig,
                     categories: dict[str, str] | None = None) -> dict[str, str]:
-    """Assign each page to a split by a seeded shuffle (never by crop, so no page feeds two splits).
+    """Assign each page to a split by a seeded shuffle of documents: every page of one document goes
+    to the same split (:func:`document_of`), so no document's forms and text are seen in training
+    and scored in test; never by crop either, so no page feeds two splits. The fractions count
+    documents.
 
     With ``config.stratify == "category"`` and ``categories`` (page -> ``image.category``), each
-    category is shuffled and split on its own, so every split holds each category in proportion.
+    category (a document's is its first page's) is shuffled and split on its own, so every split
+    holds each category in proportion.
     """
+    documents: dict[str, list[str]] = defaultdict(list)
+    for name in sorted(names):
+        documents[document_of(name)].append(name)
     if config.stratify == "category" and categories is not None:
         groups: dict[str, list[str]] = defaultdict(list)
-        for name in names:
-            groups[categories.get(name, "")].append(name)
+        for document, pages in documents.items():
+            groups[categories.get(pages[0], "")].append(document)
         assignment: dict[str, str] = {}
         for category in sorted(groups):
-            assignment.update(_split_group(groups[category], config, random.Random(f"{config.seed}/{category}")))
+            assignment.update(_split_group(groups[category], documents, config,
+                                           random.Random(f"{config.seed}/{category}")))
         return assignment
-    return _split_group(names, config, random.Random(config.seed))
+    return _split_group(list(documents), documents, config, random.Random(config.seed))
 
 
-def _split_group(names: list[str], config: PrepareConfig, rng: random.Random) -> dict[str, str]:
-    order = sorted(names)
+def _split_group(keys: list[str], documents: dict[str, list[str]], config: PrepareConfig,
+                 rng: random.Random) -> dict[str, str]:
+    order = sorted(keys)
     rng.shuffle(order)
     n = len(order)
     n_test = round(n * config.test_fraction) if n >= 3 else 0
@@ -178,8 +202,9 @@ def _split_group(names: list[str], config: PrepareConfig, rng: random.Random) ->
     if n >= 3:
         n_test, n_val = max(n_test, 1 if config.test_fraction > 0 else 0), max(n_val, 1 if config.val_fraction > 0 else 0)
     assignment = {}
-    for i, name in enumerate(order):
-        assignment[name] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
+    for i, key in enumerate(order):
+        for name in documents[key]:
+            assignment[name] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
     return assignment
 
 
@@ -193,6 +218,7 @@ class PageMeta:
     label: Member
     image: Member
     category: str
+    digest: str = ""  # BLAKE2b of the label's and the image's bytes: a corrected label is a new page
 
 
 _WORKER: dict[str, Any] = {}
@@ -237,7 +263,8 @@ def _check_page(label: Member) -> tuple[PageMeta | None, int | None, list[tuple[
 def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, list[tuple[str, str]]]:
     root, index = _WORKER["root"], _WORKER["index"]
     try:
-        page = parse_page(read_member(root, label), label.name, bad=[])
+        label_bytes = read_member(root, label)
+        page = parse_page(label_bytes, label.name, bad=[])
     except PageError as exc:
         claimed, _ = index.find_image(label, "")
         return None, claimed, [(exc.reason, f"{label.name}: {exc.detail}"[:300])]
@@ -249,11 +276,14 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
     image = index.images[found]
     entries = [("image_ambiguous", f"{label.name} -> {image.name}")] if ambiguous else []
     try:  # a cheap integrity check, so a broken image never takes a page's place in a split
-        with Image.open(io.BytesIO(read_member(root, image))) as img:
+        image_bytes = read_member(root, image)
+        with Image.open(io.BytesIO(image_bytes)) as img:
             img.verify()
     except IMAGE_ERRORS as exc:
         return None, found, entries + [("image_corrupt", f"{image.name}: {type(exc).__name__}: {exc}"[:300])]
-    return PageMeta(label.name, label, image, page.category), found, entries
+    digest = hashlib.blake2b(label_bytes, digest_size=16)
+    digest.update(image_bytes)
+    return PageMeta(label.name, label, image, page.category, digest.hexdigest()), found, entries
 
 
 def _encode(crop: np.ndarray, suffix: str) -> bytes:
@@ -380,8 +410,9 @@ def _shard_name(n: int) -> str:
 
 
 def _run_key(config: PrepareConfig, charset: Charset, plan: dict[str, list[PageMeta]]) -> str:
-    """What the output depends on: the knobs (not ``workers``), the charset, the pages with their sizes
-    and the code that reads and crops them (shards of an older version are never reused)."""
+    """What the output depends on: the knobs (not ``workers``), the charset, the pages with the digest
+    of their label's and image's bytes (a label corrected in place, same size, is a change) and the
+    code that reads and crops them (shards of an older version are never reused)."""
     knobs = {k: v for k, v in asdict(config).items() if k != "workers"}
     digest = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode())
     digest.update(charset.chars.encode())
@@ -390,8 +421,7 @@ def _run_key(config: PrepareConfig, charset: Charset, plan: dict[str, list[PageM
         digest.update((here / module).read_bytes())
     for split in SPLITS:
         for meta in plan[split]:
-            digest.update(json.dumps([split, meta.name, meta.label.size, meta.image.name, meta.image.size],
-                                     ensure_ascii=False).encode())
+            digest.update(json.dumps([split, meta.name, meta.image.name, meta.digest], ensure_ascii=False).encode())
     return digest.hexdigest()
 
 
@@ -500,18 +530,23 @@ def _scan(src: Path, pool: Executor | None, progress: bool, index: SourceIndex) 
     report.extend(index.stray)
     pages: list[PageMeta] = []
     claimed: dict[int, str] = {}
+    scanned = []
     results = ordered_map(_check_page, index.labels, pool, chunk=16)
     for label, (meta, image, entries) in tqdm(zip(index.labels, results), total=len(index.labels),
                                               desc="scan", unit="page", disable=not progress):
         report.extend(entries)
-        if image is not None and image in claimed:
-            if meta is not None:
-                report.add("image_used_twice", f"{label.name} (already {claimed[image]})")
+        scanned.append((label, meta, image))
+    for label, meta, image in scanned:  # usable pages take their images first, in label order
+        if meta is None or image is None:
             continue
-        if image is not None:
-            claimed[image] = label.name
-        if meta is not None:
-            pages.append(meta)
+        if image in claimed:
+            report.add("image_used_twice", f"{label.name} (already {claimed[image]})")
+            continue
+        claimed[image] = label.name
+        pages.append(meta)
+    for label, meta, image in scanned:  # a label that failed accounts for its image (not "without label")
+        if meta is None and image is not None:  # but never takes it from a usable page
+            claimed.setdefault(image, label.name)
     for i, image in enumerate(index.images):
         if i not in claimed:
             report.add("image_without_label", image.name)

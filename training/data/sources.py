@@ -73,13 +73,19 @@ class SourceIndex:
         return self
 
     def find_image(self, label: Member, image_name: str) -> tuple[int | None, bool]:
-        """(index into ``images`` of the label's image or None, whether several fitted equally)."""
+        """(index into ``images`` of the label's image or None, whether several fitted equally).
+
+        Candidates are the images named as the label says and those with the label's stem (a .png
+        where the label says .jpg); the one in the folders closest to the label's wins, the named
+        one on a tie, so an image of the same name in another part of the source (Validation for a
+        Training label) never beats the label's own."""
         base = _key(image_name.replace("\\", "/").rsplit("/", 1)[-1]) if image_name else ""
         stem = _key(PurePosixPath(label.name).stem)
-        for candidates in (self._by_name.get(base, []), self._by_stem.get(stem, [])):
-            if candidates:
-                return _closest(label, candidates, self.images)
-        return None, False
+        named = set(self._by_name.get(base, []))
+        candidates = sorted(named | set(self._by_stem.get(stem, [])))
+        if not candidates:
+            return None, False
+        return _closest(label, candidates, self.images, named)
 
 
 def _key(name: str) -> str:
@@ -90,25 +96,32 @@ def _folders(member: Member) -> list[str]:
     return [_key(p) for p in PurePosixPath(member.name).parts[:-1]]
 
 
-def _closest(label: Member, candidates: list[int], images: list[Member]) -> tuple[int, bool]:
-    """The candidate whose folders share the longest tail (then most folders) with the label's."""
+def _closest(label: Member, candidates: list[int], images: list[Member],
+             named: set[int] = frozenset()) -> tuple[int, bool]:
+    """The candidate whose folders share the longest tail (then most folders) with the label's, then
+    one the label names; ambiguous when the best two tie on all three."""
     if len(candidates) == 1:
         return candidates[0], False
     mine = _folders(label)
 
-    def score(i: int) -> tuple[int, int]:
+    def score(i: int) -> tuple[int, int, bool]:
         theirs = _folders(images[i])
         tail = 0
         while tail < min(len(mine), len(theirs)) and mine[-1 - tail] == theirs[-1 - tail]:
             tail += 1
-        return tail, len(set(mine) & set(theirs))
+        return tail, len(set(mine) & set(theirs)), i in named
 
-    scored = sorted(((score(i), i) for i in candidates), key=lambda s: (-s[0][0], -s[0][1], s[1]))
+    scored = sorted(((score(i), i) for i in candidates), key=lambda s: (-s[0][0], -s[0][1], not s[0][2], s[1]))
     return scored[0][1], len(scored) > 1 and scored[0][0] == scored[1][0]
 
 
 def member_name(info: zipfile.ZipInfo) -> str:
-    """A member's real name: zipfile decodes names stored without the UTF-8 flag as CP437."""
+    """A member's real name: zipfile decodes names stored without the UTF-8 flag as CP437, and some
+    Windows tools (PowerShell 5's Compress-Archive) separate folders with backslashes."""
+    return _member_text(info).replace("\\", "/")  # 0x5C is never a trail byte of a CP949 Hangul pair
+
+
+def _member_text(info: zipfile.ZipInfo) -> str:
     if info.flag_bits & _UTF8_FLAG:
         return info.filename
     try:
@@ -179,6 +192,15 @@ def _shown(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
 
 
+def _first_visit(folder: Path, seen: set[Path]) -> bool:
+    """True the first time a real folder is met (a link back up the tree would loop forever)."""
+    real = folder.resolve()
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
+
+
 def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> SourceIndex:
     """Every label, image and stray entry under ``src`` (folders and zip archives), in a stable order.
 
@@ -190,7 +212,8 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
     index = SourceIndex(root)
     useful: set[str] = {""}
     folders: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    seen = {root.resolve()}  # linked folders are followed (a disk mounted elsewhere), each real folder once
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         rel_dir = "" if rel_dir == "." else rel_dir
         for d in sorted(dirnames):
@@ -199,7 +222,8 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
             elif not _decodable(d):
                 index.stray.append(("undecodable_name", _shown(f"{rel_dir}/{d}".lstrip("/"))))
         dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _decodable(d)
-                             and (skip is None or (Path(dirpath) / d).resolve() != skip))
+                             and (skip is None or (Path(dirpath) / d).resolve() != skip)
+                             and _first_visit(Path(dirpath) / d, seen))
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
         found = False
         for name in sorted(filenames):
