@@ -11,7 +11,7 @@ import functools
 import os
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from training.data.pages import Page
 
@@ -52,7 +52,8 @@ def _panel(image: Image.Image, page: Page, colour: tuple[int, int, int], heading
 def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: str,
                     out: str | os.PathLike) -> Path:
     """Write a PNG with the ground truth and the prediction side by side; returns its path."""
-    with Image.open(image_path) as image:
+    with Image.open(image_path) as stored:
+        image = ImageOps.exif_transpose(stored)  # upright, as the boxes were read
         left = _panel(image, gt, GT_COLOUR, f"ground truth ({len(gt.words)} words)")
         right = _panel(image, pred, PRED_COLOUR, title)
     canvas = Image.new("RGB", (left.width + right.width + 10, max(left.height, right.height)), (255, 255, 255))
@@ -74,7 +75,8 @@ def draw_crop_readings(image_path: str | os.PathLike, gt: str, readings: dict[st
     """
     size = 22
     font = _font(size)
-    with Image.open(image_path) as image:
+    with Image.open(image_path) as stored:
+        image = ImageOps.exif_transpose(stored)  # upright, as the boxes were cut
         crop = (image.crop(box) if box is not None else image).convert("RGB")
         crop = crop.resize((max(1, min(1200, round(crop.width * height / crop.height))), height))
     lines = [(f"ground truth: {gt}", GT_COLOUR)]

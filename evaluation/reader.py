@@ -208,14 +208,24 @@ class UnreadableImage(ValueError):
 
 
 def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """(RGB image, greyscale image) exactly as easyocr.Reader loads a file path."""
+    """(RGB image, greyscale image) as easyocr.Reader loads a file path, and as a person sees it.
+
+    An ordinary 8-bit image decodes exactly as in EasyOCR. Three kinds it reads wrongly are mended:
+    an EXIF orientation (phone photos: EasyOCR's colour image ignores it and its grey one applies it,
+    so boxes found in one are cut from the other) is applied to both; 16-bit samples are scaled to
+    8 bits (CRAFT found nothing in them); an image whose colours are one flat colour, its text drawn
+    only in the alpha channel (read as black on black), is laid over white. Other transparency is
+    dropped, as EasyOCR drops it."""
     import_easyocr()
     from easyocr.utils import reformat_input
 
-    if not Path(path).is_file():
+    if not Path(path).is_dir() and not Path(path).is_file():
         raise FileNotFoundError(f"{path}: image not found")
+    if Path(path).is_dir():
+        raise UnreadableImage(f"{path}: is a folder, not an image")
     try:
-        rgb, grey = reformat_input(str(path))
+        mended = _as_seen(Path(path))
+        rgb, grey = mended if mended is not None else reformat_input(str(path))
     except Exception as exc:  # decoders raise anything on damaged input: OSError, SyntaxError, struct.error…
         raise UnreadableImage(f"{path}: not a readable image ({_unreadable_why(Path(path), exc)})") from None
     if grey is None:
@@ -223,17 +233,48 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return rgb, grey
 
 
+def _as_seen(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """(RGB, grey) for an image EasyOCR would read wrongly (EXIF-rotated, 16-bit, transparent), else None."""
+    import cv2
+    from PIL import Image, ImageOps
+
+    with Image.open(path) as image:
+        turned = image.getexif().get(0x0112, 1) not in (None, 1)
+        deep = image.mode.startswith(("I", "F"))  # I;16 (16-bit PNG, TIFF), I (32-bit), F (float)
+        clear = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+        if clear:  # only where the colours alone hold no text (it is all in the alpha): else as EasyOCR
+            colours = image.convert("RGBA").getextrema()[:3]
+            clear = all(low == high for low, high in colours)
+        if not (turned or deep or clear):
+            return None
+        upright = ImageOps.exif_transpose(image)
+        if deep:  # 16-bit (or float) samples, to 8 bits by their own range
+            samples = np.asarray(upright, dtype=np.float64)
+            top = 65535.0 if samples.max() > 255 else 255.0
+            upright = Image.fromarray(np.clip(samples * 255.0 / top, 0, 255).round().astype(np.uint8))
+        if clear:
+            rgba = upright.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            upright = Image.alpha_composite(white, rgba)
+        rgb = np.asarray(upright.convert("RGB"))
+    return rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
 def _unreadable_why(path: Path, exc: Exception) -> str:
-    """Why ``path`` does not decode, in words: empty, not an image format, or truncated."""
+    """Why ``path`` does not decode, in words: empty, not an image format, truncated, or too large."""
     from PIL import Image, UnidentifiedImageError
 
     if path.stat().st_size == 0:
         return "the file is empty"
+    if isinstance(exc, Image.DecompressionBombError):
+        return f"{exc} Raise PIL.Image.MAX_IMAGE_PIXELS, or scale the image down, to read it"
     try:
         with Image.open(path) as image:
             image.load()
     except UnidentifiedImageError:
         return "corrupt, or not an image"
+    except Image.DecompressionBombError as pil_exc:
+        return f"{pil_exc} Raise PIL.Image.MAX_IMAGE_PIXELS, or scale the image down, to read it"
     except (OSError, SyntaxError, ValueError) as pil_exc:  # PIL's decoders raise all three on a damaged file
         return f"corrupt: {pil_exc}"
     return str(exc)

@@ -207,15 +207,19 @@ def _image_keyed_boxes(data: Any, path: Path) -> dict[str, list[tuple[tuple[floa
 
 
 def _image_size(image: Path, labels: Path) -> tuple[int, int]:
-    """(width, height) of ``image`` from its header; ScoreInputError naming both files otherwise."""
+    """(width, height) of ``image`` upright (its EXIF orientation applied, as ``load_image`` reads it)
+    from its header; ScoreInputError naming both files otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(image) as opened:
-            return opened.size
+            width, height = opened.size
+            return (height, width) if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
     except FileNotFoundError:
         raise ScoreInputError(f"{labels}: image {image} not found") from None
-    except (UnidentifiedImageError, OSError) as exc:
+    except IsADirectoryError:
+        raise ScoreInputError(f"{labels}: image {image} is a folder") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
         raise ScoreInputError(f"{labels}: {image}: not a readable image ({exc})") from None
 
 

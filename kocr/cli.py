@@ -433,9 +433,20 @@ def cmd_average(args: argparse.Namespace) -> None:
     print(json.dumps({"out": str(out), "averaged_from": sources}, ensure_ascii=False, indent=1))
 
 
+class CommandError(RuntimeError):
+    """A command's own one-line refusal (exit 2)."""
+
+
 def cmd_predict(args: argparse.Namespace) -> None:
+    from evaluation.reader import UnreadableImage
     from training.data.pages import Page, write_page
 
+    outputs = [Path(args.out) / (Path(image).stem + ".json") for image in args.images] if args.out else []
+    clashes = sorted({str(out) for out in outputs if outputs.count(out) > 1})
+    if clashes:  # page JSON is named by stem: a.jpg and a.png, or two folders' a.jpg, would overwrite
+        same = [str(image) for image, out in zip(args.images, outputs) if str(out) == clashes[0]]
+        raise CommandError(f"{' and '.join(same)} would both be written to {clashes[0]}; read them into "
+                           "different --out folders")
     if args.model.startswith(("models:/", "runs:/")):
         # a registered or logged model is read through its MLflow pyfunc, with its own detector settings
         import mlflow
@@ -449,19 +460,34 @@ def cmd_predict(args: argparse.Namespace) -> None:
         except (MlflowException, OSError) as exc:
             raise ModelSpecError(f"cannot load {args.model!r} from MLflow at {store}: "
                                  f"{str(exc).splitlines()[0]}") from None
-        pages = [Page.from_dict(d) for d in model.predict([str(p) for p in args.images])]
+        def read(image: str) -> Page:
+            return Page.from_dict(model.predict([str(image)])[0])
     else:
         from evaluation.reader import PageReader
         from training.checkpoint import load_recognizer
 
         reader = PageReader(load_recognizer(args.model), _settings(load_params(required=False)))
-        pages = [reader.read(image) for image in args.images]
-        _outside_note("predict")  # a models:/ URI reads with the settings logged beside the model instead
-    for image, page in zip(args.images, pages):
+        read = reader.read
+    failed: list[Exception] = []
+    for i, image in enumerate(args.images):  # each page is written as it is read: a bad image loses no other
+        try:
+            page = read(image)
+        except (UnreadableImage, FileNotFoundError) as exc:
+            if len(args.images) > 1:
+                print(f"kocr predict: error: {exc}", file=sys.stderr)
+            failed.append(exc)
+            continue
         if args.out:
-            write_page(page, Path(args.out) / (Path(image).stem + ".json"))
+            write_page(page, outputs[i])
         else:
             print(json.dumps(page.to_dict(), ensure_ascii=False))
+    if not args.model.startswith(("models:/", "runs:/")):
+        _outside_note("predict")  # a models:/ URI reads with the settings logged beside the model instead
+    if len(failed) == len(args.images) == 1:
+        raise failed[0]
+    if failed:
+        raise CommandError(f"{len(failed)} of {len(args.images)} images could not be read (each named above); "
+                           "the other pages were read")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -615,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
-            LockError, FileNotFoundError) as exc:
+            LockError, CommandError, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 from training.data.pages import Page, Word, write_page
 
@@ -142,3 +145,50 @@ def test_a_tracking_server_that_cannot_be_reached_is_one_line_naming_it(tmp_path
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-3000:]  # was a 40-line traceback, exit 1
     assert lines[0].startswith("kocr promote: error: MLflow at http://kocr:***@127.0.0.1:1: ")
     assert "s3cret" not in done.stderr
+
+
+def test_photos_as_phones_and_scanners_write_them_are_read_as_they_are_seen(sample_pages, tmp_path, monkeypatch):
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    from evaluation.reader import UnreadableImage, load_image
+
+    page = Image.open(next(sample_pages.glob("*.jpg"))).convert("RGB")
+    page.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone held sideways: stored turned, shown upright
+    page.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.png", exif=exif)
+    grey = np.asarray(page.convert("L"))
+    cv2.imwrite(str(tmp_path / "deep.png"), grey.astype(np.uint16) * 257)  # a 16-bit scan
+    ink = np.zeros(grey.shape + (4,), np.uint8)
+    ink[..., 3] = 255 - grey  # black text drawn only in the alpha channel, on a transparent sheet
+    Image.fromarray(ink, "RGBA").save(tmp_path / "clear.png")
+    rgb, upright = load_image(tmp_path / "upright.png")
+    for name in ("turned.png", "deep.png", "clear.png"):
+        seen_rgb, seen = load_image(tmp_path / name)
+        assert seen_rgb.shape == rgb.shape and seen_rgb.dtype == np.uint8, name
+        # turned was cut in one frame and detected in the other; deep and clear gave no words at all
+        assert np.abs(seen.astype(int) - upright).mean() < 1.5, name
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # a scan past Pillow's limit: one line, not a traceback
+    with pytest.raises(UnreadableImage, match=r"upright.png: not a readable image \(.*MAX_IMAGE_PIXELS"):
+        load_image(tmp_path / "upright.png")
+
+
+def test_predict_writes_every_readable_page_and_refuses_outputs_that_clash(sample_pages, tmp_path, capsys):
+    from kocr.cli import main
+
+    good = sorted(sample_pages.glob("*.jpg"))[:2]
+    (tmp_path / "bad.jpg").write_bytes(b"x")
+    out = tmp_path / "out"
+    assert main(["predict", str(good[0]), str(tmp_path / "bad.jpg"), str(good[1]), "--model", "english_g2",
+                 "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.stem + ".json" for p in good)  # was: nothing written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"kocr predict: error: {tmp_path / 'bad.jpg'}: not a readable image (corrupt, or not an image)" in err
+    assert err[-1].startswith("kocr predict: error: 1 of 3 images could not be read")
+    (tmp_path / "b").mkdir()
+    shutil.copy(good[0], tmp_path / "b" / good[0].name)  # two folders' page_00000.jpg: one JSON name
+    assert main(["predict", str(good[0]), str(tmp_path / "b" / good[0].name), "--model", "english_g2",
+                 "--out", str(tmp_path / "clash")]) == 2
+    assert "would both be written to" in capsys.readouterr().err and not (tmp_path / "clash").exists()

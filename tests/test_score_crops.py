@@ -168,6 +168,8 @@ def test_box_labels_cut_each_word_widened_as_easyocr_widens_detected_boxes(tmp_p
     ('{"gone.png": {"words": [{"points": [[1, 2], [9, 9]], "transcription": "서울"}]}}', "image .*gone.png not found"),
     ('{"page.png": {"words": [{"points": [[300, 2], [390, 20]], "transcription": "서울"}]}}',
      r"page.png word 1 \('서울'\): box .* lies outside the 200x100 image"),
+    ('{"page.png": {"words": [{"points": [[201, 10], [260, 60]], "transcription": "서울"}]}}',  # within the margin
+     r"page.png word 1 \('서울'\): box .* lies outside the 200x100 image"),  # was cut as a 4-pixel sliver
     ('{"page.png": {"words": [{"points": [[1, 2], [9, 9]], "transcription": "###"}]}}', "no labelled word boxes"),
     ('{"page.png": {"words": [{"points": [[5, 5], [5, 9]], "transcription": "서울"}]}}',
      r"page.png word 1 \('서울'\): box \[5.0, 5.0, 0.0, 4.0\] has no area"),
@@ -183,6 +185,30 @@ def test_malformed_box_labels_name_the_file_image_and_word(tmp_path, content, me
     (tmp_path / "page.json").write_text(content, encoding="utf-8")
     with pytest.raises(ScoreInputError, match=message):
         read_labels(tmp_path / "page.json")
+
+
+def test_boxes_on_a_phone_photo_are_cut_from_the_image_as_it_is_seen(tmp_path):
+    # stored 100 wide and 200 high with EXIF orientation 6: seen (and read) 200 wide and 100 high
+    seen = Image.new("L", (200, 100), 255)
+    seen.paste(0, (120, 30, 190, 60))  # the word, right of x 100: outside the stored frame
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    seen.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    (tmp_path / "gt.json").write_text('{"photo.jpg": {"words": [{"points": [[120, 30], [190, 60]], '
+                                      '"transcription": "서울"}]}}', encoding="utf-8")
+    import numpy as np
+
+    from evaluation.drawing import draw_crop_readings
+    from evaluation.score_crops import load_crop
+
+    [crop] = read_labels(tmp_path / "gt.json", margin=0.0)
+    assert crop.box == (120, 30, 190, 60)  # was clipped at the stored width: (120, 30, 100, …) gone
+    grey = load_crop(crop, tmp_path / "gt.json")
+    assert grey.shape == (30, 70) and grey.mean() < 20  # the black word, not the paper beside it
+    drawn = draw_crop_readings(tmp_path / "photo.jpg", "서울", {"m": ("서울", 0.0)}, tmp_path / "w.png",
+                               box=crop.box)
+    with Image.open(drawn) as picture:  # the worst-crop picture shows the same region
+        assert np.asarray(picture.convert("L"))[10:106, 10:200].mean() < 60
 
 
 def test_a_corrupt_page_image_is_named_before_any_model_runs(tmp_path):

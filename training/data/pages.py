@@ -251,9 +251,18 @@ def clip_box(bbox: BBox, width: int, height: int) -> tuple[int, int, int, int] |
 
 
 def crop_box(bbox: BBox, margin: float, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """The crop EasyOCR would take for a word box: ``margin`` x box height added on each side, clipped."""
+    """The crop EasyOCR would take for a word box: ``int(margin x its shorter side)`` added on each
+    side, as ``easyocr.utils.group_text_box`` widens the boxes its detector finds (a vertical sign
+    word is widened by its width, not its height), clipped; None when the box itself has no area
+    inside the image (a margin never turns a box beside the image into a sliver of its edge).
+
+    >>> crop_box((10, 10, 100, 25), 0.1, 640, 480), crop_box((10, 10, 30, 200), 0.1, 640, 480)
+    ((8, 8, 112, 37), (7, 7, 43, 213))
+    >>> crop_box((641, 10, 30, 20), 0.1, 640, 480) is None
+    True
+    """
     x, y, w, h = bbox
-    if w <= 0 or h <= 0:
+    if w <= 0 or h <= 0 or clip_box(bbox, width, height) is None:
         return None
-    m = margin * h
+    m = int(margin * min(w, h))
     return clip_box((x - m, y - m, w + 2 * m, h + 2 * m), width, height)

@@ -75,7 +75,7 @@ class PrepareConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1
     seed: int = 0
-    crop_margin: float = 0.1          # fraction of box height added on each side, like EasyOCR's add_margin
+    crop_margin: float = 0.1          # EasyOCR's add_margin: int(this x the box's shorter side) on each side
     out_of_charset: str = "drop"      # drop | keep
     image_format: str = ".png"
     stratify: str = "none"            # none | category: split each image.category separately
