@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 
 import mlflow
 from kocr.locks import database_lock, file_lock
+from kocr.tracking import NOT_FOUND
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,6 @@ def promotion_lock(model_name: str, lock_url: str = "") -> Iterator[None]:
     warnings.warn(f"promotion of {model_name} is not locked: set {LOCK_URL_ENV} (or promote.lock_url) to a "
                   "PostgreSQL URL when several pipelines may promote at once", stacklevel=3)
     yield
-
-
-NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # no such model / no such alias
 
 
 def _champion(client: mlflow.MlflowClient, name: str):

@@ -261,7 +261,7 @@ def _champion_uri(model_name: str) -> str | None:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from evaluation.promote import NOT_FOUND
+    from kocr.tracking import NOT_FOUND
 
     try:
         mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion")

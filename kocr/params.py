@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +53,8 @@ def load_params(path: str | os.PathLike = PARAMS_FILE, required: bool = True) ->
 def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as strings), for MLflow params.
 
-    A mapping keyed by anything but plain names (``train.mix``, keyed by paths) stays one value, as
-    JSON: MLflow refuses a param name that holds ``//`` or ends in ``/``.
+    A mapping keyed by paths (``train.mix``) stays one value, as JSON: MLflow refuses a name that
+    holds ``//`` or ends in ``/``. Other keys, dotted file names too (``UnBatang.ttf``), nest.
 
     >>> flatten({"train": {"lr": 0.1, "mix": {"data/real/": 0.2}}})
     {'train.lr': 0.1, 'train.mix': '{"data/real/": 0.2}'}
@@ -63,7 +62,7 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and not all(re.fullmatch(r"[A-Za-z0-9_-]+", str(k)) for k in value):
+        if isinstance(value, dict) and any("/" in str(k) or "\\" in str(k) for k in value):
             flat[name] = json.dumps(value, ensure_ascii=False, sort_keys=True)
         elif isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))

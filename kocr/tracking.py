@@ -46,6 +46,9 @@ def configure_tracking() -> str:
     return uri
 
 
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # registry: no such model / no such alias
+
+
 def shown_uri(uri: str) -> str:
     """A tracking or database URI fit for a message: any password in it hidden.
 
