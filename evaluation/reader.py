@@ -219,10 +219,10 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     import_easyocr()
     from easyocr.utils import reformat_input
 
-    if not Path(path).is_dir() and not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: image not found")
     if Path(path).is_dir():
         raise UnreadableImage(f"{path}: is a folder, not an image")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: image not found")
     try:
         mended = _as_seen(Path(path))
         rgb, grey = mended if mended is not None else reformat_input(str(path))
@@ -239,7 +239,7 @@ def _as_seen(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     from PIL import Image, ImageOps
 
     with Image.open(path) as image:
-        turned = image.getexif().get(0x0112, 1) not in (None, 1)
+        turned = image.getexif().get(0x0112, 1) != 1
         deep = image.mode.startswith(("I", "F"))  # I;16 (16-bit PNG, TIFF), I (32-bit), F (float)
         clear = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
         if clear:  # only where the colours alone hold no text (it is all in the alpha): else as EasyOCR
@@ -273,8 +273,6 @@ def _unreadable_why(path: Path, exc: Exception) -> str:
             image.load()
     except UnidentifiedImageError:
         return "corrupt, or not an image"
-    except Image.DecompressionBombError as pil_exc:
-        return f"{pil_exc} Raise PIL.Image.MAX_IMAGE_PIXELS, or scale the image down, to read it"
     except (OSError, SyntaxError, ValueError) as pil_exc:  # PIL's decoders raise all three on a damaged file
         return f"corrupt: {pil_exc}"
     return str(exc)

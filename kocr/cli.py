@@ -237,10 +237,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             models[baseline] = baseline
         log_dataset(args.source, context="evaluation")
         data_hash = eval_set_hash(pages)
-        scoring = scoring_hash(_settings(params), cfg.get("iou_threshold", 0.5))
-        evaluated = evaluate_models(models, pages, args.predictions, _settings(params),
-                                    iou_threshold=cfg.get("iou_threshold", 0.5), pictures_dir=args.pictures,
-                                    worst_pages=cfg.get("worst_pages", 3))
+        settings, iou_threshold = _settings(params), cfg.get("iou_threshold", 0.5)
+        scoring = scoring_hash(settings, iou_threshold)
+        evaluated = evaluate_models(models, pages, args.predictions, settings, iou_threshold=iou_threshold,
+                                    pictures_dir=args.pictures, worst_pages=cfg.get("worst_pages", 3))
         results = {label: e.metrics for label, e in evaluated.items()}
         for label, evaluation in evaluated.items():
             mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in evaluation.metrics.items()})
@@ -447,7 +447,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
         same = [str(image) for image, out in zip(args.images, outputs) if str(out) == clashes[0]]
         raise CommandError(f"{' and '.join(same)} would both be written to {clashes[0]}; read them into "
                            "different --out folders")
-    if args.model.startswith(("models:/", "runs:/")):
+    logged = args.model.startswith(("models:/", "runs:/"))
+    if logged:
         # a registered or logged model is read through its MLflow pyfunc, with its own detector settings
         import mlflow
         from mlflow.exceptions import MlflowException
@@ -481,7 +482,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
             write_page(page, outputs[i])
         else:
             print(json.dumps(page.to_dict(), ensure_ascii=False))
-    if not args.model.startswith(("models:/", "runs:/")):
+    if not logged:
         _outside_note("predict")  # a models:/ URI reads with the settings logged beside the model instead
     if len(failed) == len(args.images) == 1:
         raise failed[0]

@@ -262,7 +262,7 @@ def crop_box(bbox: BBox, margin: float, width: int, height: int) -> tuple[int, i
     True
     """
     x, y, w, h = bbox
-    if w <= 0 or h <= 0 or clip_box(bbox, width, height) is None:
+    if clip_box(bbox, width, height) is None:  # no area inside the image (or none at all)
         return None
     m = int(margin * min(w, h))
     return clip_box((x - m, y - m, w + 2 * m, h + 2 * m), width, height)
