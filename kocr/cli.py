@@ -40,6 +40,9 @@ def cmd_synth_pages(args: argparse.Namespace) -> None:
     if unknown:
         raise SystemExit(f"kocr synth-pages: error: sample: unknown keys {unknown} (known: count, seed, "
                          f"{', '.join(SAMPLE_KEYS)}, font_size)")
+    if not cfg.get("fonts"):
+        raise SystemExit("kocr synth-pages: error: sample.fonts is required: file-name patterns of the faces "
+                         "to draw with, looked for under /usr/share/fonts (e.g. [NanumGothic.ttf, NanumPen.ttf])")
     count = args.count if args.count is not None else cfg.get("count", 20)
     seed = args.seed if args.seed is not None else cfg.get("seed", 0)
     kwargs = {k: cfg[k] for k in SAMPLE_KEYS if k in cfg}

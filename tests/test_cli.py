@@ -85,6 +85,13 @@ def test_synth_pages_refuses_a_misspelt_sample_key(tmp_path):
     assert not (tmp_path / "pages").exists()  # refused before anything was written
 
 
+def test_synth_pages_without_fonts_says_the_key_is_required(tmp_path):
+    (tmp_path / "params.yaml").write_text("sample: {count: 1}\n", encoding="utf-8")
+    done = _kocr("synth-pages", "--out", str(tmp_path / "pages"), cwd=tmp_path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("kocr synth-pages: error: sample.fonts is required")
+    assert not (tmp_path / "pages").exists()
+
 
 def test_a_params_file_that_does_not_parse_is_one_line_naming_where(tmp_path, monkeypatch, capsys):
     from kocr.cli import main

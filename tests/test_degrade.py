@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,12 @@ def test_off_values_disable_everything():
     assert np.array_equal(degrade.apply(image, np.random.default_rng(0), DegradeConfig()), image)
 
 
+def test_preset_off_in_a_mapping_reads_as_off():
+    # YAML reads a bare `off` as False: {preset: off, blur: 0.5} must start from nothing, not fail
+    config = DegradeConfig.from_params({"preset": False, "blur": 0.5})
+    assert config.effect("blur").p == 0.5 and config.effect("jpeg").p == 0
+
+
 def test_presets_and_overrides():
     mild = DegradeConfig.from_params("mild")
     assert mild.enabled and 0 < mild.effect("jpeg").p < 1
@@ -60,9 +68,15 @@ def test_presets_and_overrides():
     ({"jpeg": {"p": 0.5, "sigma": [1, 2]}}, "keys p and quality"),
     ({"blur": {"sigma": [2, 1]}}, "lo <= hi"),
     (3, "expected a preset name or a mapping"),
+    # a range out of the effect's domain fails when read, not mid-run (cv2.error) or silently
+    ({"jpeg": {"p": 0.5, "quality": 30}}, "sample.degrade.jpeg.quality: expected [lo, hi]"),
+    ({"jpeg": {"p": 0.5, "quality": [150, 200]}}, "sample.degrade.jpeg.quality: each end must be in [1, 100]"),
+    ({"blur": {"p": 1, "sigma": [0, 0]}}, "sample.degrade.blur.sigma: each end must be in (0, 50]"),
+    ({"low_contrast": {"keep": [-1, -0.8]}}, "sample.degrade.low_contrast.keep: each end must be in (0, 1]"),
+    ({"ink_bleed": {"strength": [0.5, 1.5]}}, "sample.degrade.ink_bleed.strength: each end must be in [0, 1]"),
 ])
 def test_bad_settings_name_the_key(value, words):
-    with pytest.raises(SynthConfigError, match=words.replace("(", r"\(")):
+    with pytest.raises(SynthConfigError, match=re.escape(words)):
         DegradeConfig.from_params(value, "sample.degrade")
 
 

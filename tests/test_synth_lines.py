@@ -16,6 +16,7 @@ from PIL import Image
 from training.charset import Charset
 from training.data.fonts import covers, find_fonts, subset_font
 from training.data.lexicon import has_hangul
+from training.data import synth_lines
 from training.data.lmdb_store import LmdbDataset
 from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_edge_piece, add_rules,
                                        add_streak, bend, bend_strokes, clip_edge, colour_levels, embolden, generate_lines,
@@ -35,6 +36,13 @@ def _config(**kw) -> LinesConfig:
     base = dict(count=24, seed=3, fonts=FONTS, workers=1, contact_sheet=8)
     base.update(kw)
     return LinesConfig.from_params(base)
+
+
+def _cmap(face) -> set[int]:
+    from fontTools.ttLib import TTFont
+
+    with TTFont(face.path, fontNumber=face.index, lazy=True) as font:
+        return set(font.getBestCmap())
 
 
 def _manifest(out: Path) -> list[dict[str, str]]:
@@ -244,6 +252,18 @@ def test_string_is_never_drawn_in_a_font_missing_a_glyph(tmp_path):
     assert {r["label"] for r in rows} == {"漢字", "서울 漢字", "서울"}
 
 
+def test_a_backslash_is_never_drawn_by_a_face_that_draws_it_as_won_or_slash(tmp_path):
+    # Korean faces keep KS X 1003's won sign at U+005C; a label "\\" drawn there would teach ₩ -> \\
+    won, slash, true = (find_fonts([name])[0] for name in ("NanumGothic.ttf", "BMHANNAPro.ttf", "UnDotum.ttf"))
+    assert 0x5C in _cmap(won) and 0x5C in _cmap(slash)
+    assert not covers(won, "C:\\") and not covers(slash, "C:\\") and covers(true, "C:\\")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("C:\\문서\\보고서\n", encoding="utf-8")
+    generate_lines(tmp_path / "set", _config(count=12, fonts=["NanumGothic.ttf", "BMHANNAPro.ttf", "UnDotum.ttf"],
+                                             text_file=str(texts), words_per_line=[1, 1]), progress=False)
+    assert {r["font"] for r in _manifest(tmp_path / "set")} == {"UnDotum.ttf"}
+
+
 def test_text_no_font_can_draw_is_an_error(tmp_path):
     charset = tmp_path / "ko_hanja.txt"
     charset.write_text(CHARSET.chars + "漢字", encoding="utf-8")
@@ -262,6 +282,32 @@ def test_text_file_lines_outside_the_charset_are_dropped(tmp_path):
         generate_lines(tmp_path / "set", _config(count=12, text_file=str(texts), words_per_line=[1, 1]),
                        progress=False)
     assert {r["label"] for r in _manifest(tmp_path / "set")} == {"서울", "부산 광역시"}
+
+
+def test_text_file_lines_past_max_chars_are_dropped_and_named(tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text("서울특별시 종로구 세종대로 209 정부서울청사 본관\n서울역\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="1 lines are longer than synth_lines.max_chars"):
+        generate_lines(tmp_path / "set", _config(count=6, text_file=str(texts), words_per_line=[1, 1]),
+                       progress=False)
+    texts.write_text("서울특별시 종로구 세종대로 209 정부서울청사 본관\n", encoding="utf-8")
+    with pytest.raises(SynthConfigError, match="longer than synth_lines.max_chars \\(25\\)"):
+        generate_lines(tmp_path / "none", _config(count=6, text_file=str(texts)), progress=False)
+
+
+def test_weights_written_in_another_key_order_draw_the_same_set(tmp_path):
+    # equal mappings are equal settings (one resume key, one DVC params value): they must draw one set
+    kinds = {"white": 0.3, "noise": 0.4, "quasicrystal": 0.3}
+    shapes = {"none": 0.4, "sine": 0.2, "cosine": 0.2, "random": 0.2}
+    a = _config(count=12, backgrounds=kinds, distortion=shapes)
+    b = _config(count=12, backgrounds=dict(reversed(kinds.items())), distortion=dict(reversed(shapes.items())))
+    assert a == b
+    generate_lines(tmp_path / "a", a, progress=False)
+    synth_lines._CTX = None  # as in a fresh process: the cached context holds a's mapping
+    generate_lines(tmp_path / "b", b, progress=False)
+    assert _manifest(tmp_path / "a") == _manifest(tmp_path / "b")
+    assert all(np.array_equal(LmdbDataset(tmp_path / "a")[i][0], LmdbDataset(tmp_path / "b")[i][0])
+               for i in range(12))
 
 
 # -- knobs ---------------------------------------------------------------------------------------

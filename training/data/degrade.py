@@ -37,6 +37,17 @@ EFFECTS: dict[str, tuple[str, tuple[float, float]]] = {
     "noise": ("sigma", (2.0, 8.0)),
     "jpeg": ("quality", (25, 70)),
 }
+# Effect name -> the interval its range must lie in (lo, hi, lo excluded?) and how to say it.
+LIMITS: dict[str, tuple[float, float, bool, str]] = {
+    "ink_bleed": (0.0, 1.0, False, "in [0, 1]"),
+    "highlighter": (0.0, 1.0, False, "in [0, 1]"),
+    "scribble": (1.0, 50.0, False, "in [1, 50]"),
+    "underline": (0.0, 1.0, True, "in (0, 1]"),
+    "low_contrast": (0.0, 1.0, True, "in (0, 1]"),
+    "blur": (0.0, 50.0, True, "in (0, 50]"),
+    "noise": (0.0, 255.0, False, "in [0, 255]"),
+    "jpeg": (1.0, 100.0, False, "in [1, 100]"),
+}
 HIGHLIGHTER_COLOURS = ((255, 236, 80), (150, 240, 140), (255, 160, 205), (150, 210, 255))
 PEN_COLOURS = ((25, 30, 110), (20, 20, 25), (170, 30, 35))
 
@@ -88,7 +99,8 @@ class DegradeConfig:
             return cls.preset(value)
         if not isinstance(value, Mapping):
             raise SynthConfigError(f"{where}: expected a preset name or a mapping, got {value!r}")
-        base = cls.preset(str(value.get("preset", "off")))
+        preset = value.get("preset", "off")
+        base = cls.preset("off" if preset is None or preset is False else str(preset))
         effects = dict(base.effects)
         for name, spec in value.items():
             if name == "preset":
@@ -103,14 +115,26 @@ class DegradeConfig:
             if not isinstance(spec, Mapping) or set(spec) - {"p", key}:
                 raise SynthConfigError(f"{where}.{name}: expected a probability or a mapping with keys "
                                  f"p and {key}, got {spec!r}")
-            span = tuple(float(v) for v in spec.get(key, current.span))
-            if len(span) != 2 or span[0] > span[1]:
-                raise SynthConfigError(f"{where}.{name}.{key}: expected [lo, hi] with lo <= hi, got {span}")
+            span = _span(spec.get(key, current.span), f"{where}.{name}.{key}")
+            lo, hi, open_lo, text = LIMITS[name]
+            if span[0] < lo or (open_lo and span[0] == lo) or span[1] > hi:
+                raise SynthConfigError(f"{where}.{name}.{key}: each end must be {text}, got {list(span)}")
             effects[name] = Effect(float(spec.get("p", current.p)), span)  # type: ignore[arg-type]
         for name, eff in effects.items():
             if not 0.0 <= eff.p <= 1.0:
                 raise SynthConfigError(f"{where}.{name}: probability must be in [0, 1], got {eff.p}")
         return cls(effects)
+
+
+def _span(value: Any, where: str) -> tuple[float, float]:
+    """``[lo, hi]`` as two floats with lo <= hi, else SynthConfigError naming ``where``."""
+    try:
+        span = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        span = ()
+    if len(span) != 2 or span[0] > span[1]:
+        raise SynthConfigError(f"{where}: expected [lo, hi] with lo <= hi, got {value!r}")
+    return span  # type: ignore[return-value]
 
 
 PRESETS: dict[str, dict[str, float]] = {

@@ -281,7 +281,7 @@ class _Context:
             faces = find_fonts(list(config.fonts), config.font_dirs)
         ctx = cls(config, charset, faces)
         if config.text_file:
-            ctx.texts = load_texts(config.text_file, charset)
+            ctx.texts = load_texts(config.text_file, charset, config.max_chars)
         else:
             ctx.words, ctx.weights = load_lexicon(charset, top_n=config.lexicon_top_n)
         if config.background_images and config.backgrounds.get("image", 0) > 0:
@@ -289,9 +289,10 @@ class _Context:
         return ctx
 
 
-def load_texts(path: str | os.PathLike, charset: Charset) -> list[str]:
+def load_texts(path: str | os.PathLike, charset: Charset, max_chars: int | None = None) -> list[str]:
     """Strings of a UTF-8 text file, one per line, NFC, outer spaces stripped, inner runs of space
-    collapsed; lines holding a character outside ``charset`` are dropped (with a warning)."""
+    collapsed; lines holding a character outside ``charset`` or longer than ``max_chars`` (never
+    drawn: a label may not pass it) are dropped, with a warning."""
     path = Path(path)
     if not path.is_file():
         raise SynthConfigError(f"{path}: synth_lines.text_file does not exist")
@@ -300,20 +301,24 @@ def load_texts(path: str | os.PathLike, charset: Charset) -> list[str]:
     except UnicodeDecodeError as exc:
         raise SynthConfigError(f"{path}: synth_lines.text_file is not UTF-8 "
                                f"({exc.reason} at byte {exc.start})") from None
-    texts, dropped = [], 0
+    texts, outside, too_long = [], 0, 0
     for line in lines:
         text = " ".join(unicodedata.normalize("NFC", line).split())
         if not text:
             continue
         if charset.missing(text):
-            dropped += 1
-            continue
-        texts.append(text)
+            outside += 1
+        elif max_chars is not None and len(text) > max_chars:
+            too_long += 1
+        else:
+            texts.append(text)
+    why = [f"{outside} lines hold characters outside charset {charset.name!r}"] if outside else []
+    why += [f"{too_long} lines are longer than synth_lines.max_chars ({max_chars})"] if too_long else []
     if not texts:
-        raise SynthConfigError(f"{path}: no line of synth_lines.text_file fits charset {charset.name!r}")
-    if dropped:
-        warnings.warn(f"{path}: {dropped} lines hold characters outside charset {charset.name!r}; skipped",
-                      stacklevel=2)
+        raise SynthConfigError(f"{path}: no line of synth_lines.text_file can be drawn: "
+                               + ("; ".join(why) or "the file holds no text"))
+    if why:
+        warnings.warn(f"{path}: {'; '.join(why)}; skipped", stacklevel=2)
     return texts
 
 
@@ -340,6 +345,13 @@ def _token(rng: random.Random, ctx: _Context) -> str:
     if ctx.texts:
         return ctx.texts[rng.randrange(len(ctx.texts))]
     return draw_token(rng, ctx.words, ctx.weights, ctx.charset, ctx.config.latin_words)
+
+
+def _pick(rng: random.Random, weights: Mapping[str, float], order: Sequence[str]) -> str:
+    """A kind drawn by weight, the kinds taken in ``order`` so that equal mappings written in
+    another key order (equal settings, one resume key) draw the same sample."""
+    kinds = [k for k in order if k in weights]
+    return rng.choices(kinds, weights=[weights[k] for k in kinds])[0]
 
 
 def line_text(rng: random.Random, ctx: _Context, face: FontFace) -> str:
@@ -647,7 +659,8 @@ def render_sample(index: int, ctx: _Context) -> Sample:
     else:
         source = config.text_file or "the lexicon"
         raise SynthConfigError(f"no string from {source} can be drawn in fonts "
-                               f"{[str(f) for f in faces]} (glyph coverage or charset {ctx.charset.name})")
+                               f"{[str(f) for f in faces]} (glyph coverage, charset {ctx.charset.name} "
+                               f"or max_chars {config.max_chars})")
     if config.embolden and rng.random() < config.embolden:  # drawn only when asked
         mask = embolden(mask, size * rng.uniform(*config.embolden_amount))
     if config.stroke_warp and rng.random() < config.stroke_warp:  # drawn only when asked
@@ -659,7 +672,7 @@ def render_sample(index: int, ctx: _Context) -> Sample:
         mask = np.pad(mask, ((0, max(3, round(h * 0.35))), (0, 0)))
         mask = degrade.underline(mask, nrng, rng.uniform(*under.span), (0, 0, w, h), ink=255.0)
 
-    kind = rng.choices(list(config.distortion), weights=list(config.distortion.values()))[0]
+    kind = _pick(rng, config.distortion, DISTORTIONS)
     amplitude = rng.uniform(*config.distortion_amplitude)
     period = size * rng.uniform(*config.distortion_period)
     mask = warp(mask, kind, amplitude, period, nrng)
@@ -682,7 +695,7 @@ def render_sample(index: int, ctx: _Context) -> Sample:
     if config.rules and rng.random() < config.rules:
         mask = add_rules(mask, rng, size)
     h, w = mask.shape
-    background = rng.choices(list(config.backgrounds), weights=list(config.backgrounds.values()))[0]
+    background = _pick(rng, config.backgrounds, KINDS)
     paper = make_background(background, h, w, nrng, ctx.bg_files)
     alpha = mask * np.float32(rng.uniform(0.85, 1.0) / 255.0)
     ink = rng.uniform(*config.ink)
