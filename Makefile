@@ -9,7 +9,7 @@ export DO_NOT_TRACK := 1
 
 .PHONY: demo test install system-deps repro lint clean mlflow-server
 
-demo: install system-deps repro
+demo: system-deps install repro
 
 install: $(VENV)/.installed
 
@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 system-deps:
-	scripts/install_system_deps.sh
+	PYTHON=$(PYTHON) scripts/install_system_deps.sh
 
 repro:
 	dvc repro
@@ -35,7 +35,7 @@ repro:
 	@echo "MLflow UI:          $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --port 5000"
 	@echo "EasyOCR bundle:     models/easyocr/ (see models/easyocr/README.md)"
 
-test: install system-deps
+test: system-deps install
 	$(BIN)/python -m pytest -q
 
 # The tracking server without Docker (docs/gpu-server.md): needs MLFLOW_BACKEND_STORE_URI,

@@ -364,7 +364,13 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_score(args: argparse.Namespace) -> None:
     from evaluation.metrics import score_folders
 
-    print(json.dumps(score_folders(args.gt, args.pred, args.iou), indent=1))
+    for flag, folder in (("--gt", args.gt), ("--pred", args.pred)):
+        if not Path(folder).is_dir():  # else every page would score as missing and print zeros
+            raise CommandError(f"{flag} {folder}: " + ("not a folder" if Path(folder).exists() else "no such folder"))
+    scores = score_folders(args.gt, args.pred, args.iou)
+    if not scores["pages"]:
+        raise CommandError(f"--gt {args.gt}: no page JSON under it to score")
+    print(json.dumps(scores, indent=1))
 
 
 def _scored_models(args: argparse.Namespace) -> dict[str, str]:

@@ -2,7 +2,10 @@
 
 Looked up in this order: the outs of ``dvc.lock`` (data produced by an earlier stage), a
 ``<path>.dvc`` file (data added with ``dvc add``), else a content hash computed here
-(marked ``content:``), so a run outside DVC still records what it read.
+(marked ``content:``), so a run outside DVC still records what it read. A stage run by hand
+(not under ``dvc repro``, which reconciles both files before it runs a stage) asks DVC whether
+the data still matches its record; where it was changed since (new pages and no ``dvc add``, or
+a stage rerun by hand), the content hash is logged instead, with a warning.
 
 Example:
     >>> dataset_hash("data/sample")      # doctest: +SKIP
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import yaml
@@ -22,16 +26,40 @@ def _norm(path: str | os.PathLike) -> str:
     return os.path.normpath(str(path)).rstrip("/")
 
 
-def _lock_outs(lock_file: Path) -> dict[str, str]:
+def _lock_outs(lock_file: Path) -> dict[str, tuple[str, str]]:
+    """Output path -> (its md5, the stage that wrote it) in ``lock_file``."""
     if not lock_file.is_file():
         return {}
     data = yaml.safe_load(lock_file.read_text(encoding="utf-8")) or {}
-    outs: dict[str, str] = {}
-    for stage in (data.get("stages") or {}).values():
+    outs: dict[str, tuple[str, str]] = {}
+    for name, stage in (data.get("stages") or {}).items():
         for out in stage.get("outs", []) or []:
             if "md5" in out:
-                outs[_norm(out["path"])] = out["md5"]
+                outs[_norm(out["path"])] = (out["md5"], name)
     return outs
+
+
+def _changed_since_recorded(root: Path, target: str, out: str) -> bool:
+    """True when DVC finds ``out`` in the workspace modified since ``target`` (a .dvc file or a
+    stage of dvc.lock) recorded it. False without asking under ``dvc repro`` (DVC_STAGE set:
+    DVC has just reconciled its records) and where DVC cannot tell (no DVC project, a lock)."""
+    if os.environ.get("DVC_STAGE"):
+        return False
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(root)) as repo:
+            status = repo.status(targets=[target])
+    except Exception:  # noqa: BLE001 - the record stays the best answer there
+        return False
+    return any(isinstance(entry, dict) and (entry.get("changed outs") or {}).get(out) == "modified"
+               for entries in status.values() for entry in entries)
+
+
+def _stale(root: Path, rel: str, recorded: str, where: str) -> tuple[str, str]:
+    warnings.warn(f"{rel} differs from what {where} records (changed since `dvc add` or `dvc repro`); "
+                  "logging its content hash instead", stacklevel=3)
+    return "content:" + content_hash(root / rel), f"computed: {where} is out of date"
 
 
 def content_hash(path: str | os.PathLike) -> str:
@@ -52,15 +80,17 @@ def dataset_hash(path: str | os.PathLike, root: str | os.PathLike = ".") -> tupl
     root = Path(root)
     rel = _norm(os.path.relpath(path, root)) if os.path.isabs(str(path)) else _norm(path)
     outs = _lock_outs(root / "dvc.lock")
-    if rel in outs:
-        return outs[rel], "dvc.lock"
-    for out, md5 in outs.items():  # a folder inside a tracked output: the output's hash + the subpath
-        if rel.startswith(out + os.sep):
-            return f"{md5}/{rel[len(out) + 1:]}", "dvc.lock"
+    for out, (md5, stage) in outs.items():  # the output, or a folder inside it: its hash + the subpath
+        if rel == out or rel.startswith(out + os.sep):
+            if _changed_since_recorded(root, stage, out):
+                return _stale(root, rel, md5, f"dvc.lock (stage {stage})")
+            return (md5 if rel == out else f"{md5}/{rel[len(out) + 1:]}"), "dvc.lock"
     dvc_file = root / f"{rel}.dvc"
     if dvc_file.is_file():
         data = yaml.safe_load(dvc_file.read_text(encoding="utf-8")) or {}
         for out in data.get("outs", []) or []:
             if "md5" in out:
+                if _changed_since_recorded(root, os.path.relpath(dvc_file, root), rel):
+                    return _stale(root, rel, out["md5"], dvc_file.name)
                 return out["md5"], dvc_file.name
     return "content:" + content_hash(root / rel), "computed"

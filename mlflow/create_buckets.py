@@ -37,8 +37,11 @@ def ensure_bucket(s3, name: str) -> bool:
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
             raise
+    region = s3.meta.region_name
+    # S3 refuses a LocationConstraint of us-east-1 and wants one everywhere else
+    where = {} if region in (None, "us-east-1") else {"CreateBucketConfiguration": {"LocationConstraint": region}}
     try:
-        s3.create_bucket(Bucket=name)
+        s3.create_bucket(Bucket=name, **where)
     except ClientError as exc:  # created meanwhile by another starter
         if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
             raise

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Debian packages the platform needs, pinned: Korean fonts for the synthetic data (print and
+# Debian packages the platform needs, pinned: python3-venv where python3 lacks ensurepip, Korean fonts for the synthetic data (print and
 # handwriting faces, and the sign faces of fonts-woowa-bm that the ko-base recipe holds out) and Tesseract 5 with Korean data (the evaluation baseline); then the handwriting
 # faces Debian does not package, from pinned npm tarballs (scripts/install_web_fonts.py, run with
 # Debian's python3 and python3-fonttools). Each step does nothing when already done.
@@ -19,6 +19,11 @@ PKGS=(
   "tesseract-ocr-eng=1:4.1.0-2"
   "python3-fonttools=4.38.0-1+deb12u1"
 )
+# Debian's own python3 makes virtual environments only with python3-venv (ensurepip), and
+# `make install` creates one: add it where the interpreter the Makefile uses lacks ensurepip.
+if ! "${PYTHON:-python3}" -c 'import ensurepip' >/dev/null 2>&1; then
+  PKGS+=("python3-venv=3.11.2-1+b1")
+fi
 missing=()
 for spec in "${PKGS[@]}"; do
   name=${spec%%=*}; want=${spec#*=}

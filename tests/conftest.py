@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,6 +16,31 @@ REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO.parent / "shared" / "realdata"
 FONTS = ["NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumPen.ttf"]
 _CALLER_MLFLOW = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+REQUIRE_POSTGRES_ENV = "KOCR_REQUIRE_POSTGRES"
+
+
+def postgres_params() -> dict[str, Any]:
+    """psycopg2 settings of the test PostgreSQL server (PGHOST, PGPORT, PGUSER, PGPASSWORD; default
+    postgres@127.0.0.1:5432), checked by connecting. Skips the test when it cannot be reached, or
+    fails it where KOCR_REQUIRE_POSTGRES=1 (CI, where a skip would hide the multi-worker tests)."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    params = {"host": os.environ.get("PGHOST", "127.0.0.1"), "port": int(os.environ.get("PGPORT", "5432")),
+              "user": os.environ.get("PGUSER", "postgres"), "password": os.environ.get("PGPASSWORD", "")}
+    try:
+        psycopg2.connect(dbname="postgres", connect_timeout=3, **params).close()
+    except psycopg2.OperationalError as exc:
+        why = (f"PostgreSQL is not reachable at {params['host']}:{params['port']} as {params['user']} "
+               f"(start it: pg_ctlcluster --skip-systemctl-redirect 15 main start): {' '.join(str(exc).split())}")
+        if os.environ.get(REQUIRE_POSTGRES_ENV) == "1":
+            pytest.fail(f"{why}; {REQUIRE_POSTGRES_ENV}=1 makes this a failure")
+        pytest.skip(why)
+    return params
+
+
+def postgres_url(params: dict[str, Any], dbname: str) -> str:
+    """SQLAlchemy URL (psycopg2 driver) of database ``dbname`` on the server ``params`` names."""
+    auth = params["user"] + (f":{params['password']}" if params["password"] else "")
+    return f"postgresql+psycopg2://{auth}@{params['host']}:{params['port']}/{dbname}"
 
 
 @pytest.fixture(autouse=True)

@@ -50,6 +50,17 @@ def test_score_prints_the_metrics_of_two_folders(tmp_path):
     assert scores["e2e_precision"] == 0.5 and scores["e2e_recall"] == 0.5 and scores["e2e_f1"] == 0.5
 
 
+def test_score_of_a_missing_or_empty_folder_is_an_error_not_zeros(tmp_path, capsys):
+    from kocr.cli import main
+
+    (tmp_path / "empty").mkdir()
+    assert main(["score", "--gt", str(tmp_path / "absent"), "--pred", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip() == f"kocr score: error: --gt {tmp_path / 'absent'}: no such folder"
+    assert main(["score", "--gt", str(tmp_path / "empty"), "--pred", str(tmp_path / "empty")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no page JSON under it" in captured.err
+
+
 def test_prepare_of_missing_folder_names_it(tmp_path):
     (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
     done = _kocr("prepare-aihub", "--src", str(tmp_path / "absent"), "--out", str(tmp_path / "o"), cwd=tmp_path)

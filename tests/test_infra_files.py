@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, REQUIRE_POSTGRES_ENV, postgres_params
 
 BIN = Path(sys.executable).parent
 WORKFLOWS = sorted((REPO / ".github" / "workflows").glob("*.yml"))
@@ -277,6 +278,21 @@ def test_tracking_stack_services():
     assert mounts == {"postgres": {"/var/lib/postgresql/data": "volume"}, "s3": {"/data": "volume"}}
 
 
+def test_every_server_setting_in_mlflow_env_reaches_the_container(tmp_path):
+    # serve.sh's optional knobs are set in mlflow/.env; the service's fixed environment: list must pass them on
+    serve = (REPO / "mlflow" / "serve.sh").read_text(encoding="utf-8")
+    knobs = set(re.findall(r"\$\{(MLFLOW_[A-Z_]+):-", serve)) - {
+        "MLFLOW_AUTH_DATABASE_URI",  # the backend store's database is the right one in the stack
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "MLFLOW_ENABLE_TELEMETRY"}  # fixed for the platform
+    assert {"MLFLOW_AUTH_DEFAULT_PERMISSION", "MLFLOW_WORKERS"} <= knobs
+    env_file = tmp_path / ".env"
+    env_file.write_text((REPO / "mlflow" / ".env.example").read_text(encoding="utf-8")
+                        + "MLFLOW_AUTH_DEFAULT_PERMISSION=EDIT\nMLFLOW_WORKERS=3\n", encoding="utf-8")
+    env = _compose_config(REPO / "mlflow" / "compose.yaml", env_file)["services"]["mlflow"]["environment"]
+    assert knobs <= set(env), sorted(knobs - set(env))
+    assert env["MLFLOW_AUTH_DEFAULT_PERMISSION"] == "EDIT" and env["MLFLOW_WORKERS"] == "3"
+
+
 def test_env_examples_hold_no_real_secrets():
     secret = re.compile(r"(PASSWORD|SECRET|ACCESS_KEY)", re.I)
     for env_file in COMPOSE_FILES.values():
@@ -389,6 +405,44 @@ def test_ci_runs_the_readme_test_command():
     assert "make test" in (REPO / "README.md").read_text()
     assert any(script.strip() == "make test" for script in _run_scripts(ci))
     assert ci["permissions"] == {"contents": "read"}
+
+
+def test_system_packages_come_before_the_virtualenv(tmp_path):
+    # Debian's python3 makes a venv only with python3-venv: the system step must run first and add it
+    make = (REPO / "Makefile").read_text(encoding="utf-8")
+    for target in ("demo", "test"):
+        deps = re.search(rf"^{target}:(.*)$", make, re.M).group(1).split()
+        assert deps.index("system-deps") < deps.index("install"), target
+    script = (REPO / "scripts" / "install_system_deps.sh").read_text(encoding="utf-8")
+    guard = script[:script.index("missing=()")]
+    assert "import ensurepip" in guard and re.search(r'PKGS\+=\("python3-venv=[^"]+"\)', guard)
+    without = tmp_path / "python3"  # an interpreter without ensurepip, as Debian's is without python3-venv
+    without.write_text("#!/bin/sh\nexit 1\n")
+    without.chmod(0o755)
+    checked = subprocess.run(["bash", "-c", guard + 'printf "%s\\n" "${PKGS[@]}"'], capture_output=True, text=True,
+                             env={**os.environ, "PYTHON": str(without)}, check=True)
+    assert any(p.startswith("python3-venv=") for p in checked.stdout.split())
+    checked = subprocess.run(["bash", "-c", guard + 'printf "%s\\n" "${PKGS[@]}"'], capture_output=True, text=True,
+                             env={**os.environ, "PYTHON": sys.executable}, check=True)
+    assert not any(p.startswith("python3-venv=") for p in checked.stdout.split())
+
+
+def test_ci_fails_rather_than_skips_the_postgres_tests(monkeypatch):
+    # the CI job reaches PostgreSQL as service host `postgres`; a test that dials 127.0.0.1 there would skip, green
+    job = _workflow("ci.yml")["jobs"]["test"]
+    assert "postgres" in job["services"] and job["env"]["PGHOST"] == "postgres"
+    assert job["env"][REQUIRE_POSTGRES_ENV] == "1"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    monkeypatch.setenv("PGHOST", "127.0.0.1")
+    monkeypatch.setenv("PGPORT", str(closed))
+    monkeypatch.delenv(REQUIRE_POSTGRES_ENV, raising=False)
+    with pytest.raises(pytest.skip.Exception, match=f"127.0.0.1:{closed}"):
+        postgres_params()
+    monkeypatch.setenv(REQUIRE_POSTGRES_ENV, "1")
+    with pytest.raises(pytest.fail.Exception, match=f"127.0.0.1:{closed}.*{REQUIRE_POSTGRES_ENV}=1"):
+        postgres_params()
 
 
 def test_retrain_workflow():

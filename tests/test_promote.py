@@ -11,6 +11,7 @@ from evaluation.promote import Candidate, PromoteConfig, promote
 from evaluation.pyfunc_model import log_recognizer
 from evaluation.reader import DetectorSettings
 from kocr.tracking import configure_tracking
+from tests.conftest import postgres_params, postgres_url
 
 
 @pytest.fixture(scope="module")
@@ -164,12 +165,7 @@ def test_postgres_advisory_lock_excludes_a_second_holder(given, monkeypatch):
 
     from evaluation.promote import LOCK_URL_ENV, promotion_lock
 
-    psycopg2 = pytest.importorskip("psycopg2")
-    url = "postgresql+psycopg2://postgres@127.0.0.1:5432/postgres"
-    try:
-        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres").close()
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unreachable: {exc}")
+    url = postgres_url(postgres_params(), "postgres")
     events = []
     if given == "environment":  # written the natural way: SQLAlchemy 2.1 maps postgresql:// to psycopg 3
         monkeypatch.setenv(LOCK_URL_ENV, url.replace("postgresql+psycopg2://", "postgresql://"))

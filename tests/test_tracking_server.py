@@ -5,7 +5,8 @@ two commands the compose stack runs).
 A tiny model is trained and logged over HTTP; its artifacts must land in the bucket, the registry
 alias must resolve, requests need credentials, and a restart on the same database and bucket loses
 nothing. Skipped with the reason when PostgreSQL (PGHOST/PGPORT/PGUSER, default
-127.0.0.1:5432 postgres) or the server packages are not there.
+127.0.0.1:5432 postgres) or the server packages are not there; fails instead where
+KOCR_REQUIRE_POSTGRES=1 (CI).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, postgres_params, postgres_url
 
 psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2-binary is not installed (make install)")
 boto3 = pytest.importorskip("boto3", reason="boto3 is not installed (make install)")
@@ -73,8 +74,10 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
-    request = urllib.request.Request(url)
+def _get(url: str, auth: tuple[str, str] | None = None, body: dict | None = None) -> tuple[int, bytes]:
+    """GET ``url``, or POST ``body`` as JSON there; the status and the answer's bytes."""
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(),
+                                     headers={} if body is None else {"Content-Type": "application/json"})
     if auth is not None:
         token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
@@ -88,19 +91,13 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, bytes]:
 @pytest.fixture(scope="module")
 def database():
     """A new PostgreSQL database for this module, dropped afterwards."""
-    params = {"host": os.environ.get("PGHOST", "127.0.0.1"), "port": int(os.environ.get("PGPORT", "5432")),
-              "user": os.environ.get("PGUSER", "postgres"), "password": os.environ.get("PGPASSWORD", "")}
-    try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **params)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"PostgreSQL is not reachable at {params['host']}:{params['port']} as {params['user']} "
-                    f"(start it: pg_ctlcluster --skip-systemctl-redirect 15 main start): {exc}".strip())
+    params = postgres_params()
+    admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **params)
     admin.autocommit = True
     name = f"kocr_mlflow_{uuid.uuid4().hex[:10]}"
     with admin.cursor() as cur:
         cur.execute(f'CREATE DATABASE "{name}"')
-    auth = params["user"] + (f":{params['password']}" if params["password"] else "")
-    yield f"postgresql+psycopg2://{auth}@{params['host']}:{params['port']}/{name}"
+    yield postgres_url(params, name)
     with admin.cursor() as cur:
         cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     admin.close()
@@ -125,9 +122,15 @@ def s3(tmp_path_factory):
         again = subprocess.run([sys.executable, str(CREATE_BUCKETS), BUCKET, "--endpoint", endpoint],
                                env={**os.environ, **S3_KEYS}, capture_output=True, text=True, timeout=60)
         assert again.returncode == 0 and f"bucket {BUCKET}: exists" in again.stdout, again.stdout + again.stderr
+        # a store outside us-east-1 (S3_REGION=ap-northeast-2) wants the region as the bucket's location
+        seoul = subprocess.run([sys.executable, str(CREATE_BUCKETS), "kocr-seoul", "--endpoint", endpoint],
+                               env={**os.environ, **S3_KEYS, "AWS_DEFAULT_REGION": "ap-northeast-2"},
+                               capture_output=True, text=True, timeout=60)
+        assert seoul.returncode == 0 and "bucket kocr-seoul: created" in seoul.stdout, seoul.stdout + seoul.stderr
         client = boto3.client("s3", endpoint_url=endpoint, **{k.lower(): v for k, v in S3_KEYS.items()
                                                              if k != "AWS_DEFAULT_REGION"},
                               region_name=S3_KEYS["AWS_DEFAULT_REGION"])
+        assert client.get_bucket_location(Bucket="kocr-seoul")["LocationConstraint"] == "ap-northeast-2"
         yield endpoint, client
     finally:
         _stop(proc)
@@ -264,6 +267,23 @@ def test_registry_alias_resolves(logged, as_client):
     assert version.run_id == logged["run_id"]
     local = mlflow.artifacts.download_artifacts(f"models:/{MODEL_NAME}@champion")
     assert (Path(local) / "MLmodel").is_file()
+
+
+def test_a_teammate_logs_runs_once_granted_but_cannot_move_champion(server, logged, as_client):
+    # docs/gpu-server.md "Users": the account, then EDIT on every experiment; the registry stays READ
+    api, admin = f"{server.url}/api", (ADMIN, PASSWORD)
+    kim = ("kim", "kim-" + uuid.uuid4().hex)
+    assert _get(f"{api}/2.0/mlflow/users/create", admin, {"username": kim[0], "password": kim[1]})[0] == 200
+    experiment_id = as_client.get_run(logged["run_id"]).info.experiment_id
+    create_run = (f"{api}/2.0/mlflow/runs/create", kim, {"experiment_id": experiment_id})
+    assert _get(*create_run)[0] == 403  # the default READ: a teammate's stages could log nothing
+    grant = {"username": kim[0], "resource_type": "experiment", "resource_id": "*", "permission": "EDIT"}
+    assert _get(f"{api}/3.0/mlflow/users/permissions/grant", admin, grant)[0] == 200
+    status, body = _get(*create_run)
+    assert status == 200, body
+    assert _get(f"{api}/2.0/mlflow/experiments/create", kim, {"name": "kim/scratch"})[0] == 200
+    alias = {"name": MODEL_NAME, "alias": "champion", "version": logged["version"]}
+    assert _get(f"{api}/2.0/mlflow/registered-models/alias", kim, alias)[0] == 403
 
 
 def test_restart_loses_nothing(server, logged, as_client):

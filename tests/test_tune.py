@@ -18,12 +18,11 @@ import optuna
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, postgres_params, postgres_url
 from training.train import TrainConfig
 from training.tune import TuneConfig, TuneError, make_storage, run_trial, run_tune, suggest
 
-PG = {"host": "127.0.0.1", "port": 5432, "user": "postgres"}
-SECRET = "not-for-logs"
+SECRET = os.environ.get("PGPASSWORD") or "not-for-logs"
 PARAMS = {
     "model": {"output_channel": 32, "hidden_size": 32},
     "train": {"base": "scratch", "steps": 6, "batch_size": 4, "val_every": 3, "optimizer": "adam", "lr": 0.001},
@@ -41,18 +40,16 @@ PARAMS = {
 @pytest.fixture(scope="module")
 def pg_url():
     """A fresh PostgreSQL database for this module, dropped afterwards; skips when the server is down."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **PG)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"PostgreSQL on {PG['host']}:{PG['port']} unreachable ({str(exc).strip()}); "
-                    "start it with `pg_ctlcluster --skip-systemctl-redirect 15 main start`")
+    import psycopg2
+
+    params = postgres_params()
+    admin = psycopg2.connect(dbname="postgres", connect_timeout=3, **params)
     admin.autocommit = True
     name = f"kocr_tune_{uuid.uuid4().hex[:10]}"
     with admin.cursor() as cur:
         cur.execute(f"CREATE DATABASE {name}")
     try:
-        yield f"postgresql+psycopg2://{PG['user']}@{PG['host']}:{PG['port']}/{name}"
+        yield postgres_url(params, name)
     finally:
         with admin.cursor() as cur:
             cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
@@ -88,8 +85,8 @@ def two_workers(pg_url, prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("fleet")
     env = _env(f"sqlite:///{root / 'mlruns.db'}")
     # a generous grace period: on a loaded 2-core machine a 3 s one can fail a live trial as stale
-    # machine 2 gives the URL with a password (the local server trusts 127.0.0.1): it must not be logged
-    urls = {1: pg_url, 2: pg_url.replace("postgres@", f"postgres:{SECRET}@")}
+    # machine 2 gives the URL with a password (a server that trusts the test host ignores it): it must not be logged
+    urls = {1: pg_url, 2: re.sub(r"//([^:@/]+)(:[^@/]*)?@", rf"//\1:{SECRET}@", pg_url, count=1)}
     workers = [_worker(_project(root / f"machine{i}", heartbeat_interval_s=2, grace_period_s=30), prepared, env,
                        "--storage", urls[i], "--study", "fleet") for i in (1, 2)]
     outputs = [w.communicate(timeout=240)[0] for w in workers]

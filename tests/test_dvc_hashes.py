@@ -1,0 +1,61 @@
+"""kocr.dvc_hashes: the data version a run logs is the one it read, also when a stage runs by hand."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kocr.dvc_hashes import content_hash, dataset_hash
+
+BIN = Path(sys.executable).parent
+
+
+def _run(cwd: Path, *cmd: str) -> None:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_STAGE", None)
+    subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A git + DVC project with data/aihub added and a stage whose output is data/prepared."""
+    root = tmp_path / "proj"
+    (root / "data" / "aihub").mkdir(parents=True)
+    (root / "data" / "aihub" / "a.json").write_text("page 1\n")
+    _run(root, "git", "init", "-q", ".")
+    _run(root, "dvc", "init", "-q")
+    _run(root, "dvc", "add", "-q", "data/aihub")
+    (root / "dvc.yaml").write_text("stages:\n  prepare:\n    cmd: mkdir -p data/prepared && cp data/aihub/*.json "
+                                   "data/prepared/\n    deps: [data/aihub]\n    outs: [data/prepared]\n")
+    _run(root, "dvc", "repro", "-q")
+    monkeypatch.chdir(root)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    return root
+
+
+def test_recorded_hashes_name_unchanged_data(project):
+    digest, origin = dataset_hash("data/aihub")
+    assert origin == "aihub.dvc" and digest.endswith(".dir")
+    digest, origin = dataset_hash("data/prepared")
+    assert origin == "dvc.lock" and digest.endswith(".dir")
+
+
+def test_data_changed_since_its_record_logs_what_was_read(project, monkeypatch):
+    recorded, _ = dataset_hash("data/aihub")
+    lock_recorded, _ = dataset_hash("data/prepared")
+    (project / "data" / "aihub" / "b.json").write_text("page 2\n")  # new pages, and no `dvc add`
+    (project / "data" / "prepared" / "b.json").write_text("page 2\n")  # a stage rerun by hand
+    with pytest.warns(UserWarning, match="data/aihub differs from what aihub.dvc records"):
+        digest, origin = dataset_hash("data/aihub")
+    assert digest == "content:" + content_hash("data/aihub") and digest != recorded
+    assert origin == "computed: aihub.dvc is out of date"
+    with pytest.warns(UserWarning, match=r"data/prepared differs from what dvc.lock \(stage prepare\) records"):
+        digest, origin = dataset_hash("data/prepared")
+    assert digest == "content:" + content_hash("data/prepared") and digest != lock_recorded
+    # under `dvc repro` DVC reconciles its records before a stage runs: they are trusted as they are
+    monkeypatch.setenv("DVC_STAGE", "train")
+    assert dataset_hash("data/aihub") == (recorded, "aihub.dvc")
