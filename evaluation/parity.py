@@ -54,8 +54,8 @@ def easyocr_parity(bundle: str | os.PathLike, name: str, loaded: LoadedRecognize
                 if theirs != mine and len(differences) < MAX_DIFFERENCES:
                     differences.append({"page": item.name, "box": str(box), "platform": mine,
                                         "easyocr": theirs, "quantized": str(quantize)})
-    return {"crops": n, "float_agreement": same[False] / n if n else 1.0,
-            "int8_agreement": same[True] / n if n else 1.0,
+    return {"crops": n, "float_agreement": same[False] / n if n else None,  # None: nothing was checked
+            "int8_agreement": same[True] / n if n else None,
             "float_differences": n - same[False], "int8_differences": n - same[True],
             "differences": differences}
 

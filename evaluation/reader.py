@@ -50,9 +50,19 @@ class DetectorSettings:
     adjust_contrast: float = 0.5
 
     @classmethod
-    def from_params(cls, params: dict[str, Any] | None) -> "DetectorSettings":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in (params or {}).items() if k in names})
+    def from_params(cls, params: dict[str, Any] | None, where: str = "detector") -> "DetectorSettings":
+        """The ``detector:`` mapping of params.yaml; a key that is not a setting (a typo such as
+        ``widht_ths``, which would silently run with EasyOCR's default) raises ParamsError."""
+        from kocr.params import ParamsError
+
+        params = params or {}
+        if not isinstance(params, dict):
+            raise ParamsError(f"{where}: expected a mapping of readtext settings, got {params!r}")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(names))
+        if unknown:
+            raise ParamsError(f"{where}: unknown keys {unknown} (known: {', '.join(names)})")
+        return cls(**params)
 
     def readtext_kwargs(self) -> dict[str, Any]:
         """The same settings as keyword arguments of ``easyocr.Reader.readtext``."""
@@ -224,7 +234,7 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: image not found")
     try:
-        mended = _as_seen(Path(path))
+        mended = mended_pixels(Path(path))
         rgb, grey = mended if mended is not None else reformat_input(str(path))
     except Exception as exc:  # decoders raise anything on damaged input: OSError, SyntaxError, struct.error…
         raise UnreadableImage(f"{path}: not a readable image ({_unreadable_why(Path(path), exc)})") from None
@@ -233,7 +243,7 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return rgb, grey
 
 
-def _as_seen(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+def mended_pixels(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(RGB, grey) for an image EasyOCR would read wrongly (EXIF-rotated, 16-bit, transparent), else None."""
     import cv2
     from PIL import Image, ImageOps

@@ -28,6 +28,7 @@ import functools
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -90,7 +91,9 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
     if path.suffix.lower() == ".json":
         return read_box_labels(path, margin)
     try:
-        lines = _labels_bytes(path).decode("utf-8-sig").splitlines()
+        # rows end at CR LF, LF or CR only: str.splitlines would also cut a text at U+2028, U+0085, …
+        lines = re.split(r"\r\n|\r|\n", _labels_bytes(path).decode("utf-8-sig"))
+        lines = lines[:-1] if lines and lines[-1] == "" else lines
     except UnicodeDecodeError as exc:
         raise ScoreInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if not lines:
@@ -201,6 +204,9 @@ def _image_keyed_boxes(data: Any, path: Path) -> dict[str, list[tuple[tuple[floa
             except (KeyError, TypeError, ValueError):
                 raise ScoreInputError(f"{path}: {name} word {index}: expected \"points\" [[x, y], ...] and a "
                                       f"\"transcription\" string, got {json.dumps(word, ensure_ascii=False):.80}") from None
+            if any(c in text for c in "\t\n\r"):  # one word's label: readings.tsv could not carry it either
+                raise ScoreInputError(f"{path}: {name} word {index}: transcription {text!r:.60} holds a tab "
+                                      "or line break; one word box takes one line of text")
             boxes.append(((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)), text, index))
         images[str(name)] = boxes
     return images

@@ -16,6 +16,7 @@ import io
 import os
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 
 import cv2
@@ -35,20 +36,43 @@ def tesseract_available(langs: str = LANGS) -> bool:
     return all(lang in listed for lang in langs.split("+"))
 
 
+TIMEOUT_S = 120
+
+
 def _run(image: bytes, psm: int, output: str, langs: str) -> str:
-    done = subprocess.run(["tesseract", "-", "-", "-l", langs, "--psm", str(psm), *([output] if output else [])],
-                          input=image, capture_output=True, timeout=120)
+    """Tesseract's output for ``image``; '' (nothing read, with a warning) when it runs past
+    TIMEOUT_S, as it can on a degenerate crop (a few pixels by thousands), rather than losing the run."""
+    try:
+        done = subprocess.run(["tesseract", "-", "-", "-l", langs, "--psm", str(psm), *([output] if output else [])],
+                              input=image, capture_output=True, timeout=TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        warnings.warn(f"tesseract ran past {TIMEOUT_S} s on one image (--psm {psm}); counted as reading nothing",
+                      stacklevel=3)
+        return ""
     if done.returncode != 0:
         raise RuntimeError(f"tesseract failed: {done.stderr.decode(errors='replace').strip()[:300]}")
     return done.stdout.decode("utf-8")
 
 
 def read_page_tesseract(path: str | os.PathLike, langs: str = LANGS) -> Page:
-    """Words and boxes Tesseract finds on a page image, as a prediction page."""
+    """Words and boxes Tesseract finds on a page image, as a prediction page.
+
+    The page as the recognisers see it (``reader.load_image``): an ordinary image goes to Tesseract
+    as its file's bytes; one that image loading mends (an EXIF orientation, which Tesseract does not
+    apply, 16-bit samples, text drawn in alpha) goes as the mended pixels, so both read it upright."""
+    from evaluation.reader import mended_pixels
+
     data = Path(path).read_bytes()
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
     if image is None:
         raise ValueError(f"{path}: not a readable image")
+    mended = mended_pixels(Path(path))
+    if mended is not None:
+        image = mended[1]
+        ok, png = cv2.imencode(".png", cv2.cvtColor(mended[0], cv2.COLOR_RGB2BGR))
+        if not ok:
+            raise ValueError(f"{path}: cannot encode the upright page for tesseract")
+        data = png.tobytes()
     rows = csv.DictReader(io.StringIO(_run(data, 3, "tsv", langs)), delimiter="\t", quoting=csv.QUOTE_NONE)
     words = [Word((float(r["left"]), float(r["top"]), float(r["width"]), float(r["height"])), r["text"].strip(),
                   max(0.0, float(r["conf"])) / 100.0)

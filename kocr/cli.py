@@ -331,16 +331,26 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from training.checkpoint import load_recognizer
-    from training.export_easyocr import export_easyocr
+    from training.checkpoint import file_digest, load_recognizer, pinned_model
+    from training.export_easyocr import ExportError, export_easyocr
 
-    loaded = load_recognizer(args.model)
+    if args.parity_source and not args.splits:  # else nothing would be checked, reported as agreeing
+        raise CommandError("--parity-source needs --splits: the splits.json whose "
+                           "evaluate.split pages the check reads")
     params = load_params(required=False)
+    langs = params.get("export", {}).get("lang_list", ["ko", "en"])
+    if isinstance(langs, str) or not isinstance(langs, list):
+        raise ExportError(f"export.lang_list: expected a list of EasyOCR language codes such as [ko, en], "
+                          f"got {langs!r}")
+    spec, version = pinned_model(args.model)
+    loaded = load_recognizer(spec)
+    digest = file_digest(loaded.path) if loaded.path else None
+    provenance = ", ".join([args.model, *([version] if version else []),
+                            *([f"checkpoint sha256 {digest}"] if digest else [])])
     name = args.name or params.get("export", {}).get("name", "ko_ocr")
-    langs = tuple(params.get("export", {}).get("lang_list", ["ko", "en"]))
-    paths = export_easyocr(loaded, args.out, name, langs, with_detector=args.with_detector,
-                           readtext_kwargs=_settings(params).changed())
-    print(f"export-easyocr: {args.model} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")
+    paths = export_easyocr(loaded, args.out, name, tuple(langs), with_detector=args.with_detector,
+                           readtext_kwargs=_settings(params).changed(), provenance=provenance)
+    print(f"export-easyocr: {provenance} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")
     _outside_note("export-easyocr")
     if args.parity_source:  # the pipeline's export stage: the check is tracked as its child run
         import mlflow
@@ -350,10 +360,13 @@ def cmd_export(args: argparse.Namespace) -> None:
         from kocr.tracking import stage_run
 
         with stage_run("export", {k: params.get(k, {}) for k in ("export", "detector")}):
-            mlflow.set_tag("kocr.exported_model", args.model)
-            pages = test_pages(args.parity_source, args.splits, params.get("evaluate", {}).get("split", "test")) \
-                if args.splits else []
+            mlflow.set_tags({"kocr.exported_model": args.model, "kocr.exported_from": provenance})
+            split = params.get("evaluate", {}).get("split", "test")
+            pages = test_pages(args.parity_source, args.splits, split)
             report = easyocr_parity(args.out, name, loaded, pages, _settings(params).add_margin)
+            if not report["crops"]:
+                raise CommandError(f"parity: no word on the {split!r} pages of {args.parity_source} "
+                                   f"({args.splits}); nothing was checked")
             mlflow.log_metrics({k: float(v) for k, v in report.items() if isinstance(v, (int, float))})
             mlflow.log_artifact(str(paths["readme"]), "easyocr_bundle")
         _dump(report, args.metrics)
@@ -405,9 +418,9 @@ def cmd_evaluate_crops(args: argparse.Namespace) -> None:
     report = score_crops(read_labels(args.labels, margin), _scored_models(args), labels=args.labels)
     paired = report.paired()  # empty with one model
     scores: dict[str, Any] = {**report.metrics, **({"paired": paired} if paired else {})}
+    print(json.dumps(scores, ensure_ascii=False, indent=1), flush=True)  # first: a failing write loses no score
     if args.out:
         write_outputs(report, args.out, args.worst, scores)
-    print(json.dumps(scores, ensure_ascii=False, indent=1))
     _outside_note("evaluate-crops")
 
 

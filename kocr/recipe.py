@@ -38,6 +38,7 @@ from kocr.params import load_params
 
 HELDOUT = "heldout"
 HELDOUT_LATIN = "heldout_latin"  # the held-out faces, every word in Latin script (synth_lines_heldout_latin)
+RECIPE_KEYS = ("baselines", "reference", "real_sets", "real_pages", "detector")  # the recipe: section
 HELDOUT_SIGNS = "heldout_signs"  # sign and menu display faces never trained on (synth_lines_heldout_signs)
 
 
@@ -98,7 +99,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
     from evaluation.score_crops import read_labels, score_crops, write_outputs
     from evaluation.tesseract import tesseract_available
 
-    margin = DetectorSettings.from_params(detector).add_margin  # for sets of word boxes on whole images
+    margin = DetectorSettings.from_params(detector, "recipe.detector").add_margin  # for word boxes on whole images
 
     models = {"recipe": model, **({"reference": reference} if reference else {})}
     for baseline in baselines:
@@ -127,7 +128,8 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
             entry["vs_reference"] = _vs_reference(report, groups)
         entry["jamo"] = _jamo_summary([(crop.text, text) for crop, text in zip(crops, report.readings["recipe"])])
         if out:
-            write_outputs(report, Path(out) / name, worst if name == HELDOUT else len(crops))
+            # the generated sets (hundreds of crops) show their worst; the small real sets every crop
+            write_outputs(report, Path(out) / name, worst if name.startswith(HELDOUT) else len(crops))
         result["sets"][name] = entry
     if pages:
         result["pages"] = _evaluate_pages(models, pages, detector, out, result["skipped"])
@@ -150,7 +152,7 @@ def _evaluate_pages(models: dict[str, str], pages: dict[str, str], detector: dic
             skipped[name] = f"{missing} not found"
             continue
         item = read_page_item(path, text)
-        found = score_pages([item], models, DetectorSettings.from_params(detector), progress=False)
+        found = score_pages([item], models, DetectorSettings.from_params(detector, "recipe.detector"), progress=False)
         scored[name] = {"image": str(path), "gt_lines": item.lines,
                         **{label: {k: v for k, v in s.items() if k != "per_page"} for label, s in found.items()},
                         "lines": {label: s["per_page"][0]["lines"] for label, s in found.items()}}
@@ -414,8 +416,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", help="also write the verdict to this file (the recipe's ship_check metrics)")
     sub.add_parser("check-size", help="exit 2 when the params file's size needs a GPU this machine lacks")
     args = parser.parse_args(argv)
-    {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
-     "card": cmd_card, "ship": cmd_ship}[args.command](args)
+    from evaluation.score_crops import ScoreInputError
+    from kocr.params import ParamsError
+
+    try:
+        {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
+         "card": cmd_card, "ship": cmd_ship}[args.command](args)
+    except (ParamsError, ScoreInputError) as exc:  # a settings or labels mistake: one line naming it
+        raise SystemExit(f"python -m kocr.recipe {args.command}: error: {exc}") from None
 
 
 def cmd_export_crops(args: argparse.Namespace) -> None:
@@ -432,6 +440,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from kocr.tracking import stage_run
 
     cfg = load_params().get("recipe", {})
+    unknown = sorted(set(cfg) - set(RECIPE_KEYS))
+    if unknown:
+        from kocr.params import ParamsError
+
+        raise ParamsError(f"recipe: unknown keys {unknown} (known: {', '.join(RECIPE_KEYS)})")
     sets = {HELDOUT: args.heldout, **_named_sets(args.set), **cfg.get("real_sets", {})}
     start = time.perf_counter()
     with stage_run("recipe_evaluate", {"recipe": cfg}):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -85,17 +85,34 @@ def judge(compared: dict[str, Any], alpha: float = 0.05) -> Verdict:
     return Verdict(not reasons, fixed, broken, lines, reasons)
 
 
-def compare_with_shipped(release_model: Path, shipped_model: Path, metrics: dict[str, Any]) -> dict[str, Any]:
-    """Read every set named in a release's ``metrics.json`` with both checkpoints (``evaluate_sets``,
-    no baselines): the release as ``recipe``, the shipped one as ``reference``. Word boxes are widened
-    by the ``add_margin`` the release was scored with (EasyOCR's 0.1 where an older release lacks it)."""
+def sets_to_compare(metrics: dict[str, Any], shipped: dict[str, Any] | None) -> tuple[dict[str, str], dict[str, str]]:
+    """(name -> labels file, name -> why unjudged): every set of the release's ``metrics.json`` and
+    of the shipped base's (the release's file where both name one), so a release evaluated without
+    some set (``skipped``: ../shared/realdata not mounted) is still compared on it; and the sets the
+    release skipped that neither names a file for, which the gate cannot judge."""
+    sets = {name: entry["labels"] for name, entry in ((shipped or {}).get("sets") or {}).items()
+            if isinstance(entry, dict) and "labels" in entry}
+    sets.update({name: entry["labels"] for name, entry in metrics.get("sets", {}).items()})
+    pages = set(metrics.get("pages") or {}) | set((shipped or {}).get("pages") or {})
+    unjudged = {name: str(why) for name, why in (metrics.get("skipped") or {}).items()
+                if name not in sets and name not in pages}
+    return sets, unjudged
+
+
+def compare_with_shipped(release_model: Path, shipped_model: Path, metrics: dict[str, Any],
+                         sets: dict[str, str] | None = None) -> dict[str, Any]:
+    """Read every set of ``sets`` (default: those named in a release's ``metrics.json``) with both
+    checkpoints (``evaluate_sets``, no baselines): the release as ``recipe``, the shipped one as
+    ``reference``. Word boxes are widened by the ``add_margin`` the release was scored with
+    (EasyOCR's 0.1 where an older release lacks it)."""
     from kocr.recipe import evaluate_sets
 
-    sets = {name: entry["labels"] for name, entry in metrics.get("sets", {}).items()}
+    if sets is None:
+        sets = {name: entry["labels"] for name, entry in metrics.get("sets", {}).items()}
     missing = [f"{name} ({path})" for name, path in sets.items() if not Path(path).is_file()]
     if missing:
-        raise ShipError("cannot compare on the release's own sets, labels not found: " + ", ".join(missing)
-                        + " (run the recipe's synth_heldout stage, or mount ../shared/realdata)")
+        raise ShipError("cannot compare on the sets of the release and the shipped base, labels not found: "
+                        + ", ".join(missing) + " (run the recipe's synth_heldout stage, or mount ../shared/realdata)")
     from evaluation.score_crops import ScoreInputError
     from training.checkpoint import ModelSpecError
 
@@ -104,6 +121,15 @@ def compare_with_shipped(release_model: Path, shipped_model: Path, metrics: dict
         return evaluate_sets(str(release_model), sets, reference=str(shipped_model), baselines=(), detector=detector)
     except (ScoreInputError, ModelSpecError) as exc:  # a set or checkpoint that cannot be read, named
         raise ShipError(f"cannot compare the release with the shipped base: {exc}") from None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``; None where there is none (a first ship, an older base)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _shipped_section(verdict: Verdict, replaced: str, forced: bool) -> str:
@@ -173,7 +199,12 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
     base_sha256 = file_digest(target)
     if base_sha256 == file_digest(sources[0]):
         return {"ship": True, "shipped": False, "reasons": [], "note": f"{target} is already this release"}
-    verdict = judge(compare_with_shipped(sources[0], target, metrics), alpha)
+    sets, unjudged = sets_to_compare(metrics, _read_json(to / sources[2].name))
+    verdict = judge(compare_with_shipped(sources[0], target, metrics, sets), alpha)
+    if unjudged:  # nothing shows the release is not worse there
+        verdict = replace(verdict, ship=False, reasons=verdict.reasons + [
+            f"{name}: skipped when the release was evaluated ({why}); evaluate it again with the file there"
+            for name, why in sorted(unjudged.items())])
     result = verdict.as_dict() | {"base_sha256": base_sha256, "shipped": (verdict.ship or force) and not check}
     if result["shipped"]:
         _copy_all(pairs, _shipped_section(verdict, result["base_sha256"], force))

@@ -26,7 +26,7 @@ CPU_SIZE_FIX = ("sed -i 's/^  - params_file: .*/  - params_file: params-cpu.yaml
 def _wants_gpu(params: dict[str, Any]) -> bool:
     """A size other than ``cpu`` whose training is not pinned to the CPU by ``train.device``."""
     device = str(params.get("train", {}).get("device", "auto"))
-    return params.get("size", "cpu") != "cpu" and device != "cpu"
+    return params.get("size", "cpu") != "cpu" and device.split(":")[0] != "cpu"  # cpu, cpu:0
 
 
 def size_problem(params: dict[str, Any], path: str, cuda: bool) -> str | None:

@@ -61,6 +61,17 @@ def test_score_of_a_missing_or_empty_folder_is_an_error_not_zeros(tmp_path, caps
     assert captured.out == "" and "no page JSON under it" in captured.err
 
 
+def test_a_misspelt_detector_setting_is_refused_not_run_with_easyocrs_default(tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("detector:\n  widht_ths: 0.0\n", encoding="utf-8")
+    (tmp_path / "labels.tsv").write_text("image\ttext\n", encoding="utf-8")
+    assert main(["evaluate-crops", "--labels", "labels.tsv", "--model", "english_g2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kocr evaluate-crops: error: detector: unknown keys ['widht_ths'] (known: ")
+
+
 def test_prepare_of_missing_folder_names_it(tmp_path):
     (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
     done = _kocr("prepare-aihub", "--src", str(tmp_path / "absent"), "--out", str(tmp_path / "o"), cwd=tmp_path)

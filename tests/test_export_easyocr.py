@@ -127,3 +127,58 @@ def test_parity_report_on_every_ground_truth_crop(bundle, hangul_checkpoint, sam
     # int8 changes some readings of an untrained head; the report counts and lists each one
     assert report["int8_differences"] == round((1 - report["int8_agreement"]) * expected)
     assert len([d for d in report["differences"] if d["quantized"] == "True"]) == min(report["int8_differences"], 50)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("korean_g2", "one of EasyOCR's own models"),  # Reader would load (or download) its stock korean_g2.pth
+    ("standard", "one of EasyOCR's own models"),
+    ("test", "already an importable module"),  # the standard library's test package would be imported
+    ("ko-ocr", "must be a Python identifier"),
+])
+def test_a_bundle_name_easyocr_would_not_load_as_this_bundle_is_refused(hangul_checkpoint, tmp_path, name, words):
+    with pytest.raises(ExportError, match=words):
+        export_easyocr(str(hangul_checkpoint), tmp_path / "out", name)
+    assert not (tmp_path / "out").exists()
+
+
+def test_export_settings_mistakes_are_one_line_and_write_nothing(hangul_checkpoint, tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["export-easyocr", "--model", str(hangul_checkpoint), "--out", "b"]
+    for lang_list, words in (("ko", "export.lang_list: expected a list of EasyOCR language codes"),
+                             ("[ko, kr]", "export.lang_list ['ko', 'kr']: not EasyOCR language codes: ['kr']")):
+        (tmp_path / "params.yaml").write_text(f"export:\n  lang_list: {lang_list}\n", encoding="utf-8")
+        assert main(args) == 2 and words in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text("export: {}\n", encoding="utf-8")
+    (tmp_path / "afile").write_text("")
+    assert main([*args[:-1], "afile"]) == 2
+    assert capsys.readouterr().err.strip() == "kocr export-easyocr: error: --out afile: exists and is not a folder"
+    # a parity check with no pages to read would report 100% agreement on nothing
+    assert main([*args, "--parity-source", "pages"]) == 2
+    assert "--parity-source needs --splits" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_bundle_exported_from_the_registry_names_the_version_it_holds(hangul_checkpoint, tmp_path, monkeypatch):
+    import mlflow
+
+    from evaluation.pyfunc_model import log_recognizer
+    from kocr.cli import main
+    from kocr.tracking import configure_tracking
+    from training.checkpoint import file_digest
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    configure_tracking()
+    with mlflow.start_run() as run:
+        uri = log_recognizer(hangul_checkpoint, DetectorSettings()).model_uri
+    version = mlflow.register_model(uri, "ko-export-test").version
+    mlflow.MlflowClient().set_registered_model_alias("ko-export-test", "champion", version)
+    assert main(["export-easyocr", "--model", "models:/ko-export-test@champion", "--out", "b"]) == 0
+    said = (f"models:/ko-export-test@champion, ko-export-test version {version} (run {run.info.run_id}), "
+            f"checkpoint sha256 {file_digest(hangul_checkpoint)}")
+    assert f"from {said} (" in (tmp_path / "b" / "README.md").read_text(encoding="utf-8")
+    network = (tmp_path / "b" / "user_network" / "ko_ocr.yaml").read_text(encoding="utf-8")
+    assert network.startswith(f"# exported by kocr export-easyocr from {said}\n")
+    assert yaml.safe_load(network)["lang_list"] == ["ko", "en"]  # the comment leaves EasyOCR's keys as they were

@@ -64,3 +64,23 @@ def test_tesseract_baseline_on_the_real_road_sign(tmp_path):
     assert page["images"][0]["image.file.name"] == "korean.png"
     # single-line mode on the ground-truth crops reads at least one of the six words exactly
     assert result.metrics["word_accuracy"] > 0
+
+
+def test_tesseract_reads_a_phone_photo_upright_as_the_recognisers_do(tmp_path):
+    # stored sideways with an EXIF orientation (as phones save): Tesseract ignores the tag itself
+    from PIL import Image
+
+    from evaluation.tesseract import read_page_tesseract, tesseract_available
+
+    if not tesseract_available():
+        pytest.skip("tesseract-ocr with kor+eng not installed (make system-deps installs it)")
+    with Image.open(realdata("easyocr", "korean.png")) as sign:
+        upright = sign.convert("RGB")
+    upright.save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.png", exif=exif.tobytes())
+    want, got = read_page_tesseract(tmp_path / "upright.png"), read_page_tesseract(tmp_path / "phone.png")
+    assert want.words and [w.text for w in got.words] == [w.text for w in want.words]
+    assert (got.width, got.height) == (want.width, want.height) == upright.size
+    assert [w.bbox for w in got.words] == [w.bbox for w in want.words]

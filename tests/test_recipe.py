@@ -148,8 +148,9 @@ def test_size_check_wants_cuda_for_every_size_but_cpu_unless_training_is_pinned_
         images = params["train"]["steps"] * params["train"]["batch_size"]
         assert f"= {images:,} images to train" in problem and problem.startswith(f"{name}: the `{SIZES[name]}` size")
     assert size_problem(params, name, cuda=True) is None
-    pinned = {**params, "train": {**params["train"], "device": "cpu"}}  # asked for on purpose: runs
-    assert size_problem(pinned, name, cuda=False) is None
+    for device in ("cpu", "cpu:0"):  # asked for on purpose (torch.device spells it either way): runs
+        pinned = {**params, "train": {**params["train"], "device": device}}
+        assert size_problem(pinned, name, cuda=False) is None
     # the CPU size where a GPU is: it runs, with a note pointing at the GPU size
     assert (size_note(params, name, cuda=True) is not None) == (not gpu)
     assert size_note(params, name, cuda=False) is None
@@ -230,6 +231,31 @@ def test_export_crops_that_fail_midway_keep_the_earlier_crops_whole(heldout_crop
         export_crops(heldout_crops / "lmdb", out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]  # nothing half-written left beside it
+
+
+def test_generated_sets_draw_their_worst_crops_and_real_sets_every_crop(heldout_crops, hangul_checkpoint, tmp_path):
+    labels = str(heldout_crops / "crops/labels.tsv")
+    evaluate_sets(str(hangul_checkpoint), {"heldout": labels, "heldout_signs": labels, "street": labels},
+                  baselines=(), out=tmp_path / "eval", worst=2)
+    drawn = {name: len(list((tmp_path / "eval" / name).glob("worst_*.png"))) for name in ("heldout", "heldout_signs",
+                                                                                         "street")}
+    assert drawn == {"heldout": 2, "heldout_signs": 2, "street": 8}
+
+
+def test_recipe_settings_with_a_typo_are_refused_in_one_line(tmp_path, monkeypatch):
+    from evaluation.reader import DetectorSettings
+    from kocr.params import ParamsError
+    from kocr.recipe import main
+
+    with pytest.raises(ParamsError, match=r"recipe.detector: unknown keys \['add_margn'\]"):
+        DetectorSettings.from_params({"add_margn": 0.3}, "recipe.detector")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("recipe:\n  baseline: [tesseract]\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--model", "ko_base", "--heldout", "h.tsv", "--out", "o", "--metrics", "m.json"])
+    assert str(exit_.value.code) == ("python -m kocr.recipe evaluate: error: recipe: unknown keys ['baseline'] "
+                                     "(known: baselines, reference, real_sets, real_pages, detector)")
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
@@ -405,6 +431,29 @@ def _release(folder: Path, checkpoint: Path, labels: Path, card: str) -> Path:
     (folder / "MODEL_CARD.md").write_text(card, encoding="utf-8")
     (folder / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels)}}}), encoding="utf-8")
     return folder
+
+
+@pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
+def test_ship_gate_compares_on_the_base_sets_too_and_refuses_what_a_release_skipped(
+        heldout_crops, hangul_checkpoint, tmp_path):
+    labels = heldout_crops / "crops/labels.tsv"
+    base = _release(tmp_path / "base", hangul_checkpoint, labels, "# base\n")
+    # the shipped base was judged on a real set too; the release was evaluated without it mounted
+    (base / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels)},
+                                                            "real": {"labels": str(labels)}}}), encoding="utf-8")
+    good = _release(tmp_path / "good", SHIPPED / "ko_base.pt", labels, "# good\n")
+    metrics = {"sets": {"heldout": {"labels": str(labels)}}, "skipped": {"real": "../shared/real.tsv not found"}}
+    (good / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    result = ship_release(good, base, check=True)
+    assert result["ship"] and {line.split(":")[0] for line in result["sets"] if not line.startswith(" ")} >= {
+        "heldout", "real"}
+    # a set the release skipped that nothing names a file for: the gate cannot judge it, so it refuses
+    metrics["skipped"]["street"] = "../shared/street.tsv not found"
+    (good / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    result = ship_release(good, base, check=True)
+    assert not result["ship"] and result["reasons"] == [
+        "street: skipped when the release was evaluated (../shared/street.tsv not found); "
+        "evaluate it again with the file there"]
 
 
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")

@@ -6,6 +6,7 @@ import json
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -179,12 +180,34 @@ def test_box_labels_cut_each_word_widened_as_easyocr_widens_detected_boxes(tmp_p
     ('{"images": [{"image.file.name": "page.png", "image.width": 200, "image.height": 100}], "annotations": '
      '[{"annotation.text": "서울", "annotation.bbox": [1, 2, 3, 4]}, {"annotation.text": "부산", '
      '"annotation.bbox": [Infinity, 2, 3, 4]}]}', r"page.png word 2 \('부산'\): box \[inf, .*\] is not finite"),
+    ('{"page.png": {"words": [{"points": [[1, 2], [50, 30]], "transcription": "서\\n울"}]}}',  # scored, then lost
+     r"page.png word 1: transcription '서\\n울' holds a tab or line break"),
 ])
 def test_malformed_box_labels_name_the_file_image_and_word(tmp_path, content, message):
     _png(tmp_path / "page.png", (200, 100))
     (tmp_path / "page.json").write_text(content, encoding="utf-8")
     with pytest.raises(ScoreInputError, match=message):
         read_labels(tmp_path / "page.json")
+
+
+def test_a_text_holding_a_unicode_line_separator_stays_one_row(tmp_path):
+    # rows end at CR LF, LF or CR: U+2028 and NEL inside a text are characters of it, not row ends
+    _png(tmp_path / "a.png")
+    (tmp_path / "labels.tsv").write_text("image\ttext\ra.png\t서\u2028울\ra.png\t부\x85산\r", encoding="utf-8")
+    assert [c.text for c in read_labels(tmp_path / "labels.tsv")] == ["서\u2028울", "부\x85산"]
+
+
+def test_a_tesseract_that_runs_past_its_time_reads_nothing_and_the_run_goes_on(monkeypatch):
+    import subprocess
+
+    from evaluation import tesseract
+
+    def stalls(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], kwargs.get("timeout"))
+
+    monkeypatch.setattr(tesseract.subprocess, "run", stalls)
+    with pytest.warns(UserWarning, match="tesseract ran past 120 s"):
+        assert tesseract.read_crop_tesseract(np.full((4, 2000), 255, np.uint8)) == ""
 
 
 def test_boxes_on_a_phone_photo_are_cut_from_the_image_as_it_is_seen(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -141,6 +142,31 @@ def reading_store(uri: str) -> str:
         raise ModelSpecError(f"cannot load {uri!r}: no MLflow store here (MLFLOW_TRACKING_URI is unset and there "
                              f"is no mlruns.db in {Path.cwd()}; run from the project root or set it)")
     return shown_uri(configure_tracking())
+
+
+def pinned_model(spec: str) -> tuple[str, str | None]:
+    """(what to load, the registry version it is) for a model spec: ``models:/NAME@ALIAS`` becomes
+    ``models:/NAME/VERSION`` (the alias can move later; the version it named now is the one read),
+    with ``"NAME version V (run RUN_ID)"``; ``models:/NAME/VERSION`` gets those words too; any other
+    spec comes back as it is, with None. ModelSpecError when the registry has no such model."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from kocr.tracking import NOT_FOUND
+
+    found = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", spec)
+    if not found:
+        return spec, None
+    store = reading_store(spec)
+    name, alias, number = found.groups()
+    client = mlflow.MlflowClient()
+    try:
+        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException as exc:
+        if exc.error_code not in NOT_FOUND:
+            raise
+        raise ModelSpecError(f"cannot load {spec!r} from MLflow at {store}: {exc.message.splitlines()[0]}") from None
+    return f"models:/{name}/{version.version}", f"{name} version {version.version} (run {version.run_id})"
 
 
 def _download_mlflow_model(uri: str) -> Path:

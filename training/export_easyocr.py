@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from kocr.atomic import atomic_path, write_text
-from kocr.easyocr_compat import offline_model_dir
+from kocr.easyocr_compat import import_easyocr, offline_model_dir
 from training import model as model_module
 from training.checkpoint import LoadedRecognizer, load_recognizer
 from training.model import Recognizer
@@ -64,17 +64,21 @@ def network_source() -> str:
 
 def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: str,
                    lang_list: tuple[str, ...] = ("ko", "en"), with_detector: bool = False,
-                   readtext_kwargs: dict[str, Any] | None = None) -> dict[str, str]:
+                   readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None) -> dict[str, str]:
     """Write the bundle for ``model`` (a spec or a loaded recogniser); returns the written paths.
 
     ``readtext_kwargs``: the detector settings the platform evaluated with, where they differ from
-    EasyOCR's defaults; the README's ``readtext`` call passes them.
+    EasyOCR's defaults; the README's ``readtext`` call passes them. ``provenance``: what was exported
+    (registry version, checkpoint sha256), written in the README and atop the yaml; default the spec.
     """
-    if not name.isidentifier():
-        raise ExportError(f"bundle name {name!r} must be a Python identifier (EasyOCR imports NAME.py)")
+    check_bundle_name(name)
+    check_langs(lang_list)
     loaded = load_recognizer(model) if isinstance(model, str) else model
     check_exportable(loaded)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a folder")
+    provenance = provenance or loaded.source
     model_dir, network_dir = out / "model", out / "user_network"
     for folder in (model_dir, network_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -86,22 +90,59 @@ def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: 
     write_text(paths["py"], network_source())
     config = {"network_params": loaded.config.network_params(), "imgH": loaded.config.imgH,
               "lang_list": list(lang_list), "character_list": loaded.charset.chars}
-    write_text(paths["yaml"], yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
+    write_text(paths["yaml"], f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n"
+               + yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
     if with_detector:
         with atomic_path(model_dir / "craft_mlt_25k.pth") as tmp:
             shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth", tmp)
-    write_text(paths["readme"], _readme(name, lang_list, loaded, readtext_kwargs or {}))
+    write_text(paths["readme"], _readme(name, lang_list, loaded, readtext_kwargs or {}, provenance))
     return {k: str(v) for k, v in paths.items()}
 
 
-def _readme(name: str, lang_list: tuple[str, ...], loaded: LoadedRecognizer, readtext_kwargs: dict[str, Any]) -> str:
+def check_bundle_name(name: str) -> None:
+    """ExportError unless EasyOCR would load ``name`` as this bundle: a Python identifier that is
+    neither one of EasyOCR's own models (it would load its stock .pth, checked by md5, and ignore
+    the bundle's network) nor a module already importable (EasyOCR appends the user_network folder
+    to the end of sys.path, so ``test`` or ``string`` would import the standard library's)."""
+    import importlib.util
+
+    if not name.isidentifier():
+        raise ExportError(f"bundle name {name!r} must be a Python identifier (EasyOCR imports NAME.py)")
+    import_easyocr()
+    from easyocr.config import recognition_models
+
+    if name == "standard" or name in recognition_models["gen1"] or name in recognition_models["gen2"]:
+        raise ExportError(f"bundle name {name!r} is one of EasyOCR's own models: easyocr.Reader would load its "
+                          f"stock {name}.pth (or download it) and ignore this bundle; pick another, e.g. ko_ocr")
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        raise ExportError(f"bundle name {name!r} is already an importable module ({spec.origin or 'a package'}): "
+                          f"EasyOCR would import it instead of {name}.py; pick another, e.g. ko_ocr")
+
+
+def check_langs(lang_list: tuple[str, ...]) -> None:
+    """ExportError unless ``lang_list`` is one or more of EasyOCR's language codes."""
+    import_easyocr()
+    from easyocr.config import all_lang_list
+
+    unknown = [lang for lang in lang_list if lang not in all_lang_list]
+    if not lang_list or unknown:
+        raise ExportError(f"export.lang_list {list(lang_list)}: " + (f"not EasyOCR language codes: {unknown}"
+                          if unknown else "empty") + " (e.g. [ko, en])")
+
+
+def _readme(name: str, lang_list: tuple[str, ...], loaded: LoadedRecognizer, readtext_kwargs: dict[str, Any],
+            provenance: str) -> str:
     langs = ", ".join(repr(x) for x in lang_list)
     call = "".join(f", {k}={v!r}" for k, v in readtext_kwargs.items())
     settings = (f"\n`{call[2:]}`: the detector settings the platform evaluated this model with "
                 "(`detector:` in params.yaml), where they differ from EasyOCR's defaults.\n") if call else ""
     return f"""# EasyOCR bundle `{name}`
 
-Exported by `kocr export-easyocr` from `{loaded.source}` ({len(loaded.charset)} characters, imgH {loaded.config.imgH}).
+Exported by `kocr export-easyocr` from {provenance} ({len(loaded.charset)} characters, imgH {loaded.config.imgH}).
 
 Copy into EasyOCR's folders and load it by name:
 
@@ -122,5 +163,10 @@ user_network_directory="user_network")` (the CRAFT detector `craft_mlt_25k.pth` 
 `model/` too, or pass `detector=False`).
 
 On CPU EasyOCR quantizes the recogniser to int8 by default; pass `quantize=False` to read exactly
-as the platform evaluated it.
+as the platform evaluated it. That holds for ordinary 8-bit images given by path. A phone photo
+stored sideways with an EXIF orientation is read wrongly by EasyOCR itself (it finds boxes on the
+unrotated colour image and cuts them from the rotated grey one, and can fail in `cv2.resize`),
+as are 16-bit images and text drawn only in the alpha channel: pass such a page as an upright
+8-bit numpy array (e.g. `numpy.asarray(PIL.ImageOps.exif_transpose(Image.open(path)).convert("RGB"))`),
+which is what the platform reads (`evaluation.reader.load_image`).
 """
