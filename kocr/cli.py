@@ -116,7 +116,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.distributed import launched_by_torchrun, process_rank
-    from training.train import TrainConfig, mix_shares, train
+    from training.train import TrainConfig, discard_state, mix_shares, train
 
     params = load_params()
     config = TrainConfig.from_params(params)
@@ -138,12 +138,15 @@ def cmd_train(args: argparse.Namespace) -> None:
             log_dataset(Path(args.data) / split, context=split)
         for i, (path, _) in enumerate(mix_shares(config.mix)):  # train.mix (checked): the other sets' versions too
             log_dataset(path, context=f"mix.{i}")
+        # the state outlives train(): a kill while the model is logged resumes at the last step and
+        # only redoes this end, instead of training again from step 0
         summary = train(config, args.data, args.out, metrics_file=args.metrics, plots_dir=args.plots,
-                        state_file=state_file, resume=args.resume)
+                        state_file=state_file, resume=args.resume, keep_state=True)
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         _log_curves(Path(args.plots))
         info = log_recognizer(Path(args.out) / "model.pt", DetectorSettings.from_params(params.get("detector")))
         _dump({"run_id": run.info.run_id, "model_uri": info.model_uri}, Path(args.out) / "mlflow.json")
+    discard_state(state_file)  # trained, written and logged: nothing left to resume
     best = "val CER" if "val_n" in summary else "training loss (no validation samples)"
     print(f"train: best {best} {summary['best_val_cer']:.4f} at step {summary['best_step']}"
           f"{' (stopped early)' if summary['stopped_early'] else ''}; {summary['images_per_second']} images/s"

@@ -347,6 +347,7 @@ def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path)
          "--plots", "plots", "--resume"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("train: no saved state at") == 1  # rank 0 says it; rank 1 trains silently
     summary = json.loads((tmp_path / "m.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 6
     assert "over 2 processes" in done.stdout
@@ -401,3 +402,102 @@ def test_mix_adds_training_sets_in_their_share_and_refuses_bad_shares(prepared, 
                          ({str(tmp_path / "nowhere"): 0.2}, "nowhere: not an LMDB set")):
         with pytest.raises((ValueError, FileNotFoundError), match=message):
             _run(prepared, tmp_path / "b", steps=1, mix=mix)
+
+
+class _Killed(BaseException):
+    """Stands in for a SIGKILL: nothing after the raise runs, and ``kocr.cli.main`` does not catch it."""
+
+
+def _tiny_project(prepared: Path, tmp_path: Path, **knobs) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["train"].update({**TINY, **knobs})
+    params["model"].update({"output_channel": 32, "hidden_size": 32})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+
+
+def test_kocr_train_killed_while_logging_resumes_at_its_end_not_at_step_0(prepared, tmp_path, monkeypatch, capsys):
+    """The state outlives train(): a kill between the last step and mlflow.json redoes only the end."""
+    import evaluation.pyfunc_model
+    from kocr.cli import main
+
+    _tiny_project(prepared, tmp_path, steps=6, val_every=3, checkpoint_every=3)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", str(prepared), "--out", "out", "--metrics", "m.json", "--plots", "plots", "--resume"]
+    state = tmp_path / ".kocr" / "train-state" / "out.pt"
+
+    def killed(*_, **__):
+        raise _Killed
+    real = evaluation.pyfunc_model.log_recognizer
+    monkeypatch.setattr(evaluation.pyfunc_model, "log_recognizer", killed)
+    with pytest.raises(_Killed):
+        main(args)
+    assert load_state(state)["progress"]["step"] == 6  # trained to the end, and still resumable
+    kept, loss = (tmp_path / "out" / "model.pt").read_bytes(), (tmp_path / "plots" / "loss.tsv").read_text()
+    shutil.rmtree(tmp_path / "out")  # as `dvc repro` deletes the stage's outputs before running it again
+    capsys.readouterr()
+
+    monkeypatch.setattr(evaluation.pyfunc_model, "log_recognizer", real)
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "resuming" in err and "at step 6" in err and "nothing left to train" in err
+    assert (tmp_path / "out" / "model.pt").read_bytes() == kept
+    assert (tmp_path / "plots" / "loss.tsv").read_text() == loss
+    assert json.loads((tmp_path / "out" / "mlflow.json").read_text())["model_uri"]
+    assert not state.exists()  # logged: nothing left to resume
+
+
+def test_a_state_saved_at_an_early_stop_is_not_trained_on(prepared, tmp_path, capsys):
+    state, knobs = tmp_path / "run.pt", {"steps": 20, "val_every": 1, "lr": 0.0, "patience": 2}
+    first = train(TrainConfig(**{**TINY, **knobs}), prepared, tmp_path / "a", progress=False, log=False,
+                  state_file=state, keep_state=True, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap")
+    assert first["stopped_early"] and first["steps"] == 3 and state.is_file()
+    again = _run(prepared, tmp_path / "a", state, resume=True, **knobs)
+    assert "nothing left to train" in capsys.readouterr().err
+    assert again["steps"] == 3 and again["best_step"] == first["best_step"] and not state.exists()
+
+
+def test_grad_clip_0_means_no_clipping_and_a_negative_one_is_refused(prepared, tmp_path):
+    with pytest.raises(ValueError, match=r"^train.grad_clip -1.0: expected 0 \(no clipping\)"):
+        TrainConfig(**{**TINY, "grad_clip": -1.0})
+    _run(prepared, tmp_path / "off", steps=2, val_every=2, grad_clip=0.0)
+    _run(prepared, tmp_path / "huge", steps=2, val_every=2, grad_clip=1e9)
+    off, huge = _weights(tmp_path / "off" / "model.pt"), _weights(tmp_path / "huge" / "model.pt")
+    assert all(torch.equal(off[k], huge[k]) for k in off)  # was: every gradient scaled to 0, nothing learnt
+
+
+def test_the_logged_lr_is_the_one_each_step_trained_with(prepared, tmp_path):
+    out = tmp_path / "run"
+    with mlflow.start_run() as run:
+        train(TrainConfig(**{**TINY, "lr": 1.0, "steps": 6, "val_every": 6, "warmup_steps": 4, "schedule": "cosine",
+                             "log_every": 1}), prepared, out, metrics_file=out / "m.json", plots_dir=out / "p",
+              progress=False)
+    history = sorted(mlflow.MlflowClient().get_metric_history(run.info.run_id, "lr"), key=lambda m: m.step)
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert [m.value for m in history] == pytest.approx(_lrs("cosine", steps=6, warmup=4))  # 0.25 at step 1
+
+
+def test_validation_samples_that_cannot_be_scored_are_counted_and_said(prepared, tmp_path, capsys):
+    import lmdb
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    korean = Charset.named("korean_g2")
+    rare = next(chr(c) for c in range(0xAC00, 0xD7A4) if chr(c) not in korean.index)
+    env = lmdb.open(str(lmdb_parts(data / "val")[0]))
+    with env.begin(write=True) as txn:  # a label prepare kept with out_of_charset: keep
+        txn.put(b"label-%09d" % 1, ("의견" + rare).encode())
+    env.close()
+    summary = _run(data, tmp_path / "out", steps=1, val_every=1)
+    total = len(LmdbDataset(data / "val"))
+    assert summary["val_dropped_out_of_charset"] == 1 and summary["val_n"] == total - 1
+    err = capsys.readouterr().err
+    assert f"warning: 1 of {total} validation samples cannot be scored" in err and "out_of_charset: 1" in err
+
+
+def test_ranks_never_share_a_sample_across_an_epochs_end():
+    widths = [64] * 10  # batch 2: 5 batches an epoch, an odd number for 2 ranks
+    ranks = [list(BucketBatchSampler(widths, 2, 12, seed=2, rank=r, world_size=2)) for r in (0, 1)]
+    for mine, theirs in zip(*ranks):
+        assert not set(mine) & set(theirs)
+    single = list(BucketBatchSampler(widths, 2, 5, seed=2))  # one process still takes every batch of an epoch
+    assert sorted(i for batch in single for i in batch) == list(range(10))

@@ -173,7 +173,10 @@ class BucketBatchSampler(Sampler[list[int]]):
     new epoch as needed.
 
     Under data parallelism the global sequence holds ``num_batches x world_size`` batches and rank
-    ``r`` takes every ``world_size``-th from ``r``, so ranks never share a sample within a step.
+    ``r`` takes every ``world_size``-th from ``r``, so ranks never share a sample within a step:
+    each epoch is cut to a multiple of ``world_size`` batches (fewer than ``world_size`` of its
+    shuffled batches are left out of it; the next epoch reshuffles everything), so no step pairs the
+    end of one epoch with the start of the next, which may draw the same sample again.
     With ``mix`` (:attr:`MixedCrops.blocks`) each epoch draws the blocks in their shares
     (:func:`mixed_epoch`) instead of every index once. ``start`` skips the first steps (a resumed run continues the exact sequence). With ``tagged``
     each index comes as ``(index, step, slot)`` (step counted from 1, slot unique over ranks) for
@@ -210,7 +213,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches += [chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size)
                         if len(chunk[i:i + self.batch_size]) == self.batch_size]
         rng.shuffle(batches)
-        return batches
+        return batches[:len(batches) - len(batches) % self.world_size]
 
     def __iter__(self) -> Iterator[list]:
         rng = random.Random(self.seed)

@@ -57,7 +57,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"       # constant | cosine | onecycle (each after warmup_steps)
     warmup_steps: int = 0            # linear lr warm-up over this many optimizer steps; 0 = none
-    grad_clip: float = 5.0
+    grad_clip: float = 5.0           # max gradient norm; 0 = no clipping
     val_every: int = 100
     patience: int = 0                # stop after this many validations without a better CER; 0 = never
     seed: int = 0
@@ -113,6 +113,8 @@ class TrainConfig:
         for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} {getattr(self, name)}: expected a whole number >= 1")
+        if self.grad_clip < 0:
+            raise ValueError(f"train.grad_clip {self.grad_clip}: expected 0 (no clipping) or a positive max norm")
 
 
 MODEL_KNOBS = frozenset({"output_channel", "hidden_size", "input_channel", "imgH", "prediction"})
@@ -401,15 +403,20 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
           progress: bool = True, log: bool = True,
           on_validation: Callable[[int, dict[str, float]], None] | None = None,
           state_file: str | os.PathLike | None = None, resume: bool = False,
-          scorer: Callable[[Recognizer, Charset], dict[str, float]] | None = None) -> dict[str, Any]:
+          scorer: Callable[[Recognizer, Charset], dict[str, float]] | None = None,
+          keep_state: bool = False) -> dict[str, Any]:
     """Run the stage; with ``log`` every number also goes to the active MLflow run (rank 0 only under torchrun).
 
     ``on_validation(step, scores)`` is called after each validation (scores: cer, word_accuracy,
     norm_ed, loss); an exception it raises (e.g. ``optuna.TrialPruned``) stops training and propagates.
     With ``state_file`` the resumable state is written there every ``checkpoint_every`` steps and at
-    each validation, and removed when the run completes; with ``resume`` a state found there (from
-    the same config and data) is continued, else the run starts fresh and says why. ``scorer(model,
-    charset)`` adds scores to each validation (e.g. end-to-end F1, :mod:`evaluation.page_scorer`).
+    each validation, and removed when the run completes, unless ``keep_state`` (``kocr train`` keeps
+    it until the model is logged to MLflow, then removes it with :func:`discard_state`); with
+    ``resume`` a state found there (from the same config and data) is continued, else the run starts
+    fresh and says why. A state saved at the end of a run (the last step, or an early stop that the
+    current ``patience`` still calls) trains no further: the resumed run only writes the model,
+    metrics and plots again. ``scorer(model, charset)`` adds scores to each validation (e.g.
+    end-to-end F1, :mod:`evaluation.page_scorer`).
     """
     _seed_everything(config.seed)
     ctx = init_distributed(pick_device(config.device))
@@ -436,6 +443,11 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     frozen = freeze_modules(core, config.freeze)
     _train_mode(core, frozen)
     train_set, val_set = _datasets(config, data_dir, charset)
+    val_dropped = {f"val_dropped_{k}": v for k, v in sorted(val_set.dropped.items())}
+    if val_dropped and main:
+        print(f"train: warning: {sum(val_dropped.values())} of {len(val_set.source)} validation samples cannot be "
+              f"scored and are left out of the val CER ({', '.join(f'{k}: {v}' for k, v in val_set.dropped.items())}); "
+              "counted as val_dropped_<reason> (docs/training.md)", file=sys.stderr)
     if not len(val_set) and main:
         print(f"train: {data_dir / 'val'} holds no usable samples: the checkpoint kept is the one at the lowest "
               "training loss, which best_val_cer then holds", file=sys.stderr)
@@ -448,7 +460,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             "batch_max_length_used": max_length,
             "world_size": ctx.world_size, "global_batch_size": config.batch_size * ctx.world_size,
             "precision": str(amp_dtype).replace("torch.", "") if amp_dtype else "fp32",
-            **{f"train_dropped_{k}": v for k, v in train_set.dropped.items()}}
+            **{f"train_dropped_{k}": v for k, v in train_set.dropped.items()}, **val_dropped}
     mixed = _mix_report(train_set)
     if mixed:
         info["train_mix"] = ", ".join(f"{m['path']}: {m['samples']} samples, share {m['share']:g}" for m in mixed)
@@ -466,6 +478,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     optimizer = make_optimizer(core, config.optimizer, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.schedule, config.warmup_steps, config.steps)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    max_norm = config.grad_clip if config.grad_clip > 0 else math.inf  # inf: the norm is measured, never clipped
     signature = {"config": _resumable(config), "train_samples": len(train_set), "val_samples": len(val_set),
                  "world_size": ctx.world_size, "train_data": train_set.fingerprint, "val_data": val_set.fingerprint,
                  "base_sha256": transfer.get("base_sha256", "")}
@@ -473,7 +486,11 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     state = Progress()
     if resume and state_file is not None:
         state = _resume(Path(state_file), signature, core, optimizer, scheduler, scaler, ema,
-                        out_dir if main else None) or state
+                        out_dir if main else None, quiet=not main) or state
+    finished = state.step >= config.steps or (config.patience > 0 and state.stale >= config.patience)
+    if finished and main:
+        print(f"train: the saved state ended its run at step {state.step}: nothing left to train, writing "
+              "its model and metrics", file=sys.stderr)
     runner: torch.nn.Module = core
     if ctx.enabled:
         runner = torch.nn.parallel.DistributedDataParallel(
@@ -484,7 +501,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     sampler = BucketBatchSampler(train_set.widths, config.batch_size, config.steps, seed=config.seed,
                                  start=state.step, rank=ctx.rank, world_size=ctx.world_size, tagged=True,
                                  mix=getattr(train_set, "blocks", None))
-    batches = _loader(train_set, config, device, sampler)
+    batches = [] if finished else _loader(train_set, config, device, sampler)
     val_loader = _loader(val_set, config, device)
     started, seen_here, validating_seconds = time.perf_counter(), 0, 0.0
     first: tuple[float, int, float] | None = None  # (time, images, validating) once step one is done
@@ -493,6 +510,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     for batch in batches:
         state.step += 1
         step = state.step
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step trains with (scheduler.step() moves it on)
         images = batch.images.to(device, non_blocking=True)
         if config.channels_last and device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
@@ -506,7 +524,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
         else:
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(core.parameters(), config.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(core.parameters(), max_norm)  # also the finiteness check
             if all_agree(bool(torch.isfinite(norm)), ctx) or scaler.is_enabled():
                 scaler.step(optimizer)  # with fp16 the scaler itself skips inf gradients and lowers the scale
                 scaler.update()
@@ -519,11 +537,13 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
         if first is None:  # the loader's start-up and the first step's set-up lie before this
             first = (time.perf_counter(), seen_here, validating_seconds)
         loss_value = float(loss.detach())
+        if ctx.enabled:  # the loss DDP's averaged gradient descends: the mean of every rank's batch loss
+            loss_value = sum_over_ranks(loss_value, ctx) / ctx.world_size
         state.loss_rows.append({"step": step, "loss": round(loss_value, 5)})
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if log and (step % config.log_every == 0 or step == 1):
-            mlflow.log_metrics({"loss": loss_value, "lr": optimizer.param_groups[0]["lr"]}, step=step)
+            mlflow.log_metrics({"loss": loss_value, "lr": lr}, step=step)
         validating = step % config.val_every == 0 or step == config.steps
         if validating:
             before = time.perf_counter()
@@ -552,6 +572,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
                or rate, "train_seconds": round(elapsed, 1),
                "validation_seconds": round(validating_seconds, 1),
                "train_samples": len(train_set), **{f"dropped_{k}": v for k, v in train_set.dropped.items()},
+               **val_dropped,
                "base": transfer["base"], "base_sha256": transfer.get("base_sha256", ""),
                "head_rows_copied": transfer.get("head_rows_copied", 0), "world_size": ctx.world_size,
                "batch_max_length_used": info["batch_max_length_used"]}
@@ -567,9 +588,14 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     write_text(metrics_file, json.dumps(summary, indent=1))
     _write_tsv(Path(plots_dir) / "loss.tsv", state.loss_rows)
     _write_tsv(Path(plots_dir) / "val.tsv", state.val_rows)
-    if state_file is not None and Path(state_file).exists():
-        Path(state_file).unlink()  # the run is complete: nothing left to resume
+    if state_file is not None and not keep_state:
+        discard_state(state_file)  # the run is complete: nothing left to resume
     return summary
+
+
+def discard_state(state_file: str | os.PathLike) -> None:
+    """Remove a run's resumable state once nothing of the run is left to do (a missing file is fine)."""
+    Path(state_file).unlink(missing_ok=True)
 
 
 def _average_with_start(config: TrainConfig, start: dict[str, torch.Tensor], out_dir: Path, charset: Charset,
@@ -679,13 +705,18 @@ def _save(path: Path, signature: dict[str, Any], state: Progress, core: Recogniz
 
 def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: torch.optim.Optimizer,
             scheduler: Any, scaler: torch.amp.GradScaler, ema: torch.nn.Module | None = None,
-            out_dir: Path | None = None) -> Progress | None:
+            out_dir: Path | None = None, quiet: bool = False) -> Progress | None:
     """Load a saved state into the objects; None (and a message) when there is none or it is another run's.
 
     With ``out_dir`` (rank 0) the best checkpoint saved with the state is written back as ``model.pt``.
+    ``quiet`` (the other ranks under torchrun) leaves the messages to rank 0.
     """
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr)
+
     if not path.is_file():
-        print(f"train: no saved state at {path}; starting from step 0", file=sys.stderr)
+        say(f"train: no saved state at {path}; starting from step 0")
         return None
     saved = load_state(path)
     old = saved["signature"]
@@ -694,7 +725,7 @@ def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: 
                 if old.get(k) != signature[k]]
     changed += [f"{k} changed" for k in ("train_data", "val_data", "base_sha256") if old.get(k) != signature[k]]
     if changed:
-        print(f"train: {path} belongs to another run ({'; '.join(changed)}); starting from step 0", file=sys.stderr)
+        say(f"train: {path} belongs to another run ({'; '.join(changed)}); starting from step 0")
         return None
     core.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
@@ -706,5 +737,5 @@ def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: 
     progress = Progress(**saved["progress"])
     if out_dir is not None and saved.get("best_checkpoint"):
         save_bytes(out_dir / "model.pt", saved["best_checkpoint"])
-    print(f"train: resuming {path} at step {progress.step}", file=sys.stderr)
+    say(f"train: resuming {path} at step {progress.step}")
     return progress
