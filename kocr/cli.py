@@ -38,10 +38,10 @@ def cmd_synth_pages(args: argparse.Namespace) -> None:
     cfg = load_params().get("sample", {})
     unknown = sorted(set(cfg) - {"count", "seed", *SAMPLE_KEYS, "font_size"})
     if unknown:
-        raise SystemExit(f"kocr synth-pages: error: sample: unknown keys {unknown} (known: count, seed, "
+        raise CommandError(f"sample: unknown keys {unknown} (known: count, seed, "
                          f"{', '.join(SAMPLE_KEYS)}, font_size)")
     if not cfg.get("fonts"):
-        raise SystemExit("kocr synth-pages: error: sample.fonts is required: file-name patterns of the faces "
+        raise CommandError("sample.fonts is required: file-name patterns of the faces "
                          "to draw with, looked for under /usr/share/fonts (e.g. [NanumGothic.ttf, NanumPen.ttf])")
     count = args.count if args.count is not None else cfg.get("count", 20)
     seed = args.seed if args.seed is not None else cfg.get("seed", 0)
@@ -172,7 +172,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
                 log_dataset(Path(args.data) / split, context=split)
             best = run_tune(config, params, args.data, args.out)
     except TuneError as exc:
-        raise SystemExit(f"kocr tune: error: {exc}") from None
+        raise CommandError(str(exc)) from None
     print(f"tune: study {best['study']}: best {best['metric']} {best['value']:.4f} (trial {best['trial']}); "
           f"trials {best['trials']}; this worker ran {best['ran']}; {args.out}/best_params.yaml: {best['train']}")
 
@@ -230,7 +230,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     cfg = params.get("evaluate", {})
     pages = test_pages(args.source, args.splits, cfg.get("split", "test"))
     if not pages:
-        raise SystemExit(f"kocr evaluate: no pages in split {cfg.get('split', 'test')!r} of {args.splits}")
+        raise CommandError(f"no pages in split {cfg.get('split', 'test')!r} of {args.splits}")
     models = {"base": params.get("train", {}).get("base", "english_g2"), "candidate": args.candidate}
     with stage_run("evaluate", {"evaluate": cfg, "detector": params.get("detector", {})}):
         champion = _champion_uri(params.get("promote", {}).get("model_name", "ko-ocr-recognizer"))
@@ -334,7 +334,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from training.checkpoint import file_digest, load_recognizer, pinned_model
+    import hashlib
+
+    from training.checkpoint import load_recognizer, pinned_model
     from training.export_easyocr import ExportError, export_easyocr
 
     if args.parity_source and not args.splits:  # else nothing would be checked, reported as agreeing
@@ -347,7 +349,7 @@ def cmd_export(args: argparse.Namespace) -> None:
                           f"got {langs!r}")
     spec, version = pinned_model(args.model)
     loaded = load_recognizer(spec)
-    digest = file_digest(loaded.path) if loaded.path else None
+    digest = hashlib.sha256(Path(loaded.path).read_bytes()).hexdigest() if loaded.path else None
     provenance = ", ".join([args.model, *([version] if version else []),
                             *([f"checkpoint sha256 {digest}"] if digest else [])])
     name = args.name or params.get("export", {}).get("name", "ko_ocr")

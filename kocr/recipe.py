@@ -265,8 +265,9 @@ def _averaged_line(train_metrics: dict[str, Any], base: str) -> str:
 
 def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metrics: dict[str, Any],
                data_counts: dict[str, int], command: str, wall_seconds: dict[str, float], size_mb: float,
-               name: str, sha256: str = "") -> str:
-    """MODEL_CARD.md text: what the model is, the data, the params, the metrics, how to reproduce it."""
+               name: str, sha256: str = "", commit: str | None = None) -> str:
+    """MODEL_CARD.md text: what the model is, the data, the params, the metrics, how to reproduce it
+    (``commit``: the project's git commit the recipe ran at, whose params and start it needs)."""
     size = params.get("size", "?")
     lines = [f"# {name}: Korean base recogniser (kocr ko-base recipe, size `{size}`)", ""]
     if size == "cpu":
@@ -296,7 +297,10 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         + (", with the other sets listed under Data mixed in (`train.mix`)" if train_metrics.get("train_mix") else "")
         + f".{lineage} Loads with "
         f"`training.checkpoint.load_recognizer(\"models/base/{name}.pt\")` and exports with `kocr export-easyocr`.",
-        "", "## Reproduce", "", "```", command, "```", "",
+        "", "## Reproduce", "", *([f"At commit `{commit}` (`git checkout {commit[:12]}` first: later commits change the "
+                                   "recipe's params, and a continuation's start is the base shipped then, not this "
+                                   "checkpoint):", ""] if commit else []),
+        "```", command, "```", "",
         f"Machine: {platform.node() or '?'} ({platform.machine()}, {os.cpu_count()} CPU cores, {_accelerator()}), "
         f"Python {platform.python_version()}; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}."
         + (f" Trained on {train_metrics['device']}." if train_metrics.get("device") else ""),
@@ -349,6 +353,7 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
                data: str | os.PathLike, out: str | os.PathLike, name: str, command: str) -> Path:
     """Copy the checkpoint to ``<out>/<name>.pt``, the evaluation to ``<out>/metrics.json`` and write
     ``<out>/MODEL_CARD.md``; returns the card path."""
+    from kocr.tracking import git_commit
     from training.data.lmdb_store import LmdbDataset
 
     model, out = Path(model), Path(out)
@@ -373,7 +378,8 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     write_text(out / "metrics.json", json.dumps(evaluated, ensure_ascii=False, indent=1) + "\n")
     card = write_text(out / "MODEL_CARD.md", model_card(params, trained, evaluated, counts, command, wall,
                                                         shipped.stat().st_size / 1e6, name,
-                                                        hashlib.sha256(shipped.read_bytes()).hexdigest()))
+                                                        hashlib.sha256(shipped.read_bytes()).hexdigest(),
+                                                        git_commit()))
     return card
 
 

@@ -103,14 +103,14 @@ def test_commands_run_outside_the_project_say_they_use_easyocrs_detector_default
 def test_synth_pages_refuses_a_misspelt_sample_key(tmp_path):
     (tmp_path / "params.yaml").write_text("sample: {count: 1, font_sizes: [20, 30]}\n", encoding="utf-8")
     done = _kocr("synth-pages", "--out", str(tmp_path / "pages"), cwd=tmp_path)
-    assert done.returncode != 0 and "unknown keys ['font_sizes']" in done.stderr
+    assert done.returncode == 2 and "unknown keys ['font_sizes']" in done.stderr
     assert not (tmp_path / "pages").exists()  # refused before anything was written
 
 
 def test_synth_pages_without_fonts_says_the_key_is_required(tmp_path):
     (tmp_path / "params.yaml").write_text("sample: {count: 1}\n", encoding="utf-8")
     done = _kocr("synth-pages", "--out", str(tmp_path / "pages"), cwd=tmp_path)
-    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("kocr synth-pages: error: sample.fonts is required")
     assert not (tmp_path / "pages").exists()
 

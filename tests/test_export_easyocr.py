@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -166,7 +167,6 @@ def test_a_bundle_exported_from_the_registry_names_the_version_it_holds(hangul_c
     from evaluation.pyfunc_model import log_recognizer
     from kocr.cli import main
     from kocr.tracking import configure_tracking
-    from training.checkpoint import file_digest
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
@@ -177,7 +177,7 @@ def test_a_bundle_exported_from_the_registry_names_the_version_it_holds(hangul_c
     mlflow.MlflowClient().set_registered_model_alias("ko-export-test", "champion", version)
     assert main(["export-easyocr", "--model", "models:/ko-export-test@champion", "--out", "b"]) == 0
     said = (f"models:/ko-export-test@champion, ko-export-test version {version} (run {run.info.run_id}), "
-            f"checkpoint sha256 {file_digest(hangul_checkpoint)}")
+            f"checkpoint sha256 {hashlib.sha256(hangul_checkpoint.read_bytes()).hexdigest()}")
     assert f"from {said} (" in (tmp_path / "b" / "README.md").read_text(encoding="utf-8")
     network = (tmp_path / "b" / "user_network" / "ko_ocr.yaml").read_text(encoding="utf-8")
     assert network.startswith(f"# exported by kocr export-easyocr from {said}\n")

@@ -305,6 +305,10 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     assert (tmp_path / "ship/ko_base.pt").read_bytes() == hangul_checkpoint.read_bytes()
     assert json.loads((tmp_path / "ship/metrics.json").read_text()) == result
     assert "Reduced CPU size" in text and "dvc repro recipes/ko-base/dvc.yaml" in text
+    # the command alone trains the next instalment at a later commit: the card names the one it ran at
+    from kocr.tracking import git_commit
+    commit = git_commit()
+    assert (f"At commit `{commit}` (`git checkout {commit[:12]}` first" in text) if commit else "At commit" not in text
     assert f"(sha256 `{hashlib.sha256(hangul_checkpoint.read_bytes()).hexdigest()}`)" in text  # of the file shipped
     assert f"| ko_base (this) | 8 | {entry['recipe']['cer']:.4f} | {entry['recipe']['word_accuracy']:.4f}" in text
     assert "**gone**: skipped" in text and "held-out: 8 images" in text and "train 1.1 min" in text
