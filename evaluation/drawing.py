@@ -11,7 +11,7 @@ import functools
 import os
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 
 from training.data.pages import Page
 
@@ -26,6 +26,18 @@ def _font(size: int) -> ImageFont.ImageFont:
         return load_font(find_fonts(["NanumGothic.ttf", "NotoSansCJK-Regular.ttc"])[0], size)
     except (ValueError, OSError):  # no Korean font installed: labels still drawn, Hangul as boxes
         return ImageFont.load_default(size)
+
+
+def _upright(image_path: str | os.PathLike) -> Image.Image:
+    """The image as the models read it (``reader.mended_pixels``: an EXIF turn applied, 16-bit samples
+    scaled to 8 bits, text drawn only in alpha laid over white), in RGB: the page the boxes belong to."""
+    from evaluation.reader import mended_pixels
+
+    mended = mended_pixels(Path(image_path))
+    if mended is not None:
+        return Image.fromarray(mended[0])
+    with Image.open(image_path) as stored:
+        return stored.convert("RGB")
 
 
 def _panel(image: Image.Image, page: Page, colour: tuple[int, int, int], heading: str) -> Image.Image:
@@ -52,10 +64,9 @@ def _panel(image: Image.Image, page: Page, colour: tuple[int, int, int], heading
 def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: str,
                     out: str | os.PathLike) -> Path:
     """Write a PNG with the ground truth and the prediction side by side; returns its path."""
-    with Image.open(image_path) as stored:
-        image = ImageOps.exif_transpose(stored)  # upright, as the boxes were read
-        left = _panel(image, gt, GT_COLOUR, f"ground truth ({len(gt.words)} words)")
-        right = _panel(image, pred, PRED_COLOUR, title)
+    image = _upright(image_path)  # as the boxes were read
+    left = _panel(image, gt, GT_COLOUR, f"ground truth ({len(gt.words)} words)")
+    right = _panel(image, pred, PRED_COLOUR, title)
     canvas = Image.new("RGB", (left.width + right.width + 10, max(left.height, right.height)), (255, 255, 255))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width + 10, 0))
@@ -75,10 +86,9 @@ def draw_crop_readings(image_path: str | os.PathLike, gt: str, readings: dict[st
     """
     size = 22
     font = _font(size)
-    with Image.open(image_path) as stored:
-        image = ImageOps.exif_transpose(stored)  # upright, as the boxes were cut
-        crop = (image.crop(box) if box is not None else image).convert("RGB")
-        crop = crop.resize((max(1, min(1200, round(crop.width * height / crop.height))), height))
+    image = _upright(image_path)  # as the boxes were cut
+    crop = image.crop(box) if box is not None else image
+    crop = crop.resize((max(1, min(1200, round(crop.width * height / crop.height))), height))
     lines = [(f"ground truth: {gt}", GT_COLOUR)]
     lines += [(f"{label}: {text}  (CER {value:.2f})", GT_COLOUR if value == 0 else PRED_COLOUR)
               for label, (text, value) in readings.items()]

@@ -167,3 +167,26 @@ def staged_files(out: str | os.PathLike, earlier: Callable[[str], bool]) -> Iter
             os.replace(stage / name, out / name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def replaced_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """Yield a new, empty folder for one run's whole output (files and subfolders); when the block
+    ends without error it takes the place of ``out`` and the earlier run's folder is removed, so
+    ``out`` never mixes two runs (a model, page or picture the new run did not write is gone with
+    the old folder). When the block fails, ``out`` is left as it was. The folder always exists
+    after a successful run, empty if nothing was written (DVC wants declared outputs)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale(out.parent)
+    stage = out.parent / _temp_name(out.name)
+    stage.mkdir()
+    try:
+        yield stage
+        old = out.parent / _temp_name(out.name + ".old")
+        if out.exists() or out.is_symlink():
+            os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

@@ -18,7 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kocr.atomic import write_text
+from kocr.atomic import replaced_folder, write_text
 from kocr.params import load_params, params_path
 
 
@@ -231,6 +231,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     pages = test_pages(args.source, args.splits, cfg.get("split", "test"))
     if not pages:
         raise CommandError(f"no pages in split {cfg.get('split', 'test')!r} of {args.splits}")
+    if not any(word.text.strip() for item in pages for word in item.page.words):
+        raise CommandError(f"the {len(pages)} pages of split {cfg.get('split', 'test')!r} of {args.splits} hold no "
+                           "labelled word: nothing to score")
     models = {"base": params.get("train", {}).get("base", "english_g2"), "candidate": args.candidate}
     with stage_run("evaluate", {"evaluate": cfg, "detector": params.get("detector", {})}):
         champion = _champion_uri(params.get("promote", {}).get("model_name", "ko-ocr-recognizer"))
@@ -245,8 +248,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         data_hash = eval_set_hash(pages)
         settings, iou_threshold = _settings(params), cfg.get("iou_threshold", 0.5)
         scoring = scoring_hash(settings, iou_threshold)
-        evaluated = evaluate_models(models, pages, args.predictions, settings, iou_threshold=iou_threshold,
-                                    pictures_dir=args.pictures, worst_pages=cfg.get("worst_pages", 3))
+        # each folder is replaced whole once every model is read: no page or picture of an earlier run
+        # (another worst_pages, a baseline since left out) stays beside this run's, and a failed run
+        # leaves the earlier one as it was
+        with replaced_folder(args.predictions) as predictions, replaced_folder(args.pictures) as pictures:
+            evaluated = evaluate_models(models, pages, predictions, settings, iou_threshold=iou_threshold,
+                                        pictures_dir=pictures, worst_pages=cfg.get("worst_pages", 3))
+        for evaluation in evaluated.values():
+            evaluation.pictures = [Path(args.pictures) / p.relative_to(pictures) for p in evaluation.pictures]
         results = {label: e.metrics for label, e in evaluated.items()}
         for label, evaluation in evaluated.items():
             mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in evaluation.metrics.items()})

@@ -86,6 +86,25 @@ def test_worst_page_picture_shows_both_sides(tmp_path):
         assert pixels[210 + 12, header + 50][0] > 150 and pixels[210 + 12, header + 50][1] < 100
 
 
+def test_worst_page_picture_shows_the_page_the_models_read_for_16_bit_and_alpha_only_images(tmp_path):
+    import numpy as np
+
+    ink = np.full((100, 200), 60000, np.uint16)  # a 16-bit scan: light paper, one dark word
+    ink[45:55, 150:190] = 3000
+    Image.fromarray(ink).save(tmp_path / "deep.png")
+    alpha = np.zeros((100, 200, 4), np.uint8)  # text only in the alpha channel, every colour black
+    alpha[45:55, 150:190, 3] = 255
+    Image.fromarray(alpha, "RGBA").save(tmp_path / "alpha.png")
+    for name in ("deep.png", "alpha.png"):
+        page = Page(name, 200, 100, [Word((150, 45, 40, 10), "서울")])
+        out = draw_comparison(tmp_path / name, page, page, "m", tmp_path / f"w_{name}")
+        with Image.open(out) as picture:
+            grey = np.asarray(picture.convert("L"))
+        body = grey[grey.shape[0] - 100:, :200]  # the left panel's page, below its heading
+        # light paper with the dark word where the models read it: not a blank white or black page
+        assert body[5:40, 5:140].mean() > 200 and body[47:53, 155:185].mean() < 100, name
+
+
 def _detected_words(detector, image) -> list[Word]:
     from evaluation.reader import load_image
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from kocr.atomic import FOREIGN_AGE_S, _namespace_tag, atomic_path, write_bytes, write_json
+from kocr.atomic import FOREIGN_AGE_S, _namespace_tag, atomic_path, replaced_folder, write_bytes, write_json
 from training.data import synth_pages
 from training.data.contact_sheet import write_sheet
 from training.data.fonts import find_fonts
@@ -185,3 +185,25 @@ def test_another_containers_leftovers_wait_a_week_since_its_pids_mean_nothing_he
     os.utime(old, (week_ago, week_ago))
     assert sweep_stale(tmp_path) == 1
     assert fresh.is_dir() and not old.exists()
+
+
+def test_a_replaced_folder_holds_only_the_new_run_and_a_failed_run_keeps_the_old(tmp_path: Path) -> None:
+    out = tmp_path / "worst_pages"
+    (out / "tesseract").mkdir(parents=True)
+    (out / "tesseract" / "01_a.png").write_bytes(b"old")  # a baseline the new run leaves out
+    (out / "base").mkdir()
+    (out / "base" / "02_b.png").write_bytes(b"old")  # a rank the new run (worst_pages 1) does not draw
+    with pytest.raises(RuntimeError):
+        with replaced_folder(out) as stage:
+            (stage / "base").mkdir()
+            (stage / "base" / "01_c.png").write_bytes(b"new")
+            raise RuntimeError("killed half way")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["base/02_b.png", "tesseract/01_a.png"]
+    with replaced_folder(out) as stage:
+        (stage / "base").mkdir()
+        (stage / "base" / "01_c.png").write_bytes(b"new")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["base", "base/01_c.png"]
+    with replaced_folder(tmp_path / "none_drawn"):
+        pass
+    assert (tmp_path / "none_drawn").is_dir()  # DVC wants its declared output even when empty
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["none_drawn", "worst_pages"]  # no staging left

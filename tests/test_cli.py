@@ -72,6 +72,25 @@ def test_a_misspelt_detector_setting_is_refused_not_run_with_easyocrs_default(tm
     assert err.startswith("kocr evaluate-crops: error: detector: unknown keys ['widht_ths'] (known: ")
 
 
+def test_evaluate_refuses_a_split_with_no_labelled_word_before_reading_a_page(sample_pages, prepared, tmp_path,
+                                                                             monkeypatch, capsys):
+    from dataclasses import replace
+
+    from kocr.cli import main
+    from training.data.pages import read_page
+
+    source = tmp_path / "pages"
+    shutil.copytree(sample_pages, source)
+    for label in source.glob("*.json"):  # the labels emptied: every score would read 0, cer a perfect 0
+        write_page(replace(read_page(label), words=[]), label)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("evaluate: {split: val}\n", encoding="utf-8")  # the fixture has no test split
+    assert main(["evaluate", "--source", str(source), "--splits", str(prepared / "splits.json"),
+                 "--candidate", "english_g2", "--predictions", "pred"]) == 2
+    assert "hold no labelled word: nothing to score" in capsys.readouterr().err
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "metrics").exists()
+
+
 def test_prepare_of_missing_folder_names_it(tmp_path):
     (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
     done = _kocr("prepare-aihub", "--src", str(tmp_path / "absent"), "--out", str(tmp_path / "o"), cwd=tmp_path)
