@@ -275,22 +275,16 @@ def test_text_no_font_can_draw_is_an_error(tmp_path):
     assert not (tmp_path / "set").exists() and not (tmp_path / "set.partial").exists()
 
 
-def test_text_file_lines_outside_the_charset_are_dropped(tmp_path):
+def test_text_file_lines_that_cannot_be_drawn_are_dropped_and_named(tmp_path):
+    # outside the charset, or longer than max_chars (25: a label may not pass it), never drawn
     texts = tmp_path / "texts.txt"
-    texts.write_text("서울\n漢字\n  부산   광역시 \n", encoding="utf-8")
-    with pytest.warns(UserWarning, match="1 lines hold characters outside"):
+    long = "서울특별시 종로구 세종대로 209 정부서울청사 본관"
+    texts.write_text(f"서울\n漢字\n  부산   광역시 \n{long}\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match="1 lines hold characters outside .*; 1 lines are longer than synth_lines"):
         generate_lines(tmp_path / "set", _config(count=12, text_file=str(texts), words_per_line=[1, 1]),
                        progress=False)
     assert {r["label"] for r in _manifest(tmp_path / "set")} == {"서울", "부산 광역시"}
-
-
-def test_text_file_lines_past_max_chars_are_dropped_and_named(tmp_path):
-    texts = tmp_path / "texts.txt"
-    texts.write_text("서울특별시 종로구 세종대로 209 정부서울청사 본관\n서울역\n", encoding="utf-8")
-    with pytest.warns(UserWarning, match="1 lines are longer than synth_lines.max_chars"):
-        generate_lines(tmp_path / "set", _config(count=6, text_file=str(texts), words_per_line=[1, 1]),
-                       progress=False)
-    texts.write_text("서울특별시 종로구 세종대로 209 정부서울청사 본관\n", encoding="utf-8")
+    texts.write_text(f"{long}\n", encoding="utf-8")
     with pytest.raises(SynthConfigError, match="longer than synth_lines.max_chars \\(25\\)"):
         generate_lines(tmp_path / "none", _config(count=6, text_file=str(texts)), progress=False)
 
