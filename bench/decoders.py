@@ -23,6 +23,9 @@ from evaluation.metrics import paired_words, recognition_scores  # noqa: E402
 from evaluation.score_crops import RecognizerCrops, load_crop, read_labels  # noqa: E402
 
 
+DECODERS = ("greedy", "beamsearch", "wordbeamsearch")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", required=True, help="a kocr evaluate-crops labels file")
@@ -31,6 +34,11 @@ def main(argv: list[str] | None = None) -> None:
                         help="easyocr decoder names, beamsearch with :WIDTH (default 5)")
     parser.add_argument("--show", type=int, default=15, help="differing crops to print per decoder")
     args = parser.parse_args(argv)
+    for spec in args.decoders:  # easyocr fails deep inside on a name it does not know
+        name, _, beam = spec.partition(":")
+        if name not in DECODERS or (beam and not beam.isdigit()):
+            parser.error(f"--decoders {spec!r}: expected one of {', '.join(DECODERS)}, beamsearch and "
+                         "wordbeamsearch with an optional :WIDTH (a whole number)")
 
     crops = read_labels(args.labels)
     greys = [load_crop(crop, args.labels) for crop in crops]

@@ -144,11 +144,15 @@ def main() -> None:
         if not args.src and not any(src.glob("*.json")):
             generate_pages(src, count=args.pages, seed=0, fonts=FONTS, width=args.width, height=args.height,
                            font_size=(24, 40), progress=False)
+        if not any(src.glob("*.json")):
+            parser.error(f"--src {src}: no page JSON there (a flat folder of page_*.json and their images)")
         for path in src.glob("*"):  # warm the page cache so neither side pays the first read
-            path.read_bytes()
+            if path.is_file():
+                path.read_bytes()
         results: dict[str, dict[str, float]] = {}
-        crops, seconds = run_reference(src, Path(tmp) / "reference")
-        results["reference"] = {"crops": crops, "seconds": round(seconds, 2), "crops_per_s": round(crops / seconds)}
+        crops, reference_seconds = run_reference(src, Path(tmp) / "reference")
+        results["reference"] = {"crops": crops, "seconds": round(reference_seconds, 2),
+                                "crops_per_s": round(crops / reference_seconds)}
         cpu_per_crop = 0.0
         for workers in sorted({1, args.workers}):
             out = Path(tmp) / f"ours{workers}"
@@ -156,7 +160,7 @@ def main() -> None:
             shutil.rmtree(out)
             results[f"kocr_{workers}p"] = {"crops": crops, "seconds": round(seconds, 2),
                                            "crops_per_s": round(crops / seconds),
-                                           "ratio_to_reference": round(results["reference"]["seconds"] / seconds, 2)}
+                                           "ratio_to_reference": round(reference_seconds / seconds, 2)}  # unrounded
             if workers > 1:
                 cpu_per_crop = cpu / crops
         one = results["kocr_1p"]["crops_per_s"]

@@ -46,13 +46,17 @@ def main() -> None:
     settings = (DetectorSettings.from_params(load_params(required=False).get("detector"))
                 if args.settings == "project" else DetectorSettings())
     torch.set_num_threads(args.threads)
+    if not Path(args.pages).is_dir():
+        parser.error(f"--pages {args.pages}: no such folder")
     images = sorted(p for p in Path(args.pages).iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"})[: args.limit]
+    if not images:
+        parser.error(f"--pages {args.pages}: no .jpg/.jpeg/.png image there")
     loaded = load_recognizer(args.model)
     easyocr = import_easyocr()
     with tempfile.TemporaryDirectory() as tmp:
-        export_easyocr(loaded, tmp, "bench", with_detector=True)
+        export_easyocr(loaded, tmp, "kocr_bench", with_detector=True)  # "bench" imports this folder
         common = dict(gpu=False, model_storage_directory=f"{tmp}/model", user_network_directory=f"{tmp}/user_network",
-                      recog_network="bench", download_enabled=False, verbose=False)
+                      recog_network="kocr_bench", download_enabled=False, verbose=False)
         readers = {"float": easyocr.Reader(["ko", "en"], quantize=False, **common),
                    "int8": easyocr.Reader(["ko", "en"], quantize=True, **common)}
         ours = PageReader(loaded, settings)

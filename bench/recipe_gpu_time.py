@@ -141,11 +141,15 @@ def validations(steps: int, val_every: int) -> int:
     return steps // val_every + (1 if steps % val_every else 0)
 
 
+# the sets the recipe's dvc.yaml renders (synth_train, synth_val, synth_heldout's three)
+RENDERED = ("synth_lines", "synth_lines_val", "synth_lines_heldout", "synth_lines_heldout_latin",
+            "synth_lines_heldout_signs")
+
+
 def project(params: dict[str, Any], render_ips: float, train_ips: float, val_seconds: float,
             val_measured: int) -> dict[str, float]:
     """Minutes of each stage at the recipe's size, from the measured rates."""
-    counts = [params["synth_lines"]["count"], params["synth_lines_val"]["count"],
-              params["synth_lines_heldout"]["count"]]
+    counts = [params[section]["count"] for section in RENDERED if section in params]
     cfg = params["train"]
     minutes = {
         "render_minutes": sum(counts) / render_ips / 60,

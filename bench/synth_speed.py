@@ -63,6 +63,8 @@ def main() -> None:
     report["identical_across_workers"] = len({r["data_mdb_sha256"] for r in report["runs"].values()}) == 1
     report["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(report, indent=1))
+    if not report["identical_across_workers"]:  # the check the docs promise: one seed, one set
+        raise SystemExit("synth_speed: the worker counts wrote different sets (data.mdb sha256 above)")
 
 
 if __name__ == "__main__":

@@ -146,6 +146,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kocr-bench-train-") as tmp:
         work = Path(tmp)
         data = Path(args.data) if args.data else _sample_data(work, args.pages)
+        if not (data / "train").is_dir():
+            parser.error(f"--data {data}: no train/ set there (kocr prepare-aihub's output folder)")
         common = {"base": args.base, "charset": "korean_g2", "batch_size": args.batch, "steps": args.steps,
                   "device": args.device, "seed": 0}
         engine_config = TrainConfig(**common, optimizer="adadelta", lr=1.0, val_every=args.steps,
@@ -158,10 +160,17 @@ def main() -> None:
         result = {"device": str(device), "base": args.base, "torch_threads": torch.get_num_threads(), "steps": args.steps,
                   "batch": args.batch, "engine_workers": args.workers, "train_samples": summary["train_samples"],
                   "reference_images_per_second": reference, "engine_images_per_second": engine,
-                  "ratio": round(sum(engine) / sum(reference), 2)}
+                  "ratio": round(time_ratio(reference, engine), 2)}
         if device.type == "cuda":
             result["engine_peak_gpu_memory_mib"] = summary.get("peak_gpu_memory_mib")
         print(json.dumps(result, indent=1))
+
+
+def time_ratio(reference: list[float], engine: list[float]) -> float:
+    """How many times less time the engine took for the same images: every round trains the same
+    steps x batch on both sides, so the total time of a side is proportional to the sum of 1 / rate
+    (the ratio of mean rates would let the fastest round dominate)."""
+    return sum(1.0 / r for r in reference) / sum(1.0 / e for e in engine)
 
 
 if __name__ == "__main__":

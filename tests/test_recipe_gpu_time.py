@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 
@@ -39,7 +40,11 @@ def _recipe() -> dict:
 
 def test_projection_scales_each_measured_rate_to_the_recipes_full_size():
     params = _recipe()
-    counts = sum(params[s]["count"] for s in ("synth_lines", "synth_lines_val", "synth_lines_heldout"))
+    # every set the recipe's dvc.yaml renders (synth-lines without --section renders synth_lines:)
+    dvc = (REPO / "recipes" / "ko-base" / "dvc.yaml").read_text(encoding="utf-8")
+    rendered = {"synth_lines", *re.findall(r"synth-lines --section (\w+)", dvc)}
+    assert set(probe.RENDERED) == rendered and len(rendered) == 5
+    counts = sum(params[s]["count"] for s in rendered)
     cfg = params["train"]
     got = probe.project(params, render_ips=1000.0, train_ips=2000.0, val_seconds=3.0, val_measured=500)
     assert got["render_minutes"] == round(counts / 1000 / 60, 1)

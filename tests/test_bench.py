@@ -1,0 +1,70 @@
+"""bench/: the ratios the benchmarks print are computed the right way, and they run where the docs run them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def _bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_training_ratio_is_total_time_for_the_same_images_not_the_ratio_of_mean_rates():
+    time_ratio = _bench("train_vs_reference").time_ratio
+    # docs/training.md's H200 rounds: 100 steps x 192 images per round on both sides
+    reference, engine = [822, 891], [1021, 4458]
+    images = 100 * 192
+    seconds = (sum(images / r for r in reference), sum(images / e for e in engine))
+    assert time_ratio(reference, engine) == pytest.approx(seconds[0] / seconds[1])
+    assert round(time_ratio(reference, engine), 2) == 1.94  # the mean of rates said 3.2x
+    assert time_ratio([3.0, 3.0], [6.0, 6.0]) == pytest.approx(2.0)
+
+
+def _run(script: str, *args: str, cwd=REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # as the compose service runs them: the repo importable
+    return subprocess.run([sys.executable, str(REPO / "bench" / script), *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def test_ingest_ratio_is_taken_from_unrounded_times(tmp_path):
+    done = _run("ingest_vs_reference.py", "--pages", "3", "--width", "640", "--height", "480", "--workers", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)["results"]
+    rates = results["kocr_1p"]["crops_per_s"] / results["reference"]["crops_per_s"]
+    assert results["kocr_1p"]["ratio_to_reference"] == pytest.approx(rates, rel=0.02)  # rounded seconds were 10% off
+
+
+def test_the_page_benchmark_runs_with_the_repository_on_the_path(sample_pages, tmp_path):
+    # a bundle named "bench" imported the repository's bench/ folder instead of its network file
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    for image in sorted(sample_pages.glob("*.jpg"))[:1]:
+        (pages / image.name).write_bytes(image.read_bytes())
+    done = _run("predict_vs_easyocr.py", "--model", "ko_base", "--pages", str(pages), "--limit", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["pages"] == 1
+    (tmp_path / "empty").mkdir()
+    done = _run("predict_vs_easyocr.py", "--model", "ko_base", "--pages", str(tmp_path / "empty"))
+    assert done.returncode == 2 and "no .jpg/.jpeg/.png image there" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bad_benchmark_inputs_are_named_not_tracebacks(tmp_path):
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("image\ttext\n", encoding="utf-8")
+    for script, args, words in (
+            ("decoders.py", ["--labels", str(labels), "--decoders", "greedy", "beamSearch"], "--decoders 'beamSearch'"),
+            ("ingest_vs_reference.py", ["--src", str(tmp_path)], "no page JSON there"),
+            ("train_vs_reference.py", ["--data", str(tmp_path / "none"), "--steps", "1"], "no train/ set there")):
+        done = _run(script, *args)
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, (script, done.stderr)
