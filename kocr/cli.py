@@ -132,8 +132,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from evaluation.reader import DetectorSettings
     from kocr.tracking import log_dataset, stage_run
 
-    used = {**params.get("train", {}), **{k: getattr(config, k) for k in config.tuned_keys}}  # the values that train
-    with stage_run("train", {"train": used, "model": params.get("model", {})}, system_metrics=True) as run:
+    from training.train import MODEL_KNOBS
+
+    # the values that train: tuned knobs over params.yaml's, a tuned model knob under model: too
+    tuned = {k: getattr(config, k) for k in config.tuned_keys}
+    used = {**{k: v for k, v in params.get("train", {}).items() if not (k in tuned and k in MODEL_KNOBS)},
+            **{k: v for k, v in tuned.items() if k not in MODEL_KNOBS}}
+    model = {**params.get("model", {}), **{k: v for k, v in tuned.items() if k in MODEL_KNOBS}}
+    with stage_run("train", {"train": used, "model": model}, system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)
         for i, (path, _) in enumerate(mix_shares(config.mix)):  # train.mix (checked): the other sets' versions too

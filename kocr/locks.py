@@ -15,6 +15,8 @@ from typing import Iterator
 
 import sqlalchemy
 
+from kocr.redact import hide_passwords
+
 
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
@@ -50,7 +52,8 @@ def advisory_lock(url: str, name: str) -> Iterator[None]:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         except (sqlalchemy.exc.SQLAlchemyError, ImportError) as exc:
             detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            raise LockError(f"lock database {parsed.render_as_string(hide_password=True)}: {detail}") from None
+            shown = hide_passwords(parsed.render_as_string(hide_password=False))
+            raise LockError(f"lock database {shown}: {hide_passwords(detail)}") from None
         with conn:
             try:
                 yield

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import time
 import warnings
@@ -31,6 +30,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from kocr.dvc_hashes import dataset_hash
+from kocr.redact import hide_passwords
 from kocr.params import flatten
 
 DEFAULT_EXPERIMENT = "ko-ocr/finetune"
@@ -55,7 +55,7 @@ def shown_uri(uri: str) -> str:
     >>> shown_uri("postgresql+psycopg2://mlflow:secret@db:5432/mlflow")
     'postgresql+psycopg2://mlflow:***@db:5432/mlflow'
     """
-    return re.sub(r"(//[^/:@]+:)[^/@]+@", r"\1***@", uri)
+    return hide_passwords(uri)
 
 
 def ensure_experiment(name: str) -> str:

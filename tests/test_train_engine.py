@@ -335,7 +335,8 @@ def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path)
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     replay = tmp_path / "replay"  # a second training set (a copy of val), its version tracked
     shutil.copytree(prepared / "val", replay)
-    (tmp_path / "best.yaml").write_text(yaml.safe_dump({"study": "s", "trial": 0, "train": {"lr": 0.02}}))
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump({"study": "s", "trial": 0,
+                                                        "train": {"lr": 0.02, "hidden_size": 48}}))
     params["train"].update({**TINY, "steps": 6, "val_every": 3, "checkpoint_every": 3, "mix": {str(replay): 0.25},
                             "use_tuned": True, "tuned_params": str(tmp_path / "best.yaml")})
     params["model"].update({"output_channel": 32, "hidden_size": 32})
@@ -358,6 +359,8 @@ def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path)
     run = mlflow.get_run(run_id)
     assert run.data.params["global_batch_size"] == "8"
     assert run.data.params["train.lr"] == run.data.params["tuned.lr"] == "0.02"  # the value that trained
+    # a tuned model knob is logged where params.yaml keeps it, with the value that trained (not 32)
+    assert run.data.params["model.hidden_size"] == "48" and "train.hidden_size" not in run.data.params
     assert run.data.params["train_mix"].endswith(f"{replay}: {summary['val_n']} samples, share 0.25")
     inputs = {i.dataset.name: {t.key: t.value for t in i.tags} for i in run.inputs.dataset_inputs}
     assert inputs[str(replay)]["mlflow.data.context"] == "mix.0"

@@ -20,7 +20,7 @@ import yaml
 
 from tests.conftest import REPO, postgres_params, postgres_url
 from training.train import TrainConfig
-from training.tune import TuneConfig, TuneError, make_storage, run_trial, run_tune, suggest
+from training.tune import TuneConfig, TuneError, make_storage, redact, run_trial, run_tune, suggest
 
 SECRET = os.environ.get("PGPASSWORD") or "not-for-logs"
 PARAMS = {
@@ -134,7 +134,8 @@ def test_trial_runs_are_nested_under_their_workers_tune_run(two_workers, pg_url)
     assert {"tuning/optimization_history.png", "tuning/param_importances.png", "tuning/best_params.yaml"} <= pictures
 
 
-def test_a_killed_worker_leaves_the_study_consistent_and_its_trial_is_retried(pg_url, prepared, tmp_path, capsys):
+def test_a_killed_worker_leaves_the_study_consistent_and_its_trial_is_retried(pg_url, prepared, tmp_path, capsys,
+                                                                            monkeypatch):
     env = _env(f"sqlite:///{tmp_path / 'mlruns.db'}")
     storage = optuna.storages.RDBStorage(pg_url)
     # a worker process on a trial far too long to finish before the kill
@@ -155,7 +156,10 @@ def test_a_killed_worker_leaves_the_study_consistent_and_its_trial_is_retried(pg
         time.sleep(0.2)
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
-    # the next worker (here in-process) waits out the grace period, fails the silent trial, runs its retry
+    # the next worker (here in-process, on the same MLflow store) waits out the grace period, fails the
+    # silent trial and its MLflow run, runs its retry
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     config = TuneConfig.from_params(PARAMS["tune"]).with_overrides(storage=pg_url, study_name="killed", n_trials=1)
     capsys.readouterr()
     run_tune(config, PARAMS, prepared, tmp_path / "b", log=False)
@@ -164,6 +168,8 @@ def test_a_killed_worker_leaves_the_study_consistent_and_its_trial_is_retried(pg
     assert first.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
     assert retry.params == first.params and retry.system_attrs["failed_trial"] == 0
     assert retry.value is not None
+    # the dead worker's trial run ends FAILED, not RUNNING forever
+    assert mlflow.MlflowClient().get_run(first.user_attrs["mlflow_run_id"]).info.status == "FAILED"
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask() by hand here
@@ -301,3 +307,50 @@ def test_end_to_end_f1_objective_scores_trials_on_the_validation_pages(sample_pa
     assert trial.intermediate_values == {2: best["value"]} and 0.0 <= best["value"] <= 1.0
     val_pages = json.loads((prepared / "splits.json").read_text())["val"]
     assert val_pages and best["metric"] == "e2e_f1"
+
+
+def test_a_storage_password_given_as_a_query_parameter_is_hidden_too():
+    # psycopg2 takes ?password=… as well as user:…@; both must stay out of logs, MLflow and best_params.yaml
+    from kocr.locks import LockError, advisory_lock
+
+    url = "postgresql+psycopg2://kim@127.0.0.1:1/optuna?sslmode=disable&password=" + SECRET
+    assert redact(url) == "postgresql+psycopg2://kim@127.0.0.1:1/optuna?sslmode=disable&password=***"
+    assert SECRET not in redact(url.replace("kim@", f"kim:{SECRET}@"))
+    with pytest.raises(LockError) as refused:  # nothing listens on port 1
+        with advisory_lock(url, "query-password"):
+            pass
+    assert SECRET not in str(refused.value) and "password=***" in str(refused.value)
+
+
+@pytest.mark.parametrize("direction", ["minimize", "maximize"])
+def test_tied_trials_rank_by_val_loss_as_train_ranks_its_checkpoints(direction):
+    # on short budgets val_cer ties at 1.0 are common: the file must not take whichever finished first
+    from optuna.distributions import FloatDistribution
+
+    from training.tune import TIE_BREAK, best_params_document
+
+    metric = "val_cer" if direction == "minimize" else "val_word_accuracy"
+    config = TuneConfig.from_params({**PARAMS["tune"], "metric": metric, "direction": direction})
+    study = optuna.create_study(direction=direction)
+    lr = {"lr": FloatDistribution(1e-4, 1e-2, log=True)}
+    for value, loss, rate in ((1.0, 151.9, 3e-4), (1.0, 8.2, 2e-3), (1.0, 9.0, 5e-3)):
+        study.add_trial(optuna.trial.create_trial(params={"lr": rate}, distributions=lr, value=value,
+                                                  user_attrs={TIE_BREAK: loss}))
+    doc = best_params_document(study, config, "sqlite:///x.db")
+    assert doc["trial"] == 1 and doc["train"]["lr"] == 2e-3
+    better = 0.5 if direction == "minimize" else 1.5  # a better value still wins whatever its loss
+    study.add_trial(optuna.trial.create_trial(params={"lr": 1e-4}, distributions=lr, value=better,
+                                              user_attrs={TIE_BREAK: 500.0}))
+    assert best_params_document(study, config, "sqlite:///x.db")["trial"] == 3
+
+
+def test_a_completed_trial_records_the_val_loss_where_it_reached_its_value(prepared):
+    import math
+
+    from training.tune import TIE_BREAK
+
+    config = TuneConfig.from_params(PARAMS["tune"])
+    trial = optuna.create_study().ask()
+    state, value, _ = run_trial(trial, config, PARAMS, prepared, log=False)
+    assert state == optuna.trial.TrialState.COMPLETE and value is not None
+    assert math.isfinite(trial.user_attrs[TIE_BREAK]) and trial.user_attrs[TIE_BREAK] > 0

@@ -231,26 +231,48 @@ def storage_url(config: TuneConfig, out_dir: str | os.PathLike) -> str:
 
 
 def redact(url: str) -> str:
-    """The storage URL without its password, for logs and MLflow tags."""
-    import sqlalchemy
+    """The storage URL without its password (``user:…@`` or ``?password=…``), for logs, MLflow and
+    best_params.yaml."""
+    from kocr.redact import hide_passwords
 
-    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    return hide_passwords(url)
+
+
+def end_dead_run(run_id: str | None) -> None:
+    """Mark the MLflow run of a trial whose worker died (found stale) FAILED, as its worker would have;
+    left as it is where this worker's store does not hold it (workers logging to separate stores)."""
+    if not run_id:
+        return
+    import mlflow
+
+    try:
+        client = mlflow.MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "FAILED")
+    except mlflow.exceptions.MlflowException:
+        pass
 
 
 def make_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
-    """RDB storage with heartbeats; a trial silent for ``grace_period_s`` is failed and queued again."""
+    """RDB storage with heartbeats; a trial silent for ``grace_period_s`` is failed (its MLflow run
+    too) and queued again."""
     import sqlalchemy
 
     engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry)
+
+        def on_stale(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            end_dead_run(trial.user_attrs.get("mlflow_run_id"))
+            retry(study, trial)
+
         for attempt in range(3):
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs,
                                                   heartbeat_interval=config.heartbeat_interval_s,
                                                   grace_period=config.grace_period_s,
-                                                  heartbeat_stale_trial_callback=retry)
+                                                  heartbeat_stale_trial_callback=on_stale)
             except sqlalchemy.exc.SQLAlchemyError:
                 # workers starting together on an empty database race to create the tables
                 if attempt == 2:
@@ -435,13 +457,13 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
 
     key, direction = METRICS[config.metric]
     better = min if direction == "minimize" else max
-    reported: list[float] = []
+    reported: list[tuple[float, float]] = []  # (value, val loss) of each validation
 
     def on_validation(step: int, scores: dict[str, float]) -> None:
         if key not in scores:
             raise TuneError(f"{data_dir}: the validation set is empty; tuning needs validation scores")
         value = float(scores[key])
-        reported.append(value)
+        reported.append((value, float(scores.get("loss", math.inf))))
         trial.report(value, step)
         if trial.should_prune():
             raise optuna.TrialPruned(f"at step {step}: {config.metric} {value:.4f}")
@@ -462,7 +484,10 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
             train(train_config, data_dir, tmp, metrics_file=Path(tmp) / "metrics.json",
                   plots_dir=Path(tmp) / "plots", progress=False, log=log, on_validation=on_validation,
                   scorer=scorer)
-        value = better(reported)
+        value = better(v for v, _ in reported)
+        # the val loss where that value was reached (the lowest such): equal values rank by it, as
+        # train keeps its best checkpoint (best_params_document)
+        trial.set_user_attr(TIE_BREAK, min(loss for v, loss in reported if v == value))
         state = TrialState.COMPLETE if math.isfinite(value) else TrialState.FAIL
         note = f"{config.metric} {value:.4f}"
     except optuna.TrialPruned as exc:
@@ -554,12 +579,23 @@ def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Path
     return {**summary, "ran": dict(ran)}
 
 
+TIE_BREAK = "val_loss"  # trial user attribute: the val loss where the trial reached its value
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The best COMPLETE trial; among trials of equal value (val_cer 1.0 ties on short budgets) the
+    one with the lowest val loss there, as train breaks CER ties, then the earliest."""
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
+    return min(done, key=lambda t: (sign * t.value, t.user_attrs.get(TIE_BREAK, math.inf), t.number))
+
+
 def best_params_document(study: optuna.Study, config: TuneConfig, url: str) -> dict[str, Any]:
     """What ``best_params.yaml`` holds: the best trial's knobs as ``train:``, its value and where it came from."""
     counts = trial_counts(study)
     if not counts["COMPLETE"]:
         raise TuneError(f"study {study.study_name}: no trial completed ({dict(counts)}); nothing to write")
-    best = study.best_trial
+    best = best_trial(study)
     tuned = {spec.key: best.params[spec.name] for spec in config.space if spec.name in best.params}
     return {"study": study.study_name, "storage": redact(url), "metric": config.metric,
             "direction": config.direction, "value": float(best.value), "trial": best.number,
