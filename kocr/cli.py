@@ -136,9 +136,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     # the values that train: tuned knobs over params.yaml's, a tuned model knob under model: too
     tuned = {k: getattr(config, k) for k in config.tuned_keys}
-    used = {**{k: v for k, v in params.get("train", {}).items() if not (k in tuned and k in MODEL_KNOBS)},
-            **{k: v for k, v in tuned.items() if k not in MODEL_KNOBS}}
-    model = {**params.get("model", {}), **{k: v for k, v in tuned.items() if k in MODEL_KNOBS}}
+    moved = {k: v for k, v in tuned.items() if k in MODEL_KNOBS}
+    used = {k: v for k, v in {**params.get("train", {}), **tuned}.items() if k not in moved}
+    model = {**params.get("model", {}), **moved}
     with stage_run("train", {"train": used, "model": model}, system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)
@@ -352,23 +352,21 @@ def cmd_export(args: argparse.Namespace) -> None:
     import hashlib
 
     from training.checkpoint import load_recognizer, pinned_model
-    from training.export_easyocr import ExportError, export_easyocr
+    from training.export_easyocr import check_langs, export_easyocr
 
     if args.parity_source and not args.splits:  # else nothing would be checked, reported as agreeing
         raise CommandError("--parity-source needs --splits: the splits.json whose "
                            "evaluate.split pages the check reads")
     params = load_params(required=False)
     langs = params.get("export", {}).get("lang_list", ["ko", "en"])
-    if isinstance(langs, str) or not isinstance(langs, list):
-        raise ExportError(f"export.lang_list: expected a list of EasyOCR language codes such as [ko, en], "
-                          f"got {langs!r}")
+    check_langs(langs)  # before the model loads: a mistake in params costs no download
     spec, version = pinned_model(args.model)
     loaded = load_recognizer(spec)
     digest = hashlib.sha256(Path(loaded.path).read_bytes()).hexdigest() if loaded.path else None
     provenance = ", ".join([args.model, *([version] if version else []),
                             *([f"checkpoint sha256 {digest}"] if digest else [])])
     name = args.name or params.get("export", {}).get("name", "ko_ocr")
-    paths = export_easyocr(loaded, args.out, name, tuple(langs), with_detector=args.with_detector,
+    paths = export_easyocr(loaded, args.out, name, langs, with_detector=args.with_detector,
                            readtext_kwargs=_settings(params).changed(), provenance=provenance)
     print(f"export-easyocr: {provenance} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")
     _outside_note("export-easyocr")

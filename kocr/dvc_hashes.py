@@ -56,7 +56,7 @@ def _changed_since_recorded(root: Path, target: str, out: str) -> bool:
                for entries in status.values() for entry in entries)
 
 
-def _stale(root: Path, rel: str, recorded: str, where: str) -> tuple[str, str]:
+def _stale(root: Path, rel: str, where: str) -> tuple[str, str]:
     warnings.warn(f"{rel} differs from what {where} records (changed since `dvc add` or `dvc repro`); "
                   "logging its content hash instead", stacklevel=3)
     return "content:" + content_hash(root / rel), f"computed: {where} is out of date"
@@ -83,7 +83,7 @@ def dataset_hash(path: str | os.PathLike, root: str | os.PathLike = ".") -> tupl
     for out, (md5, stage) in outs.items():  # the output, or a folder inside it: its hash + the subpath
         if rel == out or rel.startswith(out + os.sep):
             if _changed_since_recorded(root, stage, out):
-                return _stale(root, rel, md5, f"dvc.lock (stage {stage})")
+                return _stale(root, rel, f"dvc.lock (stage {stage})")
             return (md5 if rel == out else f"{md5}/{rel[len(out) + 1:]}"), "dvc.lock"
     dvc_file = root / f"{rel}.dvc"
     if dvc_file.is_file():
@@ -91,6 +91,6 @@ def dataset_hash(path: str | os.PathLike, root: str | os.PathLike = ".") -> tupl
         for out in data.get("outs", []) or []:
             if "md5" in out:
                 if _changed_since_recorded(root, os.path.relpath(dvc_file, root), rel):
-                    return _stale(root, rel, out["md5"], dvc_file.name)
+                    return _stale(root, rel, dvc_file.name)
                 return out["md5"], dvc_file.name
     return "content:" + content_hash(root / rel), "computed"

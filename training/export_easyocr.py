@@ -18,7 +18,7 @@ import inspect
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -63,7 +63,7 @@ def network_source() -> str:
 
 
 def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: str,
-                   lang_list: tuple[str, ...] = ("ko", "en"), with_detector: bool = False,
+                   lang_list: Sequence[str] = ("ko", "en"), with_detector: bool = False,
                    readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None) -> dict[str, str]:
     """Write the bundle for ``model`` (a spec or a loaded recogniser); returns the written paths.
 
@@ -123,8 +123,12 @@ def check_bundle_name(name: str) -> None:
                           f"EasyOCR would import it instead of {name}.py; pick another, e.g. ko_ocr")
 
 
-def check_langs(lang_list: tuple[str, ...]) -> None:
-    """ExportError unless ``lang_list`` is one or more of EasyOCR's language codes."""
+def check_langs(lang_list: Sequence[str]) -> None:
+    """ExportError unless ``lang_list`` is a list of one or more of EasyOCR's language codes (a
+    string, ``lang_list: ko``, would be read letter by letter)."""
+    if isinstance(lang_list, str) or not isinstance(lang_list, (list, tuple)):
+        raise ExportError(f"export.lang_list: expected a list of EasyOCR language codes such as [ko, en], "
+                          f"got {lang_list!r}")
     import_easyocr()
     from easyocr.config import all_lang_list
 
@@ -134,7 +138,7 @@ def check_langs(lang_list: tuple[str, ...]) -> None:
                           if unknown else "empty") + " (e.g. [ko, en])")
 
 
-def _readme(name: str, lang_list: tuple[str, ...], loaded: LoadedRecognizer, readtext_kwargs: dict[str, Any],
+def _readme(name: str, lang_list: Sequence[str], loaded: LoadedRecognizer, readtext_kwargs: dict[str, Any],
             provenance: str) -> str:
     langs = ", ".join(repr(x) for x in lang_list)
     call = "".join(f", {k}={v!r}" for k, v in readtext_kwargs.items())

@@ -47,6 +47,7 @@ from optuna.trial import TrialState
 
 from kocr.atomic import write_text
 from kocr.locks import database_lock
+from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
 from training.train import TrainConfig, train
 
 # tune.metric -> (key of train()'s validation scores, the direction that improves it)
@@ -228,14 +229,6 @@ def storage_url(config: TuneConfig, out_dir: str | os.PathLike) -> str:
         return config.storage
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{(Path(out_dir) / 'optuna.db').resolve()}"
-
-
-def redact(url: str) -> str:
-    """The storage URL without its password (``user:…@`` or ``?password=…``), for logs, MLflow and
-    best_params.yaml."""
-    from kocr.redact import hide_passwords
-
-    return hide_passwords(url)
 
 
 def end_dead_run(run_id: str | None) -> None:
@@ -585,7 +578,7 @@ TIE_BREAK = "val_loss"  # trial user attribute: the val loss where the trial rea
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     """The best COMPLETE trial; among trials of equal value (val_cer 1.0 ties on short budgets) the
     one with the lowest val loss there, as train breaks CER ties, then the earliest."""
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     sign = 1.0 if study.direction == optuna.study.StudyDirection.MINIMIZE else -1.0
     return min(done, key=lambda t: (sign * t.value, t.user_attrs.get(TIE_BREAK, math.inf), t.number))
 

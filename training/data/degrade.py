@@ -37,16 +37,16 @@ EFFECTS: dict[str, tuple[str, tuple[float, float]]] = {
     "noise": ("sigma", (2.0, 8.0)),
     "jpeg": ("quality", (25, 70)),
 }
-# Effect name -> the interval its range must lie in (lo, hi, lo excluded?) and how to say it.
-LIMITS: dict[str, tuple[float, float, bool, str]] = {
-    "ink_bleed": (0.0, 1.0, False, "in [0, 1]"),
-    "highlighter": (0.0, 1.0, False, "in [0, 1]"),
-    "scribble": (1.0, 50.0, False, "in [1, 50]"),
-    "underline": (0.0, 1.0, True, "in (0, 1]"),
-    "low_contrast": (0.0, 1.0, True, "in (0, 1]"),
-    "blur": (0.0, 50.0, True, "in (0, 50]"),
-    "noise": (0.0, 255.0, False, "in [0, 255]"),
-    "jpeg": (1.0, 100.0, False, "in [1, 100]"),
+# Effect name -> the interval its range must lie in: (lo, hi, lo excluded?).
+LIMITS: dict[str, tuple[float, float, bool]] = {
+    "ink_bleed": (0.0, 1.0, False),
+    "highlighter": (0.0, 1.0, False),
+    "scribble": (1.0, 50.0, False),
+    "underline": (0.0, 1.0, True),
+    "low_contrast": (0.0, 1.0, True),
+    "blur": (0.0, 50.0, True),
+    "noise": (0.0, 255.0, False),
+    "jpeg": (1.0, 100.0, False),
 }
 HIGHLIGHTER_COLOURS = ((255, 236, 80), (150, 240, 140), (255, 160, 205), (150, 210, 255))
 PEN_COLOURS = ((25, 30, 110), (20, 20, 25), (170, 30, 35))
@@ -116,9 +116,10 @@ class DegradeConfig:
                 raise SynthConfigError(f"{where}.{name}: expected a probability or a mapping with keys "
                                  f"p and {key}, got {spec!r}")
             span = _span(spec.get(key, current.span), f"{where}.{name}.{key}")
-            lo, hi, open_lo, text = LIMITS[name]
+            lo, hi, open_lo = LIMITS[name]
             if span[0] < lo or (open_lo and span[0] == lo) or span[1] > hi:
-                raise SynthConfigError(f"{where}.{name}.{key}: each end must be {text}, got {list(span)}")
+                interval = f"{'(' if open_lo else '['}{lo:g}, {hi:g}]"
+                raise SynthConfigError(f"{where}.{name}.{key}: each end must be in {interval}, got {list(span)}")
             effects[name] = Effect(float(spec.get("p", current.p)), span)  # type: ignore[arg-type]
         for name, eff in effects.items():
             if not 0.0 <= eff.p <= 1.0:

@@ -135,7 +135,7 @@ def _draws_backslash(path: str, index: int) -> bool:
     strongly; ₩ and ¥ are symmetric (about 0) and a slash runs the other way (about -0.9).
     Every installed face with a true backslash, obliques included, measures 0.66 or more.
     """
-    font = ImageFont.truetype(path, 64, index=index, layout_engine=ImageFont.Layout.BASIC)
+    font = load_font(FontFace(path, index), 64)
     image = Image.new("L", (160, 160), 0)
     ImageDraw.Draw(image).text((32, 16), "\\", font=font, fill=255)
     ys, xs = np.nonzero(np.asarray(image) > 127)
