@@ -216,6 +216,10 @@ def measure(params: dict[str, Any], args: argparse.Namespace, work: Path) -> dic
     return result
 
 
+SET_BY_FLAGS = {"steps": "--max-steps (the deadline sets the rest)", "val_every": "--validations",
+                "device": "--device", "base": "--base"}
+
+
 def train_overrides(pairs: list[str]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs (values read as YAML) naming fields of TrainConfig; a clear error otherwise."""
     defaults = {f.name: f.default for f in fields(TrainConfig)}
@@ -231,6 +235,8 @@ def train_overrides(pairs: list[str]) -> dict[str, Any]:
                 value = float(value)  # YAML 1.1 reads 5e-4 as a string
             except (TypeError, ValueError):
                 raise SystemExit(f"--set {pair!r}: {key} takes a number") from None
+        if key in SET_BY_FLAGS:
+            raise SystemExit(f"--set {pair!r}: the instalment sets {key} itself; use {SET_BY_FLAGS[key]}")
         out[key] = value
     return out
 

@@ -63,15 +63,20 @@ def iou(a: Corners, b: Corners) -> float:
 
 def in_image(words: list[Word], width: int, height: int) -> list[Word | None]:
     """Each word with its box clamped to a ``width`` x ``height`` image, or None where nothing of it
-    lies inside; the words as they are when the size is unknown (0).
+    lies inside or the box holds a NaN or infinite number; the words as they are when the size is
+    unknown (0).
 
     >>> in_image([Word((-5, 2, 20, 10), "김해시"), Word((120, 0, 9, 9), "밖")], 100, 50)
     [Word(bbox=(0, 2, 15, 10), text='김해시', score=None), None]
     """
-    if width <= 0 or height <= 0:
-        return list(words)
     kept: list[Word | None] = []
     for word in words:
+        if not all(math.isfinite(v) for v in word.bbox):  # max(0, nan) is 0: a whole-page word
+            kept.append(None)
+            continue
+        if width <= 0 or height <= 0:
+            kept.append(word)
+            continue
         x0, y0, x1, y1 = word.corners
         x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
         kept.append(replace(word, bbox=(x0, y0, x1 - x0, y1 - y0)) if x1 > x0 and y1 > y0 else None)
@@ -227,19 +232,29 @@ def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     ``missing_predictions`` (gt pages with no prediction file).
     """
     gt_root, pred_root = Path(gt_dir), Path(pred_dir)
+    gt_paths = list(iter_page_files(gt_root))
+    claimed = {pred_root / p.relative_to(gt_root) for p in gt_paths}  # taken by their own page
     by_stem: dict[str, list[Path]] = {}
     for path in iter_page_files(pred_root):
-        by_stem.setdefault(path.stem, []).append(path)
+        if path not in claimed:
+            by_stem.setdefault(path.stem, []).append(path)
+    unmatched_stems: dict[str, list[Path]] = {}
+    for path in gt_paths:
+        if not (pred_root / path.relative_to(gt_root)).is_file():
+            unmatched_stems.setdefault(path.stem, []).append(path)
     scores: list[PageScore] = []
     gts: list[str] = []
     preds: list[str] = []
     missing = 0
-    for gt_path in iter_page_files(gt_root):
+    for gt_path in gt_paths:
         pred_path: Path | None = pred_root / gt_path.relative_to(gt_root)
         if not pred_path.is_file():
             same_stem = by_stem.get(gt_path.stem, [])
             if len(same_stem) > 1:
                 raise ValueError(f"{gt_path}: several predictions share its stem: {same_stem}")
+            if same_stem and len(unmatched_stems[gt_path.stem]) > 1:
+                raise ValueError(f"{same_stem[0]}: its stem fits several pages with no prediction at their own "
+                                 f"path: {unmatched_stems[gt_path.stem]}")
             pred_path = same_stem[0] if same_stem else None
         gt_page = read_page(gt_path)
         pred_words = read_page(pred_path).words if pred_path is not None else []

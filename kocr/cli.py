@@ -398,9 +398,14 @@ def cmd_score(args: argparse.Namespace) -> None:
     for flag, folder in (("--gt", args.gt), ("--pred", args.pred)):
         if not Path(folder).is_dir():  # else every page would score as missing and print zeros
             raise CommandError(f"{flag} {folder}: " + ("not a folder" if Path(folder).exists() else "no such folder"))
+    from training.data.pages import iter_page_files
+
     scores = score_folders(args.gt, args.pred, args.iou)
     if not scores["pages"]:
-        raise CommandError(f"--gt {args.gt}: no page JSON under it to score")
+        files = sum(1 for _ in iter_page_files(args.gt))
+        raise CommandError(f"--gt {args.gt}: " + (f"{files} page JSON files under it, none with a labelled word "
+                                                  "inside its image (e2e scores are averaged over such pages)"
+                                                  if files else "no page JSON under it to score"))
     print(json.dumps(scores, indent=1))
 
 

@@ -59,6 +59,9 @@ def test_score_of_a_missing_or_empty_folder_is_an_error_not_zeros(tmp_path, caps
     assert main(["score", "--gt", str(tmp_path / "empty"), "--pred", str(tmp_path / "empty")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and "no page JSON under it" in captured.err
+    write_page(Page("q.jpg", 100, 100, [Word((0, 0, 40, 20), "")]), tmp_path / "gt" / "q.json")  # empty text only
+    assert main(["score", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "empty")]) == 2
+    assert "1 page JSON files under it, none with a labelled word inside its image" in capsys.readouterr().err
 
 
 def test_a_misspelt_detector_setting_is_refused_not_run_with_easyocrs_default(tmp_path, monkeypatch, capsys):

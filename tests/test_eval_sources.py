@@ -135,3 +135,14 @@ def test_evaluate_models_reads_the_extracted_images(sources, tmp_path):
     prediction = read_page(tmp_path / "pred" / "base" / from_zip[0].name)  # under its splits.json name
     assert prediction.image_name == from_zip[0].page.image_name and prediction.words  # CRAFT found text
     assert scored.metrics["crops"] == len(from_zip[0].page.words) > 0
+
+
+def test_a_test_page_word_with_a_nan_or_infinite_box_is_left_out_not_a_crash():
+    # prepare reports such a word (bad_annotation) and keeps its page, so the test split can hold it
+    from training.data.pages import Page, Word
+
+    nan, inf = float("nan"), float("inf")
+    page = Page("p.jpg", 200, 60, [Word((10, 10, 40, 20), "서울"), Word((nan, 10, 40, 20), "시청"),
+                                   Word((10, 10, inf, 20), "구청")])
+    boxes, texts = evaluate.gt_boxes(page, (60, 200), 0.1)  # was int(round(nan)): ValueError
+    assert texts == ["서울"] and boxes == [[8, 52, 8, 32]]  # x0, x1, y0, y1 with the 2 px margin

@@ -232,9 +232,39 @@ def test_score_folders_prefers_relative_path_and_rejects_ambiguous_stem(tmp_path
     write_page(_page("x.jpg", [Word(A, "틀림")]), pred_dir / "s2" / "x.json")
     r = score_folders(gt_dir, pred_dir)
     assert (r["e2e_f1"], r["missing_predictions"]) == (1.0, 0)  # s1/x.json used, not s2
-    write_page(_page("x.jpg", [Word(A, "가")]), gt_dir / "s3" / "x.json")  # stem x twice in pred
-    with pytest.raises(ValueError, match="stem"):
+    write_page(_page("x.jpg", [Word(A, "틀림")]), gt_dir / "s3" / "x.json")
+    r = score_folders(gt_dir, pred_dir)  # s2/x.json is the one unclaimed x: s3's, by stem
+    assert (r["e2e_f1"], r["missing_predictions"], r["pred_words"]) == (1.0, 0, 2)
+    write_page(_page("x.jpg", [Word(A, "나")]), pred_dir / "s4" / "x.json")  # two unclaimed x predictions
+    with pytest.raises(ValueError, match="several predictions share its stem"):
         score_folders(gt_dir, pred_dir)
+
+
+def test_a_prediction_found_at_its_own_path_is_not_handed_to_another_page_by_stem(tmp_path):
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    write_page(_page("p.jpg", [Word(A, "서울")]), gt_dir / "a" / "p.json")
+    write_page(_page("p.jpg", [Word(B, "부산")]), gt_dir / "b" / "p.json")
+    write_page(_page("p.jpg", [Word(A, "서울")]), pred_dir / "a" / "p.json")  # b/p.json has no prediction
+    r = score_folders(gt_dir, pred_dir)
+    # a: F1 1; b: nothing predicted, F1 0 -> macro .5; micro score 1, |P| 1, |G| 2 -> P 1, R .5, F1 2/3
+    assert (r["missing_predictions"], r["pred_words"]) == (1, 1)  # was 0 and 2: a's words scored twice
+    assert r["e2e_f1"] == pytest.approx(0.5) and r["e2e_f1_micro"] == pytest.approx(2 / 3)
+    write_page(_page("p.jpg", [Word(B, "부산")]), gt_dir / "c" / "p.json")
+    write_page(_page("p.jpg", [Word(B, "부산")]), pred_dir / "p.json")  # fits b and c alike
+    with pytest.raises(ValueError, match="fits several pages"):
+        score_folders(gt_dir, pred_dir)
+
+
+def test_a_box_holding_nan_or_infinity_is_ignored_not_a_whole_page_word():
+    # Python's JSON reader takes NaN and Infinity; max(0, nan) is 0 and min(100, nan) is 100
+    nan, inf = float("nan"), float("inf")
+    gt = Page("p.jpg", 100, 50, [Word((10, 10, 30, 10), "서울"), Word((nan, 10, 40, 20), "시청"),
+                                 Word((0, 0, inf, 20), "구청")])
+    whole_page = Word((0, 0, 100, 50), "시청")
+    s = score_page(gt, [Word((10, 10, 30, 10), "서울"), whole_page])
+    # 서울 matches; the broken words are ignored like empty ones; the whole-page box is a false positive
+    assert (s.n_gt, s.n_pred, s.matched) == (1, 2, 1) and s.f1 == pytest.approx(2 / 3)
+    assert score_page([Word((nan, 0, 5, 5), "가")], [Word(A, "가")]).n_gt == 0  # no page size either
 
 
 def test_sign_test_matches_the_exact_binomial_test():

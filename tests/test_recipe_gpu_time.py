@@ -109,6 +109,9 @@ def test_instalment_knobs_are_checked_before_any_rendering():
             probe.train_overrides([bad])
     with pytest.raises(SystemExit, match="lr takes a number"):
         probe.train_overrides(["lr=fast"])
+    for knob, flag in [("steps", "--max-steps"), ("val_every", "--validations"), ("base", "--base")]:
+        with pytest.raises(SystemExit, match=f"sets {knob} itself; use {flag}"):  # the instalment overwrote it
+            probe.train_overrides([f"{knob}=100"])
 
 
 def test_memory_cap_is_refused_without_a_cuda_device():

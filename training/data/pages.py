@@ -241,7 +241,10 @@ def nfc(text: str) -> str:
 
 
 def clip_box(bbox: BBox, width: int, height: int) -> tuple[int, int, int, int] | None:
-    """Clamp an (x, y, w, h) box to the image; returns integer (x0, y0, x1, y1) or None if empty."""
+    """Clamp an (x, y, w, h) box to the image; returns integer (x0, y0, x1, y1) or None if empty
+    (or not a box at all: a NaN or infinite number, which JSON readers accept)."""
+    if not all(math.isfinite(v) for v in bbox):
+        return None
     x, y, w, h = bbox
     x0, y0 = max(0, int(round(x))), max(0, int(round(y)))
     x1, y1 = min(width, int(round(x + w))), min(height, int(round(y + h)))
