@@ -28,6 +28,7 @@ from evaluation.fast_cpu import accelerate
 from kocr.easyocr_compat import import_easyocr, offline_model_dir
 from training.checkpoint import LoadedRecognizer, ModelSpecError
 from training.data.pages import Page, Word
+from training.data.pixels import mend
 from training.data.transforms import align_collate, collate_crops
 
 
@@ -246,26 +247,12 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
 def mended_pixels(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     """(RGB, grey) for an image EasyOCR would read wrongly (EXIF-rotated, 16-bit, transparent), else None."""
     import cv2
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(path) as image:
-        turned = image.getexif().get(0x0112, 1) != 1
-        deep = image.mode.startswith(("I", "F"))  # I;16 (16-bit PNG, TIFF), I (32-bit), F (float)
-        clear = image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
-        if clear:  # only where the colours alone hold no text (it is all in the alpha): else as EasyOCR
-            colours = image.convert("RGBA").getextrema()[:3]
-            clear = all(low == high for low, high in colours)
-        if not (turned or deep or clear):
+        upright = mend(image)
+        if upright is None:
             return None
-        upright = ImageOps.exif_transpose(image)
-        if deep:  # 16-bit (or float) samples, to 8 bits by their own range
-            samples = np.asarray(upright, dtype=np.float64)
-            top = 65535.0 if samples.max() > 255 else 255.0
-            upright = Image.fromarray(np.clip(samples * 255.0 / top, 0, 255).round().astype(np.uint8))
-        if clear:
-            rgba = upright.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            upright = Image.alpha_composite(white, rgba)
         rgb = np.asarray(upright.convert("RGB"))
     return rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
 

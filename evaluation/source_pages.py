@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from kocr.atomic import atomic_path
 from training.data.pages import Page, parse_page
-from training.data.sources import Member, SourceIndex, read_member, scan_source
+from training.data.sources import Member, SourceIndex, check_source_folder, read_member, scan_source
 
 DEFAULT_CACHE = Path(".kocr") / "eval-images"
 CHUNK = 1 << 20
@@ -59,8 +59,7 @@ def split_pages(source: str | os.PathLike, splits_file: str | os.PathLike, split
     Raises FileNotFoundError naming the page or image that is gone since prepare ran.
     """
     source = Path(source)
-    if not source.is_dir():
-        raise FileNotFoundError(f"{source}: source folder does not exist")
+    check_source_folder(source)
     cache = Path(cache) if cache is not None else DEFAULT_CACHE
     names = split_names(splits_file, split)[:limit]
     found: dict[str, tuple[Page, Path]] = {}

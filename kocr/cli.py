@@ -92,7 +92,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from training.data.prepare import PrepareConfig, prepare_pages
 
     params = load_params()
-    knobs = {**params.get("prepare", {}), **({"workers": args.workers} if args.workers else {})}
+    knobs = {**params.get("prepare", {}), **({"workers": args.workers} if args.workers is not None else {})}
     config = PrepareConfig.from_params(knobs)
     with stage_run("prepare", {"prepare": knobs, "data": params.get("data", {})}):
         log_dataset(args.src, context="source")
@@ -414,12 +414,17 @@ def _scored_models(args: argparse.Namespace) -> dict[str, str]:
     return {spec: spec for spec in [*args.model, *(args.baseline or [])]}
 
 
-def _count(text: str) -> int:
-    """argparse type: a whole number >= 0."""
+def _count(text: str, least: int = 0) -> int:
+    """argparse type: a whole number >= 0 (>= ``least``)."""
     value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {value}")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"expected a count >= {least}, got {value}")
     return value
+
+
+def _processes(text: str) -> int:
+    """argparse type: a number of processes, 1 or more."""
+    return _count(text, least=1)
 
 
 def _out_folder(out: str | None) -> None:
@@ -561,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--metrics", help="write flat counts here (a DVC metrics file)")
-    p.add_argument("--workers", type=int, help="cropping processes (default: prepare.workers; same output)")
+    p.add_argument("--workers", type=_processes, help="cropping processes (default: prepare.workers; same output)")
 
     p = add("train", cmd_train, "fine-tune the recogniser (train: and model: in params.yaml)")
     p.add_argument("--data", required=True, help="folder with train/ and val/ LMDB sets")

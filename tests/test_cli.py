@@ -243,3 +243,12 @@ def test_predict_writes_every_readable_page_and_refuses_outputs_that_clash(sampl
     assert main(["predict", str(good[0]), str(tmp_path / "b" / good[0].name), "--model", "english_g2",
                  "--out", str(tmp_path / "clash")]) == 2
     assert "would both be written to" in capsys.readouterr().err and not (tmp_path / "clash").exists()
+
+
+def test_prepare_workers_from_the_command_line_are_checked_there(tmp_path, capsys):
+    from kocr.cli import main
+
+    for bad in ("0", "-2"):  # 0 fell back to prepare.workers; -2 was blamed on params.yaml
+        with pytest.raises(SystemExit) as exit_:
+            main(["prepare-aihub", "--src", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", bad])
+        assert exit_.value.code == 2 and f"expected a count >= 1, got {bad}" in capsys.readouterr().err

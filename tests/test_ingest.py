@@ -385,7 +385,8 @@ def test_unreadable_archive_and_twice_claimed_image_are_reported(pages, tmp_path
     report = _run(src, tmp_path / "out")
     skipped = report["skipped"]
     assert report["pages_used"] == 2
-    assert skipped["image_used_twice"]["examples"] == ["page_00000.json (already copy_of_0.json)"]
+    # copy_of_0.json comes first by name, but page_00000.jpg is page_00000.json's by its stem
+    assert skipped["image_used_twice"]["examples"] == ["copy_of_0.json (already page_00000.json)"]
     [broken] = skipped["archive_unreadable"]["examples"]
     assert broken.startswith("[원천]broken.zip: ")
 
@@ -624,3 +625,87 @@ def test_bad_knobs_name_the_params_key():
         PrepareConfig(stratify="folder")
     with pytest.raises(ValueError, match="prepare.shard_size"):
         PrepareConfig(shard_size=0)
+
+
+def test_a_label_that_copied_another_pages_image_name_leaves_that_image_to_its_own_page(pages, tmp_path):
+    (stem, page, jpg), (_, other, _) = _aihub_pages(pages)[:2]
+    src = tmp_path / "aihub"
+    _mirrored(src, "Training", stem, page, jpg)
+    label = src / "Training" / "01.라벨링데이터(Json)" / "민원" / "1111111" / "2000" / "1111111-2000-0001-0001.json"
+    label.parent.mkdir(parents=True)
+    other.image_name = page.image_name  # file.name pasted from the other page; sorts first (민원 < 인.허가)
+    label.write_bytes(_page_json(other))
+    report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    written = [label for label, _ in _samples(tmp_path / "out", "train")]
+    # was: the 민원 label cropped its own words from this page's image, and this page was skipped
+    assert written == [unicodedata.normalize("NFC", w.text) for w in page.words if w.text.strip()]
+    assert report["skipped"]["image_used_twice"]["examples"] == [
+        f"Training/01.라벨링데이터(Json)/민원/1111111/2000/1111111-2000-0001-0001.json (already "
+        f"Training/01.라벨링데이터(Json)/{CATEGORY}/{CODE}/{YEAR}/{stem}.json)"]
+
+
+def test_an_out_whose_split_folders_hold_the_source_is_refused_and_the_source_kept(pages, tmp_path):
+    for src, out in ((tmp_path / "data" / "train", tmp_path / "data"),  # the user's pages in data/train
+                     (tmp_path / "d2" / "val" / "aihub", tmp_path / "d2")):
+        shutil.copytree(pages, src)
+        before = sorted(p.name for p in src.iterdir())
+        with pytest.raises(ValueError, match=r"lies in .*(train|val), which prepare empties"):
+            _run(src, out)
+        assert sorted(p.name for p in src.iterdir()) == before  # was: every page deleted, then "image_corrupt"
+    assert _run(tmp_path / "data" / "train", tmp_path)["pages_used"] == 8  # <tmp>/train is not the source
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        _run(src / "page_00000.jpg", tmp_path / "out")
+
+
+def test_an_empty_or_non_image_file_is_reported_in_words_that_do_not_change_between_runs(pages, tmp_path):
+    src = tmp_path / "src"
+    data = _one_page(pages, src)
+    (src / "p.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    (src / "p.jpg").write_bytes(b"")
+    for name, body in (("q", b"<html>404</html>"),):
+        data["images"][0]["image.file.name"] = f"{name}.jpg"
+        (src / f"{name}.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+        (src / f"{name}.jpg").write_bytes(body)
+    reports = [(tmp_path / f"out{i}" / "report.json") for i in range(2)]
+    for i, path in enumerate(reports):
+        _run(src, path.parent, workers=1 + i)
+    assert reports[0].read_bytes() == reports[1].read_bytes()  # was: PIL's message held a memory address
+    assert json.loads(reports[0].read_text(encoding="utf-8"))["skipped"]["image_corrupt"]["examples"] == [
+        "p.jpg: the file is empty", "q.jpg: not an image in a format PIL reads (or its header is damaged)"]
+
+
+def test_a_page_over_the_decompression_bomb_limit_is_too_large_not_corrupt(pages, tmp_path, monkeypatch):
+    from PIL import Image
+
+    src = tmp_path / "src"
+    (src / "p.json").parent.mkdir()
+    data = _one_page(pages, tmp_path / "one")
+    shutil.copytree(tmp_path / "one", src, dirs_exist_ok=True)
+    (src / "p.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 480 * 360 // 3)  # errors past twice this: a 480x360 page
+    report = _run(src, tmp_path / "out")
+    [entry] = report["skipped"]["image_too_large"]["examples"]
+    assert entry.startswith("p.jpg: Image size (172800 pixels) exceeds limit") and "Scale the scan down" in entry
+    assert "image_corrupt" not in report["skipped"]
+
+
+def test_text_drawn_only_in_alpha_is_cropped_as_evaluation_reads_it_not_black(pages, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from evaluation.reader import mended_pixels
+    from training.data.prepare import load_grey
+
+    src = tmp_path / "src"
+    data = _one_page(pages, src)
+    grey = np.asarray(Image.open(src / "p.jpg").convert("L"))
+    rgba = np.zeros((*grey.shape, 4), np.uint8)
+    rgba[..., 3] = 255 - grey  # black ink, all of it in the alpha channel (a logo export)
+    Image.fromarray(rgba, "RGBA").save(src / "p.png")
+    (src / "p.jpg").unlink()
+    data["images"][0]["image.file.name"] = "p.png"
+    (src / "p.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    assert np.array_equal(load_grey(src / "p.png"), mended_pixels(src / "p.png")[1])  # was: all 0
+    _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    crops = [np.frombuffer(image, np.uint8) for _, image in _samples(tmp_path / "out", "train")]
+    assert crops and all(c.max() - c.min() > 100 for c in crops)  # ink on paper, not black on black

@@ -30,7 +30,8 @@ PLUMBING = {"kocr/cli.py", "kocr/params.py", "kocr/tracking.py", "kocr/dvc_hashe
             "kocr/redact.py", "kocr/atomic.py"}
 # train logs an MLflow model whose reading code (pages, detection) changes what it reads, not the weights
 NOT_RETRAINED_FOR = {"train": {"evaluation/pyfunc_model.py", "evaluation/reader.py", "evaluation/fast_cpu.py",
-                               "kocr/easyocr_compat.py", "training/data/pages.py"}}
+                               "kocr/easyocr_compat.py", "training/data/pages.py",
+                               "training/data/pixels.py"}}
 
 
 def _module_file(name: str) -> str | None:

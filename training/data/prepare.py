@@ -46,14 +46,15 @@ from typing import Any, Callable, Iterable, Iterator
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from kocr.atomic import sweep_stale, write_json
 from training.charset import Charset
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page
-from training.data.sources import Member, SourceIndex, read_member, scan_source
+from training.data.pixels import mend
+from training.data.sources import Member, SourceIndex, image_fit, read_member, scan_source
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_KEPT = 10
@@ -136,19 +137,16 @@ class Report:
 
 
 def load_grey(source: str | os.PathLike | bytes) -> np.ndarray:
-    """Open an image (a path or its bytes) whatever its mode (CMYK, 16-bit, palette), apply EXIF
-    rotation, return uint8 grey. Colour JPEGs are decoded straight to grey (libjpeg's luma, what
+    """Open an image (a path or its bytes) whatever its mode (CMYK, 16-bit, palette), return uint8
+    grey mended as the evaluation reads it (``training.data.pixels.mend``: EXIF turn, deep samples,
+    text only in alpha). Colour JPEGs are decoded straight to grey (libjpeg's luma, what
     ``cv2.imread(path, cv2.IMREAD_GRAYSCALE)`` gives), twice as fast as decoding RGB and converting."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         if img.format == "JPEG" and img.mode in ("RGB", "L"):
             img.draft("L", img.size)
         img.load()
-        if img.getexif().get(0x0112, 1) != 1:
-            img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            span = max(arr.max() - arr.min(), 1.0)
-            return ((arr - arr.min()) / span * 255).astype(np.uint8)
+        mended = mend(img)
+        img = img if mended is None else mended
         return np.asarray(img if img.mode == "L" else img.convert("L"))
 
 
@@ -275,15 +273,31 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
         return None, None, [("image_missing", label.name)]
     image = index.images[found]
     entries = [("image_ambiguous", f"{label.name} -> {image.name}")] if ambiguous else []
+    image_bytes = None
     try:  # a cheap integrity check, so a broken image never takes a page's place in a split
         image_bytes = read_member(root, image)
         with Image.open(io.BytesIO(image_bytes)) as img:
             img.verify()
     except IMAGE_ERRORS as exc:
-        return None, found, entries + [("image_corrupt", f"{image.name}: {type(exc).__name__}: {exc}"[:300])]
+        return None, found, entries + [image_problem(image.name, image_bytes, exc)]
     digest = hashlib.blake2b(label_bytes, digest_size=16)
     digest.update(image_bytes)
     return PageMeta(label.name, label, image, page.category, digest.hexdigest()), found, entries
+
+
+def image_problem(name: str, data: bytes | None, exc: Exception) -> tuple[str, str]:
+    """The report entry for an image that does not open: ``image_too_large`` for a page over PIL's
+    decompression-bomb limit, else ``image_corrupt`` with why in words that stay the same from run to
+    run (PIL's own message for an unidentified file holds a memory address)."""
+    if isinstance(exc, Image.DecompressionBombError):
+        return "image_too_large", f"{name}: {exc} Scale the scan down to use it"[:300]
+    if data is not None and not data:
+        why = "the file is empty"
+    elif isinstance(exc, UnidentifiedImageError):
+        why = "not an image in a format PIL reads (or its header is damaged)"
+    else:
+        why = f"{type(exc).__name__}: {exc}"
+    return "image_corrupt", f"{name}: {why}"[:300]
 
 
 def _encode(crop: np.ndarray, suffix: str) -> bytes:
@@ -351,13 +365,15 @@ def _crop_page_or_raise(meta: PageMeta) -> tuple[list[tuple[bytes, str]], list[t
     root, config = _WORKER["root"], _WORKER["config"]
     entries = _Entries()
     bad: list[tuple[int, str]] = []
+    image_bytes = None
     try:
         page = parse_page(read_member(root, meta.label), meta.name, bad=bad)
-        grey = load_grey(read_member(root, meta.image))
+        image_bytes = read_member(root, meta.image)
+        grey = load_grey(image_bytes)
     except PageError as exc:  # changed since the scan
         return [], [(exc.reason, f"{meta.name}: {exc.detail}"[:300])], False
     except IMAGE_ERRORS as exc:
-        return [], [("image_corrupt", f"{meta.image.name}: {type(exc).__name__}: {exc}"[:300])], False
+        return [], [image_problem(meta.image.name, image_bytes, exc)], False
     for i, detail in bad:
         entries.add("bad_annotation", f"{meta.name}#{i}: {detail}"[:300])
     crops = _page_crops(page, grey, meta.name, _WORKER["charset"], config, entries)  # type: ignore[arg-type]
@@ -536,11 +552,17 @@ def _scan(src: Path, pool: Executor | None, progress: bool, index: SourceIndex) 
                                               desc="scan", unit="page", disable=not progress):
         report.extend(entries)
         scanned.append((label, meta, image))
-    for label, meta, image in scanned:  # usable pages take their images first, in label order
+    owner: dict[int, Member] = {}  # usable pages take their images first: the label that fits one best
+    for label, meta, image in scanned:  # (the same stem, then folders), then the first in label order
         if meta is None or image is None:
             continue
-        if image in claimed:
-            report.add("image_used_twice", f"{label.name} (already {claimed[image]})")
+        if image not in owner or image_fit(label, index.images[image]) > image_fit(owner[image], index.images[image]):
+            owner[image] = label
+    for label, meta, image in scanned:
+        if meta is None or image is None:
+            continue
+        if owner[image] is not label:
+            report.add("image_used_twice", f"{label.name} (already {owner[image].name})")
             continue
         claimed[image] = label.name
         pages.append(meta)
@@ -561,6 +583,11 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         raise PrepareConfigError(f"{out}: --out exists and is not a folder")
     if src.is_dir() and out.resolve() == src.resolve():
         raise PrepareConfigError(f"{out}: --out is the source folder; write the crops beside it (e.g. data/prepared)")
+    for split in SPLITS:  # prepare empties these of what it did not write: never a source below them
+        held = out.resolve() / split
+        if src.resolve() == held or held in src.resolve().parents:
+            raise PrepareConfigError(f"--src {src} lies in {out / split}, which prepare empties of the files it did "
+                                     "not write; pick another --out (e.g. data/prepared)")
     index = scan_source(src, exclude=out)
     charset = Charset.from_spec(config.charset)
     pool = None

@@ -96,20 +96,32 @@ def _folders(member: Member) -> list[str]:
     return [_key(p) for p in PurePosixPath(member.name).parts[:-1]]
 
 
+def _folder_fit(label: Member, image: Member) -> tuple[int, int]:
+    """How many trailing folders the two share, then how many folders in all."""
+    mine, theirs = _folders(label), _folders(image)
+    tail = 0
+    while tail < min(len(mine), len(theirs)) and mine[-1 - tail] == theirs[-1 - tail]:
+        tail += 1
+    return tail, len(set(mine) & set(theirs))
+
+
+def image_fit(label: Member, image: Member) -> tuple[bool, int, int]:
+    """How well ``image`` fits ``label`` beyond being named by it: the same stem, then the folders
+    they share (as :func:`_closest` ranks them); the larger fits better. Two labels that claim one
+    image (one copied the other's ``file.name``) leave it to the label that fits it."""
+    same_stem = _key(PurePosixPath(label.name).stem) == _key(PurePosixPath(image.name).stem)
+    return (same_stem, *_folder_fit(label, image))
+
+
 def _closest(label: Member, candidates: list[int], images: list[Member],
              named: set[int] = frozenset()) -> tuple[int, bool]:
     """The candidate whose folders share the longest tail (then most folders) with the label's, then
     one the label names; ambiguous when the best two tie on all three."""
     if len(candidates) == 1:
         return candidates[0], False
-    mine = _folders(label)
 
     def score(i: int) -> tuple[int, int, bool]:
-        theirs = _folders(images[i])
-        tail = 0
-        while tail < min(len(mine), len(theirs)) and mine[-1 - tail] == theirs[-1 - tail]:
-            tail += 1
-        return tail, len(set(mine) & set(theirs)), i in named
+        return (*_folder_fit(label, images[i]), i in named)
 
     scored = sorted(((score(i), i) for i in candidates), key=lambda s: (-s[0][0], -s[0][1], not s[0][2], s[1]))
     return scored[0][1], len(scored) > 1 and scored[0][0] == scored[1][0]
@@ -201,13 +213,22 @@ def _first_visit(folder: Path, seen: set[Path]) -> bool:
     return True
 
 
+def check_source_folder(root: Path) -> None:
+    """FileNotFoundError naming ``root`` unless it is a folder (a zip given instead says so)."""
+    if root.is_dir():
+        return
+    if root.exists():
+        raise FileNotFoundError(f"{root}: is a file, not a folder; give the folder that holds the "
+                                "labels, images and zips")
+    raise FileNotFoundError(f"{root}: source folder does not exist")
+
+
 def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> SourceIndex:
     """Every label, image and stray entry under ``src`` (folders and zip archives), in a stable order.
 
     ``exclude``: a folder inside ``src`` to leave out (the stage's own output, when it lies there)."""
     root = Path(src)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: source folder does not exist")
+    check_source_folder(root)
     skip = Path(exclude).resolve() if exclude is not None else None
     index = SourceIndex(root)
     useful: set[str] = {""}

@@ -1,0 +1,56 @@
+"""Pixels as the models should see them: the images EasyOCR's own reading gets wrong, mended.
+
+EasyOCR reads a file with OpenCV, which ignores EXIF orientation, gives 16-bit and float samples
+to CRAFT unscaled, and drops alpha (a page whose text lives only in its alpha channel reads as
+black on black). ``prepare`` (training crops) and ``evaluation.reader`` (what models are scored
+on) both go through :func:`mend`, so the platform trains on the pixels it evaluates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageOps
+
+TRANSPARENT_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def needs_mending(image: Image.Image) -> bool:
+    """Whether :func:`mend` changes ``image``: an EXIF turn, deep samples, or text only in alpha."""
+    return (image.getexif().get(0x0112, 1) != 1 or image.mode.startswith(("I", "F"))
+            or _text_in_alpha(image))
+
+
+def _text_in_alpha(image: Image.Image) -> bool:
+    """Transparent, with colours that alone hold no text (one flat colour): other transparency is
+    dropped, as EasyOCR drops it."""
+    if image.mode not in TRANSPARENT_MODES and "transparency" not in image.info:
+        return False
+    return all(low == high for low, high in image.convert("RGBA").getextrema()[:3])
+
+
+def mend(image: Image.Image) -> Image.Image | None:
+    """``image`` upright, in 8 bits and laid over white where EasyOCR would read it wrongly; None where
+    it reads it as it is.
+
+    16-bit samples scale from 0-65535 and float ones from 0-1 (0-255 when they run past 1), not by
+    the image's own range: a faint scan stays faint, as it was captured.
+
+    >>> mend(Image.new("L", (4, 2))) is None
+    True
+    >>> deep = Image.fromarray(np.full((2, 4), 32768, np.int32)).convert("I")
+    >>> int(np.asarray(mend(deep)).max())  # half of 16-bit full scale
+    128
+    """
+    if not needs_mending(image):
+        return None
+    clear = _text_in_alpha(image)
+    upright = ImageOps.exif_transpose(image)
+    if image.mode.startswith(("I", "F")):
+        samples = np.asarray(upright, dtype=np.float64)
+        peak = samples.max(initial=0.0)
+        top = 65535.0 if peak > 255 else 1.0 if image.mode == "F" and peak <= 1.0 else 255.0
+        upright = Image.fromarray(np.clip(samples * 255.0 / top, 0, 255).round().astype(np.uint8))
+    if clear:
+        rgba = upright.convert("RGBA")
+        upright = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return upright
