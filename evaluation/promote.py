@@ -123,7 +123,7 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
                                 f"candidate_{metric}": candidate.score, "eval_data_hash": candidate.eval_data_hash,
                                 "min_delta": config.min_delta}
     if champion is None:
-        promoted, reason, champion_score = True, "no champion yet", None
+        promoted, reason, champion_score = True, "no champion before it: the first champion", None
     else:
         decision["champion_version"] = int(champion.version)
         same_set = champion.tags.get("eval_data_hash") == candidate.eval_data_hash

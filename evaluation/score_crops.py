@@ -69,7 +69,7 @@ class Crop:
         """Where the crop was listed, for messages: ``labels:line`` or ``labels: image word k``."""
         if self.box is None:
             return f"{labels}:{self.line}" if labels else str(self.image)
-        return f"{labels + ': ' if labels else ''}{self.image.name} word {self.line}"
+        return f"{f'{labels}: ' if labels else ''}{self.image.name} word {self.line}"
 
 
 def tsv_row(fields: list[str], where: str) -> str:

@@ -26,6 +26,7 @@ def _dump(data: Any, path: str | Path) -> None:
     write_text(path, json.dumps(data, ensure_ascii=False, indent=1) + "\n")  # whole or not at all
 
 
+CANDIDATE = "models/candidate/model.pt"  # what the train stage writes; kocr predict reads it by default
 SAMPLE_KEYS = ("fonts", "width", "height", "charset_name", "degrade", "contact_sheet")  # sample: -> generate_pages
 
 
@@ -83,6 +84,17 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
     print(f"synth-lines: wrote {summary['count']} images to {args.out} in {seconds:.1f} s"
           + (f", {summary['resumed']} of them kept from a killed run" if summary["resumed"] else "")
           + (f" (contact sheet {summary['contact_sheet']})" if summary["contact_sheet"] else ""))
+
+
+def cmd_import_crops(args: argparse.Namespace) -> None:
+    from training.data.import_crops import describe, import_crops
+
+    params = load_params(required=False)
+    knobs = params.get("prepare", {})
+    summary = import_crops(args.labels, args.out, charset=args.charset or knobs.get("charset", "korean_g2"),
+                           out_of_charset=args.out_of_charset or knobs.get("out_of_charset", "drop"),
+                           margin=_settings(params).add_margin)
+    print(describe(summary, args.out))
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:
@@ -345,7 +357,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
         mlflow.log_dict(decision, "promote.json")
         mlflow.set_tag("decision", decision["reason"])
     _dump(decision, args.out)
-    print(f"promote: {config.model_name} v{decision['candidate_version']} is challenger; {decision['reason']}")
+    role = "champion" if decision["promoted"] else "challenger"  # a promoted version is both; champion serves
+    print(f"promote: {config.model_name} v{decision['candidate_version']} is {role}; {decision['reason']}")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -497,6 +510,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         same = [str(image) for image, out in zip(args.images, outputs) if str(out) == clashes[0]]
         raise CommandError(f"{' and '.join(same)} would both be written to {clashes[0]}; read them into "
                            "different --out folders")
+    if args.model == CANDIDATE and not Path(CANDIDATE).is_file():
+        raise CommandError(f"--model defaults to the pipeline's candidate, {CANDIDATE}, and there is none here yet: "
+                           "run `dvc repro` first, or pass --model (ko_base, a checkpoint path, models:/…)")
     logged = args.model.startswith(("models:/", "runs:/"))
     if logged:
         # a registered or logged model is read through its MLflow pyfunc, with its own detector settings
@@ -609,12 +625,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", help="splits.json naming the pages of --parity-source to check")
     p.add_argument("--metrics", default="metrics/export.json", help="where the parity report goes")
 
+    p = add("import-crops", cmd_import_crops, "labelled word crops you have (a TSV: image, text; or a .json of "
+            "word boxes) as an LMDB set to train on (--data's train/ or val/, or train.mix)")
+    p.add_argument("--labels", required=True, help="TSV with a header (image, text), image paths relative to it; "
+                                                    "or a .json of word boxes as evaluate-crops reads")
+    p.add_argument("--out", required=True, help="the LMDB set to write (a new folder; a set there is replaced)")
+    p.add_argument("--charset", help="charset the labels must fit (default: prepare.charset, korean_g2)")
+    p.add_argument("--out-of-charset", choices=["drop", "keep"],
+                   help="rows with characters outside it (default: prepare.out_of_charset, drop)")
+
     p = add("score", cmd_score, "metrics of two folders of page JSON (ground truth, predictions)")
     p.add_argument("--gt", required=True)
     p.add_argument("--pred", required=True)
-    p.add_argument("--iou", type=float, default=0.5)
+    p.add_argument("--iou", type=float, default=0.5, help="IoU a predicted box needs to meet a labelled one (default 0.5)")
 
-    models_help = "recognisers to score: checkpoint path, english_g2, korean_g2, models:/… or runs:/… (several allowed)"
+    models_help = ("recognisers to score: checkpoint path, ko_base, english_g2, korean_g2, models:/… or runs:/… "
+                   "(several allowed)")
     p = add("evaluate-crops", cmd_evaluate_crops, "score recognisers on labelled word crops (a TSV: image, text) "
             "or on the word boxes of labelled images (a .json)")
     p.add_argument("--labels", required=True,
@@ -640,8 +666,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("predict", cmd_predict, "read page images; page JSON per image")
     p.add_argument("images", nargs="+")
-    p.add_argument("--model", default="models/candidate/model.pt")
-    p.add_argument("--out")
+    p.add_argument("--model", default=CANDIDATE,
+                   help="recogniser: checkpoint path (default: the pipeline's candidate, %(default)s), "
+                        "ko_base, english_g2, korean_g2, models:/… or runs:/…")
+    p.add_argument("--out", help="folder for one page JSON per image (default: print each page as one JSON line)")
     return parser
 
 
@@ -678,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.lmdb_store import LmdbWriteError, SetBusyError
     from training.data.pages import PageError
     from training.data.prepare import PrepareConfigError
+    from training.data.import_crops import CropImportError
     from training.data.degrade import SynthConfigError
     from evaluation.reader import UnreadableImage
     from kocr.locks import LockError
@@ -691,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
         with _terminate_as_exit():
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
-            ScoreInputError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
+            ScoreInputError, CropImportError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
             LockError, CommandError, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2

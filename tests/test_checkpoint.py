@@ -226,6 +226,26 @@ def test_state_dict_not_named_after_a_charset_is_rejected(tmp_path):
     assert str(path) in str(info.value) and "named after" in str(info.value)
 
 
+def test_a_trainer_checkpoint_wrapping_its_weights_names_the_file_and_the_key(tmp_path):
+    path = tmp_path / "korean_g2.pth"  # EasyOCR's trainer saves {"model": ..., "optimizer": ...} in places
+    torch.save({"model": _tiny_model(ENGLISH).state_dict(), "optimizer": {}}, path)
+    with pytest.raises(ModelSpecError) as info:
+        load_recognizer(str(path))
+    assert str(info.value).startswith(f"{path}: not an EasyOCR gen-2")  # was: no path at all
+    assert "under 'model'" in str(info.value)
+
+
+def test_a_missing_pretrained_file_lists_every_place_looked_in(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("EASYOCR_MODULE_PATH", str(tmp_path / "easyocr_home"))
+    with pytest.raises(ModelSpecError) as info:
+        load_recognizer("korean_g2")
+    for place in ckpt.pretrained_places("korean_g2"):
+        assert str(place) in str(info.value)
+    assert str(tmp_path / "easyocr_home" / "model" / "korean_g2.pth") in str(info.value)  # was left out
+
+
 def test_checkpoint_whose_head_misfits_its_charset_is_rejected(tmp_path):
     path = tmp_path / "model.pt"
     save_checkpoint(path, _tiny_model(Charset("abcd")), Charset("abc", "abc"))

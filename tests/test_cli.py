@@ -252,3 +252,12 @@ def test_prepare_workers_from_the_command_line_are_checked_there(tmp_path, capsy
         with pytest.raises(SystemExit) as exit_:
             main(["prepare-aihub", "--src", str(tmp_path), "--out", str(tmp_path / "out"), "--workers", bad])
         assert exit_.value.code == 2 and f"expected a count >= 1, got {bad}" in capsys.readouterr().err
+
+
+def test_predict_without_a_candidate_says_how_to_get_one(tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)  # a fresh clone before dvc repro: no models/candidate/model.pt
+    assert main(["predict", "page.png"]) == 2
+    err = capsys.readouterr().err
+    assert "defaults to the pipeline's candidate, models/candidate/model.pt" in err and "--model" in err

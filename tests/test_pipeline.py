@@ -87,7 +87,8 @@ def test_every_stage_runs_and_writes_its_outputs(project):
     for rel in ("model/ko_ocr.pth", "user_network/ko_ocr.py", "user_network/ko_ocr.yaml", "README.md"):
         assert (bundle / rel).is_file(), rel
     promoted = json.loads((project / "metrics/promote.json").read_text())
-    assert promoted["promoted"] is True and promoted["reason"] == "no champion yet"
+    assert promoted["promoted"] is True and promoted["reason"] == "no champion before it: the first champion"
+    assert f"v{promoted['candidate_version']} is champion; no champion before it" in log  # was "is challenger"
 
 
 def test_one_parent_run_with_a_child_per_stage(project):

@@ -46,7 +46,7 @@ def test_champion_moves_only_when_beaten_and_rescored_on_a_new_set(logged_uris, 
     client = mlflow.MlflowClient()
 
     first = promote(_candidate(uris[0], 0.40), config, _no_rescore)
-    assert first["promoted"] and first["reason"] == "no champion yet"
+    assert first["promoted"] and first["reason"] == "no champion before it: the first champion"
 
     # 0.44 beats 0.40 but not by min_delta 0.05: champion stays, challenger moves
     second = promote(_candidate(uris[1], 0.44), config, _no_rescore)

@@ -119,16 +119,20 @@ def _shipped_path(name: str) -> Path:
     return found[0]
 
 
-def _pretrained_path(name: str) -> Path | None:
-    """Where a pretrained EasyOCR file can be found on this machine, if anywhere."""
+def pretrained_places(name: str) -> list[Path]:
+    """Where a pretrained EasyOCR file is looked for, in order."""
     from kocr.easyocr_compat import offline_model_dir
 
     candidates = [Path(offline_model_dir()) / f"{name}.pth"]
     module_path = os.environ.get("EASYOCR_MODULE_PATH") or os.environ.get("MODULE_PATH")
     if module_path:
         candidates.append(Path(module_path) / "model" / f"{name}.pth")
-    candidates += [Path("models/pretrained") / f"{name}.pth", Path.home() / ".EasyOCR/model" / f"{name}.pth"]
-    return next((p for p in candidates if p.is_file()), None)
+    return candidates + [Path("models/pretrained") / f"{name}.pth", Path.home() / ".EasyOCR/model" / f"{name}.pth"]
+
+
+def _pretrained_path(name: str) -> Path | None:
+    """Where a pretrained EasyOCR file can be found on this machine, if anywhere."""
+    return next((p for p in pretrained_places(name) if p.is_file()), None)
 
 
 def reading_store(uri: str) -> str:
@@ -200,7 +204,8 @@ def _resolve_file(spec: str) -> Path:
     if spec in BUILTIN_CHARSETS:
         found = _pretrained_path(spec)
         if found is None:
-            raise ModelSpecError(f"pretrained {spec}.pth not found (put it in ~/.EasyOCR/model or models/pretrained)")
+            raise ModelSpecError(f"pretrained {spec}.pth not found; looked in "
+                                 + ", ".join(str(p) for p in pretrained_places(spec)))
         return found
     raise ModelSpecError(f"unknown model {spec!r}: not a file, not a models:/ or runs:/ URI, "
                          f"not a pretrained name ({', '.join([*BUILTIN_CHARSETS, *SHIPPED_MODELS])})")
@@ -224,7 +229,13 @@ def load_recognizer(spec: str, device: str = "cpu") -> LoadedRecognizer:
         charset = Charset(payload["charset"], payload.get("charset_name", "custom"))
     elif isinstance(payload, dict) and path.stem in BUILTIN_CHARSETS:
         charset = Charset.named(path.stem)
-        config = config_from_state_dict(payload)
+        try:
+            config = config_from_state_dict(payload)
+        except ModelSpecError as exc:
+            wrapped = [k for k in ("model", "state_dict", "net") if isinstance(payload.get(k), dict)]
+            hint = (f"; it holds the weights under {wrapped[0]!r}: save torch.load(...)[{wrapped[0]!r}] as the .pth"
+                    if wrapped else "")
+            raise ModelSpecError(f"{path}: {exc}{hint}") from None
         state_dict, meta = strip_module_prefix(payload), {"easyocr_file": str(path)}
     else:
         raise ModelSpecError(f"{path}: neither a kocr checkpoint nor an EasyOCR .pth named after "

@@ -1,0 +1,93 @@
+"""kocr import-crops: a user's labelled crops (TSV or box JSON) as an LMDB set the trainer reads."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.charset import Charset
+from training.crops import CropDataset
+from training.data.import_crops import REPORT, CropImportError, import_crops
+from training.data.lmdb_store import LmdbDataset
+from tests.conftest import realdata
+
+
+
+def _crop(path: Path, shade: int, size: tuple[int, int] = (96, 32)) -> None:
+    pixels = np.full((size[1], size[0]), 255, np.uint8)
+    pixels[8:24, 10:10 + shade // 4] = shade  # something to tell the crops apart
+    Image.fromarray(pixels).save(path)
+
+
+def test_crops_and_labels_arrive_in_order_as_the_reader_sees_them_and_train(tmp_path):
+    from evaluation.reader import load_image
+
+    crops = tmp_path / "mine"
+    (crops / "sub").mkdir(parents=True)
+    rows = [("a.png", "서울"), ("sub/b.png", unicodedata.normalize("NFD", "시청")), ("c.png", "를"), ("d.png", "평양")]
+    for i, (name, _) in enumerate(rows):
+        _crop(crops / name, 40 + 40 * i)
+    (crops / "broken.png").write_bytes(b"not a png")
+    body = "".join(f"{name}\t{text}\n" for name, text in rows) + "broken.png\t부산\n"
+    (crops / "labels.tsv").write_text("image\ttext\n" + body, encoding="utf-8")
+    summary = import_crops(crops / "labels.tsv", tmp_path / "set", progress=False)
+    # 를 is not in korean_g2 (EasyOCR's own list): dropped and named; the broken image skipped and named
+    assert summary["samples"] == 3 and summary["rows"] == 5
+    assert summary["skipped"]["out_of_charset"]["examples"] == [f"{crops / 'labels.tsv'}:4 '를'"]
+    assert summary["skipped"]["image_unreadable"]["examples"][0].startswith(f"{crops / 'labels.tsv'}:6: ")
+    assert json.loads((tmp_path / "set" / REPORT).read_text(encoding="utf-8")) == summary
+    data = LmdbDataset(tmp_path / "set")
+    assert [data.label(i) for i in range(len(data))] == ["서울", "시청", "평양"]  # NFC, in the TSV's order
+    for i, name in enumerate(["a.png", "sub/b.png", "d.png"]):
+        assert np.array_equal(data[i][0], load_image(crops / name)[1])
+    trainable = CropDataset(data, Charset.named("korean_g2"))
+    assert len(trainable) == 3 and not trainable.dropped
+    kept = import_crops(crops / "labels.tsv", tmp_path / "set", out_of_charset="keep", progress=False)
+    assert kept["samples"] == 4 and kept["skipped"]["out_of_charset"]["count"] == 1  # replaced, counted
+
+
+def test_a_box_json_is_cropped_like_evaluate_crops(tmp_path):
+    from evaluation.score_crops import load_crop, read_labels
+
+    labels = realdata("easyocr", "gt.json")
+    summary = import_crops(labels, tmp_path / "set", progress=False)
+    data = LmdbDataset(tmp_path / "set")
+    crops = read_labels(labels)
+    assert summary["samples"] == len(crops) == len(data) and [data.label(i) for i in range(len(data))][:2] == ["서울", "평양"]
+    assert all(np.array_equal(data[i][0], load_crop(c)) for i, c in enumerate(crops))
+
+
+def test_nothing_is_written_over_a_folder_that_is_not_a_set_or_when_nothing_is_left(tmp_path):
+    crops = tmp_path / "mine"
+    crops.mkdir()
+    _crop(crops / "a.png", 100)
+    (crops / "labels.tsv").write_text("image\ttext\na.png\t를\n", encoding="utf-8")
+    with pytest.raises(CropImportError, match="exists and is not an LMDB set"):
+        import_crops(crops / "labels.tsv", crops, progress=False)  # --out the crops' own folder
+    assert sorted(p.name for p in crops.iterdir()) == ["a.png", "labels.tsv"]
+    with pytest.raises(CropImportError, match=r"no crop left to import \(out_of_charset 1\)"):
+        import_crops(crops / "labels.tsv", tmp_path / "set", progress=False)
+    assert not (tmp_path / "set").exists() and not list(tmp_path.glob("set*"))
+    with pytest.raises(CropImportError, match="--charset: charset 'klingon'"):
+        import_crops(crops / "labels.tsv", tmp_path / "set", charset="klingon", progress=False)
+
+
+def test_the_command_prints_its_tally_and_refuses_in_one_line(tmp_path, capsys):
+    from kocr.cli import main
+
+    crops = tmp_path / "mine"
+    crops.mkdir()
+    _crop(crops / "a.png", 100)
+    shutil.copy(crops / "a.png", crops / "b.png")
+    (crops / "labels.tsv").write_text("image\ttext\na.png\t서울\nb.png\t를\n", encoding="utf-8")
+    assert main(["import-crops", "--labels", str(crops / "labels.tsv"), "--out", str(tmp_path / "set")]) == 0
+    out = capsys.readouterr().out
+    assert f"import-crops: 1 of 2 crops -> {tmp_path / 'set'}; skipped or kept with a note: out_of_charset 1" in out
+    assert main(["import-crops", "--labels", str(crops / "labels.tsv"), "--out", str(crops)]) == 2
+    assert "exists and is not an LMDB set" in capsys.readouterr().err

@@ -1,0 +1,108 @@
+"""Labelled word crops a user already has, as an LMDB training set (``kocr import-crops``).
+
+The input is what ``kocr evaluate-crops`` scores: a TSV with a header (``image``, ``text``) naming
+crop images relative to it, or a ``.json`` of word boxes on whole images. Each crop is stored as the
+greyscale PNG that ``easyocr.Reader`` would make of it (the reading path evaluation uses), under its
+NFC label, so the set trains as ``--data``'s ``train/`` or ``val/`` or in ``train.mix``.
+
+Rows the charset cannot express are dropped (or kept, ``out_of_charset: keep``) and unreadable
+images skipped; both are counted with their first places in ``import.json`` inside the set, like
+``prepare``'s report. The set is written beside ``out`` and moved in whole: a kill leaves none.
+
+Example:
+    >>> summary = import_crops("mycrops/labels.tsv", "data/own/train")   # doctest: +SKIP
+    >>> summary["samples"], summary["skipped"]                            # doctest: +SKIP
+    (412, {'out_of_charset': {'count': 3, 'examples': ['mycrops/labels.tsv:17 를 ...']}})
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+from tqdm import tqdm
+
+from training.charset import Charset
+from training.data.lmdb_store import LmdbWriter
+
+REPORT = "import.json"
+EXAMPLES_KEPT = 10
+
+
+class CropImportError(ValueError):
+    """Nothing usable to import, or a bad knob; names the file or the knob."""
+
+
+def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str = "korean_g2",
+                 out_of_charset: str = "drop", margin: float = 0.1, progress: bool = True) -> dict[str, Any]:
+    """Write the crops listed in ``labels`` as an LMDB set at ``out``; returns the report.
+
+    ``margin`` widens the boxes of a ``.json`` label file as EasyOCR widens detected boxes.
+    Raises ``ScoreInputError`` for a label file that cannot be read (naming its line) and
+    ``CropImportError`` when no crop is left to write."""
+    from evaluation.score_crops import ScoreInputError, load_crop, read_labels
+
+    if out_of_charset not in ("drop", "keep"):
+        raise CropImportError(f"out_of_charset: {out_of_charset!r} is not drop or keep")
+    try:
+        chars = Charset.from_spec(charset)
+    except ValueError as exc:
+        raise CropImportError(f"--charset: {exc}") from None
+    labels, out = Path(labels), Path(out)
+    if out.exists() and not (out / "data.mdb").is_file():  # replacing it would delete what it holds
+        raise CropImportError(f"--out {out}: exists and is not an LMDB set; give a new folder (a set there is replaced)")
+    crops = read_labels(labels, margin)
+    skipped: dict[str, dict[str, Any]] = {}
+
+    def skip(reason: str, where: str) -> None:
+        entry = skipped.setdefault(reason, {"count": 0, "examples": []})
+        entry["count"] += 1
+        if len(entry["examples"]) < EXAMPLES_KEPT:
+            entry["examples"].append(where[:300])
+
+    samples = 0
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with LmdbWriter(out) as writer:
+        for crop in tqdm(crops, desc="import-crops", unit="crop", disable=not progress):
+            where = crop.where(str(labels))
+            missing = chars.missing(crop.text)
+            if missing:
+                skip("out_of_charset", f"{where} {''.join(sorted(missing))!r}")
+                if out_of_charset == "drop":
+                    continue
+            try:
+                grey = load_crop(crop, str(labels))
+            except ScoreInputError as exc:
+                skip("image_unreadable", str(exc))
+                continue
+            if grey.size == 0:
+                skip("zero_area_box", where)
+                continue
+            ok, png = cv2.imencode(".png", grey)
+            if not ok:
+                skip("image_unreadable", f"{where}: cannot encode the crop as PNG")
+                continue
+            writer.add(png.tobytes(), crop.text)
+            samples += 1
+        if not samples:
+            raise CropImportError(f"{labels}: no crop left to import ({_tally(skipped) or 'no rows'}); "
+                               f"nothing written to {out}")
+        summary = {"labels": str(labels), "charset": chars.name, "rows": len(crops), "samples": samples,
+                   "skipped": skipped}
+        (writer.partial / REPORT).write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n",
+                                             encoding="utf-8")  # moved in with the set
+    return summary
+
+
+def _tally(skipped: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"{reason} {entry['count']}" for reason, entry in skipped.items())
+
+
+def describe(summary: dict[str, Any], out: str | os.PathLike) -> str:
+    """The one-line summary ``kocr import-crops`` prints."""
+    skipped = _tally(summary["skipped"])
+    return (f"import-crops: {summary['samples']} of {summary['rows']} crops -> {out}"
+            + (f"; skipped or kept with a note: {skipped} (first places in {Path(out) / REPORT})" if skipped else ""))
