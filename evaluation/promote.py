@@ -24,8 +24,16 @@ from typing import Any, Callable, Iterator
 from mlflow.exceptions import MlflowException
 
 import mlflow
-from kocr.locks import database_lock, file_lock
+from kocr.locks import LockError, database_lock, file_lock
+from kocr.params import ParamsError
+from kocr.redact import hide_passwords
 from kocr.tracking import NOT_FOUND
+
+
+HIGHER_IS_BETTER = frozenset({f"e2e_{m}{micro}" for m in ("f1", "precision", "recall") for micro in ("", "_micro")}
+                             | {f"cleval_{k}_{m}" for k in ("det", "e2e") for m in ("f1", "precision", "recall")}
+                             | {"word_accuracy", "norm_ed"})
+LOWER_IS_BETTER = frozenset({"cer"})
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,20 @@ class PromoteConfig:
     metric: str = "e2e_f1"
     min_delta: float = 0.0
     lock_url: str = ""                # PostgreSQL URL for the lock when tracking goes to a server
+
+    def __post_init__(self) -> None:
+        if self.metric not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+            raise ParamsError(f"params.yaml promote.metric: {self.metric!r} is not a score of metrics/evaluate.json "
+                              f"to rank by; one of {', '.join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))}")
+
+    @staticmethod
+    def logged(params: dict[str, Any]) -> dict[str, Any]:
+        """``promote:`` as logged to MLflow, where everyone with READ sees it: the lock URL's password hidden."""
+        return {k: hide_passwords(v) if k == "lock_url" and isinstance(v, str) else v for k, v in params.items()}
+
+    def gain(self, candidate: float, champion: float) -> float:
+        """How much better ``candidate`` scores than ``champion``: lower is better for ``cer``."""
+        return champion - candidate if self.metric in LOWER_IS_BETTER else candidate - champion
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "PromoteConfig":
@@ -65,13 +87,18 @@ def promotion_lock(model_name: str, lock_url: str = "") -> Iterator[None]:
     ``KOCR_PROMOTE_LOCK_URL``, which keeps a password out of git, else the tracking URI) is a PostgreSQL
     database, and an exclusive file lock beside the store for SQLite and file stores.
     A tracking server without either falls back to no lock, with a warning: run promotions from one
-    place (the retrain workflow's concurrency group does) or set one of them.
+    place (the retrain workflow's concurrency group does) or set one of them. A lock URL that is set
+    but names no PostgreSQL (``postgresql://`` or ``postgres://``) or SQLite file is refused.
     """
-    uri = lock_url or os.environ.get(LOCK_URL_ENV) or mlflow.get_tracking_uri()
+    chosen = lock_url or os.environ.get(LOCK_URL_ENV)
+    uri = chosen or mlflow.get_tracking_uri()
     lock = None
-    if uri.startswith(("postgresql", "sqlite:")):
+    if _database_backend(uri) in ("postgresql", "postgres", "sqlite"):
         lock = database_lock(uri, f"kocr-promote:{model_name}")
-    elif uri.startswith("file:") or "://" not in uri:  # a file store: a lock file beside its folder
+    if lock is None and chosen:  # asked for a lock it cannot take: never promote unlocked while believing otherwise
+        raise LockError(f"{'promote.lock_url' if lock_url else LOCK_URL_ENV} {hide_passwords(chosen)}: not a "
+                        "PostgreSQL or SQLite URL (postgresql://USER:PASSWORD@HOST:5432/DB)")
+    elif lock is None and (uri.startswith("file:") or "://" not in uri):  # a file store: a lock file beside it
         folder = Path(uri.removeprefix("file://"))
         lock = file_lock(folder.with_name(f"{folder.name}.{model_name}.promote.lock"))
     if lock is not None:
@@ -81,6 +108,17 @@ def promotion_lock(model_name: str, lock_url: str = "") -> Iterator[None]:
     warnings.warn(f"promotion of {model_name} is not locked: set {LOCK_URL_ENV} (or promote.lock_url) to a "
                   "PostgreSQL URL when several pipelines may promote at once", stacklevel=3)
     yield
+
+
+def _database_backend(uri: str) -> str:
+    """SQLAlchemy's backend name of ``uri`` (``postgresql`` for ``postgresql+psycopg2://``, ``postgres``
+    for ``postgres://``, ``http`` for a tracking server), or "" when it is no URL at all (a plain path)."""
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(uri).get_backend_name()
+    except (sqlalchemy.exc.ArgumentError, ValueError):
+        return ""
 
 
 def _champion(client: mlflow.MlflowClient, name: str):
@@ -127,15 +165,16 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
     else:
         decision["champion_version"] = int(champion.version)
         same_set = champion.tags.get("eval_data_hash") == candidate.eval_data_hash
-        if same_set and champion.tags.get("eval_scoring_hash", "") == candidate.eval_scoring_hash \
-                and metric in champion.tags:
+        same_way = champion.tags.get("eval_scoring_hash", "") == candidate.eval_scoring_hash
+        if same_set and same_way and metric in champion.tags:
             champion_score = float(champion.tags[metric])
             how = "its recorded score on the same set"
         else:
             champion_score = rescore(f"models:/{config.model_name}/{champion.version}")
-            how = ("re-scored on this set (it was scored another way: detector settings, IoU threshold or "
-                   "scorer version)" if same_set else "re-scored on this set (it was scored on another)")
-        margin = candidate.score - champion_score
+            how = ("re-scored on this set (it was scored on another)" if not same_set else
+                   "re-scored on this set (it was scored another way: detector settings, IoU threshold or "
+                   "scorer version)" if not same_way else f"re-scored on this set (its version has no {metric} tag)")
+        margin = config.gain(candidate.score, champion_score)
         promoted = margin > 0 and margin >= config.min_delta - 1e-9  # 0.57 - 0.56 is 0.00999…: still 0.01
         verb = "beats" if promoted else "does not beat"
         reason = (f"candidate {metric} {candidate.score:.4f} {verb} champion v{champion.version} "

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -37,8 +38,39 @@ class PageReaderModel(mlflow.pyfunc.PythonModel):
         self.reader = PageReader(load_recognizer(context.artifacts["checkpoint"]), settings)
 
     def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[dict]:
-        """Image paths -> one page-JSON dict per image (MLflow validates the input from the type hint)."""
-        return [self.reader.read(path).to_dict() for path in model_input]
+        """Image paths -> one page-JSON dict per image (MLflow validates the input from the type hint).
+
+        An input that is no readable image file raises MlflowException (INVALID_PARAMETER_VALUE)
+        naming it: ``mlflow models serve`` answers such an error with its message, any other error
+        with a generic one."""
+        from mlflow.exceptions import MlflowException
+
+        from evaluation.reader import UnreadableImage
+
+        for path in model_input:
+            why = not_a_path(path)
+            if why:
+                raise MlflowException.invalid_parameter_value(f"{path[:80]!r}: {why}")
+        try:
+            return [self.reader.read(path).to_dict() for path in model_input]
+        except (UnreadableImage, OSError) as exc:  # FileNotFoundError, IsADirectoryError, …
+            raise MlflowException.invalid_parameter_value(str(exc)) from exc
+
+
+def not_a_path(text: str) -> str:
+    """Why ``text`` cannot be an image path the model opens (a URL, image bytes sent as base64), or "".
+
+    >>> not_a_path("https://example.com/scan.jpg")
+    'a URL; the model reads image files on its own machine: send a path it can open'
+    >>> not_a_path("scans/page 1.jpg")
+    ''
+    """
+    if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
+        return "a URL; the model reads image files on its own machine: send a path it can open"
+    if len(text) > 4096 or "\n" in text:
+        return ("not a path (image bytes, as base64?); the model reads image files on its own machine: send a "
+                "path it can open")
+    return ""
 
 
 def log_recognizer(checkpoint: str | os.PathLike, settings: DetectorSettings) -> ModelInfo:

@@ -226,7 +226,8 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     so boxes found in one are cut from the other) is applied to both; 16-bit samples are scaled to
     8 bits (CRAFT found nothing in them); an image whose colours are one flat colour, its text drawn
     only in the alpha channel (read as black on black), is laid over white. Other transparency is
-    dropped, as EasyOCR drops it."""
+    dropped, as EasyOCR drops it (grey with alpha too, which EasyOCR's reader would hand CRAFT as two
+    channels)."""
     import_easyocr()
     from easyocr.utils import reformat_input
 

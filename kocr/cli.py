@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from kocr.atomic import replaced_folder, write_text
-from kocr.params import load_params, params_path
+from kocr.params import ParamsError, load_params, params_path
+from kocr.redact import hide_passwords
 
 
 def _dump(data: Any, path: str | Path) -> None:
@@ -335,13 +336,16 @@ def cmd_promote(args: argparse.Namespace) -> None:
     import mlflow
 
     from evaluation.evaluate import evaluate_models, test_pages
-    from evaluation.promote import Candidate, PromoteConfig, promote
+    from evaluation.promote import HIGHER_IS_BETTER, LOWER_IS_BETTER, Candidate, PromoteConfig, promote
     from kocr.tracking import stage_run
 
     params = load_params()
     config = PromoteConfig.from_params(params.get("promote", {}))
     logged = json.loads((Path(args.candidate) / "mlflow.json").read_text(encoding="utf-8"))
     evaluated = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
+    if config.metric not in evaluated["candidate"]:  # e.g. cleval_* with CLEval not installed when evaluate ran
+        raise ParamsError(f"params.yaml promote.metric: {config.metric!r} is not in {args.metrics}'s candidate scores "
+                          f"({', '.join(k for k in evaluated['candidate'] if k in HIGHER_IS_BETTER | LOWER_IS_BETTER)})")
     candidate = Candidate(logged["model_uri"], logged["run_id"], float(evaluated["candidate"][config.metric]),
                           evaluated["eval_data_hash"], evaluated.get("eval_scoring_hash", ""))
     cfg = params.get("evaluate", {})
@@ -352,7 +356,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
                                  iou_threshold=cfg.get("iou_threshold", 0.5))
         return scores["champion"].metrics[config.metric]
 
-    with stage_run("promote", {"promote": params.get("promote", {})}):
+    with stage_run("promote", {"promote": PromoteConfig.logged(params.get("promote", {}))}):
         decision = promote(candidate, config, rescore)
         mlflow.log_dict(decision, "promote.json")
         mlflow.set_tag("decision", decision["reason"])
@@ -526,9 +530,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
             model = mlflow.pyfunc.load_model(args.model)
         except (MlflowException, OSError) as exc:
             raise ModelSpecError(f"cannot load {args.model!r} from MLflow at {store}: "
-                                 f"{str(exc).splitlines()[0]}") from None
+                                 f"{hide_passwords(str(exc).splitlines()[0])}") from None
         def read(image: str) -> Page:
-            return Page.from_dict(model.predict([str(image)])[0])
+            try:
+                return Page.from_dict(model.predict([str(image)])[0])
+            except MlflowException as exc:  # the pyfunc's refusal of one image: named, the others still read
+                if exc.error_code != "INVALID_PARAMETER_VALUE":
+                    raise
+                raise UnreadableImage(exc.message) from None
     else:
         from evaluation.reader import PageReader
         from training.checkpoint import load_recognizer
@@ -710,7 +719,6 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.degrade import SynthConfigError
     from evaluation.reader import UnreadableImage
     from kocr.locks import LockError
-    from kocr.params import ParamsError
     from evaluation.score_crops import ScoreInputError
     from training.export_easyocr import ExportError
 

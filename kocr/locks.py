@@ -66,7 +66,7 @@ def advisory_lock(url: str, name: str) -> Iterator[None]:
 def database_lock(url: str, name: str) -> contextlib.AbstractContextManager[None] | None:
     """The lock that fits a database URL: advisory for PostgreSQL, a file beside a SQLite file, else None."""
     parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() == "postgresql":
+    if parsed.get_backend_name() in ("postgresql", "postgres"):  # postgres:// is the same server
         return advisory_lock(url, name)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
         return file_lock(f"{parsed.database}.{hashlib.sha256(name.encode()).hexdigest()[:8]}.lock")

@@ -40,6 +40,8 @@ PIPELINE_KEY_TAG = "kocr.pipeline_key"
 def configure_tracking() -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded SQLite store; returns the URI."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
+    if shown_uri(uri) != uri:  # MLflow prints "View run at <host>" with the URI's user:password in it
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:"):
         mlflow.set_registry_uri(uri)
@@ -61,6 +63,12 @@ def shown_uri(uri: str) -> str:
 def ensure_experiment(name: str) -> str:
     """The id of experiment ``name``, created (artifacts under ``mlartifacts/`` when local) if new."""
     experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None and experiment.lifecycle_stage == "deleted":  # MLflow refuses runs in it
+        raise mlflow.exceptions.MlflowException(
+            f"experiment {name!r} (id {experiment.experiment_id}) was deleted: restore it (the MLflow UI, or "
+            f"`mlflow experiments restore --experiment-id {experiment.experiment_id}`), or remove it for good "
+            f"(`mlflow gc --experiment-ids {experiment.experiment_id}` against the backend store) so the next "
+            "run creates it anew")
     if experiment is not None:
         return experiment.experiment_id
     location = None

@@ -261,3 +261,21 @@ def test_predict_without_a_candidate_says_how_to_get_one(tmp_path, monkeypatch, 
     assert main(["predict", "page.png"]) == 2
     err = capsys.readouterr().err
     assert "defaults to the pipeline's candidate, models/candidate/model.pt" in err and "--model" in err
+
+
+def test_a_models_uri_that_cannot_be_fetched_names_the_server_without_its_password(tmp_path, capsys, monkeypatch):
+    import socket
+
+    from kocr.cli import main
+
+    with socket.socket() as probe:  # a port nothing listens on: the request fails at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://kim:Secret-Pw-42@127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "labels.tsv").write_text("image\ttext\na.png\t서울\n", encoding="utf-8")
+    code = main(["evaluate-crops", "--labels", str(tmp_path / "labels.tsv"), "--model", "models:/kocr-x@champion"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"kim:***@127.0.0.1:{port}" in err
+    assert "Secret-Pw-42" not in err  # was: in the API request URL MLflow's message quotes

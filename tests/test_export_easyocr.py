@@ -182,3 +182,30 @@ def test_a_bundle_exported_from_the_registry_names_the_version_it_holds(hangul_c
     network = (tmp_path / "b" / "user_network" / "ko_ocr.yaml").read_text(encoding="utf-8")
     assert network.startswith(f"# exported by kocr export-easyocr from {said}\n")
     assert yaml.safe_load(network)["lang_list"] == ["ko", "en"]  # the comment leaves EasyOCR's keys as they were
+
+
+def test_the_bundle_readmes_upright_snippet_saves_what_the_platform_reads(tmp_path, monkeypatch):
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    from evaluation.reader import load_image
+    from training.export_easyocr import UPRIGHT_SNIPPET
+
+    grey = np.full((40, 90), 235, np.uint8)
+    grey[12:28, 10:80] = 30  # a dark bar to read
+    pages = {"exif.jpg": None, "deep.png": Image.fromarray(grey.astype(np.uint16) * 257),
+             "alpha.png": Image.fromarray(np.dstack([np.zeros((40, 90, 3), np.uint8), 255 - grey]), "RGBA")}
+    turned = Image.fromarray(np.rot90(grey).copy()).convert("RGB")
+    exif = turned.getexif()
+    exif[0x0112] = 6  # stored sideways, shown upright
+    turned.save(tmp_path / "exif.jpg", exif=exif, quality=95)
+    monkeypatch.chdir(tmp_path)
+    for name, image in pages.items():
+        if image is not None:
+            image.save(tmp_path / name)
+        exec(UPRIGHT_SNIPPET.replace('"photo.jpg"', repr(name)), {})  # the README's code, as a user runs it
+        saved = cv2.imread(str(tmp_path / "upright.png"), cv2.IMREAD_GRAYSCALE)  # what EasyOCR reads by path
+        platform = load_image(tmp_path / name)[1]
+        assert saved.shape == platform.shape, name
+        assert np.abs(saved.astype(int) - platform.astype(int)).max() <= 1, name  # the array advice was all white or black

@@ -111,6 +111,30 @@ def test_logged_model_reads_pages_from_its_uri(logged_uris, sample_pages, monkey
     assert page["annotations"] and all(len(a["annotation.bbox"]) == 4 for a in page["annotations"])
 
 
+def test_the_logged_model_refuses_what_it_cannot_read_with_a_message_serving_passes_on(
+        logged_uris, sample_pages, monkeypatch, tmp_path):
+    import base64
+
+    from mlflow.exceptions import MlflowException
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    model = mlflow.pyfunc.load_model(uris[0][0])
+    image = sorted(sample_pages.glob("*.jpg"))[0]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    cases = {str(tmp_path / "nope.png"): "image not found", str(tmp_path / "broken.png"): "not a readable image",
+             "https://example.com/scan.jpg": "a URL; the model reads image files on its own machine",
+             base64.b64encode(image.read_bytes()).decode(): "not a path (image bytes, as base64?)"}
+    for given, why in cases.items():
+        # mlflow models serve answers an MlflowException with its message, anything else with a generic
+        # "unexpected error" (these were FileNotFoundError, UnreadableImage and OSError "File name too long")
+        with pytest.raises(MlflowException) as info:
+            model.predict([str(image), given])
+        assert info.value.error_code == "INVALID_PARAMETER_VALUE" and why in info.value.message
+        assert len(info.value.message) < 400
+
+
 RACER = """
 import json, sys, time
 from evaluation.promote import Candidate, PromoteConfig, promote
@@ -157,7 +181,7 @@ def test_two_racing_promotions_cannot_both_win(logged_uris, monkeypatch, tmp_pat
     assert int(client.get_model_version_by_alias("race", "champion").version) == winner["candidate_version"]
 
 
-@pytest.mark.parametrize("given", ["argument", "environment"])
+@pytest.mark.parametrize("given", ["argument", "environment", "postgres-scheme"])
 def test_postgres_advisory_lock_excludes_a_second_holder(given, monkeypatch):
     """The lock URL as promote.lock_url, or from KOCR_PROMOTE_LOCK_URL while tracking goes to an HTTP server."""
     import threading
@@ -169,6 +193,9 @@ def test_postgres_advisory_lock_excludes_a_second_holder(given, monkeypatch):
     events = []
     if given == "environment":  # written the natural way: SQLAlchemy 2.1 maps postgresql:// to psycopg 3
         monkeypatch.setenv(LOCK_URL_ENV, url.replace("postgresql+psycopg2://", "postgresql://"))
+        monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:5000")
+    if given == "postgres-scheme":  # Heroku's and many tools' spelling: was taken for no lock at all (a warning)
+        monkeypatch.setenv(LOCK_URL_ENV, url.replace("postgresql+psycopg2://", "postgres://"))
         monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:5000")
     argument = url if given == "argument" else ""
 
@@ -187,6 +214,36 @@ def test_postgres_advisory_lock_excludes_a_second_holder(given, monkeypatch):
     second.join()
     order = [(n, e) for n, e, _ in events]
     assert order == [("a", "in"), ("a", "out"), ("b", "in"), ("b", "out")]
+
+
+def test_a_lock_url_that_is_no_database_is_refused_not_ignored(monkeypatch):
+    from evaluation.promote import LOCK_URL_ENV, promotion_lock
+    from kocr.locks import LockError
+
+    monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://127.0.0.1:5000")
+    monkeypatch.setenv(LOCK_URL_ENV, "mysql://kim:s3cret@db/locks")
+    with pytest.raises(LockError, match=r"KOCR_PROMOTE_LOCK_URL mysql://kim:\*\*\*@db/locks: not a PostgreSQL"):
+        with promotion_lock("m"):
+            pass
+    assert PromoteConfig.logged({"lock_url": "postgresql://kim:s3cret@db/x", "metric": "e2e_f1"}) == {
+        "lock_url": "postgresql://kim:***@db/x", "metric": "e2e_f1"}  # was logged as it was, password and all
+
+
+def test_a_lower_is_better_metric_promotes_the_lower_and_an_unknown_one_is_refused(logged_uris, monkeypatch):
+    from kocr.params import ParamsError
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    config = PromoteConfig(model_name="reg-cer", metric="cer")
+    promote(_candidate(uris[0], 0.05), config, _no_rescore)
+    worse = promote(_candidate(uris[1], 0.50), config, _no_rescore)
+    assert not worse["promoted"] and "does not beat" in worse["reason"]  # was promoted: 0.50 - 0.05 > 0
+    better = promote(_candidate(uris[2], 0.03), config, _no_rescore)
+    assert better["promoted"]
+    for typo in ("e2e_F1", "pages"):  # a misspelling, and a count that is no score
+        with pytest.raises(ParamsError, match=f"promote.metric: '{typo}' is not a score"):
+            PromoteConfig(metric=typo)
 
 
 def test_a_lock_that_cannot_be_had_changes_nothing_in_the_registry(logged_uris, monkeypatch):
@@ -283,3 +340,7 @@ def test_kocr_predict_reads_a_logged_model_through_its_pyfunc(logged_uris, sampl
     assert via_cli["annotations"]
     mlflow.set_tracking_uri(store)
     assert mlflow.pyfunc.load_model(uris[0][0]).predict([str(image)])[0] == via_cli
+    done = subprocess.run([sys.executable, "-m", "kocr.cli", "predict", str(tmp_path / "gone.jpg"), str(image),
+                           "--model", uris[0][0]], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert done.returncode == 2 and f"{tmp_path / 'gone.jpg'}: image not found" in done.stderr
+    assert [json.loads(line) for line in done.stdout.strip().splitlines()] == [via_cli]  # the good page still read

@@ -84,3 +84,20 @@ def test_tesseract_reads_a_phone_photo_upright_as_the_recognisers_do(tmp_path):
     assert want.words and [w.text for w in got.words] == [w.text for w in want.words]
     assert (got.width, got.height) == (want.width, want.height) == upright.size
     assert [w.bbox for w in got.words] == [w.bbox for w in want.words]
+
+
+def test_a_grey_photo_with_alpha_is_read_like_its_grey_not_handed_to_craft_as_two_channels(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from evaluation.reader import PageReader
+
+    photo = realdata("easyocr", "korean.png")
+    Image.open(photo).convert("LA").save(tmp_path / "la.png")
+    Image.open(photo).convert("L").save(tmp_path / "l.png")
+    rgb, grey = load_image(tmp_path / "la.png")
+    assert rgb.shape[2] == 3  # was (h, w, 2): CRAFT's normalisation then failed to broadcast
+    assert np.array_equal(grey, load_image(tmp_path / "l.png")[1])
+    reader = PageReader(load_recognizer("english_g2"))
+    assert [w.text for w in reader.read(tmp_path / "la.png").words] == [
+        w.text for w in reader.read(tmp_path / "l.png").words]

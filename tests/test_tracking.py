@@ -1,6 +1,8 @@
-"""Dataset logging survives the insert race of two processes logging the same new dataset at once."""
+"""Tracking helpers: the dataset insert race, deleted experiments, and passwords kept out of printed links."""
 
 from __future__ import annotations
+
+import os
 
 import mlflow
 import pytest
@@ -41,3 +43,36 @@ def test_a_mix_keyed_by_paths_is_one_param_whatever_its_slashes():
     params = mlflow.get_run(run.info.run_id).data.params
     assert json.loads(params["train.mix"]) == mix
     assert (params["train.lr"], params["model.imgH"]) == ("0.1", "64")
+
+
+def test_a_deleted_experiment_is_named_with_the_way_out(tmp_path, monkeypatch):
+    from kocr.tracking import configure_tracking, ensure_experiment
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    configure_tracking()
+    try:
+        experiment_id = ensure_experiment("ko-ocr/finetune")
+        mlflow.delete_experiment(experiment_id)  # deleted in the UI; the name stays taken
+        with pytest.raises(mlflow.exceptions.MlflowException) as info:
+            ensure_experiment("ko-ocr/finetune")  # was: its id, then "must be in the 'active' state" per stage
+        assert f"'ko-ocr/finetune' (id {experiment_id}) was deleted" in info.value.message
+        assert f"mlflow experiments restore --experiment-id {experiment_id}" in info.value.message
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_a_password_in_the_tracking_uri_turns_off_mlflows_printed_run_links(tmp_path, monkeypatch):
+    from kocr.tracking import configure_tracking
+
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://kim:s3cret@127.0.0.1:5000")
+    try:
+        configure_tracking()
+        assert os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] == "true"  # "View run at http://kim:s3cret@…"
+        monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")  # password in MLFLOW_TRACKING_PASSWORD
+        configure_tracking()
+        assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ  # the link is worth printing then
+    finally:
+        mlflow.set_tracking_uri(None)

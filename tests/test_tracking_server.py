@@ -286,6 +286,19 @@ def test_a_teammate_logs_runs_once_granted_but_cannot_move_champion(server, logg
     assert _get(f"{api}/2.0/mlflow/registered-models/alias", kim, alias)[0] == 403
 
 
+def test_a_password_in_the_tracking_uri_is_never_printed(server, tmp_path):
+    # MLflow prints "View run … at: <tracking URI>/#/experiments/…" as each run ends, userinfo and all
+    (tmp_path / "params.yaml").write_text("sample:\n  fonts: [NanumGothic.ttf]\n  width: 320\n  height: 240\n",
+                                          encoding="utf-8")
+    host = server.url.removeprefix("http://")
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://{ADMIN}:{PASSWORD}@{host}", "PYTHONPATH": str(REPO)}
+    env.pop("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", None)
+    done = subprocess.run([str(BIN / "kocr"), "synth-pages", "--out", str(tmp_path / "pages"), "--count", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert PASSWORD not in done.stdout + done.stderr
+
+
 def test_restart_loses_nothing(server, logged, as_client):
     before = as_client.get_run(logged["run_id"])
     server.stop()

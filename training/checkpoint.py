@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from kocr.atomic import atomic_path
+from kocr.redact import hide_passwords
 from training.attention import EOS_INDEX, GO_INDEX, num_class_for
 from training.charset import BUILTIN_CHARSETS, Charset
 from training.model import Recognizer, RecognizerConfig
@@ -184,11 +185,34 @@ def _download_mlflow_model(uri: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
     except MlflowException as exc:
-        raise ModelSpecError(f"cannot load {uri!r} from MLflow at {store}: {exc.message.splitlines()[0]}") from None
+        raise ModelSpecError(f"cannot load {uri!r} from MLflow at {store}: "
+                             f"{hide_passwords(exc.message.splitlines()[0])}") from None
     found = sorted(local.rglob(CHECKPOINT_NAME)) if local.is_dir() else [local]
     if not found:
+        if uri.startswith("models:/"):  # registered, so logged once: most often its files were deleted since
+            raise ModelSpecError(f"{uri!r}: the artifact store returned no {CHECKPOINT_NAME} for it "
+                                 f"({_model_source(uri)}): its files were deleted from the store, or it was not "
+                                 "logged by kocr train; restore them, or move its alias to another version (the "
+                                 "MLflow UI's Aliases on the model, or MlflowClient().set_registered_model_alias)")
         raise ModelSpecError(f"{uri!r} holds no {CHECKPOINT_NAME}; was it logged by kocr train?")
     return found[0]
+
+
+def _model_source(uri: str) -> str:
+    """Where the registry says ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` keeps its files."""
+    import mlflow
+
+    name, _, pick = uri.removeprefix("models:/").partition("@")
+    try:
+        client = mlflow.MlflowClient()
+        if pick:
+            version = client.get_model_version_by_alias(name, pick)
+        else:
+            name, _, number = name.rpartition("/")
+            version = client.get_model_version(name, number)
+    except Exception:  # noqa: BLE001 - the message is only a pointer
+        return "its source could not be read"
+    return f"version {version.version}, run {version.run_id}, source {hide_passwords(version.source or '?')}"
 
 
 def _resolve_file(spec: str) -> Path:

@@ -138,6 +138,18 @@ def check_langs(lang_list: Sequence[str]) -> None:
                           if unknown else "empty") + " (e.g. [ko, en])")
 
 
+UPRIGHT_SNIPPET = """import numpy as np
+from PIL import Image, ImageOps
+
+page = ImageOps.exif_transpose(Image.open("photo.jpg"))  # the EXIF turn applied
+if page.mode.startswith(("I", "F")):  # 16-bit samples to 8 bits (a float page in 0-1: * 255 instead)
+    page = Image.fromarray((np.asarray(page, np.float64) * 255 / 65535).round().astype(np.uint8))
+if page.mode in ("RGBA", "LA") and all(lo == hi for lo, hi in page.convert("RGB").getextrema()):  # text in alpha
+    page = Image.alpha_composite(Image.new("RGBA", page.size, "white"), page.convert("RGBA"))
+page.convert("RGB").save("upright.png")  # then reader.readtext("upright.png", ...)
+"""
+
+
 def _readme(name: str, lang_list: Sequence[str], loaded: LoadedRecognizer, readtext_kwargs: dict[str, Any],
             provenance: str) -> str:
     langs = ", ".join(repr(x) for x in lang_list)
@@ -170,7 +182,10 @@ On CPU EasyOCR quantizes the recogniser to int8 by default; pass `quantize=False
 as the platform evaluated it. That holds for ordinary 8-bit images given by path. A phone photo
 stored sideways with an EXIF orientation is read wrongly by EasyOCR itself (it finds boxes on the
 unrotated colour image and cuts them from the rotated grey one, and can fail in `cv2.resize`),
-as are 16-bit images and text drawn only in the alpha channel: pass such a page as an upright
-8-bit numpy array (e.g. `numpy.asarray(PIL.ImageOps.exif_transpose(Image.open(path)).convert("RGB"))`),
-which is what the platform reads (`evaluation.reader.load_image`).
+as are 16-bit images and text drawn only in the alpha channel. Save such a page as the platform
+reads it (`evaluation.reader.load_image`) and pass the saved file's path (a numpy array is not the
+same: EasyOCR takes a 3-channel array for BGR):
+
+```python
+{UPRIGHT_SNIPPET}```
 """

@@ -15,9 +15,10 @@ TRANSPARENT_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
 def needs_mending(image: Image.Image) -> bool:
-    """Whether :func:`mend` changes ``image``: an EXIF turn, deep samples, or text only in alpha."""
+    """Whether :func:`mend` changes ``image``: an EXIF turn, deep samples, text only in alpha, or grey
+    with alpha (EasyOCR's reader hands CRAFT its two channels, and CRAFT fails on them)."""
     return (image.getexif().get(0x0112, 1) != 1 or image.mode.startswith(("I", "F"))
-            or _text_in_alpha(image))
+            or image.mode in ("LA", "La") or _text_in_alpha(image))
 
 
 def _text_in_alpha(image: Image.Image) -> bool:
@@ -53,4 +54,6 @@ def mend(image: Image.Image) -> Image.Image | None:
     if clear:
         rgba = upright.convert("RGBA")
         upright = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    elif upright.mode in ("LA", "La"):  # its grey as it is; the alpha dropped, as EasyOCR drops RGBA's
+        upright = upright.convert("L")
     return upright
