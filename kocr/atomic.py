@@ -12,6 +12,7 @@ to the same folder (``sweep_stale``; writers of many files in one folder sweep i
 """
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -26,6 +27,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # no room: the device, a quota, a size limit
+NEARLY_FULL = 16 * 2**20  # bytes free under which a write that failed some other way is taken for a full disk
 _TEMP = re.compile(r"^\..+\.([0-9a-f]{6})-(\d+)\.[0-9a-f]{8}\.tmp$")  # .NAME.TAG-PID.HEX.tmp
 FOREIGN_AGE_S = 7 * 24 * 3600  # another machine's or container's leftovers go after a week untouched
 
@@ -114,6 +117,14 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, sweep: bool = Tr
             finally:
                 os.close(fd)
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.errno in DISK_FULL and exc.filename in (None, str(tmp)):  # named as the file being written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    except RuntimeError as exc:  # torch.save reports a full disk as "unexpected pos N vs M"
+        if shutil.disk_usage(folder).free < NEARLY_FULL:
+            raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(path)) from exc
+        raise
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

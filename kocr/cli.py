@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from kocr.atomic import replaced_folder, write_text
+from kocr.atomic import DISK_FULL
 from kocr.params import ParamsError, load_params, params_path
 from kocr.redact import hide_passwords
 
@@ -733,11 +734,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.errno != errno.ENOSPC:
+        if exc.errno not in DISK_FULL:
             raise
         where = exc.filename or getattr(args, "out", None) or "its output"
-        print(f"kocr {args.command}: error: no space left on the device writing {where}; free some and run the "
-              "same command again", file=sys.stderr)
+        why = {errno.EDQUOT: "the disk quota is used up", errno.EFBIG: "a file grew past the size limit"}.get(
+            exc.errno, "no space left on the device")
+        print(f"kocr {args.command}: error: {why} writing {where}; free some and run the same command again",
+              file=sys.stderr)
         return 2
     except ValueError as exc:
         # train's and tune's checks of their data and knobs name the set, sample or knob: one line

@@ -207,3 +207,40 @@ def test_a_replaced_folder_holds_only_the_new_run_and_a_failed_run_keeps_the_old
         pass
     assert (tmp_path / "none_drawn").is_dir()  # DVC wants its declared output even when empty
     assert sorted(p.name for p in tmp_path.iterdir()) == ["none_drawn", "worst_pages"]  # no staging left
+
+
+def test_a_full_disk_is_reported_as_enospc_naming_the_target_whatever_the_writer_raised(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    target = tmp_path / "model.pt"
+    with pytest.raises(OSError) as info:  # Path.write_text and friends leave filename unset
+        with atomic_path(target):
+            raise OSError(errno.EDQUOT, "Disk quota exceeded")
+    assert info.value.errno == errno.EDQUOT and info.value.filename == str(target)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    with pytest.raises(OSError) as info:  # torch.save: RuntimeError "[enforce fail …] unexpected pos 896832 vs 896724"
+        with atomic_path(target):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 896832 vs 896724")
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(target)
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda path: usage(10**12, 10**9, 10**12 - 10**9))
+    with pytest.raises(RuntimeError, match="unexpected pos"):  # room to spare: a real error stays itself
+        with atomic_path(target):
+            raise RuntimeError("unexpected pos 1 vs 2")
+    assert _leftovers(tmp_path) == [] and not target.exists()
+
+
+def test_the_command_line_names_a_used_up_quota_in_one_line(tmp_path: Path, monkeypatch, capsys) -> None:
+    from evaluation import metrics
+    from kocr.cli import main
+
+    def quota(*args, **kwargs):
+        raise OSError(errno.EDQUOT, "Disk quota exceeded", str(tmp_path / "scores.json"))
+
+    monkeypatch.setattr(metrics, "score_folders", quota)
+    (tmp_path / "gt").mkdir()
+    assert main(["score", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "gt")]) == 2  # was a traceback
+    assert capsys.readouterr().err.strip() == (f"kocr score: error: the disk quota is used up writing "
+                                               f"{tmp_path / 'scores.json'}; free some and run the same command again")

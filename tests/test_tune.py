@@ -185,6 +185,24 @@ def test_a_trial_failed_as_stale_elsewhere_stops_without_crashing_its_worker(pre
     assert state == optuna.trial.TrialState.FAIL and value is None and note.startswith("lost: ")
 
 
+def test_a_full_disk_stops_the_search_after_one_failed_trial(prepared, tmp_path, monkeypatch):
+    import errno
+
+    from training import tune as tune_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "/tmp/kocr-trial-0-x/model.pt")
+
+    monkeypatch.setattr(tune_module, "train", full)
+    config = TuneConfig.from_params(PARAMS["tune"]).with_overrides(storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                                                                   study_name="full", n_trials=4)
+    with pytest.raises(OSError) as info:  # was: three FAIL trials, then "three trials in a row failed"
+        run_tune(config, PARAMS, prepared, tmp_path / "out", log=False)
+    assert info.value.errno == errno.ENOSPC
+    [trial] = optuna.load_study(study_name="full", storage=config.storage).get_trials(deepcopy=False)
+    assert trial.state == optuna.trial.TrialState.FAIL and "No space left" in trial.user_attrs["error"]
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask() by hand here
 def test_a_running_trial_that_never_beat_is_retried_not_waited_on_forever(prepared, tmp_path, capsys):
     # a claimer killed between ask() and its first heartbeat, or a trial asked for by another tool:

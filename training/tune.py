@@ -46,6 +46,7 @@ import optuna
 from optuna.trial import TrialState
 
 from kocr.atomic import write_text
+from kocr.atomic import DISK_FULL
 from kocr.locks import database_lock
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
 from training.train import TrainConfig, train
@@ -492,6 +493,8 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
         state, note = TrialState.FAIL, f"failed: {type(exc).__name__}: {exc}"
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             trial.set_user_attr("error", note[:1000])
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # every trial after it would fail the same way
+            raise
     finally:
         if run is not None:
             if value is not None and math.isfinite(value):
@@ -556,7 +559,12 @@ def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Path
             continue
         waiting_said = False
         with heartbeat(storage, trial._trial_id, config.heartbeat_interval_s):
-            state, value, note = run_trial(trial, config, params, data_dir, log=log, scorer=scorer)
+            try:
+                state, value, note = run_trial(trial, config, params, data_dir, log=log, scorer=scorer)
+            except OSError:  # a full disk (run_trial raises only that): this trial failed, the search stops
+                with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+                    study.tell(trial, None, state=TrialState.FAIL)
+                raise
         try:
             study.tell(trial, value if state == TrialState.COMPLETE else None, state=state)
         except optuna.exceptions.UpdateFinishedTrialError:  # failed as stale meanwhile; its retry is queued

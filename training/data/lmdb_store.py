@@ -33,6 +33,8 @@ import lmdb
 import numpy as np
 from PIL import Image
 
+from kocr.atomic import NEARLY_FULL
+
 _MAP_SIZE = 1 << 36  # 64 GiB of address space; LMDB files grow only as data is written
 SHARD_INDEX = "index.json"
 
@@ -54,7 +56,6 @@ def sample_digest(digest: "hashlib._Hash", image: bytes, label: bytes) -> None:
     digest.update(image)
 
 
-_NEARLY_FULL = 16 * 2**20  # bytes free under which a failed LMDB commit is taken for a full disk
 
 
 class SetBusyError(RuntimeError):
@@ -225,7 +226,7 @@ class LmdbWriter:
             self._txn.commit()
             self.committed = self.count
         except lmdb.Error as exc:
-            if shutil.disk_usage(self.partial).free < _NEARLY_FULL:
+            if shutil.disk_usage(self.partial).free < NEARLY_FULL:
                 raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(self.partial)) from exc
             raise LmdbWriteError(f"{self.partial}: LMDB could not commit samples {self.committed + 1}-{self.count} "
                                  f"({type(exc).__name__}: {exc})") from exc
