@@ -106,3 +106,32 @@ def test_tune_reruns_when_the_iou_gate_of_its_e2e_objective_changes():
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["tune"]
     assert '.get("evaluate", {}).get("iou_threshold"' in (REPO / "training" / "tune.py").read_text(encoding="utf-8")
     assert {"evaluate", "evaluate.iou_threshold"} & set(stage["params"])
+
+
+def _stage_params(stage: str) -> list[str]:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage].get("params", [])
+
+
+# train: keys a tune trial does not read: the budget tune replaces, the tuned-file switch, train's state folder
+NOT_READ_BY_TUNE = {"steps", "val_every", "use_tuned", "tuned_params", "state_dir"}
+
+
+def test_tune_declares_the_train_knobs_its_trials_read_and_no_others():
+    # all of train: re-ran the search for a longer train.steps, and `dvc exp run -S train.use_tuned=true`
+    # re-tuned, overwriting best_params.yaml with a study that did not make the model trained beside it
+    declared = _stage_params("tune")
+    assert "train" not in declared
+    train_keys = set(yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["train"])
+    assert {p.removeprefix("train.") for p in declared if p.startswith("train.")} == train_keys - NOT_READ_BY_TUNE
+
+
+def test_a_tune_trial_ignores_the_train_keys_its_stage_leaves_out():
+    from training.tune import TuneConfig, trial_config
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    config = TuneConfig.from_params(params["tune"])
+    train = {**params["train"], "use_tuned": True, "tuned_params": "no/such/best_params.yaml", "steps": 12345,
+             "val_every": 678, "state_dir": "no/such/state"}
+    trial = trial_config({**params, "train": train}, {}, config)
+    assert (trial.steps, trial.val_every) == (config.steps_per_trial, config.report_every)
+    assert trial.tuned_from == "" and trial.tuned_keys == ()  # the tuned file was never opened
