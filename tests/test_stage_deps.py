@@ -135,3 +135,49 @@ def test_a_tune_trial_ignores_the_train_keys_its_stage_leaves_out():
     trial = trial_config({**params, "train": train}, {}, config)
     assert (trial.steps, trial.val_every) == (config.steps_per_trial, config.report_every)
     assert trial.tuned_from == "" and trial.tuned_keys == ()  # the tuned file was never opened
+
+
+def _const(node: ast.AST) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def params_keys_read(entry: str) -> set[str]:
+    """``section.key`` of every ``params.get("section", …).get("key", …)`` (or ``params["section"]["key"]``)
+    in ``module.py:function`` and the module's functions it calls."""
+    module, _, function = entry.partition(":")
+    _, functions = _functions(module)
+    seen, todo, keys = set(), [function], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in functions:
+            continue
+        seen.add(name)
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+                todo.append(node.func.id)
+            outer = inner = key = None
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+                outer, key = node.func.value, node.args and _const(node.args[0])
+            elif isinstance(node, ast.Subscript):
+                outer, key = node.value, _const(node.slice)
+            if isinstance(outer, ast.Call) and isinstance(outer.func, ast.Attribute) and outer.func.attr == "get":
+                inner, section = outer.func.value, outer.args and _const(outer.args[0])
+            elif isinstance(outer, ast.Subscript):
+                inner, section = outer.value, _const(outer.slice)
+            if isinstance(inner, ast.Name) and inner.id == "params" and section and key:
+                keys.add(f"{section}.{key}")
+    return keys
+
+
+@pytest.mark.parametrize("stage", sorted(s for p, s in STAGE_COMMANDS if p == "dvc.yaml"))
+def test_every_params_key_a_stage_command_reads_is_declared(stage):
+    # evaluate reads promote.model_name to find the registry champion it scores beside the candidate
+    declared = set(_stage_params(stage))
+    read = set().union(*map(params_keys_read, STAGE_COMMANDS["dvc.yaml", stage]))
+    missing = sorted(k for k in read if k not in declared and k.partition(".")[0] not in declared)
+    assert not missing, f"dvc.yaml stage {stage}: add these params (its command reads them): {missing}"
+
+
+def test_the_params_walk_sees_chained_reads():
+    assert {"train.base", "promote.model_name"} <= params_keys_read(CLI + "cmd_evaluate")
+    assert {"export.lang_list", "evaluate.split"} <= params_keys_read(CLI + "cmd_export")
