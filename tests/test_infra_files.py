@@ -456,7 +456,7 @@ def test_retrain_workflow():
     assert "--gpus all" in retrain["container"]["options"]
     assert "kocr-train@" in retrain["container"]["image"]  # the image job's build, by digest
     scripts = "\n".join(s for s in _run_scripts(wf))
-    for command in ("dvc pull", "dvc repro", "dvc push", "dvc metrics diff origin/main", "dvc params diff origin/main",
+    for command in ("dvc pull", "dvc repro", "dvc push", 'dvc metrics diff "$base"', 'dvc params diff "$base"',
                     "git add dvc.lock", "push origin \"HEAD:refs/heads/$BRANCH\"", "gh api"):
         assert command in scripts, command
     assert "[skip ci]" in scripts
@@ -464,6 +464,48 @@ def test_retrain_workflow():
         assert "permissions" in job and "write-all" not in str(job["permissions"])
     secrets = set(re.findall(r"secrets\.(\w+)", (REPO / ".github" / "workflows" / "retrain.yml").read_text()))
     assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= secrets
+
+
+def _diff_base(tmp_path: Path, event: str, before: str) -> str:
+    """The revision the retrain workflow's diff step hands `dvc metrics diff` and `dvc params diff`, run
+    in a two-commit clone whose main is its last commit (as actions/checkout leaves it on a push)."""
+    step = next(s for s in _workflow("retrain.yml")["jobs"]["retrain"]["steps"] if s.get("id") == "diff")
+    assert step["env"].get("EVENT") == "${{ github.event_name }}"
+    assert step["env"].get("BEFORE") == "${{ github.event.before }}"
+    repo, shims = tmp_path / "repo", tmp_path / "bin"
+    (repo / "metrics").mkdir(parents=True)
+    shims.mkdir()
+    (shims / "dvc").write_text('#!/bin/sh\necho "dvc $*" >> "$DVC_CALLS"\n')
+    (shims / "dvc").chmod(0o755)
+    (shims / "python").symlink_to(sys.executable)
+    (repo / "metrics" / "promote.json").write_text(
+        json.dumps({"model_name": "m", "candidate_version": 2, "reason": "r"}))
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], cwd=repo, check=True)
+    for message in ("first", "second"):
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", message], cwd=repo, check=True)
+    subprocess.run(["git", "update-ref", "refs/remotes/origin/main", "HEAD"], cwd=repo, check=True)
+    shas = subprocess.run(["git", "rev-list", "HEAD"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.split()
+    env = {**os.environ, "PATH": f"{shims}{os.pathsep}{os.environ['PATH']}", "SHA": shas[0], "EVENT": event,
+           "BEFORE": before.replace("FIRST", shas[1]), "RUNNER_TEMP": str(tmp_path),
+           "GITHUB_STEP_SUMMARY": str(tmp_path / "summary"), "GITHUB_OUTPUT": str(tmp_path / "output"),
+           "DVC_CALLS": str(tmp_path / "calls")}
+    subprocess.run(["bash", "-c", step["run"]], cwd=repo, env=env, check=True)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert [c.split()[:3] for c in calls] == [["dvc", "metrics", "diff"], ["dvc", "params", "diff"]], calls
+    assert calls[0].split()[3] == calls[1].split()[3], calls
+    return calls[0].split()[3].replace(shas[1], "FIRST")
+
+
+@pytest.mark.parametrize("event, before, base", [
+    ("push", "FIRST", "FIRST"),  # origin/main is the pushed commit itself: the params change would never show
+    ("push", "0" * 40, "HEAD^"),  # a new branch: no commit before it
+    ("push", "1234567" * 5 + "12345", "HEAD^"),  # a force push dropped the old tip from the clone
+    ("workflow_dispatch", "", "origin/main"),
+])
+def test_retrain_diffs_a_push_against_main_before_it(tmp_path, event, before, base):
+    assert _diff_base(tmp_path, event, before) == base
 
 
 # ------------------------------------------------------------------------------------------- DVC
