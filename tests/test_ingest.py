@@ -472,6 +472,36 @@ def _fresh(src: Path, out: Path) -> Path:
     return out
 
 
+def _folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("edited", ["test", "val"])
+def test_a_label_corrected_in_one_split_leaves_the_splits_before_it_as_they_were(pages, tmp_path, edited):
+    """DVC hashes train/ and val/ for train and tune: a label fixed on a test page must not change
+    them (the run key of every shard covered every split's pages, so both were rewritten: a retrain)."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    shutil.copytree(pages, src)
+    _run(src, out)
+    label = src / json.loads((out / "splits.json").read_text(encoding="utf-8"))[edited][0]
+    data = json.loads(label.read_text(encoding="utf-8"))
+    word = next(a for a in data["annotations"] if re.fullmatch(r"[가-힣]{2,}", a["annotation.text"]))
+    fixed = ("대" if word["annotation.text"][0] != "대" else "부") + word["annotation.text"][1:]
+    label.write_text(label.read_text(encoding="utf-8").replace(word["annotation.text"], fixed, 1), encoding="utf-8")
+    before = {split: _folder_bytes(out / split) for split in SPLITS}
+    written = {p: p.stat().st_mtime_ns for p in out.rglob("data.mdb")}
+    _run(src, out)
+    earlier = SPLITS[:SPLITS.index(edited)]
+    for split in earlier:
+        assert _folder_bytes(out / split) == before[split], split
+        assert all(p.stat().st_mtime_ns == t for p, t in written.items() if p.parts[-3] == split)  # kept
+    assert _folder_bytes(out / edited) != before[edited]
+    assert fixed in [text for text, _ in _samples(out, edited)]
+    fresh = tmp_path / "fresh"  # what is kept and what is redone make the output of one run on the fixed pages
+    _run(src, fresh)
+    _same_files(out, fresh)
+
+
 def test_a_linked_folder_is_read_and_a_link_loop_ends(pages, tmp_path):
     elsewhere = tmp_path / "big_disk"
     shutil.copytree(pages, elsewhere)

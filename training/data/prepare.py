@@ -425,24 +425,32 @@ def _shard_name(n: int) -> str:
     return f"shard-{n:05d}"
 
 
-def _run_key(config: PrepareConfig, charset: Charset, plan: dict[str, list[PageMeta]]) -> str:
-    """What the output depends on: the knobs (not ``workers``), the charset, the pages with the digest
-    of their label's and image's bytes (a label corrected in place, same size, is a change) and the
-    code that reads and crops them (shards of an older version are never reused)."""
+def _run_keys(config: PrepareConfig, charset: Charset, plan: dict[str, list[PageMeta]]) -> dict[str, str]:
+    """What each split's shards depend on: the knobs (not ``workers``), the charset, the code that reads
+    and crops pages (shards of an older version are never reused) and that split's pages with the digest
+    of their label's and image's bytes (a label corrected in place, same size, is a change).
+
+    Only that split's pages: a label corrected in ``test`` leaves the shards of ``train`` and ``val``
+    byte for byte as they were (DVC does not retrain). A shard also holds the state of the splits
+    before it; ``_resume`` keeps shards only in one unbroken run from the first, so it never takes
+    one whose earlier splits were redone."""
     knobs = {k: v for k, v in asdict(config).items() if k != "workers"}
-    digest = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode())
-    digest.update(charset.chars.encode())
+    common = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode())
+    common.update(charset.chars.encode())
     here = Path(__file__).parent
     for module in ("prepare.py", "sources.py", "pages.py", "lmdb_store.py"):
-        digest.update((here / module).read_bytes())
+        common.update((here / module).read_bytes())
+    keys = {}
     for split in SPLITS:
+        digest = common.copy()
         for meta in plan[split]:
             digest.update(json.dumps([split, meta.name, meta.image.name, meta.digest], ensure_ascii=False).encode())
-    return digest.hexdigest()
+        keys[split] = digest.hexdigest()
+    return keys
 
 
-def _resume(out: Path, run_key: str) -> _State:
-    """The state saved in the last shard of an earlier run of the same key; clears everything else."""
+def _resume(out: Path, run_keys: dict[str, str]) -> _State:
+    """The state saved in the last shard of an earlier run of the same keys; clears everything else."""
     state, seq = _State(), 0
     keep: set[Path] = set()
     for split in SPLITS:  # shards carry a run-wide sequence number: accept them while it runs on
@@ -453,7 +461,7 @@ def _resume(out: Path, run_key: str) -> _State:
                 saved = json.loads(sidecar.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 break
-            if saved.get("run_key") != run_key or saved.get("seq") != seq:
+            if saved.get("run_key") != run_keys[split] or saved.get("seq") != seq:
                 break
             state = _State(**saved["state"])
             keep.add(sidecar.parent)
@@ -472,9 +480,9 @@ def _resume(out: Path, run_key: str) -> _State:
     return state
 
 
-def _write_shards(out: Path, plan: dict[str, list[PageMeta]], config: PrepareConfig, run_key: str,
+def _write_shards(out: Path, plan: dict[str, list[PageMeta]], config: PrepareConfig, run_keys: dict[str, str],
                   pool: Executor | None, progress: bool) -> _State:
-    state = _resume(out, run_key)
+    state = _resume(out, run_keys)
     done = sum(len(plan[s]) for s in SPLITS[: state.split]) + state.page
     bar = tqdm(total=sum(len(v) for v in plan.values()), initial=done, desc="prepare", unit="page",
                disable=not progress)
@@ -486,7 +494,7 @@ def _write_shards(out: Path, plan: dict[str, list[PageMeta]], config: PrepareCon
         nonlocal seq
         state.shards[split].append({"name": writer.path.name, "samples": writer.count, "sha256": writer.sha256})
         state.report = report.as_dict()
-        sidecar = {"run_key": run_key, "seq": seq, "state": asdict(state)}
+        sidecar = {"run_key": run_keys[split], "seq": seq, "state": asdict(state)}
         writer.close({SIDECAR: json.dumps(sidecar, ensure_ascii=False).encode()})
         seq += 1
 
@@ -602,9 +610,9 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         pages, scan_report = _scan(src, pool, progress, index)
         assignment = split_documents([p.name for p in pages], config, {p.name: p.category for p in pages})
         plan = {split: [p for p in pages if assignment[p.name] == split] for split in SPLITS}
-        run_key = _run_key(config, charset, plan)
+        run_keys = _run_keys(config, charset, plan)
         out.mkdir(parents=True, exist_ok=True)
-        state = _write_shards(out, plan, config, run_key, pool, progress)
+        state = _write_shards(out, plan, config, run_keys, pool, progress)
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
