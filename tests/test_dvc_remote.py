@@ -52,6 +52,13 @@ stages:
     deps: [data/aihub, split.py]
     outs: [data/prepared]
 """
+# a second pipeline never run, as recipes/ko-base/dvc.yaml: no dvc.lock, so its outputs have no hash
+RECIPE = """\
+stages:
+  synth:
+    cmd: mkdir -p data && echo made > data/set.txt
+    outs: [data]
+"""
 
 
 def _free_port() -> int:
@@ -124,6 +131,8 @@ def _origin(tmp: Path, env: dict[str, str], pipeline: bool = True) -> Path:
         return repo
     (repo / "split.py").write_text(SPLIT_SCRIPT)
     (repo / "dvc.yaml").write_text(PIPELINE)
+    (repo / "recipe").mkdir()
+    (repo / "recipe" / "dvc.yaml").write_text(RECIPE)
     _run([DVC, "repro", "-q"], repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "data and pipeline"], repo, env)
@@ -170,14 +179,22 @@ def test_push_then_pull_one_split_then_all_into_a_fresh_clone(tmp_path, endpoint
     assert set(_files(clone / "data" / "prepared")) == {"val/page_3.json"}
     assert not (clone / "data" / "aihub").exists()
 
-    _run([DVC, "pull"], clone, env)
+    # the commands docs/data.md gives: a plain pull or status also takes in the never-run recipe
+    docs = (REPO / "docs" / "data.md").read_text(encoding="utf-8")
+    assert "dvc pull --with-deps dvc.yaml" in docs and "`dvc status dvc.yaml` reports" in docs
+    plain = _run([DVC, "pull"], clone, env, ok=False)
+    assert plain.returncode == 1 and "Checkout failed for following targets:\nrecipe/data" in plain.stderr, plain
+    assert "recipe/dvc.yaml:synth" in _run([DVC, "status"], clone, env).stdout
+    for folder in ("data/aihub", "data/prepared"):  # what the plain pull linked before it failed
+        shutil.rmtree(clone / folder)
+    _run([DVC, "pull", "--with-deps", "dvc.yaml"], clone, env)
     for folder in ("data/aihub", "data/prepared"):
         assert _files(clone / folder) == _files(origin / folder), folder
     page = clone / "data" / "prepared" / "train" / "page_0.json"
     assert page.stat().st_nlink >= 2 or page.is_symlink()  # linked from the cache, not copied
     assert (shared / "files").stat().st_mode & 0o2070 == 0o2070  # group-writable, setgid: a shared cache
 
-    status = _run([DVC, "status"], clone, env).stdout
+    status = _run([DVC, "status", "dvc.yaml"], clone, env).stdout
     assert "Data and pipelines are up to date." in status, status
     repro = _run([DVC, "repro"], clone, env).stdout
     assert "Running stage" not in repro and "Stage 'prepare' didn't change, skipping" in repro, repro

@@ -498,6 +498,16 @@ def _diff_base(tmp_path: Path, event: str, before: str) -> str:
     return calls[0].split()[3].replace(shas[1], "FIRST")
 
 
+def test_retrain_diffs_the_metrics_files_of_the_pipeline_not_of_the_recipe():
+    # the recipe's committed metrics (recipes/ko-base/metrics) made ~350 of the comment's ~460 rows
+    script = next(s for s in _workflow("retrain.yml")["jobs"]["retrain"]["steps"] if s.get("id") == "diff")["run"]
+    command = re.search(r"^\s*(dvc metrics diff .*?)$", script.replace("\\\n", " "), re.M).group(1).split()
+    targets = command[command.index("--targets") + 1:]
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values()
+    declared = [next(iter(m)) if isinstance(m, dict) else m for stage in stages for m in stage.get("metrics", [])]
+    assert sorted(targets) == sorted(declared)
+
+
 @pytest.mark.parametrize("event, before, base", [
     ("push", "FIRST", "FIRST"),  # origin/main is the pushed commit itself: the params change would never show
     ("push", "0" * 40, "HEAD^"),  # a new branch: no commit before it
