@@ -153,6 +153,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     moved = {k: v for k, v in tuned.items() if k in MODEL_KNOBS}
     used = {k: v for k, v in {**params.get("train", {}), **tuned}.items() if k not in moved}
     model = {**params.get("model", {}), **moved}
+    # an earlier run's mlflow.json beside this run's first model.pt would let promote register that
+    # run's model under the score evaluate measured on this one: gone until this run has logged its own
+    (Path(args.out) / "mlflow.json").unlink(missing_ok=True)
     with stage_run("train", {"train": used, "model": model}, system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)
@@ -277,17 +280,21 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         for evaluation in evaluated.values():
             evaluation.pictures = [Path(args.pictures) / p.relative_to(pictures) for p in evaluation.pictures]
         results = {label: e.metrics for label, e in evaluated.items()}
+        report = evaluation_report(evaluated, len(pages), data_hash)
+        # the scores at once, beside the readings just swapped in (not after minutes of MLflow logging,
+        # when a kill would leave this run's predictions under the earlier run's metrics)
+        _dump({**results, "eval_data_hash": data_hash, "eval_scoring_hash": scoring, "pages": len(pages)},
+              args.metrics)
+        _dump({label: e.analysis for label, e in evaluated.items()},
+              Path(args.metrics).with_name("evaluate_analysis.json"))
+        write_text(Path(args.metrics).with_suffix(".md"), report)
         for label, evaluation in evaluated.items():
             mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in evaluation.metrics.items()})
             mlflow.log_dict(evaluation.analysis, f"analysis/{label}.json")
             for picture in evaluation.pictures:
                 mlflow.log_artifact(str(picture), f"worst_pages/{label}")
         mlflow.set_tags({"eval_data_hash": data_hash, "eval_scoring_hash": scoring})
-        report = evaluation_report(evaluated, len(pages), data_hash)
         mlflow.log_text(report, "evaluate.md")
-    _dump({**results, "eval_data_hash": data_hash, "eval_scoring_hash": scoring, "pages": len(pages)}, args.metrics)
-    _dump({label: e.analysis for label, e in evaluated.items()}, Path(args.metrics).with_name("evaluate_analysis.json"))
-    write_text(Path(args.metrics).with_suffix(".md"), report)
     print(report)
 
 

@@ -209,3 +209,20 @@ def test_the_bundle_readmes_upright_snippet_saves_what_the_platform_reads(tmp_pa
         platform = load_image(tmp_path / name)[1]
         assert saved.shape == platform.shape, name
         assert np.abs(saved.astype(int) - platform.astype(int)).max() <= 1, name  # the array advice was all white or black
+
+
+def test_an_export_that_fails_part_way_leaves_the_earlier_bundle_whole(hangul_checkpoint, tmp_path, monkeypatch):
+    from training import export_easyocr as exporter
+
+    out = tmp_path / "bundle"
+    export_easyocr(str(hangul_checkpoint), out, "ko_partway")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def killed(*args, **kwargs):  # dies after the new .pth is written, as a kill or a full disk would
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "_readme", killed)
+    with pytest.raises(KeyboardInterrupt):
+        export_easyocr("ko_base", out, "ko_partway")
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # was: ko_base's weights in ko_test.pth beside the earlier yaml and README

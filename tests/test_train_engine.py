@@ -449,6 +449,25 @@ def test_kocr_train_killed_while_logging_resumes_at_its_end_not_at_step_0(prepar
     assert not state.exists()  # logged: nothing left to resume
 
 
+def test_an_earlier_runs_mlflow_json_is_gone_before_this_run_writes_its_model(prepared, tmp_path, monkeypatch):
+    """Run by hand (dvc repro deletes outputs first): killed after its first model.pt, a new run must not
+    leave the old run's mlflow.json beside it, or promote registers that run's model under this one's score."""
+    import evaluation.pyfunc_model
+    from kocr.cli import main
+
+    _tiny_project(prepared, tmp_path, steps=3, val_every=3)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", str(prepared), "--out", "out", "--metrics", "m.json", "--plots", "plots"]
+    assert main(args) == 0 and (tmp_path / "out" / "mlflow.json").is_file()
+
+    def killed(*_, **__):
+        raise _Killed
+    monkeypatch.setattr(evaluation.pyfunc_model, "log_recognizer", killed)
+    with pytest.raises(_Killed):
+        main(args)
+    assert (tmp_path / "out" / "model.pt").is_file() and not (tmp_path / "out" / "mlflow.json").exists()
+
+
 def test_a_state_saved_at_an_early_stop_is_not_trained_on(prepared, tmp_path, capsys):
     state, knobs = tmp_path / "run.pt", {"steps": 20, "val_every": 1, "lr": 0.0, "patience": 2}
     first = train(TrainConfig(**{**TINY, **knobs}), prepared, tmp_path / "a", progress=False, log=False,

@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import shutil
@@ -23,7 +24,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from kocr.atomic import atomic_path, write_text
+from kocr.atomic import atomic_path
 from kocr.easyocr_compat import import_easyocr, offline_model_dir
 from training import model as model_module
 from training.checkpoint import LoadedRecognizer, load_recognizer
@@ -85,17 +86,22 @@ def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: 
     state = {f"module.{k}": v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     paths = {"pth": model_dir / f"{name}.pth", "py": network_dir / f"{name}.py",
              "yaml": network_dir / f"{name}.yaml", "readme": out / "README.md"}
-    with atomic_path(paths["pth"]) as tmp:  # each file whole: a kill never leaves half a .pth EasyOCR would load
-        torch.save(state, tmp)
-    write_text(paths["py"], network_source())
     config = {"network_params": loaded.config.network_params(), "imgH": loaded.config.imgH,
               "lang_list": list(lang_list), "character_list": loaded.charset.chars}
-    write_text(paths["yaml"], f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n"
-               + yaml.safe_dump(config, allow_unicode=True, sort_keys=False))
-    if with_detector:
-        with atomic_path(model_dir / "craft_mlt_25k.pth") as tmp:
-            shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth", tmp)
-    write_text(paths["readme"], _readme(name, lang_list, loaded, readtext_kwargs or {}, provenance))
+    # every file written under a temporary name first and all renamed in at the end: a kill or a full
+    # disk never leaves a new .pth beside an earlier export's yaml and README (a bundle that fails to
+    # load, or loads under another model's provenance); other files in --out are left alone
+    with contextlib.ExitStack() as stack:
+        tmp = {key: stack.enter_context(atomic_path(path)) for key, path in paths.items()}
+        torch.save(state, tmp["pth"])
+        tmp["py"].write_text(network_source(), encoding="utf-8")
+        tmp["yaml"].write_text(f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n"
+                               + yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
+        tmp["readme"].write_text(_readme(name, lang_list, loaded, readtext_kwargs or {}, provenance),
+                                 encoding="utf-8")
+        if with_detector:
+            shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth",
+                         stack.enter_context(atomic_path(model_dir / "craft_mlt_25k.pth")))
     return {k: str(v) for k, v in paths.items()}
 
 
