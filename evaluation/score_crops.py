@@ -84,12 +84,16 @@ def tsv_row(fields: list[str], where: str) -> str:
     return "\t".join(fields) + "\n"
 
 
-def read_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
+def read_labels(path: str | os.PathLike, margin: float = 0.1,
+                skipped: list[tuple[str, str]] | None = None) -> list[Crop]:
     """Rows of a labels TSV (header with ``image`` and ``text``), image paths resolved and checked;
-    a ``.json`` file is read as word boxes on whole images (``read_box_labels`` with ``margin``)."""
+    a ``.json`` file is read as word boxes on whole images (``read_box_labels`` with ``margin``).
+
+    With ``skipped`` (a list), a row whose image is missing or unreadable, or whose box is unusable,
+    is appended to it as (reason, where) and left out instead of stopping the read."""
     path = Path(path)
     if path.suffix.lower() == ".json":
-        return read_box_labels(path, margin)
+        return read_box_labels(path, margin, skipped)
     try:
         # rows end at CR LF, LF or CR only: str.splitlines would also cut a text at U+2028, U+0085, …
         lines = re.split(r"\r\n|\r|\n", _labels_bytes(path).decode("utf-8-sig"))
@@ -117,10 +121,13 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
             raise ScoreInputError(f"{path}:{number}: empty {'image path' if not image else 'text'}")
         image_path = path.parent / image
         if not image_path.is_file():
-            raise ScoreInputError(f"{path}:{number}: image {image_path} "
-                                  f"{'is a folder' if image_path.is_dir() else 'not found'}")
+            problem = f"{path}:{number}: image {image_path} {'is a folder' if image_path.is_dir() else 'not found'}"
+            if skipped is None:
+                raise ScoreInputError(problem)
+            skipped.append(("image_missing", problem))
+            continue
         crops.append(Crop(image_path, text, number, font=fields[col_font].strip() if col_font is not None else ""))
-    if not crops:
+    if not crops and not skipped:
         raise ScoreInputError(f"{path}: no rows after the header")
     return crops
 
@@ -135,7 +142,8 @@ def _labels_bytes(path: Path) -> bytes:
         raise ScoreInputError(f"{path}: a folder, expected a labels file (.tsv or .json)") from None
 
 
-def read_box_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
+def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
+                    skipped: list[tuple[str, str]] | None = None) -> list[Crop]:
     """Word boxes on whole images, each a crop, in file order.
 
     ``path`` is one page JSON in the platform's AI-Hub schemas (``training.data.pages``; the image
@@ -147,8 +155,15 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
     axis-aligned, widened by ``margin`` x its height on every side (EasyOCR's ``add_margin`` on the
     boxes its detector finds) and clipped to the image. Words with empty text or ``###`` are skipped.
     A missing or unreadable image, a box wholly outside its image or a malformed entry raises
-    ``ScoreInputError`` naming the file, the image and the word.
+    ``ScoreInputError`` naming the file, the image and the word; with ``skipped`` (a list), an
+    image or box of the first three kinds is appended to it as (reason, where) and left out instead.
     """
+
+    def problem(reason: str, where: str) -> None:
+        if skipped is None:
+            raise ScoreInputError(where)
+        skipped.append((reason, where))
+
     path = Path(path)
     raw = _labels_bytes(path)
     try:
@@ -166,20 +181,26 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1) -> list[Crop]:
     crops = []
     for name, words in images.items():
         image = path.parent / name
-        size = _image_size(image, path)
+        try:
+            size = _image_size(image, path)
+        except ScoreInputError as exc:
+            problem("image_unreadable", str(exc))
+            continue
         for bbox, text, index in words:
             text = nfc(text)
             if not text or text == DONT_CARE:
                 continue
             if not all(math.isfinite(v) for v in bbox):
-                raise ScoreInputError(f"{path}: {name} word {index} ({text!r}): box {list(bbox)} is not finite")
+                problem("bad_box", f"{path}: {name} word {index} ({text!r}): box {list(bbox)} is not finite")
+                continue
             box = crop_box(bbox, margin, *size)
             if box is None:
                 where = "has no area" if bbox[2] <= 0 or bbox[3] <= 0 else f"lies outside the {size[0]}x{size[1]} image"
-                raise ScoreInputError(f"{path}: {name} word {index} ({text!r}): box {[round(v, 1) for v in bbox]} "
-                                      + where)
+                problem("bad_box", f"{path}: {name} word {index} ({text!r}): box {[round(v, 1) for v in bbox]} "
+                        + where)
+                continue
             crops.append(Crop(image, text, index, box))
-    if not crops:
+    if not crops and not skipped:
         raise ScoreInputError(f"{path}: no labelled word boxes")
     return crops
 

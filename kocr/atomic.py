@@ -109,24 +109,37 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, sweep: bool = Tr
     folder.mkdir()
     tmp = folder / path.name
     try:
-        yield tmp
-        if durable:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, path)
+        with named_disk_errors(path, tmp):
+            yield tmp
+            if durable:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def named_disk_errors(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[None]:
+    """Inside the block, a write that fails for want of room raises an ``OSError`` naming ``path``:
+    ENOSPC, EDQUOT or EFBIG raised without a file name (or naming ``tmp``, its temporary stand-in),
+    and torch.save's ``RuntimeError`` "unexpected pos N vs M" when under ``NEARLY_FULL`` bytes are free.
+    A writer of several files staged together wraps each write, so the failing one is named."""
+    path = Path(path)
+    try:
+        yield
     except OSError as exc:
-        if exc.errno in DISK_FULL and exc.filename in (None, str(tmp)):  # named as the file being written
+        if exc.errno in DISK_FULL and exc.filename in (None, str(tmp)):
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
-    except RuntimeError as exc:  # torch.save reports a full disk as "unexpected pos N vs M"
+    except RuntimeError as exc:
+        folder = next((p for p in (Path(tmp).parent if tmp else None, path.parent) if p and p.is_dir()), Path("."))
         if shutil.disk_usage(folder).free < NEARLY_FULL:
             raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(path)) from exc
         raise
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False, sweep: bool = True) -> Path:

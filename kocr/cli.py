@@ -744,9 +744,11 @@ def main(argv: list[str] | None = None) -> int:
         if exc.errno not in DISK_FULL:
             raise
         where = exc.filename or getattr(args, "out", None) or "its output"
-        why = {errno.EDQUOT: "the disk quota is used up", errno.EFBIG: "a file grew past the size limit"}.get(
-            exc.errno, "no space left on the device")
-        print(f"kocr {args.command}: error: {why} writing {where}; free some and run the same command again",
+        why, fix = {errno.EDQUOT: ("the disk quota is used up", "free some"),
+                    errno.EFBIG: ("a file grew past the size limit (ulimit -f, or the filesystem's)",
+                                  "raise the limit or write elsewhere")}.get(
+            exc.errno, ("no space left on the device", "free some"))
+        print(f"kocr {args.command}: error: {why} writing {where}; {fix} and run the same command again",
               file=sys.stderr)
         return 2
     except ValueError as exc:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,6 +197,8 @@ def test_the_bundle_readmes_upright_snippet_saves_what_the_platform_reads(tmp_pa
     grey = np.full((40, 90), 235, np.uint8)
     grey[12:28, 10:80] = 30  # a dark bar to read
     pages = {"exif.jpg": None, "deep.png": Image.fromarray(grey.astype(np.uint16) * 257),
+             "deep8.png": Image.fromarray(grey.astype(np.uint16)),  # 16-bit file, 8-bit values: was saved black
+             "float.tif": Image.fromarray(grey.astype(np.float32) / 255),  # mode F in 0-1
              "alpha.png": Image.fromarray(np.dstack([np.zeros((40, 90, 3), np.uint8), 255 - grey]), "RGBA")}
     turned = Image.fromarray(np.rot90(grey).copy()).convert("RGB")
     exif = turned.getexif()
@@ -218,11 +222,24 @@ def test_an_export_that_fails_part_way_leaves_the_earlier_bundle_whole(hangul_ch
     export_easyocr(str(hangul_checkpoint), out, "ko_partway")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
-    def killed(*args, **kwargs):  # dies after the new .pth is written, as a kill or a full disk would
-        raise KeyboardInterrupt
+    real_write_text = Path.write_text
 
-    monkeypatch.setattr(exporter, "_readme", killed)
+    def killed_at_the_yaml(self, *args, **kwargs):  # after the new .pth is written, as a kill would
+        if self.suffix == ".yaml":
+            raise KeyboardInterrupt
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", killed_at_the_yaml)
     with pytest.raises(KeyboardInterrupt):
         export_easyocr("ko_base", out, "ko_partway")
+    monkeypatch.setattr(Path, "write_text", real_write_text)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert after == before  # was: ko_base's weights in ko_test.pth beside the earlier yaml and README
+    assert after == before  # was: ko_base's weights in ko_partway.pth beside the earlier yaml and README
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # no file name, as a plain write gives
+
+    monkeypatch.setattr(exporter.torch, "save", full)
+    with pytest.raises(OSError) as info:
+        export_easyocr("ko_base", out, "ko_partway")
+    assert info.value.filename == str(out / "model" / "ko_partway.pth")  # was: README.md, the last one staged

@@ -34,11 +34,14 @@ def test_crops_and_labels_arrive_in_order_as_the_reader_sees_them_and_train(tmp_
     for i, (name, _) in enumerate(rows):
         _crop(crops / name, 40 + 40 * i)
     (crops / "broken.png").write_bytes(b"not a png")
-    body = "".join(f"{name}\t{text}\n" for name, text in rows) + "broken.png\t부산\n"
+    body = "".join(f"{name}\t{text}\n" for name, text in rows) + "broken.png\t부산\ngone.png\t대구\n"
     (crops / "labels.tsv").write_text("image\ttext\n" + body, encoding="utf-8")
     summary = import_crops(crops / "labels.tsv", tmp_path / "set", progress=False)
-    # 를 is not in korean_g2 (EasyOCR's own list): dropped and named; the broken image skipped and named
-    assert summary["samples"] == 3 and summary["rows"] == 5
+    # 를 is not in korean_g2 (EasyOCR's own list): dropped and named; the broken and the missing image
+    # skipped and named (a missing one stopped the whole import)
+    assert summary["samples"] == 3 and summary["rows"] == 6
+    assert summary["skipped"]["image_missing"]["examples"] == [
+        f"{crops / 'labels.tsv'}:7: image {crops / 'gone.png'} not found"]
     assert summary["skipped"]["out_of_charset"]["examples"] == [f"{crops / 'labels.tsv'}:4 '를'"]
     assert summary["skipped"]["image_unreadable"]["examples"][0].startswith(f"{crops / 'labels.tsv'}:6: ")
     assert json.loads((tmp_path / "set" / REPORT).read_text(encoding="utf-8")) == summary
@@ -61,6 +64,14 @@ def test_a_box_json_is_cropped_like_evaluate_crops(tmp_path):
     crops = read_labels(labels)
     assert summary["samples"] == len(crops) == len(data) and [data.label(i) for i in range(len(data))][:2] == ["서울", "평양"]
     assert all(np.array_equal(data[i][0], load_crop(c)) for i, c in enumerate(crops))
+    mixed = tmp_path / "mixed"  # the same boxes on a second image that does not decode
+    mixed.mkdir()
+    shutil.copy(labels.with_name("korean.png"), mixed / "korean.png")
+    (mixed / "bad.png").write_bytes(b"x")
+    entries = json.loads(labels.read_text(encoding="utf-8"))
+    (mixed / "gt.json").write_text(json.dumps({**entries, "bad.png": entries["korean.png"]}), encoding="utf-8")
+    summary = import_crops(mixed / "gt.json", tmp_path / "mixed_set", progress=False)
+    assert summary["samples"] == len(crops) and summary["skipped"]["image_unreadable"]["count"] == 1
 
 
 def test_nothing_is_written_over_a_folder_that_is_not_a_set_or_when_nothing_is_left(tmp_path):

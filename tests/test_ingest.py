@@ -739,3 +739,15 @@ def test_text_drawn_only_in_alpha_is_cropped_as_evaluation_reads_it_not_black(pa
     _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
     crops = [np.frombuffer(image, np.uint8) for _, image in _samples(tmp_path / "out", "train")]
     assert crops and all(c.max() - c.min() > 100 for c in crops)  # ink on paper, not black on black
+
+
+def test_the_shard_key_covers_every_module_the_crops_come_from():
+    # pixels.py mends every image before it is cropped: a change to it must re-crop, not resume
+    import ast
+
+    from training.data import prepare
+
+    tree = ast.parse(Path(prepare.__file__).read_text(encoding="utf-8"))
+    imported = {node.module.rsplit(".", 1)[-1] + ".py" for node in ast.walk(tree)
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("training.data.")}
+    assert imported and imported | {"prepare.py"} <= set(prepare.KEYED_MODULES)

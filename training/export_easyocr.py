@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from kocr.atomic import atomic_path
+from kocr.atomic import atomic_path, named_disk_errors
 from kocr.easyocr_compat import import_easyocr, offline_model_dir
 from training import model as model_module
 from training.checkpoint import LoadedRecognizer, load_recognizer
@@ -91,17 +91,22 @@ def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: 
     # every file written under a temporary name first and all renamed in at the end: a kill or a full
     # disk never leaves a new .pth beside an earlier export's yaml and README (a bundle that fails to
     # load, or loads under another model's provenance); other files in --out are left alone
+    texts = {"py": network_source(),
+             "yaml": f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n"
+                     + yaml.safe_dump(config, allow_unicode=True, sort_keys=False),
+             "readme": _readme(name, lang_list, loaded, readtext_kwargs or {}, provenance)}
     with contextlib.ExitStack() as stack:
         tmp = {key: stack.enter_context(atomic_path(path)) for key, path in paths.items()}
-        torch.save(state, tmp["pth"])
-        tmp["py"].write_text(network_source(), encoding="utf-8")
-        tmp["yaml"].write_text(f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n"
-                               + yaml.safe_dump(config, allow_unicode=True, sort_keys=False), encoding="utf-8")
-        tmp["readme"].write_text(_readme(name, lang_list, loaded, readtext_kwargs or {}, provenance),
-                                 encoding="utf-8")
+        with named_disk_errors(paths["pth"], tmp["pth"]):  # each write names its own file on a full disk
+            torch.save(state, tmp["pth"])
+        for key, text in texts.items():
+            with named_disk_errors(paths[key], tmp[key]):
+                tmp[key].write_text(text, encoding="utf-8")
         if with_detector:
-            shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth",
-                         stack.enter_context(atomic_path(model_dir / "craft_mlt_25k.pth")))
+            craft = model_dir / "craft_mlt_25k.pth"
+            staged = stack.enter_context(atomic_path(craft))
+            with named_disk_errors(craft, staged):
+                shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth", staged)
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -148,8 +153,10 @@ UPRIGHT_SNIPPET = """import numpy as np
 from PIL import Image, ImageOps
 
 page = ImageOps.exif_transpose(Image.open("photo.jpg"))  # the EXIF turn applied
-if page.mode.startswith(("I", "F")):  # 16-bit samples to 8 bits (a float page in 0-1: * 255 instead)
-    page = Image.fromarray((np.asarray(page, np.float64) * 255 / 65535).round().astype(np.uint8))
+if page.mode.startswith(("I", "F")):  # 16-bit or float samples to 8 bits, scaled as the platform scales them
+    deep = np.asarray(page, np.float64)
+    top = 65535 if deep.max() > 255 else 1 if page.mode == "F" and deep.max() <= 1 else 255
+    page = Image.fromarray((deep * 255 / top).clip(0, 255).round().astype(np.uint8))
 if page.mode in ("RGBA", "LA") and all(lo == hi for lo, hi in page.convert("RGB").getextrema()):  # text in alpha
     page = Image.alpha_composite(Image.new("RGBA", page.size, "white"), page.convert("RGBA"))
 page.convert("RGB").save("upright.png")  # then reader.readtext("upright.png", ...)

@@ -5,9 +5,10 @@ crop images relative to it, or a ``.json`` of word boxes on whole images. Each c
 greyscale PNG that ``easyocr.Reader`` would make of it (the reading path evaluation uses), under its
 NFC label, so the set trains as ``--data``'s ``train/`` or ``val/`` or in ``train.mix``.
 
-Rows the charset cannot express are dropped (or kept, ``out_of_charset: keep``) and unreadable
-images skipped; both are counted with their first places in ``import.json`` inside the set, like
-``prepare``'s report. The set is written beside ``out`` and moved in whole: a kill leaves none.
+Rows the charset cannot express are dropped (or kept, ``out_of_charset: keep``); rows whose image
+is missing or does not decode, and boxes with no area inside their image, are skipped; each is
+counted with its first places in ``import.json`` inside the set, like ``prepare``'s report. A
+malformed label file (a bad header, a row with too many fields) still stops the import, naming the line. The set is written beside ``out`` and moved in whole: a kill leaves none.
 
 Example:
     >>> summary = import_crops("mycrops/labels.tsv", "data/own/train")   # doctest: +SKIP
@@ -54,7 +55,8 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
     labels, out = Path(labels), Path(out)
     if out.exists() and not (out / "data.mdb").is_file():  # replacing it would delete what it holds
         raise CropImportError(f"--out {out}: exists and is not an LMDB set; give a new folder (a set there is replaced)")
-    crops = read_labels(labels, margin)
+    unusable: list[tuple[str, str]] = []  # rows whose image is missing or unreadable, or whose box is unusable
+    crops = read_labels(labels, margin, skipped=unusable)
     skipped: dict[str, dict[str, Any]] = {}
 
     def skip(reason: str, where: str) -> None:
@@ -62,6 +64,9 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
         entry["count"] += 1
         if len(entry["examples"]) < EXAMPLES_KEPT:
             entry["examples"].append(where[:300])
+
+    for reason, where in unusable:
+        skip(reason, where)
 
     samples = 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -90,7 +95,7 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
         if not samples:
             raise CropImportError(f"{labels}: no crop left to import ({_tally(skipped) or 'no rows'}); "
                                f"nothing written to {out}")
-        summary = {"labels": str(labels), "charset": chars.name, "rows": len(crops), "samples": samples,
+        summary = {"labels": str(labels), "charset": chars.name, "rows": len(crops) + len(unusable), "samples": samples,
                    "skipped": skipped}
         (writer.partial / REPORT).write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n",
                                              encoding="utf-8")  # moved in with the set

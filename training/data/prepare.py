@@ -425,6 +425,9 @@ def _shard_name(n: int) -> str:
     return f"shard-{n:05d}"
 
 
+KEYED_MODULES = ("prepare.py", "sources.py", "pages.py", "pixels.py", "lmdb_store.py")  # code the crops come from
+
+
 def _run_keys(config: PrepareConfig, charset: Charset, plan: dict[str, list[PageMeta]]) -> dict[str, str]:
     """What each split's shards depend on: the knobs (not ``workers``), the charset, the code that reads
     and crops pages (shards of an older version are never reused) and that split's pages with the digest
@@ -438,7 +441,7 @@ def _run_keys(config: PrepareConfig, charset: Charset, plan: dict[str, list[Page
     common = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode())
     common.update(charset.chars.encode())
     here = Path(__file__).parent
-    for module in ("prepare.py", "sources.py", "pages.py", "lmdb_store.py"):
+    for module in KEYED_MODULES:
         common.update((here / module).read_bytes())
     keys = {}
     for split in SPLITS:
