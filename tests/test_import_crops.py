@@ -102,3 +102,28 @@ def test_the_command_prints_its_tally_and_refuses_in_one_line(tmp_path, capsys):
     assert f"import-crops: 1 of 2 crops -> {tmp_path / 'set'}; skipped or kept with a note: out_of_charset 1" in out
     assert main(["import-crops", "--labels", str(crops / "labels.tsv"), "--out", str(crops)]) == 2
     assert "exists and is not an LMDB set" in capsys.readouterr().err
+
+
+def test_a_second_import_into_a_set_being_written_stops_and_a_link_is_refused(tmp_path, monkeypatch):
+    from training.data import lmdb_store
+    from training.data.lmdb_store import LmdbWriteError, SetBusyError
+
+    crops = tmp_path / "mine"
+    crops.mkdir()
+    _crop(crops / "a.png", 100)
+    (crops / "labels.tsv").write_text("image\ttext\na.png\t서울\n", encoding="utf-8")
+    real_add = lmdb_store.LmdbWriter.add
+
+    def add_while_another_starts(self, image, label):
+        with pytest.raises(SetBusyError, match="another process is writing this set"):  # was: it deleted the
+            import_crops(crops / "labels.tsv", tmp_path / "set", progress=False)      # first one's partial set
+        real_add(self, image, label)
+
+    monkeypatch.setattr(lmdb_store.LmdbWriter, "add", add_while_another_starts)
+    assert import_crops(crops / "labels.tsv", tmp_path / "set", progress=False)["samples"] == 1
+    monkeypatch.setattr(lmdb_store.LmdbWriter, "add", real_add)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "set"]  # no lock file left beside the set
+    (tmp_path / "link").symlink_to(tmp_path / "set")
+    with pytest.raises(LmdbWriteError, match="a symbolic link"):  # was: rmtree's traceback after the import
+        import_crops(crops / "labels.tsv", tmp_path / "link", progress=False)
+    assert LmdbDataset(tmp_path / "set").label(0) == "서울"

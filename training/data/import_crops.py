@@ -70,7 +70,7 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
 
     samples = 0
     out.parent.mkdir(parents=True, exist_ok=True)
-    with LmdbWriter(out) as writer:
+    with LmdbWriter(out, lock=True) as writer:  # a second import into the same set stops, named
         for crop in tqdm(crops, desc="import-crops", unit="crop", disable=not progress):
             where = crop.where(str(labels))
             missing = chars.missing(crop.text)

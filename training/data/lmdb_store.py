@@ -82,12 +82,16 @@ class LmdbWriter:
     started with, so the published set carries no file of the writer's.
     """
 
-    def __init__(self, path: str | os.PathLike, commit_every: int = 1000, resume_key: str | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, commit_every: int = 1000, resume_key: str | None = None,
+                 lock: bool = False) -> None:
         self.path = Path(path)
+        if self.path.is_symlink():  # publishing replaces the folder: it would have to delete the link
+            raise LmdbWriteError(f"{self.path}: a symbolic link (to {os.readlink(self.path)}); give the folder "
+                                 "itself, or a new path")
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.commit_every = commit_every
         self.resumable = resume_key is not None
-        self._lock = self._take_lock() if resume_key else None
+        self._lock = self._take_lock() if resume_key or lock else None  # lock: refuse a second writer too
         try:
             self._start(resume_key)
         except BaseException:  # a full disk, a bad path: no lock kept for a writer that never ran
@@ -142,6 +146,8 @@ class LmdbWriter:
     def _unlock(self) -> None:
         if self._lock is not None:
             _WRITING.discard(Path(self._lock.name).resolve())
+            if not self.resumable:  # it holds no key to resume by: nothing left beside the set (dvc add)
+                Path(self._lock.name).unlink(missing_ok=True)
             self._lock.close()  # closing the file releases the lock
             self._lock = None
 
