@@ -166,6 +166,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         summary = train(config, args.data, args.out, metrics_file=args.metrics, plots_dir=args.plots,
                         state_file=state_file, resume=args.resume, keep_state=True)
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        if summary.get("resumed_from_step"):  # its metric history starts there; the run killed before holds the rest
+            mlflow.set_tag("kocr.resumed_from_step", str(summary["resumed_from_step"]))
         _log_curves(Path(args.plots))
         info = log_recognizer(Path(args.out) / "model.pt", DetectorSettings.from_params(params.get("detector")))
         _dump({"run_id": run.info.run_id, "model_uri": info.model_uri}, Path(args.out) / "mlflow.json")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import time
 import warnings
@@ -132,13 +133,14 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
     experiment_id = ensure_experiment(experiment or DEFAULT_EXPERIMENT)
     key = pipeline_key()
     parent_id = _parent_run(experiment_id, key)
-    tags = {"kocr.stage": stage}
+    tags = {"kocr.stage": stage, "kocr.host": socket.gethostname(), "kocr.pid": str(os.getpid())}
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
     status = "FINISHED"
     with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
                           tags=tags, log_system_metrics=system_metrics) as run:
+        end_dead_siblings(experiment_id, parent_id, stage, run.info.run_id)
         if params:
             mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
         try:
@@ -149,6 +151,31 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
         finally:
             # The parent stays open while a DVC pipeline runs; its status follows the last stage.
             _finish_parent(parent_id, status)
+
+
+def end_dead_siblings(experiment_id: str, parent_id: str, stage: str, current: str) -> list[str]:
+    """Mark KILLED the earlier runs of ``stage`` under the same pipeline run that a process on this
+    machine left RUNNING when it died (a kill, the tracking server down mid-run), tagged with the run
+    that takes over (``kocr.superseded_by``); returns their ids. A run whose process is alive, or
+    that another machine started, is left alone."""
+    host = socket.gethostname()
+    try:
+        found = mlflow.search_runs([experiment_id], output_format="list", filter_string=(
+            f"tags.mlflow.parentRunId = '{parent_id}' and tags.`kocr.stage` = '{stage}' "
+            "and attributes.status = 'RUNNING'"))
+    except MlflowException:  # a store that cannot search this way: the UI keeps showing them RUNNING
+        return []
+    client = mlflow.MlflowClient()
+    ended = []
+    for run in found:
+        pid = run.data.tags.get("kocr.pid", "")
+        if run.info.run_id == current or run.data.tags.get("kocr.host") != host or not pid.isdigit() \
+                or psutil.pid_exists(int(pid)):
+            continue
+        client.set_tag(run.info.run_id, "kocr.superseded_by", current)
+        client.set_terminated(run.info.run_id, status="KILLED")
+        ended.append(run.info.run_id)
+    return ended
 
 
 def log_dataset(path: str | os.PathLike, context: str, name: str | None = None) -> str:

@@ -76,3 +76,34 @@ def test_a_password_in_the_tracking_uri_turns_off_mlflows_printed_run_links(tmp_
         assert "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT" not in os.environ  # the link is worth printing then
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_stage_run_ends_the_runs_of_that_stage_a_dead_process_left_running(tmp_path, monkeypatch):
+    import socket
+    import subprocess
+
+    from kocr.tracking import PIPELINE_KEY_TAG, configure_tracking, stage_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "resumed-after-an-outage")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process holds now
+    try:
+        with stage_run("train") as first:
+            parent, experiment = first.data.tags["mlflow.parentRunId"], first.info.experiment_id
+        client = mlflow.MlflowClient()
+        here = socket.gethostname()
+        left = {name: client.create_run(experiment, run_name="train", tags={
+            "mlflow.parentRunId": parent, "kocr.stage": "train", "kocr.host": host, "kocr.pid": str(pid)}).info.run_id
+            for name, host, pid in [("dead", here, gone.pid), ("alive", here, os.getpid()),
+                                    ("elsewhere", "gpu-server-2", gone.pid)]}
+        with stage_run("train") as again:
+            pass
+        status = {name: client.get_run(run_id).info.status for name, run_id in left.items()}
+        # was: all three RUNNING for ever in the UI beside the run that took over
+        assert status == {"dead": "KILLED", "alive": "RUNNING", "elsewhere": "RUNNING"}
+        assert client.get_run(left["dead"]).data.tags["kocr.superseded_by"] == again.info.run_id
+        assert client.get_run(parent).data.tags[PIPELINE_KEY_TAG] == "resumed-after-an-outage"
+    finally:
+        mlflow.set_tracking_uri(None)

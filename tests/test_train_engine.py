@@ -447,6 +447,7 @@ def test_kocr_train_killed_while_logging_resumes_at_its_end_not_at_step_0(prepar
     assert (tmp_path / "plots" / "loss.tsv").read_text() == loss
     assert json.loads((tmp_path / "out" / "mlflow.json").read_text())["model_uri"]
     assert not state.exists()  # logged: nothing left to resume
+    assert json.loads((tmp_path / "m.json").read_text())["resumed_from_step"] == 6  # the MLflow curve starts there
 
 
 def test_an_earlier_runs_mlflow_json_is_gone_before_this_run_writes_its_model(prepared, tmp_path, monkeypatch):

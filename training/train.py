@@ -487,6 +487,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     if resume and state_file is not None:
         state = _resume(Path(state_file), signature, core, optimizer, scheduler, scaler, ema,
                         out_dir if main else None, quiet=not main) or state
+    resumed_at = state.step  # 0 for a fresh start
     finished = state.step >= config.steps or (config.patience > 0 and state.stale >= config.patience)
     if finished and main:
         print(f"train: the saved state ended its run at step {state.step}: nothing left to train, writing "
@@ -576,6 +577,8 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
                "base": transfer["base"], "base_sha256": transfer.get("base_sha256", ""),
                "head_rows_copied": transfer.get("head_rows_copied", 0), "world_size": ctx.world_size,
                "batch_max_length_used": info["batch_max_length_used"]}
+    if resumed_at:  # this process's MLflow run holds the curve from here on; loss.tsv and val.tsv hold it all
+        summary["resumed_from_step"] = resumed_at
     summary["device"] = device_name(device)
     if mixed:
         summary["train_mix"] = mixed
