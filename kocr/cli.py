@@ -427,7 +427,10 @@ def cmd_score(args: argparse.Namespace) -> None:
             raise CommandError(f"{flag} {folder}: " + ("not a folder" if Path(folder).exists() else "no such folder"))
     from training.data.pages import iter_page_files
 
-    scores = score_folders(args.gt, args.pred, args.iou)
+    try:
+        scores = score_folders(args.gt, args.pred, args.iou)
+    except ValueError as exc:  # a stem that fits two predictions or two pages, a stray non-page JSON
+        raise CommandError(str(exc)) from None
     if not scores["pages"]:
         files = sum(1 for _ in iter_page_files(args.gt))
         raise CommandError(f"--gt {args.gt}: " + (f"{files} page JSON files under it, none with a labelled word "

@@ -279,3 +279,16 @@ def test_a_models_uri_that_cannot_be_fetched_names_the_server_without_its_passwo
     err = capsys.readouterr().err
     assert code == 2 and f"kim:***@127.0.0.1:{port}" in err
     assert "Secret-Pw-42" not in err  # was: in the API request URL MLflow's message quotes
+
+
+def test_score_names_an_ambiguous_stem_in_one_line(tmp_path, capsys):
+    from kocr.cli import main
+
+    page = Page("p.jpg", 100, 100, [Word((0, 0, 40, 20), "서울")])
+    write_page(page, tmp_path / "gt" / "p.json")
+    for folder in ("a", "b"):  # two predictions named p.json, neither at the page's own path
+        write_page(page, tmp_path / "pred" / folder / "p.json")
+    assert main(["score", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "pred")]) == 2  # was a traceback
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kocr score: error: ") and "several predictions share its stem" in err
+    assert len(err.splitlines()) == 1

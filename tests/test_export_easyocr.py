@@ -200,6 +200,10 @@ def test_the_bundle_readmes_upright_snippet_saves_what_the_platform_reads(tmp_pa
              "deep8.png": Image.fromarray(grey.astype(np.uint16)),  # 16-bit file, 8-bit values: was saved black
              "float.tif": Image.fromarray(grey.astype(np.float32) / 255),  # mode F in 0-1
              "alpha.png": Image.fromarray(np.dstack([np.zeros((40, 90, 3), np.uint8), 255 - grey]), "RGBA")}
+    palette = Image.fromarray(255 - grey, "P")  # pngquant-style: one black colour, index i drawn at alpha i
+    palette.putpalette([0, 0, 0] * 256)
+    palette.info["transparency"] = bytes(range(256))
+    pages["palette.png"] = palette
     turned = Image.fromarray(np.rot90(grey).copy()).convert("RGB")
     exif = turned.getexif()
     exif[0x0112] = 6  # stored sideways, shown upright
@@ -207,7 +211,7 @@ def test_the_bundle_readmes_upright_snippet_saves_what_the_platform_reads(tmp_pa
     monkeypatch.chdir(tmp_path)
     for name, image in pages.items():
         if image is not None:
-            image.save(tmp_path / name)
+            image.save(tmp_path / name, **({"transparency": image.info["transparency"]} if image.mode == "P" else {}))
         exec(UPRIGHT_SNIPPET.replace('"photo.jpg"', repr(name)), {})  # the README's code, as a user runs it
         saved = cv2.imread(str(tmp_path / "upright.png"), cv2.IMREAD_GRAYSCALE)  # what EasyOCR reads by path
         platform = load_image(tmp_path / name)[1]

@@ -82,7 +82,7 @@ def test_a_stage_run_ends_the_runs_of_that_stage_a_dead_process_left_running(tmp
     import socket
     import subprocess
 
-    from kocr.tracking import PIPELINE_KEY_TAG, configure_tracking, stage_run
+    from kocr.tracking import PIPELINE_KEY_TAG, stage_run
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

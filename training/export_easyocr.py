@@ -157,7 +157,8 @@ if page.mode.startswith(("I", "F")):  # 16-bit or float samples to 8 bits, scale
     deep = np.asarray(page, np.float64)
     top = 65535 if deep.max() > 255 else 1 if page.mode == "F" and deep.max() <= 1 else 255
     page = Image.fromarray((deep * 255 / top).clip(0, 255).round().astype(np.uint8))
-if page.mode in ("RGBA", "LA") and all(lo == hi for lo, hi in page.convert("RGB").getextrema()):  # text in alpha
+if (page.mode in ("RGBA", "LA", "PA") or "transparency" in page.info) \\
+        and all(lo == hi for lo, hi in page.convert("RGBA").getextrema()[:3]):  # text only in alpha
     page = Image.alpha_composite(Image.new("RGBA", page.size, "white"), page.convert("RGBA"))
 page.convert("RGB").save("upright.png")  # then reader.readtext("upright.png", ...)
 """
@@ -192,7 +193,8 @@ user_network_directory="user_network")` (the CRAFT detector `craft_mlt_25k.pth` 
 `model/` too, or pass `detector=False`).
 
 On CPU EasyOCR quantizes the recogniser to int8 by default; pass `quantize=False` to read exactly
-as the platform evaluated it. That holds for ordinary 8-bit images given by path. A phone photo
+as the platform evaluated it. That holds for ordinary 8-bit images given by path (a grey image
+with an alpha channel is not ordinary: EasyOCR fails on its two channels). A phone photo
 stored sideways with an EXIF orientation is read wrongly by EasyOCR itself (it finds boxes on the
 unrotated colour image and cuts them from the rotated grey one, and can fail in `cv2.resize`),
 as are 16-bit images and text drawn only in the alpha channel. Save such a page as the platform
