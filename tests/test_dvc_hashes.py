@@ -38,10 +38,14 @@ def project(tmp_path, monkeypatch) -> Path:
 
 
 def test_recorded_hashes_name_unchanged_data(project):
-    digest, origin = dataset_hash("data/aihub")
-    assert origin == "aihub.dvc" and digest.endswith(".dir")
-    digest, origin = dataset_hash("data/prepared")
-    assert origin == "dvc.lock" and digest.endswith(".dir")
+    import yaml
+
+    recorded = yaml.safe_load((project / "data" / "aihub.dvc").read_text())["outs"][0]["md5"]
+    locked = next(out["md5"] for out in yaml.safe_load((project / "dvc.lock").read_text())["stages"]["prepare"]["outs"]
+                  if out["path"] == "data/prepared")
+    assert recorded.endswith(".dir") and locked.endswith(".dir")
+    assert dataset_hash("data/aihub") == (recorded, "aihub.dvc")  # the version DVC records, not any .dir string
+    assert dataset_hash("data/prepared") == (locked, "dvc.lock")
 
 
 def test_data_changed_since_its_record_logs_what_was_read(project, monkeypatch):

@@ -37,18 +37,24 @@ def test_end_to_end_on_a_real_road_sign(hangul_checkpoint, tmp_path):
     assert len(base.pictures) == 1 and base.pictures[0].stat().st_size > 0
 
 
-@pytest.mark.parametrize("folder,labels", [("greengarnets_crops", "labels.tsv"), ("paddleocr", "words.tsv")])
-def test_recognition_on_real_word_crops(folder, labels):
-    table = realdata(folder, labels)
-    reader = Recognition(load_recognizer("english_g2"))
-    with table.open(encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh, delimiter="\t"))
-    assert rows
-    for row in rows:
-        _, grey = load_image(table.with_name(row["image"]))
-        height, width = grey.shape
-        (box, text, confidence), = reader.read_boxes(grey, [[0, width, 0, height]], [])
-        assert isinstance(text, str) and 0.0 <= confidence <= 1.0
+def test_recognition_on_real_word_crops_reads_as_easyocr_does_and_reads_the_clear_ones():
+    reader = Recognition(load_recognizer("ko_base"))
+    right = total = 0
+    for folder, labels in [("greengarnets_crops", "labels.tsv"), ("paddleocr", "words.tsv")]:
+        table = realdata(folder, labels)
+        with table.open(encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        for row in rows:
+            _, grey = load_image(table.with_name(row["image"]))
+            height, width = grey.shape
+            (_, text, confidence), = reader.read_boxes(grey, [[0, width, 0, height]], [])
+            (_, theirs, their_confidence), = reader.read_boxes_easyocr(grey, [[0, width, 0, height]], [])
+            assert text == theirs and confidence == pytest.approx(their_confidence, abs=1e-4), row["image"]
+            right += text == row["text"]
+            total += 1
+    # the shipped base reads five of the seven exactly; it misses the curved 서울대역 and the vertical,
+    # cut-off 상설 (docs/recipe.md, real crops table); a broken reading path reads none
+    assert total == 7 and right >= 5
 
 
 def test_tesseract_baseline_on_the_real_road_sign(tmp_path):
