@@ -24,6 +24,14 @@ PKGS=(
 if ! "${PYTHON:-python3}" -c 'import ensurepip' >/dev/null 2>&1; then
   PKGS+=("python3-venv=3.11.2-1+b1")
 fi
+# cleval (the CLEval scores) needs Polygon3, which PyPI has only as source: building it takes a C
+# compiler and the interpreter's headers, which slim images and fresh machines lack.
+if ! command -v cc >/dev/null 2>&1; then
+  PKGS+=("gcc=4:12.2.0-3" "libc6-dev")   # libc6-dev unpinned: it must match the libc6 already there
+fi
+if ! "${PYTHON:-python3}" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
+  PKGS+=("python3.11-dev=3.11.2-6+deb12u6")   # Debian's own python3 (images' pythons carry their headers)
+fi
 missing=()
 for spec in "${PKGS[@]}"; do
   name=${spec%%=*}; want=${spec#*=}
@@ -43,4 +51,8 @@ fi
 # only when set, since the script takes an empty value as the registry's address.
 web_fonts=("$(dirname "$0")/install_web_fonts.py")
 [ -z "${KOCR_NPM_REGISTRY:-}" ] || web_fonts+=(--registry "$KOCR_NPM_REGISTRY")
-$SUDO env -u KOCR_NPM_REGISTRY /usr/bin/python3 "${web_fonts[@]}"   # refreshes fontconfig's cache when it writes
+if /usr/bin/python3 "$(dirname "$0")/install_web_fonts.py" --check >/dev/null 2>&1; then
+  echo "web fonts: present"   # no sudo (nor its password prompt) when there is nothing to write
+else
+  $SUDO env -u KOCR_NPM_REGISTRY /usr/bin/python3 "${web_fonts[@]}"   # refreshes fontconfig's cache when it writes
+fi

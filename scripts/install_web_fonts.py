@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dest", default=DEFAULT_DEST, help=f"install folder (default {DEFAULT_DEST})")
     parser.add_argument("--registry", default=os.environ.get("KOCR_NPM_REGISTRY", DEFAULT_REGISTRY),
                         help="npm registry base URL (default $KOCR_NPM_REGISTRY or the public registry)")
+    parser.add_argument("--check", action="store_true",
+                        help="install nothing: exit 0 when every pinned face is installed, else 1")
     args = parser.parse_args(argv)
+    if args.check:
+        return 0 if is_installed(Path(args.dest), FAMILIES) else 1
     try:
         install(args.dest, args.registry)
     except (WebFontError, OSError) as exc:

@@ -137,3 +137,11 @@ def test_a_package_without_a_usable_face_names_the_file(registry, tmp_path, file
     with pytest.raises(web_fonts.WebFontError, match=message):
         web_fonts.install(tmp_path / "fonts", registry["url"], (family,), log=lambda _: None)
     assert not (tmp_path / "fonts").exists()
+
+
+def test_check_says_whether_the_faces_are_installed_and_writes_nothing(tmp_path):
+    # install_system_deps.sh asks this without sudo, and calls sudo only when something must be written
+    assert web_fonts.main(["--check", "--dest", str(tmp_path)]) == 1 and not any(tmp_path.iterdir())
+    installed = Path(web_fonts.DEFAULT_DEST)
+    if web_fonts.is_installed(installed, web_fonts.FAMILIES):
+        assert web_fonts.main(["--check"]) == 0
