@@ -233,22 +233,23 @@ def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     """
     gt_root, pred_root = Path(gt_dir), Path(pred_dir)
     gt_paths = list(iter_page_files(gt_root))
-    claimed = {pred_root / p.relative_to(gt_root) for p in gt_paths}  # taken by their own page
+    own = {p: q for p in gt_paths if (q := pred_root / p.relative_to(gt_root)).is_file()}  # at the page's own path
+    claimed = set(own.values())
     by_stem: dict[str, list[Path]] = {}
     for path in iter_page_files(pred_root):
         if path not in claimed:
             by_stem.setdefault(path.stem, []).append(path)
     unmatched_stems: dict[str, list[Path]] = {}
     for path in gt_paths:
-        if not (pred_root / path.relative_to(gt_root)).is_file():
+        if path not in own:
             unmatched_stems.setdefault(path.stem, []).append(path)
     scores: list[PageScore] = []
     gts: list[str] = []
     preds: list[str] = []
     missing = 0
     for gt_path in gt_paths:
-        pred_path: Path | None = pred_root / gt_path.relative_to(gt_root)
-        if not pred_path.is_file():
+        pred_path: Path | None = own.get(gt_path)
+        if pred_path is None:
             same_stem = by_stem.get(gt_path.stem, [])
             if len(same_stem) > 1:
                 raise ValueError(f"{gt_path}: several predictions share its stem: {same_stem}")

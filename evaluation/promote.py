@@ -34,6 +34,7 @@ HIGHER_IS_BETTER = frozenset({f"e2e_{m}{micro}" for m in ("f1", "precision", "re
                              | {f"cleval_{k}_{m}" for k in ("det", "e2e") for m in ("f1", "precision", "recall")}
                              | {"word_accuracy", "norm_ed"})
 LOWER_IS_BETTER = frozenset({"cer"})
+RANKED = HIGHER_IS_BETTER | LOWER_IS_BETTER  # the scores of metrics/evaluate.json promote can rank by
 
 
 @dataclass(frozen=True)
@@ -46,9 +47,9 @@ class PromoteConfig:
     lock_url: str = ""                # PostgreSQL URL for the lock when tracking goes to a server
 
     def __post_init__(self) -> None:
-        if self.metric not in HIGHER_IS_BETTER | LOWER_IS_BETTER:
+        if self.metric not in RANKED:
             raise ParamsError(f"params.yaml promote.metric: {self.metric!r} is not a score of metrics/evaluate.json "
-                              f"to rank by; one of {', '.join(sorted(HIGHER_IS_BETTER | LOWER_IS_BETTER))}")
+                              f"to rank by; one of {', '.join(sorted(RANKED))}")
 
     @staticmethod
     def logged(params: dict[str, Any]) -> dict[str, Any]:

@@ -136,8 +136,7 @@ def named_disk_errors(path: str | os.PathLike, tmp: str | os.PathLike | None = N
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     except RuntimeError as exc:
-        folder = next((p for p in (Path(tmp).parent if tmp else None, path.parent) if p and p.is_dir()), Path("."))
-        if shutil.disk_usage(folder).free < NEARLY_FULL:
+        if shutil.disk_usage(Path(tmp).parent if tmp is not None else path.parent).free < NEARLY_FULL:
             raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(path)) from exc
         raise
 

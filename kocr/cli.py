@@ -18,8 +18,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kocr.atomic import replaced_folder, write_text
-from kocr.atomic import DISK_FULL
+from kocr.atomic import DISK_FULL, replaced_folder, write_text
 from kocr.params import ParamsError, load_params, params_path
 from kocr.redact import hide_passwords
 
@@ -346,7 +345,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
     import mlflow
 
     from evaluation.evaluate import evaluate_models, test_pages
-    from evaluation.promote import HIGHER_IS_BETTER, LOWER_IS_BETTER, Candidate, PromoteConfig, promote
+    from evaluation.promote import RANKED, Candidate, PromoteConfig, promote
     from kocr.tracking import stage_run
 
     params = load_params()
@@ -355,7 +354,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
     evaluated = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
     if config.metric not in evaluated["candidate"]:  # e.g. cleval_* with CLEval not installed when evaluate ran
         raise ParamsError(f"params.yaml promote.metric: {config.metric!r} is not in {args.metrics}'s candidate scores "
-                          f"({', '.join(k for k in evaluated['candidate'] if k in HIGHER_IS_BETTER | LOWER_IS_BETTER)})")
+                          f"({', '.join(k for k in evaluated['candidate'] if k in RANKED)})")
     candidate = Candidate(logged["model_uri"], logged["run_id"], float(evaluated["candidate"][config.metric]),
                           evaluated["eval_data_hash"], evaluated.get("eval_scoring_hash", ""))
     cfg = params.get("evaluate", {})

@@ -149,29 +149,41 @@ def reading_store(uri: str) -> str:
     return shown_uri(configure_tracking())
 
 
+_REGISTERED = re.compile(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?")  # models:/NAME@ALIAS or models:/NAME/VERSION
+
+
+def _registry_version(spec: str):
+    """The registry's model version ``spec`` names now (``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``),
+    or None for any other spec; MlflowException from the registry as it comes."""
+    import mlflow
+
+    found = _REGISTERED.fullmatch(spec)
+    if not found:
+        return None
+    name, alias, number = found.groups()
+    client = mlflow.MlflowClient()
+    return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+
+
 def pinned_model(spec: str) -> tuple[str, str | None]:
     """(what to load, the registry version it is) for a model spec: ``models:/NAME@ALIAS`` becomes
     ``models:/NAME/VERSION`` (the alias can move later; the version it named now is the one read),
     with ``"NAME version V (run RUN_ID)"``; ``models:/NAME/VERSION`` gets those words too; any other
     spec comes back as it is, with None. ModelSpecError when the registry has no such model."""
-    import mlflow
     from mlflow.exceptions import MlflowException
 
     from kocr.tracking import NOT_FOUND
 
-    found = re.fullmatch(r"models:/([^/@]+)(?:@([^/]+)|/(\d+))/?", spec)
-    if not found:
+    if not _REGISTERED.fullmatch(spec):
         return spec, None
     store = reading_store(spec)
-    name, alias, number = found.groups()
-    client = mlflow.MlflowClient()
     try:
-        version = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+        version = _registry_version(spec)
     except MlflowException as exc:
         if exc.error_code not in NOT_FOUND:
             raise
         raise ModelSpecError(f"cannot load {spec!r} from MLflow at {store}: {exc.message.splitlines()[0]}") from None
-    return f"models:/{name}/{version.version}", f"{name} version {version.version} (run {version.run_id})"
+    return f"models:/{version.name}/{version.version}", f"{version.name} version {version.version} (run {version.run_id})"
 
 
 def _download_mlflow_model(uri: str) -> Path:
@@ -200,17 +212,11 @@ def _download_mlflow_model(uri: str) -> Path:
 
 def _model_source(uri: str) -> str:
     """Where the registry says ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION`` keeps its files."""
-    import mlflow
-
-    name, _, pick = uri.removeprefix("models:/").partition("@")
     try:
-        client = mlflow.MlflowClient()
-        if pick:
-            version = client.get_model_version_by_alias(name, pick)
-        else:
-            name, _, number = name.rpartition("/")
-            version = client.get_model_version(name, number)
+        version = _registry_version(uri)
     except Exception:  # noqa: BLE001 - the message is only a pointer
+        version = None
+    if version is None:
         return "its source could not be read"
     return f"version {version.version}, run {version.run_id}, source {hide_passwords(version.source or '?')}"
 

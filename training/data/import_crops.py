@@ -28,9 +28,9 @@ from tqdm import tqdm
 
 from training.charset import Charset
 from training.data.lmdb_store import LmdbWriter
+from training.data.prepare import Report
 
 REPORT = "import.json"
-EXAMPLES_KEPT = 10
 
 
 class CropImportError(ValueError):
@@ -57,16 +57,11 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
         raise CropImportError(f"--out {out}: exists and is not an LMDB set; give a new folder (a set there is replaced)")
     unusable: list[tuple[str, str]] = []  # rows whose image is missing or unreadable, or whose box is unusable
     crops = read_labels(labels, margin, skipped=unusable)
-    skipped: dict[str, dict[str, Any]] = {}
+    report = Report()  # prepare's tally: counts and first places by reason
+    report.extend((reason, where[:300]) for reason, where in unusable)
 
     def skip(reason: str, where: str) -> None:
-        entry = skipped.setdefault(reason, {"count": 0, "examples": []})
-        entry["count"] += 1
-        if len(entry["examples"]) < EXAMPLES_KEPT:
-            entry["examples"].append(where[:300])
-
-    for reason, where in unusable:
-        skip(reason, where)
+        report.add(reason, where[:300])
 
     samples = 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -92,9 +87,10 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
                 continue
             writer.add(png.tobytes(), crop.text)
             samples += 1
+        skipped = report.as_dict()
         if not samples:
             raise CropImportError(f"{labels}: no crop left to import ({_tally(skipped) or 'no rows'}); "
-                               f"nothing written to {out}")
+                                  f"nothing written to {out}")
         summary = {"labels": str(labels), "charset": chars.name, "rows": len(crops) + len(unusable), "samples": samples,
                    "skipped": skipped}
         (writer.partial / REPORT).write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n",

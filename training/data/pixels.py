@@ -14,13 +14,6 @@ from PIL import Image, ImageOps
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 
 
-def needs_mending(image: Image.Image) -> bool:
-    """Whether :func:`mend` changes ``image``: an EXIF turn, deep samples, text only in alpha, or grey
-    with alpha (EasyOCR's reader hands CRAFT its two channels, and CRAFT fails on them)."""
-    return (image.getexif().get(0x0112, 1) != 1 or image.mode.startswith(("I", "F"))
-            or image.mode in ("LA", "La") or _text_in_alpha(image))
-
-
 def _text_in_alpha(image: Image.Image) -> bool:
     """Transparent, with colours that alone hold no text (one flat colour): other transparency is
     dropped, as EasyOCR drops it."""
@@ -42,11 +35,13 @@ def mend(image: Image.Image) -> Image.Image | None:
     >>> int(np.asarray(mend(deep)).max())  # half of 16-bit full scale
     128
     """
-    if not needs_mending(image):
+    # EasyOCR reads it wrongly when: an EXIF turn, deep samples, text only in alpha, or grey with
+    # alpha (EasyOCR's reader hands CRAFT its two channels, and CRAFT fails on them)
+    deep, clear = image.mode.startswith(("I", "F")), _text_in_alpha(image)
+    if not (deep or clear or image.mode in ("LA", "La") or image.getexif().get(0x0112, 1) != 1):
         return None
-    clear = _text_in_alpha(image)
     upright = ImageOps.exif_transpose(image)
-    if image.mode.startswith(("I", "F")):
+    if deep:
         samples = np.asarray(upright, dtype=np.float64)
         peak = samples.max(initial=0.0)
         top = 65535.0 if peak > 255 else 1.0 if image.mode == "F" and peak <= 1.0 else 255.0
