@@ -89,8 +89,12 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
     """Rows of a labels TSV (header with ``image`` and ``text``), image paths resolved and checked;
     a ``.json`` file is read as word boxes on whole images (``read_box_labels`` with ``margin``).
 
+    A row whose text is ``###`` (``DONT_CARE``, ICDAR's and AI-Hub's mark for an illegible word) is
+    left out, as a box labelled so is: it is neither scored nor trained.
+
     With ``skipped`` (a list), a row whose image is missing or unreadable, or whose box is unusable,
-    is appended to it as (reason, where) and left out instead of stopping the read."""
+    is appended to it as (reason, where) and left out instead of stopping the read; a ``###`` row or
+    box is appended as ``dont_care``."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         return read_box_labels(path, margin, skipped)
@@ -108,7 +112,7 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
                               "(tab-separated)")
     col_image, col_text = header.index("image"), header.index("text")
     col_font = header.index("font") if "font" in header else None
-    crops = []
+    crops, dont_care = [], 0
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -119,6 +123,11 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
         image, text = fields[col_image].strip(), nfc(fields[col_text].strip())
         if not image or not text:
             raise ScoreInputError(f"{path}:{number}: empty {'image path' if not image else 'text'}")
+        if text == DONT_CARE:
+            dont_care += 1
+            if skipped is not None:
+                skipped.append(("dont_care", f"{path}:{number}"))
+            continue
         image_path = path.parent / image
         if not image_path.is_file():
             problem = f"{path}:{number}: image {image_path} {'is a folder' if image_path.is_dir() else 'not found'}"
@@ -128,7 +137,8 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
             continue
         crops.append(Crop(image_path, text, number, font=fields[col_font].strip() if col_font is not None else ""))
     if not crops and not skipped:
-        raise ScoreInputError(f"{path}: no rows after the header")
+        raise ScoreInputError(f"{path}: no rows after the header"
+                              + (f" but {dont_care} marked {DONT_CARE} (not scored)" if dont_care else ""))
     return crops
 
 
@@ -153,7 +163,8 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
 
     with image names relative to the file (``../shared/realdata/easyocr/gt.json``). Each box is made
     axis-aligned, widened by ``margin`` x its height on every side (EasyOCR's ``add_margin`` on the
-    boxes its detector finds) and clipped to the image. Words with empty text or ``###`` are skipped.
+    boxes its detector finds) and clipped to the image. Words with empty text or ``###`` are skipped
+    (with ``skipped``, a ``###`` word is appended to it as ``dont_care``, as ``read_labels`` lists a row).
     A missing or unreadable image, a box wholly outside its image or a malformed entry raises
     ``ScoreInputError`` naming the file, the image and the word; with ``skipped`` (a list), an
     image or box of the first three kinds is appended to it as (reason, where) and left out instead.
@@ -188,6 +199,8 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
             continue
         for bbox, text, index in words:
             text = nfc(text)
+            if text == DONT_CARE and skipped is not None:
+                skipped.append(("dont_care", f"{path}: {name} word {index}"))
             if not text or text == DONT_CARE:
                 continue
             if not all(math.isfinite(v) for v in bbox):

@@ -74,6 +74,29 @@ def test_a_box_json_is_cropped_like_evaluate_crops(tmp_path):
     assert summary["samples"] == len(crops) and summary["skipped"]["image_unreadable"]["count"] == 1
 
 
+def test_words_marked_illegible_are_skipped_and_tallied_from_a_tsv_as_from_box_json(tmp_path):
+    crops = tmp_path / "mine"
+    crops.mkdir()
+    _crop(crops / "a.png", 100)
+    _crop(crops / "b.png", 200)
+    (crops / "labels.tsv").write_text("image\ttext\na.png\t###\nb.png\t서울\n", encoding="utf-8")
+    summary = import_crops(crops / "labels.tsv", tmp_path / "set", progress=False)
+    data = LmdbDataset(tmp_path / "set")
+    assert [data.label(i) for i in range(len(data))] == ["서울"]  # was: '###' trained as text
+    assert summary["rows"] == 2 and summary["skipped"] == {
+        "dont_care": {"count": 1, "examples": [f"{crops / 'labels.tsv'}:2"]}}
+    boxes = crops / "boxes.json"
+    boxes.write_text(json.dumps({"a.png": {"words": [
+        {"points": [[10, 8], [40, 24]], "transcription": "###"},
+        {"points": [[40, 8], [90, 24]], "transcription": "서울"}]}}), encoding="utf-8")
+    summary = import_crops(boxes, tmp_path / "boxes", progress=False)
+    assert summary["samples"] == 1 and summary["rows"] == 2 and summary["skipped"] == {
+        "dont_care": {"count": 1, "examples": [f"{boxes}: a.png word 1"]}}  # was: left out without a word
+    (crops / "only.tsv").write_text("image\ttext\na.png\t###\n", encoding="utf-8")
+    with pytest.raises(CropImportError, match=r"no crop left to import \(dont_care 1\)"):
+        import_crops(crops / "only.tsv", tmp_path / "only", progress=False)
+
+
 def test_nothing_is_written_over_a_folder_that_is_not_a_set_or_when_nothing_is_left(tmp_path):
     crops = tmp_path / "mine"
     crops.mkdir()

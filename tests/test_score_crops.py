@@ -38,6 +38,19 @@ def test_labels_resolve_images_next_to_the_file_and_ignore_extra_columns(tmp_pat
     assert [c.font for c in read_labels(tmp_path / "fonts.tsv")] == ["UnPilgi.ttf"]  # generated sets name the face
 
 
+def test_a_row_marked_illegible_is_not_scored_as_a_box_marked_so_is_not(tmp_path):
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png")
+    (tmp_path / "labels.tsv").write_text("image\ttext\na.png\t###\nb.png\t서울\n", encoding="utf-8")
+    assert [(c.text, c.line) for c in read_labels(tmp_path / "labels.tsv")] == [("서울", 3)]  # was: '###' scored
+    skipped: list[tuple[str, str]] = []
+    read_labels(tmp_path / "labels.tsv", skipped=skipped)
+    assert skipped == [("dont_care", f"{tmp_path / 'labels.tsv'}:2")]
+    (tmp_path / "only.tsv").write_text("image\ttext\na.png\t ### \n", encoding="utf-8")
+    with pytest.raises(ScoreInputError, match=r"only.tsv: no rows after the header but 1 marked ### \(not scored\)"):
+        read_labels(tmp_path / "only.tsv")
+
+
 @pytest.mark.parametrize("content,message", [
     ("file\tlabel\na.png\t서울\n", "labels.tsv:1: header"),
     ("image\ttext\na.png\t서울\na.png\n", "labels.tsv:3: 1 tab-separated field(s)"),
