@@ -13,6 +13,7 @@ to the same folder (``sweep_stale``; writers of many files in one folder sweep i
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -213,3 +214,84 @@ def replaced_folder(out: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+class SetBusyError(RuntimeError):
+    """Another live process is writing the same set."""
+
+
+_WRITING: set[Path] = set()  # lock files of the sets this process is writing
+
+
+class PartialFolder:
+    """``DIR.partial`` beside ``DIR``: a set is written there and replaces ``DIR`` whole (``publish``),
+    so a kill never leaves a set mixing two runs, and never one that looks finished.
+
+    With ``lock``, an exclusive lock on ``.DIR.lock`` beside the set is held until ``unlock`` or
+    ``publish``, so that a second writer of the same set stops with ``SetBusyError`` instead of
+    taking the live ``DIR.partial`` for a killed one. With ``keyed`` (a resumable set), the lock file
+    also holds the key the partial set was started with (``restart``): a run killed there is
+    continued only by a run of the same key (``started_with``), and the published set carries no
+    file of the writer's; that lock file stays beside the set, an unkeyed one is removed.
+    """
+
+    def __init__(self, path: str | os.PathLike, lock: bool = False, keyed: bool = False) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.keyed = keyed
+        self._lock = self._take_lock() if lock or keyed else None
+
+    def _take_lock(self):
+        """A POSIX record lock on ``.DIR.lock``: held by this process only (forked workers, which may
+        outlive a SIGKILLed parent for a moment, do not hold it) and released when it dies."""
+        lock_path = self.path.with_name(f".{self.path.name}.lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        busy = SetBusyError(f"{self.path}: another process is writing this set (it holds {lock_path}); "
+                            "wait for it to finish or stop it")
+        if lock_path.resolve() in _WRITING:  # POSIX locks do not exclude the process that holds them
+            raise busy
+        handle = open(lock_path, "a+", encoding="utf-8")
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise busy from None
+        _WRITING.add(lock_path.resolve())
+        return handle
+
+    def started_with(self, key: str) -> bool:
+        """Whether ``DIR.partial`` exists and was started under ``key`` (by a run since killed)."""
+        if not self.keyed or self._lock is None:
+            return False
+        try:
+            self._lock.seek(0)
+            return self._lock.read() == key and self.partial.is_dir()
+        except (OSError, UnicodeDecodeError):
+            return False
+
+    def restart(self, key: str | None = None) -> None:
+        """An empty ``DIR.partial``, started under ``key`` (a keyed folder's)."""
+        if self.keyed:  # the old key goes before the old files: a kill between never pairs them wrongly
+            self._lock.truncate(0)
+            self._lock.flush()
+        shutil.rmtree(self.partial, ignore_errors=True)
+        self.partial.mkdir(parents=True)
+        if self.keyed:
+            self._lock.write(key or "")
+            self._lock.flush()
+
+    def publish(self) -> None:
+        """Move ``DIR.partial`` to ``DIR`` (an earlier ``DIR`` is removed first) and let go of the lock."""
+        if self.path.exists():
+            shutil.rmtree(self.path)
+        os.replace(self.partial, self.path)
+        self.unlock()
+
+    def unlock(self) -> None:
+        """Let go of the lock (files stay as they are); an unkeyed lock file is removed."""
+        if self._lock is not None:
+            _WRITING.discard(Path(self._lock.name).resolve())
+            if not self.keyed:  # it holds no key to resume by: nothing left beside the set (dvc add)
+                Path(self._lock.name).unlink(missing_ok=True)
+            self._lock.close()  # closing the file releases the lock
+            self._lock = None

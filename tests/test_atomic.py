@@ -100,8 +100,9 @@ def test_an_image_save_that_fails_leaves_no_temporary(tmp_path: Path, monkeypatc
     with pytest.raises(OSError):
         synth_pages.generate_pages(tmp_path / "pages", count=1, seed=0, fonts=["NanumGothic.ttf"],
                                    width=480, height=360, progress=False)
-    assert _leftovers(tmp_path) == [] and _leftovers(tmp_path / "pages") == []
-    assert not list((tmp_path / "pages").glob("*.json"))  # no JSON without its image
+    assert _leftovers(tmp_path) == [] and _leftovers(tmp_path / "pages.partial") == []
+    assert not list((tmp_path / "pages.partial").glob("*.json"))  # no JSON without its image
+    assert not (tmp_path / "pages").exists()  # nothing published
 
 
 def test_torch_save_through_atomic_path_writes_the_bytes_of_a_plain_save(tmp_path: Path) -> None:

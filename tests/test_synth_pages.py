@@ -80,7 +80,9 @@ def test_rerun_overwrites_and_removes_stale_pages(tmp_path):
 
 
 def test_killed_run_never_leaves_json_without_its_image(tmp_path, monkeypatch):
-    generate_pages(tmp_path, count=3, seed=5, fonts=FONTS, **SMALL)
+    out = tmp_path / "pages"
+    generate_pages(out, count=3, seed=5, fonts=FONTS, **SMALL)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     real_save = Image.Image.save
     calls = {"n": 0}
 
@@ -92,10 +94,65 @@ def test_killed_run_never_leaves_json_without_its_image(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Image.Image, "save", flaky_save)
     with pytest.raises(KeyboardInterrupt):
-        generate_pages(tmp_path, count=3, seed=6, fonts=FONTS, **SMALL)
-    assert not (tmp_path / "page_00001.json").exists()  # old label of a half-replaced page
-    for path in tmp_path.glob("*.json"):
+        generate_pages(out, count=3, seed=6, fonts=FONTS, **SMALL)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier set, whole
+    partial = tmp_path / "pages.partial"
+    assert sorted(p.name for p in partial.iterdir()) == ["page_00000.jpg", "page_00000.json"]
+    for path in partial.glob("*.json"):
         assert path.with_suffix(".jpg").is_file(), path
+
+
+KILLED_PAGES = """
+import os, signal, sys
+from training.data import synth_pages
+real = synth_pages.write_page
+def write_page(*args, **kwargs):
+    real(*args, **kwargs)
+    if args[1].name == "page_00001.json":
+        os.kill(os.getpid(), signal.SIGKILL)
+synth_pages.write_page = write_page
+synth_pages.generate_pages(sys.argv[1], count=4, seed=int(sys.argv[2]), fonts=["NanumGothic.ttf"],
+                           width=480, height=360, font_size=(14, 22), progress=False)
+"""
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_killed_run_over_another_seed_leaves_that_set_whole_and_resumes_only_its_own(tmp_path, capfd):
+    import subprocess
+    import sys
+
+    small = dict(fonts=["NanumGothic.ttf"], width=480, height=360, font_size=(14, 22), progress=False)
+    ref = {seed: _files(generate_pages(tmp_path / f"ref{seed}", count=4, seed=seed, **small)[0].parent)
+           for seed in (1, 2)}
+    out = tmp_path / "set"
+
+    def killed(seed: int) -> None:
+        done = subprocess.run([sys.executable, "-c", KILLED_PAGES, str(out), str(seed)],
+                              cwd=Path(__file__).resolve().parents[1])
+        assert done.returncode == -9
+
+    generate_pages(out, count=4, seed=1, **small)
+    killed(2)
+    assert _files(out) == ref[1]  # was: pages 0-1 of seed 2 beside pages 2-3 of seed 1
+    generate_pages(out, count=4, seed=1, **small)  # other settings than the partial set's: started over
+    assert _files(out) == ref[1] and not (tmp_path / "set.partial").exists()
+    killed(2)
+    capfd.readouterr()
+    generate_pages(out, count=4, seed=2, **small)  # the same settings: the two pages drawn are kept
+    assert f"synth-pages: resuming {out}.partial: 2 of 4 pages kept from a killed run" in capfd.readouterr().err
+    assert _files(out) == ref[2] and not (tmp_path / "set.partial").exists()
+
+
+def test_a_folder_holding_other_files_is_refused_never_replaced(tmp_path):
+    from training.data.degrade import SynthConfigError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SynthConfigError, match=r"holds 'notes.txt' \(1 such\), which synth-pages does not write"):
+        generate_pages(tmp_path, count=1, seed=0, fonts=FONTS, **SMALL)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
 # -- page content ------------------------------------------------------------------------------

@@ -77,6 +77,10 @@ class DegradeConfig:
     def effect(self, name: str) -> Effect:
         return self.effects.get(name, Effect(0.0, EFFECTS[name][1]))
 
+    def as_params(self) -> dict[str, dict[str, Any]]:
+        """Flat, loggable view: effect -> {p, span}."""
+        return {k: {"p": e.p, "span": list(e.span)} for k, e in self.effects.items()}
+
     @classmethod
     def preset(cls, name: str) -> "DegradeConfig":
         """``off``, ``mild`` (light scanner wear) or ``strong`` (every effect, often)."""

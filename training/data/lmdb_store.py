@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import errno
-import fcntl
 import hashlib
 import io
 import itertools
@@ -33,7 +32,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
-from kocr.atomic import NEARLY_FULL
+from kocr.atomic import NEARLY_FULL, PartialFolder, SetBusyError  # noqa: F401 - SetBusyError: importers name it here
 
 _MAP_SIZE = 1 << 36  # 64 GiB of address space; LMDB files grow only as data is written
 SHARD_INDEX = "index.json"
@@ -58,15 +57,8 @@ def sample_digest(digest: "hashlib._Hash", image: bytes, label: bytes) -> None:
 
 
 
-class SetBusyError(RuntimeError):
-    """Another live process is writing the same resumable set."""
-
-
 class LmdbWriteError(RuntimeError):
     """LMDB refused a commit with room left on the disk (an I/O error, a full map); names the set."""
-
-
-_WRITING: set[Path] = set()  # lock files of the resumable sets this process is writing
 
 
 class LmdbWriter:
@@ -79,7 +71,8 @@ class LmdbWriter:
     block it serves fails (Ctrl-C, a full disk), and holds an exclusive lock on ``.DIR.lock`` beside
     the set, so that a second writer of the same set stops with ``SetBusyError`` instead of taking
     the live ``DIR.partial`` for a killed one. The lock file also holds the key the partial set was
-    started with, so the published set carries no file of the writer's.
+    started with, so the published set carries no file of the writer's (``kocr.atomic.PartialFolder``,
+    which ``synth_pages`` writes its pages through too).
     """
 
     def __init__(self, path: str | os.PathLike, commit_every: int = 1000, resume_key: str | None = None,
@@ -88,14 +81,14 @@ class LmdbWriter:
         if self.path.is_symlink():  # publishing replaces the folder: it would have to delete the link
             raise LmdbWriteError(f"{self.path}: a symbolic link (to {os.readlink(self.path)}); give the folder "
                                  "itself, or a new path")
-        self.partial = self.path.with_name(self.path.name + ".partial")
         self.commit_every = commit_every
         self.resumable = resume_key is not None
-        self._lock = self._take_lock() if resume_key or lock else None  # lock: refuse a second writer too
+        self.folder = PartialFolder(self.path, lock=lock, keyed=self.resumable)  # lock: refuse a second writer too
+        self.partial = self.folder.partial
         try:
             self._start(resume_key)
         except BaseException:  # a full disk, a bad path: no lock kept for a writer that never ran
-            self._unlock()
+            self.folder.unlock()
             raise
 
     def _start(self, resume_key: str | None) -> None:
@@ -109,14 +102,7 @@ class LmdbWriter:
                     self.env.close()
                 self.resumed = 0
         if not self.resumed:
-            if resume_key:  # the old key goes before the old samples: a kill between never pairs them wrongly
-                self._lock.truncate(0)
-                self._lock.flush()
-            shutil.rmtree(self.partial, ignore_errors=True)
-            self.partial.mkdir(parents=True)
-            if resume_key:
-                self._lock.write(resume_key)
-                self._lock.flush()
+            self.folder.restart(resume_key)
             self._open(0)
         self._txn = self.env.begin(write=True)
 
@@ -125,32 +111,6 @@ class LmdbWriter:
         self.count = self.committed = count
         self._rehash()
 
-    def _take_lock(self):
-        """A POSIX record lock on ``.DIR.lock``: held by this process only (forked render workers, which
-        may outlive a SIGKILLed parent for a moment, do not hold it) and released when it dies."""
-        lock_path = self.path.with_name(f".{self.path.name}.lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        busy = SetBusyError(f"{self.path}: another process is writing this set (it holds {lock_path}); "
-                            "wait for it to finish or stop it")
-        if lock_path.resolve() in _WRITING:  # POSIX locks do not exclude the process that holds them
-            raise busy
-        handle = open(lock_path, "a+", encoding="utf-8")
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise busy from None
-        _WRITING.add(lock_path.resolve())
-        return handle
-
-    def _unlock(self) -> None:
-        if self._lock is not None:
-            _WRITING.discard(Path(self._lock.name).resolve())
-            if not self.resumable:  # it holds no key to resume by: nothing left beside the set (dvc add)
-                Path(self._lock.name).unlink(missing_ok=True)
-            self._lock.close()  # closing the file releases the lock
-            self._lock = None
-
     def _rehash(self) -> None:
         """The content hash of the committed samples 1..count, read back (after a resume or truncate)."""
         with self.env.begin() as txn:
@@ -158,12 +118,11 @@ class LmdbWriter:
 
     def _resumable_samples(self, resume_key: str) -> int:
         """Samples 1..n a killed writer of the same key committed to ``DIR.partial`` (0: none usable)."""
+        if not self.folder.started_with(resume_key):
+            return 0
         try:
-            self._lock.seek(0)
-            if self._lock.read() != resume_key:
-                return 0
             env = lmdb.open(str(self.partial), readonly=True, lock=False, subdir=True)
-        except (OSError, UnicodeDecodeError, lmdb.Error):
+        except lmdb.Error:
             return 0
         try:
             # pages past the file's end (a truncated copy) would be a bus error when read, not an exception
@@ -219,10 +178,7 @@ class LmdbWriter:
         for name, data in (extra or {}).items():
             (self.partial / name).write_bytes(data)
         _fsync_dir(self.partial)
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.partial, self.path)
-        self._unlock()
+        self.folder.publish()
 
     def _commit(self) -> None:
         """Commit the write transaction. LMDB reports a full disk as an I/O error (``mdb_txn_commit:
@@ -254,7 +210,7 @@ class LmdbWriter:
             self.env.close()
         except lmdb.Error:  # already committed or closed by the close that failed
             pass
-        self._unlock()
+        self.folder.unlock()
 
     def __enter__(self) -> "LmdbWriter":
         return self

@@ -24,9 +24,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.metadata
-import json
 import math
 import multiprocessing
 import os
@@ -52,6 +49,7 @@ from training.data.degrade import SynthConfigError
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
 from training.data.lexicon import draw_token, is_hangul, load_lexicon
 from training.data.lmdb_store import LmdbWriter
+from training.data.set_key import generator_key
 
 DISTORTIONS = ("none", "sine", "cosine", "random")
 FORMATS = ("png", "jpg")
@@ -247,7 +245,7 @@ class LinesConfig:
     def as_params(self) -> dict[str, Any]:
         """Flat, loggable view (MLflow params)."""
         out = asdict(self)
-        out["degrade"] = {k: {"p": e.p, "span": list(e.span)} for k, e in self.degrade.effects.items()}
+        out["degrade"] = self.degrade.as_params()
         return out
 
 
@@ -763,24 +761,13 @@ def resume_key(config: LinesConfig, faces: Sequence[FontFace]) -> str:
     """What sample ``i`` depends on besides ``i``: the knobs (not ``count``, ``workers`` or
     ``contact_sheet``), the code that draws it, the charset, the font files, the text file, the
     background images, and the versions of the libraries that draw and encode it (wordfreq, Pillow
-    and its FreeType, OpenCV, NumPy). A killed run resumes only under the same key."""
+    and its FreeType, OpenCV, NumPy): ``set_key.generator_key``. A killed run resumes only under the
+    same key."""
     knobs = {k: v for k, v in config.as_params().items() if k not in ("count", "workers", "contact_sheet")}
-    digest = hashlib.sha256(json.dumps(knobs, sort_keys=True, default=str).encode())
-    here = Path(__file__).parent
-    for module in [*sorted(here.glob("*.py")), here.parent / "charset.py"]:
-        digest.update(module.read_bytes())
-    digest.update(Charset.from_spec(config.charset_name).chars.encode())
     files = [Path(face.path) for face in faces] + ([Path(config.text_file)] if config.text_file else [])
     if config.background_images and config.backgrounds.get("image", 0) > 0:
         files += [Path(f) for f in image_files(config.background_images)]
-    for path in files:
-        stat = path.stat()
-        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
-    from PIL import features
-
-    versions = [importlib.metadata.version(d) for d in ("wordfreq", "pillow", "numpy")]
-    digest.update(repr([*versions, features.version("freetype2"), cv2.__version__]).encode())
-    return digest.hexdigest()
+    return generator_key(knobs, config.charset_name, files)
 
 
 MANIFEST_HEADER = "index\tfont\tbackground\tlabel\n"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,19 +33,22 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from kocr.atomic import atomic_path, sweep_stale
+from kocr.atomic import PartialFolder, atomic_path, sweep_stale
 from training.charset import Charset
 from training.data import degrade as degrade_mod
 from training.data.contact_sheet import write_sheet
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
 from training.data.lexicon import (ADMIN_LABELS, TITLE_TERMS, is_hangul, load_lexicon,
                                    make_token, random_name, random_phone, sample_word)
+from training.data.degrade import SynthConfigError
 from training.data.pages import Page, Word, read_page, write_page
+from training.data.set_key import generator_key
 
 CATEGORIES = ("인.허가", "민원", "행정", "회계.예산", "보건.복지", "산업.경제", "교육", "환경")
 REFERENCE_AREA = 1000 * 700  # the page area the 20-40 words per page are meant for
 PAGE_NAME = re.compile(r"^page_(\d{5,})\.(jpg|json)$")
 JPEG_QUALITY = 90
+SHEET = "contact_sheet.png"
 RGB = tuple[int, int, int]
 
 
@@ -401,6 +405,20 @@ def _remove_stale(out_dir: Path, count: int) -> None:
             path.unlink(missing_ok=True)
 
 
+def _written_here(name: str) -> bool:
+    """A name ``generate_pages`` writes (a page, the contact sheet, a write's temporary file)."""
+    return bool(PAGE_NAME.match(name)) or name == SHEET or (name.startswith(("page_", ".")) and name.endswith(".tmp"))
+
+
+def pages_key(seed: int, width: int, height: int, charset_name: str, font_size: tuple[int, int],
+              wear: degrade_mod.DegradeConfig, faces: Sequence[FontFace]) -> str:
+    """What page ``i`` depends on besides ``i`` (``set_key.generator_key``; not ``count`` or
+    ``contact_sheet``). A killed run is continued only under the same key."""
+    knobs = {"seed": seed, "width": width, "height": height, "font_size": list(font_size),
+             "degrade": wear.as_params(), "fonts": [str(face) for face in faces]}
+    return generator_key(knobs, charset_name, [face.path for face in faces])
+
+
 def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: list[str],
                    width: int = 1000, height: int = 700, charset_name: str = "korean_g2",
                    font_size: tuple[int, int] = (22, 40), progress: bool = True,
@@ -410,10 +428,16 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
     """Write ``count`` synthetic pages ``page_{i:05d}.jpg/.json`` into ``out_dir``.
 
     ``fonts`` are file-name patterns for ``find_fonts``. Page ``i`` depends only on
-    (``seed``, ``i``) and the other arguments, so reruns are byte-identical. Each image is
-    written before its JSON, both whole or not at all (``kocr.atomic``), and an old JSON is
-    removed before its image is replaced: a killed run never leaves a JSON without its image.
-    Pages numbered ``count`` or above from earlier runs are removed. Returns the JSON paths.
+    (``seed``, ``i``) and the other arguments, so reruns are byte-identical. Returns the JSON paths.
+
+    The pages are written into ``out_dir.partial`` beside the folder (``kocr.atomic.PartialFolder``,
+    as ``synth_lines`` writes its set), which replaces ``out_dir`` whole when every page is there:
+    a killed run leaves the earlier set as it was, never pages of two runs in one folder. The same
+    command run again keeps the pages a killed run of the same ``pages_key`` wrote there (each image
+    is written before its JSON, both whole or not at all, so a page whose JSON is there is whole)
+    and draws the rest; a run of other settings
+    starts ``out_dir.partial`` over. An ``out_dir`` holding anything but pages and the contact sheet
+    (a folder of the user's, ``.``) is refused before anything is written, never replaced.
 
     ``degrade`` (a ``DegradeConfig``, a preset name or a params mapping; None: off) adds scan
     wear from ``training.data.degrade`` with its own generator, so pages without it stay
@@ -433,34 +457,55 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
     faces = _usable_faces(find_fonts(fonts, font_dirs), charset)
     words, weights = load_lexicon(charset)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out, count)
-
-    paths: list[Path] = []
-    for i in tqdm(range(count), desc="synthetic pages", unit="page", disable=not progress):
-        page_seed = _page_seed(seed, i)
-        rng = random.Random(page_seed)
-        nrng = np.random.default_rng(page_seed)
-        image, page_words = render_page(rng, nrng, faces, words, weights, charset, width,
-                                        height, (lo, hi))
-        if wear.enabled:
-            image = degrade_page(image, page_words, wear, page_seed)
-        name = f"page_{i:05d}"
-        image_path, json_path = out / f"{name}.jpg", out / f"{name}.json"
-        page = Page(image_path.name, width, height, page_words, category=rng.choice(CATEGORIES),
-                    extra={"image.make.code": f"{rng.randint(1000, 6999)}000",
-                           "image.make.year": str(rng.randint(1995, 2023))})
-        json_path.unlink(missing_ok=True)
-        with atomic_path(image_path, sweep=False) as tmp:
-            image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
-        write_page(page, json_path, sweep=False)
-        paths.append(json_path)
-    sheet = out / "contact_sheet.png"
-    if contact_sheet > 0 and paths:
-        write_page_sheet(paths[:contact_sheet], sheet, faces)
-    else:
-        sheet.unlink(missing_ok=True)
-    return paths
+    if out.is_symlink():  # publishing replaces the folder: it would have to delete the link
+        raise SynthConfigError(f"--out {out}: a symbolic link (to {os.readlink(out)}); give the folder itself, "
+                               "or a new path")
+    if out.exists():
+        foreign = sorted(p.name for p in out.iterdir() if not _written_here(p.name)) if out.is_dir() else [""]
+        if foreign:
+            raise SynthConfigError(f"--out {out}: " + (f"holds {foreign[0]!r} ({len(foreign)} such), which "
+                                   "synth-pages does not write" if foreign[0] else "is a file") + "; give a new "
+                                   "folder (a folder of pages there is replaced whole)")
+    key = pages_key(seed, width, height, charset.name, (lo, hi), wear, faces)
+    folder = PartialFolder(out, keyed=True)  # a second synth-pages on the same folder stops, named
+    try:
+        if not folder.started_with(key):
+            folder.restart(key)
+        stage = folder.partial
+        _remove_stale(stage, count)
+        kept = sum(1 for i in range(count) if (stage / f"page_{i:05d}.json").is_file())
+        if kept:
+            print(f"synth-pages: resuming {stage}: {kept} of {count} pages kept from a killed run",
+                  file=sys.stderr)
+        paths: list[Path] = []
+        for i in tqdm(range(count), desc="synthetic pages", unit="page", disable=not progress):
+            name = f"page_{i:05d}"
+            image_path, json_path = stage / f"{name}.jpg", stage / f"{name}.json"
+            paths.append(json_path)
+            if json_path.is_file():  # written whole, after its image, by a killed run of this key
+                continue
+            page_seed = _page_seed(seed, i)
+            rng = random.Random(page_seed)
+            nrng = np.random.default_rng(page_seed)
+            image, page_words = render_page(rng, nrng, faces, words, weights, charset, width,
+                                            height, (lo, hi))
+            if wear.enabled:
+                image = degrade_page(image, page_words, wear, page_seed)
+            page = Page(image_path.name, width, height, page_words, category=rng.choice(CATEGORIES),
+                        extra={"image.make.code": f"{rng.randint(1000, 6999)}000",
+                               "image.make.year": str(rng.randint(1995, 2023))})
+            with atomic_path(image_path, sweep=False) as tmp:
+                image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+            write_page(page, json_path, sweep=False)
+        sheet = stage / SHEET
+        if contact_sheet > 0 and paths:
+            write_page_sheet(paths[:contact_sheet], sheet, faces)
+        else:
+            sheet.unlink(missing_ok=True)
+        folder.publish()
+    finally:
+        folder.unlock()  # after a failure the partial pages stay, under their key, for the next run
+    return [out / path.name for path in paths]
 
 
 def degrade_page(image: Image.Image, words: Sequence[Word], config: degrade_mod.DegradeConfig,
