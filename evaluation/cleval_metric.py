@@ -2,7 +2,7 @@
 
 CLEval scores characters rather than whole boxes, so a phrase box that merges three words still
 earns credit for the characters it read: it does not punish split and merged boxes the way an IoU
-gate does. Ground-truth boxes with empty text are don't-care regions. Boxes are clamped to the
+gate does. Ground-truth boxes with empty text or ``###`` are don't-care regions. Boxes are clamped to the
 image as for the IoU-gated metric (``evaluation.metrics.in_image``), and ground-truth boxes with
 nothing inside it are left out. Whitespace inside a text is left out on both sides: a box that
 merges 서울 and 시청 reads "서울 시청", and AI-Hub's one-어절 labels hold no space to match it.
@@ -19,7 +19,7 @@ import numpy as np
 
 from kocr.easyocr_compat import register_torchvision_ops
 from evaluation.metrics import in_image
-from training.data.pages import Page, Word, nfc
+from training.data.pages import Page, Word, nfc, unscored
 
 
 def _letters(text: str) -> str:
@@ -46,7 +46,7 @@ class CLEvalAccumulator:
         gt_words = [w for w in in_image(gt.words, gt.width, gt.height) if w is not None]
         pred_words = [c or w for w, c in zip(pred.words, in_image(pred.words, gt.width, gt.height))]
         self.metric.update(_quads(pred_words), _quads(gt_words), [_letters(w.text) for w in pred_words],
-                           [_letters(w.text) for w in gt_words], [not _letters(w.text) for w in gt_words])
+                           [_letters(w.text) for w in gt_words], [unscored(w.text) or not _letters(w.text) for w in gt_words])
 
     def compute(self) -> dict[str, float]:
         """``cleval_{det,e2e}_{precision,recall,f1}`` plus split/merged box counts."""

@@ -4,7 +4,8 @@ End-to-end matching, per page: boxes are first clamped to the image when the gro
 size is known (AI-Hub labels run past the edges and below zero; ``prepare`` clamps them the same
 way), then every (gt, pred) box pair that overlaps with IoU >= ``iou_threshold`` is a candidate;
 pairs are taken greedily by decreasing IoU (ties by gt index, then pred index), each box used once.
-A matched pair scores ``max(0, 1 - CER)``. Ground-truth words whose NFC text is empty are ignored:
+A matched pair scores ``max(0, 1 - CER)``. Ground-truth words whose NFC text is empty or ``###``
+(ICDAR's illegible mark, ``training.data.pages.unscored``) are ignored:
 they take part in matching, but neither they nor the predictions matched to them are counted.
 Ground-truth words with no area inside the image are ignored too. precision = score / |P|,
 recall = score / |G|.
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
 
-from training.data.pages import Page, Word, iter_page_files, nfc, read_page
+from training.data.pages import Page, Word, iter_page_files, nfc, read_page, unscored
 
 Corners = tuple[float, float, float, float]
 # Raised whenever a change to the scorer changes the scores of the same readings, so that promote
@@ -118,7 +119,7 @@ def score_page(gt: Page | list[Word], pred: Page | list[Word],
     pw = pred.words if isinstance(pred, Page) else list(pred)
     width, height = (gt.width, gt.height) if isinstance(gt, Page) else (0, 0)
     g_in, p_in = in_image(gw, width, height), in_image(pw, width, height)
-    ignored = {i for i, (w, g) in enumerate(zip(gw, g_in)) if not nfc(w.text) or g is None}
+    ignored = {i for i, (w, g) in enumerate(zip(gw, g_in)) if unscored(w.text) or g is None}
     candidates = []
     for i, g in enumerate(g_in):
         for j, p in enumerate(p_in):

@@ -38,10 +38,9 @@ from tqdm import tqdm
 
 from evaluation.metrics import cer, paired_words, recognition_scores
 from kocr.atomic import staged_files
-from training.data.pages import PageError, crop_box, nfc, parse_page
+from training.data.pages import DONT_CARE, PageError, crop_box, nfc, parse_page
 
 TESSERACT = "tesseract"
-DONT_CARE = "###"  # ICDAR's mark for an illegible word: such boxes are not scored
 
 
 class ScoreInputError(ValueError):

@@ -55,3 +55,10 @@ def test_gt_boxes_past_the_image_edge_are_clamped_like_the_iou_gate_clamps_them(
     acc.update(gt, Page("p.jpg", 100, 50, [Word((0, 0, 40, 20), "서울"), Word((50, 0, 50, 20), "평양")]))
     scores = acc.compute()
     assert scores["cleval_det_f1"] == pytest.approx(1.0) and scores["cleval_e2e_f1"] == pytest.approx(1.0)
+
+
+def test_a_gt_box_marked_illegible_is_dont_care():
+    marked = Page("p.jpg", 200, 50, [*GT.words, Word((100, 0, 40, 20), "###")])
+    acc = CLEvalAccumulator()
+    acc.update(marked, Page("p.jpg", 200, 50, list(GT.words)))
+    assert acc.compute()["cleval_e2e_recall"] == pytest.approx(1.0)  # the unread ### box is not missed

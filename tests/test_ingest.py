@@ -550,13 +550,15 @@ def test_defects_are_reported_at_each_annotations_place_in_the_file(pages, tmp_p
     anns.insert(0, {"id": 0, "annotation.text": ["서울"], "annotation.bbox": [1, 2, 30, 10]})  # a list, not text
     anns.insert(1, {"id": 1, "annotation.text": True, "annotation.bbox": [1, 2, 30, 10]})
     anns.insert(2, {"id": 2, "annotation.text": "", "annotation.bbox": [1, 2, 30, 10]})        # third in the file
+    anns.insert(3, {"id": 3, "annotation.text": " ### ", "annotation.bbox": [1, 2, 30, 10]})   # the illegible mark
     (src / "p.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
     bad = report["skipped"]["bad_annotation"]["examples"]
     assert bad == ['p.json#1: annotation.text ["서울"] is not a string', "p.json#2: annotation.text true is not a string"]
     assert report["skipped"]["empty_text"]["examples"] == ["p.json#3"]
+    assert report["skipped"]["dont_care"]["examples"] == ["p.json#4"]
     labels = {LmdbDataset(tmp_path / "out" / "train").label(i) for i in range(report["crops"]["train"])}
-    assert "['서울']" not in labels and "True" not in labels
+    assert "['서울']" not in labels and "True" not in labels and "###" not in labels
 
 
 def test_names_that_are_not_utf8_are_reported_and_the_rest_is_read(pages, reference, tmp_path):

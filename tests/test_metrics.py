@@ -115,6 +115,14 @@ def test_ignored_empty_gt_and_its_prediction():
     assert (s.n_gt, s.n_pred, s.precision, s.recall) == (1, 2, 0.5, 1.0)
 
 
+def test_a_gt_word_marked_illegible_is_ignored_like_an_empty_one():
+    # ### (ICDAR's illegible mark): no reader can be asked to read it, so it is not a missed word,
+    # and the prediction matched to it is not a false positive
+    s = score_page([Word(A, "서울"), Word(B, " ### ")], [Word(A, "서울"), Word(B, "잡음")])
+    assert (s.n_gt, s.n_pred, s.score_sum, s.f1) == (1, 1, 1.0, 1.0)
+    assert score_page([Word(A, "서울"), Word(B, "##")], [Word(A, "서울")]).n_gt == 2  # only the exact mark
+
+
 def test_nfd_equals_nfc():
     nfd = unicodedata.normalize("NFD", "한국")
     assert len(nfd) == 6 and nfd != "한국"   # 한 = ㅎㅏㄴ, 국 = ㄱㅜㄱ as jamo

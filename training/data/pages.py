@@ -240,6 +240,18 @@ def nfc(text: str) -> str:
     return unicodedata.normalize("NFC", text).strip()
 
 
+DONT_CARE = "###"  # ICDAR's mark for an illegible word: such a box is neither trained on nor scored
+
+
+def unscored(text: str) -> bool:
+    """Whether a ground-truth word is a don't-care region: empty after ``nfc``, or ``DONT_CARE``.
+
+    >>> unscored(" ### "), unscored(""), unscored("서울")
+    (True, True, False)
+    """
+    return nfc(text) in ("", DONT_CARE)
+
+
 def clip_box(bbox: BBox, width: int, height: int) -> tuple[int, int, int, int] | None:
     """Clamp an (x, y, w, h) box to the image; returns integer (x0, y0, x1, y1) or None if empty
     (or not a box at all: a NaN or infinite number, which JSON readers accept)."""

@@ -52,7 +52,7 @@ from tqdm import tqdm
 from kocr.atomic import sweep_stale, write_json
 from training.charset import Charset
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
-from training.data.pages import Page, PageError, crop_box, parse_page
+from training.data.pages import Page, PageError, crop_box, parse_page, unscored
 from training.data.pixels import mend
 from training.data.sources import Member, SourceIndex, image_fit, read_member, scan_source
 
@@ -319,6 +319,9 @@ def _page_crops(page: Page, grey: np.ndarray, where: str, charset: Charset, conf
         text = unicodedata.normalize("NFC", raw)
         if not text:
             report.add("empty_text", at)
+            continue
+        if unscored(text):  # ###: an illegible word, trained on by no one (evaluate ignores it too)
+            report.add("dont_care", at)
             continue
         if text != raw:
             report.add("nfd_normalised", at)
