@@ -599,3 +599,16 @@ def test_every_third_party_package_the_code_imports_is_a_declared_dependency():
                     if not dists & declared:
                         undeclared.add(f"{top} ({', '.join(sorted(dists))}) in {path.relative_to(REPO)}")
     assert not undeclared, sorted(undeclared)
+
+
+def test_dvc_leaves_a_killed_writers_leftovers_out_of_a_dataset(tmp_path):
+    """`dvc add own` after a killed import-crops must not version own/train.partial or own/.train.lock."""
+    shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
+    for path in ("own/train/data.mdb", "own/train.partial/data.mdb", "own/.train.lock"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).touch()
+    out = subprocess.run([sys.executable, "-m", "dvc", "check-ignore", "own/train/data.mdb", "own/train.partial/data.mdb",
+                          "own/.train.lock"], cwd=tmp_path, capture_output=True, text=True).stdout.split()
+    assert out == ["own/train.partial/data.mdb", "own/.train.lock"]
