@@ -9,6 +9,8 @@ permissions (the umask's), as a plain ``open`` gives.
 
 A SIGKILL cannot be cleaned up after, so what a killed writer left is removed by the next write
 to the same folder (``sweep_stale``; writers of many files in one folder sweep it once instead).
+Scratch folders (``scratch_folder``: a tune trial's checkpoints in ``$TMPDIR``) are named the same
+way, so what a killed process left there goes with the next one's.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import re
 import secrets
 import shutil
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -69,12 +72,13 @@ def _abandoned(entry: os.DirEntry, tag: str, pid: int) -> bool:
         return False
 
 
-def sweep_stale(folder: str | os.PathLike) -> int:
+def sweep_stale(folder: str | os.PathLike, prefix: str = "") -> int:
     """Remove the temporary folders of writers in ``folder`` that have ended; returns how many.
 
-    Only names of the form ``.NAME.TAG-PID.HEX.tmp`` are touched: those made in this machine and PID
-    namespace when no process of that PID runs, those made elsewhere (another container on a shared
-    checkout, another machine on a shared disk) only after a week untouched.
+    Only names of the form ``.NAME.TAG-PID.HEX.tmp`` (with NAME starting with ``prefix``) are
+    touched: those made in this machine and PID namespace when no process of that PID runs, those
+    made elsewhere (another container on a shared checkout, another machine on a shared disk) only
+    after a week untouched.
     """
     removed = 0
     try:
@@ -83,7 +87,7 @@ def sweep_stale(folder: str | os.PathLike) -> int:
         return 0
     for entry in entries:
         match = _TEMP.match(entry.name)
-        if match and _abandoned(entry, match.group(1), int(match.group(2))):
+        if match and entry.name.startswith(f".{prefix}") and _abandoned(entry, match.group(1), int(match.group(2))):
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
@@ -119,6 +123,25 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, sweep: bool = Tr
                 finally:
                     os.close(fd)
             os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def scratch_folder(name: str, parent: str | os.PathLike | None = None, sweep: str | None = None) -> Iterator[Path]:
+    """Yield a new private folder ``.NAME.TAG-PID.HEX.tmp`` in ``parent`` (default: the system's
+    temporary folder, ``$TMPDIR``), removed with all it holds when the block ends.
+
+    A process killed by SIGKILL cannot remove its folder, so first the folders of ended processes
+    whose NAME starts with ``sweep`` (default: ``name``) are removed from ``parent`` (``sweep_stale``:
+    never a live process's, whoever runs it).
+    """
+    parent = Path(parent if parent is not None else tempfile.gettempdir())
+    sweep_stale(parent, prefix=name if sweep is None else sweep)
+    folder = parent / _temp_name(name)
+    folder.mkdir(mode=0o700)
+    try:
+        yield folder
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

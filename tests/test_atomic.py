@@ -245,3 +245,23 @@ def test_the_command_line_names_a_used_up_quota_in_one_line(tmp_path: Path, monk
     assert main(["score", "--gt", str(tmp_path / "gt"), "--pred", str(tmp_path / "gt")]) == 2  # was a traceback
     assert capsys.readouterr().err.strip() == (f"kocr score: error: the disk quota is used up writing "
                                                f"{tmp_path / 'scores.json'}; free some and run the same command again")
+
+
+def test_a_scratch_folder_sweeps_only_its_own_kind_of_leftover_and_is_removed_after(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from kocr.atomic import scratch_folder
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, tag = int(ended.stdout), _namespace_tag()
+    killed = tmp_path / f".kocr-trial-3.{tag}-{dead}.0123abcd.tmp"  # a killed tune trial's checkpoints
+    write = tmp_path / f".model.pt.{tag}-{dead}.0123abcd.tmp"  # another kind: its own writers sweep it
+    plain = tmp_path / "kocr-trial-4"  # not ours to judge: no PID in its name
+    for folder in (killed, write, plain):
+        folder.mkdir()
+    with scratch_folder("kocr-trial-5", tmp_path, sweep="kocr-trial-") as folder:
+        (folder / "model.pt").write_bytes(b"x")
+        assert folder.parent == tmp_path and folder.name.startswith(".kocr-trial-5.") and not killed.exists()
+        assert folder.stat().st_mode & 0o077 == 0  # private, as tempfile's folders are
+    assert sorted(tmp_path.iterdir()) == sorted([write, plain])

@@ -172,6 +172,42 @@ def test_a_killed_worker_leaves_the_study_consistent_and_its_trial_is_retried(pg
     assert mlflow.MlflowClient().get_run(first.user_attrs["mlflow_run_id"]).info.status == "FAILED"
 
 
+def test_a_killed_workers_trial_folder_goes_with_the_next_trial_and_a_live_workers_stays(prepared, tmp_path,
+                                                                                        monkeypatch):
+    # a SIGKILLed worker cannot remove its trial folder ($TMPDIR, checkpoints inside): killed runs used to
+    # fill the disk; the next trial on the machine removes it, never the folder of a worker still running
+    import tempfile
+
+    from kocr.atomic import _namespace_tag
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    env = {**_env(f"sqlite:///{tmp_path / 'mlruns.db'}"), "TMPDIR": str(scratch)}
+    doomed = _worker(_project(tmp_path / "a", steps_per_trial=100000, report_every=3), prepared, env,
+                     "--n-trials", "1")
+    deadline = time.monotonic() + 120
+    while not any(scratch.rglob("model.pt")):  # its first checkpoint is written
+        assert time.monotonic() < deadline and doomed.poll() is None, doomed.communicate()[0] if doomed.poll() else ""
+        time.sleep(0.2)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    def trial_folders() -> list[Path]:  # torch keeps a cache in $TMPDIR too
+        return [path for path in scratch.iterdir() if "kocr-trial-" in path.name]
+
+    [killed] = trial_folders()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        live = scratch / f".kocr-trial-7.{_namespace_tag()}-{alive.pid}.0123abcd.tmp"  # another worker's trial
+        live.mkdir()
+        monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+        config = TuneConfig.from_params(PARAMS["tune"]).with_overrides(n_trials=1)
+        run_tune(config, PARAMS, prepared, tmp_path / "b", log=False)
+        assert trial_folders() == [live], killed  # the killed one gone, this run's own removed
+    finally:
+        alive.kill()
+        alive.wait()
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask() by hand here
 def test_a_trial_failed_as_stale_elsewhere_stops_without_crashing_its_worker(prepared, tmp_path):
     # a worker whose heartbeat came too late (a stalled machine) finds its trial failed by another

@@ -33,7 +33,6 @@ import math
 import os
 import socket
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -45,8 +44,7 @@ from typing import Any, Callable, Iterator
 import optuna
 from optuna.trial import TrialState
 
-from kocr.atomic import write_text
-from kocr.atomic import DISK_FULL
+from kocr.atomic import DISK_FULL, scratch_folder, write_text
 from kocr.locks import database_lock
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
 from training.train import TrainConfig, train
@@ -60,6 +58,7 @@ PARAM_TYPES = ("float", "int", "categorical")
 NOT_SEARCHABLE = {"steps", "val_every", "device", "num_workers", "base", "charset", "tuned_from", "tuned_keys",
                   "checkpoint_every", "log_every", "log_samples", "patience", "compile"}
 WAIT = "wait"
+TRIAL_FOLDER = "kocr-trial-"  # a trial trains in $TMPDIR/.kocr-trial-<number>.<machine>-<pid>.<hex>.tmp
 
 
 class TuneError(ValueError):
@@ -474,7 +473,8 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             mlflow.log_params({f"train.{k}": v for k, v in overrides.items()})
         train_config = trial_config(params, overrides, config)
-        with tempfile.TemporaryDirectory(prefix=f"kocr-trial-{trial.number}-") as tmp:
+        # $TMPDIR/.kocr-trial-N.TAG-PID.HEX.tmp: a killed worker's folder (checkpoints) goes with the next trial
+        with scratch_folder(f"{TRIAL_FOLDER}{trial.number}", sweep=TRIAL_FOLDER) as tmp:
             train(train_config, data_dir, tmp, metrics_file=Path(tmp) / "metrics.json",
                   plots_dir=Path(tmp) / "plots", progress=False, log=log, on_validation=on_validation,
                   scorer=scorer)
