@@ -263,6 +263,27 @@ def test_a_running_trial_that_never_beat_is_retried_not_waited_on_forever(prepar
     assert orphan.state == optuna.trial.TrialState.FAIL and retry.state == optuna.trial.TrialState.COMPLETE
 
 
+def test_queued_trials_run_within_the_budget_and_a_resumed_study_runs_only_what_it_still_owes(prepared, tmp_path,
+                                                                                            capsys):
+    # n_trials counts the study's trials run (complete + pruned): queued trials (enqueue_trial, by hand or by
+    # another tool) go first but count too, and those past the budget wait for a larger one
+    config = TuneConfig.from_params(PARAMS["tune"]).with_overrides(storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                                                                   study_name="queued", n_trials=2)
+    study = optuna.create_study(storage=config.storage, study_name="queued")
+    for lr in (1e-3, 2e-3, 3e-3):
+        study.enqueue_trial({"optimizer": "adam", "lr": lr, "warmup_steps": 0})
+    run_tune(config, PARAMS, prepared, tmp_path, log=False)
+
+    def trials() -> list[tuple[str, float | None]]:
+        return [(t.state.name, t.params.get("lr")) for t in study.get_trials(deepcopy=False)]
+
+    assert trials() == [("COMPLETE", 1e-3), ("COMPLETE", 2e-3), ("WAITING", None)]  # was: all three run
+    assert "1 queued trial(s) left waiting" in capsys.readouterr().err
+    run_tune(config.with_overrides(n_trials=3), PARAMS, prepared, tmp_path, log=False)  # resumed: one owed
+    assert [state for state, _ in trials()] == ["COMPLETE"] * 3 and trials()[2][1] == 3e-3
+    assert run_tune(config.with_overrides(n_trials=3), PARAMS, prepared, tmp_path, log=False)["ran"] == {}
+
+
 @pytest.fixture(scope="module")
 def pruned_study(prepared, tmp_path_factory):
     """Two sensible trials, then an absurd lr, on the embedded storage with the median pruner.

@@ -12,7 +12,8 @@ marked FAIL by the next worker that looks, and queued again with the same knobs.
 
 The budget ``tune.n_trials`` counts the whole study's finished (complete or pruned) trials, not
 one worker's: workers claim trials under a lock (a PostgreSQL advisory lock, or a file lock beside
-the SQLite file), so a fleet finishes exactly that many.
+the SQLite file), so a fleet finishes exactly that many. Queued trials (retries, ``enqueue_trial``)
+are run first and count like the others; a resumed study runs only the trials it still owes.
 
 Outputs: ``<out>/best_params.yaml`` (the best trial's knobs as a ``train:`` mapping, its value,
 trial number and study), which ``train`` reads when ``train.use_tuned`` is true; in MLflow the
@@ -366,8 +367,9 @@ def claim_trial(study: optuna.Study, config: TuneConfig, url: str,
     elsewhere (one of them may die and come back for retry), or None when the study is done.
 
     Under the budget lock: stale trials are failed first (their retries are queued as WAITING),
-    then a queued trial is taken if there is one, else a new one while complete + pruned + running
-    + waiting trials are fewer than ``n_trials``. The claimed trial's first heartbeat is recorded
+    then, while complete + pruned + running trials are fewer than ``n_trials``, a queued trial is
+    taken if there is one, else a new one. Queued trials past the budget stay WAITING (a dead
+    worker's retry always fits: its failed trial no longer counts). The claimed trial's first heartbeat is recorded
     before the lock is released (a trial without one is never found stale), so a running trial
     seen here without one belongs to no worker: its claimer died before beating, or another tool
     asked for it. It is given a heartbeat, and goes stale (then is retried) like a dead worker's.
@@ -381,8 +383,8 @@ def claim_trial(study: optuna.Study, config: TuneConfig, url: str,
                 storage.record_heartbeat(orphan)
             optuna.storages.fail_stale_trials(study)
             counts = trial_counts(study)
-            claimed = counts["COMPLETE"] + counts["PRUNED"] + counts["RUNNING"] + counts["WAITING"]
-            if counts["WAITING"] == 0 and claimed >= config.n_trials:
+            # queued trials count when they run, as new ones do: enqueued ones must not overshoot the budget
+            if counts["COMPLETE"] + counts["PRUNED"] + counts["RUNNING"] >= config.n_trials:
                 return WAIT if counts["RUNNING"] else None
             trial = study.ask()
         storage.record_heartbeat(trial._trial_id)
@@ -576,6 +578,10 @@ def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Path
         failed_in_row = failed_in_row + 1 if state == TrialState.FAIL and not note.startswith("lost") else 0
         if failed_in_row >= 3:
             raise TuneError(f"three trials in a row failed; last: {note}")
+    queued = trial_counts(study)["WAITING"]
+    if queued:
+        print(f"tune: {queued} queued trial(s) left waiting: the study's budget of {config.n_trials} trials is "
+              "spent (a larger --n-trials runs them)", file=sys.stderr)
     summary = finish_study(study, config, url, Path(out_dir), log=log)
     return {**summary, "ran": dict(ran)}
 
