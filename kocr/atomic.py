@@ -24,6 +24,7 @@ import re
 import secrets
 import shutil
 import socket
+import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -163,6 +164,21 @@ def named_disk_errors(path: str | os.PathLike, tmp: str | os.PathLike | None = N
         if shutil.disk_usage(Path(tmp).parent if tmp is not None else path.parent).free < NEARLY_FULL:
             raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(path)) from exc
         raise
+
+
+def database_full(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database or disk is full" (SQLITE_FULL) or was raised from it
+    (``raise ... from``: SQLAlchemy's ``OperationalError``, and MLflow's ``MlflowException`` or Optuna's
+    ``StorageInternalError`` raised from that). Other OperationalErrors (a locked database, a missing
+    table) are not. The error does not say which file: whoever catches it knows what it was writing."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, sqlite3.Error) and getattr(cause, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        cause = cause.__cause__ or getattr(cause, "orig", None)  # orig: SQLAlchemy's DBAPIError's driver error
+    return False
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, durable: bool = False, sweep: bool = True) -> Path:

@@ -239,6 +239,108 @@ def test_a_full_disk_stops_the_search_after_one_failed_trial(prepared, tmp_path,
     assert trial.state == optuna.trial.TrialState.FAIL and "No space left" in trial.user_attrs["error"]
 
 
+def _sqlite_full() -> Exception:
+    """A genuine SQLITE_FULL from sqlite itself, as a full disk under a database file raises it."""
+    import sqlite3
+
+    db = sqlite3.connect(":memory:")
+    db.execute("CREATE TABLE t (b BLOB)")
+    db.execute("PRAGMA max_page_count = 2")  # no page beyond the table's
+    try:
+        db.execute("INSERT INTO t VALUES (?)", (b"x" * 10000,))
+    except sqlite3.OperationalError as exc:
+        assert exc.sqlite_errorname == "SQLITE_FULL"
+        return exc
+    raise AssertionError("sqlite wrote past max_page_count")
+
+
+@pytest.fixture
+def full_from_training(monkeypatch):
+    """full(db_file): from the first trial's training on, each INSERT into that SQLite file fails with
+    SQLITE_FULL (a disk that filled up: updates of existing rows still fit), at the DB-API boundary."""
+    import sqlalchemy
+
+    from training import tune as tune_module
+
+    target: list[str] = []
+    armed = []
+    real_train = tune_module.train
+
+    def fill(conn, cursor, statement, parameters, context, executemany):
+        if armed and conn.engine.url.database in target and statement.lstrip().upper().startswith("INSERT"):
+            raise _sqlite_full()
+
+    def train(*args, **kwargs):
+        armed.append(True)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "train", train)
+    sqlalchemy.event.listen(sqlalchemy.engine.Engine, "before_cursor_execute", fill)
+    try:
+        yield lambda db_file: target.append(str(db_file))
+    finally:
+        sqlalchemy.event.remove(sqlalchemy.engine.Engine, "before_cursor_execute", fill)
+
+
+@pytest.mark.parametrize("store", ["mlflow", "optuna"])
+def test_a_full_database_is_a_full_disk_naming_the_file_and_stops_the_search(store, prepared, tmp_path, monkeypatch,
+                                                                             capsys, full_from_training):
+    # SQLite's "database or disk is full" under MLflow's store or the Optuna storage arrives as SQLAlchemy's
+    # OperationalError inside MlflowException / Optuna's StorageInternalError ("invalid data in the commit,
+    # e.g. exceeding max length"): it was a traceback ending in that misleading StorageInternalError, and for
+    # MLflow either a one-line MLflow error or three failed trials, then "three trials in a row failed" with
+    # SQLAlchemy's multi-line message, the trial's MLflow run left active
+    from kocr.cli import main
+
+    project = _project(tmp_path / "p", study_name="full", n_trials=3)
+    mlruns = tmp_path / "mlruns.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{mlruns}")
+    monkeypatch.chdir(project)
+    full = {"mlflow": mlruns, "optuna": project / "tuning" / "optuna.db"}[store]
+    full_from_training(full)
+    assert main(["tune", "--data", str(prepared)]) == 2
+    err = capsys.readouterr().err
+    assert f"kocr tune: error: no space left on the device writing {full}; free some" in err, err[-2000:]
+    [trial] = optuna.load_study(study_name="full", storage=f"sqlite:///{project / 'tuning' / 'optuna.db'}").trials
+    assert trial.state == optuna.trial.TrialState.FAIL  # one trial failed, then the search stopped
+    if store == "mlflow":  # the trial's MLflow run was ended although the store took no more rows
+        run = mlflow.MlflowClient(f"sqlite:///{mlruns}").get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.info.status == "FAILED"
+
+
+def test_other_database_errors_are_not_taken_for_a_full_disk(tmp_path):
+    # a locked database, a missing table: SQLite OperationalErrors too, which must pass unchanged
+    import sqlite3
+
+    import sqlalchemy
+
+    from kocr.atomic import database_full
+    from training.tune import named_database_full
+
+    engine = sqlalchemy.create_engine(f"sqlite:///{tmp_path / 'x.db'}", connect_args={"timeout": 0})
+    with engine.begin() as connection:
+        connection.execute(sqlalchemy.text("CREATE TABLE t (x INTEGER)"))
+    holder = sqlite3.connect(tmp_path / "x.db")
+    holder.execute("BEGIN EXCLUSIVE")
+    errors = []
+    for statement in ("INSERT INTO t VALUES (1)", "SELECT * FROM missing"):
+        with pytest.raises(sqlalchemy.exc.OperationalError) as raised, named_database_full(str(engine.url)):
+            with engine.begin() as connection:
+                connection.execute(sqlalchemy.text(statement))
+        errors.append(raised.value)
+        holder.rollback()
+    assert "database is locked" in str(errors[0]) and "no such table" in str(errors[1])
+    assert not any(database_full(e) for e in errors)
+    try:
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from \
+            sqlalchemy.exc.OperationalError("INSERT", {}, _sqlite_full())
+    except optuna.exceptions.StorageInternalError as exc:
+        assert database_full(exc)
+        with pytest.raises(OSError) as named, named_database_full(f"sqlite:///{tmp_path / 'optuna.db'}"):
+            raise exc
+        assert named.value.filename == str(tmp_path / "optuna.db") and named.value.__cause__ is exc
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask() by hand here
 def test_a_running_trial_that_never_beat_is_retried_not_waited_on_forever(prepared, tmp_path, capsys):
     # a claimer killed between ask() and its first heartbeat, or a trial asked for by another tool:

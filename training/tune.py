@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import math
@@ -44,8 +45,9 @@ from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy.engine import make_url as sqlalchemy_url
 
-from kocr.atomic import DISK_FULL, scratch_folder, write_text
+from kocr.atomic import DISK_FULL, database_full, scratch_folder, write_text
 from kocr.locks import database_lock
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
 from training.train import TrainConfig, train
@@ -495,14 +497,18 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
         state, note = TrialState.FAIL, f"failed: {type(exc).__name__}: {exc}"
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             trial.set_user_attr("error", note[:1000])
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:  # every trial after it would fail the same way
+        # a full disk, or a full SQLite database (MLflow's store, the Optuna storage): every trial after
+        # it would fail the same way
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL or database_full(exc):
             raise
     finally:
         if run is not None:
-            if value is not None and math.isfinite(value):
-                mlflow.log_metric("value", value)
-            mlflow.set_tag("optuna.state", state.name)
-            mlflow.end_run({TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
+            try:
+                if value is not None and math.isfinite(value):
+                    mlflow.log_metric("value", value)
+                mlflow.set_tag("optuna.state", state.name)
+            finally:  # the trial's run is ended (and leaves the active-run stack) even if the store is full
+                mlflow.end_run({TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
     return state, value, note
 
 
@@ -533,6 +539,40 @@ def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Path
     (the worker's ``tune`` run; trials nest under it). Returns a summary.
     """
     url = storage_url(config, out_dir)
+    with named_database_full(url):
+        return _run_tune(config, params, data_dir, out_dir, url, log)
+
+
+@contextlib.contextmanager
+def named_database_full(storage: str) -> Iterator[None]:
+    """Inside the block, SQLite's "database or disk is full" under MLflow's store or the Optuna
+    storage (SQLAlchemy's ``OperationalError``, inside MLflow's or Optuna's own error) raises the
+    ``OSError`` of a full disk (ENOSPC) naming the database file: MLflow's store when MLflow raised
+    it, else the storage. ``kocr tune`` then says so in one line, as for any other full disk. Other
+    errors, other OperationalErrors included, pass as they are."""
+    try:
+        yield
+    except Exception as exc:
+        if not database_full(exc):
+            raise
+        url, cause = storage, exc
+        for _ in range(20):  # a cause chain is short; this also ends one made circular by hand
+            if cause is None:
+                break
+            if type(cause).__module__.startswith("mlflow."):
+                import mlflow
+
+                url = mlflow.get_tracking_uri()
+                break
+            cause = cause.__cause__
+        where = sqlalchemy_url(url).database if url.startswith("sqlite:") else None
+        raise OSError(errno.ENOSPC, "No space left on device (SQLite: database or disk is full)",
+                      where or redact(url)) from exc
+
+
+def _run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.PathLike,
+              out_dir: str | os.PathLike, url: str, log: bool) -> dict[str, Any]:
+    """``run_tune`` with the storage URL resolved (full databases are named by the caller)."""
     shared = not url.startswith("sqlite")
     storage = make_storage(url, config)
     study = open_study(config, storage, shared)
@@ -563,7 +603,7 @@ def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Path
         with heartbeat(storage, trial._trial_id, config.heartbeat_interval_s):
             try:
                 state, value, note = run_trial(trial, config, params, data_dir, log=log, scorer=scorer)
-            except OSError:  # a full disk (run_trial raises only that): this trial failed, the search stops
+            except Exception:  # a full disk or database (or MLflow failing to end the trial's run): the search stops
                 with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
                     study.tell(trial, None, state=TrialState.FAIL)
                 raise
