@@ -28,6 +28,7 @@ def _dump(data: Any, path: str | Path) -> None:
 
 
 CANDIDATE = "models/candidate/model.pt"  # what the train stage writes; kocr predict reads it by default
+DEFAULT_SCORED = "english_g2"  # what evaluate-crops and evaluate-pages score without --model
 SAMPLE_KEYS = ("fonts", "width", "height", "charset_name", "degrade", "contact_sheet")  # sample: -> generate_pages
 
 
@@ -439,8 +440,13 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def _scored_models(args: argparse.Namespace) -> dict[str, str]:
-    """--model specs and --baseline engines, each labelled by what the user typed."""
-    return {spec: spec for spec in [*args.model, *(args.baseline or [])]}
+    """--model specs (every --model's, in order; english_g2 when none) and --baseline engines, each
+    labelled by what the user typed. A spec given twice is scored once, and a note says so."""
+    specs = [*(args.model or [DEFAULT_SCORED]), *(args.baseline or [])]
+    twice = sorted({spec for spec in specs if specs.count(spec) > 1}, key=specs.index)
+    if twice:
+        print(f"kocr {args.command}: note: {', '.join(twice)} given more than once; scored once", file=sys.stderr)
+    return {spec: spec for spec in specs}
 
 
 def _count(text: str, least: int = 0) -> int:
@@ -660,14 +666,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True)
     p.add_argument("--iou", type=float, default=0.5, help="IoU a predicted box needs to meet a labelled one (default 0.5)")
 
-    models_help = ("recognisers to score: checkpoint path, ko_base, english_g2, korean_g2, models:/… or runs:/… "
-                   "(several allowed)")
+    models_help = ("recognisers to score: checkpoint path, ko_base, english_g2, korean_g2, models:/… or runs:/…; "
+                   f"several after one --model or over repeated --model (--model A --model B scores both; "
+                   f"default: {DEFAULT_SCORED})")
     p = add("evaluate-crops", cmd_evaluate_crops, "score recognisers on labelled word crops (a TSV: image, text) "
             "or on the word boxes of labelled images (a .json)")
     p.add_argument("--labels", required=True,
                    help="TSV with a header (image, text), or a .json of word boxes: one AI-Hub page JSON or "
                         "{image: {words: [{points, transcription}]}}; image paths relative to the file")
-    p.add_argument("--model", nargs="+", default=["english_g2"], help=models_help)
+    p.add_argument("--model", nargs="+", action="extend", help=models_help)
     p.add_argument("--baseline", action="append", choices=["tesseract"], help="also score Tesseract 5 (psm 7)")
     p.add_argument("--worst", type=_count, default=10, help="how many of the worst crops to draw into --out")
     p.add_argument("--out", help="folder for scores.json, readings.tsv and the worst crops drawn")
@@ -675,7 +682,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("evaluate-pages", cmd_evaluate_pages, "score page reading against plain-text ground truth (no boxes)")
     p.add_argument("--images", required=True, help="folder of page images")
     p.add_argument("--text", required=True, help="folder of <image stem>.txt ground truth, one line per text line")
-    p.add_argument("--model", nargs="+", default=["english_g2"], help=models_help)
+    p.add_argument("--model", nargs="+", action="extend", help=models_help)
     p.add_argument("--baseline", action="append", choices=["tesseract"], help="also score Tesseract 5 (psm 3)")
     p.add_argument("--out", help="folder for scores.json with per-page scores and predicted lines")
 

@@ -313,3 +313,28 @@ def test_outputs_replace_an_earlier_run_whole_or_not_at_all(tmp_path, monkeypatc
     assert (out / "notes.txt").read_text() == "the user's own file"
     assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", "readings.tsv", "confusions.json",
                                                            "scores.json", second[0].name])
+
+
+@pytest.mark.parametrize("argv, scored, note", [
+    (["--model", "a.pt", "--model", "b.pt"], ["a.pt", "b.pt"], ""),  # argparse kept the last --model only
+    (["--model", "a.pt", "b.pt", "--model", "c.pt"], ["a.pt", "b.pt", "c.pt"], ""),
+    ([], ["english_g2"], ""),
+    (["--model", "a.pt", "--model", "a.pt", "--baseline", "tesseract"], ["a.pt", "tesseract"], "a.pt given more"),
+])
+def test_repeated_model_options_all_score_and_a_repeat_is_scored_once(tmp_path, capsys, monkeypatch, argv,
+                                                                        scored, note):
+    from evaluation import score_crops as module
+
+    _png(tmp_path / "a.png")
+    (tmp_path / "labels.tsv").write_text("image\ttext\na.png\t서울\n", encoding="utf-8")
+    seen = []
+
+    def fake(crops, models, **kwargs):
+        seen.append(list(models))
+        return module.CropReport(crops, {m: {"n": 1} for m in models}, {m: ["x"] for m in models})
+
+    monkeypatch.setattr(module, "score_crops", fake)
+    assert main(["evaluate-crops", "--labels", str(tmp_path / "labels.tsv"), *argv]) == 0
+    assert seen == [scored]
+    err = capsys.readouterr().err
+    assert (note in err) if note else "given more than once" not in err
