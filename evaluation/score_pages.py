@@ -147,18 +147,52 @@ def read_page_item(image: Path, text_file: Path) -> PageItem:
     return PageItem(image, text_file, lines)
 
 
-def find_pages(images: str | os.PathLike, texts: str | os.PathLike) -> list[PageItem]:
-    """Every image in ``images`` with its ``<stem>.txt`` in ``texts`` (both required)."""
+def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
+               skipped: list[tuple[str, str]] | None = None) -> list[PageItem]:
+    """Every image in ``images`` with its ``<stem>.txt`` in ``texts`` (both required).
+
+    Two images of one stem (``scan.jpg`` and ``scan.png``) would both be scored against
+    ``scan.txt``, the page counted twice: ScoreInputError naming both. With ``skipped`` (a list),
+    the files left out are appended to it as (reason, path), so the caller can say the set is
+    smaller than the folders: ``no_image`` for a ``.txt`` in ``texts`` that no image has,
+    ``not_a_page_image`` for a file in ``images`` of another type (``.gif``, ``.heic``, …).
+    """
     images, texts = Path(images), Path(texts)
     for folder, what in ((images, "image"), (texts, "text")):
         if not folder.is_dir():
             raise ScoreInputError(f"{folder}: {what} folder not found")
-    items = []
-    for image in sorted(p for p in images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
-        items.append(read_page_item(image, texts / f"{image.stem}.txt"))
+    files = sorted(p for p in images.iterdir() if p.is_file())
+    pages = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    by_stem: dict[str, list[Path]] = {}
+    for image in pages:
+        by_stem.setdefault(image.stem, []).append(image)
+    twins = next((found for found in by_stem.values() if len(found) > 1), None)
+    if twins:
+        raise ScoreInputError(f"{' and '.join(str(p) for p in twins)}: two images of one stem would both be scored "
+                              f"against {texts / (twins[0].stem + '.txt')}; keep one of them in {images}")
+    items = [read_page_item(image, texts / f"{image.stem}.txt") for image in pages]
     if not items:
         raise ScoreInputError(f"{images}: no page images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    if skipped is not None:
+        same = images.resolve() == texts.resolve()
+        skipped += [("not_a_page_image", str(p)) for p in files
+                    if p.suffix.lower() not in IMAGE_SUFFIXES and not (same and p.suffix.lower() == ".txt")]
+        skipped += [("no_image", str(p)) for p in sorted(texts.iterdir())
+                    if p.suffix.lower() == ".txt" and p.is_file() and p.stem not in by_stem]
     return items
+
+
+def describe_skipped(skipped: list[tuple[str, str]], shown: int = 3) -> str:
+    """``find_pages``' left-out files as one line: how many of each kind, the first ``shown`` named."""
+    what = {"no_image": "ground-truth .txt with no image",
+            "not_a_page_image": f"not a page image ({', '.join(sorted(IMAGE_SUFFIXES))})"}
+    parts = []
+    for reason, label in what.items():
+        paths = [path for kind, path in skipped if kind == reason]
+        if paths:
+            more = f", … {len(paths) - shown} more" if len(paths) > shown else ""
+            parts.append(f"{len(paths)} {label}: {', '.join(paths[:shown])}{more}")
+    return "; ".join(parts)
 
 
 @dataclass

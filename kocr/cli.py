@@ -488,11 +488,14 @@ def cmd_evaluate_crops(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate_pages(args: argparse.Namespace) -> None:
-    from evaluation.score_pages import find_pages, score_pages
+    from evaluation.score_pages import describe_skipped, find_pages, score_pages
 
     _out_folder(args.out)
-    scores = score_pages(find_pages(args.images, args.text), _scored_models(args),
-                         _settings(load_params(required=False)))
+    skipped: list[tuple[str, str]] = []
+    items = find_pages(args.images, args.text, skipped)
+    if skipped:  # before the models run: the set is smaller than the folders, and the user should know
+        print(f"kocr evaluate-pages: note: not scored: {describe_skipped(skipped)}", file=sys.stderr)
+    scores = score_pages(items, _scored_models(args), _settings(load_params(required=False)))
     if args.out:
         _dump(scores, Path(args.out) / "scores.json")
     print(json.dumps({label: {k: v for k, v in s.items() if k != "per_page"} for label, s in scores.items()},

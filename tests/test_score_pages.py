@@ -127,3 +127,40 @@ def test_cli_refuses_an_out_that_cannot_be_a_folder_before_reading(tmp_path, cap
     assert main(["evaluate-pages", "--images", str(tmp_path), "--text", str(tmp_path),
                  "--out", str(tmp_path / "taken")]) == 2
     assert f"--out {tmp_path / 'taken'}: cannot be made a folder" in capsys.readouterr().err
+
+
+def test_two_images_of_one_stem_are_refused_not_scored_twice(tmp_path):
+    for name in ("scan.jpg", "scan.png"):
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "scan.txt").write_text("서울\n", encoding="utf-8")
+    with pytest.raises(ScoreInputError, match=r"scan\.jpg and .*scan\.png: two images of one stem .*scan\.txt"):
+        find_pages(tmp_path, tmp_path)
+
+
+def test_files_left_out_of_the_set_are_named_on_stderr(tmp_path, capsys, monkeypatch):
+    from evaluation import score_pages
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "img" / "p1.png").write_bytes(b"")
+    for name in ("p2.gif", "p3.heic"):  # pages of a type not read: their .txt is there, unused
+        (tmp_path / "img" / name).write_bytes(b"GIF89a")
+    for stem in ("p1", "p2", "p3", "p4"):
+        (tmp_path / "txt" / f"{stem}.txt").write_text("서울\n", encoding="utf-8")
+    skipped = []
+    assert [i.image.name for i in find_pages(tmp_path / "img", tmp_path / "txt", skipped)] == ["p1.png"]
+    assert sorted(skipped) == [("no_image", str(tmp_path / "txt" / f"{s}.txt")) for s in ("p2", "p3", "p4")] + [
+        ("not_a_page_image", str(tmp_path / "img" / n)) for n in ("p2.gif", "p3.heic")]
+    monkeypatch.setattr(score_pages, "score_pages", lambda items, models, settings: {
+        m: {"pages": len(items)} for m in models})
+    assert main(["evaluate-pages", "--images", str(tmp_path / "img"), "--text", str(tmp_path / "txt")]) == 0
+    err = capsys.readouterr().err
+    assert "note: not scored: 3 ground-truth .txt with no image" in err and "2 not a page image" in err
+    assert "p3.heic" in err and "p1.txt" not in err
+    # one folder for both: the page's own .txt is ground truth, not a stray file
+    (tmp_path / "both").mkdir()
+    (tmp_path / "both" / "a.png").write_bytes(b"")
+    (tmp_path / "both" / "a.txt").write_text("서울\n", encoding="utf-8")
+    skipped = []
+    find_pages(tmp_path / "both", tmp_path / "both", skipped)
+    assert skipped == []
