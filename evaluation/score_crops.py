@@ -185,7 +185,8 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
             page = parse_page(raw, path)
         except PageError as exc:
             raise ScoreInputError(str(exc)) from None
-        images = {page.image_name: [(word.bbox, word.text, word.number) for word in page.words]}
+        images = {page.image_name: [(word.bbox, _one_line(word.text, path, page.image_name, word.number), word.number)
+                                    for word in page.words]}
     else:
         images = _image_keyed_boxes(data, path)
     crops = []
@@ -237,12 +238,19 @@ def _image_keyed_boxes(data: Any, path: Path) -> dict[str, list[tuple[tuple[floa
             except (KeyError, TypeError, ValueError):
                 raise ScoreInputError(f"{path}: {name} word {index}: expected \"points\" [[x, y], ...] and a "
                                       f"\"transcription\" string, got {json.dumps(word, ensure_ascii=False):.80}") from None
-            if any(c in text for c in "\t\n\r"):  # one word's label: readings.tsv could not carry it either
-                raise ScoreInputError(f"{path}: {name} word {index}: transcription {text!r:.60} holds a tab "
-                                      "or line break; one word box takes one line of text")
-            boxes.append(((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)), text, index))
+            boxes.append(((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)), _one_line(text, path, name, index),
+                          index))
         images[str(name)] = boxes
     return images
+
+
+def _one_line(text: str, path: Path, name: str, index: int) -> str:
+    """``text`` when it holds no tab or line break, else ScoreInputError naming the word: one word's
+    label, it could not be one row of readings.tsv (or of an exported labels TSV) either."""
+    if any(c in text for c in "\t\n\r"):
+        raise ScoreInputError(f"{path}: {name} word {index}: transcription {text!r:.60} holds a tab "
+                              "or line break; one word box takes one line of text")
+    return text
 
 
 def _image_size(image: Path, labels: Path) -> tuple[int, int]:

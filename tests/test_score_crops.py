@@ -338,3 +338,19 @@ def test_repeated_model_options_all_score_and_a_repeat_is_scored_once(tmp_path, 
     assert seen == [scored]
     err = capsys.readouterr().err
     assert (note in err) if note else "given more than once" not in err
+
+
+@pytest.mark.parametrize("text", ["서\t울", "서\n울", "서울\r"])
+def test_a_tab_or_line_break_in_a_page_json_word_is_refused_before_any_model_runs(tmp_path, capsys, monkeypatch,
+                                                                                  text):
+    from evaluation import score_crops as module
+
+    _png(tmp_path / "page.png", (200, 100))
+    labels = _page_json(tmp_path / "page.json", "page.png", (200, 100), [(20, 30, 60, 20, "부산"),
+                                                                          (100, 30, 60, 20, text)])
+    with pytest.raises(ScoreInputError, match=r"page.json: page.png word 2: transcription .* holds a tab or line"):
+        read_labels(labels)
+    monkeypatch.setattr(module, "make_crop_engine", lambda *a, **k: pytest.fail("a model ran first"))
+    assert main(["evaluate-crops", "--labels", str(labels), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "page.png word 2" in err and "Traceback" not in err
