@@ -47,6 +47,7 @@ from evaluation.reader import (
 )
 from evaluation.score_crops import TESSERACT, ScoreInputError
 from training.data.pages import Page, Word, nfc
+from training.data.sources import stray_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LINE_OVERLAP = 0.5  # a word joins a line when their vertical overlap is this share of the smaller height
@@ -151,6 +152,8 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
                skipped: list[tuple[str, str]] | None = None) -> list[PageItem]:
     """Every image in ``images`` with its ``<stem>.txt`` in ``texts`` (both required).
 
+    Hidden and system files (``._scan.jpg`` that macOS leaves beside ``scan.jpg`` on a shared disk,
+    ``.DS_Store``, ``Thumbs.db``) are not pages, as ``prepare`` takes none (``sources.stray_file``).
     Two images of one stem (``scan.jpg`` and ``scan.png``) would both be scored against
     ``scan.txt``, the page counted twice: ScoreInputError naming both. With ``skipped`` (a list),
     the files left out are appended to it as (reason, path), so the caller can say the set is
@@ -161,7 +164,7 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
     for folder, what in ((images, "image"), (texts, "text")):
         if not folder.is_dir():
             raise ScoreInputError(f"{folder}: {what} folder not found")
-    files = sorted(p for p in images.iterdir() if p.is_file())
+    files = sorted(p for p in images.iterdir() if p.is_file() and not stray_file(p.name))
     pages = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     by_stem: dict[str, list[Path]] = {}
     for image in pages:
@@ -178,7 +181,7 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
         skipped += [("not_a_page_image", str(p)) for p in files
                     if p.suffix.lower() not in IMAGE_SUFFIXES and not (same and p.suffix.lower() == ".txt")]
         skipped += [("no_image", str(p)) for p in sorted(texts.iterdir())
-                    if p.suffix.lower() == ".txt" and p.is_file() and p.stem not in by_stem]
+                    if p.suffix.lower() == ".txt" and p.is_file() and not stray_file(p.name) and p.stem not in by_stem]
     return items
 
 

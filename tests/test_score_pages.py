@@ -164,3 +164,14 @@ def test_files_left_out_of_the_set_are_named_on_stderr(tmp_path, capsys, monkeyp
     skipped = []
     find_pages(tmp_path / "both", tmp_path / "both", skipped)
     assert skipped == []
+
+
+def test_hidden_and_system_files_are_not_pages(tmp_path):
+    # a folder copied from a Mac to a USB stick: ._scan.jpg is AppleDouble metadata, not a page
+    (tmp_path / "scan.jpg").write_bytes(b"")
+    (tmp_path / "scan.txt").write_text("서울\n", encoding="utf-8")
+    for name in ("._scan.jpg", ".hidden.png", "Thumbs.db", ".DS_Store", "._scan.txt"):
+        (tmp_path / name).write_bytes(b"\x00\x05\x16\x07")
+    skipped = []
+    assert [i.image.name for i in find_pages(tmp_path, tmp_path, skipped)] == ["scan.jpg"]
+    assert skipped == []  # skipped as prepare skips them, not counted as pages left out

@@ -152,10 +152,17 @@ def _hidden(part: str) -> bool:
     return part.startswith(".") or part == "__MACOSX"
 
 
+def stray_file(name: str) -> bool:
+    """Whether a file named ``name`` (its base name) is never data, whatever its suffix: hidden
+    (``._scan.jpg``, the AppleDouble twin macOS writes beside each file on a non-Mac disk, or
+    ``.DS_Store``) or a system file (``Thumbs.db``, ``desktop.ini``)."""
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
 def _classify(index: SourceIndex, member: Member) -> None:
     base = PurePosixPath(member.name).name
     suffix = PurePosixPath(base).suffix.lower()
-    if base.startswith(".") or base.lower() in SYSTEM_FILES:
+    if stray_file(base):
         index.stray.append(("stray_file", member.name))
     elif base in PLATFORM_FILES:
         return
