@@ -99,10 +99,13 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
         return read_box_labels(path, margin, skipped)
     try:
         # rows end at CR LF, LF or CR only: str.splitlines would also cut a text at U+2028, U+0085, …
-        lines = re.split(r"\r\n|\r|\n", _labels_bytes(path).decode("utf-8-sig"))
+        raw = _labels_bytes(path)
+        lines = re.split(r"\r\n|\r|\n", raw.decode("utf-8-sig"))
         lines = lines[:-1] if lines and lines[-1] == "" else lines
     except UnicodeDecodeError as exc:
         raise ScoreInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if b"\0" in raw:  # valid UTF-8, but no text file holds NUL: UTF-16 without a BOM decodes so
+        raise ScoreInputError(f"{path}: not UTF-8 text ({nul_note(raw)})")
     if not lines:
         raise ScoreInputError(f"{path}: empty; expected a header line 'image<TAB>text'")
     header = lines[0].split("\t")
@@ -139,6 +142,13 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
         raise ScoreInputError(f"{path}: no rows after the header"
                               + (f" but {dont_care} marked {DONT_CARE} (not scored)" if dont_care else ""))
     return crops
+
+
+def nul_note(raw: bytes) -> str:
+    """Why bytes that decode as UTF-8 are still no text: the first NUL, as UTF-16 saved without a
+    byte-order mark gives (Windows' "Unicode" without BOM; every ASCII character then has a NUL)."""
+    where = raw.find(b"\0")
+    return f"NUL character at byte {where}; UTF-16 saved without a byte-order mark? save it as UTF-8"
 
 
 def _labels_bytes(path: Path) -> bytes:

@@ -45,7 +45,7 @@ from evaluation.reader import (
     load_image,
     results_to_page,
 )
-from evaluation.score_crops import TESSERACT, ScoreInputError
+from evaluation.score_crops import TESSERACT, ScoreInputError, nul_note
 from training.data.pages import Page, Word, nfc
 from training.data.sources import stray_file
 
@@ -138,10 +138,13 @@ def read_page_item(image: Path, text_file: Path) -> PageItem:
     """A page image with its ground-truth lines from ``text_file`` (NFC, blank lines dropped)."""
     if not text_file.is_file():
         raise ScoreInputError(f"{image}: no ground truth {text_file}")
+    raw = text_file.read_bytes()
     try:
-        lines = text_file.read_text(encoding="utf-8-sig").splitlines()
+        lines = raw.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
         raise ScoreInputError(f"{text_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if b"\0" in raw:  # valid UTF-8, but no text file holds NUL: UTF-16 without a BOM decodes so
+        raise ScoreInputError(f"{text_file}: not UTF-8 text ({nul_note(raw)})")
     lines = [nfc(line.strip()) for line in lines if line.strip()]
     if not lines:  # nothing to recall: the page would score 0 and pull the set down unseen
         raise ScoreInputError(f"{text_file}: no ground-truth text for {image.name} (empty or blank lines only)")

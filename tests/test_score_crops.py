@@ -354,3 +354,10 @@ def test_a_tab_or_line_break_in_a_page_json_word_is_refused_before_any_model_run
     assert main(["evaluate-crops", "--labels", str(labels), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "page.png word 2" in err and "Traceback" not in err
+
+
+def test_a_utf16_labels_file_without_a_bom_is_named_as_not_utf8(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "labels.tsv").write_bytes("image\ttext\na.png\tA-3\n".encode("utf-16-le"))
+    with pytest.raises(ScoreInputError, match=r"labels\.tsv: not UTF-8 text \(NUL character at byte 1"):
+        read_labels(tmp_path / "labels.tsv")

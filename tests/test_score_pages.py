@@ -175,3 +175,11 @@ def test_hidden_and_system_files_are_not_pages(tmp_path):
     skipped = []
     assert [i.image.name for i in find_pages(tmp_path, tmp_path, skipped)] == ["scan.jpg"]
     assert skipped == []  # skipped as prepare skips them, not counted as pages left out
+
+
+def test_utf16_ground_truth_without_a_bom_is_not_taken_as_text(tmp_path):
+    # Notepad's "Unicode" without BOM: Latin text decodes as valid UTF-8 with a NUL after every letter
+    (tmp_path / "p.png").write_bytes(b"")
+    (tmp_path / "p.txt").write_bytes("SEOUL 2024\nA-3\n".encode("utf-16-le"))
+    with pytest.raises(ScoreInputError, match=r"p\.txt: not UTF-8 text \(NUL character at byte 1; UTF-16"):
+        find_pages(tmp_path, tmp_path)
