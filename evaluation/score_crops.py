@@ -413,7 +413,7 @@ def write_outputs(report: CropReport, out: str | os.PathLike, worst: int,
     from evaluation.drawing import draw_crop_readings
 
     out = Path(out)
-    with staged_files(out, _written_by_a_run) as stage:
+    with staged_files(out, written_by_a_run) as stage:
         tsv = stage / "readings.tsv"
         where = out / "readings.tsv"
         with tsv.open("w", encoding="utf-8", newline="") as fh:
@@ -437,7 +437,9 @@ def write_outputs(report: CropReport, out: str | os.PathLike, worst: int,
     return report.pictures
 
 
-def _written_by_a_run(name: str) -> bool:
-    """The names ``write_outputs`` writes: an earlier run's copy is replaced or removed."""
+def written_by_a_run(name: str) -> bool:
+    """The names ``write_outputs`` writes, which include ``score_pages.write_scores``' scores.json: an
+    earlier run's copy, of either command, is replaced or removed, so one folder never holds one
+    run's scores.json beside another run's readings."""
     return (name in {"readings.tsv", "confusions.json", "scores.json"}
             or (name.startswith("worst_") and name.endswith(".png")))

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ from evaluation.reader import (
     load_image,
     results_to_page,
 )
-from evaluation.score_crops import TESSERACT, ScoreInputError, nul_note
+from evaluation.score_crops import TESSERACT, ScoreInputError, nul_note, written_by_a_run
+from kocr.atomic import staged_files
 from training.data.pages import Page, Word, nfc
 from training.data.sources import stray_file
 
@@ -266,3 +268,12 @@ def score_pages(items: list[PageItem], models: dict[str, str], settings: Detecto
             results[label].append(score_page_text(item, page))
     return {label: {**summarise(pages), "per_page": [r.as_dict(item.image) for item, r in zip(items, pages)]}
             for label, pages in results.items()}
+
+
+def write_scores(scores: dict[str, dict], out: str | os.PathLike) -> Path:
+    """``scores.json`` in ``out``, replacing an earlier run's files there as ``score_crops.write_outputs``
+    does (``staged_files``): an evaluate-crops run's readings.tsv, confusions.json and worst_*.png
+    are removed with its scores.json, so they never sit beside scores this run wrote."""
+    with staged_files(out, written_by_a_run) as stage:
+        (stage / "scores.json").write_text(json.dumps(scores, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return Path(out) / "scores.json"

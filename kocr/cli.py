@@ -488,7 +488,7 @@ def cmd_evaluate_crops(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate_pages(args: argparse.Namespace) -> None:
-    from evaluation.score_pages import describe_skipped, find_pages, score_pages
+    from evaluation.score_pages import describe_skipped, find_pages, score_pages, write_scores
 
     _out_folder(args.out)
     skipped: list[tuple[str, str]] = []
@@ -497,7 +497,7 @@ def cmd_evaluate_pages(args: argparse.Namespace) -> None:
         print(f"kocr evaluate-pages: note: not scored: {describe_skipped(skipped)}", file=sys.stderr)
     scores = score_pages(items, _scored_models(args), _settings(load_params(required=False)))
     if args.out:
-        _dump(scores, Path(args.out) / "scores.json")
+        write_scores(scores, args.out)
     print(json.dumps({label: {k: v for k, v in s.items() if k != "per_page"} for label, s in scores.items()},
                      ensure_ascii=False, indent=1))
     _outside_note("evaluate-pages")

@@ -183,3 +183,19 @@ def test_utf16_ground_truth_without_a_bom_is_not_taken_as_text(tmp_path):
     (tmp_path / "p.txt").write_bytes("SEOUL 2024\nA-3\n".encode("utf-16-le"))
     with pytest.raises(ScoreInputError, match=r"p\.txt: not UTF-8 text \(NUL character at byte 1; UTF-16"):
         find_pages(tmp_path, tmp_path)
+
+
+def test_scores_into_an_evaluate_crops_folder_replace_that_runs_files(tmp_path, capsys, monkeypatch):
+    from evaluation import score_pages
+
+    (tmp_path / "p.png").write_bytes(b"")
+    (tmp_path / "p.txt").write_text("서울\n", encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("readings.tsv", "confusions.json", "worst_01_sign.png", "scores.json", "my_notes.txt"):
+        (out / name).write_text("an evaluate-crops run's" if name != "my_notes.txt" else "the user's")
+    monkeypatch.setattr(score_pages, "score_pages", lambda items, models, settings: {
+        m: {"pages": len(items), "per_page": []} for m in models})
+    assert main(["evaluate-pages", "--images", str(tmp_path), "--text", str(tmp_path), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt", "scores.json"]
+    assert json.loads((out / "scores.json").read_text(encoding="utf-8")) == {"english_g2": {"pages": 1, "per_page": []}}
