@@ -669,7 +669,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred", required=True)
     p.add_argument("--iou", type=float, default=0.5, help="IoU a predicted box needs to meet a labelled one (default 0.5)")
 
-    models_help = ("recognisers to score: checkpoint path, ko_base, english_g2, korean_g2, models:/… or runs:/…; "
+    models_help = ("recognisers to score: checkpoint path, ko_base, english_g2, korean_g2, models:/…, runs:/… or "
+                   "an export-easyocr bundle folder; "
                    f"several after one --model or over repeated --model (--model A --model B scores both; "
                    f"default: {DEFAULT_SCORED})")
     p = add("evaluate-crops", cmd_evaluate_crops, "score recognisers on labelled word crops (a TSV: image, text) "

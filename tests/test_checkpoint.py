@@ -268,3 +268,46 @@ def test_training_records_which_file_it_started_from(tmp_path):
     assert info["base_sha256"] == hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest()[:16]
     save_checkpoint(tmp_path / "a.pt", _tiny_model(KOREAN, seed=2), KOREAN)  # same name, other weights
     assert build_model(config, seed=0)[2]["base_sha256"] != info["base_sha256"]
+
+
+def test_an_exported_easyocr_bundle_loads_as_the_checkpoint_it_was_exported_from(tmp_path, capsys):
+    import shutil
+
+    from PIL import Image
+
+    from kocr.cli import main
+    from training.export_easyocr import export_easyocr
+
+    charset = Charset("가나다라서울ABC123", "tiny_chars")
+    torch.manual_seed(0)
+    model = Recognizer(RecognizerConfig(num_class=charset.num_class, imgH=32, **TINY))
+    with torch.no_grad():
+        model.Prediction.bias.copy_(torch.linspace(-1, 1, charset.num_class))  # some class beats the blank
+    checkpoint = save_checkpoint(tmp_path / "model.pt", model.eval(), charset)
+    bundle = tmp_path / "bundle"
+    export_easyocr(str(checkpoint), bundle, "kocr_tiny", with_detector=True)  # craft_mlt_25k.pth has no yaml
+    original = load_recognizer(str(checkpoint))
+    for spec in (bundle, bundle / "model" / "kocr_tiny.pth"):
+        loaded = load_recognizer(str(spec))
+        assert loaded.charset.chars == charset.chars and loaded.config == original.config  # imgH 32 from the yaml
+        assert all(torch.equal(v, original.model.state_dict()[k]) for k, v in loaded.model.state_dict().items())
+        assert loaded.path == str(bundle / "model" / "kocr_tiny.pth")
+    # scored by evaluate-crops exactly as the checkpoint it came from
+    Image.new("L", (80, 24), 255).save(tmp_path / "a.png")
+    (tmp_path / "labels.tsv").write_text("image\ttext\na.png\t서울\n", encoding="utf-8")
+    assert main(["evaluate-crops", "--labels", str(tmp_path / "labels.tsv"), "--model", str(checkpoint),
+                 "--model", str(bundle), "--out", str(tmp_path / "out")]) == 0
+    rows = (tmp_path / "out" / "readings.tsv").read_text(encoding="utf-8").splitlines()
+    assert rows[1].split("\t")[2] == rows[1].split("\t")[3] != ""
+    capsys.readouterr()
+    # a bundle folder of two recognisers, and a .pth without its yaml, say what to pass instead
+    shutil.copy(bundle / "model" / "kocr_tiny.pth", bundle / "model" / "other.pth")
+    shutil.copy(bundle / "user_network" / "kocr_tiny.yaml", bundle / "user_network" / "other.yaml")
+    with pytest.raises(ModelSpecError, match=r"2 recognisers \(kocr_tiny, other\); pass one, e.g. .*kocr_tiny.pth"):
+        load_recognizer(str(bundle))
+    (bundle / "user_network" / "other.yaml").write_text("network_params: {hidden_size: 99}\ncharacter_list: 가나\n")
+    with pytest.raises(ArchitectureMismatch, match=r"other.yaml does not describe the weights.*hidden_size: yaml 99"):
+        load_recognizer(str(bundle / "model" / "other.pth"))
+    (bundle / "user_network" / "other.yaml").unlink()
+    with pytest.raises(ModelSpecError, match=r"other.pth: neither .* nor an EasyOCR bundle's model/NAME.pth with its"):
+        load_recognizer(str(bundle / "model" / "other.pth"))

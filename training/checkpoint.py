@@ -4,7 +4,9 @@ A model spec names where a recogniser comes from:
 - a path to a platform checkpoint (``*.pt``, holds config + charset + weights),
 - a path to an EasyOCR ``.pth`` state_dict named after its charset (``english_g2.pth``, ``korean_g2.pth``),
 - a pretrained name: ``english_g2`` (shipped offline) or ``korean_g2`` (when the user has the file),
-- an MLflow URI: ``models:/ko-ocr-recognizer@champion``, ``models:/m-…``, ``runs:/<id>/recognizer``.
+- an MLflow URI: ``models:/ko-ocr-recognizer@champion``, ``models:/m-…``, ``runs:/<id>/recognizer``,
+- an EasyOCR custom-model bundle as ``kocr export-easyocr`` writes it (its folder, or its
+  ``model/NAME.pth``): the weights, with the charset and network from ``user_network/NAME.yaml``.
 
 Example:
     >>> loaded = load_recognizer("english_g2")
@@ -227,6 +229,8 @@ def _resolve_file(spec: str) -> Path:
     path = Path(spec)
     if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
         return path / CHECKPOINT_NAME
+    if path.is_dir() and (path / "model").is_dir() and (path / "user_network").is_dir():
+        return _bundle_model(path)
     if path.is_file():
         return path
     if spec in SHIPPED_MODELS:
@@ -239,6 +243,50 @@ def _resolve_file(spec: str) -> Path:
         return found
     raise ModelSpecError(f"unknown model {spec!r}: not a file, not a models:/ or runs:/ URI, "
                          f"not a pretrained name ({', '.join([*BUILTIN_CHARSETS, *SHIPPED_MODELS])})")
+
+
+def _bundle_yaml(pth: Path) -> Path | None:
+    """The network YAML EasyOCR reads for ``DIR/model/NAME.pth``: ``DIR/user_network/NAME.yaml``
+    (an exported bundle, or ``~/.EasyOCR`` with a custom model copied in), or None."""
+    found = pth.parent.parent / "user_network" / f"{pth.stem}.yaml"
+    return found if pth.parent.name == "model" and found.is_file() else None
+
+
+def _bundle_model(folder: Path) -> Path:
+    """The recogniser of an EasyOCR bundle folder: its one ``model/NAME.pth`` with a
+    ``user_network/NAME.yaml`` (``craft_mlt_25k.pth`` beside it has none); ModelSpecError otherwise."""
+    found = sorted(p for p in (folder / "model").glob("*.pth") if _bundle_yaml(p))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise ModelSpecError(f"{folder}: no model/NAME.pth with its user_network/NAME.yaml in this EasyOCR bundle "
+                             "folder (kocr export-easyocr writes both)")
+    raise ModelSpecError(f"{folder}: an EasyOCR folder of {len(found)} recognisers "
+                         f"({', '.join(p.stem for p in found)}); pass one, e.g. {found[0]}")
+
+
+def _bundle_network(network: Path, state_dict: dict[str, torch.Tensor]) -> tuple[RecognizerConfig, Charset]:
+    """The config and charset of a bundle's weights from its YAML (``network_params``, ``imgH``,
+    ``character_list``, as ``export_easyocr`` writes them); ModelSpecError or ArchitectureMismatch
+    naming the YAML when it does not describe the weights."""
+    import yaml
+
+    try:
+        described = yaml.safe_load(network.read_text(encoding="utf-8"))
+        chars, params = described["character_list"], described.get("network_params") or {}
+        imgH = int(described.get("imgH", 64))
+        if not isinstance(chars, str) or not isinstance(params, dict):
+            raise TypeError(chars)
+        charset = Charset(chars, network.stem)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
+        raise ModelSpecError(f"{network}: not an EasyOCR network YAML with a character_list string "
+                             f"({type(exc).__name__}: {str(exc)[:80]})") from None
+    config = config_from_state_dict(state_dict, imgH=imgH)
+    diffs = [f"{k}: yaml {v} vs weights {getattr(config, k)}" for k, v in params.items()
+             if hasattr(config, k) and getattr(config, k) != v]
+    if diffs:
+        raise ArchitectureMismatch(f"{network} does not describe the weights beside it: " + "; ".join(diffs))
+    return config, charset
 
 
 def load_recognizer(spec: str, device: str = "cpu") -> LoadedRecognizer:
@@ -267,9 +315,13 @@ def load_recognizer(spec: str, device: str = "cpu") -> LoadedRecognizer:
                     if wrapped else "")
             raise ModelSpecError(f"{path}: {exc}{hint}") from None
         state_dict, meta = strip_module_prefix(payload), {"easyocr_file": str(path)}
+    elif isinstance(payload, dict) and (network := _bundle_yaml(path)) is not None:
+        config, charset = _bundle_network(network, payload)
+        state_dict, meta = strip_module_prefix(payload), {"easyocr_file": str(path), "easyocr_network": str(network)}
     else:
-        raise ModelSpecError(f"{path}: neither a kocr checkpoint nor an EasyOCR .pth named after "
-                             f"its charset ({', '.join(BUILTIN_CHARSETS)})")
+        raise ModelSpecError(f"{path}: neither a kocr checkpoint, nor an EasyOCR .pth named after "
+                             f"its charset ({', '.join(BUILTIN_CHARSETS)}), nor an EasyOCR bundle's model/NAME.pth "
+                             "with its user_network/NAME.yaml")
     needed = num_class_for(charset, config.prediction)
     if config.num_class != needed:
         raise ArchitectureMismatch(f"{path}: head has {config.num_class} classes but charset "
