@@ -311,3 +311,47 @@ def test_an_exported_easyocr_bundle_loads_as_the_checkpoint_it_was_exported_from
     (bundle / "user_network" / "other.yaml").unlink()
     with pytest.raises(ModelSpecError, match=r"other.pth: neither .* nor an EasyOCR bundle's model/NAME.pth with its"):
         load_recognizer(str(bundle / "model" / "other.pth"))
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on: each connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_model_fetched_from_a_server_that_is_down_fails_within_seconds_and_says_what_it_fetched(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    port = _closed_port()
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "labels.tsv").write_text("image\ttext\na.png\t서울\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    env["MLFLOW_TRACKING_URI"] = f"http://kim:Secret-Pw-42@127.0.0.1:{port}"
+    start = time.monotonic()
+    done = subprocess.run([sys.executable, "-m", "kocr.cli", "evaluate-crops", "--labels", "labels.tsv",
+                           "--model", "models:/kocr-x@champion"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)  # MLflow's own retries took about 4 minutes
+    assert done.returncode == 2 and time.monotonic() - start < 60
+    first, last = done.stderr.strip().splitlines()[0], done.stderr.strip().splitlines()[-1]
+    assert first == f"kocr: fetching models:/kocr-x@champion from http://kim:***@127.0.0.1:{port}"
+    assert "cannot load 'models:/kocr-x@champion'" in last and "Secret-Pw-42" not in done.stderr
+
+
+def test_the_fetch_caps_only_the_http_settings_the_user_left_unset(monkeypatch, capsys):
+    import os
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    with ckpt.quick_fetch("models:/m@champion", "https://mlflow.example"):
+        assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == ckpt.FETCH_HTTP_SETTINGS["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+        assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"
+    assert capsys.readouterr().err == "kocr: fetching models:/m@champion from https://mlflow.example\n"
+    with ckpt.quick_fetch("runs:/x/recognizer", "sqlite:///mlruns.db"):  # local: nothing said, nothing capped
+        assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
+    assert capsys.readouterr().err == ""

@@ -17,14 +17,16 @@ Example:
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -180,12 +182,36 @@ def pinned_model(spec: str) -> tuple[str, str | None]:
         return spec, None
     store = reading_store(spec)
     try:
-        version = _registry_version(spec)
+        with quick_fetch(spec, store):
+            version = _registry_version(spec)
     except MlflowException as exc:
         if exc.error_code not in NOT_FOUND:
             raise
         raise ModelSpecError(f"cannot load {spec!r} from MLflow at {store}: {exc.message.splitlines()[0]}") from None
     return f"models:/{version.name}/{version.version}", f"{version.name} version {version.version} (run {version.run_id})"
+
+
+# a model fetched for one command: MLflow's defaults retry a dead server for about 4 minutes in silence
+# (7 retries with backoff, 120 s a request); these end it within about 30 s unless the user set their own
+FETCH_HTTP_SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextlib.contextmanager
+def quick_fetch(uri: str, store: str) -> Iterator[None]:
+    """Say on stderr that ``uri`` is being fetched from a remote ``store`` (shown without its password),
+    and cap MLflow's HTTP retries and timeout (``FETCH_HTTP_SETTINGS``) for the block, each only where
+    the environment does not set it, so a tracking server that is down fails the command in about 30 s."""
+    if not store.startswith(("http://", "https://", "databricks")):
+        yield  # a local store: nothing to wait for
+        return
+    print(f"kocr: fetching {uri} from {store}", file=sys.stderr, flush=True)
+    added = {k: v for k, v in FETCH_HTTP_SETTINGS.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def _download_mlflow_model(uri: str) -> Path:
@@ -197,7 +223,8 @@ def _download_mlflow_model(uri: str) -> Path:
     folder = tempfile.mkdtemp(prefix="kocr-mlflow-")
     atexit.register(shutil.rmtree, folder, True)  # 16 MB a load: evaluate, promote and export each load one
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
+        with quick_fetch(uri, store):
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
     except MlflowException as exc:
         raise ModelSpecError(f"cannot load {uri!r} from MLflow at {store}: "
                              f"{hide_passwords(exc.message.splitlines()[0])}") from None
