@@ -544,11 +544,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
         import mlflow
         from mlflow.exceptions import MlflowException
 
-        from training.checkpoint import ModelSpecError, reading_store
+        from training.checkpoint import ModelSpecError, quick_fetch, reading_store
 
         store = reading_store(args.model)
         try:
-            model = mlflow.pyfunc.load_model(args.model)
+            with quick_fetch(args.model, store):
+                model = mlflow.pyfunc.load_model(args.model)
         except (MlflowException, OSError) as exc:
             raise ModelSpecError(f"cannot load {args.model!r} from MLflow at {store}: "
                                  f"{hide_passwords(str(exc).splitlines()[0])}") from None

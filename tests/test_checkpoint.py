@@ -321,7 +321,8 @@ def _closed_port() -> int:
         return probe.getsockname()[1]
 
 
-def test_a_model_fetched_from_a_server_that_is_down_fails_within_seconds_and_says_what_it_fetched(tmp_path):
+@pytest.mark.parametrize("command", [["evaluate-crops", "--labels", "labels.tsv"], ["predict", "a.png"]])
+def test_a_model_fetched_from_a_server_that_is_down_fails_within_seconds_and_says_what_it_fetched(tmp_path, command):
     import os
     import subprocess
     import sys
@@ -333,8 +334,7 @@ def test_a_model_fetched_from_a_server_that_is_down_fails_within_seconds_and_say
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
     env["MLFLOW_TRACKING_URI"] = f"http://kim:Secret-Pw-42@127.0.0.1:{port}"
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "kocr.cli", "evaluate-crops", "--labels", "labels.tsv",
-                           "--model", "models:/kocr-x@champion"], cwd=tmp_path, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "kocr.cli", *command, "--model", "models:/kocr-x@champion"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)  # MLflow's own retries took about 4 minutes
     assert done.returncode == 2 and time.monotonic() - start < 60
     first, last = done.stderr.strip().splitlines()[0], done.stderr.strip().splitlines()[-1]
