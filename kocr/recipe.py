@@ -396,7 +396,8 @@ def _named_sets(items: list[str]) -> dict[str, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kocr.recipe", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    # not dest="command": the card's --command option would overwrite the subcommand's name
+    sub = parser.add_subparsers(dest="subcommand", required=True)
     p = sub.add_parser("export-crops", help="an LMDB set as PNG crops + labels.tsv")
     p.add_argument("lmdb")
     p.add_argument("--out", required=True)
@@ -427,9 +428,9 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
-         "card": cmd_card, "ship": cmd_ship}[args.command](args)
+         "card": cmd_card, "ship": cmd_ship}[args.subcommand](args)
     except (ParamsError, ScoreInputError) as exc:  # a settings or labels mistake: one line naming it
-        raise SystemExit(f"python -m kocr.recipe {args.command}: error: {exc}") from None
+        raise SystemExit(f"python -m kocr.recipe {args.subcommand}: error: {exc}") from None
 
 
 def cmd_export_crops(args: argparse.Namespace) -> None:

@@ -355,6 +355,34 @@ def test_card_of_a_gpu_instalment_counts_the_sets_it_did_not_see_and_names_the_g
     assert "with the other sets listed under Data mixed in (`train.mix`)" in text
 
 
+def test_card_stage_command_line_of_the_recipe_writes_the_release(heldout_crops, hangul_checkpoint, tmp_path,
+                                                                   monkeypatch, capsys):
+    """The card stage's own command line (dvc.yaml, vars filled in) run through ``main``: its ``--command``
+    option overwrote the subcommand's name, so the stage always failed with a KeyError."""
+    import shlex
+
+    from kocr.recipe import main
+
+    recipe = tmp_path / "recipe"
+    cmd = yaml.safe_load((RECIPE / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["card"]["cmd"]
+    env, *argv = shlex.split(cmd.replace("${recipe_dir}", str(recipe)).replace("${params_file}", "params-cpu.yaml"))
+    assert env == f"KOCR_PARAMS={recipe}/params-cpu.yaml" and argv[:4] == ["python", "-m", "kocr.recipe", "card"]
+    shutil.copytree(heldout_crops / "lmdb", recipe / "data/heldout")
+    shutil.copyfile(RECIPE / "params-cpu.yaml", recipe / "params-cpu.yaml")
+    monkeypatch.setenv("KOCR_PARAMS", str(recipe / "params-cpu.yaml"))
+    (recipe / "model").mkdir()
+    shutil.copyfile(hangul_checkpoint, recipe / "model/model.pt")
+    (recipe / "metrics").mkdir()
+    (recipe / "metrics/train.json").write_text(json.dumps({"steps": 4, "best_val_cer": 0.5, "best_step": 4}))
+    (recipe / "metrics/evaluate.json").write_text(json.dumps({"models": {"recipe": "model.pt"}, "sets": {}}))
+    main(argv[3:])
+    assert f"card: {recipe / 'release/MODEL_CARD.md'}" in capsys.readouterr().out
+    card = (recipe / "release/MODEL_CARD.md").read_text(encoding="utf-8")
+    assert f"dvc repro {recipe}/dvc.yaml   # with params_file: params-cpu.yaml in the vars of {recipe}/dvc.yaml" in card
+    assert (recipe / "release/ko_base.pt").read_bytes() == hangul_checkpoint.read_bytes()
+    assert (recipe / "release/metrics.json").is_file()
+
+
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
 def test_shipped_ko_base_loads_by_name_with_the_korean_charset_and_its_card():
     assert REPO / SHIPPED_MODELS["ko_base"] == SHIPPED / "ko_base.pt"
