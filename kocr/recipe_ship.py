@@ -10,8 +10,9 @@ with both checkpoints, crop by crop, and ships when
   words broken than fixed (two-sided sign test ``p < alpha``).
 
 A release that passes is copied with its card and metrics over the shipped files (each written to a
-temporary name first, so a failed copy leaves the old base whole), and the copied card gains a
-"Shipped" section with the comparison. ``--force`` ships a release the gate refuses and says so in
+temporary name first, so a failed copy leaves the old base whole; then moved in, the weights last,
+under a journal from which a ship stopped midway is finished by the next one), and the copied card
+gains a "Shipped" section with the comparison. ``--force`` ships a release the gate refuses and says so in
 that section.
 
 Example:
@@ -21,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +30,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from kocr.atomic import write_text
 
 RELEASE_FILES = ("{name}.pt", "MODEL_CARD.md", "metrics.json")
 
@@ -143,25 +147,91 @@ def _shipped_section(verdict: Verdict, replaced: str, forced: bool) -> str:
     return "\n".join(["", "## Shipped", "", head, "", *items, ""])
 
 
-def _copy_all(pairs: list[tuple[Path, Path]], card_extra: str) -> None:
-    """Write every destination under a temporary name, then move them all into place: a copy that
-    fails (a full disk) leaves the shipped files as they were."""
+def _staged(dst: Path) -> Path:
+    """Where ``dst`` is written before it is moved in (``.gitignore``: ``.*.shipping``)."""
+    return dst.with_name(f".{dst.name}.shipping")
+
+
+def _journal(to: Path, name: str) -> Path:
+    """The record of a ship whose staged files are being moved in: what the next ship finishes."""
+    return to / f".{name}.journal.shipping"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy_all(pairs: list[tuple[Path, Path]], card_extra: str, journal: Path) -> None:
+    """Write every destination under a temporary name (fsynced), record them in ``journal``, then move
+    them all into place, the weights last, and remove the journal. A copy that fails (a full disk) or a
+    kill before the journal leaves the shipped files as they were; a kill after it leaves the journal,
+    from which the next ship finishes the moves (``finish_interrupted``)."""
     staged: list[tuple[Path, Path]] = []
+    writing = journal
     try:
         for src, dst in pairs:
-            tmp = dst.with_name(f".{dst.name}.shipping")
+            tmp, writing = _staged(dst), dst
             staged.append((tmp, dst))
             shutil.copyfile(src, tmp)
             if dst.name == "MODEL_CARD.md" and card_extra:
                 with tmp.open("a", encoding="utf-8") as fh:
                     fh.write(card_extra)
+            _fsync(tmp)
+        staged.sort(key=lambda pair: pair[1].suffix == ".pt")  # the weights last: they say "this release"
+        record = [{"staged": tmp.name, "to": dst.name, "sha256": _sha256(tmp)} for tmp, dst in staged]
+        writing = journal
+        write_text(journal, json.dumps({"files": record}, indent=1) + "\n", durable=True)
     except OSError as exc:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-        raise ShipError(f"{staged[-1][1]}: could not write ({exc.strerror or exc}); the shipped base "
+        raise ShipError(f"{writing}: could not write ({exc.strerror or exc}); the shipped base "
                         "is unchanged") from None
     for tmp, dst in staged:
         os.replace(tmp, dst)
+    journal.unlink()
+
+
+def finish_interrupted(to: Path, name: str) -> str | None:
+    """Finish a ship of ``<to>/<name>.pt`` that was stopped while moving its files in (its journal is
+    there): move in what is still staged. Staged files without a journal are a ship stopped before any
+    move (the shipped files are whole): they are removed. Returns what was done, or None."""
+    journal = _journal(to, name)
+    if not journal.is_file():
+        for dst in (to / pattern.format(name=name) for pattern in RELEASE_FILES):
+            _staged(dst).unlink(missing_ok=True)
+        return None
+    try:
+        record = json.loads(journal.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ShipError(f"{journal}: the record of an interrupted ship is unreadable ({exc}); check {to} "
+                        "against the release and remove it") from None
+    for entry in record:
+        tmp, dst = to / entry["staged"], to / entry["to"]
+        if tmp.is_file() and _sha256(tmp) == entry["sha256"]:
+            os.replace(tmp, dst)
+        elif not (dst.is_file() and _sha256(dst) == entry["sha256"]):
+            raise ShipError(f"{journal}: an interrupted ship cannot be finished: {dst} is neither the file it "
+                            f"staged nor the one it moved in; check {to} against the release and remove {journal}")
+    journal.unlink()
+    return f"finished a ship that was stopped while moving {', '.join(e['to'] for e in record)} into {to}"
+
+
+def _is_shipped(sources: list[Path], to: Path) -> bool:
+    """Whether ``to`` holds the release whole: its weights, its metrics and its card (the card may have
+    gained a "Shipped" section)."""
+    (pt, card, metrics), shipped = sources, [to / src.name for src in sources]
+    if not all(p.is_file() for p in shipped):
+        return False
+    return (_sha256(shipped[0]) == _sha256(pt) and shipped[2].read_bytes() == metrics.read_bytes()
+            and shipped[1].read_bytes().startswith(card.read_bytes()))
 
 
 def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = "ko_base",
@@ -190,15 +260,33 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
                         "its \"labels\" file)")
     target = to / f"{name}.pt"
     pairs = [(src, to / src.name) for src in sources]
+    journal = _journal(to, name)
+    if check and journal.is_file():
+        raise ShipError(f"{journal}: an earlier ship was stopped while moving its files into {to}; run "
+                        "python -m kocr.recipe ship without --check to finish it")
+    finished = None if check or not to.is_dir() else finish_interrupted(to, name)
+    done = {"finished": finished} if finished else {}
     if not target.is_file():
         if not check:
             to.mkdir(parents=True, exist_ok=True)
-            _copy_all(pairs, "")
+            _copy_all(pairs, "", journal)
         return {"ship": True, "shipped": not check, "reasons": [],
-                "note": f"{target} does not exist: nothing to replace"}
+                "note": f"{target} does not exist: nothing to replace"} | done
     base_sha256 = file_digest(target)
     if base_sha256 == file_digest(sources[0]):
-        return {"ship": True, "shipped": False, "reasons": [], "note": f"{target} is already this release"}
+        if _is_shipped(sources, to):
+            return {"ship": True, "shipped": False, "reasons": [], "note": f"{target} is already this release"} | done
+        # the weights are this release's, its card or metrics are not (a ship stopped before this gate kept
+        # a journal): copy them, saying the comparison is not known
+        note = (f"{target} was already this release but its card or metrics were not (a ship stopped midway)"
+                + ("; nothing copied" if check else "; they are copied now"))
+        if not check:
+            when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+            _copy_all(pairs[1:], "\n".join([
+                "", "## Shipped", "", f"Card and metrics copied {when} by `python -m kocr.recipe ship` beside "
+                "weights an earlier ship had copied and was stopped after: the comparison with the base those "
+                "weights replaced is not recorded here.", ""]), journal)
+        return {"ship": True, "shipped": not check, "reasons": [], "note": note} | done
     sets, unjudged = sets_to_compare(metrics, _read_json(to / sources[2].name))
     verdict = judge(compare_with_shipped(sources[0], target, metrics, sets), alpha)
     if unjudged:  # nothing shows the release is not worse there
@@ -207,5 +295,5 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
             for name, why in sorted(unjudged.items())])
     result = verdict.as_dict() | {"base_sha256": base_sha256, "shipped": (verdict.ship or force) and not check}
     if result["shipped"]:
-        _copy_all(pairs, _shipped_section(verdict, result["base_sha256"], force))
-    return result
+        _copy_all(pairs, _shipped_section(verdict, result["base_sha256"], force), journal)
+    return result | done

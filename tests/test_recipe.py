@@ -587,6 +587,73 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
         ship_release(bad, tmp_path / "taken")
 
 
+class _Killed(BaseException):
+    """A kill -9 stand-in: no except clause of the code under test catches it."""
+
+
+@pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
+def test_a_ship_killed_midway_is_finished_by_the_next_one(heldout_crops, hangul_checkpoint, tmp_path, monkeypatch):
+    labels = heldout_crops / "crops/labels.tsv"
+    good = _release(tmp_path / "good", SHIPPED / "ko_base.pt", labels, "# good card\n")
+    bad = _release(tmp_path / "bad", hangul_checkpoint, labels, "# bad card\n")
+    base = tmp_path / "base"
+    assert ship_release(bad, base)["shipped"]
+    real_replace = os.replace
+    moved = []
+
+    def replace_then_die(src, dst):  # killed right after the first file is moved in
+        real_replace(src, dst)
+        moved.append(Path(dst).name)
+        if Path(src).name.endswith(".shipping"):
+            raise _Killed
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(_Killed):
+        ship_release(good, base)
+    monkeypatch.undo()
+    assert moved[-1] != "ko_base.pt"  # the weights go last: a kill never leaves them beside the old card
+    assert (base / "ko_base.pt").read_bytes() == hangul_checkpoint.read_bytes()
+    # the next ship finishes the moves with the staged card (its Shipped section) and says so
+    result = ship_release(good, base)
+    assert result["note"] == f"{base / 'ko_base.pt'} is already this release" and "finished a ship" in result["finished"]
+    assert (base / "ko_base.pt").read_bytes() == (SHIPPED / "ko_base.pt").read_bytes()
+    assert (base / "metrics.json").read_bytes() == (good / "metrics.json").read_bytes()
+    card = (base / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert card.startswith("# good card\n") and f"replacing the base with sha256 {file_digest(hangul_checkpoint)}" in card
+    assert sorted(p.name for p in base.iterdir()) == ["MODEL_CARD.md", "ko_base.pt", "metrics.json"]
+    # killed while staging (before any move): the base is whole, the next ship removes what was staged
+    real_copy = shutil.copyfile
+
+    def copy_then_die(src, dst):
+        if str(dst).endswith("MODEL_CARD.md.shipping"):
+            raise _Killed
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(shutil, "copyfile", copy_then_die)
+    with pytest.raises(_Killed):
+        ship_release(bad, base, force=True)
+    monkeypatch.undo()
+    assert (base / ".ko_base.pt.shipping").is_file() or (base / ".metrics.json.shipping").is_file()
+    assert ship_release(good, base)["note"] == f"{base / 'ko_base.pt'} is already this release"
+    assert sorted(p.name for p in base.iterdir()) == ["MODEL_CARD.md", "ko_base.pt", "metrics.json"]
+    # the weights of this release beside another card (a ship stopped before ships kept a journal):
+    # "already this release" only when the card and metrics are too; the next ship copies them
+    shutil.copyfile(bad / "MODEL_CARD.md", base / "MODEL_CARD.md")
+    shutil.copyfile(bad / "metrics.json", tmp_path / "old-metrics.json")
+    (base / "metrics.json").write_text(json.dumps({"sets": {}}), encoding="utf-8")
+    assert not ship_release(good, base, check=True)["shipped"]
+    assert (base / "MODEL_CARD.md").read_text(encoding="utf-8") == "# bad card\n"
+    result = ship_release(good, base)
+    assert result["shipped"] and "its card or metrics were not" in result["note"]
+    assert (base / "metrics.json").read_bytes() == (good / "metrics.json").read_bytes()
+    card = (base / "MODEL_CARD.md").read_text(encoding="utf-8")
+    assert card.startswith("# good card\n") and "the comparison with the base those weights replaced is not" in card
+    # the staged files are not for git
+    staging = ["models/base/.ko_base.pt.shipping", "models/base/.ko_base.journal.shipping"]
+    ignored = subprocess.run(["git", "check-ignore", *staging], cwd=REPO, capture_output=True, text=True)
+    assert ignored.stdout.split() == staging
+
+
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
 def test_ship_gate_widens_word_boxes_by_the_margin_the_release_was_scored_with(hangul_checkpoint, tmp_path):
     from PIL import Image, ImageDraw, ImageFont
