@@ -79,6 +79,16 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
     return len(dataset)
 
 
+def set_identity(labels: str | os.PathLike, crops: list[Any]) -> dict[str, Any]:
+    """What identifies a scored set (``n`` and ``sha256`` in the metrics): its crop or word count, and
+    the sha256 of its labels file and of every image it names, in order of first use."""
+    path = Path(labels)
+    digest = hashlib.sha256(path.read_bytes())
+    for image in dict.fromkeys(crop.image for crop in crops):
+        digest.update(Path(image).read_bytes())
+    return {"n": len(crops), "sha256": digest.hexdigest()}
+
+
 def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None,
                   baselines: tuple[str, ...] = ("tesseract",), out: str | os.PathLike | None = None,
                   worst: int = 10, pages: dict[str, str] | None = None,
@@ -87,7 +97,8 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
     (a TSV of crops, or a JSON of word boxes widened by ``detector``'s ``add_margin``) and on each
     whole page of ``pages`` (name -> image, its ground truth ``<stem>.txt`` beside it).
 
-    The margin is recorded (``add_margin``) so that the ship gate reads the word boxes the same way.
+    The margin is recorded (``add_margin``) so that the ship gate reads the word boxes the same way,
+    and each set's ``n`` and ``sha256`` (``set_identity``) so that it compares on the same sets.
     A set or page whose file does not exist is listed under ``skipped`` with the reason; a baseline
     that is not installed is left out with a message. The held-out set (name ``heldout``) is also
     scored per font (``by_font``) when its TSV has a ``font`` column. ``jamo`` says which part of the
@@ -116,7 +127,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
             continue
         crops = read_labels(path, margin)
         report = score_crops(crops, models, labels=path)
-        entry: dict[str, Any] = {"labels": str(path), **report.metrics}
+        entry: dict[str, Any] = {"labels": str(path), **set_identity(path, crops), **report.metrics}
         fonts = [crop.font for crop in crops]
         groups = {font: [i for i, f in enumerate(fonts) if f == font]  # font -> crop indices; none unnamed
                   for font in sorted(set(fonts))} if any(fonts) else {}

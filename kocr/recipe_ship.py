@@ -89,27 +89,52 @@ def judge(compared: dict[str, Any], alpha: float = 0.05) -> Verdict:
     return Verdict(not reasons, fixed, broken, lines, reasons)
 
 
+def _recorded(entry: dict[str, Any]) -> dict[str, Any]:
+    """The identity a metrics file records for a set: ``n`` and ``sha256`` (``kocr.recipe.set_identity``);
+    an older file only the count its reader scored (``recipe.n``), the oldest nothing."""
+    n = entry.get("n", (entry.get("recipe") or {}).get("n") if isinstance(entry.get("recipe"), dict) else None)
+    return {k: v for k, v in (("n", n), ("sha256", entry.get("sha256"))) if v is not None}
+
+
 def sets_to_compare(metrics: dict[str, Any], shipped: dict[str, Any] | None) -> tuple[dict[str, str], dict[str, str]]:
-    """(name -> labels file, name -> why unjudged): every set of the release's ``metrics.json`` and
+    """(name -> labels file, name -> why it is not judged): every set of the release's ``metrics.json`` and
     of the shipped base's (the release's file where both name one), so a release evaluated without
-    some set (``skipped``: ../shared/realdata not mounted) is still compared on it; and the sets the
-    release skipped that neither names a file for, which the gate cannot judge."""
-    sets = {name: entry["labels"] for name, entry in ((shipped or {}).get("sets") or {}).items()
+    some set (``skipped``: ../shared/realdata not mounted) is still compared on it. Not judged: the sets
+    the release skipped that neither names a file for, and a set the two name alike but record as
+    another set (its count or its sha256 differ): "better" is decided on the same sets only, so the
+    gate refuses there rather than comparing on the release's set in place of the base's."""
+    base = {name: entry for name, entry in ((shipped or {}).get("sets") or {}).items()
             if isinstance(entry, dict) and "labels" in entry}
+    sets = {name: entry["labels"] for name, entry in base.items()}
     sets.update({name: entry["labels"] for name, entry in metrics.get("sets", {}).items()})
+    unjudged: dict[str, str] = {}
+    for name, entry in metrics.get("sets", {}).items():
+        if name not in base:
+            continue
+        mine, theirs = _recorded(entry), _recorded(base[name])
+        diffs = [f"{key}: the release's {mine[key]}, the base's {theirs[key]}" for key in ("n", "sha256")
+                 if key in mine and key in theirs and mine[key] != theirs[key]]
+        if diffs:
+            del sets[name]
+            unjudged[name] = (f"{name}: the release was scored on another set than the base under this name "
+                              f"({'; '.join(diffs)}); the gate compares the two on the same sets only: evaluate "
+                              f"the release on the base's set ({base[name]['labels']}) as well")
     pages = set(metrics.get("pages") or {}) | set((shipped or {}).get("pages") or {})
-    unjudged = {name: str(why) for name, why in (metrics.get("skipped") or {}).items()
-                if name not in sets and name not in pages}
+    unjudged |= {name: f"{name}: skipped when the release was evaluated ({why}); evaluate it again with the file there"
+                 for name, why in (metrics.get("skipped") or {}).items()
+                 if name not in sets and name not in pages and name not in unjudged}
     return sets, unjudged
 
 
 def compare_with_shipped(release_model: Path, shipped_model: Path, metrics: dict[str, Any],
-                         sets: dict[str, str] | None = None) -> dict[str, Any]:
+                         sets: dict[str, str] | None = None,
+                         records: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Read every set of ``sets`` (default: those named in a release's ``metrics.json``) with both
     checkpoints (``evaluate_sets``, no baselines): the release as ``recipe``, the shipped one as
     ``reference``. Word boxes are widened by the ``add_margin`` the release was scored with
-    (EasyOCR's 0.1 where an older release lacks it)."""
-    from kocr.recipe import evaluate_sets
+    (EasyOCR's 0.1 where an older release lacks it). ShipError where a set's file is not the set
+    ``records`` says it was scored as (``n``, ``sha256``): it changed since, so neither score is of it."""
+    from kocr.recipe import evaluate_sets, set_identity
 
     if sets is None:
         sets = {name: entry["labels"] for name, entry in metrics.get("sets", {}).items()}
@@ -117,11 +142,22 @@ def compare_with_shipped(release_model: Path, shipped_model: Path, metrics: dict
     if missing:
         raise ShipError("cannot compare on the sets of the release and the shipped base, labels not found: "
                         + ", ".join(missing) + " (run the recipe's synth_heldout stage, or mount ../shared/realdata)")
-    from evaluation.score_crops import ScoreInputError
+    from evaluation.score_crops import ScoreInputError, read_labels
     from training.checkpoint import ModelSpecError
 
     try:
         detector = {"add_margin": metrics["add_margin"]} if "add_margin" in metrics else None
+        changed = []
+        for name, recorded in (records or {}).items():
+            now = set_identity(sets[name], read_labels(sets[name], metrics.get("add_margin", 0.1)))
+            diffs = [f"{key} {recorded[key]} when scored, {now[key]} now" for key in ("n", "sha256")
+                     if key in recorded and recorded[key] != now[key]]
+            if diffs:
+                changed.append(f"{name} ({sets[name]}: {'; '.join(diffs)})")
+        if changed:
+            raise ShipError("cannot compare on the sets the release and the shipped base were scored on, changed "
+                            "since: " + ", ".join(changed) + " (render them again as they were, or evaluate the "
+                            "release again on the sets here)")
         return evaluate_sets(str(release_model), sets, reference=str(shipped_model), baselines=(), detector=detector)
     except (ScoreInputError, ModelSpecError) as exc:  # a set or checkpoint that cannot be read, named
         raise ShipError(f"cannot compare the release with the shipped base: {exc}") from None
@@ -287,12 +323,16 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
                 "weights an earlier ship had copied and was stopped after: the comparison with the base those "
                 "weights replaced is not recorded here.", ""]), journal)
         return {"ship": True, "shipped": not check, "reasons": [], "note": note} | done
-    sets, unjudged = sets_to_compare(metrics, _read_json(to / sources[2].name))
-    verdict = judge(compare_with_shipped(sources[0], target, metrics, sets), alpha)
+    shipped_metrics = _read_json(to / sources[2].name)
+    sets, unjudged = sets_to_compare(metrics, shipped_metrics)
+    records: dict[str, dict[str, Any]] = {}  # what each compared set was scored as, by either side
+    for part in (shipped_metrics or {}, metrics):
+        for name, entry in (part.get("sets") or {}).items():
+            if isinstance(entry, dict) and name in sets:
+                records[name] = records.get(name, {}) | _recorded(entry)
+    verdict = judge(compare_with_shipped(sources[0], target, metrics, sets, records), alpha)
     if unjudged:  # nothing shows the release is not worse there
-        verdict = replace(verdict, ship=False, reasons=verdict.reasons + [
-            f"{name}: skipped when the release was evaluated ({why}); evaluate it again with the file there"
-            for name, why in sorted(unjudged.items())])
+        verdict = replace(verdict, ship=False, reasons=verdict.reasons + [why for _, why in sorted(unjudged.items())])
     result = verdict.as_dict() | {"base_sha256": base_sha256, "shipped": (verdict.ship or force) and not check}
     if result["shipped"]:
         _copy_all(pairs, _shipped_section(verdict, result["base_sha256"], force), journal)

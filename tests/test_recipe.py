@@ -266,6 +266,9 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     assert result["skipped"] == {"gone": f"{tmp_path / 'no.tsv'} not found"}
     assert "set 'gone' skipped" in capsys.readouterr().err
     entry = result["sets"]["heldout"]
+    from evaluation.score_crops import read_labels
+    from kocr.recipe import set_identity
+    assert (entry["n"], entry["sha256"]) == tuple(set_identity(labels, read_labels(labels)).values())  # what was scored
     readings = (tmp_path / "eval/heldout/readings.tsv").read_text(encoding="utf-8").splitlines()[1:]
     gts, recipe, reference = zip(*(r.split("\t")[1:4] for r in readings))
     assert entry["recipe"] == recognition_scores(list(gts), list(recipe))
@@ -585,6 +588,45 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(ShipError, match="taken: not a folder"):
         ship_release(bad, tmp_path / "taken")
+
+
+@pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
+def test_ship_gate_decides_on_the_sets_the_base_was_scored_on(heldout_crops, hangul_checkpoint, tmp_path):
+    labels = heldout_crops / "crops/labels.tsv"
+    digest = hashlib.sha256(labels.read_bytes())  # the labels file, then each image in the order it names them
+    for row in labels.read_text(encoding="utf-8").splitlines()[1:]:
+        digest.update((labels.parent / row.split("\t")[0]).read_bytes())
+    identity = {"n": 8, "sha256": digest.hexdigest()}
+    base = _release(tmp_path / "base", hangul_checkpoint, labels, "# base\n")
+    (base / "metrics.json").write_text(json.dumps({"sets": {"heldout": {
+        "labels": str(tmp_path / "base_set/labels.tsv"), "recipe": {"n": 40}}}}), encoding="utf-8")
+    good = _release(tmp_path / "good", SHIPPED / "ko_base.pt", labels, "# good\n")
+    (good / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels), **identity}}}))
+    # the release's eight crops under the name of the base's forty: not the same set, so not judged there
+    result = ship_release(good, base, check=True)
+    assert not result["ship"] and result["sets"] == []
+    assert (f"heldout: the release was scored on another set than the base under this name (n: the release's 8, "
+            f"the base's 40); the gate compares the two on the same sets only: evaluate the release on the base's "
+            f"set ({tmp_path / 'base_set/labels.tsv'}) as well") in result["reasons"]
+    # the set the two were scored on has changed on disk since (a label, then an image): not compared
+    (base / "metrics.json").write_text(json.dumps({"sets": {}}), encoding="utf-8")
+    changed = tmp_path / "changed"
+    shutil.copytree(heldout_crops / "crops", changed)
+    (good / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(changed / "labels.tsv"),
+                                                                          **identity}}}))
+    rows = (changed / "labels.tsv").read_text(encoding="utf-8").splitlines()
+    (changed / "labels.tsv").write_text("\n".join(rows[:-1]) + "\n", encoding="utf-8")
+    with pytest.raises(ShipError, match=r"changed since: heldout \(.*labels.tsv: n 8 when scored, 7 now; sha256"):
+        ship_release(good, base, check=True)
+    (changed / "labels.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (changed / "000001.png").write_bytes((changed / "000002.png").read_bytes())
+    with pytest.raises(ShipError, match=r"changed since: heldout \(.*labels.tsv: sha256 [0-9a-f]{64} when scored"):
+        ship_release(good, base, check=True)
+    # as the evaluate stage records it
+    from evaluation.score_crops import read_labels
+    from kocr.recipe import set_identity
+
+    assert set_identity(labels, read_labels(labels)) == identity
 
 
 class _Killed(BaseException):
