@@ -40,6 +40,23 @@ HELDOUT = "heldout"
 HELDOUT_LATIN = "heldout_latin"  # the held-out faces, every word in Latin script (synth_lines_heldout_latin)
 RECIPE_KEYS = ("baselines", "reference", "real_sets", "real_pages", "detector")  # the recipe: section
 HELDOUT_SIGNS = "heldout_signs"  # sign and menu display faces never trained on (synth_lines_heldout_signs)
+# a shipped base is git-tracked and must stay "under 20 MB": 20,000,000 bytes, the stricter reading
+# (20 MiB would be 20,971,520) and the megabytes the card prints (ko_base.pt: 16,087,585 bytes, 16.1 MB)
+MAX_CHECKPOINT_BYTES = 20_000_000
+
+
+class RecipeError(RuntimeError):
+    """A recipe input that cannot be used (a checkpoint too large to ship, …); the message says why."""
+
+
+def check_checkpoint_size(path: str | os.PathLike) -> int:
+    """The size of a checkpoint to ship, in bytes; RecipeError when it is not under ``MAX_CHECKPOINT_BYTES``."""
+    size = Path(path).stat().st_size
+    if size >= MAX_CHECKPOINT_BYTES:
+        raise RecipeError(f"{path}: {size:,} bytes ({size / 1e6:.1f} MB); a shipped base must be under 20 MB "
+                          f"({MAX_CHECKPOINT_BYTES:,} bytes): save the model alone (no optimiser state or extra "
+                          "tensors in its meta), or a smaller architecture")
+    return size
 
 
 def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
@@ -371,6 +388,7 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     for path in (model, Path(train_metrics), Path(eval_metrics)):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (run the recipe's train and evaluate stages first)")
+    check_checkpoint_size(model)
     params = load_params()
     trained = json.loads(Path(train_metrics).read_text(encoding="utf-8"))
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
@@ -440,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
          "card": cmd_card, "ship": cmd_ship}[args.subcommand](args)
-    except (ParamsError, ScoreInputError) as exc:  # a settings or labels mistake: one line naming it
+    except (ParamsError, ScoreInputError, RecipeError) as exc:  # a settings, labels or input mistake: one line
         raise SystemExit(f"python -m kocr.recipe {args.subcommand}: error: {exc}") from None
 
 

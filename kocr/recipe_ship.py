@@ -275,6 +275,7 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
     """Compare the release in ``release`` with ``<to>/<name>.pt`` and copy it over when the gate passes
     (or ``force``); ``check`` compares and copies nothing. Returns the verdict as a dict (``ship``: the
     gate's answer, ``shipped``: whether files were copied); raises ``ShipError`` on missing input."""
+    from kocr.recipe import RecipeError, check_checkpoint_size
     from training.checkpoint import file_digest
 
     release, to = Path(release), Path(to)
@@ -294,6 +295,10 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
     if not isinstance(sets, dict) or not all(isinstance(e, dict) and "labels" in e for e in sets.values()):
         raise ShipError(f"{sources[2]}: not the recipe's evaluation (a \"sets\" object whose every set names "
                         "its \"labels\" file)")
+    try:
+        check_checkpoint_size(sources[0])
+    except RecipeError as exc:
+        raise ShipError(str(exc)) from None
     target = to / f"{name}.pt"
     pairs = [(src, to / src.name) for src in sources]
     journal = _journal(to, name)

@@ -386,10 +386,43 @@ def test_card_stage_command_line_of_the_recipe_writes_the_release(heldout_crops,
     assert (recipe / "release/metrics.json").is_file()
 
 
+def test_card_and_ship_refuse_a_checkpoint_of_20_mb_or_more(hangul_checkpoint, tmp_path, monkeypatch, capsys):
+    """A valid checkpoint with a large tensor in its meta: loadable, but not under 20 MB."""
+    import torch
+
+    from kocr.recipe import main
+
+    payload = torch.load(hangul_checkpoint, map_location="cpu", weights_only=True)
+    payload["meta"] = {"padding": torch.zeros(1_000_000)}  # 4 MB more: 20,0xx,xxx bytes
+    big = tmp_path / "big.pt"
+    torch.save(payload, big)
+    size = big.stat().st_size
+    assert 20_000_000 <= size < 20 * 1024 * 1024  # over 20 MB, under 20 MiB
+    monkeypatch.setenv("KOCR_PARAMS", str(RECIPE / "params-cpu.yaml"))
+    (tmp_path / "train.json").write_text("{}")
+    (tmp_path / "eval.json").write_text(json.dumps({"models": {"recipe": "big.pt"}, "sets": {}}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["card", "--model", str(big), "--train-metrics", str(tmp_path / "train.json"), "--eval-metrics",
+              str(tmp_path / "eval.json"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "release"),
+              "--command", "dvc repro"])
+    assert str(exit_.value.code) == (f"python -m kocr.recipe card: error: {big}: {size:,} bytes ({size / 1e6:.1f} MB); "
+                                     "a shipped base must be under 20 MB (20,000,000 bytes): save the model alone "
+                                     "(no optimiser state or extra tensors in its meta), or a smaller architecture")
+    assert not (tmp_path / "release").exists()
+    release = _release(tmp_path / "rel", big, tmp_path / "labels.tsv", "# big\n")
+    for args in ([], ["--check"], ["--force"]):  # nothing to replace yet: it would be shipped as it is
+        with pytest.raises(SystemExit) as exit_:
+            main(["ship", *args, "--release", str(release), "--to", str(tmp_path / "base")])
+        assert exit_.value.code == 2 and f"ship: {release / 'ko_base.pt'}: {size:,} bytes" in capsys.readouterr().err
+    assert not (tmp_path / "base").exists()
+
+
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
 def test_shipped_ko_base_loads_by_name_with_the_korean_charset_and_its_card():
+    from kocr.recipe import MAX_CHECKPOINT_BYTES
+
     assert REPO / SHIPPED_MODELS["ko_base"] == SHIPPED / "ko_base.pt"
-    assert (SHIPPED / "ko_base.pt").stat().st_size < 20 * 1024 * 1024
+    assert (SHIPPED / "ko_base.pt").stat().st_size < MAX_CHECKPOINT_BYTES == 20_000_000  # "under 20 MB"
     loaded = load_recognizer("ko_base")
     assert loaded.charset.chars == Charset.named("korean_g2").chars and loaded.charset.name == "korean_g2"
     card = (SHIPPED / "MODEL_CARD.md").read_text(encoding="utf-8")
