@@ -448,7 +448,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha", type=float, default=0.05,
                    help="a set or face with more words broken than fixed at sign-test p below this refuses")
     p.add_argument("--force", action="store_true", help="ship even when the gate refuses (the card says so)")
-    p.add_argument("--check", action="store_true", help="compare and report only; copy nothing, exit 0 either way")
+    p.add_argument("--check", action="store_true",
+                   help="compare and report only; copy nothing, exit 0 whether it would ship or refuse (2 as "
+                        "without it when the release cannot be compared)")
     p.add_argument("--json", help="also write the verdict to this file (the recipe's ship_check metrics)")
     sub.add_parser("check-size", help="exit 2 when the params file's size needs a GPU this machine lacks")
     args = parser.parse_args(argv)

@@ -270,10 +270,45 @@ def _is_shipped(sources: list[Path], to: Path) -> bool:
             and shipped[1].read_bytes().startswith(card.read_bytes()))
 
 
+def _load(path: Path, what: str) -> Any:
+    """``load_recognizer(path)``, or ShipError in one line naming ``what`` and why it does not load."""
+    from training.checkpoint import ArchitectureMismatch, ModelSpecError, load_recognizer
+
+    try:
+        return load_recognizer(str(path))
+    except (ModelSpecError, ArchitectureMismatch) as exc:
+        raise ShipError(f"{what} cannot be loaded: {exc}") from None
+    except RuntimeError as exc:  # load_state_dict: tensors of other shapes than the config it holds
+        found = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise ShipError(f"{what} cannot be loaded: {path}: its weights do not fit the architecture its config "
+                        f"names ({len(found)} problem(s), the first: {found[0] if found else exc})") from None
+
+
+def check_release_checkpoint(pt: Path, target: Path) -> None:
+    """ShipError, in one line, unless ``pt`` loads as a recogniser with the charset and the architecture
+    of the base it would replace (``target``; where there is none yet, the korean_g2 charset): a file
+    that is not a checkpoint, or one for another script or of another size, never replaces the base."""
+    from training.charset import Charset
+
+    release = _load(pt, "the release")
+    base = _load(target, "the shipped base") if target.is_file() else None
+    wanted = base.charset if base else Charset.named("korean_g2")
+    where = f"the shipped base's ({target})" if base else "the Korean base's"
+    if list(release.charset.chars) != list(wanted.chars):
+        raise ShipError(f"{pt}: charset {release.charset.name} ({len(release.charset.chars)} characters) is not "
+                        f"{where}, {wanted.name} ({len(wanted.chars)} characters): it cannot replace it")
+    if base:
+        mine, theirs = release.config.as_dict(), base.config.as_dict()
+        diffs = [f"{key} {mine.get(key)} (the base: {theirs.get(key)})" for key in theirs if mine.get(key) != theirs.get(key)]
+        if diffs:
+            raise ShipError(f"{pt}: another architecture than {where}: {', '.join(diffs)}")
+
+
 def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = "ko_base",
                  alpha: float = 0.05, force: bool = False, check: bool = False) -> dict[str, Any]:
     """Compare the release in ``release`` with ``<to>/<name>.pt`` and copy it over when the gate passes
-    (or ``force``); ``check`` compares and copies nothing. Returns the verdict as a dict (``ship``: the
+    (or ``force``); ``check`` compares and copies nothing. The release's checkpoint must be under 20 MB
+    and load with the base's charset and architecture (``check_release_checkpoint``), whatever the mode. Returns the verdict as a dict (``ship``: the
     gate's answer, ``shipped``: whether files were copied); raises ``ShipError`` on missing input."""
     from kocr.recipe import RecipeError, check_checkpoint_size
     from training.checkpoint import file_digest
@@ -300,6 +335,7 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
     except RecipeError as exc:
         raise ShipError(str(exc)) from None
     target = to / f"{name}.pt"
+    check_release_checkpoint(sources[0], target)  # before anything, --force and a first ship too
     pairs = [(src, to / src.name) for src in sources]
     journal = _journal(to, name)
     if check and journal.is_file():

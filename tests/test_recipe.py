@@ -662,6 +662,47 @@ def test_ship_gate_decides_on_the_sets_the_base_was_scored_on(heldout_crops, han
     assert set_identity(labels, read_labels(labels)) == identity
 
 
+def test_ship_refuses_a_checkpoint_that_is_not_a_korean_base_like_the_shipped_one(
+        heldout_crops, hangul_checkpoint, tmp_path, capsys):
+    """Whatever the mode: a checkpoint with another charset, head or size, or weights that do not fit its
+    config, is named in one line (exit 2), not shipped (first ships and --force too) nor a traceback."""
+    import torch
+
+    from kocr.recipe import main
+    from training.checkpoint import save_checkpoint
+    from training.model import Recognizer, RecognizerConfig
+
+    labels = heldout_crops / "crops/labels.tsv"
+    english = load_recognizer("english_g2")
+    save_checkpoint(tmp_path / "english.pt", english.model, english.charset)
+    payload = torch.load(tmp_path / "english.pt", map_location="cpu", weights_only=True)
+    payload |= {"charset": Charset.named("korean_g2").chars, "charset_name": "korean_g2"}  # its 97-class head
+    torch.save(payload, tmp_path / "head.pt")
+    payload = torch.load(hangul_checkpoint, map_location="cpu", weights_only=True)
+    payload["config"] = {**payload["config"], "hidden_size": 512}  # weights of 256
+    torch.save(payload, tmp_path / "shapes.pt")
+    small = RecognizerConfig(**{**payload["config"], "hidden_size": 128})
+    save_checkpoint(tmp_path / "small.pt", Recognizer(small), Charset.named("korean_g2"))
+    base = tmp_path / "base"
+    cases = {"english.pt": "charset english_g2 (96 characters) is not the Korean base's, korean_g2 (1008 characters)",
+             "head.pt": "the release cannot be loaded: ", "shapes.pt": "its weights do not fit the architecture"}
+    for name, says in cases.items():
+        release = _release(tmp_path / name.split(".")[0], tmp_path / name, labels, "# card\n")
+        for args in ([], ["--check"], ["--force"]):
+            with pytest.raises(SystemExit) as exit_:
+                main(["ship", *args, "--release", str(release), "--to", str(base)])
+            err = capsys.readouterr().err
+            assert exit_.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, (name, args, err)
+            assert not base.exists()
+    # against a shipped base: its charset, and its architecture
+    assert ship_release(_release(tmp_path / "first", hangul_checkpoint, labels, "# first\n"), base)["shipped"]
+    release = _release(tmp_path / "small", tmp_path / "small.pt", labels, "# small\n")
+    with pytest.raises(ShipError, match=r"small/ko_base.pt: another architecture than the shipped base's .*: hidden_size 128 "
+                                        r"\(the base: 256\)"):
+        ship_release(release, base, force=True)
+    assert (base / "ko_base.pt").read_bytes() == hangul_checkpoint.read_bytes()
+
+
 class _Killed(BaseException):
     """A kill -9 stand-in: no except clause of the code under test catches it."""
 
