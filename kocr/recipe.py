@@ -114,6 +114,8 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
     (a TSV of crops, or a JSON of word boxes widened by ``detector``'s ``add_margin``) and on each
     whole page of ``pages`` (name -> image, its ground truth ``<stem>.txt`` beside it).
 
+    A ``model`` given as a file is recorded by its sha256 (``model_sha256``), so that the card stage
+    and the ship gate can tell the scores belong to the checkpoint beside them.
     The margin is recorded (``add_margin``) so that the ship gate reads the word boxes the same way,
     and each set's ``n`` and ``sha256`` (``set_identity``) so that it compares on the same sets.
     A set or page whose file does not exist is listed under ``skipped`` with the reason; a baseline
@@ -136,6 +138,8 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
             continue
         models[baseline] = baseline
     result: dict[str, Any] = {"models": models, "sets": {}, "skipped": {}, "add_margin": margin}
+    if Path(model).is_file():  # which checkpoint these scores are of: the card stage and ship check it
+        result["model_sha256"] = hashlib.sha256(Path(model).read_bytes()).hexdigest()
     for name, labels in sets.items():
         path = Path(labels)
         if not path.is_file():
@@ -380,7 +384,9 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
 def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_metrics: str | os.PathLike,
                data: str | os.PathLike, out: str | os.PathLike, name: str, command: str) -> Path:
     """Copy the checkpoint to ``<out>/<name>.pt``, the evaluation to ``<out>/metrics.json`` and write
-    ``<out>/MODEL_CARD.md``; returns the card path."""
+    ``<out>/MODEL_CARD.md``; returns the card path. RecipeError when the evaluation is not of this
+    checkpoint (its ``model_sha256``). The checkpoint is written last: a release stopped midway holds
+    a card and metrics that do not name its checkpoint, which ship refuses."""
     from kocr.tracking import git_commit
     from training.data.lmdb_store import LmdbDataset
 
@@ -388,10 +394,18 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     for path in (model, Path(train_metrics), Path(eval_metrics)):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found (run the recipe's train and evaluate stages first)")
-    check_checkpoint_size(model)
+    size = check_checkpoint_size(model)
     params = load_params()
     trained = json.loads(Path(train_metrics).read_text(encoding="utf-8"))
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
+    sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    scored = evaluated.get("model_sha256")
+    if scored != sha256:
+        raise RecipeError(f"{eval_metrics}: " + (f"the scores of another checkpoint (sha256 {scored[:16]}…), not of "
+                                                  f"{model} ({sha256[:16]}…)" if scored else
+                                                  "records no sha256 of the checkpoint it scored (written before "
+                                                  "the evaluate stage recorded it)")
+                          + "; run the evaluate stage on it again")
     # training's own record counts what trained, also for a set rendered on another machine (the GPU
     # kit), where a local data/train may be another run's; the held-out sets are counted here
     mixed = trained.get("train_mix") or [{"samples": trained.get("train_samples", 0)}]  # the synthetic set first
@@ -401,14 +415,13 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     wall = {"train": trained.get("train_seconds", 0.0) + trained.get("validation_seconds", 0.0),
             "evaluate": evaluated.get("seconds", 0.0)}
     out.mkdir(parents=True, exist_ok=True)
-    shipped = out / f"{name}.pt"
-    with atomic_path(shipped, durable=True) as tmp:
-        shutil.copyfile(model, tmp)
     write_text(out / "metrics.json", json.dumps(evaluated, ensure_ascii=False, indent=1) + "\n")
     card = write_text(out / "MODEL_CARD.md", model_card(params, trained, evaluated, counts, command, wall,
-                                                        shipped.stat().st_size / 1e6, name,
-                                                        hashlib.sha256(shipped.read_bytes()).hexdigest(),
-                                                        git_commit()))
+                                                        size / 1e6, name, sha256, git_commit()))
+    with atomic_path(out / f"{name}.pt", durable=True) as tmp:
+        shutil.copyfile(model, tmp)
+    if hashlib.sha256((out / f"{name}.pt").read_bytes()).hexdigest() != sha256:
+        raise RecipeError(f"{model}: changed while it was copied to {out / (name + '.pt')}; run the card stage again")
     return card
 
 

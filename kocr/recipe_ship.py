@@ -304,6 +304,24 @@ def check_release_checkpoint(pt: Path, target: Path) -> None:
             raise ShipError(f"{pt}: another architecture than {where}: {', '.join(diffs)}")
 
 
+def _check_belongs(sources: list[Path]) -> None:
+    """ShipError unless the release's ``metrics.json`` (``model_sha256``) and ``MODEL_CARD.md`` (its
+    ``sha256 `…``` ) name its checkpoint: a card stage stopped midway, or files of two releases mixed,
+    would ship one checkpoint with another's scores."""
+    pt, card, metrics_file = sources
+    sha256 = _sha256(pt)
+    recorded = (_read_json(metrics_file) or {}).get("model_sha256")
+    again = "; run the recipe's card stage again"
+    if not recorded:
+        raise ShipError(f"{metrics_file}: records no sha256 of the checkpoint it scored (a release written before "
+                        "the evaluate and card stages recorded it); run the recipe's evaluate and card stages again")
+    if recorded != sha256:
+        raise ShipError(f"{metrics_file}: the scores of another checkpoint (sha256 {str(recorded)[:16]}…) than {pt} "
+                        f"({sha256[:16]}…): a card stage stopped midway, or two releases' files mixed{again}")
+    if f"sha256 `{sha256}`" not in card.read_text(encoding="utf-8", errors="replace"):
+        raise ShipError(f"{card}: does not name {pt} (sha256 {sha256[:16]}…): another checkpoint's card{again}")
+
+
 def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = "ko_base",
                  alpha: float = 0.05, force: bool = False, check: bool = False) -> dict[str, Any]:
     """Compare the release in ``release`` with ``<to>/<name>.pt`` and copy it over when the gate passes
@@ -330,6 +348,7 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
     if not isinstance(sets, dict) or not all(isinstance(e, dict) and "labels" in e for e in sets.values()):
         raise ShipError(f"{sources[2]}: not the recipe's evaluation (a \"sets\" object whose every set names "
                         "its \"labels\" file)")
+    _check_belongs(sources)
     try:
         check_checkpoint_size(sources[0])
     except RecipeError as exc:

@@ -33,6 +33,10 @@ SHIPPED = REPO / "models" / "base"
 SIZES = {"params.yaml": "gpu", "params-cpu.yaml": "cpu", "params-gpu-instalment.yaml": "gpu-instalment"}
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _keys(tree: object, prefix: str = "") -> set[str]:
     if not isinstance(tree, dict):
         return {prefix}
@@ -339,7 +343,8 @@ def test_card_of_a_gpu_instalment_counts_the_sets_it_did_not_see_and_names_the_g
         "train_samples": 332345, "val_n": 5000, "base": "ko_base", "device": "cuda: NVIDIA H200",
         "train_mix": [{"path": "recipes/ko-base/data/train", "samples": 312345, "share": 0.7},
                       {"path": "data/hand/train", "samples": 20000, "share": 0.3}]}))  # real crops mixed in
-    (tmp_path / "eval.json").write_text(json.dumps({"models": {"recipe": "model.pt"}, "sets": {}}))
+    (tmp_path / "eval.json").write_text(json.dumps({"models": {"recipe": "model.pt"}, "sets": {},
+                                                    "model_sha256": _sha256(hangul_checkpoint)}))
     data = tmp_path / "data"
     shutil.copytree(heldout_crops / "lmdb", data / "heldout")
     shutil.copytree(heldout_crops / "lmdb", data / "heldout_latin")
@@ -377,7 +382,8 @@ def test_card_stage_command_line_of_the_recipe_writes_the_release(heldout_crops,
     shutil.copyfile(hangul_checkpoint, recipe / "model/model.pt")
     (recipe / "metrics").mkdir()
     (recipe / "metrics/train.json").write_text(json.dumps({"steps": 4, "best_val_cer": 0.5, "best_step": 4}))
-    (recipe / "metrics/evaluate.json").write_text(json.dumps({"models": {"recipe": "model.pt"}, "sets": {}}))
+    (recipe / "metrics/evaluate.json").write_text(json.dumps({"models": {"recipe": "model.pt"}, "sets": {},
+                                                              "model_sha256": _sha256(hangul_checkpoint)}))
     main(argv[3:])
     assert f"card: {recipe / 'release/MODEL_CARD.md'}" in capsys.readouterr().out
     card = (recipe / "release/MODEL_CARD.md").read_text(encoding="utf-8")
@@ -497,8 +503,16 @@ def _release(folder: Path, checkpoint: Path, labels: Path, card: str) -> Path:
     folder.mkdir(parents=True)
     shutil.copyfile(checkpoint, folder / "ko_base.pt")
     (folder / "MODEL_CARD.md").write_text(card, encoding="utf-8")
-    (folder / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels)}}}), encoding="utf-8")
+    _metrics(folder, {"sets": {"heldout": {"labels": str(labels)}}})
     return folder
+
+
+def _metrics(folder: Path, metrics: dict) -> None:
+    """A release's metrics.json, and a card naming its checkpoint, as the evaluate and card stages write them."""
+    sha256 = hashlib.sha256((folder / "ko_base.pt").read_bytes()).hexdigest()
+    (folder / "metrics.json").write_text(json.dumps({**metrics, "model_sha256": sha256}), encoding="utf-8")
+    card = (folder / "MODEL_CARD.md").read_text(encoding="utf-8").split("checkpoint sha256 `")[0]
+    (folder / "MODEL_CARD.md").write_text(f"{card}checkpoint sha256 `{sha256}`\n", encoding="utf-8")
 
 
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
@@ -511,13 +525,13 @@ def test_ship_gate_compares_on_the_base_sets_too_and_refuses_what_a_release_skip
                                                             "real": {"labels": str(labels)}}}), encoding="utf-8")
     good = _release(tmp_path / "good", SHIPPED / "ko_base.pt", labels, "# good\n")
     metrics = {"sets": {"heldout": {"labels": str(labels)}}, "skipped": {"real": "../shared/real.tsv not found"}}
-    (good / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    _metrics(good, metrics)
     result = ship_release(good, base, check=True)
     assert result["ship"] and {line.split(":")[0] for line in result["sets"] if not line.startswith(" ")} >= {
         "heldout", "real"}
     # a set the release skipped that nothing names a file for: the gate cannot judge it, so it refuses
     metrics["skipped"]["street"] = "../shared/street.tsv not found"
-    (good / "metrics.json").write_text(json.dumps(metrics), encoding="utf-8")
+    _metrics(good, metrics)
     result = ship_release(good, base, check=True)
     assert not result["ship"] and result["reasons"] == [
         "street: skipped when the release was evaluated (../shared/street.tsv not found); "
@@ -589,21 +603,21 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
         with pytest.raises(ShipError, match=f"{bad / 'metrics.json'}: {problem}"):
             ship_release(bad, base)
     # a release whose sets are not here cannot be compared, and the CLI says which
-    (bad / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(tmp_path / "gone.tsv")}}}))
     shutil.copyfile(SHIPPED / "ko_base.pt", bad / "ko_base.pt")
+    _metrics(bad, {"sets": {"heldout": {"labels": str(tmp_path / "gone.tsv")}}})
     with pytest.raises(SystemExit) as exit_:
         main(["ship", "--release", str(bad), "--to", str(base)])
     assert exit_.value.code == 2
     assert f"labels not found: heldout ({tmp_path / 'gone.tsv'})" in capsys.readouterr().err
     # a set or a checkpoint that cannot be read is named with exit 2 (--check too), not a traceback
     (tmp_path / "bad.tsv").write_text("file\tlabel\n", encoding="utf-8")
-    (bad / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(tmp_path / "bad.tsv")}}}))
+    _metrics(bad, {"sets": {"heldout": {"labels": str(tmp_path / "bad.tsv")}}})
     for args, problem in ((["--check"], "bad.tsv:1: header"), ([], "bad.tsv:1: header")):
         with pytest.raises(SystemExit) as exit_:
             main(["ship", *args, "--release", str(bad), "--to", str(base)])
         assert exit_.value.code == 2 and "cannot compare the release with the shipped base" in capsys.readouterr().err
-    (bad / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels)}}}))
     (bad / "ko_base.pt").write_bytes(b"not a checkpoint")
+    _metrics(bad, {"sets": {"heldout": {"labels": str(labels)}}})
     with pytest.raises(ShipError, match=f"{bad / 'ko_base.pt'}: not a loadable"):
         ship_release(bad, base, check=True)
     (bad / "metrics.json").write_bytes('{"sets": {"서울": {}}}'.encode("cp949"))
@@ -611,7 +625,7 @@ def test_ship_replaces_the_base_only_by_a_release_that_reads_its_sets_better(
         ship_release(bad, base)
     # a --json that is a folder or a --to that is a file: refused before anything is copied
     shutil.copyfile(hangul_checkpoint, bad / "ko_base.pt")
-    (bad / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels)}}}))
+    _metrics(bad, {"sets": {"heldout": {"labels": str(labels)}}})
     before = {p.name: p.read_bytes() for p in base.iterdir()}
     (tmp_path / "jsondir").mkdir()
     with pytest.raises(SystemExit) as exit_:
@@ -634,7 +648,7 @@ def test_ship_gate_decides_on_the_sets_the_base_was_scored_on(heldout_crops, han
     (base / "metrics.json").write_text(json.dumps({"sets": {"heldout": {
         "labels": str(tmp_path / "base_set/labels.tsv"), "recipe": {"n": 40}}}}), encoding="utf-8")
     good = _release(tmp_path / "good", SHIPPED / "ko_base.pt", labels, "# good\n")
-    (good / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels), **identity}}}))
+    _metrics(good, {"sets": {"heldout": {"labels": str(labels), **identity}}})
     # the release's eight crops under the name of the base's forty: not the same set, so not judged there
     result = ship_release(good, base, check=True)
     assert not result["ship"] and result["sets"] == []
@@ -645,8 +659,7 @@ def test_ship_gate_decides_on_the_sets_the_base_was_scored_on(heldout_crops, han
     (base / "metrics.json").write_text(json.dumps({"sets": {}}), encoding="utf-8")
     changed = tmp_path / "changed"
     shutil.copytree(heldout_crops / "crops", changed)
-    (good / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(changed / "labels.tsv"),
-                                                                          **identity}}}))
+    _metrics(good, {"sets": {"heldout": {"labels": str(changed / "labels.tsv"), **identity}}})
     rows = (changed / "labels.tsv").read_text(encoding="utf-8").splitlines()
     (changed / "labels.tsv").write_text("\n".join(rows[:-1]) + "\n", encoding="utf-8")
     with pytest.raises(ShipError, match=r"changed since: heldout \(.*labels.tsv: n 8 when scored, 7 now; sha256"):
@@ -701,6 +714,40 @@ def test_ship_refuses_a_checkpoint_that_is_not_a_korean_base_like_the_shipped_on
                                         r"\(the base: 256\)"):
         ship_release(release, base, force=True)
     assert (base / "ko_base.pt").read_bytes() == hangul_checkpoint.read_bytes()
+
+
+def test_card_and_ship_refuse_scores_and_cards_of_another_checkpoint(heldout_crops, hangul_checkpoint, tmp_path,
+                                                                      monkeypatch):
+    """A card stage stopped after the checkpoint was copied (or files of two releases put together) left a
+    release whose metrics and card were another checkpoint's, and ship judged and shipped it."""
+    from kocr.recipe import RecipeError
+
+    labels = heldout_crops / "crops/labels.tsv"
+    mixed = _release(tmp_path / "mixed", SHIPPED / "ko_base.pt", labels, "# the shipped base's card\n")
+    shutil.copyfile(hangul_checkpoint, mixed / "ko_base.pt")  # a new checkpoint beside the earlier card and metrics
+    for args in ({"check": True}, {"force": True}):
+        with pytest.raises(ShipError, match=rf"metrics.json: the scores of another checkpoint \(sha256 "
+                                            rf"{_sha256(SHIPPED / 'ko_base.pt')[:16]}…\) than .*mixed/ko_base.pt"):
+            ship_release(mixed, tmp_path / "base", **args)
+    card = (mixed / "MODEL_CARD.md").read_text(encoding="utf-8")
+    _metrics(mixed, {"sets": {"heldout": {"labels": str(labels)}}})
+    (mixed / "MODEL_CARD.md").write_text(card, encoding="utf-8")  # the metrics now fit, the card does not
+    with pytest.raises(ShipError, match=r"MODEL_CARD.md: does not name .*ko_base.pt \(sha256 [0-9a-f]{16}…\): another"):
+        ship_release(mixed, tmp_path / "base", check=True)
+    (mixed / "metrics.json").write_text(json.dumps({"sets": {"heldout": {"labels": str(labels)}}}))
+    with pytest.raises(ShipError, match="metrics.json: records no sha256 of the checkpoint it scored"):
+        ship_release(mixed, tmp_path / "base", check=True)
+    assert not (tmp_path / "base").exists()
+    # the card stage refuses an evaluation of another checkpoint, before writing anything
+    monkeypatch.setenv("KOCR_PARAMS", str(RECIPE / "params-cpu.yaml"))
+    (tmp_path / "train.json").write_text("{}")
+    for scored, says in ((_sha256(SHIPPED / "ko_base.pt"), "the scores of another checkpoint"),
+                         (None, "records no sha256 of the checkpoint it scored")):
+        (tmp_path / "eval.json").write_text(json.dumps({"models": {}, "sets": {}, "model_sha256": scored}))
+        with pytest.raises(RecipeError, match=f"eval.json: {says}"):
+            write_card(hangul_checkpoint, tmp_path / "train.json", tmp_path / "eval.json", tmp_path / "data",
+                       tmp_path / "release", "ko_base", "dvc repro")
+    assert not (tmp_path / "release").exists()
 
 
 class _Killed(BaseException):
@@ -758,7 +805,7 @@ def test_a_ship_killed_midway_is_finished_by_the_next_one(heldout_crops, hangul_
     shutil.copyfile(bad / "metrics.json", tmp_path / "old-metrics.json")
     (base / "metrics.json").write_text(json.dumps({"sets": {}}), encoding="utf-8")
     assert not ship_release(good, base, check=True)["shipped"]
-    assert (base / "MODEL_CARD.md").read_text(encoding="utf-8") == "# bad card\n"
+    assert (base / "MODEL_CARD.md").read_text(encoding="utf-8").startswith("# bad card\n")
     result = ship_release(good, base)
     assert result["shipped"] and "its card or metrics were not" in result["note"]
     assert (base / "metrics.json").read_bytes() == (good / "metrics.json").read_bytes()
