@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -295,11 +296,48 @@ def _averaged_line(train_metrics: dict[str, Any], base: str) -> str:
             f"{train_metrics.get('averaged_val_word_accuracy', float('nan')):.4f}; the metrics below are this mean's.")
 
 
+def uncommitted_changes(paths: list[str | os.PathLike]) -> list[str]:
+    """The files under ``paths`` (those inside the git repository of the working directory) that differ
+    from the commit checked out: modified, staged, deleted or new and not ignored; [] outside a repository."""
+    def git(*args: str) -> subprocess.CompletedProcess[str] | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or top.returncode != 0:
+        return []
+    root = Path(top.stdout.strip()).resolve()
+    inside = [str(p) for p in paths if Path(p).resolve() == root or root in Path(p).resolve().parents]
+    found = git("status", "--porcelain", "--untracked-files=all", "--", *inside) if inside else None
+    if found is None or found.returncode != 0:
+        return []
+    return sorted({line[3:].split(" -> ")[-1] for line in found.stdout.splitlines() if len(line) > 3})
+
+
+def _reproduce_lines(commit: str | None, uncommitted: list[str]) -> list[str]:
+    """The card's sentence before the reproduce command: the commit it ran at, and whether that
+    commit alone holds what the run read."""
+    if not commit:
+        return []
+    if uncommitted:
+        shown = ", ".join(f"`{p}`" for p in uncommitted[:8]) + (f" and {len(uncommitted) - 8} more"
+                                                                 if len(uncommitted) > 8 else "")
+        return [f"At commit `{commit}` plus uncommitted changes to {shown}: that commit alone does not "
+                "reproduce this checkpoint, and the changes are not recorded here (commit them before a run "
+                "whose card should reproduce it; later commits also change the recipe's params, and a "
+                "continuation's start is the base shipped then, not this checkpoint):", ""]
+    return [f"At commit `{commit}` (`git checkout {commit[:12]}` first: later commits change the recipe's "
+            "params, and a continuation's start is the base shipped then, not this checkpoint):", ""]
+
+
 def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metrics: dict[str, Any],
                data_counts: dict[str, int], command: str, wall_seconds: dict[str, float], size_mb: float,
-               name: str, sha256: str = "", commit: str | None = None) -> str:
+               name: str, sha256: str = "", commit: str | None = None, uncommitted: list[str] | None = None) -> str:
     """MODEL_CARD.md text: what the model is, the data, the params, the metrics, how to reproduce it
-    (``commit``: the project's git commit the recipe ran at, whose params and start it needs)."""
+    (``commit``: the project's git commit the recipe ran at, whose params and start it needs;
+    ``uncommitted``: the files that mattered to the run and differed from it)."""
     size = params.get("size", "?")
     lines = [f"# {name}: Korean base recogniser (kocr ko-base recipe, size `{size}`)", ""]
     if size == "cpu":
@@ -329,9 +367,7 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         + (", with the other sets listed under Data mixed in (`train.mix`)" if train_metrics.get("train_mix") else "")
         + f".{lineage} Loads with "
         f"`training.checkpoint.load_recognizer(\"models/base/{name}.pt\")` and exports with `kocr export-easyocr`.",
-        "", "## Reproduce", "", *([f"At commit `{commit}` (`git checkout {commit[:12]}` first: later commits change the "
-                                   "recipe's params, and a continuation's start is the base shipped then, not this "
-                                   "checkpoint):", ""] if commit else []),
+        "", "## Reproduce", "", *_reproduce_lines(commit, uncommitted or []),
         "```", command, "```", "",
         f"Machine: {platform.node() or '?'} ({platform.machine()}, {os.cpu_count()} CPU cores, {_accelerator()}), "
         f"Python {platform.python_version()}; written {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}."
@@ -412,12 +448,24 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     counts = {split: len(LmdbDataset(Path(data) / split))
               for split in ("train", "val", HELDOUT, HELDOUT_LATIN, HELDOUT_SIGNS) if (Path(data) / split).is_dir()}
     counts |= {k: v for k, v in (("train", mixed[0]["samples"]), ("val", trained.get("val_n", 0))) if v}
+    # the held-out sets as scored (the metrics' n), not whatever set is rendered here now
+    scored = {split: evaluated["sets"][split].get("n", (evaluated["sets"][split].get("recipe") or {}).get("n"))
+              for split in (HELDOUT, HELDOUT_LATIN, HELDOUT_SIGNS) if split in (evaluated.get("sets") or {})}
+    counts |= {split: int(n) for split, n in scored.items() if n is not None}
     wall = {"train": trained.get("train_seconds", 0.0) + trained.get("validation_seconds", 0.0),
             "evaluate": evaluated.get("seconds", 0.0)}
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "metrics.json", json.dumps(evaluated, ensure_ascii=False, indent=1) + "\n")
+    from kocr.params import params_path
+    from training.checkpoint import SHIPPED_MODELS
+
+    # what the run read besides the data: the params file, the recipe's dvc.yaml, the code, the start
+    start = SHIPPED_MODELS.get(str(params.get("train", {}).get("base")))
+    mattered = [params_path(), params_path().parent / "dvc.yaml", "kocr", "training", "evaluation",
+                "pyproject.toml", *([start] if start else [])]
     card = write_text(out / "MODEL_CARD.md", model_card(params, trained, evaluated, counts, command, wall,
-                                                        size / 1e6, name, sha256, git_commit()))
+                                                        size / 1e6, name, sha256, git_commit(),
+                                                        uncommitted_changes(mattered)))
     with atomic_path(out / f"{name}.pt", durable=True) as tmp:
         shutil.copyfile(model, tmp)
     if hashlib.sha256((out / f"{name}.pt").read_bytes()).hexdigest() != sha256:

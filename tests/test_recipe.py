@@ -315,7 +315,9 @@ def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
     # the command alone trains the next instalment at a later commit: the card names the one it ran at
     from kocr.tracking import git_commit
     commit = git_commit()
-    assert (f"At commit `{commit}` (`git checkout {commit[:12]}` first" in text) if commit else "At commit" not in text
+    # (this checkout's own uncommitted edits are named instead of the checkout: the test below checks which)
+    assert ((f"At commit `{commit}` (`git checkout {commit[:12]}` first" in text
+             or f"At commit `{commit}` plus uncommitted changes to " in text) if commit else "At commit" not in text)
     assert f"(sha256 `{hashlib.sha256(hangul_checkpoint.read_bytes()).hexdigest()}`)" in text  # of the file shipped
     assert f"| ko_base (this) | 8 | {entry['recipe']['cer']:.4f} | {entry['recipe']['word_accuracy']:.4f}" in text
     assert "**gone**: skipped" in text and "held-out: 8 images" in text and "train 1.1 min" in text
@@ -421,6 +423,53 @@ def test_card_and_ship_refuse_a_checkpoint_of_20_mb_or_more(hangul_checkpoint, t
             main(["ship", *args, "--release", str(release), "--to", str(tmp_path / "base")])
         assert exit_.value.code == 2 and f"ship: {release / 'ko_base.pt'}: {size:,} bytes" in capsys.readouterr().err
     assert not (tmp_path / "base").exists()
+
+
+def test_card_says_when_the_tree_is_not_its_commit_and_counts_the_heldout_sets_as_scored(
+        heldout_crops, hangul_checkpoint, tmp_path, monkeypatch):
+    """The card named the commit as reproducing the run when the params or code had uncommitted changes,
+    and counted the held-out sets rendered here at card time instead of those scored."""
+    repo = tmp_path / "repo"
+    (repo / "recipes/ko-base").mkdir(parents=True)
+    shutil.copyfile(RECIPE / "params-cpu.yaml", repo / "recipes/ko-base/params-cpu.yaml")
+    (repo / "recipes/ko-base/dvc.yaml").write_text("stages: {}\n", encoding="utf-8")
+    (repo / "kocr").mkdir()
+    (repo / "kocr/recipe.py").write_text("# the code\n", encoding="utf-8")
+    (repo / "notes.txt").write_text("not read by the recipe\n", encoding="utf-8")
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo,
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-q", "-m", "the recipe")
+    commit = git("rev-parse", "HEAD")
+    monkeypatch.chdir(repo)
+    monkeypatch.setenv("KOCR_PARAMS", "recipes/ko-base/params-cpu.yaml")
+    (tmp_path / "train.json").write_text(json.dumps({"steps": 4}))
+    # scored on 1,000 held-out crops and 300 Latin ones (an older record: the reader's n); 8 are rendered here now
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "models": {}, "model_sha256": _sha256(hangul_checkpoint),
+        "sets": {"heldout": {"labels": "h.tsv", "n": 1000}, "heldout_latin": {"labels": "l.tsv", "recipe": {"n": 300}}}}))
+    shutil.copytree(heldout_crops / "lmdb", tmp_path / "data/heldout")
+
+    def card() -> str:
+        return write_card(hangul_checkpoint, tmp_path / "train.json", tmp_path / "eval.json", tmp_path / "data",
+                          tmp_path / "release", "ko_base", "dvc repro").read_text(encoding="utf-8")
+
+    text = card()
+    assert "- held-out: 1,000 images" in text and "- held-out Latin: 300 images" in text
+    assert f"At commit `{commit}` (`git checkout {commit[:12]}` first" in text and "uncommitted" not in text
+    (repo / "notes.txt").write_text("edited\n", encoding="utf-8")  # nothing the recipe reads
+    assert f"At commit `{commit}` (`git checkout {commit[:12]}` first" in card()
+    with (repo / "recipes/ko-base/params-cpu.yaml").open("a", encoding="utf-8") as fh:
+        fh.write("# edited after the commit\n")
+    (repo / "kocr/new.py").write_text("x = 1\n", encoding="utf-8")
+    text = card()
+    assert (f"At commit `{commit}` plus uncommitted changes to `kocr/new.py`, `recipes/ko-base/params-cpu.yaml`: "
+            "that commit alone does not reproduce this checkpoint") in text
+    assert "git checkout" not in text
 
 
 @pytest.mark.skipif(not (SHIPPED / "ko_base.pt").is_file(), reason="models/base/ko_base.pt not built here")
