@@ -261,13 +261,15 @@ def finish_interrupted(to: Path, name: str) -> str | None:
 
 
 def _is_shipped(sources: list[Path], to: Path) -> bool:
-    """Whether ``to`` holds the release whole: its weights, its metrics and its card (the card may have
-    gained a "Shipped" section)."""
-    (pt, card, metrics), shipped = sources, [to / src.name for src in sources]
+    """Whether ``to`` holds the release whole: its weights, its metrics and a card of its weights (one
+    naming their sha256, as the card stage writes it: the release's, with a "Shipped" section, or that
+    card edited by hand since)."""
+    (pt, _, metrics), shipped = sources, [to / src.name for src in sources]
     if not all(p.is_file() for p in shipped):
         return False
-    return (_sha256(shipped[0]) == _sha256(pt) and shipped[2].read_bytes() == metrics.read_bytes()
-            and shipped[1].read_bytes().startswith(card.read_bytes()))
+    sha256 = _sha256(pt)
+    return (_sha256(shipped[0]) == sha256 and shipped[2].read_bytes() == metrics.read_bytes()
+            and f"sha256 `{sha256}`" in shipped[1].read_text(encoding="utf-8", errors="replace"))
 
 
 def _load(path: Path, what: str) -> Any:
@@ -325,9 +327,10 @@ def _check_belongs(sources: list[Path]) -> None:
 def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = "ko_base",
                  alpha: float = 0.05, force: bool = False, check: bool = False) -> dict[str, Any]:
     """Compare the release in ``release`` with ``<to>/<name>.pt`` and copy it over when the gate passes
-    (or ``force``); ``check`` compares and copies nothing. The release's checkpoint must be under 20 MB
-    and load with the base's charset and architecture (``check_release_checkpoint``), whatever the mode. Returns the verdict as a dict (``ship``: the
-    gate's answer, ``shipped``: whether files were copied); raises ``ShipError`` on missing input."""
+    (or ``force``); ``check`` compares and copies nothing. Whatever the mode, the release's card and
+    metrics must name its checkpoint, which must be under 20 MB and load with the base's charset and
+    architecture (``check_release_checkpoint``). Returns the verdict as a dict (``ship``: the gate's
+    answer, ``shipped``: whether files were copied); raises ``ShipError`` on missing or unusable input."""
     from kocr.recipe import RecipeError, check_checkpoint_size
     from training.checkpoint import file_digest
 
@@ -387,9 +390,9 @@ def ship_release(release: str | os.PathLike, to: str | os.PathLike, name: str = 
     sets, unjudged = sets_to_compare(metrics, shipped_metrics)
     records: dict[str, dict[str, Any]] = {}  # what each compared set was scored as, by either side
     for part in (shipped_metrics or {}, metrics):
-        for name, entry in (part.get("sets") or {}).items():
-            if isinstance(entry, dict) and name in sets:
-                records[name] = records.get(name, {}) | _recorded(entry)
+        for set_name, entry in (part.get("sets") or {}).items():
+            if isinstance(entry, dict) and set_name in sets:
+                records[set_name] = records.get(set_name, {}) | _recorded(entry)
     verdict = judge(compare_with_shipped(sources[0], target, metrics, sets, records), alpha)
     if unjudged:  # nothing shows the release is not worse there
         verdict = replace(verdict, ship=False, reasons=verdict.reasons + [why for _, why in sorted(unjudged.items())])

@@ -860,6 +860,11 @@ def test_a_ship_killed_midway_is_finished_by_the_next_one(heldout_crops, hangul_
     assert (base / "metrics.json").read_bytes() == (good / "metrics.json").read_bytes()
     card = (base / "MODEL_CARD.md").read_text(encoding="utf-8")
     assert card.startswith("# good card\n") and "the comparison with the base those weights replaced is not" in card
+    # a shipped card edited by hand since (it still names its weights) is the release's: it is kept
+    edited = card.replace("# good card\n", "# good card, a sentence corrected by hand\n")
+    (base / "MODEL_CARD.md").write_text(edited, encoding="utf-8")
+    assert ship_release(good, base)["note"] == f"{base / 'ko_base.pt'} is already this release"
+    assert (base / "MODEL_CARD.md").read_text(encoding="utf-8") == edited
     # the staged files are not for git
     staging = ["models/base/.ko_base.pt.shipping", "models/base/.ko_base.journal.shipping"]
     ignored = subprocess.run(["git", "check-ignore", *staging], cwd=REPO, capture_output=True, text=True)
