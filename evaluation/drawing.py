@@ -13,7 +13,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from training.data.pages import Page
+from training.data.pages import Page, clip_box
 
 GT_COLOUR, PRED_COLOUR = (0, 150, 60), (210, 30, 30)
 
@@ -41,12 +41,18 @@ def _upright(image_path: str | os.PathLike) -> Image.Image:
 
 
 def _panel(image: Image.Image, page: Page, colour: tuple[int, int, int], heading: str) -> Image.Image:
+    """The page with ``page``'s words boxed and labelled under a heading. Each box is clamped to the
+    image as scoring clamps it (``clip_box``); one with nothing inside (a negative size, a NaN or
+    infinite corner, off the page) is not drawn, as it is not scored."""
     panel = image.convert("RGB").copy()
     draw = ImageDraw.Draw(panel)
     size = max(12, panel.height // 45)
     font = _font(size)
     for word in page.words:
-        x0, y0, x1, y1 = word.corners
+        clipped = clip_box(word.bbox, panel.width, panel.height)
+        if clipped is None:
+            continue
+        x0, y0, x1, y1 = clipped
         draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
         label = word.text if word.score is None else f"{word.text} ({word.score:.2f})"
         ty = y0 - size - 2 if y0 - size - 2 >= 0 else y1 + 2

@@ -141,3 +141,42 @@ def test_breakdown_counts_the_words_score_page_scored():
     result = breakdown([gt], [pred], [score_page(gt, pred)])
     assert result["kind_score"] == {"hangul": 1.0} and result["kind_words"] == {"hangul": 1}
     assert result["detection"] == {"split": 0, "merged": 0, "missed": 0}
+
+
+def _broken_boxes_page(name: str) -> Page:
+    """A page whose labels hold a negative width, a negative height, a NaN corner and a box off the page."""
+    return Page(name, 200, 100, [Word((10, 40, 60, 20), "서울"), Word((120, 40, -30, 20), "시청"),
+                                 Word((90, 70, 20, -15), "구청"), Word((float("nan"), 5, 20, 10), "동"),
+                                 Word((300, 40, 20, 20), "밖")])
+
+
+def test_worst_page_picture_draws_broken_boxes_as_scoring_clamps_them(tmp_path):
+    """Boxes scoring leaves out (negative size, NaN, off the page) are left out of the picture, not a crash."""
+    Image.new("RGB", (200, 100), (250, 250, 250)).save(tmp_path / "p.png")
+    gt = _broken_boxes_page("p.png")
+    pred = Page("p.png", 200, 100, [Word((-20, 40, 90, 20), "서울"), Word((50, float("inf"), 9, 9), "?")])
+    out = draw_comparison(tmp_path / "p.png", gt, pred, "m", tmp_path / "w.png")
+    with Image.open(out) as picture:
+        assert picture.width > 200
+
+
+def test_evaluate_writes_metrics_and_pictures_for_a_page_with_broken_boxes(tmp_path, monkeypatch):
+    from evaluation import evaluate
+    from evaluation.evaluate import EvalPage, evaluate_models
+
+    Image.new("RGB", (200, 100), (250, 250, 250)).save(tmp_path / "p.png")
+    gt = _broken_boxes_page("p.png")
+
+    class Reader:  # reads the one sound word, misread
+        needs_detection = False
+
+        def read_page(self, item, grey, detections):
+            return Page(item.page.image_name, 200, 100, [Word((10, 40, 60, 20), "서을")])
+
+        def read_crops(self, grey, boxes):
+            return ["" for _ in boxes]
+
+    monkeypatch.setattr(evaluate, "make_engine", lambda model, settings, device: Reader())
+    scored = evaluate_models({"m": "echo"}, [EvalPage("p.png", gt, tmp_path / "p.png")], tmp_path / "pred",
+                             progress=False, pictures_dir=tmp_path / "worst")["m"]
+    assert scored.metrics["gt_words"] == 1 and [p.is_file() for p in scored.pictures] == [True]
