@@ -13,12 +13,18 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from training.data.pages import Page, clip_box
+from evaluation.metrics import PageScore, in_image, score_page
+from training.data.pages import Page, clip_box, unscored
 
 GT_COLOUR, PRED_COLOUR = (0, 150, 60), (210, 30, 30)
+EXACT, WRONG, UNMATCHED = (0, 150, 60), (235, 130, 0), (210, 30, 30)  # a reading: right, misread, no word
+FOUND, MISSED, NOT_SCORED = (0, 110, 200), (210, 30, 30), (140, 140, 140)  # a ground-truth word
+PANEL_WIDTH = 1600  # a wider page is drawn at this width: labels stay legible, the PNG small
+LABEL_SIZE = (11, 28)  # label font size in pixels, from about half the median word height
+HEADING_SIZE = 20
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         from training.data.fonts import find_fonts, load_font
@@ -40,27 +46,61 @@ def _upright(image_path: str | os.PathLike) -> Image.Image:
         return stored.convert("RGB")
 
 
-def _panel(image: Image.Image, page: Page, colour: tuple[int, int, int], heading: str) -> Image.Image:
-    """The page with ``page``'s words boxed and labelled under a heading. Each box is clamped to the
-    image as scoring clamps it (``clip_box``); one with nothing inside (a negative size, a NaN or
-    infinite corner, off the page) is not drawn, as it is not scored."""
-    panel = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(panel)
-    size = max(12, panel.height // 45)
+Colour = tuple[int, int, int]
+Box = tuple[float, float, float, float]
+
+
+def _label_size(boxes: list[Box]) -> int:
+    """Label font size: 0.55 of the median drawn word height, within ``LABEL_SIZE``."""
+    heights = sorted(y1 - y0 for _, y0, _, y1 in boxes)
+    median = heights[len(heights) // 2] if heights else 0
+    return int(min(LABEL_SIZE[1], max(LABEL_SIZE[0], round(0.55 * median))))
+
+
+def _panel(image: Image.Image, page: Page, colours: list[Colour], heading: str, heading_colour: Colour,
+           legend: list[tuple[str, Colour]]) -> Image.Image:
+    """The page with ``page``'s words boxed in ``colours`` (one per word) and labelled with their text,
+    under a heading and a legend. A page wider than ``PANEL_WIDTH`` is scaled down to it first.
+
+    Each box is clamped to the image as scoring clamps it (``clip_box``); one with nothing inside
+    (a negative size, a NaN or infinite corner, off the page) is not drawn, as it is not scored.
+    A label sits just above its box on a half-clear band, so the text line above still shows.
+    """
+    scale = min(1.0, PANEL_WIDTH / image.width)
+    panel = image.convert("RGB")
+    if scale < 1:
+        panel = panel.resize((PANEL_WIDTH, max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    else:
+        panel = panel.copy()
+    drawn: list[tuple[Box, str, Colour]] = []
+    for word, colour in zip(page.words, colours):
+        clipped = clip_box(word.bbox, image.width, image.height)
+        if clipped is not None:
+            box = tuple(v * scale for v in clipped)
+            drawn.append((box, word.text, colour))  # type: ignore[arg-type]
+    size = _label_size([box for box, _, _ in drawn])
     font = _font(size)
-    for word in page.words:
-        clipped = clip_box(word.bbox, panel.width, panel.height)
-        if clipped is None:
-            continue
-        x0, y0, x1, y1 = clipped
-        draw.rectangle((x0, y0, x1, y1), outline=colour, width=2)
-        label = word.text if word.score is None else f"{word.text} ({word.score:.2f})"
-        ty = y0 - size - 2 if y0 - size - 2 >= 0 else y1 + 2
-        box = draw.textbbox((x0, ty), label, font=font)
-        draw.rectangle(box, fill=(255, 255, 255))
-        draw.text((x0, ty), label, fill=colour, font=font)
-    header = Image.new("RGB", (panel.width, size * 2), (245, 245, 245))
-    ImageDraw.Draw(header).text((8, size // 2), heading, fill=colour, font=font)
+    draw = ImageDraw.Draw(panel)
+    for (x0, y0, x1, y1), _, colour in drawn:
+        draw.rectangle((x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)), outline=colour, width=2 if scale == 1 else 1)
+    bands = Image.new("RGBA", panel.size, (0, 0, 0, 0))
+    ink = Image.new("RGBA", panel.size, (0, 0, 0, 0))
+    band_draw, ink_draw = ImageDraw.Draw(bands), ImageDraw.Draw(ink)
+    for (x0, y0, _, y1), text, colour in drawn:
+        ty = y0 - size - 1 if y0 - size - 1 >= 0 else y1 + 1
+        left, top, right, bottom = ink_draw.textbbox((x0, ty), text, font=font)
+        band_draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), fill=(255, 255, 255, 170))
+        ink_draw.text((x0, ty), text, fill=colour + (255,), font=font)
+    panel = Image.alpha_composite(Image.alpha_composite(panel.convert("RGBA"), bands), ink).convert("RGB")
+    heading_font, legend_font = _font(HEADING_SIZE), _font(HEADING_SIZE - 4)
+    header = Image.new("RGB", (panel.width, HEADING_SIZE * 2 + HEADING_SIZE + 8), (245, 245, 245))
+    hd = ImageDraw.Draw(header)
+    hd.text((8, 6), heading, fill=heading_colour, font=heading_font)
+    x, y = 8, HEADING_SIZE + 16
+    for name, colour in legend:
+        hd.rectangle((x, y + 2, x + 12, y + 14), outline=colour, width=2)
+        hd.text((x + 18, y), name, fill=colour, font=legend_font)
+        x += 18 + int(hd.textlength(name, font=legend_font)) + 20
     out = Image.new("RGB", (panel.width, panel.height + header.height), (255, 255, 255))
     out.paste(header, (0, 0))
     out.paste(panel, (0, header.height))
@@ -68,11 +108,27 @@ def _panel(image: Image.Image, page: Page, colour: tuple[int, int, int], heading
 
 
 def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: str,
-                    out: str | os.PathLike) -> Path:
-    """Write a PNG with the ground truth and the prediction side by side; returns its path."""
+                    out: str | os.PathLike, score: PageScore | None = None) -> Path:
+    """Write a PNG with the ground truth and the prediction side by side; returns its path.
+
+    Colours follow ``score`` (``score_page(gt, pred)`` when not given): a reading matched to a word it
+    reads exactly is green, one that misreads it orange, one matched to no word red; a ground-truth
+    word some reading matched is blue, one none did (missed) red, one not scored (``###``) grey.
+    """
+    if score is None:
+        score = score_page(gt, pred)
+    matched = {j: (i, value) for i, j, value in score.pairs}
+    found = {i for i, _, _ in score.pairs}
+    sizes = in_image(gt.words, gt.width, gt.height)
+    gt_colours = [NOT_SCORED if unscored(w.text) or sized is None else FOUND if i in found else MISSED
+                  for i, (w, sized) in enumerate(zip(gt.words, sizes))]
+    pred_colours = [UNMATCHED if j not in matched else EXACT if matched[j][1] >= 1.0 else WRONG
+                    for j in range(len(pred.words))]
     image = _upright(image_path)  # as the boxes were read
-    left = _panel(image, gt, GT_COLOUR, f"ground truth ({len(gt.words)} words)")
-    right = _panel(image, pred, PRED_COLOUR, title)
+    left = _panel(image, gt, gt_colours, f"ground truth ({len(gt.words)} words)", GT_COLOUR,
+                  [("found", FOUND), ("missed", MISSED), ("not scored", NOT_SCORED)])
+    right = _panel(image, pred, pred_colours, title, PRED_COLOUR,
+                   [("exact", EXACT), ("misread", WRONG), ("no word matched", UNMATCHED)])
     canvas = Image.new("RGB", (left.width + right.width + 10, max(left.height, right.height)), (255, 255, 255))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width + 10, 0))

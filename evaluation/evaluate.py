@@ -195,6 +195,6 @@ def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalP
             for rank, (name, f1, i) in enumerate(ranked, start=1):
                 out = Path(pictures_dir) / label / f"{rank:02d}_{Path(name).stem}.png"
                 evaluation.pictures.append(draw_comparison(pages[i].image, pages[i].page, predictions[label][i],
-                                                           f"{label}: page F1 {f1:.3f}", out))
+                                                           f"{label}: page F1 {f1:.3f}", out, page_scores[label][i]))
         results[label] = evaluation
     return results

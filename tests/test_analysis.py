@@ -8,7 +8,7 @@ from collections import Counter
 from PIL import Image
 
 from evaluation.analysis import breakdown, confusions, detection_failures, jamo_confusions, text_kind
-from evaluation.drawing import draw_comparison
+from evaluation.drawing import EXACT, FOUND, MISSED, UNMATCHED, WRONG, draw_comparison
 from evaluation.metrics import score_page
 from training.data.pages import Page, Word
 
@@ -80,10 +80,9 @@ def test_worst_page_picture_shows_both_sides(tmp_path):
     with Image.open(out) as picture:
         assert picture.width == 2 * 200 + 10 and picture.height > 100
         pixels = picture.convert("RGB").load()
-        # a green ground-truth edge on the left panel, a red prediction edge on the right panel
+        # a blue edge round the found ground-truth word on the left, an orange one round its misreading on the right
         header = picture.height - 100
-        assert pixels[10, header + 50][1] > 100 and pixels[10, header + 50][0] < 100
-        assert pixels[210 + 12, header + 50][0] > 150 and pixels[210 + 12, header + 50][1] < 100
+        assert pixels[10, header + 50] == FOUND and pixels[210 + 12, header + 50] == WRONG
 
 
 def test_worst_page_picture_shows_the_page_the_models_read_for_16_bit_and_alpha_only_images(tmp_path):
@@ -180,3 +179,41 @@ def test_evaluate_writes_metrics_and_pictures_for_a_page_with_broken_boxes(tmp_p
     scored = evaluate_models({"m": "echo"}, [EvalPage("p.png", gt, tmp_path / "p.png")], tmp_path / "pred",
                              progress=False, pictures_dir=tmp_path / "worst")["m"]
     assert scored.metrics["gt_words"] == 1 and [p.is_file() for p in scored.pictures] == [True]
+
+
+def test_worst_page_picture_colours_each_box_by_its_match(tmp_path):
+    """Readings: exact green, misread orange, matched to no word red; ground truth: found blue, missed red."""
+    Image.new("RGB", (400, 100), (250, 250, 250)).save(tmp_path / "p.png")
+    gt = Page("p.png", 400, 100, [Word((10, 40, 60, 20), "서울"), Word((100, 40, 60, 20), "시청"),
+                                  Word((200, 40, 60, 20), "구청")])
+    pred = Page("p.png", 400, 100, [Word((10, 40, 60, 20), "서울"), Word((100, 40, 60, 20), "시장"),
+                                    Word((300, 40, 60, 20), "잡음")])
+    out = draw_comparison(tmp_path / "p.png", gt, pred, "m", tmp_path / "w.png")
+    with Image.open(out) as picture:
+        pixels, top = picture.convert("RGB").load(), picture.height - 100
+        assert [pixels[x, top + 50] for x in (10, 100, 200)] == [FOUND, FOUND, MISSED]
+        assert [pixels[410 + x, top + 50] for x in (10, 100, 300)] == [EXACT, WRONG, UNMATCHED]
+
+
+def test_worst_page_picture_of_a_big_page_is_scaled_down_with_labels_the_size_of_its_words(tmp_path):
+    """An A4 scan is drawn 1600 px wide a side; a label is about half its word's height (not the page
+    height / 45), and a reading's confidence is not written after it."""
+    import numpy as np
+
+    Image.new("RGB", (2480, 3508), (255, 255, 255)).save(tmp_path / "a4.png")
+    gt = Page("a4.png", 2480, 3508, [Word((400, 1000, 300, 36), "서울특별시")])
+    pictures = []
+    for score in (0.93, None):
+        pred = Page("a4.png", 2480, 3508, [Word((400, 1000, 300, 36), "서울특별시", score)])
+        out = draw_comparison(tmp_path / "a4.png", gt, pred, "m", tmp_path / f"w{score}.png")
+        with Image.open(out) as picture:
+            pictures.append(np.asarray(picture.convert("RGB")).astype(int))
+    assert (pictures[0] == pictures[1]).all()  # the same picture with or without a confidence
+    picture = pictures[0]
+    assert picture.shape[1] <= 2 * 1600 + 10
+    scale = 1600 / 2480
+    page = picture[picture.shape[0] - round(3508 * scale):, :1600]  # the left panel's page
+    box_top, box_height = round(1000 * scale), 36 * scale
+    inked = np.nonzero((np.abs(page - 255).sum(axis=2) > 60).any(axis=1))[0]
+    above = inked[inked < box_top - 1]
+    assert len(above) and box_top - above.min() < 1.2 * box_height  # the label is no taller than the word
