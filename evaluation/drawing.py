@@ -22,6 +22,7 @@ FOUND, MISSED, NOT_SCORED = (0, 110, 200), (210, 30, 30), (140, 140, 140)  # a g
 PANEL_WIDTH = 1600  # a wider page is drawn at this width: labels stay legible, the PNG small
 LABEL_SIZE = (11, 28)  # label font size in pixels, from about half the median word height
 HEADING_SIZE = 20
+MAX_CROP_WIDTH = 1200
 
 
 @functools.lru_cache(maxsize=8)
@@ -141,7 +142,7 @@ def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: 
 def draw_crop_readings(image_path: str | os.PathLike, gt: str, readings: dict[str, tuple[str, float]],
                        out: str | os.PathLike, height: int = 96,
                        box: tuple[int, int, int, int] | None = None) -> Path:
-    """Write a PNG of one crop (scaled to ``height``) above its ground truth and each model's reading.
+    """Write a PNG of one crop (scaled to ``height``, or lower to fit ``MAX_CROP_WIDTH``, as it is) above its ground truth and each model's reading.
 
     ``readings`` maps a model label to (text, CER); exact readings are drawn green, others red.
     ``box`` (x0, y0, x1, y1) draws that region of the image instead of the whole image.
@@ -150,7 +151,8 @@ def draw_crop_readings(image_path: str | os.PathLike, gt: str, readings: dict[st
     font = _font(size)
     image = _upright(image_path)  # as the boxes were cut
     crop = image.crop(box) if box is not None else image
-    crop = crop.resize((max(1, min(1200, round(crop.width * height / crop.height))), height))
+    scale = min(height / crop.height, MAX_CROP_WIDTH / crop.width)  # a long line is drawn lower, never squashed
+    crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))))
     lines = [(f"ground truth: {gt}", GT_COLOUR)]
     lines += [(f"{label}: {text}  (CER {value:.2f})", GT_COLOUR if value == 0 else PRED_COLOUR)
               for label, (text, value) in readings.items()]

@@ -217,3 +217,16 @@ def test_worst_page_picture_of_a_big_page_is_scaled_down_with_labels_the_size_of
     inked = np.nonzero((np.abs(page - 255).sum(axis=2) > 60).any(axis=1))[0]
     above = inked[inked < box_top - 1]
     assert len(above) and box_top - above.min() < 1.2 * box_height  # the label is no taller than the word
+
+
+def test_a_crop_longer_than_the_picture_is_wide_keeps_its_shape(tmp_path):
+    """A 25:1 line crop is drawn 1200 px wide and 48 high, not squashed to 1200 x 96."""
+    import numpy as np
+
+    from evaluation.drawing import draw_crop_readings
+
+    Image.new("RGB", (2500, 100), (0, 0, 0)).save(tmp_path / "line.png")
+    out = draw_crop_readings(tmp_path / "line.png", "서울", {"m": ("서울", 0.0)}, tmp_path / "w.png")
+    with Image.open(out) as picture:
+        rows = np.nonzero((np.asarray(picture.convert("L"))[:, 10:1210] < 20).all(axis=1))[0]  # the crop's rows
+    assert len(rows) == 48
