@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
 from evaluation.metrics import PageScore, in_image, score_page
+from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
 from training.data.pages import Page, clip_box, unscored
 
 GT_COLOUR, PRED_COLOUR = (0, 150, 60), (210, 30, 30)
@@ -23,16 +25,41 @@ PANEL_WIDTH = 1600  # a wider page is drawn at this width: labels stay legible, 
 LABEL_SIZE = (11, 28)  # label font size in pixels, from about half the median word height
 HEADING_SIZE = 20
 MAX_CROP_WIDTH = 1200
+FONT_DIRS: tuple[str, ...] = DEFAULT_FONT_DIRS  # where the labels' face is looked for
+PREFERRED_FACES = ("NanumGothic.ttf", "NotoSansCJK-Regular.ttc")
+HANGUL_PROBE = "가한글읽기"
+
+
+@functools.lru_cache(maxsize=4)
+def _hangul_face(font_dirs: tuple[str, ...]) -> FontFace | None:
+    """The face labels are drawn in: a preferred one, else the first installed face (``fonts.find_fonts``'
+    search, Noto CJK's Korean face chosen) that draws Hangul; None, with one warning, when none does."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a preferred face not installed is no news
+        try:
+            faces = find_fonts([*PREFERRED_FACES, "*"], font_dirs)
+        except ValueError:
+            faces = []
+    for face in faces:
+        try:
+            if covers(face, HANGUL_PROBE):
+                return face
+        except Exception:  # a font file fontTools cannot read is skipped, not fatal
+            continue
+    warnings.warn(f"no font under {list(font_dirs)} draws Hangul: picture labels show Korean as boxes "
+                  "(install fonts-nanum or fonts-noto-cjk)", stacklevel=3)
+    return None
 
 
 @functools.lru_cache(maxsize=8)
 def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        from training.data.fonts import find_fonts, load_font
-
-        return load_font(find_fonts(["NanumGothic.ttf", "NotoSansCJK-Regular.ttc"])[0], size)
-    except (ValueError, OSError):  # no Korean font installed: labels still drawn, Hangul as boxes
-        return ImageFont.load_default(size)
+    face = _hangul_face(tuple(FONT_DIRS))
+    if face is not None:
+        try:
+            return load_font(face, size)
+        except OSError:  # a face fontTools reads but FreeType does not
+            pass
+    return ImageFont.load_default(size)
 
 
 def _upright(image_path: str | os.PathLike) -> Image.Image:

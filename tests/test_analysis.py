@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import unicodedata
 from collections import Counter
 
@@ -230,3 +231,47 @@ def test_a_crop_longer_than_the_picture_is_wide_keeps_its_shape(tmp_path):
     with Image.open(out) as picture:
         rows = np.nonzero((np.asarray(picture.convert("L"))[:, 10:1210] < 20).all(axis=1))[0]  # the crop's rows
     assert len(rows) == 48
+
+
+def _fonts_only(tmp_path, monkeypatch, *files: str):
+    """Point the pictures' font search at a folder holding only ``files``; returns the drawing module."""
+    from pathlib import Path
+
+    from evaluation import drawing
+
+    folder = tmp_path / "fonts"
+    folder.mkdir()
+    for path in files:
+        (folder / Path(path).name).symlink_to(path)
+    monkeypatch.setattr(drawing, "FONT_DIRS", (str(folder),), raising=False)
+    drawing._font.cache_clear()  # the caller empties it again when done
+    return drawing
+
+
+def test_picture_labels_use_any_installed_hangul_face(tmp_path, monkeypatch):
+    """Neither NanumGothic nor Noto CJK installed: another Hangul face draws the labels, not Pillow's default."""
+    import pytest
+
+    batang = "/usr/share/fonts/truetype/baekmuk/batang.ttf"
+    dejavu = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    if not (os.path.isfile(batang) and os.path.isfile(dejavu)):
+        pytest.skip("needs fonts-baekmuk and fonts-dejavu")
+    drawing = _fonts_only(tmp_path, monkeypatch, dejavu, batang)
+    try:
+        assert drawing._font(20).path.endswith("batang.ttf")  # DejaVu, first in order, has no Hangul
+    finally:
+        drawing._font.cache_clear()
+
+
+def test_picture_labels_without_a_hangul_face_warn_once(tmp_path, monkeypatch):
+    import warnings
+
+    dejavu = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
+    drawing = _fonts_only(tmp_path, monkeypatch, *([dejavu] if os.path.isfile(dejavu) else []))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            drawing._font(20), drawing._font(30)
+        assert len([w for w in caught if "draws Hangul" in str(w.message)]) == 1
+    finally:
+        drawing._font.cache_clear()
