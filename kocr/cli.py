@@ -203,10 +203,15 @@ def cmd_tune(args: argparse.Namespace) -> None:
 
 
 def _log_curves(plots_dir: Path) -> None:
-    """The training loss and the validation CER as one picture in the active MLflow run."""
+    """The training loss and the validation CER as one picture in the active MLflow run.
+
+    The loss is drawn per step, faint, under its rolling mean (about 1/20 of the steps), on a log
+    axis; the CER axis starts at 0.
+    """
     import csv
 
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -217,11 +222,23 @@ def _log_curves(plots_dir: Path) -> None:
             return list(csv.DictReader(fh, delimiter="\t"))
 
     loss, val = rows("loss.tsv"), rows("val.tsv")
+    steps, values = [int(r["step"]) for r in loss], [float(r["loss"]) for r in loss]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
-    left.plot([int(r["step"]) for r in loss], [float(r["loss"]) for r in loss], lw=1)
-    left.set(xlabel="step", ylabel="CTC loss", title="training loss")
+    window = max(1, len(values) // 20)
+    sums = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(0, ends - window)
+    mean = (sums[ends] - sums[starts]) / (ends - starts)  # the mean of the last `window` steps (fewer at first)
+    left.plot(steps, values, lw=0.6, alpha=0.3, color="tab:blue", label="per step")
+    left.plot(steps, mean, lw=1.5, color="tab:blue", label=f"mean of {window} steps")
+    if values and min(values) > 0:
+        left.set_yscale("log")
+    if window > 1:
+        left.legend(loc="upper right", fontsize="small")
+    left.set(xlabel="step", ylabel="training loss", title="training loss")
     if val and "cer" in val[0]:
         right.plot([int(r["step"]) for r in val], [float(r["cer"]) for r in val], marker="o")
+    right.set_ylim(bottom=0, top=max([0.05] + [float(r["cer"]) * 1.05 for r in val if "cer" in r]))
     right.set(xlabel="step", ylabel="CER", title="validation CER")
     fig.tight_layout()
     mlflow.log_figure(fig, "plots/train_curves.png")
