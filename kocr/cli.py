@@ -205,7 +205,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
 def _log_curves(plots_dir: Path) -> None:
     """The training loss and the validation CER as one picture in the active MLflow run.
 
-    The loss is drawn per step, faint, under its rolling mean (about 1/20 of the steps), on a log
+    The loss is drawn per step, faint, under its centred rolling mean (about 1/20 of the steps), on a log
     axis; the CER axis starts at 0.
     """
     import csv
@@ -226,9 +226,10 @@ def _log_curves(plots_dir: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
     window = max(1, len(values) // 20)
     sums = np.concatenate([[0.0], np.cumsum(values)])
-    ends = np.arange(1, len(values) + 1)
-    starts = np.maximum(0, ends - window)
-    mean = (sums[ends] - sums[starts]) / (ends - starts)  # the mean of the last `window` steps (fewer at first)
+    middle = np.arange(len(values))
+    starts = np.maximum(0, middle - window // 2)
+    ends = np.minimum(len(values), middle - window // 2 + window)
+    mean = (sums[ends] - sums[starts]) / (ends - starts)  # centred on each step (fewer at the ends): no lag
     left.plot(steps, values, lw=0.6, alpha=0.3, color="tab:blue", label="per step")
     left.plot(steps, mean, lw=1.5, color="tab:blue", label=f"mean of {window} steps")
     if values and min(values) > 0:
