@@ -369,6 +369,63 @@ def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path)
     assert "val_samples.json" in artifacts
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _two_ranks(prepared: Path, out: Path, states: list[Path], knobs: dict, resume: bool = False,
+               timeout: float = 150) -> list[subprocess.CompletedProcess]:
+    """train() in two gloo processes joined by hand with a 20 s collective timeout (torchrun's default is
+    30 minutes), so a job whose ranks wait on each other fails here instead of hanging the suite."""
+    port = _free_port()
+    script = (f"import datetime, json, os, sys; sys.path.insert(0, {str(REPO)!r})\n"
+              "import torch.distributed as dist\nfrom pathlib import Path\n"
+              "from training.train import TrainConfig, train\n"
+              "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
+              f"c = TrainConfig(**json.loads({json.dumps({**TINY, **knobs})!r}))\n"
+              f"state = {[str(s) for s in states]!r}[int(os.environ['RANK'])]\n"
+              f"out = Path({str(out)!r})\n"
+              f"train(c, {str(prepared)!r}, out, metrics_file=out / 'm.json', plots_dir=out / 'plots', "
+              f"progress=False, log=False, state_file=state, resume={resume!r}, keep_state=True)\n")
+    procs = [subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"})
+             for r in range(2)]
+    deadline = time.monotonic() + timeout
+    done = []
+    for proc in procs:
+        try:
+            stdout, stderr = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    return done
+
+
+def test_ranks_that_find_different_states_stop_at_once_saying_which_found_what(prepared, tmp_path):
+    """A node-local state_dir: rank 0 resumes at step 4, rank 1 finds nothing and would start at step 0.
+    The ranks then run different numbers of collectives and waited on each other for 30 minutes."""
+    state = tmp_path / "state" / "out.pt"
+    knobs = {"steps": 4, "val_every": 2, "checkpoint_every": 2}
+    first = _two_ranks(prepared, tmp_path / "out", [state, state], knobs)
+    assert [p.returncode for p in first] == [0, 0], first[0].stderr[-2000:] + first[1].stderr[-2000:]
+    assert load_state(state)["progress"]["step"] == 4
+    elsewhere = tmp_path / "node1" / "out.pt"  # rank 1's own disk: no state there
+    resumed = _two_ranks(prepared, tmp_path / "out", [state, elsewhere], {**knobs, "steps": 8}, resume=True)
+    for proc in resumed:
+        assert proc.returncode != 0
+        assert (f"ResumeMismatch: the ranks found different states to resume: rank 0 resumed {state} at step 4; "
+                f"rank 1 found no saved state at {elsewhere}; every rank must read the same train.state_dir"
+                in proc.stderr), proc.stderr[-2000:]
+
+
 def test_an_attention_head_trains_validates_and_is_refused_by_the_page_reader(prepared, tmp_path):
     from evaluation.reader import Recognition
     from training.checkpoint import ModelSpecError, load_recognizer

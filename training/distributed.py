@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -88,6 +89,15 @@ def sum_over_ranks(value: float, ctx: DistContext) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=ctx.device if ctx.device.type == "cuda" else "cpu")
     dist.all_reduce(tensor)
     return float(tensor.item())
+
+
+def gather(value: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+    if not ctx.enabled:
+        return [value]
+    values: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(values, value)
+    return values
 
 
 def shutdown(ctx: DistContext) -> None:

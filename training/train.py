@@ -14,6 +14,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -37,7 +38,8 @@ from training.attention import AttnCodec, attention_loss, num_class_for
 from training.checkpoint import file_digest, load_recognizer, save_checkpoint, start_from
 from training.crops import BucketBatchSampler, CropBatch, CropDataset, MixedCrops
 from training.data.lmdb_store import LmdbDataset
-from training.distributed import DistContext, all_agree, broadcast_flag, init_distributed, shutdown, sum_over_ranks
+from training.distributed import (DistContext, all_agree, broadcast_flag, gather, init_distributed, shutdown,
+                                  sum_over_ranks)
 from training.model import Recognizer, RecognizerConfig
 from training.optim import make_optimizer, make_scheduler
 from training.resume import config_differences, load_state, restore_rng, rng_state, save_bytes, save_state
@@ -487,6 +489,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     if resume and state_file is not None:
         state = _resume(Path(state_file), signature, core, optimizer, scheduler, scaler, ema,
                         out_dir if main else None, quiet=not main) or state
+        _same_state_on_every_rank(state, Path(state_file), ctx)
     resumed_at = state.step  # 0 for a fresh start
     finished = state.step >= config.steps or (config.patience > 0 and state.stale >= config.patience)
     if finished and main:
@@ -704,6 +707,38 @@ def _save(path: Path, signature: dict[str, Any], state: Progress, core: Recogniz
                       "scaler": scaler.state_dict(), "rng": rng_state(),
                       "ema": ema.state_dict() if ema is not None else None,
                       "best_checkpoint": kept.read_bytes() if kept is not None and kept.is_file() else None})
+
+
+class ResumeMismatch(ValueError):
+    """The ranks of a torchrun job found different saved states (e.g. ``state_dir`` on a node's own disk)."""
+
+
+def _same_state_on_every_rank(state: Progress, path: Path, ctx: DistContext) -> None:
+    """Stop unless every rank resumed the same saved state, or every rank starts from step 0.
+
+    Ranks at different steps would run different numbers of collectives and wait on each other until
+    the process group's timeout (30 minutes by default), silently; one line naming what each rank
+    found is raised instead (the same on every rank).
+    """
+    if not ctx.enabled:
+        return
+    if state.step:
+        key: str | None = hashlib.sha256(json.dumps(vars(state), sort_keys=True, default=str).encode()).hexdigest()
+        found = f"resumed {path} at step {state.step}"
+    else:
+        key, found = None, (f"found a state of another run at {path}" if path.is_file()
+                            else f"found no saved state at {path}")
+    outcomes = gather((key, found), ctx)
+    if len({k for k, _ in outcomes}) == 1:
+        return
+    ranks: dict[str, list[int]] = {}
+    for rank, (_, said) in enumerate(outcomes):
+        ranks.setdefault(said, []).append(rank)
+    raise ResumeMismatch(
+        "the ranks found different states to resume: "
+        + "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))} {said}" for said, r in ranks.items())
+        + "; every rank must read the same train.state_dir (on a filesystem all nodes share: docs/training.md, "
+        "torchrun)")
 
 
 def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: torch.optim.Optimizer,
