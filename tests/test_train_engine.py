@@ -158,6 +158,25 @@ def test_resume_refuses_another_runs_state_and_starts_fresh(prepared, tmp_path, 
     assert summary["device"] == f"cpu: {os.cpu_count()} cores"  # what trained, for the model card
 
 
+def test_validation_seconds_count_the_validations_before_a_resume_too(prepared, tmp_path, monkeypatch):
+    """Like train_seconds, validation_seconds is the whole run's, not only the resumed process's."""
+    real = train_module.validate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train_module, "validate", slow)
+    state = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):  # killed after step 2's validation and save
+        train(TrainConfig(**{**TINY, "steps": 4, "val_every": 2}), prepared, tmp_path / "a", progress=False,
+              log=False, state_file=state, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap",
+              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    assert load_state(state)["progress"]["validation_seconds"] >= 0.5
+    summary = _run(prepared, tmp_path / "b", state, resume=True, steps=4, val_every=2)
+    assert summary["resumed_from_step"] == 2
+    assert summary["validation_seconds"] >= 1.0  # step 2's validation before the kill, step 4's after
+
+
 def test_a_resumed_run_gets_back_its_best_checkpoint_when_the_output_folder_was_deleted(prepared, tmp_path, capsys,
                                                                                        monkeypatch):
     """``dvc repro`` deletes a stage's outputs before it runs it again: the state must carry the best so far."""

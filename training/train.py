@@ -348,6 +348,7 @@ class Progress:
     skipped_nonfinite: int = 0
     seen: float = 0.0                # images over all ranks
     seconds: float = 0.0             # training wall time before this process
+    validation_seconds: float = 0.0  # validation wall time before this process
     loss_rows: list[dict[str, Any]] = field(default_factory=list)
     val_rows: list[dict[str, Any]] = field(default_factory=list)
     sample_rows: list[dict[str, Any]] = field(default_factory=list)
@@ -557,7 +558,8 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
             validating_seconds += time.perf_counter() - before
         if state_file is not None and main and (validating or step % config.checkpoint_every == 0):
             _save(Path(state_file), signature, state, core, optimizer, scheduler, scaler,
-                  seen_here, time.perf_counter() - started - validating_seconds, ctx, ema, out_dir)
+                  seen_here, time.perf_counter() - started - validating_seconds, ctx, ema, out_dir,
+                  validating_seconds)
         if validating and broadcast_flag(stop, ctx):
             break
     bar.close()
@@ -574,7 +576,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
                "images_per_second": rate,
                "steady_images_per_second": _steady_rate(first, ended, seen_here, validating_seconds, ctx.world_size)
                or rate, "train_seconds": round(elapsed, 1),
-               "validation_seconds": round(validating_seconds, 1),
+               "validation_seconds": round(state.validation_seconds + validating_seconds, 1),
                "train_samples": len(train_set), **{f"dropped_{k}": v for k, v in train_set.dropped.items()},
                **val_dropped,
                "base": transfer["base"], "base_sha256": transfer.get("base_sha256", ""),
@@ -696,11 +698,12 @@ def _resumable(config: TrainConfig) -> dict[str, Any]:
 def _save(path: Path, signature: dict[str, Any], state: Progress, core: Recognizer,
           optimizer: torch.optim.Optimizer, scheduler: Any, scaler: torch.amp.GradScaler,
           seen_here: int, seconds: float, ctx: DistContext, ema: torch.nn.Module | None = None,
-          out_dir: Path | None = None) -> None:
+          out_dir: Path | None = None, validating: float = 0.0) -> None:
     """Write the resumable state, with the best checkpoint so far: ``dvc repro`` deletes the stage's
     outputs before it runs the stage again, so the state must not rely on ``out_dir/model.pt`` surviving."""
     counters = Progress(**{**vars(state), "seen": state.seen + seen_here * ctx.world_size,
-                           "seconds": state.seconds + seconds})
+                           "seconds": state.seconds + seconds,
+                           "validation_seconds": state.validation_seconds + validating})
     kept = out_dir / "model.pt" if out_dir is not None and state.best["step"] else None
     save_state(path, {"signature": signature, "progress": vars(counters), "model": core.state_dict(),
                       "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
