@@ -245,12 +245,15 @@ def _repaint_first_image(split: Path) -> None:
     env.close()
 
 
-@pytest.mark.parametrize("damage,message", [
-    (lambda txn: txn.put(b"label-%09d" % 2, b"\xff\xfe"), r"sample 2: label b'\\xff\\xfe' is not UTF-8"),
-    (lambda txn: txn.delete(b"image-%09d" % 3), "sample 3 has no image"),
-    (lambda txn: txn.put(b"num-samples", b"abc"), "num-samples b'abc' is not a number"),
+@pytest.mark.parametrize("damage,message,workers", [
+    (lambda txn: txn.put(b"label-%09d" % 2, b"\xff\xfe"), r"sample 2: label b'\\xff\\xfe' is not UTF-8", 0),
+    (lambda txn: txn.delete(b"image-%09d" % 3), "sample 3 has no image", 0),
+    (lambda txn: txn.put(b"num-samples", b"abc"), "num-samples b'abc' is not a number", 0),
+    # read in a DataLoader worker, whose error torch raises with the worker's traceback in its message
+    (lambda txn: [txn.put(k, v[:60]) for k, v in list(txn.cursor()) if k.startswith(b"image-")],
+     r"sample \d+ holds an undecodable image", 1),
 ])
-def test_kocr_train_names_the_damaged_set_and_sample_in_one_line(prepared, tmp_path, damage, message):
+def test_kocr_train_names_the_damaged_set_and_sample_in_one_line(prepared, tmp_path, damage, message, workers):
     import lmdb
 
     data = tmp_path / "data"
@@ -261,7 +264,7 @@ def test_kocr_train_names_the_damaged_set_and_sample_in_one_line(prepared, tmp_p
         damage(txn)
     env.close()
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
-    params["train"].update({**TINY, "steps": 2, "val_every": 2})
+    params["train"].update({**TINY, "steps": 2, "val_every": 2, "num_workers": workers})
     params["model"].update({"output_channel": 32, "hidden_size": 32})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
     env_vars = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -271,6 +274,7 @@ def test_kocr_train_names_the_damaged_set_and_sample_in_one_line(prepared, tmp_p
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     [line] = [x for x in done.stderr.splitlines() if x.startswith("kocr train: error:")]
     assert str(shard) in line and re.search(message, line), line
+    assert "DataLoader worker" not in done.stderr and len(done.stderr.strip().splitlines()[-1]) < 400
 
 
 def test_an_empty_validation_set_is_said_not_passed_off_as_a_cer(prepared, tmp_path, capsys):
@@ -397,14 +401,16 @@ def _free_port() -> int:
 
 
 def _two_ranks(prepared: Path, out: Path, states: list[Path], knobs: dict, resume: bool = False,
-               timeout: float = 150) -> list[subprocess.CompletedProcess]:
+               timeout: float = 150, fault: str = "") -> list[subprocess.CompletedProcess]:
     """train() in two gloo processes joined by hand with a 20 s collective timeout (torchrun's default is
-    30 minutes), so a job whose ranks wait on each other fails here instead of hanging the suite."""
+    30 minutes), so a job whose ranks wait on each other fails here instead of hanging the suite.
+    ``fault`` is Python run on rank 1 before it trains (``tt`` is training.train)."""
     port = _free_port()
     script = (f"import datetime, json, os, sys; sys.path.insert(0, {str(REPO)!r})\n"
               "import torch.distributed as dist\nfrom pathlib import Path\n"
-              "from training.train import TrainConfig, train\n"
+              "import training.train as tt\nfrom training.train import TrainConfig, train\n"
               "dist.init_process_group('gloo', timeout=datetime.timedelta(seconds=20))\n"
+              f"if os.environ['RANK'] == '1':\n    exec({fault!r})\n"
               f"c = TrainConfig(**json.loads({json.dumps({**TINY, **knobs})!r}))\n"
               f"state = {[str(s) for s in states]!r}[int(os.environ['RANK'])]\n"
               f"out = Path({str(out)!r})\n"
@@ -437,12 +443,47 @@ def test_ranks_that_find_different_states_stop_at_once_saying_which_found_what(p
     assert [p.returncode for p in first] == [0, 0], first[0].stderr[-2000:] + first[1].stderr[-2000:]
     assert load_state(state)["progress"]["step"] == 4
     elsewhere = tmp_path / "node1" / "out.pt"  # rank 1's own disk: no state there
-    resumed = _two_ranks(prepared, tmp_path / "out", [state, elsewhere], {**knobs, "steps": 8}, resume=True)
-    for proc in resumed:
-        assert proc.returncode != 0
-        assert (f"ResumeMismatch: the ranks found different states to resume: rank 0 resumed {state} at step 4; "
-                f"rank 1 found no saved state at {elsewhere}; every rank must read the same train.state_dir"
-                in proc.stderr), proc.stderr[-2000:]
+    rank0, rank1 = _two_ranks(prepared, tmp_path / "out", [state, elsewhere], {**knobs, "steps": 8}, resume=True)
+    assert (f"ResumeMismatch: the ranks found different states to resume: rank 0 resumed {state} at step 4; "
+            f"rank 1 found no saved state at {elsewhere}; every rank must read the same train.state_dir"
+            in rank0.stderr), rank0.stderr[-2000:]
+    assert rank1.returncode == 2 and not rank1.stderr.strip(), rank1.stderr[-2000:]  # rank 0 says it, once
+
+
+def test_a_rank_whose_peer_died_mid_run_says_so_in_one_line_not_gloos_traceback(prepared, tmp_path):
+    fault = ("real, calls = tt.ctc_loss, []\n"
+             "def broken(logits, *a, **k):\n"
+             "    calls.append(1)\n"
+             "    if len(calls) == 2:\n"
+             "        raise ValueError('rank 1 broke')\n"
+             "    return real(logits, *a, **k)\n"
+             "tt.ctc_loss = broken\n")
+    rank0, rank1 = _two_ranks(prepared, tmp_path / "out", [tmp_path / "s.pt"] * 2,
+                              {"steps": 6, "val_every": 3}, fault=fault)
+    assert "ValueError: rank 1 broke" in rank1.stderr
+    assert "PeerStopped: rank 0: another rank of the job stopped, so this one cannot go on (Connection closed by " \
+           "peer" in rank0.stderr, rank0.stderr[-3000:]
+
+
+def test_an_error_every_rank_makes_is_said_once_under_torchrun(prepared, tmp_path):
+    import lmdb
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    env = lmdb.open(str(lmdb_parts(data / "train")[0]))
+    with env.begin(write=True) as txn:
+        txn.put(b"num-samples", b"abc")
+    env.close()
+    _tiny_project(prepared, tmp_path, steps=2, val_every=2)
+    env_vars = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-test"}
+    env_vars.pop("KOCR_TRACEBACK", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kocr.cli", "train", "--data", str(data), "--out", "out"],
+        cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("kocr train: error:") == 1, done.stderr[-3000:]
+    assert "num-samples b'abc' is not a number" in done.stderr
 
 
 def test_an_attention_head_trains_validates_and_is_refused_by_the_page_reader(prepared, tmp_path):

@@ -12,12 +12,18 @@ Example (two processes on one CPU machine, two GPUs on each of two nodes)::
 
 from __future__ import annotations
 
+import functools
 import os
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, NoReturn, ParamSpec, TypeVar
 
 import torch
 import torch.distributed as dist
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True)
@@ -98,6 +104,100 @@ def gather(value: Any, ctx: DistContext) -> list[Any]:
     values: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(values, value)
     return values
+
+
+class ReportedElsewhere(SystemExit):
+    """Another rank says why the job stops: this one exits with status 2 and prints nothing."""
+
+    def __init__(self) -> None:
+        super().__init__(2)
+
+
+class PeerStopped(ValueError):
+    """A collective failed because another rank of the job is gone (its own error, if any, is said there)."""
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def peer_gone(exc: BaseException) -> bool:
+    """True for the error a collective raises when another rank's process has died (gloo's wording)."""
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in PEER_GONE)
+
+
+def leave_to(ctx: DistContext) -> NoReturn:
+    """Exit silently (status 2) once the rank saying why the job stops is gone.
+
+    Leaving at once would let torchrun, seeing this rank fail, SIGTERM that rank before it prints
+    its line; the barrier it never joins ends when its process exits (or torchrun ends this one).
+    """
+    try:
+        dist.barrier()
+    except Exception:  # noqa: BLE001 - the barrier can only fail here: the reporting rank is gone
+        pass
+    raise ReportedElsewhere
+
+
+@dataclass
+class _Meeting:
+    reached: bool = False
+
+
+_meeting: ContextVar[_Meeting | None] = ContextVar("kocr_setup_meeting", default=None)
+
+
+def setup_agreed(outcome: Any, ctx: DistContext) -> list[Any]:
+    """Every rank's ``outcome`` of its set-up, in rank order, once every rank got there.
+
+    Under :func:`one_report`, a rank whose set-up failed comes here with its error instead, and then
+    every rank stops: the lowest failing rank raises its own error, the others exit silently, so a
+    mistake every rank makes (a missing set, a bad knob) is said once, not once per rank.
+    """
+    meeting = _meeting.get()
+    if meeting is not None:
+        meeting.reached = True
+    outcomes = gather((None, outcome), ctx)
+    if any(error is not None for error, _ in outcomes):
+        leave_to(ctx)
+    return [value for _, value in outcomes]
+
+
+def one_report(func: Callable[P, R]) -> Callable[P, R]:
+    """Wrap ``func`` so that one rank of a torchrun job, not each, says what stopped it.
+
+    An error before :func:`setup_agreed` meets the other ranks there (see it). Past it, a collective
+    that fails because another rank died becomes :class:`PeerStopped`: one line, no traceback.
+    Outside torchrun ``func`` is simply called.
+    """
+    @functools.wraps(func)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        if not launched_by_torchrun():
+            return func(*args, **kwargs)
+        meeting = _Meeting()
+        token = _meeting.set(meeting)
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            if not dist.is_initialized():
+                raise
+            ctx = DistContext(process_rank(), int(os.environ["WORLD_SIZE"]))
+            if not meeting.reached:
+                meeting.reached = True
+                try:
+                    outcomes = gather((f"{type(exc).__name__}: {exc}", None), ctx)
+                except Exception:  # noqa: BLE001 - another rank is gone too: this rank's error is the one to say
+                    raise exc from None
+                if [rank for rank, (error, _) in enumerate(outcomes) if error is not None][0] != ctx.rank:
+                    leave_to(ctx)
+                raise
+            if peer_gone(exc):
+                raise PeerStopped(f"rank {ctx.rank}: another rank of the job stopped, so this one cannot go on "
+                                  f"({str(exc).split('] ')[-1].split('. ')[0]}); that rank's own error, if it "
+                                  "printed one, says why") from exc
+            raise
+        finally:
+            _meeting.reset(token)
+    return run
 
 
 def shutdown(ctx: DistContext) -> None:

@@ -14,16 +14,18 @@ Example:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ParamSpec, TypeVar
 
 import numpy as np
 import torch
@@ -38,8 +40,8 @@ from training.attention import AttnCodec, attention_loss, num_class_for
 from training.checkpoint import file_digest, load_recognizer, save_checkpoint, start_from
 from training.crops import BucketBatchSampler, CropBatch, CropDataset, MixedCrops
 from training.data.lmdb_store import LmdbDataset
-from training.distributed import (DistContext, all_agree, broadcast_flag, gather, init_distributed, shutdown,
-                                  sum_over_ranks)
+from training.distributed import (DistContext, all_agree, broadcast_flag, init_distributed, leave_to, one_report,
+                                  setup_agreed, shutdown, sum_over_ranks)
 from training.model import Recognizer, RecognizerConfig
 from training.optim import make_optimizer, make_scheduler
 from training.resume import config_differences, load_state, restore_rng, rng_state, save_bytes, save_state
@@ -147,6 +149,8 @@ def _knob(name: str, value: Any) -> Any:
 
 
 TUNED_PARAMS = "tuning/best_params.yaml"
+P = ParamSpec("P")
+R = TypeVar("R")
 FREEZE_CHOICES = {"none": (), "feature_extraction": ("FeatureExtraction",),
                   "sequence_modeling": ("SequenceModeling",), "both": ("FeatureExtraction", "SequenceModeling")}
 
@@ -401,6 +405,31 @@ def _mix_report(train_set: CropDataset | MixedCrops) -> list[dict[str, Any]]:
             for part, (n, share) in zip(train_set.parts, train_set.blocks)]
 
 
+def _worker_error_shortened(exc: Exception) -> None:
+    """Cut a DataLoader worker's error (torch puts the worker's whole traceback in its message) to the
+    original message, so ``kocr train`` still says it in one line (KOCR_TRACEBACK=1 keeps the whole)."""
+    text = str(exc)
+    if not text.startswith("Caught ") or "\nOriginal Traceback" not in text or isinstance(exc, KeyError):
+        return
+    found = list(re.finditer(rf"^(?:[\w.]+\.)?{re.escape(type(exc).__name__)}: ", text, re.M))
+    if found and not os.environ.get("KOCR_TRACEBACK"):
+        exc.args = (text[found[-1].end():].strip(),)
+
+
+def _short_worker_errors(func: Callable[P, R]) -> Callable[P, R]:
+    """Wrap ``func`` so that a DataLoader worker's error it raises says only the original message."""
+    @functools.wraps(func)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except Exception as exc:
+            _worker_error_shortened(exc)
+            raise
+    return run
+
+
+@one_report
+@_short_worker_errors
 def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
           metrics_file: str | os.PathLike = "metrics/train.json", plots_dir: str | os.PathLike = "plots/train",
           progress: bool = True, log: bool = True,
@@ -490,7 +519,7 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     if resume and state_file is not None:
         state = _resume(Path(state_file), signature, core, optimizer, scheduler, scaler, ema,
                         out_dir if main else None, quiet=not main) or state
-        _same_state_on_every_rank(state, Path(state_file), ctx)
+    _same_state_on_every_rank(state, Path(state_file) if resume and state_file is not None else None, ctx)
     resumed_at = state.step  # 0 for a fresh start
     finished = state.step >= config.steps or (config.patience > 0 and state.stale >= config.patience)
     if finished and main:
@@ -716,24 +745,30 @@ class ResumeMismatch(ValueError):
     """The ranks of a torchrun job found different saved states (e.g. ``state_dir`` on a node's own disk)."""
 
 
-def _same_state_on_every_rank(state: Progress, path: Path, ctx: DistContext) -> None:
+def _same_state_on_every_rank(state: Progress, path: Path | None, ctx: DistContext) -> None:
     """Stop unless every rank resumed the same saved state, or every rank starts from step 0.
 
     Ranks at different steps would run different numbers of collectives and wait on each other until
-    the process group's timeout (30 minutes by default), silently; one line naming what each rank
-    found is raised instead (the same on every rank).
+    the process group's timeout (30 minutes by default), silently; rank 0 raises one line naming what
+    each rank found instead, the others exit quietly. Also where the ranks meet once set up
+    (:func:`training.distributed.setup_agreed`), so every rank comes here, resuming or not.
     """
     if not ctx.enabled:
         return
-    if state.step:
-        key: str | None = hashlib.sha256(json.dumps(vars(state), sort_keys=True, default=str).encode()).hexdigest()
+    key: str | None = None
+    if path is None:
+        found = "started from step 0"
+    elif state.step:
+        key = hashlib.sha256(json.dumps(vars(state), sort_keys=True, default=str).encode()).hexdigest()
         found = f"resumed {path} at step {state.step}"
     else:
-        key, found = None, (f"found a state of another run at {path}" if path.is_file()
-                            else f"found no saved state at {path}")
-    outcomes = gather((key, found), ctx)
+        found = f"found a state of another run at {path}" if path.is_file() else f"found no saved state at {path}"
+
+    outcomes = setup_agreed((key, found), ctx)
     if len({k for k, _ in outcomes}) == 1:
         return
+    if not ctx.is_main:
+        leave_to(ctx)
     ranks: dict[str, list[int]] = {}
     for rank, (_, said) in enumerate(outcomes):
         ranks.setdefault(said, []).append(rank)
