@@ -729,10 +729,13 @@ def _terminate_as_exit() -> Iterator[None]:
     """SIGTERM (``kill``, ``timeout``, ``docker stop``) ends the command as an exit (status 143), so its
     ``finally`` blocks run: temporary files are removed and a resumable writer keeps what it committed.
 
-    Not under torchrun: a rank blocked in a collective (NCCL) would run no handler until the call
-    returns, and torchrun SIGTERMs its ranks when one fails, so they keep dying at once.
+    Under torchrun only on rank 0, the one holding the MLflow runs, which would otherwise stay RUNNING:
+    the other ranks keep dying at once when torchrun SIGTERMs them (it does when one rank fails).
+    A rank 0 blocked in a collective (NCCL) runs the handler only when the call returns; torchrun
+    SIGKILLs it 30 s after its SIGTERM, which then leaves the runs RUNNING as before.
     """
-    if threading.current_thread() is not threading.main_thread() or "TORCHELASTIC_RUN_ID" in os.environ:
+    if threading.current_thread() is not threading.main_thread() \
+            or ("TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("RANK", "0") != "0"):
         yield
         return
 

@@ -486,6 +486,29 @@ def test_an_error_every_rank_makes_is_said_once_under_torchrun(prepared, tmp_pat
     assert "num-samples b'abc' is not a number" in done.stderr
 
 
+def test_a_sigtermed_torchrun_job_ends_its_mlflow_runs_instead_of_leaving_them_running(prepared, tmp_path):
+    """timeout, kill and docker stop SIGTERM torchrun, which SIGTERMs its ranks: rank 0 ends its runs."""
+    _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-sigterm"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    state = tmp_path / ".kocr" / "train-state" / "out.pt"
+    deadline = time.monotonic() + 240
+    while not state.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert state.is_file(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no state in 240 s"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`kocr.stage` = 'train'")
+    [run] = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {
+        p.info.run_id for p in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                                  filter_string="tags.`kocr.pipeline_key` = 'ddp-sigterm'")}]
+    assert run.info.status == "FAILED", err[-3000:]
+
+
 def test_an_attention_head_trains_validates_and_is_refused_by_the_page_reader(prepared, tmp_path):
     from evaluation.reader import Recognition
     from training.checkpoint import ModelSpecError, load_recognizer
