@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from tqdm import tqdm
@@ -41,7 +41,36 @@ from evaluation.tesseract import (
     tesseract_available,
 )
 from training.checkpoint import LoadedRecognizer, load_recognizer
+from kocr.params import check_keys, require, section, typed
 from training.data.pages import Page, crop_box, nfc, write_page
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Knobs of the evaluate stage (``evaluate:`` in params.yaml); promote, export and tune read them too."""
+
+    split: str = "test"                 # the split of splits.json scored
+    iou_threshold: float = 0.5          # a detected box matches a word at IoU >= this, in (0, 1]
+    worst_pages: int = 3                # pages drawn per model (0: none)
+    baselines: tuple[str, ...] = ()     # other engines scored on the same pages (tesseract, a model spec)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "EvaluateConfig":
+        """``evaluate:`` of the whole params mapping; ParamsError naming the key that cannot work."""
+        cfg = section(params, "evaluate")
+        check_keys("evaluate", cfg, cls.__dataclass_fields__)
+        kinds = {"split": str, "iou_threshold": float, "worst_pages": int}
+        values: dict[str, Any] = {k: typed(f"evaluate.{k}", v, kinds[k]) for k, v in cfg.items() if k in kinds}
+        if "baselines" in cfg:
+            baselines = cfg["baselines"] if cfg["baselines"] is not None else []
+            require(isinstance(baselines, list) and all(isinstance(b, str) and b for b in baselines),
+                    "evaluate.baselines", baselines, "a list of engine names, e.g. [tesseract] ([] for none)")
+            values["baselines"] = tuple(baselines)
+        config = cls(**values)
+        require(0 < config.iou_threshold <= 1, "evaluate.iou_threshold", config.iou_threshold, "a value in (0, 1]")
+        require(config.worst_pages >= 0, "evaluate.worst_pages", config.worst_pages, "a whole number >= 0")
+        require(config.split in ("train", "val", "test"), "evaluate.split", config.split, "train, val or test")
+        return config
 
 
 @dataclass

@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 
 import mlflow
 from kocr.locks import LockError, database_lock, file_lock
-from kocr.params import ParamsError
+from kocr.params import ParamsError, check_keys, typed
 from kocr.redact import hide_passwords
 from kocr.tracking import NOT_FOUND
 
@@ -48,7 +48,7 @@ class PromoteConfig:
 
     def __post_init__(self) -> None:
         if self.metric not in RANKED:
-            raise ParamsError(f"params.yaml promote.metric: {self.metric!r} is not a score of metrics/evaluate.json "
+            raise ParamsError(f"promote.metric: {self.metric!r} is not a score of metrics/evaluate.json "
                               f"to rank by; one of {', '.join(sorted(RANKED))}")
 
     @staticmethod
@@ -62,7 +62,11 @@ class PromoteConfig:
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "PromoteConfig":
-        return cls(**{k: v for k, v in params.items() if k in cls.__dataclass_fields__})
+        """``promote:`` checked before anything is registered: an unknown key (a misspelt ``min_delta``
+        would promote on 0) or a value of the wrong type raises ParamsError naming it."""
+        check_keys("promote", params, cls.__dataclass_fields__)
+        kinds = {"model_name": str, "metric": str, "min_delta": float, "lock_url": str}
+        return cls(**{k: typed(f"promote.{k}", v, kinds[k]) for k, v in params.items()})
 
 
 @dataclass(frozen=True)

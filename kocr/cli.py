@@ -2,7 +2,10 @@
 
 A stage runs by hand exactly as ``dvc repro`` runs it (see dvc.yaml for the command lines).
 Errors a user can fix (a missing folder, an unknown model, a model EasyOCR cannot run) print one
-line naming the problem and exit 2.
+line naming the problem and exit 2. A params mistake (an unknown key, a value of the wrong type or
+out of range) is such an error, said before any data is read or anything is logged: the line names
+the params file (``KOCR_PARAMS`` or params.yaml), the full key and the problem. A section set to
+null (every key commented out) means every default, as an empty one does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from kocr.atomic import DISK_FULL, replaced_folder, write_text
-from kocr.params import ParamsError, load_params, params_path
+from kocr.params import ParamsError, check_keys, load_params, params_path, section, typed
 from kocr.redact import hide_passwords
 
 
@@ -90,11 +93,12 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
 
 def cmd_import_crops(args: argparse.Namespace) -> None:
     from training.data.import_crops import describe, import_crops
+    from training.data.prepare import PrepareConfig
 
     params = load_params(required=False)
-    knobs = params.get("prepare", {})
-    summary = import_crops(args.labels, args.out, charset=args.charset or knobs.get("charset", "korean_g2"),
-                           out_of_charset=args.out_of_charset or knobs.get("out_of_charset", "drop"),
+    knobs = PrepareConfig.from_params(section(params, "prepare"))
+    summary = import_crops(args.labels, args.out, charset=args.charset or knobs.charset,
+                           out_of_charset=args.out_of_charset or knobs.out_of_charset,
                            margin=_settings(params).add_margin)
     print(describe(summary, args.out))
 
@@ -106,9 +110,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     from training.data.prepare import PrepareConfig, prepare_pages
 
     params = load_params()
-    knobs = {**params.get("prepare", {}), **({"workers": args.workers} if args.workers is not None else {})}
+    knobs = {**section(params, "prepare"), **({"workers": args.workers} if args.workers is not None else {})}
     config = PrepareConfig.from_params(knobs)
-    with stage_run("prepare", {"prepare": knobs, "data": params.get("data", {})}):
+    with stage_run("prepare", {"prepare": knobs, "data": section(params, "data")}):
         log_dataset(args.src, context="source")
         report = prepare_pages(args.src, args.out, config)
         flat = {"pages_used": report["pages_used"],
@@ -130,11 +134,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.distributed import launched_by_torchrun, process_rank
-    from training.train import TrainConfig, discard_state, mix_shares, train
+    from training.train import TrainConfig, discard_state, mix_shares, pick_device, train, train_extras
 
     params = load_params()
     config = TrainConfig.from_params(params)
-    state_file = Path(params.get("train", {}).get("state_dir", ".kocr/train-state")) / (
+    pick_device(config.device)  # cuda on a machine without it: said before any data is read
+    state_file = Path(train_extras(section(params, "train"))["state_dir"]) / (
         str(Path(args.out)).strip("/").replace("/", "_") + ".pt")
     if launched_by_torchrun() and process_rank() != 0:
         # the other ranks of a torchrun job train and stay silent: rank 0 tracks, logs and writes
@@ -151,8 +156,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     # the values that train: tuned knobs over params.yaml's, a tuned model knob under model: too
     tuned = {k: getattr(config, k) for k in config.tuned_keys}
     moved = {k: v for k, v in tuned.items() if k in MODEL_KNOBS}
-    used = {k: v for k, v in {**params.get("train", {}), **tuned}.items() if k not in moved}
-    model = {**params.get("model", {}), **moved}
+    used = {k: v for k, v in {**section(params, "train"), **tuned}.items() if k not in moved}
+    model = {**section(params, "model"), **moved}
     # an earlier run's mlflow.json beside this run's first model.pt would let promote register that
     # run's model under the score evaluate measured on this one: gone until this run has logged its own
     (Path(args.out) / "mlflow.json").unlink(missing_ok=True)
@@ -183,15 +188,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from kocr.tracking import log_dataset, stage_run
-    from training.tune import TuneConfig, TuneError, redact, run_tune
+    from training.tune import TuneConfig, TuneError, check_space, redact, run_tune
 
     params = load_params()
     try:
-        config = TuneConfig.from_params(params.get("tune", {})).with_overrides(
+        config = TuneConfig.from_params(section(params, "tune")).with_overrides(
             storage=args.storage, study_name=args.study, n_trials=args.n_trials, timeout_s=args.timeout)
-        used = {**params.get("tune", {}), "n_trials": config.n_trials, "timeout_s": config.timeout_s,
+        check_space(config, params)  # train: and every end of tune.space a legal train knob, before any trial
+        if config.metric == "e2e_f1":  # its scorer reads evaluate.iou_threshold and detector:
+            from evaluation.evaluate import EvaluateConfig
+
+            EvaluateConfig.from_params(params)
+            _settings(params)
+        used = {**section(params, "tune"), "n_trials": config.n_trials, "timeout_s": config.timeout_s,
                 "study_name": config.study_name, "storage": redact(config.storage) if config.storage else ""}
-        with stage_run("tune", {"tune": used, "train": params.get("train", {}), "model": params.get("model", {})},
+        with stage_run("tune", {"tune": used, "train": section(params, "train"), "model": section(params, "model")},
                        experiment="ko-ocr/tune"):
             for split in ("train", "val"):
                 log_dataset(Path(args.data) / split, context=split)
@@ -265,38 +276,42 @@ def _settings(params: dict[str, Any]):
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import mlflow
 
-    from evaluation.evaluate import eval_set_hash, evaluate_models, scoring_hash, test_pages
+    from evaluation.evaluate import EvaluateConfig, eval_set_hash, evaluate_models, scoring_hash, test_pages
+    from evaluation.promote import PromoteConfig
     from evaluation.tesseract import tesseract_available
     from kocr.tracking import log_dataset, stage_run
 
     params = load_params()
-    cfg = params.get("evaluate", {})
-    pages = test_pages(args.source, args.splits, cfg.get("split", "test"))
+    config = EvaluateConfig.from_params(params)
+    settings = _settings(params)
+    base = typed("train.base", section(params, "train").get("base", "english_g2"), str)
+    promote_config = PromoteConfig.from_params(section(params, "promote"))
+    pages = test_pages(args.source, args.splits, config.split)
     if not pages:
-        raise CommandError(f"no pages in split {cfg.get('split', 'test')!r} of {args.splits}")
+        raise CommandError(f"no pages in split {config.split!r} of {args.splits}")
     if not any(word.text.strip() for item in pages for word in item.page.words):
-        raise CommandError(f"the {len(pages)} pages of split {cfg.get('split', 'test')!r} of {args.splits} hold no "
+        raise CommandError(f"the {len(pages)} pages of split {config.split!r} of {args.splits} hold no "
                            "labelled word: nothing to score")
-    models = {"base": params.get("train", {}).get("base", "english_g2"), "candidate": args.candidate}
-    with stage_run("evaluate", {"evaluate": cfg, "detector": params.get("detector", {})}):
-        champion = _champion_uri(params.get("promote", {}).get("model_name", "ko-ocr-recognizer"))
+    models = {"base": base, "candidate": args.candidate}
+    with stage_run("evaluate", {"evaluate": section(params, "evaluate"), "detector": section(params, "detector")}):
+        champion = _champion_uri(promote_config.model_name)
         if champion:
             models["champion"] = champion
-        for baseline in cfg.get("baselines", []):
+        for baseline in config.baselines:
             if baseline == "tesseract" and not tesseract_available():
                 print("kocr evaluate: tesseract (kor+eng) not installed; its baseline row is left out", file=sys.stderr)
                 continue
             models[baseline] = baseline
         log_dataset(args.source, context="evaluation")
         data_hash = eval_set_hash(pages)
-        settings, iou_threshold = _settings(params), cfg.get("iou_threshold", 0.5)
+        iou_threshold = config.iou_threshold
         scoring = scoring_hash(settings, iou_threshold)
         # each folder is replaced whole once every model is read: no page or picture of an earlier run
         # (another worst_pages, a baseline since left out) stays beside this run's, and a failed run
         # leaves the earlier one as it was
         with replaced_folder(args.predictions) as predictions, replaced_folder(args.pictures) as pictures:
             evaluated = evaluate_models(models, pages, predictions, settings, iou_threshold=iou_threshold,
-                                        pictures_dir=pictures, worst_pages=cfg.get("worst_pages", 3))
+                                        pictures_dir=pictures, worst_pages=config.worst_pages)
         for evaluation in evaluated.values():
             evaluation.pictures = [Path(args.pictures) / p.relative_to(pictures) for p in evaluation.pictures]
         results = {label: e.metrics for label, e in evaluated.items()}
@@ -363,28 +378,28 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
 def cmd_promote(args: argparse.Namespace) -> None:
     import mlflow
 
-    from evaluation.evaluate import evaluate_models, test_pages
+    from evaluation.evaluate import EvaluateConfig, evaluate_models, test_pages
     from evaluation.promote import RANKED, Candidate, PromoteConfig, promote
     from kocr.tracking import stage_run
 
     params = load_params()
-    config = PromoteConfig.from_params(params.get("promote", {}))
+    config = PromoteConfig.from_params(section(params, "promote"))
+    evaluate_config, settings = EvaluateConfig.from_params(params), _settings(params)  # the champion's rescoring
     logged = json.loads((Path(args.candidate) / "mlflow.json").read_text(encoding="utf-8"))
     evaluated = json.loads(Path(args.metrics).read_text(encoding="utf-8"))
     if config.metric not in evaluated["candidate"]:  # e.g. cleval_* with CLEval not installed when evaluate ran
-        raise ParamsError(f"params.yaml promote.metric: {config.metric!r} is not in {args.metrics}'s candidate scores "
+        raise ParamsError(f"promote.metric: {config.metric!r} is not in {args.metrics}'s candidate scores "
                           f"({', '.join(k for k in evaluated['candidate'] if k in RANKED)})")
     candidate = Candidate(logged["model_uri"], logged["run_id"], float(evaluated["candidate"][config.metric]),
                           evaluated["eval_data_hash"], evaluated.get("eval_scoring_hash", ""))
-    cfg = params.get("evaluate", {})
 
     def rescore(uri: str) -> float:  # scored exactly as the evaluate stage scored the candidate
-        pages = test_pages(args.source, args.splits, cfg.get("split", "test"))
-        scores = evaluate_models({"champion": uri}, pages, Path(args.work) / "champion", _settings(params),
-                                 iou_threshold=cfg.get("iou_threshold", 0.5))
+        pages = test_pages(args.source, args.splits, evaluate_config.split)
+        scores = evaluate_models({"champion": uri}, pages, Path(args.work) / "champion", settings,
+                                 iou_threshold=evaluate_config.iou_threshold)
         return scores["champion"].metrics[config.metric]
 
-    with stage_run("promote", {"promote": PromoteConfig.logged(params.get("promote", {}))}):
+    with stage_run("promote", {"promote": PromoteConfig.logged(section(params, "promote"))}):
         decision = promote(candidate, config, rescore)
         mlflow.log_dict(decision, "promote.json")
         mlflow.set_tag("decision", decision["reason"])
@@ -396,6 +411,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     import hashlib
 
+    from evaluation.evaluate import EvaluateConfig
     from training.checkpoint import load_recognizer, pinned_model
     from training.export_easyocr import check_langs, export_easyocr
 
@@ -403,16 +419,20 @@ def cmd_export(args: argparse.Namespace) -> None:
         raise CommandError("--parity-source needs --splits: the splits.json whose "
                            "evaluate.split pages the check reads")
     params = load_params(required=False)
-    langs = params.get("export", {}).get("lang_list", ["ko", "en"])
+    export = section(params, "export")
+    check_keys("export", export, ("name", "lang_list"))
+    langs = export.get("lang_list", ["ko", "en"])
     check_langs(langs)  # before the model loads: a mistake in params costs no download
+    name = args.name or typed("export.name", export.get("name", "ko_ocr"), str)
+    settings = _settings(params)
+    split = EvaluateConfig.from_params(params).split if args.parity_source else "test"
     spec, version = pinned_model(args.model)
     loaded = load_recognizer(spec)
     digest = hashlib.sha256(Path(loaded.path).read_bytes()).hexdigest() if loaded.path else None
     provenance = ", ".join([args.model, *([version] if version else []),
                             *([f"checkpoint sha256 {digest}"] if digest else [])])
-    name = args.name or params.get("export", {}).get("name", "ko_ocr")
     paths = export_easyocr(loaded, args.out, name, langs, with_detector=args.with_detector,
-                           readtext_kwargs=_settings(params).changed(), provenance=provenance)
+                           readtext_kwargs=settings.changed(), provenance=provenance)
     print(f"export-easyocr: {provenance} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")
     _outside_note("export-easyocr")
     if args.parity_source:  # the pipeline's export stage: the check is tracked as its child run
@@ -422,11 +442,10 @@ def cmd_export(args: argparse.Namespace) -> None:
         from evaluation.parity import easyocr_parity
         from kocr.tracking import stage_run
 
-        with stage_run("export", {k: params.get(k, {}) for k in ("export", "detector")}):
+        with stage_run("export", {k: section(params, k) for k in ("export", "detector")}):
             mlflow.set_tags({"kocr.exported_model": args.model, "kocr.exported_from": provenance})
-            split = params.get("evaluate", {}).get("split", "test")
             pages = test_pages(args.parity_source, args.splits, split)
-            report = easyocr_parity(args.out, name, loaded, pages, _settings(params).add_margin)
+            report = easyocr_parity(args.out, name, loaded, pages, settings.add_margin)
             if not report["crops"]:
                 raise CommandError(f"parity: no word on the {split!r} pages of {args.parity_source} "
                                    f"({args.splits}); nothing was checked")

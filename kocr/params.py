@@ -9,9 +9,10 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -19,7 +20,16 @@ PARAMS_FILE = "params.yaml"
 
 
 class ParamsError(ValueError):
-    """A params file that does not parse, or whose top level is not a mapping."""
+    """A params file that does not parse, or a setting of it that cannot work: one line for the user.
+
+    The message starts with the params file (``KOCR_PARAMS`` or params.yaml) unless it names it
+    already, then the full key (``promote.min_delta``) and the problem; ``kocr`` prints it and exits 2.
+    """
+
+    def __init__(self, message: str) -> None:
+        file = str(params_path())
+        self.detail = message.removeprefix(f"{file}: ")  # the key and the problem, without the file
+        super().__init__(f"{file}: {self.detail}")
 
 
 def params_path(path: str | os.PathLike = PARAMS_FILE) -> Path:
@@ -69,3 +79,56 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value if not isinstance(value, (list, tuple)) else ",".join(map(str, value))
     return flat
+
+
+def section(params: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """``params[name]`` as a new dict: ``{}`` when absent or null (every default, as when all its keys
+    are commented out); ParamsError when it is anything but a mapping."""
+    value = params.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ParamsError(f"{name}: expected a mapping of settings, got {value!r}")
+    return dict(value)
+
+
+def check_keys(where: str, values: Mapping[str, Any], known: Iterable[str]) -> None:
+    """ParamsError naming the keys of ``values`` not in ``known``: a typo must not run on a default."""
+    known = sorted(known)
+    unknown = sorted(set(values) - set(known), key=str)
+    if unknown:
+        raise ParamsError(f"{where}: unknown keys {unknown} (known: {', '.join(known)})")
+
+
+_EXPECTED = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+
+
+def typed(key: str, value: Any, kind: type, optional: bool = False) -> Any:
+    """``value`` as ``kind`` (int, float, bool or str), else ParamsError naming ``key``.
+
+    Numbers written as text are taken as numbers (YAML 1.1 reads ``1e-3`` as a string); a bool is
+    never a number, a float with a fraction never a whole number. None passes when ``optional``.
+
+    >>> typed("train.lr", "1e-3", float)
+    0.001
+    """
+    if value is None and optional:
+        return None
+    if isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+        return value
+    if kind in (int, float) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if kind is float and math.isfinite(number):
+            return number
+        if kind is int and math.isfinite(number) and number.is_integer():
+            return int(number)
+    raise ParamsError(f"{key} {value!r}: expected {_EXPECTED[kind]}" + (" or null" if optional else ""))
+
+
+def require(ok: bool, key: str, value: Any, expected: str) -> None:
+    """ParamsError ``key value: expected ...`` unless ``ok``."""
+    if not ok:
+        raise ParamsError(f"{key} {value!r}: expected {expected}")

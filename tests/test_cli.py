@@ -72,7 +72,7 @@ def test_a_misspelt_detector_setting_is_refused_not_run_with_easyocrs_default(tm
     (tmp_path / "labels.tsv").write_text("image\ttext\n", encoding="utf-8")
     assert main(["evaluate-crops", "--labels", "labels.tsv", "--model", "english_g2"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("kocr evaluate-crops: error: detector: unknown keys ['widht_ths'] (known: ")
+    assert err.startswith("kocr evaluate-crops: error: params.yaml: detector: unknown keys ['widht_ths'] (known: ")
 
 
 def test_evaluate_refuses_a_split_with_no_labelled_word_before_reading_a_page(sample_pages, prepared, tmp_path,

@@ -257,7 +257,7 @@ def test_recipe_settings_with_a_typo_are_refused_in_one_line(tmp_path, monkeypat
     (tmp_path / "params.yaml").write_text("recipe:\n  baseline: [tesseract]\n", encoding="utf-8")
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--model", "ko_base", "--heldout", "h.tsv", "--out", "o", "--metrics", "m.json"])
-    assert str(exit_.value.code) == ("python -m kocr.recipe evaluate: error: recipe: unknown keys ['baseline'] "
+    assert str(exit_.value.code) == ("python -m kocr.recipe evaluate: error: params.yaml: recipe: unknown keys ['baseline'] "
                                      "(known: baselines, reference, real_sets, real_pages, detector)")
     assert not (tmp_path / "m.json").exists()
 

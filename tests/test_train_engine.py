@@ -313,12 +313,12 @@ def test_the_steady_rate_leaves_out_the_loaders_start_up(prepared, tmp_path, mon
 
 
 def test_early_stopping_after_patience_validations_without_gain(prepared, tmp_path):
-    summary = _run(prepared, tmp_path, steps=20, val_every=1, lr=0.0, patience=2)
+    summary = _run(prepared, tmp_path, steps=20, val_every=1, lr=1e-12, patience=2)  # lr 0 is refused
     assert summary["stopped_early"] and summary["steps"] == 3  # CER never fell after step 1
     rows = [line.split("\t") for line in (tmp_path / "plots/val.tsv").read_text().splitlines()]
     header, rows = rows[0], rows[1:]
     cer, loss = header.index("cer"), header.index("loss")
-    assert len({r[cer] for r in rows}) == 1  # lr 0: the same readings at every validation
+    assert len({r[cer] for r in rows}) == 1  # lr 1e-12: the same readings at every validation
     # BatchNorm statistics still move, so the losses differ: the tie went to the lowest one
     assert summary["best_step"] == int(min(rows, key=lambda r: float(r[loss]))[0])
 
@@ -610,7 +610,7 @@ def test_an_earlier_runs_mlflow_json_is_gone_before_this_run_writes_its_model(pr
 
 
 def test_a_state_saved_at_an_early_stop_is_not_trained_on(prepared, tmp_path, capsys):
-    state, knobs = tmp_path / "run.pt", {"steps": 20, "val_every": 1, "lr": 0.0, "patience": 2}
+    state, knobs = tmp_path / "run.pt", {"steps": 20, "val_every": 1, "lr": 1e-12, "patience": 2}
     first = train(TrainConfig(**{**TINY, **knobs}), prepared, tmp_path / "a", progress=False, log=False,
                   state_file=state, keep_state=True, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap")
     assert first["stopped_early"] and first["steps"] == 3 and state.is_file()
@@ -620,7 +620,7 @@ def test_a_state_saved_at_an_early_stop_is_not_trained_on(prepared, tmp_path, ca
 
 
 def test_grad_clip_0_means_no_clipping_and_a_negative_one_is_refused(prepared, tmp_path):
-    with pytest.raises(ValueError, match=r"^train.grad_clip -1.0: expected 0 \(no clipping\)"):
+    with pytest.raises(ValueError, match=r"^params.yaml: train.grad_clip -1.0: expected 0 \(no clipping\)"):
         TrainConfig(**{**TINY, "grad_clip": -1.0})
     _run(prepared, tmp_path / "off", steps=2, val_every=2, grad_clip=0.0)
     _run(prepared, tmp_path / "huge", steps=2, val_every=2, grad_clip=1e9)

@@ -58,13 +58,13 @@ def test_knobs_are_read_as_their_types_and_misspelt_or_impossible_ones_are_refus
     for text, message in refused.items():
         with pytest.raises(ValueError) as info:
             TrainConfig.from_params(yaml.safe_load(text))
-        assert str(info.value).startswith(message), (text, str(info.value))
+        assert str(info.value).startswith(f"params.yaml: {message}"), (text, str(info.value))
     # and kocr train says it in one line before anything runs
     (tmp_path / "params.yaml").write_text("train: {base: scratch, lerning_rate: 0.5}\n", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--data", str(tmp_path / "none"), "--out", str(tmp_path / "m")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("kocr train: error: train: unknown keys ['lerning_rate']")
+    assert len(err) == 1 and err[0].startswith("kocr train: error: params.yaml: train: unknown keys ['lerning_rate']")
     assert not (tmp_path / "m").exists()
 
 

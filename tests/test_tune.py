@@ -467,7 +467,7 @@ def test_cli_reports_a_settings_error_in_one_line(prepared, tmp_path, monkeypatc
     monkeypatch.chdir(_project(tmp_path / "p", metric="e2e_f1", e2e_split="test", direction="maximize"))
     assert main(["tune", "--data", str(prepared)]) == 2  # exit 2, as every refusal a user can fix
     err = capsys.readouterr().err.strip()
-    assert err.startswith("kocr tune: error: tune.e2e_split test: ") and "\n" not in err
+    assert err.startswith("kocr tune: error: params.yaml: tune.e2e_split test: ") and "\n" not in err
 
 
 def test_end_to_end_f1_objective_scores_trials_on_the_validation_pages(sample_pages, prepared, tmp_path):

@@ -11,7 +11,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 CHARSET_DIR = Path(__file__).with_name("charsets")
 BUILTIN_CHARSETS = ("korean_g2", "english_g2")
@@ -46,6 +46,18 @@ class Charset:
         if not path.is_file():
             raise ValueError(f"charset {spec!r} is neither built-in ({', '.join(BUILTIN_CHARSETS)}) nor a file")
         return cls(path.read_text(encoding="utf-8").rstrip("\n"), path.stem)
+
+    @classmethod
+    def from_setting(cls, key: str, spec: Any) -> "Charset":
+        """``from_spec`` for a params setting: a spec that names no charset raises ParamsError naming ``key``."""
+        from kocr.params import ParamsError, typed
+
+        try:
+            return cls.from_spec(typed(key, spec, str))
+        except (ValueError, OSError) as exc:
+            if isinstance(exc, ParamsError):
+                raise
+            raise ParamsError(f"{key}: {exc}") from None
 
     @property
     def num_class(self) -> int:

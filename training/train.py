@@ -35,6 +35,8 @@ from tqdm import tqdm
 
 from evaluation.metrics import recognition_scores
 from kocr.atomic import atomic_path, write_text
+from kocr.params import ParamsError, require, typed
+from kocr.params import section as params_section
 from training.charset import Charset
 from training.attention import AttnCodec, attention_loss, num_class_for
 from training.checkpoint import file_digest, load_recognizer, save_checkpoint, start_from
@@ -43,7 +45,7 @@ from training.data.lmdb_store import LmdbDataset
 from training.distributed import (DistContext, all_agree, broadcast_flag, init_distributed, leave_to, one_report,
                                   setup_agreed, shutdown, sum_over_ranks)
 from training.model import Recognizer, RecognizerConfig
-from training.optim import make_optimizer, make_scheduler
+from training.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
 from training.resume import config_differences, load_state, restore_rng, rng_state, save_bytes, save_state
 from training.weight_average import make_ema, mean_state_dict
 
@@ -96,29 +98,50 @@ class TrainConfig:
         The tuned values are the ``train:`` mapping of ``train.tuned_params`` (default
         ``tuning/best_params.yaml``, written by ``kocr tune``).
         """
-        section = dict(params.get("train", {}))
+        section = params_section(params, "train")
         tuned_from, tuned_keys = "", ()
-        if section.get("use_tuned"):
-            path = Path(section.get("tuned_params") or TUNED_PARAMS)
+        extras = train_extras(section)
+        if extras["use_tuned"]:
+            path = Path(extras["tuned_params"])
             tuned = read_tuned(path)
             section.update(tuned["values"])
             tuned_from, tuned_keys = tuned["source"], tuple(sorted(tuned["values"]))
-        model = dict(params.get("model") or {})
+        model = params_section(params, "model")
         # train: may also set model: knobs (it overrides them); model: holds only its own
         for name, keys, allowed in (("model", model, MODEL_KNOBS),
                                     ("train", section, TRAIN_KNOBS | MODEL_KNOBS | TRAIN_EXTRAS)):
             unknown = sorted(set(keys) - allowed)
             if unknown:
-                raise ValueError(f"{name}: unknown keys {unknown} (misspelt? docs/training.md lists the knobs)")
+                raise ParamsError(f"{name}: unknown keys {unknown} (misspelt? docs/training.md lists the knobs)")
         knobs = {k: _knob(k, v) for k, v in {**model, **section}.items() if k in MODEL_KNOBS | TRAIN_KNOBS}
         return cls(**knobs, tuned_from=tuned_from, tuned_keys=tuned_keys)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} {getattr(self, name)}: expected a whole number >= 1")
-        if self.grad_clip < 0:
-            raise ValueError(f"train.grad_clip {self.grad_clip}: expected 0 (no clipping) or a positive max norm")
+        """ParamsError naming the first knob that cannot work: before any data is read or model built."""
+        for name in ("steps", "batch_size", "val_every", "checkpoint_every", "log_every", "max_width"):
+            require(getattr(self, name) >= 1, f"train.{name}", getattr(self, name), "a whole number >= 1")
+        for name in ("warmup_steps", "patience", "batch_max_length", "num_workers", "log_samples"):
+            require(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "a whole number >= 0")
+        require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "0 (no clipping) or a positive max norm")
+        require(self.lr > 0, "train.lr", self.lr, "a learning rate > 0")
+        require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        require(self.focal_gamma >= 0, "train.focal_gamma", self.focal_gamma, "0 (plain CTC) or a gamma > 0")
+        require(0 <= self.seed < 2**32, "train.seed", self.seed, "a whole number in [0, 2**32 - 1]")
+        require(self.optimizer in OPTIMIZERS, "train.optimizer", self.optimizer, f"one of {', '.join(OPTIMIZERS)}")
+        require(self.schedule in SCHEDULES, "train.schedule", self.schedule, f"one of {', '.join(SCHEDULES)}")
+        require(self.precision in PRECISIONS, "train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "train.device", self.device,
+                "auto, cpu or cuda[:N]")
+        require(0 <= self.augment <= 1, "train.augment", self.augment, "a strength in [0, 1]")
+        require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "0 (off) or a value in (0, 1), e.g. 0.999")
+        require(0 <= self.average_with_base < 1 and not (self.average_with_base and self.base == "scratch"),
+                "train.average_with_base", self.average_with_base,
+                "0 (off) or a value in (0, 1), e.g. 0.5, with a base checkpoint to average with")
+        require(self.freeze in FREEZE_CHOICES, "train.freeze", self.freeze, f"one of {', '.join(FREEZE_CHOICES)}")
+        require(self.prediction in ("ctc", "attn"), "model.prediction", self.prediction, "ctc or attn")
+        for name in ("output_channel", "hidden_size", "input_channel", "imgH"):
+            require(getattr(self, name) >= 1, f"model.{name}", getattr(self, name), "a whole number >= 1")
+        mix_shares(self.mix)
 
 
 MODEL_KNOBS = frozenset({"output_channel", "hidden_size", "input_channel", "imgH", "prediction"})
@@ -128,29 +151,31 @@ _KNOB_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
 def _knob(name: str, value: Any) -> Any:
-    """``value`` as the type of ``TrainConfig.<name>``; ValueError naming the knob when it is not one.
+    """``value`` as the type of ``TrainConfig.<name>``; ParamsError naming the knob when it is not one.
 
     YAML reads ``1e-3`` (no dot) as a string, so numbers written as text are taken as numbers."""
     kind = _KNOB_TYPES.get(TrainConfig.__dataclass_fields__[name].type)
-    section = "model" if name in MODEL_KNOBS else "train"
-    if kind is None or isinstance(value, kind) and not (kind is not bool and isinstance(value, bool)):
+    if kind is None:
         return value
-    if kind in (int, float) and not isinstance(value, bool):
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = math.nan
-        if kind is float and math.isfinite(number):
-            return number
-        if kind is int and math.isfinite(number) and number.is_integer():
-            return int(number)
-    expected = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}[kind]
-    raise ValueError(f"{section}.{name} {value!r}: expected {expected}")
+    return typed(f"{'model' if name in MODEL_KNOBS else 'train'}.{name}", value, kind)
 
 
 TUNED_PARAMS = "tuning/best_params.yaml"
 P = ParamSpec("P")
 R = TypeVar("R")
+STATE_DIR = ".kocr/train-state"
+
+
+def train_extras(section: dict[str, Any]) -> dict[str, Any]:
+    """``train:``'s settings read by ``kocr train`` around the loop, typed (ParamsError naming a wrong one):
+    ``state_dir`` (where the resumable state goes), ``use_tuned`` and ``tuned_params``."""
+    return {"state_dir": typed("train.state_dir", section.get("state_dir", STATE_DIR), str),
+            "use_tuned": typed("train.use_tuned", section.get("use_tuned", False), bool, optional=True) or False,
+            "tuned_params": typed("train.tuned_params", section.get("tuned_params"), str, optional=True)
+            or TUNED_PARAMS}
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FREEZE_CHOICES = {"none": (), "feature_extraction": ("FeatureExtraction",),
                   "sequence_modeling": ("SequenceModeling",), "both": ("FeatureExtraction", "SequenceModeling")}
 
@@ -175,10 +200,16 @@ def read_tuned(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def pick_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` on a machine without it raises ParamsError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ParamsError(f"train.device {name!r}: this machine has no CUDA device (torch.cuda.is_available() "
+                          "is false); use auto or cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ParamsError(f"train.device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def device_name(device: torch.device) -> str:
@@ -373,14 +404,14 @@ def mix_shares(mix: dict[str, float]) -> list[tuple[Path, float]]:
     [(PosixPath('data/replay'), 0.25)]
     """
     if not isinstance(mix, dict):
-        raise ValueError(f"train.mix: expected a mapping {{path: share}}, got {mix!r}")
+        raise ParamsError(f"train.mix: expected a mapping {{path: share}}, got {mix!r}")
     shares = []
     for path, share in mix.items():
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
-            raise ValueError(f"train.mix: {path}: share {share!r} must be a number between 0 and 1")
+            raise ParamsError(f"train.mix: {path}: share {share!r} must be a number between 0 and 1")
         shares.append((Path(path), float(share)))
     if sum(share for _, share in shares) >= 1:
-        raise ValueError(f"train.mix: shares add up to {sum(s for _, s in shares):g}; the main training set "
+        raise ParamsError(f"train.mix: shares add up to {sum(s for _, s in shares):g}; the main training set "
                          "needs the rest, so keep the sum below 1")
     return shares
 

@@ -49,6 +49,7 @@ from sqlalchemy.engine import make_url as sqlalchemy_url
 
 from kocr.atomic import DISK_FULL, database_full, scratch_folder, write_text
 from kocr.locks import database_lock
+from kocr.params import ParamsError, check_keys, typed
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
 from training.train import TrainConfig, train
 
@@ -66,6 +67,10 @@ TRIAL_FOLDER = "kocr-trial-"  # a trial trains in $TMPDIR/.kocr-trial-<number>.<
 
 class TuneError(ValueError):
     """A ``tune:`` setting or study state the user has to fix; the message names it."""
+
+
+class TuneConfigError(TuneError, ParamsError):
+    """A ``tune:`` setting that cannot work: one line naming the params file and the key."""
 
 
 @dataclass(frozen=True)
@@ -91,35 +96,35 @@ class ParamSpec:
     def from_mapping(cls, name: str, spec: dict[str, Any]) -> "ParamSpec":
         """Parse one ``tune.space`` entry; raises TuneError naming the entry and what is wrong."""
         if not isinstance(spec, dict):
-            raise TuneError(f"tune.space.{name}: expected a mapping with type and range, got {spec!r}")
+            raise TuneConfigError(f"tune.space.{name}: expected a mapping with type and range, got {spec!r}")
         unknown = set(spec) - {"type", "key", "low", "high", "log", "step", "choices", "when"}
         if unknown:
-            raise TuneError(f"tune.space.{name}: unknown fields {', '.join(sorted(unknown))}")
+            raise TuneConfigError(f"tune.space.{name}: unknown fields {', '.join(sorted(unknown))}")
         kind = spec.get("type")
         if kind not in PARAM_TYPES:
-            raise TuneError(f"tune.space.{name}.type {kind!r}: expected one of {', '.join(PARAM_TYPES)}")
+            raise TuneConfigError(f"tune.space.{name}.type {kind!r}: expected one of {', '.join(PARAM_TYPES)}")
         key = spec.get("key", name)
         if key not in TrainConfig.__dataclass_fields__ or key in NOT_SEARCHABLE:
             searchable = sorted(set(TrainConfig.__dataclass_fields__) - NOT_SEARCHABLE)
-            raise TuneError(f"tune.space.{name}: {key!r} is not a searchable train knob "
+            raise TuneConfigError(f"tune.space.{name}: {key!r} is not a searchable train knob "
                             f"(one of {', '.join(searchable)})")
         when = tuple((other, tuple(values if isinstance(values, list) else [values]))
                      for other, values in (spec.get("when") or {}).items())
         if kind == "categorical":
             choices = spec.get("choices")
             if not isinstance(choices, list) or not choices:
-                raise TuneError(f"tune.space.{name}: a categorical entry needs a non-empty choices list")
+                raise TuneConfigError(f"tune.space.{name}: a categorical entry needs a non-empty choices list")
             return cls(name, kind, key, choices=tuple(choices), when=when)
         cast = float if kind == "float" else int
         try:
             low, high = cast(spec["low"]), cast(spec["high"])  # float(): YAML 1.1 reads 1e-5 as a string
             step = cast(spec["step"]) if spec.get("step") is not None else None
         except KeyError as exc:
-            raise TuneError(f"tune.space.{name}: a {kind} entry needs low and high") from exc
+            raise TuneConfigError(f"tune.space.{name}: a {kind} entry needs low and high") from exc
         except (TypeError, ValueError) as exc:
-            raise TuneError(f"tune.space.{name}: low/high/step must be numbers ({exc})") from exc
+            raise TuneConfigError(f"tune.space.{name}: low/high/step must be numbers ({exc})") from exc
         if low > high or (spec.get("log") and low <= 0):
-            raise TuneError(f"tune.space.{name}: need low <= high (and low > 0 with log: true), got {low}, {high}")
+            raise TuneConfigError(f"tune.space.{name}: need low <= high (and low > 0 with log: true), got {low}, {high}")
         return cls(name, kind, key, low=low, high=high, log=bool(spec.get("log", False)), step=step, when=when)
 
     def applies(self, chosen: dict[str, Any]) -> bool:
@@ -138,16 +143,16 @@ class ParamSpec:
 def parse_space(space: dict[str, Any]) -> tuple[ParamSpec, ...]:
     """``tune.space`` -> specs, unconditional entries first; checks that conditions name unconditional entries."""
     if not isinstance(space, dict) or not space:
-        raise TuneError("tune.space: declare at least one knob, e.g. lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}")
+        raise TuneConfigError("tune.space: declare at least one knob, e.g. lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}")
     specs = [ParamSpec.from_mapping(name, spec) for name, spec in space.items()]
     plain = {s.name for s in specs if not s.when}
     for spec in specs:
         for other, _ in spec.when:
             if other not in plain:
-                raise TuneError(f"tune.space.{spec.name}.when: {other!r} is not an unconditional entry of tune.space")
+                raise TuneConfigError(f"tune.space.{spec.name}.when: {other!r} is not an unconditional entry of tune.space")
     keys = Counter(s.key for s in specs if not s.when)
     if any(n > 1 for n in keys.values()):
-        raise TuneError(f"tune.space: several unconditional entries set the same knob: {dict(keys)}")
+        raise TuneConfigError(f"tune.space: several unconditional entries set the same knob: {dict(keys)}")
     return tuple(sorted(specs, key=lambda s: bool(s.when)))
 
 
@@ -187,13 +192,15 @@ class TuneConfig:
 
     @classmethod
     def from_params(cls, section: dict[str, Any]) -> "TuneConfig":
-        """Parse and check ``tune:``; raises TuneError naming the setting to fix."""
+        """Parse and check ``tune:``; raises TuneConfigError naming the setting to fix."""
         section = dict(section or {})
         space = parse_space(section.pop("space", None))
-        unknown = set(section) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise TuneError(f"tune: unknown settings {', '.join(sorted(unknown))}")
-        config = cls(space=space, **{k: v for k, v in section.items() if v is not None})
+        try:
+            check_keys("tune", section, set(cls.__dataclass_fields__) - {"space"})
+            values = {k: _typed_setting(k, v) for k, v in section.items() if v is not None}
+        except ParamsError as exc:
+            raise TuneConfigError(exc.detail) from None
+        config = cls(space=space, **values)
         return config.checked()
 
     def with_overrides(self, **values: Any) -> "TuneConfig":
@@ -201,23 +208,77 @@ class TuneConfig:
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None}).checked()
 
     def checked(self) -> "TuneConfig":
+        """This config, or TuneConfigError naming the first setting that cannot work."""
+        try:
+            check_keys("tune.sampler", self.sampler, SAMPLER_KEYS)
+            for key, value in self.sampler.items():
+                typed(f"tune.sampler.{key}", value, str if key == "type" else int)
+        except ParamsError as exc:
+            raise TuneConfigError(exc.detail) from None
+        if self.sampler.get("n_startup_trials", 0) < 0 or not 0 <= self.sampler.get("seed", 0) < 2**32:
+            raise TuneConfigError(f"tune.sampler {self.sampler}: n_startup_trials must be >= 0, seed in "
+                                  "[0, 2**32 - 1]")
+        if self.timeout_s < 0:
+            raise TuneConfigError(f"tune.timeout_s {self.timeout_s!r}: expected seconds > 0, or 0 for no limit")
+        if self.e2e_pages < 1:
+            raise TuneConfigError(f"tune.e2e_pages {self.e2e_pages!r}: expected a whole number >= 1")
+        if self.max_retry < 0:
+            raise TuneConfigError(f"tune.max_retry {self.max_retry!r}: expected a whole number >= 0")
         if self.metric == "e2e_f1" and self.e2e_split == "test":
-            raise TuneError("tune.e2e_split test: tuning on the test pages would leak them into model choice; "
+            raise TuneConfigError("tune.e2e_split test: tuning on the test pages would leak them into model choice; "
                             "use val")
         if self.metric not in METRICS:
-            raise TuneError(f"tune.metric {self.metric!r}: expected one of {', '.join(METRICS)}")
+            raise TuneConfigError(f"tune.metric {self.metric!r}: expected one of {', '.join(METRICS)}")
         if self.direction != METRICS[self.metric][1]:
-            raise TuneError(f"tune.direction {self.direction!r}: {self.metric} is improved by "
+            raise TuneConfigError(f"tune.direction {self.direction!r}: {self.metric} is improved by "
                             f"{METRICS[self.metric][1]}; say so explicitly")
         if self.pruner not in ("median", "hyperband", "none"):
-            raise TuneError(f"tune.pruner {self.pruner!r}: expected median, hyperband or none")
+            raise TuneConfigError(f"tune.pruner {self.pruner!r}: expected median, hyperband or none")
         if self.sampler.get("type", "tpe") not in ("tpe", "random"):
-            raise TuneError(f"tune.sampler.type {self.sampler.get('type')!r}: expected tpe or random")
+            raise TuneConfigError(f"tune.sampler.type {self.sampler.get('type')!r}: expected tpe or random")
         if self.steps_per_trial < 1 or self.report_every < 1 or self.n_trials < 0:
-            raise TuneError("tune: steps_per_trial and report_every must be >= 1, n_trials >= 0")
+            raise TuneConfigError("tune: steps_per_trial and report_every must be >= 1, n_trials >= 0")
         if self.heartbeat_interval_s < 1 or self.grace_period_s <= self.heartbeat_interval_s:
-            raise TuneError("tune: need heartbeat_interval_s >= 1 and grace_period_s > heartbeat_interval_s")
+            raise TuneConfigError("tune: need heartbeat_interval_s >= 1 and grace_period_s > heartbeat_interval_s")
+        try:
+            make_pruner(self)  # its keyword arguments, before any study or trial
+        except TuneError as exc:
+            raise TuneConfigError(str(exc)) from None
+        except (TypeError, ValueError) as exc:
+            raise TuneConfigError(f"tune.{self.pruner} {getattr(self, self.pruner)}: {exc}") from None
         return self
+
+
+SAMPLER_KEYS = ("type", "seed", "n_startup_trials")
+_SETTING_TYPES = {"metric": str, "direction": str, "n_trials": int, "timeout_s": float, "steps_per_trial": int,
+                  "report_every": int, "pruner": str, "median": dict, "hyperband": dict, "sampler": dict,
+                  "study_name": str, "storage": str, "heartbeat_interval_s": int, "grace_period_s": int,
+                  "max_retry": int, "e2e_split": str, "e2e_pages": int}
+
+
+def _typed_setting(key: str, value: Any) -> Any:
+    """A ``tune:`` scalar as its type, a pruner or sampler setting as a mapping; ParamsError naming it."""
+    kind = _SETTING_TYPES[key]
+    if kind is dict:
+        if not isinstance(value, dict):
+            raise ParamsError(f"tune.{key} {value!r}: expected a mapping of settings")
+        return dict(value)
+    return typed(f"tune.{key}", value, kind)
+
+
+def check_space(config: TuneConfig, params: dict[str, Any]) -> None:
+    """TuneConfigError when an end of a ``tune.space`` range or one of its choices is a value the train
+    knob it sets refuses (``lr`` low 0, ``optimizer`` sgd): said once, when the study starts, not by
+    trial after failed trial. ``params``' own ``train:`` must be valid first (its ParamsError as it is)."""
+    trial_config(params, {}, config)
+    for spec in config.space:
+        values = spec.choices if spec.type == "categorical" else (spec.low, spec.high)
+        for value in values:
+            try:
+                trial_config(params, {spec.key: value}, config)
+            except ParamsError as exc:
+                raise TuneConfigError(f"tune.space.{spec.name}: {value!r} cannot be train.{spec.key} "
+                                      f"({exc.detail})") from None
 
 
 # --- storage, study, sampler, pruner ---------------------------------------------------------
@@ -435,7 +496,7 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval_s: fl
 
 def trial_config(params: dict[str, Any], overrides: dict[str, Any], config: TuneConfig) -> TrainConfig:
     """params.yaml's ``train:`` (never the tuned file) with the trial's knobs and the trial budget."""
-    section = {**params.get("train", {}), **overrides, "use_tuned": False,
+    section = {**(params.get("train") or {}), **overrides, "use_tuned": False,
                "steps": config.steps_per_trial, "val_every": config.report_every}
     return TrainConfig.from_params({**params, "train": section})
 

@@ -50,6 +50,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from kocr.atomic import sweep_stale, write_json
+from kocr.params import check_keys, require, typed
 from training.charset import Charset
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page, unscored
@@ -84,18 +85,31 @@ class PrepareConfig:
     workers: int = 1                  # cropping processes (1: in the calling process)
 
     def __post_init__(self) -> None:
-        checks = {"out_of_charset": self.out_of_charset in ("drop", "keep"),
-                  "stratify": self.stratify in ("none", "category"),
-                  "shard_size": int(self.shard_size) >= 1, "workers": int(self.workers) >= 1,
-                  "val_fraction": 0 <= self.val_fraction < 1, "test_fraction": 0 <= self.test_fraction < 1}
-        for key, ok in checks.items():
-            if not ok:
-                raise PrepareConfigError(f"params.yaml prepare.{key}: {getattr(self, key)!r} is not allowed")
+        """ParamsError naming the first knob the stage cannot use: before any page is scanned."""
+        require(self.out_of_charset in ("drop", "keep"), "prepare.out_of_charset", self.out_of_charset, "drop or keep")
+        require(self.stratify in ("none", "category"), "prepare.stratify", self.stratify, "none or category")
+        require(self.image_format in IMAGE_FORMATS, "prepare.image_format", self.image_format,
+                f"one of {', '.join(IMAGE_FORMATS)}")
+        for key in ("shard_size", "workers"):
+            require(getattr(self, key) >= 1, f"prepare.{key}", getattr(self, key), "a whole number >= 1")
+        for key in ("val_fraction", "test_fraction"):
+            require(0 <= getattr(self, key) < 1, f"prepare.{key}", getattr(self, key), "a share in [0, 1)")
+        require(self.val_fraction + self.test_fraction < 1, "prepare.val_fraction + test_fraction",
+                round(self.val_fraction + self.test_fraction, 9), "below 1: the train split would be empty")
+        require(self.crop_margin >= 0, "prepare.crop_margin", self.crop_margin,
+                "a share >= 0 of the box's shorter side (EasyOCR's add_margin, 0.1)")
+        Charset.from_setting("prepare.charset", self.charset)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "PrepareConfig":
-        known = {k: v for k, v in params.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+        """The ``prepare:`` mapping; an unknown key or a value of the wrong type raises ParamsError naming it."""
+        check_keys("prepare", params, cls.__dataclass_fields__)
+        return cls(**{k: typed(f"prepare.{k}", v, _PREPARE_TYPES[k]) for k, v in params.items()})
+
+
+_PREPARE_TYPES = {"charset": str, "val_fraction": float, "test_fraction": float, "seed": int, "crop_margin": float,
+                  "out_of_charset": str, "image_format": str, "stratify": str, "shard_size": int, "workers": int}
+IMAGE_FORMATS = (".png", ".jpg")
 
 
 class Report:

@@ -1,0 +1,129 @@
+"""A mistake in params.yaml fails early, in one line naming the file, the full key and the problem (exit 2).
+
+Each command here is given data folders that do not exist: a params error must be said before any data
+is read, any model built or anything logged or registered in MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kocr.params import ParamsError, check_keys, section, typed
+
+SPACE = {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}
+
+CASES = [  # command, params, the message after "params.yaml: "
+    ("promote", {"promote": {"min_delta": 0.01, "min_detla": 0.05}}, "promote: unknown keys ['min_detla']"),
+    ("promote", {"promote": {"min_delta": "abc"}}, "promote.min_delta 'abc': expected a number"),
+    ("prepare-aihub", {"prepare": {"val_fration": 0.5}}, "prepare: unknown keys ['val_fration']"),
+    ("prepare-aihub", {"prepare": {"val_fraction": 0.6, "test_fraction": 0.6}},
+     "prepare.val_fraction + test_fraction 1.2: expected below 1"),
+    ("prepare-aihub", {"prepare": {"crop_margin": -1}}, "prepare.crop_margin -1.0: expected a share >= 0"),
+    ("prepare-aihub", {"prepare": {"seed": "abc"}}, "prepare.seed 'abc': expected a whole number"),
+    ("prepare-aihub", {"prepare": {"shard_size": "big"}}, "prepare.shard_size 'big': expected a whole number"),
+    ("prepare-aihub", {"prepare": {"charset": "korean_g3"}}, "prepare.charset: charset 'korean_g3' is neither"),
+    ("prepare-aihub", {"prepare": ["charset"]}, "prepare: expected a mapping of settings"),
+    ("import-crops", {"prepare": {"out_of_charset": "ignore"}}, "prepare.out_of_charset 'ignore': expected drop or keep"),
+    ("evaluate", {"evaluate": {"iou_treshold": 0.9}}, "evaluate: unknown keys ['iou_treshold']"),
+    ("evaluate", {"evaluate": {"iou_threshold": 1.5}}, "evaluate.iou_threshold 1.5: expected a value in (0, 1]"),
+    ("evaluate", {"evaluate": {"worst_pages": -1}}, "evaluate.worst_pages -1: expected a whole number >= 0"),
+    ("evaluate", {"evaluate": {"baselines": "tesseract"}}, "evaluate.baselines 'tesseract': expected a list"),
+    ("evaluate", {"promote": {"model_nam": "x"}}, "promote: unknown keys ['model_nam']"),
+    ("export-easyocr", {"export": {"nmae": "x"}}, "export: unknown keys ['nmae']"),
+    ("tune", {"tune": {"space": SPACE, "sampler": {"type": "tpe", "sede": 1}}},
+     "tune.sampler: unknown keys ['sede']"),
+    ("tune", {"tune": {"space": SPACE, "n_trials": "four"}}, "tune.n_trials 'four': expected a whole number"),
+    ("tune", {"tune": {"space": SPACE, "timeout_s": -1}}, "tune.timeout_s -1.0: expected seconds > 0, or 0"),
+    ("tune", {"tune": {"space": SPACE, "e2e_pages": 0}}, "tune.e2e_pages 0: expected a whole number >= 1"),
+    ("tune", {"tune": {"space": {"optimizer": {"type": "categorical", "choices": ["adam", "sgd"]}}}},
+     "tune.space.optimizer: 'sgd' cannot be train.optimizer (train.optimizer 'sgd': expected one of"),
+    ("tune", {"tune": {"space": {"lr": {"type": "float", "low": 0, "high": 0.1}}}},
+     "tune.space.lr: 0.0 cannot be train.lr (train.lr 0.0: expected a learning rate > 0)"),
+    ("tune", {"tune": {"space": SPACE}, "train": {"patience": -1}}, "train.patience -1: expected a whole number >= 0"),
+    ("train", {"train": {"lr": 0}}, "train.lr 0.0: expected a learning rate > 0"),
+    ("train", {"train": {"focal_gamma": -1}}, "train.focal_gamma -1.0: expected 0 (plain CTC) or a gamma > 0"),
+    ("train", {"train": {"batch_max_length": -3}}, "train.batch_max_length -3: expected a whole number >= 0"),
+    ("train", {"train": {"warmup_steps": -5}}, "train.warmup_steps -5: expected a whole number >= 0"),
+    ("train", {"train": {"num_workers": -1}}, "train.num_workers -1: expected a whole number >= 0"),
+    ("train", {"train": {"device": "gpu"}}, "train.device 'gpu': expected auto, cpu or cuda[:N]"),
+    ("train", {"train": {"precision": "fp8"}}, "train.precision 'fp8': expected one of auto, fp32, bf16, fp16"),
+    ("train", {"train": {"ema_decay": 1.5}}, "train.ema_decay 1.5: expected 0 (off) or a value in (0, 1)"),
+    ("train", {"train": {"state_dir": None}}, "train.state_dir None: expected a string"),
+    ("train", {"train": {"use_tuned": "yes"}}, "train.use_tuned 'yes': expected true or false"),
+    ("train", {"train": "fast"}, "train: expected a mapping of settings, got 'fast'"),
+    ("train", {"train": {"mix": {"data/x": 1.5}}}, "train.mix: data/x: share 1.5 must be a number between 0 and 1"),
+]
+
+ARGS = {"promote": ["--candidate", "absent", "--metrics", "absent.json", "--source", "absent", "--splits", "absent"],
+        "prepare-aihub": ["--src", "absent", "--out", "out"],
+        "import-crops": ["--labels", "absent.tsv", "--out", "out"],
+        "evaluate": ["--source", "absent", "--splits", "absent.json", "--candidate", "english_g2",
+                     "--predictions", "pred"],
+        "export-easyocr": ["--model", "english_g2", "--out", "out"],
+        "tune": ["--data", "absent", "--out", "out"],
+        "train": ["--data", "absent", "--out", "out"]}
+
+
+def _run(command: str, params: dict, tmp_path: Path, monkeypatch, capsys, *extra: str) -> list[str]:
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOCR_PARAMS", raising=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    assert main([command, *ARGS[command], *extra]) == 2
+    return capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("command, params, message", CASES, ids=[f"{c[0]}:{c[2][:40]}" for c in CASES])
+def test_a_params_mistake_is_one_line_naming_the_file_and_key_before_anything_runs(command, params, message,
+                                                                                   tmp_path, monkeypatch, capsys):
+    err = _run(command, params, tmp_path, monkeypatch, capsys)
+    assert len(err) == 1 and err[0].startswith(f"kocr {command}: error: params.yaml: {message}"), err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "pred").exists()
+    store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    assert not store.exists()  # no run started, nothing registered
+
+
+def test_the_params_file_named_is_the_one_kocr_params_points_at(tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("promote: {min_delta: abc}\n", encoding="utf-8")
+    monkeypatch.setenv("KOCR_PARAMS", str(tmp_path / "mine.yaml"))
+    assert main(["promote", *ARGS["promote"]]) == 2
+    assert capsys.readouterr().err.strip() == (f"kocr promote: error: {tmp_path / 'mine.yaml'}: "
+                                               "promote.min_delta 'abc': expected a number")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+def test_train_on_cuda_without_it_is_one_line(tmp_path, monkeypatch, capsys):
+    err = _run("train", {"train": {"device": "cuda"}}, tmp_path, monkeypatch, capsys)
+    assert err == ["kocr train: error: params.yaml: train.device 'cuda': this machine has no CUDA device "
+                   "(torch.cuda.is_available() is false); use auto or cpu"]
+
+
+def test_a_null_section_is_every_default():
+    """``train:`` with every key commented out is YAML null: the defaults, as an empty mapping."""
+    from evaluation.evaluate import EvaluateConfig
+    from training.data.prepare import PrepareConfig
+    from training.train import TrainConfig
+
+    params = yaml.safe_load("train:\nprepare:\nevaluate:\nsynth_lines:\nmodel:\n")
+    assert section(params, "train") == {} and section(params, "absent") == {}
+    assert TrainConfig.from_params(params) == TrainConfig()
+    assert PrepareConfig.from_params(section(params, "prepare")) == PrepareConfig()
+    assert EvaluateConfig.from_params(params) == EvaluateConfig()
+
+
+def test_the_helpers():
+    assert typed("a.b", "1e-3", float) == 0.001 and typed("a.b", "2", int) == 2 and typed("a.b", None, int, True) is None
+    for value, kind in ((True, int), (1.5, int), ("x", float), (1, str), ("yes", bool)):
+        with pytest.raises(ParamsError, match=r"^params.yaml: a.b "):
+            typed("a.b", value, kind)
+    with pytest.raises(ParamsError, match=r"^params.yaml: s: unknown keys \['z'\] \(known: a, b\)$"):
+        check_keys("s", {"a": 1, "z": 2}, ("b", "a"))
