@@ -259,6 +259,10 @@ class SetBusyError(RuntimeError):
     """Another live process is writing the same set."""
 
 
+class OutFolderError(ValueError):
+    """An ``--out`` a command will not replace: a symbolic link, or a folder holding files it did not write."""
+
+
 _WRITING: set[Path] = set()  # lock files of the sets this process is writing
 
 

@@ -21,8 +21,8 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kocr.atomic import DISK_FULL, replaced_folder, write_text
-from kocr.params import ParamsError, check_keys, load_params, params_path, section, typed
+from kocr.atomic import DISK_FULL, OutFolderError, replaced_folder, write_text
+from kocr.params import ParamsError, check_keys, load_params, params_path, require, section, typed
 from kocr.redact import hide_passwords
 
 
@@ -33,27 +33,38 @@ def _dump(data: Any, path: str | Path) -> None:
 CANDIDATE = "models/candidate/model.pt"  # what the train stage writes; kocr predict reads it by default
 DEFAULT_SCORED = "english_g2"  # what evaluate-crops and evaluate-pages score without --model
 SAMPLE_KEYS = ("fonts", "width", "height", "charset_name", "degrade", "contact_sheet")  # sample: -> generate_pages
+SAMPLE_TYPES = {"width": int, "height": int, "charset_name": str, "contact_sheet": int}  # the rest checked apart
 
 
 def cmd_synth_pages(args: argparse.Namespace) -> None:
     import mlflow
 
     from kocr.tracking import stage_run
-    from training.data.synth_pages import generate_pages
+    from training.data.synth_pages import generate_pages, page_settings
 
-    cfg = load_params().get("sample", {})
-    unknown = sorted(set(cfg) - {"count", "seed", *SAMPLE_KEYS, "font_size"})
-    if unknown:
-        raise CommandError(f"sample: unknown keys {unknown} (known: count, seed, "
-                         f"{', '.join(SAMPLE_KEYS)}, font_size)")
-    if not cfg.get("fonts"):
-        raise CommandError("sample.fonts is required: file-name patterns of the faces "
-                         "to draw with, looked for under /usr/share/fonts (e.g. [NanumGothic.ttf, NanumPen.ttf])")
-    count = args.count if args.count is not None else cfg.get("count", 20)
-    seed = args.seed if args.seed is not None else cfg.get("seed", 0)
-    kwargs = {k: cfg[k] for k in SAMPLE_KEYS if k in cfg}
+    cfg = section(load_params(), "sample")
+    check_keys("sample", cfg, {"count", "seed", *SAMPLE_KEYS, "font_size"})
+    fonts = cfg.get("fonts")
+    if isinstance(fonts, str):
+        fonts = [fonts]
+    if not fonts:
+        raise ParamsError("sample.fonts is required: file-name patterns of the faces "
+                          "to draw with, looked for under /usr/share/fonts (e.g. [NanumGothic.ttf, NanumPen.ttf])")
+    require(isinstance(fonts, list) and all(isinstance(f, str) and f for f in fonts), "sample.fonts", fonts,
+            "a list of font file-name patterns")
+    count = args.count if args.count is not None else typed("sample.count", cfg.get("count", 20), int)
+    seed = args.seed if args.seed is not None else typed("sample.seed", cfg.get("seed", 0), int)
+    kwargs = {k: typed(f"sample.{k}", cfg[k], kind) for k, kind in SAMPLE_TYPES.items() if k in cfg}
+    kwargs["fonts"] = fonts
+    if "degrade" in cfg:
+        kwargs["degrade"] = cfg["degrade"]
     if "font_size" in cfg:
-        kwargs["font_size"] = tuple(cfg["font_size"])
+        size = cfg["font_size"]
+        require(isinstance(size, list) and len(size) == 2, "sample.font_size", size, "[lo, hi] in pixels")
+        kwargs["font_size"] = tuple(typed("sample.font_size", v, int) for v in size)
+    require(kwargs.get("contact_sheet", 0) >= 0, "sample.contact_sheet", kwargs.get("contact_sheet"),
+            "a whole number >= 0 (0: none)")
+    page_settings(count, **{k: v for k, v in kwargs.items() if k != "contact_sheet"})  # before any run or page
     with stage_run("sample", {"sample": {**cfg, "count": count, "seed": seed}}):
         written = generate_pages(args.out, count=count, seed=seed, **kwargs)
         mlflow.log_metric("pages", len(written))
@@ -66,17 +77,18 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
     import mlflow
 
     from kocr.tracking import stage_run
-    from training.data.synth_lines import LinesConfig, generate_lines
+    from training.data.synth_lines import LinesConfig, check_sources, generate_lines
 
     params = load_params()
-    cfg = dict(params.get("synth_lines", {}))
+    cfg, origin = section(params, "synth_lines"), {}
     if args.section:  # e.g. a val or held-out set: its keys replace those of synth_lines:
-        if not isinstance(params.get(args.section), dict):
-            from training.data.degrade import SynthConfigError
-
-            raise SynthConfigError(f"params has no section {args.section!r} (--section)")
-        cfg.update(params[args.section])
-    config = LinesConfig.from_params(cfg, count=args.count, seed=args.seed, workers=args.workers)
+        if args.section not in params:
+            raise ParamsError(f"no section {args.section!r} (--section)")
+        override = section(params, args.section)
+        cfg.update(override)
+        origin = dict.fromkeys(override, args.section)  # an error in one of its keys names that section
+    config = LinesConfig.from_params(cfg, origin, count=args.count, seed=args.seed, workers=args.workers)
+    check_sources(config)  # charset and fonts: before a run is started
     with stage_run("synth_lines", {"synth_lines": config.as_params()}):
         start = time.perf_counter()
         summary = generate_lines(args.out, config)
@@ -793,6 +805,7 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, CropImportError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
+            OutFolderError,
             LockError, CommandError, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -133,7 +133,7 @@ def test_synth_pages_without_fonts_says_the_key_is_required(tmp_path):
     (tmp_path / "params.yaml").write_text("sample: {count: 1}\n", encoding="utf-8")
     done = _kocr("synth-pages", "--out", str(tmp_path / "pages"), cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert done.stderr.strip().startswith("kocr synth-pages: error: sample.fonts is required")
+    assert done.stderr.strip().startswith("kocr synth-pages: error: params.yaml: sample.fonts is required")
     assert not (tmp_path / "pages").exists()
 
 

@@ -16,6 +16,7 @@ import yaml
 from kocr.params import ParamsError, check_keys, section, typed
 
 SPACE = {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}
+FONTS = ["NanumGothic.ttf"]
 
 CASES = [  # command, params, the message after "params.yaml: "
     ("promote", {"promote": {"min_delta": 0.01, "min_detla": 0.05}}, "promote: unknown keys ['min_detla']"),
@@ -57,6 +58,23 @@ CASES = [  # command, params, the message after "params.yaml: "
     ("train", {"train": {"use_tuned": "yes"}}, "train.use_tuned 'yes': expected true or false"),
     ("train", {"train": "fast"}, "train: expected a mapping of settings, got 'fast'"),
     ("train", {"train": {"mix": {"data/x": 1.5}}}, "train.mix: data/x: share 1.5 must be a number between 0 and 1"),
+    ("synth-lines", {"synth_lines": {"count": "ten"}}, "synth_lines.count 'ten': expected a whole number"),
+    ("synth-lines", {"synth_lines": {"skew": "abc"}}, "synth_lines.skew 'abc': expected a number"),
+    ("synth-lines", {"synth_lines": {"random_skew": "no"}}, "synth_lines.random_skew 'no': expected true or false"),
+    ("synth-lines", {"synth_lines": {"fonts": None}}, "synth_lines.fonts None: expected a file-name pattern"),
+    ("synth-lines", {"synth_lines": {"lexicon_top_n": 0}}, "synth_lines.lexicon_top_n must be >= 1"),
+    ("synth-lines", {"synth_lines": {"distortion_amplitude": [-5, -1]}}, "synth_lines.distortion_amplitude must be >= 0"),
+    ("synth-lines", {"synth_lines": {"background_images": "/nonexistent", "backgrounds": {"image": 1}}},
+     "synth_lines.background_images '/nonexistent': no such folder"),
+    ("synth-lines", {"synth_lines": {"charset_name": "nosuch", "fonts": FONTS}},
+     "synth_lines.charset_name: charset 'nosuch' is neither"),
+    ("synth-pages", {"sample": {"count": "ten", "fonts": FONTS}}, "sample.count 'ten': expected a whole number"),
+    ("synth-pages", {"sample": {"fonts": ["NoSuch.ttf"]}}, "sample.fonts: no font file matches ['NoSuch.ttf']"),
+    ("synth-pages", {"sample": {"fonts": FONTS, "charset_name": "nosuch"}},
+     "sample.charset_name: charset 'nosuch' is neither"),
+    ("synth-pages", {"sample": {"fonts": FONTS, "font_size": [40, 24]}}, "sample.font_size must be (lo, hi)"),
+    ("synth-pages", {"sample": {"fonts": FONTS, "width": 100}}, "sample.width x height 100x700 is too small"),
+    ("synth-pages", {"sample": None}, "sample.fonts is required"),
 ]
 
 ARGS = {"promote": ["--candidate", "absent", "--metrics", "absent.json", "--source", "absent", "--splits", "absent"],
@@ -66,7 +84,9 @@ ARGS = {"promote": ["--candidate", "absent", "--metrics", "absent.json", "--sour
                      "--predictions", "pred"],
         "export-easyocr": ["--model", "english_g2", "--out", "out"],
         "tune": ["--data", "absent", "--out", "out"],
-        "train": ["--data", "absent", "--out", "out"]}
+        "train": ["--data", "absent", "--out", "out"],
+        "synth-lines": ["--out", "out"],
+        "synth-pages": ["--out", "out"]}
 
 
 def _run(command: str, params: dict, tmp_path: Path, monkeypatch, capsys, *extra: str) -> list[str]:
@@ -87,6 +107,16 @@ def test_a_params_mistake_is_one_line_naming_the_file_and_key_before_anything_ru
     assert not (tmp_path / "out").exists() and not (tmp_path / "pred").exists()
     store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
     assert not store.exists()  # no run started, nothing registered
+
+
+def test_errors_of_a_section_override_name_that_section(tmp_path, monkeypatch, capsys):
+    params = {"synth_lines": {"count": 5}, "synth_lines_val": {"cont": 5}}
+    err = _run("synth-lines", params, tmp_path, monkeypatch, capsys, "--section", "synth_lines_val")
+    assert err == ["kocr synth-lines: error: params.yaml: synth_lines_val: unknown keys ['cont']; known: "
+                   + err[0].split("known: ")[1]]
+    params = {"synth_lines": {"count": 5}, "synth_lines_val": {"skew": 50}}
+    err = _run("synth-lines", params, tmp_path, monkeypatch, capsys, "--section", "synth_lines_val")
+    assert err == ["kocr synth-lines: error: params.yaml: synth_lines_val.skew must be below 45 degrees, got 50.0"]
 
 
 def test_the_params_file_named_is_the_one_kocr_params_points_at(tmp_path, monkeypatch, capsys):
@@ -111,6 +141,7 @@ def test_a_null_section_is_every_default():
     """``train:`` with every key commented out is YAML null: the defaults, as an empty mapping."""
     from evaluation.evaluate import EvaluateConfig
     from training.data.prepare import PrepareConfig
+    from training.data.synth_lines import LinesConfig
     from training.train import TrainConfig
 
     params = yaml.safe_load("train:\nprepare:\nevaluate:\nsynth_lines:\nmodel:\n")
@@ -118,6 +149,7 @@ def test_a_null_section_is_every_default():
     assert TrainConfig.from_params(params) == TrainConfig()
     assert PrepareConfig.from_params(section(params, "prepare")) == PrepareConfig()
     assert EvaluateConfig.from_params(params) == EvaluateConfig()
+    assert LinesConfig.from_params(section(params, "synth_lines")) == LinesConfig()
 
 
 def test_the_helpers():

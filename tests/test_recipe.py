@@ -509,7 +509,7 @@ def test_synth_lines_section_overrides_the_synth_lines_keys(tmp_path, monkeypatc
     assert len(LmdbDataset(tmp_path / "held")) == 4 and {r.split("\t")[1] for r in manifest} == {"UnPilgi.ttf"}
     capsys.readouterr()
     assert main(["synth-lines", "--section", "nope", "--out", "x"]) == 2
-    assert capsys.readouterr().err.strip() == "kocr synth-lines: error: params has no section 'nope' (--section)"
+    assert capsys.readouterr().err.strip() == "kocr synth-lines: error: params.yaml: no section 'nope' (--section)"
 
 
 def test_ko_base_name_without_the_file_says_how_to_make_it(tmp_path, monkeypatch):

@@ -742,7 +742,7 @@ def test_cli_writes_the_set_and_reports_bad_params_in_one_line(tmp_path, monkeyp
     (tmp_path / "params.yaml").write_text("synth_lines:\n  skew: 50\n", encoding="utf-8")
     assert main(["synth-lines", "--out", "bad"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "kocr synth-lines: error: synth_lines.skew must be below 45 degrees, got 50.0"]
+        "kocr synth-lines: error: params.yaml: synth_lines.skew must be below 45 degrees, got 50.0"]
 
 
 KILLER = """

@@ -147,10 +147,10 @@ def test_a_killed_run_over_another_seed_leaves_that_set_whole_and_resumes_only_i
 
 
 def test_a_folder_holding_other_files_is_refused_never_replaced(tmp_path):
-    from training.data.degrade import SynthConfigError
+    from kocr.atomic import OutFolderError
 
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(SynthConfigError, match=r"holds 'notes.txt' \(1 such\), which synth-pages does not write"):
+    with pytest.raises(OutFolderError, match=r"holds 'notes.txt' \(1 such\), which synth-pages does not write"):
         generate_pages(tmp_path, count=1, seed=0, fonts=FONTS, **SMALL)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 

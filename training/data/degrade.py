@@ -24,6 +24,8 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
+from kocr.params import ParamsError
+
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
 
 # Effect name -> its range parameter and default range. Order is the order ``apply`` runs them.
@@ -52,8 +54,8 @@ HIGHLIGHTER_COLOURS = ((255, 236, 80), (150, 240, 140), (255, 160, 205), (150, 2
 PEN_COLOURS = ((25, 30, 110), (20, 20, 25), (170, 30, 35))
 
 
-class SynthConfigError(ValueError):
-    """A synthetic-data setting (degradations, synth_lines, sample) that cannot work; names the key."""
+class SynthConfigError(ParamsError):
+    """A synthetic-data setting (degradations, synth_lines, sample) that cannot work; names the file and key."""
 
 
 @dataclass(frozen=True)

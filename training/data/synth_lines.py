@@ -45,6 +45,7 @@ from training.charset import Charset
 from training.data import degrade
 from training.data.backgrounds import KINDS, image_files, make_background
 from training.data.contact_sheet import write_sheet
+from kocr.params import ParamsError, typed
 from training.data.degrade import SynthConfigError
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
 from training.data.lexicon import draw_token, is_hangul, load_lexicon
@@ -60,15 +61,23 @@ SHARES = ("invert", "letter_spacing", "colour", "rules", "char_jitter", "streak"
 TOKEN_TRIES = 12  # draws per word before giving up on that word in the chosen face
 
 
+def _typed(key: str, value: Any, kind: type, optional: bool = False) -> Any:
+    """``kocr.params.typed`` raising SynthConfigError (the same one line, naming ``key``)."""
+    try:
+        return typed(key, value, kind, optional)
+    except ParamsError as exc:
+        raise SynthConfigError(exc.detail) from None
+
+
 def _pair(value: Any, name: str, kind: type = float) -> tuple:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         value = (value, value)
     try:
         lo, hi = (kind(v) for v in value)
     except (TypeError, ValueError):
-        raise SynthConfigError(f"synth_lines.{name}: expected [lo, hi], got {value!r}") from None
+        raise SynthConfigError(f"{name}: expected [lo, hi], got {value!r}") from None
     if lo > hi:
-        raise SynthConfigError(f"synth_lines.{name}: lo {lo} is above hi {hi}")
+        raise SynthConfigError(f"{name}: lo {lo} is above hi {hi}")
     return lo, hi
 
 
@@ -76,13 +85,13 @@ def _weights(value: Any, name: str, known: Sequence[str]) -> dict[str, float]:
     if isinstance(value, str):
         value = {value: 1.0}
     if not isinstance(value, Mapping):
-        raise SynthConfigError(f"synth_lines.{name}: expected a mapping kind -> weight, got {value!r}")
+        raise SynthConfigError(f"{name}: expected a mapping kind -> weight, got {value!r}")
     unknown = set(value) - set(known)
     if unknown:
-        raise SynthConfigError(f"synth_lines.{name}: unknown kinds {sorted(unknown)}; known: {', '.join(known)}")
-    weights = {k: float(v) for k, v in value.items()}
+        raise SynthConfigError(f"{name}: unknown kinds {sorted(unknown)}; known: {', '.join(known)}")
+    weights = {k: _typed(f"{name}.{k}", v, float) for k, v in value.items()}
     if any(v < 0 for v in weights.values()) or sum(weights.values()) <= 0:
-        raise SynthConfigError(f"synth_lines.{name}: weights must be >= 0 and not all 0, got {weights}")
+        raise SynthConfigError(f"{name}: weights must be >= 0 and not all 0, got {weights}")
     return weights
 
 
@@ -146,101 +155,129 @@ class LinesConfig:
     contact_sheet: int = 48  # samples shown in contact_sheet.png (0: none)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None, **overrides: Any) -> "LinesConfig":
-        """Build from the ``synth_lines:`` mapping; ``overrides`` (not None) win. Checks every value."""
+    def from_params(cls, params: Mapping[str, Any] | None, origin: Mapping[str, str] | None = None,
+                    **overrides: Any) -> "LinesConfig":
+        """Build from the ``synth_lines:`` mapping; ``overrides`` (not None) win. Checks every value.
+
+        Errors name ``synth_lines.KEY``, or ``SECTION.KEY`` where ``origin`` says the key came from
+        another section (``kocr synth-lines --section``)."""
+        origin = origin or {}
         raw = dict(params or {})
         raw.update({k: v for k, v in overrides.items() if v is not None})
         names = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise SynthConfigError(f"synth_lines: unknown keys {unknown}; known: {', '.join(sorted(names))}")
+        for where in sorted({origin.get(k, "synth_lines") for k in raw}):
+            unknown = sorted(k for k in set(raw) - names if origin.get(k, "synth_lines") == where)
+            if unknown:
+                raise SynthConfigError(f"{where}: unknown keys {unknown}; known: {', '.join(sorted(names))}")
+
+        def at(key: str) -> str:
+            return f"{origin.get(key, 'synth_lines')}.{key}"
+
         kw: dict[str, Any] = {}
         for key, value in raw.items():
             if key in ("fonts", "font_dirs"):
-                value = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+                if not (isinstance(value, str) and value or isinstance(value, (list, tuple))
+                        and all(isinstance(v, str) and v for v in value)):
+                    raise SynthConfigError(f"{at(key)} {value!r}: expected a file-name pattern or a list of them")
+                value = (value,) if isinstance(value, str) else tuple(value)
             elif key in ("words_per_line", "font_size"):
-                value = _pair(value, key, int)
+                value = _pair(value, at(key), int)
             elif key in ("distortion_amplitude", "distortion_period", "ink", "letter_spacing_em",
                          "colour_contrast", "char_jitter_amount", "stroke_warp_amount", "embolden_amount", "streak_width",
                          "arc_degrees",
                          "edge_clutter_share", "edge_clip_share"):
-                value = _pair(value, key)
+                value = _pair(value, at(key))
             elif key == "margins":
-                value = (value,) * 4 if isinstance(value, (int, float)) else tuple(value)
-                if len(value) != 4 or any(int(v) < 0 for v in value):
-                    raise SynthConfigError(f"synth_lines.margins: expected 4 values >= 0 "
+                value = (value,) * 4 if isinstance(value, (int, float)) else value
+                value = tuple(value) if isinstance(value, (list, tuple)) else ()
+                if len(value) != 4 or any(_typed(at(key), v, int) < 0 for v in value):
+                    raise SynthConfigError(f"{at(key)}: expected 4 values >= 0 "
                                            f"(top, left, bottom, right), got {raw[key]!r}")
                 value = tuple(int(v) for v in value)
             elif key == "backgrounds":
-                value = _weights(value, key, KINDS)
+                value = _weights(value, at(key), KINDS)
             elif key == "distortion":
-                value = _weights(value, key, DISTORTIONS)
+                value = _weights(value, at(key), DISTORTIONS)
             elif key == "degrade":
-                value = degrade.DegradeConfig.from_params(value, "synth_lines.degrade")
+                value = degrade.DegradeConfig.from_params(value, at(key))
             elif key in ("count", "seed", "lexicon_top_n", "max_chars", "height", "workers",
                          "contact_sheet"):
-                value = int(value)
+                value = _typed(at(key), value, int)
             elif key == "skew" or key in SHARES:
-                value = float(value)
+                value = _typed(at(key), value, float)
             elif key == "random_skew":
-                value = bool(value)
+                value = _typed(at(key), value, bool)
+            elif key in ("charset_name", "image_format"):
+                value = _typed(at(key), value, str)
+            elif key in ("text_file", "background_images"):
+                value = _typed(at(key), value, str, optional=True)
             kw[key] = value
         config = cls(**kw)
-        config.check()
+        config.check(at)
         return config
 
-    def check(self) -> None:
-        """Raise SynthConfigError naming the first setting that cannot work."""
+    def check(self, at: Callable[[str], str] = lambda key: f"synth_lines.{key}") -> None:
+        """Raise SynthConfigError naming the first setting that cannot work (``at(key)``: its full key)."""
         if self.count < 0:
-            raise SynthConfigError(f"synth_lines.count must be >= 0, got {self.count}")
+            raise SynthConfigError(f"{at('count')} must be >= 0, got {self.count}")
         if self.words_per_line[0] < 1:
-            raise SynthConfigError(f"synth_lines.words_per_line must start at 1 or more, got {self.words_per_line}")
+            raise SynthConfigError(f"{at('words_per_line')} must start at 1 or more, got {self.words_per_line}")
         if self.font_size[0] < 8:
-            raise SynthConfigError(f"synth_lines.font_size must be 8 or more, got {self.font_size}")
+            raise SynthConfigError(f"{at('font_size')} must be 8 or more, got {self.font_size}")
         if self.height < 0 or 0 < self.height < 8:
-            raise SynthConfigError(f"synth_lines.height must be 0 (keep) or >= 8, got {self.height}")
+            raise SynthConfigError(f"{at('height')} must be 0 (keep) or >= 8, got {self.height}")
         if self.max_chars < 1:
-            raise SynthConfigError(f"synth_lines.max_chars must be >= 1, got {self.max_chars}")
+            raise SynthConfigError(f"{at('max_chars')} must be >= 1, got {self.max_chars}")
         if not 0 <= abs(self.skew) < 45:
-            raise SynthConfigError(f"synth_lines.skew must be below 45 degrees, got {self.skew}")
+            raise SynthConfigError(f"{at('skew')} must be below 45 degrees, got {self.skew}")
         if self.image_format not in FORMATS:
-            raise SynthConfigError(f"synth_lines.image_format must be one of {FORMATS}, got {self.image_format!r}")
+            raise SynthConfigError(f"{at('image_format')} must be one of {FORMATS}, got {self.image_format!r}")
         if not 0 <= self.ink[0] <= self.ink[1] <= 255:
-            raise SynthConfigError(f"synth_lines.ink must be grey levels in [0, 255], got {self.ink}")
+            raise SynthConfigError(f"{at('ink')} must be grey levels in [0, 255], got {self.ink}")
         for name in SHARES:
             if not 0 <= getattr(self, name) <= 1:
-                raise SynthConfigError(f"synth_lines.{name} is a share of images in [0, 1], "
+                raise SynthConfigError(f"{at(name)} is a share of images in [0, 1], "
                                        f"got {getattr(self, name)}")
         if self.letter_spacing_em[0] < 0:
-            raise SynthConfigError(f"synth_lines.letter_spacing_em must be >= 0, got {self.letter_spacing_em}")
+            raise SynthConfigError(f"{at('letter_spacing_em')} must be >= 0, got {self.letter_spacing_em}")
         if not 0 <= self.char_jitter_amount[0] <= self.char_jitter_amount[1] <= 0.3:
-            raise SynthConfigError(f"synth_lines.char_jitter_amount must be font-size fractions in [0, 0.3], "
+            raise SynthConfigError(f"{at('char_jitter_amount')} must be font-size fractions in [0, 0.3], "
                                    f"got {self.char_jitter_amount}")
         if not 0 < self.stroke_warp_amount[0] <= self.stroke_warp_amount[1] <= 0.25:
-            raise SynthConfigError(f"synth_lines.stroke_warp_amount must be font-size fractions in (0, 0.25], "
+            raise SynthConfigError(f"{at('stroke_warp_amount')} must be font-size fractions in (0, 0.25], "
                                    f"got {self.stroke_warp_amount}")
         if not 0 < self.embolden_amount[0] <= self.embolden_amount[1] <= 0.1:
-            raise SynthConfigError(f"synth_lines.embolden_amount must be font-size fractions in (0, 0.1], "
+            raise SynthConfigError(f"{at('embolden_amount')} must be font-size fractions in (0, 0.1], "
                                    f"got {self.embolden_amount}")
         if not 0 < self.streak_width[0] <= self.streak_width[1] <= 0.5:
-            raise SynthConfigError(f"synth_lines.streak_width must be shares of the height in (0, 0.5], "
+            raise SynthConfigError(f"{at('streak_width')} must be shares of the height in (0, 0.5], "
                                    f"got {self.streak_width}")
         if not 0 < self.arc_degrees[0] <= self.arc_degrees[1] <= 180:
-            raise SynthConfigError(f"synth_lines.arc_degrees must be angles in (0, 180], got {self.arc_degrees}")
+            raise SynthConfigError(f"{at('arc_degrees')} must be angles in (0, 180], got {self.arc_degrees}")
         if not 0 < self.edge_clutter_share[0] <= self.edge_clutter_share[1] < 1:
-            raise SynthConfigError(f"synth_lines.edge_clutter_share must be shares of a glyph's width in (0, 1), "
+            raise SynthConfigError(f"{at('edge_clutter_share')} must be shares of a glyph's width in (0, 1), "
                                    f"got {self.edge_clutter_share}")
         if not 0 < self.edge_clip_share[0] <= self.edge_clip_share[1] <= 0.3:
-            raise SynthConfigError(f"synth_lines.edge_clip_share must be shares of the text's height in (0, 0.3], "
+            raise SynthConfigError(f"{at('edge_clip_share')} must be shares of the text's height in (0, 0.3], "
                                    f"got {self.edge_clip_share}")
         if not 0 < self.colour_contrast[0] <= self.colour_contrast[1] <= 255:
-            raise SynthConfigError(f"synth_lines.colour_contrast must be grey-level gaps in (0, 255], "
+            raise SynthConfigError(f"{at('colour_contrast')} must be grey-level gaps in (0, 255], "
                                    f"got {self.colour_contrast}")
         if self.distortion_period[0] <= 0:
-            raise SynthConfigError(f"synth_lines.distortion_period must be > 0, got {self.distortion_period}")
+            raise SynthConfigError(f"{at('distortion_period')} must be > 0, got {self.distortion_period}")
+        if self.distortion_amplitude[0] < 0:
+            raise SynthConfigError(f"{at('distortion_amplitude')} must be >= 0 pixels, got {self.distortion_amplitude}")
+        if self.lexicon_top_n < 1:
+            raise SynthConfigError(f"{at('lexicon_top_n')} must be >= 1 (words of wordfreq's list), "
+                                   f"got {self.lexicon_top_n}")
+        if self.workers < 0 or self.contact_sheet < 0:
+            raise SynthConfigError(f"{at('workers' if self.workers < 0 else 'contact_sheet')} must be >= 0, "
+                                   f"got {min(self.workers, self.contact_sheet)}")
         if self.backgrounds.get("image", 0) > 0 and not self.background_images:
-            raise SynthConfigError("synth_lines.backgrounds gives 'image' a weight but "
-                                   "synth_lines.background_images names no folder")
+            raise SynthConfigError(f"{at('backgrounds')} gives 'image' a weight but "
+                                   f"{at('background_images')} names no folder")
+        if self.background_images and not Path(self.background_images).is_dir():
+            raise SynthConfigError(f"{at('background_images')} {self.background_images!r}: no such folder")
 
     def as_params(self) -> dict[str, Any]:
         """Flat, loggable view (MLflow params)."""
@@ -281,10 +318,21 @@ class _Context:
         if config.text_file:
             ctx.texts = load_texts(config.text_file, charset, config.max_chars)
         else:
-            ctx.words, ctx.weights = load_lexicon(charset, top_n=config.lexicon_top_n)
+            try:
+                ctx.words, ctx.weights = load_lexicon(charset, top_n=config.lexicon_top_n)
+            except ValueError as exc:  # no word of the list fits the charset
+                raise SynthConfigError(f"synth_lines.lexicon_top_n: {exc}") from None
         if config.background_images and config.backgrounds.get("image", 0) > 0:
-            ctx.bg_files = image_files(config.background_images)
+            ctx.bg_files = _background_files(config)
         return ctx
+
+
+def _background_files(config: LinesConfig) -> tuple[str, ...]:
+    """The pictures under ``background_images``; SynthConfigError naming the key when there are none."""
+    try:
+        return image_files(config.background_images)
+    except ValueError as exc:
+        raise SynthConfigError(f"synth_lines.background_images: {exc}") from None
 
 
 def load_texts(path: str | os.PathLike, charset: Charset, max_chars: int | None = None) -> list[str]:
@@ -742,13 +790,24 @@ def iter_samples(config: LinesConfig, start: int = 0, stop: int | None = None,
         yield from pool.imap(_render_in_worker, indices, chunksize=chunk)
 
 
+def check_sources(config: LinesConfig) -> None:
+    """The charset and the font patterns checked (SynthConfigError naming the key), quietly: before
+    ``kocr synth-lines`` starts its run; ``generate_lines`` warns about weak faces itself."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _usable(config)
+
+
 def _usable(config: LinesConfig) -> list[FontFace]:
     """Faces of the patterns, warning about those with little Hangul (used only where they cover)."""
     try:
         charset = Charset.from_spec(config.charset_name)
+    except ValueError as exc:  # neither built in nor a file
+        raise SynthConfigError(f"synth_lines.charset_name: {exc}") from None
+    try:
         faces = find_fonts(list(config.fonts), config.font_dirs)
-    except ValueError as exc:  # unknown charset, no font file matching the patterns
-        raise SynthConfigError(f"synth_lines: {exc}") from None
+    except ValueError as exc:  # no font file matching the patterns
+        raise SynthConfigError(f"synth_lines.fonts: {exc}") from None
     hangul = [c for c in charset.chars if is_hangul(c)]
     weak = [str(f) for f in faces if hangul and sum(covers(f, c) for c in hangul) < 0.9 * len(hangul)]
     if weak:
@@ -766,7 +825,7 @@ def resume_key(config: LinesConfig, faces: Sequence[FontFace]) -> str:
     knobs = {k: v for k, v in config.as_params().items() if k not in ("count", "workers", "contact_sheet")}
     files = [Path(face.path) for face in faces] + ([Path(config.text_file)] if config.text_file else [])
     if config.background_images and config.backgrounds.get("image", 0) > 0:
-        files += [Path(f) for f in image_files(config.background_images)]
+        files += [Path(f) for f in _background_files(config)]
     return generator_key(knobs, config.charset_name, files)
 
 

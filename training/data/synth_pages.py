@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from kocr.atomic import PartialFolder, atomic_path, sweep_stale
+from kocr.atomic import OutFolderError, PartialFolder, atomic_path, sweep_stale
 from training.charset import Charset
 from training.data import degrade as degrade_mod
 from training.data.contact_sheet import write_sheet
@@ -419,6 +419,33 @@ def pages_key(seed: int, width: int, height: int, charset_name: str, font_size: 
     return generator_key(knobs, charset_name, [face.path for face in faces])
 
 
+def page_settings(count: int, fonts: list[str], width: int = 1000, height: int = 700,
+                  charset_name: str = "korean_g2", font_size: tuple[int, int] = (22, 40), font_dirs: Sequence[str | os.PathLike] = DEFAULT_FONT_DIRS,
+                  degrade: degrade_mod.DegradeConfig | str | dict | None = None,
+                  ) -> tuple[tuple[int, int], degrade_mod.DegradeConfig, Charset, list[FontFace]]:
+    """``generate_pages``' settings checked (``sample:`` of params.yaml): the font-size range, the wear,
+    the charset and the usable faces; SynthConfigError naming ``sample.KEY`` when one cannot work."""
+    if count < 0:
+        raise SynthConfigError(f"sample.count must be >= 0, got {count}")
+    lo, hi = int(font_size[0]), int(font_size[1])
+    if not 6 <= lo <= hi:
+        raise SynthConfigError(f"sample.font_size must be (lo, hi) with 6 <= lo <= hi, got {font_size}")
+    if width < 8 * hi or height < 4 * hi:
+        raise SynthConfigError(f"sample.width x height {width}x{height} is too small for font size {hi} "
+                               f"(need at least {8 * hi}x{4 * hi})")
+    wear = (degrade if isinstance(degrade, degrade_mod.DegradeConfig)
+            else degrade_mod.DegradeConfig.from_params(degrade, "sample.degrade"))
+    try:
+        charset = Charset.from_spec(charset_name)
+    except ValueError as exc:
+        raise SynthConfigError(f"sample.charset_name: {exc}") from None
+    try:
+        faces = _usable_faces(find_fonts(fonts, font_dirs), charset)
+    except ValueError as exc:  # no file matches the patterns, or none covers the charset's Hangul
+        raise SynthConfigError(f"sample.fonts: {exc}") from None
+    return (lo, hi), wear, charset, faces
+
+
 def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: list[str],
                    width: int = 1000, height: int = 700, charset_name: str = "korean_g2",
                    font_size: tuple[int, int] = (22, 40), progress: bool = True,
@@ -444,26 +471,17 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
     byte-identical to earlier runs. ``contact_sheet`` > 0 writes ``contact_sheet.png`` with that
     many page thumbnails, word boxes outlined, into ``out_dir``.
     """
-    if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
-    lo, hi = int(font_size[0]), int(font_size[1])
-    if not 6 <= lo <= hi:
-        raise ValueError(f"font_size must be (lo, hi) with 6 <= lo <= hi, got {font_size}")
-    if width < 8 * hi or height < 4 * hi:
-        raise ValueError(f"page {width}x{height} is too small for font size {hi}")
-    wear = (degrade if isinstance(degrade, degrade_mod.DegradeConfig)
-            else degrade_mod.DegradeConfig.from_params(degrade, "sample.degrade"))
-    charset = Charset.from_spec(charset_name)
-    faces = _usable_faces(find_fonts(fonts, font_dirs), charset)
+    (lo, hi), wear, charset, faces = page_settings(count, fonts, width, height, charset_name, font_size,
+                                                   font_dirs, degrade)
     words, weights = load_lexicon(charset)
     out = Path(out_dir)
     if out.is_symlink():  # publishing replaces the folder: it would have to delete the link
-        raise SynthConfigError(f"--out {out}: a symbolic link (to {os.readlink(out)}); give the folder itself, "
+        raise OutFolderError(f"--out {out}: a symbolic link (to {os.readlink(out)}); give the folder itself, "
                                "or a new path")
     if out.exists():
         foreign = sorted(p.name for p in out.iterdir() if not _written_here(p.name)) if out.is_dir() else [""]
         if foreign:
-            raise SynthConfigError(f"--out {out}: " + (f"holds {foreign[0]!r} ({len(foreign)} such), which "
+            raise OutFolderError(f"--out {out}: " + (f"holds {foreign[0]!r} ({len(foreign)} such), which "
                                    "synth-pages does not write" if foreign[0] else "is a file") + "; give a new "
                                    "folder (a folder of pages there is replaced whole)")
     key = pages_key(seed, width, height, charset.name, (lo, hi), wear, faces)
