@@ -15,6 +15,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from kocr.easyocr_compat import register_torchvision_ops
@@ -44,7 +46,10 @@ class CLEvalAccumulator:
     def update(self, gt: Page, pred: Page) -> None:
         """Add one page (ground truth and prediction)."""
         gt_words = [w for w in in_image(gt.words, gt.width, gt.height) if w is not None]
-        pred_words = [c or w for w, c in zip(pred.words, in_image(pred.words, gt.width, gt.height))]
+        # a prediction past the edge stays as it is (a false positive); one with a NaN or infinite corner has
+        # no place on the page for CLEval to score (the IoU gate counts it as an unmatched prediction)
+        pred_words = [c or w for w, c in zip(pred.words, in_image(pred.words, gt.width, gt.height))
+                      if all(math.isfinite(v) for v in w.bbox)]
         self.metric.update(_quads(pred_words), _quads(gt_words), [_letters(w.text) for w in pred_words],
                            [_letters(w.text) for w in gt_words], [unscored(w.text) or not _letters(w.text) for w in gt_words])
 

@@ -62,3 +62,8 @@ def test_a_gt_box_marked_illegible_is_dont_care():
     acc = CLEvalAccumulator()
     acc.update(marked, Page("p.jpg", 200, 50, list(GT.words)))
     assert acc.compute()["cleval_e2e_recall"] == pytest.approx(1.0)  # the unread ### box is not missed
+
+
+def test_a_prediction_with_a_nan_corner_is_left_out_not_a_crash():
+    broken = Word((float("nan"), 0, 40, 20), "서울")
+    assert _scores([*GT.words, broken]) == _scores(list(GT.words))
