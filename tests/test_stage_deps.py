@@ -141,9 +141,48 @@ def _const(node: ast.AST) -> str | None:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
+def _section_read(node: ast.AST) -> str | None:
+    """The section a ``params.get("S", …)``, ``params["S"]`` or ``section(params, "S")`` expression reads."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
+        inner, name = node.func.value, node.args and _const(node.args[0])
+    elif isinstance(node, ast.Subscript):
+        inner, name = node.value, _const(node.slice)
+    elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "section" and len(node.args) == 2:
+        inner, name = node.args[0], _const(node.args[1])
+    else:
+        return None
+    return name if isinstance(inner, ast.Name) and inner.id == "params" and name else None
+
+
+def _config_section(class_name: str) -> str | None:
+    """The section ``ClassName.from_params(params)`` reads (its own ``section(params, "S")``), from the
+    project's modules."""
+    for path in sorted(REPO.glob("[a-z]*/*.py")):
+        text = path.read_text(encoding="utf-8")
+        if f"class {class_name}" not in text:
+            continue
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ClassDef) and node.name == class_name:
+                for inner in ast.walk(node):
+                    if (found := _section_read(inner)) is not None:
+                        return found
+    return None
+
+
+def _config_read(node: ast.AST) -> str | None:
+    """The section a ``Cls.from_params(params)`` or ``Cls.from_params(<a section>)`` call reads."""
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_params"
+            and isinstance(node.func.value, ast.Name) and node.args):
+        return None
+    arg = node.args[0]
+    return _config_section(node.func.value.id) if isinstance(arg, ast.Name) and arg.id == "params" else _section_read(arg)
+
+
 def params_keys_read(entry: str) -> set[str]:
-    """``section.key`` of every ``params.get("section", …).get("key", …)`` (or ``params["section"]["key"]``)
-    in ``module.py:function`` and the module's functions it calls."""
+    """``section.key`` of every ``params.get("section", …).get("key", …)`` (or ``params["section"]["key"]``,
+    ``section(params, "section").get("key")``, a name bound to such a section then read by key, or an
+    attribute of a config built by ``Cls.from_params`` of a section or of ``params``) in
+    ``module.py:function`` and the module's functions it calls."""
     module, _, function = entry.partition(":")
     _, functions = _functions(module)
     seen, todo, keys = set(), [function], set()
@@ -152,20 +191,31 @@ def params_keys_read(entry: str) -> set[str]:
         if name in seen or name not in functions:
             continue
         seen.add(name)
+        sections, configs = {}, {}  # names bound to a section's mapping, and to a config of a section
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                target, value = node.targets[0].id, node.value
+                if (found := _section_read(value)) is not None:
+                    sections[target] = found
+                elif (found := _config_read(value)) is not None:
+                    configs[target] = found
         for node in ast.walk(functions[name]):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 todo.append(node.func.id)
-            outer = inner = key = None
+            outer = key = None
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "get":
                 outer, key = node.func.value, node.args and _const(node.args[0])
             elif isinstance(node, ast.Subscript):
                 outer, key = node.value, _const(node.slice)
-            if isinstance(outer, ast.Call) and isinstance(outer.func, ast.Attribute) and outer.func.attr == "get":
-                inner, section = outer.func.value, outer.args and _const(outer.args[0])
-            elif isinstance(outer, ast.Subscript):
-                inner, section = outer.value, _const(outer.slice)
-            if isinstance(inner, ast.Name) and inner.id == "params" and section and key:
-                keys.add(f"{section}.{key}")
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+                config = configs.get(node.value.id) if isinstance(node.value, ast.Name) else _config_read(node.value)
+                if config:
+                    keys.add(f"{config}.{node.attr}")
+            if outer is None or not key:
+                continue
+            section_name = (sections.get(outer.id) if isinstance(outer, ast.Name) else _section_read(outer))
+            if section_name:
+                keys.add(f"{section_name}.{key}")
     return keys
 
 
@@ -179,5 +229,5 @@ def test_every_params_key_a_stage_command_reads_is_declared(stage):
 
 
 def test_the_params_walk_sees_chained_reads():
-    assert {"train.base", "promote.model_name"} <= params_keys_read(CLI + "cmd_evaluate")
+    assert {"train.base", "promote.model_name", "evaluate.split"} <= params_keys_read(CLI + "cmd_evaluate")
     assert {"export.lang_list", "evaluate.split"} <= params_keys_read(CLI + "cmd_export")
