@@ -118,11 +118,7 @@ def atomic_path(path: str | os.PathLike, durable: bool = False, sweep: bool = Tr
         with named_disk_errors(path, tmp):
             yield tmp
             if durable:
-                fd = os.open(tmp, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+                fsync_path(tmp)
             os.replace(tmp, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -164,6 +160,15 @@ def named_disk_errors(path: str | os.PathLike, tmp: str | os.PathLike | None = N
         if shutil.disk_usage(Path(tmp).parent if tmp is not None else path.parent).free < NEARLY_FULL:
             raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(path)) from exc
         raise
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a folder's contents (a folder: its entries, after a rename) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def database_full(exc: BaseException) -> bool:

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kocr.atomic import write_text
+from kocr.atomic import fsync_path, write_text
 
 RELEASE_FILES = ("{name}.pt", "MODEL_CARD.md", "metrics.json")
 
@@ -197,14 +197,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_all(pairs: list[tuple[Path, Path]], card_extra: str, journal: Path) -> None:
     """Write every destination under a temporary name (fsynced), record them in ``journal``, then move
     them all into place, the weights last, and remove the journal. A copy that fails (a full disk) or a
@@ -220,7 +212,7 @@ def _copy_all(pairs: list[tuple[Path, Path]], card_extra: str, journal: Path) ->
             if dst.name == "MODEL_CARD.md" and card_extra:
                 with tmp.open("a", encoding="utf-8") as fh:
                     fh.write(card_extra)
-            _fsync(tmp)
+            fsync_path(tmp)
         staged.sort(key=lambda pair: pair[1].suffix == ".pt")  # the weights last: they say "this release"
         record = [{"staged": tmp.name, "to": dst.name, "sha256": _sha256(tmp)} for tmp, dst in staged]
         writing = journal

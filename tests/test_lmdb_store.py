@@ -119,7 +119,7 @@ def test_a_disk_that_fills_while_finishing_keeps_the_previous_set_and_nothing_be
     def full(folder):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(lmdb_store, "_fsync_dir", full)  # close() fails after its commit
+    monkeypatch.setattr(lmdb_store, "fsync_path", full)  # close() fails after its commit
     with pytest.raises(OSError, match="No space left"):
         with LmdbWriter(path) as writer:
             writer.add(_png(_images()[0]), "새것")
@@ -396,7 +396,7 @@ def test_a_kill_while_the_set_is_being_published_keeps_its_samples(tmp_path, mon
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(store, "_fsync_dir", killed)  # num-samples committed, the rename never done
+        patch.setattr(store, "fsync_path", killed)  # num-samples committed, the rename never done
         with pytest.raises(KeyboardInterrupt), LmdbWriter(tmp_path / "set", commit_every=10, resume_key="k") as w:
             for n in range(25):
                 w.add(_png(np.full((8, 8), n, np.uint8)), f"s{n}")

@@ -32,7 +32,7 @@ import lmdb
 import numpy as np
 from PIL import Image
 
-from kocr.atomic import NEARLY_FULL, PartialFolder, SetBusyError  # noqa: F401 - SetBusyError: importers name it here
+from kocr.atomic import NEARLY_FULL, PartialFolder, SetBusyError, fsync_path  # noqa: F401 - SetBusyError: importers name it here
 
 _MAP_SIZE = 1 << 36  # 64 GiB of address space; LMDB files grow only as data is written
 SHARD_INDEX = "index.json"
@@ -177,7 +177,7 @@ class LmdbWriter:
         (self.partial / "lock.mdb").unlink(missing_ok=True)  # readers need none; its bytes vary per run
         for name, data in (extra or {}).items():
             (self.partial / name).write_bytes(data)
-        _fsync_dir(self.partial)
+        fsync_path(self.partial)
         self.folder.publish()
 
     def _commit(self) -> None:
@@ -231,14 +231,6 @@ class LmdbWriter:
             self._release()
         else:
             self.abort()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def lmdb_parts(path: str | os.PathLike) -> list[Path]:
