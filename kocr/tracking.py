@@ -120,9 +120,44 @@ def _parent_run(experiment_id: str, key: str | None) -> str:
     return run.info.run_id
 
 
-def _finish_parent(parent_id: str, status: str) -> None:
+def _open_parent(parent_id: str) -> None:
+    """Mark the pipeline run RUNNING again while one of its stages runs (the stage before ended it)."""
     client = mlflow.MlflowClient()
-    client.set_terminated(parent_id, status=status)
+    if client.get_run(parent_id).info.status != "RUNNING":
+        client.update_run(parent_id, status="RUNNING")
+
+
+def parent_status(parent_id: str) -> str | None:
+    """The status a pipeline run takes from its stage runs: RUNNING while any runs, else the worst
+    of each stage's latest run (FAILED, then KILLED, else FINISHED); None when it has none or the
+    store cannot search them."""
+    client = mlflow.MlflowClient()
+    try:
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        children = mlflow.search_runs([experiment_id], output_format="list",
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    except MlflowException:
+        return None
+    if not children:
+        return None
+    if any(run.info.status == "RUNNING" for run in children):
+        return "RUNNING"
+    latest: dict[str, Run] = {}
+    for run in sorted(children, key=lambda r: r.info.start_time or 0):
+        latest[run.data.tags.get("kocr.stage", run.info.run_name or run.info.run_id)] = run
+    statuses = {run.info.status for run in latest.values()}
+    return next((s for s in ("FAILED", "KILLED") if s in statuses), "FINISHED")
+
+
+def _finish_parent(parent_id: str, status: str) -> None:
+    """End the pipeline run with the status its stage runs give it (``status``, the stage that just
+    ended, when they cannot be searched); left RUNNING while another stage still runs."""
+    client = mlflow.MlflowClient()
+    status = parent_status(parent_id) or status
+    if status == "RUNNING":
+        _open_parent(parent_id)
+    else:
+        client.set_terminated(parent_id, status=status)
 
 
 @contextlib.contextmanager
@@ -138,19 +173,22 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
     if commit:
         tags["mlflow.source.git.commit"] = commit
     status = "FINISHED"
-    with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
-                          tags=tags, log_system_metrics=system_metrics) as run:
-        end_dead_siblings(experiment_id, parent_id, stage, run.info.run_id)
-        if params:
-            mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
-        try:
-            yield run
-        except BaseException:
-            status = "FAILED"
-            raise
-        finally:
-            # The parent stays open while a DVC pipeline runs; its status follows the last stage.
-            _finish_parent(parent_id, status)
+    _open_parent(parent_id)
+    try:
+        with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
+                              tags=tags, log_system_metrics=system_metrics) as run:
+            end_dead_siblings(experiment_id, parent_id, stage, run.info.run_id)
+            if params:
+                mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+            try:
+                yield run
+            except BaseException:
+                status = "FAILED"
+                raise
+    finally:
+        # The parent is RUNNING while a stage runs; once the stage run has ended, its status follows
+        # the stage runs (this one, and any other still running, e.g. a parallel tune worker).
+        _finish_parent(parent_id, status)
 
 
 def end_dead_siblings(experiment_id: str, parent_id: str, stage: str, current: str) -> list[str]:

@@ -107,3 +107,30 @@ def test_a_stage_run_ends_the_runs_of_that_stage_a_dead_process_left_running(tmp
         assert client.get_run(parent).data.tags[PIPELINE_KEY_TAG] == "resumed-after-an-outage"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_the_pipeline_run_is_running_while_a_stage_runs_and_ends_as_its_stages_do(monkeypatch):
+    """Was: FINISHED after the first stage, while later stages ran, after one failed or was killed."""
+    from kocr.tracking import stage_run
+
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "parent-status")
+    client = mlflow.MlflowClient()
+    try:
+        with stage_run("prepare") as first:
+            parent, experiment = first.data.tags["mlflow.parentRunId"], first.info.experiment_id
+        assert client.get_run(parent).info.status == "FINISHED"
+        with stage_run("train"):
+            assert client.get_run(parent).info.status == "RUNNING"  # was FINISHED
+        with pytest.raises(RuntimeError), stage_run("evaluate"):
+            raise RuntimeError("boom")
+        assert client.get_run(parent).info.status == "FAILED"
+        with stage_run("evaluate"):  # run again, and it passes: its latest run counts
+            pass
+        assert client.get_run(parent).info.status == "FINISHED"
+        # a stage whose process was SIGKILLed leaves its run RUNNING: the pipeline has not finished
+        client.create_run(experiment, run_name="export", tags={"mlflow.parentRunId": parent, "kocr.stage": "export"})
+        with stage_run("promote"):
+            pass
+        assert client.get_run(parent).info.status == "RUNNING"
+    finally:
+        mlflow.set_tracking_uri(None)
