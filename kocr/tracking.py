@@ -216,6 +216,30 @@ def end_dead_siblings(experiment_id: str, parent_id: str, stage: str, current: s
     return ended
 
 
+def supersede(old_id: str, new_id: str) -> bool:
+    """Record that run ``new_id`` took over from ``old_id`` (a resumed ``train``): tag the new run
+    ``kocr.resumed_from_run``, and when the old run is still RUNNING (its process was killed) tag it
+    ``kocr.superseded_by`` and end it (and its pipeline run, from its stage runs) as KILLED. Works
+    across pipeline runs. True when the old run was ended here; an old run the store does not hold
+    (another tracking store) only gets the tag on the new one."""
+    client = mlflow.MlflowClient()
+    client.set_tag(new_id, "kocr.resumed_from_run", old_id)
+    try:
+        old = client.get_run(old_id)
+    except MlflowException:
+        return False
+    if old.info.status != "RUNNING":
+        return False
+    client.set_tag(old_id, "kocr.superseded_by", new_id)
+    client.set_terminated(old_id, status="KILLED")
+    parent_id = old.data.tags.get("mlflow.parentRunId")
+    if parent_id and parent_id != new_id:
+        status = parent_status(parent_id)
+        if status not in (None, "RUNNING"):
+            client.set_terminated(parent_id, status=status)
+    return True
+
+
 def log_dataset(path: str | os.PathLike, context: str, name: str | None = None) -> str:
     """Record the data version read by the active run (``mlflow.log_input``); returns the hash."""
     digest, origin = dataset_hash(path)

@@ -590,6 +590,61 @@ def test_kocr_train_killed_while_logging_resumes_at_its_end_not_at_step_0(prepar
     assert json.loads((tmp_path / "m.json").read_text())["resumed_from_step"] == 6  # the MLflow curve starts there
 
 
+def _val_samples(run_id: str, dst: Path) -> dict:
+    path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="val_samples.json", dst_path=str(dst))
+    table = json.loads(Path(path).read_text(encoding="utf-8"))
+    return {name: [row[i] for row in table["data"]] for i, name in enumerate(table["columns"])}
+
+
+def test_a_resumed_kocr_train_logs_each_validation_once_and_supersedes_the_killed_run(prepared, tmp_path,
+                                                                                     monkeypatch):
+    """val_samples.json holds each validation's rows once (log_table appends), the same table whether the
+    run was resumed or not; the resuming run, under another pipeline run, names the killed one and ends it."""
+    from kocr.cli import main
+
+    args = ["train", "--data", str(prepared), "--out", "out", "--metrics", "m.json", "--plots", "plots", "--resume"]
+    for name in ("whole", "killed"):
+        (tmp_path / name).mkdir()
+        _tiny_project(prepared, tmp_path / name, steps=6, val_every=2, checkpoint_every=2, log_samples=3)
+    monkeypatch.chdir(tmp_path / "whole")
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "whole")
+    assert main(args) == 0
+    client = mlflow.MlflowClient()
+    whole = json.loads((tmp_path / "whole/out/mlflow.json").read_text())["run_id"]
+    table = _val_samples(whole, tmp_path / "w")
+    assert table["step"] == [2] * 3 + [4] * 3 + [6] * 3  # not 2, 2, 4, 2, 4, 6
+
+    monkeypatch.chdir(tmp_path / "killed")
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "first")
+    real_save = train_module._save
+
+    def save_then_die(path, signature, state, *rest, **kw):
+        real_save(path, signature, state, *rest, **kw)
+        if state.step == 4:
+            raise _Killed
+    monkeypatch.setattr(train_module, "_save", save_then_die)
+    with pytest.raises(_Killed):
+        main(args)
+    monkeypatch.setattr(train_module, "_save", real_save)
+    killed = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                filter_string="tags.`kocr.stage` = 'train'")
+    killed = [r for r in killed if r.info.run_id != whole][0]
+    first_parent = killed.data.tags["mlflow.parentRunId"]
+    for run_id in (killed.info.run_id, first_parent):  # as a SIGKILL leaves them: no finally ran
+        client.update_run(run_id, "RUNNING")
+
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "second")  # a new `dvc repro`: another parent run
+    assert main(args) == 0
+    resumed = client.get_run(json.loads((tmp_path / "killed/out/mlflow.json").read_text())["run_id"])
+    assert resumed.data.tags["kocr.resumed_from_step"] == "4"
+    assert resumed.data.tags["kocr.resumed_from_run"] == killed.info.run_id
+    assert resumed.data.tags["mlflow.parentRunId"] != first_parent
+    old = client.get_run(killed.info.run_id)
+    assert old.info.status == "KILLED" and old.data.tags["kocr.superseded_by"] == resumed.info.run_id
+    assert client.get_run(first_parent).info.status == "KILLED"  # its pipeline run follows its stage
+    assert _val_samples(resumed.info.run_id, tmp_path / "r") == table
+
+
 def test_an_earlier_runs_mlflow_json_is_gone_before_this_run_writes_its_model(prepared, tmp_path, monkeypatch):
     """Run by hand (dvc repro deletes outputs first): killed after its first model.pt, a new run must not
     leave the old run's mlflow.json beside it, or promote registers that run's model under this one's score."""

@@ -387,6 +387,7 @@ class Progress:
     loss_rows: list[dict[str, Any]] = field(default_factory=list)
     val_rows: list[dict[str, Any]] = field(default_factory=list)
     sample_rows: list[dict[str, Any]] = field(default_factory=list)
+    run_id: str = ""                 # the MLflow run that saved the state: a resumed run supersedes it
 
 
 def _training_crops(path: Path, config: TrainConfig, charset: Charset) -> CropDataset:
@@ -552,6 +553,8 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
                         out_dir if main else None, quiet=not main) or state
     _same_state_on_every_rank(state, Path(state_file) if resume and state_file is not None else None, ctx)
     resumed_at = state.step  # 0 for a fresh start
+    if log:
+        _take_over(state)
     finished = state.step >= config.steps or (config.patience > 0 and state.stale >= config.patience)
     if finished and main:
         print(f"train: the saved state ended its run at step {state.step}: nothing left to train, writing "
@@ -722,7 +725,8 @@ def _validation(config: TrainConfig, state: Progress, core: Recognizer, frozen: 
         scores.update(scorer(kept, objective.charset))
     _train_mode(core, frozen)
     state.val_rows.append({"step": step, **{k: round(v, 5) for k, v in scores.items() if k != "n"}})
-    state.sample_rows += [{"step": step, "label": gt, "reading": pred, "correct": gt == pred} for gt, pred in samples]
+    rows = [{"step": step, "label": gt, "reading": pred, "correct": gt == pred} for gt, pred in samples]
+    state.sample_rows += rows
     cer = scores.get("cer", state.loss_rows[-1]["loss"])
     gained = improves(state.best, cer, math.inf)  # early stopping counts CER gains only: no loss wins a tie
     state.stale = 0 if gained else state.stale + 1
@@ -737,11 +741,33 @@ def _validation(config: TrainConfig, state: Progress, core: Recognizer, frozen: 
         if device.type == "cuda":
             extra["gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         mlflow.log_metrics({f"val_{k}": v for k, v in scores.items() if k != "n"} | extra, step=step)
-        if state.sample_rows:
-            mlflow.log_table(_columns(state.sample_rows), artifact_file="val_samples.json")
+        if rows:  # log_table appends to the file: this validation's rows only
+            mlflow.log_table(_columns(rows), artifact_file="val_samples.json")
     if on_validation is not None:
         on_validation(step, scores)
     return config.patience > 0 and state.stale >= config.patience
+
+
+def _take_over(state: Progress) -> None:
+    """Make the active MLflow run the one the state belongs to (rank 0, logging).
+
+    A resumed state names the run that saved it: that run is superseded (tagged, and ended as
+    KILLED if its killed process left it RUNNING; :func:`kocr.tracking.supersede`), and the
+    validation samples logged before the resume are logged again, so the new run's
+    ``val_samples.json`` holds the whole run's, as an uninterrupted run's does.
+    """
+    import mlflow
+
+    from kocr.tracking import supersede
+
+    run = mlflow.active_run()
+    if run is None:
+        return
+    if state.run_id and state.run_id != run.info.run_id:
+        supersede(state.run_id, run.info.run_id)
+    if state.sample_rows and state.run_id != run.info.run_id:
+        mlflow.log_table(_columns(state.sample_rows), artifact_file="val_samples.json")
+    state.run_id = run.info.run_id
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
