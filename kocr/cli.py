@@ -340,9 +340,48 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             mlflow.log_dict(evaluation.analysis, f"analysis/{label}.json")
             for picture in evaluation.pictures:
                 mlflow.log_artifact(str(picture), f"worst_pages/{label}")
-        mlflow.set_tags({"eval_data_hash": data_hash, "eval_scoring_hash": scoring})
+        mlflow.set_tags({"eval_data_hash": data_hash, "eval_scoring_hash": scoring, **_scored_model_tags(models)})
         mlflow.log_text(report, "evaluate.md")
     print(report)
+
+
+def _scored_model_tags(models: dict[str, str]) -> dict[str, str]:
+    """Tags naming what an evaluate run scored as the candidate, the champion and the base:
+    ``kocr.scored.<label>`` (the spec), with ``.sha256`` for a checkpoint file (a path, a shipped or
+    pretrained name), ``.version`` (``NAME/VERSION``) and ``.run_id`` for a registry model, and for a
+    checkpoint with train's ``mlflow.json`` beside it, that run's ``.run_id``. What cannot be
+    resolved is left out: the scores are logged either way."""
+    import hashlib
+
+    from mlflow.exceptions import MlflowException
+
+    from training.checkpoint import ModelSpecError, _registry_version, _resolve_file
+
+    tags: dict[str, str] = {}
+    for label in ("candidate", "champion", "base"):
+        spec = models.get(label)
+        if not spec:
+            continue
+        name = f"kocr.scored.{label}"
+        tags[name] = spec
+        try:
+            if spec.startswith("models:/"):
+                version = _registry_version(spec)
+                if version is not None:
+                    tags[f"{name}.version"] = f"{version.name}/{version.version}"
+                    tags[f"{name}.run_id"] = version.run_id or ""
+                continue
+            if spec.startswith(("runs:/", "mlflow-artifacts:/")):
+                continue
+            path = _resolve_file(spec)
+            with path.open("rb") as fh:
+                tags[f"{name}.sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
+            logged = path.parent / "mlflow.json"
+            if logged.is_file():
+                tags[f"{name}.run_id"] = json.loads(logged.read_text(encoding="utf-8")).get("run_id", "")
+        except (ModelSpecError, MlflowException, OSError, ValueError):
+            continue
+    return {k: v for k, v in tags.items() if v}
 
 
 def _champion_uri(model_name: str) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -92,6 +93,54 @@ def test_evaluate_refuses_a_split_with_no_labelled_word_before_reading_a_page(sa
                  "--candidate", "english_g2", "--predictions", "pred"]) == 2
     assert "hold no labelled word: nothing to score" in capsys.readouterr().err
     assert not (tmp_path / "pred").exists() and not (tmp_path / "metrics").exists()
+
+
+def test_an_evaluate_run_names_the_candidate_champion_and_base_it_scored(sample_pages, prepared, tmp_path,
+                                                                         monkeypatch):
+    """Was: only the scores, so the run did not say which checkpoint, registry version or base they belong to."""
+    import hashlib
+
+    import mlflow
+
+    import evaluation.evaluate
+    import kocr.cli
+    from evaluation.evaluate import ModelEvaluation
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cand").mkdir()
+    (tmp_path / "cand/model.pt").write_bytes(b"candidate weights")
+    (tmp_path / "cand/mlflow.json").write_text('{"run_id": "train-run-1", "model_uri": "models:/m-1"}')
+    (tmp_path / "base.pt").write_bytes(b"base weights")
+    (tmp_path / "params.yaml").write_text(f"evaluate: {{split: val, baselines: []}}\ntrain: {{base: {tmp_path}/base.pt}}\n"
+                                          "promote: {model_name: scored-champion}\n", encoding="utf-8")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(os.environ["MLFLOW_TRACKING_URI"])
+    client = mlflow.MlflowClient()
+    client.create_registered_model("scored-champion")
+    version = client.create_model_version("scored-champion", str(tmp_path / "cand"), run_id=None)
+    client.set_registered_model_alias("scored-champion", "champion", version.version)
+    scored = {}
+
+    def fake(models, *args, **kwargs):
+        scored.update(models)
+        return {label: ModelEvaluation({"cer": 0.1}, {}) for label in models}
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models", fake)
+    monkeypatch.setattr(kocr.cli, "evaluation_report", lambda *args: "report")
+    assert main(["evaluate", "--source", str(sample_pages), "--splits", str(prepared / "splits.json"),
+                 "--candidate", "cand/model.pt", "--predictions", "pred", "--metrics", "m.json",
+                 "--pictures", "pics"]) == 0
+    assert set(scored) == {"base", "candidate", "champion"}
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string="tags.`kocr.stage` = 'evaluate'")
+    tags = run.data.tags
+    assert tags["kocr.scored.candidate"] == "cand/model.pt"
+    assert tags["kocr.scored.candidate.sha256"] == hashlib.sha256(b"candidate weights").hexdigest()
+    assert tags["kocr.scored.candidate.run_id"] == "train-run-1"
+    assert tags["kocr.scored.champion"] == "models:/scored-champion@champion"
+    assert tags["kocr.scored.champion.version"] == f"scored-champion/{version.version}"
+    assert tags["kocr.scored.base"] == f"{tmp_path}/base.pt"
+    assert tags["kocr.scored.base.sha256"] == hashlib.sha256(b"base weights").hexdigest()
 
 
 def test_prepare_of_missing_folder_names_it(tmp_path):
