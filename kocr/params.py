@@ -64,15 +64,19 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (lists kept as strings), for MLflow params.
 
     A mapping keyed by paths (``train.mix``) stays one value, as JSON: MLflow refuses a name that
-    holds ``//`` or ends in ``/``. Other keys, dotted file names too (``UnBatang.ttf``), nest.
+    holds ``//`` or ends in ``/``. Other keys, dotted file names too (``UnBatang.ttf``), nest. An
+    empty mapping inside a section (``train.mix: {}``, the default) is the value ``{}``, not left out;
+    an empty or absent section (``detector: {}``) still gives nothing.
 
     >>> flatten({"train": {"lr": 0.1, "mix": {"data/real/": 0.2}}})
     {'train.lr': 0.1, 'train.mix': '{"data/real/": 0.2}'}
+    >>> flatten({"train": {"mix": {}}, "detector": {}})
+    {'train.mix': '{}'}
     """
     flat: dict[str, Any] = {}
     for key, value in params.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and any("/" in str(k) or "\\" in str(k) for k in value):
+        if isinstance(value, dict) and ((not value and prefix) or any("/" in str(k) or "\\" in str(k) for k in value)):
             flat[name] = json.dumps(value, ensure_ascii=False, sort_keys=True)
         elif isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))

@@ -134,3 +134,16 @@ def test_the_pipeline_run_is_running_while_a_stage_runs_and_ends_as_its_stages_d
         assert client.get_run(parent).info.status == "RUNNING"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_the_default_empty_train_mix_is_logged_as_a_param(monkeypatch):
+    """docs/training.md: MLflow records train.mix as one JSON param; the default {} was left out."""
+    from kocr.tracking import stage_run
+
+    try:
+        with stage_run("train", {"train": {"lr": 0.1, "mix": {}}}) as run:
+            pass
+        params = mlflow.get_run(run.info.run_id).data.params
+        assert params["train.mix"] == "{}" and params["train.lr"] == "0.1"
+    finally:
+        mlflow.set_tracking_uri(None)
