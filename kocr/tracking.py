@@ -120,6 +120,31 @@ def _parent_run(experiment_id: str, key: str | None) -> str:
     return run.info.run_id
 
 
+def stage_tags(stage: str, commit: str | None = None) -> dict[str, str]:
+    """The tags every stage run carries: ``kocr.stage``, ``kocr.host``, ``kocr.pid`` and the git
+    commit (``commit``, else HEAD's when in a git repository)."""
+    tags = {"kocr.stage": stage, "kocr.host": socket.gethostname(), "kocr.pid": str(os.getpid())}
+    commit = commit or git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def nested_stage_tags(parent: Run) -> dict[str, str]:
+    """Tags for a run nested under stage run ``parent`` (a tune trial): the stage tags, with the
+    parent's stage and commit, and the parent's ``kocr.data.*`` data versions."""
+    tags = stage_tags(parent.data.tags.get("kocr.stage", ""), parent.data.tags.get("mlflow.source.git.commit"))
+    if not tags["kocr.stage"]:
+        del tags["kocr.stage"]
+    return tags | {k: v for k, v in parent.data.tags.items() if k.startswith("kocr.data.")}
+
+
+def inherit_inputs(parent: Run, run_id: str) -> None:
+    """Log the dataset inputs of ``parent`` (what :func:`log_dataset` recorded) on run ``run_id`` too."""
+    if parent.inputs and parent.inputs.dataset_inputs:
+        mlflow.MlflowClient().log_inputs(run_id, datasets=list(parent.inputs.dataset_inputs))
+
+
 def _open_parent(parent_id: str) -> None:
     """Mark the pipeline run RUNNING again while one of its stages runs (the stage before ended it)."""
     client = mlflow.MlflowClient()
@@ -168,10 +193,7 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
     experiment_id = ensure_experiment(experiment or DEFAULT_EXPERIMENT)
     key = pipeline_key()
     parent_id = _parent_run(experiment_id, key)
-    tags = {"kocr.stage": stage, "kocr.host": socket.gethostname(), "kocr.pid": str(os.getpid())}
-    commit = git_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
+    tags = stage_tags(stage)
     status = "FINISHED"
     _open_parent(parent_id)
     try:

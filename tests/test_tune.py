@@ -531,3 +531,25 @@ def test_a_completed_trial_records_the_val_loss_where_it_reached_its_value(prepa
     state, value, _ = run_trial(trial, config, PARAMS, prepared, log=False)
     assert state == optuna.trial.TrialState.COMPLETE and value is not None
     assert math.isfinite(trial.user_attrs[TIE_BREAK]) and trial.user_attrs[TIE_BREAK] > 0
+
+
+def test_a_trial_run_carries_its_tune_runs_stage_commit_and_data_versions(prepared, monkeypatch):
+    """Was: trial-N had only kocr.study and kocr.trial, none of the tags and inputs every run has."""
+    from kocr.tracking import log_dataset, stage_run
+
+    config = TuneConfig.from_params({**PARAMS["tune"], "steps_per_trial": 3})
+    trial = optuna.create_study().ask()
+    try:
+        with stage_run("tune", experiment="ko-ocr/tune") as parent:
+            for split in ("train", "val"):
+                log_dataset(prepared / split, context=split)
+            run_trial(trial, config, PARAMS, prepared, log=True)
+        run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
+        above = mlflow.get_run(parent.info.run_id)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert run.data.tags["mlflow.parentRunId"] == above.info.run_id
+    for tag in ("kocr.stage", "mlflow.source.git.commit", "kocr.data.train", "kocr.data.val"):
+        assert run.data.tags[tag] == above.data.tags[tag], tag
+    assert {(i.dataset.digest, i.dataset.name) for i in run.inputs.dataset_inputs} \
+        == {(i.dataset.digest, i.dataset.name) for i in above.inputs.dataset_inputs} != set()

@@ -513,6 +513,8 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
     """
     import mlflow
 
+    from kocr.tracking import inherit_inputs, nested_stage_tags
+
     key, direction = METRICS[config.metric]
     better = min if direction == "minimize" else max
     reported: list[tuple[float, float]] = []  # (value, val loss) of each validation
@@ -531,11 +533,16 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
     try:
         overrides = suggest(trial, config.space)
         if log:
-            parent = mlflow.active_run()
+            active = mlflow.active_run()
+            # the stage run's tags and data inputs (mlflow.active_run() holds no inputs: read it back)
+            parent = mlflow.get_run(active.info.run_id) if active else None
+            tags = nested_stage_tags(parent) if parent else {}
             run = mlflow.start_run(run_name=f"trial-{trial.number}", nested=True,
                                    experiment_id=parent.info.experiment_id if parent else None,
-                                   tags={"kocr.study": trial.study.study_name, "kocr.trial": str(trial.number)})
+                                   tags={**tags, "kocr.study": trial.study.study_name, "kocr.trial": str(trial.number)})
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
+            if parent:
+                inherit_inputs(parent, run.info.run_id)
             mlflow.log_params({f"train.{k}": v for k, v in overrides.items()})
         train_config = trial_config(params, overrides, config)
         # $TMPDIR/.kocr-trial-N.TAG-PID.HEX.tmp: a killed worker's folder (checkpoints) goes with the next trial
