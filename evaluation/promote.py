@@ -153,8 +153,21 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
                                         tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
                                               "eval_data_hash": candidate.eval_data_hash,
                                               "eval_scoring_hash": candidate.eval_scoring_hash}).version
+        client.update_model_version(config.model_name, version, description=version_description(candidate, metric))
         client.set_registered_model_alias(config.model_name, "challenger", version)
         return _decide(client, config, candidate, version, rescore)
+
+
+def version_description(candidate: Candidate, metric: str) -> str:
+    """A registry version's description: the run that trained it, the data it trained on (the run's
+    ``kocr.data.train`` hash, when the store still holds the run) and its score on the evaluation set,
+    e.g. ``trained by run 9f2… on data 3c1…; e2e_f1 0.6123 on eval set 77a…``."""
+    trained = ""
+    with contextlib.suppress(MlflowException):
+        data = mlflow.MlflowClient().get_run(candidate.run_id).data.tags.get("kocr.data.train")
+        trained = f" on data {data}" if data else ""
+    return (f"trained by run {candidate.run_id}{trained}; {metric} {candidate.score:.4f} on eval set "
+            f"{candidate.eval_data_hash}")
 
 
 def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candidate, version: str,

@@ -453,7 +453,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
     with stage_run("promote", {"promote": PromoteConfig.logged(section(params, "promote"))}):
         decision = promote(candidate, config, rescore)
         mlflow.log_dict(decision, "promote.json")
-        mlflow.set_tag("decision", decision["reason"])
+        mlflow.set_tags({"decision": decision["reason"],  # and which registry version this run made
+                         "kocr.registered_version": f"{config.model_name}/{decision['candidate_version']}"})
     _dump(decision, args.out)
     role = "champion" if decision["promoted"] else "challenger"  # a promoted version is both; champion serves
     print(f"promote: {config.model_name} v{decision['candidate_version']} is {role}; {decision['reason']}")

@@ -344,3 +344,29 @@ def test_kocr_predict_reads_a_logged_model_through_its_pyfunc(logged_uris, sampl
                            "--model", uris[0][0]], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert done.returncode == 2 and f"{tmp_path / 'gone.jpg'}: image not found" in done.stderr
     assert [json.loads(line) for line in done.stdout.strip().splitlines()] == [via_cli]  # the good page still read
+
+
+def test_a_registered_version_says_what_it_is_and_the_promote_run_names_it(logged_uris, monkeypatch, tmp_path):
+    """Was: registry versions had no description, and the promote run did not name the version it made."""
+    import json
+
+    from kocr.cli import main
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    client = mlflow.MlflowClient()
+    client.set_tag(uris[2][1], "kocr.data.train", "md5-trainset")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("promote: {model_name: described}\n", encoding="utf-8")
+    (tmp_path / "cand").mkdir()
+    (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uris[2][0], "run_id": uris[2][1]}))
+    (tmp_path / "eval.json").write_text(json.dumps({"candidate": {"e2e_f1": 0.61234}, "eval_data_hash": "evalset"}))
+    assert main(["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src", "--splits", "s.json",
+                 "--out", "promote.json"]) == 0
+    decision = json.loads((tmp_path / "promote.json").read_text())
+    version = client.get_model_version("described", decision["candidate_version"])
+    assert version.description == f"trained by run {uris[2][1]} on data md5-trainset; e2e_f1 0.6123 on eval set evalset"
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string="tags.`kocr.stage` = 'promote'")
+    assert run.data.tags["kocr.registered_version"] == f"described/{decision['candidate_version']}"
