@@ -213,6 +213,12 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
         _finish_parent(parent_id, status)
 
 
+def _end_superseded(client: mlflow.MlflowClient, run_id: str, by: str) -> None:
+    """End a run its dead process left RUNNING as KILLED, tagged with the run that took over."""
+    client.set_tag(run_id, "kocr.superseded_by", by)
+    client.set_terminated(run_id, status="KILLED")
+
+
 def end_dead_siblings(experiment_id: str, parent_id: str, stage: str, current: str) -> list[str]:
     """Mark KILLED the earlier runs of ``stage`` under the same pipeline run that a process on this
     machine left RUNNING when it died (a kill, the tracking server down mid-run), tagged with the run
@@ -232,8 +238,7 @@ def end_dead_siblings(experiment_id: str, parent_id: str, stage: str, current: s
         if run.info.run_id == current or run.data.tags.get("kocr.host") != host or not pid.isdigit() \
                 or psutil.pid_exists(int(pid)):
             continue
-        client.set_tag(run.info.run_id, "kocr.superseded_by", current)
-        client.set_terminated(run.info.run_id, status="KILLED")
+        _end_superseded(client, run.info.run_id, current)
         ended.append(run.info.run_id)
     return ended
 
@@ -252,8 +257,7 @@ def supersede(old_id: str, new_id: str) -> bool:
         return False
     if old.info.status != "RUNNING":
         return False
-    client.set_tag(old_id, "kocr.superseded_by", new_id)
-    client.set_terminated(old_id, status="KILLED")
+    _end_superseded(client, old_id, new_id)
     parent_id = old.data.tags.get("mlflow.parentRunId")
     if parent_id and parent_id != new_id:
         status = parent_status(parent_id)
