@@ -162,6 +162,12 @@ def named_disk_errors(path: str | os.PathLike, tmp: str | os.PathLike | None = N
         raise
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file's bytes, read in blocks: how metrics, cards and run tags name a file."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file's or a folder's contents (a folder: its entries, after a rename) to the disk."""
     fd = os.open(path, os.O_RDONLY)

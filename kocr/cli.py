@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kocr.atomic import DISK_FULL, OutFolderError, replaced_folder, write_text
+from kocr.atomic import DISK_FULL, OutFolderError, file_sha256, replaced_folder, write_text
 from kocr.params import ParamsError, check_keys, load_params, params_path, require, section, typed
 from kocr.redact import hide_passwords
 
@@ -351,7 +351,6 @@ def _scored_model_tags(models: dict[str, str]) -> dict[str, str]:
     pretrained name), ``.version`` (``NAME/VERSION``) and ``.run_id`` for a registry model, and for a
     checkpoint with train's ``mlflow.json`` beside it, that run's ``.run_id``. What cannot be
     resolved is left out: the scores are logged either way."""
-    import hashlib
 
     from mlflow.exceptions import MlflowException
 
@@ -374,8 +373,7 @@ def _scored_model_tags(models: dict[str, str]) -> dict[str, str]:
             if spec.startswith(("runs:/", "mlflow-artifacts:/")):
                 continue
             path = _resolve_file(spec)
-            with path.open("rb") as fh:
-                tags[f"{name}.sha256"] = hashlib.file_digest(fh, "sha256").hexdigest()
+            tags[f"{name}.sha256"] = file_sha256(path)
             logged = path.parent / "mlflow.json"
             if logged.is_file():
                 tags[f"{name}.run_id"] = json.loads(logged.read_text(encoding="utf-8")).get("run_id", "")
@@ -461,7 +459,6 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import hashlib
 
     from evaluation.evaluate import EvaluateConfig
     from training.checkpoint import load_recognizer, pinned_model
@@ -480,7 +477,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     split = EvaluateConfig.from_params(params).split if args.parity_source else "test"
     spec, version = pinned_model(args.model)
     loaded = load_recognizer(spec)
-    digest = hashlib.sha256(Path(loaded.path).read_bytes()).hexdigest() if loaded.path else None
+    digest = file_sha256(loaded.path) if loaded.path else None
     provenance = ", ".join([args.model, *([version] if version else []),
                             *([f"checkpoint sha256 {digest}"] if digest else [])])
     paths = export_easyocr(loaded, args.out, name, langs, with_detector=args.with_detector,

@@ -34,7 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kocr.atomic import atomic_path, write_text
+from kocr.atomic import atomic_path, file_sha256, write_text
 from kocr.params import load_params
 
 HELDOUT = "heldout"
@@ -140,7 +140,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
         models[baseline] = baseline
     result: dict[str, Any] = {"models": models, "sets": {}, "skipped": {}, "add_margin": margin}
     if Path(model).is_file():  # which checkpoint these scores are of: the card stage and ship check it
-        result["model_sha256"] = hashlib.sha256(Path(model).read_bytes()).hexdigest()
+        result["model_sha256"] = file_sha256(model)
     for name, labels in sets.items():
         path = Path(labels)
         if not path.is_file():
@@ -434,7 +434,7 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     params = load_params()
     trained = json.loads(Path(train_metrics).read_text(encoding="utf-8"))
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
-    sha256 = hashlib.sha256(model.read_bytes()).hexdigest()
+    sha256 = file_sha256(model)
     scored = evaluated.get("model_sha256")
     if scored != sha256:
         raise RecipeError(f"{eval_metrics}: " + (f"the scores of another checkpoint (sha256 {scored[:16]}…), not of "
@@ -468,7 +468,7 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
                                                         uncommitted_changes(mattered)))
     with atomic_path(out / f"{name}.pt", durable=True) as tmp:
         shutil.copyfile(model, tmp)
-    if hashlib.sha256((out / f"{name}.pt").read_bytes()).hexdigest() != sha256:
+    if file_sha256(out / f"{name}.pt") != sha256:
         raise RecipeError(f"{model}: changed while it was copied to {out / (name + '.pt')}; run the card stage again")
     return card
 

@@ -22,7 +22,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kocr.atomic import fsync_path, write_text
+from kocr.atomic import file_sha256, fsync_path, write_text
 
 RELEASE_FILES = ("{name}.pt", "MODEL_CARD.md", "metrics.json")
 
@@ -193,10 +192,6 @@ def _journal(to: Path, name: str) -> Path:
     return to / f".{name}.journal.shipping"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _copy_all(pairs: list[tuple[Path, Path]], card_extra: str, journal: Path) -> None:
     """Write every destination under a temporary name (fsynced), record them in ``journal``, then move
     them all into place, the weights last, and remove the journal. A copy that fails (a full disk) or a
@@ -214,7 +209,7 @@ def _copy_all(pairs: list[tuple[Path, Path]], card_extra: str, journal: Path) ->
                     fh.write(card_extra)
             fsync_path(tmp)
         staged.sort(key=lambda pair: pair[1].suffix == ".pt")  # the weights last: they say "this release"
-        record = [{"staged": tmp.name, "to": dst.name, "sha256": _sha256(tmp)} for tmp, dst in staged]
+        record = [{"staged": tmp.name, "to": dst.name, "sha256": file_sha256(tmp)} for tmp, dst in staged]
         writing = journal
         write_text(journal, json.dumps({"files": record}, indent=1) + "\n", durable=True)
     except OSError as exc:
@@ -243,9 +238,9 @@ def finish_interrupted(to: Path, name: str) -> str | None:
                         "against the release and remove it") from None
     for entry in record:
         tmp, dst = to / entry["staged"], to / entry["to"]
-        if tmp.is_file() and _sha256(tmp) == entry["sha256"]:
+        if tmp.is_file() and file_sha256(tmp) == entry["sha256"]:
             os.replace(tmp, dst)
-        elif not (dst.is_file() and _sha256(dst) == entry["sha256"]):
+        elif not (dst.is_file() and file_sha256(dst) == entry["sha256"]):
             raise ShipError(f"{journal}: an interrupted ship cannot be finished: {dst} is neither the file it "
                             f"staged nor the one it moved in; check {to} against the release and remove {journal}")
     journal.unlink()
@@ -259,8 +254,8 @@ def _is_shipped(sources: list[Path], to: Path) -> bool:
     (pt, _, metrics), shipped = sources, [to / src.name for src in sources]
     if not all(p.is_file() for p in shipped):
         return False
-    sha256 = _sha256(pt)
-    return (_sha256(shipped[0]) == sha256 and shipped[2].read_bytes() == metrics.read_bytes()
+    sha256 = file_sha256(pt)
+    return (file_sha256(shipped[0]) == sha256 and shipped[2].read_bytes() == metrics.read_bytes()
             and f"sha256 `{sha256}`" in shipped[1].read_text(encoding="utf-8", errors="replace"))
 
 
@@ -303,7 +298,7 @@ def _check_belongs(sources: list[Path]) -> None:
     ``sha256 `…``` ) name its checkpoint: a card stage stopped midway, or files of two releases mixed,
     would ship one checkpoint with another's scores."""
     pt, card, metrics_file = sources
-    sha256 = _sha256(pt)
+    sha256 = file_sha256(pt)
     recorded = (_read_json(metrics_file) or {}).get("model_sha256")
     again = "; run the recipe's card stage again"
     if not recorded:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import hashlib
 import os
 import re
 import shutil
@@ -30,7 +29,7 @@ from typing import Any, Iterator
 
 import torch
 
-from kocr.atomic import atomic_path
+from kocr.atomic import atomic_path, file_sha256
 from kocr.redact import hide_passwords
 from training.attention import EOS_INDEX, GO_INDEX, num_class_for
 from training.charset import BUILTIN_CHARSETS, Charset
@@ -107,7 +106,7 @@ def save_checkpoint(path: str | os.PathLike, model: Recognizer, charset: Charset
 
 def file_digest(path: str | os.PathLike) -> str:
     """The first 16 hex digits of a file's sha256: how cards, metrics and meta name a checkpoint."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    return file_sha256(path)[:16]
 
 
 # checkpoints shipped in the repository (made by recipes/ko-base): name -> file under the project root
