@@ -612,3 +612,33 @@ def test_dvc_leaves_a_killed_writers_leftovers_out_of_a_dataset(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dvc", "check-ignore", "own/train/data.mdb", "own/train.partial/data.mdb",
                           "own/.train.lock"], cwd=tmp_path, capture_output=True, text=True).stdout.split()
     assert out == ["own/train.partial/data.mdb", "own/.train.lock"]
+
+
+def test_the_documented_cache_links_inside_the_training_container(tmp_path):
+    """docs/gpu-server.md's cache.type must link, not copy, in the training container's mount layout.
+
+    compose binds the checkout (/workspace) and the DVC cache (KOCR_DVC_CACHE, at its host path) as two
+    mounts, and link(2) fails with EXDEV across mounts even on one filesystem: there `hardlink` is
+    skipped and, without `symlink` in the list, every output DVC caches is a second full copy."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs `unshare -m` (root) to bind-mount like compose")
+    doc = (REPO / "docs" / "gpu-server.md").read_text(encoding="utf-8")
+    types = re.findall(r"^dvc config --local cache\.type (\S+)", doc, re.M)
+    assert types, "docs/gpu-server.md no longer sets cache.type"
+    host, cache, workspace = tmp_path / "checkout", tmp_path / "dvc-cache", tmp_path / "workspace"
+    for folder in (host / "data", cache, workspace):
+        folder.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=host, check=True)
+    dvc = [sys.executable, "-m", "dvc"]
+    subprocess.run([*dvc, "init", "-q"], cwd=host, check=True)
+    subprocess.run([*dvc, "cache", "dir", "--local", str(cache)], cwd=host, check=True)
+    subprocess.run([*dvc, "config", "--local", "cache.type", types[0]], cwd=host, check=True)
+    (host / "data" / "crops.bin").write_bytes(os.urandom(1 << 16))
+    # the container: the checkout at /workspace (here tmp/workspace), the cache bound at its own path
+    script = (f'mount --bind "{host}" "{workspace}" && mount --bind "{cache}" "{cache}" && cd "{workspace}" '
+              f'&& {" ".join(map(str, dvc))} add -q data/crops.bin')
+    done = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    out = host / "data" / "crops.bin"
+    assert out.is_symlink() or out.stat().st_nlink > 1, \
+        f"cache.type {types[0]}: DVC copied the output into the cache instead of linking it"
