@@ -160,7 +160,9 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
     Hidden and system files (``._scan.jpg`` that macOS leaves beside ``scan.jpg`` on a shared disk,
     ``.DS_Store``, ``Thumbs.db``) are not pages, as ``prepare`` takes none (``sources.stray_file``).
     Two images of one stem (``scan.jpg`` and ``scan.png``) would both be scored against
-    ``scan.txt``, the page counted twice: ScoreInputError naming both. With ``skipped`` (a list),
+    ``scan.txt``, the page counted twice: ScoreInputError naming both. Stems that differ only in case
+    (``Scan.jpg`` and ``scan.png``) are one stem too: on a case-insensitive disk (Windows, macOS)
+    ``Scan.txt`` and ``scan.txt`` are one file, and where they are two, which is whose is a guess. With ``skipped`` (a list),
     the files left out are appended to it as (reason, path), so the caller can say the set is
     smaller than the folders: ``no_image`` for a ``.txt`` in ``texts`` that no image has,
     ``not_a_page_image`` for a file in ``images`` of another type (``.gif``, ``.heic``, …).
@@ -172,21 +174,25 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
     files = sorted(p for p in images.iterdir() if p.is_file() and not stray_file(p.name))
     pages = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     by_stem: dict[str, list[Path]] = {}
-    for image in pages:
-        by_stem.setdefault(image.stem, []).append(image)
+    for image in pages:  # Scan.jpg and scan.png are one stem: one file on a case-insensitive disk
+        by_stem.setdefault(image.stem.casefold(), []).append(image)
     twins = next((found for found in by_stem.values() if len(found) > 1), None)
     if twins:
-        raise ScoreInputError(f"{' and '.join(str(p) for p in twins)}: two images of one stem would both be scored "
-                              f"against {texts / (twins[0].stem + '.txt')}; keep one of them in {images}")
+        text_names = " or ".join(dict.fromkeys(str(texts / f"{p.stem}.txt") for p in twins))
+        case = "" if len({p.stem for p in twins}) == 1 else " (names that differ only in case are one name on " \
+                                                           "Windows and macOS disks)"
+        raise ScoreInputError(f"{' and '.join(str(p) for p in twins)}: two images of one stem{case} would both be "
+                              f"scored against {text_names}; keep one of them in {images}")
     items = [read_page_item(image, texts / f"{image.stem}.txt") for image in pages]
     if not items:
         raise ScoreInputError(f"{images}: no page images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if skipped is not None:
+        stems = {image.stem for image in pages}
         same = images.resolve() == texts.resolve()
         skipped += [("not_a_page_image", str(p)) for p in files
                     if p.suffix.lower() not in IMAGE_SUFFIXES and not (same and p.suffix.lower() == ".txt")]
         skipped += [("no_image", str(p)) for p in sorted(texts.iterdir())
-                    if p.suffix.lower() == ".txt" and p.is_file() and not stray_file(p.name) and p.stem not in by_stem]
+                    if p.suffix.lower() == ".txt" and p.is_file() and not stray_file(p.name) and p.stem not in stems]
     return items
 
 

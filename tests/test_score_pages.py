@@ -137,6 +137,29 @@ def test_two_images_of_one_stem_are_refused_not_scored_twice(tmp_path):
         find_pages(tmp_path, tmp_path)
 
 
+def test_images_whose_stems_differ_only_in_case_are_one_stem(tmp_path):
+    # Scan.jpg beside scan.png: on a Windows or macOS disk Scan.txt and scan.txt are one file, so
+    # both images would be scored against it; where they are two files, which is whose is a guess
+    for name in ("Scan.jpg", "scan.png"):
+        (tmp_path / name).write_bytes(b"")
+    for name in ("Scan.txt", "scan.txt"):
+        (tmp_path / name).write_text("서울\n", encoding="utf-8")
+    with pytest.raises(ScoreInputError, match=r"Scan\.jpg and .*scan\.png: two images of one stem \(names that "
+                                              r"differ only in case .*Scan\.txt or .*scan\.txt"):
+        find_pages(tmp_path, tmp_path)
+    (tmp_path / "Scan.txt").unlink()  # one text: still refused, naming both images, not "no ground truth"
+    with pytest.raises(ScoreInputError, match=r"Scan\.jpg and .*scan\.png: two images of one stem"):
+        find_pages(tmp_path, tmp_path)
+    # one image whose text differs in case only from another .txt: that .txt is left out, as before
+    (tmp_path / "scan.png").unlink()
+    (tmp_path / "SCAN.txt").write_text("서울\n", encoding="utf-8")
+    (tmp_path / "Scan.txt").write_text("서울\n", encoding="utf-8")
+    skipped = []
+    assert [(i.image.name, i.text_file.name) for i in find_pages(tmp_path, tmp_path, skipped)] == [
+        ("Scan.jpg", "Scan.txt")]
+    assert sorted(skipped) == [("no_image", str(tmp_path / n)) for n in ("SCAN.txt", "scan.txt")]
+
+
 def test_files_left_out_of_the_set_are_named_on_stderr(tmp_path, capsys, monkeypatch):
     from evaluation import score_pages
 
