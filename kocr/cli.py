@@ -383,19 +383,23 @@ def _scored_model_tags(models: dict[str, str]) -> dict[str, str]:
 
 
 def _champion_uri(model_name: str) -> str | None:
-    """``models:/NAME@champion`` when the registry has a champion, else None."""
+    """``models:/NAME/VERSION`` of the version the ``champion`` alias names now, else None (no champion).
+
+    Pinned once, before scoring: ``models:/NAME@champion`` would be resolved again when the model is
+    loaded and when the run's tags are written, so a promotion in between would score one version and
+    tag the run with another."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from kocr.tracking import NOT_FOUND
 
     try:
-        mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion")
+        version = mlflow.MlflowClient().get_model_version_by_alias(model_name, "champion")
     except MlflowException as exc:
         if exc.error_code in NOT_FOUND:
             return None
         raise  # a registry that fails must not drop the champion's row from the report in silence
-    return f"models:/{model_name}@champion"
+    return f"models:/{version.name}/{version.version}"
 
 
 def evaluation_report(evaluated: dict, pages: int, data_hash: str) -> str:

@@ -97,7 +97,8 @@ def test_evaluate_refuses_a_split_with_no_labelled_word_before_reading_a_page(sa
 
 def test_an_evaluate_run_names_the_candidate_champion_and_base_it_scored(sample_pages, prepared, tmp_path,
                                                                          monkeypatch):
-    """Was: only the scores, so the run did not say which checkpoint, registry version or base they belong to."""
+    """Was: only the scores, so the run did not say which checkpoint, registry version or base they belong to;
+    then the champion's version was looked up after scoring, so a promotion meanwhile mislabelled it."""
     import hashlib
 
     import mlflow
@@ -122,8 +123,12 @@ def test_an_evaluate_run_names_the_candidate_champion_and_base_it_scored(sample_
     client.set_registered_model_alias("scored-champion", "champion", version.version)
     scored = {}
 
+    promoted = client.create_model_version("scored-champion", str(tmp_path / "cand"), run_id=None)
+
     def fake(models, *args, **kwargs):
         scored.update(models)
+        # a promote elsewhere moves the alias while this run reads: it must not relabel what was scored
+        client.set_registered_model_alias("scored-champion", "champion", promoted.version)
         return {label: ModelEvaluation({"cer": 0.1}, {}) for label in models}
     monkeypatch.setattr(evaluation.evaluate, "evaluate_models", fake)
     monkeypatch.setattr(kocr.cli, "evaluation_report", lambda *args: "report")
@@ -131,14 +136,16 @@ def test_an_evaluate_run_names_the_candidate_champion_and_base_it_scored(sample_
                  "--candidate", "cand/model.pt", "--predictions", "pred", "--metrics", "m.json",
                  "--pictures", "pics"]) == 0
     assert set(scored) == {"base", "candidate", "champion"}
+    assert scored["champion"] == f"models:/scored-champion/{version.version}"  # pinned before scoring
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string="tags.`kocr.stage` = 'evaluate'")
     tags = run.data.tags
     assert tags["kocr.scored.candidate"] == "cand/model.pt"
     assert tags["kocr.scored.candidate.sha256"] == hashlib.sha256(b"candidate weights").hexdigest()
     assert tags["kocr.scored.candidate.run_id"] == "train-run-1"
-    assert tags["kocr.scored.champion"] == "models:/scored-champion@champion"
-    assert tags["kocr.scored.champion.version"] == f"scored-champion/{version.version}"
+    assert tags["kocr.scored.champion"] == f"models:/scored-champion/{version.version}"
+    assert tags["kocr.scored.champion.version"] == f"scored-champion/{version.version}" != \
+        f"scored-champion/{promoted.version}"
     assert tags["kocr.scored.base"] == f"{tmp_path}/base.pt"
     assert tags["kocr.scored.base.sha256"] == hashlib.sha256(b"base weights").hexdigest()
 
