@@ -20,7 +20,7 @@ from training.data.pages import Page, clip_box, unscored
 
 GT_COLOUR, PRED_COLOUR = (0, 150, 60), (210, 30, 30)
 EXACT, WRONG, UNMATCHED = (0, 150, 60), (235, 130, 0), (210, 30, 30)  # a reading: right, misread, no word
-FOUND, MISSED, NOT_SCORED = (0, 110, 200), (210, 30, 30), (140, 140, 140)  # a ground-truth word
+FOUND, MISSED, NOT_SCORED = (0, 110, 200), (210, 30, 30), (140, 140, 140)  # a ground-truth word (grey: also a reading on one)
 PANEL_WIDTH = 1600  # a wider page is drawn at this width: labels stay legible, the PNG small
 LABEL_SIZE = (11, 28)  # label font size in pixels, from about half the median word height
 HEADING_SIZE = 20
@@ -140,8 +140,9 @@ def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: 
     """Write a PNG with the ground truth and the prediction side by side; returns its path.
 
     Colours follow ``score`` (``score_page(gt, pred)`` when not given): a reading matched to a word it
-    reads exactly is green, one that misreads it orange, one matched to no word red; a ground-truth
-    word some reading matched is blue, one none did (missed) red, one not scored (``###``) grey.
+    reads exactly is green, one that misreads it orange, one matched to no word red, one matched to
+    a word not scored (``###``: ``PageScore.ignored_pairs``) grey, as it counts nowhere; a ground-truth
+    word some reading matched is blue, one none did (missed) red, one not scored grey.
     """
     if score is None:
         score = score_page(gt, pred)
@@ -150,13 +151,15 @@ def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: 
     sizes = in_image(gt.words, gt.width, gt.height)
     gt_colours = [NOT_SCORED if unscored(w.text) or sized is None else FOUND if i in found else MISSED
                   for i, (w, sized) in enumerate(zip(gt.words, sizes))]
-    pred_colours = [UNMATCHED if j not in matched else EXACT if matched[j][1] >= 1.0 else WRONG
-                    for j in range(len(pred.words))]
+    ignored = {j for _, j in score.ignored_pairs}
+    pred_colours = [NOT_SCORED if j in ignored else UNMATCHED if j not in matched
+                    else EXACT if matched[j][1] >= 1.0 else WRONG for j in range(len(pred.words))]
     image = _upright(image_path)  # as the boxes were read
     left = _panel(image, gt, gt_colours, f"ground truth ({len(gt.words)} words)", GT_COLOUR,
                   [("found", FOUND), ("missed", MISSED), ("not scored", NOT_SCORED)])
     right = _panel(image, pred, pred_colours, title, PRED_COLOUR,
-                   [("exact", EXACT), ("misread", WRONG), ("no word matched", UNMATCHED)])
+                   [("exact", EXACT), ("misread", WRONG), ("no word matched", UNMATCHED),
+                    ("not scored", NOT_SCORED)])
     canvas = Image.new("RGB", (left.width + right.width + 10, max(left.height, right.height)), (255, 255, 255))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width + 10, 0))

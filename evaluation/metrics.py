@@ -91,13 +91,16 @@ def f1_score(p: float, r: float) -> float:
 
 @dataclass
 class PageScore:
-    """One page's end-to-end tally; ``pairs`` holds the counted (gt index, pred index, score)."""
+    """One page's end-to-end tally; ``pairs`` holds the counted (gt index, pred index, score),
+    ``ignored_pairs`` the (gt index, pred index) matches to an ignored word (``###``, empty, outside
+    the image): such a reading is no error, and counts nowhere."""
 
     score_sum: float
     n_gt: int
     n_pred: int
     matched: int
     pairs: list[tuple[int, int, float]] = field(default_factory=list)
+    ignored_pairs: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def precision(self) -> float:
@@ -130,19 +133,21 @@ def score_page(gt: Page | list[Word], pred: Page | list[Word],
     used_g: set[int] = set()
     used_p: set[int] = set()
     pairs: list[tuple[int, int, float]] = []
-    ignored_preds = 0
+    ignored_pairs: list[tuple[int, int]] = []
     for _, i, j in candidates:
         if i in used_g or j in used_p:
             continue
         used_g.add(i)
         used_p.add(j)
         if i in ignored:
-            ignored_preds += 1
+            ignored_pairs.append((i, j))
         else:
             pairs.append((i, j, max(0.0, 1.0 - cer(gw[i].text, pw[j].text))))
     pairs.sort()
+    ignored_pairs.sort()
     return PageScore(score_sum=sum(s for _, _, s in pairs), n_gt=len(gw) - len(ignored),
-                     n_pred=len(pw) - ignored_preds, matched=len(pairs), pairs=pairs)
+                     n_pred=len(pw) - len(ignored_pairs), matched=len(pairs), pairs=pairs,
+                     ignored_pairs=ignored_pairs)
 
 
 def e2e_scores(page_scores: list[PageScore]) -> dict[str, float]:

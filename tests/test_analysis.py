@@ -9,7 +9,7 @@ from collections import Counter
 from PIL import Image
 
 from evaluation.analysis import breakdown, confusions, detection_failures, jamo_confusions, text_kind
-from evaluation.drawing import EXACT, FOUND, MISSED, UNMATCHED, WRONG, draw_comparison
+from evaluation.drawing import EXACT, FOUND, MISSED, NOT_SCORED, UNMATCHED, WRONG, draw_comparison
 from evaluation.metrics import score_page
 from training.data.pages import Page, Word
 
@@ -194,6 +194,24 @@ def test_worst_page_picture_colours_each_box_by_its_match(tmp_path):
         pixels, top = picture.convert("RGB").load(), picture.height - 100
         assert [pixels[x, top + 50] for x in (10, 100, 200)] == [FOUND, FOUND, MISSED]
         assert [pixels[410 + x, top + 50] for x in (10, 100, 300)] == [EXACT, WRONG, UNMATCHED]
+
+
+def test_worst_page_picture_draws_a_reading_on_a_word_not_scored_grey_not_as_an_error(tmp_path):
+    """Was: a reading matched to a ``###`` word was red, 'no word matched', on a page that scores F1 1.0."""
+    Image.new("RGB", (400, 100), (250, 250, 250)).save(tmp_path / "p.png")
+    gt = Page("p.png", 400, 100, [Word((10, 40, 60, 20), "서울"), Word((100, 40, 60, 20), "###"),
+                                  Word((200, 40, 60, 20), "")])
+    pred = Page("p.png", 400, 100, [Word((10, 40, 60, 20), "서울"), Word((100, 40, 60, 20), "장독"),
+                                    Word((200, 40, 60, 20), "잡음"), Word((300, 40, 60, 20), "헛것")])
+    score = score_page(gt, pred)
+    # 장독 and 잡음 count nowhere; 헛것 alone counts against the page: P = 1/2, R = 1
+    assert (score.n_gt, score.n_pred, score.score_sum) == (1, 2, 1.0) and score.ignored_pairs == [(1, 1), (2, 2)]
+    out = draw_comparison(tmp_path / "p.png", gt, pred, "m: page F1 0.667", tmp_path / "w.png", score)
+    with Image.open(out) as picture:
+        pixels, top = picture.convert("RGB").load(), picture.height - 100
+        assert [pixels[x, top + 50] for x in (10, 100, 200)] == [FOUND, NOT_SCORED, NOT_SCORED]
+        assert [pixels[410 + x, top + 50] for x in (10, 100, 200, 300)] == [EXACT, NOT_SCORED, NOT_SCORED,
+                                                                             UNMATCHED]
 
 
 def test_worst_page_picture_of_a_big_page_is_scaled_down_with_labels_the_size_of_its_words(tmp_path):

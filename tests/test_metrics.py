@@ -120,6 +120,8 @@ def test_a_gt_word_marked_illegible_is_ignored_like_an_empty_one():
     # and the prediction matched to it is not a false positive
     s = score_page([Word(A, "서울"), Word(B, " ### ")], [Word(A, "서울"), Word(B, "잡음")])
     assert (s.n_gt, s.n_pred, s.score_sum, s.f1) == (1, 1, 1.0, 1.0)
+    # the match is kept apart from the counted ones, so a picture can tell that reading is no error
+    assert (s.pairs, s.ignored_pairs) == ([(0, 0, 1.0)], [(1, 1)])
     assert score_page([Word(A, "서울"), Word(B, "##")], [Word(A, "서울")]).n_gt == 2  # only the exact mark
 
 
