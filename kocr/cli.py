@@ -146,7 +146,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.distributed import launched_by_torchrun, process_rank
-    from training.train import TrainConfig, discard_state, mix_shares, pick_device, train, train_extras
+    from training.train import TrainConfig, discard_state, loss_name, mix_shares, pick_device, train, train_extras
 
     params = load_params()
     config = TrainConfig.from_params(params)
@@ -185,7 +185,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
         if summary.get("resumed_from_step"):  # its metric history starts there; the run killed before holds the rest
             mlflow.set_tag("kocr.resumed_from_step", str(summary["resumed_from_step"]))
-        _log_curves(Path(args.plots))
+        _log_curves(Path(args.plots), loss_name(config))
         info = log_recognizer(Path(args.out) / "model.pt", DetectorSettings.from_params(params.get("detector")))
         _dump({"run_id": run.info.run_id, "model_uri": info.model_uri}, Path(args.out) / "mlflow.json")
     discard_state(state_file)  # trained, written and logged: nothing left to resume
@@ -225,11 +225,12 @@ def cmd_tune(args: argparse.Namespace) -> None:
           f"trials {best['trials']}; this worker ran {best['ran']}; {args.out}/best_params.yaml: {best['train']}")
 
 
-def _log_curves(plots_dir: Path) -> None:
+def _log_curves(plots_dir: Path, loss_label: str) -> None:
     """The training loss and the validation CER as one picture in the active MLflow run.
 
     The loss is drawn per step, faint, under its centred rolling mean (about 1/20 of the steps), on a log
-    axis; the CER axis starts at 0.
+    axis labelled ``loss_label``, the loss trained on (``training.train.loss_name``: CTC, focal CTC with its
+    gamma, or cross-entropy); the CER axis starts at 0.
     """
     import csv
 
@@ -259,7 +260,7 @@ def _log_curves(plots_dir: Path) -> None:
         left.set_yscale("log")
     if window > 1:
         left.legend(loc="upper right", fontsize="small")
-    left.set(xlabel="step", ylabel="training loss", title="training loss")
+    left.set(xlabel="step", ylabel=loss_label, title=f"training {loss_label}")
     if val and "cer" in val[0]:
         right.plot([int(r["step"]) for r in val], [float(r["cer"]) for r in val], marker="o")
     right.set_ylim(bottom=0, top=max([0.05] + [float(r["cer"]) * 1.05 for r in val if "cer" in r]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def test_training_curves_smooth_the_loss_on_a_log_axis_and_start_cer_at_zero(tmp_path, monkeypatch):
     """The per-step loss gets a rolling mean over it and a log axis; a CER of 0 throughout is drawn
@@ -18,12 +20,53 @@ def test_training_curves_smooth_the_loss_on_a_log_axis_and_start_cer_at_zero(tmp
                                       encoding="utf-8")
     figures = []
     monkeypatch.setattr(mlflow, "log_figure", lambda fig, name: figures.append((fig.axes, name)))
-    _log_curves(tmp_path)
+    _log_curves(tmp_path, "CTC loss")
     (left, right), name = figures[0]
     assert name == "plots/train_curves.png"
     assert left.get_yscale() == "log" and len(left.get_lines()) == 2  # the raw steps and their rolling mean
     raw, mean = (line.get_ydata() for line in left.get_lines())
-    assert abs(sum(raw[-5:]) / 5 - mean[-1]) < 0.05 and "loss" in left.get_ylabel()
+    assert abs(sum(raw[-5:]) / 5 - mean[-1]) < 0.05 and left.get_ylabel() == "CTC loss"
     # centred, so a falling loss's mean does not trail above it: at step 50 it is the mean of steps 45-54
     assert abs(mean[49] - sum(raw[44:54]) / 10) < 1e-9
     assert right.get_ylim()[0] == 0 and right.get_ylim()[1] > 0
+
+
+def _curves(tmp_path):
+    (tmp_path / "loss.tsv").write_text("step\tloss\n1\t3.0\n2\t2.0\n", encoding="utf-8")
+    (tmp_path / "val.tsv").write_text("step\tcer\n2\t0.5\n", encoding="utf-8")
+
+
+def test_train_labels_the_loss_curve_with_the_loss_it_trained_on(tmp_path, monkeypatch):
+    """Was: 'training loss' whatever the loss; now CTC, focal CTC (with its gamma) or cross-entropy,
+    from the train params, as `kocr train` logs the picture."""
+    import mlflow
+    import yaml
+
+    import evaluation.pyfunc_model
+    import training.train
+    from kocr.cli import main
+
+    class Logged:
+        model_uri = "models:/m-1"
+
+    def trained(config, data, out, plots_dir=None, **kwargs):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "model.pt").write_bytes(b"")
+        Path(plots_dir).mkdir(parents=True, exist_ok=True)
+        _curves(Path(plots_dir))
+        return {"best_val_cer": 0.5, "best_step": 2, "stopped_early": False, "images_per_second": 1.0,
+                "world_size": 1}
+
+    labels = []
+    monkeypatch.setattr(training.train, "train", trained)
+    monkeypatch.setattr(evaluation.pyfunc_model, "log_recognizer", lambda *args, **kwargs: Logged())
+    monkeypatch.setattr(mlflow, "log_figure", lambda fig, name: labels.append(fig.axes[0].get_ylabel()))
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True, exist_ok=True)
+    for train, model, label in (({}, {}, "CTC loss"), ({"focal_gamma": 1.5}, {}, "focal CTC loss (γ=1.5)"),
+                                ({"focal_gamma": 1.5}, {"prediction": "attn"}, "cross-entropy loss")):
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"device": "cpu", **train}, "model": model}),
+                                              encoding="utf-8")
+        assert main(["train", "--data", "data", "--out", "out", "--plots", "plots"]) == 0
+        assert labels.pop() == label

@@ -268,6 +268,17 @@ def build_model(config: TrainConfig, seed: int) -> tuple[Recognizer, Charset, di
     return model, charset, {"base": config.base, "base_sha256": file_digest(base.path), **transfer}
 
 
+def loss_name(config: TrainConfig) -> str:
+    """The loss ``Objective`` trains on, in words for the loss curve's axis.
+
+    >>> loss_name(TrainConfig()), loss_name(TrainConfig(focal_gamma=2.0)), loss_name(TrainConfig(prediction="attn"))
+    ('CTC loss', 'focal CTC loss (γ=2)', 'cross-entropy loss')
+    """
+    if config.prediction == "attn":  # attention decoding: per-character cross entropy; focal_gamma is CTC's
+        return "cross-entropy loss"
+    return f"focal CTC loss (γ={config.focal_gamma:g})" if config.focal_gamma > 0 else "CTC loss"
+
+
 class Objective:
     """What the head trains on: CTC over the whole width, or attention decoding up to ``max_length`` characters."""
 
