@@ -839,6 +839,7 @@ def main(argv: list[str] | None = None) -> int:
     from kocr.locks import LockError
     from evaluation.score_crops import ScoreInputError
     from training.export_easyocr import ExportError
+    from kocr.tracking import TrackingConfigError
 
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep stage output to progress and results
@@ -848,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, CropImportError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
             OutFolderError,
-            LockError, CommandError, FileNotFoundError) as exc:
+            LockError, CommandError, TrackingConfigError, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -1,7 +1,9 @@
 """MLflow conventions: one parent run per ``dvc repro``, one child run per stage.
 
 Embedded default: ``sqlite:///mlruns.db`` in the project root with artifacts in ``mlartifacts/``;
-``MLFLOW_TRACKING_URI`` points everything at a server instead.
+``MLFLOW_TRACKING_URI`` points everything at a server instead. Set but empty (a CI secret that is
+missing or misspelt, ``MLFLOW_TRACKING_URI=`` in an .env file) is an error, not the embedded store:
+a run meant for the team's server would otherwise register and promote in a throwaway local registry.
 
 DVC runs each stage as its own process, so the stages of one ``dvc repro`` find their common
 parent run by a pipeline key: ``KOCR_PIPELINE_ID`` when set (CI sets it), else the PID and start
@@ -38,9 +40,23 @@ DEFAULT_EXPERIMENT = "ko-ocr/finetune"
 PIPELINE_KEY_TAG = "kocr.pipeline_key"
 
 
+class TrackingConfigError(ValueError):
+    """``MLFLOW_TRACKING_URI`` is set to nothing (exit 2 with one line naming it)."""
+
+
+def tracking_uri_from_env() -> str | None:
+    """``MLFLOW_TRACKING_URI``, or None when it is unset; TrackingConfigError when it is set but empty."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri is not None and not uri.strip():
+        raise TrackingConfigError(
+            "MLFLOW_TRACKING_URI is set but empty (a missing or misspelt CI secret, or `MLFLOW_TRACKING_URI=` in an "
+            ".env file): set it to the tracking server's URI, or unset it to use the project's sqlite:///mlruns.db")
+    return uri
+
+
 def configure_tracking() -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` or the embedded SQLite store; returns the URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` or, when it is unset, the embedded SQLite store; returns the URI."""
+    uri = tracking_uri_from_env() or f"sqlite:///{Path('mlruns.db').resolve()}"
     if shown_uri(uri) != uri:  # MLflow prints "View run at <host>" with the URI's user:password in it
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)

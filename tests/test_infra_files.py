@@ -497,6 +497,30 @@ def test_retrain_workflow():
     assert {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= secrets
 
 
+OPTIONAL_SECRETS = {"KOCR_PROMOTE_LOCK_URL", "RETRAIN_PUSH_TOKEN", "GITHUB_TOKEN"}
+
+
+def test_retrain_stops_first_when_a_required_secret_is_missing(tmp_path):
+    # a missing MLFLOW_TRACKING_URI secret is "": the stages fell back to sqlite:///mlruns.db in the checkout and
+    # promote committed "the first champion" of that throwaway registry to main
+    wf = _workflow("retrain.yml")
+    guard = wf["jobs"]["image"]["steps"][0]  # the first step of the first job: before any build or training
+    assert wf["jobs"]["retrain"]["needs"] == "image"
+    checked = re.findall(r"secrets\.(\w+) != ''", json.dumps(guard["env"]))
+    used = {m for value in wf["jobs"]["retrain"]["env"].values() for m in re.findall(r"secrets\.(\w+)", value)}
+    assert used - OPTIONAL_SECRETS and set(checked) == used - OPTIONAL_SECRETS, (checked, used)
+    assert "MLFLOW_TRACKING_URI" in checked
+    assert all(not re.search(r"secrets\.\w+ *}}", value) for value in guard["env"].values())  # no value, only set or not
+    env = {**os.environ, **{key: "true" for key in guard["env"]}}
+    done = subprocess.run(["bash", "-c", guard["run"]], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for key in guard["env"]:
+        done = subprocess.run(["bash", "-c", guard["run"]], env={**env, key: "false"}, capture_output=True, text=True)
+        secret = key.removeprefix("HAS_")
+        assert done.returncode == 1 and f"::error::repository secret missing or empty: {secret} (" in done.stdout, \
+            (key, done.stdout + done.stderr)
+
+
 def _diff_base(tmp_path: Path, event: str, before: str) -> str:
     """The revision the retrain workflow's diff step hands `dvc metrics diff` and `dvc params diff`, run
     in a two-commit clone whose main is its last commit (as actions/checkout leaves it on a push)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import mlflow
@@ -147,3 +148,30 @@ def test_the_default_empty_train_mix_is_logged_as_a_param(monkeypatch):
         assert params["train.mix"] == "{}" and params["train.lr"] == "0.1"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_tracking_uri_is_refused_naming_the_variable(tmp_path, value):
+    """`MLFLOW_TRACKING_URI: ${{ secrets.X }}` with the secret missing gives "": `kocr promote` used to take it
+    for unset, register the candidate in a new mlruns.db in the checkout and call it the first champion."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "candidate").mkdir()
+    (tmp_path / "candidate" / "mlflow.json").write_text(json.dumps(
+        {"model_uri": "runs:/0123456789abcdef/recognizer", "run_id": "0123456789abcdef"}))
+    (tmp_path / "evaluate.json").write_text(json.dumps(
+        {"candidate": {"e2e_f1": 0.5}, "eval_data_hash": "d", "eval_scoring_hash": "s"}))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": value, "PYTHONPATH": str(REPO)}
+    env.pop("KOCR_TRACEBACK", None)
+    done = subprocess.run([sys.executable, "-m", "kocr.cli", "promote", "--candidate", "candidate", "--metrics",
+                           "evaluate.json", "--source", "pages", "--splits", "splits.json", "--out", "promote.json"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith("kocr promote: error: MLFLOW_TRACKING_URI is set but empty"), lines
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "promote.json").exists()
