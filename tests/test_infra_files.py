@@ -488,7 +488,7 @@ def test_retrain_workflow():
     assert "kocr-train@" in retrain["container"]["image"]  # the image job's build, by digest
     scripts = "\n".join(s for s in _run_scripts(wf))
     for command in ("dvc pull", "dvc repro", "dvc push", 'dvc metrics diff "$base"', 'dvc params diff "$base"',
-                    "git add dvc.lock", "push origin \"HEAD:refs/heads/$BRANCH\"", "gh api"):
+                    'outputs=(dvc.lock metrics plots tuning/best_params.yaml)', 'git add "${outputs[@]}"', "push origin \"HEAD:refs/heads/$BRANCH\"", "gh api"):
         assert command in scripts, command
     assert "[skip ci]" in scripts
     for job in wf["jobs"].values():
@@ -521,6 +521,138 @@ def test_retrain_stops_first_when_a_required_secret_is_missing(tmp_path):
             (key, done.stdout + done.stderr)
 
 
+def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "init.defaultBranch=main",
+                           *args], cwd=cwd, capture_output=True, text=True, check=check)
+
+
+class _Origin:
+    """A bare `origin` with main, and the retrain workflow's checkout and commit back replayed against it."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp, self.bare, self.dev = tmp_path, tmp_path / "origin.git", tmp_path / "dev"
+        self.wf = _workflow("retrain.yml")
+        _git(tmp_path, "init", "-q", "--bare", str(self.bare))
+        _git(tmp_path, "clone", "-q", str(self.bare), str(self.dev))
+        self.write(self.dev, {"data/aihub.dvc": "v0", "params.yaml": "p: 0", "dvc.lock": "lock of v0",
+                              "metrics/train.json": '{"v": 0}', "plots/loss.json": "[0]",
+                              "tuning/best_params.yaml": "lr: 0", ".gitignore": "/.kocr/\n"})
+        self.push("first")
+
+    @staticmethod
+    def write(clone: Path, files: dict[str, str]) -> None:
+        for rel, text in files.items():
+            (clone / rel).parent.mkdir(parents=True, exist_ok=True)
+            (clone / rel).write_text(text + "\n")
+
+    def push(self, message: str, files: dict[str, str] | None = None) -> str:
+        """A developer's commit pushed to main; its sha (github.sha of the run it starts)."""
+        self.write(self.dev, files or {})
+        _git(self.dev, "add", "-A")
+        _git(self.dev, "commit", "-q", "-m", message)
+        if _git(self.bare, "rev-parse", "-q", "--verify", "refs/heads/main", check=False).returncode == 0:
+            _git(self.dev, "pull", "-q", "--rebase", "origin", "main")
+        _git(self.dev, "push", "-q", "origin", "HEAD:main")
+        return _git(self.dev, "rev-parse", "HEAD").stdout.strip()
+
+    def tip(self, path: str = "") -> str:
+        if path:
+            return _git(self.bare, "show", f"main:{path}").stdout.strip()
+        return _git(self.bare, "rev-parse", "refs/heads/main").stdout.strip()
+
+    def checkout(self, name: str, github_sha: str, ref: str | None = "workflow") -> Path:
+        """The retrain job's checkout as actions/checkout does it: `ref` unset, the event's commit
+        (github.sha); a branch ref, that branch's tip when fetched. "workflow": what retrain.yml says."""
+        if ref == "workflow":
+            ref = next(s for s in self.wf["jobs"]["retrain"]["steps"] if "actions/checkout" in s.get("uses", "")
+                       )["with"].get("ref")
+            if ref == "${{ needs.image.outputs.commit }}":  # what the image job checked out and resolved
+                image = self.wf["jobs"]["image"]
+                assert image["outputs"]["commit"] == "${{ steps.build.outputs.commit }}"
+                build = next(s for s in image["steps"] if s.get("id") == "build")["run"]
+                assert 'echo "commit=$(git rev-parse HEAD)" >> "$GITHUB_OUTPUT"' in build
+                ref = next(s for s in image["steps"] if "actions/checkout" in s.get("uses", ""))["with"].get("ref")
+        if ref is None:
+            commit = github_sha
+        elif ref == "${{ github.ref }}":  # refs/heads/main on a push
+            commit = self.tip()
+        else:
+            raise AssertionError(f"the replay does not know the checkout ref {ref!r}")
+        clone = self.tmp / name
+        _git(self.tmp, "clone", "-q", str(self.bare), str(clone))
+        _git(clone, "checkout", "-q", "--detach", commit)
+        return clone
+
+    def train(self, clone: Path) -> None:
+        """What dvc repro changes in git: the lock and the metrics of the data version checked out."""
+        data = (clone / "data" / "aihub.dvc").read_text().strip()
+        self.write(clone, {"dvc.lock": f"lock of {data}", "metrics/train.json": f'{{"v": "{data}"}}',
+                           "plots/loss.json": f'["{data}"]'})
+
+    def commit_back(self, clone: Path, github_sha: str) -> subprocess.CompletedProcess:
+        """The workflow's own commit step, run as it is written."""
+        step = next(s for s in self.wf["jobs"]["retrain"]["steps"] if "git add" in s.get("run", ""))
+        assert step["env"]["BRANCH"] == "${{ github.ref_name }}"
+        env = {**os.environ, "SHA": github_sha, "BRANCH": "main", "PUSH_TOKEN": "t0ken",
+               "SERVER_URL": "https://github.com", "GIT_CONFIG_NOSYSTEM": "1"}
+        return subprocess.run(["bash", "-c", step["run"]], cwd=clone, env=env, capture_output=True, text=True,
+                              timeout=60)
+
+
+def test_retrain_run_that_waited_trains_the_tip_and_its_commit_back_does_not_conflict(tmp_path):
+    # two data pushes close together: the second run waits in the concurrency group, then checked out its
+    # github.sha, older than the first run's commit back: `git rebase` hit "CONFLICT (content): Merge conflict
+    # in dvc.lock" after dvc push and promote, and main kept the lock of the older data version
+    origin = _Origin(tmp_path)
+    first = origin.push("data v1", {"data/aihub.dvc": "v1"})
+    run1 = origin.checkout("run1", first)  # starts at once
+    second = origin.push("data v2", {"data/aihub.dvc": "v2"})  # run 2 waits for run 1
+    origin.train(run1)
+    done = origin.commit_back(run1, first)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert origin.tip("dvc.lock") == "lock of v1" and origin.tip("data/aihub.dvc") == "v2"
+    run2 = origin.checkout("run2", second)
+    checked_out = _git(run2, "rev-parse", "HEAD").stdout.strip()
+    origin.train(run2)
+    done = origin.commit_back(run2, second)
+    assert done.returncode == 0, done.stdout + done.stderr  # was: CONFLICT (content): Merge conflict in dvc.lock
+    assert _git(run2, "show", f"{checked_out}:dvc.lock").stdout.strip() == "lock of v1"  # trained on run 1's
+    assert origin.tip("dvc.lock") == "lock of v2" and origin.tip("metrics/train.json") == '{"v": "v2"}'
+    log = _git(origin.bare, "log", "--format=%s", "main").stdout.splitlines()
+    assert [m.split(" for ")[0] for m in log] == ["retrain: dvc.lock and metrics", "retrain: dvc.lock and metrics",
+                                                 "data v2", "data v1", "first"], log
+
+
+def test_retrain_commit_back_of_a_stale_checkout_fails_before_the_push(tmp_path):
+    # what checking out github.sha did: trained v2 on a commit older than run 1's lock; now refused by name
+    origin = _Origin(tmp_path)
+    second = origin.push("data v2", {"data/aihub.dvc": "v2"})
+    origin.push("retrain by hand", {"dvc.lock": "lock of v2 by hand", "metrics/train.json": "{}"})
+    before = origin.tip()
+    stale = origin.checkout("stale", second, ref=None)
+    origin.train(stale)
+    done = origin.commit_back(stale, second)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "CONFLICT" not in done.stdout + done.stderr
+    assert re.search(r"::error::while this run trained \w{12}, main got commits that change what it commits "
+                     r"\(dvc\.lock metrics/train\.json \): not pushed", done.stdout), done.stdout + done.stderr
+    assert origin.tip() == before and origin.tip("dvc.lock") == "lock of v2 by hand"
+
+
+def test_retrain_commit_back_goes_on_top_of_new_data_pushed_while_it_trained(tmp_path):
+    origin = _Origin(tmp_path)
+    first = origin.push("data v1", {"data/aihub.dvc": "v1"})
+    run = origin.checkout("run", first)
+    origin.push("data v2 and params", {"data/aihub.dvc": "v2", "params.yaml": "p: 1"})
+    origin.push("docs", {"README.md": "x"})
+    origin.train(run)
+    done = origin.commit_back(run, first)
+    assert done.returncode == 0, done.stdout + done.stderr
+    # v2's own run (waiting) trains on top of this; until then the lock is stale, as after any data push
+    assert origin.tip("dvc.lock") == "lock of v1" and origin.tip("data/aihub.dvc") == "v2"
+    assert origin.tip("README.md") == "x"
+
+
 def _diff_base(tmp_path: Path, event: str, before: str) -> str:
     """The revision the retrain workflow's diff step hands `dvc metrics diff` and `dvc params diff`, run
     in a two-commit clone whose main is its last commit (as actions/checkout leaves it on a push)."""
@@ -550,7 +682,7 @@ def _diff_base(tmp_path: Path, event: str, before: str) -> str:
     calls = (tmp_path / "calls").read_text().splitlines()
     assert [c.split()[:3] for c in calls] == [["dvc", "metrics", "diff"], ["dvc", "params", "diff"]], calls
     assert calls[0].split()[3] == calls[1].split()[3], calls
-    return calls[0].split()[3].replace(shas[1], "FIRST")
+    return calls[0].split()[3].replace(shas[1], "FIRST").replace(shas[0], "SHA")
 
 
 def test_retrain_diffs_the_metrics_files_of_the_pipeline_not_of_the_recipe():
@@ -565,8 +697,8 @@ def test_retrain_diffs_the_metrics_files_of_the_pipeline_not_of_the_recipe():
 
 @pytest.mark.parametrize("event, before, base", [
     ("push", "FIRST", "FIRST"),  # origin/main is the pushed commit itself: the params change would never show
-    ("push", "0" * 40, "HEAD^"),  # a new branch: no commit before it
-    ("push", "1234567" * 5 + "12345", "HEAD^"),  # a force push dropped the old tip from the clone
+    ("push", "0" * 40, "SHA^"),  # a new branch: no commit before it
+    ("push", "1234567" * 5 + "12345", "SHA^"),  # a force push dropped the old tip from the clone
     ("workflow_dispatch", "", "origin/main"),
 ])
 def test_retrain_diffs_a_push_against_main_before_it(tmp_path, event, before, base):
