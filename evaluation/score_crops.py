@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from evaluation.metrics import cer, paired_words, recognition_scores
 from kocr.atomic import staged_files
-from training.data.pages import DONT_CARE, PageError, crop_box, nfc, parse_page
+from training.data.pages import DONT_CARE, PageError, crop_box, lone_surrogate, nfc, parse_page
 
 TESSERACT = "tesseract"
 
@@ -260,6 +260,9 @@ def _one_line(text: str, path: Path, name: str, index: int) -> str:
     if any(c in text for c in "\t\n\r"):
         raise ScoreInputError(f"{path}: {name} word {index}: transcription {text!r:.60} holds a tab "
                               "or line break; one word box takes one line of text")
+    if lone_surrogate(text):
+        raise ScoreInputError(f"{path}: {name} word {index}: transcription {text!r:.60} holds an unpaired "
+                              f"surrogate {lone_surrogate(text)!r} (a broken \\uXXXX escape), which is not text")
     return text
 
 

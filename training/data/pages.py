@@ -175,7 +175,22 @@ def _text(value: Any, key: str) -> str:
         return ""
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise ValueError(f"{key} {json.dumps(value, ensure_ascii=False)[:40]} is not a string")
-    return str(value)
+    text = str(value)
+    surrogate = lone_surrogate(text)
+    if surrogate:
+        raise ValueError(f"{key} {text!r:.40} holds an unpaired surrogate {surrogate!r} (a broken "
+                         "\\uXXXX escape): not text, and no UTF-8 label can carry it")
+    return text
+
+
+def lone_surrogate(text: str) -> str:
+    r"""The first unpaired UTF-16 surrogate in ``text`` (``json`` turns an escape such as
+    ``"\ud800"`` without its pair into one), else ``""``; such a string cannot be written as UTF-8.
+
+    >>> lone_surrogate(json.loads('"\\ud55c\\ud800"')), lone_surrogate(json.loads('"\\ud83d\\ude00"'))
+    ('\ud800', '')
+    """
+    return next((c for c in text if "\ud800" <= c <= "\udfff"), "")
 
 
 def _pixels(entry: dict, key: str, path: str | os.PathLike, where: str = "image entry") -> int:

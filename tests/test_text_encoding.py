@@ -1,0 +1,56 @@
+"""Text as it enters the platform: encodings, byte-order marks and malformed strings in every reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.score_crops import ScoreInputError, read_labels
+from training.data.import_crops import import_crops
+from training.data.lmdb_store import LmdbDataset
+from training.data.prepare import PrepareConfig, prepare_pages
+
+SURROGATE = '"\\ud800"'  # a JSON escape of half a surrogate pair: valid JSON, not text
+
+
+def _page(root: Path, texts_json: list[str], name: str = "5350109-1994-0001-0001") -> None:
+    """A 600x200 white page ``name`` with one 25x40 box per text (each given as a JSON literal)."""
+    root.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((200, 600), 255, np.uint8)).save(root / f"{name}.jpg")
+    annotations = ", ".join(
+        f'{{"id": {i}, "annotation.type": "rectangle", "annotation.text": {text}, '
+        f'"annotation.bbox": [{10 + 40 * i}, 10, 25, 40]}}' for i, text in enumerate(texts_json, start=1))
+    (root / f"{name}.json").write_text(
+        f'{{"images": [{{"image.file.name": "{name}.jpg", "image.width": 600, "image.height": 200}}], '
+        f'"annotations": [{annotations}]}}', encoding="utf-8")
+
+
+def test_a_lone_surrogate_label_is_a_bad_annotation_not_a_crash(tmp_path):
+    # "\ud800" parses as JSON; with out_of_charset: keep it reached the LMDB writer, whose UTF-8 encode
+    # raised and stopped the whole stage (nothing in the input may stop prepare)
+    _page(tmp_path / "src", ['"서울"', SURROGATE, '"시청"'])
+    config = PrepareConfig(val_fraction=0, test_fraction=0, out_of_charset="keep")
+    report = prepare_pages(tmp_path / "src", tmp_path / "out", config, progress=False)
+    assert report["crops"]["train"] == 2
+    bad = report["skipped"]["bad_annotation"]
+    assert bad["count"] == 1 and bad["examples"][0].startswith("5350109-1994-0001-0001.json#2: ")
+    assert "surrogate" in bad["examples"][0]
+    ds = LmdbDataset(tmp_path / "out" / "train")
+    assert [ds.label(i) for i in range(len(ds))] == ["서울", "시청"]
+
+
+def test_a_lone_surrogate_in_box_labels_is_refused_naming_the_word(tmp_path):
+    Image.fromarray(np.full((40, 120), 255, np.uint8)).save(tmp_path / "a.png")
+    labels = tmp_path / "gt.json"
+    labels.write_text('{"a.png": {"words": [{"points": [[0, 0], [100, 0], [100, 30], [0, 30]], '
+                      f'"transcription": {SURROGATE}}}]}}}}', encoding="utf-8")
+    with pytest.raises(ScoreInputError, match=r"gt\.json: a\.png word 1: .*surrogate"):
+        read_labels(labels)
+    with pytest.raises(ScoreInputError, match="surrogate"):  # import-crops used to crash in the LMDB writer
+        import_crops(labels, tmp_path / "set", out_of_charset="keep", progress=False)
+    assert not (tmp_path / "set").exists()
+    json.loads(labels.read_text(encoding="utf-8"))  # the file itself is valid JSON
