@@ -38,7 +38,15 @@ from tqdm import tqdm
 
 from evaluation.metrics import cer, paired_words, recognition_scores
 from kocr.atomic import staged_files
-from training.data.pages import DONT_CARE, PageError, crop_box, lone_surrogate, nfc, parse_page
+from training.data.pages import (
+    DONT_CARE,
+    PageError,
+    crop_box,
+    decode_json_text,
+    lone_surrogate,
+    nfc,
+    parse_page,
+)
 
 TESSERACT = "tesseract"
 
@@ -186,9 +194,12 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
 
     path = Path(path)
     raw = _labels_bytes(path)
+    text = decode_json_text(raw)  # as prepare reads page JSON: UTF-8 (BOM or not), else CP949
+    if text is None:
+        raise ScoreInputError(f"{path}: neither UTF-8 nor CP949 (EUC-KR) text; save it as UTF-8")
     try:
-        data = json.loads(raw.decode("utf-8-sig"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
         raise ScoreInputError(f"{path}: not JSON ({exc})") from None
     if isinstance(data, dict) and ("images" in data or "Images" in data):
         try:

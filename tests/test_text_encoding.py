@@ -54,3 +54,19 @@ def test_a_lone_surrogate_in_box_labels_is_refused_naming_the_word(tmp_path):
         import_crops(labels, tmp_path / "set", out_of_charset="keep", progress=False)
     assert not (tmp_path / "set").exists()
     json.loads(labels.read_text(encoding="utf-8"))  # the file itself is valid JSON
+
+
+def test_box_labels_in_cp949_read_as_prepare_reads_page_json(tmp_path):
+    # prepare (parse_page) accepts CP949 page JSON, as Korean Windows tools save it; evaluate-crops and
+    # import-crops decoded the same file as UTF-8 only and refused it as "not JSON"
+    Image.fromarray(np.full((40, 120), 255, np.uint8)).save(tmp_path / "a.png")
+    page = {"images": [{"image.file.name": "a.png", "image.width": 120, "image.height": 40}],
+            "annotations": [{"id": 1, "annotation.text": "서울", "annotation.bbox": [5, 5, 100, 30]}]}
+    (tmp_path / "page.json").write_bytes(json.dumps(page, ensure_ascii=False).encode("cp949"))
+    image_keyed = {"a.png": {"words": [{"points": [[5, 5], [105, 5], [105, 35], [5, 35]], "transcription": "시청"}]}}
+    (tmp_path / "gt.json").write_bytes(json.dumps(image_keyed, ensure_ascii=False).encode("cp949"))
+    assert [c.text for c in read_labels(tmp_path / "page.json")] == ["서울"]
+    assert [c.text for c in read_labels(tmp_path / "gt.json")] == ["시청"]
+    (tmp_path / "utf16.json").write_bytes(json.dumps(image_keyed, ensure_ascii=False).encode("utf-16"))
+    with pytest.raises(ScoreInputError, match=r"utf16\.json: neither UTF-8 nor CP949"):
+        read_labels(tmp_path / "utf16.json")

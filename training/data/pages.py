@@ -225,19 +225,29 @@ def read_page(path: str | os.PathLike) -> Page:
 def parse_page(raw: bytes, path: str | os.PathLike = "<page>",
                bad: list[tuple[int, str]] | None = None) -> Page:
     """Parse page JSON bytes (UTF-8, UTF-8 with BOM or CP949); ``bad`` as in ``Page.from_dict``."""
-    for encoding in ("utf-8-sig", "cp949"):
-        try:
-            text = raw.decode(encoding)
-            break
-        except UnicodeDecodeError:
-            continue
-    else:
+    text = decode_json_text(raw)
+    if text is None:
         raise PageError(path, "bad_encoding", "neither UTF-8 nor CP949")
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PageError(path, "malformed_json", str(exc)) from exc
     return Page.from_dict(data, path, bad)
+
+
+def decode_json_text(raw: bytes) -> str | None:
+    """Label JSON bytes as text: UTF-8 (a byte-order mark dropped), else CP949 (EUC-KR), which Korean
+    Windows tools write; None when they are neither.
+
+    >>> decode_json_text('{"t": "서울"}'.encode("cp949")) == decode_json_text('\\ufeff{"t": "서울"}'.encode())
+    True
+    """
+    for encoding in ("utf-8-sig", "cp949"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    return None
 
 
 def write_page(page: Page, path: str | os.PathLike, sweep: bool = True) -> None:
