@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import string
+import unicodedata
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,30 @@ def test_from_spec_reads_a_file(tmp_path):
     cs = Charset.from_spec(str(path))
     assert cs.chars == "가나다abc" and cs.name == "mine" and cs.num_class == 7
     assert Charset.from_spec("english_g2") == ENGLISH
+
+
+def test_a_charset_file_with_a_bom_or_crlf_keeps_its_classes(tmp_path):
+    # Notepad's byte-order mark was read as a character: U+FEFF became class 1, every real character
+    # moved one class up, and a checkpoint or EasyOCR bundle made with it decoded shifted text
+    bom, crlf = tmp_path / "bom.txt", tmp_path / "crlf.txt"
+    bom.write_bytes("\ufeff가나다abc\n".encode())
+    crlf.write_bytes("가나다abc\r\n".encode())
+    for path in (bom, crlf):
+        cs = Charset.from_spec(str(path))
+        assert cs.chars == "가나다abc" and cs.index["가"] == 1
+
+
+def test_a_charset_file_in_cp949_or_nfd_is_refused_by_name(tmp_path):
+    cp949, nfd = tmp_path / "cp949.txt", tmp_path / "nfd.txt"
+    cp949.write_bytes("가나다".encode("cp949"))
+    nfd.write_text(unicodedata.normalize("NFD", "각한"), encoding="utf-8")  # no jamo repeats: once accepted silently
+    with pytest.raises(ValueError, match=r"cp949\.txt: not UTF-8 .*CP949"):
+        Charset.from_spec(str(cp949))
+    with pytest.raises(ValueError, match=r"nfd\.txt: holds decomposed Hangul"):
+        Charset.from_spec(str(nfd))
+    latin = tmp_path / "latin.txt"  # a combining mark of its own is no NFD Hangul
+    latin.write_text("e\u0301a", encoding="utf-8")
+    assert len(Charset.from_spec(str(latin))) == 3
 
 
 # -- encode / decode -----------------------------------------------------------------------------

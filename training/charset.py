@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -45,7 +46,7 @@ class Charset:
         path = Path(spec)
         if not path.is_file():
             raise ValueError(f"charset {spec!r} is neither built-in ({', '.join(BUILTIN_CHARSETS)}) nor a file")
-        return cls(path.read_text(encoding="utf-8").rstrip("\n"), path.stem)
+        return cls(read_charset_file(path), path.stem)
 
     @classmethod
     def from_setting(cls, key: str, spec: Any) -> "Charset":
@@ -100,3 +101,28 @@ class Charset:
     def decode_batch(self, index_rows: Sequence[Iterable[int]]) -> list[str]:
         """Greedy-decode each row of a (batch, time) index array."""
         return [self.decode_greedy(row) for row in index_rows]
+
+
+def read_charset_file(path: Path) -> str:
+    """The characters of a charset file: UTF-8 on one line, a byte-order mark (Windows Notepad's) and
+    the final line break dropped. ValueError naming the file when it is not UTF-8 (CP949 is named as
+    such) or holds decomposed Hangul (NFD jamo, as macOS tools save it): labels are NFC, so a jamo
+    class would never match one and a syllable the file meant would be missing."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        try:
+            raw.decode("cp949")
+            hint = "it reads as CP949 (EUC-KR); save it as UTF-8"
+        except UnicodeDecodeError:
+            hint = "save it as UTF-8"
+        raise ValueError(f"charset file {path}: not UTF-8 ({exc.reason} at byte {exc.start}); {hint}") from None
+    if text.endswith("\r\n"):
+        text = text[:-2]
+    text = text.rstrip("\n")
+    nfc = unicodedata.normalize("NFC", text)
+    if nfc != text and any(unicodedata.name(c, "").startswith("HANGUL") and c not in nfc for c in text):
+        raise ValueError(f"charset file {path}: holds decomposed Hangul (NFD jamo sequences), which NFC labels "
+                         "never contain; save it NFC (unicodedata.normalize('NFC', text))")
+    return text
