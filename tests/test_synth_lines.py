@@ -20,7 +20,7 @@ from training.data import synth_lines
 from training.data.lmdb_store import LmdbDataset
 from training.data.synth_lines import (LinesConfig, SynthConfigError, _ink_mask, add_edge_piece, add_rules,
                                        add_streak, bend, bend_strokes, clip_edge, colour_levels, embolden, generate_lines,
-                                       glyph_jitter, rotate, warp)
+                                       glyph_jitter, load_texts, rotate, warp)
 
 try:
     find_fonts(["NanumGothic.ttf", "UnBatang.ttf"])
@@ -287,6 +287,15 @@ def test_text_file_lines_that_cannot_be_drawn_are_dropped_and_named(tmp_path):
     texts.write_text(f"{long}\n", encoding="utf-8")
     with pytest.raises(SynthConfigError, match="longer than synth_lines.max_chars \\(25\\)"):
         generate_lines(tmp_path / "none", _config(count=6, text_file=str(texts)), progress=False)
+
+
+def test_text_file_with_a_byte_order_mark_keeps_its_first_line(tmp_path, recwarn):
+    # Notepad's BOM stuck to the first line, whose U+FEFF is outside every charset: the line was
+    # dropped with a warning about out-of-charset characters the user never wrote
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("\ufeff서울\r\n시청\r\n".encode())
+    assert load_texts(texts, Charset.named("korean_g2")) == ["서울", "시청"]
+    assert not [w for w in recwarn if "outside" in str(w.message)]
 
 
 def test_weights_written_in_another_key_order_draw_the_same_set(tmp_path):

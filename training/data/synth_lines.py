@@ -343,7 +343,7 @@ def load_texts(path: str | os.PathLike, charset: Charset, max_chars: int | None 
     if not path.is_file():
         raise SynthConfigError(f"{path}: synth_lines.text_file does not exist")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()  # a byte-order mark is no character
     except UnicodeDecodeError as exc:
         raise SynthConfigError(f"{path}: synth_lines.text_file is not UTF-8 "
                                f"({exc.reason} at byte {exc.start})") from None
