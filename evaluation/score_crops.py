@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from evaluation.metrics import cer, paired_words, recognition_scores
 from kocr.atomic import staged_files
+from training.charset import not_utf8
 from training.data.pages import (
     DONT_CARE,
     PageError,
@@ -111,7 +112,7 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
         lines = re.split(r"\r\n|\r|\n", raw.decode("utf-8-sig"))
         lines = lines[:-1] if lines and lines[-1] == "" else lines
     except UnicodeDecodeError as exc:
-        raise ScoreInputError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ScoreInputError(f"{path}: {not_utf8(exc)}") from None
     if b"\0" in raw:  # valid UTF-8, but no text file holds NUL: UTF-16 without a BOM decodes so
         raise ScoreInputError(f"{path}: not UTF-8 text ({nul_note(raw)})")
     if not lines:

@@ -48,6 +48,7 @@ from evaluation.reader import (
 )
 from evaluation.score_crops import TESSERACT, ScoreInputError, nul_note, written_by_a_run
 from kocr.atomic import staged_files
+from training.charset import not_utf8
 from training.data.pages import Page, Word, nfc
 from training.data.sources import stray_file
 
@@ -144,7 +145,7 @@ def read_page_item(image: Path, text_file: Path) -> PageItem:
     try:
         lines = raw.decode("utf-8-sig").splitlines()
     except UnicodeDecodeError as exc:
-        raise ScoreInputError(f"{text_file}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise ScoreInputError(f"{text_file}: {not_utf8(exc)}") from None
     if b"\0" in raw:  # valid UTF-8, but no text file holds NUL: UTF-16 without a BOM decodes so
         raise ScoreInputError(f"{text_file}: not UTF-8 text ({nul_note(raw)})")
     lines = [nfc(line.strip()) for line in lines if line.strip()]

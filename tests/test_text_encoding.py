@@ -70,3 +70,30 @@ def test_box_labels_in_cp949_read_as_prepare_reads_page_json(tmp_path):
     (tmp_path / "utf16.json").write_bytes(json.dumps(image_keyed, ensure_ascii=False).encode("utf-16"))
     with pytest.raises(ScoreInputError, match=r"utf16\.json: neither UTF-8 nor CP949"):
         read_labels(tmp_path / "utf16.json")
+
+
+def test_cp949_text_files_are_refused_naming_file_line_and_encoding(tmp_path):
+    # the messages gave a byte offset only ("not UTF-8 text (invalid start byte at byte 17)"): no line,
+    # and no word that the file is CP949 (EUC-KR), the usual encoding of Korean text saved on Windows
+    from evaluation.score_pages import find_pages
+    from training.charset import Charset
+    from training.data.degrade import SynthConfigError
+    from training.data.synth_lines import load_texts
+
+    Image.fromarray(np.full((40, 120), 255, np.uint8)).save(tmp_path / "a.png")
+    tsv = tmp_path / "labels.tsv"
+    tsv.write_bytes("\ufeffimage\ttext\r\na.png\tok\r\na.png\t서울\r\n".encode("cp949", errors="ignore"))
+    with pytest.raises(ScoreInputError, match=r"labels\.tsv: not UTF-8 text \(.* at line 3, byte \d+\); it reads "
+                                              r"as CP949 \(EUC-KR\): save it as UTF-8"):
+        read_labels(tsv)
+    (tmp_path / "a.txt").write_bytes("첫 줄\n서울\n".encode("cp949"))
+    with pytest.raises(ScoreInputError, match=r"a\.txt: not UTF-8 text \(.* at line 1, byte \d+\); it reads as CP949"):
+        find_pages(tmp_path, tmp_path)
+    lines = tmp_path / "lines.txt"
+    lines.write_bytes(b"ok\n" + "서울\n".encode("cp949"))
+    with pytest.raises(SynthConfigError, match=r"lines\.txt: synth_lines\.text_file is not UTF-8 text \(.* at line 2"):
+        load_texts(lines, Charset.named("korean_g2"))
+    latin1 = tmp_path / "latin1.tsv"  # neither: no CP949 claim
+    latin1.write_bytes("image\ttext\na.png\tcafé\xff\n".encode("latin-1"))
+    with pytest.raises(ScoreInputError, match=r"latin1\.tsv: not UTF-8 text \(.* at line 2, byte \d+\); save it as UTF-8$"):
+        read_labels(latin1)

@@ -112,12 +112,7 @@ def read_charset_file(path: Path) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        try:
-            raw.decode("cp949")
-            hint = "it reads as CP949 (EUC-KR); save it as UTF-8"
-        except UnicodeDecodeError:
-            hint = "save it as UTF-8"
-        raise ValueError(f"charset file {path}: not UTF-8 ({exc.reason} at byte {exc.start}); {hint}") from None
+        raise ValueError(f"charset file {path}: {not_utf8(exc)}") from None
     if text.endswith("\r\n"):
         text = text[:-2]
     text = text.rstrip("\n")
@@ -126,3 +121,24 @@ def read_charset_file(path: Path) -> str:
         raise ValueError(f"charset file {path}: holds decomposed Hangul (NFD jamo sequences), which NFC labels "
                          "never contain; save it NFC (unicodedata.normalize('NFC', text))")
     return text
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    r"""Why text bytes did not decode, for a message that names the file before it: the line and byte
+    of the first bad byte, and whether the whole file reads as CP949 (EUC-KR), the usual encoding of
+    Korean text saved by Windows tools.
+
+    >>> try:
+    ...     "image\ttext\na.png\t서울\n".encode("cp949").decode("utf-8-sig")
+    ... except UnicodeDecodeError as exc:
+    ...     print(not_utf8(exc))
+    not UTF-8 text (invalid start byte at line 2, byte 17); it reads as CP949 (EUC-KR): save it as UTF-8
+    """
+    data = bytes(exc.object)
+    line = data.count(b"\n", 0, exc.start) + 1
+    try:
+        data.decode("cp949")
+        hint = "it reads as CP949 (EUC-KR): save it as UTF-8"
+    except UnicodeDecodeError:
+        hint = "save it as UTF-8"
+    return f"not UTF-8 text ({exc.reason} at line {line}, byte {exc.start}); {hint}"

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from training.charset import Charset
+from training.charset import Charset, not_utf8
 from training.data import degrade
 from training.data.backgrounds import KINDS, image_files, make_background
 from training.data.contact_sheet import write_sheet
@@ -345,8 +345,7 @@ def load_texts(path: str | os.PathLike, charset: Charset, max_chars: int | None 
     try:
         lines = path.read_bytes().decode("utf-8-sig").splitlines()  # a byte-order mark is no character
     except UnicodeDecodeError as exc:
-        raise SynthConfigError(f"{path}: synth_lines.text_file is not UTF-8 "
-                               f"({exc.reason} at byte {exc.start})") from None
+        raise SynthConfigError(f"{path}: synth_lines.text_file is {not_utf8(exc)}") from None
     texts, outside, too_long = [], 0, 0
     for line in lines:
         text = " ".join(unicodedata.normalize("NFC", line).split())
