@@ -97,3 +97,25 @@ def test_cp949_text_files_are_refused_naming_file_line_and_encoding(tmp_path):
     latin1.write_bytes("image\ttext\na.png\tcafé\xff\n".encode("latin-1"))
     with pytest.raises(ScoreInputError, match=r"latin1\.tsv: not UTF-8 text \(.* at line 2, byte \d+\); save it as UTF-8$"):
         read_labels(latin1)
+
+
+def test_an_lmdb_set_with_nfd_labels_trains_on_them_as_nfc(tmp_path):
+    # a set written by another tool (deep-text-recognition-benchmark's create_lmdb_dataset on macOS)
+    # may hold NFD jamo; training dropped every such sample as out_of_charset
+    import unicodedata
+
+    import cv2
+
+    from training.charset import Charset
+    from training.crops import CropDataset
+    from training.data.lmdb_store import LmdbWriter
+
+    png = cv2.imencode(".png", np.full((32, 128), 255, np.uint8))[1].tobytes()
+    with LmdbWriter(tmp_path / "set") as writer:
+        writer.add(png, unicodedata.normalize("NFD", "서울"))
+        writer.add(png, "시청")
+    korean = Charset.named("korean_g2")
+    crops = CropDataset(LmdbDataset(tmp_path / "set"), korean)
+    assert len(crops) == 2 and not crops.dropped
+    batch = crops.collate([crops[0], crops[1]])
+    assert batch.labels == ["서울", "시청"] and batch.target_lengths.tolist() == [2, 2]

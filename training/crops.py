@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import random
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -38,7 +39,9 @@ class CropBatch:
 class CropDataset(Dataset):
     """Samples of an LMDB set the model can learn; the rest are dropped and counted by reason.
 
-    A label is dropped when a character is outside the charset, or when CTC cannot align it: it
+    Labels are NFC-normalised as they are read (an LMDB set made by another tool, e.g. on macOS, may
+    hold decomposed NFD jamo, which no charset class matches). A label is dropped when a character
+    is outside the charset, or when CTC cannot align it: it
     needs at least one time step per character plus one between repeated characters, and the model
     emits ``width / 4 - 1`` steps for a crop padded to ``width`` (EasyOCR's padding). Crops wider than
     ``max_width`` after resizing are dropped to bound memory. With ``batch_max_length`` > 0, labels
@@ -66,6 +69,7 @@ class CropDataset(Dataset):
         for i in range(len(source)):
             label, h, w, image_digest = source.summary(i)
             digest.update(f"{label}\t{h}\t{w}\t{image_digest.hex()}\n".encode("utf-8", "surrogatepass"))
+            label = unicodedata.normalize("NFC", label)  # a set another tool wrote may hold NFD jamo
             if not label or charset.missing(label):
                 self.dropped["out_of_charset" if label else "empty_label"] += 1
                 continue
@@ -91,6 +95,7 @@ class CropDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int, int]):
         index, step, slot = key if isinstance(key, tuple) else (key, 0, 0)
         image, label = self.source[self.indices[index]]
+        label = unicodedata.normalize("NFC", label)
         if self.augment > 0 and isinstance(key, tuple):
             image = augment_crop(image, self.augment, sample_rng(self.seed, step, slot))
         return prepare_crop(image, self.imgH), label
