@@ -52,18 +52,17 @@ class DetectorSettings:
 
     @classmethod
     def from_params(cls, params: dict[str, Any] | None, where: str = "detector") -> "DetectorSettings":
-        """The ``detector:`` mapping of params.yaml; a key that is not a setting (a typo such as
-        ``widht_ths``, which would silently run with EasyOCR's default) raises ParamsError."""
-        from kocr.params import ParamsError
+        """The ``detector:`` mapping of params.yaml (``where`` names it in errors); null is every default.
 
-        params = params or {}
-        if not isinstance(params, dict):
-            raise ParamsError(f"{where}: expected a mapping of readtext settings, got {params!r}")
-        names = [f.name for f in fields(cls)]
-        unknown = sorted(set(params) - set(names))
-        if unknown:
-            raise ParamsError(f"{where}: unknown keys {unknown} (known: {', '.join(names)})")
-        return cls(**params)
+        A key that is not a setting (a typo such as ``widht_ths``, which would silently run with
+        EasyOCR's default) and a value that is not a number (``text_threshold: high``, which would fail
+        deep inside CRAFT) raise ParamsError naming it; a whole-number setting takes no fraction.
+        """
+        from kocr.params import section, typed_settings
+
+        values = section({where: params}, where)
+        kinds = {f.name: {"float": float, "int": int}[str(f.type)] for f in fields(cls)}
+        return cls(**typed_settings(where, values, kinds))
 
     def readtext_kwargs(self) -> dict[str, Any]:
         """The same settings as keyword arguments of ``easyocr.Reader.readtext``."""

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from kocr.atomic import DISK_FULL, OutFolderError, file_sha256, replaced_folder, write_text
-from kocr.params import ParamsError, check_keys, load_params, params_path, require, section, typed
+from kocr.params import ParamsError, check_keys, data_section, load_params, params_path, require, section, typed
 from kocr.redact import hide_passwords
 
 
@@ -124,7 +124,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     params = load_params()
     knobs = {**section(params, "prepare"), **({"workers": args.workers} if args.workers is not None else {})}
     config = PrepareConfig.from_params(knobs)
-    with stage_run("prepare", {"prepare": knobs, "data": section(params, "data")}):
+    with stage_run("prepare", {"prepare": knobs, "data": data_section(params)}):
         log_dataset(args.src, context="source")
         report = prepare_pages(args.src, args.out, config)
         flat = {"pages_used": report["pages_used"],
@@ -151,6 +151,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     params = load_params()
     config = TrainConfig.from_params(params)
     pick_device(config.device)  # cuda on a machine without it: said before any data is read
+    settings = _settings(params)  # logged with the model at the end: a mistake in detector: is said now
     state_file = Path(train_extras(section(params, "train"))["state_dir"]) / (
         str(Path(args.out)).strip("/").replace("/", "_") + ".pt")
     if launched_by_torchrun() and process_rank() != 0:
@@ -160,7 +161,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     import mlflow
 
     from evaluation.pyfunc_model import log_recognizer
-    from evaluation.reader import DetectorSettings
     from kocr.tracking import log_dataset, stage_run
 
     from training.train import MODEL_KNOBS
@@ -186,7 +186,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if summary.get("resumed_from_step"):  # its metric history starts there; the run killed before holds the rest
             mlflow.set_tag("kocr.resumed_from_step", str(summary["resumed_from_step"]))
         _log_curves(Path(args.plots), loss_name(config))
-        info = log_recognizer(Path(args.out) / "model.pt", DetectorSettings.from_params(params.get("detector")))
+        info = log_recognizer(Path(args.out) / "model.pt", settings)
         _dump({"run_id": run.info.run_id, "model_uri": info.model_uri}, Path(args.out) / "mlflow.json")
     discard_state(state_file)  # trained, written and logged: nothing left to resume
     best = "val CER" if "val_n" in summary else "training loss (no validation samples)"
@@ -207,6 +207,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
         config = TuneConfig.from_params(section(params, "tune")).with_overrides(
             storage=args.storage, study_name=args.study, n_trials=args.n_trials, timeout_s=args.timeout)
         check_space(config, params)  # train: and every end of tune.space a legal train knob, before any trial
+        data_section(params)  # the e2e scorer's pages are data.source's
         if config.metric == "e2e_f1":  # its scorer reads evaluate.iou_threshold and detector:
             from evaluation.evaluate import EvaluateConfig
 

@@ -85,14 +85,15 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def section(params: Mapping[str, Any], name: str) -> dict[str, Any]:
+def section(params: Mapping[str, Any], name: str, where: str | None = None) -> dict[str, Any]:
     """``params[name]`` as a new dict: ``{}`` when absent or null (every default, as when all its keys
-    are commented out); ParamsError when it is anything but a mapping."""
+    are commented out); ParamsError naming ``where`` (default ``name``; ``recipe.detector`` for a
+    section inside another) when it is anything but a mapping."""
     value = params.get(name)
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise ParamsError(f"{name}: expected a mapping of settings, got {value!r}")
+        raise ParamsError(f"{where or name}: expected a mapping of settings, got {value!r}")
     return dict(value)
 
 
@@ -130,6 +131,53 @@ def typed(key: str, value: Any, kind: type, optional: bool = False) -> Any:
         if kind is int and math.isfinite(number) and number.is_integer():
             return int(number)
     raise ParamsError(f"{key} {value!r}: expected {_EXPECTED[kind]}" + (" or null" if optional else ""))
+
+
+def typed_settings(where: str, values: Mapping[str, Any], kinds: Mapping[str, type]) -> dict[str, Any]:
+    """``values`` checked whole: a key not in ``kinds`` is refused (:func:`check_keys`), each value is
+    read as its kind (:func:`typed`, ParamsError naming ``where.key``).
+
+    >>> typed_settings("detector", {"canvas_size": "1280"}, {"canvas_size": int, "mag_ratio": float})
+    {'canvas_size': 1280}
+    """
+    check_keys(where, values, kinds)
+    return {key: typed(f"{where}.{key}", value, kinds[key]) for key, value in values.items()}
+
+
+def name_list(key: str, value: Any, expected: str = "a list of names") -> list[str]:
+    """``value`` as a list of non-empty strings (``[]`` when null), else ParamsError naming ``key``.
+
+    A lone string is refused, not read letter by letter.
+    """
+    if value is None:
+        return []
+    require(isinstance(value, list) and all(isinstance(v, str) and v for v in value), key, value, expected)
+    return list(value)
+
+
+def paths_by_name(key: str, value: Any) -> dict[str, str]:
+    """``value`` as a mapping ``{name: path}`` of non-empty strings (``{}`` when null), else ParamsError
+    naming ``key`` (and the name whose path is wrong)."""
+    if value is None:
+        return {}
+    require(isinstance(value, Mapping), key, value, "a mapping {name: path}")
+    for name, path in value.items():
+        require(isinstance(path, str) and bool(path), f"{key}.{name}", path, "a path (a string)")
+    return {str(name): path for name, path in value.items()}
+
+
+DATA_KEYS = {"source": str, "prepared": str}  # data: the pages (dvc.yaml's ${data.source}) and the prepared sets
+
+
+def data_section(params: Mapping[str, Any]) -> dict[str, str]:
+    """``data:`` checked: only ``source`` and ``prepared``, each a path; ``{}`` when absent or null.
+
+    A typo (``sorce``) must not leave ``kocr tune``'s e2e scorer on the default data/sample pages.
+    """
+    values = typed_settings("data", section(params, "data"), DATA_KEYS)
+    for key, value in values.items():
+        require(bool(value), f"data.{key}", value, "a path")
+    return values
 
 
 def require(ok: bool, key: str, value: Any, expected: str) -> None:

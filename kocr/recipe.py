@@ -35,7 +35,7 @@ from typing import Any
 from tqdm import tqdm
 
 from kocr.atomic import atomic_path, file_sha256, write_text
-from kocr.params import load_params
+from kocr.params import check_keys, load_params, name_list, paths_by_name, section, typed
 
 HELDOUT = "heldout"
 HELDOUT_LATIN = "heldout_latin"  # the held-out faces, every word in Latin script (synth_lines_heldout_latin)
@@ -530,6 +530,23 @@ def cmd_export_crops(args: argparse.Namespace) -> None:
     print(f"export-crops: {export_crops(args.lmdb, args.out)} crops -> {args.out}/labels.tsv")
 
 
+def recipe_settings(params: dict[str, Any]) -> dict[str, Any]:
+    """The ``recipe:`` section checked before any work, ParamsError naming the key: no unknown key, ``baselines``
+    a list of engine names, ``reference`` a model (or null), ``real_sets`` and ``real_pages`` mappings
+    ``{name: path}``, ``detector`` readtext settings (``DetectorSettings``). Null or absent: the defaults."""
+    from evaluation.reader import DetectorSettings
+
+    cfg = section(params, "recipe")
+    check_keys("recipe", cfg, RECIPE_KEYS)
+    detector = section(cfg, "detector", "recipe.detector")
+    DetectorSettings.from_params(detector, "recipe.detector")
+    return {"baselines": name_list("recipe.baselines", cfg.get("baselines"), "a list of engine names, e.g. [tesseract]"),
+            "reference": typed("recipe.reference", cfg.get("reference"), str, optional=True) or None,
+            "real_sets": paths_by_name("recipe.real_sets", cfg.get("real_sets")),
+            "real_pages": paths_by_name("recipe.real_pages", cfg.get("real_pages")),
+            "detector": detector}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """``evaluate``: the recipe's sets (held-out and real) read by the model, its reference and baselines."""
     import time
@@ -538,18 +555,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from kocr.tracking import stage_run
 
-    cfg = load_params().get("recipe", {})
-    unknown = sorted(set(cfg) - set(RECIPE_KEYS))
-    if unknown:
-        from kocr.params import ParamsError
-
-        raise ParamsError(f"recipe: unknown keys {unknown} (known: {', '.join(RECIPE_KEYS)})")
-    sets = {HELDOUT: args.heldout, **_named_sets(args.set), **cfg.get("real_sets", {})}
+    params = load_params()
+    cfg = recipe_settings(params)
+    sets = {HELDOUT: args.heldout, **_named_sets(args.set), **cfg["real_sets"]}
     start = time.perf_counter()
-    with stage_run("recipe_evaluate", {"recipe": cfg}):
-        result = evaluate_sets(args.model, sets,
-                               reference=cfg.get("reference"), baselines=tuple(cfg.get("baselines", [])),
-                               out=args.out, pages=cfg.get("real_pages", {}), detector=cfg.get("detector"))
+    with stage_run("recipe_evaluate", {"recipe": section(params, "recipe")}):
+        result = evaluate_sets(args.model, sets, reference=cfg["reference"], baselines=tuple(cfg["baselines"]),
+                               out=args.out, pages=cfg["real_pages"], detector=cfg["detector"])
         result["seconds"] = round(time.perf_counter() - start, 1)
         mlflow.log_metrics(mlflow_metrics(result))
         mlflow.log_dict(result, "evaluate.json")

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from kocr.params import ParamsError, check_keys, section, typed
+from kocr.params import ParamsError, check_keys, name_list, paths_by_name, section, typed, typed_settings
 
 SPACE = {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2, "log": True}}
 FONTS = ["NanumGothic.ttf"]
@@ -75,6 +75,21 @@ CASES = [  # command, params, the message after "params.yaml: "
     ("synth-pages", {"sample": {"fonts": FONTS, "font_size": [40, 24]}}, "sample.font_size must be (lo, hi)"),
     ("synth-pages", {"sample": {"fonts": FONTS, "width": 100}}, "sample.width x height 100x700 is too small"),
     ("synth-pages", {"sample": None}, "sample.fonts is required"),
+    ("evaluate", {"detector": {"text_threshold": "high"}}, "detector.text_threshold 'high': expected a number"),
+    ("evaluate", {"detector": {"canvas_size": 1280.5}}, "detector.canvas_size 1280.5: expected a whole number"),
+    ("evaluate", {"detector": {"widht_ths": 0.0}}, "detector: unknown keys ['widht_ths']"),
+    ("evaluate", {"detector": [0.7]}, "detector: expected a mapping of settings"),
+    ("promote", {"detector": {"min_size": "big"}}, "detector.min_size 'big': expected a whole number"),
+    ("export-easyocr", {"detector": {"add_margin": True}}, "detector.add_margin True: expected a number"),
+    ("import-crops", {"detector": {"add_margin": "wide"}}, "detector.add_margin 'wide': expected a number"),
+    ("train", {"detector": {"link_threshold": "0.4x"}}, "detector.link_threshold '0.4x': expected a number"),
+    ("tune", {"tune": {"space": SPACE, "metric": "e2e_f1", "direction": "maximize"},
+              "detector": {"low_text": "low"}}, "detector.low_text 'low': expected a number"),
+    ("prepare-aihub", {"data": {"sorce": "data/aihub"}}, "data: unknown keys ['sorce'] (known: prepared, source)"),
+    ("prepare-aihub", {"data": {"source": 5}}, "data.source 5: expected a string"),
+    ("prepare-aihub", {"data": "data/aihub"}, "data: expected a mapping of settings"),
+    ("tune", {"tune": {"space": SPACE}, "data": {"prepard": "x"}}, "data: unknown keys ['prepard']"),
+    ("tune", {"tune": {"space": SPACE}, "data": {"source": ""}}, "data.source '': expected a path"),
 ]
 
 ARGS = {"promote": ["--candidate", "absent", "--metrics", "absent.json", "--source", "absent", "--splits", "absent"],
@@ -107,6 +122,35 @@ def test_a_params_mistake_is_one_line_naming_the_file_and_key_before_anything_ru
     assert not (tmp_path / "out").exists() and not (tmp_path / "pred").exists()
     store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
     assert not store.exists()  # no run started, nothing registered
+
+
+RECIPE_CASES = [  # recipe: of the params file, the message after "params.yaml: "
+    ({"baseline": ["tesseract"]}, "recipe: unknown keys ['baseline'] (known: baselines, detector, real_pages, "
+                                  "real_sets, reference)"),
+    ({"baselines": "tesseract"}, "recipe.baselines 'tesseract': expected a list of engine names"),
+    ({"reference": 5}, "recipe.reference 5: expected a string or null"),
+    ({"real_sets": ["a.tsv"]}, "recipe.real_sets ['a.tsv']: expected a mapping {name: path}"),
+    ({"real_sets": {"street": None}}, "recipe.real_sets.street None: expected a path (a string)"),
+    ({"real_pages": {"page": 3}}, "recipe.real_pages.page 3: expected a path (a string)"),
+    ({"detector": {"add_margn": 0.3}}, "recipe.detector: unknown keys ['add_margn']"),
+    ({"detector": {"add_margin": "wide"}}, "recipe.detector.add_margin 'wide': expected a number"),
+    ({"detector": "width_ths"}, "recipe.detector: expected a mapping of settings"),
+]
+
+
+@pytest.mark.parametrize("recipe, message", RECIPE_CASES, ids=[c[1][:40] for c in RECIPE_CASES])
+def test_a_recipe_settings_mistake_is_one_line_before_anything_runs(recipe, message, tmp_path, monkeypatch):
+    from kocr.recipe import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOCR_PARAMS", raising=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipe": recipe}), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_:
+        main(["evaluate", "--model", "ko_base", "--heldout", "h.tsv", "--out", "out", "--metrics", "m.json"])
+    assert str(exit_.value.code).startswith(f"python -m kocr.recipe evaluate: error: params.yaml: {message}")
+    assert not (tmp_path / "m.json").exists() and not (tmp_path / "out").exists()
+    store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    assert not store.exists()  # no run started
 
 
 def test_errors_of_a_section_override_name_that_section(tmp_path, monkeypatch, capsys):
@@ -159,3 +203,7 @@ def test_the_helpers():
             typed("a.b", value, kind)
     with pytest.raises(ParamsError, match=r"^params.yaml: s: unknown keys \['z'\] \(known: a, b\)$"):
         check_keys("s", {"a": 1, "z": 2}, ("b", "a"))
+    assert typed_settings("s", {"a": "2"}, {"a": int, "b": float}) == {"a": 2}
+    assert name_list("s.n", None) == [] and paths_by_name("s.p", None) == {}
+    with pytest.raises(ParamsError, match=r"^params.yaml: s.n 'ab': expected a list of names$"):
+        name_list("s.n", "ab")  # not read letter by letter

@@ -258,7 +258,7 @@ def test_recipe_settings_with_a_typo_are_refused_in_one_line(tmp_path, monkeypat
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--model", "ko_base", "--heldout", "h.tsv", "--out", "o", "--metrics", "m.json"])
     assert str(exit_.value.code) == ("python -m kocr.recipe evaluate: error: params.yaml: recipe: unknown keys ['baseline'] "
-                                     "(known: baselines, reference, real_sets, real_pages, detector)")
+                                     "(known: baselines, detector, real_pages, real_sets, reference)")
     assert not (tmp_path / "m.json").exists()
 
 

@@ -49,7 +49,7 @@ from sqlalchemy.engine import make_url as sqlalchemy_url
 
 from kocr.atomic import DISK_FULL, database_full, scratch_folder, write_text
 from kocr.locks import database_lock
-from kocr.params import ParamsError, check_keys, typed
+from kocr.params import ParamsError, check_keys, data_section, typed
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
 from training.train import TrainConfig, train
 
@@ -589,7 +589,7 @@ def e2e_scorer(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Pa
     from evaluation.page_scorer import PageSetScorer
     from evaluation.reader import DetectorSettings
 
-    source = params.get("data", {}).get("source", "data/sample")
+    source = data_section(params).get("source", "data/sample")
     pages = test_pages(source, Path(data_dir) / "splits.json", config.e2e_split, limit=config.e2e_pages)
     if not pages:
         raise TuneError(f"{Path(data_dir) / 'splits.json'}: no {config.e2e_split!r} pages for tune.metric e2e_f1")
