@@ -169,6 +169,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     tuned = {k: getattr(config, k) for k in config.tuned_keys}
     moved = {k: v for k, v in tuned.items() if k in MODEL_KNOBS}
     used = {k: v for k, v in {**section(params, "train"), **tuned}.items() if k not in moved}
+    if "mix" in used:
+        used["mix"] = config.mix  # null is no mix: logged as {}, as the default
     model = {**section(params, "model"), **moved}
     # an earlier run's mlflow.json beside this run's first model.pt would let promote register that
     # run's model under the score evaluate measured on this one: gone until this run has logged its own

@@ -191,6 +191,8 @@ def test_a_null_section_is_every_default():
     params = yaml.safe_load("train:\nprepare:\nevaluate:\nsynth_lines:\nmodel:\n")
     assert section(params, "train") == {} and section(params, "absent") == {}
     assert TrainConfig.from_params(params) == TrainConfig()
+    # train.mix with every set commented out is null too: no mix, as the default {}
+    assert TrainConfig.from_params(yaml.safe_load("train:\n  mix:\n  #  data/hand/train: 0.3\n")) == TrainConfig()
     assert PrepareConfig.from_params(section(params, "prepare")) == PrepareConfig()
     assert EvaluateConfig.from_params(params) == EvaluateConfig()
     assert LinesConfig.from_params(section(params, "synth_lines")) == LinesConfig()

@@ -155,6 +155,8 @@ def _knob(name: str, value: Any) -> Any:
 
     YAML reads ``1e-3`` (no dot) as a string, so numbers written as text are taken as numbers."""
     kind = _KNOB_TYPES.get(TrainConfig.__dataclass_fields__[name].type)
+    if name == "mix" and value is None:  # all its sets commented out: no mix, as a null section is its defaults
+        return {}
     if kind is None:
         return value
     return typed(f"{'model' if name in MODEL_KNOBS else 'train'}.{name}", value, kind)
