@@ -145,15 +145,23 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from training.distributed import launched_by_torchrun, process_rank
+    from training.distributed import agreed_setup, launched_by_torchrun, process_rank
     from training.train import TrainConfig, discard_state, loss_name, mix_shares, pick_device, train, train_extras
 
-    params = load_params()
-    config = TrainConfig.from_params(params)
-    pick_device(config.device)  # cuda on a machine without it: said before any data is read
-    settings = _settings(params)  # logged with the model at the end: a mistake in detector: is said now
-    state_file = Path(train_extras(section(params, "train"))["state_dir"]) / (
-        str(Path(args.out)).strip("/").replace("/", "_") + ".pt")
+    def setup() -> tuple[tuple[Any, ...], Any]:
+        params = load_params()
+        config = TrainConfig.from_params(params)
+        device = pick_device(config.device)  # cuda on a machine without it: said before any data is read
+        settings = _settings(params)  # logged with the model at the end: a mistake in detector: is said now
+        state_file = Path(train_extras(section(params, "train"))["state_dir"]) / (
+            str(Path(args.out)).strip("/").replace("/", "_") + ".pt")
+        return (params, config, settings, state_file), device
+
+    def device_if_failed() -> Any:  # the device the other ranks chose, when they read the same file
+        return pick_device(str(section(load_params(), "train").get("device") or "auto"))
+
+    # under torchrun a mistake in the params every rank reads is said once, by the lowest rank that made it
+    params, config, settings, state_file = agreed_setup(setup, device_if_failed)
     if launched_by_torchrun() and process_rank() != 0:
         # the other ranks of a torchrun job train and stay silent: rank 0 tracks, logs and writes
         train(config, args.data, args.out, progress=False, log=False, state_file=state_file, resume=args.resume)

@@ -486,6 +486,48 @@ def test_an_error_every_rank_makes_is_said_once_under_torchrun(prepared, tmp_pat
     assert "num-samples b'abc' is not a number" in done.stderr
 
 
+def test_a_params_mistake_every_rank_reads_is_said_once_under_torchrun(tmp_path):
+    """Said before train() starts (no process group yet): rank 0 says it, rank 1 exits 2 without a word."""
+    (tmp_path / "params.yaml").write_text("train: {lr: 0}\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-test"}
+    env.pop("KOCR_PARAMS", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kocr.cli", "train", "--data", "absent", "--out", "out"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("kocr train: error:") == 1, done.stderr[-3000:]
+    assert "kocr train: error: params.yaml: train.lr 0.0: expected a learning rate > 0\n" in done.stderr
+    assert re.search(r"exitcode\s*:\s*2 ", done.stderr), done.stderr[-3000:]  # torchrun's summary: the rank's status
+    assert not (tmp_path / "out").exists()
+    assert not Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///")).exists()  # no run started
+
+
+def test_a_params_mistake_of_one_rank_only_is_said_by_that_rank(tmp_path):
+    """Rank 1 reads another params file (KOCR_PARAMS): it says its mistake; rank 0, whose file is right,
+    does not train on alone (waiting for rank 1 in the process group) but exits 2 without a word."""
+    (tmp_path / "params.yaml").write_text("train: {steps: 2}\n", encoding="utf-8")
+    (tmp_path / "bad.yaml").write_text("train: {stpes: 2}\n", encoding="utf-8")
+    port = _free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", "absent", "--out", "out"],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                                   "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "KOCR_PARAMS": str(tmp_path / ("bad.yaml" if r else "params.yaml"))})
+             for r in range(2)]
+    try:
+        (_, err0), (_, err1) = (proc.communicate(timeout=150) for proc in procs)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert [proc.returncode for proc in procs] == [2, 2], err0[-2000:] + err1[-2000:]
+    assert err1.strip() == (f"kocr train: error: {tmp_path / 'bad.yaml'}: train: unknown keys ['stpes'] "
+                            "(misspelt? docs/training.md lists the knobs)")
+    assert "kocr train: error" not in err0, err0[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_sigtermed_torchrun_job_ends_its_mlflow_runs_instead_of_leaving_them_running(prepared, tmp_path):
     """timeout, kill and docker stop SIGTERM torchrun, which SIGTERMs its ranks: rank 0 ends its runs."""
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)

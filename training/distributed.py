@@ -200,6 +200,36 @@ def one_report(func: Callable[P, R]) -> Callable[P, R]:
     return run
 
 
+def agreed_setup(setup: Callable[[], tuple[R, torch.device]], device_if_failed: Callable[[], torch.device]) -> R:
+    """``setup()``'s value: the work before training (reading and checking params.yaml), said once per job.
+
+    ``setup`` returns its value and the device to train on. Outside torchrun it is simply called.
+    Under torchrun every rank runs it, joins the process group on that device (on
+    ``device_if_failed()``, else the CPU, where it raised: the device the other ranks chose when they
+    read the same file, so they pick the same backend) and meets the others as in :func:`one_report`:
+    when any rank failed, the lowest failing rank raises its error and the others exit silently with
+    status 2 (:class:`ReportedElsewhere`), so a params mistake every rank makes is printed once.
+    """
+    if not launched_by_torchrun():
+        return setup()[0]
+    return _setup_once(setup, device_if_failed)
+
+
+@one_report
+def _setup_once(setup: Callable[[], tuple[R, torch.device]], device_if_failed: Callable[[], torch.device]) -> R:
+    try:
+        value, device = setup()
+    except Exception:
+        try:
+            device = device_if_failed()
+        except Exception:  # noqa: BLE001 - the setup's error is the one to say
+            device = torch.device("cpu")
+        init_distributed(device)  # one_report gathers the errors over the group
+        raise
+    setup_agreed(None, init_distributed(device))
+    return value
+
+
 def shutdown(ctx: DistContext) -> None:
     """Leave the process group (after a final barrier)."""
     if ctx.enabled and dist.is_initialized():
