@@ -259,6 +259,43 @@ def test_a_missing_korean_g2_says_how_to_get_it_and_where_to_put_it(tmp_path, mo
     assert "\n" not in message  # one line, as every kocr error
 
 
+def _write_korean_g2_pth(path: Path, seed: int = 0) -> Recognizer:
+    """A file in EasyOCR's korean_g2.pth layout (a small one): a bare state_dict of the korean_g2 head's
+    1,009 classes, every key prefixed ``module.`` and every tensor tagged ``cuda:0`` as in EasyOCR's
+    released files (saved from DataParallel on a GPU); loading it needs ``map_location``."""
+    import collections
+
+    import torch.serialization as serialization
+
+    model = _tiny_model(KOREAN, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = collections.OrderedDict((f"module.{k}", v) for k, v in model.state_dict().items())
+    real_tag = serialization.location_tag
+    serialization.location_tag = lambda storage: "cuda:0"
+    try:
+        torch.save(state, path)
+    finally:
+        serialization.location_tag = real_tag
+    return model
+
+
+def test_korean_g2_in_the_projects_models_pretrained_is_found_from_any_folder(tmp_path, monkeypatch):
+    """As ko_base is: the commands run elsewhere (kocr predict in a folder of scans) find the checkout's copy."""
+    project = tmp_path / "project"
+    made = _write_korean_g2_pth(project / "models" / "pretrained" / "korean_g2.pth")
+    monkeypatch.setattr(ckpt, "PACKAGE_ROOT", project, raising=False)
+    (tmp_path / "scans").mkdir()
+    monkeypatch.chdir(tmp_path / "scans")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EASYOCR_MODULE_PATH", raising=False)
+    monkeypatch.delenv("MODULE_PATH", raising=False)
+    loaded = load_recognizer("korean_g2")  # was: not found, naming models/pretrained/korean_g2.pth (of ./scans)
+    assert Path(loaded.path) == project / "models" / "pretrained" / "korean_g2.pth"
+    assert loaded.charset == KOREAN and loaded.config.num_class == 1009
+    for key, value in made.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+
+
 def test_checkpoint_whose_head_misfits_its_charset_is_rejected(tmp_path):
     path = tmp_path / "model.pt"
     save_checkpoint(path, _tiny_model(Charset("abcd")), Charset("abc", "abc"))

@@ -111,13 +111,19 @@ def file_digest(path: str | os.PathLike) -> str:
 
 # checkpoints shipped in the repository (made by recipes/ko-base): name -> file under the project root
 SHIPPED_MODELS = {"ko_base": Path("models") / "base" / "ko_base.pt"}
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # the project root of this checkout, wherever kocr runs
+PRETRAINED_DIR = Path("models") / "pretrained"  # where a user's korean_g2.pth goes in the project
+
+
+def _project_roots() -> list[Path]:
+    """The working directory (the project root, as DVC runs the stages) and this checkout's root."""
+    return list(dict.fromkeys([Path.cwd(), PACKAGE_ROOT]))
 
 
 def _shipped_path(name: str) -> Path:
     """A shipped checkpoint under the working directory (the project root) or beside this package."""
     relative = SHIPPED_MODELS[name]
-    found = [root / relative for root in (Path.cwd(), Path(__file__).resolve().parents[1])
-             if (root / relative).is_file()]
+    found = [root / relative for root in _project_roots() if (root / relative).is_file()]
     if not found:
         raise ModelSpecError(f"{name}: {relative} not found (make it: dvc repro recipes/ko-base/dvc.yaml)")
     return found[0]
@@ -131,7 +137,8 @@ def pretrained_places(name: str) -> list[Path]:
     module_path = os.environ.get("EASYOCR_MODULE_PATH") or os.environ.get("MODULE_PATH")
     if module_path:
         candidates.append(Path(module_path) / "model" / f"{name}.pth")
-    return candidates + [Path("models/pretrained") / f"{name}.pth", Path.home() / ".EasyOCR/model" / f"{name}.pth"]
+    candidates += [root / PRETRAINED_DIR / f"{name}.pth" for root in _project_roots()]
+    return candidates + [Path.home() / ".EasyOCR/model" / f"{name}.pth"]
 
 
 def _how_to_get(name: str) -> str:
