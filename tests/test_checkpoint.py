@@ -296,6 +296,33 @@ def test_korean_g2_in_the_projects_models_pretrained_is_found_from_any_folder(tm
         assert torch.equal(loaded.model.state_dict()[key], value), key
 
 
+def test_training_from_korean_g2_where_easyocr_keeps_it_uses_its_weights_unchanged(tmp_path, monkeypatch):
+    """train.base korean_g2: ~/.EasyOCR/model/ (or $EASYOCR_MODULE_PATH/model/, first), no head transfer
+    for the same charset, and the run records the name and the file's sha256."""
+    import hashlib
+
+    from training.train import TrainConfig, build_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("EASYOCR_MODULE_PATH", raising=False)
+    monkeypatch.delenv("MODULE_PATH", raising=False)
+    monkeypatch.setattr(ckpt, "PACKAGE_ROOT", tmp_path)
+    home_file = tmp_path / "home" / ".EasyOCR" / "model" / "korean_g2.pth"
+    made = _write_korean_g2_pth(home_file, seed=1)
+    config = TrainConfig(base="korean_g2", charset="korean_g2", **TINY)
+    model, charset, info = build_model(config, seed=0)
+    assert charset == KOREAN
+    assert info == {"base": "korean_g2", "base_sha256": hashlib.sha256(home_file.read_bytes()).hexdigest()[:16],
+                    "head_rows_copied": 1009}
+    for key, value in made.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+    module_file = tmp_path / "easyocr" / "model" / "korean_g2.pth"
+    _write_korean_g2_pth(module_file, seed=2)
+    monkeypatch.setenv("EASYOCR_MODULE_PATH", str(tmp_path / "easyocr"))
+    assert load_recognizer("korean_g2").path == str(module_file)
+
+
 def test_checkpoint_whose_head_misfits_its_charset_is_rejected(tmp_path):
     path = tmp_path / "model.pt"
     save_checkpoint(path, _tiny_model(Charset("abcd")), Charset("abc", "abc"))
