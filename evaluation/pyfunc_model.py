@@ -25,6 +25,32 @@ from mlflow.models.model import ModelInfo
 from evaluation.reader import DetectorSettings
 
 ARTIFACT_NAME = "recognizer"
+CONFIG_PREFIX = "detector."  # the model's settings as params.yaml's detector: section names them in MLflow
+
+
+def model_config(settings: DetectorSettings) -> dict[str, Any]:
+    """The pyfunc's ``model_config``: every detector setting as ``detector.<name>``.
+
+    MLflow logs a ``model_config`` as params of the run that logs the model: bare names
+    (``text_threshold``) there would sit beside the ``detector.text_threshold`` the evaluate and export
+    runs log for the same knob, two columns in the UI for one setting.
+
+    >>> model_config(DetectorSettings(width_ths=0.0))["detector.width_ths"]
+    0.0
+    """
+    return {f"{CONFIG_PREFIX}{k}": v for k, v in settings.readtext_kwargs().items()}
+
+
+def settings_from_config(config: dict[str, Any] | None) -> DetectorSettings:
+    """The detector settings of a logged model's ``model_config``: ``detector.<name>`` keys, or the bare
+    names of a model logged before they carried the prefix.
+
+    >>> settings_from_config({"detector.width_ths": 0.0}) == settings_from_config({"width_ths": 0.0})
+    True
+    """
+    config = config or {}
+    return DetectorSettings.from_params({k.removeprefix(CONFIG_PREFIX): v for k, v in config.items()},
+                                        where="model_config")
 
 
 class PageReaderModel(mlflow.pyfunc.PythonModel):
@@ -34,7 +60,7 @@ class PageReaderModel(mlflow.pyfunc.PythonModel):
         from evaluation.reader import PageReader
         from training.checkpoint import load_recognizer
 
-        settings = DetectorSettings.from_params(context.model_config)
+        settings = settings_from_config(context.model_config)
         self.reader = PageReader(load_recognizer(context.artifacts["checkpoint"]), settings)
 
     def predict(self, context: Any, model_input: list[str], params: dict[str, Any] | None = None) -> list[dict]:
@@ -87,7 +113,7 @@ def log_recognizer(checkpoint: str | os.PathLike, settings: DetectorSettings) ->
             source = Path(staging) / CHECKPOINT_NAME
         return mlflow.pyfunc.log_model(
             name=ARTIFACT_NAME, python_model=PageReaderModel(), artifacts={"checkpoint": str(source)},
-            model_config=settings.readtext_kwargs(), pip_requirements=_requirements())
+            model_config=model_config(settings), pip_requirements=_requirements())
 
 
 def _requirements() -> list[str]:

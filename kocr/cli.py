@@ -317,7 +317,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise CommandError(f"the {len(pages)} pages of split {config.split!r} of {args.splits} hold no "
                            "labelled word: nothing to score")
     models = {"base": base, "candidate": args.candidate}
-    with stage_run("evaluate", {"evaluate": section(params, "evaluate"), "detector": section(params, "detector")}):
+    # every detector setting read with, as the train run's logged model records them (detector.<name>)
+    with stage_run("evaluate", {"evaluate": section(params, "evaluate"), "detector": settings.readtext_kwargs()}):
         champion = _champion_uri(promote_config.model_name)
         if champion:
             models["champion"] = champion
@@ -507,7 +508,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         from evaluation.parity import easyocr_parity
         from kocr.tracking import stage_run
 
-        with stage_run("export", {k: section(params, k) for k in ("export", "detector")}):
+        with stage_run("export", {"export": export, "detector": settings.readtext_kwargs()}):
             mlflow.set_tags({"kocr.exported_model": args.model, "kocr.exported_from": provenance})
             pages = test_pages(args.parity_source, args.splits, split)
             report = easyocr_parity(args.out, name, loaded, pages, settings.add_margin)

@@ -175,3 +175,27 @@ def test_an_empty_tracking_uri_is_refused_naming_the_variable(tmp_path, value):
     assert done.returncode == 2 and len(lines) == 1, done.stderr[-2000:]
     assert lines[0].startswith("kocr promote: error: MLFLOW_TRACKING_URI is set but empty"), lines
     assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "promote.json").exists()
+
+
+def test_the_logged_models_detector_settings_are_params_named_as_params_yaml_names_them(hangul_checkpoint):
+    """Was: the pyfunc's model_config logged them bare (text_threshold, width_ths, …) on the train run, while
+    evaluate and export log detector.text_threshold: two UI columns for one knob, neither on every run."""
+    from evaluation.pyfunc_model import log_recognizer
+    from evaluation.reader import DetectorSettings
+    from kocr.tracking import stage_run
+
+    settings = DetectorSettings(width_ths=0.0, canvas_size=1280)
+    try:
+        with stage_run("train", {"train": {"lr": 0.1}}) as run:
+            info = log_recognizer(hangul_checkpoint, settings)
+        params = mlflow.get_run(run.info.run_id).data.params
+        loaded = mlflow.pyfunc.load_model(info.model_uri).unwrap_python_model()
+    finally:
+        mlflow.set_tracking_uri(None)
+    names = settings.readtext_kwargs()
+    assert not set(params) & set(names), sorted(set(params) & set(names))
+    assert {k: params[f"detector.{k}"] for k in names} == {k: str(v) for k, v in names.items()}
+    assert loaded.reader.detector.settings == settings  # read back from the prefixed model_config
+    from evaluation.pyfunc_model import settings_from_config
+
+    assert settings_from_config(names) == settings  # a model logged before the prefix still loads its settings
