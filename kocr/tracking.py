@@ -7,7 +7,8 @@ a run meant for the team's server would otherwise register and promote in a thro
 
 DVC runs each stage as its own process, so the stages of one ``dvc repro`` find their common
 parent run by a pipeline key: ``KOCR_PIPELINE_ID`` when set (CI sets it), else the PID and start
-time of the ``dvc`` process that launched the stage. A stage run by hand gets a parent of its own.
+time of the ``dvc`` process that launched the stage. The parent is in ``ko-ocr/finetune`` whatever
+experiment a stage logs to (``tune``: ``ko-ocr/tune``). A stage run by hand gets a parent of its own.
 
 Example:
     >>> with stage_run("train", params) as run:     # doctest: +SKIP
@@ -122,9 +123,14 @@ def git_commit() -> str | None:
 
 
 def _parent_run(experiment_id: str, key: str | None) -> str:
+    """The pipeline run of ``key``: one per key, in ``DEFAULT_EXPERIMENT`` whatever experiment the stage
+    logs to (``tune``'s run, in ``ko-ocr/tune``, nests under it there), created by its first stage. A
+    stage run by hand (no key) gets a parent of its own in its own experiment."""
     if key is not None:
+        # was: looked up in the stage's experiment, so a `dvc repro` that ran tune had two parents
+        experiment_id = ensure_experiment(DEFAULT_EXPERIMENT)
         found = mlflow.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
-                                   output_format="list", max_results=1)
+                                   output_format="list", max_results=1, order_by=["attributes.start_time ASC"])
         if found:
             return found[0].info.run_id
     client = mlflow.MlflowClient()
@@ -172,10 +178,8 @@ def parent_status(parent_id: str) -> str | None:
     """The status a pipeline run takes from its stage runs: RUNNING while any runs, else the worst
     of each stage's latest run (FAILED, then KILLED, else FINISHED); None when it has none or the
     store cannot search them."""
-    client = mlflow.MlflowClient()
-    try:
-        experiment_id = client.get_run(parent_id).info.experiment_id
-        children = mlflow.search_runs([experiment_id], output_format="list",
+    try:  # in every experiment: a pipeline's tune run logs to ko-ocr/tune, its parent is in ko-ocr/finetune
+        children = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                       filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
     except MlflowException:
         return None

@@ -199,3 +199,30 @@ def test_the_logged_models_detector_settings_are_params_named_as_params_yaml_nam
     from evaluation.pyfunc_model import settings_from_config
 
     assert settings_from_config(names) == settings  # a model logged before the prefix still loads its settings
+
+
+def test_one_pipeline_is_one_parent_run_though_tune_logs_to_its_own_experiment(monkeypatch):
+    """Was: the parent was looked up in the stage's experiment, so a `dvc repro` that ran tune (ko-ocr/tune)
+    made a second `dvc-repro` parent there, and the first one showed FINISHED while tune ran."""
+    from kocr.tracking import PIPELINE_KEY_TAG, stage_run
+
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "one-repro")
+    client = mlflow.MlflowClient()
+    try:
+        with stage_run("train") as train:
+            parent = train.data.tags["mlflow.parentRunId"]
+        with stage_run("tune", experiment="ko-ocr/tune") as tune:
+            assert client.get_run(parent).info.status == "RUNNING"  # was FINISHED
+        with stage_run("evaluate") as evaluate:
+            pass
+        parents = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                     filter_string=f"tags.`{PIPELINE_KEY_TAG}` = 'one-repro'")
+        assert [run.info.run_id for run in parents] == [parent]  # was two: one per experiment
+        assert tune.data.tags["mlflow.parentRunId"] == evaluate.data.tags["mlflow.parentRunId"] == parent
+        assert tune.info.experiment_id == mlflow.get_experiment_by_name("ko-ocr/tune").experiment_id
+        assert client.get_run(parent).info.status == "FINISHED"
+        with pytest.raises(RuntimeError), stage_run("tune", experiment="ko-ocr/tune"):
+            raise RuntimeError("boom")
+        assert client.get_run(parent).info.status == "FAILED"  # its stage runs in the other experiment count
+    finally:
+        mlflow.set_tracking_uri(None)
