@@ -30,7 +30,7 @@ import mlflow
 import psutil
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
-from mlflow.entities import Run
+from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
 
 from kocr.dvc_hashes import dataset_hash
@@ -168,10 +168,17 @@ def inherit_inputs(parent: Run, run_id: str) -> None:
 
 
 def _open_parent(parent_id: str) -> None:
-    """Mark the pipeline run RUNNING again while one of its stages runs (the stage before ended it)."""
+    """Mark the pipeline run RUNNING again while one of its stages runs (the stage before ended it).
+
+    Its end time, that of the stage before, goes too: the UI shows end - start as the run's duration
+    whatever its status, so a pipeline resumed (or killed) in a later stage showed the old span while
+    RUNNING. MLflow's API cannot set an end time back to none: 0 is what the UI and ``if end_time``
+    read as none. The parent's next end sets it anew."""
     client = mlflow.MlflowClient()
-    if client.get_run(parent_id).info.status != "RUNNING":
-        client.update_run(parent_id, status="RUNNING")
+    info = client.get_run(parent_id).info
+    if info.status != "RUNNING" or info.end_time:
+        # MlflowClient.update_run keeps the end time; the store's update takes one (every store, REST too)
+        client._tracking_client.store.update_run_info(parent_id, RunStatus.RUNNING, end_time=0, run_name=None)
 
 
 def parent_status(parent_id: str) -> str | None:

@@ -226,3 +226,27 @@ def test_one_pipeline_is_one_parent_run_though_tune_logs_to_its_own_experiment(m
         assert client.get_run(parent).info.status == "FAILED"  # its stage runs in the other experiment count
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_reopened_pipeline_run_has_no_end_time_until_it_ends_again(monkeypatch):
+    """Was: reopened RUNNING with the end time of the stage before, so the UI showed that old span as its
+    duration while a later stage ran, and for good when that stage was killed."""
+    import time
+
+    from kocr.tracking import stage_run
+
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "reopened")
+    client = mlflow.MlflowClient()
+    try:
+        with stage_run("prepare") as first:
+            parent = first.data.tags["mlflow.parentRunId"]
+        ended = client.get_run(parent).info.end_time
+        assert ended
+        time.sleep(0.05)
+        with stage_run("train") as train:
+            info = client.get_run(parent).info
+            assert (info.status, info.end_time or None) == ("RUNNING", None)  # was ("RUNNING", ended)
+        info = client.get_run(parent).info
+        assert info.status == "FINISHED" and info.end_time >= client.get_run(train.info.run_id).info.end_time > ended
+    finally:
+        mlflow.set_tracking_uri(None)
