@@ -158,6 +158,25 @@ def test_resume_refuses_another_runs_state_and_starts_fresh(prepared, tmp_path, 
     assert summary["device"] == f"cpu: {os.cpu_count()} cores"  # what trained, for the model card
 
 
+def test_resume_of_a_state_from_an_older_kocr_says_so_and_starts_fresh(prepared, tmp_path, capsys):
+    """A state written before the data digests and the base's sha256 were recorded (an older kocr) is not
+    this run's as far as can be told, but nothing "changed": the message says what it lacks."""
+    state = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**TINY, "steps": 4, "val_every": 2}), prepared, tmp_path / "a", progress=False,
+              log=False, state_file=state, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap",
+              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    saved = load_state(state)
+    for key in ("train_data", "val_data", "base_sha256"):  # what kocr before 7c1a771 did not record
+        del saved["signature"][key]
+    torch.save(saved, state)
+    summary = _run(prepared, tmp_path / "b", state, resume=True, steps=4, val_every=2)
+    err = capsys.readouterr().err
+    assert "written by an older kocr, which did not record train_data, val_data, base_sha256" in err
+    assert "changed" not in err and "belongs to another run" not in err
+    assert summary["steps"] == 4 and "resumed_from_step" not in summary
+
+
 def test_validation_seconds_count_the_validations_before_a_resume_too(prepared, tmp_path, monkeypatch):
     """Like train_seconds, validation_seconds is the whole run's, not only the resumed process's."""
     real = train_module.validate

@@ -866,6 +866,13 @@ def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: 
         return None
     saved = load_state(path)
     old = saved["signature"]
+    # a state written by an older kocr lacks what it did not record yet (the data digests since 7c1a771):
+    # it cannot be told to be this run's, which is not the same as another run's (nothing "changed")
+    unrecorded = [k for k in ("train_data", "val_data", "base_sha256") if k not in old]
+    if unrecorded:
+        say(f"train: {path} was written by an older kocr, which did not record {', '.join(unrecorded)}: it cannot be "
+            "checked to be this run's; starting from step 0")
+        return None
     changed = config_differences(old["config"], signature["config"])
     changed += [f"{k}: {old.get(k)} -> {signature[k]}" for k in ("train_samples", "val_samples", "world_size")
                 if old.get(k) != signature[k]]
