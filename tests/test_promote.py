@@ -324,6 +324,30 @@ def test_a_checkpoint_logged_under_another_name_loads_back_and_leaves_no_downloa
     assert not (outside / "mlruns.db").exists()
 
 
+def test_a_version_logged_by_an_older_kocr_under_its_own_file_name_loads(hangul_checkpoint, tmp_path, monkeypatch):
+    """Before log_recognizer renamed the checkpoint to model.pt on logging, it logged the file as it was named
+    (``ko_base.pt``): such a registered version reads pages through its pyfunc, and loads as a checkpoint
+    (evaluate's champion, promote's re-scoring, export) from the artifact its MLmodel names; it was
+    refused as 'its files were deleted from the store'."""
+    import shutil
+
+    from evaluation.pyfunc_model import ARTIFACT_NAME, PageReaderModel, _requirements
+    from training.checkpoint import load_recognizer
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    configure_tracking()
+    renamed = tmp_path / "ko_base.pt"
+    shutil.copyfile(hangul_checkpoint, renamed)
+    with mlflow.start_run():  # log_recognizer as it was: the file under its own name
+        info = mlflow.pyfunc.log_model(name=ARTIFACT_NAME, python_model=PageReaderModel(),
+                                       artifacts={"checkpoint": str(renamed)},
+                                       model_config=DetectorSettings().readtext_kwargs(),
+                                       pip_requirements=_requirements())
+    version = mlflow.register_model(info.model_uri, "old-versions").version
+    loaded = load_recognizer(f"models:/old-versions/{version}")
+    assert Path(loaded.path).name == "ko_base.pt" and loaded.charset.name == "korean_g2"
+
+
 def test_kocr_predict_reads_a_logged_model_through_its_pyfunc(logged_uris, sample_pages, tmp_path):
     import json
     import os

@@ -245,7 +245,7 @@ def _download_mlflow_model(uri: str) -> Path:
     except MlflowException as exc:
         raise ModelSpecError(f"cannot load {uri!r} from MLflow at {store}: "
                              f"{hide_passwords(exc.message.splitlines()[0])}") from None
-    found = sorted(local.rglob(CHECKPOINT_NAME)) if local.is_dir() else [local]
+    found = (sorted(local.rglob(CHECKPOINT_NAME)) or _pyfunc_checkpoint(local)) if local.is_dir() else [local]
     if not found:
         if uri.startswith("models:/"):  # registered, so logged once: most often its files were deleted since
             raise ModelSpecError(f"{uri!r}: the artifact store returned no {CHECKPOINT_NAME} for it "
@@ -254,6 +254,24 @@ def _download_mlflow_model(uri: str) -> Path:
                                  "MLflow UI's Aliases on the model, or MlflowClient().set_registered_model_alias)")
         raise ModelSpecError(f"{uri!r} holds no {CHECKPOINT_NAME}; was it logged by kocr train?")
     return found[0]
+
+
+def _pyfunc_checkpoint(folder: Path) -> list[Path]:
+    """The checkpoint a logged pyfunc model names as its ``checkpoint`` artifact (in ``MLmodel``), where
+    it is not ``model.pt``: ``log_recognizer`` logged a file under its own name (``ko_base.pt``) before
+    it renamed it on logging, and those registered versions still read as pages through their pyfunc."""
+    import yaml
+
+    for mlmodel in sorted(folder.rglob("MLmodel")):
+        try:
+            described = yaml.safe_load(mlmodel.read_text(encoding="utf-8")) or {}
+            relative = described["flavors"]["python_function"]["artifacts"]["checkpoint"]["path"]
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+            continue
+        path = mlmodel.parent / str(relative)
+        if path.is_file():
+            return [path]
+    return []
 
 
 def _model_source(uri: str) -> str:
