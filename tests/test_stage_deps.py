@@ -104,7 +104,7 @@ def test_the_import_walk_sees_lazy_imports():
 def test_tune_reruns_when_the_iou_gate_of_its_e2e_objective_changes():
     # tune.metric e2e_f1 scores trials with evaluate.iou_threshold: a new gate must re-tune
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]["tune"]
-    assert '.get("evaluate", {}).get("iou_threshold"' in (REPO / "training" / "tune.py").read_text(encoding="utf-8")
+    assert "EvaluateConfig.from_params(params).iou_threshold" in (REPO / "training" / "tune.py").read_text(encoding="utf-8")
     assert {"evaluate", "evaluate.iou_threshold"} & set(stage["params"])
 
 

@@ -486,6 +486,24 @@ def test_end_to_end_f1_objective_scores_trials_on_the_validation_pages(sample_pa
     assert val_pages and best["metric"] == "e2e_f1"
 
 
+@pytest.mark.parametrize("evaluate", [None, {}, {"iou_threshold": 0.7}, {"iou_threshold": "high"}])
+def test_e2e_trials_score_with_the_evaluate_stages_gate_and_a_null_section_is_its_defaults(sample_pages, prepared,
+                                                                                          evaluate):
+    # was: params.get("evaluate", {}).get(...): `evaluate:` with every key commented out (null) was an
+    # AttributeError traceback, and a string gate reached the scorer unchecked
+    from kocr.params import ParamsError
+    from training.tune import e2e_scorer
+
+    params = {**PARAMS, "data": {"source": str(sample_pages)}, "evaluate": evaluate}
+    config = TuneConfig.from_params({**PARAMS["tune"], "metric": "e2e_f1", "direction": "maximize"})
+    if evaluate and evaluate["iou_threshold"] == "high":
+        with pytest.raises(ParamsError, match="evaluate.iou_threshold"):
+            e2e_scorer(config, params, prepared)
+        return
+    scorer = e2e_scorer(config, params, prepared)
+    assert scorer.iou_threshold == (evaluate or {}).get("iou_threshold", 0.5)
+
+
 def test_a_storage_password_given_as_a_query_parameter_is_hidden_too():
     # psycopg2 takes ?password=… as well as user:…@; both must stay out of logs, MLflow and best_params.yaml
     from kocr.locks import LockError, advisory_lock

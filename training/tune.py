@@ -585,7 +585,7 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
 
 def e2e_scorer(config: TuneConfig, params: dict[str, Any], data_dir: str | os.PathLike):
     """The end-to-end scorer on the ``e2e_split`` pages of ``<data_dir>/splits.json`` (page folder: data.source)."""
-    from evaluation.evaluate import test_pages
+    from evaluation.evaluate import EvaluateConfig, test_pages
     from evaluation.page_scorer import PageSetScorer
     from evaluation.reader import DetectorSettings
 
@@ -595,7 +595,7 @@ def e2e_scorer(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Pa
         raise TuneError(f"{Path(data_dir) / 'splits.json'}: no {config.e2e_split!r} pages for tune.metric e2e_f1")
     print(f"tune: e2e_f1 on {len(pages)} {config.e2e_split} pages of {source} (detected once)", file=sys.stderr)
     return PageSetScorer(pages, DetectorSettings.from_params(params.get("detector")),
-                         params.get("evaluate", {}).get("iou_threshold", 0.5))
+                         EvaluateConfig.from_params(params).iou_threshold)  # the gate the evaluate stage scores with
 
 
 def run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.PathLike,
