@@ -348,13 +348,13 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
                   "to reach the recipe's targets.", ""]
     elif size == "gpu-instalment":
         lines += ["> **GPU instalment.** This checkpoint continues the shipped base for "
-                  f"{train_metrics.get('steps')} steps x {params.get('train', {}).get('batch_size')} on "
+                  f"{train_metrics.get('steps')} steps x {section(params, 'train').get('batch_size')} on "
                   f"{data_counts.get('train', 0):,} synthetic training images "
                   f"(`recipes/ko-base/params-gpu-instalment.yaml`, trained on {train_metrics.get('device', '?')}); "
                   "it is not the full GPU recipe from EasyOCR's weights (`recipes/ko-base/params.yaml`).", ""]
     from training.checkpoint import SHIPPED_MODELS
 
-    train = params.get("train", {})
+    train = section(params, "train")
     base = str(train.get("base"))
     digest = f" (sha256 {train_metrics['base_sha256']}…)" if train_metrics.get("base_sha256") else ""
     lineage = (f" This is a continuation: `{base}` was the shipped `{SHIPPED_MODELS[base].as_posix()}` of the "
@@ -460,7 +460,7 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     from training.checkpoint import SHIPPED_MODELS
 
     # what the run read besides the data: the params file, the recipe's dvc.yaml, the code, the start
-    start = SHIPPED_MODELS.get(str(params.get("train", {}).get("base")))
+    start = SHIPPED_MODELS.get(str(section(params, "train").get("base")))
     mattered = [params_path(), params_path().parent / "dvc.yaml", "kocr", "training", "evaluation",
                 "pyproject.toml", *([start] if start else [])]
     card = write_text(out / "MODEL_CARD.md", model_card(params, trained, evaluated, counts, command, wall,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
+from kocr.params import section
 
 OVERRIDE = "KOCR_RECIPE_ANY_MACHINE"
 CPU_IMAGES_PER_SECOND = 30.0  # what two CPU cores train the CRNN at: 12.8-35.6 images/s over 15 instalments
@@ -25,7 +26,7 @@ CPU_SIZE_FIX = ("sed -i 's/^  - params_file: .*/  - params_file: params-cpu.yaml
 
 def _wants_gpu(params: dict[str, Any]) -> bool:
     """A size other than ``cpu`` whose training is not pinned to the CPU by ``train.device``."""
-    device = str(params.get("train", {}).get("device", "auto"))
+    device = str(section(params, "train").get("device", "auto"))
     return params.get("size", "cpu") != "cpu" and device.split(":")[0] != "cpu"  # cpu, cpu:0
 
 
@@ -37,7 +38,7 @@ def size_problem(params: dict[str, Any], path: str, cuda: bool) -> str | None:
     """
     if cuda or not _wants_gpu(params):
         return None
-    train = params.get("train", {})
+    train = section(params, "train")
     images = int(train.get("steps", 0)) * int(train.get("batch_size", 1))
     hours = images / CPU_IMAGES_PER_SECOND / 3600
     return (f"{path}: the `{params.get('size')}` size ({train.get('steps')} steps x {train.get('batch_size')} = "

@@ -158,6 +158,8 @@ def test_size_check_wants_cuda_for_every_size_but_cpu_unless_training_is_pinned_
     # the CPU size where a GPU is: it runs, with a note pointing at the GPU size
     assert (size_note(params, name, cuda=True) is not None) == (not gpu)
     assert size_note(params, name, cuda=False) is None
+    # `train:` with every key commented out reads as the defaults (device auto), not an AttributeError
+    assert (size_problem({**params, "train": None}, name, cuda=False) is not None) == gpu
 
 
 def test_labels_with_quotes_survive_export_scoring_and_readings_exactly(tmp_path, capsys):
