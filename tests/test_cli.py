@@ -14,7 +14,23 @@ from training.data.pages import Page, Word, write_page
 
 
 def _kocr(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    """The real entry point in its own process: what a user's shell runs (each start imports torch, ~4 s)."""
     return subprocess.run([sys.executable, "-m", "kocr.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def _kocr_here(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``kocr ARGS`` run in this process through ``kocr.cli.main``: its exit status (argparse's SystemExit
+    too) and what it printed, as ``_kocr`` returns them. An exception main lets out fails the test with
+    its traceback, where the real process would have printed one."""
+    from kocr.cli import main
+
+    capsys.readouterr()  # only this command's output
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["kocr", *args], code, captured.out, captured.err)
 
 
 def test_unknown_model_is_a_one_line_error(sample_pages, tmp_path):
@@ -35,6 +51,8 @@ def test_predict_names_an_unreadable_image_in_one_line(tmp_path, capsys):
 
 
 def test_export_of_unknown_model_is_a_one_line_error(tmp_path):
+    # a real process: its first MLflow store is made without MLflow's INFO lines, which main() silences
+    # before MLflow is imported (in pytest's process MLflow is imported already and says them)
     done = _kocr("export-easyocr", "--model", "models:/nope@champion", "--out", str(tmp_path / "b"), cwd=tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "models:/nope@champion" in done.stderr
@@ -150,26 +168,30 @@ def test_an_evaluate_run_names_the_candidate_champion_and_base_it_scored(sample_
     assert tags["kocr.scored.base.sha256"] == hashlib.sha256(b"base weights").hexdigest()
 
 
-def test_prepare_of_missing_folder_names_it(tmp_path):
+def test_prepare_of_missing_folder_names_it(tmp_path, monkeypatch, capsys):
     (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
+    # the real entry point once; the other refusals in this process (same main, same exit status and message)
     done = _kocr("prepare-aihub", "--src", str(tmp_path / "absent"), "--out", str(tmp_path / "o"), cwd=tmp_path)
     assert done.returncode == 2 and "absent" in done.stderr and "Traceback" not in done.stderr
+    monkeypatch.chdir(tmp_path)
     for out, message in ((tmp_path / "params.yaml", "--out exists and is not a folder"),
                          (tmp_path, "--out is the source folder")):
-        done = _kocr("prepare-aihub", "--src", str(tmp_path), "--out", str(out), cwd=tmp_path)
+        done = _kocr_here(capsys, "prepare-aihub", "--src", str(tmp_path), "--out", str(out))
         assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
     (tmp_path / "empty").mkdir()  # a folder with no page: done, with a warning
-    done = _kocr("prepare-aihub", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o"), cwd=tmp_path)
+    done = _kocr_here(capsys, "prepare-aihub", "--src", str(tmp_path / "empty"), "--out", str(tmp_path / "o"))
     assert done.returncode == 0 and "warning: no usable page under" in done.stderr
 
 
-def test_commands_run_outside_the_project_say_they_use_easyocrs_detector_defaults(tmp_path, monkeypatch):
+def test_commands_run_outside_the_project_say_they_use_easyocrs_detector_defaults(tmp_path, monkeypatch, capsys):
     """Without params.yaml the detector settings are EasyOCR's (width_ths 0.5 boxes lines): said, not silent."""
     from tests.conftest import REPO
 
     monkeypatch.delenv("KOCR_PARAMS", raising=False)
-    outside = _kocr("export-easyocr", "--model", "english_g2", "--out", str(tmp_path / "a"), cwd=tmp_path)
-    inside = _kocr("export-easyocr", "--model", "english_g2", "--out", str(tmp_path / "b"), cwd=REPO)
+    monkeypatch.chdir(tmp_path)
+    outside = _kocr_here(capsys, "export-easyocr", "--model", "english_g2", "--out", str(tmp_path / "a"))
+    monkeypatch.chdir(REPO)
+    inside = _kocr_here(capsys, "export-easyocr", "--model", "english_g2", "--out", str(tmp_path / "b"))
     assert outside.returncode == inside.returncode == 0, outside.stderr + inside.stderr
     assert "no params.yaml" in outside.stderr and "width_ths 0.5 boxes whole lines" in outside.stderr
     assert "no params.yaml" not in inside.stderr
@@ -178,9 +200,10 @@ def test_commands_run_outside_the_project_say_they_use_easyocrs_detector_default
     assert "width_ths" not in (tmp_path / "a" / "README.md").read_text(encoding="utf-8")
 
 
-def test_synth_pages_refuses_a_misspelt_sample_key(tmp_path):
+def test_synth_pages_refuses_a_misspelt_sample_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text("sample: {count: 1, font_sizes: [20, 30]}\n", encoding="utf-8")
-    done = _kocr("synth-pages", "--out", str(tmp_path / "pages"), cwd=tmp_path)
+    done = _kocr_here(capsys, "synth-pages", "--out", str(tmp_path / "pages"))
     assert done.returncode == 2 and "unknown keys ['font_sizes']" in done.stderr
     assert not (tmp_path / "pages").exists()  # refused before anything was written
 
