@@ -264,16 +264,22 @@ def _repaint_first_image(split: Path) -> None:
     env.close()
 
 
-@pytest.mark.parametrize("damage,message,workers", [
-    (lambda txn: txn.put(b"label-%09d" % 2, b"\xff\xfe"), r"sample 2: label b'\\xff\\xfe' is not UTF-8", 0),
-    (lambda txn: txn.delete(b"image-%09d" % 3), "sample 3 has no image", 0),
-    (lambda txn: txn.put(b"num-samples", b"abc"), "num-samples b'abc' is not a number", 0),
+# The first three run `kocr train` through main() in this process (a start of `python -m kocr.cli` is ~4 s of
+# imports, and they assert only its exit status and stderr); the DataLoader-worker case runs the real entry
+# point, where the worker is a process of its own whose traceback would reach the command's stderr.
+@pytest.mark.parametrize("damage,message,workers,real_process", [
+    (lambda txn: txn.put(b"label-%09d" % 2, b"\xff\xfe"), r"sample 2: label b'\\xff\\xfe' is not UTF-8", 0, False),
+    (lambda txn: txn.delete(b"image-%09d" % 3), "sample 3 has no image", 0, False),
+    (lambda txn: txn.put(b"num-samples", b"abc"), "num-samples b'abc' is not a number", 0, False),
     # read in a DataLoader worker, whose error torch raises with the worker's traceback in its message
     (lambda txn: [txn.put(k, v[:60]) for k, v in list(txn.cursor()) if k.startswith(b"image-")],
-     r"sample \d+ holds an undecodable image", 1),
+     r"sample \d+ holds an undecodable image", 1, True),
 ])
-def test_kocr_train_names_the_damaged_set_and_sample_in_one_line(prepared, tmp_path, damage, message, workers):
+def test_kocr_train_names_the_damaged_set_and_sample_in_one_line(prepared, tmp_path, monkeypatch, capfd, damage,
+                                                                 message, workers, real_process):
     import lmdb
+
+    from kocr.cli import main
 
     data = tmp_path / "data"
     shutil.copytree(prepared, data)
@@ -286,14 +292,22 @@ def test_kocr_train_names_the_damaged_set_and_sample_in_one_line(prepared, tmp_p
     params["train"].update({**TINY, "steps": 2, "val_every": 2, "num_workers": workers})
     params["model"].update({"output_channel": 32, "hidden_size": 32})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    env_vars = {**os.environ, "PYTHONPATH": str(REPO)}
-    env_vars.pop("KOCR_TRACEBACK", None)
-    done = subprocess.run([sys.executable, "-m", "kocr.cli", "train", "--data", str(data), "--out", "out"],
-                          cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
-    [line] = [x for x in done.stderr.splitlines() if x.startswith("kocr train: error:")]
+    monkeypatch.delenv("KOCR_TRACEBACK", raising=False)
+    monkeypatch.delenv("KOCR_PARAMS", raising=False)
+    argv = ["train", "--data", str(data), "--out", "out"]
+    if real_process:
+        env_vars = {**os.environ, "PYTHONPATH": str(REPO)}
+        done = subprocess.run([sys.executable, "-m", "kocr.cli", *argv],
+                              cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=300)
+        code, stderr = done.returncode, done.stderr
+    else:
+        monkeypatch.chdir(tmp_path)
+        capfd.readouterr()
+        code, stderr = main(argv), capfd.readouterr().err  # fd-level: what a C library or a child wrote too
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    [line] = [x for x in stderr.splitlines() if x.startswith("kocr train: error:")]
     assert str(shard) in line and re.search(message, line), line
-    assert "DataLoader worker" not in done.stderr and len(done.stderr.strip().splitlines()[-1]) < 400
+    assert "DataLoader worker" not in stderr and len(stderr.strip().splitlines()[-1]) < 400
 
 
 def test_an_empty_validation_set_is_said_not_passed_off_as_a_cer(prepared, tmp_path, capsys):
