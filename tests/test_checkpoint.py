@@ -398,25 +398,41 @@ def _closed_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.parametrize("command", [["evaluate-crops", "--labels", "labels.tsv"], ["predict", "a.png"]])
-def test_a_model_fetched_from_a_server_that_is_down_fails_within_seconds_and_says_what_it_fetched(tmp_path, command):
+@pytest.mark.parametrize("command,real_process", [(["evaluate-crops", "--labels", "labels.tsv"], True),
+                                                  (["predict", "a.png"], False)],
+                         ids=["evaluate-crops-subprocess", "predict-in-process"])
+def test_a_model_fetched_from_a_server_that_is_down_fails_within_seconds_and_says_what_it_fetched(
+        tmp_path, monkeypatch, capsys, command, real_process):
+    """evaluate-crops through the real entry point; predict (its own loading code, the same cap) through
+    ``main`` in this process, with the same environment: no MLFLOW_HTTP_REQUEST_* of the user's."""
     import os
     import subprocess
     import sys
     import time
 
+    from kocr.cli import main
+
     port = _closed_port()
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "labels.tsv").write_text("image\ttext\na.png\t서울\n", encoding="utf-8")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
-    env["MLFLOW_TRACKING_URI"] = f"http://kim:Secret-Pw-42@127.0.0.1:{port}"
+    for key in [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://kim:Secret-Pw-42@127.0.0.1:{port}")
+    argv = [*command, "--model", "models:/kocr-x@champion"]
     start = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "kocr.cli", *command, "--model", "models:/kocr-x@champion"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)  # MLflow's own retries took about 4 minutes
-    assert done.returncode == 2 and time.monotonic() - start < 60
-    first, last = done.stderr.strip().splitlines()[0], done.stderr.strip().splitlines()[-1]
+    if real_process:
+        done = subprocess.run([sys.executable, "-m", "kocr.cli", *argv], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)  # MLflow's own retries took about 4 minutes
+        code, stderr = done.returncode, done.stderr
+    else:
+        monkeypatch.chdir(tmp_path)
+        capsys.readouterr()
+        code, stderr = main(argv), capsys.readouterr().err
+    assert code == 2 and time.monotonic() - start < 60
+    first, last = stderr.strip().splitlines()[0], stderr.strip().splitlines()[-1]
     assert first == f"kocr: fetching models:/kocr-x@champion from http://kim:***@127.0.0.1:{port}"
-    assert "cannot load 'models:/kocr-x@champion'" in last and "Secret-Pw-42" not in done.stderr
+    assert "cannot load 'models:/kocr-x@champion'" in last and "Secret-Pw-42" not in stderr
+    assert not [k for k in os.environ if k.startswith("MLFLOW_HTTP_REQUEST")]  # the cap ended with the fetch
 
 
 def test_the_fetch_caps_only_the_http_settings_the_user_left_unset(monkeypatch, capsys):
