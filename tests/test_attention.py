@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -286,14 +283,19 @@ def test_attention_head_moves_to_a_new_charset_keeping_shared_tokens(tmp_path):
 
 # -- export ------------------------------------------------------------------------------------------
 
-def test_export_easyocr_refuses_an_attention_checkpoint(tmp_path):
+def test_export_easyocr_refuses_an_attention_checkpoint(tmp_path, monkeypatch, capsys):
+    # main() in this process: the real `kocr export-easyocr` entry point is run by tests/test_cli.py
+    from kocr.cli import main
+
     cs = Charset("가나다", "t")
     path = save_checkpoint(tmp_path / "attn" / "model.pt", _attn_model(cs), cs)
     out = tmp_path / "bundle"
-    done = subprocess.run([sys.executable, "-m", "kocr.cli", "export-easyocr", "--model", str(path), "--out", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in done.stderr
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = main(["export-easyocr", "--model", str(path), "--out", str(out)])
+    stderr = capsys.readouterr().err
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stderr
     assert str(path) in lines[0] and "CTC models only" in lines[0] and "model.prediction: ctc" in lines[0]
     assert not out.exists()  # refused before anything was written
