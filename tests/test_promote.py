@@ -20,6 +20,7 @@ def logged_uris(hangul_checkpoint, tmp_path_factory):
     db = tmp_path_factory.mktemp("registry") / "mlruns.db"
     mp = pytest.MonkeyPatch()
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    mp.chdir(db.parent)  # a sqlite store's default experiment keeps artifacts in ./mlruns: not the checkout's
     configure_tracking()
     uris = []
     for _ in range(3):
