@@ -12,6 +12,8 @@ Example (two processes on one CPU machine, two GPUs on each of two nodes)::
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import functools
 import os
 from contextvars import ContextVar
@@ -132,10 +134,23 @@ def leave_to(ctx: DistContext) -> NoReturn:
     its line; the barrier it never joins ends when its process exits (or torchrun ends this one).
     """
     try:
-        dist.barrier()
+        dist.barrier()  # met by the reporting rank at its exit (_release_after_report), or failed when it is gone
     except Exception:  # noqa: BLE001 - the barrier can only fail here: the reporting rank is gone
         pass
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
     raise ReportedElsewhere
+
+
+def _release_after_report() -> None:
+    """At the exit of the rank that said why the job stops (its line printed by then): meet the
+    ranks waiting in :func:`leave_to` and leave the process group. A process that exits with a live
+    gloo group can abort in its destructor ('terminate called without an active exception', SIGABRT),
+    which turned the job's exit status 2 into torchrun's -6."""
+    with contextlib.suppress(Exception):
+        dist.barrier()
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
 
 
 @dataclass
@@ -189,6 +204,7 @@ def one_report(func: Callable[P, R]) -> Callable[P, R]:
                     raise exc from None
                 if [rank for rank, (error, _) in enumerate(outcomes) if error is not None][0] != ctx.rank:
                     leave_to(ctx)
+                atexit.register(_release_after_report)  # once the caller has printed the error
                 raise
             if peer_gone(exc):
                 raise PeerStopped(f"rank {ctx.rank}: another rank of the job stopped, so this one cannot go on "
