@@ -758,7 +758,8 @@ def test_grad_clip_0_means_no_clipping_and_a_negative_one_is_refused(prepared, t
     assert all(torch.equal(off[k], huge[k]) for k in off)  # was: every gradient scaled to 0, nothing learnt
 
 
-def test_the_logged_lr_is_the_one_each_step_trained_with(prepared, tmp_path):
+def test_the_logged_lr_is_the_one_each_step_trained_with(prepared, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a sqlite store's default experiment keeps artifacts in ./mlruns: not the checkout's
     out = tmp_path / "run"
     with mlflow.start_run() as run:
         train(TrainConfig(**{**TINY, "lr": 1.0, "steps": 6, "val_every": 6, "warmup_steps": 4, "schedule": "cosine",
