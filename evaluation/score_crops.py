@@ -272,9 +272,10 @@ def _one_line(text: str, path: Path, name: str, index: int) -> str:
     if any(c in text for c in "\t\n\r"):
         raise ScoreInputError(f"{path}: {name} word {index}: transcription {text!r:.60} holds a tab "
                               "or line break; one word box takes one line of text")
-    if lone_surrogate(text):
+    surrogate = lone_surrogate(text)
+    if surrogate:
         raise ScoreInputError(f"{path}: {name} word {index}: transcription {text!r:.60} holds an unpaired "
-                              f"surrogate {lone_surrogate(text)!r} (a broken \\uXXXX escape), which is not text")
+                              f"surrogate {surrogate!r} (a broken \\uXXXX escape), which is not text")
     return text
 
 

@@ -131,22 +131,17 @@ def leave_to(ctx: DistContext) -> NoReturn:
     """Exit silently (status 2) once the rank saying why the job stops is gone.
 
     Leaving at once would let torchrun, seeing this rank fail, SIGTERM that rank before it prints
-    its line; the barrier it never joins ends when its process exits (or torchrun ends this one).
+    its line; that rank joins the barrier at its exit, after printing (or torchrun ends this one).
     """
-    try:
-        dist.barrier()  # met by the reporting rank at its exit (_release_after_report), or failed when it is gone
-    except Exception:  # noqa: BLE001 - the barrier can only fail here: the reporting rank is gone
-        pass
-    with contextlib.suppress(Exception):
-        dist.destroy_process_group()
+    _meet_and_leave()  # met by the reporting rank at its exit, or failed once it is gone
     raise ReportedElsewhere
 
 
-def _release_after_report() -> None:
-    """At the exit of the rank that said why the job stops (its line printed by then): meet the
-    ranks waiting in :func:`leave_to` and leave the process group. A process that exits with a live
-    gloo group can abort in its destructor ('terminate called without an active exception', SIGABRT),
-    which turned the job's exit status 2 into torchrun's -6."""
+def _meet_and_leave() -> None:
+    """Meet the other ranks of a job that stops (a barrier, which fails when one is gone) and leave the
+    process group: run by the ranks in :func:`leave_to`, and at its exit (its line printed by then) by
+    the rank that said why. A process that exits with a live gloo group can abort in its destructor
+    ('terminate called without an active exception', SIGABRT), turning the job's status 2 into -6."""
     with contextlib.suppress(Exception):
         dist.barrier()
     with contextlib.suppress(Exception):
@@ -204,7 +199,7 @@ def one_report(func: Callable[P, R]) -> Callable[P, R]:
                     raise exc from None
                 if [rank for rank, (error, _) in enumerate(outcomes) if error is not None][0] != ctx.rank:
                     leave_to(ctx)
-                atexit.register(_release_after_report)  # once the caller has printed the error
+                atexit.register(_meet_and_leave)  # once the caller has printed the error
                 raise
             if peer_gone(exc):
                 raise PeerStopped(f"rank {ctx.rank}: another rank of the job stopped, so this one cannot go on "
