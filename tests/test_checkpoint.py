@@ -347,6 +347,17 @@ def test_training_records_which_file_it_started_from(tmp_path):
     assert build_model(config, seed=0)[2]["base_sha256"] != info["base_sha256"]
 
 
+def test_a_base_under_the_users_home_written_with_a_tilde_is_found(tmp_path, monkeypatch):
+    """train.base: ~/models/mine.pt in params.yaml (no shell expands it) names the file in $HOME."""
+    from training.train import TrainConfig, build_model
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    save_checkpoint(tmp_path / "models" / "mine.pt", _tiny_model(KOREAN, seed=1), KOREAN)
+    assert load_recognizer("~/models/mine.pt").path == str(tmp_path / "models" / "mine.pt")  # was: unknown model
+    config = TrainConfig(base="~/models/mine.pt", charset="korean_g2", output_channel=16, hidden_size=8)
+    assert build_model(config, seed=0)[2]["base"] == "~/models/mine.pt"  # recorded as written
+
+
 def test_an_exported_easyocr_bundle_loads_as_the_checkpoint_it_was_exported_from(tmp_path, capsys):
     import shutil
 

@@ -288,7 +288,7 @@ def _model_source(uri: str) -> str:
 def _resolve_file(spec: str) -> Path:
     if spec.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         return _download_mlflow_model(spec)
-    path = Path(spec)
+    path = Path(spec).expanduser()  # params.yaml is not read by a shell: `~/models/x.pt` must still work
     if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
         return path / CHECKPOINT_NAME
     if path.is_dir() and (path / "model").is_dir() and (path / "user_network").is_dir():
