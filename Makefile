@@ -13,12 +13,15 @@ demo: system-deps install repro
 
 install: $(VENV)/.installed
 
-# CPU torch first (a bare `torch` requirement would pull CUDA wheels), then the pinned lock.
+# CPU torch first (a bare `torch` requirement would pull CUDA wheels), then the pinned lock; last,
+# uninstall what the lock no longer has (pip never removes), so an old .venv matches CI's fresh one.
+# `make install KEEP_EXTRAS=1` only lists those packages. The rule re-runs whenever the lock changes.
 $(VENV)/.installed: requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check torch==2.13.0
 	$(BIN)/pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	$(BIN)/python scripts/sync_venv.py requirements.lock $(if $(KEEP_EXTRAS),--warn-only)
 	touch $@
 
 system-deps:
