@@ -28,7 +28,7 @@ from evaluation.fast_cpu import accelerate
 from kocr.easyocr_compat import import_easyocr, offline_model_dir
 from training.checkpoint import LoadedRecognizer, ModelSpecError
 from training.data.pages import Page, Word
-from training.data.pixels import mend
+from training.data.pixels import mend, note_pixels
 from training.data.transforms import align_collate, collate_crops
 
 
@@ -250,6 +250,7 @@ def mended_pixels(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
     from PIL import Image
 
     with Image.open(path) as image:
+        note_pixels(str(path), image.width * image.height)
         upright = mend(image)
         if upright is None:
             return None

@@ -284,9 +284,12 @@ def _image_size(image: Path, labels: Path) -> tuple[int, int]:
     from its header; ScoreInputError naming both files otherwise."""
     from PIL import Image, UnidentifiedImageError
 
+    from training.data.pixels import note_pixels
+
     try:
         with Image.open(image) as opened:
             width, height = opened.size
+            note_pixels(str(image), width * height)
             return (height, width) if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
     except FileNotFoundError:
         raise ScoreInputError(f"{labels}: image {image} not found") from None

@@ -852,11 +852,12 @@ def main(argv: list[str] | None = None) -> int:
     from evaluation.score_crops import ScoreInputError
     from training.export_easyocr import ExportError
     from kocr.tracking import TrackingConfigError
+    from training.data.pixels import large_pages
 
     args = build_parser().parse_args(argv)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep stage output to progress and results
     try:
-        with _terminate_as_exit():
+        with _terminate_as_exit(), large_pages(f"kocr {args.command}"):  # one line for big scans, not one each
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, CropImportError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,

@@ -324,6 +324,25 @@ def test_predict_writes_every_readable_page_and_refuses_outputs_that_clash(sampl
     assert "would both be written to" in capsys.readouterr().err and not (tmp_path / "clash").exists()
 
 
+def test_scans_past_pillows_pixel_limit_are_one_line_for_the_command_not_a_warning_each(
+        sample_pages, tmp_path, monkeypatch, recwarn, capsys):
+    from PIL import Image
+
+    from kocr.cli import main
+
+    page = sorted(sample_pages.glob("*.jpg"))[0]
+    with Image.open(page) as im:
+        for n in range(2):  # two sizes: PIL warned once for each distinct size, so once per real scan
+            im.resize((im.width + 8 * n, im.height)).save(tmp_path / f"scan{n}.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", page_pixels := 640 * 420 - 1)  # past it, not past twice it
+    assert main(["predict", str(tmp_path / "scan0.png"), str(tmp_path / "scan1.png"), "--model", "english_g2",
+                 "--out", str(tmp_path / "out")]) == 0
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]  # was: 2
+    err = capsys.readouterr().err
+    assert f"kocr predict: 2 page images past Pillow's decompression-bomb limit ({page_pixels:,} pixels)" in err
+    assert len(list((tmp_path / "out").glob("*.json"))) == 2
+
+
 def test_prepare_workers_from_the_command_line_are_checked_there(tmp_path, capsys):
     from kocr.cli import main
 

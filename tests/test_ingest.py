@@ -721,6 +721,27 @@ def test_a_page_over_the_decompression_bomb_limit_is_too_large_not_corrupt(pages
     assert "image_corrupt" not in report["skipped"]
 
 
+def test_pages_past_the_pixel_warning_limit_are_counted_once_each_not_warned_about(pages, tmp_path, monkeypatch,
+                                                                                    recwarn, capsys):
+    from PIL import Image
+
+    from training.data.pixels import large_pages
+
+    src = tmp_path / "src"
+    data = _one_page(pages, src)
+    for n, name in enumerate("pq"):  # two sizes: PIL warned once for each distinct size
+        with Image.open(pages / "page_00000.jpg") as im:
+            im.resize((480 + 8 * n, 360)).save(src / f"{name}.jpg")
+        data["images"][0]["image.file.name"] = f"{name}.jpg"
+        (src / f"{name}.json").write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 480 * 360 - 1)  # both past it, neither past twice it
+    with large_pages("kocr prepare-aihub") as seen:
+        report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    assert report["pages_used"] == 2 and len(seen) == 2 and "image_too_large" not in report["skipped"]
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]  # was: 2 (4 opens)
+    assert "kocr prepare-aihub: 2 page images past Pillow's decompression-bomb limit" in capsys.readouterr().err
+
+
 def test_text_drawn_only_in_alpha_is_cropped_as_evaluation_reads_it_not_black(pages, tmp_path):
     import numpy as np
     from PIL import Image

@@ -8,10 +8,51 @@ on) both go through :func:`mend`, so the platform trains on the pixels it evalua
 
 from __future__ import annotations
 
+import sys
+import warnings
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 from PIL import Image, ImageOps
 
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+_LARGE: list[set[str]] = []  # the pages noted by the open large_pages() blocks, innermost last
+
+
+def note_pixels(name: str, pixels: int) -> None:
+    """Count page ``name`` (``pixels`` = width x height) for the innermost ``large_pages`` block when it
+    is past PIL's ``Image.MAX_IMAGE_PIXELS``; a no-op outside one, or with the limit off (None)."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if _LARGE and limit and pixels > limit:
+        _LARGE[-1].add(name)
+
+
+@contextmanager
+def large_pages(stage: str) -> Iterator[set[str]]:
+    """Within: PIL's DecompressionBombWarning, one per page past ``Image.MAX_IMAGE_PIXELS`` (89.5 MP:
+    a 600 dpi scan of a large sheet), is not printed; the pages ``note_pixels`` saw are counted and,
+    at the end, said in one line on stderr. Past twice the limit PIL refuses a page
+    (DecompressionBombError), which each stage reports on its own.
+
+    >>> with large_pages("kocr evaluate") as seen:
+    ...     note_pixels("a.jpg", 10**9); note_pixels("a.jpg", 10**9); note_pixels("b.jpg", 10)
+    >>> sorted(seen)
+    ['a.jpg']
+    """
+    seen: set[str] = set()
+    _LARGE.append(seen)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            yield seen
+    finally:
+        _LARGE.remove(seen)
+        if seen:
+            limit = Image.MAX_IMAGE_PIXELS
+            print(f"{stage}: {len(seen)} page image{'s' * (len(seen) != 1)} past Pillow's decompression-bomb "
+                  f"limit ({limit:,} pixels) read as usual; its warning for each is left out (past "
+                  f"{2 * limit:,} pixels a page is refused as too large)", file=sys.stderr)
 
 
 def _text_in_alpha(image: Image.Image) -> bool:

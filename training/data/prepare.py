@@ -36,6 +36,7 @@ import shutil
 import threading
 import time
 import unicodedata
+import warnings
 import zipfile
 import zlib
 from collections import Counter, defaultdict, deque
@@ -54,7 +55,7 @@ from kocr.params import check_keys, require, typed
 from training.charset import Charset
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page, unscored
-from training.data.pixels import mend
+from training.data.pixels import mend, note_pixels
 from training.data.sources import Member, SourceIndex, image_fit, read_member, scan_source
 
 SPLITS = ("train", "val", "test")
@@ -231,6 +232,7 @@ class PageMeta:
     image: Member
     category: str
     digest: str = ""  # BLAKE2b of the label's and the image's bytes: a corrected label is a new page
+    pixels: int = 0   # width x height of the image, from its header
 
 
 _WORKER: dict[str, Any] = {}
@@ -238,6 +240,7 @@ _WORKER: dict[str, Any] = {}
 
 def _init_worker(root: Path, index: SourceIndex | None, config: PrepareConfig, main_pid: int = 0) -> None:
     cv2.setNumThreads(1)
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # counted by prepare_pages (note_pixels)
     _WORKER.update(root=root, index=index, config=config, charset=Charset.from_spec(config.charset))
     if main_pid:
         threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
@@ -291,12 +294,13 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
     try:  # a cheap integrity check, so a broken image never takes a page's place in a split
         image_bytes = read_member(root, image)
         with Image.open(io.BytesIO(image_bytes)) as img:
+            pixels = img.width * img.height
             img.verify()
     except IMAGE_ERRORS as exc:
         return None, found, entries + [image_problem(image.name, image_bytes, exc)]
     digest = hashlib.blake2b(label_bytes, digest_size=16)
     digest.update(image_bytes)
-    return PageMeta(label.name, label, image, page.category, digest.hexdigest()), found, entries
+    return PageMeta(label.name, label, image, page.category, digest.hexdigest(), pixels), found, entries
 
 
 def image_problem(name: str, data: bytes | None, exc: Exception) -> tuple[str, str]:
@@ -625,19 +629,22 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         pool = ProcessPoolExecutor(config.workers, mp_context=context,
                                    initializer=_init_worker, initargs=(src, index, config, os.getpid()))
     saved = dict(_WORKER)
-    _init_worker(src, index, config)
-    try:
-        pages, scan_report = _scan(src, pool, progress, index)
-        assignment = split_documents([p.name for p in pages], config, {p.name: p.category for p in pages})
-        plan = {split: [p for p in pages if assignment[p.name] == split] for split in SPLITS}
-        run_keys = _run_keys(config, charset, plan)
-        out.mkdir(parents=True, exist_ok=True)
-        state = _write_shards(out, plan, config, run_keys, pool, progress)
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        _WORKER.clear()
-        _WORKER.update(saved)
+    with warnings.catch_warnings():  # _init_worker silences PIL's warning per large page: here, for this run
+        _init_worker(src, index, config)
+        try:
+            pages, scan_report = _scan(src, pool, progress, index)
+            for page in pages:  # one line for them all, from an open large_pages() (the kocr command's)
+                note_pixels(page.name, page.pixels)
+            assignment = split_documents([p.name for p in pages], config, {p.name: p.category for p in pages})
+            plan = {split: [p for p in pages if assignment[p.name] == split] for split in SPLITS}
+            run_keys = _run_keys(config, charset, plan)
+            out.mkdir(parents=True, exist_ok=True)
+            state = _write_shards(out, plan, config, run_keys, pool, progress)
+        finally:
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+            _WORKER.clear()
+            _WORKER.update(saved)
 
     failed = set(state.failed)
     split_pages = {split: [p.name for p in plan[split] if p.name not in failed] for split in SPLITS}
