@@ -691,6 +691,19 @@ def cmd_predict(args: argparse.Namespace) -> None:
                            "the other pages were read")
 
 
+def cmd_end_pipeline(args: argparse.Namespace) -> None:
+    from kocr.tracking import configure_tracking, end_pipeline
+
+    key = args.pipeline_id or os.environ.get("KOCR_PIPELINE_ID")
+    if not key:
+        raise CommandError("which pipeline? give --pipeline-id or set KOCR_PIPELINE_ID (the key its runs are "
+                           "tagged with, kocr.pipeline_key)")
+    configure_tracking()
+    ended = end_pipeline(key, args.status, args.reason)
+    print(f"end-pipeline: {key}: " + (f"{len(ended)} runs still RUNNING ended as {args.status}: {' '.join(ended)}"
+                                      if ended else "no run still RUNNING"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kocr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -806,6 +819,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recogniser: checkpoint path (default: the pipeline's candidate, %(default)s), "
                         "ko_base, english_g2, korean_g2, models:/… or runs:/…")
     p.add_argument("--out", help="folder for one page JSON per image (default: print each page as one JSON line)")
+
+    p = add("end-pipeline", cmd_end_pipeline, "end the MLflow runs a pipeline left RUNNING (its processes are gone: "
+            "a CI job that failed or was cancelled)")
+    p.add_argument("--status", required=True, choices=["FAILED", "KILLED"])
+    p.add_argument("--pipeline-id", help="its kocr.pipeline_key tag (default: KOCR_PIPELINE_ID)")
+    p.add_argument("--reason", default="kocr end-pipeline", help="tagged kocr.ended_by on each run ended")
     return parser
 
 

@@ -122,6 +122,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _pipeline_runs(experiment_id: str, key: str, max_results: int = 1000) -> list[Run]:
+    """The pipeline runs tagged with pipeline key ``key`` in experiment ``experiment_id``, oldest first."""
+    return mlflow.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
+                              output_format="list", max_results=max_results, order_by=["attributes.start_time ASC"])
+
+
 def _parent_run(experiment_id: str, key: str | None) -> str:
     """The pipeline run of ``key``: one per key, in ``DEFAULT_EXPERIMENT`` whatever experiment the stage
     logs to (``tune``'s run, in ``ko-ocr/tune``, nests under it there), created by its first stage. A
@@ -129,8 +135,7 @@ def _parent_run(experiment_id: str, key: str | None) -> str:
     if key is not None:
         # was: looked up in the stage's experiment, so a `dvc repro` that ran tune had two parents
         experiment_id = ensure_experiment(DEFAULT_EXPERIMENT)
-        found = mlflow.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
-                                   output_format="list", max_results=1, order_by=["attributes.start_time ASC"])
+        found = _pipeline_runs(experiment_id, key, max_results=1)
         if found:
             return found[0].info.run_id
     client = mlflow.MlflowClient()
@@ -291,6 +296,35 @@ def supersede(old_id: str, new_id: str) -> bool:
         if status not in (None, "RUNNING"):
             client.set_terminated(parent_id, status=status)
     return True
+
+
+def end_pipeline(key: str, status: str, reason: str = "kocr end-pipeline") -> list[str]:
+    """End as ``status`` (FAILED or KILLED) every run of pipeline ``key`` that is still RUNNING: its
+    stage runs, the runs nested under them (tune trials), then its pipeline run; each is tagged
+    ``kocr.ended_by`` with ``reason``. Returns their ids, pipeline run last. For a pipeline whose
+    processes are gone without ending their runs (a CI job that failed or was cancelled: the runner
+    stops the job's container, which SIGKILLs them); runs that had ended keep their status."""
+    if status not in ("FAILED", "KILLED"):
+        raise ValueError(f"status {status!r}: expected FAILED or KILLED")
+    experiment = mlflow.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    if experiment is None:
+        return []
+    client = mlflow.MlflowClient()
+    ended: list[str] = []
+    for parent in _pipeline_runs(experiment.experiment_id, key):
+        running, below = [], [parent.info.run_id]
+        while below:  # in every experiment: tune's run and its trials are in ko-ocr/tune
+            found = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                       filter_string=f"tags.mlflow.parentRunId = '{below.pop()}'")
+            below += [run.info.run_id for run in found]
+            running += [run.info.run_id for run in found if run.info.status == "RUNNING"]
+        if parent.info.status == "RUNNING":
+            running.append(parent.info.run_id)
+        for run_id in running:
+            client.set_tag(run_id, "kocr.ended_by", reason)
+            client.set_terminated(run_id, status=status)
+        ended += running
+    return ended
 
 
 def log_dataset(path: str | os.PathLike, context: str, name: str | None = None) -> str:

@@ -250,3 +250,55 @@ def test_a_reopened_pipeline_run_has_no_end_time_until_it_ends_again(monkeypatch
         assert info.status == "FINISHED" and info.end_time >= client.get_run(train.info.run_id).info.end_time > ended
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_end_pipeline_ends_what_a_killed_pipeline_left_running_and_nothing_else(tmp_path, monkeypatch):
+    """A CI job that failed or was cancelled: its stage processes died without ending their runs, which the
+    UI showed RUNNING for ever, with their pipeline run. `kocr end-pipeline` ends them; other pipelines' stay."""
+    import signal
+    import subprocess
+    import sys
+
+    from kocr.cli import main
+    from kocr.tracking import stage_run
+    from tests.conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "gh-7-1")
+    client = mlflow.MlflowClient()
+    try:
+        with stage_run("prepare") as prepare:
+            parent = prepare.data.tags["mlflow.parentRunId"]
+        with pytest.raises(RuntimeError), stage_run("tune", experiment="ko-ocr/tune") as tune:
+            raise RuntimeError("boom")  # a stage that ended itself keeps its status
+        trial = client.create_run(tune.info.experiment_id, run_name="trial-0",
+                                  tags={"mlflow.parentRunId": tune.info.run_id}).info.run_id  # left by a killed worker
+        stage = subprocess.Popen([sys.executable, "-c", (
+            "import sys, time\nfrom kocr.tracking import stage_run\n"
+            "with stage_run('train') as run:\n    print(run.info.run_id, flush=True)\n    time.sleep(600)\n")],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        train = stage.stdout.readline().strip()
+        stage.send_signal(signal.SIGKILL)  # what removing the job's container does
+        stage.wait()
+        monkeypatch.setenv("KOCR_PIPELINE_ID", "gh-8-1")
+        with stage_run("evaluate") as other:  # another pipeline, still going
+            assert client.get_run(parent).info.status == "RUNNING"
+            monkeypatch.setenv("KOCR_PIPELINE_ID", "gh-7-1")
+            assert main(["end-pipeline", "--status", "KILLED", "--reason", "job cancelled"]) == 0
+            status = {name: client.get_run(run_id).info.status for name, run_id in [
+                ("parent", parent), ("prepare", prepare.info.run_id), ("tune", tune.info.run_id), ("trial", trial),
+                ("train", train), ("other", other.info.run_id)]}
+            # was: parent, trial and train RUNNING for ever
+            assert status == {"parent": "KILLED", "prepare": "FINISHED", "tune": "FAILED", "trial": "KILLED",
+                              "train": "KILLED", "other": "RUNNING"}
+            assert {client.get_run(run_id).data.tags.get("kocr.ended_by") for run_id in (parent, trial, train)} \
+                == {"job cancelled"}
+            assert "kocr.ended_by" not in client.get_run(prepare.info.run_id).data.tags
+            assert tracking.end_pipeline("gh-7-1", "FAILED") == []  # nothing RUNNING is left
+            assert tracking.end_pipeline("no-such-pipeline", "FAILED") == []
+        monkeypatch.delenv("KOCR_PIPELINE_ID")
+        assert main(["end-pipeline", "--status", "FAILED"]) == 2  # which pipeline: said, not guessed
+        with pytest.raises(ValueError, match="expected FAILED or KILLED"):
+            tracking.end_pipeline("gh-7-1", "FINISHED")
+    finally:
+        mlflow.set_tracking_uri(None)
