@@ -16,9 +16,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -704,6 +706,170 @@ def test_retrain_diffs_the_metrics_files_of_the_pipeline_not_of_the_recipe():
 def test_retrain_diffs_a_push_against_main_before_it(tmp_path, event, before, base):
     assert _diff_base(tmp_path, event, before) == base
 
+
+_TRAIN_STAGE = '''\
+"""`dvc repro` as far as train.state_dir goes: the train stage's state file, found as `kocr train` finds it,
+resumed, saved (training.resume) and, once the stage passed, removed; a kill comes while it trains."""
+import sys
+import time
+from pathlib import Path
+
+from kocr.params import load_params, section
+from kocr.tracking import stage_run
+from training.resume import load_state, save_state
+from training.train import train_extras
+
+assert sys.argv[1:] == ["repro"], sys.argv
+state = Path(train_extras(section(load_params(), "train"))["state_dir"]) / "models_candidate.pt"
+with stage_run("train"):
+    step = load_state(state)["step"] if state.exists() else 0
+    print(f"train: from step {step}", flush=True)
+    save_state(state, {"step": step + 5})
+    if step + 5 < 10:
+        print("train: saved", flush=True)
+        time.sleep(600)  # killed here
+    state.unlink()
+'''
+
+
+class _RetrainJob:
+    """The retrain job's steps that keep the training state and end the MLflow runs, run as written, in a
+    workspace that actions/checkout cleans at each attempt, with a stand-in `dvc` (_TRAIN_STAGE)."""
+
+    def __init__(self, tmp_path: Path):
+        self.tmp, self.job = tmp_path, _workflow("retrain.yml")["jobs"]["retrain"]
+        self.steps = {step.get("name", ""): step for step in self.job["steps"]}
+        self.volume = tmp_path / "volume"
+        mount = next(v.split(":")[1] for v in self.job["container"]["volumes"] if v.startswith("kocr-dvc-cache:"))
+        states = self.step("Keep the training state")["env"]["STATES"]
+        assert states.startswith(mount + "/"), (states, mount)  # on the volume, not in the checkout
+        self.states = self.volume / states[len(mount) + 1:]
+        assert self.job["env"]["KOCR_PIPELINE_ID"] == "gh-${{ github.run_id }}-${{ github.run_attempt }}"
+        bin_dir = tmp_path / "bin"
+        bin_dir.mkdir()
+        (tmp_path / "train_stage.py").write_text(_TRAIN_STAGE)
+        (bin_dir / "dvc").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{tmp_path / "train_stage.py"}" "$@"\n')
+        (bin_dir / "dvc").chmod(0o755)
+        self.path = f"{bin_dir}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"
+
+    def step(self, prefix: str) -> dict:
+        return next(step for name, step in self.steps.items() if name.startswith(prefix))
+
+    def checkout(self, workspace: Path) -> None:
+        """actions/checkout (clean: true, the default) in the runner's workspace: new, or cleaned."""
+        if not workspace.exists():
+            _git(self.tmp, "init", "-q", str(workspace))
+            shutil.copy(REPO / "params.yaml", workspace / "params.yaml")
+            (workspace / ".gitignore").write_text("/.kocr/\n")
+            _git(workspace, "add", "-A")
+            _git(workspace, "commit", "-q", "-m", "first")
+        _git(workspace, "clean", "-ffdx")
+        _git(workspace, "reset", "-q", "--hard", "HEAD")
+
+    def env(self, workspace: Path, run_id: int, attempt: int, **extra: str) -> dict[str, str]:
+        temp = self.tmp / f"temp-{run_id}-{attempt}"
+        temp.mkdir(exist_ok=True)
+        return {**os.environ, "PATH": self.path, "PYTHONPATH": str(REPO), "GITHUB_REPOSITORY": "org/ko-ocr",
+                "GITHUB_RUN_ID": str(run_id), "GITHUB_RUN_ATTEMPT": str(attempt), "RUNNER_TEMP": str(temp),
+                "GITHUB_OUTPUT": str(temp / "output"), "KOCR_PIPELINE_ID": f"gh-{run_id}-{attempt}",
+                "STATES": str(self.states), **extra}
+
+    def run(self, prefix: str, workspace: Path, env: dict[str, str], background: bool = False):
+        step = self.step(prefix)
+        if "if" in step and step["if"] == "github.run_attempt != '1'" and env["GITHUB_RUN_ATTEMPT"] == "1":
+            return None
+        args = {"cwd": workspace, "env": env, "text": True}
+        if background:  # the runner waits on it; its stdout, a line at a time
+            return subprocess.Popen(["bash", "-eo", "pipefail", "-c", step["run"]], stdout=subprocess.PIPE, **args)
+        done = subprocess.run(["bash", "-eo", "pipefail", "-c", step["run"]], capture_output=True, timeout=300,
+                              **args)
+        assert done.returncode == 0, (prefix, done.stdout + done.stderr)
+        return done
+
+    def attempt(self, workspace: Path, run_id: int, attempt: int) -> tuple[dict[str, str], subprocess.Popen]:
+        """Checkout, the state and earlier-attempt steps, and dvc repro started (running, or done)."""
+        self.checkout(workspace)
+        env = self.env(workspace, run_id, attempt)
+        self.run("Keep the training state", workspace, env)
+        self.run("End what earlier attempts", workspace, env)
+        return env, self.run("dvc repro", workspace, env, background=True)
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    for _ in range(100):
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_rerun_of_a_killed_retrain_resumes_its_state_and_no_mlflow_run_stays_running(tmp_path):
+    # Re-run failed jobs trained from step 0: actions/checkout's `git clean -ffdx` removed .kocr/train-state.
+    # And a killed or cancelled attempt's train run and its dvc-repro parent showed RUNNING in MLflow for ever.
+    import mlflow
+    import psutil
+
+    job = _RetrainJob(tmp_path)
+    workspace = tmp_path / "_work" / "ko-ocr"
+
+    def runs(run_id: int, attempt: int) -> dict[str, str]:
+        found = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                   filter_string=f"tags.`kocr.pipeline_key` = 'gh-{run_id}-{attempt}'")
+        parent = found[0].info
+        children = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                      filter_string=f"tags.mlflow.parentRunId = '{parent.run_id}'")
+        return {"parent": parent.status, **{run.info.run_name: run.info.status for run in children}}
+
+    old, recent = job.states / "org_ko-ocr-7", job.states / "org_ko-ocr-8"  # runs of 31 and 29 days ago
+    for folder, days in ((old, 31), (recent, 29)):
+        folder.mkdir(parents=True)
+        os.utime(folder, (time.time() - days * 86400,) * 2)
+
+    # run 41, attempt 1: the runner's machine goes down while it trains, and nothing in the job ends its runs
+    env, repro = job.attempt(workspace, 41, 1)
+    assert [repro.stdout.readline().strip() for _ in range(2)] == ["train: from step 0", "train: saved"]
+    assert not old.exists() and recent.exists()  # beyond the 30 days a run can be re-run
+    os.killpg(int((Path(env["RUNNER_TEMP"]) / "dvc-repro.pgid").read_text()), signal.SIGKILL)
+    repro.wait()
+    assert runs(41, 1) == {"parent": "RUNNING", "train": "RUNNING"}
+
+    # attempt 2 (Re-run failed jobs) ends what attempt 1 left RUNNING, and its cleaned checkout reaches the saved
+    # state again: it resumes, passes and removes its state
+    env, repro = job.attempt(workspace, 41, 2)
+    assert runs(41, 1) == {"parent": "KILLED", "train": "KILLED"}  # was RUNNING for ever
+    out, _ = repro.communicate(timeout=300)
+    assert repro.returncode == 0 and out.strip() == "train: from step 5"  # was: from step 0
+    assert runs(41, 2) == {"parent": "FINISHED", "train": "FINISHED"}
+    keep = dict(line.split("=", 1) for line in Path(env["GITHUB_OUTPUT"]).read_text().splitlines())["dir"]
+    assert Path(keep) == job.states / "org_ko-ocr-41" and Path(keep).is_dir()
+    assert job.step("Drop this run's")["env"]["KEEP"] == "${{ steps.state.outputs.dir }}"
+    job.run("Drop this run's", workspace, {**env, "KEEP": keep})
+    assert sorted(p.name for p in job.states.iterdir()) == ["org_ko-ocr-8"]  # the volume keeps no more
+
+    # run 42 (another push or branch), on the same volume, with run 41's state left there, starts from step 0;
+    # cancelled while it trains: the runner stops the step's `docker exec`, not dvc repro in the container
+    (job.states / "org_ko-ocr-41").mkdir()
+    save_state = importlib.import_module("training.resume").save_state
+    save_state(job.states / "org_ko-ocr-41" / "models_candidate.pt", {"step": 5})
+    env, repro = job.attempt(workspace, 42, 1)
+    assert [repro.stdout.readline().strip() for _ in range(2)] == ["train: from step 0", "train: saved"]
+    repro.kill()
+    repro.wait()
+    pgid = int((Path(env["RUNNER_TEMP"]) / "dvc-repro.pgid").read_text())
+    assert psutil.Process(pgid).status() != psutil.STATUS_ZOMBIE  # dvc repro trains on in the container
+    step = job.step("End what this attempt")
+    assert step["if"] == "failure() || cancelled()" and step["env"]["JOB_STATUS"] == "${{ job.status }}"
+    done = job.run("End what this attempt", workspace, {**env, "JOB_STATUS": "cancelled"})
+    assert _gone(pgid)  # stopped before its runs are ended
+    assert "2 runs still RUNNING ended as KILLED" in done.stdout
+    assert runs(42, 1) == {"parent": "KILLED", "train": "KILLED"}  # was RUNNING for ever
+    assert runs(41, 2) == {"parent": "FINISHED", "train": "FINISHED"}
+    assert (job.states / "org_ko-ocr-42" / "models_candidate.pt").is_file()  # for its own re-run
 
 # ------------------------------------------------------------------------------------------- DVC
 
