@@ -4,6 +4,10 @@
 page-JSON dict per image, read with the logged detector settings. ``kocr export-easyocr`` and
 ``kocr predict`` find the checkpoint inside the same logged model.
 
+The model is self-contained: it is logged from code (``evaluation/pyfunc_entry.py``) with the checkpoint
+and a copy of the modules that read pages (``BUNDLED_CODE``), so it loads and serves where only its pip
+requirements are installed; where the project is installed, its own code reads.
+
 Example:
     >>> info = log_recognizer("models/candidate/model.pt", DetectorSettings())   # doctest: +SKIP
     >>> info.model_uri                                                             # doctest: +SKIP
@@ -25,6 +29,17 @@ from mlflow.models.model import ModelInfo
 from evaluation.reader import DetectorSettings
 
 ARTIFACT_NAME = "recognizer"
+ENTRY = Path(__file__).with_name("pyfunc_entry.py")
+# What PageReaderModel imports, directly or through other modules, to load and read pages (globs, relative to
+# the folder holding the three packages); logged as the model's ``code`` artifact. A module missing here fails
+# tests/test_pyfunc_plain_env.py, which loads a logged model where the project is not importable.
+BUNDLED_CODE = (
+    "kocr/__init__.py", "kocr/atomic.py", "kocr/easyocr_compat.py", "kocr/params.py", "kocr/redact.py",
+    "training/__init__.py", "training/attention.py", "training/charset.py", "training/charsets/*.txt",
+    "training/checkpoint.py", "training/model.py", "training/data/__init__.py", "training/data/pages.py",
+    "training/data/pixels.py", "training/data/transforms.py",
+    "evaluation/__init__.py", "evaluation/fast_cpu.py", "evaluation/pyfunc_model.py", "evaluation/reader.py",
+)
 CONFIG_PREFIX = "detector."  # the model's settings as params.yaml's detector: section names them in MLflow
 
 
@@ -103,7 +118,8 @@ def log_recognizer(checkpoint: str | os.PathLike, settings: DetectorSettings) ->
     """Log ``checkpoint`` as a pyfunc model in the active run (name ``recognizer``).
 
     The checkpoint is logged as ``model.pt`` whatever its file's name (``ko_base.pt``), the name
-    ``load_recognizer`` looks for in a ``models:/`` or ``runs:/`` model."""
+    ``load_recognizer`` looks for in a ``models:/`` or ``runs:/`` model; ``BUNDLED_CODE`` beside it."""
+    from evaluation.pyfunc_entry import CODE_ARTIFACT
     from training.checkpoint import CHECKPOINT_NAME
 
     with tempfile.TemporaryDirectory(prefix="kocr-log-") as staging:
@@ -111,9 +127,25 @@ def log_recognizer(checkpoint: str | os.PathLike, settings: DetectorSettings) ->
         if source.name != CHECKPOINT_NAME:
             shutil.copyfile(source, Path(staging) / CHECKPOINT_NAME)
             source = Path(staging) / CHECKPOINT_NAME
+        code = stage_code(Path(staging) / CODE_ARTIFACT)
         return mlflow.pyfunc.log_model(
-            name=ARTIFACT_NAME, python_model=PageReaderModel(), artifacts={"checkpoint": str(source)},
+            name=ARTIFACT_NAME, python_model=str(ENTRY),
+            artifacts={"checkpoint": str(source), CODE_ARTIFACT: str(code)},
             model_config=model_config(settings), pip_requirements=_requirements())
+
+
+def stage_code(into: Path) -> Path:
+    """Copy ``BUNDLED_CODE`` from this installation into ``into`` (the packages' layout kept); returns it."""
+    root = Path(__file__).resolve().parents[1]  # the folder holding kocr/, training/ and evaluation/
+    for pattern in BUNDLED_CODE:
+        found = sorted(root.glob(pattern))
+        if not found:
+            raise FileNotFoundError(f"{root / pattern}: the logged model's code needs it")
+        for source in found:
+            target = into / source.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    return into
 
 
 def _requirements() -> list[str]:

@@ -1,0 +1,70 @@
+"""The logged pyfunc model is self-contained: it loads and reads pages where the project is not installed."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from evaluation.pyfunc_model import log_recognizer
+from evaluation.reader import DetectorSettings, PageReader
+from kocr.tracking import configure_tracking
+from tests.conftest import REALDATA
+
+PACKAGES = ("kocr", "training", "evaluation")
+# Run with `python -S`: the venv's site-packages goes on sys.path without its .pth files, so the project's
+# editable install (a .pth finder) is not there; cwd and PYTHONPATH hold no checkout either.
+PLAIN = """
+import importlib.util, json, sys
+sys.path.append(sys.argv[1])
+found = [name for name in {packages!r} if importlib.util.find_spec(name) is not None]
+assert not found, f"importable here: {{found}}"
+import mlflow
+pages = mlflow.pyfunc.load_model(sys.argv[2]).predict(sys.argv[3:])
+files = sorted({{m.__file__ for n, m in sys.modules.items() if n.split(".")[0] in {packages!r}}})
+print(json.dumps({{"pages": pages, "files": files}}, ensure_ascii=False))
+"""
+
+
+def test_a_registered_model_reads_pages_where_the_project_is_not_installed(hangul_checkpoint, sample_pages,
+                                                                           tmp_path, monkeypatch):
+    """Was: ``ModuleNotFoundError: No module named 'evaluation'`` from unpickling the model, anywhere but in
+    a checkout (``mlflow models serve`` from a plain environment, a deployment image)."""
+    site_packages = Path(sysconfig.get_paths()["purelib"])
+    if any((site_packages / name).is_dir() for name in PACKAGES):
+        pytest.skip(f"the project is installed into {site_packages} (not editable): no plain environment to make")
+    store = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.chdir(tmp_path)
+    configure_tracking()
+    with mlflow.start_run():
+        info = log_recognizer(hangul_checkpoint, DetectorSettings())
+    version = mlflow.register_model(info.model_uri, "plain-env").version
+    mlflow.MlflowClient().set_registered_model_alias("plain-env", "champion", version)
+    crop = REALDATA / "greengarnets_crops" / "0.jpg"  # a real photographed word, where shared/realdata is
+    images = [str(sorted(sample_pages.glob("*.jpg"))[0])] + ([str(crop)] if crop.is_file() else [])
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    done = subprocess.run([sys.executable, "-S", "-c", PLAIN.format(packages=PACKAGES), str(site_packages),
+                           "models:/plain-env@champion", *images],
+                          capture_output=True, text=True, env=env, cwd=elsewhere, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    plain = json.loads(done.stdout.strip().splitlines()[-1])
+    # every project module it ran is the copy logged with the model
+    assert plain["files"] and all("/artifacts/code/" in Path(f).as_posix() for f in plain["files"]), plain["files"]
+
+    # where the project is installed, its own code reads (the logged copy is not put on sys.path), the same pages
+    path_before = list(sys.path)
+    model = mlflow.pyfunc.load_model("models:/plain-env@champion")
+    assert sys.path == path_before and isinstance(model.unwrap_python_model().reader, PageReader)
+    assert model.predict(images) == plain["pages"]
+    assert [page["images"][0]["image.file.name"] for page in plain["pages"]] == [Path(i).name for i in images]
+    assert plain["pages"][0]["annotations"]
