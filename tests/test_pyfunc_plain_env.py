@@ -15,7 +15,7 @@ import pytest
 from evaluation.pyfunc_model import log_recognizer
 from evaluation.reader import DetectorSettings, PageReader
 from kocr.tracking import configure_tracking
-from tests.conftest import REALDATA
+from tests.conftest import REALDATA, REPO
 
 PACKAGES = ("kocr", "training", "evaluation")
 # Run with `python -S`: the venv's site-packages goes on sys.path without its .pth files, so the project's
@@ -68,3 +68,14 @@ def test_a_registered_model_reads_pages_where_the_project_is_not_installed(hangu
     assert model.predict(images) == plain["pages"]
     assert [page["images"][0]["image.file.name"] for page in plain["pages"]] == [Path(i).name for i in images]
     assert plain["pages"][0]["annotations"]
+
+
+def test_the_models_pip_requirements_are_the_locks_pins_of_what_its_code_imports():
+    """Was: ``torch==2.13.0+cpu`` (a local version PyPI has not: ``mlflow models serve``'s virtualenv could not
+    install it) and no pillow, pyyaml or torchvision, which the logged code imports or easyocr does."""
+    from evaluation.pyfunc_model import _requirements
+
+    lock = set((REPO / "requirements.lock").read_text(encoding="utf-8").lower().replace("_", "-").split())
+    pins = _requirements()
+    assert {pin.split("==")[0] for pin in pins} >= {"torch", "torchvision", "easyocr", "pillow", "pyyaml", "mlflow"}
+    assert [pin for pin in pins if pin not in lock] == []
