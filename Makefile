@@ -7,7 +7,7 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 export MLFLOW_ENABLE_TELEMETRY := false
 export DO_NOT_TRACK := 1
 
-.PHONY: demo test install system-deps repro lint clean mlflow-server
+.PHONY: demo test install system-deps repro lint clean mlflow-server serve
 
 demo: system-deps install repro
 
@@ -37,6 +37,7 @@ repro:
 	@echo "Plots:              dvc plots show     (training loss and validation CER)"
 	@echo "MLflow UI:          $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --port 5000"
 	@echo "EasyOCR bundle:     models/easyocr/ (see models/easyocr/README.md)"
+	@echo "Serve the champion: make serve     (HTTP on 127.0.0.1:5001, see docs/pipeline.md)"
 
 test: system-deps install
 	$(BIN)/python -m pytest -q
@@ -46,6 +47,16 @@ test: system-deps install
 # MLFLOW_AUTH_ADMIN_PASSWORD and MLFLOW_FLASK_SERVER_SECRET_KEY in the environment.
 mlflow-server: install
 	mlflow/serve.sh
+
+# Serve a logged model over HTTP (docs/pipeline.md): POST {"inputs": ["/path/on/this/machine/page.jpg"]} to
+# http://HOST:PORT/invocations. mlflow models serve starts `uvicorn` by name: the PATH exported above finds
+# this venv's (run as .venv/bin/mlflow without .venv/bin on PATH, it exits with code 127).
+MODEL ?= models:/ko-ocr-recognizer@champion
+HOST ?= 127.0.0.1
+PORT ?= 5001
+serve:
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns.db}" \
+	  $(BIN)/mlflow models serve --model-uri '$(MODEL)' --env-manager local --host $(HOST) --port $(PORT)
 
 lint:
 	$(BIN)/ruff check --select F,E9 .
