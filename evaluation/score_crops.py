@@ -48,6 +48,7 @@ from training.data.pages import (
     nfc,
     parse_page,
 )
+from training.data.sources import AmbiguousName, find_file
 
 TESSERACT = "tesseract"
 
@@ -97,11 +98,14 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
     """Rows of a labels TSV (header with ``image`` and ``text``), image paths resolved and checked;
     a ``.json`` file is read as word boxes on whole images (``read_box_labels`` with ``margin``).
 
+    Image names are matched as ``prepare`` matches them (``training.data.sources.find_file``): the
+    exact path, else the file whose name differs only in NFC/NFD or case, ``\\`` separating folders.
+
     A row whose text is ``###`` (``DONT_CARE``, ICDAR's and AI-Hub's mark for an illegible word) is
     left out, as a box labelled so is: it is neither scored nor trained.
 
-    With ``skipped`` (a list), a row whose image is missing or unreadable, or whose box is unusable,
-    is appended to it as (reason, where) and left out instead of stopping the read; a ``###`` row or
+    With ``skipped`` (a list), a row whose image is missing, ambiguous (two files fit its name only
+    by NFC/NFD or case) or unreadable, or whose box is unusable, is appended to it as (reason, where) and left out instead of stopping the read; a ``###`` row or
     box is appended as ``dont_care``."""
     path = Path(path)
     if path.suffix.lower() == ".json":
@@ -139,7 +143,13 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
             if skipped is not None:
                 skipped.append(("dont_care", f"{path}:{number}"))
             continue
-        image_path = path.parent / image
+        try:  # matched as prepare matches names: NFC or NFD, any case, \\ as a folder separator
+            image_path = find_file(path.parent, image) or path.parent / image
+        except AmbiguousName as exc:
+            if skipped is None:
+                raise ScoreInputError(f"{path}:{number}: {exc}") from None
+            skipped.append(("image_ambiguous", f"{path}:{number}: {exc}"))
+            continue
         if not image_path.is_file():
             problem = f"{path}:{number}: image {image_path} {'is a folder' if image_path.is_dir() else 'not found'}"
             if skipped is None:
@@ -175,7 +185,7 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
     """Word boxes on whole images, each a crop, in file order.
 
     ``path`` is one page JSON in the platform's AI-Hub schemas (``training.data.pages``; the image
-    named by it lies beside the file) or an image-keyed file as ICDAR-style tools write it::
+    named by it lies beside the file, matched as ``read_labels`` matches names) or an image-keyed file as ICDAR-style tools write it::
 
         {"sign.png": {"words": [{"points": [[x, y], [x, y], [x, y], [x, y]], "transcription": "서울"}]}}
 
@@ -183,9 +193,10 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
     axis-aligned, widened by ``margin`` x its height on every side (EasyOCR's ``add_margin`` on the
     boxes its detector finds) and clipped to the image. Words with empty text or ``###`` are skipped
     (with ``skipped``, a ``###`` word is appended to it as ``dont_care``, as ``read_labels`` lists a row).
-    A missing or unreadable image, a box wholly outside its image or a malformed entry raises
+    A missing, ambiguous or unreadable image, a box wholly outside its image or a malformed entry raises
     ``ScoreInputError`` naming the file, the image and the word; with ``skipped`` (a list), an
-    image or box of the first three kinds is appended to it as (reason, where) and left out instead.
+    image or box of the first kinds is appended to it as (reason, where: ``image_missing``,
+    ``image_ambiguous``, ``image_unreadable``, ``bad_box``) and left out instead.
     """
 
     def problem(reason: str, where: str) -> None:
@@ -213,7 +224,14 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
         images = _image_keyed_boxes(data, path)
     crops = []
     for name, words in images.items():
-        image = path.parent / name
+        try:  # matched as prepare pairs a page with its image: NFC or NFD, any case, \\ as a separator
+            image = find_file(path.parent, name)
+        except AmbiguousName as exc:
+            problem("image_ambiguous", f"{path}: {exc}")
+            continue
+        if image is None:
+            problem("image_missing", f"{path}: image {path.parent / name} not found")
+            continue
         try:
             size = _image_size(image, path)
         except ScoreInputError as exc:

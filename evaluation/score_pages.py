@@ -50,7 +50,7 @@ from evaluation.score_crops import TESSERACT, ScoreInputError, nul_note, written
 from kocr.atomic import staged_files
 from training.charset import not_utf8
 from training.data.pages import Page, Word, nfc
-from training.data.sources import stray_file
+from training.data.sources import AmbiguousName, find_file, name_key, stray_file
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 LINE_OVERLAP = 0.5  # a word joins a line when their vertical overlap is this share of the smaller height
@@ -162,8 +162,10 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
     ``.DS_Store``, ``Thumbs.db``) are not pages, as ``prepare`` takes none (``sources.stray_file``).
     Two images of one stem (``scan.jpg`` and ``scan.png``) would both be scored against
     ``scan.txt``, the page counted twice: ScoreInputError naming both. Stems that differ only in case
-    (``Scan.jpg`` and ``scan.png``) are one stem too: on a case-insensitive disk (Windows, macOS)
-    ``Scan.txt`` and ``scan.txt`` are one file, and where they are two, which is whose is a guess. With ``skipped`` (a list),
+    or in NFC/NFD (``Scan.jpg`` and ``scan.png``) are one stem too: on a case-insensitive disk (Windows,
+    macOS) ``Scan.txt`` and ``scan.txt`` are one file, and where they are two, which is whose is a guess.
+    The ``.txt`` is found as ``prepare`` matches names (``sources.find_file``): the exact name, else the
+    one that differs only in NFC/NFD or case (two such: ScoreInputError naming both). With ``skipped`` (a list),
     the files left out are appended to it as (reason, path), so the caller can say the set is
     smaller than the folders: ``no_image`` for a ``.txt`` in ``texts`` that no image has,
     ``not_a_page_image`` for a file in ``images`` of another type (``.gif``, ``.heic``, …).
@@ -176,25 +178,35 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
     pages = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     by_stem: dict[str, list[Path]] = {}
     for image in pages:  # Scan.jpg and scan.png are one stem: one file on a case-insensitive disk
-        by_stem.setdefault(image.stem.casefold(), []).append(image)
+        by_stem.setdefault(name_key(image.stem), []).append(image)
     twins = next((found for found in by_stem.values() if len(found) > 1), None)
     if twins:
         text_names = " or ".join(dict.fromkeys(str(texts / f"{p.stem}.txt") for p in twins))
-        case = "" if len({p.stem for p in twins}) == 1 else " (names that differ only in case are one name on " \
-                                                           "Windows and macOS disks)"
+        case = "" if len({p.stem for p in twins}) == 1 else " (names that differ only in case or in NFC/NFD are " \
+                                                           "one name on Windows and macOS disks)"
         raise ScoreInputError(f"{' and '.join(str(p) for p in twins)}: two images of one stem{case} would both be "
                               f"scored against {text_names}; keep one of them in {images}")
-    items = [read_page_item(image, texts / f"{image.stem}.txt") for image in pages]
+    items = [read_page_item(image, _ground_truth(texts, image)) for image in pages]
     if not items:
         raise ScoreInputError(f"{images}: no page images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if skipped is not None:
-        stems = {image.stem for image in pages}
+        matched = {item.text_file.name for item in items}
         same = images.resolve() == texts.resolve()
         skipped += [("not_a_page_image", str(p)) for p in files
                     if p.suffix.lower() not in IMAGE_SUFFIXES and not (same and p.suffix.lower() == ".txt")]
         skipped += [("no_image", str(p)) for p in sorted(texts.iterdir())
-                    if p.suffix.lower() == ".txt" and p.is_file() and not stray_file(p.name) and p.stem not in stems]
+                    if p.suffix.lower() == ".txt" and p.is_file() and not stray_file(p.name) and p.name not in matched]
     return items
+
+
+def _ground_truth(texts: Path, image: Path) -> Path:
+    """``<stem>.txt`` of ``image`` in ``texts``, matched as ``prepare`` matches names (NFC or NFD, any
+    case: ``민원서류.jpg`` from a macOS zip finds ``민원서류.txt`` saved on Windows, ``scan.TXT`` too);
+    the exact name when it is there. ScoreInputError naming both when two files fit equally."""
+    try:
+        return find_file(texts, f"{image.stem}.txt") or texts / f"{image.stem}.txt"
+    except AmbiguousName as exc:
+        raise ScoreInputError(f"{image}: ground truth: {exc}") from None
 
 
 def describe_skipped(skipped: list[tuple[str, str]], shown: int = 3) -> str:

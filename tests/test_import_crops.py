@@ -150,3 +150,21 @@ def test_a_second_import_into_a_set_being_written_stops_and_a_link_is_refused(tm
     with pytest.raises(LmdbWriteError, match="a symbolic link"):  # was: rmtree's traceback after the import
         import_crops(crops / "labels.tsv", tmp_path / "link", progress=False)
     assert LmdbDataset(tmp_path / "set").label(0) == "서울"
+
+
+def test_crops_named_as_prepare_matches_names_are_imported(tmp_path):
+    # the very names a macOS zip and a Windows TSV give: was "image_missing ... not found" for each
+    crops = tmp_path / "mine"
+    (crops / "이미지").mkdir(parents=True)
+    _crop(crops / "이미지" / unicodedata.normalize("NFD", "서울.PNG"), 100)
+    _crop(crops / "이미지" / "민원.JPG", 200)
+    (crops / "labels.tsv").write_text("image\ttext\n이미지/서울.PNG\t서울\n이미지\\민원.jpg\t민원\n", encoding="utf-8")
+    summary = import_crops(crops / "labels.tsv", tmp_path / "set", progress=False)
+    assert summary["samples"] == 2 and summary["skipped"] == {}
+    page = {"images": [{"image.file.name": "X.jpg", "image.width": 96, "image.height": 32}],
+            "annotations": [{"id": 1, "annotation.type": "rectangle", "annotation.text": "서울",
+                             "annotation.bbox": [10, 8, 40, 16]}]}
+    _crop(crops / "X.JPG", 100)
+    (crops / "X.json").write_text(json.dumps(page, ensure_ascii=False), encoding="utf-8")
+    summary = import_crops(crops / "X.json", tmp_path / "page", progress=False)  # was: image_unreadable 1
+    assert summary["samples"] == 1 and summary["skipped"] == {}

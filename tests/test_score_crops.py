@@ -361,3 +361,35 @@ def test_a_utf16_labels_file_without_a_bom_is_named_as_not_utf8(tmp_path):
     (tmp_path / "labels.tsv").write_bytes("image\ttext\na.png\tA-3\n".encode("utf-16-le"))
     with pytest.raises(ScoreInputError, match=r"labels\.tsv: not UTF-8 text \(NUL character at byte 1"):
         read_labels(tmp_path / "labels.tsv")
+
+
+def test_crop_images_are_found_as_prepare_matches_names(tmp_path):
+    # a crop stored NFD (a macOS zip), named NFC in the TSV; a Windows path with backslashes; X.JPG
+    # on disk for the TSV's x.jpg: each was "image ... not found", naming the file ls lists
+    (tmp_path / "이미지").mkdir()
+    stored = _png(tmp_path / "이미지" / unicodedata.normalize("NFD", "서울.PNG"))
+    windows = _png(tmp_path / "이미지" / "민원.JPG")
+    (tmp_path / "labels.tsv").write_text(f"image\ttext\n{unicodedata.normalize('NFC', '이미지/서울.PNG')}\t서울\n"
+                                         "이미지\\민원.jpg\t민원\n", encoding="utf-8")
+    assert [(c.image, c.text) for c in read_labels(tmp_path / "labels.tsv")] == [(stored, "서울"), (windows, "민원")]
+    # the exact name wins over one that differs only in case; two that fit only so are refused, both named
+    exact = _png(tmp_path / "이미지" / "민원.jpg")
+    assert [c.image for c in read_labels(tmp_path / "labels.tsv")] == [stored, exact]
+    (tmp_path / "labels.tsv").write_text("image\ttext\n이미지/민원.Jpg\t민원\n", encoding="utf-8")
+    with pytest.raises(ScoreInputError, match=r"labels.tsv:2: .*민원\.JPG and .*민원\.jpg: file names that differ "
+                                              r"only in Unicode normalisation \(NFC/NFD\) or case both fit"):
+        read_labels(tmp_path / "labels.tsv")
+    skipped: list[tuple[str, str]] = []
+    assert read_labels(tmp_path / "labels.tsv", skipped=skipped) == [] and [r for r, _ in skipped] == ["image_ambiguous"]
+
+
+def test_a_page_json_finds_its_image_as_prepare_pairs_it(tmp_path):
+    # X.JPG on disk beside a page JSON that says X.jpg: prepare pairs them; evaluate-crops said
+    # "not found" (import-crops: "no crop left to import (image_unreadable 1)")
+    Image.new("L", (200, 100), 255).save(tmp_path / "X.JPG", "JPEG")
+    labels = _page_json(tmp_path / "X.json", "X.jpg", (200, 100), [(20, 30, 60, 20, "서울")])
+    assert [(c.image, c.text) for c in read_labels(labels)] == [(tmp_path / "X.JPG", "서울")]
+    skipped: list[tuple[str, str]] = []  # a missing image is image_missing, not image_unreadable
+    gone = _page_json(tmp_path / "gone.json", "gone.jpg", (200, 100), [(20, 30, 60, 20, "서울")])
+    assert read_labels(gone, skipped=skipped) == []
+    assert skipped == [("image_missing", f"{gone}: image {tmp_path / 'gone.jpg'} not found")]

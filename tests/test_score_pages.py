@@ -222,3 +222,31 @@ def test_scores_into_an_evaluate_crops_folder_replace_that_runs_files(tmp_path, 
     assert main(["evaluate-pages", "--images", str(tmp_path), "--text", str(tmp_path), "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["my_notes.txt", "scores.json"]
     assert json.loads((out / "scores.json").read_text(encoding="utf-8")) == {"english_g2": {"pages": 1, "per_page": []}}
+
+
+def test_ground_truth_is_found_as_prepare_matches_names(tmp_path):
+    # 민원서류.jpg from a macOS zip (NFD) beside 민원서류.txt typed on Windows (NFC): was "no ground
+    # truth <the very file ls lists>"; SCAN.TXT for scan.png likewise
+    nfd, nfc_ = unicodedata.normalize("NFD", "민원서류"), unicodedata.normalize("NFC", "민원서류")
+    (tmp_path / f"{nfd}.jpg").write_bytes(b"")
+    (tmp_path / f"{nfc_}.txt").write_text("민원\n", encoding="utf-8")
+    (tmp_path / "scan.png").write_bytes(b"")
+    (tmp_path / "SCAN.TXT").write_text("서울\n", encoding="utf-8")
+    skipped = []
+    found = find_pages(tmp_path, tmp_path, skipped)
+    assert sorted((i.image.name, i.text_file.name, i.lines) for i in found) == sorted([
+        (f"{nfd}.jpg", f"{nfc_}.txt", ["민원"]), ("scan.png", "SCAN.TXT", ["서울"])])
+    assert skipped == []  # the matched texts are not "no_image"
+    # the exact name wins; two texts that fit only by NFC/NFD or case are refused, naming both
+    (tmp_path / "scan.txt").write_text("exact\n", encoding="utf-8")
+    assert [i.lines for i in find_pages(tmp_path, tmp_path) if i.image.name == "scan.png"] == [["exact"]]
+    half = unicodedata.normalize("NFD", "민") + "원서류"  # neither the image's NFD nor NFC
+    (tmp_path / f"{half}.txt").write_text("민원\n", encoding="utf-8")
+    first, second = sorted([f"{nfc_}.txt", f"{half}.txt"])
+    with pytest.raises(ScoreInputError, match=rf"{nfd}\.jpg: ground truth: .*{first} and .*{second}: file "
+                                              r"names that differ only in Unicode normalisation"):
+        find_pages(tmp_path, tmp_path)
+    # two images whose stems differ only in NFC/NFD are one stem, as names that differ in case are
+    (tmp_path / f"{nfc_}.png").write_bytes(b"")
+    with pytest.raises(ScoreInputError, match="two images of one stem"):
+        find_pages(tmp_path, tmp_path)

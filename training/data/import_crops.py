@@ -6,7 +6,7 @@ greyscale PNG that ``easyocr.Reader`` would make of it (the reading path evaluat
 NFC label, so the set trains as ``--data``'s ``train/`` or ``val/`` or in ``train.mix``.
 
 Rows the charset cannot express are dropped (or kept, ``out_of_charset: keep``); rows whose image
-is missing or does not decode, boxes with no area inside their image, and rows or boxes whose text is
+is missing (names matched as ``prepare`` matches them), ambiguous or does not decode, boxes with no area inside their image, and rows or boxes whose text is
 ``###`` (the illegible mark, ``dont_care``; ``evaluate-crops`` does not score them) are skipped; each is
 counted with its first places in ``import.json`` inside the set, like ``prepare``'s report. A
 malformed label file (a bad header, a row with too many fields) still stops the import, naming the line. The set is written beside ``out`` and moved in whole: a kill leaves none.

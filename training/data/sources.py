@@ -89,7 +89,55 @@ class SourceIndex:
 
 
 def _key(name: str) -> str:
+    return name_key(name)
+
+
+def name_key(name: str) -> str:
+    """How ``prepare`` compares file names: NFC (a macOS zip stores ``서울.png`` decomposed, NFD) and
+    lower case (Windows writes ``X.JPG`` for a label's ``X.jpg``)."""
     return unicodedata.normalize("NFC", name).lower()
+
+
+class AmbiguousName(ValueError):
+    """Two files fit one name equally (they differ only in NFC/NFD or case); the message names both."""
+
+
+def find_file(folder: str | os.PathLike, name: str) -> Path | None:
+    """The file or folder ``name`` (relative to ``folder``, or absolute) names, matched as ``prepare``
+    pairs a label with its image: the exact path when it exists, else, part by part, the one entry
+    whose name equals the part by :func:`name_key`; a backslash separates folders as a slash does
+    (a path written on Windows). None when nothing fits.
+
+    Raises AmbiguousName naming both when two entries of one folder fit a part and neither is exact
+    (``서울.png`` stored once NFC and once NFD, or ``Scan.jpg`` beside ``scan.JPG``): which one is meant
+    is a guess.
+
+    Example:
+        >>> find_file("crops", "이미지\\서울.png")   # doctest: +SKIP
+        PosixPath('crops/이미지/서울.PNG')
+    """
+    folder = Path(folder)
+    for written in dict.fromkeys((name, name.replace("\\", "/"))):
+        if (folder / written).exists():
+            return folder / written
+    rel = PurePosixPath(name.replace("\\", "/"))
+    here = Path(rel.anchor) if rel.is_absolute() else folder
+    for part in rel.parts[1:] if rel.is_absolute() else rel.parts:
+        if part in (".", "..") or (here / part).exists():
+            here = here / part
+            continue
+        try:
+            entries = os.listdir(here)
+        except OSError:  # not a folder, or not readable
+            return None
+        fits = sorted(entry for entry in entries if name_key(entry) == name_key(part))
+        if len(fits) > 1:
+            raise AmbiguousName(f"{' and '.join(str(here / fit) for fit in fits)}: file names that differ only "
+                                f"in Unicode normalisation (NFC/NFD) or case both fit {name!r}; keep one")
+        if not fits:
+            return None
+        here = here / fits[0]
+    return here
 
 
 def _folders(member: Member) -> list[str]:
