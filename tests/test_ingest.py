@@ -597,6 +597,15 @@ def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):
     assert bad == [(1, 'annotation bbox "oops" is not a list of 4 numbers')]
 
 
+def test_a_category_written_decomposed_is_the_same_category():
+    # 인.허가 in NFD (a label edited on a Mac) was a second category: prepare.stratify: category split
+    # its documents as a separate small category, and the evaluation's per-category rows parted too
+    pages = [{"images": [{"image.file.name": "a.jpg", "image.width": 100, "image.height": 50,
+                          "image.category": category}], "annotations": []}
+             for category in ("인.허가", unicodedata.normalize("NFD", "인.허가"), " 인.허가 ")]
+    assert {parse_page(json.dumps(page, ensure_ascii=False).encode()).category for page in pages} == {"인.허가"}
+
+
 @pytest.mark.parametrize("width,message", [
     ("1000.0", None), (1000.0, None), ("1000", None),
     ("1000.5", 'image entry image.width "1000.5" is not a positive whole number of pixels'),

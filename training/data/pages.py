@@ -121,7 +121,9 @@ class Page:
             return Word(bbox, text, score)  # type: ignore[arg-type]
 
         words = _parse_words(annotations, word, lambda ann: f"annotation {ann!r:.80} lacks a valid bbox", path, bad)
-        return cls(name, width, height, words, str(image.get("image.category", "")), extra)
+        # NFC and stripped as every label is: "인.허가" written decomposed (NFD) is the same category
+        category = nfc(str(image.get("image.category", "")))
+        return cls(name, width, height, words, category, extra)
 
     @classmethod
     def _from_ocr_schema(cls, data: dict, path: str | os.PathLike,
