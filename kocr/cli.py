@@ -119,7 +119,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     import mlflow
 
     from kocr.tracking import log_dataset, stage_run
-    from training.data.prepare import PrepareConfig, prepare_pages
+    from training.data.prepare import PrepareConfig, kept_reasons, prepare_pages
 
     params = load_params()
     knobs = {**section(params, "prepare"), **({"workers": args.workers} if args.workers is not None else {})}
@@ -127,9 +127,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     with stage_run("prepare", {"prepare": knobs, "data": data_section(params)}):
         log_dataset(args.src, context="source")
         report = prepare_pages(args.src, args.out, config)
+        kept = kept_reasons(config)  # report.json counts repairs beside drops: the keys tell them apart
         flat = {"pages_used": report["pages_used"],
                 **{f"crops_{k}": v for k, v in report["crops"].items()},
-                **{f"skipped_{k}": v["count"] for k, v in report["skipped"].items()}}
+                **{f"{'kept' if k in kept else 'skipped'}_{k}": v["count"] for k, v in report["skipped"].items()}}
         mlflow.log_metrics(flat)
         mlflow.log_artifact(str(Path(args.out) / "report.json"))
         mlflow.log_artifact(str(Path(args.out) / "manifest.json"))
@@ -137,8 +138,10 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         mlflow.set_tag("kocr.prepared.content_sha256", manifest["content_sha256"])
     if args.metrics:
         _dump(flat, args.metrics)
-    skipped = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items()) or "nothing"
-    print(f"prepare: {report['pages_used']} pages -> crops {report['crops']}; skipped: {skipped}")
+    skipped = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items() if k not in kept) or "nothing"
+    repaired = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items() if k in kept)
+    print(f"prepare: {report['pages_used']} pages -> crops {report['crops']}; skipped: {skipped}"
+          + (f"; kept with a repair or note: {repaired}" if repaired else ""))
     if not report["pages_used"]:
         print(f"prepare: warning: no usable page under {args.src} (see {args.out}/report.json); the splits are "
               "empty, and train will refuse them", file=sys.stderr)

@@ -137,6 +137,28 @@ def test_page_counts(dropped):
     assert report["pages_used"] == 7 == sum(report["pages"].values())
 
 
+def test_the_metrics_and_console_tell_repairs_from_drops(src, tmp_path, monkeypatch, capsys):
+    # was: "skipped_nfd_normalised" and "skipped: ... nfd_normalised 1" for a word NFC-normalised and kept
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
+    assert main(["prepare-aihub", "--src", str(src), "--out", "out", "--metrics", "m.json"]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))
+    assert {k: v for k, v in metrics.items() if k.startswith("kept_")} == {
+        "kept_nfd_normalised": 1, "kept_negative_coordinates": 1, "kept_box_clipped": 1}
+    assert metrics["skipped_zero_area_box"] == 1 and metrics["skipped_out_of_charset"] == 1
+    assert not {"skipped_nfd_normalised", "skipped_negative_coordinates", "skipped_box_clipped"} & set(metrics)
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("prepare: ")]
+    skipped, kept = line.split("; skipped: ")[1].split("; kept with a repair or note: ")
+    assert "nfd_normalised" not in skipped and "zero_area_box 1" in skipped
+    assert kept == "box_clipped 1, negative_coordinates 1, nfd_normalised 1"
+    # kept, counted: with out_of_charset: keep the word is no longer "skipped"
+    (tmp_path / "params.yaml").write_text("prepare: {out_of_charset: keep}\n", encoding="utf-8")
+    assert main(["prepare-aihub", "--src", str(src), "--out", "keep", "--metrics", "k.json"]) == 0
+    assert json.loads((tmp_path / "k.json").read_text(encoding="utf-8"))["kept_out_of_charset"] == 1
+
+
 # -- splits ------------------------------------------------------------------------------------------
 
 def test_splits_hold_each_usable_page_once(src, dropped):

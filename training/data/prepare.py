@@ -113,6 +113,17 @@ _PREPARE_TYPES = {"charset": str, "val_fraction": float, "test_fraction": float,
 IMAGE_FORMATS = (".png", ".jpg")
 
 
+KEPT_REASONS = frozenset({"image_size_differs_from_json", "nfd_normalised", "negative_coordinates", "box_clipped",
+                          "image_ambiguous"})  # report.json reasons whose page or word is kept (repaired or noted)
+
+
+def kept_reasons(config: PrepareConfig) -> frozenset[str]:
+    """The reasons of ``report.json`` whose page or word ``prepare`` keeps (NFC-normalised, clamped,
+    clipped, the first of several fitting images used; ``out_of_charset`` with ``out_of_charset: keep``);
+    every other reason leaves something out."""
+    return KEPT_REASONS | ({"out_of_charset"} if config.out_of_charset == "keep" else set())
+
+
 class Report:
     """Counts and first examples of everything kept or skipped."""
 
