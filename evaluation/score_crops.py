@@ -2,9 +2,12 @@
 
 The labels file is a TSV with a header line naming at least the columns ``image`` and ``text``
 (further columns, e.g. ``note``, are ignored); each row is one crop, its image path relative to
-the labels file. Fields are plain text split at tabs: a ``"`` is part of the text, never CSV
-quoting, so the labels files this module and ``kocr.recipe export-crops`` write (``tsv_row``) read
-back exactly. A ``.json`` labels file holds word boxes on whole images instead
+the labels file. Fields are text split at tabs; a ``"`` is part of the text, except in a field that
+only a CSV writer makes (``tsv_field``): ``"민원 ""서류"" 접수"`` (a spreadsheet's or pandas' quoting of
+``민원 "서류" 접수``) reads as ``민원 "서류" 접수``, and in a file whose header is quoted (``"image"<TAB>"text"``,
+a quote-all export) every quoted field is unquoted; ``"허가"`` in an unquoted file stays ``"허가"``, a
+label printed with its quotes. The labels files this module and ``kocr.recipe export-crops`` write
+(``tsv_row``) read back exactly. A ``.json`` labels file holds word boxes on whole images instead
 (``read_box_labels``): each box is cut out, widened as EasyOCR widens the boxes its detector finds,
 and scored as a crop, so labelled photos and scans are scored without a detector. Every crop is read whole, exactly as ``easyocr.Reader.recognize(crop)`` reads an
 image without boxes (the image as one box, EasyOCR's resizing, contrast retry and greedy decoding),
@@ -81,8 +84,31 @@ class Crop:
         return f"{f'{labels}: ' if labels else ''}{self.image.name} word {self.line}"
 
 
+def tsv_field(value: str, quoted_file: bool = False) -> str:
+    """One field of a labels TSV as its text: CSV quoting undone where only a CSV writer puts it.
+
+    A field wrapped in ``"`` whose inner quotes all come doubled is CSV-quoted when it holds a doubled
+    quote (``"민원 ""서류"" 접수"`` -> ``민원 "서류" 접수``: spreadsheets, pandas and Python's csv quote a field
+    holding a ``"`` so, and nothing else writes ``""`` inside quotes) or when ``quoted_file`` (the
+    header itself is quoted: a quote-all export). Any other ``"`` is text: ``"허가"`` in a plain file
+    is a label printed with its quotes (a CSV writer quoting minimally leaves ``허가`` bare), as the
+    platform's own files have written such labels.
+
+    Example:
+        >>> tsv_field('"민원 ""서류"" 접수"'), tsv_field('"허가"'), tsv_field('"허가"', quoted_file=True)
+        ('민원 "서류" 접수', '"허가"', '허가')
+    """
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        inner = value[1:-1]
+        if '"' not in inner.replace('""', "") and (quoted_file or '""' in inner):
+            return inner.replace('""', '"')
+    return value
+
+
 def tsv_row(fields: list[str], where: str) -> str:
-    """``fields`` as one line of the platform's plain TSV (tab-joined, newline-ended, no quoting).
+    """``fields`` as one line of the platform's TSV (tab-joined, newline-ended), each read back
+    exactly by ``read_labels``: a field that ``tsv_field`` would take for CSV quoting (``"a""b"``) is
+    written CSV-quoted, every other field as it is.
 
     Raises ValueError naming ``where`` when a field holds a tab or a line break, which no plain TSV
     row can carry.
@@ -90,7 +116,8 @@ def tsv_row(fields: list[str], where: str) -> str:
     for value in fields:
         if any(c in value for c in "\t\n\r"):
             raise ValueError(f"{where}: field {value!r:.60} holds a tab or line break; a TSV row cannot carry it")
-    return "\t".join(fields) + "\n"
+    return "\t".join(value if tsv_field(value) == value else '"' + value.replace('"', '""') + '"'
+                     for value in fields) + "\n"
 
 
 def read_labels(path: str | os.PathLike, margin: float = 0.1,
@@ -104,9 +131,11 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
     A row whose text is ``###`` (``DONT_CARE``, ICDAR's and AI-Hub's mark for an illegible word) is
     left out, as a box labelled so is: it is neither scored nor trained.
 
+    Fields are read by ``tsv_field``: CSV quoting only where a CSV writer put it.
+
     With ``skipped`` (a list), a row whose image is missing, ambiguous (two files fit its name only
-    by NFC/NFD or case) or unreadable, or whose box is unusable, is appended to it as (reason, where) and left out instead of stopping the read; a ``###`` row or
-    box is appended as ``dont_care``."""
+    by NFC/NFD or case) or unreadable, or whose box is unusable, is appended to it as (reason, where)
+    and left out instead of stopping the read; a ``###`` row or box is appended as ``dont_care``."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         return read_box_labels(path, margin, skipped)
@@ -121,7 +150,8 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
         raise ScoreInputError(f"{path}: not UTF-8 text ({nul_note(raw)})")
     if not lines:
         raise ScoreInputError(f"{path}: empty; expected a header line 'image<TAB>text'")
-    header = lines[0].split("\t")
+    quoted = any(len(name) >= 2 and name[0] == name[-1] == '"' for name in lines[0].split("\t"))
+    header = [tsv_field(name, quoted) for name in lines[0].split("\t")]  # "image"<TAB>"text": a quote-all export
     if "image" not in header or "text" not in header:
         raise ScoreInputError(f"{path}:1: header {lines[0]!r:.80} lacks the columns 'image' and 'text' "
                               "(tab-separated)")
@@ -135,7 +165,8 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
         if len(fields) <= max(col_image, col_text) or any(f.strip() for f in fields[len(header):]):
             raise ScoreInputError(f"{path}:{number}: {len(fields)} tab-separated field(s), expected "
                                   f"{len(header)} as in the header (a tab inside the text?): {line!r:.80}")
-        image, text = fields[col_image].strip(), nfc(fields[col_text].strip())
+        fields = [tsv_field(value.strip(), quoted) for value in fields]
+        image, text = fields[col_image], nfc(fields[col_text])
         if not image or not text:
             raise ScoreInputError(f"{path}:{number}: empty {'image path' if not image else 'text'}")
         if text == DONT_CARE:
@@ -156,7 +187,7 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
                 raise ScoreInputError(problem)
             skipped.append(("image_missing", problem))
             continue
-        crops.append(Crop(image_path, text, number, font=fields[col_font].strip() if col_font is not None else ""))
+        crops.append(Crop(image_path, text, number, font=fields[col_font] if col_font is not None else ""))
     if not crops and not skipped:
         raise ScoreInputError(f"{path}: no rows after the header"
                               + (f" but {dont_care} marked {DONT_CARE} (not scored)" if dont_care else ""))

@@ -64,7 +64,8 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
     """Write every sample of an LMDB set as ``<out>/NNNNNN.png`` and ``<out>/labels.tsv``; returns the count.
 
     The ``font`` column comes from the set's ``manifest.tsv`` (written by ``kocr synth-lines``) when present.
-    Both files are plain TSV: a label's ``"`` is text, not CSV quoting (``evaluation.score_crops.read_labels``).
+    Both files are plain TSV: a label's ``"`` is text, written as it is, save a label the reader would take
+    for CSV quoting (``"a""b"``), written CSV-quoted (``evaluation.score_crops.tsv_row`` and ``tsv_field``).
     """
     import cv2
 

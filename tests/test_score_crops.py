@@ -393,3 +393,31 @@ def test_a_page_json_finds_its_image_as_prepare_pairs_it(tmp_path):
     gone = _page_json(tmp_path / "gone.json", "gone.jpg", (200, 100), [(20, 30, 60, 20, "서울")])
     assert read_labels(gone, skipped=skipped) == []
     assert skipped == [("image_missing", f"{gone}: image {tmp_path / 'gone.jpg'} not found")]
+
+
+def test_csv_quoting_is_undone_only_where_a_csv_writer_put_it(tmp_path):
+    # a spreadsheet or pandas writes 민원 "서류" as "민원 ""서류""" (and old export-crops wrote the label
+    # "이낙연" as """이낙연"""): was read with the quotes as part of the label
+    _png(tmp_path / "a.png")
+    rows = ['"민원 ""서류"""', '"""이낙연"""', '"허가"', '주목 "마라톤"', '"흘러', '5"', '"a"b"']
+    (tmp_path / "labels.tsv").write_text("image\ttext\n" + "".join(f"a.png\t{r}\n" for r in rows), encoding="utf-8")
+    assert [c.text for c in read_labels(tmp_path / "labels.tsv")] == [
+        '민원 "서류"', '"이낙연"',
+        '"허가"', '주목 "마라톤"', '"흘러', '5"', '"a"b"']  # a label's own quotes stay: no CSV writer writes these
+    # a quote-all export (LibreOffice "quote all text cells", csv.QUOTE_ALL): the header says so
+    (tmp_path / "all.tsv").write_text('"image"\t"text"\n"a.png"\t"허가"\n"a.png"\t" 민원 ""서류"" "\n',
+                                      encoding="utf-8")
+    assert [(c.image, c.text) for c in read_labels(tmp_path / "all.tsv")] == [
+        (tmp_path / "a.png", "허가"), (tmp_path / "a.png", '민원 "서류"')]
+
+
+def test_tsv_row_writes_every_label_so_it_reads_back_exactly(tmp_path):
+    from evaluation.score_crops import tsv_row
+
+    _png(tmp_path / "a.png")
+    labels = ['"이낙연"', '"a""b"', '""', '"', '"x"""', 'say "hi"', "서울"]
+    with (tmp_path / "labels.tsv").open("w", encoding="utf-8", newline="") as fh:
+        fh.write(tsv_row(["image", "text"], "labels.tsv"))
+        fh.writelines(tsv_row(["a.png", label], "labels.tsv") for label in labels)
+    assert [c.text for c in read_labels(tmp_path / "labels.tsv")] == labels
+    assert tsv_row(["a.png", '"이낙연"'], "x") == 'a.png\t"이낙연"\n'  # written as it is: nothing to mistake
