@@ -3,8 +3,10 @@
 ``champion`` moves only when the candidate's ``e2e_f1`` beats the champion's on the same evaluation
 set (same content hash), scored the same way (same detector settings, IoU threshold and scorer
 version: ``eval_scoring_hash``), by at least ``min_delta``. When the champion was scored on another
-set or another way, it is scored again on this one first (``rescore``). Decision, both scores and
-the hashes become tags on the candidate's version.
+set or another way, it is scored again on this one first (``rescore``), and that score is kept on
+the champion's version (a ``rescored_<metric>.<key>`` tag, :func:`rescore_tag`), so a later promote on
+the same set, scored the same way, reuses it instead of scoring the champion again. Decision, both
+scores and the hashes become tags on the candidate's version.
 
 Example:
     >>> decision = promote(candidate, PromoteConfig(), rescore=lambda uri: 0.4)   # doctest: +SKIP
@@ -15,6 +17,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -184,14 +189,18 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
         decision["champion_version"] = int(champion.version)
         same_set = champion.tags.get("eval_data_hash") == candidate.eval_data_hash
         same_way = champion.tags.get("eval_scoring_hash", "") == candidate.eval_scoring_hash
+        kept = rescored(champion.tags, metric, candidate)
         if same_set and same_way and metric in champion.tags:
             champion_score = float(champion.tags[metric])
             how = "its recorded score on the same set"
+        elif kept is not None:
+            champion_score, how = kept, "re-scored on this set by an earlier promote"
         else:
             champion_score = rescore(f"models:/{config.model_name}/{champion.version}")
             how = ("re-scored on this set (it was scored on another)" if not same_set else
                    "re-scored on this set (it was scored another way: detector settings, IoU threshold or "
                    "scorer version)" if not same_way else f"re-scored on this set (its version has no {metric} tag)")
+            _keep_rescore(client, config.model_name, champion.version, metric, candidate, champion_score)
         margin = config.gain(candidate.score, champion_score)
         promoted = margin > 0 and margin >= config.min_delta - 1e-9  # 0.57 - 0.56 is 0.00999…: still 0.01
         verb = "beats" if promoted else "does not beat"
@@ -205,3 +214,41 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
         client.set_registered_model_alias(config.model_name, "champion", version)
         decision["champion_version"] = int(version)
     return decision
+
+
+def rescore_tag(metric: str, eval_data_hash: str, eval_scoring_hash: str) -> str:
+    """The model-version tag that keeps a champion's ``metric`` re-scored on one evaluation set scored
+    one way: ``rescored_<metric>.<16 hex digits>`` (a digest of both hashes: a tag name takes only some
+    characters). Its value names both hashes, which :func:`rescored` checks before trusting it."""
+    digest = hashlib.sha256(f"{eval_data_hash}\0{eval_scoring_hash}".encode()).hexdigest()[:16]
+    return f"rescored_{metric}.{digest}"
+
+
+def rescored(tags: dict[str, str], metric: str, candidate: Candidate) -> float | None:
+    """The champion's ``metric`` kept by an earlier re-score on the candidate's set scored the same way
+    (``eval_data_hash`` and ``eval_scoring_hash`` both), or None: no such tag, or one whose value names
+    another set or scoring, or is no finite score (edited by hand, cut short)."""
+    value = tags.get(rescore_tag(metric, candidate.eval_data_hash, candidate.eval_scoring_hash))
+    try:
+        kept = json.loads(value) if value is not None else None
+        if (not isinstance(kept, dict) or kept.get("eval_data_hash") != candidate.eval_data_hash
+                or kept.get("eval_scoring_hash") != candidate.eval_scoring_hash):
+            return None
+        score = float(kept[metric])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return score if math.isfinite(score) else None
+
+
+def _keep_rescore(client: mlflow.MlflowClient, name: str, version: str, metric: str, candidate: Candidate,
+                  score: float) -> None:
+    """Tag the champion's version with its re-score on the candidate's set; a registry that refuses
+    only costs the next promote another re-score (warned), never this decision."""
+    value = json.dumps({metric: score, "eval_data_hash": candidate.eval_data_hash,
+                        "eval_scoring_hash": candidate.eval_scoring_hash})
+    try:
+        client.set_model_version_tag(name, version, rescore_tag(metric, candidate.eval_data_hash,
+                                                                candidate.eval_scoring_hash), value)
+    except MlflowException as exc:
+        warnings.warn(f"{name} v{version}: its re-score was not kept ({exc.message}); the next promote on "
+                      "this set scores it again", stacklevel=2)

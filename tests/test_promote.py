@@ -100,6 +100,55 @@ def test_a_champion_scored_another_way_is_rescored_on_the_same_set(logged_uris, 
     assert len(asked) == 2 and fourth["promoted"]
 
 
+def test_a_champion_rescored_on_a_set_is_not_rescored_again_there(logged_uris, monkeypatch):
+    """Was: every promote on a set the champion had not been scored on re-scored it again (minutes of
+    CRAFT + recognition each); its re-score is now kept on its version for that set and scoring."""
+    import json
+
+    import evaluation.promote
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    client = mlflow.MlflowClient()
+    config = PromoteConfig(model_name="reg-rescored", min_delta=0.5)  # no candidate beats the first champion
+    champion = promote(_candidate(uris[0], 0.40, "set-a"), config, _no_rescore)["candidate_version"]
+    asked = []
+
+    def rescore(uri):
+        asked.append(uri)
+        return 0.30
+
+    def candidate(data_hash, scoring_hash, score=0.35):
+        return Candidate(uris[1][0], uris[1][1], score, data_hash, scoring_hash)
+
+    second = promote(candidate("set-b", "way-1"), config, rescore)
+    assert asked == [f"models:/reg-rescored/{champion}"] and second["champion_e2e_f1"] == pytest.approx(0.30)
+    # the same set scored the same way: the score kept on the champion's version, not a second re-score
+    third = promote(candidate("set-b", "way-1", 0.36), config, _no_rescore)
+    assert not third["promoted"] and third["champion_e2e_f1"] == pytest.approx(0.30)
+    assert "re-scored on this set by an earlier promote" in third["reason"]
+    rescore_tag = evaluation.promote.rescore_tag
+    tag = client.get_model_version("reg-rescored", champion).tags[rescore_tag("e2e_f1", "set-b", "way-1")]
+    assert json.loads(tag) == {"e2e_f1": 0.30, "eval_data_hash": "set-b", "eval_scoring_hash": "way-1"}
+    # another set, the same set scored another way, another metric: each is re-scored (once)
+    promote(candidate("set-c", "way-1"), config, rescore)
+    promote(candidate("set-b", "way-2"), config, rescore)
+    promote(candidate("set-c", "way-1"), config, _no_rescore)
+    assert len(asked) == 3
+    promote(candidate("set-b", "way-1"), PromoteConfig(model_name="reg-rescored", metric="cer", min_delta=0.5),
+            rescore)
+    assert len(asked) == 4
+    # a kept score whose value names another set or scoring (edited by hand, or garbled) is not trusted
+    for stale in (json.dumps({"e2e_f1": 0.99, "eval_data_hash": "set-x", "eval_scoring_hash": "way-1"}),
+                  json.dumps({"e2e_f1": 0.99, "eval_data_hash": "set-d", "eval_scoring_hash": "way-0"}),
+                  "0.99", "{not json"):
+        client.set_model_version_tag("reg-rescored", champion, rescore_tag("e2e_f1", "set-d", "way-1"), stale)
+        decision = promote(candidate("set-d", "way-1"), config, rescore)
+        assert decision["champion_e2e_f1"] == pytest.approx(0.30), stale
+    assert len(asked) == 8
+
+
 def test_logged_model_reads_pages_from_its_uri(logged_uris, sample_pages, monkeypatch):
     store, uris = logged_uris
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
