@@ -213,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from kocr.tracking import log_dataset, stage_run
-    from training.tune import TuneConfig, TuneError, check_space, redact, run_tune
+    from training.tune import TuneConfig, TuneError, check_space, fixed_knob_params, redact, run_tune
 
     params = load_params()
     try:
@@ -228,8 +228,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
             _settings(params)
         used = {**section(params, "tune"), "n_trials": config.n_trials, "timeout_s": config.timeout_s,
                 "study_name": config.study_name, "storage": redact(config.storage) if config.storage else ""}
-        with stage_run("tune", {"tune": used, "train": section(params, "train"), "model": section(params, "model")},
-                       experiment="ko-ocr/tune"):
+        # train.*/model.*: what every trial trains with besides its searched knobs, train.steps its budget
+        # (not params.yaml's train.steps: no trial trains that long)
+        with stage_run("tune", {"tune": used, **fixed_knob_params(params, config)}, experiment="ko-ocr/tune"):
             for split in ("train", "val"):
                 log_dataset(Path(args.data) / split, context=split)
             best = run_tune(config, params, args.data, args.out)

@@ -571,3 +571,48 @@ def test_a_trial_run_carries_its_tune_runs_stage_commit_and_data_versions(prepar
         assert run.data.tags[tag] == above.data.tags[tag], tag
     assert {(i.dataset.digest, i.dataset.name) for i in run.inputs.dataset_inputs} \
         == {(i.dataset.digest, i.dataset.name) for i in above.inputs.dataset_inputs} != set()
+
+
+def test_trial_runs_show_every_knob_they_trained_with_and_the_tune_run_the_steps_trials_trained(
+        prepared, tmp_path, monkeypatch):
+    """Was: a trial run had only the knobs the sampler chose (train.lr), and the tune run showed
+    params.yaml's train.steps (6) and val_every although every trial trained steps_per_trial (2)."""
+    from kocr.cli import main
+
+    space = {"optimizer": {"type": "categorical", "choices": ["adam"]},
+             "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+             "warmup_steps": {"type": "int", "low": 1, "high": 2, "when": {"optimizer": ["adadelta"]}}}
+    monkeypatch.chdir(_project(tmp_path / "p", n_trials=1, steps_per_trial=2, report_every=2, study_name="knobs",
+                               space=space))
+    assert main(["tune", "--data", str(prepared), "--out", "tuning"]) == 0
+    runs = mlflow.search_runs(experiment_names=["ko-ocr/tune"], output_format="list")
+    [parent] = [r for r in runs if r.info.run_name == "tune"]
+    [run] = [r for r in runs if r.info.run_name == "trial-0"]
+    [trial] = optuna.load_study(study_name="knobs", storage="sqlite:///tuning/optuna.db").get_trials()
+    budget = {"train.steps": "2", "train.val_every": "2"}  # not params.yaml's 6 and 3
+    fixed = {"train.batch_size": "4", "train.base": "scratch", "train.grad_clip": "5.0", "model.hidden_size": "32",
+             "train.warmup_steps": "0"}  # warmup_steps: searched only with adadelta, so params.yaml's (default) 0
+    for params in (parent.data.params, run.data.params):
+        assert {k: params.get(k) for k in {**budget, **fixed}} == {**budget, **fixed}
+        assert "train.use_tuned" not in params  # a trial never reads the tuned file
+    assert run.data.params["train.lr"] == str(trial.params["lr"]) and run.data.params["train.optimizer"] == "adam"
+    assert run.data.tags["kocr.searched"] == "lr,optimizer"
+    # the tune run shows no value of the knobs every trial searches: params.yaml's trained no trial
+    assert "train.lr" not in parent.data.params and "train.optimizer" not in parent.data.params
+
+
+def test_a_trial_whose_knobs_make_no_train_config_still_shows_them(prepared, monkeypatch):
+    from kocr.params import ParamsError
+
+    import training.tune
+
+    def refuse(params, overrides, config):
+        raise ParamsError("train.lr: refused")
+
+    monkeypatch.setattr(training.tune, "trial_config", refuse)
+    trial = optuna.create_study().ask()
+    with mlflow.start_run():
+        state, _, note = run_trial(trial, TuneConfig.from_params(PARAMS["tune"]), PARAMS, prepared, log=True)
+    run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
+    assert state == optuna.trial.TrialState.FAIL and "refused" in note and run.info.status == "FAILED"
+    assert run.data.params == {f"train.{k}": str(v) for k, v in trial.params.items()}

@@ -49,9 +49,9 @@ from sqlalchemy.engine import make_url as sqlalchemy_url
 
 from kocr.atomic import DISK_FULL, database_full, scratch_folder, write_text
 from kocr.locks import database_lock
-from kocr.params import ParamsError, check_keys, data_section, typed
+from kocr.params import ParamsError, check_keys, data_section, flatten, typed
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
-from training.train import TrainConfig, train
+from training.train import MODEL_KNOBS, TRAIN_KNOBS, TrainConfig, train
 
 # tune.metric -> (key of train()'s validation scores, the direction that improves it)
 METRICS = {"val_cer": ("cer", "minimize"), "val_loss": ("loss", "minimize"),
@@ -501,6 +501,27 @@ def trial_config(params: dict[str, Any], overrides: dict[str, Any], config: Tune
     return TrainConfig.from_params({**params, "train": section})
 
 
+def knob_params(train_config: TrainConfig, leave_out: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Every ``train:`` and model knob of ``train_config`` as MLflow params, named as ``kocr train``
+    names them (``train.lr``, ``model.hidden_size``, ``train.mix`` as JSON), except ``leave_out``.
+
+    A trial run logs these, so trials compare in the MLflow UI on every knob they trained with, the
+    searched ones and the fixed ones, and ``train.steps`` is the steps it trained (``steps_per_trial``).
+    """
+    knobs = {"train": {k: getattr(train_config, k) for k in sorted(TRAIN_KNOBS - leave_out)},
+             "model": {k: getattr(train_config, k) for k in sorted(MODEL_KNOBS - leave_out)}}
+    return {k: str(v)[:6000] for k, v in flatten(knobs).items()}
+
+
+def fixed_knob_params(params: dict[str, Any], config: TuneConfig) -> dict[str, str]:
+    """The ``tune`` run's ``train.*``/``model.*`` params: the knobs every trial of ``config`` trains
+    with that it does not search, with the trial budget (``train.steps`` = ``steps_per_trial``,
+    ``train.val_every`` = ``report_every``); the knobs every trial searches (unconditional entries of
+    ``tune.space``) are left out, as no trial trains with params.yaml's value of them."""
+    searched = frozenset(spec.key for spec in config.space if not spec.when)
+    return knob_params(trial_config(params, {}, config), leave_out=searched)
+
+
 def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, Any],
               data_dir: str | os.PathLike, log: bool = True,
               scorer: Callable[..., dict[str, float]] | None = None) -> tuple[TrialState, float | None, str]:
@@ -509,7 +530,8 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
     Each validation score is reported at its step; when the pruner says so the trial stops there
     (PRUNED). The value is the best validation score reached. A trial another worker has meanwhile
     failed as stale stops at its next report ("lost"; its retry is already queued). With ``log``, a
-    nested MLflow run under the active one holds the trial's knobs, its curves and its value.
+    nested MLflow run under the active one holds every knob the trial trained with (:func:`knob_params`;
+    tag ``kocr.searched`` names the ones the sampler chose), its curves and its value.
     """
     import mlflow
 
@@ -543,8 +565,15 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
             trial.set_user_attr("mlflow_run_id", run.info.run_id)
             if parent:
                 inherit_inputs(parent, run.info.run_id)
-            mlflow.log_params({f"train.{k}": v for k, v in overrides.items()})
-        train_config = trial_config(params, overrides, config)
+            mlflow.set_tag("kocr.searched", ",".join(sorted(overrides)))
+        try:
+            train_config = trial_config(params, overrides, config)
+        except ParamsError:
+            if run is not None:  # the knobs it was given, though they make no train config
+                mlflow.log_params({f"{'model' if k in MODEL_KNOBS else 'train'}.{k}": v for k, v in overrides.items()})
+            raise
+        if run is not None:  # every knob it trains with, searched or fixed, and the steps it trains
+            mlflow.log_params(knob_params(train_config))
         # $TMPDIR/.kocr-trial-N.TAG-PID.HEX.tmp: a killed worker's folder (checkpoints) goes with the next trial
         with scratch_folder(f"{TRIAL_FOLDER}{trial.number}", sweep=TRIAL_FOLDER) as tmp:
             train(train_config, data_dir, tmp, metrics_file=Path(tmp) / "metrics.json",
