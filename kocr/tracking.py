@@ -1,9 +1,12 @@
 """MLflow conventions: one parent run per ``dvc repro``, one child run per stage.
 
 Embedded default: ``sqlite:///mlruns.db`` in the project root with artifacts in ``mlartifacts/``;
-``MLFLOW_TRACKING_URI`` points everything at a server instead. Set but empty (a CI secret that is
-missing or misspelt, ``MLFLOW_TRACKING_URI=`` in an .env file) is an error, not the embedded store:
-a run meant for the team's server would otherwise register and promote in a throwaway local registry.
+``MLFLOW_TRACKING_URI`` points everything at a server instead. A stage that ``dvc exp run --queue`` or
+``--temp`` runs in a temporary copy of the project (``.dvc/tmp/exps/…``, deleted when the experiment
+ends) logs to the store of the user's checkout, which DVC names in ``DVC_ROOT`` (:func:`store_dir`).
+Set but empty (a CI secret that is missing or misspelt, ``MLFLOW_TRACKING_URI=`` in an .env file) is
+an error, not the embedded store: a run meant for the team's server would otherwise register and
+promote in a throwaway local registry.
 
 DVC runs each stage as its own process, so the stages of one ``dvc repro`` find their common
 parent run by a pipeline key: ``KOCR_PIPELINE_ID`` when set (CI sets it), else the PID and start
@@ -55,9 +58,31 @@ def tracking_uri_from_env() -> str | None:
     return uri
 
 
+def _dvc_project(folder: Path) -> Path | None:
+    """The DVC project ``folder`` is in: the nearest folder, itself or above, holding ``.dvc/``."""
+    return next((p for p in (folder, *folder.parents) if (p / ".dvc").is_dir()), None)
+
+
+def store_dir() -> Path:
+    """The folder of the embedded store (``mlruns.db``, ``mlartifacts/``): the current folder, or the
+    same folder in the user's checkout when a DVC experiment runs the stage in a temporary copy.
+
+    ``dvc exp run`` sets ``DVC_EXP_NAME`` and ``DVC_ROOT``, the checkout the experiment was queued
+    from; ``--queue`` and ``--temp`` run it in a copy under ``.dvc/tmp/exps/``, which DVC deletes
+    afterwards, store and artifacts with it (was: runs logged there were lost)."""
+    here = Path.cwd().resolve()
+    root = os.environ.get("DVC_ROOT")
+    if not os.environ.get("DVC_EXP_NAME") or not root or not Path(root).is_dir():
+        return here
+    copy = _dvc_project(here)
+    if copy is None or copy == Path(root).resolve():
+        return here
+    return Path(root).resolve() / here.relative_to(copy)
+
+
 def configure_tracking() -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or, when it is unset, the embedded SQLite store; returns the URI."""
-    uri = tracking_uri_from_env() or f"sqlite:///{Path('mlruns.db').resolve()}"
+    uri = tracking_uri_from_env() or f"sqlite:///{store_dir() / 'mlruns.db'}"
     if shown_uri(uri) != uri:  # MLflow prints "View run at <host>" with the URI's user:password in it
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     mlflow.set_tracking_uri(uri)
@@ -91,7 +116,7 @@ def ensure_experiment(name: str) -> str:
         return experiment.experiment_id
     location = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
-        location = (Path("mlartifacts") / name.replace("/", "_")).resolve().as_uri()
+        location = (store_dir() / "mlartifacts" / name.replace("/", "_")).as_uri()
     try:
         return mlflow.create_experiment(name, artifact_location=location)
     except mlflow.exceptions.MlflowException:  # created by a concurrent process meanwhile

@@ -162,11 +162,11 @@ def reading_store(uri: str) -> str:
 
     Reads only: with no ``MLFLOW_TRACKING_URI`` and no ``mlruns.db`` here (a command run outside the
     project), ModelSpecError says so instead of an empty store being created and searched."""
-    from kocr.tracking import configure_tracking, shown_uri, tracking_uri_from_env
+    from kocr.tracking import configure_tracking, shown_uri, store_dir, tracking_uri_from_env
 
-    if not tracking_uri_from_env() and not Path("mlruns.db").is_file():
+    if not tracking_uri_from_env() and not (store_dir() / "mlruns.db").is_file():
         raise ModelSpecError(f"cannot load {uri!r}: no MLflow store here (MLFLOW_TRACKING_URI is unset and there "
-                             f"is no mlruns.db in {Path.cwd()}; run from the project root or set it)")
+                             f"is no mlruns.db in {store_dir()}; run from the project root or set it)")
     return shown_uri(configure_tracking())
 
 
