@@ -42,6 +42,7 @@ from kocr.params import flatten
 
 DEFAULT_EXPERIMENT = "ko-ocr/finetune"
 PIPELINE_KEY_TAG = "kocr.pipeline_key"
+DVC_EXP_TAG = "kocr.dvc_exp"  # the DVC experiment's name (`dvc exp show`, `dvc exp apply NAME`)
 
 
 class TrackingConfigError(ValueError):
@@ -78,6 +79,11 @@ def store_dir() -> Path:
     if copy is None or copy == Path(root).resolve():
         return here
     return Path(root).resolve() / here.relative_to(copy)
+
+
+def dvc_experiment() -> str | None:
+    """The name of the DVC experiment running this stage (``DVC_EXP_NAME``), or None outside one."""
+    return os.environ.get("DVC_EXP_NAME") or None
 
 
 def configure_tracking() -> str:
@@ -165,6 +171,8 @@ def _parent_run(experiment_id: str, key: str | None) -> str:
             return found[0].info.run_id
     client = mlflow.MlflowClient()
     tags = {PIPELINE_KEY_TAG: key or "manual", "kocr.kind": "pipeline"}
+    if experiment := dvc_experiment():
+        tags[DVC_EXP_TAG] = experiment
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -173,9 +181,11 @@ def _parent_run(experiment_id: str, key: str | None) -> str:
 
 
 def stage_tags(stage: str, commit: str | None = None) -> dict[str, str]:
-    """The tags every stage run carries: ``kocr.stage``, ``kocr.host``, ``kocr.pid`` and the git
-    commit (``commit``, else HEAD's when in a git repository)."""
+    """The tags every stage run carries: ``kocr.stage``, ``kocr.host``, ``kocr.pid``, the git commit
+    (``commit``, else HEAD's when in a git repository) and, in a ``dvc exp run``, ``kocr.dvc_exp``."""
     tags = {"kocr.stage": stage, "kocr.host": socket.gethostname(), "kocr.pid": str(os.getpid())}
+    if experiment := dvc_experiment():
+        tags[DVC_EXP_TAG] = experiment
     commit = commit or git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit

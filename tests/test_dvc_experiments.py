@@ -1,5 +1,5 @@
 """DVC experiments (docs/tuning.md "Small grids"): runs of a queued or ``--temp`` experiment land in the
-store of the user's checkout.
+store of the user's checkout, tagged with the experiment's name.
 
 ``dvc exp run --queue`` and ``--temp`` run the pipeline in a copy of the project under
 ``.dvc/tmp/exps/``, deleted when the experiment ends; the embedded store went with it.
@@ -87,6 +87,19 @@ def test_a_registry_model_is_read_from_the_checkouts_store_in_an_experiment_copy
         mlflow.set_tracking_uri(None)
 
 
+def test_the_runs_of_a_dvc_experiment_are_tagged_with_its_name(monkeypatch):
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "exp-tag")
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-dip")
+    try:
+        with tracking.stage_run("train") as run:
+            parent = mlflow.get_run(run.data.tags["mlflow.parentRunId"])
+        assert run.data.tags[tracking.DVC_EXP_TAG] == parent.data.tags[tracking.DVC_EXP_TAG] == "lucky-dip"
+        monkeypatch.delenv("DVC_EXP_NAME")
+        assert tracking.DVC_EXP_TAG not in tracking.stage_tags("train")  # a plain `dvc repro`
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def _run(args: list, cwd: Path, env: dict[str, str]) -> str:
     done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, f"{args} failed in {cwd}:\n{done.stdout}\n{done.stderr}"
@@ -94,7 +107,7 @@ def _run(args: list, cwd: Path, env: dict[str, str]) -> str:
 
 
 @pytest.mark.skipif(not DVC.exists(), reason="dvc is installed by make install")
-def test_a_temp_experiments_runs_land_in_the_checkouts_store(tmp_path):
+def test_a_temp_experiments_runs_land_in_the_checkouts_store_named_after_it(tmp_path):
     repo = tmp_path / "project"
     repo.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "KOCR_"))}
@@ -115,7 +128,8 @@ def test_a_temp_experiments_runs_land_in_the_checkouts_store(tmp_path):
     assert (repo / "mlruns.db").is_file()  # was: no store here; the runs went with the copy
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlruns.db'}")
     try:
-        runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+        runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string=f"tags.`{tracking.DVC_EXP_TAG}` = 'x-three'")
         by_kind = {run.data.tags.get("kocr.kind", run.info.run_name): run for run in runs}
         assert set(by_kind) == {"pipeline", "probe"}  # the experiment's parent run and its stage's run
         probe = by_kind["probe"]
