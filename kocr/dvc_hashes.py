@@ -63,16 +63,38 @@ def _stale(root: Path, rel: str, where: str) -> tuple[str, str]:
 
 
 def content_hash(path: str | os.PathLike) -> str:
-    """MD5 over the relative names and bytes of every file under ``path`` (or of one file)."""
+    """MD5 over the relative names and bytes of every file under ``path`` (or of one file).
+
+    Linked folders are followed, each real folder once, as ``prepare`` reads them."""
     root = Path(path)
     digest = hashlib.md5()
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    for file in files:
-        digest.update(os.fsencode(file.relative_to(root) if file != root else file.name))  # any bytes a name has
+    if root.is_file():
+        entries = [(Path(root.name), root)]
+    else:
+        entries = sorted(_walk(root), key=lambda entry: entry[0])  # as sorted(Path) orders the names
+    for rel, file in entries:
+        digest.update(os.fsencode(rel))  # any bytes a name has
         with file.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
     return digest.hexdigest()
+
+
+def _walk(root: Path) -> list[tuple[Path, Path]]:
+    """(name relative to ``root``, the file) of each file below it, linked folders followed once each."""
+    found: list[tuple[Path, Path]] = []
+    seen = {root.resolve()}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        folder = Path(dirpath)
+        kept = []
+        for d in sorted(dirnames):
+            real = (folder / d).resolve()
+            if real not in seen:  # a link back up the tree would loop forever
+                seen.add(real)
+                kept.append(d)
+        dirnames[:] = kept
+        found += [(file.relative_to(root), file) for file in (folder / name for name in filenames) if file.is_file()]
+    return found
 
 
 def dataset_hash(path: str | os.PathLike, root: str | os.PathLike = ".") -> tuple[str, str]:

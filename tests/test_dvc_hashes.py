@@ -63,3 +63,23 @@ def test_data_changed_since_its_record_logs_what_was_read(project, monkeypatch):
     # under `dvc repro` DVC reconciles its records before a stage runs: they are trusted as they are
     monkeypatch.setenv("DVC_STAGE", "train")
     assert dataset_hash("data/aihub") == (recorded, "aihub.dvc")
+
+
+def test_content_hash_reads_linked_folders_as_prepare_does(tmp_path):
+    """A source no DVC file versions is hashed here: what a linked folder holds is part of the data read."""
+    src, elsewhere = tmp_path / "src", tmp_path / "other_disk" / "Validation"
+    src.mkdir()
+    elsewhere.mkdir(parents=True)
+    (src / "a.json").write_text("page 1\n")
+    (elsewhere / "b.json").write_text("page 2\n")
+    (src / "Validation").symlink_to(elsewhere)
+    (elsewhere / "loop").symlink_to(src)  # a link back up the tree: each real folder once
+    before = content_hash(src)
+    (elsewhere / "b.json").write_text("page 2, corrected\n")
+    assert content_hash(src) != before
+    copy = tmp_path / "copy"  # the same tree with the folder itself in place hashes the same
+    (copy / "Validation").mkdir(parents=True)
+    (copy / "a.json").write_text("page 1\n")
+    (copy / "Validation" / "b.json").write_text("page 2, corrected\n")
+    assert content_hash(copy) == content_hash(src)
+
