@@ -119,11 +119,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     import mlflow
 
     from kocr.tracking import log_dataset, stage_run
-    from training.data.prepare import PrepareConfig, kept_reasons, prepare_pages
+    from training.data.prepare import PrepareConfig, check_paths, kept_reasons, prepare_pages
 
     params = load_params()
     knobs = {**section(params, "prepare"), **({"workers": args.workers} if args.workers is not None else {})}
     config = PrepareConfig.from_params(knobs)
+    check_paths(args.src, args.out)  # before the run logs a data hash that a linked folder would escape
     with stage_run("prepare", {"prepare": knobs, "data": data_section(params)}):
         log_dataset(args.src, context="source")
         report = prepare_pages(args.src, args.out, config)

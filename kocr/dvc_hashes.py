@@ -2,7 +2,8 @@
 
 Looked up in this order: the outs of ``dvc.lock`` (data produced by an earlier stage), a
 ``<path>.dvc`` file (data added with ``dvc add``), else a content hash computed here
-(marked ``content:``), so a run outside DVC still records what it read. A stage run by hand
+(marked ``content:``), so a run outside DVC still records what it read. ``dvc_record`` names
+what versions a path, if anything does. A stage run by hand
 (not under ``dvc repro``, which reconciles both files before it runs a stage) asks DVC whether
 the data still matches its record; where it was changed since (new pages and no ``dvc add``, or
 a stage rerun by hand), the content hash is logged instead, with a warning.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -37,6 +39,59 @@ def _lock_outs(lock_file: Path) -> dict[str, tuple[str, str]]:
             if "md5" in out:
                 outs[_norm(out["path"])] = (out["md5"], name)
     return outs
+
+
+def _yaml_outs(pipeline: Path, params_file: Path) -> dict[str, str]:
+    """Output path -> the stage that writes it in ``pipeline`` (dvc.yaml), ``${key}`` read from
+    ``params_file``; an output whose template it cannot fill (``foreach``, ``vars``) is left out."""
+    if not pipeline.is_file():
+        return {}
+    data = yaml.safe_load(pipeline.read_text(encoding="utf-8")) or {}
+    params = (yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}) if params_file.is_file() else {}
+
+    def filled(match: re.Match) -> str:
+        value: object = params
+        for key in match.group(1).split("."):
+            if not isinstance(value, dict) or key not in value:
+                raise KeyError(match.group(1))
+            value = value[key]
+        return str(value)
+
+    outs: dict[str, str] = {}
+    for name, stage in (data.get("stages") or {}).items():
+        if not isinstance(stage, dict):
+            continue
+        for out in stage.get("outs", []) or []:
+            for path in out if isinstance(out, dict) else [out]:
+                try:
+                    outs[_norm(re.sub(r"\$\{\s*([\w.-]+)\s*\}", filled, str(path)))] = name
+                except KeyError:
+                    continue
+    return outs
+
+
+def _inside(rel: str, out: str) -> bool:
+    return rel == out or rel.startswith(out + os.sep)
+
+
+def dvc_record(path: str | os.PathLike, root: str | os.PathLike = ".") -> str | None:
+    """What versions ``path`` with DVC: the ``.dvc`` file of it or of a folder above it, or the
+    stage of ``root``'s dvc.lock or dvc.yaml whose output holds it; None when nothing does."""
+    target = Path(os.path.abspath(path))
+    for folder in (target, *target.parents):
+        dvc_file = folder.parent / f"{folder.name}.dvc"
+        if folder.name and dvc_file.is_file():
+            return os.path.relpath(dvc_file)
+    rel = _norm(os.path.relpath(target, os.path.abspath(root)))
+    if rel == ".." or rel.startswith(".." + os.sep):
+        return None
+    for out, (_, stage) in _lock_outs(Path(root) / "dvc.lock").items():
+        if _inside(rel, out):
+            return f"dvc.lock (stage {stage})"
+    for out, stage in _yaml_outs(Path(root) / "dvc.yaml", Path(root) / "params.yaml").items():
+        if _inside(rel, out):
+            return f"dvc.yaml (stage {stage})"
+    return None
 
 
 def _changed_since_recorded(root: Path, target: str, out: str) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kocr.dvc_hashes import content_hash, dataset_hash
+from kocr.dvc_hashes import content_hash, dataset_hash, dvc_record
 
 BIN = Path(sys.executable).parent
 
@@ -83,3 +83,13 @@ def test_content_hash_reads_linked_folders_as_prepare_does(tmp_path):
     (copy / "Validation" / "b.json").write_text("page 2, corrected\n")
     assert content_hash(copy) == content_hash(src)
 
+
+
+def test_dvc_record_names_what_versions_a_path(project, tmp_path):
+    assert dvc_record("data/aihub") == dvc_record("data/aihub/Training") == os.path.join("data", "aihub.dvc")
+    assert dvc_record("data/prepared/val") == "dvc.lock (stage prepare)"
+    (project / "params.yaml").write_text("data:\n  made: data/made\n")
+    with open(project / "dvc.yaml", "a") as fh:  # a stage not run yet: in dvc.yaml only, its out a template
+        fh.write("  make:\n    cmd: mkdir -p ${data.made}\n    outs:\n      - ${data.made}:\n          persist: true\n")
+    assert dvc_record(project / "data" / "made" / "x") == "dvc.yaml (stage make)"
+    assert dvc_record("data/other") is None and dvc_record(tmp_path / "elsewhere") is None

@@ -19,7 +19,7 @@ import pytest
 
 from training.data.lmdb_store import LmdbDataset, lmdb_digest
 from training.data.pages import Page, PageError, Word, parse_page, read_page, write_page
-from training.data.prepare import PrepareConfig, prepare_pages, split_documents
+from training.data.prepare import PrepareConfig, PrepareConfigError, prepare_pages, split_documents
 from training.data.sources import member_name, scan_source
 from training.data.synth_pages import generate_pages
 
@@ -511,6 +511,55 @@ def test_a_linked_folder_is_read_and_a_link_loop_ends(pages, tmp_path):
     (elsewhere / "loop").symlink_to(src)
     report = _run(src, tmp_path / "out")
     assert report["pages_used"] == 8 and "stray_folder" not in report["skipped"]
+
+
+def _sh(cwd: Path, *cmd: str) -> str:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("DVC_STAGE", None)
+    return subprocess.run(cmd, cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout
+
+
+def test_a_linked_folder_in_a_source_dvc_versions_stops_prepare(pages, tmp_path, monkeypatch, capsys):
+    """DVC does not follow a linked folder: `dvc add` leaves its files out and `dvc status` misses their
+    changes. Pages read from it would be in no data version, so prepare refuses before reading any. A
+    linked file is not refused: DVC hashes the file it points to (and `dvc add` puts the file in its place)."""
+    import yaml
+
+    project = tmp_path / "proj"
+    src, elsewhere = project / "data" / "aihub", tmp_path / "other_disk" / "Validation"
+    (src / "Training").mkdir(parents=True)
+    elsewhere.mkdir(parents=True)
+    stems = sorted(p.stem for p in pages.glob("*.json"))
+    for i, stem in enumerate(stems):
+        for suffix in (".json", ".jpg"):
+            shutil.copy(pages / f"{stem}{suffix}", (elsewhere if i >= 6 else src / "Training") / f"{stem}{suffix}")
+    (src / "Validation").symlink_to(elsewhere)  # the download's Validation half on another disk
+    _sh(project, "git", "init", "-q", ".")
+    _sh(project, "dvc", "init", "-q")
+    _sh(project, "dvc", "add", "-q", "data/aihub")
+    assert yaml.safe_load((src.parent / "aihub.dvc").read_text())["outs"][0]["nfiles"] == 12  # none of the 4 linked
+    linked_image = src / "Training" / f"{stems[0]}.jpg"  # an image moved out after `dvc add`, a link in its place
+    shutil.move(linked_image, tmp_path / "other_disk" / linked_image.name)
+    linked_image.symlink_to(tmp_path / "other_disk" / linked_image.name)
+    assert _sh(project, "dvc", "status").strip() == "Data and pipelines are up to date."  # its bytes, read through
+    monkeypatch.chdir(project)
+    from kocr.cli import main
+
+    (project / "params.yaml").write_text("prepare: {}\n")
+    assert main(["prepare-aihub", "--src", "data/aihub", "--out", "data/prepared"]) == 2
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("kocr prepare-aihub: error: data/aihub/Validation is a link to ")
+    with pytest.raises(PrepareConfigError) as refused:
+        _run(Path("data/aihub"), Path("data/prepared"))
+    assert str(refused.value).startswith(
+        f"data/aihub/Validation is a link to {elsewhere}: data/aihub is versioned by data/aihub.dvc, and DVC does "
+        "not follow a linked folder, so the data version, `dvc push` and the logged data hash would leave out the "
+        "pages prepare reads there; ")
+    assert str(refused.value).endswith("`dvc add data/aihub` again")
+    assert not Path("data/prepared").exists()  # refused before anything was read or written
+    (src / "Validation").unlink()  # the folder itself in its place: read, and versioned
+    shutil.copytree(elsewhere, src / "Validation")
+    assert _run(Path("data/aihub"), Path("data/prepared"))["pages_used"] == 8
 
 
 # -- word-level defects that are new -------------------------------------------------------------------

@@ -4,7 +4,7 @@ The source is a folder of pages (flat, or AI-Hub's ``Training``/``Validation`` t
 ``01.라벨링데이터`` / ``02.원천데이터`` folders) and/or AI-Hub's ``[라벨]*.zip`` / ``[원천]*.zip``
 archives, read in place (``training.data.sources``). Every page or word left out is counted under
 a named reason in ``report.json`` with the first places where it happened; bad input never stops
-the stage.
+the stage (a linked folder in a source DVC versions does: ``check_paths``).
 
 Outputs under ``out``: ``train/``, ``val/``, ``test/``, each a folder of LMDB shards
 (``shard-00000/``…, ``shard_size`` samples each, read as one set by ``LmdbDataset``) with its
@@ -51,12 +51,13 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from kocr.atomic import sweep_stale, write_json
+from kocr.dvc_hashes import dvc_record
 from kocr.params import check_keys, require, typed
 from training.charset import Charset
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page, unscored
 from training.data.pixels import mend, note_pixels
-from training.data.sources import Member, SourceIndex, image_fit, read_member, scan_source
+from training.data.sources import Member, SourceIndex, image_fit, linked_folders, read_member, scan_source
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_KEPT = 10
@@ -618,9 +619,10 @@ def _scan(src: Path, pool: Executor | None, progress: bool, index: SourceIndex) 
     return pages, report
 
 
-def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: PrepareConfig,
-                  progress: bool = True) -> dict[str, Any]:
-    """Run the stage; returns the report (also written to ``out/report.json``)."""
+def check_paths(src: str | os.PathLike, out: str | os.PathLike) -> None:
+    """PrepareConfigError, before anything is read, for an ``out`` prepare cannot write (a file, the
+    source, a folder whose splits would hold the source) and for a source DVC versions that holds a
+    linked folder (DVC leaves out what a linked folder holds, which prepare would read)."""
     src, out = Path(src), Path(out)
     if out.exists() and not out.is_dir():
         raise PrepareConfigError(f"{out}: --out exists and is not a folder")
@@ -631,6 +633,24 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         if src.resolve() == held or held in src.resolve().parents:
             raise PrepareConfigError(f"--src {src} lies in {out / split}, which prepare empties of the files it did "
                                      "not write; pick another --out (e.g. data/prepared)")
+    record = dvc_record(src)
+    links = linked_folders(src, exclude=out) if record and src.is_dir() else []
+    if links:
+        name, target = links[0]
+        more = f" (and {len(links) - 1} more linked folder{'s' * (len(links) > 2)})" if len(links) > 1 else ""
+        again = f"`dvc add {src}` again" if record.endswith(".dvc") else f"rerun {record.split('(', 1)[1][:-1]}"
+        raise PrepareConfigError(
+            f"{src / name} is a link to {target}{more}: {src} is versioned by {record}, and DVC does not "
+            "follow a linked folder, so the data version, `dvc push` and the logged data hash would leave out "
+            f"the pages prepare reads there; put the folder itself in its place (move or copy it in, or mount "
+            f"the disk there) and {again}")
+
+
+def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: PrepareConfig,
+                  progress: bool = True) -> dict[str, Any]:
+    """Run the stage; returns the report (also written to ``out/report.json``)."""
+    src, out = Path(src), Path(out)
+    check_paths(src, out)
     index = scan_source(src, exclude=out)
     charset = Charset.from_spec(config.charset)
     pool = None

@@ -268,6 +268,22 @@ def _first_visit(folder: Path, seen: set[Path]) -> bool:
     return True
 
 
+def linked_folders(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[tuple[str, str]]:
+    """(name under ``src``, where it points) of each link to a folder that ``scan_source`` would
+    follow, the first ones met (not those below them), in order; ``exclude`` as in ``scan_source``."""
+    root = Path(src)
+    skip = Path(exclude).resolve() if exclude is not None else None
+    links = []
+    for dirpath, dirnames, _ in os.walk(root):  # not into links: each is named, not what it holds
+        rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _decodable(d)
+                             and (skip is None or (Path(dirpath) / d).resolve() != skip))
+        for d in dirnames:
+            if (Path(dirpath) / d).is_symlink():
+                links.append((f"{rel_dir}/{d}".removeprefix("./"), os.readlink(Path(dirpath) / d)))
+    return links
+
+
 def check_source_folder(root: Path) -> None:
     """FileNotFoundError naming ``root`` unless it is a folder (a zip given instead says so)."""
     if root.is_dir():
