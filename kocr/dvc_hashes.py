@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -120,7 +121,9 @@ def _stale(root: Path, rel: str, where: str) -> tuple[str, str]:
 def content_hash(path: str | os.PathLike) -> str:
     """MD5 over the relative names and bytes of every file under ``path`` (or of one file).
 
-    Linked folders are followed, each real folder once, as ``prepare`` reads them."""
+    Linked folders are followed, each real folder once, as ``prepare`` reads them. A file or folder
+    that cannot be read (permissions, I/O) adds its name and an ``unreadable`` mark instead of its
+    bytes, so the hash still names what was there and the command goes on to report it."""
     root = Path(path)
     digest = hashlib.md5()
     if root.is_file():
@@ -129,17 +132,25 @@ def content_hash(path: str | os.PathLike) -> str:
         entries = sorted(_walk(root), key=lambda entry: entry[0])  # as sorted(Path) orders the names
     for rel, file in entries:
         digest.update(os.fsencode(rel))  # any bytes a name has
-        with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        if file is None:
+            digest.update(b"\0unreadable folder\0")
+            continue
+        try:
+            with file.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+        except OSError:
+            digest.update(b"\0unreadable file\0")
     return digest.hexdigest()
 
 
-def _walk(root: Path) -> list[tuple[Path, Path]]:
-    """(name relative to ``root``, the file) of each file below it, linked folders followed once each."""
-    found: list[tuple[Path, Path]] = []
+def _walk(root: Path) -> list[tuple[Path, Path | None]]:
+    """(name relative to ``root``, the file) of each file below it, linked folders followed once
+    each; (name, None) for a folder that cannot be listed."""
+    found: list[tuple[Path, Path | None]] = []
     seen = {root.resolve()}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    unlisted: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unlisted.append):
         folder = Path(dirpath)
         kept = []
         for d in sorted(dirnames):
@@ -148,7 +159,17 @@ def _walk(root: Path) -> list[tuple[Path, Path]]:
                 seen.add(real)
                 kept.append(d)
         dirnames[:] = kept
-        found += [(file.relative_to(root), file) for file in (folder / name for name in filenames) if file.is_file()]
+        for name in filenames:
+            file = folder / name
+            try:
+                if not stat.S_ISREG(file.stat().st_mode):
+                    continue
+            except FileNotFoundError:  # a dangling link
+                continue
+            except OSError:  # hashed as unreadable
+                pass
+            found.append((file.relative_to(root), file))
+    found += [(Path(error.filename).relative_to(root), None) for error in unlisted if error.filename]
     return found
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shlex
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,17 @@ def postgres_url(params: dict[str, Any], dbname: str) -> str:
     """SQLAlchemy URL (psycopg2 driver) of database ``dbname`` on the server ``params`` names."""
     auth = params["user"] + (f":{params['password']}" if params["password"] else "")
     return f"postgresql+psycopg2://{auth}@{params['host']}:{params['port']}/{dbname}"
+
+
+def permissions_bind(cmd: list[str]) -> list[str]:
+    """``cmd`` to run so that file permissions bind: as it is, or as root (who reads any file) under
+    capsh, without the capabilities that override them. Skips the test as root without capsh."""
+    if os.geteuid() != 0:
+        return cmd
+    capsh = shutil.which("capsh")
+    if capsh is None:
+        pytest.skip("running as root without capsh: a file's permissions do not stop root reading it")
+    return [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(cmd)]
 
 
 @pytest.fixture(autouse=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from kocr.dvc_hashes import content_hash, dataset_hash, dvc_record
+from tests.conftest import permissions_bind
 
 BIN = Path(sys.executable).parent
 
@@ -83,6 +84,28 @@ def test_content_hash_reads_linked_folders_as_prepare_does(tmp_path):
     (copy / "Validation" / "b.json").write_text("page 2, corrected\n")
     assert content_hash(copy) == content_hash(src)
 
+
+def test_an_unreadable_file_or_folder_is_hashed_by_its_name(tmp_path):
+    """prepare and evaluate log the hash before reading: a file they cannot read must not stop them there
+    (prepare reports it as unreadable_file), and the hash still tells it from a readable source."""
+    src = tmp_path / "src"
+    (src / "locked").mkdir(parents=True)
+    for name, text in (("a.json", "page 1"), ("b.json", "page 2"), ("locked/c.json", "page 3")):
+        (src / name).write_text(text)
+    readable = content_hash(src)
+    code = "import sys; from kocr.dvc_hashes import dataset_hash; print(*dataset_hash(sys.argv[1]))"
+    (src / "b.json").chmod(0)
+    (src / "locked").chmod(0)
+    try:
+        runs = [subprocess.run(permissions_bind([sys.executable, "-c", code, str(src)]), cwd=tmp_path,
+                               capture_output=True, text=True) for _ in range(2)]
+    finally:
+        (src / "b.json").chmod(0o644)
+        (src / "locked").chmod(0o755)
+    assert runs[0].returncode == 0, runs[0].stderr
+    digest, origin = runs[0].stdout.split()
+    assert origin == "computed" and digest.startswith("content:") and digest != "content:" + readable
+    assert runs[1].stdout == runs[0].stdout  # the same for the same files
 
 
 def test_dvc_record_names_what_versions_a_path(project, tmp_path):
