@@ -183,6 +183,35 @@ def test_prepare_of_missing_folder_names_it(tmp_path, monkeypatch, capsys):
     assert done.returncode == 0 and "warning: no usable page under" in done.stderr
 
 
+def test_prepare_reports_what_it_cannot_read_and_goes_on(sample_pages, tmp_path):
+    """A label, an image and a folder without read permission: each counted under its reason with the
+    OS's words, none stopping the stage (the data hash logged first included)."""
+    from tests.conftest import permissions_bind
+
+    src = tmp_path / "src"
+    shutil.copytree(sample_pages, src)
+    (src / "locked").mkdir()
+    shutil.move(src / "page_00003.jpg", src / "locked" / "page_00003.jpg")
+    (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
+    locked = [src / "page_00001.json", src / "page_00002.jpg", src / "locked"]
+    for path in locked:
+        path.chmod(0)
+    try:
+        done = subprocess.run(permissions_bind([sys.executable, "-m", "kocr.cli", "prepare-aihub", "--src", "src",
+                                                "--out", "out"]), capture_output=True, text=True, cwd=tmp_path)
+    finally:
+        for path in locked:
+            path.chmod(0o755)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    skipped = {reason: entry["examples"] for reason, entry in report["skipped"].items()}
+    assert skipped["unreadable_file"] == ["page_00001.json: Permission denied", "page_00002.jpg: Permission denied"]
+    assert skipped["unreadable_folder"] == ["locked: Permission denied"]  # not a folder with nothing below it
+    assert skipped["image_missing"] == ["page_00003.json (its image may be in a folder reported as unreadable_folder)"]
+    assert not {"stray_folder", "image_corrupt"} & set(skipped)
+    assert report["pages_used"] == 3
+
+
 def test_commands_run_outside_the_project_say_they_use_easyocrs_detector_defaults(tmp_path, monkeypatch, capsys):
     """Without params.yaml the detector settings are EasyOCR's (width_ths 0.5 boxes lines): said, not silent."""
     from tests.conftest import REPO

@@ -296,15 +296,22 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
         claimed, _ = index.find_image(label, "")
         return None, claimed, [(exc.reason, f"{label.name}: {exc.detail}"[:300])]
     except (OSError, EOFError, zipfile.BadZipFile, zlib.error, ValueError) as exc:
-        return None, None, [("unreadable_file", f"{label.name}: {exc}"[:300])]
+        return None, None, [("unreadable_file", unreadable(label.name, exc))]
     found, ambiguous = index.find_image(label, page.image_name)
     if found is None:
+        if index.unlisted:  # the image may be in a folder prepare cannot read
+            return None, None, [("image_missing", f"{label.name} (its image may be in a folder reported as unreadable_folder)")]
         return None, None, [("image_missing", label.name)]
     image = index.images[found]
     entries = [("image_ambiguous", f"{label.name} -> {image.name}")] if ambiguous else []
     image_bytes = None
-    try:  # a cheap integrity check, so a broken image never takes a page's place in a split
+    try:
         image_bytes = read_member(root, image)
+    except OSError as exc:  # permissions, I/O: the image is there and may be fine, but cannot be read
+        return None, found, entries + [("unreadable_file", unreadable(image.name, exc))]
+    except IMAGE_ERRORS as exc:  # a zip member that does not inflate
+        return None, found, entries + [image_problem(image.name, image_bytes, exc)]
+    try:  # a cheap integrity check, so a broken image never takes a page's place in a split
         with Image.open(io.BytesIO(image_bytes)) as img:
             pixels = img.width * img.height
             img.verify()
@@ -313,6 +320,12 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
     digest = hashlib.blake2b(label_bytes, digest_size=16)
     digest.update(image_bytes)
     return PageMeta(label.name, label, image, page.category, digest.hexdigest(), pixels), found, entries
+
+
+def unreadable(name: str, exc: Exception) -> str:
+    """The ``unreadable_file`` entry's text: the name and why, without the absolute path an OSError holds."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    return f"{name}: {why}"[:300]
 
 
 def image_problem(name: str, data: bytes | None, exc: Exception) -> tuple[str, str]:
@@ -400,8 +413,17 @@ def _crop_page_or_raise(meta: PageMeta) -> tuple[list[tuple[bytes, str]], list[t
     bad: list[tuple[int, str]] = []
     image_bytes = None
     try:
-        page = parse_page(read_member(root, meta.label), meta.name, bad=bad)
+        label_bytes = read_member(root, meta.label)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # unreadable since the scan
+        return [], [("unreadable_file", unreadable(meta.name, exc))], False
+    try:
         image_bytes = read_member(root, meta.image)
+    except OSError as exc:
+        return [], [("unreadable_file", unreadable(meta.image.name, exc))], False
+    except IMAGE_ERRORS as exc:
+        return [], [image_problem(meta.image.name, image_bytes, exc)], False
+    try:
+        page = parse_page(label_bytes, meta.name, bad=bad)
         grey = load_grey(image_bytes)
     except PageError as exc:  # changed since the scan
         return [], [(exc.reason, f"{meta.name}: {exc.detail}"[:300])], False

@@ -55,6 +55,7 @@ class SourceIndex:
     labels: list[Member] = field(default_factory=list)
     images: list[Member] = field(default_factory=list)
     stray: list[tuple[str, str]] = field(default_factory=list)  # (reason, where)
+    unlisted: list[str] = field(default_factory=list)  # folders that could not be read (unreadable_folder)
     _by_name: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _by_stem: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
@@ -305,7 +306,8 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
     useful: set[str] = {""}
     folders: list[str] = []
     seen = {root.resolve()}  # linked folders are followed (a disk mounted elsewhere), each real folder once
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    unreadable: list[OSError] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable.append):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         rel_dir = "" if rel_dir == "." else rel_dir
         for d in sorted(dirnames):
@@ -338,6 +340,12 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
         if found:
             parts = rel_dir.split("/") if rel_dir else []
             useful.update("/".join(parts[:i]) for i in range(len(parts) + 1))
+    for error in unreadable:  # permissions, I/O: what it holds is unknown, so neither it nor those above are stray
+        rel_dir = os.path.relpath(error.filename, root).replace(os.sep, "/")
+        index.unlisted.append(rel_dir)
+        index.stray.append(("unreadable_folder", f"{rel_dir}: {error.strerror or error}"))
+        parts = rel_dir.split("/") if rel_dir != "." else []
+        useful.update("/".join(parts[:i]) for i in range(len(parts) + 1))
     for folder in folders:  # folders holding no page, image or archive anywhere below: report the top one
         parent = folder.rsplit("/", 1)[0] if "/" in folder else ""
         if folder not in useful and parent in useful:
