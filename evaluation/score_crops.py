@@ -158,6 +158,7 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
     col_image, col_text = header.index("image"), header.index("text")
     col_font = header.index("font") if "font" in header else None
     crops, dont_care = [], 0
+    listings: dict[Path, dict[str, list[str]]] = {}  # each folder listed once, not once per row (find_file)
     for number, line in enumerate(lines[1:], start=2):
         if not line.strip():
             continue
@@ -175,7 +176,7 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
                 skipped.append(("dont_care", f"{path}:{number}"))
             continue
         try:  # matched as prepare matches names: NFC or NFD, any case, \\ as a folder separator
-            image_path = find_file(path.parent, image) or path.parent / image
+            image_path = find_file(path.parent, image, listings) or path.parent / image
         except AmbiguousName as exc:
             if skipped is None:
                 raise ScoreInputError(f"{path}:{number}: {exc}") from None
@@ -254,9 +255,10 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
     else:
         images = _image_keyed_boxes(data, path)
     crops = []
+    listings: dict[Path, dict[str, list[str]]] = {}  # each folder listed once, not once per image (find_file)
     for name, words in images.items():
         try:  # matched as prepare pairs a page with its image: NFC or NFD, any case, \\ as a separator
-            image = find_file(path.parent, name)
+            image = find_file(path.parent, name, listings)
         except AmbiguousName as exc:
             problem("image_ambiguous", f"{path}: {exc}")
             continue

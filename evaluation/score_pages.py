@@ -186,7 +186,8 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
                                                            "one name on Windows and macOS disks)"
         raise ScoreInputError(f"{' and '.join(str(p) for p in twins)}: two images of one stem{case} would both be "
                               f"scored against {text_names}; keep one of them in {images}")
-    items = [read_page_item(image, _ground_truth(texts, image)) for image in pages]
+    listings: dict[Path, dict[str, list[str]]] = {}  # texts listed once, not once per image (find_file)
+    items = [read_page_item(image, _ground_truth(texts, image, listings)) for image in pages]
     if not items:
         raise ScoreInputError(f"{images}: no page images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     if skipped is not None:
@@ -199,12 +200,12 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
     return items
 
 
-def _ground_truth(texts: Path, image: Path) -> Path:
+def _ground_truth(texts: Path, image: Path, listings: dict[Path, dict[str, list[str]]] | None = None) -> Path:
     """``<stem>.txt`` of ``image`` in ``texts``, matched as ``prepare`` matches names (NFC or NFD, any
     case: ``민원서류.jpg`` from a macOS zip finds ``민원서류.txt`` saved on Windows, ``scan.TXT`` too);
     the exact name when it is there. ScoreInputError naming both when two files fit equally."""
     try:
-        return find_file(texts, f"{image.stem}.txt") or texts / f"{image.stem}.txt"
+        return find_file(texts, f"{image.stem}.txt", listings) or texts / f"{image.stem}.txt"
     except AmbiguousName as exc:
         raise ScoreInputError(f"{image}: ground truth: {exc}") from None
 

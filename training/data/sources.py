@@ -103,7 +103,8 @@ class AmbiguousName(ValueError):
     """Two files fit one name equally (they differ only in NFC/NFD or case); the message names both."""
 
 
-def find_file(folder: str | os.PathLike, name: str) -> Path | None:
+def find_file(folder: str | os.PathLike, name: str,
+              listings: dict[Path, dict[str, list[str]]] | None = None) -> Path | None:
     """The file or folder ``name`` (relative to ``folder``, or absolute) names, matched as ``prepare``
     pairs a label with its image: the exact path when it exists, else, part by part, the one entry
     whose name equals the part by :func:`name_key`; a backslash separates folders as a slash does
@@ -112,6 +113,10 @@ def find_file(folder: str | os.PathLike, name: str) -> Path | None:
     Raises AmbiguousName naming both when two entries of one folder fit a part and neither is exact
     (``서울.png`` stored once NFC and once NFD, or ``Scan.jpg`` beside ``scan.JPG``): which one is meant
     is a guess.
+
+    ``listings`` (a dict the caller keeps for one read of many names) holds each folder's entries by
+    :func:`name_key` once listed, so a labels file of N rows in a folder of N files lists it once,
+    not once per row whose name is not exact (N x N comparisons: hours for 50,000 crops).
 
     Example:
         >>> find_file("crops", "이미지\\서울.png")   # doctest: +SKIP
@@ -127,11 +132,18 @@ def find_file(folder: str | os.PathLike, name: str) -> Path | None:
         if part in (".", "..") or (here / part).exists():
             here = here / part
             continue
-        try:
-            entries = os.listdir(here)
-        except OSError:  # not a folder, or not readable
-            return None
-        fits = sorted(entry for entry in entries if name_key(entry) == name_key(part))
+        by_key = listings.get(here) if listings is not None else None
+        if by_key is None:
+            try:
+                entries = os.listdir(here)
+            except OSError:  # not a folder, or not readable
+                return None
+            by_key = {}
+            for entry in sorted(entries):
+                by_key.setdefault(name_key(entry), []).append(entry)
+            if listings is not None:
+                listings[here] = by_key
+        fits = by_key.get(name_key(part), [])
         if len(fits) > 1:
             raise AmbiguousName(f"{' and '.join(str(here / fit) for fit in fits)}: file names that differ only "
                                 f"in Unicode normalisation (NFC/NFD) or case both fit {name!r}; keep one")
