@@ -358,6 +358,12 @@ def test_a_base_under_the_users_home_written_with_a_tilde_is_found(tmp_path, mon
     assert build_model(config, seed=0)[2]["base"] == "~/models/mine.pt"  # recorded as written
 
 
+def test_a_tilde_path_of_no_user_here_is_an_unknown_model_not_a_traceback():
+    # `~models/mine.pt` (a slash left out): Path.expanduser raised RuntimeError "Could not determine home directory"
+    with pytest.raises(ModelSpecError, match=r"unknown model '~kocr-no-such-user/mine\.pt'"):
+        load_recognizer("~kocr-no-such-user/mine.pt")
+
+
 def test_an_exported_easyocr_bundle_loads_as_the_checkpoint_it_was_exported_from(tmp_path, capsys):
     import shutil
 

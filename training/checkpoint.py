@@ -288,7 +288,10 @@ def _model_source(uri: str) -> str:
 def _resolve_file(spec: str) -> Path:
     if spec.startswith(("models:/", "runs:/", "mlflow-artifacts:/")):
         return _download_mlflow_model(spec)
-    path = Path(spec).expanduser()  # params.yaml is not read by a shell: `~/models/x.pt` must still work
+    try:  # params.yaml is not read by a shell: `~/models/x.pt` must still work
+        path = Path(spec).expanduser()
+    except RuntimeError:  # `~name/...` of no user here (a typo for `~/name`): said as an unknown model below
+        path = Path(spec)
     if path.is_dir() and (path / CHECKPOINT_NAME).is_file():
         return path / CHECKPOINT_NAME
     if path.is_dir() and (path / "model").is_dir() and (path / "user_network").is_dir():
