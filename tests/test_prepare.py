@@ -356,3 +356,19 @@ def test_corrupt_page_does_not_empty_a_split(src, tmp_path):
     report = _run(root, tmp_path / "out", seed=seed)
     assert report["pages_used"] == 3 and "image_corrupt" in report["skipped"]
     assert report["pages"]["val"] >= 1 and report["pages"]["test"] >= 1, report["pages"]
+
+
+def test_a_decomposed_word_that_is_dropped_is_not_also_counted_as_kept_normalised(tmp_path):
+    # was: kept_nfd_normalised 3 beside skipped_out_of_charset 1 and skipped_zero_area_box 1 for these words
+    root = tmp_path / "src"
+    generate_pages(root, count=1, seed=21, fonts=FONTS, width=W, height=H, font_size=(14, 22), progress=False)
+    page = read_page(root / "page_00000.json")
+    nfd = unicodedata.normalize("NFD", NFC_WORD)
+    page.words = [Word((300.0, 40.0, 90.0, 25.0), nfd),          # normalised and kept
+                  Word(HANJA[1], HANJA[0] + nfd),                # out of the charset: dropped
+                  Word(OUTSIDE[1], nfd)]                         # no area in the image: dropped
+    write_page(page, root / "page_00000.json")
+    report = prepare_pages(root, tmp_path / "out", PrepareConfig(val_fraction=0.0, test_fraction=0.0), progress=False)
+    counts = {reason: entry["count"] for reason, entry in report["skipped"].items()}
+    assert counts == {"nfd_normalised": 1, "out_of_charset": 1, "zero_area_box": 1}
+    assert report["crops"]["train"] == 1

@@ -366,8 +366,6 @@ def _page_crops(page: Page, grey: np.ndarray, where: str, charset: Charset, conf
         if unscored(text):  # ###: an illegible word, trained on by no one (evaluate ignores it too)
             report.add("dont_care", at)
             continue
-        if text != raw:
-            report.add("nfd_normalised", at)
         if charset.missing(text):
             report.add("out_of_charset", f"{at} {''.join(sorted(charset.missing(text)))!r}")
             if config.out_of_charset == "drop":
@@ -377,9 +375,11 @@ def _page_crops(page: Page, grey: np.ndarray, where: str, charset: Charset, conf
             continue
         x, y, w, h = word.bbox
         box = crop_box(word.bbox, config.crop_margin, width, height)
-        if box is None:  # skipped: not also counted as clamped or clipped, which say "kept"
+        if box is None:  # skipped: not also counted as normalised, clamped or clipped, which say "kept"
             report.add("zero_area_box", at)
             continue
+        if text != raw:  # here, as the other repairs: a word dropped above is not also "kept_nfd_normalised"
+            report.add("nfd_normalised", at)
         if x < 0 or y < 0:
             report.add("negative_coordinates", at)
         if x + w > width or y + h > height:
