@@ -175,19 +175,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     from evaluation.pyfunc_model import log_recognizer
     from kocr.tracking import log_dataset, stage_run
 
-    from training.train import MODEL_KNOBS
+    from training.train import train_run_params
 
-    # the values that train: tuned knobs over params.yaml's, a tuned model knob under model: too
-    tuned = {k: getattr(config, k) for k in config.tuned_keys}
-    moved = {k: v for k, v in tuned.items() if k in MODEL_KNOBS}
-    used = {k: v for k, v in {**section(params, "train"), **tuned}.items() if k not in moved}
-    if "mix" in used:
-        used["mix"] = config.mix  # null is no mix: logged as {}, as the default
-    model = {**section(params, "model"), **moved}
+    # every knob with the value that trains (tuned over params.yaml's, defaults of the keys it leaves
+    # out), named as a tune trial's run names them, and the settings only kocr train reads
+    logged = train_run_params(config, section(params, "train"))
     # an earlier run's mlflow.json beside this run's first model.pt would let promote register that
     # run's model under the score evaluate measured on this one: gone until this run has logged its own
     (Path(args.out) / "mlflow.json").unlink(missing_ok=True)
-    with stage_run("train", {"train": used, "model": model}, system_metrics=True) as run:
+    with stage_run("train", logged, system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)
         for i, (path, _) in enumerate(mix_shares(config.mix)):  # train.mix (checked): the other sets' versions too

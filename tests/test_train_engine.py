@@ -788,3 +788,29 @@ def test_ranks_never_share_a_sample_across_an_epochs_end():
         assert not set(mine) & set(theirs)
     single = list(BucketBatchSampler(widths, 2, 5, seed=2))  # one process still takes every batch of an epoch
     assert sorted(i for batch in single for i in batch) == list(range(10))
+
+
+def test_the_train_run_logs_every_knob_it_trained_with_named_as_a_trial_names_them(prepared, tmp_path, monkeypatch):
+    """Was: the train run logged params.yaml's train:/model: as written plus the tuned values, so a knob
+    the file leaves out (log_every) had no param although a tune trial's run shows it, and a number
+    written as text (1e-5) was not the value a trial shows (1e-05). Now the same names and values as a
+    trial (training.train.knob_params), with the settings only kocr train reads, defaults included."""
+    from kocr.cli import main
+    from training.train import MODEL_KNOBS, TRAIN_KNOBS
+
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump({"study": "s", "trial": 0, "train": {"lr": 0.02}}))
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  base: scratch\n  steps: 2\n  val_every: 2\n  batch_size: 4\n  device: cpu\n"
+        "  weight_decay: 1e-5\n  use_tuned: true\n  tuned_params: best.yaml\n"
+        "model:\n  output_channel: 32\n  hidden_size: 32\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--data", str(prepared), "--out", "out", "--metrics", "m.json", "--plots", "plots"]) == 0
+    run = mlflow.get_run(json.loads((tmp_path / "out" / "mlflow.json").read_text())["run_id"])
+    params = run.data.params
+    knobs = {f"train.{k}" for k in TRAIN_KNOBS} | {f"model.{k}" for k in MODEL_KNOBS}
+    extras = {"train.use_tuned": "True", "train.tuned_params": "best.yaml", "train.state_dir": ".kocr/train-state"}
+    assert {k for k in params if k.startswith(("train.", "model."))} == knobs | set(extras)
+    assert {k: params[k] for k in extras} == extras
+    assert params["train.log_every"] == "10" and params["model.imgH"] == "64"  # defaults the file never wrote
+    assert params["train.weight_decay"] == "1e-05" and params["model.hidden_size"] == "32"
+    assert params["train.lr"] == params["tuned.lr"] == "0.02" and run.data.tags["kocr.tuned_from"].startswith("best")

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from evaluation.metrics import recognition_scores
 from kocr.atomic import atomic_path, write_text
-from kocr.params import ParamsError, require, typed
+from kocr.params import ParamsError, flatten, require, typed
 from kocr.params import section as params_section
 from training.charset import Charset
 from training.attention import AttnCodec, attention_loss, num_class_for
@@ -175,6 +175,26 @@ def train_extras(section: dict[str, Any]) -> dict[str, Any]:
             "use_tuned": typed("train.use_tuned", section.get("use_tuned", False), bool, optional=True) or False,
             "tuned_params": typed("train.tuned_params", section.get("tuned_params"), str, optional=True)
             or TUNED_PARAMS}
+
+
+def knob_params(config: TrainConfig, leave_out: frozenset[str] = frozenset()) -> dict[str, str]:
+    """Every ``train:`` and model knob of ``config`` as MLflow params, except ``leave_out``: ``train.<knob>``
+    and ``model.<key>`` (a model knob under ``model.`` also where ``train:`` or a tuned file set it),
+    with the value that trains (a default the file leaves out too; ``train.mix`` as JSON).
+
+    The ``train`` run and every tune trial run log these, so runs of both compare in the MLflow UI on
+    the same names and values.
+    """
+    knobs = {"train": {k: getattr(config, k) for k in sorted(TRAIN_KNOBS - leave_out)},
+             "model": {k: getattr(config, k) for k in sorted(MODEL_KNOBS - leave_out)}}
+    return {k: str(v)[:6000] for k, v in flatten(knobs).items()}
+
+
+def train_run_params(config: TrainConfig, section: dict[str, Any]) -> dict[str, str]:
+    """The ``train`` run's ``train.*``/``model.*`` params: :func:`knob_params` of ``config`` (tuned
+    values included) and the settings only ``kocr train`` reads (``state_dir``, ``use_tuned``,
+    ``tuned_params``) as ``train_extras`` reads them from ``train:`` section ``section``."""
+    return {**knob_params(config), **{f"train.{k}": str(v) for k, v in sorted(train_extras(section).items())}}
 
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

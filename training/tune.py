@@ -49,9 +49,9 @@ from sqlalchemy.engine import make_url as sqlalchemy_url
 
 from kocr.atomic import DISK_FULL, database_full, scratch_folder, write_text
 from kocr.locks import database_lock
-from kocr.params import ParamsError, check_keys, data_section, flatten, typed
+from kocr.params import ParamsError, check_keys, data_section, typed
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
-from training.train import MODEL_KNOBS, TRAIN_KNOBS, TrainConfig, train
+from training.train import MODEL_KNOBS, TrainConfig, knob_params, train
 
 # tune.metric -> (key of train()'s validation scores, the direction that improves it)
 METRICS = {"val_cer": ("cer", "minimize"), "val_loss": ("loss", "minimize"),
@@ -499,18 +499,6 @@ def trial_config(params: dict[str, Any], overrides: dict[str, Any], config: Tune
     section = {**(params.get("train") or {}), **overrides, "use_tuned": False,
                "steps": config.steps_per_trial, "val_every": config.report_every}
     return TrainConfig.from_params({**params, "train": section})
-
-
-def knob_params(train_config: TrainConfig, leave_out: frozenset[str] = frozenset()) -> dict[str, str]:
-    """Every ``train:`` and model knob of ``train_config`` as MLflow params, named as ``kocr train``
-    names them (``train.lr``, ``model.hidden_size``, ``train.mix`` as JSON), except ``leave_out``.
-
-    A trial run logs these, so trials compare in the MLflow UI on every knob they trained with, the
-    searched ones and the fixed ones, and ``train.steps`` is the steps it trained (``steps_per_trial``).
-    """
-    knobs = {"train": {k: getattr(train_config, k) for k in sorted(TRAIN_KNOBS - leave_out)},
-             "model": {k: getattr(train_config, k) for k in sorted(MODEL_KNOBS - leave_out)}}
-    return {k: str(v)[:6000] for k, v in flatten(knobs).items()}
 
 
 def fixed_knob_params(params: dict[str, Any], config: TuneConfig) -> dict[str, str]:
