@@ -215,7 +215,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     params = load_params()
     try:
         config = TuneConfig.from_params(section(params, "tune")).with_overrides(
-            storage=args.storage, study_name=args.study, n_trials=args.n_trials, timeout_s=args.timeout)
+            storage=args.storage, study_name=args.study, n_trials=args.n_trials, timeout_s=args.timeout).with_env_study()
         check_space(config, params)  # train: and every end of tune.space a legal train knob, before any trial
         data_section(params)  # the e2e scorer's pages are data.source's
         if config.metric == "e2e_f1":  # its scorer reads evaluate.iou_threshold and detector:
@@ -744,7 +744,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="folder with train/ and val/ LMDB sets")
     p.add_argument("--out", default="tuning", help="best_params.yaml (and the embedded optuna.db) go here")
     p.add_argument("--storage", help="postgresql+psycopg2://… to join workers on other machines (tune.storage)")
-    p.add_argument("--study", help="study name; workers with the same storage and name share it (tune.study_name)")
+    p.add_argument("--study", help="study name; workers with the same storage and name share it (tune.study_name, "
+                   "else $KOCR_TUNE_STUDY)")
     p.add_argument("--n-trials", type=int, help="study-wide budget of finished trials (tune.n_trials)")
     p.add_argument("--timeout", type=float, help="this worker's wall time in seconds (tune.timeout_s)")
 

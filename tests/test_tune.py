@@ -616,3 +616,16 @@ def test_a_trial_whose_knobs_make_no_train_config_still_shows_them(prepared, mon
     run = mlflow.get_run(trial.user_attrs["mlflow_run_id"])
     assert state == optuna.trial.TrialState.FAIL and "refused" in note and run.info.status == "FAILED"
     assert run.data.params == {f"train.{k}": str(v) for k, v in trial.params.items()}
+
+
+def test_kocr_tune_study_names_only_a_study_nothing_else_names(monkeypatch):
+    """$KOCR_TUNE_STUDY (the retrain workflow's per-run name, so a re-run continues the study) fills an
+    empty tune.study_name; --study and a named study keep theirs; unset or blank, a new study per run."""
+    config = TuneConfig.from_params({**PARAMS["tune"], "study_name": ""})
+    assert config.with_env_study().study_name == ""
+    monkeypatch.setenv("KOCR_TUNE_STUDY", " ")
+    assert config.with_env_study().study_name == ""
+    monkeypatch.setenv("KOCR_TUNE_STUDY", "gh-41-abc")
+    assert config.with_env_study().study_name == "gh-41-abc"
+    assert config.with_overrides(study_name="mine").with_env_study().study_name == "mine"
+    assert TuneConfig.from_params({**PARAMS["tune"], "study_name": "ko-lr"}).with_env_study().study_name == "ko-lr"

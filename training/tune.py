@@ -6,7 +6,8 @@ chose (the search space is ``tune.space`` in params.yaml), reports the validatio
 validation value it reached. Every trial is an MLflow run nested under the worker's ``tune`` run.
 
 Storage: empty ``tune.storage`` is an embedded SQLite file ``<out>/optuna.db`` (one worker on one
-machine, a new study per run unless one is named); a ``postgresql+psycopg2://`` URL lets workers
+machine, a new study per run unless one is named: ``--study``, ``tune.study_name``, else
+``$KOCR_TUNE_STUDY``); a ``postgresql+psycopg2://`` URL lets workers
 on many machines join the same named study. Trials keep a heartbeat; a trial whose worker died is
 marked FAIL by the next worker that looks, and queued again with the same knobs.
 
@@ -62,6 +63,7 @@ PARAM_TYPES = ("float", "int", "categorical")
 NOT_SEARCHABLE = {"steps", "val_every", "device", "num_workers", "base", "charset", "tuned_from", "tuned_keys",
                   "checkpoint_every", "log_every", "log_samples", "patience", "compile"}
 WAIT = "wait"
+STUDY_ENV = "KOCR_TUNE_STUDY"  # the study's name where neither --study nor tune.study_name gives one
 TRIAL_FOLDER = "kocr-trial-"  # a trial trains in $TMPDIR/.kocr-trial-<number>.<machine>-<pid>.<hex>.tmp
 
 
@@ -206,6 +208,15 @@ class TuneConfig:
     def with_overrides(self, **values: Any) -> "TuneConfig":
         """A copy with the command-line values that were given (None = keep params.yaml's)."""
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None}).checked()
+
+    def with_env_study(self) -> "TuneConfig":
+        """A copy named ``$KOCR_TUNE_STUDY`` when neither ``--study`` nor ``tune.study_name`` named the study.
+
+        The retrain workflow sets it per workflow run and commit, so a re-run of a killed run continues
+        the study it left (its storage kept, docs/gpu-server.md); a named study keeps its name.
+        """
+        name = os.environ.get(STUDY_ENV, "").strip()
+        return self.with_overrides(study_name=name) if name and not self.study_name else self
 
     def checked(self) -> "TuneConfig":
         """This config, or TuneConfigError naming the first setting that cannot work."""
