@@ -733,22 +733,27 @@ with stage_run("train"):
 
 
 class _RetrainJob:
-    """The retrain job's steps that keep the training state and end the MLflow runs, run as written, in a
-    workspace that actions/checkout cleans at each attempt, with a stand-in `dvc` (_TRAIN_STAGE)."""
+    """The retrain job's steps that keep the training state and the tuning study and end the MLflow runs,
+    run as written, in a workspace that actions/checkout cleans at each attempt, with a stand-in `dvc`
+    (``stage``: _TRAIN_STAGE, or _TUNE_STAGE) and the project's params.yaml (or ``params``)."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, stage: str = "", params: dict | None = None):
         self.tmp, self.job = tmp_path, _workflow("retrain.yml")["jobs"]["retrain"]
+        self.params = params
         self.steps = {step.get("name", ""): step for step in self.job["steps"]}
         self.volume = tmp_path / "volume"
         mount = next(v.split(":")[1] for v in self.job["container"]["volumes"] if v.startswith("kocr-dvc-cache:"))
         states = self.step("Keep the training state")["env"]["STATES"]
-        assert states.startswith(mount + "/"), (states, mount)  # on the volume, not in the checkout
-        self.states = self.volume / states[len(mount) + 1:]
+        studies = self.step("Keep the tuning study")["env"]["STUDIES"]
+        for folder in (states, studies):
+            assert folder.startswith(mount + "/"), (folder, mount)  # on the volume, not in the checkout
+        self.states, self.studies = self.volume / states[len(mount) + 1:], self.volume / studies[len(mount) + 1:]
         assert self.job["env"]["KOCR_PIPELINE_ID"] == "gh-${{ github.run_id }}-${{ github.run_attempt }}"
+        assert self.job["env"]["KOCR_TUNE_STUDY"] == "gh-${{ github.run_id }}-${{ needs.image.outputs.commit }}"
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
-        (tmp_path / "train_stage.py").write_text(_TRAIN_STAGE)
-        (bin_dir / "dvc").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{tmp_path / "train_stage.py"}" "$@"\n')
+        (tmp_path / "stage.py").write_text(stage or _TRAIN_STAGE)
+        (bin_dir / "dvc").write_text(f'#!/bin/sh\nexec "{sys.executable}" "{tmp_path / "stage.py"}" "$@"\n')
         (bin_dir / "dvc").chmod(0o755)
         self.path = f"{bin_dir}{os.pathsep}{BIN}{os.pathsep}{os.environ['PATH']}"
 
@@ -759,8 +764,13 @@ class _RetrainJob:
         """actions/checkout (clean: true, the default) in the runner's workspace: new, or cleaned."""
         if not workspace.exists():
             _git(self.tmp, "init", "-q", str(workspace))
-            shutil.copy(REPO / "params.yaml", workspace / "params.yaml")
-            (workspace / ".gitignore").write_text("/.kocr/\n")
+            if self.params is None:
+                shutil.copy(REPO / "params.yaml", workspace / "params.yaml")
+            else:
+                (workspace / "params.yaml").write_text(yaml.safe_dump(self.params), encoding="utf-8")
+            (workspace / "tuning").mkdir()
+            (workspace / "tuning" / "best_params.yaml").write_text("{}\n")  # in git, as in the project
+            (workspace / ".gitignore").write_text("/.kocr/\n/tuning/optuna.db*\n")
             _git(workspace, "add", "-A")
             _git(workspace, "commit", "-q", "-m", "first")
         _git(workspace, "clean", "-ffdx")
@@ -771,14 +781,20 @@ class _RetrainJob:
         temp.mkdir(exist_ok=True)
         return {**os.environ, "PATH": self.path, "PYTHONPATH": str(REPO), "GITHUB_REPOSITORY": "org/ko-ocr",
                 "GITHUB_RUN_ID": str(run_id), "GITHUB_RUN_ATTEMPT": str(attempt), "RUNNER_TEMP": str(temp),
-                "GITHUB_OUTPUT": str(temp / "output"), "KOCR_PIPELINE_ID": f"gh-{run_id}-{attempt}",
-                "STATES": str(self.states), **extra}
+                "KOCR_PIPELINE_ID": f"gh-{run_id}-{attempt}",
+                "KOCR_TUNE_STUDY": self.study(workspace, run_id), "STATES": str(self.states),
+                "STUDIES": str(self.studies), **extra}
+
+    def study(self, workspace: Path, run_id: int) -> str:
+        """KOCR_TUNE_STUDY of run ``run_id`` at the workspace's commit (the image job's output)."""
+        return f"gh-{run_id}-{_git(workspace, 'rev-parse', 'HEAD').stdout.strip()}"
 
     def run(self, prefix: str, workspace: Path, env: dict[str, str], background: bool = False):
         step = self.step(prefix)
         if "if" in step and step["if"] == "github.run_attempt != '1'" and env["GITHUB_RUN_ATTEMPT"] == "1":
             return None
-        args = {"cwd": workspace, "env": env, "text": True}
+        # each step its own output file, as on the runner
+        args = {"cwd": workspace, "env": {**env, "GITHUB_OUTPUT": self.output_file(env, step)}, "text": True}
         if background:  # the runner waits on it; its stdout, a line at a time
             return subprocess.Popen(["bash", "-eo", "pipefail", "-c", step["run"]], stdout=subprocess.PIPE, **args)
         done = subprocess.run(["bash", "-eo", "pipefail", "-c", step["run"]], capture_output=True, timeout=300,
@@ -786,11 +802,22 @@ class _RetrainJob:
         assert done.returncode == 0, (prefix, done.stdout + done.stderr)
         return done
 
-    def attempt(self, workspace: Path, run_id: int, attempt: int) -> tuple[dict[str, str], subprocess.Popen]:
-        """Checkout, the state and earlier-attempt steps, and dvc repro started (running, or done)."""
+    @staticmethod
+    def output_file(env: dict[str, str], step: dict) -> str:
+        return str(Path(env["RUNNER_TEMP"]) / f"output-{step.get('id', 'step')}")
+
+    def outputs(self, env: dict[str, str], step_id: str) -> dict[str, str]:
+        """The outputs step ``step_id`` of this attempt (``env``) wrote ({} when none)."""
+        path = Path(self.output_file(env, {"id": step_id}))
+        return dict(line.split("=", 1) for line in path.read_text().splitlines()) if path.exists() else {}
+
+    def attempt(self, workspace: Path, run_id: int, attempt: int,
+                **extra: str) -> tuple[dict[str, str], subprocess.Popen]:
+        """Checkout, the state, study and earlier-attempt steps, and dvc repro started (running, or done)."""
         self.checkout(workspace)
-        env = self.env(workspace, run_id, attempt)
+        env = self.env(workspace, run_id, attempt, **extra)
         self.run("Keep the training state", workspace, env)
+        self.run("Keep the tuning study", workspace, env)
         self.run("End what earlier attempts", workspace, env)
         return env, self.run("dvc repro", workspace, env, background=True)
 
@@ -845,7 +872,7 @@ def test_a_rerun_of_a_killed_retrain_resumes_its_state_and_no_mlflow_run_stays_r
     out, _ = repro.communicate(timeout=300)
     assert repro.returncode == 0 and out.strip() == "train: from step 5"  # was: from step 0
     assert runs(41, 2) == {"parent": "FINISHED", "train": "FINISHED"}
-    keep = dict(line.split("=", 1) for line in Path(env["GITHUB_OUTPUT"]).read_text().splitlines())["dir"]
+    keep = job.outputs(env, "state")["dir"]
     assert Path(keep) == job.states / "org_ko-ocr-41" and Path(keep).is_dir()
     assert job.step("Drop this run's")["env"]["KEEP"] == "${{ steps.state.outputs.dir }}"
     job.run("Drop this run's", workspace, {**env, "KEEP": keep})
@@ -870,6 +897,80 @@ def test_a_rerun_of_a_killed_retrain_resumes_its_state_and_no_mlflow_run_stays_r
     assert runs(42, 1) == {"parent": "KILLED", "train": "KILLED"}  # was RUNNING for ever
     assert runs(41, 2) == {"parent": "FINISHED", "train": "FINISHED"}
     assert (job.states / "org_ko-ocr-42" / "models_candidate.pt").is_file()  # for its own re-run
+
+_TUNE_STAGE = '''\
+"""`dvc repro` as far as the tune stage goes: `kocr tune` as dvc.yaml runs it, on the data in $KOCR_TEST_DATA."""
+import os
+import sys
+
+from kocr.cli import main
+
+assert sys.argv[1:] == ["repro"], sys.argv
+sys.exit(main(["tune", "--data", os.environ["KOCR_TEST_DATA"], "--out", "tuning"]))
+'''
+TINY_TUNE = {
+    "model": {"output_channel": 32, "hidden_size": 32},
+    "train": {"base": "scratch", "batch_size": 4, "optimizer": "adam", "lr": 0.001},
+    "tune": {"metric": "val_cer", "direction": "minimize", "n_trials": 3, "steps_per_trial": 20, "report_every": 10,
+             "pruner": "none", "sampler": {"type": "random", "seed": 0}, "study_name": "", "storage": "",
+             "heartbeat_interval_s": 1, "grace_period_s": 3, "max_retry": 2,
+             "space": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}},
+}
+
+
+def test_a_rerun_of_a_retrain_killed_while_tuning_continues_its_study(prepared, tmp_path):
+    # Re-run failed jobs searched from trial 0 in a new study: actions/checkout's `git clean -ffdx` removed
+    # tuning/optuna.db, and an unnamed study was a new one (tune-<date>-<time>) at every start anyway.
+    import mlflow
+    import optuna
+    import sqlalchemy
+
+    assert "kocr tune --data ${data.prepared} --out tuning" in (REPO / "dvc.yaml").read_text()  # where the link goes
+    job = _RetrainJob(tmp_path, stage=_TUNE_STAGE, params=TINY_TUNE)
+    workspace = tmp_path / "_work" / "ko-ocr"
+    job.checkout(workspace)
+    study, storage = job.study(workspace, 41), f"sqlite:///{job.studies / 'org_ko-ocr-41' / 'optuna.db'}"
+
+    def trials() -> list[tuple[str, int | None]]:
+        try:
+            found = optuna.load_study(study_name=study, storage=storage).get_trials(deepcopy=False)
+        except (KeyError, ValueError, sqlalchemy.exc.SQLAlchemyError):  # no database, or no study in it yet
+            return []
+        return [(t.state.name, t.system_attrs.get("failed_trial")) for t in found if "mlflow_run_id" in t.user_attrs]
+
+    # attempt 1: killed (the runner's machine goes down) while trial 1 trains, trial 0 done
+    env, repro = job.attempt(workspace, 41, 1, KOCR_TEST_DATA=str(prepared))
+    deadline = time.monotonic() + 240
+    while trials() != [("COMPLETE", None), ("RUNNING", None)]:
+        assert time.monotonic() < deadline and repro.poll() is None, (trials(), repro.poll())
+        time.sleep(0.1)
+    os.killpg(int((Path(env["RUNNER_TEMP"]) / "dvc-repro.pgid").read_text()), signal.SIGKILL)
+    repro.wait()
+    assert os.path.islink(workspace / "tuning" / "optuna.db")
+
+    # attempt 2 (Re-run failed jobs): its cleaned checkout reaches the same study, which keeps trial 0, fails
+    # the dead trial 1 and retries it, and runs only the one trial it still owes
+    env, repro = job.attempt(workspace, 41, 2, KOCR_TEST_DATA=str(prepared))
+    out, _ = repro.communicate(timeout=300)
+    assert repro.returncode == 0, out
+    assert trials() == [("COMPLETE", None), ("FAIL", None), ("COMPLETE", 1), ("COMPLETE", None)]
+    assert optuna.get_all_study_names(storage) == [study]  # was: a new study, three trials again
+    assert yaml.safe_load((workspace / "tuning" / "best_params.yaml").read_text())["study"] == study
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert {run.info.status for run in runs} <= {"FINISHED", "KILLED", "FAILED"}  # none RUNNING for ever
+    keep = job.outputs(env, "study")["dir"]
+    assert Path(keep) == job.studies / "org_ko-ocr-41"
+    assert job.step("Drop this run's tuning")["env"]["KEEP"] == "${{ steps.study.outputs.dir }}"
+    job.run("Drop this run's tuning", workspace, {**env, "KEEP": keep})
+    assert not job.studies.joinpath("org_ko-ocr-41").exists()
+
+    # a tune.storage of its own (a database server) is left as it is
+    job.params = {**TINY_TUNE, "tune": {**TINY_TUNE["tune"], "storage": "postgresql+psycopg2://db/optuna"}}
+    shutil.rmtree(workspace)
+    job.checkout(workspace)
+    env = job.env(workspace, 43, 1)
+    assert "tune.storage is set" in job.run("Keep the tuning study", workspace, env).stdout
+    assert not (workspace / "tuning" / "optuna.db").exists() and job.outputs(env, "study") == {}
 
 # ------------------------------------------------------------------------------------------- DVC
 
