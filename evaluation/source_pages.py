@@ -11,6 +11,11 @@ name the archive and member), written aside and renamed, and reused on later run
 and CRC-32 still match the archive's. The source is scanned (zip directories only, no member is
 read) only when some page is not a plain file with its image beside it.
 
+A page can only be scored whole, and a set scored without one of its pages is another set: a label or
+image of the split that is there but cannot be read (permissions, I/O, a damaged zip member) raises
+``UnreadablePage`` naming the file and why, before anything is scored, as a missing one raises
+FileNotFoundError. Neither is skipped.
+
 Example:
     >>> found = split_pages("data/aihub", "data/prepared/splits.json", "test")   # doctest: +SKIP
     >>> found[0][2]                                                              # doctest: +SKIP
@@ -34,6 +39,19 @@ from training.data.sources import Member, SourceIndex, check_source_folder, read
 
 DEFAULT_CACHE = Path(".kocr") / "eval-images"
 CHUNK = 1 << 20
+READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what reading a file or zip member raises
+
+
+class UnreadablePage(Exception):
+    """A label or image of the split that is there but cannot be read; the message names the file and why."""
+
+
+def unreadable_page(path: str | os.PathLike, exc: BaseException, split: str,
+                    splits_file: str | os.PathLike) -> UnreadablePage:
+    """The one-line error for ``path`` of ``split`` that raised ``exc`` when read."""
+    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+    return UnreadablePage(f"{path}: cannot be read ({why}); it is in split {split!r} of {splits_file}, which is "
+                          "scored whole: make it readable, or run prepare again (it leaves out what it cannot read)")
 
 
 def split_names(splits_file: str | os.PathLike, split: str) -> list[str]:
@@ -56,7 +74,8 @@ def split_pages(source: str | os.PathLike, splits_file: str | os.PathLike, split
     """(name, page, image file) for the first ``limit`` (default: all) pages of ``split``, in order.
 
     Images inside zip archives are extracted to ``cache`` (default ``.kocr/eval-images``).
-    Raises FileNotFoundError naming the page or image that is gone since prepare ran.
+    Raises FileNotFoundError naming the page or image that is gone since prepare ran, UnreadablePage
+    naming the one that cannot be read.
     """
     source = Path(source)
     check_source_folder(source)
@@ -65,18 +84,22 @@ def split_pages(source: str | os.PathLike, splits_file: str | os.PathLike, split
     found: dict[str, tuple[Page, Path]] = {}
     for name in names:  # plain files with their image beside them: no scan needed
         path = source / name
-        if path.is_file():
-            page = _parse(path.read_bytes(), path)
+        if _is_file(path):
+            try:
+                raw = path.read_bytes()
+            except OSError as exc:
+                raise unreadable_page(path, exc, split, splits_file) from None
+            page = _parse(raw, path)
             beside = path.parent / page.image_name
-            if page.image_name and beside.is_file():
-                found[name] = page, beside
+            if page.image_name and _is_file(beside):
+                found[name] = page, _readable(beside, split, splits_file)
     rest = [name for name in names if name not in found]
     if rest:
         index = scan_source(source, exclude=cache)  # a cache inside the source is no input
         labels = {label.name: label for label in index.labels}
         with _Extractor(source, cache) as extractor:
             for name in tqdm(rest, desc=f"{split} pages", unit="page", disable=not progress or len(rest) < 50):
-                found[name] = _resolve(source, index, labels, name, splits_file, extractor)
+                found[name] = _resolve(source, index, labels, name, split, splits_file, extractor)
     return [(name, *found[name]) for name in names]
 
 
@@ -84,18 +107,70 @@ def _parse(raw: bytes, where: str | os.PathLike) -> Page:
     return parse_page(raw, where, bad=[])  # like prepare: an unusable annotation drops the word, not the page
 
 
-def _resolve(source: Path, index: SourceIndex, labels: dict[str, Member], name: str,
+def _is_file(path: Path) -> bool:
+    """Path.is_file, False (not raising) where a folder above cannot be searched: the scan then says which."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _readable(path: Path, split: str, splits_file: str | os.PathLike) -> Path:
+    """``path``, once a byte of it has been read; UnreadablePage naming it when that fails."""
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except OSError as exc:
+        raise unreadable_page(path, exc, split, splits_file) from None
+    return path
+
+
+def _unreadable_places(source: Path, index: SourceIndex, name: str | None = None) -> list[str]:
+    """The folders and zips the scan could not read, each with why (only those above ``name`` when given)."""
+    places = []
+    for reason, entry in index.stray:
+        where, _, why = entry.partition(": ")
+        if reason in ("unreadable_folder", "archive_unreadable") and (
+                name is None or where == "." or name.startswith(f"{where}/")):
+            places.append(f"{source / where} ({why})")
+    return places
+
+
+def _resolve(source: Path, index: SourceIndex, labels: dict[str, Member], name: str, split: str,
              splits_file: str | os.PathLike, extractor: "_Extractor") -> tuple[Page, Path]:
     label = labels.get(name)
     if label is None:
+        if above := _unreadable_places(source, index, name):
+            raise UnreadablePage(f"{source / name}: page listed in {splits_file} cannot be read, as {above[0]} "
+                                 "above it cannot be; make it readable, or run prepare again")
         raise FileNotFoundError(f"{source / name}: page listed in {splits_file} is missing from the source "
                                 "since prepare ran")
-    page = _parse(read_member(source, label), source / name)
+    try:
+        raw = read_member(source, label)
+    except READ_ERRORS as exc:
+        raise unreadable_page(source / label.name, exc, split, splits_file) from None
+    page = _parse(raw, source / name)
     found, _ = index.find_image(label, page.image_name)
     if found is None:
-        raise FileNotFoundError(f"{source / name}: image {page.image_name} missing from the source since prepare ran")
+        unlisted = _unreadable_places(source, index)
+        maybe = f" (or in a folder or zip that cannot be read: {', '.join(unlisted)})" if unlisted else ""
+        raise FileNotFoundError(f"{source / name}: image {page.image_name} missing from the source since "
+                                f"prepare ran{maybe}")
     image = index.images[found]
-    return page, extractor.path(image) if image.archive else source / image.path
+    if not image.archive:
+        return page, _readable(source / image.path, split, splits_file)
+    try:
+        return page, extractor.path(image)
+    except _ArchiveReadError as error:
+        raise unreadable_page(source / image.name, error.cause, split, splits_file) from None
+
+
+class _ArchiveReadError(Exception):
+    """Reading an archive or member failed (``cause``), as opposed to writing its copy into the cache."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 class _Extractor:
@@ -114,21 +189,31 @@ class _Extractor:
 
     def path(self, member: Member) -> Path:
         """The cached copy of ``member``, extracted now unless an intact copy is already there."""
-        where = self.source / member.archive
         archive = self.archives.get(member.archive)
         if archive is None:
-            archive = self.archives[member.archive] = zipfile.ZipFile(where)
+            try:
+                archive = self.archives[member.archive] = zipfile.ZipFile(self.source / member.archive)
+            except READ_ERRORS as exc:
+                raise _ArchiveReadError(exc) from exc
         info = archive.getinfo(member.path)
         key = hashlib.sha256(f"{member.archive}\0{member.path}".encode()).hexdigest()[:16]
         out = self.cache / key / PurePosixPath(member.name).name
         if _intact(out, info):
             return out
-        try:
-            with atomic_path(out) as tmp, archive.open(info) as src, open(tmp, "wb") as dst:
-                while chunk := src.read(CHUNK):  # zipfile checks the CRC at the end
+        with atomic_path(out) as tmp, open(tmp, "wb") as dst:  # a write error (a full disk) is no read error
+            try:
+                src = archive.open(info)
+            except READ_ERRORS as exc:
+                raise _ArchiveReadError(exc) from exc
+            with src:
+                while True:
+                    try:
+                        chunk = src.read(CHUNK)  # zipfile checks the CRC at the end
+                    except READ_ERRORS as exc:
+                        raise _ArchiveReadError(exc) from exc
+                    if not chunk:
+                        break
                     dst.write(chunk)
-        except (zipfile.BadZipFile, zlib.error, EOFError) as exc:
-            raise OSError(f"{where}: cannot extract {member.name}: {exc}") from exc
         return out
 
 

@@ -113,6 +113,30 @@ def test_evaluate_refuses_a_split_with_no_labelled_word_before_reading_a_page(sa
     assert not (tmp_path / "pred").exists() and not (tmp_path / "metrics").exists()
 
 
+def test_evaluate_names_a_page_image_it_cannot_read_in_one_line_before_scoring(sample_pages, prepared, tmp_path):
+    """Was: a PermissionError traceback (main lets out an OSError that is not a full disk). A set scored
+    without the page would be another set under the same name: refused, as a missing page is."""
+    from tests.conftest import permissions_bind
+
+    source = tmp_path / "pages"
+    shutil.copytree(sample_pages, source)
+    (tmp_path / "params.yaml").write_text("evaluate: {split: val, baselines: []}\n", encoding="utf-8")
+    name = json.loads((prepared / "splits.json").read_text(encoding="utf-8"))["val"][0]
+    image = source / f"{name.removesuffix('.json')}.jpg"
+    image.chmod(0)
+    try:
+        done = subprocess.run(permissions_bind([sys.executable, "-m", "kocr.cli", "evaluate", "--source", "pages",
+                                                "--splits", str(prepared / "splits.json"), "--candidate", "english_g2",
+                                                "--predictions", "pred"]), capture_output=True, text=True, cwd=tmp_path)
+    finally:
+        image.chmod(0o644)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (f"kocr evaluate: error: pages/{image.name}: cannot be read (Permission denied); "
+                                   f"it is in split 'val' of {prepared / 'splits.json'}, which is scored whole: make it "
+                                   "readable, or run prepare again (it leaves out what it cannot read)")
+    assert not (tmp_path / "pred").exists() and not (tmp_path / "metrics").exists()
+
+
 def test_an_evaluate_run_names_the_candidate_champion_and_base_it_scored(sample_pages, prepared, tmp_path,
                                                                          monkeypatch):
     """Was: only the scores, so the run did not say which checkpoint, registry version or base they belong to;

@@ -6,6 +6,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 from evaluation import evaluate
 from evaluation.evaluate import EvalPage, eval_set_hash, evaluate_models
+from tests.conftest import permissions_bind
 from tests.test_ingest import CATEGORY, CODE, YEAR, _aihub_pages, _cp949_zip, _page_json
 from training.data.pages import read_page
 from training.data.prepare import PrepareConfig, prepare_pages
@@ -146,3 +149,69 @@ def test_a_test_page_word_with_a_nan_or_infinite_box_is_left_out_not_a_crash():
                                    Word((10, 10, inf, 20), "구청")])
     boxes, texts = evaluate.gt_boxes(page, (60, 200), 0.1)  # was int(round(nan)): ValueError
     assert texts == ["서울"] and boxes == [[8, 52, 8, 32]]  # x0, x1, y0, y1 with the 2 px margin
+
+
+def _split_pages_bound(source: Path, splits: Path, cache: Path) -> subprocess.CompletedProcess:
+    """split_pages of the test split in a process that file permissions bind (also as root)."""
+    code = ("import sys; from evaluation.source_pages import split_pages; "
+            "print(len(split_pages(sys.argv[1], sys.argv[2], 'test', cache=sys.argv[3], progress=False)))")
+    return subprocess.run(permissions_bind([sys.executable, "-c", code, str(source), str(splits), str(cache)]),
+                          capture_output=True, text=True)
+
+
+def test_a_label_image_or_folder_of_the_split_that_cannot_be_read_is_named_not_skipped(sources, tmp_path):
+    """Was: PermissionError out of split_pages (a traceback from ``kocr evaluate``); a page dropped instead
+    would score another set under the same split, so the error names the file and why."""
+    source = tmp_path / "tree"
+    shutil.copytree(sources["tree"], source)
+    name = json.loads(sources["tree_splits"].read_text(encoding="utf-8"))["test"][0]
+    label = source / name
+    image = Path(str(label.with_suffix(".jpg")).replace("01.라벨링데이터(Json)", "02.원천데이터(Jpg)"))
+    folder = label.parent
+    assert image.is_file()
+    splits, cache = sources["tree_splits"], tmp_path / "cache"
+    for locked, message in ((label, f"{label}: cannot be read (Permission denied); it is in split 'test' of {splits}"),
+                            (image, f"{image}: cannot be read (Permission denied); it is in split 'test' of {splits}"),
+                            (folder, f"{label}: page listed in {splits} cannot be read, as {folder} "
+                                     "(Permission denied) above it cannot be")):
+        locked.chmod(0)
+        try:
+            done = _split_pages_bound(source, splits, cache)
+        finally:
+            locked.chmod(0o755 if locked.is_dir() else 0o644)
+        assert done.returncode == 1 and "PermissionError" not in done.stderr, done.stderr
+        assert done.stderr.splitlines()[-1].startswith(f"evaluation.source_pages.UnreadablePage: {message}")
+    assert _split_pages_bound(source, splits, cache).stdout.strip() == "2"  # all readable again: every page
+
+
+def _damage_member(archive: Path, ends_with: str) -> None:
+    """Overwrite the middle of one member's compressed bytes: its CRC (or inflating it) fails."""
+    with zipfile.ZipFile(archive) as zf:
+        info = next(i for i in zf.infolist() if i.filename.encode("cp437").decode("cp949").endswith(ends_with))
+    blob = bytearray(archive.read_bytes())
+    start = info.header_offset + 30 + int.from_bytes(blob[info.header_offset + 26:info.header_offset + 28], "little") \
+        + int.from_bytes(blob[info.header_offset + 28:info.header_offset + 30], "little")
+    middle = start + info.compress_size // 2
+    blob[middle:middle + 8] = bytes(b ^ 0xFF for b in blob[middle:middle + 8])
+    archive.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("kind", ["label", "image"])
+def test_a_damaged_zip_member_of_the_split_is_named_in_one_error(sources, tmp_path, kind):
+    """Was: a plain OSError without errno for an image (``kocr evaluate`` let it out as a traceback)
+    and zipfile.BadZipFile or zlib.error for a label."""
+    from evaluation.source_pages import UnreadablePage
+
+    source = tmp_path / "zips"
+    shutil.copytree(sources["zips"], source)
+    name = json.loads(sources["zips_splits"].read_text(encoding="utf-8"))["test"][0]
+    stem = Path(name).stem
+    archives = "[[]라벨]*.zip" if kind == "label" else "[[]원천]*.zip"
+    suffix = f"{stem}.json" if kind == "label" else f"{stem}.jpg"
+    archive = next(a for a in (source / "Training").glob(archives)
+                   if any(i.filename.encode("cp437").decode("cp949").endswith(suffix)
+                          for i in zipfile.ZipFile(a).infolist()))
+    _damage_member(archive, suffix)
+    with pytest.raises(UnreadablePage, match=rf"{re.escape(str(archive))}/.*{re.escape(suffix)}: cannot be read \("):
+        evaluate.test_pages(source, sources["zips_splits"], "test", cache=tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no partial copy left in the cache
