@@ -86,6 +86,13 @@ def dvc_experiment() -> str | None:
     return os.environ.get("DVC_EXP_NAME") or None
 
 
+def experiment_copy() -> str | None:
+    """The name of the DVC experiment when it runs in a temporary copy of the project (``dvc exp run
+    --queue`` or ``--temp``, where ``store_dir()`` is in the user's checkout), else None."""
+    name = dvc_experiment()
+    return name if name and store_dir() != Path.cwd().resolve() else None
+
+
 def configure_tracking() -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` or, when it is unset, the embedded SQLite store; returns the URI."""
     uri = tracking_uri_from_env() or f"sqlite:///{store_dir() / 'mlruns.db'}"

@@ -7,6 +7,7 @@ store of the user's checkout, tagged with the experiment's name.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -85,6 +86,42 @@ def test_a_registry_model_is_read_from_the_checkouts_store_in_an_experiment_copy
         assert reading_store("models:/ko-ocr-recognizer@champion") == f"sqlite:///{checkout / 'mlruns.db'}"
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_the_tune_study_of_an_experiment_copy_is_kept_in_the_checkout_and_is_its_own(tmp_path, monkeypatch):
+    """Was: the embedded Optuna storage (and a relative sqlite:/// tune.storage) was the copy's, deleted with
+    it: the study, its trials and its resumability lost. In the checkout's storage, the experiments of a
+    grid would then have joined one named study, mixing trials of other knobs and sharing one budget:
+    each is its own study, named after it."""
+    from training.tune import TuneConfig, make_storage, open_study, storage_url
+
+    config = TuneConfig.from_params({"space": {"lr": {"type": "float", "low": 1.0e-4, "high": 1.0e-2}}})
+    named = dataclasses.replace(config, study_name="ko-lr")
+    checkout = tmp_path / "project"
+    copy = checkout / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    (copy / ".dvc").mkdir(parents=True)
+    monkeypatch.setenv("DVC_ROOT", str(checkout))
+    monkeypatch.setenv("DVC_EXP_NAME", "lucky-dip")
+    monkeypatch.chdir(copy)
+    url = storage_url(config, "tuning")
+    assert url == f"sqlite:///{checkout / 'tuning' / 'optuna.db'}"  # was: the copy's tuning/optuna.db
+    relative = dataclasses.replace(config, storage="sqlite:///studies/optuna.db?timeout=5")
+    assert storage_url(relative, "tuning") == f"sqlite:///{checkout / 'studies' / 'optuna.db'}?timeout=5"
+    for kept in (f"sqlite:///{tmp_path / 'elsewhere.db'}", "postgresql+psycopg2://kocr:pw@db:5432/optuna"):
+        assert storage_url(dataclasses.replace(config, storage=kept), "tuning") == kept
+    storage = make_storage(url, config)
+    first = open_study(named, storage, shared=False).study_name
+    assert open_study(config, storage, shared=False).study_name.endswith("-lucky-dip")  # tune-<date>-<time>-…
+    monkeypatch.setenv("DVC_EXP_NAME", "other-point")  # the next experiment of the grid
+    assert (first, open_study(named, storage, shared=False).study_name) == ("ko-lr-lucky-dip", "ko-lr-other-point")
+
+    monkeypatch.chdir(checkout)  # `dvc exp run` in the workspace, `dvc repro`: as before
+    assert storage_url(relative, "tuning") == relative.storage
+    assert storage_url(config, "tuning") == f"sqlite:///{checkout / 'tuning' / 'optuna.db'}"
+    assert open_study(named, storage, shared=False).study_name == "ko-lr"
+    monkeypatch.delenv("DVC_EXP_NAME")
+    monkeypatch.chdir(copy)  # DVC_ROOT alone moves nothing
+    assert storage_url(config, "tuning") == f"sqlite:///{copy / 'tuning' / 'optuna.db'}"
 
 
 def test_the_runs_of_a_dvc_experiment_are_tagged_with_its_name(monkeypatch):

@@ -296,14 +296,29 @@ def check_space(config: TuneConfig, params: dict[str, Any]) -> None:
 
 
 def storage_url(config: TuneConfig, out_dir: str | os.PathLike) -> str:
-    """``tune.storage``, or the embedded SQLite file ``<out>/optuna.db``."""
+    """``tune.storage``, or the embedded SQLite file ``<out>/optuna.db``.
+
+    In a queued or ``--temp`` DVC experiment, which runs in a copy of the project that DVC deletes
+    afterwards, the embedded file and a SQLite file named by a relative path are the ones in the
+    user's checkout (``kocr.tracking.store_dir``, as for MLflow's store): was the copy's, lost with it.
+    """
+    from kocr.tracking import experiment_copy, store_dir
+
+    in_copy = experiment_copy() is not None
     if config.storage:
         if config.storage.startswith("postgresql://"):
             raise TuneError("tune.storage: write postgresql+psycopg2://… (plain postgresql:// means psycopg 3, "
                             "which is not installed)")
-        return config.storage
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(Path(out_dir) / 'optuna.db').resolve()}"
+        url = sqlalchemy_url(config.storage)
+        if not in_copy or url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") \
+                or Path(url.database).is_absolute():
+            return config.storage
+        database = store_dir() / url.database
+        database.parent.mkdir(parents=True, exist_ok=True)
+        return url.set(database=str(database)).render_as_string(hide_password=False)
+    folder = store_dir() / out_dir if in_copy and not Path(out_dir).is_absolute() else Path(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{(folder / 'optuna.db').resolve()}"
 
 
 def end_dead_run(run_id: str | None) -> None:
@@ -381,12 +396,20 @@ def worker_seed(base: int, existing_trials: int, shared: bool) -> int:
 
 
 def open_study(config: TuneConfig, storage: optuna.storages.RDBStorage, shared: bool) -> optuna.Study:
-    """Create the study or join it; checks that a joined study optimises the same metric the same way."""
+    """Create the study or join it; checks that a joined study optimises the same metric the same way.
+
+    A queued or ``--temp`` DVC experiment runs a study of its own, its name ended by the experiment's
+    (``tune-<date>-<time>-<exp>``, ``<tune.study_name>-<exp>``): the experiments of a grid differ in
+    their knobs, budget or space, and one study would mix their trials and share one budget."""
+    from kocr.tracking import experiment_copy
+
     name = config.study_name
     if not name:
         if shared:
             raise TuneError("name the study (--study NAME or tune.study_name) so workers on a shared storage join it")
         name = time.strftime("tune-%Y%m%d-%H%M%S")
+    if experiment := experiment_copy():
+        name = f"{name}-{experiment}"
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
     if name in existing and existing[name].direction.name.lower() != config.direction:
         raise TuneError(f"study {name} is {existing[name].direction.name.lower()}d; tune.direction is {config.direction}")
