@@ -122,3 +122,25 @@ def realdata(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} not present (shared/realdata is read-only input beside the repository)")
     return path
+
+
+@pytest.fixture
+def folder_listings(monkeypatch) -> list:
+    """The folders ``training.data.sources`` lists with ``os.listdir`` (``find_file``'s listings, not
+    ``Path.iterdir``'s), in order, while the test runs."""
+    import os
+
+    import training.data.sources as sources
+
+    listed: list = []
+
+    class CountingOs:
+        def __getattr__(self, name: str):
+            return getattr(os, name)
+
+        def listdir(self, path):
+            listed.append(path)
+            return os.listdir(path)
+
+    monkeypatch.setattr(sources, "os", CountingOs())
+    return listed

@@ -423,36 +423,15 @@ def test_tsv_row_writes_every_label_so_it_reads_back_exactly(tmp_path):
     assert tsv_row(["a.png", '"이낙연"'], "x") == 'a.png\t"이낙연"\n'  # written as it is: nothing to mistake
 
 
-def test_a_labels_file_lists_its_image_folder_once_not_once_per_row(tmp_path, monkeypatch):
+def test_a_labels_file_lists_its_image_folder_once_not_once_per_row(tmp_path, folder_listings):
     # every row named NFC, every file stored NFD (a macOS zip): find_file listed the folder for each row,
     # N rows x N files name comparisons (4,000 crops: 40 s; 50,000: hours)
-    import training.data.sources as sources
-
     names = [f"서울{i:03d}.png" for i in range(30)]
     for name in names:
         _png(tmp_path / unicodedata.normalize("NFD", name))
     (tmp_path / "labels.tsv").write_text("image\ttext\n" + "".join(f"{n}\t서울\n" for n in names)
                                          + "gone.png\t서울\n", encoding="utf-8")
-    listed = []
-    monkeypatch.setattr(sources, "os", _CountingOs(listed))  # find_file's listings, not Path.iterdir's
+    listed = folder_listings
     skipped: list[tuple[str, str]] = []
     assert len(read_labels(tmp_path / "labels.tsv", skipped=skipped)) == 30 and [r for r, _ in skipped] == ["image_missing"]
     assert listed == [tmp_path]  # was: 31 times
-
-
-class _CountingOs:
-    """``os`` as ``training.data.sources`` sees it, noting each folder ``os.listdir`` lists."""
-
-    def __init__(self, listed: list) -> None:
-        self.listed = listed
-
-    def __getattr__(self, name: str):
-        import os
-
-        return getattr(os, name)
-
-    def listdir(self, path):
-        import os
-
-        self.listed.append(path)
-        return os.listdir(path)

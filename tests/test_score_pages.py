@@ -252,32 +252,11 @@ def test_ground_truth_is_found_as_prepare_matches_names(tmp_path):
         find_pages(tmp_path, tmp_path)
 
 
-def test_the_text_folder_is_listed_once_not_once_per_page(tmp_path, monkeypatch):
+def test_the_text_folder_is_listed_once_not_once_per_page(tmp_path, folder_listings):
     # pages from a macOS zip (NFD) beside texts typed on Windows (NFC): find_file listed the folder for each
-    import training.data.sources as sources
-
     for i in range(20):
         (tmp_path / unicodedata.normalize("NFD", f"민원{i:02d}.jpg")).write_bytes(b"")
         (tmp_path / f"민원{i:02d}.txt").write_text("민원\n", encoding="utf-8")
-    listed = []
-    monkeypatch.setattr(sources, "os", _CountingOs(listed))  # find_file's listings, not Path.iterdir's
+    listed = folder_listings
     assert len(find_pages(tmp_path, tmp_path)) == 20
     assert listed == [tmp_path]  # was: 20 times
-
-
-class _CountingOs:
-    """``os`` as ``training.data.sources`` sees it, noting each folder ``os.listdir`` lists."""
-
-    def __init__(self, listed: list) -> None:
-        self.listed = listed
-
-    def __getattr__(self, name: str):
-        import os
-
-        return getattr(os, name)
-
-    def listdir(self, path):
-        import os
-
-        self.listed.append(path)
-        return os.listdir(path)
