@@ -693,12 +693,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_end_pipeline(args: argparse.Namespace) -> None:
-    from kocr.tracking import configure_tracking, end_pipeline
+    from kocr.tracking import MANUAL_KEY, configure_tracking, end_pipeline
 
     key = args.pipeline_id or os.environ.get("KOCR_PIPELINE_ID")
     if not key:
         raise CommandError("which pipeline? give --pipeline-id or set KOCR_PIPELINE_ID (the key its runs are "
                            "tagged with, kocr.pipeline_key)")
+    if key == MANUAL_KEY:  # every hand-run stage's parent has it: ending them all would end live work
+        raise CommandError(f"{MANUAL_KEY!r} is the key of every stage run by hand, not of one pipeline; end such runs "
+                           "one by one in the MLflow UI")
     configure_tracking()
     ended = end_pipeline(key, args.status, args.reason)
     print(f"end-pipeline: {key}: " + (f"{len(ended)} runs still RUNNING ended as {args.status}: {' '.join(ended)}"

@@ -160,6 +160,9 @@ def git_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+MANUAL_KEY = "manual"  # the pipeline key of every stage run by hand (no KOCR_PIPELINE_ID, not under dvc repro)
+
+
 def _pipeline_runs(experiment_id: str, key: str, max_results: int = 1000) -> list[Run]:
     """The pipeline runs tagged with pipeline key ``key`` in experiment ``experiment_id``, oldest first."""
     return mlflow.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
@@ -177,13 +180,13 @@ def _parent_run(experiment_id: str, key: str | None) -> str:
         if found:
             return found[0].info.run_id
     client = mlflow.MlflowClient()
-    tags = {PIPELINE_KEY_TAG: key or "manual", "kocr.kind": "pipeline"}
+    tags = {PIPELINE_KEY_TAG: key or MANUAL_KEY, "kocr.kind": "pipeline"}
     if experiment := dvc_experiment():
         tags[DVC_EXP_TAG] = experiment
     commit = git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    run = client.create_run(experiment_id, run_name="dvc-repro" if key else "manual", tags=tags)
+    run = client.create_run(experiment_id, run_name="dvc-repro" if key else MANUAL_KEY, tags=tags)
     return run.info.run_id
 
 

@@ -298,6 +298,9 @@ def test_end_pipeline_ends_what_a_killed_pipeline_left_running_and_nothing_else(
             assert tracking.end_pipeline("no-such-pipeline", "FAILED") == []
         monkeypatch.delenv("KOCR_PIPELINE_ID")
         assert main(["end-pipeline", "--status", "FAILED"]) == 2  # which pipeline: said, not guessed
+        with stage_run("sample") as by_hand:  # no pipeline id: a parent keyed "manual", as every hand-run stage's
+            assert main(["end-pipeline", "--status", "KILLED", "--pipeline-id", "manual"]) == 2
+            assert client.get_run(by_hand.data.tags["mlflow.parentRunId"]).info.status == "RUNNING"  # was: KILLED
         with pytest.raises(ValueError, match="expected FAILED or KILLED"):
             tracking.end_pipeline("gh-7-1", "FINISHED")
     finally:
