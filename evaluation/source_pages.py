@@ -35,11 +35,10 @@ from tqdm import tqdm
 
 from kocr.atomic import atomic_path
 from training.data.pages import Page, parse_page
-from training.data.sources import Member, SourceIndex, check_source_folder, read_member, scan_source
+from training.data.sources import READ_ERRORS, Member, SourceIndex, check_source_folder, read_member, scan_source
 
 DEFAULT_CACHE = Path(".kocr") / "eval-images"
 CHUNK = 1 << 20
-READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what reading a file or zip member raises
 
 
 class UnreadablePage(Exception):

@@ -127,7 +127,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     check_paths(args.src, args.out)  # before the run logs a data hash that a linked folder would escape
     with stage_run("prepare", {"prepare": knobs, "data": data_section(params)}):
         log_dataset(args.src, context="source")
-        report = prepare_pages(args.src, args.out, config)
+        report = prepare_pages(args.src, args.out, config, checked=True)
         kept = kept_reasons(config)  # report.json counts repairs beside drops: the keys tell them apart
         flat = {"pages_used": report["pages_used"],
                 **{f"crops_{k}": v for k, v in report["crops"].items()},

@@ -179,7 +179,7 @@ def dataset_hash(path: str | os.PathLike, root: str | os.PathLike = ".") -> tupl
     rel = _norm(os.path.relpath(path, root)) if os.path.isabs(str(path)) else _norm(path)
     outs = _lock_outs(root / "dvc.lock")
     for out, (md5, stage) in outs.items():  # the output, or a folder inside it: its hash + the subpath
-        if rel == out or rel.startswith(out + os.sep):
+        if _inside(rel, out):
             if _changed_since_recorded(root, stage, out):
                 return _stale(root, rel, f"dvc.lock (stage {stage})")
             return (md5 if rel == out else f"{md5}/{rel[len(out) + 1:]}"), "dvc.lock"

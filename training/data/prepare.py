@@ -57,7 +57,7 @@ from training.charset import Charset
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page, unscored
 from training.data.pixels import mend, note_pixels
-from training.data.sources import Member, SourceIndex, image_fit, linked_folders, read_member, scan_source
+from training.data.sources import READ_ERRORS, Member, SourceIndex, image_fit, linked_folders, read_member, scan_source
 
 SPLITS = ("train", "val", "test")
 EXAMPLES_KEPT = 10
@@ -295,7 +295,7 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
     except PageError as exc:
         claimed, _ = index.find_image(label, "")
         return None, claimed, [(exc.reason, f"{label.name}: {exc.detail}"[:300])]
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, ValueError) as exc:
+    except (*READ_ERRORS, ValueError) as exc:
         return None, None, [("unreadable_file", unreadable(label.name, exc))]
     found, ambiguous = index.find_image(label, page.image_name)
     if found is None:
@@ -414,7 +414,7 @@ def _crop_page_or_raise(meta: PageMeta) -> tuple[list[tuple[bytes, str]], list[t
     image_bytes = None
     try:
         label_bytes = read_member(root, meta.label)
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:  # unreadable since the scan
+    except READ_ERRORS as exc:  # unreadable since the scan
         return [], [("unreadable_file", unreadable(meta.name, exc))], False
     try:
         image_bytes = read_member(root, meta.image)
@@ -669,10 +669,13 @@ def check_paths(src: str | os.PathLike, out: str | os.PathLike) -> None:
 
 
 def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: PrepareConfig,
-                  progress: bool = True) -> dict[str, Any]:
-    """Run the stage; returns the report (also written to ``out/report.json``)."""
+                  progress: bool = True, checked: bool = False) -> dict[str, Any]:
+    """Run the stage; returns the report (also written to ``out/report.json``). ``checked``: the caller
+    has run :func:`check_paths` on these paths (``kocr prepare-aihub`` does, before its MLflow run), so
+    a DVC-versioned source is not walked for linked folders twice."""
     src, out = Path(src), Path(out)
-    check_paths(src, out)
+    if not checked:
+        check_paths(src, out)
     index = scan_source(src, exclude=out)
     charset = Charset.from_spec(config.charset)
     pool = None

@@ -23,10 +23,12 @@ from __future__ import annotations
 import os
 import unicodedata
 import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what reading a file or zip member raises
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 PLATFORM_FILES = {"contact_sheet.png"}  # written by kocr synth-pages beside the pages: not page data
@@ -67,7 +69,7 @@ class SourceIndex:
         by_name: dict[str, list[int]] = defaultdict(list)
         by_stem: dict[str, list[int]] = defaultdict(list)
         for i, image in enumerate(self.images):
-            base = _key(PurePosixPath(image.name).name)
+            base = name_key(PurePosixPath(image.name).name)
             by_name[base].append(i)
             by_stem[base.rsplit(".", 1)[0]].append(i)
         self._by_name, self._by_stem = dict(by_name), dict(by_stem)
@@ -80,17 +82,13 @@ class SourceIndex:
         where the label says .jpg); the one in the folders closest to the label's wins, the named
         one on a tie, so an image of the same name in another part of the source (Validation for a
         Training label) never beats the label's own."""
-        base = _key(image_name.replace("\\", "/").rsplit("/", 1)[-1]) if image_name else ""
-        stem = _key(PurePosixPath(label.name).stem)
+        base = name_key(image_name.replace("\\", "/").rsplit("/", 1)[-1]) if image_name else ""
+        stem = name_key(PurePosixPath(label.name).stem)
         named = set(self._by_name.get(base, []))
         candidates = sorted(named | set(self._by_stem.get(stem, [])))
         if not candidates:
             return None, False
         return _closest(label, candidates, self.images, named)
-
-
-def _key(name: str) -> str:
-    return name_key(name)
 
 
 def name_key(name: str) -> str:
@@ -154,7 +152,7 @@ def find_file(folder: str | os.PathLike, name: str,
 
 
 def _folders(member: Member) -> list[str]:
-    return [_key(p) for p in PurePosixPath(member.name).parts[:-1]]
+    return [name_key(p) for p in PurePosixPath(member.name).parts[:-1]]
 
 
 def _folder_fit(label: Member, image: Member) -> tuple[int, int]:
@@ -170,7 +168,7 @@ def image_fit(label: Member, image: Member) -> tuple[bool, int, int]:
     """How well ``image`` fits ``label`` beyond being named by it: the same stem, then the folders
     they share (as :func:`_closest` ranks them); the larger fits better. Two labels that claim one
     image (one copied the other's ``file.name``) leave it to the label that fits it."""
-    same_stem = _key(PurePosixPath(label.name).stem) == _key(PurePosixPath(image.name).stem)
+    same_stem = name_key(PurePosixPath(label.name).stem) == name_key(PurePosixPath(image.name).stem)
     return (same_stem, *_folder_fit(label, image))
 
 
