@@ -85,6 +85,15 @@ def flatten(params: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def param_strings(params: dict[str, Any]) -> dict[str, str]:
+    """``params`` flattened (:func:`flatten`) to MLflow param strings, each cut to MLflow's 6,000 characters.
+
+    >>> param_strings({"train": {"lr": 0.1, "mix": {}}})
+    {'train.lr': '0.1', 'train.mix': '{}'}
+    """
+    return {k: str(v)[:6000] for k, v in flatten(params).items()}
+
+
 def section(params: Mapping[str, Any], name: str, where: str | None = None) -> dict[str, Any]:
     """``params[name]`` as a new dict: ``{}`` when absent or null (every default, as when all its keys
     are commented out); ParamsError naming ``where`` (default ``name``; ``recipe.detector`` for a

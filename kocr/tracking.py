@@ -38,7 +38,7 @@ from mlflow.exceptions import MlflowException
 
 from kocr.dvc_hashes import dataset_hash
 from kocr.redact import hide_passwords
-from kocr.params import flatten
+from kocr.params import param_strings
 
 DEFAULT_EXPERIMENT = "ko-ocr/finetune"
 PIPELINE_KEY_TAG = "kocr.pipeline_key"
@@ -231,13 +231,19 @@ def _open_parent(parent_id: str) -> None:
         client._tracking_client.store.update_run_info(parent_id, RunStatus.RUNNING, end_time=0, run_name=None)
 
 
+def _child_runs(parent_id: str) -> list[Run]:
+    """The runs nested directly under ``parent_id``, in every experiment: a pipeline's tune run logs to
+    ko-ocr/tune while its parent is in ko-ocr/finetune, and tune's trials nest under it there."""
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+
+
 def parent_status(parent_id: str) -> str | None:
     """The status a pipeline run takes from its stage runs: RUNNING while any runs, else the worst
     of each stage's latest run (FAILED, then KILLED, else FINISHED); None when it has none or the
     store cannot search them."""
-    try:  # in every experiment: a pipeline's tune run logs to ko-ocr/tune, its parent is in ko-ocr/finetune
-        children = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                      filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    try:
+        children = _child_runs(parent_id)
     except MlflowException:
         return None
     if not children:
@@ -278,7 +284,7 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
                               tags=tags, log_system_metrics=system_metrics) as run:
             end_dead_siblings(experiment_id, parent_id, stage, run.info.run_id)
             if params:
-                mlflow.log_params({k: str(v)[:6000] for k, v in flatten(params).items()})
+                mlflow.log_params(param_strings(params))
             try:
                 yield run
             except BaseException:
@@ -358,9 +364,8 @@ def end_pipeline(key: str, status: str, reason: str = "kocr end-pipeline") -> li
     ended: list[str] = []
     for parent in _pipeline_runs(experiment.experiment_id, key):
         running, below = [], [parent.info.run_id]
-        while below:  # in every experiment: tune's run and its trials are in ko-ocr/tune
-            found = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                       filter_string=f"tags.mlflow.parentRunId = '{below.pop()}'")
+        while below:
+            found = _child_runs(below.pop())
             below += [run.info.run_id for run in found]
             running += [run.info.run_id for run in found if run.info.status == "RUNNING"]
         if parent.info.status == "RUNNING":

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from evaluation.metrics import recognition_scores
 from kocr.atomic import atomic_path, write_text
-from kocr.params import ParamsError, flatten, require, typed
+from kocr.params import ParamsError, param_strings, require, typed
 from kocr.params import section as params_section
 from training.charset import Charset
 from training.attention import AttnCodec, attention_loss, num_class_for
@@ -187,7 +187,7 @@ def knob_params(config: TrainConfig, leave_out: frozenset[str] = frozenset()) ->
     """
     knobs = {"train": {k: getattr(config, k) for k in sorted(TRAIN_KNOBS - leave_out)},
              "model": {k: getattr(config, k) for k in sorted(MODEL_KNOBS - leave_out)}}
-    return {k: str(v)[:6000] for k, v in flatten(knobs).items()}
+    return param_strings(knobs)
 
 
 def train_run_params(config: TrainConfig, section: dict[str, Any]) -> dict[str, str]:
