@@ -279,6 +279,14 @@ def _first_visit(folder: Path, seen: set[Path]) -> bool:
     return True
 
 
+def _entered(dirpath: str, dirnames: list[str], skip: Path | None) -> list[str]:
+    """The folders of ``dirnames`` (in ``dirpath``) that a walk of the source goes into, in the order
+    given: not hidden, named in UTF-8, and not ``skip`` (the stage's own output, resolved). The one
+    filter of :func:`scan_source` (which also enters each real folder once) and :func:`linked_folders`."""
+    return [d for d in dirnames if not _hidden(d) and _decodable(d)
+            and (skip is None or (Path(dirpath) / d).resolve() != skip)]
+
+
 def linked_folders(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> list[tuple[str, str]]:
     """(name under ``src``, where it points) of each link to a folder that ``scan_source`` would
     follow, the first ones met (not those below them), in order; ``exclude`` as in ``scan_source``."""
@@ -287,8 +295,7 @@ def linked_folders(src: str | os.PathLike, exclude: str | os.PathLike | None = N
     links = []
     for dirpath, dirnames, _ in os.walk(root):  # not into links: each is named, not what it holds
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _decodable(d)
-                             and (skip is None or (Path(dirpath) / d).resolve() != skip))
+        dirnames[:] = sorted(_entered(dirpath, dirnames, skip))
         for d in dirnames:
             if (Path(dirpath) / d).is_symlink():
                 links.append((f"{rel_dir}/{d}".removeprefix("./"), os.readlink(Path(dirpath) / d)))
@@ -325,9 +332,7 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
                 index.stray.append(("stray_folder", f"{rel_dir}/{d}".lstrip("/")))
             elif not _decodable(d):
                 index.stray.append(("undecodable_name", _shown(f"{rel_dir}/{d}".lstrip("/"))))
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d) and _decodable(d)
-                             and (skip is None or (Path(dirpath) / d).resolve() != skip)
-                             and _first_visit(Path(dirpath) / d, seen))
+        dirnames[:] = sorted(d for d in _entered(dirpath, dirnames, skip) if _first_visit(Path(dirpath) / d, seen))
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
         found = False
         for name in sorted(filenames):

@@ -1,0 +1,54 @@
+"""The source scan (training.data.sources): which folders it enters, and the links prepare names for DVC."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from training.data.sources import linked_folders, scan_source
+
+
+def _page(folder: Path, stem: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.json").write_bytes(b"{}")
+    (folder / f"{stem}.jpg").write_bytes(b"jpg")
+
+
+def test_linked_folders_names_the_links_the_scan_follows_and_skips_what_it_skips(tmp_path):
+    """One filter decides which folders both walks enter: hidden folders, names that are not UTF-8 and
+    the excluded output are entered by neither, so a link inside them is neither read nor named; a link
+    below a linked folder is read but not named (its top link is)."""
+    src, disk = tmp_path / "src", tmp_path / "disk"
+    for name in ("top", "deep", "hidden", "odd", "excluded", "inner"):
+        _page(disk / name, name)
+    _page(src / "real", "r")
+    (src / "Training").symlink_to(disk / "top")
+    (disk / "top" / "deeper").symlink_to(disk / "deep")            # below a link: read, not named
+    (src / "real" / "sub").symlink_to(disk / "inner")              # below a real folder: named
+    (src / ".cache").mkdir()
+    (src / ".cache" / "link").symlink_to(disk / "hidden")          # in a hidden folder: neither
+    odd = os.fsencode(src) + b"/" + "읽기".encode("cp949")
+    os.mkdir(odd)
+    os.symlink(disk / "odd", odd + b"/link")                       # in a folder named in CP949: neither
+    (src / "prepared").mkdir()
+    (src / "prepared" / "link").symlink_to(disk / "excluded")      # in the excluded output: neither
+
+    assert linked_folders(src, exclude=src / "prepared") == [("Training", str(disk / "top")),
+                                                             ("real/sub", str(disk / "inner"))]
+    index = scan_source(src, exclude=src / "prepared")
+    assert [m.name for m in index.labels] == ["Training/deeper/deep.json", "Training/top.json",
+                                              "real/r.json", "real/sub/inner.json"]
+    assert ("stray_folder", ".cache") in index.stray
+    assert [reason for reason, _ in index.stray].count("undecodable_name") == 1
+    assert linked_folders(src) == [("Training", str(disk / "top")), ("prepared/link", str(disk / "excluded")),
+                                   ("real/sub", str(disk / "inner"))]
+
+
+def test_linked_folders_names_a_link_to_a_folder_that_is_also_in_the_source(tmp_path):
+    """Every link to a folder is named, also one to a folder of the source itself (which of the two the
+    scan enters, as it enters each real folder once, is not decided here)."""
+    src = tmp_path / "src"
+    _page(src / "a", "p")
+    (src / "b").symlink_to(src / "a")
+    assert linked_folders(src) == [("b", str(src / "a"))]
+    assert len(scan_source(src).labels) == 1
