@@ -144,6 +144,17 @@ def content_hash(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def first_visit(folder: Path, seen: set[Path]) -> bool:
+    """True the first time a real folder is met, which it adds to ``seen`` (a link back up the tree
+    would loop forever). The guard of both walks that follow linked folders, this hash's and the
+    source scan of ``prepare`` (training.data.sources), so both read the same real folders."""
+    real = folder.resolve()
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
+
+
 def _walk(root: Path) -> list[tuple[Path, Path | None]]:
     """(name relative to ``root``, the file) of each file below it, linked folders followed once
     each; (name, None) for a folder that cannot be listed."""
@@ -152,13 +163,7 @@ def _walk(root: Path) -> list[tuple[Path, Path | None]]:
     unlisted: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unlisted.append):
         folder = Path(dirpath)
-        kept = []
-        for d in sorted(dirnames):
-            real = (folder / d).resolve()
-            if real not in seen:  # a link back up the tree would loop forever
-                seen.add(real)
-                kept.append(d)
-        dirnames[:] = kept
+        dirnames[:] = [d for d in sorted(dirnames) if first_visit(folder / d, seen)]
         for name in filenames:
             file = folder / name
             try:

@@ -28,6 +28,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from kocr.dvc_hashes import first_visit
+
 READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what reading a file or zip member raises
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
@@ -270,19 +272,11 @@ def _shown(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("ascii", "backslashreplace")
 
 
-def _first_visit(folder: Path, seen: set[Path]) -> bool:
-    """True the first time a real folder is met (a link back up the tree would loop forever)."""
-    real = folder.resolve()
-    if real in seen:
-        return False
-    seen.add(real)
-    return True
-
-
 def _entered(dirpath: str, dirnames: list[str], skip: Path | None) -> list[str]:
     """The folders of ``dirnames`` (in ``dirpath``) that a walk of the source goes into, in the order
     given: not hidden, named in UTF-8, and not ``skip`` (the stage's own output, resolved). The one
-    filter of :func:`scan_source` (which also enters each real folder once) and :func:`linked_folders`."""
+    filter of :func:`scan_source` (which also enters each real folder once: :func:`first_visit`) and
+    :func:`linked_folders`."""
     return [d for d in dirnames if not _hidden(d) and _decodable(d)
             and (skip is None or (Path(dirpath) / d).resolve() != skip)]
 
@@ -332,7 +326,7 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
                 index.stray.append(("stray_folder", f"{rel_dir}/{d}".lstrip("/")))
             elif not _decodable(d):
                 index.stray.append(("undecodable_name", _shown(f"{rel_dir}/{d}".lstrip("/"))))
-        dirnames[:] = sorted(d for d in _entered(dirpath, dirnames, skip) if _first_visit(Path(dirpath) / d, seen))
+        dirnames[:] = sorted(d for d in _entered(dirpath, dirnames, skip) if first_visit(Path(dirpath) / d, seen))
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
         found = False
         for name in sorted(filenames):
