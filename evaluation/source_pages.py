@@ -126,13 +126,8 @@ def _readable(path: Path, split: str, splits_file: str | os.PathLike) -> Path:
 
 def _unreadable_places(source: Path, index: SourceIndex, name: str | None = None) -> list[str]:
     """The folders and zips the scan could not read, each with why (only those above ``name`` when given)."""
-    places = []
-    for reason, entry in index.stray:
-        where, _, why = entry.partition(": ")
-        if reason in ("unreadable_folder", "archive_unreadable") and (
-                name is None or where == "." or name.startswith(f"{where}/")):
-            places.append(f"{source / where} ({why})")
-    return places
+    return [f"{source / place.where} ({place.why})" for place in index.unreadable
+            if name is None or place.where == "." or name.startswith(f"{place.where}/")]
 
 
 def _resolve(source: Path, index: SourceIndex, labels: dict[str, Member], name: str, split: str,

@@ -215,3 +215,21 @@ def test_a_damaged_zip_member_of_the_split_is_named_in_one_error(sources, tmp_pa
     with pytest.raises(UnreadablePage, match=rf"{re.escape(str(archive))}/.*{re.escape(suffix)}: cannot be read \("):
         evaluate.test_pages(source, sources["zips_splits"], "test", cache=tmp_path / "cache")
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]  # no partial copy left in the cache
+
+
+def test_an_unreadable_archive_whose_name_holds_a_colon_is_named_above_its_page(tmp_path):
+    """Was: the place was parsed back out of its report entry (``NAME: why``) at the first ": ", so an
+    archive named ``a: b.zip`` became ``a`` and a page of it "missing from the source", not unreadable."""
+    from evaluation.source_pages import UnreadablePage, split_pages
+
+    source = tmp_path / "src"
+    (source / "Training").mkdir(parents=True)
+    archive = source / "Training" / f"[라벨]Training: {CATEGORY}.zip"
+    archive.write_bytes(b"not a zip")
+    name = f"Training/{archive.name}/{FOLDER}/p.json"
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"test": [name]}), encoding="utf-8")
+    with pytest.raises(UnreadablePage) as raised:
+        split_pages(source, splits, "test", cache=tmp_path / "cache", progress=False)
+    assert str(raised.value) == (f"{source / name}: page listed in {splits} cannot be read, as {archive} (File is "
+                                 "not a zip file) above it cannot be; make it readable, or run prepare again")

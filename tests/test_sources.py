@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from training.data.sources import linked_folders, scan_source
+from training.data.sources import Unreadable, linked_folders, scan_source
 
 
 def _page(folder: Path, stem: str) -> None:
@@ -52,3 +52,16 @@ def test_linked_folders_names_a_link_to_a_folder_that_is_also_in_the_source(tmp_
     (src / "b").symlink_to(src / "a")
     assert linked_folders(src) == [("b", str(src / "a"))]
     assert len(scan_source(src).labels) == 1
+
+
+def test_what_cannot_be_read_is_kept_as_places_and_reported_in_the_same_order(tmp_path):
+    src = tmp_path / "src"
+    _page(src / "b", "p")
+    for name in ("z: broken.zip", "a.zip"):
+        (src / "b" / name).write_bytes(b"not a zip")
+    index = scan_source(src)
+    why = "File is not a zip file"
+    assert index.unreadable == [Unreadable("archive_unreadable", "b/a.zip", why),
+                                Unreadable("archive_unreadable", "b/z: broken.zip", why)]
+    assert [e for e in index.stray if e[0] == "archive_unreadable"] == [place.entry() for place in index.unreadable]
+    assert index.unlisted == []

@@ -51,6 +51,20 @@ class Member:
     size: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class Unreadable:
+    """A folder (``unreadable_folder``) or zip archive (``archive_unreadable``) the scan could not read:
+    ``where`` relative to the source (``.`` for the source itself) and ``why``."""
+
+    reason: str
+    where: str
+    why: str
+
+    def entry(self) -> tuple[str, str]:
+        """Its stray entry, as the report shows it."""
+        return self.reason, f"{self.where}: {self.why}"
+
+
 @dataclass
 class SourceIndex:
     """Labels, images and stray entries of one source, with the image lookup tables."""
@@ -59,15 +73,27 @@ class SourceIndex:
     labels: list[Member] = field(default_factory=list)
     images: list[Member] = field(default_factory=list)
     stray: list[tuple[str, str]] = field(default_factory=list)  # (reason, where)
-    unlisted: list[str] = field(default_factory=list)  # folders that could not be read (unreadable_folder)
+    unreadable: list[Unreadable] = field(default_factory=list)  # also in stray, in its order
     _by_name: dict[str, list[int]] = field(default_factory=dict, repr=False)
     _by_stem: dict[str, list[int]] = field(default_factory=dict, repr=False)
+
+    @property
+    def unlisted(self) -> list[str]:
+        """The folders that could not be read (``unreadable_folder``)."""
+        return [place.where for place in self.unreadable if place.reason == "unreadable_folder"]
+
+    def add_unreadable(self, reason: str, where: str, why: str) -> None:
+        """Record a folder or archive that cannot be read, and its stray entry."""
+        place = Unreadable(reason, where, why)
+        self.unreadable.append(place)
+        self.stray.append(place.entry())
 
     def finish(self) -> "SourceIndex":
         """Sort the entries and build the lookup tables (called by ``scan_source``)."""
         self.labels.sort(key=lambda m: m.name)
         self.images.sort(key=lambda m: m.name)
         self.stray.sort()
+        self.unreadable.sort(key=Unreadable.entry)
         by_name: dict[str, list[int]] = defaultdict(list)
         by_stem: dict[str, list[int]] = defaultdict(list)
         for i, image in enumerate(self.images):
@@ -241,7 +267,7 @@ def _scan_archive(index: SourceIndex, rel: str, path: Path) -> bool:
         with zipfile.ZipFile(path) as zf:
             infos = zf.infolist()
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        index.stray.append(("archive_unreadable", f"{rel}: {exc}"))
+        index.add_unreadable("archive_unreadable", rel, str(exc))
         return False
     hidden_dirs: set[str] = set()
     for info in infos:
@@ -351,8 +377,7 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
             useful.update("/".join(parts[:i]) for i in range(len(parts) + 1))
     for error in unreadable:  # permissions, I/O: what it holds is unknown, so neither it nor those above are stray
         rel_dir = os.path.relpath(error.filename, root).replace(os.sep, "/")
-        index.unlisted.append(rel_dir)
-        index.stray.append(("unreadable_folder", f"{rel_dir}: {error.strerror or error}"))
+        index.add_unreadable("unreadable_folder", rel_dir, str(error.strerror or error))
         parts = rel_dir.split("/") if rel_dir != "." else []
         useful.update("/".join(parts[:i]) for i in range(len(parts) + 1))
     for folder in folders:  # folders holding no page, image or archive anywhere below: report the top one
