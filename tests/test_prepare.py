@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import unicodedata
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -372,3 +373,30 @@ def test_a_decomposed_word_that_is_dropped_is_not_also_counted_as_kept_normalise
     counts = {reason: entry["count"] for reason, entry in report["skipped"].items()}
     assert counts == {"nfd_normalised": 1, "out_of_charset": 1, "zero_area_box": 1}
     assert report["crops"]["train"] == 1
+
+
+@pytest.mark.parametrize("error, entry", [
+    (PermissionError(13, "Permission denied", "/abs/src/page_00004.jpg"),
+     ("unreadable_file", "page_00004.jpg: Permission denied")),           # no absolute path in the report
+    (zlib.error("Error -3 while decompressing data: invalid block type"),  # a zip member that does not inflate
+     ("image_corrupt", "page_00004.jpg: error: Error -3 while decompressing data: invalid block type")),
+])
+def test_an_image_that_cannot_be_read_is_reported_alike_when_scanned_and_when_cropped(src, monkeypatch, error, entry):
+    from training.data import prepare
+    from training.data.sources import scan_source
+
+    monkeypatch.setattr(prepare, "_WORKER", {})
+    index = scan_source(src)
+    prepare._init_worker(src, index, PrepareConfig())
+    label = next(m for m in index.labels if m.name == "page_00004.json")
+    meta, found, entries = prepare._check_page(label)
+    assert meta is not None and entries == []
+
+    def read_member(root, member):
+        if member.name.endswith(".jpg"):
+            raise error
+        return (root / member.path).read_bytes()
+
+    monkeypatch.setattr(prepare, "read_member", read_member)
+    assert prepare._check_page(label) == (None, found, [entry])  # the scan: its image claimed, not "without label"
+    assert prepare._crop_page(meta) == ([], [entry], False)     # unreadable since the scan

@@ -304,13 +304,10 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
         return None, None, [("image_missing", label.name)]
     image = index.images[found]
     entries = [("image_ambiguous", f"{label.name} -> {image.name}")] if ambiguous else []
-    image_bytes = None
     try:
         image_bytes = read_member(root, image)
-    except OSError as exc:  # permissions, I/O: the image is there and may be fine, but cannot be read
-        return None, found, entries + [("unreadable_file", unreadable(image.name, exc))]
-    except IMAGE_ERRORS as exc:  # a zip member that does not inflate
-        return None, found, entries + [image_problem(image.name, image_bytes, exc)]
+    except IMAGE_ERRORS as exc:
+        return None, found, entries + [image_unread(image.name, exc)]
     try:  # a cheap integrity check, so a broken image never takes a page's place in a split
         with Image.open(io.BytesIO(image_bytes)) as img:
             pixels = img.width * img.height
@@ -326,6 +323,15 @@ def unreadable(name: str, exc: Exception) -> str:
     """The ``unreadable_file`` entry's text: the name and why, without the absolute path an OSError holds."""
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
     return f"{name}: {why}"[:300]
+
+
+def image_unread(name: str, exc: Exception) -> tuple[str, str]:
+    """The report entry for an image whose bytes could not be read (``exc``, one of IMAGE_ERRORS):
+    ``unreadable_file`` for permissions or I/O (the image is there and may be fine), else as
+    :func:`image_problem` says (a zip member that does not inflate)."""
+    if isinstance(exc, OSError):
+        return "unreadable_file", unreadable(name, exc)
+    return image_problem(name, None, exc)
 
 
 def image_problem(name: str, data: bytes | None, exc: Exception) -> tuple[str, str]:
@@ -411,17 +417,14 @@ def _crop_page_or_raise(meta: PageMeta) -> tuple[list[tuple[bytes, str]], list[t
     root, config = _WORKER["root"], _WORKER["config"]
     entries = _Entries()
     bad: list[tuple[int, str]] = []
-    image_bytes = None
     try:
         label_bytes = read_member(root, meta.label)
     except READ_ERRORS as exc:  # unreadable since the scan
         return [], [("unreadable_file", unreadable(meta.name, exc))], False
     try:
         image_bytes = read_member(root, meta.image)
-    except OSError as exc:
-        return [], [("unreadable_file", unreadable(meta.image.name, exc))], False
     except IMAGE_ERRORS as exc:
-        return [], [image_problem(meta.image.name, image_bytes, exc)], False
+        return [], [image_unread(meta.image.name, exc)], False
     try:
         page = parse_page(label_bytes, meta.name, bad=bad)
         grey = load_grey(image_bytes)
