@@ -65,3 +65,24 @@ def test_what_cannot_be_read_is_kept_as_places_and_reported_in_the_same_order(tm
                                 Unreadable("archive_unreadable", "b/z: broken.zip", why)]
     assert [e for e in index.stray if e[0] == "archive_unreadable"] == [place.entry() for place in index.unreadable]
     assert index.unlisted == []
+
+
+def test_a_folder_reached_twice_is_named_the_same_whatever_order_the_disk_lists_it(tmp_path, monkeypatch):
+    """A link and the real folder it points to hold the same pages once: which of the two names the
+    pages take must not depend on the order the filesystem lists a folder (tmpfs lists newest first,
+    ext4 by hash), or splits.json and the report name them differently from machine to machine."""
+    src = tmp_path / "src"
+    _page(src / "a", "p")
+    (src / "b").symlink_to(src / "a")
+    real_walk = os.walk
+
+    def walk(top, **kwargs):  # the same tree, each folder's entries listed in one order, then the other
+        for dirpath, dirnames, filenames in real_walk(top, **kwargs):
+            dirnames.sort(reverse=reverse)
+            yield dirpath, dirnames, filenames
+
+    names = []
+    for reverse in (False, True):
+        monkeypatch.setattr("training.data.sources.os.walk", walk)
+        names.append([m.name for m in scan_source(src).labels])
+    assert names == [["a/p.json"], ["a/p.json"]]

@@ -352,7 +352,9 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
                 index.stray.append(("stray_folder", f"{rel_dir}/{d}".lstrip("/")))
             elif not _decodable(d):
                 index.stray.append(("undecodable_name", _shown(f"{rel_dir}/{d}".lstrip("/"))))
-        dirnames[:] = sorted(d for d in _entered(dirpath, dirnames, skip) if first_visit(Path(dirpath) / d, seen))
+        # sorted before first_visit: a folder reached by two names takes the first in name order, as
+        # content_hash's walk does, not whichever the filesystem happens to list first
+        dirnames[:] = [d for d in sorted(_entered(dirpath, dirnames, skip)) if first_visit(Path(dirpath) / d, seen)]
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
         found = False
         for name in sorted(filenames):
