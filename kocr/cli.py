@@ -693,9 +693,11 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_end_pipeline(args: argparse.Namespace) -> None:
-    from kocr.tracking import MANUAL_KEY, configure_tracking, end_pipeline
+    from kocr.tracking import MANUAL_KEY, checked_key, configure_tracking, end_pipeline
 
     key = args.pipeline_id or os.environ.get("KOCR_PIPELINE_ID")
+    if key:
+        key = checked_key(key, "--pipeline-id" if args.pipeline_id else "KOCR_PIPELINE_ID")
     if not key:
         raise CommandError("which pipeline? give --pipeline-id or set KOCR_PIPELINE_ID (the key its runs are "
                            "tagged with, kocr.pipeline_key)")

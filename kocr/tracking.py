@@ -35,6 +35,7 @@ from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 from mlflow.entities import Run, RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.utils.search_utils import SearchUtils
 
 from kocr.dvc_hashes import dataset_hash
 from kocr.redact import hide_passwords
@@ -46,7 +47,8 @@ DVC_EXP_TAG = "kocr.dvc_exp"  # the DVC experiment's name (`dvc exp show`, `dvc 
 
 
 class TrackingConfigError(ValueError):
-    """``MLFLOW_TRACKING_URI`` is set to nothing (exit 2 with one line naming it)."""
+    """``MLFLOW_TRACKING_URI`` set to nothing, or a pipeline key MLflow cannot search for (exit 2 with one
+    line naming it)."""
 
 
 def tracking_uri_from_env() -> str | None:
@@ -136,10 +138,42 @@ def ensure_experiment(name: str) -> str:
         return mlflow.get_experiment_by_name(name).experiment_id  # type: ignore[union-attr]
 
 
+def filter_value(value: str) -> str:
+    """``value`` as a string of an MLflow search filter that MLflow reads back as exactly ``value``:
+    in single quotes, else (it holds one) in double quotes. MLflow's filter syntax has no escape, so
+    a value holding both kinds of quote cannot be written: ValueError. Was: put in single quotes as
+    it was, so a key with a ``'`` broke the search, or (``x' and tags.… = '…``) changed what it found.
+
+    >>> print(filter_value("gh-7-1"), filter_value("it's"))
+    'gh-7-1' "it's"
+    """
+    for quote in ("'", '"'):
+        literal = f"{quote}{value}{quote}"
+        try:
+            parsed = SearchUtils.parse_search_filter(f"tags.`key` = {literal}")
+        except MlflowException:
+            continue
+        if len(parsed) == 1 and parsed[0]["value"] == value:
+            return literal
+    raise ValueError(f"{value!r} holds both a ' and a \", which an MLflow search filter cannot hold")
+
+
+def checked_key(key: str, where: str) -> str:
+    """``key`` when its runs can be searched for by it (:func:`filter_value`), else TrackingConfigError
+    naming ``where`` it was set (``KOCR_PIPELINE_ID``, ``--pipeline-id``)."""
+    try:
+        filter_value(key)
+    except ValueError as exc:
+        raise TrackingConfigError(f"{where}: pipeline key {exc}; use one without quotes (e.g. gh-<run id>-<attempt>)") \
+            from None
+    return key
+
+
 def pipeline_key() -> str | None:
-    """Key shared by the stages of one pipeline run, or None outside DVC."""
+    """Key shared by the stages of one pipeline run, or None outside DVC; TrackingConfigError for a
+    ``KOCR_PIPELINE_ID`` that MLflow cannot search for (:func:`checked_key`)."""
     if os.environ.get("KOCR_PIPELINE_ID"):
-        return os.environ["KOCR_PIPELINE_ID"]
+        return checked_key(os.environ["KOCR_PIPELINE_ID"], "KOCR_PIPELINE_ID")
     try:
         for proc in psutil.Process().parents():
             cmdline = proc.cmdline()
@@ -165,7 +199,7 @@ MANUAL_KEY = "manual"  # the pipeline key of every stage run by hand (no KOCR_PI
 
 def _pipeline_runs(experiment_id: str, key: str, max_results: int = 1000) -> list[Run]:
     """The pipeline runs tagged with pipeline key ``key`` in experiment ``experiment_id``, oldest first."""
-    return mlflow.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
+    return mlflow.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = {filter_value(key)}",
                               output_format="list", max_results=max_results, order_by=["attributes.start_time ASC"])
 
 

@@ -305,3 +305,34 @@ def test_end_pipeline_ends_what_a_killed_pipeline_left_running_and_nothing_else(
             tracking.end_pipeline("gh-7-1", "FINISHED")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_pipeline_key_with_a_quote_finds_its_own_parent_and_no_other(monkeypatch):
+    """Was: the key went into the search filter in single quotes as it was, so a KOCR_PIPELINE_ID holding a
+    ``'`` failed every stage (MLflow: invalid clause) and one written as a clause found another pipeline's
+    parent run; a key no filter can hold is refused in one line naming where it was set."""
+    from kocr.cli import main
+    from kocr.tracking import TrackingConfigError, stage_run
+
+    client = mlflow.MlflowClient()
+    try:
+        parents = {}
+        for key in ("x", "it's", "x' and tags.`kocr.kind` = 'pipeline", "x' and tags.`kocr.kind` = 'pipeline"):
+            monkeypatch.setenv("KOCR_PIPELINE_ID", key)
+            with stage_run("train") as run:
+                parent = run.data.tags["mlflow.parentRunId"]
+            assert parents.setdefault(key, parent) == parent  # the same key: the same parent
+            assert client.get_run(parent).data.tags[tracking.PIPELINE_KEY_TAG] == key
+        assert len(set(parents.values())) == 3  # was: the third key found the parent of "x"
+        with stage_run("evaluate") as run:  # still the same key: its stage runs nest under one parent
+            assert run.data.tags["mlflow.parentRunId"] == parents["x' and tags.`kocr.kind` = 'pipeline"]
+        assert tracking.end_pipeline("it's", "KILLED") == []  # was: MlflowException
+
+        monkeypatch.setenv("KOCR_PIPELINE_ID", "say \"it's\"")
+        with pytest.raises(TrackingConfigError, match="KOCR_PIPELINE_ID: pipeline key .* both a ' and a \""):
+            with stage_run("train"):
+                pass
+        monkeypatch.delenv("KOCR_PIPELINE_ID")
+        assert main(["end-pipeline", "--status", "KILLED", "--pipeline-id", "say \"it's\""]) == 2
+    finally:
+        mlflow.set_tracking_uri(None)
