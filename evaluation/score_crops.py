@@ -87,27 +87,33 @@ class Crop:
 def tsv_field(value: str, quoted_file: bool = False) -> str:
     """One field of a labels TSV as its text: CSV quoting undone where only a CSV writer puts it.
 
-    A field wrapped in ``"`` whose inner quotes all come doubled is CSV-quoted when it holds a doubled
+    ``value`` is the field with its outer whitespace stripped, as ``read_labels`` passes it. A field
+    wrapped in ``"`` whose inner quotes all come doubled is CSV-quoted when it holds a doubled
     quote (``"민원 ""서류"" 접수"`` -> ``민원 "서류" 접수``: spreadsheets, pandas and Python's csv quote a field
-    holding a ``"`` so, and nothing else writes ``""`` inside quotes) or when ``quoted_file`` (the
-    header itself is quoted: a quote-all export). Any other ``"`` is text: ``"허가"`` in a plain file
-    is a label printed with its quotes (a CSV writer quoting minimally leaves ``허가`` bare), as the
-    platform's own files have written such labels.
+    holding a ``"`` so, and nothing else writes ``""`` inside quotes), when its inner text begins or
+    ends with whitespace (``tsv_row`` quotes such a field, which the reader's strip would cut; no label
+    is printed as ``" 허가"``) or when ``quoted_file`` (the header itself is quoted: a quote-all
+    export). Any other ``"`` is text: ``"허가"`` in a plain file is a label printed with its quotes (a
+    CSV writer quoting minimally leaves ``허가`` bare), as the platform's own files have written such labels.
 
     Example:
         >>> tsv_field('"민원 ""서류"" 접수"'), tsv_field('"허가"'), tsv_field('"허가"', quoted_file=True)
         ('민원 "서류" 접수', '"허가"', '허가')
+        >>> tsv_field('" b.png"')
+        ' b.png'
     """
     if len(value) >= 2 and value[0] == value[-1] == '"':
         inner = value[1:-1]
-        if '"' not in inner.replace('""', "") and (quoted_file or '""' in inner):
+        if '"' not in inner.replace('""', "") and (quoted_file or '""' in inner or inner != inner.strip()):
             return inner.replace('""', '"')
     return value
 
 
 def tsv_row(fields: list[str], where: str) -> str:
     """``fields`` as one line of the platform's TSV (tab-joined, newline-ended), each read back
-    exactly by ``read_labels``: a field that ``tsv_field`` would take for CSV quoting (``"a""b"``) is
+    exactly by ``read_labels`` (which strips a field's outer whitespace, then applies ``tsv_field``):
+    a field that would not come back so, one that ``tsv_field`` would take for CSV quoting (``"a""b"``)
+    or one with outer whitespace (a file `` b.png``; ``"a""b" `` read as ``a"b`` without its quotes), is
     written CSV-quoted, every other field as it is.
 
     Raises ValueError naming ``where`` when a field holds a tab or a line break, which no plain TSV
@@ -116,7 +122,7 @@ def tsv_row(fields: list[str], where: str) -> str:
     for value in fields:
         if any(c in value for c in "\t\n\r"):
             raise ValueError(f"{where}: field {value!r:.60} holds a tab or line break; a TSV row cannot carry it")
-    return "\t".join(value if tsv_field(value) == value else '"' + value.replace('"', '""') + '"'
+    return "\t".join(value if tsv_field(value.strip()) == value else '"' + value.replace('"', '""') + '"'
                      for value in fields) + "\n"
 
 

@@ -423,6 +423,23 @@ def test_tsv_row_writes_every_label_so_it_reads_back_exactly(tmp_path):
     assert tsv_row(["a.png", '"이낙연"'], "x") == 'a.png\t"이낙연"\n'  # written as it is: nothing to mistake
 
 
+def test_tsv_row_fields_with_outer_whitespace_read_back_exactly(tmp_path):
+    """Was: tsv_row wrote a field with outer whitespace as it was and read_labels stripped it before
+    undoing CSV quoting, so the file `` b.png`` was "not found" and the label ``"a""b" `` read as ``a"b``."""
+    from evaluation.score_crops import tsv_field, tsv_row
+
+    _png(tmp_path / " b.png")
+    labels = ['"a""b" ', ' "x""y"', " 서울 ", "\u3000허가"]  # a text's own outer whitespace goes (NFC labels are stripped)
+    with (tmp_path / "labels.tsv").open("w", encoding="utf-8", newline="") as fh:
+        fh.write(tsv_row(["image", "text"], "labels.tsv"))
+        fh.writelines(tsv_row([" b.png", label], "labels.tsv") for label in labels)
+    crops = read_labels(tmp_path / "labels.tsv")
+    assert [(c.image.name, c.text) for c in crops] == [(" b.png", label.strip()) for label in labels]
+    for value in [*labels, " ", "x\u00a0", '"" ', '"허가"', '"a""b"', "서울"]:  # each field, byte for byte
+        written = tsv_row(["a.png", value], "x").rstrip("\n").split("\t")[1]
+        assert tsv_field(written.strip()) == value
+
+
 def test_a_labels_file_lists_its_image_folder_once_not_once_per_row(tmp_path, folder_listings):
     # every row named NFC, every file stored NFD (a macOS zip): find_file listed the folder for each row,
     # N rows x N files name comparisons (4,000 crops: 40 s; 50,000: hours)
