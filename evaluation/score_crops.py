@@ -51,7 +51,7 @@ from training.data.pages import (
     nfc,
     parse_page,
 )
-from training.data.sources import AmbiguousName, find_file
+from training.data.sources import IMAGE_SUFFIXES, AmbiguousName, find_file
 
 TESSERACT = "tesseract"
 
@@ -222,8 +222,10 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
                     skipped: list[tuple[str, str]] | None = None) -> list[Crop]:
     """Word boxes on whole images, each a crop, in file order.
 
-    ``path`` is one page JSON in the platform's AI-Hub schemas (``training.data.pages``; the image
-    named by it lies beside the file, matched as ``read_labels`` matches names) or an image-keyed file as ICDAR-style tools write it::
+    ``path`` is one page JSON in the platform's AI-Hub schemas (``training.data.pages``; its image lies
+    beside the file and is found as ``prepare`` pairs a page with its image: the file it names, matched
+    as ``read_labels`` matches names, else the one image of the JSON's stem, ``X.png`` for an ``X.json``
+    naming ``X.jpg``) or an image-keyed file as ICDAR-style tools write it::
 
         {"sign.png": {"words": [{"points": [[x, y], [x, y], [x, y], [x, y]], "transcription": "서울"}]}}
 
@@ -258,13 +260,16 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
             raise ScoreInputError(str(exc)) from None
         images = {page.image_name: [(word.bbox, _one_line(word.text, path, page.image_name, word.number), word.number)
                                     for word in page.words]}
+        stem = path.stem  # prepare pairs a page with an image of its stem when the one it names is not there
     else:
-        images = _image_keyed_boxes(data, path)
+        images, stem = _image_keyed_boxes(data, path), None
     crops = []
     listings: dict[Path, dict[str, list[str]]] = {}  # each folder listed once, not once per image (find_file)
     for name, words in images.items():
         try:  # matched as prepare pairs a page with its image: NFC or NFD, any case, \\ as a separator
-            image = find_file(path.parent, name, listings)
+            image = find_file(path.parent, name, listings) if name else None
+            if image is None and stem is not None:
+                image = _image_of_stem(path, name, stem, listings)
         except AmbiguousName as exc:
             problem("image_ambiguous", f"{path}: {exc}")
             continue
@@ -295,6 +300,18 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
     if not crops and not skipped:
         raise ScoreInputError(f"{path}: no labelled word boxes")
     return crops
+
+
+def _image_of_stem(path: Path, name: str, stem: str, listings: dict[Path, dict[str, list[str]]]) -> Path | None:
+    """The one image beside page JSON ``path`` whose stem is ``stem`` (any image suffix, matched by
+    ``find_file``), as ``prepare`` pairs a page whose named image ``name`` is not there; None when there
+    is none, AmbiguousName naming them when there are several (``X.png`` and ``X.tif``)."""
+    fits = list(dict.fromkeys(found for suffix in IMAGE_SUFFIXES
+                              if (found := find_file(path.parent, stem + suffix, listings)) is not None))
+    if len(fits) > 1:
+        raise AmbiguousName(f"{' and '.join(map(str, fits))}: {path.name} names {name or 'no image'}, which is not "
+                            "there, and several images have its stem; keep one, or name it in the JSON")
+    return fits[0] if fits else None
 
 
 def _image_keyed_boxes(data: Any, path: Path) -> dict[str, list[tuple[tuple[float, float, float, float], str, int]]]:

@@ -395,6 +395,25 @@ def test_a_page_json_finds_its_image_as_prepare_pairs_it(tmp_path):
     assert skipped == [("image_missing", f"{gone}: image {tmp_path / 'gone.jpg'} not found")]
 
 
+def test_a_page_json_falls_back_to_the_image_of_its_stem_as_prepare_does(tmp_path):
+    # X.json naming X.jpg beside X.PNG (an 023-style "type" saying jpg, a scan converted to PNG): prepare
+    # pairs them by the label's stem; evaluate-crops and import-crops said "image X.jpg not found"
+    Image.new("L", (200, 100), 255).save(tmp_path / "X.PNG")
+    labels = _page_json(tmp_path / "X.json", "X.jpg", (200, 100), [(20, 30, 60, 20, "서울")])
+    assert [(c.image, c.text) for c in read_labels(labels)] == [(tmp_path / "X.PNG", "서울")]
+    Image.new("L", (200, 100), 255).save(tmp_path / "named.png")  # the image it names wins over its stem's
+    other = _page_json(tmp_path / "X2.json", "named.png", (200, 100), [(20, 30, 60, 20, "서울")])
+    Image.new("L", (200, 100), 255).save(tmp_path / "X2.jpg")
+    assert [c.image for c in read_labels(other)] == [tmp_path / "named.png"]
+    for suffix in (".png", ".tif"):  # two images of its stem: which one is a guess
+        Image.new("L", (200, 100), 255).save(tmp_path / f"Y{suffix}")
+    two = _page_json(tmp_path / "Y.json", "Y.jpg", (200, 100), [(20, 30, 60, 20, "서울")])
+    skipped: list[tuple[str, str]] = []
+    assert read_labels(two, skipped=skipped) == [] and [r for r, _ in skipped] == ["image_ambiguous"]
+    with pytest.raises(ScoreInputError, match=r"Y\.png and .*Y\.tif: Y\.json names Y\.jpg, which is not there"):
+        read_labels(two)
+
+
 def test_csv_quoting_is_undone_only_where_a_csv_writer_put_it(tmp_path):
     # a spreadsheet or pandas writes 민원 "서류" as "민원 ""서류""" (and old export-crops wrote the label
     # "이낙연" as """이낙연"""): was read with the quotes as part of the label
