@@ -141,11 +141,13 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         _dump(flat, args.metrics)
     skipped = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items() if k not in kept) or "nothing"
     repaired = ", ".join(f"{k} {v['count']}" for k, v in report["skipped"].items() if k in kept)
-    print(f"prepare: {report['pages_used']} pages -> crops {report['crops']}; skipped: {skipped}"
-          + (f"; kept with a repair or note: {repaired}" if repaired else ""))
+    wordless = report["pages_without_crops"]
+    print(f"prepare: {report['pages_used']} pages -> crops {report['crops']}"
+          + (f" ({wordless} more pages gave no crop: every word dropped)" if wordless else "")
+          + f"; skipped: {skipped}" + (f"; kept with a repair or note: {repaired}" if repaired else ""))
     if not report["pages_used"]:
-        print(f"prepare: warning: no usable page under {args.src} (see {args.out}/report.json); the splits are "
-              "empty, and train will refuse them", file=sys.stderr)
+        print(f"prepare: warning: no usable page under {args.src}: none gave a crop (see {args.out}/report.json); "
+              "the crop sets are empty, and train will refuse them", file=sys.stderr)
 
 
 def cmd_train(args: argparse.Namespace) -> None:

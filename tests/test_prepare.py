@@ -138,6 +138,37 @@ def test_page_counts(dropped):
     assert report["pages_used"] == 7 == sum(report["pages"].values())
 
 
+def test_a_page_whose_every_word_was_dropped_is_not_counted_as_used(tmp_path, monkeypatch, capsys):
+    """Was: pages_used counted every page read whole, so pages of ``###``, of characters outside the charset
+    or without annotations counted as used though they gave no crop (4 pages used, 1 crop)."""
+    from kocr.cli import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for stem, texts in [("a", ["서울"]), ("b", ["###"]), ("c", ["☃", "###"]), ("d", [])]:
+        Image.new("L", (200, 100), 255).save(src / f"{stem}.png")
+        write_page(read_page_like(stem, texts), src / f"{stem}.json")
+    report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    assert (report["pages_used"], report["pages_without_crops"], report["crops"]["train"]) == (1, 3, 1)
+    assert report["pages"]["train"] == 4  # splits.json keeps them: evaluate scores the words they have
+    assert len(json.loads((tmp_path / "out" / "splits.json").read_text(encoding="utf-8"))["train"]) == 4
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
+    for stem in "ac":
+        (src / f"{stem}.json").unlink()
+    assert main(["prepare-aihub", "--src", "src", "--out", "only_wordless"]) == 0  # pages, but no crop
+    captured = capsys.readouterr()
+    assert "prepare: 0 pages -> crops" in captured.out and "(2 more pages gave no crop" in captured.out
+    assert "warning: no usable page under src: none gave a crop" in captured.err  # was: no warning
+
+
+def read_page_like(stem: str, texts: list[str]):
+    """A 200x100 page ``<stem>.png`` with one box per text."""
+    from training.data.pages import Page
+
+    return Page(f"{stem}.png", 200, 100, words=[Word((20.0 + 50 * i, 30.0, 40.0, 20.0), t) for i, t in enumerate(texts)])
+
+
 def test_the_metrics_and_console_tell_repairs_from_drops(src, tmp_path, monkeypatch, capsys):
     # was: "skipped_nfd_normalised" and "skipped: ... nfd_normalised 1" for a word NFC-normalised and kept
     from kocr.cli import main

@@ -475,6 +475,7 @@ class _State:
     shards: dict[str, list[dict]] = field(default_factory=lambda: {s: [] for s in SPLITS})
     report: dict[str, Any] = field(default_factory=dict)
     failed: list[str] = field(default_factory=list)    # pages whose image could not be decoded
+    wordless: list[str] = field(default_factory=list)  # pages read whole that gave no crop (every word dropped)
     lengths: dict[str, dict[str, int]] = field(default_factory=lambda: {s: {} for s in SPLITS})
     chars: dict[str, dict[str, int]] = field(default_factory=lambda: {s: {} for s in SPLITS})
 
@@ -578,6 +579,8 @@ def _write_shards(out: Path, plan: dict[str, list[PageMeta]], config: PrepareCon
                     report.extend(entries)
                     if not ok:
                         state.failed.append(pages[pos].name)
+                    elif not crops:
+                        state.wordless.append(pages[pos].name)
                 for j in range(skip if pos == start else 0, len(crops)):
                     image, label = crops[j]
                     if writer is None:
@@ -707,11 +710,15 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
 
     failed = set(state.failed)
     split_pages = {split: [p.name for p in plan[split] if p.name not in failed] for split in SPLITS}
+    listed = sum(len(v) for v in split_pages.values())
     summary = {
         "source": str(src),
         "pages_found": len(index.labels),
         "images_found": len(index.images),
-        "pages_used": sum(len(v) for v in split_pages.values()),
+        # pages that gave crops; a page read whole whose every word was dropped (###, out of charset, no
+        # box) stays in splits.json (evaluate scores its words) and is counted apart, not as used
+        "pages_used": listed - len(state.wordless),
+        "pages_without_crops": len(state.wordless),
         "pages": {split: len(split_pages[split]) for split in SPLITS},
         "crops": {split: sum(s["samples"] for s in state.shards[split]) for split in SPLITS},
         "skipped": scan_report.merged(Report.from_dict(state.report)).as_dict(),
