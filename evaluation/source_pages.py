@@ -33,7 +33,7 @@ from pathlib import Path, PurePosixPath
 
 from tqdm import tqdm
 
-from kocr.atomic import atomic_path
+from kocr.atomic import DISK_FULL, atomic_path
 from training.data.pages import Page, parse_page
 from training.data.sources import READ_ERRORS, Member, SourceIndex, check_source_folder, read_member, scan_source
 
@@ -43,6 +43,11 @@ CHUNK = 1 << 20
 
 class UnreadablePage(Exception):
     """A label or image of the split that is there but cannot be read; the message names the file and why."""
+
+
+class UnwritableCache(Exception):
+    """The cache that images are extracted to cannot be written (a read-only folder or disk, a file in
+    its place); the message names it and why. A full disk is left to the caller's disk-full message."""
 
 
 def unreadable_page(path: str | os.PathLike, exc: BaseException, split: str,
@@ -74,7 +79,8 @@ def split_pages(source: str | os.PathLike, splits_file: str | os.PathLike, split
 
     Images inside zip archives are extracted to ``cache`` (default ``.kocr/eval-images``).
     Raises FileNotFoundError naming the page or image that is gone since prepare ran, UnreadablePage
-    naming the one that cannot be read.
+    naming the one that cannot be read, UnwritableCache naming ``cache`` when an image cannot be
+    extracted into it.
     """
     source = Path(source)
     check_source_folder(source)
@@ -194,20 +200,27 @@ class _Extractor:
         out = self.cache / key / PurePosixPath(member.name).name
         if _intact(out, info):
             return out
-        with atomic_path(out) as tmp, open(tmp, "wb") as dst:  # a write error (a full disk) is no read error
-            try:
-                src = archive.open(info)
-            except READ_ERRORS as exc:
-                raise _ArchiveReadError(exc) from exc
-            with src:
-                while True:
-                    try:
-                        chunk = src.read(CHUNK)  # zipfile checks the CRC at the end
-                    except READ_ERRORS as exc:
-                        raise _ArchiveReadError(exc) from exc
-                    if not chunk:
-                        break
-                    dst.write(chunk)
+        try:
+            with atomic_path(out) as tmp, open(tmp, "wb") as dst:  # a write error (a full disk) is no read error
+                try:
+                    src = archive.open(info)
+                except READ_ERRORS as exc:
+                    raise _ArchiveReadError(exc) from exc
+                with src:
+                    while True:
+                        try:
+                            chunk = src.read(CHUNK)  # zipfile checks the CRC at the end
+                        except READ_ERRORS as exc:
+                            raise _ArchiveReadError(exc) from exc
+                        if not chunk:
+                            break
+                        dst.write(chunk)
+        except OSError as exc:  # was a traceback from kocr evaluate (a read-only folder, a file named .kocr)
+            if exc.errno in DISK_FULL:
+                raise
+            why = exc.strerror or type(exc).__name__
+            raise UnwritableCache(f"{self.cache}: cannot write the images extracted from the source's zips "
+                                  f"there ({why}: {exc.filename or out}); make it a writable folder") from None
         return out
 
 

@@ -876,7 +876,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.import_crops import CropImportError
     from training.data.degrade import SynthConfigError
     from evaluation.reader import UnreadableImage
-    from evaluation.source_pages import UnreadablePage
+    from evaluation.source_pages import UnreadablePage, UnwritableCache
     from kocr.locks import LockError
     from evaluation.score_crops import ScoreInputError
     from training.export_easyocr import ExportError
@@ -890,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, CropImportError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
-            OutFolderError, UnreadablePage,
+            OutFolderError, UnreadablePage, UnwritableCache,
             LockError, CommandError, TrackingConfigError, FileNotFoundError) as exc:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -233,3 +233,31 @@ def test_an_unreadable_archive_whose_name_holds_a_colon_is_named_above_its_page(
         split_pages(source, splits, "test", cache=tmp_path / "cache", progress=False)
     assert str(raised.value) == (f"{source / name}: page listed in {splits} cannot be read, as {archive} (File is "
                                  "not a zip file) above it cannot be; make it readable, or run prepare again")
+
+
+def test_a_cache_that_cannot_be_written_is_named_in_one_line(sources, tmp_path, monkeypatch, capsys):
+    """Was: NotADirectoryError or PermissionError out of the extraction, a traceback from ``kocr evaluate``
+    (a file named ``.kocr`` in the project, a read-only checkout); now one line naming the folder, exit 2."""
+    from evaluation.source_pages import UnwritableCache
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("evaluate: {split: test}\n", encoding="utf-8")
+    (tmp_path / ".kocr").write_text("not a folder", encoding="utf-8")
+    with pytest.raises(UnwritableCache, match=r"^\.kocr/eval-images: cannot write the images extracted from the "
+                                              r"source's zips there \(Not a directory: \.kocr/eval-images/"):
+        evaluate.test_pages(sources["zips"], sources["zips_splits"], "test")
+    assert main(["evaluate", "--source", str(sources["zips"]), "--splits", str(sources["zips_splits"]),
+                 "--candidate", "models/none", "--predictions", "predictions"]) == 2
+    [line] = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("kocr evaluate: error: .kocr/eval-images: cannot write") and "writable folder" in line
+    (tmp_path / ".kocr").unlink()
+    (tmp_path / ".kocr").mkdir(mode=0o555)  # read-only: binds only a process without root's override
+    try:
+        done = _split_pages_bound(sources["zips"], sources["zips_splits"], tmp_path / ".kocr" / "eval-images")
+    finally:
+        (tmp_path / ".kocr").chmod(0o755)
+    assert done.returncode == 1 and "PermissionError" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith(
+        f"evaluation.source_pages.UnwritableCache: {tmp_path / '.kocr' / 'eval-images'}: cannot write the images "
+        "extracted from the source's zips there (Permission denied")
