@@ -321,6 +321,9 @@ def test_training_from_korean_g2_where_easyocr_keeps_it_uses_its_weights_unchang
     _write_korean_g2_pth(module_file, seed=2)
     monkeypatch.setenv("EASYOCR_MODULE_PATH", str(tmp_path / "easyocr"))
     assert load_recognizer("korean_g2").path == str(module_file)
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/easyocr, set where no shell expands it (.env, CI's env):
+    monkeypatch.setenv("EASYOCR_MODULE_PATH", "~/easyocr")  # was looked for in ./~/easyocr/model
+    assert load_recognizer("korean_g2").path == str(module_file)
 
 
 def test_checkpoint_whose_head_misfits_its_charset_is_rejected(tmp_path):

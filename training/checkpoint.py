@@ -130,13 +130,15 @@ def _shipped_path(name: str) -> Path:
 
 
 def pretrained_places(name: str) -> list[Path]:
-    """Where a pretrained EasyOCR file is looked for, in order."""
+    """Where a pretrained EasyOCR file is looked for, in order. A leading ``~`` of ``EASYOCR_MODULE_PATH``
+    (or ``MODULE_PATH``) is the home folder, as a shell would expand it (was: a folder named ``~`` in the
+    working directory, for a path set where no shell expands it: an .env file, a compose file, CI's env)."""
     from kocr.easyocr_compat import offline_model_dir
 
     candidates = [Path(offline_model_dir()) / f"{name}.pth"]
     module_path = os.environ.get("EASYOCR_MODULE_PATH") or os.environ.get("MODULE_PATH")
     if module_path:
-        candidates.append(Path(module_path) / "model" / f"{name}.pth")
+        candidates.append(Path(module_path).expanduser() / "model" / f"{name}.pth")
     candidates += [root / PRETRAINED_DIR / f"{name}.pth" for root in _project_roots()]
     return candidates + [Path.home() / ".EasyOCR/model" / f"{name}.pth"]
 
