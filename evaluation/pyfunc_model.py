@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -101,17 +102,43 @@ class PageReaderModel(mlflow.pyfunc.PythonModel):
 def not_a_path(text: str) -> str:
     """Why ``text`` cannot be an image path the model opens (a URL, image bytes sent as base64), or "".
 
+    Image bytes are told from a path by what they decode to, not only by their length: a small image's
+    base64 (a word crop, a few KB) is short enough to be a path. A file of that name that exists is a path.
+
     >>> not_a_path("https://example.com/scan.jpg")
     'a URL; the model reads image files on its own machine: send a path it can open'
     >>> not_a_path("scans/page 1.jpg")
     ''
+    >>> not_a_path("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGP4DwABAQEAG7buVgAAAABJRU5ErkJggg==")[:37]
+    'not a path (image bytes, as base64?);'
     """
+    send = "the model reads image files on its own machine: send a path it can open"
+    if not text:
+        return f"an empty string; {send}"
     if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text):
-        return "a URL; the model reads image files on its own machine: send a path it can open"
-    if len(text) > 4096 or "\n" in text:
-        return ("not a path (image bytes, as base64?); the model reads image files on its own machine: send a "
-                "path it can open")
+        return f"a URL; {send}"
+    if re.match(r"data:[^,]{0,200},", text) and not os.path.exists(text):
+        return f"a data: URI (image bytes); {send}"
+    if len(text) > 4096 or "\n" in text or (_decodes_to_an_image(text) and not os.path.exists(text)):
+        return f"not a path (image bytes, as base64?); {send}"
     return ""
+
+
+# how the image formats PIL and OpenCV read begin (JPEG, PNG, GIF, BMP, TIFF, WebP, JPEG 2000)
+IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*",
+                    b"RIFF", b"\x00\x00\x00\x0cjP  ", b"\xffO\xffQ")
+
+
+def _decodes_to_an_image(text: str) -> bool:
+    """Whether ``text`` is base64 (standard or URL-safe alphabet) whose first bytes are an image file's."""
+    head = text[:32]
+    if len(text) < 16 or not re.fullmatch(r"[A-Za-z0-9+/_-]+", head):
+        return False
+    try:
+        start = base64.b64decode(head.replace("-", "+").replace("_", "/"), validate=True)
+    except ValueError:  # binascii.Error
+        return False
+    return start.startswith(IMAGE_SIGNATURES)
 
 
 def log_recognizer(checkpoint: str | os.PathLike, settings: DetectorSettings) -> ModelInfo:

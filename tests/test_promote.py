@@ -173,9 +173,16 @@ def test_the_logged_model_refuses_what_it_cannot_read_with_a_message_serving_pas
     model = mlflow.pyfunc.load_model(uris[0][0])
     image = sorted(sample_pages.glob("*.jpg"))[0]
     (tmp_path / "broken.png").write_bytes(b"not a png")
+    small = _small_image_bytes(image)  # a word-sized image: its base64 is short enough to be a path
+    assert len(base64.b64encode(small["PNG"])) < 4096
     cases = {str(tmp_path / "nope.png"): "image not found", str(tmp_path / "broken.png"): "not a readable image",
              "https://example.com/scan.jpg": "a URL; the model reads image files on its own machine",
-             base64.b64encode(image.read_bytes()).decode(): "not a path (image bytes, as base64?)"}
+             base64.b64encode(image.read_bytes()).decode(): "not a path (image bytes, as base64?)",
+             # these were "<the whole base64>: image not found"
+             base64.b64encode(small["PNG"]).decode(): "not a path (image bytes, as base64?)",
+             base64.urlsafe_b64encode(small["JPEG"]).decode(): "not a path (image bytes, as base64?)",
+             "data:image/png;base64," + base64.b64encode(small["PNG"]).decode(): "a data: URI (image bytes)",
+             "": "an empty string"}  # was ": is a folder, not an image" (the current folder)
     for given, why in cases.items():
         # mlflow models serve answers an MlflowException with its message, anything else with a generic
         # "unexpected error" (these were FileNotFoundError, UnreadableImage and OSError "File name too long")
@@ -183,6 +190,39 @@ def test_the_logged_model_refuses_what_it_cannot_read_with_a_message_serving_pas
             model.predict([str(image), given])
         assert info.value.error_code == "INVALID_PARAMETER_VALUE" and why in info.value.message
         assert len(info.value.message) < 400
+
+
+def _small_image_bytes(image: Path) -> dict[str, bytes]:
+    """A 48x24 cut of ``image`` encoded in each format the model reads (what a client might send as base64)."""
+    import io
+
+    from PIL import Image
+
+    cut = Image.open(image).convert("RGB").crop((0, 0, 48, 24))
+    encoded = {}
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"):
+        buffer = io.BytesIO()
+        cut.save(buffer, fmt)
+        encoded[fmt] = buffer.getvalue()
+    return encoded
+
+
+def test_image_bytes_sent_as_base64_are_told_from_paths_whatever_their_size(sample_pages, tmp_path, monkeypatch):
+    import base64
+
+    from evaluation.pyfunc_model import not_a_path
+
+    for fmt, data in _small_image_bytes(sorted(sample_pages.glob("*.jpg"))[0]).items():
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            assert not_a_path(encode(data).decode()).startswith("not a path (image bytes, as base64?)"), fmt
+    for path in ("scans/page 1.jpg", "/data/스캔 2024/0001.png", "Qk1-report.jpg", "abcdefghijklmnopqrstuvwxyz.png"):
+        assert not_a_path(path) == "", path
+    # a file whose name happens to read as base64 image bytes is still a path
+    named = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(16)).decode().rstrip("=")
+    monkeypatch.chdir(tmp_path)
+    assert not_a_path(named).startswith("not a path")
+    (tmp_path / named).write_bytes(b"")
+    assert not_a_path(named) == ""
 
 
 RACER = """
