@@ -770,6 +770,8 @@ class _RetrainJob:
                 (workspace / "params.yaml").write_text(yaml.safe_dump(self.params), encoding="utf-8")
             (workspace / "tuning").mkdir()
             (workspace / "tuning" / "best_params.yaml").write_text("{}\n")  # in git, as in the project
+            (workspace / "scripts").mkdir()
+            shutil.copy2(REPO / "scripts" / "retrain_keep.sh", workspace / "scripts")  # the steps run it
             (workspace / ".gitignore").write_text("/.kocr/\n/tuning/optuna.db*\n")
             _git(workspace, "add", "-A")
             _git(workspace, "commit", "-q", "-m", "first")
@@ -971,6 +973,32 @@ def test_a_rerun_of_a_retrain_killed_while_tuning_continues_its_study(prepared, 
     env = job.env(workspace, 43, 1)
     assert "tune.storage is set" in job.run("Keep the tuning study", workspace, env).stdout
     assert not (workspace / "tuning" / "optuna.db").exists() and job.outputs(env, "study") == {}
+
+
+def test_retrain_links_nothing_for_a_state_dir_outside_the_checkout_or_a_study_server(tmp_path):
+    """The keep steps' early exits: an absolute train.state_dir is beyond actions/checkout's clean, and a
+    tune.storage keeps its studies where it says; neither gets a folder on the volume (so the drop steps do
+    not run), and both steps still remove the folders of runs over 30 days old."""
+    outside = tmp_path / "states-elsewhere"
+    job = _RetrainJob(tmp_path, params={"train": {"state_dir": str(outside)},
+                                        "tune": {"storage": "postgresql+psycopg2://db/optuna"}})
+    workspace = tmp_path / "_work" / "ko-ocr"
+    job.checkout(workspace)
+    for root in (job.states, job.studies):
+        for run_id, days in ((7, 31), (8, 29)):
+            (root / f"org_ko-ocr-{run_id}").mkdir(parents=True)
+            os.utime(root / f"org_ko-ocr-{run_id}", (time.time() - days * 86400,) * 2)
+    env = job.env(workspace, 43, 1)
+    assert f"{outside} is outside the checkout: left as it is" in job.run("Keep the training state", workspace,
+                                                                          env).stdout
+    assert "tune.storage is set" in job.run("Keep the tuning study", workspace, env).stdout
+    assert not outside.exists() and not (workspace / ".kocr").exists()
+    assert not (workspace / "tuning" / "optuna.db").exists()
+    assert job.outputs(env, "state") == {} and job.outputs(env, "study") == {}
+    assert job.step("Drop this run's training")["if"] == "steps.state.outputs.dir != ''"
+    assert job.step("Drop this run's tuning")["if"] == "steps.study.outputs.dir != ''"
+    for root in (job.states, job.studies):
+        assert sorted(p.name for p in root.iterdir()) == ["org_ko-ocr-8"], root
 
 # ------------------------------------------------------------------------------------------- DVC
 
