@@ -152,7 +152,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.distributed import agreed_setup, launched_by_torchrun, process_rank
-    from training.train import TrainConfig, discard_state, loss_name, mix_shares, pick_device, train, train_extras
+    from training.train import (TrainConfig, discard_state, loss_name, mix_shares, pick_device, summary_metrics,
+                                train, train_extras)
 
     def setup() -> tuple[tuple[Any, ...], Any]:
         params = load_params()
@@ -194,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         # only redoes this end, instead of training again from step 0
         summary = train(config, args.data, args.out, metrics_file=args.metrics, plots_dir=args.plots,
                         state_file=state_file, resume=args.resume, keep_state=True)
-        mlflow.log_metrics({f"final_{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+        mlflow.log_metrics(summary_metrics(summary))  # best_val_cer, final_loss, …: no name of a step series
         if summary.get("resumed_from_step"):  # its metric history starts there; the run killed before holds the rest
             mlflow.set_tag("kocr.resumed_from_step", str(summary["resumed_from_step"]))
         _log_curves(Path(args.plots), loss_name(config))

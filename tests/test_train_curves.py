@@ -70,3 +70,43 @@ def test_train_labels_the_loss_curve_with_the_loss_it_trained_on(tmp_path, monke
                                               encoding="utf-8")
         assert main(["train", "--data", "data", "--out", "out", "--plots", "plots"]) == 0
         assert labels.pop() == label
+
+
+def test_train_run_names_the_kept_checkpoints_scores_best_and_prefixes_final_once(tmp_path, monkeypatch):
+    """Was: every summary number got ``final_`` in front, so the run showed ``final_final_loss``, and the
+    kept checkpoint's scores twice, as ``final_best_val_cer`` and ``final_val_cer`` (which read as the
+    last validation's, and matched neither the tune run's ``best_val_cer`` nor the trials')."""
+    import mlflow
+    import yaml
+
+    import evaluation.pyfunc_model
+    import training.train
+    from kocr.cli import main
+
+    class Logged:
+        model_uri = "models:/m-1"
+
+    def trained(config, data, out, plots_dir=None, **kwargs):
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "model.pt").write_bytes(b"")
+        Path(plots_dir).mkdir(parents=True, exist_ok=True)
+        _curves(Path(plots_dir))
+        return {"steps": 2, "best_step": 2, "best_val_cer": 0.5, "val_n": 4, "val_cer": 0.5, "val_word_accuracy": 0.25,
+                "val_loss": 1.5, "val_dropped_too_long": 1, "final_loss": 2.0, "stopped_early": False,
+                "images_per_second": 1.0, "world_size": 1, "base": "scratch"}
+
+    monkeypatch.setattr(training.train, "train", trained)
+    monkeypatch.setattr(evaluation.pyfunc_model, "log_recognizer", lambda *args, **kwargs: Logged())
+    monkeypatch.setattr(mlflow, "log_figure", lambda fig, name: None)
+    monkeypatch.chdir(tmp_path)
+    for split in ("train", "val"):
+        (tmp_path / "data" / split).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"train": {"device": "cpu"}}), encoding="utf-8")
+    assert main(["train", "--data", "data", "--out", "out", "--plots", "plots"]) == 0
+    [run] = [r for r in mlflow.search_runs(experiment_names=["ko-ocr/finetune"], output_format="list")
+             if r.info.run_name == "train"]
+    logged = {k: v for k, v in run.data.metrics.items() if not k.startswith("system/")}  # MLflow's own
+    assert logged == {
+        "final_steps": 2, "best_step": 2, "best_val_cer": 0.5, "final_val_n": 4, "best_val_word_accuracy": 0.25,
+        "best_val_loss": 1.5, "final_val_dropped_too_long": 1, "final_loss": 2.0, "final_stopped_early": 0,
+        "final_images_per_second": 1.0, "final_world_size": 1}

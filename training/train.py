@@ -301,6 +301,35 @@ def loss_name(config: TrainConfig) -> str:
     return f"focal CTC loss (γ={config.focal_gamma:g})" if config.focal_gamma > 0 else "CTC loss"
 
 
+def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The numbers of :func:`train`'s summary as the MLflow metrics ``kocr train`` logs once, at the end.
+
+    The kept checkpoint's validation scores (the summary's ``val_cer``, ``val_word_accuracy``, …) are
+    ``best_val_cer``, ``best_val_word_accuracy``, …, as the tune run (``best_val_cer``) and its trials
+    name their best; every other number is ``final_<key>`` (``final_train_seconds``,
+    ``final_val_dropped_<reason>``, ``final_val_n``), a key that says ``best_`` or ``final_`` already
+    keeping its name (``final_loss``, ``best_step``). None of them is a name a per-step series has
+    (``val_cer``, ``images_per_second``). ``averaged_val_*`` is left out: :func:`train` logs it itself.
+    Texts are left out; a flag is 0 or 1.
+
+    >>> summary_metrics({"best_val_cer": 0.1, "val_cer": 0.1, "val_n": 9, "final_loss": 0.5,
+    ...                  "stopped_early": False, "base": "ko_base", "averaged_val_cer": 0.2})
+    {'best_val_cer': 0.1, 'final_val_n': 9.0, 'final_loss': 0.5, 'final_stopped_early': 0.0}
+    """
+    metrics: dict[str, float] = {}
+    for key, value in summary.items():
+        if not isinstance(value, (int, float)) or key.startswith("averaged_val_"):
+            continue
+        if key.startswith(("best_", "final_")):
+            name = key
+        elif key.startswith("val_") and key != "val_n" and not key.startswith("val_dropped_"):
+            name = f"best_{key}"  # the best validation's score: the checkpoint kept, not the last validation
+        else:
+            name = f"final_{key}"
+        metrics[name] = float(value)
+    return metrics
+
+
 class Objective:
     """What the head trains on: CTC over the whole width, or attention decoding up to ``max_length`` characters."""
 
