@@ -129,7 +129,7 @@ def test_trial_runs_are_nested_under_their_workers_tune_run(two_workers, pg_url)
         assert run.info.run_name == f"trial-{trial.number}"
         assert run.data.params["train.optimizer"] == trial.params["optimizer"]
         if trial.state == optuna.trial.TrialState.COMPLETE:
-            assert run.data.metrics["value"] == pytest.approx(trial.value) and run.info.status == "FINISHED"
+            assert run.data.metrics["best_val_cer"] == pytest.approx(trial.value) and run.info.status == "FINISHED"
     pictures = {a.path for i in tune_runs for a in client.list_artifacts(i, "tuning")}
     assert {"tuning/optimization_history.png", "tuning/param_importances.png", "tuning/best_params.yaml"} <= pictures
 
@@ -599,6 +599,21 @@ def test_trial_runs_show_every_knob_they_trained_with_and_the_tune_run_the_steps
     assert run.data.tags["kocr.searched"] == "lr,optimizer"
     # the tune run shows no value of the knobs every trial searches: params.yaml's trained no trial
     assert "train.lr" not in parent.data.params and "train.optimizer" not in parent.data.params
+
+
+def test_a_trials_value_is_named_as_its_tune_runs_best(prepared, tmp_path, monkeypatch):
+    """Was: a trial logged its value as ``value`` and the tune run the study's best as ``best_val_cer``,
+    which a train run also logs: the trial rows had no column in common with either in the MLflow UI."""
+    from kocr.cli import main
+
+    monkeypatch.chdir(_project(tmp_path / "p", n_trials=1, steps_per_trial=2, report_every=2, study_name="named"))
+    assert main(["tune", "--data", str(prepared), "--out", "tuning"]) == 0
+    runs = mlflow.search_runs(experiment_names=["ko-ocr/tune"], output_format="list")
+    [parent] = [r for r in runs if r.info.run_name == "tune"]
+    [run] = [r for r in runs if r.info.run_name == "trial-0"]
+    [trial] = optuna.load_study(study_name="named", storage="sqlite:///tuning/optuna.db").get_trials()
+    assert "value" not in run.data.metrics
+    assert run.data.metrics["best_val_cer"] == pytest.approx(trial.value) == parent.data.metrics["best_val_cer"]
 
 
 def test_a_trial_whose_knobs_make_no_train_config_still_shows_them(prepared, monkeypatch):

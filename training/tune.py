@@ -553,7 +553,8 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
     (PRUNED). The value is the best validation score reached. A trial another worker has meanwhile
     failed as stale stops at its next report ("lost"; its retry is already queued). With ``log``, a
     nested MLflow run under the active one holds every knob the trial trained with (:func:`knob_params`;
-    tag ``kocr.searched`` names the ones the sampler chose), its curves and its value.
+    tag ``kocr.searched`` names the ones the sampler chose), its curves and its value as ``best_<metric>``
+    (``best_val_cer``).
     """
     import mlflow
 
@@ -624,7 +625,8 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
         if run is not None:
             try:
                 if value is not None and math.isfinite(value):
-                    mlflow.log_metric("value", value)
+                    # the name the tune run gives the study's best and a train run its kept checkpoint's
+                    mlflow.log_metric(f"best_{config.metric}", value)
                 mlflow.set_tag("optuna.state", state.name)
             finally:  # the trial's run is ended (and leaves the active-run stack) even if the store is full
                 mlflow.end_run({TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
