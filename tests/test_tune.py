@@ -616,6 +616,31 @@ def test_a_trials_value_is_named_as_its_tune_runs_best(prepared, tmp_path, monke
     assert run.data.metrics["best_val_cer"] == pytest.approx(trial.value) == parent.data.metrics["best_val_cer"]
 
 
+def test_the_study_pictures_name_the_metric_on_their_value_axis(monkeypatch):
+    """Was: 'Objective Value' and 'Intermediate Value': a picture of a val_cer study (lower is better)
+    looked like one of an e2e_f1 study (higher is better)."""
+    from training.tune import log_study_figures
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(3):
+        trial = study.ask()
+        value = trial.suggest_float("lr", 1e-4, 1e-2, log=True) * 10 + trial.suggest_int("warmup_steps", 0, 2) / 10
+        trial.report(value + 0.5, 1)
+        study.tell(trial, value)
+    labels = {}
+
+    def logged(figure, name):
+        ax = figure.axes[0]
+        labels[name] = (ax.get_ylabel(), ax.get_xlabel(), [t.get_text() for t in ax.get_legend().get_texts()]
+                        if ax.get_legend() else [])
+
+    monkeypatch.setattr(mlflow, "log_figure", logged)
+    log_study_figures(study, "val_cer")
+    assert labels["tuning/optimization_history.png"][0] == "val_cer"
+    assert labels["tuning/intermediate_values.png"][0] == "val_cer"
+    assert labels["tuning/param_importances.png"][2] == ["val_cer"]  # the importances' legend, its value axis the params
+
+
 def test_a_trial_whose_knobs_make_no_train_config_still_shows_them(prepared, monkeypatch):
     from kocr.params import ParamsError
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import json
 import math
@@ -787,13 +788,15 @@ def finish_study(study: optuna.Study, config: TuneConfig, url: str, out_dir: Pat
                             **{f"trials_{k}": v for k, v in doc["trials"].items()}})
         mlflow.log_params({f"best.{k}": v for k, v in doc["train"].items()})
         mlflow.log_dict(doc, "tuning/best_params.yaml")
-        log_study_figures(study)
+        log_study_figures(study, config.metric)
     return doc
 
 
-def log_study_figures(study: optuna.Study) -> list[str]:
+def log_study_figures(study: optuna.Study, metric: str = "Objective Value") -> list[str]:
     """Optimisation history, intermediate values and (from two completed trials) parameter
-    importances as PNGs in the active MLflow run; returns the artifact paths logged."""
+    importances as PNGs in the active MLflow run, their value axis (and legend) named ``metric``
+    (``val_cer``: which metric, and so which way is better, the picture says); returns the artifact
+    paths logged."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -803,10 +806,10 @@ def log_study_figures(study: optuna.Study) -> list[str]:
     import mlflow
 
     complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    plots = {"optimization_history": vis.plot_optimization_history,
-             "intermediate_values": vis.plot_intermediate_values}
+    plots = {"optimization_history": functools.partial(vis.plot_optimization_history, target_name=metric),
+             "intermediate_values": vis.plot_intermediate_values}  # takes no name: its axis is named below
     if len(complete) >= 2:
-        plots["param_importances"] = vis.plot_param_importances
+        plots["param_importances"] = functools.partial(vis.plot_param_importances, target_name=metric)
     else:
         print("tune: parameter importances need two completed trials; not drawn", file=sys.stderr)
     logged = []
@@ -819,6 +822,8 @@ def log_study_figures(study: optuna.Study) -> list[str]:
             print(f"tune: {name} not drawn: {exc}", file=sys.stderr)
             continue
         figure = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        if name == "intermediate_values":
+            ax.set_ylabel(metric)  # optuna's "Intermediate Value" names no metric
         figure.set_size_inches(8, 5)
         figure.tight_layout()
         mlflow.log_figure(figure, f"tuning/{name}.png")
