@@ -34,7 +34,7 @@ repro:
 	@echo
 	@$(BIN)/python -c 'import json; d = json.load(open("metrics/promote.json")); print("Promotion:", d["model_name"], "v%s" % d["candidate_version"], "-", d["reason"])'
 	@echo "All metrics:        dvc metrics show   (dvc metrics diff main: against the last commit)"
-	@echo "Plots:              dvc plots show     (training loss and validation CER)"
+	@echo "Plots:              dvc plots show     (training loss, validation CER, the worst pages drawn)"
 	@echo "MLflow UI:          $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns.db --port 5000"
 	@echo "EasyOCR bundle:     models/easyocr/ (see models/easyocr/README.md)"
 	@echo "Serve the champion: make serve     (HTTP on 127.0.0.1:5001, see docs/pipeline.md)"
