@@ -696,11 +696,24 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_end_pipeline(args: argparse.Namespace) -> None:
-    from kocr.tracking import MANUAL_KEY, checked_key, configure_tracking, end_pipeline
+    from kocr.tracking import MANUAL_KEY, checked_key, configure_tracking, end_pipeline, end_stale_in_group
 
     key = args.pipeline_id or os.environ.get("KOCR_PIPELINE_ID")
     if key:
         key = checked_key(key, "--pipeline-id" if args.pipeline_id else "KOCR_PIPELINE_ID")
+    if args.stale_in_group is not None:
+        group = args.stale_in_group or os.environ.get("KOCR_PIPELINE_GROUP")
+        if not group:  # every pipeline without the tag would be "in" an empty group: refused, not guessed
+            raise CommandError("--stale-in-group: which group? give it (--stale-in-group GROUP) or set "
+                               "KOCR_PIPELINE_GROUP (the value its pipeline runs are tagged kocr.pipeline_group with)")
+        configure_tracking()
+        ended = end_stale_in_group(group, {key} if key else set(), args.status, args.reason)
+        count = sum(len(ids) for ids in ended.values())
+        print(f"end-pipeline: group {group}: " + (
+            f"{count} runs still RUNNING ended as {args.status}, of pipelines {' '.join(ended)}: "
+            + " ".join(run_id for ids in ended.values() for run_id in ids)
+            if ended else "no other pipeline still RUNNING") + (f" (kept: {key})" if key else ""))
+        return
     if not key:
         raise CommandError("which pipeline? give --pipeline-id or set KOCR_PIPELINE_ID (the key its runs are "
                            "tagged with, kocr.pipeline_key)")
@@ -833,7 +846,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("end-pipeline", cmd_end_pipeline, "end the MLflow runs a pipeline left RUNNING (its processes are gone: "
             "a CI job that failed or was cancelled)")
     p.add_argument("--status", required=True, choices=["FAILED", "KILLED"])
-    p.add_argument("--pipeline-id", help="its kocr.pipeline_key tag (default: KOCR_PIPELINE_ID)")
+    p.add_argument("--pipeline-id", help="its kocr.pipeline_key tag (default: KOCR_PIPELINE_ID); with "
+                   "--stale-in-group, the current pipeline's, which is kept")
+    p.add_argument("--stale-in-group", nargs="?", const="", metavar="GROUP",
+                   help="instead, end every other pipeline of GROUP (default: KOCR_PIPELINE_GROUP) whose pipeline "
+                        "run is RUNNING: pipelines of one group never run at once (the retrain workflow's "
+                        "concurrency group), so those are ones whose processes are gone; pipeline runs without "
+                        "the kocr.pipeline_group tag, and 'manual', are left alone")
     p.add_argument("--reason", default="kocr end-pipeline", help="tagged kocr.ended_by on each run ended")
     return parser
 

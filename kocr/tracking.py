@@ -12,6 +12,8 @@ DVC runs each stage as its own process, so the stages of one ``dvc repro`` find 
 parent run by a pipeline key: ``KOCR_PIPELINE_ID`` when set (CI sets it), else the PID and start
 time of the ``dvc`` process that launched the stage. The parent is in ``ko-ocr/finetune`` whatever
 experiment a stage logs to (``tune``: ``ko-ocr/tune``). A stage run by hand gets a parent of its own.
+``KOCR_PIPELINE_GROUP`` (CI: the retrain workflow's concurrency group) is tagged on the parent: the
+group's pipelines never run at once, so another one left RUNNING is stale (:func:`end_stale_in_group`).
 
 Example:
     >>> with stage_run("train", params) as run:     # doctest: +SKIP
@@ -44,6 +46,9 @@ from kocr.params import param_strings
 DEFAULT_EXPERIMENT = "ko-ocr/finetune"
 PIPELINE_KEY_TAG = "kocr.pipeline_key"
 DVC_EXP_TAG = "kocr.dvc_exp"  # the DVC experiment's name (`dvc exp show`, `dvc exp apply NAME`)
+# KOCR_PIPELINE_GROUP, on a pipeline run: pipelines of one group never run at the same time (the retrain
+# workflow's concurrency group), so a RUNNING one of the group that is not the current one is stale
+PIPELINE_GROUP_TAG = "kocr.pipeline_group"
 
 
 class TrackingConfigError(ValueError):
@@ -197,6 +202,12 @@ def git_commit() -> str | None:
 MANUAL_KEY = "manual"  # the pipeline key of every stage run by hand (no KOCR_PIPELINE_ID, not under dvc repro)
 
 
+def pipeline_group() -> str | None:
+    """``KOCR_PIPELINE_GROUP``, the group whose pipelines never run at the same time (CI sets it to the
+    scope of the retrain workflow's concurrency group), or None when it is unset or empty."""
+    return os.environ.get("KOCR_PIPELINE_GROUP") or None
+
+
 def _pipeline_runs(experiment_id: str, key: str, max_results: int = 1000) -> list[Run]:
     """The pipeline runs tagged with pipeline key ``key`` in experiment ``experiment_id``, oldest first."""
     return mlflow.search_runs([experiment_id], filter_string=f"tags.`{PIPELINE_KEY_TAG}` = {filter_value(key)}",
@@ -215,6 +226,8 @@ def _parent_run(experiment_id: str, key: str | None) -> str:
             return found[0].info.run_id
     client = mlflow.MlflowClient()
     tags = {PIPELINE_KEY_TAG: key or MANUAL_KEY, "kocr.kind": "pipeline"}
+    if key is not None and (group := pipeline_group()):  # a stage run by hand is in no group
+        tags[PIPELINE_GROUP_TAG] = group
     if experiment := dvc_experiment():
         tags[DVC_EXP_TAG] = experiment
     commit = git_commit()
@@ -383,31 +396,68 @@ def supersede(old_id: str, new_id: str) -> bool:
     return True
 
 
+def _end_running(client: mlflow.MlflowClient, parent: Run, status: str, reason: str) -> list[str]:
+    """End as ``status``, tagged ``kocr.ended_by`` with ``reason``, the runs under pipeline run ``parent``
+    (stage runs, the runs nested under them) that are still RUNNING, then ``parent`` if it is; their ids."""
+    running, below = [], [parent.info.run_id]
+    while below:
+        found = _child_runs(below.pop())
+        below += [run.info.run_id for run in found]
+        running += [run.info.run_id for run in found if run.info.status == "RUNNING"]
+    if parent.info.status == "RUNNING":
+        running.append(parent.info.run_id)
+    for run_id in running:
+        client.set_tag(run_id, "kocr.ended_by", reason)
+        client.set_terminated(run_id, status=status)
+    return running
+
+
+def _check_status(status: str) -> None:
+    if status not in ("FAILED", "KILLED"):
+        raise ValueError(f"status {status!r}: expected FAILED or KILLED")
+
+
 def end_pipeline(key: str, status: str, reason: str = "kocr end-pipeline") -> list[str]:
     """End as ``status`` (FAILED or KILLED) every run of pipeline ``key`` that is still RUNNING: its
     stage runs, the runs nested under them (tune trials), then its pipeline run; each is tagged
     ``kocr.ended_by`` with ``reason``. Returns their ids, pipeline run last. For a pipeline whose
     processes are gone without ending their runs (a CI job that failed or was cancelled: the runner
     stops the job's container, which SIGKILLs them); runs that had ended keep their status."""
-    if status not in ("FAILED", "KILLED"):
-        raise ValueError(f"status {status!r}: expected FAILED or KILLED")
+    _check_status(status)
     experiment = mlflow.get_experiment_by_name(DEFAULT_EXPERIMENT)
     if experiment is None:
         return []
     client = mlflow.MlflowClient()
     ended: list[str] = []
     for parent in _pipeline_runs(experiment.experiment_id, key):
-        running, below = [], [parent.info.run_id]
-        while below:
-            found = _child_runs(below.pop())
-            below += [run.info.run_id for run in found]
-            running += [run.info.run_id for run in found if run.info.status == "RUNNING"]
-        if parent.info.status == "RUNNING":
-            running.append(parent.info.run_id)
-        for run_id in running:
-            client.set_tag(run_id, "kocr.ended_by", reason)
-            client.set_terminated(run_id, status=status)
-        ended += running
+        ended += _end_running(client, parent, status, reason)
+    return ended
+
+
+def end_stale_in_group(group: str, keep: set[str], status: str, reason: str) -> dict[str, list[str]]:
+    """End, as :func:`end_pipeline` does, the pipelines of ``group`` (tagged ``kocr.pipeline_group`` with
+    exactly it) whose pipeline run is RUNNING, but those keyed ``keep`` (the current pipeline's) and
+    ``manual``: pipelines of one group never run at the same time, so another one RUNNING is one whose
+    processes are gone (the retrain job of a runner whose machine went down). Pipeline runs without the
+    tag (from before it existed, a ``dvc repro`` by hand) are left alone, as are ended pipeline runs.
+    Returns the ids ended by pipeline key, pipeline run last."""
+    _check_status(status)
+    if not group:
+        raise ValueError("no pipeline group given")
+    experiment = mlflow.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    if experiment is None:
+        return {}
+    where = "attributes.status = 'RUNNING' and tags.`kocr.kind` = 'pipeline'"
+    with contextlib.suppress(ValueError):  # a group no filter can hold: compared below only
+        where += f" and tags.`{PIPELINE_GROUP_TAG}` = {filter_value(group)}"
+    client = mlflow.MlflowClient()
+    ended: dict[str, list[str]] = {}
+    for parent in mlflow.search_runs([experiment.experiment_id], filter_string=where, output_format="list",
+                                     order_by=["attributes.start_time ASC"]):
+        key = parent.data.tags.get(PIPELINE_KEY_TAG)
+        if parent.data.tags.get(PIPELINE_GROUP_TAG) != group or key is None or key == MANUAL_KEY or key in keep:
+            continue
+        ended.setdefault(key, []).extend(_end_running(client, parent, status, reason))
     return ended
 
 

@@ -76,6 +76,7 @@ def _isolated_mlflow(tmp_path_factory, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     monkeypatch.setenv("MLFLOW_ENABLE_TELEMETRY", "false")
     monkeypatch.delenv("KOCR_PIPELINE_ID", raising=False)
+    monkeypatch.delenv("KOCR_PIPELINE_GROUP", raising=False)
 
 
 @pytest.fixture(scope="session")

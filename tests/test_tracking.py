@@ -307,6 +307,107 @@ def test_end_pipeline_ends_what_a_killed_pipeline_left_running_and_nothing_else(
         mlflow.set_tracking_uri(None)
 
 
+_DEAD_PIPELINES = """\
+import os, sys, time
+from kocr.tracking import stage_run
+
+for spec in sys.argv[1:]:  # one process per pipeline, each started once the one before is training
+    ready, said = os.pipe()
+    if os.fork() == 0:
+        key, group = spec.split("|")
+        for name, value in (("KOCR_PIPELINE_ID", key), ("KOCR_PIPELINE_GROUP", group)):
+            os.environ.pop(name, None)
+            if value:
+                os.environ[name] = value
+        with stage_run("prepare"):
+            pass
+        with stage_run("train") as run:
+            print(spec, run.data.tags["mlflow.parentRunId"], run.info.run_id, flush=True)
+            os.write(said, b"x")
+            time.sleep(600)
+    os.read(ready, 1)
+time.sleep(600)
+"""
+
+
+def test_end_pipeline_stale_in_group_ends_only_other_running_pipelines_of_the_group(tmp_path, monkeypatch):
+    """A retrain runner whose machine went down: nothing in its job ended its runs, which stayed RUNNING unless
+    that same workflow run was re-run. Pipelines of one group (the workflow's concurrency group) never run at
+    once, so the next run's `kocr end-pipeline --stale-in-group` ends the group's other RUNNING pipelines, and
+    nothing outside it: another branch's or repository's group, runs from before the tag, `manual`, its own."""
+    import signal
+    import subprocess
+    import sys
+
+    from kocr.cli import main
+    from kocr.tracking import PIPELINE_GROUP_TAG, stage_run
+    from tests.conftest import REPO
+
+    group = "org/ko-ocr:retrain-refs/heads/main"
+    specs = {"stale": f"gh-40-1|{group}", "branch": "gh-50-1|org/ko-ocr:retrain-refs/heads/exp",
+             "repo": "gh-60-1|org/fork:retrain-refs/heads/main", "untagged": "gh-39-1|", "manual": f"|{group}"}
+    client = mlflow.MlflowClient()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KOCR_PIPELINE_GROUP", group)
+    try:
+        monkeypatch.setenv("KOCR_PIPELINE_ID", "gh-38-1")
+        with stage_run("prepare") as done:  # a run of the group that ended as it should
+            finished = done.data.tags["mlflow.parentRunId"]
+        dead = subprocess.Popen([sys.executable, "-c", _DEAD_PIPELINES, *specs.values()], stdout=subprocess.PIPE,
+                                text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+        try:
+            lines = [dead.stdout.readline().split() for _ in specs]
+        finally:
+            os.killpg(dead.pid, signal.SIGKILL)  # the runner's machine goes down: no step of the job runs
+            dead.wait()
+        runs = {name: next((parent, train) for spec, parent, train in lines if spec == value)
+                for name, value in specs.items()}
+        parents = {name: client.get_run(parent) for name, (parent, _) in runs.items()}
+        assert parents["stale"].data.tags[PIPELINE_GROUP_TAG] == group
+        assert PIPELINE_GROUP_TAG not in parents["untagged"].data.tags  # no KOCR_PIPELINE_GROUP: no tag
+        assert PIPELINE_GROUP_TAG not in parents["manual"].data.tags  # a stage run by hand is in no group
+        assert parents["manual"].data.tags[tracking.PIPELINE_KEY_TAG] == "manual"
+
+        monkeypatch.setenv("KOCR_PIPELINE_ID", "gh-41-1")
+        with stage_run("prepare") as own:  # the new run of the group, training
+            monkeypatch.delenv("KOCR_PIPELINE_GROUP")
+            assert main(["end-pipeline", "--status", "KILLED", "--stale-in-group"]) == 2  # which group: not guessed
+            assert main(["end-pipeline", "--status", "KILLED", "--stale-in-group", ""]) == 2
+            monkeypatch.setenv("KOCR_PIPELINE_GROUP", group)
+            assert main(["end-pipeline", "--status", "KILLED", "--stale-in-group",
+                         "--reason", "retrain run 41 attempt 1 started in the group"]) == 0
+            status = {name: (client.get_run(parent).info.status, client.get_run(train).info.status)
+                      for name, (parent, train) in runs.items()}
+            own_parent = own.data.tags["mlflow.parentRunId"]
+            assert client.get_run(own_parent).info.status == "RUNNING"
+            assert client.get_run(own.info.run_id).info.status == "RUNNING"
+        assert status == {"stale": ("KILLED", "KILLED"), "branch": ("RUNNING", "RUNNING"),
+                          "repo": ("RUNNING", "RUNNING"), "untagged": ("RUNNING", "RUNNING"),
+                          "manual": ("RUNNING", "RUNNING")}
+        for run_id in runs["stale"]:
+            assert client.get_run(run_id).data.tags["kocr.ended_by"] == "retrain run 41 attempt 1 started in the group"
+        stale_prepare = mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=(
+            f"tags.mlflow.parentRunId = '{runs['stale'][0]}' and tags.`kocr.stage` = 'prepare'"))
+        assert [run.info.status for run in stale_prepare] == ["FINISHED"]  # ended runs keep their status
+        assert "kocr.ended_by" not in client.get_run(finished).data.tags
+        assert client.get_run(finished).info.status == "FINISHED"
+        assert tracking.end_stale_in_group(group, {"gh-41-1"}, "KILLED", "again") == {}  # nothing stale is left
+
+        # the group named on the command line; the key kept is --pipeline-id's
+        other = "org/ko-ocr:retrain-refs/heads/exp"
+        assert main(["end-pipeline", "--status", "FAILED", "--stale-in-group", other, "--pipeline-id", "gh-50-1"]) == 0
+        assert client.get_run(runs["branch"][0]).info.status == "RUNNING"
+        assert tracking.end_stale_in_group(other, set(), "FAILED", "gone") == {"gh-50-1": list(runs["branch"][::-1])}
+        assert client.get_run(runs["repo"][0]).info.status == "RUNNING"
+        assert tracking.end_stale_in_group("refs/heads/a'b\"c", set(), "KILLED", "x") == {}  # no filter holds it
+        with pytest.raises(ValueError, match="no pipeline group"):
+            tracking.end_stale_in_group("", set(), "KILLED", "x")
+        with pytest.raises(ValueError, match="expected FAILED or KILLED"):
+            tracking.end_stale_in_group(group, set(), "FINISHED", "x")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_a_pipeline_key_with_a_quote_finds_its_own_parent_and_no_other(monkeypatch):
     """Was: the key went into the search filter in single quotes as it was, so a KOCR_PIPELINE_ID holding a
     ``'`` failed every stage (MLflow: invalid clause) and one written as a clause found another pipeline's
