@@ -750,6 +750,9 @@ class _RetrainJob:
         self.states, self.studies = self.volume / states[len(mount) + 1:], self.volume / studies[len(mount) + 1:]
         assert self.job["env"]["KOCR_PIPELINE_ID"] == "gh-${{ github.run_id }}-${{ github.run_attempt }}"
         assert self.job["env"]["KOCR_TUNE_STUDY"] == "gh-${{ github.run_id }}-${{ needs.image.outputs.commit }}"
+        # the scope of the workflow's concurrency group, which GitHub keeps per repository
+        concurrency = _workflow("retrain.yml")["concurrency"]["group"]
+        assert self.job["env"]["KOCR_PIPELINE_GROUP"] == "${{ github.repository }}:" + concurrency
         bin_dir = tmp_path / "bin"
         bin_dir.mkdir()
         (tmp_path / "stage.py").write_text(stage or _TRAIN_STAGE)
@@ -778,12 +781,15 @@ class _RetrainJob:
         _git(workspace, "clean", "-ffdx")
         _git(workspace, "reset", "-q", "--hard", "HEAD")
 
-    def env(self, workspace: Path, run_id: int, attempt: int, **extra: str) -> dict[str, str]:
+    def env(self, workspace: Path, run_id: int, attempt: int, ref: str = "refs/heads/main",
+            **extra: str) -> dict[str, str]:
         temp = self.tmp / f"temp-{run_id}-{attempt}"
         temp.mkdir(exist_ok=True)
+        group = self.job["env"]["KOCR_PIPELINE_GROUP"].replace("${{ github.repository }}", "org/ko-ocr")
         return {**os.environ, "PATH": self.path, "PYTHONPATH": str(REPO), "GITHUB_REPOSITORY": "org/ko-ocr",
                 "GITHUB_RUN_ID": str(run_id), "GITHUB_RUN_ATTEMPT": str(attempt), "RUNNER_TEMP": str(temp),
                 "KOCR_PIPELINE_ID": f"gh-{run_id}-{attempt}",
+                "KOCR_PIPELINE_GROUP": group.replace("${{ github.ref }}", ref),
                 "KOCR_TUNE_STUDY": self.study(workspace, run_id), "STATES": str(self.states),
                 "STUDIES": str(self.studies), **extra}
 
@@ -815,12 +821,14 @@ class _RetrainJob:
 
     def attempt(self, workspace: Path, run_id: int, attempt: int,
                 **extra: str) -> tuple[dict[str, str], subprocess.Popen]:
-        """Checkout, the state, study and earlier-attempt steps, and dvc repro started (running, or done)."""
+        """Checkout, the state, study, earlier-attempt and earlier-run steps, and dvc repro started (running, or
+        done)."""
         self.checkout(workspace)
         env = self.env(workspace, run_id, attempt, **extra)
         self.run("Keep the training state", workspace, env)
         self.run("Keep the tuning study", workspace, env)
         self.run("End what earlier attempts", workspace, env)
+        self.run("End what earlier runs of this concurrency group", workspace, env)
         return env, self.run("dvc repro", workspace, env, background=True)
 
 
@@ -899,6 +907,42 @@ def test_a_rerun_of_a_killed_retrain_resumes_its_state_and_no_mlflow_run_stays_r
     assert runs(42, 1) == {"parent": "KILLED", "train": "KILLED"}  # was RUNNING for ever
     assert runs(41, 2) == {"parent": "FINISHED", "train": "FINISHED"}
     assert (job.states / "org_ko-ocr-42" / "models_candidate.pt").is_file()  # for its own re-run
+
+def test_a_retrain_run_ends_what_a_run_of_its_group_whose_machine_went_down_left_running(tmp_path):
+    # A run whose runner's machine went down and that nobody re-ran left its pipeline RUNNING in MLflow for ever:
+    # only a re-run of that same run ended it. The next run of its concurrency group ends it before it trains;
+    # a live run of another branch's group, and the pipeline run of an older attempt of its own, are not its to end.
+    import mlflow
+
+    from tests.test_tracking import _DEAD_PIPELINES
+
+    job = _RetrainJob(tmp_path)
+    workspace = tmp_path / "_work" / "ko-ocr"
+    job.checkout(workspace)
+    env = job.env(workspace, 44, 2)
+    group, branch = env["KOCR_PIPELINE_GROUP"], job.env(workspace, 45, 1, ref="refs/heads/exp")["KOCR_PIPELINE_GROUP"]
+    assert (group, branch) == ("org/ko-ocr:retrain-refs/heads/main", "org/ko-ocr:retrain-refs/heads/exp")
+    specs = {"43": f"gh-43-1|{group}", "44/1": f"gh-44-1|{group}", "branch": f"gh-45-1|{branch}"}
+    dead = subprocess.Popen([sys.executable, "-c", _DEAD_PIPELINES, *specs.values()], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
+    try:
+        lines = [dead.stdout.readline().split() for _ in specs]
+    finally:
+        os.killpg(dead.pid, signal.SIGKILL)  # run 43 and attempt 1 of run 44: their machines went down
+        dead.wait()
+    runs = {name: next((parent, train) for spec, parent, train in lines if spec == value)
+            for name, value in specs.items()}
+
+    job.run("End what earlier attempts", workspace, env)  # attempt 2 of run 44, at its start
+    done = job.run("End what earlier runs of this concurrency group", workspace, env)
+    assert "of pipelines gh-43-1:" in done.stdout and "(kept: gh-44-2)" in done.stdout
+    client = mlflow.MlflowClient()
+    ended = {name: [(client.get_run(run_id).info.status, client.get_run(run_id).data.tags.get("kocr.ended_by"))
+                    for run_id in ids] for name, ids in runs.items()}
+    assert ended == {"43": [("KILLED", f"retrain run 44 attempt 2 started in {group}")] * 2,  # was RUNNING for ever
+                     "44/1": [("KILLED", "retrain run 44: re-run as attempt 2")] * 2,
+                     "branch": [("RUNNING", None)] * 2}
+
 
 _TUNE_STAGE = '''\
 """`dvc repro` as far as the tune stage goes: `kocr tune` as dvc.yaml runs it, on the data in $KOCR_TEST_DATA."""
