@@ -40,6 +40,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.utils.search_utils import SearchUtils
 
 from kocr.dvc_hashes import dataset_hash
+from kocr.locks import database_lock
 from kocr.redact import hide_passwords
 from kocr.params import param_strings
 
@@ -108,7 +109,33 @@ def configure_tracking() -> str:
     mlflow.set_tracking_uri(uri)
     if uri.startswith("sqlite:"):
         mlflow.set_registry_uri(uri)
+        _create_sqlite_store(uri)
     return uri
+
+
+_CREATED: set[str] = set()  # SQLite stores this process has seen created (or made) under the lock
+
+
+def _create_sqlite_store(uri: str) -> None:
+    """Create (or find) the tables of the SQLite store ``uri`` under a file lock beside it, once per process.
+
+    MLflow creates a new store's tables, then migrates them step by step, without a lock: two
+    processes opening a new ``mlruns.db`` at once (two ``dvc exp`` queue workers, two ``kocr tune``
+    workers on one machine) both ran the migrations, and one died on ``duplicate column name: step``
+    (was: one of the two failed, every time). Under the lock the first creates the tables and the
+    other finds them done."""
+    if uri in _CREATED:
+        return
+    lock = database_lock(uri, "kocr-mlflow-store")
+    if lock is None:  # sqlite:// in memory: one process only
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(lock)
+        except OSError:  # a folder this process cannot write (a store only read): MLflow says what it can
+            return
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    _CREATED.add(uri)
 
 
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # registry: no such model / no such alias

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import mlflow
 import pytest
@@ -437,3 +438,43 @@ def test_a_pipeline_key_with_a_quote_finds_its_own_parent_and_no_other(monkeypat
         assert main(["end-pipeline", "--status", "KILLED", "--pipeline-id", "say \"it's\""]) == 2
     finally:
         mlflow.set_tracking_uri(None)
+
+
+OPENER = """\
+import pathlib, sys, time
+import mlflow
+from kocr.tracking import configure_tracking, ensure_experiment
+go = pathlib.Path(sys.argv[1])
+pathlib.Path(sys.argv[2]).touch()
+while not go.exists():  # every process has imported MLflow: they open the new store together
+    time.sleep(0.01)
+configure_tracking()
+with mlflow.start_run(experiment_id=ensure_experiment("ko-ocr/finetune")):
+    mlflow.log_metric("m", 1.0)
+"""
+
+
+def test_processes_opening_a_new_embedded_store_together_all_get_it(tmp_path):
+    """Two DVC queue workers (or kocr tune workers) starting on a fresh checkout: MLflow migrates a new
+    SQLite store unlocked, and the process that lost the race died on "duplicate column name"."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    (tmp_path / "opener.py").write_text(OPENER, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "KOCR_"))}
+    env |= {"PYTHONPATH": str(REPO), "MLFLOW_ENABLE_TELEMETRY": "false"}
+    go = tmp_path / "go"
+    openers = [subprocess.Popen([sys.executable, "opener.py", str(go), f"ready-{i}"], cwd=tmp_path, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("ready-*"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)  # every one has imported MLflow
+    go.touch()
+    outputs = [opener.communicate(timeout=180)[0] for opener in openers]
+    for opener, output in zip(openers, outputs):
+        assert opener.returncode == 0, output[-2000:]
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    experiment = client.get_experiment_by_name("ko-ocr/finetune")
+    assert len(client.search_runs([experiment.experiment_id])) == 3
