@@ -94,8 +94,9 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
         summary = generate_lines(args.out, config)
         seconds = time.perf_counter() - start
         drawn = summary["count"] - summary["resumed"]  # a killed run's samples were kept, not drawn again
+        # images_per_second: train's name for its rate, so the two share a column in MLflow's compare view
         mlflow.log_metrics({"samples": summary["count"], "resumed_samples": summary["resumed"],
-                            "images_per_s": drawn / max(seconds, 1e-9)})
+                            "images_per_second": drawn / max(seconds, 1e-9)})
         if summary["contact_sheet"]:
             mlflow.log_artifact(summary["contact_sheet"])
     print(f"synth-lines: wrote {summary['count']} images to {args.out} in {seconds:.1f} s"

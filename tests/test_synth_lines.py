@@ -748,6 +748,13 @@ def test_cli_writes_the_set_and_reports_bad_params_in_one_line(tmp_path, monkeyp
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("synth-lines: wrote 5 images to lines in ")
     assert len(LmdbDataset(tmp_path / "lines")) == 5 and (tmp_path / "lines" / "contact_sheet.png").is_file()
+    import mlflow
+
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string="tags.`kocr.stage` = 'synth_lines'")
+    # was images_per_s: train logs its rate as images_per_second, and the compare view showed two columns
+    assert run.data.metrics["images_per_second"] > 0 and "images_per_s" not in run.data.metrics
+    assert run.data.metrics["samples"] == 5 and run.data.metrics["resumed_samples"] == 0
     (tmp_path / "params.yaml").write_text("synth_lines:\n  skew: 50\n", encoding="utf-8")
     assert main(["synth-lines", "--out", "bad"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
