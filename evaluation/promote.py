@@ -184,7 +184,7 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
                                 f"candidate_{metric}": candidate.score, "eval_data_hash": candidate.eval_data_hash,
                                 "min_delta": config.min_delta}
     if champion is None:
-        promoted, reason, champion_score = True, "no champion before it: the first champion", None
+        promoted, reason, champion_score, margin = True, "no champion before it: the first champion", None, None
     else:
         decision["champion_version"] = int(champion.version)
         same_set = champion.tags.get("eval_data_hash") == candidate.eval_data_hash
@@ -206,7 +206,8 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
         verb = "beats" if promoted else "does not beat"
         reason = (f"candidate {metric} {candidate.score:.4f} {verb} champion v{champion.version} "
                   f"{champion_score:.4f} ({how}) by min_delta {config.min_delta}")
-    decision.update({"promoted": promoted, "reason": reason, f"champion_{metric}": champion_score})
+    decision.update({"promoted": promoted, "reason": reason, f"champion_{metric}": champion_score,
+                     f"delta_{metric}": margin})
     client.set_model_version_tag(config.model_name, version, "decision",
                                  "promoted" if promoted else "not promoted")
     client.set_model_version_tag(config.model_name, version, "decision_reason", reason)
@@ -214,6 +215,22 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
         client.set_registered_model_alias(config.model_name, "champion", version)
         decision["champion_version"] = int(version)
     return decision
+
+
+def decision_metrics(decision: dict[str, Any], metric: str) -> dict[str, float]:
+    """The numbers a decision was made on, as the promote run's MLflow metrics: ``candidate_<metric>`` and
+    ``champion_<metric>`` (the names evaluate gives each model's score: one column for both stages),
+    ``delta_<metric>`` (how much the candidate beats the champion by, what ``min_delta`` is compared
+    with: ``champion - candidate`` for ``cer``) and ``promoted`` (1 or 0). A first champion has no
+    champion's score and no delta: those two are left out, not logged as 0.
+
+    >>> decision_metrics({"candidate_e2e_f1": 0.61, "champion_e2e_f1": 0.58, "delta_e2e_f1": 0.03,
+    ...                   "promoted": True}, "e2e_f1")
+    {'candidate_e2e_f1': 0.61, 'champion_e2e_f1': 0.58, 'delta_e2e_f1': 0.03, 'promoted': 1.0}
+    """
+    keys = (f"candidate_{metric}", f"champion_{metric}", f"delta_{metric}")
+    scores = {key: float(decision[key]) for key in keys if decision.get(key) is not None}
+    return {**scores, "promoted": float(bool(decision["promoted"]))}
 
 
 def rescore_tag(metric: str, eval_data_hash: str, eval_scoring_hash: str) -> str:

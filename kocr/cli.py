@@ -447,10 +447,12 @@ def markdown_table(results: dict[str, dict[str, float]]) -> str:
 
 
 def cmd_promote(args: argparse.Namespace) -> None:
+    from dataclasses import asdict
+
     import mlflow
 
     from evaluation.evaluate import EvaluateConfig, evaluate_models, test_pages
-    from evaluation.promote import RANKED, Candidate, PromoteConfig, promote
+    from evaluation.promote import RANKED, Candidate, PromoteConfig, decision_metrics, promote
     from kocr.tracking import stage_run
 
     params = load_params()
@@ -470,9 +472,11 @@ def cmd_promote(args: argparse.Namespace) -> None:
                                  iou_threshold=evaluate_config.iou_threshold)
         return scores["champion"].metrics[config.metric]
 
-    with stage_run("promote", {"promote": PromoteConfig.logged(section(params, "promote"))}):
+    # every knob as promote read it, defaults included: promote.min_delta is a param also when params.yaml leaves it out
+    with stage_run("promote", {"promote": PromoteConfig.logged(asdict(config))}):
         decision = promote(candidate, config, rescore)
         mlflow.log_dict(decision, "promote.json")
+        mlflow.log_metrics(decision_metrics(decision, config.metric))  # charted run by run, as evaluate's are
         mlflow.set_tags({"decision": decision["reason"],  # and which registry version this run made
                          "kocr.registered_version": f"{config.model_name}/{decision['candidate_version']}"})
     _dump(decision, args.out)

@@ -491,3 +491,39 @@ def test_a_registered_version_says_what_it_is_and_the_promote_run_names_it(logge
     [run] = mlflow.search_runs(search_all_experiments=True, output_format="list",
                                filter_string="tags.`kocr.stage` = 'promote'")
     assert run.data.tags["kocr.registered_version"] == f"described/{decision['candidate_version']}"
+
+
+def _promote_by_cli(tmp_path, uri_run, score):
+    """``kocr promote`` in this process on ``uri_run`` scored ``score`` on eval set ``evalset``; its MLflow run."""
+    import json
+
+    from kocr.cli import main
+
+    (tmp_path / "cand").mkdir(exist_ok=True)
+    (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uri_run[0], "run_id": uri_run[1]}))
+    (tmp_path / "eval.json").write_text(json.dumps({"candidate": {"e2e_f1": score}, "eval_data_hash": "evalset"}))
+    assert main(["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src", "--splits", "s.json",
+                 "--out", "promote.json"]) == 0
+    decision = json.loads((tmp_path / "promote.json").read_text())
+    made = f"{decision['model_name']}/{decision['candidate_version']}"
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string=f"tags.`kocr.registered_version` = '{made}'")
+    return decision, run
+
+
+def test_the_promote_run_logs_the_scores_it_decided_on_as_metrics(logged_uris, monkeypatch, tmp_path):
+    """Was: the promote run logged no metric (only promote.json and a decision tag), and promote.min_delta
+    no param when params.yaml left it to its default: nothing to chart promotions over time by."""
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("promote: {model_name: charted}\n", encoding="utf-8")
+    first, run = _promote_by_cli(tmp_path, uris[0], 0.5)
+    # a first champion: no champion's score, no delta (not a 0 that would chart as a tie)
+    assert run.data.metrics == {"candidate_e2e_f1": 0.5, "promoted": 1.0}
+    assert run.data.params["promote.min_delta"] == "0.0" and run.data.params["promote.metric"] == "e2e_f1"
+    second, run = _promote_by_cli(tmp_path, uris[1], 0.45)
+    assert not second["promoted"] and second["delta_e2e_f1"] == pytest.approx(-0.05)
+    assert run.data.metrics == pytest.approx({"candidate_e2e_f1": 0.45, "champion_e2e_f1": 0.5,
+                                              "delta_e2e_f1": -0.05, "promoted": 0.0})
