@@ -6,7 +6,8 @@ version: ``eval_scoring_hash``), by at least ``min_delta``. When the champion wa
 set or another way, it is scored again on this one first (``rescore``), and that score is kept on
 the champion's version (a ``rescored_<metric>.<key>`` tag, :func:`rescore_tag`), so a later promote on
 the same set, scored the same way, reuses it instead of scoring the champion again. Decision, both
-scores and the hashes become tags on the candidate's version.
+scores and the hashes become tags on the candidate's version. The registered model gets a description
+(:func:`model_description`) when it has none; one someone wrote is kept.
 
 Example:
     >>> decision = promote(candidate, PromoteConfig(), rescore=lambda uri: 0.4)   # doctest: +SKIP
@@ -159,8 +160,41 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
                                               "eval_data_hash": candidate.eval_data_hash,
                                               "eval_scoring_hash": candidate.eval_scoring_hash}).version
         client.update_model_version(config.model_name, version, description=version_description(candidate, metric))
+        _describe_model(client, config)  # after the registration: a user the registry refuses stops there, as before
         client.set_registered_model_alias(config.model_name, "challenger", version)
         return _decide(client, config, candidate, version, rescore)
+
+
+def model_description(config: PromoteConfig) -> str:
+    """The registered model's description (Markdown, as the MLflow UI shows it): what its versions are,
+    the score ``champion`` moves on and how to load the champion, as a pyfunc or an EasyOCR bundle."""
+    name, metric = config.model_name, config.metric
+    better = "lower" if metric in LOWER_IS_BETTER else "higher"
+    return (f"Korean text recogniser fine-tuned by the kocr pipeline: EasyOCR's generation-2 recogniser "
+            f"(None-VGG-BiLSTM-CTC, the `korean_g2` layout). Each version is the MLflow pyfunc of one "
+            f"`train` run: the checkpoint with the CRAFT detector settings it was evaluated with; it reads "
+            f"page images and returns page JSON (word boxes and text).\n\n"
+            f"`challenger` names the newest candidate; `champion` moves to a candidate only when its `{metric}` "
+            f"({better} is better) on the held-out evaluation set, scored the same way, beats the "
+            f"champion's by at least `promote.min_delta` (each version's tags and description give its "
+            f"score and set).\n\n"
+            f"Load the champion: `mlflow.pyfunc.load_model(\"models:/{name}@champion\")"
+            f".predict([\"scan.jpg\"])`. As an EasyOCR drop-in bundle: `kocr export-easyocr --model "
+            f"models:/{name}@champion --out models/easyocr --name ko_ocr`, then `easyocr.Reader([\"ko\", "
+            f"\"en\"], recog_network=\"ko_ocr\", model_storage_directory=\"models/easyocr/model\", "
+            f"user_network_directory=\"models/easyocr/user_network\")`; the bundle's README gives the "
+            f"`readtext` settings to read with.")
+
+
+def _describe_model(client: mlflow.MlflowClient, config: PromoteConfig) -> None:
+    """Give the registered model :func:`model_description` when it has none; a description someone
+    wrote is kept (clear it to have the next promote write this one). A registry that refuses costs
+    only the description (warned), never the promotion."""
+    try:
+        if not (client.get_registered_model(config.model_name).description or "").strip():
+            client.update_registered_model(config.model_name, description=model_description(config))
+    except MlflowException as exc:
+        warnings.warn(f"{config.model_name}: its description was not set ({exc.message})", stacklevel=3)
 
 
 def version_description(candidate: Candidate, metric: str) -> str:

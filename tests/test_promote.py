@@ -527,3 +527,25 @@ def test_the_promote_run_logs_the_scores_it_decided_on_as_metrics(logged_uris, m
     assert not second["promoted"] and second["delta_e2e_f1"] == pytest.approx(-0.05)
     assert run.data.metrics == pytest.approx({"candidate_e2e_f1": 0.45, "champion_e2e_f1": 0.5,
                                               "delta_e2e_f1": -0.05, "promoted": 0.0})
+
+
+def test_the_registered_model_is_described_once_and_a_description_written_by_hand_is_kept(logged_uris, monkeypatch):
+    """Was: its versions had descriptions, the registered model none: nothing on its page said what it is
+    or how to load it."""
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    client = mlflow.MlflowClient()
+    config = PromoteConfig(model_name="reg-described")
+    promote(_candidate(uris[0], 0.40), config, _no_rescore)
+    written = client.get_registered_model("reg-described").description
+    assert written, "the registered model has no description"
+    for said in ("`e2e_f1`", "promote.min_delta", 'mlflow.pyfunc.load_model("models:/reg-described@champion")',
+                 "kocr export-easyocr --model models:/reg-described@champion", 'recog_network="ko_ocr"'):
+        assert said in written, said
+    client.update_registered_model("reg-described", description="Our production reader; ask Jiwoo first.")
+    promote(_candidate(uris[1], 0.45), config, _no_rescore)  # an update: the hand-written one stays
+    assert client.get_registered_model("reg-described").description == "Our production reader; ask Jiwoo first."
+    client.update_registered_model("reg-described", description="")  # cleared: the next promote writes it anew
+    promote(_candidate(uris[2], 0.50), PromoteConfig(model_name="reg-described", metric="cer"), lambda uri: 0.6)
+    assert "`cer` (lower is better)" in client.get_registered_model("reg-described").description
