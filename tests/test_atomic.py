@@ -90,7 +90,10 @@ def test_an_image_save_that_fails_leaves_no_temporary(tmp_path: Path, monkeypatc
     before = sheet.read_bytes()
 
     def broken_save(self, fp, *args, **kwargs):
-        Path(fp).write_bytes(b"\x89PNG half")
+        if isinstance(fp, (str, os.PathLike)):
+            Path(fp).write_bytes(b"\x89PNG half")
+        else:  # synth-pages encodes its JPEG in memory
+            fp.write(b"\xff\xd8 half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)

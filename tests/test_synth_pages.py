@@ -146,6 +146,40 @@ def test_a_killed_run_over_another_seed_leaves_that_set_whole_and_resumes_only_i
     assert _files(out) == ref[2] and not (tmp_path / "set.partial").exists()
 
 
+CUT_BY_A_LIMIT = """
+import resource, sys
+from training.data.synth_pages import generate_pages
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))  # ulimit -f
+try:
+    generate_pages(sys.argv[1], count=2, seed=5, fonts=["NanumGothic.ttf"], width=480, height=360,
+                   font_size=(14, 22), progress=False)
+except OSError as exc:
+    print(exc.errno, exc.filename)
+"""
+
+
+def test_an_image_cut_short_by_a_file_size_limit_fails_naming_it_and_publishes_nothing(tmp_path):
+    """Was: Pillow's JPEG encoder ignores a short write, so under ``ulimit -f`` (or on a disk that filled
+    mid-image) each image was cut at the limit without an error, its JSON written whole beside it, and
+    the set published as finished: pages whose image ends half-way."""
+    import errno
+    import subprocess
+    import sys
+
+    small = dict(fonts=["NanumGothic.ttf"], width=480, height=360, font_size=(14, 22), progress=False)
+    ref = generate_pages(tmp_path / "ref", count=2, seed=5, **small)
+    limit = max(p.stat().st_size for p in ref) + 1  # every JSON fits under it, no image does
+    assert limit < min(p.with_suffix(".jpg").stat().st_size for p in ref)
+    out = tmp_path / "set"
+    done = subprocess.run([sys.executable, "-c", CUT_BY_A_LIMIT, str(out), str(limit)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(errno.EFBIG), str(tmp_path / "set.partial" / "page_00000.jpg")]
+    assert not out.exists() and not list((tmp_path / "set.partial").iterdir())  # no cut image, no page
+    generate_pages(out, count=2, seed=5, **small)  # room again: the same set as uninterrupted
+    assert _files(out) == _files(ref[0].parent)
+
+
 def test_a_folder_holding_other_files_is_refused_never_replaced(tmp_path):
     from kocr.atomic import OutFolderError
 

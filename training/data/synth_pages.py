@@ -19,6 +19,7 @@ Command line::
 
 from __future__ import annotations
 
+import io
 import os
 import random
 import re
@@ -33,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from kocr.atomic import OutFolderError, PartialFolder, atomic_path, sweep_stale
+from kocr.atomic import OutFolderError, PartialFolder, sweep_stale, write_bytes
 from training.charset import Charset
 from training.data import degrade as degrade_mod
 from training.data.contact_sheet import write_sheet
@@ -512,8 +513,12 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
             page = Page(image_path.name, width, height, page_words, category=rng.choice(CATEGORIES),
                         extra={"image.make.code": f"{rng.randint(1000, 6999)}000",
                                "image.make.year": str(rng.randint(1995, 2023))})
-            with atomic_path(image_path, sweep=False) as tmp:
-                image.save(tmp, format="JPEG", quality=JPEG_QUALITY)
+            # encoded in memory, then written by Python, which raises on a short write: Pillow's JPEG
+            # encoder writes to a file's descriptor itself and ignores one, so a file-size limit
+            # (ulimit -f) or a disk that filled mid-write left a cut image under its name, beside a whole JSON
+            encoded = io.BytesIO()
+            image.save(encoded, format="JPEG", quality=JPEG_QUALITY)
+            write_bytes(image_path, encoded.getvalue(), sweep=False)
             write_page(page, json_path, sweep=False)
         sheet = stage / SHEET
         if contact_sheet > 0 and paths:
