@@ -15,6 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from evaluation.metrics import PageScore, in_image, score_page
+from kocr.atomic import named_disk_errors
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
 from training.data.pages import Page, clip_box, unscored
 
@@ -163,9 +164,16 @@ def draw_comparison(image_path: str | os.PathLike, gt: Page, pred: Page, title: 
     canvas = Image.new("RGB", (left.width + right.width + 10, max(left.height, right.height)), (255, 255, 255))
     canvas.paste(left, (0, 0))
     canvas.paste(right, (left.width + 10, 0))
+    return _save(canvas, out)
+
+
+def _save(canvas: Image.Image, out: str | os.PathLike) -> Path:
+    """Write ``canvas`` as the PNG ``out``; a disk that fills names ``out`` (Pillow's error names no
+    file: ``kocr evaluate`` said it ran out of room "writing its output")."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
+    with named_disk_errors(out):
+        canvas.save(out)
     return out
 
 
@@ -193,7 +201,4 @@ def draw_crop_readings(image_path: str | os.PathLike, gt: str, readings: dict[st
     draw = ImageDraw.Draw(canvas)
     for row, (text, colour) in enumerate(lines):
         draw.text((10, crop.height + 16 + row * (size + 8)), text, fill=colour, font=font)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out)
-    return out
+    return _save(canvas, out)

@@ -212,6 +212,19 @@ def write_json(path: str | os.PathLike, data: Any, indent: int | None = 1, sweep
 
 
 @contextmanager
+def _named_as_published(stage: Path, out: Path) -> Iterator[None]:
+    """A write into the staging folder ``stage`` that fails for want of room names the file by the
+    path it would have had in ``out`` (``outputs/worst_pages/base/01_p.png``), not by the hidden
+    staging folder's, which is gone by the time anyone reads the message."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in DISK_FULL and isinstance(exc.filename, str) and Path(exc.filename).is_relative_to(stage):
+            raise OSError(exc.errno, exc.strerror, str(out / Path(exc.filename).relative_to(stage))) from exc
+        raise
+
+
+@contextmanager
 def staged_files(out: str | os.PathLike, earlier: Callable[[str], bool]) -> Iterator[Path]:
     """Yield a staging folder for one run's files; on success they replace the earlier run's in ``out``.
 
@@ -228,7 +241,8 @@ def staged_files(out: str | os.PathLike, earlier: Callable[[str], bool]) -> Iter
     stage = out / _temp_name("staging")
     stage.mkdir()
     try:
-        yield stage
+        with _named_as_published(stage, out):
+            yield stage
         written = sorted(p.name for p in stage.iterdir())
         blocked = [name for name in written if (out / name).is_dir()]
         if blocked:
@@ -256,7 +270,8 @@ def replaced_folder(out: str | os.PathLike) -> Iterator[Path]:
     stage = out.parent / _temp_name(out.name)
     stage.mkdir()
     try:
-        yield stage
+        with _named_as_published(stage, out):
+            yield stage
         old = out.parent / _temp_name(out.name + ".old")
         if out.exists() or out.is_symlink():
             os.replace(out, old)

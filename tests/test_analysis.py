@@ -293,3 +293,28 @@ def test_picture_labels_without_a_hangul_face_warn_once(tmp_path, monkeypatch):
         assert len([w for w in caught if "draws Hangul" in str(w.message)]) == 1
     finally:
         drawing._font.cache_clear()
+
+
+def test_a_picture_on_a_full_disk_is_named(tmp_path, monkeypatch):
+    """Was: Pillow's ENOSPC names no file, so ``kocr evaluate`` with its worst pages on a disk that filled
+    said "no space left on the device writing its output" (it has no --out) and evaluate-crops --worst
+    named none either."""
+    import errno
+
+    import pytest
+
+    from evaluation.drawing import draw_crop_readings
+
+    image = tmp_path / "p.png"
+    Image.new("RGB", (200, 100), (250, 250, 250)).save(image)
+    page = Page("p.png", 200, 100, [Word((10, 40, 60, 20), "서울")])
+
+    def full_disk(self, fp, *args, **kwargs):  # what Pillow raises when the PNG does not fit
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full_disk)
+    for out, draw in ((tmp_path / "worst" / "01_p.png", lambda out: draw_comparison(image, page, page, "x", out)),
+                      (tmp_path / "crops" / "01.png", lambda out: draw_crop_readings(image, "서울", {}, out))):
+        with pytest.raises(OSError) as info:
+            draw(out)
+        assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(out))

@@ -213,6 +213,22 @@ def test_a_replaced_folder_holds_only_the_new_run_and_a_failed_run_keeps_the_old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["none_drawn", "worst_pages"]  # no staging left
 
 
+def test_a_full_disk_inside_a_staging_folder_names_the_file_as_it_would_be_published(tmp_path: Path) -> None:
+    """Was: ``kocr evaluate`` on a disk that filled named the picture it was writing inside its hidden
+    staging folder (``outputs/.worst_pages.TAG-PID.HEX.tmp/base/01_p.png``), gone by the time it is read."""
+    from kocr.atomic import staged_files
+
+    for stage_of, out in ((replaced_folder, tmp_path / "worst_pages"), (lambda o: staged_files(o, bool), tmp_path / "crops")):
+        with pytest.raises(OSError) as info:
+            with stage_of(out) as stage:
+                raise OSError(errno.ENOSPC, "No space left on device", str(stage / "base" / "01_p.png"))
+        assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(out / "base" / "01_p.png"))
+        with pytest.raises(OSError) as info:  # other errors as they were
+            with stage_of(out) as stage:
+                raise OSError(errno.EACCES, "Permission denied", str(stage / "a.png"))
+        assert info.value.filename == str(stage / "a.png")
+
+
 def test_a_full_disk_is_reported_as_enospc_naming_the_target_whatever_the_writer_raised(tmp_path: Path,
                                                                                         monkeypatch) -> None:
     import shutil as shutil_module
