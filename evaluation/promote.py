@@ -33,7 +33,7 @@ import mlflow
 from kocr.locks import LockError, database_lock, file_lock
 from kocr.params import ParamsError, check_keys, typed
 from kocr.redact import hide_passwords
-from kocr.tracking import NOT_FOUND
+from kocr.tracking import NOT_FOUND, filter_value
 
 
 HIGHER_IS_BETTER = frozenset({f"e2e_{m}{micro}" for m in ("f1", "precision", "recall") for micro in ("", "_micro")}
@@ -155,11 +155,14 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
             client.create_registered_model(config.model_name)
         except MlflowException:
             pass  # exists already
-        version = mlflow.register_model(candidate.model_uri, config.model_name,
-                                        tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
-                                              "eval_data_hash": candidate.eval_data_hash,
-                                              "eval_scoring_hash": candidate.eval_scoring_hash}).version
-        client.update_model_version(config.model_name, version, description=version_description(candidate, metric))
+        version = registered_before(client, config.model_name, candidate, metric)
+        if version is None:
+            version = mlflow.register_model(candidate.model_uri, config.model_name,
+                                            tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
+                                                  "eval_data_hash": candidate.eval_data_hash,
+                                                  "eval_scoring_hash": candidate.eval_scoring_hash}).version
+            client.update_model_version(config.model_name, version,
+                                        description=version_description(candidate, metric))
         _describe_model(client, config)  # after the registration: a user the registry refuses stops there, as before
         client.set_registered_model_alias(config.model_name, "challenger", version)
         return _decide(client, config, candidate, version, rescore)
@@ -197,6 +200,21 @@ def _describe_model(client: mlflow.MlflowClient, config: PromoteConfig) -> None:
         warnings.warn(f"{config.model_name}: its description was not set ({exc.message})", stacklevel=3)
 
 
+def registered_before(client: mlflow.MlflowClient, name: str, candidate: Candidate, metric: str) -> str | None:
+    """The version of ``name`` an earlier promote of this very candidate registered (the same model of
+    the same run, with the same ``metric`` score on the same evaluation set scored the same way), or None.
+
+    A promote killed (or stopped by a full disk) after registering, before ``metrics/promote.json`` and
+    ``dvc.lock`` were written, is run again by ``dvc repro``; it decides on that version instead of
+    registering the model a second time (was: a second version, which then "did not beat" the first
+    when the first had been made champion). The newest such version when there are several."""
+    found = client.search_model_versions(f"name = {filter_value(name)} and run_id = {filter_value(candidate.run_id)}")
+    same = [v for v in found if v.source == candidate.model_uri and v.tags.get(metric) == str(candidate.score)
+            and v.tags.get("eval_data_hash") == candidate.eval_data_hash
+            and v.tags.get("eval_scoring_hash", "") == candidate.eval_scoring_hash]
+    return str(max(int(v.version) for v in same)) if same else None
+
+
 def version_description(candidate: Candidate, metric: str) -> str:
     """A registry version's description: the run that trained it, the data it trained on (the run's
     ``kocr.data.train`` hash, when the store still holds the run) and its score on the evaluation set,
@@ -217,8 +235,16 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
     decision: dict[str, Any] = {"model_name": config.model_name, "candidate_version": int(version),
                                 f"candidate_{metric}": candidate.score, "eval_data_hash": candidate.eval_data_hash,
                                 "min_delta": config.min_delta}
+    if champion is not None and str(champion.version) == str(version):
+        recorded = _recorded_decision(client, config.model_name, version)
+        if recorded is not None:  # an earlier promote of this candidate made it champion: its decision stands
+            return recorded
     if champion is None:
         promoted, reason, champion_score, margin = True, "no champion before it: the first champion", None, None
+    elif str(champion.version) == str(version):  # made champion by a promote of an older kocr: no decision kept
+        decision["champion_version"] = int(version)
+        promoted, champion_score, margin = True, candidate.score, None
+        reason = f"v{version} is champion already: an earlier promote of this candidate promoted it"
     else:
         decision["champion_version"] = int(champion.version)
         same_set = champion.tags.get("eval_data_hash") == candidate.eval_data_hash
@@ -242,12 +268,14 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
                   f"{champion_score:.4f} ({how}) by min_delta {config.min_delta}")
     decision.update({"promoted": promoted, "reason": reason, f"champion_{metric}": champion_score,
                      f"delta_{metric}": margin})
+    if promoted:
+        decision["champion_version"] = int(version)
     client.set_model_version_tag(config.model_name, version, "decision",
                                  "promoted" if promoted else "not promoted")
     client.set_model_version_tag(config.model_name, version, "decision_reason", reason)
+    client.set_model_version_tag(config.model_name, version, DECISION_TAG, json.dumps(decision))
     if promoted:
         client.set_registered_model_alias(config.model_name, "champion", version)
-        decision["champion_version"] = int(version)
     return decision
 
 
@@ -265,6 +293,19 @@ def decision_metrics(decision: dict[str, Any], metric: str) -> dict[str, float]:
     keys = (f"candidate_{metric}", f"champion_{metric}", f"delta_{metric}")
     scores = {key: float(decision[key]) for key in keys if decision.get(key) is not None}
     return {**scores, "promoted": float(bool(decision["promoted"]))}
+
+
+DECISION_TAG = "kocr.decision"  # the decision as metrics/promote.json holds it, kept on the version
+
+
+def _recorded_decision(client: mlflow.MlflowClient, name: str, version: str) -> dict[str, Any] | None:
+    """The decision an earlier promote kept on ``version`` (``DECISION_TAG``), or None (none kept, or unreadable)."""
+    value = client.get_model_version(name, version).tags.get(DECISION_TAG)
+    try:
+        recorded = json.loads(value) if value is not None else None
+    except ValueError:
+        return None
+    return recorded if isinstance(recorded, dict) and recorded.get("promoted") is True else None
 
 
 def rescore_tag(metric: str, eval_data_hash: str, eval_scoring_hash: str) -> str:

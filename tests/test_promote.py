@@ -549,3 +549,41 @@ def test_the_registered_model_is_described_once_and_a_description_written_by_han
     client.update_registered_model("reg-described", description="")  # cleared: the next promote writes it anew
     promote(_candidate(uris[2], 0.50), PromoteConfig(model_name="reg-described", metric="cer"), lambda uri: 0.6)
     assert "`cer` (lower is better)" in client.get_registered_model("reg-described").description
+
+
+def test_a_promote_run_again_decides_on_the_version_it_registered_not_a_second_one(logged_uris, monkeypatch):
+    """Was: a promote killed (or stopped by a full disk writing metrics/promote.json) after it registered
+    the candidate is run again by ``dvc repro`` (no dvc.lock entry), and registered the model a second
+    time; when the first version had been made champion, the second "did not beat" it, so promote.json
+    said "not promoted" of the champion, beside a version left without a decision."""
+    import evaluation.promote
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    client = mlflow.MlflowClient()
+    config = PromoteConfig(model_name="reg-again")
+
+    def versions():
+        return sorted(int(v.version) for v in client.search_model_versions("name='reg-again'"))
+
+    first = promote(_candidate(uris[0], 0.40), config, _no_rescore)
+    assert promote(_candidate(uris[0], 0.40), config, _no_rescore) == first  # run again after champion moved
+    assert versions() == [1] and first["promoted"]
+    assert int(client.get_model_version_by_alias("reg-again", "champion").version) == 1
+
+    def killed(*args):
+        raise KeyboardInterrupt  # the kill after registering, before the decision
+
+    decide = evaluation.promote._decide
+    monkeypatch.setattr(evaluation.promote, "_decide", killed)
+    with pytest.raises(KeyboardInterrupt):
+        promote(_candidate(uris[1], 0.50), config, _no_rescore)
+    monkeypatch.setattr(evaluation.promote, "_decide", decide)
+    second = promote(_candidate(uris[1], 0.50), config, _no_rescore)
+    assert versions() == [1, 2] and second["candidate_version"] == 2 and second["promoted"]
+    assert second["champion_e2e_f1"] == pytest.approx(0.40) and "beats champion v1" in second["reason"]
+    assert client.get_model_version("reg-again", 2).tags["decision"] == "promoted"
+    # the same run scored anew (another set, another score) is another version, as before
+    third = promote(_candidate(uris[1], 0.45, data_hash="set-b"), config, lambda uri: 0.30)
+    assert versions() == [1, 2, 3] and third["candidate_version"] == 3
