@@ -1047,6 +1047,25 @@ def test_retrain_links_nothing_for_a_state_dir_outside_the_checkout_or_a_study_s
 # ------------------------------------------------------------------------------------------- DVC
 
 
+def test_the_stage_outputs_git_keeps_are_those_dvc_lock_records():
+    """The metrics and plots git keeps (metrics/*.json, plots/train/*.tsv) and dvc.lock come from one
+    `dvc repro`: each such output has the md5 the lock records for it. Was: a commit took along a dvc.lock
+    of a shortened local run (train.steps 40, tune.n_trials 2) without its metrics, so `dvc status` called
+    the committed metrics modified and `dvc metrics diff` compared them with a run nobody committed."""
+    import hashlib
+
+    tracked = set(_run(["git", "ls-files"]).stdout.splitlines())
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text(encoding="utf-8"))["stages"]
+    checked, differ = 0, []
+    for stage, entry in lock.items():
+        for out in entry.get("outs", []):
+            if out["path"] in tracked and "md5" in out:
+                checked += 1
+                if hashlib.md5((REPO / out["path"]).read_bytes()).hexdigest() != out["md5"]:
+                    differ.append(f"{stage}: {out['path']}")
+    assert checked >= 5 and differ == []
+
+
 def test_dvc_repro_dry_prints_every_stage(tmp_path):
     """`dvc repro --dry` in a copy of the project (tracked and new files; nothing here changes)."""
     dvc = _tool("dvc")
