@@ -36,15 +36,11 @@ def _curves(tmp_path):
     (tmp_path / "val.tsv").write_text("step\tcer\n2\t0.5\n", encoding="utf-8")
 
 
-def test_train_labels_the_loss_curve_with_the_loss_it_trained_on(tmp_path, monkeypatch):
-    """Was: 'training loss' whatever the loss; now CTC, focal CTC (with its gamma) or cross-entropy,
-    from the train params, as `kocr train` logs the picture."""
-    import mlflow
-    import yaml
-
+def _fake_train(monkeypatch, summary: dict) -> None:
+    """``kocr train`` without training: training.train.train writes an empty model.pt and the curves and
+    returns ``summary``; the model is not logged."""
     import evaluation.pyfunc_model
     import training.train
-    from kocr.cli import main
 
     class Logged:
         model_uri = "models:/m-1"
@@ -54,12 +50,23 @@ def test_train_labels_the_loss_curve_with_the_loss_it_trained_on(tmp_path, monke
         (Path(out) / "model.pt").write_bytes(b"")
         Path(plots_dir).mkdir(parents=True, exist_ok=True)
         _curves(Path(plots_dir))
-        return {"best_val_cer": 0.5, "best_step": 2, "stopped_early": False, "images_per_second": 1.0,
-                "world_size": 1}
+        return summary
 
-    labels = []
     monkeypatch.setattr(training.train, "train", trained)
     monkeypatch.setattr(evaluation.pyfunc_model, "log_recognizer", lambda *args, **kwargs: Logged())
+
+
+def test_train_labels_the_loss_curve_with_the_loss_it_trained_on(tmp_path, monkeypatch):
+    """Was: 'training loss' whatever the loss; now CTC, focal CTC (with its gamma) or cross-entropy,
+    from the train params, as `kocr train` logs the picture."""
+    import mlflow
+    import yaml
+
+    from kocr.cli import main
+
+    labels = []
+    _fake_train(monkeypatch, {"best_val_cer": 0.5, "best_step": 2, "stopped_early": False, "images_per_second": 1.0,
+                              "world_size": 1})
     monkeypatch.setattr(mlflow, "log_figure", lambda fig, name: labels.append(fig.axes[0].get_ylabel()))
     monkeypatch.chdir(tmp_path)
     for split in ("train", "val"):
@@ -79,24 +86,11 @@ def test_train_run_names_the_kept_checkpoints_scores_best_and_prefixes_final_onc
     import mlflow
     import yaml
 
-    import evaluation.pyfunc_model
-    import training.train
     from kocr.cli import main
 
-    class Logged:
-        model_uri = "models:/m-1"
-
-    def trained(config, data, out, plots_dir=None, **kwargs):
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "model.pt").write_bytes(b"")
-        Path(plots_dir).mkdir(parents=True, exist_ok=True)
-        _curves(Path(plots_dir))
-        return {"steps": 2, "best_step": 2, "best_val_cer": 0.5, "val_n": 4, "val_cer": 0.5, "val_word_accuracy": 0.25,
-                "val_loss": 1.5, "val_dropped_too_long": 1, "final_loss": 2.0, "stopped_early": False,
-                "images_per_second": 1.0, "world_size": 1, "base": "scratch"}
-
-    monkeypatch.setattr(training.train, "train", trained)
-    monkeypatch.setattr(evaluation.pyfunc_model, "log_recognizer", lambda *args, **kwargs: Logged())
+    _fake_train(monkeypatch, {"steps": 2, "best_step": 2, "best_val_cer": 0.5, "val_n": 4, "val_cer": 0.5,
+                              "val_word_accuracy": 0.25, "val_loss": 1.5, "val_dropped_too_long": 1, "final_loss": 2.0,
+                              "stopped_early": False, "images_per_second": 1.0, "world_size": 1, "base": "scratch"})
     monkeypatch.setattr(mlflow, "log_figure", lambda fig, name: None)
     monkeypatch.chdir(tmp_path)
     for split in ("train", "val"):
