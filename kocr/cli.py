@@ -130,7 +130,7 @@ def cmd_prepare(args: argparse.Namespace) -> None:
         log_dataset(args.src, context="source")
         report = prepare_pages(args.src, args.out, config, checked=True)
         kept = kept_reasons(config)  # report.json counts repairs beside drops: the keys tell them apart
-        flat = {"pages_used": report["pages_used"],
+        flat = {"pages_used": report["pages_used"], "pages_without_crops": report["pages_without_crops"],
                 **{f"crops_{k}": v for k, v in report["crops"].items()},
                 **{f"{'kept' if k in kept else 'skipped'}_{k}": v["count"] for k, v in report["skipped"].items()}}
         mlflow.log_metrics(flat)

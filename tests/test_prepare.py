@@ -156,7 +156,9 @@ def test_a_page_whose_every_word_was_dropped_is_not_counted_as_used(tmp_path, mo
     (tmp_path / "params.yaml").write_text("prepare: {}\n", encoding="utf-8")
     for stem in "ac":
         (src / f"{stem}.json").unlink()
-    assert main(["prepare-aihub", "--src", "src", "--out", "only_wordless"]) == 0  # pages, but no crop
+    assert main(["prepare-aihub", "--src", "src", "--out", "only_wordless", "--metrics", "m.json"]) == 0  # no crop
+    metrics = json.loads((tmp_path / "m.json").read_text(encoding="utf-8"))  # dvc metrics diff and MLflow see it too
+    assert (metrics["pages_used"], metrics["pages_without_crops"]) == (0, 2)
     captured = capsys.readouterr()
     assert "prepare: 0 pages -> crops" in captured.out and "(2 more pages gave no crop" in captured.out
     assert "warning: no usable page under src: none gave a crop" in captured.err  # was: no warning
