@@ -109,27 +109,30 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(prepared, tmp_path):
-    knobs = {"steps": 160, "val_every": 40, "checkpoint_every": 5, "augment": 0.5, "schedule": "cosine",
+    knobs = {"steps": 40, "val_every": 10, "checkpoint_every": 5, "augment": 0.5, "schedule": "cosine",
              "warmup_steps": 10, "optimizer": "adamw", "ema_decay": 0.95}  # the average is resumed too
     state = tmp_path / "state" / "run.pt"
-    # The run kills itself (SIGKILL, no clean-up) from its step-80 validation hook, after that step's best
-    # checkpoint was written and before its state was saved: the state on disk is step 75's. Killing from the
+    # The run kills itself (SIGKILL, no clean-up) from its step-20 validation hook, after that step's best
+    # checkpoint was written and before its state was saved: the state on disk is step 15's. Killing from the
     # inside, rather than from a poller here, keeps the test exact on a loaded machine.
     script = (f"import json, os, signal, sys; sys.path.insert(0, {str(REPO)!r})\n"
               "from pathlib import Path\nfrom training.train import TrainConfig, train\n"
               f"c = TrainConfig(**json.loads({json.dumps({**TINY, **knobs})!r}))\n"
               f"out = Path({str(tmp_path / 'resumed')!r})\n"
-              "die = lambda step, scores: os.kill(os.getpid(), signal.SIGKILL) if step == 80 else None\n"
+              "die = lambda step, scores: os.kill(os.getpid(), signal.SIGKILL) if step == 20 else None\n"
               f"train(c, {str(prepared)!r}, out, metrics_file=out / 'm.json', plots_dir=out / 'plots', "
               f"progress=False, log=False, state_file={str(state)!r}, on_validation=die)\n")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, timeout=900)
     assert proc.returncode == -signal.SIGKILL, "the run was not killed"
-    assert load_state(state)["progress"]["step"] == 75
+    assert load_state(state)["progress"]["step"] == 15
+    assert torch.load(tmp_path / "resumed" / "model.pt", map_location="cpu")["meta"]["step"] == 20  # newer than it
 
     resumed = _run(prepared, tmp_path / "resumed", state, resume=True, **knobs)
     straight = _run(prepared, tmp_path / "straight", **knobs)
     assert not state.exists()  # a completed run leaves nothing to resume
-    assert resumed["best_val_cer"] == straight["best_val_cer"] and resumed["steps"] == straight["steps"] == 160
+    assert resumed["resumed_from_step"] == 15
+    assert resumed["train_samples"] <= 4 * 15  # batches of 4: an epoch ends by step 15 and another after the resume
+    assert resumed["best_val_cer"] == straight["best_val_cer"] and resumed["steps"] == straight["steps"] == 40
     for name in ("loss.tsv", "val.tsv"):
         assert (tmp_path / "resumed" / "plots" / name).read_text() == (tmp_path / "straight" / "plots" / name).read_text()
     a, b = _weights(tmp_path / "resumed" / "model.pt"), _weights(tmp_path / "straight" / "model.pt")
