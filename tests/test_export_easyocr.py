@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -99,6 +100,47 @@ def test_quantized_reader_still_loads_the_bundle(bundle, sample_pages):
     image = sorted(sample_pages.glob("*.jpg"))[1]
     texts = [t for _, t, _ in _reader(bundle, quantize=True).readtext(str(image))]
     assert texts  # EasyOCR's default CPU int8 path runs on the bundle; parity is checked unquantized
+
+
+def _counting_flatten(monkeypatch) -> list:
+    """The LSTMs whose ``flatten_parameters`` runs while the test does (it still runs)."""
+    flattened: list = []
+    real = torch.nn.LSTM.flatten_parameters
+
+    def spy(self):
+        flattened.append(self)
+        return real(self)
+
+    monkeypatch.setattr(torch.nn.LSTM, "flatten_parameters", spy)
+    return flattened
+
+
+def test_the_bundles_bilstms_flatten_their_weights_on_each_forward_as_easyocrs_do(bundle, monkeypatch):
+    # EasyOCR wraps the recogniser in torch.nn.DataParallel on GPU, whose replicas' LSTM weights are
+    # not one block: its own BiLSTM calls flatten_parameters in forward, and the bundle's must too
+    reader = _reader(bundle, quantize=False)
+    lstms = [m for m in reader.recognizer.modules() if isinstance(m, torch.nn.LSTM)]
+    assert len(lstms) == 2
+    forwards: list = []
+    reader.recognizer.register_forward_hook(lambda *_: forwards.append(1))
+    flattened = _counting_flatten(monkeypatch)
+    crop = np.full((64, 200), 255, np.uint8)
+    crop[20:44, 30:170] = 0
+    reader.recognize(crop)
+    assert forwards  # EasyOCR reads a crop twice when the first reading is unsure (contrast raised)
+    assert [id(m) for m in flattened] == [id(m) for m in lstms] * len(forwards)
+
+
+def test_the_int8_quantized_bundle_reads_without_flattening(bundle, monkeypatch):
+    # EasyOCR's default on CPU: its dynamic int8 LSTM has no flatten_parameters, which must not fail
+    reader = _reader(bundle, quantize=True)
+    rnns = [m.rnn for m in reader.recognizer.SequenceModeling]
+    assert all(not isinstance(r, torch.nn.LSTM) and not hasattr(r, "flatten_parameters") for r in rnns)
+    flattened = _counting_flatten(monkeypatch)
+    crop = np.full((64, 200), 255, np.uint8)
+    crop[20:44, 30:170] = 0
+    assert len(reader.recognize(crop)) == 1
+    assert flattened == []
 
 
 def test_export_refuses_rgb_models(tmp_path):

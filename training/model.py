@@ -52,6 +52,13 @@ class BidirectionalLSTM(nn.Module):
         self.linear = nn.Linear(hidden_size * 2, output_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # as EasyOCR's own BiLSTM does: under torch.nn.DataParallel (EasyOCR wraps the recogniser in it
+        # on GPU) each replica's LSTM weights are no longer one contiguous block, and cuDNN warns and
+        # copies them on every call; a no-op on CPU. EasyOCR's int8 (dynamic quantized) LSTM has no
+        # flatten_parameters, so it is skipped there rather than failing the bundle on CPU.
+        flatten = getattr(self.rnn, "flatten_parameters", None)
+        if flatten is not None:
+            flatten()
         recurrent, _ = self.rnn(x)
         return self.linear(recurrent)
 
