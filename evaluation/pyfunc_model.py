@@ -84,16 +84,21 @@ class PageReaderModel(mlflow.pyfunc.PythonModel):
 
         An input that is no readable image file raises MlflowException (INVALID_PARAMETER_VALUE)
         naming it: ``mlflow models serve`` answers such an error with its message, any other error
-        with a generic one."""
+        with a generic one. Every input is checked (a path, to a file there that can be opened) before
+        the first page is read; one that does not decode fails when it is read."""
         from mlflow.exceptions import MlflowException
 
-        from evaluation.reader import UnreadableImage
+        from evaluation.reader import UnreadableImage, check_image_file
 
         for path in model_input:
             why = not_a_path(path)
             if why:
                 raise MlflowException.invalid_parameter_value(f"{path[:80]!r}: {why}")
         try:
+            # every path checked before any page is read: a batch whose last image is missing fails at
+            # once, not after reading (and throwing away) the pages before it
+            for path in model_input:
+                check_image_file(path)
             return [self.reader.read(path).to_dict() for path in model_input]
         except (UnreadableImage, OSError) as exc:  # FileNotFoundError, IsADirectoryError, …
             raise MlflowException.invalid_parameter_value(str(exc)) from exc

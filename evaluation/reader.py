@@ -230,10 +230,7 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     import_easyocr()
     from easyocr.utils import reformat_input
 
-    if Path(path).is_dir():
-        raise UnreadableImage(f"{path}: is a folder, not an image")
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: image not found")
+    check_image_file(path)
     try:
         mended = mended_pixels(Path(path))
         rgb, grey = mended if mended is not None else reformat_input(str(path))
@@ -242,6 +239,26 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if grey is None:
         raise UnreadableImage(f"{path}: not a readable image")
     return rgb, grey
+
+
+def check_image_file(path: str | os.PathLike) -> None:
+    """Raise as :func:`load_image` does for a path it cannot open: a folder (UnreadableImage), nothing
+    there (FileNotFoundError), or a file it may not read (UnreadableImage, ``cannot be read (why)``).
+    Opens the file but decodes nothing, so a batch can be checked whole before its first page is read.
+
+    >>> check_image_file("no/such/page.jpg")
+    Traceback (most recent call last):
+    FileNotFoundError: no/such/page.jpg: image not found
+    """
+    if Path(path).is_dir():
+        raise UnreadableImage(f"{path}: is a folder, not an image")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: image not found")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:  # permissions, I/O
+        raise UnreadableImage(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def mended_pixels(path: Path) -> tuple[np.ndarray, np.ndarray] | None:

@@ -393,7 +393,7 @@ def load_crop(crop: Crop, labels: str | os.PathLike = "") -> np.ndarray:
     except (ValueError, OSError) as exc:
         why = str(exc).removeprefix(f"{crop.image}: ")  # load_image names the file already
         raise ScoreInputError(f"{crop.where(labels)}: {crop.image}: "
-                              + (why if why.startswith("not a readable image") else f"not a readable image ({why})")) \
+                              + (why if why.startswith(("not a readable image", "cannot be read")) else f"not a readable image ({why})")) \
             from None
 
 

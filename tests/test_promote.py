@@ -192,6 +192,55 @@ def test_the_logged_model_refuses_what_it_cannot_read_with_a_message_serving_pas
         assert len(info.value.message) < 400
 
 
+def test_a_batch_is_checked_whole_before_its_first_page_is_read(logged_uris, sample_pages, monkeypatch, tmp_path):
+    """Was: a missing last image failed only when reading reached it, after the pages before it were
+    read (detected and recognised) and thrown away."""
+    from mlflow.exceptions import MlflowException
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    model = mlflow.pyfunc.load_model(uris[0][0])
+    reader = model.unwrap_python_model().reader
+    read: list = []
+    real_read = reader.read
+    monkeypatch.setattr(reader, "read", lambda path: read.append(path) or real_read(path))
+    image = str(sorted(sample_pages.glob("*.jpg"))[0])
+    (tmp_path / "folder.jpg").mkdir()
+    for bad, why in ((tmp_path / "nope.png", "image not found"), (tmp_path / "folder.jpg", "is a folder, not an image")):
+        with pytest.raises(MlflowException) as info:
+            model.predict([image, image, str(bad)])
+        assert info.value.error_code == "INVALID_PARAMETER_VALUE"
+        assert info.value.message == f"{bad}: {why}"  # the one line reading it gave
+        assert read == []
+    assert len(model.predict([image])) == 1 and read == [image]  # the spy sees real reads
+
+
+def test_an_image_that_cannot_be_opened_is_named_alike_checked_up_front_or_read(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import permissions_bind
+
+    image = tmp_path / "locked.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    image.chmod(0)
+    script = ("import sys\n"
+              "from evaluation.reader import check_image_file, load_image\n"
+              "for check in (check_image_file, load_image):\n"
+              "    try:\n"
+              "        check(sys.argv[1])\n"
+              "    except Exception as exc:\n"
+              "        print(type(exc).__name__, exc)\n")
+    try:
+        done = subprocess.run(permissions_bind([sys.executable, "-c", script, str(image)]), capture_output=True,
+                              text=True, cwd=Path(__file__).resolve().parents[1])
+    finally:
+        image.chmod(0o644)
+    # load_image said "not a readable image (corrupt: [Errno 13] Permission denied: '…')"
+    assert done.stdout.splitlines() == [f"UnreadableImage {image}: cannot be read (Permission denied)"] * 2, done.stderr
+
+
 def _small_image_bytes(image: Path) -> dict[str, bytes]:
     """A 48x24 cut of ``image`` encoded in each format the model reads (what a client might send as base64)."""
     import io
