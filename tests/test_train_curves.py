@@ -101,6 +101,6 @@ def test_train_run_names_the_kept_checkpoints_scores_best_and_prefixes_final_onc
              if r.info.run_name == "train"]
     logged = {k: v for k, v in run.data.metrics.items() if not k.startswith("system/")}  # MLflow's own
     assert logged == {
-        "final_steps": 2, "best_step": 2, "best_val_cer": 0.5, "final_val_n": 4, "best_val_word_accuracy": 0.25,
-        "best_val_loss": 1.5, "final_val_dropped_too_long": 1, "final_loss": 2.0, "final_stopped_early": 0,
+        "final_steps": 2, "best_step": 2, "best_val_cer": 0.5, "final_val_n": 4, "at_best_cer_val_word_accuracy": 0.25,
+        "at_best_cer_val_loss": 1.5, "final_val_dropped_too_long": 1, "final_loss": 2.0, "final_stopped_early": 0,
         "final_images_per_second": 1.0, "final_world_size": 1}

@@ -616,6 +616,37 @@ def test_a_trials_value_is_named_as_its_tune_runs_best(prepared, tmp_path, monke
     assert run.data.metrics["best_val_cer"] == pytest.approx(trial.value) == parent.data.metrics["best_val_cer"]
 
 
+def test_no_mlflow_column_means_one_thing_on_a_trial_and_another_on_a_train_run(prepared, tmp_path, monkeypatch):
+    """Was: a trial tuning on val_word_accuracy logged the best word accuracy it reached as
+    ``best_val_word_accuracy``, and a train run the word accuracy of the checkpoint it kept for its best
+    CER under the same name. Now each shared name means the same on both (``best_val_cer``: the lowest
+    val CER reached), and the train run's other scores at its kept checkpoint are ``at_best_cer_val_<x>``."""
+    from kocr.cli import main
+    from training.tune import METRICS
+
+    project = _project(tmp_path / "p", n_trials=1, steps_per_trial=4, report_every=2, study_name="wa",
+                       metric="val_word_accuracy", direction="maximize")
+    monkeypatch.chdir(project)
+    assert main(["tune", "--data", str(prepared), "--out", "tuning"]) == 0
+    assert main(["train", "--data", str(prepared), "--out", "out", "--plots", "plots"]) == 0
+    client = mlflow.MlflowClient()
+    [trial] = [r for r in mlflow.search_runs(experiment_names=["ko-ocr/tune"], output_format="list")
+               if r.info.run_name == "trial-0"]
+    [train] = [r for r in mlflow.search_runs(experiment_names=["ko-ocr/finetune"], output_format="list")
+               if r.info.run_name == "train"]
+    curve = {m.step: m.value for m in client.get_metric_history(trial.info.run_id, "val_word_accuracy")}
+    assert trial.data.metrics["best_val_word_accuracy"] == max(curve.values())
+    # the train run: the scores at the step its best CER was reached, best_val_cer the lowest CER of its curve
+    cer = {m.step: m.value for m in client.get_metric_history(train.info.run_id, "val_cer")}
+    word = {m.step: m.value for m in client.get_metric_history(train.info.run_id, "val_word_accuracy")}
+    kept = int(train.data.metrics["best_step"])
+    assert train.data.metrics["best_val_cer"] == pytest.approx(min(cer.values())) == pytest.approx(cer[kept])
+    assert train.data.metrics["at_best_cer_val_word_accuracy"] == pytest.approx(word[kept])
+    assert "best_val_word_accuracy" not in train.data.metrics
+    # whatever tune.metric is, the name its trials and tune run give their best is a train run's only as best_val_cer
+    assert {f"best_{metric}" for metric in METRICS} & set(train.data.metrics) == {"best_val_cer"}
+
+
 def test_the_study_pictures_name_the_metric_on_their_value_axis(monkeypatch):
     """Was: 'Objective Value' and 'Intermediate Value': a picture of a val_cer study (lower is better)
     looked like one of an e2e_f1 study (higher is better)."""

@@ -304,17 +304,19 @@ def loss_name(config: TrainConfig) -> str:
 def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
     """The numbers of :func:`train`'s summary as the MLflow metrics ``kocr train`` logs once, at the end.
 
-    The kept checkpoint's validation scores (the summary's ``val_cer``, ``val_word_accuracy``, …) are
-    ``best_val_cer``, ``best_val_word_accuracy``, …, as the tune run (``best_val_cer``) and its trials
-    name their best; every other number is ``final_<key>`` (``final_train_seconds``,
-    ``final_val_dropped_<reason>``, ``final_val_n``), a key that says ``best_`` or ``final_`` already
-    keeping its name (``final_loss``, ``best_step``). None of them is a name a per-step series has
-    (``val_cer``, ``images_per_second``). ``averaged_val_*`` is left out: :func:`train` logs it itself.
-    Texts are left out; a flag is 0 or 1.
+    The checkpoint is kept for its validation CER, so its CER (the summary's ``val_cer``) is the lowest
+    reached, ``best_val_cer``: what a tune trial and the tune run call the best ``val_cer`` they reached,
+    one column in the MLflow UI. Its other scores are not the best those scores reached, and a trial
+    tuning on one (``tune.metric: val_word_accuracy``) logs that best as ``best_val_word_accuracy``: here
+    they are ``at_best_cer_val_word_accuracy``, ``at_best_cer_val_norm_ed``, ``at_best_cer_val_loss``.
+    Every other number is ``final_<key>`` (``final_train_seconds``, ``final_val_dropped_<reason>``,
+    ``final_val_n``), a key that says ``best_`` or ``final_`` already keeping its name (``final_loss``,
+    ``best_step``). None of them is a name a per-step series has (``val_cer``, ``images_per_second``).
+    ``averaged_val_*`` is left out: :func:`train` logs it itself. Texts are left out; a flag is 0 or 1.
 
-    >>> summary_metrics({"best_val_cer": 0.1, "val_cer": 0.1, "val_n": 9, "final_loss": 0.5,
-    ...                  "stopped_early": False, "base": "ko_base", "averaged_val_cer": 0.2})
-    {'best_val_cer': 0.1, 'final_val_n': 9.0, 'final_loss': 0.5, 'final_stopped_early': 0.0}
+    >>> summary_metrics({"best_val_cer": 0.1, "val_cer": 0.1, "val_word_accuracy": 0.8, "val_n": 9,
+    ...                  "final_loss": 0.5, "base": "ko_base", "averaged_val_cer": 0.2})
+    {'best_val_cer': 0.1, 'at_best_cer_val_word_accuracy': 0.8, 'final_val_n': 9.0, 'final_loss': 0.5}
     """
     metrics: dict[str, float] = {}
     for key, value in summary.items():
@@ -323,7 +325,9 @@ def summary_metrics(summary: dict[str, Any]) -> dict[str, float]:
         if key.startswith(("best_", "final_")):
             name = key
         elif key.startswith("val_") and key != "val_n" and not key.startswith("val_dropped_"):
-            name = f"best_{key}"  # the best validation's score: the checkpoint kept, not the last validation
+            # the kept checkpoint's scores, not the last validation's: the CER it was kept for is the best
+            # CER reached; the others are that checkpoint's, not the best each reached
+            name = "best_val_cer" if key == "val_cer" else f"at_best_cer_{key}"
         else:
             name = f"final_{key}"
         metrics[name] = float(value)

@@ -555,7 +555,8 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
     failed as stale stops at its next report ("lost"; its retry is already queued). With ``log``, a
     nested MLflow run under the active one holds every knob the trial trained with (:func:`knob_params`;
     tag ``kocr.searched`` names the ones the sampler chose), its curves and its value as ``best_<metric>``
-    (``best_val_cer``).
+    (``best_val_cer``), the best value that metric reached in the trial (a train run's ``best_val_cer``
+    is its too; the train run logs its kept checkpoint's other scores as ``at_best_cer_val_<x>``).
     """
     import mlflow
 
@@ -626,7 +627,10 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
         if run is not None:
             try:
                 if value is not None and math.isfinite(value):
-                    # the name the tune run gives the study's best and a train run its kept checkpoint's
+                    # best_<metric>: the best value the metric reached, as the tune run names the study's best;
+                    # a train run's best_val_cer (its kept checkpoint's, kept for it) is the same thing, and
+                    # its other scores there are at_best_cer_val_<x> (train.summary_metrics): no column of
+                    # the MLflow UI means two things whatever tune.metric is
                     mlflow.log_metric(f"best_{config.metric}", value)
                 mlflow.set_tag("optuna.state", state.name)
             finally:  # the trial's run is ended (and leaves the active-run stack) even if the store is full
