@@ -894,6 +894,10 @@ def _terminate_as_exit() -> Iterator[None]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # keep stage output to progress and results: MLflow reads this once, when it is first imported (by the
+    # imports below: kocr.tracking), so a new store's "Creating initial MLflow database tables" INFO lines
+    # were printed when it was set after them
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     from training.checkpoint import ArchitectureMismatch, ModelSpecError
     from training.data.lmdb_store import LmdbWriteError, SetBusyError
     from training.data.pages import PageError
@@ -909,7 +913,6 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.pixels import large_pages
 
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # keep stage output to progress and results
     try:
         with _terminate_as_exit(), large_pages(f"kocr {args.command}"):  # one line for big scans, not one each
             args.func(args)

@@ -50,10 +50,15 @@ def test_predict_names_an_unreadable_image_in_one_line(tmp_path, capsys):
     assert err[-1] == f"kocr predict: error: {tmp_path / 'one_byte.jpg'}: not a readable image (corrupt, or not an image)"
 
 
-def test_export_of_unknown_model_is_a_one_line_error(tmp_path):
-    # a real process: its first MLflow store is made without MLflow's INFO lines, which main() silences
-    # before MLflow is imported (in pytest's process MLflow is imported already and says them)
+def test_export_of_unknown_model_is_a_one_line_error(tmp_path, monkeypatch):
+    # a real process on a store of its own that does not exist yet: it is made without MLflow's INFO lines,
+    # which main() silences before MLflow is imported (in pytest's process MLflow is imported already and
+    # says them). Was: silenced after kocr.tracking had imported MLflow, so a user's first command printed
+    # "Creating initial MLflow database tables..."; the suite's shared store, made by an earlier test, hid it
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'new.db'}")
+    monkeypatch.delenv("MLFLOW_LOGGING_LEVEL", raising=False)
     done = _kocr("export-easyocr", "--model", "models:/nope@champion", "--out", str(tmp_path / "b"), cwd=tmp_path)
+    assert (tmp_path / "new.db").exists()  # the store was made by this command
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "models:/nope@champion" in done.stderr
 
