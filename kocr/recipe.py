@@ -34,7 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kocr.atomic import atomic_path, file_sha256, write_text
+from kocr.atomic import atomic_path, file_sha256, named_disk_errors, write_text
 from kocr.params import check_keys, load_params, name_list, paths_by_name, section, typed
 
 HELDOUT = "heldout"
@@ -85,14 +85,22 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
     # written beside ``out`` and moved in whole: a kill or a full disk leaves no half set under its name
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        with (tmp / "labels.tsv").open("w", encoding="utf-8", newline="") as fh:
-            fh.write(tsv_row(["image", "text", "font"], str(out / "labels.tsv")))
-            for i in tqdm(range(len(dataset)), desc="export-crops", unit="crop"):
-                image, label = dataset[i]
-                name = f"{i + 1:06d}.png"
-                if not cv2.imwrite(str(tmp / name), image):
-                    raise OSError(f"{out / name}: could not write the image")
-                fh.write(tsv_row([name, label, fonts.get(i + 1, "")], f"{lmdb_dir} sample {i + 1}"))
+        rows = [tsv_row(["image", "text", "font"], str(out / "labels.tsv"))]
+        for i in tqdm(range(len(dataset)), desc="export-crops", unit="crop"):
+            image, label = dataset[i]
+            name = f"{i + 1:06d}.png"
+            # encoded in memory, then written by Python, which raises on a short write: cv2.imwrite
+            # ignores one in the last bytes it buffered, so a file-size limit (ulimit -f) or a disk
+            # that filled left a crop cut short, reported written, in a set published as whole
+            ok, png = cv2.imencode(".png", image)
+            if not ok:
+                raise OSError(f"{out / name}: could not encode the image")
+            with named_disk_errors(out / name):  # a full disk names the crop, not the hidden folder
+                (tmp / name).write_bytes(png.tobytes())
+            rows.append(tsv_row([name, label, fonts.get(i + 1, "")], f"{lmdb_dir} sample {i + 1}"))
+        with named_disk_errors(out / "labels.tsv"), (tmp / "labels.tsv").open("w", encoding="utf-8",
+                                                                              newline="") as fh:
+            fh.write("".join(rows))
         if out.exists():
             shutil.rmtree(out)
     return len(dataset)

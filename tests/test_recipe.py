@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -221,22 +222,55 @@ def test_export_crops_writes_every_sample_with_its_label_and_font(heldout_crops)
 
 
 def test_export_crops_that_fail_midway_keep_the_earlier_crops_whole(heldout_crops, tmp_path, monkeypatch):
-    import cv2
-
     out = tmp_path / "crops"
     shutil.copytree(heldout_crops / "crops", out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     written = []
+    write_bytes = Path.write_bytes
 
-    def imwrite_until_full(path, image):  # the fourth crop meets a full disk
+    def write_until_full(path, data):  # the fourth crop meets a full disk half-way
         written.append(path)
-        return len(written) < 4 and cv2.imencode(".png", image)[0] and Path(path).write_bytes(b"png") > 0
+        if len(written) < 4:
+            return write_bytes(path, data)
+        write_bytes(path, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(cv2, "imwrite", imwrite_until_full)
-    with pytest.raises(OSError, match="000004.png: could not write"):
+    monkeypatch.setattr(Path, "write_bytes", write_until_full)
+    with pytest.raises(OSError, match="No space left on device") as raised:
         export_crops(heldout_crops / "lmdb", out)
+    assert raised.value.filename == str(out / "000004.png")  # named as published, not in the hidden folder
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]  # nothing half-written left beside it
+
+
+CROPS_UNDER_A_LIMIT = """
+import resource, sys
+from kocr.recipe import export_crops
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))  # ulimit -f
+try:
+    export_crops(sys.argv[1], sys.argv[2])
+except OSError as exc:
+    print(exc.errno, exc.filename)
+"""
+
+
+def test_a_crop_cut_short_by_a_file_size_limit_fails_naming_it_and_publishes_nothing(heldout_crops, tmp_path):
+    """Was: cv2.imwrite ignores a short write of the last bytes it buffered (fclose's error goes unread),
+    so under ``ulimit -f`` (or on a disk that filled) a crop cut at the limit was reported written and
+    the set published with a PNG that ends half-way."""
+    out = tmp_path / "crops"
+    shutil.copytree(heldout_crops / "crops", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    largest = max(out.glob("*.png"), key=lambda p: p.stat().st_size)
+    limit = largest.stat().st_size - 1  # every file fits but the largest crop, short of its last byte
+    assert sorted(p.stat().st_size for p in out.iterdir())[-2] < limit
+    done = subprocess.run([sys.executable, "-c", CROPS_UNDER_A_LIMIT, str(heldout_crops / "lmdb"), str(out),
+                           str(limit)], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1],
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(errno.EFBIG), str(largest)]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier crops, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]
 
 
 def test_generated_sets_draw_their_worst_crops_and_real_sets_every_crop(heldout_crops, hangul_checkpoint, tmp_path):
