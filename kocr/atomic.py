@@ -262,7 +262,9 @@ def replaced_folder(out: str | os.PathLike) -> Iterator[Path]:
     """Yield a new, empty folder for one run's whole output (files and subfolders); when the block
     ends without error it takes the place of ``out`` and the earlier run's folder is removed, so
     ``out`` never mixes two runs (a model, page or picture the new run did not write is gone with
-    the old folder). When the block fails, ``out`` is left as it was. The folder always exists
+    the old folder). When the block fails, ``out`` is left as it was, and so it is when an exception
+    (SIGTERM or Ctrl-C, which ``kocr`` turns into one) lands between moving the earlier folder aside
+    and moving the new one in: the earlier one is put back. The folder always exists
     after a successful run, empty if nothing was written (DVC wants declared outputs)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -273,10 +275,17 @@ def replaced_folder(out: str | os.PathLike) -> Iterator[Path]:
         with _named_as_published(stage, out):
             yield stage
         old = out.parent / _temp_name(out.name + ".old")
-        if out.exists() or out.is_symlink():
-            os.replace(out, old)
-        os.replace(stage, out)
-        shutil.rmtree(old, ignore_errors=True)
+        try:
+            if out.exists() or out.is_symlink():
+                os.replace(out, old)
+            os.replace(stage, out)
+        except BaseException:  # the new folder is not in: put the earlier one back (a hidden .old is swept)
+            if stage.exists() and (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
+                os.replace(old, out)
+            raise
+        finally:
+            if not stage.exists():  # the new folder is in, also when an exception lands right after
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -213,6 +213,31 @@ def test_a_replaced_folder_holds_only_the_new_run_and_a_failed_run_keeps_the_old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["none_drawn", "worst_pages"]  # no staging left
 
 
+def test_a_kill_between_the_two_renames_of_a_replaced_folder_puts_the_earlier_one_back(tmp_path: Path,
+                                                                                          monkeypatch) -> None:
+    """Was: a SIGTERM (an exit in ``kocr``) right after the earlier folder was moved aside left no ``out``
+    at all, the earlier run in a hidden ``.old`` folder that the next write swept away."""
+    out = tmp_path / "bundle"
+    out.mkdir()
+    (out / "a.txt").write_text("old", encoding="utf-8")
+    real_replace = os.replace
+    for kill_after, expected in ((1, "old"), (2, "new")):
+        renames = []
+
+        def killed(src, dst, *args, **kwargs):  # SIGTERM lands right after this rename
+            real_replace(src, dst, *args, **kwargs)
+            renames.append(dst)
+            if len(renames) == kill_after:
+                raise SystemExit(143)
+
+        monkeypatch.setattr(os, "replace", killed)
+        with pytest.raises(SystemExit), replaced_folder(out) as stage:
+            (stage / "a.txt").write_text("new", encoding="utf-8")
+        monkeypatch.setattr(os, "replace", real_replace)
+        assert (out / "a.txt").read_text(encoding="utf-8") == expected  # 1: moved aside and back; 2: swapped
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or .old folder left
+
+
 def test_a_full_disk_inside_a_staging_folder_names_the_file_as_it_would_be_published(tmp_path: Path) -> None:
     """Was: ``kocr evaluate`` on a disk that filled named the picture it was writing inside its hidden
     staging folder (``outputs/.worst_pages.TAG-PID.HEX.tmp/base/01_p.png``), gone by the time it is read."""
