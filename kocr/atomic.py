@@ -73,6 +73,11 @@ def _abandoned(entry: os.DirEntry, tag: str, pid: int) -> bool:
         return False
 
 
+def temporary_name(name: str) -> bool:
+    """Whether ``name`` is one the writers here give their temporary folders (``.NAME.TAG-PID.HEX.tmp``)."""
+    return _TEMP.match(name) is not None
+
+
 def sweep_stale(folder: str | os.PathLike, prefix: str = "") -> int:
     """Remove the temporary folders of writers in ``folder`` that have ended; returns how many.
 

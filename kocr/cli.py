@@ -488,7 +488,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     from evaluation.evaluate import EvaluateConfig
     from training.checkpoint import load_recognizer, pinned_model
-    from training.export_easyocr import check_langs, export_easyocr
+    from training.export_easyocr import check_langs, check_out, export_easyocr
 
     if args.parity_source and not args.splits:  # else nothing would be checked, reported as agreeing
         raise CommandError("--parity-source needs --splits: the splits.json whose "
@@ -499,6 +499,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     langs = export.get("lang_list", ["ko", "en"])
     check_langs(langs)  # before the model loads: a mistake in params costs no download
     name = args.name or typed("export.name", export.get("name", "ko_ocr"), str)
+    check_out(args.out, name)  # a folder the export would not replace: refused before the model loads
     settings = _settings(params)
     split = EvaluateConfig.from_params(params).split if args.parity_source else "test"
     spec, version = pinned_model(args.model)

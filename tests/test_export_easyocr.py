@@ -289,3 +289,90 @@ def test_an_export_that_fails_part_way_leaves_the_earlier_bundle_whole(hangul_ch
     with pytest.raises(OSError) as info:
         export_easyocr("ko_base", out, "ko_partway")
     assert info.value.filename == str(out / "model" / "ko_partway.pth")  # was: README.md, the last one staged
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_kill_while_the_bundle_is_published_leaves_the_earlier_bundle_or_the_new_one(hangul_checkpoint, tmp_path,
+                                                                                       monkeypatch):
+    """Was: each file was renamed in on its own, so a SIGTERM (an exit in kocr) after the README's rename
+    left the new README and yaml beside the earlier export's weights: a bundle that loads one model
+    under another's provenance."""
+    import os
+
+    new = tmp_path / "new"
+    export_easyocr("ko_base", new, "ko_kill", with_detector=True)
+    real_replace = os.replace
+    for kill_after in range(1, 10):
+        out = tmp_path / f"bundle{kill_after}"
+        export_easyocr(str(hangul_checkpoint), out, "ko_kill")
+        before = _files(out)
+        renames = []
+
+        def killed(src, dst, *args, **kwargs):  # SIGTERM lands right after this rename
+            real_replace(src, dst, *args, **kwargs)
+            renames.append(dst)
+            if len(renames) == kill_after:
+                raise SystemExit(143)
+
+        monkeypatch.setattr(os, "replace", killed)
+        try:
+            export_easyocr("ko_base", out, "ko_kill", with_detector=True)
+        except SystemExit:
+            pass
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+        after = _files(out)
+        assert after in (before, _files(new)), f"killed after rename {kill_after} of {len(renames)}"
+        if len(renames) < kill_after:  # the export ended before this kill: every point was tried
+            assert after == _files(new)
+            break
+    else:
+        raise AssertionError("the export never finished")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nothing hidden left beside
+
+
+def test_a_folder_holding_more_than_the_bundle_is_refused_never_replaced(hangul_checkpoint, tmp_path,
+                                                                          monkeypatch):
+    """The export replaces its folder whole: a folder with other files (stock models in ~/.EasyOCR,
+    another bundle, a project's README) is refused before anything is written; one holding the same
+    bundle, with the __pycache__ EasyOCR's import of NAME.py leaves, is replaced."""
+    from kocr.atomic import OutFolderError
+
+    out = tmp_path / "bundle"
+    export_easyocr(str(hangul_checkpoint), out, "ko_own", with_detector=True)
+    (out / "user_network" / "__pycache__").mkdir()
+    (out / "user_network" / "__pycache__" / "ko_own.cpython-311.pyc").write_bytes(b"compiled")
+    export_easyocr("ko_base", out, "ko_own")  # replaced whole: no detector, no stale bytecode
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "README.md", "model/ko_own.pth", "user_network/ko_own.py", "user_network/ko_own.yaml"]
+    before = _files(out)
+    for extra in ("model/korean_g2.pth", "notes.txt", "user_network/other.yaml"):
+        (out / extra).write_bytes(b"keep me")
+        with pytest.raises(OutFolderError, match=f"holds '{extra}' \\(1 such\\), which an export of ko_own"):
+            export_easyocr(str(hangul_checkpoint), out, "ko_own")
+        assert _files(out) == {**before, Path(extra): b"keep me"}
+        (out / extra).unlink()
+    with pytest.raises(OutFolderError, match="holds 'model/ko_own.pth'"):  # another bundle's folder
+        export_easyocr(str(hangul_checkpoint), out, "ko_other")
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(OutFolderError, match="a symbolic link"):
+        export_easyocr(str(hangul_checkpoint), tmp_path / "link", "ko_own")
+    (tmp_path / "models").mkdir()
+    (out / "model").rename(tmp_path / "models" / "model")
+    (out / "model").symlink_to(tmp_path / "models" / "model")  # model/ kept on another disk
+    with pytest.raises(OutFolderError, match="holds 'model'"):
+        export_easyocr(str(hangul_checkpoint), out, "ko_own")
+    (out / "model").unlink()
+    (tmp_path / "models" / "model").rename(out / "model")
+    monkeypatch.chdir(out / "model")
+    with pytest.raises(OutFolderError, match="the working folder"):
+        export_easyocr(str(hangul_checkpoint), out, "ko_own")
+    assert _files(out) == before
+    monkeypatch.chdir(tmp_path)
+    cached = (out / "model" / "ko_own.pth").rename(tmp_path / "cached.pth")
+    (out / "model" / "ko_own.pth").symlink_to(cached)  # as `dvc checkout` links files from its cache
+    export_easyocr(str(hangul_checkpoint), out, "ko_own")
+    assert not (out / "model" / "ko_own.pth").is_symlink() and cached.read_bytes() == before[Path("model/ko_own.pth")]

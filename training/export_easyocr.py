@@ -8,13 +8,15 @@ user_network_directory=DIR/user_network, recog_network=NAME)`` reads)::
     DIR/user_network/NAME.yaml      network_params, imgH, lang_list, character_list
     DIR/README.md                   where to copy the files
 
+``DIR`` holds one bundle: it is written beside ``DIR`` and takes its place in one rename, so a kill
+never leaves a bundle mixing two exports; a ``DIR`` holding anything else is refused (``check_out``).
+
 Example:
     >>> export_easyocr("models:/ko-ocr-recognizer@champion", "models/easyocr", "ko_ocr")  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 import shutil
@@ -24,7 +26,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from kocr.atomic import atomic_path, named_disk_errors
+from kocr.atomic import OutFolderError, named_disk_errors, replaced_folder, temporary_name
 from kocr.easyocr_compat import import_easyocr, offline_model_dir
 from training import model as model_module
 from training.checkpoint import LoadedRecognizer, load_recognizer
@@ -63,6 +65,15 @@ def network_source() -> str:
     return inspect.getsource(model_module) + _ADAPTER
 
 
+DETECTOR = "craft_mlt_25k.pth"  # EasyOCR's CRAFT weights, copied in by ``with_detector``
+
+
+def _bundle_paths(name: str) -> dict[str, Path]:
+    """The bundle's own files, relative to its folder."""
+    return {"pth": Path("model", f"{name}.pth"), "py": Path("user_network", f"{name}.py"),
+            "yaml": Path("user_network", f"{name}.yaml"), "readme": Path("README.md")}
+
+
 def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: str,
                    lang_list: Sequence[str] = ("ko", "en"), with_detector: bool = False,
                    readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None) -> dict[str, str]:
@@ -74,40 +85,78 @@ def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: 
     """
     check_bundle_name(name)
     check_langs(lang_list)
+    check_out(out, name)  # before the model loads
     loaded = load_recognizer(model) if isinstance(model, str) else model
     check_exportable(loaded)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out}: exists and is not a folder")
     provenance = provenance or loaded.source
-    model_dir, network_dir = out / "model", out / "user_network"
-    for folder in (model_dir, network_dir):
-        folder.mkdir(parents=True, exist_ok=True)
     state = {f"module.{k}": v.detach().cpu() for k, v in loaded.model.state_dict().items()}
-    paths = {"pth": model_dir / f"{name}.pth", "py": network_dir / f"{name}.py",
-             "yaml": network_dir / f"{name}.yaml", "readme": out / "README.md"}
+    paths = {key: out / rel for key, rel in _bundle_paths(name).items()}
     config = {"network_params": loaded.config.network_params(), "imgH": loaded.config.imgH,
               "lang_list": list(lang_list), "character_list": loaded.charset.chars}
-    # every file written under a temporary name first and all renamed in at the end: a kill or a full
-    # disk never leaves a new .pth beside an earlier export's yaml and README (a bundle that fails to
-    # load, or loads under another model's provenance); other files in --out are left alone
+    # the whole bundle written in a folder beside --out, which it replaces in one rename: a kill or a
+    # full disk never leaves a new .pth beside an earlier export's yaml and README (a bundle that fails
+    # to load, or loads under another model's provenance); renaming the files in one after another did
     texts = {"py": network_source(),
              "yaml": f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n"
                      + yaml.safe_dump(config, allow_unicode=True, sort_keys=False),
              "readme": _readme(name, lang_list, loaded, readtext_kwargs or {}, provenance)}
-    with contextlib.ExitStack() as stack:
-        tmp = {key: stack.enter_context(atomic_path(path)) for key, path in paths.items()}
+    with replaced_folder(out) as stage:
+        tmp = {key: stage / rel for key, rel in _bundle_paths(name).items()}
+        for folder in ("model", "user_network"):
+            (stage / folder).mkdir()
         with named_disk_errors(paths["pth"], tmp["pth"]):  # each write names its own file on a full disk
             torch.save(state, tmp["pth"])
         for key, text in texts.items():
             with named_disk_errors(paths[key], tmp[key]):
                 tmp[key].write_text(text, encoding="utf-8")
         if with_detector:
-            craft = model_dir / "craft_mlt_25k.pth"
-            staged = stack.enter_context(atomic_path(craft))
-            with named_disk_errors(craft, staged):
-                shutil.copy2(Path(offline_model_dir()) / "craft_mlt_25k.pth", staged)
+            with named_disk_errors(out / "model" / DETECTOR, stage / "model" / DETECTOR):
+                shutil.copy2(Path(offline_model_dir()) / DETECTOR, stage / "model" / DETECTOR)
     return {k: str(v) for k, v in paths.items()}
+
+
+def check_out(out: str | os.PathLike, name: str) -> None:
+    """``OutFolderError`` unless ``out`` is new or holds a bundle ``name`` and nothing else, since the
+    export replaces the folder whole: its files, ``model/craft_mlt_25k.pth``, the ``__pycache__`` that
+    EasyOCR's import of ``NAME.py`` leaves, and what a killed writer left (``kocr.atomic``). Anything
+    else (another bundle, stock models in ``~/.EasyOCR``, a project's README) would be deleted, and a
+    linked ``out``, ``model`` or ``user_network`` would be replaced by a folder; those are refused,
+    as is the working folder (``--out .``)."""
+    out = Path(out)
+    if out.is_symlink():  # replacing the folder would replace the link, not write where it points
+        raise OutFolderError(f"--out {out}: a symbolic link (to {os.readlink(out)}); give the folder itself, "
+                             "or a new path")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out}: exists and is not a folder")
+    if Path.cwd().resolve().is_relative_to(out.resolve()):
+        raise OutFolderError(f"--out {out}: the working folder (or one above it), which the export would replace "
+                             f"whole; give a new folder, e.g. {out / 'easyocr'}")
+    own = {rel.as_posix() for rel in _bundle_paths(name).values()} | {f"model/{DETECTOR}"}
+    folders = ("model", "user_network", "user_network/__pycache__")
+
+    def ours(rel: str, is_dir: bool) -> bool:
+        if is_dir:
+            return rel in folders
+        folder, _, file = rel.rpartition("/")
+        return rel in own or (folder == folders[2] and file.startswith(f"{name}.") and file.endswith(".pyc"))
+
+    foreign = []
+    for folder, dirs, files in os.walk(out):  # a linked folder is listed, not entered
+        here = Path(folder).relative_to(out)
+        for entry in sorted(dirs + files):
+            if temporary_name(entry):
+                continue  # a killed writer's, gone with the folder
+            linked_folder = entry in dirs and Path(folder, entry).is_symlink()  # a linked file goes, not its target
+            if linked_folder or not ours((here / entry).as_posix(), entry in dirs):
+                foreign.append((here / entry).as_posix())
+        dirs[:] = [d for d in dirs if ours((here / d).as_posix(), True) and not Path(folder, d).is_symlink()]
+    if foreign:
+        raise OutFolderError(f"--out {out}: holds {foreign[0]!r} ({len(foreign)} such), which an export of "
+                             f"{name} does not write, and the export replaces the folder whole; give a new "
+                             "folder, then copy the bundle's files where you want them (its README says how)")
 
 
 def check_bundle_name(name: str) -> None:
