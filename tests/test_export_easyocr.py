@@ -345,9 +345,15 @@ def test_a_folder_holding_more_than_the_bundle_is_refused_never_replaced(hangul_
     export_easyocr(str(hangul_checkpoint), out, "ko_own", with_detector=True)
     (out / "user_network" / "__pycache__").mkdir()
     (out / "user_network" / "__pycache__" / "ko_own.cpython-311.pyc").write_bytes(b"compiled")
-    export_easyocr("ko_base", out, "ko_own")  # replaced whole: no detector, no stale bytecode
+    craft = (out / "model" / "craft_mlt_25k.pth").read_bytes()
+    export_easyocr("ko_base", out, "ko_own")  # replaced whole: no stale bytecode; the detector it held is kept
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "README.md", "model/ko_own.pth", "user_network/ko_own.py", "user_network/ko_own.yaml"]
+        "README.md", "model/craft_mlt_25k.pth", "model/ko_own.pth", "user_network/ko_own.py",
+        "user_network/ko_own.yaml"]
+    assert (out / "model" / "craft_mlt_25k.pth").read_bytes() == craft  # the Reader still finds CRAFT offline
+    (out / "model" / "craft_mlt_25k.pth").unlink()
+    export_easyocr("ko_base", out, "ko_own")
+    assert not (out / "model" / "craft_mlt_25k.pth").exists()  # none is added without --with-detector
     before = _files(out)
     for extra in ("model/korean_g2.pth", "notes.txt", "user_network/other.yaml"):
         (out / extra).write_bytes(b"keep me")

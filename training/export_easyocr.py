@@ -110,9 +110,12 @@ def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: 
         for key, text in texts.items():
             with named_disk_errors(paths[key], tmp[key]):
                 tmp[key].write_text(text, encoding="utf-8")
-        if with_detector:
+        # the CRAFT weights: copied in by --with-detector, else kept when the folder held them (the
+        # README says model_storage_directory must hold them: a user may have put them there by hand)
+        detector = Path(offline_model_dir()) / DETECTOR if with_detector else out / "model" / DETECTOR
+        if with_detector or detector.is_file():
             with named_disk_errors(out / "model" / DETECTOR, stage / "model" / DETECTOR):
-                shutil.copy2(Path(offline_model_dir()) / DETECTOR, stage / "model" / DETECTOR)
+                shutil.copy2(detector, stage / "model" / DETECTOR)
     return {k: str(v) for k, v in paths.items()}
 
 
