@@ -234,11 +234,15 @@ def staged_files(out: str | os.PathLike, earlier: Callable[[str], bool]) -> Iter
     """Yield a staging folder for one run's files; on success they replace the earlier run's in ``out``.
 
     Files are written into a hidden folder inside ``out`` (so the final renames cannot fail for
-    want of space). When the block ends without error, each staged file is renamed into ``out`` and
-    files of an earlier run that this one did not write (names ``earlier`` accepts) are removed, so
-    ``out`` never mixes two runs. When it fails, ``out`` keeps the earlier run whole and the staging
-    folder is removed. A name the run writes that is a folder in ``out`` is refused before anything
-    in ``out`` changes. Other files in ``out`` are left alone.
+    want of space). When the block ends without error, the earlier run's files (names ``earlier``
+    accepts, and any file the new run replaces) are moved aside into a second hidden folder, each
+    staged file is renamed into ``out``, and the earlier files are removed, so ``out`` never mixes
+    two runs. When the block fails, ``out`` keeps the earlier run whole and the staging folder is
+    removed; so it does when an exception (SIGTERM or Ctrl-C, which ``kocr`` turns into one) lands
+    among the renames: the files moved in are taken out and the earlier ones put back. A name the
+    run writes that is a folder in ``out`` is refused before anything in ``out`` changes. Other
+    files in ``out`` are left alone (so the folder cannot be replaced whole, as ``replaced_folder``
+    does). A SIGKILL among the renames cannot be undone: the earlier files it left aside are swept.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -253,13 +257,35 @@ def staged_files(out: str | os.PathLike, earlier: Callable[[str], bool]) -> Iter
         if blocked:
             raise IsADirectoryError(f"{out / blocked[0]}: a folder where this run writes a file; the earlier "
                                     "run's files are unchanged")
-        for old in out.iterdir():
-            if old.name not in written and old.is_file() and earlier(old.name):
-                old.unlink()
-        for name in written:
-            os.replace(stage / name, out / name)
+        names = set(written)
+        aside = [old.name for old in out.iterdir()
+                 if (old.name in names and (old.is_file() or old.is_symlink()))
+                 or (old.name not in names and old.is_file() and earlier(old.name))]
+        backup = out / _temp_name("staging.old")  # a killed writer's is swept (sweep_stale)
+        backup.mkdir()
+        try:
+            for name in aside:
+                os.replace(out / name, backup / name)
+            for name in written:
+                os.replace(stage / name, out / name)
+        except BaseException:  # not all in: take the new files out, put the earlier ones back
+            _put_back(stage, out, backup, written)
+            raise
+        finally:
+            shutil.rmtree(backup, ignore_errors=True)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _put_back(stage: Path, out: Path, backup: Path, written: list[str]) -> None:
+    """Undo ``staged_files``' renames. The folders, not a count of the renames done, say where each
+    file is (the exception may land just after a rename): a staged name gone from ``stage`` was
+    moved into ``out`` and is taken out again, and whatever ``backup`` holds goes back to ``out``."""
+    for name in written:
+        if not (stage / name).exists() and not (stage / name).is_symlink():
+            (out / name).unlink(missing_ok=True)
+    for name in os.listdir(backup):
+        os.replace(backup / name, out / name)
 
 
 @contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -175,6 +176,54 @@ def test_staged_files_refuse_a_folder_in_the_way_before_touching_the_earlier_run
         (stage / "b.txt").write_text("second")
     assert (out / "a.txt").read_text() == "first" and (out / "b.txt").is_dir()
     assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("lands", ["after", "instead of"])
+def test_a_kill_among_the_renames_of_staged_files_leaves_the_whole_earlier_run_or_the_whole_new(
+        tmp_path: Path, monkeypatch, lands: str) -> None:
+    """Was: the staged files were renamed into ``out`` one after another once the earlier run's extra
+    files had been removed, so a SIGTERM (an exit in ``kocr``) or Ctrl-C between two renames left the
+    new readings.tsv beside the earlier run's confusions.json, and the earlier worst_02.png gone."""
+    from kocr.atomic import staged_files
+
+    out = tmp_path / "out"
+    earlier = {"readings.tsv": "old", "confusions.json": "old", "worst_01.png": "old", "worst_02.png": "old"}
+    new = {"readings.tsv": "new", "confusions.json": "new", "worst_01.png": "new", "scores.json": "new"}
+    real_replace = os.replace
+    for kill_at in range(1, 20):
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        (out / "notes.md").write_text("mine", encoding="utf-8")  # not a run's: left alone
+        for name, text in earlier.items():
+            (out / name).write_text(text, encoding="utf-8")
+        renames = []
+
+        def killed(src, dst, *args, **kwargs):  # SIGTERM lands just after (or before) the kill_at-th rename
+            renames.append(dst)
+            if lands == "after":
+                real_replace(src, dst, *args, **kwargs)
+            if len(renames) == kill_at:
+                raise SystemExit(143)
+            if lands != "after":
+                real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(os, "replace", killed)
+        try:
+            with staged_files(out, lambda name: name != "notes.md") as stage:
+                for name, text in new.items():
+                    (stage / name).write_text(text, encoding="utf-8")
+        except SystemExit:
+            interrupted = True
+        else:
+            interrupted = False
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+        found = {p.name: p.read_text(encoding="utf-8") for p in out.iterdir()}
+        assert found.pop("notes.md") == "mine"
+        assert found == (earlier if interrupted else new), f"killed at rename {kill_at}"
+        if not interrupted:
+            break
+    assert kill_at > len(earlier) + len(new)  # every rename was interrupted once
 
 
 def test_another_containers_leftovers_wait_a_week_since_its_pids_mean_nothing_here(tmp_path: Path) -> None:
