@@ -232,6 +232,38 @@ def test_faces_cut_to_the_charset_draw_the_same_set_byte_for_byte(tmp_path):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "cut-set" / name).read_bytes(), name
 
 
+CUT_FONT_UNDER_A_LIMIT = """
+import resource, sys
+from training.data.fonts import subset_font
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[3]), resource.RLIM_INFINITY))  # ulimit -f
+try:
+    subset_font(sys.argv[1], sys.argv[2], "가나다라마바사 ")
+except OSError as exc:
+    print(exc.errno, exc.filename)
+"""
+
+
+def test_a_font_cut_short_by_a_file_size_limit_fails_naming_it_and_leaves_the_earlier_file(tmp_path):
+    """Was: under ``ulimit -f`` (or on a disk that filled) fontTools' save raised EFBIG naming no file
+    and left the font cut at the limit under ``dst``, where synth-lines' ``font_dirs`` would pick it up."""
+    import errno
+    import subprocess
+    import sys
+
+    src = find_fonts(["NanumMyeongjo.ttf"])[0].path
+    whole = tmp_path / "whole.ttf"
+    subset_font(src, whole, "가나다라마바사 ")
+    dst = tmp_path / "cut" / "NanumMyeongjo.ttf"
+    dst.parent.mkdir()
+    dst.write_bytes(b"an earlier cut")
+    limit = whole.stat().st_size // 2
+    done = subprocess.run([sys.executable, "-c", CUT_FONT_UNDER_A_LIMIT, src, str(dst), str(limit)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == [str(errno.EFBIG), str(dst)]
+    assert dst.read_bytes() == b"an earlier cut" and [p.name for p in dst.parent.iterdir()] == [dst.name]
+
+
 # -- glyph coverage ----------------------------------------------------------------------------
 
 def test_string_is_never_drawn_in_a_font_missing_a_glyph(tmp_path):

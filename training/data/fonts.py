@@ -19,6 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from kocr.atomic import atomic_path
+
 FONT_EXTENSIONS = (".ttf", ".otf", ".ttc", ".otc")
 DEFAULT_FONT_DIRS = ("/usr/share/fonts",)
 
@@ -171,7 +173,9 @@ def subset_font(src: str | os.PathLike, dst: str | os.PathLike, text: str) -> No
     Layout tables, hinting and names are kept, and bounding boxes and side bearings are not
     recomputed, so FreeType draws each of those glyphs pixel for pixel as from ``src``
     (recomputed bounds move a glyph whose stored side bearing differs from its outline's).
-    Hangul faces shrink ~10x for the 1,008 characters of korean_g2.
+    Hangul faces shrink ~10x for the 1,008 characters of korean_g2. The file is written whole or
+    not at all (``kocr.atomic.atomic_path``): a full disk or a file-size limit raises an ``OSError``
+    naming ``dst`` and leaves ``dst`` as it was.
     """
     import logging
 
@@ -189,9 +193,10 @@ def subset_font(src: str | os.PathLike, dst: str | os.PathLike, text: str) -> No
         subsetter.subset(font)
         return font
 
-    if Path(src).suffix.lower() in (".ttc", ".otc"):
-        collection = TTCollection(str(src), recalcBBoxes=False)
-        collection.fonts = [cut(font) for font in collection.fonts]
-        collection.save(str(dst))
-    else:
-        cut(TTFont(str(src), recalcBBoxes=False)).save(str(dst))
+    with atomic_path(dst) as tmp:  # a full disk or a size limit (ulimit -f) leaves no cut font at dst
+        if Path(src).suffix.lower() in (".ttc", ".otc"):
+            collection = TTCollection(str(src), recalcBBoxes=False)
+            collection.fonts = [cut(font) for font in collection.fonts]
+            collection.save(str(tmp))
+        else:
+            cut(TTFont(str(src), recalcBBoxes=False)).save(str(tmp))
