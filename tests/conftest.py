@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -54,6 +55,30 @@ def permissions_bind(cmd: list[str]) -> list[str]:
     if capsh is None:
         pytest.skip("running as root without capsh: a file's permissions do not stop root reading it")
     return [capsh, "--drop=cap_dac_override,cap_dac_read_search", "--", "-c", shlex.join(cmd)]
+
+
+@contextlib.contextmanager
+def interrupted_rename(monkeypatch, at: int, lands: str = "after") -> Iterator[list]:
+    """For the block, ``os.replace`` raises SystemExit(143) (a SIGTERM, which ``kocr`` turns into an exit)
+    just after its ``at``-th call (``lands="after"``) or instead of it; yields the destinations of the
+    calls made so far. ``os.replace`` is itself again when the block ends."""
+    real = os.replace
+    renames: list = []
+
+    def replace(src, dst, *args, **kwargs):
+        renames.append(dst)
+        if lands == "after":
+            real(src, dst, *args, **kwargs)
+        if len(renames) == at:
+            raise SystemExit(143)
+        if lands != "after":
+            real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    try:
+        yield renames
+    finally:
+        monkeypatch.setattr(os, "replace", real)
 
 
 @pytest.fixture(autouse=True)

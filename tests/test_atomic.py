@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from kocr.atomic import FOREIGN_AGE_S, _namespace_tag, atomic_path, replaced_folder, write_bytes, write_json
+from tests.conftest import interrupted_rename
 from training.data import synth_pages
 from training.data.contact_sheet import write_sheet
 from training.data.fonts import find_fonts
@@ -189,35 +190,21 @@ def test_a_kill_among_the_renames_of_staged_files_leaves_the_whole_earlier_run_o
     out = tmp_path / "out"
     earlier = {"readings.tsv": "old", "confusions.json": "old", "worst_01.png": "old", "worst_02.png": "old"}
     new = {"readings.tsv": "new", "confusions.json": "new", "worst_01.png": "new", "scores.json": "new"}
-    real_replace = os.replace
     for kill_at in range(1, 20):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir()
         (out / "notes.md").write_text("mine", encoding="utf-8")  # not a run's: left alone
         for name, text in earlier.items():
             (out / name).write_text(text, encoding="utf-8")
-        renames = []
-
-        def killed(src, dst, *args, **kwargs):  # SIGTERM lands just after (or before) the kill_at-th rename
-            renames.append(dst)
-            if lands == "after":
-                real_replace(src, dst, *args, **kwargs)
-            if len(renames) == kill_at:
-                raise SystemExit(143)
-            if lands != "after":
-                real_replace(src, dst, *args, **kwargs)
-
-        monkeypatch.setattr(os, "replace", killed)
-        try:
-            with staged_files(out, lambda name: name != "notes.md") as stage:
+        try:  # SIGTERM lands just after (or instead of) the kill_at-th rename
+            with interrupted_rename(monkeypatch, kill_at, lands), \
+                    staged_files(out, lambda name: name != "notes.md") as stage:
                 for name, text in new.items():
                     (stage / name).write_text(text, encoding="utf-8")
         except SystemExit:
             interrupted = True
         else:
             interrupted = False
-        finally:
-            monkeypatch.setattr(os, "replace", real_replace)
         found = {p.name: p.read_text(encoding="utf-8") for p in out.iterdir()}
         assert found.pop("notes.md") == "mine"
         assert found == (earlier if interrupted else new), f"killed at rename {kill_at}"
@@ -269,20 +256,9 @@ def test_a_kill_between_the_two_renames_of_a_replaced_folder_puts_the_earlier_on
     out = tmp_path / "bundle"
     out.mkdir()
     (out / "a.txt").write_text("old", encoding="utf-8")
-    real_replace = os.replace
-    for kill_after, expected in ((1, "old"), (2, "new")):
-        renames = []
-
-        def killed(src, dst, *args, **kwargs):  # SIGTERM lands right after this rename
-            real_replace(src, dst, *args, **kwargs)
-            renames.append(dst)
-            if len(renames) == kill_after:
-                raise SystemExit(143)
-
-        monkeypatch.setattr(os, "replace", killed)
-        with pytest.raises(SystemExit), replaced_folder(out) as stage:
+    for kill_after, expected in ((1, "old"), (2, "new")):  # SIGTERM lands right after this rename
+        with pytest.raises(SystemExit), interrupted_rename(monkeypatch, kill_after), replaced_folder(out) as stage:
             (stage / "a.txt").write_text("new", encoding="utf-8")
-        monkeypatch.setattr(os, "replace", real_replace)
         assert (out / "a.txt").read_text(encoding="utf-8") == expected  # 1: moved aside and back; 2: swapped
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or .old folder left
 

@@ -300,30 +300,19 @@ def test_a_kill_while_the_bundle_is_published_leaves_the_earlier_bundle_or_the_n
     """Was: each file was renamed in on its own, so a SIGTERM (an exit in kocr) after the README's rename
     left the new README and yaml beside the earlier export's weights: a bundle that loads one model
     under another's provenance."""
-    import os
+    from tests.conftest import interrupted_rename
 
     new = tmp_path / "new"
     export_easyocr("ko_base", new, "ko_kill", with_detector=True)
-    real_replace = os.replace
     for kill_after in range(1, 10):
         out = tmp_path / f"bundle{kill_after}"
         export_easyocr(str(hangul_checkpoint), out, "ko_kill")
         before = _files(out)
-        renames = []
-
-        def killed(src, dst, *args, **kwargs):  # SIGTERM lands right after this rename
-            real_replace(src, dst, *args, **kwargs)
-            renames.append(dst)
-            if len(renames) == kill_after:
-                raise SystemExit(143)
-
-        monkeypatch.setattr(os, "replace", killed)
-        try:
-            export_easyocr("ko_base", out, "ko_kill", with_detector=True)
+        try:  # SIGTERM lands right after this rename
+            with interrupted_rename(monkeypatch, kill_after) as renames:
+                export_easyocr("ko_base", out, "ko_kill", with_detector=True)
         except SystemExit:
             pass
-        finally:
-            monkeypatch.setattr(os, "replace", real_replace)
         after = _files(out)
         assert after in (before, _files(new)), f"killed after rename {kill_after} of {len(renames)}"
         if len(renames) < kill_after:  # the export ended before this kill: every point was tried
