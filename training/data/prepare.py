@@ -37,8 +37,6 @@ import threading
 import time
 import unicodedata
 import warnings
-import zipfile
-import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -63,8 +61,8 @@ SPLITS = ("train", "val", "test")
 EXAMPLES_KEPT = 10
 SIDECAR = "kocr-shard.json"
 MANIFEST_FORMAT = "kocr-lmdb-shards/1"
-IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, zipfile.BadZipFile,
-                zlib.error, Image.DecompressionBombError)
+# what reading an image raises: reading its bytes (a file or zip member), then decoding them
+IMAGE_ERRORS = (*READ_ERRORS, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class PrepareConfigError(ValueError):
