@@ -235,14 +235,13 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
     decision: dict[str, Any] = {"model_name": config.model_name, "candidate_version": int(version),
                                 f"candidate_{metric}": candidate.score, "eval_data_hash": candidate.eval_data_hash,
                                 "min_delta": config.min_delta}
-    if champion is not None and str(champion.version) == str(version):
-        recorded = _recorded_decision(client, config.model_name, version)
-        if recorded is not None:  # an earlier promote of this candidate made it champion: its decision stands
-            return recorded
     if champion is None:
         promoted, reason, champion_score, margin = True, "no champion before it: the first champion", None, None
-    elif str(champion.version) == str(version):  # made champion by a promote of an older kocr: no decision kept
-        decision["champion_version"] = int(version)
+    elif str(champion.version) == str(version):  # an earlier promote of this candidate made it champion
+        recorded = _recorded_decision(client, config.model_name, version)
+        if recorded is not None:  # its decision stands
+            return recorded
+        # made champion by a promote of an older kocr, which kept no decision
         promoted, champion_score, margin = True, candidate.score, None
         reason = f"v{version} is champion already: an earlier promote of this candidate promoted it"
     else:
