@@ -636,3 +636,24 @@ def test_a_promote_run_again_decides_on_the_version_it_registered_not_a_second_o
     # the same run scored anew (another set, another score) is another version, as before
     third = promote(_candidate(uris[1], 0.45, data_hash="set-b"), config, lambda uri: 0.30)
     assert versions() == [1, 2, 3] and third["candidate_version"] == 3
+
+
+def test_a_champion_promoted_by_an_older_kocr_is_restated_when_its_candidate_is_promoted_again(logged_uris,
+                                                                                              monkeypatch):
+    """A version made champion before promote kept its decision on it (no ``kocr.decision`` tag): the same
+    candidate promoted again decides on that version, says it is champion already, and moves nothing."""
+    from evaluation.promote import DECISION_TAG
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    client = mlflow.MlflowClient()
+    config = PromoteConfig(model_name="reg-older")
+    first = promote(_candidate(uris[0], 0.40), config, _no_rescore)
+    client.delete_model_version_tag("reg-older", str(first["candidate_version"]), DECISION_TAG)
+    again = promote(_candidate(uris[0], 0.40), config, _no_rescore)
+    assert [int(v.version) for v in client.search_model_versions("name='reg-older'")] == [1]
+    assert again["promoted"] and again["candidate_version"] == again["champion_version"] == 1
+    assert again["reason"] == "v1 is champion already: an earlier promote of this candidate promoted it"
+    assert again["champion_e2e_f1"] == pytest.approx(0.40) and again["delta_e2e_f1"] is None
+    assert int(client.get_model_version_by_alias("reg-older", "champion").version) == 1
