@@ -264,6 +264,32 @@ def test_a_font_cut_short_by_a_file_size_limit_fails_naming_it_and_leaves_the_ea
     assert dst.read_bytes() == b"an earlier cut" and [p.name for p in dst.parent.iterdir()] == [dst.name]
 
 
+KILLED_BEFORE_THE_RENAME = """
+import os, signal, sys
+from training.data.fonts import subset_font
+os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)  # kill -9 (the OOM killer) before the rename
+subset_font(sys.argv[1], sys.argv[2], "가나다라 ")
+"""
+
+
+def test_a_font_a_killed_subset_font_left_in_its_hidden_folder_is_no_face(tmp_path):
+    """Was: a subset_font killed (SIGKILL) while writing left its font in atomic_path's hidden folder
+    beside dst (``.NAME.TAG-PID.HEX.tmp/NAME``, cut short when killed mid-write), and find_fonts, which
+    walks font_dirs recursively, took it as a second face of dst's folder, until a later write there
+    swept it."""
+    import subprocess
+    import sys
+
+    src = find_fonts(["NanumMyeongjo.ttf"])[0].path
+    dst = tmp_path / "cut" / "NanumMyeongjo.ttf"
+    subset_font(src, dst, "가나다 ")
+    done = subprocess.run([sys.executable, "-c", KILLED_BEFORE_THE_RENAME, src, str(dst)], capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    assert [p.name for p in dst.parent.iterdir() if p.is_dir()]  # the killed writer's folder is there
+    assert [f.path for f in find_fonts(["*.ttf"], [dst.parent])] == [str(dst)]
+
+
 # -- glyph coverage ----------------------------------------------------------------------------
 
 def test_string_is_never_drawn_in_a_font_missing_a_glyph(tmp_path):

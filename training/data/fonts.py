@@ -19,7 +19,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from kocr.atomic import atomic_path
+from kocr.atomic import atomic_path, temporary_name
 
 FONT_EXTENSIONS = (".ttf", ".otf", ".ttc", ".otc")
 DEFAULT_FONT_DIRS = ("/usr/share/fonts",)
@@ -47,12 +47,14 @@ def korean_face_index(path: str | os.PathLike) -> int:
 
 
 def _font_files(font_dirs: Iterable[str | os.PathLike]) -> list[str]:
-    """Every font file under ``font_dirs`` (recursive), sorted, each real file once."""
+    """Every font file under ``font_dirs`` (recursive), sorted, each real file once. The hidden folders
+    ``kocr.atomic`` writes in (``.NAME.TAG-PID.HEX.tmp``) are not entered: one a killed ``subset_font``
+    left holds a second, maybe cut, copy of a font, which is no face of the folder."""
     found: list[str] = []
     seen: set[str] = set()
     for folder in font_dirs:
         for root, dirs, files in os.walk(folder, followlinks=True):
-            dirs.sort()
+            dirs[:] = sorted(d for d in dirs if not temporary_name(d))
             for fname in sorted(files):
                 if not fname.lower().endswith(FONT_EXTENSIONS):
                     continue
