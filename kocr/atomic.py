@@ -305,20 +305,33 @@ def replaced_folder(out: str | os.PathLike) -> Iterator[Path]:
     try:
         with _named_as_published(stage, out):
             yield stage
-        old = out.parent / _temp_name(out.name + ".old")
-        try:
-            if out.exists() or out.is_symlink():
-                os.replace(out, old)
-            os.replace(stage, out)
-        except BaseException:  # the new folder is not in: put the earlier one back (a hidden .old is swept)
-            if stage.exists() and (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
-                os.replace(old, out)
-            raise
-        finally:
-            if not stage.exists():  # the new folder is in, also when an exception lands right after
-                shutil.rmtree(old, ignore_errors=True)
+        _swap_in(stage, out)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Rename the folder ``new`` to ``out`` (beside it). An earlier ``out`` is first renamed aside, to a
+    hidden ``.OUT.old.TAG-PID.HEX.tmp`` beside it, and removed only once the new folder is in, so ``out``
+    is at every moment the earlier folder whole, the new one whole, or (between the two renames) absent,
+    never half removed however long the removal takes. An exception between the renames (SIGTERM or
+    Ctrl-C, which ``kocr`` turns into one) puts the earlier folder back; what a SIGKILL leaves aside,
+    or in the middle of its removal, is a killed writer's temporary, swept (``sweep_stale``)."""
+    old = out.parent / _temp_name(out.name + ".old")
+    try:
+        if out.exists() or out.is_symlink():
+            os.replace(out, old)
+        os.replace(new, out)
+    except BaseException:  # the new folder is not in: put the earlier one back
+        if new.exists() and (old.exists() or old.is_symlink()) and not (out.exists() or out.is_symlink()):
+            os.replace(old, out)
+        raise
+    finally:
+        if not new.exists():  # the new folder is in, also when an exception lands right after
+            if old.is_symlink():
+                old.unlink()
+            else:
+                shutil.rmtree(old, ignore_errors=True)
 
 
 class SetBusyError(RuntimeError):
@@ -349,6 +362,7 @@ class PartialFolder:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.keyed = keyed
         self._lock = self._take_lock() if lock or keyed else None
+        sweep_stale(self.path.parent, prefix=self.path.name)  # an earlier DIR a killed publish left aside
 
     def _take_lock(self):
         """A POSIX record lock on ``.DIR.lock``: held by this process only (forked workers, which may
@@ -390,10 +404,10 @@ class PartialFolder:
             self._lock.flush()
 
     def publish(self) -> None:
-        """Move ``DIR.partial`` to ``DIR`` (an earlier ``DIR`` is removed first) and let go of the lock."""
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        os.replace(self.partial, self.path)
+        """Move ``DIR.partial`` to ``DIR`` and let go of the lock. An earlier ``DIR`` is renamed aside
+        first and removed after (``_swap_in``), so a kill while it is removed (minutes, for gigabytes of
+        LMDB) leaves the new set whole under ``DIR``, never half the earlier one beside ``DIR.partial``."""
+        _swap_in(self.partial, self.path)
         self.unlock()
 
     def unlock(self) -> None:

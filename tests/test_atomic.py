@@ -263,6 +263,47 @@ def test_a_kill_between_the_two_renames_of_a_replaced_folder_puts_the_earlier_on
         assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or .old folder left
 
 
+KILLED_PUBLISH = """
+import os, signal, sys
+from pathlib import Path
+from kocr.atomic import PartialFolder
+folder = PartialFolder(sys.argv[1])
+folder.restart()
+for i in range(4):
+    (folder.partial / f"f{i}").write_text("new")
+real = os.unlink
+removed = []
+def unlink(path, *args, **kwargs):  # SIGKILL half way through removing the earlier set
+    real(path, *args, **kwargs)
+    removed.append(path)
+    if len(removed) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+os.unlink = unlink
+folder.publish()
+"""
+
+
+def test_a_kill_while_publish_removes_the_earlier_set_leaves_the_new_one_whole(tmp_path: Path) -> None:
+    """Was: ``publish`` removed the earlier ``DIR`` (minutes, for gigabytes of LMDB) before renaming
+    ``DIR.partial`` to it, so a kill during the removal left half the earlier set under ``DIR``."""
+    import subprocess
+    import sys
+
+    from kocr.atomic import PartialFolder
+
+    repo = Path(__file__).resolve().parents[1]
+    done = tmp_path / "set"
+    done.mkdir()
+    for i in range(4):
+        (done / f"f{i}").write_text("old")
+    killed = subprocess.run([sys.executable, "-c", KILLED_PUBLISH, str(done)], cwd=repo, timeout=60)
+    assert killed.returncode == -9
+    assert {p.name: p.read_text() for p in done.iterdir()} == {f"f{i}": "new" for i in range(4)}
+    assert [p.name for p in _leftovers(tmp_path)] != []  # the earlier set, half removed, aside
+    PartialFolder(done).unlock()  # the next writer of the set sweeps it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+
+
 def test_a_full_disk_inside_a_staging_folder_names_the_file_as_it_would_be_published(tmp_path: Path) -> None:
     """Was: ``kocr evaluate`` on a disk that filled named the picture it was writing inside its hidden
     staging folder (``outputs/.worst_pages.TAG-PID.HEX.tmp/base/01_p.png``), gone by the time it is read."""

@@ -1116,16 +1116,18 @@ def test_every_third_party_package_the_code_imports_is_a_declared_dependency():
 
 
 def test_dvc_leaves_a_killed_writers_leftovers_out_of_a_dataset(tmp_path):
-    """`dvc add own` after a killed import-crops must not version own/train.partial or own/.train.lock."""
+    """`dvc add own` after a killed import-crops must not version own/train.partial or own/.train.lock, nor
+    the earlier own/train a killed publish left aside in a hidden temporary."""
     shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
-    for path in ("own/train/data.mdb", "own/train.partial/data.mdb", "own/.train.lock"):
+    aside = "own/.train.old.0123ab-4567.89abcdef.tmp/data.mdb"  # an earlier set a killed publish moved aside
+    for path in ("own/train/data.mdb", "own/train.partial/data.mdb", "own/.train.lock", aside):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).touch()
     out = subprocess.run([sys.executable, "-m", "dvc", "check-ignore", "own/train/data.mdb", "own/train.partial/data.mdb",
-                          "own/.train.lock"], cwd=tmp_path, capture_output=True, text=True).stdout.split()
-    assert out == ["own/train.partial/data.mdb", "own/.train.lock"]
+                          "own/.train.lock", aside], cwd=tmp_path, capture_output=True, text=True).stdout.split()
+    assert out == ["own/train.partial/data.mdb", "own/.train.lock", aside]
 
 
 def test_the_documented_cache_links_inside_the_training_container(tmp_path):
