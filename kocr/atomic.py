@@ -34,7 +34,8 @@ from typing import Any
 
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # no room: the device, a quota, a size limit
 NEARLY_FULL = 16 * 2**20  # bytes free under which a write that failed some other way is taken for a full disk
-_TEMP = re.compile(r"^\..+\.([0-9a-f]{6})-(\d+)\.[0-9a-f]{8}\.tmp$")  # .NAME.TAG-PID.HEX.tmp
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<tag>[0-9a-f]{6})-(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")  # .NAME.TAG-PID.HEX.tmp
+EARLIER = ".earlier"  # _swap_in's earlier folder, moved aside: .OUT.earlier.TAG-PID.HEX.tmp
 FOREIGN_AGE_S = 7 * 24 * 3600  # another machine's or container's leftovers go after a week untouched
 
 
@@ -84,22 +85,56 @@ def sweep_stale(folder: str | os.PathLike, prefix: str = "") -> int:
     Only names of the form ``.NAME.TAG-PID.HEX.tmp`` (with NAME starting with ``prefix``) are
     touched: those made in this machine and PID namespace when no process of that PID runs, those
     made elsewhere (another container on a shared checkout, another machine on a shared disk) only
-    after a week untouched.
+    after a week untouched. An earlier folder that a writer killed between ``_swap_in``'s two renames
+    left aside is put back under its name instead (``_put_back_earlier``).
     """
     removed = 0
     try:
         entries = list(os.scandir(folder))
     except (FileNotFoundError, NotADirectoryError):
         return 0
-    for entry in entries:
-        match = _TEMP.match(entry.name)
-        if match and entry.name.startswith(f".{prefix}") and _abandoned(entry, match.group(1), int(match.group(2))):
+    stale = [entry for entry in entries if (match := _TEMP.match(entry.name)) and entry.name.startswith(f".{prefix}")
+             and _abandoned(entry, match["tag"], int(match["pid"]))]
+    restored = _put_back_earlier(Path(folder), [entry.name for entry in entries], stale)
+    for entry in stale:
+        if entry.name not in restored:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(entry.path, ignore_errors=True)
             else:
                 Path(entry.path).unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+def _put_back_earlier(folder: Path, names: list[str], stale: list[os.DirEntry]) -> set[str]:
+    """Put back under OUT an earlier folder that a killed ``_swap_in`` moved aside and did not replace;
+    returns the names of the leftovers put back.
+
+    Only where that can be told for sure: OUT is missing, exactly one ``.OUT.earlier.TAG-PID.HEX.tmp``
+    is there (its writer ended), and the new folder its writer was about to move in is still there too:
+    ``replaced_folder``'s stage of the same writer (``.OUT.TAG-PID.HEX.tmp``) or ``OUT.partial``
+    (``PartialFolder``). A writer killed after the second rename moved its new folder in, so an OUT
+    deleted since (by hand) is not brought back from a leftover that was on its way out."""
+    asides: dict[str, list[str]] = {}
+    for name in names:
+        match = _TEMP.match(name)
+        if match and match["name"].endswith(EARLIER) and match["name"] != EARLIER:
+            asides.setdefault(match["name"][: -len(EARLIER)], []).append(name)
+    ended = {entry.name for entry in stale}
+    restored = set()
+    for out, found in asides.items():
+        if len(found) != 1 or found[0] not in ended or os.path.lexists(folder / out):
+            continue
+        writer = _TEMP.match(found[0]).group("tag", "pid")
+        waiting = f"{out}.partial" in names or any(
+            (match := _TEMP.match(name)) and match["name"] == out and match.group("tag", "pid") == writer for name in names)
+        if waiting:
+            try:
+                os.rename(folder / found[0], folder / out)
+            except OSError:
+                continue
+            restored.add(found[0])
+    return restored
 
 
 @contextmanager
@@ -295,7 +330,8 @@ def replaced_folder(out: str | os.PathLike) -> Iterator[Path]:
     ``out`` never mixes two runs (a model, page or picture the new run did not write is gone with
     the old folder). When the block fails, ``out`` is left as it was, and so it is when an exception
     (SIGTERM or Ctrl-C, which ``kocr`` turns into one) lands between moving the earlier folder aside
-    and moving the new one in: the earlier one is put back. The folder always exists
+    and moving the new one in: the earlier one is put back (after a SIGKILL there, by the next sweep
+    of the folder: ``_swap_in``). The folder always exists
     after a successful run, empty if nothing was written (DVC wants declared outputs)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -312,12 +348,14 @@ def replaced_folder(out: str | os.PathLike) -> Iterator[Path]:
 
 def _swap_in(new: Path, out: Path) -> None:
     """Rename the folder ``new`` to ``out`` (beside it). An earlier ``out`` is first renamed aside, to a
-    hidden ``.OUT.old.TAG-PID.HEX.tmp`` beside it, and removed only once the new folder is in, so ``out``
-    is at every moment the earlier folder whole, the new one whole, or (between the two renames) absent,
-    never half removed however long the removal takes. An exception between the renames (SIGTERM or
-    Ctrl-C, which ``kocr`` turns into one) puts the earlier folder back; what a SIGKILL leaves aside,
-    or in the middle of its removal, is a killed writer's temporary, swept (``sweep_stale``)."""
-    old = out.parent / _temp_name(out.name + ".old")
+    hidden ``.OUT.earlier.TAG-PID.HEX.tmp`` beside it, and removed only once the new folder is in, so
+    ``out`` is at every moment the earlier folder whole, the new one whole, or (between the two renames)
+    absent, never half removed however long the removal takes. An exception between the renames (SIGTERM
+    or Ctrl-C, which ``kocr`` turns into one) puts the earlier folder back; after a SIGKILL there the next
+    sweep of the folder puts it back (``sweep_stale``), and one killed in the middle of its removal is
+    swept. The aside's name is used by nothing else (``staged_files`` keeps files in ``.staging.old``), so
+    a sweep never takes another writer's leftover for an earlier folder."""
+    old = out.parent / _temp_name(out.name + EARLIER)
     try:
         if out.exists() or out.is_symlink():
             os.replace(out, old)
@@ -362,7 +400,7 @@ class PartialFolder:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.keyed = keyed
         self._lock = self._take_lock() if lock or keyed else None
-        sweep_stale(self.path.parent, prefix=self.path.name)  # an earlier DIR a killed publish left aside
+        sweep_stale(self.path.parent, prefix=self.path.name)  # an earlier DIR a killed publish left aside: back or gone
 
     def _take_lock(self):
         """A POSIX record lock on ``.DIR.lock``: held by this process only (forked workers, which may

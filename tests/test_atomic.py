@@ -304,6 +304,92 @@ def test_a_kill_while_publish_removes_the_earlier_set_leaves_the_new_one_whole(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
 
 
+KILLED_SWAP = """
+import os, signal, sys
+from pathlib import Path
+from kocr.atomic import PartialFolder, replaced_folder
+out, how, kill_after = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+real, renames = os.replace, []
+def replace(src, dst, *args, **kwargs):  # SIGKILL right after the kill_after-th rename
+    real(src, dst, *args, **kwargs)
+    renames.append(dst)
+    if len(renames) == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+if how == "replaced_folder":
+    with replaced_folder(out) as stage:
+        os.replace = replace
+        (stage / "a.txt").write_text("new")
+else:
+    folder = PartialFolder(out)
+    folder.restart()
+    (folder.partial / "a.txt").write_text("new")
+    os.replace = replace
+    folder.publish()
+"""
+
+
+@pytest.mark.parametrize("how", ["replaced_folder", "publish"])
+def test_a_sigkill_between_the_two_renames_leaves_the_earlier_folder_for_the_next_sweep_to_put_back(
+        tmp_path: Path, how: str) -> None:
+    """Was: a SIGKILL right after the earlier folder was moved aside left no ``out``, and the next write
+    into its folder swept the hidden leftover: the earlier run was gone for good."""
+    import subprocess
+    import sys
+
+    from kocr.atomic import PartialFolder
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bundle"
+
+    def killed_after(rename: int) -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        (out / "a.txt").write_text("old")
+        run = subprocess.run([sys.executable, "-c", KILLED_SWAP, str(out), how, str(rename)], cwd=repo, timeout=60)
+        assert run.returncode == -9
+
+    killed_after(1)
+    assert not out.exists()  # the earlier folder aside, the new one not yet in
+    if how == "replaced_folder":
+        write_json(tmp_path / "scores.json", {})  # any write into the folder sweeps it
+    else:
+        PartialFolder(out).unlock()  # the next writer of the set
+    assert (out / "a.txt").read_text() == "old"
+    assert _leftovers(tmp_path) == []
+    assert how == "replaced_folder" or (tmp_path / "bundle.partial" / "a.txt").read_text() == "new"  # kept, whole
+
+    killed_after(2)  # the new folder went in: the earlier one, aside, is on its way out
+    assert (out / "a.txt").read_text() == "new" and len(_leftovers(tmp_path)) == 1
+    shutil.rmtree(out)  # and the folder is deleted by hand: not brought back from the leftover
+    write_json(tmp_path / "scores.json", {})
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_a_sweep_puts_back_only_an_earlier_folder_it_can_tell_for_sure(tmp_path: Path) -> None:
+    """Two killed writers' earlier folders for one name (which is the latest?), a leftover whose writer
+    left no new folder waiting, another kind's ``.old`` (``staged_files``' files) stay swept as before."""
+    from kocr.atomic import sweep_stale
+
+    ended, other = subprocess_pid(), subprocess_pid()
+    tag = _namespace_tag()
+    leftovers = [f".twice.earlier.{tag}-{ended}.0123abcd.tmp", f".twice.earlier.{tag}-{other}.0123abcd.tmp",
+                 f".twice.{tag}-{ended}.4567abcd.tmp", f".alone.earlier.{tag}-{ended}.0123abcd.tmp",
+                 f".staging.old.{tag}-{ended}.0123abcd.tmp", f".staging.{tag}-{ended}.4567abcd.tmp"]
+    for name in leftovers:
+        (tmp_path / name).mkdir()
+    assert sweep_stale(tmp_path) == len(leftovers)
+    assert list(tmp_path.iterdir()) == []
+
+
+def subprocess_pid() -> int:
+    """The PID of a process that has ended (as far as it can be told: not reused yet)."""
+    import subprocess
+    import sys
+
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+
 def test_a_full_disk_inside_a_staging_folder_names_the_file_as_it_would_be_published(tmp_path: Path) -> None:
     """Was: ``kocr evaluate`` on a disk that filled named the picture it was writing inside its hidden
     staging folder (``outputs/.worst_pages.TAG-PID.HEX.tmp/base/01_p.png``), gone by the time it is read."""

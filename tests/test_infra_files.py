@@ -1121,7 +1121,7 @@ def test_dvc_leaves_a_killed_writers_leftovers_out_of_a_dataset(tmp_path):
     shutil.copy(REPO / ".dvcignore", tmp_path / ".dvcignore")
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True)
-    aside = "own/.train.old.0123ab-4567.89abcdef.tmp/data.mdb"  # an earlier set a killed publish moved aside
+    aside = "own/.train.earlier.0123ab-4567.89abcdef.tmp/data.mdb"  # an earlier set a killed publish moved aside
     for path in ("own/train/data.mdb", "own/train.partial/data.mdb", "own/.train.lock", aside):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).touch()
