@@ -202,6 +202,33 @@ def named_disk_errors(path: str | os.PathLike, tmp: str | os.PathLike | None = N
         raise
 
 
+def disk_full_errno(folder: str | os.PathLike, offset: int = 0) -> int | None:
+    """Which of ``DISK_FULL`` a write of one 4 KiB block at ``offset`` of a new (sparse) file in ``folder``
+    meets now (ENOSPC, EDQUOT, or EFBIG when ``offset`` is past the file-size limit), or None when it
+    fits or fails otherwise. For a writer told only that a write fell short: LMDB reports a short write,
+    which is what a disk that fills, a used-up quota or ``ulimit -f`` give, as "Input/output error".
+    The probe file (``.room.TAG-PID.HEX.tmp``, swept if killed) is removed."""
+    probe = Path(folder) / _temp_name("room")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        return exc.errno if exc.errno in DISK_FULL else None
+    try:
+        block, at = memoryview(bytes(4096)), offset
+        while block:  # a write that falls short (at the size limit) is tried on, to get its error
+            written = os.pwrite(fd, block, at)
+            if written <= 0:
+                return None
+            block, at = block[written:], at + written
+        os.fsync(fd)  # a network or thin-provisioned disk may refuse the block only here
+    except OSError as exc:
+        return exc.errno if exc.errno in DISK_FULL else None
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+    return None
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The hex sha256 of a file's bytes, read in blocks: how metrics, cards and run tags name a file."""
     with open(path, "rb") as fh:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
+from pathlib import Path
 
 import cv2
 import lmdb
@@ -156,12 +159,73 @@ def test_an_lmdb_io_error_on_a_nearly_full_disk_is_reported_as_a_full_disk(tmp_p
     with pytest.raises(raised) as info:
         writer.close()
     if raised is OSError:
-        assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "set.partial")
+        assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "set.partial" / "data.mdb")
     else:  # one line for kocr's error, naming the set and the samples lost
         assert str(info.value) == (f"{tmp_path / 'set.partial'}: LMDB could not commit samples 1-1 "
                                    "(Error: mdb_txn_commit: Input/output error)")
     writer.abort()
     assert not (tmp_path / "set.partial").exists()
+
+
+FILE_SIZE_LIMITED = """
+import resource, sys
+import numpy as np, cv2
+from kocr.cli import main
+crops = sys.argv[1]
+noise = np.random.default_rng(0).integers(0, 256, size=(64, 1200), dtype=np.uint8)  # ~77 KB as PNG
+cv2.imwrite(crops + "/a.png", noise)
+with open(crops + "/labels.tsv", "w", encoding="utf-8") as fh:
+    fh.write("image\\ttext\\na.png\\t서울\\n")
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))  # ulimit -f 64: the set's one commit is larger
+sys.exit(main(["import-crops", "--labels", crops + "/labels.tsv", "--out", sys.argv[2]]))
+"""
+
+
+def test_a_file_size_limit_hit_by_an_lmdb_commit_is_the_disk_full_line_naming_data_mdb(tmp_path):
+    """Was: LMDB reports a short write (a disk that filled, a quota, ``ulimit -f``) as "Input/output error",
+    and with room left on the disk ``kocr`` printed ``…set.partial: LMDB could not commit samples 1-1
+    (Error: mdb_txn_commit: Input/output error)`` instead of the line naming the limit and the file."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    crops = tmp_path / "mine"
+    crops.mkdir()
+    run = subprocess.run([sys.executable, "-c", FILE_SIZE_LIMITED, str(crops), str(tmp_path / "set")], cwd=repo,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"kocr import-crops: error: a file grew past the size limit (ulimit -f, or the filesystem's) writing "
+        f"{tmp_path / 'set.partial' / 'data.mdb'}; raise the limit or write elsewhere and run the same command again")
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # no probe file left
+
+
+@pytest.mark.parametrize("short_write", [errno.ENOSPC, errno.EDQUOT, None])
+def test_an_lmdb_short_write_is_named_by_what_a_probe_write_beside_it_meets(tmp_path, monkeypatch, short_write):
+    """A used-up quota leaves the disk with room (the NEARLY_FULL guess cannot see it): a probe write says."""
+    from kocr import atomic
+    from training.data import lmdb_store
+
+    folder = tmp_path / "set.partial"
+    folder.mkdir()
+    (folder / "data.mdb").write_bytes(b"x" * 8192)
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        if short_write is not None:
+            raise OSError(short_write, os.strerror(short_write))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(atomic.os, "pwrite", pwrite)
+    short = lmdb.Error("mdb_txn_commit: Input/output error")
+    short.code = errno.EIO  # as py-lmdb raises it
+    full = lmdb_store.lmdb_disk_full(short, folder)
+    if short_write is None:  # room, quota and size to spare: a real I/O error
+        assert full is None
+    else:
+        assert (full.errno, full.filename) == (short_write, str(folder / "data.mdb"))
+        assert "mdb_txn_commit" in full.strerror
+    assert sorted(p.name for p in folder.iterdir()) == ["data.mdb"]  # the probe file is gone
 
 
 def test_second_write_replaces_the_first(tmp_path):

@@ -32,7 +32,8 @@ import lmdb
 import numpy as np
 from PIL import Image
 
-from kocr.atomic import NEARLY_FULL, PartialFolder, SetBusyError, fsync_path  # noqa: F401 - SetBusyError: importers name it here
+from kocr.atomic import (  # noqa: F401 - SetBusyError: importers name it here
+    DISK_FULL, NEARLY_FULL, PartialFolder, SetBusyError, disk_full_errno, fsync_path, named_disk_errors)
 
 _MAP_SIZE = 1 << 36  # 64 GiB of address space; LMDB files grow only as data is written
 SHARD_INDEX = "index.json"
@@ -59,6 +60,29 @@ def sample_digest(digest: "hashlib._Hash", image: bytes, label: bytes) -> None:
 
 class LmdbWriteError(RuntimeError):
     """LMDB refused a commit with room left on the disk (an I/O error, a full map); names the set."""
+
+
+def lmdb_disk_full(exc: lmdb.Error, folder: Path) -> OSError | None:
+    """The ``OSError`` naming ``folder/data.mdb`` that LMDB's error ``exc`` is when a write failed for want
+    of room, or None. LMDB reports a short write (a disk that filled, a used-up quota, a file-size limit:
+    ``ulimit -f``) as "Input/output error" (EIO): then a probe write past the end of ``data.mdb`` beside it
+    tells which (``kocr.atomic.disk_full_errno``), and with under ``NEARLY_FULL`` bytes free it is taken
+    for a full disk as before. An errno LMDB got itself (ENOSPC, EDQUOT, EFBIG) is kept."""
+    data = folder / "data.mdb"
+    code = getattr(exc, "code", 0)
+    if code == errno.EIO:
+        try:
+            code = disk_full_errno(folder, data.stat().st_size) or code
+        except OSError:
+            pass
+    if code not in DISK_FULL:
+        try:
+            code = errno.ENOSPC if shutil.disk_usage(folder).free < NEARLY_FULL else code
+        except OSError:
+            pass
+    if code not in DISK_FULL:
+        return None
+    return OSError(code, f"{os.strerror(code)} ({exc})", str(data))
 
 
 class LmdbWriter:
@@ -107,7 +131,10 @@ class LmdbWriter:
         self._txn = self.env.begin(write=True)
 
     def _open(self, count: int) -> None:
-        self.env = lmdb.open(str(self.partial), map_size=_MAP_SIZE, subdir=True, lock=True)
+        try:
+            self.env = lmdb.open(str(self.partial), map_size=_MAP_SIZE, subdir=True, lock=True)
+        except lmdb.Error as exc:  # a disk too full for its first pages: one line naming data.mdb
+            raise lmdb_disk_full(exc, self.partial) or exc
         self.count = self.committed = count
         self._rehash()
 
@@ -176,20 +203,23 @@ class LmdbWriter:
         self.env.close()
         (self.partial / "lock.mdb").unlink(missing_ok=True)  # readers need none; its bytes vary per run
         for name, data in (extra or {}).items():
-            (self.partial / name).write_bytes(data)
+            with named_disk_errors(self.partial / name):
+                (self.partial / name).write_bytes(data)
         fsync_path(self.partial)
         self.folder.publish()
 
     def _commit(self) -> None:
-        """Commit the write transaction. LMDB reports a full disk as an I/O error (``mdb_txn_commit:
-        Input/output error``); with the disk nearly full it is raised as the OSError it is (ENOSPC),
-        otherwise as ``LmdbWriteError`` naming the set and what its earlier commits keep."""
+        """Commit the write transaction. LMDB reports a full disk, a used-up quota or a file-size limit as
+        an I/O error (``mdb_txn_commit: Input/output error``); that is raised as the OSError it is (ENOSPC,
+        EDQUOT, EFBIG) naming ``data.mdb`` (``lmdb_disk_full``), which ``kocr`` reports in its disk-full
+        line, any other error as ``LmdbWriteError`` naming the set and what its earlier commits keep."""
         try:
             self._txn.commit()
             self.committed = self.count
         except lmdb.Error as exc:
-            if shutil.disk_usage(self.partial).free < NEARLY_FULL:
-                raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(self.partial)) from exc
+            full = lmdb_disk_full(exc, self.partial)
+            if full is not None:
+                raise full from exc
             raise LmdbWriteError(f"{self.partial}: LMDB could not commit samples {self.committed + 1}-{self.count} "
                                  f"({type(exc).__name__}: {exc})") from exc
 
