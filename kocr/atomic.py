@@ -229,6 +229,20 @@ def disk_full_errno(folder: str | os.PathLike, offset: int = 0) -> int | None:
     return None
 
 
+def disk_full_line(prog: str, exc: OSError, out: str | None = None) -> str | None:
+    """The one line a write that failed for want of room (``DISK_FULL``: a full disk, a used-up quota, a
+    file-size limit) is reported in, ``PROG: error: … writing FILE; …``, naming the file the error names
+    (else ``out``); None for any other OSError. ``kocr`` and ``python -m kocr.recipe`` print it, exit 2."""
+    if exc.errno not in DISK_FULL:
+        return None
+    where = exc.filename or out or "its output"
+    why, fix = {errno.EDQUOT: ("the disk quota is used up", "free some"),
+                errno.EFBIG: ("a file grew past the size limit (ulimit -f, or the filesystem's)",
+                              "raise the limit or write elsewhere")}.get(
+        exc.errno, ("no space left on the device", "free some"))
+    return f"{prog}: error: {why} writing {where}; {fix} and run the same command again"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The hex sha256 of a file's bytes, read in blocks: how metrics, cards and run tags name a file."""
     with open(path, "rb") as fh:

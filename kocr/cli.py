@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kocr.atomic import DISK_FULL, OutFolderError, file_sha256, replaced_folder, write_text
+from kocr.atomic import OutFolderError, disk_full_line, file_sha256, replaced_folder, write_text
 from kocr.params import ParamsError, check_keys, data_section, load_params, params_path, require, section, typed
 from kocr.redact import hide_passwords
 
@@ -924,15 +923,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        if exc.errno not in DISK_FULL:
+        line = disk_full_line(f"kocr {args.command}", exc, getattr(args, "out", None))
+        if line is None:
             raise
-        where = exc.filename or getattr(args, "out", None) or "its output"
-        why, fix = {errno.EDQUOT: ("the disk quota is used up", "free some"),
-                    errno.EFBIG: ("a file grew past the size limit (ulimit -f, or the filesystem's)",
-                                  "raise the limit or write elsewhere")}.get(
-            exc.errno, ("no space left on the device", "free some"))
-        print(f"kocr {args.command}: error: {why} writing {where}; {fix} and run the same command again",
-              file=sys.stderr)
+        print(line, file=sys.stderr)
         return 2
     except ValueError as exc:
         # train's and tune's checks of their data and knobs name the set, sample or knob: one line

@@ -34,7 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from kocr.atomic import atomic_path, file_sha256, named_disk_errors, write_text
+from kocr.atomic import atomic_path, disk_full_line, file_sha256, named_disk_errors, write_text
 from kocr.params import check_keys, load_params, name_list, paths_by_name, section, typed
 
 HELDOUT = "heldout"
@@ -532,6 +532,12 @@ def main(argv: list[str] | None = None) -> None:
          "card": cmd_card, "ship": cmd_ship}[args.subcommand](args)
     except (ParamsError, ScoreInputError, RecipeError) as exc:  # a settings, labels or input mistake: one line
         raise SystemExit(f"python -m kocr.recipe {args.subcommand}: error: {exc}") from None
+    except OSError as exc:  # a full disk, a used-up quota or a file-size limit: kocr's one line, exit 2
+        line = disk_full_line(f"python -m kocr.recipe {args.subcommand}", exc, getattr(args, "out", None))
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def cmd_export_crops(args: argparse.Namespace) -> None:

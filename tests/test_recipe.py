@@ -273,6 +273,29 @@ def test_a_crop_cut_short_by_a_file_size_limit_fails_naming_it_and_publishes_not
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]
 
 
+RECIPE_UNDER_A_LIMIT = """
+import resource, sys
+from kocr.recipe import main
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))  # ulimit -f
+main(sys.argv[2:])
+"""
+
+
+def test_python_m_kocr_recipe_reports_a_write_past_the_size_limit_in_kocrs_one_line(heldout_crops, tmp_path):
+    """Was: ``python -m kocr.recipe export-crops`` on a full disk (or under ``ulimit -f``) ended in a
+    traceback where ``kocr`` commands print one line."""
+    out = tmp_path / "crops"
+    largest = max((heldout_crops / "crops").glob("*.png"), key=lambda p: p.stat().st_size)
+    done = subprocess.run([sys.executable, "-c", RECIPE_UNDER_A_LIMIT, str(largest.stat().st_size - 1), "export-crops",
+                           str(heldout_crops / "lmdb"), "--out", str(out)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1], timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"python -m kocr.recipe export-crops: error: a file grew past the size limit (ulimit -f, or the "
+        f"filesystem's) writing {out / largest.name}; raise the limit or write elsewhere and run the same command again")
+    assert "Traceback" not in done.stderr
+
+
 def test_generated_sets_draw_their_worst_crops_and_real_sets_every_crop(heldout_crops, hangul_checkpoint, tmp_path):
     labels = str(heldout_crops / "crops/labels.tsv")
     evaluate_sets(str(hangul_checkpoint), {"heldout": labels, "heldout_signs": labels, "street": labels},
