@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -342,10 +343,24 @@ def _finish_parent(parent_id: str, status: str) -> None:
         client.set_terminated(parent_id, status=status)
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` stops the command from outside, not a failure of its own: Ctrl-C
+    (KeyboardInterrupt), or SIGTERM (``kill``, ``timeout``, ``docker stop``), which ``kocr`` turns into
+    an exit with status 143. A run it stops ends as KILLED, as MLflow names a run stopped by its user.
+
+    >>> interrupted(SystemExit(143)), interrupted(KeyboardInterrupt()), interrupted(SystemExit(2))
+    (True, True, False)
+    """
+    return isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and exc.code == 128 + signal.SIGTERM)
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str | None = None,
               system_metrics: bool = False) -> Iterator[Run]:
-    """A child run for ``stage`` under the pipeline's parent run, with params and the git commit."""
+    """A child run for ``stage`` under the pipeline's parent run, with params and the git commit.
+
+    The run ends FINISHED, FAILED when the block raises, or KILLED when it is stopped from outside
+    (SIGTERM or Ctrl-C: :func:`interrupted`); the pipeline run then takes its status from its stage runs."""
     configure_tracking()
     experiment_id = ensure_experiment(experiment or DEFAULT_EXPERIMENT)
     key = pipeline_key()
@@ -356,13 +371,18 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
     try:
         with mlflow.start_run(experiment_id=experiment_id, run_name=stage, parent_run_id=parent_id,
                               tags=tags, log_system_metrics=system_metrics) as run:
-            end_dead_siblings(experiment_id, parent_id, stage, run.info.run_id)
-            if params:
-                mlflow.log_params(param_strings(params))
             try:
+                end_dead_siblings(experiment_id, parent_id, stage, run.info.run_id)
+                if params:
+                    mlflow.log_params(param_strings(params))
                 yield run
-            except BaseException:
-                status = "FAILED"
+            except BaseException as exc:
+                # MLflow's context ends the run FAILED on any exception, a SIGTERM's or Ctrl-C's too:
+                # ended here first, KILLED when it was stopped from outside (its exit then finds it ended)
+                status = "KILLED" if interrupted(exc) else "FAILED"
+                active = mlflow.active_run()
+                if active is not None and active.info.run_id == run.info.run_id:
+                    mlflow.end_run(status)
                 raise
     finally:
         # The parent is RUNNING while a stage runs; once the stage run has ended, its status follows

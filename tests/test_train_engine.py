@@ -577,7 +577,7 @@ def test_a_sigtermed_torchrun_job_ends_its_mlflow_runs_instead_of_leaving_them_r
     [run] = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {
         p.info.run_id for p in mlflow.search_runs(search_all_experiments=True, output_format="list",
                                                   filter_string="tags.`kocr.pipeline_key` = 'ddp-sigterm'")}]
-    assert run.info.status == "FAILED", err[-3000:]
+    assert run.info.status == "KILLED", err[-3000:]  # stopped from outside: not FAILED
 
 
 def test_an_attention_head_trains_validates_and_is_refused_by_the_page_reader(prepared, tmp_path):

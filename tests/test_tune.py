@@ -689,6 +689,21 @@ def test_a_trial_whose_knobs_make_no_train_config_still_shows_them(prepared, mon
     assert run.data.params == {f"train.{k}": str(v) for k, v in trial.params.items()}
 
 
+@pytest.mark.parametrize("stop", [SystemExit(143), KeyboardInterrupt()], ids=["SIGTERM", "Ctrl-C"])
+def test_a_trial_stopped_by_sigterm_or_ctrl_c_ends_its_run_as_killed(prepared, monkeypatch, stop):
+    """Was: FAILED, as a trial whose training raised; a SIGTERM (an exit in kocr) or Ctrl-C stops it from outside."""
+    import training.tune
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(training.tune, "train", stopped)
+    trial = optuna.create_study().ask()
+    with mlflow.start_run(), pytest.raises(type(stop)):
+        run_trial(trial, TuneConfig.from_params(PARAMS["tune"]), PARAMS, prepared, log=True)
+    assert mlflow.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
 def test_kocr_tune_study_names_only_a_study_nothing_else_names(monkeypatch):
     """$KOCR_TUNE_STUDY (the retrain workflow's per-run name, so a re-run continues the study) fills an
     empty tune.study_name; --study and a named study keep theirs; unset or blank, a new study per run."""

@@ -560,7 +560,7 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
     """
     import mlflow
 
-    from kocr.tracking import inherit_inputs, nested_stage_tags
+    from kocr.tracking import inherit_inputs, interrupted, nested_stage_tags
 
     key, direction = METRICS[config.metric]
     better = min if direction == "minimize" else max
@@ -576,7 +576,7 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
             raise optuna.TrialPruned(f"at step {step}: {config.metric} {value:.4f}")
 
     run = None
-    state, value, note = TrialState.FAIL, None, ""
+    state, value, note, stopped = TrialState.FAIL, None, "", False
     try:
         overrides = suggest(trial, config.space)
         if log:
@@ -623,6 +623,10 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
         # it would fail the same way
         if isinstance(exc, OSError) and exc.errno in DISK_FULL or database_full(exc):
             raise
+    except BaseException as exc:  # SIGTERM (an exit in kocr) or Ctrl-C: the trial's run ends KILLED, as its stage's
+        if interrupted(exc):
+            stopped = True
+        raise
     finally:
         if run is not None:
             try:
@@ -634,7 +638,8 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
                     mlflow.log_metric(f"best_{config.metric}", value)
                 mlflow.set_tag("optuna.state", state.name)
             finally:  # the trial's run is ended (and leaves the active-run stack) even if the store is full
-                mlflow.end_run({TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
+                mlflow.end_run("KILLED" if stopped else
+                               {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
     return state, value, note
 
 

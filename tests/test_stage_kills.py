@@ -1,0 +1,93 @@
+"""A stage that ``dvc repro`` runs and that is killed leaves no MLflow run RUNNING for ever.
+
+Real ``dvc repro`` processes on a real embedded store: SIGTERM and Ctrl-C end the stage's run as KILLED
+(``kocr`` turns SIGTERM into an exit); a SIGKILLed stage's run, which nothing can end as it dies, is
+ended as KILLED by the next run of that stage on this machine, under the next ``dvc repro``'s pipeline
+run, while the run of a stage whose process still lives is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO
+
+DVC = Path(sys.executable).parent / "dvc"
+
+STAGE = '''\
+import os, pathlib, sys, time
+from kocr.cli import _terminate_as_exit
+from kocr.tracking import stage_run
+with _terminate_as_exit(), stage_run("evaluate", {"x": 1}) as run:
+    pathlib.Path("started").write_text(f"{os.getpid()} {run.info.run_id}")
+    if not os.environ.get("STAGE_QUICK"):
+        time.sleep(120)
+pathlib.Path("done.txt").write_text("done")
+'''
+
+PIPELINE = """\
+stages:
+  evaluate:
+    cmd: python stage.py
+    deps: [stage.py]
+    outs:
+      - done.txt:
+          cache: false
+"""
+
+
+def _project(tmp_path: Path, name: str = "project") -> tuple[Path, dict[str, str]]:
+    """A DVC project of one stage under ``tmp_path``; every project logs to ``tmp_path/mlruns.db``."""
+    repo = tmp_path / name
+    repo.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "KOCR_"))}
+    env |= {"PYTHONPATH": str(REPO), "MLFLOW_ENABLE_TELEMETRY": "false", "DVC_NO_ANALYTICS": "1",
+            "MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
+    (repo / "stage.py").write_text(STAGE)
+    (repo / "dvc.yaml").write_text(PIPELINE)
+    subprocess.run([DVC, "init", "-q", "--no-scm"], cwd=repo, env=env, check=True, timeout=120)
+    return repo, env
+
+
+def _start(repo: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int, str]:
+    """``dvc repro`` in a process group of its own, once its stage has started: (dvc, stage pid, run id)."""
+    (repo / "started").unlink(missing_ok=True)
+    proc = subprocess.Popen([DVC, "repro", "-q"], cwd=repo, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (repo / "started").is_file() or len((repo / "started").read_text().split()) < 2:
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "the stage did not start"
+        time.sleep(0.1)
+    pid, run_id = (repo / "started").read_text().split()
+    return proc, int(pid), run_id
+
+
+def _status(store: Path, run_id: str) -> tuple[str, str, dict[str, str]]:
+    """(the run's status, its pipeline run's status, the run's tags)."""
+    client = mlflow.MlflowClient(f"sqlite:///{store / 'mlruns.db'}")
+    run = client.get_run(run_id)
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    return run.info.status, parent.info.status, run.data.tags
+
+
+@pytest.mark.skipif(not DVC.exists(), reason="dvc is installed by make install")
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_a_stage_stopped_by_sigterm_or_ctrl_c_ends_its_run_as_killed(tmp_path, how):
+    repo, env = _project(tmp_path)
+    proc, pid, run_id = _start(repo, env)
+    if how == "SIGTERM":  # kill PID, timeout, docker stop: to the stage's process
+        os.kill(pid, signal.SIGTERM)
+    else:  # Ctrl-C in the terminal: SIGINT to the whole foreground group, dvc and its stage
+        os.killpg(proc.pid, signal.SIGINT)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert _status(tmp_path, run_id)[:2] == ("KILLED", "KILLED")  # was: FAILED, as if the stage had failed
