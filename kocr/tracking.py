@@ -265,10 +265,30 @@ def _parent_run(experiment_id: str, key: str | None) -> str:
     return run.info.run_id
 
 
+PID_SPACE_TAG = "kocr.pid_space"
+
+
+def pid_space() -> str | None:
+    """Where ``kocr.pid`` names one process: this boot of this machine's kernel and this process's PID
+    namespace (a container has its own), as ``<boot id>/<namespace inode>``; None where /proc cannot
+    tell (not Linux). Two processes with the same value see the same PIDs: a hostname alone does not
+    say so (a container run with the host's network has the host's name and PIDs of its own; cloned
+    machines share names). A namespace's inode is another's only once the first is gone."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        namespace = os.readlink("/proc/self/ns/pid")  # pid:[4026531836]
+    except OSError:
+        return None
+    return f"{boot}/{namespace.removeprefix('pid:[').rstrip(']')}" if boot else None
+
+
 def stage_tags(stage: str, commit: str | None = None) -> dict[str, str]:
-    """The tags every stage run carries: ``kocr.stage``, ``kocr.host``, ``kocr.pid``, the git commit
-    (``commit``, else HEAD's when in a git repository) and, in a ``dvc exp run``, ``kocr.dvc_exp``."""
+    """The tags every stage run carries: ``kocr.stage``, ``kocr.host``, ``kocr.pid`` and, on Linux,
+    ``kocr.pid_space`` (:func:`pid_space`), the git commit (``commit``, else HEAD's when in a git
+    repository) and, in a ``dvc exp run``, ``kocr.dvc_exp``."""
     tags = {"kocr.stage": stage, "kocr.host": socket.gethostname(), "kocr.pid": str(os.getpid())}
+    if space := pid_space():
+        tags[PID_SPACE_TAG] = space
     if experiment := dvc_experiment():
         tags[DVC_EXP_TAG] = experiment
     commit = commit or git_commit()
@@ -396,27 +416,59 @@ def _end_superseded(client: mlflow.MlflowClient, run_id: str, by: str) -> None:
     client.set_terminated(run_id, status="KILLED")
 
 
+def _settle_parent(client: mlflow.MlflowClient, parent_id: str | None) -> None:
+    """End pipeline run ``parent_id`` with the status its stage runs give it, unless one still runs."""
+    if parent_id:
+        status = parent_status(parent_id)
+        if status not in (None, "RUNNING"):
+            client.set_terminated(parent_id, status=status)
+
+
+def _process_gone(tags: dict[str, str], space: str | None) -> bool | None:
+    """Whether the process a run's ``kocr.pid`` names is gone: True, False, or None when this process
+    cannot tell (no PID, or a PID of another PID space: :func:`pid_space`). A run without the
+    ``kocr.pid_space`` tag (an older kocr's) is judged by its PID alone."""
+    pid = tags.get("kocr.pid", "")
+    if not pid.isdigit():
+        return None
+    if PID_SPACE_TAG in tags:
+        if space is None or tags[PID_SPACE_TAG] != space:
+            return None
+        if int(pid) == os.getpid():  # this process took over its PID: that process is gone
+            return True
+    return not psutil.pid_exists(int(pid))
+
+
 def end_dead_siblings(experiment_id: str, parent_id: str, stage: str, current: str) -> list[str]:
-    """Mark KILLED the earlier runs of ``stage`` under the same pipeline run that a process on this
-    machine left RUNNING when it died (a kill, the tracking server down mid-run), tagged with the run
-    that takes over (``kocr.superseded_by``); returns their ids. A run whose process is alive, or
-    that another machine started, is left alone."""
-    host = socket.gethostname()
+    """Mark KILLED the earlier runs of ``stage`` that a process on this machine left RUNNING when it
+    died (SIGKILL, the tracking server down mid-run), tagged with the run that takes over
+    (``kocr.superseded_by``), and end their pipeline runs from their stage runs; returns their ids.
+
+    Under any pipeline run (a killed stage of one ``dvc repro`` is ended by the same stage of the next
+    ``dvc repro``, whose pipeline key is another) when the run names its PID space (:func:`pid_space`,
+    tagged by every stage run) and it is this process's; a run without that tag (an older kocr's) only
+    under the same pipeline run, judged by its PID on this host. A run whose process is alive, that
+    another machine or PID namespace started, or a tune trial (its worker's stale-trial check ends
+    it), is left alone."""
+    host, space = socket.gethostname(), pid_space()
     try:
         found = mlflow.search_runs([experiment_id], output_format="list", filter_string=(
-            f"tags.mlflow.parentRunId = '{parent_id}' and tags.`kocr.stage` = '{stage}' "
+            f"tags.`kocr.stage` = {filter_value(stage)} and tags.`kocr.host` = {filter_value(host)} "
             "and attributes.status = 'RUNNING'"))
-    except MlflowException:  # a store that cannot search this way: the UI keeps showing them RUNNING
+    except (MlflowException, ValueError):  # a store that cannot search this way: the UI keeps showing them RUNNING
         return []
     client = mlflow.MlflowClient()
     ended = []
     for run in found:
-        pid = run.data.tags.get("kocr.pid", "")
-        if run.info.run_id == current or run.data.tags.get("kocr.host") != host or not pid.isdigit() \
-                or psutil.pid_exists(int(pid)):
+        tags = run.data.tags
+        if run.info.run_id == current or tags.get("kocr.host") != host or "kocr.trial" in tags \
+                or (PID_SPACE_TAG not in tags and tags.get("mlflow.parentRunId") != parent_id) \
+                or not _process_gone(tags, space):
             continue
         _end_superseded(client, run.info.run_id, current)
         ended.append(run.info.run_id)
+        if tags.get("mlflow.parentRunId") != parent_id:  # this stage's own pipeline run is settled as it ends
+            _settle_parent(client, tags.get("mlflow.parentRunId"))
     return ended
 
 
@@ -436,10 +488,8 @@ def supersede(old_id: str, new_id: str) -> bool:
         return False
     _end_superseded(client, old_id, new_id)
     parent_id = old.data.tags.get("mlflow.parentRunId")
-    if parent_id and parent_id != new_id:
-        status = parent_status(parent_id)
-        if status not in (None, "RUNNING"):
-            client.set_terminated(parent_id, status=status)
+    if parent_id != new_id:
+        _settle_parent(client, parent_id)
     return True
 
 

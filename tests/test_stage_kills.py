@@ -91,3 +91,28 @@ def test_a_stage_stopped_by_sigterm_or_ctrl_c_ends_its_run_as_killed(tmp_path, h
     proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert _status(tmp_path, run_id)[:2] == ("KILLED", "KILLED")  # was: FAILED, as if the stage had failed
+
+
+@pytest.mark.skipif(not DVC.exists(), reason="dvc is installed by make install")
+def test_the_next_dvc_repro_ends_the_run_of_a_sigkilled_stage_and_no_live_one(tmp_path):
+    # another checkout's pipeline on this machine runs the same stage meanwhile, alive: left alone
+    other, _, alive = _start(*_project(tmp_path, "other"))
+    try:
+        repo, env = _project(tmp_path)
+        proc, pid, killed = _start(repo, env)
+        os.kill(pid, signal.SIGKILL)  # nothing of the stage runs: its run stays RUNNING
+        proc.communicate(timeout=120)
+        assert _status(tmp_path, killed)[:2] == ("RUNNING", "RUNNING")
+
+        done = subprocess.run([DVC, "repro", "-q"], cwd=repo, env=env | {"STAGE_QUICK": "1"}, capture_output=True,
+                              text=True, timeout=180)
+        assert done.returncode == 0, done.stderr
+        again = (repo / "started").read_text().split()[1]
+        status, parent, tags = _status(tmp_path, killed)
+        assert (status, parent) == ("KILLED", "KILLED")  # was: RUNNING for ever, across later dvc repro calls
+        assert tags["kocr.superseded_by"] == again
+        assert _status(tmp_path, again)[:2] == ("FINISHED", "FINISHED")
+        assert _status(tmp_path, alive)[:2] == ("RUNNING", "RUNNING")
+    finally:
+        os.killpg(other.pid, signal.SIGKILL)
+        other.communicate(timeout=120)

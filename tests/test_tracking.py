@@ -111,6 +111,49 @@ def test_a_stage_run_ends_the_runs_of_that_stage_a_dead_process_left_running(tmp
         mlflow.set_tracking_uri(None)
 
 
+def test_a_dead_stage_run_of_another_pipeline_is_ended_only_in_this_pid_space(tmp_path, monkeypatch):
+    """A stage run names the PID space its PID is in: a dead one of another pipeline run is ended when
+    that is this process's; one of another PID namespace (a container with the host's name) is not
+    judged, nor is a tune trial (its worker's stale-trial check ends it)."""
+    import socket
+    import subprocess
+
+    from kocr.tracking import PID_SPACE_TAG, pid_space, stage_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "repro-1")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here, space = socket.gethostname(), pid_space()
+    assert space is not None
+    try:
+        with stage_run("evaluate") as first:
+            experiment = first.info.experiment_id
+        assert first.data.tags[PID_SPACE_TAG] == space
+        client = mlflow.MlflowClient()
+        old_parent = first.data.tags["mlflow.parentRunId"]
+        base = {"mlflow.parentRunId": old_parent, "kocr.stage": "evaluate", "kocr.host": here}
+        left = {name: client.create_run(experiment, run_name="evaluate", tags=base | extra).info.run_id
+                for name, extra in [("dead", {"kocr.pid": str(gone.pid), PID_SPACE_TAG: space}),
+                                    ("my_pid", {"kocr.pid": str(os.getpid()), PID_SPACE_TAG: space}),
+                                    ("container", {"kocr.pid": str(gone.pid), PID_SPACE_TAG: "boot/4026532999"}),
+                                    ("alive", {"kocr.pid": str(os.getppid()), PID_SPACE_TAG: space}),
+                                    ("trial", {"kocr.pid": str(gone.pid), PID_SPACE_TAG: space, "kocr.trial": "0"}),
+                                    ("untagged", {"kocr.pid": str(gone.pid)})]}
+        monkeypatch.setenv("KOCR_PIPELINE_ID", "repro-2")  # the next dvc repro: another pipeline run
+        with stage_run("evaluate") as again:
+            pass
+        status = {name: client.get_run(run_id).info.status for name, run_id in left.items()}
+        # was: all RUNNING; untagged (an older kocr's, no PID space) is judged only under its own pipeline run
+        assert status == {"dead": "KILLED", "my_pid": "KILLED", "container": "RUNNING", "alive": "RUNNING",
+                          "trial": "RUNNING", "untagged": "RUNNING"}
+        assert again.data.tags["mlflow.parentRunId"] != old_parent
+        assert client.get_run(left["dead"]).data.tags["kocr.superseded_by"] == again.info.run_id
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_the_pipeline_run_is_running_while_a_stage_runs_and_ends_as_its_stages_do(monkeypatch):
     """Was: FINISHED after the first stage, while later stages ran, after one failed or was killed."""
     from kocr.tracking import stage_run
