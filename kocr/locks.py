@@ -19,13 +19,34 @@ from kocr.redact import hide_passwords
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if absent); released when the holder dies."""
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def file_lock(path: str | os.PathLike, remove: bool = False) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if absent); released when the holder dies.
+
+    With ``remove``, the file is unlinked while still held, before the lock is released. A process
+    that was waiting on the file so unlinked finds, once it holds it, that ``path`` is no longer that
+    file, and locks the one now at ``path`` instead (creating it): an unlinked file never serves as a
+    second lock beside a new one, so removing the file is safe while others use it."""
+    while True:
+        handle = open(path, "a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                current = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+            except FileNotFoundError:
+                current = False
+        except BaseException:
+            handle.close()
+            raise
+        if current:
+            break
+        handle.close()  # removed (and maybe made anew) by its holder while this process waited for it
+    with handle:
         try:
             yield
         finally:
+            if remove:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
@@ -63,11 +84,29 @@ def advisory_lock(url: str, name: str) -> Iterator[None]:
         engine.dispose()
 
 
+def _lock_file(url: str, name: str) -> str | None:
+    """The file :func:`database_lock` locks for a SQLite file database, else None."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
+        return f"{parsed.database}.{hashlib.sha256(name.encode()).hexdigest()[:8]}.lock"
+    return None
+
+
 def database_lock(url: str, name: str) -> contextlib.AbstractContextManager[None] | None:
     """The lock that fits a database URL: advisory for PostgreSQL, a file beside a SQLite file, else None."""
     parsed = sqlalchemy.engine.make_url(url)
     if parsed.get_backend_name() in ("postgresql", "postgres"):  # postgres:// is the same server
         return advisory_lock(url, name)
-    if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        return file_lock(f"{parsed.database}.{hashlib.sha256(name.encode()).hexdigest()[:8]}.lock")
-    return None
+    path = _lock_file(url, name)
+    return file_lock(path) if path else None
+
+
+def discard_database_lock(url: str, name: str) -> None:
+    """Remove the file of :func:`database_lock` ``(url, name)`` beside a SQLite database, if it is there,
+    once this process holds it: for a lock named after something that ends (a tune study), whose
+    file would otherwise stay beside the database for good. A process still using the lock makes the
+    file anew (:func:`file_lock`); nothing to do for other databases."""
+    path = _lock_file(url, name)
+    if path and os.path.exists(path):
+        with contextlib.suppress(FileNotFoundError), file_lock(path, remove=True):
+            pass

@@ -704,6 +704,15 @@ def test_a_trial_stopped_by_sigterm_or_ctrl_c_ends_its_run_as_killed(prepared, m
     assert mlflow.get_run(trial.user_attrs["mlflow_run_id"]).info.status == "KILLED"
 
 
+def test_an_embedded_study_leaves_no_lock_file_beside_its_storage(prepared, tmp_path):
+    """Was: tuning/optuna.db.<hash>.lock, the budget lock's file, stayed for good, one more per new study."""
+    config = TuneConfig.from_params({**PARAMS["tune"], "steps_per_trial": 2}).with_overrides(n_trials=1)
+    for _ in range(2):  # a new study per run
+        run_tune(config, PARAMS, prepared, tmp_path / "tuning", log=False)
+    assert len(optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'tuning' / 'optuna.db'}")) == 2
+    assert sorted(p.name for p in (tmp_path / "tuning").iterdir()) == ["best_params.yaml", "optuna.db"]
+
+
 def test_kocr_tune_study_names_only_a_study_nothing_else_names(monkeypatch):
     """$KOCR_TUNE_STUDY (the retrain workflow's per-run name, so a re-run continues the study) fills an
     empty tune.study_name; --study and a named study keep theirs; unset or blank, a new study per run."""

@@ -50,7 +50,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url as sqlalchemy_url
 
 from kocr.atomic import DISK_FULL, database_full, scratch_folder, write_text
-from kocr.locks import database_lock
+from kocr.locks import database_lock, discard_database_lock
 from kocr.params import ParamsError, check_keys, data_section, typed
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
 from training.train import MODEL_KNOBS, TrainConfig, knob_params, train
@@ -438,15 +438,21 @@ def space_fingerprint(space: tuple[ParamSpec, ...]) -> str:
 # --- claiming trials: the study-wide budget, heartbeats ---------------------------------------
 
 
+def budget_lock_name(study_name: str) -> str:
+    """The name of the budget lock of study ``study_name`` (a SQLite storage's lock file is named after it)."""
+    return f"kocr-tune:{study_name}"
+
+
 @contextlib.contextmanager
 def budget_lock(url: str, study_name: str) -> Iterator[None]:
     """Serialise counting and creating trials across workers of one study.
 
     PostgreSQL: a session advisory lock (released by the server if the worker dies); SQLite: an
-    exclusive file lock beside the database; other databases: no lock (the budget may then be
-    overshot by up to one trial per extra worker).
+    exclusive file lock beside the database (``<db>.<hash>.lock``, removed when the worker ends:
+    :func:`_run_tune`); other databases: no lock (the budget may then be overshot by up to one trial
+    per extra worker).
     """
-    lock = database_lock(url, f"kocr-tune:{study_name}")
+    lock = database_lock(url, budget_lock_name(study_name))
     if lock is None:
         yield
         return
@@ -707,6 +713,17 @@ def _run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Pat
     shared = not url.startswith("sqlite")
     storage = make_storage(url, config)
     study = open_study(config, storage, shared)
+    try:
+        return _work_on(study, storage, config, params, data_dir, out_dir, url, log)
+    finally:
+        # the budget lock's file beside a SQLite storage holds nothing once no worker claims: one per
+        # study was left in tuning/ for good (a new study per run). A worker still claiming makes it anew.
+        discard_database_lock(url, budget_lock_name(study.study_name))
+
+
+def _work_on(study: optuna.Study, storage: optuna.storages.RDBStorage, config: TuneConfig, params: dict[str, Any],
+             data_dir: str | os.PathLike, out_dir: str | os.PathLike, url: str, log: bool) -> dict[str, Any]:
+    """Run trials of ``study`` until its budget or this worker's time is spent, then finish it."""
     if log:
         import mlflow
 
