@@ -188,7 +188,8 @@ def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalP
     """Score every model (a recogniser spec, a loaded recogniser or ``tesseract``) on ``pages``.
 
     Predictions go to ``pred_dir/<model>/``. CRAFT runs once per page and every recogniser reads the
-    same boxes. With ``pictures_dir``, each model's ``worst_pages`` lowest-F1 pages are drawn there.
+    same boxes. With ``pictures_dir``, each model's ``worst_pages`` lowest-F1 pages are drawn there, as
+    ``<model>/<rank>.png`` (``01.png`` the worst), the page named in the picture's title.
     """
     engines = {label: make_engine(m, settings, device) for label, m in models.items()}
     if detector is None and any(e.needs_detection for e in engines.values()):
@@ -222,8 +223,11 @@ def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalP
                                      [(name, f1) for name, f1, _ in ranked])
         if pictures_dir is not None:
             for rank, (name, f1, i) in enumerate(ranked, start=1):
-                out = Path(pictures_dir) / label / f"{rank:02d}_{Path(name).stem}.png"
+                # named by rank alone, so `dvc plots diff` pairs each run's worst page with another's (a name
+                # with the page in it was in one run only); the page is in the title and in evaluate.md
+                out = Path(pictures_dir) / label / f"{rank:02d}.png"
                 evaluation.pictures.append(draw_comparison(pages[i].image, pages[i].page, predictions[label][i],
-                                                           f"{label}: page F1 {f1:.3f}", out, page_scores[label][i]))
+                                                           f"{label} worst {rank}: {name}, page F1 {f1:.3f}", out,
+                                                           page_scores[label][i]))
         results[label] = evaluation
     return results

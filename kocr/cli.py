@@ -420,7 +420,8 @@ def _champion_uri(model_name: str) -> str | None:
 
 
 def evaluation_report(evaluated: dict, pages: int, data_hash: str) -> str:
-    """The Markdown report: metrics side by side, then each model's breakdown and confusions."""
+    """The Markdown report: metrics side by side, then each model's breakdown, confusions and worst pages
+    (ranked as ``outputs/worst_pages/<model>/<rank>.png`` are named)."""
     lines = [f"Evaluation on {pages} held-out pages (set {data_hash[:12]}):", "",
              markdown_table({label: e.metrics for label, e in evaluated.items()}), ""]
     for label, evaluation in evaluated.items():
@@ -429,9 +430,10 @@ def evaluation_report(evaluated: dict, pages: int, data_hash: str) -> str:
         cats = ", ".join(f"{c} {v:.3f}" for c, v in a["category_f1"].items())
         det = a["detection"]
         top = ", ".join(f"{c['gt']}→{c['pred']} ×{c['count']}" for c in a["confusions"][:8]) or "none"
+        worst = ", ".join(f"{rank:02d} {name} ({f1:.3f})" for rank, (name, f1) in enumerate(evaluation.worst, 1))
         lines += [f"**{label}**: word score by kind: {kinds}; page F1 by category: {cats}; "
                   f"detection: {det['split']} split, {det['merged']} merged, {det['missed']} missed; "
-                  f"top confusions: {top}", ""]
+                  f"top confusions: {top}" + (f"; worst pages (page F1): {worst}" if worst else ""), ""]
     return "\n".join(lines)
 
 

@@ -182,6 +182,38 @@ def test_evaluate_writes_metrics_and_pictures_for_a_page_with_broken_boxes(tmp_p
     assert scored.metrics["gt_words"] == 1 and [p.is_file() for p in scored.pictures] == [True]
 
 
+def test_worst_page_pictures_are_named_by_rank_and_the_report_names_their_pages(tmp_path, monkeypatch):
+    """Was: 01_<page>.png, so `dvc plots diff` paired no rank of two runs whose worst pages differ."""
+    from evaluation import drawing, evaluate
+    from evaluation.evaluate import EvalPage, evaluate_models
+    from kocr.cli import evaluation_report
+
+    items = []
+    for name, text in (("a.png", "서을"), ("b.png", "서울")):  # a misread, b read exactly
+        Image.new("RGB", (200, 100), (250, 250, 250)).save(tmp_path / name)
+        items.append(EvalPage(name, Page(name, 200, 100, [Word((10, 40, 60, 20), "서울")]), tmp_path / name))
+
+    class Reader:
+        needs_detection = False
+
+        def read_page(self, item, grey, detections):
+            return Page(item.page.image_name, 200, 100, [Word((10, 40, 60, 20), "서을" if item.name == "a.png" else "서울")])
+
+        def read_crops(self, grey, boxes):
+            return ["" for _ in boxes]
+
+    titles = []
+    real = drawing.draw_comparison
+    monkeypatch.setattr(evaluate, "make_engine", lambda model, settings, device: Reader())
+    monkeypatch.setattr(evaluate, "draw_comparison", lambda *a: titles.append(a[3]) or real(*a))
+    scored = evaluate_models({"m": "echo"}, items, tmp_path / "pred", progress=False,
+                             pictures_dir=tmp_path / "worst", worst_pages=2)
+    assert [p.relative_to(tmp_path / "worst").as_posix() for p in scored["m"].pictures] == ["m/01.png", "m/02.png"]
+    assert titles == ["m worst 1: a.png, page F1 0.500", "m worst 2: b.png, page F1 1.000"]
+    report = evaluation_report(scored, 2, "0" * 64)
+    assert "worst pages (page F1): 01 a.png (0.500), 02 b.png (1.000)" in report
+
+
 def test_worst_page_picture_colours_each_box_by_its_match(tmp_path):
     """Readings: exact green, misread orange, matched to no word red; ground truth: found blue, missed red."""
     Image.new("RGB", (400, 100), (250, 250, 250)).save(tmp_path / "p.png")
