@@ -76,7 +76,7 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
     import mlflow
 
     from kocr.tracking import stage_run
-    from training.data.synth_lines import LinesConfig, check_sources, generate_lines
+    from training.data.synth_lines import LinesConfig, check_out, check_sources, generate_lines
 
     params = load_params()
     cfg, origin = section(params, "synth_lines"), {}
@@ -88,6 +88,7 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
         origin = dict.fromkeys(override, args.section)  # an error in one of its keys names that section
     config = LinesConfig.from_params(cfg, origin, count=args.count, seed=args.seed, workers=args.workers)
     check_sources(config)  # charset and fonts: before a run is started
+    check_out(Path(args.out))  # a file, or a folder of the user's: refused before a run is started, never replaced
     with stage_run("synth_lines", {"synth_lines": config.as_params()}):
         start = time.perf_counter()
         summary = generate_lines(args.out, config)
@@ -748,7 +749,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
 
     p = add("synth-lines", cmd_synth_lines, "generate Korean word/line images into an LMDB set (synth_lines:)")
-    p.add_argument("--out", required=True, help="the LMDB set folder (replaced when it exists)")
+    p.add_argument("--out", required=True, help="the LMDB set folder (a set there is replaced; "
+                   "a file or a folder holding other files is refused)")
     p.add_argument("--count", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="render processes (synth_lines.workers); output is the same")

@@ -819,6 +819,33 @@ def test_cli_writes_the_set_and_reports_bad_params_in_one_line(tmp_path, monkeyp
         "kocr synth-lines: error: params.yaml: synth_lines.skew must be below 45 degrees, got 50.0"]
 
 
+def test_an_out_holding_other_files_or_a_file_is_refused_never_replaced(tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    # was: the set replaced the folder whole when it was published, deleting the user's files in it;
+    # a file was rmtree'd at the end of the run and failed with a NotADirectoryError traceback
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("synth_lines:\n  fonts: [NanumGothic.ttf]\n  contact_sheet: 0\n",
+                                          encoding="utf-8")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "scan.jpg").write_bytes(b"my scan")
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    assert main(["synth-lines", "--out", "mine", "--count", "2", "--workers", "1"]) == 2
+    assert main(["synth-lines", "--out", "notes.txt", "--count", "2", "--workers", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "kocr synth-lines: error: --out mine: holds 'scan.jpg' (1 such), which an LMDB set of synth-lines does "
+        "not; give a new folder (a set there is replaced whole)",
+        "kocr synth-lines: error: --out notes.txt: is a file; give a new folder (a set there is replaced whole)"]
+    assert [p.name for p in mine.iterdir()] == ["scan.jpg"] and (mine / "scan.jpg").read_bytes() == b"my scan"
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert not (tmp_path / "mine.partial").exists()
+    # a set synth-lines wrote is still replaced by the next run
+    assert main(["synth-lines", "--out", "mine2", "--count", "2", "--workers", "1"]) == 0
+    assert main(["synth-lines", "--out", "mine2", "--count", "3", "--workers", "1"]) == 0
+    assert len(LmdbDataset(tmp_path / "mine2")) == 3
+
+
 KILLER = """
 import functools, os, signal, sys
 import training.data.synth_lines as synth

@@ -847,9 +847,30 @@ def _kept_manifest(path: Path, committed: int) -> list[str]:
     return rows
 
 
+SET_FILES = frozenset({"data.mdb", "lock.mdb", "manifest.tsv", "contact_sheet.png"})  # what a set here holds
+
+
+def check_out(out: Path) -> None:
+    """Refuse an ``out`` that publishing the set would destroy: a file, or a folder holding anything but
+    an LMDB set's files (a folder of the user's, ``.``), which ``PartialFolder.publish`` would delete whole."""
+    from kocr.atomic import OutFolderError
+
+    if out.is_symlink() or not out.exists():  # a link: LmdbWriter refuses it, naming its target
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in SET_FILES) if out.is_dir() else [""]
+    if foreign:
+        raise OutFolderError(f"--out {out}: " + (f"holds {foreign[0]!r} ({len(foreign)} such), which an LMDB set "
+                             "of synth-lines does not" if foreign[0] else "is a file") + "; give a new folder "
+                             "(a set there is replaced whole)")
+
+
 def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
                    progress: bool = True) -> dict[str, Any]:
     """Write ``config.count`` images into the LMDB set ``out_dir`` (replaced when it exists).
+
+    An ``out_dir`` that is a file, or a folder holding anything but an LMDB set's files (``data.mdb``,
+    ``lock.mdb``, ``manifest.tsv``, ``contact_sheet.png``), is refused before anything is drawn, never
+    replaced.
 
     Also writes ``manifest.tsv`` (LMDB index, font file, background kind, label) and, unless
     ``config.contact_sheet`` is 0, ``contact_sheet.png`` into the set's folder. Returns a summary:
@@ -859,8 +880,9 @@ def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
     without the kill).
     """
     config.check()
-    faces = _usable(config)
     out = Path(out_dir)
+    check_out(out)
+    faces = _usable(config)
     fonts_used: Counter[str] = Counter()
     backgrounds_used: Counter[str] = Counter()
     tiles: list[tuple[Image.Image, str]] = []
