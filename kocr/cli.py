@@ -650,6 +650,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         same = [str(image) for image, out in zip(args.images, outputs) if str(out) == clashes[0]]
         raise CommandError(f"{' and '.join(same)} would both be written to {clashes[0]}; read them into "
                            "different --out folders")
+    _out_folder(args.out)  # a file there failed with a traceback after the first page was read
     if args.model == CANDIDATE and not Path(CANDIDATE).is_file():
         raise CommandError(f"--model defaults to the pipeline's candidate, {CANDIDATE}, and there is none here yet: "
                            "run `dvc repro` first, or pass --model (ko_base, a checkpoint path, models:/…)")

@@ -382,6 +382,23 @@ def test_predict_writes_every_readable_page_and_refuses_outputs_that_clash(sampl
     assert "would both be written to" in capsys.readouterr().err and not (tmp_path / "clash").exists()
 
 
+def test_predict_refuses_an_out_that_cannot_be_a_folder_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    import training.checkpoint
+
+    from kocr.cli import main
+
+    def no_load(spec):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(training.checkpoint, "load_recognizer", no_load)
+    (tmp_path / "out.json").write_text("{}", encoding="utf-8")
+    # was: the page was read, then writing its JSON under the file failed with a FileExistsError traceback
+    assert main(["predict", "page.png", "--model", "english_g2", "--out", str(tmp_path / "out.json")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"kocr predict: error: --out {tmp_path / 'out.json'}: cannot be made a folder (File exists)"]
+    assert (tmp_path / "out.json").read_text(encoding="utf-8") == "{}"
+
+
 def test_scans_past_pillows_pixel_limit_are_one_line_for_the_command_not_a_warning_each(
         sample_pages, tmp_path, monkeypatch, recwarn, capsys):
     from PIL import Image
