@@ -622,6 +622,12 @@ def cmd_average(args: argparse.Namespace) -> None:
     from training.checkpoint import file_digest, load_recognizer, save_checkpoint
     from training.weight_average import average_recognizers
 
+    out_path = Path(args.out)
+    if out_path.is_dir() or any(p.exists() and not p.is_dir() for p in out_path.parents):
+        # torch.save failed there with a RuntimeError or FileExistsError traceback, after every input loaded
+        raise CommandError(f"--out {args.out}: " + ("a folder; give the checkpoint file to write, e.g. "
+                                                     f"{out_path / 'mean.pt'}" if out_path.is_dir() else
+                                                     "its folder is a file"))
     loaded = [load_recognizer(spec) for spec in args.models]
     weights = args.weights or [1.0] * len(loaded)
     try:

@@ -121,6 +121,20 @@ def test_average_checkpoints_refuses_what_cannot_be_averaged(tmp_path, capsys):
     assert not out.exists()  # nothing written for a refused average
 
 
+def test_average_checkpoints_refuses_an_out_that_cannot_be_a_file_before_loading(tmp_path, capsys):
+    a = _checkpoint(tmp_path / "a.pt", 1)
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    # was: a RuntimeError traceback from torch.save (invalid file name) for a folder, and a FileExistsError
+    # traceback for a file standing where the folder goes, after every input had loaded
+    for out, message in ((tmp_path, f"--out {tmp_path}: a folder; give the checkpoint file to write, e.g. "
+                                    f"{tmp_path / 'mean.pt'}"),
+                         (tmp_path / "notes.txt" / "mean.pt", f"--out {tmp_path / 'notes.txt' / 'mean.pt'}: its "
+                                                               "folder is a file")):
+        assert cli.main(["average-checkpoints", str(a), str(a), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [f"kocr average-checkpoints: error: {message}"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt", "notes.txt"]
+
+
 # -- train.average_with_base: the kept checkpoint averaged with the start (WiSE-FT) -----------------
 
 def test_training_can_keep_the_mean_of_its_best_checkpoint_and_its_start(prepared, tmp_path):
