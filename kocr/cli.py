@@ -572,6 +572,14 @@ def _count(text: str, least: int = 0) -> int:
     return value
 
 
+def _iou(text: str) -> float:
+    """argparse type: an IoU threshold in (0, 1], as evaluate.iou_threshold (1.5 or 50 matched no box: zeros)."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected an IoU in (0, 1], got {text}")
+    return value
+
+
 def _processes(text: str) -> int:
     """argparse type: a number of processes, 1 or more."""
     return _count(text, least=1)
@@ -823,7 +831,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("score", cmd_score, "metrics of two folders of page JSON (ground truth, predictions)")
     p.add_argument("--gt", required=True)
     p.add_argument("--pred", required=True)
-    p.add_argument("--iou", type=float, default=0.5, help="IoU a predicted box needs to meet a labelled one (default 0.5)")
+    p.add_argument("--iou", type=_iou, default=0.5,
+                   help="IoU a predicted box needs to meet a labelled one, in (0, 1] (default 0.5)")
 
     models_help = ("recognisers to score: checkpoint path, ko_base, english_g2, korean_g2, models:/…, runs:/… or "
                    "an export-easyocr bundle folder; "

@@ -88,6 +88,21 @@ def test_score_of_a_missing_or_empty_folder_is_an_error_not_zeros(tmp_path, caps
     assert "1 page JSON files under it, none with a labelled word inside its image" in capsys.readouterr().err
 
 
+def test_score_refuses_an_iou_threshold_outside_0_to_1(tmp_path, capsys):
+    from kocr.cli import main
+
+    gt = tmp_path / "gt"
+    write_page(Page("a.jpg", 100, 100, [Word((0, 0, 40, 20), "서울")]), gt / "a.json")
+    # was: accepted, so 50 (a percentage) or 1.5 matched no box and printed e2e_f1 0, as evaluate.iou_threshold
+    # in params.yaml is refused outside (0, 1]
+    for bad in ("50", "1.5", "0", "-0.5", "nan"):
+        with pytest.raises(SystemExit) as exit_:
+            main(["score", "--gt", str(gt), "--pred", str(gt), "--iou", bad])
+        assert exit_.value.code == 2 and f"expected an IoU in (0, 1], got {bad}" in capsys.readouterr().err
+    assert main(["score", "--gt", str(gt), "--pred", str(gt), "--iou", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["e2e_f1"] == 1.0
+
+
 def test_a_misspelt_detector_setting_is_refused_not_run_with_easyocrs_default(tmp_path, monkeypatch, capsys):
     from kocr.cli import main
 
