@@ -546,11 +546,17 @@ def cmd_score(args: argparse.Namespace) -> None:
         scores = score_folders(args.gt, args.pred, args.iou)
     except ValueError as exc:  # a stem that fits two predictions or two pages, a stray non-page JSON
         raise CommandError(str(exc)) from None
+    files = sum(1 for _ in iter_page_files(args.gt))
     if not scores["pages"]:
-        files = sum(1 for _ in iter_page_files(args.gt))
         raise CommandError(f"--gt {args.gt}: " + (f"{files} page JSON files under it, none with a labelled word "
                                                   "inside its image (e2e scores are averaged over such pages)"
                                                   if files else "no page JSON under it to score"))
+    if scores["missing_predictions"] == files:  # the wrong folder (a parent, another set's), not a model reading nothing
+        raise CommandError(f"--pred {args.pred}: no prediction for any of the {files} pages under --gt {args.gt} "
+                           "(a page's prediction is the page JSON at its relative path, or of its file stem)")
+    if scores["missing_predictions"]:
+        print(f"kocr score: note: {scores['missing_predictions']} of {files} pages have no prediction under --pred "
+              f"{args.pred}; each is scored as reading nothing", file=sys.stderr)
     print(json.dumps(scores, indent=1))
 
 

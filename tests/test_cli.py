@@ -88,6 +88,28 @@ def test_score_of_a_missing_or_empty_folder_is_an_error_not_zeros(tmp_path, caps
     assert "1 page JSON files under it, none with a labelled word inside its image" in capsys.readouterr().err
 
 
+def test_score_refuses_a_pred_folder_with_no_prediction_for_any_page_and_notes_some_missing(tmp_path, capsys):
+    from kocr.cli import main
+
+    gt, pred = tmp_path / "gt", tmp_path / "pred"
+    for name in ("a", "b"):
+        write_page(Page(f"{name}.jpg", 100, 100, [Word((0, 0, 40, 20), "서울")]), gt / f"{name}.json")
+    (pred / "candidate").mkdir(parents=True)  # predictions one folder down: --pred named its parent
+    write_page(Page("a.jpg", 100, 100, [Word((0, 0, 40, 20), "서울")]), pred / "other" / "x.json")
+    # was: exit 0 and e2e_f1 0.0, with only "missing_predictions": 2 in the JSON to say why
+    assert main(["score", "--gt", str(gt), "--pred", str(pred / "candidate")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.strip() == (
+        f"kocr score: error: --pred {pred / 'candidate'}: no prediction for any of the 2 pages under --gt {gt} "
+        "(a page's prediction is the page JSON at its relative path, or of its file stem)")
+    write_page(Page("a.jpg", 100, 100, [Word((0, 0, 40, 20), "서울")]), pred / "candidate" / "a.json")
+    assert main(["score", "--gt", str(gt), "--pred", str(pred / "candidate")]) == 0  # one of two: scored, noted
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["missing_predictions"] == 1 and captured.err.strip() == (
+        f"kocr score: note: 1 of 2 pages have no prediction under --pred {pred / 'candidate'}; each is scored as "
+        "reading nothing")
+
+
 def test_score_refuses_an_iou_threshold_outside_0_to_1(tmp_path, capsys):
     from kocr.cli import main
 
