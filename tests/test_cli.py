@@ -464,6 +464,17 @@ def test_prepare_workers_from_the_command_line_are_checked_there(tmp_path, capsy
         assert exit_.value.code == 2 and f"expected a count >= 1, got {bad}" in capsys.readouterr().err
 
 
+def test_synth_counts_from_the_command_line_are_checked_there(tmp_path, capsys):
+    from kocr.cli import main
+
+    # was: "params.yaml: synth_lines.count must be >= 0, got -3", blaming a file that never said -3
+    for argv in (["synth-lines", "--count", "-3"], ["synth-lines", "--workers", "-1"], ["synth-pages", "--count", "-2"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, "--out", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"expected a count >= 0, got {argv[-1]}" in err and "params.yaml" not in err
+
+
 def test_predict_without_a_candidate_says_how_to_get_one(tmp_path, monkeypatch, capsys):
     from kocr.cli import main
 
