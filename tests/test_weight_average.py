@@ -109,7 +109,11 @@ def test_average_checkpoints_refuses_what_cannot_be_averaged(tmp_path, capsys):
     reordered = Charset(Charset.named("english_g2").chars[::-1], "reordered")  # same size, other classes
     other = _checkpoint(tmp_path / "other.pt", 3, reordered)
     out = tmp_path / "mean.pt"
+    korean = _checkpoint(tmp_path / "korean.pt", 4, Charset.named("korean_g2"))  # another size: another head
     cases = [([str(a), str(wider)], "wider.pt: architecture"), ([str(a), str(other)], "other.pt: charset reordered"),
+             # was: "korean.pt: architecture RecognizerConfig(num_class=1009, …) differs from …(num_class=97, …)"
+             ([str(a), str(korean)], "korean.pt: charset korean_g2 (1008 characters) differs from "
+                                     f"{a}'s english_g2 (96)"),
              ([str(a)], "at least two"), ([str(a), str(a), "--weights", "1"], "expected 2 non-negative"),
              ([str(a), str(a), "--weights", "1", "-1"], "expected 2 non-negative")]
     for argv, message in cases:

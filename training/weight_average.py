@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -78,13 +79,17 @@ def average_recognizers(loaded: Sequence["LoadedRecognizer"],
         raise ValueError(f"weights {weights}: expected {len(loaded)} non-negative numbers, not all 0")
     first = loaded[0]
     for other in loaded[1:]:
-        if other.config != first.config:
+        # a charset of another size makes a head of another size: named as the charset, not as num_class
+        if replace(other.config, num_class=first.config.num_class) != first.config:
             raise ArchitectureMismatch(f"{other.source}: architecture {other.config} differs from "
                                        f"{first.source}'s {first.config}")
         if other.charset.chars != first.charset.chars:
             raise ArchitectureMismatch(f"{other.source}: charset {other.charset.name} "
                                        f"({len(other.charset.chars)} characters) differs from {first.source}'s "
                                        f"{first.charset.name} ({len(first.charset.chars)})")
+        if other.config != first.config:  # the same charset with a head of another size: a damaged checkpoint
+            raise ArchitectureMismatch(f"{other.source}: architecture {other.config} differs from "
+                                       f"{first.source}'s {first.config}")
     model = Recognizer(first.config)
     model.load_state_dict(mean_state_dict([item.model.state_dict() for item in loaded], weights))
     return model.eval()
