@@ -171,9 +171,10 @@ def find_pages(images: str | os.PathLike, texts: str | os.PathLike,
     ``not_a_page_image`` for a file in ``images`` of another type (``.gif``, ``.heic``, …).
     """
     images, texts = Path(images), Path(texts)
-    for folder, what in ((images, "image"), (texts, "text")):
-        if not folder.is_dir():
-            raise ScoreInputError(f"{folder}: {what} folder not found")
+    for folder, what, flag in ((images, "image", "--images"), (texts, "text", "--text")):
+        if not folder.is_dir():  # a file (the page itself, its .txt) is no folder: said so, not "not found"
+            raise ScoreInputError(f"{folder}: " + (f"a file, not a folder ({flag} takes the {what} folder)"
+                                                   if folder.exists() else f"{what} folder not found"))
     files = sorted(p for p in images.iterdir() if p.is_file() and not stray_file(p.name))
     pages = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
     by_stem: dict[str, list[Path]] = {}

@@ -70,6 +70,11 @@ def test_find_pages_needs_a_text_per_image(tmp_path):
         find_pages(tmp_path / "img", tmp_path / "txt")
     with pytest.raises(ScoreInputError, match="missing: image folder not found"):
         find_pages(tmp_path / "missing", tmp_path / "txt")
+    # was "…p1.png: image folder not found" for a page given as --images: it is there, and it is a file
+    with pytest.raises(ScoreInputError, match=r"p1.png: a file, not a folder \(--images takes the image folder\)$"):
+        find_pages(tmp_path / "img" / "p1.png", tmp_path / "txt")
+    with pytest.raises(ScoreInputError, match=r"p1.txt: a file, not a folder \(--text takes the text folder\)$"):
+        find_pages(tmp_path / "img", tmp_path / "txt" / "p1.txt")
 
 
 def test_cli_reads_a_real_page_end_to_end(tmp_path, capsys):
