@@ -424,15 +424,20 @@ def _settle_parent(client: mlflow.MlflowClient, parent_id: str | None) -> None:
             client.set_terminated(parent_id, status=status)
 
 
-def _process_gone(tags: dict[str, str], space: str | None) -> bool | None:
+def _process_gone(tags: dict[str, str], space: str | None, same_pipeline: bool = False) -> bool | None:
     """Whether the process a run's ``kocr.pid`` names is gone: True, False, or None when this process
     cannot tell (no PID, or a PID of another PID space: :func:`pid_space`). A run without the
-    ``kocr.pid_space`` tag (an older kocr's) is judged by its PID alone."""
+    ``kocr.pid_space`` tag (an older kocr's) is judged by its PID alone. Under the same pipeline run
+    (``same_pipeline``), a run of an earlier boot of this host is gone: the reboot ended its process
+    (a host's runs of one pipeline run were ended by PID alone before the tag, a clone of this name's too)."""
     pid = tags.get("kocr.pid", "")
     if not pid.isdigit():
         return None
     if PID_SPACE_TAG in tags:
         if space is None or tags[PID_SPACE_TAG] != space:
+            boot = tags[PID_SPACE_TAG].partition("/")[0]
+            if same_pipeline and space is not None and boot and boot != space.partition("/")[0]:
+                return True
             return None
         if int(pid) == os.getpid():  # this process took over its PID: that process is gone
             return True
@@ -447,7 +452,8 @@ def end_dead_siblings(experiment_id: str, parent_id: str, stage: str, current: s
     Under any pipeline run (a killed stage of one ``dvc repro`` is ended by the same stage of the next
     ``dvc repro``, whose pipeline key is another) when the run names its PID space (:func:`pid_space`,
     tagged by every stage run) and it is this process's; a run without that tag (an older kocr's) only
-    under the same pipeline run, judged by its PID on this host. A run whose process is alive, that
+    under the same pipeline run, judged by its PID on this host, and so is one of an earlier boot of
+    this host under the same pipeline run (the reboot ended it). A run whose process is alive, that
     another machine or PID namespace started, or a tune trial (its worker's stale-trial check ends
     it), is left alone."""
     host, space = socket.gethostname(), pid_space()
@@ -463,7 +469,7 @@ def end_dead_siblings(experiment_id: str, parent_id: str, stage: str, current: s
         tags = run.data.tags
         if run.info.run_id == current or tags.get("kocr.host") != host or "kocr.trial" in tags \
                 or (PID_SPACE_TAG not in tags and tags.get("mlflow.parentRunId") != parent_id) \
-                or not _process_gone(tags, space):
+                or not _process_gone(tags, space, tags.get("mlflow.parentRunId") == parent_id):
             continue
         _end_superseded(client, run.info.run_id, current)
         ended.append(run.info.run_id)

@@ -154,6 +154,53 @@ def test_a_dead_stage_run_of_another_pipeline_is_ended_only_in_this_pid_space(tm
         mlflow.set_tracking_uri(None)
 
 
+def test_a_stage_run_again_under_its_pipeline_run_after_a_reboot_ends_the_run_the_reboot_killed(tmp_path, monkeypatch):
+    """A reboot (power cut, a preempted VM brought back) kills every process: a stage run of the same
+    pipeline run (the same KOCR_PIPELINE_ID) on this host, whose PID space names an earlier boot, is ended
+    as before kocr.pid_space existed; was RUNNING for ever, and so was its pipeline run, after a rerun that
+    passed. A container's (this boot, another namespace) is still left alone, and so is an earlier boot's
+    run under another pipeline run (a cloned machine of this name may be running it)."""
+    import socket
+    import subprocess
+
+    from kocr.tracking import PID_SPACE_TAG, pid_space, stage_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "repro-after-reboot")
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    here, space = socket.gethostname(), pid_space()
+    boot, namespace = space.split("/")
+    earlier_boot = f"00000000-0000-4000-8000-000000000000/{namespace}"
+    try:
+        with stage_run("evaluate") as first:
+            experiment, parent = first.info.experiment_id, first.data.tags["mlflow.parentRunId"]
+        client = mlflow.MlflowClient()
+        monkeypatch.setenv("KOCR_PIPELINE_ID", "another-repro")
+        with stage_run("evaluate") as other:
+            other_parent = other.data.tags["mlflow.parentRunId"]
+        monkeypatch.setenv("KOCR_PIPELINE_ID", "repro-after-reboot")
+        base = {"kocr.stage": "evaluate", "kocr.host": here, "kocr.pid": str(gone.pid)}
+        left = {name: client.create_run(experiment, run_name="evaluate", tags=base | extra).info.run_id
+                for name, extra in [("rebooted", {"mlflow.parentRunId": parent, PID_SPACE_TAG: earlier_boot}),
+                                    ("container", {"mlflow.parentRunId": parent, PID_SPACE_TAG: f"{boot}/4026532999"}),
+                                    ("clone", {"mlflow.parentRunId": other_parent, PID_SPACE_TAG: earlier_boot})]}
+        client.update_run(parent, "RUNNING")  # as the reboot left it
+        with stage_run("evaluate") as again:
+            pass
+        status = {name: client.get_run(run_id).info.status for name, run_id in left.items()}
+        assert status == {"rebooted": "KILLED", "container": "RUNNING", "clone": "RUNNING"}
+        assert client.get_run(left["rebooted"]).data.tags["kocr.superseded_by"] == again.info.run_id
+        assert again.data.tags["mlflow.parentRunId"] == parent
+        client.set_terminated(left["container"], "KILLED")  # (only to see the pipeline run follow its stages)
+        with stage_run("evaluate"):
+            pass
+        assert client.get_run(parent).info.status == "FINISHED"
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_the_pipeline_run_is_running_while_a_stage_runs_and_ends_as_its_stages_do(monkeypatch):
     """Was: FINISHED after the first stage, while later stages ran, after one failed or was killed."""
     from kocr.tracking import stage_run
