@@ -108,7 +108,9 @@ def not_a_path(text: str) -> str:
     """Why ``text`` cannot be an image path the model opens (a URL, image bytes sent as base64), or "".
 
     Image bytes are told from a path by what they decode to, not only by their length: a small image's
-    base64 (a word crop, a few KB) is short enough to be a path. A file of that name that exists is a path.
+    base64 (a word crop, a few KB) is short enough to be a path. A file of that name that exists is a path,
+    and so is a name that is not base64 throughout (``Qk2024_scan.png``, whose start reads as BMP bytes):
+    a missing one is then reported as not found, not as image bytes.
 
     >>> not_a_path("https://example.com/scan.jpg")
     'a URL; the model reads image files on its own machine: send a path it can open'
@@ -135,9 +137,16 @@ IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a",
 
 
 def _decodes_to_an_image(text: str) -> bool:
-    """Whether ``text`` is base64 (standard or URL-safe alphabet) whose first bytes are an image file's."""
-    head = text[:32]
-    if len(text) < 16 or not re.fullmatch(r"[A-Za-z0-9+/_-]+", head):
+    """Whether ``text`` is base64 (standard or URL-safe alphabet, padded or not) whose first bytes are an
+    image file's. The whole text must be base64, not only its start: a file name such as
+    ``Qk2024_scan.png`` begins as BMP bytes do (``Qk`` is base64 of ``BM``) but its dot is no base64.
+
+    >>> _decodes_to_an_image("Qk2024scans/contract_0001.png"), _decodes_to_an_image("Qk2024scans/contract_0001_page")
+    (False, True)
+    """
+    head = text.rstrip("=")[:32]
+    head = head[:len(head) // 4 * 4]  # whole 4-character groups: unpadded base64 of any length decodes
+    if len(text) < 16 or not re.fullmatch(r"[A-Za-z0-9+/_-]+={0,2}", text) or len(text.rstrip("=")) % 4 == 1:
         return False
     try:
         start = base64.b64decode(head.replace("-", "+").replace("_", "/"), validate=True)

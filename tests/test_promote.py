@@ -182,7 +182,10 @@ def test_the_logged_model_refuses_what_it_cannot_read_with_a_message_serving_pas
              base64.b64encode(small["PNG"]).decode(): "not a path (image bytes, as base64?)",
              base64.urlsafe_b64encode(small["JPEG"]).decode(): "not a path (image bytes, as base64?)",
              "data:image/png;base64," + base64.b64encode(small["PNG"]).decode(): "a data: URI (image bytes)",
+             # a missing file whose name begins as base64 of BMP bytes ("Qk2" decodes to "BM"): was "not a path"
+             "Qk2024scans/contract_0001_page0001.png": "image not found",  # in tmp_path, the working folder below
              "": "an empty string"}  # was ": is a folder, not an image" (the current folder)
+    monkeypatch.chdir(tmp_path)
     for given, why in cases.items():
         # mlflow models serve answers an MlflowException with its message, anything else with a generic
         # "unexpected error" (these were FileNotFoundError, UnreadableImage and OSError "File name too long")
@@ -272,6 +275,19 @@ def test_image_bytes_sent_as_base64_are_told_from_paths_whatever_their_size(samp
     assert not_a_path(named).startswith("not a path")
     (tmp_path / named).write_bytes(b"")
     assert not_a_path(named) == ""
+
+
+def test_a_missing_file_whose_name_begins_as_image_bytes_in_base64_is_a_path(tmp_path, monkeypatch):
+    """Was "not a path (image bytes, as base64?)": only the name's first 32 characters were decoded, and
+    ``Qk2``/``Qk3`` decode to BMP's ``BM``, ``/9j/`` to JPEG's start; the rest of the name (a dot, an
+    extension) is no base64, so it is a path, and the model then says the file is not there."""
+    from evaluation.pyfunc_model import not_a_path
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("Qk2024scans/contract_0001_page0001.png", "Qk3_scan_of_the_signed_contract_2024.jpg",
+                 "/9j/scans/2024/batch_0001/page_0001.jpg", "R0lGODlhscans/2019/letters/scan_0003.gif"):
+        assert not Path(name).exists()
+        assert not_a_path(name) == "", name
 
 
 RACER = """
