@@ -490,7 +490,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     from evaluation.evaluate import EvaluateConfig
     from training.checkpoint import load_recognizer, pinned_model
-    from training.export_easyocr import check_langs, check_out, export_easyocr
+    from training.export_easyocr import check_export, write_bundle
 
     if args.parity_source and not args.splits:  # else nothing would be checked, reported as agreeing
         raise CommandError("--parity-source needs --splits: the splits.json whose "
@@ -499,9 +499,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     export = section(params, "export")
     check_keys("export", export, ("name", "lang_list"))
     langs = export.get("lang_list", ["ko", "en"])
-    check_langs(langs)  # before the model loads: a mistake in params costs no download
     name = args.name or typed("export.name", export.get("name", "ko_ocr"), str)
-    check_out(args.out, name)  # a folder the export would not replace: refused before the model loads
+    # the bundle's name, the languages and --out (a folder the export would not replace) are checked once,
+    # here, before the model loads: a mistake costs no download; write_bundle does not check them again
+    check_export(args.out, name, langs)
     settings = _settings(params)
     split = EvaluateConfig.from_params(params).split if args.parity_source else "test"
     spec, version = pinned_model(args.model)
@@ -509,8 +510,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     digest = file_sha256(loaded.path) if loaded.path else None
     provenance = ", ".join([args.model, *([version] if version else []),
                             *([f"checkpoint sha256 {digest}"] if digest else [])])
-    paths = export_easyocr(loaded, args.out, name, langs, with_detector=args.with_detector,
-                           readtext_kwargs=settings.changed(), provenance=provenance)
+    paths = write_bundle(loaded, args.out, name, langs, with_detector=args.with_detector,
+                         readtext_kwargs=settings.changed(), provenance=provenance)
     print(f"export-easyocr: {provenance} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")
     _outside_note("export-easyocr")
     if args.parity_source:  # the pipeline's export stage: the check is tracked as its child run

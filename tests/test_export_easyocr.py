@@ -371,3 +371,30 @@ def test_a_folder_holding_more_than_the_bundle_is_refused_never_replaced(hangul_
     (out / "model" / "ko_own.pth").symlink_to(cached)  # as `dvc checkout` links files from its cache
     export_easyocr(str(hangul_checkpoint), out, "ko_own")
     assert not (out / "model" / "ko_own.pth").is_symlink() and cached.read_bytes() == before[Path("model/ko_own.pth")]
+
+
+def test_the_cli_checks_the_bundle_settings_once_and_before_the_model_loads(hangul_checkpoint, tmp_path, monkeypatch):
+    """Was: ``kocr export-easyocr`` checked ``--out`` and ``export.lang_list`` before loading the model and
+    ``export_easyocr`` checked them again after; the bundle's name was checked only after the load."""
+    import training.checkpoint
+    import training.export_easyocr as export_module
+    from kocr.cli import main
+
+    calls: list[str] = []
+
+    def spy(name, real):
+        return lambda *args, **kwargs: calls.append(name) or real(*args, **kwargs)
+
+    for name in ("check_out", "check_langs", "check_bundle_name"):
+        monkeypatch.setattr(export_module, name, spy(name, getattr(export_module, name)))
+    monkeypatch.setattr(training.checkpoint, "load_recognizer",
+                        spy("load_recognizer", training.checkpoint.load_recognizer))
+    monkeypatch.chdir(tmp_path)
+    assert main(["export-easyocr", "--model", str(hangul_checkpoint), "--out", "b"]) == 0
+    assert sorted(calls[:3]) == ["check_bundle_name", "check_langs", "check_out"]
+    assert calls[3:] == ["load_recognizer"]
+    assert (tmp_path / "b" / "model" / "ko_ocr.pth").is_file()
+    calls.clear()
+    assert main(["export-easyocr", "--model", str(hangul_checkpoint), "--out", "b2", "--name", "english_g2"]) == 2
+    assert calls == ["check_bundle_name"]  # refused before the model loads
+    assert not (tmp_path / "b2").exists()

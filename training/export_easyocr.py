@@ -10,6 +10,8 @@ user_network_directory=DIR/user_network, recog_network=NAME)`` reads)::
 
 ``DIR`` holds one bundle: it is written beside ``DIR`` and takes its place in one rename, so a kill
 never leaves a bundle mixing two exports; a ``DIR`` holding anything else is refused (``check_out``).
+``export_easyocr`` checks its arguments (``check_export``), loads the model and writes the bundle
+(``write_bundle``); ``kocr export-easyocr`` makes the same check once, before its slower model load.
 
 Example:
     >>> export_easyocr("models:/ko-ocr-recognizer@champion", "models/easyocr", "ko_ocr")  # doctest: +SKIP
@@ -79,14 +81,32 @@ def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: 
                    readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None) -> dict[str, str]:
     """Write the bundle for ``model`` (a spec or a loaded recogniser); returns the written paths.
 
+    ``check_export`` first (a spec is loaded only once it passes), then ``write_bundle``.
+    """
+    check_export(out, name, lang_list)  # before the model loads
+    loaded = load_recognizer(model) if isinstance(model, str) else model
+    return write_bundle(loaded, out, name, lang_list, with_detector, readtext_kwargs, provenance)
+
+
+def check_export(out: str | os.PathLike, name: str, lang_list: Sequence[str]) -> None:
+    """What ``write_bundle`` needs checked, and what can be checked before a model loads: the bundle's
+    name (``check_bundle_name``), ``lang_list`` (``check_langs``) and ``out`` (``check_out``). ExportError
+    or OutFolderError naming the first mistake; ``kocr export-easyocr`` calls it before it loads the model."""
+    check_bundle_name(name)
+    check_langs(lang_list)
+    check_out(out, name)
+
+
+def write_bundle(loaded: LoadedRecognizer, out: str | os.PathLike, name: str,
+                 lang_list: Sequence[str] = ("ko", "en"), with_detector: bool = False,
+                 readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None) -> dict[str, str]:
+    """Write the bundle for ``loaded`` into ``out``, whose ``out``, ``name`` and ``lang_list`` passed
+    ``check_export`` (they are not checked again here); returns the written paths.
+
     ``readtext_kwargs``: the detector settings the platform evaluated with, where they differ from
     EasyOCR's defaults; the README's ``readtext`` call passes them. ``provenance``: what was exported
     (registry version, checkpoint sha256), written in the README and atop the yaml; default the spec.
     """
-    check_bundle_name(name)
-    check_langs(lang_list)
-    check_out(out, name)  # before the model loads
-    loaded = load_recognizer(model) if isinstance(model, str) else model
     check_exportable(loaded)
     out = Path(out)
     provenance = provenance or loaded.source
