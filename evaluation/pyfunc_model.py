@@ -69,6 +69,25 @@ def settings_from_config(config: dict[str, Any] | None) -> DetectorSettings:
                                         where="model_config")
 
 
+def logged_settings(model_uri: str) -> DetectorSettings | None:
+    """The detector settings logged with the pyfunc model at ``model_uri`` (``models:/…``, ``runs:/…``):
+    the ones it serves with and ``kocr predict`` reads it with. None where the URI names no model that
+    records them (a checkpoint file in a run's artifacts, a model logged before they were recorded).
+
+    >>> logged_settings("models:/ko-ocr-recognizer@champion").changed()   # doctest: +SKIP
+    {'width_ths': 0.0}
+    """
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc import MODEL_CONFIG
+
+    try:
+        info = mlflow.models.get_model_info(model_uri)
+    except MlflowException:  # no MLmodel there
+        return None
+    config = (info.flavors.get("python_function") or {}).get(MODEL_CONFIG)
+    return settings_from_config(config) if config else None
+
+
 class PageReaderModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper around :class:`evaluation.reader.PageReader`."""
 

@@ -302,6 +302,23 @@ def _settings(params: dict[str, Any]):
     return DetectorSettings.from_params(params.get("detector"))
 
 
+def _logged_settings(spec: str):
+    """The detector settings logged with a ``models:/`` or ``runs:/`` model (``logged_settings``), or None
+    for any other spec and a logged model that records none."""
+    if not spec.startswith(("models:/", "runs:/")):
+        return None
+    from evaluation.pyfunc_model import logged_settings
+    from training.checkpoint import quick_fetch, reading_store
+
+    with quick_fetch(spec, reading_store(spec)):
+        return logged_settings(spec)
+
+
+def _shown_settings(settings) -> str:
+    """``settings`` as the readtext keywords that differ from EasyOCR's defaults, or "EasyOCR's defaults"."""
+    return ", ".join(f"{k}={v!r}" for k, v in settings.changed().items()) or "EasyOCR's defaults"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     import mlflow
 
@@ -490,7 +507,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
     from evaluation.evaluate import EvaluateConfig
     from training.checkpoint import load_recognizer, pinned_model
-    from training.export_easyocr import check_export, write_bundle
+    from training.export_easyocr import LOGGED_SETTINGS, PARAMS_SETTINGS, check_export, write_bundle
 
     if args.parity_source and not args.splits:  # else nothing would be checked, reported as agreeing
         raise CommandError("--parity-source needs --splits: the splits.json whose "
@@ -510,10 +527,19 @@ def cmd_export(args: argparse.Namespace) -> None:
     digest = file_sha256(loaded.path) if loaded.path else None
     provenance = ", ".join([args.model, *([version] if version else []),
                             *([f"checkpoint sha256 {digest}"] if digest else [])])
+    # a logged model's own settings (those it serves and `kocr predict` reads it with) go into the README
+    # and the parity check; params.yaml's only for a checkpoint, which records none
+    logged = _logged_settings(spec)
+    if logged is not None and logged != settings and params_path().is_file():
+        print(f"kocr export-easyocr: the bundle README passes the detector settings logged with {args.model} "
+              f"({_shown_settings(logged)}), not params.yaml's ({_shown_settings(settings)})", file=sys.stderr)
+    settings_from = LOGGED_SETTINGS if logged is not None else PARAMS_SETTINGS if params_path().is_file() else None
+    settings = logged or settings
     paths = write_bundle(loaded, args.out, name, langs, with_detector=args.with_detector,
-                         readtext_kwargs=settings.changed(), provenance=provenance)
+                         readtext_kwargs=settings.changed(), provenance=provenance, settings_from=settings_from)
     print(f"export-easyocr: {provenance} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")
-    _outside_note("export-easyocr")
+    if logged is None:
+        _outside_note("export-easyocr")  # a logged model's settings were used instead
     if args.parity_source:  # the pipeline's export stage: the check is tracked as its child run
         import mlflow
 

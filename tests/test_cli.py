@@ -292,7 +292,8 @@ def test_commands_run_outside_the_project_say_they_use_easyocrs_detector_default
     assert "no params.yaml" not in inside.stderr
     # the bundle's README passes the settings the platform evaluated with: the project's word boxes, or none
     assert "width_ths=0.0" in (tmp_path / "b" / "README.md").read_text(encoding="utf-8")
-    assert "width_ths" not in (tmp_path / "a" / "README.md").read_text(encoding="utf-8")
+    outside_readme = (tmp_path / "a" / "README.md").read_text(encoding="utf-8")
+    assert 'reader.readtext("page.jpg")' in outside_readme and "records no detector settings" in outside_readme
 
 
 def test_synth_pages_refuses_a_misspelt_sample_key(tmp_path, monkeypatch, capsys):

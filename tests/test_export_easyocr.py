@@ -398,3 +398,41 @@ def test_the_cli_checks_the_bundle_settings_once_and_before_the_model_loads(hang
     assert main(["export-easyocr", "--model", str(hangul_checkpoint), "--out", "b2", "--name", "english_g2"]) == 2
     assert calls == ["check_bundle_name"]  # refused before the model loads
     assert not (tmp_path / "b2").exists()
+
+
+def test_a_logged_models_own_detector_settings_go_into_the_bundle_readme(hangul_checkpoint, tmp_path, monkeypatch,
+                                                                         capsys):
+    """Was: the README's readtext call took params.yaml's detector: section, or EasyOCR's defaults where the
+    export ran without one, also for a models:/ model logged with other settings (those it serves with and
+    `kocr predict` reads it with)."""
+    import mlflow
+
+    from evaluation.pyfunc_model import log_recognizer
+    from kocr.cli import main
+    from kocr.tracking import configure_tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlruns.db'}")
+    configure_tracking()
+    with mlflow.start_run():
+        uri = log_recognizer(hangul_checkpoint, DetectorSettings(width_ths=0.0, text_threshold=0.6)).model_uri
+    version = mlflow.register_model(uri, "ko-settings-test").version
+    logged_call = 'reader.readtext("page.jpg", text_threshold=0.6, width_ths=0.0)'
+    # outside the project (no params.yaml): the model's own settings, and no note that defaults were used
+    assert main(["export-easyocr", "--model", f"models:/ko-settings-test/{version}", "--out", "a"]) == 0
+    readme = (tmp_path / "a" / "README.md").read_text(encoding="utf-8")
+    assert logged_call in readme and "logged with this model in MLflow" in readme
+    assert "default detector settings were used" not in capsys.readouterr().err
+    # a params.yaml that says otherwise: the model's settings still, and stderr says so
+    (tmp_path / "params.yaml").write_text("detector:\n  width_ths: 0.2\n", encoding="utf-8")
+    assert main(["export-easyocr", "--model", f"runs:/{mlflow.last_active_run().info.run_id}/recognizer",
+                 "--out", "b"]) == 0
+    assert logged_call in (tmp_path / "b" / "README.md").read_text(encoding="utf-8")
+    assert "(text_threshold=0.6, width_ths=0.0), not params.yaml's (width_ths=0.2)" in capsys.readouterr().err
+    # a checkpoint records none: params.yaml's, or, without one, the README says the defaults are no one's choice
+    assert main(["export-easyocr", "--model", str(hangul_checkpoint), "--out", "c"]) == 0
+    assert 'reader.readtext("page.jpg", width_ths=0.2)' in (tmp_path / "c" / "README.md").read_text(encoding="utf-8")
+    (tmp_path / "params.yaml").unlink()
+    assert main(["export-easyocr", "--model", str(hangul_checkpoint), "--out", "d"]) == 0
+    readme = (tmp_path / "d" / "README.md").read_text(encoding="utf-8")
+    assert 'reader.readtext("page.jpg")' in readme and "The model records no detector settings" in readme

@@ -76,16 +76,23 @@ def _bundle_paths(name: str) -> dict[str, Path]:
             "yaml": Path("user_network", f"{name}.yaml"), "readme": Path("README.md")}
 
 
+# what the README says the readtext settings it passes are (write_bundle's settings_from)
+PARAMS_SETTINGS = "the detector settings the platform evaluated this model with (`detector:` in params.yaml)"
+LOGGED_SETTINGS = ("the detector settings logged with this model in MLflow (its `detector.*` model config, which "
+                   "`kocr predict` and `mlflow models serve` read it with)")
+
+
 def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: str,
                    lang_list: Sequence[str] = ("ko", "en"), with_detector: bool = False,
-                   readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None) -> dict[str, str]:
+                   readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None,
+                   settings_from: str | None = PARAMS_SETTINGS) -> dict[str, str]:
     """Write the bundle for ``model`` (a spec or a loaded recogniser); returns the written paths.
 
     ``check_export`` first (a spec is loaded only once it passes), then ``write_bundle``.
     """
     check_export(out, name, lang_list)  # before the model loads
     loaded = load_recognizer(model) if isinstance(model, str) else model
-    return write_bundle(loaded, out, name, lang_list, with_detector, readtext_kwargs, provenance)
+    return write_bundle(loaded, out, name, lang_list, with_detector, readtext_kwargs, provenance, settings_from)
 
 
 def check_export(out: str | os.PathLike, name: str, lang_list: Sequence[str]) -> None:
@@ -99,13 +106,16 @@ def check_export(out: str | os.PathLike, name: str, lang_list: Sequence[str]) ->
 
 def write_bundle(loaded: LoadedRecognizer, out: str | os.PathLike, name: str,
                  lang_list: Sequence[str] = ("ko", "en"), with_detector: bool = False,
-                 readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None) -> dict[str, str]:
+                 readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None,
+                 settings_from: str | None = PARAMS_SETTINGS) -> dict[str, str]:
     """Write the bundle for ``loaded`` into ``out``, whose ``out``, ``name`` and ``lang_list`` passed
     ``check_export`` (they are not checked again here); returns the written paths.
 
-    ``readtext_kwargs``: the detector settings the platform evaluated with, where they differ from
-    EasyOCR's defaults; the README's ``readtext`` call passes them. ``provenance``: what was exported
-    (registry version, checkpoint sha256), written in the README and atop the yaml; default the spec.
+    ``readtext_kwargs``: the detector settings to read with, where they differ from EasyOCR's defaults;
+    the README's ``readtext`` call passes them, and says they are ``settings_from`` (``PARAMS_SETTINGS``,
+    ``LOGGED_SETTINGS``), or, where that is None, that no settings were known and EasyOCR's defaults stand.
+    ``provenance``: what was exported (registry version, checkpoint sha256), written in the README and
+    atop the yaml; default the spec.
     """
     check_exportable(loaded)
     out = Path(out)
@@ -120,7 +130,7 @@ def write_bundle(loaded: LoadedRecognizer, out: str | os.PathLike, name: str,
     texts = {"py": network_source(),
              "yaml": f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n"
                      + yaml.safe_dump(config, allow_unicode=True, sort_keys=False),
-             "readme": _readme(name, lang_list, loaded, readtext_kwargs or {}, provenance)}
+             "readme": _readme(name, lang_list, loaded, readtext_kwargs or {}, provenance, settings_from)}
     with replaced_folder(out) as stage:
         tmp = {key: stage / rel for key, rel in _bundle_paths(name).items()}
         for folder in ("model", "user_network"):
@@ -237,11 +247,15 @@ page.convert("RGB").save("upright.png")  # then reader.readtext("upright.png", .
 
 
 def _readme(name: str, lang_list: Sequence[str], loaded: LoadedRecognizer, readtext_kwargs: dict[str, Any],
-            provenance: str) -> str:
+            provenance: str, settings_from: str | None = PARAMS_SETTINGS) -> str:
     langs = ", ".join(repr(x) for x in lang_list)
     call = "".join(f", {k}={v!r}" for k, v in readtext_kwargs.items())
-    settings = (f"\n`{call[2:]}`: the detector settings the platform evaluated this model with "
-                "(`detector:` in params.yaml), where they differ from EasyOCR's defaults.\n") if call else ""
+    settings = (f"\n`{call[2:]}`: {settings_from or 'the detector settings given to the export'}, where they "
+                "differ from EasyOCR's defaults.\n") if call else ""
+    if not call and settings_from is None:
+        settings = ("\nThe model records no detector settings and the export read no params.yaml, so the call "
+                    "keeps EasyOCR's defaults, which box a line's words together (`width_ths=0.5`); pass the "
+                    "settings the model was evaluated with (`detector:` in its project's params.yaml).\n")
     return f"""# EasyOCR bundle `{name}`
 
 Exported by `kocr export-easyocr` from {provenance} ({len(loaded.charset)} characters, imgH {loaded.config.imgH}).
