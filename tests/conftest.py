@@ -21,6 +21,15 @@ FONTS = ["NanumGothic.ttf", "NanumMyeongjo.ttf", "NanumPen.ttf"]
 _CALLER_MLFLOW = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
 REQUIRE_POSTGRES_ENV = "KOCR_REQUIRE_POSTGRES"
 
+# One intra-op thread for the session and, through the environment, for every process a test starts (kocr
+# commands, training scripts, dvc stages), so a result computed in a subprocess still equals one computed here.
+# The suite's models are small and the test machines have 2 shared cores: with 2 threads each parallel region's
+# spinning barrier waits on a descheduled thread, which made tiny-model training 6-7x slower in CPU time on a
+# loaded 2-core host. Set OMP_NUM_THREADS yourself to run the suite at another count (docs/development.md).
+if "OMP_NUM_THREADS" not in os.environ:
+    os.environ.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"})
+    torch.set_num_threads(1)
+
 
 def postgres_params() -> dict[str, Any]:
     """psycopg2 settings of the test PostgreSQL server (PGHOST, PGPORT, PGUSER, PGPASSWORD; default
