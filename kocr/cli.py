@@ -320,6 +320,16 @@ def _shown_settings(settings) -> str:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    """The evaluate stage: every model read on the split's pages, its outputs published once all are read.
+
+    They are two folders (``--predictions``, ``--pictures``), each replaced whole, and three files:
+    ``--metrics``, ``evaluate_analysis.json`` and ``evaluate.md`` beside it. They cannot all change in
+    one rename, so ``--metrics`` (the scores DVC compares and ``promote`` reads) is what says the outputs
+    belong together: the three files are removed before the first folder moves in and ``--metrics`` is
+    written last. A run stopped among these steps (SIGTERM, Ctrl-C, even SIGKILL) leaves no ``--metrics``
+    (``dvc status`` shows it deleted, ``promote`` stops on it) rather than one run's readings under
+    another's scores, and running the stage again puts everything back together; a run that fails
+    before (while reading) leaves the earlier run's outputs as they were."""
     import mlflow
 
     from evaluation.evaluate import EvaluateConfig, eval_set_hash, evaluate_models, scoring_hash, test_pages
@@ -356,20 +366,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         # each folder is replaced whole once every model is read: no page or picture of an earlier run
         # (another worst_pages, a baseline since left out) stays beside this run's, and a failed run
         # leaves the earlier one as it was
+        metrics_file = Path(args.metrics)
+        analysis_file, report_file = metrics_file.with_name("evaluate_analysis.json"), metrics_file.with_suffix(".md")
         with replaced_folder(args.predictions) as predictions, replaced_folder(args.pictures) as pictures:
             evaluated = evaluate_models(models, pages, predictions, settings, iou_threshold=iou_threshold,
                                         pictures_dir=pictures, worst_pages=config.worst_pages)
+            # all read: the earlier run's files go before either folder moves in, --metrics first, and
+            # --metrics comes back last, so a run stopped in between leaves no --metrics, never this
+            # run's readings or pictures under the earlier run's scores (the docstring)
+            for path in (metrics_file, analysis_file, report_file):
+                path.unlink(missing_ok=True)
         for evaluation in evaluated.values():
             evaluation.pictures = [Path(args.pictures) / p.relative_to(pictures) for p in evaluation.pictures]
         results = {label: e.metrics for label, e in evaluated.items()}
         report = evaluation_report(evaluated, len(pages), data_hash)
-        # the scores at once, beside the readings just swapped in (not after minutes of MLflow logging,
-        # when a kill would leave this run's predictions under the earlier run's metrics)
+        # the files at once, beside the readings just swapped in (not after minutes of MLflow logging)
+        _dump({label: e.analysis for label, e in evaluated.items()}, analysis_file)
+        write_text(report_file, report)
         _dump({**results, "eval_data_hash": data_hash, "eval_scoring_hash": scoring, "pages": len(pages)},
-              args.metrics)
-        _dump({label: e.analysis for label, e in evaluated.items()},
-              Path(args.metrics).with_name("evaluate_analysis.json"))
-        write_text(Path(args.metrics).with_suffix(".md"), report)
+              metrics_file)
         for label, evaluation in evaluated.items():
             mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in evaluation.metrics.items()})
             mlflow.log_dict(evaluation.analysis, f"analysis/{label}.json")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -232,6 +233,73 @@ def test_an_evaluate_run_names_the_candidate_champion_and_base_it_scored(sample_
         f"scored-champion/{promoted.version}"
     assert tags["kocr.scored.base"] == f"{tmp_path}/base.pt"
     assert tags["kocr.scored.base.sha256"] == hashlib.sha256(b"base weights").hexdigest()
+
+
+@pytest.mark.parametrize("stop_at", range(5))
+def test_an_evaluate_run_stopped_while_publishing_leaves_no_metrics_beside_mixed_outputs(sample_pages, prepared,
+                                                                                          tmp_path, monkeypatch,
+                                                                                          stop_at):
+    """Its two folders and three files are published one after another. Was: a SIGTERM between the two
+    folders' swaps left this run's pictures beside the earlier run's predictions, and one after both left
+    them under the earlier run's metrics/evaluate.json, which DVC and promote take for the run's scores.
+    Stopped at each step: either everything is of one run, or there is no --metrics; a rerun mends it."""
+    import evaluation.evaluate
+    import kocr.atomic
+    import kocr.cli
+    from evaluation.evaluate import ModelEvaluation
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("evaluate: {split: val, baselines: []}\ntrain: {base: english_g2}\n"
+                                          "promote: {model_name: no-champion-here}\n", encoding="utf-8")
+    run = {"n": 0}
+
+    def fake(models, pages, pred_dir, *args, pictures_dir=None, **kwargs):
+        results = {}
+        for label in models:
+            (Path(pred_dir) / label).mkdir(parents=True)
+            (Path(pred_dir) / label / "page.json").write_text(str(run["n"]))
+            (Path(pictures_dir) / label).mkdir(parents=True)
+            (Path(pictures_dir) / label / "01.png").write_text(str(run["n"]))
+            results[label] = ModelEvaluation({"cer": run["n"]}, {"run": run["n"]}, [],
+                                             [Path(pictures_dir) / label / "01.png"])
+        return results
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models", fake)
+    monkeypatch.setattr(kocr.cli, "evaluation_report", lambda *args: f"report of run {run['n']}")
+
+    def evaluate() -> int:
+        return main(["evaluate", "--source", str(sample_pages), "--splits", str(prepared / "splits.json"),
+                     "--candidate", "english_g2", "--predictions", "pred", "--metrics", "m/evaluate.json",
+                     "--pictures", "pics"])
+
+    def runs_seen() -> set[str]:
+        return {(tmp_path / "pred/candidate/page.json").read_text(), (tmp_path / "pics/candidate/01.png").read_text(),
+                str(json.loads((tmp_path / "m/evaluate.json").read_text())["candidate"]["cer"]),
+                str(json.loads((tmp_path / "m/evaluate_analysis.json").read_text())["candidate"]["run"]),
+                (tmp_path / "m/evaluate.md").read_text().removeprefix("report of run ")}
+
+    run["n"] = 1
+    assert evaluate() == 0 and runs_seen() == {"1"}
+    # the publishing steps: each folder's swap (kocr.atomic._swap_in), each file's write (kocr.cli.write_text)
+    steps = {"n": 0}
+
+    def step(real):
+        def stopped_at_its_turn(*args, **kwargs):
+            if steps["n"] == stop_at:
+                raise SystemExit(143)  # what kocr makes of a SIGTERM
+            steps["n"] += 1
+            return real(*args, **kwargs)
+        return stopped_at_its_turn
+    with monkeypatch.context() as patch:
+        patch.setattr(kocr.atomic, "_swap_in", step(kocr.atomic._swap_in))
+        patch.setattr(kocr.cli, "write_text", step(kocr.cli.write_text))
+        run["n"] = 2
+        with pytest.raises(SystemExit):
+            evaluate()
+    assert not (tmp_path / "m/evaluate.json").exists() or len(runs_seen()) == 1, runs_seen()
+    assert (tmp_path / "pred/candidate").is_dir() and (tmp_path / "pics/candidate").is_dir()
+    run["n"] = 3
+    assert evaluate() == 0 and runs_seen() == {"3"}
 
 
 def test_prepare_of_missing_folder_names_it(tmp_path, monkeypatch, capsys):
