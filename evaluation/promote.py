@@ -6,7 +6,9 @@ version: ``eval_scoring_hash``), by at least ``min_delta``. When the champion wa
 set or another way, it is scored again on this one first (``rescore``), and that score is kept on
 the champion's version (a ``rescored_<metric>.<key>`` tag, :func:`rescore_tag`), so a later promote on
 the same set, scored the same way, reuses it instead of scoring the champion again. Decision, both
-scores and the hashes become tags on the candidate's version. The registered model gets a description
+scores and the hashes become tags on the candidate's version, which gets a description
+(:func:`version_description`) when it has none (a rerun of a promote stopped before writing it fills it
+in; one someone wrote is kept). The registered model gets a description
 (:func:`model_description`) when it has none; one someone wrote is kept.
 
 Example:
@@ -161,8 +163,7 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
                                             tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
                                                   "eval_data_hash": candidate.eval_data_hash,
                                                   "eval_scoring_hash": candidate.eval_scoring_hash}).version
-            client.update_model_version(config.model_name, version,
-                                        description=version_description(candidate, metric))
+        _describe_version(client, config.model_name, version, candidate, metric)
         _describe_model(client, config)  # after the registration: a user the registry refuses stops there, as before
         client.set_registered_model_alias(config.model_name, "challenger", version)
         return _decide(client, config, candidate, version, rescore)
@@ -198,6 +199,15 @@ def _describe_model(client: mlflow.MlflowClient, config: PromoteConfig) -> None:
             client.update_registered_model(config.model_name, description=model_description(config))
     except MlflowException as exc:
         warnings.warn(f"{config.model_name}: its description was not set ({exc.message})", stacklevel=3)
+
+
+def _describe_version(client: mlflow.MlflowClient, name: str, version: str, candidate: Candidate, metric: str) -> None:
+    """Give the candidate's version :func:`version_description` when it has none: the version just registered,
+    or one an earlier promote of this candidate registered and was stopped (SIGTERM, Ctrl-C, a kill) before
+    describing (:func:`registered_before` finds it, and was: it stayed undescribed for good). A description
+    someone wrote on the version since is kept."""
+    if not (client.get_model_version(name, version).description or "").strip():
+        client.update_model_version(name, version, description=version_description(candidate, metric))
 
 
 def registered_before(client: mlflow.MlflowClient, name: str, candidate: Candidate, metric: str) -> str | None:

@@ -654,6 +654,35 @@ def test_a_promote_run_again_decides_on_the_version_it_registered_not_a_second_o
     assert versions() == [1, 2, 3] and third["candidate_version"] == 3
 
 
+def test_a_promote_stopped_before_describing_its_version_describes_it_when_run_again(logged_uris, monkeypatch):
+    """Was: a promote stopped (SIGTERM, which kocr makes an exit 143) between registering the candidate and
+    writing the version's description was run again, decided on that version (registered_before) and
+    left it without a description for good. A description written on the version by hand is kept."""
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    client = mlflow.MlflowClient()
+    config = PromoteConfig(model_name="reg-undescribed")
+
+    def stopped(*args, **kwargs):
+        raise SystemExit(143)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(mlflow.MlflowClient, "update_model_version", stopped)
+        with pytest.raises(SystemExit):
+            promote(_candidate(uris[0], 0.40), config, _no_rescore)
+    [version] = client.search_model_versions("name='reg-undescribed'")
+    assert not version.description  # registered, not described: what the kill left
+    decision = promote(_candidate(uris[0], 0.40), config, _no_rescore)
+    assert decision["candidate_version"] == 1 and decision["promoted"]
+    assert client.get_model_version("reg-undescribed", "1").description == (
+        f"trained by run {uris[0][1]}; e2e_f1 0.4000 on eval set set-a")
+    client.update_model_version("reg-undescribed", "1", description="Jiwoo's pick for the March release.")
+    promote(_candidate(uris[0], 0.40), config, _no_rescore)  # run again: the version's own words stay
+    assert client.get_model_version("reg-undescribed", "1").description == "Jiwoo's pick for the March release."
+    assert [int(v.version) for v in client.search_model_versions("name='reg-undescribed'")] == [1]
+
+
 def test_a_champion_promoted_by_an_older_kocr_is_restated_when_its_candidate_is_promoted_again(logged_uris,
                                                                                               monkeypatch):
     """A version made champion before promote kept its decision on it (no ``kocr.decision`` tag): the same
