@@ -519,7 +519,11 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    """Write the EasyOCR bundle; with ``--parity-source`` (the export stage) check it and write ``--metrics``.
 
+    The bundle replaces ``--out`` in one rename before its check (which reads it, minutes), so ``--metrics``
+    is removed once the model is loaded, before the export, and written after the check: a run stopped or
+    failing in between leaves no ``--metrics``, never the earlier bundle's parity beside the new bundle."""
     from evaluation.evaluate import EvaluateConfig
     from training.checkpoint import load_recognizer, pinned_model
     from training.export_easyocr import LOGGED_SETTINGS, PARAMS_SETTINGS, check_export, write_bundle
@@ -550,6 +554,8 @@ def cmd_export(args: argparse.Namespace) -> None:
               f"({_shown_settings(logged)}), not params.yaml's ({_shown_settings(settings)})", file=sys.stderr)
     settings_from = LOGGED_SETTINGS if logged is not None else PARAMS_SETTINGS if params_path().is_file() else None
     settings = logged or settings
+    if args.parity_source:  # the earlier bundle's parity goes before this bundle moves in, written after its check
+        Path(args.metrics).unlink(missing_ok=True)
     paths = write_bundle(loaded, args.out, name, langs, with_detector=args.with_detector,
                          readtext_kwargs=settings.changed(), provenance=provenance, settings_from=settings_from)
     print(f"export-easyocr: {provenance} -> {args.out} ({', '.join(Path(p).name for p in paths.values())})")

@@ -466,3 +466,43 @@ def test_the_bundle_readme_warns_off_rotation_info_and_its_page_turn_snippet_fin
         texts = [text for _, text, _ in found["result"]]
         assert "평양" in texts and "Seoul" in texts, texts
         assert cv2.imread(f"turned_{upright_turn}.png").shape[:2] == cv2.imread(str(page)).shape[:2]
+
+
+def test_an_export_stopped_in_its_parity_check_leaves_no_parity_of_the_earlier_bundle(hangul_checkpoint, sample_pages,
+                                                                                      prepared, tmp_path, monkeypatch):
+    """The export stage publishes the bundle, then checks its parity (minutes) and writes --metrics. Was: a
+    SIGTERM (kocr's exit 143) or a failure in the check left the new bundle beside the earlier bundle's
+    metrics/export.json, which DVC shows as the parity of the bundle there. Now --metrics is removed before
+    the new bundle moves in, so an interrupted export has none; run again, it has the new bundle's."""
+    import evaluation.parity
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("export: {name: ko_parity}\nevaluate: {split: val}\n", encoding="utf-8")
+    shutil.copy(hangul_checkpoint, tmp_path / "second.pt")
+    checked = []
+
+    def parity(bundle, name, loaded, pages, margin):
+        yaml_line = (Path(bundle) / "user_network/ko_parity.yaml").read_text(encoding="utf-8").splitlines()[0]
+        checked.append(yaml_line)
+        return {"crops": 1, "float_agreement": 1.0, "int8_agreement": 1.0, "checked": yaml_line}
+
+    def export(model: str) -> int:
+        return main(["export-easyocr", "--model", model, "--out", "bundle", "--parity-source", str(sample_pages),
+                     "--splits", str(prepared / "splits.json"), "--metrics", "m/export.json"])
+
+    monkeypatch.setattr(evaluation.parity, "easyocr_parity", parity)
+    assert export(str(hangul_checkpoint)) == 0
+    assert json.loads((tmp_path / "m/export.json").read_text())["checked"] == checked[0]
+
+    def stopped(*args):
+        raise SystemExit(143)  # what kocr makes of a SIGTERM
+
+    monkeypatch.setattr(evaluation.parity, "easyocr_parity", stopped)
+    with pytest.raises(SystemExit):
+        export("second.pt")
+    assert "second.pt" in (tmp_path / "bundle/user_network/ko_parity.yaml").read_text(encoding="utf-8")  # it is in
+    assert not (tmp_path / "m/export.json").exists()  # was: the first bundle's parity beside the second bundle
+    monkeypatch.setattr(evaluation.parity, "easyocr_parity", parity)
+    assert export("second.pt") == 0
+    assert "second.pt" in json.loads((tmp_path / "m/export.json").read_text())["checked"]
