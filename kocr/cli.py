@@ -185,8 +185,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     # out), named as a tune trial's run names them, and the settings only kocr train reads
     logged = train_run_params(config, section(params, "train"))
     # an earlier run's mlflow.json beside this run's first model.pt would let promote register that
-    # run's model under the score evaluate measured on this one: gone until this run has logged its own
+    # run's model under the score evaluate measured on this one: gone until this run has logged its own;
+    # so is its --metrics, which DVC would show as the scores of the model.pt this run saves (a run
+    # stopped before its end leaves none; train writes it back when the run ends)
     (Path(args.out) / "mlflow.json").unlink(missing_ok=True)
+    Path(args.metrics).unlink(missing_ok=True)
     with stage_run("train", logged, system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)

@@ -817,3 +817,37 @@ def test_the_train_run_logs_every_knob_it_trained_with_named_as_a_trial_names_th
     assert params["train.log_every"] == "10" and params["model.imgH"] == "64"  # defaults the file never wrote
     assert params["train.weight_decay"] == "1e-05" and params["model.hidden_size"] == "32"
     assert params["train.lr"] == params["tuned.lr"] == "0.02" and run.data.tags["kocr.tuned_from"].startswith("best")
+
+
+def test_a_train_stopped_after_it_saved_a_model_leaves_no_metrics_of_the_earlier_run(prepared, tmp_path, monkeypatch):
+    """``kocr train`` writes model.pt at each better validation, metrics/train.json and the plots at the end.
+    Was: a train stopped in between (SIGTERM, kocr's exit 143; hours, on real data) left the new run's
+    model.pt beside the earlier run's metrics/train.json, which DVC shows as that model's scores. Now
+    --metrics goes when mlflow.json does, before training, and comes back with the run's end."""
+    import training.train
+    from kocr.cli import main
+
+    (tmp_path / "params.yaml").write_text(
+        "train:\n  base: scratch\n  steps: 2\n  val_every: 2\n  batch_size: 4\n  device: cpu\n  seed: 1\n"
+        "model:\n  output_channel: 32\n  hidden_size: 32\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--data", str(prepared), "--out", "out", "--metrics", "m.json", "--plots", "plots"]
+    assert main(args) == 0
+    first = (tmp_path / "out/model.pt").read_bytes()
+    assert (tmp_path / "m.json").is_file()
+    (tmp_path / "params.yaml").write_text((tmp_path / "params.yaml").read_text().replace("seed: 1", "seed: 2"))
+
+    real = training.train.write_text
+
+    def stopped_at_the_metrics(path, *a, **k):
+        if str(path) == "m.json":
+            raise SystemExit(143)  # what kocr makes of a SIGTERM, once the run's model.pt is saved
+        return real(path, *a, **k)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.train, "write_text", stopped_at_the_metrics)
+        with pytest.raises(SystemExit):
+            main(args)
+    assert (tmp_path / "out/model.pt").read_bytes() != first  # the second run's model is there
+    assert not (tmp_path / "m.json").exists()  # was: the first run's scores beside it
+    assert main(args) == 0 and (tmp_path / "m.json").is_file()
