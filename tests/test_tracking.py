@@ -111,22 +111,31 @@ def test_a_stage_run_ends_the_runs_of_that_stage_a_dead_process_left_running(tmp
         mlflow.set_tracking_uri(None)
 
 
+def _dead_process_here(tmp_path, monkeypatch, pipeline_id: str):
+    """A project in ``tmp_path`` on the local store under pipeline ``pipeline_id``, and a process that has
+    ended: (it, this host's name, this process's PID space)."""
+    import socket
+    import subprocess
+
+    from kocr.tracking import pid_space
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("KOCR_PIPELINE_ID", pipeline_id)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    space = pid_space()
+    assert space is not None
+    return gone, socket.gethostname(), space
+
+
 def test_a_dead_stage_run_of_another_pipeline_is_ended_only_in_this_pid_space(tmp_path, monkeypatch):
     """A stage run names the PID space its PID is in: a dead one of another pipeline run is ended when
     that is this process's; one of another PID namespace (a container with the host's name) is not
     judged, nor is a tune trial (its worker's stale-trial check ends it)."""
-    import socket
-    import subprocess
+    from kocr.tracking import PID_SPACE_TAG, stage_run
 
-    from kocr.tracking import PID_SPACE_TAG, pid_space, stage_run
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("KOCR_PIPELINE_ID", "repro-1")
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    here, space = socket.gethostname(), pid_space()
-    assert space is not None
+    gone, here, space = _dead_process_here(tmp_path, monkeypatch, "repro-1")
     try:
         with stage_run("evaluate") as first:
             experiment = first.info.experiment_id
@@ -160,17 +169,9 @@ def test_a_stage_run_again_under_its_pipeline_run_after_a_reboot_ends_the_run_th
     as before kocr.pid_space existed; was RUNNING for ever, and so was its pipeline run, after a rerun that
     passed. A container's (this boot, another namespace) is still left alone, and so is an earlier boot's
     run under another pipeline run (a cloned machine of this name may be running it)."""
-    import socket
-    import subprocess
+    from kocr.tracking import PID_SPACE_TAG, stage_run
 
-    from kocr.tracking import PID_SPACE_TAG, pid_space, stage_run
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("KOCR_PIPELINE_ID", "repro-after-reboot")
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    here, space = socket.gethostname(), pid_space()
+    gone, here, space = _dead_process_here(tmp_path, monkeypatch, "repro-after-reboot")
     boot, namespace = space.split("/")
     earlier_boot = f"00000000-0000-4000-8000-000000000000/{namespace}"
     try:
