@@ -846,6 +846,29 @@ def test_an_out_holding_other_files_or_a_file_is_refused_never_replaced(tmp_path
     assert len(LmdbDataset(tmp_path / "mine2")) == 3
 
 
+
+def test_a_set_holding_a_killed_writers_temporary_folder_is_replaced_not_refused(tmp_path, monkeypatch):
+    """Was: refused as 'holds .contact_sheet.png.TAG-PID.HEX.tmp ... which an LMDB set of synth-lines does not'.
+    A run killed while writing its contact sheet leaves atomic_path's hidden folder in DIR.partial; a run resumed
+    in another container (another host name and PID namespace: kept for a week, not swept) publishes it with
+    the set, and every later run over that set was refused."""
+    import socket
+
+    from kocr import atomic
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("synth_lines:\n  fonts: [NanumGothic.ttf]\n  contact_sheet: 0\n",
+                                          encoding="utf-8")
+    assert main(["synth-lines", "--out", "set", "--count", "2", "--workers", "1"]) == 0
+    with monkeypatch.context() as other:  # the name another container's writer gives its temporary folder
+        other.setattr(socket, "gethostname", lambda: "another-container")
+        left = tmp_path / "set" / atomic._temp_name("contact_sheet.png")
+    left.mkdir()
+    (left / "contact_sheet.png").write_bytes(b"cut mid-write")
+    assert main(["synth-lines", "--out", "set", "--count", "3", "--workers", "1"]) == 0
+    assert len(LmdbDataset(tmp_path / "set")) == 3 and not left.exists()  # gone with the folder it was in
+
 KILLER = """
 import functools, os, signal, sys
 import training.data.synth_lines as synth

@@ -852,12 +852,16 @@ SET_FILES = frozenset({"data.mdb", "lock.mdb", "manifest.tsv", "contact_sheet.pn
 
 def check_out(out: Path) -> None:
     """Refuse an ``out`` that publishing the set would destroy: a file, or a folder holding anything but
-    an LMDB set's files (a folder of the user's, ``.``), which ``PartialFolder.publish`` would delete whole."""
-    from kocr.atomic import OutFolderError
+    an LMDB set's files (a folder of the user's, ``.``), which ``PartialFolder.publish`` would delete whole.
+    A killed writer's hidden ``.NAME.TAG-PID.HEX.tmp`` is no user's file: a contact sheet killed mid-write
+    leaves one in ``DIR.partial``, which a run resumed in another container (another PID namespace, which
+    keeps it for a week) publishes with the set."""
+    from kocr.atomic import OutFolderError, temporary_name
 
     if out.is_symlink() or not out.exists():  # a link: LmdbWriter refuses it, naming its target
         return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in SET_FILES) if out.is_dir() else [""]
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in SET_FILES and not temporary_name(p.name)) \
+        if out.is_dir() else [""]
     if foreign:
         raise OutFolderError(f"--out {out}: " + (f"holds {foreign[0]!r} ({len(foreign)} such), which an LMDB set "
                              "of synth-lines does not" if foreign[0] else "is a file") + "; give a new folder "
