@@ -158,7 +158,8 @@ def test_killed_repro_resumes_prepare_from_its_finished_shards(tmp_path):
     env = _tool_env()
     dvc = [str(Path(sys.executable).with_name("dvc")), "repro", "prepare"]
     killed = subprocess.run(dvc, cwd=project, capture_output=True, text=True, timeout=600,
-                            env={**env, "PYTHONPATH": str(hook), "KILL_AT_SAMPLE": str(2 * shard + 5)})
+                            env={**env, "PYTHONPATH": os.pathsep.join(filter(None, [str(hook), env.get("PYTHONPATH")])),
+                                 "KILL_AT_SAMPLE": str(2 * shard + 5)})  # the caller's PYTHONPATH kept: same code
     # -9 when DVC's shell execs the command (bash), 137 when it forks and reports the signal (dash, SHELL unset)
     assert killed.returncode != 0 and re.search(r"exited with (-9|137)\b", killed.stderr), killed.stdout + killed.stderr
     train = project / "data/prepared/train"
