@@ -421,6 +421,29 @@ class OutFolderError(ValueError):
     """An ``--out`` a command will not replace: a symbolic link, or a folder holding files it did not write."""
 
 
+def check_out_folder(out: str | os.PathLike, written_here: Callable[[str], bool], which: str, whole: str) -> None:
+    """Refuse (``OutFolderError``) an ``--out`` that publishing a set into it would destroy: a file, or a
+    folder holding a name ``written_here`` does not accept (a folder of the user's, ``.``), which
+    ``PartialFolder.publish`` would replace whole; a killed writer's hidden ``.NAME.TAG-PID.HEX.tmp`` is
+    no user's file and passes. The message says the folder ``holds 'NAME' (N such),
+    which WHICH; give a new folder (WHOLE there is replaced whole)``. A missing ``out`` passes, and so does
+    a symbolic link, which the writer refuses itself, naming its target.
+
+    Example:
+        >>> check_out_folder("data/own", {"data.mdb", "lock.mdb"}.__contains__,
+        ...                  "an LMDB set does not", "a set")   # doctest: +SKIP
+    """
+    out = Path(out)
+    if out.is_symlink() or not out.exists():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not written_here(p.name) and not temporary_name(p.name)) \
+        if out.is_dir() else [""]
+    if foreign:
+        raise OutFolderError(f"--out {out}: " + (f"holds {foreign[0]!r} ({len(foreign)} such), which {which}"
+                                                 if foreign[0] else "is a file")
+                             + f"; give a new folder ({whole} there is replaced whole)")
+
+
 _WRITING: set[Path] = set()  # lock files of the sets this process is writing
 
 

@@ -15,6 +15,7 @@ from training.charset import Charset
 from training.crops import CropDataset
 from training.data.import_crops import REPORT, CropImportError, import_crops
 from training.data.lmdb_store import LmdbDataset
+from kocr.atomic import OutFolderError
 from tests.conftest import realdata
 
 
@@ -102,7 +103,7 @@ def test_nothing_is_written_over_a_folder_that_is_not_a_set_or_when_nothing_is_l
     crops.mkdir()
     _crop(crops / "a.png", 100)
     (crops / "labels.tsv").write_text("image\ttext\na.png\t를\n", encoding="utf-8")
-    with pytest.raises(CropImportError, match="exists and is not an LMDB set"):
+    with pytest.raises(OutFolderError, match=r"holds 'a.png' \(2 such\), which an LMDB set of import-crops does not"):
         import_crops(crops / "labels.tsv", crops, progress=False)  # --out the crops' own folder
     assert sorted(p.name for p in crops.iterdir()) == ["a.png", "labels.tsv"]
     with pytest.raises(CropImportError, match=r"no crop left to import \(out_of_charset 1\)"):
@@ -110,6 +111,32 @@ def test_nothing_is_written_over_a_folder_that_is_not_a_set_or_when_nothing_is_l
     assert not (tmp_path / "set").exists() and not list(tmp_path.glob("set*"))
     with pytest.raises(CropImportError, match="--charset: charset 'klingon'"):
         import_crops(crops / "labels.tsv", tmp_path / "set", charset="klingon", progress=False)
+
+
+def test_a_set_holding_a_file_of_the_users_is_refused_never_replaced(tmp_path, capsys):
+    from kocr.cli import main
+
+    # was: any folder holding a data.mdb was replaced whole, so a file put beside the set was deleted
+    crops = tmp_path / "mine"
+    crops.mkdir()
+    _crop(crops / "a.png", 100)
+    (crops / "labels.tsv").write_text("image\ttext\na.png\t서울\n", encoding="utf-8")
+    labels, out = str(crops / "labels.tsv"), tmp_path / "set"
+    assert main(["import-crops", "--labels", labels, "--out", str(out)]) == 0
+    assert main(["import-crops", "--labels", labels, "--out", str(out)]) == 0  # its own set: replaced
+    (out / "notes.txt").write_text("mine", encoding="utf-8")
+    (tmp_path / "file").write_text("mine", encoding="utf-8")
+    capsys.readouterr()
+    assert main(["import-crops", "--labels", labels, "--out", str(out)]) == 2
+    assert main(["import-crops", "--labels", labels, "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"kocr import-crops: error: --out {out}: holds 'notes.txt' (1 such), which an LMDB set of import-crops "
+        "does not; give a new folder (a set there is replaced whole)",
+        f"kocr import-crops: error: --out {tmp_path / 'file'}: is a file; give a new folder (a set there is "
+        "replaced whole)"]
+    assert sorted(p.name for p in out.iterdir()) == ["data.mdb", REPORT, "notes.txt"]
+    assert (out / "notes.txt").read_text(encoding="utf-8") == "mine" and LmdbDataset(out).label(0) == "서울"
+    assert (tmp_path / "file").read_text(encoding="utf-8") == "mine"
 
 
 def test_the_command_prints_its_tally_and_refuses_in_one_line(tmp_path, capsys):
@@ -124,7 +151,7 @@ def test_the_command_prints_its_tally_and_refuses_in_one_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert f"import-crops: 1 of 2 crops -> {tmp_path / 'set'}; skipped or kept with a note: out_of_charset 1" in out
     assert main(["import-crops", "--labels", str(crops / "labels.tsv"), "--out", str(crops)]) == 2
-    assert "exists and is not an LMDB set" in capsys.readouterr().err
+    assert "which an LMDB set of import-crops does not; give a new folder" in capsys.readouterr().err
 
 
 def test_a_second_import_into_a_set_being_written_stops_and_a_link_is_refused(tmp_path, monkeypatch):

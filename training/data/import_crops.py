@@ -28,10 +28,12 @@ import cv2
 from tqdm import tqdm
 
 from training.charset import Charset
-from training.data.lmdb_store import LmdbWriter
+from kocr.atomic import check_out_folder
+from training.data.lmdb_store import LMDB_FILES, LmdbWriter
 from training.data.prepare import Report
 
 REPORT = "import.json"
+SET_FILES = LMDB_FILES | {REPORT}  # what a set here holds: an --out holding anything else is refused
 
 
 class CropImportError(ValueError):
@@ -43,8 +45,10 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
     """Write the crops listed in ``labels`` as an LMDB set at ``out``; returns the report.
 
     ``margin`` widens the boxes of a ``.json`` label file as EasyOCR widens detected boxes.
-    Raises ``ScoreInputError`` for a label file that cannot be read (naming its line) and
-    ``CropImportError`` when no crop is left to write."""
+    Raises ``ScoreInputError`` for a label file that cannot be read (naming its line),
+    ``OutFolderError`` for an ``out`` that is a file or a folder holding anything but such a set's files
+    (``SET_FILES``: publishing the set replaces the folder whole), and ``CropImportError`` when no crop
+    is left to write."""
     from evaluation.score_crops import ScoreInputError, load_crop, read_labels
 
     if out_of_charset not in ("drop", "keep"):
@@ -54,8 +58,7 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
     except ValueError as exc:
         raise CropImportError(f"--charset: {exc}") from None
     labels, out = Path(labels), Path(out)
-    if out.exists() and not (out / "data.mdb").is_file():  # replacing it would delete what it holds
-        raise CropImportError(f"--out {out}: exists and is not an LMDB set; give a new folder (a set there is replaced)")
+    check_out_folder(out, SET_FILES.__contains__, "an LMDB set of import-crops does not", "a set")  # never a user's
     unusable: list[tuple[str, str]] = []  # rows whose image is missing or unreadable, or whose box is unusable
     crops = read_labels(labels, margin, skipped=unusable)
     report = Report()  # prepare's tally: counts and first places by reason

@@ -37,6 +37,7 @@ from kocr.atomic import (  # noqa: F401 - SetBusyError: importers name it here
 
 _MAP_SIZE = 1 << 36  # 64 GiB of address space; LMDB files grow only as data is written
 SHARD_INDEX = "index.json"
+LMDB_FILES = frozenset({"data.mdb", "lock.mdb"})  # the files of one set (a folder LMDB opens)
 
 
 def _content_digest(txn: lmdb.Transaction, count: int, where: str | os.PathLike) -> "hashlib._Hash":

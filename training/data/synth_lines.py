@@ -45,11 +45,12 @@ from training.charset import Charset, not_utf8
 from training.data import degrade
 from training.data.backgrounds import KINDS, image_files, make_background
 from training.data.contact_sheet import write_sheet
+from kocr.atomic import check_out_folder
 from kocr.params import ParamsError, typed
 from training.data.degrade import SynthConfigError
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
 from training.data.lexicon import draw_token, is_hangul, load_lexicon
-from training.data.lmdb_store import LmdbWriter
+from training.data.lmdb_store import LMDB_FILES, LmdbWriter
 from training.data.set_key import generator_key
 
 DISTORTIONS = ("none", "sine", "cosine", "random")
@@ -847,25 +848,16 @@ def _kept_manifest(path: Path, committed: int) -> list[str]:
     return rows
 
 
-SET_FILES = frozenset({"data.mdb", "lock.mdb", "manifest.tsv", "contact_sheet.png"})  # what a set here holds
+SET_FILES = LMDB_FILES | {"manifest.tsv", "contact_sheet.png"}  # what a set here holds
 
 
 def check_out(out: Path) -> None:
     """Refuse an ``out`` that publishing the set would destroy: a file, or a folder holding anything but
     an LMDB set's files (a folder of the user's, ``.``), which ``PartialFolder.publish`` would delete whole.
-    A killed writer's hidden ``.NAME.TAG-PID.HEX.tmp`` is no user's file: a contact sheet killed mid-write
-    leaves one in ``DIR.partial``, which a run resumed in another container (another PID namespace, which
-    keeps it for a week) publishes with the set."""
-    from kocr.atomic import OutFolderError, temporary_name
-
-    if out.is_symlink() or not out.exists():  # a link: LmdbWriter refuses it, naming its target
-        return
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in SET_FILES and not temporary_name(p.name)) \
-        if out.is_dir() else [""]
-    if foreign:
-        raise OutFolderError(f"--out {out}: " + (f"holds {foreign[0]!r} ({len(foreign)} such), which an LMDB set "
-                             "of synth-lines does not" if foreign[0] else "is a file") + "; give a new folder "
-                             "(a set there is replaced whole)")
+    A killed writer's hidden ``.NAME.TAG-PID.HEX.tmp`` is no user's file (``check_out_folder`` passes over
+    it): a contact sheet killed mid-write leaves one in ``DIR.partial``, which a run resumed in another
+    container (another PID namespace, which keeps it for a week) publishes with the set."""
+    check_out_folder(out, SET_FILES.__contains__, "an LMDB set of synth-lines does not", "a set")
 
 
 def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,

@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from kocr.atomic import OutFolderError, PartialFolder, sweep_stale, write_bytes
+from kocr.atomic import OutFolderError, PartialFolder, check_out_folder, sweep_stale, write_bytes
 from training.charset import Charset
 from training.data import degrade as degrade_mod
 from training.data.contact_sheet import write_sheet
@@ -479,12 +479,7 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
     if out.is_symlink():  # publishing replaces the folder: it would have to delete the link
         raise OutFolderError(f"--out {out}: a symbolic link (to {os.readlink(out)}); give the folder itself, "
                                "or a new path")
-    if out.exists():
-        foreign = sorted(p.name for p in out.iterdir() if not _written_here(p.name)) if out.is_dir() else [""]
-        if foreign:
-            raise OutFolderError(f"--out {out}: " + (f"holds {foreign[0]!r} ({len(foreign)} such), which "
-                                   "synth-pages does not write" if foreign[0] else "is a file") + "; give a new "
-                                   "folder (a folder of pages there is replaced whole)")
+    check_out_folder(out, _written_here, "synth-pages does not write", "a folder of pages")
     key = pages_key(seed, width, height, charset.name, (lo, hi), wear, faces)
     folder = PartialFolder(out, keyed=True)  # a second synth-pages on the same folder stops, named
     try:
