@@ -72,10 +72,14 @@ class Crop:
     box: tuple[int, int, int, int] | None = None
     font: str = ""
 
-    @property
-    def source(self) -> str:
-        """The image path, with ``#x0,y0,x1,y1`` when the crop is a box on it."""
-        return str(self.image) if self.box is None else f"{self.image}#{','.join(map(str, self.box))}"
+    def source(self, folder: str | os.PathLike) -> str:
+        """The image path relative to ``folder`` (an absolute one as it is), with ``#x0,y0,x1,y1`` when the
+        crop is a box on it: how ``readings.tsv`` in ``folder`` names it, so that the file can be given
+        back as ``--labels``, whose image paths are relative to the file, from any working folder."""
+        image = self.image
+        if not image.is_absolute():  # relative to the working folder; the folders' links resolved, as the OS reads ..
+            image = Path(os.path.relpath(Path(os.path.realpath(image.parent), image.name), os.path.realpath(folder)))
+        return str(image) if self.box is None else f"{image}#{','.join(map(str, self.box))}"
 
     def where(self, labels: str | os.PathLike = "") -> str:
         """Where the crop was listed, for messages: ``labels:line`` or ``labels: image word k``."""
@@ -496,7 +500,8 @@ def error_analysis(report: CropReport, top: int = 15) -> dict[str, dict[str, Any
 
 def write_outputs(report: CropReport, out: str | os.PathLike, worst: int,
                   scores: dict[str, Any] | None = None) -> list[Path]:
-    """``readings.tsv`` (every crop, ground truth and each model's reading), ``confusions.json``
+    """``readings.tsv`` (every crop, ground truth and each model's reading; the image paths relative to
+    ``out``, so it reads back as ``--labels``), ``confusions.json``
     (``error_analysis``), the worst crops drawn and, given ``scores``, ``scores.json``.
 
     The files replace an earlier run's in ``out`` only once all are written (``staged_files``):
@@ -512,7 +517,7 @@ def write_outputs(report: CropReport, out: str | os.PathLike, worst: int,
         with tsv.open("w", encoding="utf-8", newline="") as fh:
             fh.write(tsv_row(["image", "text", *report.readings], str(where)))
             for i, crop in enumerate(report.crops):
-                fh.write(tsv_row([crop.source, crop.text, *(texts[i] for texts in report.readings.values())],
+                fh.write(tsv_row([crop.source(out), crop.text, *(texts[i] for texts in report.readings.values())],
                                  f"{where}: {crop.where()}"))
         (stage / "confusions.json").write_text(json.dumps(error_analysis(report), ensure_ascii=False, indent=1)
                                                + "\n", encoding="utf-8")

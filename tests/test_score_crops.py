@@ -169,7 +169,7 @@ def test_box_labels_cut_each_word_widened_as_easyocr_widens_detected_boxes(tmp_p
         (20, 30, 60, 20, nfd), (150, 80, 40, 20, "###"), (100, 10, 10, 10, ""), (-10, 70, 40, 40, "A-3")])
     crops = read_labels(labels)  # EasyOCR's add_margin: 0.1 x box height on every side
     assert [(c.text, c.line, c.box) for c in crops] == [("서울", 1, (18, 28, 82, 52)), ("A-3", 4, (0, 66, 34, 100))]
-    assert crops[0].source == f"{tmp_path / 'page.png'}#18,28,82,52"
+    assert crops[0].source(tmp_path / "out") == f"{tmp_path / 'page.png'}#18,28,82,52"
     grey = load_crop(crops[0])
     assert grey.shape == (24, 64) and (grey[2:22, 2:62] == 0).all() and (grey[0] == 255).all()
     assert [c.box for c in read_labels(labels, margin=0.0)][0] == (20, 30, 80, 50)
@@ -313,6 +313,27 @@ def test_outputs_replace_an_earlier_run_whole_or_not_at_all(tmp_path, monkeypatc
     assert (out / "notes.txt").read_text() == "the user's own file"
     assert sorted(p.name for p in out.iterdir()) == sorted(["notes.txt", "readings.tsv", "confusions.json",
                                                            "scores.json", second[0].name])
+
+
+def test_readings_name_images_relative_to_themselves_and_read_back_as_labels(tmp_path, monkeypatch, capsys):
+    # was: readings.tsv named each image as the working folder saw it (mine/a.png), while --labels reads
+    # a TSV's image paths relative to the TSV: given back as --labels it failed "image ../ev/mine/a.png not found"
+    (tmp_path / "run" / "mine").mkdir(parents=True)
+    Image.new("L", (80, 24), 255).save(tmp_path / "run" / "mine" / "a.png")
+    _png(tmp_path / "b.png")
+    (tmp_path / "run" / "mine" / "labels.tsv").write_text(f"image\ttext\na.png\t서울\n{tmp_path / 'b.png'}\t부산\n",
+                                                          encoding="utf-8")
+    monkeypatch.chdir(tmp_path / "run")
+    assert main(["evaluate-crops", "--labels", "mine/labels.tsv", "--out", "ev/crops"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    rows = [r.split("\t") for r in Path("ev/crops/readings.tsv").read_text(encoding="utf-8").splitlines()]
+    assert [r[:2] for r in rows] == [["image", "text"], ["../../mine/a.png", "서울"], [str(tmp_path / "b.png"), "부산"]]
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path / "other")  # another working folder: the paths are the file's, not the caller's
+    assert [c.image.resolve() for c in read_labels("../run/ev/crops/readings.tsv")] == [
+        (tmp_path / "run" / "mine" / "a.png").resolve(), (tmp_path / "b.png").resolve()]
+    assert main(["evaluate-crops", "--labels", "../run/ev/crops/readings.tsv"]) == 0
+    assert json.loads(capsys.readouterr().out) == first
 
 
 @pytest.mark.parametrize("argv, scored, note", [
