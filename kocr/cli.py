@@ -642,6 +642,11 @@ def _processes(text: str) -> int:
     return _count(text, least=1)
 
 
+def _images(text: str) -> int:
+    """argparse type: how many images or pages to draw, 1 or more (an empty set trains nothing)."""
+    return _count(text, least=1)
+
+
 def _out_folder(out: str | None) -> None:
     """Make ``--out`` before the models run, so a path that cannot be a folder fails first, not last."""
     from evaluation.score_crops import ScoreInputError
@@ -817,13 +822,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("synth-pages", cmd_synth_pages, "generate AI-Hub-format Korean pages (the sample stage)")
     p.add_argument("--out", required=True)
-    p.add_argument("--count", type=_count)
+    p.add_argument("--count", type=_images)
     p.add_argument("--seed", type=int)
 
     p = add("synth-lines", cmd_synth_lines, "generate Korean word/line images into an LMDB set (synth_lines:)")
     p.add_argument("--out", required=True, help="the LMDB set folder (a set there is replaced; "
                    "a file or a folder holding other files is refused)")
-    p.add_argument("--count", type=_count)
+    p.add_argument("--count", type=_images)
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=_count, help="render processes (synth_lines.workers); output is the same")
     p.add_argument("--section", help="params section whose keys override synth_lines: (e.g. a held-out-font set)")

@@ -537,11 +537,31 @@ def test_synth_counts_from_the_command_line_are_checked_there(tmp_path, capsys):
     from kocr.cli import main
 
     # was: "params.yaml: synth_lines.count must be >= 0, got -3", blaming a file that never said -3
-    for argv in (["synth-lines", "--count", "-3"], ["synth-lines", "--workers", "-1"], ["synth-pages", "--count", "-2"]):
+    for argv, least in ((["synth-lines", "--count", "-3"], 1), (["synth-lines", "--workers", "-1"], 0),
+                        (["synth-pages", "--count", "-2"], 1)):
         with pytest.raises(SystemExit) as exit_:
             main([*argv, "--out", str(tmp_path / "out")])
         err = capsys.readouterr().err
-        assert exit_.value.code == 2 and f"expected a count >= 0, got {argv[-1]}" in err and "params.yaml" not in err
+        assert exit_.value.code == 2 and f"expected a count >= {least}, got {argv[-1]}" in err and "params.yaml" not in err
+
+
+def test_synth_count_zero_is_refused_before_an_empty_set_is_written(tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    # was: "synth-lines: wrote 0 images" (and "wrote 0 pages") with exit 0: an empty set train refuses later
+    monkeypatch.chdir(tmp_path)
+    for command in ("synth-lines", "synth-pages"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--count", "0", "--out", "out"])
+        assert exit_.value.code == 2 and "--count: expected a count >= 1, got 0" in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text("synth_lines:\n  count: 0\n  fonts: [NanumGothic.ttf]\n"
+                                          "sample:\n  count: 0\n  fonts: [NanumGothic.ttf]\n", encoding="utf-8")
+    assert main(["synth-lines", "--out", "out"]) == 2
+    assert main(["synth-pages", "--out", "out"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "kocr synth-lines: error: params.yaml: synth_lines.count must be >= 1, got 0",
+        "kocr synth-pages: error: params.yaml: sample.count must be >= 1, got 0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # no set, no run store
 
 
 def test_predict_without_a_candidate_says_how_to_get_one(tmp_path, monkeypatch, capsys):

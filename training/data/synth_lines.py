@@ -219,8 +219,8 @@ class LinesConfig:
 
     def check(self, at: Callable[[str], str] = lambda key: f"synth_lines.{key}") -> None:
         """Raise SynthConfigError naming the first setting that cannot work (``at(key)``: its full key)."""
-        if self.count < 0:
-            raise SynthConfigError(f"{at('count')} must be >= 0, got {self.count}")
+        if self.count < 1:  # an empty set: train refuses it, and prepare's crops would be none
+            raise SynthConfigError(f"{at('count')} must be >= 1, got {self.count}")
         if self.words_per_line[0] < 1:
             raise SynthConfigError(f"{at('words_per_line')} must start at 1 or more, got {self.words_per_line}")
         if self.font_size[0] < 8:

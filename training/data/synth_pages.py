@@ -426,8 +426,8 @@ def page_settings(count: int, fonts: list[str], width: int = 1000, height: int =
                   ) -> tuple[tuple[int, int], degrade_mod.DegradeConfig, Charset, list[FontFace]]:
     """``generate_pages``' settings checked (``sample:`` of params.yaml): the font-size range, the wear,
     the charset and the usable faces; SynthConfigError naming ``sample.KEY`` when one cannot work."""
-    if count < 0:
-        raise SynthConfigError(f"sample.count must be >= 0, got {count}")
+    if count < 1:  # an empty folder: prepare-aihub finds no page in it
+        raise SynthConfigError(f"sample.count must be >= 1, got {count}")
     lo, hi = int(font_size[0]), int(font_size[1])
     if not 6 <= lo <= hi:
         raise SynthConfigError(f"sample.font_size must be (lo, hi) with 6 <= lo <= hi, got {font_size}")
