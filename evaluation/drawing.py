@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from evaluation.metrics import PageScore, in_image, score_page
 from kocr.atomic import named_disk_errors
+from kocr import KocrWarning
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
 from training.data.pages import Page, clip_box, unscored
 
@@ -48,7 +49,7 @@ def _hangul_face(font_dirs: tuple[str, ...]) -> FontFace | None:
         except Exception:  # a font file fontTools cannot read is skipped, not fatal
             continue
     warnings.warn(f"no font under {list(font_dirs)} draws Hangul: picture labels show Korean as boxes "
-                  "(install fonts-nanum or fonts-noto-cjk)", stacklevel=3)
+                  "(install fonts-nanum or fonts-noto-cjk)", KocrWarning, stacklevel=3)
     return None
 
 

@@ -36,6 +36,7 @@ from kocr.locks import LockError, database_lock, file_lock
 from kocr.params import ParamsError, check_keys, typed
 from kocr.redact import hide_passwords
 from kocr.tracking import NOT_FOUND, filter_value
+from kocr import KocrWarning
 
 
 HIGHER_IS_BETTER = frozenset({f"e2e_{m}{micro}" for m in ("f1", "precision", "recall") for micro in ("", "_micro")}
@@ -119,7 +120,7 @@ def promotion_lock(model_name: str, lock_url: str = "") -> Iterator[None]:
             yield
         return
     warnings.warn(f"promotion of {model_name} is not locked: set {LOCK_URL_ENV} (or promote.lock_url) to a "
-                  "PostgreSQL URL when several pipelines may promote at once", stacklevel=3)
+                  "PostgreSQL URL when several pipelines may promote at once", KocrWarning, stacklevel=3)
     yield
 
 
@@ -198,7 +199,7 @@ def _describe_model(client: mlflow.MlflowClient, config: PromoteConfig) -> None:
         if not (client.get_registered_model(config.model_name).description or "").strip():
             client.update_registered_model(config.model_name, description=model_description(config))
     except MlflowException as exc:
-        warnings.warn(f"{config.model_name}: its description was not set ({exc.message})", stacklevel=3)
+        warnings.warn(f"{config.model_name}: its description was not set ({exc.message})", KocrWarning, stacklevel=3)
 
 
 def _describe_version(client: mlflow.MlflowClient, name: str, version: str, candidate: Candidate, metric: str) -> None:
@@ -352,4 +353,4 @@ def _keep_rescore(client: mlflow.MlflowClient, name: str, version: str, metric: 
                                                                 candidate.eval_scoring_hash), value)
     except MlflowException as exc:
         warnings.warn(f"{name} v{version}: its re-score was not kept ({exc.message}); the next promote on "
-                      "this set scores it again", stacklevel=2)
+                      "this set scores it again", KocrWarning, stacklevel=2)

@@ -22,6 +22,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kocr import KocrWarning
 from training.data.pages import Page, Word
 
 LANGS = "kor+eng"
@@ -47,7 +48,7 @@ def _run(image: bytes, psm: int, output: str, langs: str) -> str:
                               input=image, capture_output=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         warnings.warn(f"tesseract ran past {TIMEOUT_S} s on one image (--psm {psm}); counted as reading nothing",
-                      stacklevel=3)
+                      KocrWarning, stacklevel=3)
         return ""
     if done.returncode != 0:
         raise RuntimeError(f"tesseract failed: {done.stderr.decode(errors='replace').strip()[:300]}")

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import yaml
 
+from kocr import KocrWarning
+
 
 def _norm(path: str | os.PathLike) -> str:
     return os.path.normpath(str(path)).rstrip("/")
@@ -114,7 +116,7 @@ def _changed_since_recorded(root: Path, target: str, out: str) -> bool:
 
 def _stale(root: Path, rel: str, where: str) -> tuple[str, str]:
     warnings.warn(f"{rel} differs from what {where} records (changed since `dvc add` or `dvc repro`); "
-                  "logging its content hash instead", stacklevel=3)
+                  "logging its content hash instead", KocrWarning, stacklevel=3)
     return "content:" + content_hash(root / rel), f"computed: {where} is out of date"
 
 

@@ -347,6 +347,22 @@ def test_text_file_lines_that_cannot_be_drawn_are_dropped_and_named(tmp_path):
         generate_lines(tmp_path / "none", _config(count=6, text_file=str(texts)), progress=False)
 
 
+def test_the_command_prints_its_warnings_as_one_line_each(tmp_path, monkeypatch, capsys):
+    from kocr.cli import main
+
+    # was: "…/synth_lines.py:320: UserWarning: texts.txt: 1 lines hold …" after the progress bar's half line,
+    # then the source line under it: "  ctx.texts = load_texts(config.text_file, charset, config.max_chars)"
+    monkeypatch.chdir(tmp_path)
+    Path("texts.txt").write_text("서울\n漢字\n", encoding="utf-8")
+    Path("params.yaml").write_text("synth_lines:\n  fonts: [NanumGothic.ttf, NoSuchFace.ttf]\n  text_file: texts.txt\n"
+                                   "  contact_sheet: 0\n  workers: 1\n", encoding="utf-8")
+    assert main(["synth-lines", "--out", "set", "--count", "2"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines()]
+    assert [line for line in lines if "warn" in line.lower() or "load_texts" in line or "find_fonts" in line] == [
+        "kocr synth-lines: warning: font patterns ['NoSuchFace.ttf'] match no file in ['/usr/share/fonts']",
+        "kocr synth-lines: warning: texts.txt: 1 lines hold characters outside charset 'korean_g2'; skipped"]
+
+
 def test_text_file_with_a_byte_order_mark_keeps_its_first_line(tmp_path, recwarn):
     # Notepad's BOM stuck to the first line, whose U+FEFF is outside every charset: the line was
     # dropped with a warning about out-of-charset characters the user never wrote

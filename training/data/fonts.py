@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from kocr.atomic import atomic_path, temporary_name
+from kocr import KocrWarning
 
 FONT_EXTENSIONS = (".ttf", ".otf", ".ttc", ".otc")
 DEFAULT_FONT_DIRS = ("/usr/share/fonts",)
@@ -112,7 +113,7 @@ def find_fonts(patterns: Sequence[str] | str,
         raise ValueError(f"no font file matches {list(map(str, patterns))} in {dirs} "
                          f"(searched {len(files)} font files)")
     if unmatched:
-        warnings.warn(f"font patterns {unmatched} match no file in {dirs}", stacklevel=2)
+        warnings.warn(f"font patterns {unmatched} match no file in {dirs}", KocrWarning, stacklevel=2)
     return faces
 
 

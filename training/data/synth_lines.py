@@ -47,6 +47,7 @@ from training.data.backgrounds import KINDS, image_files, make_background
 from training.data.contact_sheet import write_sheet
 from kocr.atomic import check_out_folder
 from kocr.params import ParamsError, typed
+from kocr import KocrWarning
 from training.data.degrade import SynthConfigError
 from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts, load_font
 from training.data.lexicon import draw_token, is_hangul, load_lexicon
@@ -364,7 +365,7 @@ def load_texts(path: str | os.PathLike, charset: Charset, max_chars: int | None 
         raise SynthConfigError(f"{path}: no line of synth_lines.text_file can be drawn: "
                                + ("; ".join(why) or "the file holds no text"))
     if why:
-        warnings.warn(f"{path}: {'; '.join(why)}; skipped", stacklevel=2)
+        warnings.warn(f"{path}: {'; '.join(why)}; skipped", KocrWarning, stacklevel=2)
     return texts
 
 
@@ -812,7 +813,7 @@ def _usable(config: LinesConfig) -> list[FontFace]:
     weak = [str(f) for f in faces if hangul and sum(covers(f, c) for c in hangul) < 0.9 * len(hangul)]
     if weak:
         warnings.warn(f"fonts with little Hangul for {charset.name} draw only the strings they cover: "
-                      f"{weak}", stacklevel=3)
+                      f"{weak}", KocrWarning, stacklevel=3)
     return faces
 
 

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from kocr.atomic import OutFolderError, PartialFolder, check_out_folder, sweep_stale, write_bytes
+from kocr import KocrWarning
 from training.charset import Charset
 from training.data import degrade as degrade_mod
 from training.data.contact_sheet import write_sheet
@@ -382,7 +383,7 @@ def _usable_faces(faces: list[FontFace], charset: Charset) -> list[FontFace]:
     dropped = [str(f) for f in faces if f not in keep]
     if dropped:
         warnings.warn(f"fonts without enough Hangul for {charset.name} skipped: {dropped}",
-                      stacklevel=3)
+                      KocrWarning, stacklevel=3)
     if not keep:
         raise ValueError(f"none of the fonts {[str(f) for f in faces]} covers the Hangul of "
                          f"charset {charset.name!r}")
