@@ -447,6 +447,16 @@ def check_out_folder(out: str | os.PathLike, written_here: Callable[[str], bool]
 _WRITING: set[Path] = set()  # lock files of the sets this process is writing
 
 
+def still_at(handle: Any, path: str | os.PathLike) -> bool:
+    """Whether the open file ``handle`` is still the file at ``path``: a lock taken on it counts only then.
+    Its holder may have unlinked it (and another process made a new one there) while this process was
+    opening it or waiting for its lock; a lock on the unlinked file excludes nobody who opens ``path`` now."""
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
 class PartialFolder:
     """``DIR.partial`` beside ``DIR``: a set is written there and replaces ``DIR`` whole (``publish``),
     so a kill never leaves a set mixing two runs, and never one that looks finished.
@@ -468,19 +478,25 @@ class PartialFolder:
 
     def _take_lock(self):
         """A POSIX record lock on ``.DIR.lock``: held by this process only (forked workers, which may
-        outlive a SIGKILLed parent for a moment, do not hold it) and released when it dies."""
+        outlive a SIGKILLed parent for a moment, do not hold it) and released when it dies. A lock taken
+        on a file its holder removed meanwhile (``unlock``) is taken again on the one at the path now
+        (``still_at``, as ``kocr.locks.file_lock`` checks), so two writers never each hold one."""
         lock_path = self.path.with_name(f".{self.path.name}.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         busy = SetBusyError(f"{self.path}: another process is writing this set (it holds {lock_path}); "
                             "wait for it to finish or stop it")
         if lock_path.resolve() in _WRITING:  # POSIX locks do not exclude the process that holds them
             raise busy
-        handle = open(lock_path, "a+", encoding="utf-8")
-        try:
-            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise busy from None
+        while True:
+            handle = open(lock_path, "a+", encoding="utf-8")
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise busy from None
+            if still_at(handle, lock_path):
+                break
+            handle.close()  # an unkeyed lock file its holder removed on letting go (unlock): lock the one there now
         _WRITING.add(lock_path.resolve())
         return handle
 

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import sqlalchemy
 
+from kocr.atomic import still_at
 from kocr.redact import hide_passwords
 
 
@@ -30,10 +31,7 @@ def file_lock(path: str | os.PathLike, remove: bool = False) -> Iterator[None]:
         handle = open(path, "a")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                current = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
-            except FileNotFoundError:
-                current = False
+            current = still_at(handle, path)
         except BaseException:
             handle.close()
             raise

@@ -461,3 +461,56 @@ def test_a_scratch_folder_sweeps_only_its_own_kind_of_leftover_and_is_removed_af
         assert folder.parent == tmp_path and folder.name.startswith(".kocr-trial-5.") and not killed.exists()
         assert folder.stat().st_mode & 0o077 == 0  # private, as tempfile's folders are
     assert sorted(tmp_path.iterdir()) == sorted([write, plain])
+
+
+def _hold_set_lock(out: str, take, release, released, hold_until) -> None:
+    """A writer in its own process: takes the set's lock, says so, lets go when told (or holds on)."""
+    from kocr.atomic import PartialFolder
+
+    folder = PartialFolder(out, lock=True)
+    take.set()
+    if release is not None:
+        release.wait(10)
+        folder.unlock()  # removes the unkeyed .DIR.lock
+        released.set()
+    hold_until.wait(10)
+
+
+def test_a_lock_file_removed_while_a_writer_locks_it_is_not_a_second_lock(tmp_path: Path, monkeypatch) -> None:
+    # was: a writer that opened .set.lock just before its holder let go (unlocking removes the file) locked
+    # the unlinked file, while a third writer made a new .set.lock and locked that: two writers of one set
+    import fcntl
+    import multiprocessing
+
+    from kocr import atomic
+    from kocr.atomic import PartialFolder, SetBusyError
+
+    fork = multiprocessing.get_context("fork")
+    out = str(tmp_path / "set")
+    a_took, a_release, a_released, c_took, done = (fork.Event() for _ in range(5))
+    a = fork.Process(target=_hold_set_lock, args=(out, a_took, a_release, a_released, done))
+    a.start()
+    assert a_took.wait(10)
+    c = fork.Process(target=_hold_set_lock, args=(out, c_took, None, None, done))
+    real_lockf, calls, me = fcntl.lockf, [], os.getpid()
+
+    def opened_then_overtaken(handle, operation, *args):
+        if os.getpid() != me:  # C, forked from here, locks as usual
+            return real_lockf(handle, operation, *args)
+        if not calls:  # this writer has opened A's lock file; A lets go, and C takes a new one
+            a_release.set()
+            assert a_released.wait(10)
+            c.start()
+            assert c_took.wait(10)
+        calls.append(handle.name)
+        return real_lockf(handle, operation, *args)
+
+    monkeypatch.setattr(atomic.fcntl, "lockf", opened_then_overtaken)
+    try:
+        with pytest.raises(SetBusyError, match="another process is writing this set"):
+            PartialFolder(out, lock=True).unlock()
+    finally:
+        done.set()
+        a.join(10)
+        c.join(10)
+    assert len(calls) == 2  # the removed file locked, then the one C holds tried
