@@ -713,6 +713,22 @@ def test_an_embedded_study_leaves_no_lock_file_beside_its_storage(prepared, tmp_
     assert sorted(p.name for p in (tmp_path / "tuning").iterdir()) == ["best_params.yaml", "optuna.db"]
 
 
+def test_two_runs_of_one_second_each_get_a_new_study(tmp_path, monkeypatch):
+    """Was: an unnamed study was named by the second alone and created with load_if_exists, so a run
+    started in the same second as another on the same storage joined that one's study and budget (the
+    suite's two quick runs did) instead of starting its own."""
+    from training.tune import open_study
+
+    config = TuneConfig.from_params({**PARAMS["tune"], "study_name": ""})
+    storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}", config)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *args: "tune-20261207-083350")
+    names = [open_study(config, storage, shared=False).study_name for _ in range(3)]
+    assert names == ["tune-20261207-083350", "tune-20261207-083350-2", "tune-20261207-083350-3"]
+    assert len(optuna.get_all_study_summaries(storage)) == 3
+    named = TuneConfig.from_params({**PARAMS["tune"], "study_name": "ko-lr"})
+    assert {open_study(named, storage, shared=False).study_name for _ in range(2)} == {"ko-lr"}  # named: joined
+
+
 def test_kocr_tune_study_names_only_a_study_nothing_else_names(monkeypatch):
     """$KOCR_TUNE_STUDY (the retrain workflow's per-run name, so a re-run continues the study) fills an
     empty tune.study_name; --study and a named study keep theirs; unset or blank, a new study per run."""

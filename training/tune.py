@@ -43,7 +43,7 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -396,6 +396,24 @@ def worker_seed(base: int, existing_trials: int, shared: bool) -> int:
     return seed % (2**32)
 
 
+def new_study_name(stamp: str, experiment: str | None, taken: Iterable[str]) -> str:
+    """The name of a new unnamed study: ``stamp`` (``tune-<date>-<time>``), then ``-<experiment>`` in a DVC
+    experiment copy, with ``-2``, ``-3`` … before it while a study of the name is in ``taken`` (a run of the
+    same second would otherwise have joined that study).
+
+    >>> new_study_name("tune-20261207-083350", None, {"tune-20261207-083350"})
+    'tune-20261207-083350-2'
+    >>> new_study_name("tune-20261207-083350", "lucky-dip", set())
+    'tune-20261207-083350-lucky-dip'
+    """
+    taken, tail = set(taken), f"-{experiment}" if experiment else ""
+    name, n = f"{stamp}{tail}", 1
+    while name in taken:
+        n += 1
+        name = f"{stamp}-{n}{tail}"
+    return name
+
+
 def open_study(config: TuneConfig, storage: optuna.storages.RDBStorage, shared: bool) -> optuna.Study:
     """Create the study or join it; checks that a joined study optimises the same metric the same way.
 
@@ -405,20 +423,28 @@ def open_study(config: TuneConfig, storage: optuna.storages.RDBStorage, shared: 
     from kocr.tracking import experiment_copy
 
     name = config.study_name
-    if not name:
-        if shared:
-            raise TuneError("name the study (--study NAME or tune.study_name) so workers on a shared storage join it")
-        name = time.strftime("tune-%Y%m%d-%H%M%S")
-    if experiment := experiment_copy():
-        name = f"{name}-{experiment}"
+    if not name and shared:
+        raise TuneError("name the study (--study NAME or tune.study_name) so workers on a shared storage join it")
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage, include_best_trial=False)}
+    if name:
+        if experiment := experiment_copy():
+            name = f"{name}-{experiment}"
+    else:  # a new study of this run's own: named by the time, -2, -3 … after one of the same second
+        name = new_study_name(time.strftime("tune-%Y%m%d-%H%M%S"), experiment_copy(), existing)
     if name in existing and existing[name].direction.name.lower() != config.direction:
         raise TuneError(f"study {name} is {existing[name].direction.name.lower()}d; tune.direction is {config.direction}")
-    study = optuna.create_study(storage=storage, study_name=name, direction=config.direction, load_if_exists=True,
-                                sampler=make_sampler(config, worker_seed(int(config.sampler.get("seed", 0)),
-                                                                         existing[name].n_trials if name in existing
-                                                                         else 0, shared)),
-                                pruner=make_pruner(config))
+    while True:
+        try:  # an unnamed study is this run's alone: one another run made meanwhile under the name is not joined
+            study = optuna.create_study(storage=storage, study_name=name, direction=config.direction,
+                                        load_if_exists=bool(config.study_name),
+                                        sampler=make_sampler(config, worker_seed(
+                                            int(config.sampler.get("seed", 0)),
+                                            existing[name].n_trials if name in existing else 0, shared)),
+                                        pruner=make_pruner(config))
+            break
+        except optuna.exceptions.DuplicatedStudyError:
+            name = new_study_name(time.strftime("tune-%Y%m%d-%H%M%S"), experiment_copy(),
+                                  [s.study_name for s in optuna.get_all_study_summaries(storage, False)])
     metric = study.user_attrs.get("kocr.metric")
     if metric is None:
         study.set_user_attr("kocr.metric", config.metric)
