@@ -49,7 +49,8 @@ def _project(tmp_path: Path, name: str = "project") -> tuple[Path, dict[str, str
     repo = tmp_path / name
     repo.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "KOCR_"))}
-    env |= {"PYTHONPATH": str(REPO), "MLFLOW_ENABLE_TELEMETRY": "false", "DVC_NO_ANALYTICS": "1",
+    env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",  # the stage's python: this venv's
+            "PYTHONPATH": str(REPO), "MLFLOW_ENABLE_TELEMETRY": "false", "DVC_NO_ANALYTICS": "1",
             "MLFLOW_LOGGING_LEVEL": "WARNING", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns.db'}"}
     (repo / "stage.py").write_text(STAGE)
     (repo / "dvc.yaml").write_text(PIPELINE)
@@ -61,14 +62,25 @@ def _start(repo: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int, str]
     """``dvc repro`` in a process group of its own, once its stage has started: (dvc, stage pid, run id)."""
     (repo / "started").unlink(missing_ok=True)
     proc = subprocess.Popen([DVC, "repro", "-q"], cwd=repo, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=(repo / "dvc.err").open("w"))
     deadline = time.monotonic() + 120
     while not (repo / "started").is_file() or len((repo / "started").read_text().split()) < 2:
-        assert proc.poll() is None, proc.stderr.read()
+        assert proc.poll() is None, (repo / "dvc.err").read_text()
         assert time.monotonic() < deadline, "the stage did not start"
         time.sleep(0.1)
     pid, run_id = (repo / "started").read_text().split()
     return proc, int(pid), run_id
+
+
+def _ended(proc: subprocess.Popen, repo: Path) -> None:
+    """Wait for ``dvc repro`` to exit; if it does not within 2 minutes, say what its process group still runs."""
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        left = subprocess.run(["ps", "-o", "pid,stat,args", "-g", str(proc.pid)], capture_output=True, text=True).stdout
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+        pytest.fail(f"dvc repro did not exit; its group ran:\n{left}\nstderr:\n{(repo / 'dvc.err').read_text()}")
 
 
 def _status(store: Path, run_id: str) -> tuple[str, str, dict[str, str]]:
@@ -88,7 +100,7 @@ def test_a_stage_stopped_by_sigterm_or_ctrl_c_ends_its_run_as_killed(tmp_path, h
         os.kill(pid, signal.SIGTERM)
     else:  # Ctrl-C in the terminal: SIGINT to the whole foreground group, dvc and its stage
         os.killpg(proc.pid, signal.SIGINT)
-    proc.communicate(timeout=120)
+    _ended(proc, repo)
     assert proc.returncode != 0
     assert _status(tmp_path, run_id)[:2] == ("KILLED", "KILLED")  # was: FAILED, as if the stage had failed
 
@@ -101,7 +113,7 @@ def test_the_next_dvc_repro_ends_the_run_of_a_sigkilled_stage_and_no_live_one(tm
         repo, env = _project(tmp_path)
         proc, pid, killed = _start(repo, env)
         os.kill(pid, signal.SIGKILL)  # nothing of the stage runs: its run stays RUNNING
-        proc.communicate(timeout=120)
+        _ended(proc, repo)
         assert _status(tmp_path, killed)[:2] == ("RUNNING", "RUNNING")
 
         done = subprocess.run([DVC, "repro", "-q"], cwd=repo, env=env | {"STAGE_QUICK": "1"}, capture_output=True,
@@ -115,4 +127,4 @@ def test_the_next_dvc_repro_ends_the_run_of_a_sigkilled_stage_and_no_live_one(tm
         assert _status(tmp_path, alive)[:2] == ("RUNNING", "RUNNING")
     finally:
         os.killpg(other.pid, signal.SIGKILL)
-        other.communicate(timeout=120)
+        other.wait(timeout=120)
