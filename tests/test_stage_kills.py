@@ -61,7 +61,10 @@ def _project(tmp_path: Path, name: str = "project") -> tuple[Path, dict[str, str
 def _start(repo: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int, str]:
     """``dvc repro`` in a process group of its own, once its stage has started: (dvc, stage pid, run id)."""
     (repo / "started").unlink(missing_ok=True)
+    # Ctrl-C as in a terminal: SIGINT at its default, also where pytest inherited it ignored (a job started
+    # with & from a script ignores it, and so would dvc and its stage, which then sleeps on)
     proc = subprocess.Popen([DVC, "repro", "-q"], cwd=repo, env=env, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
                             stdout=subprocess.DEVNULL, stderr=(repo / "dvc.err").open("w"))
     deadline = time.monotonic() + 120
     while not (repo / "started").is_file() or len((repo / "started").read_text().split()) < 2:
