@@ -457,6 +457,23 @@ def still_at(handle: Any, path: str | os.PathLike) -> bool:
         return False
 
 
+def locked_file(path: str | os.PathLike, lock: Callable[[Any], None], mode: str = "a") -> Any:
+    """``path`` opened (created if absent) and locked by ``lock(handle)`` (``flock`` or ``lockf``, which may
+    raise: the file is then closed); returns the open file. A lock taken on a file its holder removed
+    meanwhile is taken again on the one at ``path`` now (``still_at``), so two processes never each hold
+    one, the second on a file nobody opens any more."""
+    while True:
+        handle = open(path, mode, encoding="utf-8")
+        try:
+            lock(handle)
+            if still_at(handle, path):
+                return handle
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # removed (and maybe made anew) by its holder while this process opened or waited for it
+
+
 class PartialFolder:
     """``DIR.partial`` beside ``DIR``: a set is written there and replaces ``DIR`` whole (``publish``),
     so a kill never leaves a set mixing two runs, and never one that looks finished.
@@ -480,23 +497,22 @@ class PartialFolder:
         """A POSIX record lock on ``.DIR.lock``: held by this process only (forked workers, which may
         outlive a SIGKILLed parent for a moment, do not hold it) and released when it dies. A lock taken
         on a file its holder removed meanwhile (``unlock``) is taken again on the one at the path now
-        (``still_at``, as ``kocr.locks.file_lock`` checks), so two writers never each hold one."""
+        (``locked_file``, as ``kocr.locks.file_lock`` takes its lock), so two writers never each hold one."""
         lock_path = self.path.with_name(f".{self.path.name}.lock")
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         busy = SetBusyError(f"{self.path}: another process is writing this set (it holds {lock_path}); "
                             "wait for it to finish or stop it")
         if lock_path.resolve() in _WRITING:  # POSIX locks do not exclude the process that holds them
             raise busy
-        while True:
-            handle = open(lock_path, "a+", encoding="utf-8")
+
+        def lock(handle) -> None:
             try:
                 fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                handle.close()
                 raise busy from None
-            if still_at(handle, lock_path):
-                break
-            handle.close()  # an unkeyed lock file its holder removed on letting go (unlock): lock the one there now
+
+        # an unkeyed lock file its holder removed on letting go (unlock) is locked again at the path now
+        handle = locked_file(lock_path, lock, "a+")
         _WRITING.add(lock_path.resolve())
         return handle
 

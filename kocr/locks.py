@@ -15,7 +15,7 @@ from typing import Iterator
 
 import sqlalchemy
 
-from kocr.atomic import still_at
+from kocr.atomic import locked_file
 from kocr.redact import hide_passwords
 
 
@@ -27,18 +27,7 @@ def file_lock(path: str | os.PathLike, remove: bool = False) -> Iterator[None]:
     that was waiting on the file so unlinked finds, once it holds it, that ``path`` is no longer that
     file, and locks the one now at ``path`` instead (creating it): an unlinked file never serves as a
     second lock beside a new one, so removing the file is safe while others use it."""
-    while True:
-        handle = open(path, "a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            current = still_at(handle, path)
-        except BaseException:
-            handle.close()
-            raise
-        if current:
-            break
-        handle.close()  # removed (and maybe made anew) by its holder while this process waited for it
-    with handle:
+    with locked_file(path, lambda handle: fcntl.flock(handle, fcntl.LOCK_EX)) as handle:
         try:
             yield
         finally:
