@@ -862,14 +862,11 @@ def test_an_out_holding_other_files_or_a_file_is_refused_never_replaced(tmp_path
     assert len(LmdbDataset(tmp_path / "mine2")) == 3
 
 
-
 def test_a_set_holding_a_killed_writers_temporary_folder_is_replaced_not_refused(tmp_path, monkeypatch):
     """Was: refused as 'holds .contact_sheet.png.TAG-PID.HEX.tmp ... which an LMDB set of synth-lines does not'.
     A run killed while writing its contact sheet leaves atomic_path's hidden folder in DIR.partial; a run resumed
     in another container (another host name and PID namespace: kept for a week, not swept) publishes it with
     the set, and every later run over that set was refused."""
-    import socket
-
     from kocr import atomic
     from kocr.cli import main
 
@@ -877,13 +874,17 @@ def test_a_set_holding_a_killed_writers_temporary_folder_is_replaced_not_refused
     (tmp_path / "params.yaml").write_text("synth_lines:\n  fonts: [NanumGothic.ttf]\n  contact_sheet: 0\n",
                                           encoding="utf-8")
     assert main(["synth-lines", "--out", "set", "--count", "2", "--workers", "1"]) == 0
-    with monkeypatch.context() as other:  # the name another container's writer gives its temporary folder
-        other.setattr(socket, "gethostname", lambda: "another-container")
-        left = tmp_path / "set" / atomic._temp_name("contact_sheet.png")
+    # another container's writer: a namespace tag not this process's (_namespace_tag is cached per process, so a
+    # host name patched here would not change it) and a PID that means nothing here
+    here = atomic._namespace_tag()
+    tag = format((int(here, 16) + 1) % 0x1000000, "06x")
+    left = tmp_path / "set" / f".contact_sheet.png.{tag}-1.0123abcd.tmp"
+    assert atomic.temporary_name(left.name) and tag != here
     left.mkdir()
     (left / "contact_sheet.png").write_bytes(b"cut mid-write")
     assert main(["synth-lines", "--out", "set", "--count", "3", "--workers", "1"]) == 0
     assert len(LmdbDataset(tmp_path / "set")) == 3 and not left.exists()  # gone with the folder it was in
+
 
 KILLER = """
 import functools, os, signal, sys
