@@ -11,11 +11,20 @@ Example:
     >>> acc = CLEvalAccumulator()                    # doctest: +SKIP
     >>> acc.update(gt_page, pred_page)               # doctest: +SKIP
     >>> acc.compute()["cleval_e2e_f1"]               # doctest: +SKIP
+
+cleval's numba functions (bare ``@njit``) would be compiled again in every process (seconds each time):
+``cache_cleval_jit`` swaps them for ``cache=True`` copies of the same Python functions before their first
+call, so the machine code is written once to ``jit_cache_dir()`` and loaded by every later process.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
+import tempfile
+import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -34,6 +43,72 @@ def _quads(words: list[Word]) -> np.ndarray:
     return np.asarray(quads, dtype=np.float32).reshape(-1, 8)
 
 
+_SWAP_LOCK = threading.Lock()
+
+
+def jit_cache_dir() -> Path:
+    """Where the compiled cleval functions are kept: ``NUMBA_CACHE_DIR`` when set, else
+    ``$XDG_CACHE_HOME/kocr/numba`` (``~/.cache/kocr/numba``)."""
+    import numba
+
+    if numba.config.CACHE_DIR:  # NUMBA_CACHE_DIR, read when numba was imported
+        return Path(numba.config.CACHE_DIR).absolute()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute() / "kocr" / "numba"
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+        return True
+    except OSError:
+        return False
+
+
+def cache_cleval_jit() -> Path | None:
+    """Replace every numba function in the loaded ``cleval`` modules by ``njit(cache=True)`` of its
+    ``py_func``, cached under ``jit_cache_dir()``; returns that folder, or None when it cannot be written
+    (cleval then compiles in every process, as it does by itself). Safe to call again.
+
+    numba keys a cached compile on the source file's content hash, numba's version, the function's
+    bytecode, its argument types and the CPU, so a changed cleval or numba compiles afresh.
+    """
+    import numba
+    from numba.core.dispatcher import Dispatcher
+
+    root = jit_cache_dir()
+    if not _writable(root):
+        return None
+    with _SWAP_LOCK:
+        swapped: dict[int, Dispatcher] = {}
+        user_dir, numba.config.CACHE_DIR = numba.config.CACHE_DIR, str(root)  # read by njit(cache=True) only
+        try:
+            modules = [m for name, m in list(sys.modules.items())
+                       if m is not None and (name == "cleval" or name.startswith("cleval."))]
+            for module in modules:
+                for attr, value in list(vars(module).items()):
+                    if (isinstance(value, Dispatcher) and value.py_func.__module__.startswith("cleval")
+                            and value.stats.cache_path is None):
+                        if id(value) not in swapped:  # cleval.utils.lcs is also cleval.eval_functions.lcs
+                            swapped[id(value)] = _cached(value)
+                        setattr(module, attr, swapped[id(value)])
+        finally:
+            numba.config.CACHE_DIR = user_dir
+    return root
+
+
+def _cached(dispatcher):
+    """``njit(cache=True)`` of ``dispatcher``'s Python function with its options; itself if numba finds no
+    cache folder it can write."""
+    import numba
+
+    options = {k: v for k, v in dispatcher.targetoptions.items() if k != "nopython"}  # njit sets it
+    try:
+        return numba.njit(cache=True, **options)(dispatcher.py_func)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return dispatcher
+
+
 class CLEvalAccumulator:
     """Accumulates pages and returns CLEval detection and end-to-end precision, recall and F1."""
 
@@ -41,6 +116,7 @@ class CLEvalAccumulator:
         register_torchvision_ops()  # torchmetrics imports torchvision
         from cleval import CLEvalMetric
 
+        cache_cleval_jit()
         self.metric = CLEvalMetric(case_sensitive=case_sensitive)
 
     def update(self, gt: Page, pred: Page) -> None:

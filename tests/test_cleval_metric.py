@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from evaluation.cleval_metric import CLEvalAccumulator
 from evaluation.metrics import score_page
 from training.data.pages import Page, Word
 
+REPO = Path(__file__).resolve().parents[1]
 GT = Page("p.jpg", 200, 50, [Word((0, 0, 40, 20), "서울"), Word((50, 0, 40, 20), "평양")])
 
 
@@ -67,3 +76,63 @@ def test_a_gt_box_marked_illegible_is_dont_care():
 def test_a_prediction_with_a_nan_corner_is_left_out_not_a_crash():
     broken = Word((float("nan"), 0, 40, 20), "서울")
     assert _scores([*GT.words, broken]) == _scores(list(GT.words))
+
+
+SCORE_IN_A_PROCESS = """
+import json, sys
+import numba
+from evaluation.cleval_metric import CLEvalAccumulator
+from training.data.pages import Page, Word
+gt = Page("p.jpg", 200, 50, [Word((0, 0, 40, 20), "서울"), Word((50, 0, 40, 20), "평양"), Word((100, 0, 40, 20), "부산")])
+acc = CLEvalAccumulator()  # a merged box, a split word and a misread half: every jitted function runs
+acc.update(gt, Page("p.jpg", 200, 50, [Word((0, 0, 90, 20), "서울 평양"), Word((100, 0, 20, 20), "부"),
+                                       Word((120, 0, 20, 20), "선")]))
+found = {}  # cleval.utils.lcs is also cleval.eval_functions.lcs, harmonic_mean also cleval.data's: one object each
+for name, module in list(sys.modules.items()):
+    for value in vars(module).values() if name.startswith("cleval") else ():
+        if isinstance(value, numba.core.dispatcher.Dispatcher):
+            found.setdefault(value.py_func.__module__ + "." + value.py_func.__name__, set()).add(value)
+jit = {name: {"copies": len(objects), "path": stats.cache_path, "hits": sum(stats.cache_hits.values()),
+              "misses": sum(stats.cache_misses.values())}
+       for name, objects in found.items() for stats in [next(iter(objects)).stats]}
+print(json.dumps({"scores": acc.compute(), "jit": jit, "cleval": sys.modules["cleval"].__file__}))
+"""
+JITTED = {"cleval.utils.lcs", "cleval.utils.harmonic_mean", "cleval.eval_functions.one_to_one_match",
+          "cleval.eval_functions.one_to_many_match", "cleval.eval_functions.many_to_one_match",
+          "cleval.eval_functions.get_gran_score"}
+
+
+def test_cleval_compiles_once_per_machine_and_afresh_when_its_source_changes(tmp_path):
+    # a copy of the installed cleval, first on the path, so its source can change; nothing may be written into it
+    package = tmp_path / "site" / "cleval"
+    shutil.copytree(Path(importlib.util.find_spec("cleval").origin).parent, package,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    before = sorted(p.name for p in package.iterdir())
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(PYTHONPATH=os.pathsep.join([str(package.parent), str(REPO)]), XDG_CACHE_HOME=str(tmp_path / "cache"),
+               PYTHONDONTWRITEBYTECODE="1")
+    cache = tmp_path / "cache" / "kocr" / "numba"
+
+    def score() -> dict:
+        done = subprocess.run([sys.executable, "-c", SCORE_IN_A_PROCESS], capture_output=True, text=True,
+                              env=env, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout.splitlines()[-1])
+        assert out["cleval"] == str(package / "__init__.py") and set(out["jit"]) == JITTED
+        assert all(f["copies"] == 1 and f["path"] and Path(f["path"]).parent == cache for f in out["jit"].values())
+        return out
+
+    first = score()
+    assert all(f["misses"] >= 1 and f["hits"] == 0 for f in first["jit"].values())  # compiled here, and written
+    assert {p.name.split("-")[0] for p in cache.glob("*/*.nbi")} == {name[len("cleval."):] for name in JITTED}
+    second = score()
+    assert second["scores"] == first["scores"]
+    assert all(f["misses"] == 0 and f["hits"] == first["jit"][name]["misses"] for name, f in second["jit"].items())
+    with (package / "utils.py").open("a", encoding="utf-8") as f:
+        f.write("\n# an upgraded cleval\n")  # numba's index holds the source's content hash
+    third = score()
+    assert third["scores"] == first["scores"]
+    recompiled = {name for name, f in third["jit"].items() if f["misses"] >= 1 and f["hits"] == 0}
+    loaded = {name for name, f in third["jit"].items() if f["misses"] == 0 and f["hits"] >= 1}
+    assert recompiled == {"cleval.utils.lcs", "cleval.utils.harmonic_mean"} and loaded == JITTED - recompiled
+    assert sorted(p.name for p in package.iterdir()) == before
