@@ -1004,6 +1004,7 @@ def test_evaluate_stage_writes_its_metrics_and_logs_the_same_numbers_and_reading
           "--set", f"heldout_latin={labels}", "--out", str(tmp_path / "eval"),
           "--metrics", str(tmp_path / "metrics/evaluate.json")])
     written = json.loads((tmp_path / "metrics/evaluate.json").read_text(encoding="utf-8"))
+    assert written["model_sha256"] == _sha256(hangul_checkpoint)  # the checkpoint scored: what card and ship check
     heldout = written["sets"]["heldout"]
     # a --set is scored as the held-out set is (here the same crops, so the same scores), per face too
     latin = written["sets"]["heldout_latin"]
