@@ -129,7 +129,9 @@ def not_a_path(text: str) -> str:
     Image bytes are told from a path by what they decode to, not only by their length: a small image's
     base64 (a word crop, a few KB) is short enough to be a path. A file of that name that exists is a path,
     and so is a name that is not base64 throughout (``Qk2024_scan.png``, whose start reads as BMP bytes):
-    a missing one is then reported as not found, not as image bytes.
+    a missing one is then reported as not found, not as image bytes. A missing file whose whole name is
+    base64 beginning as an image's bytes (``Qk2024scans/page_0001``) but which does not open as an image
+    could be either: the answer names both readings.
 
     >>> not_a_path("https://example.com/scan.jpg")
     'a URL; the model reads image files on its own machine: send a path it can open'
@@ -137,6 +139,8 @@ def not_a_path(text: str) -> str:
     ''
     >>> not_a_path("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGP4DwABAQEAG7buVgAAAABJRU5ErkJggg==")[:37]
     'not a path (image bytes, as base64?);'
+    >>> not_a_path("Qk2024scans/contract_0001_page")[:67]
+    'no such file, and not base64 of an image (its first bytes are an im'
     """
     send = "the model reads image files on its own machine: send a path it can open"
     if not text:
@@ -145,9 +149,14 @@ def not_a_path(text: str) -> str:
         return f"a URL; {send}"
     if re.match(r"data:[^,]{0,200},", text) and not os.path.exists(text):
         return f"a data: URI (image bytes); {send}"
-    if len(text) > 4096 or "\n" in text or (_decodes_to_an_image(text) and not os.path.exists(text)):
+    if len(text) > 4096 or "\n" in text:
         return f"not a path (image bytes, as base64?); {send}"
-    return ""
+    if not _decodes_to_an_image(text) or os.path.exists(text):
+        return ""
+    if _opens_as_an_image(text):
+        return f"not a path (image bytes, as base64?); {send}"
+    return ("no such file, and not base64 of an image (its first bytes are an image's, but it does not open "
+            f"as one); {send}")
 
 
 # how the image formats PIL and OpenCV read begin (JPEG, PNG, GIF, BMP, TIFF, WebP, JPEG 2000)
@@ -172,6 +181,34 @@ def _decodes_to_an_image(text: str) -> bool:
     except ValueError:  # binascii.Error
         return False
     return start.startswith(IMAGE_SIGNATURES)
+
+
+def _opens_as_an_image(text: str) -> bool:
+    """Whether the whole of ``text``, base64 as :func:`_decodes_to_an_image` reads it, opens as an image (its
+    header read, no pixels decoded): image bytes a client sent, where a file's name that happens to begin as
+    an image's bytes decodes to a header and garbage after it.
+
+    >>> _opens_as_an_image("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGP4DwABAQEAG7buVgAAAABJRU5ErkJggg==")
+    True
+    >>> _opens_as_an_image("Qk2024scans/contract_0001_page")
+    False
+    """
+    import io
+    import warnings
+
+    from PIL import Image
+
+    body = text.rstrip("=")
+    data = base64.b64decode(body.replace("-", "+").replace("_", "/") + "=" * (-len(body) % 4))
+    try:
+        with warnings.catch_warnings():  # PIL warns of corrupt EXIF and of very large images as it opens them
+            warnings.simplefilter("ignore")
+            with Image.open(io.BytesIO(data)):
+                return True
+    except Image.DecompressionBombError:  # an image, only a very large one
+        return True
+    except Exception:  # noqa: BLE001 - PIL's plugins raise anything on bytes that are no image
+        return False
 
 
 def log_recognizer(checkpoint: str | os.PathLike, settings: DetectorSettings) -> ModelInfo:

@@ -272,7 +272,7 @@ def test_image_bytes_sent_as_base64_are_told_from_paths_whatever_their_size(samp
     # a file whose name happens to read as base64 image bytes is still a path
     named = base64.b64encode(b"\x89PNG\r\n\x1a\n" + bytes(16)).decode().rstrip("=")
     monkeypatch.chdir(tmp_path)
-    assert not_a_path(named).startswith("not a path")
+    assert not_a_path(named).startswith("no such file, and not base64 of an image")
     (tmp_path / named).write_bytes(b"")
     assert not_a_path(named) == ""
 
@@ -288,6 +288,28 @@ def test_a_missing_file_whose_name_begins_as_image_bytes_in_base64_is_a_path(tmp
                  "/9j/scans/2024/batch_0001/page_0001.jpg", "R0lGODlhscans/2019/letters/scan_0003.gif"):
         assert not Path(name).exists()
         assert not_a_path(name) == "", name
+
+
+def test_a_missing_file_whose_whole_name_is_base64_beginning_as_an_image_is_named_both_ways(tmp_path, monkeypatch):
+    """Was "not a path (image bytes, as base64?)" for a file name that is base64 throughout and whose first
+    bytes are an image's (``Qk2`` decodes to BMP's ``BM``): a client that sent the path of a missing file
+    was told it had sent image bytes. The bytes do not open as an image, so the answer names both readings;
+    image bytes that open are still told apart."""
+    from mlflow.exceptions import MlflowException
+
+    from evaluation.pyfunc_model import PageReaderModel, not_a_path
+
+    monkeypatch.chdir(tmp_path)
+    both = "no such file, and not base64 of an image (its first bytes are an image's, but it does not open as one)"
+    for name in ("Qk2024scans/contract_0001_page", "R0lGODlhscans_2019_letters_0003",
+                 "/9j/scans/2024/batch_0001/page_0001", "iVBORw0KGgo_scans_2024_page_0001"):
+        assert not_a_path(name).startswith(both), name
+        with pytest.raises(MlflowException) as raised:
+            PageReaderModel().predict(None, [name])  # refused before any page is read: no reader needed
+        assert raised.value.message.startswith(f"{name!r}: {both}"), raised.value.message
+    one_pixel = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAAAAAA6fptVAAAACklEQVR4nGP4DwABAQEAG7buVgAAAABJRU5ErkJggg=="
+    assert not_a_path(one_pixel).startswith("not a path (image bytes, as base64?)")
+    assert not_a_path(one_pixel.rstrip("=")).startswith("not a path (image bytes, as base64?)")  # unpadded too
 
 
 RACER = """
