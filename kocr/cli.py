@@ -648,42 +648,57 @@ def _images(text: str) -> int:
     return _count(text, least=1)
 
 
-def _out_folder(out: str | None) -> None:
-    """Make ``--out`` before the models run, so a path that cannot be a folder fails first, not last."""
+@contextlib.contextmanager
+def _out_folder(out: str | None) -> Iterator[None]:
+    """Make ``--out`` before the models run, so a path that cannot be a folder fails first, not last.
+
+    A command that fails in the block (a model that does not load, no image read) removes the folders
+    this made while they are still empty: no empty ``--out`` is left behind, and a folder that was there
+    before, or that holds what the run wrote, is kept."""
     from evaluation.score_crops import ScoreInputError
 
-    if out:
-        try:
-            Path(out).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ScoreInputError(f"--out {out}: cannot be made a folder ({exc.strerror or exc})") from None
+    if not out:
+        yield
+        return
+    made = [p for p in (Path(out), *Path(out).parents) if not os.path.lexists(p)]  # the deepest first
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScoreInputError(f"--out {out}: cannot be made a folder ({exc.strerror or exc})") from None
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: the run wrote there, or someone else did
+                folder.rmdir()
+        raise
 
 
 def cmd_evaluate_crops(args: argparse.Namespace) -> None:
     from evaluation.score_crops import read_labels, score_crops, write_outputs
 
-    _out_folder(args.out)
-    margin = _settings(load_params(required=False)).add_margin  # box labels are widened as detected boxes are
-    report = score_crops(read_labels(args.labels, margin), _scored_models(args), labels=args.labels)
-    paired = report.paired()  # empty with one model
-    scores: dict[str, Any] = {**report.metrics, **({"paired": paired} if paired else {})}
-    print(json.dumps(scores, ensure_ascii=False, indent=1), flush=True)  # first: a failing write loses no score
-    if args.out:
-        write_outputs(report, args.out, args.worst, scores)
+    with _out_folder(args.out):
+        margin = _settings(load_params(required=False)).add_margin  # box labels are widened as detected boxes are
+        report = score_crops(read_labels(args.labels, margin), _scored_models(args), labels=args.labels)
+        paired = report.paired()  # empty with one model
+        scores: dict[str, Any] = {**report.metrics, **({"paired": paired} if paired else {})}
+        print(json.dumps(scores, ensure_ascii=False, indent=1), flush=True)  # first: a failing write loses no score
+        if args.out:
+            write_outputs(report, args.out, args.worst, scores)
     _outside_note("evaluate-crops")
 
 
 def cmd_evaluate_pages(args: argparse.Namespace) -> None:
     from evaluation.score_pages import describe_skipped, find_pages, score_pages, write_scores
 
-    _out_folder(args.out)
-    skipped: list[tuple[str, str]] = []
-    items = find_pages(args.images, args.text, skipped)
-    if skipped:  # before the models run: the set is smaller than the folders, and the user should know
-        print(f"kocr evaluate-pages: note: not scored: {describe_skipped(skipped)}", file=sys.stderr)
-    scores = score_pages(items, _scored_models(args), _settings(load_params(required=False)))
-    if args.out:
-        write_scores(scores, args.out)
+    with _out_folder(args.out):
+        skipped: list[tuple[str, str]] = []
+        items = find_pages(args.images, args.text, skipped)
+        if skipped:  # before the models run: the set is smaller than the folders, and the user should know
+            print(f"kocr evaluate-pages: note: not scored: {describe_skipped(skipped)}", file=sys.stderr)
+        scores = score_pages(items, _scored_models(args), _settings(load_params(required=False)))
+        if args.out:
+            write_scores(scores, args.out)
     print(json.dumps({label: {k: v for k, v in s.items() if k != "per_page"} for label, s in scores.items()},
                      ensure_ascii=False, indent=1))
     _outside_note("evaluate-pages")
@@ -727,58 +742,58 @@ def cmd_predict(args: argparse.Namespace) -> None:
         same = [str(image) for image, out in zip(args.images, outputs) if str(out) == clashes[0]]
         raise CommandError(f"{' and '.join(same)} would both be written to {clashes[0]}; read them into "
                            "different --out folders")
-    _out_folder(args.out)  # a file there failed with a traceback after the first page was read
     if args.model == CANDIDATE and not Path(CANDIDATE).is_file():
         raise CommandError(f"--model defaults to the pipeline's candidate, {CANDIDATE}, and there is none here yet: "
                            "run `dvc repro` first, or pass --model (ko_base, a checkpoint path, models:/…)")
-    logged = args.model.startswith(("models:/", "runs:/"))
-    if logged:
-        # a registered or logged model is read through its MLflow pyfunc, with its own detector settings
-        import mlflow
-        from mlflow.exceptions import MlflowException
+    with _out_folder(args.out):  # a file there failed with a traceback after the first page was read
+        logged = args.model.startswith(("models:/", "runs:/"))
+        if logged:
+            # a registered or logged model is read through its MLflow pyfunc, with its own detector settings
+            import mlflow
+            from mlflow.exceptions import MlflowException
 
-        from training.checkpoint import ModelSpecError, quick_fetch, reading_store
+            from training.checkpoint import ModelSpecError, quick_fetch, reading_store
 
-        store = reading_store(args.model)
-        try:
-            with quick_fetch(args.model, store):
-                model = mlflow.pyfunc.load_model(args.model)
-        except (MlflowException, OSError) as exc:
-            raise ModelSpecError(f"cannot load {args.model!r} from MLflow at {store}: "
-                                 f"{hide_passwords(str(exc).splitlines()[0])}") from None
-        def read(image: str) -> Page:
+            store = reading_store(args.model)
             try:
-                return Page.from_dict(model.predict([str(image)])[0])
-            except MlflowException as exc:  # the pyfunc's refusal of one image: named, the others still read
-                if exc.error_code != "INVALID_PARAMETER_VALUE":
-                    raise
-                raise UnreadableImage(exc.message) from None
-    else:
-        from evaluation.reader import PageReader
-        from training.checkpoint import load_recognizer
-
-        reader = PageReader(load_recognizer(args.model), _settings(load_params(required=False)))
-        read = reader.read
-    failed: list[Exception] = []
-    for i, image in enumerate(args.images):  # each page is written as it is read: a bad image loses no other
-        try:
-            page = read(image)
-        except (UnreadableImage, FileNotFoundError) as exc:
-            if len(args.images) > 1:
-                print(f"kocr predict: error: {exc}", file=sys.stderr)
-            failed.append(exc)
-            continue
-        if args.out:
-            write_page(page, outputs[i])
+                with quick_fetch(args.model, store):
+                    model = mlflow.pyfunc.load_model(args.model)
+            except (MlflowException, OSError) as exc:
+                raise ModelSpecError(f"cannot load {args.model!r} from MLflow at {store}: "
+                                     f"{hide_passwords(str(exc).splitlines()[0])}") from None
+            def read(image: str) -> Page:
+                try:
+                    return Page.from_dict(model.predict([str(image)])[0])
+                except MlflowException as exc:  # the pyfunc's refusal of one image: named, the others still read
+                    if exc.error_code != "INVALID_PARAMETER_VALUE":
+                        raise
+                    raise UnreadableImage(exc.message) from None
         else:
-            print(json.dumps(page.to_dict(), ensure_ascii=False))
-    if not logged:
-        _outside_note("predict")  # a models:/ URI reads with the settings logged beside the model instead
-    if len(failed) == len(args.images) == 1:
-        raise failed[0]
-    if failed:
-        raise CommandError(f"{len(failed)} of {len(args.images)} images could not be read (each named above); "
-                           "the other pages were read")
+            from evaluation.reader import PageReader
+            from training.checkpoint import load_recognizer
+
+            reader = PageReader(load_recognizer(args.model), _settings(load_params(required=False)))
+            read = reader.read
+        failed: list[Exception] = []
+        for i, image in enumerate(args.images):  # each page is written as it is read: a bad image loses no other
+            try:
+                page = read(image)
+            except (UnreadableImage, FileNotFoundError) as exc:
+                if len(args.images) > 1:
+                    print(f"kocr predict: error: {exc}", file=sys.stderr)
+                failed.append(exc)
+                continue
+            if args.out:
+                write_page(page, outputs[i])
+            else:
+                print(json.dumps(page.to_dict(), ensure_ascii=False))
+        if not logged:
+            _outside_note("predict")  # a models:/ URI reads with the settings logged beside the model instead
+        if len(failed) == len(args.images) == 1:
+            raise failed[0]
+        if failed:
+            raise CommandError(f"{len(failed)} of {len(args.images)} images could not be read (each named above); "
+                               "the other pages were read")
 
 
 def cmd_end_pipeline(args: argparse.Namespace) -> None:

@@ -505,6 +505,28 @@ def test_predict_refuses_an_out_that_cannot_be_a_folder_before_the_model_loads(t
     assert (tmp_path / "out.json").read_text(encoding="utf-8") == "{}"
 
 
+@pytest.mark.parametrize("command", ["predict", "evaluate-pages", "evaluate-crops"])
+def test_a_model_that_does_not_load_leaves_no_empty_out_folder_behind(command, tmp_path, monkeypatch, capsys):
+    """Was: --out (and the folders above it) made before the model loaded, and left there empty when it did
+    not; a folder that was there before is kept, empty or not."""
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("bad.pt").write_bytes(b"not a checkpoint")
+    Path("pages").mkdir()
+    Path("pages/p.png").write_bytes(b"")
+    Path("pages/p.txt").write_text("서울\n", encoding="utf-8")
+    Path("labels.tsv").write_text("image\ttext\npages/p.png\t서울\n", encoding="utf-8")
+    inputs = {"predict": ["pages/p.png"], "evaluate-pages": ["--images", "pages", "--text", "pages"],
+              "evaluate-crops": ["--labels", "labels.tsv"]}[command]
+    Path("there").mkdir()
+    for out in ("new/out", "there"):
+        assert main([command, *inputs, "--model", "bad.pt", "--out", out]) == 2
+        assert "bad.pt: not a loadable PyTorch checkpoint" in capsys.readouterr().err
+    assert not Path("new").exists()
+    assert Path("there").is_dir()
+
+
 def test_scans_past_pillows_pixel_limit_are_one_line_for_the_command_not_a_warning_each(
         sample_pages, tmp_path, monkeypatch, recwarn, capsys):
     from PIL import Image
