@@ -154,8 +154,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.distributed import agreed_setup, launched_by_torchrun, process_rank
-    from training.train import (TrainConfig, discard_state, loss_name, mix_shares, pick_device, summary_metrics,
-                                train, train_extras)
+    from training.train import (TrainConfig, check_sets, discard_state, loss_name, mix_shares, pick_device,
+                                summary_metrics, train, train_extras)
 
     def setup() -> tuple[tuple[Any, ...], Any]:
         params = load_params()
@@ -182,20 +182,22 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     from training.train import train_run_params
 
+    check_sets(config, args.data)  # a mistyped --data: said before a run starts or an earlier output goes
     # every knob with the value that trains (tuned over params.yaml's, defaults of the keys it leaves
     # out), named as a tune trial's run names them, and the settings only kocr train reads
     logged = train_run_params(config, section(params, "train"))
-    # an earlier run's mlflow.json beside this run's first model.pt would let promote register that
-    # run's model under the score evaluate measured on this one: gone until this run has logged its own;
-    # so is its --metrics, which DVC would show as the scores of the model.pt this run saves (a run
-    # stopped before its end leaves none; train writes it back when the run ends)
-    (Path(args.out) / "mlflow.json").unlink(missing_ok=True)
-    Path(args.metrics).unlink(missing_ok=True)
     with stage_run("train", logged, system_metrics=True) as run:
         for split in ("train", "val"):
             log_dataset(Path(args.data) / split, context=split)
         for i, (path, _) in enumerate(mix_shares(config.mix)):  # train.mix (checked): the other sets' versions too
             log_dataset(path, context=f"mix.{i}")
+        # an earlier run's mlflow.json beside this run's first model.pt would let promote register that
+        # run's model under the score evaluate measured on this one: gone until this run has logged its own;
+        # so is its --metrics, which DVC would show as the scores of the model.pt this run saves (a run
+        # stopped before its end leaves none; train writes it back when the run ends). Removed once the
+        # inputs are checked and the run has started: a mistake or an unreachable store keeps them
+        (Path(args.out) / "mlflow.json").unlink(missing_ok=True)
+        Path(args.metrics).unlink(missing_ok=True)
         # the state outlives train(): a kill while the model is logged resumes at the last step and
         # only redoes this end, instead of training again from step 0
         summary = train(config, args.data, args.out, metrics_file=args.metrics, plots_dir=args.plots,

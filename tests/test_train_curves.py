@@ -38,7 +38,7 @@ def _curves(tmp_path):
 
 def _fake_train(monkeypatch, summary: dict) -> None:
     """``kocr train`` without training: training.train.train writes an empty model.pt and the curves and
-    returns ``summary``; the model is not logged."""
+    returns ``summary``; the model is not logged, and the (empty) data folders are not checked as sets."""
     import evaluation.pyfunc_model
     import training.train
 
@@ -53,6 +53,7 @@ def _fake_train(monkeypatch, summary: dict) -> None:
         return summary
 
     monkeypatch.setattr(training.train, "train", trained)
+    monkeypatch.setattr(training.train, "check_sets", lambda config, data: None)
     monkeypatch.setattr(evaluation.pyfunc_model, "log_recognizer", lambda *args, **kwargs: Logged())
 
 

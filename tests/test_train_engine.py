@@ -735,6 +735,34 @@ def test_an_earlier_runs_mlflow_json_is_gone_before_this_run_writes_its_model(pr
     assert (tmp_path / "out" / "model.pt").is_file() and not (tmp_path / "out" / "mlflow.json").exists()
 
 
+def test_a_mistyped_data_or_an_unusable_store_keeps_the_earlier_runs_metrics(prepared, tmp_path, monkeypatch, capsys):
+    """Was: --metrics and --out's mlflow.json were removed first, so a typo in --data (or in a train.mix
+    path, or a tracking store that refuses the run) lost the earlier run's metrics for nothing trained."""
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    earlier = {"m.json": '{"best_val_cer": 0.1}\n', "out/mlflow.json": '{"run_id": "r", "model_uri": "models:/m-1"}\n'}
+    for name, text in earlier.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    args = ["train", "--out", "out", "--metrics", "m.json", "--plots", "plots"]
+
+    def refused(data: str, why: str) -> None:
+        assert main([*args, "--data", data]) == 2
+        assert why in capsys.readouterr().err
+        for name, text in earlier.items():
+            assert (tmp_path / name).read_text(encoding="utf-8") == text, (data, name)
+
+    _tiny_project(prepared, tmp_path)
+    refused("prepard", "prepard/train: not an LMDB set")
+    _tiny_project(prepared, tmp_path, mix={"data/replay": 0.25})
+    refused(str(prepared), "data/replay: not an LMDB set")
+    _tiny_project(prepared, tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())  # a file store: MLflow refuses it
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    refused(str(prepared), "kocr train: error: MLflow at")
+
+
 def test_a_state_saved_at_an_early_stop_is_not_trained_on(prepared, tmp_path, capsys):
     state, knobs = tmp_path / "run.pt", {"steps": 20, "val_every": 1, "lr": 1e-12, "patience": 2}
     first = train(TrainConfig(**{**TINY, **knobs}), prepared, tmp_path / "a", progress=False, log=False,

@@ -41,7 +41,7 @@ from training.charset import Charset
 from training.attention import AttnCodec, attention_loss, num_class_for
 from training.checkpoint import file_digest, load_recognizer, save_checkpoint, start_from
 from training.crops import BucketBatchSampler, CropBatch, CropDataset, MixedCrops
-from training.data.lmdb_store import LmdbDataset
+from training.data.lmdb_store import LmdbDataset, lmdb_parts
 from training.distributed import (DistContext, all_agree, broadcast_flag, init_distributed, leave_to, one_report,
                                   setup_agreed, shutdown, sum_over_ranks)
 from training.model import Recognizer, RecognizerConfig
@@ -481,6 +481,13 @@ def mix_shares(mix: dict[str, float]) -> list[tuple[Path, float]]:
         raise ParamsError(f"train.mix: shares add up to {sum(s for _, s in shares):g}; the main training set "
                          "needs the rest, so keep the sum below 1")
     return shares
+
+
+def check_sets(config: TrainConfig, data_dir: str | os.PathLike) -> None:
+    """Raise as training would on a set it reads that is not there (``DATA/train``, ``DATA/val`` and each
+    ``train.mix`` set: a mistyped ``--data``), before ``kocr train`` removes or logs anything."""
+    for path in (Path(data_dir) / "train", Path(data_dir) / "val", *(path for path, _ in mix_shares(config.mix))):
+        lmdb_parts(path)
 
 
 def _datasets(config: TrainConfig, data_dir: Path, charset: Charset) -> tuple[CropDataset | MixedCrops, CropDataset]:
