@@ -554,11 +554,11 @@ def cmd_export(args: argparse.Namespace) -> None:
                             *([f"checkpoint sha256 {digest}"] if digest else [])])
     # a logged model's own settings (those it serves and `kocr predict` reads it with) go into the README
     # and the parity check; params.yaml's only for a checkpoint, which records none
-    logged = _logged_settings(spec)
-    if logged is not None and logged != settings and params_path().is_file():
+    logged, has_params = _logged_settings(spec), params_path().is_file()
+    if logged is not None and logged != settings and has_params:
         print(f"kocr export-easyocr: the bundle README passes the detector settings logged with {args.model} "
               f"({_shown_settings(logged)}), not params.yaml's ({_shown_settings(settings)})", file=sys.stderr)
-    settings_from = LOGGED_SETTINGS if logged is not None else PARAMS_SETTINGS if params_path().is_file() else None
+    settings_from = LOGGED_SETTINGS if logged is not None else PARAMS_SETTINGS if has_params else None
     settings = logged or settings
     if args.parity_source:  # the earlier bundle's parity goes before this bundle moves in, written after its check
         Path(args.metrics).unlink(missing_ok=True)
