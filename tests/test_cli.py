@@ -235,6 +235,44 @@ def test_an_evaluate_run_names_the_candidate_champion_and_base_it_scored(sample_
     assert tags["kocr.scored.base.sha256"] == hashlib.sha256(b"base weights").hexdigest()
 
 
+def test_promote_refuses_a_candidate_trained_again_since_evaluate_scored_it(sample_pages, prepared, tmp_path,
+                                                                          monkeypatch, capsys):
+    """Was: promote took metrics/evaluate.json's score for whatever mlflow.json named, so a candidate trained
+    again by hand after evaluate (kocr train, then kocr promote) was registered, and could become champion,
+    under the score of the model trained before it. evaluate now records the train run it scored."""
+    import mlflow
+
+    import evaluation.evaluate
+    import kocr.cli
+    from evaluation.evaluate import ModelEvaluation
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cand").mkdir()
+    (tmp_path / "cand/model.pt").write_bytes(b"candidate weights")
+    (tmp_path / "cand/mlflow.json").write_text('{"run_id": "train-run-1", "model_uri": "models:/m-1"}')
+    (tmp_path / "params.yaml").write_text("evaluate: {split: val, baselines: []}\ntrain: {base: english_g2}\n"
+                                          "promote: {model_name: retrained-since}\n", encoding="utf-8")
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models",
+                        lambda models, *args, **kwargs: {label: ModelEvaluation({"e2e_f1": 0.9}, {}) for label in models})
+    monkeypatch.setattr(kocr.cli, "evaluation_report", lambda *args: "report")
+    done = _kocr_here(capsys, "evaluate", "--source", str(sample_pages), "--splits", str(prepared / "splits.json"),
+                      "--candidate", "cand/model.pt", "--predictions", "pred", "--metrics", "m.json",
+                      "--pictures", "pics")
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["candidate_run_id"] == "train-run-1"
+    # trained again by hand: a new model.pt and the new run's mlflow.json, evaluate not run since
+    (tmp_path / "cand/mlflow.json").write_text('{"run_id": "train-run-2", "model_uri": "models:/m-2"}')
+    done = _kocr_here(capsys, "promote", "--candidate", "cand", "--metrics", "m.json", "--source", str(sample_pages),
+                      "--splits", str(prepared / "splits.json"), "--out", "promote.json")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "kocr promote: error: m.json scores the candidate of train run train-run-1, but cand/mlflow.json names run "
+        "train-run-2: evaluate this candidate first (dvc repro evaluate), or it would be registered under "
+        "another model's score"]
+    assert not (tmp_path / "promote.json").exists()
+    assert not mlflow.MlflowClient().search_registered_models(filter_string="name = 'retrained-since'")
+
+
 @pytest.mark.parametrize("stop_at", range(5))
 def test_an_evaluate_run_stopped_while_publishing_leaves_no_metrics_beside_mixed_outputs(sample_pages, prepared,
                                                                                           tmp_path, monkeypatch,
