@@ -740,3 +740,56 @@ def test_kocr_tune_study_names_only_a_study_nothing_else_names(monkeypatch):
     assert config.with_env_study().study_name == "gh-41-abc"
     assert config.with_overrides(study_name="mine").with_env_study().study_name == "mine"
     assert TuneConfig.from_params({**PARAMS["tune"], "study_name": "ko-lr"}).with_env_study().study_name == "ko-lr"
+
+
+
+def test_a_worker_stopped_by_sigterm_fails_its_trial_at_once_and_queues_its_retry(pg_url, prepared, tmp_path):
+    """Was: the trial stayed RUNNING in the study until its heartbeat went stale (grace_period_s), while its
+    MLflow run already ended KILLED: no other worker could retry it before then."""
+    env = _env(f"sqlite:///{tmp_path / 'mlruns.db'}")
+    storage = optuna.storages.RDBStorage(pg_url)
+    # a long trial, and a grace period far longer than the test waits: only the worker itself can fail it
+    doomed = _worker(_project(tmp_path / "a", steps_per_trial=100000, report_every=50000, grace_period_s=600),
+                     prepared, env, "--storage", pg_url, "--study", "stopped", "--n-trials", "1")
+    deadline = time.monotonic() + 60
+    while True:
+        assert time.monotonic() < deadline and doomed.poll() is None, doomed.communicate()[0] if doomed.poll() else ""
+        try:
+            running = optuna.load_study(study_name="stopped", storage=storage).get_trials(
+                deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        except KeyError:
+            running = []
+        if running and "mlflow_run_id" in running[0].user_attrs:
+            break
+        time.sleep(0.2)
+    doomed.send_signal(signal.SIGTERM)
+    output = doomed.communicate(timeout=60)[0]
+    assert doomed.returncode == 143 and "trial 0 stopped by SIGTERM: failed, and queued again" in output, output
+    first, retry = optuna.load_study(study_name="stopped", storage=storage).get_trials(deepcopy=False)
+    assert first.state == optuna.trial.TrialState.FAIL
+    # queued with the same knobs, for the next worker to run first
+    assert retry.state == optuna.trial.TrialState.WAITING and retry.system_attrs["failed_trial"] == 0
+    assert retry.params == first.params
+    run = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]).get_run(first.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED"
+
+
+@pytest.mark.parametrize("stop", [SystemExit(143), KeyboardInterrupt()], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_trial_of_an_embedded_study_is_failed_and_retried_by_the_next_run(prepared, tmp_path,
+                                                                                   monkeypatch, stop):
+    import training.tune
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    config = TuneConfig.from_params({**PARAMS["tune"], "grace_period_s": 600}).with_overrides(
+        study_name="stopped", n_trials=1)
+    with monkeypatch.context() as patch:
+        patch.setattr(training.tune, "train", stopped)
+        with pytest.raises(type(stop)):
+            run_tune(config, PARAMS, prepared, tmp_path, log=False)
+    study = optuna.load_study(study_name="stopped", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [t.state.name for t in study.get_trials(deepcopy=False)] == ["FAIL", "WAITING"]
+    summary = run_tune(config, PARAMS, prepared, tmp_path, log=False)  # at once, not grace_period_s later
+    assert summary["ran"] == {"COMPLETE": 1} and summary["trial"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_params.yaml", "optuna.db"]  # its lock file gone

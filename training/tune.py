@@ -9,7 +9,8 @@ Storage: empty ``tune.storage`` is an embedded SQLite file ``<out>/optuna.db`` (
 machine, a new study per run unless one is named: ``--study``, ``tune.study_name``, else
 ``$KOCR_TUNE_STUDY``); a ``postgresql+psycopg2://`` URL lets workers
 on many machines join the same named study. Trials keep a heartbeat; a trial whose worker died is
-marked FAIL by the next worker that looks, and queued again with the same knobs.
+marked FAIL by the next worker that looks, and queued again with the same knobs; a worker stopped by
+SIGTERM or Ctrl-C does so for its own trial at once.
 
 The budget ``tune.n_trials`` counts the whole study's finished (complete or pruned) trials, not
 one worker's: workers claim trials under a lock (a PostgreSQL advisory lock, or a file lock beside
@@ -558,6 +559,48 @@ def heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, interval_s: fl
         thread.join()
 
 
+@contextlib.contextmanager
+def retried_when_stopped(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.trial.Trial,
+                         url: str) -> Iterator[None]:
+    """A worker stopped inside the block (SIGTERM, Ctrl-C: an exit, not an error) fails its running trial
+    and queues its retry at once, under the budget lock, as the next worker would only once the trial's
+    heartbeat went stale (``grace_period_s``). A SIGKILL is still left to the heartbeat, and so is a
+    trial this cannot fail (the storage unreachable): said in one line, and the stop goes on."""
+    try:
+        yield
+    except Exception:
+        raise
+    except BaseException as exc:
+        from kocr.tracking import interrupted
+
+        why = ("Ctrl-C" if isinstance(exc, KeyboardInterrupt) else "SIGTERM") if interrupted(exc) else repr(exc)
+        try:
+            with budget_lock(url, study.study_name):
+                failed = fail_and_retry(study, storage, trial._trial_id)
+            if failed:
+                print(f"tune: trial {trial.number} stopped by {why}: failed, and queued again (up to "
+                      "tune.max_retry times) for the next worker", file=sys.stderr)
+        except Exception as error:  # the stop goes on whatever the storage says
+            print(f"tune: trial {trial.number} stopped by {why} is left running ({type(error).__name__}: {error}); "
+                  f"the next worker retries it {storage.grace_period} s after its last heartbeat", file=sys.stderr)
+        raise
+
+
+def fail_and_retry(study: optuna.Study, storage: optuna.storages.RDBStorage, trial_id: int) -> bool:
+    """Fail a running trial and run the storage's stale-trial callback on it (it queues the retry and
+    ends the trial's MLflow run if that is still RUNNING), as :func:`optuna.storages.fail_stale_trials`
+    does for a stale one; False where the trial had finished (another worker failed it as stale)."""
+    try:
+        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+            return False
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False
+    callback = storage.get_heartbeat_stale_trial_callback()
+    if callback is not None:
+        callback(study, storage.get_trial(trial_id))
+    return True
+
+
 # --- one trial ---------------------------------------------------------------------------------
 
 
@@ -774,7 +817,8 @@ def _work_on(study: optuna.Study, storage: optuna.storages.RDBStorage, config: T
             time.sleep(config.heartbeat_interval_s)
             continue
         waiting_said = False
-        with heartbeat(storage, trial._trial_id, config.heartbeat_interval_s):
+        with retried_when_stopped(study, storage, trial, url), \
+                heartbeat(storage, trial._trial_id, config.heartbeat_interval_s):
             try:
                 state, value, note = run_trial(trial, config, params, data_dir, log=log, scorer=scorer)
             except Exception:  # a full disk or database (or MLflow failing to end the trial's run): the search stops
