@@ -11,6 +11,8 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import re
+from pathlib import Path
 from typing import Iterator
 
 import sqlalchemy
@@ -20,14 +22,16 @@ from kocr.redact import hide_passwords
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike, remove: bool = False) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, remove: bool = False, wait: bool = True) -> Iterator[None]:
     """An exclusive ``flock`` on ``path`` (created if absent); released when the holder dies.
 
     With ``remove``, the file is unlinked while still held, before the lock is released. A process
     that was waiting on the file so unlinked finds, once it holds it, that ``path`` is no longer that
     file, and locks the one now at ``path`` instead (creating it): an unlinked file never serves as a
-    second lock beside a new one, so removing the file is safe while others use it."""
-    with locked_file(path, lambda handle: fcntl.flock(handle, fcntl.LOCK_EX)) as handle:
+    second lock beside a new one, so removing the file is safe while others use it. Without ``wait``,
+    a lock another process holds raises ``BlockingIOError`` at once."""
+    how = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
+    with locked_file(path, lambda handle: fcntl.flock(handle, how)) as handle:
         try:
             yield
         finally:
@@ -71,12 +75,18 @@ def advisory_lock(url: str, name: str) -> Iterator[None]:
         engine.dispose()
 
 
-def _lock_file(url: str, name: str) -> str | None:
-    """The file :func:`database_lock` locks for a SQLite file database, else None."""
+def _sqlite_file(url: str) -> str | None:
+    """The database file of a SQLite URL, else None (other databases, SQLite in memory)."""
     parsed = sqlalchemy.engine.make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database and parsed.database != ":memory:":
-        return f"{parsed.database}.{hashlib.sha256(name.encode()).hexdigest()[:8]}.lock"
+        return parsed.database
     return None
+
+
+def _lock_file(url: str, name: str) -> str | None:
+    """The file :func:`database_lock` locks for a SQLite file database, else None."""
+    database = _sqlite_file(url)
+    return f"{database}.{hashlib.sha256(name.encode()).hexdigest()[:8]}.lock" if database else None
 
 
 def database_lock(url: str, name: str) -> contextlib.AbstractContextManager[None] | None:
@@ -97,3 +107,20 @@ def discard_database_lock(url: str, name: str) -> None:
     if path and os.path.exists(path):
         with contextlib.suppress(FileNotFoundError), file_lock(path, remove=True):
             pass
+
+
+def discard_unheld_lock_files(url: str) -> None:
+    """Remove the files of :func:`database_lock` beside a SQLite database that no process holds: a
+    SIGKILLed holder's lock went with it, but its file stays, for good where the lock is named after
+    something that ended (a tune study). Each is removed while this process holds it, as
+    :func:`file_lock` with ``remove`` does, so removing one in use is safe; a held one is left, and so is
+    any this process cannot remove. Nothing to do for other databases."""
+    if (file := _sqlite_file(url)) is None:
+        return
+    database = Path(file)
+    pattern = re.compile(re.escape(database.name) + r"\.[0-9a-f]{8}\.lock")
+    with contextlib.suppress(OSError):
+        locks = sorted(path for path in database.parent.iterdir() if pattern.fullmatch(path.name))
+        for lock in locks:
+            with contextlib.suppress(OSError), file_lock(lock, remove=True, wait=False):  # held: BlockingIOError
+                pass

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
-from kocr.locks import database_lock, discard_database_lock, file_lock
+from kocr.locks import database_lock, discard_database_lock, discard_unheld_lock_files, file_lock, _lock_file
 from tests.conftest import REPO
 
 COUNTER = """\
@@ -43,3 +45,39 @@ def test_a_sqlite_databases_lock_file_is_discarded_and_made_anew_when_used_again
         pass
     assert path.exists()
     discard_database_lock("postgresql+psycopg2://u@127.0.0.1:1/x", "kocr-tune:study-1")  # no file: nothing to do
+
+
+HOLD = """\
+import sys, time
+from kocr.locks import database_lock
+with database_lock(sys.argv[1], sys.argv[2]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_lock_files_nobody_holds_are_discarded_and_a_held_one_stays(tmp_path):
+    """A SIGKILLed holder's lock file (the kernel let go of its lock) was left beside the database for good."""
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    names = ("kocr-tune:killed", "kocr-tune:alive")
+    killed, alive = (Path(_lock_file(url, name)) for name in names)
+    holders = [subprocess.Popen([sys.executable, "-c", HOLD, url, name], stdout=subprocess.PIPE, text=True,
+                                env={"PYTHONPATH": str(REPO)}) for name in names]
+    others = [tmp_path / name for name in ("optuna.db", "optuna.db-journal", "other.db.0123abcd.lock", "optuna.db.x.lock")]
+    try:
+        assert [h.stdout.readline() for h in holders] == ["held\n"] * 2
+        holders[0].send_signal(signal.SIGKILL)
+        holders[0].wait()
+        for path in others:
+            path.touch()
+        assert killed.exists() and alive.exists()
+        discard_unheld_lock_files(url)
+        assert not killed.exists() and alive.exists() and all(path.exists() for path in others)
+        with database_lock(url, names[0]):  # a lock file removed is made anew when used again
+            assert killed.exists()
+    finally:
+        holders[1].kill()
+        holders[1].wait()
+    discard_unheld_lock_files(url)
+    assert sorted(tmp_path.iterdir()) == sorted(others)
+    discard_unheld_lock_files("postgresql+psycopg2://u@127.0.0.1:1/x")  # no file: nothing to do

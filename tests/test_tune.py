@@ -705,8 +705,11 @@ def test_a_trial_stopped_by_sigterm_or_ctrl_c_ends_its_run_as_killed(prepared, m
 
 
 def test_an_embedded_study_leaves_no_lock_file_beside_its_storage(prepared, tmp_path):
-    """Was: tuning/optuna.db.<hash>.lock, the budget lock's file, stayed for good, one more per new study."""
+    """Was: tuning/optuna.db.<hash>.lock, the budget lock's file, stayed for good, one more per new study;
+    a SIGKILLed worker's (its lock released by the kernel, the file left) stayed even after that fix."""
     config = TuneConfig.from_params({**PARAMS["tune"], "steps_per_trial": 2}).with_overrides(n_trials=1)
+    (tmp_path / "tuning").mkdir()
+    (tmp_path / "tuning" / "optuna.db.0123abcd.lock").touch()  # a killed worker's, of another study
     for _ in range(2):  # a new study per run
         run_tune(config, PARAMS, prepared, tmp_path / "tuning", log=False)
     assert len(optuna.get_all_study_summaries(f"sqlite:///{tmp_path / 'tuning' / 'optuna.db'}")) == 2

@@ -51,7 +51,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url as sqlalchemy_url
 
 from kocr.atomic import DISK_FULL, database_full, scratch_folder, write_text
-from kocr.locks import database_lock, discard_database_lock
+from kocr.locks import database_lock, discard_database_lock, discard_unheld_lock_files
 from kocr.params import ParamsError, check_keys, data_section, typed
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
 from training.train import MODEL_KNOBS, TrainConfig, knob_params, train
@@ -788,6 +788,7 @@ def _run_tune(config: TuneConfig, params: dict[str, Any], data_dir: str | os.Pat
         # the budget lock's file beside a SQLite storage holds nothing once no worker claims: one per
         # study was left in tuning/ for good (a new study per run). A worker still claiming makes it anew.
         discard_database_lock(url, budget_lock_name(study.study_name))
+        discard_unheld_lock_files(url)  # and those of other studies' SIGKILLed workers, which stayed for good
 
 
 def _work_on(study: optuna.Study, storage: optuna.storages.RDBStorage, config: TuneConfig, params: dict[str, Any],
