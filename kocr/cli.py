@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kocr import KocrWarning
+from kocr import warnings_as_lines
 from kocr.atomic import OutFolderError, disk_full_line, file_sha256, replaced_folder, write_text
 from kocr.params import ParamsError, check_keys, data_section, load_params, params_path, require, section, typed
 from kocr.redact import hide_passwords
@@ -981,31 +981,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def _warnings_as_lines(prog: str) -> Iterator[None]:
-    """Inside the block, kocr's own warnings (``KocrWarning``) print as one line on stderr,
-    ``PROG: warning: MESSAGE``, as the commands' other warnings do, above a progress bar that is
-    running (``tqdm.write``), not after its half-drawn line; Python's default added the file, line
-    and category and the ``warnings.warn(...)`` source line. Other warnings show as Python shows them."""
-    import warnings
-
-    shown = warnings.showwarning
-
-    def show(message, category, filename, lineno, file=None, line=None):
-        if issubclass(category, KocrWarning):
-            from tqdm import tqdm
-
-            tqdm.write(f"{prog}: warning: {message}", file=file or sys.stderr)
-        else:
-            shown(message, category, filename, lineno, file, line)
-
-    warnings.showwarning = show
-    try:
-        yield
-    finally:
-        warnings.showwarning = shown
-
-
-@contextlib.contextmanager
 def _terminate_as_exit() -> Iterator[None]:
     """SIGTERM (``kill``, ``timeout``, ``docker stop``) ends the command as an exit (status 143), so its
     ``finally`` blocks run: temporary files are removed and a resumable writer keeps what it committed.
@@ -1057,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        with _terminate_as_exit(), _warnings_as_lines(f"kocr {args.command}"), large_pages(f"kocr {args.command}"):  # one line for big scans, not one each
+        with _terminate_as_exit(), warnings_as_lines(f"kocr {args.command}"), large_pages(f"kocr {args.command}"):  # one line for big scans, not one each
             args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, CropImportError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,

@@ -34,6 +34,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from kocr import warnings_as_lines
 from kocr.atomic import atomic_path, disk_full_line, file_sha256, named_disk_errors, write_text
 from kocr.params import check_keys, load_params, name_list, paths_by_name, section, typed
 
@@ -528,8 +529,9 @@ def main(argv: list[str] | None = None) -> None:
     from kocr.params import ParamsError
 
     try:
-        {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
-         "card": cmd_card, "ship": cmd_ship}[args.subcommand](args)
+        with warnings_as_lines(f"python -m kocr.recipe {args.subcommand}"):  # kocr's warnings as kocr prints them
+            {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
+             "card": cmd_card, "ship": cmd_ship}[args.subcommand](args)
     except (ParamsError, ScoreInputError, RecipeError) as exc:  # a settings, labels or input mistake: one line
         raise SystemExit(f"python -m kocr.recipe {args.subcommand}: error: {exc}") from None
     except OSError as exc:  # a full disk, a used-up quota or a file-size limit: kocr's one line, exit 2

@@ -305,6 +305,23 @@ def test_generated_sets_draw_their_worst_crops_and_real_sets_every_crop(heldout_
     assert drawn == {"heldout": 2, "heldout_signs": 2, "street": 8}
 
 
+def test_python_m_kocr_recipe_prints_kocrs_warnings_as_kocr_does(monkeypatch, capsys):
+    """Was: "…/kocr/recipe.py:531: KocrWarning: font patterns … match no file …" and the source line under
+    it, where kocr commands print one line (kocr.warnings_as_lines, which both now use)."""
+    import kocr.recipe
+
+    def check_size(args=None):  # a recipe step that meets a font pattern matching nothing
+        find_fonts(["NanumGothic.ttf", "NoSuchFace.ttf"])
+
+    monkeypatch.setattr(kocr.recipe, "cmd_check_size", check_size)
+    shown = warnings.showwarning
+    kocr.recipe.main(["check-size"])
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m kocr.recipe check-size: warning: font patterns ['NoSuchFace.ttf'] match no file in "
+        "['/usr/share/fonts']"]
+    assert warnings.showwarning is shown  # outside the command, warnings show as before
+
+
 def test_recipe_settings_with_a_typo_are_refused_in_one_line(tmp_path, monkeypatch):
     from evaluation.reader import DetectorSettings
     from kocr.params import ParamsError
