@@ -25,6 +25,8 @@ import secrets
 import shutil
 import socket
 import sqlite3
+import struct
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -474,6 +476,84 @@ def locked_file(path: str | os.PathLike, lock: Callable[[Any], None], mode: str 
         handle.close()  # removed (and maybe made anew) by its holder while this process opened or waited for it
 
 
+def set_lock_path(path: str | os.PathLike) -> Path:
+    """``.DIR.lock`` beside the folder ``path`` (``DIR``): the file its writer locks (``take_set_lock``)."""
+    path = Path(path)
+    if not path.name:  # ".", or a path ending in "..": name the folder itself
+        path = Path(os.path.abspath(path))
+    return path.with_name(f".{path.name}.lock")
+
+
+def _lock_holder(handle: Any) -> int | None:
+    """The PID of the process holding a POSIX lock on the open file ``handle`` (``F_GETLK``), or None where it
+    cannot be told: not Linux (another ``struct flock`` layout), the lock gone meanwhile, or a holder in
+    another PID namespace (a container on a shared checkout), which the kernel may report as 0."""
+    if not sys.platform.startswith("linux") or struct.calcsize("P") != 8:
+        return None
+    layout = "hhqqi4x"  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+    try:
+        found = fcntl.fcntl(handle, fcntl.F_GETLK, struct.pack(layout, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
+        kind, _, _, _, pid = struct.unpack(layout, found)
+    except (OSError, struct.error):
+        return None
+    return pid if kind != fcntl.F_UNLCK and pid > 0 else None
+
+
+def take_set_lock(path: str | os.PathLike, writer: str = "another process", what: str = "this set") -> Any:
+    """An exclusive POSIX record lock on ``.DIR.lock`` beside the folder ``path`` (``set_lock_path``),
+    returned as the open file (``release_set_lock`` lets go): held by this process only (forked workers,
+    which may outlive a SIGKILLed parent for a moment, do not hold it) and released when it dies, so a
+    killed writer never blocks the next. A second taker, in this process or another, stops at once with
+    ``SetBusyError``: ``DIR: WRITER is writing WHAT (PID N holds .DIR.lock); wait for it to finish or stop
+    it`` (``it holds`` where the PID cannot be told). A lock taken on a file its holder removed meanwhile
+    (``release_set_lock``) is taken again on the one at the path now (``locked_file``, as
+    ``kocr.locks.file_lock`` takes its lock), so two writers never each hold one."""
+    lock_path = set_lock_path(path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def busy(pid: int | None) -> SetBusyError:
+        holder = f"PID {pid}" if pid else "it"
+        return SetBusyError(f"{path}: {writer} is writing {what} ({holder} holds {lock_path}); "
+                            "wait for it to finish or stop it")
+
+    if lock_path.resolve() in _WRITING:  # POSIX locks do not exclude the process that holds them
+        raise busy(os.getpid())
+
+    def lock(handle) -> None:
+        try:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise busy(_lock_holder(handle)) from None
+
+    handle = locked_file(lock_path, lock, "a+")
+    _WRITING.add(lock_path.resolve())
+    return handle
+
+
+def release_set_lock(handle: Any, remove: bool) -> None:
+    """Let go of a lock ``take_set_lock`` returned; with ``remove``, its file is removed first (nothing is
+    left beside the set: ``locked_file`` makes a waiting writer lock the next file, not the removed one)."""
+    _WRITING.discard(Path(handle.name).resolve())
+    if remove:
+        Path(handle.name).unlink(missing_ok=True)
+    handle.close()  # closing the file releases the lock
+
+
+@contextmanager
+def set_lock(path: str | os.PathLike, writer: str = "another process", what: str = "this set") -> Iterator[None]:
+    """``take_set_lock`` for the block, its file removed after: for a writer that keeps no key in it.
+
+    Example:
+        >>> with set_lock("data/prepared", "another prepare", "this folder"):   # doctest: +SKIP
+        ...     write_shards()
+    """
+    handle = take_set_lock(path, writer, what)
+    try:
+        yield
+    finally:
+        release_set_lock(handle, remove=True)
+
+
 class PartialFolder:
     """``DIR.partial`` beside ``DIR``: a set is written there and replaces ``DIR`` whole (``publish``),
     so a kill never leaves a set mixing two runs, and never one that looks finished.
@@ -494,27 +574,8 @@ class PartialFolder:
         sweep_stale(self.path.parent, prefix=self.path.name)  # an earlier DIR a killed publish left aside: back or gone
 
     def _take_lock(self):
-        """A POSIX record lock on ``.DIR.lock``: held by this process only (forked workers, which may
-        outlive a SIGKILLed parent for a moment, do not hold it) and released when it dies. A lock taken
-        on a file its holder removed meanwhile (``unlock``) is taken again on the one at the path now
-        (``locked_file``, as ``kocr.locks.file_lock`` takes its lock), so two writers never each hold one."""
-        lock_path = self.path.with_name(f".{self.path.name}.lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        busy = SetBusyError(f"{self.path}: another process is writing this set (it holds {lock_path}); "
-                            "wait for it to finish or stop it")
-        if lock_path.resolve() in _WRITING:  # POSIX locks do not exclude the process that holds them
-            raise busy
-
-        def lock(handle) -> None:
-            try:
-                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise busy from None
-
-        # an unkeyed lock file its holder removed on letting go (unlock) is locked again at the path now
-        handle = locked_file(lock_path, lock, "a+")
-        _WRITING.add(lock_path.resolve())
-        return handle
+        """The set's lock (``take_set_lock``): a second writer of it stops with ``SetBusyError``."""
+        return take_set_lock(self.path)
 
     def started_with(self, key: str) -> bool:
         """Whether ``DIR.partial`` exists and was started under ``key`` (by a run since killed)."""
@@ -546,9 +607,6 @@ class PartialFolder:
 
     def unlock(self) -> None:
         """Let go of the lock (files stay as they are); an unkeyed lock file is removed."""
-        if self._lock is not None:
-            _WRITING.discard(Path(self._lock.name).resolve())
-            if not self.keyed:  # it holds no key to resume by: nothing left beside the set (dvc add)
-                Path(self._lock.name).unlink(missing_ok=True)
-            self._lock.close()  # closing the file releases the lock
+        if self._lock is not None:  # an unkeyed one holds no key to resume by: nothing left beside the set (dvc add)
+            release_set_lock(self._lock, remove=not self.keyed)
             self._lock = None

@@ -121,15 +121,16 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     import mlflow
 
     from kocr.tracking import log_dataset, stage_run
-    from training.data.prepare import PrepareConfig, check_paths, kept_reasons, prepare_pages
+    from training.data.prepare import PrepareConfig, check_paths, kept_reasons, prepare_lock, prepare_pages
 
     params = load_params()
     knobs = {**section(params, "prepare"), **({"workers": args.workers} if args.workers is not None else {})}
     config = PrepareConfig.from_params(knobs)
     check_paths(args.src, args.out)  # before the run logs a data hash that a linked folder would escape
-    with stage_run("prepare", {"prepare": knobs, "data": data_section(params)}):
+    # a second prepare of the same --out stops here, before an MLflow run is started for it
+    with prepare_lock(args.out), stage_run("prepare", {"prepare": knobs, "data": data_section(params)}):
         log_dataset(args.src, context="source")
-        report = prepare_pages(args.src, args.out, config, checked=True)
+        report = prepare_pages(args.src, args.out, config, checked=True, locked=True)
         kept = kept_reasons(config)  # report.json counts repairs beside drops: the keys tell them apart
         flat = {"pages_used": report["pages_used"], "pages_without_crops": report["pages_without_crops"],
                 **{f"crops_{k}": v for k, v in report["crops"].items()},

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import unicodedata
 import zipfile
 from collections import Counter
@@ -17,7 +18,7 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from training.data.lmdb_store import LmdbDataset, lmdb_digest
+from training.data.lmdb_store import LmdbDataset, SetBusyError, lmdb_digest
 from training.data.pages import Page, PageError, Word, parse_page, read_page, write_page
 from training.data.prepare import PrepareConfig, PrepareConfigError, prepare_pages, split_documents
 from training.data.sources import member_name, scan_source
@@ -230,6 +231,69 @@ def test_a_run_over_finished_splits_leaves_them_as_they_were(pages, reference, t
     _run(pages, out)
     _same_files(out, reference)
     assert len(LmdbDataset(out / "train")) == _manifest(reference)["splits"]["train"]["samples"]
+
+
+HOLDER = """
+import os, sys, time
+from pathlib import Path
+from training.data import lmdb_store
+from training.data.prepare import PrepareConfig, prepare_pages
+src, out, hold_at, said = sys.argv[1], sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
+add, calls = lmdb_store.LmdbWriter.add, [0]
+def holding_add(self, image, label):
+    calls[0] += 1
+    if calls[0] == hold_at:  # mid-write, a shard finished before: say so and wait to be killed
+        said.write_text(str(os.getpid()))
+        time.sleep(60)
+    add(self, image, label)
+lmdb_store.LmdbWriter.add = holding_add
+prepare_pages(src, out, PrepareConfig(shard_size=int(sys.argv[5])), progress=False)
+"""
+
+
+def test_a_second_prepare_of_the_same_out_stops_while_the_first_writes_and_a_killed_one_resumes(
+        pages, reference, tmp_path, monkeypatch, capsys):
+    # was: the second run (same --src or another) cleared the shards the first one was writing, as another
+    # run's: the first ended with exit 0 and a manifest listing shards no longer there, the second with
+    # "No such file or directory: ...shard-00105.partial"
+    from kocr.cli import main
+
+    out, said = tmp_path / "out", tmp_path / "holding"
+    with (tmp_path / "stderr.txt").open("wb") as err:
+        first = subprocess.Popen([sys.executable, "-c", HOLDER, str(pages), str(out), str(SHARD + 3), str(said),
+                                  str(SHARD)], cwd=REPO, stderr=err)
+    try:
+        for _ in range(600):
+            if said.exists() or first.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert said.exists(), (tmp_path / "stderr.txt").read_text()
+        written = sorted(p.relative_to(out) for p in out.rglob("*"))
+        other = tmp_path / "other"  # a run of another source, as well
+        shutil.copytree(pages, other)
+        shutil.copy(other / "page_00000.json", other / "page_00099.json")
+        shutil.copy(other / "page_00000.jpg", other / "page_00099.jpg")
+        monkeypatch.chdir(tmp_path)
+        (tmp_path / "params.yaml").write_text(f"prepare: {{shard_size: {SHARD}}}\n", encoding="utf-8")
+        for src in (pages, other):
+            assert main(["prepare-aihub", "--src", str(src), "--out", str(out)]) == 2
+            [line] = capsys.readouterr().err.splitlines()
+            assert line == (f"kocr prepare-aihub: error: {out}: another prepare is writing this folder (PID "
+                            f"{first.pid} holds {tmp_path / '.out.lock'}); wait for it to finish or stop it")
+            with pytest.raises(SetBusyError, match="another prepare is writing this folder"):
+                _run(src, out)
+        assert sorted(p.relative_to(out) for p in out.rglob("*")) == written  # the first one's files untouched
+        assert not (tmp_path / "mlruns.db").exists()  # refused before an MLflow run was started
+    finally:
+        first.kill()
+        first.wait()
+    finished = out / "train" / "shard-00000"
+    kept = finished.stat().st_mtime_ns
+    report = _run(pages, out)  # the killed run's lock file left beside out: taken, and the run resumed
+    assert finished.stat().st_mtime_ns == kept
+    assert report == json.loads((reference / "report.json").read_text(encoding="utf-8"))
+    _same_files(out, reference)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no lock file left
 
 
 def test_failure_inside_a_worker_run_leaves_no_partial_shard(pages, reference, tmp_path, monkeypatch):

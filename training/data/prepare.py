@@ -14,7 +14,8 @@ content hash).
 
 Pages are cropped by ``workers`` processes; the output is the same whatever their number. Each
 shard is written aside and renamed when full, carrying the state needed to go on from it, so a run
-killed at any point and started again keeps the finished shards and ends with the same result.
+killed at any point and started again keeps the finished shards and ends with the same result. One
+run writes an ``out`` at a time (``prepare_lock``): a second one stops instead of clearing its shards.
 
 Example:
     >>> report = prepare_pages("data/sample", "data/prepared", PrepareConfig())   # doctest: +SKIP
@@ -24,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -48,7 +50,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from kocr.atomic import sweep_stale, write_json
+from kocr.atomic import set_lock, sweep_stale, write_json
 from kocr.dvc_hashes import dvc_record
 from kocr.params import check_keys, require, typed
 from training.charset import Charset
@@ -672,14 +674,30 @@ def check_paths(src: str | os.PathLike, out: str | os.PathLike) -> None:
             f"the disk there) and {again}")
 
 
+def prepare_lock(out: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+    """The lock a prepare holds on ``out`` while it writes there: ``.OUT.lock`` beside it, as a set's writer
+    holds (``kocr.atomic.set_lock``; removed when the run ends, released by the kernel when it is killed,
+    so a killed run never blocks the one that resumes it). A second prepare of the same ``out``, of any
+    source, stops at once with ``SetBusyError`` naming the folder and the holder's PID, instead of
+    clearing the shards the first one is writing (it would take them for another run's)."""
+    return set_lock(out, "another prepare", "this folder")
+
+
 def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: PrepareConfig,
-                  progress: bool = True, checked: bool = False) -> dict[str, Any]:
+                  progress: bool = True, checked: bool = False, locked: bool = False) -> dict[str, Any]:
     """Run the stage; returns the report (also written to ``out/report.json``). ``checked``: the caller
     has run :func:`check_paths` on these paths (``kocr prepare-aihub`` does, before its MLflow run), so
-    a DVC-versioned source is not walked for linked folders twice."""
+    a DVC-versioned source is not walked for linked folders twice. ``locked``: the caller holds
+    :func:`prepare_lock` of ``out`` (``kocr prepare-aihub`` takes it before its MLflow run); else it is
+    taken here, after ``check_paths``."""
     src, out = Path(src), Path(out)
     if not checked:
         check_paths(src, out)
+    with contextlib.nullcontext() if locked else prepare_lock(out):
+        return _prepare(src, out, config, progress)
+
+
+def _prepare(src: Path, out: Path, config: PrepareConfig, progress: bool) -> dict[str, Any]:
     index = scan_source(src, exclude=out)
     charset = Charset.from_spec(config.charset)
     pool = None

@@ -28,6 +28,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from kocr.atomic import set_lock_path
 from kocr.dvc_hashes import first_visit
 
 READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what reading a file or zip member raises
@@ -335,10 +336,12 @@ def check_source_folder(root: Path) -> None:
 def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None) -> SourceIndex:
     """Every label, image and stray entry under ``src`` (folders and zip archives), in a stable order.
 
-    ``exclude``: a folder inside ``src`` to leave out (the stage's own output, when it lies there)."""
+    ``exclude``: a folder inside ``src`` to leave out (the stage's own output, when it lies there), and the
+    ``.NAME.lock`` its writer holds beside it (``prepare_lock``), which is no stray file of the source."""
     root = Path(src)
     check_source_folder(root)
     skip = Path(exclude).resolve() if exclude is not None else None
+    skip_lock = set_lock_path(exclude).resolve() if exclude is not None else None
     index = SourceIndex(root)
     useful: set[str] = {""}
     folders: list[str] = []
@@ -358,6 +361,8 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
         found = False
         for name in sorted(filenames):
+            if skip_lock is not None and name == skip_lock.name and (Path(dirpath) / name).resolve() == skip_lock:
+                continue
             rel = f"{rel_dir}/{name}".lstrip("/")
             if not _decodable(name):  # bytes that are not UTF-8 (a name from a Windows zip tool, say)
                 index.stray.append(("undecodable_name", _shown(rel)))
