@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,8 @@ from typing import Any
 from tqdm import tqdm
 
 from kocr import warnings_as_lines
-from kocr.atomic import atomic_path, disk_full_line, file_sha256, named_disk_errors, write_text
+from kocr.atomic import (OutFolderError, atomic_path, check_out_folder, disk_full_line, file_sha256,
+                         named_disk_errors, replaced_folder, write_text)
 from kocr.params import check_keys, load_params, name_list, paths_by_name, section, typed
 
 HELDOUT = "heldout"
@@ -61,12 +63,30 @@ def check_checkpoint_size(path: str | os.PathLike) -> int:
     return size
 
 
+def _exported_here(name: str) -> bool:
+    """Whether ``name`` is one ``export_crops`` writes: ``labels.tsv`` or a crop ``NNNNNN.png``."""
+    return name == "labels.tsv" or re.fullmatch(r"\d{6,}\.png", name) is not None
+
+
+def check_export_out(out: Path) -> None:
+    """``OutFolderError`` for an ``--out`` that replacing it whole would destroy: a symbolic link, a file, or a
+    folder holding anything but crops and ``labels.tsv`` (a folder of the user's, ``.``)."""
+    if out.is_symlink():
+        raise OutFolderError(f"--out {out}: a symbolic link (to {os.readlink(out)}); give the folder itself, "
+                             "or a new path")
+    if not out.name or out.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise OutFolderError(f"--out {out}: the working folder (or one above it), which export-crops would "
+                             "replace whole; give a new folder")
+    check_out_folder(out, _exported_here, "export-crops does not write", "the crop folder")
+
+
 def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
     """Write every sample of an LMDB set as ``<out>/NNNNNN.png`` and ``<out>/labels.tsv``; returns the count.
 
     The ``font`` column comes from the set's ``manifest.tsv`` (written by ``kocr synth-lines``) when present.
     Both files are plain TSV: a label's ``"`` is text, written as it is, save a label the reader would take
     for CSV quoting (``"a""b"``), written CSV-quoted (``evaluation.score_crops.tsv_row`` and ``tsv_field``).
+    An earlier ``out`` is replaced whole; one holding other files is refused first (``check_export_out``).
     """
     import cv2
 
@@ -83,9 +103,10 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
         with manifest.open(encoding="utf-8") as fh:
             fonts = {int(row["index"]): row["font"]
                      for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)}
-    # written beside ``out`` and moved in whole: a kill or a full disk leaves no half set under its name
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
+    check_export_out(out)
+    # written beside ``out`` and moved in whole, the earlier crops moved aside first and removed after
+    # (replaced_folder): a kill or a full disk leaves no half set under its name, nor half the earlier one
+    with replaced_folder(out) as tmp:
         rows = [tsv_row(["image", "text", "font"], str(out / "labels.tsv"))]
         for i in tqdm(range(len(dataset)), desc="export-crops", unit="crop"):
             image, label = dataset[i]
@@ -102,8 +123,6 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
         with named_disk_errors(out / "labels.tsv"), (tmp / "labels.tsv").open("w", encoding="utf-8",
                                                                               newline="") as fh:
             fh.write("".join(rows))
-        if out.exists():
-            shutil.rmtree(out)
     return len(dataset)
 
 
@@ -532,7 +551,7 @@ def main(argv: list[str] | None = None) -> None:
         with warnings_as_lines(f"python -m kocr.recipe {args.subcommand}"):  # kocr's warnings as kocr prints them
             {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
              "card": cmd_card, "ship": cmd_ship}[args.subcommand](args)
-    except (ParamsError, ScoreInputError, RecipeError) as exc:  # a settings, labels or input mistake: one line
+    except (ParamsError, ScoreInputError, RecipeError, OutFolderError) as exc:  # a settings, labels or input mistake
         raise SystemExit(f"python -m kocr.recipe {args.subcommand}: error: {exc}") from None
     except OSError as exc:  # a full disk, a used-up quota or a file-size limit: kocr's one line, exit 2
         line = disk_full_line(f"python -m kocr.recipe {args.subcommand}", exc, getattr(args, "out", None))

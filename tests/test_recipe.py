@@ -18,6 +18,7 @@ import yaml
 
 from evaluation.analysis import jamo_confusions
 from evaluation.metrics import recognition_scores, sign_test_p
+from kocr.atomic import OutFolderError
 from kocr.recipe import evaluate_sets, export_crops, model_card, write_card
 from kocr.recipe_ship import ShipError, judge, ship_release
 from kocr.recipe_size import size_note, size_problem
@@ -241,6 +242,53 @@ def test_export_crops_that_fail_midway_keep_the_earlier_crops_whole(heldout_crop
     assert raised.value.filename == str(out / "000004.png")  # named as published, not in the hidden folder
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["crops"]  # nothing half-written left beside it
+
+
+def test_a_stop_while_the_earlier_crops_are_removed_leaves_the_new_ones_whole(heldout_crops, tmp_path, monkeypatch):
+    # was: the earlier folder was removed under its own name (shutil.rmtree) before the new one moved in, so a
+    # SIGTERM or Ctrl-C (kocr.recipe makes them an exit) landing in the removal left half the earlier crops
+    # beside a labels.tsv listing them all, and no new set
+    out = tmp_path / "crops"
+    shutil.copytree(heldout_crops / "crops", out)
+    shutil.copy(out / "000001.png", out / "000009.png")  # the earlier set: one crop more than the new one
+    real_rmtree = shutil.rmtree
+
+    def removing_half_then_stopped(path, *args, **kwargs):
+        if (Path(path) / "000009.png").exists():
+            for name in sorted(os.listdir(path))[:5]:
+                os.unlink(Path(path) / name)
+            raise SystemExit(143)
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", removing_half_then_stopped)
+    with pytest.raises(SystemExit):
+        export_crops(heldout_crops / "lmdb", out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {
+        p.name: p.read_bytes() for p in (heldout_crops / "crops").iterdir()}
+
+
+def test_export_crops_refuses_an_out_holding_other_files(heldout_crops, tmp_path, monkeypatch, capsys):
+    # was: a folder of the user's given as --out was replaced whole by the crops, its files gone
+    from kocr.recipe import main
+
+    own = tmp_path / "own"
+    (own / "notes").mkdir(parents=True)
+    (own / "thesis.tex").write_text("mine", encoding="utf-8")
+    (own / "000001.png").write_bytes(b"x")
+    with pytest.raises(SystemExit) as stopped:
+        main(["export-crops", str(heldout_crops / "lmdb"), "--out", str(own)])
+    assert stopped.value.code == (f"python -m kocr.recipe export-crops: error: --out {own}: holds 'notes' (2 such), "
+                                  "which export-crops does not write; give a new folder (the crop folder there is "
+                                  "replaced whole)")
+    assert sorted(p.name for p in own.iterdir()) == ["000001.png", "notes", "thesis.tex"]
+    (tmp_path / "link").symlink_to(heldout_crops / "crops")
+    monkeypatch.chdir(own)
+    for out, message in ((tmp_path / "link", "a symbolic link"), (Path("."), "the working folder")):
+        with pytest.raises(OutFolderError, match=message):
+            export_crops(heldout_crops / "lmdb", out)
+    assert sorted(p.name for p in own.iterdir()) == ["000001.png", "notes", "thesis.tex"]
+    export_crops(heldout_crops / "lmdb", tmp_path / "crops")  # a set of its own is replaced
+    assert export_crops(heldout_crops / "lmdb", tmp_path / "crops") == 8
 
 
 CROPS_UNDER_A_LIMIT = """
