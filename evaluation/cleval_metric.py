@@ -19,6 +19,7 @@ call, so the machine code is written once to ``jit_cache_dir()`` and loaded by e
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -82,6 +83,9 @@ def cache_cleval_jit() -> Path | None:
     with _SWAP_LOCK:
         swapped: dict[int, Dispatcher] = {}
         user_dir, numba.config.CACHE_DIR = numba.config.CACHE_DIR, str(root)  # read by njit(cache=True) only
+        # that folder only, never numba's next choice beside cleval's source (a numba that reads this setting)
+        user_locators = getattr(numba.config, "CACHE_LOCATOR_CLASSES", None)
+        numba.config.CACHE_LOCATOR_CLASSES = "UserProvidedCacheLocator"
         try:
             modules = [m for name, m in list(sys.modules.items())
                        if m is not None and (name == "cleval" or name.startswith("cleval."))]
@@ -90,23 +94,35 @@ def cache_cleval_jit() -> Path | None:
                     if (isinstance(value, Dispatcher) and value.py_func.__module__.startswith("cleval")
                             and value.stats.cache_path is None):
                         if id(value) not in swapped:  # cleval.utils.lcs is also cleval.eval_functions.lcs
-                            swapped[id(value)] = _cached(value)
+                            swapped[id(value)] = _cached(value, root)
                         setattr(module, attr, swapped[id(value)])
         finally:
-            numba.config.CACHE_DIR = user_dir
+            numba.config.CACHE_DIR, numba.config.CACHE_LOCATOR_CLASSES = user_dir, user_locators
     return root
 
 
-def _cached(dispatcher):
-    """``njit(cache=True)`` of ``dispatcher``'s Python function with its options; itself if numba finds no
-    cache folder it can write."""
+def _cached(dispatcher, root: Path):
+    """``njit(cache=True)`` of ``dispatcher``'s Python function with its options, kept under ``root``;
+    itself if numba would keep it anywhere else (its folder for cleval there not writable, as one made by
+    another user of a shared cache: numba then writes beside cleval's source, into site-packages) or
+    nowhere. A compile it cannot write (a full disk) is used all the same, only not kept."""
     import numba
 
     options = {k: v for k, v in dispatcher.targetoptions.items() if k != "nopython"}  # njit sets it
     try:
-        return numba.njit(cache=True, **options)(dispatcher.py_func)
+        cached = numba.njit(cache=True, **options)(dispatcher.py_func)
     except RuntimeError:  # "cannot cache function ...: no locator available"
         return dispatcher
+    if cached.stats.cache_path is None or Path(cached.stats.cache_path).parent != Path(os.path.abspath(root)):
+        return dispatcher
+    save = cached._cache.save_overload  # numba raises a failed write out of the call that compiled
+
+    def save_or_skip(sig, data) -> None:
+        with contextlib.suppress(OSError):  # as numba itself does on Windows for a file another process holds
+            save(sig, data)
+
+    cached._cache.save_overload = save_or_skip
+    return cached
 
 
 class CLEvalAccumulator:

@@ -136,3 +136,63 @@ def test_cleval_compiles_once_per_machine_and_afresh_when_its_source_changes(tmp
     loaded = {name for name, f in third["jit"].items() if f["misses"] == 0 and f["hits"] >= 1}
     assert recompiled == {"cleval.utils.lcs", "cleval.utils.harmonic_mean"} and loaded == JITTED - recompiled
     assert sorted(p.name for p in package.iterdir()) == before
+
+
+def _a_cleval_module(tmp_path, monkeypatch):
+    """``cleval._kocr_test`` (its source under ``tmp_path/src``) with one bare ``@njit`` function, as cleval's
+    are; cleval's own functions are swapped first (into the usual cache, as the tests above do), so that
+    ``cache_cleval_jit`` finds only this one to swap."""
+    import importlib.util
+
+    CLEvalAccumulator()
+    source = tmp_path / "src" / "kocr_test_jit.py"
+    source.parent.mkdir()
+    source.write_text("from numba import njit\n\n\n@njit\ndef add_one(x):\n    return x + 1\n", encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("cleval._kocr_test", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setitem(sys.modules, "cleval._kocr_test", module)
+    return module
+
+
+def test_a_compile_the_cache_cannot_keep_is_used_not_raised(tmp_path, monkeypatch):
+    """Was: numba raises a failed write of its cache (a full disk) out of the call that compiled, so the
+    first scoring failed with OSError where cleval alone compiles and scores."""
+    import errno
+
+    import numba
+    from numba.core.caching import IndexDataCacheFile
+
+    from evaluation.cleval_metric import cache_cleval_jit
+
+    module = _a_cleval_module(tmp_path, monkeypatch)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "cache"))
+
+    def disk_full(self, name, data):
+        raise OSError(errno.ENOSPC, "No space left on device", name)
+
+    monkeypatch.setattr(IndexDataCacheFile, "_save_data", disk_full)
+    assert cache_cleval_jit() == tmp_path / "cache"
+    assert Path(module.add_one.stats.cache_path).parent == tmp_path / "cache"  # swapped
+    assert module.add_one(1) == 2
+
+
+def test_nothing_is_cached_beside_cleval_when_its_folder_in_the_cache_cannot_be_used(tmp_path, monkeypatch):
+    """Was: where numba's folder for cleval under the cache could not be written (made by another user
+    of a shared cache) numba kept the compile beside cleval's source instead, in site-packages; cleval
+    now compiles in every process there, as it does by itself."""
+    import numba
+    from numba.core.caching import _CacheLocator
+
+    from evaluation.cleval_metric import cache_cleval_jit
+
+    module = _a_cleval_module(tmp_path, monkeypatch)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    # a file where numba's folder for the module's source goes (as root, a read-only folder would not stop it)
+    (cache / _CacheLocator.get_suitable_cache_subpath(module.__file__)).write_text("", encoding="utf-8")
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(cache))
+    cache_cleval_jit()
+    assert module.add_one(1) == 2
+    assert module.add_one.stats.cache_path is None  # left as it was: compiled here, kept nowhere
+    assert not [p.name for p in (tmp_path / "src").rglob("*.nb*")]
