@@ -681,18 +681,41 @@ def _out_folder(out: str | None) -> Iterator[None]:
     if not out:
         yield
         return
-    made = [p for p in (Path(out), *Path(out).parents) if not os.path.lexists(p)]  # the deepest first
+    made: list[Path] = []
+
+    def remove_made() -> None:
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):  # not empty: the run wrote there, or someone else did
+                folder.rmdir()
+
     try:
-        Path(out).mkdir(parents=True, exist_ok=True)
+        _make_folder(Path(out), made)
     except OSError as exc:
+        remove_made()
         raise ScoreInputError(f"--out {out}: cannot be made a folder ({exc.strerror or exc})") from None
     try:
         yield
     except BaseException:
-        for folder in made:
-            with contextlib.suppress(OSError):  # not empty: the run wrote there, or someone else did
-                folder.rmdir()
+        remove_made()
         raise
+
+
+def _make_folder(folder: Path, made: list[Path], parents: bool = True) -> None:
+    """``folder.mkdir(parents=True, exist_ok=True)`` that adds to ``made`` (the highest first) each folder
+    its own mkdir made: never one that was there (``new/../there`` is ``there``), nor one that another
+    process made meanwhile."""
+    try:
+        folder.mkdir()
+    except FileNotFoundError:
+        if not parents or folder.parent == folder:
+            raise
+        _make_folder(folder.parent, made)
+        _make_folder(folder, made, parents=False)
+    except OSError:
+        if not folder.is_dir():
+            raise
+    else:
+        made.append(folder)
 
 
 def cmd_evaluate_crops(args: argparse.Namespace) -> None:

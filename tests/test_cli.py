@@ -565,6 +565,21 @@ def test_a_model_that_does_not_load_leaves_no_empty_out_folder_behind(command, t
     assert Path("there").is_dir()
 
 
+def test_a_failed_run_removes_only_the_folders_its_own_mkdir_made(tmp_path, monkeypatch, capsys):
+    """Was: the folders to remove were those missing when --out was looked at, by their names: with
+    ``new/../there``, ``there`` (the user's, empty) was removed with ``new`` (that name was missing, as
+    ``new`` was); so was a folder another process made between that look and the mkdir."""
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("bad.pt").write_bytes(b"not a checkpoint")
+    Path("p.png").write_bytes(b"")
+    Path("there").mkdir()
+    assert main(["predict", "p.png", "--model", "bad.pt", "--out", "new/../there"]) == 2
+    assert "bad.pt: not a loadable PyTorch checkpoint" in capsys.readouterr().err
+    assert Path("there").is_dir() and not Path("new").exists()
+
+
 def test_scans_past_pillows_pixel_limit_are_one_line_for_the_command_not_a_warning_each(
         sample_pages, tmp_path, monkeypatch, recwarn, capsys):
     from PIL import Image
