@@ -710,6 +710,31 @@ def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):
     assert bad == [(1, 'annotation bbox "oops" is not a list of 4 numbers')]
 
 
+_IMAGE = {"image.file.name": "a.jpg", "image.width": 100, "image.height": 50}
+_IMAGES = {"identifier": "a", "type": "jpg", "width": 100, "height": 50}
+
+
+@pytest.mark.parametrize("data, message", [
+    ([_IMAGE], "top level is a list, not an object"),
+    ({"annotations": []}, "no 'images' list (공공행정문서 schema) nor 'Images' object (AI-Hub OCR schema)"),
+    ({"images": _IMAGE, "annotations": []}, "'images' is an object, not a list"),
+    ({"images": [], "annotations": []}, "'images' is an empty list"),
+    ({"images": ["a.jpg"], "annotations": []}, "'images' entry 1 is a string, not an object"),
+    ({"images": [_IMAGE], "annotations": {}}, "'annotations' is an object, not a list"),
+    ({"images": [_IMAGE], "annotations": None}, "'annotations' is null, not a list"),
+    # the newer AI-Hub OCR schema: was "missing 'images' list" (the other schema's key) and "'bbox'" for 'Bbox'
+    ({"Images": [_IMAGES], "Bbox": []}, "'Images' is a list, not an object"),
+    ({"Images": None, "bbox": []}, "'Images' is null, not an object"),
+    ({"Images": {"width": 100, "height": 50}, "Bbox": []}, "'Images' lacks 'identifier'"),
+    ({"Images": _IMAGES, "Bbox": {"x": [1], "y": [2]}}, "'Bbox' is an object, not a list"),
+    ({"Images": _IMAGES, "bbox": None}, "'bbox' is null, not a list"),
+])
+def test_bad_schema_names_the_files_own_key_and_what_is_wrong_with_it(data, message):
+    with pytest.raises(PageError) as caught:
+        parse_page(json.dumps(data, ensure_ascii=False).encode(), "p.json", bad=[])
+    assert (caught.value.reason, caught.value.detail) == ("bad_schema", message)
+
+
 def test_a_category_written_decomposed_is_the_same_category():
     # 인.허가 in NFD (a label edited on a Mac) was a second category: prepare.stratify: category split
     # its documents as a separate small category, and the evaluation's per-category rows parted too

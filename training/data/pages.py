@@ -92,12 +92,19 @@ class Page:
         instead of rejecting the whole page.
         """
         if not isinstance(data, dict):
-            raise PageError(path, "bad_schema", "top level is not an object")
-        if "images" not in data and isinstance(data.get("Images"), dict):
+            raise PageError(path, "bad_schema", f"top level is {_kind(data)}, not an object")
+        if "images" not in data and "Images" in data:
             return cls._from_ocr_schema(data, path, bad)
-        images = data.get("images")
-        if not isinstance(images, list) or not images or not isinstance(images[0], dict):
-            raise PageError(path, "bad_schema", "missing 'images' list")
+        if "images" not in data:
+            raise PageError(path, "bad_schema", "no 'images' list (공공행정문서 schema) nor 'Images' object "
+                                                "(AI-Hub OCR schema)")
+        images = data["images"]
+        if not isinstance(images, list):
+            raise PageError(path, "bad_schema", f"'images' is {_kind(images)}, not a list")
+        if not images:
+            raise PageError(path, "bad_schema", "'images' is an empty list")
+        if not isinstance(images[0], dict):
+            raise PageError(path, "bad_schema", f"'images' entry 1 is {_kind(images[0])}, not an object")
         image = images[0]
         if "image.file.name" not in image:
             raise PageError(path, "bad_schema", "image entry lacks 'image.file.name'")
@@ -107,7 +114,7 @@ class Page:
                  if k not in ("image.file.name", "image.width", "image.height", "image.category")}
         annotations = data.get("annotations", [])
         if not isinstance(annotations, list):
-            raise PageError(path, "bad_schema", "'annotations' is not a list")
+            raise PageError(path, "bad_schema", f"'annotations' is {_kind(annotations)}, not a list")
         def word(ann: Any) -> Word:
             if not isinstance(ann["annotation.bbox"], list):
                 raise ValueError(f"annotation bbox {json.dumps(ann['annotation.bbox'], ensure_ascii=False)[:40]} "
@@ -129,13 +136,16 @@ class Page:
     def _from_ocr_schema(cls, data: dict, path: str | os.PathLike,
                          bad: list[tuple[int, str]] | None) -> "Page":
         image = data["Images"]
+        if not isinstance(image, dict):
+            raise PageError(path, "bad_schema", f"'Images' is {_kind(image)}, not an object")
         if "identifier" not in image:
             raise PageError(path, "bad_schema", "'Images' lacks 'identifier'")
         ident, kind = str(image["identifier"]), str(image.get("type", "jpg")).lstrip(".")
         width, height = _pixels(image, "width", path, "'Images'"), _pixels(image, "height", path, "'Images'")
-        boxes = data.get("bbox", data.get("Bbox", []))
+        key = "bbox" if "bbox" in data else "Bbox"
+        boxes = data.get(key, [])
         if not isinstance(boxes, list):
-            raise PageError(path, "bad_schema", "'bbox' is not a list")
+            raise PageError(path, "bad_schema", f"{key!r} is {_kind(boxes)}, not a list")
         def word(box: Any) -> Word:
             if not (isinstance(box["x"], list) and isinstance(box["y"], list)):
                 raise ValueError(f"bbox x {box['x']!r:.30} and y {box['y']!r:.30} are not lists of numbers")
@@ -193,6 +203,21 @@ def lone_surrogate(text: str) -> str:
     ('\ud800', '')
     """
     return next((c for c in text if "\ud800" <= c <= "\udfff"), "")
+
+
+def _kind(value: Any) -> str:
+    """What a JSON value is, in words, for a message: ``'images' is an object, not a list``.
+
+    >>> _kind({}), _kind([]), _kind(None), _kind(True), _kind(3.5), _kind("a")
+    ('an object', 'a list', 'null', 'true/false', 'a number', 'a string')
+    """
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "an object" if isinstance(value, dict) else "a list" if isinstance(value, list) else "a string"
 
 
 def _pixels(entry: dict, key: str, path: str | os.PathLike, where: str = "image entry") -> int:
