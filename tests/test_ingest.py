@@ -405,6 +405,36 @@ def test_zip_archives_give_the_same_crops_as_the_unpacked_tree(pages, zipped, tm
     assert first in [name for split in SPLITS for name in splits[split]]  # the CP949 JSON was read
 
 
+def _damage_member(archive: Path, name: str) -> None:
+    """Flip bytes in the middle of one member's compressed data: inflating it, or its CRC-32, fails."""
+    with zipfile.ZipFile(archive) as zf:
+        info = next(i for i in zf.infolist() if member_name(i) == name)
+    blob = bytearray(archive.read_bytes())
+    at = info.header_offset
+    start = at + 30 + int.from_bytes(blob[at + 26:at + 28], "little") + int.from_bytes(blob[at + 28:at + 30], "little")
+    middle = start + info.compress_size // 2
+    blob[middle:middle + 8] = bytes(b ^ 0xFF for b in blob[middle:middle + 8])
+    archive.write_bytes(bytes(blob))
+
+
+def test_a_damaged_zip_member_is_named_as_damaged_compressed_data(zipped, tmp_path):
+    """Was ``image_corrupt`` "…jpg: error: Error -3 while decompressing data: …" (zlib's words, or
+    zipfile's "BadZipFile: Bad CRC-32"), and the same for a label under ``unreadable_file``."""
+    src = tmp_path / "zips"
+    shutil.copytree(zipped, src)
+    folder = f"{CATEGORY}/{CODE}/{YEAR}"
+    labels, images = f"Training/[라벨]Training_{CATEGORY}.zip", f"Training/[원천]Training_{CATEGORY}1.zip"
+    _damage_member(src / images, f"{folder}/{CODE}-{YEAR}-0001-0001.jpg")
+    _damage_member(src / labels, f"{folder}/{CODE}-{YEAR}-0002-0001.json")
+    report = _run(src, tmp_path / "out")
+    skipped = {reason: entry["examples"] for reason, entry in report["skipped"].items()}
+    for reason, name in (("image_corrupt", f"{images}/{folder}/{CODE}-{YEAR}-0001-0001.jpg"),
+                         ("unreadable_file", f"{labels}/{folder}/{CODE}-{YEAR}-0002-0001.json")):
+        assert len(skipped[reason]) == 1 and skipped[reason][0].startswith(f"{name}: damaged compressed data in ZIP ("), \
+            skipped[reason]
+    assert report["pages_used"] == 6
+
+
 def test_tree_pairs_by_mirrored_path_and_reports_orphans(pages, tmp_path):
     """Training and Validation hold the same folder names; a page's image is the one in its own tree."""
     src = tmp_path / "aihub"

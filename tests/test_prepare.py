@@ -412,7 +412,8 @@ def test_a_decomposed_word_that_is_dropped_is_not_also_counted_as_kept_normalise
     (PermissionError(13, "Permission denied", "/abs/src/page_00004.jpg"),
      ("unreadable_file", "page_00004.jpg: Permission denied")),           # no absolute path in the report
     (zlib.error("Error -3 while decompressing data: invalid block type"),  # a zip member that does not inflate
-     ("image_corrupt", "page_00004.jpg: error: Error -3 while decompressing data: invalid block type")),
+     ("image_corrupt", "page_00004.jpg: damaged compressed data in ZIP (Error -3 while decompressing data: "
+                       "invalid block type)")),  # was "error: Error -3 …": not saying the zip's copy is damaged
 ])
 def test_an_image_that_cannot_be_read_is_reported_alike_when_scanned_and_when_cropped(src, monkeypatch, error, entry):
     from training.data import prepare

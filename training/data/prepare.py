@@ -39,6 +39,8 @@ import threading
 import time
 import unicodedata
 import warnings
+import zipfile
+import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -319,18 +321,32 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
     return PageMeta(label.name, label, image, page.category, digest.hexdigest(), pixels), found, entries
 
 
+ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError)  # what reading a damaged zip member raises (a file: OSError)
+
+
+def damaged_zip(exc: Exception) -> str:
+    """Why a zip member could not be read, in words: zlib's ``Error -3 while decompressing data`` or
+    zipfile's ``Bad CRC-32`` alone do not say that the archive's copy of the file is damaged."""
+    return f"damaged compressed data in ZIP ({str(exc) or type(exc).__name__})"
+
+
 def unreadable(name: str, exc: Exception) -> str:
     """The ``unreadable_file`` entry's text: the name and why, without the absolute path an OSError holds."""
-    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ZIP_DAMAGE):
+        why = damaged_zip(exc)
+    else:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
     return f"{name}: {why}"[:300]
 
 
 def image_unread(name: str, exc: Exception) -> tuple[str, str]:
     """The report entry for an image whose bytes could not be read (``exc``, one of IMAGE_ERRORS):
-    ``unreadable_file`` for permissions or I/O (the image is there and may be fine), else as
-    :func:`image_problem` says (a zip member that does not inflate)."""
+    ``unreadable_file`` for permissions or I/O (the image is there and may be fine), ``image_corrupt``
+    for a zip member whose data is damaged (the download's copy is broken: named, with the member)."""
     if isinstance(exc, OSError):
         return "unreadable_file", unreadable(name, exc)
+    if isinstance(exc, ZIP_DAMAGE):
+        return "image_corrupt", f"{name}: {damaged_zip(exc)}"[:300]
     return image_problem(name, None, exc)
 
 
