@@ -408,6 +408,23 @@ def test_a_decomposed_word_that_is_dropped_is_not_also_counted_as_kept_normalise
     assert report["crops"]["train"] == 1
 
 
+def test_under_keep_a_word_out_of_the_charset_that_is_dropped_is_not_counted_as_kept(tmp_path):
+    # was: kept_out_of_charset 3 beside skipped_zero_area_box 1 and skipped_bad_annotation 1 for three words,
+    # so kept + skipped counted five words where the page had three
+    root = tmp_path / "src"
+    generate_pages(root, count=1, seed=21, fonts=FONTS, width=W, height=H, font_size=(14, 22), progress=False)
+    page = read_page(root / "page_00000.json")
+    page.words = [Word(HANJA[1], HANJA[0]),                                 # kept, noted
+                  Word((200.0, 100.0, 0.0, 30.0), HANJA[0]),                # no area: dropped
+                  Word((200.0, 100.0, float("nan"), 30.0), HANJA[0])]       # no box: dropped
+    write_page(page, root / "page_00000.json")
+    config = PrepareConfig(val_fraction=0.0, test_fraction=0.0, out_of_charset="keep")
+    report = prepare_pages(root, tmp_path / "out", config, progress=False)
+    counts = {reason: entry["count"] for reason, entry in report["skipped"].items()}
+    assert counts == {"out_of_charset": 1, "zero_area_box": 1, "bad_annotation": 1}
+    assert report["crops"]["train"] == 1
+
+
 @pytest.mark.parametrize("error, entry", [
     (PermissionError(13, "Permission denied", "/abs/src/page_00004.jpg"),
      ("unreadable_file", "page_00004.jpg: Permission denied")),           # no absolute path in the report

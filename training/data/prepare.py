@@ -388,10 +388,10 @@ def _page_crops(page: Page, grey: np.ndarray, where: str, charset: Charset, conf
         if unscored(text):  # ###: an illegible word, trained on by no one (evaluate ignores it too)
             report.add("dont_care", at)
             continue
-        if charset.missing(text):
-            report.add("out_of_charset", f"{at} {''.join(sorted(charset.missing(text)))!r}")
-            if config.out_of_charset == "drop":
-                continue
+        missing = charset.missing(text)
+        if missing and config.out_of_charset == "drop":
+            report.add("out_of_charset", f"{at} {''.join(sorted(missing))!r}")
+            continue
         if not all(math.isfinite(v) for v in word.bbox):
             report.add("bad_annotation", f"{at}: bbox {word.bbox}")
             continue
@@ -400,6 +400,8 @@ def _page_crops(page: Page, grey: np.ndarray, where: str, charset: Charset, conf
         if box is None:  # skipped: not also counted as normalised, clamped or clipped, which say "kept"
             report.add("zero_area_box", at)
             continue
+        if missing:  # kept (out_of_charset: keep): here, so a word dropped above is not also "kept_out_of_charset"
+            report.add("out_of_charset", f"{at} {''.join(sorted(missing))!r}")
         if text != raw:  # here, as the other repairs: a word dropped above is not also "kept_nfd_normalised"
             report.add("nfd_normalised", at)
         if x < 0 or y < 0:
