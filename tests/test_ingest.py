@@ -419,7 +419,8 @@ def _damage_member(archive: Path, name: str) -> None:
 
 def test_a_damaged_zip_member_is_named_as_damaged_compressed_data(zipped, tmp_path):
     """Was ``image_corrupt`` "…jpg: error: Error -3 while decompressing data: …" (zlib's words, or
-    zipfile's "BadZipFile: Bad CRC-32"), and the same for a label under ``unreadable_file``."""
+    zipfile's "BadZipFile: Bad CRC-32"), and the same for a label under ``unreadable_file``, whose image
+    was then reported again as ``image_without_label``."""
     src = tmp_path / "zips"
     shutil.copytree(zipped, src)
     folder = f"{CATEGORY}/{CODE}/{YEAR}"
@@ -433,6 +434,7 @@ def test_a_damaged_zip_member_is_named_as_damaged_compressed_data(zipped, tmp_pa
         assert len(skipped[reason]) == 1 and skipped[reason][0].startswith(f"{name}: damaged compressed data in ZIP ("), \
             skipped[reason]
     assert report["pages_used"] == 6
+    assert "image_without_label" not in skipped  # was: the unreadable label's image, as if it had no label
 
 
 def test_tree_pairs_by_mirrored_path_and_reports_orphans(pages, tmp_path):

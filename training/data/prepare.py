@@ -297,8 +297,9 @@ def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, li
     except PageError as exc:
         claimed, _ = index.find_image(label, "")
         return None, claimed, [(exc.reason, f"{label.name}: {exc.detail}"[:300])]
-    except (*READ_ERRORS, ValueError) as exc:
-        return None, None, [("unreadable_file", unreadable(label.name, exc))]
+    except (*READ_ERRORS, ValueError) as exc:  # its image, by the label's stem, is accounted for (not "without label")
+        claimed, _ = index.find_image(label, "")
+        return None, claimed, [("unreadable_file", unreadable(label.name, exc))]
     found, ambiguous = index.find_image(label, page.image_name)
     if found is None:
         if index.unlisted:  # the image may be in a folder prepare cannot read
