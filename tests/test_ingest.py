@@ -742,6 +742,29 @@ def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):
     assert bad == [(1, 'annotation bbox "oops" is not a list of 4 numbers')]
 
 
+def test_a_bbox_coordinate_that_is_not_a_number_drops_its_word_not_the_page():
+    """Was: ``true`` read as 1, a point ``[x, y]`` as "annotation … lacks a valid bbox", and an integer
+    too large for a float an OverflowError that took the whole page (page_failed in prepare)."""
+    huge = "9" * 400
+    raw = ('{"images": [{"image.file.name": "a.jpg", "image.width": 100, "image.height": 50}], "annotations": ['
+           '{"annotation.text": "서울", "annotation.bbox": [1, 2, 30, 10]},'
+           '{"annotation.text": "부산", "annotation.bbox": [true, 2, 30, 10]},'
+           '{"annotation.text": "대구", "annotation.bbox": [[1, 2], [31, 2], [31, 12], [1, 12]]},'
+           f'{{"annotation.text": "인천", "annotation.bbox": [{huge}, 2, 30, 10]}},'
+           '{"annotation.text": "광주", "annotation.bbox": ["1", "2", "30", "10"]}]}')  # numbers as text: read
+    bad: list = []
+    page = parse_page(raw.encode(), "o.json", bad=bad)
+    assert [(w.text, w.bbox) for w in page.words] == [("서울", (1.0, 2.0, 30.0, 10.0)), ("광주", (1.0, 2.0, 30.0, 10.0))]
+    assert [i for i, _ in bad] == [2, 3, 4] and all("is not a list of 4 numbers" in detail for _, detail in bad)
+    newer = ('{"Images": {"identifier": "n", "width": 100, "height": 50}, "Bbox": ['
+             '{"data": "서울", "x": [1, 31, 31, 1], "y": [2, 2, 12, 12]},'
+             '{"data": "부산", "x": [true, 31, 31, 1], "y": [2, 2, 12, 12]},'
+             f'{{"data": "인천", "x": [1, 31, 31, {huge}], "y": [2, 2, 12, 12]}}]}}')
+    bad = []
+    assert [w.text for w in parse_page(newer.encode(), "n.json", bad=bad).words] == ["서울"]
+    assert [i for i, _ in bad] == [2, 3] and all("are not lists of numbers" in detail for _, detail in bad)
+
+
 _IMAGE = {"image.file.name": "a.jpg", "image.width": 100, "image.height": 50}
 _IMAGES = {"identifier": "a", "type": "jpg", "width": 100, "height": 50}
 

@@ -116,15 +116,19 @@ class Page:
         if not isinstance(annotations, list):
             raise PageError(path, "bad_schema", f"'annotations' is {_kind(annotations)}, not a list")
         def word(ann: Any) -> Word:
-            if not isinstance(ann["annotation.bbox"], list):
-                raise ValueError(f"annotation bbox {json.dumps(ann['annotation.bbox'], ensure_ascii=False)[:40]} "
-                                 "is not a list of 4 numbers")
-            bbox = tuple(float(v) for v in ann["annotation.bbox"])
+            values = _floats(ann["annotation.bbox"])
+            if values is None:
+                raise ValueError(f"annotation bbox {_shown(ann['annotation.bbox'])} is not a list of 4 numbers")
+            bbox = tuple(values)
             text = _text(ann.get("annotation.text", ""), "annotation.text")
             if len(bbox) != 4:
                 raise ValueError(f"annotation bbox {bbox} has not 4 values")
             score = ann.get("annotation.score")
-            score = None if score is None else float(score)
+            if score is not None:
+                number = _floats([score])
+                if number is None:
+                    raise ValueError(f"annotation.score {_shown(score)} is not a number")
+                score = number[0]
             return Word(bbox, text, score)  # type: ignore[arg-type]
 
         words = _parse_words(annotations, word, lambda ann: f"annotation {ann!r:.80} lacks a valid bbox", path, bad)
@@ -147,9 +151,9 @@ class Page:
         if not isinstance(boxes, list):
             raise PageError(path, "bad_schema", f"{key!r} is {_kind(boxes)}, not a list")
         def word(box: Any) -> Word:
-            if not (isinstance(box["x"], list) and isinstance(box["y"], list)):
-                raise ValueError(f"bbox x {box['x']!r:.30} and y {box['y']!r:.30} are not lists of numbers")
-            xs, ys = [float(v) for v in box["x"]], [float(v) for v in box["y"]]
+            xs, ys = _floats(box["x"]), _floats(box["y"])
+            if xs is None or ys is None:
+                raise ValueError(f"bbox x {_shown(box['x'], 30)} and y {_shown(box['y'], 30)} are not lists of numbers")
             if not xs or len(xs) != len(ys):
                 raise ValueError(f"bbox x {xs} and y {ys} do not pair up")
             text = _text(box.get("data", ""), "data")
@@ -203,6 +207,35 @@ def lone_surrogate(text: str) -> str:
     ('\ud800', '')
     """
     return next((c for c in text if "\ud800" <= c <= "\udfff"), "")
+
+
+def _floats(values: Any) -> list[float] | None:
+    """A list of numbers (or numbers written as text, ``"12.5"``) as floats; None for anything else:
+    not a list, or holding ``true``, null, a list (a point ``[x, y]``), a word, or an integer too large
+    for a float (``float()`` would raise OverflowError, which took the whole page down).
+
+    >>> _floats([1, "2.5", 3.0]), _floats([True, 2]), _floats([[1, 2]]), _floats("1234"), _floats([10**400])
+    ([1.0, 2.5, 3.0], None, None, None, None)
+    """
+    if not isinstance(values, list):
+        return None
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return None
+        try:
+            out.append(float(value))
+        except (ValueError, OverflowError):
+            return None
+    return out
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value as the file writes it, cut to ``limit`` characters (a 400-digit number is not quoted whole)."""
+    try:
+        return json.dumps(value, ensure_ascii=False)[:limit]
+    except ValueError:  # an int of more digits than Python writes
+        return f"{type(value).__name__}"
 
 
 def _kind(value: Any) -> str:
