@@ -54,6 +54,11 @@ def test_crops_and_labels_arrive_in_order_as_the_reader_sees_them_and_train(tmp_
     assert len(trainable) == 3 and not trainable.dropped
     kept = import_crops(crops / "labels.tsv", tmp_path / "set", out_of_charset="keep", progress=False)
     assert kept["samples"] == 4 and kept["skipped"]["out_of_charset"]["count"] == 1  # replaced, counted
+    (crops / "labels.tsv").write_text("image\ttext\n" + body + "broken.png\t를\n", encoding="utf-8")
+    kept = import_crops(crops / "labels.tsv", tmp_path / "set", out_of_charset="keep", progress=False)
+    # was: out_of_charset 2 ("kept") beside image_unreadable 2 for the broken image's row 를
+    assert kept["samples"] == 4 and kept["skipped"]["out_of_charset"]["examples"] == [f"{crops / 'labels.tsv'}:4 '를'"]
+    assert kept["skipped"]["image_unreadable"]["count"] == 2
 
 
 def test_a_box_json_is_cropped_like_evaluate_crops(tmp_path):

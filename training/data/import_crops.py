@@ -73,10 +73,9 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
         for crop in tqdm(crops, desc="import-crops", unit="crop", disable=not progress):
             where = crop.where(str(labels))
             missing = chars.missing(crop.text)
-            if missing:
+            if missing and out_of_charset == "drop":
                 skip("out_of_charset", f"{where} {''.join(sorted(missing))!r}")
-                if out_of_charset == "drop":
-                    continue
+                continue
             try:
                 grey = load_crop(crop, str(labels))
             except ScoreInputError as exc:
@@ -91,6 +90,8 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
                 continue
             writer.add(png.tobytes(), crop.text)
             samples += 1
+            if missing:  # kept (out_of_charset: keep): counted once imported, so a row skipped above is counted once
+                skip("out_of_charset", f"{where} {''.join(sorted(missing))!r}")
         skipped = report.as_dict()
         if not samples:
             raise CropImportError(f"{labels}: no crop left to import ({_tally(skipped) or 'no rows'}); "
