@@ -796,3 +796,35 @@ def test_a_stopped_trial_of_an_embedded_study_is_failed_and_retried_by_the_next_
     summary = run_tune(config, PARAMS, prepared, tmp_path, log=False)  # at once, not grace_period_s later
     assert summary["ran"] == {"COMPLETE": 1} and summary["trial"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best_params.yaml", "optuna.db"]  # its lock file gone
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_second_stop_while_the_stopped_trial_is_failed_still_queues_its_retry(prepared, tmp_path, monkeypatch,
+                                                                                 signum):
+    """Was: a second SIGTERM or Ctrl-C landing between the trial's FAIL and its retry (the stale-trial callback
+    ends its MLflow run first) left it FAIL with no retry, for good: a failed trial never goes stale."""
+    import training.tune
+    from kocr.cli import _terminate_as_exit
+
+    def stopped(*args, **kwargs):
+        raise SystemExit(143) if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def stopped_again(run_id):  # the second signal, while the retry is not queued yet
+        os.kill(os.getpid(), signum)
+        time.sleep(2)  # the handler runs here (or, deferred, once the retry is queued)
+
+    config = TuneConfig.from_params({**PARAMS["tune"], "grace_period_s": 600}).with_overrides(
+        study_name="stopped-twice", n_trials=1)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as at a terminal (a script's job ignores it)
+    try:
+        with _terminate_as_exit(), monkeypatch.context() as patch:
+            patch.setattr(training.tune, "train", stopped)
+            patch.setattr(training.tune, "end_dead_run", stopped_again)
+            with pytest.raises(SystemExit if signum == signal.SIGTERM else KeyboardInterrupt):
+                run_tune(config, PARAMS, prepared, tmp_path, log=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    study = optuna.load_study(study_name="stopped-twice", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    first, *retry = study.get_trials(deepcopy=False)
+    assert first.state.name == "FAIL" and [t.state.name for t in retry] == ["WAITING"]
+    assert retry[0].system_attrs["failed_trial"] == 0 and retry[0].params == first.params

@@ -36,6 +36,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import socket
 import sys
 import threading
@@ -590,15 +591,36 @@ def fail_and_retry(study: optuna.Study, storage: optuna.storages.RDBStorage, tri
     """Fail a running trial and run the storage's stale-trial callback on it (it queues the retry and
     ends the trial's MLflow run if that is still RUNNING), as :func:`optuna.storages.fail_stale_trials`
     does for a stale one; False where the trial had finished (another worker failed it as stale)."""
-    try:
-        if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+    with stops_deferred():  # a trial failed without its retry queued would be lost for good: never stale again
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                return False
+        except optuna.exceptions.UpdateFinishedTrialError:
             return False
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return False
-    callback = storage.get_heartbeat_stale_trial_callback()
-    if callback is not None:
-        callback(study, storage.get_trial(trial_id))
-    return True
+        callback = storage.get_heartbeat_stale_trial_callback()
+        if callback is not None:
+            callback(study, storage.get_trial(trial_id))
+        return True
+
+
+@contextlib.contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Inside the block a SIGTERM or Ctrl-C (SIGINT) waits: its handler runs once the block ends (a
+    second stop while the first one's trial is failed and queued again lands after both, not between).
+    Only in the main thread, where Python runs signal handlers; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 # --- one trial ---------------------------------------------------------------------------------
