@@ -356,7 +356,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise CommandError(f"the {len(pages)} pages of split {config.split!r} of {args.splits} hold no "
                            "labelled word: nothing to score")
     models = {"base": base, "candidate": args.candidate}
-    trained_by = _train_run_id(args.candidate)  # read now: a train ending while this run scores writes another
+    scored_sha256 = _checkpoint_sha256(args.candidate)  # read now: a train ending while this run scores writes another
     # every detector setting read with, as the train run's logged model records them (detector.<name>)
     with stage_run("evaluate", {"evaluate": section(params, "evaluate"), "detector": settings.readtext_kwargs()}):
         champion = _champion_uri(promote_config.model_name)
@@ -392,7 +392,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         _dump({label: e.analysis for label, e in evaluated.items()}, analysis_file)
         write_text(report_file, report)
         _dump({**results, "eval_data_hash": data_hash, "eval_scoring_hash": scoring, "pages": len(pages),
-               **({"candidate_run_id": trained_by} if trained_by else {})}, metrics_file)
+               **({"candidate_sha256": scored_sha256} if scored_sha256 else {})}, metrics_file)
         for label, evaluation in evaluated.items():
             mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in evaluation.metrics.items()})
             mlflow.log_dict(evaluation.analysis, f"analysis/{label}.json")
@@ -403,16 +403,16 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(report)
 
 
-def _train_run_id(checkpoint: str) -> str | None:
-    """The train run named by the ``mlflow.json`` beside ``checkpoint`` (train's ``--out``), else None:
-    the run whose model ``promote`` registers under the scores evaluate writes for this checkpoint."""
-    if not Path(checkpoint).is_file():  # a name (ko_base) or a models:/ URI: no train output folder
-        return None
+def _checkpoint_sha256(checkpoint: str) -> str | None:
+    """The sha256 of ``checkpoint`` when it is a file (train's ``model.pt``), else None (a name such as
+    ko_base, a models:/ or runs:/ URI): the weights evaluate scored, which ``promote`` checks are still
+    the candidate's. The weights, not the train run: a train run again to the same bytes (a
+    behaviour-unchanged edit of a train-only dependency) leaves evaluate's score true, and DVC skips it."""
+    path = Path(checkpoint)
     try:
-        logged = json.loads((Path(checkpoint).parent / "mlflow.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return file_sha256(path) if path.is_file() else None
+    except OSError:
         return None
-    return logged.get("run_id") if isinstance(logged, dict) and isinstance(logged.get("run_id"), str) else None
 
 
 def _scored_model_tags(models: dict[str, str]) -> dict[str, str]:
@@ -517,11 +517,12 @@ def cmd_promote(args: argparse.Namespace) -> None:
     if config.metric not in evaluated["candidate"]:  # e.g. cleval_* with CLEval not installed when evaluate ran
         raise ParamsError(f"promote.metric: {config.metric!r} is not in {args.metrics}'s candidate scores "
                           f"({', '.join(k for k in evaluated['candidate'] if k in RANKED)})")
-    scored = evaluated.get("candidate_run_id")  # absent from an evaluate.json written before it was recorded
-    if scored and scored != logged["run_id"]:  # a train since evaluate: its model would get the other's score
-        raise CommandError(f"{args.metrics} scores the candidate of train run {scored}, but "
-                           f"{Path(args.candidate) / 'mlflow.json'} names run {logged['run_id']}: evaluate this "
-                           "candidate first (dvc repro evaluate), or it would be registered under another model's score")
+    scored = evaluated.get("candidate_sha256")  # absent from an evaluate.json written before it was recorded
+    checkpoint = Path(args.candidate) / "model.pt"
+    if scored and scored != _checkpoint_sha256(str(checkpoint)):  # other weights: they would get the other's score
+        raise CommandError(f"{args.metrics} scores the candidate checkpoint of sha256 {scored[:12]}, but {checkpoint} "
+                           f"{'is another (trained again since)' if checkpoint.is_file() else 'is not there'}: evaluate "
+                           "this candidate first (dvc repro evaluate), or it would be registered under another model's score")
     candidate = Candidate(logged["model_uri"], logged["run_id"], float(evaluated["candidate"][config.metric]),
                           evaluated["eval_data_hash"], evaluated.get("eval_scoring_hash", ""))
 

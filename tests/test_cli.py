@@ -239,10 +239,15 @@ def test_promote_refuses_a_candidate_trained_again_since_evaluate_scored_it(samp
                                                                           monkeypatch, capsys):
     """Was: promote took metrics/evaluate.json's score for whatever mlflow.json named, so a candidate trained
     again by hand after evaluate (kocr train, then kocr promote) was registered, and could become champion,
-    under the score of the model trained before it. evaluate now records the train run it scored."""
+    under the score of the model trained before it. evaluate now records the checkpoint it scored (sha256):
+    a train run again to the same weights (a new run id; DVC then skips evaluate, whose deps are unchanged)
+    is promoted under the score, which is still its own; it was refused by run id, stopping `dvc repro`."""
+    import hashlib
+
     import mlflow
 
     import evaluation.evaluate
+    import evaluation.promote
     import kocr.cli
     from evaluation.evaluate import ModelEvaluation
 
@@ -259,18 +264,30 @@ def test_promote_refuses_a_candidate_trained_again_since_evaluate_scored_it(samp
                       "--candidate", "cand/model.pt", "--predictions", "pred", "--metrics", "m.json",
                       "--pictures", "pics")
     assert done.returncode == 0, done.stderr
-    assert json.loads((tmp_path / "m.json").read_text())["candidate_run_id"] == "train-run-1"
+    scored = hashlib.sha256(b"candidate weights").hexdigest()
+    assert json.loads((tmp_path / "m.json").read_text())["candidate_sha256"] == scored
+    promote = ["promote", "--candidate", "cand", "--metrics", "m.json", "--source", str(sample_pages),
+               "--splits", str(prepared / "splits.json"), "--out", "promote.json"]
     # trained again by hand: a new model.pt and the new run's mlflow.json, evaluate not run since
+    (tmp_path / "cand/model.pt").write_bytes(b"other weights")
     (tmp_path / "cand/mlflow.json").write_text('{"run_id": "train-run-2", "model_uri": "models:/m-2"}')
-    done = _kocr_here(capsys, "promote", "--candidate", "cand", "--metrics", "m.json", "--source", str(sample_pages),
-                      "--splits", str(prepared / "splits.json"), "--out", "promote.json")
+    done = _kocr_here(capsys, *promote)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
-        "kocr promote: error: m.json scores the candidate of train run train-run-1, but cand/mlflow.json names run "
-        "train-run-2: evaluate this candidate first (dvc repro evaluate), or it would be registered under "
-        "another model's score"]
+        f"kocr promote: error: m.json scores the candidate checkpoint of sha256 {scored[:12]}, but cand/model.pt is "
+        "another (trained again since): evaluate this candidate first (dvc repro evaluate), or it would be "
+        "registered under another model's score"]
     assert not (tmp_path / "promote.json").exists()
     assert not mlflow.MlflowClient().search_registered_models(filter_string="name = 'retrained-since'")
+    # trained again to the same weights: the score is this model's; promote goes on with the new run's model
+    (tmp_path / "cand/model.pt").write_bytes(b"candidate weights")
+    registered = []
+    monkeypatch.setattr(evaluation.promote, "promote", lambda candidate, config, rescore: registered.append(
+        candidate) or {"promoted": True, "reason": "first", "candidate_version": "1", "candidate_score": 0.9})
+    monkeypatch.setattr(evaluation.promote, "decision_metrics", lambda decision, metric: {})
+    done = _kocr_here(capsys, *promote)
+    assert done.returncode == 0, done.stderr
+    assert [(c.model_uri, c.run_id, c.score) for c in registered] == [("models:/m-2", "train-run-2", 0.9)]
 
 
 @pytest.mark.parametrize("stop_at", range(5))
