@@ -828,3 +828,32 @@ def test_a_second_stop_while_the_stopped_trial_is_failed_still_queues_its_retry(
     first, *retry = study.get_trials(deepcopy=False)
     assert first.state.name == "FAIL" and [t.state.name for t in retry] == ["WAITING"]
     assert retry[0].system_attrs["failed_trial"] == 0 and retry[0].params == first.params
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask() by hand here
+def test_a_stop_while_a_worker_fails_a_dead_workers_trial_still_queues_its_retry(prepared, tmp_path, monkeypatch):
+    """Was: a SIGTERM landing in claim_trial between a stale trial's FAIL and its retry (the callback ends the
+    dead trial's MLflow run first) left that trial FAIL with no retry, for good, as a stop in the stopped
+    worker's own handler did."""
+    import training.tune
+    from kocr.cli import _terminate_as_exit
+
+    config = TuneConfig.from_params(PARAMS["tune"]).with_overrides(study_name="dead-worker", n_trials=1)
+    storage = make_storage(f"sqlite:///{tmp_path / 'optuna.db'}", config)
+    study = optuna.create_study(storage=storage, study_name="dead-worker")
+    dead = study.ask()
+    suggest(dead, config.space)
+    storage.record_heartbeat(dead._trial_id)  # its worker beat once, then died
+    time.sleep(config.grace_period_s + 1)
+
+    def stopped(run_id):  # SIGTERM for this worker while it fails the dead one's trial
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)
+
+    with _terminate_as_exit(), monkeypatch.context() as patch:
+        patch.setattr(training.tune, "end_dead_run", stopped)
+        with pytest.raises(SystemExit):
+            run_tune(config, PARAMS, prepared, tmp_path, log=False)
+    first, *retry = optuna.load_study(study_name="dead-worker", storage=storage).get_trials(deepcopy=False)
+    assert first.state.name == "FAIL" and [t.state.name for t in retry] == ["WAITING"]
+    assert retry[0].system_attrs["failed_trial"] == 0 and retry[0].params == first.params

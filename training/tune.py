@@ -513,7 +513,8 @@ def claim_trial(study: optuna.Study, config: TuneConfig, url: str,
             warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
             for orphan in unbeaten_trials(study, storage):
                 storage.record_heartbeat(orphan)
-            optuna.storages.fail_stale_trials(study)
+            with stops_deferred():  # a stale trial failed without its retry queued would be lost for good
+                optuna.storages.fail_stale_trials(study)
             counts = trial_counts(study)
             # queued trials count when they run, as new ones do: enqueued ones must not overshoot the budget
             if counts["COMPLETE"] + counts["PRUNED"] + counts["RUNNING"] >= config.n_trials:
@@ -605,8 +606,9 @@ def fail_and_retry(study: optuna.Study, storage: optuna.storages.RDBStorage, tri
 
 @contextlib.contextmanager
 def stops_deferred() -> Iterator[None]:
-    """Inside the block a SIGTERM or Ctrl-C (SIGINT) waits: its handler runs once the block ends (a
-    second stop while the first one's trial is failed and queued again lands after both, not between).
+    """Inside the block a SIGTERM or Ctrl-C (SIGINT) waits: its handler runs once the block ends, so a
+    stop while a trial is failed and queued again (this worker's stopped one, a dead worker's stale one)
+    lands after both, not between.
     Only in the main thread, where Python runs signal handlers; elsewhere the block runs as it is."""
     if threading.current_thread() is not threading.main_thread():
         yield
