@@ -36,7 +36,7 @@ from evaluation.reader import (
 )
 from evaluation.source_pages import split_pages
 from evaluation.tesseract import (
-    read_crop_tesseract,
+    read_crops_tesseract,
     read_page_tesseract,
     tesseract_available,
 )
@@ -167,7 +167,7 @@ class TesseractEngine:
         return page
 
     def read_crops(self, grey: np.ndarray, boxes: list[list[int]]) -> list[str]:
-        return [read_crop_tesseract(grey[y0:y1, x0:x1]) for x0, x1, y0, y1 in boxes]
+        return read_crops_tesseract([grey[y0:y1, x0:x1] for x0, x1, y0, y1 in boxes])
 
 
 def make_engine(model: str | LoadedRecognizer, settings: DetectorSettings, device: str):

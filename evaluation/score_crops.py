@@ -12,7 +12,7 @@ label printed with its quotes. The labels files this module and ``kocr.recipe ex
 and scored as a crop, so labelled photos and scans are scored without a detector. Every crop is read whole, exactly as ``easyocr.Reader.recognize(crop)`` reads an
 image without boxes (the image as one box, EasyOCR's resizing, contrast retry and greedy decoding),
 so a model's score here is the score it gets inside EasyOCR (``quantize=False``). Tesseract reads
-the same crops in single-line mode (``--psm 7``).
+the same crops in single-line mode (``--psm 7``), many to one tesseract process.
 
 Scores per model (``evaluation.metrics.recognition_scores``): ``n``, ``cer`` (micro: Σ edit
 distance / Σ ground-truth length), ``word_accuracy`` (exact match after NFC), ``norm_ed``. With
@@ -54,6 +54,7 @@ from training.data.pages import (
 from training.data.sources import IMAGE_SUFFIXES, AmbiguousName, find_file
 
 TESSERACT = "tesseract"
+BATCH = 128  # crops handed at once to an engine that reads many (Tesseract: evaluation.tesseract.BATCH)
 
 
 class ScoreInputError(ValueError):
@@ -435,6 +436,12 @@ class TesseractCrops:
 
         return read_crop_tesseract(grey)
 
+    def read_many(self, greys: list[np.ndarray]) -> list[str]:
+        """Each crop as ``read`` reads it, many to one tesseract process (``read_crops_tesseract``)."""
+        from evaluation.tesseract import read_crops_tesseract
+
+        return read_crops_tesseract(greys)
+
 
 def make_crop_engine(spec: str, device: str = "cpu") -> CropEngine:
     """``tesseract`` -> Tesseract; anything else is a recogniser spec for ``load_recognizer``."""
@@ -473,13 +480,29 @@ class CropReport:
 
 def score_crops(crops: list[Crop], models: dict[str, str], device: str = "cpu", progress: bool = True,
                 labels: str | os.PathLike = "") -> CropReport:
-    """Read every crop with every model (label -> spec) and score the readings."""
+    """Read every crop with every model (label -> spec) and score the readings. An engine that reads
+    many crops at once (``read_many``: Tesseract) is handed ``BATCH`` crops at a time."""
     engines = {label: make_crop_engine(spec, device) for label, spec in models.items()}
     readings: dict[str, list[str]] = {label: [] for label in engines}
+    batched = {label: engine for label, engine in engines.items() if hasattr(engine, "read_many")}
+    pending: list[np.ndarray] = []  # crops the batched engines (Tesseract) have still to read
+
+    def read_pending() -> None:
+        for label, engine in batched.items():
+            readings[label].extend(engine.read_many(pending))
+        pending.clear()
+
     for crop in tqdm(crops, desc="evaluate-crops", unit="crop", disable=not progress):
         grey = load_crop(crop, labels)
         for label, engine in engines.items():
-            readings[label].append(engine.read(grey))
+            if label not in batched:
+                readings[label].append(engine.read(grey))
+        if batched:
+            pending.append(grey)
+            if len(pending) >= BATCH:
+                read_pending()
+    if pending:
+        read_pending()
     gts = [c.text for c in crops]
     metrics = {label: recognition_scores(gts, texts) for label, texts in readings.items()}
     return CropReport(crops, metrics, readings)

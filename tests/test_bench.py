@@ -68,3 +68,25 @@ def test_bad_benchmark_inputs_are_named_not_tracebacks(tmp_path):
             ("train_vs_reference.py", ["--data", str(tmp_path / "none"), "--steps", "1"], "no train/ set there")):
         done = _run(script, *args)
         assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, (script, done.stderr)
+
+
+def test_the_tesseract_batch_benchmark_reads_the_same_texts_and_prints_the_ratio(tmp_path):
+    import cv2
+    import numpy as np
+
+    from evaluation.tesseract import tesseract_available
+
+    if not tesseract_available():
+        pytest.skip("tesseract-ocr with kor+eng not installed (make system-deps installs it)")
+    rows = []
+    for i, word in enumerate(["Hello", "", "World 42"]):
+        grey = np.full((40, 200), 255, np.uint8)
+        cv2.putText(grey, word, (8, 30), cv2.FONT_HERSHEY_SIMPLEX, 1, 0, 2)
+        cv2.imwrite(str(tmp_path / f"{i}.png"), grey)
+        rows.append(f"{i}.png\t{word or 'blank'}\n")
+    (tmp_path / "labels.tsv").write_text("image\ttext\n" + "".join(rows), encoding="utf-8")
+    done = _run("tesseract_batch.py", "--labels", str(tmp_path / "labels.tsv"), "--batch", "2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["crops"] == report["same_text"] == 3 and report["differ"] == []
+    assert report["ratio"] == pytest.approx(report["batched"]["seconds"] / report["per_crop"]["seconds"], abs=0.02)
