@@ -513,7 +513,8 @@ def _named_sets(items: list[str]) -> dict[str, str]:
     return sets
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m kocr.recipe`` command line: one subparser per helper."""
     parser = argparse.ArgumentParser(prog="python -m kocr.recipe", description=__doc__.splitlines()[0])
     # not dest="command": the card's --command option would overwrite the subcommand's name
     sub = parser.add_subparsers(dest="subcommand", required=True)
@@ -543,7 +544,11 @@ def main(argv: list[str] | None = None) -> None:
                         "without it when the release cannot be compared)")
     p.add_argument("--json", help="also write the verdict to this file (the recipe's ship_check metrics)")
     sub.add_parser("check-size", help="exit 2 when the params file's size needs a GPU this machine lacks")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     from evaluation.score_crops import ScoreInputError
     from kocr.params import ParamsError
 
