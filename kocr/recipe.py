@@ -20,8 +20,10 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import hashlib
+import itertools
 import json
 import os
 import platform
@@ -31,7 +33,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
@@ -97,33 +99,69 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
     if not lmdb_dir.is_dir():
         raise FileNotFoundError(f"{lmdb_dir}: LMDB set folder not found")
     dataset = LmdbDataset(lmdb_dir)
-    fonts: dict[int, str] = {}
     manifest = lmdb_dir / "manifest.tsv"
-    if manifest.is_file():
-        with manifest.open(encoding="utf-8") as fh:
-            fonts = {int(row["index"]): row["font"]
-                     for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)}
     check_export_out(out)
     # written beside ``out`` and moved in whole, the earlier crops moved aside first and removed after
-    # (replaced_folder): a kill or a full disk leaves no half set under its name, nor half the earlier one
-    with replaced_folder(out) as tmp:
-        rows = [tsv_row(["image", "text", "font"], str(out / "labels.tsv"))]
-        for i in tqdm(range(len(dataset)), desc="export-crops", unit="crop"):
-            image, label = dataset[i]
-            name = f"{i + 1:06d}.png"
-            # encoded in memory, then written by Python, which raises on a short write: cv2.imwrite
-            # ignores one in the last bytes it buffered, so a file-size limit (ulimit -f) or a disk
-            # that filled left a crop cut short, reported written, in a set published as whole
-            ok, png = cv2.imencode(".png", image)
-            if not ok:
-                raise OSError(f"{out / name}: could not encode the image")
-            with named_disk_errors(out / name):  # a full disk names the crop, not the hidden folder
-                (tmp / name).write_bytes(png.tobytes())
-            rows.append(tsv_row([name, label, fonts.get(i + 1, "")], f"{lmdb_dir} sample {i + 1}"))
-        with named_disk_errors(out / "labels.tsv"), (tmp / "labels.tsv").open("w", encoding="utf-8",
-                                                                              newline="") as fh:
-            fh.write("".join(rows))
+    # (replaced_folder): a kill or a full disk leaves no half set under its name, nor half the earlier one;
+    # each row goes to the file as its crop is written, so memory stays flat however many samples the set holds
+    with replaced_folder(out) as tmp, _manifest_fonts(manifest) as font_of:
+        labels = out / "labels.tsv"
+        fh = (tmp / "labels.tsv").open("w", encoding="utf-8", newline="")
+        try:
+            with named_disk_errors(labels):
+                fh.write(tsv_row(["image", "text", "font"], str(labels)))
+            for i in tqdm(range(len(dataset)), desc="export-crops", unit="crop"):
+                image, label = dataset[i]
+                name = f"{i + 1:06d}.png"
+                # encoded in memory, then written by Python, which raises on a short write: cv2.imwrite
+                # ignores one in the last bytes it buffered, so a file-size limit (ulimit -f) or a disk
+                # that filled left a crop cut short, reported written, in a set published as whole
+                ok, png = cv2.imencode(".png", image)
+                if not ok:
+                    raise OSError(f"{out / name}: could not encode the image")
+                with named_disk_errors(out / name):  # a full disk names the crop, not the hidden folder
+                    (tmp / name).write_bytes(png.tobytes())
+                row = tsv_row([name, label, font_of(i + 1)], f"{lmdb_dir} sample {i + 1}")
+                with named_disk_errors(labels):
+                    fh.write(row)
+        except BaseException:
+            with contextlib.suppress(OSError):  # the rows still buffered cannot hide the error that stopped it
+                fh.close()
+            raise
+        with named_disk_errors(labels):
+            fh.close()
     return len(dataset)
+
+
+@contextlib.contextmanager
+def _manifest_fonts(manifest: Path) -> Iterator[Callable[[int], str]]:
+    """Yield ``font_of(index)``: the ``font`` column of ``manifest`` (synth-lines' ``manifest.tsv``) for
+    sample ``index``, asked in increasing order; ``""`` without a manifest or a row for it. A manifest
+    whose indices never go down (synth-lines writes them 1, 2, 3…) is read along with the samples, one row
+    held at a time; any other order is read whole first, the last row of an index winning either way."""
+    if not manifest.is_file():
+        yield lambda index: ""
+        return
+    with manifest.open(encoding="utf-8") as fh:
+        indices = (int(row["index"]) for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+        ordered = all(a <= b for a, b in itertools.pairwise(indices))
+    with manifest.open(encoding="utf-8") as fh:
+        rows = ((int(row["index"]), row["font"]) for row in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE))
+        if not ordered:
+            fonts = dict(rows)
+            yield lambda index: fonts.get(index, "")
+            return
+        ahead = [next(rows, None)]  # the first row not yet passed
+
+        def font_of(index: int) -> str:
+            font = ""
+            while ahead[0] is not None and ahead[0][0] <= index:
+                if ahead[0][0] == index:
+                    font = ahead[0][1]
+                ahead[0] = next(rows, None)
+            return font
+
+        yield font_of
 
 
 def set_identity(labels: str | os.PathLike, crops: list[Any]) -> dict[str, Any]:
