@@ -27,14 +27,14 @@ Example:
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 from tqdm import tqdm
@@ -146,31 +146,57 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
 
     With ``skipped`` (a list), a row whose image is missing, ambiguous (two files fit its name only
     by NFC/NFD or case) or unreadable, or whose box is unusable, is appended to it as (reason, where)
-    and left out instead of stopping the read; a ``###`` row or box is appended as ``dont_care``."""
+    and left out instead of stopping the read; a ``###`` row or box is appended as ``dont_care``.
+    :func:`iter_labels` gives the same crops one at a time."""
     path = Path(path)
     if path.suffix.lower() == ".json":
         return read_box_labels(path, margin, skipped)
-    try:
-        # rows end at CR LF, LF or CR only: str.splitlines would also cut a text at U+2028, U+0085, …
-        raw = _labels_bytes(path)
-        lines = re.split(r"\r\n|\r|\n", raw.decode("utf-8-sig"))
-        lines = lines[:-1] if lines and lines[-1] == "" else lines
-    except UnicodeDecodeError as exc:
-        raise ScoreInputError(f"{path}: {not_utf8(exc)}") from None
-    if b"\0" in raw:  # valid UTF-8, but no text file holds NUL: UTF-16 without a BOM decodes so
-        raise ScoreInputError(f"{path}: not UTF-8 text ({nul_note(raw)})")
-    if not lines:
+    return list(_tsv_crops(path, skipped))
+
+
+def iter_labels(path: str | os.PathLike, margin: float = 0.1, skipped: Any = None) -> Iterator[Crop]:
+    """:func:`read_labels` one crop at a time, for a labels TSV of millions of rows (``import-crops``):
+    the file is read a line at a time, twice: first whole without yielding (so a bad line anywhere
+    stops the read with the error ``read_labels`` raises, before any crop is used), then for the crops.
+    ``skipped`` needs only ``append`` and a length (a tally, not a list of every row)."""
+    path = Path(path)
+    if path.suffix.lower() == ".json":  # one JSON document: parsed whole either way
+        yield from read_box_labels(path, margin, skipped)
+        return
+    for _ in _tsv_crops(path, None if skipped is None else _Tally()):
+        pass
+    yield from _tsv_crops(path, skipped)
+
+
+class _Tally:
+    """A ``skipped`` list that only counts what is appended to it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def append(self, entry: tuple[str, str]) -> None:
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+
+def _tsv_crops(path: Path, skipped: Any) -> Iterator[Crop]:
+    """The crops of a labels TSV in row order (``read_labels``), read a line at a time."""
+    lines = _tsv_lines(path)
+    first = next(lines, None)
+    if first is None:
         raise ScoreInputError(f"{path}: empty; expected a header line 'image<TAB>text'")
-    quoted = any(len(name) >= 2 and name[0] == name[-1] == '"' for name in lines[0].split("\t"))
-    header = [tsv_field(name, quoted) for name in lines[0].split("\t")]  # "image"<TAB>"text": a quote-all export
+    quoted = any(len(name) >= 2 and name[0] == name[-1] == '"' for name in first.split("\t"))
+    header = [tsv_field(name, quoted) for name in first.split("\t")]  # "image"<TAB>"text": a quote-all export
     if "image" not in header or "text" not in header:
-        raise ScoreInputError(f"{path}:1: header {lines[0]!r:.80} lacks the columns 'image' and 'text' "
+        raise ScoreInputError(f"{path}:1: header {first!r:.80} lacks the columns 'image' and 'text' "
                               "(tab-separated)")
     col_image, col_text = header.index("image"), header.index("text")
     col_font = header.index("font") if "font" in header else None
-    crops, dont_care = [], 0
+    crops, dont_care = 0, 0
     listings: dict[Path, dict[str, list[str]]] = {}  # each folder listed once, not once per row (find_file)
-    for number, line in enumerate(lines[1:], start=2):
+    for number, line in enumerate(lines, start=2):
         if not line.strip():
             continue
         fields = line.split("\t")
@@ -199,11 +225,56 @@ def read_labels(path: str | os.PathLike, margin: float = 0.1,
                 raise ScoreInputError(problem)
             skipped.append(("image_missing", problem))
             continue
-        crops.append(Crop(image_path, text, number, font=fields[col_font] if col_font is not None else ""))
+        crops += 1
+        yield Crop(image_path, text, number, font=fields[col_font] if col_font is not None else "")
     if not crops and not skipped:
         raise ScoreInputError(f"{path}: no rows after the header"
                               + (f" but {dont_care} marked {DONT_CARE} (not scored)" if dont_care else ""))
-    return crops
+
+
+def _tsv_lines(path: Path) -> Iterator[str]:
+    """The lines of a labels TSV without their ends, one at a time. Rows end at CR LF, LF or CR only
+    (``str.splitlines`` would also cut a text at U+2028, U+0085, …). The whole file is checked to be
+    UTF-8 text first (``_check_text``), so a bad byte anywhere is named before any line is used."""
+    _check_text(path)
+    with path.open(encoding="utf-8-sig", newline="") as fh:  # newline="": CR LF, LF and CR, kept on the line
+        try:
+            for line in fh:
+                yield line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith(("\n", "\r")) else line
+        except UnicodeDecodeError:  # rewritten since the check
+            _refuse_text(path, _labels_bytes(path))
+
+
+def _check_text(path: Path, chunk: int = 1 << 16) -> None:
+    """ScoreInputError unless the labels file is UTF-8 text without NUL, read 64 KiB at a time;
+    the message is the one the whole file's bytes give (``_refuse_text``)."""
+    decoder = codecs.getincrementaldecoder("utf-8-sig")()
+    try:
+        with path.open("rb") as fh:
+            while block := fh.read(chunk):
+                if b"\0" in block:
+                    break
+                decoder.decode(block)
+            else:
+                decoder.decode(b"", final=True)
+                return
+    except FileNotFoundError:
+        raise ScoreInputError(f"{path}: labels file not found") from None
+    except IsADirectoryError:
+        raise ScoreInputError(f"{path}: a folder, expected a labels file (.tsv or .json)") from None
+    except UnicodeDecodeError:
+        pass
+    _refuse_text(path, _labels_bytes(path))
+
+
+def _refuse_text(path: Path, raw: bytes) -> None:
+    """ScoreInputError naming the first bad byte of ``raw`` (not UTF-8) or its first NUL."""
+    try:
+        raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ScoreInputError(f"{path}: {not_utf8(exc)}") from None
+    if b"\0" in raw:  # valid UTF-8, but no text file holds NUL: UTF-16 without a BOM decodes so
+        raise ScoreInputError(f"{path}: not UTF-8 text ({nul_note(raw)})")
 
 
 def nul_note(raw: bytes) -> str:

@@ -200,3 +200,33 @@ def test_crops_named_as_prepare_matches_names_are_imported(tmp_path):
     (crops / "X.json").write_text(json.dumps(page, ensure_ascii=False), encoding="utf-8")
     summary = import_crops(crops / "X.json", tmp_path / "page", progress=False)  # was: image_unreadable 1
     assert summary["samples"] == 1 and summary["skipped"] == {}
+
+
+def _import_peak(labels: Path, out: Path) -> tuple[int, dict]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        summary = import_crops(labels, out, progress=False)
+        return tracemalloc.get_traced_memory()[1], summary
+    finally:
+        tracemalloc.stop()
+
+
+def test_import_memory_does_not_grow_with_the_rows(tmp_path):
+    """Was: every row was read into a Crop (and every skipped row into a list) before the first was
+    written, about 700 bytes a row: 1.4 GB for a labels.tsv of 2 million crops. Rows are now read one at a
+    time (the file is still checked whole first) and skipped ones only counted, with their first places."""
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for i in range(3):
+        _crop(crops / f"c{i}.png", 60 + 60 * i)
+    sizes, peaks = (120, 480), []
+    for n in (4, *sizes):  # the first only warms imports and caches
+        rows = "".join(f"c{i % 3}.png\t서울{i % 7}\n" if i % 3 else f"gone{i}.png\t서울\n" for i in range(n))
+        (crops / f"labels{n}.tsv").write_text("image\ttext\n" + rows, encoding="utf-8")
+        peak, summary = _import_peak(crops / f"labels{n}.tsv", tmp_path / f"set{n}")
+        assert summary["rows"] == n and summary["skipped"]["image_missing"]["count"] == (n + 2) // 3
+        peaks.append(peak)
+    growth = (peaks[2] - peaks[1]) / (sizes[1] - sizes[0])
+    assert growth < 100, f"peak grew {growth:.0f} bytes per row ({peaks[1]:,} -> {peaks[2]:,} bytes)"

@@ -15,6 +15,7 @@ from evaluation.score_crops import (
     Crop,
     CropReport,
     ScoreInputError,
+    iter_labels,
     read_labels,
     score_crops,
 )
@@ -208,6 +209,32 @@ def test_a_text_holding_a_unicode_line_separator_stays_one_row(tmp_path):
     _png(tmp_path / "a.png")
     (tmp_path / "labels.tsv").write_text("image\ttext\ra.png\t서\u2028울\ra.png\t부\x85산\r", encoding="utf-8")
     assert [c.text for c in read_labels(tmp_path / "labels.tsv")] == ["서\u2028울", "부\x85산"]
+
+
+@pytest.mark.parametrize("end", ["\r\n", "\r", "\n"])
+def test_rows_read_a_line_at_a_time_keep_their_numbers_across_read_buffers(tmp_path, end):
+    # iter_labels reads the file in buffers of a few KB: a CR LF split between two of them is one row end
+    _png(tmp_path / "a.png")
+    texts = ["서울" * (1 + i % 37) + "시" * (i % 5) for i in range(900)]
+    body = "".join(f"a.png\t{text}{end}" + ("" if i % 97 else end) for i, text in enumerate(texts))  # blank rows too
+    (tmp_path / "labels.tsv").write_bytes(("\ufeffimage\ttext" + end + body).encode())
+    lines, number = [], 1
+    for i in range(len(texts)):
+        number += 1
+        lines.append(number)
+        number += 0 if i % 97 else 1
+    crops = list(iter_labels(tmp_path / "labels.tsv", skipped=[]))
+    assert [(c.line, c.text) for c in crops] == list(zip(lines, texts))
+    assert [(c.line, c.text) for c in read_labels(tmp_path / "labels.tsv")] == list(zip(lines, texts))
+
+
+def test_a_bad_byte_past_the_rows_read_so_far_stops_before_any_crop_is_given(tmp_path):
+    _png(tmp_path / "a.png")
+    rows = "".join(f"a.png\t서울{i}\n" for i in range(5000)).encode()
+    (tmp_path / "labels.tsv").write_bytes(b"image\ttext\n" + rows + "a.png\t부산\n".encode("cp949"))
+    crops = iter_labels(tmp_path / "labels.tsv", skipped=[])
+    with pytest.raises(ScoreInputError, match=r"not UTF-8 text \(invalid start byte at line 5002, byte 83907\)"):
+        next(crops)
 
 
 def test_a_tesseract_that_runs_past_its_time_reads_nothing_and_the_run_goes_on(monkeypatch):

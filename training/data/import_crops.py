@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -49,7 +50,7 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
     ``OutFolderError`` for an ``out`` that is a file or a folder holding anything but such a set's files
     (``SET_FILES``: publishing the set replaces the folder whole), and ``CropImportError`` when no crop
     is left to write."""
-    from evaluation.score_crops import ScoreInputError, load_crop, read_labels
+    from evaluation.score_crops import ScoreInputError, iter_labels, load_crop
 
     if out_of_charset not in ("drop", "keep"):
         raise CropImportError(f"out_of_charset: {out_of_charset!r} is not drop or keep")
@@ -59,18 +60,20 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
         raise CropImportError(f"--charset: {exc}") from None
     labels, out = Path(labels), Path(out)
     check_out_folder(out, SET_FILES.__contains__, "an LMDB set of import-crops does not", "a set")  # never a user's
-    unusable: list[tuple[str, str]] = []  # rows whose image is missing or unreadable, or whose box is unusable
-    crops = read_labels(labels, margin, skipped=unusable)
     report = Report()  # prepare's tally: counts and first places by reason
-    report.extend((reason, where[:300]) for reason, where in unusable)
+    unusable = _Skipped(report)  # rows whose image is missing or unreadable, or whose box is unusable: counted, not kept
+    rest = iter_labels(labels, margin, skipped=unusable)  # a row at a time: flat memory for millions of rows
+    first = next(rest, None)  # the whole file is checked here: a malformed one stops before anything is written
+    crops = itertools.chain([first] if first is not None else [], rest)
 
     def skip(reason: str, where: str) -> None:
         report.add(reason, where[:300])
 
-    samples = 0
+    samples = rows = 0
     out.parent.mkdir(parents=True, exist_ok=True)
     with LmdbWriter(out, lock=True) as writer:  # a second import into the same set stops, named
         for crop in tqdm(crops, desc="import-crops", unit="crop", disable=not progress):
+            rows += 1
             where = crop.where(str(labels))
             missing = chars.missing(crop.text)
             if missing and out_of_charset == "drop":
@@ -96,11 +99,26 @@ def import_crops(labels: str | os.PathLike, out: str | os.PathLike, charset: str
         if not samples:
             raise CropImportError(f"{labels}: no crop left to import ({_tally(skipped) or 'no rows'}); "
                                   f"nothing written to {out}")
-        summary = {"labels": str(labels), "charset": chars.name, "rows": len(crops) + len(unusable), "samples": samples,
+        summary = {"labels": str(labels), "charset": chars.name, "rows": rows + len(unusable), "samples": samples,
                    "skipped": skipped}
         (writer.partial / REPORT).write_text(json.dumps(summary, ensure_ascii=False, indent=1) + "\n",
                                              encoding="utf-8")  # moved in with the set
     return summary
+
+
+class _Skipped:
+    """``iter_labels``' ``skipped``: each (reason, where) goes straight into the report (counts and first places)."""
+
+    def __init__(self, report: Report) -> None:
+        self.report, self.count = report, 0
+
+    def append(self, entry: tuple[str, str]) -> None:
+        reason, where = entry
+        self.report.add(reason, where[:300])
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
 
 
 def _tally(skipped: dict[str, dict[str, Any]]) -> str:
