@@ -90,3 +90,12 @@ def test_the_tesseract_batch_benchmark_reads_the_same_texts_and_prints_the_ratio
     report = json.loads(done.stdout)
     assert report["crops"] == report["same_text"] == 3 and report["differ"] == []
     assert report["ratio"] == pytest.approx(report["batched"]["seconds"] / report["per_crop"]["seconds"], abs=0.02)
+
+
+def test_the_data_memory_benchmark_reports_bytes_per_item():
+    done = _run("data_memory.py", "--sizes", "40", "160", "--commands", "export", "dataset")
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)["results"]
+    assert set(results) == {"export", "dataset"}
+    for command in results.values():
+        assert set(command["runs"]) == {"40", "160"} and isinstance(command["heap_bytes_per_item"], float)
