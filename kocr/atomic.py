@@ -449,6 +449,13 @@ def check_out_folder(out: str | os.PathLike, written_here: Callable[[str], bool]
 _WRITING: set[Path] = set()  # lock files of the sets this process is writing
 
 
+def holds_set_lock(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the lock file of a set this process is writing (``take_set_lock``). Such a file
+    is not to be opened here: closing any of a process's descriptors of a file lets go of its POSIX locks
+    on it, so a reader of every file (a content hash) would let a second writer in."""
+    return bool(_WRITING) and Path(path).name.endswith(".lock") and Path(path).resolve() in _WRITING
+
+
 def still_at(handle: Any, path: str | os.PathLike) -> bool:
     """Whether the open file ``handle`` is still the file at ``path``: a lock taken on it counts only then.
     Its holder may have unlinked it (and another process made a new one there) while this process was

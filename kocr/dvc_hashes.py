@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from kocr import KocrWarning
+from kocr.atomic import holds_set_lock
 
 
 def _norm(path: str | os.PathLike) -> str:
@@ -125,7 +126,9 @@ def content_hash(path: str | os.PathLike) -> str:
 
     Linked folders are followed, each real folder once, as ``prepare`` reads them. A file or folder
     that cannot be read (permissions, I/O) adds its name and an ``unreadable`` mark instead of its
-    bytes, so the hash still names what was there and the command goes on to report it."""
+    bytes, so the hash still names what was there and the command goes on to report it. The lock file of a
+    set this process is writing there (``kocr.atomic.holds_set_lock``: ``prepare``'s ``--out`` inside its
+    source) is left out, unread, as DVC leaves out ``.*.lock`` (.dvcignore)."""
     root = Path(path)
     digest = hashlib.md5()
     if root.is_file():
@@ -168,6 +171,8 @@ def _walk(root: Path) -> list[tuple[Path, Path | None]]:
         dirnames[:] = [d for d in sorted(dirnames) if first_visit(folder / d, seen)]
         for name in filenames:
             file = folder / name
+            if holds_set_lock(file):  # this process's lock beside a set it writes there: reading it would let go
+                continue
             try:
                 if not stat.S_ISREG(file.stat().st_mode):
                     continue

@@ -296,6 +296,33 @@ def test_a_second_prepare_of_the_same_out_stops_while_the_first_writes_and_a_kil
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no lock file left
 
 
+def test_an_out_inside_the_source_stays_locked_while_its_source_is_hashed(pages, tmp_path, monkeypatch):
+    # was: kocr prepare-aihub logged the source's content hash, which opened and closed every file there, the
+    # lock file beside an --out inside the source too; closing any descriptor of a file lets go of the process's
+    # POSIX lock on it, so a second prepare of the same --out went on while this one wrote
+    from kocr.cli import main
+    from training.data import prepare
+
+    src = tmp_path / "src"
+    shutil.copytree(pages, src)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(f"prepare: {{shard_size: {SHARD}}}\n", encoding="utf-8")
+    second = "from kocr.atomic import take_set_lock; take_set_lock('src/prepared')"
+    tries, real = [], prepare._prepare
+
+    def then_a_second_writer(*args, **kwargs):
+        tries.append(subprocess.run([sys.executable, "-c", second], cwd=tmp_path, capture_output=True, text=True,
+                                    env={**os.environ, "PYTHONPATH": str(REPO)}))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "_prepare", then_a_second_writer)
+    assert main(["prepare-aihub", "--src", "src", "--out", "src/prepared"]) == 0
+    [tried] = tries
+    assert tried.returncode == 1 and "SetBusyError: src/prepared: another process is writing" in tried.stderr, \
+        tried.stderr  # refused: this run holds the lock
+    assert not (src / ".prepared.lock").exists()
+
+
 def test_failure_inside_a_worker_run_leaves_no_partial_shard(pages, reference, tmp_path, monkeypatch):
     from training.data import lmdb_store
 
