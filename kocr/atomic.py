@@ -486,7 +486,7 @@ def locked_file(path: str | os.PathLike, lock: Callable[[Any], None], mode: str 
 def set_lock_path(path: str | os.PathLike) -> Path:
     """``.DIR.lock`` beside the folder ``path`` (``DIR``): the file its writer locks (``take_set_lock``)."""
     path = Path(path)
-    if not path.name:  # ".", or a path ending in "..": name the folder itself
+    if path.name in ("", ".."):  # ".", or a path ending in "..": name the folder itself
         path = Path(os.path.abspath(path))
     return path.with_name(f".{path.name}.lock")
 

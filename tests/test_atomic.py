@@ -514,3 +514,23 @@ def test_a_lock_file_removed_while_a_writer_locks_it_is_not_a_second_lock(tmp_pa
         a.join(10)
         c.join(10)
     assert len(calls) == 2  # the removed file locked, then the one C holds tried
+
+
+def test_every_spelling_of_a_folder_names_the_one_lock_beside_it(tmp_path: Path, monkeypatch) -> None:
+    # was: a path ending in '..' (out/train/..) was taken by name, its lock 'out/train/....lock' inside the folder,
+    # so a second writer of out spelt so was not refused while the first held .out.lock
+    from kocr.atomic import SetBusyError, set_lock, set_lock_path
+
+    (tmp_path / "out" / "train").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    lock = tmp_path / ".out.lock"
+    for spelling in ("out", "out/", "./out", "out/.", "out/train/..", "out/train/../", str(tmp_path / "out"),
+                     f"{tmp_path}/out/train/.."):
+        assert set_lock_path(spelling).resolve() == lock, spelling
+    monkeypatch.chdir(tmp_path / "out" / "train")
+    assert set_lock_path("..").resolve() == lock
+    with set_lock(tmp_path / "out"):
+        for spelling in ("..", "../train/..", "../../out"):
+            with pytest.raises(SetBusyError, match="another process is writing this set"):
+                set_lock(spelling).__enter__()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["out", "train"]
