@@ -296,6 +296,30 @@ def test_a_second_prepare_of_the_same_out_stops_while_the_first_writes_and_a_kil
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no lock file left
 
 
+def test_an_out_given_through_a_link_is_locked_as_the_folder_it_names(pages, tmp_path):
+    # was: the lock was taken beside the name given, so --out lnk (a link to real) took .lnk.lock while another
+    # prepare wrote real under .real.lock, and the two cleared each other's shards
+    from training.data.prepare import prepare_lock
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "lnk").symlink_to("real")
+    with prepare_lock(tmp_path / "real"):
+        with pytest.raises(SetBusyError, match=f"holds {re.escape(str(tmp_path / '.real.lock'))}"):
+            _run(pages, tmp_path / "lnk")
+    with prepare_lock(tmp_path / "lnk"):
+        with pytest.raises(SetBusyError, match="another prepare is writing this folder"):
+            _run(pages, tmp_path / "real")
+    src = tmp_path / "src"  # a linked --out inside the source: its lock file there is no stray file either
+    shutil.copytree(pages, src)
+    (src / "deep" / "prepared").mkdir(parents=True)
+    (src / "out").symlink_to("deep/prepared")
+    unlocked = scan_source(src, exclude=src / "out").stray
+    with prepare_lock(src / "out"):
+        assert (src / "deep" / ".prepared.lock").exists()
+        assert scan_source(src, exclude=src / "out").stray == unlocked
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lnk", "real", "src"]
+
+
 def test_an_out_inside_the_source_stays_locked_while_its_source_is_hashed(pages, tmp_path, monkeypatch):
     # was: kocr prepare-aihub logged the source's content hash, which opened and closed every file there, the
     # lock file beside an --out inside the source too; closing any descriptor of a file lets go of the process's

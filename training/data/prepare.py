@@ -698,8 +698,14 @@ def prepare_lock(out: str | os.PathLike) -> contextlib.AbstractContextManager[No
     holds (``kocr.atomic.set_lock``; removed when the run ends, released by the kernel when it is killed,
     so a killed run never blocks the one that resumes it). A second prepare of the same ``out``, of any
     source, stops at once with ``SetBusyError`` naming the folder and the holder's PID, instead of
-    clearing the shards the first one is writing (it would take them for another run's)."""
-    return set_lock(out, "another prepare", "this folder")
+    clearing the shards the first one is writing (it would take them for another run's). An ``out`` that is a
+    symbolic link is locked as the folder it names, so each name of a folder takes the one lock."""
+    return set_lock(_locked_folder(out), "another prepare", "this folder")
+
+
+def _locked_folder(out: str | os.PathLike) -> Path:
+    """``out``, or the folder it names where it is a symbolic link: the folder whose lock a prepare takes."""
+    return Path(os.path.realpath(out)) if Path(out).is_symlink() else Path(out)
 
 
 def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: PrepareConfig,

@@ -341,7 +341,7 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
     root = Path(src)
     check_source_folder(root)
     skip = Path(exclude).resolve() if exclude is not None else None
-    skip_lock = set_lock_path(exclude).resolve() if exclude is not None else None
+    skip_lock = set_lock_path(os.path.realpath(exclude)) if exclude is not None else None  # a link's: its folder's
     index = SourceIndex(root)
     useful: set[str] = {""}
     folders: list[str] = []
