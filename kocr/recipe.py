@@ -97,7 +97,8 @@ def export_crops(lmdb_dir: str | os.PathLike, out: str | os.PathLike) -> int:
 
     lmdb_dir, out = Path(lmdb_dir), Path(out)
     if not lmdb_dir.is_dir():
-        raise FileNotFoundError(f"{lmdb_dir}: LMDB set folder not found")
+        raise FileNotFoundError(f"{lmdb_dir}: " + ("not a folder; give an LMDB set folder (as kocr synth-lines writes)"
+                                                   if lmdb_dir.exists() else "LMDB set folder not found"))
     dataset = LmdbDataset(lmdb_dir)
     manifest = lmdb_dir / "manifest.tsv"
     check_export_out(out)
@@ -496,7 +497,8 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
     model, out = Path(model), Path(out)
     for path in (model, Path(train_metrics), Path(eval_metrics)):
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: not found (run the recipe's train and evaluate stages first)")
+            raise FileNotFoundError(f"{path}: " + ("a folder, expected a file" if path.is_dir() else
+                                                   "not found (run the recipe's train and evaluate stages first)"))
     size = check_checkpoint_size(model)
     params = load_params()
     trained = json.loads(Path(train_metrics).read_text(encoding="utf-8"))
@@ -594,7 +596,8 @@ def main(argv: list[str] | None = None) -> None:
         with warnings_as_lines(f"python -m kocr.recipe {args.subcommand}"):  # kocr's warnings as kocr prints them
             {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
              "card": cmd_card, "ship": cmd_ship}[args.subcommand](args)
-    except (ParamsError, ScoreInputError, RecipeError, OutFolderError) as exc:  # a settings, labels or input mistake
+    # a settings, labels or input mistake (a missing set, checkpoint or params file): one line, exit 1
+    except (ParamsError, ScoreInputError, RecipeError, OutFolderError, FileNotFoundError) as exc:
         raise SystemExit(f"python -m kocr.recipe {args.subcommand}: error: {exc}") from None
     except OSError as exc:  # a full disk, a used-up quota or a file-size limit: kocr's one line, exit 2
         line = disk_full_line(f"python -m kocr.recipe {args.subcommand}", exc, getattr(args, "out", None))

@@ -267,6 +267,30 @@ def test_a_stop_while_the_earlier_crops_are_removed_leaves_the_new_ones_whole(he
         p.name: p.read_bytes() for p in (heldout_crops / "crops").iterdir()}
 
 
+def test_a_missing_or_wrong_type_input_is_one_line(tmp_path, monkeypatch):
+    # was: a FileNotFoundError traceback (export-crops' LMDB set, card's checkpoint and metrics, the params file)
+    from kocr.recipe import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOCR_PARAMS", raising=False)
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    (tmp_path / "folder").mkdir()
+    card = ["--train-metrics", "t.json", "--eval-metrics", "e.json", "--data", "d", "--out", "rel", "--command", "c"]
+    for argv, problem in (
+            (["export-crops", "missing_set", "--out", "x"], "missing_set: LMDB set folder not found"),
+            (["export-crops", "afile", "--out", "x"],
+             "afile: not a folder; give an LMDB set folder (as kocr synth-lines writes)"),
+            (["export-crops", "folder", "--out", "x"], "folder: not an LMDB set (no data.mdb) nor a folder of shard-* sets"),
+            (["card", "--model", "missing.pt", *card], "missing.pt: not found (run the recipe's train and evaluate "
+                                                       "stages first)"),
+            (["card", "--model", "folder", *card], "folder: a folder, expected a file"),
+            (["check-size"], "params.yaml: params file not found (run from the project root)")):
+        with pytest.raises(SystemExit) as stopped:
+            main(argv)
+        assert stopped.value.code == f"python -m kocr.recipe {argv[0]}: error: {problem}", argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # nothing written
+
+
 def test_export_crops_refuses_an_out_holding_other_files(heldout_crops, tmp_path, monkeypatch, capsys):
     # was: a folder of the user's given as --out was replaced whole by the crops, its files gone
     from kocr.recipe import main
