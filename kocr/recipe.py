@@ -605,6 +605,11 @@ def main(argv: list[str] | None = None) -> None:
             raise
         print(line, file=sys.stderr)
         raise SystemExit(2) from None
+    except ValueError as exc:  # evaluate's --model that names no checkpoint (not imported here: torch)
+        checkpoint = sys.modules.get("training.checkpoint")
+        if checkpoint is None or not isinstance(exc, checkpoint.ModelSpecError):
+            raise
+        raise SystemExit(f"python -m kocr.recipe {args.subcommand}: error: {exc}") from None
 
 
 def cmd_export_crops(args: argparse.Namespace) -> None:

@@ -291,6 +291,26 @@ def test_a_missing_or_wrong_type_input_is_one_line(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # nothing written
 
 
+def test_evaluate_of_a_model_that_names_no_checkpoint_is_one_line(heldout_crops, tmp_path, monkeypatch):
+    # was: a ModelSpecError traceback for a missing --model, a folder, or a file that is no checkpoint
+    from kocr.recipe import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOCR_PARAMS", raising=False)
+    (tmp_path / "params.yaml").write_text("recipe: {baselines: []}\n", encoding="utf-8")
+    (tmp_path / "afile").write_text("x", encoding="utf-8")
+    (tmp_path / "folder").mkdir()
+    for model, problem in (("missing.pt", "unknown model 'missing.pt': not a file"),
+                           ("folder", "unknown model 'folder': not a file"),
+                           ("afile", "afile: not a loadable PyTorch checkpoint")):
+        with pytest.raises(SystemExit) as stopped:
+            main(["evaluate", "--model", model, "--heldout", str(heldout_crops / "crops" / "labels.tsv"),
+                  "--out", "out", "--metrics", "evaluate.json"])
+        assert isinstance(stopped.value.code, str) and "\n" not in stopped.value.code
+        assert stopped.value.code.startswith(f"python -m kocr.recipe evaluate: error: {problem}"), stopped.value.code
+    assert not (tmp_path / "evaluate.json").exists()
+
+
 def test_export_crops_refuses_an_out_holding_other_files(heldout_crops, tmp_path, monkeypatch, capsys):
     # was: a folder of the user's given as --out was replaced whole by the crops, its files gone
     from kocr.recipe import main
