@@ -49,12 +49,13 @@ _SWAP_LOCK = threading.Lock()
 
 def jit_cache_dir() -> Path:
     """Where the compiled cleval functions are kept: ``NUMBA_CACHE_DIR`` when set, else
-    ``$XDG_CACHE_HOME/kocr/numba`` (``~/.cache/kocr/numba``)."""
+    ``$XDG_CACHE_HOME/kocr/numba`` (``~/.cache/kocr/numba``); absolute, ``..`` resolved (numba keeps a
+    compile under the folder as it is written, and ``_cached`` checks it is kept there)."""
     import numba
 
     if numba.config.CACHE_DIR:  # NUMBA_CACHE_DIR, read when numba was imported
-        return Path(numba.config.CACHE_DIR).absolute()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").absolute() / "kocr" / "numba"
+        return Path(os.path.abspath(numba.config.CACHE_DIR))
+    return Path(os.path.abspath(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kocr" / "numba"))
 
 
 def _writable(folder: Path) -> bool:
@@ -113,7 +114,7 @@ def _cached(dispatcher, root: Path):
         cached = numba.njit(cache=True, **options)(dispatcher.py_func)
     except RuntimeError:  # "cannot cache function ...: no locator available"
         return dispatcher
-    if cached.stats.cache_path is None or Path(cached.stats.cache_path).parent != Path(os.path.abspath(root)):
+    if cached.stats.cache_path is None or Path(cached.stats.cache_path).parent != root:
         return dispatcher
     save = cached._cache.save_overload  # numba raises a failed write out of the call that compiled
 

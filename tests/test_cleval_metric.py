@@ -196,3 +196,22 @@ def test_nothing_is_cached_beside_cleval_when_its_folder_in_the_cache_cannot_be_
     assert module.add_one(1) == 2
     assert module.add_one.stats.cache_path is None  # left as it was: compiled here, kept nowhere
     assert not [p.name for p in (tmp_path / "src").rglob("*.nb*")]
+
+
+def test_a_cache_folder_named_through_dot_dot_is_used(tmp_path, monkeypatch):
+    """``NUMBA_CACHE_DIR=../cache`` (or one through ``x/..``): numba keeps the compile under the folder as
+    written, which the check that it is kept there compared with the folder made absolute, ``..`` resolved;
+    the two differed, so the cleval functions were left uncached (compiled in every process)."""
+    import numba
+
+    from evaluation.cleval_metric import cache_cleval_jit
+
+    module = _a_cleval_module(tmp_path, monkeypatch)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "../cache")
+    root = cache_cleval_jit()
+    assert module.add_one.stats.cache_path is not None  # swapped: was left as it was, kept nowhere
+    assert Path(module.add_one.stats.cache_path).parent.resolve() == root.resolve() == tmp_path / "cache"
+    assert module.add_one(1) == 2
+    assert [p.suffix for p in (tmp_path / "cache").rglob("*.nb*")]  # kept there
