@@ -816,6 +816,25 @@ def test_a_bbox_coordinate_that_is_not_a_number_drops_its_word_not_the_page():
     assert [i for i, _ in bad] == [2, 3] and all("are not lists of numbers" in detail for _, detail in bad)
 
 
+def test_an_integer_of_more_digits_than_python_converts_drops_its_word_not_the_page(pages, tmp_path):
+    """Was: ``json.loads`` raised ValueError ("Exceeds the limit (4300 digits) for integer string
+    conversion"), so prepare skipped the whole page as ``unreadable_file`` (a file it had read)."""
+    src = tmp_path / "src"
+    shutil.copytree(pages, src)
+    label = sorted(src.glob("*.json"))[0]
+    data = json.loads(label.read_text(encoding="utf-8"))
+    words = len(data["annotations"])
+    data["annotations"][1]["annotation.bbox"][0] = 0  # written as 5,000 digits below
+    raw = json.dumps(data, ensure_ascii=False).replace('"annotation.bbox": [0,', f'"annotation.bbox": [{"9" * 5000},', 1)
+    label.write_text(raw, encoding="utf-8")
+    bad: list = []
+    assert len(parse_page(raw.encode(), label.name, bad=bad).words) == words and not bad  # the box is infinite
+    report = _run(src, tmp_path / "out")
+    assert "unreadable_file" not in report["skipped"] and report["pages_used"] == 8
+    assert report["skipped"]["bad_annotation"]["examples"] == [f"{label.name}#2: bbox (inf, "
+                                                               f"{', '.join(str(float(v)) for v in data['annotations'][1]['annotation.bbox'][1:])})"]
+
+
 _IMAGE = {"image.file.name": "a.jpg", "image.width": 100, "image.height": 50}
 _IMAGES = {"identifier": "a", "type": "jpg", "width": 100, "height": 50}
 

@@ -230,6 +230,21 @@ def _floats(values: Any) -> list[float] | None:
     return out
 
 
+def _json_int(digits: str) -> int | float:
+    """A JSON integer as ``json`` reads it; one of more digits than Python converts (4,300: ``int()``
+    raised ValueError out of ``json.loads``, so the whole page was lost, reported as unreadable) as the
+    float it is, infinite, which no coordinate or page side takes: its word or page is named as for
+    ``1e999``.
+
+    >>> _json_int("-12"), _json_int("9" * 5000)
+    (-12, inf)
+    """
+    try:
+        return int(digits)
+    except ValueError:
+        return float(digits)
+
+
 def _shown(value: Any, limit: int = 40) -> str:
     """A value as the file writes it, cut to ``limit`` characters (a 400-digit number is not quoted whole)."""
     try:
@@ -292,6 +307,8 @@ def parse_page(raw: bytes, path: str | os.PathLike = "<page>",
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PageError(path, "malformed_json", str(exc)) from exc
+    except ValueError:  # an integer of more digits than Python converts
+        data = json.loads(text, parse_int=_json_int)
     return Page.from_dict(data, path, bad)
 
 
