@@ -106,7 +106,8 @@ def _cached(dispatcher, root: Path):
     """``njit(cache=True)`` of ``dispatcher``'s Python function with its options, kept under ``root``;
     itself if numba would keep it anywhere else (its folder for cleval there not writable, as one made by
     another user of a shared cache: numba then writes beside cleval's source, into site-packages) or
-    nowhere. A compile it cannot write (a full disk) is used all the same, only not kept."""
+    nowhere. A compile it cannot write (a full disk) is used all the same, only not kept, and one it cannot
+    read (another user's file in a shared cache) is compiled again."""
     import numba
 
     options = {k: v for k, v in dispatcher.targetoptions.items() if k != "nopython"}  # njit sets it
@@ -116,13 +117,19 @@ def _cached(dispatcher, root: Path):
         return dispatcher
     if cached.stats.cache_path is None or Path(cached.stats.cache_path).parent != root:
         return dispatcher
-    save = cached._cache.save_overload  # numba raises a failed write out of the call that compiled
+    load, save = cached._cache.load_overload, cached._cache.save_overload  # numba raises a failed read or
+    # write out of the call that compiled: a cache file of another user's it cannot read, a full disk
+
+    def load_or_miss(sig, target_context):
+        with contextlib.suppress(OSError):  # compiled again instead, as for a compile not cached yet
+            return load(sig, target_context)
+        return None
 
     def save_or_skip(sig, data) -> None:
         with contextlib.suppress(OSError):  # as numba itself does on Windows for a file another process holds
             save(sig, data)
 
-    cached._cache.save_overload = save_or_skip
+    cached._cache.load_overload, cached._cache.save_overload = load_or_miss, save_or_skip
     return cached
 
 

@@ -215,3 +215,25 @@ def test_a_cache_folder_named_through_dot_dot_is_used(tmp_path, monkeypatch):
     assert Path(module.add_one.stats.cache_path).parent.resolve() == root.resolve() == tmp_path / "cache"
     assert module.add_one(1) == 2
     assert [p.suffix for p in (tmp_path / "cache").rglob("*.nb*")]  # kept there
+
+
+def test_a_cached_compile_that_cannot_be_read_is_compiled_again_not_raised(tmp_path, monkeypatch):
+    """A shared cache where another user's index file cannot be read (written under umask 077 into a
+    folder this user can write): numba raised the PermissionError out of the call, failing the scoring."""
+    import errno
+
+    import numba
+    from numba.core.caching import IndexDataCacheFile
+
+    from evaluation.cleval_metric import cache_cleval_jit
+
+    module = _a_cleval_module(tmp_path, monkeypatch)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "cache"))
+
+    def unreadable(self):
+        raise PermissionError(errno.EACCES, "Permission denied", self._index_path)
+
+    monkeypatch.setattr(IndexDataCacheFile, "_load_index", unreadable)
+    assert cache_cleval_jit() == tmp_path / "cache"
+    assert Path(module.add_one.stats.cache_path).parent == tmp_path / "cache"  # swapped
+    assert module.add_one(1) == 2
