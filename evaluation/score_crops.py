@@ -558,22 +558,28 @@ def score_crops(crops: list[Crop], models: dict[str, str], device: str = "cpu", 
     batched = {label: engine for label, engine in engines.items() if hasattr(engine, "read_many")}
     pending: list[np.ndarray] = []  # crops the batched engines (Tesseract) have still to read
 
+    bar = tqdm(total=len(crops), desc="evaluate-crops", unit="crop", disable=not progress)
+
     def read_pending() -> None:
         for label, engine in batched.items():
             readings[label].extend(engine.read_many(pending))
+        bar.update(len(pending))  # a crop counts once every engine has read it
         pending.clear()
 
-    for crop in tqdm(crops, desc="evaluate-crops", unit="crop", disable=not progress):
-        grey = load_crop(crop, labels)
-        for label, engine in engines.items():
-            if label not in batched:
-                readings[label].append(engine.read(grey))
-        if batched:
+    with bar:
+        for crop in crops:
+            grey = load_crop(crop, labels)
+            for label, engine in engines.items():
+                if label not in batched:
+                    readings[label].append(engine.read(grey))
+            if not batched:
+                bar.update(1)
+                continue
             pending.append(grey)
             if len(pending) >= BATCH:
                 read_pending()
-    if pending:
-        read_pending()
+        if pending:
+            read_pending()
     gts = [c.text for c in crops]
     metrics = {label: recognition_scores(gts, texts) for label, texts in readings.items()}
     return CropReport(crops, metrics, readings)

@@ -519,3 +519,32 @@ def test_a_labels_file_lists_its_image_folder_once_not_once_per_row(tmp_path, fo
     skipped: list[tuple[str, str]] = []
     assert len(read_labels(tmp_path / "labels.tsv", skipped=skipped)) == 30 and [r for r, _ in skipped] == ["image_missing"]
     assert listed == [tmp_path]  # was: 31 times
+
+
+def test_the_progress_bar_counts_a_crop_once_every_engine_has_read_it(tmp_path, monkeypatch):
+    # Tesseract reads crops in batches: the bar must not reach the end while its last batch is still unread
+    import evaluation.score_crops as module
+
+    for i in range(5):
+        Image.fromarray(np.full((20, 40), 200, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "labels.tsv").write_text("image\ttext\n" + "".join(f"{i}.png\tx{i}\n" for i in range(5)),
+                                         encoding="utf-8")
+    bars = []
+
+    class Bar(module.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    class Batched:
+        def read_many(self, greys):
+            done.append(bars[0].n)  # crops the bar shows read when this batch is read
+            return ["x"] * len(greys)
+
+    done: list[int] = []
+    monkeypatch.setattr(module, "tqdm", Bar)
+    monkeypatch.setattr(module, "BATCH", 2)
+    monkeypatch.setattr(module, "make_crop_engine", lambda spec, device="cpu": Batched())
+    report = module.score_crops(read_labels(tmp_path / "labels.tsv"), {"tesseract": "tesseract"}, progress=True)
+    assert report.readings["tesseract"] == ["x"] * 5
+    assert done == [0, 2, 4] and bars[0].n == 5
