@@ -5,6 +5,9 @@ as single lines (``--psm 7``). Words are Tesseract's own segmentation, kept as i
 are read ``BATCH`` to one tesseract process (``read_crops_tesseract``, its list-file input), with the
 same texts as one process a crop (``read_crop_tesseract``) gives in 0.37 of its time on a 2-core host
 (``bench/tesseract_batch.py``): starting tesseract and loading kor+eng cost about as much as reading a crop.
+Tesseract runs with ``OMP_THREAD_LIMIT=1`` unless that is set already (``tesseract_env``): one thread
+reads the same texts as its OpenMP threads in about 0.3 of their time, crops and pages alike, on a
+2-core host (``bench/tesseract_threads.py``).
 
 Example:
     >>> if tesseract_available():                                   # doctest: +SKIP
@@ -43,6 +46,13 @@ def tesseract_available(langs: str = LANGS) -> bool:
 
 
 TIMEOUT_S = 120
+THREAD_LIMIT = "1"  # OMP_THREAD_LIMIT tesseract runs with unless the user set one (bench/tesseract_threads.py)
+
+
+def tesseract_env() -> dict[str, str]:
+    """The environment tesseract runs in: this process's, with OMP_THREAD_LIMIT=1 unless it is set (its
+    value wins). Tesseract 5's OpenMP threads cost more than they give on small images and a busy host."""
+    return {"OMP_THREAD_LIMIT": THREAD_LIMIT, **os.environ}
 
 
 def _run(image: bytes, psm: int, output: str, langs: str) -> str:
@@ -50,7 +60,7 @@ def _run(image: bytes, psm: int, output: str, langs: str) -> str:
     TIMEOUT_S, as it can on a degenerate crop (a few pixels by thousands), rather than losing the run."""
     try:
         done = subprocess.run(["tesseract", "-", "-", "-l", langs, "--psm", str(psm), *([output] if output else [])],
-                              input=image, capture_output=True, timeout=TIMEOUT_S)
+                              input=image, capture_output=True, timeout=TIMEOUT_S, env=tesseract_env())
     except subprocess.TimeoutExpired:
         warnings.warn(f"tesseract ran past {TIMEOUT_S} s on one image (--psm {psm}); counted as reading nothing",
                       KocrWarning, stacklevel=3)
@@ -150,7 +160,7 @@ def _read_list(pngs: list[bytes], langs: str) -> tuple[list[str], str]:
         try:
             done = subprocess.run(["tesseract", "crops.txt", "-", "-l", langs, "--psm", "7",
                                    "-c", f"page_separator={PAGE_SEPARATOR}"],
-                                  cwd=folder, capture_output=True, timeout=limit)
+                                  cwd=folder, capture_output=True, timeout=limit, env=tesseract_env())
         except subprocess.TimeoutExpired:
             return [], f"ran past {limit:g} s"
     if done.returncode != 0:

@@ -1,4 +1,5 @@
-"""bench/tesseract_threads.py sets the tesseract child's OpenMP variables itself in both of its arms.
+"""Tesseract runs with OMP_THREAD_LIMIT=1 unless the user set it (their value wins), and
+bench/tesseract_threads.py sets the child's OpenMP variables itself in both of its arms.
 
 A fake ``tesseract`` first on PATH records each call's environment; no real Tesseract is needed."""
 
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
+from evaluation import tesseract
 from tests.conftest import REPO
 
 FAKE = '''#!{python}
@@ -58,6 +60,32 @@ def fake_tesseract(tmp_path, monkeypatch) -> Path:
 
 def _calls(log: Path) -> list[dict]:
     return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines()]
+
+
+def _read_every_way(tmp_path: Path) -> None:
+    """One crop alone, two crops as one batch and one page, through the module's public readers."""
+    crop = np.full((30, 80), 255, np.uint8)
+    assert tesseract.read_crop_tesseract(crop) == "text"
+    assert tesseract.read_crops_tesseract([crop, crop]) == ["text", "text"]
+    cv2.imwrite(str(tmp_path / "page.png"), np.full((100, 200), 255, np.uint8))
+    assert [w.text for w in tesseract.read_page_tesseract(tmp_path / "page.png").words] == ["text"]
+
+
+def test_tesseract_runs_single_threaded_by_default(fake_tesseract, tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_THREAD_LIMIT", raising=False)
+    _read_every_way(tmp_path)
+    calls = _calls(fake_tesseract)
+    assert [c["args"][0] for c in calls] == ["-", "crops.txt", "-"]  # a crop, a batch's list file, a page
+    assert [c["omp"].get("OMP_THREAD_LIMIT") for c in calls] == ["1"] * 3
+    assert all(c["mark"] == "passed" for c in calls)  # the rest of the environment goes through
+    assert "OMP_THREAD_LIMIT" not in os.environ  # set for tesseract only, not in this process
+
+
+@pytest.mark.parametrize("value", ["3", "1"])
+def test_the_users_omp_thread_limit_wins(fake_tesseract, tmp_path, monkeypatch, value):
+    monkeypatch.setenv("OMP_THREAD_LIMIT", value)
+    _read_every_way(tmp_path)
+    assert [c["omp"]["OMP_THREAD_LIMIT"] for c in _calls(fake_tesseract)] == [value] * 3
 
 
 def _bench(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess:
