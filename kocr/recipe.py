@@ -548,7 +548,7 @@ def _named_sets(items: list[str]) -> dict[str, str]:
     for item in items:
         name, sep, labels = item.partition("=")
         if not sep or not name or not labels:
-            raise SystemExit(f"python -m kocr.recipe evaluate: --set {item!r}: expected NAME=LABELS")
+            raise SystemExit(f"python -m kocr.recipe evaluate: error: --set {item!r}: expected NAME=LABELS")
         sets[name] = labels
     return sets
 
@@ -588,6 +588,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """``python -m kocr.recipe``: a user error (a params mistake, a refused ``--out``, a malformed ``--set``, …)
+    ends in its one line on stderr and exit 2, as ``kocr``'s commands, ``ship`` and ``check-size`` end theirs."""
+    try:
+        _run(argv)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # argparse's 2, ship's refusal (1), check-size's 2
+            raise
+        print(exc.code, file=sys.stderr)  # Python would print it too, but exit 1
+        raise SystemExit(2) from None
+
+
+def _run(argv: list[str] | None) -> None:
+    """One helper run; a user error is a SystemExit with its line (``main`` makes it exit 2)."""
     args = build_parser().parse_args(argv)
     from evaluation.score_crops import ScoreInputError
     from kocr.params import ParamsError

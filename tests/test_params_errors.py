@@ -139,7 +139,7 @@ RECIPE_CASES = [  # recipe: of the params file, the message after "params.yaml: 
 
 
 @pytest.mark.parametrize("recipe, message", RECIPE_CASES, ids=[c[1][:40] for c in RECIPE_CASES])
-def test_a_recipe_settings_mistake_is_one_line_before_anything_runs(recipe, message, tmp_path, monkeypatch):
+def test_a_recipe_settings_mistake_is_one_line_before_anything_runs(recipe, message, tmp_path, monkeypatch, capsys):
     from kocr.recipe import main
 
     monkeypatch.chdir(tmp_path)
@@ -147,7 +147,9 @@ def test_a_recipe_settings_mistake_is_one_line_before_anything_runs(recipe, mess
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"recipe": recipe}), encoding="utf-8")
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--model", "ko_base", "--heldout", "h.tsv", "--out", "out", "--metrics", "m.json"])
-    assert str(exit_.value.code).startswith(f"python -m kocr.recipe evaluate: error: params.yaml: {message}")
+    assert exit_.value.code == 2  # as kocr's commands end a params mistake
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"python -m kocr.recipe evaluate: error: params.yaml: {message}")
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "out").exists()
     store = Path(os.environ["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
     assert not store.exists()  # no run started

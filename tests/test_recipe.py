@@ -321,9 +321,10 @@ def test_export_crops_refuses_an_out_holding_other_files(heldout_crops, tmp_path
     (own / "000001.png").write_bytes(b"x")
     with pytest.raises(SystemExit) as stopped:
         main(["export-crops", str(heldout_crops / "lmdb"), "--out", str(own)])
-    assert stopped.value.code == (f"python -m kocr.recipe export-crops: error: --out {own}: holds 'notes' (2 such), "
-                                  "which export-crops does not write; give a new folder (the crop folder there is "
-                                  "replaced whole)")
+    assert stopped.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m kocr.recipe export-crops: error: --out {own}: holds 'notes' (2 such), which export-crops does "
+        "not write; give a new folder (the crop folder there is replaced whole)")
     assert sorted(p.name for p in own.iterdir()) == ["000001.png", "notes", "thesis.tex"]
     (tmp_path / "link").symlink_to(heldout_crops / "crops")
     monkeypatch.chdir(own)
@@ -466,7 +467,7 @@ def test_python_m_kocr_recipe_prints_kocrs_warnings_as_kocr_does(monkeypatch, ca
     assert warnings.showwarning is shown  # outside the command, warnings show as before
 
 
-def test_recipe_settings_with_a_typo_are_refused_in_one_line(tmp_path, monkeypatch):
+def test_recipe_settings_with_a_typo_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
     from evaluation.reader import DetectorSettings
     from kocr.params import ParamsError
     from kocr.recipe import main
@@ -477,9 +478,24 @@ def test_recipe_settings_with_a_typo_are_refused_in_one_line(tmp_path, monkeypat
     (tmp_path / "params.yaml").write_text("recipe:\n  baseline: [tesseract]\n", encoding="utf-8")
     with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--model", "ko_base", "--heldout", "h.tsv", "--out", "o", "--metrics", "m.json"])
-    assert str(exit_.value.code) == ("python -m kocr.recipe evaluate: error: params.yaml: recipe: unknown keys ['baseline'] "
-                                     "(known: baselines, detector, real_pages, real_sets, reference)")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m kocr.recipe evaluate: error: params.yaml: recipe: unknown keys ['baseline'] "
+        "(known: baselines, detector, real_pages, real_sets, reference)"]
     assert not (tmp_path / "m.json").exists()
+
+
+def test_python_m_kocr_recipe_ends_a_user_error_with_exit_2_as_kocr_does(tmp_path):
+    """Was: exit 1 (a SystemExit with the line) where ``kocr`` commands, ``ship`` and ``check-size`` exit 2."""
+    (tmp_path / "params.yaml").write_text("recipe:\n  baselines: tesseract\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k != "KOCR_PARAMS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    done = subprocess.run([sys.executable, "-m", "kocr.recipe", "evaluate", "--model", "ko_base", "--heldout", "h.tsv",
+                           "--out", "o", "--metrics", "m.json"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert (done.returncode, done.stderr.splitlines()) == (2, [
+        "python -m kocr.recipe evaluate: error: params.yaml: recipe.baselines 'tesseract': expected a list of engine "
+        "names, e.g. [tesseract]"])
 
 
 def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
@@ -633,9 +649,11 @@ def test_card_and_ship_refuse_a_checkpoint_of_20_mb_or_more(hangul_checkpoint, t
         main(["card", "--model", str(big), "--train-metrics", str(tmp_path / "train.json"), "--eval-metrics",
               str(tmp_path / "eval.json"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "release"),
               "--command", "dvc repro"])
-    assert str(exit_.value.code) == (f"python -m kocr.recipe card: error: {big}: {size:,} bytes ({size / 1e6:.1f} MB); "
-                                     "a shipped base must be under 20 MB (20,000,000 bytes): save the model alone "
-                                     "(no optimiser state or extra tensors in its meta), or a smaller architecture")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"python -m kocr.recipe card: error: {big}: {size:,} bytes ({size / 1e6:.1f} MB); a shipped base must be "
+        "under 20 MB (20,000,000 bytes): save the model alone (no optimiser state or extra tensors in its meta), "
+        "or a smaller architecture")
     assert not (tmp_path / "release").exists()
     release = _release(tmp_path / "rel", big, tmp_path / "labels.tsv", "# big\n")
     for args in ([], ["--check"], ["--force"]):  # nothing to replace yet: it would be shipped as it is
@@ -1158,9 +1176,12 @@ def test_evaluate_stage_writes_its_metrics_and_logs_the_same_numbers_and_reading
                                      encoding="utf-8")
     monkeypatch.setenv("KOCR_PARAMS", str(tmp_path / "p.yaml"))
     labels = heldout_crops / "crops/labels.tsv"
-    with pytest.raises(SystemExit, match="--set 'heldout_latin': expected NAME=LABELS"):
+    with pytest.raises(SystemExit) as exit_:
         main(["evaluate", "--model", "x.pt", "--heldout", str(labels), "--set", "heldout_latin",
               "--out", str(tmp_path / "eval"), "--metrics", str(tmp_path / "m.json")])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m kocr.recipe evaluate: error: --set 'heldout_latin': expected NAME=LABELS")
     main(["evaluate", "--model", str(hangul_checkpoint), "--heldout", str(labels),
           "--set", f"heldout_latin={labels}", "--out", str(tmp_path / "eval"),
           "--metrics", str(tmp_path / "metrics/evaluate.json")])
