@@ -609,7 +609,7 @@ def _run(argv: list[str] | None) -> None:
         with warnings_as_lines(f"python -m kocr.recipe {args.subcommand}"):  # kocr's warnings as kocr prints them
             {"check-size": cmd_check_size, "export-crops": cmd_export_crops, "evaluate": cmd_evaluate,
              "card": cmd_card, "ship": cmd_ship}[args.subcommand](args)
-    # a settings, labels or input mistake (a missing set, checkpoint or params file): one line, exit 1
+    # a settings, labels or input mistake (a missing set, checkpoint or params file): one line, exit 2 (main)
     except (ParamsError, ScoreInputError, RecipeError, OutFolderError, FileNotFoundError) as exc:
         raise SystemExit(f"python -m kocr.recipe {args.subcommand}: error: {exc}") from None
     except OSError as exc:  # a full disk, a used-up quota or a file-size limit: kocr's one line, exit 2

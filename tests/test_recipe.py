@@ -267,7 +267,7 @@ def test_a_stop_while_the_earlier_crops_are_removed_leaves_the_new_ones_whole(he
         p.name: p.read_bytes() for p in (heldout_crops / "crops").iterdir()}
 
 
-def test_a_missing_or_wrong_type_input_is_one_line(tmp_path, monkeypatch):
+def test_a_missing_or_wrong_type_input_is_one_line(tmp_path, monkeypatch, capsys):
     # was: a FileNotFoundError traceback (export-crops' LMDB set, card's checkpoint and metrics, the params file)
     from kocr.recipe import main
 
@@ -287,11 +287,12 @@ def test_a_missing_or_wrong_type_input_is_one_line(tmp_path, monkeypatch):
             (["check-size"], "params.yaml: params file not found (run from the project root)")):
         with pytest.raises(SystemExit) as stopped:
             main(argv)
-        assert stopped.value.code == f"python -m kocr.recipe {argv[0]}: error: {problem}", argv
+        assert stopped.value.code == 2, argv
+        assert capsys.readouterr().err.splitlines() == [f"python -m kocr.recipe {argv[0]}: error: {problem}"], argv
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]  # nothing written
 
 
-def test_evaluate_of_a_model_that_names_no_checkpoint_is_one_line(heldout_crops, tmp_path, monkeypatch):
+def test_evaluate_of_a_model_that_names_no_checkpoint_is_one_line(heldout_crops, tmp_path, monkeypatch, capsys):
     # was: a ModelSpecError traceback for a missing --model, a folder, or a file that is no checkpoint
     from kocr.recipe import main
 
@@ -306,8 +307,9 @@ def test_evaluate_of_a_model_that_names_no_checkpoint_is_one_line(heldout_crops,
         with pytest.raises(SystemExit) as stopped:
             main(["evaluate", "--model", model, "--heldout", str(heldout_crops / "crops" / "labels.tsv"),
                   "--out", "out", "--metrics", "evaluate.json"])
-        assert isinstance(stopped.value.code, str) and "\n" not in stopped.value.code
-        assert stopped.value.code.startswith(f"python -m kocr.recipe evaluate: error: {problem}"), stopped.value.code
+        line = capsys.readouterr().err.splitlines()[-1]  # after MLflow's own log lines
+        assert stopped.value.code == 2
+        assert line.startswith(f"python -m kocr.recipe evaluate: error: {problem}"), line
     assert not (tmp_path / "evaluate.json").exists()
 
 
