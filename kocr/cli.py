@@ -17,10 +17,11 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from kocr import warnings_as_lines
+from kocr import KocrWarning, warnings_as_lines
 from kocr.atomic import OutFolderError, disk_full_line, file_sha256, replaced_folder, write_text
 from kocr.params import ParamsError, check_keys, data_section, load_params, params_path, require, section, typed
 from kocr.redact import hide_passwords
@@ -364,7 +365,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             models["champion"] = champion
         for baseline in config.baselines:
             if baseline == "tesseract" and not tesseract_available():
-                print("kocr evaluate: tesseract (kor+eng) not installed; its baseline row is left out", file=sys.stderr)
+                warnings.warn("tesseract (kor+eng) not installed; its baseline row is left out", KocrWarning, stacklevel=2)
                 continue
             models[baseline] = baseline
         log_dataset(args.source, context="evaluation")

@@ -31,13 +31,14 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from tqdm import tqdm
 
-from kocr import warnings_as_lines
+from kocr import KocrWarning, warnings_as_lines
 from kocr.atomic import (OutFolderError, atomic_path, check_out_folder, disk_full_line, file_sha256,
                          named_disk_errors, replaced_folder, write_text)
 from kocr.params import check_keys, load_params, name_list, paths_by_name, section, typed
@@ -188,7 +189,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
     The margin is recorded (``add_margin``) so that the ship gate reads the word boxes the same way,
     and each set's ``n`` and ``sha256`` (``set_identity``) so that it compares on the same sets.
     A set or page whose file does not exist is listed under ``skipped`` with the reason; a baseline
-    that is not installed is left out with a message. The held-out set (name ``heldout``) is also
+    that is not installed is left out with a warning (``KocrWarning``). The held-out set (name ``heldout``) is also
     scored per font (``by_font``) when its TSV has a ``font`` column. ``jamo`` says which part of the
     Hangul syllable the recipe model misreads in each set (``_jamo_summary``). Pages are read end to
     end (CRAFT + recognition with ``detector``'s settings, ``kocr evaluate-pages``) into ``pages``.
@@ -203,7 +204,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
     models = {"recipe": model, **({"reference": reference} if reference else {})}
     for baseline in baselines:
         if baseline == "tesseract" and not tesseract_available():
-            print("recipe evaluate: tesseract (kor+eng) not installed; its rows are left out", file=sys.stderr)
+            warnings.warn("tesseract (kor+eng) not installed; its rows are left out", KocrWarning, stacklevel=2)
             continue
         models[baseline] = baseline
     result: dict[str, Any] = {"models": models, "sets": {}, "skipped": {}, "add_margin": margin}
@@ -212,7 +213,7 @@ def evaluate_sets(model: str, sets: dict[str, str], reference: str | None = None
     for name, labels in sets.items():
         path = Path(labels)
         if not path.is_file():
-            print(f"recipe evaluate: {path} not found; set {name!r} skipped", file=sys.stderr)
+            print(f"python -m kocr.recipe evaluate: note: {path} not found; set {name!r} skipped", file=sys.stderr)
             result["skipped"][name] = f"{path} not found"
             continue
         crops = read_labels(path, margin)
@@ -249,7 +250,7 @@ def _evaluate_pages(models: dict[str, str], pages: dict[str, str], detector: dic
         text = path.with_suffix(".txt")
         missing = next((p for p in (path, text) if not p.is_file()), None)
         if missing is not None:
-            print(f"recipe evaluate: {missing} not found; page {name!r} skipped", file=sys.stderr)
+            print(f"python -m kocr.recipe evaluate: note: {missing} not found; page {name!r} skipped", file=sys.stderr)
             skipped[name] = f"{missing} not found"
             continue
         item = read_page_item(path, text)

@@ -235,6 +235,35 @@ def test_an_evaluate_run_names_the_candidate_champion_and_base_it_scored(sample_
     assert tags["kocr.scored.base.sha256"] == hashlib.sha256(b"base weights").hexdigest()
 
 
+def test_evaluate_without_tesseract_warns_in_kocrs_one_line(sample_pages, prepared, tmp_path, monkeypatch, capsys):
+    """Was: "kocr evaluate: tesseract … left out", not the "kocr evaluate: warning: …" of kocr's other warnings."""
+    import evaluation.evaluate
+    import evaluation.tesseract
+    import kocr.cli
+    from evaluation.evaluate import ModelEvaluation
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cand").mkdir()
+    (tmp_path / "cand/model.pt").write_bytes(b"candidate weights")
+    (tmp_path / "params.yaml").write_text("evaluate: {split: val, baselines: [tesseract]}\n"
+                                          "promote: {model_name: no-tesseract}\n", encoding="utf-8")
+    scored = {}
+
+    def fake(models, *args, **kwargs):
+        scored.update(models)
+        return {label: ModelEvaluation({"cer": 0.1}, {}) for label in models}
+    monkeypatch.setattr(evaluation.tesseract, "tesseract_available", lambda: False)
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models", fake)
+    monkeypatch.setattr(kocr.cli, "evaluation_report", lambda *args: "report")
+    assert main(["evaluate", "--source", str(sample_pages), "--splits", str(prepared / "splits.json"),
+                 "--candidate", "cand/model.pt", "--predictions", "pred", "--metrics", "m.json",
+                 "--pictures", "pics"]) == 0
+    assert "tesseract" not in scored
+    assert "kocr evaluate: warning: tesseract (kor+eng) not installed; its baseline row is left out" in \
+        capsys.readouterr().err.splitlines()
+
+
 def test_promote_refuses_a_candidate_trained_again_since_evaluate_scored_it(sample_pages, prepared, tmp_path,
                                                                           monkeypatch, capsys):
     """Was: promote took metrics/evaluate.json's score for whatever mlflow.json named, so a candidate trained

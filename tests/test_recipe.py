@@ -500,6 +500,26 @@ def test_python_m_kocr_recipe_ends_a_user_error_with_exit_2_as_kocr_does(tmp_pat
         "names, e.g. [tesseract]"])
 
 
+def test_evaluate_says_what_it_leaves_out_under_the_helpers_prefix(tmp_path, monkeypatch, capsys):
+    """Was: "recipe evaluate: tesseract (kor+eng) not installed; …" (and "recipe evaluate: … skipped"), where
+    the helper's other lines begin "python -m kocr.recipe evaluate:"; the missing engine is now a KocrWarning."""
+    import evaluation.tesseract
+    from kocr import KocrWarning, warnings_as_lines
+
+    monkeypatch.setattr(evaluation.tesseract, "tesseract_available", lambda: False)
+    with pytest.warns(KocrWarning, match=r"^tesseract \(kor\+eng\) not installed; its rows are left out$"):
+        result = evaluate_sets("x.pt", {}, baselines=("tesseract",))
+    assert result["models"] == {"recipe": "x.pt"}
+    with warnings_as_lines("python -m kocr.recipe evaluate"), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        evaluate_sets("x.pt", {"gone": str(tmp_path / "no.tsv")}, baselines=("tesseract",),
+                      pages={"page": str(tmp_path / "no.png")})
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m kocr.recipe evaluate: warning: tesseract (kor+eng) not installed; its rows are left out",
+        f"python -m kocr.recipe evaluate: note: {tmp_path / 'no.tsv'} not found; set 'gone' skipped",
+        f"python -m kocr.recipe evaluate: note: {tmp_path / 'no.png'} not found; page 'page' skipped"]
+
+
 def test_evaluate_and_card_score_every_set_skip_missing_ones_and_ship_the_model(
         heldout_crops, hangul_checkpoint, tmp_path, monkeypatch, capsys):
     labels = heldout_crops / "crops/labels.tsv"
