@@ -106,8 +106,9 @@ def _cached(dispatcher, root: Path):
     """``njit(cache=True)`` of ``dispatcher``'s Python function with its options, kept under ``root``;
     itself if numba would keep it anywhere else (its folder for cleval there not writable, as one made by
     another user of a shared cache: numba then writes beside cleval's source, into site-packages) or
-    nowhere. A compile it cannot write (a full disk) is used all the same, only not kept, and one it cannot
-    read (another user's file in a shared cache) is compiled again."""
+    nowhere. A compile it cannot write (a full disk) is used all the same, only not kept; a cached entry it
+    cannot read (a cut or garbled ``.nbi`` or ``.nbc``, another user's file in a shared cache) is compiled
+    again and written over where it can be."""
     import numba
 
     options = {k: v for k, v in dispatcher.targetoptions.items() if k != "nopython"}  # njit sets it
@@ -117,19 +118,32 @@ def _cached(dispatcher, root: Path):
         return dispatcher
     if cached.stats.cache_path is None or Path(cached.stats.cache_path).parent != root:
         return dispatcher
-    load, save = cached._cache.load_overload, cached._cache.save_overload  # numba raises a failed read or
-    # write out of the call that compiled: a cache file of another user's it cannot read, a full disk
+    cache = cached._cache
+    load, save = cache.load_overload, cache.save_overload
+    index_file = getattr(cache, "_cache_file", None)  # numba's IndexDataCacheFile (private, so not assumed)
+    load_index = getattr(index_file, "_load_index", None)
 
-    def load_or_miss(sig, target_context):
-        with contextlib.suppress(OSError):  # compiled again instead, as for a compile not cached yet
+    def load_or_compile(sig, target_context):
+        try:
             return load(sig, target_context)
-        return None
+        except Exception:  # an entry cut short or garbled (a power cut, a full disk, a copied cache): compiled
+            return None    # again, and the save after it writes the entry afresh
+
+    def index_or_empty() -> dict:
+        try:
+            return load_index()
+        except Exception:  # unreadable: as numba takes an index of another numba version, so the save after
+            return {}      # the compile writes it afresh (not raises: numba reads it before writing)
 
     def save_or_skip(sig, data) -> None:
         with contextlib.suppress(OSError):  # as numba itself does on Windows for a file another process holds
             save(sig, data)
 
-    cached._cache.load_overload, cached._cache.save_overload = load_or_miss, save_or_skip
+    # numba raises an unreadable entry out of the call that compiles (every later process, until the file
+    # is removed by hand) and a failed write out of the call that compiled: both cost a compile here instead
+    cache.load_overload, cache.save_overload = load_or_compile, save_or_skip
+    if load_index is not None:
+        index_file._load_index = index_or_empty
     return cached
 
 

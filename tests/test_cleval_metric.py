@@ -177,6 +177,46 @@ def test_a_compile_the_cache_cannot_keep_is_used_not_raised(tmp_path, monkeypatc
     assert module.add_one(1) == 2
 
 
+def _loaded_again(module, monkeypatch):
+    """``module`` (of ``_a_cleval_module``) loaded again from its source: a new dispatcher, as a new process has."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(module.__name__, module.__file__)
+    again = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(again)
+    monkeypatch.setitem(sys.modules, module.__name__, again)
+    return again
+
+
+@pytest.mark.parametrize("entry, damage", [("nbi", b""), ("nbi", 10), ("nbi", b"\x80\x04garbled"),
+                                           ("nbc", b""), ("nbc", 100), ("nbc", b"\x80\x04garbled")])
+def test_a_cut_or_garbled_cache_entry_costs_a_compile_not_a_crash(entry, damage, tmp_path, monkeypatch):
+    """Was: numba raised an unreadable index (.nbi) or compile (.nbc) out of the first call (UnpicklingError,
+    EOFError), in every later process until the file was removed by hand: a power cut or a full disk on a
+    filesystem without atomic rename, or a copied cache, stopped every evaluate for good."""
+    import numba
+
+    from evaluation.cleval_metric import cache_cleval_jit
+
+    module = _a_cleval_module(tmp_path, monkeypatch)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", str(tmp_path / "cache"))
+    cache_cleval_jit()
+    assert module.add_one(1) == 2
+    [path] = (tmp_path / "cache").rglob(f"*.{entry}")
+    whole = path.read_bytes()
+    if isinstance(damage, int):  # cut short
+        path.write_bytes(whole[:damage])
+    else:
+        path.write_bytes(damage)
+    module = _loaded_again(module, monkeypatch)
+    cache_cleval_jit()
+    assert module.add_one(1) == 2  # compiled again
+    assert sum(module.add_one.stats.cache_misses.values()) == 1
+    module = _loaded_again(module, monkeypatch)  # the next process loads what that compile wrote
+    cache_cleval_jit()
+    assert module.add_one(1) == 2 and sum(module.add_one.stats.cache_hits.values()) == 1
+
+
 def test_nothing_is_cached_beside_cleval_when_its_folder_in_the_cache_cannot_be_used(tmp_path, monkeypatch):
     """Was: where numba's folder for cleval under the cache could not be written (made by another user
     of a shared cache) numba kept the compile beside cleval's source instead, in site-packages; cleval
