@@ -113,6 +113,25 @@ def _isolated_mlflow(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("KOCR_PIPELINE_GROUP", raising=False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_set_index(tmp_path_factory):
+    """The set indexes ``CropDataset`` writes (training.data.set_index) go to a folder of the session, never
+    to the user's ~/.cache: also those of module- and session-scoped fixtures, which train before any test."""
+    earlier = os.environ.get("KOCR_SET_INDEX_DIR")
+    os.environ["KOCR_SET_INDEX_DIR"] = str(tmp_path_factory.mktemp("set-index"))
+    yield
+    if earlier is None:
+        os.environ.pop("KOCR_SET_INDEX_DIR", None)
+    else:
+        os.environ["KOCR_SET_INDEX_DIR"] = earlier
+
+
+@pytest.fixture(autouse=True)
+def _own_set_index(tmp_path_factory, monkeypatch):
+    """Every test keeps its set indexes in a folder of its own, and starts with none."""
+    monkeypatch.setenv("KOCR_SET_INDEX_DIR", str(tmp_path_factory.mktemp("set-index")))
+
+
 @pytest.fixture(scope="session")
 def sample_pages(tmp_path_factory) -> Path:
     """Six small generated pages in AI-Hub page-JSON format."""

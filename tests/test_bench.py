@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import cv2
+import numpy as np
 import pytest
 
 from tests.conftest import REPO
@@ -99,3 +101,17 @@ def test_the_data_memory_benchmark_reports_bytes_per_item():
     assert set(results) == {"export", "dataset"}
     for command in results.values():
         assert set(command["runs"]) == {"40", "160"} and isinstance(command["heap_bytes_per_item"], float)
+
+
+def test_the_set_index_benchmark_starts_cold_then_warm_on_each_set(tmp_path):
+    from training.data.lmdb_store import LmdbWriter
+
+    with LmdbWriter(tmp_path / "crops") as writer:
+        for i in range(5):
+            writer.add(cv2.imencode(".png", np.full((20, 30 + 10 * i), 200, np.uint8))[1].tobytes(), "서울"[: 1 + i % 2])
+    done = _run("set_index.py", "--sizes", "60", "120", "--crops", str(tmp_path / "crops"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout)["results"]
+    assert set(results) == {"60", "120"}
+    for size in results.values():  # the script itself checks that the warm pass used the index, same result
+        assert size["cold_s"] > 0 and size["warm_s"] > 0 and size["ratio"] > 0

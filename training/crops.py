@@ -23,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 from training.augment import augment_crop, sample_rng
 from training.charset import Charset
 from training.data.lmdb_store import LmdbDataset
+from training.data.set_index import SampleRows, StaleIndex
 from training.data.transforms import collate_crops, pad_width, prepare_crop
 from training.model import output_length
 
@@ -55,13 +56,27 @@ class CropDataset(Dataset):
 
     ``fingerprint`` digests every sample's label, image size and image bytes in order: a resumed run
     checks it, so a set relabelled or re-rendered with the same count is not mistaken for the one a
-    state trained on.
+    state trained on. The sizes and the fingerprint come from the set's index when one holds for the
+    set as it is (``from_index``: only the labels are read), else from every sample, which writes the
+    index (:mod:`training.data.set_index`).
     """
 
     def __init__(self, source: LmdbDataset, charset: Charset, imgH: int = 64, max_width: int = 1024,
                  batch_max_length: int = 0, augment: float = 0.0, seed: int = 0) -> None:
         self.source, self.charset, self.imgH = source, charset, imgH
         self.augment, self.seed = augment, seed
+        rows = SampleRows(source)  # the set's index (training.data.set_index) when it holds, else every sample
+        try:
+            self._keep(rows, max_width, batch_max_length)
+        except StaleIndex:
+            rows = SampleRows(source, use_index=False)
+            self._keep(rows, max_width, batch_max_length)
+        self.fingerprint = rows.fingerprint
+        self.from_index = rows.from_index  # read without the images (docs/training.md)
+
+    def _keep(self, rows: SampleRows, max_width: int, batch_max_length: int) -> None:
+        """Take each sample of ``rows`` the model can learn; count the rest in ``dropped`` by reason."""
+        charset, imgH = self.charset, self.imgH
         self.dropped: Counter[str] = Counter()
         # flat machine-integer arrays, not lists of int objects: 12 bytes a kept sample instead of about 46
         # (4.5M crops: 54 MB, not 210), and reading one never writes to it (a list item's reference count
@@ -69,10 +84,7 @@ class CropDataset(Dataset):
         self.indices = array("q")  # the kept samples' indices in ``source``
         self.widths = array("i")   # EasyOCR pad width of each kept sample, for bucketing
         self.longest_label = 0       # characters in the longest kept label: the batch_max_length this set needs
-        digest = hashlib.sha256()
-        for i in range(len(source)):
-            label, h, w, image_digest = source.summary(i)
-            digest.update(f"{label}\t{h}\t{w}\t{image_digest.hex()}\n".encode("utf-8", "surrogatepass"))
+        for i, (label, h, w) in enumerate(rows):
             label = unicodedata.normalize("NFC", label)  # a set another tool wrote may hold NFD jamo
             if not label or charset.missing(label):
                 self.dropped["out_of_charset" if label else "empty_label"] += 1
@@ -91,7 +103,6 @@ class CropDataset(Dataset):
             self.indices.append(i)
             self.widths.append(width)
             self.longest_label = max(self.longest_label, len(label))
-        self.fingerprint = digest.hexdigest()
 
     def __len__(self) -> int:
         return len(self.indices)

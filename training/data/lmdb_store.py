@@ -26,6 +26,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import cv2
 import lmdb
@@ -383,6 +384,29 @@ class LmdbDataset:
     def __len__(self) -> int:
         return self.num_samples
 
+    def _counts(self) -> list[int]:
+        return [end - start for start, end in zip(self._starts, [*self._starts[1:], self.num_samples])]
+
+    def version(self) -> list[list]:
+        """What changes whenever a part of the set is written, read without reading a sample: per part its
+        resolved path, ``data.mdb``'s device, inode, size, mtime and ctime (ns; a write, a copy over it, a
+        rename or a ``touch`` that puts the mtime back all move the ctime), LMDB's last transaction id and
+        last page, and its num-samples."""
+        version = []
+        for part, env, count in zip(self.parts, self._open(), self._counts()):
+            stat = (part / "data.mdb").stat()
+            info = env.info()
+            version.append([str(part.resolve()), stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns,
+                            stat.st_ctime_ns, info["last_txnid"], info["last_pgno"], count])
+        return version
+
+    def labels(self) -> Iterator[str]:
+        """Every sample's label in order, one read transaction per part, no image read."""
+        for part, env, count in zip(self.parts, self._open(), self._counts()):
+            with env.begin() as txn:
+                for key in range(1, count + 1):
+                    yield _label(txn.get(b"label-%09d" % key), part, key)
+
     def label(self, index: int) -> str:
         """Label of sample ``index`` (0-based) without decoding the image."""
         env, key, part = self._locate(index)
@@ -406,6 +430,15 @@ class LmdbDataset:
         if not (width and height):  # a header PIL cannot parse: decode the whole image
             height, width = self[index][0].shape[:2]
         return height, width
+
+    def image_digest(self, index: int) -> bytes:
+        """16-byte BLAKE2b of sample ``index``'s encoded image, as ``summary`` gives it, without its header read."""
+        env, key, part = self._locate(index)
+        with env.begin(buffers=True) as txn:
+            raw = txn.get(b"image-%09d" % key)
+            if raw is None:
+                raise ValueError(f"{part}: sample {key} has no image")
+            return hashlib.blake2b(raw, digest_size=16).digest()
 
     def summary(self, index: int) -> tuple[str, int, int, bytes]:
         """(label, height, width, 16-byte BLAKE2b of the encoded image) of sample ``index``, in one read.
