@@ -438,10 +438,10 @@ def test_an_image_that_cannot_be_read_is_reported_alike_when_scanned_and_when_cr
 
     monkeypatch.setattr(prepare, "_WORKER", {})
     index = scan_source(src)
-    prepare._init_worker(src, index, PrepareConfig())
-    label = next(m for m in index.labels if m.name == "page_00004.json")
-    meta, found, entries = prepare._check_page(label)
-    assert meta is not None and entries == []
+    prepare._init_worker(src, PrepareConfig())
+    scanned = prepare._pair(None, False, index)
+    label, meta, found, entries = next(entry for entry in scanned if entry[0].name == "page_00004.json")
+    assert meta is not None and entries == ()
 
     def read_member(root, member):
         if member.name.endswith(".jpg"):
@@ -449,5 +449,6 @@ def test_an_image_that_cannot_be_read_is_reported_alike_when_scanned_and_when_cr
         return (root / member.path).read_bytes()
 
     monkeypatch.setattr(prepare, "read_member", read_member)
-    assert prepare._check_page(label) == (None, found, [entry])  # the scan: its image claimed, not "without label"
+    assert prepare._pair(None, False, index)[scanned.index((label, meta, found, entries))] \
+        == (label, None, found, (entry,))  # the scan: its image claimed, not "without label"
     assert prepare._crop_page(meta) == ([], [entry], False)     # unreadable since the scan

@@ -45,7 +45,7 @@ from collections import Counter, defaultdict, deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import cv2
 import numpy as np
@@ -245,17 +245,41 @@ class PageMeta:
     label: Member
     image: Member
     category: str
-    digest: str = ""  # BLAKE2b of the label's and the image's bytes: a corrected label is a new page
+    digest: str = ""  # BLAKE2b of the label's BLAKE2b and the image's bytes: a corrected label is a new page
     pixels: int = 0   # width x height of the image, from its header
+
+
+class LabelRead(NamedTuple):
+    """The scan's first step for one label (:func:`_read_label`, in a worker): the image it names and its
+    category; ``image_name`` None when the label cannot be used (``entries`` say why), and then ``claims``
+    whether the image of its stem is still accounted for by it (not ``image_without_label``)."""
+
+    image_name: str | None
+    category: str = ""
+    digest: bytes = b""  # BLAKE2b of the label's bytes
+    entries: tuple[tuple[str, str], ...] = ()
+    claims: bool = True
+
+
+class ImageCheck(NamedTuple):
+    """The scan's second step for one page (:func:`_check_image`, in a worker): ``digest`` (PageMeta's)
+    None when the image cannot be used (``entries`` say why; ``claims`` as in :class:`LabelRead`)."""
+
+    digest: str | None
+    pixels: int = 0
+    entries: tuple[tuple[str, str], ...] = ()
+    claims: bool = True
 
 
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(root: Path, index: SourceIndex | None, config: PrepareConfig, main_pid: int = 0) -> None:
+def _init_worker(root: Path, config: PrepareConfig, main_pid: int = 0) -> None:
+    """A worker holds the source's root and the knobs, never the source's index: each page it reads
+    comes with its label's and image's ``Member`` (their place in a zip included)."""
     cv2.setNumThreads(1)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # counted by prepare_pages (note_pixels)
-    _WORKER.update(root=root, index=index, config=config, charset=Charset.from_spec(config.charset))
+    _WORKER.update(root=root, config=config, charset=Charset.from_spec(config.charset))
     if main_pid:
         threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
 
@@ -281,45 +305,53 @@ def _exit_with(pid: int) -> None:
     os._exit(1)
 
 
-def _check_page(label: Member) -> tuple[PageMeta | None, int | None, list[tuple[str, str]]]:
-    """Scan one label: (page if usable, index of the image it claims, report entries)."""
+def _failed(name: str, exc: Exception) -> tuple[str, str]:
+    return "page_failed", f"{name}: {type(exc).__name__}: {exc}"[:300]
+
+
+def _read_label(label: Member) -> LabelRead:
+    """Scan, first step: read and parse one label. The image it names is looked up by the calling
+    process, which holds the source's index (:func:`_pair`)."""
     try:
-        return _check_page_or_raise(label)
+        return _read_label_or_raise(label)
     except Exception as exc:  # noqa: BLE001 - reported as page_failed, like _crop_page
-        return None, None, [("page_failed", f"{label.name}: {type(exc).__name__}: {exc}"[:300])]
+        return LabelRead(None, entries=(_failed(label.name, exc),), claims=False)
 
 
-def _check_page_or_raise(label: Member) -> tuple[PageMeta | None, int | None, list[tuple[str, str]]]:
-    root, index = _WORKER["root"], _WORKER["index"]
+def _read_label_or_raise(label: Member) -> LabelRead:
     try:
-        label_bytes = read_member(root, label)
+        label_bytes = read_member(_WORKER["root"], label)
         page = parse_page(label_bytes, label.name, bad=[])
     except PageError as exc:
-        claimed, _ = index.find_image(label, "")
-        return None, claimed, [(exc.reason, f"{label.name}: {exc.detail}"[:300])]
-    except (*READ_ERRORS, ValueError) as exc:  # its image, by the label's stem, is accounted for (not "without label")
-        claimed, _ = index.find_image(label, "")
-        return None, claimed, [("unreadable_file", unreadable(label.name, exc))]
-    found, ambiguous = index.find_image(label, page.image_name)
-    if found is None:
-        if index.unlisted:  # the image may be in a folder prepare cannot read
-            return None, None, [("image_missing", f"{label.name} (its image may be in a folder reported as unreadable_folder)")]
-        return None, None, [("image_missing", label.name)]
-    image = index.images[found]
-    entries = [("image_ambiguous", f"{label.name} -> {image.name}")] if ambiguous else []
+        return LabelRead(None, entries=((exc.reason, f"{label.name}: {exc.detail}"[:300]),))
+    except (*READ_ERRORS, ValueError) as exc:
+        return LabelRead(None, entries=(("unreadable_file", unreadable(label.name, exc)),))
+    return LabelRead(page.image_name, page.category, hashlib.blake2b(label_bytes, digest_size=16).digest())
+
+
+def _check_image(work: tuple[str, Member, bytes]) -> ImageCheck:
+    """Scan, second step: (label name, its image, the label's BLAKE2b) -> whether the image is usable,
+    its size in pixels and the page's digest."""
     try:
-        image_bytes = read_member(root, image)
+        return _check_image_or_raise(*work)
+    except Exception as exc:  # noqa: BLE001 - reported as page_failed, like _crop_page
+        return ImageCheck(None, entries=(_failed(work[0], exc),), claims=False)
+
+
+def _check_image_or_raise(name: str, image: Member, label_digest: bytes) -> ImageCheck:
+    try:
+        image_bytes = read_member(_WORKER["root"], image)
     except IMAGE_ERRORS as exc:
-        return None, found, entries + [image_unread(image.name, exc)]
+        return ImageCheck(None, entries=(image_unread(image.name, exc),))
     try:  # a cheap integrity check, so a broken image never takes a page's place in a split
         with Image.open(io.BytesIO(image_bytes)) as img:
             pixels = img.width * img.height
             img.verify()
     except IMAGE_ERRORS as exc:
-        return None, found, entries + [image_problem(image.name, image_bytes, exc)]
-    digest = hashlib.blake2b(label_bytes, digest_size=16)
+        return ImageCheck(None, entries=(image_problem(image.name, image_bytes, exc),))
+    digest = hashlib.blake2b(label_digest, digest_size=16)
     digest.update(image_bytes)
-    return PageMeta(label.name, label, image, page.category, digest.hexdigest(), pixels), found, entries
+    return ImageCheck(digest.hexdigest(), pixels)
 
 
 ZIP_DAMAGE = (zipfile.BadZipFile, zlib.error, EOFError)  # what reading a damaged zip member raises (a file: OSError)
@@ -632,15 +664,51 @@ def _write_shards(out: Path, plan: dict[str, list[PageMeta]], config: PrepareCon
     return state
 
 
+def _pair(pool: Executor | None, progress: bool, index: SourceIndex) -> list[tuple]:
+    """(label, its page or None when it cannot be used, index of the image it claims or None, its report
+    entries) for each label in order. The labels are read in the workers, their images looked up here (only
+    this process holds the source's index), then the images are checked in the workers: a worker is sent
+    the label and image of each page it reads, so it holds nothing per page of the source."""
+    labels, images = index.labels, index.images
+    scanned: list[tuple] = []
+    checks: list[tuple[int, str, bytes]] = []  # (place in scanned, category, label's BLAKE2b): images checked next
+    categories: dict[str, str] = {}  # one string per category, not one per page
+    reads = ordered_map(_read_label, labels, pool, chunk=16)
+    for label, read in tqdm(zip(labels, reads), total=len(labels), desc="scan labels", unit="page",
+                            disable=not progress):
+        if read.image_name is None:  # a label that failed accounts for the image of its stem (not "without label")
+            scanned.append((label, None, index.find_image(label, "")[0] if read.claims else None, read.entries))
+            continue
+        image, ambiguous = index.find_image(label, read.image_name)
+        if image is None:  # the image may be in a folder prepare cannot read
+            where = f"{label.name} (its image may be in a folder reported as unreadable_folder)" if index.unlisted \
+                else label.name
+            scanned.append((label, None, None, (("image_missing", where),)))
+            continue
+        checks.append((len(scanned), categories.setdefault(read.category, read.category), read.digest))
+        scanned.append((label, None, image, (("image_ambiguous", f"{label.name} -> {images[image].name}"),)
+                        if ambiguous else ()))
+    work = ((scanned[at][0].name, images[scanned[at][2]], digest) for at, _, digest in checks)
+    for (at, category, _), check in tqdm(zip(checks, ordered_map(_check_image, work, pool, chunk=16)),
+                                         total=len(checks), desc="scan images", unit="page", disable=not progress):
+        label, _, image, entries = scanned[at]
+        if check.digest is not None:
+            scanned[at] = (label, PageMeta(label.name, label, images[image], category, check.digest, check.pixels),
+                           image, entries)
+        elif check.claims:
+            scanned[at] = (label, None, image, entries + check.entries)
+        else:  # page_failed: as a label that failed so (nor does it account for its image)
+            scanned[at] = (label, None, None, check.entries)
+    return scanned
+
+
 def _scan(src: Path, pool: Executor | None, progress: bool, index: SourceIndex) -> tuple[list[PageMeta], Report]:
     report = Report()
     report.extend(index.stray)
     pages: list[PageMeta] = []
     claimed: dict[int, str] = {}
     scanned = []
-    results = ordered_map(_check_page, index.labels, pool, chunk=16)
-    for label, (meta, image, entries) in tqdm(zip(index.labels, results), total=len(index.labels),
-                                              desc="scan", unit="page", disable=not progress):
+    for label, meta, image, entries in _pair(pool, progress, index):
         report.extend(entries)
         scanned.append((label, meta, image))
     owner: dict[int, Member] = {}  # usable pages take their images first: the label that fits one best
@@ -730,10 +798,10 @@ def _prepare(src: Path, out: Path, config: PrepareConfig, progress: bool) -> dic
         context = multiprocessing.get_context("forkserver")  # clean single-threaded parents, fast starts
         context.set_forkserver_preload([__name__])
         pool = ProcessPoolExecutor(config.workers, mp_context=context,
-                                   initializer=_init_worker, initargs=(src, index, config, os.getpid()))
+                                   initializer=_init_worker, initargs=(src, config, os.getpid()))
     saved = dict(_WORKER)
     with warnings.catch_warnings():  # _init_worker silences PIL's warning per large page: here, for this run
-        _init_worker(src, index, config)
+        _init_worker(src, config)
         try:
             pages, scan_report = _scan(src, pool, progress, index)
             for page in pages:  # one line for them all, from an open large_pages() (the kocr command's)

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import os
+import struct
 import unicodedata
 import zipfile
 import zlib
@@ -36,6 +37,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 PLATFORM_FILES = {"contact_sheet.png"}  # written by kocr synth-pages beside the pages: not page data
 _UTF8_FLAG = 0x800
+_PLACE = struct.Struct("<QQIHH")  # a zip member's header offset, compressed size, CRC-32, method, flag bits
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +45,16 @@ class Member:
     """One file of the source: a plain file (``archive`` empty) or a member of a zip archive.
 
     ``path`` is what reading needs (relative to the source, or the member name as the archive
-    keys it); ``name`` is the readable relative name used in reports and splits.json.
+    keys it); ``name`` is the readable relative name used in reports and splits.json. ``at`` is where
+    a member lies in its archive (from the archive's directory, read once by the scan), so reading it
+    needs no copy of that directory (:func:`read_member`).
     """
 
     name: str
     path: str
     archive: str = ""
     size: int = 0
+    at: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,8 +80,7 @@ class SourceIndex:
     images: list[Member] = field(default_factory=list)
     stray: list[tuple[str, str]] = field(default_factory=list)  # (reason, where)
     unreadable: list[Unreadable] = field(default_factory=list)  # also in stray, in its order
-    _by_name: dict[str, list[int]] = field(default_factory=dict, repr=False)
-    _by_stem: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _by_stem: dict[str, list[int]] = field(default_factory=dict, repr=False)  # images by name_key of their stem
 
     @property
     def unlisted(self) -> list[str]:
@@ -95,13 +99,10 @@ class SourceIndex:
         self.images.sort(key=lambda m: m.name)
         self.stray.sort()
         self.unreadable.sort(key=Unreadable.entry)
-        by_name: dict[str, list[int]] = defaultdict(list)
-        by_stem: dict[str, list[int]] = defaultdict(list)
+        by_stem: dict[str, list[int]] = defaultdict(list)  # one table: the images of a name are among its stem's
         for i, image in enumerate(self.images):
-            base = name_key(PurePosixPath(image.name).name)
-            by_name[base].append(i)
-            by_stem[base.rsplit(".", 1)[0]].append(i)
-        self._by_name, self._by_stem = dict(by_name), dict(by_stem)
+            by_stem[name_key(PurePosixPath(image.name).name).rsplit(".", 1)[0]].append(i)
+        self._by_stem = dict(by_stem)
         return self
 
     def find_image(self, label: Member, image_name: str) -> tuple[int | None, bool]:
@@ -113,7 +114,8 @@ class SourceIndex:
         Training label) never beats the label's own."""
         base = name_key(image_name.replace("\\", "/").rsplit("/", 1)[-1]) if image_name else ""
         stem = name_key(PurePosixPath(label.name).stem)
-        named = set(self._by_name.get(base, []))
+        named = {i for i in self._by_stem.get(base.rsplit(".", 1)[0], []) if base
+                 and name_key(PurePosixPath(self.images[i].name).name) == base}
         candidates = sorted(named | set(self._by_stem.get(stem, [])))
         if not candidates:
             return None, False
@@ -280,7 +282,8 @@ def _scan_archive(index: SourceIndex, rel: str, path: Path) -> bool:
         if hidden is not None:
             hidden_dirs.add("/".join(parts[: hidden + 1]))
             continue
-        _classify(index, Member(f"{rel}/{name}", info.filename, rel, info.file_size))
+        at = _PLACE.pack(info.header_offset, info.compress_size, info.CRC, info.compress_type, info.flag_bits)
+        _classify(index, Member(f"{rel}/{name}", info.filename, rel, info.file_size, at))
     index.stray += [("stray_folder", f"{rel}/{d}") for d in sorted(hidden_dirs)]
     return True
 
@@ -394,12 +397,30 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
     return index.finish()
 
 
+class _Archive(zipfile.ZipFile):
+    """A zip opened to read members at the places the scan found (``Member.at``): zipfile's copy of its
+    directory (about 700 bytes a member) is never read, so a process that reads a few members of an
+    archive of 400,000 holds nothing for the others. A zipfile without this hook reads it whole, as before."""
+
+    def _RealGetContents(self) -> None:  # where zipfile.ZipFile reads the central directory
+        pass
+
+
+def _zip_info(member: Member) -> zipfile.ZipInfo:
+    """The ZipInfo zipfile reads ``member`` by, rebuilt from its place in the archive."""
+    info = zipfile.ZipInfo(member.path)
+    info.header_offset, info.compress_size, info.CRC, info.compress_type, info.flag_bits = _PLACE.unpack(member.at)
+    info.file_size = member.size
+    return info
+
+
 _ARCHIVES: dict[str, zipfile.ZipFile] = {}
 _ARCHIVES_PID = -1
 
 
 def read_member(root: str | os.PathLike, member: Member) -> bytes:
-    """The bytes of one file or archive member (archives stay open per process for the next read)."""
+    """The bytes of one file or archive member (archives stay open per process for the next read; the
+    member is read at its place, zipfile checking its name, size and CRC-32 as it does)."""
     global _ARCHIVES_PID
     if not member.archive:
         return (Path(root) / member.path).read_bytes()
@@ -407,7 +428,10 @@ def read_member(root: str | os.PathLike, member: Member) -> bytes:
         _ARCHIVES.clear()
         _ARCHIVES_PID = os.getpid()
     key = str(Path(root) / member.archive)
+    if not member.at:  # a Member made without its place (not by scan_source): found by name in the directory
+        with zipfile.ZipFile(key) as whole:
+            return whole.read(member.path)
     archive = _ARCHIVES.get(key)
     if archive is None:
-        archive = _ARCHIVES[key] = zipfile.ZipFile(key)
-    return archive.read(member.path)
+        archive = _ARCHIVES[key] = _Archive(key)
+    return archive.read(_zip_info(member))
