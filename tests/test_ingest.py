@@ -21,7 +21,7 @@ import pytest
 from training.data.lmdb_store import LmdbDataset, SetBusyError, lmdb_digest
 from training.data.pages import Page, PageError, Word, parse_page, read_page, write_page
 from training.data.prepare import PrepareConfig, PrepareConfigError, prepare_pages, split_documents
-from training.data.sources import member_name, scan_source
+from training.data.sources import member_name, read_member, scan_source
 from training.data.synth_pages import generate_pages
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1046,3 +1046,18 @@ def test_the_shard_key_covers_every_module_the_crops_come_from():
     imported = {node.module.rsplit(".", 1)[-1] + ".py" for node in ast.walk(tree)
                 if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("training.data.")}
     assert imported and imported | {"prepare.py"} <= set(prepare.KEYED_MODULES)
+
+
+def test_an_encrypted_zip_member_is_named_in_the_error_as_zipfile_names_it(tmp_path):
+    """read_member reads a member by its recorded place (a ZipInfo): zipfile's error for an encrypted one
+    would show that ZipInfo's repr (sizes and all) in report.json; it names the member, as before."""
+    with zipfile.ZipFile(tmp_path / "enc.zip", "w") as zf:
+        zf.writestr("d/page.jpg", b"scrambled")
+    blob = bytearray((tmp_path / "enc.zip").read_bytes())
+    for at in (6, blob.find(b"PK\x01\x02") + 8):  # flag bit 0 (encrypted) in the local header and the directory
+        blob[at] |= 1
+    (tmp_path / "enc.zip").write_bytes(bytes(blob))
+    member = scan_source(tmp_path).images[0]
+    with pytest.raises(RuntimeError) as caught:
+        read_member(tmp_path, member)
+    assert str(caught.value) == "File 'd/page.jpg' is encrypted, password required for extraction"

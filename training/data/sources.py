@@ -434,4 +434,8 @@ def read_member(root: str | os.PathLike, member: Member) -> bytes:
     archive = _ARCHIVES.get(key)
     if archive is None:
         archive = _ARCHIVES[key] = _Archive(key)
-    return archive.read(_zip_info(member))
+    info = _zip_info(member)
+    try:
+        return archive.read(info)
+    except RuntimeError as exc:  # an encrypted member: zipfile names it by what it was given, here the ZipInfo
+        raise RuntimeError(str(exc).replace(repr(info), repr(member.path))) from None
