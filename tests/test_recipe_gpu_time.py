@@ -72,7 +72,7 @@ def test_probe_and_instalment_run_from_a_kit_without_the_lexicon_or_the_tracking
     tiny.write_text(yaml.safe_dump(small, allow_unicode=True), encoding="utf-8")
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook/sitecustomize.py").write_text(BLOCK_HOOK, encoding="utf-8")
-    out = tmp_path / "result.json"
+    out, index_dir = tmp_path / "result.json", tmp_path / "set-index"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench/recipe_gpu_time.py"), "--params", str(tiny), "--render", "40",
          "--steps", "3", "--warmup", "1", "--base", "ko_base", "--device", "cpu", "--tokens", str(kit / "tokens.txt"),
@@ -80,8 +80,11 @@ def test_probe_and_instalment_run_from_a_kit_without_the_lexicon_or_the_tracking
          "--deadline-minutes", "9", "--max-steps", "4", "--validations", "2", "--set", "lr=0.0002",
          "--set", "ema_decay=0.9"],
         cwd=REPO, capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin",
-                                                                     "PYTHONPATH": str(tmp_path / "hook")})
+                                                                     "PYTHONPATH": str(tmp_path / "hook"),
+                                                                     "KOCR_SET_INDEX_DIR": str(index_dir)})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    # the set indexes its training wrote (training.data.set_index) went to the test's folder, not to ~/.cache
+    assert sorted(p.name.split("-")[0] for p in index_dir.glob("*.idx")) == ["train", "val"]
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["faces"] == len(packed["fonts"]) and result["faces_missing"] == []
     assert result["render_workers"] == 2 and result["batch_size"] == 4 and result["steps"] == 3
