@@ -16,16 +16,19 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
+import time
 import warnings
 from pathlib import Path
 
 import yaml
 
 from kocr import KocrWarning
-from kocr.atomic import holds_set_lock
+from kocr.atomic import holds_set_lock, write_json
+from kocr.set_cache import cache_dir
 
 
 def _norm(path: str | os.PathLike) -> str:
@@ -128,17 +131,28 @@ def content_hash(path: str | os.PathLike) -> str:
     that cannot be read (permissions, I/O) adds its name and an ``unreadable`` mark instead of its
     bytes, so the hash still names what was there and the command goes on to report it. The lock file of a
     set this process is writing there (``kocr.atomic.holds_set_lock``: ``prepare``'s ``--out`` inside its
-    source) is left out, unread, as DVC leaves out ``.*.lock`` (.dvcignore)."""
+    source) is left out, unread, as DVC leaves out ``.*.lock`` (.dvcignore).
+
+    Reading every byte costs about 3 s a GB (minutes for a crop set of tens of GB, at every train start),
+    so the hash is kept outside the set (``_recorded``) and taken from there, without reading a byte,
+    while every file has the name, device, inode, size, mtime and ctime it had when it was read."""
     root = Path(path)
-    digest = hashlib.md5()
+    started = time.time_ns()
     if root.is_file():
-        entries = [(Path(root.name), root)]
+        entries = [(Path(root.name), root, _stat(root))]
     else:
         entries = sorted(_walk(root), key=lambda entry: entry[0])  # as sorted(Path) orders the names
-    for rel, file in entries:
+    key = _stat_key(root, entries)
+    known = _recorded(root, key, entries)
+    if known:
+        return known
+    digest = hashlib.md5()
+    whole = True  # every file and folder read: only then is the hash kept
+    for rel, file, _ in entries:
         digest.update(os.fsencode(rel))  # any bytes a name has
         if file is None:
             digest.update(b"\0unreadable folder\0")
+            whole = False
             continue
         try:
             with file.open("rb") as fh:
@@ -146,7 +160,89 @@ def content_hash(path: str | os.PathLike) -> str:
                     digest.update(chunk)
         except OSError:
             digest.update(b"\0unreadable file\0")
+            whole = False
+    if whole and key is not None:
+        _record(root, key, entries, started, digest.hexdigest())
     return digest.hexdigest()
+
+
+HASH_CACHE_MAGIC = "kocr-content-hash 1"
+RACY_NS = 2 * 10**9  # a file changed this shortly before the read began may change again within one tick of its
+# timestamps (1-10 ms, more on network filesystems) and keep them all: its hash is not kept (git's "racy clean")
+
+
+def _stat(file: Path) -> os.stat_result | None:
+    try:
+        return file.stat()
+    except OSError:
+        return None
+
+
+def _stat_key(root: Path, entries: list[tuple[Path, Path | None, os.stat_result | None]]) -> str | None:
+    """SHA-256 over the set's path and each file's name, device, inode, size, mtime and ctime: what changes
+    whenever a file's bytes do (DVC's state database keys on inode, size and mtime); None when a file or
+    folder could not be looked at."""
+    key = hashlib.sha256(f"{HASH_CACHE_MAGIC}\0".encode() + os.fsencode(root.resolve()) + b"\0")
+    for rel, file, st in entries:
+        if file is None or st is None:
+            return None
+        key.update(os.fsencode(rel) + f"\0{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}\n"
+                   .encode())
+    return key.hexdigest()
+
+
+def _hash_cache_path(root: Path) -> Path | None:
+    folder = cache_dir()
+    if folder is None:
+        return None
+    where = root.resolve()
+    return folder / f"{where.name}-{hashlib.sha256(os.fsencode(where)).hexdigest()[:20]}.md5"
+
+
+def _recorded(root: Path, key: str | None, entries: list[tuple[Path, Path | None, os.stat_result | None]]) -> str | None:
+    """The hash kept for ``root`` when it was kept for ``key`` and this process may read every file
+    (else a full read would mark some unreadable); None otherwise, or when the cache cannot be read."""
+    cache = _hash_cache_path(root) if key is not None else None
+    if cache is None:
+        return None
+    try:
+        kept = json.loads(cache.read_text(encoding="utf-8"))
+        if kept["magic"] != HASH_CACHE_MAGIC or kept["key"] != key or not re.fullmatch(r"[0-9a-f]{32}", kept["md5"]):
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    effective = os.access in os.supports_effective_ids
+    if not all(os.access(file, os.R_OK, effective_ids=effective) for _, file, _ in entries):
+        return None
+    return kept["md5"]
+
+
+def _record(root: Path, key: str, entries: list[tuple[Path, Path | None, os.stat_result | None]], started: int,
+            digest: str) -> None:
+    """Keep ``digest`` for ``root`` under ``key`` (atomically), unless a file changed while it was read or too
+    shortly before (``RACY_NS``); then drop the kept hashes of sets that are gone. A cache that cannot be
+    written keeps nothing: the next run reads the set again."""
+    cache = _hash_cache_path(root)
+    if cache is None:
+        return
+    latest = max((max(st.st_mtime_ns, st.st_ctime_ns) for _, _, st in entries), default=0)
+    if latest > started - RACY_NS or _stat_key(root, [(rel, file, _stat(file)) for rel, file, _ in entries]) != key:
+        return
+    try:
+        write_json(cache, {"magic": HASH_CACHE_MAGIC, "path": os.fsdecode(root.resolve()), "key": key, "md5": digest})
+        for other in cache.parent.glob("*.md5"):
+            if other != cache and _hash_orphaned(other):
+                other.unlink(missing_ok=True)
+    except OSError:
+        return
+
+
+def _hash_orphaned(kept: Path) -> bool:
+    """Whether the set a kept hash was written for is gone (False when the file cannot be read)."""
+    try:
+        return not os.path.exists(json.loads(kept.read_text(encoding="utf-8"))["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def first_visit(folder: Path, seen: set[Path]) -> bool:
@@ -160,10 +256,10 @@ def first_visit(folder: Path, seen: set[Path]) -> bool:
     return True
 
 
-def _walk(root: Path) -> list[tuple[Path, Path | None]]:
-    """(name relative to ``root``, the file) of each file below it, linked folders followed once
-    each; (name, None) for a folder that cannot be listed."""
-    found: list[tuple[Path, Path | None]] = []
+def _walk(root: Path) -> list[tuple[Path, Path | None, os.stat_result | None]]:
+    """(name relative to ``root``, the file, its stat or None) of each file below it, linked folders
+    followed once each; (name, None, None) for a folder that cannot be listed."""
+    found: list[tuple[Path, Path | None, os.stat_result | None]] = []
     seen = {root.resolve()}
     unlisted: list[OSError] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unlisted.append):
@@ -174,14 +270,15 @@ def _walk(root: Path) -> list[tuple[Path, Path | None]]:
             if holds_set_lock(file):  # this process's lock beside a set it writes there: reading it would let go
                 continue
             try:
-                if not stat.S_ISREG(file.stat().st_mode):
+                st = file.stat()
+                if not stat.S_ISREG(st.st_mode):
                     continue
             except FileNotFoundError:  # a dangling link
                 continue
             except OSError:  # hashed as unreadable
-                pass
-            found.append((file.relative_to(root), file))
-    found += [(Path(error.filename).relative_to(root), None) for error in unlisted if error.filename]
+                st = None
+            found.append((file.relative_to(root), file, st))
+    found += [(Path(error.filename).relative_to(root), None, None) for error in unlisted if error.filename]
     return found
 
 

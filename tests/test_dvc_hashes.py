@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,110 @@ def test_dvc_record_names_what_versions_a_path(project, tmp_path):
         fh.write("  make:\n    cmd: mkdir -p ${data.made}\n    outs:\n      - ${data.made}:\n          persist: true\n")
     assert dvc_record(project / "data" / "made" / "x") == "dvc.yaml (stage make)"
     assert dvc_record("data/other") is None and dvc_record(tmp_path / "elsewhere") is None
+
+
+def _full_read(src: Path) -> str:
+    """The content hash as the full read computes it: MD5 over each file's relative name and bytes, in order."""
+    import hashlib
+
+    digest = hashlib.md5()
+    for file in sorted(p for p in src.rglob("*") if p.is_file()):
+        with open(file, "rb") as fh:  # not counted by counted_opens
+            digest.update(os.fsencode(file.relative_to(src)) + fh.read())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def counted_opens(monkeypatch) -> list[Path]:
+    """The files opened for their bytes (as content_hash reads them), in order."""
+    opened: list[Path] = []
+    real_open = Path.open
+
+    def counting(self, mode="r", *args, **kwargs):
+        if mode == "rb":
+            opened.append(self)
+        return real_open(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", counting)
+    return opened
+
+
+def _set(tmp_path: Path) -> Path:
+    src = tmp_path / "set"
+    (src / "part").mkdir(parents=True)
+    for name, data in (("data.mdb", os.urandom(3000)), ("lock.mdb", b"\0" * 64), ("part/data.mdb", os.urandom(500))):
+        (src / name).write_bytes(data)
+    return src
+
+
+def test_a_second_hash_of_an_unchanged_set_reads_no_file(tmp_path, monkeypatch, counted_opens):
+    """kocr train logs the content hash of a set outside DVC at every start: 3 s a GB read. Kept outside the
+    set, it is taken from there while no file changed, byte-identical to the full read's."""
+    import kocr.dvc_hashes as dvc_hashes
+
+    monkeypatch.setattr(dvc_hashes, "RACY_NS", 0, raising=False)  # files written just now may be kept (see the racy test)
+    src = _set(tmp_path)
+    listing = sorted(src.rglob("*"))
+    first = content_hash(src)
+    assert first == _full_read(src) and len(counted_opens) == 3
+    counted_opens.clear()
+    assert content_hash(src) == first and counted_opens == []  # read again before: 3 files
+    assert sorted(src.rglob("*")) == listing  # nothing written into the set: dvc status stays clean
+    kept = list(Path(os.environ["KOCR_SET_INDEX_DIR"]).glob("*.md5"))
+    assert len(kept) == 1 and kept[0].name.startswith("set-")
+
+    time.sleep(0.05)  # past the tick of the file timestamps
+    file = src / "part" / "data.mdb"
+    before = file.stat()
+    file.write_bytes(os.urandom(500))  # the same size, its mtime put back: only the ctime tells
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    changed = content_hash(src)
+    assert changed != first and changed == _full_read(src) and len(counted_opens) == 3
+    counted_opens.clear()
+    (src / "new.txt").write_bytes(b"")  # a file more (or less, or renamed) is another listing
+    assert content_hash(src) == _full_read(src) and len(counted_opens) == 4
+    counted_opens.clear()
+    (src / "new.txt").rename(src / "renamed.txt")
+    assert content_hash(src) == _full_read(src) and len(counted_opens) == 4
+
+
+def test_a_hash_of_files_changed_just_before_is_not_kept(tmp_path, counted_opens):
+    """A file written within one tick of its timestamps before the read (a set hashed as it is written) may
+    change again and keep them: such a set's hash is not kept; the next start reads it again."""
+    src = _set(tmp_path)
+    first = content_hash(src)
+    counted_opens.clear()
+    assert content_hash(src) == first and len(counted_opens) == 3
+    assert list(Path(os.environ["KOCR_SET_INDEX_DIR"]).glob("*.md5")) == []
+
+
+def test_a_cache_that_cannot_be_read_or_written_never_stops_a_run(tmp_path, monkeypatch, counted_opens):
+    import kocr.dvc_hashes as dvc_hashes
+
+    monkeypatch.setattr(dvc_hashes, "RACY_NS", 0, raising=False)
+    src = _set(tmp_path)
+    expected = _full_read(src)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("KOCR_SET_INDEX_DIR", str(tmp_path / "file" / "cache"))  # no folder can be made there
+    assert content_hash(src) == content_hash(src) == expected and len(counted_opens) == 6
+    monkeypatch.setenv("KOCR_SET_INDEX_DIR", "")  # keep nothing
+    assert content_hash(src) == expected and len(counted_opens) == 9 and not (tmp_path / "file").is_dir()
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("KOCR_SET_INDEX_DIR", str(cache))
+    assert content_hash(src) == expected
+    kept = next(cache.glob("*.md5"))
+    for garbled in (b"", b"{\"magic\": ", b"[1, 2]", kept.read_bytes().replace(b'"key": "', b'"key": "0')):
+        kept.write_bytes(garbled)
+        counted_opens.clear()
+        assert content_hash(src) == expected and len(counted_opens) == 3  # read whole, and kept again
+        counted_opens.clear()
+        assert content_hash(src) == expected and counted_opens == []
+    gone = _set(tmp_path / "gone")  # the hash of a set that is no longer there goes with the next one kept
+    content_hash(gone)
+    import shutil
+
+    shutil.rmtree(gone)
+    (src / "lock.mdb").write_bytes(b"\1" * 64)
+    time.sleep(0.01)
+    content_hash(src)
+    assert [p.name.split("-")[0] for p in cache.glob("*.md5")] == ["set"]

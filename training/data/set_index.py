@@ -36,6 +36,7 @@ from typing import IO, Any, Iterator
 import PIL
 
 from kocr.atomic import atomic_path
+from kocr.set_cache import cache_dir as index_dir
 from training.data.lmdb_store import LmdbDataset
 
 MAGIC = b"kocr-set-index 1\n"
@@ -45,15 +46,6 @@ _CHUNK = 1 << 16    # (height, width) pairs read or written at a time
 
 class StaleIndex(Exception):
     """The labels read differ from those the index was written with: the set must be read whole."""
-
-
-def index_dir() -> Path | None:
-    """Where set indexes are kept: ``KOCR_SET_INDEX_DIR`` when set (empty: keep none), else
-    ``$XDG_CACHE_HOME/kocr/set-index`` (``~/.cache/kocr/set-index``)."""
-    value = os.environ.get("KOCR_SET_INDEX_DIR")
-    if value is not None:
-        return Path(os.path.abspath(value)) if value else None
-    return Path(os.path.abspath(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kocr" / "set-index"))
 
 
 def index_path(source: LmdbDataset) -> Path | None:
