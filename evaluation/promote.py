@@ -305,6 +305,32 @@ def decision_metrics(decision: dict[str, Any], metric: str) -> dict[str, float]:
     return {**scores, "promoted": float(bool(decision["promoted"]))}
 
 
+def log_on_model_run(candidate: Candidate, scores: dict[str, Any]) -> dict[str, float]:
+    """Log the candidate's evaluation ``scores`` (``metrics/evaluate.json``'s ``candidate``, the :data:`RANKED`
+    ones) on the run that trained it, the run its registry version names, and on its logged model, under the
+    names promote ranks by (``e2e_f1``, ``cer``, …), with the set's and the scoring's hashes as the run's
+    ``eval_data_hash`` and ``eval_scoring_hash`` tags; returns what was logged.
+
+    Was: only the evaluate run held them (``candidate_e2e_f1``), so the run owning a model had no ``e2e_f1``
+    and the UI's compare view of train runs could not show what the registry promotes by. A store that
+    refuses costs these only (warned), never the promotion."""
+    logged = {k: float(v) for k, v in scores.items() if k in RANKED and isinstance(v, (int, float))
+              and not isinstance(v, bool) and math.isfinite(v)}
+    model_id = candidate.model_uri.removeprefix("models:/") if candidate.model_uri.startswith("models:/m-") else None
+    client = mlflow.MlflowClient()
+    try:
+        for key, value in sorted(logged.items()):
+            client.log_metric(candidate.run_id, key, value, model_id=model_id)
+        client.set_tag(candidate.run_id, "eval_data_hash", candidate.eval_data_hash)
+        if candidate.eval_scoring_hash:
+            client.set_tag(candidate.run_id, "eval_scoring_hash", candidate.eval_scoring_hash)
+    except MlflowException as exc:
+        warnings.warn(f"run {candidate.run_id}: its evaluation scores were not logged on it ({exc.message})",
+                      KocrWarning, stacklevel=2)
+        return {}
+    return logged
+
+
 DECISION_TAG = "kocr.decision"  # the decision as metrics/promote.json holds it, kept on the version
 
 

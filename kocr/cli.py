@@ -507,7 +507,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
     import mlflow
 
     from evaluation.evaluate import EvaluateConfig, evaluate_models, test_pages
-    from evaluation.promote import RANKED, Candidate, PromoteConfig, decision_metrics, promote
+    from evaluation.promote import RANKED, Candidate, PromoteConfig, decision_metrics, log_on_model_run, promote
     from kocr.tracking import stage_run
 
     params = load_params()
@@ -536,6 +536,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
     # every knob as promote read it, defaults included: promote.min_delta is a param also when params.yaml leaves it out
     with stage_run("promote", {"promote": PromoteConfig.logged(asdict(config))}):
         decision = promote(candidate, config, rescore)
+        log_on_model_run(candidate, evaluated["candidate"])  # e2e_f1 … on the train run its version names
         mlflow.log_dict(decision, "promote.json")
         mlflow.log_metrics(decision_metrics(decision, config.metric))  # charted run by run, as evaluate's are
         mlflow.set_tags({"decision": decision["reason"],  # and which registry version this run made

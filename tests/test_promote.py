@@ -724,3 +724,33 @@ def test_a_champion_promoted_by_an_older_kocr_is_restated_when_its_candidate_is_
     assert again["reason"] == "v1 is champion already: an earlier promote of this candidate promoted it"
     assert again["champion_e2e_f1"] == pytest.approx(0.40) and again["delta_e2e_f1"] is None
     assert int(client.get_model_version_by_alias("reg-older", "champion").version) == 1
+
+
+def test_the_run_that_owns_the_model_carries_the_score_it_is_promoted_by(logged_uris, monkeypatch, tmp_path):
+    """Was: only the evaluate run held the candidate's scores (candidate_e2e_f1); the train run its registry
+    version names, and its logged model, had no e2e_f1, so comparing train runs in the UI could not show
+    the metric the registry promotes by."""
+    import json
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("promote: {model_name: owned}\n", encoding="utf-8")
+    (tmp_path / "cand").mkdir()
+    (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uris[0][0], "run_id": uris[0][1]}))
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "candidate": {"e2e_f1": 0.625, "cer": 0.0125, "pages": 6, "cleval_e2e_f1": float("nan")},
+        "eval_data_hash": "evalset", "eval_scoring_hash": "scoring"}))
+    from kocr.cli import main
+
+    assert main(["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src", "--splits", "s.json",
+                 "--out", "promote.json"]) == 0
+    client = mlflow.MlflowClient()
+    version = client.get_model_version("owned", json.loads((tmp_path / "promote.json").read_text())["candidate_version"])
+    owner = client.get_run(version.run_id)
+    assert owner.info.run_id == uris[0][1]
+    assert owner.data.metrics == {"e2e_f1": 0.625, "cer": 0.0125}  # the ranked scores, finite; no count
+    assert owner.data.tags["eval_data_hash"] == "evalset" and owner.data.tags["eval_scoring_hash"] == "scoring"
+    model = mlflow.get_logged_model(uris[0][0].removeprefix("models:/"))
+    assert {m.key: m.value for m in model.metrics or []} == {"e2e_f1": 0.625, "cer": 0.0125}
