@@ -857,3 +857,24 @@ def test_a_stop_while_a_worker_fails_a_dead_workers_trial_still_queues_its_retry
     first, *retry = optuna.load_study(study_name="dead-worker", storage=storage).get_trials(deepcopy=False)
     assert first.state.name == "FAIL" and [t.state.name for t in retry] == ["WAITING"]
     assert retry[0].system_attrs["failed_trial"] == 0 and retry[0].params == first.params
+
+
+def test_the_tune_run_leaves_out_a_knob_its_conditional_entries_search_in_every_trial():
+    """Was: only unconditional entries counted as searched, so with params.yaml's space (lr for adam and
+    adamw, lr_adadelta setting lr for adadelta) the tune run showed params.yaml's train.lr, which no trial
+    trained with. A knob searched for some choices only keeps params.yaml's value, which the others train with."""
+    from training.tune import fixed_knob_params
+
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    config = TuneConfig.from_params(shipped["tune"])
+    params = fixed_knob_params(shipped, config)
+    assert "train.lr" not in params and "train.optimizer" not in params
+    assert params["train.weight_decay"] == str(float(shipped["train"]["weight_decay"]))  # not searched: kept
+    partial = {**PARAMS["tune"], "space": {
+        "optimizer": {"type": "categorical", "choices": ["adam", "adamw", "adadelta"]},
+        "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "when": {"optimizer": ["adam", "adamw"]}},
+        "warmup_steps": {"type": "int", "low": 0, "high": 4},
+        "augment": {"type": "float", "low": 0.0, "high": 0.5, "when": {"warmup_steps": [0, 1, 2, 3, 4]}}}}
+    params = fixed_knob_params(PARAMS, TuneConfig.from_params(partial))
+    assert params["train.lr"] == "0.001"  # adadelta trials train with it
+    assert params["train.augment"] == "0.0"  # conditioned on an int entry: not listed as searched everywhere

@@ -33,6 +33,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -635,13 +636,33 @@ def trial_config(params: dict[str, Any], overrides: dict[str, Any], config: Tune
     return TrainConfig.from_params({**params, "train": section})
 
 
+def always_searched(space: tuple[ParamSpec, ...]) -> frozenset[str]:
+    """The knobs every trial of ``space`` searches: those of its unconditional entries, and a knob whose
+    conditional entries between them cover every choice of the categorical entries they depend on, as
+    params.yaml's ``lr`` (``optimizer`` adam or adamw) and ``lr_adadelta`` (adadelta) set ``lr`` in every trial.
+    A knob that some trials do not search (a choice no entry's ``when`` lists, or a condition on a
+    float or int entry, whose values cannot all be listed) is not one."""
+    plain = {spec.name: spec for spec in space if not spec.when}
+    searched = {spec.key for spec in plain.values()}
+    for key in {spec.key for spec in space if spec.when} - searched:
+        specs = [spec for spec in space if spec.key == key]
+        names = sorted({other for spec in specs for other, _ in spec.when})
+        if any(plain[name].type != "categorical" for name in names) \
+                or math.prod(len(plain[name].choices) for name in names) > 10_000:
+            continue
+        combos = itertools.product(*(plain[name].choices for name in names))
+        if all(any(spec.applies(dict(zip(names, combo))) for spec in specs) for combo in combos):
+            searched.add(key)
+    return frozenset(searched)
+
+
 def fixed_knob_params(params: dict[str, Any], config: TuneConfig) -> dict[str, str]:
     """The ``tune`` run's ``train.*``/``model.*`` params: the knobs every trial of ``config`` trains
     with that it does not search, with the trial budget (``train.steps`` = ``steps_per_trial``,
-    ``train.val_every`` = ``report_every``); the knobs every trial searches (unconditional entries of
-    ``tune.space``) are left out, as no trial trains with params.yaml's value of them."""
-    searched = frozenset(spec.key for spec in config.space if not spec.when)
-    return knob_params(trial_config(params, {}, config), leave_out=searched)
+    ``train.val_every`` = ``report_every``); the knobs every trial searches (:func:`always_searched`)
+    are left out, as no trial trains with params.yaml's value of them (was: only those of unconditional
+    entries, so the tune run showed params.yaml's ``train.lr``, which the default space sets in every trial)."""
+    return knob_params(trial_config(params, {}, config), leave_out=always_searched(config.space))
 
 
 def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, Any],
