@@ -27,7 +27,7 @@ from pathlib import Path
 import yaml
 
 from kocr import KocrWarning
-from kocr.atomic import holds_set_lock, write_json
+from kocr.atomic import holds_set_lock, write_text
 from kocr.set_cache import cache_dir
 
 
@@ -229,11 +229,13 @@ def _record(root: Path, key: str, entries: list[tuple[Path, Path | None, os.stat
     if latest > started - RACY_NS or _stat_key(root, [(rel, file, _stat(file)) for rel, file, _ in entries]) != key:
         return
     try:
-        write_json(cache, {"magic": HASH_CACHE_MAGIC, "path": os.fsdecode(root.resolve()), "key": key, "md5": digest})
+        # ASCII JSON: a path that is not UTF-8 (os.fsdecode's surrogates) is kept as \udcXX escapes and read back
+        write_text(cache, json.dumps({"magic": HASH_CACHE_MAGIC, "path": os.fsdecode(root.resolve()), "key": key,
+                                      "md5": digest}))
         for other in cache.parent.glob("*.md5"):
             if other != cache and _hash_orphaned(other):
                 other.unlink(missing_ok=True)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: UnicodeError, never a reason to stop the run
         return
 
 

@@ -224,3 +224,24 @@ def test_a_cache_that_cannot_be_read_or_written_never_stops_a_run(tmp_path, monk
     time.sleep(0.01)
     content_hash(src)
     assert [p.name.split("-")[0] for p in cache.glob("*.md5")] == ["set"]
+
+
+def test_a_set_whose_path_is_not_utf8_is_hashed_and_kept(tmp_path, monkeypatch, counted_opens):
+    """Was: the kept hash's JSON named the set's path as UTF-8, and a path with other bytes (os.fsdecode's
+    surrogates) raised UnicodeEncodeError out of content_hash: the run stopped where the full read had worked."""
+    import kocr.dvc_hashes as dvc_hashes
+
+    monkeypatch.setattr(dvc_hashes, "RACY_NS", 0, raising=False)
+    src = Path(os.fsdecode(os.fsencode(tmp_path) + b"/set\xff"))
+    (src / "part").mkdir(parents=True)
+    (src / "part" / os.fsdecode(b"a\xfe.png")).write_bytes(b"x" * 10)
+    expected = _full_read(src)
+    assert content_hash(src) == expected and len(counted_opens) == 1
+    counted_opens.clear()
+    assert content_hash(src) == expected and counted_opens == []  # kept, and read back
+    import shutil
+
+    shutil.rmtree(src)
+    other = _set(tmp_path)
+    content_hash(other)  # the next hash kept drops the one of the set that is gone, path read back from its JSON
+    assert [p.name.split("-")[0] for p in Path(os.environ["KOCR_SET_INDEX_DIR"]).glob("*.md5")] == ["set"]
