@@ -12,8 +12,13 @@ from pathlib import Path
 
 def cache_dir() -> Path | None:
     """``KOCR_SET_INDEX_DIR`` when set (empty: keep nothing), else ``$XDG_CACHE_HOME/kocr/set-index``
-    (``~/.cache/kocr/set-index``)."""
+    (``~/.cache/kocr/set-index``); None (keep nothing) when neither is set and there is no home directory
+    (no ``HOME``, a user id without a passwd entry), where ``Path.home()`` raises RuntimeError."""
     value = os.environ.get("KOCR_SET_INDEX_DIR")
     if value is not None:
         return Path(os.path.abspath(value)) if value else None
-    return Path(os.path.abspath(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kocr" / "set-index"))
+    try:
+        cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    except RuntimeError:
+        return None
+    return Path(os.path.abspath(Path(cache) / "kocr" / "set-index"))

@@ -245,3 +245,23 @@ def test_a_set_whose_path_is_not_utf8_is_hashed_and_kept(tmp_path, monkeypatch, 
     other = _set(tmp_path)
     content_hash(other)  # the next hash kept drops the one of the set that is gone, path read back from its JSON
     assert [p.name.split("-")[0] for p in Path(os.environ["KOCR_SET_INDEX_DIR"]).glob("*.md5")] == ["set"]
+
+
+def test_no_home_directory_keeps_no_hash_and_never_stops_a_run(tmp_path, monkeypatch, counted_opens):
+    """Was: with neither KOCR_SET_INDEX_DIR nor XDG_CACHE_HOME set, and no home directory (no HOME, a user id
+    without a passwd entry), Path.home()'s RuntimeError came out of content_hash: prepare and evaluate, which
+    never needed a cache, stopped."""
+    import kocr.dvc_hashes as dvc_hashes
+    from kocr.set_cache import cache_dir
+
+    monkeypatch.setattr(dvc_hashes, "RACY_NS", 0, raising=False)
+    src = _set(tmp_path)
+    for name in ("KOCR_SET_INDEX_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+
+    def no_home(cls):
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", classmethod(no_home))
+    assert cache_dir() is None
+    assert content_hash(src) == content_hash(src) == _full_read(src) and len(counted_opens) == 6  # nothing kept
