@@ -47,15 +47,18 @@ def _quads(words: list[Word]) -> np.ndarray:
 _SWAP_LOCK = threading.Lock()
 
 
-def jit_cache_dir() -> Path:
+def jit_cache_dir() -> Path | None:
     """Where the compiled cleval functions are kept: ``NUMBA_CACHE_DIR`` when set, else
     ``$XDG_CACHE_HOME/kocr/numba`` (``~/.cache/kocr/numba``); absolute, ``..`` resolved (numba keeps a
-    compile under the folder as it is written, and ``_cached`` checks it is kept there)."""
+    compile under the folder as it is written, and ``_cached`` checks it is kept there). None where
+    there is no home directory to hold it (cleval then compiles in every process, as by itself)."""
     import numba
+
+    from kocr.set_cache import user_cache
 
     if numba.config.CACHE_DIR:  # NUMBA_CACHE_DIR, read when numba was imported
         return Path(os.path.abspath(numba.config.CACHE_DIR))
-    return Path(os.path.abspath(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kocr" / "numba"))
+    return user_cache("numba")
 
 
 def _writable(folder: Path) -> bool:
@@ -79,7 +82,7 @@ def cache_cleval_jit() -> Path | None:
     from numba.core.dispatcher import Dispatcher
 
     root = jit_cache_dir()
-    if not _writable(root):
+    if root is None or not _writable(root):
         return None
     with _SWAP_LOCK:
         swapped: dict[int, Dispatcher] = {}

@@ -10,15 +10,21 @@ import os
 from pathlib import Path
 
 
-def cache_dir() -> Path | None:
-    """``KOCR_SET_INDEX_DIR`` when set (empty: keep nothing), else ``$XDG_CACHE_HOME/kocr/set-index``
-    (``~/.cache/kocr/set-index``); None (keep nothing) when neither is set and there is no home directory
-    (no ``HOME``, a user id without a passwd entry), where ``Path.home()`` raises RuntimeError."""
-    value = os.environ.get("KOCR_SET_INDEX_DIR")
-    if value is not None:
-        return Path(os.path.abspath(value)) if value else None
+def user_cache(*parts: str) -> Path | None:
+    """``$XDG_CACHE_HOME/kocr/PARTS`` (``~/.cache/kocr/PARTS``), absolute; None when ``XDG_CACHE_HOME`` is
+    unset and there is no home directory (no ``HOME``, a user id without a passwd entry, as a container
+    run with a host user's id can be), where ``Path.home()`` raises RuntimeError."""
     try:
         cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     except RuntimeError:
         return None
-    return Path(os.path.abspath(Path(cache) / "kocr" / "set-index"))
+    return Path(os.path.abspath(Path(cache, "kocr", *parts)))
+
+
+def cache_dir() -> Path | None:
+    """``KOCR_SET_INDEX_DIR`` when set (empty: keep nothing), else ``user_cache("set-index")``
+    (``~/.cache/kocr/set-index``; None, keep nothing, where there is no home directory)."""
+    value = os.environ.get("KOCR_SET_INDEX_DIR")
+    if value is not None:
+        return Path(os.path.abspath(value)) if value else None
+    return user_cache("set-index")

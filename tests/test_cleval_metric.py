@@ -277,3 +277,20 @@ def test_a_cached_compile_that_cannot_be_read_is_compiled_again_not_raised(tmp_p
     assert cache_cleval_jit() == tmp_path / "cache"
     assert Path(module.add_one.stats.cache_path).parent == tmp_path / "cache"  # swapped
     assert module.add_one(1) == 2
+
+
+def test_no_home_directory_leaves_cleval_compiling_per_process_and_scoring(monkeypatch):
+    # was: jit_cache_dir called Path.home(), which raises RuntimeError where there is no HOME and the user id
+    # has no passwd entry (a container run with a host user's id), so every evaluate stopped before scoring
+    import numba
+
+    from evaluation import cleval_metric
+
+    def no_home() -> Path:
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(numba.config, "CACHE_DIR", "")
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert cleval_metric.jit_cache_dir() is None and cleval_metric.cache_cleval_jit() is None
+    assert _scores(list(GT.words))["cleval_e2e_f1"] == pytest.approx(1.0)
