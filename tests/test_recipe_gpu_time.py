@@ -24,6 +24,7 @@ spec.loader.exec_module(probe)
 # there (lmdb and RapidFuzz travel as wheels in the kit; torch, OpenCV, Pillow, PyYAML, tqdm are there).
 ABSENT_THERE = ("wordfreq", "mlflow", "dvc", "easyocr", "easyocr_en_models", "optuna", "psycopg2")
 BLOCK_HOOK = f"""
+import importlib.metadata as metadata
 import sys
 from importlib.abc import MetaPathFinder
 class Absent(MetaPathFinder):
@@ -31,6 +32,12 @@ class Absent(MetaPathFinder):
         if name.split(".")[0] in {ABSENT_THERE!r}:
             raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
 sys.meta_path.insert(0, Absent())
+from_name = metadata.Distribution.from_name.__func__
+def absent_from_name(cls, name):  # nor is their metadata there (importlib.metadata.version)
+    if name.lower().replace("-", "_") in {ABSENT_THERE!r}:
+        raise metadata.PackageNotFoundError(name)
+    return from_name(cls, name)
+metadata.Distribution.from_name = classmethod(absent_from_name)
 """
 
 
@@ -135,3 +142,22 @@ def test_kit_words_carry_the_params_latin_share(tmp_path):
     latin_only = [t for t in latin if not has_hangul(t) and any(c.isalpha() and c.islower() for c in t)]
     assert 120 <= len(latin_only) <= 280  # about half, as the GPU machine's renderer should draw them
     assert sum(not has_hangul(t) and any(c.isalpha() and c.islower() for c in t) for t in plain) < 40
+
+
+def test_a_set_key_is_drawn_where_wordfreq_is_not_installed(monkeypatch):
+    """The GPU machine has no wordfreq: its sets' resume key counts it as absent instead of failing."""
+    import importlib.metadata
+
+    from training.data.set_key import generator_key
+
+    here = generator_key({"seed": 0}, "korean_g2", [])
+    real = importlib.metadata.version
+
+    def version(name: str) -> str:
+        if name == "wordfreq":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    there = generator_key({"seed": 0}, "korean_g2", [])
+    assert len(there) == 64 and there != here

@@ -27,7 +27,8 @@ def generator_key(knobs: Mapping[str, Any], charset_name: str, files: Iterable[s
     """Hex digest of ``knobs`` (JSON, keys sorted), the code that draws samples (``training/data/*.py``
     and ``training/charset.py``), the charset's characters, each of ``files`` (fonts, text, background
     images: path, size and mtime) and the versions of the libraries that draw and encode samples
-    (wordfreq, Pillow and its FreeType, OpenCV, NumPy)."""
+    (wordfreq, Pillow and its FreeType, OpenCV, NumPy); one not installed counts as ``None`` (the
+    GPU machine has no wordfreq: its sets are drawn from a word list, docs/recipe.md)."""
     digest = hashlib.sha256(json.dumps(dict(knobs), sort_keys=True, default=str).encode())
     here = Path(__file__).parent
     for module in [*sorted(here.glob("*.py")), here.parent / "charset.py"]:
@@ -38,6 +39,14 @@ def generator_key(knobs: Mapping[str, Any], charset_name: str, files: Iterable[s
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode("utf-8", "surrogateescape"))
     from PIL import features
 
-    versions = [importlib.metadata.version(d) for d in ("wordfreq", "pillow", "numpy")]
+    versions = [installed_version(d) for d in ("wordfreq", "pillow", "numpy")]
     digest.update(repr([*versions, features.version("freetype2"), cv2.__version__]).encode())
     return digest.hexdigest()
+
+
+def installed_version(distribution: str) -> str | None:
+    """``distribution``'s installed version, or None where it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
