@@ -161,3 +161,13 @@ def test_a_set_key_is_drawn_where_wordfreq_is_not_installed(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "version", version)
     there = generator_key({"seed": 0}, "korean_g2", [])
     assert len(there) == 64 and there != here
+
+
+def test_the_documented_kit_folder_is_ignored_by_git_in_any_clone(tmp_path):
+    """``--kit .gpuprobe`` (docs/recipe.md) packs ~22 MB of wheels, words and fonts into the checkout: a
+    fresh clone's .gitignore keeps it out of commits (the device tool then takes it only by ``carry``)."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_bytes((REPO / ".gitignore").read_bytes())
+    kit = [".gpuprobe/tokens.txt", ".gpuprobe/whl/lmdb.whl", ".gpuprobe/fonts/UnDotum.ttf"]
+    ignored = subprocess.run(["git", "check-ignore", *kit], cwd=tmp_path, capture_output=True, text=True)
+    assert ignored.stdout.split() == kit
