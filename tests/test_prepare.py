@@ -131,11 +131,50 @@ def test_report_names_every_defect(dropped):
     assert examples("stray_folder") == ["empty_folder"]
 
 
+# reasons that leave a whole page out: each label found is used, wordless, or counted under one of them
+PAGE_REASONS = {"malformed_json", "bad_encoding", "bad_schema", "unreadable_file", "image_missing", "image_used_twice",
+                "image_corrupt", "image_too_large", "page_failed"}
+
+
+def _pages_add_up(report) -> None:
+    left_out = sum(v["count"] for k, v in report["skipped"].items() if k in PAGE_REASONS)
+    assert report["pages_found"] == report["pages_used"] + report["pages_without_crops"] + left_out, report
+
+
 def test_page_counts(dropped):
     _, report = dropped
     # 6 generated + defects + corrupt + orphan + broken; corrupt, orphan and broken are not used
     assert report["pages_found"] == 10
     assert report["pages_used"] == 7 == sum(report["pages"].values())
+    _pages_add_up(report)
+
+
+@pytest.mark.parametrize("step", ["_read_label_or_raise", "_check_image_or_raise"])
+def test_a_page_that_fails_in_the_scan_is_counted_once_with_its_image(tmp_path, monkeypatch, step):
+    """Was: a page whose label or image check raised something unforeseen (page_failed) left its image
+    unclaimed, so the same page was counted again as image_without_label and the counts did not add up."""
+    from training.data import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for stem in "ab":
+        Image.new("L", (200, 100), 255).save(src / f"{stem}.png")
+        write_page(read_page_like(stem, ["서울"]), src / f"{stem}.json")
+    real = getattr(prepare, step)
+
+    def failing(first, *rest):
+        name = first.name if hasattr(first, "name") else first
+        if name.startswith("b"):
+            raise RuntimeError("unforeseen")
+        return real(first, *rest)
+
+    monkeypatch.setattr(prepare, step, failing)
+    report = _run(src, tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    assert report["skipped"]["page_failed"]["count"] == 1
+    assert report["skipped"]["page_failed"]["examples"][0].startswith("b.json: RuntimeError: unforeseen")
+    assert "image_without_label" not in report["skipped"]  # was: b.png, a second count of the same page
+    assert report["pages_used"] == 1
+    _pages_add_up(report)
 
 
 def test_a_page_whose_every_word_was_dropped_is_not_counted_as_used(tmp_path, monkeypatch, capsys):

@@ -251,24 +251,22 @@ class PageMeta:
 
 class LabelRead(NamedTuple):
     """The scan's first step for one label (:func:`_read_label`, in a worker): the image it names and its
-    category; ``image_name`` None when the label cannot be used (``entries`` say why), and then ``claims``
-    whether the image of its stem is still accounted for by it (not ``image_without_label``)."""
+    category; ``image_name`` None when the label cannot be used (``entries`` say why; the image of its stem is
+    then accounted for by it, reported once under the label's reason, not also as ``image_without_label``)."""
 
     image_name: str | None
     category: str = ""
     digest: bytes = b""  # BLAKE2b of the label's bytes
     entries: tuple[tuple[str, str], ...] = ()
-    claims: bool = True
 
 
 class ImageCheck(NamedTuple):
     """The scan's second step for one page (:func:`_check_image`, in a worker): ``digest`` (PageMeta's)
-    None when the image cannot be used (``entries`` say why; ``claims`` as in :class:`LabelRead`)."""
+    None when the image cannot be used (``entries`` say why; the page's image stays accounted for by it)."""
 
     digest: str | None
     pixels: int = 0
     entries: tuple[tuple[str, str], ...] = ()
-    claims: bool = True
 
 
 _WORKER: dict[str, Any] = {}
@@ -315,7 +313,7 @@ def _read_label(label: Member) -> LabelRead:
     try:
         return _read_label_or_raise(label)
     except Exception as exc:  # noqa: BLE001 - reported as page_failed, like _crop_page
-        return LabelRead(None, entries=(_failed(label.name, exc),), claims=False)
+        return LabelRead(None, entries=(_failed(label.name, exc),))
 
 
 def _read_label_or_raise(label: Member) -> LabelRead:
@@ -335,7 +333,7 @@ def _check_image(work: tuple[str, Member, bytes]) -> ImageCheck:
     try:
         return _check_image_or_raise(*work)
     except Exception as exc:  # noqa: BLE001 - reported as page_failed, like _crop_page
-        return ImageCheck(None, entries=(_failed(work[0], exc),), claims=False)
+        return ImageCheck(None, entries=(_failed(work[0], exc),))
 
 
 def _check_image_or_raise(name: str, image: Member, label_digest: bytes) -> ImageCheck:
@@ -676,8 +674,8 @@ def _pair(pool: Executor | None, progress: bool, index: SourceIndex) -> list[tup
     reads = ordered_map(_read_label, labels, pool, chunk=16)
     for label, read in tqdm(zip(labels, reads), total=len(labels), desc="scan labels", unit="page",
                             disable=not progress):
-        if read.image_name is None:  # a label that failed accounts for the image of its stem (not "without label")
-            scanned.append((label, None, index.find_image(label, "")[0] if read.claims else None, read.entries))
+        if read.image_name is None:  # a label that failed (page_failed included) accounts for the image of its
+            scanned.append((label, None, index.find_image(label, "")[0], read.entries))  # stem: not "without label"
             continue
         image, ambiguous = index.find_image(label, read.image_name)
         if image is None:  # the image may be in a folder prepare cannot read
@@ -695,10 +693,8 @@ def _pair(pool: Executor | None, progress: bool, index: SourceIndex) -> list[tup
         if check.digest is not None:
             scanned[at] = (label, PageMeta(label.name, label, images[image], category, check.digest, check.pixels),
                            image, entries)
-        elif check.claims:
+        else:  # the page is reported once, under its reason (page_failed too), and so is its image
             scanned[at] = (label, None, image, entries + check.entries)
-        else:  # page_failed: as a label that failed so (nor does it account for its image)
-            scanned[at] = (label, None, None, check.entries)
     return scanned
 
 
