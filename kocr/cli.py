@@ -41,6 +41,7 @@ def cmd_synth_pages(args: argparse.Namespace) -> None:
     import mlflow
 
     from kocr.tracking import stage_run
+    from training.data.degrade import logged as degrade_logged
     from training.data.synth_pages import generate_pages, page_settings
 
     cfg = section(load_params(), "sample")
@@ -66,7 +67,10 @@ def cmd_synth_pages(args: argparse.Namespace) -> None:
     require(kwargs.get("contact_sheet", 0) >= 0, "sample.contact_sheet", kwargs.get("contact_sheet"),
             "a whole number >= 0 (0: none)")
     page_settings(count, **{k: v for k, v in kwargs.items() if k != "contact_sheet"})  # before any run or page
-    with stage_run("sample", {"sample": {**cfg, "count": count, "seed": seed}}):
+    logged = {**cfg, "count": count, "seed": seed}
+    if "degrade" in cfg:  # as it means: `degrade: off` is False to PyYAML, and would be logged as False
+        logged["degrade"] = degrade_logged(cfg["degrade"])
+    with stage_run("sample", {"sample": logged}):
         written = generate_pages(args.out, count=count, seed=seed, **kwargs)
         mlflow.log_metric("pages", len(written))
     print(f"synth-pages: wrote {len(written)} pages to {args.out}")

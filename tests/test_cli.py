@@ -456,6 +456,28 @@ def test_synth_pages_refuses_a_misspelt_sample_key(tmp_path, monkeypatch, capsys
     assert not (tmp_path / "pages").exists()  # refused before anything was written
 
 
+def test_synth_pages_logs_degrade_off_as_off_not_as_yamls_false(tmp_path, monkeypatch, capsys):
+    """PyYAML reads params.yaml's bare `degrade: off` as False: the pages were the same as with "off", but
+    the sample run logged sample.degrade False (and {preset: off} as preset False)."""
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    runs = {}
+    for name, spelling in (("bare", "off"), ("quoted", '"off"'), ("mapping", "{preset: off, scribble: off}")):
+        (tmp_path / "params.yaml").write_text(
+            "sample: {count: 1, width: 240, height: 160, font_size: [14, 18], fonts: [NanumGothic.ttf], "
+            f"contact_sheet: 0, degrade: {spelling}}}\n", encoding="utf-8")
+        done = _kocr_here(capsys, "synth-pages", "--out", str(tmp_path / name))
+        assert done.returncode == 0, done.stderr
+        [run] = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                   filter_string="attributes.run_name = 'sample'", order_by=["start_time DESC"])[:1]
+        runs[name] = run.data.params
+    assert runs["bare"]["sample.degrade"] == runs["quoted"]["sample.degrade"] == "off"  # was: "False"
+    assert (runs["mapping"]["sample.degrade.preset"], runs["mapping"]["sample.degrade.scribble"]) == ("off", "0.0")
+    images = {name: sorted(p.read_bytes() for p in (tmp_path / name).glob("*.jpg")) for name in runs}
+    assert images["bare"] == images["quoted"] == images["mapping"] and images["bare"]
+
+
 def test_synth_pages_without_fonts_says_the_key_is_required(tmp_path):
     (tmp_path / "params.yaml").write_text("sample: {count: 1}\n", encoding="utf-8")
     done = _kocr("synth-pages", "--out", str(tmp_path / "pages"), cwd=tmp_path)

@@ -51,6 +51,26 @@ def test_preset_off_in_a_mapping_reads_as_off():
     assert config.effect("blur").p == 0.5 and config.effect("jpeg").p == 0
 
 
+def test_an_effect_written_off_is_turned_off_and_on_is_named_as_yaml_reads_it():
+    # YAML 1.1 reads `scribble: off` as False: was refused ("expected a probability ... got False")
+    for off in (False, "off"):
+        assert DegradeConfig.from_params({"preset": "strong", "scribble": off}) == \
+            DegradeConfig.from_params({"preset": "strong", "scribble": 0})
+    # `degrade: on` / `yes` is True to YAML: the message says so instead of a bare "got True"
+    for value, key in ((True, "sample.degrade"), ({"preset": True}, "sample.degrade.preset")):
+        with pytest.raises(SynthConfigError, match=re.escape(f"{key}: expected a preset name")) as caught:
+            DegradeConfig.from_params(value, "sample.degrade")
+        assert "YAML's reading of on, yes or true" in str(caught.value)
+
+
+def test_off_is_logged_as_off_whatever_its_spelling():
+    for value in (False, None, "off"):
+        assert degrade.logged(value) == "off"
+    assert degrade.logged({"preset": False, "blur": 0.5, "scribble": False}) == {
+        "preset": "off", "blur": 0.5, "scribble": 0.0}
+    assert degrade.logged("mild") == "mild"
+
+
 def test_presets_and_overrides():
     mild = DegradeConfig.from_params("mild")
     assert mild.enabled and 0 < mild.effect("jpeg").p < 1

@@ -92,21 +92,24 @@ class DegradeConfig:
 
     @classmethod
     def from_params(cls, value: Any, where: str = "degrade") -> "DegradeConfig":
-        """Build from params.yaml: ``off``/``false``/null, a preset name, or a mapping.
+        """Build from params.yaml: ``off``/``false``/null (PyYAML reads a bare ``off`` as false), a preset
+        name, or a mapping.
 
         A mapping may name a ``preset`` to start from and override effects, each either a
         probability or ``{p: 0.3, <range key>: [lo, hi]}`` (range keys in ``EFFECTS``), e.g.
         ``{preset: mild, jpeg: {p: 0.5, quality: [20, 50]}, scribble: 0}``.
         Unknown keys raise SynthConfigError naming ``where`` and the key.
         """
-        if value is None or value is False or value == "off":
+        if _off(value):
             return cls()
         if isinstance(value, str):
             return cls.preset(value)
         if not isinstance(value, Mapping):
-            raise SynthConfigError(f"{where}: expected a preset name or a mapping, got {value!r}")
+            raise SynthConfigError(f"{where}: expected a preset name or a mapping, got {_shown(value)}")
         preset = value.get("preset", "off")
-        base = cls.preset("off" if preset is None or preset is False else str(preset))
+        if preset is True:
+            raise SynthConfigError(f"{where}.preset: expected a preset name ({', '.join(PRESETS)}), got {_shown(True)}")
+        base = cls.preset("off" if _off(preset) else str(preset))
         effects = dict(base.effects)
         for name, spec in value.items():
             if name == "preset":
@@ -115,12 +118,14 @@ class DegradeConfig:
                 raise SynthConfigError(f"{where}: unknown effect {name!r}; known: {', '.join(EFFECTS)}")
             key, default = EFFECTS[name]
             current = effects.get(name, Effect(0.0, default))
+            if spec is False or spec == "off":  # scribble: off (YAML 1.1 reads a bare off as false)
+                spec = 0.0
             if isinstance(spec, (int, float)) and not isinstance(spec, bool):
                 effects[name] = replace(current, p=float(spec))
                 continue
             if not isinstance(spec, Mapping) or set(spec) - {"p", key}:
                 raise SynthConfigError(f"{where}.{name}: expected a probability or a mapping with keys "
-                                 f"p and {key}, got {spec!r}")
+                                 f"p and {key}, got {_shown(spec)}")
             span = _span(spec.get(key, current.span), f"{where}.{name}.{key}")
             lo, hi, open_lo = LIMITS[name]
             if span[0] < lo or (open_lo and span[0] == lo) or span[1] > hi:
@@ -131,6 +136,33 @@ class DegradeConfig:
             if not 0.0 <= eff.p <= 1.0:
                 raise SynthConfigError(f"{where}.{name}: probability must be in [0, 1], got {eff.p}")
         return cls(effects)
+
+
+def _off(value: Any) -> bool:
+    """Whether a ``degrade`` value (or its ``preset``) means no wear: ``off`` as written, or as YAML 1.1
+    reads a bare ``off`` or ``no`` (false, PyYAML's reading of params.yaml), or null."""
+    return value is None or value is False or value == "off"
+
+
+def _shown(value: Any) -> str:
+    """A params value for a message; true is named as what YAML reads it from (``on``, ``yes``, ``true``)."""
+    return "true (YAML's reading of on, yes or true)" if value is True else repr(value)
+
+
+def logged(value: Any) -> Any:
+    """A ``degrade`` params value as it means, for MLflow: ``off`` for every spelling of off (false, null),
+    in a mapping's ``preset`` too, and an effect turned off (``scribble: off``) as its probability 0.0, so
+    ``degrade: off`` is logged as ``off``, not as PyYAML's ``False``; anything else as written.
+
+    >>> logged(False), logged(None), logged("mild"), logged({"preset": False, "jpeg": 0.5, "scribble": False})
+    ('off', 'off', 'mild', {'preset': 'off', 'jpeg': 0.5, 'scribble': 0.0})
+    """
+    if _off(value):
+        return "off"
+    if isinstance(value, Mapping):
+        return {k: ("off" if _off(v) else v) if k == "preset" else (0.0 if v is False or v == "off" else v)
+                for k, v in value.items()}
+    return value
 
 
 def _span(value: Any, where: str) -> tuple[float, float]:
