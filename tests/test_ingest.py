@@ -793,10 +793,10 @@ def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):
     assert bad == [(1, 'annotation bbox "oops" is not a list of 4 numbers')]
 
 
-def test_a_newer_schema_box_of_two_corners_is_their_rectangle_and_other_point_counts_are_named(tmp_path):
-    """Two points are read as the rectangle the two opposite corners span (either order); 1, 3 or 5 points
-    are no box's corners and are skipped as bad_annotation. Was: one point gave a zero-area box (reported
-    as zero_area_box, as if it had a size), and 3 or 5 points were silently read as their bounding box."""
+def test_a_newer_schema_box_of_two_corners_is_their_rectangle_and_a_single_point_is_no_box(tmp_path):
+    """Two points are read as the rectangle the two opposite corners span (either order), a polygon's points
+    (3, 5) as its bounding box; one point is no box and is skipped as bad_annotation. Was: one point gave a
+    zero-area box, reported as zero_area_box, as if it had a size."""
     src = tmp_path / "src"
     src.mkdir()
     from PIL import Image
@@ -806,21 +806,20 @@ def test_a_newer_schema_box_of_two_corners_is_their_rectangle_and_other_point_co
              {"data": "부산", "x": [150, 110], "y": [60, 30]},          # 2 corners, the other diagonal's order
              {"data": "대구", "x": [10, 50, 50, 10], "y": [40, 40, 60, 60]},
              {"data": "하나", "x": [10], "y": [5]},
-             {"data": "세점", "x": [10, 50, 50], "y": [5, 5, 25]},
-             {"data": "다섯", "x": [10, 50, 50, 10, 30], "y": [5, 5, 25, 25, 15]}]
+             {"data": "세점", "x": [60, 90, 90], "y": [5, 5, 25]},
+             {"data": "다섯", "x": [100, 140, 140, 100, 120], "y": [70, 70, 90, 90, 95]}]
     newer = {"Images": {"identifier": "p", "type": "png", "width": 200, "height": 100}, "bbox": boxes}
     (src / "p.json").write_text(json.dumps(newer, ensure_ascii=False), encoding="utf-8")
     bad: list = []
     parsed = parse_page((src / "p.json").read_bytes(), "p.json", bad=bad)
     assert [(w.text, w.bbox) for w in parsed.words] == [
-        ("서울", (10.0, 5.0, 40.0, 20.0)), ("부산", (110.0, 30.0, 40.0, 30.0)), ("대구", (10.0, 40.0, 40.0, 20.0))]
-    assert [i for i, _ in bad] == [4, 5, 6]
-    assert all(f"give {n} point" in why for n, (_, why) in zip((1, 3, 5), bad)), bad
+        ("서울", (10.0, 5.0, 40.0, 20.0)), ("부산", (110.0, 30.0, 40.0, 30.0)), ("대구", (10.0, 40.0, 40.0, 20.0)),
+        ("세점", (60.0, 5.0, 30.0, 20.0)), ("다섯", (100.0, 70.0, 40.0, 25.0))]
+    assert [i for i, _ in bad] == [4] and "give 1 point" in bad[0][1], bad
     report = prepare_pages(src, tmp_path / "out", PrepareConfig(val_fraction=0.0, test_fraction=0.0),
                            progress=False)
-    assert report["crops"]["train"] == 3 and "zero_area_box" not in report["skipped"]
-    assert [e.split(":")[0] for e in report["skipped"]["bad_annotation"]["examples"]] == ["p.json#4", "p.json#5",
-                                                                                          "p.json#6"]
+    assert report["crops"]["train"] == 5 and "zero_area_box" not in report["skipped"]
+    assert [e.split(":")[0] for e in report["skipped"]["bad_annotation"]["examples"]] == ["p.json#4"]
 
 
 def test_a_bbox_coordinate_that_is_not_a_number_drops_its_word_not_the_page():

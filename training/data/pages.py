@@ -88,7 +88,7 @@ class Page:
 
         Reads the 공공행정문서 schema (``images``/``annotations``) and the newer AI-Hub OCR schema
         (``Images``/``bbox`` or ``Bbox`` with four x and four y values, made axis-aligned, or two: the
-        rectangle two opposite corners span; another number of points is a bad annotation). With
+        rectangle two opposite corners span, or a polygon's points: its bounding box; one point is a bad annotation). With
         ``bad`` given, an unusable annotation is skipped and recorded there as (1-based index, detail)
         instead of rejecting the whole page.
         """
@@ -157,9 +157,8 @@ class Page:
                 raise ValueError(f"bbox x {_shown(box['x'], 30)} and y {_shown(box['y'], 30)} are not lists of numbers")
             if not xs or len(xs) != len(ys):
                 raise ValueError(f"bbox x {xs} and y {ys} do not pair up")
-            if len(xs) not in (2, 4):  # 1 point is no box; 3 or 5 is a corner short or over: not guessed at
-                raise ValueError(f"bbox x {xs} and y {ys} give {len(xs)} point{'s' * (len(xs) > 1)}, not a box's "
-                                 "4 corners (or 2 opposite ones)")
+            if len(xs) < 2:  # one point spans no box (it was read as a zero-area one)
+                raise ValueError(f"bbox x {xs} and y {ys} give 1 point, not a box's 4 corners (or 2 opposite ones)")
             text = _text(box.get("data", ""), "data")
             x0, y0 = min(xs), min(ys)
             return Word((x0, y0, max(xs) - x0, max(ys) - y0), text)
