@@ -30,7 +30,10 @@ if ! command -v cc >/dev/null 2>&1; then
   PKGS+=("gcc=4:12.2.0-3" "libc6-dev")   # libc6-dev unpinned: it must match the libc6 already there
 fi
 if ! "${PYTHON:-python3}" -c 'import os, sys, sysconfig; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' 2>/dev/null; then
-  PKGS+=("python3.11-dev=3.11.2-6+deb12u6")   # Debian's own python3 (images' pythons carry their headers)
+  # Debian's own python3 (images' pythons carry their headers). Unpinned, like libc6-dev: it requires
+  # exactly the version of python3.11 it ships with, and each Debian security update of python3.11
+  # removes the previous one from the archive (a pin here stops the install on every fresh machine).
+  PKGS+=("python3.11-dev")
 fi
 missing=()
 for spec in "${PKGS[@]}"; do

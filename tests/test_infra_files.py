@@ -443,11 +443,45 @@ def test_a_machine_without_a_c_compiler_or_python_headers_gets_them(tmp_path):
     listed = subprocess.run([str(bare / "bash"), "-c", guard + 'printf "%s\\n" "${PKGS[@]}"'], capture_output=True,
                             text=True, env={"PATH": str(bare), "PYTHON": str(headless)}, check=True).stdout.split()
     assert any(p.startswith("gcc=") for p in listed) and "libc6-dev" in listed
-    assert any(p.startswith("python3.11-dev=") for p in listed)
+    assert "python3.11-dev" in listed  # unpinned: see test_every_system_package_the_script_asks_for_is_in_the_archive
     listed = subprocess.run(["bash", "-c", guard + 'printf "%s\\n" "${PKGS[@]}"'], capture_output=True, text=True,
                             env={**os.environ, "PYTHON": sys.executable}, check=True).stdout.split()
     if shutil.which("cc"):  # this machine builds Polygon3 already: nothing added
-        assert not any(p.startswith(("gcc=", "python3.11-dev=")) for p in listed) and "libc6-dev" not in listed
+        assert not any(p.startswith(("gcc=", "python3.11-dev")) for p in listed) and "libc6-dev" not in listed
+
+
+def _every_system_package(tmp_path: Path) -> list[str]:
+    """What install_system_deps.sh asks apt for on a machine that lacks everything (its guards all true):
+    the docker/Dockerfile.train fonts stage is such a machine (debian slim: no python3, no cc)."""
+    script = (REPO / "scripts" / "install_system_deps.sh").read_text(encoding="utf-8")
+    guard = script[:script.index("missing=()")]
+    bare = tmp_path / "bare-bin"
+    bare.mkdir()
+    for tool in ("bash", "sh", "dirname"):
+        (bare / tool).symlink_to(shutil.which(tool))
+    return subprocess.run([str(bare / "bash"), "-c", guard + 'printf "%s\\n" "${PKGS[@]}"'], capture_output=True,
+                          text=True, env={"PATH": str(bare), "PYTHON": str(tmp_path / "no-python3")},
+                          check=True).stdout.split()
+
+
+def test_every_system_package_the_script_asks_for_is_in_the_archive(tmp_path):
+    # python3.11-dev was pinned to 3.11.2-6+deb12u6, which Debian's archive no longer has (security updates
+    # replace it): apt-get install stopped on "Version ... was not found", in the training image's fonts stage too
+    specs = _every_system_package(tmp_path)
+    assert {"python3-venv", "gcc", "libc6-dev", "python3.11-dev"} <= {s.split("=")[0] for s in specs}
+    if shutil.which("apt-cache") is None:
+        pytest.skip("no apt-cache: not a Debian machine")
+    def versions(name: str) -> set[str]:
+        shown = subprocess.run(["apt-cache", "madison", name], capture_output=True, text=True).stdout
+        return {line.split("|")[1].strip() for line in shown.splitlines() if line.count("|") >= 2}
+    if not versions("fonts-nanum"):
+        pytest.skip("apt has no package lists (run apt-get update)")
+    for spec in specs:
+        name, _, version = spec.partition("=")
+        available = versions(name)
+        assert available, f"{name}: not in the archive"
+        assert not version or version in available, \
+            f"{spec}: the archive has only {sorted(available)} (a superseded version is removed from it)"
 
 
 def test_installed_web_fonts_need_no_sudo_and_ci_trusts_its_checkout():
