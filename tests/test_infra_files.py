@@ -1192,3 +1192,36 @@ def test_the_documented_cache_links_inside_the_training_container(tmp_path):
     out = host / "data" / "crops.bin"
     assert out.is_symlink() or out.stat().st_nlink > 1, \
         f"cache.type {types[0]}: DVC copied the output into the cache instead of linking it"
+
+
+def test_the_retrain_job_links_its_checkout_to_the_cache_volume(tmp_path):
+    """The retrain job's container has the checkout (a bind mount of the runner's work folder) and the DVC
+    cache (the volume kocr-dvc-cache at /var/cache/kocr-dvc) on two mounts. With DVC's default cache.type
+    (reflink,copy) every `dvc pull` copied the whole data version into the freshly cleaned checkout, and
+    every output `dvc repro` cached was stored a second time: the job's setup step must make links."""
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs `unshare -m` (root) to mount like the job's container")
+    job = _workflow("retrain.yml")["jobs"]["retrain"]
+    cache = next(v.split(":")[1] for v in job["container"]["volumes"] if v.startswith("kocr-dvc-cache:"))
+    setup = next(step["run"] for step in job["steps"] if "cache.dir" in step.get("run", ""))
+    runner_work, volume, inside = tmp_path / "runner-work", tmp_path / "volume", tmp_path / "workspace"
+    for folder in (runner_work / "data", volume, inside, tmp_path / "home"):
+        folder.mkdir(parents=True)
+    subprocess.run(["git", "init", "-q"], cwd=runner_work, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=runner_work, check=True)
+    (runner_work / "data" / "crops.bin").write_bytes(os.urandom(1 << 16))
+    (tmp_path / "setup.sh").write_text(setup)
+    parent = str(Path(cache).parent)
+    # a private mount namespace: a tmpfs over the cache's parent (nothing is made on this machine there),
+    # the volume at the cache path, the runner's work folder at the job's workspace
+    script = (f'set -e; mount -t tmpfs tmpfs "{parent}"; mkdir -p "{cache}"; mount --bind "{volume}" "{cache}"; '
+              f'mount --bind "{runner_work}" "{inside}"; cd "{inside}"; bash -e "{tmp_path / "setup.sh"}"; '
+              f'"{sys.executable}" -m dvc add -q data/crops.bin')
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
+           "GITHUB_WORKSPACE": str(inside), "GITHUB_ENV": str(tmp_path / "github_env")}
+    done = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = runner_work / "data" / "crops.bin"
+    assert out.is_symlink() or out.stat().st_nlink > 1, \
+        "the retrain job's DVC copies the data into its checkout instead of linking it from the cache volume"
+    assert any(f.is_file() for f in volume.rglob("*")), "the data did not go to the cache volume"
