@@ -138,6 +138,12 @@ def test_training_image_shape():
         user = [i for i in stages[name] if i.startswith("USER ")]
         assert user and user[-1] not in ("USER root", "USER 0"), name
         assert "COPY --from=fonts /usr/share/fonts/" in text
+        # evaluate.baselines names Tesseract: a run in the image (CI's retrain) must score that row too,
+        # or the metrics it commits back lose it. Was: only the fonts stage installed it, and it is not copied.
+        baselines = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))["evaluate"]["baselines"]
+        if "tesseract" in baselines:
+            installs = " ".join(i for i in stages[name] if "apt-get install" in i).split()
+            assert {"tesseract-ocr", "tesseract-ocr-kor", "tesseract-ocr-eng"} <= set(installs), name
     # The two runtimes differ only in their base image and where the virtualenv comes from.
     def normalise(instructions):
         return [re.sub(r"venv-(cpu|cuda)", "venv-X", i) for i in instructions[1:]
