@@ -285,6 +285,17 @@ def test_undecodable_image_is_reported(tmp_path):
         ds[0]
 
 
+def test_an_empty_image_is_reported_by_set_and_sample_not_as_an_opencv_assertion(tmp_path):
+    with LmdbWriter(tmp_path / "set") as writer:
+        writer.add(_png(_images()[0]), "서울")
+        writer.add(b"", "부산")  # another tool's writer that stored a 0-byte file
+    ds = LmdbDataset(tmp_path / "set")
+    with pytest.raises(ValueError, match=r"set: sample 2 holds an empty image"):
+        ds[1]
+    with pytest.raises(ValueError, match="sample 2"):
+        ds.size(1)  # the header read falls back to decoding
+
+
 def test_dataset_pickles_without_its_environment(tmp_path):
     _write(tmp_path / "set", _images(), LABELS)
     ds = LmdbDataset(tmp_path / "set")

@@ -465,6 +465,8 @@ class LmdbDataset:
             label = _label(txn.get(b"label-%09d" % key), part, key)
         if raw is None:
             raise ValueError(f"{part}: sample {key} has no image")
+        if not raw:  # OpenCV asserts on an empty buffer (a cv2.error naming neither set nor sample)
+            raise ValueError(f"{part}: sample {key} holds an empty image (0 bytes)")
         image = cv2.imdecode(np.frombuffer(raw, np.uint8), cv2.IMREAD_GRAYSCALE)
         if image is None:
             raise ValueError(f"{part}: sample {key} holds an undecodable image")
