@@ -189,8 +189,11 @@ def scratch_folder(name: str, parent: str | os.PathLike | None = None, sweep: st
 def named_disk_errors(path: str | os.PathLike, tmp: str | os.PathLike | None = None) -> Iterator[None]:
     """Inside the block, a write that fails for want of room raises an ``OSError`` naming ``path``:
     ENOSPC, EDQUOT or EFBIG raised without a file name (or naming ``tmp``, its temporary stand-in),
-    and torch.save's ``RuntimeError`` "unexpected pos N vs M" when under ``NEARLY_FULL`` bytes are free.
-    A writer of several files staged together wraps each write, so the failing one is named."""
+    and torch.save's ``RuntimeError`` ("unexpected pos N vs M", "basic_ios::clear: iostream error"),
+    which carries no errno: ENOSPC when under ``NEARLY_FULL`` bytes are free, else what a probe write
+    past the end of the file being written meets (``disk_full_errno``: a used-up quota, a file-size limit
+    such as ``ulimit -f``). A writer of several files staged together wraps each write, so the failing one
+    is named."""
     path = Path(path)
     try:
         yield
@@ -199,8 +202,15 @@ def named_disk_errors(path: str | os.PathLike, tmp: str | os.PathLike | None = N
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     except RuntimeError as exc:
-        if shutil.disk_usage(Path(tmp).parent if tmp is not None else path.parent).free < NEARLY_FULL:
+        written = Path(tmp) if tmp is not None else path
+        if shutil.disk_usage(written.parent).free < NEARLY_FULL:
             raise OSError(errno.ENOSPC, f"No space left on device ({exc})", str(path)) from exc
+        try:  # torch.save's C++ writer turns EDQUOT and EFBIG into this RuntimeError too
+            code = disk_full_errno(written.parent, written.stat().st_size if written.is_file() else 0)
+        except OSError:
+            code = None
+        if code is not None:
+            raise OSError(code, f"{os.strerror(code)} ({exc})", str(path)) from exc
         raise
 
 

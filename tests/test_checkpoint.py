@@ -184,6 +184,41 @@ def test_save_overwrites_and_a_failed_save_keeps_the_old_file(tmp_path, monkeypa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
 
 
+AVERAGE_UNDER_A_LIMIT = """
+import os, resource, sys
+import torch
+from kocr.cli import main
+from training.charset import Charset
+from training.checkpoint import save_checkpoint
+from training.model import Recognizer, RecognizerConfig
+folder = sys.argv[1]
+cs = Charset("가나다ab", "mine")
+for seed in (0, 1):
+    torch.manual_seed(seed)
+    save_checkpoint(f"{folder}/{seed}.pt", Recognizer(RecognizerConfig(num_class=6, output_channel=16, hidden_size=8)), cs)
+limit = os.path.getsize(f"{folder}/0.pt") // 2  # half a checkpoint
+resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+sys.exit(main(["average-checkpoints", f"{folder}/0.pt", f"{folder}/1.pt", "--out", f"{folder}/out/mean.pt"]))
+"""
+
+
+def test_a_checkpoint_cut_by_a_file_size_limit_is_the_disk_full_line_naming_it(tmp_path):
+    """Was: torch.save turns the EFBIG of ``ulimit -f`` (and a used-up quota's EDQUOT) into a RuntimeError
+    ("unexpected pos N vs M"), which was taken for a full disk only with under 16 MiB free, so with room on
+    the disk ``kocr average-checkpoints`` (and ``kocr train`` saving its state or model.pt) ended in a
+    traceback instead of the one line naming the limit and the file."""
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", AVERAGE_UNDER_A_LIMIT, str(tmp_path)], capture_output=True,
+                         text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.strip().splitlines()[-1] == (
+        "kocr average-checkpoints: error: a file grew past the size limit (ulimit -f, or the filesystem's) writing "
+        f"{tmp_path / 'out' / 'mean.pt'}; raise the limit or write elsewhere and run the same command again")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == []  # no cut checkpoint, no probe file
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 def test_check_architecture_names_both_values():
