@@ -115,7 +115,11 @@ def test_average_checkpoints_refuses_what_cannot_be_averaged(tmp_path, capsys):
              ([str(a), str(korean)], "korean.pt: charset korean_g2 (1008 characters) differs from "
                                      f"{a}'s english_g2 (96)"),
              ([str(a)], "at least two"), ([str(a), str(a), "--weights", "1"], "expected 2 non-negative"),
-             ([str(a), str(a), "--weights", "1", "-1"], "expected 2 non-negative")]
+             ([str(a), str(a), "--weights", "1", "-1"], "expected 2 non-negative"),
+             # was: accepted, writing a checkpoint of NaN weights (NaN passes `w < 0` and `sum <= 0`; inf / inf is NaN)
+             ([str(a), str(a), "--weights", "nan", "1"], "expected 2 non-negative finite"),
+             ([str(a), str(a), "--weights", "inf", "1"], "expected 2 non-negative finite"),
+             ([str(a), str(a), "--weights", "1e308", "1e308"], "expected 2 non-negative finite")]
     for argv, message in cases:
         try:
             code = cli.main(["average-checkpoints", *argv, "--out", str(out)])

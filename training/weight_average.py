@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import replace
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -75,8 +77,10 @@ def average_recognizers(loaded: Sequence["LoadedRecognizer"],
     if len(loaded) < 2:
         raise ValueError(f"averaging needs at least two checkpoints, got {len(loaded)}")
     weights = [1.0] * len(loaded) if weights is None else list(weights)
-    if len(weights) != len(loaded) or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights {weights}: expected {len(loaded)} non-negative numbers, not all 0")
+    # NaN passes both comparisons (and inf normalises to NaN): either gave a checkpoint of NaN weights
+    if (len(weights) != len(loaded) or not all(math.isfinite(w) and w >= 0 for w in weights)
+            or not 0 < sum(weights) < math.inf):
+        raise ValueError(f"weights {weights}: expected {len(loaded)} non-negative finite numbers, not all 0")
     first = loaded[0]
     for other in loaded[1:]:
         # a charset of another size makes a head of another size: named as the charset, not as num_class
