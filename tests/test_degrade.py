@@ -94,6 +94,9 @@ def test_presets_and_overrides():
     ({"blur": {"p": 1, "sigma": [0, 0]}}, "sample.degrade.blur.sigma: each end must be in (0, 50]"),
     ({"low_contrast": {"keep": [-1, -0.8]}}, "sample.degrade.low_contrast.keep: each end must be in (0, 1]"),
     ({"ink_bleed": {"strength": [0.5, 1.5]}}, "sample.degrade.ink_bleed.strength: each end must be in [0, 1]"),
+    # was: accepted (NaN fails no comparison), and the effect drew NaN strengths
+    ({"ink_bleed": {"strength": [float("nan"), 0.5]}}, "sample.degrade.ink_bleed.strength: expected [lo, hi] of finite"),
+    ({"blur": {"p": 1, "sigma": ["nan", "nan"]}}, "sample.degrade.blur.sigma: expected [lo, hi] of finite"),
 ])
 def test_bad_settings_name_the_key(value, words):
     with pytest.raises(SynthConfigError, match=re.escape(words)):

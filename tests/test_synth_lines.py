@@ -116,6 +116,17 @@ def test_invert_draws_light_text_on_a_dark_ground_for_its_share_only(tmp_path):
         _config(invert=1.5)
 
 
+@pytest.mark.parametrize("key, value", [("distortion_amplitude", [float("nan"), 4.0]),
+                                        ("distortion_period", [float("nan"), 6.0]),
+                                        ("letter_spacing_em", ["nan", 0.1]),
+                                        ("words_per_line", [1, float("inf")])])
+def test_a_range_that_is_not_finite_is_named_when_read_not_mid_run(key, value):
+    # was: NaN passed every range check (a comparison with NaN is False), and a render worker failed on it
+    # with "ValueError: cannot convert float NaN to integer"; int(inf) raised an OverflowError traceback
+    with pytest.raises(SynthConfigError, match=f"synth_lines.{key}: expected \\[lo, hi\\]"):
+        _config(**{key: value})
+
+
 def test_contact_sheet_grid(lines_set):
     with Image.open(lines_set / "contact_sheet.png") as sheet:
         assert sheet.format == "PNG"

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -171,8 +172,8 @@ def _span(value: Any, where: str) -> tuple[float, float]:
         span = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         span = ()
-    if len(span) != 2 or span[0] > span[1]:
-        raise SynthConfigError(f"{where}: expected [lo, hi] with lo <= hi, got {value!r}")
+    if len(span) != 2 or not all(math.isfinite(v) for v in span) or span[0] > span[1]:  # NaN passes LIMITS' checks
+        raise SynthConfigError(f"{where}: expected [lo, hi] of finite numbers with lo <= hi, got {value!r}")
     return span  # type: ignore[return-value]
 
 

@@ -76,8 +76,10 @@ def _pair(value: Any, name: str, kind: type = float) -> tuple:
         value = (value, value)
     try:
         lo, hi = (kind(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(inf) overflows
         raise SynthConfigError(f"{name}: expected [lo, hi], got {value!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN passes every range check below and in check()
+        raise SynthConfigError(f"{name}: expected [lo, hi] of finite numbers, got {value!r}")
     if lo > hi:
         raise SynthConfigError(f"{name}: lo {lo} is above hi {hi}")
     return lo, hi
