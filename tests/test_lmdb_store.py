@@ -276,6 +276,16 @@ def test_set_without_num_samples_is_rejected(tmp_path):
         LmdbDataset(tmp_path / "raw")
 
 
+def test_a_negative_num_samples_is_refused_naming_the_set(tmp_path):
+    _write(tmp_path / "set", _images(), LABELS)
+    env = lmdb.open(str(tmp_path / "set"))
+    with env.begin(write=True) as txn:
+        txn.put(b"num-samples", b"-3")  # was: read as an empty set, so kocr train ran with "no validation samples"
+    env.close()
+    with pytest.raises(ValueError, match=r"set: num-samples b'-3' is not a count of samples"):
+        LmdbDataset(tmp_path / "set")
+
+
 def test_undecodable_image_is_reported(tmp_path):
     with LmdbWriter(tmp_path / "set") as writer:
         writer.add(b"not an image", "서울")

@@ -365,9 +365,12 @@ class LmdbDataset:
             if raw is None:
                 raise ValueError(f"{part}: LMDB set has no num-samples key")
             try:
-                counts.append(int(raw))
+                count = int(raw)
             except ValueError:
                 raise ValueError(f"{part}: num-samples {bytes(raw)[:20]!r} is not a number") from None
+            if count < 0:  # read as an empty set (train: "no validation samples"), or shifting a later shard's keys
+                raise ValueError(f"{part}: num-samples {bytes(raw)[:20]!r} is not a count of samples")
+            counts.append(count)
         self._starts = [0, *itertools.accumulate(counts)][:-1]  # first global index of each part
         self.num_samples = sum(counts)
 
