@@ -28,6 +28,7 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import IO
 
 from kocr.atomic import set_lock_path
 from kocr.dvc_hashes import first_visit
@@ -406,8 +407,9 @@ class _Archive(zipfile.ZipFile):
         pass
 
 
-def _zip_info(member: Member) -> zipfile.ZipInfo:
-    """The ZipInfo zipfile reads ``member`` by, rebuilt from its place in the archive."""
+def zip_info(member: Member) -> zipfile.ZipInfo:
+    """The ZipInfo zipfile reads archive ``member`` by (its size and CRC-32 included), rebuilt from its
+    place in the archive (``Member.at``, found by the scan)."""
     info = zipfile.ZipInfo(member.path)
     info.header_offset, info.compress_size, info.CRC, info.compress_type, info.flag_bits = _PLACE.unpack(member.at)
     info.file_size = member.size
@@ -418,24 +420,32 @@ _ARCHIVES: dict[str, zipfile.ZipFile] = {}
 _ARCHIVES_PID = -1
 
 
-def read_member(root: str | os.PathLike, member: Member) -> bytes:
-    """The bytes of one file or archive member (archives stay open per process for the next read; the
-    member is read at its place, zipfile checking its name, size and CRC-32 as it does)."""
+def open_member(root: str | os.PathLike, member: Member) -> IO[bytes]:
+    """A stream of one archive member's bytes, read at its place as :func:`read_member` reads it (the
+    archive stays open per process; zipfile checks the CRC-32 at the end): for copying a large member out
+    without holding it whole, or the archive's directory."""
     global _ARCHIVES_PID
-    if not member.archive:
-        return (Path(root) / member.path).read_bytes()
     if _ARCHIVES_PID != os.getpid():
         _ARCHIVES.clear()
         _ARCHIVES_PID = os.getpid()
     key = str(Path(root) / member.archive)
     if not member.at:  # a Member made without its place (not by scan_source): found by name in the directory
         with zipfile.ZipFile(key) as whole:
-            return whole.read(member.path)
+            return whole.open(member.path)  # the open member keeps the file open
     archive = _ARCHIVES.get(key)
     if archive is None:
         archive = _ARCHIVES[key] = _Archive(key)
-    info = _zip_info(member)
+    info = zip_info(member)
     try:
-        return archive.read(info)
+        return archive.open(info)
     except RuntimeError as exc:  # an encrypted member: zipfile names it by what it was given, here the ZipInfo
         raise RuntimeError(str(exc).replace(repr(info), repr(member.path))) from None
+
+
+def read_member(root: str | os.PathLike, member: Member) -> bytes:
+    """The bytes of one file or archive member (archives stay open per process for the next read; the
+    member is read at its place, zipfile checking its name, size and CRC-32 as it does)."""
+    if not member.archive:
+        return (Path(root) / member.path).read_bytes()
+    with open_member(root, member) as stream:
+        return stream.read()
