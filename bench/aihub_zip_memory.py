@@ -1,6 +1,6 @@
-"""Peak memory of `kocr prepare-aihub` reading AI-Hub zips in place, per process, at two sizes.
+"""Peak memory of `kocr prepare-aihub`, per process, at two sizes: AI-Hub zips read in place, or a folder.
 
-A source of N pages zipped the way AI-Hub ships them (``Training/[라벨]Training_인.허가.zip`` of page
+``--layout zips`` (the default): a source of N pages zipped the way AI-Hub ships them (``Training/[라벨]Training_인.허가.zip`` of page
 JSON, ``Training/[원천]Training_인.허가.zip`` of JPEGs, five pages a document, member names under
 ``인.허가/<institution>/<year>/``) is made for each size: pages of two words on one tiny image, so a
 large N costs seconds and what grows is only what is held per page. Each (size, workers) runs
@@ -10,7 +10,14 @@ what the stage holds per page: in the calling process, and in each worker.
 
     .venv/bin/python bench/aihub_zip_memory.py --sizes 2000 8000 --workers 1 2 4
 
-Prints JSON: per workers and size, seconds, peak RSS of the calling process, of the largest worker
+``--layout folder``: a flat folder of generated pages (1000 x 700, about 32 words each: real crops,
+so the time is the cropping's too). A few pages are generated once; each size is made of many names
+for them (each page JSON rewritten under a new name, its image a symbolic link), so 10,000 pages cost
+seconds to make.
+
+    .venv/bin/python bench/aihub_zip_memory.py --layout folder --sizes 1000 10000 --workers 2
+
+Prints JSON: per workers and size, pages, crops, seconds, peak RSS of the calling process, of the largest worker
 and of the whole tree in MB; per workers, the bytes per page each of those grows by.
 """
 
@@ -79,6 +86,32 @@ def make_zips(root: Path, count: int) -> Path:
             labels.writestr(f"{folder}/{stem}.json", json.dumps(page, ensure_ascii=False))
             images.writestr(f"{folder}/{stem}.jpg", jpeg)
     return root
+
+
+def make_folder(seed_pages: Path, out: Path, count: int) -> Path:
+    """``count`` page names cycling over the generated pages: JSON copies, images as symbolic links."""
+    from training.data.pages import read_page, write_page
+
+    seeds = sorted(seed_pages.glob("page_*.json"))
+    out.mkdir(parents=True)
+    for i in range(count):
+        seed = seeds[i % len(seeds)]
+        page = read_page(seed)
+        page.image_name = f"doc_{i:06d}.jpg"
+        write_page(page, out / f"doc_{i:06d}.json")
+        os.symlink(seed.with_suffix(".jpg").resolve(), out / page.image_name)
+    return out
+
+
+def make_sources(root: Path, sizes: list[int], layout: str, seed_pages: int = 8) -> dict[int, Path]:
+    """A source of each size under ``root``, laid out as ``layout`` says (``zips`` or ``folder``)."""
+    if layout == "zips":
+        return {size: make_zips(root / f"src{size}", size) for size in sizes}
+    from training.data.synth_pages import generate_pages
+
+    generate_pages(root / "seeds", count=seed_pages, seed=0, fonts=["NanumGothic.ttf", "NanumPen.ttf"],
+                   progress=False)
+    return {size: make_folder(root / "seeds", root / f"src{size}", size) for size in sizes}
 
 
 def _children() -> dict[int, list[int]]:
@@ -159,17 +192,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs=2, default=[2000, 8000])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layout", choices=("zips", "folder"), default="zips",
+                        help="AI-Hub's label and image zips of tiny pages, or a folder of generated pages")
+    parser.add_argument("--seed-pages", type=int, default=8, help="pages generated for --layout folder")
     args = parser.parse_args()
     results: dict[int, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        sources = {size: make_zips(root / f"src{size}", size) for size in args.sizes}
+        sources = make_sources(root, args.sizes, args.layout, args.seed_pages)
         for workers in args.workers:
             runs = {size: measure(sources[size], root / f"out{size}_{workers}", workers) for size in args.sizes}
             results[workers] = {"runs": runs, "bytes_per_page": {
                 key.removeprefix("peak_rss_").removesuffix("_mb"): per_page(runs, key)
                 for key in ("peak_rss_main_mb", "peak_rss_worker_mb", "peak_rss_all_processes_mb")}}
-    print(json.dumps({"sizes": args.sizes, "machine_cpus": os.cpu_count(), "results": results}, indent=1))
+    print(json.dumps({"layout": args.layout, "sizes": args.sizes, "machine_cpus": os.cpu_count(), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -127,3 +127,18 @@ def test_prepare_workers_reading_aihub_zips_hold_nothing_per_page(tmp_path):
             for size in (1000, 5000)}
     assert all(run["peak_rss_worker_mb"] > 0 and run["pages"] == size for size, run in runs.items())
     assert bench.per_page(runs, "peak_rss_worker_mb") < 1000, runs  # bytes a page; was 3,700
+
+
+def test_the_prepare_memory_benchmark_also_measures_a_folder_of_generated_pages(tmp_path):
+    """`--layout folder` (what was bench/ingest_memory.py): many names for a few generated pages, each
+    size cropped by the workers in a fresh process, measured as the zips are."""
+    done = _run("aihub_zip_memory.py", "--layout", "folder", "--sizes", "6", "12", "--workers", "2",
+                "--seed-pages", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["layout"] == "folder"
+    runs = report["results"]["2"]["runs"]
+    assert [runs[size]["pages"] for size in ("6", "12")] == [6, 12]
+    assert runs["12"]["crops"] == 2 * runs["6"]["crops"] > 0  # the same pages twice over: real crops
+    for run in runs.values():
+        assert 0 < run["peak_rss_main_mb"] < run["peak_rss_all_processes_mb"] and run["peak_rss_worker_mb"] > 0
