@@ -491,3 +491,33 @@ def test_an_image_that_cannot_be_read_is_reported_alike_when_scanned_and_when_cr
     assert prepare._pair(None, False, index)[scanned.index((label, meta, found, entries))] \
         == (label, None, found, (entry,))  # the scan: its image claimed, not "without label"
     assert prepare._crop_page(meta) == ([], [entry], False)     # unreadable since the scan
+
+
+def test_the_source_index_is_let_go_before_the_shards_are_written(tmp_path, monkeypatch):
+    """The calling process held the whole scan (every label and image, the image lookup table) while it
+    wrote the shards, a few hundred bytes a page of the source; what writing needs is in the pages."""
+    import gc
+    import weakref
+
+    from training.data import prepare
+
+    generate_pages(tmp_path / "src", count=3, seed=5, fonts=FONTS[:1], width=W, height=H, progress=False)
+    held: list[weakref.ref] = []
+    alive_while_writing: list[bool] = []
+    real_scan, real_write = prepare.scan_source, prepare._write_shards
+
+    def scan(*args, **kwargs):
+        index = real_scan(*args, **kwargs)
+        held.append(weakref.ref(index))
+        return index
+
+    def write(*args, **kwargs):
+        gc.collect()
+        alive_while_writing.append(held[0]() is not None)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(prepare, "scan_source", scan)
+    monkeypatch.setattr(prepare, "_write_shards", write)
+    report = prepare_pages(tmp_path / "src", tmp_path / "out", PrepareConfig(), progress=False)
+    assert alive_while_writing == [False]
+    assert report["pages_found"] == report["images_found"] == 3 and sum(report["crops"].values()) > 0

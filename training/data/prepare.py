@@ -800,10 +800,13 @@ def _prepare(src: Path, out: Path, config: PrepareConfig, progress: bool) -> dic
         _init_worker(src, config)
         try:
             pages, scan_report = _scan(src, pool, progress, index)
+            found = {"pages_found": len(index.labels), "images_found": len(index.images)}
+            del index  # its lists and lookup table, a few hundred bytes a page: the pages hold what is read next
             for page in pages:  # one line for them all, from an open large_pages() (the kocr command's)
                 note_pixels(page.name, page.pixels)
             assignment = split_documents([p.name for p in pages], config, {p.name: p.category for p in pages})
             plan = {split: [p for p in pages if assignment[p.name] == split] for split in SPLITS}
+            del assignment, pages
             run_keys = _run_keys(config, charset, plan)
             out.mkdir(parents=True, exist_ok=True)
             state = _write_shards(out, plan, config, run_keys, pool, progress)
@@ -818,8 +821,7 @@ def _prepare(src: Path, out: Path, config: PrepareConfig, progress: bool) -> dic
     listed = sum(len(v) for v in split_pages.values())
     summary = {
         "source": str(src),
-        "pages_found": len(index.labels),
-        "images_found": len(index.images),
+        **found,
         # pages that gave crops; a page read whole whose every word was dropped (###, out of charset, no
         # box) stays in splits.json (evaluate scores its words) and is counted apart, not as used
         "pages_used": listed - len(state.wordless),
