@@ -241,7 +241,9 @@ def test_the_bundle_readmes_upright_snippet_saves_what_the_platform_reads(tmp_pa
     pages = {"exif.jpg": None, "deep.png": Image.fromarray(grey.astype(np.uint16) * 257),
              "deep8.png": Image.fromarray(grey.astype(np.uint16)),  # 16-bit file, 8-bit values: was saved black
              "float.tif": Image.fromarray(grey.astype(np.float32) / 255),  # mode F in 0-1
-             "alpha.png": Image.fromarray(np.dstack([np.zeros((40, 90, 3), np.uint8), 255 - grey]), "RGBA")}
+             "alpha.png": Image.fromarray(np.dstack([np.zeros((40, 90, 3), np.uint8), 255 - grey]), "RGBA"),
+             "cmyk.jpg": Image.fromarray(np.dstack([np.zeros((40, 90, 3), np.uint8), 255 - grey]), "CMYK"),
+             "bilevel.png": Image.fromarray(grey).convert("1")}
     palette = Image.fromarray(255 - grey, "P")  # pngquant-style: one black colour, index i drawn at alpha i
     palette.putpalette([0, 0, 0] * 256)
     palette.info["transparency"] = bytes(range(256))

@@ -301,7 +301,8 @@ as the platform evaluated it. That holds for ordinary 8-bit images given by path
 with an alpha channel is not ordinary: EasyOCR fails on its two channels). A phone photo
 stored sideways with an EXIF orientation is read wrongly by EasyOCR itself (it finds boxes on the
 unrotated colour image and cuts them from the rotated grey one, and can fail in `cv2.resize`),
-as are 16-bit images and text drawn only in the alpha channel. Save such a page as the platform
+as are 16-bit images, text drawn only in the alpha channel, CMYK scans (their C, M and Y channels
+taken for R, G and B) and 1-bit scans (refused). Save such a page as the platform
 reads it (`evaluation.reader.load_image`) and pass the saved file's path (a numpy array is not the
 same: EasyOCR takes a 3-channel array for BGR):
 

@@ -2,7 +2,9 @@
 
 EasyOCR reads a file with OpenCV, which ignores EXIF orientation, gives 16-bit and float samples
 to CRAFT unscaled, and drops alpha (a page whose text lives only in its alpha channel reads as
-black on black). ``prepare`` (training crops) and ``evaluation.reader`` (what models are scored
+black on black); its colour reader hands CRAFT a CMYK image's C, M and Y channels as R, G and B (a
+print-shop scan's black ink, all in K, then reads as a black page) and cannot read a 1-bit
+(bilevel) scan at all. ``prepare`` (training crops) and ``evaluation.reader`` (what models are scored
 on) both go through :func:`mend`, so the platform trains on the pixels it evaluates.
 """
 
@@ -17,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 TRANSPARENT_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+CONVERTED_MODES = {"CMYK": "RGB", "1": "L"}  # EasyOCR's reader gets these wrong: read as PIL converts them
 _LARGE: list[set[str]] = []  # the pages noted by the open large_pages() blocks, innermost last
 
 
@@ -67,6 +70,7 @@ def mend(image: Image.Image) -> Image.Image | None:
     """``image`` upright, in 8 bits and laid over white where EasyOCR would read it wrongly; None where
     it reads it as it is.
 
+    CMYK is converted to RGB and 1-bit to grey, as Pillow converts them.
     16-bit samples scale from 0-65535 and float ones from 0-1 (0-255 when they run past 1), not by
     the image's own range: a faint scan stays faint, as it was captured.
 
@@ -76,12 +80,16 @@ def mend(image: Image.Image) -> Image.Image | None:
     >>> int(np.asarray(mend(deep)).max())  # half of 16-bit full scale
     128
     """
-    # EasyOCR reads it wrongly when: an EXIF turn, deep samples, text only in alpha, or grey with
-    # alpha (EasyOCR's reader hands CRAFT its two channels, and CRAFT fails on them)
+    # EasyOCR reads it wrongly when: an EXIF turn, deep samples, text only in alpha, grey with alpha
+    # (EasyOCR's reader hands CRAFT its two channels, and CRAFT fails on them), CMYK (its C, M, Y
+    # channels taken for R, G, B) or 1-bit (a bool array OpenCV cannot convert: the page is refused)
     deep, clear = image.mode.startswith(("I", "F")), _text_in_alpha(image)
-    if not (deep or clear or image.mode in ("LA", "La") or image.getexif().get(0x0112, 1) != 1):
+    converted = CONVERTED_MODES.get(image.mode)
+    if not (deep or clear or converted or image.mode in ("LA", "La") or image.getexif().get(0x0112, 1) != 1):
         return None
     upright = ImageOps.exif_transpose(image)
+    if converted:
+        upright = upright.convert(converted)
     if deep:
         samples = np.asarray(upright, dtype=np.float64)
         peak = samples.max(initial=0.0)

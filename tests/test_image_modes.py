@@ -1,0 +1,55 @@
+"""Page images in modes EasyOCR's own file reader gets wrong: CMYK and 1-bit (bilevel) scans.
+
+EasyOCR's colour reader (skimage) hands CRAFT a CMYK image's C, M and Y channels as R, G and B, so
+a print-shop scan whose black ink is all in K is a black page to the detector; a 1-bit PNG is a bool
+array that OpenCV cannot convert, so the page was refused as unreadable. Both are read as Pillow
+converts them, on generated pages (no real data needed).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.reader import Detector, load_image
+from training.data.prepare import load_grey
+
+
+@pytest.fixture(scope="module")
+def page_grey(sample_pages) -> np.ndarray:
+    with Image.open(sorted(sample_pages.glob("*.jpg"))[0]) as page:
+        return np.asarray(page.convert("L"))
+
+
+def _k_only_cmyk(grey: np.ndarray, path) -> None:
+    """The page as a print workflow stores black text: C = M = Y = 0, the ink in K."""
+    zeros = np.zeros_like(grey)
+    Image.fromarray(np.dstack([zeros, zeros, zeros, 255 - grey]), "CMYK").save(path, quality=95)
+
+
+def test_a_cmyk_scan_with_its_ink_in_k_is_detected_as_its_grey_page(page_grey, tmp_path):
+    _k_only_cmyk(page_grey, tmp_path / "cmyk.jpg")
+    Image.fromarray(page_grey).save(tmp_path / "grey.png")
+    rgb, grey = load_image(tmp_path / "cmyk.jpg")
+    with Image.open(tmp_path / "cmyk.jpg") as shown:
+        assert shown.mode == "CMYK"
+        want = np.asarray(shown.convert("RGB"))
+    # was: the C, M, Y channels as RGB, all 0: a black page, on which CRAFT found no word
+    assert np.abs(rgb.astype(int) - want.astype(int)).max() <= 1
+    assert np.abs(grey.astype(int) - page_grey.astype(int)).mean() < 2
+    detector = Detector()
+    found, wanted = detector.detect(rgb), detector.detect(load_image(tmp_path / "grey.png")[0])
+    assert len(wanted[0]) > 0
+    assert len(found[0]) == len(wanted[0])
+
+
+def test_a_1_bit_scan_is_read_not_refused(page_grey, tmp_path):
+    bilevel = Image.fromarray(page_grey).point(lambda v: 255 if v > 128 else 0).convert("1")
+    bilevel.save(tmp_path / "fax.png")
+    with Image.open(tmp_path / "fax.png") as stored:
+        assert stored.mode == "1"
+    rgb, grey = load_image(tmp_path / "fax.png")  # was UnreadableImage: OpenCV cannot convert a bool array
+    want = np.asarray(bilevel.convert("L"))
+    assert np.array_equal(grey, want) and rgb.shape == (*want.shape, 3)
+    assert np.array_equal(load_grey(tmp_path / "fax.png"), want)  # prepare crops the same pixels
