@@ -294,12 +294,25 @@ def _unreadable_why(path: Path, exc: Exception) -> str:
 
 
 def results_to_page(image_name: str, grey: np.ndarray, results: list[tuple[Any, str, float]]) -> Page:
-    """EasyOCR results (quad, text, confidence) as a prediction page with axis-aligned boxes."""
+    """EasyOCR results (quad, text, confidence) as a prediction page with axis-aligned boxes inside the image.
+
+    Each box is its quad's envelope clipped to the image: a slanted or vertical word's quad (EasyOCR's
+    free boxes, cut with a perspective warp) runs past the page's edge where the word is near it, and a
+    prediction, read with the same schema as labels, holds no box past the image (scoring clamps boxes
+    to it all the same, so scores are unchanged).
+
+    >>> grey = np.zeros((50, 100), np.uint8)
+    >>> results_to_page("p.png", grey, [([[-3.5, 40], [90, 20], [104, 48], [10, 61]], "상설", 0.5)]).words[0].bbox
+    (0.0, 20.0, 100.0, 30.0)
+    """
+    height, width = grey.shape[:2]
     words = []
     for quad, text, conf in results:
         xs, ys = [float(p[0]) for p in quad], [float(p[1]) for p in quad]
-        words.append(Word((min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)), text, float(conf)))
-    return Page(image_name, grey.shape[1], grey.shape[0], words)
+        x0, y0 = min(max(0.0, min(xs)), width), min(max(0.0, min(ys)), height)
+        x1, y1 = max(min(float(width), max(xs)), x0), max(min(float(height), max(ys)), y0)
+        words.append(Word((x0, y0, x1 - x0, y1 - y0), text, float(conf)))
+    return Page(image_name, width, height, words)
 
 
 class PageReader:
