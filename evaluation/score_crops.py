@@ -417,8 +417,12 @@ def _image_keyed_boxes(data: Any, path: Path) -> dict[str, list[tuple[tuple[floa
 
 
 def _one_line(text: str, path: Path, name: str, index: int) -> str:
-    """``text`` when it holds no tab or line break, else ScoreInputError naming the word: one word's
-    label, it could not be one row of readings.tsv (or of an exported labels TSV) either."""
+    """``text`` with its outer whitespace stripped, as every label is (``pages.nfc``), when what is
+    left holds no tab or line break, else ScoreInputError naming the word: one word's label, it could
+    not be one row of readings.tsv (or of an exported labels TSV) either. A final line break or tab
+    (``"서울\\n"``, as text pasted from an editor ends) is outer whitespace, which ``prepare`` and
+    ``evaluate`` strip from the same page JSON: it is no reason to refuse the file."""
+    text = text.strip()
     if any(c in text for c in "\t\n\r"):
         raise ScoreInputError(f"{path}: {name} word {index}: transcription {text!r:.60} holds a tab "
                               "or line break; one word box takes one line of text")

@@ -388,7 +388,7 @@ def test_repeated_model_options_all_score_and_a_repeat_is_scored_once(tmp_path, 
     assert (note in err) if note else "given more than once" not in err
 
 
-@pytest.mark.parametrize("text", ["서\t울", "서\n울", "서울\r"])
+@pytest.mark.parametrize("text", ["서\t울", "서\n울", "서\r울"])  # inner: outer whitespace is stripped
 def test_a_tab_or_line_break_in_a_page_json_word_is_refused_before_any_model_runs(tmp_path, capsys, monkeypatch,
                                                                                   text):
     from evaluation import score_crops as module
@@ -548,3 +548,20 @@ def test_the_progress_bar_counts_a_crop_once_every_engine_has_read_it(tmp_path, 
     report = module.score_crops(read_labels(tmp_path / "labels.tsv"), {"tesseract": "tesseract"}, progress=True)
     assert report.readings["tesseract"] == ["x"] * 5
     assert done == [0, 2, 4] and bars[0].n == 5
+
+
+@pytest.mark.parametrize("schema", ["points", "page"])
+def test_a_transcription_ending_in_a_line_break_or_tab_is_stripped_not_refused(tmp_path, schema):
+    # outer whitespace is stripped from every label (docs/data.md "Label text"); prepare and evaluate read
+    # the same page JSON so, while evaluate-crops refused it as holding a tab or line break
+    _png(tmp_path / "page.png", (200, 100))
+    nfd = unicodedata.normalize("NFD", "서울")
+    if schema == "points":
+        content = {"page.png": {"words": [{"points": [[1, 2], [50, 30]], "transcription": f" {nfd}\n"},
+                                          {"points": [[60, 2], [120, 30]], "transcription": "부산\t"}]}}
+    else:
+        content = {"images": [{"image.file.name": "page.png", "image.width": 200, "image.height": 100}],
+                   "annotations": [{"annotation.text": f" {nfd}\r\n", "annotation.bbox": [1, 2, 49, 28]},
+                                   {"annotation.text": "부산\t", "annotation.bbox": [60, 2, 60, 28]}]}
+    (tmp_path / "page.json").write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
+    assert [c.text for c in read_labels(tmp_path / "page.json")] == ["서울", "부산"]
