@@ -262,7 +262,13 @@ def check_image_file(path: str | os.PathLike) -> None:
 
 
 def mended_pixels(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
-    """(RGB, grey) for an image EasyOCR would read wrongly (EXIF-rotated, 16-bit, transparent), else None."""
+    """(RGB, grey) for an image EasyOCR would read wrongly (EXIF-rotated, 16-bit, transparent, CMYK,
+    1-bit, any TIFF), else None.
+
+    A TIFF is always decoded by Pillow: EasyOCR's reader (scikit-image's tifffile) cannot decode the
+    compressed TIFFs scanners write (LZW, JPEG, CCITT G4: it wants the imagecodecs package, so the page
+    was refused as unreadable), and hands CRAFT a 16-bit RGB TIFF's samples unscaled (0-65535). Pillow
+    reads both, as ``prepare`` reads them."""
     import cv2
     from PIL import Image
 
@@ -270,7 +276,9 @@ def mended_pixels(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
         note_pixels(str(path), image.width * image.height)
         upright = mend(image)
         if upright is None:
-            return None
+            if image.format != "TIFF":
+                return None
+            upright = image
         rgb = np.asarray(upright.convert("RGB"))
     return rgb, cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
 

@@ -53,3 +53,29 @@ def test_a_1_bit_scan_is_read_not_refused(page_grey, tmp_path):
     want = np.asarray(bilevel.convert("L"))
     assert np.array_equal(grey, want) and rgb.shape == (*want.shape, 3)
     assert np.array_equal(load_grey(tmp_path / "fax.png"), want)  # prepare crops the same pixels
+
+
+@pytest.mark.parametrize("kind", ["lzw", "jpeg", "group4", "rgb16"])
+def test_a_tiff_scan_is_read_as_pillow_reads_it(page_grey, tmp_path, kind):
+    # EasyOCR's reader (tifffile) refused compressed TIFFs ("requires the 'imagecodecs' package": the page
+    # was "not a readable image" to evaluate and predict, while prepare read it) and gave a 16-bit RGB
+    # TIFF's samples to CRAFT as they are, 0-65535
+    import cv2
+
+    rgb8 = np.dstack([page_grey, page_grey, 255 - page_grey // 2])
+    path = tmp_path / f"scan_{kind}.tif"
+    if kind == "rgb16":
+        cv2.imwrite(str(path), cv2.cvtColor(rgb8, cv2.COLOR_RGB2BGR).astype(np.uint16) * 257,
+                    [cv2.IMWRITE_TIFF_COMPRESSION, 1])
+        want = rgb8
+    elif kind == "group4":
+        bilevel = Image.fromarray(page_grey).point(lambda v: 255 if v > 128 else 0).convert("1")
+        bilevel.save(path, compression="group4")
+        want = np.asarray(bilevel.convert("RGB"))
+    else:
+        Image.fromarray(rgb8).save(path, compression="tiff_lzw" if kind == "lzw" else "jpeg")
+        with Image.open(path) as stored:
+            want = np.asarray(stored.convert("RGB"))
+    rgb, grey = load_image(path)
+    assert rgb.dtype == np.uint8 and np.array_equal(rgb, want)
+    assert np.abs(grey.astype(int) - load_grey(path).astype(int)).max() <= 1  # prepare crops the same page

@@ -302,7 +302,7 @@ with an alpha channel is not ordinary: EasyOCR fails on its two channels). A pho
 stored sideways with an EXIF orientation is read wrongly by EasyOCR itself (it finds boxes on the
 unrotated colour image and cuts them from the rotated grey one, and can fail in `cv2.resize`),
 as are 16-bit images, text drawn only in the alpha channel, CMYK scans (their C, M and Y channels
-taken for R, G and B) and 1-bit scans (refused). Save such a page as the platform
+taken for R, G and B), 1-bit scans and compressed TIFFs (refused) and 16-bit RGB TIFFs. Save such a page as the platform
 reads it (`evaluation.reader.load_image`) and pass the saved file's path (a numpy array is not the
 same: EasyOCR takes a 3-channel array for BGR):
 
