@@ -721,6 +721,31 @@ def test_clip_edge_cuts_its_share_of_the_height_off_the_top_or_the_bottom():
     assert all(clip_edge(line, random.Random(seed), (0.3, 0.3))[0].shape == (1, 30) for seed in range(4))
 
 
+def _pieces(mask: np.ndarray) -> list[tuple[int, int, int]]:
+    """(left, top, height) of each 8-connected piece of ink (coverage above 64), left to right."""
+    count, _labels, stats, _ = cv2.connectedComponentsWithStats((mask > 64).astype(np.uint8), connectivity=8)
+    return sorted((int(s[cv2.CC_STAT_LEFT]), int(s[cv2.CC_STAT_TOP]), int(s[cv2.CC_STAT_HEIGHT])) for s in stats[1:])
+
+
+@pytest.mark.parametrize("text, degrees", [("흐름 2005.12.03.", -4.0), ("학내 1987.03.18", 0.0), ("학내 1987.03.18", 4.0)])
+def test_clip_edge_never_wipes_out_a_small_mark_the_label_keeps(text, degrees):
+    # a date's dots sit below Hangul, and on a tilted line the marks at one end sit lowest or highest:
+    # a cut of 12% of the height took whole periods and hyphens off while the label kept them
+    face = find_fonts(["NanumGothic.ttf"])[0]
+    mask = synth_lines._crop_ink(rotate(_ink_mask(text, face, 48), degrees))
+    before = _pieces(mask)
+    for seed in range(30):
+        out, side = clip_edge(mask, random.Random(seed), (0.12, 0.12))
+        cut = mask.shape[0] - out.shape[0]
+        assert len(_pieces(out)) >= len(before), (seed, side, cut)  # no piece of ink gone (a cut may split one) ...
+        kept = mask[cut:] if side == "top" else mask[:mask.shape[0] - cut]
+        assert np.array_equal(out, kept)  # ... and the cut is still a cut of whole rows at that side
+        for _left, top, height in before:  # at least half of each piece's rows stay
+            rows = range(top, top + height)
+            stay = [r for r in rows if (r >= cut if side == "top" else r < mask.shape[0] - cut)]
+            assert 2 * len(stay) >= height, (seed, side, cut, top, height)
+
+
 def test_edge_clip_leaves_the_cut_flush_with_the_image_edge(tmp_path):
     roomy = {**PLAIN, "margins": [10, 4, 10, 4]}
     on_edge = {}

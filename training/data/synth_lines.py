@@ -651,12 +651,33 @@ def add_edge_piece(mask: np.ndarray, glyph: np.ndarray, rng: random.Random,
     return out
 
 
+def _safe_cut(mask: np.ndarray, side: str) -> int:
+    """The most rows ``clip_edge`` may cut off ``side`` of ``mask`` so that every connected piece of
+    ink (8-connected, coverage above 64) keeps at least half its rows; the mask's height when it
+    has no such ink."""
+    h = mask.shape[0]
+    count, _labels, stats, _centroids = cv2.connectedComponentsWithStats((mask > 64).astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return h
+    tops = stats[1:, cv2.CC_STAT_TOP].astype(np.int64)
+    bottoms = tops + stats[1:, cv2.CC_STAT_HEIGHT]  # exclusive
+    if side == "top":  # rows [cut, h) stay: a piece keeps bottom - max(top, cut) >= its height / 2
+        return int(((tops + bottoms) // 2).min())
+    return int((h - (tops + bottoms + 1) // 2).min())  # rows [0, h - cut) stay
+
+
 def clip_edge(mask: np.ndarray, rng: random.Random, share: tuple[float, float]) -> tuple[np.ndarray, str]:
     """``mask`` (cropped to its ink) with ``share`` of its height cut off at the top or the bottom,
     as a tight detector box cuts the strokes that reach furthest (a final consonant's foot, an
-    ascender); returns the cut mask and the side cut, ``"top"`` or ``"bottom"``."""
+    ascender); returns the cut mask and the side cut, ``"top"`` or ``"bottom"``.
+
+    The cut never takes more than half the height of any connected piece of ink (coverage above a
+    quarter): a period, comma or hyphen that sits lowest or highest on the line (the end of a tilted
+    line, a date's dots below Hangul) would otherwise be wiped out whole while its label keeps it.
+    Where that limit binds, the cut is smaller than drawn (none at all when it is under a row)."""
     side = "top" if rng.random() < 0.5 else "bottom"
     cut = min(mask.shape[0] - 1, max(1, round(mask.shape[0] * rng.uniform(*share))))  # keep a row at least
+    cut = min(cut, _safe_cut(mask, side))
     if cut < 1:
         return mask, side
     return (mask[cut:], side) if side == "top" else (mask[:-cut], side)
