@@ -37,9 +37,10 @@ if ! "${PYTHON:-python3}" -c 'import os, sys, sysconfig; sys.exit(not os.path.is
 fi
 missing=()
 for spec in "${PKGS[@]}"; do
-  name=${spec%%=*}; want=${spec#*=}
-  have=$(dpkg-query -W -f='${Version}' "$name" 2>/dev/null || true)
-  [ "$have" = "$want" ] || missing+=("$spec")
+  name=${spec%%=*}; want=${spec#"$name"}; want=${want#=}   # an unpinned spec: any installed version
+  have=$(dpkg-query -W -f='${db:Status-Abbrev}${Version}' "$name" 2>/dev/null || true)
+  case $have in ii*) have=${have#ii }; have=${have# } ;; *) have="" ;; esac
+  if [ -z "$have" ] || { [ -n "$want" ] && [ "$have" != "$want" ]; }; then missing+=("$spec"); fi
 done
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 if [ ${#missing[@]} -eq 0 ]; then

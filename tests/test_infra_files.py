@@ -490,6 +490,25 @@ def test_every_system_package_the_script_asks_for_is_in_the_archive(tmp_path):
             f"{spec}: the archive has only {sorted(available)} (a superseded version is removed from it)"
 
 
+def test_the_script_installs_only_what_is_missing_unpinned_packages_included(tmp_path):
+    """An unpinned spec (libc6-dev, python3.11-dev) is present at any installed version; a pinned one only at
+    its version; a package dpkg knows but that is removed (``rc``) is missing. Was: an unpinned name was
+    compared with itself as the wanted version, so it was always "missing" and apt ran on every install."""
+    script = (REPO / "scripts" / "install_system_deps.sh").read_text(encoding="utf-8")
+    check = script[script.index("missing=()"):script.index('SUDO=""')]
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "dpkg-query").write_text(
+        '#!/bin/sh\nfor a; do name=$a; done\ncase $name in\n  pinned|other) echo "ii  1.0-1";;\n'
+        '  loose) echo "ii  2.3-4+deb12u9";;\n  gone) echo "rc  5.0";;\n  *) exit 1;;\nesac\n')
+    (fake / "dpkg-query").chmod(0o755)
+    specs = "pinned=1.0-1 other=0.9 loose gone absent"
+    done = subprocess.run(["bash", "-c", f"PKGS=({specs})\n{check}printf '%s\\n' \"${{missing[@]}}\""],
+                          capture_output=True, text=True, check=True,
+                          env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
+    assert done.stdout.split() == ["other=0.9", "gone", "absent"], done
+
+
 def test_installed_web_fonts_need_no_sudo_and_ci_trusts_its_checkout():
     script = (REPO / "scripts" / "install_system_deps.sh").read_text(encoding="utf-8")
     tail = script[script.index("web_fonts=("):]
