@@ -127,6 +127,16 @@ def test_a_range_that_is_not_finite_is_named_when_read_not_mid_run(key, value):
         _config(**{key: value})
 
 
+@pytest.mark.parametrize("key, value", [("backgrounds", {"white": 1.0, "noise": float("nan")}),
+                                        ("backgrounds", {"white": float("inf")}),
+                                        ("distortion", {"none": 1e308, "sine": 1e308})])
+def test_a_kind_weight_that_is_not_finite_is_named_when_read_not_mid_run(key, value):
+    # was: accepted (NaN passes `v < 0` and `sum <= 0`), and the render worker stopped on
+    # random.choices' "ValueError: Total of weights must be finite"
+    with pytest.raises(SynthConfigError, match=f"synth_lines.{key}: weights must be finite"):
+        _config(**{key: value})
+
+
 def test_contact_sheet_grid(lines_set):
     with Image.open(lines_set / "contact_sheet.png") as sheet:
         assert sheet.format == "PNG"

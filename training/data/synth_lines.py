@@ -94,8 +94,11 @@ def _weights(value: Any, name: str, known: Sequence[str]) -> dict[str, float]:
     if unknown:
         raise SynthConfigError(f"{name}: unknown kinds {sorted(unknown)}; known: {', '.join(known)}")
     weights = {k: _typed(f"{name}.{k}", v, float) for k, v in value.items()}
-    if any(v < 0 for v in weights.values()) or sum(weights.values()) <= 0:
-        raise SynthConfigError(f"{name}: weights must be >= 0 and not all 0, got {weights}")
+    # NaN passes both comparisons, and a NaN or inf weight (or a sum that overflows) stopped a render worker
+    # with random.choices' "Total of weights must be finite"
+    if (not all(math.isfinite(v) and v >= 0 for v in weights.values())
+            or not 0 < sum(weights.values()) < math.inf):
+        raise SynthConfigError(f"{name}: weights must be finite, >= 0 and not all 0, got {weights}")
     return weights
 
 
