@@ -106,3 +106,29 @@ def test_a_zip_member_named_in_utf8_keeps_its_name_once_and_is_read_by_it(tmp_pa
     assert cp949.stored == cp949.path != "인.허가/부산.json" and read_member(tmp_path, cp949) == b"[]"
     slashed = next(m for m in members.values() if "slash" in m.name)
     assert slashed.name.endswith("back/slash.json") and read_member(tmp_path, slashed) == b"[1]"
+
+
+def test_a_zip_replaced_since_it_was_read_is_read_anew_at_the_places_a_new_scan_finds(tmp_path):
+    """The archive handle open_member keeps per process was reused for a zip replaced since (a new
+    download, a re-zipped folder): a new scan's places read in the old file (BadZipFile "Truncated file
+    header"), for evaluate's extraction and prepare's reads in one process alike."""
+    import os
+    import zipfile
+
+    from training.data.sources import read_member
+
+    def write(members: dict[str, bytes]) -> None:
+        part = tmp_path / "new.zip.part"
+        with zipfile.ZipFile(part, "w") as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+        os.replace(part, tmp_path / "src" / "pages.zip")  # a new file under the same name
+
+    (tmp_path / "src").mkdir()
+    write({"p.json": b'{"v": 1}'})
+    first = next(m for m in scan_source(tmp_path / "src").labels if m.name.endswith("p.json"))
+    assert read_member(tmp_path / "src", first) == b'{"v": 1}'
+    write({"q.json": b"{}" * 50, "p.json": b'{"v": 22}'})  # p.json now lies further in
+    again = next(m for m in scan_source(tmp_path / "src").labels if m.name.endswith("p.json"))
+    assert again.at != first.at
+    assert read_member(tmp_path / "src", again) == b'{"v": 22}'

@@ -426,14 +426,20 @@ def zip_info(member: Member) -> zipfile.ZipInfo:
     return info
 
 
-_ARCHIVES: dict[str, zipfile.ZipFile] = {}
+_ARCHIVES: dict[str, tuple[tuple[int, ...], zipfile.ZipFile]] = {}  # path -> (its file's identity, the open zip)
 _ARCHIVES_PID = -1
+
+
+def _identity(stat: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: an archive opened before is then another file,
+    whose members lie elsewhere than the places a new scan found."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 def open_member(root: str | os.PathLike, member: Member) -> IO[bytes]:
     """A stream of one archive member's bytes, read at its place as :func:`read_member` reads it (the
-    archive stays open per process; zipfile checks the CRC-32 at the end): for copying a large member out
-    without holding it whole, or the archive's directory."""
+    archive stays open per process while its file is the same one; zipfile checks the CRC-32 at the end):
+    for copying a large member out without holding it whole, or the archive's directory."""
     global _ARCHIVES_PID
     if _ARCHIVES_PID != os.getpid():
         _ARCHIVES.clear()
@@ -442,9 +448,14 @@ def open_member(root: str | os.PathLike, member: Member) -> IO[bytes]:
     if not member.at:  # a Member made without its place (not by scan_source): found by name in the directory
         with zipfile.ZipFile(key) as whole:
             return whole.open(member.path)  # the open member keeps the file open
-    archive = _ARCHIVES.get(key)
-    if archive is None:
-        archive = _ARCHIVES[key] = _Archive(key)
+    cached = _ARCHIVES.get(key)
+    if cached is not None and cached[0] == _identity(os.stat(key)):
+        archive = cached[1]
+    else:  # first read, or the zip was replaced since (a new download): the open one would be read at new places
+        if cached is not None:
+            cached[1].close()  # streams still open from it keep its file until they close
+        archive = _Archive(key)
+        _ARCHIVES[key] = (_identity(os.fstat(archive.fp.fileno())), archive)
     info = zip_info(member)
     try:
         return archive.open(info)
