@@ -220,13 +220,16 @@ class UnreadableImage(ValueError):
 def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(RGB image, greyscale image) as easyocr.Reader loads a file path, and as a person sees it.
 
-    An ordinary 8-bit image decodes exactly as in EasyOCR. Three kinds it reads wrongly are mended:
+    An ordinary 8-bit image other than a TIFF decodes exactly as in EasyOCR (an uncompressed 8-bit RGB
+    TIFF, which Pillow decodes, gets the same colour image and a grey one that OpenCV's own conversion
+    rounds differently in a few pixels, by 1). Three kinds it reads wrongly are mended:
     an EXIF orientation (phone photos: EasyOCR's colour image ignores it and its grey one applies it,
     so boxes found in one are cut from the other) is applied to both; 16-bit samples are scaled to
     8 bits (CRAFT found nothing in them); an image whose colours are one flat colour, its text drawn
     only in the alpha channel (read as black on black), is laid over white. Other transparency is
     dropped, as EasyOCR drops it (grey with alpha too, which EasyOCR's reader would hand CRAFT as two
-    channels)."""
+    channels). CMYK and 1-bit images are read as Pillow converts them (to RGB, to grey), and every TIFF
+    is decoded by Pillow (:func:`mended_pixels`)."""
     import_easyocr()
     from easyocr.utils import reformat_input
 
