@@ -210,6 +210,10 @@ def params_keys_read(entry: str) -> set[str]:
                 elif (found := _config_read(value)) is not None:
                     configs[target.id] = found
                     bound.add(value)
+        methods = {n.func for n in ast.walk(functions[name]) if isinstance(n, ast.Call)}
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.Attribute) and node not in methods and isinstance(node.value, ast.Call):
+                bound.add(node.value)  # ``Cls.from_params(<a section>).key`` reads that key, not the whole section
         for node in ast.walk(functions[name]):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 todo.append(node.func.id)
@@ -252,3 +256,19 @@ def test_the_params_walk_sees_chained_reads():
     # of the champion read evaluate.* and detector undeclared without a failing test
     assert {"evaluate.split", "evaluate.iou_threshold", "detector"} <= params_keys_read(CLI + "cmd_promote")
     assert {"sample.count", "sample.fonts"} <= params_keys_read(CLI + "cmd_synth_pages")
+
+
+def test_the_params_walk_reads_one_key_of_a_config_built_in_place(tmp_path):
+    # Cls.from_params(<a section>).key reads that key: the whole section is counted only for a config
+    # handed on (returned, passed, bound where the walk cannot follow, or a method called on it)
+    module = tmp_path / "stage.py"
+    module.write_text(
+        "def chained(params):\n"
+        "    return EvaluateConfig.from_params(params['evaluate']).iou_threshold\n"
+        "def handed_on(params):\n"
+        "    return EvaluateConfig.from_params(section(params, 'evaluate'))\n"
+        "def method(params):\n"
+        "    return EvaluateConfig.from_params(params['evaluate']).with_overrides(x=1)\n", encoding="utf-8")
+    assert params_keys_read(f"{module}:chained") == {"evaluate.iou_threshold"}
+    assert params_keys_read(f"{module}:handed_on") == {"evaluate"}
+    assert "evaluate" in params_keys_read(f"{module}:method")
