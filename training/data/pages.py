@@ -158,7 +158,7 @@ class Page:
             if not xs or len(xs) != len(ys):
                 raise ValueError(f"bbox x {xs} and y {ys} do not pair up")
             if len(xs) < 2:  # one point spans no box (it was read as a zero-area one)
-                raise ValueError(f"bbox x {xs} and y {ys} give 1 point, not a box's 4 corners (or 2 opposite ones)")
+                raise ValueError(f"bbox x {xs} and y {ys} give 1 point, not a box (4 corners, 2 opposite ones or a polygon)")
             text = _text(box.get("data", ""), "data")
             x0, y0 = min(xs), min(ys)
             return Word((x0, y0, max(xs) - x0, max(ys) - y0), text)
