@@ -127,8 +127,16 @@ class ParamSpec:
             step = cast(spec["step"]) if spec.get("step") is not None else None
         except KeyError as exc:
             raise TuneConfigError(f"tune.space.{name}: a {kind} entry needs low and high") from exc
-        except (TypeError, ValueError) as exc:
-            raise TuneConfigError(f"tune.space.{name}: low/high/step must be numbers ({exc})") from exc
+        except (TypeError, ValueError, OverflowError) as exc:  # int(.inf) is an OverflowError, int(.nan) a ValueError
+            raise TuneConfigError(f"tune.space.{name}: low/high/step must be finite numbers ({exc})") from exc
+        # NaN passes every comparison below (all False) and inf passes low <= high: both reached Optuna, which
+        # failed trial after trial ("Range exceeds valid bounds", decimal.InvalidOperation)
+        bad = [f"{field} {value}" for field, value in (("low", low), ("high", high), ("step", step))
+               if value is not None and not math.isfinite(value)]
+        if bad:
+            raise TuneConfigError(f"tune.space.{name}: {', '.join(bad)}: low, high and step must be finite numbers")
+        if step is not None and step <= 0:
+            raise TuneConfigError(f"tune.space.{name}: step {step}: expected a step > 0")
         if low > high or (spec.get("log") and low <= 0):
             raise TuneConfigError(f"tune.space.{name}: need low <= high (and low > 0 with log: true), got {low}, {high}")
         return cls(name, kind, key, low=low, high=high, log=bool(spec.get("log", False)), step=step, when=when)
