@@ -393,6 +393,16 @@ def test_text_file_with_a_byte_order_mark_keeps_its_first_line(tmp_path, recwarn
     assert not [w for w in recwarn if "outside" in str(w.message)]
 
 
+def test_text_file_lines_end_at_lf_or_cr_lf_only_and_other_breaks_are_named(tmp_path):
+    # str.splitlines also cut at U+2028, U+0085, form feed, …: a line holding one became two strings unsaid
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes("서울\u2028시청\n부산\x0c광역시\r\n인천\n대구\x85중구\u2029\n".encode())
+    with pytest.warns(UserWarning, match=r"texts.txt: 3 lines \(lines 1, 2, 4\) hold a line or page break .*"
+                                         r"U\+000C, U\+0085, U\+2028, U\+2029"):
+        got = load_texts(texts, Charset.named("korean_g2"))
+    assert got == ["서울 시청", "부산 광역시", "인천", "대구 중구"]
+
+
 def test_weights_written_in_another_key_order_draw_the_same_set(tmp_path):
     # equal mappings are equal settings (one resume key, one DVC params value): they must draw one set
     kinds = {"white": 0.3, "noise": 0.4, "quasicrystal": 0.3}
