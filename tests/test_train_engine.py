@@ -26,7 +26,7 @@ from training.charset import Charset
 from training.crops import BucketBatchSampler, CropDataset
 from training.data.lmdb_store import LmdbDataset, lmdb_parts
 from training.optim import MIN_LR_RATIO, make_scheduler
-from training.resume import load_state
+from training.resume import DamagedState, load_state
 from training.train import TrainConfig, improves, train
 
 TINY = {"base": "scratch", "output_channel": 32, "hidden_size": 32, "batch_size": 4, "lr": 0.01}
@@ -152,6 +152,40 @@ def test_resume_refuses_another_runs_state_and_starts_fresh(prepared, tmp_path, 
     assert "belongs to another run (lr: 0.01 -> 0.02)" in capsys.readouterr().err
     assert summary["steps"] == 8
     assert summary["device"] == f"cpu: {os.cpu_count()} cores"  # what trained, for the model card
+
+
+def test_a_damaged_state_is_set_aside_and_the_run_starts_fresh(prepared, tmp_path, capsys, monkeypatch):
+    """A state file cut short (a disk fault, a copy that stopped), empty, or of another kind stopped every
+    later `kocr train --resume`, so every retry of an unattended `dvc repro`, until someone deleted it."""
+    state = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**TINY, "steps": 4, "val_every": 2}), prepared, tmp_path / "a", progress=False,
+              log=False, state_file=state, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap",
+              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    whole = state.read_bytes()
+    checkpoint = tmp_path / "a" / "model.pt"
+    for damaged in (whole[: len(whole) // 2], b"", checkpoint.read_bytes()):  # cut, empty, a model checkpoint
+        state.write_bytes(damaged)
+        summary = _run(prepared, tmp_path / "b", state, resume=True, steps=4, val_every=2)
+        err = capsys.readouterr().err
+        assert f"{state}: not a " in err and f"moved it to {state}.damaged and starting from step 0" in err
+        assert "resumed_from_step" not in summary and summary["steps"] == 4
+        assert (tmp_path / "run.pt.damaged").read_bytes() == damaged and not state.exists()
+
+
+
+def test_a_state_that_cannot_be_read_is_named_and_left_in_place(tmp_path, monkeypatch):
+    # permissions or an I/O error: the state may be whole, so it is not set aside as a damaged one
+    state = tmp_path / "run.pt"
+    state.write_bytes(b"whole")
+
+    def unreadable(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(torch, "load", unreadable)
+    with pytest.raises(ValueError, match="cannot read the training state \\(Input/output error\\); fix that") as info:
+        load_state(state)
+    assert not isinstance(info.value, DamagedState) and state.read_bytes() == b"whole"
 
 
 def test_resume_of_a_state_from_an_older_kocr_says_so_and_starts_fresh(prepared, tmp_path, capsys):

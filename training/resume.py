@@ -39,12 +39,40 @@ def save_bytes(path: str | os.PathLike, data: bytes) -> Path:
     return write_bytes(path, data, durable=True)
 
 
+class DamagedState(ValueError):
+    """The file was read but holds no training state: cut short or overwritten (a disk fault, a copy
+    that stopped), or another kind of file. :func:`save_state` never leaves one, so nothing in it can
+    be resumed; ``kocr train --resume`` sets it aside and starts from step 0."""
+
+
 def load_state(path: str | os.PathLike) -> dict[str, Any]:
-    """A state written by :func:`save_state` (weights_only is off: it holds RNG states and counters)."""
+    """A state written by :func:`save_state` (weights_only is off: it holds RNG states and counters).
+
+    Raises FileNotFoundError when there is none, :class:`DamagedState` when the file is no state, and
+    ValueError when it cannot be read at all (permissions, an I/O error: the state may be whole).
+    """
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:  # the file could not be read: it may be a whole state, so it is left as it is
+        raise ValueError(f"{path}: cannot read the training state ({exc.strerror or exc}); fix that and run "
+                         "again, or move the file away to start the run from step 0") from None
     except Exception as exc:  # a truncated or foreign file: say which and why
-        raise ValueError(f"{path}: not a readable training state ({type(exc).__name__}: {exc})") from None
+        why = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
+        raise DamagedState(f"{path}: not a readable training state ({type(exc).__name__}: {why})") from None
+    if not isinstance(saved, dict) or not {"signature", "progress"} <= set(saved):
+        raise DamagedState(f"{path}: not a training state (a {type(saved).__name__} without its signature "
+                           "and progress)")
+    return saved
+
+
+def set_aside(path: str | os.PathLike) -> Path:
+    """Rename a damaged state to ``<name>.damaged`` (replacing an older one) and return the new path."""
+    path = Path(path)
+    aside = path.with_name(path.name + ".damaged")
+    os.replace(path, aside)
+    return aside
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

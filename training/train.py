@@ -46,7 +46,8 @@ from training.distributed import (DistContext, all_agree, broadcast_flag, init_d
                                   setup_agreed, shutdown, sum_over_ranks)
 from training.model import Recognizer, RecognizerConfig
 from training.optim import OPTIMIZERS, SCHEDULES, make_optimizer, make_scheduler
-from training.resume import config_differences, load_state, restore_rng, rng_state, save_bytes, save_state
+from training.resume import (DamagedState, config_differences, load_state, restore_rng, rng_state, save_bytes,
+                             save_state, set_aside)
 from training.weight_average import make_ema, mean_state_dict
 
 
@@ -924,7 +925,23 @@ def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: 
     if not path.is_file():
         say(f"train: no saved state at {path}; starting from step 0")
         return None
-    saved = load_state(path)
+    try:
+        saved = load_state(path)
+    except FileNotFoundError:  # another rank set it aside (below) since is_file()
+        say(f"train: no saved state at {path}; starting from step 0")
+        return None
+    except DamagedState as exc:
+        # kocr writes states atomically, so this is a disk fault, a cut copy or a foreign file: nothing in it
+        # can be resumed, and left in place it would stop every later `dvc repro` the same way
+        if not quiet:
+            try:
+                aside = set_aside(path)
+            except OSError as err:
+                raise ValueError(f"{exc}; it could not be moved aside ({err.strerror or err}): delete or move it "
+                                 "to start the run from step 0") from None
+            say(f"train: warning: {exc}; moved it to {aside} and starting from step 0 (from train.base: the "
+                "steps it held are trained again); delete that file once looked at")
+        return None
     old = saved["signature"]
     # a state written by an older kocr lacks what it did not record yet (the data digests since 7c1a771):
     # it cannot be told to be this run's, which is not the same as another run's (nothing "changed")
