@@ -306,6 +306,27 @@ def test_an_empty_image_is_reported_by_set_and_sample_not_as_an_opencv_assertion
         ds.size(1)  # the header read falls back to decoding
 
 
+def test_a_png_cut_short_is_refused_by_the_start_scan_not_when_its_batch_comes_up(tmp_path):
+    # its header still reads, so the start scan (headers and digests only) passed it and OpenCV stopped
+    # training when its batch came up, many steps in, where a set repaired is another set to --resume
+    from training.charset import Charset
+    from training.crops import CropDataset
+
+    whole = [_png(image) for image in _images()]
+    with LmdbWriter(tmp_path / "set") as writer:
+        writer.add(whole[0], "서울")
+        writer.add(whole[1] + b"\0" * 100, "부산")  # bytes after IEND: a whole image still
+        writer.add(whole[2][: len(whole[2]) * 2 // 3], "대구")
+    ds = LmdbDataset(tmp_path / "set")
+    assert ds[1][0].shape == (31, 45) and ds.size(1) == (31, 45)
+    with pytest.raises(ValueError, match="sample 3 holds an undecodable image"):  # what training met, mid-run
+        ds[2]
+    with pytest.raises(ValueError, match=r"set: sample 3 holds a PNG cut short"):
+        CropDataset(ds, Charset.named("korean_g2"))
+    with pytest.raises(ValueError, match=r"set: sample 3 holds a PNG cut short"):
+        ds.size(2)
+
+
 def test_dataset_pickles_without_its_environment(tmp_path):
     _write(tmp_path / "set", _images(), LABELS)
     ds = LmdbDataset(tmp_path / "set")
