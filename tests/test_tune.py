@@ -539,6 +539,39 @@ def test_tied_trials_rank_by_val_loss_as_train_ranks_its_checkpoints(direction):
     assert best_params_document(study, config, "sqlite:///x.db")["trial"] == 3
 
 
+def test_best_params_record_the_embedded_storage_relative_to_the_project_root(tmp_path, monkeypatch):
+    # was: the absolute path of the checkout that ran tune (sqlite:////work/h146/.../tuning/optuna.db), so
+    # the committed file named another machine's folder and changed between machines with the same study
+    from optuna.distributions import FloatDistribution
+
+    from training.tune import best_params_document, storage_url
+
+    config = TuneConfig.from_params(PARAMS["tune"])
+    docs = {}
+    for name in ("one", "two"):  # two checkouts of one project, on two machines
+        project = tmp_path / name
+        (project / ".dvc").mkdir(parents=True)
+        (project / "src").mkdir()
+        monkeypatch.chdir(project)
+        url = storage_url(config, "tuning")
+        assert Path(url.removeprefix("sqlite:///")).is_absolute()
+        study = optuna.create_study(storage=url, study_name="s")
+        study.add_trial(optuna.trial.create_trial(params={"lr": 1e-3}, value=0.5,
+                                                  distributions={"lr": FloatDistribution(1e-4, 1e-2, log=True)}))
+        docs[name] = best_params_document(study, config, url)
+        assert docs[name]["storage"] == "sqlite:///tuning/optuna.db"
+        # the recorded URL opens the study from the project root
+        assert optuna.load_study(study_name="s", storage=docs[name]["storage"]).best_value == 0.5
+        monkeypatch.chdir(project / "src")  # the root is the project's, not the current folder
+        assert best_params_document(study, config, url)["storage"] == "sqlite:///tuning/optuna.db"
+    assert docs["one"] == docs["two"]
+    outside = f"sqlite:///{tmp_path / 'elsewhere.db'}"  # a file outside the project keeps its path
+    assert best_params_document(study, config, outside)["storage"] == outside
+    assert best_params_document(study, config, "sqlite:///studies/x.db")["storage"] == "sqlite:///studies/x.db"
+    assert best_params_document(study, config, "postgresql+psycopg2://kim:s3cret@db/optuna")["storage"] \
+        == "postgresql+psycopg2://kim:***@db/optuna"
+
+
 def test_a_completed_trial_records_the_val_loss_where_it_reached_its_value(prepared):
     import math
 

@@ -909,6 +909,32 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     return min(done, key=lambda t: (sign * t.value, t.user_attrs.get(TIE_BREAK, math.inf), t.number))
 
 
+def recorded_storage(url: str) -> str:
+    """The storage URL as ``best_params.yaml`` records it: its password hidden, and an SQLite file inside
+    the project (the embedded ``tuning/optuna.db``) as a path relative to the project root
+    (``sqlite:///tuning/optuna.db``, as ``optuna-dashboard`` takes it there), so the committed file names
+    no machine's checkout and stays the same wherever the same study is found. A file outside the
+    project keeps its absolute path. Was: the absolute path of whichever checkout ran ``tune``.
+
+    The project root is the DVC project's (the user's checkout in a queued or ``--temp`` experiment,
+    whose embedded study lives there: :func:`storage_url`), else the current folder.
+    """
+    from kocr.tracking import _dvc_project, store_dir
+
+    if not url.startswith("sqlite:"):
+        return redact(url)
+    parsed = sqlalchemy_url(url)
+    if parsed.database in (None, "", ":memory:") or not Path(parsed.database).is_absolute():
+        return redact(url)
+    here = store_dir()
+    root = (_dvc_project(here) or here).resolve()
+    try:
+        inside = Path(parsed.database).resolve().relative_to(root)
+    except ValueError:
+        return redact(url)
+    return redact(parsed.set(database=inside.as_posix()).render_as_string(hide_password=False))
+
+
 def best_params_document(study: optuna.Study, config: TuneConfig, url: str) -> dict[str, Any]:
     """What ``best_params.yaml`` holds: the best trial's knobs as ``train:``, its value and where it came from."""
     counts = trial_counts(study)
@@ -916,7 +942,7 @@ def best_params_document(study: optuna.Study, config: TuneConfig, url: str) -> d
         raise TuneError(f"study {study.study_name}: no trial completed ({dict(counts)}); nothing to write")
     best = best_trial(study)
     tuned = {spec.key: best.params[spec.name] for spec in config.space if spec.name in best.params}
-    return {"study": study.study_name, "storage": redact(url), "metric": config.metric,
+    return {"study": study.study_name, "storage": recorded_storage(url), "metric": config.metric,
             "direction": config.direction, "value": float(best.value), "trial": best.number,
             "trials": {k.lower(): counts[k] for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
             "steps_per_trial": config.steps_per_trial, "train": tuned}
