@@ -1042,7 +1042,32 @@ def _terminate_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+INTERRUPTED = 128 + signal.SIGINT  # 130: the shell's status for a command Ctrl-C stopped
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``kocr``: runs the subcommand; Ctrl-C (SIGINT, a KeyboardInterrupt) ends it with one line,
+    ``kocr <command>: interrupted``, and exit status 130, once the command's own handlers have run on
+    the way out (train keeps its resumable state, a stage's MLflow run ends KILLED). Was: a full
+    traceback from wherever the interrupt landed."""
+    where = ["kocr"]
+    try:
+        return _main(argv, where)
+    except KeyboardInterrupt:
+        _close_progress_bars()  # else the open bar is redrawn over and after the line, as Python exits
+        print(f"{where[0]}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _close_progress_bars() -> None:
+    """Close the tqdm bars an interrupt left open (their last state stays on screen, on its own line)."""
+    module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(module, "tqdm", None), "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
+def _main(argv: list[str] | None, where: list[str]) -> int:
     # keep stage output to progress and results: MLflow reads this once, when it is first imported (by the
     # imports below: kocr.tracking), so a new store's "Creating initial MLflow database tables" INFO lines
     # were printed when it was set after them
@@ -1062,6 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
     from training.data.pixels import large_pages
 
     args = build_parser().parse_args(argv)
+    where[0] = f"kocr {args.command}"
     try:
         with _terminate_as_exit(), warnings_as_lines(f"kocr {args.command}"), large_pages(f"kocr {args.command}"):  # one line for big scans, not one each
             args.func(args)

@@ -977,3 +977,38 @@ def test_a_run_killed_by_sigkill_resumes_after_its_last_commit(tmp_path, capsys)
     generate_lines(tmp_path / "ref", _config(count=40), progress=False)
     assert lmdb_digest(tmp_path / "set") == lmdb_digest(tmp_path / "ref")
     assert (tmp_path / "set" / "manifest.tsv").read_bytes() == (tmp_path / "ref" / "manifest.tsv").read_bytes()
+
+
+def test_ctrl_c_ends_kocr_synth_lines_and_its_render_workers_with_one_line(tmp_path):
+    """Ctrl-C at a terminal reaches the whole foreground group, the render pool's workers too. Was: the
+    parent's KeyboardInterrupt traceback and one more per worker (``Process ForkPoolWorker-1: ...``)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    err = tmp_path / "err.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml")}
+    with err.open("w") as sink:  # SIGINT at its default, as at a terminal (a script's job would ignore it)
+        proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "synth-lines", "--out", "lines", "--count",
+                                 "1000000", "--workers", "2"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=sink, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and max(map(int, re.findall(r"(\d+)/1000000", err.read_text())), default=0) < 300:
+            assert time.monotonic() < deadline, err.read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # while the workers render
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = err.read_text()
+    assert proc.returncode == 130, text[-3000:]
+    assert "Traceback" not in text and "ForkPoolWorker" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == "kocr synth-lines: interrupted"

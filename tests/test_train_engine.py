@@ -615,6 +615,33 @@ def test_a_sigtermed_torchrun_job_ends_its_mlflow_runs_instead_of_leaving_them_r
     assert run.info.status == "KILLED", err[-3000:]  # stopped from outside: not FAILED
 
 
+def test_ctrl_c_ends_kocr_train_with_one_line_its_state_kept_and_its_run_killed(prepared, tmp_path):
+    """Was: a full KeyboardInterrupt traceback (and Python's death by SIGINT) after the handlers had run."""
+    _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ctrl-c"}
+    # SIGINT at its default, as at a terminal (where pytest runs as a script's job it is ignored, and so
+    # it would be in the child)
+    proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    state = tmp_path / ".kocr" / "train-state" / "out.pt"
+    deadline = time.monotonic() + 240
+    while not state.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert state.is_file(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no state in 240 s"
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "kocr train: interrupted", err[-3000:]
+    assert load_state(state)["progress"]["step"] >= 2  # still resumable
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string="tags.`kocr.stage` = 'train'")
+    parents = {p.info.run_id for p in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                                         filter_string="tags.`kocr.pipeline_key` = 'ctrl-c'")}
+    [run] = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
+    assert run.info.status == "KILLED"
+
+
 def test_an_attention_head_trains_validates_and_is_refused_by_the_page_reader(prepared, tmp_path):
     from evaluation.reader import Recognition
     from training.checkpoint import ModelSpecError, load_recognizer

@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
 import unicodedata
 import warnings
@@ -814,6 +815,9 @@ def _render_in_worker(index: int) -> Sample:
 
 
 def _init_worker(config: LinesConfig) -> None:
+    # Ctrl-C reaches the whole foreground group: the parent stops (kocr prints one line) and ends the pool;
+    # was: each worker printed its own KeyboardInterrupt traceback as well
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _context(config)
 
 
