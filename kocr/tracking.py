@@ -9,8 +9,8 @@ an error, not the embedded store: a run meant for the team's server would otherw
 promote in a throwaway local registry.
 
 DVC runs each stage as its own process, so the stages of one ``dvc repro`` find their common
-parent run by a pipeline key: ``KOCR_PIPELINE_ID`` when set (CI sets it), else the PID and start
-time of the ``dvc`` process that launched the stage. The parent is in ``ko-ocr/finetune`` whatever
+parent run by a pipeline key: ``KOCR_PIPELINE_ID`` when set (CI sets it), else the host name and the
+PID and start time of the ``dvc`` process that launched the stage (``dvc-<host>-<pid>-<start>``). The parent is in ``ko-ocr/finetune`` whatever
 experiment a stage logs to (``tune``: ``ko-ocr/tune``). A stage run by hand gets a parent of its own.
 ``KOCR_PIPELINE_GROUP`` (CI: the retrain workflow's concurrency group) is tagged on the parent: the
 group's pipelines never run at once, so another one left RUNNING is stale (:func:`end_stale_in_group`).
@@ -212,7 +212,9 @@ def pipeline_key() -> str | None:
             cmdline = proc.cmdline()
             if any(os.path.basename(part) == "dvc" or part.endswith("/dvc") for part in cmdline[:2]) \
                     or cmdline[1:3] == ["-m", "dvc"]:
-                return f"dvc-{proc.pid}-{int(proc.create_time())}"
+                # the host too: two machines logging to one tracking server can each have a dvc of this
+                # PID started in the same second (was: dvc-<pid>-<start>, one parent run for both)
+                return f"dvc-{socket.gethostname()}-{proc.pid}-{int(proc.create_time())}"
     except (psutil.Error, IndexError):
         return None
     return None

@@ -569,3 +569,41 @@ def test_processes_opening_a_new_embedded_store_together_all_get_it(tmp_path):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlruns.db'}")
     experiment = client.get_experiment_by_name("ko-ocr/finetune")
     assert len(client.search_runs([experiment.experiment_id])) == 3
+
+
+def test_the_same_dvc_pid_and_second_on_two_hosts_are_two_pipeline_runs(monkeypatch):
+    """Was: the key was dvc-<pid>-<start second>, so a dvc of one PID started in the same second on two
+    machines logging to one tracking server gathered both pipelines' stages under one parent run."""
+    import socket
+
+    from kocr.tracking import pipeline_key, stage_run
+
+    class Dvc:  # the `dvc repro` process that launched the stage, the same on both machines
+        pid = 4242
+
+        def cmdline(self):
+            return ["/usr/bin/python3", "/usr/local/bin/dvc", "repro"]
+
+        def create_time(self):
+            return 1765000000.25
+
+    class Me:
+        def parents(self):
+            return [Dvc()]
+
+    monkeypatch.delenv("KOCR_PIPELINE_ID", raising=False)
+    monkeypatch.setattr(tracking.psutil, "Process", Me)
+    keys, parents = {}, {}
+    for host in ("gpu-a", "gpu-b"):
+        monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
+        keys[host] = pipeline_key()
+        assert pipeline_key() == keys[host]  # the stages of one dvc repro on one machine share it
+        try:
+            for stage in ("prepare", "train"):
+                with stage_run(stage) as run:
+                    parents.setdefault(host, set()).add(run.data.tags["mlflow.parentRunId"])
+        finally:
+            mlflow.set_tracking_uri(None)
+    assert keys["gpu-a"] != keys["gpu-b"] and all("4242" in key for key in keys.values())
+    assert len(parents["gpu-a"]) == len(parents["gpu-b"]) == 1  # one parent run per dvc repro
+    assert parents["gpu-a"] != parents["gpu-b"]  # was one for both machines
