@@ -327,6 +327,22 @@ def test_a_png_cut_short_is_refused_by_the_start_scan_not_when_its_batch_comes_u
         ds.size(2)
 
 
+def test_a_png_with_many_bytes_after_its_iend_is_not_refused_as_cut_short(tmp_path):
+    # OpenCV decodes a PNG whatever follows its IEND chunk (a writer's appended data, a padded copy), so the
+    # start scan must pass it however long that tail is
+    from training.charset import Charset
+    from training.crops import CropDataset
+
+    whole = [_png(image) for image in _images()]
+    with LmdbWriter(tmp_path / "set") as writer:
+        writer.add(whole[0], "서울")
+        writer.add(whole[1] + bytes(range(256)) * 64, "부산")  # 16 KiB after IEND
+    ds = LmdbDataset(tmp_path / "set")
+    assert ds[1][0].shape == (31, 45)  # what training reads decodes
+    assert ds.size(1) == (31, 45) and ds.summary(1)[1:3] == (31, 45)
+    assert len(CropDataset(ds, Charset.named("korean_g2"))) == 2
+
+
 def test_dataset_pickles_without_its_environment(tmp_path):
     _write(tmp_path / "set", _images(), LABELS)
     ds = LmdbDataset(tmp_path / "set")
