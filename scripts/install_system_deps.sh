@@ -39,7 +39,8 @@ missing=()
 for spec in "${PKGS[@]}"; do
   name=${spec%%=*}; want=${spec#"$name"}; want=${want#=}   # an unpinned spec: any installed version
   have=$(dpkg-query -W -f='${db:Status-Abbrev}${Version}' "$name" 2>/dev/null || true)
-  case $have in ii*) have=${have#ii }; have=${have# } ;; *) have="" ;; esac
+  # installed whatever is wanted of it (ii, hi: held by apt-mark hold, ri/pi); rc and the rest: missing
+  case $have in ?i*) have=${have:3}; have=${have# } ;; *) have="" ;; esac
   if [ -z "$have" ] || { [ -n "$want" ] && [ "$have" != "$want" ]; }; then missing+=("$spec"); fi
 done
 SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"

@@ -500,9 +500,11 @@ def test_the_script_installs_only_what_is_missing_unpinned_packages_included(tmp
     fake.mkdir()
     (fake / "dpkg-query").write_text(
         '#!/bin/sh\nfor a; do name=$a; done\ncase $name in\n  pinned|other) echo "ii  1.0-1";;\n'
-        '  loose) echo "ii  2.3-4+deb12u9";;\n  gone) echo "rc  5.0";;\n  *) exit 1;;\nesac\n')
+        '  loose) echo "ii  2.3-4+deb12u9";;\n  gone) echo "rc  5.0";;\n'
+        # installed and held (apt-mark hold: "hi "), installed but marked for removal ("ri "): present
+        '  held) echo "hi 3.1-1";;\n  leaving) echo "ri 7.0";;\n  *) exit 1;;\nesac\n')
     (fake / "dpkg-query").chmod(0o755)
-    specs = "pinned=1.0-1 other=0.9 loose gone absent"
+    specs = "pinned=1.0-1 other=0.9 loose gone absent held=3.1-1 leaving"
     done = subprocess.run(["bash", "-c", f"PKGS=({specs})\n{check}printf '%s\\n' \"${{missing[@]}}\""],
                           capture_output=True, text=True, check=True,
                           env={**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"})
