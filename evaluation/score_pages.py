@@ -48,7 +48,7 @@ from evaluation.reader import (
 )
 from evaluation.score_crops import TESSERACT, ScoreInputError, nul_note, written_by_a_run
 from kocr.atomic import staged_files
-from training.charset import not_utf8
+from training.charset import not_utf8, text_lines
 from training.data.pages import Page, Word, nfc
 from training.data.sources import AmbiguousName, find_file, name_key, stray_file
 
@@ -138,16 +138,19 @@ class PageItem:
 
 
 def read_page_item(image: Path, text_file: Path) -> PageItem:
-    """A page image with its ground-truth lines from ``text_file`` (NFC, blank lines dropped)."""
+    """A page image with its ground-truth lines from ``text_file`` (NFC, blank lines dropped). Lines end at
+    LF, CR LF or CR only: a U+2028 line separator, U+2029, U+0085, a form feed, … inside a line is a space in
+    it, with a warning (``charset.text_lines``), not the start of another ground-truth line."""
     if not text_file.is_file():
         raise ScoreInputError(f"{image}: no ground truth {text_file}")
     raw = text_file.read_bytes()
     try:
-        lines = raw.decode("utf-8-sig").splitlines()
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ScoreInputError(f"{text_file}: {not_utf8(exc)}") from None
     if b"\0" in raw:  # valid UTF-8, but no text file holds NUL: UTF-16 without a BOM decodes so
         raise ScoreInputError(f"{text_file}: not UTF-8 text ({nul_note(raw)})")
+    lines = text_lines(text, text_file)
     lines = [nfc(line.strip()) for line in lines if line.strip()]
     if not lines:  # nothing to recall: the page would score 0 and pull the set down unseen
         raise ScoreInputError(f"{text_file}: no ground-truth text for {image.name} (empty or blank lines only)")

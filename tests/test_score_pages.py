@@ -213,6 +213,20 @@ def test_utf16_ground_truth_without_a_bom_is_not_taken_as_text(tmp_path):
         find_pages(tmp_path, tmp_path)
 
 
+def test_ground_truth_lines_end_at_lf_or_cr_only_and_other_breaks_are_spaces_within(tmp_path):
+    # str.splitlines also cut at U+2028, U+0085, a form feed, …: one text line became two ground-truth lines,
+    # each scored alone, so a page read perfectly as one line lost half its characters in line_cer
+    (tmp_path / "p.png").write_bytes(b"")
+    (tmp_path / "p.txt").write_bytes("서울\u2028시청\r\n부산\x0c광역시\r인천\n대구\x85중구\u2029\n".encode())
+    with pytest.warns(UserWarning, match=r"p\.txt: 3 lines \(lines 1, 2, 4\) hold a line or page break .*"
+                                         r"U\+000C, U\+0085, U\+2028, U\+2029"):
+        [item] = find_pages(tmp_path, tmp_path)
+    assert item.lines == ["서울 시청", "부산 광역시", "인천", "대구 중구"]
+    edits, chars = line_cer_counts(item.lines, ["서울시청", "부산광역시", "인천", "대구중구"])
+    assert (edits, chars) == (0, 15)
+    assert char_counts("".join(item.lines), "서울시청부산광역시인천대구중구").f1 == 1.0
+
+
 def test_scores_into_an_evaluate_crops_folder_replace_that_runs_files(tmp_path, capsys, monkeypatch):
     from evaluation import score_pages
 

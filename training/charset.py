@@ -10,7 +10,10 @@ Example:
 
 from __future__ import annotations
 
+import os
+import re
 import unicodedata
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -121,6 +124,42 @@ def read_charset_file(path: Path) -> str:
         raise ValueError(f"charset file {path}: holds decomposed Hangul (NFD jamo sequences), which NFC labels "
                          "never contain; save it NFC (unicodedata.normalize('NFC', text))")
     return text
+
+
+_LINE_END = re.compile(r"\r\n|\r|\n")
+# what str.splitlines takes for a line end besides LF and CR (all whitespace to str.split)
+OTHER_BREAKS = frozenset("\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def text_lines(text: str, path: str | os.PathLike) -> list[str]:
+    r"""The lines of a text file's ``text``, ended at LF, CR LF or CR only (as a labels TSV is read).
+
+    ``str.splitlines`` also cuts at U+2028, U+2029, U+0085, \x0b, \x0c and \x1c-\x1e, so a line holding
+    one (a soft break pasted from a web page or Word, which a user cannot see) became two lines unsaid.
+    Inside a line each is made a space (all are whitespace to ``str.split``), and a KocrWarning names
+    ``path``, the lines holding one and the characters. Used for ``synth-lines``' ``text_file`` and
+    ``evaluate-pages``' ground truth.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("ignore")
+    ...     text_lines("서울\u2028시청\r\n부산\n", "t.txt")
+    ['서울 시청', '부산', '']
+    """
+    lines = _LINE_END.split(text)
+    other_breaks = [number for number, line in enumerate(lines, 1) if any(c in OTHER_BREAKS for c in line)]
+    if other_breaks:
+        from kocr import KocrWarning
+
+        chars = sorted({f"U+{ord(c):04X}" for n in other_breaks for c in lines[n - 1] if c in OTHER_BREAKS})
+        many = len(other_breaks) > 1
+        warnings.warn(f"{path}: {len(other_breaks)} line{'s' if many else ''} (line{'s' if many else ''} "
+                      f"{', '.join(map(str, other_breaks[:5]))}"
+                      f"{', …' if len(other_breaks) > 5 else ''}) hold{'' if many else 's'} a line or page break "
+                      f"other than LF or CR LF ({', '.join(chars)}): read as a space within the line, not as a "
+                      "line end", KocrWarning, stacklevel=3)
+        lines = ["".join(" " if c in OTHER_BREAKS else c for c in line) for line in lines]
+    return lines
 
 
 def not_utf8(exc: UnicodeDecodeError) -> str:

@@ -28,7 +28,6 @@ import math
 import multiprocessing
 import os
 import random
-import re
 import signal
 import sys
 import unicodedata
@@ -43,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from training.charset import Charset, not_utf8
+from training.charset import Charset, not_utf8, text_lines
 from training.data import degrade
 from training.data.backgrounds import KINDS, image_files, make_background
 from training.data.contact_sheet import write_sheet
@@ -344,11 +343,6 @@ def _background_files(config: LinesConfig) -> tuple[str, ...]:
         raise SynthConfigError(f"synth_lines.background_images: {exc}") from None
 
 
-_LINE_END = re.compile(r"\r\n|\r|\n")
-# what str.splitlines takes for a line end besides LF and CR (all whitespace to str.split)
-OTHER_BREAKS = frozenset("\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
-
-
 def load_texts(path: str | os.PathLike, charset: Charset, max_chars: int | None = None) -> list[str]:
     """Strings of a UTF-8 text file, one per line, NFC, outer spaces stripped, inner runs of space
     collapsed; lines holding a character outside ``charset`` or longer than ``max_chars`` (never
@@ -360,18 +354,8 @@ def load_texts(path: str | os.PathLike, charset: Charset, max_chars: int | None 
         text_all = path.read_bytes().decode("utf-8-sig")  # a byte-order mark is no character
     except UnicodeDecodeError as exc:
         raise SynthConfigError(f"{path}: synth_lines.text_file is {not_utf8(exc)}") from None
-    # lines end at LF, CR LF or CR only, as in a labels TSV: str.splitlines also cut at U+2028, U+2029, U+0085,
-    # \x0b, \x0c and \x1c-\x1e, so a line holding one became two strings unsaid; inside a line they are
-    # whitespace, made one space below like a tab, and named in a warning
-    lines = _LINE_END.split(text_all)
-    other_breaks = [number for number, line in enumerate(lines, 1) if any(c in OTHER_BREAKS for c in line)]
-    if other_breaks:
-        chars = sorted({f"U+{ord(c):04X}" for n in other_breaks for c in lines[n - 1] if c in OTHER_BREAKS})
-        warnings.warn(f"{path}: {len(other_breaks)} lines (line{'s' if len(other_breaks) > 1 else ''} "
-                      f"{', '.join(map(str, other_breaks[:5]))}"
-                      f"{', …' if len(other_breaks) > 5 else ''}) hold a line or page break other than LF or CR LF "
-                      f"({', '.join(chars)}): read as a space within the line, not as a line end",
-                      KocrWarning, stacklevel=2)
+    # lines end at LF, CR LF or CR only: other breaks (U+2028, …) are a space within the line, with a warning
+    lines = text_lines(text_all, path)
     texts, outside, too_long = [], 0, 0
     for line in lines:
         text = " ".join(unicodedata.normalize("NFC", line).split())
