@@ -207,6 +207,23 @@ def test_resume_of_a_state_from_an_older_kocr_says_so_and_starts_fresh(prepared,
     assert summary["steps"] == 4 and "resumed_from_step" not in summary
 
 
+def test_resume_of_a_state_with_progress_counters_this_kocr_does_not_know_starts_fresh(prepared, tmp_path, capsys):
+    """A state of this run written by another kocr whose progress held other counters was a TypeError traceback
+    from Progress(**...) on --resume, after the weights were loaded: it says so, names them, and starts fresh."""
+    state = tmp_path / "run.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**TINY, "steps": 4, "val_every": 2}), prepared, tmp_path / "a", progress=False,
+              log=False, state_file=state, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap",
+              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    saved = load_state(state)
+    saved["progress"].update(lr_restarts=1, plateau_steps=3)  # what a newer kocr might count
+    torch.save(saved, state)
+    summary = _run(prepared, tmp_path / "b", state, resume=True, steps=4, val_every=2)
+    err = capsys.readouterr().err
+    assert f"{state} was written by another kocr, whose progress records lr_restarts, plateau_steps" in err
+    assert "Traceback" not in err and summary["steps"] == 4 and "resumed_from_step" not in summary
+
+
 def test_validation_seconds_count_the_validations_before_a_resume_too(prepared, tmp_path, monkeypatch):
     """Like train_seconds, validation_seconds is the whole run's, not only the resumed process's."""
     real = train_module.validate

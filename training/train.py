@@ -23,7 +23,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ParamSpec, TypeVar
 
@@ -956,6 +956,13 @@ def _resume(path: Path, signature: dict[str, Any], core: Recognizer, optimizer: 
     changed += [f"{k} changed" for k in ("train_data", "val_data", "base_sha256") if old.get(k) != signature[k]]
     if changed:
         say(f"train: {path} belongs to another run ({'; '.join(changed)}); starting from step 0")
+        return None
+    # this run's state, but written by a kocr whose Progress had other fields (a newer one's, or an older one's
+    # since dropped): counters this kocr does not know cannot be carried on; checked before any weights load
+    unknown = sorted(map(str, set(saved["progress"]) - {f.name for f in fields(Progress)}))
+    if unknown:
+        say(f"train: {path} was written by another kocr, whose progress records {', '.join(unknown)}, which this "
+            "kocr does not know: it cannot be resumed here; starting from step 0")
         return None
     core.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
