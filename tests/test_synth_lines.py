@@ -343,6 +343,20 @@ def test_a_backslash_is_never_drawn_by_a_face_that_draws_it_as_won_or_slash(tmp_
     assert {r["font"] for r in _manifest(tmp_path / "set")} == {"UnDotum.ttf"}
 
 
+def test_a_tilde_is_never_drawn_by_a_face_that_draws_it_as_a_dash(tmp_path):
+    # Baekmuk Dotum maps U+007E to a flat dash: a label "~" drawn there would teach dash -> ~
+    dash, wave = (find_fonts([name])[0] for name in ("dotum.ttf", "gulim.ttf"))
+    if "baekmuk" not in dash.path or "baekmuk" not in wave.path:
+        pytest.skip("needs fonts-baekmuk (scripts/install_system_deps.sh)")
+    assert 0x7E in _cmap(dash) and 0x7E in _cmap(wave)
+    assert not covers(dash, "9~18시") and covers(wave, "9~18시") and covers(dash, "9-18시")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("9~18시\n", encoding="utf-8")
+    generate_lines(tmp_path / "set", _config(count=12, fonts=["dotum.ttf", "gulim.ttf"], text_file=str(texts),
+                                             words_per_line=[1, 1]), progress=False)
+    assert {r["font"] for r in _manifest(tmp_path / "set")} == {"gulim.ttf"}
+
+
 def test_text_no_font_can_draw_is_an_error(tmp_path):
     charset = tmp_path / "ko_hanja.txt"
     charset.write_text(CHARSET.chars + "漢字", encoding="utf-8")

@@ -118,6 +118,7 @@ def find_fonts(patterns: Sequence[str] | str,
 
 
 BACKSLASH = 0x5C
+TILDE = 0x7E
 
 
 @functools.lru_cache(maxsize=None)
@@ -127,9 +128,15 @@ def _codepoints(path: str, index: int) -> frozenset[int]:
     with TTFont(path, fontNumber=index, lazy=True) as font:
         cmap = font.getBestCmap() or {}
     cps = frozenset(cmap)
-    if BACKSLASH in cps and not _draws_backslash(path, index):
-        cps -= {BACKSLASH}
-    return cps
+    return cps - {cp for cp, draws in _SHAPE_CHECKS.items() if cp in cps and not draws(path, index)}
+
+
+def _ink(path: str, index: int, text: str, size: int) -> np.ndarray:
+    """The pixels ``text`` inks in the face at ``size`` px (a bool mask, dark on nothing)."""
+    font = load_font(FontFace(path, index), size)
+    image = Image.new("L", (size * 5 // 2, size * 5 // 2), 0)
+    ImageDraw.Draw(image).text((size // 2, size // 4), text, font=font, fill=255)
+    return np.asarray(image) > 127
 
 
 def _draws_backslash(path: str, index: int) -> bool:
@@ -140,24 +147,42 @@ def _draws_backslash(path: str, index: int) -> bool:
     strongly; ₩ and ¥ are symmetric (about 0) and a slash runs the other way (about -0.9).
     Every installed face with a true backslash, obliques included, measures 0.66 or more.
     """
-    font = load_font(FontFace(path, index), 64)
-    image = Image.new("L", (160, 160), 0)
-    ImageDraw.Draw(image).text((32, 16), "\\", font=font, fill=255)
-    ys, xs = np.nonzero(np.asarray(image) > 127)
+    ys, xs = np.nonzero(_ink(path, index, "\\", 64))
     if len(xs) < 8 or xs.std() == 0 or ys.std() == 0:
         return False
     return float(np.corrcoef(xs, ys)[0, 1]) > 0.4
 
 
+def _draws_tilde(path: str, index: int) -> bool:
+    """False for the faces that draw U+007E as a straight dash (Baekmuk Dotum), a label ``~`` over
+    which would teach the model to read a dash as a tilde.
+
+    A tilde's stroke waves, so its ink is taller than the stroke is thick (the median inked run of
+    a column); a flat dash's is not. At 128 px every installed face with a true tilde measures 1.5
+    or more, bold and oblique ones included; Baekmuk Dotum's dash 1.0.
+    """
+    ink = _ink(path, index, "~", 128)
+    rows, columns = np.nonzero(ink.any(axis=1))[0], np.nonzero(ink.any(axis=0))[0]
+    if len(columns) < 4:
+        return False
+    thickness = float(np.median(ink[:, columns].sum(axis=0)))
+    return (rows[-1] - rows[0] + 1) >= 1.25 * thickness
+
+
+# code points a face may map to a glyph of another sign, each with its check that the glyph is the sign
+_SHAPE_CHECKS = {BACKSLASH: _draws_backslash, TILDE: _draws_tilde}
+
+
 def codepoints(face: FontFace) -> frozenset[int]:
     """Code points the face draws as themselves (cached per face): those its cmap maps to a
-    glyph, less a backslash the face draws as ₩, ¥ or / (``_draws_backslash``)."""
+    glyph, less a backslash the face draws as ₩, ¥ or / (``_draws_backslash``) and a tilde it
+    draws as a dash (``_draws_tilde``)."""
     return _codepoints(face.path, face.index)
 
 
 def covers(face: FontFace, text: str) -> bool:
     """True when every non-space character of ``text`` has a glyph in ``face`` (no tofu) that
-    draws that character (not a backslash drawn as ₩: ``codepoints``)."""
+    draws that character (not a backslash drawn as ₩ nor a tilde drawn as a dash: ``codepoints``)."""
     cps = codepoints(face)
     return all(ch.isspace() or ord(ch) in cps for ch in text)
 
