@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from training.charset import Charset
+from training.data.degrade import EFFECTS as _EFFECTS
 from training.data.fonts import covers, find_fonts, subset_font
 from training.data.lexicon import has_hangul
 from training.data import synth_lines
@@ -415,6 +416,19 @@ def test_text_file_lines_end_at_lf_or_cr_lf_only_and_other_breaks_are_named(tmp_
                                          r"U\+000C, U\+0085, U\+2028, U\+2029"):
         got = load_texts(texts, Charset.named("korean_g2"))
     assert got == ["서울 시청", "부산 광역시", "인천", "대구 중구"]
+
+
+def test_degrade_off_is_logged_as_off_as_sample_degrade_is_whatever_its_spelling():
+    # synth_lines.degrade: off was logged to MLflow as {} (DegradeConfig.as_params), sample.degrade: off as off
+    from kocr.tracking import param_strings
+    from training.data.degrade import logged
+
+    for value in (False, None, "off", {"preset": "off"}, {"preset": "mild", **dict.fromkeys(_EFFECTS, 0)}):
+        logged_params = param_strings({"synth_lines": LinesConfig.from_params({"degrade": value}, {}).as_params()})
+        assert {k: v for k, v in logged_params.items() if "degrade" in k} == {"synth_lines.degrade": "off"}
+    assert logged(False) == "off"  # what sample.degrade: off logs
+    mild = param_strings({"synth_lines": LinesConfig.from_params({"degrade": "mild"}, {}).as_params()})
+    assert float(mild["synth_lines.degrade.jpeg.p"]) > 0  # a degradation that can happen keeps its effects
 
 
 def test_weights_written_in_another_key_order_draw_the_same_set(tmp_path):

@@ -80,8 +80,12 @@ class DegradeConfig:
     def effect(self, name: str) -> Effect:
         return self.effects.get(name, Effect(0.0, EFFECTS[name][1]))
 
-    def as_params(self) -> dict[str, dict[str, Any]]:
-        """Flat, loggable view: effect -> {p, span}."""
+    def as_params(self) -> dict[str, dict[str, Any]] | str:
+        """Flat, loggable view: effect -> {p, span}; ``off`` when no effect can happen (every spelling of
+        off, or every probability 0, which draws the images off draws), as ``logged`` writes
+        ``sample.degrade: off``, not ``{}``."""
+        if not self.enabled:
+            return "off"
         return {k: {"p": e.p, "span": list(e.span)} for k, e in self.effects.items()}
 
     @classmethod
