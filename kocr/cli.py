@@ -11,6 +11,7 @@ null (every key commented out) means every default, as an empty one does.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -19,7 +20,7 @@ import sys
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 from kocr import KocrWarning, warnings_as_lines
 from kocr.atomic import OutFolderError, disk_full_line, file_sha256, replaced_folder, write_text
@@ -1042,21 +1043,42 @@ def _terminate_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-INTERRUPTED = 128 + signal.SIGINT  # 130: the shell's status for a command Ctrl-C stopped
-
-
 def main(argv: list[str] | None = None) -> int:
-    """``kocr``: runs the subcommand; Ctrl-C (SIGINT, a KeyboardInterrupt) ends it with one line,
-    ``kocr <command>: interrupted``, and exit status 130, once the command's own handlers have run on
+    """``kocr``: runs the subcommand and returns its exit status. Ctrl-C (SIGINT, a KeyboardInterrupt)
+    ends it with one line, ``kocr <command>: interrupted``, once the command's own handlers have run on
     the way out (train keeps its resumable state, a stage's MLflow run ends KILLED). Was: a full
-    traceback from wherever the interrupt landed."""
+    traceback from wherever the interrupt landed.
+
+    Run as the program (``argv`` None: the ``kocr`` script, ``python -m kocr.cli``) the process then
+    dies by SIGINT, as Python ends on an uncaught KeyboardInterrupt, so a calling shell loop
+    (``for f in ...; do kocr ...; done``) stops too: bash goes on after a command that exits, even
+    with status 130. Called with ``argv`` from Python (a test, a script), the interrupt goes on to
+    the caller."""
     where = ["kocr"]
     try:
         return _main(argv, where)
     except KeyboardInterrupt:
         _close_progress_bars()  # else the open bar is redrawn over and after the line, as Python exits
         print(f"{where[0]}: interrupted", file=sys.stderr)
-        return INTERRUPTED
+        if argv is not None:
+            raise
+        _die_by_sigint()
+
+
+def _die_by_sigint() -> NoReturn:
+    """End the process as Python does after an uncaught KeyboardInterrupt: the exit handlers run
+    (MLflow's, multiprocessing's, logging's), then it kills itself with SIGINT at its default action.
+    Done here rather than left to Python: re-raised, ``kocr train`` exited with status 1 instead
+    (something run at exit clears the interpreter's note of the interrupt)."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    with contextlib.suppress(Exception):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    os.kill(os.getpid(), signal.SIGINT)
+    os._exit(128 + signal.SIGINT)  # not reached unless the signal could not end the process: the shell's status
 
 
 def _close_progress_bars() -> None:

@@ -1037,6 +1037,45 @@ def test_ctrl_c_ends_kocr_synth_lines_and_its_render_workers_with_one_line(tmp_p
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     text = err.read_text()
-    assert proc.returncode == 130, text[-3000:]
+    assert proc.returncode == -signal.SIGINT, text[-3000:]  # after its line, it dies by SIGINT as Python does
     assert "Traceback" not in text and "ForkPoolWorker" not in text, text[-3000:]
     assert text.strip().splitlines()[-1] == "kocr synth-lines: interrupted"
+
+
+def test_ctrl_c_on_kocr_in_a_shell_loop_stops_the_loop(tmp_path):
+    """bash goes on after a command that exits (even with 130) and stops when its command died by SIGINT:
+    ``for f in ...; do kocr ...; done`` must stop at Ctrl-C. Was: kocr exited 130 and the loop went on."""
+    import os
+    import re
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    err = tmp_path / "err.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml"), "PY": sys.executable}
+    loop = ('for n in 1 2; do if [ $n = 2 ]; then touch went-on; break; fi; '
+            '"$PY" -m kocr.cli synth-lines --out lines --count 1000000 --workers 1; done; touch after-loop')
+    with err.open("w") as sink:  # SIGINT at its default, as at a terminal
+        proc = subprocess.Popen(["bash", "-c", loop], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                stderr=sink, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 180
+        while proc.poll() is None and max(map(int, re.findall(r"(\d+)/1000000", err.read_text())), default=0) < 50:
+            assert time.monotonic() < deadline, err.read_text()[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = err.read_text()
+    assert text.strip().splitlines()[-1] == "kocr synth-lines: interrupted", text[-3000:]
+    assert not (tmp_path / "went-on").exists() and not (tmp_path / "after-loop").exists(), text[-3000:]
+    assert proc.returncode == -signal.SIGINT  # bash itself stopped by the Ctrl-C
