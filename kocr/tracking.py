@@ -10,7 +10,8 @@ promote in a throwaway local registry.
 
 DVC runs each stage as its own process, so the stages of one ``dvc repro`` find their common
 parent run by a pipeline key: ``KOCR_PIPELINE_ID`` when set (CI sets it), else the host name and the
-PID and start time of the ``dvc`` process that launched the stage (``dvc-<host>-<pid>-<start>``). The parent is in ``ko-ocr/finetune`` whatever
+PID and start time of the ``dvc`` process that launched the stage, with where that PID holds (:func:`pid_space`,
+shortened: ``dvc-<host>-<space>-<pid>-<start>``). The parent is in ``ko-ocr/finetune`` whatever
 experiment a stage logs to (``tune``: ``ko-ocr/tune``). A stage run by hand gets a parent of its own.
 ``KOCR_PIPELINE_GROUP`` (CI: the retrain workflow's concurrency group) is tagged on the parent: the
 group's pipelines never run at once, so another one left RUNNING is stale (:func:`end_stale_in_group`).
@@ -23,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -213,8 +215,12 @@ def pipeline_key() -> str | None:
             if any(os.path.basename(part) == "dvc" or part.endswith("/dvc") for part in cmdline[:2]) \
                     or cmdline[1:3] == ["-m", "dvc"]:
                 # the host too: two machines logging to one tracking server can each have a dvc of this
-                # PID started in the same second (was: dvc-<pid>-<start>, one parent run for both)
-                return f"dvc-{socket.gethostname()}-{proc.pid}-{int(proc.create_time())}"
+                # PID started in the same second (was: dvc-<pid>-<start>, one parent run for both); and
+                # where it names one process (boot and PID namespace, as 8 hex digits): containers of one
+                # name (--network host, --hostname) number their processes alike, dvc often the same PID
+                space = pid_space()
+                where = f"-{hashlib.sha256(space.encode()).hexdigest()[:8]}" if space else ""
+                return f"dvc-{socket.gethostname()}{where}-{proc.pid}-{int(proc.create_time())}"
     except (psutil.Error, IndexError):
         return None
     return None

@@ -607,3 +607,34 @@ def test_the_same_dvc_pid_and_second_on_two_hosts_are_two_pipeline_runs(monkeypa
     assert keys["gpu-a"] != keys["gpu-b"] and all("4242" in key for key in keys.values())
     assert len(parents["gpu-a"]) == len(parents["gpu-b"]) == 1  # one parent run per dvc repro
     assert parents["gpu-a"] != parents["gpu-b"]  # was one for both machines
+
+
+def test_the_same_dvc_pid_and_second_in_two_containers_of_one_host_name_are_two_pipeline_runs(monkeypatch):
+    """Two containers of one host name (--network host, or --hostname) number their processes alike: a dvc
+    of the same PID started in the same second in each. Was: dvc-<host>-<pid>-<start>, one key for both."""
+    import socket
+
+    from kocr.tracking import pipeline_key
+
+    class Dvc:
+        pid = 7
+
+        def cmdline(self):
+            return ["/usr/bin/python3", "/usr/local/bin/dvc", "repro"]
+
+        def create_time(self):
+            return 1765000000.25
+
+    class Me:
+        def parents(self):
+            return [Dvc()]
+
+    monkeypatch.delenv("KOCR_PIPELINE_ID", raising=False)
+    monkeypatch.setattr(tracking.psutil, "Process", Me)
+    monkeypatch.setattr(socket, "gethostname", lambda: "runner")
+    keys = {}
+    for space in ("boot-1/4026532001", "boot-1/4026532002"):
+        monkeypatch.setattr(tracking, "pid_space", lambda space=space: space)
+        keys[space] = pipeline_key()
+        assert pipeline_key() == keys[space]  # the stages of one dvc repro share it
+    assert len(set(keys.values())) == 2 and all(key.startswith("dvc-runner-") for key in keys.values())
