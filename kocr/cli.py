@@ -227,7 +227,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> None:
     from kocr.tracking import log_dataset, stage_run
-    from training.tune import TuneConfig, TuneError, check_space, fixed_knob_params, redact, run_tune
+    from training.tune import TuneConfig, TuneError, check_space, fixed_knob_params, recorded_storage, run_tune
 
     params = load_params()
     try:
@@ -241,7 +241,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
             EvaluateConfig.from_params(params)
             _settings(params)
         used = {**section(params, "tune"), "n_trials": config.n_trials, "timeout_s": config.timeout_s,
-                "study_name": config.study_name, "storage": redact(config.storage) if config.storage else ""}
+                "study_name": config.study_name, "storage": recorded_storage(config.storage) if config.storage else ""}
         # train.*/model.*: what every trial trains with besides its searched knobs, train.steps its budget
         # (not params.yaml's train.steps: no trial trains that long)
         with stage_run("tune", {"tune": used, **fixed_knob_params(params, config)}, experiment="ko-ocr/tune"):

@@ -647,6 +647,9 @@ def test_a_trials_value_is_named_as_its_tune_runs_best(prepared, tmp_path, monke
     [trial] = optuna.load_study(study_name="named", storage="sqlite:///tuning/optuna.db").get_trials()
     assert "value" not in run.data.metrics
     assert run.data.metrics["best_val_cer"] == pytest.approx(trial.value) == parent.data.metrics["best_val_cer"]
+    # the storage as best_params.yaml records it: relative inside the project, not this checkout's absolute path
+    # (was: sqlite:////<checkout>/tuning/optuna.db, a value differing on every machine in the compare view)
+    assert parent.data.tags["kocr.storage"] == "sqlite:///tuning/optuna.db"
 
 
 def test_no_mlflow_column_means_one_thing_on_a_trial_and_another_on_a_train_run(prepared, tmp_path, monkeypatch):

@@ -850,7 +850,7 @@ def _work_on(study: optuna.Study, storage: optuna.storages.RDBStorage, config: T
     if log:
         import mlflow
 
-        mlflow.set_tags({"kocr.study": study.study_name, "kocr.storage": redact(url),
+        mlflow.set_tags({"kocr.study": study.study_name, "kocr.storage": recorded_storage(url),  # as best_params.yaml
                          "kocr.worker": f"{socket.gethostname()}:{os.getpid()}"})
     print(f"tune: study {study.study_name} in {redact(url)}: {config.n_trials} trials of "
           f"{config.steps_per_trial} steps, {config.metric} ({config.direction}), pruner {config.pruner}",
