@@ -639,6 +639,9 @@ def test_a_trials_value_is_named_as_its_tune_runs_best(prepared, tmp_path, monke
     which a train run also logs: the trial rows had no column in common with either in the MLflow UI."""
     from kocr.cli import main
 
+    # a DVC project of its own: the storage is recorded relative to the project root, which would otherwise be
+    # whatever DVC project holds the temporary folder (a checkout, where TMPDIR lies inside one)
+    (tmp_path / "p" / ".dvc").mkdir(parents=True)
     monkeypatch.chdir(_project(tmp_path / "p", n_trials=1, steps_per_trial=2, report_every=2, study_name="named"))
     assert main(["tune", "--data", str(prepared), "--out", "tuning"]) == 0
     runs = mlflow.search_runs(experiment_names=["ko-ocr/tune"], output_format="list")
