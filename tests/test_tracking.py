@@ -571,15 +571,11 @@ def test_processes_opening_a_new_embedded_store_together_all_get_it(tmp_path):
     assert len(client.search_runs([experiment.experiment_id])) == 3
 
 
-def test_the_same_dvc_pid_and_second_on_two_hosts_are_two_pipeline_runs(monkeypatch):
-    """Was: the key was dvc-<pid>-<start second>, so a dvc of one PID started in the same second on two
-    machines logging to one tracking server gathered both pipelines' stages under one parent run."""
-    import socket
-
-    from kocr.tracking import pipeline_key, stage_run
-
-    class Dvc:  # the `dvc repro` process that launched the stage, the same on both machines
-        pid = 4242
+def _dvc_parent(monkeypatch, pid: int) -> None:
+    """This process runs as a stage of a `dvc repro` of ``pid``, started at a fixed second."""
+    class Dvc:
+        def __init__(self):
+            self.pid = pid
 
         def cmdline(self):
             return ["/usr/bin/python3", "/usr/local/bin/dvc", "repro"]
@@ -593,6 +589,16 @@ def test_the_same_dvc_pid_and_second_on_two_hosts_are_two_pipeline_runs(monkeypa
 
     monkeypatch.delenv("KOCR_PIPELINE_ID", raising=False)
     monkeypatch.setattr(tracking.psutil, "Process", Me)
+
+
+def test_the_same_dvc_pid_and_second_on_two_hosts_are_two_pipeline_runs(monkeypatch):
+    """Was: the key was dvc-<pid>-<start second>, so a dvc of one PID started in the same second on two
+    machines logging to one tracking server gathered both pipelines' stages under one parent run."""
+    import socket
+
+    from kocr.tracking import pipeline_key, stage_run
+
+    _dvc_parent(monkeypatch, 4242)  # the `dvc repro` process that launched the stage, the same on both machines
     keys, parents = {}, {}
     for host in ("gpu-a", "gpu-b"):
         monkeypatch.setattr(socket, "gethostname", lambda host=host: host)
@@ -616,21 +622,7 @@ def test_the_same_dvc_pid_and_second_in_two_containers_of_one_host_name_are_two_
 
     from kocr.tracking import pipeline_key
 
-    class Dvc:
-        pid = 7
-
-        def cmdline(self):
-            return ["/usr/bin/python3", "/usr/local/bin/dvc", "repro"]
-
-        def create_time(self):
-            return 1765000000.25
-
-    class Me:
-        def parents(self):
-            return [Dvc()]
-
-    monkeypatch.delenv("KOCR_PIPELINE_ID", raising=False)
-    monkeypatch.setattr(tracking.psutil, "Process", Me)
+    _dvc_parent(monkeypatch, 7)
     monkeypatch.setattr(socket, "gethostname", lambda: "runner")
     keys = {}
     for space in ("boot-1/4026532001", "boot-1/4026532002"):
