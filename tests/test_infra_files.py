@@ -783,9 +783,9 @@ from training.train import train_extras
 assert sys.argv[1:] == ["repro"], sys.argv
 state = Path(train_extras(section(load_params(), "train"))["state_dir"]) / "models_candidate.pt"
 with stage_run("train"):
-    step = load_state(state)["step"] if state.exists() else 0
+    step = load_state(state)["progress"]["step"] if state.exists() else 0  # a state as kocr train's is shaped
     print(f"train: from step {step}", flush=True)
-    save_state(state, {"step": step + 5})
+    save_state(state, {"signature": {}, "progress": {"step": step + 5}})
     if step + 5 < 10:
         print("train: saved", flush=True)
         time.sleep(600)  # killed here
@@ -953,7 +953,7 @@ def test_a_rerun_of_a_killed_retrain_resumes_its_state_and_no_mlflow_run_stays_r
     # cancelled while it trains: the runner stops the step's `docker exec`, not dvc repro in the container
     (job.states / "org_ko-ocr-41").mkdir()
     save_state = importlib.import_module("training.resume").save_state
-    save_state(job.states / "org_ko-ocr-41" / "models_candidate.pt", {"step": 5})
+    save_state(job.states / "org_ko-ocr-41" / "models_candidate.pt", {"signature": {}, "progress": {"step": 5}})
     env, repro = job.attempt(workspace, 42, 1)
     assert [repro.stdout.readline().strip() for _ in range(2)] == ["train: from step 0", "train: saved"]
     repro.kill()
