@@ -609,6 +609,25 @@ def test_a_params_mistake_of_one_rank_only_is_said_by_that_rank(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _first_state(proc: subprocess.Popen, state: Path) -> Path:
+    """``state`` once the training ``proc`` has saved it (within 240 s, else fail with its stderr)."""
+    deadline = time.monotonic() + 240
+    while not state.is_file() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert state.is_file(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no state in 240 s"
+    return state
+
+
+def _train_run(pipeline_key: str):
+    """The one train run under the pipeline run of ``pipeline_key``."""
+    parents = {p.info.run_id for p in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                                         filter_string=f"tags.`kocr.pipeline_key` = '{pipeline_key}'")}
+    [run] = [r for r in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                           filter_string="tags.`kocr.stage` = 'train'")
+             if r.data.tags.get("mlflow.parentRunId") in parents]
+    return run
+
+
 def test_a_sigtermed_torchrun_job_ends_its_mlflow_runs_instead_of_leaving_them_running(prepared, tmp_path):
     """timeout, kill and docker stop SIGTERM torchrun, which SIGTERMs its ranks: rank 0 ends its runs."""
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
@@ -617,19 +636,10 @@ def test_a_sigtermed_torchrun_job_ends_its_mlflow_runs_instead_of_leaving_them_r
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    state = tmp_path / ".kocr" / "train-state" / "out.pt"
-    deadline = time.monotonic() + 240
-    while not state.is_file() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert state.is_file(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no state in 240 s"
+    _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string="tags.`kocr.stage` = 'train'")
-    [run] = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in {
-        p.info.run_id for p in mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                                  filter_string="tags.`kocr.pipeline_key` = 'ddp-sigterm'")}]
-    assert run.info.status == "KILLED", err[-3000:]  # stopped from outside: not FAILED
+    assert _train_run("ddp-sigterm").info.status == "KILLED", err[-3000:]  # stopped from outside: not FAILED
 
 
 def test_ctrl_c_ends_kocr_train_with_one_line_its_state_kept_and_its_run_killed(prepared, tmp_path):
@@ -641,22 +651,13 @@ def test_ctrl_c_ends_kocr_train_with_one_line_its_state_kept_and_its_run_killed(
     proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    state = tmp_path / ".kocr" / "train-state" / "out.pt"
-    deadline = time.monotonic() + 240
-    while not state.is_file() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    assert state.is_file(), proc.stderr.read()[-3000:] if proc.poll() is not None else "no state in 240 s"
+    state = _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGINT, err[-3000:]  # dies by SIGINT, as Python does: a calling shell stops
     assert "Traceback" not in err and err.strip().splitlines()[-1] == "kocr train: interrupted", err[-3000:]
     assert load_state(state)["progress"]["step"] >= 2  # still resumable
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
-                              filter_string="tags.`kocr.stage` = 'train'")
-    parents = {p.info.run_id for p in mlflow.search_runs(search_all_experiments=True, output_format="list",
-                                                         filter_string="tags.`kocr.pipeline_key` = 'ctrl-c'")}
-    [run] = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
-    assert run.info.status == "KILLED"
+    assert _train_run("ctrl-c").info.status == "KILLED"
 
 
 def test_an_attention_head_trains_validates_and_is_refused_by_the_page_reader(prepared, tmp_path):
