@@ -139,6 +139,15 @@ def test_a_killed_run_resumed_ends_where_an_uninterrupted_run_ends(prepared, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _stop_at_step_4(prepared: Path, tmp_path: Path, state: Path) -> None:
+    """Train 4 steps into ``tmp_path / "a"``, stopped from step 4's validation hook: ``state`` is left as
+    saved at step 2, as a killed run leaves it."""
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(**{**TINY, "steps": 4, "val_every": 2}), prepared, tmp_path / "a", progress=False,
+              log=False, state_file=state, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap",
+              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+
+
 def test_resume_refuses_another_runs_state_and_starts_fresh(prepared, tmp_path, capsys):
     state = tmp_path / "run.pt"
     _run(prepared, tmp_path / "a", state, steps=4, val_every=2, checkpoint_every=2, patience=0)
@@ -158,10 +167,7 @@ def test_a_damaged_state_is_set_aside_and_the_run_starts_fresh(prepared, tmp_pat
     """A state file cut short (a disk fault, a copy that stopped), empty, or of another kind stopped every
     later `kocr train --resume`, so every retry of an unattended `dvc repro`, until someone deleted it."""
     state = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**{**TINY, "steps": 4, "val_every": 2}), prepared, tmp_path / "a", progress=False,
-              log=False, state_file=state, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap",
-              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    _stop_at_step_4(prepared, tmp_path, state)
     whole = state.read_bytes()
     checkpoint = tmp_path / "a" / "model.pt"
     for damaged in (whole[: len(whole) // 2], b"", checkpoint.read_bytes()):  # cut, empty, a model checkpoint
@@ -192,10 +198,7 @@ def test_resume_of_a_state_from_an_older_kocr_says_so_and_starts_fresh(prepared,
     """A state written before the data digests and the base's sha256 were recorded (an older kocr) is not
     this run's as far as can be told, but nothing "changed": the message says what it lacks."""
     state = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**{**TINY, "steps": 4, "val_every": 2}), prepared, tmp_path / "a", progress=False,
-              log=False, state_file=state, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap",
-              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    _stop_at_step_4(prepared, tmp_path, state)
     saved = load_state(state)
     for key in ("train_data", "val_data", "base_sha256"):  # what kocr before 7c1a771 did not record
         del saved["signature"][key]
@@ -211,10 +214,7 @@ def test_resume_of_a_state_with_progress_counters_this_kocr_does_not_know_starts
     """A state of this run written by another kocr whose progress held other counters was a TypeError traceback
     from Progress(**...) on --resume, after the weights were loaded: it says so, names them, and starts fresh."""
     state = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train(TrainConfig(**{**TINY, "steps": 4, "val_every": 2}), prepared, tmp_path / "a", progress=False,
-              log=False, state_file=state, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap",
-              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    _stop_at_step_4(prepared, tmp_path, state)
     saved = load_state(state)
     saved["progress"].update(lr_restarts=1, plateau_steps=3)  # what a newer kocr might count
     torch.save(saved, state)
@@ -233,10 +233,7 @@ def test_validation_seconds_count_the_validations_before_a_resume_too(prepared, 
         return real(*args, **kwargs)
     monkeypatch.setattr(train_module, "validate", slow)
     state = tmp_path / "run.pt"
-    with pytest.raises(KeyboardInterrupt):  # killed after step 2's validation and save
-        train(TrainConfig(**{**TINY, "steps": 4, "val_every": 2}), prepared, tmp_path / "a", progress=False,
-              log=False, state_file=state, metrics_file=tmp_path / "a.json", plots_dir=tmp_path / "ap",
-              on_validation=lambda step, scores: (_ for _ in ()).throw(KeyboardInterrupt) if step == 4 else None)
+    _stop_at_step_4(prepared, tmp_path, state)  # killed after step 2's validation and save
     assert load_state(state)["progress"]["validation_seconds"] >= 0.5
     summary = _run(prepared, tmp_path / "b", state, resume=True, steps=4, val_every=2)
     assert summary["resumed_from_step"] == 2
