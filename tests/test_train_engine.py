@@ -3,6 +3,7 @@ non-finite steps, precision, and data parallelism through torchrun (gloo, 2 CPU 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -170,7 +171,9 @@ def test_a_damaged_state_is_set_aside_and_the_run_starts_fresh(prepared, tmp_pat
     _stop_at_step_4(prepared, tmp_path, state)
     whole = state.read_bytes()
     checkpoint = tmp_path / "a" / "model.pt"
-    for damaged in (whole[: len(whole) // 2], b"", checkpoint.read_bytes()):  # cut, empty, a model checkpoint
+    foreign = io.BytesIO()
+    torch.save({"signature": "v2", "progress": [4]}, foreign)  # another tool's file that happens to use the names
+    for damaged in (whole[: len(whole) // 2], b"", checkpoint.read_bytes(), foreign.getvalue()):
         state.write_bytes(damaged)
         summary = _run(prepared, tmp_path / "b", state, resume=True, steps=4, val_every=2)
         err = capsys.readouterr().err

@@ -64,6 +64,10 @@ def load_state(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(saved, dict) or not {"signature", "progress"} <= set(saved):
         raise DamagedState(f"{path}: not a training state (a {type(saved).__name__} without its signature "
                            "and progress)")
+    odd = [k for k in ("signature", "progress") if not isinstance(saved[k], dict)]
+    if odd:  # a foreign file that happens to use the names: what resume reads from them is not there
+        raise DamagedState(f"{path}: not a training state (its {' and '.join(odd)} "
+                           f"{'is not a mapping' if len(odd) == 1 else 'are not mappings'})")
     return saved
 
 
