@@ -123,7 +123,7 @@ class DegradeConfig:
                 raise SynthConfigError(f"{where}: unknown effect {name!r}; known: {', '.join(EFFECTS)}")
             key, default = EFFECTS[name]
             current = effects.get(name, Effect(0.0, default))
-            if spec is False or spec == "off":  # scribble: off (YAML 1.1 reads a bare off as false)
+            if _effect_off(spec):
                 spec = 0.0
             if isinstance(spec, (int, float)) and not isinstance(spec, bool):
                 effects[name] = replace(current, p=float(spec))
@@ -149,6 +149,11 @@ def _off(value: Any) -> bool:
     return value is None or value is False or value == "off"
 
 
+def _effect_off(spec: Any) -> bool:
+    """Whether one effect's value turns it off (``scribble: off``, which YAML 1.1 reads as false): probability 0."""
+    return spec is False or spec == "off"
+
+
 def _shown(value: Any) -> str:
     """A params value for a message; true is named as what YAML reads it from (``on``, ``yes``, ``true``)."""
     return "true (YAML's reading of on, yes or true)" if value is True else repr(value)
@@ -165,7 +170,7 @@ def logged(value: Any) -> Any:
     if _off(value):
         return "off"
     if isinstance(value, Mapping):
-        return {k: ("off" if _off(v) else v) if k == "preset" else (0.0 if v is False or v == "off" else v)
+        return {k: ("off" if _off(v) else v) if k == "preset" else (0.0 if _effect_off(v) else v)
                 for k, v in value.items()}
     return value
 
