@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import pickle
@@ -326,6 +327,61 @@ def test_a_png_cut_short_is_refused_by_the_start_scan_not_when_its_batch_comes_u
     with pytest.raises(ValueError, match=r"set: sample 3 holds a PNG cut short"):
         ds.size(2)
 
+
+
+def _jpeg(image: np.ndarray, **pil_options) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "JPEG", **pil_options)
+    return buf.getvalue()
+
+
+MOTION_PHOTO_TAIL = b"\0\0\0\x18ftypmp42" + bytes(range(256)) * 4096  # a phone's MP4 after the EOI (1 MiB here)
+
+
+def test_a_jpeg_cut_short_is_refused_by_the_start_scan_not_when_its_batch_comes_up(tmp_path):
+    # its header still reads, so the start scan passed it, and OpenCV's imdecode returns None for it: training
+    # stopped with "undecodable image" when its batch came up, many steps in (a repaired set is another set to
+    # --resume). Bytes after the EOI (motion photos, camera trailers) keep an image whole.
+    from training.charset import Charset
+    from training.crops import CropDataset
+
+    photo = np.tile(np.linspace(0, 255, 90, dtype=np.uint8), (40, 1))
+    whole = _jpeg(photo)
+    with LmdbWriter(tmp_path / "set") as writer:
+        writer.add(whole, "서울")
+        writer.add(whole + MOTION_PHOTO_TAIL, "부산")
+        writer.add(whole[: len(whole) * 6 // 10], "대구")  # a partial download
+    ds = LmdbDataset(tmp_path / "set")
+    assert ds[1][0].shape == (40, 90) and ds.size(1) == (40, 90)  # the trailer: decoded, and passed
+    with pytest.raises(ValueError, match="sample 3 holds an undecodable image"):  # what training met, mid-run
+        ds[2]
+    with pytest.raises(ValueError, match=r"set: sample 3 holds a JPEG cut short \(truncated"):
+        CropDataset(ds, Charset.named("korean_g2"))
+    with pytest.raises(ValueError, match=r"set: sample 3 holds a JPEG cut short \(truncated"):
+        ds.size(2)
+
+
+def test_jpeg_cut_short_at_any_length_and_whole_with_any_tail():
+    from training.data.lmdb_store import jpeg_cut_short
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(0, 256, size=(48, 64), dtype=np.uint8)
+    # baseline; progressive (several scans, tables between them); an EXIF block holding a thumbnail's own
+    # EOI before the image data, which must not be taken for the image's end; restart markers in the data
+    thumbnail = b"Exif\0\0" + b"\xff\xd8\xff\xdb" + bytes(8) + b"\xff\xd9"
+    for whole in (_jpeg(image), _jpeg(image, progressive=True), _jpeg(image, exif=thumbnail),
+                  cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_RST_INTERVAL, 2])[1].tobytes()):
+        assert not jpeg_cut_short(whole)
+        for tail in (b"\0", bytes(7), MOTION_PHOTO_TAIL, MOTION_PHOTO_TAIL + b"\xff\xd8\xff"):
+            assert not jpeg_cut_short(whole + tail)
+            assert not jpeg_cut_short(memoryview(whole + tail))  # as LMDB hands it over
+        # every cut but one ending exactly at the thumbnail's EOI, taken for the image's end (the ~0.2 µs path);
+        # that one holds no frame header, so its header read fails and the start scan decodes it and refuses it
+        cut = [n for n in range(2, len(whole) - 1) if not jpeg_cut_short(whole[:n]) and whole[n - 2:n] != b"\xff\xd9"]
+        assert cut == [], f"cut at {cut[:5]} not seen as cut short"
+    assert not jpeg_cut_short(_png(image)) and not jpeg_cut_short(b"not an image")
 
 def test_a_png_with_many_bytes_after_its_iend_is_not_refused_as_cut_short(tmp_path):
     # OpenCV decodes a PNG whatever follows its IEND chunk (a writer's appended data, a padded copy), so the

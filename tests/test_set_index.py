@@ -126,6 +126,25 @@ def test_a_set_rewritten_at_the_same_path_is_read_again(tmp_path, reads, monkeyp
     assert CropDataset(LmdbDataset(tmp_path / "set"), KOREAN).from_index  # its new index is used next
 
 
+
+def test_an_index_written_before_a_jpeg_cut_short_was_refused_does_not_vouch_for_the_set(tmp_path, monkeypatch):
+    # a kocr before the start scan refused a JPEG cut short wrote its index for such a set (checks 2); used now,
+    # it would let that set train until the sample's batch came up and OpenCV returned None for it
+    from training.data import lmdb_store
+
+    ok, buf = cv2.imencode(".jpg", np.random.default_rng(0).integers(0, 256, size=(20, 60), dtype=np.uint8))
+    samples = _samples()
+    samples[_unchecked()] = (buf.tobytes()[: len(buf) * 6 // 10], samples[_unchecked()][1])  # no spot check reads it
+    _write(tmp_path / "set", samples)
+    with monkeypatch.context() as old_kocr:
+        old_kocr.setattr(lmdb_store, "jpeg_cut_short", lambda raw: False)
+        version = set_index._set_version
+        old_kocr.setattr(set_index, "_set_version", lambda source: {**version(source), "checks": 2})
+        assert not CropDataset(LmdbDataset(tmp_path / "set"), KOREAN).from_index  # the index written
+        assert CropDataset(LmdbDataset(tmp_path / "set"), KOREAN).from_index
+    with pytest.raises(ValueError, match=rf"sample {_unchecked() + 1} holds a JPEG cut short"):
+        CropDataset(LmdbDataset(tmp_path / "set"), KOREAN)
+
 def _put(path: Path, key: bytes, value: bytes) -> None:
     """Overwrite one key of the set in place, in another process (py-lmdb opens a set once a process)."""
     (path.parent / "value").write_bytes(value)

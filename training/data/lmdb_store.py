@@ -339,20 +339,67 @@ def shared_env(path: Path) -> lmdb.Environment:
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk's type and CRC: what every whole PNG ends with
+JPEG_START, JPEG_END = b"\xff\xd8", b"\xff\xd9"  # the SOI and EOI markers a whole JPEG begins and ends with
+_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # markers without a length: TEM and the restart markers
+
+
+def jpeg_cut_short(raw: bytes | memoryview) -> bool:
+    r"""Whether ``raw`` is a JPEG that stops before its end-of-image marker (EOI): a partial download or copy.
+
+    OpenCV's ``imdecode`` refuses such a buffer (None, with libjpeg's "Premature end of JPEG file" on
+    stderr), ``imread`` fills its missing rows with grey, and Pillow raises "image file is truncated" only
+    on a full decode. Bytes after the EOI are allowed (a phone's motion photo appends an MP4 of several
+    MB, some cameras a trailer): where the last two bytes are not the EOI (~0.2 µs otherwise), the marker
+    segments are walked to the first scan and what follows is searched for the EOI. Inside a scan's data
+    a 0xFF byte is followed by 0x00 or a restart marker, so FF D9 there is the EOI, while an EXIF
+    thumbnail's own EOI, in a segment before the scan, is skipped with its segment. Bytes whose segments
+    do not walk are left to the decoder to refuse (False).
+
+    >>> whole = JPEG_START + b"\xff\xe0\x00\x04JF" + b"\xff\xda\x00\x03\x01" + b"\x12\xff\x00\x34" + JPEG_END
+    >>> jpeg_cut_short(whole), jpeg_cut_short(whole[:-3]), jpeg_cut_short(whole + b"ftypmp42" * 100)
+    (False, True, False)
+    """
+    if raw[:2] != JPEG_START or raw[-2:] == JPEG_END:
+        return False
+    data, at = bytes(raw), 2
+    while True:
+        while data[at:at + 2] == b"\xff\xff":  # fill bytes before a marker
+            at += 1
+        if at + 2 > len(data):
+            return True  # ends among its header segments
+        if data[at] != 0xFF:
+            return False
+        marker = data[at + 1]
+        if marker in _STANDALONE:
+            at += 2
+            continue
+        if marker == 0xD9:  # an EOI before any scan: no image data at all, not one cut short
+            return False
+        if at + 4 > len(data):
+            return True
+        length = int.from_bytes(data[at + 2:at + 4], "big")
+        if length < 2:
+            return False
+        if marker == 0xDA:  # start of scan: the image data, then (after any further scans) the EOI
+            return data.find(JPEG_END, at + 2 + length) < 0
+        at += 2 + length
 
 
 def _check_whole(raw: memoryview, part: Path, key: int) -> None:
-    """ValueError naming the sample when its image is a PNG cut short (no IEND chunk at its end).
+    """ValueError naming the sample when its image is a PNG cut short (no IEND chunk at its end) or a JPEG
+    cut short (no EOI marker after its image data: :func:`jpeg_cut_short`).
 
-    The start scan reads only headers, which such a PNG still has; OpenCV fails on it only when its
-    batch comes up, many steps in, and a set repaired then is another set to a resume (its digest).
-    Looking at the last bytes costs nothing next to the digest of them all. (A JPEG cut short is
-    decoded by OpenCV, its missing rows grey, so it stops nothing.)
+    The start scan reads only headers, which such an image still has; OpenCV fails on it only when its
+    batch comes up, many steps in (``imdecode`` returns None for both), and a set repaired then is another
+    set to a resume (its digest). Looking at the last bytes costs nothing next to the digest of them all.
     """
     # the last 8 bytes: ~1 µs; else a whole PNG with bytes after its IEND (some writers append data, and
     # OpenCV decodes it whatever their length; was: only 4 KiB searched, so more was refused as cut short)
     if raw[:8] == PNG_SIGNATURE and raw[-8:] != PNG_END and PNG_END not in raw.tobytes():
         raise ValueError(f"{part}: sample {key} holds a PNG cut short (it does not end with its IEND chunk)")
+    if jpeg_cut_short(raw):
+        raise ValueError(f"{part}: sample {key} holds a JPEG cut short (truncated: no end-of-image marker "
+                         "after its image data)")
 
 
 def _label(raw: bytes | None, part: Path, key: int) -> str:

@@ -69,9 +69,9 @@ def _feed_label(digest: "hashlib._Hash", label: str) -> None:
 
 def _set_version(source: LmdbDataset) -> dict[str, Any]:
     """What an index is valid for: the set's version, the reader of image sizes (Pillow) and the checks its
-    images passed (``checks``: 2 since a PNG cut short is refused, so an index written before does not vouch
-    for a set holding one)."""
-    return {"set": source.version(), "pillow": PIL.__version__, "checks": 2}
+    images passed (``checks``: 2 since a PNG cut short is refused, 3 since a JPEG cut short is, so an index
+    written before does not vouch for a set holding one)."""
+    return {"set": source.version(), "pillow": PIL.__version__, "checks": 3}
 
 
 class SampleRows:
