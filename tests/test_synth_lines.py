@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import shutil
 import unicodedata
 from pathlib import Path
 
@@ -503,6 +504,28 @@ def test_background_kinds(tmp_path):
             top = image[:2].astype(np.float32)  # paper above the ink
             assert check(top), (kind, top.mean(), top.std())
 
+
+
+def test_a_background_jpeg_cut_short_stops_before_anything_is_written_and_one_with_a_tail_is_drawn(tmp_path):
+    # was: OpenCV's imread read its missing rows as flat grey (libjpeg's "Premature end of JPEG file" on stderr),
+    # and that grey was drawn behind the text of every sample that picked the picture
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    ok, buf = cv2.imencode(".jpg", np.tile(np.linspace(0, 255, 120, dtype=np.uint8), (80, 1)))
+    whole = buf.tobytes()
+    (pictures / "motion.jpg").write_bytes(whole + b"\0\0\0\x18ftypmp42" + bytes(range(256)) * 4096)  # bytes after EOI
+    settings = dict(count=4, **{**PLAIN, "backgrounds": {"image": 1}}, background_images=str(pictures),
+                    font_size=[30, 30], height=0)
+    generate_lines(tmp_path / "kept", _config(**settings), progress=False)
+    assert {r["background"] for r in _manifest(tmp_path / "kept")} == {"image"}
+    pictures = tmp_path / "more"  # another folder: the listing of one is kept for the process
+    shutil.copytree(tmp_path / "pictures", pictures)
+    (pictures / "partial.jpg").write_bytes(whole[: len(whole) * 6 // 10])  # a partial download
+    settings["background_images"] = str(pictures)
+    with pytest.raises(SynthConfigError, match=r"synth_lines.background_images: .*partial\.jpg: a JPEG cut short "
+                                               r"\(truncated"):
+        generate_lines(tmp_path / "out", _config(**settings), progress=False)
+    assert not (tmp_path / "out").exists()
 
 def test_sine_warp_bends_a_straight_stroke():
     mask = np.zeros((10, 120), np.float32)

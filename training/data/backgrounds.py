@@ -20,6 +20,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from training.data.lmdb_store import JPEG_END, JPEG_START, jpeg_cut_short
+
 KINDS = ("white", "noise", "quasicrystal", "image")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -56,7 +58,8 @@ def quasicrystal(height: int, width: int, rng: np.random.Generator) -> np.ndarra
 
 @functools.lru_cache(maxsize=8)
 def image_files(folder: str) -> tuple[str, ...]:
-    """Picture files directly or deeper under ``folder``, sorted; ValueError when there are none."""
+    """Picture files directly or deeper under ``folder``, sorted; ValueError when there are none, or naming
+    a JPEG cut short among them (OpenCV would read its missing rows as flat grey, drawn behind the text)."""
     root = Path(folder)
     if not root.is_dir():
         raise ValueError(f"{folder}: background image folder does not exist")
@@ -64,7 +67,27 @@ def image_files(folder: str) -> tuple[str, ...]:
                          if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
     if not files:
         raise ValueError(f"{folder}: no background images ({', '.join(IMAGE_SUFFIXES)}) found")
+    for path in files:
+        if _jpeg_file_cut_short(path):
+            raise ValueError(f"{path}: a JPEG cut short (truncated: no end-of-image marker after its image "
+                             "data); replace it with a whole copy or remove it")
     return files
+
+
+def _jpeg_file_cut_short(path: str) -> bool:
+    """:func:`jpeg_cut_short` of the file at ``path``, from its first and last two bytes where they settle it
+    (a whole JPEG, or no JPEG); a file that cannot be read is left to the decoder (False)."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(2) != JPEG_START:
+                return False
+            fh.seek(-2, os.SEEK_END)
+            if fh.read(2) == JPEG_END:
+                return False
+            fh.seek(0)
+            return jpeg_cut_short(fh.read())
+    except OSError:
+        return False
 
 
 @functools.lru_cache(maxsize=32)
