@@ -16,7 +16,7 @@ from PIL import Image
 
 from training.charset import Charset
 from training.data.lmdb_store import LmdbDataset
-from training.data.pages import Word, read_page, write_page
+from training.data.pages import Page, Word, read_page, write_page
 from training.data.prepare import PrepareConfig, load_grey, prepare_pages, split_documents
 from training.data.synth_pages import generate_pages
 
@@ -407,6 +407,45 @@ def test_load_grey_applies_exif_rotation(tmp_path):
     assert grey.shape == (40, 20)  # transposed: now 20 wide, 40 high
     assert grey[:5, -5:].mean() < 60  # the stored top-left is now top-right
     assert grey[:5, :5].mean() > 200
+
+
+def _exif_page(root: Path, stem: str, boxes_on: str) -> list[str]:
+    """A phone photo stored sideways (EXIF orientation 6 turns it upright), its label's boxes on the upright
+    image (as viewers show it) or on the stored pixels (a tool that ignores EXIF, as OpenCV does)."""
+    upright = np.full((60, 120), 255, np.uint8)
+    upright[20:40, 10:50] = 0  # the word: ink inside its box, paper around it
+    stored = Image.fromarray(np.rot90(upright).copy(), "L")  # 60 wide, 120 high as stored
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(root / f"{stem}.jpg", format="JPEG", quality=100, exif=exif)
+    if boxes_on == "upright":
+        width, height, box = 120, 60, (10.0, 20.0, 40.0, 20.0)
+    else:  # the same word where it lies in the stored pixels (np.rot90: upright x, y -> stored y, 119 - x)
+        width, height, box = 60, 120, (20.0, 70.0, 20.0, 40.0)
+    write_page(Page(f"{stem}.jpg", width, height, [Word(box, "서울")]), root / f"{stem}.json")
+    return [stem]
+
+
+def test_boxes_on_the_stored_pixels_of_an_exif_turned_image_are_not_cropped_from_the_upright_one(tmp_path):
+    # was: kept with image_size_differs_from_json, the box cropped from the upright image: blank paper
+    # labelled 서울, trained on
+    root = tmp_path / "src"
+    root.mkdir()
+    _exif_page(root, "upright", "upright")
+    _exif_page(root, "stored", "stored")
+    out = tmp_path / "out"
+    report = prepare_pages(root, out, PrepareConfig(val_fraction=0.0, test_fraction=0.0, crop_margin=0.0),
+                           progress=False)
+    skipped = report["skipped"]
+    assert "image_size_differs_from_json" not in skipped
+    assert skipped["boxes_before_exif_turn"]["count"] == 1
+    assert skipped["boxes_before_exif_turn"]["examples"][0].startswith("stored.json: ")
+    assert "orientation 6" in skipped["boxes_before_exif_turn"]["examples"][0]
+    splits = json.loads((out / "splits.json").read_text(encoding="utf-8"))
+    assert splits["train"] == ["upright.json"]  # left out whole, as a page whose image fails: never scored either
+    ds = LmdbDataset(out / "train")
+    assert len(ds) == 1 and ds.label(0) == "서울"
+    assert np.asarray(ds[0][0]).mean() < 60  # the upright box holds the word's ink
 
 
 def test_corrupt_image_raises_for_the_stage_to_report(tmp_path):

@@ -179,6 +179,30 @@ def load_grey(source: str | os.PathLike | bytes) -> np.ndarray:
         return np.asarray(img if img.mode == "L" else img.convert("L"))
 
 
+QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn an image a quarter (width and height swap)
+
+
+def boxes_before_exif_turn(page: Page, image_bytes: bytes, shape: tuple[int, ...]) -> str:
+    """Why ``page``'s boxes lie on its image as stored, not as its EXIF orientation turns it upright, else "".
+
+    Boxes are taken to be on the upright image (``load_grey``, ``shape``: what viewers, browsers and
+    evaluation show). A label whose ``image.width``/``image.height`` are the stored size of an image that
+    EXIF turns a quarter (a phone photo; the annotation tool read the pixels as stored, as OpenCV does)
+    has its boxes on the sideways pixels: cropped from the upright image they hold other pixels than
+    their words. Only such a page costs a second look at the image's header.
+    """
+    height, width = shape[:2]
+    if (page.width, page.height) != (height, width) or width == height:
+        return ""
+    with Image.open(io.BytesIO(image_bytes)) as img:
+        orientation = img.getexif().get(0x0112, 1)
+    if orientation not in QUARTER_TURNS:
+        return ""
+    return (f"image.width/height {page.width}x{page.height} are the image as stored, which its EXIF orientation "
+            f"{orientation} turns a quarter to {width}x{height}, so the boxes are on the sideways pixels; "
+            "clear the image's orientation tag (exiftool -n -Orientation=1) to crop the pixels as stored")
+
+
 _AIHUB_PAGE = re.compile(r"^(\d+-\d{4}-\d+)-\d+$")  # <institution>-<year>-<document>-<page>
 
 
@@ -481,6 +505,9 @@ def _crop_page_or_raise(meta: PageMeta) -> tuple[list[tuple[bytes, str]], list[t
         return [], [(exc.reason, f"{meta.name}: {exc.detail}"[:300])], False
     except IMAGE_ERRORS as exc:
         return [], [image_problem(meta.image.name, image_bytes, exc)], False
+    sideways = boxes_before_exif_turn(page, image_bytes, grey.shape)
+    if sideways:  # its boxes would crop other pixels than the words: left out, as a page whose image fails
+        return [], [("boxes_before_exif_turn", f"{meta.name}: {sideways}"[:300])], False
     for i, detail in bad:
         entries.add("bad_annotation", f"{meta.name}#{i}: {detail}"[:300])
     crops = _page_crops(page, grey, meta.name, _WORKER["charset"], config, entries)  # type: ignore[arg-type]
