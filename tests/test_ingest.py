@@ -456,6 +456,19 @@ def test_zip_archives_give_the_same_crops_as_the_unpacked_tree(pages, zipped, tm
     assert first in [name for split in SPLITS for name in splits[split]]  # the CP949 JSON was read
 
 
+def test_a_zip_inside_a_zip_is_named_as_such_not_as_a_stray_file(zipped, tmp_path):
+    # was: stray_file, which the report's table defines as "not JSON, not an image, not a zip", and no page
+    src = tmp_path / "src"
+    src.mkdir()
+    with zipfile.ZipFile(src / "공공행정문서 OCR.zip", "w") as outer:
+        for archive in sorted((zipped / "Training").iterdir()):
+            outer.write(archive, f"Training/{archive.name}")
+    report = _run(src, tmp_path / "out")
+    inner = [f"공공행정문서 OCR.zip/Training/{archive.name}" for archive in sorted((zipped / "Training").iterdir())]
+    assert report["skipped"]["archive_in_archive"] == {"count": 3, "examples": inner}
+    assert "stray_file" not in report["skipped"] and report["pages_found"] == 0
+
+
 def _damage_member(archive: Path, name: str) -> None:
     """Flip bytes in the middle of one member's compressed data: inflating it, or its CRC-32, fails."""
     with zipfile.ZipFile(archive) as zf:

@@ -270,6 +270,8 @@ def _classify(index: SourceIndex, member: Member) -> None:
         index.labels.append(member)
     elif suffix in IMAGE_SUFFIXES:
         index.images.append(member)
+    elif suffix == ".zip":  # only a zip's member gets here: a zip on disk is scanned (a download-all archive
+        index.stray.append(("archive_in_archive", member.name))  # holding AI-Hub's zips, not read inside)
     else:
         index.stray.append(("stray_file", member.name))
 
