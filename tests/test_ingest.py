@@ -787,6 +787,20 @@ def test_names_that_are_not_utf8_are_reported_and_the_rest_is_read(pages, refere
     assert content_hash(src) != content_hash(pages)  # the MLflow input hash reads such names too
 
 
+def test_a_folder_holding_only_names_that_are_not_utf8_is_not_called_stray(pages, tmp_path):
+    # was: stray_folder 'Training' beside undecodable_name, as if the folder held nothing of the download
+    src = tmp_path / "src"
+    (src / "Training").mkdir(parents=True)
+    shutil.copytree(pages, os.fsdecode(os.fsencode(src / "Training") + b"/" + "01.라벨링데이터".encode("cp949")))
+    (src / "Training" / "Other").mkdir()
+    with open(os.fsencode(src / "Training" / "Other") + b"/" + "설명.txt".encode("cp949"), "wb") as fh:
+        fh.write(b"x")
+    (src / "Empty" / "Inner").mkdir(parents=True)
+    report = _run(src, tmp_path / "out")
+    assert report["skipped"]["undecodable_name"]["count"] == 2
+    assert report["skipped"]["stray_folder"]["examples"] == ["Empty"]  # a folder that holds nothing still is
+
+
 def test_cp949_page_json_and_the_newer_ocr_schema(tmp_path):
     page = Page("a.jpg", 100, 50, [Word((1.0, 2.0, 30.0, 10.0), "김해시")], category="인.허가")
     assert parse_page(_page_json(page, "cp949")).words[0].text == "김해시"

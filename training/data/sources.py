@@ -366,22 +366,24 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable.append):
         rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
         rel_dir = "" if rel_dir == "." else rel_dir
+        found = False  # a page, image or zip here; or a name not in UTF-8, which may be one (not stray either)
         for d in sorted(dirnames):
             if _hidden(d):
                 index.stray.append(("stray_folder", f"{rel_dir}/{d}".lstrip("/")))
             elif not _decodable(d):
                 index.stray.append(("undecodable_name", _shown(f"{rel_dir}/{d}".lstrip("/"))))
+                found = True
         # sorted before first_visit: a folder reached by two names takes the first in name order, as
         # content_hash's walk does, not whichever the filesystem happens to list first
         dirnames[:] = [d for d in sorted(_entered(dirpath, dirnames, skip)) if first_visit(Path(dirpath) / d, seen)]
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
-        found = False
         for name in sorted(filenames):
             if skip_lock is not None and name == skip_lock.name and (Path(dirpath) / name).resolve() == skip_lock:
                 continue
             rel = f"{rel_dir}/{name}".lstrip("/")
             if not _decodable(name):  # bytes that are not UTF-8 (a name from a Windows zip tool, say)
                 index.stray.append(("undecodable_name", _shown(rel)))
+                found = True
                 continue
             path = Path(dirpath) / name
             if name.lower().endswith(".zip"):
