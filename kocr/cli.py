@@ -133,8 +133,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     knobs = {**section(params, "prepare"), **({"workers": args.workers} if args.workers is not None else {})}
     config = PrepareConfig.from_params(knobs)
     check_paths(args.src, args.out)  # before the run logs a data hash that a linked folder would escape
+    # data: is checked (a typo is refused) and logged as this run read and wrote it: by hand, --src and --out
+    # may name other folders than params.yaml's (under dvc repro they are data.source and data.prepared)
+    data = {**data_section(params), "source": args.src, "prepared": args.out}
     # a second prepare of the same --out stops here, before an MLflow run is started for it
-    with prepare_lock(args.out), stage_run("prepare", {"prepare": knobs, "data": data_section(params)}):
+    with prepare_lock(args.out), stage_run("prepare", {"prepare": knobs, "data": data}):
         log_dataset(args.src, context="source")
         report = prepare_pages(args.src, args.out, config, checked=True, locked=True)
         kept = kept_reasons(config)  # report.json counts repairs beside drops: the keys tell them apart

@@ -232,6 +232,29 @@ def test_the_metrics_and_console_tell_repairs_from_drops(src, tmp_path, monkeypa
     assert json.loads((tmp_path / "k.json").read_text(encoding="utf-8"))["kept_out_of_charset"] == 1
 
 
+def test_the_prepare_run_logs_the_source_and_output_it_was_given(src, tmp_path, monkeypatch):
+    """Was: the run logged params.yaml's data.source and data.prepared whatever --src and --out said, so a
+    prepare run by hand on another folder (a new delivery, a subset) named in MLflow pages it never read."""
+    import os
+
+    import mlflow
+
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("data: {source: data/sample, prepared: data/prepared}\nprepare: {}\n",
+                                          encoding="utf-8")
+    assert main(["prepare-aihub", "--src", str(src), "--out", "delivery2"]) == 0
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                               filter_string="tags.`kocr.stage` = 'prepare'", order_by=["attributes.start_time DESC"])
+    assert (run.data.params["data.source"], run.data.params["data.prepared"]) == (str(src), "delivery2")
+    # data: is still checked: a misspelt key stops the command, as docs/data.md says
+    (tmp_path / "params.yaml").write_text("data: {sorce: data/sample}\nprepare: {}\n", encoding="utf-8")
+    assert main(["prepare-aihub", "--src", str(src), "--out", "delivery3"]) == 2
+    assert not (tmp_path / "delivery3").exists()
+
+
 # -- splits ------------------------------------------------------------------------------------------
 
 def test_splits_hold_each_usable_page_once(src, dropped):
