@@ -313,6 +313,16 @@ def test_env_examples_hold_no_real_secrets():
     assert ignored.stdout.split() == ["mlflow/.env", "docker/.env"]
 
 
+def test_what_dvc_plots_show_writes_is_ignored_by_git():
+    """README and docs/pipeline.md tell users to run `dvc plots show` in the project root, which writes the
+    page it draws into dvc_plots/ there (DVC's default --out); was: an untracked folder in `git status`."""
+    from dvc.commands import plots
+
+    assert '"dvc_plots"' in Path(plots.__file__).read_text()  # DVC's default output folder, as it names it
+    ignored = _run(["git", "check-ignore", "dvc_plots/index.html"])
+    assert ignored.stdout.split() == ["dvc_plots/index.html"]
+
+
 def test_training_service_reserves_gpus_and_mounts_the_dvc_cache():
     config = _compose_config(REPO / "docker" / "compose.yaml", REPO / "docker" / ".env.example")
     train = config["services"]["train"]
