@@ -43,7 +43,7 @@ def cmd_synth_pages(args: argparse.Namespace) -> None:
 
     from kocr.tracking import stage_run
     from training.data.degrade import logged as degrade_logged
-    from training.data.synth_pages import generate_pages, page_settings
+    from training.data.synth_pages import check_out, generate_pages, page_settings
 
     cfg = section(load_params(), "sample")
     check_keys("sample", cfg, {"count", "seed", *SAMPLE_KEYS, "font_size"})
@@ -68,6 +68,7 @@ def cmd_synth_pages(args: argparse.Namespace) -> None:
     require(kwargs.get("contact_sheet", 0) >= 0, "sample.contact_sheet", kwargs.get("contact_sheet"),
             "a whole number >= 0 (0: none)")
     page_settings(count, **{k: v for k, v in kwargs.items() if k != "contact_sheet"})  # before any run or page
+    check_out(Path(args.out))  # a link, a file or a folder of the user's: refused before a run is started
     logged = {**cfg, "count": count, "seed": seed}
     if "degrade" in cfg:  # as it means: `degrade: off` is False to PyYAML, and would be logged as False
         logged["degrade"] = degrade_logged(cfg["degrade"])

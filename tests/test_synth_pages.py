@@ -189,6 +189,33 @@ def test_a_folder_holding_other_files_is_refused_never_replaced(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_the_command_refuses_such_a_folder_before_its_mlflow_run(tmp_path, monkeypatch, capsys):
+    """Was: kocr synth-pages found the folder of the user's only inside generate_pages, with its run
+    started, so each refusal left a FAILED sample run (and a FAILED parent) in MLflow; synth-lines,
+    prepare-aihub and import-crops refuse their --out before a run."""
+    import os
+
+    import mlflow
+
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(f"sample: {{fonts: {FONTS}}}\n", encoding="utf-8")
+    (tmp_path / "own").mkdir()
+    (tmp_path / "own" / "notes.txt").write_text("mine")
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+    def sample_runs() -> list[str]:
+        return [r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                                          filter_string="tags.`kocr.stage` = 'sample'")]
+
+    before = sample_runs()
+    assert main(["synth-pages", "--out", "own", "--count", "1"]) == 2
+    assert "holds 'notes.txt' (1 such), which synth-pages does not write" in capsys.readouterr().err
+    assert sample_runs() == before
+    assert [p.name for p in (tmp_path / "own").iterdir()] == ["notes.txt"]
+
+
 # -- page content ------------------------------------------------------------------------------
 
 def test_json_parses_and_matches_image(pages_dir):

@@ -448,6 +448,17 @@ def page_settings(count: int, fonts: list[str], width: int = 1000, height: int =
     return (lo, hi), wear, charset, faces
 
 
+def check_out(out: Path) -> None:
+    """Refuse an ``out`` that publishing the pages would destroy: a symbolic link, a file, or a folder
+    holding anything but pages and the contact sheet (a folder of the user's, ``.``). ``kocr synth-pages``
+    calls it before its MLflow run starts, as ``synth-lines`` checks its set, so a refused folder leaves
+    no FAILED run."""
+    if out.is_symlink():  # publishing replaces the folder: it would have to delete the link
+        raise OutFolderError(f"--out {out}: a symbolic link (to {os.readlink(out)}); give the folder itself, "
+                               "or a new path")
+    check_out_folder(out, _written_here, "synth-pages does not write", "a folder of pages")
+
+
 def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: list[str],
                    width: int = 1000, height: int = 700, charset_name: str = "korean_g2",
                    font_size: tuple[int, int] = (22, 40), progress: bool = True,
@@ -477,10 +488,7 @@ def generate_pages(out_dir: str | os.PathLike, count: int, seed: int, fonts: lis
                                                    font_dirs, degrade)
     words, weights = load_lexicon(charset)
     out = Path(out_dir)
-    if out.is_symlink():  # publishing replaces the folder: it would have to delete the link
-        raise OutFolderError(f"--out {out}: a symbolic link (to {os.readlink(out)}); give the folder itself, "
-                               "or a new path")
-    check_out_folder(out, _written_here, "synth-pages does not write", "a folder of pages")
+    check_out(out)
     key = pages_key(seed, width, height, charset.name, (lo, hi), wear, faces)
     folder = PartialFolder(out, keyed=True)  # a second synth-pages on the same folder stops, named
     try:
