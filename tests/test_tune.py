@@ -869,6 +869,48 @@ def test_a_second_stop_while_the_stopped_trial_is_failed_still_queues_its_retry(
     assert retry[0].system_attrs["failed_trial"] == 0 and retry[0].params == first.params
 
 
+@pytest.mark.parametrize("stop", [SystemExit(143), KeyboardInterrupt()], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_trial_whose_mlflow_run_cannot_be_ended_is_still_failed_and_queued_again(prepared, tmp_path,
+                                                                                           monkeypatch, capsys, stop):
+    """Was: the MLflow store failing as the stopped trial's run was ended (SQLite "database is locked" while
+    another worker wrote to it, a tracking server down) replaced the SIGTERM or Ctrl-C by its error: the
+    worker failed the trial without queueing its retry (a failed trial never goes stale: lost for good)
+    and exited 2, not 143. Seen with two workers on one SQLite MLflow store, one of them SIGTERMed."""
+    import training.tune
+
+    store_down = []
+
+    def stopped(*args, **kwargs):
+        store_down.append(True)  # from here on every write to the store fails, as a locked SQLite file's do
+        raise stop
+
+    real = {"set_tag": mlflow.MlflowClient.set_tag, "set_terminated": mlflow.MlflowClient.set_terminated}
+    config = TuneConfig.from_params({**PARAMS["tune"], "grace_period_s": 600}).with_overrides(
+        study_name="stopped-store-down", n_trials=1)
+    with mlflow.start_run(), monkeypatch.context() as patch:  # the worker's tune run, ended once the store is back
+        patch.setattr(training.tune, "train", stopped)
+        for name in real:
+            patch.setattr(mlflow.MlflowClient, name,
+                          lambda self, *a, _name=name, **k: _refuse(store_down, real[_name], self, *a, **k))
+        with pytest.raises(type(stop)) as raised:
+            run_tune(config, PARAMS, prepared, tmp_path, log=True)
+    assert raised.value is stop  # the stop goes on (kocr tune exits 143), not the store's error (exit 2)
+    err = capsys.readouterr().err
+    assert "trial 0 stopped by" in err and "failed, and queued again" in err, err
+    assert "trial 0: its MLflow run" in err and "could not be ended KILLED" in err  # said, in one line
+    first, *retry = optuna.load_study(study_name="stopped-store-down",
+                                      storage=f"sqlite:///{tmp_path / 'optuna.db'}").get_trials(deepcopy=False)
+    assert first.state.name == "FAIL" and [t.state.name for t in retry] == ["WAITING"]
+    assert retry[0].system_attrs["failed_trial"] == 0 and retry[0].params == first.params
+
+
+def _refuse(down: list, method, client, *args, **kwargs):
+    """``method`` of ``client``, or the error of a locked SQLite store once ``down`` holds something."""
+    if down:
+        raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) database is locked")
+    return method(client, *args, **kwargs)
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")  # study.ask() by hand here
 def test_a_stop_while_a_worker_fails_a_dead_workers_trial_still_queues_its_retry(prepared, tmp_path, monkeypatch):
     """Was: a SIGTERM landing in claim_trial between a stale trial's FAIL and its retry (the callback ends the

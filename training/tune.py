@@ -758,16 +758,25 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
     finally:
         if run is not None:
             try:
-                if value is not None and math.isfinite(value):
-                    # best_<metric>: the best value the metric reached, as the tune run names the study's best;
-                    # a train run's best_val_cer (its kept checkpoint's, kept for it) is the same thing, and
-                    # its other scores there are at_best_cer_val_<x> (train.summary_metrics): no column of
-                    # the MLflow UI means two things whatever tune.metric is
-                    mlflow.log_metric(f"best_{config.metric}", value)
-                mlflow.set_tag("optuna.state", state.name)
-            finally:  # the trial's run is ended (and leaves the active-run stack) even if the store is full
-                mlflow.end_run("KILLED" if stopped else
-                               {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
+                try:
+                    if value is not None and math.isfinite(value):
+                        # best_<metric>: the best value the metric reached, as the tune run names the study's best;
+                        # a train run's best_val_cer (its kept checkpoint's, kept for it) is the same thing, and
+                        # its other scores there are at_best_cer_val_<x> (train.summary_metrics): no column of
+                        # the MLflow UI means two things whatever tune.metric is
+                        mlflow.log_metric(f"best_{config.metric}", value)
+                    mlflow.set_tag("optuna.state", state.name)
+                finally:  # the trial's run is ended (and leaves the active-run stack) even if the store is full
+                    mlflow.end_run("KILLED" if stopped else
+                                   {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
+            except Exception as error:
+                if not stopped:
+                    raise
+                # a stop goes on whatever the MLflow store says (busy, down): raised, this error replaced the
+                # SIGTERM or Ctrl-C, so the worker failed the trial without queueing its retry (lost for good)
+                # and exited 2. retried_when_stopped now fails and queues it; its run is ended there if it can be.
+                print(f"tune: trial {trial.number}: its MLflow run {run.info.run_id} could not be ended KILLED "
+                      f"({type(error).__name__}: {' '.join(str(error).split())[:300]})", file=sys.stderr)
     return state, value, note
 
 
