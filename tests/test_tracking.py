@@ -229,6 +229,38 @@ def test_the_pipeline_run_is_running_while_a_stage_runs_and_ends_as_its_stages_d
         mlflow.set_tracking_uri(None)
 
 
+@pytest.mark.parametrize("stop", [SystemExit(143), KeyboardInterrupt()], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_stage_still_stops_when_the_store_cannot_end_its_runs(monkeypatch, capsys, stop):
+    """Was: a SIGTERM or Ctrl-C landing while the MLflow store was busy or down (SQLite "database is locked"
+    while another tune worker wrote to it) was replaced by the store's error as the stage run and its
+    pipeline run were ended: kocr exited 2 ("MLflow at ...: database is locked"), not 143."""
+    from kocr.tracking import stage_run
+
+    monkeypatch.setenv("KOCR_PIPELINE_ID", "stopped-store-down")
+    real, down = mlflow.MlflowClient.set_terminated, []
+
+    def set_terminated(self, *args, **kwargs):
+        if down:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", set_terminated)
+    try:
+        with pytest.raises(type(stop)) as raised, stage_run("tune") as run:
+            down.append(True)  # from here on the store refuses every end of a run
+            raise stop
+        assert raised.value is stop and mlflow.active_run() is None
+        err = capsys.readouterr().err
+        assert f"its tune run {run.info.run_id} could not be ended KILLED" in err
+        assert "database is locked" in err
+        down.clear()
+        with pytest.raises(MlflowException, match="database is locked"), stage_run("tune"):
+            down.append(True)  # not stopped: the store's error is raised, as before
+            raise RuntimeError("boom")
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_the_default_empty_train_mix_is_logged_as_a_param(monkeypatch):
     """docs/training.md: MLflow records train.mix as one JSON param; the default {} was left out."""
     from kocr.tracking import stage_run
