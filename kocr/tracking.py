@@ -498,8 +498,29 @@ def end_dead_siblings(experiment_id: str, parent_id: str, stage: str, current: s
             continue
         _end_superseded(client, run.info.run_id, current)
         ended.append(run.info.run_id)
+        ended += _end_dead_nested(client, run.info.run_id, space, current)
         if tags.get("mlflow.parentRunId") != parent_id:  # this stage's own pipeline run is settled as it ends
             _settle_parent(client, tags.get("mlflow.parentRunId"))
+    return ended
+
+
+def _end_dead_nested(client: mlflow.MlflowClient, run_id: str, space: str | None, by: str) -> list[str]:
+    """End as KILLED, tagged ``kocr.superseded_by`` ``by``, the runs nested under the dead stage run
+    ``run_id`` (a ``tune`` run's trials, which its worker process ran) that are still RUNNING and whose
+    process is gone too; their ids.
+
+    Was: left RUNNING for ever under their KILLED tune run: the next worker of their study would end
+    them, but with ``tune.study_name`` empty (the default) each ``dvc repro`` searches a new study, so
+    none ever came. A trial whose process still runs, or of another PID space, is left alone."""
+    try:
+        nested = _child_runs(run_id)
+    except MlflowException:
+        return []
+    ended = []
+    for run in nested:
+        if run.info.status == "RUNNING" and _process_gone(run.data.tags, space):
+            _end_superseded(client, run.info.run_id, by)
+            ended.append(run.info.run_id)
     return ended
 
 

@@ -163,6 +163,38 @@ def test_a_dead_stage_run_of_another_pipeline_is_ended_only_in_this_pid_space(tm
         mlflow.set_tracking_uri(None)
 
 
+def test_the_trials_of_a_dead_tune_run_end_with_it(tmp_path, monkeypatch):
+    """A SIGKILLed `dvc repro` leaves its tune run and the trial it was training RUNNING; the next tune
+    stage ends the tune run as KILLED, and now its trials whose process is gone too. Was: the trial stayed
+    RUNNING for ever under its KILLED tune run (with tune.study_name empty every run searches a new study,
+    so no later worker of that study ever ended it). A trial whose process still runs is left alone."""
+    from kocr.tracking import PID_SPACE_TAG, stage_run
+
+    gone, here, space = _dead_process_here(tmp_path, monkeypatch, "repro-killed")
+    try:
+        with stage_run("tune", experiment="ko-ocr/tune") as first:
+            experiment = first.info.experiment_id
+        client = mlflow.MlflowClient()
+        worker = {"kocr.stage": "tune", "kocr.host": here, "kocr.pid": str(gone.pid), PID_SPACE_TAG: space}
+        dead_tune = client.create_run(experiment, run_name="tune", tags=worker | {
+            "mlflow.parentRunId": first.data.tags["mlflow.parentRunId"]}).info.run_id
+        trials = {name: client.create_run(experiment, run_name=name, tags=worker | extra | {
+            "mlflow.parentRunId": dead_tune, "kocr.trial": name[-1]}).info.run_id
+            for name, extra in [("trial-0", {}), ("trial-1", {"kocr.pid": str(os.getppid())})]}
+        client.set_terminated(trials["trial-0"], "FINISHED")  # an earlier trial of that worker, done
+        trials["trial-2"] = client.create_run(experiment, run_name="trial-2", tags=worker | {
+            "mlflow.parentRunId": dead_tune, "kocr.trial": "2"}).info.run_id
+        monkeypatch.setenv("KOCR_PIPELINE_ID", "repro-next")
+        with stage_run("tune", experiment="ko-ocr/tune") as again:
+            pass
+        status = {name: client.get_run(run_id).info.status for name, run_id in trials.items()}
+        assert client.get_run(dead_tune).info.status == "KILLED"
+        assert status == {"trial-0": "FINISHED", "trial-1": "RUNNING", "trial-2": "KILLED"}
+        assert client.get_run(trials["trial-2"]).data.tags["kocr.superseded_by"] == again.info.run_id
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
 def test_a_stage_run_again_under_its_pipeline_run_after_a_reboot_ends_the_run_the_reboot_killed(tmp_path, monkeypatch):
     """A reboot (power cut, a preempted VM brought back) kills every process: a stage run of the same
     pipeline run (the same KOCR_PIPELINE_ID) on this host, whose PID space names an earlier boot, is ended
