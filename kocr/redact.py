@@ -15,9 +15,17 @@ from __future__ import annotations
 import re
 
 _USERINFO = re.compile(r"(//[^/:@?#]+:)[^/@?#]+@")
+# a database URL (any scheme but http/https), read as SQLAlchemy reads it: the password runs to the first @,
+# and may hold / ? # (make_url("postgresql+psycopg2://kim:s3c/ret@db/optuna").password is "s3c/ret", and
+# psycopg2 connects with it); was: such a password was left in the clear, in MLflow params and tags too
+_DB_USERINFO = re.compile(r"(\b(?!https?://)[a-z][\w+.-]*://[^/:@?#\s]+:)[^@\s]+@", re.IGNORECASE)
 _QUERY = re.compile(r"([?&](?:password|passwd|pwd|sslpassword)=)[^&#]*", re.IGNORECASE)
 
 
 def hide_passwords(url: str) -> str:
-    """``url`` with the password of its user part and of any password query parameter as ``***``."""
-    return _QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", url))
+    """``url`` with the password of its user part and of any password query parameter as ``***``.
+
+    >>> hide_passwords("postgresql+psycopg2://kim:s3c/ret@db/optuna")
+    'postgresql+psycopg2://kim:***@db/optuna'
+    """
+    return _QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", _DB_USERINFO.sub(r"\1***@", url)))

@@ -517,6 +517,25 @@ def test_a_storage_password_given_as_a_query_parameter_is_hidden_too():
     assert SECRET not in str(refused.value) and "password=***" in str(refused.value)
 
 
+@pytest.mark.parametrize("password", ["s3c/ret", "s3c?ret", "s3c#ret", "s3c:r/et?x#y"])
+def test_a_database_password_holding_slash_question_or_hash_is_hidden_where_mlflow_shows_it(password):
+    """SQLAlchemy (so Optuna and the promotion lock) reads a database URL's password up to the first @,
+    / ? # included, and connects with it; was: such a password stayed in the clear in the tune run's
+    tune.storage param and kocr.storage tag and in the promote run's promote.lock_url param."""
+    from sqlalchemy.engine import make_url
+
+    from evaluation.promote import PromoteConfig
+    from training.tune import recorded_storage
+
+    url = f"postgresql+psycopg2://kim:{password}@db.example:5432/optuna"
+    assert make_url(url).password == password  # a URL the storage and the lock really connect with
+    shown = {"tune.storage": recorded_storage(url),
+             "promote.lock_url": PromoteConfig.logged({"lock_url": url, "min_delta": 0.0})["lock_url"]}
+    assert shown == dict.fromkeys(shown, "postgresql+psycopg2://kim:***@db.example:5432/optuna")
+    # a tracking server's URL keeps RFC 3986's reading: the path after the host is not a password
+    assert redact("http://127.0.0.1:5000/ajax-api/2.0/x@y") == "http://127.0.0.1:5000/ajax-api/2.0/x@y"
+
+
 @pytest.mark.parametrize("direction", ["minimize", "maximize"])
 def test_tied_trials_rank_by_val_loss_as_train_ranks_its_checkpoints(direction):
     # on short budgets val_cer ties at 1.0 are common: the file must not take whichever finished first
