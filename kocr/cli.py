@@ -164,9 +164,11 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from training.distributed import agreed_setup, launched_by_torchrun, process_rank
+    from training.distributed import agreed_setup, launched_by_torchrun, process_rank, stop_with_torchrun
     from training.train import (TrainConfig, check_sets, discard_state, loss_name, mix_shares, pick_device,
                                 summary_metrics, train, train_extras)
+
+    stop_with_torchrun()  # a SIGKILLed torchrun leaves its ranks running: they stop instead
 
     def setup() -> tuple[tuple[Any, ...], Any]:
         params = load_params()

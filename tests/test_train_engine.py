@@ -3,6 +3,7 @@ non-finite steps, precision, and data parallelism through torchrun (gloo, 2 CPU 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -640,6 +641,35 @@ def test_a_sigtermed_torchrun_job_ends_its_mlflow_runs_instead_of_leaving_them_r
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert _train_run("ddp-sigterm").info.status == "KILLED", err[-3000:]  # stopped from outside: not FAILED
+
+
+def test_the_ranks_of_a_sigkilled_torchrun_stop_instead_of_training_on_as_orphans(prepared, tmp_path):
+    """kill -9 of torchrun reaches no rank (each runs in a session of its own): they trained on, rewriting
+    the state a --resume started meanwhile read (its ranks found different steps). Now each stops, as
+    torchrun's SIGTERM would stop it, leaving its state resumable and its MLflow run KILLED."""
+    import psutil
+
+    _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-sigkill"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ranks = []
+    try:
+        state = _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
+        ranks = psutil.Process(proc.pid).children()
+        assert len(ranks) == 2
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        gone, alive = psutil.wait_procs(ranks, timeout=60)
+        assert not alive, f"ranks {[p.pid for p in alive]} still training 60 s after torchrun was killed"
+    finally:
+        for rank in ranks:
+            with contextlib.suppress(psutil.Error):
+                rank.kill()
+    assert load_state(state)["progress"]["step"] >= 2  # still resumable
+    assert _train_run("ddp-sigkill").info.status == "KILLED", err[-3000:]  # rank 0 stopped as on a SIGTERM
 
 
 def test_ctrl_c_ends_kocr_train_with_one_line_its_state_kept_and_its_run_killed(prepared, tmp_path):

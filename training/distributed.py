@@ -16,6 +16,10 @@ import atexit
 import contextlib
 import functools
 import os
+import signal
+import sys
+import threading
+import time
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, NoReturn, ParamSpec, TypeVar
@@ -44,6 +48,39 @@ class DistContext:
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+
+def stop_with_torchrun(grace: float = 30.0, poll: float = 1.0, others_after: float = 5.0) -> None:
+    """Under torchrun, stop this rank as torchrun would stop it once torchrun itself is gone.
+
+    torchrun starts each rank in a session of its own, so a SIGKILL of torchrun (``kill -9``, the
+    OOM killer) reaches no rank: they went on training as orphans, holding their GPUs and
+    overwriting the saved state, model and metrics, and a ``--resume`` started meanwhile resumed a
+    state those orphans were rewriting (its ranks read different steps) or trained beside them.
+    A thread watches the parent: when it changes, rank 0 gets SIGTERM (it ends its MLflow runs as
+    KILLED, as for a SIGTERM to torchrun), the other ranks ``others_after`` seconds later (had they
+    died first, rank 0's collective would fail and end its runs FAILED; they usually stop before,
+    their peer gone), and any rank still alive ``grace`` seconds after its SIGTERM gets SIGKILL, as
+    torchrun escalates. Outside torchrun (no TORCHELASTIC_RUN_ID) it does nothing.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    launcher = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(poll)
+        if process_rank() == 0:  # said once, not once per rank
+            with contextlib.suppress(Exception):
+                print(f"kocr: torchrun (pid {launcher}) is gone: stopping its ranks as it would have",
+                      file=sys.stderr, flush=True)
+        else:
+            time.sleep(others_after)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="kocr-torchrun-watch", daemon=True).start()
 
 
 def launched_by_torchrun() -> bool:
