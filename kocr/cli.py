@@ -1095,6 +1095,14 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
+def _error_line(line: str) -> None:
+    """Print the command's one error line on a line of its own: a progress bar the error left open (e.g.
+    ``train``'s, stopped by a damaged sample mid-run) is closed first, else the line was glued to the end
+    of the half-drawn bar (``... 10/400 [00:01<00:56, loss=66.485]kocr train: error: ...``)."""
+    _close_progress_bars()
+    print(line, file=sys.stderr)
+
+
 def _main(argv: list[str] | None, where: list[str]) -> int:
     # keep stage output to progress and results: MLflow reads this once, when it is first imported (by the
     # imports below: kocr.tracking), so a new store's "Creating initial MLflow database tables" INFO lines
@@ -1123,19 +1131,19 @@ def _main(argv: list[str] | None, where: list[str]) -> int:
             ScoreInputError, CropImportError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
             OutFolderError, UnreadablePage, UnwritableCache,
             LockError, CommandError, TrackingConfigError, FileNotFoundError) as exc:
-        print(f"kocr {args.command}: error: {exc}", file=sys.stderr)
+        _error_line(f"kocr {args.command}: error: {exc}")
         return 2
     except OSError as exc:
         line = disk_full_line(f"kocr {args.command}", exc, getattr(args, "out", None))
         if line is None:
             raise
-        print(line, file=sys.stderr)
+        _error_line(line)
         return 2
     except ValueError as exc:
         # train's and tune's checks of their data and knobs name the set, sample or knob: one line
         if args.command not in ("train", "tune") or os.environ.get("KOCR_TRACEBACK"):
             raise
-        print(f"kocr {args.command}: error: {exc} (KOCR_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        _error_line(f"kocr {args.command}: error: {exc} (KOCR_TRACEBACK=1 for the traceback)")
         return 2
     except Exception as exc:
         # the tracking server down, refusing the credentials, or answering an error: one line naming it
@@ -1147,8 +1155,8 @@ def _main(argv: list[str] | None, where: list[str]) -> int:
         from kocr.tracking import shown_uri
 
         message = shown_uri((getattr(exc, "message", None) or str(exc)).strip().splitlines()[0])
-        print(f"kocr {args.command}: error: MLflow at {shown_uri(mlflow.get_tracking_uri())}: {message} "
-              "(KOCR_TRACEBACK=1 for the traceback)", file=sys.stderr)
+        _error_line(f"kocr {args.command}: error: MLflow at {shown_uri(mlflow.get_tracking_uri())}: {message} "
+                    "(KOCR_TRACEBACK=1 for the traceback)")
         return 2
     return 0
 

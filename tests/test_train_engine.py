@@ -359,6 +359,32 @@ def test_kocr_train_names_the_damaged_set_and_sample_in_one_line(prepared, tmp_p
     assert "DataLoader worker" not in stderr and len(stderr.strip().splitlines()[-1]) < 400
 
 
+def test_a_sample_damaged_mid_run_is_said_on_a_line_of_its_own_not_glued_to_the_progress_bar(prepared, tmp_path):
+    """One image damaged inside (the start scan passes it), read by a DataLoader worker some steps in: the
+    error line was appended to the half-drawn bar ('... loss=66.485]kocr train: error: ...')."""
+    import lmdb
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data)
+    shard = lmdb_parts(data / "train")[0]
+    env = lmdb.open(str(shard))
+    with env.begin(write=True) as txn:
+        image = txn.get(b"image-%09d" % 5)
+        txn.put(b"image-%09d" % 5, image[:60] + image[-12:])  # header and IEND kept, pixels cut out
+    env.close()
+    _tiny_project(prepared, tmp_path, steps=40, val_every=40, num_workers=1)  # an epoch is 14 steps: it comes up
+    env_vars = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env_vars.pop("KOCR_TRACEBACK", None)
+    done = subprocess.run([sys.executable, "-m", "kocr.cli", "train", "--data", str(data), "--out", "out"],
+                          cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "step/s" in done.stderr  # the bar was drawn before the error
+    lines = re.split(r"[\r\n]", done.stderr)  # a terminal starts a line at either
+    [line] = [x for x in lines if "kocr train: error:" in x]
+    assert line.startswith("kocr train: error:"), line
+    assert f"{shard}: sample 5 holds an undecodable image" in line, line
+
+
 def test_an_empty_validation_set_is_said_not_passed_off_as_a_cer(prepared, tmp_path, capsys):
     from training.data.lmdb_store import LmdbWriter
 

@@ -70,10 +70,12 @@ def stop_with_torchrun(grace: float = 30.0, poll: float = 1.0, others_after: flo
     def watch() -> None:
         while os.getppid() == launcher:
             time.sleep(poll)
-        if process_rank() == 0:  # said once, not once per rank
+        if process_rank() == 0:  # said once, not once per rank, on a line of its own under the progress bar
+            from tqdm import tqdm
+
             with contextlib.suppress(Exception):
-                print(f"kocr: torchrun (pid {launcher}) is gone: stopping its ranks as it would have",
-                      file=sys.stderr, flush=True)
+                tqdm.write(f"kocr: torchrun (pid {launcher}) is gone: stopping its ranks as it would have",
+                           file=sys.stderr)
         else:
             time.sleep(others_after)
         os.kill(os.getpid(), signal.SIGTERM)
