@@ -558,6 +558,15 @@ def test_ranks_that_find_different_states_stop_at_once_saying_which_found_what(p
     assert rank1.returncode == 2 and not rank1.stderr.strip(), rank1.stderr[-2000:]  # rank 0 says it, once
 
 
+def test_a_set_too_small_for_a_batch_on_every_rank_is_said_once_not_once_per_rank(prepared, tmp_path):
+    """59 usable samples cannot fill a batch of 40 on each of 2 ranks: every rank finds it, the lowest says it.
+    The batch sampler raised it after the ranks had met, so each rank printed it (two identical error lines
+    under torchrun)."""
+    rank0, rank1 = _two_ranks(prepared, tmp_path / "out", [tmp_path / "s.pt"] * 2, {"steps": 2, "batch_size": 40})
+    assert "cannot fill one batch of 40 on each of 2 process(es)" in rank0.stderr, rank0.stderr[-2000:]
+    assert rank1.returncode == 2 and not rank1.stderr.strip(), rank1.stderr[-2000:]
+
+
 def test_a_rank_whose_peer_died_mid_run_says_so_in_one_line_not_gloos_traceback(prepared, tmp_path):
     fault = ("real, calls = tt.ctc_loss, []\n"
              "def broken(logits, *a, **k):\n"

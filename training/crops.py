@@ -187,6 +187,14 @@ def mixed_epoch(rng: random.Random, blocks: Sequence[tuple[int, float]]) -> list
     return order
 
 
+def check_batches_fill(samples: int, batch_size: int, world_size: int = 1) -> None:
+    """Raise unless ``samples`` fill one batch of ``batch_size`` on each of ``world_size`` processes
+    (what :class:`BucketBatchSampler` needs to draw any batch)."""
+    if samples < batch_size * world_size:
+        raise ValueError(f"{samples} samples cannot fill one batch of {batch_size} on each of "
+                         f"{world_size} process(es)")
+
+
 class BucketBatchSampler(Sampler[list[int]]):
     """Batches of similar width, so little compute goes into padding; deterministic by seed.
 
@@ -208,9 +216,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __init__(self, widths: Sequence[int], batch_size: int, num_batches: int, seed: int = 0, pool: int = 50,
                  start: int = 0, rank: int = 0, world_size: int = 1, tagged: bool = False,
                  mix: Sequence[tuple[int, float]] | None = None) -> None:
-        if len(widths) < batch_size * world_size:
-            raise ValueError(f"{len(widths)} samples cannot fill one batch of {batch_size} on each of "
-                             f"{world_size} process(es)")
+        check_batches_fill(len(widths), batch_size, world_size)
         self.widths, self.batch_size, self.num_batches = widths, batch_size, num_batches
         self.seed, self.pool = seed, pool
         self.start, self.rank, self.world_size, self.tagged = start, rank, world_size, tagged

@@ -40,7 +40,7 @@ from kocr.params import section as params_section
 from training.charset import Charset
 from training.attention import AttnCodec, attention_loss, num_class_for
 from training.checkpoint import file_digest, load_recognizer, save_checkpoint, start_from
-from training.crops import BucketBatchSampler, CropBatch, CropDataset, MixedCrops
+from training.crops import BucketBatchSampler, CropBatch, CropDataset, MixedCrops, check_batches_fill
 from training.data.lmdb_store import LmdbDataset, lmdb_parts
 from training.distributed import (DistContext, all_agree, broadcast_flag, init_distributed, leave_to, one_report,
                                   setup_agreed, shutdown, sum_over_ranks)
@@ -581,6 +581,9 @@ def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.Pa
     frozen = freeze_modules(core, config.freeze)
     _train_mode(core, frozen)
     train_set, val_set = _datasets(config, data_dir, charset)
+    # checked before the ranks meet (_same_state_on_every_rank), where an error every rank makes is said once;
+    # raised by the sampler below, after it, each rank said it
+    check_batches_fill(len(train_set), config.batch_size, ctx.world_size)
     val_dropped = {f"val_dropped_{k}": v for k, v in sorted(val_set.dropped.items())}
     if val_dropped and main:
         print(f"train: warning: {sum(val_dropped.values())} of {len(val_set.source)} validation samples cannot be "
