@@ -1065,7 +1065,9 @@ def main(argv: list[str] | None = None) -> int:
         return _main(argv, where)
     except KeyboardInterrupt:
         _close_progress_bars()  # else the open bar is redrawn over and after the line, as Python exits
-        print(f"{where[0]}: interrupted", file=sys.stderr)
+        # under torchrun, which passes Ctrl-C on to every rank, said once (by rank 0), not once per rank
+        if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("RANK", "0") == "0":
+            print(f"{where[0]}: interrupted", file=sys.stderr)
         if argv is not None:
             raise
         _die_by_sigint()

@@ -725,6 +725,23 @@ def test_ctrl_c_ends_kocr_train_with_one_line_its_state_kept_and_its_run_killed(
     assert _train_run("ctrl-c").info.status == "KILLED"
 
 
+def test_ctrl_c_to_torchrun_says_interrupted_once_not_once_per_rank(prepared, tmp_path):
+    """torchrun passes Ctrl-C (SIGINT) on to every rank: each printed 'kocr train: interrupted'."""
+    _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-ctrl-c"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
+    _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "closing signal SIGINT" in err, err[-3000:]  # torchrun passed it on to the ranks
+    assert err.count("kocr train: interrupted") == 1, err[-3000:]
+    assert _train_run("ddp-ctrl-c").info.status == "KILLED"
+
+
 def test_an_attention_head_trains_validates_and_is_refused_by_the_page_reader(prepared, tmp_path):
     from evaluation.reader import Recognition
     from training.checkpoint import ModelSpecError, load_recognizer
