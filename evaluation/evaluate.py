@@ -42,7 +42,7 @@ from evaluation.tesseract import (
 )
 from training.checkpoint import LoadedRecognizer, load_recognizer
 from kocr.params import check_keys, require, section, typed
-from training.data.pages import Page, crop_box, nfc, write_page
+from training.data.pages import Page, crop_box, nfc, unscored, write_page
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,17 @@ def _page_digest(item: EvalPage) -> str:
 
 
 def gt_boxes(page: Page, grey_shape: tuple[int, int], margin: float) -> tuple[list[list[int]], list[str]]:
-    """Ground-truth boxes with EasyOCR's margin, in its horizontal_list form, and their texts."""
+    """Ground-truth boxes with EasyOCR's margin, in its horizontal_list form, and their texts.
+
+    Words that are not scored (``training.data.pages.unscored``: empty or ``###``, ICDAR's illegible
+    mark) are left out, as ``prepare`` and ``kocr evaluate-crops`` leave them out and the end-to-end
+    metric ignores them: a ``###`` crop counted in ``cer`` as the text "###", which no reader gives."""
     height, width = grey_shape
     boxes, texts = [], []
     for word in page.words:
         text = nfc(word.text)
         box = crop_box(word.bbox, margin, width, height)
-        if text and box is not None:
+        if not unscored(text) and box is not None:
             boxes.append([box[0], box[2], box[1], box[3]])
             texts.append(text)
     return boxes, texts

@@ -278,3 +278,16 @@ def test_a_cache_that_cannot_be_written_is_named_in_one_line(sources, tmp_path, 
     assert done.stderr.splitlines()[-1].startswith(
         f"evaluation.source_pages.UnwritableCache: {tmp_path / '.kocr' / 'eval-images'}: cannot write the images "
         "extracted from the source's zips there (Permission denied")
+
+
+def test_a_word_marked_illegible_gives_no_crop_to_the_recognition_scores():
+    # prepare skips ### words and the end-to-end metric ignores them; the crop scores counted them as the
+    # text "###", which no reader gives: a model reading every real word right got cer > 0
+    from evaluation.metrics import recognition_scores
+    from training.data.pages import Page, Word
+
+    page = Page("p.jpg", 200, 60, [Word((10, 10, 40, 20), "서울"), Word((60, 10, 40, 20), " ### "),
+                                   Word((110, 10, 40, 20), "  ")])
+    boxes, texts = evaluate.gt_boxes(page, (60, 200), 0.1)
+    assert texts == ["서울"] and boxes == [[8, 52, 8, 32]]
+    assert recognition_scores(texts, ["서울"] * len(texts))["cer"] == 0.0
