@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from rapidfuzz.distance import Levenshtein
 
 from evaluation.metrics import PageScore, in_image
-from training.data.pages import Page, Word, nfc
+from training.data.pages import Page, Word, nfc, unscored
 
 TEXT_KINDS = ("hangul", "digits", "latin", "mixed", "other")
 JAMO_POSITIONS = ("initial", "medial", "final")
@@ -61,8 +61,10 @@ def detection_failures(gt: list[Word], pred: list[Word], inside: float = 0.5) ->
     - split: two or more predictions each lie at least ``inside`` within the word;
     - merged: one prediction holds at least ``inside`` of this word and of another word too;
     - missed: no prediction overlaps the word at all.
+
+    Words that are not scored (empty or ``###``, ``training.data.pages.unscored``) are not counted.
     """
-    words = [w for w in gt if nfc(w.text)]
+    words = [w for w in gt if not unscored(w.text)]
     counts = Counter(split=0, merged=0, missed=0)
     merged: set[int] = set()
     for p in pred:
@@ -142,7 +144,7 @@ def breakdown(gt_pages: list[Page], pred_pages: list[Page], scores: list[PageSco
         failures.update(detection_failures([w for w in gt_in if w is not None],
                                            [w for w in in_image(pred.words, gt.width, gt.height) if w is not None]))
         for word in gt_in:
-            if word is not None and nfc(word.text):
+            if word is not None and not unscored(word.text):  # as score_page counts them
                 kind_total[text_kind(word.text)] += 1
         for gi, pi, value in score.pairs:
             kind_score[text_kind(gt.words[gi].text)] += value

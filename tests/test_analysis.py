@@ -143,6 +143,17 @@ def test_breakdown_counts_the_words_score_page_scored():
     assert result["detection"] == {"split": 0, "merged": 0, "missed": 0}
 
 
+def test_breakdown_leaves_out_words_marked_illegible_as_score_page_does():
+    # a ### word is not scored (score_page ignores it): it counted as a kind "other" word scoring 0, and as
+    # missed by the detector
+    gt = Page("a.jpg", 100, 50, [Word((0, 0, 40, 20), "서울"), Word((50, 0, 40, 20), "###")], "민원")
+    pred = Page("a.jpg", 100, 50, [Word((0, 0, 40, 20), "서울")])
+    score = score_page(gt, pred)
+    result = breakdown([gt], [pred], [score])
+    assert score.n_gt == 1 and result["kind_words"] == {"hangul": 1} and result["kind_score"] == {"hangul": 1.0}
+    assert result["detection"] == {"split": 0, "merged": 0, "missed": 0}
+
+
 def _broken_boxes_page(name: str) -> Page:
     """A page whose labels hold a negative width, a negative height, a NaN corner and a box off the page."""
     return Page(name, 200, 100, [Word((10, 40, 60, 20), "서울"), Word((120, 40, -30, 20), "시청"),
