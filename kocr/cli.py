@@ -364,7 +364,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     pages = test_pages(args.source, args.splits, config.split)
     if not pages:
         raise CommandError(f"no pages in split {config.split!r} of {args.splits}")
-    if not any(word.text.strip() for item in pages for word in item.page.words):
+    from training.data.pages import unscored
+
+    if all(unscored(word.text) for item in pages for word in item.page.words):  # ### is no labelled word either
         raise CommandError(f"the {len(pages)} pages of split {config.split!r} of {args.splits} hold no "
                            "labelled word: nothing to score")
     models = {"base": base, "candidate": args.candidate}
