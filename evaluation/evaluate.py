@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -118,6 +118,20 @@ def _page_digest(item: EvalPage) -> str:
     return digest.hexdigest()
 
 
+def on_image(page: Page, grey_shape: tuple[int, int]) -> Page:
+    """``page`` with the size of the image the models read (``grey_shape``: height, width), which scoring
+    clamps boxes to. A label whose ``image.width``/``image.height`` differ from its image is kept by
+    ``prepare`` with its boxes clipped to the real image (``image_size_differs_from_json``); clamped to
+    the label's size instead, a word past it was ignored, its reading counted as a false positive, and a
+    word across it matched on the cut parts only.
+
+    >>> on_image(Page("p.png", 100, 50), (50, 200)).width
+    200
+    """
+    height, width = grey_shape[:2]
+    return page if (page.width, page.height) == (width, height) else replace(page, width=width, height=height)
+
+
 def gt_boxes(page: Page, grey_shape: tuple[int, int], margin: float) -> tuple[list[list[int]], list[str]]:
     """Ground-truth boxes with EasyOCR's margin, in its horizontal_list form, and their texts.
 
@@ -202,20 +216,21 @@ def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalP
     clevals = {label: CLEvalAccumulator() for label in engines}
     predictions: dict[str, list[Page]] = {label: [] for label in engines}
     crop_texts: dict[str, tuple[list[str], list[str]]] = {label: ([], []) for label in engines}
+    gt_pages: list[Page] = []
     for item in tqdm(pages, desc="evaluate", unit="page", disable=not progress):
         rgb, grey = load_image(item.image)
+        gt_pages.append(gt_page := on_image(item.page, grey.shape))  # boxes clamped to the image read, as prepare clamps
         detections = detector.detect(rgb) if detector is not None else ([], [])
         crop_boxes, gt_texts = gt_boxes(item.page, grey.shape, settings.add_margin)
         for label, engine in engines.items():
             pred = engine.read_page(item, grey, detections)
             write_page(pred, Path(pred_dir) / label / item.name)
             predictions[label].append(pred)
-            page_scores[label].append(score_page(item.page, pred, iou_threshold))
-            clevals[label].update(item.page, pred)
+            page_scores[label].append(score_page(gt_page, pred, iou_threshold))
+            clevals[label].update(gt_page, pred)
             crop_texts[label][0].extend(gt_texts)
             crop_texts[label][1].extend(engine.read_crops(grey, crop_boxes))
     results = {}
-    gt_pages = [item.page for item in pages]
     for label in engines:
         crops = recognition_scores(*crop_texts[label])
         metrics = {**e2e_scores(page_scores[label]), "cer": crops["cer"],
@@ -230,7 +245,7 @@ def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalP
                 # named by rank alone, so `dvc plots diff` pairs each run's worst page with another's (a name
                 # with the page in it was in one run only); the page is in the title and in evaluate.md
                 out = Path(pictures_dir) / label / f"{rank:02d}.png"
-                evaluation.pictures.append(draw_comparison(pages[i].image, pages[i].page, predictions[label][i],
+                evaluation.pictures.append(draw_comparison(pages[i].image, gt_pages[i], predictions[label][i],
                                                            f"{label} worst {rank}: {name}, page F1 {f1:.3f}", out,
                                                            page_scores[label][i]))
         results[label] = evaluation

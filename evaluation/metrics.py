@@ -33,8 +33,9 @@ Corners = tuple[float, float, float, float]
 # Raised whenever a change to the scorer changes the scores of the same readings, so that promote
 # re-scores a champion scored the old way (evaluation.evaluate.scoring_hash). 2: boxes clamped to
 # the image, CLEval without inner whitespace. 3: ### words left out of the crop scores (cer, word_accuracy,
-# norm_ed), as they are of the end-to-end ones.
-SCORING_VERSION = 3
+# norm_ed), as they are of the end-to-end ones. 4: boxes clamped to the image read, not to the label's
+# image.width/height where they differ (evaluation.evaluate.on_image).
+SCORING_VERSION = 4
 _EPS = 1e-9  # IoU exactly at the threshold must match despite float rounding
 
 

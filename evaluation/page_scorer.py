@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from evaluation.evaluate import EvalPage
+from evaluation.evaluate import EvalPage, on_image
 from evaluation.metrics import e2e_scores, score_page
 from evaluation.reader import Detector, DetectorSettings, Recognition, load_image, results_to_page
 from training.charset import Charset
@@ -34,7 +34,8 @@ class PageSetScorer:
         self.items = []
         for item in pages:
             rgb, grey = load_image(item.image)
-            self.items.append((item, grey, detector.detect(rgb)))
+            # scored on the image it reads, as evaluate scores it (evaluation.evaluate.on_image)
+            self.items.append((on_image(item.page, grey.shape), grey, detector.detect(rgb)))
 
     def __call__(self, model: Recognizer, charset: Charset) -> dict[str, float]:
         was_training = model.training
@@ -43,10 +44,10 @@ class PageSetScorer:
         recognition = Recognition(loaded, self.settings, device)
         try:
             with torch.no_grad():
-                scores = [score_page(item.page, results_to_page(item.page.image_name, grey,
-                                                                recognition.read_boxes(grey, *boxes)),
+                scores = [score_page(page, results_to_page(page.image_name, grey,
+                                                           recognition.read_boxes(grey, *boxes)),
                                      self.iou_threshold)
-                          for item, grey, boxes in self.items]
+                          for page, grey, boxes in self.items]
         finally:
             model.train(was_training)
         return {k: v for k, v in e2e_scores(scores).items() if k.startswith("e2e_")}

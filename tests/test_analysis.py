@@ -193,6 +193,31 @@ def test_evaluate_writes_metrics_and_pictures_for_a_page_with_broken_boxes(tmp_p
     assert scored.metrics["gt_words"] == 1 and [p.is_file() for p in scored.pictures] == [True]
 
 
+def test_evaluate_scores_a_label_of_another_size_on_the_image_the_models_read(tmp_path, monkeypatch):
+    """prepare keeps a label whose image.width differs from its image, boxes clipped to the real image
+    (image_size_differs_from_json); evaluate clamped them to the label's 100 px instead: 시청 beyond it was
+    ignored and its reading a false positive, 서울 across it matched on cut parts (IoU .25, not .625)."""
+    from evaluation import evaluate
+    from evaluation.evaluate import EvalPage, evaluate_models
+
+    Image.new("RGB", (200, 50), (250, 250, 250)).save(tmp_path / "p.png")
+    gt = Page("p.png", 100, 50, [Word((80, 0, 40, 20), "서울"), Word((150, 0, 40, 20), "시청")])
+
+    class Reader:  # reads both words right, its boxes inside the 200 px image
+        needs_detection = False
+
+        def read_page(self, item, grey, detections):
+            return Page(item.page.image_name, 200, 50, [Word((95, 0, 25, 20), "서울"), Word((150, 0, 40, 20), "시청")])
+
+        def read_crops(self, grey, boxes):
+            return ["" for _ in boxes]
+
+    monkeypatch.setattr(evaluate, "make_engine", lambda model, settings, device: Reader())
+    scored = evaluate_models({"m": "echo"}, [EvalPage("p.png", gt, tmp_path / "p.png")], tmp_path / "pred",
+                             progress=False)["m"]
+    assert (scored.metrics["gt_words"], scored.metrics["matched"], scored.metrics["e2e_f1"]) == (2, 2, 1.0)
+
+
 def test_worst_page_pictures_are_named_by_rank_and_the_report_names_their_pages(tmp_path, monkeypatch):
     """Was: 01_<page>.png, so `dvc plots diff` paired no rank of two runs whose worst pages differ."""
     from evaluation import drawing, evaluate
