@@ -527,6 +527,37 @@ def test_a_background_jpeg_cut_short_stops_before_anything_is_written_and_one_wi
         generate_lines(tmp_path / "out", _config(**settings), progress=False)
     assert not (tmp_path / "out").exists()
 
+def test_the_command_refuses_a_background_folder_before_its_mlflow_run(tmp_path, monkeypatch, capsys):
+    """Was: a JPEG cut short among the background pictures (or a folder with none) was found only inside
+    generate_lines, with the synth_lines run started, so each refusal left a FAILED run and a FAILED parent
+    in MLflow; the charset and fonts are checked before the run (check_sources), as synth-pages checks --out."""
+    import os
+
+    import mlflow
+
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pics").mkdir()
+    whole = cv2.imencode(".jpg", np.tile(np.linspace(0, 255, 120, dtype=np.uint8), (80, 1)))[1].tobytes()
+    (tmp_path / "pics" / "partial.jpg").write_bytes(whole[: len(whole) * 6 // 10])  # a partial download
+    (tmp_path / "empty").mkdir()
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+    def runs() -> list[str]:
+        return [r.info.run_id for r in mlflow.search_runs(search_all_experiments=True, output_format="list")]
+
+    before = runs()
+    for folder, said in (("pics", "pics/partial.jpg: a JPEG cut short (truncated"), ("empty", "no background images")):
+        (tmp_path / "params.yaml").write_text(
+            f"synth_lines:\n  fonts: [NanumGothic.ttf]\n  backgrounds: {{image: 1}}\n  background_images: {folder}\n"
+            "  contact_sheet: 0\n  workers: 1\n", encoding="utf-8")
+        assert main(["synth-lines", "--out", "set", "--count", "2"]) == 2
+        assert said in capsys.readouterr().err
+        assert runs() == before
+        assert not (tmp_path / "set").exists()
+
+
 def test_sine_warp_bends_a_straight_stroke():
     mask = np.zeros((10, 120), np.float32)
     mask[4:6] = 255

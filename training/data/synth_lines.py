@@ -824,11 +824,15 @@ def iter_samples(config: LinesConfig, start: int = 0, stop: int | None = None,
 
 
 def check_sources(config: LinesConfig) -> None:
-    """The charset and the font patterns checked (SynthConfigError naming the key), quietly: before
-    ``kocr synth-lines`` starts its run; ``generate_lines`` warns about weak faces itself."""
+    """The charset, the font patterns and the background pictures checked (SynthConfigError naming the key),
+    quietly: before ``kocr synth-lines`` starts its run, so a refusal leaves no FAILED run in MLflow (a folder
+    with no picture, or a JPEG cut short in it, was found only inside the run); ``generate_lines`` warns about
+    weak faces itself."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         _usable(config)
+    if config.background_images and config.backgrounds.get("image", 0) > 0:
+        _background_files(config)
 
 
 def _usable(config: LinesConfig) -> list[FontFace]:
