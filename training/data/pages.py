@@ -295,6 +295,12 @@ def _num(value: float) -> float | int:
     return int(value) if float(value).is_integer() else round(float(value), 2)
 
 
+def as_written(bbox: tuple[float, ...]) -> tuple[float, ...]:
+    """``bbox`` as :func:`write_page` stores it (2 decimals), so a page scored in memory scores the same
+    as the file written for it, read back (``kocr score``)."""
+    return tuple(float(_num(v)) for v in bbox)
+
+
 def read_page(path: str | os.PathLike) -> Page:
     """Read one page JSON file; raises PageError for unreadable or malformed files."""
     return parse_page(Path(path).read_bytes(), path)
