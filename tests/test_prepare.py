@@ -583,3 +583,76 @@ def test_the_source_index_is_let_go_before_the_shards_are_written(tmp_path, monk
     report = prepare_pages(tmp_path / "src", tmp_path / "out", PrepareConfig(), progress=False)
     assert alive_while_writing == [False]
     assert report["pages_found"] == report["images_found"] == 3 and sum(report["crops"].values()) > 0
+
+
+CTRL_C_AS_THE_FORKSERVER_STARTS = """
+import os, signal, sys, time
+import multiprocessing.forkserver as forkserver
+from kocr.cli import main
+
+real, sent = forkserver._forkserver.ensure_running, []
+
+
+def ensure_running():
+    real()
+    if sent:
+        return
+    sent.append(True)
+    pid, deadline = forkserver._forkserver._forkserver_pid, time.monotonic() + 60
+    while time.monotonic() < deadline:  # until its Python set its Ctrl-C handler: it then imports the preload
+        with open(f"/proc/{pid}/status") as fh:
+            caught = int(next(line for line in fh if line.startswith("SigCgt:")).split()[1], 16)
+        if caught & (1 << (signal.SIGINT - 1)):
+            break
+        time.sleep(0.002)
+    os.killpg(0, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground group
+
+
+forkserver._forkserver.ensure_running = forkserver.ensure_running = ensure_running
+sys.argv = ["kocr", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the forkserver's signal state in /proc")
+def test_ctrl_c_as_the_cropping_processes_start_ends_prepare_with_one_line(tmp_path):
+    """Ctrl-C reaches the whole foreground group, the forkserver and the workers too. Was: a Ctrl-C in
+    the first seconds of ``kocr prepare-aihub --workers N`` also printed the forkserver's
+    KeyboardInterrupt traceback (it was importing training.data.prepare, its preload), or a worker's."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    generate_pages(tmp_path / "src", count=4, seed=5, fonts=FONTS[:1], width=W, height=H, progress=False)
+    err = tmp_path / "err.txt"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml")}
+    with err.open("w") as sink:  # SIGINT at its default, as at a terminal (a script's job would ignore it)
+        proc = subprocess.Popen([sys.executable, "-c", CTRL_C_AS_THE_FORKSERVER_STARTS, "prepare-aihub",
+                                 "--src", "src", "--out", "out", "--workers", "2"], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=sink, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    left = ["not waited for"]
+    try:
+        proc.wait(timeout=300)
+        deadline = time.monotonic() + 60
+        while True:  # the forkserver and workers gone too (an orphan that init has not reaped yet is gone)
+            left = [line for line in subprocess.run(["ps", "-o", "stat=,args=", "-s", str(proc.pid)],
+                                                    capture_output=True, text=True).stdout.splitlines()
+                    if not line.lstrip().startswith("Z")]
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None or left:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = err.read_text()
+    assert proc.returncode == -signal.SIGINT, text[-3000:]
+    assert "Traceback" not in text and "Error" not in text, text[-3000:]
+    assert text.strip().splitlines()[-1] == "kocr prepare-aihub: interrupted", text[-3000:]
+    assert not left, left

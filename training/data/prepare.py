@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import threading
 import time
 import unicodedata
@@ -43,6 +44,7 @@ import zipfile
 import zlib
 from collections import Counter, defaultdict, deque
 from concurrent.futures import Executor, ProcessPoolExecutor
+from multiprocessing import forkserver, resource_tracker
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
@@ -813,15 +815,55 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         return _prepare(src, out, config, progress)
 
 
+def _start_pool(src: Path, config: PrepareConfig) -> ProcessPoolExecutor:
+    """The cropping processes, all started here, out of Ctrl-C's reach: Ctrl-C reaches the whole foreground
+    group, and ``kocr`` stops with one line (the pool is shut down on the way out). Was: a Ctrl-C in
+    the first seconds also printed the forkserver's KeyboardInterrupt traceback (it was importing this
+    module), or a worker's, or that of a worker still starting as the command exited (FileNotFoundError).
+
+    The forkserver is started with SIGINT blocked, so it and every worker forked from it keep it
+    blocked (the command ends them); a Ctrl-C meanwhile waits, and lands once they are all started."""
+    context = multiprocessing.get_context("forkserver")  # clean single-threaded parents, fast starts
+    context.set_forkserver_preload([__name__])
+    main = threading.current_thread() is threading.main_thread()
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum)) if main else None
+    pool = None
+    mask = None
+    try:
+        resource_tracker.ensure_running()  # first: starting it unblocks SIGINT in this thread again
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited by the forkserver's exec
+        forkserver.ensure_running()
+        pool = ProcessPoolExecutor(config.workers, mp_context=context,
+                                   initializer=_init_worker, initargs=(src, config, os.getpid()))
+        launch = getattr(pool, "_launch_processes", None)  # every worker now, not one per early submit
+        if launch is not None:
+            launch()
+        # and the pool's manager thread, which a shutdown waits on to end the workers: without it a shutdown
+        # left them starting, and one that read its queues' locks after the command exited failed on them
+        pool.submit(int)
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        raise
+    finally:
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if main:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+    if caught:
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
+    return pool
+
+
 def _prepare(src: Path, out: Path, config: PrepareConfig, progress: bool) -> dict[str, Any]:
     index = scan_source(src, exclude=out)
     charset = Charset.from_spec(config.charset)
-    pool = None
-    if config.workers > 1:
-        context = multiprocessing.get_context("forkserver")  # clean single-threaded parents, fast starts
-        context.set_forkserver_preload([__name__])
-        pool = ProcessPoolExecutor(config.workers, mp_context=context,
-                                   initializer=_init_worker, initargs=(src, config, os.getpid()))
+    pool = _start_pool(src, config) if config.workers > 1 else None
     saved = dict(_WORKER)
     with warnings.catch_warnings():  # _init_worker silences PIL's warning per large page: here, for this run
         _init_worker(src, config)
