@@ -656,3 +656,55 @@ def test_ctrl_c_as_the_cropping_processes_start_ends_prepare_with_one_line(tmp_p
     assert "Traceback" not in text and "Error" not in text, text[-3000:]
     assert text.strip().splitlines()[-1] == "kocr prepare-aihub: interrupted", text[-3000:]
     assert not left, left
+
+
+SIGTERM_TO_THE_WORKERS_AS_THEY_CROP = """
+import json, os, signal, sys, time
+from training.data import prepare
+from kocr.cli import main
+
+real, sent = prepare.ordered_map, []
+
+
+def ordered_map(func, items, pool, *args, **kwargs):
+    for result in real(func, items, pool, *args, **kwargs):
+        if func is prepare._crop_page and pool is not None and not sent:  # the first page is cropped
+            sent.append(True)
+            workers = list(pool._processes)
+            for pid in workers:  # as GNU timeout's SIGTERM to the group reaches them
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(1)
+            with open("alive.json", "w") as fh:
+                json.dump([os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1]
+                           .split()[0] != "Z" for pid in workers], fh)
+            os.kill(os.getpid(), signal.SIGTERM)  # and the command: kocr ends it as an exit, status 143
+        yield result
+
+
+prepare.ordered_map = ordered_map
+sys.argv = ["kocr", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the workers' state in /proc")
+def test_sigterm_to_the_group_as_pages_are_cropped_ends_prepare_with_143_not_a_hang(tmp_path):
+    """GNU ``timeout`` (and a CI runner cancelling a job) sends SIGTERM to the whole process group. Was:
+    the cropping workers died by it, and one killed while it sent its crops back left the pool's result
+    reader waiting for the rest of that message for ever: ``kocr prepare-aihub`` hung in the pool's
+    shutdown, its MLflow run RUNNING. The workers now leave SIGTERM to the command, which ends them."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    generate_pages(tmp_path / "src", count=6, seed=5, fonts=FONTS[:1], width=W, height=H, progress=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml")}
+    proc = subprocess.run([sys.executable, "-c", SIGTERM_TO_THE_WORKERS_AS_THEY_CROP, "prepare-aihub", "--src",
+                           "src", "--out", "out", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert json.loads((tmp_path / "alive.json").read_text()) == [True, True], proc.stderr[-3000:]
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "manifest.json").exists()  # stopped, not finished

@@ -815,24 +815,32 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         return _prepare(src, out, config, progress)
 
 
-def _start_pool(src: Path, config: PrepareConfig) -> ProcessPoolExecutor:
-    """The cropping processes, all started here, out of Ctrl-C's reach: Ctrl-C reaches the whole foreground
-    group, and ``kocr`` stops with one line (the pool is shut down on the way out). Was: a Ctrl-C in
-    the first seconds also printed the forkserver's KeyboardInterrupt traceback (it was importing this
-    module), or a worker's, or that of a worker still starting as the command exited (FileNotFoundError).
+STOPS = (signal.SIGINT, signal.SIGTERM)  # what the cropping processes leave to the command
 
-    The forkserver is started with SIGINT blocked, so it and every worker forked from it keep it
-    blocked (the command ends them); a Ctrl-C meanwhile waits, and lands once they are all started."""
+
+def _start_pool(src: Path, config: PrepareConfig) -> ProcessPoolExecutor:
+    """The cropping processes, all started here, out of the reach of Ctrl-C and SIGTERM: both can reach
+    the whole process group (a terminal's Ctrl-C, GNU ``timeout``'s SIGTERM), and ``kocr`` then stops
+    with one line or status 143, shutting the pool down on the way out. Was: a Ctrl-C in the first
+    seconds also printed the forkserver's KeyboardInterrupt traceback (it was importing this module),
+    or a worker's, or that of a worker still starting as the command exited (FileNotFoundError); and
+    a SIGTERM to the group that killed a worker while it sent its pages back left the pool waiting
+    for the rest of that message for ever: ``kocr prepare-aihub`` hung, its run RUNNING.
+
+    The forkserver is started with SIGINT and SIGTERM blocked, so it and every worker forked from it
+    keep them blocked (the command ends them: a shutdown, or its watchdog once the command is gone);
+    a Ctrl-C or SIGTERM to the command meanwhile waits, and lands once they are all started."""
     context = multiprocessing.get_context("forkserver")  # clean single-threaded parents, fast starts
     context.set_forkserver_preload([__name__])
     main = threading.current_thread() is threading.main_thread()
     caught: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum)) if main else None
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
+                for signum in STOPS} if main else {}
     pool = None
     mask = None
     try:
-        resource_tracker.ensure_running()  # first: starting it unblocks SIGINT in this thread again
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # inherited by the forkserver's exec
+        resource_tracker.ensure_running()  # first: starting it unblocks SIGINT and SIGTERM in this thread again
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOPS))  # inherited through the forkserver's exec
         forkserver.ensure_running()
         pool = ProcessPoolExecutor(config.workers, mp_context=context,
                                    initializer=_init_worker, initargs=(src, config, os.getpid()))
@@ -849,11 +857,11 @@ def _start_pool(src: Path, config: PrepareConfig) -> ProcessPoolExecutor:
     finally:
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        if main:
-            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
     if caught:
         try:
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(caught[0])
         except BaseException:
             pool.shutdown(cancel_futures=True)
             raise
