@@ -265,3 +265,26 @@ def test_no_home_directory_keeps_no_hash_and_never_stops_a_run(tmp_path, monkeyp
     monkeypatch.setattr(Path, "home", classmethod(no_home))
     assert cache_dir() is None
     assert content_hash(src) == content_hash(src) == _full_read(src) and len(counted_opens) == 6  # nothing kept
+
+
+def test_the_committed_results_are_the_ones_dvc_lock_records():
+    """The results committed beside dvc.lock (metrics/, plots/, tuning/best_params.yaml) are the outputs
+    it records, byte for byte: a dvc.lock written by another run (e.g. a tiny-params `dvc repro` of a
+    test, committed with a code change) made `dvc status` and `dvc metrics diff` read every committed
+    result as stale and named outputs nobody can fetch. Was: 479d5be and 75a6a1f committed such a lock
+    (sample.count 12, train.steps 16) under the 60-page demo's metrics."""
+    import hashlib
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    tracked = set(subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                                 check=True).stdout.splitlines())
+    lock = yaml.safe_load((REPO / "dvc.lock").read_text(encoding="utf-8"))
+    outs = {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])
+            if out["path"] in tracked}
+    if not outs:
+        pytest.skip("no committed result that dvc.lock records")
+    differ = {path for path, md5 in outs.items() if hashlib.md5((REPO / path).read_bytes()).hexdigest() != md5}
+    assert not differ, f"dvc.lock records other bytes for the committed {sorted(differ)}"
