@@ -238,6 +238,11 @@ def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     :func:`recognition_scores` over the counted matched pairs (``cer``, ``word_accuracy``,
     ``norm_ed``: None when no pair matched, as with line boxes against word labels) and
     ``missing_predictions`` (gt pages with no prediction file).
+
+    A page is scored on its prediction's ``width``/``height`` where they differ from the label's: a
+    prediction kocr writes (evaluate's ``--predictions``) holds the size of the image it read, which
+    ``evaluate`` scores on (``evaluation.evaluate.on_image``), so that both give a page whose label
+    misstates its image's size the same score.
     """
     gt_root, pred_root = Path(gt_dir), Path(pred_dir)
     gt_paths = list(iter_page_files(gt_root))
@@ -266,7 +271,10 @@ def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
                                  f"path: {unmatched_stems[gt_path.stem]}")
             pred_path = same_stem[0] if same_stem else None
         gt_page = read_page(gt_path)
-        pred_words = read_page(pred_path).words if pred_path is not None else []
+        pred_page = read_page(pred_path) if pred_path is not None else None
+        pred_words = pred_page.words if pred_page is not None else []
+        if pred_page is not None and (pred_page.width, pred_page.height) != (gt_page.width, gt_page.height):
+            gt_page = replace(gt_page, width=pred_page.width, height=pred_page.height)  # the image read
         missing += pred_path is None
         page_score = score_page(gt_page, pred_words, iou_threshold)
         scores.append(page_score)

@@ -235,6 +235,27 @@ def test_score_folders(tmp_path):
     assert r["norm_ed"] == pytest.approx(5 / 6)
 
 
+def test_kocr_score_scores_a_page_whose_label_misstates_its_size_as_evaluate_does(tmp_path):
+    """A label saying 100 px wide on a 200 px image (prepare keeps it: image_size_differs_from_json) is
+    scored by evaluate on the image's size (evaluation.evaluate.on_image, 092eec6); evaluate's
+    --predictions pages hold that size. `kocr score` of the same labels and predictions clamped both to
+    the label's 100 px instead: the word past it ignored, the one across it matched on its cut parts only
+    (e2e_f1 0.0 where evaluate says 1.0)."""
+    from evaluation.evaluate import on_image
+
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    words = [Word((120, 10, 60, 20), "서울"), Word((70, 30, 60, 15), "시청")]  # past 100 px, across it
+    label = Page("a.png", 100, 50, words)
+    read = Page("a.png", 200, 50, words)  # as evaluate writes it: results_to_page gives the image's size
+    write_page(label, gt_dir / "a.json")
+    write_page(read, pred_dir / "a.json")
+    by_evaluate = e2e_scores([score_page(on_image(label, (50, 200)), read)])
+    r = score_folders(gt_dir, pred_dir)
+    assert by_evaluate["e2e_f1"] == pytest.approx(1.0)
+    assert {k: r[k] for k in by_evaluate} == pytest.approx(by_evaluate)
+    assert (r["cer"], r["word_accuracy"]) == (0.0, 1.0)
+
+
 def test_score_folders_prefers_relative_path_and_rejects_ambiguous_stem(tmp_path):
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     write_page(_page("x.jpg", [Word(A, "가")]), gt_dir / "s1" / "x.json")
