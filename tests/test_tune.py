@@ -536,6 +536,28 @@ def test_a_database_password_holding_slash_question_or_hash_is_hidden_where_mlfl
     assert redact("http://127.0.0.1:5000/ajax-api/2.0/x@y") == "http://127.0.0.1:5000/ajax-api/2.0/x@y"
 
 
+@pytest.mark.parametrize("user", ["kim@myserver", ""])
+def test_a_database_password_after_a_user_holding_at_or_no_user_is_hidden_where_mlflow_shows_it(user):
+    """SQLAlchemy reads a database URL's user up to the first : or /, so it may be empty or hold an @
+    (Azure Database for PostgreSQL names its users kim@myserver), and connects with the password after
+    it; was: hide_passwords wanted a user part without @ and not empty, and left such a password in the
+    clear in the tune run's tune.storage param and the promote run's promote.lock_url param."""
+    from sqlalchemy.engine import make_url
+
+    from evaluation.promote import PromoteConfig
+    from training.tune import recorded_storage
+
+    url = f"postgresql+psycopg2://{user}:s3c/ret@db.example:5432/optuna"
+    assert (make_url(url).username or "", make_url(url).password) == (user, "s3c/ret")
+    shown = {"tune.storage": recorded_storage(url),
+             "promote.lock_url": PromoteConfig.logged({"lock_url": url, "min_delta": 0.0})["lock_url"]}
+    assert shown == dict.fromkeys(shown, f"postgresql+psycopg2://{user}:***@db.example:5432/optuna")
+    # nor is more hidden than the password: a URL with no password, a path or key with an @ in it
+    for kept in ("postgresql+psycopg2://kim@db.example/optuna", "sqlite:////data/x@y/optuna.db",
+                 "s3://bucket/key@v2", "file:///tmp/a:b@c"):
+        assert redact(kept) == kept
+
+
 @pytest.mark.parametrize("direction", ["minimize", "maximize"])
 def test_tied_trials_rank_by_val_loss_as_train_ranks_its_checkpoints(direction):
     # on short budgets val_cer ties at 1.0 are common: the file must not take whichever finished first
