@@ -163,8 +163,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
               "the crop sets are empty, and train will refuse them", file=sys.stderr)
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-    from training.distributed import agreed_setup, launched_by_torchrun, process_rank, stop_with_torchrun
+def cmd_train(args: argparse.Namespace) -> int | None:
+    from training.distributed import (agreed_setup, launched_by_torchrun, process_rank, processes_wanted,
+                                      run_under_torchrun, stop_with_torchrun, under_torchrun)
     from training.train import (TrainConfig, check_sets, discard_state, loss_name, mix_shares, pick_device,
                                 summary_metrics, train, train_extras)
 
@@ -182,8 +183,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     def device_if_failed() -> Any:  # the device the other ranks chose, when they read the same file
         return pick_device(str(section(load_params(), "train").get("device") or "auto"))
 
-    # under torchrun a mistake in the params every rank reads is said once, by the lowest rank that made it
-    params, config, settings, state_file = agreed_setup(setup, device_if_failed)
+    if under_torchrun():
+        # under torchrun a mistake in the params every rank reads is said once, by the lowest rank that made it
+        params, config, settings, state_file = agreed_setup(setup, device_if_failed)
+    else:
+        (params, config, settings, state_file), device = setup()
+        processes = processes_wanted(train_extras(section(params, "train"))["processes"], device)
+        if processes > 1:  # train.processes: this command again under torchrun, one process per GPU
+            check_sets(config, args.data)  # a mistyped --data: said here, once, before torchrun starts
+            return run_under_torchrun(processes, args.argv)
     if launched_by_torchrun() and process_rank() != 0:
         # the other ranks of a torchrun job train and stay silent: rank 0 tracks, logs and writes
         train(config, args.data, args.out, progress=False, log=False, state_file=state_file, resume=args.resume)
@@ -1062,17 +1070,28 @@ def main(argv: list[str] | None = None) -> int:
     (``for f in ...; do kocr ...; done``) stops too: bash goes on after a command that exits, even
     with status 130. Called with ``argv`` from Python (a test, a script), the interrupt goes on to
     the caller."""
+    from training.distributed import InterruptedJob, note_rank_status
+
     where = ["kocr"]
+    status: Any = 1
     try:
-        return _main(argv, where)
-    except KeyboardInterrupt:
+        status = _main(argv, where)
+        return status
+    except SystemExit as exc:  # 143 on SIGTERM, 2 from a rank another rank speaks for
+        status = exc.code if isinstance(exc.code, int) else 1
+        raise
+    except KeyboardInterrupt as exc:
         _close_progress_bars()  # else the open bar is redrawn over and after the line, as Python exits
-        # under torchrun, which passes Ctrl-C on to every rank, said once (by rank 0), not once per rank
-        if "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("RANK", "0") == "0":
+        # under torchrun, which passes Ctrl-C on to every rank, said once (by rank 0), not once per rank;
+        # not again by the kocr train that started torchrun (train.processes): rank 0 said it
+        if not isinstance(exc, InterruptedJob) and (
+                "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("RANK", "0") == "0"):
             print(f"{where[0]}: interrupted", file=sys.stderr)
         if argv is not None:
             raise
         _die_by_sigint()
+    finally:
+        note_rank_status(status)  # a rank of a job kocr train started: the status that job exits with
 
 
 def _die_by_sigint() -> NoReturn:
@@ -1127,10 +1146,15 @@ def _main(argv: list[str] | None, where: list[str]) -> int:
     from training.data.pixels import large_pages
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # kocr train relaunches itself under torchrun with them
     where[0] = f"kocr {args.command}"
+    status = 0
     try:
         with _terminate_as_exit(), warnings_as_lines(f"kocr {args.command}"), large_pages(f"kocr {args.command}"):  # one line for big scans, not one each
-            args.func(args)
+            if args.func is cmd_train:  # its status is the torchrun job's when it started one (train.processes)
+                status = args.func(args) or 0
+            else:
+                args.func(args)
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, CropImportError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
             OutFolderError, UnreadablePage, UnwritableCache,
@@ -1162,7 +1186,7 @@ def _main(argv: list[str] | None, where: list[str]) -> int:
         _error_line(f"kocr {args.command}: error: MLflow at {shown_uri(mlflow.get_tracking_uri())}: {message} "
                     "(KOCR_TRACEBACK=1 for the traceback)")
         return 2
-    return 0
+    return status
 
 
 if __name__ == "__main__":

@@ -67,6 +67,10 @@ CASES = [  # command, params, the message after "params.yaml: "
     ("train", {"train": {"ema_decay": 1.5}}, "train.ema_decay 1.5: expected 0 (off) or a value in (0, 1)"),
     ("train", {"train": {"state_dir": None}}, "train.state_dir None: expected a string"),
     ("train", {"train": {"use_tuned": "yes"}}, "train.use_tuned 'yes': expected true or false"),
+    # train.processes: refused before kocr train starts torchrun (or anything else)
+    *[("train", {"train": {"processes": bad}},
+       f"train.processes {bad!r}: expected a whole number >= 1, or auto (one process per visible GPU)")
+      for bad in (0, -1, "two", True, 1.5, None)],
     ("train", {"train": "fast"}, "train: expected a mapping of settings, got 'fast'"),
     ("train", {"train": {"mix": {"data/x": 1.5}}}, "train.mix: data/x: share 1.5 must be a number between 0 and 1"),
     ("synth-lines", {"synth_lines": {"count": "ten"}}, "synth_lines.count 'ten': expected a whole number"),

@@ -112,8 +112,9 @@ def _stage_params(stage: str) -> list[str]:
     return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"][stage].get("params", [])
 
 
-# train: keys a tune trial does not read: the budget tune replaces, the tuned-file switch, train's state folder
-NOT_READ_BY_TUNE = {"steps", "val_every", "use_tuned", "tuned_params", "state_dir"}
+# train: keys a tune trial does not read: the budget tune replaces, the tuned-file switch, train's state folder,
+# the number of processes kocr train starts under torchrun (a trial trains in one)
+NOT_READ_BY_TUNE = {"steps", "val_every", "use_tuned", "tuned_params", "state_dir", "processes"}
 
 
 def test_tune_declares_the_train_knobs_its_trials_read_and_no_others():

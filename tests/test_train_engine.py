@@ -500,6 +500,41 @@ def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path)
     assert "val_samples.json" in artifacts
 
 
+def test_train_processes_2_runs_kocr_train_under_torchrun_as_one_tracked_job(prepared, tmp_path):
+    """train.processes: 2 (as under `dvc repro`, whose command line has no torchrun): plain `kocr train`
+    starts itself under torchrun with two gloo ranks; one train run, of the global batch; the relaunch
+    exits with the job's status (2 for a refused input, where torchrun itself exits 1)."""
+    _tiny_project(prepared, tmp_path, steps=4, val_every=2, checkpoint_every=2, processes=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "processes-2"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "KOCR_PARAMS"):
+        env.pop(name, None)
+    args = [sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out", "--metrics", "m.json",
+            "--plots", "plots", "--resume"]
+    done = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "over 2 processes" in done.stdout, done.stdout[-2000:]
+    assert json.loads((tmp_path / "m.json").read_text())["world_size"] == 2
+    assert (tmp_path / "out" / "model.pt").is_file()
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string="tags.`kocr.stage` = 'train'")  # rank 0's; the parent starts none
+    assert run.data.params["global_batch_size"] == str(2 * TINY["batch_size"])
+    assert run.data.params["train.processes"] == "2" and run.data.params["world_size"] == "2"
+    # a damaged set, which the ranks find once they read it: said once, and the job's status, not torchrun's 1
+    import lmdb
+
+    data = tmp_path / "damaged"
+    shutil.copytree(prepared, data)
+    store = lmdb.open(str(lmdb_parts(data / "train")[0]))
+    with store.begin(write=True) as txn:
+        txn.put(b"num-samples", b"abc")
+    store.close()
+    bad = subprocess.run([*args[:5], str(data), "--out", "out2"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=240)
+    assert bad.stderr.count("kocr train: error:") == 1, bad.stderr[-3000:]
+    assert "num-samples b'abc' is not a number" in bad.stderr
+    assert bad.returncode == 2, bad.stderr[-3000:]
+
+
 def _free_port() -> int:
     import socket
 
@@ -1001,7 +1036,8 @@ def test_the_train_run_logs_every_knob_it_trained_with_named_as_a_trial_names_th
     run = mlflow.get_run(json.loads((tmp_path / "out" / "mlflow.json").read_text())["run_id"])
     params = run.data.params
     knobs = {f"train.{k}" for k in TRAIN_KNOBS} | {f"model.{k}" for k in MODEL_KNOBS}
-    extras = {"train.use_tuned": "True", "train.tuned_params": "best.yaml", "train.state_dir": ".kocr/train-state"}
+    extras = {"train.use_tuned": "True", "train.tuned_params": "best.yaml", "train.state_dir": ".kocr/train-state",
+              "train.processes": "1"}
     assert {k for k in params if k.startswith(("train.", "model."))} == knobs | set(extras)
     assert {k: params[k] for k in extras} == extras
     assert params["train.log_every"] == "10" and params["model.imgH"] == "64"  # defaults the file never wrote

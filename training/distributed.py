@@ -22,6 +22,7 @@ import threading
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NoReturn, ParamSpec, TypeVar
 
 import torch
@@ -88,6 +89,120 @@ def stop_with_torchrun(grace: float = 30.0, poll: float = 1.0, others_after: flo
 def launched_by_torchrun() -> bool:
     """True inside a ``torchrun`` job of more than one process."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def under_torchrun() -> bool:
+    """True in a process torchrun started (any world size, ``--nproc_per_node 1`` included) or one joined
+    by hand (RANK/WORLD_SIZE set): ``kocr train`` then never starts torchrun itself."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def processes_wanted(processes: int | str, device: torch.device) -> int:
+    """``train.processes`` as a count: ``auto`` is one per visible CUDA device when training on CUDA, else 1.
+
+    More processes than visible GPUs on CUDA is a ParamsError (NCCL would fail on a device that is not there).
+    """
+    from kocr.params import ParamsError
+
+    if processes == "auto":
+        return torch.cuda.device_count() if device.type == "cuda" else 1
+    count = int(processes)
+    if device.type == "cuda" and count > torch.cuda.device_count():
+        raise ParamsError(f"train.processes {count}: this machine shows {torch.cuda.device_count()} CUDA device(s) "
+                          "(one process per GPU; auto takes them all)")
+    return count
+
+
+STATUS_DIR = "KOCR_RANK_STATUS_DIR"  # set by run_under_torchrun: each rank writes its exit status there
+
+
+class InterruptedJob(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) ended the torchrun job ``kocr train`` started: rank 0 has said so already."""
+
+
+def note_rank_status(status: int) -> None:
+    """Under :func:`run_under_torchrun`, leave this rank's exit status where the ``kocr train`` that
+    started torchrun reads it (torchrun itself exits 1 whatever a rank's status)."""
+    folder = os.environ.get(STATUS_DIR)
+    if folder and "TORCHELASTIC_RUN_ID" in os.environ:
+        with contextlib.suppress(OSError):
+            (Path(folder) / f"rank-{process_rank()}").write_text(str(status), encoding="utf-8")
+
+
+def _job_status(returncode: int, folder: Path) -> int:
+    """The job's exit status: 0 when torchrun succeeded; else the lowest non-zero status a rank noted
+    (2: a refused input, said once by the rank that found it; 1: a crash; 143: a rank SIGTERMed by
+    torchrun after another failed); else torchrun's own (a signal as 128 + its number)."""
+    if returncode == 0:
+        return 0
+    noted = []
+    for path in folder.glob("rank-*"):
+        with contextlib.suppress(OSError, ValueError):
+            noted.append(int(path.read_text(encoding="utf-8")))
+    failed = [status for status in noted if status > 0]
+    if failed:
+        return min(failed)
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_under_torchrun(processes: int, argv: list[str]) -> int:
+    """Start ``python -m torch.distributed.run --standalone --nproc_per_node processes -m kocr.cli <argv>``
+    and return the job's exit status (:func:`_job_status`).
+
+    This is how ``kocr train`` with ``train.processes`` > 1 uses several GPUs under ``dvc repro``.
+    torchrun runs in a process group of its own, so a Ctrl-C at the terminal reaches it once, passed on
+    by this process: SIGTERM and SIGINT to this process are passed to torchrun, which passes them to
+    its ranks (rank 0 ends its MLflow runs as KILLED); then SIGTERM ends this process with status 143
+    and SIGINT raises :class:`InterruptedJob`. Should this process be SIGKILLed, torchrun gets SIGTERM
+    (Linux's parent-death signal) and stops its ranks as on a SIGTERM.
+    """
+    import ctypes
+    import shutil
+    import subprocess
+    import tempfile
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None
+
+    def in_own_group() -> None:  # runs in the child between fork and exec: no imports, no locks
+        os.setpgid(0, 0)
+        if prctl is not None:
+            prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    folder = Path(tempfile.mkdtemp(prefix="kocr-ranks-"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+               "-m", "kocr.cli", *argv]
+    received: list[int] = []
+    try:
+        proc = subprocess.Popen(command, env={**os.environ, STATUS_DIR: str(folder)}, preexec_fn=in_own_group)
+
+        def forward(signum: int, frame: Any) -> None:
+            received.append(signum)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+        previous = ({signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
+                    if threading.current_thread() is threading.main_thread() else {})
+        try:
+            while True:
+                try:
+                    returncode = proc.wait()
+                    break
+                except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
+                    continue
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        status = _job_status(returncode, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if signal.SIGINT in received:
+        raise InterruptedJob
+    if signal.SIGTERM in received:
+        return 128 + signal.SIGTERM
+    return status
 
 
 def process_rank() -> int:

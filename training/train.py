@@ -147,7 +147,7 @@ class TrainConfig:
 
 MODEL_KNOBS = frozenset({"output_channel", "hidden_size", "input_channel", "imgH", "prediction"})
 TRAIN_KNOBS = frozenset(TrainConfig.__dataclass_fields__) - MODEL_KNOBS - {"tuned_from", "tuned_keys"}
-TRAIN_EXTRAS = frozenset({"state_dir", "use_tuned", "tuned_params"})  # read by kocr train, not by the loop
+TRAIN_EXTRAS = frozenset({"state_dir", "use_tuned", "tuned_params", "processes"})  # read by kocr train, not by the loop
 _KNOB_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
 
@@ -171,11 +171,26 @@ STATE_DIR = ".kocr/train-state"
 
 def train_extras(section: dict[str, Any]) -> dict[str, Any]:
     """``train:``'s settings read by ``kocr train`` around the loop, typed (ParamsError naming a wrong one):
-    ``state_dir`` (where the resumable state goes), ``use_tuned`` and ``tuned_params``."""
+    ``state_dir`` (where the resumable state goes), ``use_tuned``, ``tuned_params`` and ``processes``."""
     return {"state_dir": typed("train.state_dir", section.get("state_dir", STATE_DIR), str),
+            "processes": train_processes(section.get("processes", 1)),
             "use_tuned": typed("train.use_tuned", section.get("use_tuned", False), bool, optional=True) or False,
             "tuned_params": typed("train.tuned_params", section.get("tuned_params"), str, optional=True)
             or TUNED_PARAMS}
+
+
+def train_processes(value: Any) -> int | str:
+    """``train.processes``: a whole number >= 1 or ``auto``, else ParamsError naming it (``0``, ``-1``,
+    ``"two"``, ``true``). How many processes ``kocr train`` starts under torchrun
+    (:func:`training.distributed.processes_wanted` resolves ``auto``)."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    try:
+        number = typed("train.processes", value, int)
+    except ParamsError:
+        number = 0
+    require(number >= 1, "train.processes", value, "a whole number >= 1, or auto (one process per visible GPU)")
+    return number
 
 
 def knob_params(config: TrainConfig, leave_out: frozenset[str] = frozenset()) -> dict[str, str]:
@@ -194,7 +209,7 @@ def knob_params(config: TrainConfig, leave_out: frozenset[str] = frozenset()) ->
 def train_run_params(config: TrainConfig, section: dict[str, Any]) -> dict[str, str]:
     """The ``train`` run's ``train.*``/``model.*`` params: :func:`knob_params` of ``config`` (tuned
     values included) and the settings only ``kocr train`` reads (``state_dir``, ``use_tuned``,
-    ``tuned_params``) as ``train_extras`` reads them from ``train:`` section ``section``."""
+    ``tuned_params``, ``processes``) as ``train_extras`` reads them from ``train:`` section ``section``."""
     return {**knob_params(config), **{f"train.{k}": str(v) for k, v in sorted(train_extras(section).items())}}
 
 
