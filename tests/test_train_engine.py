@@ -760,6 +760,51 @@ def test_ctrl_c_ends_kocr_train_with_one_line_its_state_kept_and_its_run_killed(
     assert _train_run("ctrl-c").info.status == "KILLED"
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_that_reaches_the_dataloader_workers_first_still_ends_kocr_train_as_a_stop(prepared, tmp_path, stop):
+    """SIGTERM to the whole group (GNU timeout, a CI runner cancelling a job, docker stop through an init
+    that forwards to the group) or Ctrl-C reaches the DataLoader workers too. Was: a worker that died by it
+    before kocr ended the command (in one run of two for a SIGTERM to the group; always when it came
+    first) made torch's SIGCHLD handler raise 'DataLoader worker (pid ...) is killed by signal:
+    Terminated', alone or during the exit 143's handling: exit 1, a traceback, the run FAILED. The
+    workers now leave both to the command, which ends them; here they are signalled first, on purpose."""
+    import psutil
+
+    _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2, num_workers=2)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "stop-workers"}
+    proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
+    workers = []
+    try:
+        state = _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
+        workers = psutil.Process(proc.pid).children()
+        assert len(workers) == 2, workers  # the training loader's; validation has not started its own
+        for worker in workers:
+            worker.send_signal(stop)
+        time.sleep(2)  # time for a worker that dies by it to be reaped by kocr's SIGCHLD handler
+        alive = [worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers]
+        proc.send_signal(stop)
+        _, err = proc.communicate(timeout=60)
+        gone, left = psutil.wait_procs(workers, timeout=30)
+    finally:
+        proc.kill()
+        for worker in workers:
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
+    assert "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
+    if stop == signal.SIGTERM:
+        assert proc.returncode == 143, err[-3000:]
+        assert not err.strip() or "kocr train" not in err.strip().splitlines()[-1], err[-3000:]
+    else:
+        assert proc.returncode == -signal.SIGINT, err[-3000:]
+        assert err.strip().splitlines()[-1] == "kocr train: interrupted", err[-3000:]
+    assert alive == [True, True]  # left the stop to the command
+    assert not left, f"workers {[p.pid for p in left]} outlived kocr train"
+    assert load_state(state)["progress"]["step"] >= 2  # still resumable
+    assert _train_run("stop-workers").info.status == "KILLED"
+
+
 def test_ctrl_c_to_torchrun_says_interrupted_once_not_once_per_rank(prepared, tmp_path):
     """torchrun passes Ctrl-C (SIGINT) on to every rank: each printed 'kocr train: interrupted'."""
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)

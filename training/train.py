@@ -21,7 +21,9 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -435,6 +437,64 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+STOPS = (signal.SIGINT, signal.SIGTERM)  # what the DataLoader workers leave to the command
+
+
+def _leave_stops_to_the_command(worker_id: int) -> None:
+    """A DataLoader worker's ``worker_init_fn``: it ignores Ctrl-C and SIGTERM, which reach the whole
+    process group (a terminal's Ctrl-C, GNU ``timeout``, a CI runner cancelling a job, ``docker stop``
+    through an init that forwards to the group). The command stops on them and ends its workers on the
+    way out (their watchdog ends them once it is gone, even SIGKILLed). Was: a worker that died by the
+    SIGTERM first made torch's SIGCHLD handler raise 'DataLoader worker (pid ...) is killed by signal:
+    Terminated' in the command, alone or while it stopped: exit 1 and a traceback, the run FAILED
+    instead of KILLED; a worker that Ctrl-C ended first, 'DataLoader worker ... exited unexpectedly'."""
+    for signum in STOPS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, set(STOPS))  # blocked by _Loader while the worker started
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers start with Ctrl-C and SIGTERM blocked (inherited through the fork),
+    so that neither can end one before its ``worker_init_fn`` ignores them; a stop to the command
+    meanwhile lands once they are started."""
+
+    def __iter__(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread() \
+                or not hasattr(signal, "pthread_sigmask"):
+            return super().__iter__()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOPS))
+        try:
+            return super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def end_workers(self) -> None:
+        """Tell the workers to exit and wait for them (at most a few seconds), as the loader's deletion would.
+        Done by :func:`train` on every way out: an exception keeps the loader alive in its traceback, and
+        the Ctrl-C exit then met the workers in multiprocessing's exit handler, which SIGTERMs them (now
+        ignored) and waits for ever."""
+        iterator = getattr(self, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+_made = threading.local()  # the loaders that the current train() call of this thread made
+
+
+def _ends_its_workers(func: Callable[P, R]) -> Callable[P, R]:
+    """Wrap ``train`` so that the DataLoader workers it started are ended however it ends."""
+    @functools.wraps(func)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        outer, _made.loaders = getattr(_made, "loaders", None), []
+        try:
+            return func(*args, **kwargs)
+        finally:
+            loaders, _made.loaders = _made.loaders, outer
+            for loader in loaders:
+                loader.end_workers()
+    return run
+
+
 def _loader(dataset: CropDataset, config: TrainConfig, device: torch.device,
             sampler: BucketBatchSampler | None = None) -> DataLoader:
     """Training batches from ``sampler`` (bucketed by width), else the whole set in order (validation)."""
@@ -442,9 +502,15 @@ def _loader(dataset: CropDataset, config: TrainConfig, device: torch.device,
               "pin_memory": device.type == "cuda", "persistent_workers": config.num_workers > 0}
     if config.num_workers > 0:
         common["prefetch_factor"] = 4
+        if hasattr(signal, "pthread_sigmask"):  # POSIX: workers are forked, and signalled with the command
+            common["worker_init_fn"] = _leave_stops_to_the_command
     if sampler is None:
-        return DataLoader(dataset, batch_size=config.batch_size, shuffle=False, **common)
-    return DataLoader(dataset, batch_sampler=sampler, **common)
+        loader = _Loader(dataset, batch_size=config.batch_size, shuffle=False, **common)
+    else:
+        loader = _Loader(dataset, batch_sampler=sampler, **common)
+    if getattr(_made, "loaders", None) is not None:
+        _made.loaders.append(loader)
+    return loader
 
 
 def _write_tsv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -551,6 +617,7 @@ def _short_worker_errors(func: Callable[P, R]) -> Callable[P, R]:
 
 @one_report
 @_short_worker_errors
+@_ends_its_workers
 def train(config: TrainConfig, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
           metrics_file: str | os.PathLike = "metrics/train.json", plots_dir: str | os.PathLike = "plots/train",
           progress: bool = True, log: bool = True,
