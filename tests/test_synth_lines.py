@@ -1133,3 +1133,84 @@ def test_ctrl_c_on_kocr_in_a_shell_loop_stops_the_loop(tmp_path):
     assert text.strip().splitlines()[-1] == "kocr synth-lines: interrupted", text[-3000:]
     assert not (tmp_path / "went-on").exists() and not (tmp_path / "after-loop").exists(), text[-3000:]
     assert proc.returncode == -signal.SIGINT  # bash itself stopped by the Ctrl-C
+
+
+SIGTERM_TO_THE_WORKERS_AS_THEY_RENDER = """
+import json, multiprocessing, os, signal, sys, time
+from training.data import synth_lines
+from kocr.cli import main
+
+real = synth_lines.iter_samples
+
+
+def iter_samples(config, start=0, stop=None, workers=None):
+    for i, sample in enumerate(real(config, start, stop, workers), start=start):
+        if i == int(os.environ["KILL_AT"]):  # a sample past the first commit is drawn
+            workers = [p.pid for p in multiprocessing.active_children()]
+            for pid in workers:  # as GNU timeout's SIGTERM to the group reaches them
+                os.kill(pid, signal.SIGTERM)
+            time.sleep(1)
+            with open("alive.json", "w") as fh:
+                json.dump([os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1]
+                           .split()[0] != "Z" for pid in workers], fh)
+            os.kill(os.getpid(), signal.SIGTERM)  # and the command: kocr ends it as an exit, status 143
+        yield sample
+
+
+synth_lines.iter_samples = iter_samples
+synth_lines.LmdbWriter.__init__.__defaults__ = (8, *synth_lines.LmdbWriter.__init__.__defaults__[1:])  # commit_every
+sys.argv = ["kocr", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the workers' state in /proc")
+def test_sigterm_to_the_group_as_workers_render_ends_synth_lines_with_143_and_a_rerun_resumes(tmp_path):
+    """GNU ``timeout`` (and a CI runner cancelling a job) sends SIGTERM to the whole process group. Was: the
+    render workers died by it, and one killed while it sent its images back held the result queue's lock,
+    which ``Pool.terminate`` then waited on for ever: ``kocr synth-lines`` hung, its MLflow run RUNNING. The
+    workers now leave SIGTERM to the command, which ends them on its way out."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+    from training.data.lmdb_store import lmdb_digest
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml"), "KILL_AT": "20"}
+    command = ["synth-lines", "--out", "lines", "--count", "40", "--seed", "3", "--workers", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_TO_THE_WORKERS_AS_THEY_RENDER, *command], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("kocr synth-lines hung after the SIGTERM: " + proc.communicate()[1][-3000:])
+    assert json.loads((tmp_path / "alive.json").read_text()) == [True, True], err[-3000:]
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    deadline = time.monotonic() + 10
+    while True:  # the workers ended with it (an orphan that init has not reaped yet is gone)
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline, "workers left behind"
+        time.sleep(0.1)
+    env["KILL_AT"] = "-1"  # the rerun goes on after the 16 samples committed, as if it had never been stopped
+    rerun = subprocess.run([sys.executable, "-c", SIGTERM_TO_THE_WORKERS_AS_THEY_RENDER, *command], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming" in rerun.stderr and "after sample 16 of 40" in rerun.stderr, rerun.stderr[-3000:]
+    from kocr.params import load_params, section
+    from training.data.synth_lines import LinesConfig, generate_lines
+
+    config = LinesConfig.from_params(section(load_params(REPO / "params.yaml"), "synth_lines"), count=40, seed=3,
+                                     workers=1)
+    generate_lines(tmp_path / "ref", config, progress=False)
+    assert lmdb_digest(tmp_path / "lines") == lmdb_digest(tmp_path / "ref")
+    assert (tmp_path / "lines" / "manifest.tsv").read_bytes() == (tmp_path / "ref" / "manifest.tsv").read_bytes()

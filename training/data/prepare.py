@@ -30,24 +30,19 @@ import hashlib
 import io
 import json
 import math
-import multiprocessing
 import os
 import random
 import re
 import shutil
-import signal
-import threading
-import time
 import unicodedata
 import warnings
 import zipfile
 import zlib
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from concurrent.futures import Executor, ProcessPoolExecutor
-from multiprocessing import forkserver, resource_tracker
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import cv2
 import numpy as np
@@ -58,6 +53,7 @@ from kocr.atomic import set_lock, sweep_stale, write_json
 from kocr.dvc_hashes import dvc_record
 from kocr.params import check_keys, require, typed
 from training.charset import Charset
+from training.data.workers import ordered_map, start_pool
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page, unscored
 from training.data.pixels import mend, note_pixels
@@ -298,35 +294,12 @@ class ImageCheck(NamedTuple):
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(root: Path, config: PrepareConfig, main_pid: int = 0) -> None:
+def _init_worker(root: Path, config: PrepareConfig) -> None:
     """A worker holds the source's root and the knobs, never the source's index: each page it reads
     comes with its label's and image's ``Member`` (their place in a zip included)."""
     cv2.setNumThreads(1)
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # counted by prepare_pages (note_pixels)
     _WORKER.update(root=root, config=config, charset=Charset.from_spec(config.charset))
-    if main_pid:
-        threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as fh:
-            return fh.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except OSError:  # no /proc: fall back to a signal probe
-        try:
-            os.kill(pid, 0)
-            return True
-        except ProcessLookupError:
-            return False
-
-
-def _exit_with(pid: int) -> None:
-    """A worker's watchdog: a killed ``prepare`` (SIGKILL, OOM) takes its workers with it."""
-    while _alive(pid):
-        time.sleep(0.5)
-    os._exit(1)
 
 
 def _failed(name: str, exc: Exception) -> tuple[str, str]:
@@ -514,31 +487,6 @@ def _crop_page_or_raise(meta: PageMeta) -> tuple[list[tuple[bytes, str]], list[t
         entries.add("bad_annotation", f"{meta.name}#{i}: {detail}"[:300])
     crops = _page_crops(page, grey, meta.name, _WORKER["charset"], config, entries)  # type: ignore[arg-type]
     return crops, entries, True
-
-
-def _run_batch(func: Callable, batch: list) -> list:
-    return [func(item) for item in batch]
-
-
-def ordered_map(func: Callable, items: Iterable, pool: Executor | None, chunk: int = 4,
-                window: int = 8) -> Iterator:
-    """``map(func, items)`` in order, on ``pool`` with at most ``window`` chunks in flight (bounded memory)."""
-    if pool is None:
-        yield from map(func, items)
-        return
-    pending: deque = deque()
-    batch: list = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == chunk:
-            pending.append(pool.submit(_run_batch, func, batch))
-            batch = []
-            if len(pending) >= window:
-                yield from pending.popleft().result()
-    if batch:
-        pending.append(pool.submit(_run_batch, func, batch))
-    while pending:
-        yield from pending.popleft().result()
 
 
 # -- the stage ---------------------------------------------------------------------------------------
@@ -815,57 +763,11 @@ def prepare_pages(src: str | os.PathLike, out: str | os.PathLike, config: Prepar
         return _prepare(src, out, config, progress)
 
 
-STOPS = (signal.SIGINT, signal.SIGTERM)  # what the cropping processes leave to the command
-
-
 def _start_pool(src: Path, config: PrepareConfig) -> ProcessPoolExecutor:
-    """The cropping processes, all started here, out of the reach of Ctrl-C and SIGTERM: both can reach
-    the whole process group (a terminal's Ctrl-C, GNU ``timeout``'s SIGTERM), and ``kocr`` then stops
-    with one line or status 143, shutting the pool down on the way out. Was: a Ctrl-C in the first
-    seconds also printed the forkserver's KeyboardInterrupt traceback (it was importing this module),
-    or a worker's, or that of a worker still starting as the command exited (FileNotFoundError); and
-    a SIGTERM to the group that killed a worker while it sent its pages back left the pool waiting
-    for the rest of that message for ever: ``kocr prepare-aihub`` hung, its run RUNNING.
-
-    The forkserver is started with SIGINT and SIGTERM blocked, so it and every worker forked from it
-    keep them blocked (the command ends them: a shutdown, or its watchdog once the command is gone);
-    a Ctrl-C or SIGTERM to the command meanwhile waits, and lands once they are all started."""
-    context = multiprocessing.get_context("forkserver")  # clean single-threaded parents, fast starts
-    context.set_forkserver_preload([__name__])
-    main = threading.current_thread() is threading.main_thread()
-    caught: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
-                for signum in STOPS} if main else {}
-    pool = None
-    mask = None
-    try:
-        resource_tracker.ensure_running()  # first: starting it unblocks SIGINT and SIGTERM in this thread again
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOPS))  # inherited through the forkserver's exec
-        forkserver.ensure_running()
-        pool = ProcessPoolExecutor(config.workers, mp_context=context,
-                                   initializer=_init_worker, initargs=(src, config, os.getpid()))
-        launch = getattr(pool, "_launch_processes", None)  # every worker now, not one per early submit
-        if launch is not None:
-            launch()
-        # and the pool's manager thread, which a shutdown waits on to end the workers: without it a shutdown
-        # left them starting, and one that read its queues' locks after the command exited failed on them
-        pool.submit(int)
-    except BaseException:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        raise
-    finally:
-        if mask is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-    if caught:
-        try:
-            signal.raise_signal(caught[0])
-        except BaseException:
-            pool.shutdown(cancel_futures=True)
-            raise
-    return pool
+    """The cropping processes, out of the reach of Ctrl-C and SIGTERM (:func:`training.data.workers.start_pool`):
+    was, a Ctrl-C in the first seconds also printed tracebacks, and a SIGTERM to the group that killed a
+    worker while it sent its pages back left ``kocr prepare-aihub`` hung for ever, its run RUNNING."""
+    return start_pool(config.workers, _init_worker, (src, config), preload=[__name__])
 
 
 def _prepare(src: Path, out: Path, config: PrepareConfig, progress: bool) -> dict[str, Any]:

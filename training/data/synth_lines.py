@@ -23,12 +23,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
-import multiprocessing
 import os
 import random
-import signal
 import sys
 import unicodedata
 import warnings
@@ -54,6 +53,7 @@ from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts,
 from training.data.lexicon import draw_token, is_hangul, load_lexicon
 from training.data.lmdb_store import LMDB_FILES, LmdbWriter
 from training.data.set_key import generator_key
+from training.data.workers import ordered_map, start_pool
 
 DISTORTIONS = ("none", "sine", "cosine", "random")
 FORMATS = ("png", "jpg")
@@ -799,9 +799,6 @@ def _render_in_worker(index: int) -> Sample:
 
 
 def _init_worker(config: LinesConfig) -> None:
-    # Ctrl-C reaches the whole foreground group: the parent stops (kocr prints one line) and ends the pool;
-    # was: each worker printed its own KeyboardInterrupt traceback as well
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _context(config)
 
 
@@ -816,11 +813,16 @@ def iter_samples(config: LinesConfig, start: int = 0, stop: int | None = None,
         for i in indices:
             yield render_sample(i, ctx)
         return
-    _context(config)  # fork start: workers inherit the loaded fonts and lexicon
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    _context(config)  # here first: a setting that cannot work is refused once, before any worker starts
     chunk = max(1, min(64, len(indices) // (workers * 4)))
-    with multiprocessing.get_context(method).Pool(workers, _init_worker, (config,)) as pool:
-        yield from pool.imap(_render_in_worker, indices, chunksize=chunk)
+    # workers that leave Ctrl-C and SIGTERM to the command, which ends them on its way out. Was: a
+    # multiprocessing.Pool whose worker, killed by a SIGTERM to the group (GNU timeout) while it sent its
+    # images back, held the result queue's lock for ever, and the command hung in Pool.terminate
+    pool = start_pool(workers, _init_worker, (config,), preload=[__name__])
+    try:
+        yield from ordered_map(_render_in_worker, indices, pool, chunk=chunk, window=4 * workers)
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 def check_sources(config: LinesConfig) -> None:
@@ -939,9 +941,9 @@ def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
             index, font, background, _ = row.rstrip("\n").split("\t")
             tally(font, background, functools.partial(writer.sample, int(index)))
         manifest = (writer.partial / "manifest.tsv").open("w", encoding="utf-8", newline="\n")
-        with manifest:
+        # closed on every way out (an exception, Ctrl-C, SIGTERM's exit): that ends its render workers
+        with manifest, contextlib.closing(iter_samples(config, start=writer.count)) as samples:
             manifest.write(MANIFEST_HEADER + "".join(kept))
-            samples = iter_samples(config, start=writer.count)
             for sample in tqdm(samples, total=config.count, initial=writer.count, desc="synthetic lines",
                                unit="img", disable=not progress, smoothing=0.05):
                 index = writer.count + 1
