@@ -20,7 +20,7 @@ from kocr.easyocr_compat import import_easyocr, offline_model_dir
 from kocr.params import load_params
 from tests.conftest import realdata
 from training.checkpoint import load_recognizer
-from training.export_easyocr import ExportError, export_easyocr
+from training.export_easyocr import DETECTOR, ExportError, export_easyocr
 
 HANGUL = range(0xAC00, 0xD7A4)
 
@@ -508,3 +508,30 @@ def test_an_export_stopped_in_its_parity_check_leaves_no_parity_of_the_earlier_b
     monkeypatch.setattr(evaluation.parity, "easyocr_parity", parity)
     assert export("second.pt") == 0
     assert "second.pt" in json.loads((tmp_path / "m/export.json").read_text())["checked"]
+
+
+def _readme_copy_commands(bundle: Path) -> str:
+    """The README's shell block that copies the bundle into ~/.EasyOCR."""
+    readme = (bundle / "README.md").read_text(encoding="utf-8")
+    return readme.split("Copy into EasyOCR's folders", 1)[1].split("```\n", 2)[1]
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="the README's copy commands are POSIX shell")
+@pytest.mark.parametrize("with_detector", [True, False])
+def test_the_readmes_copy_commands_install_the_bundle_on_a_machine_without_easyocr_folders(
+        hangul_checkpoint, tmp_path, with_detector):
+    """Was: `cp model/NAME.pth ~/.EasyOCR/model/` failed where EasyOCR had never run (no ~/.EasyOCR yet),
+    and a bundle exported --with-detector for an offline machine left its CRAFT weights behind, so
+    easyocr.Reader went to download them."""
+    out = tmp_path / "bundle"
+    export_easyocr(str(hangul_checkpoint), out, "ko_copy", with_detector=with_detector)
+    home = tmp_path / "home"
+    home.mkdir()
+    done = subprocess.run(["bash", "-e", "-c", _readme_copy_commands(out)], cwd=out, capture_output=True, text=True,
+                          env={"HOME": str(home), "PATH": "/usr/bin:/bin"})
+    assert done.returncode == 0, done.stderr
+    for folder in ("model", "user_network"):
+        shipped = sorted(p.name for p in (out / folder).iterdir() if p.is_file())
+        assert sorted(p.name for p in (home / ".EasyOCR" / folder).iterdir()) == shipped
+    assert ((home / ".EasyOCR" / "model" / DETECTOR).is_file()) == with_detector
+

@@ -124,13 +124,18 @@ def write_bundle(loaded: LoadedRecognizer, out: str | os.PathLike, name: str,
     paths = {key: out / rel for key, rel in _bundle_paths(name).items()}
     config = {"network_params": loaded.config.network_params(), "imgH": loaded.config.imgH,
               "lang_list": list(lang_list), "character_list": loaded.charset.chars}
+    # the CRAFT weights: copied in by --with-detector, else kept when the folder held them (the
+    # README says model_storage_directory must hold them: a user may have put them there by hand)
+    detector = Path(offline_model_dir()) / DETECTOR if with_detector else out / "model" / DETECTOR
+    keep_detector = with_detector or detector.is_file()
     # the whole bundle written in a folder beside --out, which it replaces in one rename: a kill or a
     # full disk never leaves a new .pth beside an earlier export's yaml and README (a bundle that fails
     # to load, or loads under another model's provenance); renaming the files in one after another did
     texts = {"py": network_source(),
              "yaml": f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n"
                      + yaml.safe_dump(config, allow_unicode=True, sort_keys=False),
-             "readme": _readme(name, lang_list, loaded, readtext_kwargs or {}, provenance, settings_from)}
+             "readme": _readme(name, lang_list, loaded, readtext_kwargs or {}, provenance, settings_from,
+                               keep_detector)}
     with replaced_folder(out) as stage:
         tmp = {key: stage / rel for key, rel in _bundle_paths(name).items()}
         for folder in ("model", "user_network"):
@@ -140,10 +145,7 @@ def write_bundle(loaded: LoadedRecognizer, out: str | os.PathLike, name: str,
         for key, text in texts.items():
             with named_disk_errors(paths[key], tmp[key]):
                 tmp[key].write_text(text, encoding="utf-8")
-        # the CRAFT weights: copied in by --with-detector, else kept when the folder held them (the
-        # README says model_storage_directory must hold them: a user may have put them there by hand)
-        detector = Path(offline_model_dir()) / DETECTOR if with_detector else out / "model" / DETECTOR
-        if with_detector or detector.is_file():
+        if keep_detector:
             with named_disk_errors(out / "model" / DETECTOR, stage / "model" / DETECTOR):
                 shutil.copy2(detector, stage / "model" / DETECTOR)
     return {k: str(v) for k, v in paths.items()}
@@ -265,7 +267,7 @@ result = readings[turn]  # boxes in the coordinates of turned_{turn}.png
 
 
 def _readme(name: str, lang_list: Sequence[str], loaded: LoadedRecognizer, readtext_kwargs: dict[str, Any],
-            provenance: str, settings_from: str | None = PARAMS_SETTINGS) -> str:
+            provenance: str, settings_from: str | None = PARAMS_SETTINGS, detector: bool = False) -> str:
     langs = ", ".join(repr(x) for x in lang_list)
     call = "".join(f", {k}={v!r}" for k, v in readtext_kwargs.items())
     settings = (f"\n`{call[2:]}`: {settings_from or 'the detector settings given to the export'}, where they "
@@ -278,10 +280,11 @@ def _readme(name: str, lang_list: Sequence[str], loaded: LoadedRecognizer, readt
 
 Exported by `kocr export-easyocr` from {provenance} ({len(loaded.charset)} characters, imgH {loaded.config.imgH}).
 
-Copy into EasyOCR's folders and load it by name:
+Copy into EasyOCR's folders (made here, for a machine where EasyOCR has not run yet) and load it by name:
 
 ```
-cp model/{name}.pth ~/.EasyOCR/model/
+mkdir -p ~/.EasyOCR/model ~/.EasyOCR/user_network
+cp model/{name}.pth{f" model/{DETECTOR}" if detector else ""} ~/.EasyOCR/model/
 cp user_network/{name}.py user_network/{name}.yaml ~/.EasyOCR/user_network/
 ```
 
