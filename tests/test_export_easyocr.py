@@ -535,3 +535,19 @@ def test_the_readmes_copy_commands_install_the_bundle_on_a_machine_without_easyo
         assert sorted(p.name for p in (home / ".EasyOCR" / folder).iterdir()) == shipped
     assert ((home / ".EasyOCR" / "model" / DETECTOR).is_file()) == with_detector
 
+
+def test_a_charset_holding_next_line_u0085_reads_back_from_the_bundle_yaml(tmp_path):
+    """Was: PyYAML writes U+0085 (NEL, the C1 line break; Latin-1-decoded CP1252 text turns an ellipsis
+    into it) unescaped with allow_unicode, and its reader folds it to a space: EasyOCR read that class
+    as " ", and with a space in the charset too the platform refused its own bundle (a repeated character)."""
+    from training.charset import Charset
+    from training.checkpoint import save_checkpoint
+    from training.model import Recognizer, RecognizerConfig
+
+    charset = Charset(Charset.named("english_g2").chars + "\x85\u2028가", "nel")
+    path = tmp_path / "nel.pt"
+    save_checkpoint(path, Recognizer(RecognizerConfig(num_class=charset.num_class)), charset)
+    export_easyocr(str(path), tmp_path / "b", "ko_nel")
+    text = (tmp_path / "b" / "user_network" / "ko_nel.yaml").read_text(encoding="utf8")
+    assert yaml.load(text, Loader=yaml.FullLoader)["character_list"] == charset.chars  # as easyocr.Reader reads it
+    assert load_recognizer(str(tmp_path / "b")).charset == charset

@@ -131,9 +131,11 @@ def write_bundle(loaded: LoadedRecognizer, out: str | os.PathLike, name: str,
     # the whole bundle written in a folder beside --out, which it replaces in one rename: a kill or a
     # full disk never leaves a new .pth beside an earlier export's yaml and README (a bundle that fails
     # to load, or loads under another model's provenance); renaming the files in one after another did
+    network = yaml.safe_dump(config, allow_unicode=True, sort_keys=False)
+    if yaml.safe_load(network) != config:  # PyYAML writes U+0085 (NEL) raw there, and reads it back as a space
+        network = yaml.safe_dump(config, sort_keys=False)  # every character outside ASCII escaped
     texts = {"py": network_source(),
-             "yaml": f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n"
-                     + yaml.safe_dump(config, allow_unicode=True, sort_keys=False),
+             "yaml": f"# exported by kocr export-easyocr from {' '.join(provenance.split())}\n" + network,
              "readme": _readme(name, lang_list, loaded, readtext_kwargs or {}, provenance, settings_from,
                                keep_detector)}
     with replaced_folder(out) as stage:
