@@ -179,6 +179,11 @@ def test_parity_report_on_every_ground_truth_crop(bundle, hangul_checkpoint, sam
     ("standard", "one of EasyOCR's own models"),
     ("test", "already an importable module"),  # the standard library's test package would be imported
     ("ko-ocr", "must be a Python identifier"),
+    # was exported: model/NAME.pth is the file of EasyOCR's own model, which --with-detector copied over the
+    # recogniser's weights (craft_mlt_25k), or which replaces (and is replaced by) korean_g1's korean.pth in
+    # ~/.EasyOCR/model, EasyOCR deleting the file whose checksum is not its own and downloading its own
+    ("craft_mlt_25k", "the file of EasyOCR's own craft model"),
+    ("korean", "the file of EasyOCR's own korean_g1 model"),
 ])
 def test_a_bundle_name_easyocr_would_not_load_as_this_bundle_is_refused(hangul_checkpoint, tmp_path, name, words):
     with pytest.raises(ExportError, match=words):
