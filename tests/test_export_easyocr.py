@@ -184,6 +184,9 @@ def test_parity_report_on_every_ground_truth_crop(bundle, hangul_checkpoint, sam
     # ~/.EasyOCR/model, EasyOCR deleting the file whose checksum is not its own and downloading its own
     ("craft_mlt_25k", "the file of EasyOCR's own craft model"),
     ("korean", "the file of EasyOCR's own korean_g1 model"),
+    # was exported: on macOS and Windows Korean_G2.pth is korean_g2.pth in ~/.EasyOCR/model
+    ("Korean_G2", "ignores case.*korean_g2.pth.*EasyOCR's own korean_g2 model"),
+    ("CRAFT_mlt_25k", "ignores case.*EasyOCR's own craft model"),
 ])
 def test_a_bundle_name_easyocr_would_not_load_as_this_bundle_is_refused(hangul_checkpoint, tmp_path, name, words):
     with pytest.raises(ExportError, match=words):

@@ -199,8 +199,9 @@ def check_out(out: str | os.PathLike, name: str) -> None:
 def check_bundle_name(name: str) -> None:
     """ExportError unless EasyOCR would load ``name`` as this bundle: a Python identifier that is
     neither one of EasyOCR's own models (it would load its stock .pth, checked by md5, and ignore
-    the bundle's network), nor the name of one of their files (``korean`` is korean_g1's ``korean.pth``,
-    ``craft_mlt_25k`` the detector's, which ``--with-detector`` copied over the recogniser), nor a
+    the bundle's network), nor the name of one of their files, in any case (``korean`` is korean_g1's
+    ``korean.pth``, ``craft_mlt_25k`` the detector's, which ``--with-detector`` copied over the recogniser;
+    ``Korean_G2.pth`` is ``korean_g2.pth`` on macOS and Windows), nor a
     module already importable (EasyOCR appends the user_network folder to the end of sys.path, so
     ``test`` or ``string`` would import the standard library's)."""
     import importlib.util
@@ -213,12 +214,16 @@ def check_bundle_name(name: str) -> None:
     if name == "standard" or name in recognition_models["gen1"] or name in recognition_models["gen2"]:
         raise ExportError(f"bundle name {name!r} is one of EasyOCR's own models: easyocr.Reader would load its "
                           f"stock {name}.pth (or download it) and ignore this bundle; pick another, e.g. ko_ocr")
-    files = {model["filename"]: key for models in (recognition_models["gen1"], recognition_models["gen2"],
-                                                    detection_models) for key, model in models.items()}
-    if f"{name}.pth" in files:
-        raise ExportError(f"bundle name {name!r}: model/{name}.pth is the file of EasyOCR's own {files[name + '.pth']} "
-                          "model; in one model folder each replaces the other, and easyocr.Reader deletes the file "
-                          "whose checksum is not its model's and downloads its own; pick another, e.g. ko_ocr")
+    # keyed in lower case: on a file system that ignores case (macOS, Windows) Korean_G2.pth is korean_g2.pth
+    files = {model["filename"].lower(): (key, model["filename"]) for models in (
+        recognition_models["gen1"], recognition_models["gen2"], detection_models) for key, model in models.items()}
+    if f"{name}.pth".lower() in files:
+        key, file = files[f"{name}.pth".lower()]
+        where = "" if file == f"{name}.pth" else \
+            f" (on a file system that ignores case, as macOS and Windows do: {file})"
+        raise ExportError(f"bundle name {name!r}: model/{name}.pth is{where} the file of EasyOCR's own {key} model; "
+                          "in one model folder each replaces the other, and easyocr.Reader deletes the file whose "
+                          "checksum is not its model's and downloads its own; pick another, e.g. ko_ocr")
     try:
         spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
