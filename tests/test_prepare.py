@@ -659,7 +659,8 @@ def test_ctrl_c_as_the_cropping_processes_start_ends_prepare_with_one_line(tmp_p
 
 
 SIGTERM_TO_THE_WORKERS_AS_THEY_CROP = """
-import json, os, signal, sys, time
+import sys
+from tests.stops import stop_workers_then_command
 from training.data import prepare
 from kocr.cli import main
 
@@ -670,14 +671,7 @@ def ordered_map(func, items, pool, *args, **kwargs):
     for result in real(func, items, pool, *args, **kwargs):
         if func is prepare._crop_page and pool is not None and not sent:  # the first page is cropped
             sent.append(True)
-            workers = list(pool._processes)
-            for pid in workers:  # as GNU timeout's SIGTERM to the group reaches them
-                os.kill(pid, signal.SIGTERM)
-            time.sleep(1)
-            with open("alive.json", "w") as fh:
-                json.dump([os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1]
-                           .split()[0] != "Z" for pid in workers], fh)
-            os.kill(os.getpid(), signal.SIGTERM)  # and the command: kocr ends it as an exit, status 143
+            stop_workers_then_command(list(pool._processes))
         yield result
 
 

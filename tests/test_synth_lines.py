@@ -1136,7 +1136,8 @@ def test_ctrl_c_on_kocr_in_a_shell_loop_stops_the_loop(tmp_path):
 
 
 SIGTERM_TO_THE_WORKERS_AS_THEY_RENDER = """
-import json, multiprocessing, os, signal, sys, time
+import multiprocessing, os, sys
+from tests.stops import stop_workers_then_command
 from training.data import synth_lines
 from kocr.cli import main
 
@@ -1146,14 +1147,7 @@ real = synth_lines.iter_samples
 def iter_samples(config, start=0, stop=None, workers=None):
     for i, sample in enumerate(real(config, start, stop, workers), start=start):
         if i == int(os.environ["KILL_AT"]):  # a sample past the first commit is drawn
-            workers = [p.pid for p in multiprocessing.active_children()]
-            for pid in workers:  # as GNU timeout's SIGTERM to the group reaches them
-                os.kill(pid, signal.SIGTERM)
-            time.sleep(1)
-            with open("alive.json", "w") as fh:
-                json.dump([os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1]
-                           .split()[0] != "Z" for pid in workers], fh)
-            os.kill(os.getpid(), signal.SIGTERM)  # and the command: kocr ends it as an exit, status 143
+            stop_workers_then_command([p.pid for p in multiprocessing.active_children()])
         yield sample
 
 
