@@ -472,10 +472,9 @@ def test_torchrun_two_gloo_processes_train_one_tracked_model(prepared, tmp_path)
                             "use_tuned": True, "tuned_params": str(tmp_path / "best.yaml")})
     params["model"].update({"output_channel": 32, "hidden_size": 32})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-test"}
+    env = _ddp_env("ddp-test")
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out", "--metrics", "m.json",
+        [*TORCHRUN_TRAIN, "--data", str(prepared), "--out", "out", "--metrics", "m.json",
          "--plots", "plots", "--resume"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -505,7 +504,7 @@ def test_train_processes_2_runs_kocr_train_under_torchrun_as_one_tracked_job(pre
     starts itself under torchrun with two gloo ranks; one train run, of the global batch; the relaunch
     exits with the job's status (2 for a refused input, where torchrun itself exits 1)."""
     _tiny_project(prepared, tmp_path, steps=4, val_every=2, checkpoint_every=2, processes=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "processes-2"}
+    env = _ddp_env("processes-2")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "KOCR_PARAMS"):
         env.pop(name, None)
     args = [sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out", "--metrics", "m.json",
@@ -627,11 +626,10 @@ def test_an_error_every_rank_makes_is_said_once_under_torchrun(prepared, tmp_pat
         txn.put(b"num-samples", b"abc")
     env.close()
     _tiny_project(prepared, tmp_path, steps=2, val_every=2)
-    env_vars = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-test"}
+    env_vars = _ddp_env("ddp-test")
     env_vars.pop("KOCR_TRACEBACK", None)
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kocr.cli", "train", "--data", str(data), "--out", "out"],
+        [*TORCHRUN_TRAIN, "--data", str(data), "--out", "out"],
         cwd=tmp_path, env=env_vars, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert done.stderr.count("kocr train: error:") == 1, done.stderr[-3000:]
@@ -641,11 +639,10 @@ def test_an_error_every_rank_makes_is_said_once_under_torchrun(prepared, tmp_pat
 def test_a_params_mistake_every_rank_reads_is_said_once_under_torchrun(tmp_path):
     """Said before train() starts (no process group yet): rank 0 says it, rank 1 exits 2 without a word."""
     (tmp_path / "params.yaml").write_text("train: {lr: 0}\n", encoding="utf-8")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-test"}
+    env = _ddp_env("ddp-test")
     env.pop("KOCR_PARAMS", None)
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kocr.cli", "train", "--data", "absent", "--out", "out"],
+        [*TORCHRUN_TRAIN, "--data", "absent", "--out", "out"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     assert done.stderr.count("kocr train: error:") == 1, done.stderr[-3000:]
@@ -680,6 +677,15 @@ def test_a_params_mistake_of_one_rank_only_is_said_by_that_rank(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+TORCHRUN_TRAIN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                  "-m", "kocr.cli", "train"]  # a 2-rank gloo job on CPU; its arguments follow
+
+
+def _ddp_env(pipeline_id: str) -> dict[str, str]:
+    """A kocr subprocess's environment under the pipeline key ``pipeline_id``, at one thread (torchrun's per rank)."""
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": pipeline_id}
+
+
 def _first_state(proc: subprocess.Popen, state: Path) -> Path:
     """``state`` once the training ``proc`` has saved it (within 240 s, else fail with its stderr)."""
     deadline = time.monotonic() + 240
@@ -702,10 +708,9 @@ def _train_run(pipeline_key: str):
 def test_a_sigtermed_torchrun_job_ends_its_mlflow_runs_instead_of_leaving_them_running(prepared, tmp_path):
     """timeout, kill and docker stop SIGTERM torchrun, which SIGTERMs its ranks: rank 0 ends its runs."""
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-sigterm"}
+    env = _ddp_env("ddp-sigterm")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
+        [*TORCHRUN_TRAIN, "--data", str(prepared), "--out", "out"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
     proc.send_signal(signal.SIGTERM)
@@ -720,10 +725,9 @@ def test_the_ranks_of_a_sigkilled_torchrun_stop_instead_of_training_on_as_orphan
     import psutil
 
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-sigkill"}
+    env = _ddp_env("ddp-sigkill")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
+        [*TORCHRUN_TRAIN, "--data", str(prepared), "--out", "out"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ranks = []
     try:
@@ -745,7 +749,7 @@ def test_the_ranks_of_a_sigkilled_torchrun_stop_instead_of_training_on_as_orphan
 def test_ctrl_c_ends_kocr_train_with_one_line_its_state_kept_and_its_run_killed(prepared, tmp_path):
     """Was: a full KeyboardInterrupt traceback after the handlers had run."""
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ctrl-c"}
+    env = _ddp_env("ctrl-c")
     # SIGINT at its default, as at a terminal (where pytest runs as a script's job it is ignored, and so
     # it would be in the child)
     proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
@@ -771,7 +775,7 @@ def test_a_stop_that_reaches_the_dataloader_workers_first_still_ends_kocr_train_
     import psutil
 
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2, num_workers=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "stop-workers"}
+    env = _ddp_env("stop-workers")
     proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
@@ -808,10 +812,9 @@ def test_a_stop_that_reaches_the_dataloader_workers_first_still_ends_kocr_train_
 def test_ctrl_c_to_torchrun_says_interrupted_once_not_once_per_rank(prepared, tmp_path):
     """torchrun passes Ctrl-C (SIGINT) on to every rank: each printed 'kocr train: interrupted'."""
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": "ddp-ctrl-c"}
+    env = _ddp_env("ddp-ctrl-c")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
+        [*TORCHRUN_TRAIN, "--data", str(prepared), "--out", "out"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
     _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
