@@ -702,3 +702,49 @@ def test_sigterm_to_the_group_as_pages_are_cropped_ends_prepare_with_143_not_a_h
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "out" / "manifest.json").exists()  # stopped, not finished
+
+
+SIGKILL_TO_A_WORKER_AS_THEY_CROP = """
+import os, signal, sys
+from training.data import prepare
+from kocr.cli import main
+
+real, sent = prepare.ordered_map, []
+
+
+def ordered_map(func, items, pool, *args, **kwargs):
+    for result in real(func, items, pool, *args, **kwargs):
+        if func is prepare._crop_page and pool is not None and not sent:  # the first page is cropped
+            sent.append(True)
+            os.kill(sorted(pool._processes)[0], signal.SIGKILL)  # as the OOM killer, or a crash in a decoder
+        yield result
+
+
+prepare.ordered_map = ordered_map
+sys.argv = ["kocr", *sys.argv[1:]]
+sys.exit(main())
+"""
+
+
+def test_a_cropping_worker_killed_fails_prepare_instead_of_hanging(tmp_path):
+    """A worker killed mid-run (the OOM killer, a crash in a decoder) breaks the pool. The executor ends the
+    other workers with SIGTERM, which they keep blocked (_start_pool): was, its manager thread waited on
+    them for ever (one blocked on the queue lock the dead one held, or on sending crops nobody read) and
+    ``kocr prepare-aihub`` hung in the pool's shutdown instead of failing."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    generate_pages(tmp_path / "src", count=40, seed=5, fonts=FONTS[:1], width=W, height=H, progress=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml")}
+    try:
+        proc = subprocess.run([sys.executable, "-c", SIGKILL_TO_A_WORKER_AS_THEY_CROP, "prepare-aihub", "--src",
+                               "src", "--out", "out", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=150)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"kocr prepare-aihub hung after a worker was killed: {str(exc.stderr)[-2000:]}")
+    assert proc.returncode != 0, proc.stderr[-3000:]
+    assert "BrokenProcessPool" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "out" / "manifest.json").exists()

@@ -1136,7 +1136,7 @@ def test_ctrl_c_on_kocr_in_a_shell_loop_stops_the_loop(tmp_path):
 
 
 SIGTERM_TO_THE_WORKERS_AS_THEY_RENDER = """
-import multiprocessing, os, sys
+import multiprocessing, os, signal, sys
 from tests.stops import stop_workers_then_command
 from training.data import synth_lines
 from kocr.cli import main
@@ -1147,7 +1147,11 @@ real = synth_lines.iter_samples
 def iter_samples(config, start=0, stop=None, workers=None):
     for i, sample in enumerate(real(config, start, stop, workers), start=start):
         if i == int(os.environ["KILL_AT"]):  # a sample past the first commit is drawn
-            stop_workers_then_command([p.pid for p in multiprocessing.active_children()])
+            workers = [p.pid for p in multiprocessing.active_children()]
+            if os.environ.get("STOP") == "kill-one":  # the OOM killer, or a crash in a renderer
+                os.kill(min(workers), signal.SIGKILL)
+            else:
+                stop_workers_then_command(workers)
         yield sample
 
 
@@ -1208,3 +1212,27 @@ def test_sigterm_to_the_group_as_workers_render_ends_synth_lines_with_143_and_a_
     generate_lines(tmp_path / "ref", config, progress=False)
     assert lmdb_digest(tmp_path / "lines") == lmdb_digest(tmp_path / "ref")
     assert (tmp_path / "lines" / "manifest.tsv").read_bytes() == (tmp_path / "ref" / "manifest.tsv").read_bytes()
+
+
+def test_a_render_worker_killed_fails_synth_lines_instead_of_hanging(tmp_path):
+    """A worker killed mid-run breaks the pool; the executor ends the others with SIGTERM, which they keep
+    blocked: was, ``kocr synth-lines`` then hung in the pool's shutdown instead of failing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml"), "KILL_AT": "20",
+           "STOP": "kill-one"}
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_TO_THE_WORKERS_AS_THEY_RENDER, "synth-lines", "--out",
+                             "lines", "--count", "2000", "--seed", "3", "--workers", "2"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("kocr synth-lines hung after a worker was killed: " + proc.communicate()[1][-3000:])
+    assert proc.returncode not in (0, 143), err[-3000:]
+    assert "BrokenProcessPool" in err or "terminated abruptly" in err, err[-3000:]

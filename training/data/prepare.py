@@ -53,7 +53,7 @@ from kocr.atomic import set_lock, sweep_stale, write_json
 from kocr.dvc_hashes import dvc_record
 from kocr.params import check_keys, require, typed
 from training.charset import Charset
-from training.data.workers import ordered_map, start_pool
+from training.data.workers import end_pool, ordered_map, start_pool
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page, unscored
 from training.data.pixels import mend, note_pixels
@@ -791,7 +791,7 @@ def _prepare(src: Path, out: Path, config: PrepareConfig, progress: bool) -> dic
             state = _write_shards(out, plan, config, run_keys, pool, progress)
         finally:
             if pool is not None:
-                pool.shutdown(cancel_futures=True)
+                end_pool(pool)
             _WORKER.clear()
             _WORKER.update(saved)
 

@@ -53,7 +53,7 @@ from training.data.fonts import DEFAULT_FONT_DIRS, FontFace, covers, find_fonts,
 from training.data.lexicon import draw_token, is_hangul, load_lexicon
 from training.data.lmdb_store import LMDB_FILES, LmdbWriter
 from training.data.set_key import generator_key
-from training.data.workers import ordered_map, start_pool
+from training.data.workers import end_pool, ordered_map, start_pool
 
 DISTORTIONS = ("none", "sine", "cosine", "random")
 FORMATS = ("png", "jpg")
@@ -822,7 +822,7 @@ def iter_samples(config: LinesConfig, start: int = 0, stop: int | None = None,
     try:
         yield from ordered_map(_render_in_worker, indices, pool, chunk=chunk, window=4 * workers)
     finally:
-        pool.shutdown(cancel_futures=True)
+        end_pool(pool)
 
 
 def check_sources(config: LinesConfig) -> None:

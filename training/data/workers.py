@@ -10,6 +10,7 @@ or holding the result queue's lock that ``Pool.terminate`` then waited on (a ``m
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -52,8 +53,7 @@ def _start_worker(main_pid: int, initializer: Callable[..., None], initargs: tup
 def start_pool(workers: int, initializer: Callable[..., None], initargs: tuple,
                preload: Sequence[str] = ()) -> ProcessPoolExecutor:
     """``workers`` processes, all started here, out of the reach of Ctrl-C and SIGTERM; each runs
-    ``initializer(*initargs)`` first. The caller shuts the pool down (``shutdown(cancel_futures=True)``),
-    on every way out. Was (prepare-aihub): a Ctrl-C in the first seconds also printed the forkserver's
+    ``initializer(*initargs)`` first. The caller shuts the pool down (:func:`end_pool`) on every way out. Was (prepare-aihub): a Ctrl-C in the first seconds also printed the forkserver's
     KeyboardInterrupt traceback (it was importing the preloaded module), or a worker's, or that of a worker
     still starting as the command exited (FileNotFoundError); and a SIGTERM to the group hung the command.
 
@@ -83,7 +83,7 @@ def start_pool(workers: int, initializer: Callable[..., None], initargs: tuple,
         pool.submit(int)
     except BaseException:
         if pool is not None:
-            pool.shutdown(cancel_futures=True)
+            end_pool(pool)
         raise
     finally:
         if mask is not None:
@@ -94,9 +94,22 @@ def start_pool(workers: int, initializer: Callable[..., None], initargs: tuple,
         try:
             signal.raise_signal(caught[0])
         except BaseException:
-            pool.shutdown(cancel_futures=True)
+            end_pool(pool)
             raise
     return pool
+
+
+def end_pool(pool: ProcessPoolExecutor) -> None:
+    """Shut down a pool :func:`start_pool` made; a broken one (a worker SIGKILLed, OOM-killed or crashed)
+    has its remaining workers SIGKILLed first. The executor ends those with SIGTERM, which they keep
+    blocked: was, its manager thread waited on them for ever (one blocked on the queue lock the dead
+    worker held, or on sending results nobody read), and the command hung here instead of failing with
+    BrokenProcessPool (found by h175 in prepare-aihub)."""
+    if getattr(pool, "_broken", False):
+        for process in list((getattr(pool, "_processes", None) or {}).values()):
+            with contextlib.suppress(Exception):
+                process.kill()
+    pool.shutdown(cancel_futures=True)
 
 
 def _run_batch(func: Callable, batch: list) -> list:
