@@ -1,8 +1,8 @@
 """Word images per second of `kocr synth-lines` (render, degrade, encode, LMDB write) by worker count.
 
 Uses the ``synth_lines:`` section of params.yaml with ``--count`` and each ``--workers`` value; fonts
-and the lexicon are loaded once before timing (forked workers inherit them), so the figure is the
-steady generation rate including the process pool's start. Also checks that every worker count
+and the lexicon are loaded once in this process before timing; the render workers (forkserver) load
+their own, about a second, so the figure is the generation rate including the process pool's start. Also checks that every worker count
 wrote the same set (sha256 of data.mdb).
 
     .venv/bin/python bench/synth_speed.py --count 5000 --workers 1 2
@@ -23,14 +23,25 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
+
 from kocr.params import load_params
 from training.data.synth_lines import LinesConfig, _context, generate_lines
 
 
 def _cpu_seconds() -> float:
-    """User + system CPU time of this process and its finished children (the pool's workers)."""
+    """User + system CPU time of this process and its workers. The render workers are the forkserver's
+    children (training.data.workers.start_pool), reaped by it, so RUSAGE_CHILDREN never sees them: their
+    time is the forkserver's children time, read with its own while it runs."""
     own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    total = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    for child in psutil.Process().children():  # the forkserver and the resource tracker
+        try:
+            times = child.cpu_times()
+        except psutil.Error:  # ended meanwhile
+            continue
+        total += times.user + times.system + times.children_user + times.children_system
+    return total
 
 
 def main() -> None:

@@ -142,3 +142,23 @@ def test_the_prepare_memory_benchmark_also_measures_a_folder_of_generated_pages(
     assert runs["12"]["crops"] == 2 * runs["6"]["crops"] > 0  # the same pages twice over: real crops
     for run in runs.values():
         assert 0 < run["peak_rss_main_mb"] < run["peak_rss_all_processes_mb"] and run["peak_rss_worker_mb"] > 0
+
+
+def test_the_synth_benchmark_counts_the_cpu_time_of_its_render_workers(tmp_path):
+    """synth_speed's CPU seconds are "this process and its workers". The render workers are the forkserver's
+    children (training.data.workers.start_pool), which RUSAGE_CHILDREN never sees: a 2-worker run was
+    counted at a fraction of the CPU that rendering the same samples in-process takes."""
+    from kocr.params import load_params, section
+    from training.data.synth_lines import LinesConfig, _context, generate_lines
+
+    cpu_seconds = _bench("synth_speed")._cpu_seconds
+    params = section(load_params(REPO / "params.yaml"), "synth_lines")
+    spent = {}
+    for workers in (1, 2):
+        config = LinesConfig.from_params(params, count=300, seed=1, workers=workers, contact_sheet=0)
+        _context(config)
+        start = cpu_seconds()
+        generate_lines(tmp_path / f"w{workers}", config, progress=False)
+        spent[workers] = cpu_seconds() - start
+    # the same 300 samples rendered by two workers cost at least most of what one process spends on them
+    assert spent[2] >= 0.8 * spent[1], spent
