@@ -307,26 +307,34 @@ def test_an_empty_image_is_reported_by_set_and_sample_not_as_an_opencv_assertion
         ds.size(1)  # the header read falls back to decoding
 
 
-def test_a_png_cut_short_is_refused_by_the_start_scan_not_when_its_batch_comes_up(tmp_path):
-    # its header still reads, so the start scan (headers and digests only) passed it and OpenCV stopped
-    # training when its batch came up, many steps in, where a set repaired is another set to --resume
+def _refused_by_the_start_scan(tmp_path: Path, whole: bytes, with_tail: bytes, cut: bytes, shape: tuple[int, int],
+                               kind: str) -> None:
+    """A set of ``whole``, ``with_tail`` (bytes after the image's end: whole still) and ``cut`` (cut short): the
+    second decodes and passes; the third, whose header still reads, is what training met mid-run, and the
+    start scan (headers and digests only) now refuses it, naming it a ``kind`` cut short."""
     from training.charset import Charset
     from training.crops import CropDataset
 
-    whole = [_png(image) for image in _images()]
     with LmdbWriter(tmp_path / "set") as writer:
-        writer.add(whole[0], "서울")
-        writer.add(whole[1] + b"\0" * 100, "부산")  # bytes after IEND: a whole image still
-        writer.add(whole[2][: len(whole[2]) * 2 // 3], "대구")
+        writer.add(whole, "서울")
+        writer.add(with_tail, "부산")
+        writer.add(cut, "대구")
     ds = LmdbDataset(tmp_path / "set")
-    assert ds[1][0].shape == (31, 45) and ds.size(1) == (31, 45)
+    assert ds[1][0].shape == shape and ds.size(1) == shape
     with pytest.raises(ValueError, match="sample 3 holds an undecodable image"):  # what training met, mid-run
         ds[2]
-    with pytest.raises(ValueError, match=r"set: sample 3 holds a PNG cut short"):
+    with pytest.raises(ValueError, match=rf"set: sample 3 holds a {kind} cut short \("):
         CropDataset(ds, Charset.named("korean_g2"))
-    with pytest.raises(ValueError, match=r"set: sample 3 holds a PNG cut short"):
+    with pytest.raises(ValueError, match=rf"set: sample 3 holds a {kind} cut short \("):
         ds.size(2)
 
+
+def test_a_png_cut_short_is_refused_by_the_start_scan_not_when_its_batch_comes_up(tmp_path):
+    # its header still reads, so the start scan (headers and digests only) passed it and OpenCV stopped
+    # training when its batch came up, many steps in, where a set repaired is another set to --resume
+    whole = [_png(image) for image in _images()]
+    _refused_by_the_start_scan(tmp_path, whole[0], whole[1] + b"\0" * 100, whole[2][: len(whole[2]) * 2 // 3],
+                               (31, 45), "PNG")  # bytes after IEND: a whole image still
 
 
 def _jpeg(image: np.ndarray, **pil_options) -> bytes:
@@ -344,23 +352,9 @@ def test_a_jpeg_cut_short_is_refused_by_the_start_scan_not_when_its_batch_comes_
     # its header still reads, so the start scan passed it, and OpenCV's imdecode returns None for it: training
     # stopped with "undecodable image" when its batch came up, many steps in (a repaired set is another set to
     # --resume). Bytes after the EOI (motion photos, camera trailers) keep an image whole.
-    from training.charset import Charset
-    from training.crops import CropDataset
-
-    photo = np.tile(np.linspace(0, 255, 90, dtype=np.uint8), (40, 1))
-    whole = _jpeg(photo)
-    with LmdbWriter(tmp_path / "set") as writer:
-        writer.add(whole, "서울")
-        writer.add(whole + MOTION_PHOTO_TAIL, "부산")
-        writer.add(whole[: len(whole) * 6 // 10], "대구")  # a partial download
-    ds = LmdbDataset(tmp_path / "set")
-    assert ds[1][0].shape == (40, 90) and ds.size(1) == (40, 90)  # the trailer: decoded, and passed
-    with pytest.raises(ValueError, match="sample 3 holds an undecodable image"):  # what training met, mid-run
-        ds[2]
-    with pytest.raises(ValueError, match=r"set: sample 3 holds a JPEG cut short \(truncated"):
-        CropDataset(ds, Charset.named("korean_g2"))
-    with pytest.raises(ValueError, match=r"set: sample 3 holds a JPEG cut short \(truncated"):
-        ds.size(2)
+    whole = _jpeg(np.tile(np.linspace(0, 255, 90, dtype=np.uint8), (40, 1)))
+    _refused_by_the_start_scan(tmp_path, whole, whole + MOTION_PHOTO_TAIL, whole[: len(whole) * 6 // 10], (40, 90),
+                               "JPEG")  # the last: a partial download
 
 
 def test_jpeg_cut_short_at_any_length_and_whole_with_any_tail():

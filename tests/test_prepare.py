@@ -658,8 +658,8 @@ def test_ctrl_c_as_the_cropping_processes_start_ends_prepare_with_one_line(tmp_p
     assert not left, left
 
 
-SIGTERM_TO_THE_WORKERS_AS_THEY_CROP = """
-import sys
+STOP_THE_WORKERS_AS_THEY_CROP = """
+import os, signal, sys
 from tests.stops import stop_workers_then_command
 from training.data import prepare
 from kocr.cli import main
@@ -671,7 +671,10 @@ def ordered_map(func, items, pool, *args, **kwargs):
     for result in real(func, items, pool, *args, **kwargs):
         if func is prepare._crop_page and pool is not None and not sent:  # the first page is cropped
             sent.append(True)
-            stop_workers_then_command(list(pool._processes))
+            if os.environ["STOP"] == "kill-one":  # as the OOM killer, or a crash in a decoder
+                os.kill(sorted(pool._processes)[0], signal.SIGKILL)
+            else:
+                stop_workers_then_command(list(pool._processes))
         yield result
 
 
@@ -679,6 +682,25 @@ prepare.ordered_map = ordered_map
 sys.argv = ["kocr", *sys.argv[1:]]
 sys.exit(main())
 """
+
+
+def _prepare_stopped(tmp_path: Path, pages: int, stop: str, timeout: float):
+    """``kocr prepare-aihub --workers 2`` on ``pages`` generated pages, its workers stopped (``stop``: SIGTERM
+    to them all and then to the command, or ``kill-one``) once the first page is cropped; the finished process."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    generate_pages(tmp_path / "src", count=pages, seed=5, fonts=FONTS[:1], width=W, height=H, progress=False)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml"), "STOP": stop}
+    try:
+        return subprocess.run([sys.executable, "-c", STOP_THE_WORKERS_AS_THEY_CROP, "prepare-aihub", "--src", "src",
+                               "--out", "out", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"kocr prepare-aihub hung after its workers were stopped ({stop}): {str(exc.stderr)[-2000:]}")
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads the workers' state in /proc")
@@ -687,43 +709,11 @@ def test_sigterm_to_the_group_as_pages_are_cropped_ends_prepare_with_143_not_a_h
     the cropping workers died by it, and one killed while it sent its crops back left the pool's result
     reader waiting for the rest of that message for ever: ``kocr prepare-aihub`` hung in the pool's
     shutdown, its MLflow run RUNNING. The workers now leave SIGTERM to the command, which ends them."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    generate_pages(tmp_path / "src", count=6, seed=5, fonts=FONTS[:1], width=W, height=H, progress=False)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml")}
-    proc = subprocess.run([sys.executable, "-c", SIGTERM_TO_THE_WORKERS_AS_THEY_CROP, "prepare-aihub", "--src",
-                           "src", "--out", "out", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = _prepare_stopped(tmp_path, 6, "sigterm", timeout=300)
     assert json.loads((tmp_path / "alive.json").read_text()) == [True, True], proc.stderr[-3000:]
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "out" / "manifest.json").exists()  # stopped, not finished
-
-
-SIGKILL_TO_A_WORKER_AS_THEY_CROP = """
-import os, signal, sys
-from training.data import prepare
-from kocr.cli import main
-
-real, sent = prepare.ordered_map, []
-
-
-def ordered_map(func, items, pool, *args, **kwargs):
-    for result in real(func, items, pool, *args, **kwargs):
-        if func is prepare._crop_page and pool is not None and not sent:  # the first page is cropped
-            sent.append(True)
-            os.kill(sorted(pool._processes)[0], signal.SIGKILL)  # as the OOM killer, or a crash in a decoder
-        yield result
-
-
-prepare.ordered_map = ordered_map
-sys.argv = ["kocr", *sys.argv[1:]]
-sys.exit(main())
-"""
 
 
 def test_a_cropping_worker_killed_fails_prepare_instead_of_hanging(tmp_path):
@@ -731,20 +721,7 @@ def test_a_cropping_worker_killed_fails_prepare_instead_of_hanging(tmp_path):
     other workers with SIGTERM, which they keep blocked (_start_pool): was, its manager thread waited on
     them for ever (one blocked on the queue lock the dead one held, or on sending crops nobody read) and
     ``kocr prepare-aihub`` hung in the pool's shutdown instead of failing."""
-    import os
-    import subprocess
-    import sys
-
-    from tests.conftest import REPO
-
-    generate_pages(tmp_path / "src", count=40, seed=5, fonts=FONTS[:1], width=W, height=H, progress=False)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KOCR_PARAMS": str(REPO / "params.yaml")}
-    try:
-        proc = subprocess.run([sys.executable, "-c", SIGKILL_TO_A_WORKER_AS_THEY_CROP, "prepare-aihub", "--src",
-                               "src", "--out", "out", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
-                              text=True, timeout=150)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"kocr prepare-aihub hung after a worker was killed: {str(exc.stderr)[-2000:]}")
+    proc = _prepare_stopped(tmp_path, 40, "kill-one", timeout=150)
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert "BrokenProcessPool" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "out" / "manifest.json").exists()

@@ -519,14 +519,7 @@ def test_train_processes_2_runs_kocr_train_under_torchrun_as_one_tracked_job(pre
     assert run.data.params["global_batch_size"] == str(2 * TINY["batch_size"])
     assert run.data.params["train.processes"] == "2" and run.data.params["world_size"] == "2"
     # a damaged set, which the ranks find once they read it: said once, and the job's status, not torchrun's 1
-    import lmdb
-
-    data = tmp_path / "damaged"
-    shutil.copytree(prepared, data)
-    store = lmdb.open(str(lmdb_parts(data / "train")[0]))
-    with store.begin(write=True) as txn:
-        txn.put(b"num-samples", b"abc")
-    store.close()
+    data = _damaged_count(prepared, tmp_path / "damaged")
     bad = subprocess.run([*args[:5], str(data), "--out", "out2"], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=240)
     assert bad.stderr.count("kocr train: error:") == 1, bad.stderr[-3000:]
@@ -616,15 +609,20 @@ def test_a_rank_whose_peer_died_mid_run_says_so_in_one_line_not_gloos_traceback(
            "peer" in rank0.stderr, rank0.stderr[-3000:]
 
 
-def test_an_error_every_rank_makes_is_said_once_under_torchrun(prepared, tmp_path):
+def _damaged_count(prepared: Path, data: Path) -> Path:
+    """A copy of ``prepared`` at ``data`` whose train set's sample count is not a number (every rank reads it)."""
     import lmdb
 
-    data = tmp_path / "data"
     shutil.copytree(prepared, data)
-    env = lmdb.open(str(lmdb_parts(data / "train")[0]))
-    with env.begin(write=True) as txn:
+    store = lmdb.open(str(lmdb_parts(data / "train")[0]))
+    with store.begin(write=True) as txn:
         txn.put(b"num-samples", b"abc")
-    env.close()
+    store.close()
+    return data
+
+
+def test_an_error_every_rank_makes_is_said_once_under_torchrun(prepared, tmp_path):
+    data = _damaged_count(prepared, tmp_path / "data")
     _tiny_project(prepared, tmp_path, steps=2, val_every=2)
     env_vars = _ddp_env("ddp-test")
     env_vars.pop("KOCR_TRACEBACK", None)
