@@ -510,7 +510,8 @@ def _shard_name(n: int) -> str:
     return f"shard-{n:05d}"
 
 
-KEYED_MODULES = ("prepare.py", "sources.py", "pages.py", "pixels.py", "lmdb_store.py")  # code the crops come from
+KEYED_MODULES = ("prepare.py", "sources.py", "pages.py", "pixels.py", "lmdb_store.py",
+                 "workers.py")  # code the crops come from (workers.py: the order results come back in)
 
 
 def _run_keys(config: PrepareConfig, charset: Charset, plan: dict[str, list[PageMeta]]) -> dict[str, str]:
