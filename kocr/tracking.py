@@ -411,28 +411,29 @@ def stage_run(stage: str, params: dict[str, Any] | None = None, experiment: str 
                 status, stopped = ("KILLED", True) if interrupted(exc) else ("FAILED", False)
                 active = mlflow.active_run()
                 if active is not None and active.info.run_id == run.info.run_id:
-                    with _stop_goes_on(stopped, f"its {stage} run {run.info.run_id} could not be ended KILLED"):
+                    with stop_goes_on(stopped, f"its {stage} run {run.info.run_id} could not be ended KILLED"):
                         mlflow.end_run(status)  # leaves the active-run stack even when the store refuses
                 raise
     finally:
         # The parent is RUNNING while a stage runs; once the stage run has ended, its status follows
         # the stage runs (this one, and any other still running, e.g. a parallel tune worker).
-        with _stop_goes_on(stopped, f"its pipeline run {parent_id} could not be ended"):
+        with stop_goes_on(stopped, f"its pipeline run {parent_id} could not be ended"):
             _finish_parent(parent_id, status)
 
 
 @contextlib.contextmanager
-def _stop_goes_on(stopped: bool, what: str) -> Iterator[None]:
+def stop_goes_on(stopped: bool, what: str, who: str = "kocr") -> Iterator[None]:
     """While a SIGTERM or Ctrl-C stops the command (``stopped``), an error of the MLflow store inside the
-    block (busy, down) is said in one line instead of raised: raised, it replaced the stop, and the command
-    exited 2 instead of 143 (or dying by SIGINT). Without a stop the error is raised as it is."""
+    block (busy, down) is said in one line (``who: what (error)``) instead of raised: raised, it replaced the
+    stop, and the command exited 2 instead of 143 (or dying by SIGINT), and a tune worker failed its trial
+    without queueing the retry. Without a stop the error is raised as it is."""
     try:
         yield
     except Exception as error:
         if not stopped:
             raise
         detail = " ".join(str(error).split())[:300]  # one line, the SQL error too (after "raised as a result of ...")
-        print(f"kocr: {what} ({type(error).__name__}: {detail})", file=sys.stderr)
+        print(f"{who}: {what} ({type(error).__name__}: {detail})", file=sys.stderr)
 
 
 def _end_superseded(client: mlflow.MlflowClient, run_id: str, by: str) -> None:

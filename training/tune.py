@@ -688,7 +688,7 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
     """
     import mlflow
 
-    from kocr.tracking import inherit_inputs, interrupted, nested_stage_tags
+    from kocr.tracking import inherit_inputs, interrupted, nested_stage_tags, stop_goes_on
 
     key, direction = METRICS[config.metric]
     better = min if direction == "minimize" else max
@@ -757,7 +757,11 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
         raise
     finally:
         if run is not None:
-            try:
+            # a stop goes on whatever the MLflow store says (busy, down): raised, its error replaced the SIGTERM or
+            # Ctrl-C, so the worker failed the trial without queueing its retry (lost for good) and exited 2;
+            # retried_when_stopped fails and queues it, and its run is ended there if it can be
+            with stop_goes_on(stopped, f"trial {trial.number}: its MLflow run {run.info.run_id} could not be ended "
+                              "KILLED", who="tune"):
                 try:
                     if value is not None and math.isfinite(value):
                         # best_<metric>: the best value the metric reached, as the tune run names the study's best;
@@ -769,14 +773,6 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
                 finally:  # the trial's run is ended (and leaves the active-run stack) even if the store is full
                     mlflow.end_run("KILLED" if stopped else
                                    {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED"}.get(state, "FAILED"))
-            except Exception as error:
-                if not stopped:
-                    raise
-                # a stop goes on whatever the MLflow store says (busy, down): raised, this error replaced the
-                # SIGTERM or Ctrl-C, so the worker failed the trial without queueing its retry (lost for good)
-                # and exited 2. retried_when_stopped now fails and queues it; its run is ended there if it can be.
-                print(f"tune: trial {trial.number}: its MLflow run {run.info.run_id} could not be ended KILLED "
-                      f"({type(error).__name__}: {' '.join(str(error).split())[:300]})", file=sys.stderr)
     return state, value, note
 
 
