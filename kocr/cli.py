@@ -1151,10 +1151,8 @@ def _main(argv: list[str] | None, where: list[str]) -> int:
     status = 0
     try:
         with _terminate_as_exit(), warnings_as_lines(f"kocr {args.command}"), large_pages(f"kocr {args.command}"):  # one line for big scans, not one each
-            if args.func is cmd_train:  # its status is the torchrun job's when it started one (train.processes)
-                status = args.func(args) or 0
-            else:
-                args.func(args)
+            # None for a command that ran; kocr train's is the torchrun job's when it started one (train.processes)
+            status = args.func(args) or 0
     except (ModelSpecError, ArchitectureMismatch, ExportError, PageError, SynthConfigError,
             ScoreInputError, CropImportError, PrepareConfigError, SetBusyError, LmdbWriteError, UnreadableImage, ParamsError,
             OutFolderError, UnreadablePage, UnwritableCache,

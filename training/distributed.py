@@ -186,12 +186,7 @@ def run_under_torchrun(processes: int, argv: list[str]) -> int:
         previous = ({signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT)}
                     if threading.current_thread() is threading.main_thread() else {})
         try:
-            while True:
-                try:
-                    returncode = proc.wait()
-                    break
-                except InterruptedError:  # pragma: no cover - PEP 475 retries; kept for safety
-                    continue
+            returncode = proc.wait()  # a forwarded signal interrupts it only to run `forward` (PEP 475 retries)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
