@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -42,7 +42,7 @@ from evaluation.tesseract import (
 )
 from training.checkpoint import LoadedRecognizer, load_recognizer
 from kocr.params import check_keys, require, section, typed
-from training.data.pages import Page, crop_box, nfc, unscored, write_page
+from training.data.pages import Page, crop_box, nfc, on_image, unscored, write_page
 
 
 @dataclass(frozen=True)
@@ -116,20 +116,6 @@ def _page_digest(item: EvalPage) -> str:
     digest = hashlib.md5(json.dumps(item.page.to_dict(), sort_keys=True, ensure_ascii=False).encode())
     digest.update(item.image.read_bytes())
     return digest.hexdigest()
-
-
-def on_image(page: Page, grey_shape: tuple[int, int]) -> Page:
-    """``page`` with the size of the image the models read (``grey_shape``: height, width), which scoring
-    clamps boxes to. A label whose ``image.width``/``image.height`` differ from its image is kept by
-    ``prepare`` with its boxes clipped to the real image (``image_size_differs_from_json``); clamped to
-    the label's size instead, a word past it was ignored, its reading counted as a false positive, and a
-    word across it matched on the cut parts only.
-
-    >>> on_image(Page("p.png", 100, 50), (50, 200)).width
-    200
-    """
-    height, width = grey_shape[:2]
-    return page if (page.width, page.height) == (width, height) else replace(page, width=width, height=height)
 
 
 def gt_boxes(page: Page, grey_shape: tuple[int, int], margin: float) -> tuple[list[list[int]], list[str]]:
@@ -219,7 +205,8 @@ def evaluate_models(models: dict[str, str | LoadedRecognizer], pages: list[EvalP
     gt_pages: list[Page] = []
     for item in tqdm(pages, desc="evaluate", unit="page", disable=not progress):
         rgb, grey = load_image(item.image)
-        gt_pages.append(gt_page := on_image(item.page, grey.shape))  # boxes clamped to the image read, as prepare clamps
+        # boxes clamped to the image read, as prepare clamps them
+        gt_pages.append(gt_page := on_image(item.page, width=grey.shape[1], height=grey.shape[0]))
         detections = detector.detect(rgb) if detector is not None else ([], [])
         crop_boxes, gt_texts = gt_boxes(item.page, grey.shape, settings.add_margin)
         for label, engine in engines.items():

@@ -27,14 +27,14 @@ from pathlib import Path
 
 from rapidfuzz.distance import Levenshtein
 
-from training.data.pages import Page, Word, iter_page_files, nfc, read_page, unscored
+from training.data.pages import Page, Word, iter_page_files, nfc, on_image, read_page, unscored
 
 Corners = tuple[float, float, float, float]
 # Raised whenever a change to the scorer changes the scores of the same readings, so that promote
 # re-scores a champion scored the old way (evaluation.evaluate.scoring_hash). 2: boxes clamped to
 # the image, CLEval without inner whitespace. 3: ### words left out of the crop scores (cer, word_accuracy,
 # norm_ed), as they are of the end-to-end ones. 4: boxes clamped to the image read, not to the label's
-# image.width/height where they differ (evaluation.evaluate.on_image).
+# image.width/height where they differ (training.data.pages.on_image).
 SCORING_VERSION = 4
 _EPS = 1e-9  # IoU exactly at the threshold must match despite float rounding
 
@@ -241,7 +241,7 @@ def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
 
     A page is scored on its prediction's ``width``/``height`` where they differ from the label's: a
     prediction kocr writes (evaluate's ``--predictions``) holds the size of the image it read, which
-    ``evaluate`` scores on (``evaluation.evaluate.on_image``), so that both give a page whose label
+    ``evaluate`` scores on (``training.data.pages.on_image``), so that both give a page whose label
     misstates its image's size the same score.
     """
     gt_root, pred_root = Path(gt_dir), Path(pred_dir)
@@ -273,8 +273,8 @@ def score_folders(gt_dir: str | os.PathLike, pred_dir: str | os.PathLike,
         gt_page = read_page(gt_path)
         pred_page = read_page(pred_path) if pred_path is not None else None
         pred_words = pred_page.words if pred_page is not None else []
-        if pred_page is not None and (pred_page.width, pred_page.height) != (gt_page.width, gt_page.height):
-            gt_page = replace(gt_page, width=pred_page.width, height=pred_page.height)  # the image read
+        if pred_page is not None:
+            gt_page = on_image(gt_page, pred_page.width, pred_page.height)  # the image read
         missing += pred_path is None
         page_score = score_page(gt_page, pred_words, iou_threshold)
         scores.append(page_score)

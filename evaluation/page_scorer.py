@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import torch
 
-from evaluation.evaluate import EvalPage, on_image
+from evaluation.evaluate import EvalPage
 from evaluation.metrics import e2e_scores, score_page
 from evaluation.reader import Detector, DetectorSettings, Recognition, load_image, results_to_page
 from training.charset import Charset
 from training.checkpoint import LoadedRecognizer
+from training.data.pages import on_image
 from training.model import Recognizer
 
 
@@ -34,8 +35,9 @@ class PageSetScorer:
         self.items = []
         for item in pages:
             rgb, grey = load_image(item.image)
-            # scored on the image it reads, as evaluate scores it (evaluation.evaluate.on_image)
-            self.items.append((on_image(item.page, grey.shape), grey, detector.detect(rgb)))
+            # scored on the image it reads, as evaluate scores it (training.data.pages.on_image)
+            self.items.append((on_image(item.page, width=grey.shape[1], height=grey.shape[0]), grey,
+                               detector.detect(rgb)))
 
     def __call__(self, model: Recognizer, charset: Charset) -> dict[str, float]:
         was_training = model.training

@@ -237,11 +237,11 @@ def test_score_folders(tmp_path):
 
 def test_kocr_score_scores_a_page_whose_label_misstates_its_size_as_evaluate_does(tmp_path):
     """A label saying 100 px wide on a 200 px image (prepare keeps it: image_size_differs_from_json) is
-    scored by evaluate on the image's size (evaluation.evaluate.on_image, 092eec6); evaluate's
+    scored by evaluate on the image's size (training.data.pages.on_image, 092eec6); evaluate's
     --predictions pages hold that size. `kocr score` of the same labels and predictions clamped both to
     the label's 100 px instead: the word past it ignored, the one across it matched on its cut parts only
     (e2e_f1 0.0 where evaluate says 1.0)."""
-    from evaluation.evaluate import on_image
+    from training.data.pages import on_image
 
     gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
     words = [Word((120, 10, 60, 20), "서울"), Word((70, 30, 60, 15), "시청")]  # past 100 px, across it
@@ -249,11 +249,32 @@ def test_kocr_score_scores_a_page_whose_label_misstates_its_size_as_evaluate_doe
     read = Page("a.png", 200, 50, words)  # as evaluate writes it: results_to_page gives the image's size
     write_page(label, gt_dir / "a.json")
     write_page(read, pred_dir / "a.json")
-    by_evaluate = e2e_scores([score_page(on_image(label, (50, 200)), read)])
+    by_evaluate = e2e_scores([score_page(on_image(label, 200, 50), read)])
     r = score_folders(gt_dir, pred_dir)
     assert by_evaluate["e2e_f1"] == pytest.approx(1.0)
     assert {k: r[k] for k in by_evaluate} == pytest.approx(by_evaluate)
     assert (r["cer"], r["word_accuracy"]) == (0.0, 1.0)
+
+
+def test_score_evaluate_and_the_page_set_scorer_size_a_page_by_one_function(tmp_path, monkeypatch):
+    """`kocr score` (score_folders) repeated evaluate's on_image inline; both now call
+    training.data.pages.on_image, which evaluate and PageSetScorer import."""
+    import evaluation.evaluate
+    import evaluation.metrics
+    import evaluation.page_scorer
+    from training.data import pages
+
+    assert evaluation.evaluate.on_image is evaluation.page_scorer.on_image is evaluation.metrics.on_image \
+        is pages.on_image
+    label = Page("a.png", 100, 50, [Word((10, 10, 20, 10), "서울")])
+    assert pages.on_image(label, 100, 50) is label
+    assert (pages.on_image(label, 200, 60).width, pages.on_image(label, 200, 60).height) == (200, 60)
+    write_page(label, tmp_path / "gt" / "a.json")
+    write_page(Page("a.png", 200, 50, label.words), tmp_path / "pred" / "a.json")
+    seen = []
+    monkeypatch.setattr(evaluation.metrics, "on_image", lambda page, w, h: seen.append((w, h)) or pages.on_image(page, w, h))
+    assert score_folders(tmp_path / "gt", tmp_path / "pred")["e2e_f1"] == pytest.approx(1.0)
+    assert seen == [(200, 50)]
 
 
 def test_score_folders_prefers_relative_path_and_rejects_ambiguous_stem(tmp_path):

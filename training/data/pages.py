@@ -21,7 +21,7 @@ import json
 import math
 import os
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -361,6 +361,20 @@ def unscored(text: str) -> bool:
     (True, True, False)
     """
     return nfc(text) in ("", DONT_CARE)
+
+
+def on_image(page: Page, width: int, height: int) -> Page:
+    """``page`` with the size of the image read (``width`` x ``height`` pixels), which scoring clamps
+    its boxes to; ``page`` itself when its label already says that size. A label whose
+    ``image.width``/``image.height`` differ from its image is kept by ``prepare`` with its boxes clipped
+    to the real image (``image_size_differs_from_json``); clamped to the label's size instead, a word
+    past it was ignored, its reading counted as a false positive, and a word across it matched on the
+    cut parts only. The one rule of ``evaluate``, ``PageSetScorer`` and ``kocr score``.
+
+    >>> on_image(Page("p.png", 100, 50), 200, 50).width
+    200
+    """
+    return page if (page.width, page.height) == (width, height) else replace(page, width=width, height=height)
 
 
 def clip_box(bbox: BBox, width: int, height: int) -> tuple[int, int, int, int] | None:
