@@ -178,7 +178,11 @@ def test_parity_report_on_every_ground_truth_crop(bundle, hangul_checkpoint, sam
     ("korean_g2", "one of EasyOCR's own models"),  # Reader would load (or download) its stock korean_g2.pth
     ("standard", "one of EasyOCR's own models"),
     ("test", "already an importable module"),  # the standard library's test package would be imported
-    ("ko-ocr", "must be a Python identifier"),
+    # was "must be a Python identifier", which ko-ocr need not be (it loads: below); a '.' is why it fails
+    ("ko.ocr", r"a '\.' in it: EasyOCR imports user_network/NAME.py with importlib.import_module\(NAME\), which "
+               r"reads 'ko\.ocr' as module 'ocr' of a package 'ko'"),
+    ("ko/ocr", "a folder separator in it"),
+    ("ko ocr", "' ' in it: the bundle README's copy commands"),
     # was exported: model/NAME.pth is the file of EasyOCR's own model, which --with-detector copied over the
     # recogniser's weights (craft_mlt_25k), or which replaces (and is replaced by) korean_g1's korean.pth in
     # ~/.EasyOCR/model, EasyOCR deleting the file whose checksum is not its own and downloading its own
@@ -192,6 +196,26 @@ def test_a_bundle_name_easyocr_would_not_load_as_this_bundle_is_refused(hangul_c
     with pytest.raises(ExportError, match=words):
         export_easyocr(str(hangul_checkpoint), tmp_path / "out", name)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dashed_bundle_name_is_exported_and_loads_in_easyocr(hangul_checkpoint, tmp_path, capsys):
+    """`kocr export-easyocr --name ko-ocr` was refused as "must be a Python identifier (EasyOCR imports
+    NAME.py)"; EasyOCR imports it with importlib.import_module, which takes the dashed file name."""
+    from kocr.cli import main
+
+    out = tmp_path / "b"
+    assert main(["export-easyocr", "--model", str(hangul_checkpoint), "--out", str(out), "--name", "ko-ocr"]) == 0
+    easyocr = import_easyocr()
+    reader = easyocr.Reader(["ko", "en"], gpu=False, model_storage_directory=str(out / "model"),
+                            user_network_directory=str(out / "user_network"), recog_network="ko-ocr",
+                            detector=False, download_enabled=False, quantize=False, verbose=False)
+    assert type(reader.recognizer).__module__ == "ko-ocr"
+    crop = np.full((64, 160), 255, np.uint8)
+    crop[20:44, 20:140] = 0
+    assert len(reader.recognize(crop)) == 1
+    assert main(["export-easyocr", "--model", str(hangul_checkpoint), "--out", str(tmp_path / "c"),
+                 "--name", "ko.ocr"]) == 2
+    assert "module 'ocr' of a package 'ko'" in capsys.readouterr().err
 
 
 def test_export_settings_mistakes_are_one_line_and_write_nothing(hangul_checkpoint, tmp_path, monkeypatch, capsys):

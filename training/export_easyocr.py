@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -196,9 +197,33 @@ def check_out(out: str | os.PathLike, name: str) -> None:
                              "folder, then copy the bundle's files where you want them (its README says how)")
 
 
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a bundle, or None. EasyOCR imports ``user_network/NAME.py`` with
+    ``importlib.import_module(NAME)``, which takes any file name (``ko-ocr`` and ``1ko`` load) but reads
+    a ``.`` as a package; a folder separator would put ``NAME.pth`` in another folder; and the README's
+    copy commands take ``NAME`` unquoted. Letters (Hangul too), digits, ``_`` and ``-`` are safe.
+
+    >>> name_problem("ko-ocr") is None, name_problem("ko.ocr")
+    (True, "a '.' in it: EasyOCR imports user_network/NAME.py with importlib.import_module(NAME), which reads 'ko.ocr' as module 'ocr' of a package 'ko'")
+    """
+    if not name:
+        return "empty"
+    if "." in name:
+        package, _, module = name.rpartition(".")
+        return (f"a '.' in it: EasyOCR imports user_network/NAME.py with importlib.import_module(NAME), which reads "
+                f"{name!r} as module {module!r} of a package {package!r}")
+    if "/" in name or "\\" in name:
+        return "a folder separator in it: model/NAME.pth and user_network/NAME.py would lie in another folder"
+    if not re.fullmatch(r"[\w-]+", name):
+        shown = "".join(sorted({c for c in name if not re.fullmatch(r"[\w-]", c)}))
+        return (f"{shown!r} in it: the bundle README's copy commands (cp model/NAME.pth ...) take NAME unquoted; "
+                "use letters, digits, '_' and '-'")
+    return None
+
+
 def check_bundle_name(name: str) -> None:
-    """ExportError unless EasyOCR would load ``name`` as this bundle: a Python identifier that is
-    neither one of EasyOCR's own models (it would load its stock .pth, checked by md5, and ignore
+    """ExportError unless EasyOCR would load ``name`` as this bundle: a name of letters, digits, ``_``
+    and ``-`` (:func:`name_problem`) that is neither one of EasyOCR's own models (it would load its stock .pth, checked by md5, and ignore
     the bundle's network), nor the name of one of their files, in any case (``korean`` is korean_g1's
     ``korean.pth``, ``craft_mlt_25k`` the detector's, which ``--with-detector`` copied over the recogniser;
     ``Korean_G2.pth`` is ``korean_g2.pth`` on macOS and Windows), nor a
@@ -206,8 +231,9 @@ def check_bundle_name(name: str) -> None:
     ``test`` or ``string`` would import the standard library's)."""
     import importlib.util
 
-    if not name.isidentifier():
-        raise ExportError(f"bundle name {name!r} must be a Python identifier (EasyOCR imports NAME.py)")
+    problem = name_problem(name)
+    if problem:
+        raise ExportError(f"bundle name {name!r}: {problem}; pick another, e.g. ko_ocr")
     import_easyocr()
     from easyocr.config import detection_models, recognition_models
 
