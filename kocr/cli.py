@@ -575,7 +575,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     failing in between leaves no ``--metrics``, never the earlier bundle's parity beside the new bundle."""
     from evaluation.evaluate import EvaluateConfig
     from training.checkpoint import load_recognizer, pinned_model
-    from training.export_easyocr import LOGGED_SETTINGS, PARAMS_SETTINGS, check_export, write_bundle
+    from training.export_easyocr import LOGGED_SETTINGS, PARAMS_SETTINGS, check_export, shown_model, write_bundle
 
     if args.parity_source and not args.splits:  # else nothing would be checked, reported as agreeing
         raise CommandError("--parity-source needs --splits: the splits.json whose "
@@ -593,7 +593,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     spec, version = pinned_model(args.model)
     loaded = load_recognizer(spec)
     digest = file_sha256(loaded.path) if loaded.path else None
-    provenance = ", ".join([args.model, *([version] if version else []),
+    # in the bundle: a model file by its name, not the folders it lies in here (shown_model)
+    provenance = ", ".join([shown_model(args.model), *([version] if version else []),
                             *([f"checkpoint sha256 {digest}"] if digest else [])])
     # a logged model's own settings (those it serves and `kocr predict` reads it with) go into the README
     # and the parity check; params.yaml's only for a checkpoint, which records none

@@ -260,6 +260,31 @@ def test_a_bundle_exported_from_the_registry_names_the_version_it_holds(hangul_c
     assert yaml.safe_load(network)["lang_list"] == ["ko", "en"]  # the comment leaves EasyOCR's keys as they were
 
 
+def test_a_checkpoint_given_by_absolute_path_is_named_by_its_file_name_in_the_bundle(hangul_checkpoint, tmp_path,
+                                                                                      monkeypatch):
+    """`--model /abs/folders/model.pt` was written whole into the README and the yaml's comment: where
+    the user keeps their files, wrong on another machine. Now its file name, with the sha256."""
+    from kocr.cli import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    kept = tmp_path / "private" / "ckpts" / "best.pt"
+    kept.parent.mkdir(parents=True)
+    shutil.copy(hangul_checkpoint, kept)
+    assert main(["export-easyocr", "--model", str(kept), "--out", "b"]) == 0
+    said = f"from best.pt, checkpoint sha256 {hashlib.sha256(kept.read_bytes()).hexdigest()}"
+    readme = (work / "b" / "README.md").read_text(encoding="utf-8")
+    network = (work / "b" / "user_network" / "ko_ocr.yaml").read_text(encoding="utf-8")
+    assert f"{said} (" in readme and network.startswith(f"# exported by kocr export-easyocr {said}\n")
+    assert str(tmp_path) not in readme + network and "private" not in readme + network
+    inside = work / "models" / "m.pt"  # inside the working folder: its path there, given absolute or not
+    inside.parent.mkdir()
+    shutil.copy(hangul_checkpoint, inside)
+    assert main(["export-easyocr", "--model", str(inside), "--out", "c"]) == 0
+    assert "from models/m.pt, checkpoint sha256" in (work / "c" / "README.md").read_text(encoding="utf-8")
+
+
 def test_the_bundle_readmes_upright_snippet_saves_what_the_platform_reads(tmp_path, monkeypatch):
     import cv2
     import numpy as np

@@ -83,6 +83,26 @@ LOGGED_SETTINGS = ("the detector settings logged with this model in MLflow (its 
                    "`kocr predict` and `mlflow models serve` read it with)")
 
 
+def shown_model(spec: str) -> str:
+    """``spec`` as the bundle names what it was exported from: a model file's path relative to the
+    working folder where it lies inside it, else its file name alone (an absolute path or one up
+    through ``..`` told where the user keeps their files, and is wrong on another machine; the bundle
+    also carries the file's sha256); any other spec (``models:/...``, ``runs:/...``, ``ko_base``) as it is.
+
+    >>> shown_model("/home/kim/ckpt/best.pt"), shown_model("models/candidate/model.pt"), shown_model("models:/m/3")
+    ('best.pt', 'models/candidate/model.pt', 'models:/m/3')
+    """
+    if ":/" in spec:
+        return spec
+    path = Path(spec)
+    if not path.is_absolute() and ".." not in path.parts:
+        return spec
+    try:
+        return Path(os.path.abspath(spec)).relative_to(os.path.abspath(".")).as_posix()
+    except ValueError:
+        return path.name
+
+
 def export_easyocr(model: str | LoadedRecognizer, out: str | os.PathLike, name: str,
                    lang_list: Sequence[str] = ("ko", "en"), with_detector: bool = False,
                    readtext_kwargs: dict[str, Any] | None = None, provenance: str | None = None,
@@ -116,11 +136,11 @@ def write_bundle(loaded: LoadedRecognizer, out: str | os.PathLike, name: str,
     the README's ``readtext`` call passes them, and says they are ``settings_from`` (``PARAMS_SETTINGS``,
     ``LOGGED_SETTINGS``), or, where that is None, that no settings were known and EasyOCR's defaults stand.
     ``provenance``: what was exported (registry version, checkpoint sha256), written in the README and
-    atop the yaml; default the spec.
+    atop the yaml; default the spec (``shown_model``: no folder outside the working one).
     """
     check_exportable(loaded)
     out = Path(out)
-    provenance = provenance or loaded.source
+    provenance = provenance or shown_model(loaded.source)
     state = {f"module.{k}": v.detach().cpu() for k, v in loaded.model.state_dict().items()}
     paths = {key: out / rel for key, rel in _bundle_paths(name).items()}
     config = {"network_params": loaded.config.network_params(), "imgH": loaded.config.imgH,
