@@ -132,3 +132,45 @@ def test_a_zip_replaced_since_it_was_read_is_read_anew_at_the_places_a_new_scan_
     again = next(m for m in scan_source(tmp_path / "src").labels if m.name.endswith("p.json"))
     assert again.at != first.at
     assert read_member(tmp_path / "src", again) == b'{"v": 22}'
+
+
+def test_the_pieces_of_a_split_zip_download_are_named_with_the_command_that_joins_them(tmp_path):
+    """An AI-Hub zip downloaded in pieces (X.zip.part0, X.zip.part1, …) was reported as stray_file ("not
+    JSON, not an image, not a zip") and its folder as stray_folder; each piece is now split_archive, naming
+    the joined zip and the cat that joins the pieces in the order of their numbers."""
+    import subprocess
+    import zipfile
+
+    labels, images = tmp_path / "Training", tmp_path / "Validation"
+    labels.mkdir()
+    images.mkdir()
+    with zipfile.ZipFile(tmp_path / "whole.zip", "w") as zf:
+        for i in range(40):
+            zf.writestr(f"인.허가/p{i}.json", os.urandom(300))  # not compressible: 12 pieces below
+    data = (tmp_path / "whole.zip").read_bytes()
+    size = -(-len(data) // 12)
+    for folder, name in ((labels, "[라벨]Training_인.허가.zip"), (images, "[원천]인.허가.zip")):
+        for i in range(12):
+            (folder / f"{name}.part{i}").write_bytes(data[i * size:(i + 1) * size])
+    (tmp_path / "whole.zip").unlink()
+    (labels / "[라벨]Training_인.허가.zip.part0").rename(labels / "[라벨]Training_인.허가.zip.part00")  # 00 .. 11: * keeps order
+    for i in range(1, 10):
+        (labels / f"[라벨]Training_인.허가.zip.part{i}").rename(labels / f"[라벨]Training_인.허가.zip.part0{i}")
+    stray = scan_source(tmp_path).stray
+    assert {reason for reason, _ in stray} == {"split_archive"} and len(stray) == 24
+    by_place = dict(place.split(": ", 1) for _, place in stray)
+    said = by_place["Training/[라벨]Training_인.허가.zip.part03"]
+    assert said == ("a piece of a split download of [라벨]Training_인.허가.zip, not read; join its pieces in its folder: "
+                    "cat '[라벨]Training_인.허가.zip.part'* > '[라벨]Training_인.허가.zip'")
+    # part10 sorts before part2 by name: the pieces are listed in the order of their numbers
+    said = by_place["Validation/[원천]인.허가.zip.part10"]
+    assert said.endswith("cat " + " ".join(f"'[원천]인.허가.zip.part{i}'" for i in range(12)) + " > '[원천]인.허가.zip'")
+    for folder, place in ((labels, "Training/[라벨]Training_인.허가.zip.part00"),
+                          (images, "Validation/[원천]인.허가.zip.part0")):
+        subprocess.run(["bash", "-c", by_place[place].split(" in its folder: ")[1]], cwd=folder, check=True)
+    index = scan_source(tmp_path)
+    assert len(index.labels) == 80  # the joined zips are read
+    assert {where.split(": ", 1)[1] for _, where in index.stray} == {"a piece of a split download of [라벨]Training_인.허가.zip, "
+                                                                   "which is here already (joined): not read; delete the pieces",
+                                                                   "a piece of a split download of [원천]인.허가.zip, which is "
+                                                                   "here already (joined): not read; delete the pieces"}

@@ -21,6 +21,8 @@ Example:
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import struct
 import unicodedata
 import zipfile
@@ -259,6 +261,45 @@ def stray_file(name: str) -> bool:
     return name.startswith(".") or name.lower() in SYSTEM_FILES
 
 
+# a piece of one zip cut into several files for download: X.zip.part0, X.zip.part1, … (or X.zip.001, …)
+_PIECE = re.compile(r"(?P<whole>.+\.zip)(?P<sep>\.(?:part)?)(?P<number>\d+)", re.IGNORECASE)
+
+
+def _piece(name: str) -> re.Match | None:
+    """``name`` split into the zip it is a piece of, its separator and number; None for other files
+    (and for hidden or system ones, which ``stray_file`` reports, or a name not in UTF-8)."""
+    return None if stray_file(name) or not _decodable(name) else _PIECE.fullmatch(name)
+
+
+def split_pieces(folder: str, names: list[str], here: set[str]) -> list[tuple[str, str]]:
+    """The ``split_archive`` stray entries of the files ``names`` in ``folder`` (relative to the source)
+    that are pieces of a split zip download (``X.zip.part0``, ``X.zip.part1``, …; ``X.zip.001``, …):
+    one per piece, saying to join them, with the command (the pieces in the order of their numbers,
+    which a shell's ``*`` keeps only while they have as many digits); none of them is a zip ``zipfile``
+    reads. ``here``: the folder's file names, to say when the joined zip is there already.
+
+    >>> reason, place = split_pieces("T", ["a.zip.part0", "a.zip.part1", "b.txt"], set())[0]
+    >>> print(reason, place)
+    split_archive T/a.zip.part0: a piece of a split download of a.zip, not read; join its pieces in its folder: cat a.zip.part* > a.zip
+    """
+    groups: dict[tuple[str, str], list[tuple[int, str]]] = defaultdict(list)
+    for name in names:
+        if match := _piece(name):
+            groups[match["whole"], match["sep"]].append((int(match["number"]), name))
+    entries = []
+    for (whole, sep), pieces in groups.items():
+        ordered = [name for _, name in sorted(pieces)]
+        if whole in here:
+            why = f"a piece of a split download of {whole}, which is here already (joined): not read; delete the pieces"
+        else:
+            shell = (f"{shlex.quote(whole + sep)}*" if ordered == sorted(ordered)
+                     else " ".join(map(shlex.quote, ordered)))
+            why = (f"a piece of a split download of {whole}, not read; join its pieces in its folder: "
+                   f"cat {shell} > {shlex.quote(whole)}")
+        entries += [("split_archive", f"{folder}/{name}".lstrip("/") + f": {why}") for name in ordered]
+    return entries
+
+
 def _classify(index: SourceIndex, member: Member) -> None:
     base = PurePosixPath(member.name).name
     suffix = PurePosixPath(base).suffix.lower()
@@ -377,7 +418,12 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
         # content_hash's walk does, not whichever the filesystem happens to list first
         dirnames[:] = [d for d in sorted(_entered(dirpath, dirnames, skip)) if first_visit(Path(dirpath) / d, seen)]
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
+        pieces = split_pieces(rel_dir, filenames, set(filenames))
+        index.stray += pieces
+        found = found or bool(pieces)  # a folder of a split zip's pieces holds pages once they are joined
         for name in sorted(filenames):
+            if _piece(name):  # reported above
+                continue
             if skip_lock is not None and name == skip_lock.name and (Path(dirpath) / name).resolve() == skip_lock:
                 continue
             rel = f"{rel_dir}/{name}".lstrip("/")
