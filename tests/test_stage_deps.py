@@ -27,7 +27,7 @@ STAGE_COMMANDS = {
 }
 # plumbing that reads params, tracks, locks or dispatches, and computes no output
 PLUMBING = {"kocr/cli.py", "kocr/params.py", "kocr/tracking.py", "kocr/dvc_hashes.py", "kocr/locks.py",
-            "kocr/redact.py", "kocr/atomic.py", "kocr/set_cache.py"}
+            "kocr/redact.py", "kocr/atomic.py", "kocr/set_cache.py", "kocr/stops.py"}
 # train logs an MLflow model whose reading code (pages, detection) changes what it reads, not the weights
 NOT_RETRAINED_FOR = {"train": {"evaluation/pyfunc_model.py", "evaluation/pyfunc_entry.py", "evaluation/reader.py",
                                "evaluation/fast_cpu.py", "kocr/easyocr_compat.py", "training/data/pages.py",

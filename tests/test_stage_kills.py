@@ -131,3 +131,24 @@ def test_the_next_dvc_repro_ends_the_run_of_a_sigkilled_stage_and_no_live_one(tm
     finally:
         os.killpg(other.pid, signal.SIGKILL)
         other.wait(timeout=120)
+
+
+def test_the_signals_workers_leave_to_the_command_are_defined_once():
+    """STOPS was written out twice, in training/train.py (DataLoader workers) and training/data/workers.py
+    (prepare's pools): one could change without the other. Both import kocr.stops.STOPS."""
+    import ast
+
+    import training.data.workers
+    import training.train
+    from kocr.stops import STOPS
+
+    defined = []
+    for package in ("kocr", "training", "evaluation"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.parse(path.read_text(encoding="utf-8")).body:
+                targets = node.targets if isinstance(node, ast.Assign) else \
+                    [node.target] if isinstance(node, ast.AnnAssign) else []
+                if any(isinstance(t, ast.Name) and t.id == "STOPS" for t in targets):
+                    defined.append(path.relative_to(REPO).as_posix())
+    assert defined == ["kocr/stops.py"]
+    assert training.train.STOPS is training.data.workers.STOPS is STOPS == (signal.SIGINT, signal.SIGTERM)

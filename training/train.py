@@ -39,6 +39,7 @@ from evaluation.metrics import recognition_scores
 from kocr.atomic import atomic_path, write_text
 from kocr.params import ParamsError, param_strings, require, typed
 from kocr.params import section as params_section
+from kocr.stops import STOPS  # what the DataLoader workers leave to the command
 from training.charset import Charset
 from training.attention import AttnCodec, attention_loss, num_class_for
 from training.checkpoint import file_digest, load_recognizer, save_checkpoint, start_from
@@ -435,9 +436,6 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-STOPS = (signal.SIGINT, signal.SIGTERM)  # what the DataLoader workers leave to the command
 
 
 def _leave_stops_to_the_command(worker_id: int) -> None:

@@ -21,7 +21,7 @@ from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing import forkserver, resource_tracker
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-STOPS = (signal.SIGINT, signal.SIGTERM)  # what the worker processes leave to the command
+from kocr.stops import STOPS  # what the worker processes leave to the command
 
 
 def _alive(pid: int) -> bool:
