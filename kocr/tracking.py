@@ -611,13 +611,32 @@ def end_stale_in_group(group: str, keep: set[str], status: str, reason: str) -> 
     return ended
 
 
+def dataset_digest(data_hash: str) -> str:
+    """The digest MLflow shows for a dataset of hash ``data_hash`` (``dataset_hash``; MLflow keeps 36
+    characters): DVC's own ``md5`` or ``md5.dir`` as it is, a ``content:`` hash's MD5, and for a folder
+    inside a tracked output (``md5.dir/train``) the MD5 of that whole hash: its own for each folder, the
+    same each time that version is logged. Was: the first 36 characters, which left ``train`` and ``val``
+    of one ``data/prepared`` with its one ``md5.dir`` in MLflow's Datasets view.
+
+    >>> dataset_digest("0123456789abcdef0123456789abcdef.dir")
+    '0123456789abcdef0123456789abcdef.dir'
+    >>> dataset_digest("0123456789abcdef0123456789abcdef.dir/train") != dataset_digest("0123456789abcdef0123456789abcdef.dir/val")
+    True
+    """
+    if data_hash.startswith("content:"):
+        return data_hash.removeprefix("content:")[:36]
+    if len(data_hash) <= 36 and "/" not in data_hash:
+        return data_hash
+    return hashlib.md5(data_hash.encode()).hexdigest()
+
+
 def log_dataset(path: str | os.PathLike, context: str, name: str | None = None) -> str:
     """Record the data version read by the active run (``mlflow.log_input``); returns the hash."""
     digest, origin = dataset_hash(path)
     with warnings.catch_warnings():  # MLflow registers two equivalent local-file source types
         warnings.simplefilter("ignore", UserWarning)
         source = resolve_dataset_source(Path(path).resolve().as_uri())
-    dataset = MetaDataset(source=source, name=name or str(path), digest=digest[:36])
+    dataset = MetaDataset(source=source, name=name or str(path), digest=dataset_digest(digest))
     for attempt in range(3):
         try:
             mlflow.log_input(dataset, context=context, tags={"kocr.hash_origin": origin, "kocr.hash": digest})

@@ -29,11 +29,40 @@ def test_a_lost_insert_race_is_retried_and_other_errors_are_not(tmp_path, monkey
         digest = tracking.log_dataset(tmp_path / "set", context="train")
     assert len(calls) == 2
     logged = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
-    assert [d.dataset.digest for d in logged] == [digest[:36]]
+    assert [d.dataset.digest for d in logged] == [tracking.dataset_digest(digest)]
 
     monkeypatch.setattr(mlflow, "log_input", lambda *a, **k: (_ for _ in ()).throw(MlflowException("denied")))
     with mlflow.start_run(), pytest.raises(MlflowException, match="denied"):
         tracking.log_dataset(tmp_path / "set", context="train")
+
+
+def test_the_train_and_val_sets_of_one_prepared_folder_get_their_own_dataset_digests(tmp_path, monkeypatch):
+    """train/ and val/ inside data/prepared (one dvc.lock output, md5 X.dir) are logged as X.dir/train and
+    X.dir/val; MLflow's Datasets view showed both with X.dir, their first 36 characters."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_STAGE", "train")  # as under dvc repro: dvc.lock's record is taken as it is
+    lock = {"schema": "2.0", "stages": {"prepare": {"cmd": "kocr prepare-aihub", "outs": [
+        {"path": "data/prepared", "md5": "0123456789abcdef0123456789abcdef.dir"}]}}}
+    (tmp_path / "dvc.lock").write_text(json.dumps(lock), encoding="utf-8")
+    for split in ("train", "val", "test"):
+        (tmp_path / "data" / "prepared" / split).mkdir(parents=True)
+
+    def logged() -> dict[str, str]:
+        with mlflow.start_run() as run:
+            for split in ("train", "val"):
+                tracking.log_dataset(f"data/prepared/{split}", context=split)
+        return {d.dataset.name: d.dataset.digest for d in mlflow.get_run(run.info.run_id).inputs.dataset_inputs}
+
+    first, again = logged(), logged()
+    assert set(first) == {"data/prepared/train", "data/prepared/val"}
+    assert first["data/prepared/train"] != first["data/prepared/val"]
+    assert first == again  # the same set, the same digest, run after run
+    assert all(len(digest) <= 36 for digest in first.values())
+    assert mlflow.get_run(mlflow.last_active_run().info.run_id).data.tags["kocr.data.train"] == \
+        "0123456789abcdef0123456789abcdef.dir/train"  # the tag keeps the whole hash
+    lock["stages"]["prepare"]["outs"][0]["md5"] = "fedcba9876543210fedcba9876543210.dir"  # another version
+    (tmp_path / "dvc.lock").write_text(json.dumps(lock), encoding="utf-8")
+    assert set(logged().values()).isdisjoint(first.values())
 
 
 def test_a_mix_keyed_by_paths_is_one_param_whatever_its_slashes():
