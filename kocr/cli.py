@@ -1071,11 +1071,11 @@ def main(argv: list[str] | None = None) -> int:
     (``for f in ...; do kocr ...; done``) stops too: bash goes on after a command that exits, even
     with status 130. Called with ``argv`` from Python (a test, a script), the interrupt goes on to
     the caller."""
-    from training.distributed import InterruptedJob, note_rank_status
-
-    where = ["kocr"]
+    where = [_named(sys.argv[1:] if argv is None else argv)]
     status: Any = 1
     try:
+        with _interrupt_deferred():  # torch loads here: a Ctrl-C inside its C++ start aborted the process
+            import training.distributed  # noqa: F401  (read back from sys.modules on the way out)
         status = _main(argv, where)
         return status
     except SystemExit as exc:  # 143 on SIGTERM, 2 from a rank another rank speaks for
@@ -1085,14 +1085,46 @@ def main(argv: list[str] | None = None) -> int:
         _close_progress_bars()  # else the open bar is redrawn over and after the line, as Python exits
         # under torchrun, which passes Ctrl-C on to every rank, said once (by rank 0), not once per rank;
         # not again by the kocr train that started torchrun (train.processes): rank 0 said it
-        if not isinstance(exc, InterruptedJob) and (
+        job = getattr(sys.modules.get("training.distributed"), "InterruptedJob", ())  # () while not loaded yet
+        if not isinstance(exc, job) and (
                 "TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("RANK", "0") == "0"):
             print(f"{where[0]}: interrupted", file=sys.stderr)
         if argv is not None:
             raise
         _die_by_sigint()
     finally:
-        note_rank_status(status)  # a rank of a job kocr train started: the status that job exits with
+        distributed = sys.modules.get("training.distributed")
+        if distributed is not None:  # a rank of a job kocr train started: the status that job exits with
+            distributed.note_rank_status(status)
+
+
+def _named(argv: list[str]) -> str:
+    """``kocr COMMAND`` for the interrupted line before the command line is parsed (its imports take
+    seconds: torch, MLflow): the first word of ``argv`` when it is one of the commands, else ``kocr``.
+    Was: ``kocr: interrupted`` for a Ctrl-C in those seconds."""
+    first = argv[0] if argv else ""
+    commands = next(a.choices for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return f"kocr {first}" if first in commands else "kocr"
+
+
+@contextlib.contextmanager
+def _interrupt_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C (SIGINT at Python's handler) that lands in the block until it ends, then raise it:
+    raised inside ``import torch``, the KeyboardInterrupt either left a traceback from its import, as
+    ``main`` had not yet entered its handler, or crossed torch's C++ start, which then aborted the process
+    (``terminate called ... what(): KeyboardInterrupt``, SIGABRT). A SIGINT that is ignored stays so."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    held: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _die_by_sigint() -> NoReturn:
