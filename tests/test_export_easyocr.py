@@ -177,6 +177,10 @@ def test_parity_report_on_every_ground_truth_crop(bundle, hangul_checkpoint, sam
 @pytest.mark.parametrize("name, words", [
     ("korean_g2", "one of EasyOCR's own models"),  # Reader would load (or download) its stock korean_g2.pth
     ("standard", "one of EasyOCR's own models"),
+    # was exported: Reader reads generation1.yaml, then builds easyocr.model.model (512/512) instead of the
+    # bundle's generation1.py and fails on its weights; generation2 builds vgg_model with 256/256 whatever it holds
+    ("generation1", "the name EasyOCR gives its own network code.*easyocr.model.model"),
+    ("generation2", "the name EasyOCR gives its own network code.*easyocr.model.vgg_model"),
     ("test", "already an importable module"),  # the standard library's test package would be imported
     # was "must be a Python identifier", which ko-ocr need not be (it loads: below); a '.' is why it fails
     ("ko.ocr", r"a '\.' in it: EasyOCR imports user_network/NAME.py with importlib.import_module\(NAME\), which "

@@ -241,6 +241,11 @@ def name_problem(name: str) -> str | None:
     return None
 
 
+# recog_network names that easyocr.Reader and easyocr.recognition.get_recognizer test for by name after a
+# user network's yaml is read: each builds EasyOCR's own module with its own sizes instead of NAME.py
+EASYOCR_NETWORKS = {"generation1": "easyocr.model.model", "generation2": "easyocr.model.vgg_model"}
+
+
 def check_bundle_name(name: str) -> None:
     """ExportError unless EasyOCR would load ``name`` as this bundle: a name of letters, digits, ``_``
     and ``-`` (:func:`name_problem`) that is neither one of EasyOCR's own models (it would load its stock .pth, checked by md5, and ignore
@@ -248,7 +253,8 @@ def check_bundle_name(name: str) -> None:
     ``korean.pth``, ``craft_mlt_25k`` the detector's, which ``--with-detector`` copied over the recogniser;
     ``Korean_G2.pth`` is ``korean_g2.pth`` on macOS and Windows), nor a
     module already importable (EasyOCR appends the user_network folder to the end of sys.path, so
-    ``test`` or ``string`` would import the standard library's)."""
+    ``test`` or ``string`` would import the standard library's), nor ``generation1`` or ``generation2``
+    (``EASYOCR_NETWORKS``: Reader builds its own network for them)."""
     import importlib.util
 
     problem = name_problem(name)
@@ -260,6 +266,11 @@ def check_bundle_name(name: str) -> None:
     if name == "standard" or name in recognition_models["gen1"] or name in recognition_models["gen2"]:
         raise ExportError(f"bundle name {name!r} is one of EasyOCR's own models: easyocr.Reader would load its "
                           f"stock {name}.pth (or download it) and ignore this bundle; pick another, e.g. ko_ocr")
+    if name in EASYOCR_NETWORKS:
+        raise ExportError(f"bundle name {name!r} is the name EasyOCR gives its own network code: easyocr.Reader "
+                          f"would build {EASYOCR_NETWORKS[name]} with its own sizes, not user_network/{name}.py, "
+                          "and fail on this bundle's weights or read them with the wrong network; "
+                          "pick another, e.g. ko_ocr")
     # keyed in lower case: on a file system that ignores case (macOS, Windows) Korean_G2.pth is korean_g2.pth
     files = {model["filename"].lower(): (key, model["filename"]) for models in (
         recognition_models["gen1"], recognition_models["gen2"], detection_models) for key, model in models.items()}
