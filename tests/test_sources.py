@@ -174,3 +174,40 @@ def test_the_pieces_of_a_split_zip_download_are_named_with_the_command_that_join
                                                                    "which is here already (joined): not read; delete the pieces",
                                                                    "a piece of a split download of [원천]인.허가.zip, which is "
                                                                    "here already (joined): not read; delete the pieces"}
+
+
+def _split_zip(folder: Path, name: str, pieces: int, members: int = 20) -> None:
+    """A zip of ``members`` incompressible label JSONs, written as ``name.part0`` .. ``name.part{pieces-1}``."""
+    import io
+    import zipfile
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for i in range(members):
+            zf.writestr(f"인.허가/p{i}.json", os.urandom(300))
+    data = buffer.getvalue()
+    size = -(-len(data) // pieces)
+    for i in range(pieces):
+        (folder / f"{name}.part{i}").write_bytes(data[i * size:(i + 1) * size])
+
+
+def test_the_join_command_of_a_split_zip_takes_its_pieces_alone(tmp_path):
+    """`cat 'X.zip.part'* > 'X.zip'` also took a browser's unfinished download of a piece
+    (X.zip.part3.crdownload, a stray_file) into the zip; where `*` would take another file, the pieces
+    are listed one by one."""
+    import subprocess
+
+    folder = tmp_path / "Training"
+    folder.mkdir()
+    name = "[라벨]Training_인.허가 A's.zip"
+    _split_zip(folder, name, 3)
+    (folder / f"{name}.part3.crdownload").write_bytes(os.urandom(200_000))
+    stray = scan_source(tmp_path).stray
+    assert ("stray_file", f"Training/{name}.part3.crdownload") in stray
+    said = next(place for reason, place in stray if reason == "split_archive")
+    command = said.split(" in its folder: ")[1]
+    assert "*" not in command and "crdownload" not in command
+    subprocess.run(["bash", "-c", command], cwd=folder, check=True)
+    index = scan_source(tmp_path)
+    assert len(index.labels) == 20  # the joined zip is read
+    assert "archive_unreadable" not in dict(index.stray)

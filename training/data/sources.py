@@ -275,7 +275,8 @@ def split_pieces(folder: str, names: list[str], here: set[str]) -> list[tuple[st
     """The ``split_archive`` stray entries of the files ``names`` in ``folder`` (relative to the source)
     that are pieces of a split zip download (``X.zip.part0``, ``X.zip.part1``, …; ``X.zip.001``, …):
     one per piece, saying to join them, with the command (the pieces in the order of their numbers,
-    which a shell's ``*`` keeps only while they have as many digits); none of them is a zip ``zipfile``
+    which a shell's ``*`` keeps only while they have as many digits, and the pieces alone: ``*`` is
+    not used where it would also take another file of the folder); none of them is a zip ``zipfile``
     reads. ``here``: the folder's file names, to say when the joined zip is there already.
 
     >>> reason, place = split_pieces("T", ["a.zip.part0", "a.zip.part1", "b.txt"], set())[0]
@@ -292,7 +293,10 @@ def split_pieces(folder: str, names: list[str], here: set[str]) -> list[tuple[st
         if whole in here:
             why = f"a piece of a split download of {whole}, which is here already (joined): not read; delete the pieces"
         else:
-            shell = (f"{shlex.quote(whole + sep)}*" if ordered == sorted(ordered)
+            # the shell's * where it gives the pieces alone, in their order: not where it would also
+            # take another file (a browser's unfinished X.zip.part3.crdownload) into the zip
+            globbed = sorted(other for other in names if other.startswith(whole + sep))
+            shell = (f"{shlex.quote(whole + sep)}*" if globbed == ordered
                      else " ".join(map(shlex.quote, ordered)))
             why = (f"a piece of a split download of {whole}, not read; join its pieces in its folder: "
                    f"cat {shell} > {shlex.quote(whole)}")
