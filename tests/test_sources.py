@@ -211,3 +211,27 @@ def test_the_join_command_of_a_split_zip_takes_its_pieces_alone(tmp_path):
     index = scan_source(tmp_path)
     assert len(index.labels) == 20  # the joined zip is read
     assert "archive_unreadable" not in dict(index.stray)
+
+
+def test_pieces_beside_a_joined_zip_that_does_not_read_are_not_said_to_be_deleted(tmp_path):
+    """A join cut short (Ctrl-C, a full disk: the zip is as big again as its pieces) leaves X.zip without
+    its end; its pieces were reported "here already (joined): delete the pieces", the one whole copy of
+    the download. Now: keep them and join again, with the command, which then gives a zip that reads."""
+    import subprocess
+
+    folder = tmp_path / "Training"
+    folder.mkdir()
+    name = "[라벨]Training_인.허가.zip"
+    _split_zip(folder, name, 3)
+    (folder / name).write_bytes((folder / f"{name}.part0").read_bytes())  # cat stopped after the first piece
+    stray = scan_source(tmp_path).stray
+    assert ("archive_unreadable", f"Training/{name}: File is not a zip file") in stray
+    said = [place for reason, place in stray if reason == "split_archive"]
+    assert len(said) == 3 and not any("delete" in place for place in said)
+    assert said[0].endswith(f"{name} here is not a readable zip (a join cut short?): keep the pieces and join them "
+                            f"again in its folder: cat '{name}.part'* > '{name}'")
+    subprocess.run(["bash", "-c", said[0].split(" in its folder: ")[1]], cwd=folder, check=True)
+    index = scan_source(tmp_path)
+    assert len(index.labels) == 20
+    assert all(place.endswith("which is here already (joined): not read; delete the pieces")
+               for reason, place in index.stray if reason == "split_archive")

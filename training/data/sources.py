@@ -30,7 +30,7 @@ import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Callable
 
 from kocr.atomic import set_lock_path
 from kocr.dvc_hashes import first_visit
@@ -271,13 +271,16 @@ def _piece(name: str) -> re.Match | None:
     return None if stray_file(name) or not _decodable(name) else _PIECE.fullmatch(name)
 
 
-def split_pieces(folder: str, names: list[str], here: set[str]) -> list[tuple[str, str]]:
+def split_pieces(folder: str, names: list[str], here: set[str],
+                 readable: Callable[[str], bool] = lambda whole: True) -> list[tuple[str, str]]:
     """The ``split_archive`` stray entries of the files ``names`` in ``folder`` (relative to the source)
     that are pieces of a split zip download (``X.zip.part0``, ``X.zip.part1``, …; ``X.zip.001``, …):
     one per piece, saying to join them, with the command (the pieces in the order of their numbers,
     which a shell's ``*`` keeps only while they have as many digits, and the pieces alone: ``*`` is
     not used where it would also take another file of the folder); none of them is a zip ``zipfile``
-    reads. ``here``: the folder's file names, to say when the joined zip is there already.
+    reads. ``here``: the folder's file names, to say when the joined zip is there already; ``readable``
+    (of its name): whether it opens as a zip, else it is said to be joined again, not the pieces deleted
+    (a join cut short, by Ctrl-C or a full disk, leaves a zip without its end).
 
     >>> reason, place = split_pieces("T", ["a.zip.part0", "a.zip.part1", "b.txt"], set())[0]
     >>> print(reason, place)
@@ -290,7 +293,7 @@ def split_pieces(folder: str, names: list[str], here: set[str]) -> list[tuple[st
     entries = []
     for (whole, sep), pieces in groups.items():
         ordered = [name for _, name in sorted(pieces)]
-        if whole in here:
+        if whole in here and readable(whole):
             why = f"a piece of a split download of {whole}, which is here already (joined): not read; delete the pieces"
         else:
             # the shell's * where it gives the pieces alone, in their order: not where it would also
@@ -298,8 +301,10 @@ def split_pieces(folder: str, names: list[str], here: set[str]) -> list[tuple[st
             globbed = sorted(other for other in names if other.startswith(whole + sep))
             shell = (f"{shlex.quote(whole + sep)}*" if globbed == ordered
                      else " ".join(map(shlex.quote, ordered)))
-            why = (f"a piece of a split download of {whole}, not read; join its pieces in its folder: "
-                   f"cat {shell} > {shlex.quote(whole)}")
+            why = (f"a piece of a split download of {whole}, not read; "
+                   + (f"{whole} here is not a readable zip (a join cut short?): keep the pieces and join them "
+                      "again " if whole in here else "join its pieces ")
+                   + f"in its folder: cat {shell} > {shlex.quote(whole)}")
         entries += [("split_archive", f"{folder}/{name}".lstrip("/") + f": {why}") for name in ordered]
     return entries
 
@@ -422,7 +427,8 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
         # content_hash's walk does, not whichever the filesystem happens to list first
         dirnames[:] = [d for d in sorted(_entered(dirpath, dirnames, skip)) if first_visit(Path(dirpath) / d, seen)]
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
-        pieces = split_pieces(rel_dir, filenames, set(filenames))
+        pieces = split_pieces(rel_dir, filenames, set(filenames),
+                              lambda whole: zipfile.is_zipfile(Path(dirpath) / whole))
         index.stray += pieces
         found = found or bool(pieces)  # a folder of a split zip's pieces holds pages once they are joined
         for name in sorted(filenames):
