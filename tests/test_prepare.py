@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import shutil
 import unicodedata
 import zlib
@@ -714,6 +715,38 @@ def test_sigterm_to_the_group_as_pages_are_cropped_ends_prepare_with_143_not_a_h
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "out" / "manifest.json").exists()  # stopped, not finished
+
+
+A_LATER_FORKSERVER_PROCESS = """
+import json, multiprocessing, signal, time
+from training.data.workers import end_pool, start_pool
+
+pool = start_pool(2, int, ())
+masks = [pool.submit(signal.pthread_sigmask, signal.SIG_BLOCK, []).result() for _ in range(4)]
+end_pool(pool)
+later = multiprocessing.get_context("forkserver").Process(target=time.sleep, args=(60,))
+later.start()
+later.terminate()  # SIGTERM
+later.join(20)
+print(json.dumps({"workers_block_sigterm": [signal.SIGTERM in mask for mask in masks], "later": later.exitcode}))
+later.kill()
+"""
+
+
+def test_a_forkserver_process_started_after_the_pool_still_dies_by_sigterm():
+    """The pool's forkserver is started with Ctrl-C and SIGTERM blocked, for its workers, and outlives the
+    pool. Was: every process a program (a library caller of prepare_pages or generate_lines) later started
+    through it inherited them blocked, and its terminate() or a ``kill PID`` did nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run([sys.executable, "-c", A_LATER_FORKSERVER_PROCESS], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {"workers_block_sigterm": [True] * 4, "later": -signal.SIGTERM}
 
 
 def test_a_cropping_worker_killed_fails_prepare_instead_of_hanging(tmp_path):

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
-from multiprocessing import forkserver, resource_tracker
+from multiprocessing import forkserver, resource_tracker, util
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from kocr.stops import STOPS  # what the worker processes leave to the command
@@ -45,7 +45,54 @@ def _exit_with(pid: int) -> None:
     os._exit(1)
 
 
-def _start_worker(main_pid: int, initializer: Callable[..., None], initargs: tuple) -> None:
+UNBLOCK_ENV = "KOCR_FORKSERVER_UNBLOCK"  # read by the forkserver start_pool starts: what to unblock in others' processes
+_pool_worker = False  # set in a process as it is unpickled as one of start_pool's workers
+
+
+class _OthersUnblocked:
+    """In a forkserver :func:`start_pool` started with the stops blocked: every process later forked from it
+    that is not one of the pool's workers (another ``forkserver`` Process of the same program) gets them
+    unblocked again as it starts (multiprocessing's after-fork hooks run before its target), as it would
+    have been forked from a forkserver of its own. Was: such a process kept SIGTERM blocked, and a
+    ``terminate()`` or ``kill PID`` did nothing."""
+
+    def __init__(self, signals: set[int]) -> None:
+        self.signals = signals
+
+    def after_fork(self) -> None:
+        signals, self.signals = self.signals, set()  # once: not again in processes forked from this one
+        if signals and not _pool_worker:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
+
+def _in_forkserver() -> _OthersUnblocked | None:
+    """At import: in the forkserver :func:`start_pool` started (it preloads this module), the hook above."""
+    names = os.environ.pop(UNBLOCK_ENV, "")
+    if not names:
+        return None
+    hook = _OthersUnblocked({int(name) for name in names.split(",")})
+    util.register_after_fork(hook, _OthersUnblocked.after_fork)
+    return hook
+
+
+_hook = _in_forkserver()
+
+
+def _mark_pool_worker() -> None:
+    global _pool_worker
+    _pool_worker = True
+
+
+class _PoolWorkerMark:
+    """Passed to each worker: unpickled there before multiprocessing's after-fork hooks run, it marks the
+    process as one of the pool's, which keeps the stops blocked."""
+
+    def __reduce__(self) -> tuple:
+        return _mark_pool_worker, ()
+
+
+def _start_worker(main_pid: int, initializer: Callable[..., None], initargs: tuple, mark: None = None) -> None:
+    signal.pthread_sigmask(signal.SIG_BLOCK, set(STOPS))  # already, unless forked from another's forkserver
     threading.Thread(target=_exit_with, args=(main_pid,), daemon=True).start()
     initializer(*initargs)
 
@@ -60,9 +107,10 @@ def start_pool(workers: int, initializer: Callable[..., None], initargs: tuple,
     The forkserver (``preload``: modules it imports once for every worker) is started with SIGINT and
     SIGTERM blocked, so it and every worker forked from it keep them blocked (the command ends them: a
     shutdown, or their watchdog once the command is gone); a Ctrl-C or SIGTERM to the command meanwhile
-    waits, and lands once they are all started."""
+    waits, and lands once they are all started. The forkserver outlives the pool, and any other process
+    the program later starts through it gets them unblocked again (:class:`_OthersUnblocked`)."""
     context = multiprocessing.get_context("forkserver")  # clean single-threaded parents, fast starts
-    context.set_forkserver_preload(list(preload))
+    context.set_forkserver_preload([__name__, *preload])  # this module first: the hook for others' processes
     main = threading.current_thread() is threading.main_thread()
     caught: list[int] = []
     previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
@@ -72,9 +120,12 @@ def start_pool(workers: int, initializer: Callable[..., None], initargs: tuple,
     try:
         resource_tracker.ensure_running()  # first: starting it unblocks SIGINT and SIGTERM in this thread again
         mask = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOPS))  # inherited through the forkserver's exec
+        added = sorted(int(signum) for signum in set(STOPS) - set(mask))
+        if added:  # what the forkserver, if it starts now, unblocks again in the processes not the pool's
+            os.environ[UNBLOCK_ENV] = ",".join(map(str, added))
         forkserver.ensure_running()
         pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                   initargs=(os.getpid(), initializer, initargs))
+                                   initargs=(os.getpid(), initializer, initargs, _PoolWorkerMark()))
         launch = getattr(pool, "_launch_processes", None)  # every worker now, not one per early submit
         if launch is not None:
             launch()
@@ -86,6 +137,7 @@ def start_pool(workers: int, initializer: Callable[..., None], initargs: tuple,
             end_pool(pool)
         raise
     finally:
+        os.environ.pop(UNBLOCK_ENV, None)
         if mask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for signum, handler in previous.items():
