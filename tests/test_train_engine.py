@@ -807,6 +807,39 @@ def test_a_stop_that_reaches_the_dataloader_workers_first_still_ends_kocr_train_
     assert _train_run("stop-workers").info.status == "KILLED"
 
 
+def test_sigterm_to_kocr_train_under_train_processes_exits_143_without_torchruns_traceback(prepared, tmp_path):
+    """train.processes: 2 (kocr train starts itself under torchrun). Was: a SIGTERM to kocr train, passed on
+    to torchrun, also printed torchrun's own traceback (``torch.distributed.elastic.multiprocessing.api.
+    SignalException: Process N got signal: 15``) and three lines about it, under the job's status 143.
+    Now one line; the ranks still stop and rank 0 still ends its run as KILLED."""
+    import psutil
+
+    _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2, processes=2)
+    env = _ddp_env("processes-2-sigterm")
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "KOCR_PARAMS"):
+        env.pop(name, None)
+    proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
+                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    family = []
+    try:
+        _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
+        family = psutil.Process(proc.pid).children(recursive=True)  # torchrun and its two ranks
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        gone, left = psutil.wait_procs(family, timeout=60)
+    finally:
+        proc.kill()
+        for child in family:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    assert "death signal" not in err and "closing signal" not in err, err[-3000:]  # torchrun's lines: one is enough
+    assert err.strip().splitlines()[-1] == "kocr train: stopped by SIGTERM (torchrun stopped its ranks)", err[-3000:]
+    assert len(family) == 3 and not left, f"{[p.pid for p in left]} of {[p.pid for p in family]} outlived it"
+    assert _train_run("processes-2-sigterm").info.status == "KILLED", err[-3000:]
+
+
 def test_ctrl_c_to_torchrun_says_interrupted_once_not_once_per_rank(prepared, tmp_path):
     """torchrun passes Ctrl-C (SIGINT) on to every rank: each printed 'kocr train: interrupted'."""
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)

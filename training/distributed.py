@@ -15,6 +15,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import logging
 import os
 import signal
 import sys
@@ -145,15 +146,55 @@ def _job_status(returncode: int, folder: Path) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+class _StopLines(logging.Filter):
+    """Drops torchrun's log lines about a stop signal it got: 'Received 15 death signal, shutting down
+    workers' and then 'Sending process N closing signal SIGTERM' once per rank (those it sends when a
+    rank failed are kept)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopping = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if "death signal" in message:
+            self.stopping = True
+            return False
+        return not (self.stopping and "closing signal" in message)
+
+
+TORCHRUN_LOGGERS = ("torch.distributed.elastic.agent.server.api", "torch.distributed.elastic.multiprocessing.api")
+
+
+def torchrun_main(args: list[str]) -> NoReturn:
+    """``python -m torch.distributed.run <args>``, as :func:`run_under_torchrun` starts it, ending on a stop
+    signal (SIGTERM, SIGINT, SIGHUP) that torchrun passed on to its ranks with status 128 + the signal and,
+    but for SIGINT (rank 0 says ``kocr train: interrupted``), one line. Was: torchrun's own traceback
+    (``SignalException: Process N got signal: 15``) and its three lines about stopping the ranks."""
+    from torch.distributed import run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    quiet = _StopLines()
+    for name in TORCHRUN_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    try:
+        run.main(args)
+    except SignalException as exc:
+        if exc.sigval != signal.SIGINT:
+            print(f"kocr train: stopped by {exc.sigval.name} (torchrun stopped its ranks)", file=sys.stderr)
+        sys.exit(128 + int(exc.sigval))
+    sys.exit(0)
+
+
 def run_under_torchrun(processes: int, argv: list[str]) -> int:
-    """Start ``python -m torch.distributed.run --standalone --nproc_per_node processes -m kocr.cli <argv>``
-    and return the job's exit status (:func:`_job_status`).
+    """Start torchrun (:func:`torchrun_main`, as ``python -m torch.distributed.run --standalone
+    --nproc_per_node processes -m kocr.cli <argv>``) and return the job's exit status (:func:`_job_status`).
 
     This is how ``kocr train`` with ``train.processes`` > 1 uses several GPUs under ``dvc repro``.
     torchrun runs in a process group of its own, so a Ctrl-C at the terminal reaches it once, passed on
     by this process: SIGTERM and SIGINT to this process are passed to torchrun, which passes them to
-    its ranks (rank 0 ends its MLflow runs as KILLED); then SIGTERM ends this process with status 143
-    and SIGINT raises :class:`InterruptedJob`. Should this process be SIGKILLed, torchrun gets SIGTERM
+    its ranks (rank 0 ends its MLflow runs as KILLED); then SIGTERM ends this process with status 143 (torchrun
+    says so in one line) and SIGINT raises :class:`InterruptedJob`. Should this process be SIGKILLed, torchrun gets SIGTERM
     (Linux's parent-death signal) and stops its ranks as on a SIGTERM.
     """
     import ctypes
@@ -172,8 +213,8 @@ def run_under_torchrun(processes: int, argv: list[str]) -> int:
             prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
     folder = Path(tempfile.mkdtemp(prefix="kocr-ranks-"))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "kocr.cli", *argv]
+    command = [sys.executable, "-c", "import sys; from training.distributed import torchrun_main; "
+               "torchrun_main(sys.argv[1:])", "--standalone", "--nproc_per_node", str(processes), "-m", "kocr.cli", *argv]
     received: list[int] = []
     try:
         proc = subprocess.Popen(command, env={**os.environ, STATUS_DIR: str(folder)}, preexec_fn=in_own_group)
