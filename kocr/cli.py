@@ -413,8 +413,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         # the files at once, beside the readings just swapped in (not after minutes of MLflow logging)
         _dump({label: e.analysis for label, e in evaluated.items()}, analysis_file)
         write_text(report_file, report)
+        # the champion's version beside its row: promote compares with that score instead of reading
+        # the pages again when the alias still names it (champion_score_from_evaluate)
         _dump({**results, "eval_data_hash": data_hash, "eval_scoring_hash": scoring, "pages": len(pages),
-               **({"candidate_sha256": scored_sha256} if scored_sha256 else {})}, metrics_file)
+               **({"candidate_sha256": scored_sha256} if scored_sha256 else {}),
+               **({"champion_version": champion.removeprefix("models:/")} if champion else {})}, metrics_file)
         for label, evaluation in evaluated.items():
             mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in evaluation.metrics.items()})
             mlflow.log_dict(evaluation.analysis, f"analysis/{label}.json")
@@ -549,6 +552,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
                           evaluated["eval_data_hash"], evaluated.get("eval_scoring_hash", ""))
 
     def rescore(uri: str) -> float:  # scored exactly as the evaluate stage scored the candidate
+        known = champion_score_from_evaluate(evaluated, uri, config.metric)
+        if known is not None:  # evaluate read this very version on these pages minutes ago
+            return known
         pages = test_pages(args.source, args.splits, evaluate_config.split)
         scores = evaluate_models({"champion": uri}, pages, Path(args.work) / "champion", settings,
                                  iou_threshold=evaluate_config.iou_threshold)
@@ -565,6 +571,23 @@ def cmd_promote(args: argparse.Namespace) -> None:
     _dump(decision, args.out)
     role = "champion" if decision["promoted"] else "challenger"  # a promoted version is both; champion serves
     print(f"promote: {config.model_name} v{decision['candidate_version']} is {role}; {decision['reason']}")
+
+
+def champion_score_from_evaluate(evaluated: dict, uri: str, metric: str) -> float | None:
+    """The ``metric`` score ``metrics/evaluate.json`` (``evaluated``) gives the champion version ``uri``
+    (``models:/NAME/VERSION``), or None when that file scored another version (the alias moved since),
+    none, or not on ``metric``. evaluate scores the champion on the candidate's pages, the same way, so
+    ``promote`` needs no second reading of them (was: every promote on a new evaluation set read the
+    champion's pages again, minutes on real data, for the score evaluate had just written).
+
+    >>> champion_score_from_evaluate({"champion": {"e2e_f1": 0.6}, "champion_version": "m/3"}, "models:/m/3", "e2e_f1")
+    0.6
+    >>> champion_score_from_evaluate({"champion": {"e2e_f1": 0.6}, "champion_version": "m/3"}, "models:/m/4", "e2e_f1")
+    """
+    scores = evaluated.get("champion")
+    if not isinstance(scores, dict) or metric not in scores or not evaluated.get("champion_version"):
+        return None
+    return float(scores[metric]) if uri == f"models:/{evaluated['champion_version']}" else None
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -266,6 +266,32 @@ def test_evaluate_without_tesseract_warns_in_kocrs_one_line(sample_pages, prepar
         capsys.readouterr().err.splitlines()
 
 
+def test_evaluate_names_the_champion_version_it_scored_for_promote(sample_pages, prepared, tmp_path, monkeypatch,
+                                                                    capsys):
+    """metrics/evaluate.json says which registry version its champion row is (champion_version), so promote
+    compares with that score rather than reading the pages again (was: it had no way to know the row's version)."""
+    import evaluation.evaluate
+    import kocr.cli
+    from evaluation.evaluate import ModelEvaluation
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("evaluate: {split: val, baselines: []}\ntrain: {base: english_g2}\n"
+                                          "promote: {model_name: named-row}\n", encoding="utf-8")
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models",
+                        lambda models, *args, **kwargs: {label: ModelEvaluation({"e2e_f1": 0.9}, {}) for label in models})
+    monkeypatch.setattr(kocr.cli, "evaluation_report", lambda *args: "report")
+    monkeypatch.setattr(kocr.cli, "_scored_model_tags", lambda models: {})
+    evaluate = ["evaluate", "--source", str(sample_pages), "--splits", str(prepared / "splits.json"),
+                "--candidate", "english_g2", "--predictions", "pred", "--metrics", "m.json", "--pictures", "pics"]
+    for champion in ("models:/named-row/3", None):
+        monkeypatch.setattr(kocr.cli, "_champion_uri", lambda name, champion=champion: champion)
+        done = _kocr_here(capsys, *evaluate)
+        assert done.returncode == 0, done.stderr
+        written = json.loads((tmp_path / "m.json").read_text())
+        assert written.get("champion_version") == (champion and "named-row/3"), written
+        assert ("champion" in written) == bool(champion)
+
+
 def test_promote_refuses_a_candidate_trained_again_since_evaluate_scored_it(sample_pages, prepared, tmp_path,
                                                                           monkeypatch, capsys):
     """Was: promote took metrics/evaluate.json's score for whatever mlflow.json named, so a candidate trained

@@ -754,3 +754,46 @@ def test_the_run_that_owns_the_model_carries_the_score_it_is_promoted_by(logged_
     assert owner.data.tags["eval_data_hash"] == "evalset" and owner.data.tags["eval_scoring_hash"] == "scoring"
     model = mlflow.get_logged_model(uris[0][0].removeprefix("models:/"))
     assert {m.key: m.value for m in model.metrics or []} == {"e2e_f1": 0.625, "cer": 0.0125}
+
+
+def test_promote_compares_with_the_champion_score_evaluate_wrote_instead_of_reading_the_pages_again(
+        logged_uris, monkeypatch, tmp_path):
+    """Was: on a new evaluation set (every new data version) evaluate scored the champion beside the candidate,
+    then promote read the same pages again to re-score it: minutes on real data for a score already in
+    metrics/evaluate.json. A champion that moved since evaluate (another version) is still re-scored."""
+    import json
+
+    import evaluation.evaluate
+    from evaluation.evaluate import ModelEvaluation
+    from kocr.cli import main
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("promote: {model_name: scored-beside}\n", encoding="utf-8")
+    champion = promote(_candidate(uris[0], 0.50, "set-old"), PromoteConfig(model_name="scored-beside"),
+                       _no_rescore)["candidate_version"]
+    read = []
+
+    def evaluate_models(models, *args, **kwargs):
+        read.append(dict(models))
+        return {label: ModelEvaluation({"e2e_f1": 0.58}, {}) for label in models}
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models", evaluate_models)
+    monkeypatch.setattr(evaluation.evaluate, "test_pages", lambda *args: ["page"])
+
+    def promote_by_cli(uri_run, score, champion_version, eval_set):
+        (tmp_path / "cand").mkdir(exist_ok=True)
+        (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uri_run[0], "run_id": uri_run[1]}))
+        (tmp_path / "eval.json").write_text(json.dumps({
+            "candidate": {"e2e_f1": score}, "champion": {"e2e_f1": 0.55}, "eval_data_hash": eval_set,
+            "champion_version": champion_version}))
+        assert main(["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src",
+                     "--splits", "s.json", "--out", "promote.json"]) == 0
+        return json.loads((tmp_path / "promote.json").read_text())
+
+    decision = promote_by_cli(uris[1], 0.52, f"scored-beside/{champion}", "set-new")
+    assert read == [] and decision["champion_e2e_f1"] == pytest.approx(0.55) and not decision["promoted"]
+    decision = promote_by_cli(uris[2], 0.60, f"scored-beside/{int(champion) + 7}", "set-newer")  # alias moved since
+    assert read == [{"champion": f"models:/scored-beside/{champion}"}]
+    assert decision["champion_e2e_f1"] == pytest.approx(0.58) and decision["promoted"]
