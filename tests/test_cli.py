@@ -575,6 +575,34 @@ def test_a_tracking_server_that_cannot_be_reached_is_one_line_naming_it(tmp_path
     assert "s3cret" not in done.stderr
 
 
+def test_an_artifact_store_the_tracking_server_cannot_reach_is_named_in_the_one_line(tmp_path, monkeypatch, capsys):
+    """The MLflow server stores artifacts in its S3 bucket (--artifacts-destination); with that endpoint down
+    (or its keys refused) every artifact upload gets a 500, retried for minutes, then
+    `kocr synth-lines: error: MLflow at http://…: API request to …/mlflow-artifacts/… failed … too many
+    500 error responses`: the line named the tracking server alone, which answered every other request.
+    The message MLflow raised in that run (moto_server stopped behind mlflow/serve.sh)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    raised = ("API request to http://127.0.0.1:36749/api/2.0/mlflow-artifacts/artifacts/1/a8ac/artifacts/"
+              "contact_sheet.png failed with exception HTTPConnectionPool(host='127.0.0.1', port=36749): Max "
+              "retries exceeded with url: /api/2.0/mlflow-artifacts/artifacts/1/a8ac/artifacts/contact_sheet.png "
+              "(Caused by ResponseError('too many 500 error responses'))")
+
+    def log_artifact(*args, **kwargs):
+        raise MlflowException(raised)
+    monkeypatch.setattr(mlflow, "log_artifact", log_artifact)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("synth_lines:\n  fonts: [NanumGothic.ttf]\n  contact_sheet: 2\n"
+                                          "  workers: 1\n", encoding="utf-8")
+    done = _kocr_here(capsys, "synth-lines", "--out", "lines", "--count", "2")
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and lines, done.stderr
+    assert lines[-1].startswith("kocr synth-lines: error: MLflow at sqlite:///"), lines[-1]
+    assert "the server could not reach its artifact store (mlflow server --artifacts-destination" in lines[-1]
+    assert raised in lines[-1]
+
+
 def test_photos_as_phones_and_scanners_write_them_are_read_as_they_are_seen(sample_pages, tmp_path, monkeypatch):
     import cv2
     import numpy as np
