@@ -206,3 +206,37 @@ def test_without_keys_in_the_environment_the_remote_refuses(tmp_path, endpoint):
     origin = _origin(tmp_path, env, pipeline=False)
     done = _run([DVC, "push"], origin, env, ok=False)
     assert done.returncode != 0 and "Unable to locate credentials" in done.stdout + done.stderr
+
+
+def test_the_retrain_pull_stops_naming_the_remote_when_the_data_version_was_never_pushed(tmp_path, endpoint):
+    """A `dvc add` committed without `dvc push`: the retrain workflow's `dvc pull --allow-missing` passed it with
+    a warning ("Everything is up to date.", exit 0) and `dvc repro` then stopped on "missing data 'source':
+    data/aihub". Its step now fails on the missing data version, naming the remote; once pushed, it passes."""
+    import yaml
+
+    env = _env(tmp_path, AWS_ENDPOINT_URL_S3=endpoint, AWS_DEFAULT_REGION="us-east-1", **KEYS)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"])
+    url = _run([DVC, "config", "remote.storage.url"], REPO, env).stdout.strip()
+    bucket = urlparse(url).netloc
+    if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=bucket)
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "retrain.yml").read_text(encoding="utf-8"))
+    [pull] = [step["run"] for step in workflow["jobs"]["retrain"]["steps"] if step.get("name") == "dvc pull"]
+
+    origin = _origin(tmp_path, env, pipeline=False)
+    (origin / "data" / "aihub" / "page_9.json").write_text('{"annotations": [{"id": 9}]}')  # a version of its own
+    _run([DVC, "add", "-q", "data/aihub"], origin, env)
+    _run(["git", "add", "-A"], origin, env)
+    _run(["git", "commit", "-qm", "new data, not pushed"], origin, env)
+    clone = tmp_path / "runner"
+    _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+    done = _run(["bash", "-eo", "pipefail", "-c", pull], clone, env, ok=False)
+    errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("::error::")]
+    assert done.returncode == 1 and errors == [
+        f"::error::not on the DVC remote 'storage' ({url}): the data of data/aihub.dvc (dvc push it from the "
+        "machine that ran dvc add; docs/gpu-server.md, section 3)"], done.stdout + done.stderr
+
+    _run([DVC, "push"], origin, env)
+    _run(["bash", "-eo", "pipefail", "-c", pull], clone, env)
+    assert _files(clone / "data" / "aihub") == _files(origin / "data" / "aihub")
