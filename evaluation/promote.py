@@ -146,8 +146,12 @@ def _champion(client: mlflow.MlflowClient, name: str):
         raise
 
 
-def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str], float]) -> dict[str, Any]:
+def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str], float],
+            evaluated_champion: tuple[str, float] | None = None) -> dict[str, Any]:
     """Register ``candidate`` and decide on ``champion``; returns the decision as a flat dict.
+
+    ``evaluated_champion``: ``(models:/NAME/VERSION, score)`` of the champion evaluate scored beside the
+    candidate, on its set and the same way; used instead of ``rescore`` when the alias still names it.
 
     The lock is taken first: a lock that cannot be had leaves the registry as it was (no version
     without a decision, ``challenger`` unmoved), and ``challenger`` moves in the order decisions do."""
@@ -167,7 +171,7 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
         _describe_version(client, config.model_name, version, candidate, metric)
         _describe_model(client, config)  # after the registration: a user the registry refuses stops there, as before
         client.set_registered_model_alias(config.model_name, "challenger", version)
-        return _decide(client, config, candidate, version, rescore)
+        return _decide(client, config, candidate, version, rescore, evaluated_champion)
 
 
 def model_description(config: PromoteConfig) -> str:
@@ -239,7 +243,7 @@ def version_description(candidate: Candidate, metric: str) -> str:
 
 
 def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candidate, version: str,
-            rescore: Callable[[str], float]) -> dict[str, Any]:
+            rescore: Callable[[str], float], evaluated_champion: tuple[str, float] | None = None) -> dict[str, Any]:
     """Compare with the champion and move the alias; runs under the promotion lock."""
     metric = config.metric
     champion = _champion(client, config.model_name)
@@ -265,6 +269,9 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
             how = "its recorded score on the same set"
         elif kept is not None:
             champion_score, how = kept, "re-scored on this set by an earlier promote"
+        elif evaluated_champion and evaluated_champion[0] == f"models:/{config.model_name}/{champion.version}":
+            champion_score, how = evaluated_champion[1], "scored on this set beside the candidate by evaluate"
+            _keep_rescore(client, config.model_name, champion.version, metric, candidate, champion_score)
         else:
             champion_score = rescore(f"models:/{config.model_name}/{champion.version}")
             how = ("re-scored on this set (it was scored on another)" if not same_set else

@@ -553,9 +553,6 @@ def cmd_promote(args: argparse.Namespace) -> None:
                           evaluated["eval_data_hash"], evaluated.get("eval_scoring_hash", ""))
 
     def rescore(uri: str) -> float:  # scored exactly as the evaluate stage scored the candidate
-        known = champion_score_from_evaluate(evaluated, uri, config.metric)
-        if known is not None:  # evaluate read this very version on these pages minutes ago
-            return known
         pages = test_pages(args.source, args.splits, evaluate_config.split)
         scores = evaluate_models({"champion": uri}, pages, Path(args.work) / "champion", settings,
                                  iou_threshold=evaluate_config.iou_threshold)
@@ -563,7 +560,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
     # every knob as promote read it, defaults included: promote.min_delta is a param also when params.yaml leaves it out
     with stage_run("promote", {"promote": PromoteConfig.logged(asdict(config))}):
-        decision = promote(candidate, config, rescore)
+        version = evaluated.get("champion_version")  # the champion evaluate scored beside the candidate
+        known = champion_score_from_evaluate(evaluated, f"models:/{version}", config.metric) if version else None
+        decision = promote(candidate, config, rescore, None if known is None else (f"models:/{version}", known))
         log_on_model_run(candidate, evaluated["candidate"])  # e2e_f1 … on the train run its version names
         mlflow.log_dict(decision, "promote.json")
         mlflow.log_metrics(decision_metrics(decision, config.metric))  # charted run by run, as evaluate's are

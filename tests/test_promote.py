@@ -794,6 +794,7 @@ def test_promote_compares_with_the_champion_score_evaluate_wrote_instead_of_read
 
     decision = promote_by_cli(uris[1], 0.52, f"scored-beside/{champion}", "set-new")
     assert read == [] and decision["champion_e2e_f1"] == pytest.approx(0.55) and not decision["promoted"]
+    assert "(scored on this set beside the candidate by evaluate)" in decision["reason"]
     decision = promote_by_cli(uris[2], 0.60, f"scored-beside/{int(champion) + 7}", "set-newer")  # alias moved since
     assert read == [{"champion": f"models:/scored-beside/{champion}"}]
     assert decision["champion_e2e_f1"] == pytest.approx(0.58) and decision["promoted"]
