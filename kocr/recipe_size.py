@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from typing import Any
-from kocr.params import section
+from kocr.params import section, typed
 
 OVERRIDE = "KOCR_RECIPE_ANY_MACHINE"
 CPU_IMAGES_PER_SECOND = 30.0  # what two CPU cores train the CRNN at: 12.8-35.6 images/s over 15 instalments
@@ -39,9 +39,11 @@ def size_problem(params: dict[str, Any], path: str, cuda: bool) -> str | None:
     if cuda or not _wants_gpu(params):
         return None
     train = section(params, "train")
-    images = int(train.get("steps", 0)) * int(train.get("batch_size", 1))
+    steps = typed("train.steps", train.get("steps", 0), int)  # a typo ('30k') is the file's line, not a traceback
+    batch = typed("train.batch_size", train.get("batch_size", 1), int)
+    images = steps * batch
     hours = images / CPU_IMAGES_PER_SECOND / 3600
-    return (f"{path}: the `{params.get('size')}` size ({train.get('steps')} steps x {train.get('batch_size')} = "
+    return (f"{path}: the `{params.get('size')}` size ({steps} steps x {batch} = "
             f"{images:,} images to train) needs a CUDA GPU, and torch finds none here: at the ~"
             f"{CPU_IMAGES_PER_SECOND:.0f} images/s two CPU cores train, that is ~{hours:,.0f} h. "
             f"Run the CPU size instead: {CPU_SIZE_FIX}; or set {OVERRIDE}=1 to run this size here anyway")

@@ -164,6 +164,24 @@ def test_size_check_wants_cuda_for_every_size_but_cpu_unless_training_is_pinned_
     assert (size_problem({**params, "train": None}, name, cuda=False) is not None) == gpu
 
 
+def test_check_size_names_the_file_and_key_of_a_training_length_that_is_not_a_number(tmp_path, monkeypatch, capsys):
+    """The recipe's first command: `train.steps: 30k` in a GPU size is one line naming it, exit 2, not a traceback."""
+    import torch
+
+    from kocr.recipe import main
+
+    params = yaml.safe_load((RECIPE / "params.yaml").read_text(encoding="utf-8"))
+    for key, value in (("steps", "30k"), ("batch_size", [256])):
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump({**params, "train": {**params["train"], key: value}}), encoding="utf-8")
+        monkeypatch.setenv("KOCR_PARAMS", str(path))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        with pytest.raises(SystemExit) as stop:
+            main(["check-size"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"python -m kocr.recipe check-size: error: {path}: train.{key} {value!r}: expected a whole number"
+
 def test_labels_with_quotes_survive_export_scoring_and_readings_exactly(tmp_path, capsys):
     """A label's ``"`` is text: export-crops and readings.tsv used to CSV-quote it, so 5 crops of held-out v2
     (a label "이낙연" in quotes) were scored against the quoted form and counted wrong for every reader."""
