@@ -96,7 +96,7 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
         cfg.update(override)
         origin = dict.fromkeys(override, args.section)  # an error in one of its keys names that section
     config = LinesConfig.from_params(cfg, origin, count=args.count, seed=args.seed, workers=args.workers)
-    check_sources(config)  # charset, fonts and background pictures: before a run is started
+    check_sources(config, origin)  # charset, fonts and background pictures: before a run is started
     check_out(Path(args.out))  # a file, or a folder of the user's: refused before a run is started, never replaced
     with stage_run("synth_lines", {"synth_lines": config.as_params()}):
         start = time.perf_counter()

@@ -1236,3 +1236,23 @@ def test_a_render_worker_killed_fails_synth_lines_instead_of_hanging(tmp_path):
         pytest.fail("kocr synth-lines hung after a worker was killed: " + proc.communicate()[1][-3000:])
     assert proc.returncode not in (0, 143), err[-3000:]
     assert "BrokenProcessPool" in err or "terminated abruptly" in err, err[-3000:]
+
+
+def test_a_section_whose_fonts_match_nothing_is_named_in_the_error(tmp_path, monkeypatch, capsys):
+    """`kocr synth-lines --section synth_lines_heldout` whose own `fonts` match no installed file names
+    synth_lines_heldout.fonts, the key to fix; was synth_lines.fonts, the training faces, which were fine."""
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(
+        "synth_lines:\n  fonts: [NanumGothic.ttf]\n  contact_sheet: 0\n  workers: 1\n"
+        "synth_lines_heldout:\n  fonts: [NoSuchFaceA.ttf, NoSuchFaceB.ttf]\n", encoding="utf-8")
+    assert main(["synth-lines", "--section", "synth_lines_heldout", "--out", "set", "--count", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "params.yaml: synth_lines_heldout.fonts: no font file matches ['NoSuchFaceA.ttf', 'NoSuchFaceB.ttf']" in err
+    assert not (tmp_path / "set").exists()
+    # the same patterns under synth_lines itself are still named synth_lines.fonts
+    (tmp_path / "params.yaml").write_text(
+        "synth_lines:\n  fonts: [NoSuchFaceA.ttf]\n  contact_sheet: 0\n  workers: 1\n", encoding="utf-8")
+    assert main(["synth-lines", "--out", "set", "--count", "2"]) == 2
+    assert "params.yaml: synth_lines.fonts: no font file matches ['NoSuchFaceA.ttf']" in capsys.readouterr().err

@@ -28,6 +28,7 @@ import functools
 import math
 import os
 import random
+import re
 import sys
 import unicodedata
 import warnings
@@ -825,16 +826,23 @@ def iter_samples(config: LinesConfig, start: int = 0, stop: int | None = None,
         end_pool(pool)
 
 
-def check_sources(config: LinesConfig) -> None:
+def check_sources(config: LinesConfig, origin: Mapping[str, str] | None = None) -> None:
     """The charset, the font patterns and the background pictures checked (SynthConfigError naming the key),
     quietly: before ``kocr synth-lines`` starts its run, so a refusal leaves no FAILED run in MLflow (a folder
     with no picture, or a JPEG cut short in it, was found only inside the run); ``generate_lines`` warns about
-    weak faces itself."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        _usable(config)
-    if config.background_images and config.backgrounds.get("image", 0) > 0:
-        _background_files(config)
+    weak faces itself. ``origin`` (as for :meth:`LinesConfig.from_params`) makes the error name the section a
+    key came from: ``synth_lines_heldout.fonts`` for the held-out faces of ``--section synth_lines_heldout``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _usable(config)
+        if config.background_images and config.backgrounds.get("image", 0) > 0:
+            _background_files(config)
+    except SynthConfigError as exc:
+        if not origin:
+            raise
+        named = re.sub(r"\bsynth_lines\.(\w+)", lambda m: f"{origin.get(m[1], 'synth_lines')}.{m[1]}", str(exc))
+        raise SynthConfigError(named) from None
 
 
 def _usable(config: LinesConfig) -> list[FontFace]:
