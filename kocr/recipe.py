@@ -658,7 +658,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     params = load_params()
     cfg = recipe_settings(params)
-    sets = {HELDOUT: args.heldout, **_named_sets(args.set), **cfg["real_sets"]}
+    named = _named_sets(args.set)
+    given = [(f"--heldout {args.heldout}", args.heldout)] + [(f"--set {n}={p}", p) for n, p in named.items()]
+    for flag, path in given:  # sets named on the command line are the point of the run: not skipped as real sets are
+        if not Path(path).is_file():
+            raise RecipeError(f"{flag}: labels file not found (run the recipe's synth_heldout stage)")
+    sets = {HELDOUT: args.heldout, **named, **cfg["real_sets"]}
     start = time.perf_counter()
     with stage_run("recipe_evaluate", {"recipe": section(params, "recipe")}):
         result = evaluate_sets(args.model, sets, reference=cfg["reference"], baselines=tuple(cfg["baselines"]),

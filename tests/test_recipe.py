@@ -1246,3 +1246,25 @@ def test_evaluate_stage_writes_its_metrics_and_logs_the_same_numbers_and_reading
     assert (Path(artifacts) / "evaluate/heldout/readings.tsv").read_bytes() == \
         (tmp_path / "eval/heldout/readings.tsv").read_bytes()
     assert json.loads((Path(artifacts) / "evaluate.json").read_text(encoding="utf-8")) == written
+
+
+def test_evaluate_refuses_a_missing_heldout_or_set_labels_file_before_scoring(heldout_crops, tmp_path, monkeypatch,
+                                                                             capsys):
+    """Was: `--heldout` (or a `--set`) naming no file was skipped like a missing real set, exit 0, and the
+    evaluation, its metrics and the card went on without the held-out faces the recipe is scored on."""
+    from kocr.recipe import main
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"recipe": {"baselines": []}}), encoding="utf-8")
+    monkeypatch.setenv("KOCR_PARAMS", str(tmp_path / "p.yaml"))
+    labels = str(heldout_crops / "crops/labels.tsv")
+    gone = str(tmp_path / "heldout_crops/labels.tsv")
+    for extra, flag in ((["--heldout", gone], f"--heldout {gone}"),
+                        (["--heldout", labels, "--set", f"heldout_latin={gone}"], f"--set heldout_latin={gone}")):
+        with pytest.raises(SystemExit) as stop:
+            main(["evaluate", "--model", "ko_base", *extra, "--out", str(tmp_path / "eval"),
+                  "--metrics", str(tmp_path / "m.json")])
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"python -m kocr.recipe evaluate: error: {flag}: labels file not found (run the recipe's synth_heldout "
+            "stage)"]
+        assert not (tmp_path / "m.json").exists() and not (tmp_path / "eval").exists()
