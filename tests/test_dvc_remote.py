@@ -240,3 +240,42 @@ def test_the_retrain_pull_stops_naming_the_remote_when_the_data_version_was_neve
     _run([DVC, "push"], origin, env)
     _run(["bash", "-eo", "pipefail", "-c", pull], clone, env)
     assert _files(clone / "data" / "aihub") == _files(origin / "data" / "aihub")
+
+
+def _pull_step() -> str:
+    """The retrain workflow's `dvc pull` step, as the runner's bash runs it."""
+    import yaml
+
+    workflow = yaml.safe_load((REPO / ".github" / "workflows" / "retrain.yml").read_text(encoding="utf-8"))
+    [pull] = [step["run"] for step in workflow["jobs"]["retrain"]["steps"] if step.get("name") == "dvc pull"]
+    return pull
+
+
+def test_the_retrain_pull_takes_a_pushed_data_version_whose_name_is_korean_or_has_a_space(tmp_path, endpoint):
+    """git ls-files quotes a path with non-ASCII bytes ("data/\\355\\225\\234….dvc"), so the step's strict pull
+    was given a name that is no file and said the pushed data of "data/\\355…" was not on the remote. The
+    names now come NUL-separated, as git has them; a pull that fails for another reason shows DVC's output."""
+    env = _env(tmp_path, AWS_ENDPOINT_URL_S3=endpoint, AWS_DEFAULT_REGION="us-east-1", **KEYS)
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id=KEYS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"])
+    bucket = urlparse(_run([DVC, "config", "remote.storage.url"], REPO, env).stdout.strip()).netloc
+    if bucket not in {b["Name"] for b in s3.list_buckets()["Buckets"]}:
+        s3.create_bucket(Bucket=bucket)
+    origin = _origin(tmp_path, env, pipeline=False)
+    for name in ("한글 페이지", "scan set"):
+        (origin / "data" / name).mkdir()
+        (origin / "data" / name / "p.json").write_text(f'{{"name": "{name}"}}', encoding="utf-8")
+        _run([DVC, "add", "-q", f"data/{name}"], origin, env)
+    _run(["git", "add", "-A"], origin, env)
+    _run(["git", "commit", "-qm", "named data"], origin, env)
+    _run([DVC, "push"], origin, env)
+    clone = tmp_path / "runner"
+    _run(["git", "clone", "-q", str(origin), str(clone)], tmp_path, env)
+    done = _run(["bash", "-eo", "pipefail", "-c", _pull_step()], clone, env, ok=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for name in ("한글 페이지", "scan set", "aihub"):
+        assert _files(clone / "data" / name) == _files(origin / "data" / name), name
+
+    # the strict pulls after the first fetch nothing again (the data are in the cache): a pull now says so
+    again = _run([DVC, "pull", "data/한글 페이지.dvc"], clone, env)
+    assert "fetched" not in again.stdout + again.stderr and "up to date" in again.stdout, again.stdout
