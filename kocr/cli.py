@@ -15,7 +15,6 @@ import atexit
 import contextlib
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -1208,28 +1207,6 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
-_SERVER_FAILED = re.compile(r"error code 5\d\d|too many 5\d\d error responses")
-
-
-def artifact_store_hint(message: str) -> str:
-    """What to say before an MLflow error ``message``: that the server's artifact store failed, when the
-    request was an artifact upload or download (``/mlflow-artifacts/``) the server answered with a 5xx.
-    The server writes artifacts to its own store (``--artifacts-destination``: the S3 bucket of
-    docs/gpu-server.md), so an S3 endpoint that is down or keys it refuses reach the client only as a 500;
-    was: the line named the tracking server alone, which answered the runs' other requests.
-
-    >>> artifact_store_hint("API request to http://s:5000/api/2.0/mlflow-artifacts/artifacts/1/x.png failed "
-    ...                     "with exception ... (Caused by ResponseError('too many 500 error responses'))")[:45]
-    'the server could not reach its artifact store'
-    >>> artifact_store_hint("API request to http://s:5000/api/2.0/mlflow/runs/create failed with error code 500")
-    ''
-    """
-    if "/mlflow-artifacts/" not in message or not _SERVER_FAILED.search(message):
-        return ""
-    return ("the server could not reach its artifact store (mlflow server --artifacts-destination, e.g. "
-            "s3://mlflow/artifacts: its S3 endpoint down or its keys refused; the server's log says which): ")
-
-
 def _error_line(line: str) -> None:
     """Print the command's one error line on a line of its own: a progress bar the error left open (e.g.
     ``train``'s, stopped by a damaged sample mid-run) is closed first, else the line was glued to the end
@@ -1290,7 +1267,7 @@ def _main(argv: list[str] | None, where: list[str]) -> int:
             raise
         import mlflow
 
-        from kocr.tracking import shown_uri
+        from kocr.tracking import artifact_store_hint, shown_uri
 
         message = shown_uri((getattr(exc, "message", None) or str(exc)).strip().splitlines()[0])
         _error_line(f"kocr {args.command}: error: MLflow at {shown_uri(mlflow.get_tracking_uri())}: "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -143,6 +144,28 @@ def _create_sqlite_store(uri: str) -> None:
 
 
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # registry: no such model / no such alias
+
+
+_SERVER_FAILED = re.compile(r"error code 5\d\d|too many 5\d\d error responses")
+
+
+def artifact_store_hint(message: str) -> str:
+    """What to say before an MLflow error ``message``: that the server's artifact store failed, when the
+    request was an artifact upload or download (``/mlflow-artifacts/``) the server answered with a 5xx;
+    kocr's one error line and a model's download (``training.checkpoint``) put it first. The server writes artifacts to its own store (``--artifacts-destination``: the S3 bucket of
+    docs/gpu-server.md), so an S3 endpoint that is down or keys it refuses reach the client only as a 500;
+    was: the line named the tracking server alone, which answered the runs' other requests.
+
+    >>> artifact_store_hint("API request to http://s:5000/api/2.0/mlflow-artifacts/artifacts/1/x.png failed "
+    ...                     "with exception ... (Caused by ResponseError('too many 500 error responses'))")[:45]
+    'the server could not reach its artifact store'
+    >>> artifact_store_hint("API request to http://s:5000/api/2.0/mlflow/runs/create failed with error code 500")
+    ''
+    """
+    if "/mlflow-artifacts/" not in message or not _SERVER_FAILED.search(message):
+        return ""
+    return ("the server could not reach its artifact store (mlflow server --artifacts-destination, e.g. "
+            "s3://mlflow/artifacts: its S3 endpoint down or its keys refused; the server's log says which): ")
 
 
 def shown_uri(uri: str) -> str:

@@ -503,3 +503,30 @@ def test_the_fetch_caps_only_the_http_settings_the_user_left_unset(monkeypatch, 
     with ckpt.quick_fetch("runs:/x/recognizer", "sqlite:///mlruns.db"):  # local: nothing said, nothing capped
         assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ
     assert capsys.readouterr().err == ""
+
+
+def test_a_model_download_the_server_answers_with_a_5xx_names_its_artifact_store(monkeypatch):
+    """A champion's download (evaluate, promote, export) through an MLflow server whose artifact store is down
+    ends in MLflow's "too many 500 error responses" on /mlflow-artifacts/: the one line said "cannot load …"
+    with MLflow's message only (was: the artifact-store hint reached kocr's MLflow line, never this one,
+    though a model's download is the artifact request kocr makes most). The message, as MLflow 3.17 raised it."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    import training.checkpoint as checkpoint
+
+    raised = ("API request to http://127.0.0.1:38917/api/2.0/mlflow-artifacts/artifacts failed with exception "
+              "HTTPConnectionPool(host='127.0.0.1', port=38917): Max retries exceeded with url: /api/2.0/"
+              "mlflow-artifacts/artifacts?path=1%2Fabc%2Fartifacts%2Fmodel.pt (Caused by ResponseError('too many "
+              "500 error responses'))")
+
+    def download_artifacts(**kwargs):
+        raise MlflowException(raised)
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", download_artifacts)
+    monkeypatch.setattr(checkpoint, "reading_store", lambda uri: "sqlite:///local.db")
+    with pytest.raises(checkpoint.ModelSpecError) as failed:
+        checkpoint._download_mlflow_model("models:/kocr-x/3")
+    assert str(failed.value) == ("cannot load 'models:/kocr-x/3' from MLflow at sqlite:///local.db: the server could "
+                                 "not reach its artifact store (mlflow server --artifacts-destination, e.g. "
+                                 "s3://mlflow/artifacts: its S3 endpoint down or its keys refused; the server's "
+                                 "log says which): " + raised)

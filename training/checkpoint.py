@@ -245,8 +245,11 @@ def _download_mlflow_model(uri: str) -> Path:
         with quick_fetch(uri, store):
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=folder))
     except MlflowException as exc:
-        raise ModelSpecError(f"cannot load {uri!r} from MLflow at {store}: "
-                             f"{hide_passwords(exc.message.splitlines()[0])}") from None
+        from kocr.tracking import artifact_store_hint
+
+        message = hide_passwords(exc.message.splitlines()[0])
+        raise ModelSpecError(f"cannot load {uri!r} from MLflow at {store}: {artifact_store_hint(message)}"
+                             f"{message}") from None
     found = (sorted(local.rglob(CHECKPOINT_NAME)) or _pyfunc_checkpoint(local)) if local.is_dir() else [local]
     if not found:
         if uri.startswith("models:/"):  # registered, so logged once: most often its files were deleted since
