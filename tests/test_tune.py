@@ -470,6 +470,28 @@ def test_cli_reports_a_settings_error_in_one_line(prepared, tmp_path, monkeypatc
     assert err.startswith("kocr tune: error: params.yaml: tune.e2e_split test: ") and "\n" not in err
 
 
+@pytest.mark.parametrize("where", ["no server", "no such database"])
+def test_a_storage_that_cannot_be_opened_is_one_line_naming_it_without_its_password(where, prepared, tmp_path,
+                                                                                 monkeypatch, capsys):
+    # was: a traceback of some 150 lines ending in sqlalchemy.exc.OperationalError, exit 1
+    from kocr.cli import main
+
+    if where == "no server":  # nothing listens on port 1
+        url, shown = f"postgresql+psycopg2://kim:{SECRET}@127.0.0.1:1/optuna", "kim:***@127.0.0.1:1/optuna"
+    else:
+        params = postgres_params()
+        url = f"postgresql+psycopg2://{params['user']}:{SECRET}@{params['host']}:{params['port']}/kocr_no_such_db"
+        shown = f"{params['user']}:***@{params['host']}:{params['port']}/kocr_no_such_db"
+    monkeypatch.setattr("training.tune.time.sleep", lambda s: None)  # the retries of a race at table creation
+    monkeypatch.chdir(_project(tmp_path / "p"))
+    assert main(["tune", "--data", str(prepared), "--storage", url, "--study", "s"]) == 2
+    err = capsys.readouterr().err.strip()  # MLflow may say it made its store's tables first (INFO lines)
+    assert "Traceback" not in err and SECRET not in err, err
+    line = err.splitlines()[-1]
+    assert line.startswith(f"kocr tune: error: cannot open the Optuna storage postgresql+psycopg2://{shown}: "), err
+    assert "Connection refused" in line or "kocr_no_such_db" in line.rpartition(": ")[2]
+
+
 def test_end_to_end_f1_objective_scores_trials_on_the_validation_pages(sample_pages, prepared, tmp_path):
     import json
 

@@ -368,12 +368,29 @@ def make_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
                                                   heartbeat_interval=config.heartbeat_interval_s,
                                                   grace_period=config.grace_period_s,
                                                   heartbeat_stale_trial_callback=on_stale)
-            except sqlalchemy.exc.SQLAlchemyError:
+            except sqlalchemy.exc.SQLAlchemyError as exc:
                 # workers starting together on an empty database race to create the tables
                 if attempt == 2:
-                    raise
+                    error = storage_error(url, exc)
+                    if error is exc:
+                        raise
+                    raise error from exc
                 time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
+
+
+def storage_error(url: str, exc: Exception) -> Exception:
+    """What a worker that cannot open its storage raises: for a database that cannot be reached or
+    refuses the login (SQLAlchemy's ``OperationalError``: server down, wrong host or port, wrong
+    password, no such database), a TuneError of one line naming the storage with its password hidden
+    and the driver's reason (was: a traceback of some 150 lines); anything else, and a full SQLite
+    database (named as a full disk by :func:`named_database_full`), as it is."""
+    import sqlalchemy
+
+    if not isinstance(exc, sqlalchemy.exc.OperationalError) or database_full(exc):
+        return exc
+    reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
+    return TuneError(f"cannot open the Optuna storage {redact(url)}: {redact(reason)}")
 
 
 def make_sampler(config: TuneConfig, seed: int) -> optuna.samplers.BaseSampler:
