@@ -492,6 +492,34 @@ def test_a_storage_that_cannot_be_opened_is_one_line_naming_it_without_its_passw
     assert "Connection refused" in line or "kocr_no_such_db" in line.rpartition(": ")[2]
 
 
+@pytest.mark.parametrize("entry, change", [
+    ("optimizer", {"type": "categorical", "choices": ["adam", "adadelta"]}),  # other choices
+    ("lr", {"type": "float", "low": 1e-4, "high": 1e-2}),  # not on a log scale
+    ("warmup_steps", {"type": "float", "low": 0.0, "high": 2.0}),  # another type
+])
+def test_a_worker_whose_space_optuna_cannot_draw_in_the_study_is_refused_before_any_trial(entry, change, prepared,
+                                                                                         tmp_path, capsys):
+    # was: warned, then three trials in a row failed (ValueError: CategoricalDistribution does not support
+    # dynamic value space), each left FAIL in the shared study
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    config = TuneConfig.from_params(PARAMS["tune"]).with_overrides(study_name="shared", n_trials=2)
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = optuna.create_study(storage=storage, study_name="shared")
+    study.set_user_attr("kocr.metric", "val_cer")
+    study.set_user_attr("kocr.space", "another worker's")
+    study.add_trial(optuna.trial.create_trial(
+        params={"optimizer": "adam", "lr": 1e-3, "warmup_steps": 1}, value=0.9,
+        distributions={"optimizer": CategoricalDistribution(["adam", "adamw"]),
+                       "lr": FloatDistribution(1e-4, 1e-2, log=True), "warmup_steps": IntDistribution(0, 2)}))
+    changed = TuneConfig.from_params({**PARAMS["tune"], "space": {**PARAMS["tune"]["space"], entry: change}})
+    with pytest.raises(TuneError, match=rf"^tune.space.{entry} cannot join study shared: its trials drew {entry} "):
+        run_tune(changed.with_overrides(study_name="shared", n_trials=3), PARAMS, prepared, tmp_path, log=False)
+    assert [t.state.name for t in optuna.load_study(study_name="shared", storage=storage).get_trials()] \
+        == ["COMPLETE"]  # no trial failed in the shared study
+    run_tune(config, PARAMS, prepared, tmp_path, log=False)  # the study's own space still joins
+
+
 def test_end_to_end_f1_objective_scores_trials_on_the_validation_pages(sample_pages, prepared, tmp_path):
     import json
 

@@ -145,6 +145,15 @@ class ParamSpec:
         """Whether this entry is searched in a trial that chose ``chosen`` (by entry name) so far."""
         return all(chosen.get(other) in values for other, values in self.when)
 
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        """The Optuna distribution :meth:`suggest` draws from."""
+        if self.type == "categorical":
+            return optuna.distributions.CategoricalDistribution(list(self.choices))
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(int(self.low), int(self.high), log=self.log,
+                                                        step=int(self.step or 1))
+        return optuna.distributions.FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
+
     def suggest(self, trial: optuna.trial.Trial) -> Any:
         """Ask the trial for a value (a retried or enqueued trial gets its fixed value back)."""
         if self.type == "categorical":
@@ -480,8 +489,32 @@ def open_study(config: TuneConfig, storage: optuna.storages.RDBStorage, shared: 
     elif metric != config.metric:
         raise TuneError(f"study {name} optimises {metric}; tune.metric is {config.metric}")
     elif study.user_attrs.get("kocr.space") != space_fingerprint(config.space):
+        check_space_fits(study, config.space)
         print(f"tune: warning: tune.space differs from the one study {name} started with", file=sys.stderr)
     return study
+
+
+def check_space_fits(study: optuna.Study, space: tuple[ParamSpec, ...]) -> None:
+    """TuneError naming the first ``tune.space`` entry that Optuna cannot draw in ``study``: one whose trials
+    drew it as another type, on another scale (``log``) or, for a categorical, from other choices (Optuna
+    refuses each such draw). Was only warned: the worker then failed three trials in a row
+    (``ValueError: CategoricalDistribution does not support dynamic value space``), each left FAIL in the
+    shared study. Other differences (a float or int range, a new entry) are Optuna's to take."""
+    from optuna.distributions import check_distribution_compatibility
+
+    drawn: dict[str, dict[str, Any]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        for param, distribution in trial.distributions.items():
+            drawn.setdefault(param, {}).setdefault(repr(distribution), distribution)
+    for spec in space:
+        new = spec.distribution()
+        for old in drawn.get(spec.name, {}).values():
+            try:
+                check_distribution_compatibility(old, new)
+            except ValueError as exc:
+                raise TuneError(f"tune.space.{spec.name} cannot join study {study.study_name}: its trials drew "
+                                f"{spec.name} from {old}, this worker's entry is {new} ({exc}); use the study's "
+                                "tune.space, or another study") from None
 
 
 def space_fingerprint(space: tuple[ParamSpec, ...]) -> str:
