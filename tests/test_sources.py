@@ -235,3 +235,20 @@ def test_pieces_beside_a_joined_zip_that_does_not_read_are_not_said_to_be_delete
     assert len(index.labels) == 20
     assert all(place.endswith("which is here already (joined): not read; delete the pieces")
                for reason, place in index.stray if reason == "split_archive")
+
+
+def test_pieces_of_a_split_zip_with_a_gap_in_their_numbers_name_the_missing_ones_not_a_join(tmp_path):
+    """X.zip.part0, part1, part3 (part2 not downloaded, or deleted) were given `cat 'X.zip.part'* > 'X.zip'`,
+    which builds a zip without part2's bytes that does not read; the missing piece is named instead."""
+    folder = tmp_path / "Training"
+    folder.mkdir()
+    name = "[라벨]Training_인.허가.zip"
+    _split_zip(folder, name, 5)
+    (folder / f"{name}.part2").unlink()
+    (folder / f"{name}.part3").unlink()
+    said = [place for reason, place in scan_source(tmp_path).stray if reason == "split_archive"]
+    assert len(said) == 3
+    for place in said:
+        assert place.split(": ", 1)[1] == (f"a piece of a split download of {name}, not read; {name}.part2, "
+                                           f"{name}.part3 are missing: download them into its folder, then join "
+                                           "the pieces")

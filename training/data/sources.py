@@ -293,8 +293,13 @@ def split_pieces(folder: str, names: list[str], here: set[str],
     entries = []
     for (whole, sep), pieces in groups.items():
         ordered = [name for _, name in sorted(pieces)]
+        missing = missing_pieces(whole, sep, ordered)
         if whole in here and readable(whole):
             why = f"a piece of a split download of {whole}, which is here already (joined): not read; delete the pieces"
+        elif missing:  # cat would join the pieces there are into a zip without the missing ones' bytes
+            why = (f"a piece of a split download of {whole}, not read; {', '.join(missing)} "
+                   f"{'is' if len(missing) == 1 else 'are'} missing: download {'it' if len(missing) == 1 else 'them'} "
+                   "into its folder, then join the pieces")
         else:
             # the shell's * where it gives the pieces alone, in their order: not where it would also
             # take another file (a browser's unfinished X.zip.part3.crdownload) into the zip
@@ -307,6 +312,23 @@ def split_pieces(folder: str, names: list[str], here: set[str],
                    + f"in its folder: cat {shell} > {shlex.quote(whole)}")
         entries += [("split_archive", f"{folder}/{name}".lstrip("/") + f": {why}") for name in ordered]
     return entries
+
+
+def missing_pieces(whole: str, sep: str, ordered: list[str]) -> list[str]:
+    """The names of the pieces of ``whole`` missing between its first and last piece ``ordered`` (in
+    the order of their numbers), written as the others are (``X.zip.part2``; ``X.zip.002`` where every
+    piece's number has as many digits).
+
+    >>> missing_pieces("a.zip", ".part", ["a.zip.part0", "a.zip.part1", "a.zip.part3", "a.zip.part6"])
+    ['a.zip.part2', 'a.zip.part4', 'a.zip.part5']
+    >>> missing_pieces("a.zip", ".", ["a.zip.001", "a.zip.003"])
+    ['a.zip.002']
+    """
+    digits = [name[len(whole) + len(sep):] for name in ordered]
+    numbers = [int(d) for d in digits]
+    width = len(digits[0]) if len({len(d) for d in digits}) == 1 else 0
+    there = set(numbers)
+    return [f"{whole}{sep}{n:0{width}d}" for n in range(numbers[0], numbers[-1]) if n not in there]
 
 
 def _classify(index: SourceIndex, member: Member) -> None:
