@@ -114,6 +114,51 @@ def _isolated_mlflow(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _migrated_mlflow_template(tmp_path_factory):
+    """A new SQLite MLflow store opened in this process gets its tables as a copy of one migrated store.
+
+    MLflow creates a new store's tables, then runs every alembic migration (about 5 s, 10+ s on a loaded
+    2-core host), and each test has a store of its own (``_isolated_mlflow``): the suite spent minutes
+    migrating. The first new store of the session is migrated by MLflow itself into a template; every
+    later new, empty store in this process is given the template's pages (SQLite's backup API), which is
+    what MLflow's migrations would have written. Only an empty database is filled, and only in this process:
+    a store that does not exist yet still does not (tests check that), and subprocesses (``kocr`` commands,
+    workers racing to create a store) migrate as MLflow does.
+    """
+    import sqlite3
+
+    import mlflow.store.model_registry.sqlalchemy_store as registry_store
+    import sqlalchemy
+    from mlflow.store.db import utils
+
+    real = utils._initialize_tables
+    template = tmp_path_factory.mktemp("mlflow-template") / "mlruns.db"
+
+    def initialize(engine) -> None:
+        url = engine.url
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") \
+                or sqlalchemy.inspect(engine).get_table_names():
+            return real(engine)
+        if not template.exists():
+            made = sqlalchemy.create_engine(f"sqlite:///{template}")
+            try:
+                real(made)
+            finally:
+                made.dispose()
+        source, target = sqlite3.connect(template), engine.raw_connection()
+        try:
+            source.backup(target.driver_connection)
+        finally:
+            target.close()
+            source.close()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(utils, "_initialize_tables", initialize)
+        patch.setattr(registry_store, "_initialize_tables", initialize)
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _session_set_index(tmp_path_factory):
     """The set indexes ``CropDataset`` writes (training.data.set_index) go to a folder of the session, never
     to the user's ~/.cache: also those of module- and session-scoped fixtures, which train before any test."""
