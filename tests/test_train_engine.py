@@ -637,7 +637,7 @@ def test_an_error_every_rank_makes_is_said_once_under_torchrun(prepared, tmp_pat
 def test_a_params_mistake_every_rank_reads_is_said_once_under_torchrun(tmp_path):
     """Said before train() starts (no process group yet): rank 0 says it, rank 1 exits 2 without a word."""
     (tmp_path / "params.yaml").write_text("train: {lr: 0}\n", encoding="utf-8")
-    env = _ddp_env("ddp-test")
+    env = _ddp_env("ddp-test", store=False)  # it checks that no store was made
     env.pop("KOCR_PARAMS", None)
     done = subprocess.run(
         [*TORCHRUN_TRAIN, "--data", "absent", "--out", "out"],
@@ -679,8 +679,15 @@ TORCHRUN_TRAIN = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "-m", "kocr.cli", "train"]  # a 2-rank gloo job on CPU; its arguments follow
 
 
-def _ddp_env(pipeline_id: str) -> dict[str, str]:
-    """A kocr subprocess's environment under the pipeline key ``pipeline_id``, at one thread (torchrun's per rank)."""
+def _ddp_env(pipeline_id: str, store: bool = True) -> dict[str, str]:
+    """A kocr subprocess's environment under the pipeline key ``pipeline_id``, at one thread (torchrun's per rank).
+
+    With ``store``, the test's MLflow store is created here first (in this process, from the session's migrated
+    copy: tests/conftest.py), so the command does not spend its first seconds migrating a new store; a new store
+    opened by racing processes is tests/test_tracking.py's concern. ``store=False`` for a test that checks no
+    store was made."""
+    if store:
+        mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"]).search_experiments(max_results=1)
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "KOCR_PIPELINE_ID": pipeline_id}
 
 
