@@ -679,6 +679,27 @@ TORCHRUN_TRAIN = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "-m", "kocr.cli", "train"]  # a 2-rank gloo job on CPU; its arguments follow
 
 
+KOCR_TRAIN = [sys.executable, "-m", "kocr.cli", "train"]  # kocr train as a program; its arguments follow
+
+
+def _train_process(command: list[str], prepared, tmp_path, env, *, terminal: bool = False) -> subprocess.Popen:
+    """``command --data prepared --out out`` in ``tmp_path``, its stderr piped; ``terminal``: Ctrl-C at its
+    default action, as a shell at a terminal starts it (a test runner may have it ignored)."""
+    return subprocess.Popen([*command, "--data", str(prepared), "--out", "out"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if terminal else None)
+
+
+def _kill_all(proc: subprocess.Popen, others) -> None:
+    """SIGKILL ``proc`` and the processes it started that a failed test would leave running."""
+    import psutil
+
+    proc.kill()
+    for other in others:
+        with contextlib.suppress(psutil.Error):
+            other.kill()
+
+
 def _ddp_env(pipeline_id: str, store: bool = True) -> dict[str, str]:
     """A kocr subprocess's environment under the pipeline key ``pipeline_id``, at one thread (torchrun's per rank).
 
@@ -714,9 +735,7 @@ def test_a_sigtermed_torchrun_job_ends_its_mlflow_runs_instead_of_leaving_them_r
     """timeout, kill and docker stop SIGTERM torchrun, which SIGTERMs its ranks: rank 0 ends its runs."""
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
     env = _ddp_env("ddp-sigterm")
-    proc = subprocess.Popen(
-        [*TORCHRUN_TRAIN, "--data", str(prepared), "--out", "out"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _train_process(TORCHRUN_TRAIN, prepared, tmp_path, env)
     _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -731,9 +750,7 @@ def test_the_ranks_of_a_sigkilled_torchrun_stop_instead_of_training_on_as_orphan
 
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
     env = _ddp_env("ddp-sigkill")
-    proc = subprocess.Popen(
-        [*TORCHRUN_TRAIN, "--data", str(prepared), "--out", "out"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _train_process(TORCHRUN_TRAIN, prepared, tmp_path, env)
     ranks = []
     try:
         state = _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
@@ -781,9 +798,7 @@ def test_a_stop_that_reaches_the_dataloader_workers_first_still_ends_kocr_train_
 
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2, num_workers=2)
     env = _ddp_env("stop-workers")
-    proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
+    proc = _train_process(KOCR_TRAIN, prepared, tmp_path, env, terminal=True)
     workers = []
     try:
         state = _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
@@ -797,10 +812,7 @@ def test_a_stop_that_reaches_the_dataloader_workers_first_still_ends_kocr_train_
         _, err = proc.communicate(timeout=60)
         gone, left = psutil.wait_procs(workers, timeout=30)
     finally:
-        proc.kill()
-        for worker in workers:
-            with contextlib.suppress(psutil.Error):
-                worker.kill()
+        _kill_all(proc, workers)
     assert "Traceback" not in err and "DataLoader worker" not in err, err[-3000:]
     if stop == signal.SIGTERM:
         assert proc.returncode == 143, err[-3000:]
@@ -825,8 +837,7 @@ def test_sigterm_to_kocr_train_under_train_processes_exits_143_without_torchruns
     env = _ddp_env("processes-2-sigterm")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "TORCHELASTIC_RUN_ID", "KOCR_PARAMS"):
         env.pop(name, None)
-    proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _train_process(KOCR_TRAIN, prepared, tmp_path, env)
     family = []
     try:
         _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
@@ -835,10 +846,7 @@ def test_sigterm_to_kocr_train_under_train_processes_exits_143_without_torchruns
         _, err = proc.communicate(timeout=120)
         gone, left = psutil.wait_procs(family, timeout=60)
     finally:
-        proc.kill()
-        for child in family:
-            with contextlib.suppress(psutil.Error):
-                child.kill()
+        _kill_all(proc, family)
     assert proc.returncode == 143, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
     assert "death signal" not in err and "closing signal" not in err, err[-3000:]  # torchrun's lines: one is enough
@@ -857,8 +865,7 @@ def test_sigterm_to_kocr_train_with_dataloader_workers_exits_at_once_its_state_k
 
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2, num_workers=2)
     env = _ddp_env("workers-sigterm")
-    proc = subprocess.Popen([sys.executable, "-m", "kocr.cli", "train", "--data", str(prepared), "--out", "out"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = _train_process(KOCR_TRAIN, prepared, tmp_path, env)
     workers = []
     try:
         state = _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
@@ -870,14 +877,11 @@ def test_sigterm_to_kocr_train_with_dataloader_workers_exits_at_once_its_state_k
         took = time.monotonic() - sent
         gone, left = psutil.wait_procs(workers, timeout=30)
     finally:
-        proc.kill()
-        for worker in workers:
-            with contextlib.suppress(psutil.Error):
-                worker.kill()
+        _kill_all(proc, workers)
     assert proc.returncode == 143, err[-3000:]
     assert err.endswith("\n"), err[-300:]  # the progress bar closed, on a line of its own
     assert len(workers) == 2 and not left, f"workers {[p.pid for p in left]} outlived kocr train"
-    assert took < 1.5, f"{took:.1f} s from the SIGTERM to the exit"
+    assert took < 3, f"{took:.1f} s from the SIGTERM to the exit"  # was 4.5-8 s; a bound, not a speed target
     assert load_state(state)["progress"]["step"] >= 2  # still resumable
     assert _train_run("workers-sigterm").info.status == "KILLED"
 
@@ -886,10 +890,7 @@ def test_ctrl_c_to_torchrun_says_interrupted_once_not_once_per_rank(prepared, tm
     """torchrun passes Ctrl-C (SIGINT) on to every rank: each printed 'kocr train: interrupted'."""
     _tiny_project(prepared, tmp_path, steps=100000, val_every=100000, checkpoint_every=2)
     env = _ddp_env("ddp-ctrl-c")
-    proc = subprocess.Popen(
-        [*TORCHRUN_TRAIN, "--data", str(prepared), "--out", "out"],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as at a terminal
+    proc = _train_process(TORCHRUN_TRAIN, prepared, tmp_path, env, terminal=True)
     _first_state(proc, tmp_path / ".kocr" / "train-state" / "out.pt")
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
