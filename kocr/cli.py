@@ -99,7 +99,9 @@ def cmd_synth_lines(args: argparse.Namespace) -> None:
     check_out(Path(args.out))  # a file, or a folder of the user's: refused before a run is started, never replaced
     with stage_run("synth_lines", {"synth_lines": config.as_params()}):
         start = time.perf_counter()
-        summary = generate_lines(args.out, config)
+        # a face named in the params but not installed: the warning names the file and the key it came from
+        fonts_key = f"{params_path()}: {origin.get('fonts', 'synth_lines')}.fonts"
+        summary = generate_lines(args.out, config, fonts_key=fonts_key)
         seconds = time.perf_counter() - start
         drawn = summary["count"] - summary["resumed"]  # a killed run's samples were kept, not drawn again
         # images_per_second: train's name for its rate, so the two share a column in MLflow's compare view

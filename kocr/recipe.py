@@ -337,6 +337,41 @@ def _page_lines(page_name: str, entry: dict[str, Any], models: dict[str, str], n
     return out
 
 
+HELDOUT_SECTIONS = {HELDOUT: "synth_lines_heldout", HELDOUT_LATIN: "synth_lines_heldout_latin",
+                    HELDOUT_SIGNS: "synth_lines_heldout_signs"}  # scored set -> the params section that draws it
+
+
+def set_faces(params: dict[str, Any], set_name: str, entry: dict[str, Any] | None) -> tuple[list[str], list[str]]:
+    """(faces, absent) of a generated set: the faces it holds as scored (``entry``'s ``by_font``, from the
+    font column of its labels.tsv), else those its section's ``fonts`` name; ``absent``: the patterns of
+    that ``fonts`` that no face of the set matches (a face not installed where the set was drawn, which
+    ``kocr synth-lines`` only warns of).
+
+    >>> set_faces({"synth_lines_heldout": {"fonts": ["UnBatang.ttf", "UnPilgi.ttf"]}}, "heldout",
+    ...           {"by_font": {"UnBatang.ttf": {}}})
+    (['UnBatang.ttf'], ['UnPilgi.ttf'])
+    """
+    import fnmatch
+
+    cfg = section(params, HELDOUT_SECTIONS.get(set_name, "synth_lines"))
+    named = [str(f) for f in cfg.get("fonts") or section(params, "synth_lines").get("fonts") or []]
+    drawn = sorted((entry or {}).get("by_font") or {})
+    if not drawn:
+        return named, []
+    absent = [p for p in named if not any(fnmatch.fnmatchcase(face.lower(), Path(p).name.lower()) for face in drawn)]
+    return drawn, absent
+
+
+def _faces_text(params: dict[str, Any], set_name: str, entry: dict[str, Any] | None) -> str:
+    """The card's faces of a generated set, a face its params name but the set lacks flagged in bold."""
+    faces, absent = set_faces(params, set_name, entry)
+    text = ", ".join(faces)
+    if absent:
+        text += (f" (**not in the set: {', '.join(absent)}**, named in `{HELDOUT_SECTIONS[set_name]}.fonts` but not "
+                 "installed where the set was drawn; no score here is of it)")
+    return text
+
+
 def _section_text(params: dict[str, Any], keys: tuple[str, ...]) -> str:
     import yaml
 
@@ -425,6 +460,7 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
 
     train = section(params, "train")
     base = str(train.get("base"))
+    scored_sets = eval_metrics.get("sets") or {}
     digest = f" (sha256 {train_metrics['base_sha256']}…)" if train_metrics.get("base_sha256") else ""
     lineage = (f" This is a continuation: `{base}` was the shipped `{SHIPPED_MODELS[base].as_posix()}` of the "
                "time, and its own card (data, params, scores) is in the git history of that folder."
@@ -448,12 +484,15 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         *[f"- mixed into training (`train.mix`): `{m['path']}`, {m['samples']:,} samples, {m['share']:.0%} of each "
           "epoch" + (" (the synthetic set above)" if i == 0 else "") for i, m in enumerate(train_metrics.get("train_mix", []))],
         f"- val: {data_counts.get('val', 0):,} images, same faces, seed {params.get('synth_lines_val', {}).get('seed')}",
+        # the faces of each held-out set as scored (labels.tsv's font column), not as the params name them
         f"- held-out: {data_counts.get('heldout', 0):,} images in faces never trained on: "
-        f"{', '.join(params.get('synth_lines_heldout', {}).get('fonts', []))}",
-        *([f"- held-out Latin: {data_counts[HELDOUT_LATIN]:,} images in the same unseen faces, every word in "
-           "Latin script (romanised words, measures, sign words)"] if data_counts.get(HELDOUT_LATIN) else []),
+        f"{_faces_text(params, HELDOUT, scored_sets.get(HELDOUT))}",
+        *([f"- held-out Latin: {data_counts[HELDOUT_LATIN]:,} images in the unseen faces, every word in "
+           f"Latin script (romanised words, measures, sign words): "
+           f"{_faces_text(params, HELDOUT_LATIN, scored_sets.get(HELDOUT_LATIN))}"]
+          if data_counts.get(HELDOUT_LATIN) else []),
         *([f"- held-out signs: {data_counts[HELDOUT_SIGNS]:,} images in sign and menu display faces never trained "
-           f"on: {', '.join(params.get('synth_lines_heldout_signs', {}).get('fonts', []))}"]
+           f"on: {_faces_text(params, HELDOUT_SIGNS, scored_sets.get(HELDOUT_SIGNS))}"]
           if data_counts.get(HELDOUT_SIGNS) else []), "",
         "## Training", "",
         f"{train_metrics.get('steps')} steps, best val CER {train_metrics.get('best_val_cer', float('nan')):.4f} "
@@ -470,6 +509,10 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         lines += [_score_row(f"{name} on {font} only", scores["recipe"])
                   for font, scores in entry.get("by_font", {}).items()]
         lines.append("")
+        absent = set_faces(params, set_name, entry)[1] if set_name in HELDOUT_SECTIONS else []
+        if absent:
+            lines += [f"**Not in this set: {', '.join(absent)}** (named in `{HELDOUT_SECTIONS[set_name]}.fonts`, not "
+                      "installed where the set was drawn): these scores are of the other faces only.", ""]
         if entry.get("vs_reference"):
             lines += [_vs_reference_line(entry["vs_reference"], eval_metrics["models"].get("reference", "")), ""]
         if entry.get("jamo"):

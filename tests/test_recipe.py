@@ -630,7 +630,7 @@ def test_card_of_a_gpu_instalment_counts_the_sets_it_did_not_see_and_names_the_g
     shutil.copytree(heldout_crops / "lmdb", data / "train")  # an earlier CPU run's set, left in this checkout
     text = write_card(hangul_checkpoint, tmp_path / "train.json", tmp_path / "eval.json", data, tmp_path / "ship",
                       "ko_base", "bench/recipe_gpu_time.py --keep …").read_text(encoding="utf-8")
-    assert "- held-out Latin: 8 images in the same unseen faces, every word in Latin script" in text
+    assert "- held-out Latin: 8 images in the unseen faces, every word in Latin script" in text
     assert "- held-out signs: 8 images in sign and menu display faces never trained on: BMDOHYEON_ttf.ttf" in text
     assert "synth_lines_heldout_latin:" in text and "synth_lines_heldout_signs:" in text  # their params too
     assert "Reduced CPU size" not in text and "**GPU instalment.**" in text
@@ -701,6 +701,42 @@ def test_card_and_ship_refuse_a_checkpoint_of_20_mb_or_more(hangul_checkpoint, t
             main(["ship", *args, "--release", str(release), "--to", str(tmp_path / "base")])
         assert exit_.value.code == 2 and f"ship: {release / 'ko_base.pt'}: {size:,} bytes" in capsys.readouterr().err
     assert not (tmp_path / "base").exists()
+
+
+def test_card_lists_the_faces_a_heldout_set_holds_and_flags_one_its_params_name_but_it_lacks():
+    """Was: a held-out set drawn without UnPilgi (not installed; synth-lines only warns) shown on the card as
+    in UnBatang and UnPilgi, the faces of the params file, not those drawn."""
+    params = {"size": "cpu", "synth_lines": {"fonts": ["NanumGothic.ttf"]},
+              "synth_lines_heldout": {"fonts": ["UnBatang.ttf", "UnPilgi.ttf"]},
+              "synth_lines_heldout_signs": {"fonts": ["BM*.ttf"]}}
+    s = {"n": 4, "cer": 0.0, "word_accuracy": 1.0, "norm_ed": 0.0}
+    sets = {"heldout": {"labels": "h.tsv", "n": 4, "recipe": s, "by_font": {"UnBatang.ttf": {"recipe": s}}},
+            "heldout_signs": {"labels": "s.tsv", "n": 4, "recipe": s,
+                              "by_font": {"BMJUA_ttf.ttf": {"recipe": s}, "BMHANNAPro.ttf": {"recipe": s}}}}
+    text = model_card(params, {"steps": 1}, {"models": {"recipe": "m.pt"}, "sets": sets},
+                      {"heldout": 4, "heldout_signs": 4}, "…", {}, 1.0, "ko_base")
+    assert ("- held-out: 4 images in faces never trained on: UnBatang.ttf (**not in the set: UnPilgi.ttf**, named "
+            "in `synth_lines_heldout.fonts` but not installed where the set was drawn; no score here is of it)") in text
+    assert "**Not in this set: UnPilgi.ttf** (named in `synth_lines_heldout.fonts`" in text
+    # a pattern matched by the faces drawn is no absence; the faces are those of the set, sorted
+    assert "- held-out signs: 4 images in sign and menu display faces never trained on: BMHANNAPro.ttf, BMJUA_ttf.ttf\n" in text
+    assert text.count("not in the set") == 1 and text.count("Not in this set") == 1
+
+
+def test_synth_lines_warns_of_a_face_not_installed_naming_the_params_file_and_key(tmp_path, monkeypatch, capsys):
+    """Was: "font patterns ['NoSuchFace.ttf'] match no file …", which named neither the params file nor the
+    section whose fonts it came from, while the held-out set was drawn without that face."""
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    Path("p.yaml").write_text("synth_lines: {fonts: [NanumGothic.ttf], contact_sheet: 0, workers: 1}\n"
+                              "synth_lines_heldout: {fonts: [UnBatang.ttf, NoSuchFace.ttf]}\n", encoding="utf-8")
+    monkeypatch.setenv("KOCR_PARAMS", "p.yaml")
+    assert main(["synth-lines", "--section", "synth_lines_heldout", "--out", "set", "--count", "2"]) == 0
+    lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines() if "warning" in line]
+    assert lines == ["kocr synth-lines: warning: p.yaml: synth_lines_heldout.fonts: font patterns ['NoSuchFace.ttf'] "
+                     "match no file in ['/usr/share/fonts']; the set is drawn without them (its manifest.tsv lists the "
+                     "faces drawn)"]
 
 
 def test_card_says_when_the_tree_is_not_its_commit_and_counts_the_heldout_sets_as_scored(

@@ -396,7 +396,8 @@ def test_the_command_prints_its_warnings_as_one_line_each(tmp_path, monkeypatch,
     assert main(["synth-lines", "--out", "set", "--count", "2"]) == 0
     lines = [line.strip() for line in capsys.readouterr().err.replace("\r", "\n").splitlines()]
     assert [line for line in lines if "warn" in line.lower() or "load_texts" in line or "find_fonts" in line] == [
-        "kocr synth-lines: warning: font patterns ['NoSuchFace.ttf'] match no file in ['/usr/share/fonts']",
+        "kocr synth-lines: warning: params.yaml: synth_lines.fonts: font patterns ['NoSuchFace.ttf'] match no file "
+        "in ['/usr/share/fonts']; the set is drawn without them (its manifest.tsv lists the faces drawn)",
         "kocr synth-lines: warning: texts.txt: 1 lines hold characters outside charset 'korean_g2'; skipped"]
 
 

@@ -845,16 +845,22 @@ def check_sources(config: LinesConfig, origin: Mapping[str, str] | None = None) 
         raise SynthConfigError(named) from None
 
 
-def _usable(config: LinesConfig) -> list[FontFace]:
-    """Faces of the patterns, warning about those with little Hangul (used only where they cover)."""
+def _usable(config: LinesConfig, fonts_key: str = "synth_lines.fonts") -> list[FontFace]:
+    """Faces of the patterns, warning about those with little Hangul (used only where they cover) and
+    about patterns that match no file, the warning naming ``fonts_key`` (``p.yaml: synth_lines_heldout.fonts``)."""
     try:
         charset = Charset.from_spec(config.charset_name)
     except ValueError as exc:  # neither built in nor a file
         raise SynthConfigError(f"synth_lines.charset_name: {exc}") from None
     try:
-        faces = find_fonts(list(config.fonts), config.font_dirs)
+        with warnings.catch_warnings(record=True) as unmatched:
+            warnings.simplefilter("always")
+            faces = find_fonts(list(config.fonts), config.font_dirs)
     except ValueError as exc:  # no font file matching the patterns
         raise SynthConfigError(f"synth_lines.fonts: {exc}") from None
+    for caught in unmatched:  # a face not installed: the set is drawn without it, which the user must hear of
+        warnings.warn(f"{fonts_key}: {caught.message}; the set is drawn without them (its manifest.tsv lists "
+                      "the faces drawn)", caught.category, stacklevel=3)
     hangul = [c for c in charset.chars if is_hangul(c)]
     weak = [str(f) for f in faces if hangul and sum(covers(f, c) for c in hangul) < 0.9 * len(hangul)]
     if weak:
@@ -908,7 +914,7 @@ def check_out(out: Path) -> None:
 
 
 def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, fonts_key: str = "synth_lines.fonts") -> dict[str, Any]:
     """Write ``config.count`` images into the LMDB set ``out_dir`` (replaced when it exists).
 
     An ``out_dir`` that is a file, or a folder holding anything but an LMDB set's files (``data.mdb``,
@@ -920,12 +926,13 @@ def generate_lines(out_dir: str | os.PathLike, config: LinesConfig,
     count, fonts and backgrounds used (counts), the contact sheet path, and ``resumed``: how many
     samples a killed run of the same ``resume_key`` had written to ``DIR.partial`` and were kept
     (sample ``i`` depends only on the key and ``i``, so the set is byte-identical to one written
-    without the kill).
+    without the kill). A font pattern that matches no file is warned of under ``fonts_key`` (the params
+    file and the key the fonts came from).
     """
     config.check()
     out = Path(out_dir)
     check_out(out)
-    faces = _usable(config)
+    faces = _usable(config, fonts_key)
     fonts_used: Counter[str] = Counter()
     backgrounds_used: Counter[str] = Counter()
     tiles: list[tuple[Image.Image, str]] = []
