@@ -106,12 +106,27 @@ def section(params: Mapping[str, Any], name: str, where: str | None = None) -> d
     return dict(value)
 
 
-def check_keys(where: str, values: Mapping[str, Any], known: Iterable[str]) -> None:
-    """ParamsError naming the keys of ``values`` not in ``known``: a typo must not run on a default."""
+def check_keys(where: str, values: Mapping[str, Any], known: Iterable[str], suggest: bool = False) -> None:
+    """ParamsError naming the keys of ``values`` not in ``known``: a typo must not run on a default.
+
+    With ``suggest``, each unknown key close to a known one is followed by it (``'recipes': did you
+    mean 'recipe'?``).
+
+    >>> check_keys("top level", {"recipes": {}}, ["recipe", "train"], suggest=True)
+    Traceback (most recent call last):
+    ...
+    kocr.params.ParamsError: params.yaml: top level: unknown keys ['recipes'] (known: recipe, train); 'recipes': did you mean 'recipe'?
+    """
     known = sorted(known)
     unknown = sorted(set(values) - set(known), key=str)
     if unknown:
-        raise ParamsError(f"{where}: unknown keys {unknown} (known: {', '.join(known)})")
+        hints = ""
+        if suggest:
+            import difflib
+
+            close = {str(k): difflib.get_close_matches(str(k), known, n=1) for k in unknown}
+            hints = "".join(f"; {k!r}: did you mean {m[0]!r}?" for k, m in close.items() if m)
+        raise ParamsError(f"{where}: unknown keys {unknown} (known: {', '.join(known)}){hints}")
 
 
 _EXPECTED = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}

@@ -46,6 +46,9 @@ from kocr.params import check_keys, load_params, name_list, paths_by_name, secti
 HELDOUT = "heldout"
 HELDOUT_LATIN = "heldout_latin"  # the held-out faces, every word in Latin script (synth_lines_heldout_latin)
 RECIPE_KEYS = ("baselines", "reference", "real_sets", "real_pages", "detector")  # the recipe: section
+# the top level of a recipe params file (recipes/ko-base/params*.yaml); other synth_lines_* sections pass too
+RECIPE_SECTIONS = ("size", "synth_lines", "synth_lines_val", "synth_lines_heldout", "synth_lines_heldout_latin",
+                   "synth_lines_heldout_signs", "model", "train", "recipe")
 HELDOUT_SIGNS = "heldout_signs"  # sign and menu display faces never trained on (synth_lines_heldout_signs)
 # a shipped base is git-tracked and must stay "under 20 MB": 20,000,000 bytes, the stricter reading
 # (20 MiB would be 20,971,520) and the megabytes the card prints (ko_base.pt: 16,087,585 bytes, 16.1 MB)
@@ -544,7 +547,7 @@ def write_card(model: str | os.PathLike, train_metrics: str | os.PathLike, eval_
             raise FileNotFoundError(f"{path}: " + ("a folder, expected a file" if path.is_dir() else
                                                    "not found (run the recipe's train and evaluate stages first)"))
     size = check_checkpoint_size(model)
-    params = load_params()
+    params = load_recipe_params()
     trained = json.loads(Path(train_metrics).read_text(encoding="utf-8"))
     evaluated = json.loads(Path(eval_metrics).read_text(encoding="utf-8"))
     sha256 = file_sha256(model)
@@ -669,6 +672,17 @@ def _run(argv: list[str] | None) -> None:
         raise SystemExit(f"python -m kocr.recipe {args.subcommand}: error: {exc}") from None
 
 
+def load_recipe_params() -> dict[str, Any]:
+    """The recipe params file (``KOCR_PARAMS``), ParamsError naming the file and the key for a top-level key
+    that is not a recipe section (``recipes:`` for ``recipe:``, with the close match): outside DVC, which
+    names the sections its stages read, such a key was ignored and evaluate ran with no baselines,
+    reference or real sets. A ``synth_lines_*`` section of the user's own (for ``--section``) passes."""
+    params = load_params()
+    known = set(RECIPE_SECTIONS) | {k for k in params if str(k).startswith("synth_lines_")}
+    check_keys("top level", params, known, suggest=True)
+    return params
+
+
 def cmd_export_crops(args: argparse.Namespace) -> None:
     """``export-crops``: an LMDB set as PNG crops and ``labels.tsv``."""
     print(f"export-crops: {export_crops(args.lmdb, args.out)} crops -> {args.out}/labels.tsv")
@@ -699,7 +713,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     from kocr.tracking import stage_run
 
-    params = load_params()
+    params = load_recipe_params()
     cfg = recipe_settings(params)
     named = _named_sets(args.set)
     given = [(f"--heldout {args.heldout}", args.heldout)] + [(f"--set {n}={p}", p) for n, p in named.items()]
@@ -737,7 +751,7 @@ def cmd_check_size(args: argparse.Namespace | None = None) -> None:
     from kocr.params import params_path
     from kocr.recipe_size import check_size
 
-    path, params = str(params_path()), load_params()
+    path, params = str(params_path()), load_recipe_params()
     problem, note = check_size(path, params)
     if problem:
         print(f"check-size: {problem}", file=sys.stderr)

@@ -487,6 +487,37 @@ def test_python_m_kocr_recipe_prints_kocrs_warnings_as_kocr_does(monkeypatch, ca
     assert warnings.showwarning is shown  # outside the command, warnings show as before
 
 
+def test_an_unknown_top_level_key_of_the_recipe_params_is_refused_naming_the_file_the_key_and_its_close_match(
+        tmp_path, monkeypatch, capsys):
+    """Was: `recipes:` for `recipe:` ignored by the helpers run by hand (the GPU instalment's evaluate and card),
+    so evaluate ran with no baselines, reference or real sets and said nothing."""
+    from kocr.recipe import load_recipe_params, main
+
+    for name in SIZES:  # the committed sizes pass, as does a synth_lines_* section of one's own
+        monkeypatch.setenv("KOCR_PARAMS", str(RECIPE / name))
+        assert "recipe" in load_recipe_params()
+    monkeypatch.chdir(tmp_path)
+    params = yaml.safe_load((RECIPE / "params-cpu.yaml").read_text(encoding="utf-8"))
+    params["recipes"] = params.pop("recipe")
+    params["synth_lines_heldout_mine"] = {"count": 5}
+    Path("p.yaml").write_text(yaml.safe_dump(params, allow_unicode=True), encoding="utf-8")
+    monkeypatch.setenv("KOCR_PARAMS", "p.yaml")
+    for name in ("model.pt", "train.json", "eval.json", "h.tsv"):
+        Path(name).write_text("{}", encoding="utf-8")
+    for argv in (["evaluate", "--model", "model.pt", "--heldout", "h.tsv", "--out", "o", "--metrics", "m.json"],
+                 ["card", "--model", "model.pt", "--train-metrics", "train.json", "--eval-metrics", "eval.json",
+                  "--data", "data", "--out", "release", "--command", "…"],
+                 ["check-size"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.splitlines()
+        assert exit_.value.code == 2 and len(err) == 1, err
+        assert err[0].startswith(f"python -m kocr.recipe {argv[0]}: error: p.yaml: top level: unknown keys ['recipes'] "
+                                 "(known: model, recipe, size, synth_lines, "), err
+        assert err[0].endswith("; 'recipes': did you mean 'recipe'?"), err
+    assert not any(Path(p).exists() for p in ("o", "m.json", "release"))
+
+
 def test_recipe_settings_with_a_typo_are_refused_in_one_line(tmp_path, monkeypatch, capsys):
     from evaluation.reader import DetectorSettings
     from kocr.params import ParamsError
