@@ -988,7 +988,7 @@ def _val_samples(run_id: str, dst: Path) -> dict:
 
 def test_a_resumed_kocr_train_logs_each_validation_once_and_supersedes_the_killed_run(prepared, tmp_path,
                                                                                      monkeypatch):
-    """val_samples.json holds each validation's rows once (log_table appends), the same table whether the
+    """val_samples.json holds each validation's rows once (written whole at each validation), the same table whether the
     run was resumed or not; the resuming run, under another pipeline run, names the killed one and ends it."""
     from kocr.cli import main
 

@@ -1050,3 +1050,24 @@ def test_the_tune_run_leaves_out_a_knob_its_conditional_entries_search_in_every_
     params = fixed_knob_params(PARAMS, TuneConfig.from_params(partial))
     assert params["train.lr"] == "0.001"  # adadelta trials train with it
     assert params["train.augment"] == "0.0"  # conditioned on an int entry: not listed as searched everywhere
+
+
+def test_trials_logging_their_validation_samples_print_no_artifact_download_bars(prepared, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """Was: every validation after a trial's first appended its samples with mlflow.log_table, which downloads
+    the run's val_samples.json first: a "Downloading artifacts: 100%|...|" bar in the worker's output each time
+    (from a local store as from a tracking server). The table still holds every validation's rows once."""
+    from kocr.cli import main
+
+    (tmp_path / "p" / ".dvc").mkdir(parents=True)
+    monkeypatch.chdir(_project(tmp_path / "p", n_trials=1, steps_per_trial=6, report_every=2, study_name="bars"))
+    assert main(["tune", "--data", str(prepared), "--out", "tuning"]) == 0
+    assert "Downloading artifacts" not in capsys.readouterr().err
+    [run] = [r for r in mlflow.search_runs(experiment_names=["ko-ocr/tune"], output_format="list")
+             if r.info.run_name == "trial-0"]
+    path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="val_samples.json",
+                                               dst_path=str(tmp_path / "d"))
+    table = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    steps = [row[table["columns"].index("step")] for row in table["data"]]
+    assert steps == sorted(steps) and set(steps) == {2, 4, 6} and len(steps) % 3 == 0
+    assert run.data.tags["mlflow.loggedArtifacts"] == '[{"path": "val_samples.json", "type": "table"}]'

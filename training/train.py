@@ -23,6 +23,7 @@ import random
 import re
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -898,8 +899,8 @@ def _validation(config: TrainConfig, state: Progress, core: Recognizer, frozen: 
         if device.type == "cuda":
             extra["gpu_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         mlflow.log_metrics({f"val_{k}": v for k, v in scores.items() if k != "n"} | extra, step=step)
-        if rows:  # log_table appends to the file: this validation's rows only
-            mlflow.log_table(_columns(rows), artifact_file="val_samples.json")
+        if rows:  # every validation's rows so far, replacing the file (no download of the logged one)
+            _log_samples(state.sample_rows)
     if on_validation is not None:
         on_validation(step, scores)
     return config.patience > 0 and state.stale >= config.patience
@@ -923,8 +924,27 @@ def _take_over(state: Progress) -> None:
     if state.run_id and state.run_id != run.info.run_id:
         supersede(state.run_id, run.info.run_id)
     if state.sample_rows and state.run_id != run.info.run_id:
-        mlflow.log_table(_columns(state.sample_rows), artifact_file="val_samples.json")
+        _log_samples(state.sample_rows)
     state.run_id = run.info.run_id
+
+
+def _log_samples(rows: list[dict[str, Any]]) -> None:
+    """Log the run's validation samples so far as its ``val_samples.json`` table, replacing the file.
+
+    The file and tag are what ``mlflow.log_table`` writes (the UI shows it as a table), but log_table
+    appends: it first downloads the logged file, which printed a "Downloading artifacts" bar at every
+    validation (every trial's, in a ``kocr tune`` worker's output) and fetched the whole table each time.
+    The rows are all in memory (``Progress.sample_rows``, kept across a resume), so the file is written whole.
+    """
+    import mlflow
+    import pandas as pd
+    from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "val_samples.json"
+        pd.DataFrame(_columns(rows)).to_json(path, orient="split", index=False, date_format="iso")
+        mlflow.log_artifact(str(path))
+    mlflow.set_tag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([{"path": "val_samples.json", "type": "table"}]))
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
