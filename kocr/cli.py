@@ -555,6 +555,7 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
     def rescore(uri: str) -> float:  # scored exactly as the evaluate stage scored the candidate
         pages = test_pages(args.source, args.splits, evaluate_config.split)
+        _check_rescoring(args, evaluate_config, settings, pages, candidate, uri)  # else compared across sets
         scores = evaluate_models({"champion": uri}, pages, Path(args.work) / "champion", settings,
                                  iou_threshold=evaluate_config.iou_threshold)
         return scores["champion"].metrics[config.metric]
@@ -572,6 +573,30 @@ def cmd_promote(args: argparse.Namespace) -> None:
     _dump(decision, args.out)
     role = "champion" if decision["promoted"] else "challenger"  # a promoted version is both; champion serves
     print(f"promote: {config.model_name} v{decision['candidate_version']} is {role}; {decision['reason']}")
+
+
+def _check_rescoring(args: argparse.Namespace, evaluate_config: Any, settings: Any,
+                     pages: list, candidate: Any, uri: str) -> None:
+    """Refuse to re-score the champion ``uri`` on pages (or a way) other than those ``--metrics`` scored the
+    candidate on: ``pages``, promote's own ``--source``/``--splits``, must hash as its ``eval_data_hash``, and
+    params.yaml's detector settings and ``evaluate.iou_threshold`` as its ``eval_scoring_hash`` (when it
+    records one). Was: a promote run by hand with other splits, a source or params than evaluate read compared
+    the two scores across sets and kept the champion's under the candidate's hashes. Raises CommandError."""
+    from evaluation.evaluate import eval_set_hash, scoring_hash
+
+    read = eval_set_hash(pages)
+    if read != candidate.eval_data_hash:
+        raise CommandError(
+            f"the champion {uri} must be re-scored on the candidate's evaluation set, but the {len(pages)} "
+            f"{evaluate_config.split!r} pages of --source {args.source} --splits {args.splits} are set {read}, not "
+            f"set {candidate.eval_data_hash} that {args.metrics} scored the candidate on: pass the --source and "
+            "--splits evaluate read, or run evaluate on this set first (kocr evaluate, dvc repro evaluate)")
+    way = scoring_hash(settings, evaluate_config.iou_threshold)
+    if candidate.eval_scoring_hash and way != candidate.eval_scoring_hash:
+        raise CommandError(
+            f"the champion {uri} must be re-scored the way {args.metrics} scored the candidate (eval_scoring_hash "
+            f"{candidate.eval_scoring_hash}), but params.yaml's detector settings and evaluate.iou_threshold "
+            f"score as {way}: restore those evaluate read, or run evaluate with these first (dvc repro evaluate)")
 
 
 def champion_score_from_evaluate(evaluated: dict, uri: str, metric: str) -> float | None:

@@ -781,6 +781,7 @@ def test_promote_compares_with_the_champion_score_evaluate_wrote_instead_of_read
         return {label: ModelEvaluation({"e2e_f1": 0.58}, {}) for label in models}
     monkeypatch.setattr(evaluation.evaluate, "evaluate_models", evaluate_models)
     monkeypatch.setattr(evaluation.evaluate, "test_pages", lambda *args: ["page"])
+    monkeypatch.setattr(evaluation.evaluate, "eval_set_hash", lambda pages: "set-newer")  # the pages evaluate read
 
     def promote_by_cli(uri_run, score, champion_version, eval_set):
         (tmp_path / "cand").mkdir(exist_ok=True)
@@ -798,3 +799,58 @@ def test_promote_compares_with_the_champion_score_evaluate_wrote_instead_of_read
     decision = promote_by_cli(uris[2], 0.60, f"scored-beside/{int(champion) + 7}", "set-newer")  # alias moved since
     assert read == [{"champion": f"models:/scored-beside/{champion}"}]
     assert decision["champion_e2e_f1"] == pytest.approx(0.58) and decision["promoted"]
+
+
+def test_promote_refuses_to_rescore_the_champion_on_another_set_than_evaluate_scored_the_candidate_on(
+        logged_uris, monkeypatch, tmp_path, capsys):
+    """Was: a champion promote re-scored itself (the alias moved since evaluate, or evaluate scored none) was
+    read from promote's own --source/--splits, whatever set evaluate had scored the candidate on: a hand-run
+    promote with other splits compared the two scores across sets and kept the champion's score under the
+    candidate's set hash. The set it reads must hash as metrics/evaluate.json's eval_data_hash."""
+    import json
+
+    import evaluation.evaluate
+    from evaluation.evaluate import EvalPage, ModelEvaluation, eval_set_hash
+    from kocr.cli import main
+    from training.data.pages import Page
+
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("promote: {model_name: one-set}\n", encoding="utf-8")
+    champion = promote(_candidate(uris[0], 0.50, "set-old"), PromoteConfig(model_name="one-set"),
+                       _no_rescore)["candidate_version"]
+    sets = {}
+    for split in ("a", "b"):
+        (tmp_path / f"{split}.png").write_bytes(f"pixels of {split}".encode())
+        sets[f"{split}.json"] = [EvalPage(split, Page(f"{split}.png", 8, 8), tmp_path / f"{split}.png")]
+    read = []
+
+    def evaluate_models(models, *args, **kwargs):
+        read.append(dict(models))
+        return {label: ModelEvaluation({"e2e_f1": 0.40}, {}) for label in models}
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models", evaluate_models)
+    monkeypatch.setattr(evaluation.evaluate, "test_pages", lambda source, splits, split: sets[splits])
+    (tmp_path / "cand").mkdir()
+    (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uris[1][0], "run_id": uris[1][1]}))
+    evaluated = eval_set_hash(sets["a.json"])
+    (tmp_path / "eval.json").write_text(json.dumps({"candidate": {"e2e_f1": 0.45}, "eval_data_hash": evaluated}))
+    argv = ["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src", "--out", "promote.json"]
+
+    assert main([*argv, "--splits", "b.json"]) == 2
+    error = capsys.readouterr().err
+    assert f"are set {eval_set_hash(sets['b.json'])}, not set {evaluated} that eval.json scored" in error
+    assert "pass the --source and --splits evaluate read, or run evaluate on this set" in error
+    # the same pages scored another way (params.yaml's detector settings or IoU threshold changed since)
+    (tmp_path / "eval.json").write_text(json.dumps({"candidate": {"e2e_f1": 0.45}, "eval_data_hash": evaluated,
+                                                    "eval_scoring_hash": "another-way"}))
+    assert main([*argv, "--splits", "a.json"]) == 2
+    assert "must be re-scored the way eval.json scored the candidate" in capsys.readouterr().err
+    assert read == [] and not (tmp_path / "promote.json").exists()
+    tags = mlflow.MlflowClient().get_model_version("one-set", champion).tags
+    assert not any(tag.startswith("rescored_") for tag in tags)  # no score kept under the candidate's set
+    (tmp_path / "eval.json").write_text(json.dumps({"candidate": {"e2e_f1": 0.45}, "eval_data_hash": evaluated}))
+    assert main([*argv, "--splits", "a.json"]) == 0  # the set evaluate read: re-scored and compared
+    decision = json.loads((tmp_path / "promote.json").read_text())
+    assert read == [{"champion": f"models:/one-set/{champion}"}] and decision["promoted"]
