@@ -146,26 +146,40 @@ def _create_sqlite_store(uri: str) -> None:
 NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # registry: no such model / no such alias
 
 
-_SERVER_FAILED = re.compile(r"error code 5\d\d|too many 5\d\d error responses")
+_SERVER_FAILED = re.compile(r"error code (5\d\d)|too many (5\d\d) error responses")
+UNAVAILABLE = frozenset({"502", "503", "504"})  # a gateway's answers: a proxy, or the server not up to answer
 
 
 def artifact_store_hint(message: str) -> str:
-    """What to say before an MLflow error ``message``: that the server's artifact store failed, when the
-    request was an artifact upload or download (``/mlflow-artifacts/``) the server answered with a 5xx;
-    kocr's one error line and a model's download (``training.checkpoint``) put it first. The server writes artifacts to its own store (``--artifacts-destination``: the S3 bucket of
-    docs/gpu-server.md), so an S3 endpoint that is down or keys it refuses reach the client only as a 500;
-    was: the line named the tracking server alone, which answered the runs' other requests.
+    """What to say before an MLflow error ``message`` of an artifact upload or download (``/mlflow-artifacts/``)
+    the server answered with a 5xx, else "": kocr's one error line and a model's download
+    (``training.checkpoint``) put it first. A 500 is the server failing the request, most often its
+    artifact store (``--artifacts-destination``: the S3 bucket of docs/gpu-server.md, whose endpoint down
+    or keys refused reach the client only as a 500), but the server also looks up the user and the
+    experiment in its database first (basic auth), so the hint says "most often" and sends to the server's
+    log. A 502, 503 or 504 is a gateway's answer: a proxy in front of the server, or the server down or
+    overloaded, not its store. Was: every 5xx blamed the artifact store.
 
     >>> artifact_store_hint("API request to http://s:5000/api/2.0/mlflow-artifacts/artifacts/1/x.png failed "
-    ...                     "with exception ... (Caused by ResponseError('too many 500 error responses'))")[:45]
-    'the server could not reach its artifact store'
+    ...                     "with exception ... (Caused by ResponseError('too many 500 error responses'))").split(":")[0]
+    'the server failed an artifact request (HTTP 500'
+    >>> artifact_store_hint("API request to http://s:5000/api/2.0/mlflow-artifacts/artifacts/1/x.png failed "
+    ...                     "with error code 503 != 200").split(":")[0]
+    'the server, or a proxy in front of it, was unavailable (HTTP 503 to an artifact request'
     >>> artifact_store_hint("API request to http://s:5000/api/2.0/mlflow/runs/create failed with error code 500")
     ''
     """
-    if "/mlflow-artifacts/" not in message or not _SERVER_FAILED.search(message):
+    found = _SERVER_FAILED.search(message) if "/mlflow-artifacts/" in message else None
+    if found is None:
         return ""
-    return ("the server could not reach its artifact store (mlflow server --artifacts-destination, e.g. "
-            "s3://mlflow/artifacts: its S3 endpoint down or its keys refused; the server's log says which): ")
+    code = found.group(1) or found.group(2)
+    if code in UNAVAILABLE:
+        return (f"the server, or a proxy in front of it, was unavailable (HTTP {code} to an artifact request: "
+                "the server down, restarting or overloaded, or the proxy unable to reach it; the proxy's log "
+                "or the server's says which): ")
+    return (f"the server failed an artifact request (HTTP {code}: most often its artifact store, mlflow server "
+            "--artifacts-destination, e.g. s3://mlflow/artifacts, its S3 endpoint down or its keys refused; the "
+            "server's log says what failed): ")
 
 
 def shown_uri(uri: str) -> str:

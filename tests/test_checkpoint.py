@@ -526,7 +526,7 @@ def test_a_model_download_the_server_answers_with_a_5xx_names_its_artifact_store
     monkeypatch.setattr(checkpoint, "reading_store", lambda uri: "sqlite:///local.db")
     with pytest.raises(checkpoint.ModelSpecError) as failed:
         checkpoint._download_mlflow_model("models:/kocr-x/3")
-    assert str(failed.value) == ("cannot load 'models:/kocr-x/3' from MLflow at sqlite:///local.db: the server could "
-                                 "not reach its artifact store (mlflow server --artifacts-destination, e.g. "
-                                 "s3://mlflow/artifacts: its S3 endpoint down or its keys refused; the server's "
-                                 "log says which): " + raised)
+    assert str(failed.value) == ("cannot load 'models:/kocr-x/3' from MLflow at sqlite:///local.db: the server failed "
+                                 "an artifact request (HTTP 500: most often its artifact store, mlflow server "
+                                 "--artifacts-destination, e.g. s3://mlflow/artifacts, its S3 endpoint down or its "
+                                 "keys refused; the server's log says what failed): " + raised)

@@ -723,3 +723,24 @@ def test_the_same_dvc_pid_and_second_in_two_containers_of_one_host_name_are_two_
         keys[space] = pipeline_key()
         assert pipeline_key() == keys[space]  # the stages of one dvc repro share it
     assert len(set(keys.values())) == 2 and all(key.startswith("dvc-runner-") for key in keys.values())
+
+
+@pytest.mark.parametrize("code", ["500", "502", "503", "504"])
+def test_an_artifact_request_the_server_answers_with_a_5xx_is_not_blamed_on_its_artifact_store_alone(code):
+    """Was: every 5xx to an /mlflow-artifacts/ request said "the server could not reach its artifact store".
+    A 500 is most often the store, but the server also looks up the user and experiment in its database
+    first (basic auth): the hint says "most often" and points to the server's log. A 502/503/504 is a
+    gateway's answer (a reverse proxy, or the server down or overloaded), not the store's."""
+    retried = ("API request to http://s:5000/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/model.pt failed "
+               f"with exception ... (Caused by ResponseError('too many {code} error responses'))")
+    once = f"API request to http://s:5000/api/2.0/mlflow-artifacts/artifacts/1/abc/x.png failed with error code {code} != 200"
+    for message in (retried, once):
+        hint = tracking.artifact_store_hint(message)
+        if code == "500":
+            assert hint.startswith("the server failed an artifact request (HTTP 500: most often its artifact store")
+            assert "the server's log says what failed" in hint
+        else:
+            assert hint.startswith(f"the server, or a proxy in front of it, was unavailable (HTTP {code} ")
+            assert "artifact store" not in hint and "proxy's log or the server's" in hint
+    assert tracking.artifact_store_hint(f"API request to http://s:5000/api/2.0/mlflow/runs/create failed "
+                                        f"with error code {code} != 200") == ""  # not an artifact request
