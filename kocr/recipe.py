@@ -356,8 +356,7 @@ def set_faces(params: dict[str, Any], set_name: str, entry: dict[str, Any] | Non
     """
     import fnmatch
 
-    cfg = section(params, HELDOUT_SECTIONS.get(set_name, "synth_lines"))
-    named = [str(f) for f in cfg.get("fonts") or section(params, "synth_lines").get("fonts") or []]
+    named = [str(f) for f in section(params, fonts_section(params, set_name)).get("fonts") or []]
     drawn = sorted((entry or {}).get("by_font") or {})
     if not drawn:
         return named, []
@@ -365,12 +364,23 @@ def set_faces(params: dict[str, Any], set_name: str, entry: dict[str, Any] | Non
     return drawn, absent
 
 
+def fonts_section(params: dict[str, Any], set_name: str) -> str:
+    """The params section whose ``fonts`` drew the generated set ``set_name``: its own section when that names
+    fonts, else ``synth_lines`` (whose keys ``kocr synth-lines --section`` starts from).
+
+    >>> fonts_section({"synth_lines": {"fonts": ["A.ttf"]}, "synth_lines_heldout": {"count": 5}}, "heldout")
+    'synth_lines'
+    """
+    own = HELDOUT_SECTIONS.get(set_name, "synth_lines")
+    return own if section(params, own).get("fonts") else "synth_lines"
+
+
 def _faces_text(params: dict[str, Any], set_name: str, entry: dict[str, Any] | None) -> str:
     """The card's faces of a generated set, a face its params name but the set lacks flagged in bold."""
     faces, absent = set_faces(params, set_name, entry)
     text = ", ".join(faces)
     if absent:
-        text += (f" (**not in the set: {', '.join(absent)}**, named in `{HELDOUT_SECTIONS[set_name]}.fonts` but not "
+        text += (f" (**not in the set: {', '.join(absent)}**, named in `{fonts_section(params, set_name)}.fonts` but not "
                  "installed where the set was drawn; no score here is of it)")
     return text
 
@@ -514,7 +524,7 @@ def model_card(params: dict[str, Any], train_metrics: dict[str, Any], eval_metri
         lines.append("")
         absent = set_faces(params, set_name, entry)[1] if set_name in HELDOUT_SECTIONS else []
         if absent:
-            lines += [f"**Not in this set: {', '.join(absent)}** (named in `{HELDOUT_SECTIONS[set_name]}.fonts`, not "
+            lines += [f"**Not in this set: {', '.join(absent)}** (named in `{fonts_section(params, set_name)}.fonts`, not "
                       "installed where the set was drawn): these scores are of the other faces only.", ""]
         if entry.get("vs_reference"):
             lines += [_vs_reference_line(entry["vs_reference"], eval_metrics["models"].get("reference", "")), ""]

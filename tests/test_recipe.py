@@ -754,6 +754,21 @@ def test_card_lists_the_faces_a_heldout_set_holds_and_flags_one_its_params_name_
     assert text.count("not in the set") == 1 and text.count("Not in this set") == 1
 
 
+def test_card_names_synth_lines_fonts_for_an_absent_face_when_the_heldout_section_names_no_fonts():
+    """A held-out section without ``fonts`` is drawn in synth_lines' (``kocr synth-lines --section`` starts from
+    its keys): a face of that list missing from the set was said to be named in `synth_lines_heldout.fonts`,
+    a key the params file does not have."""
+    params = {"size": "cpu", "synth_lines": {"fonts": ["UnBatang.ttf", "UnPilgi.ttf"]},
+              "synth_lines_heldout": {"count": 4}}
+    s = {"n": 4, "cer": 0.0, "word_accuracy": 1.0, "norm_ed": 0.0}
+    sets = {"heldout": {"labels": "h.tsv", "n": 4, "recipe": s, "by_font": {"UnBatang.ttf": {"recipe": s}}}}
+    text = model_card(params, {"steps": 1}, {"models": {"recipe": "m.pt"}, "sets": sets},
+                      {"heldout": 4}, "…", {}, 1.0, "ko_base")
+    assert "**not in the set: UnPilgi.ttf**, named in `synth_lines.fonts` but not installed" in text
+    assert "**Not in this set: UnPilgi.ttf** (named in `synth_lines.fonts`" in text
+    assert "synth_lines_heldout.fonts" not in text
+
+
 def test_synth_lines_warns_of_a_face_not_installed_naming_the_params_file_and_key(tmp_path, monkeypatch, capsys):
     """Was: "font patterns ['NoSuchFace.ttf'] match no file …", which named neither the params file nor the
     section whose fonts it came from, while the held-out set was drawn without that face."""
