@@ -1071,3 +1071,20 @@ def test_trials_logging_their_validation_samples_print_no_artifact_download_bars
     steps = [row[table["columns"].index("step")] for row in table["data"]]
     assert steps == sorted(steps) and set(steps) == {2, 4, 6} and len(steps) % 3 == 0
     assert run.data.tags["mlflow.loggedArtifacts"] == '[{"path": "val_samples.json", "type": "table"}]'
+
+
+def test_best_params_record_the_steps_the_best_trial_trained_and_a_worker_of_another_budget_is_warned(
+        prepared, tmp_path, capsys):
+    """Was: workers with another tune.steps_per_trial joined the study silently, and best_params.yaml
+    recorded the writing worker's steps_per_trial, not the steps its best trial trained."""
+    tune = {**PARAMS["tune"], "study_name": "budgets", "n_trials": 1, "report_every": 2}
+    run_tune(TuneConfig.from_params({**tune, "steps_per_trial": 2}), PARAMS, prepared, tmp_path / "tuning", log=False)
+    capsys.readouterr()
+    # a worker of another budget joins the spent study and rewrites the file
+    run_tune(TuneConfig.from_params({**tune, "steps_per_trial": 4}), PARAMS, prepared, tmp_path / "tuning", log=False)
+    said = capsys.readouterr().err
+    doc = yaml.safe_load((tmp_path / "tuning" / "best_params.yaml").read_text())
+    assert doc["trials"]["complete"] == 1 and doc["steps_per_trial"] == 2
+    study = optuna.load_study(study_name="budgets", storage=f"sqlite:///{tmp_path / 'tuning' / 'optuna.db'}")
+    assert study.trials[0].user_attrs["steps"] == 2
+    assert "tune: warning: tune.steps_per_trial is 4; study budgets's complete trials trained 2 steps" in said

@@ -491,7 +491,21 @@ def open_study(config: TuneConfig, storage: optuna.storages.RDBStorage, shared: 
     elif study.user_attrs.get("kocr.space") != space_fingerprint(config.space):
         check_space_fits(study, config.space)
         print(f"tune: warning: tune.space differs from the one study {name} started with", file=sys.stderr)
+    warn_other_budgets(study, config.steps_per_trial)
     return study
+
+
+STEPS = "steps"  # trial user attribute: the training steps (tune.steps_per_trial) the trial was given
+
+
+def warn_other_budgets(study: optuna.Study, steps_per_trial: int) -> None:
+    """One warning line when the study's complete trials trained another ``steps_per_trial`` than this
+    worker's: its trials then mix budgets (not refused, so a retry may run on a worker of another budget)."""
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    other = sorted({t.user_attrs[STEPS] for t in done if STEPS in t.user_attrs} - {steps_per_trial})
+    if other:
+        print(f"tune: warning: tune.steps_per_trial is {steps_per_trial}; study {study.study_name}'s complete "
+              f"trials trained {', '.join(map(str, other))} steps, so its trials mix budgets", file=sys.stderr)
 
 
 def check_space_fits(study: optuna.Study, space: tuple[ParamSpec, ...]) -> None:
@@ -756,6 +770,7 @@ def run_trial(trial: optuna.trial.Trial, config: TuneConfig, params: dict[str, A
     run = None
     state, value, note, stopped = TrialState.FAIL, None, "", False
     try:
+        trial.set_user_attr(STEPS, config.steps_per_trial)  # this trial's budget, whatever other workers give theirs
         overrides = suggest(trial, config.space)
         if log:
             active = mlflow.active_run()
@@ -1000,7 +1015,8 @@ def best_params_document(study: optuna.Study, config: TuneConfig, url: str) -> d
     return {"study": study.study_name, "storage": recorded_storage(url), "metric": config.metric,
             "direction": config.direction, "value": float(best.value), "trial": best.number,
             "trials": {k.lower(): counts[k] for k in ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")},
-            "steps_per_trial": config.steps_per_trial, "train": tuned}
+            # the steps the best trial trained (a trial from before they were recorded: this worker's)
+            "steps_per_trial": int(best.user_attrs.get(STEPS, config.steps_per_trial)), "train": tuned}
 
 
 def finish_study(study: optuna.Study, config: TuneConfig, url: str, out_dir: Path, log: bool = True) -> dict[str, Any]:
