@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
 from training.data.sources import Unreadable, linked_folders, scan_source
 
 
@@ -252,3 +254,38 @@ def test_pieces_of_a_split_zip_with_a_gap_in_their_numbers_name_the_missing_ones
         assert place.split(": ", 1)[1] == (f"a piece of a split download of {name}, not read; {name}.part2, "
                                            f"{name}.part3 are missing: download them into its folder, then join "
                                            "the pieces")
+
+
+@pytest.mark.parametrize("sep, first", [(".part", 0), (".", 1)])
+def test_pieces_of_a_split_zip_without_their_first_piece_name_it_missing_not_a_join(sep, first, tmp_path):
+    """X.zip.part1, part2, … (part0 not downloaded) or X.zip.002, … (.001 missing) have no gap in their
+    numbers, so they were given `cat … > X.zip`, which builds a zip without its start that does not read
+    (then said to be 'a join cut short': join again, the same broken zip). The lowest piece not beginning
+    as a zip does says the pieces before it are missing."""
+    import zipfile
+
+    folder = tmp_path / "Training"
+    folder.mkdir()
+    name = "[라벨]Training_인.허가.zip"
+    _split_zip(folder, name, 4)
+    pieces = [folder / f"{name}.part{i}" for i in range(4)]
+    if sep == ".":  # 7-Zip's numbering: .001, .002, …
+        pieces = [p.rename(folder / f"{name}.{i + first:03d}") for i, p in enumerate(pieces)]
+    assert zipfile.is_zipfile(pieces[0]) is False and pieces[0].read_bytes()[:4] == b"PK\x03\x04"
+    pieces[0].unlink()
+    said = [place for reason, place in scan_source(tmp_path).stray if reason == "split_archive"]
+    assert len(said) == 3
+    for place in said:
+        why = place.split(": ", 1)[1]
+        assert "cat " not in why, why
+        assert why == (f"a piece of a split download of {name}, not read; {pieces[1].name} does not begin a zip: "
+                       "the piece(s) numbered before it are missing: download them into its folder, then join "
+                       "the pieces")
+
+
+def test_a_split_zip_whose_pieces_are_all_there_still_gets_its_join(tmp_path):
+    folder = tmp_path / "Training"
+    folder.mkdir()
+    _split_zip(folder, "a.zip", 3)
+    said = [place for reason, place in scan_source(tmp_path).stray if reason == "split_archive"]
+    assert len(said) == 3 and all(place.endswith("cat a.zip.part* > a.zip") for place in said), said

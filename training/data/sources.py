@@ -272,7 +272,8 @@ def _piece(name: str) -> re.Match | None:
 
 
 def split_pieces(folder: str, names: list[str], here: set[str],
-                 readable: Callable[[str], bool] = lambda whole: True) -> list[tuple[str, str]]:
+                 readable: Callable[[str], bool] = lambda whole: True,
+                 begins: Callable[[str], bool] = lambda piece: True) -> list[tuple[str, str]]:
     """The ``split_archive`` stray entries of the files ``names`` in ``folder`` (relative to the source)
     that are pieces of a split zip download (``X.zip.part0``, ``X.zip.part1``, …; ``X.zip.001``, …):
     one per piece, saying to join them, with the command (the pieces in the order of their numbers,
@@ -280,7 +281,10 @@ def split_pieces(folder: str, names: list[str], here: set[str],
     not used where it would also take another file of the folder); none of them is a zip ``zipfile``
     reads. ``here``: the folder's file names, to say when the joined zip is there already; ``readable``
     (of its name): whether it opens as a zip, else it is said to be joined again, not the pieces deleted
-    (a join cut short, by Ctrl-C or a full disk, leaves a zip without its end).
+    (a join cut short, by Ctrl-C or a full disk, leaves a zip without its end). ``begins`` (of a piece's
+    name): whether the piece starts as a zip does (:func:`begins_a_zip`); where the lowest-numbered piece
+    does not, the pieces before it are said to be missing instead of a join (its numbers alone cannot tell:
+    ``part0`` and ``001`` both start a download's numbering).
 
     >>> reason, place = split_pieces("T", ["a.zip.part0", "a.zip.part1", "b.txt"], set())[0]
     >>> print(reason, place)
@@ -296,6 +300,10 @@ def split_pieces(folder: str, names: list[str], here: set[str],
         missing = missing_pieces(whole, sep, ordered)
         if whole in here and readable(whole):
             why = f"a piece of a split download of {whole}, which is here already (joined): not read; delete the pieces"
+        elif not begins(ordered[0]):  # the first piece(s) missing: cat would build a zip without its start
+            too = f" ({', '.join(missing)} too)" if missing else ""
+            why = (f"a piece of a split download of {whole}, not read; {ordered[0]} does not begin a zip: the "
+                   f"piece(s) numbered before it are missing{too}: download them into its folder, then join the pieces")
         elif missing:  # cat would join the pieces there are into a zip without the missing ones' bytes
             why = (f"a piece of a split download of {whole}, not read; {', '.join(missing)} "
                    f"{'is' if len(missing) == 1 else 'are'} missing: download {'it' if len(missing) == 1 else 'them'} "
@@ -312,6 +320,19 @@ def split_pieces(folder: str, names: list[str], here: set[str],
                    + f"in its folder: cat {shell} > {shlex.quote(whole)}")
         entries += [("split_archive", f"{folder}/{name}".lstrip("/") + f": {why}") for name in ordered]
     return entries
+
+
+ZIP_STARTS = (b"PK\x03\x04", b"PK\x07\x08", b"PK\x05\x06")  # a member, a split zip's marker, an empty zip
+
+
+def begins_a_zip(path: str | os.PathLike) -> bool:
+    """Whether the file ``path`` starts as a zip (or the first piece of one) does; True where it cannot be read
+    (the scan names an unreadable file elsewhere, not as a missing piece)."""
+    try:
+        with open(path, "rb") as file:
+            return file.read(4) in ZIP_STARTS
+    except OSError:
+        return True
 
 
 def missing_pieces(whole: str, sep: str, ordered: list[str]) -> list[str]:
@@ -450,7 +471,8 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
         dirnames[:] = [d for d in sorted(_entered(dirpath, dirnames, skip)) if first_visit(Path(dirpath) / d, seen)]
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
         pieces = split_pieces(rel_dir, filenames, set(filenames),
-                              lambda whole: zipfile.is_zipfile(Path(dirpath) / whole))
+                              lambda whole: zipfile.is_zipfile(Path(dirpath) / whole),
+                              lambda piece: begins_a_zip(Path(dirpath) / piece))
         index.stray += pieces
         found = found or bool(pieces)  # a folder of a split zip's pieces holds pages once they are joined
         for name in sorted(filenames):
