@@ -54,6 +54,12 @@ CASES = [  # command, params, the message after "params.yaml: "
      "tune.space.lr: step nan: low, high and step must be finite numbers"),
     ("tune", {"tune": {"space": {"lr": {"type": "float", "low": 1.0e-4, "high": 0.1, "step": 0}}}},
      "tune.space.lr: step 0.0: expected a step > 0"),
+    # a log scale with a grid step: Optuna refused every trial's draw ("step is not supported when log is true")
+    ("tune", {"tune": {"space": {"lr": {"type": "float", "low": 1.0e-4, "high": 0.1, "log": True, "step": 1.0e-4}}}},
+     "tune.space.lr: step 0.0001 with log: true: a log-scale entry takes no step (drop one of them)"),
+    ("tune", {"tune": {"space": {"batch_size": {"type": "int", "low": 4, "high": 64, "log": True, "step": 4}}}},
+     "tune.space.batch_size: step 4 with log: true: a log-scale entry takes no step (drop one of them; an int may "
+     "have step 1)"),
     ("tune", {"tune": {"space": {"batch_size": {"type": "int", "low": 4, "high": float("inf")}}}},
      "tune.space.batch_size: low/high/step must be finite numbers"),
     ("tune", {"tune": {"space": SPACE}, "train": {"patience": -1}}, "train.patience -1: expected a whole number >= 0"),

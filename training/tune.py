@@ -137,6 +137,11 @@ class ParamSpec:
             raise TuneConfigError(f"tune.space.{name}: {', '.join(bad)}: low, high and step must be finite numbers")
         if step is not None and step <= 0:
             raise TuneConfigError(f"tune.space.{name}: step {step}: expected a step > 0")
+        if spec.get("log") and step is not None and (kind == "float" or step != 1):
+            # Optuna draws a log scale without a grid: was refused in every trial (ValueError: "The parameter
+            # `step` is not supported when `log` is true"), and a joining worker's space check died on it
+            raise TuneConfigError(f"tune.space.{name}: step {step} with log: true: a log-scale entry takes no step "
+                                  f"(drop one of them{'; an int may have step 1' if kind == 'int' else ''})")
         if low > high or (spec.get("log") and low <= 0):
             raise TuneConfigError(f"tune.space.{name}: need low <= high (and low > 0 with log: true), got {low}, {high}")
         return cls(name, kind, key, low=low, high=high, log=bool(spec.get("log", False)), step=step, when=when)
