@@ -289,3 +289,17 @@ def test_a_split_zip_whose_pieces_are_all_there_still_gets_its_join(tmp_path):
     _split_zip(folder, "a.zip", 3)
     said = [place for reason, place in scan_source(tmp_path).stray if reason == "split_archive"]
     assert len(said) == 3 and all(place.endswith("cat a.zip.part* > a.zip") for place in said), said
+
+
+def test_pieces_far_apart_in_number_name_the_first_missing_ones_and_count_the_rest(tmp_path):
+    """a.zip.part0 and a.zip.part1000000 named each of the 999,999 pieces between them, a 14 MB message on
+    each piece's line (a dated a.zip.20240101 beside a.zip.1: 20 million names, hundreds of MB)."""
+    folder = tmp_path / "Training"
+    folder.mkdir()
+    (folder / "a.zip.part0").write_bytes(b"PK\x03\x04" + bytes(60))
+    (folder / "a.zip.part1000000").write_bytes(bytes(64))
+    said = [place for reason, place in scan_source(tmp_path).stray if reason == "split_archive"]
+    assert len(said) == 2
+    shown = ", ".join(f"a.zip.part{i}" for i in range(1, 11))
+    assert said[0].split(": ", 1)[1] == (f"a piece of a split download of a.zip, not read; {shown} and 999989 more "
+                                         "are missing: download them into its folder, then join the pieces")

@@ -20,6 +20,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shlex
@@ -297,16 +298,17 @@ def split_pieces(folder: str, names: list[str], here: set[str],
     entries = []
     for (whole, sep), pieces in groups.items():
         ordered = [name for _, name in sorted(pieces)]
-        missing = missing_pieces(whole, sep, ordered)
+        missing, count = missing_pieces(whole, sep, ordered)
+        listed = ", ".join(missing) + (f" and {count - len(missing)} more" if count > len(missing) else "")
         if whole in here and readable(whole):
             why = f"a piece of a split download of {whole}, which is here already (joined): not read; delete the pieces"
         elif not begins(ordered[0]):  # the first piece(s) missing: cat would build a zip without its start
-            too = f" ({', '.join(missing)} too)" if missing else ""
+            too = f" ({listed} too)" if missing else ""
             why = (f"a piece of a split download of {whole}, not read; {ordered[0]} does not begin a zip: the "
                    f"piece(s) numbered before it are missing{too}: download them into its folder, then join the pieces")
         elif missing:  # cat would join the pieces there are into a zip without the missing ones' bytes
-            why = (f"a piece of a split download of {whole}, not read; {', '.join(missing)} "
-                   f"{'is' if len(missing) == 1 else 'are'} missing: download {'it' if len(missing) == 1 else 'them'} "
+            why = (f"a piece of a split download of {whole}, not read; {listed} "
+                   f"{'is' if count == 1 else 'are'} missing: download {'it' if count == 1 else 'them'} "
                    "into its folder, then join the pieces")
         else:
             # the shell's * where it gives the pieces alone, in their order: not where it would also
@@ -322,6 +324,8 @@ def split_pieces(folder: str, names: list[str], here: set[str],
     return entries
 
 
+MISSING_SHOWN = 10  # missing pieces named one by one; the rest are counted
+
 ZIP_STARTS = (b"PK\x03\x04", b"PK\x07\x08", b"PK\x05\x06")  # a member, a split zip's marker, an empty zip
 
 
@@ -335,21 +339,27 @@ def begins_a_zip(path: str | os.PathLike) -> bool:
         return True
 
 
-def missing_pieces(whole: str, sep: str, ordered: list[str]) -> list[str]:
-    """The names of the pieces of ``whole`` missing between its first and last piece ``ordered`` (in
-    the order of their numbers), written as the others are (``X.zip.part2``; ``X.zip.002`` where every
-    piece's number has as many digits).
+def missing_pieces(whole: str, sep: str, ordered: list[str], shown: int = MISSING_SHOWN) -> tuple[list[str], int]:
+    """The names of the first ``shown`` pieces of ``whole`` missing between its first and last piece
+    ``ordered`` (in the order of their numbers), written as the others are (``X.zip.part2``; ``X.zip.002``
+    where every piece's number has as many digits), and how many are missing. Was every name: two files
+    far apart in number (``a.zip.1`` and a dated ``a.zip.20240101``) made a list of 20 million names, and a
+    message of hundreds of MB on each piece's line.
 
     >>> missing_pieces("a.zip", ".part", ["a.zip.part0", "a.zip.part1", "a.zip.part3", "a.zip.part6"])
-    ['a.zip.part2', 'a.zip.part4', 'a.zip.part5']
+    (['a.zip.part2', 'a.zip.part4', 'a.zip.part5'], 3)
     >>> missing_pieces("a.zip", ".", ["a.zip.001", "a.zip.003"])
-    ['a.zip.002']
+    (['a.zip.002'], 1)
+    >>> missing_pieces("a.zip", ".", ["a.zip.1", "a.zip.20240101"], shown=2)
+    (['a.zip.2', 'a.zip.3'], 20240099)
     """
     digits = [name[len(whole) + len(sep):] for name in ordered]
     numbers = [int(d) for d in digits]
     width = len(digits[0]) if len({len(d) for d in digits}) == 1 else 0
     there = set(numbers)
-    return [f"{whole}{sep}{n:0{width}d}" for n in range(numbers[0], numbers[-1]) if n not in there]
+    count = numbers[-1] - numbers[0] + 1 - len(there)
+    names = (f"{whole}{sep}{n:0{width}d}" for n in range(numbers[0], numbers[-1]) if n not in there)
+    return list(itertools.islice(names, shown)), count
 
 
 def _classify(index: SourceIndex, member: Member) -> None:
