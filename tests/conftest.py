@@ -139,12 +139,15 @@ def _migrated_mlflow_template(tmp_path_factory):
         if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:") \
                 or sqlalchemy.inspect(engine).get_table_names():
             return real(engine)
-        if not template.exists():
-            made = sqlalchemy.create_engine(f"sqlite:///{template}")
+        if not template.exists():  # migrated aside, then renamed: a migration that fails leaves no half template
+            partial = template.with_name("partial.db")
+            partial.unlink(missing_ok=True)
+            made = sqlalchemy.create_engine(f"sqlite:///{partial}")
             try:
                 real(made)
             finally:
                 made.dispose()
+            partial.replace(template)
         source, target = sqlite3.connect(template), engine.raw_connection()
         try:
             source.backup(target.driver_connection)
