@@ -755,6 +755,18 @@ def test_the_run_that_owns_the_model_carries_the_score_it_is_promoted_by(logged_
     model = mlflow.get_logged_model(uris[0][0].removeprefix("models:/"))
     assert {m.key: m.value for m in model.metrics or []} == {"e2e_f1": 0.625, "cer": 0.0125}
 
+def _first_champion(logged_uris, monkeypatch, tmp_path, name: str) -> tuple[list, str]:
+    """The logged models' (uri, run) pairs, and the version of the first, promoted as ``name``'s champion
+    (scored 0.50 on set-old) in the test's store, with ``tmp_path`` the working folder naming ``name``."""
+    store, uris = logged_uris
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    configure_tracking()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(f"promote: {{model_name: {name}}}\n", encoding="utf-8")
+    champion = promote(_candidate(uris[0], 0.50, "set-old"), PromoteConfig(model_name=name),
+                       _no_rescore)["candidate_version"]
+    return uris, champion
+
 
 def test_promote_compares_with_the_champion_score_evaluate_wrote_instead_of_reading_the_pages_again(
         logged_uris, monkeypatch, tmp_path):
@@ -767,13 +779,7 @@ def test_promote_compares_with_the_champion_score_evaluate_wrote_instead_of_read
     from evaluation.evaluate import ModelEvaluation
     from kocr.cli import main
 
-    store, uris = logged_uris
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    configure_tracking()
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("promote: {model_name: scored-beside}\n", encoding="utf-8")
-    champion = promote(_candidate(uris[0], 0.50, "set-old"), PromoteConfig(model_name="scored-beside"),
-                       _no_rescore)["candidate_version"]
+    uris, champion = _first_champion(logged_uris, monkeypatch, tmp_path, "scored-beside")
     read = []
 
     def evaluate_models(models, *args, **kwargs):
@@ -814,13 +820,7 @@ def test_promote_refuses_to_rescore_the_champion_on_another_set_than_evaluate_sc
     from kocr.cli import main
     from training.data.pages import Page
 
-    store, uris = logged_uris
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    configure_tracking()
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "params.yaml").write_text("promote: {model_name: one-set}\n", encoding="utf-8")
-    champion = promote(_candidate(uris[0], 0.50, "set-old"), PromoteConfig(model_name="one-set"),
-                       _no_rescore)["candidate_version"]
+    uris, champion = _first_champion(logged_uris, monkeypatch, tmp_path, "one-set")
     sets = {}
     for split in ("a", "b"):
         (tmp_path / f"{split}.png").write_bytes(f"pixels of {split}".encode())
