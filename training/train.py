@@ -937,18 +937,15 @@ def _log_samples(rows: list[dict[str, Any]]) -> None:
     The rows are all in memory (``Progress.sample_rows``, kept across a resume), so the file is written whole.
     """
     import mlflow
-    import pandas as pd
     from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
+    columns = list(rows[0])
+    table = {"columns": columns, "data": [[row[key] for key in columns] for row in rows]}  # pandas' "split" form
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "val_samples.json"
-        pd.DataFrame(_columns(rows)).to_json(path, orient="split", index=False, date_format="iso")
+        path.write_text(json.dumps(table, separators=(",", ":")), encoding="utf-8")
         mlflow.log_artifact(str(path))
     mlflow.set_tag(MLFLOW_LOGGED_ARTIFACTS, json.dumps([{"path": "val_samples.json", "type": "table"}]))
-
-
-def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    return {key: [row[key] for row in rows] for key in rows[0]}
 
 
 def _resumable(config: TrainConfig) -> dict[str, Any]:
