@@ -1043,7 +1043,9 @@ def test_a_rerun_of_a_retrain_killed_while_tuning_continues_its_study(prepared, 
     import sqlalchemy
 
     assert "kocr tune --data ${data.prepared} --out tuning" in (REPO / "dvc.yaml").read_text()  # where the link goes
-    job = _RetrainJob(tmp_path, stage=_TUNE_STAGE, params=TINY_TUNE)
+    # trials of 80 steps: at 20 one could start and end between two polls, and the kill below never came
+    job = _RetrainJob(tmp_path, stage=_TUNE_STAGE,
+                      params={**TINY_TUNE, "tune": {**TINY_TUNE["tune"], "steps_per_trial": 80, "report_every": 40}})
     workspace = tmp_path / "_work" / "ko-ocr"
     job.checkout(workspace)
     study, storage = job.study(workspace, 41), f"sqlite:///{job.studies / 'org_ko-ocr-41' / 'optuna.db'}"
