@@ -1174,10 +1174,7 @@ def _exit_without_teardown(status: int) -> NoReturn:
     log, dump = getattr(dynamo, "log", None), getattr(dynamo, "dump_compile_times", None)
     if dump is not None and log is not None and not log.isEnabledFor(20):  # logging.INFO
         atexit.unregister(dump)
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    _run_exit_handlers()
     os._exit(status)
 
 
@@ -1210,15 +1207,21 @@ def _interrupt_deferred() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def _run_exit_handlers() -> None:
+    """What Python's exit runs before its teardown: the atexit handlers (MLflow's, multiprocessing's,
+    logging's, temp folders' finalizers), then stdout and stderr flushed."""
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+
+
 def _die_by_sigint() -> NoReturn:
     """End the process as Python does after an uncaught KeyboardInterrupt: the exit handlers run
     (MLflow's, multiprocessing's, logging's), then it kills itself with SIGINT at its default action.
     Done here rather than left to Python: re-raised, ``kocr train`` exited with status 1 instead
     (something run at exit clears the interpreter's note of the interrupt)."""
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    _run_exit_handlers()
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     with contextlib.suppress(Exception):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
