@@ -147,22 +147,32 @@ def _champion(client: mlflow.MlflowClient, name: str):
 
 
 def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str], float],
-            evaluated_champion: tuple[str, float] | None = None) -> dict[str, Any]:
+            evaluated_champion: tuple[str, float] | None = None,
+            check: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Register ``candidate`` and decide on ``champion``; returns the decision as a flat dict.
 
     ``evaluated_champion``: ``(models:/NAME/VERSION, score)`` of the champion evaluate scored beside the
     candidate, on its set and the same way; used instead of ``rescore`` when the alias still names it.
 
-    The lock is taken first: a lock that cannot be had leaves the registry as it was (no version
-    without a decision, ``challenger`` unmoved), and ``challenger`` moves in the order decisions do."""
+    ``check``: called with the champion's ``models:/NAME/VERSION`` when it must be re-scored, before anything
+    is written, to refuse (raise) a re-scoring that cannot be comparable (``kocr promote``: other pages than
+    those evaluate scored the candidate on, or scored another way).
+
+    The lock is taken first, and the registry read before anything is written: a lock that cannot be had,
+    or a refused re-scoring, leaves the registry as it was (no version without a decision, ``challenger``
+    unmoved), and ``challenger`` moves in the order decisions do."""
     client = mlflow.MlflowClient()
     metric = config.metric
     with promotion_lock(config.model_name, config.lock_url):
+        version = registered_before(client, config.model_name, candidate, metric)
+        champion = _champion(client, config.model_name)
+        if (check is not None and champion is not None and str(champion.version) != version
+                and _known_score(champion, config, candidate, evaluated_champion) is None):
+            check(f"models:/{config.model_name}/{champion.version}")  # a refusal here writes nothing
         try:
             client.create_registered_model(config.model_name)
         except MlflowException:
             pass  # exists already
-        version = registered_before(client, config.model_name, candidate, metric)
         if version is None:
             version = mlflow.register_model(candidate.model_uri, config.model_name,
                                             tags={"source_run_id": candidate.run_id, metric: str(candidate.score),
@@ -171,7 +181,7 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
         _describe_version(client, config.model_name, version, candidate, metric)
         _describe_model(client, config)  # after the registration: a user the registry refuses stops there, as before
         client.set_registered_model_alias(config.model_name, "challenger", version)
-        return _decide(client, config, candidate, version, rescore, evaluated_champion)
+        return _decide(client, config, candidate, version, champion, rescore, evaluated_champion)
 
 
 def model_description(config: PromoteConfig) -> str:
@@ -242,11 +252,32 @@ def version_description(candidate: Candidate, metric: str) -> str:
             f"{candidate.eval_data_hash}")
 
 
-def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candidate, version: str,
-            rescore: Callable[[str], float], evaluated_champion: tuple[str, float] | None = None) -> dict[str, Any]:
-    """Compare with the champion and move the alias; runs under the promotion lock."""
+BESIDE = "scored on this set beside the candidate by evaluate"  # the reason's words for evaluate's score
+
+
+def _known_score(champion, config: PromoteConfig, candidate: Candidate,
+                 evaluated_champion: tuple[str, float] | None) -> tuple[float, str] | None:
+    """The champion's score on the candidate's set, scored the same way, known without reading the pages,
+    and where it comes from: its recorded score (the same set and scoring), a re-score an earlier promote
+    kept on its version, or evaluate's score of it (``evaluated_champion``); None when it must be re-scored."""
     metric = config.metric
-    champion = _champion(client, config.model_name)
+    same_set = champion.tags.get("eval_data_hash") == candidate.eval_data_hash
+    same_way = champion.tags.get("eval_scoring_hash", "") == candidate.eval_scoring_hash
+    if same_set and same_way and metric in champion.tags:
+        return float(champion.tags[metric]), "its recorded score on the same set"
+    kept = rescored(champion.tags, metric, candidate)
+    if kept is not None:
+        return kept, "re-scored on this set by an earlier promote"
+    if evaluated_champion and evaluated_champion[0] == f"models:/{config.model_name}/{champion.version}":
+        return evaluated_champion[1], BESIDE
+    return None
+
+
+def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candidate, version: str, champion: Any,
+            rescore: Callable[[str], float], evaluated_champion: tuple[str, float] | None = None) -> dict[str, Any]:
+    """Compare with ``champion`` (its version, read under the lock before the candidate was registered, or None)
+    and move the alias; runs under the promotion lock."""
+    metric = config.metric
     decision: dict[str, Any] = {"model_name": config.model_name, "candidate_version": int(version),
                                 f"candidate_{metric}": candidate.score, "eval_data_hash": candidate.eval_data_hash,
                                 "min_delta": config.min_delta}
@@ -263,15 +294,11 @@ def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candi
         decision["champion_version"] = int(champion.version)
         same_set = champion.tags.get("eval_data_hash") == candidate.eval_data_hash
         same_way = champion.tags.get("eval_scoring_hash", "") == candidate.eval_scoring_hash
-        kept = rescored(champion.tags, metric, candidate)
-        if same_set and same_way and metric in champion.tags:
-            champion_score = float(champion.tags[metric])
-            how = "its recorded score on the same set"
-        elif kept is not None:
-            champion_score, how = kept, "re-scored on this set by an earlier promote"
-        elif evaluated_champion and evaluated_champion[0] == f"models:/{config.model_name}/{champion.version}":
-            champion_score, how = evaluated_champion[1], "scored on this set beside the candidate by evaluate"
-            _keep_rescore(client, config.model_name, champion.version, metric, candidate, champion_score)
+        known = _known_score(champion, config, candidate, evaluated_champion)
+        if known is not None:
+            champion_score, how = known
+            if how == BESIDE:  # kept on the champion's version as a re-score of this set
+                _keep_rescore(client, config.model_name, champion.version, metric, candidate, champion_score)
         else:
             champion_score = rescore(f"models:/{config.model_name}/{champion.version}")
             how = ("re-scored on this set (it was scored on another)" if not same_set else

@@ -553,10 +553,17 @@ def cmd_promote(args: argparse.Namespace) -> None:
     candidate = Candidate(logged["model_uri"], logged["run_id"], float(evaluated["candidate"][config.metric]),
                           evaluated["eval_data_hash"], evaluated.get("eval_scoring_hash", ""))
 
+    read: list = []  # the pages to re-score the champion on, read once
+
+    def check(uri: str) -> list:  # before anything is registered: else compared across sets
+        if not read:
+            pages = test_pages(args.source, args.splits, evaluate_config.split)
+            _check_rescoring(args, evaluate_config, settings, pages, candidate, uri)
+            read.append(pages)
+        return read[0]
+
     def rescore(uri: str) -> float:  # scored exactly as the evaluate stage scored the candidate
-        pages = test_pages(args.source, args.splits, evaluate_config.split)
-        _check_rescoring(args, evaluate_config, settings, pages, candidate, uri)  # else compared across sets
-        scores = evaluate_models({"champion": uri}, pages, Path(args.work) / "champion", settings,
+        scores = evaluate_models({"champion": uri}, check(uri), Path(args.work) / "champion", settings,
                                  iou_threshold=evaluate_config.iou_threshold)
         return scores["champion"].metrics[config.metric]
 
@@ -564,7 +571,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
     with stage_run("promote", {"promote": PromoteConfig.logged(asdict(config))}):
         version = evaluated.get("champion_version")  # the champion evaluate scored beside the candidate
         known = champion_score_from_evaluate(evaluated, f"models:/{version}", config.metric) if version else None
-        decision = promote(candidate, config, rescore, None if known is None else (f"models:/{version}", known))
+        decision = promote(candidate, config, rescore, None if known is None else (f"models:/{version}", known),
+                           check=check)
         log_on_model_run(candidate, evaluated["candidate"])  # e2e_f1 … on the train run its version names
         mlflow.log_dict(decision, "promote.json")
         mlflow.log_metrics(decision_metrics(decision, config.metric))  # charted run by run, as evaluate's are

@@ -854,3 +854,51 @@ def test_promote_refuses_to_rescore_the_champion_on_another_set_than_evaluate_sc
     assert main([*argv, "--splits", "a.json"]) == 0  # the set evaluate read: re-scored and compared
     decision = json.loads((tmp_path / "promote.json").read_text())
     assert read == [{"champion": f"models:/one-set/{champion}"}] and decision["promoted"]
+
+
+def _one_set_promote(logged_uris, monkeypatch, tmp_path, name: str):
+    """A first champion of ``name`` (on set-old), a candidate whose eval.json scores it on pages ``a.json``
+    holds, and the ``kocr promote`` arguments but --splits (``a.json``, or ``b.json``: other pages); the
+    champion's version and the models re-scored (evaluate_models is a stand-in that scores 0.40)."""
+    import json
+
+    import evaluation.evaluate
+    from evaluation.evaluate import EvalPage, ModelEvaluation, eval_set_hash
+    from training.data.pages import Page
+
+    uris, champion = _first_champion(logged_uris, monkeypatch, tmp_path, name)
+    sets = {}
+    for split in ("a", "b"):
+        (tmp_path / f"{split}.png").write_bytes(f"pixels of {split}".encode())
+        sets[f"{split}.json"] = [EvalPage(split, Page(f"{split}.png", 8, 8), tmp_path / f"{split}.png")]
+    read = []
+
+    def evaluate_models(models, *args, **kwargs):
+        read.append(dict(models))
+        return {label: ModelEvaluation({"e2e_f1": 0.40}, {}) for label in models}
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models", evaluate_models)
+    monkeypatch.setattr(evaluation.evaluate, "test_pages", lambda source, splits, split: sets[splits])
+    (tmp_path / "cand").mkdir()
+    (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uris[1][0], "run_id": uris[1][1]}))
+    (tmp_path / "eval.json").write_text(json.dumps({"candidate": {"e2e_f1": 0.45},
+                                                    "eval_data_hash": eval_set_hash(sets["a.json"])}))
+    argv = ["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src", "--out", "promote.json"]
+    return argv, champion, read
+
+
+def test_a_rescoring_refused_for_another_set_registers_nothing_and_moves_no_alias(logged_uris, monkeypatch, tmp_path,
+                                                                                  capsys):
+    """Was: the refusal came from the re-score, after the candidate was registered and made ``challenger``:
+    a refused promote left a new version without a decision and moved the alias. It is now decided under
+    the lock before anything is written."""
+    from kocr.cli import main
+
+    argv, champion, read = _one_set_promote(logged_uris, monkeypatch, tmp_path, "refused-early")
+    client = mlflow.MlflowClient()
+    assert main([*argv, "--splits", "b.json"]) == 2
+    assert "not set" in capsys.readouterr().err and read == []
+    assert [str(v.version) for v in client.search_model_versions("name='refused-early'")] == [str(champion)]
+    assert str(client.get_model_version_by_alias("refused-early", "challenger").version) == str(champion)
+    assert main([*argv, "--splits", "a.json"]) == 0  # the set evaluate read: registered, re-scored, compared
+    assert read == [{"champion": f"models:/refused-early/{champion}"}]
+    assert len(client.search_model_versions("name='refused-early'")) == 2
