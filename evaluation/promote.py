@@ -147,8 +147,8 @@ def _champion(client: mlflow.MlflowClient, name: str):
 
 
 def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str], float],
-            evaluated_champion: tuple[str, float] | None = None,
-            check: Callable[[str], None] | None = None) -> dict[str, Any]:
+            evaluated_champion: tuple[str, float] | None = None, check: Callable[[str], None] | None = None,
+            begin: Callable[[], object] | None = None) -> dict[str, Any]:
     """Register ``candidate`` and decide on ``champion``; returns the decision as a flat dict.
 
     ``evaluated_champion``: ``(models:/NAME/VERSION, score)`` of the champion evaluate scored beside the
@@ -156,7 +156,8 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
 
     ``check``: called with the champion's ``models:/NAME/VERSION`` when it must be re-scored, before anything
     is written, to refuse (raise) a re-scoring that cannot be comparable (``kocr promote``: other pages than
-    those evaluate scored the candidate on, or scored another way).
+    those evaluate scored the candidate on, or scored another way). ``begin``: called once, after those
+    refusals and before the first write (``kocr promote`` starts its MLflow run there: a refusal starts none).
 
     The lock is taken first, and the registry read before anything is written: a lock that cannot be had,
     or a refused re-scoring, leaves the registry as it was (no version without a decision, ``challenger``
@@ -169,6 +170,8 @@ def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str]
         if (check is not None and champion is not None and str(champion.version) != version
                 and _known_score(champion, config, candidate, evaluated_champion) is None):
             check(f"models:/{config.model_name}/{champion.version}")  # a refusal here writes nothing
+        if begin is not None:
+            begin()
         try:
             client.create_registered_model(config.model_name)
         except MlflowException:

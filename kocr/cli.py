@@ -534,7 +534,8 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
     from evaluation.evaluate import EvaluateConfig, evaluate_models, test_pages
     from evaluation.promote import RANKED, Candidate, PromoteConfig, decision_metrics, log_on_model_run, promote
-    from kocr.tracking import stage_run
+    from kocr.locks import LockError
+    from kocr.tracking import configure_tracking, stage_run
 
     params = load_params()
     config = PromoteConfig.from_params(section(params, "promote"))
@@ -567,12 +568,28 @@ def cmd_promote(args: argparse.Namespace) -> None:
                                  iou_threshold=evaluate_config.iou_threshold)
         return scores["champion"].metrics[config.metric]
 
-    # every knob as promote read it, defaults included: promote.min_delta is a param also when params.yaml leaves it out
-    with stage_run("promote", {"promote": PromoteConfig.logged(asdict(config))}):
+    # The run starts when promote is about to write (begin): a refusal decided before (the lock, the champion's
+    # re-scoring on other pages than evaluate's) writes nothing and starts no run, as the refusals above start
+    # none: a FAILED promote run in the UI is one that failed while registering or deciding. Any other error
+    # before then (the registry unreadable, the pages unreadable) still ends a promote run FAILED.
+    refusals, began = (CommandError, LockError), []
+    configure_tracking()  # the store promote reads before its run starts, and its lock's: the run's
+    with contextlib.ExitStack() as stack:
+        def begin() -> None:  # every knob as promote read it, defaults included: min_delta is a param also when left out
+            began.append(True)  # once, even when the run cannot be started
+            stack.enter_context(stage_run("promote", {"promote": PromoteConfig.logged(asdict(config))}))
+
         version = evaluated.get("champion_version")  # the champion evaluate scored beside the candidate
         known = champion_score_from_evaluate(evaluated, f"models:/{version}", config.metric) if version else None
-        decision = promote(candidate, config, rescore, None if known is None else (f"models:/{version}", known),
-                           check=check)
+        try:
+            decision = promote(candidate, config, rescore, None if known is None else (f"models:/{version}", known),
+                               check=check, begin=begin)
+        except Exception as exc:
+            if not began and not isinstance(exc, refusals):  # failed before begin, not refused: a FAILED run
+                begin()
+            raise
+        if not began:  # promote calls it before its first write; the decision is logged on the run either way
+            begin()
         log_on_model_run(candidate, evaluated["candidate"])  # e2e_f1 … on the train run its version names
         mlflow.log_dict(decision, "promote.json")
         mlflow.log_metrics(decision_metrics(decision, config.metric))  # charted run by run, as evaluate's are

@@ -339,7 +339,7 @@ def test_promote_refuses_a_candidate_trained_again_since_evaluate_scored_it(samp
     # trained again to the same weights: the score is this model's; promote goes on with the new run's model
     (tmp_path / "cand/model.pt").write_bytes(b"candidate weights")
     registered = []
-    monkeypatch.setattr(evaluation.promote, "promote", lambda candidate, config, rescore, evaluated_champion=None:
+    monkeypatch.setattr(evaluation.promote, "promote", lambda candidate, config, rescore, evaluated_champion=None, **hooks:
                         registered.append(candidate) or {"promoted": True, "reason": "first",
                                                          "candidate_version": "1", "candidate_score": 0.9})
     monkeypatch.setattr(evaluation.promote, "decision_metrics", lambda decision, metric: {})

@@ -902,3 +902,74 @@ def test_a_rescoring_refused_for_another_set_registers_nothing_and_moves_no_alia
     assert main([*argv, "--splits", "a.json"]) == 0  # the set evaluate read: registered, re-scored, compared
     assert read == [{"champion": f"models:/refused-early/{champion}"}]
     assert len(client.search_model_versions("name='refused-early'")) == 2
+
+
+def test_a_refused_promote_starts_no_run_and_one_that_fails_ends_its_run_failed(logged_uris, monkeypatch, tmp_path,
+                                                                                capsys):
+    """Was: kocr promote started its MLflow run first, so a refusal that wrote nothing (the champion's re-scoring
+    on other pages than evaluate's, a lock URL that is no database) left a FAILED promote run beside the ones
+    that failed registering or deciding. A refusal now starts no run; an error after the run began fails it."""
+    import evaluation.evaluate
+    from kocr.cli import main
+
+    argv, champion, read = _one_set_promote(logged_uris, monkeypatch, tmp_path, "run-less")
+
+    def promote_runs():
+        return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                                  filter_string="params.`promote.model_name` = 'run-less'")
+
+    assert main([*argv, "--splits", "b.json"]) == 2 and "not set" in capsys.readouterr().err
+    (tmp_path / "params.yaml").write_text("promote: {model_name: run-less, lock_url: 'mysql://kim@db/locks'}\n",
+                                          encoding="utf-8")
+    assert main([*argv, "--splits", "a.json"]) == 2 and "not a PostgreSQL" in capsys.readouterr().err
+    assert promote_runs() == []
+    (tmp_path / "params.yaml").write_text("promote: {model_name: run-less}\n", encoding="utf-8")
+
+    def unreadable(*args, **kwargs):
+        raise RuntimeError("the champion's weights are gone")
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models", unreadable)
+    with pytest.raises(RuntimeError, match="weights are gone"):  # a crash re-scoring: the run ends FAILED
+        main([*argv, "--splits", "a.json"])
+    assert [run.info.status for run in promote_runs()] == ["FAILED"]
+
+    def server_error(self, name, alias):
+        raise mlflow.exceptions.MlflowException("internal error", error_code="INTERNAL_ERROR")
+    monkeypatch.setattr(mlflow.MlflowClient, "get_model_version_by_alias", server_error)
+    assert main([*argv, "--splits", "a.json"]) == 2  # the registry unreadable, before any write: a FAILED run too
+    assert "internal error" in capsys.readouterr().err
+    assert [run.info.status for run in promote_runs()] == ["FAILED", "FAILED"]
+
+
+def test_kocr_promote_reads_the_embedded_store_it_registers_in(hangul_checkpoint, tmp_path, monkeypatch):
+    """kocr promote takes its lock and reads the registry (the champion, an earlier registration) before its
+    run starts: the store is configured first, so with MLFLOW_TRACKING_URI unset the lock is the embedded
+    store's and no mlflow.db (MLflow's own default) is made beside it. Two promotes in fresh processes: the
+    second finds the first's champion."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    configure_tracking()
+    uris = []
+    for _ in range(2):
+        with mlflow.start_run() as run:
+            uris.append((log_recognizer(hangul_checkpoint, DetectorSettings()).model_uri, run.info.run_id))
+    (tmp_path / "params.yaml").write_text("promote: {model_name: embedded}\n", encoding="utf-8")
+    (tmp_path / "cand").mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"PYTHONPATH": str(REPO)}
+    decisions = []
+    for (uri, run_id), score in zip(uris, (0.5, 0.4)):
+        (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uri, "run_id": run_id}))
+        (tmp_path / "eval.json").write_text(json.dumps({"candidate": {"e2e_f1": score}, "eval_data_hash": "e"}))
+        done = subprocess.run([sys.executable, "-m", "kocr.cli", "promote", "--candidate", "cand", "--metrics",
+                               "eval.json", "--source", "s", "--splits", "s.json", "--out", "promote.json"],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        decisions.append(json.loads((tmp_path / "promote.json").read_text()))
+    assert [d["promoted"] for d in decisions] == [True, False] and decisions[1]["champion_version"] == 1
+    assert not (tmp_path / "mlflow.db").exists()  # MLflow's own default store: its lock was taken there
