@@ -147,12 +147,14 @@ def _champion(client: mlflow.MlflowClient, name: str):
 
 
 def promote(candidate: Candidate, config: PromoteConfig, rescore: Callable[[str], float],
-            evaluated_champion: tuple[str, float] | None = None, check: Callable[[str], None] | None = None,
+            evaluated_champion: tuple[str, float, str] | None = None, check: Callable[[str], None] | None = None,
             begin: Callable[[], object] | None = None) -> dict[str, Any]:
     """Register ``candidate`` and decide on ``champion``; returns the decision as a flat dict.
 
-    ``evaluated_champion``: ``(models:/NAME/VERSION, score)`` of the champion evaluate scored beside the
-    candidate, on its set and the same way; used instead of ``rescore`` when the alias still names it.
+    ``evaluated_champion``: ``(models:/NAME/VERSION, score, run_id)`` of the champion evaluate scored beside
+    the candidate, on its set and the same way; used instead of ``rescore`` when the alias still names that
+    version, registered from that run (a registered model deleted and made again numbers its versions from 1
+    anew: another run's version 1 is not the one evaluate scored, and is re-scored).
 
     ``check``: called with the champion's ``models:/NAME/VERSION`` when it must be re-scored, before anything
     is written, to refuse (raise) a re-scoring that cannot be comparable (``kocr promote``: other pages than
@@ -259,10 +261,11 @@ BESIDE = "scored on this set beside the candidate by evaluate"  # the reason's w
 
 
 def _known_score(champion, config: PromoteConfig, candidate: Candidate,
-                 evaluated_champion: tuple[str, float] | None) -> tuple[float, str] | None:
+                 evaluated_champion: tuple[str, float, str] | None) -> tuple[float, str] | None:
     """The champion's score on the candidate's set, scored the same way, known without reading the pages,
     and where it comes from: its recorded score (the same set and scoring), a re-score an earlier promote
-    kept on its version, or evaluate's score of it (``evaluated_champion``); None when it must be re-scored."""
+    kept on its version, or evaluate's score of it (``evaluated_champion``: the same version number, registered
+    from the same run); None when it must be re-scored."""
     metric = config.metric
     same_set = champion.tags.get("eval_data_hash") == candidate.eval_data_hash
     same_way = champion.tags.get("eval_scoring_hash", "") == candidate.eval_scoring_hash
@@ -271,13 +274,15 @@ def _known_score(champion, config: PromoteConfig, candidate: Candidate,
     kept = rescored(champion.tags, metric, candidate)
     if kept is not None:
         return kept, "re-scored on this set by an earlier promote"
-    if evaluated_champion and evaluated_champion[0] == f"models:/{config.model_name}/{champion.version}":
+    if (evaluated_champion and evaluated_champion[0] == f"models:/{config.model_name}/{champion.version}"
+            and evaluated_champion[2] and evaluated_champion[2] == champion.run_id):
         return evaluated_champion[1], BESIDE
     return None
 
 
 def _decide(client: mlflow.MlflowClient, config: PromoteConfig, candidate: Candidate, version: str, champion: Any,
-            rescore: Callable[[str], float], evaluated_champion: tuple[str, float] | None = None) -> dict[str, Any]:
+            rescore: Callable[[str], float],
+            evaluated_champion: tuple[str, float, str] | None = None) -> dict[str, Any]:
     """Compare with ``champion`` (its version, read under the lock before the candidate was registered, or None)
     and move the alias; runs under the promotion lock."""
     metric = config.metric

@@ -383,7 +383,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     scored_sha256 = _checkpoint_sha256(args.candidate)  # read now: a train ending while this run scores writes another
     # every detector setting read with, as the train run's logged model records them (detector.<name>)
     with stage_run("evaluate", {"evaluate": section(params, "evaluate"), "detector": settings.readtext_kwargs()}):
-        champion = _champion_uri(promote_config.model_name)
+        champion, champion_run = _champion_uri(promote_config.model_name) or (None, "")
         if champion:
             models["champion"] = champion
         for baseline in config.baselines:
@@ -415,11 +415,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         # the files at once, beside the readings just swapped in (not after minutes of MLflow logging)
         _dump({label: e.analysis for label, e in evaluated.items()}, analysis_file)
         write_text(report_file, report)
-        # the champion's version beside its row: promote compares with that score instead of reading
-        # the pages again when the alias still names it (champion_score_from_evaluate)
+        # the champion's version and its run beside its row: promote compares with that score instead of
+        # reading the pages again when the alias still names that version of that run (a registered model
+        # deleted and made again numbers its versions from 1 anew: champion_score_from_evaluate)
         _dump({**results, "eval_data_hash": data_hash, "eval_scoring_hash": scoring, "pages": len(pages),
                **({"candidate_sha256": scored_sha256} if scored_sha256 else {}),
-               **({"champion_version": champion.removeprefix("models:/")} if champion else {})}, metrics_file)
+               **({"champion_version": champion.removeprefix("models:/")} if champion else {}),
+               **({"champion_run_id": champion_run} if champion and champion_run else {})}, metrics_file)
         for label, evaluation in evaluated.items():
             mlflow.log_metrics({f"{label}_{k}": float(v) for k, v in evaluation.metrics.items()})
             mlflow.log_dict(evaluation.analysis, f"analysis/{label}.json")
@@ -479,8 +481,9 @@ def _scored_model_tags(models: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in tags.items() if v}
 
 
-def _champion_uri(model_name: str) -> str | None:
-    """``models:/NAME/VERSION`` of the version the ``champion`` alias names now, else None (no champion).
+def _champion_uri(model_name: str) -> tuple[str, str] | None:
+    """``models:/NAME/VERSION`` of the version the ``champion`` alias names now and the run it was
+    registered from ("" when none), else None (no champion).
 
     Pinned once, before scoring: ``models:/NAME@champion`` would be resolved again when the model is
     loaded and when the run's tags are written, so a promotion in between would score one version and
@@ -496,7 +499,7 @@ def _champion_uri(model_name: str) -> str | None:
         if exc.error_code in NOT_FOUND:
             return None
         raise  # a registry that fails must not drop the champion's row from the report in silence
-    return f"models:/{version.name}/{version.version}"
+    return f"models:/{version.name}/{version.version}", version.run_id or ""
 
 
 def evaluation_report(evaluated: dict, pages: int, data_hash: str) -> str:
@@ -581,9 +584,9 @@ def cmd_promote(args: argparse.Namespace) -> None:
 
         version = evaluated.get("champion_version")  # the champion evaluate scored beside the candidate
         known = champion_score_from_evaluate(evaluated, f"models:/{version}", config.metric) if version else None
+        beside = None if known is None else (f"models:/{version}", known, evaluated.get("champion_run_id", ""))
         try:
-            decision = promote(candidate, config, rescore, None if known is None else (f"models:/{version}", known),
-                               check=check, begin=begin)
+            decision = promote(candidate, config, rescore, beside, check=check, begin=begin)
         except Exception as exc:
             if not began and not isinstance(exc, refusals):  # failed before begin, not refused: a FAILED run
                 begin()

@@ -284,11 +284,13 @@ def test_evaluate_names_the_champion_version_it_scored_for_promote(sample_pages,
     evaluate = ["evaluate", "--source", str(sample_pages), "--splits", str(prepared / "splits.json"),
                 "--candidate", "english_g2", "--predictions", "pred", "--metrics", "m.json", "--pictures", "pics"]
     for champion in ("models:/named-row/3", None):
-        monkeypatch.setattr(kocr.cli, "_champion_uri", lambda name, champion=champion: champion)
+        monkeypatch.setattr(kocr.cli, "_champion_uri",
+                            lambda name, champion=champion: champion and (champion, "run-of-3"))
         done = _kocr_here(capsys, *evaluate)
         assert done.returncode == 0, done.stderr
         written = json.loads((tmp_path / "m.json").read_text())
         assert written.get("champion_version") == (champion and "named-row/3"), written
+        assert written.get("champion_run_id") == (champion and "run-of-3"), written  # the version's run
         assert ("champion" in written) == bool(champion)
 
 

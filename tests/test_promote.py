@@ -794,7 +794,7 @@ def test_promote_compares_with_the_champion_score_evaluate_wrote_instead_of_read
         (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uri_run[0], "run_id": uri_run[1]}))
         (tmp_path / "eval.json").write_text(json.dumps({
             "candidate": {"e2e_f1": score}, "champion": {"e2e_f1": 0.55}, "eval_data_hash": eval_set,
-            "champion_version": champion_version}))
+            "champion_version": champion_version, "champion_run_id": uris[0][1]}))
         assert main(["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src",
                      "--splits", "s.json", "--out", "promote.json"]) == 0
         return json.loads((tmp_path / "promote.json").read_text())
@@ -973,3 +973,41 @@ def test_kocr_promote_reads_the_embedded_store_it_registers_in(hangul_checkpoint
         decisions.append(json.loads((tmp_path / "promote.json").read_text()))
     assert [d["promoted"] for d in decisions] == [True, False] and decisions[1]["champion_version"] == 1
     assert not (tmp_path / "mlflow.db").exists()  # MLflow's own default store: its lock was taken there
+
+
+def test_a_champion_of_a_registered_model_made_again_is_not_compared_on_the_score_of_its_version_number(
+        logged_uris, monkeypatch, tmp_path):
+    """Was: promote took evaluate's score of the champion when the alias named the version number evaluate
+    had scored (``champion_version``) alone; a registered model deleted and made again between evaluate
+    and promote numbers its versions from 1 anew, so another run's version 1 was compared on the score of
+    the version 1 evaluate read. evaluate records the version's run (``champion_run_id``), which must match."""
+    import json
+
+    import evaluation.evaluate
+    from evaluation.evaluate import ModelEvaluation
+    from kocr.cli import main
+
+    uris, champion = _first_champion(logged_uris, monkeypatch, tmp_path, "made-again")
+    client = mlflow.MlflowClient()
+    scored = client.get_model_version("made-again", champion)  # the version evaluate scores at 0.55 on set-new
+    client.delete_registered_model("made-again")
+    again = promote(_candidate(uris[2], 0.30), PromoteConfig(model_name="made-again"), _no_rescore)
+    assert again["promoted"] and again["candidate_version"] == int(champion)  # the same number, another run's
+    read = []
+
+    def evaluate_models(models, *args, **kwargs):
+        read.append(dict(models))
+        return {label: ModelEvaluation({"e2e_f1": 0.20}, {}) for label in models}
+    monkeypatch.setattr(evaluation.evaluate, "evaluate_models", evaluate_models)
+    monkeypatch.setattr(evaluation.evaluate, "test_pages", lambda *args: ["page"])
+    monkeypatch.setattr(evaluation.evaluate, "eval_set_hash", lambda pages: "set-new")
+    (tmp_path / "cand").mkdir()
+    (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uris[1][0], "run_id": uris[1][1]}))
+    (tmp_path / "eval.json").write_text(json.dumps({
+        "candidate": {"e2e_f1": 0.50}, "champion": {"e2e_f1": 0.55}, "eval_data_hash": "set-new",
+        "champion_version": f"made-again/{champion}", "champion_run_id": scored.run_id}))
+    assert main(["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src",
+                 "--splits", "s.json", "--out", "promote.json"]) == 0
+    decision = json.loads((tmp_path / "promote.json").read_text())
+    assert read == [{"champion": f"models:/made-again/{champion}"}]  # re-scored: 0.20, not the other's 0.55
+    assert decision["promoted"] and decision["champion_e2e_f1"] == pytest.approx(0.20)
