@@ -470,18 +470,20 @@ def test_cli_reports_a_settings_error_in_one_line(prepared, tmp_path, monkeypatc
     assert err.startswith("kocr tune: error: params.yaml: tune.e2e_split test: ") and "\n" not in err
 
 
-@pytest.mark.parametrize("where", ["no server", "no such database"])
+@pytest.mark.parametrize("where", ["no server", "no such database", "unknown option"])
 def test_a_storage_that_cannot_be_opened_is_one_line_naming_it_without_its_password(where, prepared, tmp_path,
                                                                                  monkeypatch, capsys):
-    # was: a traceback of some 150 lines ending in sqlalchemy.exc.OperationalError, exit 1
+    # was: a traceback of some 150 lines ending in sqlalchemy.exc.OperationalError, exit 1 (for an
+    # unknown query option, psycopg2's ProgrammingError "invalid dsn: invalid connection option")
     from kocr.cli import main
 
     if where == "no server":  # nothing listens on port 1
         url, shown = f"postgresql+psycopg2://kim:{SECRET}@127.0.0.1:1/optuna", "kim:***@127.0.0.1:1/optuna"
     else:
         params = postgres_params()
-        url = f"postgresql+psycopg2://{params['user']}:{SECRET}@{params['host']}:{params['port']}/kocr_no_such_db"
-        shown = f"{params['user']}:***@{params['host']}:{params['port']}/kocr_no_such_db"
+        database = "kocr_no_such_db" if where == "no such database" else "postgres?foo=bar"
+        url = f"postgresql+psycopg2://{params['user']}:{SECRET}@{params['host']}:{params['port']}/{database}"
+        shown = f"{params['user']}:***@{params['host']}:{params['port']}/{database}"
     monkeypatch.setattr("training.tune.time.sleep", lambda s: None)  # the retries of a race at table creation
     monkeypatch.chdir(_project(tmp_path / "p"))
     assert main(["tune", "--data", str(prepared), "--storage", url, "--study", "s"]) == 2
@@ -489,7 +491,9 @@ def test_a_storage_that_cannot_be_opened_is_one_line_naming_it_without_its_passw
     assert "Traceback" not in err and SECRET not in err, err
     line = err.splitlines()[-1]
     assert line.startswith(f"kocr tune: error: cannot open the Optuna storage postgresql+psycopg2://{shown}: "), err
-    assert "Connection refused" in line or "kocr_no_such_db" in line.rpartition(": ")[2]
+    reason = {"no server": "Connection refused", "no such database": "kocr_no_such_db",
+              "unknown option": 'invalid connection option "foo"'}[where]
+    assert reason in line.removeprefix(f"kocr tune: error: cannot open the Optuna storage postgresql+psycopg2://{shown}"), line
 
 
 @pytest.mark.parametrize("entry, change", [

@@ -396,12 +396,14 @@ def make_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
 def storage_error(url: str, exc: Exception) -> Exception:
     """What a worker that cannot open its storage raises: for a database that cannot be reached or
     refuses the login (SQLAlchemy's ``OperationalError``: server down, wrong host or port, wrong
-    password, no such database), a TuneError of one line naming the storage with its password hidden
-    and the driver's reason (was: a traceback of some 150 lines); anything else, and a full SQLite
-    database (named as a full disk by :func:`named_database_full`), as it is."""
+    password, no such database) or a URL whose query the driver rejects (psycopg2's ``ProgrammingError``
+    ``invalid dsn: invalid connection option "foo"`` for ``?foo=bar``), a TuneError of one line naming
+    the storage with its password hidden and the driver's reason (was: a traceback of some 150 lines);
+    anything else, and a full SQLite database (named as a full disk by :func:`named_database_full`), as it is."""
     import sqlalchemy
 
-    if not isinstance(exc, sqlalchemy.exc.OperationalError) or database_full(exc):
+    rejected_url = isinstance(exc, sqlalchemy.exc.ProgrammingError) and str(exc.orig).startswith("invalid dsn")
+    if not (isinstance(exc, sqlalchemy.exc.OperationalError) or rejected_url) or database_full(exc):
         return exc
     reason = " ".join(str(getattr(exc, "orig", None) or exc).split())
     return TuneError(f"cannot open the Optuna storage {redact(url)}: {redact(reason)}")
