@@ -45,6 +45,21 @@ class LockError(RuntimeError):
     """A lock database that cannot be reached or used; names the URL without its password."""
 
 
+CONNECT_TIMEOUT_S = 10  # libpq's connect_timeout where a PostgreSQL URL sets none (libpq's own default: wait for ever)
+
+
+def connect_args(url: str | sqlalchemy.engine.URL) -> dict[str, int]:
+    """``connect_args`` for ``create_engine`` on ``url``: for PostgreSQL, libpq's ``connect_timeout`` of
+    :data:`CONNECT_TIMEOUT_S` seconds unless the URL's query sets ``connect_timeout`` itself (which
+    wins: ``?connect_timeout=60``), so that a host dropping packets or a port that accepts but never
+    answers fails in seconds (was: some two minutes per try, or for ever); nothing for other databases.
+    SQLAlchemy passes these to psycopg2 over the URL's own query options."""
+    parsed = sqlalchemy.engine.make_url(url)
+    if parsed.get_backend_name() not in ("postgresql", "postgres") or "connect_timeout" in parsed.query:
+        return {}
+    return {"connect_timeout": CONNECT_TIMEOUT_S}
+
+
 def _psycopg2(url: sqlalchemy.engine.URL) -> sqlalchemy.engine.URL:
     """``postgresql://`` means psycopg 3 to SQLAlchemy 2.1; the project installs psycopg2."""
     return url.set(drivername="postgresql+psycopg2") if url.drivername in ("postgresql", "postgres") else url
@@ -57,7 +72,7 @@ def advisory_lock(url: str, name: str) -> Iterator[None]:
     Raises LockError (one line, password hidden) when the database cannot be reached or refuses."""
     key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
     parsed = _psycopg2(sqlalchemy.engine.make_url(url))
-    engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.pool.NullPool)
+    engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args(parsed))
     try:
         try:
             conn = engine.connect()

@@ -496,6 +496,40 @@ def test_a_storage_that_cannot_be_opened_is_one_line_naming_it_without_its_passw
     assert reason in line.removeprefix(f"kocr tune: error: cannot open the Optuna storage postgresql+psycopg2://{shown}"), line
 
 
+def test_a_postgresql_storage_that_never_answers_is_given_up_after_the_connect_timeout(monkeypatch):
+    # was: libpq's connect waited for ever on a port that accepts and never answers (on a host that drops
+    # packets, some two minutes per try, and make_storage tried three times); now connect_timeout, once
+    import socket
+    import threading
+
+    from kocr.locks import LockError, advisory_lock, connect_args
+
+    assert connect_args("postgresql+psycopg2://kim@db/optuna") == {"connect_timeout": 10}  # the default
+    assert connect_args("postgresql+psycopg2://kim@db/optuna?connect_timeout=60") == {}  # the URL's wins
+    assert connect_args("sqlite:///optuna.db") == {}
+    monkeypatch.setattr("kocr.locks.CONNECT_TIMEOUT_S", 2)  # libpq's least
+    monkeypatch.setattr("training.tune.time.sleep", lambda s: None)
+    config = TuneConfig.from_params(PARAMS["tune"])
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the TCP handshake; nothing ever answers PostgreSQL's
+        port = silent.getsockname()[1]
+        url = f"postgresql+psycopg2://kim:{SECRET}@127.0.0.1:{port}/optuna"
+        for opened in (lambda: make_storage(url, config), lambda: advisory_lock(url, "x").__enter__()):
+            raised: list[Exception] = []
+            worker = threading.Thread(target=lambda: raised.append(pytest.raises(Exception, opened).value),
+                                      daemon=True)
+            started = time.monotonic()
+            worker.start()
+            worker.join(30)
+            assert not worker.is_alive(), "still connecting after 30 s"
+            assert time.monotonic() - started < 10
+            shown = f"postgresql+psycopg2://kim:***@127.0.0.1:{port}/optuna"
+            said = {TuneError: f"cannot open the Optuna storage {shown}", LockError: f"lock database {shown}"}
+            assert str(raised[0]) == f'{said[type(raised[0])]}: connection to server at "127.0.0.1", port {port} ' \
+                                     "failed: timeout expired", raised
+
+
 @pytest.mark.parametrize("entry, change", [
     ("optimizer", {"type": "categorical", "choices": ["adam", "adadelta"]}),  # other choices
     ("lr", {"type": "float", "low": 1e-4, "high": 1e-2}),  # not on a log scale

@@ -53,7 +53,7 @@ from optuna.trial import TrialState
 from sqlalchemy.engine import make_url as sqlalchemy_url
 
 from kocr.atomic import DISK_FULL, database_full, scratch_folder, write_text
-from kocr.locks import database_lock, discard_database_lock, discard_unheld_lock_files
+from kocr.locks import connect_args, database_lock, discard_database_lock, discard_unheld_lock_files
 from kocr.params import ParamsError, check_keys, data_section, typed
 from kocr.redact import hide_passwords as redact  # the storage URL as logs, MLflow and best_params.yaml show it
 from training.train import MODEL_KNOBS, TrainConfig, knob_params, train
@@ -367,7 +367,9 @@ def make_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
     too) and queued again."""
     import sqlalchemy
 
-    engine_kwargs = {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    # PostgreSQL: libpq's connect_timeout (kocr.locks.CONNECT_TIMEOUT_S) unless the URL sets it
+    engine_kwargs = ({"connect_args": {"timeout": 30}} if url.startswith("sqlite")
+                     else {"pool_pre_ping": True, "connect_args": connect_args(url)})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=config.max_retry)
@@ -383,14 +385,23 @@ def make_storage(url: str, config: TuneConfig) -> optuna.storages.RDBStorage:
                                                   grace_period=config.grace_period_s,
                                                   heartbeat_stale_trial_callback=on_stale)
             except sqlalchemy.exc.SQLAlchemyError as exc:
-                # workers starting together on an empty database race to create the tables
-                if attempt == 2:
+                # workers starting together on an empty database race to create the tables; a failure
+                # to connect is not retried (it would wait out another connect_timeout, and fail alike)
+                if attempt == 2 or failed_to_connect(exc):
                     error = storage_error(url, exc)
                     if error is exc:
                         raise
                     raise error from exc
                 time.sleep(1.0 + attempt)
     raise AssertionError("unreachable")
+
+
+def failed_to_connect(exc: Exception) -> bool:
+    """Whether psycopg2 raised ``exc`` (SQLAlchemy's, wrapping it) without a SQLSTATE: connecting (host
+    unreachable or silent past connect_timeout, login refused, URL rejected), not a statement the
+    server refused, as in the race at table creation."""
+    orig = getattr(exc, "orig", None)
+    return type(orig).__module__.startswith("psycopg2") and getattr(orig, "pgcode", "") is None
 
 
 def storage_error(url: str, exc: Exception) -> Exception:
