@@ -1126,3 +1126,20 @@ def test_best_params_record_the_steps_the_best_trial_trained_and_a_worker_of_ano
     study = optuna.load_study(study_name="budgets", storage=f"sqlite:///{tmp_path / 'tuning' / 'optuna.db'}")
     assert study.trials[0].user_attrs["steps"] == 2
     assert "tune: warning: tune.steps_per_trial is 4; study budgets's complete trials trained 2 steps" in said
+
+
+def test_a_tune_run_names_the_steps_its_studys_best_trial_trained(prepared, tmp_path, monkeypatch):
+    """Was: a worker of another budget logged the study's best (best_val_cer, best.<knob>) beside only its
+    own tune.steps_per_trial and train.steps, as if its best trial had trained those."""
+    from kocr.cli import main
+
+    tune = {"n_trials": 1, "report_every": 2, "study_name": "budgets"}
+    monkeypatch.chdir(_project(tmp_path / "p", steps_per_trial=2, **tune))
+    assert main(["tune", "--data", str(prepared), "--out", "tuning"]) == 0
+    _project(tmp_path / "p", steps_per_trial=4, **tune)  # joins the spent study and writes its best again
+    assert main(["tune", "--data", str(prepared), "--out", "tuning"]) == 0
+    runs = mlflow.search_runs(experiment_names=["ko-ocr/tune"], output_format="list")
+    [first, second] = sorted((r for r in runs if r.info.run_name == "tune"), key=lambda r: r.info.start_time)
+    for run, own in ((first, "2"), (second, "4")):
+        assert run.data.params["tune.steps_per_trial"] == run.data.params["train.steps"] == own
+        assert run.data.params["best.steps_per_trial"] == "2"  # the only trial, the study's best, trained 2

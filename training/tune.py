@@ -1051,7 +1051,10 @@ def finish_study(study: optuna.Study, config: TuneConfig, url: str, out_dir: Pat
 
         mlflow.log_metrics({f"best_{config.metric}": doc["value"], "best_trial": doc["trial"],
                             **{f"trials_{k}": v for k, v in doc["trials"].items()}})
-        mlflow.log_params({f"best.{k}": v for k, v in doc["train"].items()})
+        # best.steps_per_trial: the steps the best trial trained, which a worker of another budget
+        # (its own tune.steps_per_trial and train.steps) did not give it
+        mlflow.log_params({**{f"best.{k}": v for k, v in doc["train"].items()},
+                           "best.steps_per_trial": doc["steps_per_trial"]})
         mlflow.log_dict(doc, "tuning/best_params.yaml")
         log_study_figures(study, config.metric)
     return doc
