@@ -291,13 +291,58 @@ def test_a_split_zip_whose_pieces_are_all_there_still_gets_its_join(tmp_path):
     assert len(said) == 3 and all(place.endswith("cat a.zip.part* > a.zip") for place in said), said
 
 
+@pytest.mark.parametrize("kept", [[0], [0, 1], [1]])
+def test_pieces_of_a_split_zip_without_their_last_piece_name_it_missing_not_a_join(kept, tmp_path):
+    """A lone X.zip.part0 (or part0 and part1) of a download in three pieces has no gap in its numbers and
+    begins as a zip does, so it was given `cat 'X.zip.part'* > 'X.zip'`, whose zip then did not read ("a
+    join cut short": join again, the same broken zip). The highest piece not ending as a zip does says the
+    pieces after it are missing; a lone middle piece, those before and after it."""
+    import subprocess
+
+    folder = tmp_path / "Training"
+    folder.mkdir()
+    name = "[라벨]Training_인.허가.zip"
+    _split_zip(folder, name, 3)
+    for i in {0, 1, 2} - set(kept):
+        (folder / f"{name}.part{i}").unlink()
+    said = [place for reason, place in scan_source(tmp_path).stray if reason == "split_archive"]
+    assert len(said) == len(kept)
+    first, last = f"{name}.part{kept[0]}", f"{name}.part{kept[-1]}"
+    absent = (f"{first} neither begins nor ends a zip: the piece(s) numbered before and after it" if kept == [1]
+              else f"{last} does not end a zip: the piece(s) numbered after it")
+    for place in said:
+        why = place.split(": ", 1)[1]
+        assert "cat " not in why, why
+        assert why == (f"a piece of a split download of {name}, not read; {absent} are missing: download them "
+                       "into its folder, then join the pieces")
+    # the pieces all there: the join, whose zip reads
+    _split_zip(folder, name, 3)
+    said = [place for reason, place in scan_source(tmp_path).stray if reason == "split_archive"]
+    subprocess.run(["bash", "-c", said[0].split(" in its folder: ")[1]], cwd=folder, check=True)
+    assert len(scan_source(tmp_path).labels) == 20
+
+
+def test_a_zip_named_as_its_only_piece_gets_its_join(tmp_path):
+    """X.zip.part0 alone that is the whole zip (a download in one piece) begins and ends as a zip does:
+    its join (a copy) reads."""
+    import subprocess
+
+    folder = tmp_path / "Training"
+    folder.mkdir()
+    _split_zip(folder, "a.zip", 1)
+    said = [place for reason, place in scan_source(tmp_path).stray if reason == "split_archive"]
+    assert len(said) == 1 and said[0].endswith("cat a.zip.part* > a.zip"), said
+    subprocess.run(["bash", "-c", said[0].split(" in its folder: ")[1]], cwd=folder, check=True)
+    assert len(scan_source(tmp_path).labels) == 20
+
+
 def test_pieces_far_apart_in_number_name_the_first_missing_ones_and_count_the_rest(tmp_path):
     """a.zip.part0 and a.zip.part1000000 named each of the 999,999 pieces between them, a 14 MB message on
     each piece's line (a dated a.zip.20240101 beside a.zip.1: 20 million names, hundreds of MB)."""
     folder = tmp_path / "Training"
     folder.mkdir()
     (folder / "a.zip.part0").write_bytes(b"PK\x03\x04" + bytes(60))
-    (folder / "a.zip.part1000000").write_bytes(bytes(64))
+    (folder / "a.zip.part1000000").write_bytes(bytes(42) + b"PK\x05\x06" + bytes(18))  # ends as a zip does
     said = [place for reason, place in scan_source(tmp_path).stray if reason == "split_archive"]
     assert len(said) == 2
     shown = ", ".join(f"a.zip.part{i}" for i in range(1, 11))

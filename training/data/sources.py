@@ -274,7 +274,8 @@ def _piece(name: str) -> re.Match | None:
 
 def split_pieces(folder: str, names: list[str], here: set[str],
                  readable: Callable[[str], bool] = lambda whole: True,
-                 begins: Callable[[str], bool] = lambda piece: True) -> list[tuple[str, str]]:
+                 begins: Callable[[str], bool] = lambda piece: True,
+                 ends: Callable[[str], bool] = lambda piece: True) -> list[tuple[str, str]]:
     """The ``split_archive`` stray entries of the files ``names`` in ``folder`` (relative to the source)
     that are pieces of a split zip download (``X.zip.part0``, ``X.zip.part1``, …; ``X.zip.001``, …):
     one per piece, saying to join them, with the command (the pieces in the order of their numbers,
@@ -285,7 +286,10 @@ def split_pieces(folder: str, names: list[str], here: set[str],
     (a join cut short, by Ctrl-C or a full disk, leaves a zip without its end). ``begins`` (of a piece's
     name): whether the piece starts as a zip does (:func:`begins_a_zip`); where the lowest-numbered piece
     does not, the pieces before it are said to be missing instead of a join (its numbers alone cannot tell:
-    ``part0`` and ``001`` both start a download's numbering).
+    ``part0`` and ``001`` both start a download's numbering). ``ends`` (of a piece's name): whether the
+    piece ends as a zip does (:func:`ends_a_zip`); where the highest-numbered piece does not, the pieces
+    after it are said to be missing: a lone ``X.zip.part0`` of a download in three pieces (or its first two)
+    was given the join, whose zip then did not read ("a join cut short": join again, the same broken zip).
 
     >>> reason, place = split_pieces("T", ["a.zip.part0", "a.zip.part1", "b.txt"], set())[0]
     >>> print(reason, place)
@@ -300,12 +304,23 @@ def split_pieces(folder: str, names: list[str], here: set[str],
         ordered = [name for _, name in sorted(pieces)]
         missing, count = missing_pieces(whole, sep, ordered)
         listed = ", ".join(missing) + (f" and {count - len(missing)} more" if count > len(missing) else "")
-        if whole in here and readable(whole):
+        first, last = ordered[0], ordered[-1]
+        joined = whole in here and readable(whole)
+        starts, stops = joined or begins(first), joined or ends(last)
+        if joined:
             why = f"a piece of a split download of {whole}, which is here already (joined): not read; delete the pieces"
-        elif not begins(ordered[0]):  # the first piece(s) missing: cat would build a zip without its start
-            too = f" ({listed} too)" if missing else ""
-            why = (f"a piece of a split download of {whole}, not read; {ordered[0]} does not begin a zip: the "
-                   f"piece(s) numbered before it are missing{too}: download them into its folder, then join the pieces")
+        elif not starts or not stops:  # the first or last piece(s) missing: cat would build a zip without its
+            too = f" ({listed} too)" if missing else ""  # start or its end, which does not read
+            if not starts and not stops:
+                absent = (f"{first} neither begins nor ends a zip: the piece(s) numbered before and after it"
+                          if first == last else f"{first} does not begin a zip and {last} does not end one: the "
+                          f"piece(s) numbered before {first} and after {last}")
+            elif not stops:
+                absent = f"{last} does not end a zip: the piece(s) numbered after it"
+            else:
+                absent = f"{first} does not begin a zip: the piece(s) numbered before it"
+            why = (f"a piece of a split download of {whole}, not read; {absent} are missing{too}: download them "
+                   "into its folder, then join the pieces")
         elif missing:  # cat would join the pieces there are into a zip without the missing ones' bytes
             why = (f"a piece of a split download of {whole}, not read; {listed} "
                    f"{'is' if count == 1 else 'are'} missing: download {'it' if count == 1 else 'them'} "
@@ -327,6 +342,30 @@ def split_pieces(folder: str, names: list[str], here: set[str],
 MISSING_SHOWN = 10  # missing pieces named one by one; the rest are counted
 
 ZIP_STARTS = (b"PK\x03\x04", b"PK\x07\x08", b"PK\x05\x06")  # a member, a split zip's marker, an empty zip
+
+
+ZIP_END = b"PK\x05\x06"  # the end of central directory record, the last 22 bytes of a zip and its comment
+ZIP_END_SIZE, ZIP_COMMENT_MAX = 22, 65535
+
+
+def ends_a_zip(path: str | os.PathLike) -> bool:
+    """Whether the file ``path`` ends as a zip (or the last piece of one) does: with the end of central
+    directory record, whose comment length reaches the end of the file (as ``zipfile`` finds it); True
+    where it cannot be read (the scan names an unreadable file elsewhere, not as a missing piece)."""
+    try:
+        with open(path, "rb") as file:
+            size = file.seek(0, os.SEEK_END)
+            file.seek(max(0, size - ZIP_END_SIZE - ZIP_COMMENT_MAX))
+            tail = file.read()
+    except OSError:
+        return True
+    at = tail.rfind(ZIP_END)
+    while at >= 0:
+        if at + ZIP_END_SIZE <= len(tail) and \
+                at + ZIP_END_SIZE + int.from_bytes(tail[at + 20:at + 22], "little") == len(tail):
+            return True
+        at = tail.rfind(ZIP_END, 0, at)
+    return False
 
 
 def begins_a_zip(path: str | os.PathLike) -> bool:
@@ -482,7 +521,8 @@ def scan_source(src: str | os.PathLike, exclude: str | os.PathLike | None = None
         folders += [f"{rel_dir}/{d}".lstrip("/") for d in dirnames]
         pieces = split_pieces(rel_dir, filenames, set(filenames),
                               lambda whole: zipfile.is_zipfile(Path(dirpath) / whole),
-                              lambda piece: begins_a_zip(Path(dirpath) / piece))
+                              lambda piece: begins_a_zip(Path(dirpath) / piece),
+                              lambda piece: ends_a_zip(Path(dirpath) / piece))
         index.stray += pieces
         found = found or bool(pieces)  # a folder of a split zip's pieces holds pages once they are joined
         for name in sorted(filenames):
