@@ -15,6 +15,7 @@ import atexit
 import contextlib
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -1206,6 +1207,45 @@ def _exit_without_teardown(status: int) -> NoReturn:
     os._exit(status)
 
 
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")  # what argparse takes as a value, not an option
+
+
+def _dash_name_joined(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with export-easyocr's ``--name -x`` written ``--name=-x`` where ``-x`` is none of its
+    options, so the bundle name rules refuse it saying why (a name beginning with ``-``: ``kocr
+    export-easyocr: error: bundle name '-x': begins with '-', ...``). Was argparse's ``argument --name:
+    expected one argument``, one being there: it takes a word beginning with ``-`` for an option. A
+    ``--name`` followed by one of its options (``--name --with-detector``, the name left out) keeps
+    argparse's error."""
+    if not argv or argv[0] != "export-easyocr":
+        return argv
+    commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = [o for action in commands["export-easyocr"]._actions for o in action.option_strings]
+
+    def takes(token: str, option: str) -> bool:  # whether argparse reads token as option (or a prefix of it)
+        head = token.split("=", 1)[0]
+        if not head.startswith("--"):
+            return token[:2] == option
+        return option.startswith(head) and len(head) > 2
+
+    joined: list[str] = [argv[0]]
+    rest = iter(argv[1:])
+    for token in rest:
+        if token == "--":
+            joined += [token, *rest]
+            break
+        named = "=" not in token and [o for o in options if takes(token, o)] == ["--name"]
+        value = next(rest, None) if named else None
+        if value is None:
+            joined.append(token)
+        elif (value.startswith("-") and value not in ("-", "--") and " " not in value
+              and not _NEGATIVE_NUMBER.match(value) and not any(takes(value, o) for o in options)):
+            joined.append(f"{token}={value}")
+        else:
+            joined += [token, value]
+    return joined
+
+
 def _named(argv: list[str]) -> str:
     """``kocr COMMAND`` for the interrupted line before the command line is parsed (its imports take
     seconds: torch, MLflow): the first word of ``argv`` when it is one of the commands, else ``kocr``.
@@ -1292,7 +1332,8 @@ def _main(argv: list[str] | None, where: list[str]) -> int:
     from kocr.tracking import TrackingConfigError
     from training.data.pixels import large_pages
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(_dash_name_joined(parser, list(sys.argv[1:] if argv is None else argv)))
     args.argv = list(sys.argv[1:] if argv is None else argv)  # kocr train relaunches itself under torchrun with them
     where[0] = f"kocr {args.command}"
     status = 0

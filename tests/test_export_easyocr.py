@@ -222,6 +222,30 @@ def test_a_dashed_bundle_name_is_exported_and_loads_in_easyocr(hangul_checkpoint
     assert "module 'ocr' of a package 'ko'" in capsys.readouterr().err
 
 
+def test_a_bundle_name_beginning_with_a_dash_is_refused_saying_so(tmp_path, monkeypatch, capsys):
+    """`kocr export-easyocr --name -x` failed with argparse's "argument --name: expected one argument" (one
+    was there: argparse takes -x for an option), as did dvc.yaml's export stage (`--name ${export.name}`)
+    with export.name -x; `--name=-x` exported it. A name beginning with '-' is refused by the name rules,
+    saying so, however it is given, before the model loads; `--name` followed by one of its options (the
+    name left out) keeps argparse's error."""
+    from kocr.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["export-easyocr", "--model", "never-loaded.pt", "--out", "b"]
+    said = ("kocr export-easyocr: error: bundle name '-x': begins with '-', which kocr export-easyocr --name "
+            "(dvc.yaml's export stage passes --name ${export.name}) and shell commands given NAME.pth take for an "
+            "option; pick another, e.g. ko_ocr")
+    for name in (["--name", "-x"], ["--name=-x"], ["--nam", "-x"]):
+        assert main([*args, *name, "--with-detector"]) == 2
+        assert capsys.readouterr().err.strip() == said, name
+    (tmp_path / "params.yaml").write_text("export:\n  name: -x\n", encoding="utf-8")
+    assert main(args) == 2 and capsys.readouterr().err.strip() == said
+    with pytest.raises(SystemExit):
+        main([*args, "--name", "--with-detector"])
+    assert "argument --name: expected one argument" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_export_settings_mistakes_are_one_line_and_write_nothing(hangul_checkpoint, tmp_path, monkeypatch, capsys):
     from kocr.cli import main
 

@@ -221,7 +221,9 @@ def name_problem(name: str) -> str | None:
     """Why ``name`` cannot name a bundle, or None. EasyOCR imports ``user_network/NAME.py`` with
     ``importlib.import_module(NAME)``, which takes any file name (``ko-ocr`` and ``1ko`` load) but reads
     a ``.`` as a package; a folder separator would put ``NAME.pth`` in another folder; and the README's
-    copy commands take ``NAME`` unquoted. Letters (Hangul too), digits, ``_`` and ``-`` are safe.
+    copy commands take ``NAME`` unquoted. Letters (Hangul too), digits, ``_`` and ``-`` are safe, but
+    not a ``-`` first: ``kocr export-easyocr --name -x`` (dvc.yaml's export stage passes ``--name
+    ${export.name}``) and shell commands given ``-x.pth`` take it for an option.
 
     >>> name_problem("ko-ocr") is None, name_problem("ko.ocr")
     (True, "a '.' in it: EasyOCR imports user_network/NAME.py with importlib.import_module(NAME), which reads 'ko.ocr' as module 'ocr' of a package 'ko'")
@@ -234,6 +236,9 @@ def name_problem(name: str) -> str | None:
                 f"{name!r} as module {module!r} of a package {package!r}")
     if "/" in name or "\\" in name:
         return "a folder separator in it: model/NAME.pth and user_network/NAME.py would lie in another folder"
+    if name.startswith("-"):
+        return ("begins with '-', which kocr export-easyocr --name (dvc.yaml's export stage passes --name "
+                "${export.name}) and shell commands given NAME.pth take for an option")
     if not re.fullmatch(r"[\w-]+", name):
         shown = "".join(sorted({c for c in name if not re.fullmatch(r"[\w-]", c)}))
         return (f"{shown!r} in it: the bundle README's copy commands (cp model/NAME.pth ...) take NAME unquoted; "
