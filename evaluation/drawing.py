@@ -66,7 +66,7 @@ def _font(size: int) -> ImageFont.ImageFont:
 
 def _upright(image_path: str | os.PathLike) -> Image.Image:
     """The image as the models read it (``reader.mended_pixels``: an EXIF turn applied, 16-bit samples
-    scaled to 8 bits, text drawn only in alpha laid over white), in RGB: the page the boxes belong to."""
+    scaled to 8 bits, a transparent image laid over white), in RGB: the page the boxes belong to."""
     from evaluation.reader import mended_pixels
 
     mended = mended_pixels(Path(image_path))

@@ -225,10 +225,11 @@ def load_image(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     rounds differently in a few pixels, by 1). Three kinds it reads wrongly are mended:
     an EXIF orientation (phone photos: EasyOCR's colour image ignores it and its grey one applies it,
     so boxes found in one are cut from the other) is applied to both; 16-bit samples are scaled to
-    8 bits (CRAFT found nothing in them); an image whose colours are one flat colour, its text drawn
-    only in the alpha channel (read as black on black), is laid over white. Other transparency is
-    dropped, as EasyOCR drops it (grey with alpha too, which EasyOCR's reader would hand CRAFT as two
-    channels). CMYK and 1-bit images are read as Pillow converts them (to RGB, to grey), and every TIFF
+    8 bits (CRAFT found nothing in them); an image with transparent pixels is laid over white, as
+    viewers show it (EasyOCR drops alpha and reads the colour stored under it, usually black: a page cut
+    out of its paper, or text drawn only in alpha, read as black on black); an opaque grey image with
+    alpha is read as its grey (EasyOCR's reader would hand CRAFT two channels). CMYK and 1-bit images
+    are read as Pillow converts them (to RGB, to grey), and every TIFF
     is decoded by Pillow (:func:`mended_pixels`)."""
     import_easyocr()
     from easyocr.utils import reformat_input

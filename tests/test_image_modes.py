@@ -79,3 +79,23 @@ def test_a_tiff_scan_is_read_as_pillow_reads_it(page_grey, tmp_path, kind):
     rgb, grey = load_image(path)
     assert rgb.dtype == np.uint8 and np.array_equal(rgb, want)
     assert np.abs(grey.astype(int) - load_grey(path).astype(int)).max() <= 1  # prepare crops the same page
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_a_page_cut_out_of_its_paper_is_read_over_white_not_black_on_black(page_grey, tmp_path, mode):
+    # the paper made transparent and its pixels cleared to (0, 0, 0, 0), as editors and PNG optimisers
+    # store them; the ink is not one flat colour. Viewers show the ink on white; EasyOCR dropped the alpha
+    # and read dark ink on black (realdata/paddleocr/korean_1.jpg so cut out: every line read as garbage)
+    ink = page_grey < 200
+    if mode == "RGBA":
+        colours = np.dstack([page_grey, page_grey, np.maximum(page_grey, 90)])  # blue-black ink
+    else:
+        colours = page_grey[..., None]
+    cut = np.dstack([np.where(ink[..., None], colours, 0), np.where(ink, 255, 0)]).astype(np.uint8)
+    Image.fromarray(cut, mode).save(tmp_path / "cut.png")
+    Image.fromarray(np.where(ink[..., None], colours, 255).astype(np.uint8).squeeze()).save(tmp_path / "white.png")
+    rgb, grey = load_image(tmp_path / "cut.png")
+    want_rgb, want_grey = load_image(tmp_path / "white.png")
+    assert np.array_equal(rgb, want_rgb)  # was: the paper black
+    assert np.abs(grey.astype(int) - want_grey).max() <= 1  # OpenCV's imread rounds its grey by 1 in a few pixels
+    assert np.array_equal(load_grey(tmp_path / "cut.png"), load_grey(tmp_path / "white.png"))  # prepare's crops alike

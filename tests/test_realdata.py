@@ -98,9 +98,9 @@ def test_a_grey_photo_with_alpha_is_read_like_its_grey_not_handed_to_craft_as_tw
 
     from evaluation.reader import PageReader
 
-    photo = realdata("easyocr", "korean.png")
-    Image.open(photo).convert("LA").save(tmp_path / "la.png")
-    Image.open(photo).convert("L").save(tmp_path / "l.png")
+    photo = Image.open(realdata("easyocr", "korean.png")).convert("RGB")  # opaque: its corners are transparent
+    photo.convert("LA").save(tmp_path / "la.png")
+    photo.convert("L").save(tmp_path / "l.png")
     rgb, grey = load_image(tmp_path / "la.png")
     assert rgb.shape[2] == 3  # was (h, w, 2): CRAFT's normalisation then failed to broadcast
     assert np.array_equal(grey, load_image(tmp_path / "l.png")[1])

@@ -319,7 +319,7 @@ if page.mode.startswith(("I", "F")):  # 16-bit or float samples to 8 bits, scale
     top = 65535 if deep.max() > 255 else 1 if page.mode == "F" and deep.max() <= 1 else 255
     page = Image.fromarray((deep * 255 / top).clip(0, 255).round().astype(np.uint8))
 if (page.mode in ("RGBA", "LA", "PA") or "transparency" in page.info) \\
-        and all(lo == hi for lo, hi in page.convert("RGBA").getextrema()[:3]):  # text only in alpha
+        and page.convert("RGBA").getchannel("A").getextrema()[0] < 255:  # transparent: laid over white
     page = Image.alpha_composite(Image.new("RGBA", page.size, "white"), page.convert("RGBA"))
 page.convert("RGB").save("upright.png")  # then reader.readtext("upright.png", ...)
 """
@@ -381,7 +381,8 @@ as the platform evaluated it. That holds for ordinary 8-bit images given by path
 with an alpha channel is not ordinary: EasyOCR fails on its two channels). A phone photo
 stored sideways with an EXIF orientation is read wrongly by EasyOCR itself (it finds boxes on the
 unrotated colour image and cuts them from the rotated grey one, and can fail in `cv2.resize`),
-as are 16-bit images, text drawn only in the alpha channel, CMYK scans (their C, M and Y channels
+as are 16-bit images, transparent ones (EasyOCR reads the colour under a clear pixel, often black: laid over
+white here, as viewers show them), CMYK scans (their C, M and Y channels
 taken for R, G and B), 1-bit scans and compressed TIFFs (refused) and 16-bit RGB TIFFs. Save such a page as the platform
 reads it (`evaluation.reader.load_image`) and pass the saved file's path (a numpy array is not the
 same: EasyOCR takes a 3-channel array for BGR):

@@ -1,7 +1,8 @@
 """Pixels as the models should see them: the images EasyOCR's own reading gets wrong, mended.
 
 EasyOCR reads a file with OpenCV, which ignores EXIF orientation, gives 16-bit and float samples
-to CRAFT unscaled, and drops alpha (a page whose text lives only in its alpha channel reads as
+to CRAFT unscaled, and drops alpha (the colour stored under a transparent pixel is then read, usually
+black: a page cut out of its paper, or one whose text lives only in its alpha channel, reads as
 black on black); its colour reader hands CRAFT a CMYK image's C, M and Y channels as R, G and B (a
 print-shop scan's black ink, all in K, then reads as a black page) and cannot read a 1-bit
 (bilevel) scan at all. ``prepare`` (training crops) and ``evaluation.reader`` (what models are scored
@@ -58,17 +59,23 @@ def large_pages(stage: str) -> Iterator[set[str]]:
                   f"{2 * limit:,} pixels a page is refused as too large)", file=sys.stderr)
 
 
-def _text_in_alpha(image: Image.Image) -> bool:
-    """Transparent, with colours that alone hold no text (one flat colour): other transparency is
-    dropped, as EasyOCR drops it."""
+def _see_through(image: Image.Image) -> bool:
+    """Some pixel is not fully opaque (an alpha channel, or a palette or colour key marked transparent):
+    what shows there is what is behind the image, white in viewers, browsers and Tesseract (Leptonica
+    blends alpha with white), not the colour stored under it, which editors and PNG optimisers clear to
+    black (a page cut out of its paper, dark ink on (0, 0, 0, 0), read as black on black)."""
     if image.mode not in TRANSPARENT_MODES and "transparency" not in image.info:
         return False
-    return all(low == high for low, high in image.convert("RGBA").getextrema()[:3])
+    alpha = image if image.mode in ("RGBA", "LA") else image.convert("RGBA")
+    return alpha.getchannel("A").getextrema()[0] < 255
 
 
 def mend(image: Image.Image) -> Image.Image | None:
     """``image`` upright, in 8 bits and laid over white where EasyOCR would read it wrongly; None where
     it reads it as it is.
+
+    An image with transparent pixels is laid over white, as a person sees it: EasyOCR drops alpha and
+    reads the colours stored under it (black, in the usual cleared pixel).
 
     CMYK is converted to RGB and 1-bit to grey, as Pillow converts them.
     16-bit samples scale from 0-65535 and float ones from 0-1 (0-255 when they run past 1), not by
@@ -80,10 +87,10 @@ def mend(image: Image.Image) -> Image.Image | None:
     >>> int(np.asarray(mend(deep)).max())  # half of 16-bit full scale
     128
     """
-    # EasyOCR reads it wrongly when: an EXIF turn, deep samples, text only in alpha, grey with alpha
+    # EasyOCR reads it wrongly when: an EXIF turn, deep samples, transparent pixels, grey with alpha
     # (EasyOCR's reader hands CRAFT its two channels, and CRAFT fails on them), CMYK (its C, M, Y
     # channels taken for R, G, B) or 1-bit (a bool array OpenCV cannot convert: the page is refused)
-    deep, clear = image.mode.startswith(("I", "F")), _text_in_alpha(image)
+    deep, clear = image.mode.startswith(("I", "F")), _see_through(image)
     converted = CONVERTED_MODES.get(image.mode)
     if not (deep or clear or converted or image.mode in ("LA", "La") or image.getexif().get(0x0112, 1) != 1):
         return None
@@ -98,6 +105,6 @@ def mend(image: Image.Image) -> Image.Image | None:
     if clear:
         rgba = upright.convert("RGBA")
         upright = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    elif upright.mode in ("LA", "La"):  # its grey as it is; the alpha dropped, as EasyOCR drops RGBA's
+    elif upright.mode in ("LA", "La"):  # opaque: its grey
         upright = upright.convert("L")
     return upright

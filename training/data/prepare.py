@@ -166,7 +166,7 @@ class Report:
 def load_grey(source: str | os.PathLike | bytes) -> np.ndarray:
     """Open an image (a path or its bytes) whatever its mode (CMYK, 16-bit, palette), return uint8
     grey mended as the evaluation reads it (``training.data.pixels.mend``: EXIF turn, deep samples,
-    text only in alpha). Colour JPEGs are decoded straight to grey (libjpeg's luma, what
+    transparency laid over white). Colour JPEGs are decoded straight to grey (libjpeg's luma, what
     ``cv2.imread(path, cv2.IMREAD_GRAYSCALE)`` gives), twice as fast as decoding RGB and converting."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
         if img.format == "JPEG" and img.mode in ("RGB", "L"):
