@@ -758,3 +758,20 @@ def test_a_cropping_worker_killed_fails_prepare_instead_of_hanging(tmp_path):
     assert proc.returncode != 0, proc.stderr[-3000:]
     assert "BrokenProcessPool" in proc.stderr, proc.stderr[-3000:]
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_a_webp_page_image_is_cropped_as_its_png_twin(tmp_path):
+    # was: the .webp taken for a stray file and its page left out as image_missing, while evaluate-pages
+    # and predict read WebP pages
+    root = tmp_path / "src"
+    root.mkdir()
+    page = np.full((60, 120), 255, np.uint8)
+    page[20:40, 10:50] = 0
+    for stem, suffix in (("1111111-2000-0001-0001", ".png"), ("1111111-2000-0002-0001", ".webp")):
+        Image.fromarray(page).save(root / f"{stem}{suffix}", lossless=True)
+        write_page(Page(f"{stem}{suffix}", 120, 60, [Word((10.0, 20.0, 40.0, 20.0), "서울")]), root / f"{stem}.json")
+    report = prepare_pages(root, tmp_path / "out", PrepareConfig(val_fraction=0.0, test_fraction=0.0),
+                           progress=False)
+    assert report["skipped"] == {} and report["pages_used"] == 2
+    ds = LmdbDataset(tmp_path / "out" / "train")
+    assert len(ds) == 2 and np.array_equal(np.asarray(ds[0][0]), np.asarray(ds[1][0]))

@@ -37,7 +37,7 @@ from kocr.atomic import set_lock_path
 from kocr.dvc_hashes import first_visit
 
 READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # what reading a file or zip member raises
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")  # as evaluate-pages and predict read
 SYSTEM_FILES = {"thumbs.db", "desktop.ini"}
 PLATFORM_FILES = {"contact_sheet.png"}  # written by kocr synth-pages beside the pages: not page data
 _UTF8_FLAG = 0x800
