@@ -312,8 +312,12 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
     A missing, ambiguous or unreadable image, a box wholly outside its image or a malformed entry raises
     ``ScoreInputError`` naming the file, the image and the word; with ``skipped`` (a list), an
     image or box of the first kinds is appended to it as (reason, where: ``image_missing``,
-    ``image_ambiguous``, ``image_unreadable``, ``bad_box``) and left out instead.
+    ``image_ambiguous``, ``image_unreadable``, ``bad_box``; ``boxes_before_exif_turn``, a page JSON
+    giving the stored size of an image its EXIF orientation turns a quarter, as ``prepare`` leaves it
+    out) and left out instead.
     """
+
+    from training.data.pixels import boxes_on_stored_pixels
 
     def problem(reason: str, where: str) -> None:
         if skipped is None:
@@ -336,9 +340,10 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
             raise ScoreInputError(str(exc)) from None
         images = {page.image_name: [(word.bbox, _one_line(word.text, path, page.image_name, word.number), word.number)
                                     for word in page.words]}
+        label_size: tuple[float, float] | None = (page.width, page.height)
         stem = path.stem  # prepare pairs a page with an image of its stem when the one it names is not there
     else:
-        images, stem = _image_keyed_boxes(data, path), None
+        images, stem, label_size = _image_keyed_boxes(data, path), None, None
     crops = []
     listings: dict[Path, dict[str, list[str]]] = {}  # each folder listed once, not once per image (find_file)
     for name, words in images.items():
@@ -353,9 +358,13 @@ def read_box_labels(path: str | os.PathLike, margin: float = 0.1,
             problem("image_missing", f"{path}: image {path.parent / name} not found")
             continue
         try:
-            size = _image_size(image, path)
+            size, orientation = _image_size(image, path)
         except ScoreInputError as exc:
             problem("image_unreadable", str(exc))
+            continue
+        sideways = label_size and boxes_on_stored_pixels(label_size, (size[1], size[0]), orientation)
+        if sideways:  # as prepare leaves the page out: its boxes cut from the upright image hold other pixels
+            problem("boxes_before_exif_turn", f"{path}: {name}: {sideways}")
             continue
         for bbox, text, index in words:
             text = nfc(text)
@@ -433,18 +442,19 @@ def _one_line(text: str, path: Path, name: str, index: int) -> str:
     return text
 
 
-def _image_size(image: Path, labels: Path) -> tuple[int, int]:
-    """(width, height) of ``image`` upright (its EXIF orientation applied, as ``load_image`` reads it)
-    from its header; ScoreInputError naming both files otherwise."""
+def _image_size(image: Path, labels: Path) -> tuple[tuple[int, int], int]:
+    """((width, height) of ``image`` upright (its EXIF orientation applied, as ``load_image`` reads it),
+    its EXIF orientation) from its header; ScoreInputError naming both files otherwise."""
     from PIL import Image, UnidentifiedImageError
 
-    from training.data.pixels import note_pixels
+    from training.data.pixels import QUARTER_TURNS, note_pixels
 
     try:
         with Image.open(image) as opened:
             width, height = opened.size
             note_pixels(str(image), width * height)
-            return (height, width) if opened.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
+            orientation = opened.getexif().get(0x0112, 1)
+            return ((height, width) if orientation in QUARTER_TURNS else (width, height)), orientation
     except FileNotFoundError:
         raise ScoreInputError(f"{labels}: image {image} not found") from None
     except IsADirectoryError:

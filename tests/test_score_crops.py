@@ -565,3 +565,29 @@ def test_a_transcription_ending_in_a_line_break_or_tab_is_stripped_not_refused(t
                                    {"annotation.text": "부산\t", "annotation.bbox": [60, 2, 60, 28]}]}
     (tmp_path / "page.json").write_text(json.dumps(content, ensure_ascii=False), encoding="utf-8")
     assert [c.text for c in read_labels(tmp_path / "page.json")] == ["서울", "부산"]
+
+
+def test_a_page_json_with_boxes_on_a_phone_photos_stored_pixels_is_left_out_as_prepare_leaves_it(tmp_path):
+    # stored 60 wide and 120 high, EXIF orientation 6: seen 120 wide and 60 high; one label gives the
+    # upright size and boxes, the other the stored size and boxes on the sideways pixels (a tool that
+    # ignores EXIF). Was: the stored-frame boxes were cut from the upright image: one word 'outside the
+    # image' (bad_box), the other scored on paper
+    from evaluation.score_crops import load_crop, read_box_labels
+    from training.data.pages import Page, Word, write_page
+
+    upright = np.full((60, 120), 255, np.uint8)
+    upright[20:40, 10:50] = 0
+    upright[5:15, 60:110] = 0
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.rot90(upright).copy()).save(tmp_path / "p.jpg", quality=100, exif=exif.tobytes())
+    write_page(Page("p.jpg", 120, 60, [Word((10.0, 20.0, 40.0, 20.0), "서울"), Word((60.0, 5.0, 50.0, 10.0), "평양")]),
+               tmp_path / "upright.json")
+    write_page(Page("p.jpg", 60, 120, [Word((20.0, 70.0, 20.0, 40.0), "서울"), Word((5.0, 10.0, 10.0, 50.0), "평양")]),
+               tmp_path / "stored.json")
+    crops = read_box_labels(tmp_path / "upright.json", margin=0.0)
+    assert [load_crop(c).mean() < 20 for c in crops] == [True, True]  # the black words
+    skipped: list = []
+    assert read_box_labels(tmp_path / "stored.json", margin=0.0, skipped=skipped) == []
+    assert [reason for reason, _ in skipped] == ["boxes_before_exif_turn"]
+    assert "orientation 6" in skipped[0][1] and "stored.json: p.jpg: " in skipped[0][1]

@@ -24,6 +24,31 @@ CONVERTED_MODES = {"CMYK": "RGB", "1": "L"}  # EasyOCR's reader gets these wrong
 _LARGE: list[set[str]] = []  # the pages noted by the open large_pages() blocks, innermost last
 
 
+QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn an image a quarter (width and height swap)
+
+
+def boxes_on_stored_pixels(label_size: tuple[float, float], stored_size: tuple[int, int], orientation: int) -> str:
+    """Why a label whose ``image.width``/``image.height`` are ``label_size`` has its boxes on its image as
+    stored (``stored_size``: width, height), not as its EXIF ``orientation`` turns it upright, else "".
+
+    Boxes are taken to be on the upright image (what viewers, browsers and evaluation show). A label
+    that gives the stored size of an image EXIF turns a quarter (a phone photo; the annotation tool read
+    the pixels as stored, as OpenCV does) has its boxes on the sideways pixels: cut from the upright
+    image they hold other pixels than their words.
+
+    >>> boxes_on_stored_pixels((60, 120), (60, 120), 6)[:50]
+    'image.width/height 60x120 are the image as stored,'
+    >>> boxes_on_stored_pixels((120, 60), (60, 120), 6), boxes_on_stored_pixels((60, 120), (60, 120), 1)
+    ('', '')
+    """
+    width, height = stored_size
+    if orientation not in QUARTER_TURNS or tuple(label_size) != (width, height) or width == height:
+        return ""
+    return (f"image.width/height {width}x{height} are the image as stored, which its EXIF orientation "
+            f"{orientation} turns a quarter to {height}x{width}, so the boxes are on the sideways pixels; "
+            "clear the image's orientation tag (exiftool -n -Orientation=1) to crop the pixels as stored")
+
+
 def note_pixels(name: str, pixels: int) -> None:
     """Count page ``name`` (``pixels`` = width x height) for the innermost ``large_pages`` block when it
     is past PIL's ``Image.MAX_IMAGE_PIXELS``; a no-op outside one, or with the limit off (None)."""

@@ -56,7 +56,7 @@ from training.charset import Charset
 from training.data.workers import end_pool, ordered_map, start_pool
 from training.data.lmdb_store import SHARD_INDEX, LmdbWriter
 from training.data.pages import Page, PageError, crop_box, parse_page, unscored
-from training.data.pixels import mend, note_pixels
+from training.data.pixels import boxes_on_stored_pixels, mend, note_pixels
 from training.data.sources import READ_ERRORS, Member, SourceIndex, image_fit, linked_folders, read_member, scan_source
 
 SPLITS = ("train", "val", "test")
@@ -177,28 +177,17 @@ def load_grey(source: str | os.PathLike | bytes) -> np.ndarray:
         return np.asarray(img if img.mode == "L" else img.convert("L"))
 
 
-QUARTER_TURNS = frozenset({5, 6, 7, 8})  # EXIF orientations that turn an image a quarter (width and height swap)
-
-
 def boxes_before_exif_turn(page: Page, image_bytes: bytes, shape: tuple[int, ...]) -> str:
-    """Why ``page``'s boxes lie on its image as stored, not as its EXIF orientation turns it upright, else "".
-
-    Boxes are taken to be on the upright image (``load_grey``, ``shape``: what viewers, browsers and
-    evaluation show). A label whose ``image.width``/``image.height`` are the stored size of an image that
-    EXIF turns a quarter (a phone photo; the annotation tool read the pixels as stored, as OpenCV does)
-    has its boxes on the sideways pixels: cropped from the upright image they hold other pixels than
-    their words. Only such a page costs a second look at the image's header.
+    """Why ``page``'s boxes lie on its image as stored, not as its EXIF orientation turns it upright
+    (``load_grey``, ``shape``), else "" (``training.data.pixels.boxes_on_stored_pixels``). Only a page
+    whose size is the upright image's turned costs a second look at the image's header.
     """
     height, width = shape[:2]
     if (page.width, page.height) != (height, width) or width == height:
         return ""
     with Image.open(io.BytesIO(image_bytes)) as img:
         orientation = img.getexif().get(0x0112, 1)
-    if orientation not in QUARTER_TURNS:
-        return ""
-    return (f"image.width/height {page.width}x{page.height} are the image as stored, which its EXIF orientation "
-            f"{orientation} turns a quarter to {width}x{height}, so the boxes are on the sideways pixels; "
-            "clear the image's orientation tag (exiftool -n -Orientation=1) to crop the pixels as stored")
+    return boxes_on_stored_pixels((page.width, page.height), (height, width), orientation)
 
 
 _AIHUB_PAGE = re.compile(r"^(\d+-\d{4}-\d+)-\d+$")  # <institution>-<year>-<document>-<page>
