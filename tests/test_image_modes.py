@@ -99,3 +99,20 @@ def test_a_page_cut_out_of_its_paper_is_read_over_white_not_black_on_black(page_
     assert np.array_equal(rgb, want_rgb)  # was: the paper black
     assert np.abs(grey.astype(int) - want_grey).max() <= 1  # OpenCV's imread rounds its grey by 1 in a few pixels
     assert np.array_equal(load_grey(tmp_path / "cut.png"), load_grey(tmp_path / "white.png"))  # prepare's crops alike
+
+
+def test_an_exif_turned_colour_jpeg_is_cropped_from_the_grey_evaluation_reads(tmp_path):
+    # prepare decoded it straight to grey (libjpeg's luma) while evaluation converts the turned RGB (as the
+    # bundle README's snippet saves it for EasyOCR): up to 30 levels apart at sharp colour edges, so the
+    # recogniser was trained on other pixels than it was scored on
+    colours = np.zeros((60, 160, 3), np.uint8)
+    colours[:, :, 1] = 120  # a green sign
+    colours[15:45, 20:140] = 255  # white lettering, its edges sharp against the green
+    colours[25:35, 40:120] = (200, 30, 30)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways, shown upright
+    Image.fromarray(colours).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "phone.jpg", quality=95,
+                                                                        exif=exif.tobytes())
+    _, grey = load_image(tmp_path / "phone.jpg")
+    assert grey.shape == (60, 160)
+    assert np.abs(load_grey(tmp_path / "phone.jpg").astype(int) - grey).max() <= 1

@@ -167,9 +167,12 @@ def load_grey(source: str | os.PathLike | bytes) -> np.ndarray:
     """Open an image (a path or its bytes) whatever its mode (CMYK, 16-bit, palette), return uint8
     grey mended as the evaluation reads it (``training.data.pixels.mend``: EXIF turn, deep samples,
     transparency laid over white). Colour JPEGs are decoded straight to grey (libjpeg's luma, what
-    ``cv2.imread(path, cv2.IMREAD_GRAYSCALE)`` gives), twice as fast as decoding RGB and converting."""
+    ``cv2.imread(path, cv2.IMREAD_GRAYSCALE)`` gives, as EasyOCR and evaluation read them), twice as fast as
+    decoding RGB and converting; but one that EXIF turns is decoded in RGB, turned and converted, as
+    evaluation reads it (``evaluation.reader.mended_pixels``: libjpeg's luma is up to 30 levels off that
+    at sharp colour edges)."""
     with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-        if img.format == "JPEG" and img.mode in ("RGB", "L"):
+        if img.format == "JPEG" and img.mode in ("RGB", "L") and img.getexif().get(0x0112, 1) == 1:
             img.draft("L", img.size)
         img.load()
         mended = mend(img)
