@@ -815,28 +815,11 @@ def test_promote_refuses_to_rescore_the_champion_on_another_set_than_evaluate_sc
     candidate's set hash. The set it reads must hash as metrics/evaluate.json's eval_data_hash."""
     import json
 
-    import evaluation.evaluate
-    from evaluation.evaluate import EvalPage, ModelEvaluation, eval_set_hash
+    from evaluation.evaluate import eval_set_hash
     from kocr.cli import main
-    from training.data.pages import Page
 
-    uris, champion = _first_champion(logged_uris, monkeypatch, tmp_path, "one-set")
-    sets = {}
-    for split in ("a", "b"):
-        (tmp_path / f"{split}.png").write_bytes(f"pixels of {split}".encode())
-        sets[f"{split}.json"] = [EvalPage(split, Page(f"{split}.png", 8, 8), tmp_path / f"{split}.png")]
-    read = []
-
-    def evaluate_models(models, *args, **kwargs):
-        read.append(dict(models))
-        return {label: ModelEvaluation({"e2e_f1": 0.40}, {}) for label in models}
-    monkeypatch.setattr(evaluation.evaluate, "evaluate_models", evaluate_models)
-    monkeypatch.setattr(evaluation.evaluate, "test_pages", lambda source, splits, split: sets[splits])
-    (tmp_path / "cand").mkdir()
-    (tmp_path / "cand/mlflow.json").write_text(json.dumps({"model_uri": uris[1][0], "run_id": uris[1][1]}))
+    argv, champion, read, sets = _one_set_promote(logged_uris, monkeypatch, tmp_path, "one-set")
     evaluated = eval_set_hash(sets["a.json"])
-    (tmp_path / "eval.json").write_text(json.dumps({"candidate": {"e2e_f1": 0.45}, "eval_data_hash": evaluated}))
-    argv = ["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src", "--out", "promote.json"]
 
     assert main([*argv, "--splits", "b.json"]) == 2
     error = capsys.readouterr().err
@@ -859,7 +842,8 @@ def test_promote_refuses_to_rescore_the_champion_on_another_set_than_evaluate_sc
 def _one_set_promote(logged_uris, monkeypatch, tmp_path, name: str):
     """A first champion of ``name`` (on set-old), a candidate whose eval.json scores it on pages ``a.json``
     holds, and the ``kocr promote`` arguments but --splits (``a.json``, or ``b.json``: other pages); the
-    champion's version and the models re-scored (evaluate_models is a stand-in that scores 0.40)."""
+    champion's version, the models re-scored (evaluate_models is a stand-in that scores 0.40) and the two page
+    sets by file name."""
     import json
 
     import evaluation.evaluate
@@ -883,7 +867,7 @@ def _one_set_promote(logged_uris, monkeypatch, tmp_path, name: str):
     (tmp_path / "eval.json").write_text(json.dumps({"candidate": {"e2e_f1": 0.45},
                                                     "eval_data_hash": eval_set_hash(sets["a.json"])}))
     argv = ["promote", "--candidate", "cand", "--metrics", "eval.json", "--source", "src", "--out", "promote.json"]
-    return argv, champion, read
+    return argv, champion, read, sets
 
 
 def test_a_rescoring_refused_for_another_set_registers_nothing_and_moves_no_alias(logged_uris, monkeypatch, tmp_path,
@@ -893,7 +877,7 @@ def test_a_rescoring_refused_for_another_set_registers_nothing_and_moves_no_alia
     the lock before anything is written."""
     from kocr.cli import main
 
-    argv, champion, read = _one_set_promote(logged_uris, monkeypatch, tmp_path, "refused-early")
+    argv, champion, read, _ = _one_set_promote(logged_uris, monkeypatch, tmp_path, "refused-early")
     client = mlflow.MlflowClient()
     assert main([*argv, "--splits", "b.json"]) == 2
     assert "not set" in capsys.readouterr().err and read == []
@@ -912,7 +896,7 @@ def test_a_refused_promote_starts_no_run_and_one_that_fails_ends_its_run_failed(
     import evaluation.evaluate
     from kocr.cli import main
 
-    argv, champion, read = _one_set_promote(logged_uris, monkeypatch, tmp_path, "run-less")
+    argv, champion, read, _ = _one_set_promote(logged_uris, monkeypatch, tmp_path, "run-less")
 
     def promote_runs():
         return mlflow.search_runs(search_all_experiments=True, output_format="list",
