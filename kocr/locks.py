@@ -52,10 +52,12 @@ def connect_args(url: str | sqlalchemy.engine.URL) -> dict[str, int]:
     """``connect_args`` for ``create_engine`` on ``url``: for PostgreSQL, libpq's ``connect_timeout`` of
     :data:`CONNECT_TIMEOUT_S` seconds unless the URL's query sets ``connect_timeout`` itself (which
     wins: ``?connect_timeout=60``), so that a host dropping packets or a port that accepts but never
-    answers fails in seconds (was: some two minutes per try, or for ever); nothing for other databases.
+    answers fails in seconds (was: some two minutes per try, or for ever); nothing for other databases,
+    nor where libpq's ``PGCONNECT_TIMEOUT`` is set (which a ``connect_timeout`` given here would override).
     SQLAlchemy passes these to psycopg2 over the URL's own query options."""
     parsed = sqlalchemy.engine.make_url(url)
-    if parsed.get_backend_name() not in ("postgresql", "postgres") or "connect_timeout" in parsed.query:
+    if (parsed.get_backend_name() not in ("postgresql", "postgres") or "connect_timeout" in parsed.query
+            or os.environ.get("PGCONNECT_TIMEOUT")):
         return {}
     return {"connect_timeout": CONNECT_TIMEOUT_S}
 

@@ -530,6 +530,25 @@ def test_a_postgresql_storage_that_never_answers_is_given_up_after_the_connect_t
                                      "failed: timeout expired", raised
 
 
+def test_libpq_connect_timeout_from_the_environment_is_not_overridden(monkeypatch):
+    """PGCONNECT_TIMEOUT (libpq's own setting) was overridden by the connect_timeout of 10 s kocr passes
+    (connect_args win over the environment): PGCONNECT_TIMEOUT=2 waited 10 s on a port that never answers."""
+    import socket
+
+    from kocr.locks import LockError, advisory_lock, connect_args
+
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "2")
+    assert connect_args("postgresql+psycopg2://kim@db/optuna") == {}
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the TCP handshake; nothing ever answers PostgreSQL's
+        url = f"postgresql+psycopg2://kim:{SECRET}@127.0.0.1:{silent.getsockname()[1]}/optuna"
+        started = time.monotonic()
+        with pytest.raises(LockError, match="timeout expired"):
+            advisory_lock(url, "x").__enter__()
+        assert time.monotonic() - started < 8
+
+
 @pytest.mark.parametrize("entry, change", [
     ("optimizer", {"type": "categorical", "choices": ["adam", "adadelta"]}),  # other choices
     ("lr", {"type": "float", "low": 1e-4, "high": 1e-2}),  # not on a log scale
